@@ -1,0 +1,242 @@
+//! The maps, and the XDP and TC programs with the decision they share.
+
+use crate::packet::{self, Skip, TcpHeaders};
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    helpers::{bpf_ktime_get_boot_ns, bpf_map_lookup_elem},
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use limiter_common::{
+    drop_reason, Addr, Allow, Block, Cap, Config, ConnCount, DropEvent, EventBudget, Stats,
+    TrackedSocket,
+};
+
+// Default sizes; the agent sets the real ones from its configuration when it
+// creates the maps (`kernel.map_sizes`).
+#[btf_map]
+pub(crate) static CONFIG: Array<Config, 1> = Array::new();
+#[btf_map]
+pub(crate) static STATS: PerCpuArray<Stats, 1> = PerCpuArray::new();
+#[btf_map]
+static ALLOW: LpmTrie<Addr, Allow, 16384> = LpmTrie::new();
+#[btf_map]
+static BLOCK: HashMap<Addr, Block, 262144> = HashMap::new();
+#[btf_map]
+static BLOCK_NET: LpmTrie<Addr, Block, 65536> = LpmTrie::new();
+#[btf_map]
+static CAP_NET: LpmTrie<Addr, Cap, 16384> = LpmTrie::new();
+#[btf_map]
+pub(crate) static CONN_COUNT: HashMap<Addr, ConnCount, 65536> = HashMap::new();
+#[btf_map]
+pub(crate) static CONN_SOCKS: HashMap<u64, TrackedSocket, 262144> = HashMap::new();
+#[btf_map]
+static EVENTS: RingBuf<DropEvent, { 256 * 1024 }> = RingBuf::new();
+#[btf_map]
+static EVENT_BUDGET: PerCpuArray<EventBudget, 1> = PerCpuArray::new();
+
+/// Full-length LPM key for one address.
+const HOST_PREFIX: u32 = 128;
+const NS_PER_SEC: u64 = 1_000_000_000;
+/// How much of an skb the TC program pulls into its linear area when the
+/// headers are not all there (covers two VLAN tags and long IPv6 chains).
+const TC_PULL_LEN: u32 = 256;
+
+enum Verdict {
+    Pass,
+    Drop,
+}
+
+#[xdp]
+pub fn limiter_xdp(ctx: XdpContext) -> u32 {
+    // A limiter fails open: whatever it cannot judge, it passes.
+    match try_limiter_xdp(&ctx) {
+        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+#[inline(always)]
+fn try_limiter_xdp(ctx: &XdpContext) -> Verdict {
+    judge(packet::parse(ctx.data(), ctx.data_end()))
+}
+
+#[classifier]
+pub fn limiter_tc(ctx: TcContext) -> i32 {
+    match try_limiter_tc(&ctx) {
+        Verdict::Pass => TC_ACT_OK as i32,
+        Verdict::Drop => TC_ACT_SHOT as i32,
+    }
+}
+
+#[inline(always)]
+fn try_limiter_tc(ctx: &TcContext) -> Verdict {
+    let mut parsed = packet::parse(ctx.data(), ctx.data_end());
+    // Headers of a non-linear skb may sit outside the directly readable part:
+    // pull them in once and look again.
+    if matches!(parsed, Err(Skip::Truncated)) && (ctx.data_end() - ctx.data()) < ctx.len() as usize
+    {
+        let len = if ctx.len() < TC_PULL_LEN {
+            ctx.len()
+        } else {
+            TC_PULL_LEN
+        };
+        if ctx.pull_data(len).is_ok() {
+            parsed = packet::parse(ctx.data(), ctx.data_end());
+        }
+    }
+    judge(parsed)
+}
+
+/// The decision shared by XDP and TC.
+#[inline(always)]
+fn judge(parsed: Result<TcpHeaders, Skip>) -> Verdict {
+    let Some(stats) = STATS.get_ptr_mut(0) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: per-CPU slot; packet programs on one CPU do not nest, and the
+    // socket path writes other fields.
+    let stats = unsafe { &mut *stats };
+    let headers = match parsed {
+        Ok(headers) => headers,
+        Err(Skip::NotTcp) => {
+            stats.ignored += 1;
+            return Verdict::Pass;
+        }
+        Err(Skip::Fragment) => {
+            stats.fragments += 1;
+            return Verdict::Pass;
+        }
+        Err(Skip::Truncated | Skip::Malformed) => {
+            stats.malformed += 1;
+            return Verdict::Pass;
+        }
+    };
+    let Some(config) = CONFIG.get(0) else {
+        return Verdict::Pass;
+    };
+    if !config.protects(headers.dst_port) {
+        stats.ignored += 1;
+        return Verdict::Pass;
+    }
+    stats.seen += 1;
+
+    let host = Key::new(HOST_PREFIX, headers.source);
+    if ALLOW.get(&host).is_some() {
+        stats.allowed += 1;
+        return Verdict::Pass;
+    }
+    if let Some(block) = BLOCK.get_ptr_mut(headers.source) {
+        if enforce_block(block, stats) {
+            stats.dropped_block += 1;
+            report(config, stats, &headers, drop_reason::BLOCK);
+            return Verdict::Drop;
+        }
+    }
+    if let Some(block) = lookup_mut::<_, Key<Addr>, Block>(&BLOCK_NET, &host) {
+        if enforce_block(block, stats) {
+            stats.dropped_block_net += 1;
+            report(config, stats, &headers, drop_reason::BLOCK_NET);
+            return Verdict::Drop;
+        }
+    }
+    if headers.new_connection && at_cap(config, &headers.source, &host) {
+        stats.dropped_cap += 1;
+        report(config, stats, &headers, drop_reason::CAP);
+        return Verdict::Drop;
+    }
+    stats.passed += 1;
+    Verdict::Pass
+}
+
+/// Whether the block entry still holds; counts the drop on the entry if so.
+#[inline(always)]
+fn enforce_block(block: *mut Block, stats: &mut Stats) -> bool {
+    // SAFETY: a pointer into a map value returned by the lookup just before.
+    let expires = unsafe { (*block).expires_boot_ns };
+    if expires != 0 && unsafe { bpf_ktime_get_boot_ns() } >= expires {
+        stats.expired_block += 1;
+        return false;
+    }
+    // SAFETY: as above; the counter is shared by all CPUs, hence atomic.
+    unsafe { atomic_add(&raw mut (*block).drops, 1u64) };
+    true
+}
+
+/// Adds `value` to `*target` with the BPF atomic add (the old value is not
+/// used, which the oldest BPF instruction set supports too).
+///
+/// # Safety
+/// `target` must point into a map value.
+#[inline(always)]
+pub(crate) unsafe fn atomic_add<T: Copy>(target: *mut T, value: T) {
+    unsafe {
+        core::intrinsics::atomic_xadd::<T, T, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            target, value,
+        )
+    };
+}
+
+/// A writable pointer to the value under `key` in `map` (the BTF map types
+/// only hand out shared references for LPM tries).
+#[inline(always)]
+fn lookup_mut<M, K, V>(map: &M, key: &K) -> Option<*mut V> {
+    // SAFETY: `map` is a map definition the loader relocated; the helper
+    // returns null or a pointer to a value of the map's value type.
+    let value = unsafe {
+        bpf_map_lookup_elem(
+            core::ptr::from_ref(map).cast_mut().cast(),
+            core::ptr::from_ref(key).cast(),
+        )
+    };
+    (!value.is_null()).then_some(value.cast())
+}
+
+/// Whether `source` already holds as many connections as its cap allows.
+#[inline(always)]
+fn at_cap(config: &Config, source: &Addr, host: &Key<Addr>) -> bool {
+    // Most sources hold no connection: one hash miss and done.
+    let Some(count) = (unsafe { CONN_COUNT.get(source.source_key(config.ipv6_prefix_len)) }) else {
+        return false;
+    };
+    let cap = match CAP_NET.get(host) {
+        Some(cap) => cap.max_connections,
+        None => config.max_connections,
+    };
+    cap != 0 && count.connections >= cap
+}
+
+/// Sends a drop event, at most `events_per_second` per CPU.
+#[inline(always)]
+fn report(config: &Config, stats: &mut Stats, headers: &TcpHeaders, reason: u32) {
+    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU slot, packet programs on one CPU do not nest.
+    let budget = unsafe { &mut *budget };
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if now.wrapping_sub(budget.window_start_ns) >= NS_PER_SEC {
+        budget.window_start_ns = now;
+        budget.sent = 0;
+    }
+    if budget.sent >= config.events_per_second as u64 {
+        stats.events_suppressed += 1;
+        return;
+    }
+    let event = DropEvent {
+        boot_ns: now,
+        source: headers.source,
+        reason,
+        port: headers.dst_port,
+        syn: headers.new_connection as u8,
+        reserved: 0,
+    };
+    match EVENTS.output(&event, 0) {
+        Ok(()) => {
+            budget.sent += 1;
+            stats.events_sent += 1;
+        }
+        Err(_) => stats.events_lost += 1,
+    }
+}

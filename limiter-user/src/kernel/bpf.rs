@@ -1,0 +1,999 @@
+//! [`BpfDatapath`]: the kernel programs loaded with aya, their maps pinned
+//! under one directory and reused across restarts.
+
+use std::{
+    fs::File,
+    io,
+    net::IpAddr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard},
+    time::{Duration, SystemTime},
+};
+
+use aya::{
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, MapInfo, MapType, PerCpuArray,
+        RingBuf,
+    },
+    programs::{
+        tc::{self, TcAttachType},
+        CgroupAttachMode, ProgramError, SchedClassifier, SockOps, TestRun, TestRunOptions, Xdp,
+        XdpMode,
+    },
+    util::KernelVersion,
+    Ebpf, EbpfLoader, VerifierLogLevel,
+};
+use ipnet::IpNet;
+use limiter_common::{
+    map_names as names, program_names, Addr, Allow, Block, Cap, Config, ConnCount, Stats,
+    TrackedSocket, MAX_PORTS,
+};
+use tokio::io::{unix::AsyncFd, Interest};
+
+use super::{
+    addr::{addr_of, canonical, is_host, lpm_key, net_of, source_net},
+    clock::{boot_ns_to_system, system_to_boot_ns},
+    Datapath, DropEvent, KernelBlock, KernelCounters, KernelError, KernelLimits,
+};
+
+/// The kernel object built into this binary, if it was built with one.
+#[cfg(limiter_ebpf_embedded)]
+static EMBEDDED_OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
+    env!("OUT_DIR"),
+    "/limiter-ebpf.o"
+)));
+#[cfg(not(limiter_ebpf_embedded))]
+static EMBEDDED_OBJECT: Option<&[u8]> = None;
+
+/// Whether this binary carries the kernel object.
+pub fn has_embedded_object() -> bool {
+    EMBEDDED_OBJECT.is_some()
+}
+
+/// bpffs `statfs` magic.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// How the XDP/TC program is attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native XDP, then generic XDP, then TC: the first that works.
+    Auto,
+    /// Native (driver) XDP only.
+    Xdp,
+    /// Generic (skb) XDP only.
+    XdpGeneric,
+    /// TC ingress classifier only.
+    Tc,
+}
+
+impl AttachMode {
+    /// The configuration spelling.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Xdp => "xdp",
+            Self::XdpGeneric => "xdp-generic",
+            Self::Tc => "tc",
+        }
+    }
+}
+
+/// An interface the programs were attached to, and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub interface: String,
+    /// The mode that worked: "xdp", "xdp-generic" or "tc".
+    pub mode: &'static str,
+}
+
+/// Map sizes (`max_entries`), used when the maps are created. Pinned maps
+/// that already exist keep the size they were created with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub block: u32,
+    pub block_net: u32,
+    pub allow: u32,
+    pub cap_net: u32,
+    pub conn_count: u32,
+    pub conn_socks: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            block: 262_144,
+            block_net: 65_536,
+            allow: 16_384,
+            cap_net: 16_384,
+            conn_count: 65_536,
+            conn_socks: 262_144,
+        }
+    }
+}
+
+/// What [`BpfDatapath::load`] needs.
+#[derive(Clone, Debug)]
+pub struct KernelOptions {
+    /// The kernel object; `None` uses the one built into this binary.
+    pub object: Option<PathBuf>,
+    /// Directory (on bpffs) where the maps are pinned and found again.
+    pub pin_path: PathBuf,
+    pub map_sizes: MapSizes,
+    pub limits: KernelLimits,
+}
+
+/// The maps, typed.
+struct Maps {
+    config: Array<MapData, Config>,
+    stats: PerCpuArray<MapData, Stats>,
+    allow: LpmTrie<MapData, Addr, Allow>,
+    block: HashMap<MapData, Addr, Block>,
+    block_net: LpmTrie<MapData, Addr, Block>,
+    cap_net: LpmTrie<MapData, Addr, Cap>,
+    conn_count: HashMap<MapData, Addr, ConnCount>,
+    events: Option<RingBuf<MapData>>,
+    sizes: MapSizes,
+}
+
+/// The loaded kernel programs and their maps.
+pub struct BpfDatapath {
+    maps: Mutex<Maps>,
+    /// Programs and links: they detach when this is dropped.
+    ebpf: Mutex<Option<Ebpf>>,
+    attachments: Mutex<Vec<Attachment>>,
+    pin_path: PathBuf,
+    /// `flock` on the pin directory: one agent per pin path.
+    _lock: Option<File>,
+}
+
+impl BpfDatapath {
+    /// Loads the programs, creates or reuses the pinned maps, attaches the
+    /// connection accounting to the cgroup v2 root and applies `limits`.
+    /// Connections are counted in the calling thread's network namespace.
+    ///
+    /// # Errors
+    /// Not root, no BPF, a verifier rejection (with the verifier's log), a
+    /// pin path not on bpffs or held by another agent, stale pinned maps.
+    pub fn load(options: &KernelOptions) -> Result<Self, KernelError> {
+        let owned;
+        let object: &[u8] = match &options.object {
+            Some(path) => {
+                owned = std::fs::read(path).map_err(|source| KernelError::ReadObject {
+                    path: path.clone(),
+                    source,
+                })?;
+                &owned
+            }
+            None => EMBEDDED_OBJECT.ok_or(KernelError::NoObject)?,
+        };
+        let pin_path = &options.pin_path;
+        prepare_pin_dir(pin_path)?;
+        let lock = lock_pin_dir(pin_path)?;
+        check_pinned_maps(pin_path)?;
+
+        let pins: Vec<(&str, PathBuf)> = names::ALL.iter().map(|n| (*n, pin_path.join(n))).collect();
+        let sizes = options.map_sizes;
+        let mut loader = EbpfLoader::new();
+        // The verifier's log is collected only when a program is refused;
+        // LIMITER_VERIFIER_LOG=1 asks for the verbose one.
+        loader.verifier_log_level(if std::env::var_os("LIMITER_VERIFIER_LOG").is_some() {
+            VerifierLogLevel::VERBOSE | VerifierLogLevel::STATS
+        } else {
+            VerifierLogLevel::DEBUG | VerifierLogLevel::STATS
+        });
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader
+            .map_max_entries(names::BLOCK, sizes.block)
+            .map_max_entries(names::BLOCK_NET, sizes.block_net)
+            .map_max_entries(names::ALLOW, sizes.allow)
+            .map_max_entries(names::CAP_NET, sizes.cap_net)
+            .map_max_entries(names::CONN_COUNT, sizes.conn_count)
+            .map_max_entries(names::CONN_SOCKS, sizes.conn_socks);
+        let mut ebpf = loader.load(object).map_err(KernelError::Load)?;
+
+        load_program::<Xdp>(&mut ebpf, program_names::XDP)?;
+        load_program::<SchedClassifier>(&mut ebpf, program_names::TC)?;
+        load_program::<SockOps>(&mut ebpf, program_names::SOCK_OPS)?;
+        let cgroup = cgroup2_root()?;
+        let cgroup_dir = File::open(&cgroup).map_err(|source| KernelError::Io {
+            context: format!("opening cgroup {}", cgroup.display()),
+            source,
+        })?;
+        // A bpf_link attachment (what aya uses on ≥ 5.7) always coexists with
+        // other programs on the cgroup; the kernel refuses explicit flags.
+        program_mut::<SockOps>(&mut ebpf, program_names::SOCK_OPS)?
+            .attach(&cgroup_dir, CgroupAttachMode::Single)
+            .map_err(|e| program_error(program_names::SOCK_OPS, e))?;
+
+        let mut maps = Maps::take(&mut ebpf, sizes)?;
+        maps.warn_on_size_mismatch(pin_path);
+        let datapath = Self {
+            maps: Mutex::new(maps),
+            ebpf: Mutex::new(Some(ebpf)),
+            attachments: Mutex::new(Vec::new()),
+            pin_path: pin_path.clone(),
+            _lock: Some(lock),
+        };
+        datapath.write_config(&options.limits, current_netns_cookie()?)?;
+        Ok(datapath)
+    }
+
+    /// The maps pinned by a running (or stopped) agent, without loading any
+    /// program: for the CLI and for inspection.
+    ///
+    /// # Errors
+    /// The pins are missing, unreadable or from another version.
+    pub fn open_pinned(pin_path: &Path) -> Result<Self, KernelError> {
+        check_pinned_maps(pin_path)?;
+        let maps = Maps::from_pins(pin_path)?;
+        Ok(Self {
+            maps: Mutex::new(maps),
+            ebpf: Mutex::new(None),
+            attachments: Mutex::new(Vec::new()),
+            pin_path: pin_path.to_owned(),
+            _lock: None,
+        })
+    }
+
+    /// Attaches the packet program to `interface` (looked up in the calling
+    /// thread's network namespace, whose connections are then the ones
+    /// counted).
+    ///
+    /// # Errors
+    /// Unknown interface, or no mode of `mode` could attach (each mode's
+    /// error is in the message).
+    pub fn attach(&self, interface: &str, mode: AttachMode) -> Result<Attachment, KernelError> {
+        let mut guard = lock(&self.ebpf);
+        let ebpf = guard
+            .as_mut()
+            .ok_or_else(|| KernelError::Invalid("the programs are not loaded (opened from pins only)".into()))?;
+        let tries: &[&'static str] = match mode {
+            AttachMode::Auto => &["xdp", "xdp-generic", "tc"],
+            AttachMode::Xdp => &["xdp"],
+            AttachMode::XdpGeneric => &["xdp-generic"],
+            AttachMode::Tc => &["tc"],
+        };
+        let mut failures = Vec::new();
+        for &how in tries {
+            let result = match how {
+                "xdp" | "xdp-generic" => {
+                    let xdp_mode = if how == "xdp" { XdpMode::Driver } else { XdpMode::Skb };
+                    program_mut::<Xdp>(ebpf, program_names::XDP)
+                        .and_then(|p| p.attach(interface, xdp_mode).map(drop).map_err(|e| program_error(program_names::XDP, e)))
+                }
+                _ => attach_tc(ebpf, interface),
+            };
+            match result {
+                Ok(()) => {
+                    let attachment = Attachment { interface: interface.to_owned(), mode: how };
+                    lock(&self.attachments).push(attachment.clone());
+                    drop(guard);
+                    self.set_netns_cookie(current_netns_cookie()?)?;
+                    return Ok(attachment);
+                }
+                Err(e) => failures.push(format!("{how}: {e}")),
+            }
+        }
+        Err(KernelError::Attach {
+            interface: interface.to_owned(),
+            mode: mode.name(),
+            message: failures.join("; "),
+        })
+    }
+
+    /// Where the programs are attached.
+    pub fn attachments(&self) -> Vec<Attachment> {
+        lock(&self.attachments).clone()
+    }
+
+    /// The pin directory.
+    pub fn pin_path(&self) -> &Path {
+        &self.pin_path
+    }
+
+    /// Detaches every program (maps stay pinned). Also happens on drop.
+    pub fn detach(&self) {
+        lock(&self.ebpf).take();
+        lock(&self.attachments).clear();
+    }
+
+    /// The drop-event stream; there is one, the first caller gets it. Must
+    /// be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// Already taken, or the ring buffer cannot be polled.
+    pub fn take_events(&self) -> Result<DropEvents, KernelError> {
+        let ring = lock(&self.maps)
+            .events
+            .take()
+            .ok_or_else(|| KernelError::Invalid("the drop-event stream was already taken".into()))?;
+        // SAFETY: the ring buffer owns its descriptor and keeps it open and
+        // unchanged for as long as the AsyncFd holds it.
+        let fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
+            KernelError::Io {
+                context: "polling the EVENTS ring buffer".into(),
+                source: io::Error::other(e.to_string()),
+            }
+        })?;
+        Ok(DropEvents { fd })
+    }
+
+    /// Runs the XDP program once per `repeat` on `packet` in the kernel
+    /// (`BPF_PROG_TEST_RUN`); returns the action and the kernel's mean time
+    /// per run. For tests and benchmarks.
+    ///
+    /// # Errors
+    /// The programs are not loaded, or the kernel refused the run.
+    pub fn test_run_xdp(&self, packet: &[u8], repeat: u32) -> Result<(u32, Duration), KernelError> {
+        self.test_run::<Xdp>(program_names::XDP, packet, repeat)
+    }
+
+    /// As [`Self::test_run_xdp`], for the TC program (returns the TC action).
+    ///
+    /// # Errors
+    /// As [`Self::test_run_xdp`].
+    pub fn test_run_tc(&self, packet: &[u8], repeat: u32) -> Result<(u32, Duration), KernelError> {
+        self.test_run::<SchedClassifier>(program_names::TC, packet, repeat)
+    }
+
+    fn test_run<P>(&self, name: &'static str, packet: &[u8], repeat: u32) -> Result<(u32, Duration), KernelError>
+    where
+        P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
+        for<'p> &'p mut P: TryFrom<&'p mut aya::programs::Program, Error = ProgramError>,
+    {
+        let mut guard = lock(&self.ebpf);
+        let ebpf = guard
+            .as_mut()
+            .ok_or_else(|| KernelError::Invalid("the programs are not loaded".into()))?;
+        let program = program_mut::<P>(ebpf, name)?;
+        let options = TestRunOptions { data_in: Some(packet), repeat, ..TestRunOptions::new() };
+        let result = program.test_run(options).map_err(|e| program_error(name, e))?;
+        Ok((result.return_value, result.duration))
+    }
+
+    fn write_config(&self, limits: &KernelLimits, netns_cookie: u64) -> Result<(), KernelError> {
+        let config = config_of(limits, netns_cookie)?;
+        lock(&self.maps)
+            .config
+            .set(0, config, 0)
+            .map_err(|e| map_error(names::CONFIG, e))
+    }
+
+    fn set_netns_cookie(&self, netns_cookie: u64) -> Result<(), KernelError> {
+        let mut maps = lock(&self.maps);
+        let mut config = maps.config.get(&0, 0).map_err(|e| map_error(names::CONFIG, e))?;
+        config.netns_cookie = netns_cookie;
+        maps.config.set(0, config, 0).map_err(|e| map_error(names::CONFIG, e))
+    }
+}
+
+impl Datapath for BpfDatapath {
+    fn describe(&self) -> String {
+        let attachments = self.attachments();
+        let loaded = lock(&self.ebpf).is_some();
+        if !loaded {
+            return format!("kernel maps at {} (programs not loaded by this process)", self.pin_path.display());
+        }
+        if attachments.is_empty() {
+            format!(
+                "kernel layer loaded, maps pinned at {}, connection accounting on, packet program attached nowhere (kernel.interfaces is empty)",
+                self.pin_path.display()
+            )
+        } else {
+            let list: Vec<String> = attachments.iter().map(|a| format!("{} ({})", a.interface, a.mode)).collect();
+            format!("kernel layer loaded, maps pinned at {}, attached to {}", self.pin_path.display(), list.join(", "))
+        }
+    }
+
+    fn block(&self, net: IpNet, expires: Option<SystemTime>, reason: u32) -> Result<(), KernelError> {
+        let net = canonical(net);
+        let value = Block {
+            expires_boot_ns: expires.map_or(0, system_to_boot_ns),
+            drops: 0,
+            reason,
+            reserved: 0,
+        };
+        let mut maps = lock(&self.maps);
+        if is_host(net) {
+            let key = addr_of(net.addr());
+            // Keep the drop count of an entry that is being extended.
+            let drops = maps.block.get(&key, 0).map(|b| b.drops).unwrap_or(0);
+            let max = maps.sizes.block;
+            maps.block
+                .insert(key, Block { drops, ..value }, 0)
+                .map_err(|e| insert_error(names::BLOCK, max, "block", e))
+        } else {
+            let key = lpm_key(net);
+            let drops = maps.block_net.get(&key, 0).map(|b| b.drops).unwrap_or(0);
+            let max = maps.sizes.block_net;
+            maps.block_net
+                .insert(&key, Block { drops, ..value }, 0)
+                .map_err(|e| insert_error(names::BLOCK_NET, max, "block_net", e))
+        }
+    }
+
+    fn unblock(&self, net: IpNet) -> Result<bool, KernelError> {
+        let net = canonical(net);
+        let mut maps = lock(&self.maps);
+        let removed = if is_host(net) {
+            maps.block.remove(&addr_of(net.addr()))
+        } else {
+            maps.block_net.remove(&lpm_key(net))
+        };
+        absent_is_false(removed, if is_host(net) { names::BLOCK } else { names::BLOCK_NET })
+    }
+
+    fn blocks(&self) -> Result<Vec<KernelBlock>, KernelError> {
+        let maps = lock(&self.maps);
+        let mut blocks = Vec::new();
+        for entry in maps.block.iter() {
+            let (addr, block) = entry.map_err(|e| map_error(names::BLOCK, e))?;
+            blocks.push(kernel_block(source_net(addr), &block));
+        }
+        for entry in maps.block_net.iter() {
+            let (key, block) = entry.map_err(|e| map_error(names::BLOCK_NET, e))?;
+            blocks.push(kernel_block(net_of(&key), &block));
+        }
+        Ok(blocks)
+    }
+
+    fn sweep_expired(&self, now: SystemTime) -> Result<usize, KernelError> {
+        let now = system_to_boot_ns(now);
+        let mut maps = lock(&self.maps);
+        let expired = |b: &Block| !b.active_at(now);
+        let hosts: Vec<Addr> = maps
+            .block
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, b)| expired(b))
+            .map(|(a, _)| a)
+            .collect();
+        let nets: Vec<Key<Addr>> = maps
+            .block_net
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, b)| expired(b))
+            .map(|(k, _)| k)
+            .collect();
+        let mut swept = 0;
+        for addr in &hosts {
+            // A block re-added since the scan has a new expiry: check again.
+            if maps.block.get(addr, 0).is_ok_and(|b| expired(&b)) && maps.block.remove(addr).is_ok() {
+                swept += 1;
+            }
+        }
+        for key in &nets {
+            if maps.block_net.get(key, 0).is_ok_and(|b| expired(&b)) && maps.block_net.remove(key).is_ok() {
+                swept += 1;
+            }
+        }
+        Ok(swept)
+    }
+
+    fn allow(&self, net: IpNet) -> Result<(), KernelError> {
+        let mut maps = lock(&self.maps);
+        let max = maps.sizes.allow;
+        maps.allow
+            .insert(&lpm_key(net), Allow { flags: 0 }, 0)
+            .map_err(|e| insert_error(names::ALLOW, max, "allow", e))
+    }
+
+    fn disallow(&self, net: IpNet) -> Result<bool, KernelError> {
+        absent_is_false(lock(&self.maps).allow.remove(&lpm_key(net)), names::ALLOW)
+    }
+
+    fn allows(&self) -> Result<Vec<IpNet>, KernelError> {
+        let maps = lock(&self.maps);
+        maps.allow
+            .keys()
+            .map(|k| k.map(|k| net_of(&k)).map_err(|e| map_error(names::ALLOW, e)))
+            .collect()
+    }
+
+    fn set_cap(&self, net: IpNet, max_connections: u32) -> Result<(), KernelError> {
+        let mut maps = lock(&self.maps);
+        let max = maps.sizes.cap_net;
+        maps.cap_net
+            .insert(&lpm_key(net), Cap { max_connections }, 0)
+            .map_err(|e| insert_error(names::CAP_NET, max, "cap_net", e))
+    }
+
+    fn remove_cap(&self, net: IpNet) -> Result<bool, KernelError> {
+        absent_is_false(lock(&self.maps).cap_net.remove(&lpm_key(net)), names::CAP_NET)
+    }
+
+    fn caps(&self) -> Result<Vec<(IpNet, u32)>, KernelError> {
+        let maps = lock(&self.maps);
+        maps.cap_net
+            .iter()
+            .map(|e| e.map(|(k, c)| (net_of(&k), c.max_connections)).map_err(|e| map_error(names::CAP_NET, e)))
+            .collect()
+    }
+
+    fn set_limits(&self, limits: &KernelLimits) -> Result<(), KernelError> {
+        let cookie = {
+            let maps = lock(&self.maps);
+            maps.config.get(&0, 0).map_err(|e| map_error(names::CONFIG, e))?.netns_cookie
+        };
+        self.write_config(limits, cookie)
+    }
+
+    fn connections(&self, addr: IpAddr) -> Result<u32, KernelError> {
+        let maps = lock(&self.maps);
+        let prefix = maps.config.get(&0, 0).map_err(|e| map_error(names::CONFIG, e))?.ipv6_prefix_len;
+        let key = addr_of(addr).source_key(prefix);
+        absent_is_default(maps.conn_count.get(&key, 0).map(|c| c.connections), names::CONN_COUNT)
+    }
+
+    fn connection_counts(&self) -> Result<Vec<(IpNet, u32)>, KernelError> {
+        let maps = lock(&self.maps);
+        let prefix = maps.config.get(&0, 0).map_err(|e| map_error(names::CONFIG, e))?.ipv6_prefix_len;
+        let mut counts = Vec::new();
+        for entry in maps.conn_count.iter() {
+            let (key, count) = entry.map_err(|e| map_error(names::CONN_COUNT, e))?;
+            let net = if key.is_ipv4_mapped() {
+                source_net(key)
+            } else {
+                IpNet::new(super::ip_of(key), prefix.min(128) as u8).map_or_else(|_| source_net(key), |n| n.trunc())
+            };
+            counts.push((net, count.connections));
+        }
+        Ok(counts)
+    }
+
+    fn counters(&self) -> Result<KernelCounters, KernelError> {
+        let maps = lock(&self.maps);
+        let per_cpu = maps.stats.get(&0, 0).map_err(|e| map_error(names::STATS, e))?;
+        let mut sum = Stats::default();
+        per_cpu.iter().for_each(|cpu| sum.add(cpu));
+        Ok(sum)
+    }
+}
+
+/// Drop events from the kernel's ring buffer.
+pub struct DropEvents {
+    fd: AsyncFd<RingBuf<MapData>>,
+}
+
+impl DropEvents {
+    /// Waits for events and returns those available (at least one).
+    ///
+    /// # Errors
+    /// Polling the ring buffer failed.
+    pub async fn next_batch(&mut self) -> io::Result<Vec<DropEvent>> {
+        loop {
+            let mut guard = self.fd.readable_mut().await?;
+            let ring = guard.get_inner_mut();
+            let mut batch = Vec::new();
+            while let Some(item) = ring.next() {
+                if let Some(event) = decode_event(&item) {
+                    batch.push(event);
+                }
+            }
+            guard.clear_ready();
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+        }
+    }
+}
+
+fn decode_event(bytes: &[u8]) -> Option<DropEvent> {
+    if bytes.len() < size_of::<limiter_common::DropEvent>() {
+        return None;
+    }
+    // SAFETY: length checked; DropEvent is plain old data, read unaligned.
+    let raw: limiter_common::DropEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    Some(DropEvent {
+        at: boot_ns_to_system(raw.boot_ns),
+        source: super::ip_of(raw.source),
+        reason: raw.reason,
+        port: raw.port,
+        syn: raw.syn != 0,
+    })
+}
+
+impl Maps {
+    fn take(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<Self, KernelError> {
+        fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError> {
+            let map = ebpf.take_map(name).ok_or_else(|| KernelError::Map {
+                map: name,
+                message: "not in the eBPF object (object and agent from different versions?)".into(),
+            })?;
+            T::try_from(map).map_err(|e| map_error(name, e))
+        }
+        Ok(Self {
+            config: take(ebpf, names::CONFIG)?,
+            stats: take(ebpf, names::STATS)?,
+            allow: take(ebpf, names::ALLOW)?,
+            block: take(ebpf, names::BLOCK)?,
+            block_net: take(ebpf, names::BLOCK_NET)?,
+            cap_net: take(ebpf, names::CAP_NET)?,
+            conn_count: take(ebpf, names::CONN_COUNT)?,
+            events: Some(take(ebpf, names::EVENTS)?),
+            sizes,
+        })
+    }
+
+    fn from_pins(dir: &Path) -> Result<Self, KernelError> {
+        fn open<T: TryFrom<aya::maps::Map, Error = MapError>>(
+            dir: &Path,
+            name: &'static str,
+            wrap: fn(MapData) -> aya::maps::Map,
+        ) -> Result<T, KernelError> {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|e| KernelError::PinPath {
+                path: path.clone(),
+                reason: format!("{e} (is the agent's kernel layer loaded? `smtp-limiter run` creates the pins)"),
+            })?;
+            T::try_from(wrap(data)).map_err(|e| map_error(name, e))
+        }
+        use aya::maps::Map;
+        let sizes = MapSizes {
+            block: max_entries(dir, names::BLOCK)?,
+            block_net: max_entries(dir, names::BLOCK_NET)?,
+            allow: max_entries(dir, names::ALLOW)?,
+            cap_net: max_entries(dir, names::CAP_NET)?,
+            conn_count: max_entries(dir, names::CONN_COUNT)?,
+            conn_socks: max_entries(dir, names::CONN_SOCKS)?,
+        };
+        Ok(Self {
+            config: open(dir, names::CONFIG, Map::Array)?,
+            stats: open(dir, names::STATS, Map::PerCpuArray)?,
+            allow: open(dir, names::ALLOW, Map::LpmTrie)?,
+            block: open(dir, names::BLOCK, Map::HashMap)?,
+            block_net: open(dir, names::BLOCK_NET, Map::LpmTrie)?,
+            cap_net: open(dir, names::CAP_NET, Map::LpmTrie)?,
+            conn_count: open(dir, names::CONN_COUNT, Map::HashMap)?,
+            events: None,
+            sizes,
+        })
+    }
+
+    /// Pinned maps keep the size they were created with: say so when the
+    /// configuration asks for another.
+    fn warn_on_size_mismatch(&mut self, dir: &Path) {
+        let wanted = self.sizes;
+        let checks = [
+            (names::BLOCK, "block", wanted.block, &mut self.sizes.block),
+            (names::BLOCK_NET, "block_net", wanted.block_net, &mut self.sizes.block_net),
+            (names::ALLOW, "allow", wanted.allow, &mut self.sizes.allow),
+            (names::CAP_NET, "cap_net", wanted.cap_net, &mut self.sizes.cap_net),
+            (names::CONN_COUNT, "conn_count", wanted.conn_count, &mut self.sizes.conn_count),
+            (names::CONN_SOCKS, "conn_socks", wanted.conn_socks, &mut self.sizes.conn_socks),
+        ];
+        for (name, key, wanted, actual) in checks {
+            if let Ok(size) = max_entries(dir, name) {
+                *actual = size;
+                if size != wanted {
+                    tracing::warn!(
+                        map = name,
+                        pinned = size,
+                        configured = wanted,
+                        "kernel.map_sizes.{key} differs from the pinned map's size; the pinned size stays until the pins are removed"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn max_entries(dir: &Path, name: &'static str) -> Result<u32, KernelError> {
+    let path = dir.join(name);
+    MapInfo::from_pin(&path)
+        .map(|info| info.max_entries())
+        .map_err(|e| KernelError::PinPath { path, reason: e.to_string() })
+}
+
+/// The shape each pinned map must have: (name, type, key size, value size).
+fn expected_maps() -> [(&'static str, MapType, usize, usize); 10] {
+    let lpm_key = size_of::<Key<Addr>>();
+    [
+        (names::CONFIG, MapType::Array, 4, size_of::<Config>()),
+        (names::STATS, MapType::PerCpuArray, 4, size_of::<Stats>()),
+        (names::ALLOW, MapType::LpmTrie, lpm_key, size_of::<Allow>()),
+        (names::BLOCK, MapType::Hash, size_of::<Addr>(), size_of::<Block>()),
+        (names::BLOCK_NET, MapType::LpmTrie, lpm_key, size_of::<Block>()),
+        (names::CAP_NET, MapType::LpmTrie, lpm_key, size_of::<Cap>()),
+        (names::CONN_COUNT, MapType::Hash, size_of::<Addr>(), size_of::<ConnCount>()),
+        (names::CONN_SOCKS, MapType::Hash, 8, size_of::<TrackedSocket>()),
+        (names::EVENTS, MapType::RingBuf, 0, 0),
+        (names::EVENT_BUDGET, MapType::PerCpuArray, 4, size_of::<limiter_common::EventBudget>()),
+    ]
+}
+
+/// Refuses pins left by an incompatible version rather than misreading them.
+fn check_pinned_maps(dir: &Path) -> Result<(), KernelError> {
+    for (name, map_type, key_size, value_size) in expected_maps() {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|e| KernelError::PinPath {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let actual_type = info.map_type().map_err(|e| map_error(name, e))?;
+        if actual_type != map_type
+            || info.key_size() as usize != key_size
+            || info.value_size() as usize != value_size
+        {
+            return Err(KernelError::StaleMap {
+                path,
+                reason: format!(
+                    "found {actual_type:?} with {}-byte keys and {}-byte values, expected {map_type:?} with {key_size} and {value_size}",
+                    info.key_size(),
+                    info.value_size()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Where bpffs lives on every distribution that mounts it.
+const BPF_FS_ROOT: &str = "/sys/fs/bpf";
+
+fn prepare_pin_dir(dir: &Path) -> Result<(), KernelError> {
+    // Hosts without systemd's mounts lack bpffs; pinning needs it, so mount
+    // it where everyone expects it (as bpftool does).
+    if dir.starts_with(BPF_FS_ROOT) && !is_bpffs(Path::new(BPF_FS_ROOT)) {
+        mount_bpffs().map_err(|e| KernelError::PinPath {
+            path: dir.to_owned(),
+            reason: format!("{BPF_FS_ROOT} is not a bpf filesystem and mounting one failed: {e} (mount -t bpf bpf {BPF_FS_ROOT})"),
+        })?;
+        tracing::info!(path = BPF_FS_ROOT, "mounted the bpf filesystem");
+    }
+    std::fs::create_dir_all(dir).map_err(|e| KernelError::PinPath {
+        path: dir.to_owned(),
+        reason: format!("cannot create it: {e}"),
+    })?;
+    if !is_bpffs(dir) {
+        return Err(KernelError::PinPath {
+            path: dir.to_owned(),
+            reason: format!("not on a bpf filesystem: use a directory under {BPF_FS_ROOT}"),
+        });
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: zeroed statfs is a valid out-parameter; the path is NUL-terminated.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statfs(c_path.as_ptr(), &mut fs) }) == 0 && fs.f_type as i64 == BPF_FS_MAGIC
+}
+
+fn mount_bpffs() -> io::Result<()> {
+    let (source, target, fs_type) = (c"bpf", c"/sys/fs/bpf", c"bpf");
+    // SAFETY: NUL-terminated strings; no data argument.
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fs_type.as_ptr(), 0, std::ptr::null()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn lock_pin_dir(dir: &Path) -> Result<File, KernelError> {
+    let file = File::open(dir).map_err(|source| KernelError::Io {
+        context: format!("opening pin path {}", dir.display()),
+        source,
+    })?;
+    // SAFETY: a valid open descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = io::Error::last_os_error();
+        return Err(if err.kind() == io::ErrorKind::WouldBlock {
+            KernelError::AlreadyRunning { path: dir.to_owned() }
+        } else {
+            KernelError::Io { context: format!("locking pin path {}", dir.display()), source: err }
+        });
+    }
+    Ok(file)
+}
+
+/// The first cgroup v2 mount in /proc/mounts (hosts differ: `/sys/fs/cgroup`
+/// on unified systems, `/sys/fs/cgroup/unified` in hybrid mode).
+fn cgroup2_root() -> Result<PathBuf, KernelError> {
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|source| KernelError::Io {
+        context: "reading /proc/mounts".into(),
+        source,
+    })?;
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_, mount_point, fs_type) = (fields.next()?, fields.next()?, fields.next()?);
+            (fs_type == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .next()
+        .ok_or(KernelError::NoCgroup2)
+}
+
+/// The cookie of the calling thread's network namespace (Linux ≥ 5.14).
+fn current_netns_cookie() -> Result<u64, KernelError> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
+        .map_err(|source| KernelError::Io { context: "opening a socket to read the netns cookie".into(), source })?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid socket, out-pointer and length of a u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(KernelError::Io {
+            context: "getsockopt(SO_NETNS_COOKIE) (Linux ≥ 5.14)".into(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(cookie)
+}
+
+fn config_of(limits: &KernelLimits, netns_cookie: u64) -> Result<Config, KernelError> {
+    if limits.ports.is_empty() || limits.ports.len() > MAX_PORTS {
+        return Err(KernelError::Invalid(format!(
+            "kernel.ports has {} ports: between 1 and {MAX_PORTS} are supported",
+            limits.ports.len()
+        )));
+    }
+    if limits.ipv6_prefix_len == 0 || limits.ipv6_prefix_len > 128 {
+        return Err(KernelError::Invalid(format!(
+            "limits.ipv6_prefix = {}: must be between 1 and 128",
+            limits.ipv6_prefix_len
+        )));
+    }
+    let mut ports = [0u16; MAX_PORTS];
+    ports[..limits.ports.len()].copy_from_slice(&limits.ports);
+    Ok(Config {
+        max_connections: limits.max_connections,
+        ipv6_prefix_len: u32::from(limits.ipv6_prefix_len),
+        events_per_second: limits.events_per_second,
+        port_count: limits.ports.len() as u32,
+        ports,
+        netns_cookie,
+    })
+}
+
+fn kernel_block(net: IpNet, block: &Block) -> KernelBlock {
+    KernelBlock {
+        net,
+        reason: block.reason,
+        expires: (block.expires_boot_ns != 0).then(|| boot_ns_to_system(block.expires_boot_ns)),
+        drops: block.drops,
+    }
+}
+
+fn load_program<P>(ebpf: &mut Ebpf, name: &'static str) -> Result<(), KernelError>
+where
+    for<'p> &'p mut P: TryFrom<&'p mut aya::programs::Program, Error = ProgramError>,
+    P: LoadProgram,
+{
+    program_mut::<P>(ebpf, name)?.load_it().map_err(|e| program_error(name, e))
+}
+
+/// `load()` is inherent on each aya program type; this names it for generics.
+trait LoadProgram {
+    fn load_it(&mut self) -> Result<(), ProgramError>;
+}
+impl LoadProgram for Xdp {
+    fn load_it(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+}
+impl LoadProgram for SchedClassifier {
+    fn load_it(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+}
+impl LoadProgram for SockOps {
+    fn load_it(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+}
+
+fn program_mut<'e, P>(ebpf: &'e mut Ebpf, name: &'static str) -> Result<&'e mut P, KernelError>
+where
+    for<'p> &'p mut P: TryFrom<&'p mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or_else(|| KernelError::Program {
+        program: name,
+        message: "not in the eBPF object (object and agent from different versions?)".into(),
+    })?;
+    program.try_into().map_err(|e| program_error(name, e))
+}
+
+fn attach_tc(ebpf: &mut Ebpf, interface: &str) -> Result<(), KernelError> {
+    // Before TCX (6.6) the classifier hangs off a clsact qdisc.
+    let before_tcx = KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0));
+    if before_tcx {
+        if let Err(e) = tc::qdisc_add_clsact(interface) {
+            if !e.to_string().contains("exists") {
+                tracing::debug!(interface, error = %e, "adding clsact qdisc");
+            }
+        }
+    }
+    program_mut::<SchedClassifier>(ebpf, program_names::TC)?
+        .attach(interface, TcAttachType::Ingress)
+        .map(drop)
+        .map_err(|e| program_error(program_names::TC, e))
+}
+
+fn program_error(program: &'static str, error: ProgramError) -> KernelError {
+    let message = match &error {
+        ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            format!("the verifier refused it ({io_error}); end of its log:\n{}", tail.join("\n"))
+        }
+        other => {
+            let mut message = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(s) = source {
+                message.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            if message.contains("Operation not permitted") || message.contains("EPERM") {
+                message.push_str(" (run as root or with CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON)");
+            }
+            message
+        }
+    };
+    KernelError::Program { program, message }
+}
+
+fn map_error(map: &'static str, error: MapError) -> KernelError {
+    KernelError::Map { map, message: error.to_string() }
+}
+
+/// E2BIG (hash) and ENOSPC (LPM trie) mean the map is full.
+fn insert_error(map: &'static str, max_entries: u32, config_key: &'static str, error: MapError) -> KernelError {
+    if let MapError::SyscallError(ref e) = error {
+        if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)) {
+            return KernelError::MapFull { map, max_entries, config_key };
+        }
+    }
+    map_error(map, error)
+}
+
+fn absent_is_false(result: Result<(), MapError>, map: &'static str) -> Result<bool, KernelError> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(e) if is_not_found(&e) => Ok(false),
+        Err(e) => Err(map_error(map, e)),
+    }
+}
+
+fn absent_is_default<T: Default>(result: Result<T, MapError>, map: &'static str) -> Result<T, KernelError> {
+    match result {
+        Ok(v) => Ok(v),
+        Err(e) if is_not_found(&e) => Ok(T::default()),
+        Err(e) => Err(map_error(map, e)),
+    }
+}
+
+fn is_not_found(error: &MapError) -> bool {
+    match error {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves the maps consistent (the kernel
+    // owns them), so a poisoned lock is still usable.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,11 @@
+//! smtp-limiter: an edge guard for mail servers.
+//!
+//! The agent's modules follow the data flow:
+//!
+//! * [`config`] — the TOML configuration: parsing, defaults, validation, and
+//!   the embedded reference configuration.
+//! * [`kernel`] — the one door to the kernel programs (`limiter-ebpf`): load,
+//!   attach, pin, and the [`kernel::Datapath`] interface the rest of the
+//!   agent uses to block, allow, cap and read counts.
+pub mod config;
+pub mod kernel;

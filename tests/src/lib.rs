@@ -1,0 +1,41 @@
+//! Shared pieces of the integration tests and benchmarks: hand-built packets,
+//! network namespaces with veth pairs, TCP peers, and a fixture that loads
+//! the real kernel programs under a private pin path.
+//!
+//! Tests that need root or BPF call [`prerequisites`]: outside CI a missing
+//! prerequisite skips the test with a message; under `CI=true` it fails it.
+
+pub mod kernel;
+pub mod netns;
+pub mod packets;
+pub mod tcp;
+
+/// Whether privileged tests can run here. Under `CI=true` a missing
+/// prerequisite is a failure (panic), elsewhere the test is skipped.
+pub fn prerequisites(test: &str) -> bool {
+    let missing = missing_prerequisite();
+    match missing {
+        None => true,
+        Some(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{test}: {why} (CI=true: privileged tests must run)")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED {test}: {why}");
+            false
+        }
+    }
+}
+
+fn missing_prerequisite() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (BPF, network namespaces)".into());
+    }
+    if kernel::ebpf_object().is_none() {
+        return Some(format!(
+            "no eBPF object at {} (run `cargo xtask build-ebpf` or `cargo xtask test`)",
+            kernel::object_path().display()
+        ));
+    }
+    None
+}

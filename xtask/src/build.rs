@@ -1,0 +1,170 @@
+//! Building: the eBPF object with nightly, then the host crates with the
+//! stable cargo that runs xtask, pointing them at the object through
+//! `LIMITER_EBPF_OBJECT`.
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::cmd;
+use crate::toolchain;
+
+const EBPF_PACKAGE: &str = "limiter-ebpf";
+const EBPF_TARGET: &str = "bpfel-unknown-none";
+/// Debuginfo plus `--btf` for bpf-linker: BTF is what lets bpftool print the
+/// maps' keys and values.
+const EBPF_RUSTFLAGS: &[&str] = &["-Cdebuginfo=2", "-Clink-arg=--btf"];
+const OBJECT_ENV: &str = "LIMITER_EBPF_OBJECT";
+const AGENT_BIN: &str = "smtp-limiter";
+
+/// Where the workspace is, from `cargo metadata`.
+pub struct Workspace {
+    pub root: PathBuf,
+    pub target_dir: PathBuf,
+}
+
+impl Workspace {
+    pub fn locate() -> Result<Self> {
+        let mut cmd = toolchain::cargo();
+        cmd.args(["metadata", "--format-version", "1", "--no-deps"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        let line = cmd::display(&cmd);
+        let out = cmd
+            .output()
+            .with_context(|| format!("cannot start `{line}`"))?;
+        if !out.status.success() {
+            bail!(
+                "`{line}` failed ({}):\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("`{line}` printed invalid JSON"))?;
+        let path = |key: &str| {
+            json.get(key)
+                .and_then(|v| v.as_str())
+                .map(PathBuf::from)
+                .ok_or_else(|| anyhow!("`{line}` printed no `{key}`"))
+        };
+        Ok(Self {
+            root: path("workspace_root")?,
+            target_dir: path("target_directory")?,
+        })
+    }
+
+    fn profile_dir(release: bool) -> &'static str {
+        if release {
+            "release"
+        } else {
+            "debug"
+        }
+    }
+
+    pub fn ebpf_object(&self, release: bool) -> PathBuf {
+        self.target_dir
+            .join(EBPF_TARGET)
+            .join(Self::profile_dir(release))
+            .join(EBPF_PACKAGE)
+    }
+
+    pub fn agent_binary(&self, release: bool) -> PathBuf {
+        self.target_dir
+            .join(Self::profile_dir(release))
+            .join(AGENT_BIN)
+    }
+}
+
+/// `cargo +nightly build -Z build-std=core --target bpfel-unknown-none
+/// [--release] -p limiter-ebpf`; returns the object's absolute path.
+pub fn build_ebpf(ws: &Workspace, release: bool) -> Result<PathBuf> {
+    let linker = toolchain::require_ebpf_toolchain()?;
+    let mut cmd = toolchain::cargo_nightly();
+    cmd.current_dir(&ws.root)
+        .args(["build", "-Z", "build-std=core", "--target", EBPF_TARGET]);
+    if release {
+        cmd.arg("--release");
+    }
+    cmd.args(["-p", EBPF_PACKAGE])
+        // RUSTFLAGS (or a stale encoded variant) from the environment would
+        // replace the target rustflags: set exactly ours.
+        .env_remove("RUSTFLAGS")
+        .env("CARGO_ENCODED_RUSTFLAGS", EBPF_RUSTFLAGS.join("\x1f"))
+        // Whatever rustc the caller pinned is not nightly's.
+        .env_remove("RUSTC")
+        .env_remove("RUSTDOC");
+    // rustc finds bpf-linker on PATH; add its directory if it is not there.
+    if toolchain::find_in_path("bpf-linker").is_none() {
+        if let Some(dir) = linker.path.parent() {
+            cmd.env("PATH", toolchain::path_with_first(dir)?);
+        }
+    }
+    cmd::run(&mut cmd).context("cannot build the eBPF object")?;
+    let object = ws.ebpf_object(release);
+    if !object.is_file() {
+        bail!(
+            "the eBPF build succeeded but {} does not exist",
+            object.display()
+        );
+    }
+    Ok(object)
+}
+
+/// The host build: release eBPF object, then `cargo build -p limiter-user`.
+pub fn build(ws: &Workspace, release: bool) -> Result<()> {
+    let object = build_ebpf(ws, true)?;
+    let mut cmd = toolchain::cargo();
+    cmd.current_dir(&ws.root)
+        .args(["build", "-p", "limiter-user"])
+        .env(OBJECT_ENV, &object);
+    if release {
+        cmd.arg("--release");
+    }
+    cmd::run(&mut cmd)
+}
+
+/// Builds, then replaces xtask with `smtp-limiter ARGS` (`run` when none).
+pub fn run(ws: &Workspace, release: bool, args: &[String]) -> Result<Infallible> {
+    build(ws, release)?;
+    let binary = ws.agent_binary(release);
+    let mut cmd = std::process::Command::new(&binary);
+    if args.is_empty() {
+        cmd.arg("run");
+    } else {
+        cmd.args(args);
+    }
+    cmd::exec(&mut cmd)
+}
+
+/// `cargo test --workspace --exclude limiter-ebpf ARGS` with the object.
+pub fn test(ws: &Workspace, args: &[String]) -> Result<()> {
+    let object = build_ebpf(ws, true)?;
+    cmd::run(
+        toolchain::cargo()
+            .current_dir(&ws.root)
+            .args(["test", "--workspace", "--exclude", EBPF_PACKAGE])
+            .args(args)
+            .env(OBJECT_ENV, &object),
+    )
+}
+
+/// `cargo run --release -p limiter-tests --bin limiter-bench -- ARGS`.
+pub fn bench(ws: &Workspace, args: &[String]) -> Result<()> {
+    let object = build_ebpf(ws, true)?;
+    cmd::run(
+        toolchain::cargo()
+            .current_dir(&ws.root)
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "limiter-tests",
+                "--bin",
+                "limiter-bench",
+                "--",
+            ])
+            .args(args)
+            .env(OBJECT_ENV, &object),
+    )
+}

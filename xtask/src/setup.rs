@@ -1,0 +1,256 @@
+//! `cargo xtask setup`: installs what a fresh Debian/Ubuntu machine lacks to
+//! build and test. Idempotent: every step first checks, and prints either
+//! `ok: … already present` or what it installs.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::cmd;
+use crate::toolchain::{self, NIGHTLY};
+
+pub fn setup() -> Result<()> {
+    let nightly = ensure_nightly()?;
+    ensure_rust_src()?;
+    let llvm = nightly.llvm_major;
+
+    let packages = apt_packages(llvm);
+    match debian_like() {
+        Ok(()) => ensure_apt_packages(&packages)?,
+        Err(why) => return not_debian(&why, llvm, &packages),
+    }
+    ensure_bpf_linker(llvm)
+}
+
+/// The Debian/Ubuntu packages: LLVM (and Polly, which llvm-config's link line
+/// names) for building bpf-linker, a C toolchain for linking host programs,
+/// and the tools the tests and operators use.
+fn apt_packages(llvm: u32) -> Vec<String> {
+    vec![
+        format!("llvm-{llvm}-dev"),
+        format!("libpolly-{llvm}-dev"),
+        "build-essential".into(),
+        "bpftool".into(),
+        "iproute2".into(),
+        "ethtool".into(),
+    ]
+}
+
+fn bpf_linker_install_args(llvm: u32) -> Vec<String> {
+    vec![
+        "install".into(),
+        "bpf-linker".into(),
+        "--no-default-features".into(),
+        "--features".into(),
+        format!("llvm-{llvm}"),
+        "--force".into(),
+    ]
+}
+
+fn llvm_bin(llvm: u32) -> PathBuf {
+    PathBuf::from(format!("/usr/lib/llvm-{llvm}/bin"))
+}
+
+fn ensure_nightly() -> Result<toolchain::Nightly> {
+    if let Some(nightly) = toolchain::nightly()? {
+        println!(
+            "ok: {NIGHTLY} toolchain already present ({}, LLVM {})",
+            nightly.version, nightly.llvm_major
+        );
+        return Ok(nightly);
+    }
+    println!("installing: {NIGHTLY} toolchain (minimal profile)");
+    cmd::run(toolchain::rustup().args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))?;
+    toolchain::nightly()?.with_context(|| {
+        format!("`rustc +{NIGHTLY} -vV` still fails after installing the {NIGHTLY} toolchain")
+    })
+}
+
+fn ensure_rust_src() -> Result<()> {
+    if toolchain::has_rust_src() {
+        println!("ok: rust-src for {NIGHTLY} already present");
+        return Ok(());
+    }
+    println!("installing: rust-src for {NIGHTLY}");
+    cmd::run(toolchain::rustup().args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))
+}
+
+/// `Ok` on Debian, Ubuntu and their derivatives with apt-get and dpkg-query;
+/// otherwise the reason it is not.
+fn debian_like() -> Result<(), String> {
+    let release = std::fs::read_to_string("/etc/os-release")
+        .or_else(|_| std::fs::read_to_string("/usr/lib/os-release"))
+        .map_err(|_| "there is no /etc/os-release".to_string())?;
+    let field = |name: &str| {
+        release
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+            .map(|v| v.trim().trim_matches('"').to_string())
+            .unwrap_or_default()
+    };
+    let (id, id_like) = (field("ID"), field("ID_LIKE"));
+    let is_debian = std::iter::once(id.as_str())
+        .chain(id_like.split_whitespace())
+        .any(|i| i == "debian" || i == "ubuntu");
+    if !is_debian {
+        return Err(format!(
+            "ID={id:?} ID_LIKE={id_like:?} is not Debian or Ubuntu"
+        ));
+    }
+    for tool in ["apt-get", "dpkg-query"] {
+        if toolchain::find_in_path(tool).is_none() {
+            return Err(format!("{tool} is not on PATH"));
+        }
+    }
+    Ok(())
+}
+
+fn is_installed(package: &str) -> bool {
+    let mut cmd = Command::new("dpkg-query");
+    cmd.args(["-W", "-f=${Status}", package]);
+    cmd::probe(&mut cmd).is_some_and(|status| status.split_whitespace().last() == Some("installed"))
+}
+
+fn ensure_apt_packages(packages: &[String]) -> Result<()> {
+    let missing: Vec<&String> = packages.iter().filter(|p| !is_installed(p)).collect();
+    if missing.is_empty() {
+        println!("ok: apt packages already present: {}", packages.join(" "));
+        return Ok(());
+    }
+    let missing_list = missing
+        .iter()
+        .map(|p| p.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if !is_root() {
+        println!("apt needs root to install: {missing_list}");
+        println!(
+            "run as root: apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+             --no-install-recommends {missing_list}"
+        );
+        bail!("missing apt packages ({missing_list}) and not root; install them, then run `cargo xtask setup` again");
+    }
+    println!("installing: apt packages {missing_list}");
+    cmd::run(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    cmd::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .context(
+        "apt could not install the packages; if an llvm-N package is unknown to this release, \
+         add the LLVM repository from https://apt.llvm.org/ and run `cargo xtask setup` again",
+    )
+}
+
+fn ensure_bpf_linker(llvm: u32) -> Result<()> {
+    let marker = toolchain::bpf_linker_marker();
+    let why = match toolchain::bpf_linker() {
+        Some(linker) if linker.llvm_major == Some(llvm) => {
+            // Keep the marker in step with what is installed (cheap, silent).
+            if std::fs::read_to_string(&marker)
+                .ok()
+                .map(|s| s.trim().to_string())
+                != Some(llvm.to_string())
+            {
+                let _ = std::fs::write(&marker, format!("{llvm}\n"));
+            }
+            println!(
+                "ok: bpf-linker already present ({}, LLVM {llvm}, {})",
+                linker.version,
+                linker.path.display()
+            );
+            return Ok(());
+        }
+        Some(linker) => match linker.llvm_major {
+            Some(other) => format!("{} is built for LLVM {other}", linker.path.display()),
+            None => format!(
+                "cannot tell which LLVM {} is built for",
+                linker.path.display()
+            ),
+        },
+        None => "not installed".to_string(),
+    };
+    println!("installing: bpf-linker for LLVM {llvm} ({why})");
+    cmd::run(
+        toolchain::cargo()
+            .args(bpf_linker_install_args(llvm))
+            // Outside the workspace, so its .cargo/config.toml plays no part.
+            .current_dir(std::env::temp_dir())
+            .env("PATH", toolchain::path_with_first(&llvm_bin(llvm))?),
+    )?;
+    std::fs::write(&marker, format!("{llvm}\n"))
+        .with_context(|| format!("cannot write {}", marker.display()))?;
+    match toolchain::bpf_linker() {
+        Some(linker) => {
+            println!("installed: {} ({})", linker.version, linker.path.display());
+            Ok(())
+        }
+        None => bail!(
+            "bpf-linker was installed but does not run; is {} on PATH?",
+            toolchain::cargo_home().join("bin").display()
+        ),
+    }
+}
+
+/// Not Debian/Ubuntu: check what can be checked without a package manager,
+/// and if anything is missing print the whole list and fail.
+fn not_debian(why: &str, llvm: u32, packages: &[String]) -> Result<()> {
+    let tools = ["cc", "bpftool", "ip", "ethtool"];
+    let missing_tools: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| {
+            toolchain::find_in_path(t).is_none()
+                && !["/usr/sbin", "/sbin"]
+                    .iter()
+                    .any(|d| std::path::Path::new(d).join(t).is_file())
+        })
+        .collect();
+    let linker_ok = toolchain::bpf_linker().is_some_and(|l| l.llvm_major == Some(llvm));
+    if missing_tools.is_empty() && linker_ok {
+        println!("ok: {} already present", tools.join(", "));
+        println!("ok: bpf-linker for LLVM {llvm} already present");
+        return Ok(());
+    }
+    println!("cannot install packages here: {why}.");
+    println!("Install these with your system's package manager (Debian/Ubuntu names):");
+    println!("  {}", packages.join(" "));
+    println!(
+        "  (LLVM {llvm} development files with Polly, a C toolchain, bpftool, iproute2, ethtool)"
+    );
+    println!(
+        "then build bpf-linker against LLVM {llvm} (llvm-config of LLVM {llvm} first on PATH):"
+    );
+    println!(
+        "  PATH={}:$PATH cargo {}",
+        llvm_bin(llvm).display(),
+        bpf_linker_install_args(llvm).join(" ")
+    );
+    println!("and run `cargo xtask setup` again.");
+    if !missing_tools.is_empty() {
+        println!("missing commands: {}", missing_tools.join(" "));
+    }
+    if !linker_ok {
+        println!("missing: bpf-linker built for LLVM {llvm}");
+    }
+    bail!("unsupported system for automatic setup ({why})")
+}
+
+/// Effective uid 0, read from /proc/self/status (no libc dependency).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
