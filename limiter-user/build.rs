@@ -20,7 +20,8 @@ fn main() {
     };
     println!("cargo::rerun-if-changed={}", object.display());
     if object.is_file() {
-        let out = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo")).join("limiter-ebpf.o");
+        let out =
+            PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo")).join("limiter-ebpf.o");
         std::fs::copy(&object, &out).expect("copy the eBPF object into OUT_DIR");
         println!("cargo::rustc-cfg=limiter_ebpf_embedded");
     } else {

@@ -100,17 +100,24 @@ impl Addr {
     /// The 16 wire bytes.
     pub const fn octets(&self) -> [u8; 16] {
         let [a, b, c, d] = self.words;
-        let (a, b, c, d) = (a.to_ne_bytes(), b.to_ne_bytes(), c.to_ne_bytes(), d.to_ne_bytes());
+        let (a, b, c, d) = (
+            a.to_ne_bytes(),
+            b.to_ne_bytes(),
+            c.to_ne_bytes(),
+            d.to_ne_bytes(),
+        );
         [
-            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
-            d[3],
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
         ]
     }
 
     /// Whether this is an IPv4-mapped address.
     #[inline(always)]
     pub const fn is_ipv4_mapped(&self) -> bool {
-        self.words[0] == 0 && self.words[1] == 0 && self.words[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+        self.words[0] == 0
+            && self.words[1] == 0
+            && self.words[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
     }
 
     /// The address with every bit past `prefix_len` (of 128) cleared.
@@ -448,8 +455,17 @@ mod tests {
 
     #[test]
     fn stats_add_and_list_every_field() {
-        let mut a = Stats { seen: 1, conn_untracked: 3, ..Default::default() };
-        a.add(&Stats { seen: 10, dropped_cap: 20, conn_untracked: 30, ..Default::default() });
+        let mut a = Stats {
+            seen: 1,
+            conn_untracked: 3,
+            ..Default::default()
+        };
+        a.add(&Stats {
+            seen: 10,
+            dropped_cap: 20,
+            conn_untracked: 30,
+            ..Default::default()
+        });
         let fields = a.fields();
         assert_eq!(fields[0], ("seen", 11));
         assert_eq!(fields[Stats::COUNT - 1], ("conn_untracked", 33));

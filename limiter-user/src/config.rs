@@ -285,6 +285,18 @@ pub enum Attach {
     Tc,
 }
 
+impl Attach {
+    /// The configuration spelling.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Xdp => "xdp",
+            Self::XdpGeneric => "xdp-generic",
+            Self::Tc => "tc",
+        }
+    }
+}
+
 /// `[kernel.map_sizes]`: `max_entries` of each map. A pinned map keeps the
 /// size it was created with until its pin is removed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

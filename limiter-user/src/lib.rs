@@ -7,5 +7,8 @@
 //! * [`kernel`] — the one door to the kernel programs (`limiter-ebpf`): load,
 //!   attach, pin, and the [`kernel::Datapath`] interface the rest of the
 //!   agent uses to block, allow, cap and read counts.
+//! * [`agent`] — the running agent: brings the kernel layer up as configured,
+//!   applies lists and caps, logs kernel drops, sweeps expired blocks.
+pub mod agent;
 pub mod config;
 pub mod kernel;

@@ -11,7 +11,10 @@ use limiter_user::kernel::{BpfDatapath, KernelLimits, KernelOptions, MapSizes};
 /// `cargo xtask test`) or the workspace's release build.
 pub fn object_path() -> PathBuf {
     std::env::var_os("LIMITER_EBPF_OBJECT").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bpfel-unknown-none/release/limiter-ebpf"),
+        || {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/bpfel-unknown-none/release/limiter-ebpf")
+        },
         PathBuf::from,
     )
 }
@@ -90,7 +93,8 @@ impl TestKernel {
             map_sizes,
             limits,
         };
-        let datapath = BpfDatapath::load(&options).unwrap_or_else(|e| panic!("loading the kernel programs: {e}"));
+        let datapath = BpfDatapath::load(&options)
+            .unwrap_or_else(|e| panic!("loading the kernel programs: {e}"));
         Self { datapath, pins }
     }
 

@@ -195,7 +195,8 @@ impl NetNs {
             let (Ok(pid), Ok(_)) = (pid.parse::<u32>(), n.parse::<u64>()) else {
                 continue;
             };
-            if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
                 ip(&["netns", "del", &name])?;
                 removed.push(name);
             }
@@ -286,7 +287,10 @@ pub fn link(server: &NetNs, client: &NetNs, tag: &str) -> anyhow::Result<Link> {
     // Unique within the process for 256 concurrent links; the pid mix only
     // spreads different processes apart (addresses live in private
     // namespaces, so a cross-process clash would be harmless anyway).
-    let subnet = ((std::process::id() as usize).wrapping_mul(37).wrapping_add(k) % 256) as u8;
+    let subnet = ((std::process::id() as usize)
+        .wrapping_mul(37)
+        .wrapping_add(k)
+        % 256) as u8;
     let n = subnet;
     let server_v4 = Ipv4Addr::new(10, 199, n, 1);
     let client_v4s: Vec<Ipv4Addr> = (2..2 + CLIENT_ADDRS as u8)
@@ -298,8 +302,18 @@ pub fn link(server: &NetNs, client: &NetNs, tag: &str) -> anyhow::Result<Link> {
         .collect();
 
     ip(&[
-        "link", "add", &server_if, "netns", server.name(), "type", "veth", "peer", "name",
-        &client_if, "netns", client.name(),
+        "link",
+        "add",
+        &server_if,
+        "netns",
+        server.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &client_if,
+        "netns",
+        client.name(),
     ])?;
     // From here on Drop removes the pair if anything below fails.
     let link = Link {
@@ -316,7 +330,10 @@ pub fn link(server: &NetNs, client: &NetNs, tag: &str) -> anyhow::Result<Link> {
 
     let srv = vec![
         format!("addr add {}/24 dev {}", link.server_v4, link.server_if),
-        format!("addr add {}/64 dev {} nodad", link.server_v6, link.server_if),
+        format!(
+            "addr add {}/64 dev {} nodad",
+            link.server_v6, link.server_if
+        ),
         format!("link set {} up", link.server_if),
     ];
     ip_batch(Some(server.name()), &srv)?;
@@ -349,7 +366,10 @@ impl Link {
     /// either end is tentative. [`link`] already calls this.
     pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
-        for (ns, dev) in [(&self.server_ns, &self.server_if), (&self.client_ns, &self.client_if)] {
+        for (ns, dev) in [
+            (&self.server_ns, &self.server_if),
+            (&self.client_ns, &self.client_if),
+        ] {
             wait_link_up_in(ns, dev, deadline)?;
             wait_ipv6_ready_in(ns, dev, deadline)?;
         }
@@ -387,7 +407,9 @@ pub fn wait_ipv6_ready(ns: &NetNs, ifname: &str, timeout: Duration) -> anyhow::R
 fn wait_ipv6_ready_in(ns: &str, ifname: &str, deadline: Instant) -> anyhow::Result<()> {
     loop {
         let out = ip(&["-n", ns, "-6", "addr", "show", "dev", ifname])?;
-        let has_global = out.lines().any(|l| l.contains("inet6") && l.contains("scope global"));
+        let has_global = out
+            .lines()
+            .any(|l| l.contains("inet6") && l.contains("scope global"));
         // "tentative" (DAD running) or "dadfailed" make an address unusable;
         // only care about global addresses (link-local DAD is irrelevant).
         let pending = out.lines().any(|l| {

@@ -15,7 +15,9 @@ pub enum Ext {
     Routing,
     DestOpts,
     /// A fragment header with this fragment offset (in 8-byte units).
-    Fragment { offset: u16 },
+    Fragment {
+        offset: u16,
+    },
     Ah,
 }
 
@@ -86,7 +88,11 @@ impl Frame {
         let mut f = Vec::with_capacity(128);
         f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]); // destination MAC
         f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]); // source MAC
-        let ether_type: u16 = if self.source.is_ipv4() { 0x0800 } else { 0x86dd };
+        let ether_type: u16 = if self.source.is_ipv4() {
+            0x0800
+        } else {
+            0x86dd
+        };
         // Each tag is its TPID then its TCI (VLAN id 100 + i); the ether type
         // of the payload follows the last tag.
         for (i, tpid) in self.vlans.iter().enumerate() {
@@ -111,19 +117,28 @@ impl Frame {
                 f.extend_from_slice(&src.octets());
                 f.extend_from_slice(&[10, 199, 0, 1]);
                 // NOP options.
-                f.extend(std::iter::repeat_n(1u8, usize::from(self.ipv4_option_words) * 4));
+                f.extend(std::iter::repeat_n(
+                    1u8,
+                    usize::from(self.ipv4_option_words) * 4,
+                ));
             }
             IpAddr::V6(src) => {
                 let ext_len: usize = self.ipv6_ext.iter().map(|e| ext_bytes(*e, 0).len()).sum();
                 f.extend_from_slice(&[0x60, 0, 0, 0]);
                 f.extend_from_slice(&((ext_len + 20) as u16).to_be_bytes());
-                let first = self.ipv6_ext.first().map_or(self.l4_protocol, |e| ext_number(*e));
+                let first = self
+                    .ipv6_ext
+                    .first()
+                    .map_or(self.l4_protocol, |e| ext_number(*e));
                 f.push(first);
                 f.push(64);
                 f.extend_from_slice(&src.octets());
                 f.extend_from_slice(&[0xfd, 0, 1, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
                 for (i, ext) in self.ipv6_ext.iter().enumerate() {
-                    let next = self.ipv6_ext.get(i + 1).map_or(self.l4_protocol, |e| ext_number(*e));
+                    let next = self
+                        .ipv6_ext
+                        .get(i + 1)
+                        .map_or(self.l4_protocol, |e| ext_number(*e));
                     f.extend_from_slice(&ext_bytes(*ext, next));
                 }
             }

@@ -158,7 +158,10 @@ impl Drop for Listener {
         let handlers = mem::take(&mut *lock(&self.shared.handlers));
         for h in handlers {
             if h.join().is_err() {
-                eprintln!("tcp::Listener {}: a connection thread panicked", self.local_addr);
+                eprintln!(
+                    "tcp::Listener {}: a connection thread panicked",
+                    self.local_addr
+                );
             }
         }
         lock(&self.shared.conns).clear();
@@ -257,7 +260,12 @@ fn new_socket(family: libc::c_int, nonblocking: bool) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: pointer to a live c_int with its exact size.
     cvt(unsafe {
         libc::setsockopt(
@@ -501,18 +509,33 @@ pub fn spawn_client_process(
 ) -> anyhow::Result<ClientProcess> {
     let parent = unsafe { libc::getpid() };
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns.name(), "python3", "-u", "-c", CLIENT_SCRIPT])
-        .arg(source.to_string())
-        .arg(dest.ip().to_string())
-        .arg(dest.port().to_string())
-        .arg(count.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    cmd.args([
+        "netns",
+        "exec",
+        ns.name(),
+        "python3",
+        "-u",
+        "-c",
+        CLIENT_SCRIPT,
+    ])
+    .arg(source.to_string())
+    .arg(dest.ip().to_string())
+    .arg(dest.port().to_string())
+    .arg(count.to_string())
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(io::Error::last_os_error());
             }
             if libc::getppid() != parent {

@@ -37,7 +37,16 @@ struct Testbed {
 
 impl Testbed {
     fn new(tag: &str, mode: AttachMode, ipv6: bool, max_connections: u32) -> Self {
-        Self::with_limits(tag, mode, ipv6, KernelLimits { max_connections, ports: vec![PORT], ..KernelLimits::default() })
+        Self::with_limits(
+            tag,
+            mode,
+            ipv6,
+            KernelLimits {
+                max_connections,
+                ports: vec![PORT],
+                ..KernelLimits::default()
+            },
+        )
     }
 
     fn with_limits(tag: &str, mode: AttachMode, ipv6: bool, limits: KernelLimits) -> Self {
@@ -47,24 +56,49 @@ impl Testbed {
         let kernel = TestKernel::load(limits);
         // Attach from inside the server namespace: the interface is looked up
         // there, and that namespace's connections are the ones counted.
-        let attachment = server.run(|| kernel.datapath.attach(&link.server_if, mode)).unwrap();
+        let attachment = server
+            .run(|| kernel.datapath.attach(&link.server_if, mode))
+            .unwrap();
         let expected = if mode == AttachMode::Tc { "tc" } else { "xdp" };
         assert_eq!(attachment.mode, expected);
-        let server_ip: IpAddr = if ipv6 { link.server_v6.into() } else { link.server_v4.into() };
+        let server_ip: IpAddr = if ipv6 {
+            link.server_v6.into()
+        } else {
+            link.server_v4.into()
+        };
         let listener = Listener::start(&server, SocketAddr::new(server_ip, PORT)).unwrap();
-        Self { listener, kernel, link, client, _server: server }
+        Self {
+            listener,
+            kernel,
+            link,
+            client,
+            _server: server,
+        }
     }
 
     fn clients(&self, ipv6: bool) -> Vec<IpAddr> {
         if ipv6 {
-            self.link.client_v6s.iter().map(|a| IpAddr::V6(*a)).collect()
+            self.link
+                .client_v6s
+                .iter()
+                .map(|a| IpAddr::V6(*a))
+                .collect()
         } else {
-            self.link.client_v4s.iter().map(|a| IpAddr::V4(*a)).collect()
+            self.link
+                .client_v4s
+                .iter()
+                .map(|a| IpAddr::V4(*a))
+                .collect()
         }
     }
 
     fn connect(&self, source: IpAddr) -> std::io::Result<std::net::TcpStream> {
-        connect_from(&self.client, source, self.listener.local_addr(), CONNECT_TIMEOUT)
+        connect_from(
+            &self.client,
+            source,
+            self.listener.local_addr(),
+            CONNECT_TIMEOUT,
+        )
     }
 
     fn connections(&self, source: IpAddr) -> u32 {
@@ -73,12 +107,22 @@ impl Testbed {
 
     fn wait_connections(&self, source: IpAddr, n: u32) {
         let reached = wait_until(SETTLE, || self.connections(source) == n);
-        assert!(reached, "kernel count for {source}: {} (expected {n})", self.connections(source));
+        assert!(
+            reached,
+            "kernel count for {source}: {} (expected {n})",
+            self.connections(source)
+        );
     }
 
     fn assert_no_counts(&self) {
-        let ok = wait_until(SETTLE, || self.kernel.datapath.connection_counts().unwrap().is_empty());
-        assert!(ok, "counts left: {:?}", self.kernel.datapath.connection_counts().unwrap());
+        let ok = wait_until(SETTLE, || {
+            self.kernel.datapath.connection_counts().unwrap().is_empty()
+        });
+        assert!(
+            ok,
+            "counts left: {:?}",
+            self.kernel.datapath.connection_counts().unwrap()
+        );
     }
 }
 
@@ -86,7 +130,10 @@ fn assert_dropped(result: std::io::Result<std::net::TcpStream>, what: &str) {
     match result {
         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
         Err(e) => panic!("{what}: expected a dropped SYN (timeout), got {e}"),
-        Ok(s) => panic!("{what}: connected ({:?}), expected the SYN dropped", s.peer_addr()),
+        Ok(s) => panic!(
+            "{what}: connected ({:?}), expected the SYN dropped",
+            s.peer_addr()
+        ),
     }
 }
 
@@ -94,12 +141,19 @@ fn blocked_source_cannot_connect(tag: &str, mode: AttachMode, ipv6: bool) {
     let bed = Testbed::new(tag, mode, ipv6, 10);
     let clients = bed.clients(ipv6);
     let (blocked, other) = (clients[0], clients[1]);
-    bed.kernel.datapath.block(IpNet::from(blocked), None, reason::HARVEST).unwrap();
+    bed.kernel
+        .datapath
+        .block(IpNet::from(blocked), None, reason::HARVEST)
+        .unwrap();
     assert_dropped(bed.connect(blocked), "blocked source");
     let stream = bed.connect(other).expect("an unblocked source connects");
     drop(stream);
     assert!(bed.listener.wait_accepted(1, SETTLE));
-    assert_eq!(bed.listener.accepted(), 1, "only the unblocked source reached the listener");
+    assert_eq!(
+        bed.listener.accepted(),
+        1,
+        "only the unblocked source reached the listener"
+    );
     let counters = bed.kernel.datapath.counters().unwrap();
     assert!(counters.dropped_block >= 1, "{counters:?}");
     let block = bed.kernel.datapath.blocks().unwrap().pop().unwrap();
@@ -115,11 +169,21 @@ fn cap_holds_and_counts_return_to_zero(tag: &str, mode: AttachMode, ipv6: bool) 
     // The link's client addresses share one /64: count IPv6 sources per
     // address here so that a second source exists (aggregation has its own
     // test below).
-    let limits = KernelLimits { max_connections: CAP, ipv6_prefix_len: 128, ports: vec![PORT], ..KernelLimits::default() };
+    let limits = KernelLimits {
+        max_connections: CAP,
+        ipv6_prefix_len: 128,
+        ports: vec![PORT],
+        ..KernelLimits::default()
+    };
     let bed = Testbed::with_limits(tag, mode, ipv6, limits);
     let clients = bed.clients(ipv6);
     let source = clients[0];
-    let mut streams: Vec<_> = (0..CAP).map(|i| bed.connect(source).unwrap_or_else(|e| panic!("connection {i}: {e}"))).collect();
+    let mut streams: Vec<_> = (0..CAP)
+        .map(|i| {
+            bed.connect(source)
+                .unwrap_or_else(|e| panic!("connection {i}: {e}"))
+        })
+        .collect();
     bed.wait_connections(source, CAP);
     assert_dropped(bed.connect(source), "connection over the cap");
     // Others are not affected by this source's cap.
@@ -224,7 +288,8 @@ fn counts_return_to_zero_when_the_client_process_is_killed() {
     }
     let bed = Testbed::new("kil", AttachMode::Xdp, false, 10);
     let source = bed.clients(false)[2];
-    let mut process = spawn_client_process(&bed.client, source, bed.listener.local_addr(), 4).unwrap();
+    let mut process =
+        spawn_client_process(&bed.client, source, bed.listener.local_addr(), 4).unwrap();
     wait_for_line(&mut process, "connected", SETTLE).unwrap();
     bed.wait_connections(source, 4);
     process.kill_and_wait().unwrap();
@@ -262,5 +327,9 @@ fn connections_in_other_namespaces_are_not_counted() {
     let _s = connect_from(&client, source, listener.local_addr(), CONNECT_TIMEOUT).unwrap();
     assert!(listener.wait_accepted(1, SETTLE));
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(bed.kernel.datapath.connection_counts().unwrap(), vec![], "another namespace's connection was counted");
+    assert_eq!(
+        bed.kernel.datapath.connection_counts().unwrap(),
+        vec![],
+        "another namespace's connection was counted"
+    );
 }

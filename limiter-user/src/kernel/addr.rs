@@ -37,9 +37,9 @@ pub fn net_of(key: &Key<Addr>) -> IpNet {
     let addr = key.data();
     let prefix_len = key.prefix_len().min(128);
     match ip_of(addr) {
-        IpAddr::V4(v4) if prefix_len >= IPV4_MAPPED_PREFIX => {
-            IpNet::V4(Ipv4Net::new(v4, (prefix_len - IPV4_MAPPED_PREFIX) as u8).expect("prefix ≤ 32"))
-        }
+        IpAddr::V4(v4) if prefix_len >= IPV4_MAPPED_PREFIX => IpNet::V4(
+            Ipv4Net::new(v4, (prefix_len - IPV4_MAPPED_PREFIX) as u8).expect("prefix ≤ 32"),
+        ),
         _ => IpNet::V6(
             Ipv6Net::new(Ipv6Addr::from(addr.octets()), prefix_len as u8).expect("prefix ≤ 128"),
         ),
@@ -49,12 +49,15 @@ pub fn net_of(key: &Key<Addr>) -> IpNet {
 /// `net` with host bits cleared, IPv4-mapped IPv6 networks as IPv4.
 pub fn canonical(net: IpNet) -> IpNet {
     match net {
-        IpNet::V6(n) if n.prefix_len() >= IPV4_MAPPED_PREFIX as u8 => match n.network().to_ipv4_mapped() {
-            Some(v4) => IpNet::V4(
-                Ipv4Net::new(v4, n.prefix_len() - IPV4_MAPPED_PREFIX as u8).expect("prefix ≤ 32"),
-            ),
-            None => IpNet::V6(n.trunc()),
-        },
+        IpNet::V6(n) if n.prefix_len() >= IPV4_MAPPED_PREFIX as u8 => {
+            match n.network().to_ipv4_mapped() {
+                Some(v4) => IpNet::V4(
+                    Ipv4Net::new(v4, n.prefix_len() - IPV4_MAPPED_PREFIX as u8)
+                        .expect("prefix ≤ 32"),
+                ),
+                None => IpNet::V6(n.trunc()),
+            }
+        }
         other => other.trunc(),
     }
 }
@@ -71,7 +74,6 @@ pub fn source_net(addr: Addr) -> IpNet {
         IpAddr::V6(v6) => IpNet::V6(Ipv6Net::from(v6)),
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -98,7 +100,10 @@ mod tests {
         let mapped: IpAddr = "::ffff:198.51.100.9".parse().unwrap();
         assert_eq!(addr_of(v4), addr_of(mapped));
         assert_eq!(ip_of(addr_of(mapped)), v4);
-        assert_eq!(canonical("::ffff:198.51.100.0/120".parse().unwrap()), "198.51.100.0/24".parse::<IpNet>().unwrap());
+        assert_eq!(
+            canonical("::ffff:198.51.100.0/120".parse().unwrap()),
+            "198.51.100.0/24".parse::<IpNet>().unwrap()
+        );
     }
 
     #[test]

@@ -31,6 +31,8 @@ use limiter_common::{
 };
 use tokio::io::{unix::AsyncFd, Interest};
 
+pub use crate::config::{Attach as AttachMode, MapSizes};
+
 use super::{
     addr::{addr_of, canonical, is_host, lpm_key, net_of, source_net},
     clock::{boot_ns_to_system, system_to_boot_ns},
@@ -54,62 +56,12 @@ pub fn has_embedded_object() -> bool {
 /// bpffs `statfs` magic.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// How the XDP/TC program is attached to an interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttachMode {
-    /// Native XDP, then generic XDP, then TC: the first that works.
-    Auto,
-    /// Native (driver) XDP only.
-    Xdp,
-    /// Generic (skb) XDP only.
-    XdpGeneric,
-    /// TC ingress classifier only.
-    Tc,
-}
-
-impl AttachMode {
-    /// The configuration spelling.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::Xdp => "xdp",
-            Self::XdpGeneric => "xdp-generic",
-            Self::Tc => "tc",
-        }
-    }
-}
-
 /// An interface the programs were attached to, and how.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attachment {
     pub interface: String,
     /// The mode that worked: "xdp", "xdp-generic" or "tc".
     pub mode: &'static str,
-}
-
-/// Map sizes (`max_entries`), used when the maps are created. Pinned maps
-/// that already exist keep the size they were created with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MapSizes {
-    pub block: u32,
-    pub block_net: u32,
-    pub allow: u32,
-    pub cap_net: u32,
-    pub conn_count: u32,
-    pub conn_socks: u32,
-}
-
-impl Default for MapSizes {
-    fn default() -> Self {
-        Self {
-            block: 262_144,
-            block_net: 65_536,
-            allow: 16_384,
-            cap_net: 16_384,
-            conn_count: 65_536,
-            conn_socks: 262_144,
-        }
-    }
 }
 
 /// What [`BpfDatapath::load`] needs.
@@ -172,7 +124,8 @@ impl BpfDatapath {
         let lock = lock_pin_dir(pin_path)?;
         check_pinned_maps(pin_path)?;
 
-        let pins: Vec<(&str, PathBuf)> = names::ALL.iter().map(|n| (*n, pin_path.join(n))).collect();
+        let pins: Vec<(&str, PathBuf)> =
+            names::ALL.iter().map(|n| (*n, pin_path.join(n))).collect();
         let sizes = options.map_sizes;
         let mut loader = EbpfLoader::new();
         // The verifier's log is collected only when a program is refused;
@@ -247,9 +200,9 @@ impl BpfDatapath {
     /// error is in the message).
     pub fn attach(&self, interface: &str, mode: AttachMode) -> Result<Attachment, KernelError> {
         let mut guard = lock(&self.ebpf);
-        let ebpf = guard
-            .as_mut()
-            .ok_or_else(|| KernelError::Invalid("the programs are not loaded (opened from pins only)".into()))?;
+        let ebpf = guard.as_mut().ok_or_else(|| {
+            KernelError::Invalid("the programs are not loaded (opened from pins only)".into())
+        })?;
         let tries: &[&'static str] = match mode {
             AttachMode::Auto => &["xdp", "xdp-generic", "tc"],
             AttachMode::Xdp => &["xdp"],
@@ -260,15 +213,25 @@ impl BpfDatapath {
         for &how in tries {
             let result = match how {
                 "xdp" | "xdp-generic" => {
-                    let xdp_mode = if how == "xdp" { XdpMode::Driver } else { XdpMode::Skb };
-                    program_mut::<Xdp>(ebpf, program_names::XDP)
-                        .and_then(|p| p.attach(interface, xdp_mode).map(drop).map_err(|e| program_error(program_names::XDP, e)))
+                    let xdp_mode = if how == "xdp" {
+                        XdpMode::Driver
+                    } else {
+                        XdpMode::Skb
+                    };
+                    program_mut::<Xdp>(ebpf, program_names::XDP).and_then(|p| {
+                        p.attach(interface, xdp_mode)
+                            .map(drop)
+                            .map_err(|e| program_error(program_names::XDP, e))
+                    })
                 }
                 _ => attach_tc(ebpf, interface),
             };
             match result {
                 Ok(()) => {
-                    let attachment = Attachment { interface: interface.to_owned(), mode: how };
+                    let attachment = Attachment {
+                        interface: interface.to_owned(),
+                        mode: how,
+                    };
                     lock(&self.attachments).push(attachment.clone());
                     drop(guard);
                     self.set_netns_cookie(current_netns_cookie()?)?;
@@ -306,18 +269,18 @@ impl BpfDatapath {
     /// # Errors
     /// Already taken, or the ring buffer cannot be polled.
     pub fn take_events(&self) -> Result<DropEvents, KernelError> {
-        let ring = lock(&self.maps)
-            .events
-            .take()
-            .ok_or_else(|| KernelError::Invalid("the drop-event stream was already taken".into()))?;
+        let ring = lock(&self.maps).events.take().ok_or_else(|| {
+            KernelError::Invalid("the drop-event stream was already taken".into())
+        })?;
         // SAFETY: the ring buffer owns its descriptor and keeps it open and
         // unchanged for as long as the AsyncFd holds it.
-        let fd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
-            KernelError::Io {
-                context: "polling the EVENTS ring buffer".into(),
-                source: io::Error::other(e.to_string()),
-            }
-        })?;
+        let fd =
+            unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
+                KernelError::Io {
+                    context: "polling the EVENTS ring buffer".into(),
+                    source: io::Error::other(e.to_string()),
+                }
+            })?;
         Ok(DropEvents { fd })
     }
 
@@ -339,7 +302,12 @@ impl BpfDatapath {
         self.test_run::<SchedClassifier>(program_names::TC, packet, repeat)
     }
 
-    fn test_run<P>(&self, name: &'static str, packet: &[u8], repeat: u32) -> Result<(u32, Duration), KernelError>
+    fn test_run<P>(
+        &self,
+        name: &'static str,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, Duration), KernelError>
     where
         P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
         for<'p> &'p mut P: TryFrom<&'p mut aya::programs::Program, Error = ProgramError>,
@@ -349,8 +317,14 @@ impl BpfDatapath {
             .as_mut()
             .ok_or_else(|| KernelError::Invalid("the programs are not loaded".into()))?;
         let program = program_mut::<P>(ebpf, name)?;
-        let options = TestRunOptions { data_in: Some(packet), repeat, ..TestRunOptions::new() };
-        let result = program.test_run(options).map_err(|e| program_error(name, e))?;
+        let options = TestRunOptions {
+            data_in: Some(packet),
+            repeat,
+            ..TestRunOptions::new()
+        };
+        let result = program
+            .test_run(options)
+            .map_err(|e| program_error(name, e))?;
         Ok((result.return_value, result.duration))
     }
 
@@ -364,9 +338,14 @@ impl BpfDatapath {
 
     fn set_netns_cookie(&self, netns_cookie: u64) -> Result<(), KernelError> {
         let mut maps = lock(&self.maps);
-        let mut config = maps.config.get(&0, 0).map_err(|e| map_error(names::CONFIG, e))?;
+        let mut config = maps
+            .config
+            .get(&0, 0)
+            .map_err(|e| map_error(names::CONFIG, e))?;
         config.netns_cookie = netns_cookie;
-        maps.config.set(0, config, 0).map_err(|e| map_error(names::CONFIG, e))
+        maps.config
+            .set(0, config, 0)
+            .map_err(|e| map_error(names::CONFIG, e))
     }
 }
 
@@ -375,7 +354,10 @@ impl Datapath for BpfDatapath {
         let attachments = self.attachments();
         let loaded = lock(&self.ebpf).is_some();
         if !loaded {
-            return format!("kernel maps at {} (programs not loaded by this process)", self.pin_path.display());
+            return format!(
+                "kernel maps at {} (programs not loaded by this process)",
+                self.pin_path.display()
+            );
         }
         if attachments.is_empty() {
             format!(
@@ -383,12 +365,24 @@ impl Datapath for BpfDatapath {
                 self.pin_path.display()
             )
         } else {
-            let list: Vec<String> = attachments.iter().map(|a| format!("{} ({})", a.interface, a.mode)).collect();
-            format!("kernel layer loaded, maps pinned at {}, attached to {}", self.pin_path.display(), list.join(", "))
+            let list: Vec<String> = attachments
+                .iter()
+                .map(|a| format!("{} ({})", a.interface, a.mode))
+                .collect();
+            format!(
+                "kernel layer loaded, maps pinned at {}, attached to {}",
+                self.pin_path.display(),
+                list.join(", ")
+            )
         }
     }
 
-    fn block(&self, net: IpNet, expires: Option<SystemTime>, reason: u32) -> Result<(), KernelError> {
+    fn block(
+        &self,
+        net: IpNet,
+        expires: Option<SystemTime>,
+        reason: u32,
+    ) -> Result<(), KernelError> {
         let net = canonical(net);
         let value = Block {
             expires_boot_ns: expires.map_or(0, system_to_boot_ns),
@@ -423,7 +417,14 @@ impl Datapath for BpfDatapath {
         } else {
             maps.block_net.remove(&lpm_key(net))
         };
-        absent_is_false(removed, if is_host(net) { names::BLOCK } else { names::BLOCK_NET })
+        absent_is_false(
+            removed,
+            if is_host(net) {
+                names::BLOCK
+            } else {
+                names::BLOCK_NET
+            },
+        )
     }
 
     fn blocks(&self) -> Result<Vec<KernelBlock>, KernelError> {
@@ -461,12 +462,15 @@ impl Datapath for BpfDatapath {
         let mut swept = 0;
         for addr in &hosts {
             // A block re-added since the scan has a new expiry: check again.
-            if maps.block.get(addr, 0).is_ok_and(|b| expired(&b)) && maps.block.remove(addr).is_ok() {
+            if maps.block.get(addr, 0).is_ok_and(|b| expired(&b)) && maps.block.remove(addr).is_ok()
+            {
                 swept += 1;
             }
         }
         for key in &nets {
-            if maps.block_net.get(key, 0).is_ok_and(|b| expired(&b)) && maps.block_net.remove(key).is_ok() {
+            if maps.block_net.get(key, 0).is_ok_and(|b| expired(&b))
+                && maps.block_net.remove(key).is_ok()
+            {
                 swept += 1;
             }
         }
@@ -489,7 +493,10 @@ impl Datapath for BpfDatapath {
         let maps = lock(&self.maps);
         maps.allow
             .keys()
-            .map(|k| k.map(|k| net_of(&k)).map_err(|e| map_error(names::ALLOW, e)))
+            .map(|k| {
+                k.map(|k| net_of(&k))
+                    .map_err(|e| map_error(names::ALLOW, e))
+            })
             .collect()
     }
 
@@ -502,42 +509,63 @@ impl Datapath for BpfDatapath {
     }
 
     fn remove_cap(&self, net: IpNet) -> Result<bool, KernelError> {
-        absent_is_false(lock(&self.maps).cap_net.remove(&lpm_key(net)), names::CAP_NET)
+        absent_is_false(
+            lock(&self.maps).cap_net.remove(&lpm_key(net)),
+            names::CAP_NET,
+        )
     }
 
     fn caps(&self) -> Result<Vec<(IpNet, u32)>, KernelError> {
         let maps = lock(&self.maps);
         maps.cap_net
             .iter()
-            .map(|e| e.map(|(k, c)| (net_of(&k), c.max_connections)).map_err(|e| map_error(names::CAP_NET, e)))
+            .map(|e| {
+                e.map(|(k, c)| (net_of(&k), c.max_connections))
+                    .map_err(|e| map_error(names::CAP_NET, e))
+            })
             .collect()
     }
 
     fn set_limits(&self, limits: &KernelLimits) -> Result<(), KernelError> {
         let cookie = {
             let maps = lock(&self.maps);
-            maps.config.get(&0, 0).map_err(|e| map_error(names::CONFIG, e))?.netns_cookie
+            maps.config
+                .get(&0, 0)
+                .map_err(|e| map_error(names::CONFIG, e))?
+                .netns_cookie
         };
         self.write_config(limits, cookie)
     }
 
     fn connections(&self, addr: IpAddr) -> Result<u32, KernelError> {
         let maps = lock(&self.maps);
-        let prefix = maps.config.get(&0, 0).map_err(|e| map_error(names::CONFIG, e))?.ipv6_prefix_len;
+        let prefix = maps
+            .config
+            .get(&0, 0)
+            .map_err(|e| map_error(names::CONFIG, e))?
+            .ipv6_prefix_len;
         let key = addr_of(addr).source_key(prefix);
-        absent_is_default(maps.conn_count.get(&key, 0).map(|c| c.connections), names::CONN_COUNT)
+        absent_is_default(
+            maps.conn_count.get(&key, 0).map(|c| c.connections),
+            names::CONN_COUNT,
+        )
     }
 
     fn connection_counts(&self) -> Result<Vec<(IpNet, u32)>, KernelError> {
         let maps = lock(&self.maps);
-        let prefix = maps.config.get(&0, 0).map_err(|e| map_error(names::CONFIG, e))?.ipv6_prefix_len;
+        let prefix = maps
+            .config
+            .get(&0, 0)
+            .map_err(|e| map_error(names::CONFIG, e))?
+            .ipv6_prefix_len;
         let mut counts = Vec::new();
         for entry in maps.conn_count.iter() {
             let (key, count) = entry.map_err(|e| map_error(names::CONN_COUNT, e))?;
             let net = if key.is_ipv4_mapped() {
                 source_net(key)
             } else {
-                IpNet::new(super::ip_of(key), prefix.min(128) as u8).map_or_else(|_| source_net(key), |n| n.trunc())
+                IpNet::new(super::ip_of(key), prefix.min(128) as u8)
+                    .map_or_else(|_| source_net(key), |n| n.trunc())
             };
             counts.push((net, count.connections));
         }
@@ -546,7 +574,10 @@ impl Datapath for BpfDatapath {
 
     fn counters(&self) -> Result<KernelCounters, KernelError> {
         let maps = lock(&self.maps);
-        let per_cpu = maps.stats.get(&0, 0).map_err(|e| map_error(names::STATS, e))?;
+        let per_cpu = maps
+            .stats
+            .get(&0, 0)
+            .map_err(|e| map_error(names::STATS, e))?;
         let mut sum = Stats::default();
         per_cpu.iter().for_each(|cpu| sum.add(cpu));
         Ok(sum)
@@ -598,10 +629,14 @@ fn decode_event(bytes: &[u8]) -> Option<DropEvent> {
 
 impl Maps {
     fn take(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<Self, KernelError> {
-        fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError> {
+        fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+        ) -> Result<T, KernelError> {
             let map = ebpf.take_map(name).ok_or_else(|| KernelError::Map {
                 map: name,
-                message: "not in the eBPF object (object and agent from different versions?)".into(),
+                message: "not in the eBPF object (object and agent from different versions?)"
+                    .into(),
             })?;
             T::try_from(map).map_err(|e| map_error(name, e))
         }
@@ -627,7 +662,9 @@ impl Maps {
             let path = dir.join(name);
             let data = MapData::from_pin(&path).map_err(|e| KernelError::PinPath {
                 path: path.clone(),
-                reason: format!("{e} (is the agent's kernel layer loaded? `smtp-limiter run` creates the pins)"),
+                reason: format!(
+                    "{e} (is the agent's kernel layer loaded? `smtp-limiter run` creates the pins)"
+                ),
             })?;
             T::try_from(wrap(data)).map_err(|e| map_error(name, e))
         }
@@ -659,11 +696,31 @@ impl Maps {
         let wanted = self.sizes;
         let checks = [
             (names::BLOCK, "block", wanted.block, &mut self.sizes.block),
-            (names::BLOCK_NET, "block_net", wanted.block_net, &mut self.sizes.block_net),
+            (
+                names::BLOCK_NET,
+                "block_net",
+                wanted.block_net,
+                &mut self.sizes.block_net,
+            ),
             (names::ALLOW, "allow", wanted.allow, &mut self.sizes.allow),
-            (names::CAP_NET, "cap_net", wanted.cap_net, &mut self.sizes.cap_net),
-            (names::CONN_COUNT, "conn_count", wanted.conn_count, &mut self.sizes.conn_count),
-            (names::CONN_SOCKS, "conn_socks", wanted.conn_socks, &mut self.sizes.conn_socks),
+            (
+                names::CAP_NET,
+                "cap_net",
+                wanted.cap_net,
+                &mut self.sizes.cap_net,
+            ),
+            (
+                names::CONN_COUNT,
+                "conn_count",
+                wanted.conn_count,
+                &mut self.sizes.conn_count,
+            ),
+            (
+                names::CONN_SOCKS,
+                "conn_socks",
+                wanted.conn_socks,
+                &mut self.sizes.conn_socks,
+            ),
         ];
         for (name, key, wanted, actual) in checks {
             if let Ok(size) = max_entries(dir, name) {
@@ -685,7 +742,10 @@ fn max_entries(dir: &Path, name: &'static str) -> Result<u32, KernelError> {
     let path = dir.join(name);
     MapInfo::from_pin(&path)
         .map(|info| info.max_entries())
-        .map_err(|e| KernelError::PinPath { path, reason: e.to_string() })
+        .map_err(|e| KernelError::PinPath {
+            path,
+            reason: e.to_string(),
+        })
 }
 
 /// The shape each pinned map must have: (name, type, key size, value size).
@@ -695,13 +755,38 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize); 10] {
         (names::CONFIG, MapType::Array, 4, size_of::<Config>()),
         (names::STATS, MapType::PerCpuArray, 4, size_of::<Stats>()),
         (names::ALLOW, MapType::LpmTrie, lpm_key, size_of::<Allow>()),
-        (names::BLOCK, MapType::Hash, size_of::<Addr>(), size_of::<Block>()),
-        (names::BLOCK_NET, MapType::LpmTrie, lpm_key, size_of::<Block>()),
+        (
+            names::BLOCK,
+            MapType::Hash,
+            size_of::<Addr>(),
+            size_of::<Block>(),
+        ),
+        (
+            names::BLOCK_NET,
+            MapType::LpmTrie,
+            lpm_key,
+            size_of::<Block>(),
+        ),
         (names::CAP_NET, MapType::LpmTrie, lpm_key, size_of::<Cap>()),
-        (names::CONN_COUNT, MapType::Hash, size_of::<Addr>(), size_of::<ConnCount>()),
-        (names::CONN_SOCKS, MapType::Hash, 8, size_of::<TrackedSocket>()),
+        (
+            names::CONN_COUNT,
+            MapType::Hash,
+            size_of::<Addr>(),
+            size_of::<ConnCount>(),
+        ),
+        (
+            names::CONN_SOCKS,
+            MapType::Hash,
+            8,
+            size_of::<TrackedSocket>(),
+        ),
         (names::EVENTS, MapType::RingBuf, 0, 0),
-        (names::EVENT_BUDGET, MapType::PerCpuArray, 4, size_of::<limiter_common::EventBudget>()),
+        (
+            names::EVENT_BUDGET,
+            MapType::PerCpuArray,
+            4,
+            size_of::<limiter_common::EventBudget>(),
+        ),
     ]
 }
 
@@ -772,7 +857,15 @@ fn is_bpffs(path: &Path) -> bool {
 fn mount_bpffs() -> io::Result<()> {
     let (source, target, fs_type) = (c"bpf", c"/sys/fs/bpf", c"bpf");
     // SAFETY: NUL-terminated strings; no data argument.
-    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fs_type.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fs_type.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {
@@ -789,9 +882,14 @@ fn lock_pin_dir(dir: &Path) -> Result<File, KernelError> {
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let err = io::Error::last_os_error();
         return Err(if err.kind() == io::ErrorKind::WouldBlock {
-            KernelError::AlreadyRunning { path: dir.to_owned() }
+            KernelError::AlreadyRunning {
+                path: dir.to_owned(),
+            }
         } else {
-            KernelError::Io { context: format!("locking pin path {}", dir.display()), source: err }
+            KernelError::Io {
+                context: format!("locking pin path {}", dir.display()),
+                source: err,
+            }
         });
     }
     Ok(file)
@@ -819,7 +917,10 @@ fn cgroup2_root() -> Result<PathBuf, KernelError> {
 fn current_netns_cookie() -> Result<u64, KernelError> {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0")
         .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
-        .map_err(|source| KernelError::Io { context: "opening a socket to read the netns cookie".into(), source })?;
+        .map_err(|source| KernelError::Io {
+            context: "opening a socket to read the netns cookie".into(),
+            source,
+        })?;
     let mut cookie: u64 = 0;
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid socket, out-pointer and length of a u64.
@@ -880,7 +981,9 @@ where
     for<'p> &'p mut P: TryFrom<&'p mut aya::programs::Program, Error = ProgramError>,
     P: LoadProgram,
 {
-    program_mut::<P>(ebpf, name)?.load_it().map_err(|e| program_error(name, e))
+    program_mut::<P>(ebpf, name)?
+        .load_it()
+        .map_err(|e| program_error(name, e))
 }
 
 /// `load()` is inherent on each aya program type; this names it for generics.
@@ -932,11 +1035,17 @@ fn attach_tc(ebpf: &mut Ebpf, interface: &str) -> Result<(), KernelError> {
 
 fn program_error(program: &'static str, error: ProgramError) -> KernelError {
     let message = match &error {
-        ProgramError::LoadError { io_error, verifier_log } => {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
             let log = verifier_log.to_string();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            format!("the verifier refused it ({io_error}); end of its log:\n{}", tail.join("\n"))
+            format!(
+                "the verifier refused it ({io_error}); end of its log:\n{}",
+                tail.join("\n")
+            )
         }
         other => {
             let mut message = other.to_string();
@@ -955,14 +1064,26 @@ fn program_error(program: &'static str, error: ProgramError) -> KernelError {
 }
 
 fn map_error(map: &'static str, error: MapError) -> KernelError {
-    KernelError::Map { map, message: error.to_string() }
+    KernelError::Map {
+        map,
+        message: error.to_string(),
+    }
 }
 
 /// E2BIG (hash) and ENOSPC (LPM trie) mean the map is full.
-fn insert_error(map: &'static str, max_entries: u32, config_key: &'static str, error: MapError) -> KernelError {
+fn insert_error(
+    map: &'static str,
+    max_entries: u32,
+    config_key: &'static str,
+    error: MapError,
+) -> KernelError {
     if let MapError::SyscallError(ref e) = error {
         if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)) {
-            return KernelError::MapFull { map, max_entries, config_key };
+            return KernelError::MapFull {
+                map,
+                max_entries,
+                config_key,
+            };
         }
     }
     map_error(map, error)
@@ -976,7 +1097,10 @@ fn absent_is_false(result: Result<(), MapError>, map: &'static str) -> Result<bo
     }
 }
 
-fn absent_is_default<T: Default>(result: Result<T, MapError>, map: &'static str) -> Result<T, KernelError> {
+fn absent_is_default<T: Default>(
+    result: Result<T, MapError>,
+    map: &'static str,
+) -> Result<T, KernelError> {
     match result {
         Ok(v) => Ok(v),
         Err(e) if is_not_found(&e) => Ok(T::default()),
@@ -995,5 +1119,7 @@ fn is_not_found(error: &MapError) -> bool {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves the maps consistent (the kernel
     // owns them), so a poisoned lock is still usable.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -6,7 +6,10 @@ use std::time::{Duration, SystemTime};
 
 /// `CLOCK_BOOTTIME` now, in nanoseconds.
 pub fn boot_now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec; CLOCK_BOOTTIME exists since 2.6.39.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     assert_eq!(rc, 0, "clock_gettime(CLOCK_BOOTTIME) cannot fail on Linux");
@@ -19,7 +22,9 @@ pub fn system_to_boot_ns(at: SystemTime) -> u64 {
     let (now_sys, now_boot) = (SystemTime::now(), boot_now_ns());
     let ns = match at.duration_since(now_sys) {
         Ok(ahead) => now_boot.saturating_add(ahead.as_nanos().min(u64::MAX as u128) as u64),
-        Err(behind) => now_boot.saturating_sub(behind.duration().as_nanos().min(u64::MAX as u128) as u64),
+        Err(behind) => {
+            now_boot.saturating_sub(behind.duration().as_nanos().min(u64::MAX as u128) as u64)
+        }
     };
     ns.max(1)
 }

@@ -18,7 +18,9 @@ use ipnet::IpNet;
 pub use limiter_common::Stats as KernelCounters;
 
 pub use addr::{addr_of, ip_of, lpm_key, net_of};
-pub use bpf::{has_embedded_object, AttachMode, Attachment, BpfDatapath, DropEvents, KernelOptions, MapSizes};
+pub use bpf::{
+    has_embedded_object, AttachMode, Attachment, BpfDatapath, DropEvents, KernelOptions, MapSizes,
+};
 pub use clock::{boot_now_ns, boot_ns_to_system, system_to_boot_ns};
 
 /// Errors of the kernel layer, each naming what failed and what to do.
@@ -45,7 +47,10 @@ pub enum KernelError {
     #[error("loading the eBPF object: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("program {program}: {message}")]
-    Program { program: &'static str, message: String },
+    Program {
+        program: &'static str,
+        message: String,
+    },
     #[error("attaching to interface {interface} ({mode}): {message}")]
     Attach {
         interface: String,
@@ -126,7 +131,12 @@ pub trait Datapath: Send + Sync {
     fn describe(&self) -> String;
     /// Blocks an address (full-length prefix) or a network until `expires`
     /// (`None` = until removed). Replaces an existing block of the same net.
-    fn block(&self, net: IpNet, expires: Option<SystemTime>, reason: u32) -> Result<(), KernelError>;
+    fn block(
+        &self,
+        net: IpNet,
+        expires: Option<SystemTime>,
+        reason: u32,
+    ) -> Result<(), KernelError>;
     /// Removes a block; `Ok(false)` if there was none.
     fn unblock(&self, net: IpNet) -> Result<bool, KernelError>;
     /// Every block, expired ones included until swept.
@@ -226,7 +236,9 @@ mod tests {
     #[test]
     fn no_kernel_says_why() {
         let k = NoKernel::new("kernel.mode = \"off\"");
-        let err = k.block("192.0.2.1/32".parse().unwrap(), None, 1).unwrap_err();
+        let err = k
+            .block("192.0.2.1/32".parse().unwrap(), None, 1)
+            .unwrap_err();
         assert!(err.to_string().contains("kernel.mode = \"off\""), "{err}");
         assert_eq!(k.sweep_expired(SystemTime::now()).unwrap(), 0);
     }

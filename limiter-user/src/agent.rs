@@ -1,0 +1,188 @@
+//! The running agent: brings up the kernel layer as the configuration says,
+//! applies the lists and limits, reports kernel drops, sweeps expired
+//! blocks, and detaches cleanly on SIGINT/SIGTERM.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{bail, Context as _};
+use limiter_common::{drop_reason, reason};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::{
+    config::{Config, KernelMode},
+    kernel::{BpfDatapath, Datapath, KernelLimits, KernelOptions, NoKernel},
+};
+
+/// How often expired blocks are swept from the kernel maps.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The kernel limits a configuration asks for.
+pub fn kernel_limits(config: &Config) -> KernelLimits {
+    KernelLimits {
+        max_connections: config.limits.max_connections_per_source,
+        ipv6_prefix_len: config.limits.ipv6_prefix,
+        ports: config.kernel.ports.clone(),
+        events_per_second: config.kernel.events_per_second,
+    }
+}
+
+/// The kernel layer as `kernel.mode` says: loaded and attached, or off
+/// (with the reason, loudly, in `auto`).
+///
+/// # Errors
+/// `kernel.mode = "required"` and loading or attaching failed.
+pub fn bring_up_kernel(config: &Config, object: Option<PathBuf>) -> anyhow::Result<Kernel> {
+    if config.kernel.mode == KernelMode::Off {
+        return Ok(Kernel::Off(Arc::new(NoKernel::new(
+            "kernel.mode = \"off\"",
+        ))));
+    }
+    let options = KernelOptions {
+        object,
+        pin_path: config.kernel.pin_path.clone(),
+        map_sizes: config.kernel.map_sizes,
+        limits: kernel_limits(config),
+    };
+    let loaded = BpfDatapath::load(&options).and_then(|datapath| {
+        for interface in &config.kernel.interfaces {
+            let attachment = datapath.attach(interface, config.kernel.attach)?;
+            tracing::info!(interface, mode = attachment.mode, "packet program attached");
+        }
+        Ok(datapath)
+    });
+    match (loaded, config.kernel.mode) {
+        (Ok(datapath), _) => Ok(Kernel::Loaded(Arc::new(datapath))),
+        (Err(e), KernelMode::Required) => {
+            Err(e).context("kernel.mode = \"required\": the kernel layer could not be brought up")
+        }
+        (Err(e), _) => {
+            let why = format!("BPF could not be loaded: {e}");
+            tracing::error!(
+                reason = %why,
+                "KERNEL LAYER OFF (kernel.mode = \"auto\"): nothing is dropped in the kernel; set kernel.mode = \"required\" to refuse to start instead"
+            );
+            Ok(Kernel::Off(Arc::new(NoKernel::new(why))))
+        }
+    }
+}
+
+/// The kernel layer of a running agent.
+pub enum Kernel {
+    Loaded(Arc<BpfDatapath>),
+    Off(Arc<NoKernel>),
+}
+
+impl Kernel {
+    pub fn datapath(&self) -> Arc<dyn Datapath> {
+        match self {
+            Self::Loaded(d) => d.clone(),
+            Self::Off(d) => d.clone(),
+        }
+    }
+}
+
+/// Puts the configuration's lists and per-network caps into the kernel:
+/// allow-list entries, the reject list as permanent blocks.
+///
+/// # Errors
+/// A kernel map refused an entry (full, or the layer is off).
+pub fn apply_lists(config: &Config, datapath: &dyn Datapath) -> anyhow::Result<()> {
+    for net in &config.lists.allow {
+        datapath
+            .allow(*net)
+            .with_context(|| format!("lists.allow: {net}"))?;
+    }
+    for net in &config.lists.reject {
+        datapath
+            .block(*net, None, reason::REJECT_LIST)
+            .with_context(|| format!("lists.reject: {net}"))?;
+    }
+    for source in &config.limits.source {
+        datapath
+            .set_cap(source.cidr, source.max_connections)
+            .with_context(|| format!("limits.source {}: max_connections", source.cidr))?;
+    }
+    Ok(())
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+///
+/// # Errors
+/// The kernel layer is required and cannot be brought up, or the lists
+/// cannot be applied.
+pub async fn run(config: Config, object: Option<PathBuf>) -> anyhow::Result<()> {
+    let kernel = bring_up_kernel(&config, object)?;
+    let datapath = kernel.datapath();
+    tracing::info!(status = %datapath.describe(), "kernel layer");
+    if let Kernel::Loaded(_) = kernel {
+        apply_lists(&config, datapath.as_ref())?;
+    } else if !config.lists.reject.is_empty() || !config.lists.allow.is_empty() {
+        tracing::warn!(
+            "lists.allow and lists.reject are not enforced in the kernel: the kernel layer is off"
+        );
+    }
+    tracing::warn!(
+        "the SMTP proxy is not part of this build yet: the agent enforces the kernel layer only (blocks, caps, connection accounting)"
+    );
+
+    let mut events = match &kernel {
+        Kernel::Loaded(d) => Some(d.take_events()?),
+        Kernel::Off(_) => None,
+    };
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = sweep.tick() => match datapath.sweep_expired(std::time::SystemTime::now()) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(swept = n, "expired blocks removed from the kernel"),
+                Err(e) => tracing::warn!(error = %e, "sweeping expired blocks"),
+            },
+            batch = next_events(&mut events) => match batch {
+                Ok(batch) => for event in batch {
+                    tracing::info!(
+                        source = %event.source,
+                        port = event.port,
+                        reason = drop_reason::name(event.reason),
+                        syn = event.syn,
+                        action = "drop",
+                        "kernel dropped a packet"
+                    );
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading kernel drop events; no more will be logged");
+                    events = None;
+                }
+            },
+        }
+    }
+    tracing::info!("stopping: detaching the kernel programs (maps stay pinned)");
+    if let Kernel::Loaded(d) = &kernel {
+        d.detach();
+    }
+    Ok(())
+}
+
+async fn next_events(
+    events: &mut Option<crate::kernel::DropEvents>,
+) -> std::io::Result<Vec<crate::kernel::DropEvent>> {
+    match events {
+        Some(events) => events.next_batch().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Refuses an agent that would do nothing useful.
+///
+/// # Errors
+/// The configuration cannot be enforced at all.
+pub fn check_runnable(config: &Config) -> anyhow::Result<()> {
+    if config.kernel.mode == KernelMode::Off {
+        bail!("kernel.mode = \"off\" and no SMTP proxy in this build: nothing would be enforced");
+    }
+    Ok(())
+}
