@@ -333,7 +333,7 @@ fn stats(datapath: &BpfDatapath, json: bool) -> anyhow::Result<()> {
         }
         println!("sources holding connections: {}", connections.len());
         for (net, n) in connections.iter().take(20) {
-            println!("  {net:<43} {n}");
+            println!("  {:<43} {n}", net.to_string());
         }
     }
     Ok(())

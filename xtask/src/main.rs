@@ -43,7 +43,7 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Build, then run smtp-limiter with ARGS (default: `run`).
+    /// Set up, build, then run smtp-limiter with ARGS (default: `run`).
     Run {
         /// Build and run smtp-limiter in the release profile.
         #[arg(long)]
@@ -52,13 +52,13 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Build the eBPF object, then `cargo test --workspace --exclude limiter-ebpf ARGS`.
+    /// Set up, build the eBPF object, then `cargo test --workspace --exclude limiter-ebpf ARGS`.
     Test {
         /// Extra arguments for `cargo test`, after `--`.
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Build the eBPF object, then run the limiter-bench benchmark with ARGS.
+    /// Set up, build the eBPF object, then run the limiter-bench benchmark with ARGS.
     Bench {
         /// Arguments for limiter-bench, after `--`.
         #[arg(last = true)]
@@ -95,10 +95,19 @@ fn run(task: Task) -> Result<()> {
             Ok(())
         }
         Task::Build { release } => build::build(&Workspace::locate()?, release),
+        // The README's commands must work on a fresh machine by themselves:
+        // they install what is missing first (quick when nothing is).
         Task::Run { release, args } => {
+            setup::setup()?;
             build::run(&Workspace::locate()?, release, &args).map(|never| match never {})
         }
-        Task::Test { args } => build::test(&Workspace::locate()?, &args),
-        Task::Bench { args } => build::bench(&Workspace::locate()?, &args),
+        Task::Test { args } => {
+            setup::setup()?;
+            build::test(&Workspace::locate()?, &args)
+        }
+        Task::Bench { args } => {
+            setup::setup()?;
+            build::bench(&Workspace::locate()?, &args)
+        }
     }
 }

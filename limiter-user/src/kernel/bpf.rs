@@ -145,7 +145,9 @@ impl BpfDatapath {
             .map_max_entries(names::CAP_NET, sizes.cap_net)
             .map_max_entries(names::CONN_COUNT, sizes.conn_count)
             .map_max_entries(names::CONN_SOCKS, sizes.conn_socks);
-        let mut ebpf = loader.load(object).map_err(KernelError::Load)?;
+        let mut ebpf = loader
+            .load(object)
+            .map_err(|e| KernelError::Load(with_permission_hint(error_chain(&e))))?;
 
         load_program::<Xdp>(&mut ebpf, program_names::XDP)?;
         load_program::<SchedClassifier>(&mut ebpf, program_names::TC)?;
@@ -1047,20 +1049,32 @@ fn program_error(program: &'static str, error: ProgramError) -> KernelError {
                 tail.join("\n")
             )
         }
-        other => {
-            let mut message = other.to_string();
-            let mut source = std::error::Error::source(other);
-            while let Some(s) = source {
-                message.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            if message.contains("Operation not permitted") || message.contains("EPERM") {
-                message.push_str(" (run as root or with CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON)");
-            }
-            message
-        }
+        other => with_permission_hint(error_chain(other)),
     };
     KernelError::Program { program, message }
+}
+
+/// An error and its sources, without repeating a source its parent already
+/// quotes.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !message.contains(&text) {
+            message.push_str(&format!(": {text}"));
+        }
+        source = s.source();
+    }
+    message
+}
+
+fn with_permission_hint(message: String) -> String {
+    if message.contains("Operation not permitted") {
+        format!("{message} (run as root, or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")
+    } else {
+        message
+    }
 }
 
 fn map_error(map: &'static str, error: MapError) -> KernelError {

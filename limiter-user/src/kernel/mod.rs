@@ -45,7 +45,7 @@ pub enum KernelError {
     )]
     StaleMap { path: PathBuf, reason: String },
     #[error("loading the eBPF object: {0}")]
-    Load(#[source] aya::EbpfError),
+    Load(String),
     #[error("program {program}: {message}")]
     Program {
         program: &'static str,
