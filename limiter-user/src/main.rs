@@ -266,7 +266,7 @@ fn block(command: BlockCommand) -> anyhow::Result<()> {
                     });
                     println!(
                         "{:<43} {:<12} {:<22} {:>10}",
-                        b.net,
+                        b.net.to_string(),
                         reason::name(b.reason),
                         expires,
                         b.drops
