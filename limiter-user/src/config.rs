@@ -90,6 +90,8 @@ pub struct Config {
     pub tls: Option<Tls>,
     /// The real mail server the proxy relays sessions to.
     pub backend: Backend,
+    /// SMTP dialogue limits and timeouts of the proxy.
+    pub smtp: Smtp,
     /// The XDP/TC programs: whether, where and how to load them.
     pub kernel: Kernel,
     /// Connection caps, failure counters and block durations.
@@ -117,6 +119,7 @@ impl Default for Config {
             listen: vec![Listen::default()],
             tls: None,
             backend: Backend::default(),
+            smtp: Smtp::default(),
             kernel: Kernel::default(),
             limits: Limits::default(),
             relay: Relay::default(),
@@ -220,6 +223,67 @@ pub enum Identity {
     Xclient,
     /// Nothing: the backend sees the proxy's address.
     None,
+}
+
+/// `[smtp]`: limits and timeouts of the dialogue (RFC 5321 values by default).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Smtp {
+    /// Longest wait for a client's next command (RFC 5321: 5 minutes).
+    #[serde(with = "duration_serde")]
+    pub command_timeout: Duration,
+    /// Longest wait for the next block of message data (RFC 5321: 3 minutes).
+    #[serde(with = "duration_serde")]
+    pub data_timeout: Duration,
+    /// Longest wait for a backend reply (RFC 5321: 5 minutes; 10 after DATA).
+    #[serde(with = "duration_serde")]
+    pub backend_timeout: Duration,
+    /// Longest a whole session may last.
+    #[serde(with = "duration_serde")]
+    pub session_timeout: Duration,
+    /// Longest command line, CRLF included (RFC 5321: 512).
+    pub max_line_length: usize,
+    /// Longest line of message data, CRLF included (RFC 5321: 1000).
+    pub max_data_line_length: usize,
+    /// Largest message accepted (bytes; `"25MB"` accepted); advertised in SIZE.
+    #[serde(with = "size_serde")]
+    pub max_message_size: u64,
+    /// Most recipients in one transaction (RFC 5321 asks for at least 100).
+    pub max_recipients: u32,
+    /// VRFY and EXPN: `"refuse"` (no directory probing through the proxy) or
+    /// `"relay"` to the backend.
+    pub vrfy: Vrfy,
+    /// How long open sessions may finish after SIGTERM before being cut.
+    #[serde(with = "duration_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Smtp {
+    fn default() -> Self {
+        Self {
+            command_timeout: Duration::from_secs(5 * 60),
+            data_timeout: Duration::from_secs(3 * 60),
+            backend_timeout: Duration::from_secs(5 * 60),
+            session_timeout: Duration::from_secs(30 * 60),
+            max_line_length: 512,
+            max_data_line_length: 1000,
+            max_message_size: 25_000_000,
+            max_recipients: 100,
+            vrfy: Vrfy::Refuse,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `smtp.vrfy = "refuse" | "relay"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Vrfy {
+    /// Answer VRFY with 252 and EXPN with 502 without asking the backend.
+    #[default]
+    Refuse,
+    /// Pass VRFY and EXPN to the backend.
+    Relay,
 }
 
 /// `[kernel]`: the eBPF layer.
@@ -652,11 +716,42 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_listen()?;
         self.validate_backend()?;
+        self.validate_smtp()?;
         self.validate_kernel()?;
         self.validate_limits()?;
         self.validate_lists()?;
         self.validate_recipients()?;
         self.validate_filters()?;
+        Ok(())
+    }
+
+    fn validate_smtp(&self) -> Result<(), ConfigError> {
+        let smtp = &self.smtp;
+        for (key, value) in [
+            ("smtp.command_timeout", smtp.command_timeout),
+            ("smtp.data_timeout", smtp.data_timeout),
+            ("smtp.backend_timeout", smtp.backend_timeout),
+            ("smtp.session_timeout", smtp.session_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be longer than zero"));
+            }
+        }
+        if smtp.max_line_length < 512 {
+            return Err(invalid("smtp.max_line_length", format!("{} is below RFC 5321's 512", smtp.max_line_length)));
+        }
+        if smtp.max_data_line_length < 1000 {
+            return Err(invalid(
+                "smtp.max_data_line_length",
+                format!("{} is below RFC 5321's 1000", smtp.max_data_line_length),
+            ));
+        }
+        if smtp.max_message_size == 0 {
+            return Err(invalid("smtp.max_message_size", "must be greater than zero"));
+        }
+        if smtp.max_recipients == 0 {
+            return Err(invalid("smtp.max_recipients", "must be at least 1 (RFC 5321 asks for 100)"));
+        }
         Ok(())
     }
 

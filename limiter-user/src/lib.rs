@@ -12,3 +12,4 @@
 pub mod agent;
 pub mod config;
 pub mod kernel;
+pub mod proxy;
