@@ -1,16 +1,21 @@
 //! The running agent: brings up the kernel layer as the configuration says,
-//! applies the lists and limits, reports kernel drops, sweeps expired
-//! blocks, and detaches cleanly on SIGINT/SIGTERM.
+//! applies the lists and limits, serves the SMTP proxy, reports kernel
+//! drops, sweeps expired blocks, and on SIGINT/SIGTERM stops accepting, lets
+//! sessions finish within the grace period and detaches.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use limiter_common::{drop_reason, reason};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::watch,
+};
 
 use crate::{
     config::{Config, KernelMode},
     kernel::{BpfDatapath, Datapath, KernelLimits, KernelOptions, NoKernel},
+    proxy::{self, ProxyContext},
 };
 
 /// How often expired blocks are swept from the kernel maps.
@@ -121,9 +126,14 @@ pub async fn run(config: Config, object: Option<PathBuf>) -> anyhow::Result<()> 
             "lists.allow and lists.reject are not enforced in the kernel: the kernel layer is off"
         );
     }
-    tracing::warn!(
-        "the SMTP proxy is not part of this build yet: the agent enforces the kernel layer only (blocks, caps, connection accounting)"
-    );
+    let ctx = Arc::new(ProxyContext::new(&config, datapath.clone())?);
+    let listeners = proxy::bind(&config).await?;
+    for (listen, bound) in config.listen.iter().zip(&listeners) {
+        let address = bound.listener.local_addr().map_or(listen.address, |a| a);
+        tracing::info!(%address, tls = ?listen.tls, backend = %config.backend.address, identity = ?config.backend.identity, mode = ?config.mode, "listening");
+    }
+    let (stop, stopped) = watch::channel(false);
+    let server = tokio::spawn(proxy::serve(ctx.clone(), listeners, stopped));
 
     let mut events = match &kernel {
         Kernel::Loaded(d) => Some(d.take_events()?),
@@ -137,10 +147,14 @@ pub async fn run(config: Config, object: Option<PathBuf>) -> anyhow::Result<()> 
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
-            _ = sweep.tick() => match datapath.sweep_expired(std::time::SystemTime::now()) {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(swept = n, "expired blocks removed from the kernel"),
-                Err(e) => tracing::warn!(error = %e, "sweeping expired blocks"),
+            _ = sweep.tick() => {
+                let now = std::time::SystemTime::now();
+                ctx.blocks.sweep(now);
+                match datapath.sweep_expired(now) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(swept = n, "expired blocks removed from the kernel"),
+                    Err(e) => tracing::warn!(error = %e, "sweeping expired blocks"),
+                }
             },
             batch = next_events(&mut events) => match batch {
                 Ok(batch) => for event in batch {
@@ -160,6 +174,8 @@ pub async fn run(config: Config, object: Option<PathBuf>) -> anyhow::Result<()> 
             },
         }
     }
+    let _ = stop.send(true);
+    let _ = server.await;
     tracing::info!("stopping: detaching the kernel programs (maps stay pinned)");
     if let Kernel::Loaded(d) = &kernel {
         d.detach();
@@ -174,15 +190,4 @@ async fn next_events(
         Some(events) => events.next_batch().await,
         None => std::future::pending().await,
     }
-}
-
-/// Refuses an agent that would do nothing useful.
-///
-/// # Errors
-/// The configuration cannot be enforced at all.
-pub fn check_runnable(config: &Config) -> anyhow::Result<()> {
-    if config.kernel.mode == KernelMode::Off {
-        bail!("kernel.mode = \"off\" and no SMTP proxy in this build: nothing would be enforced");
-    }
-    Ok(())
 }

@@ -738,7 +738,10 @@ impl Config {
             }
         }
         if smtp.max_line_length < 512 {
-            return Err(invalid("smtp.max_line_length", format!("{} is below RFC 5321's 512", smtp.max_line_length)));
+            return Err(invalid(
+                "smtp.max_line_length",
+                format!("{} is below RFC 5321's 512", smtp.max_line_length),
+            ));
         }
         if smtp.max_data_line_length < 1000 {
             return Err(invalid(
@@ -747,10 +750,16 @@ impl Config {
             ));
         }
         if smtp.max_message_size == 0 {
-            return Err(invalid("smtp.max_message_size", "must be greater than zero"));
+            return Err(invalid(
+                "smtp.max_message_size",
+                "must be greater than zero",
+            ));
         }
         if smtp.max_recipients == 0 {
-            return Err(invalid("smtp.max_recipients", "must be at least 1 (RFC 5321 asks for 100)"));
+            return Err(invalid(
+                "smtp.max_recipients",
+                "must be at least 1 (RFC 5321 asks for 100)",
+            ));
         }
         Ok(())
     }

@@ -7,9 +7,16 @@
 //! * [`kernel`] — the one door to the kernel programs (`limiter-ebpf`): load,
 //!   attach, pin, and the [`kernel::Datapath`] interface the rest of the
 //!   agent uses to block, allow, cap and read counts.
+//! * [`smtp`] — SMTP parsing: lines, commands, replies, EHLO filtering, DATA
+//!   scanning (pure, no I/O).
+//! * [`policy`] — the decisions: caps, lists, harvest, AUTH, null-sender
+//!   rates, relay patterns, block durations (pure; state behind guards).
+//! * [`proxy`] — listeners and sessions relayed to the backend MTA.
 //! * [`agent`] — the running agent: brings the kernel layer up as configured,
 //!   applies lists and caps, logs kernel drops, sweeps expired blocks.
 pub mod agent;
 pub mod config;
 pub mod kernel;
+pub mod policy;
 pub mod proxy;
+pub mod smtp;

@@ -151,7 +151,6 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         } => {
             init_logging(json_logs);
             let config = load_config(&config)?;
-            agent::check_runnable(&config)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(agent::run(config, ebpf_object))
         }

@@ -113,7 +113,9 @@ mod tests {
     fn v2_ipv4_header_is_byte_exact() {
         let h = proxy_v2_header(sa("192.0.2.9:40000"), sa("127.0.0.1:25"));
         let mut expected = V2_SIGNATURE.to_vec();
-        expected.extend_from_slice(&[0x21, 0x11, 0, 12, 192, 0, 2, 9, 127, 0, 0, 1, 0x9c, 0x40, 0, 25]);
+        expected.extend_from_slice(&[
+            0x21, 0x11, 0, 12, 192, 0, 2, 9, 127, 0, 0, 1, 0x9c, 0x40, 0, 25,
+        ]);
         assert_eq!(h, expected);
     }
 

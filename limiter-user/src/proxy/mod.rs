@@ -1,5 +1,358 @@
-//! The SMTP proxy: listeners, sessions relayed to the backend MTA, and the
-//! client identity handed to it.
+//! The SMTP proxy: listeners, sessions relayed to the backend MTA, the
+//! client identity handed to it, and the blocks it orders.
 
+pub mod backend;
+pub mod blocks;
 pub mod identity;
+pub mod session;
 pub mod tls;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::SystemTime,
+};
+
+use anyhow::Context as _;
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinSet,
+};
+use tokio_rustls::TlsAcceptor;
+
+use crate::{
+    config::{Config, Smtp, TlsMode},
+    kernel::Datapath,
+    policy::{BlockOrder, ConnectVerdict, Policy, PolicyState},
+    smtp::reply::Reply,
+};
+use backend::BackendSettings;
+use blocks::{ActiveBlock, Blocks};
+use session::Session;
+use tls::ClientStream;
+
+/// What the sessions need from the configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub smtp: Smtp,
+    pub backend: BackendSettings,
+    /// The proxy's own name (EHLO to the backend before XCLIENT).
+    pub hostname: String,
+}
+
+impl Settings {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            smtp: config.smtp.clone(),
+            backend: BackendSettings {
+                address: config.backend.address,
+                identity: config.backend.identity,
+                connect_timeout: config.backend.connect_timeout,
+                reply_timeout: config.smtp.backend_timeout,
+            },
+            hostname: hostname(),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "smtp-limiter".to_owned())
+}
+
+/// Proxy counters (read by `stats` and metrics).
+#[derive(Default)]
+pub struct ProxyStats {
+    pub sessions_total: AtomicU64,
+    pub sessions_open: AtomicU64,
+    pub messages: AtomicU64,
+    pub backend_errors: AtomicU64,
+    pub blocks_issued: AtomicU64,
+    rejections: Mutex<HashMap<&'static str, u64>>,
+}
+
+impl ProxyStats {
+    pub fn count_message(&self) {
+        self.messages.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count_backend_error(&self) {
+        self.backend_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count_rejection(&self, reason: &'static str) {
+        *self
+            .rejections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// Rejections by reason name.
+    pub fn rejections(&self) -> Vec<(&'static str, u64)> {
+        let mut list: Vec<_> = self
+            .rejections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        list.sort();
+        list
+    }
+}
+
+/// Everything the sessions share.
+pub struct ProxyContext {
+    pub settings: Settings,
+    pub policy: Policy,
+    pub state: Arc<PolicyState>,
+    pub kernel: Arc<dyn Datapath>,
+    pub blocks: Blocks,
+    pub tls: Option<TlsAcceptor>,
+    pub stats: ProxyStats,
+}
+
+impl ProxyContext {
+    /// Builds the context from a validated configuration.
+    ///
+    /// # Errors
+    /// The TLS certificate or key cannot be loaded.
+    pub fn new(config: &Config, kernel: Arc<dyn Datapath>) -> anyhow::Result<Self> {
+        let tls = match &config.tls {
+            Some(tls) => Some(tls::acceptor(&tls.certificate, &tls.key)?),
+            None => None,
+        };
+        Ok(Self {
+            settings: Settings::from_config(config),
+            policy: Policy::new(config),
+            state: Arc::new(PolicyState::new()),
+            kernel,
+            blocks: Blocks::default(),
+            tls,
+            stats: ProxyStats::default(),
+        })
+    }
+
+    /// Carries out a block: the proxy's own list and the kernel's maps.
+    pub fn block(&self, order: &BlockOrder) {
+        let expires = session::expiry(order.duration);
+        self.blocks.insert(ActiveBlock {
+            net: order.net,
+            reason: order.reason,
+            expires: Some(expires),
+        });
+        self.stats.blocks_issued.fetch_add(1, Ordering::Relaxed);
+        let kernel = match self.kernel.block(order.net, Some(expires), order.reason) {
+            Ok(()) => "blocked",
+            Err(e) => {
+                tracing::warn!(net = %order.net, error = %e, "block not pushed to the kernel; the proxy still refuses the source");
+                "not-in-kernel"
+            }
+        };
+        tracing::info!(
+            net = %order.net,
+            reason = order.reason_name(),
+            duration = %humantime::format_duration(order.duration),
+            repeat = order.repeat,
+            kernel,
+            action = "block",
+            "source blocked"
+        );
+    }
+}
+
+/// A bound listener and how it speaks.
+pub struct BoundListener {
+    pub listener: TcpListener,
+    pub tls: TlsMode,
+}
+
+/// Binds every `[[listen]]` address.
+///
+/// # Errors
+/// An address cannot be bound (in use, no permission for a port < 1024).
+pub async fn bind(config: &Config) -> anyhow::Result<Vec<BoundListener>> {
+    let mut bound = Vec::new();
+    for listen in &config.listen {
+        let listener = TcpListener::bind(listen.address)
+            .await
+            .with_context(|| format!("listen.address {}: cannot bind", listen.address))?;
+        bound.push(BoundListener {
+            listener,
+            tls: listen.tls,
+        });
+    }
+    Ok(bound)
+}
+
+/// Serves the listeners until `shutdown` turns true, then lets open sessions
+/// finish within `smtp.shutdown_grace` and cuts the rest (they get 421).
+pub async fn serve(
+    ctx: Arc<ProxyContext>,
+    listeners: Vec<BoundListener>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (stop_sessions, session_stop) = watch::channel(false);
+    let mut accepts = JoinSet::new();
+    for bound in listeners {
+        let ctx = ctx.clone();
+        let session_stop = session_stop.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<(TcpStream, SocketAddr, TlsMode)>(64);
+        accepts.spawn(accept_loop(bound, tx));
+        accepts.spawn(dispatch(ctx, rx, session_stop));
+    }
+    let _ = shutdown.wait_for(|stop| *stop).await;
+    accepts.abort_all();
+    tracing::info!(grace = %humantime::format_duration(ctx.settings.smtp.shutdown_grace), "stopping: no new sessions");
+    let _ = stop_sessions.send(true);
+    let _ = tokio::time::timeout(ctx.settings.smtp.shutdown_grace, async {
+        while ctx.stats.sessions_open.load(Ordering::Relaxed) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let left = ctx.stats.sessions_open.load(Ordering::Relaxed);
+    if left > 0 {
+        tracing::warn!(
+            sessions = left,
+            "grace period over: cutting the sessions still open"
+        );
+    }
+}
+
+async fn accept_loop(
+    bound: BoundListener,
+    tx: tokio::sync::mpsc::Sender<(TcpStream, SocketAddr, TlsMode)>,
+) {
+    loop {
+        match bound.listener.accept().await {
+            Ok((stream, peer)) => {
+                if tx.send((stream, peer, bound.tls)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // Out of descriptors and the like: wait instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn dispatch(
+    ctx: Arc<ProxyContext>,
+    mut rx: tokio::sync::mpsc::Receiver<(TcpStream, SocketAddr, TlsMode)>,
+    stop: watch::Receiver<bool>,
+) {
+    while let Some((stream, peer, tls)) = rx.recv().await {
+        let ctx = ctx.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move { handle_connection(ctx, stream, peer, tls, stop).await });
+    }
+}
+
+/// Accept-time decisions, then the session.
+async fn handle_connection(
+    ctx: Arc<ProxyContext>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    tls: TlsMode,
+    stop: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let source = peer.ip().to_canonical();
+    if let Some(block) = ctx.blocks.covering(source, SystemTime::now()) {
+        if ctx.policy.enforced() && !ctx.policy.is_allowlisted(source) {
+            tracing::info!(source = %source, net = %block.net, reason = limiter_common::reason::name(block.reason), action = "reject", "blocked source connected");
+            ctx.stats.count_rejection("blocked");
+            let why = format!(
+                "{} blocked ({})",
+                block.net,
+                limiter_common::reason::name(block.reason)
+            );
+            let _ = stream.write_all(&Reply::blocked(&why).to_bytes()).await;
+            return;
+        }
+    }
+    let decision = ctx.policy.connect(&ctx.state, source);
+    let guard = match decision.verdict {
+        ConnectVerdict::Allowlisted(guard) | ConnectVerdict::Accept(guard) => guard,
+        ConnectVerdict::Reject { rejection, guard } => {
+            ctx.stats.count_rejection(rejection.name());
+            tracing::info!(
+                source = %source,
+                reason = rejection.name(),
+                detail = %rejection.reason,
+                action = if decision.enforced { "reject" } else { "would-reject" },
+                "connection refused"
+            );
+            match guard {
+                Some(guard) if !decision.enforced => guard,
+                _ => {
+                    if let Some(order) = &rejection.block {
+                        ctx.block(order);
+                    }
+                    let reply = match rejection.action {
+                        crate::policy::Action::RefuseAndClose => {
+                            Reply::new(554, "5.7.1 Service unavailable")
+                        }
+                        _ => Reply::too_many_connections(),
+                    };
+                    let _ = stream.write_all(&reply.to_bytes()).await;
+                    return;
+                }
+            }
+        }
+    };
+    let local = stream.local_addr().unwrap_or(peer);
+    let client = match tls {
+        TlsMode::Implicit => {
+            let Some(acceptor) = ctx.tls.clone() else {
+                return;
+            };
+            match tokio::time::timeout(ctx.settings.smtp.command_timeout, acceptor.accept(stream))
+                .await
+            {
+                Ok(Ok(tls)) => ClientStream::Tls(Box::new(tls)),
+                _ => return,
+            }
+        }
+        TlsMode::None | TlsMode::Starttls => ClientStream::Plain(stream),
+    };
+    ctx.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.sessions_open.fetch_add(1, Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let session = Session::new(
+        ctx.clone(),
+        client,
+        peer,
+        local,
+        tls == TlsMode::Starttls,
+        guard,
+        stop,
+    );
+    let summary = session.run().await;
+    ctx.stats.sessions_open.fetch_sub(1, Ordering::Relaxed);
+    tracing::info!(
+        source = %source,
+        helo = summary.helo.as_deref(),
+        messages = summary.messages,
+        rcpt_accepted = summary.rcpt_accepted,
+        rcpt_failed = summary.rcpt_failed,
+        outcome = summary.outcome,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "session end"
+    );
+}

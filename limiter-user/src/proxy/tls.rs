@@ -23,18 +23,28 @@ pub fn acceptor(certificate: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(certificate)
         .with_context(|| format!("tls.certificate {}: cannot read it", certificate.display()))?
         .collect::<Result<_, _>>()
-        .with_context(|| format!("tls.certificate {}: not a PEM certificate chain", certificate.display()))?;
+        .with_context(|| {
+            format!(
+                "tls.certificate {}: not a PEM certificate chain",
+                certificate.display()
+            )
+        })?;
     if chain.is_empty() {
-        anyhow::bail!("tls.certificate {}: no certificate in the file", certificate.display());
+        anyhow::bail!(
+            "tls.certificate {}: no certificate in the file",
+            certificate.display()
+        );
     }
     let key = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("tls.key {}: no PEM private key in the file", key.display()))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .context("tls.certificate and tls.key do not form a valid pair")?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .context("tls.certificate and tls.key do not form a valid pair")?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -52,7 +62,11 @@ impl<S> ClientStream<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientStream<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Self::Tls(s) => Pin::new(s).poll_read(cx, buf),
@@ -61,7 +75,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientStream<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientStream<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Self::Tls(s) => Pin::new(s).poll_write(cx, buf),

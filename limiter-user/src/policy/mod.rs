@@ -1,0 +1,636 @@
+//! Policy: what the proxy allows, refuses and blocks. Pure decisions.
+//!
+//! * [`Policy`] is the configuration resolved once (`Policy::new(&config)`),
+//!   sorted by SMTP stage — connect, HELO, MAIL, RCPT, (DATA: nothing yet),
+//!   AUTH — and immutable: on reload the agent builds a new one and swaps it
+//!   in. Sessions keep working across a swap: guards remember their own key.
+//! * [`PolicyState`] holds the counters that outlive a session (live
+//!   connections per source and per HELO name, failed-AUTH and null-sender
+//!   windows, block history). It is internally synchronised (one
+//!   `std::sync::Mutex`, held for a few hash operations per decision) and
+//!   shared as `Arc<PolicyState>`; every table is bounded (100 000 keys by
+//!   default, the least recently seen evicted; see [`PolicyState`]).
+//! * [`SessionCounters`] are the per-session ones (failed RCPTs in a row).
+//!
+//! Decisions take values — the source address, the HELO name, the
+//! recipient, and `now: Instant` where time matters — and return typed
+//! verdicts. No I/O, no clock reads, no async: the proxy owns the sockets,
+//! the reply texts, the logs and the kernel.
+//!
+//! | stage   | call                      | refusals (reason name)                                   |
+//! |---------|---------------------------|----------------------------------------------------------|
+//! | connect | [`Policy::connect`]       | `reject-list`, `too-many-connections`, `state-full`      |
+//! | HELO    | [`Policy::helo`]          | `helo-reject`, `helo-limit`, `state-full`                |
+//! | MAIL    | [`Policy::mail_from`]     | `null-sender-rate` (+ block when twice over)             |
+//! | RCPT    | [`Policy::rcpt`]          | `relay-denied`                                           |
+//! | RCPT    | [`Policy::rcpt_result`]   | `harvest` (+ block)                                      |
+//! | AUTH    | [`Policy::auth_failed`]   | `auth` (+ block)                                         |
+//!
+//! Rules that hold throughout:
+//!
+//! * **Sources are normalised and keyed** before anything else: an
+//!   IPv4-mapped IPv6 address is its IPv4 address; IPv4 sources are counted
+//!   and blocked per address (/32), IPv6 sources per `limits.ipv6_prefix`
+//!   (/64 by default) — [`Policy::source_key`].
+//! * **Allow-listed sources** (`lists.allow`) are exempt from everything:
+//!   nothing is counted, nothing refused, nothing blocked, and the relay
+//!   rules are left to the backend ([`RcptVerdict::Unchecked`]).
+//! * **Observe mode** decides and counts exactly as enforce mode, but every
+//!   [`Decision`] says `enforced: false`; verdicts that would end a session
+//!   still hand over the guard the session keeps.
+//! * **Thresholds are "more than"**: the harvest verdict comes at failed RCPT
+//!   number `max_failed_rcpt + 1`, the AUTH block at failure
+//!   `max_failed_auth + 1` within the window, the null-sender refusal at MAIL
+//!   number `count + 1` within `per`.
+//! * **Blocks back off**: `block_duration × block_backoff^repeat`, capped at
+//!   `max_block_duration` ([`Policy::block_duration`], [`PolicyState::block`]).
+//!
+//! Null-sender escalation, defined simply: every `MAIL FROM:<>` from a source
+//! is counted in its window (refused ones too, so a client that keeps trying
+//! stays refused). Past `count` the MAIL gets `450 4.7.1`; past `2 × count`
+//! in the same window the source is blocked (reason `flood`) and the
+//! session closed with `421`. The per-HELO counter (the same rate, shared
+//! by every source announcing the name) only ever refuses with `450`: a name
+//! is not an address to block.
+//!
+//! Relay rules with an empty `relay.accept`: the proxy checks nothing and
+//! lets the backend decide every recipient ([`RcptVerdict::Unchecked`]). The
+//! proxy is still not an open relay, because the backend sees the real client
+//! (PROXY/XCLIENT) and applies its own relay restrictions — but it no longer
+//! refuses unknown domains itself. (`config.rs` documents an empty list as
+//! "accepts no recipient"; this module deliberately does not refuse every
+//! recipient, which would make an empty setting a mail outage.)
+
+mod pattern;
+mod state;
+mod table;
+mod verdict;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use limiter_common::reason;
+
+use crate::config::{Config, Mode, Rate};
+
+pub use pattern::{Pattern, PatternList};
+pub use state::{ConnectionGuard, HeloGuard, PolicyState, TableSizes, DEFAULT_CAPACITY};
+pub use verdict::{
+    Action, BlockOrder, ConnectVerdict, Decision, HeloVerdict, MailVerdict, RateScope, RcptVerdict,
+    Reason, Rejection, SessionCounters,
+};
+
+/// The configuration resolved for decisions, by stage. Immutable; build a
+/// new one on reload.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// Whether decisions are enforced or only reported.
+    mode: Mode,
+    /// `lists.allow`, canonical: exempt at every stage.
+    allow: Vec<IpNet>,
+    connect: ConnectRules,
+    helo: HeloRules,
+    mail: MailRules,
+    rcpt: RcptRules,
+    auth: AuthRules,
+    blocks: BlockRules,
+}
+
+/// Connect stage.
+#[derive(Clone, Debug)]
+struct ConnectRules {
+    /// `lists.reject`, canonical.
+    reject: Vec<IpNet>,
+    /// `limits.source`, canonical, most specific (longest prefix) first.
+    source_caps: Vec<(IpNet, u32)>,
+    /// `max_connections_per_source`; 0 = unlimited.
+    default_cap: u32,
+    /// `ipv6_prefix`: IPv6 sources are keyed by this prefix.
+    ipv6_prefix: u8,
+}
+
+/// HELO stage.
+#[derive(Clone, Debug)]
+struct HeloRules {
+    /// `lists.reject_helo`.
+    reject: PatternList,
+    /// `limits.helo`, in order (the first match wins); 0 = unlimited.
+    limits: Vec<(Pattern, u32)>,
+}
+
+/// MAIL stage.
+#[derive(Clone, Debug)]
+struct MailRules {
+    /// `null_sender_rate`, per source and per HELO name.
+    null_sender_rate: Rate,
+}
+
+/// RCPT stage.
+#[derive(Clone, Debug)]
+struct RcptRules {
+    /// `relay.accept`; empty = the backend decides alone.
+    relay: PatternList,
+    /// `max_failed_rcpt`.
+    max_failed_rcpt: u32,
+}
+
+/// AUTH stage.
+#[derive(Clone, Debug)]
+struct AuthRules {
+    /// `max_failed_auth`.
+    max_failed_auth: u32,
+    /// `failed_auth_window`.
+    failed_auth_window: Duration,
+}
+
+/// Blocks ordered by any stage.
+#[derive(Clone, Debug)]
+struct BlockRules {
+    /// `block_duration`: a first block.
+    block_duration: Duration,
+    /// `block_backoff`: factor per repeat (≥ 1).
+    block_backoff: f64,
+    /// `max_block_duration`: the cap, and how long history is remembered
+    /// after a block ends.
+    max_block_duration: Duration,
+}
+
+impl From<&Config> for Policy {
+    fn from(config: &Config) -> Self {
+        Self::new(config)
+    }
+}
+
+impl Policy {
+    /// Resolves `config` (validated by [`Config::validate`]; every value it
+    /// accepts works here, so this cannot fail).
+    #[must_use]
+    pub fn new(config: &Config) -> Self {
+        let limits = &config.limits;
+        let mut source_caps: Vec<(IpNet, u32)> = limits
+            .source
+            .iter()
+            .map(|s| (canonical_net(s.cidr), s.max_connections))
+            .collect();
+        // Stable: equal prefixes keep their configuration order.
+        source_caps.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
+        Self {
+            mode: config.mode,
+            allow: config
+                .lists
+                .allow
+                .iter()
+                .copied()
+                .map(canonical_net)
+                .collect(),
+            connect: ConnectRules {
+                reject: config
+                    .lists
+                    .reject
+                    .iter()
+                    .copied()
+                    .map(canonical_net)
+                    .collect(),
+                source_caps,
+                default_cap: limits.max_connections_per_source,
+                ipv6_prefix: limits.ipv6_prefix.min(128),
+            },
+            helo: HeloRules {
+                reject: PatternList::from(config.lists.reject_helo.as_slice()),
+                limits: limits
+                    .helo
+                    .iter()
+                    .map(|h| (Pattern::new(h.pattern.trim()), h.max_connections))
+                    .collect(),
+            },
+            mail: MailRules {
+                null_sender_rate: limits.null_sender_rate,
+            },
+            rcpt: RcptRules {
+                relay: config.relay.patterns().into_iter().collect(),
+                max_failed_rcpt: limits.max_failed_rcpt,
+            },
+            auth: AuthRules {
+                max_failed_auth: limits.max_failed_auth,
+                failed_auth_window: limits.failed_auth_window,
+            },
+            blocks: BlockRules {
+                block_duration: limits.block_duration,
+                block_backoff: limits.block_backoff,
+                max_block_duration: limits.max_block_duration,
+            },
+        }
+    }
+
+    // -- Lookups ------------------------------------------------------------
+
+    /// `mode`: whether decisions are enforced.
+    #[must_use]
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Whether decisions are enforced (`mode = "enforce"`).
+    #[must_use]
+    pub fn enforced(&self) -> bool {
+        self.mode == Mode::Enforce
+    }
+
+    /// Whether `source` is in `lists.allow` (IPv4-mapped addresses count as
+    /// IPv4).
+    #[must_use]
+    pub fn is_allowlisted(&self, source: IpAddr) -> bool {
+        let source = source.to_canonical();
+        self.allow.iter().any(|net| net.contains(&source))
+    }
+
+    /// The `lists.reject` network containing `source`, if any.
+    #[must_use]
+    pub fn reject_listed(&self, source: IpAddr) -> Option<IpNet> {
+        let source = source.to_canonical();
+        self.connect
+            .reject
+            .iter()
+            .find(|net| net.contains(&source))
+            .copied()
+    }
+
+    /// The key `source` is counted and blocked under: its IPv4 /32, or its
+    /// IPv6 address truncated to `limits.ipv6_prefix`. IPv4-mapped IPv6
+    /// addresses are keyed as IPv4.
+    #[must_use]
+    pub fn source_key(&self, source: IpAddr) -> IpNet {
+        match source.to_canonical() {
+            IpAddr::V4(v4) => IpNet::V4(Ipv4Net::from(v4)),
+            IpAddr::V6(v6) => IpNet::V6(
+                Ipv6Net::new(v6, self.connect.ipv6_prefix)
+                    .map_or_else(|_| Ipv6Net::from(v6), |net| net.trunc()),
+            ),
+        }
+    }
+
+    /// `source`'s simultaneous-connection cap: the most specific
+    /// `limits.source` network containing it, else
+    /// `max_connections_per_source`. `None` = unlimited (a cap of 0).
+    #[must_use]
+    pub fn connection_cap(&self, source: IpAddr) -> Option<u32> {
+        let source = source.to_canonical();
+        let cap = self
+            .connect
+            .source_caps
+            .iter()
+            .find(|(net, _)| net.contains(&source))
+            .map_or(self.connect.default_cap, |&(_, cap)| cap);
+        (cap != 0).then_some(cap)
+    }
+
+    /// The `lists.reject_helo` pattern `helo` matches, if any.
+    #[must_use]
+    pub fn helo_rejected(&self, helo: &str) -> Option<&Pattern> {
+        self.helo.reject.find(helo.trim())
+    }
+
+    /// The simultaneous-session cap of a HELO name: the first `limits.helo`
+    /// pattern it matches. `None` = unlimited (no match, or a cap of 0).
+    #[must_use]
+    pub fn helo_cap(&self, helo: &str) -> Option<u32> {
+        let helo = helo.trim();
+        self.helo
+            .limits
+            .iter()
+            .find(|(pattern, _)| pattern.matches(helo))
+            .and_then(|&(_, cap)| (cap != 0).then_some(cap))
+    }
+
+    /// The `relay.accept` patterns (empty: the backend decides alone).
+    #[must_use]
+    pub fn relay_patterns(&self) -> &PatternList {
+        &self.rcpt.relay
+    }
+
+    /// How long block number `repeat` (0 = first) lasts:
+    /// `block_duration × block_backoff^repeat`, at most `max_block_duration`.
+    #[must_use]
+    pub fn block_duration(&self, repeat: u32) -> Duration {
+        let rules = &self.blocks;
+        let exponent = i32::try_from(repeat).unwrap_or(i32::MAX);
+        let secs = rules.block_duration.as_secs_f64() * rules.block_backoff.powi(exponent);
+        if secs.is_finite() && secs < rules.max_block_duration.as_secs_f64() {
+            // Whole milliseconds: keeps 30m × 1.5 exact and logs readable.
+            Duration::from_millis((secs * 1000.0).round() as u64)
+        } else {
+            rules.max_block_duration
+        }
+    }
+
+    // -- Decisions ----------------------------------------------------------
+
+    fn decide<T>(&self, verdict: T) -> Decision<T> {
+        Decision {
+            verdict,
+            enforced: self.enforced(),
+        }
+    }
+
+    /// A new client connection from `source`, at accept.
+    ///
+    /// Allow-listed sources get [`ConnectVerdict::Allowlisted`] and are not
+    /// counted. Otherwise, in order: `lists.reject` ([`Reason::RejectList`],
+    /// [`Action::RefuseAndClose`]; no block order, the agent loads that list
+    /// into the kernel itself), then the per-source cap
+    /// ([`Reason::TooManyConnections`], [`Action::DeferAndClose`]). The
+    /// check and the count are one atomic step: the returned
+    /// [`ConnectionGuard`] holds the connection's place until dropped.
+    pub fn connect(&self, state: &Arc<PolicyState>, source: IpAddr) -> Decision<ConnectVerdict> {
+        let source = source.to_canonical();
+        let key = self.source_key(source);
+        if self.is_allowlisted(source) {
+            let guard = state.uncounted_connection(source, key);
+            return self.decide(ConnectVerdict::Allowlisted(guard));
+        }
+        let listed = self.reject_listed(source);
+        let cap = self.connection_cap(source);
+        let (guard, refusal) = state.admit_connection(source, key, self.enforced(), |count| {
+            if let Some(net) = listed {
+                return Some(Rejection {
+                    reason: Reason::RejectList { net },
+                    action: Action::RefuseAndClose,
+                    block: None,
+                });
+            }
+            let limit = cap?;
+            (count >= limit).then_some(Rejection {
+                reason: Reason::TooManyConnections { count, limit },
+                action: Action::DeferAndClose,
+                block: None,
+            })
+        });
+        self.decide(match refusal {
+            None => ConnectVerdict::Accept(guard),
+            Some(rejection) => ConnectVerdict::Reject {
+                rejection,
+                guard: (!self.enforced()).then_some(guard),
+            },
+        })
+    }
+
+    /// A HELO or EHLO naming `helo`, from `source`.
+    ///
+    /// `previous` is the guard of an earlier HELO/EHLO in the same session,
+    /// if any: it is released first, so a client repeating its own name does
+    /// not count twice. Allow-listed sources are accepted uncounted.
+    /// Otherwise: `lists.reject_helo` ([`Reason::HeloRejected`],
+    /// [`Action::RefuseAndClose`]), then the first matching `limits.helo`
+    /// cap ([`Reason::TooManyForHelo`], [`Action::DeferAndClose`]). Names
+    /// are compared trimmed and without case.
+    pub fn helo(
+        &self,
+        state: &Arc<PolicyState>,
+        source: IpAddr,
+        helo: &str,
+        previous: Option<HeloGuard>,
+    ) -> Decision<HeloVerdict> {
+        drop(previous);
+        let name = state::helo_key(helo);
+        if self.is_allowlisted(source) {
+            let (guard, _) = state.admit_helo(name, false, true, |_| None);
+            return self.decide(HeloVerdict::Accept(guard));
+        }
+        let rejected = self.helo_rejected(&name).map(|p| p.as_str().to_owned());
+        let cap = self.helo_cap(&name);
+        let helo_name = name.clone();
+        let (guard, refusal) = state.admit_helo(name, cap.is_some(), self.enforced(), |count| {
+            if let Some(pattern) = rejected {
+                return Some(Rejection {
+                    reason: Reason::HeloRejected { pattern },
+                    action: Action::RefuseAndClose,
+                    block: None,
+                });
+            }
+            let limit = cap?;
+            (count >= limit).then_some(Rejection {
+                reason: Reason::TooManyForHelo {
+                    helo: helo_name,
+                    count,
+                    limit,
+                },
+                action: Action::DeferAndClose,
+                block: None,
+            })
+        });
+        self.decide(match refusal {
+            None => HeloVerdict::Accept(guard),
+            Some(rejection) => HeloVerdict::Reject {
+                rejection,
+                guard: (!self.enforced()).then_some(guard),
+            },
+        })
+    }
+
+    /// `MAIL FROM` from `source`, in a session that announced `helo` (if it
+    /// did); `null_sender` for `MAIL FROM:<>`.
+    ///
+    /// Only null-sender MAILs are limited, per source and per HELO name, at
+    /// `limits.null_sender_rate` (see the [module docs](self) for the
+    /// escalation to a block).
+    pub fn mail_from(
+        &self,
+        state: &PolicyState,
+        source: IpAddr,
+        helo: Option<&str>,
+        null_sender: bool,
+        now: Instant,
+    ) -> Decision<MailVerdict> {
+        let source = source.to_canonical();
+        if !null_sender || self.is_allowlisted(source) {
+            return self.decide(MailVerdict::Accept);
+        }
+        let rate = self.mail.null_sender_rate;
+        let limit = rate.count;
+        let block_at = u64::from(limit) * 2;
+        let keep = usize::try_from(block_at + 1).unwrap_or(usize::MAX);
+        let key = self.source_key(source);
+        let helo = helo.map(state::helo_key).filter(|h| !h.is_empty());
+        let verdict = state.with(|tables| {
+            let by_source = tables
+                .null_by_source
+                .touch(&key, Default::default)
+                .record(now, rate.per, keep);
+            let by_helo = helo.as_ref().map(|name| {
+                tables
+                    .null_by_helo
+                    .touch(name, Default::default)
+                    .record(now, rate.per, keep)
+            });
+            let rejection = |scope, count, action, block| {
+                MailVerdict::Reject(Rejection {
+                    reason: Reason::NullSenderRate {
+                        scope,
+                        count,
+                        limit,
+                        per: rate.per,
+                    },
+                    action,
+                    block,
+                })
+            };
+            if u64::from(by_source) > block_at {
+                // Twice over the rate: block, and start the count afresh
+                // (the source is gone for a while; when it is back, it gets
+                // a clean window).
+                tables.null_by_source.remove(&key);
+                let order = tables.block(self, source, reason::FLOOD, now);
+                rejection(
+                    RateScope::Source,
+                    by_source,
+                    Action::DeferAndClose,
+                    Some(order),
+                )
+            } else if by_source > limit {
+                rejection(RateScope::Source, by_source, Action::DeferCommand, None)
+            } else if let (Some(name), Some(count)) = (helo, by_helo) {
+                if count > limit {
+                    rejection(RateScope::Helo(name), count, Action::DeferCommand, None)
+                } else {
+                    MailVerdict::Accept
+                }
+            } else {
+                MailVerdict::Accept
+            }
+        });
+        self.decide(verdict)
+    }
+
+    /// `RCPT TO` naming `recipient` (the bare address; surrounding blanks
+    /// and one pair of angle brackets are ignored), from `source`.
+    ///
+    /// [`RcptVerdict::Accept`] when a `relay.accept` pattern matches,
+    /// [`RcptVerdict::Reject`] ([`Reason::RelayDenied`],
+    /// [`Action::RefuseCommand`]) when none does — the proxy then reports
+    /// the failure with [`Policy::rcpt_result`]. [`RcptVerdict::Unchecked`]
+    /// when `relay.accept` is empty or the source allow-listed: the backend
+    /// decides alone.
+    pub fn rcpt(&self, source: IpAddr, recipient: &str) -> Decision<RcptVerdict> {
+        if self.rcpt.relay.is_empty() || self.is_allowlisted(source) {
+            return self.decide(RcptVerdict::Unchecked);
+        }
+        let recipient = recipient.trim();
+        let recipient = recipient
+            .strip_prefix('<')
+            .and_then(|r| r.strip_suffix('>'))
+            .unwrap_or(recipient);
+        self.decide(if self.rcpt.relay.matches(recipient) {
+            RcptVerdict::Accept
+        } else {
+            RcptVerdict::Reject(Rejection {
+                reason: Reason::RelayDenied,
+                action: Action::RefuseCommand,
+                block: None,
+            })
+        })
+    }
+
+    /// The outcome of one RCPT in a session: `ok` when the backend accepted
+    /// it (2xx), `false` when it was refused for good (backend 5xx, or
+    /// [`Reason::RelayDenied`]). Temporary failures (4xx) are neither: do
+    /// not report them.
+    ///
+    /// A success resets `counters.failed_rcpt`; a failure adds one, and past
+    /// `max_failed_rcpt` returns the harvest verdict: [`Reason::Harvest`],
+    /// [`Action::DeferAndClose`] (`421 4.7.0`), and a block (reason
+    /// `harvest`). The counter then starts again from zero (in observe mode
+    /// the session goes on). Allow-listed sources are not counted.
+    pub fn rcpt_result(
+        &self,
+        state: &PolicyState,
+        source: IpAddr,
+        counters: &mut SessionCounters,
+        ok: bool,
+        now: Instant,
+    ) -> Option<Decision<Rejection>> {
+        let source = source.to_canonical();
+        if self.is_allowlisted(source) {
+            return None;
+        }
+        if ok {
+            counters.failed_rcpt = 0;
+            return None;
+        }
+        counters.failed_rcpt = counters.failed_rcpt.saturating_add(1);
+        let limit = self.rcpt.max_failed_rcpt;
+        if counters.failed_rcpt <= limit {
+            return None;
+        }
+        let failed = std::mem::take(&mut counters.failed_rcpt);
+        let order = state.with(|tables| tables.block(self, source, reason::HARVEST, now));
+        Some(self.decide(Rejection {
+            reason: Reason::Harvest { failed, limit },
+            action: Action::DeferAndClose,
+            block: Some(order),
+        }))
+    }
+
+    /// A failed AUTH (`535`) for `source`.
+    ///
+    /// Failures are counted per source over the last `failed_auth_window`;
+    /// past `max_failed_auth` the source is blocked: [`Reason::AuthFailures`],
+    /// [`Action::DeferAndClose`], and a block (reason `auth`). Its count then
+    /// starts again from zero. Successful AUTHs do not reset the count.
+    /// Allow-listed sources are not counted.
+    pub fn auth_failed(
+        &self,
+        state: &PolicyState,
+        source: IpAddr,
+        now: Instant,
+    ) -> Option<Decision<Rejection>> {
+        let source = source.to_canonical();
+        if self.is_allowlisted(source) {
+            return None;
+        }
+        let rules = &self.auth;
+        let key = self.source_key(source);
+        let keep = usize::try_from(u64::from(rules.max_failed_auth) + 1).unwrap_or(usize::MAX);
+        let rejection = state.with(|tables| {
+            let failures = tables.auth_failures.touch(&key, Default::default).record(
+                now,
+                rules.failed_auth_window,
+                keep,
+            );
+            if failures <= rules.max_failed_auth {
+                return None;
+            }
+            tables.auth_failures.remove(&key);
+            let order = tables.block(self, source, reason::AUTH, now);
+            Some(Rejection {
+                reason: Reason::AuthFailures {
+                    failures,
+                    limit: rules.max_failed_auth,
+                    window: rules.failed_auth_window,
+                },
+                action: Action::DeferAndClose,
+                block: Some(order),
+            })
+        })?;
+        Some(self.decide(rejection))
+    }
+}
+
+/// `net` with its host bits cleared, and IPv4-mapped IPv6 networks
+/// (`::ffff:a.b.c.d/96+n`) as the IPv4 network they mean, so that they
+/// contain canonical (IPv4) sources.
+fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => {
+                Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net.trunc(), |n| IpNet::V4(n.trunc()))
+            }
+            None => net.trunc(),
+        },
+        other => other.trunc(),
+    }
+}

@@ -1,0 +1,502 @@
+//! The counters that outlive a session, shared by every session, and the
+//! RAII guards that hold a session's place in them.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use ipnet::IpNet;
+
+use super::table::{Lru, Window};
+use super::verdict::{Action, BlockOrder, Reason, Rejection};
+use super::Policy;
+
+/// Keys each table of a [`PolicyState::new`] holds at most.
+pub const DEFAULT_CAPACITY: usize = 100_000;
+
+/// Counters shared by all sessions.
+///
+/// # Sharing
+///
+/// Internally synchronised: one `std::sync::Mutex` over all the tables, held
+/// only for the few hash operations of one decision (never across I/O or an
+/// `.await`), so a decision's check-and-count is atomic. Share it as
+/// `Arc<PolicyState>`: the RAII guards ([`ConnectionGuard`], [`HeloGuard`])
+/// hold a clone and give their place back when dropped. A poisoned lock is
+/// recovered (every update leaves the tables consistent), so dropping a guard
+/// never panics.
+///
+/// # Bounds
+///
+/// Every table holds at most [`PolicyState::capacity`] keys
+/// ([`DEFAULT_CAPACITY`] = 100 000 unless built
+/// [`with_capacity`](PolicyState::with_capacity)):
+///
+/// * live counts (connections per source, sessions per limited HELO name)
+///   hold only keys with at least one live session and are never evicted —
+///   evicting one would make its count wrong. A new key arriving when the
+///   table is full is refused instead ([`Reason::StateFull`], `421`; in
+///   observe mode it goes on uncounted);
+/// * sliding windows (failed AUTH, null-sender MAILs per source and per HELO
+///   name) and the block history evict the key seen least recently. Each
+///   window keeps at most `threshold + 1` times, so its memory is bounded
+///   too. [`PolicyState::sweep`] drops entries that have aged out, for a
+///   periodic tidy-up.
+pub struct PolicyState {
+    tables: Mutex<Tables>,
+    capacity: usize,
+}
+
+/// The tables behind the lock. Decisions in the parent module run on them
+/// under one lock through [`PolicyState::with`].
+pub(super) struct Tables {
+    /// Live connections per source key (IPv4 /32, IPv6 prefix).
+    connections: HashMap<IpNet, u32>,
+    /// Live sessions per lower-cased HELO name, for names with a limit.
+    helo_sessions: HashMap<String, u32>,
+    /// Failed AUTH times per source key.
+    pub(super) auth_failures: Lru<IpNet, Window>,
+    /// Null-sender MAIL times per source key.
+    pub(super) null_by_source: Lru<IpNet, Window>,
+    /// Null-sender MAIL times per lower-cased HELO name.
+    pub(super) null_by_helo: Lru<String, Window>,
+    /// Past blocks per source key, for the backoff.
+    history: Lru<IpNet, BlockRecord>,
+    capacity: usize,
+}
+
+/// What is remembered of a source's blocks.
+#[derive(Clone, Copy, Debug)]
+struct BlockRecord {
+    /// Blocks ordered so far (the next one is repeat number `blocks`).
+    blocks: u32,
+    /// When the last one ends.
+    until: Instant,
+}
+
+/// How many keys each table holds, for metrics and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableSizes {
+    /// Sources with live connections.
+    pub connections: usize,
+    /// Limited HELO names with live sessions.
+    pub helo_sessions: usize,
+    /// Sources with failed AUTH in their window.
+    pub auth_failures: usize,
+    /// Sources with null-sender MAILs in their window.
+    pub null_sender_sources: usize,
+    /// HELO names with null-sender MAILs in their window.
+    pub null_sender_helos: usize,
+    /// Sources whose block history is remembered.
+    pub block_history: usize,
+}
+
+impl Default for PolicyState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for PolicyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PolicyState")
+            .field("capacity", &self.capacity)
+            .field("sizes", &self.sizes())
+            .finish()
+    }
+}
+
+impl PolicyState {
+    /// Empty state, each table bounded by [`DEFAULT_CAPACITY`].
+    #[must_use]
+    pub fn new() -> Self {
+        Self::with_capacity(DEFAULT_CAPACITY)
+    }
+
+    /// Empty state, each table bounded by `capacity` keys (at least 1).
+    #[must_use]
+    pub fn with_capacity(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            tables: Mutex::new(Tables {
+                connections: HashMap::new(),
+                helo_sessions: HashMap::new(),
+                auth_failures: Lru::new(capacity),
+                null_by_source: Lru::new(capacity),
+                null_by_helo: Lru::new(capacity),
+                history: Lru::new(capacity),
+                capacity,
+            }),
+            capacity,
+        }
+    }
+
+    /// The bound of each table.
+    #[must_use]
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// How many keys each table holds now.
+    #[must_use]
+    pub fn sizes(&self) -> TableSizes {
+        let tables = self.lock();
+        TableSizes {
+            connections: tables.connections.len(),
+            helo_sessions: tables.helo_sessions.len(),
+            auth_failures: tables.auth_failures.len(),
+            null_sender_sources: tables.null_by_source.len(),
+            null_sender_helos: tables.null_by_helo.len(),
+            block_history: tables.history.len(),
+        }
+    }
+
+    /// Live connections counted under `key` (a source key, see
+    /// [`Policy::source_key`]).
+    #[must_use]
+    pub fn connections(&self, key: IpNet) -> u32 {
+        self.lock().connections.get(&key).copied().unwrap_or(0)
+    }
+
+    /// Live sessions counted under a HELO name (any case). Only names
+    /// matching a `limits.helo` pattern with a non-zero cap are counted.
+    #[must_use]
+    pub fn helo_sessions(&self, helo: &str) -> u32 {
+        self.lock()
+            .helo_sessions
+            .get(&helo_key(helo))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Orders a block of `source` for `reason` (one of
+    /// [`limiter_common::reason`]) and records it in the source's history, so
+    /// that its next offence gets a longer block (see [`Policy::block_duration`]).
+    ///
+    /// `None` for an allow-listed source: those are never blocked. An order
+    /// made while the source's previous block still runs (parallel sessions
+    /// of one offender, or observe mode) does not escalate: it repeats the
+    /// current level. History is forgotten `max_block_duration` after the
+    /// last block ends.
+    #[must_use]
+    pub fn block(
+        &self,
+        policy: &Policy,
+        source: IpAddr,
+        reason: u32,
+        now: Instant,
+    ) -> Option<BlockOrder> {
+        let source = source.to_canonical();
+        if policy.is_allowlisted(source) {
+            return None;
+        }
+        Some(self.lock().block(policy, source, reason, now))
+    }
+
+    /// Forgets the block history of `key` (a source key, as in
+    /// [`BlockOrder::net`]), e.g. when an operator removes its block; whether
+    /// there was any.
+    pub fn unblock(&self, key: IpNet) -> bool {
+        self.lock().history.remove(&key)
+    }
+
+    /// Drops the window entries with no event left in their window and the
+    /// block histories past their memory, as of `now`; returns how many
+    /// entries went. Walks every table under the lock (O(entries)): call it
+    /// now and then (e.g. with the block sweep), not per decision.
+    pub fn sweep(&self, policy: &Policy, now: Instant) -> usize {
+        let mut tables = self.lock();
+        let auth_window = policy.auth.failed_auth_window;
+        let null_window = policy.mail.null_sender_rate.per;
+        let memory = policy.blocks.max_block_duration;
+        tables.auth_failures.retain(|_, window| {
+            window.expire(now, auth_window);
+            !window.is_empty()
+        }) + tables.null_by_source.retain(|_, window| {
+            window.expire(now, null_window);
+            !window.is_empty()
+        }) + tables.null_by_helo.retain(|_, window| {
+            window.expire(now, null_window);
+            !window.is_empty()
+        }) + tables
+            .history
+            .retain(|_, record| !record.forgotten(now, memory))
+    }
+
+    /// Runs `f` on the tables under the lock (one decision, atomically).
+    pub(super) fn with<R>(&self, f: impl FnOnce(&mut Tables) -> R) -> R {
+        f(&mut self.lock())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A guard that counts nothing (allow-listed sources).
+    pub(super) fn uncounted_connection(
+        self: &Arc<Self>,
+        source: IpAddr,
+        key: IpNet,
+    ) -> ConnectionGuard {
+        ConnectionGuard {
+            state: Arc::clone(self),
+            source,
+            key,
+            counted: false,
+        }
+    }
+
+    /// Takes a place in `key`'s connection count, atomically with `check`.
+    ///
+    /// `check` sees the connections `key` holds already and says whether to
+    /// refuse. Refused and `enforce`: nothing is counted (the guard is
+    /// inert). Otherwise (accepted, or refused in observe mode, where the
+    /// session goes on) the connection is counted — unless the table is full
+    /// and `key` is new, which is a refusal of its own.
+    pub(super) fn admit_connection(
+        self: &Arc<Self>,
+        source: IpAddr,
+        key: IpNet,
+        enforce: bool,
+        check: impl FnOnce(u32) -> Option<Rejection>,
+    ) -> (ConnectionGuard, Option<Rejection>) {
+        let (counted, refusal) = {
+            let mut tables = self.lock();
+            let capacity = tables.capacity;
+            admit(
+                &mut tables.connections,
+                &key,
+                capacity,
+                "connections",
+                enforce,
+                check,
+            )
+        };
+        let guard = ConnectionGuard {
+            state: Arc::clone(self),
+            source,
+            key,
+            counted,
+        };
+        (guard, refusal)
+    }
+
+    /// Like [`PolicyState::admit_connection`] for a HELO name (lower-cased
+    /// already). `limited`: whether the name has a cap at all; names without
+    /// one are not counted (their `check` sees 0).
+    pub(super) fn admit_helo(
+        self: &Arc<Self>,
+        name: String,
+        limited: bool,
+        enforce: bool,
+        check: impl FnOnce(u32) -> Option<Rejection>,
+    ) -> (HeloGuard, Option<Rejection>) {
+        let (counted, refusal) = if limited {
+            let mut tables = self.lock();
+            let capacity = tables.capacity;
+            admit(
+                &mut tables.helo_sessions,
+                &name,
+                capacity,
+                "helo-sessions",
+                enforce,
+                check,
+            )
+        } else {
+            (false, check(0))
+        };
+        let guard = HeloGuard {
+            state: Arc::clone(self),
+            name,
+            counted,
+        };
+        (guard, refusal)
+    }
+}
+
+/// The shared admission logic of the live-count tables; returns whether the
+/// session was counted, and the refusal if any.
+fn admit<K: Hash + Eq + Clone>(
+    table: &mut HashMap<K, u32>,
+    key: &K,
+    capacity: usize,
+    table_name: &'static str,
+    enforce: bool,
+    check: impl FnOnce(u32) -> Option<Rejection>,
+) -> (bool, Option<Rejection>) {
+    let count = table.get(key).copied().unwrap_or(0);
+    let full = count == 0 && table.len() >= capacity;
+    let refusal = check(count).or_else(|| {
+        full.then(|| Rejection {
+            reason: Reason::StateFull {
+                table: table_name,
+                capacity,
+            },
+            action: Action::DeferAndClose,
+            block: None,
+        })
+    });
+    if (refusal.is_some() && enforce) || full {
+        return (false, refusal);
+    }
+    let slot = table.entry(key.clone()).or_insert(0);
+    *slot = slot.saturating_add(1);
+    (true, refusal)
+}
+
+/// Gives back one place in a live-count table.
+fn release<K: Hash + Eq>(table: &mut HashMap<K, u32>, key: &K) {
+    if let Some(count) = table.get_mut(key) {
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            table.remove(key);
+        }
+    }
+}
+
+impl Tables {
+    /// See [`PolicyState::block`]; `source` is canonical and not allow-listed.
+    pub(super) fn block(
+        &mut self,
+        policy: &Policy,
+        source: IpAddr,
+        reason: u32,
+        now: Instant,
+    ) -> BlockOrder {
+        let net = policy.source_key(source);
+        let memory = policy.blocks.max_block_duration;
+        let record = self.history.touch(&net, || BlockRecord {
+            blocks: 0,
+            until: now,
+        });
+        if record.forgotten(now, memory) {
+            record.blocks = 0;
+        }
+        let repeat = if record.blocks > 0 && now < record.until {
+            // The previous block still runs: same offence, same level.
+            record.blocks - 1
+        } else {
+            record.blocks
+        };
+        let duration = policy.block_duration(repeat);
+        let until = now.checked_add(duration).unwrap_or(now);
+        record.blocks = repeat.saturating_add(1);
+        record.until = record.until.max(until);
+        BlockOrder {
+            net,
+            reason,
+            duration,
+            repeat,
+        }
+    }
+}
+
+impl BlockRecord {
+    /// Whether the history has aged out: `memory` after the last block ended.
+    fn forgotten(&self, now: Instant, memory: std::time::Duration) -> bool {
+        self.blocks == 0
+            || self
+                .until
+                .checked_add(memory)
+                .is_some_and(|forget_at| now >= forget_at)
+    }
+}
+
+/// The key of a HELO name: trimmed and lower-cased (ASCII).
+pub(super) fn helo_key(helo: &str) -> String {
+    helo.trim().to_ascii_lowercase()
+}
+
+/// A connection's place in its source's count, given back on drop.
+///
+/// Returned by [`Policy::connect`]; the session keeps it for its whole life.
+/// For allow-listed sources (and in observe mode when the table is full) it
+/// counts nothing.
+pub struct ConnectionGuard {
+    state: Arc<PolicyState>,
+    source: IpAddr,
+    key: IpNet,
+    counted: bool,
+}
+
+impl ConnectionGuard {
+    /// The client's address (IPv4-mapped IPv6 normalised to IPv4).
+    #[must_use]
+    pub fn source(&self) -> IpAddr {
+        self.source
+    }
+
+    /// The key the connection is counted under (IPv4 /32, IPv6 prefix).
+    #[must_use]
+    pub fn key(&self) -> IpNet {
+        self.key
+    }
+
+    /// Whether this guard holds a place in the count.
+    #[must_use]
+    pub fn is_counted(&self) -> bool {
+        self.counted
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if self.counted {
+            release(&mut self.state.lock().connections, &self.key);
+        }
+    }
+}
+
+impl fmt::Debug for ConnectionGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionGuard")
+            .field("source", &self.source)
+            .field("key", &self.key)
+            .field("counted", &self.counted)
+            .finish()
+    }
+}
+
+/// A session's place in its HELO name's count, given back on drop. A second
+/// HELO/EHLO in the session replaces it (pass the old one to
+/// [`Policy::helo`], which releases it before counting the new name).
+pub struct HeloGuard {
+    state: Arc<PolicyState>,
+    name: String,
+    counted: bool,
+}
+
+impl HeloGuard {
+    /// The HELO name, trimmed and lower-cased.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether this guard holds a place in the count (only names with a
+    /// `limits.helo` cap are counted).
+    #[must_use]
+    pub fn is_counted(&self) -> bool {
+        self.counted
+    }
+}
+
+impl Drop for HeloGuard {
+    fn drop(&mut self) {
+        if self.counted {
+            release(&mut self.state.lock().helo_sessions, &self.name);
+        }
+    }
+}
+
+impl fmt::Debug for HeloGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeloGuard")
+            .field("name", &self.name)
+            .field("counted", &self.counted)
+            .finish()
+    }
+}

@@ -1,0 +1,979 @@
+//! Decision tests: configurations inline, a fixed `now`, time advanced by
+//! hand.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use limiter_common::reason;
+
+use super::*;
+use crate::config::Config;
+
+const MIN: Duration = Duration::from_secs(60);
+
+fn policy(toml: &str) -> Policy {
+    Policy::new(&Config::from_toml(toml).expect("test configuration is valid"))
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().expect("test address")
+}
+
+fn net(text: &str) -> IpNet {
+    text.parse().expect("test network")
+}
+
+fn state() -> Arc<PolicyState> {
+    Arc::new(PolicyState::new())
+}
+
+/// The guard of an accepted connection; panics on anything else.
+fn accepted(decision: Decision<ConnectVerdict>) -> ConnectionGuard {
+    match decision.verdict {
+        ConnectVerdict::Accept(guard) => guard,
+        other => panic!("expected Accept, got {other:?}"),
+    }
+}
+
+/// The rejection of a refused connection; panics on anything else.
+fn refused(decision: Decision<ConnectVerdict>) -> (Rejection, Option<ConnectionGuard>, bool) {
+    match decision.verdict {
+        ConnectVerdict::Reject { rejection, guard } => (rejection, guard, decision.enforced),
+        other => panic!("expected Reject, got {other:?}"),
+    }
+}
+
+fn helo_accepted(decision: Decision<HeloVerdict>) -> HeloGuard {
+    match decision.verdict {
+        HeloVerdict::Accept(guard) => guard,
+        other => panic!("expected Accept, got {other:?}"),
+    }
+}
+
+fn helo_refused(decision: Decision<HeloVerdict>) -> (Rejection, Option<HeloGuard>) {
+    match decision.verdict {
+        HeloVerdict::Reject { rejection, guard } => (rejection, guard),
+        other => panic!("expected Reject, got {other:?}"),
+    }
+}
+
+fn mail_refusal(decision: Decision<MailVerdict>) -> Option<Rejection> {
+    match decision.verdict {
+        MailVerdict::Accept => None,
+        MailVerdict::Reject(rejection) => Some(rejection),
+    }
+}
+
+// -- Connect ---------------------------------------------------------------
+
+#[test]
+fn connection_cap_refuses_past_the_limit_and_guards_release_exactly() {
+    let policy = policy("[limits]\nmax_connections_per_source = 2");
+    let state = state();
+    let source = ip("192.0.2.7");
+    let a = accepted(policy.connect(&state, source));
+    let b = accepted(policy.connect(&state, source));
+    assert_eq!(a.key(), net("192.0.2.7/32"));
+    assert!(a.is_counted());
+    assert_eq!(state.connections(net("192.0.2.7/32")), 2);
+
+    let (rejection, guard, enforced) = refused(policy.connect(&state, source));
+    assert!(enforced && guard.is_none());
+    assert_eq!(rejection.name(), "too-many-connections");
+    assert_eq!(
+        rejection.reason,
+        Reason::TooManyConnections { count: 2, limit: 2 }
+    );
+    assert_eq!(rejection.action, Action::DeferAndClose);
+    assert!(rejection.action.closes() && !rejection.action.is_permanent());
+    assert_eq!(rejection.block, None);
+    // A refused connection is not counted.
+    assert_eq!(state.connections(net("192.0.2.7/32")), 2);
+
+    // Another source has its own count.
+    let other = accepted(policy.connect(&state, ip("192.0.2.8")));
+
+    drop(a);
+    assert_eq!(state.connections(net("192.0.2.7/32")), 1);
+    let c = accepted(policy.connect(&state, source));
+    drop((b, c, other));
+    assert_eq!(state.connections(net("192.0.2.7/32")), 0);
+    assert_eq!(state.sizes().connections, 0, "zero counts leave the table");
+}
+
+#[test]
+fn zero_means_unlimited() {
+    let policy = policy("[limits]\nmax_connections_per_source = 0");
+    let state = state();
+    let guards: Vec<_> = (0..50)
+        .map(|_| accepted(policy.connect(&state, ip("192.0.2.7"))))
+        .collect();
+    assert_eq!(state.connections(net("192.0.2.7/32")), 50);
+    assert_eq!(policy.connection_cap(ip("192.0.2.7")), None);
+    drop(guards);
+    assert_eq!(state.connections(net("192.0.2.7/32")), 0);
+}
+
+#[test]
+fn the_most_specific_cidr_override_wins() {
+    let policy = policy(
+        r#"
+        [limits]
+        max_connections_per_source = 3
+        [[limits.source]]
+        cidr = "192.0.2.0/24"
+        max_connections = 1
+        [[limits.source]]
+        cidr = "192.0.0.0/16"
+        max_connections = 5
+        [[limits.source]]
+        cidr = "192.0.2.128/25"
+        max_connections = 0
+        [[limits.source]]
+        cidr = "::ffff:198.51.100.0/120"
+        max_connections = 2
+        [[limits.source]]
+        cidr = "2001:db8::/32"
+        max_connections = 4
+        "#,
+    );
+    assert_eq!(policy.connection_cap(ip("192.0.2.7")), Some(1)); // /24 beats /16
+    assert_eq!(policy.connection_cap(ip("192.0.9.9")), Some(5)); // only /16
+    assert_eq!(policy.connection_cap(ip("192.0.2.200")), None); // /25 = unlimited
+    assert_eq!(policy.connection_cap(ip("203.0.113.1")), Some(3)); // default
+    assert_eq!(policy.connection_cap(ip("198.51.100.9")), Some(2)); // mapped CIDR
+    assert_eq!(policy.connection_cap(ip("::ffff:192.0.2.7")), Some(1)); // mapped source
+    assert_eq!(policy.connection_cap(ip("2001:db8::1")), Some(4));
+
+    let state = state();
+    let _one = accepted(policy.connect(&state, ip("192.0.2.7")));
+    let (rejection, _, _) = refused(policy.connect(&state, ip("192.0.2.7")));
+    assert_eq!(
+        rejection.reason,
+        Reason::TooManyConnections { count: 1, limit: 1 }
+    );
+    let unlimited: Vec<_> = (0..10)
+        .map(|_| accepted(policy.connect(&state, ip("192.0.2.200"))))
+        .collect();
+    assert_eq!(unlimited.len(), 10);
+}
+
+#[test]
+fn ipv6_sources_are_counted_per_prefix() {
+    let policy = policy("[limits]\nmax_connections_per_source = 2");
+    let state = state();
+    let a = accepted(policy.connect(&state, ip("2001:db8:1:2::1")));
+    let _b = accepted(policy.connect(&state, ip("2001:db8:1:2:ffff::99")));
+    assert_eq!(a.key(), net("2001:db8:1:2::/64"));
+    // A third address in the same /64 is the same source.
+    let (rejection, _, _) = refused(policy.connect(&state, ip("2001:db8:1:2:abcd::7")));
+    assert_eq!(rejection.name(), "too-many-connections");
+    // The next /64 is another source.
+    let _c = accepted(policy.connect(&state, ip("2001:db8:1:3::1")));
+    assert_eq!(state.connections(net("2001:db8:1:2::/64")), 2);
+
+    let wide = self::policy("[limits]\nipv6_prefix = 48");
+    assert_eq!(
+        wide.source_key(ip("2001:db8:1:2::1")),
+        net("2001:db8:1::/48")
+    );
+    let exact = self::policy("[limits]\nipv6_prefix = 128");
+    assert_eq!(
+        exact.source_key(ip("2001:db8:1:2::1")),
+        net("2001:db8:1:2::1/128")
+    );
+}
+
+#[test]
+fn ipv4_mapped_sources_count_as_ipv4() {
+    let policy = policy("[limits]\nmax_connections_per_source = 1");
+    let state = state();
+    let guard = accepted(policy.connect(&state, ip("::ffff:192.0.2.7")));
+    assert_eq!(guard.source(), ip("192.0.2.7"));
+    assert_eq!(guard.key(), net("192.0.2.7/32"));
+    let (rejection, _, _) = refused(policy.connect(&state, ip("192.0.2.7")));
+    assert_eq!(rejection.name(), "too-many-connections");
+    drop(guard);
+    let _again = accepted(policy.connect(&state, ip("192.0.2.7")));
+}
+
+#[test]
+fn reject_list_refuses_without_a_block_order() {
+    let policy = policy(
+        r#"
+        [lists]
+        reject = ["198.51.100.0/24", "2001:db8:bad::/48"]
+        "#,
+    );
+    let state = state();
+    let (rejection, guard, _) = refused(policy.connect(&state, ip("198.51.100.20")));
+    assert!(guard.is_none());
+    assert_eq!(rejection.name(), "reject-list");
+    assert_eq!(
+        rejection.reason,
+        Reason::RejectList {
+            net: net("198.51.100.0/24")
+        }
+    );
+    assert_eq!(rejection.reason.block_reason(), Some(reason::REJECT_LIST));
+    assert_eq!(rejection.action, Action::RefuseAndClose);
+    assert!(rejection.action.is_permanent());
+    assert_eq!(rejection.block, None, "the agent loads lists.reject itself");
+    let (rejection, _, _) = refused(policy.connect(&state, ip("::ffff:198.51.100.1")));
+    assert_eq!(rejection.name(), "reject-list");
+    let (rejection, _, _) = refused(policy.connect(&state, ip("2001:db8:bad:1::5")));
+    assert_eq!(rejection.name(), "reject-list");
+    let _ok = accepted(policy.connect(&state, ip("198.51.101.1")));
+    assert_eq!(state.sizes().connections, 1);
+}
+
+#[test]
+fn concurrent_connects_never_exceed_the_cap() {
+    let policy = Arc::new(policy("[limits]\nmax_connections_per_source = 5"));
+    let state = state();
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (policy, state, held) = (policy.clone(), state.clone(), held.clone());
+            std::thread::spawn(move || {
+                for _ in 0..200 {
+                    if let ConnectVerdict::Accept(guard) =
+                        policy.connect(&state, ip("192.0.2.7")).verdict
+                    {
+                        let mut held = held.lock().unwrap();
+                        held.push(guard);
+                        assert!(held.len() <= 5);
+                        if held.len() == 5 {
+                            held.clear();
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let live = held.lock().unwrap().len();
+    assert_eq!(state.connections(net("192.0.2.7/32")) as usize, live);
+    held.lock().unwrap().clear();
+    assert_eq!(state.connections(net("192.0.2.7/32")), 0);
+}
+
+// -- Allow list --------------------------------------------------------------
+
+#[test]
+fn allowlisted_sources_are_exempt_from_everything() {
+    let policy = policy(
+        r#"
+        [limits]
+        max_connections_per_source = 1
+        max_failed_rcpt = 0
+        max_failed_auth = 0
+        null_sender_rate = "1/1m"
+        [[limits.helo]]
+        pattern = "*"
+        max_connections = 1
+        [relay]
+        accept = "*@example.com"
+        [lists]
+        allow = ["10.0.0.0/8", "::ffff:192.0.2.0/120"]
+        reject = ["10.1.0.0/16"]
+        reject_helo = ["bad.example"]
+        "#,
+    );
+    let state = state();
+    let now = Instant::now();
+    for source in [ip("10.1.2.3"), ip("::ffff:10.1.2.3"), ip("192.0.2.9")] {
+        let guards: Vec<_> = (0..3)
+            .map(|_| match policy.connect(&state, source).verdict {
+                ConnectVerdict::Allowlisted(guard) => {
+                    assert!(!guard.is_counted());
+                    guard
+                }
+                other => panic!("expected Allowlisted, got {other:?}"),
+            })
+            .collect();
+        let helos: Vec<_> = (0..3)
+            .map(|_| helo_accepted(policy.helo(&state, source, "bad.example", None)))
+            .collect();
+        assert!(helos.iter().all(|g| !g.is_counted()));
+        for _ in 0..5 {
+            let mail = policy.mail_from(&state, source, Some("bad.example"), true, now);
+            assert_eq!(mail.verdict, MailVerdict::Accept);
+        }
+        assert_eq!(
+            policy.rcpt(source, "someone@elsewhere.org").verdict,
+            RcptVerdict::Unchecked
+        );
+        let mut counters = SessionCounters::default();
+        for _ in 0..5 {
+            assert!(policy
+                .rcpt_result(&state, source, &mut counters, false, now)
+                .is_none());
+            assert!(policy.auth_failed(&state, source, now).is_none());
+        }
+        assert_eq!(counters.failed_rcpt, 0);
+        assert!(state.block(&policy, source, reason::MANUAL, now).is_none());
+        drop((guards, helos));
+    }
+    assert_eq!(state.sizes(), TableSizes::default(), "nothing was tracked");
+}
+
+// -- HELO ----------------------------------------------------------------------
+
+#[test]
+fn helo_reject_list_refuses_matching_names() {
+    let policy = policy("[lists]\nreject_helo = [\"*.dynamic.example\", \"localhost\"]");
+    let state = state();
+    let source = ip("192.0.2.7");
+    let (rejection, guard) =
+        helo_refused(policy.helo(&state, source, "Host-1.DYNAMIC.example", None));
+    assert!(guard.is_none());
+    assert_eq!(rejection.name(), "helo-reject");
+    assert_eq!(
+        rejection.reason,
+        Reason::HeloRejected {
+            pattern: "*.dynamic.example".into()
+        }
+    );
+    assert_eq!(rejection.action, Action::RefuseAndClose);
+    let (rejection, _) = helo_refused(policy.helo(&state, source, "LOCALHOST", None));
+    assert_eq!(rejection.name(), "helo-reject");
+    let guard = helo_accepted(policy.helo(&state, source, "mx.example.org", None));
+    assert_eq!(guard.name(), "mx.example.org");
+    assert!(!guard.is_counted(), "names without a limit are not counted");
+}
+
+#[test]
+fn helo_limits_count_sessions_per_name() {
+    let policy = policy(
+        r#"
+        [[limits.helo]]
+        pattern = "*.bounces.example.net"
+        max_connections = 2
+        [[limits.helo]]
+        pattern = "*.example.net"
+        max_connections = 1
+        [[limits.helo]]
+        pattern = "free.*"
+        max_connections = 0
+        "#,
+    );
+    assert_eq!(policy.helo_cap("a.bounces.example.net"), Some(2)); // first match wins
+    assert_eq!(policy.helo_cap("a.example.net"), Some(1));
+    assert_eq!(policy.helo_cap("free.example"), None); // 0 = unlimited
+    assert_eq!(policy.helo_cap("mx.example.org"), None); // no match = unlimited
+
+    let state = state();
+    let source = ip("192.0.2.7");
+    let a = helo_accepted(policy.helo(&state, source, "MTA1.bounces.example.net", None));
+    let b = helo_accepted(policy.helo(&state, source, "mta1.bounces.example.net ", None));
+    assert!(a.is_counted() && b.is_counted());
+    assert_eq!(state.helo_sessions("mta1.BOUNCES.example.net"), 2);
+    let (rejection, guard) =
+        helo_refused(policy.helo(&state, source, "mta1.bounces.example.net", None));
+    assert!(guard.is_none());
+    assert_eq!(rejection.name(), "helo-limit");
+    assert_eq!(
+        rejection.reason,
+        Reason::TooManyForHelo {
+            helo: "mta1.bounces.example.net".into(),
+            count: 2,
+            limit: 2
+        }
+    );
+    assert_eq!(rejection.action, Action::DeferAndClose);
+    // Per name, not per pattern: another matching name has its own count.
+    let _c = helo_accepted(policy.helo(&state, source, "mta2.bounces.example.net", None));
+    drop(a);
+    let _d = helo_accepted(policy.helo(&state, source, "mta1.bounces.example.net", None));
+    let unlimited: Vec<_> = (0..5)
+        .map(|_| helo_accepted(policy.helo(&state, source, "free.example", None)))
+        .collect();
+    assert!(unlimited.iter().all(|g| !g.is_counted()));
+    assert_eq!(state.sizes().helo_sessions, 2);
+}
+
+#[test]
+fn a_second_helo_replaces_the_first() {
+    let policy = policy("[[limits.helo]]\npattern = \"*.example.net\"\nmax_connections = 1");
+    let state = state();
+    let source = ip("192.0.2.7");
+    let first = helo_accepted(policy.helo(&state, source, "a.example.net", None));
+    // The same session says EHLO again with the same name: not counted twice.
+    let second = helo_accepted(policy.helo(&state, source, "a.example.net", Some(first)));
+    assert_eq!(state.helo_sessions("a.example.net"), 1);
+    // And with another name: the first name's place is given back.
+    let third = helo_accepted(policy.helo(&state, source, "b.example.net", Some(second)));
+    assert_eq!(state.helo_sessions("a.example.net"), 0);
+    assert_eq!(state.helo_sessions("b.example.net"), 1);
+    drop(third);
+    assert_eq!(state.sizes().helo_sessions, 0);
+}
+
+// -- MAIL: null-sender rate ------------------------------------------------------
+
+#[test]
+fn null_sender_rate_per_source_defers_then_blocks() {
+    let policy = policy("[limits]\nnull_sender_rate = \"3/1m\"");
+    let state = state();
+    let t0 = Instant::now();
+    let source = ip("192.0.2.7");
+    // Non-null senders are never limited.
+    for _ in 0..10 {
+        assert_eq!(
+            policy.mail_from(&state, source, None, false, t0).verdict,
+            MailVerdict::Accept
+        );
+    }
+    for _ in 0..3 {
+        assert!(mail_refusal(policy.mail_from(&state, source, None, true, t0)).is_none());
+    }
+    // The 4th in the window: 450, this transaction only.
+    let rejection = mail_refusal(policy.mail_from(&state, source, None, true, t0)).unwrap();
+    assert_eq!(rejection.name(), "null-sender-rate");
+    assert_eq!(
+        rejection.reason,
+        Reason::NullSenderRate {
+            scope: RateScope::Source,
+            count: 4,
+            limit: 3,
+            per: MIN
+        }
+    );
+    assert_eq!(rejection.action, Action::DeferCommand);
+    assert_eq!(rejection.block, None);
+    // The window slides: a minute after the first ones, room again.
+    let later = t0 + MIN;
+    assert!(mail_refusal(policy.mail_from(&state, source, None, true, later)).is_none());
+
+    // Persisting: past twice the rate within the window, a block.
+    let t1 = t0 + 10 * MIN;
+    for i in 1..=6 {
+        let refusal = mail_refusal(policy.mail_from(&state, source, None, true, t1));
+        assert_eq!(refusal.is_some(), i > 3, "MAIL {i}");
+        assert!(refusal.and_then(|r| r.block).is_none(), "MAIL {i}");
+    }
+    let rejection = mail_refusal(policy.mail_from(&state, source, None, true, t1)).unwrap();
+    assert_eq!(rejection.action, Action::DeferAndClose);
+    assert_eq!(
+        rejection.block,
+        Some(BlockOrder {
+            net: net("192.0.2.7/32"),
+            reason: reason::FLOOD,
+            duration: 30 * MIN,
+            repeat: 0
+        })
+    );
+    assert_eq!(rejection.reason.block_reason(), Some(reason::FLOOD));
+    // The count starts afresh after the block.
+    assert!(mail_refusal(policy.mail_from(&state, source, None, true, t1)).is_none());
+}
+
+#[test]
+fn null_sender_rate_per_helo_spans_sources() {
+    let policy = policy("[limits]\nnull_sender_rate = \"2/1m\"");
+    let state = state();
+    let t0 = Instant::now();
+    let helo = Some("Bounces.Example.net");
+    assert!(mail_refusal(policy.mail_from(&state, ip("192.0.2.1"), helo, true, t0)).is_none());
+    assert!(mail_refusal(policy.mail_from(&state, ip("192.0.2.2"), helo, true, t0)).is_none());
+    // A third source, within its own rate, but the name is over.
+    let rejection =
+        mail_refusal(policy.mail_from(&state, ip("192.0.2.3"), helo, true, t0)).unwrap();
+    assert_eq!(
+        rejection.reason,
+        Reason::NullSenderRate {
+            scope: RateScope::Helo("bounces.example.net".into()),
+            count: 3,
+            limit: 2,
+            per: MIN
+        }
+    );
+    assert_eq!(rejection.action, Action::DeferCommand);
+    // The name is never blocked, however far over it goes.
+    for i in 4..20 {
+        let source = ip(&format!("192.0.2.{i}"));
+        let rejection = mail_refusal(policy.mail_from(&state, source, helo, true, t0)).unwrap();
+        assert_eq!(rejection.block, None);
+    }
+    // Another name is not affected; the window slides.
+    assert!(
+        mail_refusal(policy.mail_from(&state, ip("192.0.2.30"), Some("x"), true, t0)).is_none()
+    );
+    assert!(
+        mail_refusal(policy.mail_from(&state, ip("192.0.2.31"), helo, true, t0 + MIN)).is_none()
+    );
+}
+
+// -- RCPT: relay and harvest -----------------------------------------------------
+
+#[test]
+fn relay_patterns_decide_recipients() {
+    let policy = policy("[relay]\naccept = \"*@example.com postmaster@*  ?@short.example\"");
+    let source = ip("192.0.2.7");
+    for (recipient, accepted) in [
+        ("user@example.com", true),
+        ("User@EXAMPLE.com", true),
+        ("<user@example.com>", true),
+        (" user@example.com ", true),
+        ("postmaster@anywhere.org", true),
+        ("a@short.example", true),
+        ("ab@short.example", false),
+        ("user@example.com.evil.org", false),
+        ("user@sub.example.com", false),
+        ("user@elsewhere.org", false),
+        ("", false),
+    ] {
+        let decision = policy.rcpt(source, recipient);
+        assert!(decision.enforced);
+        match decision.verdict {
+            RcptVerdict::Accept => assert!(accepted, "{recipient:?} accepted"),
+            RcptVerdict::Reject(rejection) => {
+                assert!(!accepted, "{recipient:?} refused");
+                assert_eq!(rejection.name(), "relay-denied");
+                assert_eq!(rejection.action, Action::RefuseCommand);
+                assert!(!rejection.action.closes() && rejection.action.is_permanent());
+                assert_eq!(rejection.block, None);
+            }
+            RcptVerdict::Unchecked => panic!("{recipient:?}: relay rules exist"),
+        }
+    }
+}
+
+#[test]
+fn empty_relay_patterns_leave_recipients_to_the_backend() {
+    let policy = policy("[relay]\naccept = \"\"");
+    assert!(policy.relay_patterns().is_empty());
+    assert_eq!(
+        policy.rcpt(ip("192.0.2.7"), "anyone@anywhere.org").verdict,
+        RcptVerdict::Unchecked
+    );
+}
+
+#[test]
+fn harvest_counter_resets_on_success_and_fires_past_the_limit() {
+    let policy = policy("[limits]\nmax_failed_rcpt = 3");
+    let state = state();
+    let now = Instant::now();
+    let source = ip("192.0.2.7");
+    let mut counters = SessionCounters::default();
+    for _ in 0..3 {
+        assert!(policy
+            .rcpt_result(&state, source, &mut counters, false, now)
+            .is_none());
+    }
+    assert_eq!(counters.failed_rcpt, 3);
+    // A success resets the run.
+    assert!(policy
+        .rcpt_result(&state, source, &mut counters, true, now)
+        .is_none());
+    assert_eq!(counters.failed_rcpt, 0);
+    for _ in 0..3 {
+        assert!(policy
+            .rcpt_result(&state, source, &mut counters, false, now)
+            .is_none());
+    }
+    // The 4th failure in a row: > 3.
+    let decision = policy
+        .rcpt_result(&state, source, &mut counters, false, now)
+        .expect("harvest");
+    assert!(decision.enforced);
+    let rejection = decision.verdict;
+    assert_eq!(rejection.name(), "harvest");
+    assert_eq!(
+        rejection.reason,
+        Reason::Harvest {
+            failed: 4,
+            limit: 3
+        }
+    );
+    assert_eq!(rejection.action, Action::DeferAndClose);
+    let order = rejection.block.expect("a block");
+    assert_eq!(order.net, net("192.0.2.7/32"));
+    assert_eq!(order.reason, reason::HARVEST);
+    assert_eq!(order.reason_name(), "harvest");
+    assert_eq!(order.duration, 30 * MIN);
+    assert_eq!(counters.failed_rcpt, 0, "the counter starts again");
+}
+
+#[test]
+fn relay_denials_count_as_failed_recipients() {
+    let policy = policy("[limits]\nmax_failed_rcpt = 1\n[relay]\naccept = \"*@example.com\"");
+    let state = state();
+    let now = Instant::now();
+    let source = ip("2001:db8:1:2::3");
+    let mut counters = SessionCounters::default();
+    let mut verdict = None;
+    for recipient in ["a@other.org", "b@other.org"] {
+        let ok = !matches!(
+            policy.rcpt(source, recipient).verdict,
+            RcptVerdict::Reject(_)
+        );
+        verdict = policy.rcpt_result(&state, source, &mut counters, ok, now);
+    }
+    let order = verdict.expect("harvest").verdict.block.expect("a block");
+    assert_eq!(
+        order.net,
+        net("2001:db8:1:2::/64"),
+        "IPv6 blocks the prefix"
+    );
+}
+
+// -- AUTH ------------------------------------------------------------------------
+
+#[test]
+fn auth_failures_are_counted_over_a_sliding_window() {
+    let policy = policy("[limits]\nmax_failed_auth = 3\nfailed_auth_window = \"10m\"");
+    let state = state();
+    let t0 = Instant::now();
+    let source = ip("192.0.2.7");
+    // Three failures, spread: at 0, 4 and 8 minutes.
+    for minute in [0, 4, 8] {
+        assert!(policy
+            .auth_failed(&state, source, t0 + minute * MIN)
+            .is_none());
+    }
+    // At 10 minutes the first has left the window: 3 in the window, no block.
+    assert!(policy.auth_failed(&state, source, t0 + 10 * MIN).is_none());
+    // At 11 minutes: 4, 8, 10, 11 → 4 > 3.
+    let decision = policy
+        .auth_failed(&state, source, t0 + 11 * MIN)
+        .expect("auth block");
+    let rejection = decision.verdict;
+    assert_eq!(rejection.name(), "auth");
+    assert_eq!(
+        rejection.reason,
+        Reason::AuthFailures {
+            failures: 4,
+            limit: 3,
+            window: 10 * MIN
+        }
+    );
+    assert_eq!(rejection.action, Action::DeferAndClose);
+    let order = rejection.block.expect("a block");
+    assert_eq!((order.reason, order.repeat), (reason::AUTH, 0));
+    // The count starts again after a block.
+    assert!(policy.auth_failed(&state, source, t0 + 12 * MIN).is_none());
+    // Other sources have their own windows.
+    assert!(policy
+        .auth_failed(&state, ip("192.0.2.8"), t0 + 12 * MIN)
+        .is_none());
+}
+
+// -- Blocks ----------------------------------------------------------------------
+
+#[test]
+fn repeat_blocks_back_off_up_to_the_cap() {
+    let policy = policy(
+        r#"
+        [limits]
+        block_duration = "30m"
+        block_backoff = 2.0
+        max_block_duration = "3h"
+        "#,
+    );
+    assert_eq!(policy.block_duration(0), 30 * MIN);
+    assert_eq!(policy.block_duration(1), 60 * MIN);
+    assert_eq!(policy.block_duration(2), 120 * MIN);
+    assert_eq!(policy.block_duration(3), 180 * MIN);
+    assert_eq!(policy.block_duration(u32::MAX), 180 * MIN);
+
+    let state = state();
+    let source = ip("192.0.2.7");
+    let mut now = Instant::now();
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let order = state.block(&policy, source, reason::HARVEST, now).unwrap();
+        seen.push((order.repeat, order.duration));
+        // The next offence comes after this block ended.
+        now += order.duration + MIN;
+    }
+    assert_eq!(
+        seen,
+        [
+            (0, 30 * MIN),
+            (1, 60 * MIN),
+            (2, 120 * MIN),
+            (3, 180 * MIN),
+            (4, 180 * MIN)
+        ]
+    );
+    assert_eq!(state.sizes().block_history, 1);
+}
+
+#[test]
+fn blocks_during_a_running_block_do_not_escalate() {
+    let policy = policy("");
+    let state = state();
+    let now = Instant::now();
+    let source = ip("192.0.2.7");
+    let first = state.block(&policy, source, reason::HARVEST, now).unwrap();
+    // A parallel session of the same offender, a minute later.
+    let again = state
+        .block(&policy, source, reason::HARVEST, now + MIN)
+        .unwrap();
+    assert_eq!((first.repeat, again.repeat), (0, 0));
+    assert_eq!(again.duration, 30 * MIN);
+    // After it ends, the next one escalates.
+    let next = state
+        .block(&policy, source, reason::AUTH, now + 40 * MIN)
+        .unwrap();
+    assert_eq!((next.repeat, next.duration), (1, 60 * MIN));
+}
+
+#[test]
+fn block_history_is_forgotten_and_can_be_cleared() {
+    let policy = policy("[limits]\nblock_duration = \"30m\"\nmax_block_duration = \"1d\"");
+    let state = state();
+    let t0 = Instant::now();
+    let source = ip("192.0.2.7");
+    let day = 24 * 60 * MIN;
+    state.block(&policy, source, reason::HARVEST, t0).unwrap();
+    // Within a day after the block ended: remembered.
+    let second = state
+        .block(&policy, source, reason::HARVEST, t0 + day)
+        .unwrap();
+    assert_eq!(second.repeat, 1);
+    // More than a day after the (60m) second block ended: forgotten.
+    let third = state
+        .block(
+            &policy,
+            source,
+            reason::HARVEST,
+            t0 + 2 * day + 2 * 60 * MIN,
+        )
+        .unwrap();
+    assert_eq!(third.repeat, 0);
+    // An operator's unblock forgets at once.
+    assert!(state.unblock(net("192.0.2.7/32")));
+    assert!(!state.unblock(net("192.0.2.7/32")));
+    let fourth = state
+        .block(&policy, source, reason::HARVEST, t0 + 3 * day)
+        .unwrap();
+    assert_eq!(fourth.repeat, 0);
+}
+
+#[test]
+fn fractional_backoff_is_exact_to_the_millisecond() {
+    let policy = policy(
+        "[limits]\nblock_duration = \"1h\"\nblock_backoff = 1.5\nmax_block_duration = \"7d\"",
+    );
+    assert_eq!(policy.block_duration(1), 90 * MIN);
+    assert_eq!(policy.block_duration(2), 135 * MIN);
+}
+
+// -- Observe mode ----------------------------------------------------------------
+
+#[test]
+fn observe_mode_decides_but_marks_decisions_unenforced() {
+    let policy = policy(
+        r#"
+        mode = "observe"
+        [limits]
+        max_connections_per_source = 1
+        max_failed_rcpt = 0
+        max_failed_auth = 0
+        null_sender_rate = "1/1m"
+        [[limits.helo]]
+        pattern = "*"
+        max_connections = 1
+        [relay]
+        accept = "*@example.com"
+        [lists]
+        reject = ["198.51.100.0/24"]
+        reject_helo = ["bad.example"]
+        "#,
+    );
+    assert!(!policy.enforced());
+    let state = state();
+    let now = Instant::now();
+    let source = ip("192.0.2.7");
+
+    let first = policy.connect(&state, source);
+    assert!(!first.enforced);
+    let first = first.verdict.into_guard().unwrap();
+    // Over the cap: reported, and the session goes on with a counted guard.
+    let (rejection, guard, enforced) = refused(policy.connect(&state, source));
+    assert!(!enforced);
+    assert_eq!(rejection.name(), "too-many-connections");
+    let second = guard.expect("observe mode keeps the session");
+    assert!(second.is_counted());
+    assert_eq!(state.connections(net("192.0.2.7/32")), 2, "counted as real");
+    let (rejection, guard, _) = refused(policy.connect(&state, ip("198.51.100.1")));
+    assert_eq!(rejection.name(), "reject-list");
+    assert!(guard.is_some());
+
+    let helo = policy.helo(&state, source, "a.example", None);
+    assert!(!helo.enforced);
+    let helo_a = helo.verdict.into_guard().unwrap();
+    let (rejection, guard) = helo_refused(policy.helo(&state, source, "a.example", None));
+    assert_eq!(rejection.name(), "helo-limit");
+    assert!(guard.expect("kept").is_counted());
+    let (rejection, guard) = helo_refused(policy.helo(&state, source, "bad.example", None));
+    assert_eq!(rejection.name(), "helo-reject");
+    assert!(guard.is_some());
+
+    let _ = policy.mail_from(&state, source, None, true, now);
+    let mail = policy.mail_from(&state, source, None, true, now);
+    assert!(!mail.enforced);
+    assert_eq!(mail_refusal(mail).unwrap().name(), "null-sender-rate");
+
+    let rcpt = policy.rcpt(source, "x@other.org");
+    assert!(!rcpt.enforced);
+    assert!(matches!(rcpt.verdict, RcptVerdict::Reject(_)));
+
+    let mut counters = SessionCounters::default();
+    let harvest = policy
+        .rcpt_result(&state, source, &mut counters, false, now)
+        .unwrap();
+    assert!(!harvest.enforced);
+    assert!(
+        harvest.verdict.block.is_some(),
+        "what would have been blocked"
+    );
+    let auth = policy.auth_failed(&state, source, now).unwrap();
+    assert!(!auth.enforced);
+    assert_eq!(auth.verdict.name(), "auth");
+
+    drop((first, second, helo_a));
+    assert_eq!(state.connections(net("192.0.2.7/32")), 0);
+}
+
+// -- Bounds ----------------------------------------------------------------------
+
+#[test]
+fn windows_and_history_evict_the_least_recently_seen() {
+    let policy = policy("[limits]\nmax_failed_auth = 100\nnull_sender_rate = \"100/1m\"");
+    let state = Arc::new(PolicyState::with_capacity(3));
+    let now = Instant::now();
+    for i in 1..=10 {
+        let source = ip(&format!("192.0.2.{i}"));
+        let _ = policy.auth_failed(&state, source, now);
+        let _ = policy.mail_from(&state, source, Some(&format!("h{i}")), true, now);
+        let _ = state.block(&policy, source, reason::MANUAL, now);
+    }
+    let sizes = state.sizes();
+    assert_eq!(sizes.auth_failures, 3);
+    assert_eq!(sizes.null_sender_sources, 3);
+    assert_eq!(sizes.null_sender_helos, 3);
+    assert_eq!(sizes.block_history, 3);
+    // The most recent ones stayed: 192.0.2.10 has a history, .1 lost it.
+    let recent = state.block(&policy, ip("192.0.2.10"), reason::MANUAL, now + 60 * MIN);
+    assert_eq!(recent.unwrap().repeat, 1);
+    let evicted = state.block(&policy, ip("192.0.2.1"), reason::MANUAL, now + 60 * MIN);
+    assert_eq!(evicted.unwrap().repeat, 0);
+}
+
+#[test]
+fn full_live_tables_refuse_new_keys_instead_of_evicting() {
+    let policy = policy(
+        "[limits]\nmax_connections_per_source = 5\n[[limits.helo]]\npattern = \"*\"\nmax_connections = 5",
+    );
+    let state = Arc::new(PolicyState::with_capacity(2));
+    let a = accepted(policy.connect(&state, ip("192.0.2.1")));
+    let _b = accepted(policy.connect(&state, ip("192.0.2.2")));
+    let (rejection, guard, _) = refused(policy.connect(&state, ip("192.0.2.3")));
+    assert!(guard.is_none());
+    assert_eq!(rejection.name(), "state-full");
+    assert_eq!(
+        rejection.reason,
+        Reason::StateFull {
+            table: "connections",
+            capacity: 2
+        }
+    );
+    assert_eq!(rejection.action, Action::DeferAndClose);
+    // Known sources still get in; a freed slot admits the new one.
+    let a2 = accepted(policy.connect(&state, ip("192.0.2.1")));
+    drop(a);
+    let (rejection, _, _) = refused(policy.connect(&state, ip("192.0.2.3")));
+    assert_eq!(rejection.name(), "state-full", "192.0.2.1 still holds one");
+    drop(a2);
+    let _c = accepted(policy.connect(&state, ip("192.0.2.3")));
+    assert_eq!(state.sizes().connections, 2);
+
+    let _h1 = helo_accepted(policy.helo(&state, ip("192.0.2.1"), "one", None));
+    let _h2 = helo_accepted(policy.helo(&state, ip("192.0.2.1"), "two", None));
+    let (rejection, _) = helo_refused(policy.helo(&state, ip("192.0.2.1"), "three", None));
+    assert_eq!(rejection.name(), "state-full");
+}
+
+#[test]
+fn sweep_drops_what_has_aged_out() {
+    let policy = policy("[limits]\nblock_duration = \"30m\"\nmax_block_duration = \"1h\"");
+    let state = state();
+    let t0 = Instant::now();
+    let source = ip("192.0.2.7");
+    let _ = policy.auth_failed(&state, source, t0);
+    let _ = policy.mail_from(&state, source, Some("h"), true, t0);
+    let _ = state.block(&policy, source, reason::MANUAL, t0);
+    assert_eq!(state.sweep(&policy, t0 + MIN / 2), 0);
+    // Null-sender windows (1m) have expired, the AUTH one (10m) not yet.
+    assert_eq!(state.sweep(&policy, t0 + MIN), 2);
+    assert_eq!(state.sweep(&policy, t0 + 10 * MIN), 1);
+    // History: 30m block + 1h memory.
+    assert_eq!(state.sweep(&policy, t0 + 89 * MIN), 0);
+    assert_eq!(state.sweep(&policy, t0 + 90 * MIN), 1);
+    assert_eq!(state.sizes(), TableSizes::default());
+}
+
+#[test]
+fn reason_names_are_stable() {
+    let names: Vec<_> = [
+        Reason::RejectList {
+            net: net("192.0.2.0/24"),
+        },
+        Reason::TooManyConnections { count: 1, limit: 1 },
+        Reason::StateFull {
+            table: "connections",
+            capacity: 1,
+        },
+        Reason::HeloRejected {
+            pattern: "x".into(),
+        },
+        Reason::TooManyForHelo {
+            helo: "x".into(),
+            count: 1,
+            limit: 1,
+        },
+        Reason::NullSenderRate {
+            scope: RateScope::Source,
+            count: 2,
+            limit: 1,
+            per: MIN,
+        },
+        Reason::RelayDenied,
+        Reason::Harvest {
+            failed: 2,
+            limit: 1,
+        },
+        Reason::AuthFailures {
+            failures: 2,
+            limit: 1,
+            window: MIN,
+        },
+    ]
+    .iter()
+    .map(|reason| {
+        assert!(!reason.to_string().is_empty());
+        reason.name()
+    })
+    .collect();
+    assert_eq!(
+        names,
+        [
+            "reject-list",
+            "too-many-connections",
+            "state-full",
+            "helo-reject",
+            "helo-limit",
+            "null-sender-rate",
+            "relay-denied",
+            "harvest",
+            "auth"
+        ]
+    );
+}

@@ -1,0 +1,369 @@
+//! What the policy answers: verdicts, rejections with their reasons, and
+//! block orders. Plain values; the proxy turns them into replies, kernel
+//! blocks, log events and metrics.
+
+use std::fmt;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use limiter_common::reason;
+
+use super::state::{ConnectionGuard, HeloGuard};
+
+/// A verdict together with whether it is to be applied.
+///
+/// In `mode = "observe"` the policy decides exactly as in `"enforce"` (and
+/// keeps the same counters), but every decision comes back with `enforced:
+/// false`: the proxy logs what it *would* have done (`action = "would-reject"`)
+/// and carries on as if the verdict had been an accept.
+#[derive(Debug)]
+#[must_use]
+pub struct Decision<T> {
+    /// What the policy decided.
+    pub verdict: T,
+    /// `true` in `mode = "enforce"`; `false` in `mode = "observe"`, where the
+    /// verdict is only reported.
+    pub enforced: bool,
+}
+
+impl<T> Decision<T> {
+    /// The same decision with its verdict transformed.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Decision<U> {
+        Decision {
+            verdict: f(self.verdict),
+            enforced: self.enforced,
+        }
+    }
+}
+
+/// What the proxy does with a refused command or session. The reply texts
+/// are the proxy's; the codes in the docs are the conventional ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Refuse this command (or transaction) temporarily, keep the session:
+    /// `450 4.7.1`.
+    DeferCommand,
+    /// Refuse this command permanently, keep the session: `550 5.7.1`.
+    RefuseCommand,
+    /// Say `421 4.7.0` and close the session; the client may retry later.
+    DeferAndClose,
+    /// Refuse permanently and close the session: `554 5.7.1` (at connect, the
+    /// RFC 5321 "no SMTP service here" greeting).
+    RefuseAndClose,
+}
+
+impl Action {
+    /// Whether the session ends after the reply.
+    #[must_use]
+    pub const fn closes(self) -> bool {
+        matches!(self, Self::DeferAndClose | Self::RefuseAndClose)
+    }
+
+    /// Whether the reply is permanent (5xx) rather than temporary (4xx).
+    #[must_use]
+    pub const fn is_permanent(self) -> bool {
+        matches!(self, Self::RefuseCommand | Self::RefuseAndClose)
+    }
+}
+
+/// Which counter a null-sender rate limit was exceeded on.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum RateScope {
+    /// The source (IPv4 address or IPv6 prefix).
+    Source,
+    /// The HELO/EHLO name the session announced (lower-cased).
+    Helo(String),
+}
+
+/// Why something was refused. [`Reason::name`] is the stable label for logs
+/// and metrics; the fields are what the proxy needs to explain it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The source is inside `lists.reject`. The agent loads that list into
+    /// the kernel at start (permanent drop), so no block order comes with it.
+    RejectList {
+        /// The listed network that matched.
+        net: IpNet,
+    },
+    /// The source already holds its cap of simultaneous connections.
+    TooManyConnections {
+        /// Connections the source holds already (without this one).
+        count: u32,
+        /// Its cap (`limits.source` override or `max_connections_per_source`).
+        limit: u32,
+    },
+    /// A table of live sessions is full ([`PolicyState`](super::PolicyState)
+    /// capacity): a new source or HELO name cannot be counted, and counting
+    /// must stay exact, so it is refused for now.
+    StateFull {
+        /// Which table: `"connections"` or `"helo-sessions"`.
+        table: &'static str,
+        /// Its capacity.
+        capacity: usize,
+    },
+    /// The HELO/EHLO name matches `lists.reject_helo`.
+    HeloRejected {
+        /// The pattern that matched, as written.
+        pattern: String,
+    },
+    /// Sessions announcing this HELO/EHLO name are at their cap.
+    TooManyForHelo {
+        /// The name, lower-cased.
+        helo: String,
+        /// Sessions holding the name already (without this one).
+        count: u32,
+        /// The cap of the first `limits.helo` pattern it matched.
+        limit: u32,
+    },
+    /// Null-sender (`MAIL FROM:<>`) messages over `limits.null_sender_rate`.
+    NullSenderRate {
+        /// Which counter went over.
+        scope: RateScope,
+        /// Null-sender MAILs counted in the window, this one included.
+        count: u32,
+        /// The configured count per window.
+        limit: u32,
+        /// The window.
+        per: Duration,
+    },
+    /// The recipient matches no `relay.accept` pattern.
+    RelayDenied,
+    /// Failed RCPTs in the session went past `max_failed_rcpt`.
+    Harvest {
+        /// Failed RCPTs in a row (since the last successful one).
+        failed: u32,
+        /// `max_failed_rcpt`.
+        limit: u32,
+    },
+    /// Failed AUTH (535) from the source went past `max_failed_auth` within
+    /// `failed_auth_window`.
+    AuthFailures {
+        /// Failures counted in the window, this one included.
+        failures: u32,
+        /// `max_failed_auth`.
+        limit: u32,
+        /// `failed_auth_window`.
+        window: Duration,
+    },
+}
+
+impl Reason {
+    /// A stable lower-case name for logs and metric labels.
+    #[must_use]
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::RejectList { .. } => "reject-list",
+            Self::TooManyConnections { .. } => "too-many-connections",
+            Self::StateFull { .. } => "state-full",
+            Self::HeloRejected { .. } => "helo-reject",
+            Self::TooManyForHelo { .. } => "helo-limit",
+            Self::NullSenderRate { .. } => "null-sender-rate",
+            Self::RelayDenied => "relay-denied",
+            Self::Harvest { .. } => "harvest",
+            Self::AuthFailures { .. } => "auth",
+        }
+    }
+
+    /// The [`limiter_common::reason`] code a kernel block for this reason
+    /// carries, for the reasons that block.
+    #[must_use]
+    pub const fn block_reason(&self) -> Option<u32> {
+        match self {
+            Self::RejectList { .. } => Some(reason::REJECT_LIST),
+            Self::NullSenderRate { .. } => Some(reason::FLOOD),
+            Self::Harvest { .. } => Some(reason::HARVEST),
+            Self::AuthFailures { .. } => Some(reason::AUTH),
+            Self::TooManyConnections { .. }
+            | Self::StateFull { .. }
+            | Self::HeloRejected { .. }
+            | Self::TooManyForHelo { .. }
+            | Self::RelayDenied => None,
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    /// A short English explanation for logs (not a reply text).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::RejectList { net } => write!(f, "source is on the reject list ({net})"),
+            Self::TooManyConnections { count, limit } => {
+                write!(f, "source holds {count} connections, its limit is {limit}")
+            }
+            Self::StateFull { table, capacity } => {
+                write!(f, "the {table} table is full ({capacity} entries)")
+            }
+            Self::HeloRejected { pattern } => {
+                write!(f, "HELO name matches reject pattern {pattern:?}")
+            }
+            Self::TooManyForHelo { helo, count, limit } => write!(
+                f,
+                "{count} sessions announce HELO {helo:?}, its limit is {limit}"
+            ),
+            Self::NullSenderRate {
+                scope,
+                count,
+                limit,
+                per,
+            } => {
+                let scope = match scope {
+                    RateScope::Source => "source".to_owned(),
+                    RateScope::Helo(helo) => format!("HELO {helo:?}"),
+                };
+                write!(
+                    f,
+                    "{count} null-sender messages from {scope} within {per:?}, the limit is {limit}"
+                )
+            }
+            Self::RelayDenied => f.write_str("recipient matches no relay.accept pattern"),
+            Self::Harvest { failed, limit } => {
+                write!(
+                    f,
+                    "{failed} failed recipients in a row, the limit is {limit}"
+                )
+            }
+            Self::AuthFailures {
+                failures,
+                limit,
+                window,
+            } => write!(
+                f,
+                "{failures} failed AUTH within {window:?}, the limit is {limit}"
+            ),
+        }
+    }
+}
+
+/// A block to push into the kernel (and the proxy's own block list).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockOrder {
+    /// What to block: the source's IPv4 /32, or its IPv6 address aggregated
+    /// to `limits.ipv6_prefix`.
+    pub net: IpNet,
+    /// One of [`limiter_common::reason`].
+    pub reason: u32,
+    /// How long: `block_duration × block_backoff^repeat`, at most
+    /// `max_block_duration`.
+    pub duration: Duration,
+    /// Earlier blocks of this source still remembered (0 for a first block).
+    pub repeat: u32,
+}
+
+impl BlockOrder {
+    /// The stable name of [`BlockOrder::reason`].
+    #[must_use]
+    pub const fn reason_name(&self) -> &'static str {
+        reason::name(self.reason)
+    }
+}
+
+/// A refusal: why, what to answer, and whether to block the source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// Why; [`Reason::name`] labels logs and metrics.
+    pub reason: Reason,
+    /// The reply to give and whether to close the session.
+    pub action: Action,
+    /// A block to push into the kernel, if this refusal blocks the source.
+    pub block: Option<BlockOrder>,
+}
+
+impl Rejection {
+    /// The stable name of the reason.
+    #[must_use]
+    pub const fn name(&self) -> &'static str {
+        self.reason.name()
+    }
+}
+
+/// The verdict on a new connection ([`Policy::connect`](super::Policy::connect)).
+#[derive(Debug)]
+pub enum ConnectVerdict {
+    /// `lists.allow`: exempt from every limit; the guard counts nothing.
+    Allowlisted(ConnectionGuard),
+    /// Within every limit; the guard holds the connection's place in the
+    /// per-source count until it is dropped.
+    Accept(ConnectionGuard),
+    /// Refused.
+    Reject {
+        /// Why and how.
+        rejection: Rejection,
+        /// `None` when enforced: the session ends and is not counted.
+        /// `Some` in observe mode, where the session goes on: the guard
+        /// counts it like any other connection.
+        guard: Option<ConnectionGuard>,
+    },
+}
+
+impl ConnectVerdict {
+    /// The guard the session keeps, if it goes on.
+    #[must_use]
+    pub fn into_guard(self) -> Option<ConnectionGuard> {
+        match self {
+            Self::Allowlisted(guard) | Self::Accept(guard) => Some(guard),
+            Self::Reject { guard, .. } => guard,
+        }
+    }
+}
+
+/// The verdict on a HELO/EHLO ([`Policy::helo`](super::Policy::helo)).
+#[derive(Debug)]
+pub enum HeloVerdict {
+    /// Accepted; the guard holds the session's place in the per-HELO count
+    /// (it counts nothing for allow-listed sources and unlimited names).
+    Accept(HeloGuard),
+    /// Refused.
+    Reject {
+        /// Why and how.
+        rejection: Rejection,
+        /// `None` when enforced; `Some` in observe mode, where the session
+        /// goes on under this name and is counted.
+        guard: Option<HeloGuard>,
+    },
+}
+
+impl HeloVerdict {
+    /// The guard the session keeps, if it goes on.
+    #[must_use]
+    pub fn into_guard(self) -> Option<HeloGuard> {
+        match self {
+            Self::Accept(guard) => Some(guard),
+            Self::Reject { guard, .. } => guard,
+        }
+    }
+}
+
+/// The verdict on `MAIL FROM` ([`Policy::mail_from`](super::Policy::mail_from)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MailVerdict {
+    /// Pass the command to the backend.
+    Accept,
+    /// Refused: a null-sender rate was exceeded. `action` is
+    /// [`Action::DeferCommand`] (`450 4.7.1`, the session goes on), or
+    /// [`Action::DeferAndClose`] with a block when the source went past twice
+    /// its rate.
+    Reject(Rejection),
+}
+
+/// The verdict on `RCPT TO` ([`Policy::rcpt`](super::Policy::rcpt)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RcptVerdict {
+    /// A `relay.accept` pattern matched: ask the backend (which still decides
+    /// whether the mailbox exists).
+    Accept,
+    /// No relay rule applies: `relay.accept` is empty, or the source is
+    /// allow-listed. Ask the backend, which decides alone (it sees the real
+    /// client through PROXY/XCLIENT and applies its own relay rules).
+    Unchecked,
+    /// Refused without asking the backend: [`Reason::RelayDenied`],
+    /// `550 5.7.1`. Counts as a failed RCPT
+    /// ([`Policy::rcpt_result`](super::Policy::rcpt_result) with `ok = false`).
+    Reject(Rejection),
+}
+
+/// Counters that live as long as one SMTP session.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionCounters {
+    /// Failed RCPTs since the last successful one (harvest detection).
+    pub failed_rcpt: u32,
+}

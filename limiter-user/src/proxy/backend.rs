@@ -1,0 +1,189 @@
+//! The connection to the backend MTA: connect with a timeout, hand over the
+//! client's identity, read whole (multi-line) replies with a timeout.
+
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::BytesMut;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::timeout,
+};
+
+use super::identity;
+use crate::{
+    config::Identity,
+    smtp::reply::{Reply, ReplyParser},
+};
+
+/// Why the backend failed us. Every variant ends the backend connection;
+/// the session answers the client with a 4xx so that it retries.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connecting to {addr}: no answer within {timeout:?}")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    #[error("connection closed")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed reply: {0}")]
+    Malformed(String),
+    #[error("greeting refused: {0}")]
+    Greeting(String),
+    #[error("XCLIENT refused: {0}")]
+    Xclient(String),
+}
+
+/// Where and how to reach the backend.
+#[derive(Clone, Debug)]
+pub struct BackendSettings {
+    pub address: SocketAddr,
+    pub identity: Identity,
+    pub connect_timeout: Duration,
+    pub reply_timeout: Duration,
+}
+
+/// An open backend connection.
+pub struct Backend {
+    stream: TcpStream,
+    buffer: BytesMut,
+    parser: ReplyParser,
+    reply_timeout: Duration,
+}
+
+/// Largest chunk read from the backend at once.
+const READ_CHUNK: usize = 16 * 1024;
+
+impl Backend {
+    /// Connects, sends a PROXY header if configured, and reads the greeting.
+    /// Returns the backend and its greeting (a 220 reply).
+    ///
+    /// # Errors
+    /// Unreachable, slow, or a greeting other than 220.
+    pub async fn connect(
+        settings: &BackendSettings,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<(Self, Reply), BackendError> {
+        let addr = settings.address;
+        let stream = timeout(settings.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| BackendError::ConnectTimeout {
+                addr,
+                timeout: settings.connect_timeout,
+            })?
+            .map_err(|source| BackendError::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        let mut backend = Self {
+            stream,
+            buffer: BytesMut::with_capacity(4096),
+            parser: ReplyParser::default(),
+            reply_timeout: settings.reply_timeout,
+        };
+        match settings.identity {
+            Identity::ProxyV2 => {
+                backend
+                    .send(&identity::proxy_v2_header(client, local))
+                    .await?
+            }
+            Identity::ProxyV1 => {
+                backend
+                    .send(&identity::proxy_v1_header(client, local))
+                    .await?
+            }
+            Identity::Xclient | Identity::None => {}
+        }
+        let greeting = backend.read_reply().await?;
+        if greeting.code != 220 {
+            return Err(BackendError::Greeting(greeting.lines.join(" ")));
+        }
+        Ok((backend, greeting))
+    }
+
+    /// Writes raw bytes.
+    ///
+    /// # Errors
+    /// The connection broke.
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Sends one command line (CRLF added) and reads the reply.
+    ///
+    /// # Errors
+    /// As [`Self::read_reply`].
+    pub async fn command(&mut self, line: &[u8]) -> Result<Reply, BackendError> {
+        let mut bytes = Vec::with_capacity(line.len() + 2);
+        bytes.extend_from_slice(line);
+        bytes.extend_from_slice(b"\r\n");
+        self.send(&bytes).await?;
+        self.read_reply().await
+    }
+
+    /// Reads one whole reply within the reply timeout.
+    ///
+    /// # Errors
+    /// Timeout, closed connection, malformed reply.
+    pub async fn read_reply(&mut self) -> Result<Reply, BackendError> {
+        self.read_reply_within(self.reply_timeout).await
+    }
+
+    /// Reads one whole reply within `limit`.
+    ///
+    /// # Errors
+    /// As [`Self::read_reply`].
+    pub async fn read_reply_within(&mut self, limit: Duration) -> Result<Reply, BackendError> {
+        timeout(limit, async {
+            loop {
+                if let Some(result) = self.parser.feed(&mut self.buffer) {
+                    return result.map_err(|e| BackendError::Malformed(e.to_string()));
+                }
+                self.buffer.reserve(READ_CHUNK);
+                if self.stream.read_buf(&mut self.buffer).await? == 0 {
+                    return Err(BackendError::Closed);
+                }
+            }
+        })
+        .await
+        .map_err(|_| BackendError::Timeout(limit))?
+    }
+
+    /// Tells the backend who the client is with XCLIENT (after an EHLO that
+    /// advertised it); the backend answers with a new greeting.
+    ///
+    /// # Errors
+    /// The backend refused XCLIENT (not authorized for the proxy's address?).
+    pub async fn xclient(
+        &mut self,
+        client: SocketAddr,
+        helo: Option<&str>,
+        esmtp: bool,
+    ) -> Result<(), BackendError> {
+        let command = identity::xclient_command(client, helo, esmtp);
+        self.send(command.as_bytes()).await?;
+        let reply = self.read_reply().await?;
+        if reply.code != 220 {
+            return Err(BackendError::Xclient(format!(
+                "{} {} (is the proxy in the backend's smtpd_authorized_xclient_hosts?)",
+                reply.code,
+                reply.lines.join(" ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Ends the session politely, without waiting long for the answer.
+    pub async fn quit(mut self) {
+        if self.send(b"QUIT\r\n").await.is_ok() {
+            let _ = self.read_reply_within(Duration::from_secs(2)).await;
+        }
+    }
+}

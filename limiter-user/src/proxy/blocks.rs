@@ -1,0 +1,125 @@
+//! The proxy's own view of the active blocks: sources refused at accept even
+//! when the kernel layer is off, or when a SYN slipped through before the
+//! block reached the kernel. Bounded; the kernel maps hold the same entries.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::Mutex,
+    time::{Duration, SystemTime},
+};
+
+use ipnet::IpNet;
+
+/// Most blocks the proxy remembers; past it, the one expiring first goes.
+const MAX_BLOCKS: usize = 100_000;
+
+/// An active block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActiveBlock {
+    pub net: IpNet,
+    pub reason: u32,
+    /// `None` = until removed.
+    pub expires: Option<SystemTime>,
+}
+
+/// Active blocks by network.
+#[derive(Default)]
+pub struct Blocks {
+    by_net: Mutex<HashMap<IpNet, ActiveBlock>>,
+}
+
+impl Blocks {
+    /// Records a block (replacing one on the same network).
+    pub fn insert(&self, block: ActiveBlock) {
+        let mut map = self.by_net.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_BLOCKS && !map.contains_key(&block.net) {
+            let first_to_expire = map
+                .values()
+                .min_by_key(|b| {
+                    b.expires
+                        .unwrap_or(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX >> 2))
+                })
+                .map(|b| b.net);
+            if let Some(net) = first_to_expire {
+                map.remove(&net);
+            }
+        }
+        map.insert(block.net, block);
+    }
+
+    /// Removes the block on exactly `net`.
+    pub fn remove(&self, net: &IpNet) -> bool {
+        self.by_net
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(net)
+            .is_some()
+    }
+
+    /// The active block covering `ip` at `now`, if any.
+    pub fn covering(&self, ip: IpAddr, now: SystemTime) -> Option<ActiveBlock> {
+        let ip = ip.to_canonical();
+        let map = self.by_net.lock().unwrap_or_else(|p| p.into_inner());
+        map.values()
+            .filter(|b| b.net.contains(&ip) && b.expires.is_none_or(|t| now < t))
+            .max_by_key(|b| b.net.prefix_len())
+            .cloned()
+    }
+
+    /// Forgets expired blocks; returns how many.
+    pub fn sweep(&self, now: SystemTime) -> usize {
+        let mut map = self.by_net.lock().unwrap_or_else(|p| p.into_inner());
+        let before = map.len();
+        map.retain(|_, b| b.expires.is_none_or(|t| now < t));
+        before - map.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_net.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(net: &str, expires: Option<SystemTime>) -> ActiveBlock {
+        ActiveBlock {
+            net: net.parse().unwrap(),
+            reason: 1,
+            expires,
+        }
+    }
+
+    #[test]
+    fn covers_hosts_and_networks_until_expiry() {
+        let now = SystemTime::now();
+        let blocks = Blocks::default();
+        blocks.insert(block("192.0.2.7/32", Some(now + Duration::from_secs(60))));
+        blocks.insert(block("2001:db8:1::/64", None));
+        assert!(blocks.covering("192.0.2.7".parse().unwrap(), now).is_some());
+        assert!(
+            blocks
+                .covering("::ffff:192.0.2.7".parse().unwrap(), now)
+                .is_some(),
+            "mapped form"
+        );
+        assert!(blocks.covering("192.0.2.8".parse().unwrap(), now).is_none());
+        assert!(blocks
+            .covering("2001:db8:1::99".parse().unwrap(), now)
+            .is_some());
+        let later = now + Duration::from_secs(61);
+        assert!(blocks
+            .covering("192.0.2.7".parse().unwrap(), later)
+            .is_none());
+        assert_eq!(blocks.sweep(later), 1);
+        assert_eq!(blocks.len(), 1);
+        assert!(blocks.remove(&"2001:db8:1::/64".parse().unwrap()));
+        assert!(blocks.is_empty());
+    }
+}

@@ -1,0 +1,807 @@
+//! One client session, relayed to the backend: an explicit state machine
+//! over the client stream (plain or TLS) and a backend connection.
+//!
+//! Every command is read whole, judged by the policy where it has a say,
+//! relayed to the backend, and the backend's reply relayed back (filtered for
+//! EHLO). Commands are handled one at a time, so replies always come back in
+//! order, pipelined or not. The proxy answers by itself only when it refuses
+//! something or the backend failed; it never answers 250 to the end of DATA
+//! unless the backend did.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use bytes::{Buf, BytesMut};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    sync::watch,
+    time::timeout,
+};
+
+use super::{
+    backend::{Backend, BackendError},
+    tls::ClientStream,
+    ProxyContext,
+};
+use crate::{
+    config::{Identity, Vrfy},
+    policy::{
+        Action, ConnectionGuard, HeloGuard, HeloVerdict, MailVerdict, RcptVerdict, Rejection,
+        SessionCounters,
+    },
+    smtp::{
+        command::{parse_command, parse_mail_from, parse_rcpt_to, Verb},
+        data::{DataProgress, DataScanner, Violation},
+        ehlo::{filter_ehlo, parse_capabilities, EhloOptions},
+        line::{LineError, LineReader},
+        reply::Reply,
+    },
+};
+
+/// AUTH continuation lines may carry long SASL tokens (RFC 4954: 12288).
+const MAX_AUTH_LINE: usize = 12_288;
+/// Reply timeout for the end of DATA (RFC 5321: 10 minutes).
+const DATA_END_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+/// Largest read from the client at once.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Whether the session goes on after a command.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Close,
+}
+
+/// How the session ended, for the one log line per session.
+#[derive(Debug, Default)]
+pub struct SessionSummary {
+    pub helo: Option<String>,
+    pub messages: u32,
+    pub rcpt_accepted: u32,
+    pub rcpt_failed: u32,
+    pub outcome: &'static str,
+}
+
+/// What a read of the next client line produced.
+enum Input {
+    Line(Vec<u8>),
+    TooLong,
+    Nul,
+    Closed,
+    Timeout,
+    Shutdown,
+}
+
+/// The HELO/EHLO the client gave.
+struct Helo {
+    name: String,
+    esmtp: bool,
+    _guard: Option<HeloGuard>,
+}
+
+/// The transaction in progress.
+#[derive(Default)]
+struct Envelope {
+    active: bool,
+    recipients: u32,
+}
+
+pub struct Session<S> {
+    ctx: Arc<ProxyContext>,
+    client: Option<ClientStream<S>>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    input: BytesMut,
+    lines: LineReader,
+    backend: Option<Backend>,
+    /// XCLIENT was sent on the current backend connection.
+    xclient_sent: bool,
+    helo: Option<Helo>,
+    envelope: Envelope,
+    counters: SessionCounters,
+    /// This listener offers STARTTLS.
+    starttls: bool,
+    shutdown: watch::Receiver<bool>,
+    summary: SessionSummary,
+    _connection: ConnectionGuard,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    pub fn new(
+        ctx: Arc<ProxyContext>,
+        client: ClientStream<S>,
+        peer: SocketAddr,
+        local: SocketAddr,
+        starttls: bool,
+        connection: ConnectionGuard,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            lines: LineReader::new(MAX_AUTH_LINE),
+            ctx,
+            client: Some(client),
+            peer: SocketAddr::new(peer.ip().to_canonical(), peer.port()),
+            local,
+            input: BytesMut::with_capacity(4096),
+            backend: None,
+            xclient_sent: false,
+            helo: None,
+            envelope: Envelope::default(),
+            counters: SessionCounters::default(),
+            starttls,
+            shutdown,
+            summary: SessionSummary::default(),
+            _connection: connection,
+        }
+    }
+
+    fn source(&self) -> IpAddr {
+        self.peer.ip()
+    }
+
+    /// Runs the session to its end.
+    pub async fn run(mut self) -> SessionSummary {
+        let deadline = self.ctx.settings.smtp.session_timeout;
+        let outcome = match timeout(deadline, self.dialogue()).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                let _ = self.reply(&Reply::timeout()).await;
+                "session-timeout"
+            }
+        };
+        if let Some(backend) = self.backend.take() {
+            backend.quit().await;
+        }
+        if let Some(mut client) = self.client.take() {
+            let _ = client.shutdown().await;
+        }
+        self.summary.outcome = outcome;
+        self.summary.helo = self.helo.as_ref().map(|h| h.name.clone());
+        self.summary
+    }
+
+    async fn dialogue(&mut self) -> &'static str {
+        let greeting = match self.connect_backend().await {
+            Ok(greeting) => greeting,
+            Err(e) => {
+                tracing::warn!(source = %self.peer.ip(), error = %e, "backend unavailable at connect");
+                let _ = self.reply(&Reply::backend_unavailable()).await;
+                return "backend-unavailable";
+            }
+        };
+        // Talking before the greeting is what spambots do.
+        if self.client_spoke_first().await {
+            tracing::info!(source = %self.peer.ip(), reason = "pregreet", action = "reject", "client talked before the greeting");
+            self.ctx.stats.count_rejection("pregreet");
+            if self.ctx.policy.enforced() {
+                let _ = self.reply(&Reply::pregreet()).await;
+                return "pregreet";
+            }
+        }
+        if self.reply(&greeting).await.is_err() {
+            return "client-lost";
+        }
+        loop {
+            let line = match self.read_line().await {
+                Input::Line(line) => line,
+                Input::TooLong => {
+                    if self.reply(&Reply::line_too_long()).await.is_err() {
+                        return "client-lost";
+                    }
+                    continue;
+                }
+                Input::Nul => {
+                    if self.reply(&Reply::syntax_error()).await.is_err() {
+                        return "client-lost";
+                    }
+                    continue;
+                }
+                Input::Closed => return "client-closed",
+                Input::Timeout => {
+                    let _ = self.reply(&Reply::timeout()).await;
+                    return "timeout";
+                }
+                Input::Shutdown => {
+                    let _ = self.reply(&Reply::shutting_down()).await;
+                    return "shutdown";
+                }
+            };
+            match self.handle(&line).await {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Close) => return "closed",
+                Err(e) => {
+                    tracing::debug!(source = %self.peer.ip(), error = %e, "client connection failed");
+                    return "client-lost";
+                }
+            }
+        }
+    }
+
+    /// Dispatches one command line.
+    async fn handle(&mut self, line: &[u8]) -> std::io::Result<Flow> {
+        let command = parse_command(line);
+        if command.verb != Verb::Auth && line.len() + 2 > self.ctx.settings.smtp.max_line_length {
+            self.reply(&Reply::line_too_long()).await?;
+            return Ok(Flow::Continue);
+        }
+        match command.verb {
+            Verb::Helo | Verb::Ehlo => {
+                self.helo(line, &command.args, command.verb == Verb::Ehlo)
+                    .await
+            }
+            Verb::Mail => self.mail(line, &command.args).await,
+            Verb::Rcpt => self.rcpt(line, &command.args).await,
+            Verb::Data => self.data(line).await,
+            Verb::Auth => self.auth(line).await,
+            Verb::StartTls => self.starttls(&command.args).await,
+            Verb::Rset => {
+                let flow = self.relay_and_answer(line).await?;
+                self.envelope = Envelope::default();
+                Ok(flow)
+            }
+            Verb::Quit => {
+                let reply = match self.backend.as_mut() {
+                    Some(backend) => backend
+                        .command(line)
+                        .await
+                        .unwrap_or_else(|_| Reply::closing()),
+                    None => Reply::closing(),
+                };
+                self.backend = None;
+                self.reply(&reply).await?;
+                Ok(Flow::Close)
+            }
+            Verb::Vrfy | Verb::Expn if self.ctx.settings.smtp.vrfy == Vrfy::Refuse => {
+                let reply = if command.verb == Verb::Vrfy {
+                    Reply::vrfy_disabled()
+                } else {
+                    Reply::command_not_implemented()
+                };
+                self.reply(&reply).await?;
+                Ok(Flow::Continue)
+            }
+            // CHUNKING is not advertised; identity commands belong to the
+            // proxy alone: a client may never inject them.
+            Verb::Bdat | Verb::Xclient | Verb::Xforward | Verb::Proxy => {
+                if matches!(command.verb, Verb::Xclient | Verb::Xforward | Verb::Proxy) {
+                    tracing::info!(source = %self.peer.ip(), command = ?command.verb, action = "refuse", "client tried an identity command");
+                }
+                self.reply(&Reply::command_not_implemented()).await?;
+                Ok(Flow::Continue)
+            }
+            _ => self.relay_and_answer(line).await,
+        }
+    }
+
+    async fn helo(&mut self, line: &[u8], args: &str, esmtp: bool) -> std::io::Result<Flow> {
+        let name = args.split_whitespace().next().unwrap_or("").to_owned();
+        if name.is_empty() {
+            self.reply(&Reply::new(501, "5.5.4 Syntax: EHLO hostname"))
+                .await?;
+            return Ok(Flow::Continue);
+        }
+        let previous = self.helo.take().and_then(|h| h._guard);
+        let decision = self
+            .ctx
+            .policy
+            .helo(&self.ctx.state, self.source(), &name, previous);
+        let guard = match decision.verdict {
+            HeloVerdict::Accept(guard) => Some(guard),
+            HeloVerdict::Reject { rejection, guard } => {
+                if let Some(flow) = self.refuse(&rejection, decision.enforced).await? {
+                    return Ok(flow);
+                }
+                guard
+            }
+        };
+        let client_line = line.to_vec();
+        if self.backend.is_none() {
+            if let Err(e) = self.connect_backend().await {
+                return self.backend_failed(e).await;
+            }
+        }
+        if self.ctx.settings.backend.identity == Identity::Xclient && !self.xclient_sent {
+            if let Err(e) = self.send_xclient(&name, esmtp).await {
+                return self.backend_failed(e).await;
+            }
+        }
+        let reply = match self.backend_command(&client_line).await {
+            Ok(reply) => reply,
+            Err(e) => return self.backend_failed(e).await,
+        };
+        let reply = if esmtp && reply.code == 250 {
+            filter_ehlo(
+                &reply,
+                &EhloOptions {
+                    hostname: reply.lines.first().cloned().unwrap_or_default(),
+                    offer_starttls: self.starttls && self.ctx.tls.is_some() && !self.is_tls(),
+                    max_size: Some(self.ctx.settings.smtp.max_message_size),
+                },
+            )
+        } else {
+            reply
+        };
+        if reply.code == 250 {
+            self.helo = Some(Helo {
+                name,
+                esmtp,
+                _guard: guard,
+            });
+            self.envelope = Envelope::default();
+        }
+        self.reply(&reply).await?;
+        Ok(Flow::Continue)
+    }
+
+    /// XCLIENT needs an EHLO first (to learn that the backend offers it);
+    /// afterwards the backend greets anew and the client's own EHLO follows.
+    async fn send_xclient(&mut self, helo: &str, esmtp: bool) -> Result<(), BackendError> {
+        let (peer, proxy_name) = (self.peer, self.ctx.settings.hostname.clone());
+        let backend = self.backend.as_mut().ok_or(BackendError::Closed)?;
+        let ehlo = backend
+            .command(format!("EHLO {proxy_name}").as_bytes())
+            .await?;
+        if !parse_capabilities(&ehlo).iter().any(|c| c == "XCLIENT") {
+            return Err(BackendError::Xclient(
+                "the backend does not offer XCLIENT to the proxy (smtpd_authorized_xclient_hosts)"
+                    .into(),
+            ));
+        }
+        backend.xclient(peer, Some(helo), esmtp).await?;
+        self.xclient_sent = true;
+        Ok(())
+    }
+
+    async fn mail(&mut self, line: &[u8], args: &str) -> std::io::Result<Flow> {
+        if self.helo.is_none() {
+            self.reply(&Reply::bad_sequence()).await?;
+            return Ok(Flow::Continue);
+        }
+        let Ok(mail) = parse_mail_from(args) else {
+            self.reply(&Reply::new(501, "5.1.7 Bad sender address syntax"))
+                .await?;
+            return Ok(Flow::Continue);
+        };
+        if mail
+            .size()
+            .is_some_and(|size| size > self.ctx.settings.smtp.max_message_size)
+        {
+            self.reply(&Reply::message_too_big()).await?;
+            return Ok(Flow::Continue);
+        }
+        let helo = self.helo.as_ref().map(|h| h.name.clone());
+        let decision = self.ctx.policy.mail_from(
+            &self.ctx.state,
+            self.source(),
+            helo.as_deref(),
+            mail.sender.is_none(),
+            Instant::now(),
+        );
+        if let MailVerdict::Reject(rejection) = decision.verdict {
+            if let Some(flow) = self.refuse(&rejection, decision.enforced).await? {
+                return Ok(flow);
+            }
+        }
+        let reply = match self.backend_command(line).await {
+            Ok(reply) => reply,
+            Err(e) => return self.backend_failed(e).await,
+        };
+        if reply.is_positive_completion() {
+            self.envelope = Envelope {
+                active: true,
+                recipients: 0,
+            };
+        }
+        self.reply(&reply).await?;
+        Ok(Flow::Continue)
+    }
+
+    async fn rcpt(&mut self, line: &[u8], args: &str) -> std::io::Result<Flow> {
+        if !self.envelope.active {
+            self.reply(&Reply::bad_sequence()).await?;
+            return Ok(Flow::Continue);
+        }
+        let Ok(rcpt) = parse_rcpt_to(args) else {
+            self.reply(&Reply::new(501, "5.1.3 Bad recipient address syntax"))
+                .await?;
+            return Ok(Flow::Continue);
+        };
+        if self.envelope.recipients >= self.ctx.settings.smtp.max_recipients {
+            self.reply(&Reply::too_many_recipients()).await?;
+            return Ok(Flow::Continue);
+        }
+        let decision = self.ctx.policy.rcpt(self.source(), &rcpt.recipient);
+        let (reply, accepted) = match decision.verdict {
+            RcptVerdict::Reject(rejection) if decision.enforced => {
+                self.log_decision(&rejection, true);
+                (Reply::relay_denied(), false)
+            }
+            verdict => {
+                if let RcptVerdict::Reject(rejection) = verdict {
+                    self.log_decision(&rejection, false);
+                }
+                let reply = match self.backend_command(line).await {
+                    Ok(reply) => reply,
+                    Err(e) => return self.backend_failed(e).await,
+                };
+                let accepted = reply.is_positive_completion();
+                (reply, accepted)
+            }
+        };
+        if accepted {
+            self.envelope.recipients += 1;
+            self.summary.rcpt_accepted += 1;
+        } else if reply.is_permanent() {
+            self.summary.rcpt_failed += 1;
+        }
+        // A temporary failure is neither a success nor a harvest attempt.
+        if accepted || reply.is_permanent() {
+            let verdict = self.ctx.policy.rcpt_result(
+                &self.ctx.state,
+                self.source(),
+                &mut self.counters,
+                accepted,
+                Instant::now(),
+            );
+            if let Some(decision) = verdict {
+                if let Some(flow) = self.refuse(&decision.verdict, decision.enforced).await? {
+                    return Ok(flow);
+                }
+            }
+        }
+        self.reply(&reply).await?;
+        Ok(Flow::Continue)
+    }
+
+    async fn data(&mut self, line: &[u8]) -> std::io::Result<Flow> {
+        if !self.envelope.active || self.envelope.recipients == 0 {
+            // Let the backend say what is wrong (503 / 554 no valid recipients).
+            return self.relay_and_answer(line).await;
+        }
+        let reply = match self.backend_command(line).await {
+            Ok(reply) => reply,
+            Err(e) => return self.backend_failed(e).await,
+        };
+        self.reply(&reply).await?;
+        if reply.code != 354 {
+            return Ok(Flow::Continue);
+        }
+        self.envelope = Envelope::default();
+        let smtp = &self.ctx.settings.smtp;
+        let (max_size, data_timeout) = (smtp.max_message_size, smtp.data_timeout);
+        let mut scanner = DataScanner::new(smtp.max_data_line_length);
+        let mut out = Vec::with_capacity(READ_CHUNK + 8);
+        let mut too_big = false;
+        loop {
+            out.clear();
+            let progress = scanner.feed(&self.input, &mut out);
+            let consumed = match progress {
+                DataProgress::NeedMore => self.input.len(),
+                DataProgress::End { consumed } | DataProgress::Violation { consumed, .. } => {
+                    consumed
+                }
+            };
+            self.input.advance(consumed);
+            if !too_big && scanner.bytes() > max_size {
+                // Over the limit: the backend must not store a truncated
+                // message, so its connection goes (it aborts the transaction).
+                too_big = true;
+                self.backend = None;
+            }
+            if !too_big {
+                if let Err(e) = self.backend_send(&out).await {
+                    return self.backend_failed_in_transaction(e).await;
+                }
+            }
+            match progress {
+                DataProgress::NeedMore => {}
+                DataProgress::End { .. } if too_big => {
+                    self.reply(&Reply::message_too_big()).await?;
+                    return Ok(Flow::Continue);
+                }
+                DataProgress::End { .. } => {
+                    let reply = match self.backend.as_mut() {
+                        Some(backend) => backend.read_reply_within(DATA_END_TIMEOUT).await,
+                        None => Err(BackendError::Closed),
+                    };
+                    return match reply {
+                        Ok(reply) => {
+                            if reply.is_positive_completion() {
+                                self.summary.messages += 1;
+                                self.ctx.stats.count_message();
+                            }
+                            self.reply(&reply).await?;
+                            Ok(Flow::Continue)
+                        }
+                        Err(e) => self.backend_failed_in_transaction(e).await,
+                    };
+                }
+                DataProgress::Violation { kind, .. } => {
+                    // Never let the backend see a message whose end the two
+                    // sides could read differently (SMTP smuggling).
+                    self.backend = None;
+                    tracing::info!(source = %self.peer.ip(), violation = ?kind, action = "reject", "invalid line ending in DATA");
+                    self.ctx.stats.count_rejection("bare-newline");
+                    let reply = match kind {
+                        Violation::LineTooLong => Reply::line_too_long(),
+                        Violation::BareLf | Violation::BareCr => Reply::bare_newline(),
+                    };
+                    self.reply(&reply).await?;
+                    return Ok(Flow::Close);
+                }
+            }
+            if self.read_more(data_timeout).await? == 0 {
+                // The client left mid-message: the backend must not keep it.
+                self.backend = None;
+                return Ok(Flow::Close);
+            }
+        }
+    }
+
+    async fn auth(&mut self, line: &[u8]) -> std::io::Result<Flow> {
+        let mut reply = match self.backend_command(line).await {
+            Ok(reply) => reply,
+            Err(e) => return self.backend_failed(e).await,
+        };
+        // SASL exchanges: relay each 334 challenge and the client's answer.
+        while reply.code == 334 {
+            self.reply(&reply).await?;
+            let answer = match self.read_line().await {
+                Input::Line(answer) => answer,
+                Input::TooLong | Input::Nul => b"*".to_vec(),
+                Input::Closed | Input::Timeout | Input::Shutdown => return Ok(Flow::Close),
+            };
+            reply = match self.backend_command(&answer).await {
+                Ok(reply) => reply,
+                Err(e) => return self.backend_failed(e).await,
+            };
+        }
+        if reply.code == 535 {
+            if let Some(decision) =
+                self.ctx
+                    .policy
+                    .auth_failed(&self.ctx.state, self.source(), Instant::now())
+            {
+                if let Some(flow) = self.refuse(&decision.verdict, decision.enforced).await? {
+                    return Ok(flow);
+                }
+            }
+        }
+        self.reply(&reply).await?;
+        Ok(Flow::Continue)
+    }
+
+    async fn starttls(&mut self, args: &str) -> std::io::Result<Flow> {
+        let Some(acceptor) = self
+            .ctx
+            .tls
+            .clone()
+            .filter(|_| self.starttls && !self.is_tls())
+        else {
+            self.reply(&Reply::command_not_implemented()).await?;
+            return Ok(Flow::Continue);
+        };
+        if !args.trim().is_empty() {
+            self.reply(&Reply::new(501, "5.5.4 Syntax: STARTTLS"))
+                .await?;
+            return Ok(Flow::Continue);
+        }
+        self.reply(&Reply::ready_to_start_tls()).await?;
+        // Plaintext pipelined after STARTTLS must not be taken as coming
+        // from inside TLS (CVE-2011-0411 and kin): throw it away.
+        if !self.input.is_empty() {
+            tracing::info!(source = %self.peer.ip(), bytes = self.input.len(), "discarded plaintext pipelined after STARTTLS");
+            self.input.clear();
+        }
+        let Some(ClientStream::Plain(plain)) = self.client.take() else {
+            return Ok(Flow::Close);
+        };
+        match timeout(
+            self.ctx.settings.smtp.command_timeout,
+            acceptor.accept(plain),
+        )
+        .await
+        {
+            Ok(Ok(tls)) => self.client = Some(ClientStream::Tls(Box::new(tls))),
+            Ok(Err(e)) => {
+                tracing::info!(source = %self.peer.ip(), error = %e, "TLS handshake failed");
+                return Ok(Flow::Close);
+            }
+            Err(_) => return Ok(Flow::Close),
+        }
+        // RFC 3207: the session starts over; the client must EHLO again.
+        self.helo = None;
+        self.envelope = Envelope::default();
+        Ok(Flow::Continue)
+    }
+
+    /// Relays a command and its reply unchanged.
+    async fn relay_and_answer(&mut self, line: &[u8]) -> std::io::Result<Flow> {
+        let reply = match self.backend_command(line).await {
+            Ok(reply) => reply,
+            Err(e) => return self.backend_failed(e).await,
+        };
+        self.reply(&reply).await?;
+        Ok(Flow::Continue)
+    }
+
+    /// Applies a policy refusal: the reply, the block, the log line.
+    /// Returns `None` when the command goes on (observe mode).
+    async fn refuse(
+        &mut self,
+        rejection: &Rejection,
+        enforced: bool,
+    ) -> std::io::Result<Option<Flow>> {
+        self.log_decision(rejection, enforced);
+        if !enforced {
+            return Ok(None);
+        }
+        if let Some(order) = &rejection.block {
+            self.ctx.block(order);
+        }
+        self.reply(&rejection_reply(rejection)).await?;
+        Ok(Some(if rejection.action.closes() {
+            Flow::Close
+        } else {
+            Flow::Continue
+        }))
+    }
+
+    fn log_decision(&self, rejection: &Rejection, enforced: bool) {
+        self.ctx.stats.count_rejection(rejection.name());
+        tracing::info!(
+            source = %self.peer.ip(),
+            helo = self.helo.as_ref().map(|h| h.name.as_str()),
+            reason = rejection.name(),
+            detail = %rejection.reason,
+            action = if enforced { action_name(rejection.action) } else { "would-reject" },
+            block = rejection.block.as_ref().map(|b| b.net.to_string()),
+            "policy decision"
+        );
+    }
+
+    async fn connect_backend(&mut self) -> Result<Reply, BackendError> {
+        let (backend, greeting) =
+            Backend::connect(&self.ctx.settings.backend, self.peer, self.local).await?;
+        self.backend = Some(backend);
+        self.xclient_sent = false;
+        Ok(greeting)
+    }
+
+    /// Sends a command to the backend, reconnecting first if the previous
+    /// connection was dropped (after an aborted message); the client's
+    /// HELO is replayed on the new connection.
+    async fn backend_command(&mut self, line: &[u8]) -> Result<Reply, BackendError> {
+        if self.backend.is_none() {
+            self.connect_backend().await?;
+            if let Some(helo) = self.helo.as_ref().map(|h| (h.name.clone(), h.esmtp)) {
+                if self.ctx.settings.backend.identity == Identity::Xclient {
+                    self.send_xclient(&helo.0, helo.1).await?;
+                }
+                let verb = if helo.1 { "EHLO" } else { "HELO" };
+                let backend = self.backend.as_mut().ok_or(BackendError::Closed)?;
+                backend
+                    .command(format!("{verb} {}", helo.0).as_bytes())
+                    .await?;
+            }
+        }
+        let backend = self.backend.as_mut().ok_or(BackendError::Closed)?;
+        backend.command(line).await
+    }
+
+    async fn backend_send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        match self.backend.as_mut() {
+            Some(backend) => backend.send(bytes).await,
+            None => Err(BackendError::Closed),
+        }
+    }
+
+    async fn backend_failed(&mut self, error: BackendError) -> std::io::Result<Flow> {
+        tracing::warn!(source = %self.peer.ip(), error = %error, "backend failed");
+        self.ctx.stats.count_backend_error();
+        self.backend = None;
+        self.reply(&Reply::backend_unavailable()).await?;
+        Ok(Flow::Close)
+    }
+
+    async fn backend_failed_in_transaction(
+        &mut self,
+        error: BackendError,
+    ) -> std::io::Result<Flow> {
+        tracing::warn!(source = %self.peer.ip(), error = %error, "backend failed during a message; not acknowledged");
+        self.ctx.stats.count_backend_error();
+        self.backend = None;
+        self.reply(&Reply::backend_lost_in_transaction()).await?;
+        Ok(Flow::Close)
+    }
+
+    fn is_tls(&self) -> bool {
+        self.client.as_ref().is_some_and(ClientStream::is_tls)
+    }
+
+    async fn reply(&mut self, reply: &Reply) -> std::io::Result<()> {
+        let client = self
+            .client
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("client stream gone"))?;
+        client.write_all(&reply.to_bytes()).await?;
+        client.flush().await
+    }
+
+    /// Whether the client sent anything before being greeted.
+    async fn client_spoke_first(&mut self) -> bool {
+        let Some(client) = self.client.as_mut() else {
+            return false;
+        };
+        matches!(timeout(Duration::ZERO, client.read_buf(&mut self.input)).await, Ok(Ok(n)) if n > 0)
+    }
+
+    /// Reads more client bytes within `limit`; 0 means the client closed.
+    async fn read_more(&mut self, limit: Duration) -> std::io::Result<usize> {
+        let client = self
+            .client
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("client stream gone"))?;
+        self.input.reserve(READ_CHUNK);
+        match timeout(limit, client.read_buf(&mut self.input)).await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "client data timeout",
+            )),
+        }
+    }
+
+    async fn read_line(&mut self) -> Input {
+        let limit = self.ctx.settings.smtp.command_timeout;
+        loop {
+            if let Some(result) = self.lines.next_line(&mut self.input) {
+                return match result {
+                    Ok(line) => Input::Line(line.text),
+                    Err(LineError::TooLong) => Input::TooLong,
+                    Err(LineError::Nul) => Input::Nul,
+                };
+            }
+            let Some(client) = self.client.as_mut() else {
+                return Input::Closed;
+            };
+            self.input.reserve(READ_CHUNK);
+            tokio::select! {
+                read = timeout(limit, client.read_buf(&mut self.input)) => match read {
+                    Ok(Ok(0)) | Ok(Err(_)) => return Input::Closed,
+                    Ok(Ok(_)) => {}
+                    Err(_) => return Input::Timeout,
+                },
+                _ = self.shutdown.changed() => return Input::Shutdown,
+            }
+        }
+    }
+}
+
+/// The reply for a policy refusal.
+fn rejection_reply(rejection: &Rejection) -> Reply {
+    let text = rejection.reason.to_string();
+    match rejection.action {
+        Action::DeferCommand => Reply::new(450, &format!("4.7.1 {text}")),
+        Action::RefuseCommand => Reply::new(550, &format!("5.7.1 {text}")),
+        Action::DeferAndClose => Reply::new(421, &format!("4.7.0 {text}")),
+        Action::RefuseAndClose => Reply::new(554, &format!("5.7.1 {text}")),
+    }
+}
+
+fn action_name(action: Action) -> &'static str {
+    match action {
+        Action::DeferCommand => "defer",
+        Action::RefuseCommand => "reject",
+        Action::DeferAndClose => "defer-and-close",
+        Action::RefuseAndClose => "reject-and-close",
+    }
+}
+
+/// How long until `SystemTime::now() + duration`, for block expiries.
+pub(super) fn expiry(duration: Duration) -> SystemTime {
+    SystemTime::now() + duration
+}
