@@ -3,6 +3,7 @@
 use std::{
     path::PathBuf,
     sync::atomic::{AtomicUsize, Ordering},
+    sync::Arc,
 };
 
 use limiter_user::kernel::{BpfDatapath, KernelLimits, KernelOptions, MapSizes};
@@ -34,7 +35,8 @@ pub fn baseline_object() -> PathBuf {
 /// Loaded programs with their own pin directory.
 pub struct TestKernel {
     // Field order matters: the programs go before their pins.
-    pub datapath: BpfDatapath,
+    /// Shared so a test proxy can use it as its kernel layer.
+    pub datapath: Arc<BpfDatapath>,
     pins: PinDir,
 }
 
@@ -95,7 +97,10 @@ impl TestKernel {
         };
         let datapath = BpfDatapath::load(&options)
             .unwrap_or_else(|e| panic!("loading the kernel programs: {e}"));
-        Self { datapath, pins }
+        Self {
+            datapath: Arc::new(datapath),
+            pins,
+        }
     }
 
     pub fn pin_path(&self) -> &std::path::Path {

@@ -8,6 +8,7 @@
 pub mod kernel;
 pub mod netns;
 pub mod packets;
+pub mod proxy;
 pub mod tcp;
 
 /// Whether privileged tests can run here. Under `CI=true` a missing

@@ -322,6 +322,28 @@ fn expired_blocks_pass_and_are_swept() {
         "live block"
     );
     assert_eq!(d.counters().unwrap().expired_block, 2);
+    // What the proxy asks at accept: the same answers from userspace.
+    assert!(
+        d.block_covering(ip("192.0.2.1")).unwrap().is_none(),
+        "expired"
+    );
+    assert!(
+        d.block_covering(ip("198.51.100.1")).unwrap().is_none(),
+        "expired network"
+    );
+    let hit = d
+        .block_covering(ip("192.0.2.2"))
+        .unwrap()
+        .expect("live block");
+    assert_eq!(hit.reason, reason::HARVEST);
+    d.block(net("203.0.113.0/24"), None, reason::FLOOD).unwrap();
+    assert_eq!(
+        d.block_covering(ip("203.0.113.9"))
+            .unwrap()
+            .map(|h| h.reason),
+        Some(reason::FLOOD)
+    );
+    assert!(d.unblock(net("203.0.113.0/24")).unwrap());
 
     let live = d
         .blocks()

@@ -36,7 +36,7 @@ pub use crate::config::{Attach as AttachMode, MapSizes};
 use super::{
     addr::{addr_of, canonical, is_host, lpm_key, net_of, source_net},
     clock::{boot_ns_to_system, system_to_boot_ns},
-    Datapath, DropEvent, KernelBlock, KernelCounters, KernelError, KernelLimits,
+    BlockHit, Datapath, DropEvent, KernelBlock, KernelCounters, KernelError, KernelLimits,
 };
 
 /// The kernel object built into this binary, if it was built with one.
@@ -441,6 +441,23 @@ impl Datapath for BpfDatapath {
             blocks.push(kernel_block(net_of(&key), &block));
         }
         Ok(blocks)
+    }
+
+    fn block_covering(&self, addr: IpAddr) -> Result<Option<BlockHit>, KernelError> {
+        let key = addr_of(addr);
+        let now = system_to_boot_ns(SystemTime::now());
+        let maps = lock(&self.maps);
+        let exact = absent_is_none(maps.block.get(&key, 0), names::BLOCK)?;
+        // A syscall lookup in an LPM trie is a longest-prefix match too.
+        let net = || absent_is_none(maps.block_net.get(&Key::new(128, key), 0), names::BLOCK_NET);
+        let found = match exact.filter(|b| b.active_at(now)) {
+            Some(block) => Some(block),
+            None => net()?.filter(|b| b.active_at(now)),
+        };
+        Ok(found.map(|b| BlockHit {
+            reason: b.reason,
+            expires: (b.expires_boot_ns != 0).then(|| boot_ns_to_system(b.expires_boot_ns)),
+        }))
     }
 
     fn sweep_expired(&self, now: SystemTime) -> Result<usize, KernelError> {
@@ -1107,6 +1124,17 @@ fn absent_is_false(result: Result<(), MapError>, map: &'static str) -> Result<bo
     match result {
         Ok(()) => Ok(true),
         Err(e) if is_not_found(&e) => Ok(false),
+        Err(e) => Err(map_error(map, e)),
+    }
+}
+
+fn absent_is_none<T>(
+    result: Result<T, MapError>,
+    map: &'static str,
+) -> Result<Option<T>, KernelError> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if is_not_found(&e) => Ok(None),
         Err(e) => Err(map_error(map, e)),
     }
 }

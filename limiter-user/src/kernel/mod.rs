@@ -89,6 +89,15 @@ pub struct KernelBlock {
     pub drops: u64,
 }
 
+/// A block found for an address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockHit {
+    /// One of `limiter_common::reason`.
+    pub reason: u32,
+    /// When it ends; `None` = never.
+    pub expires: Option<SystemTime>,
+}
+
 /// What the kernel enforces that can change while running.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelLimits {
@@ -141,6 +150,9 @@ pub trait Datapath: Send + Sync {
     fn unblock(&self, net: IpNet) -> Result<bool, KernelError>;
     /// Every block, expired ones included until swept.
     fn blocks(&self) -> Result<Vec<KernelBlock>, KernelError>;
+    /// The active block covering `addr` (exact address first, then the
+    /// most specific network), if any.
+    fn block_covering(&self, addr: IpAddr) -> Result<Option<BlockHit>, KernelError>;
     /// Removes blocks that expired before `now`; returns how many.
     fn sweep_expired(&self, now: SystemTime) -> Result<usize, KernelError>;
     /// Allow-lists a network: never dropped, never capped.
@@ -193,6 +205,9 @@ impl Datapath for NoKernel {
     }
     fn blocks(&self) -> Result<Vec<KernelBlock>, KernelError> {
         self.off()
+    }
+    fn block_covering(&self, _: IpAddr) -> Result<Option<BlockHit>, KernelError> {
+        Ok(None)
     }
     fn sweep_expired(&self, _: SystemTime) -> Result<usize, KernelError> {
         Ok(0)

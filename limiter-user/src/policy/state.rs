@@ -330,7 +330,7 @@ fn admit<K: Hash + Eq + Clone>(
     let count = table.get(key).copied().unwrap_or(0);
     let full = count == 0 && table.len() >= capacity;
     let refusal = check(count).or_else(|| {
-        full.then(|| Rejection {
+        full.then_some(Rejection {
             reason: Reason::StateFull {
                 table: table_name,
                 capacity,

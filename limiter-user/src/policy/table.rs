@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 /// A map holding at most `capacity` entries: inserting a new key into a full
 /// table first evicts the entry seen least recently. "Seen" means inserted or
-/// touched through [`Lru::touch`]; [`Lru::get`] does not count.
+/// touched through [`Lru::touch`]; merely reading an entry does not count.
 ///
 /// Each entry carries a stamp from a counter (not a clock: the decisions'
 /// `now` may repeat or arrive slightly out of order across threads), and a

@@ -977,3 +977,13 @@ fn reason_names_are_stable() {
         ]
     );
 }
+
+#[test]
+fn shared_types_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Policy>();
+    send_sync::<PolicyState>();
+    send_sync::<ConnectionGuard>();
+    send_sync::<HeloGuard>();
+    send_sync::<Decision<ConnectVerdict>>();
+}

@@ -144,6 +144,22 @@ impl ProxyContext {
         })
     }
 
+    /// Why `source` is blocked, if it is: by the proxy's own list, or by the
+    /// kernel's maps (blocks added with the CLI, or while the packet program
+    /// is attached nowhere, e.g. on loopback).
+    pub fn blocked(&self, source: std::net::IpAddr) -> Option<u32> {
+        if let Some(block) = self.blocks.covering(source, SystemTime::now()) {
+            return Some(block.reason);
+        }
+        match self.kernel.block_covering(source) {
+            Ok(hit) => hit.map(|h| h.reason),
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the kernel block maps");
+                None
+            }
+        }
+    }
+
     /// Carries out a block: the proxy's own list and the kernel's maps.
     pub fn block(&self, order: &BlockOrder) {
         let expires = session::expiry(order.duration);
@@ -273,15 +289,12 @@ async fn handle_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let source = peer.ip().to_canonical();
-    if let Some(block) = ctx.blocks.covering(source, SystemTime::now()) {
+    if let Some(reason) = ctx.blocked(source) {
         if ctx.policy.enforced() && !ctx.policy.is_allowlisted(source) {
-            tracing::info!(source = %source, net = %block.net, reason = limiter_common::reason::name(block.reason), action = "reject", "blocked source connected");
+            let reason = limiter_common::reason::name(reason);
+            tracing::info!(source = %source, reason, action = "reject", "blocked source connected");
             ctx.stats.count_rejection("blocked");
-            let why = format!(
-                "{} blocked ({})",
-                block.net,
-                limiter_common::reason::name(block.reason)
-            );
+            let why = format!("{source} is blocked ({reason})");
             let _ = stream.write_all(&Reply::blocked(&why).to_bytes()).await;
             return;
         }

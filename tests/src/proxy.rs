@@ -1,0 +1,178 @@
+//! The SMTP proxy running inside the test process on its own tokio runtime,
+//! and a small SMTP client that speaks raw lines.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    sync::Arc,
+    time::Duration,
+};
+
+use limiter_user::{
+    config::Config,
+    kernel::{Datapath, NoKernel},
+    proxy::{self, ProxyContext},
+};
+use tokio::sync::watch;
+
+use crate::netns::NetNs;
+
+/// A running proxy; stops on drop.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub ctx: Arc<ProxyContext>,
+    stop: watch::Sender<bool>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl TestProxy {
+    /// Starts the proxy for `config` (TOML; its first `[[listen]]` should use
+    /// port 0) without a kernel layer.
+    ///
+    /// # Panics
+    /// On an invalid configuration or a failure to bind.
+    pub fn start(config: &str) -> Self {
+        Self::start_with_kernel(
+            config,
+            Arc::new(NoKernel::new("tests without the kernel layer")),
+        )
+    }
+
+    /// As [`Self::start`], with the given kernel layer.
+    ///
+    /// # Panics
+    /// As [`Self::start`].
+    pub fn start_with_kernel(config: &str, kernel: Arc<dyn Datapath>) -> Self {
+        Self::start_in(None, config, kernel)
+    }
+
+    /// As [`Self::start_with_kernel`], with the listeners bound inside the
+    /// network namespace `ns` (sockets keep the namespace they were created
+    /// in; the backend is still reached from the host's namespace).
+    ///
+    /// # Panics
+    /// As [`Self::start`].
+    pub fn start_in(ns: Option<&NetNs>, config: &str, kernel: Arc<dyn Datapath>) -> Self {
+        let config =
+            Config::from_toml(config).unwrap_or_else(|e| panic!("test configuration: {e}"));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let ctx = Arc::new(ProxyContext::new(&config, kernel).expect("proxy context"));
+        let bind = || runtime.block_on(proxy::bind(&config)).expect("bind");
+        let listeners = match ns {
+            Some(ns) => ns.run(bind),
+            None => bind(),
+        };
+        let addr = listeners[0].listener.local_addr().expect("local address");
+        let (stop, stopped) = watch::channel(false);
+        runtime.spawn(proxy::serve(ctx.clone(), listeners, stopped));
+        Self {
+            addr,
+            ctx,
+            stop,
+            runtime: Some(runtime),
+        }
+    }
+
+    /// Stops accepting and lets sessions finish (as on SIGTERM).
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+/// A blocking SMTP client speaking raw lines, for exact dialogue checks.
+pub struct Client {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Client {
+    /// Connects and returns the client with the greeting.
+    ///
+    /// # Errors
+    /// Connection failures.
+    pub fn connect(addr: SocketAddr) -> std::io::Result<(Self, String)> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let writer = stream.try_clone()?;
+        let mut client = Self {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        let greeting = client.reply()?;
+        Ok((client, greeting))
+    }
+
+    /// Wraps an already connected stream (e.g. from a network namespace).
+    ///
+    /// # Errors
+    /// Socket failures.
+    pub fn from_stream(stream: TcpStream) -> std::io::Result<(Self, String)> {
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let writer = stream.try_clone()?;
+        let mut client = Self {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        let greeting = client.reply()?;
+        Ok((client, greeting))
+    }
+
+    /// Sends raw bytes.
+    ///
+    /// # Errors
+    /// Socket failures.
+    pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(bytes)
+    }
+
+    /// Sends a line (CRLF added) and returns the whole reply.
+    ///
+    /// # Errors
+    /// Socket failures or a closed connection.
+    pub fn cmd(&mut self, line: &str) -> std::io::Result<String> {
+        self.send(format!("{line}\r\n").as_bytes())?;
+        self.reply()
+    }
+
+    /// Reads one whole reply (all its lines, joined with '\n').
+    ///
+    /// # Errors
+    /// Socket failures or a closed connection.
+    pub fn reply(&mut self) -> std::io::Result<String> {
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("closed after {lines:?}"),
+                ));
+            }
+            let line = line.trim_end().to_owned();
+            let last = line.len() < 4 || line.as_bytes()[3] == b' ';
+            lines.push(line);
+            if last {
+                return Ok(lines.join("\n"));
+            }
+        }
+    }
+
+    /// Whether the server closed the connection (EOF within the timeout).
+    pub fn is_closed(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(self.reader.read(&mut byte), Ok(0) | Err(_))
+    }
+}
