@@ -16,6 +16,7 @@ use crate::{
     config::{Config, KernelMode},
     kernel::{BpfDatapath, Datapath, KernelLimits, KernelOptions, NoKernel},
     proxy::{self, ProxyContext},
+    sink,
 };
 
 /// How often expired blocks are swept from the kernel maps.
@@ -125,6 +126,19 @@ pub async fn run(config: Config, object: Option<PathBuf>) -> anyhow::Result<()> 
         tracing::warn!(
             "lists.allow and lists.reject are not enforced in the kernel: the kernel layer is off"
         );
+    }
+    if config.backend.builtin {
+        let listener = tokio::net::TcpListener::bind(config.backend.address)
+            .await
+            .with_context(|| {
+                format!(
+                    "backend.address {}: cannot bind the built-in backend",
+                    config.backend.address
+                )
+            })?;
+        tracing::warn!(address = %config.backend.address, "built-in test backend on (backend.builtin = true): messages are discarded");
+        let recipients = Arc::new(config.backend.builtin_recipients.clone());
+        tokio::spawn(sink::serve(listener, recipients, Arc::default()));
     }
     let ctx = Arc::new(ProxyContext::new(&config, datapath.clone())?);
     let listeners = proxy::bind(&config).await?;

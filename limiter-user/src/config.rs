@@ -197,6 +197,12 @@ pub struct Backend {
     /// How long to wait for the backend's TCP connect.
     #[serde(with = "duration_serde")]
     pub connect_timeout: Duration,
+    /// Start the built-in test backend on `address` (accepts
+    /// `builtin_recipients`, discards every message): for trying the proxy
+    /// out, never for production.
+    pub builtin: bool,
+    /// Recipients the built-in backend accepts.
+    pub builtin_recipients: Vec<String>,
 }
 
 impl Default for Backend {
@@ -205,6 +211,13 @@ impl Default for Backend {
             address: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 2525),
             identity: Identity::ProxyV2,
             connect_timeout: Duration::from_secs(10),
+            builtin: false,
+            builtin_recipients: vec![
+                "alice@example.com".into(),
+                "bob@example.com".into(),
+                "carol@example.com".into(),
+                "postmaster@example.com".into(),
+            ],
         }
     }
 }
@@ -472,7 +485,8 @@ pub struct HeloLimit {
 #[serde(default, deny_unknown_fields)]
 pub struct Relay {
     /// Accepted recipient patterns, separated by blanks
-    /// (e.g. `"*@example.com postmaster@*"`); empty accepts none.
+    /// (e.g. `"*@example.com postmaster@*"`); empty leaves every recipient
+    /// to the backend.
     pub accept: String,
 }
 

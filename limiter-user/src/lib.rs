@@ -12,6 +12,7 @@
 //! * [`policy`] — the decisions: caps, lists, harvest, AUTH, null-sender
 //!   rates, relay patterns, block durations (pure; state behind guards).
 //! * [`proxy`] — listeners and sessions relayed to the backend MTA.
+//! * [`sink`] — the built-in test backend (`backend.builtin`).
 //! * [`agent`] — the running agent: brings the kernel layer up as configured,
 //!   applies lists and caps, logs kernel drops, sweeps expired blocks.
 pub mod agent;
@@ -19,4 +20,5 @@ pub mod config;
 pub mod kernel;
 pub mod policy;
 pub mod proxy;
+pub mod sink;
 pub mod smtp;
