@@ -3,7 +3,14 @@
 //! drops, sweeps expired blocks, and on SIGINT/SIGTERM stops accepting, lets
 //! sessions finish within the grace period and detaches.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use ipnet::IpNet;
 
 use anyhow::Context as _;
 use limiter_common::{drop_reason, reason};
@@ -15,8 +22,9 @@ use tokio::{
 use crate::{
     config::{Config, KernelMode},
     kernel::{BpfDatapath, Datapath, KernelLimits, KernelOptions, NoKernel},
-    proxy::{self, ProxyContext},
+    proxy::{self, blocks::ActiveBlock, ProxyContext},
     sink,
+    state::{self, Store, StoredBlock},
 };
 
 /// How often expired blocks are swept from the kernel maps.
@@ -141,6 +149,16 @@ pub async fn run(config: Config, object: Option<PathBuf>) -> anyhow::Result<()> 
         tokio::spawn(sink::serve(listener, recipients, Arc::default()));
     }
     let ctx = Arc::new(ProxyContext::new(&config, datapath.clone())?);
+    let store = match Store::open(&config.state.directory) {
+        Ok(store) => Some(store),
+        Err(e) => {
+            tracing::error!(error = %e, "BLOCKS ARE NOT PERSISTED: the state directory is unusable (state.directory)");
+            None
+        }
+    };
+    if let Some(store) = &store {
+        restore_blocks(store, &ctx, datapath.as_ref());
+    }
     let listeners = proxy::bind(&config).await?;
     for (listen, bound) in config.listen.iter().zip(&listeners) {
         let address = bound.listener.local_addr().map_or(listen.address, |a| a);
@@ -169,7 +187,10 @@ pub async fn run(config: Config, object: Option<PathBuf>) -> anyhow::Result<()> 
                     Ok(n) => tracing::info!(swept = n, "expired blocks removed from the kernel"),
                     Err(e) => tracing::warn!(error = %e, "sweeping expired blocks"),
                 }
+                // Also catches blocks added or removed with the CLI.
+                save_blocks(store.as_ref(), &ctx, datapath.as_ref());
             },
+            () = ctx.blocks_changed.notified() => save_blocks(store.as_ref(), &ctx, datapath.as_ref()),
             batch = next_events(&mut events) => match batch {
                 Ok(batch) => for event in batch {
                     tracing::info!(
@@ -190,6 +211,7 @@ pub async fn run(config: Config, object: Option<PathBuf>) -> anyhow::Result<()> 
     }
     let _ = stop.send(true);
     let _ = server.await;
+    save_blocks(store.as_ref(), &ctx, datapath.as_ref());
     tracing::info!("stopping: detaching the kernel programs (maps stay pinned)");
     if let Kernel::Loaded(d) = &kernel {
         d.detach();
@@ -203,5 +225,79 @@ async fn next_events(
     match events {
         Some(events) => events.next_batch().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Puts the stored blocks the kernel and the proxy lack back in place.
+fn restore_blocks(store: &Store, ctx: &ProxyContext, datapath: &dyn Datapath) {
+    let stored = match store.load(SystemTime::now()) {
+        Ok(stored) => stored,
+        Err(e) => {
+            tracing::error!(error = %e, "stored blocks not restored");
+            return;
+        }
+    };
+    let in_kernel: HashSet<IpNet> = datapath
+        .blocks()
+        .map(|b| b.into_iter().map(|b| b.net).collect())
+        .unwrap_or_default();
+    let mut restored = 0;
+    for block in &stored {
+        let reason = state::reason_code(&block.reason);
+        let expires = state::expires(block);
+        ctx.blocks.insert(ActiveBlock {
+            net: block.net,
+            reason,
+            expires,
+        });
+        if !in_kernel.contains(&block.net) {
+            match datapath.block(block.net, expires, reason) {
+                Ok(()) => restored += 1,
+                Err(e) => {
+                    tracing::debug!(net = %block.net, error = %e, "stored block not put into the kernel")
+                }
+            }
+        }
+    }
+    tracing::info!(
+        stored = stored.len(),
+        restored_to_kernel = restored,
+        "stored blocks loaded"
+    );
+}
+
+/// Stores the active blocks: the kernel's (CLI changes included) and the
+/// proxy's own.
+fn save_blocks(store: Option<&Store>, ctx: &ProxyContext, datapath: &dyn Datapath) {
+    let Some(store) = store else { return };
+    let now = SystemTime::now();
+    let mut blocks: Vec<StoredBlock> = Vec::new();
+    let mut seen = HashSet::new();
+    if let Ok(kernel) = datapath.blocks() {
+        for block in kernel.iter().filter(|b| b.expires.is_none_or(|t| t > now)) {
+            if seen.insert(block.net) {
+                blocks.push(state::stored(block));
+            }
+        }
+    }
+    for block in ctx
+        .blocks
+        .all()
+        .into_iter()
+        .filter(|b| b.expires.is_none_or(|t| t > now))
+    {
+        if seen.insert(block.net) {
+            blocks.push(StoredBlock {
+                net: block.net,
+                reason: reason::name(block.reason).to_owned(),
+                expires_unix: block
+                    .expires
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs()),
+            });
+        }
+    }
+    if let Err(e) = store.save(&blocks) {
+        tracing::error!(error = %e, "storing blocks failed");
     }
 }

@@ -13,6 +13,7 @@
 //!   rates, relay patterns, block durations (pure; state behind guards).
 //! * [`proxy`] — listeners and sessions relayed to the backend MTA.
 //! * [`sink`] — the built-in test backend (`backend.builtin`).
+//! * [`state`] — blocks stored on disk across restarts and reboots.
 //! * [`agent`] — the running agent: brings the kernel layer up as configured,
 //!   applies lists and caps, logs kernel drops, sweeps expired blocks.
 pub mod agent;
@@ -22,3 +23,4 @@ pub mod policy;
 pub mod proxy;
 pub mod sink;
 pub mod smtp;
+pub mod state;

@@ -75,6 +75,16 @@ impl Blocks {
         before - map.len()
     }
 
+    /// Every block held (expired ones until swept).
+    pub fn all(&self) -> Vec<ActiveBlock> {
+        self.by_net
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.by_net.lock().unwrap_or_else(|p| p.into_inner()).len()
     }

@@ -121,6 +121,8 @@ pub struct ProxyContext {
     pub blocks: Blocks,
     pub tls: Option<TlsAcceptor>,
     pub stats: ProxyStats,
+    /// Woken after each block, so the agent stores it at once.
+    pub blocks_changed: tokio::sync::Notify,
 }
 
 impl ProxyContext {
@@ -141,6 +143,7 @@ impl ProxyContext {
             blocks: Blocks::default(),
             tls,
             stats: ProxyStats::default(),
+            blocks_changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -169,6 +172,7 @@ impl ProxyContext {
             expires: Some(expires),
         });
         self.stats.blocks_issued.fetch_add(1, Ordering::Relaxed);
+        self.blocks_changed.notify_one();
         let kernel = match self.kernel.block(order.net, Some(expires), order.reason) {
             Ok(()) => "blocked",
             Err(e) => {
