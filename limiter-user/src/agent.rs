@@ -22,6 +22,7 @@ use tokio::{
 use crate::{
     config::{Config, KernelMode},
     kernel::{BpfDatapath, Datapath, KernelLimits, KernelOptions, NoKernel},
+    metrics,
     proxy::{self, blocks::ActiveBlock, ProxyContext},
     sink,
     state::{self, Store, StoredBlock},
@@ -163,6 +164,15 @@ pub async fn run(config: Config, object: Option<PathBuf>) -> anyhow::Result<()> 
     for (listen, bound) in config.listen.iter().zip(&listeners) {
         let address = bound.listener.local_addr().map_or(listen.address, |a| a);
         tracing::info!(%address, tls = ?listen.tls, backend = %config.backend.address, identity = ?config.backend.identity, mode = ?config.mode, "listening");
+    }
+    match tokio::net::TcpListener::bind(config.metrics.address).await {
+        Ok(listener) => {
+            tracing::info!(address = %config.metrics.address, "metrics at /metrics");
+            tokio::spawn(metrics::serve(listener, ctx.clone(), datapath.clone()));
+        }
+        Err(e) => {
+            tracing::error!(address = %config.metrics.address, error = %e, "metrics.address: cannot bind; no metrics")
+        }
     }
     let (stop, stopped) = watch::channel(false);
     let server = tokio::spawn(proxy::serve(ctx.clone(), listeners, stopped));

@@ -13,12 +13,14 @@
 //!   rates, relay patterns, block durations (pure; state behind guards).
 //! * [`proxy`] — listeners and sessions relayed to the backend MTA.
 //! * [`sink`] — the built-in test backend (`backend.builtin`).
+//! * [`metrics`] — Prometheus exposition of the kernel and proxy counters.
 //! * [`state`] — blocks stored on disk across restarts and reboots.
 //! * [`agent`] — the running agent: brings the kernel layer up as configured,
 //!   applies lists and caps, logs kernel drops, sweeps expired blocks.
 pub mod agent;
 pub mod config;
 pub mod kernel;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod sink;

@@ -1,0 +1,184 @@
+//! Prometheus text exposition on `metrics.address` (`GET /metrics`): the
+//! kernel's decision counters and the proxy's session, message, rejection
+//! and block counters.
+
+use std::{fmt::Write as _, sync::atomic::Ordering, sync::Arc, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    time::timeout,
+};
+
+use crate::{kernel::Datapath, proxy::ProxyContext};
+
+/// Longest request head read; a scraper's is a few hundred bytes.
+const MAX_REQUEST: usize = 8 * 1024;
+
+/// The exposition text.
+pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
+    let mut out = String::with_capacity(4096);
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP smtp_limiter_{name} {help}");
+        let _ = writeln!(out, "# TYPE smtp_limiter_{name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "smtp_limiter_{name}{labels} {value}");
+        }
+    };
+    match kernel.counters() {
+        Ok(counters) => {
+            let samples: Vec<(String, u64)> = counters
+                .fields()
+                .iter()
+                .map(|(name, value)| (format!("{{counter=\"{name}\"}}"), *value))
+                .collect();
+            metric(
+                "kernel_events_total",
+                "counter",
+                "Kernel decisions and events, by counter (STATS map).",
+                &samples,
+            );
+            metric(
+                "kernel_up",
+                "gauge",
+                "Whether the kernel layer is loaded.",
+                &[(String::new(), 1)],
+            );
+        }
+        Err(_) => metric(
+            "kernel_up",
+            "gauge",
+            "Whether the kernel layer is loaded.",
+            &[(String::new(), 0)],
+        ),
+    }
+    if let Ok(blocks) = kernel.blocks() {
+        metric(
+            "kernel_blocks",
+            "gauge",
+            "Entries in the kernel block maps.",
+            &[(String::new(), blocks.len() as u64)],
+        );
+    }
+    let stats = &ctx.stats;
+    let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
+    metric(
+        "sessions_open",
+        "gauge",
+        "SMTP sessions open now.",
+        &[(String::new(), load(&stats.sessions_open))],
+    );
+    metric(
+        "sessions_total",
+        "counter",
+        "SMTP sessions accepted.",
+        &[(String::new(), load(&stats.sessions_total))],
+    );
+    metric(
+        "messages_total",
+        "counter",
+        "Messages the backend accepted through the proxy.",
+        &[(String::new(), load(&stats.messages))],
+    );
+    metric(
+        "backend_errors_total",
+        "counter",
+        "Backend connections that failed.",
+        &[(String::new(), load(&stats.backend_errors))],
+    );
+    metric(
+        "blocks_issued_total",
+        "counter",
+        "Blocks ordered by the policy.",
+        &[(String::new(), load(&stats.blocks_issued))],
+    );
+    metric(
+        "proxy_blocks",
+        "gauge",
+        "Blocks held by the proxy.",
+        &[(String::new(), ctx.blocks.len() as u64)],
+    );
+    let rejections: Vec<(String, u64)> = stats
+        .rejections()
+        .into_iter()
+        .map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), n))
+        .collect();
+    metric(
+        "rejections_total",
+        "counter",
+        "Refusals by the proxy, by reason.",
+        &rejections,
+    );
+    out
+}
+
+/// Serves `/metrics` on `listener` forever.
+pub async fn serve(listener: TcpListener, ctx: Arc<ProxyContext>, kernel: Arc<dyn Datapath>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let (ctx, kernel) = (ctx.clone(), kernel.clone());
+        tokio::spawn(async move {
+            let _ = timeout(
+                Duration::from_secs(10),
+                answer(stream, &ctx, kernel.as_ref()),
+            )
+            .await;
+        });
+    }
+}
+
+async fn answer(
+    mut stream: TcpStream,
+    ctx: &ProxyContext,
+    kernel: &dyn Datapath,
+) -> std::io::Result<()> {
+    let mut request = Vec::with_capacity(1024);
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < MAX_REQUEST {
+        if stream.read_buf(&mut request).await? == 0 {
+            break;
+        }
+    }
+    let first_line = request.split(|&b| b == b'\n').next().unwrap_or_default();
+    let (status, body) =
+        if first_line.starts_with(b"GET /metrics ") || first_line.starts_with(b"GET / ") {
+            ("200 OK", render(ctx, kernel))
+        } else {
+            ("404 Not Found", "try /metrics\n".to_owned())
+        };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::Config, kernel::NoKernel};
+
+    #[test]
+    fn renders_counters_with_help_and_type() {
+        let kernel: Arc<dyn Datapath> = Arc::new(NoKernel::new("test"));
+        let ctx = ProxyContext::new(&Config::default(), kernel.clone()).unwrap();
+        ctx.stats.count_message();
+        ctx.stats.count_rejection("harvest");
+        let text = render(&ctx, kernel.as_ref());
+        assert!(
+            text.contains(
+                "# TYPE smtp_limiter_messages_total counter\nsmtp_limiter_messages_total 1\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("smtp_limiter_rejections_total{reason=\"harvest\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("smtp_limiter_kernel_up 0"), "{text}");
+    }
+}
