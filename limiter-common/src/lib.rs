@@ -234,10 +234,10 @@ impl Config {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Block {
-    /// When the block ends, in `CLOCK_BOOTTIME` nanoseconds (the clock of
-    /// `bpf_ktime_get_boot_ns`); 0 = never. Past it the entry no longer drops
+    /// When the block ends, in `CLOCK_MONOTONIC` nanoseconds (the clock of
+    /// `bpf_ktime_get_coarse_ns`); 0 = never. Past it the entry no longer drops
     /// and the agent sweeps it.
-    pub expires_boot_ns: u64,
+    pub expires_mono_ns: u64,
     /// Packets dropped by this entry (updated atomically by the kernel).
     pub drops: u64,
     /// Why: one of [`reason`].
@@ -247,10 +247,10 @@ pub struct Block {
 }
 
 impl Block {
-    /// Whether the block still holds at `now_boot_ns`.
+    /// Whether the block still holds at `now_mono_ns`.
     #[inline(always)]
-    pub const fn active_at(&self, now_boot_ns: u64) -> bool {
-        self.expires_boot_ns == 0 || now_boot_ns < self.expires_boot_ns
+    pub const fn active_at(&self, now_mono_ns: u64) -> bool {
+        self.expires_mono_ns == 0 || now_mono_ns < self.expires_mono_ns
     }
 }
 
@@ -312,8 +312,8 @@ pub mod drop_reason {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DropEvent {
-    /// When, in `CLOCK_BOOTTIME` nanoseconds.
-    pub boot_ns: u64,
+    /// When, in `CLOCK_MONOTONIC` nanoseconds (tick resolution).
+    pub mono_ns: u64,
     /// The packet's source address.
     pub source: Addr,
     /// One of [`drop_reason`].
@@ -330,7 +330,7 @@ pub struct DropEvent {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventBudget {
-    /// Start of the current one-second window, `CLOCK_BOOTTIME` ns.
+    /// Start of the current one-second window, `CLOCK_MONOTONIC` ns.
     pub window_start_ns: u64,
     /// Events sent in that window.
     pub sent: u64,

@@ -4,7 +4,7 @@ use crate::packet::{self, Skip, TcpHeaders};
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
-    helpers::{bpf_ktime_get_boot_ns, bpf_map_lookup_elem},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_map_lookup_elem},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -154,8 +154,10 @@ fn judge(parsed: Result<TcpHeaders, Skip>) -> Verdict {
 #[inline(always)]
 fn enforce_block(block: *mut Block, stats: &mut Stats) -> bool {
     // SAFETY: a pointer into a map value returned by the lookup just before.
-    let expires = unsafe { (*block).expires_boot_ns };
-    if expires != 0 && unsafe { bpf_ktime_get_boot_ns() } >= expires {
+    let expires = unsafe { (*block).expires_mono_ns };
+    // The coarse clock (tick resolution) is a fraction of the cost of the
+    // precise ones; a block ending a few milliseconds late does not matter.
+    if expires != 0 && unsafe { bpf_ktime_get_coarse_ns() } >= expires {
         stats.expired_block += 1;
         return false;
     }
@@ -210,12 +212,16 @@ fn at_cap(config: &Config, source: &Addr, host: &Key<Addr>) -> bool {
 /// Sends a drop event, at most `events_per_second` per CPU.
 #[inline(always)]
 fn report(config: &Config, stats: &mut Stats, headers: &TcpHeaders, reason: u32) {
+    if config.events_per_second == 0 {
+        stats.events_suppressed += 1;
+        return;
+    }
     let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: per-CPU slot, packet programs on one CPU do not nest.
     let budget = unsafe { &mut *budget };
-    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if now.wrapping_sub(budget.window_start_ns) >= NS_PER_SEC {
         budget.window_start_ns = now;
         budget.sent = 0;
@@ -225,7 +231,7 @@ fn report(config: &Config, stats: &mut Stats, headers: &TcpHeaders, reason: u32)
         return;
     }
     let event = DropEvent {
-        boot_ns: now,
+        mono_ns: now,
         source: headers.source,
         reason,
         port: headers.dst_port,

@@ -125,7 +125,12 @@ pub fn apply_lists(config: &Config, datapath: &dyn Datapath) -> anyhow::Result<(
 /// # Errors
 /// The kernel layer is required and cannot be brought up, or the lists
 /// cannot be applied.
-pub async fn run(config: Config, object: Option<PathBuf>) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    object: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let mut config = config;
     let kernel = bring_up_kernel(&config, object)?;
     let datapath = kernel.datapath();
     tracing::info!(status = %datapath.describe(), "kernel layer");
@@ -185,10 +190,15 @@ pub async fn run(config: Config, object: Option<PathBuf>) -> anyhow::Result<()> 
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
+            _ = hangup.recv() => match &config_path {
+                Some(path) => reload(path, &mut config, &ctx, datapath.as_ref()),
+                None => tracing::warn!("SIGHUP: running on the embedded default configuration, nothing to reload"),
+            },
             _ = sweep.tick() => {
                 let now = std::time::SystemTime::now();
                 ctx.blocks.sweep(now);
@@ -310,4 +320,75 @@ fn save_blocks(store: Option<&Store>, ctx: &ProxyContext, datapath: &dyn Datapat
     if let Err(e) = store.save(&blocks) {
         tracing::error!(error = %e, "storing blocks failed");
     }
+}
+
+/// Re-reads the configuration file (SIGHUP). A file that does not load or
+/// validate is refused with the reason, and the running configuration stays.
+/// Limits, lists, relay rules and the mode take effect at once; listeners,
+/// backend, TLS, kernel attachment, map sizes, metrics and state need a
+/// restart, and the log says which of those changed.
+pub fn reload(
+    path: &std::path::Path,
+    current: &mut Config,
+    ctx: &ProxyContext,
+    datapath: &dyn Datapath,
+) {
+    let new = match Config::load(path) {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused: the running configuration stays");
+            return;
+        }
+    };
+    let restart_only = [
+        ("listen", current.listen != new.listen),
+        ("tls", current.tls != new.tls),
+        ("backend", current.backend != new.backend),
+        ("smtp", current.smtp != new.smtp),
+        ("kernel", current.kernel != new.kernel),
+        ("metrics", current.metrics != new.metrics),
+        ("state", current.state != new.state),
+    ];
+    for (section, changed) in restart_only {
+        if changed {
+            tracing::warn!(
+                section,
+                "reload: this section changed but takes effect only after a restart"
+            );
+        }
+    }
+    ctx.set_policy(crate::policy::Policy::new(&new));
+    if let Err(e) = datapath.set_limits(&kernel_limits(&new)) {
+        tracing::debug!(error = %e, "reload: kernel limits not applied");
+    }
+    // Lists and per-network caps: remove what left the file, add what came.
+    for net in current
+        .lists
+        .allow
+        .iter()
+        .filter(|n| !new.lists.allow.contains(n))
+    {
+        let _ = datapath.disallow(*net);
+    }
+    for net in current
+        .lists
+        .reject
+        .iter()
+        .filter(|n| !new.lists.reject.contains(n))
+    {
+        let _ = datapath.unblock(*net);
+    }
+    for source in current
+        .limits
+        .source
+        .iter()
+        .filter(|s| !new.limits.source.iter().any(|n| n.cidr == s.cidr))
+    {
+        let _ = datapath.remove_cap(source.cidr);
+    }
+    if let Err(e) = apply_lists(&new, datapath) {
+        tracing::warn!(error = %e, "reload: lists not fully applied to the kernel");
+    }
+    *current = new;
+    tracing::info!(path = %path.display(), "configuration reloaded");
 }

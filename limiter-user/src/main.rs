@@ -150,9 +150,10 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             json_logs,
         } => {
             init_logging(json_logs);
+            let path = config.config.clone();
             let config = load_config(&config)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(agent::run(config, ebpf_object))
+            runtime.block_on(agent::run(config, path, ebpf_object))
         }
         Command::CheckConfig { config } => {
             let loaded = load_config(&config)?;

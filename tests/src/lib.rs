@@ -8,7 +8,9 @@
 pub mod kernel;
 pub mod netns;
 pub mod packets;
+pub mod postfix;
 pub mod proxy;
+pub mod scripted;
 pub mod tcp;
 
 /// Whether privileged tests can run here. Under `CI=true` a missing

@@ -656,7 +656,7 @@ fn bpftool_prints_the_pinned_maps_by_field_name() {
     };
     let block = dump("BLOCK");
     assert!(
-        block.contains("\"expires_boot_ns\"") && block.contains("\"reason\": 2"),
+        block.contains("\"expires_mono_ns\"") && block.contains("\"reason\": 2"),
         "{block}"
     );
     let block_net = dump("BLOCK_NET");

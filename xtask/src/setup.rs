@@ -17,7 +17,12 @@ pub fn setup() -> Result<()> {
 
     let packages = apt_packages(llvm);
     match debian_like() {
-        Ok(()) => ensure_apt_packages(&packages)?,
+        Ok(()) => {
+            let new_postfix = !is_installed("postfix");
+            preseed_postfix(new_postfix)?;
+            ensure_apt_packages(&packages)?;
+            ensure_no_system_postfix(new_postfix)?;
+        }
         Err(why) => return not_debian(&why, llvm, &packages),
     }
     ensure_bpf_linker(llvm)
@@ -25,7 +30,10 @@ pub fn setup() -> Result<()> {
 
 /// The Debian/Ubuntu packages: LLVM (and Polly, which llvm-config's link line
 /// names) for building bpf-linker, a C toolchain for linking host programs,
-/// and the tools the tests and operators use.
+/// the tools the tests and operators use, and for the SMTP end-to-end tests
+/// a real Postfix (the tests start private instances of their own; the
+/// system instance stays unconfigured and stopped, see [`preseed_postfix`]),
+/// swaks and python3.
 fn apt_packages(llvm: u32) -> Vec<String> {
     vec![
         format!("llvm-{llvm}-dev"),
@@ -34,8 +42,17 @@ fn apt_packages(llvm: u32) -> Vec<String> {
         "bpftool".into(),
         "iproute2".into(),
         "ethtool".into(),
+        "postfix".into(),
+        "swaks".into(),
+        "python3".into(),
     ]
 }
+
+/// The debconf answers that make `apt-get install postfix` configure no
+/// system mail server: no /etc/postfix/main.cf, nothing started, and no
+/// question asked.
+const POSTFIX_PRESEED: &str = "postfix postfix/main_mailer_type select No configuration\n\
+                               postfix postfix/mailname string localhost\n";
 
 fn bpf_linker_install_args(llvm: u32) -> Vec<String> {
     vec![
@@ -149,6 +166,72 @@ fn ensure_apt_packages(packages: &[String]) -> Result<()> {
     )
 }
 
+/// Before Postfix is installed: preseed debconf so that the package sets up
+/// no system instance (the tests run private instances under /tmp).
+fn preseed_postfix(new_postfix: bool) -> Result<()> {
+    if !new_postfix {
+        println!("ok: postfix already installed, no debconf preseed needed");
+        return Ok(());
+    }
+    if !is_root() {
+        // ensure_apt_packages then prints the apt-get line and fails.
+        println!(
+            "run as root first: printf '{}' | debconf-set-selections",
+            POSTFIX_PRESEED.replace('\n', "\\n")
+        );
+        return Ok(());
+    }
+    println!("preseeding: debconf for postfix (No configuration, mailname localhost)");
+    let file = std::env::temp_dir().join(format!("xtask-postfix-preseed-{}", std::process::id()));
+    std::fs::write(&file, POSTFIX_PRESEED)
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    let result = cmd::run(Command::new("debconf-set-selections").arg(&file));
+    let _ = std::fs::remove_file(&file);
+    result
+}
+
+/// After a fresh install: no system Postfix may run or start at boot, so the
+/// tests' private instances are the only ones. With the preseed Debian's
+/// package writes no main.cf and starts nothing (its postfix.service has
+/// `ConditionPathExists=/etc/postfix/main.cf`); this catches the rest. A
+/// Postfix that was there before setup is the operator's and is left alone.
+fn ensure_no_system_postfix(new_postfix: bool) -> Result<()> {
+    let postfix = ["/usr/sbin/postfix", "/sbin/postfix"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .context("postfix was installed but there is no /usr/sbin/postfix")?;
+    // `postfix status` exits 0 only when the master of /etc/postfix runs
+    // (without a main.cf it fails: not configured, so not running).
+    let running = || cmd::probe(Command::new(&postfix).arg("status")).is_some();
+    if !new_postfix {
+        if running() {
+            println!("ok: the system Postfix is running (not installed by setup: left alone; the tests start private instances)");
+        } else {
+            println!("ok: no system Postfix running");
+        }
+        return Ok(());
+    }
+    let systemd = std::path::Path::new("/run/systemd/system").is_dir();
+    let enabled = systemd
+        && cmd::probe(Command::new("systemctl").args(["is-enabled", "postfix"]))
+            .is_some_and(|s| s.trim() == "enabled");
+    if !running() && !enabled {
+        println!("ok: no system Postfix running");
+        return Ok(());
+    }
+    println!(
+        "stopping: the system Postfix that the package started (the tests start private instances)"
+    );
+    if enabled {
+        cmd::run(Command::new("systemctl").args(["disable", "--now", "postfix"]))?;
+    }
+    if running() {
+        cmd::run(Command::new(&postfix).arg("stop"))?;
+    }
+    Ok(())
+}
+
 fn ensure_bpf_linker(llvm: u32) -> Result<()> {
     let marker = toolchain::bpf_linker_marker();
     let why = match toolchain::bpf_linker() {
@@ -202,7 +285,9 @@ fn ensure_bpf_linker(llvm: u32) -> Result<()> {
 /// Not Debian/Ubuntu: check what can be checked without a package manager,
 /// and if anything is missing print the whole list and fail.
 fn not_debian(why: &str, llvm: u32, packages: &[String]) -> Result<()> {
-    let tools = ["cc", "bpftool", "ip", "ethtool"];
+    let tools = [
+        "cc", "bpftool", "ip", "ethtool", "postfix", "swaks", "python3",
+    ];
     let missing_tools: Vec<&str> = tools
         .iter()
         .copied()
@@ -223,7 +308,8 @@ fn not_debian(why: &str, llvm: u32, packages: &[String]) -> Result<()> {
     println!("Install these with your system's package manager (Debian/Ubuntu names):");
     println!("  {}", packages.join(" "));
     println!(
-        "  (LLVM {llvm} development files with Polly, a C toolchain, bpftool, iproute2, ethtool)"
+        "  (LLVM {llvm} development files with Polly, a C toolchain, bpftool, iproute2, ethtool, \
+         Postfix with no system instance running, swaks, python3)"
     );
     println!(
         "then build bpf-linker against LLVM {llvm} (llvm-config of LLVM {llvm} first on PATH):"

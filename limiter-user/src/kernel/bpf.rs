@@ -35,7 +35,7 @@ pub use crate::config::{Attach as AttachMode, MapSizes};
 
 use super::{
     addr::{addr_of, canonical, is_host, lpm_key, net_of, source_net},
-    clock::{boot_ns_to_system, system_to_boot_ns},
+    clock::{mono_ns_to_system, system_to_mono_ns},
     BlockHit, Datapath, DropEvent, KernelBlock, KernelCounters, KernelError, KernelLimits,
 };
 
@@ -387,7 +387,7 @@ impl Datapath for BpfDatapath {
     ) -> Result<(), KernelError> {
         let net = canonical(net);
         let value = Block {
-            expires_boot_ns: expires.map_or(0, system_to_boot_ns),
+            expires_mono_ns: expires.map_or(0, system_to_mono_ns),
             drops: 0,
             reason,
             reserved: 0,
@@ -445,7 +445,7 @@ impl Datapath for BpfDatapath {
 
     fn block_covering(&self, addr: IpAddr) -> Result<Option<BlockHit>, KernelError> {
         let key = addr_of(addr);
-        let now = system_to_boot_ns(SystemTime::now());
+        let now = system_to_mono_ns(SystemTime::now());
         let maps = lock(&self.maps);
         let exact = absent_is_none(maps.block.get(&key, 0), names::BLOCK)?;
         // A syscall lookup in an LPM trie is a longest-prefix match too.
@@ -456,12 +456,12 @@ impl Datapath for BpfDatapath {
         };
         Ok(found.map(|b| BlockHit {
             reason: b.reason,
-            expires: (b.expires_boot_ns != 0).then(|| boot_ns_to_system(b.expires_boot_ns)),
+            expires: (b.expires_mono_ns != 0).then(|| mono_ns_to_system(b.expires_mono_ns)),
         }))
     }
 
     fn sweep_expired(&self, now: SystemTime) -> Result<usize, KernelError> {
-        let now = system_to_boot_ns(now);
+        let now = system_to_mono_ns(now);
         let mut maps = lock(&self.maps);
         let expired = |b: &Block| !b.active_at(now);
         let hosts: Vec<Addr> = maps
@@ -638,7 +638,7 @@ fn decode_event(bytes: &[u8]) -> Option<DropEvent> {
     // SAFETY: length checked; DropEvent is plain old data, read unaligned.
     let raw: limiter_common::DropEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
     Some(DropEvent {
-        at: boot_ns_to_system(raw.boot_ns),
+        at: mono_ns_to_system(raw.mono_ns),
         source: super::ip_of(raw.source),
         reason: raw.reason,
         port: raw.port,
@@ -990,7 +990,7 @@ fn kernel_block(net: IpNet, block: &Block) -> KernelBlock {
     KernelBlock {
         net,
         reason: block.reason,
-        expires: (block.expires_boot_ns != 0).then(|| boot_ns_to_system(block.expires_boot_ns)),
+        expires: (block.expires_mono_ns != 0).then(|| mono_ns_to_system(block.expires_mono_ns)),
         drops: block.drops,
     }
 }

@@ -21,7 +21,7 @@ pub use addr::{addr_of, ip_of, lpm_key, net_of};
 pub use bpf::{
     has_embedded_object, AttachMode, Attachment, BpfDatapath, DropEvents, KernelOptions, MapSizes,
 };
-pub use clock::{boot_now_ns, boot_ns_to_system, system_to_boot_ns};
+pub use clock::{mono_now_ns, mono_ns_to_system, system_to_mono_ns};
 
 /// Errors of the kernel layer, each naming what failed and what to do.
 #[derive(Debug, thiserror::Error)]

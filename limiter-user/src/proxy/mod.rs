@@ -115,7 +115,8 @@ impl ProxyStats {
 /// Everything the sessions share.
 pub struct ProxyContext {
     pub settings: Settings,
-    pub policy: Policy,
+    /// The policy in force; replaced whole on reload.
+    policy: std::sync::RwLock<Arc<Policy>>,
     pub state: Arc<PolicyState>,
     pub kernel: Arc<dyn Datapath>,
     pub blocks: Blocks,
@@ -137,7 +138,7 @@ impl ProxyContext {
         };
         Ok(Self {
             settings: Settings::from_config(config),
-            policy: Policy::new(config),
+            policy: std::sync::RwLock::new(Arc::new(Policy::new(config))),
             state: Arc::new(PolicyState::new()),
             kernel,
             blocks: Blocks::default(),
@@ -145,6 +146,20 @@ impl ProxyContext {
             stats: ProxyStats::default(),
             blocks_changed: tokio::sync::Notify::new(),
         })
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts a new policy in force (reload); sessions take it from their
+    /// next decision on. Connection and HELO counts carry over.
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
     }
 
     /// Why `source` is blocked, if it is: by the proxy's own list, or by the
@@ -294,7 +309,7 @@ async fn handle_connection(
     let _ = stream.set_nodelay(true);
     let source = peer.ip().to_canonical();
     if let Some(reason) = ctx.blocked(source) {
-        if ctx.policy.enforced() && !ctx.policy.is_allowlisted(source) {
+        if ctx.policy().enforced() && !ctx.policy().is_allowlisted(source) {
             let reason = limiter_common::reason::name(reason);
             tracing::info!(source = %source, reason, action = "reject", "blocked source connected");
             ctx.stats.count_rejection("blocked");
@@ -303,7 +318,7 @@ async fn handle_connection(
             return;
         }
     }
-    let decision = ctx.policy.connect(&ctx.state, source);
+    let decision = ctx.policy().connect(&ctx.state, source);
     let guard = match decision.verdict {
         ConnectVerdict::Allowlisted(guard) | ConnectVerdict::Accept(guard) => guard,
         ConnectVerdict::Reject { rejection, guard } => {

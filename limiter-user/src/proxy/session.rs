@@ -176,7 +176,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.client_spoke_first().await {
             tracing::info!(source = %self.peer.ip(), reason = "pregreet", action = "reject", "client talked before the greeting");
             self.ctx.stats.count_rejection("pregreet");
-            if self.ctx.policy.enforced() {
+            if self.ctx.policy().enforced() {
                 let _ = self.reply(&Reply::pregreet()).await;
                 return "pregreet";
             }
@@ -286,7 +286,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let previous = self.helo.take().and_then(|h| h._guard);
         let decision = self
             .ctx
-            .policy
+            .policy()
             .helo(&self.ctx.state, self.source(), &name, previous);
         let guard = match decision.verdict {
             HeloVerdict::Accept(guard) => Some(guard),
@@ -373,7 +373,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(Flow::Continue);
         }
         let helo = self.helo.as_ref().map(|h| h.name.clone());
-        let decision = self.ctx.policy.mail_from(
+        let decision = self.ctx.policy().mail_from(
             &self.ctx.state,
             self.source(),
             helo.as_deref(),
@@ -413,7 +413,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.reply(&Reply::too_many_recipients()).await?;
             return Ok(Flow::Continue);
         }
-        let decision = self.ctx.policy.rcpt(self.source(), &rcpt.recipient);
+        let decision = self.ctx.policy().rcpt(self.source(), &rcpt.recipient);
         let (reply, accepted) = match decision.verdict {
             RcptVerdict::Reject(rejection) if decision.enforced => {
                 self.log_decision(&rejection, true);
@@ -439,7 +439,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         // A temporary failure is neither a success nor a harvest attempt.
         if accepted || reply.is_permanent() {
-            let verdict = self.ctx.policy.rcpt_result(
+            let verdict = self.ctx.policy().rcpt_result(
                 &self.ctx.state,
                 self.source(),
                 &mut self.counters,
@@ -562,7 +562,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if reply.code == 535 {
             if let Some(decision) =
                 self.ctx
-                    .policy
+                    .policy()
                     .auth_failed(&self.ctx.state, self.source(), Instant::now())
             {
                 if let Some(flow) = self.refuse(&decision.verdict, decision.enforced).await? {

@@ -1,0 +1,696 @@
+//! A private, real Postfix for one test: its own config, queue and data
+//! directories in a temp dir under /tmp, an smtpd on `127.0.0.1` and a free
+//! port, and a log file of its own (`maillog_file`, no syslog needed). Any
+//! number of instances can run at once; each is stopped, with all its
+//! processes, and its directory removed when the [`Postfix`] is dropped.
+//!
+//! The instance accepts mail for the virtual domain [`DOMAIN`] (only the
+//! recipients in [`PostfixOptions::recipients`]; others get `550 5.1.1 …
+//! User unknown in virtual mailbox table`), refuses relaying (`554 5.7.1 …
+//! Relay access denied`) and hands accepted mail to the `discard` transport,
+//! so each delivery is one `status=sent` line in the log ([`Postfix::delivered`]).
+//! Reverse DNS is off (`smtpd_peername_lookup = no`): clients show up as
+//! `unknown[ADDR]`, and the tests send no DNS queries. Postfix's own limits
+//! stay at their defaults (at most 100 smtpd processes; anvil's 50
+//! concurrent connections per client, which 127.0.0.0/8 is exempt from but
+//! an address given by PROXY or XCLIENT is not): raise them with
+//! [`PostfixOptions::extra_main_cf`] for load tests.
+//!
+//! Debugging: with `POSTFIX_FIXTURE_KEEP` set in the environment the
+//! directory (config, queue, `maillog`) is kept after the instance stops.
+//! Instances whose test process died before its `Drop` (SIGKILL, a timeout)
+//! are stopped and removed by the next test process that starts one.
+//!
+//! Needs root (Postfix's master runs as root and its daemons as the `postfix`
+//! user) and Debian's `postfix` package installed with no system instance
+//! configured (`cargo xtask setup` does both); see [`missing_prerequisite`].
+//! No SMTP AUTH: Postfix's SASL needs Dovecot or Cyrus, which the fixture
+//! does not set up.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+
+/// `myhostname` of every instance: the banner is `220 mx.example.test ESMTP`.
+pub const HOSTNAME: &str = "mx.example.test";
+/// The one domain the instances accept mail for (`virtual_mailbox_domains`).
+pub const DOMAIN: &str = "example.com";
+/// The valid recipients unless [`PostfixOptions::recipients`] says otherwise.
+pub const DEFAULT_RECIPIENTS: [&str; 4] = [
+    "alice@example.com",
+    "bob@example.com",
+    "carol@example.com",
+    "postmaster@example.com",
+];
+
+/// How long [`Postfix::start`] waits for the banner.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long [`Drop`] waits for the processes to exit after SIGTERM before
+/// it kills them.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Where Debian's package keeps the programs.
+const TOOL_DIRS: [&str; 4] = ["/usr/sbin", "/usr/lib/postfix/sbin", "/usr/bin", "/sbin"];
+/// The name of every instance's directory in /tmp starts with this, then
+/// the test process's pid.
+const DIR_PREFIX: &str = "smtp-limiter-postfix.";
+/// The master.cf that the instances' master.cf is made from.
+const MASTER_CF_SOURCES: [&str; 2] = [
+    "/usr/share/postfix/master.cf.dist",
+    "/etc/postfix/master.cf",
+];
+
+/// What an instance is started with. `Default`: no PROXY protocol, no
+/// XCLIENT, [`DEFAULT_RECIPIENTS`], nothing extra.
+#[derive(Debug, Clone)]
+pub struct PostfixOptions {
+    /// `smtpd_upstream_proxy_protocol = haproxy`: every connection must open
+    /// with a PROXY v1 (or v2) header; a client that sends none gets no
+    /// banner and is dropped after `smtpd_upstream_proxy_timeout` (5 s).
+    pub proxy_protocol: bool,
+    /// `smtpd_authorized_xclient_hosts`, e.g. `127.0.0.0/8`; `None`: empty,
+    /// XCLIENT is refused.
+    pub xclient_hosts: Option<String>,
+    /// The valid recipients, full addresses in [`DOMAIN`].
+    pub recipients: Vec<String>,
+    /// More main.cf settings; a key given here replaces the fixture's value.
+    pub extra_main_cf: Vec<(String, String)>,
+}
+
+impl Default for PostfixOptions {
+    fn default() -> Self {
+        PostfixOptions {
+            proxy_protocol: false,
+            xclient_hosts: None,
+            recipients: DEFAULT_RECIPIENTS.iter().map(|r| r.to_string()).collect(),
+            extra_main_cf: Vec::new(),
+        }
+    }
+}
+
+/// A running private Postfix instance. Dropping it stops the instance (all
+/// its processes are gone when `drop` returns) and removes its directory.
+pub struct Postfix {
+    dir: PathBuf,
+    addr: SocketAddr,
+    name: String,
+}
+
+/// Why [`Postfix::start`] cannot work here, or `None` if it can.
+pub fn missing_prerequisite() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("a private Postfix needs root".into());
+    }
+    for tool in ["postfix", "postconf"] {
+        if let Err(e) = postfix_tool(tool) {
+            return Some(format!("{e:#}"));
+        }
+    }
+    if master_cf_source().is_none() {
+        return Some(format!(
+            "none of {} exists (is Debian's postfix package installed?)",
+            MASTER_CF_SOURCES.join(", ")
+        ));
+    }
+    None
+}
+
+/// The path of a program from the postfix package: `postfix`, `postconf`,
+/// `smtp-sink`, `smtp-source`, `posttls-finger`, `postqueue`, … (on Debian
+/// all in /usr/sbin).
+pub fn postfix_tool(name: &str) -> Result<PathBuf> {
+    TOOL_DIRS
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "{name} not found in {} (install Postfix: `cargo xtask setup`)",
+                TOOL_DIRS.join(", ")
+            )
+        })
+}
+
+impl Postfix {
+    /// Starts an instance and returns once its smtpd has answered with the
+    /// banner (at most 15 s). The readiness probe is one connection that
+    /// reads the banner and says QUIT (with `proxy_protocol`, after a PROXY
+    /// header from 127.0.0.1), so the log starts with one
+    /// `connect from unknown[127.0.0.1]` … `disconnect from` pair.
+    pub fn start(opts: PostfixOptions) -> Result<Postfix> {
+        if let Some(why) = missing_prerequisite() {
+            bail!("cannot start Postfix: {why}");
+        }
+        // The free port is found by binding port 0 and closing the socket;
+        // if another process takes it before Postfix binds it, try again.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::try_start(&opts) {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("Address already in use") => {
+                    eprintln!("postfix fixture: port taken, trying another ({e:#})");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn try_start(opts: &PostfixOptions) -> Result<Postfix> {
+        reap_stale_instances();
+        let dir = new_dir()?;
+        let name = format!(
+            "postfix-{}",
+            dir.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .trim_start_matches(DIR_PREFIX)
+        );
+        let port = free_port()?;
+        // From here on an error drops `postfix`, which stops what was
+        // started and removes the directory.
+        let postfix = Postfix {
+            dir,
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            name,
+        };
+        postfix.configure(opts)?;
+        // `start` first runs what `postfix check` does (and creates the
+        // queue's subdirectories).
+        postfix.run_postfix("start")?;
+        postfix.wait_ready(opts.proxy_protocol)?;
+        Ok(postfix)
+    }
+
+    /// The smtpd's address: 127.0.0.1 and the instance's port.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The instance's directory, with `conf/` (config_directory: main.cf,
+    /// master.cf, recipients), `queue/`, `data/` and `maillog`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// config_directory, for `postfix -c` and `postconf -c`.
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.join("conf")
+    }
+
+    /// The instance's `syslog_name` and `multi_instance_name`,
+    /// `postfix-PID.N.NANOS`: its log lines are tagged `NAME/smtpd[PID]:` etc.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The log so far (`maillog_file`); empty if there is none yet. Written
+    /// asynchronously by postlogd: poll with [`Postfix::wait_for_log`].
+    pub fn log(&self) -> String {
+        fs::read(self.dir.join("maillog"))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Polls the log until it contains `needle`; whether it did in `timeout`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        poll(timeout, || self.log().contains(needle))
+    }
+
+    /// The number of deliveries so far: log lines with `status=sent` (each
+    /// accepted recipient is delivered once, to `discard`).
+    pub fn delivered(&self) -> usize {
+        count_sent(&self.log())
+    }
+
+    /// Polls until [`Postfix::delivered`] is at least `n`; whether it got
+    /// there in `timeout`. (To check that no more arrive, wait for this and
+    /// then for the queue to be empty: [`Postfix::wait_queue_empty`].)
+    pub fn wait_delivered(&self, n: usize, timeout: Duration) -> bool {
+        poll(timeout, || self.delivered() >= n)
+    }
+
+    /// Polls until no message is in the queue (incoming, active, deferred,
+    /// hold, maildrop); whether that happened in `timeout`.
+    pub fn wait_queue_empty(&self, timeout: Duration) -> bool {
+        poll(timeout, || self.queued() == 0)
+    }
+
+    /// The number of messages in the queue directories right now.
+    pub fn queued(&self) -> usize {
+        ["maildrop", "incoming", "active", "deferred", "hold"]
+            .iter()
+            .map(|q| count_files(&self.dir.join("queue").join(q)))
+            .sum()
+    }
+
+    /// The pids of the instance's processes (master and its children).
+    pub fn processes(&self) -> Vec<i32> {
+        instance_processes(&self.config_dir())
+    }
+
+    fn configure(&self, opts: &PostfixOptions) -> Result<()> {
+        let dir = &self.dir;
+        let d = dir.display();
+        let mut recipients = String::new();
+        for r in &opts.recipients {
+            let _ = writeln!(recipients, "{r} OK");
+        }
+        // Separate trees, as Postfix wants them: the configuration and the
+        // queue owned by root (`postfix start` creates the queue's
+        // subdirectories with their owners and modes, and data/).
+        let conf = self.config_dir();
+        for sub in [&conf, &dir.join("queue")] {
+            fs::create_dir(sub).with_context(|| format!("cannot create {}", sub.display()))?;
+            fs::set_permissions(sub, fs::Permissions::from_mode(0o755))
+                .with_context(|| format!("cannot chmod {}", sub.display()))?;
+        }
+        write_file(&conf.join("recipients"), &recipients)?;
+
+        let source = master_cf_source().context("no master.cf to start from")?;
+        let dist = fs::read_to_string(&source)
+            .with_context(|| format!("cannot read {}", source.display()))?;
+        write_file(&conf.join("master.cf"), &master_cf(&dist, self.addr))?;
+
+        let mut main: Vec<(String, String)> = [
+            ("compatibility_level", "3.6".to_string()),
+            ("queue_directory", format!("{d}/queue")),
+            ("data_directory", format!("{d}/data")),
+            // postfix-files and dynamicmaps.cf stay with the package.
+            ("meta_directory", "/etc/postfix".into()),
+            ("multi_instance_name", self.name.clone()),
+            ("syslog_name", self.name.clone()),
+            ("maillog_file", format!("{d}/maillog")),
+            ("maillog_file_prefixes", d.to_string()),
+            ("inet_interfaces", "127.0.0.1".into()),
+            ("inet_protocols", "ipv4".into()),
+            ("myhostname", HOSTNAME.into()),
+            ("mydomain", "example.test".into()),
+            ("myorigin", "$myhostname".into()),
+            ("mydestination", String::new()),
+            ("relay_domains", String::new()),
+            ("mynetworks", "127.0.0.0/8".into()),
+            ("virtual_mailbox_domains", DOMAIN.into()),
+            (
+                "virtual_mailbox_maps",
+                format!("texthash:{d}/conf/recipients"),
+            ),
+            ("virtual_transport", "discard:".into()),
+            // Nothing leaves the machine, whatever a test sends.
+            (
+                "default_transport",
+                "error:outbound mail disabled in tests".into(),
+            ),
+            (
+                "relay_transport",
+                "error:outbound mail disabled in tests".into(),
+            ),
+            ("smtp_dns_support_level", "disabled".into()),
+            ("smtpd_peername_lookup", "no".into()),
+            ("alias_maps", String::new()),
+            ("alias_database", String::new()),
+            ("biff", "no".into()),
+            ("smtpd_banner", "$myhostname ESMTP".into()),
+            (
+                "smtpd_relay_restrictions",
+                "reject_unauth_destination".into(),
+            ),
+            (
+                "smtpd_recipient_restrictions",
+                "reject_unauth_destination".into(),
+            ),
+            ("smtpd_soft_error_limit", "1000".into()),
+            ("smtpd_hard_error_limit", "1000".into()),
+            ("smtpd_error_sleep_time", "0".into()),
+            (
+                "smtpd_upstream_proxy_protocol",
+                if opts.proxy_protocol { "haproxy" } else { "" }.into(),
+            ),
+            (
+                "smtpd_authorized_xclient_hosts",
+                opts.xclient_hosts.clone().unwrap_or_default(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        for (key, value) in &opts.extra_main_cf {
+            match main.iter_mut().find(|(k, _)| k == key) {
+                Some(entry) => entry.1 = value.clone(),
+                None => main.push((key.clone(), value.clone())),
+            }
+        }
+        let mut text = String::from("# Written by the smtp-limiter tests' Postfix fixture.\n");
+        for (key, value) in &main {
+            if value.contains('\n') {
+                bail!("main.cf value of {key} has a newline: {value:?}");
+            }
+            let _ = writeln!(text, "{key} = {value}");
+        }
+        write_file(&conf.join("main.cf"), &text)
+    }
+
+    /// `postfix -c DIR ACTION`; fails with its output and the log's tail.
+    fn run_postfix(&self, action: &str) -> Result<()> {
+        let out = self.postfix_cmd(action).output();
+        let out = out.with_context(|| format!("cannot run postfix {action}"))?;
+        if !out.status.success() {
+            bail!(
+                "`postfix -c {} {action}` failed ({}): {}{}\nlog:\n{}",
+                self.config_dir().display(),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                tail(&self.log(), 20)
+            );
+        }
+        Ok(())
+    }
+
+    fn postfix_cmd(&self, action: &str) -> Command {
+        let mut cmd = Command::new(postfix_tool("postfix").unwrap_or_else(|_| "postfix".into()));
+        cmd.arg("-c")
+            .arg(self.config_dir())
+            .arg(action)
+            .env_remove("MAIL_CONFIG")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Connects until the banner comes (or the master is gone, or 15 s).
+    fn wait_ready(&self, proxy_protocol: bool) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut last_error = String::from("not tried");
+        while Instant::now() < deadline {
+            match self.probe(proxy_protocol) {
+                Ok(()) => return Ok(()),
+                Err(e) => last_error = format!("{e:#}"),
+            }
+            if self.master_pid().is_none() {
+                bail!(
+                    "Postfix in {} stopped while starting ({last_error}); log:\n{}",
+                    self.dir.display(),
+                    tail(&self.log(), 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "no SMTP banner from Postfix on {} within {START_TIMEOUT:?} ({last_error}); log:\n{}",
+            self.addr,
+            tail(&self.log(), 20)
+        )
+    }
+
+    fn probe(&self, proxy_protocol: bool) -> Result<()> {
+        let mut stream = TcpStream::connect_timeout(&self.addr, Duration::from_millis(500))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(3)))?;
+        if proxy_protocol {
+            let local = stream.local_addr()?;
+            write!(
+                stream,
+                "PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\n",
+                local.port(),
+                self.addr.port()
+            )?;
+        }
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut banner = String::new();
+        reader.read_line(&mut banner)?;
+        if !banner.starts_with("220 ") {
+            bail!("unexpected banner {banner:?}");
+        }
+        stream.write_all(b"QUIT\r\n")?;
+        let mut bye = String::new();
+        let _ = reader.read_line(&mut bye);
+        Ok(())
+    }
+
+    /// The master's pid, if its pid file names a live process.
+    fn master_pid(&self) -> Option<i32> {
+        let text = fs::read_to_string(self.dir.join("queue/pid/master.pid")).ok()?;
+        let pid: i32 = text.trim().parse().ok()?;
+        // SAFETY: signal 0 only checks that the process exists.
+        (pid > 0 && unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+    }
+
+    /// What `postfix stop` does, without its one-second polling: SIGTERM to
+    /// the master (which terminates its process group), then wait until no
+    /// process of the instance is left; SIGKILL whatever is after 5 s.
+    fn stop(&self) -> Result<()> {
+        if let Some(pid) = self.master_pid() {
+            // SAFETY: plain kill(2) on the pid from the instance's pid file.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        if !poll(STOP_TIMEOUT, || self.processes().is_empty()) {
+            let left = self.processes();
+            eprintln!(
+                "postfix fixture: {} still running {STOP_TIMEOUT:?} after SIGTERM: {left:?}; killing",
+                self.dir.display()
+            );
+            for pid in left {
+                // SAFETY: plain kill(2) on a process of this instance.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            if !poll(Duration::from_secs(2), || self.processes().is_empty()) {
+                bail!(
+                    "processes still running after SIGKILL: {:?}",
+                    self.processes()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            eprintln!("postfix fixture: stopping {}: {e:#}", self.dir.display());
+            // Keep the directory: it has the log of what went wrong.
+            return;
+        }
+        if std::env::var_os("POSTFIX_FIXTURE_KEEP").is_some() {
+            eprintln!(
+                "postfix fixture: kept {} (POSTFIX_FIXTURE_KEEP)",
+                self.dir.display()
+            );
+            return;
+        }
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            eprintln!("postfix fixture: removing {}: {e}", self.dir.display());
+        }
+    }
+}
+
+/// The pids of the processes of the instance whose config_directory is
+/// `config_dir`: those whose environment has `MAIL_CONFIG=CONFIG_DIR` (the
+/// `postfix` command sets it, and the master passes it on to every daemon).
+/// `pgrep -f` finds none of them by directory: their command lines do not
+/// name it.
+pub fn instance_processes(config_dir: &Path) -> Vec<i32> {
+    let mut needle = b"MAIL_CONFIG=".to_vec();
+    needle.extend_from_slice(config_dir.as_os_str().as_encoded_bytes());
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == needle.as_slice()))
+        })
+        .collect()
+}
+
+/// Counts `status=sent` lines in a Postfix log.
+pub fn count_sent(log: &str) -> usize {
+    log.lines().filter(|l| l.contains(" status=sent ")).count()
+}
+
+/// The instance's master.cf: Debian's, with the `smtp inet` service moved to
+/// `addr`, no chroot for any service (no chroot tree to set up), the
+/// `pipe` services (maildrop, uucp, …: users that do not exist) and
+/// per-service `syslog_name`s left out.
+fn master_cf(dist: &str, addr: SocketAddr) -> String {
+    let mut out = String::from("# Written by the smtp-limiter tests' Postfix fixture.\n");
+    let mut keep = true;
+    for line in dist.lines() {
+        if line.trim_start().starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        if line.starts_with(char::is_whitespace) {
+            // `-o` or argument lines of the service above; a service's own
+            // syslog_name would hide which instance logged.
+            if keep && !line.contains("syslog_name=") {
+                out.push_str(line);
+                out.push('\n');
+            }
+            continue;
+        }
+        let mut fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 8 {
+            keep = false;
+            continue;
+        }
+        keep = fields[7] != "pipe";
+        if !keep {
+            continue;
+        }
+        let service = addr.to_string();
+        if fields[0] == "smtp" && fields[1] == "inet" {
+            fields[0] = &service;
+        }
+        fields[4] = "n";
+        let _ = writeln!(
+            out,
+            "{:<10} {:<5} {:<7} {:<7} {:<7} {:<7} {:<7} {}",
+            fields[0],
+            fields[1],
+            fields[2],
+            fields[3],
+            fields[4],
+            fields[5],
+            fields[6],
+            fields[7..].join(" ")
+        );
+    }
+    out
+}
+
+/// Once per test process: stops the instances, and removes the directories,
+/// that test processes which no longer run left behind (killed before their
+/// `Drop`, e.g. by a CI timeout or SIGKILL).
+fn reap_stale_instances() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(owner) = name
+                .strip_prefix(DIR_PREFIX)
+                .and_then(|rest| rest.split('.').next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // Alive unless gone or a zombie (state Z after the `(comm)`).
+            let alive = fs::read_to_string(format!("/proc/{owner}/stat")).is_ok_and(|stat| {
+                !stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            });
+            if alive {
+                continue;
+            }
+            let dir = entry.path();
+            let pids = instance_processes(&dir.join("conf"));
+            eprintln!(
+                "postfix fixture: removing {} left by process {owner} (killing {pids:?})",
+                dir.display()
+            );
+            for pid in pids {
+                // SAFETY: plain kill(2) on a process of that stale instance.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            let _ = fs::remove_dir_all(&dir);
+        }
+    });
+}
+
+fn master_cf_source() -> Option<PathBuf> {
+    MASTER_CF_SOURCES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+/// A new empty directory /tmp/smtp-limiter-postfix.PID.N.NANOS, mode 0755 (the
+/// daemons run as the `postfix` user and must reach the queue in it).
+fn new_dir() -> Result<PathBuf> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!(
+        "{DIR_PREFIX}{}.{}.{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("cannot chmod {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn free_port() -> Result<u16> {
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot bind 127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Writes a config file, mode 0644, dated a minute back: Postfix reads a
+/// configuration file only once its mtime is in the past (load_file(3)
+/// sleeps 300 ms and retries otherwise), which made every freshly written
+/// main.cf cost each Postfix program up to a second or two at start.
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    let context = || format!("cannot write {}", path.display());
+    fs::write(path, text).with_context(context)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o644)).with_context(context)?;
+    let past = SystemTime::now() - Duration::from_secs(60);
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(past))
+        .with_context(context)
+}
+
+fn count_files(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => count_files(&e.path()),
+            Ok(_) => 1,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn poll(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
