@@ -34,9 +34,12 @@ pub mod map_names {
     pub const EVENTS: &str = "EVENTS";
     /// Per-CPU [`crate::EventBudget`]: the drop-event rate limiter's state.
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
+    /// Array of `u64` words: one bitmap of IPv4 /16s per LPM trie (see
+    /// [`crate::hint`]), so most IPv4 packets skip the tries entirely.
+    pub const NET_HINTS: &str = "NET_HINTS";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         CONFIG,
         STATS,
         ALLOW,
@@ -47,7 +50,36 @@ pub mod map_names {
         CONN_SOCKS,
         EVENTS,
         EVENT_BUDGET,
+        NET_HINTS,
     ];
+}
+
+/// Prefilters for the LPM tries. An LPM lookup costs several times a hash
+/// lookup and grows with the trie; most sources match no entry. For each
+/// trie, a bitmap of the 65 536 IPv4 /16s has a bit set for every /16 that
+/// some entry of the trie may cover; an IPv4 source whose /16 bit is clear
+/// cannot match and skips the lookup. IPv6 sources always look up.
+///
+/// Writers only ever set bits when adding entries; removals recompute the
+/// whole bitmap from the trie. A stale set bit costs one lookup; a bit must
+/// never be clear while an entry needs it.
+pub mod hint {
+    /// `u64` words per bitmap.
+    pub const WORDS: u32 = 65_536 / 64;
+    /// Bitmap of `ALLOW`.
+    pub const ALLOW: u32 = 0;
+    /// Bitmap of `BLOCK_NET`.
+    pub const BLOCK_NET: u32 = 1;
+    /// Bitmap of `CAP_NET`.
+    pub const CAP_NET: u32 = 2;
+    /// Number of bitmaps (entries in `NET_HINTS` = `COUNT * WORDS`).
+    pub const COUNT: u32 = 3;
+
+    /// The `NET_HINTS` index and the bit of `slash16` in bitmap `map`.
+    #[inline(always)]
+    pub const fn position(map: u32, slash16: u16) -> (u32, u64) {
+        (map * WORDS + (slash16 as u32 >> 6), 1u64 << (slash16 & 63))
+    }
 }
 
 /// Names of the programs in the kernel object.
@@ -130,6 +162,18 @@ impl Addr {
                 self.words[2] & mask_word(prefix_len, 2),
                 self.words[3] & mask_word(prefix_len, 3),
             ],
+        }
+    }
+
+    /// The first two bytes of an IPv4-mapped address (its /16), for
+    /// [`hint`]; `None` for IPv6.
+    #[inline(always)]
+    pub const fn ipv4_slash16(&self) -> Option<u16> {
+        if self.is_ipv4_mapped() {
+            let b = self.words[3].to_ne_bytes();
+            Some(u16::from_be_bytes([b[0], b[1]]))
+        } else {
+            None
         }
     }
 
@@ -486,6 +530,26 @@ mod tests {
         assert_eq!(a.octets()[10..], [0xff, 0xff, 192, 0, 2, 7]);
         assert_eq!(a.source_key(64), a);
         assert_eq!(Addr::from_octets(a.octets()), a);
+    }
+
+    #[test]
+    fn hint_positions_cover_every_slash16_once() {
+        let a = Addr::from_ipv4_word(u32::from_ne_bytes([192, 0, 2, 7]));
+        assert_eq!(a.ipv4_slash16(), Some(0xc000));
+        assert_eq!(
+            hint::position(hint::BLOCK_NET, 0xc000),
+            (hint::WORDS + 0xc000 / 64, 1)
+        );
+        assert_eq!(hint::position(hint::ALLOW, 65), (1, 2));
+        assert_eq!(
+            hint::position(hint::CAP_NET, u16::MAX),
+            (3 * hint::WORDS - 1, 1 << 63)
+        );
+        assert_eq!(
+            Addr::from_octets([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])
+                .ipv4_slash16(),
+            None
+        );
     }
 
     #[test]

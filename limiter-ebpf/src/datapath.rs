@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use limiter_common::{
-    drop_reason, Addr, Allow, Block, Cap, Config, ConnCount, DropEvent, EventBudget, Stats,
+    drop_reason, hint, Addr, Allow, Block, Cap, Config, ConnCount, DropEvent, EventBudget, Stats,
     TrackedSocket,
 };
 
@@ -35,6 +35,8 @@ pub(crate) static CONN_SOCKS: HashMap<u64, TrackedSocket, 262144> = HashMap::new
 static EVENTS: RingBuf<DropEvent, { 256 * 1024 }> = RingBuf::new();
 #[btf_map]
 static EVENT_BUDGET: PerCpuArray<EventBudget, 1> = PerCpuArray::new();
+#[btf_map]
+static NET_HINTS: Array<u64, { (hint::COUNT * hint::WORDS) as usize }> = Array::new();
 
 /// Full-length LPM key for one address.
 const HOST_PREFIX: u32 = 128;
@@ -123,7 +125,8 @@ fn judge(parsed: Result<TcpHeaders, Skip>) -> Verdict {
     stats.seen += 1;
 
     let host = Key::new(HOST_PREFIX, headers.source);
-    if ALLOW.get(&host).is_some() {
+    let slash16 = headers.source.ipv4_slash16();
+    if may_match(hint::ALLOW, slash16) && ALLOW.get(&host).is_some() {
         stats.allowed += 1;
         return Verdict::Pass;
     }
@@ -134,20 +137,39 @@ fn judge(parsed: Result<TcpHeaders, Skip>) -> Verdict {
             return Verdict::Drop;
         }
     }
-    if let Some(block) = lookup_mut::<_, Key<Addr>, Block>(&BLOCK_NET, &host) {
+    let net_block = if may_match(hint::BLOCK_NET, slash16) {
+        lookup_mut::<_, Key<Addr>, Block>(&BLOCK_NET, &host)
+    } else {
+        None
+    };
+    if let Some(block) = net_block {
         if enforce_block(block, stats) {
             stats.dropped_block_net += 1;
             report(config, stats, &headers, drop_reason::BLOCK_NET);
             return Verdict::Drop;
         }
     }
-    if headers.new_connection && at_cap(config, &headers.source, &host) {
+    if headers.new_connection && at_cap(config, &headers.source, &host, slash16) {
         stats.dropped_cap += 1;
         report(config, stats, &headers, drop_reason::CAP);
         return Verdict::Drop;
     }
     stats.passed += 1;
     Verdict::Pass
+}
+
+/// Whether the trie behind hint bitmap `map` may hold an entry covering an
+/// IPv4 source's /16 (always true for IPv6 sources). An array lookup, which
+/// the verifier inlines: far cheaper than the trie.
+#[inline(always)]
+fn may_match(map: u32, slash16: Option<u16>) -> bool {
+    let Some(slash16) = slash16 else {
+        return true;
+    };
+    let (index, bit) = hint::position(map, slash16);
+    // A missing word (cannot happen: the array is sized for every index)
+    // fails safe: look the trie up.
+    NET_HINTS.get(index).is_none_or(|word| word & bit != 0)
 }
 
 /// Whether the block entry still holds; counts the drop on the entry if so.
@@ -197,12 +219,15 @@ fn lookup_mut<M, K, V>(map: &M, key: &K) -> Option<*mut V> {
 
 /// Whether `source` already holds as many connections as its cap allows.
 #[inline(always)]
-fn at_cap(config: &Config, source: &Addr, host: &Key<Addr>) -> bool {
+fn at_cap(config: &Config, source: &Addr, host: &Key<Addr>, slash16: Option<u16>) -> bool {
     // Most sources hold no connection: one hash miss and done.
     let Some(count) = (unsafe { CONN_COUNT.get(source.source_key(config.ipv6_prefix_len)) }) else {
         return false;
     };
-    let cap = match CAP_NET.get(host) {
+    let cap = match may_match(hint::CAP_NET, slash16)
+        .then(|| CAP_NET.get(host))
+        .flatten()
+    {
         Some(cap) => cap.max_connections,
         None => config.max_connections,
     };

@@ -376,6 +376,45 @@ fn expired_blocks_pass_and_are_swept() {
 }
 
 #[test]
+fn network_prefilters_follow_adds_and_removals() {
+    if !prerequisites("network_prefilters_follow_adds_and_removals") {
+        return;
+    }
+    let k = TestKernel::load(limits(10));
+    let d = &k.datapath;
+    d.block(net("10.0.0.0/8"), None, reason::REJECT_LIST)
+        .unwrap();
+    d.block(net("10.1.0.0/16"), None, reason::MANUAL).unwrap();
+    d.block(net("2001:db8::/32"), None, reason::MANUAL).unwrap();
+    assert_eq!(xdp(&k, &Frame::syn(ip("10.1.2.3"), 25)), XDP_DROP);
+    // Removing the /16 must keep the /8's bits.
+    assert!(d.unblock(net("10.1.0.0/16")).unwrap());
+    assert_eq!(
+        xdp(&k, &Frame::syn(ip("10.1.2.3"), 25)),
+        XDP_DROP,
+        "still inside 10/8"
+    );
+    assert!(d.unblock(net("10.0.0.0/8")).unwrap());
+    assert_eq!(xdp(&k, &Frame::syn(ip("10.1.2.3"), 25)), XDP_PASS);
+    assert_eq!(
+        xdp(&k, &Frame::syn(ip("2001:db8::5"), 25)),
+        XDP_DROP,
+        "IPv6 always looks up"
+    );
+    // An IPv6 network covering the IPv4-mapped space covers IPv4 sources.
+    d.block(net("::/0"), None, reason::MANUAL).unwrap();
+    assert_eq!(xdp(&k, &Frame::syn(ip("192.0.2.44"), 25)), XDP_DROP);
+    assert!(d.unblock(net("::/0")).unwrap());
+    assert_eq!(xdp(&k, &Frame::syn(ip("192.0.2.44"), 25)), XDP_PASS);
+    // Allow-list and caps use prefilters of their own.
+    d.block(net("192.0.2.44/32"), None, reason::MANUAL).unwrap();
+    d.allow(net("192.0.2.0/24")).unwrap();
+    assert_eq!(xdp(&k, &Frame::syn(ip("192.0.2.44"), 25)), XDP_PASS);
+    assert!(d.disallow(net("192.0.2.0/24")).unwrap());
+    assert_eq!(xdp(&k, &Frame::syn(ip("192.0.2.44"), 25)), XDP_DROP);
+}
+
+#[test]
 fn allowlist_wins_over_blocks_and_caps() {
     if !prerequisites("allowlist_wins_over_blocks_and_caps") {
         return;

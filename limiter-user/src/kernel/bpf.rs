@@ -26,7 +26,7 @@ use aya::{
 };
 use ipnet::IpNet;
 use limiter_common::{
-    map_names as names, program_names, Addr, Allow, Block, Cap, Config, ConnCount, Stats,
+    hint, map_names as names, program_names, Addr, Allow, Block, Cap, Config, ConnCount, Stats,
     TrackedSocket, MAX_PORTS,
 };
 use tokio::io::{unix::AsyncFd, Interest};
@@ -36,7 +36,7 @@ pub use crate::config::{Attach as AttachMode, MapSizes};
 use super::{
     addr::{addr_of, canonical, is_host, lpm_key, net_of, source_net},
     clock::{mono_ns_to_system, system_to_mono_ns},
-    BlockHit, Datapath, DropEvent, KernelBlock, KernelCounters, KernelError, KernelLimits,
+    hints, BlockHit, Datapath, DropEvent, KernelBlock, KernelCounters, KernelError, KernelLimits,
 };
 
 /// The kernel object built into this binary, if it was built with one.
@@ -85,6 +85,8 @@ struct Maps {
     cap_net: LpmTrie<MapData, Addr, Cap>,
     conn_count: HashMap<MapData, Addr, ConnCount>,
     events: Option<RingBuf<MapData>>,
+    /// IPv4 /16 prefilters of ALLOW, BLOCK_NET and CAP_NET.
+    hints: Array<MapData, u64>,
     sizes: MapSizes,
 }
 
@@ -165,6 +167,10 @@ impl BpfDatapath {
 
         let mut maps = Maps::take(&mut ebpf, sizes)?;
         maps.warn_on_size_mismatch(pin_path);
+        // Pins from an earlier run: make the prefilters match their tries.
+        for map in [hint::ALLOW, hint::BLOCK_NET, hint::CAP_NET] {
+            maps.rebuild_hints(map)?;
+        }
         let datapath = Self {
             maps: Mutex::new(maps),
             ebpf: Mutex::new(Some(ebpf)),
@@ -405,6 +411,7 @@ impl Datapath for BpfDatapath {
             let key = lpm_key(net);
             let drops = maps.block_net.get(&key, 0).map(|b| b.drops).unwrap_or(0);
             let max = maps.sizes.block_net;
+            maps.add_hint(hint::BLOCK_NET, net)?;
             maps.block_net
                 .insert(&key, Block { drops, ..value }, 0)
                 .map_err(|e| insert_error(names::BLOCK_NET, max, "block_net", e))
@@ -417,7 +424,9 @@ impl Datapath for BpfDatapath {
         let removed = if is_host(net) {
             maps.block.remove(&addr_of(net.addr()))
         } else {
-            maps.block_net.remove(&lpm_key(net))
+            let removed = maps.block_net.remove(&lpm_key(net));
+            maps.rebuild_hints(hint::BLOCK_NET)?;
+            removed
         };
         absent_is_false(
             removed,
@@ -493,19 +502,25 @@ impl Datapath for BpfDatapath {
                 swept += 1;
             }
         }
+        // Also heals a bit lost to two writers (agent and CLI) racing.
+        maps.rebuild_hints(hint::BLOCK_NET)?;
         Ok(swept)
     }
 
     fn allow(&self, net: IpNet) -> Result<(), KernelError> {
         let mut maps = lock(&self.maps);
         let max = maps.sizes.allow;
+        maps.add_hint(hint::ALLOW, net)?;
         maps.allow
             .insert(&lpm_key(net), Allow { flags: 0 }, 0)
             .map_err(|e| insert_error(names::ALLOW, max, "allow", e))
     }
 
     fn disallow(&self, net: IpNet) -> Result<bool, KernelError> {
-        absent_is_false(lock(&self.maps).allow.remove(&lpm_key(net)), names::ALLOW)
+        let mut maps = lock(&self.maps);
+        let removed = maps.allow.remove(&lpm_key(net));
+        maps.rebuild_hints(hint::ALLOW)?;
+        absent_is_false(removed, names::ALLOW)
     }
 
     fn allows(&self) -> Result<Vec<IpNet>, KernelError> {
@@ -522,16 +537,17 @@ impl Datapath for BpfDatapath {
     fn set_cap(&self, net: IpNet, max_connections: u32) -> Result<(), KernelError> {
         let mut maps = lock(&self.maps);
         let max = maps.sizes.cap_net;
+        maps.add_hint(hint::CAP_NET, net)?;
         maps.cap_net
             .insert(&lpm_key(net), Cap { max_connections }, 0)
             .map_err(|e| insert_error(names::CAP_NET, max, "cap_net", e))
     }
 
     fn remove_cap(&self, net: IpNet) -> Result<bool, KernelError> {
-        absent_is_false(
-            lock(&self.maps).cap_net.remove(&lpm_key(net)),
-            names::CAP_NET,
-        )
+        let mut maps = lock(&self.maps);
+        let removed = maps.cap_net.remove(&lpm_key(net));
+        maps.rebuild_hints(hint::CAP_NET)?;
+        absent_is_false(removed, names::CAP_NET)
     }
 
     fn caps(&self) -> Result<Vec<(IpNet, u32)>, KernelError> {
@@ -647,6 +663,68 @@ fn decode_event(bytes: &[u8]) -> Option<DropEvent> {
 }
 
 impl Maps {
+    /// Sets the hint bits `net` needs in bitmap `map`. Called before the
+    /// entry goes into its trie, so no packet sees the entry without them.
+    fn add_hint(&mut self, map: u32, net: IpNet) -> Result<(), KernelError> {
+        let Some(range) = hints::slash16_range(net) else {
+            return Ok(());
+        };
+        let (first, _) = hint::position(map, *range.start() as u16);
+        let (last, _) = hint::position(map, *range.end() as u16);
+        let wanted = hints::bitmap(&[net]);
+        for index in first..=last {
+            let bits = wanted[(index - map * hint::WORDS) as usize];
+            let word = self
+                .hints
+                .get(&index, 0)
+                .map_err(|e| map_error(names::NET_HINTS, e))?;
+            if word | bits != word {
+                self.hints
+                    .set(index, word | bits, 0)
+                    .map_err(|e| map_error(names::NET_HINTS, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Recomputes bitmap `map` from its trie (after removals).
+    fn rebuild_hints(&mut self, map: u32) -> Result<(), KernelError> {
+        let nets: Vec<IpNet> = match map {
+            hint::ALLOW => self
+                .allow
+                .keys()
+                .filter_map(Result::ok)
+                .map(|k| net_of(&k))
+                .collect(),
+            hint::BLOCK_NET => self
+                .block_net
+                .keys()
+                .filter_map(Result::ok)
+                .map(|k| net_of(&k))
+                .collect(),
+            _ => self
+                .cap_net
+                .keys()
+                .filter_map(Result::ok)
+                .map(|k| net_of(&k))
+                .collect(),
+        };
+        let wanted = hints::bitmap(&nets);
+        for (offset, bits) in wanted.iter().enumerate() {
+            let index = map * hint::WORDS + offset as u32;
+            let word = self
+                .hints
+                .get(&index, 0)
+                .map_err(|e| map_error(names::NET_HINTS, e))?;
+            if word != *bits {
+                self.hints
+                    .set(index, *bits, 0)
+                    .map_err(|e| map_error(names::NET_HINTS, e))?;
+            }
+        }
+        Ok(())
+    }
+
     fn take(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<Self, KernelError> {
         fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
             ebpf: &mut Ebpf,
@@ -668,6 +746,7 @@ impl Maps {
             cap_net: take(ebpf, names::CAP_NET)?,
             conn_count: take(ebpf, names::CONN_COUNT)?,
             events: Some(take(ebpf, names::EVENTS)?),
+            hints: take(ebpf, names::NET_HINTS)?,
             sizes,
         })
     }
@@ -705,6 +784,7 @@ impl Maps {
             cap_net: open(dir, names::CAP_NET, Map::LpmTrie)?,
             conn_count: open(dir, names::CONN_COUNT, Map::HashMap)?,
             events: None,
+            hints: open(dir, names::NET_HINTS, Map::Array)?,
             sizes,
         })
     }
@@ -768,7 +848,7 @@ fn max_entries(dir: &Path, name: &'static str) -> Result<u32, KernelError> {
 }
 
 /// The shape each pinned map must have: (name, type, key size, value size).
-fn expected_maps() -> [(&'static str, MapType, usize, usize); 10] {
+fn expected_maps() -> [(&'static str, MapType, usize, usize); 11] {
     let lpm_key = size_of::<Key<Addr>>();
     [
         (names::CONFIG, MapType::Array, 4, size_of::<Config>()),
@@ -806,6 +886,7 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize); 10] {
             4,
             size_of::<limiter_common::EventBudget>(),
         ),
+        (names::NET_HINTS, MapType::Array, 4, 8),
     ]
 }
 

@@ -11,6 +11,7 @@
 mod addr;
 mod bpf;
 mod clock;
+mod hints;
 
 use std::{net::IpAddr, path::PathBuf, time::SystemTime};
 
