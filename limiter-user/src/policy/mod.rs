@@ -408,7 +408,9 @@ impl Policy {
             if let Some(pattern) = rejected {
                 return Some(Rejection {
                     reason: Reason::HeloRejected { pattern },
-                    action: Action::RefuseAndClose,
+                    // Like Postfix: refuse the name, keep the session; MAIL
+                    // needs an accepted HELO, so nothing goes through.
+                    action: Action::RefuseCommand,
                     block: None,
                 });
             }

@@ -338,7 +338,7 @@ fn helo_reject_list_refuses_matching_names() {
             pattern: "*.dynamic.example".into()
         }
     );
-    assert_eq!(rejection.action, Action::RefuseAndClose);
+    assert_eq!(rejection.action, Action::RefuseCommand);
     let (rejection, _) = helo_refused(policy.helo(&state, source, "LOCALHOST", None));
     assert_eq!(rejection.name(), "helo-reject");
     let guard = helo_accepted(policy.helo(&state, source, "mx.example.org", None));

@@ -28,13 +28,14 @@ use super::{
 };
 use crate::{
     config::{Identity, Vrfy},
+    policy::Reason,
     policy::{
         Action, ConnectionGuard, HeloGuard, HeloVerdict, MailVerdict, RcptVerdict, Rejection,
         SessionCounters,
     },
     smtp::{
         command::{parse_command, parse_mail_from, parse_rcpt_to, Verb},
-        data::{DataProgress, DataScanner, Violation},
+        data::{DataProgress, DataScanner},
         ehlo::{filter_ehlo, parse_capabilities, EhloOptions},
         line::{LineError, LineReader},
         reply::Reply,
@@ -106,6 +107,8 @@ pub struct Session<S> {
     starttls: bool,
     shutdown: watch::Receiver<bool>,
     summary: SessionSummary,
+    /// A 421 went out: the session ends after this command.
+    closing: bool,
     _connection: ConnectionGuard,
 }
 
@@ -134,6 +137,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             starttls,
             shutdown,
             summary: SessionSummary::default(),
+            closing: false,
             _connection: connection,
         }
     }
@@ -210,6 +214,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             };
             match self.handle(&line).await {
+                Ok(Flow::Continue) if self.closing => return "closed",
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Close) => return "closed",
                 Err(e) => {
@@ -457,9 +462,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn data(&mut self, line: &[u8]) -> std::io::Result<Flow> {
-        if !self.envelope.active || self.envelope.recipients == 0 {
-            // Let the backend say what is wrong (503 / 554 no valid recipients).
-            return self.relay_and_answer(line).await;
+        // DATA goes to the backend only inside a transaction the proxy saw
+        // and judged, in this TLS state: never under an envelope given
+        // before STARTTLS, never without an accepted recipient.
+        if !self.envelope.active {
+            self.reply(&Reply::bad_sequence_because("need MAIL command"))
+                .await?;
+            return Ok(Flow::Continue);
+        }
+        if self.envelope.recipients == 0 {
+            self.reply(&Reply::new(554, "5.5.1 Error: no valid recipients"))
+                .await?;
+            return Ok(Flow::Continue);
         }
         let reply = match self.backend_command(line).await {
             Ok(reply) => reply,
@@ -485,7 +499,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             };
             self.input.advance(consumed);
-            if !too_big && scanner.bytes() > max_size {
+            if !too_big && scanner.message_size() > max_size {
                 // Over the limit: the backend must not store a truncated
                 // message, so its connection goes (it aborts the transaction).
                 too_big = true;
@@ -525,18 +539,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.backend = None;
                     tracing::info!(source = %self.peer.ip(), violation = ?kind, action = "reject", "invalid line ending in DATA");
                     self.ctx.stats.count_rejection("bare-newline");
-                    let reply = match kind {
-                        Violation::LineTooLong => Reply::line_too_long(),
-                        Violation::BareLf | Violation::BareCr => Reply::bare_newline(),
-                    };
-                    self.reply(&reply).await?;
+                    self.reply(&kind.reply()).await?;
                     return Ok(Flow::Close);
                 }
             }
-            if self.read_more(data_timeout).await? == 0 {
-                // The client left mid-message: the backend must not keep it.
-                self.backend = None;
-                return Ok(Flow::Close);
+            match self.read_more(data_timeout).await {
+                Ok(0) => {
+                    // The client left mid-message: the backend must not keep it.
+                    self.backend = None;
+                    return Ok(Flow::Close);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.backend = None;
+                    if e.kind() == std::io::ErrorKind::TimedOut {
+                        self.reply(&Reply::timeout()).await?;
+                    }
+                    return Ok(Flow::Close);
+                }
             }
         }
     }
@@ -612,9 +632,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Err(_) => return Ok(Flow::Close),
         }
-        // RFC 3207: the session starts over; the client must EHLO again.
+        // RFC 3207: the session starts over; the client must EHLO again, and
+        // nothing said in plaintext may carry over at the backend either.
         self.helo = None;
         self.envelope = Envelope::default();
+        if let Some(backend) = self.backend.as_mut() {
+            if backend.command(b"RSET").await.is_err() {
+                self.backend = None;
+            }
+        }
         Ok(Flow::Continue)
     }
 
@@ -723,6 +749,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn reply(&mut self, reply: &Reply) -> std::io::Result<()> {
+        // RFC 5321 3.8: after a 421 (ours or the backend's) the channel closes.
+        if reply.code == 421 {
+            self.closing = true;
+        }
         let client = self
             .client
             .as_mut()
@@ -760,6 +790,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         loop {
             if let Some(result) = self.lines.next_line(&mut self.input) {
                 return match result {
+                    // A bare CR could end the line early at some backend.
+                    Ok(line) if line.has_bare_cr() => Input::Nul,
                     Ok(line) => Input::Line(line.text),
                     Err(LineError::TooLong) => Input::TooLong,
                     Err(LineError::Nul) => Input::Nul,
@@ -781,9 +813,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 }
 
-/// The reply for a policy refusal.
+/// The reply for a policy refusal: a fixed text per reason (the details,
+/// such as counts and the pattern that matched, go to the log only).
 fn rejection_reply(rejection: &Rejection) -> Reply {
-    let text = rejection.reason.to_string();
+    let text = match &rejection.reason {
+        Reason::RejectList { .. } => "Service unavailable; client host rejected",
+        Reason::TooManyConnections { .. } => "Error: too many connections from your address",
+        Reason::StateFull { .. } => "Error: server busy, try again later",
+        Reason::HeloRejected { .. } => "Helo command rejected: Access denied",
+        Reason::TooManyForHelo { .. } => "Error: too many connections for your HELO name",
+        Reason::NullSenderRate { .. } => {
+            "Error: too many messages with a null sender, try again later"
+        }
+        Reason::RelayDenied => "Relay access denied",
+        Reason::Harvest { .. } => "Error: too many invalid recipients, try again later",
+        Reason::AuthFailures { .. } => "Error: too many failed authentications, try again later",
+    };
     match rejection.action {
         Action::DeferCommand => Reply::new(450, &format!("4.7.1 {text}")),
         Action::RefuseCommand => Reply::new(550, &format!("5.7.1 {text}")),

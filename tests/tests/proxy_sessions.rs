@@ -1,0 +1,1310 @@
+//! SMTP sessions through the proxy, against a scripted backend: what the
+//! client is answered, and exactly what reaches the backend.
+//!
+//! No root or BPF needed: the proxy runs in-process with the kernel layer
+//! off ([`TestProxy`]), the backend is [`ScriptedBackend`] on loopback, and
+//! the client below speaks raw bytes so that every reply and every close can
+//! be checked exactly. The STARTTLS tests drive `python3`'s `ssl` module and
+//! need `openssl` for a throw-away certificate; without them they are
+//! skipped with a message.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::Command,
+    sync::atomic::Ordering,
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
+
+use limiter_common::reason;
+use limiter_tests::{
+    proxy::TestProxy,
+    scripted::{base64_encode, Behaviour, FailMode, ScriptedBackend},
+};
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// How long a client waits for a reply or for the proxy to close.
+const WAIT: Duration = Duration::from_secs(5);
+
+// -- Helpers ---------------------------------------------------------------
+
+/// An enforcing proxy relaying to `backend` without identity header, plus
+/// `extra` TOML tables.
+fn config(backend: SocketAddr, extra: &str) -> String {
+    config_with("enforce", "none", backend, extra)
+}
+
+fn config_with(mode: &str, identity: &str, backend: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"mode = "{mode}"
+
+[[listen]]
+address = "127.0.0.1:0"
+
+[backend]
+address = "{backend}"
+identity = "{identity}"
+connect_timeout = "2s"
+
+[kernel]
+mode = "off"
+
+{extra}
+"#
+    )
+}
+
+fn start(backend: &ScriptedBackend, extra: &str) -> TestProxy {
+    TestProxy::start(&config(backend.addr(), extra))
+}
+
+/// A raw SMTP client: whole replies (lines joined with '\n', without CRLF)
+/// and an exact check that the server closed the connection.
+struct Smtp {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Smtp {
+    /// Connects without reading anything.
+    fn open(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect_timeout(&addr, WAIT).expect("connect to the proxy");
+        stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+        Self {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Connects and returns the greeting.
+    fn connect(addr: SocketAddr) -> (Self, String) {
+        let mut client = Self::open(addr);
+        let greeting = client.reply();
+        (client, greeting)
+    }
+
+    /// Connects, expects a 220 greeting, says `EHLO client.test`.
+    fn session(addr: SocketAddr) -> Self {
+        let (mut client, greeting) = Self::connect(addr);
+        expect(&greeting, "220 ");
+        expect(&client.cmd("EHLO client.test"), "250");
+        client
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.stream.local_addr().expect("local address")
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write to the proxy");
+    }
+
+    fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
+    /// The next whole reply.
+    ///
+    /// # Panics
+    /// When the connection closes or nothing comes within [`WAIT`].
+    #[track_caller]
+    fn reply(&mut self) -> String {
+        match self.try_reply() {
+            Ok(reply) => reply,
+            Err(e) => panic!("no reply: {e}"),
+        }
+    }
+
+    fn try_reply(&mut self) -> Result<String, String> {
+        loop {
+            if let Some(reply) = self.take_reply() {
+                return Ok(reply);
+            }
+            let mut chunk = [0u8; 8192];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => {
+                    return Err(format!(
+                        "connection closed (pending {:?})",
+                        String::from_utf8_lossy(&self.buf)
+                    ))
+                }
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+    }
+
+    fn take_reply(&mut self) -> Option<String> {
+        let mut lines = Vec::new();
+        let mut start = 0;
+        while let Some(lf) = self.buf[start..].iter().position(|&b| b == b'\n') {
+            let raw = &self.buf[start..start + lf];
+            let line = String::from_utf8_lossy(raw.strip_suffix(b"\r").unwrap_or(raw)).into_owned();
+            start += lf + 1;
+            let last = line.len() < 4 || line.as_bytes()[3] == b' ';
+            lines.push(line);
+            if last {
+                self.buf.drain(..start);
+                return Some(lines.join("\n"));
+            }
+        }
+        None
+    }
+
+    /// Whether the server closes the connection within [`WAIT`] without
+    /// sending anything more (unread bytes count as "not closed").
+    fn closed(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        match self.stream.read(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => {
+                self.buf.push(byte[0]);
+                false
+            }
+            Err(e) => matches!(
+                e.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+            ),
+        }
+    }
+}
+
+/// The reply code.
+fn code(reply: &str) -> u16 {
+    reply.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+#[track_caller]
+fn expect(reply: &str, prefix: &str) {
+    assert!(
+        reply.starts_with(prefix),
+        "expected a reply starting with {prefix:?}, got {reply:?}"
+    );
+}
+
+/// Opens a transaction for alice@example.com and gets the 354.
+fn start_data(c: &mut Smtp) {
+    expect(&c.cmd("MAIL FROM:<sender@example.org>"), "250 ");
+    expect(&c.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    expect(&c.cmd("DATA"), "354 ");
+}
+
+/// Whether any line the backend received starts with `prefix` (no case).
+fn backend_saw(backend: &ScriptedBackend, prefix: &str) -> bool {
+    backend.lines().iter().any(|l| {
+        l.len() >= prefix.len()
+            && l.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+    })
+}
+
+/// A local address nothing listens on.
+fn dead_address() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address")
+}
+
+fn blocked(proxy: &TestProxy) -> Option<limiter_user::proxy::blocks::ActiveBlock> {
+    proxy.ctx.blocks.covering(LOCALHOST, SystemTime::now())
+}
+
+// -- 1. A whole transaction ------------------------------------------------
+
+#[test]
+fn whole_transaction_is_relayed_byte_for_byte() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "");
+    let (mut c, greeting) = Smtp::connect(proxy.addr);
+    assert_eq!(greeting, "220 backend.test ESMTP");
+    expect(&c.cmd("EHLO client.test"), "250-");
+    assert_eq!(c.cmd("MAIL FROM:<sender@example.org>"), "250 2.1.0 Ok");
+    assert_eq!(c.cmd("RCPT TO:<alice@example.com>"), "250 2.1.5 Ok");
+    expect(&c.cmd("DATA"), "354 ");
+    let body = b"Subject: test\r\n\r\nfirst line\r\n..leading dot\r\nlast line\r\n";
+    c.send(body);
+    c.send(b".\r\n");
+    assert_eq!(c.reply(), "250 2.0.0 Ok: queued as 1");
+    assert_eq!(c.cmd("QUIT"), "221 2.0.0 Bye");
+    assert!(c.closed());
+
+    assert_eq!(backend.messages(), vec![body.to_vec()]);
+    assert_eq!(
+        backend.lines(),
+        [
+            "EHLO client.test",
+            "MAIL FROM:<sender@example.org>",
+            "RCPT TO:<alice@example.com>",
+            "DATA",
+            "Subject: test",
+            "",
+            "first line",
+            "..leading dot",
+            "last line",
+            ".",
+            "QUIT",
+        ]
+    );
+    assert_eq!(proxy.ctx.stats.messages.load(Ordering::Relaxed), 1);
+}
+
+// -- 2. EHLO filtering -----------------------------------------------------
+
+#[test]
+fn ehlo_reply_offers_only_what_the_proxy_follows() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[smtp]\nmax_message_size = \"1MB\"\n");
+    let (mut c, _) = Smtp::connect(proxy.addr);
+    let ehlo = c.cmd("EHLO client.test");
+    let capabilities: Vec<&str> = ehlo.lines().skip(1).map(|l| &l[4..]).collect();
+    for dropped in ["CHUNKING", "XCLIENT", "XFORWARD", "STARTTLS"] {
+        assert!(
+            !capabilities.iter().any(|c| c.starts_with(dropped)),
+            "{dropped} offered: {ehlo}"
+        );
+    }
+    assert_eq!(
+        capabilities,
+        [
+            "PIPELINING",
+            "SIZE 1000000",
+            "VRFY",
+            "ETRN",
+            "ENHANCEDSTATUSCODES",
+            "8BITMIME",
+            "DSN",
+            "SMTPUTF8",
+            "AUTH PLAIN LOGIN",
+        ]
+    );
+    // What is not offered cannot be used either.
+    assert_eq!(code(&c.cmd("BDAT 10 LAST")), 502);
+    assert_eq!(code(&c.cmd("STARTTLS")), 502);
+    assert!(!backend_saw(&backend, "BDAT") && !backend_saw(&backend, "STARTTLS"));
+}
+
+// -- 3. PIPELINING ---------------------------------------------------------
+
+#[test]
+fn pipelined_commands_get_their_replies_in_order() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    c.send(b"MAIL FROM:<a@x>\r\nRCPT TO:<alice@example.com>\r\nRCPT TO:<nobody@example.com>\r\nDATA\r\n");
+    let replies: Vec<String> = (0..4).map(|_| c.reply()).collect();
+    assert_eq!(
+        replies.iter().map(|r| code(r)).collect::<Vec<_>>(),
+        [250, 250, 550, 354],
+        "{replies:?}"
+    );
+    expect(&replies[2], "550 5.1.1 <nobody@example.com>");
+    // Commands pipelined right after the end of the message.
+    c.send(b"hi\r\n.\r\nRSET\r\nQUIT\r\n");
+    assert_eq!(c.reply(), "250 2.0.0 Ok: queued as 1");
+    assert_eq!(c.reply(), "250 2.0.0 Ok");
+    assert_eq!(c.reply(), "221 2.0.0 Bye");
+    assert!(c.closed());
+    assert_eq!(backend.messages(), vec![b"hi\r\n".to_vec()]);
+}
+
+// -- 4. Relay rules --------------------------------------------------------
+
+#[test]
+fn foreign_recipients_are_refused_without_asking_the_backend() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[relay]\naccept = \"*@example.com\"\n");
+    let mut c = Smtp::session(proxy.addr);
+    expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
+    expect(&c.cmd("RCPT TO:<other@elsewhere.test>"), "550 5.7.1");
+    expect(&c.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    assert!(backend_saw(&backend, "RCPT TO:<alice@example.com>"));
+    assert!(
+        !backend.stream().contains("elsewhere.test"),
+        "{:?}",
+        backend.lines()
+    );
+}
+
+// -- 5. Harvesting ---------------------------------------------------------
+
+#[test]
+fn harvesting_closes_the_session_and_blocks_the_source() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[limits]\nmax_failed_rcpt = 3\n");
+    let mut c = Smtp::session(proxy.addr);
+    expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
+    for i in 1..=3 {
+        expect(
+            &c.cmd(&format!("RCPT TO:<nobody{i}@example.com>")),
+            "550 5.1.1",
+        );
+    }
+    expect(&c.cmd("RCPT TO:<nobody4@example.com>"), "421 4.7.0");
+    assert!(c.closed());
+
+    let block = blocked(&proxy).expect("127.0.0.1 blocked");
+    assert_eq!(block.net, "127.0.0.1/32".parse().unwrap());
+    assert_eq!(block.reason, reason::HARVEST);
+    let (mut again, greeting) = Smtp::connect(proxy.addr);
+    expect(&greeting, "421 4.7.0");
+    assert!(again.closed());
+    assert_eq!(
+        backend.connections(),
+        1,
+        "a blocked source never reaches the backend"
+    );
+}
+
+#[test]
+fn a_successful_recipient_resets_the_harvest_count() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[limits]\nmax_failed_rcpt = 3\n");
+    let mut c = Smtp::session(proxy.addr);
+    expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
+    for (rcpt, want) in [
+        ("nobody1", 550),
+        ("nobody2", 550),
+        ("alice", 250),
+        ("nobody3", 550),
+        ("nobody4", 550),
+        ("nobody5", 550),
+    ] {
+        let reply = c.cmd(&format!("RCPT TO:<{rcpt}@example.com>"));
+        assert_eq!(code(&reply), want, "{rcpt}: {reply}");
+    }
+    assert_eq!(c.cmd("NOOP"), "250 2.0.0 Ok");
+    assert!(blocked(&proxy).is_none());
+}
+
+// -- 6. SMTP smuggling -----------------------------------------------------
+
+/// Sends `body` after DATA: the client must get 550 5.5.2 and be closed,
+/// and the (lenient) backend must never see an end of message.
+fn smuggling_is_refused(body: &[u8]) {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    start_data(&mut c);
+    c.send(body);
+    expect(&c.reply(), "550 5.5.2");
+    assert!(c.closed());
+    assert!(backend.wait_idle(WAIT), "backend connection not closed");
+    assert!(backend.messages().is_empty(), "{:?}", backend.messages());
+    let stream = backend.stream();
+    assert!(!stream.contains("\r\n.\r\n"), "{stream:?}");
+    assert!(!stream.contains("smuggled@evil.test"), "{stream:?}");
+}
+
+const SMUGGLED: &str =
+    "MAIL FROM:<smuggled@evil.test>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\nsmuggled\r\n.\r\n";
+
+#[test]
+fn smuggling_with_bare_lf_dot_bare_lf_is_refused() {
+    smuggling_is_refused(format!("Subject: hi\r\n\r\nhello\n.\n{SMUGGLED}").as_bytes());
+}
+
+#[test]
+fn smuggling_with_crlf_dot_bare_lf_is_refused() {
+    smuggling_is_refused(format!("Subject: hi\r\n\r\nhello\r\n.\n{SMUGGLED}").as_bytes());
+}
+
+#[test]
+fn smuggling_with_bare_cr_is_refused() {
+    smuggling_is_refused(format!("Subject: hi\r\n\r\nhello\r.\r{SMUGGLED}").as_bytes());
+}
+
+#[test]
+fn overlong_message_line_is_refused_and_not_stored() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    start_data(&mut c);
+    c.send(&body_of(1, 1500));
+    c.send(b".\r\n");
+    let reply = c.reply();
+    assert!(matches!(code(&reply), 500 | 550), "{reply}");
+    expect(&reply[4..], "5.5.2");
+    assert!(c.closed());
+    assert!(backend.wait_idle(WAIT));
+    assert!(backend.messages().is_empty());
+}
+
+#[test]
+fn data_violations_are_named_in_the_reply() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    start_data(&mut c);
+    c.send(b"hello\r.\r\n");
+    let bare_cr = c.reply();
+    let mut c = Smtp::session(proxy.addr);
+    start_data(&mut c);
+    c.send(&body_of(1, 1500));
+    let too_long = c.reply();
+    assert_eq!(
+        [bare_cr.as_str(), too_long.as_str()],
+        [
+            "550 5.5.2 Error: bare <CR> received",
+            "550 5.5.2 Error: message line too long"
+        ]
+    );
+}
+
+#[test]
+fn bare_cr_in_a_command_never_reaches_the_backend() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    c.send(b"NOOP\rRSET\r\n");
+    let reply = c.reply();
+    assert!(matches!(code(&reply), 500 | 501), "{reply}");
+    assert_eq!(c.cmd("NOOP"), "250 2.0.0 Ok");
+    let lines = backend.lines();
+    assert!(!lines.iter().any(|l| l.contains('\r')), "{lines:?}");
+}
+
+// -- 7. Backend failures ---------------------------------------------------
+
+#[test]
+fn backend_down_at_connect_gets_421() {
+    let proxy = TestProxy::start(&config(dead_address(), ""));
+    let (mut c, greeting) = Smtp::connect(proxy.addr);
+    expect(&greeting, "421 4.3.0");
+    assert!(c.closed());
+}
+
+#[test]
+fn backend_silent_at_greeting_gets_421() {
+    let backend = ScriptedBackend::start(Behaviour {
+        greeting_delay: Duration::from_secs(30),
+        ..Behaviour::default()
+    });
+    let proxy = start(&backend, "[smtp]\nbackend_timeout = \"1s\"\n");
+    let started = Instant::now();
+    let (mut c, greeting) = Smtp::connect(proxy.addr);
+    expect(&greeting, "421 4.3.0");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(c.closed());
+}
+
+#[test]
+fn backend_421_mid_session_closes_the_client() {
+    let backend = ScriptedBackend::start(Behaviour::failing("RCPT", FailMode::Reply421));
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
+    let reply = c.cmd("RCPT TO:<alice@example.com>");
+    assert_eq!(code(&reply), 421, "{reply}");
+    // RFC 5321 §3.8: after a 421 the channel closes; the backend's is gone.
+    assert!(
+        c.closed(),
+        "the proxy kept the session open after relaying {reply:?}"
+    );
+}
+
+#[test]
+fn backend_closing_mid_message_is_never_acknowledged() {
+    let backend = ScriptedBackend::start(Behaviour::failing("X-Die", FailMode::Close));
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    start_data(&mut c);
+    c.send(b"Subject: x\r\nX-Die: now\r\n\r\nbody\r\n.\r\n");
+    expect(&c.reply(), "451 4.3.0");
+    assert!(c.closed());
+    assert!(backend.messages().is_empty());
+    assert_eq!(proxy.ctx.stats.messages.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn backend_closing_at_end_of_data_is_never_acknowledged() {
+    let backend = ScriptedBackend::start(Behaviour::failing(".", FailMode::Close));
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    start_data(&mut c);
+    c.send(b"Subject: x\r\n\r\nbody\r\n.\r\n");
+    expect(&c.reply(), "451 4.3.0");
+    assert!(c.closed());
+    assert!(backend.messages().is_empty());
+}
+
+#[test]
+fn backend_hanging_times_out_with_421() {
+    let backend = ScriptedBackend::start(Behaviour::failing("MAIL", FailMode::Hang));
+    let proxy = start(&backend, "[smtp]\nbackend_timeout = \"1s\"\n");
+    let mut c = Smtp::session(proxy.addr);
+    let started = Instant::now();
+    expect(&c.cmd("MAIL FROM:<a@x>"), "421 4.3.0");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(4),
+        "{elapsed:?}"
+    );
+    assert!(c.closed());
+}
+
+#[test]
+fn xclient_refused_by_the_backend_gets_421() {
+    let backend = ScriptedBackend::start(Behaviour::default().without_capability("XCLIENT"));
+    let proxy = TestProxy::start(&config_with("enforce", "xclient", backend.addr(), ""));
+    let (mut c, greeting) = Smtp::connect(proxy.addr);
+    expect(&greeting, "220 ");
+    expect(&c.cmd("EHLO client.test"), "421 4.3.0");
+    assert!(c.closed());
+    assert!(!backend_saw(&backend, "XCLIENT"));
+}
+
+// -- 8. Client-injected identity -------------------------------------------
+
+#[test]
+fn client_cannot_inject_identity_commands() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "");
+    let (mut c, _) = Smtp::connect(proxy.addr);
+    let attempts = [
+        "XCLIENT ADDR=1.2.3.4",
+        "xclient ADDR=1.2.3.4 NAME=spoofed.test",
+        "XFORWARD ADDR=1.2.3.4",
+        "PROXY TCP4 1.2.3.4 127.0.0.1 4000 25",
+    ];
+    for line in attempts {
+        let reply = c.cmd(line);
+        assert!(matches!(code(&reply), 500 | 502), "{line}: {reply}");
+    }
+    expect(&c.cmd("EHLO client.test"), "250");
+    expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
+    for line in attempts {
+        let reply = c.cmd(line);
+        assert!(matches!(code(&reply), 500 | 502), "{line}: {reply}");
+    }
+    assert_eq!(c.cmd("NOOP"), "250 2.0.0 Ok");
+    for verb in ["XCLIENT", "XFORWARD", "PROXY"] {
+        assert!(!backend_saw(&backend, verb), "{:?}", backend.lines());
+    }
+    assert!(!backend.stream().contains("1.2.3.4"));
+}
+
+// -- 9. The client's identity for the backend ------------------------------
+
+#[test]
+fn proxy_v2_header_names_the_client() {
+    let backend = ScriptedBackend::start(Behaviour {
+        expect_proxy_v2: true,
+        ..Behaviour::default()
+    });
+    let proxy = TestProxy::start(&config_with("enforce", "proxy-v2", backend.addr(), ""));
+    let mut c = Smtp::session(proxy.addr);
+    let client = c.local_addr();
+    assert_eq!(c.cmd("QUIT"), "221 2.0.0 Bye");
+    assert_eq!(backend.proxy_sources(), vec![client]);
+    assert_eq!(backend.proxy_sources()[0].ip(), LOCALHOST);
+    assert_eq!(backend.received()[0], "EHLO client.test\r\n");
+}
+
+#[test]
+fn proxy_v1_header_names_the_client() {
+    let backend = ScriptedBackend::start(Behaviour {
+        expect_proxy_v1: true,
+        ..Behaviour::default()
+    });
+    let proxy = TestProxy::start(&config_with("enforce", "proxy-v1", backend.addr(), ""));
+    let mut c = Smtp::session(proxy.addr);
+    let client = c.local_addr();
+    assert_eq!(c.cmd("QUIT"), "221 2.0.0 Bye");
+    assert_eq!(backend.proxy_sources(), vec![client]);
+    assert_eq!(backend.received()[0], "EHLO client.test\r\n");
+}
+
+#[test]
+fn xclient_names_the_client_after_an_ehlo_of_the_proxy() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = TestProxy::start(&config_with("enforce", "xclient", backend.addr(), ""));
+    let (mut c, greeting) = Smtp::connect(proxy.addr);
+    assert_eq!(greeting, "220 backend.test ESMTP");
+    let client = c.local_addr();
+    let ehlo = c.cmd("EHLO client.test");
+    expect(&ehlo, "250-");
+    assert!(!ehlo.contains("XCLIENT"), "{ehlo}");
+    expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
+    let lines = backend.lines();
+    assert!(
+        lines[0].starts_with("EHLO ") && lines[0] != "EHLO client.test",
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines[1],
+        format!(
+            "XCLIENT ADDR=127.0.0.1 PORT={} NAME=[UNAVAILABLE] PROTO=ESMTP HELO=client.test",
+            client.port()
+        )
+    );
+    assert_eq!(lines[2], "EHLO client.test");
+    assert_eq!(lines[3], "MAIL FROM:<a@x>");
+    assert!(backend.proxy_sources().is_empty());
+}
+
+#[test]
+fn identity_none_sends_nothing_before_the_client() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    assert_eq!(c.cmd("QUIT"), "221 2.0.0 Bye");
+    assert_eq!(backend.lines(), ["EHLO client.test", "QUIT"]);
+    assert!(backend.proxy_sources().is_empty());
+}
+
+// -- 10. AUTH --------------------------------------------------------------
+
+#[test]
+fn failed_auth_blocks_the_source() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[limits]\nmax_failed_auth = 2\n");
+    let mut c = Smtp::session(proxy.addr);
+    let wrong = base64_encode(b"\0user\0wrong");
+    for _ in 0..2 {
+        expect(&c.cmd(&format!("AUTH PLAIN {wrong}")), "535 5.7.8");
+    }
+    expect(&c.cmd(&format!("AUTH PLAIN {wrong}")), "421 4.7.0");
+    assert!(c.closed());
+    let block = blocked(&proxy).expect("127.0.0.1 blocked");
+    assert_eq!(block.reason, reason::AUTH);
+    let (mut again, greeting) = Smtp::connect(proxy.addr);
+    expect(&greeting, "421 4.7.0");
+    assert!(again.closed());
+}
+
+#[test]
+fn auth_login_challenges_are_relayed() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    assert_eq!(c.cmd("AUTH LOGIN"), "334 VXNlcm5hbWU6");
+    assert_eq!(c.cmd(&base64_encode(b"user")), "334 UGFzc3dvcmQ6");
+    assert_eq!(
+        c.cmd(&base64_encode(b"secret")),
+        "235 2.7.0 Authentication successful"
+    );
+    expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
+    assert!(backend_saw(&backend, &base64_encode(b"secret")));
+}
+
+#[test]
+fn auth_plain_is_relayed() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    let good = base64_encode(b"\0user\0secret");
+    expect(&c.cmd("AUTH PLAIN"), "334");
+    assert_eq!(c.cmd(&good), "235 2.7.0 Authentication successful");
+}
+
+// -- 11. Limits ------------------------------------------------------------
+
+#[test]
+fn overlong_command_is_refused_and_the_session_goes_on() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    let long = format!("NOOP {}", "x".repeat(595));
+    assert_eq!(long.len(), 600);
+    expect(&c.cmd(&long), "500 5.5.2");
+    // Longer than any buffer the proxy keeps (AUTH lines: 12288).
+    expect(&c.cmd(&format!("NOOP {}", "y".repeat(20_000))), "500 5.5.2");
+    assert_eq!(c.cmd("NOOP"), "250 2.0.0 Ok");
+    assert!(
+        backend.lines().iter().all(|l| l.len() <= 512),
+        "{:?}",
+        backend.lines()
+    );
+}
+
+#[test]
+fn nul_in_a_command_is_refused() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    c.send(b"MAIL FROM:<a\0b@x>\r\n");
+    expect(&c.reply(), "500 ");
+    assert_eq!(c.cmd("NOOP"), "250 2.0.0 Ok");
+    assert!(!backend.stream().contains('\0'));
+    assert!(!backend_saw(&backend, "MAIL"));
+}
+
+#[test]
+fn recipients_over_the_limit_get_452() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[smtp]\nmax_recipients = 2\n");
+    let mut c = Smtp::session(proxy.addr);
+    expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
+    expect(&c.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    expect(&c.cmd("RCPT TO:<bob@example.com>"), "250 ");
+    expect(&c.cmd("RCPT TO:<carol@example.com>"), "452 4.5.3");
+    assert!(!backend.stream().contains("carol"));
+    // A new transaction starts counting afresh.
+    assert_eq!(c.cmd("RSET"), "250 2.0.0 Ok");
+    expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
+    expect(&c.cmd("RCPT TO:<carol@example.com>"), "250 ");
+}
+
+#[test]
+fn declared_size_over_the_limit_gets_552() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[smtp]\nmax_message_size = \"1MB\"\n");
+    let mut c = Smtp::session(proxy.addr);
+    expect(&c.cmd("MAIL FROM:<a@x> SIZE=99999999"), "552 5.3.4");
+    assert!(!backend_saw(&backend, "MAIL"));
+    expect(&c.cmd("MAIL FROM:<a@x> SIZE=1000000"), "250 ");
+}
+
+/// `lines` lines of `width` bytes each, CRLF included.
+fn body_of(lines: usize, width: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    for _ in 0..lines {
+        body.extend(std::iter::repeat_n(b'a', width - 2));
+        body.extend_from_slice(b"\r\n");
+    }
+    body
+}
+
+#[test]
+fn message_over_the_limit_gets_552_and_is_not_stored() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[smtp]\nmax_message_size = \"2000\"\n");
+    let mut c = Smtp::session(proxy.addr);
+    start_data(&mut c);
+    c.send(&body_of(30, 100));
+    c.send(b".\r\n");
+    expect(&c.reply(), "552 5.3.4");
+    assert!(backend.messages().is_empty());
+    assert!(!backend.stream().contains("\r\n.\r\n"));
+    // The session goes on, on a new backend connection.
+    start_data(&mut c);
+    c.send(b"small\r\n.\r\n");
+    expect(&c.reply(), "250 ");
+    assert_eq!(backend.messages(), vec![b"small\r\n".to_vec()]);
+    assert_eq!(backend.connections(), 2);
+}
+
+#[test]
+fn message_of_exactly_the_limit_is_accepted() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[smtp]\nmax_message_size = \"1000\"\n");
+    let mut c = Smtp::session(proxy.addr);
+    expect(&c.cmd("MAIL FROM:<a@x> SIZE=1000"), "250 ");
+    expect(&c.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    expect(&c.cmd("DATA"), "354 ");
+    let body = body_of(10, 100);
+    assert_eq!(body.len(), 1000);
+    c.send(&body);
+    c.send(b".\r\n");
+    expect(&c.reply(), "250 ");
+    assert_eq!(backend.messages(), vec![body]);
+}
+
+#[test]
+fn vrfy_and_expn_are_answered_by_the_proxy() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    expect(&c.cmd("VRFY alice"), "252 2.0.0");
+    expect(&c.cmd("EXPN staff"), "502 ");
+    assert!(!backend_saw(&backend, "VRFY") && !backend_saw(&backend, "EXPN"));
+}
+
+// -- 12. Connections per source --------------------------------------------
+
+#[test]
+fn connections_over_the_source_cap_get_421() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[limits]\nmax_connections_per_source = 2\n");
+    let (mut first, g1) = Smtp::connect(proxy.addr);
+    let (_second, g2) = Smtp::connect(proxy.addr);
+    expect(&g1, "220 ");
+    expect(&g2, "220 ");
+    let (mut third, g3) = Smtp::connect(proxy.addr);
+    expect(&g3, "421 4.7.0");
+    assert!(third.closed());
+
+    assert_eq!(first.cmd("QUIT"), "221 2.0.0 Bye");
+    assert!(first.closed());
+    // The session's place is released when it has ended: allow a moment.
+    let end = Instant::now() + WAIT;
+    loop {
+        let (_c, greeting) = Smtp::connect(proxy.addr);
+        if greeting.starts_with("220 ") {
+            break;
+        }
+        assert!(Instant::now() < end, "still refused: {greeting}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// -- 13. HELO --------------------------------------------------------------
+
+#[test]
+fn rejected_helo_gets_550_and_the_session_goes_on() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[lists]\nreject_helo = [\"*.dynamic.example\"]\n");
+    let (mut c, _) = Smtp::connect(proxy.addr);
+    expect(&c.cmd("EHLO host.dynamic.example"), "550 5.7.1");
+    expect(&c.cmd("MAIL FROM:<a@x>"), "503 ");
+    assert!(!backend.stream().contains("dynamic.example"));
+}
+
+#[test]
+fn rejected_helo_never_reaches_the_backend() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[lists]\nreject_helo = [\"*.dynamic.example\"]\n");
+    let (mut c, _) = Smtp::connect(proxy.addr);
+    let reply = c.cmd("EHLO host.dynamic.example");
+    assert!(matches!(code(&reply), 550 | 554), "{reply}");
+    expect(&reply[4..], "5.7.1");
+    assert!(!backend.stream().contains("dynamic.example"));
+    assert!(!backend_saw(&backend, "MAIL"));
+}
+
+#[test]
+fn sessions_over_a_helo_cap_get_421() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(
+        &backend,
+        "[[limits.helo]]\npattern = \"*.bounces.test\"\nmax_connections = 1\n",
+    );
+    let (mut first, _) = Smtp::connect(proxy.addr);
+    expect(&first.cmd("EHLO mx.bounces.test"), "250");
+    // Repeating its own name does not count twice.
+    expect(&first.cmd("EHLO mx.bounces.test"), "250");
+    let (mut second, _) = Smtp::connect(proxy.addr);
+    expect(&second.cmd("EHLO mx.bounces.test"), "421 4.7.0");
+    assert!(second.closed());
+    // Other names are not affected.
+    let (mut other, _) = Smtp::connect(proxy.addr);
+    expect(&other.cmd("EHLO mx.elsewhere.test"), "250");
+    // The place is free once the first session ended.
+    assert_eq!(first.cmd("QUIT"), "221 2.0.0 Bye");
+    assert!(first.closed());
+    let end = Instant::now() + WAIT;
+    loop {
+        let (mut c, _) = Smtp::connect(proxy.addr);
+        let reply = c.cmd("EHLO mx.bounces.test");
+        if reply.starts_with("250") {
+            break;
+        }
+        assert!(Instant::now() < end, "still refused: {reply}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// -- 14. Null-sender rate --------------------------------------------------
+
+#[test]
+fn null_sender_over_the_rate_gets_450() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[limits]\nnull_sender_rate = \"2/1m\"\n");
+    let mut c = Smtp::session(proxy.addr);
+    for _ in 0..2 {
+        expect(&c.cmd("MAIL FROM:<>"), "250 ");
+        assert_eq!(c.cmd("RSET"), "250 2.0.0 Ok");
+    }
+    expect(&c.cmd("MAIL FROM:<>"), "450 4.7.1");
+    // Only null senders are limited; the session goes on.
+    expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
+    let null_mails = backend
+        .lines()
+        .iter()
+        .filter(|l| *l == "MAIL FROM:<>")
+        .count();
+    assert_eq!(null_mails, 2);
+}
+
+#[test]
+fn allowlisted_source_is_never_limited() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let extra = "[limits]\nmax_failed_rcpt = 1\nmax_connections_per_source = 1\n\n\
+                 [relay]\naccept = \"*@example.com\"\n\n[lists]\nallow = [\"127.0.0.1\"]\n";
+    let proxy = start(&backend, extra);
+    let _other = Smtp::session(proxy.addr);
+    let mut c = Smtp::session(proxy.addr);
+    expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
+    for i in 1..=3 {
+        expect(
+            &c.cmd(&format!("RCPT TO:<nobody{i}@example.com>")),
+            "550 5.1.1",
+        );
+    }
+    // Relay rules are left to the backend for allow-listed sources.
+    expect(
+        &c.cmd("RCPT TO:<other@elsewhere.test>"),
+        "550 5.1.1 <other@elsewhere.test>",
+    );
+    assert_eq!(c.cmd("NOOP"), "250 2.0.0 Ok");
+    assert!(proxy.ctx.blocks.is_empty());
+}
+
+// -- 15. Observe mode ------------------------------------------------------
+
+#[test]
+fn observe_mode_refuses_nothing() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let extra = "[limits]\nmax_failed_rcpt = 2\n\n[relay]\naccept = \"*@example.com\"\n";
+    let proxy = TestProxy::start(&config_with("observe", "none", backend.addr(), extra));
+    let mut c = Smtp::session(proxy.addr);
+    expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
+    for i in 1..=5 {
+        let reply = c.cmd(&format!("RCPT TO:<nobody{i}@example.com>"));
+        assert_eq!(
+            reply,
+            format!("550 5.1.1 <nobody{i}@example.com>: Recipient address rejected: User unknown"),
+        );
+    }
+    // Relay rules are only reported too: the backend decides.
+    expect(
+        &c.cmd("RCPT TO:<other@elsewhere.test>"),
+        "550 5.1.1 <other@elsewhere.test>",
+    );
+    assert_eq!(c.cmd("NOOP"), "250 2.0.0 Ok");
+    assert_eq!(
+        backend
+            .lines()
+            .iter()
+            .filter(|l| l.starts_with("RCPT"))
+            .count(),
+        6
+    );
+    assert!(blocked(&proxy).is_none());
+    assert!(proxy.ctx.blocks.is_empty());
+    let (_again, greeting) = Smtp::connect(proxy.addr);
+    expect(&greeting, "220 ");
+}
+
+// -- 16. Timeouts and pregreet ---------------------------------------------
+
+#[test]
+fn idle_client_gets_421_and_is_closed() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[smtp]\ncommand_timeout = \"1s\"\n");
+    let mut c = Smtp::session(proxy.addr);
+    let started = Instant::now();
+    expect(&c.reply(), "421 4.4.2");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(4),
+        "{elapsed:?}"
+    );
+    assert!(c.closed());
+}
+
+#[test]
+fn client_talking_before_the_greeting_gets_554() {
+    // The backend greets late, so the client has surely spoken first.
+    let backend = ScriptedBackend::start(Behaviour {
+        greeting_delay: Duration::from_millis(300),
+        ..Behaviour::default()
+    });
+    let proxy = start(&backend, "");
+    let mut c = Smtp::open(proxy.addr);
+    c.send(b"EHLO x\r\n");
+    expect(&c.reply(), "554 5.5.1");
+    assert!(c.closed());
+    assert!(!backend_saw(&backend, "EHLO"));
+}
+
+#[test]
+fn client_idle_in_data_stores_nothing() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[smtp]\ndata_timeout = \"1s\"\n");
+    let mut c = Smtp::session(proxy.addr);
+    start_data(&mut c);
+    c.send(b"Subject: x\r\n\r\npartial");
+    let started = Instant::now();
+    // Whatever is said, the connection ends within a few seconds …
+    let _ = c.try_reply();
+    assert!(c.closed());
+    assert!(started.elapsed() < Duration::from_secs(4));
+    // … and the backend keeps nothing.
+    assert!(backend.wait_idle(WAIT));
+    assert!(backend.messages().is_empty());
+}
+
+#[test]
+fn client_idle_in_data_gets_421() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[smtp]\ndata_timeout = \"1s\"\n");
+    let mut c = Smtp::session(proxy.addr);
+    start_data(&mut c);
+    c.send(b"Subject: x\r\n\r\npartial");
+    expect(&c.reply(), "421 4.4.2");
+    assert!(c.closed());
+}
+
+#[test]
+fn session_over_its_time_gets_421() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[smtp]\nsession_timeout = \"1s\"\n");
+    let mut c = Smtp::session(proxy.addr);
+    let started = Instant::now();
+    let reply = loop {
+        let reply = c.cmd("NOOP");
+        if reply != "250 2.0.0 Ok" {
+            break reply;
+        }
+        assert!(started.elapsed() < Duration::from_secs(4), "still served");
+        thread::sleep(Duration::from_millis(200));
+    };
+    expect(&reply, "421 4.4.2");
+    assert!(c.closed());
+}
+
+// -- 17. STARTTLS ----------------------------------------------------------
+
+/// A throw-away self-signed certificate; removed on drop.
+struct TlsFiles {
+    dir: PathBuf,
+}
+
+impl TlsFiles {
+    /// `None` (with a message) when openssl or python3 is missing.
+    fn generate(test: &str) -> Option<Self> {
+        for tool in ["openssl", "python3"] {
+            if Command::new(tool).arg("--version").output().is_err()
+                && Command::new(tool).arg("version").output().is_err()
+            {
+                eprintln!("SKIPPED {test}: {tool} not found");
+                return None;
+            }
+        }
+        let dir =
+            std::env::temp_dir().join(format!("proxy-sessions-{}-{test}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let files = Self { dir };
+        let status = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout"])
+            .arg(files.key())
+            .arg("-out")
+            .arg(files.cert())
+            .args(["-days", "1", "-subj", "/CN=localhost"])
+            .output()
+            .expect("run openssl");
+        assert!(
+            status.status.success(),
+            "openssl: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        Some(files)
+    }
+
+    fn key(&self) -> PathBuf {
+        self.dir.join("key.pem")
+    }
+
+    fn cert(&self) -> PathBuf {
+        self.dir.join("cert.pem")
+    }
+
+    fn config(&self, backend: SocketAddr) -> String {
+        format!(
+            r#"[[listen]]
+address = "127.0.0.1:0"
+tls = "starttls"
+
+[tls]
+certificate = "{}"
+key = "{}"
+
+[backend]
+address = "{backend}"
+identity = "none"
+
+[kernel]
+mode = "off"
+"#,
+            self.cert().display(),
+            self.key().display()
+        )
+    }
+}
+
+impl Drop for TlsFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A client in python3: prints every reply on one line (lines joined with
+/// '|'), `TLS <version>` after the handshake, `EOF` when the server closed,
+/// `TIMEOUT` when no reply came within 3 s.
+/// argv: port, then the script as words: `>LINE` sends LINE and reads the
+/// reply, `!BYTES` sends BYTES (`\r\n` escapes) without reading, `<` reads
+/// one reply, `tls` does the handshake.
+const PY_CLIENT: &str = r#"
+import socket, ssl, sys
+sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=3)
+buf = b""
+def reply():
+    global buf
+    lines = []
+    while True:
+        while b"\r\n" not in buf:
+            try:
+                chunk = sock.recv(4096)
+            except (TimeoutError, socket.timeout):
+                print("TIMEOUT", flush=True)
+                sys.exit(0)
+            if not chunk:
+                print("EOF", flush=True)
+                sys.exit(0)
+            buf += chunk
+        line, buf = buf.split(b"\r\n", 1)
+        line = line.decode("utf-8", "replace")
+        lines.append(line)
+        if len(line) < 4 or line[3] == " ":
+            print("|".join(lines), flush=True)
+            return
+reply()
+for step in sys.argv[2:]:
+    if step == "tls":
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        sock = ctx.wrap_socket(sock, server_hostname="localhost")
+        print("TLS " + sock.version(), flush=True)
+    elif step == "<":
+        reply()
+    elif step.startswith("!"):
+        sock.sendall(step[1:].replace("\\r\\n", "\r\n").encode())
+    elif step.startswith(">"):
+        sock.sendall(step[1:].encode() + b"\r\n")
+        reply()
+"#;
+
+/// Runs [`PY_CLIENT`] against `port` with `steps`; returns its output lines.
+fn python_client(port: u16, steps: &[&str]) -> Vec<String> {
+    let output = Command::new("python3")
+        .arg("-c")
+        .arg(PY_CLIENT)
+        .arg(port.to_string())
+        .args(steps)
+        .output()
+        .expect("run python3");
+    assert!(
+        output.status.success(),
+        "python3 client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn starttls_discards_pipelined_plaintext() {
+    let Some(tls) = TlsFiles::generate("starttls-pipelined") else {
+        return;
+    };
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = TestProxy::start(&tls.config(backend.addr()));
+    let out = python_client(
+        proxy.addr.port(),
+        &[
+            ">EHLO client.test",
+            r"!STARTTLS\r\nMAIL FROM:<evil@x>\r\n",
+            "<",
+            "tls",
+            ">EHLO client.test",
+            ">MAIL FROM:<good@x>",
+            ">RCPT TO:<alice@example.com>",
+            ">QUIT",
+        ],
+    );
+    assert_eq!(out.len(), 8, "{out:?}");
+    assert_eq!(out[0], "220 backend.test ESMTP");
+    assert!(out[1].split('|').any(|l| l == "250 STARTTLS"), "{out:?}");
+    expect(&out[2], "220 2.0.0");
+    expect(&out[3], "TLS TLSv1.");
+    assert!(
+        out[4].starts_with("250-") && !out[4].contains("STARTTLS"),
+        "{out:?}"
+    );
+    expect(&out[5], "250 ");
+    expect(&out[6], "250 ");
+    expect(&out[7], "221 ");
+    assert!(
+        !backend.stream().contains("evil@x"),
+        "{:?}",
+        backend.lines()
+    );
+    assert!(backend_saw(&backend, "MAIL FROM:<good@x>"));
+    assert!(!backend_saw(&backend, "STARTTLS"));
+}
+
+#[test]
+fn starttls_forgets_the_plaintext_envelope() {
+    let Some(tls) = TlsFiles::generate("starttls-envelope") else {
+        return;
+    };
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = TestProxy::start(&tls.config(backend.addr()));
+    let out = python_client(
+        proxy.addr.port(),
+        &[
+            ">EHLO client.test",
+            ">MAIL FROM:<plaintext@x>",
+            ">RCPT TO:<alice@example.com>",
+            ">STARTTLS",
+            "tls",
+            ">DATA",
+            ">.",
+            ">QUIT",
+        ],
+    );
+    assert!(out.len() >= 7, "{out:?}");
+    expect(&out[4], "220 2.0.0");
+    expect(&out[5], "TLS TLSv1.");
+    // RFC 3207 §4.2: nothing learnt before TLS counts; there is no
+    // transaction, so DATA is out of sequence.
+    expect(&out[6], "503 ");
+    assert!(
+        backend.messages().is_empty(),
+        "stored: {:?}",
+        backend.messages()
+    );
+    assert!(!backend_saw(&backend, "DATA"), "{:?}", backend.lines());
+}
+
+// -- 18. Shutdown ----------------------------------------------------------
+
+#[test]
+fn shutdown_tells_idle_clients_421() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    proxy.stop();
+    expect(&c.reply(), "421 4.3.0");
+    assert!(c.closed());
+    // No new sessions once stopping.
+    let end = Instant::now() + WAIT;
+    loop {
+        let refused = match TcpStream::connect_timeout(&proxy.addr, Duration::from_secs(1)) {
+            Err(_) => true,
+            Ok(stream) => {
+                stream
+                    .set_read_timeout(Some(Duration::from_millis(500)))
+                    .expect("timeout");
+                let mut byte = [0u8; 1];
+                matches!((&stream).read(&mut byte), Ok(0) | Err(_))
+            }
+        };
+        if refused {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "new sessions still greeted after stop"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
