@@ -20,7 +20,9 @@ use tokio::{
 };
 
 use crate::{
+    commands,
     config::{Config, KernelMode},
+    control,
     kernel::{BpfDatapath, Datapath, KernelLimits, KernelOptions, NoKernel},
     metrics,
     proxy::{self, blocks::ActiveBlock, ProxyContext},
@@ -179,6 +181,21 @@ pub async fn run(
             tracing::error!(address = %config.metrics.address, error = %e, "metrics.address: cannot bind; no metrics")
         }
     }
+    let (requests_tx, mut requests) = tokio::sync::mpsc::channel::<control::Envelope>(16);
+    match control::bind(&config.control.socket) {
+        Ok(listener) => {
+            tracing::info!(socket = %config.control.socket.display(), "control socket");
+            tokio::spawn(control::serve(listener, requests_tx));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            return Err(e).context("control.socket");
+        }
+        Err(e) => tracing::error!(
+            socket = %config.control.socket.display(),
+            error = %e,
+            "control.socket: cannot bind; the CLI cannot reach this agent"
+        ),
+    }
     let (stop, stopped) = watch::channel(false);
     let server = tokio::spawn(proxy::serve(ctx.clone(), listeners, stopped));
 
@@ -211,6 +228,10 @@ pub async fn run(
                 save_blocks(store.as_ref(), &ctx, datapath.as_ref());
             },
             () = ctx.blocks_changed.notified() => save_blocks(store.as_ref(), &ctx, datapath.as_ref()),
+            Some((request, answer)) = requests.recv() => {
+                let mut agent = AgentState { config: &mut config, config_path: config_path.as_deref(), ctx: &ctx, datapath: datapath.as_ref(), store: store.as_ref() };
+                let _ = answer.send(commands::handle(&mut agent, request));
+            },
             batch = next_events(&mut events) => match batch {
                 Ok(batch) => for event in batch {
                     tracing::info!(
@@ -232,6 +253,7 @@ pub async fn run(
     let _ = stop.send(true);
     let _ = server.await;
     save_blocks(store.as_ref(), &ctx, datapath.as_ref());
+    let _ = std::fs::remove_file(&config.control.socket);
     tracing::info!("stopping: detaching the kernel programs (maps stay pinned)");
     if let Kernel::Loaded(d) = &kernel {
         d.detach();
@@ -319,6 +341,22 @@ fn save_blocks(store: Option<&Store>, ctx: &ProxyContext, datapath: &dyn Datapat
     }
     if let Err(e) = store.save(&blocks) {
         tracing::error!(error = %e, "storing blocks failed");
+    }
+}
+
+/// What control commands act on.
+pub struct AgentState<'a> {
+    pub config: &'a mut Config,
+    pub config_path: Option<&'a std::path::Path>,
+    pub ctx: &'a ProxyContext,
+    pub datapath: &'a dyn Datapath,
+    pub store: Option<&'a Store>,
+}
+
+impl AgentState<'_> {
+    /// Stores the blocks now (after a change from the CLI).
+    pub fn save_blocks(&self) {
+        save_blocks(self.store, self.ctx, self.datapath);
     }
 }
 

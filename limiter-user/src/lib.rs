@@ -15,10 +15,14 @@
 //! * [`sink`] — the built-in test backend (`backend.builtin`).
 //! * [`metrics`] — Prometheus exposition of the kernel and proxy counters.
 //! * [`state`] — blocks stored on disk across restarts and reboots.
+//! * [`control`] — the CLI's Unix socket; [`commands`] carries its requests
+//!   out.
 //! * [`agent`] — the running agent: brings the kernel layer up as configured,
 //!   applies lists and caps, logs kernel drops, sweeps expired blocks.
 pub mod agent;
+pub mod commands;
 pub mod config;
+pub mod control;
 pub mod kernel;
 pub mod metrics;
 pub mod policy;

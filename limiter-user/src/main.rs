@@ -1,20 +1,25 @@
-//! `smtp-limiter`: the agent and its command line.
+//! `smtp-limiter`: the agent and its command line. Commands other than `run`
+//! and `check-config` talk to the running agent over its control socket;
+//! when it is not running, `block list`, `allow list` and `stats` read the
+//! pinned kernel maps directly (and say so), and changes are refused.
 
 use std::{
-    path::{Path, PathBuf},
+    io::Write as _,
+    path::PathBuf,
     process::ExitCode,
     time::{Duration, SystemTime},
 };
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
-use ipnet::IpNet;
 use limiter_common::reason;
 use limiter_user::{
-    agent,
+    agent, commands,
     config::{self, Config},
+    control::{self, ClientError, Request},
     kernel::{BpfDatapath, Datapath},
 };
+use serde_json::{json, Value};
 
 #[derive(Parser)]
 #[command(
@@ -27,11 +32,15 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Args)]
-struct ConfigArg {
-    /// Configuration file (TOML). Without it the embedded default is used.
-    #[arg(long, short)]
+#[derive(Args, Clone)]
+struct Common {
+    /// Configuration file (TOML); without it the embedded default is used.
+    /// The CLI reads the control socket and pin path from it.
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
+    /// Print data as JSON.
+    #[arg(long, global = true)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -40,36 +49,59 @@ enum Command {
     ///
     /// Example: smtp-limiter run --config /etc/smtp-limiter/smtp-limiter.toml
     Run {
-        #[command(flatten)]
-        config: ConfigArg,
         /// Load the kernel object from this file instead of the embedded one.
         #[arg(long)]
         ebpf_object: Option<PathBuf>,
         /// Log as JSON lines.
         #[arg(long)]
         json_logs: bool,
+        #[command(flatten)]
+        common: Common,
     },
-    /// Validate a configuration and print the effective one.
+    /// Validate a configuration and print the effective one; non-zero exit
+    /// on error.
     ///
     /// Example: smtp-limiter check-config --config /etc/smtp-limiter/smtp-limiter.toml
     CheckConfig {
         #[command(flatten)]
-        config: ConfigArg,
+        common: Common,
     },
-    /// Blocked addresses and networks (kernel drop).
+    /// Blocked addresses and networks.
     #[command(subcommand)]
     Block(BlockCommand),
-    /// Allow-listed networks (never dropped, never capped).
+    /// Allow-listed networks (never blocked or limited).
     #[command(subcommand)]
     Allow(AllowCommand),
-    /// Kernel counters and current connection counts.
+    /// Limits in force, and changing them live.
+    #[command(subcommand)]
+    Limits(LimitsCommand),
+    /// Kernel counters and proxy counters.
     ///
     /// Example: smtp-limiter stats --json
     Stats {
         #[command(flatten)]
-        config: ConfigArg,
+        common: Common,
+    },
+    /// The busiest sources: connections held, kernel drops, refusals.
+    ///
+    /// Example: smtp-limiter top --once
+    Top {
+        /// Print one frame and exit.
         #[arg(long)]
-        json: bool,
+        once: bool,
+        /// Seconds between frames.
+        #[arg(long, default_value_t = 2)]
+        interval: u64,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Make the agent re-read its configuration file; a bad file is refused
+    /// with its errors and the running configuration stays.
+    ///
+    /// Example: smtp-limiter reload
+    Reload {
+        #[command(flatten)]
+        common: Common,
     },
 }
 
@@ -83,11 +115,11 @@ enum BlockCommand {
         /// How long; without it the block lasts until removed.
         #[arg(long = "for", value_parser = config::parse_duration)]
         duration: Option<Duration>,
-        /// manual, harvest, auth, flood, reject-list, relay, filter.
+        /// manual, harvest, auth, flood, reject-list, relay or filter.
         #[arg(long, default_value = "manual")]
         reason: String,
         #[command(flatten)]
-        config: ConfigArg,
+        common: Common,
     },
     /// Remove a block.
     ///
@@ -95,44 +127,76 @@ enum BlockCommand {
     Del {
         net: String,
         #[command(flatten)]
-        config: ConfigArg,
+        common: Common,
     },
-    /// List blocks.
+    /// List blocks: address/network, reason, expiry, packets dropped.
     ///
     /// Example: smtp-limiter block list --json
     List {
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
-        config: ConfigArg,
+        common: Common,
     },
 }
 
 #[derive(Subcommand)]
 enum AllowCommand {
-    /// Allow-list an address or network. Example: smtp-limiter allow add 10.0.0.0/8
+    /// Allow-list an address or network (live; add it to lists.allow to keep it).
+    ///
+    /// Example: smtp-limiter allow add 10.0.0.0/8
     Add {
         net: String,
         #[command(flatten)]
-        config: ConfigArg,
+        common: Common,
     },
-    /// Remove an allow-list entry. Example: smtp-limiter allow del 10.0.0.0/8
+    /// Remove an allow-list entry.
+    ///
+    /// Example: smtp-limiter allow del 10.0.0.0/8
     Del {
         net: String,
         #[command(flatten)]
-        config: ConfigArg,
+        common: Common,
     },
-    /// List allow-list entries. Example: smtp-limiter allow list --json
+    /// List allow-list entries.
+    ///
+    /// Example: smtp-limiter allow list
     List {
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
-        config: ConfigArg,
+        common: Common,
+    },
+}
+
+#[derive(Subcommand)]
+enum LimitsCommand {
+    /// Show the limits in force.
+    ///
+    /// Example: smtp-limiter limits show --json
+    Show {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Change a limit live (kernel and proxy at once; the file is unchanged).
+    ///
+    /// Names: max_connections_per_source, ipv6_prefix, max_failed_rcpt,
+    /// max_failed_auth, failed_auth_window, null_sender_rate, block_duration,
+    /// block_backoff, max_block_duration.
+    ///
+    /// Example: smtp-limiter limits set max_failed_rcpt 3
+    Set {
+        name: String,
+        value: String,
+        #[command(flatten)]
+        common: Common,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        // A CLI whose output goes into `head` should end quietly, not panic
+        // on EPIPE (the agent keeps Rust's default: SIGPIPE ignored).
+        // SAFETY: restoring the default disposition of a signal.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -145,18 +209,17 @@ fn main() -> ExitCode {
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run {
-            config,
             ebpf_object,
             json_logs,
+            common,
         } => {
             init_logging(json_logs);
-            let path = config.config.clone();
-            let config = load_config(&config)?;
+            let config = load_config(&common)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(agent::run(config, path, ebpf_object))
+            runtime.block_on(agent::run(config, common.config.clone(), ebpf_object))
         }
-        Command::CheckConfig { config } => {
-            let loaded = load_config(&config)?;
+        Command::CheckConfig { common } => {
+            let loaded = load_config(&common)?;
             print!(
                 "{}",
                 loaded
@@ -167,9 +230,144 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             eprintln!("configuration is valid");
             Ok(())
         }
-        Command::Block(command) => block(command),
-        Command::Allow(command) => allow(command),
-        Command::Stats { config, json } => stats(&open_pins(&config)?, json),
+        Command::Block(BlockCommand::Add {
+            net,
+            duration,
+            reason,
+            common,
+        }) => {
+            commands::reason_code(&reason).map_err(anyhow::Error::msg)?;
+            let data = change(
+                &common,
+                Request::BlockAdd {
+                    net,
+                    duration_secs: duration.map(|d| d.as_secs()),
+                    reason: reason.clone(),
+                },
+            )?;
+            let net = data["net"].as_str().unwrap_or_default();
+            match duration {
+                Some(d) => println!(
+                    "blocked {net} for {} ({reason}); kernel: {}",
+                    humantime::format_duration(d),
+                    data["kernel"].as_str().unwrap_or("?")
+                ),
+                None => println!(
+                    "blocked {net} until removed ({reason}); kernel: {}",
+                    data["kernel"].as_str().unwrap_or("?")
+                ),
+            }
+            Ok(())
+        }
+        Command::Block(BlockCommand::Del { net, common }) => {
+            let data = change(&common, Request::BlockDel { net })?;
+            println!("unblocked {}", data["net"].as_str().unwrap_or_default());
+            Ok(())
+        }
+        Command::Block(BlockCommand::List { common }) => {
+            let data = read(&common, Request::BlockList, |pins| {
+                let mut blocks = pins.blocks()?;
+                blocks.sort_by_key(|b| b.net);
+                Ok(json!(blocks
+                    .iter()
+                    .map(|b| json!({
+                        "net": b.net.to_string(),
+                        "reason": reason::name(b.reason),
+                        "expires": b.expires.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                        "drops": b.drops,
+                    }))
+                    .collect::<Vec<_>>()))
+            })?;
+            print_blocks(&common, &data);
+            Ok(())
+        }
+        Command::Allow(AllowCommand::Add { net, common }) => {
+            let data = change(&common, Request::AllowAdd { net })?;
+            println!(
+                "allowed {} (live; add it to lists.allow to keep it)",
+                data["net"].as_str().unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Allow(AllowCommand::Del { net, common }) => {
+            let data = change(&common, Request::AllowDel { net })?;
+            println!(
+                "removed {} from the allow list (live)",
+                data["net"].as_str().unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Allow(AllowCommand::List { common }) => {
+            let data = read(&common, Request::AllowList, |pins| {
+                Ok(json!(pins
+                    .allows()?
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()))
+            })?;
+            if common.json {
+                println!("{}", serde_json::to_string_pretty(&data)?);
+            } else {
+                data.as_array()
+                    .into_iter()
+                    .flatten()
+                    .for_each(|n| println!("{}", n.as_str().unwrap_or_default()));
+            }
+            Ok(())
+        }
+        Command::Limits(LimitsCommand::Show { common }) => {
+            let data = change(&common, Request::LimitsShow)?;
+            print_value(&common, &data);
+            Ok(())
+        }
+        Command::Limits(LimitsCommand::Set {
+            name,
+            value,
+            common,
+        }) => {
+            let data = change(&common, Request::LimitsSet { name, value })?;
+            println!(
+                "{} = {}: in force now, in the kernel and the proxy. Not persisted: {}",
+                data["name"].as_str().unwrap_or_default(),
+                data["value"].as_str().unwrap_or_default(),
+                data["note"].as_str().unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Stats { common } => {
+            let data = read(&common, Request::Stats, |pins| {
+                let counters = pins.counters()?;
+                Ok(json!({
+                    "kernel_status": pins.describe(),
+                    "kernel": counters.fields().iter().map(|(k, v)| ((*k).to_owned(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                    "proxy": null,
+                }))
+            })?;
+            print_value(&common, &data);
+            Ok(())
+        }
+        Command::Top {
+            once,
+            interval,
+            common,
+        } => loop {
+            let data = change(&common, Request::Top)?;
+            if !once && !common.json {
+                // Clear the screen and go home: the frame refreshes in place.
+                print!("\x1b[2J\x1b[H");
+            }
+            print_top(&common, &data);
+            let _ = std::io::stdout().flush();
+            if once || common.json {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_secs(interval.max(1)));
+        },
+        Command::Reload { common } => {
+            let data = change(&common, Request::Reload)?;
+            println!("reloaded {}", data["reloaded"].as_str().unwrap_or_default());
+            Ok(())
+        }
     }
 }
 
@@ -186,155 +384,164 @@ fn init_logging(json: bool) {
     }
 }
 
-fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
-    match &arg.config {
+fn load_config(common: &Common) -> anyhow::Result<Config> {
+    match &common.config {
         Some(path) => Ok(Config::load(path)?),
         None => Ok(Config::from_toml(config::DEFAULT_CONFIG)
             .context("the embedded default configuration")?),
     }
 }
 
-/// The running (or last) agent's maps, read and written directly.
-fn open_pins(arg: &ConfigArg) -> anyhow::Result<BpfDatapath> {
-    let config = load_config(arg)?;
-    let pin_path: &Path = &config.kernel.pin_path;
-    BpfDatapath::open_pinned(pin_path)
-        .with_context(|| format!("opening the kernel maps at {}", pin_path.display()))
-}
-
-fn parse_net(text: &str) -> anyhow::Result<IpNet> {
-    config::parse_cidr(text).map_err(|e| anyhow::anyhow!("{text:?} is not an address or CIDR: {e}"))
-}
-
-fn reason_code(name: &str) -> anyhow::Result<u32> {
-    (1..=16)
-        .find(|code| reason::name(*code) == name)
-        .with_context(|| format!("unknown reason {name:?}: use manual, harvest, auth, flood, reject-list, relay or filter"))
-}
-
-fn block(command: BlockCommand) -> anyhow::Result<()> {
-    match command {
-        BlockCommand::Add {
-            net,
-            duration,
-            reason,
-            config,
-        } => {
-            let net = parse_net(&net)?;
-            let code = reason_code(&reason)?;
-            let expires = duration.map(|d| SystemTime::now() + d);
-            open_pins(&config)?.block(net, expires, code)?;
-            match duration {
-                Some(d) => println!(
-                    "blocked {net} for {} ({reason})",
-                    humantime::format_duration(d)
-                ),
-                None => println!("blocked {net} until removed ({reason})"),
-            }
+/// A request that needs the running agent.
+fn change(common: &Common, request: Request) -> anyhow::Result<Value> {
+    let config = load_config(common)?;
+    match control::request(&config.control.socket, &request) {
+        Ok(response) if response.ok => Ok(response.data.unwrap_or(Value::Null)),
+        Ok(response) => bail!(
+            "{}",
+            response.error.unwrap_or_else(|| "the agent refused".into())
+        ),
+        Err(e @ ClientError::NotRunning { .. }) => {
+            bail!("{e}; changes go through the running agent (so that they are enforced and stored): start it with `smtp-limiter run`")
         }
-        BlockCommand::Del { net, config } => {
-            let net = parse_net(&net)?;
-            if !open_pins(&config)?.unblock(net)? {
-                bail!("{net} is not blocked");
-            }
-            println!("unblocked {net}");
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A read: from the agent, or from the pinned maps when it is not running.
+fn read(
+    common: &Common,
+    request: Request,
+    from_pins: impl FnOnce(&BpfDatapath) -> anyhow::Result<Value>,
+) -> anyhow::Result<Value> {
+    let config = load_config(common)?;
+    match control::request(&config.control.socket, &request) {
+        Ok(response) if response.ok => Ok(response.data.unwrap_or(Value::Null)),
+        Ok(response) => bail!(
+            "{}",
+            response.error.unwrap_or_else(|| "the agent refused".into())
+        ),
+        Err(ClientError::NotRunning { .. }) => {
+            eprintln!(
+                "note: the agent is not running; reading the pinned kernel maps at {}",
+                config.kernel.pin_path.display()
+            );
+            let pins = BpfDatapath::open_pinned(&config.kernel.pin_path).with_context(|| {
+                format!(
+                    "opening the kernel maps at {}",
+                    config.kernel.pin_path.display()
+                )
+            })?;
+            from_pins(&pins)
         }
-        BlockCommand::List { json, config } => {
-            let mut blocks = open_pins(&config)?.blocks()?;
-            blocks.sort_by_key(|b| b.net);
-            if json {
-                let list: Vec<_> = blocks
-                    .iter()
-                    .map(|b| {
-                        serde_json::json!({
-                            "net": b.net.to_string(),
-                            "reason": reason::name(b.reason),
-                            "expires": b.expires.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
-                            "drops": b.drops,
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                println!(
-                    "{:<43} {:<12} {:<22} {:>10}",
-                    "ADDRESS/NETWORK", "REASON", "EXPIRES", "DROPS"
-                );
-                for b in &blocks {
-                    let expires = b.expires.map_or("never".to_owned(), |t| {
-                        humantime::format_rfc3339_seconds(t).to_string()
-                    });
-                    println!(
-                        "{:<43} {:<12} {:<22} {:>10}",
-                        b.net.to_string(),
-                        reason::name(b.reason),
-                        expires,
-                        b.drops
-                    );
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn print_value(common: &Common, data: &Value) {
+    if common.json {
+        println!("{}", serde_json::to_string_pretty(data).unwrap_or_default());
+        return;
+    }
+    print_tree(data, 0);
+}
+
+/// Prints nested JSON as indented `key: value` lines.
+fn print_tree(value: &Value, depth: usize) {
+    let pad = "  ".repeat(depth);
+    match value {
+        Value::Object(map) => {
+            for (key, value) in map {
+                if value.is_object() || value.is_array() {
+                    println!("{pad}{key}:");
+                    print_tree(value, depth + 1);
+                } else {
+                    println!("{pad}{key}: {}", scalar(value));
                 }
             }
         }
-    }
-    Ok(())
-}
-
-fn allow(command: AllowCommand) -> anyhow::Result<()> {
-    match command {
-        AllowCommand::Add { net, config } => {
-            let net = parse_net(&net)?;
-            open_pins(&config)?.allow(net)?;
-            println!("allowed {net}");
-        }
-        AllowCommand::Del { net, config } => {
-            let net = parse_net(&net)?;
-            if !open_pins(&config)?.disallow(net)? {
-                bail!("{net} is not on the allow list");
-            }
-            println!("removed {net} from the allow list");
-        }
-        AllowCommand::List { json, config } => {
-            let mut nets = open_pins(&config)?.allows()?;
-            nets.sort();
-            if json {
-                let list: Vec<String> = nets.iter().map(ToString::to_string).collect();
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                nets.iter().for_each(|n| println!("{n}"));
+        Value::Array(items) => {
+            for item in items {
+                match item {
+                    Value::Object(map) => {
+                        let line: Vec<String> = map
+                            .iter()
+                            .map(|(k, v)| format!("{k}={}", scalar(v)))
+                            .collect();
+                        println!("{pad}- {}", line.join(" "));
+                    }
+                    other => println!("{pad}- {}", scalar(other)),
+                }
             }
         }
+        other => println!("{pad}{}", scalar(other)),
     }
-    Ok(())
 }
 
-fn stats(datapath: &BpfDatapath, json: bool) -> anyhow::Result<()> {
-    let counters = datapath.counters()?;
-    let mut connections = datapath.connection_counts()?;
-    connections.sort_by_key(|c| std::cmp::Reverse(c.1));
-    if json {
-        let kernel: serde_json::Map<String, serde_json::Value> = counters
-            .fields()
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).into()))
-            .collect();
-        let conns: Vec<_> = connections
-            .iter()
-            .map(|(net, n)| serde_json::json!({"source": net.to_string(), "connections": n}))
-            .collect();
+fn scalar(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn print_blocks(common: &Common, data: &Value) {
+    if common.json {
+        println!("{}", serde_json::to_string_pretty(data).unwrap_or_default());
+        return;
+    }
+    println!(
+        "{:<43} {:<12} {:<22} {:>10}",
+        "ADDRESS/NETWORK", "REASON", "EXPIRES", "DROPS"
+    );
+    for b in data.as_array().into_iter().flatten() {
+        let expires = b["expires"].as_str().unwrap_or("never");
+        let drops = b["drops"]
+            .as_u64()
+            .map_or("-".to_owned(), |d| d.to_string());
         println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"kernel": kernel, "connections": conns})
-            )?
+            "{:<43} {:<12} {:<22} {:>10}",
+            b["net"].as_str().unwrap_or_default(),
+            b["reason"].as_str().unwrap_or_default(),
+            expires,
+            drops
         );
-    } else {
-        println!("kernel counters ({}):", datapath.describe());
-        for (name, value) in counters.fields() {
-            println!("  {name:<20} {value}");
-        }
-        println!("sources holding connections: {}", connections.len());
-        for (net, n) in connections.iter().take(20) {
-            println!("  {:<43} {n}", net.to_string());
-        }
     }
-    Ok(())
+}
+
+fn print_top(common: &Common, data: &Value) {
+    if common.json {
+        println!("{}", serde_json::to_string_pretty(data).unwrap_or_default());
+        return;
+    }
+    println!(
+        "smtp-limiter top — {}",
+        humantime::format_rfc3339_seconds(SystemTime::now())
+    );
+    println!("\n{:<43} {:>11}", "SOURCE", "CONNECTIONS");
+    for c in data["connections"].as_array().into_iter().flatten() {
+        println!(
+            "{:<43} {:>11}",
+            c["source"].as_str().unwrap_or_default(),
+            scalar(&c["connections"])
+        );
+    }
+    println!("\n{:<43} {:<12} {:>10}", "BLOCKED", "REASON", "DROPS");
+    for b in data["drops"].as_array().into_iter().flatten() {
+        println!(
+            "{:<43} {:<12} {:>10}",
+            b["net"].as_str().unwrap_or_default(),
+            b["reason"].as_str().unwrap_or_default(),
+            scalar(&b["drops"])
+        );
+    }
+    println!("\n{:<30} {:>10}", "REFUSED BY THE PROXY", "COUNT");
+    for r in data["rejections"].as_array().into_iter().flatten() {
+        println!(
+            "{:<30} {:>10}",
+            r["reason"].as_str().unwrap_or_default(),
+            scalar(&r["count"])
+        );
+    }
 }

@@ -215,11 +215,13 @@ fn ipv6_harvester_is_blocked_in_the_kernel() {
     }
 }
 
-/// `smtp-limiter block add` writes to the pinned maps; the proxy refuses such
-/// a source at accept even where no packet program is attached (loopback).
+/// Blocks in the kernel maps (from another agent run, or restored ones) are
+/// refused by the proxy at accept even where no packet program is attached
+/// (loopback). Without a running agent the CLI reads the pinned maps and
+/// refuses changes.
 #[test]
-fn cli_blocks_are_refused_by_the_proxy_too() {
-    if !prerequisites("cli_blocks_are_refused_by_the_proxy_too") {
+fn kernel_blocks_are_refused_by_the_proxy_too() {
+    if !prerequisites("kernel_blocks_are_refused_by_the_proxy_too") {
         return;
     }
     let kernel = TestKernel::load(KernelLimits::default());
@@ -232,31 +234,40 @@ fn cli_blocks_are_refused_by_the_proxy_too() {
     let (_, greeting) = Client::connect(proxy.addr).unwrap();
     assert!(greeting.starts_with("220"), "{greeting}");
 
-    let status = smtp_limiter(
-        &[
-            "block",
-            "add",
-            "127.0.0.1",
-            "--for",
-            "1h",
-            "--reason",
-            "auth",
-        ],
-        kernel.pin_path(),
-    );
-    assert!(status.0, "block add: {}", status.1);
+    let expires = std::time::SystemTime::now() + Duration::from_secs(3600);
+    kernel
+        .datapath
+        .block("127.0.0.1/32".parse().unwrap(), Some(expires), reason::AUTH)
+        .unwrap();
     let (mut client, greeting) = Client::connect(proxy.addr).unwrap();
     assert!(greeting.starts_with("421 4.7.0"), "{greeting}");
     assert!(client.is_closed());
+
     let listing = smtp_limiter(&["block", "list", "--json"], kernel.pin_path());
+    assert!(listing.0, "{}", listing.1);
+    assert!(
+        listing
+            .1
+            .contains("agent is not running; reading the pinned kernel maps"),
+        "{}",
+        listing.1
+    );
     assert!(
         listing.1.contains("\"127.0.0.1/32\"") && listing.1.contains("\"auth\""),
         "{}",
         listing.1
     );
+    let refused = smtp_limiter(&["block", "del", "127.0.0.1"], kernel.pin_path());
+    assert!(
+        !refused.0 && refused.1.contains("the agent is not running"),
+        "{}",
+        refused.1
+    );
 
-    let status = smtp_limiter(&["block", "del", "127.0.0.1"], kernel.pin_path());
-    assert!(status.0, "block del: {}", status.1);
+    kernel
+        .datapath
+        .unblock("127.0.0.1/32".parse().unwrap())
+        .unwrap();
     let (_, greeting) = Client::connect(proxy.addr).unwrap();
     assert!(greeting.starts_with("220"), "{greeting}");
 }

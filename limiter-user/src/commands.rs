@@ -1,0 +1,271 @@
+//! What the agent does with each control request (see [`crate::control`]):
+//! blocks and allows through the proxy and the kernel at once (and stored),
+//! live limits, statistics, reload.
+
+use std::{
+    sync::atomic::Ordering,
+    time::{Duration, SystemTime},
+};
+
+use ipnet::IpNet;
+use limiter_common::reason;
+use serde_json::{json, Value};
+
+use crate::{
+    agent::{kernel_limits, reload, AgentState},
+    config::{self, Config},
+    control::{Request, Response},
+    policy::Policy,
+    proxy::blocks::ActiveBlock,
+};
+
+/// Carries out one request.
+pub fn handle(agent: &mut AgentState<'_>, request: Request) -> Response {
+    match run(agent, request) {
+        Ok(data) => Response::ok(data),
+        Err(message) => Response::error(message),
+    }
+}
+
+fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
+    match request {
+        Request::Stats => Ok(stats(agent)),
+        Request::Top => Ok(top(agent)),
+        Request::Reload => {
+            let path = agent
+                .config_path
+                .ok_or("the agent runs on the embedded default configuration: nothing to reload")?
+                .to_owned();
+            // Validate first, so the CLI gets the errors; `reload` keeps the
+            // running configuration on a bad file too.
+            Config::load(&path)
+                .map_err(|e| format!("reload refused, the running configuration stays: {e}"))?;
+            reload(&path, agent.config, agent.ctx, agent.datapath);
+            Ok(json!({ "reloaded": path.display().to_string() }))
+        }
+        Request::BlockList => Ok(block_list(agent)),
+        Request::BlockAdd {
+            net,
+            duration_secs,
+            reason,
+        } => {
+            let net = parse_net(&net)?;
+            let code = reason_code(&reason)?;
+            let expires = duration_secs.map(|s| SystemTime::now() + Duration::from_secs(s));
+            agent.ctx.blocks.insert(ActiveBlock {
+                net,
+                reason: code,
+                expires,
+            });
+            let kernel = match agent.datapath.block(net, expires, code) {
+                Ok(()) => "blocked".to_owned(),
+                Err(e) => format!("not in the kernel: {e}"),
+            };
+            agent.save_blocks();
+            tracing::info!(%net, reason = reason::name(code), origin = "cli", action = "block", "source blocked");
+            Ok(json!({ "net": net.to_string(), "kernel": kernel, "stored": agent.store.is_some() }))
+        }
+        Request::BlockDel { net } => {
+            let net = parse_net(&net)?;
+            let in_proxy = agent.ctx.blocks.remove(&net);
+            let in_kernel = agent.datapath.unblock(net).unwrap_or(false);
+            agent.ctx.state.unblock(net);
+            if !in_proxy && !in_kernel {
+                return Err(format!("{net} is not blocked"));
+            }
+            agent.save_blocks();
+            tracing::info!(%net, origin = "cli", action = "unblock", "block removed");
+            Ok(json!({ "net": net.to_string() }))
+        }
+        Request::AllowList => {
+            let nets = agent.datapath.allows().map_err(|e| e.to_string())?;
+            Ok(json!(nets
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()))
+        }
+        Request::AllowAdd { net } => {
+            let net = parse_net(&net)?;
+            agent.datapath.allow(net).map_err(|e| e.to_string())?;
+            // The proxy's allow list is the configuration's: keep them one.
+            if !agent.config.lists.allow.contains(&net) {
+                agent.config.lists.allow.push(net);
+            }
+            agent.ctx.set_policy(Policy::new(agent.config));
+            Ok(json!({ "net": net.to_string(), "persisted": false }))
+        }
+        Request::AllowDel { net } => {
+            let net = parse_net(&net)?;
+            let in_kernel = agent.datapath.disallow(net).unwrap_or(false);
+            let before = agent.config.lists.allow.len();
+            agent.config.lists.allow.retain(|n| *n != net);
+            if !in_kernel && before == agent.config.lists.allow.len() {
+                return Err(format!("{net} is not on the allow list"));
+            }
+            agent.ctx.set_policy(Policy::new(agent.config));
+            Ok(json!({ "net": net.to_string(), "persisted": false }))
+        }
+        Request::LimitsShow => Ok(limits(agent.config)),
+        Request::LimitsSet { name, value } => {
+            let mut candidate = agent.config.clone();
+            set_limit(&mut candidate, &name, &value)?;
+            candidate.validate().map_err(|e| e.to_string())?;
+            agent.datapath.set_limits(&kernel_limits(&candidate)).ok();
+            agent.ctx.set_policy(Policy::new(&candidate));
+            *agent.config = candidate;
+            tracing::info!(name, value, origin = "cli", "limit changed live");
+            Ok(json!({
+                "name": name,
+                "value": value,
+                "persisted": false,
+                "note": "live only: the configuration file is unchanged, a reload or restart reverts it",
+            }))
+        }
+    }
+}
+
+fn parse_net(text: &str) -> Result<IpNet, String> {
+    config::parse_cidr(text).map_err(|e| format!("{text:?} is not an address or CIDR: {e}"))
+}
+
+/// The reason code for a reason name.
+///
+/// # Errors
+/// An unknown name, with the valid ones.
+pub fn reason_code(name: &str) -> Result<u32, String> {
+    (1..=16)
+        .find(|code| reason::name(*code) == name)
+        .ok_or_else(|| format!("unknown reason {name:?}: use manual, harvest, auth, flood, reject-list, relay or filter"))
+}
+
+/// Applies `limits set NAME VALUE` to a configuration.
+fn set_limit(config: &mut Config, name: &str, value: &str) -> Result<(), String> {
+    let limits = &mut config.limits;
+    let number = |v: &str| v.parse::<u32>().map_err(|e| format!("{name} = {v:?}: {e}"));
+    let duration = |v: &str| config::parse_duration(v).map_err(|e| format!("{name} = {v:?}: {e}"));
+    match name {
+        "max_connections_per_source" => limits.max_connections_per_source = number(value)?,
+        "ipv6_prefix" => {
+            limits.ipv6_prefix = value
+                .parse::<u8>()
+                .map_err(|e| format!("{name} = {value:?}: {e}"))?;
+        }
+        "max_failed_rcpt" => limits.max_failed_rcpt = number(value)?,
+        "max_failed_auth" => limits.max_failed_auth = number(value)?,
+        "failed_auth_window" => limits.failed_auth_window = duration(value)?,
+        "block_duration" => limits.block_duration = duration(value)?,
+        "max_block_duration" => limits.max_block_duration = duration(value)?,
+        "block_backoff" => {
+            limits.block_backoff = value
+                .parse::<f64>()
+                .map_err(|e| format!("{name} = {value:?}: {e}"))?;
+        }
+        "null_sender_rate" => {
+            limits.null_sender_rate = value
+                .parse()
+                .map_err(|e| format!("{name} = {value:?}: {e}"))?;
+        }
+        _ => {
+            return Err(format!(
+                "unknown limit {name:?}: use one of {}",
+                LIMIT_NAMES.join(", ")
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// The limits `limits set` knows.
+pub const LIMIT_NAMES: [&str; 9] = [
+    "max_connections_per_source",
+    "ipv6_prefix",
+    "max_failed_rcpt",
+    "max_failed_auth",
+    "failed_auth_window",
+    "null_sender_rate",
+    "block_duration",
+    "block_backoff",
+    "max_block_duration",
+];
+
+fn limits(config: &Config) -> Value {
+    let l = &config.limits;
+    json!({
+        "max_connections_per_source": l.max_connections_per_source,
+        "ipv6_prefix": l.ipv6_prefix,
+        "max_failed_rcpt": l.max_failed_rcpt,
+        "max_failed_auth": l.max_failed_auth,
+        "failed_auth_window": config::format_duration(l.failed_auth_window),
+        "null_sender_rate": l.null_sender_rate.to_string(),
+        "block_duration": config::format_duration(l.block_duration),
+        "block_backoff": l.block_backoff,
+        "max_block_duration": config::format_duration(l.max_block_duration),
+        "source": l.source.iter().map(|s| json!({"cidr": s.cidr.to_string(), "max_connections": s.max_connections})).collect::<Vec<_>>(),
+        "helo": l.helo.iter().map(|h| json!({"pattern": h.pattern, "max_connections": h.max_connections})).collect::<Vec<_>>(),
+    })
+}
+
+fn block_list(agent: &AgentState<'_>) -> Value {
+    let now = SystemTime::now();
+    let mut rows: Vec<(IpNet, u32, Option<SystemTime>, Option<u64>)> = Vec::new();
+    if let Ok(kernel) = agent.datapath.blocks() {
+        rows.extend(
+            kernel
+                .into_iter()
+                .map(|b| (b.net, b.reason, b.expires, Some(b.drops))),
+        );
+    }
+    for block in agent.ctx.blocks.all() {
+        if !rows.iter().any(|r| r.0 == block.net) {
+            rows.push((block.net, block.reason, block.expires, None));
+        }
+    }
+    rows.retain(|r| r.2.is_none_or(|t| t > now));
+    rows.sort_by_key(|r| r.0);
+    json!(rows
+        .iter()
+        .map(|(net, reason, expires, drops)| json!({
+            "net": net.to_string(),
+            "reason": reason::name(*reason),
+            "expires": expires.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            "drops": drops,
+        }))
+        .collect::<Vec<_>>())
+}
+
+fn stats(agent: &AgentState<'_>) -> Value {
+    let s = &agent.ctx.stats;
+    let kernel = agent.datapath.counters().ok().map(|c| {
+        c.fields()
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), json!(v)))
+            .collect::<serde_json::Map<_, _>>()
+    });
+    json!({
+        "kernel_status": agent.datapath.describe(),
+        "kernel": kernel,
+        "proxy": {
+            "sessions_open": s.sessions_open.load(Ordering::Relaxed),
+            "sessions_total": s.sessions_total.load(Ordering::Relaxed),
+            "messages": s.messages.load(Ordering::Relaxed),
+            "backend_errors": s.backend_errors.load(Ordering::Relaxed),
+            "blocks_issued": s.blocks_issued.load(Ordering::Relaxed),
+            "blocks_active": agent.ctx.blocks.len(),
+            "rejections": s.rejections().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        },
+    })
+}
+
+fn top(agent: &AgentState<'_>) -> Value {
+    let mut connections = agent.datapath.connection_counts().unwrap_or_default();
+    connections.sort_by_key(|c| std::cmp::Reverse(c.1));
+    connections.truncate(20);
+    let mut blocks = agent.datapath.blocks().unwrap_or_default();
+    blocks.sort_by_key(|b| std::cmp::Reverse(b.drops));
+    blocks.truncate(20);
+    json!({
+        "connections": connections.iter().map(|(net, n)| json!({"source": net.to_string(), "connections": n})).collect::<Vec<_>>(),
+        "drops": blocks.iter().map(|b| json!({"net": b.net.to_string(), "reason": reason::name(b.reason), "drops": b.drops})).collect::<Vec<_>>(),
+        "rejections": agent.ctx.stats.rejections().into_iter().map(|(k, v)| json!({"reason": k, "count": v})).collect::<Vec<_>>(),
+    })
+}
