@@ -140,6 +140,14 @@ pub fn run(ws: &Workspace, release: bool, args: &[String]) -> Result<Infallible>
 /// `cargo test --workspace --exclude limiter-ebpf ARGS` with the object.
 pub fn test(ws: &Workspace, args: &[String]) -> Result<()> {
     let object = build_ebpf(ws, true)?;
+    // The end-to-end tests run the `smtp-limiter` binary itself, which
+    // `cargo test` does not build for another package's tests.
+    cmd::run(
+        toolchain::cargo()
+            .current_dir(&ws.root)
+            .args(["build", "-p", "limiter-user", "--bin", "smtp-limiter"])
+            .env(OBJECT_ENV, &object),
+    )?;
     cmd::run(
         toolchain::cargo()
             .current_dir(&ws.root)
