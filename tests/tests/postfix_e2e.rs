@@ -1,0 +1,1034 @@
+//! End to end with a real Postfix behind the proxy and real SMTP clients in
+//! front of it: swaks, Python's smtplib, and raw lines where the exact bytes
+//! matter.
+//!
+//! Each test starts its own private Postfix ([`Postfix`]: virtual domain
+//! example.com with alice, bob, carol and postmaster, every message handed
+//! to `discard`, clients logged as `unknown[ADDR]`) and its own proxy
+//! ([`TestProxy`], kernel layer off) relaying to it. Clients connect to the
+//! proxy on 127.0.0.1 but bind their own end to 127.0.0.2 or 127.0.0.3
+//! (Linux accepts any 127/8 source on loopback), while the proxy reaches
+//! Postfix from 127.0.0.1: so Postfix's log shows whether the real client's
+//! address got through.
+//!
+//! Needs root and Postfix (see [`postfix::missing_prerequisite`]), plus
+//! `swaks`, `python3` and `openssl` (`cargo xtask setup` installs them).
+//! Without them every test is skipped with a message; under `CI=true` it
+//! fails instead.
+
+use std::{
+    fs,
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::Command,
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use limiter_tests::{
+    postfix::{self, Postfix, PostfixOptions},
+    proxy::{Client, TestProxy},
+};
+
+/// The source address of "the" client (the proxy is reached on 127.0.0.1).
+const CLIENT: &str = "127.0.0.2";
+/// Another client, unaffected by what the first one did.
+const OTHER_CLIENT: &str = "127.0.0.3";
+/// How long to wait for Postfix to deliver or log something.
+const WAIT: Duration = Duration::from_secs(10);
+/// A plain listener on a free port.
+const PLAIN_LISTENER: &str = "[[listen]]\naddress = \"127.0.0.1:0\"\ntls = \"none\"\n";
+
+// -- Prerequisites ---------------------------------------------------------
+
+/// Whether this test can run: root, Postfix, swaks, python3, openssl.
+/// Outside CI a missing piece skips the test with a message; under
+/// `CI=true` it fails it.
+fn ready(test: &str) -> bool {
+    let missing = postfix::missing_prerequisite().or_else(|| {
+        ["swaks", "python3", "openssl"]
+            .into_iter()
+            .find(|tool| which(tool).is_none())
+            .map(|tool| format!("{tool} is not installed (`cargo xtask setup`)"))
+    });
+    match missing {
+        None => true,
+        Some(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{test}: {why} (CI=true: the Postfix tests must run)")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED {test}: {why}");
+            false
+        }
+    }
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+}
+
+// -- Postfix and proxy -----------------------------------------------------
+
+/// How the proxy tells Postfix who the client is, and the Postfix settings
+/// that go with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Identity {
+    ProxyV2,
+    ProxyV1,
+    Xclient,
+    None,
+}
+
+impl Identity {
+    fn name(self) -> &'static str {
+        match self {
+            Self::ProxyV2 => "proxy-v2",
+            Self::ProxyV1 => "proxy-v1",
+            Self::Xclient => "xclient",
+            Self::None => "none",
+        }
+    }
+
+    fn postfix_options(self) -> PostfixOptions {
+        PostfixOptions {
+            proxy_protocol: matches!(self, Self::ProxyV2 | Self::ProxyV1),
+            xclient_hosts: (self == Self::Xclient).then(|| "127.0.0.1/32".to_owned()),
+            ..PostfixOptions::default()
+        }
+    }
+}
+
+/// A Postfix and the proxy in front of it. The proxy is stopped first.
+struct Rig {
+    proxy: TestProxy,
+    postfix: Postfix,
+}
+
+impl Rig {
+    /// Postfix for `identity` and a proxy with one plain listener and the
+    /// `extra` TOML tables.
+    fn start(identity: Identity, extra: &str) -> Rig {
+        Self::start_with(identity, identity.postfix_options(), PLAIN_LISTENER, extra)
+    }
+
+    fn start_with(identity: Identity, options: PostfixOptions, listen: &str, extra: &str) -> Rig {
+        let postfix = Postfix::start(options).expect("start Postfix");
+        let proxy = TestProxy::start(&proxy_config(postfix.addr(), identity, listen, extra));
+        Rig { proxy, postfix }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.proxy.addr
+    }
+
+    fn log(&self) -> String {
+        self.postfix.log()
+    }
+
+    /// Waits for `n` deliveries and an empty queue, then checks that there
+    /// are exactly `n` (none twice, none more).
+    #[track_caller]
+    fn expect_delivered(&self, n: usize) {
+        assert!(
+            self.postfix.wait_delivered(n, WAIT),
+            "Postfix delivered {} of {n} messages; log:\n{}",
+            self.postfix.delivered(),
+            self.log()
+        );
+        assert!(
+            self.postfix.wait_queue_empty(WAIT),
+            "Postfix's queue did not empty; log:\n{}",
+            self.log()
+        );
+        // The log is written asynchronously (postlogd): give a duplicate
+        // delivery a moment to show up.
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            self.postfix.delivered(),
+            n,
+            "deliveries; log:\n{}",
+            self.log()
+        );
+    }
+
+    /// Waits until Postfix has logged `n` `disconnect from` lines (the
+    /// fixture's readiness probe is the first) and returns the last one.
+    #[track_caller]
+    fn wait_disconnects(&self, n: usize) -> String {
+        let end = Instant::now() + WAIT;
+        loop {
+            let log = self.log();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("disconnect from "))
+                .collect();
+            if lines.len() >= n {
+                return lines[lines.len() - 1].to_owned();
+            }
+            assert!(
+                Instant::now() < end,
+                "Postfix logged {} of {n} disconnects; log:\n{log}",
+                lines.len()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn proxy_config(backend: SocketAddr, identity: Identity, listen: &str, extra: &str) -> String {
+    format!(
+        r#"mode = "enforce"
+
+{listen}
+
+[backend]
+address = "{backend}"
+identity = "{identity}"
+connect_timeout = "2s"
+
+[kernel]
+mode = "off"
+
+{extra}
+"#,
+        identity = identity.name(),
+    )
+}
+
+// -- Clients ---------------------------------------------------------------
+
+/// One swaks run: its exit code and its whole transcript.
+struct Swaks {
+    code: Option<i32>,
+    out: String,
+}
+
+impl Swaks {
+    #[track_caller]
+    fn expect_success(&self) {
+        assert_eq!(self.code, Some(0), "swaks failed:\n{}", self.out);
+    }
+
+    #[track_caller]
+    fn expect_reply(&self, needle: &str) {
+        assert!(
+            self.out.contains(needle),
+            "swaks transcript lacks {needle:?}:\n{}",
+            self.out
+        );
+    }
+}
+
+/// Runs swaks against `server` from `source` with `args` after the
+/// server, source and a 10-second timeout.
+fn swaks(server: SocketAddr, source: &str, args: &[&str]) -> Swaks {
+    let out = Command::new("swaks")
+        .arg("--server")
+        .arg(server.to_string())
+        .args(["--local-interface", source, "--timeout", "10"])
+        .args(args)
+        .output()
+        .expect("run swaks");
+    Swaks {
+        code: out.status.code(),
+        out: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// swaks sending one message to alice@example.com from `source`.
+fn swaks_to_alice(server: SocketAddr, source: &str, extra: &[&str]) -> Swaks {
+    let mut args = vec![
+        "--to",
+        "alice@example.com",
+        "--from",
+        "sender@example.org",
+        "--helo",
+        "client.example.org",
+    ];
+    args.extend_from_slice(extra);
+    swaks(server, source, &args)
+}
+
+/// Helpers every Python script starts with; `PORT` is the proxy's port
+/// (the script's first argument).
+const PY_PRELUDE: &str = r#"
+import smtplib, socket, sys, time
+HOST = "127.0.0.1"
+PORT = int(sys.argv[1])
+def out(*args):
+    print(*args, flush=True)
+def session(source, helo):
+    return smtplib.SMTP(HOST, PORT, local_hostname=helo, source_address=(source, 0), timeout=10)
+def closed(s):
+    # Whether the server closed the connection (EOF within the timeout).
+    try:
+        return s.file.readline() == b""
+    except OSError:
+        return True
+def greeting(source):
+    # The raw first reply of a new connection, and whether it closes after.
+    sock = socket.create_connection((HOST, PORT), 10, (source, 0))
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    try:
+        eof = sock.recv(1) == b""
+    except OSError:
+        eof = True
+    sock.close()
+    return data.decode().strip(), eof
+MESSAGE = "From: sender@example.org\r\nTo: alice@example.com\r\nSubject: test\r\n\r\nHello.\r\n"
+"#;
+
+/// Runs `script` (after [`PY_PRELUDE`]) with the proxy's port as argument;
+/// returns its output lines. Panics with its output when it fails.
+fn python(proxy: SocketAddr, script: &str) -> Vec<String> {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(format!("{PY_PRELUDE}\n{script}"))
+        .arg(proxy.port().to_string())
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "python3 failed ({}):\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout.lines().map(str::to_owned).collect()
+}
+
+/// The output line starting with `key `, without the key.
+#[track_caller]
+fn line<'a>(lines: &'a [String], key: &str) -> &'a str {
+    let prefix = format!("{key} ");
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {key:?} line in {lines:#?}"))
+}
+
+#[track_caller]
+fn expect(reply: &str, prefix: &str) {
+    assert!(
+        reply.starts_with(prefix),
+        "expected a reply starting with {prefix:?}, got {reply:?}"
+    );
+}
+
+/// A temporary directory with a self-signed certificate for localhost.
+struct TlsFiles {
+    dir: PathBuf,
+}
+
+impl TlsFiles {
+    fn new() -> TlsFiles {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!(
+            "smtp-limiter-postfix-e2e-tls.{}.{nanos}",
+            std::process::id()
+        ));
+        fs::create_dir(&dir).expect("create the certificate directory");
+        let out = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout"])
+            .arg(dir.join("key.pem"))
+            .arg("-out")
+            .arg(dir.join("cert.pem"))
+            .args(["-days", "1", "-subj", "/CN=localhost"])
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl req failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TlsFiles { dir }
+    }
+
+    /// The `[tls]` table.
+    fn toml(&self) -> String {
+        format!(
+            "[tls]\ncertificate = \"{}\"\nkey = \"{}\"\n",
+            self.dir.join("cert.pem").display(),
+            self.dir.join("key.pem").display()
+        )
+    }
+}
+
+impl Drop for TlsFiles {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Log lines of `log` containing `needle`.
+fn log_lines<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
+    log.lines().filter(|l| l.contains(needle)).collect()
+}
+
+// -- 1. Valid mail, and who Postfix sees -----------------------------------
+
+/// Postfix logs, at RCPT time, the HELO name it holds for the session.
+fn helo_logging() -> (String, String) {
+    (
+        "smtpd_helo_restrictions".to_owned(),
+        "check_helo_access static:{INFO helo-seen}".to_owned(),
+    )
+}
+
+/// One message to alice from 127.0.0.2 through the proxy with `identity`:
+/// delivered once, and Postfix names the client as `expect_client`.
+fn delivers_once_and_shows(identity: Identity, expect_client: &str) -> Rig {
+    let mut options = identity.postfix_options();
+    options.extra_main_cf.push(helo_logging());
+    let rig = Rig::start_with(identity, options, PLAIN_LISTENER, "");
+    swaks_to_alice(rig.addr(), CLIENT, &["--helo", "client.helo.test"]).expect_success();
+    rig.expect_delivered(1);
+    let log = rig.log();
+    let clients = log_lines(&log, " client=");
+    assert_eq!(clients.len(), 1, "one message, one client= line:\n{log}");
+    assert!(
+        clients[0].contains(&format!(" client=unknown[{expect_client}]")),
+        "Postfix saw the wrong client:\n{log}"
+    );
+    // The client's own HELO name reached Postfix, and nothing else did.
+    let helos = log_lines(&log, ": helo-seen;");
+    assert_eq!(helos.len(), 1, "{log}");
+    assert!(
+        helos[0].contains(&format!("RCPT from unknown[{expect_client}]"))
+            && helos[0].contains(" helo=<client.helo.test>")
+            && helos[0].contains(" proto=ESMTP"),
+        "{log}"
+    );
+    rig
+}
+
+#[test]
+fn proxy_v2_delivers_once_and_passes_the_client_address() {
+    if !ready("proxy_v2_delivers_once_and_passes_the_client_address") {
+        return;
+    }
+    let rig = delivers_once_and_shows(Identity::ProxyV2, CLIENT);
+    let log = rig.log();
+    // Postfix took the address from the PROXY header: the only connection
+    // it logs from 127.0.0.1 is the fixture's readiness probe.
+    assert_eq!(
+        log_lines(&log, "]: connect from unknown[127.0.0.2]").len(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        log_lines(&log, "]: connect from unknown[127.0.0.1]").len(),
+        1,
+        "{log}"
+    );
+}
+
+#[test]
+fn proxy_v1_delivers_once_and_passes_the_client_address() {
+    if !ready("proxy_v1_delivers_once_and_passes_the_client_address") {
+        return;
+    }
+    let rig = delivers_once_and_shows(Identity::ProxyV1, CLIENT);
+    let log = rig.log();
+    assert_eq!(
+        log_lines(&log, "]: connect from unknown[127.0.0.2]").len(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        log_lines(&log, "]: connect from unknown[127.0.0.1]").len(),
+        1,
+        "{log}"
+    );
+}
+
+#[test]
+fn xclient_delivers_once_and_passes_the_client_address_and_helo() {
+    if !ready("xclient_delivers_once_and_passes_the_client_address_and_helo") {
+        return;
+    }
+    let rig = delivers_once_and_shows(Identity::Xclient, CLIENT);
+    let log = rig.log();
+    // The proxy itself connects from 127.0.0.1 (after the probe), then
+    // XCLIENT makes the session 127.0.0.2's, HELO and all.
+    assert_eq!(
+        log_lines(&log, "]: connect from unknown[127.0.0.1]").len(),
+        2,
+        "{log}"
+    );
+    let disconnect = rig.wait_disconnects(2);
+    assert!(
+        disconnect.contains("disconnect from unknown[127.0.0.2]")
+            && disconnect.contains(" xclient=")
+            && disconnect.contains(" mail=1 ")
+            && disconnect.contains(" data=1 "),
+        "{log}"
+    );
+}
+
+#[test]
+fn identity_none_delivers_once_and_postfix_sees_the_proxy() {
+    if !ready("identity_none_delivers_once_and_postfix_sees_the_proxy") {
+        return;
+    }
+    let rig = delivers_once_and_shows(Identity::None, "127.0.0.1");
+    let log = rig.log();
+    assert!(!log.contains("127.0.0.2"), "{log}");
+}
+
+// -- 2. Unknown recipients and harvesting ----------------------------------
+
+#[test]
+fn unknown_recipient_gets_postfix_reply_unchanged() {
+    if !ready("unknown_recipient_gets_postfix_reply_unchanged") {
+        return;
+    }
+    // Without identity, so that Postfix can be asked directly too.
+    let rig = Rig::start(Identity::None, "[relay]\naccept = \"*@example.com\"\n");
+    let ask = |addr: SocketAddr| {
+        let (mut c, greeting) = Client::connect(addr).expect("connect");
+        expect(&greeting, "220 ");
+        expect(&c.cmd("EHLO client.example.org").expect("EHLO"), "250");
+        expect(
+            &c.cmd("MAIL FROM:<sender@example.org>").expect("MAIL"),
+            "250 ",
+        );
+        let reply = c.cmd("RCPT TO:<nobody@example.com>").expect("RCPT");
+        let _ = c.cmd("QUIT");
+        reply
+    };
+    let direct = ask(rig.postfix.addr());
+    let proxied = ask(rig.addr());
+    expect(
+        &direct,
+        "550 5.1.1 <nobody@example.com>: Recipient address rejected:",
+    );
+    assert_eq!(proxied, direct);
+
+    // And with a real client.
+    let run = swaks(
+        rig.addr(),
+        CLIENT,
+        &[
+            "--to",
+            "nobody@example.com",
+            "--from",
+            "sender@example.org",
+            "--quit-after",
+            "RCPT",
+        ],
+    );
+    assert_ne!(run.code, Some(0), "{}", run.out);
+    run.expect_reply(&format!("<** {direct}"));
+    rig.expect_delivered(0);
+}
+
+#[test]
+fn harvesting_is_cut_off_and_the_source_blocked() {
+    if !ready("harvesting_is_cut_off_and_the_source_blocked") {
+        return;
+    }
+    let rig = Rig::start(
+        Identity::ProxyV2,
+        "[limits]\nmax_failed_rcpt = 3\n\n[relay]\naccept = \"*@example.com\"\n",
+    );
+    let lines = python(
+        rig.addr(),
+        r#"
+s = session("127.0.0.2", "harvester.test")
+out("EHLO", s.ehlo()[0])
+out("MAIL", *s.mail("sender@example.org"))
+for i in range(1, 6):
+    try:
+        code, msg = s.rcpt("user%d@example.com" % i)
+    except smtplib.SMTPServerDisconnected as e:
+        out("RCPT%d disconnected" % i)
+        break
+    out("RCPT%d %d %s" % (i, code, msg.decode()))
+    if code == 421:
+        out("CLOSED", closed(s))
+        break
+reply, eof = greeting("127.0.0.2")
+out("AGAIN", reply)
+out("AGAIN-CLOSED", eof)
+"#,
+    );
+    for i in 1..=3 {
+        expect(
+            line(&lines, &format!("RCPT{i}")),
+            &format!("550 5.1.1 <user{i}@example.com>: Recipient address rejected"),
+        );
+    }
+    expect(line(&lines, "RCPT4"), "421 4.7.0 ");
+    assert_eq!(line(&lines, "CLOSED"), "True", "{lines:#?}");
+    assert!(!lines.iter().any(|l| l.starts_with("RCPT5")), "{lines:#?}");
+    // The source is blocked: greeted with 421 and let go.
+    expect(line(&lines, "AGAIN"), "421 4.7.0 ");
+    assert!(line(&lines, "AGAIN").contains("127.0.0.2"), "{lines:#?}");
+    assert_eq!(line(&lines, "AGAIN-CLOSED"), "True", "{lines:#?}");
+    // Postfix never saw the blocked connection (probe + one session).
+    rig.wait_disconnects(2);
+    let log = rig.log();
+    assert_eq!(
+        log_lines(&log, "]: connect from unknown[127.0.0.2]").len(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("user5@"), "{log}");
+
+    // Another address is not affected.
+    swaks_to_alice(rig.addr(), OTHER_CLIENT, &[]).expect_success();
+    rig.expect_delivered(1);
+    assert!(rig.log().contains("client=unknown[127.0.0.3]"));
+}
+
+// -- 3. Relaying ------------------------------------------------------------
+
+#[test]
+fn relaying_is_refused_by_the_proxy() {
+    if !ready("relaying_is_refused_by_the_proxy") {
+        return;
+    }
+    let rig = Rig::start(Identity::ProxyV2, "[relay]\naccept = \"*@example.com\"\n");
+    let run = swaks(
+        rig.addr(),
+        CLIENT,
+        &[
+            "--to",
+            "x@elsewhere.test",
+            "--from",
+            "sender@example.org",
+            "--quit-after",
+            "RCPT",
+        ],
+    );
+    assert_ne!(run.code, Some(0), "{}", run.out);
+    run.expect_reply("<** 550 5.7.1 ");
+    // The session has reached Postfix (EHLO, MAIL, QUIT) and ended there,
+    // without the recipient.
+    let disconnect = rig.wait_disconnects(2);
+    let log = rig.log();
+    assert!(
+        disconnect.contains(" mail=1 ") && !disconnect.contains("rcpt="),
+        "{log}"
+    );
+    assert!(!log.contains("elsewhere.test"), "{log}");
+    rig.expect_delivered(0);
+}
+
+// -- 4. HELO ----------------------------------------------------------------
+
+#[test]
+fn rejected_helo_gets_550_and_never_reaches_postfix() {
+    if !ready("rejected_helo_gets_550_and_never_reaches_postfix") {
+        return;
+    }
+    let rig = Rig::start(
+        Identity::ProxyV2,
+        "[lists]\nreject_helo = [\"*.dynamic.example\"]\n",
+    );
+    let run = swaks_to_alice(rig.addr(), CLIENT, &["--helo", "host-1.dynamic.example"]);
+    assert_ne!(run.code, Some(0), "{}", run.out);
+    run.expect_reply("<** 550 5.7.1 Helo command rejected");
+    assert!(!run.out.contains("MAIL FROM"), "{}", run.out);
+    let disconnect = rig.wait_disconnects(2);
+    assert!(!disconnect.contains("ehlo="), "{}", rig.log());
+
+    // The session goes on: nothing without an accepted HELO, then a
+    // good name gets through.
+    let (mut c, greeting) = Client::connect(rig.addr()).expect("connect");
+    expect(&greeting, "220 ");
+    expect(
+        &c.cmd("EHLO host-2.dynamic.example").expect("EHLO"),
+        "550 5.7.1 ",
+    );
+    expect(
+        &c.cmd("MAIL FROM:<sender@example.org>").expect("MAIL"),
+        "503 ",
+    );
+    expect(&c.cmd("EHLO mail.static.example").expect("EHLO"), "250");
+    expect(
+        &c.cmd("MAIL FROM:<sender@example.org>").expect("MAIL"),
+        "250 ",
+    );
+    expect(&c.cmd("RCPT TO:<alice@example.com>").expect("RCPT"), "250 ");
+    expect(&c.cmd("DATA").expect("DATA"), "354 ");
+    expect(
+        &c.cmd("Subject: after a refused HELO\r\n\r\nHello.\r\n.")
+            .expect("end of data"),
+        "250 ",
+    );
+    expect(&c.cmd("QUIT").expect("QUIT"), "221 ");
+    rig.expect_delivered(1);
+    // Postfix saw only the accepted EHLO of that session.
+    let disconnect = rig.wait_disconnects(3);
+    let log = rig.log();
+    assert!(
+        disconnect.contains(" ehlo=1 ") && disconnect.contains(" data=1 "),
+        "{log}"
+    );
+    assert!(!log.contains("dynamic.example"), "{log}");
+}
+
+#[test]
+fn helo_connection_limit() {
+    if !ready("helo_connection_limit") {
+        return;
+    }
+    let rig = Rig::start(
+        Identity::ProxyV2,
+        "[[limits.helo]]\npattern = \"*.bounce.test\"\nmax_connections = 1\n",
+    );
+    let lines = python(
+        rig.addr(),
+        r#"
+first = session("127.0.0.2", "mx1.bounce.test")
+out("FIRST", first.ehlo()[0])
+second = session("127.0.0.3", "mx1.bounce.test")
+code, msg = second.ehlo()
+out("SECOND", code, msg.decode())
+out("SECOND-CLOSED", closed(second))
+other = session("127.0.0.3", "mx.other.test")
+out("OTHER", other.ehlo()[0])
+other.quit()
+# The first session is not disturbed: it sends a message.
+first.sendmail("sender@example.org", ["alice@example.com"], MESSAGE)
+out("FIRST-SENT", "ok")
+first.quit()
+# Once it has ended, its place is free again.
+deadline = time.time() + 5
+while True:
+    again = session("127.0.0.3", "mx1.bounce.test")
+    code = again.ehlo()[0]
+    if code == 250 or time.time() > deadline:
+        break
+    again.close()
+    time.sleep(0.05)
+out("AGAIN", code)
+again.sendmail("sender@example.org", ["alice@example.com"], MESSAGE)
+out("AGAIN-SENT", "ok")
+again.quit()
+"#,
+    );
+    assert_eq!(line(&lines, "FIRST"), "250", "{lines:#?}");
+    expect(line(&lines, "SECOND"), "421 4.7.0 ");
+    assert_eq!(line(&lines, "SECOND-CLOSED"), "True", "{lines:#?}");
+    assert_eq!(line(&lines, "OTHER"), "250", "{lines:#?}");
+    assert_eq!(line(&lines, "FIRST-SENT"), "ok");
+    assert_eq!(line(&lines, "AGAIN"), "250", "{lines:#?}");
+    assert_eq!(line(&lines, "AGAIN-SENT"), "ok");
+    rig.expect_delivered(2);
+}
+
+// -- 5. Null sender ---------------------------------------------------------
+
+#[test]
+fn null_sender_rate() {
+    if !ready("null_sender_rate") {
+        return;
+    }
+    let rig = Rig::start(Identity::ProxyV2, "[limits]\nnull_sender_rate = \"2/1m\"\n");
+    for n in 1..=2 {
+        let run = swaks_to_alice(rig.addr(), CLIENT, &["--from", "<>"]);
+        run.expect_success();
+        run.expect_reply("-> MAIL FROM:<>");
+        rig.expect_delivered(n);
+    }
+    let run = swaks_to_alice(rig.addr(), CLIENT, &["--from", "<>"]);
+    assert_ne!(run.code, Some(0), "{}", run.out);
+    run.expect_reply("<** 450 4.7.1 ");
+    rig.expect_delivered(2);
+    // Mail with a sender is not affected.
+    swaks_to_alice(rig.addr(), CLIENT, &[]).expect_success();
+    rig.expect_delivered(3);
+    let log = rig.log();
+    assert_eq!(log_lines(&log, "from=<>,").len(), 2, "{log}");
+}
+
+// -- 6. TLS -----------------------------------------------------------------
+
+#[test]
+fn starttls_delivers() {
+    if !ready("starttls_delivers") {
+        return;
+    }
+    let tls = TlsFiles::new();
+    let rig = Rig::start_with(
+        Identity::ProxyV2,
+        Identity::ProxyV2.postfix_options(),
+        "[[listen]]\naddress = \"127.0.0.1:0\"\ntls = \"starttls\"\n",
+        &tls.toml(),
+    );
+    let run = swaks_to_alice(rig.addr(), CLIENT, &["-tls"]);
+    run.expect_success();
+    run.expect_reply("<-  220 2.0.0 Ready to start TLS");
+    // The envelope went inside TLS.
+    run.expect_reply(" ~> MAIL FROM:<sender@example.org>");
+    run.expect_reply(" ~> RCPT TO:<alice@example.com>");
+    rig.expect_delivered(1);
+    assert!(rig.log().contains("client=unknown[127.0.0.2]"));
+}
+
+#[test]
+fn implicit_tls_delivers() {
+    if !ready("implicit_tls_delivers") {
+        return;
+    }
+    let tls = TlsFiles::new();
+    // TestProxy exposes only the first listener: here the implicit one.
+    let rig = Rig::start_with(
+        Identity::ProxyV2,
+        Identity::ProxyV2.postfix_options(),
+        "[[listen]]\naddress = \"127.0.0.1:0\"\ntls = \"implicit\"\n",
+        &tls.toml(),
+    );
+    let run = swaks_to_alice(rig.addr(), CLIENT, &["--tls-on-connect"]);
+    run.expect_success();
+    run.expect_reply("<~  220 ");
+    run.expect_reply(" ~> MAIL FROM:<sender@example.org>");
+    assert!(!run.out.contains("STARTTLS"), "{}", run.out);
+    rig.expect_delivered(1);
+    // A plain client on the implicit port gets no SMTP greeting.
+    let plain = TcpStream::connect(rig.addr()).expect("connect");
+    plain
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    let mut byte = [0u8; 1];
+    let got = std::io::Read::read(&mut &plain, &mut byte);
+    assert!(!matches!(got, Ok(1) if byte[0] == b'2'), "{got:?}");
+}
+
+// -- 7. PIPELINING ----------------------------------------------------------
+
+#[test]
+fn pipelining_delivers_exactly_once() {
+    if !ready("pipelining_delivers_exactly_once") {
+        return;
+    }
+    let rig = Rig::start(Identity::ProxyV2, "");
+    let run = swaks_to_alice(rig.addr(), CLIENT, &["--pipeline"]);
+    run.expect_success();
+    run.expect_reply("PIPELINING");
+    rig.expect_delivered(1);
+    let disconnect = rig.wait_disconnects(2);
+    assert!(
+        disconnect.contains(" mail=1 ") && disconnect.contains(" data=1 "),
+        "{}",
+        rig.log()
+    );
+}
+
+// -- 8. Backend down --------------------------------------------------------
+
+#[test]
+fn backend_down_gets_421() {
+    if !ready("backend_down_gets_421") {
+        return;
+    }
+    let Rig { proxy, postfix } = Rig::start(Identity::ProxyV2, "");
+    drop(postfix);
+    let run = swaks_to_alice(proxy.addr, CLIENT, &[]);
+    assert_ne!(run.code, Some(0), "{}", run.out);
+    run.expect_reply("421 4.3.0 ");
+    assert!(!run.out.contains("EHLO"), "{}", run.out);
+}
+
+#[test]
+fn backend_lost_mid_session_gets_421() {
+    if !ready("backend_lost_mid_session_gets_421") {
+        return;
+    }
+    let Rig { proxy, postfix } = Rig::start(Identity::ProxyV2, "");
+    let (mut c, greeting) = Client::connect(proxy.addr).expect("connect");
+    expect(&greeting, "220 ");
+    expect(&c.cmd("EHLO client.example.org").expect("EHLO"), "250");
+    drop(postfix);
+    let reply = c.cmd("MAIL FROM:<sender@example.org>").expect("MAIL");
+    expect(&reply, "421 4.3.0 ");
+    assert!(c.is_closed());
+}
+
+// -- 9. Dot-stuffing --------------------------------------------------------
+
+#[test]
+fn dot_stuffed_lines_arrive_intact() {
+    if !ready("dot_stuffed_lines_arrive_intact") {
+        return;
+    }
+    // Postfix discards the messages, but its body_checks see each body
+    // line as stored (un-stuffed once): WARN logs what matched.
+    let mut options = Identity::ProxyV2.postfix_options();
+    options.extra_main_cf.push((
+        "body_checks".to_owned(),
+        "regexp:{ {/^\\.leading dot$$/ WARN body-one-dot}, \
+         {/^\\.\\.two dots$$/ WARN body-two-dots}, \
+         {/^\\.\\.leading dot$$/ WARN body-still-stuffed}, \
+         {/^\\.\\.\\.two dots$$/ WARN body-still-stuffed}, \
+         {/^leading dot$$/ WARN body-dot-lost}, \
+         {/^\\.two dots$$/ WARN body-dot-lost}, \
+         {/^last line$$/ WARN body-last-line} }"
+            .to_owned(),
+    ));
+    let rig = Rig::start_with(Identity::ProxyV2, options, PLAIN_LISTENER, "");
+    let lines = python(
+        rig.addr(),
+        r#"
+s = session("127.0.0.2", "client.example.org")
+s.ehlo()
+body = ("From: sender@example.org\r\nTo: alice@example.com\r\nSubject: dots\r\n\r\n"
+        "first line\r\n.leading dot\r\n..two dots\r\n.\r\nlast line\r\n")
+# smtplib dot-stuffs: the wire carries "..leading dot", "...two dots", "..".
+out("MAIL", s.mail("sender@example.org")[0])
+out("RCPT", s.rcpt("alice@example.com")[0])
+code, msg = s.data(body)
+out("DATA", code, msg.decode())
+s.quit()
+"#,
+    );
+    assert_eq!(line(&lines, "MAIL"), "250");
+    assert_eq!(line(&lines, "RCPT"), "250");
+    expect(line(&lines, "DATA"), "250 2.0.0 Ok: queued as ");
+    rig.expect_delivered(1);
+    let log = rig.log();
+    for (tag, count) in [
+        ("body-one-dot", 1),
+        ("body-two-dots", 1),
+        ("body-last-line", 1),
+        ("body-still-stuffed", 0),
+        ("body-dot-lost", 0),
+    ] {
+        assert_eq!(log_lines(&log, tag).len(), count, "{tag}:\n{log}");
+    }
+}
+
+// -- 10. SMTP smuggling ------------------------------------------------------
+
+#[test]
+fn bare_lf_smuggling_is_refused() {
+    if !ready("bare_lf_smuggling_is_refused") {
+        return;
+    }
+    let rig = Rig::start(Identity::ProxyV2, "");
+    let (mut c, greeting) = Client::connect(rig.addr()).expect("connect");
+    expect(&greeting, "220 ");
+    expect(&c.cmd("EHLO client.example.org").expect("EHLO"), "250");
+    expect(
+        &c.cmd("MAIL FROM:<sender@example.org>").expect("MAIL"),
+        "250 ",
+    );
+    expect(&c.cmd("RCPT TO:<alice@example.com>").expect("RCPT"), "250 ");
+    expect(&c.cmd("DATA").expect("DATA"), "354 ");
+    c.send(b"hello\n.\nMAIL FROM:<x@y>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\nsmuggled\r\n.\r\n")
+        .expect("send");
+    expect(&c.reply().expect("reply to the bare LF"), "550 5.5.2 ");
+    assert!(c.is_closed());
+
+    // Postfix lost the connection in DATA, with one MAIL and one RCPT.
+    let disconnect = rig.wait_disconnects(2);
+    thread::sleep(Duration::from_secs(1));
+    let log = rig.log();
+    assert_eq!(rig.postfix.delivered(), 0, "{log}");
+    assert!(
+        disconnect.contains(" mail=1 ") && disconnect.contains(" rcpt=1 "),
+        "{log}"
+    );
+    assert!(!disconnect.contains("data=1"), "{log}");
+    assert!(!log.contains("x@y") && !log.contains("bob@"), "{log}");
+    // Nothing was queued: no message got as far as cleanup.
+    assert!(
+        !log.contains("message-id=") && !log.contains("status="),
+        "{log}"
+    );
+}
+
+// -- Extra: the backend connection replaced after an oversized message -------
+
+/// A message over `smtp.max_message_size` costs the proxy its backend
+/// connection (Postfix must not keep a truncated message); the next
+/// message of the same session goes over a new one, which must carry the
+/// client's identity and HELO again.
+fn oversized_then_normal(identity: Identity) {
+    let mut options = identity.postfix_options();
+    options.extra_main_cf.push(helo_logging());
+    let rig = Rig::start_with(
+        identity,
+        options,
+        PLAIN_LISTENER,
+        "[smtp]\nmax_message_size = \"4KB\"\n",
+    );
+    let lines = python(
+        rig.addr(),
+        r#"
+s = session("127.0.0.2", "client.helo.test")
+s.ehlo()
+# mail() without SIZE=, so that the limit is hit in DATA.
+out("MAIL1", s.mail("sender@example.org")[0])
+out("RCPT1", s.rcpt("alice@example.com")[0])
+code, msg = s.data(MESSAGE + ("x" * 70 + "\r\n") * 100)
+out("DATA1", code, msg.decode())
+out("MAIL2", s.mail("sender@example.org")[0])
+out("RCPT2", s.rcpt("bob@example.com")[0])
+code, msg = s.data(MESSAGE)
+out("DATA2", code, msg.decode())
+s.quit()
+"#,
+    );
+    assert_eq!(line(&lines, "MAIL1"), "250", "{lines:#?}");
+    expect(line(&lines, "DATA1"), "552 5.3.4 ");
+    assert_eq!(line(&lines, "MAIL2"), "250", "{lines:#?}");
+    assert_eq!(line(&lines, "RCPT2"), "250", "{lines:#?}");
+    expect(line(&lines, "DATA2"), "250 ");
+    rig.expect_delivered(1);
+    let log = rig.log();
+    assert!(
+        log.contains("to=<bob@example.com>") && !log.contains("to=<alice@example.com>, relay"),
+        "{log}"
+    );
+    let clients = log_lines(&log, " client=");
+    assert!(
+        clients
+            .iter()
+            .all(|l| l.contains(" client=unknown[127.0.0.2]")),
+        "{log}"
+    );
+    let helos = log_lines(&log, ": helo-seen;");
+    assert!(
+        helos.len() == 2
+            && helos
+                .iter()
+                .all(|l| l.contains("RCPT from unknown[127.0.0.2]")
+                    && l.contains(" helo=<client.helo.test>")),
+        "{log}"
+    );
+}
+
+#[test]
+fn oversized_message_then_next_message_keeps_xclient_identity() {
+    if !ready("oversized_message_then_next_message_keeps_xclient_identity") {
+        return;
+    }
+    oversized_then_normal(Identity::Xclient);
+}
+
+#[test]
+fn oversized_message_then_next_message_keeps_proxy_v2_identity() {
+    if !ready("oversized_message_then_next_message_keeps_proxy_v2_identity") {
+        return;
+    }
+    oversized_then_normal(Identity::ProxyV2);
+}
