@@ -784,7 +784,8 @@ impl Config {
         }
         let mut seen = HashSet::new();
         for (i, listen) in self.listen.iter().enumerate() {
-            if !seen.insert(listen.address) {
+            // Port 0 asks the kernel for a free port: several are distinct.
+            if listen.address.port() != 0 && !seen.insert(listen.address) {
                 return Err(invalid(
                     format!("listen[{i}].address"),
                     format!("{} is listed twice", listen.address),
