@@ -658,12 +658,20 @@ impl Default for Metrics {
 pub struct State {
     /// Directory of the state file (blocks, allows) that survives reboots.
     pub directory: PathBuf,
+    /// Most blocks the proxy keeps and stores; past it the block expiring
+    /// first is dropped (counted in metrics, logged).
+    pub max_blocks: usize,
+    /// Log level (`error`, `warn`, `info`, `debug`, `trace`); `RUST_LOG`
+    /// overrides it.
+    pub log_level: String,
 }
 
 impl Default for State {
     fn default() -> Self {
         Self {
             directory: PathBuf::from("/var/lib/smtp-limiter"),
+            max_blocks: 100_000,
+            log_level: "info".into(),
         }
     }
 }
@@ -731,11 +739,28 @@ impl Config {
         self.validate_listen()?;
         self.validate_backend()?;
         self.validate_smtp()?;
+        self.validate_state()?;
         self.validate_kernel()?;
         self.validate_limits()?;
         self.validate_lists()?;
         self.validate_recipients()?;
         self.validate_filters()?;
+        Ok(())
+    }
+
+    fn validate_state(&self) -> Result<(), ConfigError> {
+        if self.state.max_blocks == 0 {
+            return Err(invalid("state.max_blocks", "must be at least 1"));
+        }
+        if !["error", "warn", "info", "debug", "trace"].contains(&self.state.log_level.as_str()) {
+            return Err(invalid(
+                "state.log_level",
+                format!(
+                    "{:?}: use error, warn, info, debug or trace",
+                    self.state.log_level
+                ),
+            ));
+        }
         Ok(())
     }
 

@@ -10,7 +10,10 @@ use tokio::{
     time::timeout,
 };
 
-use crate::{kernel::Datapath, proxy::ProxyContext};
+use crate::{
+    kernel::Datapath,
+    proxy::{ProxyContext, LATENCY_BUCKETS},
+};
 
 /// Longest request head read; a scraper's is a few hundred bytes.
 const MAX_REQUEST: usize = 8 * 1024;
@@ -86,11 +89,16 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         "Backend connections that failed.",
         &[(String::new(), load(&stats.backend_errors))],
     );
+    let blocks: Vec<(String, u64)> = stats
+        .blocks_by_reason()
+        .into_iter()
+        .map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), n))
+        .collect();
     metric(
         "blocks_issued_total",
         "counter",
-        "Blocks ordered by the policy.",
-        &[(String::new(), load(&stats.blocks_issued))],
+        "Blocks ordered by the policy, by reason.",
+        &blocks,
     );
     metric(
         "proxy_blocks",
@@ -109,6 +117,25 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         "Refusals by the proxy, by reason.",
         &rejections,
     );
+    let (counts, sum) = stats.backend_latency.snapshot();
+    let _ = writeln!(
+        out,
+        "# HELP smtp_limiter_backend_reply_seconds Latency of backend replies to relayed commands."
+    );
+    let _ = writeln!(out, "# TYPE smtp_limiter_backend_reply_seconds histogram");
+    for (bound, count) in LATENCY_BUCKETS.iter().zip(&counts) {
+        let _ = writeln!(
+            out,
+            "smtp_limiter_backend_reply_seconds_bucket{{le=\"{bound}\"}} {count}"
+        );
+    }
+    let total = counts.last().copied().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "smtp_limiter_backend_reply_seconds_bucket{{le=\"+Inf\"}} {total}"
+    );
+    let _ = writeln!(out, "smtp_limiter_backend_reply_seconds_sum {sum}");
+    let _ = writeln!(out, "smtp_limiter_backend_reply_seconds_count {total}");
     out
 }
 
@@ -168,6 +195,10 @@ mod tests {
         let ctx = ProxyContext::new(&Config::default(), kernel.clone()).unwrap();
         ctx.stats.count_message();
         ctx.stats.count_rejection("harvest");
+        ctx.stats.count_block("harvest");
+        ctx.stats
+            .backend_latency
+            .record(std::time::Duration::from_millis(3));
         let text = render(&ctx, kernel.as_ref());
         assert!(
             text.contains(
@@ -180,5 +211,21 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("smtp_limiter_kernel_up 0"), "{text}");
+        assert!(
+            text.contains("smtp_limiter_blocks_issued_total{reason=\"harvest\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("smtp_limiter_backend_reply_seconds_bucket{le=\"0.0025\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("smtp_limiter_backend_reply_seconds_bucket{le=\"0.005\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("smtp_limiter_backend_reply_seconds_count 1"),
+            "{text}"
+        );
     }
 }

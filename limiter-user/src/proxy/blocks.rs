@@ -11,9 +11,6 @@ use std::{
 
 use ipnet::IpNet;
 
-/// Most blocks the proxy remembers; past it, the one expiring first goes.
-const MAX_BLOCKS: usize = 100_000;
-
 /// An active block.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ActiveBlock {
@@ -23,17 +20,38 @@ pub struct ActiveBlock {
     pub expires: Option<SystemTime>,
 }
 
-/// Active blocks by network.
-#[derive(Default)]
+/// Active blocks by network, at most `capacity` (`state.max_blocks`).
 pub struct Blocks {
     by_net: Mutex<HashMap<IpNet, ActiveBlock>>,
+    capacity: usize,
+    evicted: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Blocks {
+    fn default() -> Self {
+        Self::with_capacity(100_000)
+    }
 }
 
 impl Blocks {
-    /// Records a block (replacing one on the same network).
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            by_net: Mutex::default(),
+            capacity: capacity.max(1),
+            evicted: Default::default(),
+        }
+    }
+
+    /// Blocks dropped to make room.
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records a block (replacing one on the same network); when full, the
+    /// block expiring first makes room.
     pub fn insert(&self, block: ActiveBlock) {
         let mut map = self.by_net.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MAX_BLOCKS && !map.contains_key(&block.net) {
+        if map.len() >= self.capacity && !map.contains_key(&block.net) {
             let first_to_expire = map
                 .values()
                 .min_by_key(|b| {
@@ -43,6 +61,9 @@ impl Blocks {
                 .map(|b| b.net);
             if let Some(net) = first_to_expire {
                 map.remove(&net);
+                self.evicted
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(%net, capacity = self.capacity, "block list full (state.max_blocks): dropped the block expiring first");
             }
         }
         map.insert(block.net, block);
@@ -104,6 +125,25 @@ mod tests {
             reason: 1,
             expires,
         }
+    }
+
+    #[test]
+    fn a_full_list_evicts_the_block_expiring_first() {
+        let now = SystemTime::now();
+        let blocks = Blocks::with_capacity(2);
+        blocks.insert(block("192.0.2.1/32", Some(now + Duration::from_secs(60))));
+        blocks.insert(block("192.0.2.2/32", None));
+        blocks.insert(block("192.0.2.3/32", Some(now + Duration::from_secs(600))));
+        assert_eq!(blocks.len(), 2);
+        assert_eq!(blocks.evicted(), 1);
+        assert!(
+            blocks.covering("192.0.2.1".parse().unwrap(), now).is_none(),
+            "expiring first: evicted"
+        );
+        assert!(
+            blocks.covering("192.0.2.2".parse().unwrap(), now).is_some(),
+            "permanent: kept"
+        );
     }
 
     #[test]

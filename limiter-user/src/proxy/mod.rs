@@ -69,9 +69,47 @@ fn hostname() -> String {
         .unwrap_or_else(|| "smtp-limiter".to_owned())
 }
 
+/// Upper bounds (seconds) of the backend reply latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 9] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5];
+
+/// A Prometheus-style histogram of backend reply latencies.
+#[derive(Default)]
+pub struct LatencyHistogram {
+    /// Cumulative counts per bucket of [`LATENCY_BUCKETS`], then +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn record(&self, elapsed: std::time::Duration) {
+        let seconds = elapsed.as_secs_f64();
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            if seconds <= *bound {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.buckets[LATENCY_BUCKETS.len()].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// (cumulative count per bucket incl. +Inf, sum in seconds).
+    pub fn snapshot(&self) -> (Vec<u64>, f64) {
+        let counts = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        (counts, self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6)
+    }
+}
+
 /// Proxy counters (read by `stats` and metrics).
 #[derive(Default)]
 pub struct ProxyStats {
+    /// Latency of backend replies to relayed commands.
+    pub backend_latency: LatencyHistogram,
+    blocks_by_reason: Mutex<HashMap<&'static str, u64>>,
     pub sessions_total: AtomicU64,
     pub sessions_open: AtomicU64,
     pub messages: AtomicU64,
@@ -96,6 +134,29 @@ impl ProxyStats {
             .unwrap_or_else(|p| p.into_inner())
             .entry(reason)
             .or_default() += 1;
+    }
+
+    pub fn count_block(&self, reason: &'static str) {
+        self.blocks_issued.fetch_add(1, Ordering::Relaxed);
+        *self
+            .blocks_by_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// Blocks issued by reason name.
+    pub fn blocks_by_reason(&self) -> Vec<(&'static str, u64)> {
+        let mut list: Vec<_> = self
+            .blocks_by_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        list.sort();
+        list
     }
 
     /// Rejections by reason name.
@@ -141,7 +202,7 @@ impl ProxyContext {
             policy: std::sync::RwLock::new(Arc::new(Policy::new(config))),
             state: Arc::new(PolicyState::new()),
             kernel,
-            blocks: Blocks::default(),
+            blocks: Blocks::with_capacity(config.state.max_blocks),
             tls,
             stats: ProxyStats::default(),
             blocks_changed: tokio::sync::Notify::new(),
@@ -186,7 +247,7 @@ impl ProxyContext {
             reason: order.reason,
             expires: Some(expires),
         });
-        self.stats.blocks_issued.fetch_add(1, Ordering::Relaxed);
+        self.stats.count_block(order.reason_name());
         self.blocks_changed.notify_one();
         let kernel = match self.kernel.block(order.net, Some(expires), order.reason) {
             Ok(()) => "blocked",

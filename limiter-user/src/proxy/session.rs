@@ -715,7 +715,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         let backend = self.backend.as_mut().ok_or(BackendError::Closed)?;
-        backend.command(line).await
+        let started = Instant::now();
+        let reply = backend.command(line).await;
+        self.ctx.stats.backend_latency.record(started.elapsed());
+        reply
     }
 
     async fn backend_send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
