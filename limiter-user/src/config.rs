@@ -436,6 +436,9 @@ pub struct Limits {
     pub source: Vec<SourceLimit>,
     /// Simultaneous-connection caps per HELO/EHLO name pattern.
     pub helo: Vec<HeloLimit>,
+    /// Simultaneous connections per HELO/EHLO name matching no
+    /// `limits.helo` rule; 0 = unlimited.
+    pub helo_default: u32,
 }
 
 impl Default for Limits {
@@ -455,6 +458,7 @@ impl Default for Limits {
             max_block_duration: Duration::from_secs(7 * 24 * 3600),
             source: Vec::new(),
             helo: Vec::new(),
+            helo_default: 0,
         }
     }
 }
@@ -510,6 +514,10 @@ pub struct Lists {
     pub reject: Vec<IpNet>,
     /// HELO/EHLO name patterns refused at the SMTP level.
     pub reject_helo: Vec<String>,
+    /// HELO/EHLO name patterns exempt from the HELO limits and the
+    /// null-sender rate. Clients claim these names, so they never lift the
+    /// connection cap, blocks, harvest/AUTH limits or relay rules.
+    pub allow_helo: Vec<String>,
 }
 
 /// `[recipients]`: sources of valid recipients.
@@ -521,12 +529,22 @@ pub struct Recipients {
     pub ldap: Option<Ldap>,
 }
 
-/// `[recipients.ldap]`.
+/// `[recipients.ldap]`: the directory the valid recipients are read from
+/// (see `crate::recipients`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ldap {
     /// Server, `ldap://host:port` or `ldaps://host:port`.
     pub url: String,
+    /// Upgrade an `ldap://` connection with StartTLS before binding (so the
+    /// password never crosses the network in clear).
+    #[serde(default)]
+    pub starttls: bool,
+    /// PEM CA certificates that verify the directory's TLS certificate
+    /// (`ldaps://`, StartTLS); without it, the system's CA store. An
+    /// internal Active Directory CA usually needs this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     /// DN to bind as; anonymous bind without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bind_dn: Option<String>,
@@ -544,9 +562,30 @@ pub struct Ldap {
     /// Attributes holding addresses (`proxyAddresses` values may carry `smtp:`).
     #[serde(default = "default_ldap_attributes")]
     pub attributes: Vec<String>,
-    /// How often the list is read again.
+    /// How often the list is read again (each time ±10 %, so that several
+    /// agents do not ask the directory at the same moment).
     #[serde(default = "default_ldap_refresh", with = "duration_serde")]
     pub refresh: Duration,
+    /// Longest wait for the connection and for each answer of the directory.
+    #[serde(default = "default_ldap_timeout", with = "duration_serde")]
+    pub timeout: Duration,
+    /// Largest drop in the number of addresses a refresh may bring, in
+    /// percent of the set in force (`"50%"`): a refresh returning fewer is
+    /// refused and reported, and the set in force stays (a broken filter,
+    /// an OU moved, a replica half-restored must not refuse the mail of
+    /// half the company). `"100%"` accepts any drop.
+    #[serde(default = "default_ldap_max_drop", with = "percent_serde")]
+    pub max_drop: u8,
+    /// Compare local parts with their case, as RFC 5321 allows. Off by
+    /// default, as Exchange and Active Directory do: `John.Doe@` is
+    /// `john.doe@`. Domains never depend on case.
+    #[serde(default)]
+    pub case_sensitive_local_part: bool,
+    /// Characters that start an address extension (`user+tag@example.com`
+    /// is `user@example.com` when the full address is unknown), like
+    /// Postfix's `recipient_delimiter`, e.g. `"+"`. Empty: none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub recipient_delimiter: String,
 }
 
 fn default_ldap_filter() -> String {
@@ -554,7 +593,58 @@ fn default_ldap_filter() -> String {
 }
 
 fn default_ldap_attributes() -> Vec<String> {
-    vec!["mail".to_owned()]
+    // Both kinds of directory: OpenLDAP (`mail`, `mailAlternateAddress`)
+    // and Active Directory (`mail`, `proxyAddresses`). A server ignores the
+    // names its schema lacks.
+    vec![
+        "mail".to_owned(),
+        "mailAlternateAddress".to_owned(),
+        "proxyAddresses".to_owned(),
+    ]
+}
+
+fn default_ldap_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_ldap_max_drop() -> u8 {
+    50
+}
+
+/// A percentage, written `"50%"` (or a bare integer, `50`).
+mod percent_serde {
+    use serde::de::{self, Deserializer, Visitor};
+    use serde::ser::Serializer;
+    use std::fmt;
+
+    pub fn serialize<S: Serializer>(value: &u8, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format!("{value}%"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u8, D::Error> {
+        struct PercentVisitor;
+        impl Visitor<'_> for PercentVisitor {
+            type Value = u8;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a percentage such as \"50%\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<u8, E> {
+                let digits = v.trim().strip_suffix('%').unwrap_or(v.trim()).trim_end();
+                digits
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|p| *p <= 100)
+                    .ok_or_else(|| E::custom(format!("{v:?} is not a percentage from 0% to 100%")))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<u8, E> {
+                u8::try_from(v)
+                    .ok()
+                    .filter(|p| *p <= 100)
+                    .ok_or_else(|| E::custom(format!("{v} is not a percentage from 0 to 100")))
+            }
+        }
+        deserializer.deserialize_any(PercentVisitor)
+    }
 }
 
 fn default_ldap_refresh() -> Duration {
@@ -1000,6 +1090,12 @@ impl Config {
                 format!("{:?} must start with ldap:// or ldaps://", ldap.url),
             ));
         }
+        if ldap.starttls && lower.starts_with("ldaps://") {
+            return Err(invalid(
+                "recipients.ldap.starttls",
+                "an ldaps:// connection is TLS from the start: StartTLS needs ldap://",
+            ));
+        }
         if ldap.password.is_some() && ldap.password_file.is_some() {
             return Err(invalid(
                 "recipients.ldap.password",
@@ -1032,6 +1128,27 @@ impl Config {
             return Err(invalid(
                 "recipients.ldap.refresh",
                 "must be greater than zero",
+            ));
+        }
+        if ldap.timeout.is_zero() {
+            return Err(invalid(
+                "recipients.ldap.timeout",
+                "must be greater than zero",
+            ));
+        }
+        if ldap.max_drop > 100 {
+            return Err(invalid(
+                "recipients.ldap.max_drop",
+                format!("must be between 0% and 100%, not {}%", ldap.max_drop),
+            ));
+        }
+        if ldap.recipient_delimiter.contains(['@', ' ', '\t']) {
+            return Err(invalid(
+                "recipients.ldap.recipient_delimiter",
+                format!(
+                    "{:?}: characters that start an extension, without '@' or blanks",
+                    ldap.recipient_delimiter
+                ),
             ));
         }
         Ok(())

@@ -119,6 +119,10 @@ struct ConnectRules {
 struct HeloRules {
     /// `lists.reject_helo`.
     reject: PatternList,
+    /// `lists.allow_helo`: exempt from HELO limits and null-sender rates.
+    allow: PatternList,
+    /// `limits.helo_default`: the cap of names no rule matches; 0 = none.
+    default_cap: u32,
     /// `limits.helo`, in order (the first match wins); 0 = unlimited.
     limits: Vec<(Pattern, u32)>,
 }
@@ -202,6 +206,8 @@ impl Policy {
             },
             helo: HeloRules {
                 reject: PatternList::from(config.lists.reject_helo.as_slice()),
+                allow: PatternList::from(config.lists.allow_helo.as_slice()),
+                default_cap: limits.helo_default,
                 limits: limits
                     .helo
                     .iter()
@@ -300,11 +306,19 @@ impl Policy {
     #[must_use]
     pub fn helo_cap(&self, helo: &str) -> Option<u32> {
         let helo = helo.trim();
-        self.helo
+        let cap = self
+            .helo
             .limits
             .iter()
             .find(|(pattern, _)| pattern.matches(helo))
-            .and_then(|&(_, cap)| (cap != 0).then_some(cap))
+            .map_or(self.helo.default_cap, |&(_, cap)| cap);
+        (cap != 0).then_some(cap)
+    }
+
+    /// Whether a HELO/EHLO name is in `lists.allow_helo`.
+    #[must_use]
+    pub fn is_helo_allowlisted(&self, helo: &str) -> bool {
+        self.helo.allow.matches(helo.trim())
     }
 
     /// The `relay.accept` patterns (empty: the backend decides alone).
@@ -397,7 +411,7 @@ impl Policy {
     ) -> Decision<HeloVerdict> {
         drop(previous);
         let name = state::helo_key(helo);
-        if self.is_allowlisted(source) {
+        if self.is_allowlisted(source) || self.is_helo_allowlisted(&name) {
             let (guard, _) = state.admit_helo(name, false, true, |_| None);
             return self.decide(HeloVerdict::Accept(guard));
         }
@@ -449,7 +463,10 @@ impl Policy {
         now: Instant,
     ) -> Decision<MailVerdict> {
         let source = source.to_canonical();
-        if !null_sender || self.is_allowlisted(source) {
+        if !null_sender
+            || self.is_allowlisted(source)
+            || helo.is_some_and(|h| self.is_helo_allowlisted(h))
+        {
             return self.decide(MailVerdict::Accept);
         }
         let rate = self.mail.null_sender_rate;

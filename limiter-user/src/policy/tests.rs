@@ -987,3 +987,46 @@ fn shared_types_cross_threads() {
     send_sync::<HeloGuard>();
     send_sync::<Decision<ConnectVerdict>>();
 }
+
+#[test]
+fn helo_default_cap_and_helo_allow_list() {
+    let policy = policy(
+        "[limits]\nhelo_default = 1\nnull_sender_rate = \"1/1m\"\n[lists]\nallow_helo = [\"relay?.example.org\"]\n[[limits.helo]]\npattern = \"*.big.example\"\nmax_connections = 3",
+    );
+    assert_eq!(
+        policy.helo_cap("mx.other.example"),
+        Some(1),
+        "no rule: the default"
+    );
+    assert_eq!(
+        policy.helo_cap("a.big.example"),
+        Some(3),
+        "a rule wins over the default"
+    );
+    let state = state();
+    let source = ip("192.0.2.7");
+    let _first = helo_accepted(policy.helo(&state, source, "mx.other.example", None));
+    let (rejection, _) = helo_refused(policy.helo(&state, source, "mx.other.example", None));
+    assert_eq!(rejection.name(), "helo-limit");
+    // Allow-listed names skip the HELO caps and the null-sender rate …
+    let _a = helo_accepted(policy.helo(&state, source, "relay1.example.org", None));
+    let _b = helo_accepted(policy.helo(&state, source, "relay1.example.org", None));
+    let t0 = Instant::now();
+    for _ in 0..5 {
+        assert_eq!(
+            policy
+                .mail_from(&state, source, Some("relay1.example.org"), true, t0)
+                .verdict,
+            MailVerdict::Accept
+        );
+    }
+    // … but nothing else: another HELO from the same source is limited.
+    assert!(
+        mail_refusal(policy.mail_from(&state, source, Some("mx.other.example"), true, t0))
+            .is_none()
+    );
+    assert!(
+        mail_refusal(policy.mail_from(&state, source, Some("mx.other.example"), true, t0))
+            .is_some()
+    );
+}
