@@ -197,6 +197,12 @@ pub struct Backend {
     /// How long to wait for the backend's TCP connect.
     #[serde(with = "duration_serde")]
     pub connect_timeout: Duration,
+    /// Speak TLS to the backend (STARTTLS right after its greeting).
+    pub starttls: bool,
+    /// CA certificate(s), PEM, to verify the backend's certificate with;
+    /// without it any certificate is accepted (encryption only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
     /// Start the built-in test backend on `address` (accepts
     /// `builtin_recipients`, discards every message): for trying the proxy
     /// out, never for production.
@@ -211,6 +217,8 @@ impl Default for Backend {
             address: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 2525),
             identity: Identity::ProxyV2,
             connect_timeout: Duration::from_secs(10),
+            starttls: false,
+            tls_ca: None,
             builtin: false,
             builtin_recipients: vec![
                 "alice@example.com".into(),

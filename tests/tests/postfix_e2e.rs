@@ -1032,3 +1032,42 @@ fn oversized_message_then_next_message_keeps_proxy_v2_identity() {
     }
     oversized_then_normal(Identity::ProxyV2);
 }
+
+/// `backend.starttls`: the proxy speaks TLS to Postfix (after the PROXY
+/// header), and the client's address still reaches Postfix.
+#[test]
+fn starttls_to_the_backend_delivers() {
+    if !ready("starttls_to_the_backend_delivers") {
+        return;
+    }
+    let tls = TlsFiles::new();
+    let mut options = Identity::ProxyV2.postfix_options();
+    options.extra_main_cf.extend([
+        (
+            "smtpd_tls_cert_file".to_owned(),
+            tls.dir.join("cert.pem").display().to_string(),
+        ),
+        (
+            "smtpd_tls_key_file".to_owned(),
+            tls.dir.join("key.pem").display().to_string(),
+        ),
+        ("smtpd_tls_security_level".to_owned(), "may".to_owned()),
+        ("smtpd_tls_loglevel".to_owned(), "1".to_owned()),
+    ]);
+    let postfix = Postfix::start(options).expect("start Postfix");
+    let config = proxy_config(postfix.addr(), Identity::ProxyV2, PLAIN_LISTENER, "").replace(
+        "connect_timeout = \"2s\"",
+        "connect_timeout = \"2s\"\nstarttls = true",
+    );
+    let proxy = TestProxy::start(&config);
+    let run = swaks_to_alice(proxy.addr, CLIENT, &[]);
+    run.expect_success();
+    let rig = Rig { proxy, postfix };
+    rig.expect_delivered(1);
+    let log = rig.log();
+    assert!(
+        log.contains("TLS connection established from unknown[127.0.0.2]"),
+        "log:\n{log}"
+    );
+    assert!(log.contains("client=unknown[127.0.0.2]"), "log:\n{log}");
+}

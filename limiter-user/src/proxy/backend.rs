@@ -10,7 +10,10 @@ use tokio::{
     time::timeout,
 };
 
-use super::identity;
+use super::{
+    identity,
+    tls::{BackendStream, MaybeTls},
+};
 use crate::{
     config::Identity,
     smtp::reply::{Reply, ReplyParser},
@@ -39,20 +42,34 @@ pub enum BackendError {
     Greeting(String),
     #[error("XCLIENT refused: {0}")]
     Xclient(String),
+    #[error("TLS to the backend: {0}")]
+    Tls(String),
 }
 
 /// Where and how to reach the backend.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct BackendSettings {
     pub address: SocketAddr,
     pub identity: Identity,
     pub connect_timeout: Duration,
     pub reply_timeout: Duration,
+    /// Set for `backend.starttls`: the connector, and the proxy's EHLO name.
+    pub tls: Option<(tokio_rustls::TlsConnector, String)>,
+}
+
+impl std::fmt::Debug for BackendSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendSettings")
+            .field("address", &self.address)
+            .field("identity", &self.identity)
+            .field("starttls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// An open backend connection.
 pub struct Backend {
-    stream: TcpStream,
+    stream: BackendStream,
     buffer: BytesMut,
     parser: ReplyParser,
     reply_timeout: Duration,
@@ -82,7 +99,7 @@ impl Backend {
             .map_err(|source| BackendError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
         let mut backend = Self {
-            stream,
+            stream: MaybeTls::Plain(stream),
             buffer: BytesMut::with_capacity(4096),
             parser: ReplyParser::default(),
             reply_timeout: settings.reply_timeout,
@@ -104,7 +121,47 @@ impl Backend {
         if greeting.code != 220 {
             return Err(BackendError::Greeting(greeting.lines.join(" ")));
         }
+        if let Some((connector, hostname)) = &settings.tls {
+            backend = backend.starttls(connector, hostname).await?;
+        }
         Ok((backend, greeting))
+    }
+
+    /// EHLO, STARTTLS and the TLS handshake; the backend session then starts
+    /// over (the client's EHLO follows).
+    async fn starttls(
+        mut self,
+        connector: &tokio_rustls::TlsConnector,
+        hostname: &str,
+    ) -> Result<Self, BackendError> {
+        let ehlo = self.command(format!("EHLO {hostname}").as_bytes()).await?;
+        if !crate::smtp::ehlo::parse_capabilities(&ehlo)
+            .iter()
+            .any(|c| c == "STARTTLS")
+        {
+            return Err(BackendError::Tls(
+                "the backend does not offer STARTTLS (backend.starttls = true)".into(),
+            ));
+        }
+        let reply = self.command(b"STARTTLS").await?;
+        if reply.code != 220 {
+            return Err(BackendError::Tls(format!(
+                "STARTTLS refused: {} {}",
+                reply.code,
+                reply.lines.join(" ")
+            )));
+        }
+        let MaybeTls::Plain(tcp) = self.stream else {
+            return Err(BackendError::Tls("already TLS".into()));
+        };
+        let name = rustls::pki_types::ServerName::IpAddress(tcp.peer_addr()?.ip().into());
+        let tls = timeout(self.reply_timeout, connector.connect(name, tcp))
+            .await
+            .map_err(|_| BackendError::Timeout(self.reply_timeout))?
+            .map_err(|e| BackendError::Tls(format!("handshake: {e}")))?;
+        self.stream = MaybeTls::Tls(Box::new(tls));
+        self.buffer.clear();
+        Ok(self)
     }
 
     /// Writes raw bytes.

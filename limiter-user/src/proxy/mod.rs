@@ -47,17 +47,29 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn from_config(config: &Config) -> Self {
-        Self {
+    /// # Errors
+    /// `backend.tls_ca` cannot be loaded.
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let hostname = hostname();
+        let tls = if config.backend.starttls {
+            Some((
+                tls::backend_connector(config.backend.tls_ca.as_deref())?,
+                hostname.clone(),
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
             smtp: config.smtp.clone(),
             backend: BackendSettings {
                 address: config.backend.address,
                 identity: config.backend.identity,
                 connect_timeout: config.backend.connect_timeout,
                 reply_timeout: config.smtp.backend_timeout,
+                tls,
             },
-            hostname: hostname(),
-        }
+            hostname,
+        })
     }
 }
 
@@ -198,7 +210,7 @@ impl ProxyContext {
             None => None,
         };
         Ok(Self {
-            settings: Settings::from_config(config),
+            settings: Settings::from_config(config)?,
             policy: std::sync::RwLock::new(Arc::new(Policy::new(config))),
             state: Arc::new(PolicyState::new()),
             kernel,
