@@ -291,6 +291,8 @@ fn restore_blocks(store: &Store, ctx: &ProxyContext, datapath: &dyn Datapath) {
             net: block.net,
             reason,
             expires,
+            since: state::since(block),
+            repeat: block.repeat,
         });
         if !in_kernel.contains(&block.net) {
             match datapath.block(block.net, expires, reason) {
@@ -315,28 +317,22 @@ fn save_blocks(store: Option<&Store>, ctx: &ProxyContext, datapath: &dyn Datapat
     let now = SystemTime::now();
     let mut blocks: Vec<StoredBlock> = Vec::new();
     let mut seen = HashSet::new();
+    // The proxy's blocks first: they know when they began and how often.
+    for block in ctx
+        .blocks
+        .all()
+        .iter()
+        .filter(|b| b.expires.is_none_or(|t| t > now))
+    {
+        if seen.insert(block.net) {
+            blocks.push(state::stored_active(block));
+        }
+    }
     if let Ok(kernel) = datapath.blocks() {
         for block in kernel.iter().filter(|b| b.expires.is_none_or(|t| t > now)) {
             if seen.insert(block.net) {
                 blocks.push(state::stored(block));
             }
-        }
-    }
-    for block in ctx
-        .blocks
-        .all()
-        .into_iter()
-        .filter(|b| b.expires.is_none_or(|t| t > now))
-    {
-        if seen.insert(block.net) {
-            blocks.push(StoredBlock {
-                net: block.net,
-                reason: reason::name(block.reason).to_owned(),
-                expires_unix: block
-                    .expires
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map(|d| d.as_secs()),
-            });
         }
     }
     if let Err(e) = store.save(&blocks) {

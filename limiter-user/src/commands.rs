@@ -56,6 +56,8 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
                 net,
                 reason: code,
                 expires,
+                since: SystemTime::now(),
+                repeat: 0,
             });
             let kernel = match agent.datapath.block(net, expires, code) {
                 Ok(()) => "blocked".to_owned(),
@@ -207,30 +209,40 @@ fn limits(config: &Config) -> Value {
 
 fn block_list(agent: &AgentState<'_>) -> Value {
     let now = SystemTime::now();
-    let mut rows: Vec<(IpNet, u32, Option<SystemTime>, Option<u64>)> = Vec::new();
-    if let Ok(kernel) = agent.datapath.blocks() {
-        rows.extend(
-            kernel
-                .into_iter()
-                .map(|b| (b.net, b.reason, b.expires, Some(b.drops))),
-        );
-    }
-    for block in agent.ctx.blocks.all() {
-        if !rows.iter().any(|r| r.0 == block.net) {
-            rows.push((block.net, block.reason, block.expires, None));
-        }
-    }
-    rows.retain(|r| r.2.is_none_or(|t| t > now));
-    rows.sort_by_key(|r| r.0);
-    json!(rows
+    let kernel = agent.datapath.blocks().unwrap_or_default();
+    let proxy = agent.ctx.blocks.all();
+    let mut nets: Vec<IpNet> = kernel
         .iter()
-        .map(|(net, reason, expires, drops)| json!({
-            "net": net.to_string(),
-            "reason": reason::name(*reason),
-            "expires": expires.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
-            "drops": drops,
-        }))
-        .collect::<Vec<_>>())
+        .map(|b| b.net)
+        .chain(proxy.iter().map(|b| b.net))
+        .collect();
+    nets.sort();
+    nets.dedup();
+    let rows: Vec<Value> = nets
+        .into_iter()
+        .filter_map(|net| {
+            let k = kernel.iter().find(|b| b.net == net);
+            let p = proxy.iter().find(|b| b.net == net);
+            let (reason, expires) = match (p, k) {
+                (Some(p), _) => (p.reason, p.expires),
+                (None, Some(k)) => (k.reason, k.expires),
+                (None, None) => return None,
+            };
+            if expires.is_some_and(|t| t <= now) {
+                return None;
+            }
+            Some(json!({
+                "net": net.to_string(),
+                "reason": reason::name(reason),
+                "since": p.map(|p| humantime::format_rfc3339_seconds(p.since).to_string()),
+                "expires": expires.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                "repeat": p.map(|p| p.repeat),
+                "drops": k.map(|k| k.drops),
+                "in_kernel": k.is_some(),
+            }))
+        })
+        .collect();
+    json!(rows)
 }
 
 fn stats(agent: &AgentState<'_>) -> Value {

@@ -35,6 +35,12 @@ pub struct StoredBlock {
     pub reason: String,
     /// Unix seconds; `None` = until removed.
     pub expires_unix: Option<u64>,
+    /// Unix seconds when the block began, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_unix: Option<u64>,
+    /// Earlier blocks of this source.
+    #[serde(default)]
+    pub repeat: u32,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -141,7 +147,27 @@ pub fn stored(block: &KernelBlock) -> StoredBlock {
         net: block.net,
         reason: limiter_common::reason::name(block.reason).to_owned(),
         expires_unix: block.expires.map(unix),
+        since_unix: None,
+        repeat: 0,
     }
+}
+
+/// The stored form of a block the proxy holds.
+pub fn stored_active(block: &crate::proxy::blocks::ActiveBlock) -> StoredBlock {
+    StoredBlock {
+        net: block.net,
+        reason: limiter_common::reason::name(block.reason).to_owned(),
+        expires_unix: block.expires.map(unix),
+        since_unix: Some(unix(block.since)),
+        repeat: block.repeat,
+    }
+}
+
+/// When a stored block began (now, if it was not recorded).
+pub fn since(block: &StoredBlock) -> SystemTime {
+    block
+        .since_unix
+        .map_or_else(SystemTime::now, |t| UNIX_EPOCH + Duration::from_secs(t))
 }
 
 /// The reason code of a stored block's reason name.
@@ -184,16 +210,22 @@ mod tests {
                 net: "192.0.2.7/32".parse().unwrap(),
                 reason: "harvest".into(),
                 expires_unix: Some(unix(now) + 600),
+                since_unix: Some(unix(now) - 60),
+                repeat: 2,
             },
             StoredBlock {
                 net: "2001:db8::/64".parse().unwrap(),
                 reason: "manual".into(),
                 expires_unix: None,
+                since_unix: None,
+                repeat: 0,
             },
             StoredBlock {
                 net: "198.51.100.1/32".parse().unwrap(),
                 reason: "auth".into(),
                 expires_unix: Some(unix(now) - 1),
+                since_unix: None,
+                repeat: 0,
             },
         ];
         store.save(&blocks).unwrap();

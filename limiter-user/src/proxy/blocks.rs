@@ -18,6 +18,10 @@ pub struct ActiveBlock {
     pub reason: u32,
     /// `None` = until removed.
     pub expires: Option<SystemTime>,
+    /// When the block began.
+    pub since: SystemTime,
+    /// Earlier blocks of this source (0 for a first block).
+    pub repeat: u32,
 }
 
 /// Active blocks by network, at most `capacity` (`state.max_blocks`).
@@ -121,6 +125,8 @@ mod tests {
 
     fn block(net: &str, expires: Option<SystemTime>) -> ActiveBlock {
         ActiveBlock {
+            since: SystemTime::now(),
+            repeat: 0,
             net: net.parse().unwrap(),
             reason: 1,
             expires,

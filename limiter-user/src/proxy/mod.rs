@@ -258,6 +258,8 @@ impl ProxyContext {
             net: order.net,
             reason: order.reason,
             expires: Some(expires),
+            since: SystemTime::now(),
+            repeat: order.repeat,
         });
         self.stats.count_block(order.reason_name());
         self.blocks_changed.notify_one();
