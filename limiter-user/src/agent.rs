@@ -229,8 +229,23 @@ pub async fn run(
             },
             () = ctx.blocks_changed.notified() => save_blocks(store.as_ref(), &ctx, datapath.as_ref()),
             Some((request, answer)) = requests.recv() => {
-                let mut agent = AgentState { config: &mut config, config_path: config_path.as_deref(), ctx: &ctx, datapath: datapath.as_ref(), store: store.as_ref() };
-                let _ = answer.send(commands::handle(&mut agent, request));
+                if let control::Request::RecipientsRefresh { force } = request {
+                    // A directory refresh can take seconds: answer from a task.
+                    let recipients = ctx.recipients.clone();
+                    tokio::spawn(async move {
+                        let response = match recipients {
+                            None => control::Response::error("no [recipients.ldap] configured"),
+                            Some(r) => match r.refresh_now(force).await {
+                                Ok(report) => control::Response::ok(serde_json::to_value(report).unwrap_or_default()),
+                                Err(e) => control::Response::error(e.to_string()),
+                            },
+                        };
+                        let _ = answer.send(response);
+                    });
+                } else {
+                    let mut agent = AgentState { config: &mut config, config_path: config_path.as_deref(), ctx: &ctx, datapath: datapath.as_ref(), store: store.as_ref() };
+                    let _ = answer.send(commands::handle(&mut agent, request));
+                }
             },
             batch = next_events(&mut events) => match batch {
                 Ok(batch) => for event in batch {
@@ -392,6 +407,14 @@ pub fn reload(
         }
     }
     ctx.set_policy(crate::policy::Policy::new(&new));
+    match (&ctx.recipients, &new.recipients.ldap) {
+        (Some(recipients), Some(ldap)) => recipients.reconfigure(ldap),
+        (None, None) => {}
+        _ => tracing::warn!(
+            section = "recipients",
+            "reload: [recipients.ldap] added or removed: restart needed"
+        ),
+    }
     if let Err(e) = datapath.set_limits(&kernel_limits(&new)) {
         tracing::debug!(error = %e, "reload: kernel limits not applied");
     }

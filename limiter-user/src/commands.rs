@@ -108,6 +108,25 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
             Ok(json!({ "net": net.to_string(), "persisted": false }))
         }
         Request::LimitsShow => Ok(limits(agent.config)),
+        Request::RecipientsCheck { address } => {
+            let recipients = agent
+                .ctx
+                .recipients
+                .as_ref()
+                .ok_or("no [recipients.ldap] configured")?;
+            let lookup = recipients.lookup(&address);
+            Ok(json!({ "address": address, "lookup": lookup, "refused": lookup.refuses() }))
+        }
+        Request::RecipientsStats => {
+            let recipients = agent
+                .ctx
+                .recipients
+                .as_ref()
+                .ok_or("no [recipients.ldap] configured")?;
+            serde_json::to_value(recipients.stats()).map_err(|e| e.to_string())
+        }
+        // Asynchronous: the agent's loop answers it itself.
+        Request::RecipientsRefresh { .. } => Err("refresh is handled by the agent loop".into()),
         Request::LimitsSet { name, value } => {
             let mut candidate = agent.config.clone();
             set_limit(&mut candidate, &name, &value)?;
@@ -255,6 +274,7 @@ fn stats(agent: &AgentState<'_>) -> Value {
     });
     json!({
         "kernel_status": agent.datapath.describe(),
+        "recipients": agent.ctx.recipients.as_ref().map(|r| r.stats()),
         "kernel": kernel,
         "proxy": {
             "sessions_open": s.sessions_open.load(Ordering::Relaxed),

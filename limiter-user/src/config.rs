@@ -1126,6 +1126,15 @@ impl Config {
         if ldap.base_dn.trim().is_empty() {
             return Err(invalid("recipients.ldap.base_dn", "must not be empty"));
         }
+        if ldap3::parse_filter(&ldap.filter).is_err() {
+            return Err(invalid(
+                "recipients.ldap.filter",
+                format!(
+                    "{:?} is not an LDAP search filter (RFC 4515), e.g. \"(mail=*)\"",
+                    ldap.filter
+                ),
+            ));
+        }
         if ldap.attributes.is_empty() || ldap.attributes.iter().any(|a| a.trim().is_empty()) {
             return Err(invalid(
                 "recipients.ldap.attributes",

@@ -49,6 +49,13 @@ pub enum Request {
         name: String,
         value: String,
     },
+    RecipientsCheck {
+        address: String,
+    },
+    RecipientsStats,
+    RecipientsRefresh {
+        force: bool,
+    },
 }
 
 /// The agent's answer: `data` on success, `error` otherwise.

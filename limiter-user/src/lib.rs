@@ -15,6 +15,8 @@
 //! * [`sink`] — the built-in test backend (`backend.builtin`).
 //! * [`metrics`] — Prometheus exposition of the kernel and proxy counters.
 //! * [`state`] — blocks stored on disk across restarts and reboots.
+//! * [`recipients`] — valid recipients from an LDAP directory (Active
+//!   Directory included): the set in force, its refresh and its cache.
 //! * [`control`] — the CLI's Unix socket; [`commands`] carries its requests
 //!   out.
 //! * [`agent`] — the running agent: brings the kernel layer up as configured,
@@ -27,6 +29,7 @@ pub mod kernel;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod recipients;
 pub mod sink;
 pub mod smtp;
 pub mod state;

@@ -75,6 +75,9 @@ enum Command {
     /// Limits in force, and changing them live.
     #[command(subcommand)]
     Limits(LimitsCommand),
+    /// Valid recipients from the LDAP directory ([recipients.ldap]).
+    #[command(subcommand)]
+    Recipients(RecipientsCommand),
     /// Kernel counters and proxy counters.
     ///
     /// Example: smtp-limiter stats --json
@@ -160,6 +163,35 @@ enum AllowCommand {
     ///
     /// Example: smtp-limiter allow list
     List {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Subcommand)]
+enum RecipientsCommand {
+    /// Whether an address is a known recipient.
+    ///
+    /// Example: smtp-limiter recipients check alice@example.com
+    Check {
+        address: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Addresses loaded, last refresh, last error.
+    ///
+    /// Example: smtp-limiter recipients stats --json
+    Stats {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Refresh from the directory now.
+    ///
+    /// Example: smtp-limiter recipients refresh
+    Refresh {
+        /// Apply the result even if it shrinks the set past recipients.ldap.max_drop.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -332,6 +364,21 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 data["value"].as_str().unwrap_or_default(),
                 data["note"].as_str().unwrap_or_default()
             );
+            Ok(())
+        }
+        Command::Recipients(RecipientsCommand::Check { address, common }) => {
+            let data = change(&common, Request::RecipientsCheck { address })?;
+            print_value(&common, &data);
+            Ok(())
+        }
+        Command::Recipients(RecipientsCommand::Stats { common }) => {
+            let data = change(&common, Request::RecipientsStats)?;
+            print_value(&common, &data);
+            Ok(())
+        }
+        Command::Recipients(RecipientsCommand::Refresh { force, common }) => {
+            let data = change(&common, Request::RecipientsRefresh { force })?;
+            print_value(&common, &data);
             Ok(())
         }
         Command::Stats { common } => {

@@ -117,6 +117,9 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         "Refusals by the proxy, by reason.",
         &rejections,
     );
+    if let Some(recipients) = &ctx.recipients {
+        recipients.render_metrics(&mut out);
+    }
     let (counts, sum) = stats.backend_latency.snapshot();
     let _ = writeln!(
         out,

@@ -1,6 +1,7 @@
 //! Shared pieces of the integration tests and benchmarks: hand-built packets,
-//! network namespaces with veth pairs, TCP peers, and a fixture that loads
-//! the real kernel programs under a private pin path.
+//! network namespaces with veth pairs, TCP peers, a fixture that loads
+//! the real kernel programs under a private pin path, and private Postfix
+//! and OpenLDAP (`slapd`) instances.
 //!
 //! Tests that need root or BPF call [`prerequisites`]: outside CI a missing
 //! prerequisite skips the test with a message; under `CI=true` it fails it.
@@ -11,6 +12,7 @@ pub mod packets;
 pub mod postfix;
 pub mod proxy;
 pub mod scripted;
+pub mod slapd;
 pub mod tcp;
 
 /// Whether privileged tests can run here. Under `CI=true` a missing

@@ -19,9 +19,12 @@ pub fn setup() -> Result<()> {
     match debian_like() {
         Ok(()) => {
             let new_postfix = !is_installed("postfix");
+            let new_slapd = !is_installed("slapd");
             preseed_postfix(new_postfix)?;
+            preseed_slapd(new_slapd)?;
             ensure_apt_packages(&packages)?;
             ensure_no_system_postfix(new_postfix)?;
+            ensure_no_system_slapd(new_slapd)?;
         }
         Err(why) => return not_debian(&why, llvm, &packages),
     }
@@ -33,7 +36,9 @@ pub fn setup() -> Result<()> {
 /// the tools the tests and operators use, and for the SMTP end-to-end tests
 /// a real Postfix (the tests start private instances of their own; the
 /// system instance stays unconfigured and stopped, see [`preseed_postfix`]),
-/// swaks and python3.
+/// swaks and python3; for the LDAP end-to-end tests OpenLDAP's slapd (again
+/// private instances only, see [`preseed_slapd`]) and its command-line
+/// tools.
 fn apt_packages(llvm: u32) -> Vec<String> {
     vec![
         format!("llvm-{llvm}-dev"),
@@ -45,6 +50,8 @@ fn apt_packages(llvm: u32) -> Vec<String> {
         "postfix".into(),
         "swaks".into(),
         "python3".into(),
+        "slapd".into(),
+        "ldap-utils".into(),
     ]
 }
 
@@ -53,6 +60,10 @@ fn apt_packages(llvm: u32) -> Vec<String> {
 /// question asked.
 const POSTFIX_PRESEED: &str = "postfix postfix/main_mailer_type select No configuration\n\
                                postfix postfix/mailname string localhost\n";
+
+/// The debconf answer that makes `apt-get install slapd` configure no
+/// directory: no /etc/ldap/slapd.d, no database, nothing to start.
+const SLAPD_PRESEED: &str = "slapd slapd/no_configuration boolean true\n";
 
 fn bpf_linker_install_args(llvm: u32) -> Vec<String> {
     vec![
@@ -232,6 +243,89 @@ fn ensure_no_system_postfix(new_postfix: bool) -> Result<()> {
     Ok(())
 }
 
+/// Before slapd is installed: preseed debconf so that the package sets up
+/// no directory of its own (the tests run private instances under /tmp).
+fn preseed_slapd(new_slapd: bool) -> Result<()> {
+    if !new_slapd {
+        println!("ok: slapd already installed, no debconf preseed needed");
+        return Ok(());
+    }
+    if !is_root() {
+        // ensure_apt_packages then prints the apt-get line and fails.
+        println!(
+            "run as root first: printf '{}' | debconf-set-selections",
+            SLAPD_PRESEED.replace('\n', "\\n")
+        );
+        return Ok(());
+    }
+    println!("preseeding: debconf for slapd (no configuration)");
+    let file = std::env::temp_dir().join(format!("xtask-slapd-preseed-{}", std::process::id()));
+    std::fs::write(&file, SLAPD_PRESEED)
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    let result = cmd::run(Command::new("debconf-set-selections").arg(&file));
+    let _ = std::fs::remove_file(&file);
+    result
+}
+
+/// The pids of system slapd processes: those whose command line does not
+/// name a private instance's slapd.conf (`-f /tmp/…`), i.e. the package's
+/// (`-F /etc/ldap/slapd.d`).
+fn system_slapd_pids() -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            comm.trim() == "slapd" && !cmdline.contains("smtp-limiter-slapd.")
+        })
+        .collect()
+}
+
+/// After a fresh install: no system slapd may run or start at boot, so the
+/// tests' private instances are the only ones. With the preseed Debian's
+/// package configures nothing and its init script has nothing to start;
+/// this catches the rest. A slapd that was there before setup is the
+/// operator's and is left alone.
+fn ensure_no_system_slapd(new_slapd: bool) -> Result<()> {
+    let running = || !system_slapd_pids().is_empty();
+    if !new_slapd {
+        if running() {
+            println!("ok: a system slapd is running (not installed by setup: left alone; the tests start private instances)");
+        } else {
+            println!("ok: no system slapd running");
+        }
+        return Ok(());
+    }
+    let systemd = std::path::Path::new("/run/systemd/system").is_dir();
+    let enabled = systemd
+        && cmd::probe(Command::new("systemctl").args(["is-enabled", "slapd"]))
+            .is_some_and(|s| s.trim() == "enabled");
+    if !running() && !enabled {
+        println!("ok: no system slapd running");
+        return Ok(());
+    }
+    println!(
+        "stopping: the system slapd that the package set up (the tests start private instances)"
+    );
+    if enabled {
+        cmd::run(Command::new("systemctl").args(["disable", "--now", "slapd"]))?;
+    }
+    if running() && std::path::Path::new("/etc/init.d/slapd").is_file() {
+        cmd::run(Command::new("/etc/init.d/slapd").arg("stop"))?;
+    }
+    if running() {
+        bail!(
+            "a system slapd still runs (pids {:?}); stop it, then run `cargo xtask setup` again",
+            system_slapd_pids()
+        );
+    }
+    Ok(())
+}
+
 fn ensure_bpf_linker(llvm: u32) -> Result<()> {
     let marker = toolchain::bpf_linker_marker();
     let why = match toolchain::bpf_linker() {
@@ -286,7 +380,8 @@ fn ensure_bpf_linker(llvm: u32) -> Result<()> {
 /// and if anything is missing print the whole list and fail.
 fn not_debian(why: &str, llvm: u32, packages: &[String]) -> Result<()> {
     let tools = [
-        "cc", "bpftool", "ip", "ethtool", "postfix", "swaks", "python3",
+        "cc", "bpftool", "ip", "ethtool", "postfix", "swaks", "python3", "slapd", "slapadd",
+        "ldapadd",
     ];
     let missing_tools: Vec<&str> = tools
         .iter()
@@ -309,7 +404,8 @@ fn not_debian(why: &str, llvm: u32, packages: &[String]) -> Result<()> {
     println!("  {}", packages.join(" "));
     println!(
         "  (LLVM {llvm} development files with Polly, a C toolchain, bpftool, iproute2, ethtool, \
-         Postfix with no system instance running, swaks, python3)"
+         Postfix with no system instance running, swaks, python3, slapd with no system \
+         instance running, ldap-utils)"
     );
     println!(
         "then build bpf-linker against LLVM {llvm} (llvm-config of LLVM {llvm} first on PATH):"

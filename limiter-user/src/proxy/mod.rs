@@ -197,6 +197,8 @@ pub struct ProxyContext {
     pub stats: ProxyStats,
     /// Woken after each block, so the agent stores it at once.
     pub blocks_changed: tokio::sync::Notify,
+    /// Valid recipients from `[recipients.ldap]`, if configured.
+    pub recipients: Option<Arc<crate::recipients::Recipients>>,
 }
 
 impl ProxyContext {
@@ -218,6 +220,7 @@ impl ProxyContext {
             tls,
             stats: ProxyStats::default(),
             blocks_changed: tokio::sync::Notify::new(),
+            recipients: crate::recipients::start(config),
         })
     }
 

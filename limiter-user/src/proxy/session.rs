@@ -425,15 +425,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 (Reply::relay_denied(), false)
             }
             verdict => {
+                // A directory of valid recipients refuses unknown ones
+                // without asking the backend (allow-listed sources aside).
+                let directory_refuses = match &verdict {
+                    RcptVerdict::Accept => true,
+                    RcptVerdict::Unchecked => !self.ctx.policy().is_allowlisted(self.source()),
+                    RcptVerdict::Reject(_) => false,
+                } && self
+                    .ctx
+                    .recipients
+                    .as_ref()
+                    .is_some_and(|r| r.check(&rcpt.recipient).refuses());
                 if let RcptVerdict::Reject(rejection) = verdict {
                     self.log_decision(&rejection, false);
                 }
-                let reply = match self.backend_command(line).await {
-                    Ok(reply) => reply,
-                    Err(e) => return self.backend_failed(e).await,
-                };
-                let accepted = reply.is_positive_completion();
-                (reply, accepted)
+                let enforced = self.ctx.policy().enforced();
+                if directory_refuses {
+                    self.ctx.stats.count_rejection("unknown-recipient");
+                    tracing::info!(
+                        source = %self.peer.ip(),
+                        recipient = %rcpt.recipient,
+                        reason = "unknown-recipient",
+                        action = if enforced { "reject" } else { "would-reject" },
+                        "recipient not in the directory"
+                    );
+                }
+                if directory_refuses && enforced {
+                    let text = format!(
+                        "5.1.1 <{}>: Recipient address rejected: User unknown",
+                        rcpt.recipient
+                    );
+                    (Reply::new(550, &text), false)
+                } else {
+                    let reply = match self.backend_command(line).await {
+                        Ok(reply) => reply,
+                        Err(e) => return self.backend_failed(e).await,
+                    };
+                    let accepted = reply.is_positive_completion();
+                    (reply, accepted)
+                }
             }
         };
         if accepted {

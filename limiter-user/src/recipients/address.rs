@@ -1,0 +1,227 @@
+//! Addresses as keys: how a directory value becomes an address, and how an
+//! address becomes the key it is stored and looked up under. Pure.
+
+use serde::{Deserialize, Serialize};
+
+/// How addresses compare: the rules keys are made with. A set is built and
+/// looked up with the same `Folding`, so a set keeps the one it was built
+/// with (see [`super::AddressSet`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Folding {
+    /// `recipients.ldap.case_sensitive_local_part`: keep the case of local
+    /// parts (domains are always folded).
+    pub case_sensitive_local_part: bool,
+    /// `recipients.ldap.recipient_delimiter`: characters that start an
+    /// address extension (`user+tag@`); empty for none.
+    pub recipient_delimiter: String,
+}
+
+impl Folding {
+    /// The key of `address`: `local@domain` with the domain in lower case
+    /// (and without a trailing dot), the local part in lower case unless
+    /// local parts are case-sensitive, and a quoted local part unquoted when
+    /// it needs no quotes (`"john"@x` is `john@x`). Surrounding blanks and
+    /// one pair of angle brackets are ignored. `None` for text that is not
+    /// an address: no `@`, or an empty local part or domain.
+    #[must_use]
+    pub fn key(&self, address: &str) -> Option<String> {
+        let address = address.trim();
+        let address = address
+            .strip_prefix('<')
+            .and_then(|a| a.strip_suffix('>'))
+            .unwrap_or(address);
+        // The last '@': a quoted local part may hold one.
+        let at = address.rfind('@')?;
+        let (local, domain) = (&address[..at], &address[at + 1..]);
+        let domain = domain.strip_suffix('.').unwrap_or(domain);
+        if local.is_empty() || domain.is_empty() {
+            return None;
+        }
+        if address.chars().any(char::is_control) {
+            // No address has one (RFC 5321 qtext and quoted-pair exclude
+            // them), and the set keeps keys one per line.
+            return None;
+        }
+        let unquoted = unquote(local);
+        let local = unquoted.as_deref().unwrap_or(local);
+        if local.is_empty() {
+            return None;
+        }
+        let mut key = String::with_capacity(local.len() + 1 + domain.len());
+        if self.case_sensitive_local_part {
+            key.push_str(local);
+        } else {
+            push_lowercase(&mut key, local);
+        }
+        key.push('@');
+        push_lowercase(&mut key, domain);
+        Some(key)
+    }
+
+    /// The key without its extension (`user+tag@x` → `user@x`), if the
+    /// local part of `key` has one.
+    #[must_use]
+    pub fn base_key(&self, key: &str) -> Option<String> {
+        if self.recipient_delimiter.is_empty() {
+            return None;
+        }
+        let at = key.rfind('@')?;
+        let local = &key[..at];
+        let cut = local.find(|c| self.recipient_delimiter.contains(c))?;
+        if cut == 0 {
+            return None;
+        }
+        Some(format!("{}{}", &local[..cut], &key[at..]))
+    }
+}
+
+fn push_lowercase(out: &mut String, text: &str) {
+    if text.is_ascii() {
+        out.extend(text.chars().map(|c| c.to_ascii_lowercase()));
+    } else {
+        out.push_str(&text.to_lowercase());
+    }
+}
+
+/// The content of a quoted local part when it is a plain dot-atom (so the
+/// quotes change nothing), `None` otherwise.
+fn unquote(local: &str) -> Option<String> {
+    let inner = local.strip_prefix('"')?.strip_suffix('"')?;
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        out.push(if c == '\\' { chars.next()? } else { c });
+    }
+    is_dot_atom(&out).then_some(out)
+}
+
+/// RFC 5322 dot-atom (RFC 6531: any non-ASCII character too).
+fn is_dot_atom(text: &str) -> bool {
+    !text.is_empty()
+        && text.split('.').all(|atom| {
+            !atom.is_empty()
+                && atom.chars().all(|c| {
+                    c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii()
+                })
+        })
+}
+
+/// The mail address a directory value stands for, if any.
+///
+/// * A plain value (`mail`, `mailAlternateAddress`, `userPrincipalName`) is
+///   the address itself.
+/// * A typed value (`proxyAddresses`, and any attribute with the same
+///   convention) is `TYPE:address`: `SMTP:` marks the primary address,
+///   `smtp:` the others; both count, without their prefix. Other types
+///   (`X500:`, `X400:`, `SIP:`, `EUM:`, …) are not mail addresses.
+///
+/// The value still has to be an address: [`Folding::key`] refuses it
+/// otherwise.
+#[must_use]
+pub fn address_of_value(value: &str) -> Option<&str> {
+    let value = value.trim();
+    let colon = value.find(':');
+    let at = value.find('@');
+    match (colon, at) {
+        // A type prefix comes before the '@' (an unquoted local part has no
+        // ':'), and is a bare word.
+        (Some(colon), Some(at)) if colon < at => typed(value, colon),
+        (Some(colon), None) => typed(value, colon),
+        _ => Some(value),
+    }
+}
+
+fn typed(value: &str, colon: usize) -> Option<&str> {
+    let kind = &value[..colon];
+    if kind.eq_ignore_ascii_case("smtp") {
+        Some(value[colon + 1..].trim())
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn insensitive() -> Folding {
+        Folding::default()
+    }
+
+    #[test]
+    fn keys_fold_the_domain_always_and_the_local_part_by_default() {
+        let f = insensitive();
+        for (address, key) in [
+            ("alice@example.com", "alice@example.com"),
+            ("Alice@Example.COM", "alice@example.com"),
+            (" <Alice@Example.com> ", "alice@example.com"),
+            ("alice@example.com.", "alice@example.com"),
+            ("\"alice\"@example.com", "alice@example.com"),
+            ("\"a\\lice\"@example.com", "alice@example.com"),
+            ("\"john doe\"@example.com", "\"john doe\"@example.com"),
+            ("\"a@b\"@example.com", "\"a@b\"@example.com"),
+            ("Jöhn@Exämple.com", "jöhn@exämple.com"),
+            ("first.last+tag@example.com", "first.last+tag@example.com"),
+        ] {
+            assert_eq!(f.key(address).as_deref(), Some(key), "{address}");
+        }
+        let sensitive = Folding {
+            case_sensitive_local_part: true,
+            ..Folding::default()
+        };
+        assert_eq!(
+            sensitive.key("Alice@Example.COM").as_deref(),
+            Some("Alice@example.com")
+        );
+        for bad in [
+            "",
+            "alice",
+            "@example.com",
+            "alice@",
+            "<>",
+            "a@.",
+            "\"a\nb\"@example.com",
+            "a@exa\u{7f}mple.com",
+        ] {
+            assert_eq!(f.key(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn base_keys_cut_at_the_first_delimiter() {
+        let none = insensitive();
+        assert_eq!(none.base_key("user+tag@x"), None);
+        let f = Folding {
+            recipient_delimiter: "+-".into(),
+            ..Folding::default()
+        };
+        assert_eq!(f.base_key("user+tag@x").as_deref(), Some("user@x"));
+        assert_eq!(f.base_key("user-a+b@x").as_deref(), Some("user@x"));
+        assert_eq!(f.base_key("user@x"), None);
+        assert_eq!(f.base_key("+tag@x"), None);
+    }
+
+    #[test]
+    fn typed_values_keep_only_smtp_addresses() {
+        for (value, want) in [
+            ("alice@example.com", Some("alice@example.com")),
+            ("SMTP:Alice@example.com", Some("Alice@example.com")),
+            ("smtp:alias@example.com", Some("alias@example.com")),
+            ("Smtp: alias@example.com ", Some("alias@example.com")),
+            ("X500:/o=Example/ou=Exchange/cn=Recipients/cn=alice", None),
+            ("SIP:alice@example.com", None),
+            ("sip:alice@example.com", None),
+            ("X400:c=US;a= ;p=Example;o=Exchange;s=Alice;", None),
+            ("EUM:1234;phone-context=dial.example.com", None),
+            ("\"a:b\"@example.com", None),
+            ("no-at-sign", Some("no-at-sign")),
+        ] {
+            assert_eq!(address_of_value(value), want, "{value}");
+        }
+        // Not an address once typed values are set aside.
+        assert_eq!(
+            insensitive().key(address_of_value("no-at-sign").unwrap()),
+            None
+        );
+    }
+}
