@@ -157,11 +157,48 @@ pub fn test(ws: &Workspace, args: &[String]) -> Result<()> {
     )
 }
 
-/// `cargo run --release -p limiter-tests --bin limiter-bench -- ARGS`.
+/// The benchmark binaries of limiter-tests, in the order `bench` runs them,
+/// with the name `--only` picks each by.
+const BENCHES: [(&str, &str); 2] = [("limiter", "limiter-bench"), ("proxy", "proxy-bench")];
+
+/// `cargo run --release -p limiter-tests --bin B -- ARGS` for limiter-bench,
+/// then proxy-bench, each given the same ARGS. `--only limiter|proxy` in
+/// ARGS (taken out before they are passed on) runs just that one; options
+/// that only one benchmark knows need it.
 pub fn bench(ws: &Workspace, args: &[String]) -> Result<()> {
-    let object = build_ebpf(ws, true)?;
-    cmd::run(
-        toolchain::cargo()
+    let mut only = None;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let value = match arg.strip_prefix("--only") {
+            Some("") => Some(it.next().cloned().unwrap_or_default()),
+            Some(v) => v.strip_prefix('=').map(str::to_owned),
+            None => None,
+        };
+        match value {
+            Some(v) => only = Some(v),
+            None => rest.push(arg.clone()),
+        }
+    }
+    let selected: Vec<&str> = match only.as_deref() {
+        None => BENCHES.iter().map(|(_, bin)| *bin).collect(),
+        Some(name) => match BENCHES
+            .iter()
+            .find(|(short, bin)| name == *short || name == *bin)
+        {
+            Some((_, bin)) => vec![*bin],
+            None => bail!("--only {name:?}: expected `limiter` or `proxy`"),
+        },
+    };
+    // Only limiter-bench needs the eBPF objects.
+    let object = if selected.contains(&"limiter-bench") {
+        Some(build_ebpf(ws, true)?)
+    } else {
+        None
+    };
+    for bin in selected {
+        let mut cargo = toolchain::cargo();
+        cargo
             .current_dir(&ws.root)
             .args([
                 "run",
@@ -169,10 +206,14 @@ pub fn bench(ws: &Workspace, args: &[String]) -> Result<()> {
                 "-p",
                 "limiter-tests",
                 "--bin",
-                "limiter-bench",
+                bin,
                 "--",
             ])
-            .args(args)
-            .env(OBJECT_ENV, &object),
-    )
+            .args(&rest);
+        if let Some(object) = &object {
+            cargo.env(OBJECT_ENV, object);
+        }
+        cmd::run(&mut cargo)?;
+    }
+    Ok(())
 }

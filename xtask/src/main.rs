@@ -3,6 +3,7 @@
 
 mod build;
 mod cmd;
+mod demo;
 mod setup;
 mod toolchain;
 
@@ -58,9 +59,41 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Set up, build the eBPF object, then run the limiter-bench benchmark with ARGS.
+    /// Set up, build, then show the product under attack in its own network
+    /// namespaces: legitimate senders, a harvester, a null-sender flood, an
+    /// AUTH brute-forcer, a relay prober, a reject-listed host and a SYN
+    /// flood; prints a report, checks it, and removes everything it made.
+    ///
+    /// Needs root (namespaces, XDP, bpffs); without it, or without BPF, it
+    /// says why and runs the userspace part on 127.0.0.x. Exits non-zero
+    /// when a check fails.
+    Demo {
+        /// The short run (well under a minute), for CI.
+        #[arg(long)]
+        quick: bool,
+        /// Keep the pinned maps at the end, to look at them with bpftool.
+        #[arg(long)]
+        keep: bool,
+        /// Fail instead of running the userspace part when the kernel part cannot run.
+        #[arg(long, conflicts_with = "userspace")]
+        require_kernel: bool,
+        /// Run only the userspace part (no namespaces, no BPF), even as root.
+        #[arg(long)]
+        userspace: bool,
+        /// Also write the agent's log (JSON lines) to FILE.
+        #[arg(long, value_name = "FILE")]
+        agent_log: Option<std::path::PathBuf>,
+    },
+    /// Set up, then run the benchmarks limiter-bench (BPF per-packet cost;
+    /// the eBPF object is built first) and proxy-bench (SMTP through the
+    /// proxy), each with ARGS.
+    ///
+    /// `-- --only limiter` or `-- --only proxy` runs one of them; options
+    /// only one benchmark knows need it (`--quick` and `--rounds N` are
+    /// understood by both). See BENCHMARKS.md.
     Bench {
-        /// Arguments for limiter-bench, after `--`.
+        /// Arguments for the benchmarks, after `--`: `--only limiter|proxy`,
+        /// then the benchmark's own (`--help` lists them).
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -105,6 +138,22 @@ fn run(task: Task) -> Result<()> {
             setup::setup()?;
             build::test(&Workspace::locate()?, &args)
         }
+        Task::Demo {
+            quick,
+            keep,
+            require_kernel,
+            userspace,
+            agent_log,
+        } => demo::demo(
+            &Workspace::locate()?,
+            &demo::Options {
+                quick,
+                keep,
+                require_kernel,
+                userspace,
+                agent_log,
+            },
+        ),
         Task::Bench { args } => {
             setup::setup()?;
             build::bench(&Workspace::locate()?, &args)
