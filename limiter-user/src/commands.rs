@@ -59,6 +59,7 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
                 since: SystemTime::now(),
                 repeat: 0,
             });
+            let _ = agent.ctx.blocked_nets.send(net);
             let kernel = match agent.datapath.block(net, expires, code) {
                 Ok(()) => "blocked".to_owned(),
                 Err(e) => format!("not in the kernel: {e}"),

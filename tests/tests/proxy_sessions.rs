@@ -332,6 +332,21 @@ fn foreign_recipients_are_refused_without_asking_the_backend() {
 // -- 5. Harvesting ---------------------------------------------------------
 
 #[test]
+fn a_block_ends_the_sources_other_open_sessions() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[limits]\nmax_failed_rcpt = 1\n");
+    // An idle second session of the same source …
+    let mut idle = Smtp::session(proxy.addr);
+    let mut c = Smtp::session(proxy.addr);
+    expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
+    expect(&c.cmd("RCPT TO:<nobody1@example.com>"), "550 5.1.1");
+    expect(&c.cmd("RCPT TO:<nobody2@example.com>"), "421 4.7.0");
+    // … is told at once, not after the command timeout.
+    expect(&idle.reply(), "421 4.7.0");
+    assert!(idle.closed());
+}
+
+#[test]
 fn harvesting_closes_the_session_and_blocks_the_source() {
     let backend = ScriptedBackend::start(Behaviour::default());
     let proxy = start(&backend, "[limits]\nmax_failed_rcpt = 3\n");

@@ -197,6 +197,9 @@ pub struct ProxyContext {
     pub stats: ProxyStats,
     /// Woken after each block, so the agent stores it at once.
     pub blocks_changed: tokio::sync::Notify,
+    /// Every new block, so that the blocked source's other sessions end at
+    /// once instead of lingering (the kernel drops their packets).
+    pub blocked_nets: tokio::sync::broadcast::Sender<ipnet::IpNet>,
     /// Valid recipients from `[recipients.ldap]`, if configured.
     pub recipients: Option<Arc<crate::recipients::Recipients>>,
 }
@@ -220,6 +223,7 @@ impl ProxyContext {
             tls,
             stats: ProxyStats::default(),
             blocks_changed: tokio::sync::Notify::new(),
+            blocked_nets: tokio::sync::broadcast::channel(256).0,
             recipients: crate::recipients::start(config),
         })
     }
@@ -266,6 +270,7 @@ impl ProxyContext {
         });
         self.stats.count_block(order.reason_name());
         self.blocks_changed.notify_one();
+        let _ = self.blocked_nets.send(order.net);
         let kernel = match self.kernel.block(order.net, Some(expires), order.reason) {
             Ok(()) => "blocked",
             Err(e) => {

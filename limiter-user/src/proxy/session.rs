@@ -74,6 +74,8 @@ enum Input {
     Closed,
     Timeout,
     Shutdown,
+    /// The source was blocked while this session was open.
+    Blocked,
 }
 
 /// The HELO/EHLO the client gave.
@@ -106,6 +108,7 @@ pub struct Session<S> {
     /// This listener offers STARTTLS.
     starttls: bool,
     shutdown: watch::Receiver<bool>,
+    blocked_nets: tokio::sync::broadcast::Receiver<ipnet::IpNet>,
     summary: SessionSummary,
     /// A 421 went out: the session ends after this command.
     closing: bool,
@@ -122,6 +125,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         connection: ConnectionGuard,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let blocked_nets = ctx.blocked_nets.subscribe();
         Self {
             lines: LineReader::new(MAX_AUTH_LINE),
             ctx,
@@ -136,6 +140,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             counters: SessionCounters::default(),
             starttls,
             shutdown,
+            blocked_nets,
             summary: SessionSummary::default(),
             closing: false,
             _connection: connection,
@@ -211,6 +216,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Input::Shutdown => {
                     let _ = self.reply(&Reply::shutting_down()).await;
                     return "shutdown";
+                }
+                Input::Blocked => {
+                    let _ = self.reply(&Reply::blocked("your address is blocked")).await;
+                    return "blocked";
                 }
             };
             match self.handle(&line).await {
@@ -602,7 +611,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let answer = match self.read_line().await {
                 Input::Line(answer) => answer,
                 Input::TooLong | Input::Nul => b"*".to_vec(),
-                Input::Closed | Input::Timeout | Input::Shutdown => return Ok(Flow::Close),
+                Input::Closed | Input::Timeout | Input::Shutdown | Input::Blocked => {
+                    return Ok(Flow::Close)
+                }
             };
             reply = match self.backend_command(&answer).await {
                 Ok(reply) => reply,
@@ -841,6 +852,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Err(_) => return Input::Timeout,
                 },
                 _ = self.shutdown.changed() => return Input::Shutdown,
+                blocked = self.blocked_nets.recv() => match blocked {
+                    Ok(net) if net.contains(&self.peer.ip()) && self.ctx.policy().enforced() => return Input::Blocked,
+                    // A missed block (lagging) is caught at this session's
+                    // next connection; nothing else to do.
+                    _ => {}
+                },
             }
         }
     }
