@@ -9,6 +9,7 @@
 //! unless the backend did.
 
 use std::{
+    future::Future,
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -805,12 +806,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         client.flush().await
     }
 
-    /// Whether the client sent anything before being greeted.
+    /// Whether the client sent anything before being greeted: one poll of
+    /// the read, no waiting (a zero timeout would wait for the timer's next
+    /// millisecond tick on every session).
     async fn client_spoke_first(&mut self) -> bool {
         let Some(client) = self.client.as_mut() else {
             return false;
         };
-        matches!(timeout(Duration::ZERO, client.read_buf(&mut self.input)).await, Ok(Ok(n)) if n > 0)
+        let mut read = std::pin::pin!(client.read_buf(&mut self.input));
+        std::future::poll_fn(|cx| match read.as_mut().poll(cx) {
+            std::task::Poll::Ready(Ok(n)) => std::task::Poll::Ready(n > 0),
+            _ => std::task::Poll::Ready(false),
+        })
+        .await
     }
 
     /// Reads more client bytes within `limit`; 0 means the client closed.

@@ -3,8 +3,9 @@
 //!
 //! Run it with `cargo xtask bench -- --only proxy [ARGS]` or
 //! `cargo run --release -p limiter-tests --bin proxy-bench [-- ARGS]`, as
-//! root (the Postfix fixture needs it; smtp-sink is started with
-//! `-u nobody`). All traffic stays on 127.0.0.1.
+//! root (the Postfix fixture needs it; smtp-sink runs as `nobody`). All
+//! traffic stays on 127.0.0.1. Helper processes (smtp-sink, smtp-source,
+//! the client holder) get SIGKILL if the benchmark dies.
 //!
 //! Three measurements:
 //!
@@ -240,22 +241,20 @@ impl Sink {
         let tool = postfix_tool("smtp-sink")?;
         let port = free_port()?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let child = Command::new(&tool)
-            // -u: required as root; -m: simultaneous connections it serves
-            // (the rest wait in the backlog); -t: command timeout (idle
-            // sessions must outlive the memory measurement).
-            .args([
-                "-u",
-                "nobody",
-                "-m",
-                &max_connections.to_string(),
-                "-t",
-                "600",
-            ])
+        let mut cmd = Command::new(&tool);
+        // -m: simultaneous connections it serves (the rest wait in the
+        // backlog); -t: command timeout (idle sessions must outlive the
+        // memory measurement). As root smtp-sink wants `-u nobody`; the
+        // switch is made here instead, before the parent-death signal is
+        // set (a change of user would clear it), so that a benchmark killed
+        // before its cleanup does not leave smtp-sink behind.
+        cmd.args(["-m", &max_connections.to_string(), "-t", "600"])
             .arg(format!("127.0.0.1:{port}"))
             .arg("4096")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::null());
+        die_with_parent(&mut cmd, nobody());
+        let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", tool.display()))?;
         let mut sink = Self { child, addr };
@@ -293,6 +292,49 @@ impl Drop for Sink {
     }
 }
 
+/// The uid and gid of `nobody` (and `nogroup`), if there is one.
+fn nobody() -> Option<(libc::uid_t, libc::gid_t)> {
+    let name = std::ffi::CString::new("nobody").ok()?;
+    // SAFETY: getpwnam gets a NUL-terminated name; the record is read at
+    // once (no other thread of this program calls getpwnam).
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        return None;
+    }
+    // SAFETY: pw is a valid record from getpwnam.
+    Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+}
+
+/// Makes the child get SIGKILL when this process dies (after switching to
+/// `user` first, if given), so that no helper outlives a killed benchmark.
+fn die_with_parent(cmd: &mut Command, user: Option<(libc::uid_t, libc::gid_t)>) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe system calls.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some((uid, gid)) = user {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
 fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
@@ -308,6 +350,7 @@ fn smtp_source(tool: &PathBuf, addr: SocketAddr, messages: u64, sessions: u32) -
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    die_with_parent(&mut cmd, None);
     let started = Instant::now();
     let child = cmd.spawn().context("cannot start smtp-source")?;
     let pid = child.id() as i32;
@@ -984,12 +1027,12 @@ struct Holder {
 impl Holder {
     fn start(addr: SocketAddr, count: usize) -> Result<Self> {
         let exe = std::env::current_exe().context("current_exe")?;
-        let mut child = Command::new(exe)
-            .args(["--hold-clients", &addr.to_string(), &count.to_string()])
+        let mut cmd = Command::new(exe);
+        cmd.args(["--hold-clients", &addr.to_string(), &count.to_string()])
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("cannot start the client holder")?;
+            .stdout(Stdio::piped());
+        die_with_parent(&mut cmd, None);
+        let mut child = cmd.spawn().context("cannot start the client holder")?;
         let stdout = child.stdout.take().context("holder stdout")?;
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -1286,7 +1329,7 @@ fn main() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     ensure!(
         unsafe { libc::geteuid() } == 0,
-        "proxy-bench needs root (Postfix fixture, smtp-sink -u)"
+        "proxy-bench needs root (Postfix fixture)"
     );
     // The proxy holds two descriptors per idle session (the clients live in
     // a child process): ask for room for them all.
