@@ -159,10 +159,14 @@ pub fn test(ws: &Workspace, args: &[String]) -> Result<()> {
 
 /// The benchmark binaries of limiter-tests, in the order `bench` runs them,
 /// with the name `--only` picks each by.
-const BENCHES: [(&str, &str); 2] = [("limiter", "limiter-bench"), ("proxy", "proxy-bench")];
+const BENCHES: [(&str, &str); 3] = [
+    ("limiter", "limiter-bench"),
+    ("proxy", "proxy-bench"),
+    ("recipients", "recipients-bench"),
+];
 
 /// `cargo run --release -p limiter-tests --bin B -- ARGS` for limiter-bench,
-/// then proxy-bench, each given the same ARGS. `--only limiter|proxy` in
+/// then proxy-bench, then recipients-bench, each given the same ARGS. `--only limiter|proxy|recipients` in
 /// ARGS (taken out before they are passed on) runs just that one; options
 /// that only one benchmark knows need it.
 pub fn bench(ws: &Workspace, args: &[String]) -> Result<()> {
@@ -187,7 +191,7 @@ pub fn bench(ws: &Workspace, args: &[String]) -> Result<()> {
             .find(|(short, bin)| name == *short || name == *bin)
         {
             Some((_, bin)) => vec![*bin],
-            None => bail!("--only {name:?}: expected `limiter` or `proxy`"),
+            None => bail!("--only {name:?}: expected `limiter`, `proxy` or `recipients`"),
         },
     };
     // Only limiter-bench needs the eBPF objects.

@@ -85,14 +85,14 @@ enum Task {
         agent_log: Option<std::path::PathBuf>,
     },
     /// Set up, then run the benchmarks limiter-bench (BPF per-packet cost;
-    /// the eBPF object is built first) and proxy-bench (SMTP through the
-    /// proxy), each with ARGS.
+    /// the eBPF object is built first), proxy-bench (SMTP through the
+    /// proxy) and recipients-bench (LDAP directory), each with ARGS.
     ///
-    /// `-- --only limiter` or `-- --only proxy` runs one of them; options
+    /// `-- --only limiter|proxy|recipients` runs one of them; options
     /// only one benchmark knows need it (`--quick` and `--rounds N` are
     /// understood by both). See BENCHMARKS.md.
     Bench {
-        /// Arguments for the benchmarks, after `--`: `--only limiter|proxy`,
+        /// Arguments for the benchmarks, after `--`: `--only limiter|proxy|recipients`,
         /// then the benchmark's own (`--help` lists them).
         #[arg(last = true)]
         args: Vec<String>,
