@@ -44,3 +44,17 @@ fn missing_prerequisite() -> Option<String> {
     }
     None
 }
+
+/// The `smtp-limiter` binary, built next to the test binaries (`cargo xtask
+/// test` builds it first; `cargo test` alone does not build another
+/// package's binaries).
+///
+/// # Panics
+/// When it has not been built.
+pub fn smtp_limiter_binary() -> std::path::PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("smtp-limiter")))
+        .filter(|path| path.is_file())
+        .expect("smtp-limiter binary next to the test binaries: run `cargo xtask test` or `cargo build -p limiter-user`")
+}

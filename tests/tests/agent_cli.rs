@@ -4,21 +4,13 @@
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use limiter_tests::{kernel::PinDir, prerequisites, proxy::Client};
+use limiter_tests::{kernel::PinDir, prerequisites, proxy::Client, smtp_limiter_binary};
 use limiter_user::kernel::{BpfDatapath, Datapath};
-
-fn binary() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.join("smtp-limiter")))
-        .filter(|path| path.is_file())
-        .expect("smtp-limiter binary next to the test binaries: run `cargo xtask test` or `cargo build -p limiter-user`")
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -35,7 +27,7 @@ struct Agent {
 
 impl Agent {
     fn start(config: &Path, socket: &Path) -> Self {
-        let child = Command::new(binary())
+        let child = Command::new(smtp_limiter_binary())
             .args(["run", "--config"])
             .arg(config)
             .stdout(Stdio::null())
@@ -82,7 +74,7 @@ impl Drop for Agent {
 }
 
 fn cli(config: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(binary())
+    let out = Command::new(smtp_limiter_binary())
         .args(args)
         .arg("--config")
         .arg(config)

@@ -283,13 +283,7 @@ fn smtp_limiter(args: &[&str], pin_path: &std::path::Path) -> (bool, String) {
         format!("[kernel]\npin_path = \"{}\"\n", pin_path.display()),
     )
     .unwrap();
-    // The binary of another package: next to this test's own directory
-    // (`cargo test --workspace` / `cargo xtask test` build it).
-    let binary = std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.join("smtp-limiter")))
-        .filter(|path| path.is_file())
-        .expect("smtp-limiter binary next to the test binaries: run `cargo xtask test` or `cargo build -p limiter-user`");
+    let binary = limiter_tests::smtp_limiter_binary();
     let child: Child = Command::new(binary)
         .args(args)
         .arg("--config")

@@ -116,18 +116,46 @@ impl LatencyHistogram {
     }
 }
 
+/// Counts by reason name (a handful of stable names, so a map is fine).
+#[derive(Default)]
+pub struct ReasonCounts(Mutex<HashMap<&'static str, u64>>);
+
+impl ReasonCounts {
+    pub fn add(&self, reason: &'static str) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// The counts, sorted by reason.
+    pub fn list(&self) -> Vec<(&'static str, u64)> {
+        let mut list: Vec<_> = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        list.sort();
+        list
+    }
+}
+
 /// Proxy counters (read by `stats` and metrics).
 #[derive(Default)]
 pub struct ProxyStats {
     /// Latency of backend replies to relayed commands.
     pub backend_latency: LatencyHistogram,
-    blocks_by_reason: Mutex<HashMap<&'static str, u64>>,
     pub sessions_total: AtomicU64,
     pub sessions_open: AtomicU64,
     pub messages: AtomicU64,
     pub backend_errors: AtomicU64,
     pub blocks_issued: AtomicU64,
-    rejections: Mutex<HashMap<&'static str, u64>>,
+    blocks_by_reason: ReasonCounts,
+    rejections: ReasonCounts,
 }
 
 impl ProxyStats {
@@ -140,48 +168,22 @@ impl ProxyStats {
     }
 
     pub fn count_rejection(&self, reason: &'static str) {
-        *self
-            .rejections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(reason)
-            .or_default() += 1;
+        self.rejections.add(reason);
     }
 
     pub fn count_block(&self, reason: &'static str) {
         self.blocks_issued.fetch_add(1, Ordering::Relaxed);
-        *self
-            .blocks_by_reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(reason)
-            .or_default() += 1;
+        self.blocks_by_reason.add(reason);
     }
 
     /// Blocks issued by reason name.
     pub fn blocks_by_reason(&self) -> Vec<(&'static str, u64)> {
-        let mut list: Vec<_> = self
-            .blocks_by_reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        list.sort();
-        list
+        self.blocks_by_reason.list()
     }
 
     /// Rejections by reason name.
     pub fn rejections(&self) -> Vec<(&'static str, u64)> {
-        let mut list: Vec<_> = self
-            .rejections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        list.sort();
-        list
+        self.rejections.list()
     }
 }
 
