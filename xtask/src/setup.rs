@@ -49,6 +49,7 @@ fn apt_packages(llvm: u32) -> Vec<String> {
         "ethtool".into(),
         "postfix".into(),
         "swaks".into(),
+        "openssl".into(),
         "python3".into(),
         "slapd".into(),
         "ldap-utils".into(),
