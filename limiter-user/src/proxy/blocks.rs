@@ -26,9 +26,20 @@ pub struct ActiveBlock {
 
 /// Active blocks by network, at most `capacity` (`state.max_blocks`).
 pub struct Blocks {
-    by_net: Mutex<HashMap<IpNet, ActiveBlock>>,
+    by_net: Mutex<Table>,
     capacity: usize,
     evicted: std::sync::atomic::AtomicU64,
+}
+
+/// The blocks and the prefix lengths in use, so that finding the block
+/// covering an address takes one hash lookup per length in use (a few),
+/// not a scan of every block.
+struct Table {
+    map: HashMap<IpNet, ActiveBlock>,
+    /// Prefix lengths ever inserted, per family (never cleared: a stale
+    /// length costs one lookup).
+    v4_lengths: [bool; 33],
+    v6_lengths: [bool; 129],
 }
 
 impl Default for Blocks {
@@ -40,7 +51,11 @@ impl Default for Blocks {
 impl Blocks {
     pub fn with_capacity(capacity: usize) -> Self {
         Self {
-            by_net: Mutex::default(),
+            by_net: Mutex::new(Table {
+                map: HashMap::new(),
+                v4_lengths: [false; 33],
+                v6_lengths: [false; 129],
+            }),
             capacity: capacity.max(1),
             evicted: Default::default(),
         }
@@ -54,7 +69,12 @@ impl Blocks {
     /// Records a block (replacing one on the same network); when full, the
     /// block expiring first makes room.
     pub fn insert(&self, block: ActiveBlock) {
-        let mut map = self.by_net.lock().unwrap_or_else(|p| p.into_inner());
+        let mut table = self.by_net.lock().unwrap_or_else(|p| p.into_inner());
+        match block.net {
+            IpNet::V4(n) => table.v4_lengths[usize::from(n.prefix_len())] = true,
+            IpNet::V6(n) => table.v6_lengths[usize::from(n.prefix_len())] = true,
+        }
+        let map = &mut table.map;
         if map.len() >= self.capacity && !map.contains_key(&block.net) {
             let first_to_expire = map
                 .values()
@@ -78,6 +98,7 @@ impl Blocks {
         self.by_net
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .map
             .remove(net)
             .is_some()
     }
@@ -85,19 +106,27 @@ impl Blocks {
     /// The active block covering `ip` at `now`, if any.
     pub fn covering(&self, ip: IpAddr, now: SystemTime) -> Option<ActiveBlock> {
         let ip = ip.to_canonical();
-        let map = self.by_net.lock().unwrap_or_else(|p| p.into_inner());
-        map.values()
-            .filter(|b| b.net.contains(&ip) && b.expires.is_none_or(|t| now < t))
-            .max_by_key(|b| b.net.prefix_len())
+        let table = self.by_net.lock().unwrap_or_else(|p| p.into_inner());
+        let lengths: &[bool] = match ip {
+            IpAddr::V4(_) => &table.v4_lengths,
+            IpAddr::V6(_) => &table.v6_lengths,
+        };
+        // The most specific active block wins.
+        (0..lengths.len())
+            .rev()
+            .filter(|len| lengths[*len])
+            .filter_map(|len| IpNet::new(ip, len as u8).ok())
+            .filter_map(|net| table.map.get(&net.trunc()))
+            .find(|b| b.expires.is_none_or(|t| now < t))
             .cloned()
     }
 
     /// Forgets expired blocks; returns how many.
     pub fn sweep(&self, now: SystemTime) -> usize {
-        let mut map = self.by_net.lock().unwrap_or_else(|p| p.into_inner());
-        let before = map.len();
-        map.retain(|_, b| b.expires.is_none_or(|t| now < t));
-        before - map.len()
+        let mut table = self.by_net.lock().unwrap_or_else(|p| p.into_inner());
+        let before = table.map.len();
+        table.map.retain(|_, b| b.expires.is_none_or(|t| now < t));
+        before - table.map.len()
     }
 
     /// Every block held (expired ones until swept).
@@ -105,13 +134,18 @@ impl Blocks {
         self.by_net
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .map
             .values()
             .cloned()
             .collect()
     }
 
     pub fn len(&self) -> usize {
-        self.by_net.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.by_net
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -131,6 +165,41 @@ mod tests {
             reason: 1,
             expires,
         }
+    }
+
+    #[test]
+    fn the_most_specific_active_block_covers() {
+        let now = SystemTime::now();
+        let blocks = Blocks::default();
+        blocks.insert(block("10.0.0.0/8", None));
+        blocks.insert(ActiveBlock {
+            reason: 2,
+            ..block("10.1.2.3/32", Some(now + Duration::from_secs(60)))
+        });
+        assert_eq!(
+            blocks
+                .covering("10.1.2.3".parse().unwrap(), now)
+                .unwrap()
+                .reason,
+            2
+        );
+        assert_eq!(
+            blocks
+                .covering("10.9.9.9".parse().unwrap(), now)
+                .unwrap()
+                .reason,
+            1
+        );
+        let later = now + Duration::from_secs(61);
+        assert_eq!(
+            blocks
+                .covering("10.1.2.3".parse().unwrap(), later)
+                .unwrap()
+                .reason,
+            1,
+            "expired /32: the /8 still holds"
+        );
+        assert!(blocks.covering("11.0.0.1".parse().unwrap(), now).is_none());
     }
 
     #[test]
