@@ -155,12 +155,12 @@ fn blocklist_drops_only_blocked_sources_on_protected_ports() {
 }
 
 #[test]
-fn ipv4_mapped_ipv6_header_is_not_confused_with_ipv4() {
+fn an_ipv4_mapped_ipv6_source_is_its_ipv4_address() {
     // The kernel keys IPv4 sources as ::ffff:a.b.c.d; a real IPv6 packet from
     // that address is a different source on the wire only in theory (such
     // packets are invalid on the Internet), so the limiter treating them
     // alike is acceptable. This test pins down what happens.
-    if !prerequisites("ipv4_mapped_ipv6_header_is_not_confused_with_ipv4") {
+    if !prerequisites("an_ipv4_mapped_ipv6_source_is_its_ipv4_address") {
         return;
     }
     let k = TestKernel::load(limits(10));
