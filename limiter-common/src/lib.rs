@@ -222,6 +222,14 @@ pub mod reason {
     /// Rejected by content filters (spam, virus).
     pub const FILTER: u32 = 7;
 
+    /// Every reason, for lookups by name.
+    pub const ALL: [u32; 7] = [MANUAL, HARVEST, AUTH, FLOOD, REJECT_LIST, RELAY, FILTER];
+
+    /// The reason named `name` (the inverse of [`name`]).
+    pub fn from_name(name: &str) -> Option<u32> {
+        ALL.into_iter().find(|reason| self::name(*reason) == name)
+    }
+
     /// A stable lower-case name for logs, metrics and the CLI.
     pub const fn name(reason: u32) -> &'static str {
         match reason {
@@ -514,6 +522,14 @@ mod tests {
         assert_eq!(fields[0], ("seen", 11));
         assert_eq!(fields[Stats::COUNT - 1], ("conn_untracked", 33));
         assert_eq!(fields.iter().map(|(_, v)| v).sum::<u64>(), 64);
+    }
+
+    #[test]
+    fn reason_names_round_trip() {
+        for code in reason::ALL {
+            assert_eq!(reason::from_name(reason::name(code)), Some(code));
+        }
+        assert_eq!(reason::from_name("unknown"), None);
     }
 
     #[test]

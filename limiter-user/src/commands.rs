@@ -155,9 +155,7 @@ fn parse_net(text: &str) -> Result<IpNet, String> {
 /// # Errors
 /// An unknown name, with the valid ones.
 pub fn reason_code(name: &str) -> Result<u32, String> {
-    (1..=16)
-        .find(|code| reason::name(*code) == name)
-        .ok_or_else(|| format!("unknown reason {name:?}: use manual, harvest, auth, flood, reject-list, relay or filter"))
+    reason::from_name(name).ok_or_else(|| format!("unknown reason {name:?}: use manual, harvest, auth, flood, reject-list, relay or filter"))
 }
 
 /// Applies `limits set NAME VALUE` to a configuration.

@@ -172,9 +172,7 @@ pub fn since(block: &StoredBlock) -> SystemTime {
 
 /// The reason code of a stored block's reason name.
 pub fn reason_code(name: &str) -> u32 {
-    (1..=16)
-        .find(|code| limiter_common::reason::name(*code) == name)
-        .unwrap_or(limiter_common::reason::MANUAL)
+    limiter_common::reason::from_name(name).unwrap_or(limiter_common::reason::MANUAL)
 }
 
 /// The expiry of a stored block.
