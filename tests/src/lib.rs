@@ -13,6 +13,7 @@ pub mod postfix;
 pub mod proxy;
 pub mod scripted;
 pub mod slapd;
+pub mod stats;
 pub mod tcp;
 
 /// Whether privileged tests can run here. Under `CI=true` a missing
@@ -57,4 +58,25 @@ pub fn smtp_limiter_binary() -> std::path::PathBuf {
         .and_then(|exe| Some(exe.parent()?.parent()?.join("smtp-limiter")))
         .filter(|path| path.is_file())
         .expect("smtp-limiter binary next to the test binaries: run `cargo xtask test` or `cargo build -p limiter-user`")
+}
+
+/// The test process that made a fixture directory named `<prefix><pid>.…`,
+/// if that process is gone (or a zombie): its leftovers may be removed.
+pub fn dead_fixture_owner(dir_name: &str, prefix: &str) -> Option<u32> {
+    let owner = dir_name
+        .strip_prefix(prefix)?
+        .split('.')
+        .next()?
+        .parse::<u32>()
+        .ok()?;
+    // Alive unless gone or a zombie (state Z after the `(comm)`).
+    let alive = std::fs::read_to_string(format!("/proc/{owner}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    });
+    (!alive).then_some(owner)
 }

@@ -748,24 +748,9 @@ fn reap_stale_instances() {
         };
         for entry in entries.filter_map(|e| e.ok()) {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(owner) = name
-                .strip_prefix(DIR_PREFIX)
-                .and_then(|rest| rest.split('.').next())
-                .and_then(|pid| pid.parse::<u32>().ok())
-            else {
+            let Some(owner) = crate::dead_fixture_owner(&name, DIR_PREFIX) else {
                 continue;
             };
-            let alive = fs::read_to_string(format!("/proc/{owner}/stat")).is_ok_and(|stat| {
-                !stat
-                    .rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z')
-            });
-            if alive {
-                continue;
-            }
             let dir = entry.path();
             // Its slapd, if still running: the pid file, checked against
             // the command line (which names the instance's slapd.conf).

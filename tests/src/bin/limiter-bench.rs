@@ -19,6 +19,7 @@
 //! counter it is meant to. `kernel.bpf_stats_enabled` must stay 0 (checked
 //! before every round): it adds clock reads to every run.
 
+use limiter_tests::stats::{median, min_max};
 use std::{
     collections::HashSet,
     fmt::Write as _,
@@ -590,28 +591,6 @@ fn fill(kernel: &TestKernel, scale: u32, nets: usize) -> Result<Duration> {
 
 // ---------------------------------------------------------------------------
 // Statistics
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn min_max(values: &[f64]) -> (f64, f64) {
-    values
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
-            (lo.min(v), hi.max(v))
-        })
-}
 
 struct Summary {
     median: f64,

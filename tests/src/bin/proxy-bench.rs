@@ -49,6 +49,7 @@
 //! `discard`) by the end; Postfix's queue is drained before each of its
 //! measurements.
 
+use limiter_tests::stats::{median, min_max};
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -550,28 +551,6 @@ fn order(round: usize) -> [Path; 2] {
 }
 
 // -- Statistics --------------------------------------------------------------
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn min_max(values: &[f64]) -> (f64, f64) {
-    values
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
-            (lo.min(v), hi.max(v))
-        })
-}
 
 /// The value at quantile `q` of sorted `values` (nearest rank).
 fn quantile(sorted: &[f64], q: f64) -> f64 {
