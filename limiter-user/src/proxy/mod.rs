@@ -262,7 +262,7 @@ impl ProxyContext {
 
     /// Carries out a block: the proxy's own list and the kernel's maps.
     pub fn block(&self, order: &BlockOrder) {
-        let expires = session::expiry(order.duration);
+        let expires = SystemTime::now() + order.duration;
         self.blocks.insert(ActiveBlock {
             net: order.net,
             reason: order.reason,

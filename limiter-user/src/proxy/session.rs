@@ -12,7 +12,7 @@ use std::{
     future::Future,
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use bytes::{Buf, BytesMut};
@@ -902,9 +902,4 @@ fn action_name(action: Action) -> &'static str {
         Action::DeferAndClose => "defer-and-close",
         Action::RefuseAndClose => "reject-and-close",
     }
-}
-
-/// How long until `SystemTime::now() + duration`, for block expiries.
-pub(super) fn expiry(duration: Duration) -> SystemTime {
-    SystemTime::now() + duration
 }
