@@ -443,15 +443,23 @@ fn load_config(common: &Common) -> anyhow::Result<Config> {
 fn change(common: &Common, request: Request) -> anyhow::Result<Value> {
     let config = load_config(common)?;
     match control::request(&config.control.socket, &request) {
-        Ok(response) if response.ok => Ok(response.data.unwrap_or(Value::Null)),
-        Ok(response) => bail!(
-            "{}",
-            response.error.unwrap_or_else(|| "the agent refused".into())
-        ),
+        Ok(response) => data(response),
         Err(e @ ClientError::NotRunning { .. }) => {
             bail!("{e}; changes go through the running agent (so that they are enforced and stored): start it with `smtp-limiter run`")
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The data of the agent's response, or its error.
+fn data(response: control::Response) -> anyhow::Result<Value> {
+    if response.ok {
+        Ok(response.data.unwrap_or(Value::Null))
+    } else {
+        bail!(
+            "{}",
+            response.error.unwrap_or_else(|| "the agent refused".into())
+        )
     }
 }
 
@@ -463,11 +471,7 @@ fn read(
 ) -> anyhow::Result<Value> {
     let config = load_config(common)?;
     match control::request(&config.control.socket, &request) {
-        Ok(response) if response.ok => Ok(response.data.unwrap_or(Value::Null)),
-        Ok(response) => bail!(
-            "{}",
-            response.error.unwrap_or_else(|| "the agent refused".into())
-        ),
+        Ok(response) => data(response),
         Err(ClientError::NotRunning { .. }) => {
             eprintln!(
                 "note: the agent is not running; reading the pinned kernel maps at {}",
