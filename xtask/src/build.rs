@@ -159,7 +159,7 @@ pub fn test(ws: &Workspace, args: &[String]) -> Result<()> {
 
 /// The benchmark binaries of limiter-tests, in the order `bench` runs them,
 /// with the name `--only` picks each by.
-const BENCHES: [(&str, &str); 3] = [
+const BENCHES: &[(&str, &str)] = &[
     ("limiter", "limiter-bench"),
     ("proxy", "proxy-bench"),
     ("recipients", "recipients-bench"),
@@ -191,7 +191,10 @@ pub fn bench(ws: &Workspace, args: &[String]) -> Result<()> {
             .find(|(short, bin)| name == *short || name == *bin)
         {
             Some((_, bin)) => vec![*bin],
-            None => bail!("--only {name:?}: expected `limiter`, `proxy` or `recipients`"),
+            None => {
+                let known: Vec<&str> = BENCHES.iter().map(|(short, _)| *short).collect();
+                bail!("--only {name:?}: expected one of {}", known.join(", "))
+            }
         },
     };
     // Only limiter-bench needs the eBPF objects.
