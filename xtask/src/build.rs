@@ -163,6 +163,8 @@ const BENCHES: &[(&str, &str)] = &[
     ("limiter", "limiter-bench"),
     ("proxy", "proxy-bench"),
     ("recipients", "recipients-bench"),
+    ("attack", "attack-bench"),
+    ("state", "state-bench"),
 ];
 
 /// `cargo run --release -p limiter-tests --bin B -- ARGS` for limiter-bench,
@@ -198,7 +200,10 @@ pub fn bench(ws: &Workspace, args: &[String]) -> Result<()> {
         },
     };
     // Only limiter-bench needs the eBPF objects.
-    let object = if selected.contains(&"limiter-bench") {
+    let object = if selected.contains(&"limiter-bench")
+        || selected.contains(&"attack-bench")
+        || selected.contains(&"state-bench")
+    {
         Some(build_ebpf(ws, true)?)
     } else {
         None

@@ -1,0 +1,1972 @@
+//! `attack-bench`: legitimate mail delivered through the limiter to a real
+//! Postfix while attackers flood, next to the same attack with the proxy
+//! alone, the same attack straight to Postfix, and no attack at all.
+//!
+//! Run it with `cargo xtask bench -- --only attack [ARGS]` (builds the eBPF
+//! object first and passes it on), as root. Everything happens in two
+//! network namespaces of its own (`slb-atk-<pid>-<n>`) joined by a veth pair:
+//!
+//! - server namespace: the agent (`target/release/smtp-limiter run`, started
+//!   with `nsenter --net`, so its maps are pinned under
+//!   `/sys/fs/bpf/slb-atk-<pid>-<n>` in the host's bpffs) listening on the
+//!   veth address port 25, XDP on the server end of the veth
+//!   (`kernel.mode = "required"`, or `"off"` for the proxy-only setup); a
+//!   private Postfix (tests/src/postfix.rs) with two smtpd listeners:
+//!   127.0.0.1:PORT with the PROXY protocol (the agent's backend,
+//!   `identity = "proxy-v2"`) and VETH:2525 without it (the attackers' and
+//!   senders' target in the "straight to Postfix" setup).
+//! - client namespace: the legitimate senders (closed loop, one message per
+//!   session, each worker from its own address, timing each message), the
+//!   null-sender flood (3 hosts × 50 parallel connections), a directory
+//!   harvester, and a SYN flood from a reject-listed address (raw socket,
+//!   bounded by rate × duration).
+//!
+//! Each round runs every setup once (order rotated per round) for the same
+//! duration; a fresh agent (fresh state and pins) is started for each run.
+//! After each run the benchmark waits until Postfix's queue is empty and
+//! checks from Postfix's log that every legitimate message the client saw
+//! accepted was delivered, and that no other legitimate message was.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use limiter_tests::netns::{self, Link, NetNs};
+use limiter_tests::postfix::{Postfix, PostfixOptions, postfix_tool};
+use limiter_tests::stats::{median, min_max};
+
+/// Namespace, pin and temp-dir prefix.
+const PREFIX: &str = "slb-atk";
+/// The agent's SMTP port, and Postfix's direct listener, on the server's
+/// veth address.
+const PROXY_PORT: u16 = 25;
+const DIRECT_PORT: u16 = 2525;
+/// The agent's metrics, inside the server namespace.
+const METRICS: &str = "127.0.0.1:9425";
+/// The target: legitimate throughput under attack with the limiter at least
+/// this fraction of the no-attack throughput.
+const TARGET: f64 = 0.9;
+/// Legitimate recipients (the fixture's defaults).
+const LEGIT_RCPTS: [&str; 3] = ["alice@example.com", "bob@example.com", "carol@example.com"];
+/// The flood's recipient: its deliveries are told apart by it.
+const FLOOD_RCPT: &str = "postmaster@example.com";
+/// Longest wait for Postfix to deliver what it accepted in one run.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Set by SIGINT/SIGTERM: every loop winds down and the guards clean up.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+// ---------------------------------------------------------------------------
+// Options
+
+#[derive(Debug, Clone)]
+struct Options {
+    quick: bool,
+    rounds: usize,
+    secs: u64,
+    legit_workers: usize,
+    flood_hosts: usize,
+    flood_connections: usize,
+    harvest_connections: usize,
+    syn_rate: u64,
+    out: PathBuf,
+    agent: Option<PathBuf>,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn usage() -> &'static str {
+    "attack-bench [--quick] [--rounds N] [--secs S] [--legit-workers N] [--flood-hosts N] \
+     [--flood-connections N] [--harvest-connections N] [--syn-rate PPS] [--out DIR] [--agent PATH]\n\
+     defaults: 3 rounds of 20 s, 4 legit workers, 3 flood hosts x 50 connections, 2 harvest \
+     connections, SYN flood 20000/s, plot and samples in docs/;\n\
+     --quick: 1 round of 5 s, 3 x 10 flood connections, 5000 SYN/s, output in target/attack-bench/"
+}
+
+fn parse_args() -> Result<Options> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let mut o = Options {
+        quick,
+        rounds: if quick { 1 } else { 3 },
+        secs: if quick { 5 } else { 20 },
+        legit_workers: 4,
+        flood_hosts: 3,
+        flood_connections: if quick { 10 } else { 50 },
+        harvest_connections: 2,
+        syn_rate: if quick { 5_000 } else { 20_000 },
+        out: if quick {
+            workspace_root().join("target").join("attack-bench")
+        } else {
+            workspace_root().join("docs")
+        },
+        agent: None,
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{arg} needs a value\n{}", usage()))
+        };
+        match arg.as_str() {
+            "--quick" => {}
+            "--rounds" => o.rounds = value()?.parse()?,
+            "--secs" => o.secs = value()?.parse()?,
+            "--legit-workers" => o.legit_workers = value()?.parse()?,
+            "--flood-hosts" => o.flood_hosts = value()?.parse()?,
+            "--flood-connections" => o.flood_connections = value()?.parse()?,
+            "--harvest-connections" => o.harvest_connections = value()?.parse()?,
+            "--syn-rate" => o.syn_rate = value()?.parse()?,
+            "--out" => o.out = PathBuf::from(value()?),
+            "--agent" => o.agent = Some(PathBuf::from(value()?)),
+            "--help" | "-h" => {
+                println!("{}", usage());
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{}", usage()),
+        }
+    }
+    ensure!(
+        o.rounds >= 1 && o.secs >= 1,
+        "--rounds and --secs must be >= 1"
+    );
+    ensure!(
+        (1..=16).contains(&o.legit_workers) && (1..=8).contains(&o.flood_hosts),
+        "--legit-workers 1..=16, --flood-hosts 1..=8"
+    );
+    Ok(o)
+}
+
+// ---------------------------------------------------------------------------
+// Setups
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Setup {
+    NoAttack,
+    Limiter,
+    ProxyOnly,
+    Direct,
+}
+
+const SETUPS: [Setup; 4] = [
+    Setup::NoAttack,
+    Setup::Limiter,
+    Setup::ProxyOnly,
+    Setup::Direct,
+];
+
+impl Setup {
+    fn name(self) -> &'static str {
+        match self {
+            Setup::NoAttack => "no attack (kernel + proxy)",
+            Setup::Limiter => "attack, limiter (kernel + proxy)",
+            Setup::ProxyOnly => "attack, proxy only (kernel off)",
+            Setup::Direct => "attack, straight to Postfix",
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Setup::NoAttack => "no-attack",
+            Setup::Limiter => "limiter",
+            Setup::ProxyOnly => "proxy-only",
+            Setup::Direct => "direct",
+        }
+    }
+
+    fn attack(self) -> bool {
+        self != Setup::NoAttack
+    }
+
+    /// `kernel.mode` of the agent, or `None`: no agent.
+    fn kernel_mode(self) -> Option<&'static str> {
+        match self {
+            Setup::NoAttack | Setup::Limiter => Some("required"),
+            Setup::ProxyOnly => Some("off"),
+            Setup::Direct => None,
+        }
+    }
+
+    fn color(self) -> &'static str {
+        match self {
+            Setup::NoAttack => "#555555",
+            Setup::Limiter => "#1a9850",
+            Setup::ProxyOnly => "#2c7bb6",
+            Setup::Direct => "#d7191c",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Signals, stale leftovers, small helpers
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn install_signal_handlers() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a handler that only stores to an atomic is async-signal-safe.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+fn check_stop() -> Result<()> {
+    ensure!(!STOP.load(Ordering::Relaxed), "interrupted");
+    Ok(())
+}
+
+/// Sleeps `d`, or less if stopped.
+fn pause(d: Duration, stop: &AtomicBool) {
+    let end = Instant::now() + d;
+    while !stop.load(Ordering::Relaxed) && !STOP.load(Ordering::Relaxed) {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Namespaces, pins and temp dirs of earlier runs that were killed.
+fn remove_stale() -> Result<()> {
+    for name in NetNs::remove_stale(PREFIX)? {
+        eprintln!("removed stale namespace {name}");
+    }
+    let dead = |name: &str| {
+        name.strip_prefix(PREFIX)
+            .and_then(|r| r.strip_prefix('-'))
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+            .is_some_and(|pid| pid != std::process::id() && !pid_alive(pid))
+    };
+    for dir in [PathBuf::from("/sys/fs/bpf"), std::env::temp_dir()] {
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if dead(&name) && entry.path().is_dir() {
+                eprintln!("removing stale {}", entry.path().display());
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Topology
+
+struct Topology {
+    // Field order: the link before the namespaces.
+    link: Link,
+    client: NetNs,
+    server: NetNs,
+    server_v4: Ipv4Addr,
+    legit: Vec<Ipv4Addr>,
+    flood: Vec<Ipv4Addr>,
+    harvester: Ipv4Addr,
+    /// On `lists.reject`: the SYN flood's source.
+    rejected: Ipv4Addr,
+}
+
+impl Topology {
+    fn new(opts: &Options) -> Result<Self> {
+        let server = NetNs::new(PREFIX)?;
+        let client = NetNs::new(PREFIX)?;
+        let link = netns::link(&server, &client, "atk")?;
+        let n = link.subnet;
+        let host = |h: u8| Ipv4Addr::new(10, 199, n, h);
+        let legit: Vec<Ipv4Addr> = (0..opts.legit_workers as u8)
+            .map(|i| host(10 + i))
+            .collect();
+        let flood: Vec<Ipv4Addr> = (0..opts.flood_hosts as u8).map(|i| host(30 + i)).collect();
+        let harvester = host(40);
+        let rejected = host(50);
+        let mut all = legit.clone();
+        all.extend(&flood);
+        all.extend([harvester, rejected]);
+        for a in &all {
+            client.ip(&["addr", "add", &format!("{a}/24"), "dev", &link.client_if])?;
+        }
+        Ok(Self {
+            server_v4: link.server_v4,
+            link,
+            client,
+            server,
+            legit,
+            flood,
+            harvester,
+            rejected,
+        })
+    }
+
+    fn target(&self, setup: Setup) -> SocketAddr {
+        let port = if setup == Setup::Direct {
+            DIRECT_PORT
+        } else {
+            PROXY_PORT
+        };
+        SocketAddr::from((self.server_v4, port))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Postfix
+
+/// Postfix in the server namespace, with a second smtpd on VETH:2525
+/// without the PROXY protocol.
+fn start_postfix(topo: &Topology) -> Result<Postfix> {
+    let postfix = topo
+        .server
+        .run(|| {
+            Postfix::start(PostfixOptions {
+                proxy_protocol: true,
+                ..PostfixOptions::default()
+            })
+        })
+        .context("Postfix")?;
+    let conf = postfix.config_dir();
+    let service = format!("{}:{DIRECT_PORT}", topo.server_v4);
+    let postconf = postfix_tool("postconf")?;
+    let run = |args: &[&str]| -> Result<()> {
+        let out = Command::new(&postconf)
+            .arg("-c")
+            .arg(&conf)
+            .args(args)
+            .env_remove("MAIL_CONFIG")
+            .output()
+            .context("postconf")?;
+        ensure!(
+            out.status.success(),
+            "postconf {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    run(&[
+        "-M",
+        &format!("{service}/inet={service} inet n - n - - smtpd"),
+    ])?;
+    run(&[
+        "-P",
+        &format!("{service}/inet/smtpd_upstream_proxy_protocol="),
+    ])?;
+    let out = Command::new(postfix_tool("postfix")?)
+        .arg("-c")
+        .arg(&conf)
+        .arg("reload")
+        .env_remove("MAIL_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .context("postfix reload")?;
+    ensure!(
+        out.status.success(),
+        "postfix reload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The direct listener answers from the client namespace.
+    let target = topo.target(Setup::Direct);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let probe = topo.client.run(|| -> Result<String> {
+            let s = TcpStream::connect_timeout(&target, Duration::from_secs(1))?;
+            let mut smtp = Smtp::new(s, Duration::from_secs(3))?;
+            let r = smtp.reply()?;
+            smtp.quit();
+            Ok(r.text)
+        });
+        match probe {
+            Ok(t) if t.starts_with("220") => break,
+            other if Instant::now() > deadline => {
+                bail!("Postfix's direct listener {target} does not answer: {other:?}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    Ok(postfix)
+}
+
+/// What Postfix's log says was delivered, read incrementally.
+#[derive(Default)]
+struct Deliveries {
+    offset: u64,
+    /// Queue id → Message-ID, for messages whose ID is a legit one.
+    queued: HashMap<String, String>,
+    /// Legit Message-IDs delivered (`status=sent`), with their count.
+    legit: HashMap<String, u32>,
+    /// Deliveries to the flood's recipient.
+    flood: u64,
+    /// Other deliveries.
+    other: u64,
+}
+
+impl Deliveries {
+    fn update(&mut self, log: &Path) -> Result<()> {
+        let Ok(mut f) = fs::File::open(log) else {
+            return Ok(());
+        };
+        f.seek(SeekFrom::Start(self.offset))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        let Some(end) = buf.iter().rposition(|b| *b == b'\n') else {
+            return Ok(());
+        };
+        self.offset += end as u64 + 1;
+        for line in String::from_utf8_lossy(&buf[..=end]).lines() {
+            self.line(line);
+        }
+        Ok(())
+    }
+
+    fn line(&mut self, line: &str) {
+        // "... NAME/cleanup[PID]: QID: message-id=<ID>"
+        // "... NAME/discard[PID]: QID: to=<R>, relay=none, ..., status=sent (...)"
+        let Some((_, rest)) = line.split_once("]: ") else {
+            return;
+        };
+        let Some((qid, what)) = rest.split_once(": ") else {
+            return;
+        };
+        if let Some(id) = what.strip_prefix("message-id=<") {
+            let id = id.trim_end_matches('>');
+            if id.starts_with("atk-") {
+                self.queued.insert(qid.to_owned(), id.to_owned());
+            }
+        } else if what.contains(" status=sent ") {
+            let to = what
+                .strip_prefix("to=<")
+                .and_then(|t| t.split_once('>'))
+                .map_or("", |(t, _)| t);
+            match self.queued.get(qid) {
+                Some(id) if LEGIT_RCPTS.contains(&to) => {
+                    *self.legit.entry(id.clone()).or_default() += 1;
+                }
+                _ if to == FLOOD_RCPT => self.flood += 1,
+                _ => self.other += 1,
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The agent
+
+struct Agent {
+    child: Option<Child>,
+    dir: PathBuf,
+    pins: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(
+        topo: &Topology,
+        binary: &Path,
+        backend: SocketAddr,
+        kernel_mode: &str,
+        n: usize,
+    ) -> Result<Self> {
+        let tag = format!("{PREFIX}-{}-{n}", std::process::id());
+        let dir = std::env::temp_dir().join(&tag);
+        let pins = PathBuf::from("/sys/fs/bpf").join(&tag);
+        let _ = fs::remove_dir_all(&dir);
+        let _ = fs::remove_dir_all(&pins);
+        fs::create_dir_all(&dir)?;
+        let mut agent = Agent {
+            child: None,
+            log: dir.join("agent.log"),
+            dir,
+            pins,
+        };
+        let config = agent.dir.join("agent.toml");
+        fs::write(
+            &config,
+            agent_config(topo, backend, kernel_mode, &agent.dir, &agent.pins),
+        )?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", topo.server.path()))
+            .arg(binary)
+            .args(["run", "--json-logs", "--config"])
+            .arg(&config);
+        if let Some(object) = std::env::var_os("LIMITER_EBPF_OBJECT") {
+            cmd.arg("--ebpf-object").arg(object);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&agent.log)?)
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe: if the bench dies, the agent
+        // gets SIGTERM.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        agent.child = Some(cmd.spawn().context("cannot start the agent")?);
+        // Ready: metrics answer (with the kernel up when required) and the
+        // listener greets.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            check_stop()?;
+            if let Some(status) = agent
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "the agent exited ({status}) while starting; its log:\n{}",
+                    tail(&agent.log, 15)
+                );
+            }
+            if let Ok(m) = agent.metrics(topo) {
+                let up = m.get("smtp_limiter_kernel_up").copied().unwrap_or(0.0);
+                if kernel_mode != "required" || up == 1.0 {
+                    let greeting = topo.server.run(|| -> Result<String> {
+                        let s = TcpStream::connect_timeout(
+                            &topo.target(Setup::Limiter),
+                            Duration::from_secs(1),
+                        )?;
+                        let mut smtp = Smtp::new(s, Duration::from_secs(3))?;
+                        let r = smtp.reply()?;
+                        smtp.quit();
+                        Ok(r.text)
+                    });
+                    if greeting.is_ok_and(|g| g.starts_with("220")) {
+                        return Ok(agent);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent was not ready within 30 s; its log:\n{}",
+                    tail(&agent.log, 15)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The Prometheus metrics, `name{labels}` → value.
+    fn metrics(&self, topo: &Topology) -> Result<BTreeMap<String, f64>> {
+        let text = topo.server.run(|| -> Result<String> {
+            let addr: SocketAddr = METRICS.parse()?;
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        })?;
+        ensure!(text.starts_with("HTTP/1.1 200"), "metrics: {text:.80}");
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with("smtp_limiter_"))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_owned(), v.parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// SIGTERM, then SIGKILL after 10 s; then removes the pins and dir.
+    /// Checks that no XDP program is left on the server's veth.
+    fn stop(mut self, topo: &Topology) -> Result<()> {
+        self.stop_child();
+        let link = topo
+            .server
+            .ip(&["link", "show", "dev", &topo.link.server_if])?;
+        ensure!(
+            !link.contains("xdp"),
+            "an XDP program is still attached after the agent stopped:\n{link}"
+        );
+        Ok(())
+    }
+
+    fn stop_child(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Ok(None) = child.try_wait() {
+            // SAFETY: signalling our own child, not yet reaped.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if let Ok(None) = child.try_wait() {
+                eprintln!("the agent did not stop within 10 s of SIGTERM: killing it");
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop_child();
+        if self.pins.exists() {
+            if let Err(e) = fs::remove_dir_all(&self.pins) {
+                eprintln!("removing {}: {e}", self.pins.display());
+            }
+        }
+        if std::env::var_os("ATTACK_BENCH_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The reference configuration's limits, the topology's addresses.
+fn agent_config(
+    topo: &Topology,
+    backend: SocketAddr,
+    kernel_mode: &str,
+    dir: &Path,
+    pins: &Path,
+) -> String {
+    format!(
+        r#"# Written by attack-bench.
+mode = "enforce"
+
+[[listen]]
+address = "{listen}"
+tls = "none"
+
+[backend]
+address = "{backend}"
+identity = "proxy-v2"
+connect_timeout = "5s"
+builtin = false
+
+[smtp]
+shutdown_grace = "1s"
+
+[kernel]
+mode = "{kernel_mode}"
+interfaces = ["{interface}"]
+attach = "auto"
+pin_path = "{pins}"
+ports = [25]
+events_per_second = 100
+
+# The reference configuration's values (config/smtp-limiter.toml).
+[limits]
+max_connections_per_source = 10
+ipv6_prefix = 64
+max_failed_rcpt = 5
+max_failed_auth = 5
+failed_auth_window = "10m"
+null_sender_rate = "20/1m"
+block_duration = "30m"
+block_backoff = 2.0
+max_block_duration = "7d"
+
+[relay]
+accept = "*@example.com"
+
+[lists]
+allow = []
+reject = ["{rejected}/32"]
+
+[control]
+socket = "{dir}/control.sock"
+
+[metrics]
+address = "{METRICS}"
+
+[state]
+directory = "{dir}/state"
+log_level = "info"
+"#,
+        listen = topo.target(Setup::Limiter),
+        interface = topo.link.server_if,
+        pins = pins.display(),
+        rejected = topo.rejected,
+        dir = dir.display(),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// SMTP from a chosen source address
+
+enum Connect {
+    Up(TcpStream),
+    /// No answer within the timeout: the SYN was dropped.
+    NoAnswer,
+    /// RST.
+    Refused,
+    Failed(io::Error),
+}
+
+fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+fn v4(addr: SocketAddr) -> SocketAddrV4 {
+    match addr {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => unreachable!("IPv4 only"),
+    }
+}
+
+/// Connects from `source` to `to` (nonblocking connect, poll), waiting at
+/// most `timeout`.
+fn connect_from(source: Ipv4Addr, to: SocketAddr, timeout: Duration) -> Connect {
+    // SAFETY: plain syscalls; the descriptor is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Connect::Failed(io::Error::last_os_error());
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let src = sockaddr_in(SocketAddrV4::new(source, 0));
+    let dst = sockaddr_in(v4(to));
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: valid descriptor, option and addresses of the right sizes.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        if libc::bind(fd.as_raw_fd(), (&raw const src).cast(), len) != 0 {
+            return Connect::Failed(io::Error::last_os_error());
+        }
+        if libc::connect(fd.as_raw_fd(), (&raw const dst).cast(), len) != 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EINPROGRESS) {
+                return Connect::Failed(err);
+            }
+        }
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Connect::NoAnswer;
+        }
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, 60_000) as libc::c_int;
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Connect::Failed(e);
+        }
+        if n == 0 {
+            continue;
+        }
+        return match socket_error(fd.as_raw_fd()) {
+            0 => {
+                let stream = TcpStream::from(fd);
+                match stream.set_nonblocking(false) {
+                    Ok(()) => Connect::Up(stream),
+                    Err(e) => Connect::Failed(e),
+                }
+            }
+            libc::ECONNREFUSED => Connect::Refused,
+            libc::ETIMEDOUT => Connect::NoAnswer,
+            e => Connect::Failed(io::Error::from_raw_os_error(e)),
+        };
+    }
+}
+
+fn socket_error(fd: RawFd) -> i32 {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid descriptor and a buffer of the right size.
+    unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&raw mut err).cast(),
+            &raw mut len,
+        )
+    };
+    err
+}
+
+struct Reply {
+    code: u16,
+    text: String,
+}
+
+struct Smtp {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Smtp {
+    fn new(stream: TcpStream, timeout: Duration) -> io::Result<Self> {
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+        })
+    }
+
+    fn reply(&mut self) -> io::Result<Reply> {
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed",
+                ));
+            }
+            let line = line.trim_end().to_owned();
+            let code = line
+                .get(..3)
+                .and_then(|c| c.parse::<u16>().ok())
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidData, format!("not a reply: {line:?}"))
+                })?;
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Ok(Reply { code, text: line });
+            }
+        }
+    }
+
+    fn command(&mut self, line: &str) -> io::Result<Reply> {
+        self.writer.write_all(format!("{line}\r\n").as_bytes())?;
+        self.reply()
+    }
+
+    fn quit(mut self) {
+        let _ = self.command("QUIT");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Legitimate senders
+
+#[derive(Default)]
+struct Legit {
+    /// (seconds since the start, latency in ms) per message accepted.
+    done: Vec<(f64, f64)>,
+    /// Message-IDs the server accepted (250 to the end of DATA).
+    accepted: HashSet<String>,
+    /// Message-IDs whose final dot was sent but whose reply never came.
+    uncertain: HashSet<String>,
+    /// Failures by step and reply.
+    failures: BTreeMap<String, u64>,
+}
+
+/// Why a message failed, and whether its data had been sent in full.
+struct Failed {
+    why: String,
+    after_dot: bool,
+}
+
+fn send_one(source: Ipv4Addr, to: SocketAddr, id: &str, rcpt: &str) -> Result<(), Failed> {
+    let fail = |why: String| Failed {
+        why,
+        after_dot: false,
+    };
+    let stream = match connect_from(source, to, Duration::from_secs(10)) {
+        Connect::Up(s) => s,
+        Connect::NoAnswer => return Err(fail("connect: no answer in 10 s".into())),
+        Connect::Refused => return Err(fail("connect: refused".into())),
+        Connect::Failed(e) => return Err(fail(format!("connect: {e}"))),
+    };
+    let mut smtp = Smtp::new(stream, Duration::from_secs(15)).map_err(|e| fail(e.to_string()))?;
+    let step = |smtp: &mut Smtp, what: &str, line: Option<&str>, code: u16| {
+        let r = match line {
+            Some(l) => smtp.command(l),
+            None => smtp.reply(),
+        };
+        match r {
+            Ok(r) if r.code == code => Ok(()),
+            Ok(r) => Err(format!("{what}: {}", r.text.get(..3).unwrap_or(&r.text))),
+            Err(e) => Err(format!("{what}: {:?}", e.kind())),
+        }
+    };
+    step(&mut smtp, "greeting", None, 220).map_err(fail)?;
+    step(&mut smtp, "EHLO", Some("EHLO mail.partner.example"), 250).map_err(fail)?;
+    step(
+        &mut smtp,
+        "MAIL",
+        Some("MAIL FROM:<orders@partner.example>"),
+        250,
+    )
+    .map_err(fail)?;
+    step(&mut smtp, "RCPT", Some(&format!("RCPT TO:<{rcpt}>")), 250).map_err(fail)?;
+    step(&mut smtp, "DATA", Some("DATA"), 354).map_err(fail)?;
+    let body = format!(
+        "From: <orders@partner.example>\r\nTo: <{rcpt}>\r\nSubject: order {id}\r\nMessage-ID: <{id}>\r\n\r\nOrder {id} confirmed.\r\n."
+    );
+    step(&mut smtp, "end of DATA", Some(&body), 250).map_err(|why| Failed {
+        why,
+        after_dot: true,
+    })?;
+    smtp.quit();
+    Ok(())
+}
+
+/// One closed-loop worker: one message per session, back to back.
+fn legit_worker(
+    source: Ipv4Addr,
+    to: SocketAddr,
+    tag: &str,
+    worker: usize,
+    t0: Instant,
+    window: Duration,
+    out: &Mutex<Legit>,
+) {
+    let mut n = 0u64;
+    while t0.elapsed() < window && !STOP.load(Ordering::Relaxed) {
+        let id = format!("{tag}-{worker}-{n}@partner.example");
+        let rcpt = LEGIT_RCPTS[(n as usize + worker) % LEGIT_RCPTS.len()];
+        n += 1;
+        let started = Instant::now();
+        let result = send_one(source, to, &id, rcpt);
+        let latency = started.elapsed().as_secs_f64() * 1e3;
+        let at = t0.elapsed().as_secs_f64();
+        let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(()) => {
+                o.accepted.insert(id);
+                o.done.push((at, latency));
+            }
+            Err(f) => {
+                if f.after_dot {
+                    o.uncertain.insert(id);
+                }
+                *o.failures.entry(f.why).or_default() += 1;
+                drop(o);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Attackers
+
+#[derive(Default)]
+struct AttackCounts {
+    /// Connection attempts by the flood and the harvester.
+    attempts: AtomicU64,
+    /// SYN unanswered within the timeout (dropped).
+    unanswered: AtomicU64,
+    /// RST, or another connect error.
+    refused: AtomicU64,
+    /// Connected, but the greeting was a refusal or never came.
+    refused_greeting: AtomicU64,
+    /// Sessions that got a 220 greeting.
+    greeted: AtomicU64,
+    /// Sessions ended by the server mid-way (421, or closed).
+    cut: AtomicU64,
+    /// Null-sender messages the server accepted.
+    flood_accepted: AtomicU64,
+    /// RCPTs of the harvester answered 550.
+    harvest_refused: AtomicU64,
+    /// SYN flood packets sent.
+    syn_sent: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Connects and reads the greeting; `None` (counted) if it went no further.
+fn attack_open(source: Ipv4Addr, to: SocketAddr, helo: &str, c: &AttackCounts) -> Option<Smtp> {
+    bump(&c.attempts);
+    let stream = match connect_from(source, to, Duration::from_secs(1)) {
+        Connect::Up(s) => s,
+        Connect::NoAnswer => {
+            bump(&c.unanswered);
+            return None;
+        }
+        Connect::Refused | Connect::Failed(_) => {
+            bump(&c.refused);
+            return None;
+        }
+    };
+    let Ok(mut smtp) = Smtp::new(stream, Duration::from_secs(3)) else {
+        bump(&c.refused);
+        return None;
+    };
+    match smtp.reply() {
+        Ok(r) if r.code == 220 => bump(&c.greeted),
+        _ => {
+            bump(&c.refused_greeting);
+            return None;
+        }
+    }
+    match smtp.command(&format!("EHLO {helo}")) {
+        Ok(r) if r.code == 250 => Some(smtp),
+        _ => {
+            bump(&c.cut);
+            None
+        }
+    }
+}
+
+/// One of the flood's connections: null-sender bounces back to back, a new
+/// connection 100 ms after one ends.
+fn flood_connection(source: Ipv4Addr, to: SocketAddr, stop: &AtomicBool, c: &AttackCounts) {
+    while !stop.load(Ordering::Relaxed) && !STOP.load(Ordering::Relaxed) {
+        if let Some(mut smtp) = attack_open(source, to, "mx.bounces.example", c) {
+            loop {
+                if stop.load(Ordering::Relaxed) {
+                    smtp.quit();
+                    return;
+                }
+                let ok = smtp.command("MAIL FROM:<>").is_ok_and(|r| r.code == 250)
+                    && smtp
+                        .command(&format!("RCPT TO:<{FLOOD_RCPT}>"))
+                        .is_ok_and(|r| r.code == 250)
+                    && smtp.command("DATA").is_ok_and(|r| r.code == 354)
+                    && smtp
+                        .command(
+                            "From: <MAILER-DAEMON@bounces.example>\r\nSubject: Undelivered Mail Returned to Sender\r\n\r\nThis is the mail system at host mx.bounces.example.\r\n.",
+                        )
+                        .is_ok_and(|r| r.code == 250);
+                if !ok {
+                    bump(&c.cut);
+                    break;
+                }
+                bump(&c.flood_accepted);
+            }
+        }
+        pause(Duration::from_millis(100), stop);
+    }
+}
+
+/// RCPT after RCPT to unknown users; a new connection 100 ms after one ends.
+fn harvester(source: Ipv4Addr, to: SocketAddr, id: usize, stop: &AtomicBool, c: &AttackCounts) {
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) && !STOP.load(Ordering::Relaxed) {
+        if let Some(mut smtp) = attack_open(source, to, "mailer.bulk-list.example", c) {
+            'session: loop {
+                if !smtp
+                    .command("MAIL FROM:<news@bulk-list.example>")
+                    .is_ok_and(|r| r.code == 250)
+                {
+                    bump(&c.cut);
+                    break;
+                }
+                for _ in 0..200 {
+                    if stop.load(Ordering::Relaxed) {
+                        smtp.quit();
+                        return;
+                    }
+                    n += 1;
+                    match smtp.command(&format!("RCPT TO:<user{id}x{n}@example.com>")) {
+                        Ok(r) if r.code == 550 => bump(&c.harvest_refused),
+                        Ok(r) if r.code < 400 => {}
+                        _ => {
+                            bump(&c.cut);
+                            break 'session;
+                        }
+                    }
+                }
+                if !smtp.command("RSET").is_ok_and(|r| r.code == 250) {
+                    bump(&c.cut);
+                    break;
+                }
+            }
+        }
+        pause(Duration::from_millis(100), stop);
+    }
+}
+
+fn checksum(data: &[u8], mut sum: u32) -> u16 {
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A TCP SYN header (20 bytes) with its checksum.
+fn syn_segment(src: Ipv4Addr, dst: SocketAddrV4, sport: u16, seq: u32) -> [u8; 20] {
+    let mut h = [0u8; 20];
+    h[0..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    h[4..8].copy_from_slice(&seq.to_be_bytes());
+    h[12] = 5 << 4;
+    h[13] = 0x02;
+    h[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo = Vec::with_capacity(32);
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.ip().octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&h);
+    let sum = checksum(&pseudo, 0);
+    h[16..18].copy_from_slice(&sum.to_be_bytes());
+    h
+}
+
+/// SYNs from `source` (a raw socket bound to it, so it only receives what
+/// is sent to that address) at `rate` per second for `window`, at most
+/// rate × window of them.
+fn syn_flood(
+    source: Ipv4Addr,
+    to: SocketAddr,
+    rate: u64,
+    window: Duration,
+    stop: &AtomicBool,
+    c: &AttackCounts,
+) -> io::Result<()> {
+    // SAFETY: plain syscalls; the descriptor is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 6) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let dst = v4(to);
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let (src_sa, dst_sa) = (sockaddr_in(SocketAddrV4::new(source, 0)), sockaddr_in(dst));
+    // SAFETY: addresses of the right size.
+    unsafe {
+        if libc::bind(fd.as_raw_fd(), (&raw const src_sa).cast(), len) != 0
+            || libc::connect(fd.as_raw_fd(), (&raw const dst_sa).cast(), len) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let total = rate * window.as_secs();
+    const BATCH: usize = 64;
+    let mut bufs = [[0u8; 20]; BATCH];
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    while sent < total && t0.elapsed() < window && !stop.load(Ordering::Relaxed) {
+        let due = ((t0.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+        if due <= sent {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        let n = ((due - sent) as usize).min(BATCH);
+        for (i, b) in bufs.iter_mut().take(n).enumerate() {
+            let k = sent + i as u64;
+            let sport = 1024 + (k % 64_000) as u16;
+            *b = syn_segment(source, dst, sport, (k as u32).wrapping_mul(2_654_435_761));
+        }
+        let mut iov: Vec<libc::iovec> = bufs[..n]
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = iov
+            .iter_mut()
+            .map(|v| {
+                // SAFETY: all-zero is a valid msghdr.
+                let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                h.msg_hdr.msg_iov = v;
+                h.msg_hdr.msg_iovlen = 1;
+                h
+            })
+            .collect();
+        // SAFETY: n valid mmsghdrs pointing at live buffers.
+        let r = unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), n as u32, 0) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EAGAIN)) {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            return Err(e);
+        }
+        sent += r as u64;
+        c.syn_sent.fetch_add(r as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// One run
+
+struct RunResult {
+    setup: Setup,
+    round: usize,
+    secs: f64,
+    /// Messages accepted within the window.
+    messages: usize,
+    per_second: Vec<u32>,
+    latencies: Vec<f64>,
+    failures: BTreeMap<String, u64>,
+    accepted: usize,
+    uncertain: usize,
+    uncertain_delivered: usize,
+    flood_delivered: u64,
+    attack: BTreeMap<&'static str, u64>,
+    metrics: BTreeMap<String, f64>,
+    load: String,
+}
+
+impl RunResult {
+    fn rate(&self) -> f64 {
+        self.messages as f64 / self.secs
+    }
+
+    fn latency(&self, q: f64) -> f64 {
+        percentile(&self.latencies, q)
+    }
+
+    fn metric_sum(&self, prefix: &str) -> f64 {
+        self.metrics
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    fn kernel_drops(&self) -> f64 {
+        self.metrics
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("smtp_limiter_kernel_events_total") && k.contains("dropped")
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+fn percentile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+struct Bench<'a> {
+    opts: &'a Options,
+    topo: &'a Topology,
+    postfix: &'a Postfix,
+    agent_binary: &'a Path,
+    deliveries: Deliveries,
+    delivered_before: HashSet<String>,
+    runs: usize,
+}
+
+impl Bench<'_> {
+    fn run(&mut self, setup: Setup, round: usize) -> Result<RunResult> {
+        check_stop()?;
+        self.runs += 1;
+        let window = Duration::from_secs(self.opts.secs);
+        let agent = match setup.kernel_mode() {
+            Some(mode) => Some(Agent::start(
+                self.topo,
+                self.agent_binary,
+                self.postfix.addr(),
+                mode,
+                self.runs,
+            )?),
+            None => None,
+        };
+        let flood_before = self.deliveries.flood;
+        let to = self.topo.target(setup);
+        let tag = format!("atk-{}-{}", std::process::id(), self.runs);
+        let legit = Mutex::new(Legit::default());
+        let counts = AttackCounts::default();
+        let attack_stop = AtomicBool::new(false);
+        let client = &self.topo.client;
+        let opts = self.opts;
+        let topo = self.topo;
+        let t0 = Instant::now();
+        let mut syn_error = None;
+        std::thread::scope(|s| {
+            let enter = || {
+                if let Err(e) = client.enter_current_thread() {
+                    panic!("cannot enter {}: {e}", client.name());
+                }
+            };
+            let legit_handles: Vec<_> = topo
+                .legit
+                .iter()
+                .enumerate()
+                .map(|(w, src)| {
+                    let (legit, tag) = (&legit, &tag);
+                    s.spawn(move || {
+                        enter();
+                        legit_worker(*src, to, tag, w, t0, window, legit);
+                    })
+                })
+                .collect();
+            let mut syn = None;
+            if setup.attack() {
+                for src in &topo.flood {
+                    for _ in 0..opts.flood_connections {
+                        let (stop, counts) = (&attack_stop, &counts);
+                        s.spawn(move || {
+                            enter();
+                            flood_connection(*src, to, stop, counts);
+                        });
+                    }
+                }
+                for id in 0..opts.harvest_connections {
+                    let (stop, counts) = (&attack_stop, &counts);
+                    s.spawn(move || {
+                        enter();
+                        harvester(topo.harvester, to, id, stop, counts);
+                    });
+                }
+                let (stop, counts) = (&attack_stop, &counts);
+                syn = Some(s.spawn(move || {
+                    enter();
+                    syn_flood(topo.rejected, to, opts.syn_rate, window, stop, counts)
+                }));
+            }
+            for h in legit_handles {
+                let _ = h.join();
+            }
+            attack_stop.store(true, Ordering::Relaxed);
+            if let Some(h) = syn {
+                if let Ok(Err(e)) = h.join() {
+                    syn_error = Some(e);
+                }
+            }
+        });
+        if let Some(e) = syn_error {
+            bail!("SYN flood: {e}");
+        }
+        let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let metrics = match &agent {
+            Some(a) => a.metrics(self.topo).context("the agent's metrics")?,
+            None => BTreeMap::new(),
+        };
+        if let Some(a) = agent {
+            a.stop(self.topo)?;
+        }
+        let legit = legit.into_inner().unwrap_or_else(|p| p.into_inner());
+
+        // Every accepted legit message delivered, and no other.
+        let log = self.postfix.dir().join("maillog");
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        loop {
+            check_stop()?;
+            self.deliveries.update(&log)?;
+            let missing = legit
+                .accepted
+                .iter()
+                .filter(|id| !self.deliveries.legit.contains_key(*id))
+                .count();
+            if missing == 0 && self.postfix.queued() == 0 {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{}: {missing} accepted legitimate messages not delivered after {DRAIN_TIMEOUT:?} ({} in the queue)",
+                setup.name(),
+                self.postfix.queued()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        self.deliveries.update(&log)?;
+        let mut uncertain_delivered = 0;
+        for (id, n) in &self.deliveries.legit {
+            if self.delivered_before.contains(id) {
+                continue;
+            }
+            ensure!(*n == 1, "{id} was delivered {n} times");
+            if !legit.accepted.contains(id) {
+                ensure!(
+                    legit.uncertain.contains(id),
+                    "{id} was delivered but the client never sent it in full"
+                );
+                uncertain_delivered += 1;
+            }
+        }
+        ensure!(
+            self.deliveries.other == 0,
+            "{} deliveries to neither a legitimate nor the flood's recipient",
+            self.deliveries.other
+        );
+        self.delivered_before
+            .extend(self.deliveries.legit.keys().cloned());
+
+        let secs = window.as_secs_f64();
+        let mut per_second = vec![0u32; self.opts.secs as usize];
+        let mut latencies = Vec::new();
+        for (at, ms) in &legit.done {
+            if *at < secs {
+                per_second[*at as usize] += 1;
+                latencies.push(*ms);
+            }
+        }
+        let attack = [
+            ("attempts", &counts.attempts),
+            ("unanswered", &counts.unanswered),
+            ("refused", &counts.refused),
+            ("refused_greeting", &counts.refused_greeting),
+            ("greeted", &counts.greeted),
+            ("cut", &counts.cut),
+            ("flood_accepted", &counts.flood_accepted),
+            ("harvest_refused", &counts.harvest_refused),
+            ("syn_sent", &counts.syn_sent),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.load(Ordering::Relaxed)))
+        .collect();
+        let flood_delivered = self.deliveries.flood - flood_before;
+        let result = RunResult {
+            setup,
+            round,
+            secs,
+            messages: latencies.len(),
+            per_second,
+            latencies,
+            failures: legit.failures,
+            accepted: legit.accepted.len(),
+            uncertain: legit.uncertain.len(),
+            uncertain_delivered,
+            flood_delivered,
+            attack,
+            metrics,
+            load: load
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" "),
+        };
+        if setup == Setup::Limiter {
+            let drops = result.kernel_drops();
+            let syn = result.attack["syn_sent"] as f64;
+            ensure!(
+                drops >= syn,
+                "the kernel dropped {drops} packets, fewer than the {syn} SYNs sent from the reject-listed {}",
+                self.topo.rejected
+            );
+        }
+        Ok(result)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Report
+
+fn fmt_ms(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+fn report(results: &[RunResult], opts: &Options, out: &mut String) -> String {
+    let by =
+        |setup: Setup| -> Vec<&RunResult> { results.iter().filter(|r| r.setup == setup).collect() };
+    let base_of = |round: usize| {
+        results
+            .iter()
+            .find(|r| r.round == round && r.setup == Setup::NoAttack)
+            .map(RunResult::rate)
+    };
+    let _ = writeln!(
+        out,
+        "| setup | legit msgs/s (median) | min–max | × no attack (median of same-round ratios) | latency median ms | latency p99 ms | legit failures (per run, median) |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    let mut ratios_of = BTreeMap::new();
+    for setup in SETUPS {
+        let runs = by(setup);
+        if runs.is_empty() {
+            continue;
+        }
+        let rates: Vec<f64> = runs.iter().map(|r| r.rate()).collect();
+        let (lo, hi) = min_max(&rates);
+        let ratios: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| Some(r.rate() / base_of(r.round)?))
+            .collect();
+        let p50: Vec<f64> = runs.iter().map(|r| r.latency(0.5)).collect();
+        let p99: Vec<f64> = runs.iter().map(|r| r.latency(0.99)).collect();
+        let fails: Vec<f64> = runs
+            .iter()
+            .map(|r| r.failures.values().sum::<u64>() as f64)
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {lo:.0}–{hi:.0} | {:.2} | {} | {} | {:.0} |",
+            setup.name(),
+            median(&rates),
+            median(&ratios),
+            fmt_ms(median(&p50)),
+            fmt_ms(median(&p99)),
+            median(&fails),
+        );
+        ratios_of.insert(setup, median(&ratios));
+    }
+    let _ = writeln!(
+        out,
+        "\nPer run (round, setup: msgs/s, × no attack, p50/p99 ms, load average at its end):\n"
+    );
+    let _ = writeln!(out, "```");
+    for r in results {
+        let base = base_of(r.round).unwrap_or(f64::NAN);
+        let _ = writeln!(
+            out,
+            "round {} {:<34} {:>6.0} msgs/s  ×{:.2}  p50 {:>6} ms  p99 {:>6} ms  load {}",
+            r.round + 1,
+            r.setup.name(),
+            r.rate(),
+            r.rate() / base,
+            fmt_ms(r.latency(0.5)),
+            fmt_ms(r.latency(0.99)),
+            r.load
+        );
+    }
+    let _ = writeln!(out, "```");
+
+    let _ = writeln!(
+        out,
+        "\nAttack traffic per run (medians over rounds; flood {} hosts × {} connections, harvester {} connections, SYN flood {}/s from the reject-listed address):\n",
+        opts.flood_hosts, opts.flood_connections, opts.harvest_connections, opts.syn_rate
+    );
+    let _ = writeln!(
+        out,
+        "| setup | flood+harvest connect attempts | SYN unanswered (dropped) | refused (RST) | refused at greeting | greeted | cut mid-session | flood msgs accepted (delivered) | harvest RCPTs answered 550 | SYN flood packets | kernel drops | proxy refusals | blocks |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for setup in SETUPS.into_iter().filter(|s| s.attack()) {
+        let runs = by(setup);
+        if runs.is_empty() {
+            continue;
+        }
+        let m = |k: &str| median(&runs.iter().map(|r| r.attack[k] as f64).collect::<Vec<_>>());
+        let agent = setup.kernel_mode().is_some();
+        let kernel = setup.kernel_mode() == Some("required");
+        let metric = |f: &dyn Fn(&RunResult) -> f64, on: bool| {
+            if on {
+                format!(
+                    "{:.0}",
+                    median(&runs.iter().map(|r| f(r)).collect::<Vec<_>>())
+                )
+            } else {
+                "–".into()
+            }
+        };
+        let delivered = median(
+            &runs
+                .iter()
+                .map(|r| r.flood_delivered as f64)
+                .collect::<Vec<_>>(),
+        );
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} ({delivered:.0}) | {:.0} | {:.0} | {} | {} | {} |",
+            setup.name(),
+            m("attempts"),
+            m("unanswered"),
+            m("refused"),
+            m("refused_greeting"),
+            m("greeted"),
+            m("cut"),
+            m("flood_accepted"),
+            m("harvest_refused"),
+            m("syn_sent"),
+            metric(&|r| r.kernel_drops(), kernel),
+            metric(&|r| r.metric_sum("smtp_limiter_rejections_total"), agent),
+            metric(&|r| r.metric_sum("smtp_limiter_blocks_issued_total"), agent),
+        );
+    }
+
+    let _ = writeln!(out, "\nChecks (every run):\n");
+    let total_accepted: usize = results.iter().map(|r| r.accepted).sum();
+    let uncertain: usize = results.iter().map(|r| r.uncertain).sum();
+    let uncertain_delivered: usize = results.iter().map(|r| r.uncertain_delivered).sum();
+    let _ = writeln!(
+        out,
+        "- legitimate messages accepted by the client (incl. those finishing after the window): {total_accepted}, all delivered by Postfix exactly once (Message-ID matched in its log; queue empty after each run)"
+    );
+    let _ = writeln!(
+        out,
+        "- messages whose final reply never came (outcome unknown to the client): {uncertain}, of which Postfix delivered {uncertain_delivered}; no other legitimate message was delivered, nothing went to any other recipient"
+    );
+    let mut failures: BTreeMap<(Setup, String), u64> = BTreeMap::new();
+    for r in results {
+        for (k, v) in &r.failures {
+            *failures.entry((r.setup, k.clone())).or_default() += v;
+        }
+    }
+    if failures.is_empty() {
+        let _ = writeln!(out, "- no legitimate message failed");
+    } else {
+        let list: Vec<String> = failures
+            .iter()
+            .map(|((s, k), v)| format!("{} {k} ×{v}", s.short()))
+            .collect();
+        let _ = writeln!(
+            out,
+            "- legitimate failures (all rounds): {}",
+            list.join(", ")
+        );
+    }
+    let _ = writeln!(
+        out,
+        "- limiter runs: the kernel's drop counters ≥ the SYN flood's packets (every SYN from the reject-listed address dropped); no XDP program left after each agent stopped"
+    );
+
+    let ratio = ratios_of.get(&Setup::Limiter).copied().unwrap_or(f64::NAN);
+    let met = if ratio >= TARGET { "met" } else { "MISSED" };
+    format!(
+        "legitimate throughput under attack with the limiter ≥ {TARGET}× no attack: {ratio:.2}× (median of same-round ratios): {met}"
+    )
+}
+
+/// Median per second over rounds, per setup.
+fn series(results: &[RunResult], secs: usize) -> Vec<(Setup, Vec<f64>)> {
+    SETUPS
+        .into_iter()
+        .filter_map(|setup| {
+            let runs: Vec<&RunResult> = results.iter().filter(|r| r.setup == setup).collect();
+            (!runs.is_empty()).then(|| {
+                let points = (0..secs)
+                    .map(|s| {
+                        median(
+                            &runs
+                                .iter()
+                                .map(|r| f64::from(r.per_second[s]))
+                                .collect::<Vec<_>>(),
+                        )
+                    })
+                    .collect();
+                (setup, points)
+            })
+        })
+        .collect()
+}
+
+fn nice_ceiling(v: f64) -> f64 {
+    let v = v.max(1.0);
+    let mag = 10f64.powf(v.log10().floor());
+    for m in [1.0, 2.0, 2.5, 5.0, 10.0] {
+        if m * mag >= v {
+            return m * mag;
+        }
+    }
+    10.0 * mag
+}
+
+fn svg(results: &[RunResult], opts: &Options, machine: &str) -> String {
+    let secs = opts.secs as usize;
+    let data = series(results, secs);
+    let (w, h) = (820.0, 460.0);
+    let (left, right, top, bottom) = (70.0, 250.0, 50.0, 60.0);
+    let (pw, ph) = (w - left - right, h - top - bottom);
+    let ymax = nice_ceiling(
+        data.iter()
+            .flat_map(|(_, p)| p.iter().copied())
+            .fold(0.0, f64::max)
+            * 1.05,
+    );
+    let x = |t: f64| left + t / secs as f64 * pw;
+    let y = |v: f64| top + ph - v / ymax * ph;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="22" font-size="15" text-anchor="middle">Legitimate mail under attack: messages/s delivered through each setup</text>"#,
+        w / 2.0
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="{}" y="38" font-size="10" text-anchor="middle" fill="#555">median per second over {} rounds; {} closed-loop senders; {machine}</text>"##,
+        w / 2.0,
+        opts.rounds,
+        opts.legit_workers
+    );
+    for i in 0..=5 {
+        let v = ymax * f64::from(i) / 5.0;
+        let yy = y(v);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{v:.0}</text>"##,
+            left + pw,
+            left - 6.0,
+            yy + 4.0
+        );
+    }
+    let step = if secs <= 10 { 1 } else { 5 };
+    for t in (0..=secs).step_by(step) {
+        let xx = x(t as f64);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{xx:.1}" y1="{:.1}" x2="{xx:.1}" y2="{:.1}" stroke="#333"/><text x="{xx:.1}" y="{:.1}" text-anchor="middle">{t}</text>"##,
+            top + ph,
+            top + ph + 5.0,
+            top + ph + 18.0
+        );
+    }
+    let _ = writeln!(
+        s,
+        r##"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>"##
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">seconds since the run started (senders and attackers start together)</text>"#,
+        left + pw / 2.0,
+        h - 18.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text transform="translate(20,{:.1}) rotate(-90)" text-anchor="middle">legitimate messages accepted per second</text>"#,
+        top + ph / 2.0
+    );
+    for (i, (setup, points)) in data.iter().enumerate() {
+        let pts: Vec<String> = points
+            .iter()
+            .enumerate()
+            .map(|(t, v)| format!("{:.1},{:.1}", x(t as f64 + 0.5), y(*v)))
+            .collect();
+        let _ = writeln!(
+            s,
+            r#"<polyline fill="none" stroke="{}" stroke-width="2.2" points="{}"/>"#,
+            setup.color(),
+            pts.join(" ")
+        );
+        let runs: Vec<f64> = results
+            .iter()
+            .filter(|r| r.setup == *setup)
+            .map(RunResult::rate)
+            .collect();
+        let ly = top + 10.0 + i as f64 * 34.0;
+        let lx = left + pw + 15.0;
+        let _ = writeln!(
+            s,
+            r##"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{}</text><text x="{:.1}" y="{:.1}" font-size="10" fill="#555">median {:.0} msgs/s over the run</text>"##,
+            lx + 24.0,
+            setup.color(),
+            lx + 30.0,
+            ly + 4.0,
+            setup.name(),
+            lx + 30.0,
+            ly + 17.0,
+            median(&runs)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn csv(results: &[RunResult]) -> String {
+    let mut s = String::from("setup,round,second,legit_messages\n");
+    for r in results {
+        for (t, n) in r.per_second.iter().enumerate() {
+            let _ = writeln!(s, "{},{},{t},{n}", r.setup.short(), r.round + 1);
+        }
+    }
+    s
+}
+
+fn machine() -> String {
+    let read = |p: &str| {
+        fs::read_to_string(p)
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!(
+        "kernel {}, {cpus} CPUs, load average {}",
+        read("/proc/sys/kernel/osrelease"),
+        read("/proc/loadavg")
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Main
+
+/// The agent binary: `--agent`, or the release build next to this binary,
+/// (re)built first when run by cargo (`cargo xtask bench` passes the eBPF
+/// object in LIMITER_EBPF_OBJECT, which the build embeds).
+fn agent_binary(opts: &Options) -> Result<PathBuf> {
+    if let Some(a) = &opts.agent {
+        return Ok(a.clone());
+    }
+    let exe = std::env::current_exe()?;
+    let binary = exe
+        .parent()
+        .context("current_exe has no directory")?
+        .join("smtp-limiter");
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let status = Command::new(cargo)
+            .current_dir(workspace_root())
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "limiter-user",
+                "--bin",
+                "smtp-limiter",
+            ])
+            .status()
+            .context("cargo build smtp-limiter")?;
+        ensure!(status.success(), "building smtp-limiter failed");
+    }
+    ensure!(
+        binary.is_file(),
+        "no agent at {} (cargo xtask build --release)",
+        binary.display()
+    );
+    Ok(binary)
+}
+
+fn main() -> Result<()> {
+    let opts = parse_args()?;
+    // SAFETY: geteuid has no preconditions.
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "attack-bench needs root (namespaces, XDP, Postfix)"
+    );
+    install_signal_handlers();
+    let binary = agent_binary(&opts)?;
+    remove_stale()?;
+    let started = Instant::now();
+    let machine_start = machine();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "## attack-bench results{}\n",
+        if opts.quick {
+            " (--quick: a smoke run)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(out, "Machine at start: {machine_start}");
+    let _ = writeln!(out, "Options: {opts:?}\n");
+    eprint!("{out}");
+
+    let topo = Topology::new(&opts)?;
+    let postfix = start_postfix(&topo)?;
+    eprintln!(
+        "server namespace {} ({}), client namespace {}, Postfix {} (PROXY) and {} (direct)",
+        topo.server.name(),
+        topo.server_v4,
+        topo.client.name(),
+        postfix.addr(),
+        topo.target(Setup::Direct)
+    );
+    let mut bench = Bench {
+        opts: &opts,
+        topo: &topo,
+        postfix: &postfix,
+        agent_binary: &binary,
+        deliveries: Deliveries::default(),
+        delivered_before: HashSet::new(),
+        runs: 0,
+    };
+    let mut results = Vec::new();
+    for round in 0..opts.rounds {
+        for k in 0..SETUPS.len() {
+            let setup = SETUPS[(k + round) % SETUPS.len()];
+            let r = bench.run(setup, round)?;
+            eprintln!(
+                "round {} {:<34} {:>6.0} msgs/s, p50 {} ms, p99 {} ms, {} failures; attack {:?}; kernel drops {:.0}, load {}",
+                round + 1,
+                setup.name(),
+                r.rate(),
+                fmt_ms(r.latency(0.5)),
+                fmt_ms(r.latency(0.99)),
+                r.failures.values().sum::<u64>(),
+                r.attack,
+                r.kernel_drops().abs(),
+                r.load
+            );
+            results.push(r);
+        }
+    }
+    let verdict = report(&results, &opts, &mut out);
+    fs::create_dir_all(&opts.out)?;
+    let svg_path = opts.out.join("legit-under-attack.svg");
+    let csv_path = opts.out.join("legit-under-attack.csv");
+    fs::write(&svg_path, svg(&results, &opts, &machine_start))?;
+    fs::write(&csv_path, csv(&results))?;
+    let _ = writeln!(out, "\n### Target\n\n- {verdict}");
+    let _ = writeln!(
+        out,
+        "\nPlot: {} (samples: {})",
+        svg_path.display(),
+        csv_path.display()
+    );
+    let _ = writeln!(out, "Machine at end: {}", machine());
+    let _ = writeln!(out, "Total time: {:.0} s", started.elapsed().as_secs_f64());
+    drop(bench);
+    drop(postfix);
+    drop(topo);
+    println!("{out}");
+    Ok(())
+}
