@@ -3,10 +3,10 @@
 //! block reached the kernel. Bounded; the kernel maps hold the same entries.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     net::IpAddr,
     sync::Mutex,
-    time::{Duration, SystemTime},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use ipnet::IpNet;
@@ -36,6 +36,10 @@ pub struct Blocks {
 /// not a scan of every block.
 struct Table {
     map: HashMap<IpNet, ActiveBlock>,
+    /// Every block of `map` by expiry (`expiry_key`), so that a full table
+    /// finds the block expiring first, and a sweep the expired ones, without
+    /// a scan of every block.
+    by_expiry: BTreeSet<(u64, IpNet)>,
     /// Prefix lengths ever inserted, per family (never cleared: a stale
     /// length costs one lookup).
     v4_lengths: [bool; 33],
@@ -53,6 +57,7 @@ impl Blocks {
         Self {
             by_net: Mutex::new(Table {
                 map: HashMap::new(),
+                by_expiry: BTreeSet::new(),
                 v4_lengths: [false; 33],
                 v6_lengths: [false; 129],
             }),
@@ -74,33 +79,31 @@ impl Blocks {
             IpNet::V4(n) => table.v4_lengths[usize::from(n.prefix_len())] = true,
             IpNet::V6(n) => table.v6_lengths[usize::from(n.prefix_len())] = true,
         }
-        let map = &mut table.map;
-        if map.len() >= self.capacity && !map.contains_key(&block.net) {
-            let first_to_expire = map
-                .values()
-                .min_by_key(|b| {
-                    b.expires
-                        .unwrap_or(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX >> 2))
-                })
-                .map(|b| b.net);
-            if let Some(net) = first_to_expire {
-                map.remove(&net);
+        if table.map.len() >= self.capacity && !table.map.contains_key(&block.net) {
+            if let Some((_, net)) = table.by_expiry.pop_first() {
+                table.map.remove(&net);
                 self.evicted
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(%net, capacity = self.capacity, "block list full (state.max_blocks): dropped the block expiring first");
             }
         }
-        map.insert(block.net, block);
+        let key = (expiry_key(block.expires), block.net);
+        if let Some(old) = table.map.insert(block.net, block) {
+            table.by_expiry.remove(&(expiry_key(old.expires), old.net));
+        }
+        table.by_expiry.insert(key);
     }
 
     /// Removes the block on exactly `net`.
     pub fn remove(&self, net: &IpNet) -> bool {
-        self.by_net
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .map
-            .remove(net)
-            .is_some()
+        let mut table = self.by_net.lock().unwrap_or_else(|p| p.into_inner());
+        match table.map.remove(net) {
+            Some(old) => {
+                table.by_expiry.remove(&(expiry_key(old.expires), old.net));
+                true
+            }
+            None => false,
+        }
     }
 
     /// The active block covering `ip` at `now`, if any.
@@ -124,9 +127,17 @@ impl Blocks {
     /// Forgets expired blocks; returns how many.
     pub fn sweep(&self, now: SystemTime) -> usize {
         let mut table = self.by_net.lock().unwrap_or_else(|p| p.into_inner());
-        let before = table.map.len();
-        table.map.retain(|_, b| b.expires.is_none_or(|t| now < t));
-        before - table.map.len()
+        let now = expiry_key(Some(now));
+        let mut swept = 0;
+        while let Some(&(at, net)) = table.by_expiry.first() {
+            if at > now || at == NEVER {
+                break;
+            }
+            table.by_expiry.pop_first();
+            table.map.remove(&net);
+            swept += 1;
+        }
+        swept
     }
 
     /// Every block held (expired ones until swept).
@@ -153,9 +164,82 @@ impl Blocks {
     }
 }
 
+/// The expiry key of a block that never expires.
+const NEVER: u64 = u64::MAX;
+
+/// An expiry as ns since the Unix epoch (exact, ordered); `None` last.
+fn expiry_key(expires: Option<SystemTime>) -> u64 {
+    expires.map_or(NEVER, |t| {
+        t.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(NEVER - 1))
+            .min(NEVER - 1)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    /// The expiry index holds exactly the blocks of the map.
+    fn assert_consistent(blocks: &Blocks) {
+        let table = blocks.by_net.lock().unwrap();
+        let from_map: BTreeSet<(u64, IpNet)> = table
+            .map
+            .values()
+            .map(|b| (expiry_key(b.expires), b.net))
+            .collect();
+        assert_eq!(table.by_expiry, from_map);
+    }
+
+    #[test]
+    fn a_replaced_block_evicts_by_its_new_expiry() {
+        let now = SystemTime::now();
+        let blocks = Blocks::with_capacity(2);
+        blocks.insert(block("192.0.2.1/32", Some(now + Duration::from_secs(60))));
+        blocks.insert(block("192.0.2.2/32", Some(now + Duration::from_secs(600))));
+        // The same again (unchanged), then extended: now it expires last.
+        blocks.insert(block("192.0.2.1/32", Some(now + Duration::from_secs(60))));
+        assert_consistent(&blocks);
+        blocks.insert(block("192.0.2.1/32", Some(now + Duration::from_secs(6000))));
+        assert_consistent(&blocks);
+        blocks.insert(block("192.0.2.3/32", Some(now + Duration::from_secs(1200))));
+        assert_eq!(blocks.evicted(), 1);
+        assert!(blocks.covering("192.0.2.1".parse().unwrap(), now).is_some());
+        assert!(
+            blocks.covering("192.0.2.2".parse().unwrap(), now).is_none(),
+            "expiring first after the extension: evicted"
+        );
+        assert_consistent(&blocks);
+    }
+
+    #[test]
+    fn remove_and_sweep_keep_the_expiry_order() {
+        let now = SystemTime::now();
+        let blocks = Blocks::with_capacity(10);
+        for (i, secs) in [(1, 10u64), (2, 20), (3, 30), (4, 40)] {
+            blocks.insert(block(
+                &format!("192.0.2.{i}/32"),
+                Some(now + Duration::from_secs(secs)),
+            ));
+        }
+        blocks.insert(block("198.51.100.0/24", None));
+        assert!(blocks.remove(&"192.0.2.3/32".parse().unwrap()));
+        assert!(!blocks.remove(&"192.0.2.3/32".parse().unwrap()));
+        assert_consistent(&blocks);
+        assert_eq!(
+            blocks.sweep(now + Duration::from_secs(20)),
+            2,
+            "10 s and 20 s"
+        );
+        assert_eq!(
+            blocks.sweep(now + Duration::from_secs(10_000_000)),
+            1,
+            "40 s; never stays"
+        );
+        assert_eq!(blocks.len(), 1);
+        assert_consistent(&blocks);
+    }
 
     fn block(net: &str, expires: Option<SystemTime>) -> ActiveBlock {
         ActiveBlock {
