@@ -1,16 +1,18 @@
 //! Shared pieces of the integration tests and benchmarks: hand-built packets,
 //! network namespaces with veth pairs, TCP peers, a fixture that loads
-//! the real kernel programs under a private pin path, and private Postfix
-//! and OpenLDAP (`slapd`) instances.
+//! the real kernel programs under a private pin path, and private Postfix,
+//! OpenLDAP (`slapd`), rspamd and ClamAV (`clamd`) instances.
 //!
 //! Tests that need root or BPF call [`prerequisites`]: outside CI a missing
 //! prerequisite skips the test with a message; under `CI=true` it fails it.
 
+pub mod clamd;
 pub mod kernel;
 pub mod netns;
 pub mod packets;
 pub mod postfix;
 pub mod proxy;
+pub mod rspamd;
 pub mod scripted;
 pub mod slapd;
 pub mod stats;
