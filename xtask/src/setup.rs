@@ -20,11 +20,18 @@ pub fn setup() -> Result<()> {
         Ok(()) => {
             let new_postfix = !is_installed("postfix");
             let new_slapd = !is_installed("slapd");
+            let new_scanners: Vec<&str> = SCANNER_SERVICES
+                .iter()
+                .map(|s| s.package)
+                .filter(|p| !is_installed(p))
+                .collect();
             preseed_postfix(new_postfix)?;
             preseed_slapd(new_slapd)?;
+            preseed_freshclam(new_scanners.contains(&"clamav-freshclam"))?;
             ensure_apt_packages(&packages)?;
             ensure_no_system_postfix(new_postfix)?;
             ensure_no_system_slapd(new_slapd)?;
+            ensure_no_system_scanners(&new_scanners)?;
         }
         Err(why) => return not_debian(&why, llvm, &packages),
     }
@@ -38,7 +45,8 @@ pub fn setup() -> Result<()> {
 /// system instance stays unconfigured and stopped, see [`preseed_postfix`]),
 /// swaks and python3; for the LDAP end-to-end tests OpenLDAP's slapd (again
 /// private instances only, see [`preseed_slapd`]) and its command-line
-/// tools.
+/// tools; for the filter tests rspamd and ClamAV's clamd (private
+/// instances only, see [`ensure_no_system_scanners`]).
 fn apt_packages(llvm: u32) -> Vec<String> {
     vec![
         format!("llvm-{llvm}-dev"),
@@ -53,6 +61,8 @@ fn apt_packages(llvm: u32) -> Vec<String> {
         "python3".into(),
         "slapd".into(),
         "ldap-utils".into(),
+        "rspamd".into(),
+        "clamav-daemon".into(),
     ]
 }
 
@@ -65,6 +75,46 @@ const POSTFIX_PRESEED: &str = "postfix postfix/main_mailer_type select No config
 /// The debconf answer that makes `apt-get install slapd` configure no
 /// directory: no /etc/ldap/slapd.d, no database, nothing to start.
 const SLAPD_PRESEED: &str = "slapd slapd/no_configuration boolean true\n";
+
+/// The debconf answer that makes `apt-get install clamav-daemon` (which
+/// pulls in clamav-freshclam) set up no freshclam daemon: the package then
+/// only tries one database download, whose failure (no network) it ignores.
+const FRESHCLAM_PRESEED: &str =
+    "clamav-freshclam clamav-freshclam/autoupdate_freshclam select manual\n";
+
+/// A system service that the rspamd and clamav-daemon packages set up and
+/// may start (systemd units, or an init script under /etc/init.d).
+struct SystemService {
+    package: &'static str,
+    units: &'static [&'static str],
+    init_script: &'static str,
+    /// Its processes' name (`/proc/PID/comm`).
+    process: &'static str,
+}
+
+/// What the filter tests' scanners bring: the tests start private rspamd
+/// and clamd instances of their own (under /tmp/smtp-limiter-…), so none of
+/// these may run.
+const SCANNER_SERVICES: [SystemService; 3] = [
+    SystemService {
+        package: "rspamd",
+        units: &["rspamd.service"],
+        init_script: "rspamd",
+        process: "rspamd",
+    },
+    SystemService {
+        package: "clamav-daemon",
+        units: &["clamav-daemon.socket", "clamav-daemon.service"],
+        init_script: "clamav-daemon",
+        process: "clamd",
+    },
+    SystemService {
+        package: "clamav-freshclam",
+        units: &["clamav-freshclam.service", "clamav-freshclam-once.timer"],
+        init_script: "clamav-freshclam",
+        process: "freshclam",
+    },
+];
 
 fn bpf_linker_install_args(llvm: u32) -> Vec<String> {
     vec![
@@ -268,6 +318,119 @@ fn preseed_slapd(new_slapd: bool) -> Result<()> {
     result
 }
 
+/// Before clamav-freshclam is installed: preseed debconf so that no
+/// freshclam daemon is set up (see [`FRESHCLAM_PRESEED`]).
+fn preseed_freshclam(new_freshclam: bool) -> Result<()> {
+    if !new_freshclam {
+        println!("ok: clamav-freshclam already installed, no debconf preseed needed");
+        return Ok(());
+    }
+    if !is_root() {
+        // ensure_apt_packages then prints the apt-get line and fails.
+        println!(
+            "run as root first: printf '{}' | debconf-set-selections",
+            FRESHCLAM_PRESEED.replace('\n', "\\n")
+        );
+        return Ok(());
+    }
+    println!("preseeding: debconf for clamav-freshclam (no freshclam daemon)");
+    let file = std::env::temp_dir().join(format!("xtask-freshclam-preseed-{}", std::process::id()));
+    std::fs::write(&file, FRESHCLAM_PRESEED)
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    let result = cmd::run(Command::new("debconf-set-selections").arg(&file));
+    let _ = std::fs::remove_file(&file);
+    result
+}
+
+/// The pids of the system's `process` processes: not the tests' private
+/// instances, whose command line or working directory is under
+/// /tmp/smtp-limiter-… (rspamd rewrites its command line; the fixture
+/// starts it in its directory).
+fn system_service_pids(process: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+            comm.trim() == process
+                && !String::from_utf8_lossy(&cmdline).contains("smtp-limiter-")
+                && !cwd.to_string_lossy().contains("smtp-limiter-")
+        })
+        .collect()
+}
+
+/// After a fresh install of rspamd / clamav-daemon / clamav-freshclam (the
+/// packages in `new`): none of their system services may run or start at
+/// boot (Debian's packages enable and start them; clamd's unit only starts
+/// once there are databases, freshclam would keep downloading them). A
+/// service that was there before setup is the operator's and is left alone.
+fn ensure_no_system_scanners(new: &[&str]) -> Result<()> {
+    let systemd = std::path::Path::new("/run/systemd/system").is_dir();
+    for service in &SCANNER_SERVICES {
+        let running = || !system_service_pids(service.process).is_empty();
+        if !new.contains(&service.package) {
+            if running() {
+                println!(
+                    "ok: a system {} is running (not installed by setup: left alone; the tests \
+                     start private instances)",
+                    service.process
+                );
+            } else {
+                println!("ok: no system {} running", service.process);
+            }
+            continue;
+        }
+        let enabled: Vec<&str> = if systemd {
+            service
+                .units
+                .iter()
+                .copied()
+                .filter(|unit| {
+                    let state = |what: &str| {
+                        cmd::probe(Command::new("systemctl").args([what, unit]))
+                            .is_some_and(|s| ["enabled", "active"].contains(&s.trim()))
+                    };
+                    state("is-enabled") || state("is-active")
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if !running() && enabled.is_empty() {
+            println!("ok: no system {} running", service.process);
+            continue;
+        }
+        println!(
+            "stopping: the system {} that the {} package set up (the tests start private \
+             instances)",
+            service.process, service.package
+        );
+        if !enabled.is_empty() {
+            cmd::run(
+                Command::new("systemctl")
+                    .args(["disable", "--now"])
+                    .args(&enabled),
+            )?;
+        }
+        let init_script = std::path::Path::new("/etc/init.d").join(service.init_script);
+        if running() && init_script.is_file() {
+            cmd::run(Command::new(&init_script).arg("stop"))?;
+        }
+        if running() {
+            bail!(
+                "a system {} still runs (pids {:?}); stop it, then run `cargo xtask setup` again",
+                service.process,
+                system_service_pids(service.process)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The pids of system slapd processes: those whose command line does not
 /// name a private instance's slapd.conf (`-f /tmp/…`), i.e. the package's
 /// (`-F /etc/ldap/slapd.d`).
@@ -382,7 +545,7 @@ fn ensure_bpf_linker(llvm: u32) -> Result<()> {
 fn not_debian(why: &str, llvm: u32, packages: &[String]) -> Result<()> {
     let tools = [
         "cc", "bpftool", "ip", "ethtool", "postfix", "swaks", "python3", "slapd", "slapadd",
-        "ldapadd",
+        "ldapadd", "rspamd", "clamd",
     ];
     let missing_tools: Vec<&str> = tools
         .iter()
@@ -406,7 +569,8 @@ fn not_debian(why: &str, llvm: u32, packages: &[String]) -> Result<()> {
     println!(
         "  (LLVM {llvm} development files with Polly, a C toolchain, bpftool, iproute2, ethtool, \
          Postfix with no system instance running, swaks, python3, slapd with no system \
-         instance running, ldap-utils)"
+         instance running, ldap-utils, rspamd and clamav-daemon with no system instance \
+         or freshclam running)"
     );
     println!(
         "then build bpf-linker against LLVM {llvm} (llvm-config of LLVM {llvm} first on PATH):"
