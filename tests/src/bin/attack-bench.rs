@@ -595,6 +595,20 @@ impl Agent {
             .collect())
     }
 
+    /// CPU time (user + system) the agent has used so far, in seconds.
+    fn cpu_secs(&self) -> Option<f64> {
+        let pid = self.child.as_ref()?.id();
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after
+        // the command name; in clock ticks.
+        let ticks: f64 =
+            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Some(ticks / hz)
+    }
+
     /// SIGTERM, then SIGKILL after 10 s; then removes the pins and dir.
     /// Checks that no XDP program is left on the server's veth.
     fn stop(mut self, topo: &Topology) -> Result<()> {
@@ -1259,6 +1273,8 @@ struct RunResult {
     flood_delivered: u64,
     attack: BTreeMap<&'static str, u64>,
     metrics: BTreeMap<String, f64>,
+    /// The agent's CPU time over the run (start-up excluded).
+    agent_cpu: Option<f64>,
     load: String,
 }
 
@@ -1326,6 +1342,7 @@ impl Bench<'_> {
             None => None,
         };
         let flood_before = self.deliveries.flood;
+        let cpu_before = agent.as_ref().and_then(Agent::cpu_secs);
         let to = self.topo.target(setup);
         let tag = format!("atk-{}-{}", std::process::id(), self.runs);
         let legit = Mutex::new(Legit::default());
@@ -1392,6 +1409,11 @@ impl Bench<'_> {
             bail!("SYN flood: {e}");
         }
         let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let agent_cpu = agent
+            .as_ref()
+            .and_then(Agent::cpu_secs)
+            .zip(cpu_before)
+            .map(|(after, before)| after - before);
         let metrics = match &agent {
             Some(a) => a.metrics(self.topo).context("the agent's metrics")?,
             None => BTreeMap::new(),
@@ -1485,6 +1507,7 @@ impl Bench<'_> {
             flood_delivered,
             attack,
             metrics,
+            agent_cpu,
             load: load
                 .split_whitespace()
                 .take(3)
@@ -1526,9 +1549,9 @@ fn report(results: &[RunResult], opts: &Options, out: &mut String) -> String {
     };
     let _ = writeln!(
         out,
-        "| setup | legit msgs/s (median) | min–max | × no attack (median of same-round ratios) | latency median ms | latency p99 ms | legit failures (per run, median) |"
+        "| setup | legit msgs/s (median) | min–max | × no attack (median of same-round ratios) | latency median ms | latency p99 ms | legit failures (per run, median) | agent CPU % of one core |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
     let mut ratios_of = BTreeMap::new();
     for setup in SETUPS {
         let runs = by(setup);
@@ -1547,9 +1570,18 @@ fn report(results: &[RunResult], opts: &Options, out: &mut String) -> String {
             .iter()
             .map(|r| r.failures.values().sum::<u64>() as f64)
             .collect();
+        let cpu: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| Some(r.agent_cpu? / r.secs * 100.0))
+            .collect();
+        let cpu = if cpu.is_empty() {
+            "–".to_owned()
+        } else {
+            format!("{:.0}", median(&cpu))
+        };
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {lo:.0}–{hi:.0} | {:.2} | {} | {} | {:.0} |",
+            "| {} | {:.0} | {lo:.0}–{hi:.0} | {:.2} | {} | {} | {:.0} | {cpu} |",
             setup.name(),
             median(&rates),
             median(&ratios),
@@ -1717,7 +1749,7 @@ fn svg(results: &[RunResult], opts: &Options, machine: &str) -> String {
     let secs = opts.secs as usize;
     let data = series(results, secs);
     let (w, h) = (820.0, 460.0);
-    let (left, right, top, bottom) = (70.0, 250.0, 50.0, 60.0);
+    let (left, right, top, bottom) = (70.0, 265.0, 50.0, 60.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
     let ymax = nice_ceiling(
         data.iter()
@@ -1740,7 +1772,7 @@ fn svg(results: &[RunResult], opts: &Options, machine: &str) -> String {
     );
     let _ = writeln!(
         s,
-        r##"<text x="{}" y="38" font-size="10" text-anchor="middle" fill="#555">median per second over {} rounds; {} closed-loop senders; {machine}</text>"##,
+        r##"<text x="{}" y="38" font-size="10" text-anchor="middle" fill="#555">median per second over {} round(s); {} closed-loop senders; {machine}</text>"##,
         w / 2.0,
         opts.rounds,
         opts.legit_workers
