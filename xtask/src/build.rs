@@ -165,6 +165,7 @@ const BENCHES: &[(&str, &str)] = &[
     ("recipients", "recipients-bench"),
     ("attack", "attack-bench"),
     ("state", "state-bench"),
+    ("syn", "syn-bench"),
 ];
 
 /// `cargo run --release -p limiter-tests --bin B -- ARGS` for limiter-bench,
@@ -203,6 +204,7 @@ pub fn bench(ws: &Workspace, args: &[String]) -> Result<()> {
     let object = if selected.contains(&"limiter-bench")
         || selected.contains(&"attack-bench")
         || selected.contains(&"state-bench")
+        || selected.contains(&"syn-bench")
     {
         Some(build_ebpf(ws, true)?)
     } else {

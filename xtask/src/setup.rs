@@ -55,6 +55,7 @@ fn apt_packages(llvm: u32) -> Vec<String> {
         "bpftool".into(),
         "iproute2".into(),
         "ethtool".into(),
+        "nftables".into(),
         "postfix".into(),
         "swaks".into(),
         "openssl".into(),
