@@ -49,7 +49,10 @@ use std::{
     io::Read,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     os::fd::AsRawFd,
-    sync::mpsc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
@@ -328,6 +331,29 @@ fn setups() -> Vec<Setup> {
 
 // ---------------------------------------------------------------------------
 // Small system helpers
+
+/// Set by SIGINT/SIGTERM/SIGHUP: the run stops at the next check and
+/// cleans up (namespaces, nftables tables, pins) on the way out.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn install_signal_handlers() {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+fn check_stop() -> Result<()> {
+    ensure!(
+        !STOP.load(Ordering::Relaxed),
+        "interrupted by a signal: cleaning up"
+    );
+    Ok(())
+}
 
 fn pin_thread(cpu: usize) -> Result<()> {
     pin_task(0, cpu)
@@ -1077,6 +1103,7 @@ impl Testbed {
             let started = Instant::now();
             let mut sent = 0u64;
             while sent < frames {
+                check_stop()?;
                 ensure!(
                     started.elapsed() < GENERATOR_DEADLINE,
                     "the generator took longer than {GENERATOR_DEADLINE:?} for {sent} of {frames} frames"
@@ -1185,6 +1212,7 @@ impl Testbed {
             let started = Instant::now();
             let mut completed = 0;
             for i in 0..n {
+                check_stop()?;
                 ensure!(
                     started.elapsed() < CONN_DEADLINE,
                     "connections took longer than {CONN_DEADLINE:?} ({i} of {n})"
@@ -1297,6 +1325,7 @@ fn main() -> Result<()> {
         "--gen-cpu/--rx-cpu: this machine has CPUs 0..{}",
         cpus - 1
     );
+    install_signal_handlers();
     remove_stale()?;
     let load_start = loadavg();
     eprintln!(
@@ -1324,6 +1353,7 @@ fn main() -> Result<()> {
     for round in 0..options.rounds {
         let mut line = Vec::new();
         for i in 0..setups.len() {
+            check_stop()?;
             let n = (i + round) % setups.len();
             let s = bed.measure(&setups[n], &options, options.frames, options.connections)?;
             line.push(format!(
