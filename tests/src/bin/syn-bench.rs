@@ -376,14 +376,19 @@ fn pin_task(pid: u32, cpu: usize) -> Result<()> {
     Ok(())
 }
 
-/// CPU time of a task in ns (`/proc/PID/schedstat`, first field).
-fn task_cpu_ns(pid: u32) -> Result<u64> {
+/// CPU time of a task in ns and the number of times it ran
+/// (`/proc/PID/schedstat`: first and third field).
+fn task_sched(pid: u32) -> Result<(u64, u64)> {
     let path = format!("/proc/{pid}/schedstat");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    text.split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("{path}: unexpected content {text:?}"))
+    let fields: Vec<u64> = text
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    match fields.as_slice() {
+        [cpu, _, runs, ..] => Ok((*cpu, *runs)),
+        _ => bail!("{path}: unexpected content {text:?}"),
+    }
 }
 
 fn thread_cpu_ns() -> u64 {
@@ -1133,10 +1138,10 @@ impl Testbed {
         let server_before = ethtool_stats(&d.server, &d.server_if)?;
         let counted_before = self.counter(setup)?;
         let tx_before = tx_counts(&d.server, &d.server_if)?;
-        let cpu_before = task_cpu_ns(server_napi)?;
+        let (cpu_before, runs_before) = task_sched(server_napi)?;
         let (sent, took) = self.generate(&frame, frames, options.gen_cpu)?;
         std::thread::sleep(DRAIN);
-        let cpu_after = task_cpu_ns(server_napi)?;
+        let (cpu_after, runs_after) = task_sched(server_napi)?;
         let counted_after = self.counter(setup)?;
         let tx_after = tx_counts(&d.server, &d.server_if)?;
         let server_after = ethtool_stats(&d.server, &d.server_if)?;
@@ -1190,7 +1195,10 @@ impl Testbed {
             counted,
             extra: answers as f64,
             rate: sent as f64 / took.as_secs_f64(),
-            note: String::new(),
+            note: format!(
+                "{:.1} frames per NAPI thread run",
+                processed as f64 / (runs_after - runs_before).max(1) as f64
+            ),
             ok: problems.is_empty(),
             problems,
         })
@@ -1199,7 +1207,7 @@ impl Testbed {
     fn measure_connections(&self, n: usize, options: &Options) -> Result<Sample> {
         let d = self.device(Pair::Connect);
         let server_before = ethtool_stats(&d.server, &d.server_if)?;
-        let napi_before = task_cpu_ns(d.server_napi)?;
+        let (napi_before, runs_before) = task_sched(d.server_napi)?;
         self.conn
             .requests
             .as_ref()
@@ -1234,7 +1242,7 @@ impl Testbed {
             .recv_timeout(CONN_DEADLINE)
             .context("no answer from the server thread")??;
         std::thread::sleep(DRAIN);
-        let napi_after = task_cpu_ns(d.server_napi)?;
+        let (napi_after, runs_after) = task_sched(d.server_napi)?;
         let server_after = ethtool_stats(&d.server, &d.server_if)?;
         let packets = stat(&server_after, "rx_queue_0_xdp_packets")?
             - stat(&server_before, "rx_queue_0_xdp_packets")?;
@@ -1254,9 +1262,10 @@ impl Testbed {
             extra: packets as f64 / n as f64,
             rate: 0.0,
             note: format!(
-                "NAPI {:.0} ns + server {:.0} ns",
+                "NAPI {:.0} ns + server {:.0} ns; {:.1} NAPI thread runs",
                 (napi_after - napi_before) as f64 / n as f64,
-                server_cpu as f64 / n as f64
+                server_cpu as f64 / n as f64,
+                (runs_after - runs_before) as f64 / n as f64
             ),
             ok: problems.is_empty(),
             problems,
@@ -1493,15 +1502,15 @@ fn report(
     let _ = writeln!(out, "\n### Per-round checks\n");
     let _ = writeln!(
         out,
-        "| round | setup | ns | sent | into ring | ring drops | processed | drop counter | extra | ok |"
+        "| round | setup | ns | sent | into ring | ring drops | processed | drop counter | extra | note | ok |"
     );
-    let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|");
     for round in 0..options.rounds {
         for (setup, s) in setups.iter().zip(samples) {
             let x = &s[round];
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {:.1} | {} |",
+                "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {:.1} | {} | {} |",
                 round + 1,
                 setup.id,
                 x.ns,
@@ -1511,6 +1520,7 @@ fn report(
                 x.processed,
                 x.counted,
                 x.extra,
+                x.note,
                 if x.ok {
                     "ok".to_owned()
                 } else {
