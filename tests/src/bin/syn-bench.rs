@@ -266,6 +266,8 @@ struct Setup {
     pair: Pair,
     source: Ipv4Addr,
     counter: Counter,
+    /// The product's drop events on (`events_per_second` default) or off.
+    events: bool,
 }
 
 fn setups() -> Vec<Setup> {
@@ -276,6 +278,7 @@ fn setups() -> Vec<Setup> {
             pair: Pair::Product,
             source: BLOCKED,
             counter: Counter::ProductBlock,
+            events: true,
         },
         Setup {
             id: "product-cap",
@@ -283,6 +286,15 @@ fn setups() -> Vec<Setup> {
             pair: Pair::Product,
             source: AT_CAP,
             counter: Counter::ProductCap,
+            events: true,
+        },
+        Setup {
+            id: "product-ev0",
+            label: "extra: product XDP, source in BLOCK, events_per_second = 0",
+            pair: Pair::Product,
+            source: BLOCKED,
+            counter: Counter::ProductBlock,
+            events: false,
         },
         Setup {
             id: "floor",
@@ -290,6 +302,7 @@ fn setups() -> Vec<Setup> {
             pair: Pair::Floor,
             source: BLOCKED,
             counter: Counter::XdpDrops,
+            events: true,
         },
         Setup {
             id: "nft-ingress",
@@ -297,6 +310,7 @@ fn setups() -> Vec<Setup> {
             pair: Pair::NftIngress,
             source: BLOCKED,
             counter: Counter::Nft,
+            events: true,
         },
         Setup {
             id: "nft-prerouting",
@@ -304,6 +318,7 @@ fn setups() -> Vec<Setup> {
             pair: Pair::NftPrerouting,
             source: BLOCKED,
             counter: Counter::Nft,
+            events: true,
         },
         Setup {
             id: "nft-input",
@@ -311,6 +326,7 @@ fn setups() -> Vec<Setup> {
             pair: Pair::NftInput,
             source: BLOCKED,
             counter: Counter::Nft,
+            events: true,
         },
         Setup {
             id: "no-filter",
@@ -318,6 +334,7 @@ fn setups() -> Vec<Setup> {
             pair: Pair::NoFilter,
             source: BLOCKED,
             counter: Counter::Syncookies,
+            events: true,
         },
         Setup {
             id: "accept-close",
@@ -325,6 +342,7 @@ fn setups() -> Vec<Setup> {
             pair: Pair::Connect,
             source: CONN_CLIENT,
             counter: Counter::Accepted,
+            events: true,
         },
     ]
 }
@@ -632,6 +650,8 @@ struct Testbed {
     client: NetNs,
     conn: ConnServer,
     set_size: u32,
+    /// What the product's limits hold now: drop events on or off.
+    events: bool,
 }
 
 fn filler(i: u32) -> Ipv4Addr {
@@ -922,6 +942,7 @@ impl Testbed {
             client,
             conn,
             set_size: options.set_size,
+            events: true,
         })
     }
 
@@ -1279,6 +1300,18 @@ impl Testbed {
         frames: u64,
         conns: usize,
     ) -> Result<Sample> {
+        if setup.pair == Pair::Product && setup.events != self.events {
+            let default = KernelLimits::default();
+            self.kernel.datapath.set_limits(&KernelLimits {
+                events_per_second: if setup.events {
+                    default.events_per_second
+                } else {
+                    0
+                },
+                ..default
+            })?;
+            self.events = setup.events;
+        }
         if setup.counter == Counter::Accepted {
             self.measure_connections(conns, options)
         } else {
@@ -1558,9 +1591,10 @@ fn report(
     );
     let _ = writeln!(
         out,
-        "- extra: over-cap drop {:.2}× the block drop, {:.2}× the floor; accept+close {:.0}× the product drop",
+        "- extra: over-cap drop {:.2}× the block drop, {:.2}× the floor; with drop events off {:.2}× the floor; accept+close {:.0}× the product drop",
         ratio("product-cap", product),
         ratio("product-cap", floor),
+        ratio("product-ev0", floor),
         ratio("accept-close", product)
     );
     let failed = samples.iter().flatten().filter(|s| !s.ok).count();
