@@ -1107,13 +1107,26 @@ fn kernel_part(options: &Options, state: &StateSet, cases: &[Case]) -> Result<Ke
 
     // What the agent does with the maps every 10 s.
     let t = Instant::now();
-    let read_count = full.datapath.blocks()?.len();
+    let read = full.datapath.blocks()?;
     let read_all = t.elapsed();
+    let read_count = read.len();
     ensure!(
         read_count == state.len(),
         "the kernel holds {read_count} blocks, expected {}",
         state.len()
     );
+    // Exactly the state's entries, each once.
+    let read: HashSet<IpNet> = read.into_iter().map(|b| b.net).collect();
+    ensure!(
+        read.len() == state.len()
+            && state
+                .hosts
+                .iter()
+                .chain(&state.nets)
+                .all(|n| read.contains(n)),
+        "the blocks read back from the kernel are not the state's entries"
+    );
+    drop(read);
     let t = Instant::now();
     let swept = full.datapath.sweep_expired(SystemTime::now())?;
     let sweep = t.elapsed();
