@@ -597,16 +597,7 @@ impl Agent {
 
     /// CPU time (user + system) the agent has used so far, in seconds.
     fn cpu_secs(&self) -> Option<f64> {
-        let pid = self.child.as_ref()?.id();
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after
-        // the command name; in clock ticks.
-        let ticks: f64 =
-            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        Some(ticks / hz)
+        process_cpu(self.child.as_ref()?.id() as i32, false)
     }
 
     /// SIGTERM, then SIGKILL after 10 s; then removes the pins and dir.
@@ -658,6 +649,67 @@ impl Drop for Agent {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// CPU time (user + system) of a process so far, in seconds; with
+/// `children`, plus that of its children it has reaped.
+fn process_cpu(pid: i32, children: bool) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime, stime, cutime, cstime are fields 14 to 17 of proc_pid_stat(5),
+    // 12 to 15 after the command name; in clock ticks.
+    let n = if children { 4 } else { 2 };
+    let mut ticks = 0.0;
+    for i in 11..11 + n {
+        ticks += fields.get(i)?.parse::<f64>().ok()?;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
+}
+
+/// CPU time of the Postfix instance so far: its processes, and the ones
+/// that have exited (reaped by the master: its children's time).
+fn postfix_cpu(postfix: &Postfix) -> f64 {
+    postfix
+        .processes()
+        .into_iter()
+        .filter_map(|pid| process_cpu(pid, true))
+        .sum()
+}
+
+/// Busy and total CPU time of the whole machine so far (/proc/stat), in
+/// clock ticks.
+fn machine_cpu() -> (f64, f64) {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0.0, 0.0);
+    };
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest is in user).
+    let total: f64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+    (total - idle, total)
+}
+
+/// CPU time of the calling thread so far, in seconds.
+fn thread_cpu() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+/// Adds the calling thread's CPU time (µs) to `total`.
+fn add_thread_cpu(total: &AtomicU64) {
+    total.fetch_add((thread_cpu() * 1e6) as u64, Ordering::Relaxed);
 }
 
 fn tail(path: &Path, n: usize) -> String {
@@ -1038,6 +1090,11 @@ struct AttackCounts {
     harvest_refused: AtomicU64,
     /// SYN flood packets sent.
     syn_sent: AtomicU64,
+    /// CPU time of the flood and harvester threads, µs.
+    cpu_us: AtomicU64,
+    /// CPU time of the SYN flood's thread, µs (on veth this includes the
+    /// receiving side's work for its packets, done in its softirq).
+    syn_cpu_us: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -1258,6 +1315,18 @@ fn syn_flood(
 // ---------------------------------------------------------------------------
 // One run
 
+/// CPU seconds over one run, from the start of the traffic until every
+/// sender and attacker thread has ended.
+struct Cpu {
+    elapsed: f64,
+    legit: f64,
+    attack: f64,
+    syn: f64,
+    postfix: f64,
+    /// Busy fraction of all CPUs (whole machine, other users included).
+    machine_busy: f64,
+}
+
 struct RunResult {
     setup: Setup,
     round: usize,
@@ -1275,6 +1344,7 @@ struct RunResult {
     metrics: BTreeMap<String, f64>,
     /// The agent's CPU time over the run (start-up excluded).
     agent_cpu: Option<f64>,
+    cpu: Cpu,
     load: String,
 }
 
@@ -1343,6 +1413,9 @@ impl Bench<'_> {
         };
         let flood_before = self.deliveries.flood;
         let cpu_before = agent.as_ref().and_then(Agent::cpu_secs);
+        let postfix_before = postfix_cpu(self.postfix);
+        let machine_before = machine_cpu();
+        let legit_cpu = AtomicU64::new(0);
         let to = self.topo.target(setup);
         let tag = format!("atk-{}-{}", std::process::id(), self.runs);
         let legit = Mutex::new(Legit::default());
@@ -1364,10 +1437,11 @@ impl Bench<'_> {
                 .iter()
                 .enumerate()
                 .map(|(w, src)| {
-                    let (legit, tag) = (&legit, &tag);
+                    let (legit, tag, legit_cpu) = (&legit, &tag, &legit_cpu);
                     s.spawn(move || {
                         enter();
                         legit_worker(*src, to, tag, w, t0, window, legit);
+                        add_thread_cpu(legit_cpu);
                     })
                 })
                 .collect();
@@ -1379,6 +1453,7 @@ impl Bench<'_> {
                         s.spawn(move || {
                             enter();
                             flood_connection(*src, to, stop, counts);
+                            add_thread_cpu(&counts.cpu_us);
                         });
                     }
                 }
@@ -1387,12 +1462,15 @@ impl Bench<'_> {
                     s.spawn(move || {
                         enter();
                         harvester(topo.harvester, to, id, stop, counts);
+                        add_thread_cpu(&counts.cpu_us);
                     });
                 }
                 let (stop, counts) = (&attack_stop, &counts);
                 syn = Some(s.spawn(move || {
                     enter();
-                    syn_flood(topo.rejected, to, opts.syn_rate, window, stop, counts)
+                    let r = syn_flood(topo.rejected, to, opts.syn_rate, window, stop, counts);
+                    add_thread_cpu(&counts.syn_cpu_us);
+                    r
                 }));
             }
             for h in legit_handles {
@@ -1409,6 +1487,17 @@ impl Bench<'_> {
             bail!("SYN flood: {e}");
         }
         let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let machine_after = machine_cpu();
+        let elapsed = t0.elapsed().as_secs_f64();
+        let cpu = Cpu {
+            elapsed,
+            legit: legit_cpu.load(Ordering::Relaxed) as f64 / 1e6,
+            attack: counts.cpu_us.load(Ordering::Relaxed) as f64 / 1e6,
+            syn: counts.syn_cpu_us.load(Ordering::Relaxed) as f64 / 1e6,
+            postfix: postfix_cpu(self.postfix) - postfix_before,
+            machine_busy: (machine_after.0 - machine_before.0)
+                / (machine_after.1 - machine_before.1).max(1.0),
+        };
         let agent_cpu = agent
             .as_ref()
             .and_then(Agent::cpu_secs)
@@ -1508,6 +1597,7 @@ impl Bench<'_> {
             attack,
             metrics,
             agent_cpu,
+            cpu,
             load: load
                 .split_whitespace()
                 .take(3)
@@ -1549,9 +1639,9 @@ fn report(results: &[RunResult], opts: &Options, out: &mut String) -> String {
     };
     let _ = writeln!(
         out,
-        "| setup | legit msgs/s (median) | min–max | × no attack (median of same-round ratios) | latency median ms | latency p99 ms | legit failures (per run, median) | agent CPU % of one core |"
+        "| setup | legit msgs/s (median) | min–max | × no attack (median of same-round ratios) | latency median ms | latency p99 ms | legit failures (per run, median) |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
     let mut ratios_of = BTreeMap::new();
     for setup in SETUPS {
         let runs = by(setup);
@@ -1570,18 +1660,9 @@ fn report(results: &[RunResult], opts: &Options, out: &mut String) -> String {
             .iter()
             .map(|r| r.failures.values().sum::<u64>() as f64)
             .collect();
-        let cpu: Vec<f64> = runs
-            .iter()
-            .filter_map(|r| Some(r.agent_cpu? / r.secs * 100.0))
-            .collect();
-        let cpu = if cpu.is_empty() {
-            "–".to_owned()
-        } else {
-            format!("{:.0}", median(&cpu))
-        };
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {lo:.0}–{hi:.0} | {:.2} | {} | {} | {:.0} | {cpu} |",
+            "| {} | {:.0} | {lo:.0}–{hi:.0} | {:.2} | {} | {} | {:.0} |",
             setup.name(),
             median(&rates),
             median(&ratios),
@@ -1665,6 +1746,45 @@ fn report(results: &[RunResult], opts: &Options, out: &mut String) -> String {
             metric(&|r| r.kernel_drops(), kernel),
             metric(&|r| r.metric_sum("smtp_limiter_rejections_total"), agent),
             metric(&|r| r.metric_sum("smtp_limiter_blocks_issued_total"), agent),
+        );
+    }
+
+    let _ = writeln!(
+        out,
+        "\nCPU over a run, % of one core (medians over rounds; from the start of the traffic until the last sender or attacker thread ended; the machine has 2 cores = 200 %):\n"
+    );
+    let _ = writeln!(
+        out,
+        "| setup | agent | Postfix (all its processes) | legit senders | flood + harvester threads | SYN flood thread (with veth receive work) | whole machine busy (other users included) |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    for setup in SETUPS {
+        let runs = by(setup);
+        if runs.is_empty() {
+            continue;
+        }
+        let pct = |f: &dyn Fn(&RunResult) -> Option<f64>| {
+            let v: Vec<f64> = runs
+                .iter()
+                .filter_map(|r| Some(f(r)? / r.cpu.elapsed * 100.0))
+                .collect();
+            if v.is_empty() {
+                "–".to_owned()
+            } else {
+                format!("{:.0}", median(&v))
+            }
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            setup.name(),
+            pct(&|r| r.agent_cpu),
+            pct(&|r| Some(r.cpu.postfix)),
+            pct(&|r| Some(r.cpu.legit)),
+            pct(&|r| setup.attack().then_some(r.cpu.attack)),
+            pct(&|r| setup.attack().then_some(r.cpu.syn)),
+            pct(&|r| Some(r.cpu.machine_busy * cpus * r.cpu.elapsed)),
         );
     }
 
@@ -1881,9 +2001,37 @@ fn machine() -> String {
 // ---------------------------------------------------------------------------
 // Main
 
+/// The newest modification time of the files under `paths`.
+fn newest(paths: &[PathBuf]) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    let mut stack = paths.to_vec();
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = fs::metadata(&p) else { continue };
+        if meta.is_dir() {
+            stack.extend(
+                fs::read_dir(&p)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
+        } else if let Ok(m) = meta.modified() {
+            newest = newest.max(Some(m));
+        }
+    }
+    newest
+}
+
 /// The agent binary: `--agent`, or the release build next to this binary,
-/// (re)built first when run by cargo (`cargo xtask bench` passes the eBPF
-/// object in LIMITER_EBPF_OBJECT, which the build embeds).
+/// which must be newer than the agent's sources (`cargo xtask build
+/// --release` builds it). The kernel object comes from LIMITER_EBPF_OBJECT
+/// when set (`cargo xtask bench` builds it and sets it), passed to the agent
+/// with `--ebpf-object`.
+///
+/// The benchmark does not build the agent itself: a `cargo build` started
+/// from a process that `cargo run` started inherits its CARGO_PKG_* and
+/// CARGO_MANIFEST_DIR, which ring's build script depends on, and ring and
+/// everything above it would be rebuilt on every switch.
 fn agent_binary(opts: &Options) -> Result<PathBuf> {
     if let Some(a) = &opts.agent {
         return Ok(a.clone());
@@ -1893,24 +2041,20 @@ fn agent_binary(opts: &Options) -> Result<PathBuf> {
         .parent()
         .context("current_exe has no directory")?
         .join("smtp-limiter");
-    if let Some(cargo) = std::env::var_os("CARGO") {
-        let status = Command::new(cargo)
-            .current_dir(workspace_root())
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "limiter-user",
-                "--bin",
-                "smtp-limiter",
-            ])
-            .status()
-            .context("cargo build smtp-limiter")?;
-        ensure!(status.success(), "building smtp-limiter failed");
-    }
+    let hint = "build it with `cargo xtask build --release`, or pass --agent PATH";
+    let built = fs::metadata(&binary)
+        .and_then(|m| m.modified())
+        .with_context(|| format!("no agent at {}: {hint}", binary.display()))?;
+    let root = workspace_root();
+    let sources = newest(&[
+        root.join("limiter-user/src"),
+        root.join("limiter-user/build.rs"),
+        root.join("limiter-user/Cargo.toml"),
+        root.join("limiter-common/src"),
+    ]);
     ensure!(
-        binary.is_file(),
-        "no agent at {} (cargo xtask build --release)",
+        sources.is_none_or(|s| s <= built),
+        "{} is older than the agent's sources: {hint}",
         binary.display()
     );
     Ok(binary)
