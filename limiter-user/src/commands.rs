@@ -274,6 +274,10 @@ fn stats(agent: &AgentState<'_>) -> Value {
     json!({
         "kernel_status": agent.datapath.describe(),
         "recipients": agent.ctx.recipients.as_ref().map(|r| r.stats()),
+        "filters": agent.ctx.filters.as_ref().map(|f| json!({
+            "verdicts": f.stats.verdicts.list().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "scanner_errors": f.stats.scanner_errors.list().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        })),
         "kernel": kernel,
         "proxy": {
             "sessions_open": s.sessions_open.load(Ordering::Relaxed),

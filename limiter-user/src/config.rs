@@ -668,9 +668,17 @@ pub struct Filters {
     pub timeout: Duration,
     /// What to do when a scanner fails or times out.
     pub on_failure: OnFailure,
-    /// Larger messages are not scanned (bytes; `"25MB"` accepted).
+    /// Larger messages are not scanned (bytes; `"25MB"` accepted). Scanned
+    /// messages are held in memory until the verdicts are in, so this also
+    /// bounds the memory of each session.
     #[serde(with = "size_serde")]
     pub max_size: u64,
+    /// Messages rejected by the filters (virus, spam) from one source
+    /// within `reject_window` that block it; 0 = never block.
+    pub max_rejects: u32,
+    /// The window `max_rejects` is counted over.
+    #[serde(with = "duration_serde")]
+    pub reject_window: Duration,
     /// rspamd, asked over HTTP.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rspamd: Option<Rspamd>,
@@ -685,6 +693,8 @@ impl Default for Filters {
             timeout: Duration::from_secs(30),
             on_failure: OnFailure::FailOpen,
             max_size: 25_000_000,
+            max_rejects: 3,
+            reject_window: Duration::from_secs(60 * 60),
             rspamd: None,
             clamav: None,
         }
@@ -716,6 +726,15 @@ pub struct Rspamd {
 pub struct Clamav {
     /// clamd's `host:port`, or the path of its Unix socket.
     pub address: String,
+    /// clamd's own `StreamMaxLength`: no more than this is sent (clamd
+    /// would drop the stream); a longer message is scanned up to it.
+    #[serde(default = "default_stream_max_length", with = "size_serde")]
+    pub stream_max_length: u64,
+}
+
+/// clamd's default `StreamMaxLength` (clamd.conf(5)).
+fn default_stream_max_length() -> u64 {
+    100 * 1024 * 1024
 }
 
 /// `[control]`: the CLI's way in.
@@ -1179,18 +1198,25 @@ impl Config {
         if filters.max_size == 0 {
             return Err(invalid("filters.max_size", "must be greater than zero"));
         }
+        if filters.reject_window.is_zero() {
+            return Err(invalid(
+                "filters.reject_window",
+                "must be greater than zero",
+            ));
+        }
         if let Some(rspamd) = &filters.rspamd {
-            let lower = rspamd.url.to_ascii_lowercase();
-            if !(lower.starts_with("http://") || lower.starts_with("https://")) {
-                return Err(invalid(
-                    "filters.rspamd.url",
-                    format!("{:?} must start with http:// or https://", rspamd.url),
-                ));
-            }
+            crate::filters::rspamd::RspamdClient::new(&rspamd.url)
+                .map_err(|reason| invalid("filters.rspamd.url", reason))?;
         }
         if let Some(clamav) = &filters.clamav {
             if clamav.address.trim().is_empty() {
                 return Err(invalid("filters.clamav.address", "must not be empty"));
+            }
+            if clamav.stream_max_length == 0 {
+                return Err(invalid(
+                    "filters.clamav.stream_max_length",
+                    "must be greater than zero",
+                ));
             }
         }
         Ok(())
@@ -1647,6 +1673,8 @@ mod tests {
         assert_eq!(config.limits.block_backoff, 2.0);
         assert!(config.relay.patterns().is_empty());
         assert_eq!(config.filters.max_size, 25_000_000);
+        assert_eq!(config.filters.max_rejects, 3);
+        assert_eq!(config.filters.reject_window, Duration::from_secs(3600));
         assert_eq!(config.filters.on_failure, OnFailure::FailOpen);
         assert_eq!(
             config.control.socket,
@@ -1841,7 +1869,10 @@ mod tests {
             ("[filters]\ntimeout = \"0s\"", "filters.timeout"),
             ("[filters]\nmax_size = 0", "filters.max_size"),
             ("[filters.rspamd]\nurl = \"127.0.0.1:11333\"", "filters.rspamd.url"),
+            ("[filters.rspamd]\nurl = \"https://rspamd:11333\"", "filters.rspamd.url"),
             ("[filters.clamav]\naddress = \"\"", "filters.clamav.address"),
+            ("[filters.clamav]\naddress = \"/s\"\nstream_max_length = 0", "filters.clamav.stream_max_length"),
+            ("[filters]\nreject_window = \"0s\"", "filters.reject_window"),
         ] {
             let (got, reason) = invalid_key(text);
             assert_eq!(got, key, "{text}: {reason}");

@@ -12,6 +12,8 @@
 //! * [`policy`] — the decisions: caps, lists, harvest, AUTH, null-sender
 //!   rates, relay patterns, block durations (pure; state behind guards).
 //! * [`proxy`] — listeners and sessions relayed to the backend MTA.
+//! * [`filters`] — rspamd and ClamAV asked about each message before the
+//!   backend accepts it.
 //! * [`sink`] — the built-in test backend (`backend.builtin`).
 //! * [`metrics`] — Prometheus exposition of the kernel and proxy counters.
 //! * [`state`] — blocks stored on disk across restarts and reboots.
@@ -25,6 +27,7 @@ pub mod agent;
 pub mod commands;
 pub mod config;
 pub mod control;
+pub mod filters;
 pub mod kernel;
 pub mod metrics;
 pub mod policy;

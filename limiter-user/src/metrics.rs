@@ -12,7 +12,7 @@ use tokio::{
 
 use crate::{
     kernel::Datapath,
-    proxy::{ProxyContext, LATENCY_BUCKETS},
+    proxy::{LatencyHistogram, ProxyContext, LATENCY_BUCKETS},
 };
 
 /// Longest request head read; a scraper's is a few hundred bytes.
@@ -21,13 +21,6 @@ const MAX_REQUEST: usize = 8 * 1024;
 /// The exposition text.
 pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
     let mut out = String::with_capacity(4096);
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
-        let _ = writeln!(out, "# HELP smtp_limiter_{name} {help}");
-        let _ = writeln!(out, "# TYPE smtp_limiter_{name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "smtp_limiter_{name}{labels} {value}");
-        }
-    };
     match kernel.counters() {
         Ok(counters) => {
             let samples: Vec<(String, u64)> = counters
@@ -36,12 +29,14 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
                 .map(|(name, value)| (format!("{{counter=\"{name}\"}}"), *value))
                 .collect();
             metric(
+                &mut out,
                 "kernel_events_total",
                 "counter",
                 "Kernel decisions and events, by counter (STATS map).",
                 &samples,
             );
             metric(
+                &mut out,
                 "kernel_up",
                 "gauge",
                 "Whether the kernel layer is loaded.",
@@ -49,6 +44,7 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
             );
         }
         Err(_) => metric(
+            &mut out,
             "kernel_up",
             "gauge",
             "Whether the kernel layer is loaded.",
@@ -57,6 +53,7 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
     }
     if let Ok(blocks) = kernel.blocks() {
         metric(
+            &mut out,
             "kernel_blocks",
             "gauge",
             "Entries in the kernel block maps.",
@@ -66,24 +63,28 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
     let stats = &ctx.stats;
     let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
     metric(
+        &mut out,
         "sessions_open",
         "gauge",
         "SMTP sessions open now.",
         &[(String::new(), load(&stats.sessions_open))],
     );
     metric(
+        &mut out,
         "sessions_total",
         "counter",
         "SMTP sessions accepted.",
         &[(String::new(), load(&stats.sessions_total))],
     );
     metric(
+        &mut out,
         "messages_total",
         "counter",
         "Messages the backend accepted through the proxy.",
         &[(String::new(), load(&stats.messages))],
     );
     metric(
+        &mut out,
         "backend_errors_total",
         "counter",
         "Backend connections that failed.",
@@ -95,12 +96,14 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         .map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), n))
         .collect();
     metric(
+        &mut out,
         "blocks_issued_total",
         "counter",
         "Blocks ordered by the policy, by reason.",
         &blocks,
     );
     metric(
+        &mut out,
         "proxy_blocks",
         "gauge",
         "Blocks held by the proxy.",
@@ -112,6 +115,7 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         .map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), n))
         .collect();
     metric(
+        &mut out,
         "rejections_total",
         "counter",
         "Refusals by the proxy, by reason.",
@@ -120,26 +124,63 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
     if let Some(recipients) = &ctx.recipients {
         recipients.render_metrics(&mut out);
     }
-    let (counts, sum) = stats.backend_latency.snapshot();
-    let _ = writeln!(
-        out,
-        "# HELP smtp_limiter_backend_reply_seconds Latency of backend replies to relayed commands."
-    );
-    let _ = writeln!(out, "# TYPE smtp_limiter_backend_reply_seconds histogram");
-    for (bound, count) in LATENCY_BUCKETS.iter().zip(&counts) {
-        let _ = writeln!(
-            out,
-            "smtp_limiter_backend_reply_seconds_bucket{{le=\"{bound}\"}} {count}"
+    if let Some(filters) = &ctx.filters {
+        let by_label = |counts: Vec<(&'static str, u64)>, label: &str| -> Vec<(String, u64)> {
+            counts
+                .into_iter()
+                .map(|(name, n)| (format!("{{{label}=\"{name}\"}}"), n))
+                .collect()
+        };
+        metric(
+
+            &mut out,
+            "filter_verdicts_total",
+            "counter",
+            "Messages judged by the content filters, by verdict (clean, virus, spam, soft-reject, unscanned, tempfail, skipped-size).",
+            &by_label(filters.stats.verdicts.list(), "verdict"),
+        );
+        metric(
+            &mut out,
+            "filter_errors_total",
+            "counter",
+            "Content scanner failures (down, timeout, bad reply), by scanner.",
+            &by_label(filters.stats.scanner_errors.list(), "scanner"),
+        );
+        histogram(
+            &mut out,
+            "filter_wait_seconds",
+            "Wait from the end of DATA to the last scanner verdict.",
+            &filters.stats.wait,
         );
     }
-    let total = counts.last().copied().unwrap_or(0);
-    let _ = writeln!(
-        out,
-        "smtp_limiter_backend_reply_seconds_bucket{{le=\"+Inf\"}} {total}"
+    histogram(
+        &mut out,
+        "backend_reply_seconds",
+        "Latency of backend replies to relayed commands.",
+        &stats.backend_latency,
     );
-    let _ = writeln!(out, "smtp_limiter_backend_reply_seconds_sum {sum}");
-    let _ = writeln!(out, "smtp_limiter_backend_reply_seconds_count {total}");
     out
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
+    let _ = writeln!(out, "# HELP smtp_limiter_{name} {help}");
+    let _ = writeln!(out, "# TYPE smtp_limiter_{name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "smtp_limiter_{name}{labels} {value}");
+    }
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, histogram: &LatencyHistogram) {
+    let (counts, sum) = histogram.snapshot();
+    let _ = writeln!(out, "# HELP smtp_limiter_{name} {help}");
+    let _ = writeln!(out, "# TYPE smtp_limiter_{name} histogram");
+    for (bound, count) in LATENCY_BUCKETS.iter().zip(&counts) {
+        let _ = writeln!(out, "smtp_limiter_{name}_bucket{{le=\"{bound}\"}} {count}");
+    }
+    let total = counts.last().copied().unwrap_or(0);
+    let _ = writeln!(out, "smtp_limiter_{name}_bucket{{le=\"+Inf\"}} {total}");
+    let _ = writeln!(out, "smtp_limiter_{name}_sum {sum}");
+    let _ = writeln!(out, "smtp_limiter_{name}_count {total}");
 }
 
 /// Serves `/metrics` on `listener` forever.

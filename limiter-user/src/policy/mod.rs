@@ -1,8 +1,8 @@
 //! Policy: what the proxy allows, refuses and blocks. Pure decisions.
 //!
 //! * [`Policy`] is the configuration resolved once (`Policy::new(&config)`),
-//!   sorted by SMTP stage — connect, HELO, MAIL, RCPT, (DATA: nothing yet),
-//!   AUTH — and immutable: on reload the agent builds a new one and swaps it
+//!   sorted by SMTP stage — connect, HELO, MAIL, RCPT, DATA (content filter
+//!   verdicts), AUTH — and immutable: on reload the agent builds a new one and swaps it
 //!   in. Sessions keep working across a swap: guards remember their own key.
 //! * [`PolicyState`] holds the counters that outlive a session (live
 //!   connections per source and per HELO name, failed-AUTH and null-sender
@@ -25,6 +25,7 @@
 //! | RCPT    | [`Policy::rcpt`]          | `relay-denied`                                           |
 //! | RCPT    | [`Policy::rcpt_result`]   | `harvest` (+ block)                                      |
 //! | AUTH    | [`Policy::auth_failed`]   | `auth` (+ block)                                         |
+//! | DATA    | [`Policy::filter_rejected`] | `filter` (+ block)                                     |
 //!
 //! Rules that hold throughout:
 //!
@@ -98,6 +99,7 @@ pub struct Policy {
     mail: MailRules,
     rcpt: RcptRules,
     auth: AuthRules,
+    filters: FilterRules,
     blocks: BlockRules,
 }
 
@@ -150,6 +152,15 @@ struct AuthRules {
     max_failed_auth: u32,
     /// `failed_auth_window`.
     failed_auth_window: Duration,
+}
+
+/// After DATA: content filter verdicts.
+#[derive(Clone, Debug)]
+struct FilterRules {
+    /// `filters.max_rejects`; 0 = never block.
+    max_rejects: u32,
+    /// `filters.reject_window`.
+    reject_window: Duration,
 }
 
 /// Blocks ordered by any stage.
@@ -224,6 +235,10 @@ impl Policy {
             auth: AuthRules {
                 max_failed_auth: limits.max_failed_auth,
                 failed_auth_window: limits.failed_auth_window,
+            },
+            filters: FilterRules {
+                max_rejects: config.filters.max_rejects,
+                reject_window: config.filters.reject_window,
             },
             blocks: BlockRules {
                 block_duration: limits.block_duration,
@@ -607,36 +622,106 @@ impl Policy {
         source: IpAddr,
         now: Instant,
     ) -> Option<Decision<Rejection>> {
+        let rules = &self.auth;
+        let (failures, order) = self.count_toward_block(
+            state,
+            source,
+            now,
+            WindowRule {
+                table: |tables| &mut tables.auth_failures,
+                limit: rules.max_failed_auth,
+                window: rules.failed_auth_window,
+                reason: reason::AUTH,
+            },
+        )?;
+        Some(self.decide(Rejection {
+            reason: Reason::AuthFailures {
+                failures,
+                limit: rules.max_failed_auth,
+                window: rules.failed_auth_window,
+            },
+            action: Action::DeferAndClose,
+            block: Some(order),
+        }))
+    }
+
+    /// A message from `source` rejected by the content filters (virus or
+    /// spam; the client already has its reply).
+    ///
+    /// Counted per source over the last `filters.reject_window`; past
+    /// `filters.max_rejects` (0 = never) the source is blocked:
+    /// [`Reason::FilterRejects`], [`Action::DeferAndClose`], and a block
+    /// (reason `filter`). Allow-listed sources are not counted.
+    pub fn filter_rejected(
+        &self,
+        state: &PolicyState,
+        source: IpAddr,
+        now: Instant,
+    ) -> Option<Decision<Rejection>> {
+        let rules = &self.filters;
+        if rules.max_rejects == 0 {
+            return None;
+        }
+        let (rejects, order) = self.count_toward_block(
+            state,
+            source,
+            now,
+            WindowRule {
+                table: |tables| &mut tables.filter_rejects,
+                limit: rules.max_rejects - 1,
+                window: rules.reject_window,
+                reason: reason::FILTER,
+            },
+        )?;
+        Some(self.decide(Rejection {
+            reason: Reason::FilterRejects {
+                rejects,
+                limit: rules.max_rejects,
+                window: rules.reject_window,
+            },
+            action: Action::DeferAndClose,
+            block: Some(order),
+        }))
+    }
+
+    /// Counts one event for `source` in `rule`'s window; past its limit the
+    /// window starts over and the source is blocked: (events counted, the
+    /// block). Allow-listed sources are not counted.
+    fn count_toward_block(
+        &self,
+        state: &PolicyState,
+        source: IpAddr,
+        now: Instant,
+        rule: WindowRule,
+    ) -> Option<(u32, BlockOrder)> {
         let source = source.to_canonical();
         if self.is_allowlisted(source) {
             return None;
         }
-        let rules = &self.auth;
         let key = self.source_key(source);
-        let keep = usize::try_from(u64::from(rules.max_failed_auth) + 1).unwrap_or(usize::MAX);
-        let rejection = state.with(|tables| {
-            let failures = tables.auth_failures.touch(&key, Default::default).record(
-                now,
-                rules.failed_auth_window,
-                keep,
-            );
-            if failures <= rules.max_failed_auth {
+        let keep = usize::try_from(u64::from(rule.limit) + 1).unwrap_or(usize::MAX);
+        state.with(|tables| {
+            let events =
+                (rule.table)(tables)
+                    .touch(&key, Default::default)
+                    .record(now, rule.window, keep);
+            if events <= rule.limit {
                 return None;
             }
-            tables.auth_failures.remove(&key);
-            let order = tables.block(self, source, reason::AUTH, now);
-            Some(Rejection {
-                reason: Reason::AuthFailures {
-                    failures,
-                    limit: rules.max_failed_auth,
-                    window: rules.failed_auth_window,
-                },
-                action: Action::DeferAndClose,
-                block: Some(order),
-            })
-        })?;
-        Some(self.decide(rejection))
+            (rule.table)(tables).remove(&key);
+            Some((events, tables.block(self, source, rule.reason, now)))
+        })
     }
+}
+
+/// A per-source count of events in a sliding window that blocks the source
+/// once it goes past `limit`.
+struct WindowRule {
+    table: fn(&mut state::Tables) -> &mut table::Lru<IpNet, table::Window>,
+    limit: u32,
+    window: Duration,
+    /// The block's [`limiter_common::reason`] code.
+    reason: u32,
 }
 
 /// `net` with its host bits cleared, and IPv4-mapped IPv6 networks

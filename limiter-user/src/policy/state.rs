@@ -59,6 +59,8 @@ pub(super) struct Tables {
     helo_sessions: HashMap<String, u32>,
     /// Failed AUTH times per source key.
     pub(super) auth_failures: Lru<IpNet, Window>,
+    /// Messages rejected by the content filters, times per source key.
+    pub(super) filter_rejects: Lru<IpNet, Window>,
     /// Null-sender MAIL times per source key.
     pub(super) null_by_source: Lru<IpNet, Window>,
     /// Null-sender MAIL times per lower-cased HELO name.
@@ -125,6 +127,7 @@ impl PolicyState {
                 connections: HashMap::new(),
                 helo_sessions: HashMap::new(),
                 auth_failures: Lru::new(capacity),
+                filter_rejects: Lru::new(capacity),
                 null_by_source: Lru::new(capacity),
                 null_by_helo: Lru::new(capacity),
                 history: Lru::new(capacity),
@@ -210,10 +213,14 @@ impl PolicyState {
     pub fn sweep(&self, policy: &Policy, now: Instant) -> usize {
         let mut tables = self.lock();
         let auth_window = policy.auth.failed_auth_window;
+        let filter_window = policy.filters.reject_window;
         let null_window = policy.mail.null_sender_rate.per;
         let memory = policy.blocks.max_block_duration;
         tables.auth_failures.retain(|_, window| {
             window.expire(now, auth_window);
+            !window.is_empty()
+        }) + tables.filter_rejects.retain(|_, window| {
+            window.expire(now, filter_window);
             !window.is_empty()
         }) + tables.null_by_source.retain(|_, window| {
             window.expire(now, null_window);

@@ -622,6 +622,62 @@ fn relay_denials_count_as_failed_recipients() {
     );
 }
 
+// -- content filter rejects -----------------------------------------------------
+
+#[test]
+fn filter_rejects_block_the_source_when_they_reach_the_limit_in_the_window() {
+    let policy = policy(
+        "[filters]\nmax_rejects = 3\nreject_window = \"1h\"\n[lists]\nallow = [\"10.0.0.0/8\"]",
+    );
+    let state = state();
+    let t0 = Instant::now();
+    let source = ip("192.0.2.7");
+    // Two rejects, then the first leaves the window before the third.
+    assert!(policy.filter_rejected(&state, source, t0).is_none());
+    assert!(policy
+        .filter_rejected(&state, source, t0 + 30 * MIN)
+        .is_none());
+    assert!(policy
+        .filter_rejected(&state, source, t0 + 61 * MIN)
+        .is_none());
+    // The third within an hour blocks.
+    let decision = policy
+        .filter_rejected(&state, source, t0 + 62 * MIN)
+        .expect("filter block");
+    assert!(decision.enforced);
+    let rejection = decision.verdict;
+    assert_eq!(rejection.name(), "filter");
+    assert_eq!(
+        rejection.reason,
+        Reason::FilterRejects {
+            rejects: 3,
+            limit: 3,
+            window: 60 * MIN
+        }
+    );
+    let order = rejection.block.expect("a block");
+    assert_eq!(order.reason, reason::FILTER);
+    // Counting starts over; allow-listed sources are never counted.
+    assert!(policy
+        .filter_rejected(&state, source, t0 + 63 * MIN)
+        .is_none());
+    for _ in 0..10 {
+        assert!(policy.filter_rejected(&state, ip("10.1.2.3"), t0).is_none());
+    }
+}
+
+#[test]
+fn filter_rejects_never_block_with_max_rejects_zero() {
+    let policy = policy("[filters]\nmax_rejects = 0");
+    let state = state();
+    let t0 = Instant::now();
+    for _ in 0..100 {
+        assert!(policy
+            .filter_rejected(&state, ip("192.0.2.7"), t0)
+            .is_none());
+    }
+}
+
 // -- AUTH ------------------------------------------------------------------------
 
 #[test]

@@ -145,6 +145,16 @@ pub enum Reason {
         /// `failed_auth_window`.
         window: Duration,
     },
+    /// Messages rejected by the content filters (virus, spam) from the
+    /// source reached `filters.max_rejects` within `filters.reject_window`.
+    FilterRejects {
+        /// Rejects counted in the window, this one included.
+        rejects: u32,
+        /// `filters.max_rejects`.
+        limit: u32,
+        /// `filters.reject_window`.
+        window: Duration,
+    },
 }
 
 impl Reason {
@@ -161,6 +171,7 @@ impl Reason {
             Self::RelayDenied => "relay-denied",
             Self::Harvest { .. } => "harvest",
             Self::AuthFailures { .. } => "auth",
+            Self::FilterRejects { .. } => "filter",
         }
     }
 
@@ -173,6 +184,7 @@ impl Reason {
             Self::NullSenderRate { .. } => Some(reason::FLOOD),
             Self::Harvest { .. } => Some(reason::HARVEST),
             Self::AuthFailures { .. } => Some(reason::AUTH),
+            Self::FilterRejects { .. } => Some(reason::FILTER),
             Self::TooManyConnections { .. }
             | Self::StateFull { .. }
             | Self::HeloRejected { .. }
@@ -229,6 +241,14 @@ impl fmt::Display for Reason {
             } => write!(
                 f,
                 "{failures} failed AUTH within {window:?}, the limit is {limit}"
+            ),
+            Self::FilterRejects {
+                rejects,
+                limit,
+                window,
+            } => write!(
+                f,
+                "{rejects} messages rejected by the content filters within {window:?}, the limit is {limit}"
             ),
         }
     }

@@ -204,6 +204,8 @@ pub struct ProxyContext {
     pub blocked_nets: tokio::sync::broadcast::Sender<ipnet::IpNet>,
     /// Valid recipients from `[recipients.ldap]`, if configured.
     pub recipients: Option<Arc<crate::recipients::Recipients>>,
+    /// Content scanners from `[filters]`, if any is configured.
+    pub filters: Option<Arc<crate::filters::Filters>>,
 }
 
 impl ProxyContext {
@@ -227,6 +229,8 @@ impl ProxyContext {
             blocks_changed: tokio::sync::Notify::new(),
             blocked_nets: tokio::sync::broadcast::channel(256).0,
             recipients: crate::recipients::start(config),
+            filters: crate::filters::Filters::from_config(&config.filters)
+                .map_err(|e| anyhow::anyhow!("filters.rspamd.url: {e}"))?,
         })
     }
 

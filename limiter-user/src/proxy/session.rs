@@ -29,6 +29,10 @@ use super::{
 };
 use crate::{
     config::{Identity, Vrfy},
+    filters::{
+        message::{self, HeaderEdits},
+        Envelope as FilterEnvelope, Filters, MessageScan, Outcome,
+    },
     policy::Reason,
     policy::{
         Action, ConnectionGuard, HeloGuard, HeloVerdict, MailVerdict, RcptVerdict, Rejection,
@@ -90,8 +94,25 @@ struct Helo {
 #[derive(Default)]
 struct Envelope {
     active: bool,
-    recipients: u32,
+    /// `None` for the null sender.
+    sender: Option<String>,
+    /// The recipients the backend accepted (at most `smtp.max_recipients`).
+    recipients: Vec<String>,
 }
+
+/// Where the bytes of a message go while it arrives.
+enum MessageSink {
+    /// Straight on to the backend, which has answered DATA with 354.
+    Backend,
+    /// Held (wire form, without the end marker) while the content filters
+    /// judge it; the backend has not seen DATA yet.
+    Held { scan: MessageScan, held: Vec<u8> },
+    /// Nowhere: the client gets this reply at the end.
+    Discard(Reply),
+}
+
+/// The end of a message on the wire.
+const END_MARKER: &[u8] = b".\r\n";
 
 pub struct Session<S> {
     ctx: Arc<ProxyContext>,
@@ -407,7 +428,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if reply.is_positive_completion() {
             self.envelope = Envelope {
                 active: true,
-                recipients: 0,
+                sender: mail.sender,
+                recipients: Vec::new(),
             };
         }
         self.reply(&reply).await?;
@@ -424,7 +446,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .await?;
             return Ok(Flow::Continue);
         };
-        if self.envelope.recipients >= self.ctx.settings.smtp.max_recipients {
+        if self.envelope.recipients.len() >= self.ctx.settings.smtp.max_recipients as usize {
             self.reply(&Reply::too_many_recipients()).await?;
             return Ok(Flow::Continue);
         }
@@ -477,7 +499,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         };
         if accepted {
-            self.envelope.recipients += 1;
+            self.envelope.recipients.push(rcpt.recipient.clone());
             self.summary.rcpt_accepted += 1;
         } else if reply.is_permanent() {
             self.summary.rcpt_failed += 1;
@@ -510,25 +532,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .await?;
             return Ok(Flow::Continue);
         }
-        if self.envelope.recipients == 0 {
+        if self.envelope.recipients.is_empty() {
             self.reply(&Reply::new(554, "5.5.1 Error: no valid recipients"))
                 .await?;
             return Ok(Flow::Continue);
         }
-        let reply = match self.backend_command(line).await {
-            Ok(reply) => reply,
-            Err(e) => return self.backend_failed(e).await,
+        let envelope = std::mem::take(&mut self.envelope);
+        let sink = match self.ctx.filters.clone() {
+            // With content filters the backend gets DATA only once the
+            // verdicts are in: the proxy takes the message itself.
+            Some(filters) => {
+                let scan = filters.start(self.filter_envelope(envelope, &filters));
+                self.reply(&Reply::start_mail_input()).await?;
+                MessageSink::Held {
+                    scan,
+                    held: Vec::new(),
+                }
+            }
+            None => {
+                let reply = match self.backend_command(line).await {
+                    Ok(reply) => reply,
+                    Err(e) => return self.backend_failed(e).await,
+                };
+                self.reply(&reply).await?;
+                if reply.code != 354 {
+                    return Ok(Flow::Continue);
+                }
+                MessageSink::Backend
+            }
         };
-        self.reply(&reply).await?;
-        if reply.code != 354 {
-            return Ok(Flow::Continue);
-        }
-        self.envelope = Envelope::default();
+        self.receive_message(sink).await
+    }
+
+    /// Reads the message after DATA's 354 to its end marker, sending it on
+    /// as `sink` says, and answers the end of DATA.
+    async fn receive_message(&mut self, mut sink: MessageSink) -> std::io::Result<Flow> {
         let smtp = &self.ctx.settings.smtp;
         let (max_size, data_timeout) = (smtp.max_message_size, smtp.data_timeout);
         let mut scanner = DataScanner::new(smtp.max_data_line_length);
         let mut out = Vec::with_capacity(READ_CHUNK + 8);
-        let mut too_big = false;
         loop {
             out.clear();
             let progress = scanner.feed(&self.input, &mut out);
@@ -539,38 +581,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             };
             self.input.advance(consumed);
-            if !too_big && scanner.message_size() > max_size {
+            if scanner.message_size() > max_size && !matches!(sink, MessageSink::Discard(_)) {
                 // Over the limit: the backend must not store a truncated
                 // message, so its connection goes (it aborts the transaction).
-                too_big = true;
-                self.backend = None;
-            }
-            if !too_big {
-                if let Err(e) = self.backend_send(&out).await {
-                    return self.backend_failed_in_transaction(e).await;
+                if matches!(sink, MessageSink::Backend) {
+                    self.backend = None;
                 }
+                sink = MessageSink::Discard(Reply::message_too_big());
             }
+            let end = matches!(progress, DataProgress::End { .. });
+            sink = match sink {
+                MessageSink::Backend => match self.backend_send(&out).await {
+                    Ok(()) => MessageSink::Backend,
+                    Err(e) => return self.backend_failed_in_transaction(e).await,
+                },
+                MessageSink::Held { scan, held } => {
+                    self.hold(scan, held, &out, end, scanner.message_size())
+                        .await?
+                }
+                discard @ MessageSink::Discard(_) => discard,
+            };
             match progress {
                 DataProgress::NeedMore => {}
-                DataProgress::End { .. } if too_big => {
-                    self.reply(&Reply::message_too_big()).await?;
-                    return Ok(Flow::Continue);
-                }
                 DataProgress::End { .. } => {
-                    let reply = match self.backend.as_mut() {
-                        Some(backend) => backend.read_reply_within(DATA_END_TIMEOUT).await,
-                        None => Err(BackendError::Closed),
-                    };
-                    return match reply {
-                        Ok(reply) => {
-                            if reply.is_positive_completion() {
-                                self.summary.messages += 1;
-                                self.ctx.stats.count_message();
-                            }
+                    return match sink {
+                        MessageSink::Backend => self.end_of_data().await,
+                        MessageSink::Held { scan, held } => self.judge_message(scan, held).await,
+                        MessageSink::Discard(reply) => {
                             self.reply(&reply).await?;
                             Ok(Flow::Continue)
                         }
-                        Err(e) => self.backend_failed_in_transaction(e).await,
                     };
                 }
                 DataProgress::Violation { kind, .. } => {
@@ -598,6 +638,161 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return Ok(Flow::Close);
                 }
             }
+        }
+    }
+
+    /// Holds the next piece of a message being scanned (`wire`, ending with
+    /// the end marker if `end`) and feeds it to the scanners. A message that
+    /// grows past `filters.max_size` goes on unscanned from here: DATA to
+    /// the backend, what was held, and the rest as it comes.
+    async fn hold(
+        &mut self,
+        mut scan: MessageScan,
+        mut held: Vec<u8>,
+        wire: &[u8],
+        end: bool,
+        message_size: u64,
+    ) -> std::io::Result<MessageSink> {
+        let content = if end {
+            &wire[..wire.len().saturating_sub(END_MARKER.len())]
+        } else {
+            wire
+        };
+        let too_large = self
+            .ctx
+            .filters
+            .as_ref()
+            .is_some_and(|f| message_size > f.max_size());
+        if !too_large {
+            scan.feed(content).await;
+            held.extend_from_slice(content);
+            return Ok(MessageSink::Held { scan, held });
+        }
+        let edits = scan.skip_too_large();
+        tracing::info!(source = %self.peer.ip(), size = message_size, "message too large to scan: passed on unscanned");
+        let (mut first, rest) = message::apply(&held, &edits);
+        first.extend_from_slice(&held[rest..]);
+        first.extend_from_slice(wire);
+        Ok(match self.open_backend_data().await {
+            Ok(()) => match self.backend_send(&first).await {
+                Ok(()) => MessageSink::Backend,
+                Err(e) => {
+                    self.note_backend_error(&e);
+                    MessageSink::Discard(Reply::backend_lost_in_transaction())
+                }
+            },
+            Err(reply) => MessageSink::Discard(reply),
+        })
+    }
+
+    /// Sends DATA to the backend for a message the proxy holds. The reply
+    /// to give the client instead, if the backend does not say 354.
+    async fn open_backend_data(&mut self) -> Result<(), Reply> {
+        match self.backend_command(b"DATA").await {
+            Ok(reply) if reply.code == 354 => Ok(()),
+            Ok(reply) => Err(reply),
+            Err(e) => {
+                self.note_backend_error(&e);
+                Err(Reply::backend_lost_in_transaction())
+            }
+        }
+    }
+
+    /// Waits for the scanners' verdicts on a held message and acts on them.
+    async fn judge_message(&mut self, scan: MessageScan, held: Vec<u8>) -> std::io::Result<Flow> {
+        let outcome = scan.finish().await;
+        let enforced = self.ctx.policy().enforced();
+        let edits = match outcome {
+            Outcome::Deliver { edits, label } => {
+                tracing::info!(source = %self.peer.ip(), verdict = label, "content filters");
+                edits
+            }
+            Outcome::Refuse {
+                reply,
+                label,
+                detail,
+            } => {
+                tracing::info!(
+                    source = %self.peer.ip(),
+                    verdict = label,
+                    detail = %detail,
+                    action = if enforced { "reject" } else { "would-reject" },
+                    "content filters"
+                );
+                self.ctx.stats.count_rejection(label);
+                if !enforced {
+                    // Observe mode: the message goes on as it came.
+                    return self.deliver_held(&held, &HeaderEdits::default()).await;
+                }
+                // The backend has the envelope but no DATA: forget it.
+                if let Some(backend) = self.backend.as_mut() {
+                    if backend.command(b"RSET").await.is_err() {
+                        self.backend = None;
+                    }
+                }
+                self.reply(&reply).await?;
+                if label == "virus" || label == "spam" {
+                    if let Some(decision) = self.ctx.policy().filter_rejected(
+                        &self.ctx.state,
+                        self.source(),
+                        Instant::now(),
+                    ) {
+                        self.log_decision(&decision.verdict, decision.enforced);
+                        if let Some(order) = &decision.verdict.block {
+                            self.ctx.block(order);
+                        }
+                        return Ok(Flow::Close);
+                    }
+                }
+                return Ok(Flow::Continue);
+            }
+        };
+        self.deliver_held(&held, &edits).await
+    }
+
+    /// Sends a held message, with `edits`, to the backend and relays its
+    /// answer to the end of DATA.
+    async fn deliver_held(&mut self, held: &[u8], edits: &HeaderEdits) -> std::io::Result<Flow> {
+        if let Err(reply) = self.open_backend_data().await {
+            self.reply(&reply).await?;
+            return Ok(Flow::Continue);
+        }
+        let (head, rest) = message::apply(held, edits);
+        for part in [&head[..], &held[rest..], END_MARKER] {
+            if let Err(e) = self.backend_send(part).await {
+                return self.backend_failed_in_transaction(e).await;
+            }
+        }
+        self.end_of_data().await
+    }
+
+    /// Reads the backend's answer to the end of DATA and relays it.
+    async fn end_of_data(&mut self) -> std::io::Result<Flow> {
+        let reply = match self.backend.as_mut() {
+            Some(backend) => backend.read_reply_within(DATA_END_TIMEOUT).await,
+            None => Err(BackendError::Closed),
+        };
+        match reply {
+            Ok(reply) => {
+                if reply.is_positive_completion() {
+                    self.summary.messages += 1;
+                    self.ctx.stats.count_message();
+                }
+                self.reply(&reply).await?;
+                Ok(Flow::Continue)
+            }
+            Err(e) => self.backend_failed_in_transaction(e).await,
+        }
+    }
+
+    /// What the scanners are told about the message in `envelope`.
+    fn filter_envelope(&self, envelope: Envelope, filters: &Filters) -> FilterEnvelope {
+        FilterEnvelope {
+            client: self.source(),
+            helo: self.helo.as_ref().map(|h| h.name.clone()),
+            sender: envelope.sender,
+            recipients: envelope.recipients,
+            queue_id: filters.queue_id(),
         }
     }
 
@@ -778,13 +973,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(Flow::Close)
     }
 
+    /// The backend failed during a message: counted, logged, connection
+    /// dropped (a later command reconnects).
+    fn note_backend_error(&mut self, error: &BackendError) {
+        tracing::warn!(source = %self.peer.ip(), error = %error, "backend failed during a message; not acknowledged");
+        self.ctx.stats.count_backend_error();
+        self.backend = None;
+    }
+
     async fn backend_failed_in_transaction(
         &mut self,
         error: BackendError,
     ) -> std::io::Result<Flow> {
-        tracing::warn!(source = %self.peer.ip(), error = %error, "backend failed during a message; not acknowledged");
-        self.ctx.stats.count_backend_error();
-        self.backend = None;
+        self.note_backend_error(&error);
         self.reply(&Reply::backend_lost_in_transaction()).await?;
         Ok(Flow::Close)
     }
@@ -886,6 +1087,7 @@ fn rejection_reply(rejection: &Rejection) -> Reply {
         Reason::RelayDenied => "Relay access denied",
         Reason::Harvest { .. } => "Error: too many invalid recipients, try again later",
         Reason::AuthFailures { .. } => "Error: too many failed authentications, try again later",
+        Reason::FilterRejects { .. } => "Error: too many rejected messages, try again later",
     };
     match rejection.action {
         Action::DeferCommand => Reply::new(450, &format!("4.7.1 {text}")),

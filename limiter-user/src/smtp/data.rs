@@ -260,6 +260,38 @@ enum Step {
     Violation(Violation),
 }
 
+/// Turns the wire form of a message body (as [`DataScanner`] copied it:
+/// CRLF lines, dot-stuffed, without the end marker) back into the message
+/// itself, chunk by chunk, for the content scanners.
+#[derive(Debug, Clone)]
+pub struct Unstuffer {
+    at_line_start: bool,
+}
+
+impl Default for Unstuffer {
+    fn default() -> Self {
+        Self {
+            at_line_start: true,
+        }
+    }
+}
+
+impl Unstuffer {
+    /// Appends `wire` to `out` without the stuffing dots (RFC 5321
+    /// §4.5.2: a line's leading `.` is removed).
+    pub fn feed(&mut self, wire: &[u8], out: &mut Vec<u8>) {
+        let mut start = 0;
+        for (i, &b) in wire.iter().enumerate() {
+            if self.at_line_start && b == b'.' {
+                out.extend_from_slice(&wire[start..i]);
+                start = i + 1;
+            }
+            self.at_line_start = b == b'\n';
+        }
+        out.extend_from_slice(&wire[start..]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -507,6 +539,18 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn unstuffer_removes_leading_dots_across_chunk_boundaries() {
+        let wire = b"a\r\n..b\r\n.\r\n...c\r\nd.e\r\n";
+        for split in 0..=wire.len() {
+            let mut unstuffer = Unstuffer::default();
+            let mut out = Vec::new();
+            unstuffer.feed(&wire[..split], &mut out);
+            unstuffer.feed(&wire[split..], &mut out);
+            assert_eq!(out, b"a\r\n.b\r\n\r\n..c\r\nd.e\r\n", "split at {split}");
         }
     }
 }

@@ -333,6 +333,12 @@ impl Reply {
         Self::new(454, "4.7.0 TLS not available due to local problem")
     }
 
+    /// `354`: the proxy takes the message itself (content filters).
+    #[must_use]
+    pub fn start_mail_input() -> Self {
+        Self::new(354, "End data with <CR><LF>.<CR><LF>")
+    }
+
     /// `220 2.0.0`: go ahead with the TLS handshake.
     #[must_use]
     pub fn ready_to_start_tls() -> Self {

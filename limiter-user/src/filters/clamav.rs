@@ -1,0 +1,240 @@
+//! ClamAV's clamd over TCP or a Unix socket: `zINSTREAM`, the message as
+//! length-prefixed chunks while DATA arrives, a zero-length chunk to end,
+//! then one NUL-terminated reply (`stream: OK`, `stream: <name> FOUND`,
+//! `... ERROR`).
+
+use std::{path::PathBuf, time::Duration};
+
+use bytes::Bytes;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{TcpStream, UnixStream},
+    sync::mpsc,
+};
+
+use super::{message::HeaderEdits, ScanError, Verdict};
+
+/// Longest reply read from clamd (a virus name and a few words).
+const MAX_REPLY: usize = 4096;
+/// Largest chunk written at once (clamd reads chunks of any size up to
+/// StreamMaxLength; smaller chunks keep its buffers small).
+const MAX_CHUNK: usize = 64 * 1024;
+
+/// Where clamd listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClamdAddress {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+/// A clamd to ask.
+#[derive(Clone, Debug)]
+pub struct ClamdClient {
+    address: ClamdAddress,
+    /// clamd's `StreamMaxLength`: more would make clamd drop the stream, so
+    /// only this many bytes are sent (the start of the message is scanned).
+    stream_max_length: u64,
+}
+
+/// What was sent to clamd, for the log.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub bytes: u64,
+    /// The message was longer than `stream_max_length`.
+    pub truncated: bool,
+}
+
+impl ClamdClient {
+    /// `address` is `host:port` or an absolute socket path.
+    #[must_use]
+    pub fn new(address: &str, stream_max_length: u64) -> Self {
+        let address = if address.starts_with('/') {
+            ClamdAddress::Unix(PathBuf::from(address))
+        } else {
+            ClamdAddress::Tcp(address.to_owned())
+        };
+        Self {
+            address,
+            stream_max_length,
+        }
+    }
+
+    /// Asks clamd about the message whose bytes arrive on `chunks`.
+    pub async fn scan(
+        &self,
+        chunks: mpsc::Receiver<Bytes>,
+        connect_timeout: Duration,
+    ) -> Result<Verdict, ScanError> {
+        let connect = async {
+            match &self.address {
+                ClamdAddress::Tcp(address) => TcpStream::connect(address)
+                    .await
+                    .map(|s| Box::new(s) as Box<dyn Stream>),
+                ClamdAddress::Unix(path) => UnixStream::connect(path)
+                    .await
+                    .map(|s| Box::new(s) as Box<dyn Stream>),
+            }
+        };
+        let stream = tokio::time::timeout(connect_timeout, connect)
+            .await
+            .map_err(|_| ScanError::Unavailable("connect timed out".into()))?
+            .map_err(|e| ScanError::Unavailable(e.to_string()))?;
+        let (verdict, sent) = self.instream(stream, chunks).await?;
+        if sent.truncated {
+            tracing::info!(
+                bytes = sent.bytes,
+                "message longer than filters.clamav.stream_max_length: clamd scanned its start only"
+            );
+        }
+        Ok(verdict)
+    }
+
+    async fn instream(
+        &self,
+        mut stream: Box<dyn Stream>,
+        mut chunks: mpsc::Receiver<Bytes>,
+    ) -> Result<(Verdict, Sent), ScanError> {
+        let io = |e: std::io::Error| ScanError::Protocol(e.to_string());
+        stream.write_all(b"zINSTREAM\0").await.map_err(io)?;
+        let mut sent = Sent::default();
+        while let Some(chunk) = chunks.recv().await {
+            let room = usize::try_from(self.stream_max_length - sent.bytes).unwrap_or(usize::MAX);
+            if chunk.len() > room {
+                sent.truncated = true;
+            }
+            for piece in chunk[..chunk.len().min(room)].chunks(MAX_CHUNK) {
+                // piece.len() <= MAX_CHUNK fits in u32.
+                stream
+                    .write_all(&(piece.len() as u32).to_be_bytes())
+                    .await
+                    .map_err(io)?;
+                stream.write_all(piece).await.map_err(io)?;
+                sent.bytes += piece.len() as u64;
+            }
+        }
+        stream.write_all(&0u32.to_be_bytes()).await.map_err(io)?;
+        stream.flush().await.map_err(io)?;
+        let mut reply = Vec::with_capacity(64);
+        let mut buf = [0u8; 256];
+        loop {
+            let n = stream.read(&mut buf).await.map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            reply.extend_from_slice(&buf[..n]);
+            if reply.contains(&0) || reply.len() > MAX_REPLY {
+                break;
+            }
+        }
+        let end = reply.iter().position(|&b| b == 0).unwrap_or(reply.len());
+        let text = String::from_utf8_lossy(&reply[..end.min(MAX_REPLY)]);
+        parse_reply(&text).map(|verdict| (verdict, sent))
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// The verdict in a clamd INSTREAM reply (without its NUL).
+///
+/// # Errors
+/// clamd reported an error (size limit, …) or said something unexpected.
+pub fn parse_reply(reply: &str) -> Result<Verdict, ScanError> {
+    let reply = reply.trim_end_matches(['\0', '\n', '\r']).trim();
+    // The reply names the stream (`stream: ...`); strip that.
+    let result = reply.strip_prefix("stream:").map_or(reply, str::trim);
+    if result == "OK" {
+        return Ok(Verdict::Clean {
+            edits: HeaderEdits::default(),
+        });
+    }
+    if let Some(name) = result.strip_suffix(" FOUND") {
+        return Ok(Verdict::Virus {
+            name: name.trim().to_owned(),
+        });
+    }
+    if reply.is_empty() {
+        return Err(ScanError::Protocol("clamd closed without a reply".into()));
+    }
+    Err(ScanError::Protocol(format!("clamd: {reply}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies() {
+        assert_eq!(
+            parse_reply("stream: OK\0").unwrap(),
+            Verdict::Clean {
+                edits: HeaderEdits::default()
+            }
+        );
+        assert_eq!(
+            parse_reply("stream: Win.Test.EICAR_HDB-1 FOUND").unwrap(),
+            Verdict::Virus {
+                name: "Win.Test.EICAR_HDB-1".into()
+            }
+        );
+        let err = parse_reply("INSTREAM size limit exceeded. ERROR").unwrap_err();
+        assert!(err.to_string().contains("size limit"), "{err}");
+        assert!(parse_reply("").is_err());
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            ClamdClient::new("/run/clamav/clamd.ctl", 1).address,
+            ClamdAddress::Unix("/run/clamav/clamd.ctl".into())
+        );
+        assert_eq!(
+            ClamdClient::new("127.0.0.1:3310", 1).address,
+            ClamdAddress::Tcp("127.0.0.1:3310".into())
+        );
+    }
+
+    /// A fake clamd on a socket pair: checks the framing and the
+    /// StreamMaxLength cut.
+    #[tokio::test]
+    async fn instream_framing_and_length_cut() {
+        let (ours, mut theirs) = tokio::io::duplex(1 << 20);
+        let client = ClamdClient::new("127.0.0.1:1", 10);
+        let (tx, rx) = mpsc::channel(4);
+        let server = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = theirs.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+                if got.ends_with(&[0, 0, 0, 0]) {
+                    break;
+                }
+            }
+            theirs.write_all(b"stream: OK\0").await.unwrap();
+            got
+        });
+        tx.send(Bytes::from_static(b"hello ")).await.unwrap();
+        tx.send(Bytes::from_static(b"world, and more"))
+            .await
+            .unwrap();
+        drop(tx);
+        let (verdict, sent) = client.instream(Box::new(ours), rx).await.unwrap();
+        assert!(matches!(verdict, Verdict::Clean { .. }));
+        assert_eq!(
+            sent,
+            Sent {
+                bytes: 10,
+                truncated: true
+            }
+        );
+        let got = server.await.unwrap();
+        let mut expected = b"zINSTREAM\0".to_vec();
+        expected.extend_from_slice(&6u32.to_be_bytes());
+        expected.extend_from_slice(b"hello ");
+        expected.extend_from_slice(&4u32.to_be_bytes());
+        expected.extend_from_slice(b"worl");
+        expected.extend_from_slice(&0u32.to_be_bytes());
+        assert_eq!(got, expected);
+    }
+}
