@@ -24,6 +24,29 @@ pub fn min_max(values: &[f64]) -> (f64, f64) {
         })
 }
 
+/// One line about the machine a benchmark ran on: kernel, CPUs, and the
+/// load average at the time (these machines are shared and noisy).
+pub fn machine() -> String {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "?".into())
+    };
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    format!(
+        "kernel {}, {cpus} CPUs ({model}), load average {}",
+        read("/proc/sys/kernel/osrelease"),
+        read("/proc/loadavg")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -166,6 +166,7 @@ const BENCHES: &[(&str, &str)] = &[
     ("attack", "attack-bench"),
     ("state", "state-bench"),
     ("syn", "syn-bench"),
+    ("filters", "filters-bench"),
 ];
 
 /// `cargo run --release -p limiter-tests --bin B -- ARGS` for limiter-bench,

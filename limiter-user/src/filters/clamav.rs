@@ -94,9 +94,42 @@ impl ClamdClient {
         mut stream: Box<dyn Stream>,
         mut chunks: mpsc::Receiver<Bytes>,
     ) -> Result<(Verdict, Sent), ScanError> {
-        let io = |e: std::io::Error| ScanError::Protocol(e.to_string());
-        stream.write_all(b"zINSTREAM\0").await.map_err(io)?;
         let mut sent = Sent::default();
+        // clamd answers and closes as soon as it refuses a stream (over its
+        // StreamMaxLength): a failed write still leaves its reply to read.
+        let written = self.send_stream(&mut stream, &mut chunks, &mut sent).await;
+        let mut reply = Vec::with_capacity(64);
+        let mut buf = [0u8; 256];
+        while !reply.contains(&0) && reply.len() <= MAX_REPLY {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => reply.extend_from_slice(&buf[..n]),
+            }
+        }
+        let end = reply.iter().position(|&b| b == 0).unwrap_or(reply.len());
+        let text = String::from_utf8_lossy(&reply[..end.min(MAX_REPLY)]);
+        match (parse_reply(&text), written) {
+            (Err(_), Err(e)) if text.trim().is_empty() => {
+                Err(ScanError::Protocol(format!("sending to clamd: {e}")))
+            }
+            (Err(ScanError::Protocol(m)), _) if m.contains("size limit") => {
+                Err(ScanError::Protocol(format!(
+                    "{m} (set filters.clamav.stream_max_length to clamd's StreamMaxLength)"
+                )))
+            }
+            (result, _) => result.map(|verdict| (verdict, sent)),
+        }
+    }
+
+    /// `zINSTREAM`, the chunks (at most `stream_max_length` bytes in all),
+    /// the zero-length end chunk.
+    async fn send_stream(
+        &self,
+        stream: &mut Box<dyn Stream>,
+        chunks: &mut mpsc::Receiver<Bytes>,
+        sent: &mut Sent,
+    ) -> std::io::Result<()> {
+        stream.write_all(b"zINSTREAM\0").await?;
         while let Some(chunk) = chunks.recv().await {
             let room = usize::try_from(self.stream_max_length - sent.bytes).unwrap_or(usize::MAX);
             if chunk.len() > room {
@@ -106,29 +139,13 @@ impl ClamdClient {
                 // piece.len() <= MAX_CHUNK fits in u32.
                 stream
                     .write_all(&(piece.len() as u32).to_be_bytes())
-                    .await
-                    .map_err(io)?;
-                stream.write_all(piece).await.map_err(io)?;
+                    .await?;
+                stream.write_all(piece).await?;
                 sent.bytes += piece.len() as u64;
             }
         }
-        stream.write_all(&0u32.to_be_bytes()).await.map_err(io)?;
-        stream.flush().await.map_err(io)?;
-        let mut reply = Vec::with_capacity(64);
-        let mut buf = [0u8; 256];
-        loop {
-            let n = stream.read(&mut buf).await.map_err(io)?;
-            if n == 0 {
-                break;
-            }
-            reply.extend_from_slice(&buf[..n]);
-            if reply.contains(&0) || reply.len() > MAX_REPLY {
-                break;
-            }
-        }
-        let end = reply.iter().position(|&b| b == 0).unwrap_or(reply.len());
-        let text = String::from_utf8_lossy(&reply[..end.min(MAX_REPLY)]);
-        parse_reply(&text).map(|verdict| (verdict, sent))
+        stream.write_all(&0u32.to_be_bytes()).await?;
+        stream.flush().await
     }
 }
 

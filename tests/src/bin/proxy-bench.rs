@@ -49,7 +49,7 @@
 //! `discard`) by the end; Postfix's queue is drained before each of its
 //! measurements.
 
-use limiter_tests::stats::{median, min_max};
+use limiter_tests::stats::{machine, median, min_max};
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -1262,27 +1262,6 @@ fn raise_nofile(want: u64) -> Result<u64> {
         }
     }
     Ok(want)
-}
-
-fn machine() -> String {
-    let read = |p: &str| {
-        std::fs::read_to_string(p)
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_else(|_| "?".into())
-    };
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = read("/proc/cpuinfo")
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_default();
-    format!(
-        "kernel {}, {cpus} CPUs ({model}), load average {}",
-        read("/proc/sys/kernel/osrelease"),
-        read("/proc/loadavg")
-    )
 }
 
 fn postfix_version() -> String {

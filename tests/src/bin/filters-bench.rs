@@ -1,0 +1,380 @@
+//! `filters-bench`: what the content filters (rspamd, ClamAV) cost a mail
+//! flow through the proxy, against the same proxy without them, in one run
+//! with interleaved rounds.
+//!
+//! Run it with `cargo xtask bench -- --only filters [ARGS]` or
+//! `cargo run --release -p limiter-tests --bin filters-bench [-- ARGS]`, as
+//! root (the Postfix, rspamd and clamd fixtures need it). All traffic stays
+//! on 127.0.0.1.
+//!
+//! One private Postfix (discard delivery, PROXY v2), one private rspamd and
+//! one private clamd (the test fixtures: tiny rule set and signature
+//! database, no network lookups), and four proxies in this process in front
+//! of the same Postfix: filters off, rspamd only, clamd only, both. Every
+//! round measures every setup (the order rotates from round to round) for
+//! `--seconds` with `--clients` client threads, each sending messages one
+//! after the other on its own persistent session (MAIL, RCPT, DATA, body,
+//! end; the next one when the reply came): messages per second, and each
+//! message's time from MAIL to the reply to its end. Reported: medians over
+//! rounds, the range, the median of the per-round ratios to "off", and the
+//! added latency per message (median and p99 of all messages of a setup,
+//! minus the same for "off").
+//!
+//! Checks: every reply in a transaction is the expected one (any other
+//! aborts the run); each proxy's message counter grows by exactly the
+//! messages acknowledged through it; the filter verdicts counted equal the
+//! messages sent through a filtering proxy, all `clean`; Postfix delivers
+//! every message by the end.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream},
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use limiter_tests::{
+    clamd::Clamd,
+    postfix::{Postfix, PostfixOptions},
+    proxy::TestProxy,
+    rspamd::Rspamd,
+    stats::{machine, median, min_max},
+};
+
+const USAGE: &str = "\
+filters-bench: messages/s and added latency per message through the proxy
+with rspamd and ClamAV on vs. off, same run, interleaved rounds.
+
+Usage: filters-bench [OPTIONS]   (as root)
+
+  --rounds N     interleaved rounds (default 5)
+  --seconds S    length of one measurement (default 4)
+  --clients N    client threads, one persistent session each (default 4)
+  --quick        3 rounds of 1.5 s
+";
+
+/// How long a reply may take before the run is declared broken.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A plain text message of about 4 KB, dot-stuffed where needed.
+fn message_body() -> String {
+    let mut body = String::from(
+        "From: Sender <sender@bench.test>\r\nTo: Alice <alice@example.com>\r\n\
+         Subject: quarterly report\r\nMessage-ID: <bench@bench.test>\r\n\
+         MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n",
+    );
+    for i in 0..50 {
+        body.push_str(&format!(
+            "Line {i:02} of the report: revenue, costs and the outlook for the next quarter.\r\n"
+        ));
+    }
+    body
+}
+
+struct Options {
+    rounds: usize,
+    seconds: f64,
+    clients: usize,
+}
+
+fn parse_args() -> Result<Options> {
+    let mut opts = Options {
+        rounds: 5,
+        seconds: 4.0,
+        clients: 4,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--rounds" => opts.rounds = value("--rounds")?.parse()?,
+            "--seconds" => opts.seconds = value("--seconds")?.parse()?,
+            "--clients" => opts.clients = value("--clients")?.parse()?,
+            "--quick" => {
+                opts.rounds = 3;
+                opts.seconds = 1.5;
+            }
+            "--help" | "-h" => {
+                print!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    ensure!(opts.rounds >= 1 && opts.clients >= 1 && opts.seconds > 0.0);
+    Ok(opts)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    Off,
+    Rspamd,
+    Clamd,
+    Both,
+}
+
+const SETUPS: [Setup; 4] = [Setup::Off, Setup::Rspamd, Setup::Clamd, Setup::Both];
+
+impl Setup {
+    fn name(self) -> &'static str {
+        match self {
+            Setup::Off => "filters off",
+            Setup::Rspamd => "rspamd",
+            Setup::Clamd => "clamd",
+            Setup::Both => "rspamd + clamd",
+        }
+    }
+}
+
+fn proxy_config(backend: SocketAddr, filters: &str) -> String {
+    format!(
+        r#"mode = "enforce"
+
+[[listen]]
+address = "127.0.0.1:0"
+
+[backend]
+address = "{backend}"
+identity = "proxy-v2"
+connect_timeout = "5s"
+
+[kernel]
+mode = "off"
+
+[limits]
+max_connections_per_source = 0
+
+[relay]
+accept = "*@example.com"
+
+{filters}
+"#
+    )
+}
+
+/// What one measurement saw.
+struct Run {
+    messages: u64,
+    seconds: f64,
+    /// Seconds from MAIL to the end-of-DATA reply, per message.
+    latencies: Vec<f64>,
+}
+
+/// `clients` threads, each on its own session, sending messages until
+/// `seconds` have passed.
+fn measure(addr: SocketAddr, clients: usize, seconds: f64, body: &str) -> Result<Run> {
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(seconds);
+    let results: Vec<Result<Vec<f64>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..clients)
+            .map(|_| scope.spawn(move || client(addr, until, body)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| bail!("client thread panicked")))
+            .collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut latencies = Vec::new();
+    for result in results {
+        latencies.extend(result?);
+    }
+    Ok(Run {
+        messages: latencies.len() as u64,
+        seconds: elapsed,
+        latencies,
+    })
+}
+
+fn client(addr: SocketAddr, until: Instant, body: &str) -> Result<Vec<f64>> {
+    let stream = TcpStream::connect(addr).context("connect to the proxy")?;
+    stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    stream.set_nodelay(true)?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    let mut expect = |reader: &mut BufReader<TcpStream>, code: &str| -> Result<()> {
+        loop {
+            line.clear();
+            ensure!(
+                reader.read_line(&mut line)? > 0,
+                "connection closed, expected {code}"
+            );
+            ensure!(line.starts_with(code), "expected {code}, got {line:?}");
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Ok(());
+            }
+        }
+    };
+    expect(&mut reader, "220")?;
+    writer.write_all(b"EHLO client.bench.test\r\n")?;
+    expect(&mut reader, "250")?;
+    let mut latencies = Vec::new();
+    let data = format!("{body}.\r\n");
+    while Instant::now() < until {
+        let t0 = Instant::now();
+        writer.write_all(b"MAIL FROM:<sender@bench.test>\r\n")?;
+        expect(&mut reader, "250")?;
+        writer.write_all(b"RCPT TO:<alice@example.com>\r\n")?;
+        expect(&mut reader, "250")?;
+        writer.write_all(b"DATA\r\n")?;
+        expect(&mut reader, "354")?;
+        writer.write_all(data.as_bytes())?;
+        expect(&mut reader, "250")?;
+        latencies.push(t0.elapsed().as_secs_f64());
+    }
+    writer.write_all(b"QUIT\r\n")?;
+    let _ = expect(&mut reader, "221");
+    Ok(latencies)
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn main() -> Result<()> {
+    let opts = parse_args()?;
+    let body = message_body();
+    eprintln!("filters-bench: starting Postfix, rspamd and clamd");
+    let postfix = Postfix::start(PostfixOptions {
+        proxy_protocol: true,
+        extra_main_cf: [
+            ("smtpd_client_connection_count_limit", "0"),
+            ("smtpd_client_connection_rate_limit", "0"),
+            ("smtpd_client_message_rate_limit", "0"),
+            ("smtpd_client_recipient_rate_limit", "0"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect(),
+        ..PostfixOptions::default()
+    })?;
+    let rspamd = Rspamd::start()?;
+    let clamd = Clamd::start()?;
+    let rspamd_table = format!("[filters.rspamd]\nurl = \"{}\"\n", rspamd.url());
+    let clamd_table = format!("[filters.clamav]\naddress = \"{}\"\n", clamd.tcp_address());
+    let proxies: Vec<(Setup, TestProxy)> = SETUPS
+        .iter()
+        .map(|&setup| {
+            let filters = match setup {
+                Setup::Off => String::new(),
+                Setup::Rspamd => rspamd_table.clone(),
+                Setup::Clamd => clamd_table.clone(),
+                Setup::Both => format!("{rspamd_table}\n{clamd_table}"),
+            };
+            (
+                setup,
+                TestProxy::start(&proxy_config(postfix.addr(), &filters)),
+            )
+        })
+        .collect();
+
+    // Warm-up: one short run per setup, not recorded.
+    for (_, proxy) in &proxies {
+        measure(proxy.addr, opts.clients, 0.5, &body)?;
+    }
+    let before: Vec<u64> = proxies
+        .iter()
+        .map(|(_, p)| p.ctx.stats.messages.load(Ordering::Relaxed))
+        .collect();
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); SETUPS.len()];
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); SETUPS.len()];
+    let mut latencies: Vec<Vec<f64>> = vec![Vec::new(); SETUPS.len()];
+    let mut sent = vec![0u64; SETUPS.len()];
+    for round in 0..opts.rounds {
+        let mut round_rates = vec![0.0; SETUPS.len()];
+        for k in 0..SETUPS.len() {
+            let i = (k + round) % SETUPS.len();
+            let run = measure(proxies[i].1.addr, opts.clients, opts.seconds, &body)?;
+            round_rates[i] = run.messages as f64 / run.seconds;
+            sent[i] += run.messages;
+            latencies[i].extend(run.latencies);
+        }
+        eprintln!(
+            "round {}: {}",
+            round + 1,
+            SETUPS
+                .iter()
+                .zip(&round_rates)
+                .map(|(s, r)| format!("{} {r:.0}/s", s.name()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for i in 0..SETUPS.len() {
+            rates[i].push(round_rates[i]);
+            ratios[i].push(round_rates[i] / round_rates[0]);
+        }
+    }
+
+    // Checks.
+    for (i, (setup, proxy)) in proxies.iter().enumerate() {
+        let grew = proxy.ctx.stats.messages.load(Ordering::Relaxed) - before[i];
+        ensure!(
+            grew == sent[i],
+            "{}: the proxy counted {grew} messages, the clients {}",
+            setup.name(),
+            sent[i]
+        );
+        if let Some(filters) = &proxy.ctx.filters {
+            let verdicts = filters.stats.verdicts.list();
+            ensure!(
+                verdicts.iter().all(|(label, _)| *label == "clean"),
+                "{}: verdicts other than clean: {verdicts:?}",
+                setup.name()
+            );
+        }
+    }
+    let total: u64 = proxies
+        .iter()
+        .map(|(_, p)| p.ctx.stats.messages.load(Ordering::Relaxed))
+        .sum();
+    ensure!(
+        postfix.wait_delivered(total as usize, DRAIN_TIMEOUT),
+        "Postfix delivered {} of {total}",
+        postfix.delivered()
+    );
+
+    let mut report = String::new();
+    report.push_str(&format!(
+        "filters-bench: {} rounds × {} s, {} clients on persistent sessions, {}-byte messages\n{}\n\n",
+        opts.rounds,
+        opts.seconds,
+        opts.clients,
+        body.len(),
+        machine()
+    ));
+    report.push_str("| setup | msgs/s median | min–max | × off (median of round ratios) | latency median | p99 | added median | added p99 |\n");
+    report.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    let mut sorted: Vec<Vec<f64>> = latencies.clone();
+    for l in &mut sorted {
+        l.sort_by(f64::total_cmp);
+    }
+    let (off_p50, off_p99) = (quantile(&sorted[0], 0.5), quantile(&sorted[0], 0.99));
+    for (i, setup) in SETUPS.iter().enumerate() {
+        let (lo, hi) = min_max(&rates[i]);
+        let (p50, p99) = (quantile(&sorted[i], 0.5), quantile(&sorted[i], 0.99));
+        report.push_str(&format!(
+            "| {} | {:.0} | {lo:.0}–{hi:.0} | {:.2} | {:.2} ms | {:.2} ms | {:+.2} ms | {:+.2} ms |\n",
+            setup.name(),
+            median(&rates[i]),
+            median(&ratios[i]),
+            p50 * 1e3,
+            p99 * 1e3,
+            (p50 - off_p50) * 1e3,
+            (p99 - off_p99) * 1e3,
+        ));
+    }
+    report.push_str(&format!(
+        "\nchecks: proxy message counters = messages acknowledged ({} in all), every verdict clean, Postfix delivered all {total}\n",
+        sent.iter().sum::<u64>()
+    ));
+    print!("{report}");
+    drop(proxies);
+    Ok(())
+}
