@@ -371,7 +371,7 @@ fn main() -> Result<()> {
         ));
     }
     report.push_str(&format!(
-        "\nchecks: proxy message counters = messages acknowledged ({} in all), every verdict clean, Postfix delivered all {total}\n",
+        "\nchecks: proxy message counters = messages acknowledged ({} measured), every verdict clean, Postfix delivered all {total} (warm-up included)\n",
         sent.iter().sum::<u64>()
     ));
     print!("{report}");
