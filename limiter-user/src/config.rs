@@ -673,6 +673,10 @@ pub struct Filters {
     /// bounds the memory of each session.
     #[serde(with = "size_serde")]
     pub max_size: u64,
+    /// Bytes all sessions together may hold for scanning; a message that
+    /// would go over it is handled as `on_failure` says.
+    #[serde(with = "size_serde")]
+    pub max_held: u64,
     /// Messages rejected by the filters (virus, spam) from one source
     /// within `reject_window` that block it; 0 = never block.
     pub max_rejects: u32,
@@ -693,6 +697,7 @@ impl Default for Filters {
             timeout: Duration::from_secs(30),
             on_failure: OnFailure::FailOpen,
             max_size: 25_000_000,
+            max_held: 1 << 30,
             max_rejects: 3,
             reject_window: Duration::from_secs(60 * 60),
             rspamd: None,
@@ -1197,6 +1202,15 @@ impl Config {
         }
         if filters.max_size == 0 {
             return Err(invalid("filters.max_size", "must be greater than zero"));
+        }
+        if filters.max_held < filters.max_size {
+            return Err(invalid(
+                "filters.max_held",
+                format!(
+                    "{} is less than filters.max_size ({}): not even one message could be held",
+                    filters.max_held, filters.max_size
+                ),
+            ));
         }
         if filters.reject_window.is_zero() {
             return Err(invalid(
@@ -1873,6 +1887,7 @@ mod tests {
             ("[filters.clamav]\naddress = \"\"", "filters.clamav.address"),
             ("[filters.clamav]\naddress = \"/s\"\nstream_max_length = 0", "filters.clamav.stream_max_length"),
             ("[filters]\nreject_window = \"0s\"", "filters.reject_window"),
+            ("[filters]\nmax_held = \"1MB\"", "filters.max_held"),
         ] {
             let (got, reason) = invalid_key(text);
             assert_eq!(got, key, "{text}: {reason}");
@@ -1983,8 +1998,10 @@ mod tests {
             ("\"4096\"", 4_096),
             ("4096", 4_096),
         ] {
-            let config = Config::from_toml(&format!("[filters]\nmax_size = {text}"))
-                .unwrap_or_else(|e| panic!("{text}: {e}"));
+            let config = Config::from_toml(&format!(
+                "[filters]\nmax_size = {text}\nmax_held = \"1000TB\""
+            ))
+            .unwrap_or_else(|e| panic!("{text}: {e}"));
             assert_eq!(config.filters.max_size, want, "{text}");
         }
         for text in [

@@ -217,6 +217,10 @@ pub struct Filters {
     timeout: Duration,
     on_failure: OnFailure,
     max_size: u64,
+    /// `filters.max_held`: bytes all sessions together may hold.
+    max_held: u64,
+    /// Bytes held now, by every [`MessageScan`].
+    held: AtomicU64,
     rspamd: Option<RspamdClient>,
     clamav: Option<ClamdClient>,
     pub stats: FilterStats,
@@ -240,6 +244,8 @@ impl Filters {
             timeout: config.timeout,
             on_failure: config.on_failure,
             max_size: config.max_size,
+            max_held: config.max_held,
+            held: AtomicU64::new(0),
             rspamd,
             clamav: config
                 .clamav
@@ -292,6 +298,7 @@ impl Filters {
             filters: self.clone(),
             running,
             unstuffer: Unstuffer::default(),
+            reserved: 0,
         }
     }
 }
@@ -312,6 +319,8 @@ pub struct MessageScan {
     filters: Arc<Filters>,
     running: Vec<Running>,
     unstuffer: Unstuffer,
+    /// This message's share of [`Filters::held`].
+    reserved: u64,
 }
 
 impl MessageScan {
@@ -373,6 +382,44 @@ impl MessageScan {
         outcome
     }
 
+    /// Takes `bytes` more of the memory budget all held messages share
+    /// (`filters.max_held`); `false` if that would go over it.
+    pub fn reserve(&mut self, bytes: usize) -> bool {
+        let bytes = bytes as u64;
+        let held = &self.filters.held;
+        let before = held.fetch_add(bytes, Ordering::Relaxed);
+        if before.saturating_add(bytes) > self.filters.max_held {
+            held.fetch_sub(bytes, Ordering::Relaxed);
+            return false;
+        }
+        self.reserved += bytes;
+        true
+    }
+
+    /// The memory budget for held messages is spent: with `fail-open` the
+    /// message goes on unscanned (the header to add), with `fail-closed`
+    /// `None` (the client gets 451). Counted as `unscanned` or `tempfail`.
+    #[must_use]
+    pub fn skip_no_memory(self) -> Option<HeaderEdits> {
+        let stats = &self.filters.stats;
+        match self.filters.on_failure {
+            OnFailure::FailOpen => {
+                stats.verdicts.add("unscanned");
+                Some(HeaderEdits {
+                    add: vec![(
+                        SCAN_HEADER.into(),
+                        "not scanned (filters.max_held reached)".into(),
+                    )],
+                    ..HeaderEdits::default()
+                })
+            }
+            OnFailure::FailClosed => {
+                stats.verdicts.add("tempfail");
+                None
+            }
+        }
+    }
+
     /// The message went on unscanned because it is larger than
     /// `filters.max_size`: counts it and returns the header that says so.
     #[must_use]
@@ -393,6 +440,9 @@ impl Drop for MessageScan {
         for running in &self.running {
             running.task.abort();
         }
+        self.filters
+            .held
+            .fetch_sub(self.reserved, Ordering::Relaxed);
     }
 }
 
@@ -498,5 +548,31 @@ mod tests {
         };
         assert_eq!((reply.code, label), (451, "tempfail"));
         assert!(detail.contains("clamav"));
+    }
+
+    #[tokio::test]
+    async fn held_messages_share_one_memory_budget() {
+        let config = config::Config::from_toml(
+            "[filters]\nmax_size = 10\nmax_held = 15\n[filters.clamav]\naddress = \"127.0.0.1:1\"",
+        )
+        .unwrap();
+        let filters = Filters::from_config(&config.filters).unwrap().unwrap();
+        let envelope = || Envelope {
+            client: "192.0.2.1".parse().unwrap(),
+            helo: None,
+            sender: None,
+            recipients: vec!["a@example.com".into()],
+            queue_id: filters.queue_id(),
+        };
+        let mut first = filters.start(envelope());
+        let mut second = filters.start(envelope());
+        assert!(first.reserve(10));
+        assert!(!second.reserve(10), "15 bytes in all");
+        assert!(second.reserve(5));
+        drop(first);
+        assert!(second.reserve(10));
+        drop(second);
+        assert_eq!(filters.held.load(Ordering::Relaxed), 0);
+        assert_ne!(filters.queue_id(), filters.queue_id());
     }
 }

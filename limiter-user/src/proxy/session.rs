@@ -608,6 +608,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         MessageSink::Backend => self.end_of_data().await,
                         MessageSink::Held { scan, held } => self.judge_message(scan, held).await,
                         MessageSink::Discard(reply) => {
+                            // The backend may still hold the envelope of a
+                            // message it never got.
+                            self.reset_backend_transaction().await;
                             self.reply(&reply).await?;
                             Ok(Flow::Continue)
                         }
@@ -663,13 +666,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .filters
             .as_ref()
             .is_some_and(|f| message_size > f.max_size());
-        if !too_large {
+        let edits = if too_large {
+            tracing::info!(source = %self.peer.ip(), size = message_size, "message too large to scan: passed on unscanned");
+            scan.skip_too_large()
+        } else if scan.reserve(content.len()) {
             scan.feed(content).await;
             held.extend_from_slice(content);
             return Ok(MessageSink::Held { scan, held });
-        }
-        let edits = scan.skip_too_large();
-        tracing::info!(source = %self.peer.ip(), size = message_size, "message too large to scan: passed on unscanned");
+        } else {
+            tracing::warn!(source = %self.peer.ip(), "filters.max_held reached: this message cannot be held for scanning");
+            match scan.skip_no_memory() {
+                Some(edits) => edits,
+                None => {
+                    return Ok(MessageSink::Discard(Reply::new(
+                        451,
+                        "4.7.1 Message could not be scanned, try again later",
+                    )))
+                }
+            }
+        };
         let (mut first, rest) = message::apply(&held, &edits);
         first.extend_from_slice(&held[rest..]);
         first.extend_from_slice(wire);
@@ -724,12 +739,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     // Observe mode: the message goes on as it came.
                     return self.deliver_held(&held, &HeaderEdits::default()).await;
                 }
-                // The backend has the envelope but no DATA: forget it.
-                if let Some(backend) = self.backend.as_mut() {
-                    if backend.command(b"RSET").await.is_err() {
-                        self.backend = None;
-                    }
-                }
+                self.reset_backend_transaction().await;
                 self.reply(&reply).await?;
                 if label == "virus" || label == "spam" {
                     if let Some(decision) = self.ctx.policy().filter_rejected(
@@ -873,11 +883,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // nothing said in plaintext may carry over at the backend either.
         self.helo = None;
         self.envelope = Envelope::default();
-        if let Some(backend) = self.backend.as_mut() {
-            if backend.command(b"RSET").await.is_err() {
-                self.backend = None;
-            }
-        }
+        self.reset_backend_transaction().await;
         Ok(Flow::Continue)
     }
 
@@ -971,6 +977,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.backend = None;
         self.reply(&Reply::backend_unavailable()).await?;
         Ok(Flow::Close)
+    }
+
+    /// Ends the backend's transaction (`RSET`) when it must not go on: a
+    /// refused message, a new TLS state. A backend that fails it is dropped
+    /// (a later command reconnects).
+    async fn reset_backend_transaction(&mut self) {
+        if let Some(backend) = self.backend.as_mut() {
+            if backend.command(b"RSET").await.is_err() {
+                self.backend = None;
+            }
+        }
     }
 
     /// The backend failed during a message: counted, logged, connection
