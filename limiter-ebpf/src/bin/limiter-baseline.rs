@@ -34,6 +34,26 @@ mod programs {
         xdp_action::XDP_DROP
     }
 
+    /// Reads the IPv4 source address and drops: the floor of any program
+    /// that judges a packet by its source (the frame's first cache line is
+    /// touched, as every filter must).
+    #[xdp]
+    pub fn baseline_read(ctx: XdpContext) -> u32 {
+        // Ethernet (14) + the IPv4 header up to the source address (16).
+        const SOURCE_END: usize = 14 + 16;
+        let (start, end) = (ctx.data(), ctx.data_end());
+        if start + SOURCE_END > end {
+            return xdp_action::XDP_PASS;
+        }
+        // SAFETY: bounds-checked just above.
+        let source = unsafe { core::ptr::read_unaligned((start + 26) as *const u32) };
+        if source == 0 {
+            xdp_action::XDP_PASS
+        } else {
+            xdp_action::XDP_DROP
+        }
+    }
+
     /// The generator of `syn-bench`: run by `BPF_PROG_TEST_RUN` with
     /// `BPF_F_TEST_XDP_LIVE_FRAMES` and a fixed repeat count, it sends each
     /// test frame out of the interface in `REDIRECT_TO` (a veth, whose peer

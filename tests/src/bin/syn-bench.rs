@@ -132,6 +132,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const CONN_DEADLINE: Duration = Duration::from_secs(60);
 
 const BASELINE_DROP: &str = "baseline_drop";
+const BASELINE_READ: &str = "baseline_read";
 const GENERATOR: &str = "bench_redirect";
 const REDIRECT_MAP: &str = "REDIRECT_TO";
 
@@ -231,6 +232,7 @@ fn parse_options() -> Result<Options> {
 enum Pair {
     Product,
     Floor,
+    FloorRead,
     NftIngress,
     NftPrerouting,
     NftInput,
@@ -238,9 +240,10 @@ enum Pair {
     Connect,
 }
 
-const PAIRS: [Pair; 7] = [
+const PAIRS: [Pair; 8] = [
     Pair::Product,
     Pair::Floor,
+    Pair::FloorRead,
     Pair::NftIngress,
     Pair::NftPrerouting,
     Pair::NftInput,
@@ -300,6 +303,14 @@ fn setups() -> Vec<Setup> {
             id: "floor",
             label: "trivial XDP_DROP (baseline_drop)",
             pair: Pair::Floor,
+            source: BLOCKED,
+            counter: Counter::XdpDrops,
+            events: true,
+        },
+        Setup {
+            id: "floor-read",
+            label: "extra: XDP that reads the IPv4 source, then drops (baseline_read)",
+            pair: Pair::FloorRead,
             source: BLOCKED,
             counter: Counter::XdpDrops,
             events: true,
@@ -790,7 +801,13 @@ impl Testbed {
         // as the nftables sets hold.
         let kernel = TestKernel::load_with(KernelLimits::default(), MapSizes::default());
         fill_product(&kernel, options.set_size)?;
-        let product = &devices[0];
+        let find_pair = |pair: Pair| {
+            devices
+                .iter()
+                .find(|d| d.pair == pair)
+                .context("every pair exists")
+        };
+        let product = find_pair(Pair::Product)?;
         let datapath = &kernel.datapath;
         product
             .server
@@ -808,7 +825,7 @@ impl Testbed {
                 .context("no baseline_drop")?
                 .try_into()?;
             drop.load().context("loading baseline_drop")?;
-            let floor = &devices[1];
+            let floor = find_pair(Pair::Floor)?;
             floor
                 .server
                 .run(|| drop.attach(&floor.server_if, XdpMode::Driver))
@@ -818,6 +835,20 @@ impl Testbed {
                     .run(|| drop.attach(&d.client_if, XdpMode::Driver))
                     .with_context(|| format!("attaching baseline_drop to {}", d.client_if))?;
             }
+        }
+        {
+            let read: &mut Xdp = baseline
+                .program_mut(BASELINE_READ)
+                .context(
+                    "no baseline_read in the baseline object (rebuild it: cargo xtask build-ebpf)",
+                )?
+                .try_into()?;
+            read.load().context("loading baseline_read")?;
+            let floor_read = find_pair(Pair::FloorRead)?;
+            floor_read
+                .server
+                .run(|| read.attach(&floor_read.server_if, XdpMode::Driver))
+                .context("attaching baseline_read")?;
         }
         {
             let generator: &mut Xdp = baseline
@@ -1591,10 +1622,12 @@ fn report(
     );
     let _ = writeln!(
         out,
-        "- extra: over-cap drop {:.2}× the block drop, {:.2}× the floor; with drop events off {:.2}× the floor; accept+close {:.0}× the product drop",
+        "- extra: over-cap drop {:.2}× the block drop, {:.2}× the floor; with drop events off {:.2}× the floor; the floor that reads the source {:.2}× the floor, product {:.2}× that; accept+close {:.0}× the product drop",
         ratio("product-cap", product),
         ratio("product-cap", floor),
         ratio("product-ev0", floor),
+        ratio("floor-read", floor),
+        per_round_ratio(product, of("floor-read")),
         ratio("accept-close", product)
     );
     let failed = samples.iter().flatten().filter(|s| !s.ok).count();
