@@ -233,3 +233,84 @@ fn cli_blocks_through_the_agent_and_blocks_survive_lost_kernel_maps() {
     drop(kernel);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `smtp-limiter stats` and `/metrics` show the content filters' verdicts,
+/// with the real binary, clamd, and the built-in backend.
+#[test]
+fn stats_and_metrics_show_filter_verdicts() {
+    let test = "stats_and_metrics_show_filter_verdicts";
+    if !limiter_tests::clamd::prerequisites(test) {
+        return;
+    }
+    let clamd = limiter_tests::clamd::Clamd::start().expect("start clamd");
+    let dir = std::env::temp_dir().join(format!("smtp-limiter-filters-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (listen, backend, metrics) = (free_port(), free_port(), free_port());
+    let socket = dir.join("control.sock");
+    let config = dir.join("smtp-limiter.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+            [[listen]]
+            address = "127.0.0.1:{listen}"
+            [backend]
+            address = "127.0.0.1:{backend}"
+            builtin = true
+            [kernel]
+            mode = "off"
+            [filters]
+            max_rejects = 0
+            [filters.clamav]
+            address = "{clamd}"
+            [control]
+            socket = "{socket}"
+            [state]
+            directory = "{state}"
+            [metrics]
+            address = "127.0.0.1:{metrics}"
+            "#,
+            clamd = clamd.tcp_address(),
+            socket = socket.display(),
+            state = dir.join("state").display(),
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start(&config, &socket);
+    let proxy: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
+    let (mut smtp, greeting) = Client::from_stream(connect_from("127.0.0.2", proxy)).unwrap();
+    assert!(greeting.starts_with("220"), "{greeting}");
+    assert!(smtp.cmd("EHLO client.test").unwrap().starts_with("250"));
+    for (body, want) in [
+        ("Subject: hello\r\n\r\nclean\r\n", "250"),
+        (
+            &format!("Subject: hi\r\n\r\n{}\r\n", limiter_tests::clamd::VIRUS_MARKER)[..],
+            "550 5.7.1",
+        ),
+    ] {
+        assert!(smtp.cmd("MAIL FROM:<a@client.test>").unwrap().starts_with("250"));
+        assert!(smtp.cmd("RCPT TO:<alice@example.com>").unwrap().starts_with("250"));
+        assert!(smtp.cmd("DATA").unwrap().starts_with("354"));
+        let reply = smtp.cmd(&format!("{body}.")).unwrap();
+        assert!(reply.starts_with(want), "{body:?}: {reply}");
+    }
+    let (ok, out) = cli(&config, &["stats", "--json"]);
+    assert!(ok, "{out}");
+    let stats: serde_json::Value = serde_json::from_str(&out).expect("stats --json is JSON");
+    assert_eq!(stats["filters"]["verdicts"]["clean"], 1, "{out}");
+    assert_eq!(stats["filters"]["verdicts"]["virus"], 1, "{out}");
+    let (ok, out) = cli(&config, &["stats"]);
+    assert!(ok && out.contains("virus: 1"), "{out}");
+    let mut stream = TcpStream::connect(("127.0.0.1", metrics)).unwrap();
+    std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut text).unwrap();
+    assert!(
+        text.contains("smtp_limiter_filter_verdicts_total{verdict=\"virus\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("smtp_limiter_filter_wait_seconds_count 2"), "{text}");
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
