@@ -32,6 +32,8 @@ use crate::{
 
 /// How often expired blocks are swept from the kernel maps.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// Every this many sweeps the whole kernel block map is walked too (5 min).
+const KERNEL_SWEEP_EVERY: u64 = 30;
 
 /// The kernel limits a configuration asks for.
 pub fn kernel_limits(config: &Config) -> KernelLimits {
@@ -204,6 +206,7 @@ pub async fn run(
         Kernel::Off(_) => None,
     };
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    let mut sweeps: u64 = 0;
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -218,14 +221,32 @@ pub async fn run(
             },
             _ = sweep.tick() => {
                 let now = std::time::SystemTime::now();
-                ctx.blocks.sweep(now);
-                match datapath.sweep_expired(now) {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(swept = n, "expired blocks removed from the kernel"),
-                    Err(e) => tracing::warn!(error = %e, "sweeping expired blocks"),
+                // The proxy's expired blocks leave the kernel one by one; a
+                // walk of the whole kernel map (O(blocks): seconds with a
+                // million) only now and then, for entries only it holds.
+                let expired = ctx.blocks.sweep(now);
+                for net in &expired {
+                    if let Err(e) = datapath.unblock(*net) {
+                        tracing::warn!(%net, error = %e, "removing an expired block from the kernel");
+                    }
                 }
-                // Also catches blocks added or removed with the CLI.
-                save_blocks(store.as_ref(), &ctx, datapath.as_ref());
+                sweeps += 1;
+                let walked = if sweeps % KERNEL_SWEEP_EVERY == 0 {
+                    match datapath.sweep_expired(now) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "sweeping expired blocks");
+                            0
+                        }
+                    }
+                } else {
+                    0
+                };
+                if !expired.is_empty() || walked > 0 {
+                    tracing::info!(expired = expired.len() + walked, "expired blocks removed");
+                    // Changes from the CLI and new blocks are stored when they happen.
+                    save_blocks(store.as_ref(), &ctx, datapath.as_ref());
+                }
             },
             () = ctx.blocks_changed.notified() => save_blocks(store.as_ref(), &ctx, datapath.as_ref()),
             Some((request, answer)) = requests.recv() => {

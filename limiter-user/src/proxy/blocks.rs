@@ -124,18 +124,18 @@ impl Blocks {
             .cloned()
     }
 
-    /// Forgets expired blocks; returns how many.
-    pub fn sweep(&self, now: SystemTime) -> usize {
+    /// Forgets expired blocks; returns their networks.
+    pub fn sweep(&self, now: SystemTime) -> Vec<IpNet> {
         let mut table = self.by_net.lock().unwrap_or_else(|p| p.into_inner());
         let now = expiry_key(Some(now));
-        let mut swept = 0;
+        let mut swept = Vec::new();
         while let Some(&(at, net)) = table.by_expiry.first() {
             if at > now || at == NEVER {
                 break;
             }
             table.by_expiry.pop_first();
             table.map.remove(&net);
-            swept += 1;
+            swept.push(net);
         }
         swept
     }
@@ -228,13 +228,13 @@ mod tests {
         assert!(!blocks.remove(&"192.0.2.3/32".parse().unwrap()));
         assert_consistent(&blocks);
         assert_eq!(
-            blocks.sweep(now + Duration::from_secs(20)),
+            blocks.sweep(now + Duration::from_secs(20)).len(),
             2,
             "10 s and 20 s"
         );
         assert_eq!(
             blocks.sweep(now + Duration::from_secs(10_000_000)),
-            1,
+            vec!["192.0.2.4/32".parse::<IpNet>().unwrap()],
             "40 s; never stays"
         );
         assert_eq!(blocks.len(), 1);
@@ -326,7 +326,7 @@ mod tests {
         assert!(blocks
             .covering("192.0.2.7".parse().unwrap(), later)
             .is_none());
-        assert_eq!(blocks.sweep(later), 1);
+        assert_eq!(blocks.sweep(later).len(), 1);
         assert_eq!(blocks.len(), 1);
         assert!(blocks.remove(&"2001:db8:1::/64".parse().unwrap()));
         assert!(blocks.is_empty());
