@@ -231,7 +231,7 @@ pub async fn run(
                     }
                 }
                 sweeps += 1;
-                let walked = if sweeps % KERNEL_SWEEP_EVERY == 0 {
+                let walked = if sweeps.is_multiple_of(KERNEL_SWEEP_EVERY) {
                     match datapath.sweep_expired(now) {
                         Ok(n) => n,
                         Err(e) => {
