@@ -28,13 +28,14 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::Command;
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+
+use crate::fixture::{self, free_port, write, ChildProcess, InstanceDir, Server};
 
 /// Anywhere in a scanned stream: reported as [`VIRUS_SIGNATURE`].
 pub const VIRUS_MARKER: &str = "SMTPLIMITER-TEST-VIRUS-7f3a";
@@ -72,9 +73,7 @@ const CLAMD_BINARY: &str = "/usr/sbin/clamd";
 /// How long [`Clamd::start`] waits for `PING` to answer (tens of ms
 /// normally).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long [`Drop`] waits after SIGTERM before SIGKILL.
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-const DIR_PREFIX: &str = "smtp-limiter-clamd.";
+static SERVER: Server = Server::new("clamd", "CLAMD_FIXTURE_KEEP", stop_stale);
 
 /// What an instance is started with.
 #[derive(Clone, Debug)]
@@ -106,24 +105,15 @@ pub fn missing_prerequisite() -> Option<String> {
 /// Whether tests that need clamd can run here. Under `CI=true` a missing
 /// prerequisite is a failure (panic), elsewhere the test is skipped.
 pub fn prerequisites(test: &str) -> bool {
-    match missing_prerequisite() {
-        None => true,
-        Some(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("{test}: {why} (CI=true: the filter tests must run)")
-        }
-        Some(why) => {
-            eprintln!("SKIPPED {test}: {why}");
-            false
-        }
-    }
+    fixture::require(test, missing_prerequisite())
 }
 
 /// A running private clamd. Dropping it stops clamd and removes its
 /// directory.
 pub struct Clamd {
-    dir: PathBuf,
+    dir: InstanceDir,
     tcp: SocketAddr,
-    child: Option<Child>,
+    child: Option<ChildProcess>,
     options: ClamdOptions,
 }
 
@@ -143,24 +133,11 @@ impl Clamd {
     /// A missing prerequisite, or clamd did not start (its log is in the
     /// message).
     pub fn start_with(options: ClamdOptions) -> Result<Clamd> {
-        if let Some(why) = missing_prerequisite() {
-            bail!("cannot start clamd: {why}");
-        }
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match Self::try_start(&options) {
-                Err(e) if attempt < 3 && format!("{e:#}").contains("Address already in use") => {
-                    eprintln!("clamd fixture: port taken, trying another");
-                }
-                other => return other,
-            }
-        }
+        SERVER.start(missing_prerequisite(), || Self::try_start(&options))
     }
 
     fn try_start(options: &ClamdOptions) -> Result<Clamd> {
-        reap_stale_instances();
-        let dir = new_dir()?;
+        let dir = SERVER.new_dir()?;
         let mut clamd = Clamd {
             tcp: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
             dir,
@@ -175,7 +152,7 @@ impl Clamd {
     }
 
     fn configure(&self) -> Result<()> {
-        let d = &self.dir;
+        let d = self.dir.path();
         fs::create_dir(d.join("db")).context("creating the database directory")?;
         write(&d.join("db").join("smtplimiter.ndb"), &ndb())?;
         // No `User`: clamd stays whoever starts it. `SelfCheck 0`: no
@@ -206,38 +183,22 @@ impl Clamd {
     }
 
     fn launch(&mut self) -> Result<()> {
-        let out = fs::File::create(self.dir.join("clamd.out")).context("creating clamd.out")?;
-        let child = Command::new(CLAMD_BINARY)
-            .arg("-c")
-            .arg(self.dir.join("clamd.conf"))
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .context("starting clamd")?;
+        let mut child = ChildProcess::spawn(
+            "clamd",
+            Command::new(CLAMD_BINARY)
+                .arg("-c")
+                .arg(self.dir.join("clamd.conf"))
+                .current_dir(self.dir.path()),
+            &self.dir.join("clamd.out"),
+        )?;
+        child.wait_ready(
+            START_TIMEOUT,
+            "answer PING",
+            || self.ping_tcp() && self.ping_unix(),
+            || self.log(),
+        )?;
         self.child = Some(child);
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.child = None;
-                bail!("clamd exited at start ({status}): {}", self.log());
-            }
-            if self.ping_tcp() && self.ping_unix() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "clamd did not answer PING within {START_TIMEOUT:?}: {}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        Ok(())
     }
 
     fn ping_tcp(&self) -> bool {
@@ -277,7 +238,7 @@ impl Clamd {
     /// The instance's directory.
     #[must_use]
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
 
     /// clamd's log so far (`clamd.log`: one `instream(…): …` line per
@@ -308,40 +269,17 @@ impl Clamd {
     /// Stops clamd (SIGTERM, then SIGKILL after 5 s); the directory stays
     /// until the `Clamd` is dropped. Idempotent.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-            signal(pid, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) | Err(_) => return,
-                Ok(None) if Instant::now() >= deadline => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return;
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            }
+        if let Some(child) = &mut self.child {
+            child.stop();
         }
     }
 }
 
 impl Drop for Clamd {
+    /// Stops clamd; then `dir` removes the directory (unless
+    /// `CLAMD_FIXTURE_KEEP`).
     fn drop(&mut self) {
         self.stop();
-        if std::env::var_os("CLAMD_FIXTURE_KEEP").is_some() {
-            eprintln!(
-                "clamd fixture: kept {} (CLAMD_FIXTURE_KEEP)",
-                self.dir.display()
-            );
-            return;
-        }
-        if let Err(e) = fs::remove_dir_all(&self.dir) {
-            eprintln!("clamd fixture: removing {}: {e}", self.dir.display());
-        }
     }
 }
 
@@ -358,69 +296,13 @@ fn ping<S: Read + Write>(
     stream.read_exact(&mut reply).is_ok() && &reply == b"PONG\0"
 }
 
-fn signal(pid: libc::pid_t, sig: libc::c_int) {
-    // SAFETY: kill has no memory preconditions; pid is our own child or a
-    // clamd whose command line names one of our instance directories.
-    unsafe {
-        libc::kill(pid, sig);
+/// Stops the clamd of a stale instance, if still running: the pid file,
+/// checked against the command line (which names the instance's
+/// clamd.conf).
+fn stop_stale(dir: &Path, owner: u32) {
+    let clamd = || fixture::pid_file_process(dir, "clamd.pid");
+    if let Some(pid) = clamd() {
+        eprintln!("clamd fixture: stopping clamd {pid} left by process {owner}");
+        fixture::kill_all(Duration::from_secs(1), || clamd().into_iter().collect());
     }
-}
-
-/// Stops the clamd of, and removes, every instance directory whose test
-/// process is gone (once per process).
-fn reap_stale_instances() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
-            return;
-        };
-        for entry in entries.filter_map(|e| e.ok()) {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(owner) = crate::dead_fixture_owner(&name, DIR_PREFIX) else {
-                continue;
-            };
-            let dir = entry.path();
-            // Its clamd, if still running: the pid file, checked against
-            // the command line (which names the instance's clamd.conf).
-            let pid = fs::read_to_string(dir.join("clamd.pid"))
-                .ok()
-                .and_then(|p| p.trim().parse::<libc::pid_t>().ok());
-            if let Some(pid) = pid {
-                let ours = fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
-                    String::from_utf8_lossy(&cmd).contains(&dir.display().to_string())
-                });
-                if ours {
-                    eprintln!("clamd fixture: stopping clamd {pid} left by process {owner}");
-                    signal(pid, libc::SIGKILL);
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-            let _ = fs::remove_dir_all(&dir);
-        }
-    });
-}
-
-fn write(path: &Path, text: &str) -> Result<()> {
-    fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
-}
-
-fn new_dir() -> Result<PathBuf> {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!(
-        "{DIR_PREFIX}{}.{}.{nanos}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(dir)
-}
-
-fn free_port() -> Result<u16> {
-    let listener =
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot bind 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }

@@ -7,6 +7,7 @@
 //! prerequisite skips the test with a message; under `CI=true` it fails it.
 
 pub mod clamd;
+pub mod fixture;
 pub mod kernel;
 pub mod netns;
 pub mod packets;
@@ -21,17 +22,7 @@ pub mod tcp;
 /// Whether privileged tests can run here. Under `CI=true` a missing
 /// prerequisite is a failure (panic), elsewhere the test is skipped.
 pub fn prerequisites(test: &str) -> bool {
-    let missing = missing_prerequisite();
-    match missing {
-        None => true,
-        Some(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("{test}: {why} (CI=true: privileged tests must run)")
-        }
-        Some(why) => {
-            eprintln!("SKIPPED {test}: {why}");
-            false
-        }
-    }
+    fixture::require(test, missing_prerequisite())
 }
 
 fn missing_prerequisite() -> Option<String> {

@@ -30,14 +30,15 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
+
+use crate::fixture::{self, free_port, wait_until, InstanceDir, Server};
 
 /// `myhostname` of every instance: the banner is `220 mx.example.test ESMTP`.
 pub const HOSTNAME: &str = "mx.example.test";
@@ -58,9 +59,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where Debian's package keeps the programs.
 const TOOL_DIRS: [&str; 4] = ["/usr/sbin", "/usr/lib/postfix/sbin", "/usr/bin", "/sbin"];
-/// The name of every instance's directory in /tmp starts with this, then
-/// the test process's pid.
-const DIR_PREFIX: &str = "smtp-limiter-postfix.";
+/// Every instance's directory is /tmp/smtp-limiter-postfix.PID.N.NANOS (PID:
+/// the test process's).
+static SERVER: Server = Server::new("postfix", "POSTFIX_FIXTURE_KEEP", stop_stale);
 /// The master.cf that the instances' master.cf is made from.
 const MASTER_CF_SOURCES: [&str; 2] = [
     "/usr/share/postfix/master.cf.dist",
@@ -98,7 +99,7 @@ impl Default for PostfixOptions {
 /// A running private Postfix instance. Dropping it stops the instance (all
 /// its processes are gone when `drop` returns) and removes its directory.
 pub struct Postfix {
-    dir: PathBuf,
+    dir: InstanceDir,
     addr: SocketAddr,
     name: String,
 }
@@ -127,16 +128,7 @@ pub fn missing_prerequisite() -> Option<String> {
 /// `smtp-sink`, `smtp-source`, `posttls-finger`, `postqueue`, … (on Debian
 /// all in /usr/sbin).
 pub fn postfix_tool(name: &str) -> Result<PathBuf> {
-    TOOL_DIRS
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-        .with_context(|| {
-            format!(
-                "{name} not found in {} (install Postfix: `cargo xtask setup`)",
-                TOOL_DIRS.join(", ")
-            )
-        })
+    fixture::find_program(name, &TOOL_DIRS, "install Postfix: `cargo xtask setup`")
 }
 
 impl Postfix {
@@ -146,33 +138,16 @@ impl Postfix {
     /// header from 127.0.0.1), so the log starts with one
     /// `connect from unknown[127.0.0.1]` … `disconnect from` pair.
     pub fn start(opts: PostfixOptions) -> Result<Postfix> {
-        if let Some(why) = missing_prerequisite() {
-            bail!("cannot start Postfix: {why}");
-        }
-        // The free port is found by binding port 0 and closing the socket;
-        // if another process takes it before Postfix binds it, try again.
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match Self::try_start(&opts) {
-                Err(e) if attempt < 3 && format!("{e:#}").contains("Address already in use") => {
-                    eprintln!("postfix fixture: port taken, trying another ({e:#})");
-                }
-                other => return other,
-            }
-        }
+        SERVER.start(missing_prerequisite(), || Self::try_start(&opts))
     }
 
     fn try_start(opts: &PostfixOptions) -> Result<Postfix> {
-        reap_stale_instances();
-        let dir = new_dir()?;
-        let name = format!(
-            "postfix-{}",
-            dir.file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .trim_start_matches(DIR_PREFIX)
-        );
+        let dir = SERVER.new_dir()?;
+        // Mode 0755: the daemons run as the `postfix` user and must reach
+        // the queue in it.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("cannot chmod {}", dir.path().display()))?;
+        let name = format!("postfix-{}", dir.id());
         let port = free_port()?;
         // From here on an error drops `postfix`, which stops what was
         // started and removes the directory.
@@ -201,7 +176,7 @@ impl Postfix {
     /// The instance's directory, with `conf/` (config_directory: main.cf,
     /// master.cf, recipients), `queue/`, `data/` and `maillog`.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
 
     /// config_directory, for `postfix -c` and `postconf -c`.
@@ -225,7 +200,7 @@ impl Postfix {
 
     /// Polls the log until it contains `needle`; whether it did in `timeout`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
-        poll(timeout, || self.log().contains(needle))
+        wait_until(timeout, || self.log().contains(needle))
     }
 
     /// The number of deliveries so far: log lines with `status=sent` (each
@@ -238,13 +213,13 @@ impl Postfix {
     /// there in `timeout`. (To check that no more arrive, wait for this and
     /// then for the queue to be empty: [`Postfix::wait_queue_empty`].)
     pub fn wait_delivered(&self, n: usize, timeout: Duration) -> bool {
-        poll(timeout, || self.delivered() >= n)
+        wait_until(timeout, || self.delivered() >= n)
     }
 
     /// Polls until no message is in the queue (incoming, active, deferred,
     /// hold, maildrop); whether that happened in `timeout`.
     pub fn wait_queue_empty(&self, timeout: Duration) -> bool {
-        poll(timeout, || self.queued() == 0)
+        wait_until(timeout, || self.queued() == 0)
     }
 
     /// The number of messages in the queue directories right now.
@@ -261,7 +236,7 @@ impl Postfix {
     }
 
     fn configure(&self, opts: &PostfixOptions) -> Result<()> {
-        let dir = &self.dir;
+        let dir = self.dir.path();
         let d = dir.display();
         let mut recipients = String::new();
         for r in &opts.recipients {
@@ -400,7 +375,7 @@ impl Postfix {
             if self.master_pid().is_none() {
                 bail!(
                     "Postfix in {} stopped while starting ({last_error}); log:\n{}",
-                    self.dir.display(),
+                    self.dir.path().display(),
                     tail(&self.log(), 20)
                 );
             }
@@ -451,20 +426,15 @@ impl Postfix {
     /// process of the instance is left; SIGKILL whatever is after 5 s.
     fn stop(&self) -> Result<()> {
         if let Some(pid) = self.master_pid() {
-            // SAFETY: plain kill(2) on the pid from the instance's pid file.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+            fixture::signal(pid, libc::SIGTERM);
         }
-        if !poll(STOP_TIMEOUT, || self.processes().is_empty()) {
-            let left = self.processes();
+        if !wait_until(STOP_TIMEOUT, || self.processes().is_empty()) {
             eprintln!(
-                "postfix fixture: {} still running {STOP_TIMEOUT:?} after SIGTERM: {left:?}; killing",
-                self.dir.display()
+                "postfix fixture: {} still running {STOP_TIMEOUT:?} after SIGTERM: {:?}; killing",
+                self.dir.path().display(),
+                self.processes()
             );
-            for pid in left {
-                // SAFETY: plain kill(2) on a process of this instance.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            if !poll(Duration::from_secs(2), || self.processes().is_empty()) {
+            if !fixture::kill_all(Duration::from_secs(2), || self.processes()) {
                 bail!(
                     "processes still running after SIGKILL: {:?}",
                     self.processes()
@@ -476,21 +446,16 @@ impl Postfix {
 }
 
 impl Drop for Postfix {
+    /// Stops the instance; then `dir` removes the directory (unless
+    /// `POSTFIX_FIXTURE_KEEP`, or the instance did not stop: then the
+    /// directory has the log of what went wrong).
     fn drop(&mut self) {
         if let Err(e) = self.stop() {
-            eprintln!("postfix fixture: stopping {}: {e:#}", self.dir.display());
-            // Keep the directory: it has the log of what went wrong.
-            return;
-        }
-        if std::env::var_os("POSTFIX_FIXTURE_KEEP").is_some() {
             eprintln!(
-                "postfix fixture: kept {} (POSTFIX_FIXTURE_KEEP)",
-                self.dir.display()
+                "postfix fixture: stopping {}: {e:#}",
+                self.dir.path().display()
             );
-            return;
-        }
-        if let Err(e) = fs::remove_dir_all(&self.dir) {
-            eprintln!("postfix fixture: removing {}: {e}", self.dir.display());
+            self.dir.keep();
         }
     }
 }
@@ -503,16 +468,10 @@ impl Drop for Postfix {
 pub fn instance_processes(config_dir: &Path) -> Vec<i32> {
     let mut needle = b"MAIL_CONFIG=".to_vec();
     needle.extend_from_slice(config_dir.as_os_str().as_encoded_bytes());
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == needle.as_slice()))
-        })
-        .collect()
+    fixture::processes(|pid| {
+        fs::read(format!("/proc/{pid}/environ"))
+            .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == needle.as_slice()))
+    })
 }
 
 /// Counts `status=sent` lines in a Postfix log.
@@ -570,33 +529,17 @@ fn master_cf(dist: &str, addr: SocketAddr) -> String {
     out
 }
 
-/// Once per test process: stops the instances, and removes the directories,
-/// that test processes which no longer run left behind (killed before their
-/// `Drop`, e.g. by a CI timeout or SIGKILL).
-fn reap_stale_instances() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
-            return;
-        };
-        for entry in entries.filter_map(|e| e.ok()) {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(owner) = crate::dead_fixture_owner(&name, DIR_PREFIX) else {
-                continue;
-            };
-            let dir = entry.path();
-            let pids = instance_processes(&dir.join("conf"));
-            eprintln!(
-                "postfix fixture: removing {} left by process {owner} (killing {pids:?})",
-                dir.display()
-            );
-            for pid in pids {
-                // SAFETY: plain kill(2) on a process of that stale instance.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            let _ = fs::remove_dir_all(&dir);
-        }
-    });
+/// Stops an instance that a test process which no longer runs left behind
+/// (killed before its `Drop`, e.g. by a CI timeout or SIGKILL); its
+/// directory is removed next.
+fn stop_stale(dir: &Path, owner: u32) {
+    let processes = || instance_processes(&dir.join("conf"));
+    eprintln!(
+        "postfix fixture: removing {} left by process {owner} (killing {:?})",
+        dir.display(),
+        processes()
+    );
+    fixture::kill_all(Duration::from_secs(1), processes);
 }
 
 fn master_cf_source() -> Option<PathBuf> {
@@ -604,31 +547,6 @@ fn master_cf_source() -> Option<PathBuf> {
         .iter()
         .map(PathBuf::from)
         .find(|p| p.is_file())
-}
-
-/// A new empty directory /tmp/smtp-limiter-postfix.PID.N.NANOS, mode 0755 (the
-/// daemons run as the `postfix` user and must reach the queue in it).
-fn new_dir() -> Result<PathBuf> {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!(
-        "{DIR_PREFIX}{}.{}.{nanos}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
-        .with_context(|| format!("cannot chmod {}", dir.display()))?;
-    Ok(dir)
-}
-
-fn free_port() -> Result<u16> {
-    let listener =
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot bind 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// Writes a config file, mode 0644, dated a minute back: Postfix reads a
@@ -659,19 +577,6 @@ fn count_files(dir: &Path) -> usize {
             Err(_) => 0,
         })
         .sum()
-}
-
-fn poll(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn tail(text: &str, lines: usize) -> String {

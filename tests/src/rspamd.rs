@@ -38,13 +38,14 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+
+use crate::fixture::{self, free_port, write, ChildProcess, InstanceDir, Server};
 
 /// In the Subject or the message: action `reject`, symbol [`SPAM_SYMBOL`].
 pub const SPAM_MARKER: &str = "SMTPLIMITER-TEST-SPAM";
@@ -115,9 +116,7 @@ const PLUGINS_DIR: &str = "/usr/share/rspamd/plugins";
 /// How long [`Rspamd::start`] waits for `/ping` to answer (about 2 s
 /// normally; the machine may be busy).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long [`Drop`] waits after SIGTERM before SIGKILL.
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-const DIR_PREFIX: &str = "smtp-limiter-rspamd.";
+static SERVER: Server = Server::new("rspamd", "RSPAMD_FIXTURE_KEEP", stop_stale);
 
 /// Why [`Rspamd::start`] cannot work here, or `None` if it can.
 #[must_use]
@@ -145,24 +144,15 @@ pub fn missing_prerequisite() -> Option<String> {
 /// Whether tests that need rspamd can run here. Under `CI=true` a missing
 /// prerequisite is a failure (panic), elsewhere the test is skipped.
 pub fn prerequisites(test: &str) -> bool {
-    match missing_prerequisite() {
-        None => true,
-        Some(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("{test}: {why} (CI=true: the filter tests must run)")
-        }
-        Some(why) => {
-            eprintln!("SKIPPED {test}: {why}");
-            false
-        }
-    }
+    fixture::require(test, missing_prerequisite())
 }
 
 /// A running private rspamd. Dropping it stops rspamd and removes its
 /// directory.
 pub struct Rspamd {
-    dir: PathBuf,
+    dir: InstanceDir,
     addr: SocketAddr,
-    child: Option<Child>,
+    child: Option<ChildProcess>,
 }
 
 impl Rspamd {
@@ -173,24 +163,11 @@ impl Rspamd {
     /// A missing prerequisite, or rspamd did not start (its log is in the
     /// message).
     pub fn start() -> Result<Rspamd> {
-        if let Some(why) = missing_prerequisite() {
-            bail!("cannot start rspamd: {why}");
-        }
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match Self::try_start() {
-                Err(e) if attempt < 3 && format!("{e:#}").contains("Address already in use") => {
-                    eprintln!("rspamd fixture: port taken, trying another");
-                }
-                other => return other,
-            }
-        }
+        SERVER.start(missing_prerequisite(), Self::try_start)
     }
 
     fn try_start() -> Result<Rspamd> {
-        reap_stale_instances();
-        let dir = new_dir()?;
+        let dir = SERVER.new_dir()?;
         let mut rspamd = Rspamd {
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
             dir,
@@ -204,7 +181,7 @@ impl Rspamd {
     }
 
     fn configure(&self) -> Result<()> {
-        let d = self.dir.display();
+        let d = self.dir.path().display();
         write(&self.dir.join("rules.lua"), RULES_LUA)?;
         write(&self.dir.join("tld.dat"), TLDS)?;
         // No `$CONFDIR/common.conf`, no `$RULESDIR/rspamd.lua`: only the
@@ -271,42 +248,17 @@ impl Rspamd {
             // (or `--insecure`) say otherwise.
             let (uid, gid) =
                 user_ids(RSPAMD_USER).with_context(|| format!("there is no user {RSPAMD_USER}"))?;
-            chown_tree(&self.dir, uid, gid)?;
+            chown_tree(self.dir.path(), uid, gid)?;
             cmd.args(["-u", RSPAMD_USER, "-g", RSPAMD_USER]);
         }
-        let out = fs::File::create(self.dir.join("rspamd.out")).context("creating rspamd.out")?;
         // The working directory marks the instance's processes (rspamd
         // rewrites their command lines): see `instance_processes`.
-        let child = cmd
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .context("starting rspamd")?;
+        cmd.current_dir(self.dir.path());
+        let mut child = ChildProcess::spawn("rspamd", &mut cmd, &self.dir.join("rspamd.out"))?;
         write(&self.dir.join("fixture.pid"), &format!("{}\n", child.id()))?;
+        child.wait_ready(START_TIMEOUT, "answer /ping", || self.ping(), || self.log())?;
         self.child = Some(child);
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.child = None;
-                bail!("rspamd exited at start ({status}): {}", self.log());
-            }
-            if self.ping() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "rspamd did not answer /ping within {START_TIMEOUT:?}: {}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        Ok(())
     }
 
     /// Whether `GET /ping` answers `pong`.
@@ -344,7 +296,7 @@ impl Rspamd {
     /// The instance's directory.
     #[must_use]
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
 
     /// rspamd's log so far (`rspamd.log`, one `rspamd_task_write_log` line
@@ -375,60 +327,31 @@ impl Rspamd {
     /// Waits until the log contains `needle`.
     #[must_use]
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.log().contains(needle) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        fixture::wait_until(timeout, || self.log().contains(needle))
     }
 
     /// The pids of this instance's processes (main, workers).
     #[must_use]
     pub fn processes(&self) -> Vec<i32> {
-        instance_processes(&self.dir)
+        instance_processes(self.dir.path())
     }
 
     /// Stops rspamd (SIGTERM to the main process, SIGKILL after 5 s, then
     /// SIGKILL to any worker left); the directory stays until the `Rspamd`
     /// is dropped. Idempotent.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(child.id() as i32, libc::SIGTERM);
-            let deadline = Instant::now() + STOP_TIMEOUT;
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() >= deadline => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
+        if let Some(child) = &mut self.child {
+            child.stop();
         }
-        kill_leftovers(&self.dir);
+        kill_leftovers(self.dir.path());
     }
 }
 
 impl Drop for Rspamd {
+    /// Stops rspamd; then `dir` removes the directory (unless
+    /// `RSPAMD_FIXTURE_KEEP`).
     fn drop(&mut self) {
         self.stop();
-        if std::env::var_os("RSPAMD_FIXTURE_KEEP").is_some() {
-            eprintln!(
-                "rspamd fixture: kept {} (RSPAMD_FIXTURE_KEEP)",
-                self.dir.display()
-            );
-            return;
-        }
-        if let Err(e) = fs::remove_dir_all(&self.dir) {
-            eprintln!("rspamd fixture: removing {}: {e}", self.dir.display());
-        }
     }
 }
 
@@ -436,64 +359,25 @@ impl Drop for Rspamd {
 /// starts rspamd there; rspamd rewrites its command lines, so they cannot
 /// tell).
 fn instance_processes(dir: &Path) -> Vec<i32> {
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "rspamd")
-                && fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir)
-        })
-        .collect()
+    fixture::processes(|pid| {
+        fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "rspamd")
+            && fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir)
+    })
 }
 
 /// SIGKILLs what is left of the instance in `dir` and waits (1 s at most)
 /// until it is gone.
 fn kill_leftovers(dir: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(1);
-    loop {
-        let pids = instance_processes(dir);
-        if pids.is_empty() || Instant::now() >= deadline {
-            return;
-        }
-        for pid in pids {
-            signal(pid, libc::SIGKILL);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    fixture::kill_all(Duration::from_secs(1), || instance_processes(dir));
 }
 
-fn signal(pid: i32, sig: libc::c_int) {
-    // SAFETY: kill has no memory preconditions; pid is our own child or a
-    // process of one of our instances (an rspamd running in its directory).
-    unsafe {
-        libc::kill(pid, sig);
+/// Stops what is left of a stale instance (its processes run in `dir`).
+fn stop_stale(dir: &Path, owner: u32) {
+    let pids = instance_processes(dir);
+    if !pids.is_empty() {
+        eprintln!("rspamd fixture: stopping rspamd {pids:?} left by process {owner}");
+        kill_leftovers(dir);
     }
-}
-
-/// Stops the rspamd of, and removes, every instance directory whose test
-/// process is gone (once per process).
-fn reap_stale_instances() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
-            return;
-        };
-        for entry in entries.filter_map(|e| e.ok()) {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(owner) = crate::dead_fixture_owner(&name, DIR_PREFIX) else {
-                continue;
-            };
-            let dir = entry.path();
-            let pids = instance_processes(&dir);
-            if !pids.is_empty() {
-                eprintln!("rspamd fixture: stopping rspamd {pids:?} left by process {owner}");
-                kill_leftovers(&dir);
-            }
-            let _ = fs::remove_dir_all(&dir);
-        }
-    });
 }
 
 fn is_root() -> bool {
@@ -526,29 +410,4 @@ fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<()> {
             .with_context(|| format!("cannot chown {}", path.display()))?;
     }
     Ok(())
-}
-
-fn write(path: &Path, text: &str) -> Result<()> {
-    fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
-}
-
-fn new_dir() -> Result<PathBuf> {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!(
-        "{DIR_PREFIX}{}.{}.{nanos}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(dir)
-}
-
-fn free_port() -> Result<u16> {
-    let listener =
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot bind 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }

@@ -28,13 +28,14 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+
+use crate::fixture::{self, free_port, write, ChildProcess, InstanceDir, Server};
 
 /// The suffix of every instance.
 pub const BASE_DN: &str = "dc=example,dc=com";
@@ -77,9 +78,7 @@ const MODULE_DIR: &str = "/usr/lib/ldap";
 const TOOL_DIRS: [&str; 4] = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"];
 /// How long [`Slapd::start`] waits for slapd to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long [`Drop`] waits after SIGTERM before SIGKILL.
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-const DIR_PREFIX: &str = "smtp-limiter-slapd.";
+static SERVER: Server = Server::new("slapd", "SLAPD_FIXTURE_KEEP", stop_stale);
 
 /// What an instance is started with.
 #[derive(Clone, Debug)]
@@ -247,38 +246,24 @@ pub fn missing_prerequisite() -> Option<String> {
 /// Whether tests that need slapd can run here. Under `CI=true` a missing
 /// prerequisite is a failure (panic), elsewhere the test is skipped.
 pub fn prerequisites(test: &str) -> bool {
-    match missing_prerequisite() {
-        None => true,
-        Some(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("{test}: {why} (CI=true: the LDAP tests must run)")
-        }
-        Some(why) => {
-            eprintln!("SKIPPED {test}: {why}");
-            false
-        }
-    }
+    fixture::require(test, missing_prerequisite())
 }
 
 fn tool_path(name: &str) -> Result<PathBuf> {
-    TOOL_DIRS
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-        .with_context(|| {
-            format!(
-                "{name} not found in {} (install slapd and ldap-utils: `cargo xtask setup`)",
-                TOOL_DIRS.join(", ")
-            )
-        })
+    fixture::find_program(
+        name,
+        &TOOL_DIRS,
+        "install slapd and ldap-utils: `cargo xtask setup`",
+    )
 }
 
 /// A running private slapd. Dropping it stops slapd and removes its
 /// directory.
 pub struct Slapd {
-    dir: PathBuf,
+    dir: InstanceDir,
     addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
-    child: Option<Child>,
+    child: Option<ChildProcess>,
     users: Vec<User>,
     options: SlapdOptions,
 }
@@ -291,24 +276,11 @@ impl Slapd {
     /// A missing prerequisite, or slapd did not start (its log is in the
     /// message).
     pub fn start(options: SlapdOptions) -> Result<Slapd> {
-        if let Some(why) = missing_prerequisite() {
-            bail!("cannot start slapd: {why}");
-        }
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match Self::try_start(&options) {
-                Err(e) if attempt < 3 && format!("{e:#}").contains("Address already in use") => {
-                    eprintln!("slapd fixture: port taken, trying another");
-                }
-                other => return other,
-            }
-        }
+        SERVER.start(missing_prerequisite(), || Self::try_start(&options))
     }
 
     fn try_start(options: &SlapdOptions) -> Result<Slapd> {
-        reap_stale_instances();
-        let dir = new_dir()?;
+        let dir = SERVER.new_dir()?;
         let mut slapd = Slapd {
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
             tls_addr: if options.tls {
@@ -330,7 +302,7 @@ impl Slapd {
     }
 
     fn configure(&self) -> Result<()> {
-        let d = &self.dir;
+        let d = self.dir.path();
         fs::create_dir(d.join("db")).context("creating the database directory")?;
         write(&d.join("extra.schema"), EXTRA_SCHEMA)?;
         write(&d.join("reader.secret"), &format!("{READER_PASSWORD}\n"))?;
@@ -384,7 +356,7 @@ impl Slapd {
     /// A CA of the instance's own and a server certificate it signed, for
     /// 127.0.0.1 and localhost.
     fn make_certificates(&self) -> Result<()> {
-        let d = &self.dir;
+        let d = self.dir.path();
         write(
             &d.join("server.ext"),
             "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
@@ -486,46 +458,28 @@ impl Slapd {
         if let Some(tls) = self.tls_addr {
             let _ = write!(urls, " ldaps://{tls}/");
         }
-        let log = fs::File::create(self.dir.join("slapd.log")).context("creating slapd.log")?;
         // `-d 0`: in the foreground (a child this fixture owns), no debug
         // output; errors still go to stderr, into slapd.log.
-        let child = Command::new(tool_path("slapd")?)
-            .arg("-f")
-            .arg(self.dir.join("slapd.conf"))
-            .arg("-h")
-            .arg(&urls)
-            .args(["-d", "0"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting slapd")?;
+        let mut child = ChildProcess::spawn(
+            "slapd",
+            Command::new(tool_path("slapd")?)
+                .arg("-f")
+                .arg(self.dir.join("slapd.conf"))
+                .arg("-h")
+                .arg(&urls)
+                .args(["-d", "0"]),
+            &self.dir.join("slapd.log"),
+        )?;
+        let accepts =
+            |a: &SocketAddr| TcpStream::connect_timeout(a, Duration::from_millis(200)).is_ok();
+        child.wait_ready(
+            START_TIMEOUT,
+            "accept connections",
+            || accepts(&self.addr) && self.tls_addr.as_ref().is_none_or(accepts),
+            || self.log(),
+        )?;
         self.child = Some(child);
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.child = None;
-                bail!("slapd exited at start ({status}): {}", self.log());
-            }
-            let ready = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
-                && self.tls_addr.is_none_or(|a| {
-                    TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok()
-                });
-            if ready {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "slapd did not accept connections within {START_TIMEOUT:?}: {}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        Ok(())
     }
 
     /// `ldap://127.0.0.1:PORT` (StartTLS is offered there with `tls`).
@@ -555,7 +509,7 @@ impl Slapd {
     /// The instance's directory.
     #[must_use]
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
 
     /// The generated users (those added or deleted since are not
@@ -651,48 +605,17 @@ impl Slapd {
     /// Stops slapd (SIGTERM, then SIGKILL after 5 s); the directory stays
     /// until the `Slapd` is dropped. Idempotent.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        stop_pid(child.id());
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) | Err(_) => return,
-                Ok(None) if Instant::now() >= deadline => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return;
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            }
+        if let Some(child) = &mut self.child {
+            child.stop();
         }
     }
 }
 
 impl Drop for Slapd {
+    /// Stops slapd; then `dir` removes the directory (unless
+    /// `SLAPD_FIXTURE_KEEP`).
     fn drop(&mut self) {
         self.stop();
-        if std::env::var_os("SLAPD_FIXTURE_KEEP").is_some() {
-            eprintln!(
-                "slapd fixture: kept {} (SLAPD_FIXTURE_KEEP)",
-                self.dir.display()
-            );
-            return;
-        }
-        if let Err(e) = fs::remove_dir_all(&self.dir) {
-            eprintln!("slapd fixture: removing {}: {e}", self.dir.display());
-        }
-    }
-}
-
-fn stop_pid(pid: u32) {
-    if let Ok(pid) = libc::pid_t::try_from(pid) {
-        // SAFETY: kill has no memory preconditions; pid is our own child
-        // (or, when reaping, a slapd whose command line names our dir).
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
     }
 }
 
@@ -713,63 +636,15 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn write(path: &Path, text: &str) -> Result<()> {
-    fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
-}
-
-fn new_dir() -> Result<PathBuf> {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!(
-        "{DIR_PREFIX}{}.{}.{nanos}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(dir)
-}
-
-fn free_port() -> Result<u16> {
-    let listener =
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot bind 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
-/// Stops the slapd of, and removes, every instance directory whose test
-/// process is gone (once per process).
-fn reap_stale_instances() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
-            return;
-        };
-        for entry in entries.filter_map(|e| e.ok()) {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(owner) = crate::dead_fixture_owner(&name, DIR_PREFIX) else {
-                continue;
-            };
-            let dir = entry.path();
-            // Its slapd, if still running: the pid file, checked against
-            // the command line (which names the instance's slapd.conf).
-            let pid = fs::read_to_string(dir.join("slapd.pid"))
-                .ok()
-                .and_then(|p| p.trim().parse::<u32>().ok());
-            if let Some(pid) = pid {
-                let ours = fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
-                    String::from_utf8_lossy(&cmd).contains(&dir.display().to_string())
-                });
-                if ours {
-                    eprintln!("slapd fixture: stopping slapd {pid} left by process {owner}");
-                    stop_pid(pid);
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-            }
-            let _ = fs::remove_dir_all(&dir);
-        }
-    });
+/// Stops the slapd of a stale instance, if still running: the pid file,
+/// checked against the command line (which names the instance's
+/// slapd.conf).
+fn stop_stale(dir: &Path, owner: u32) {
+    let slapd = || fixture::pid_file_process(dir, "slapd.pid");
+    if let Some(pid) = slapd() {
+        eprintln!("slapd fixture: stopping slapd {pid} left by process {owner}");
+        fixture::kill_all(Duration::from_secs(1), || slapd().into_iter().collect());
+    }
 }
 
 #[cfg(test)]

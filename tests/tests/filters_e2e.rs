@@ -21,6 +21,7 @@ use std::{
 use limiter_common::reason;
 use limiter_tests::{
     clamd::{self, Clamd},
+    fixture,
     netns::{link, NetNs},
     postfix::{self, Postfix, PostfixOptions},
     prerequisites,
@@ -35,15 +36,13 @@ const WAIT: Duration = Duration::from_secs(15);
 /// A plain body line that body_checks reports when it arrives intact.
 const BODY_LINE: &str = "smtp-limiter body line";
 
+/// Whether this test can run: Postfix, rspamd, clamd. Outside CI a missing
+/// piece skips the test with a message; under `CI=true` it fails it.
 fn ready(test: &str) -> bool {
-    if let Some(why) = postfix::missing_prerequisite() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{test}: {why} (CI=true: the filter tests must run)");
-        }
-        eprintln!("SKIPPED {test}: {why}");
-        return false;
-    }
-    rspamd::prerequisites(test) && clamd::prerequisites(test)
+    let missing = postfix::missing_prerequisite()
+        .or_else(rspamd::missing_prerequisite)
+        .or_else(clamd::missing_prerequisite);
+    fixture::require(test, missing)
 }
 
 /// The scanners a rig runs.

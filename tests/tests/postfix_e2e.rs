@@ -26,6 +26,7 @@ use std::{
 };
 
 use limiter_tests::{
+    fixture,
     postfix::{self, Postfix, PostfixOptions},
     proxy::{Client, TestProxy},
 };
@@ -51,16 +52,7 @@ fn ready(test: &str) -> bool {
             .find(|tool| which(tool).is_none())
             .map(|tool| format!("{tool} is not installed (`cargo xtask setup`)"))
     });
-    match missing {
-        None => true,
-        Some(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("{test}: {why} (CI=true: the Postfix tests must run)")
-        }
-        Some(why) => {
-            eprintln!("SKIPPED {test}: {why}");
-            false
-        }
-    }
+    fixture::require(test, missing)
 }
 
 fn which(tool: &str) -> Option<PathBuf> {
