@@ -4,7 +4,7 @@ use crate::packet::{self, Skip, TcpHeaders};
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_map_lookup_elem},
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_map_lookup_elem},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -35,6 +35,10 @@ pub(crate) static CONN_SOCKS: HashMap<u64, TrackedSocket, 262144> = HashMap::new
 static EVENTS: RingBuf<DropEvent, { 256 * 1024 }> = RingBuf::new();
 #[btf_map]
 static EVENT_BUDGET: PerCpuArray<EventBudget, 1> = PerCpuArray::new();
+/// The packet path's per-CPU clock (see [`now_ns`]). Private to the
+/// programs: not pinned, never read by the agent.
+#[btf_map]
+static CLOCK: PerCpuArray<ClockCache, 1> = PerCpuArray::new();
 #[btf_map]
 static NET_HINTS: Array<u64, { (hint::COUNT * hint::WORDS) as usize }> = Array::new();
 
@@ -44,6 +48,15 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 /// How much of an skb the TC program pulls into its linear area when the
 /// headers are not all there (covers two VLAN tags and long IPv6 chains).
 const TC_PULL_LEN: u32 = 256;
+
+/// The coarse monotonic clock as last read on this CPU, and the jiffies
+/// value at that read.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ClockCache {
+    jiffies: u64,
+    mono_ns: u64,
+}
 
 enum Verdict {
     Pass,
@@ -177,15 +190,37 @@ fn may_match(map: u32, slash16: Option<u16>) -> bool {
 fn enforce_block(block: *mut Block, stats: &mut Stats) -> bool {
     // SAFETY: a pointer into a map value returned by the lookup just before.
     let expires = unsafe { (*block).expires_mono_ns };
-    // The coarse clock (tick resolution) is a fraction of the cost of the
-    // precise ones; a block ending a few milliseconds late does not matter.
-    if expires != 0 && unsafe { bpf_ktime_get_coarse_ns() } >= expires {
+    // A block ending a tick or two late does not matter.
+    if expires != 0 && now_ns() >= expires {
         stats.expired_block += 1;
         return false;
     }
     // SAFETY: as above; the counter is shared by all CPUs, hence atomic.
     unsafe { atomic_add(&raw mut (*block).drops, 1u64) };
     true
+}
+
+/// `CLOCK_MONOTONIC` now at tick resolution, at most about two ticks behind
+/// `bpf_ktime_get_coarse_ns` and never ahead of it. Both clocks advance in
+/// the timer tick, so while `jiffies` has not moved the coarse clock read
+/// earlier in the same tick still holds: one inlined load instead of a helper
+/// call (a call and a return cost tens of ns on hosts with retpolines and
+/// Safe RET). The coarse clock is read once per tick and CPU.
+#[inline(always)]
+fn now_ns() -> u64 {
+    // The verifier inlines `bpf_jiffies64` as a load of `jiffies_64`.
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(cache) = CLOCK.get_ptr_mut(0) else {
+        return unsafe { bpf_ktime_get_coarse_ns() };
+    };
+    // SAFETY: per-CPU slot; packet programs on one CPU do not nest.
+    let cache = unsafe { &mut *cache };
+    // A zero clock is the slot's initial state, never a reading.
+    if cache.jiffies != jiffies || cache.mono_ns == 0 {
+        cache.mono_ns = unsafe { bpf_ktime_get_coarse_ns() };
+        cache.jiffies = jiffies;
+    }
+    cache.mono_ns
 }
 
 /// Adds `value` to `*target` with the BPF atomic add (the old value is not
@@ -246,7 +281,7 @@ fn report(config: &Config, stats: &mut Stats, headers: &TcpHeaders, reason: u32)
     };
     // SAFETY: per-CPU slot, packet programs on one CPU do not nest.
     let budget = unsafe { &mut *budget };
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = now_ns();
     if now.wrapping_sub(budget.window_start_ns) >= NS_PER_SEC {
         budget.window_start_ns = now;
         budget.sent = 0;
