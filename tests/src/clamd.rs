@@ -111,9 +111,11 @@ pub fn prerequisites(test: &str) -> bool {
 /// A running private clamd. Dropping it stops clamd and removes its
 /// directory.
 pub struct Clamd {
+    /// Before `dir`: dropped first, which stops clamd.
+    child: Option<ChildProcess>,
+    /// Removed when dropped (unless `CLAMD_FIXTURE_KEEP`).
     dir: InstanceDir,
     tcp: SocketAddr,
-    child: Option<ChildProcess>,
     options: ClamdOptions,
 }
 
@@ -245,25 +247,14 @@ impl Clamd {
     /// scan), then what it printed on stdout/stderr.
     #[must_use]
     pub fn log(&self) -> String {
-        let mut log = fs::read_to_string(self.dir.join("clamd.log")).unwrap_or_default();
-        let out = fs::read_to_string(self.dir.join("clamd.out")).unwrap_or_default();
-        if !out.trim().is_empty() {
-            log.push_str("--- clamd stdout/stderr:\n");
-            log.push_str(&out);
-        }
-        log
+        self.dir.log_and_output()
     }
 
     /// The log's scan lines (`instream(127.0.0.1@PORT): OK`,
     /// `instream(local): … FOUND`).
     #[must_use]
     pub fn scanned(&self) -> Vec<String> {
-        fs::read_to_string(self.dir.join("clamd.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("instream("))
-            .map(str::to_owned)
-            .collect()
+        self.dir.lines_with("clamd.log", "instream(")
     }
 
     /// Stops clamd (SIGTERM, then SIGKILL after 5 s); the directory stays
@@ -272,14 +263,6 @@ impl Clamd {
         if let Some(child) = &mut self.child {
             child.stop();
         }
-    }
-}
-
-impl Drop for Clamd {
-    /// Stops clamd; then `dir` removes the directory (unless
-    /// `CLAMD_FIXTURE_KEEP`).
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 
+pub use crate::tcp::wait_until;
+
 /// How long [`ChildProcess::stop`] waits after SIGTERM before SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -172,6 +174,38 @@ impl InstanceDir {
         self.path.join(file)
     }
 
+    /// The file `file` of the directory, empty if it cannot be read.
+    #[must_use]
+    pub fn read(&self, file: &str) -> String {
+        fs::read(self.path.join(file))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The lines of `file` that contain `needle`.
+    #[must_use]
+    pub fn lines_with(&self, file: &str, needle: &str) -> Vec<String> {
+        self.read(file)
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The server's log `NAME.log`, then what it printed on stdout/stderr
+    /// (`NAME.out`, see [`ChildProcess::spawn`]) if anything.
+    #[must_use]
+    pub fn log_and_output(&self) -> String {
+        let name = self.server.name;
+        let mut log = self.read(&format!("{name}.log"));
+        let out = self.read(&format!("{name}.out"));
+        if !out.trim().is_empty() {
+            log.push_str(&format!("--- {name} stdout/stderr:\n"));
+            log.push_str(&out);
+        }
+        log
+    }
+
     /// Keeps the directory when dropped (it has the log of what went
     /// wrong).
     pub fn keep(&mut self) {
@@ -293,21 +327,6 @@ impl ChildProcess {
 impl Drop for ChildProcess {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// Polls `cond` every 10 ms until it holds; whether it did within
-/// `timeout` (it is tried at least once).
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -193,9 +193,7 @@ impl Postfix {
     /// The log so far (`maillog_file`); empty if there is none yet. Written
     /// asynchronously by postlogd: poll with [`Postfix::wait_for_log`].
     pub fn log(&self) -> String {
-        fs::read(self.dir.join("maillog"))
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        self.dir.read("maillog")
     }
 
     /// Polls the log until it contains `needle`; whether it did in `timeout`.

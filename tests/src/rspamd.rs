@@ -303,25 +303,14 @@ impl Rspamd {
     /// per scanned message), then what it printed on stdout/stderr.
     #[must_use]
     pub fn log(&self) -> String {
-        let mut log = fs::read_to_string(self.dir.join("rspamd.log")).unwrap_or_default();
-        let out = fs::read_to_string(self.dir.join("rspamd.out")).unwrap_or_default();
-        if !out.trim().is_empty() {
-            log.push_str("--- rspamd stdout/stderr:\n");
-            log.push_str(&out);
-        }
-        log
+        self.dir.log_and_output()
     }
 
     /// The log lines of scanned messages (`rspamd_task_write_log`), e.g.
     /// `… (default: T (reject): [20.00/15.00] [SMTPLIMITER_TEST_SPAM(20.00){}]), len: 115, … dns req: 0, …`.
     #[must_use]
     pub fn scanned(&self) -> Vec<String> {
-        fs::read_to_string(self.dir.join("rspamd.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("rspamd_task_write_log"))
-            .map(str::to_owned)
-            .collect()
+        self.dir.lines_with("rspamd.log", "rspamd_task_write_log")
     }
 
     /// Waits until the log contains `needle`.

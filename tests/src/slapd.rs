@@ -260,10 +260,12 @@ fn tool_path(name: &str) -> Result<PathBuf> {
 /// A running private slapd. Dropping it stops slapd and removes its
 /// directory.
 pub struct Slapd {
+    /// Before `dir`: dropped first, which stops slapd.
+    child: Option<ChildProcess>,
+    /// Removed when dropped (unless `SLAPD_FIXTURE_KEEP`).
     dir: InstanceDir,
     addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
-    child: Option<ChildProcess>,
     users: Vec<User>,
     options: SlapdOptions,
 }
@@ -599,7 +601,7 @@ impl Slapd {
     /// slapd's own output so far.
     #[must_use]
     pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("slapd.log")).unwrap_or_default()
+        self.dir.read("slapd.log")
     }
 
     /// Stops slapd (SIGTERM, then SIGKILL after 5 s); the directory stays
@@ -608,14 +610,6 @@ impl Slapd {
         if let Some(child) = &mut self.child {
             child.stop();
         }
-    }
-}
-
-impl Drop for Slapd {
-    /// Stops slapd; then `dir` removes the directory (unless
-    /// `SLAPD_FIXTURE_KEEP`).
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
