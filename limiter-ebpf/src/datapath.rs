@@ -3,7 +3,7 @@
 use crate::packet::{self, Skip, TcpHeaders};
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
-    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_map_lookup_elem},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
@@ -56,6 +56,16 @@ const TC_PULL_LEN: u32 = 256;
 struct ClockCache {
     jiffies: u64,
     mono_ns: u64,
+}
+
+/// The LPM key of one address: the layout of `lpm_trie::Key<Addr>`, which is
+/// packed, so rustc builds and copies it byte by byte and the program then
+/// reads it back by words (a failed store-to-load forwarding per lookup).
+/// This one is aligned, and its address doubles as the `BLOCK` key.
+#[repr(C)]
+struct HostKey {
+    prefix_len: u32,
+    addr: Addr,
 }
 
 enum Verdict {
@@ -137,13 +147,16 @@ fn judge(parsed: Result<TcpHeaders, Skip>) -> Verdict {
     }
     stats.seen += 1;
 
-    let host = Key::new(HOST_PREFIX, headers.source);
+    let host = HostKey {
+        prefix_len: HOST_PREFIX,
+        addr: headers.source,
+    };
     let slash16 = headers.source.ipv4_slash16();
-    if may_match(hint::ALLOW, slash16) && ALLOW.get(&host).is_some() {
+    if may_match(hint::ALLOW, slash16) && lookup_mut::<_, HostKey, Allow>(&ALLOW, &host).is_some() {
         stats.allowed += 1;
         return Verdict::Pass;
     }
-    if let Some(block) = BLOCK.get_ptr_mut(headers.source) {
+    if let Some(block) = BLOCK.get_ptr_mut(&host.addr) {
         if enforce_block(block, stats) {
             stats.dropped_block += 1;
             report(config, stats, &headers, drop_reason::BLOCK);
@@ -151,7 +164,7 @@ fn judge(parsed: Result<TcpHeaders, Skip>) -> Verdict {
         }
     }
     let net_block = if may_match(hint::BLOCK_NET, slash16) {
-        lookup_mut::<_, Key<Addr>, Block>(&BLOCK_NET, &host)
+        lookup_mut::<_, HostKey, Block>(&BLOCK_NET, &host)
     } else {
         None
     };
@@ -162,7 +175,7 @@ fn judge(parsed: Result<TcpHeaders, Skip>) -> Verdict {
             return Verdict::Drop;
         }
     }
-    if headers.new_connection && at_cap(config, &headers.source, &host, slash16) {
+    if headers.new_connection && at_cap(config, &host, slash16) {
         stats.dropped_cap += 1;
         report(config, stats, &headers, drop_reason::CAP);
         return Verdict::Drop;
@@ -238,7 +251,8 @@ pub(crate) unsafe fn atomic_add<T: Copy>(target: *mut T, value: T) {
 }
 
 /// A writable pointer to the value under `key` in `map` (the BTF map types
-/// only hand out shared references for LPM tries).
+/// only hand out shared references for LPM tries, and want their packed key
+/// type).
 #[inline(always)]
 fn lookup_mut<M, K, V>(map: &M, key: &K) -> Option<*mut V> {
     // SAFETY: `map` is a map definition the loader relocated; the helper
@@ -254,16 +268,18 @@ fn lookup_mut<M, K, V>(map: &M, key: &K) -> Option<*mut V> {
 
 /// Whether `source` already holds as many connections as its cap allows.
 #[inline(always)]
-fn at_cap(config: &Config, source: &Addr, host: &Key<Addr>, slash16: Option<u16>) -> bool {
+fn at_cap(config: &Config, host: &HostKey, slash16: Option<u16>) -> bool {
     // Most sources hold no connection: one hash miss and done.
-    let Some(count) = (unsafe { CONN_COUNT.get(source.source_key(config.ipv6_prefix_len)) }) else {
+    let Some(count) = (unsafe { CONN_COUNT.get(host.addr.source_key(config.ipv6_prefix_len)) })
+    else {
         return false;
     };
     let cap = match may_match(hint::CAP_NET, slash16)
-        .then(|| CAP_NET.get(host))
+        .then(|| lookup_mut::<_, HostKey, Cap>(&CAP_NET, host))
         .flatten()
     {
-        Some(cap) => cap.max_connections,
+        // SAFETY: a pointer to a live map value.
+        Some(cap) => unsafe { (*cap).max_connections },
         None => config.max_connections,
     };
     cap != 0 && count.connections >= cap

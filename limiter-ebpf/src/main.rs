@@ -16,6 +16,8 @@
 // BPF has atomic add but no compare-and-swap, so core's atomic types offer
 // no read-modify-write there; the intrinsic compiles to the BPF atomic add.
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+// Single packet loads of 2 and 4 bytes (see `packet.rs`).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 #![cfg_attr(
     target_arch = "bpf",
     expect(internal_features, reason = "core_intrinsics for atomic_xadd")

@@ -1,8 +1,8 @@
 //! Header parsing: Ethernet (up to two VLAN tags), IPv4 (any IHL), IPv6 (with
-//! extension headers), TCP. Every read goes through [`load`], which checks the
-//! bounds the verifier wants to see.
+//! extension headers), TCP. Every read is inside a [`window`], which checks
+//! the bounds the verifier wants to see.
 
-use core::mem::size_of;
+use core::arch::asm;
 
 use limiter_common::Addr;
 
@@ -20,6 +20,7 @@ const IPPROTO_ROUTING: u8 = 43;
 const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_AH: u8 = 51;
 const IPPROTO_DSTOPTS: u8 = 60;
+const IPV4_MIN_HDR_LEN: usize = 20;
 const IPV6_HDR_LEN: usize = 40;
 /// Extension headers followed before giving up; real traffic has one or two.
 const MAX_IPV6_EXT_HEADERS: usize = 8;
@@ -52,24 +53,75 @@ pub enum Skip {
     Malformed,
 }
 
-/// Reads a `T` at `offset` from `start`, if it lies before `end`.
+/// `base` passed through an `asm!` move: LLVM can no longer recompute it in
+/// another way, so the pointer compared with `end` is the very register that
+/// is read through, which is what the verifier needs to see. (An empty `asm!`
+/// would do, but its line info then shares an instruction with the next
+/// one, which the kernel refuses.)
 #[inline(always)]
-fn load<T: Copy>(start: usize, end: usize, offset: usize) -> Result<T, Skip> {
-    // The verifier learns the readable range of the pointer it sees compared
-    // with `end`. Without the opaque copy LLVM may compare one pointer and
-    // read through another computed differently (e.g. `(start + 12) + off`),
-    // which the verifier then refuses.
-    let at = core::hint::black_box(start + offset);
-    if at + size_of::<T>() > end {
+fn opaque(base: usize) -> usize {
+    let mut base = base;
+    // SAFETY: a register move; it only hides the value.
+    unsafe { asm!("{0} = {0}", inout(reg) base, options(pure, nomem, nostack, preserves_flags)) };
+    base
+}
+
+/// The packet pointer `start + offset`, if `len` bytes from there lie
+/// before `end`.
+#[inline(always)]
+fn window(start: usize, end: usize, offset: usize, len: usize) -> Result<usize, Skip> {
+    let at = opaque(start + offset);
+    if at + len > end {
         return Err(Skip::Truncated);
     }
-    // SAFETY: the range was checked against the packet's end just above.
-    Ok(unsafe { core::ptr::read_unaligned(at as *const T) })
+    Ok(at)
+}
+
+// Single loads of 1, 2 and 4 bytes at a constant offset from a packet
+// pointer. Through `read_unaligned` LLVM splits 2- and 4-byte reads into
+// single bytes (it cannot know that BPF allows unaligned packet reads), and
+// an address assembled from bytes and stored byte by byte then costs a failed
+// store-to-load forwarding when it is read back as a map key. Each returns
+// the bytes in memory order as a native integer (like `read_unaligned`).
+//
+// SAFETY (all three): `at` is a packet pointer for which `window` checked
+// that `OFF + size` bytes are readable.
+
+#[inline(always)]
+unsafe fn read_u8<const OFF: i16>(at: usize) -> u8 {
+    let value: u64;
+    unsafe {
+        asm!("{0} = *(u8 *)({1} + {off})", lateout(reg) value, in(reg) at, off = const OFF,
+            options(pure, readonly, nostack, preserves_flags))
+    };
+    value as u8
 }
 
 #[inline(always)]
+unsafe fn read_u16<const OFF: i16>(at: usize) -> u16 {
+    let value: u64;
+    unsafe {
+        asm!("{0} = *(u16 *)({1} + {off})", lateout(reg) value, in(reg) at, off = const OFF,
+            options(pure, readonly, nostack, preserves_flags))
+    };
+    value as u16
+}
+
+#[inline(always)]
+unsafe fn read_u32<const OFF: i16>(at: usize) -> u32 {
+    let value: u64;
+    unsafe {
+        asm!("{0} = *(u32 *)({1} + {off})", lateout(reg) value, in(reg) at, off = const OFF,
+            options(pure, readonly, nostack, preserves_flags))
+    };
+    value as u32
+}
+
+/// A big-endian `u16` at `offset` (variable) from `start`.
+#[inline(always)]
 fn load_be16(start: usize, end: usize, offset: usize) -> Result<u16, Skip> {
-    load::<[u8; 2]>(start, end, offset).map(u16::from_be_bytes)
+    let at = window(start, end, offset, 2)?;
+    Ok(u16::from_be(unsafe { read_u16::<0>(at) }))
 }
 
 /// Parses the packet between `start` and `end` down to its TCP header.
@@ -89,14 +141,11 @@ pub fn parse(start: usize, end: usize) -> Result<TcpHeaders, Skip> {
         ETH_P_IPV6 => parse_ipv6(start, end, offset)?,
         _ => return Err(Skip::NotTcp),
     };
-    if start + l4_offset + TCP_MIN_HDR_LEN > end {
-        return Err(Skip::Truncated);
-    }
-    let dst_port = load_be16(start, end, l4_offset + 2)?;
-    // Data offset and flags. Loads at variable offsets are at least two bytes
-    // wide: for one byte LLVM may turn `p + 1 > end` into `p >= end`, from
-    // which the verifier learns no readable range.
-    let [_, flags] = load::<[u8; 2]>(start, end, l4_offset + 12)?;
+    let tcp = window(start, end, l4_offset, TCP_MIN_HDR_LEN)?;
+    // SAFETY: inside the checked window.
+    let dst_port = u16::from_be(unsafe { read_u16::<2>(tcp) });
+    // Data offset and flags; the flags are the second byte.
+    let flags = unsafe { read_u16::<12>(tcp) }.to_ne_bytes()[1];
     Ok(TcpHeaders {
         source,
         dst_port,
@@ -107,7 +156,9 @@ pub fn parse(start: usize, end: usize) -> Result<TcpHeaders, Skip> {
 /// Returns the source and the offset of the TCP header.
 #[inline(always)]
 fn parse_ipv4(start: usize, end: usize, offset: usize) -> Result<(Addr, usize), Skip> {
-    let version_ihl: u8 = load(start, end, offset)?;
+    let ip = window(start, end, offset, IPV4_MIN_HDR_LEN)?;
+    // SAFETY (every read below): inside the checked window.
+    let version_ihl = unsafe { read_u8::<0>(ip) };
     let ihl = (version_ihl & 0x0f) as usize;
     if version_ihl >> 4 != 4 || ihl < 5 {
         return Err(Skip::Malformed);
@@ -115,14 +166,13 @@ fn parse_ipv4(start: usize, end: usize, offset: usize) -> Result<(Addr, usize), 
     // A first fragment (offset 0, more-fragments set) carries the TCP header
     // and is judged like any packet; later ones cannot be, and reassembly
     // discards them anyway when the first one was dropped.
-    if load_be16(start, end, offset + 6)? & 0x1fff != 0 {
+    if u16::from_be(unsafe { read_u16::<6>(ip) }) & 0x1fff != 0 {
         return Err(Skip::Fragment);
     }
-    let protocol: u8 = load(start, end, offset + 9)?;
-    if protocol != IPPROTO_TCP {
+    if unsafe { read_u8::<9>(ip) } != IPPROTO_TCP {
         return Err(Skip::NotTcp);
     }
-    let saddr: u32 = load(start, end, offset + 12)?;
+    let saddr = unsafe { read_u32::<12>(ip) };
     Ok((Addr::from_ipv4_word(saddr), offset + ihl * 4))
 }
 
@@ -130,15 +180,29 @@ fn parse_ipv4(start: usize, end: usize, offset: usize) -> Result<(Addr, usize), 
 /// headers.
 #[inline(always)]
 fn parse_ipv6(start: usize, end: usize, offset: usize) -> Result<(Addr, usize), Skip> {
-    let mut next_header: u8 = load(start, end, offset + 6)?;
-    let words: [u32; 4] = load(start, end, offset + 8)?;
+    let ip = window(start, end, offset, IPV6_HDR_LEN)?;
+    // SAFETY: inside the checked window.
+    let (mut next_header, words) = unsafe {
+        (
+            read_u8::<6>(ip),
+            [
+                read_u32::<8>(ip),
+                read_u32::<12>(ip),
+                read_u32::<16>(ip),
+                read_u32::<20>(ip),
+            ],
+        )
+    };
     let mut offset = offset + IPV6_HDR_LEN;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         if next_header == IPPROTO_TCP {
             return Ok((Addr { words }, offset));
         }
         // Every extension header starts with its next header and its length.
-        let [following, len] = load::<[u8; 2]>(start, end, offset)?;
+        // Two bytes read at once: for a one-byte read at a variable offset
+        // LLVM may turn `p + 1 > end` into `p >= end`, from which the
+        // verifier learns no readable range.
+        let [following, len] = load_be16(start, end, offset)?.to_be_bytes();
         let header_len = match next_header {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => (len as usize + 1) * 8,
             IPPROTO_AH => (len as usize + 2) * 4,
