@@ -293,6 +293,7 @@ fn smtp_limiter(args: &[&str], pin_path: &std::path::Path) -> (bool, String) {
         .spawn()
         .expect("run smtp-limiter");
     let out = child.wait_with_output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
