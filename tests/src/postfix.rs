@@ -96,6 +96,31 @@ impl Default for PostfixOptions {
     }
 }
 
+impl PostfixOptions {
+    /// An instance for load (benchmarks): the fixture already turns error
+    /// throttling off (`smtpd_soft_error_limit`, `smtpd_hard_error_limit`,
+    /// `smtpd_error_sleep_time`); anvil's per-client limits go too, and up
+    /// to 200 smtpd processes run at once.
+    #[must_use]
+    pub fn for_load(proxy_protocol: bool) -> Self {
+        let extra = [
+            ("smtpd_client_connection_count_limit", "0"),
+            ("smtpd_client_connection_rate_limit", "0"),
+            ("smtpd_client_message_rate_limit", "0"),
+            ("smtpd_client_recipient_rate_limit", "0"),
+            ("default_process_limit", "200"),
+        ];
+        PostfixOptions {
+            proxy_protocol,
+            extra_main_cf: extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..PostfixOptions::default()
+        }
+    }
+}
+
 /// A running private Postfix instance. Dropping it stops the instance (all
 /// its processes are gone when `drop` returns) and removes its directory.
 pub struct Postfix {

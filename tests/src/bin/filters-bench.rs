@@ -242,19 +242,7 @@ fn main() -> Result<()> {
     let opts = parse_args()?;
     let body = message_body();
     eprintln!("filters-bench: starting Postfix, rspamd and clamd");
-    let postfix = Postfix::start(PostfixOptions {
-        proxy_protocol: true,
-        extra_main_cf: [
-            ("smtpd_client_connection_count_limit", "0"),
-            ("smtpd_client_connection_rate_limit", "0"),
-            ("smtpd_client_message_rate_limit", "0"),
-            ("smtpd_client_recipient_rate_limit", "0"),
-        ]
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect(),
-        ..PostfixOptions::default()
-    })?;
+    let postfix = Postfix::start(PostfixOptions::for_load(true))?;
     let rspamd = Rspamd::start()?;
     let clamd = Clamd::start()?;
     let rspamd_table = format!("[filters.rspamd]\nurl = \"{}\"\n", rspamd.url());

@@ -443,27 +443,6 @@ accept = "*@example.com"
     )
 }
 
-/// Postfix for load: the fixture already turns error throttling off
-/// (`smtpd_soft_error_limit`, `smtpd_hard_error_limit`,
-/// `smtpd_error_sleep_time`); anvil's per-client limits go too.
-fn postfix_options(proxy_protocol: bool) -> PostfixOptions {
-    let extra = [
-        ("smtpd_client_connection_count_limit", "0"),
-        ("smtpd_client_connection_rate_limit", "0"),
-        ("smtpd_client_message_rate_limit", "0"),
-        ("smtpd_client_recipient_rate_limit", "0"),
-        ("default_process_limit", "200"),
-    ];
-    PostfixOptions {
-        proxy_protocol,
-        extra_main_cf: extra
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect(),
-        ..PostfixOptions::default()
-    }
-}
-
 struct Rig {
     source: PathBuf,
     sink: Sink,
@@ -1316,8 +1295,9 @@ fn main() -> Result<()> {
     let sink = Sink::start(idle.max(256) + 200)?;
     let sink_proxy = TestProxy::start(&proxy_config(sink.addr, "none"));
     let (postfix, postfix_pp, postfix_proxy) = if opts.throughput {
-        let direct = Postfix::start(postfix_options(false)).context("Postfix (direct)")?;
-        let pp = Postfix::start(postfix_options(true)).context("Postfix (PROXY protocol)")?;
+        let direct = Postfix::start(PostfixOptions::for_load(false)).context("Postfix (direct)")?;
+        let pp =
+            Postfix::start(PostfixOptions::for_load(true)).context("Postfix (PROXY protocol)")?;
         let proxy = TestProxy::start(&proxy_config(pp.addr(), "proxy-v2"));
         (Some(direct), Some(pp), Some(proxy))
     } else {
