@@ -125,48 +125,80 @@ fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
     unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(socket) }
 }
 
+/// An agent's files in a directory of its own: a configuration with a
+/// listener, the built-in backend, the control socket, state and metrics on
+/// free ports, and `extra` TOML tables (`[kernel]`, `[filters]`, …).
+struct AgentFiles {
+    dir: std::path::PathBuf,
+    config: std::path::PathBuf,
+    socket: std::path::PathBuf,
+    proxy: SocketAddr,
+    metrics: u16,
+}
+
+impl AgentFiles {
+    fn new(name: &str, extra: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("smtp-limiter-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (listen, backend, metrics) = (free_port(), free_port(), free_port());
+        let socket = dir.join("control.sock");
+        let config = dir.join("smtp-limiter.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+                [[listen]]
+                address = "127.0.0.1:{listen}"
+                [backend]
+                address = "127.0.0.1:{backend}"
+                builtin = true
+                [control]
+                socket = "{socket}"
+                [state]
+                directory = "{state}"
+                [metrics]
+                address = "127.0.0.1:{metrics}"
+                {extra}
+                "#,
+                socket = socket.display(),
+                state = dir.join("state").display(),
+            ),
+        )
+        .unwrap();
+        Self {
+            proxy: format!("127.0.0.1:{listen}").parse().unwrap(),
+            dir,
+            config,
+            socket,
+            metrics,
+        }
+    }
+}
+
+impl Drop for AgentFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[test]
 fn cli_blocks_through_the_agent_and_blocks_survive_lost_kernel_maps() {
     if !prerequisites("cli_blocks_through_the_agent_and_blocks_survive_lost_kernel_maps") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("smtp-limiter-agent-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
     let pins = PinDir::new();
-    let (listen, backend, metrics) = (free_port(), free_port(), free_port());
-    let socket = dir.join("control.sock");
-    let config = dir.join("smtp-limiter.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-            [[listen]]
-            address = "127.0.0.1:{listen}"
-            [backend]
-            address = "127.0.0.1:{backend}"
-            builtin = true
-            [kernel]
-            mode = "required"
-            pin_path = "{pins}"
-            [control]
-            socket = "{socket}"
-            [state]
-            directory = "{state}"
-            [metrics]
-            address = "127.0.0.1:{metrics}"
-            "#,
-            pins = pins.path().display(),
-            socket = socket.display(),
-            state = dir.join("state").display(),
+    let files = AgentFiles::new(
+        "agent",
+        &format!(
+            "[kernel]\nmode = \"required\"\npin_path = \"{}\"",
+            pins.path().display()
         ),
-    )
-    .unwrap();
-    let proxy: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
-
-    let agent = Agent::start(&config, &socket);
+    );
+    let (config, socket, proxy) = (&files.config, &files.socket, files.proxy);
+    let agent = Agent::start(config, socket);
     let (ok, out) = cli(
-        &config,
+        config,
         &[
             "block",
             "add",
@@ -186,29 +218,29 @@ fn cli_blocks_through_the_agent_and_blocks_survive_lost_kernel_maps() {
     let (_, greeting) = Client::from_stream(connect_from("127.0.0.3", proxy)).unwrap();
     assert!(greeting.starts_with("220"), "other source: {greeting}");
 
-    let (ok, out) = cli(&config, &["limits", "set", "max_failed_rcpt", "2"]);
+    let (ok, out) = cli(config, &["limits", "set", "max_failed_rcpt", "2"]);
     assert!(ok && out.contains("Not persisted"), "{out}");
-    let (ok, out) = cli(&config, &["limits", "show", "--json"]);
+    let (ok, out) = cli(config, &["limits", "show", "--json"]);
     assert!(ok && out.contains("\"max_failed_rcpt\": 2"), "{out}");
-    let (ok, out) = cli(&config, &["limits", "set", "max_failed_rcpt", "many"]);
+    let (ok, out) = cli(config, &["limits", "set", "max_failed_rcpt", "many"]);
     assert!(!ok && out.contains("max_failed_rcpt"), "{out}");
-    let (ok, out) = cli(&config, &["stats", "--json"]);
+    let (ok, out) = cli(config, &["stats", "--json"]);
     assert!(ok && out.contains("\"sessions_total\""), "{out}");
 
     // A bad file is refused by reload and the running configuration stays.
-    let good = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, good.replace("[state]", "[state]\nbogus = 1")).unwrap();
-    let (ok, out) = cli(&config, &["reload"]);
-    std::fs::write(&config, &good).unwrap();
+    let good = std::fs::read_to_string(config).unwrap();
+    std::fs::write(config, good.replace("[state]", "[state]\nbogus = 1")).unwrap();
+    let (ok, out) = cli(config, &["reload"]);
+    std::fs::write(config, &good).unwrap();
     assert!(!ok && out.contains("bogus"), "{out}");
-    let (ok, out) = cli(&config, &["reload"]);
+    let (ok, out) = cli(config, &["reload"]);
     assert!(ok, "{out}");
 
     // Stop, lose the kernel maps (as a reboot does), start again.
     agent.stop();
     std::fs::remove_dir_all(pins.path()).unwrap();
-    let agent = Agent::start(&config, &socket);
-    let (ok, out) = cli(&config, &["block", "list", "--json"]);
+    let agent = Agent::start(config, socket);
+    let (ok, out) = cli(config, &["block", "list", "--json"]);
     assert!(
         ok && out.contains("\"127.0.0.2/32\"") && out.contains("\"flood\""),
         "{out}"
@@ -225,13 +257,12 @@ fn cli_blocks_through_the_agent_and_blocks_survive_lost_kernel_maps() {
         "still blocked after the restart: {greeting}"
     );
 
-    let (ok, out) = cli(&config, &["block", "del", "127.0.0.2"]);
+    let (ok, out) = cli(config, &["block", "del", "127.0.0.2"]);
     assert!(ok, "{out}");
     let (_, greeting) = Client::from_stream(connect_from("127.0.0.2", proxy)).unwrap();
     assert!(greeting.starts_with("220"), "unblocked: {greeting}");
     agent.stop();
     drop(kernel);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `smtp-limiter stats` and `/metrics` show the content filters' verdicts,
@@ -243,64 +274,47 @@ fn stats_and_metrics_show_filter_verdicts() {
         return;
     }
     let clamd = limiter_tests::clamd::Clamd::start().expect("start clamd");
-    let dir = std::env::temp_dir().join(format!("smtp-limiter-filters-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let (listen, backend, metrics) = (free_port(), free_port(), free_port());
-    let socket = dir.join("control.sock");
-    let config = dir.join("smtp-limiter.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-            [[listen]]
-            address = "127.0.0.1:{listen}"
-            [backend]
-            address = "127.0.0.1:{backend}"
-            builtin = true
-            [kernel]
-            mode = "off"
-            [filters]
-            max_rejects = 0
-            [filters.clamav]
-            address = "{clamd}"
-            [control]
-            socket = "{socket}"
-            [state]
-            directory = "{state}"
-            [metrics]
-            address = "127.0.0.1:{metrics}"
-            "#,
-            clamd = clamd.tcp_address(),
-            socket = socket.display(),
-            state = dir.join("state").display(),
+    let files = AgentFiles::new(
+        "filters",
+        &format!(
+            "[kernel]\nmode = \"off\"\n[filters]\nmax_rejects = 0\n[filters.clamav]\naddress = \"{}\"",
+            clamd.tcp_address()
         ),
-    )
-    .unwrap();
-    let agent = Agent::start(&config, &socket);
-    let proxy: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
+    );
+    let (config, socket, proxy, metrics) =
+        (&files.config, &files.socket, files.proxy, files.metrics);
+    let agent = Agent::start(config, socket);
     let (mut smtp, greeting) = Client::from_stream(connect_from("127.0.0.2", proxy)).unwrap();
     assert!(greeting.starts_with("220"), "{greeting}");
     assert!(smtp.cmd("EHLO client.test").unwrap().starts_with("250"));
     for (body, want) in [
         ("Subject: hello\r\n\r\nclean\r\n", "250"),
         (
-            &format!("Subject: hi\r\n\r\n{}\r\n", limiter_tests::clamd::VIRUS_MARKER)[..],
+            &format!(
+                "Subject: hi\r\n\r\n{}\r\n",
+                limiter_tests::clamd::VIRUS_MARKER
+            )[..],
             "550 5.7.1",
         ),
     ] {
-        assert!(smtp.cmd("MAIL FROM:<a@client.test>").unwrap().starts_with("250"));
-        assert!(smtp.cmd("RCPT TO:<alice@example.com>").unwrap().starts_with("250"));
+        assert!(smtp
+            .cmd("MAIL FROM:<a@client.test>")
+            .unwrap()
+            .starts_with("250"));
+        assert!(smtp
+            .cmd("RCPT TO:<alice@example.com>")
+            .unwrap()
+            .starts_with("250"));
         assert!(smtp.cmd("DATA").unwrap().starts_with("354"));
         let reply = smtp.cmd(&format!("{body}.")).unwrap();
         assert!(reply.starts_with(want), "{body:?}: {reply}");
     }
-    let (ok, out) = cli(&config, &["stats", "--json"]);
+    let (ok, out) = cli(config, &["stats", "--json"]);
     assert!(ok, "{out}");
     let stats: serde_json::Value = serde_json::from_str(&out).expect("stats --json is JSON");
     assert_eq!(stats["filters"]["verdicts"]["clean"], 1, "{out}");
     assert_eq!(stats["filters"]["verdicts"]["virus"], 1, "{out}");
-    let (ok, out) = cli(&config, &["stats"]);
+    let (ok, out) = cli(config, &["stats"]);
     assert!(ok && out.contains("virus: 1"), "{out}");
     let mut stream = TcpStream::connect(("127.0.0.1", metrics)).unwrap();
     std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
@@ -310,7 +324,9 @@ fn stats_and_metrics_show_filter_verdicts() {
         text.contains("smtp_limiter_filter_verdicts_total{verdict=\"virus\"} 1"),
         "{text}"
     );
-    assert!(text.contains("smtp_limiter_filter_wait_seconds_count 2"), "{text}");
+    assert!(
+        text.contains("smtp_limiter_filter_wait_seconds_count 2"),
+        "{text}"
+    );
     agent.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }
