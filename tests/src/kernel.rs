@@ -32,6 +32,54 @@ pub fn baseline_object() -> PathBuf {
     object_path().with_file_name("limiter-baseline")
 }
 
+/// A reference program of the baseline object (e.g. `baseline_pass`, the
+/// empty XDP program), loaded and ready for `BPF_PROG_TEST_RUN`: what the
+/// benchmarks measure the limiter against in the same rounds.
+pub struct Baseline {
+    ebpf: aya::Ebpf,
+    name: &'static str,
+}
+
+impl Baseline {
+    /// Loads the XDP program `name` from [`baseline_object`].
+    ///
+    /// # Errors
+    /// The object is missing, has no such program, or the kernel refuses it.
+    pub fn load(name: &'static str) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let path = baseline_object();
+        let mut ebpf =
+            aya::Ebpf::load_file(&path).with_context(|| format!("loading {}", path.display()))?;
+        let program: &mut aya::programs::Xdp = ebpf
+            .program_mut(name)
+            .with_context(|| format!("{} has no program {name}", path.display()))?
+            .try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        Ok(Self { ebpf, name })
+    }
+
+    /// Runs the program `repeat` times on `packet`: (XDP action, the
+    /// kernel's mean time per run).
+    ///
+    /// # Errors
+    /// The test run failed.
+    pub fn run(&self, packet: &[u8], repeat: u32) -> anyhow::Result<(u32, std::time::Duration)> {
+        use anyhow::Context as _;
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let program: &aya::programs::Xdp = self
+            .ebpf
+            .program(self.name)
+            .context("baseline program gone")?
+            .try_into()?;
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(packet),
+            repeat,
+            ..TestRunOptions::new()
+        })?;
+        Ok((result.return_value, result.duration))
+    }
+}
+
 /// Loaded programs with their own pin directory.
 pub struct TestKernel {
     // Field order matters: the programs go before their pins.

@@ -28,15 +28,11 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use aya::{
-    maps::{HashMap, Map, MapData},
-    programs::{TestRun, TestRunOptions, Xdp},
-    Ebpf,
-};
+use aya::maps::{HashMap, Map, MapData};
 use ipnet::{IpNet, Ipv4Net};
 use limiter_common::{reason, Addr, ConnCount, Stats};
 use limiter_tests::{
-    kernel::{baseline_object, ebpf_object, object_path, TestKernel},
+    kernel::{baseline_object, ebpf_object, object_path, Baseline, TestKernel},
     packets::{Frame, ACK, SYN},
 };
 use limiter_user::kernel::{addr_of, Datapath, KernelLimits, MapSizes};
@@ -413,41 +409,6 @@ fn action_name(action: u32) -> &'static str {
     }
 }
 
-/// The empty XDP program from the baseline object.
-struct Baseline {
-    ebpf: Ebpf,
-}
-
-impl Baseline {
-    fn load() -> Result<Self> {
-        let path = baseline_object();
-        let mut ebpf =
-            Ebpf::load_file(&path).with_context(|| format!("loading {}", path.display()))?;
-        let program: &mut Xdp = ebpf
-            .program_mut(BASELINE_PROGRAM)
-            .with_context(|| format!("{} has no program {BASELINE_PROGRAM}", path.display()))?
-            .try_into()?;
-        program
-            .load()
-            .with_context(|| format!("loading {BASELINE_PROGRAM}"))?;
-        Ok(Self { ebpf })
-    }
-
-    fn run(&self, packet: &[u8], repeat: u32) -> Result<(u32, Duration)> {
-        let program: &Xdp = self
-            .ebpf
-            .program(BASELINE_PROGRAM)
-            .context("baseline program gone")?
-            .try_into()?;
-        let result = program.test_run(TestRunOptions {
-            data_in: Some(packet),
-            repeat,
-            ..TestRunOptions::new()
-        })?;
-        Ok((result.return_value, result.duration))
-    }
-}
-
 fn limits(events: bool) -> KernelLimits {
     let default = KernelLimits::default();
     KernelLimits {
@@ -692,7 +653,7 @@ fn prepare_scale(
     let kernel = TestKernel::load_with(limits(true), sizes);
     let took = fill(&kernel, scale, nets)?;
     eprintln!("  filled in {:.1} s", took.as_secs_f64());
-    let baseline = Baseline::load()?;
+    let baseline = Baseline::load(BASELINE_PROGRAM)?;
     let mut bench = Bench {
         kernel,
         baseline,

@@ -52,15 +52,11 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use aya::{
-    maps::MapData,
-    programs::{TestRun, TestRunOptions, Xdp},
-    Ebpf,
-};
+use aya::maps::MapData;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use limiter_common::{map_names as names, reason, Stats};
 use limiter_tests::{
-    kernel::{baseline_object, ebpf_object, object_path},
+    kernel::{baseline_object, ebpf_object, object_path, Baseline},
     netns::{self, NetNs},
     packets::{Frame, ACK, SYN},
     stats::{median, min_max},
@@ -988,38 +984,6 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-struct Baseline {
-    ebpf: Ebpf,
-}
-
-impl Baseline {
-    fn load() -> Result<Self> {
-        let path = baseline_object();
-        let mut ebpf =
-            Ebpf::load_file(&path).with_context(|| format!("loading {}", path.display()))?;
-        let program: &mut Xdp = ebpf
-            .program_mut(BASELINE_PROGRAM)
-            .with_context(|| format!("{} has no program {BASELINE_PROGRAM}", path.display()))?
-            .try_into()?;
-        program.load()?;
-        Ok(Self { ebpf })
-    }
-
-    fn run(&self, packet: &[u8], repeat: u32) -> Result<(u32, Duration)> {
-        let program: &Xdp = self
-            .ebpf
-            .program(BASELINE_PROGRAM)
-            .context("baseline program gone")?
-            .try_into()?;
-        let result = program.test_run(TestRunOptions {
-            data_in: Some(packet),
-            repeat,
-            ..TestRunOptions::new()
-        })?;
-        Ok((result.return_value, result.duration))
-    }
-}
-
 /// Kernel ns per run (as the kernel reports it), checked verdict.
 fn measure(
     what: &str,
@@ -1135,7 +1099,7 @@ fn kernel_part(options: &Options, state: &StateSet, cases: &[Case]) -> Result<Ke
         "sweep removed {swept} blocks (none has expired)"
     );
 
-    let baseline = Baseline::load()?;
+    let baseline = Baseline::load(BASELINE_PROGRAM)?;
     let packets: Vec<Vec<u8>> = cases.iter().map(Case::frame).collect();
     let base_packet = Frame::syn(IpAddr::V4(PASS), SMTP).flags(ACK).build();
     // Each case takes its path on both states: one run moves exactly its
