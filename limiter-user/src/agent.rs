@@ -6,7 +6,10 @@
 use std::{
     collections::HashSet,
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, SystemTime},
 };
 
@@ -160,7 +163,7 @@ pub async fn run(
     }
     let ctx = Arc::new(ProxyContext::new(&config, datapath.clone())?);
     let store = match Store::open(&config.state.directory) {
-        Ok(store) => Some(store),
+        Ok(store) => Some(Arc::new(store)),
         Err(e) => {
             tracing::error!(error = %e, "BLOCKS ARE NOT PERSISTED: the state directory is unusable (state.directory)");
             None
@@ -169,6 +172,30 @@ pub async fn run(
     if let Some(store) = &store {
         restore_blocks(store, &ctx, datapath.as_ref());
     }
+    // Blocks are stored by a task of their own: with a million blocks one
+    // save takes seconds, which signals and CLI requests must not wait for.
+    // Requests that come during a save are served by one more save; the last
+    // one, at shutdown, comes after every other.
+    let saves = Arc::new(tokio::sync::Notify::new());
+    let stopping = Arc::new(AtomicBool::new(false));
+    let saver = store.clone().map(|store| {
+        let (ctx, datapath) = (ctx.clone(), datapath.clone());
+        let (saves, stopping) = (saves.clone(), stopping.clone());
+        tokio::spawn(async move {
+            loop {
+                saves.notified().await;
+                let last = stopping.load(Ordering::Acquire);
+                let (store, ctx, datapath) = (store.clone(), ctx.clone(), datapath.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    save_blocks(Some(&store), &ctx, datapath.as_ref());
+                })
+                .await;
+                if last {
+                    return;
+                }
+            }
+        })
+    });
     let listeners = proxy::bind(&config).await?;
     for (listen, bound) in config.listen.iter().zip(&listeners) {
         let address = bound.listener.local_addr().map_or(listen.address, |a| a);
@@ -245,10 +272,10 @@ pub async fn run(
                 if !expired.is_empty() || walked > 0 {
                     tracing::info!(expired = expired.len() + walked, "expired blocks removed");
                     // Changes from the CLI and new blocks are stored when they happen.
-                    save_blocks(store.as_ref(), &ctx, datapath.as_ref());
+                    saves.notify_one();
                 }
             },
-            () = ctx.blocks_changed.notified() => save_blocks(store.as_ref(), &ctx, datapath.as_ref()),
+            () = ctx.blocks_changed.notified() => saves.notify_one(),
             Some((request, answer)) = requests.recv() => {
                 if let control::Request::RecipientsRefresh { force } = request {
                     // A directory refresh can take seconds: answer from a task.
@@ -264,7 +291,7 @@ pub async fn run(
                         let _ = answer.send(response);
                     });
                 } else {
-                    let mut agent = AgentState { config: &mut config, config_path: config_path.as_deref(), ctx: &ctx, datapath: datapath.as_ref(), store: store.as_ref() };
+                    let mut agent = AgentState { config: &mut config, config_path: config_path.as_deref(), ctx: &ctx, datapath: datapath.as_ref(), store: store.as_deref(), saves: &saves };
                     let _ = answer.send(commands::handle(&mut agent, request));
                 }
             },
@@ -288,7 +315,11 @@ pub async fn run(
     }
     let _ = stop.send(true);
     let _ = server.await;
-    save_blocks(store.as_ref(), &ctx, datapath.as_ref());
+    stopping.store(true, Ordering::Release);
+    saves.notify_one();
+    if let Some(saver) = saver {
+        let _ = saver.await;
+    }
     let _ = std::fs::remove_file(&config.control.socket);
     tracing::info!("stopping: detaching the kernel programs (maps stay pinned)");
     if let Kernel::Loaded(d) = &kernel {
@@ -383,12 +414,15 @@ pub struct AgentState<'a> {
     pub ctx: &'a ProxyContext,
     pub datapath: &'a dyn Datapath,
     pub store: Option<&'a Store>,
+    /// Wakes the task that stores the blocks.
+    pub saves: &'a tokio::sync::Notify,
 }
 
 impl AgentState<'_> {
-    /// Stores the blocks now (after a change from the CLI).
+    /// Has the blocks stored at once (after a change from the CLI), by the
+    /// task that stores them.
     pub fn save_blocks(&self) {
-        save_blocks(self.store, self.ctx, self.datapath);
+        self.saves.notify_one();
     }
 }
 

@@ -64,6 +64,9 @@ pub enum StateError {
 /// The state directory.
 pub struct Store {
     dir: PathBuf,
+    /// One writer at a time: saves may come from a background task and from
+    /// the agent's shutdown at once, and share the temporary file.
+    writing: std::sync::Mutex<()>,
 }
 
 impl Store {
@@ -78,6 +81,7 @@ impl Store {
         })?;
         Ok(Self {
             dir: dir.to_owned(),
+            writing: std::sync::Mutex::new(()),
         })
     }
 
@@ -119,6 +123,10 @@ impl Store {
     /// # Errors
     /// The file cannot be written.
     pub fn save(&self, blocks: &[StoredBlock]) -> Result<(), StateError> {
+        let _writing = self
+            .writing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let path = self.path();
         let tmp = self.dir.join(format!(".{BLOCKS_FILE}.tmp"));
         let io = |source| StateError::Io {
