@@ -36,13 +36,13 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{bail, ensure, Context, Result};
 use limiter_tests::netns::{self, Link, NetNs};
-use limiter_tests::postfix::{Postfix, PostfixOptions, postfix_tool};
+use limiter_tests::postfix::{postfix_tool, Postfix, PostfixOptions};
 use limiter_tests::stats::{median, min_max};
 
 /// Namespace, pin and temp-dir prefix.

@@ -56,20 +56,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{bail, ensure, Context, Result};
 use aya::{
-    Ebpf,
     maps::{Array, HashMap, Map, MapData},
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+    Ebpf,
 };
 use ipnet::{IpNet, Ipv4Net};
-use limiter_common::{Addr, ConnCount, reason};
+use limiter_common::{reason, Addr, ConnCount};
 use limiter_tests::{
-    kernel::{TestKernel, baseline_object, ebpf_object, object_path},
-    netns::{NetNs, ip},
+    kernel::{baseline_object, ebpf_object, object_path, TestKernel},
+    netns::{ip, NetNs},
     stats::{median, min_max},
 };
-use limiter_user::kernel::{AttachMode, Datapath, KernelLimits, MapSizes, addr_of};
+use limiter_user::kernel::{addr_of, AttachMode, Datapath, KernelLimits, MapSizes};
 
 const USAGE: &str = "\
 syn-bench: receive-side CPU per refused SYN (product XDP, trivial XDP_DROP,
