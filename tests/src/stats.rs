@@ -43,8 +43,28 @@ pub fn machine() -> String {
     format!(
         "kernel {}, {cpus} CPUs ({model}), load average {}",
         read("/proc/sys/kernel/osrelease"),
-        read("/proc/loadavg")
+        load_average()
     )
+}
+
+/// The 1, 5 and 15 minute load averages (`"?"` if unreadable).
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// `n` with its digits in groups of three: `1 100 001`.
+pub fn group(n: impl Into<u64>) -> String {
+    let digits = n.into().to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(' ');
+        }
+        out.push(ch);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -57,5 +77,8 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(median(&[]).is_nan());
         assert_eq!(min_max(&[3.0, -1.0, 2.0]), (-1.0, 3.0));
+        assert_eq!(group(1_100_001u32), "1 100 001");
+        assert_eq!(group(100u64), "100");
+        assert_eq!(group(0u32), "0");
     }
 }

@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use limiter_tests::netns::{self, Link, NetNs};
 use limiter_tests::postfix::{postfix_tool, Postfix, PostfixOptions};
-use limiter_tests::stats::{median, min_max};
+use limiter_tests::stats::{machine, median, min_max};
 
 /// Namespace, pin and temp-dir prefix.
 const PREFIX: &str = "slb-atk";
@@ -1978,24 +1978,6 @@ fn csv(results: &[RunResult]) -> String {
         }
     }
     s
-}
-
-fn machine() -> String {
-    let read = |p: &str| {
-        fs::read_to_string(p)
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_default()
-    };
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!(
-        "kernel {}, {cpus} CPUs, load average {}",
-        read("/proc/sys/kernel/osrelease"),
-        read("/proc/loadavg")
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
-    )
 }
 
 // ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@
 //! counter it is meant to. `kernel.bpf_stats_enabled` must stay 0 (checked
 //! before every round): it adds clock reads to every run.
 
-use limiter_tests::stats::{median, min_max};
+use limiter_tests::stats::{group, median, min_max};
 use std::{
     collections::HashSet,
     fmt::Write as _,
@@ -782,18 +782,6 @@ fn run_rounds(
 
 // ---------------------------------------------------------------------------
 // Output
-
-fn group(n: u32) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(' ');
-        }
-        out.push(ch);
-    }
-    out
-}
 
 fn verdict_name(kind: Kind) -> &'static str {
     match kind {

@@ -59,7 +59,7 @@ use limiter_tests::{
     kernel::{baseline_object, ebpf_object, object_path, Baseline},
     netns::{self, NetNs},
     packets::{Frame, ACK, SYN},
-    stats::{median, min_max},
+    stats::{group, load_average, median, min_max},
     tcp::connect_from,
 };
 use limiter_user::{
@@ -439,32 +439,12 @@ fn inside(net: &IpNet) -> IpAddr {
 // ---------------------------------------------------------------------------
 // Small helpers
 
-fn group(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(' ');
-        }
-        out.push(ch);
-    }
-    out
-}
-
 fn mib(bytes: f64) -> String {
     format!("{:.1}", bytes / 1_048_576.0)
 }
 
 fn read_trimmed(path: &str) -> String {
     std::fs::read_to_string(path).map_or_else(|_| "?".into(), |s| s.trim().to_owned())
-}
-
-fn load_average() -> String {
-    read_trimmed("/proc/loadavg")
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
@@ -1054,9 +1034,9 @@ fn kernel_part(options: &Options, state: &StateSet, cases: &[Case]) -> Result<Ke
     ));
     eprintln!(
         "kernel: filling BLOCK ({} max) with {} addresses and BLOCK_NET ({} max) with {} networks",
-        group(sizes.block.into()),
+        group(sizes.block),
         group(state.hosts.len() as u64),
-        group(sizes.block_net.into()),
+        group(sizes.block_net),
         group(state.nets.len() as u64)
     );
     let available_before = mem_available_kib();
@@ -1192,8 +1172,8 @@ fn print_kernel(options: &Options, cases: &[Case], r: &KernelResult) {
     println!();
     println!(
         "## Kernel maps (BLOCK max_entries {}, BLOCK_NET max_entries {})",
-        group(r.sizes.block.into()),
-        group(r.sizes.block_net.into())
+        group(r.sizes.block),
+        group(r.sizes.block_net)
     );
     println!();
     let header: Vec<&str> = r.memory.iter().map(|(l, _)| l.as_str()).collect();
@@ -1243,7 +1223,7 @@ fn print_kernel(options: &Options, cases: &[Case], r: &KernelResult) {
     println!(
         "Per-packet cost, BPF_PROG_TEST_RUN, {} rounds × repeat {}; empty XDP program median {:.0} ns (min–max {:.0}–{:.0}).",
         options.rounds,
-        group(options.repeat.into()),
+        group(options.repeat),
         median(&r.baseline),
         min_max(&r.baseline).0,
         min_max(&r.baseline).1
@@ -1732,7 +1712,7 @@ fn verify_agent(
     );
     drop(blocks);
     let mut rng = Rng(0xc0ffee);
-    let mut probed = 0;
+    let mut probed: u32 = 0;
     for _ in 0..1000 {
         for list in [&state.hosts, &state.nets] {
             let ip = inside(&list[rng.below(list.len() as u64) as usize]);

@@ -67,7 +67,7 @@ use limiter_common::{reason, Addr, ConnCount};
 use limiter_tests::{
     kernel::{baseline_object, ebpf_object, object_path, TestKernel},
     netns::{ip, NetNs},
-    stats::{median, min_max},
+    stats::{load_average, median, min_max},
 };
 use limiter_user::kernel::{addr_of, AttachMode, Datapath, KernelLimits, MapSizes};
 
@@ -428,12 +428,6 @@ fn thread_cpu_ns() -> u64 {
     // SAFETY: a valid out-pointer; CLOCK_THREAD_CPUTIME_ID always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }
 
 /// `ethtool -S DEV` inside `ns`, as name → value.
@@ -1400,7 +1394,7 @@ fn main() -> Result<()> {
     );
     install_signal_handlers();
     remove_stale()?;
-    let load_start = loadavg();
+    let load_start = load_average();
     eprintln!(
         "syn-bench: {} rounds, {} frames per SYN setup, {} connections, sets of {} + 1 addresses; load average {load_start}",
         options.rounds, options.frames, options.connections, options.set_size
@@ -1458,7 +1452,7 @@ fn main() -> Result<()> {
             line.join(", ")
         );
     }
-    let load_end = loadavg();
+    let load_end = load_average();
     let report = report(&options, &setups, &samples, &bed, &load_start, &load_end);
     print!("{report}");
     let failed = samples.iter().flatten().filter(|s| !s.ok).count();
