@@ -275,8 +275,8 @@ fn stats(agent: &AgentState<'_>) -> Value {
         "kernel_status": agent.datapath.describe(),
         "recipients": agent.ctx.recipients.as_ref().map(|r| r.stats()),
         "filters": agent.ctx.filters.as_ref().map(|f| json!({
-            "verdicts": f.stats.verdicts.list().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect::<serde_json::Map<_, _>>(),
-            "scanner_errors": f.stats.scanner_errors.list().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "verdicts": counts(f.stats.verdicts.list()),
+            "scanner_errors": counts(f.stats.scanner_errors.list()),
         })),
         "kernel": kernel,
         "proxy": {
@@ -286,9 +286,16 @@ fn stats(agent: &AgentState<'_>) -> Value {
             "backend_errors": s.backend_errors.load(Ordering::Relaxed),
             "blocks_issued": s.blocks_issued.load(Ordering::Relaxed),
             "blocks_active": agent.ctx.blocks.len(),
-            "rejections": s.rejections().into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "rejections": counts(s.rejections()),
         },
     })
+}
+
+/// Counts by name as a JSON object.
+fn counts(list: Vec<(&'static str, u64)>) -> serde_json::Map<String, Value> {
+    list.into_iter()
+        .map(|(name, n)| (name.to_owned(), json!(n)))
+        .collect()
 }
 
 fn top(agent: &AgentState<'_>) -> Value {

@@ -90,17 +90,12 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         "Backend connections that failed.",
         &[(String::new(), load(&stats.backend_errors))],
     );
-    let blocks: Vec<(String, u64)> = stats
-        .blocks_by_reason()
-        .into_iter()
-        .map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), n))
-        .collect();
     metric(
         &mut out,
         "blocks_issued_total",
         "counter",
         "Blocks ordered by the policy, by reason.",
-        &blocks,
+        &labelled(stats.blocks_by_reason(), "reason"),
     );
     metric(
         &mut out,
@@ -109,42 +104,30 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         "Blocks held by the proxy.",
         &[(String::new(), ctx.blocks.len() as u64)],
     );
-    let rejections: Vec<(String, u64)> = stats
-        .rejections()
-        .into_iter()
-        .map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), n))
-        .collect();
     metric(
         &mut out,
         "rejections_total",
         "counter",
         "Refusals by the proxy, by reason.",
-        &rejections,
+        &labelled(stats.rejections(), "reason"),
     );
     if let Some(recipients) = &ctx.recipients {
         recipients.render_metrics(&mut out);
     }
     if let Some(filters) = &ctx.filters {
-        let by_label = |counts: Vec<(&'static str, u64)>, label: &str| -> Vec<(String, u64)> {
-            counts
-                .into_iter()
-                .map(|(name, n)| (format!("{{{label}=\"{name}\"}}"), n))
-                .collect()
-        };
         metric(
-
             &mut out,
             "filter_verdicts_total",
             "counter",
             "Messages judged by the content filters, by verdict (clean, virus, spam, soft-reject, unscanned, tempfail, skipped-size).",
-            &by_label(filters.stats.verdicts.list(), "verdict"),
+            &labelled(filters.stats.verdicts.list(), "verdict"),
         );
         metric(
             &mut out,
             "filter_errors_total",
             "counter",
             "Content scanner failures (down, timeout, bad reply), by scanner.",
-            &by_label(filters.stats.scanner_errors.list(), "scanner"),
+            &labelled(filters.stats.scanner_errors.list(), "scanner"),
         );
         histogram(
             &mut out,
@@ -160,6 +143,14 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         &stats.backend_latency,
     );
     out
+}
+
+/// Counts by name as samples with one label: `{label="name"}`.
+fn labelled(counts: Vec<(&'static str, u64)>, label: &str) -> Vec<(String, u64)> {
+    counts
+        .into_iter()
+        .map(|(name, n)| (format!("{{{label}=\"{name}\"}}"), n))
+        .collect()
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {

@@ -716,6 +716,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Waits for the scanners' verdicts on a held message and acts on them.
     async fn judge_message(&mut self, scan: MessageScan, held: Vec<u8>) -> std::io::Result<Flow> {
         let outcome = scan.finish().await;
+        let content_reject = outcome.is_content_reject();
         let enforced = self.ctx.policy().enforced();
         let edits = match outcome {
             Outcome::Deliver { edits, label } => {
@@ -741,7 +742,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 self.reset_backend_transaction().await;
                 self.reply(&reply).await?;
-                if label == "virus" || label == "spam" {
+                if content_reject {
                     if let Some(decision) = self.ctx.policy().filter_rejected(
                         &self.ctx.state,
                         self.source(),
