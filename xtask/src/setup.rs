@@ -25,9 +25,19 @@ pub fn setup() -> Result<()> {
                 .map(|s| s.package)
                 .filter(|p| !is_installed(p))
                 .collect();
-            preseed_postfix(new_postfix)?;
-            preseed_slapd(new_slapd)?;
-            preseed_freshclam(new_scanners.contains(&"clamav-freshclam"))?;
+            preseed(
+                "postfix",
+                POSTFIX_PRESEED,
+                "No configuration, mailname localhost",
+                new_postfix,
+            )?;
+            preseed("slapd", SLAPD_PRESEED, "no configuration", new_slapd)?;
+            preseed(
+                "clamav-freshclam",
+                FRESHCLAM_PRESEED,
+                "no freshclam daemon",
+                new_scanners.contains(&"clamav-freshclam"),
+            )?;
             ensure_apt_packages(&packages)?;
             ensure_no_system_postfix(new_postfix)?;
             ensure_no_system_slapd(new_slapd)?;
@@ -42,9 +52,9 @@ pub fn setup() -> Result<()> {
 /// names) for building bpf-linker, a C toolchain for linking host programs,
 /// the tools the tests and operators use, and for the SMTP end-to-end tests
 /// a real Postfix (the tests start private instances of their own; the
-/// system instance stays unconfigured and stopped, see [`preseed_postfix`]),
+/// system instance stays unconfigured and stopped, see [`preseed`]),
 /// swaks and python3; for the LDAP end-to-end tests OpenLDAP's slapd (again
-/// private instances only, see [`preseed_slapd`]) and its command-line
+/// private instances only, see [`preseed`]) and its command-line
 /// tools; for the filter tests rspamd and ClamAV's clamd (private
 /// instances only, see [`ensure_no_system_scanners`]).
 fn apt_packages(llvm: u32) -> Vec<String> {
@@ -229,25 +239,26 @@ fn ensure_apt_packages(packages: &[String]) -> Result<()> {
     )
 }
 
-/// Before Postfix is installed: preseed debconf so that the package sets up
-/// no system instance (the tests run private instances under /tmp).
-fn preseed_postfix(new_postfix: bool) -> Result<()> {
-    if !new_postfix {
-        println!("ok: postfix already installed, no debconf preseed needed");
+/// Before `package` is installed for the first time (`new`): preseed its
+/// debconf `answers` so that the package sets up no system service of its
+/// own (the tests run private instances under /tmp). `what` says what the
+/// answers do, for the log.
+fn preseed(package: &str, answers: &str, what: &str, new: bool) -> Result<()> {
+    if !new {
+        println!("ok: {package} already installed, no debconf preseed needed");
         return Ok(());
     }
     if !is_root() {
         // ensure_apt_packages then prints the apt-get line and fails.
         println!(
             "run as root first: printf '{}' | debconf-set-selections",
-            POSTFIX_PRESEED.replace('\n', "\\n")
+            answers.replace('\n', "\\n")
         );
         return Ok(());
     }
-    println!("preseeding: debconf for postfix (No configuration, mailname localhost)");
-    let file = std::env::temp_dir().join(format!("xtask-postfix-preseed-{}", std::process::id()));
-    std::fs::write(&file, POSTFIX_PRESEED)
-        .with_context(|| format!("cannot write {}", file.display()))?;
+    println!("preseeding: debconf for {package} ({what})");
+    let file = std::env::temp_dir().join(format!("xtask-{package}-preseed-{}", std::process::id()));
+    std::fs::write(&file, answers).with_context(|| format!("cannot write {}", file.display()))?;
     let result = cmd::run(Command::new("debconf-set-selections").arg(&file));
     let _ = std::fs::remove_file(&file);
     result
@@ -293,54 +304,6 @@ fn ensure_no_system_postfix(new_postfix: bool) -> Result<()> {
         cmd::run(Command::new(&postfix).arg("stop"))?;
     }
     Ok(())
-}
-
-/// Before slapd is installed: preseed debconf so that the package sets up
-/// no directory of its own (the tests run private instances under /tmp).
-fn preseed_slapd(new_slapd: bool) -> Result<()> {
-    if !new_slapd {
-        println!("ok: slapd already installed, no debconf preseed needed");
-        return Ok(());
-    }
-    if !is_root() {
-        // ensure_apt_packages then prints the apt-get line and fails.
-        println!(
-            "run as root first: printf '{}' | debconf-set-selections",
-            SLAPD_PRESEED.replace('\n', "\\n")
-        );
-        return Ok(());
-    }
-    println!("preseeding: debconf for slapd (no configuration)");
-    let file = std::env::temp_dir().join(format!("xtask-slapd-preseed-{}", std::process::id()));
-    std::fs::write(&file, SLAPD_PRESEED)
-        .with_context(|| format!("cannot write {}", file.display()))?;
-    let result = cmd::run(Command::new("debconf-set-selections").arg(&file));
-    let _ = std::fs::remove_file(&file);
-    result
-}
-
-/// Before clamav-freshclam is installed: preseed debconf so that no
-/// freshclam daemon is set up (see [`FRESHCLAM_PRESEED`]).
-fn preseed_freshclam(new_freshclam: bool) -> Result<()> {
-    if !new_freshclam {
-        println!("ok: clamav-freshclam already installed, no debconf preseed needed");
-        return Ok(());
-    }
-    if !is_root() {
-        // ensure_apt_packages then prints the apt-get line and fails.
-        println!(
-            "run as root first: printf '{}' | debconf-set-selections",
-            FRESHCLAM_PRESEED.replace('\n', "\\n")
-        );
-        return Ok(());
-    }
-    println!("preseeding: debconf for clamav-freshclam (no freshclam daemon)");
-    let file = std::env::temp_dir().join(format!("xtask-freshclam-preseed-{}", std::process::id()));
-    std::fs::write(&file, FRESHCLAM_PRESEED)
-        .with_context(|| format!("cannot write {}", file.display()))?;
-    let result = cmd::run(Command::new("debconf-set-selections").arg(&file));
-    let _ = std::fs::remove_file(&file);
-    result
 }
 
 /// The pids of the system's `process` processes: not the tests' private
