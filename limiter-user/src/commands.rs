@@ -171,6 +171,8 @@ fn set_limit(config: &mut Config, name: &str, value: &str) -> Result<(), String>
                 .map_err(|e| format!("{name} = {value:?}: {e}"))?;
         }
         "max_failed_rcpt" => limits.max_failed_rcpt = number(value)?,
+        "max_failed_rcpt_per_source" => limits.max_failed_rcpt_per_source = number(value)?,
+        "failed_rcpt_window" => limits.failed_rcpt_window = duration(value)?,
         "max_failed_auth" => limits.max_failed_auth = number(value)?,
         "failed_auth_window" => limits.failed_auth_window = duration(value)?,
         "block_duration" => limits.block_duration = duration(value)?,
@@ -196,10 +198,12 @@ fn set_limit(config: &mut Config, name: &str, value: &str) -> Result<(), String>
 }
 
 /// The limits `limits set` knows.
-pub const LIMIT_NAMES: [&str; 9] = [
+pub const LIMIT_NAMES: [&str; 11] = [
     "max_connections_per_source",
     "ipv6_prefix",
     "max_failed_rcpt",
+    "max_failed_rcpt_per_source",
+    "failed_rcpt_window",
     "max_failed_auth",
     "failed_auth_window",
     "null_sender_rate",
@@ -214,6 +218,8 @@ fn limits(config: &Config) -> Value {
         "max_connections_per_source": l.max_connections_per_source,
         "ipv6_prefix": l.ipv6_prefix,
         "max_failed_rcpt": l.max_failed_rcpt,
+        "max_failed_rcpt_per_source": l.max_failed_rcpt_per_source,
+        "failed_rcpt_window": config::format_duration(l.failed_rcpt_window),
         "max_failed_auth": l.max_failed_auth,
         "failed_auth_window": config::format_duration(l.failed_auth_window),
         "null_sender_rate": l.null_sender_rate.to_string(),

@@ -25,6 +25,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::smtp::command::Verb;
+
 use ipnet::IpNet;
 use serde::de::{self, Deserializer, Visitor};
 use serde::ser::Serializer;
@@ -277,6 +279,23 @@ pub struct Smtp {
     /// How long open sessions may finish after SIGTERM before being cut.
     #[serde(with = "duration_serde")]
     pub shutdown_grace: Duration,
+    /// Longest wait for a client to take a reply (a client that stops
+    /// reading must not hold its session forever).
+    #[serde(with = "duration_serde")]
+    pub write_timeout: Duration,
+    /// Most sessions open at once, all sources together; past it a new
+    /// client gets `421 4.3.2` and is disconnected.
+    pub max_sessions: u32,
+    /// AUTH is neither advertised nor accepted before STARTTLS (`538
+    /// 5.7.11`). Unset: true when a `[tls]` certificate is configured (with
+    /// no certificate the proxy cannot offer TLS, and AUTH is relayed as the
+    /// backend offers it). `true` without a certificate turns AUTH off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_requires_tls: Option<bool>,
+    /// Extension verbs relayed raw to the backend. Every verb the proxy does
+    /// not understand and that is not listed here gets `502 5.5.1` from the
+    /// proxy itself, so that nothing reaches the backend unjudged.
+    pub relay_verbs: Vec<String>,
 }
 
 impl Default for Smtp {
@@ -292,6 +311,10 @@ impl Default for Smtp {
             max_recipients: 100,
             vrfy: Vrfy::Refuse,
             shutdown_grace: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(60),
+            max_sessions: 2000,
+            auth_requires_tls: None,
+            relay_verbs: Vec::new(),
         }
     }
 }
@@ -425,6 +448,14 @@ pub struct Limits {
     pub ipv6_prefix: u8,
     /// Failed RCPTs in a session before the source is blocked (harvesting).
     pub max_failed_rcpt: u32,
+    /// Failed RCPTs per source (IPv6 per `ipv6_prefix`) within
+    /// `failed_rcpt_window`, across sessions, before the source is blocked:
+    /// a harvester that reconnects or mixes in valid addresses. Successes do
+    /// not reset it; 0 = off.
+    pub max_failed_rcpt_per_source: u32,
+    /// Window over which `max_failed_rcpt_per_source` counts.
+    #[serde(with = "duration_serde")]
+    pub failed_rcpt_window: Duration,
     /// Failed AUTH (535) per source within `failed_auth_window` before a block.
     pub max_failed_auth: u32,
     /// Window over which failed AUTH attempts are counted.
@@ -455,6 +486,8 @@ impl Default for Limits {
             max_connections_per_source: 10,
             ipv6_prefix: 64,
             max_failed_rcpt: 5,
+            max_failed_rcpt_per_source: 20,
+            failed_rcpt_window: Duration::from_secs(3600),
             max_failed_auth: 5,
             failed_auth_window: Duration::from_secs(10 * 60),
             null_sender_rate: Rate {
@@ -497,7 +530,7 @@ pub struct HeloLimit {
 #[serde(default, deny_unknown_fields)]
 pub struct Relay {
     /// Accepted recipient patterns, separated by blanks
-    /// (e.g. `"*@example.com postmaster@*"`); empty leaves every recipient
+    /// (e.g. `"*@example.com postmaster@example.com"`); empty leaves every recipient
     /// to the backend.
     pub accept: String,
 }
@@ -893,6 +926,7 @@ impl Config {
             ("smtp.data_timeout", smtp.data_timeout),
             ("smtp.backend_timeout", smtp.backend_timeout),
             ("smtp.session_timeout", smtp.session_timeout),
+            ("smtp.write_timeout", smtp.write_timeout),
         ] {
             if value.is_zero() {
                 return Err(invalid(key, "must be longer than zero"));
@@ -922,7 +956,48 @@ impl Config {
                 "must be at least 1 (RFC 5321 asks for 100)",
             ));
         }
+        if smtp.max_sessions == 0 {
+            return Err(invalid(
+                "smtp.max_sessions",
+                "must be at least 1 (it caps the sessions open at once)",
+            ));
+        }
+        let mut verbs = HashSet::new();
+        for (i, verb) in smtp.relay_verbs.iter().enumerate() {
+            let key = format!("smtp.relay_verbs[{i}]");
+            let word = verb.as_bytes();
+            // Letters first, then letters, digits and '-' (X-LINK2STATE).
+            let word_ok = word.first().is_some_and(u8::is_ascii_alphabetic)
+                && word.len() <= 32
+                && word.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-');
+            if !word_ok {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{verb:?} is not an SMTP verb (a letter, then up to 31 letters, digits or '-')"
+                    ),
+                ));
+            }
+            if Verb::from_word(word) != Verb::Unknown {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{verb:?} is a verb the proxy handles itself; list only extension verbs"
+                    ),
+                ));
+            }
+            if !verbs.insert(verb.to_ascii_uppercase()) {
+                return Err(invalid(key, format!("{verb:?} is listed twice")));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether AUTH must wait for TLS: `smtp.auth_requires_tls`, by default
+    /// true when the proxy has a certificate.
+    #[must_use]
+    pub fn auth_requires_tls(&self) -> bool {
+        self.smtp.auth_requires_tls.unwrap_or(self.tls.is_some())
     }
 
     fn validate_listen(&self) -> Result<(), ConfigError> {
@@ -1036,11 +1111,13 @@ impl Config {
                 format!("must be between 1 and 128, not {}", limits.ipv6_prefix),
             ));
         }
-        if limits.failed_auth_window.is_zero() {
-            return Err(invalid(
-                "limits.failed_auth_window",
-                "must be greater than zero",
-            ));
+        for (key, window) in [
+            ("limits.failed_auth_window", limits.failed_auth_window),
+            ("limits.failed_rcpt_window", limits.failed_rcpt_window),
+        ] {
+            if window.is_zero() {
+                return Err(invalid(key, "must be greater than zero"));
+            }
         }
         if limits.null_sender_rate.count == 0 {
             return Err(invalid(
@@ -1583,7 +1660,7 @@ mod tests {
             pattern = "*.bounces.example.net"
             max_connections = 2
             [relay]
-            accept = "*@example.com  postmaster@*"
+            accept = "*@example.com  postmaster@example.com"
             [lists]
             allow = ["10.0.0.0/8", "192.0.2.7"]
             reject = ["198.51.100.0/24", "2001:db8:bad::/48"]
@@ -1624,7 +1701,10 @@ mod tests {
         assert_eq!(config.backend.address, "127.0.0.1:10026".parse().unwrap());
         assert_eq!(config.kernel.mode, KernelMode::Auto);
         assert!(config.kernel.interfaces.is_empty());
-        assert_eq!(config.relay.patterns(), ["*@example.com", "postmaster@*"]);
+        assert_eq!(
+            config.relay.patterns(),
+            ["*@example.com", "postmaster@example.com", "postmaster"]
+        );
         assert!(config.lists.allow.is_empty() && config.lists.reject.is_empty());
         assert!(config.tls.is_none() && config.recipients.ldap.is_none());
         assert!(config.filters.rspamd.is_none() && config.filters.clamav.is_none());
@@ -1862,6 +1942,16 @@ mod tests {
             ("[limits]\nblock_duration = \"2h\"\nmax_block_duration = \"1h\"", "limits.max_block_duration"),
             ("[limits]\nblock_duration = \"0s\"", "limits.block_duration"),
             ("[limits]\nfailed_auth_window = \"0s\"", "limits.failed_auth_window"),
+            ("[limits]\nfailed_rcpt_window = \"0s\"", "limits.failed_rcpt_window"),
+            ("[smtp]\nwrite_timeout = \"0s\"", "smtp.write_timeout"),
+            ("[smtp]\nmax_sessions = 0", "smtp.max_sessions"),
+            ("[smtp]\nrelay_verbs = [\"\"]", "smtp.relay_verbs[0]"),
+            ("[smtp]\nrelay_verbs = [\"X EXPS\"]", "smtp.relay_verbs[0]"),
+            ("[smtp]\nrelay_verbs = [\"-X\"]", "smtp.relay_verbs[0]"),
+            ("[smtp]\nrelay_verbs = [\"ETRN\", \"RCPT\"]", "smtp.relay_verbs[1]"),
+            ("[smtp]\nrelay_verbs = [\"xclient\"]", "smtp.relay_verbs[0]"),
+            ("[smtp]\nrelay_verbs = [\"ETRN\", \"etrn\"]", "smtp.relay_verbs[1]"),
+            ("[smtp]\nrelay_verbs = [\"ETRN\\r\\nRCPT\"]", "smtp.relay_verbs[0]"),
             ("[limits]\nnull_sender_rate = \"0/1m\"", "limits.null_sender_rate"),
             ("[limits]\nnull_sender_rate = \"5/0s\"", "limits.null_sender_rate"),
             (source2, "limits.source[1].cidr"),

@@ -88,6 +88,10 @@ pub struct Behaviour {
     /// Recipients that exist (compared without case); the others get
     /// `550 5.1.1 <x>: Recipient address rejected: User unknown`.
     pub valid_recipients: Vec<String>,
+    /// Recipients whose check cannot finish now (compared without case):
+    /// `450 4.1.1 <x>: Recipient address rejected: unverified address`, as
+    /// Postfix answers while its address-verification probe is pending.
+    pub deferred_recipients: Vec<String>,
     /// The only AUTH credentials accepted (PLAIN and LOGIN).
     pub auth_user: String,
     pub auth_password: String,
@@ -134,6 +138,7 @@ impl Default for Behaviour {
             ]
             .map(str::to_owned)
             .to_vec(),
+            deferred_recipients: Vec::new(),
             auth_user: AUTH_USER.to_owned(),
             auth_password: AUTH_PASSWORD.to_owned(),
             fail_after: None,
@@ -651,6 +656,13 @@ impl Conn {
         {
             d.rcpts += 1;
             "250 2.1.5 Ok".to_owned()
+        } else if self
+            .behaviour()
+            .deferred_recipients
+            .iter()
+            .any(|r| r.eq_ignore_ascii_case(&address))
+        {
+            format!("450 4.1.1 <{address}>: Recipient address rejected: unverified address")
         } else {
             format!("550 5.1.1 <{address}>: Recipient address rejected: User unknown")
         }

@@ -303,6 +303,15 @@ impl Filters {
     }
 }
 
+impl Filters {
+    /// Bytes held now by every message being scanned or delivered
+    /// (`filters.max_held` bounds it).
+    #[must_use]
+    pub fn held_bytes(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
 /// One scanner at work on one message.
 struct Running {
     scanner: &'static str,
@@ -354,8 +363,10 @@ impl MessageScan {
     }
 
     /// Ends the content and waits for every verdict (at most
-    /// `filters.timeout`), then combines them.
-    pub async fn finish(mut self) -> Outcome {
+    /// `filters.timeout`), then combines them. The message's memory stays
+    /// reserved until the scan is dropped: keep it until the backend has the
+    /// whole message.
+    pub async fn finish(&mut self) -> Outcome {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.filters.timeout;
         let mut results = Vec::with_capacity(self.running.len());

@@ -141,8 +141,12 @@ struct MailRules {
 struct RcptRules {
     /// `relay.accept`; empty = the backend decides alone.
     relay: PatternList,
-    /// `max_failed_rcpt`.
+    /// `max_failed_rcpt`: per session, reset by a success.
     max_failed_rcpt: u32,
+    /// `max_failed_rcpt_per_source`: across sessions; 0 = off.
+    max_failed_rcpt_per_source: u32,
+    /// `failed_rcpt_window`.
+    failed_rcpt_window: Duration,
 }
 
 /// AUTH stage.
@@ -231,6 +235,8 @@ impl Policy {
             rcpt: RcptRules {
                 relay: config.relay.patterns().into_iter().collect(),
                 max_failed_rcpt: limits.max_failed_rcpt,
+                max_failed_rcpt_per_source: limits.max_failed_rcpt_per_source,
+                failed_rcpt_window: limits.failed_rcpt_window,
             },
             auth: AuthRules {
                 max_failed_auth: limits.max_failed_auth,
@@ -570,15 +576,23 @@ impl Policy {
     }
 
     /// The outcome of one RCPT in a session: `ok` when the backend accepted
-    /// it (2xx), `false` when it was refused for good (backend 5xx, or
-    /// [`Reason::RelayDenied`]). Temporary failures (4xx) are neither: do
+    /// it (2xx), `false` when it failed as a harvest attempt does (backend
+    /// 5xx, a temporary "unknown user" `45x 4.1.1`, or
+    /// [`Reason::RelayDenied`]). Other temporary failures are neither: do
     /// not report them.
     ///
     /// A success resets `counters.failed_rcpt`; a failure adds one, and past
     /// `max_failed_rcpt` returns the harvest verdict: [`Reason::Harvest`],
     /// [`Action::DeferAndClose`] (`421 4.7.0`), and a block (reason
     /// `harvest`). The counter then starts again from zero (in observe mode
-    /// the session goes on). Allow-listed sources are not counted.
+    /// the session goes on).
+    ///
+    /// Failures are also counted per source across sessions over the last
+    /// `failed_rcpt_window`, successes not resetting them, so that a
+    /// harvester who reconnects before `max_failed_rcpt`, or mixes in valid
+    /// addresses, is blocked past `max_failed_rcpt_per_source` too
+    /// ([`Reason::HarvestAcrossSessions`], same action and block reason).
+    /// Allow-listed sources are not counted.
     pub fn rcpt_result(
         &self,
         state: &PolicyState,
@@ -597,13 +611,42 @@ impl Policy {
         }
         counters.failed_rcpt = counters.failed_rcpt.saturating_add(1);
         let limit = self.rcpt.max_failed_rcpt;
-        if counters.failed_rcpt <= limit {
+        if counters.failed_rcpt > limit {
+            let failed = std::mem::take(&mut counters.failed_rcpt);
+            // The session's harvest also ends the source's window: the block
+            // is what counts now, and its backoff remembers the offence.
+            let order = state.with(|tables| {
+                tables.failed_rcpt.remove(&self.source_key(source));
+                tables.block(self, source, reason::HARVEST, now)
+            });
+            return Some(self.decide(Rejection {
+                reason: Reason::Harvest { failed, limit },
+                action: Action::DeferAndClose,
+                block: Some(order),
+            }));
+        }
+        let rules = &self.rcpt;
+        if rules.max_failed_rcpt_per_source == 0 {
             return None;
         }
-        let failed = std::mem::take(&mut counters.failed_rcpt);
-        let order = state.with(|tables| tables.block(self, source, reason::HARVEST, now));
+        let (failed, order) = self.count_toward_block(
+            state,
+            source,
+            now,
+            WindowRule {
+                table: |tables| &mut tables.failed_rcpt,
+                limit: rules.max_failed_rcpt_per_source,
+                window: rules.failed_rcpt_window,
+                reason: reason::HARVEST,
+            },
+        )?;
+        counters.failed_rcpt = 0;
         Some(self.decide(Rejection {
-            reason: Reason::Harvest { failed, limit },
+            reason: Reason::HarvestAcrossSessions {
+                failed,
+                limit: rules.max_failed_rcpt_per_source,
+                window: rules.failed_rcpt_window,
+            },
             action: Action::DeferAndClose,
             block: Some(order),
         }))

@@ -59,6 +59,8 @@ pub(super) struct Tables {
     helo_sessions: HashMap<String, u32>,
     /// Failed AUTH times per source key.
     pub(super) auth_failures: Lru<IpNet, Window>,
+    /// Failed RCPT times per source key, across sessions (harvesting).
+    pub(super) failed_rcpt: Lru<IpNet, Window>,
     /// Messages rejected by the content filters, times per source key.
     pub(super) filter_rejects: Lru<IpNet, Window>,
     /// Null-sender MAIL times per source key.
@@ -88,6 +90,8 @@ pub struct TableSizes {
     pub helo_sessions: usize,
     /// Sources with failed AUTH in their window.
     pub auth_failures: usize,
+    /// Sources with failed RCPTs in their window.
+    pub failed_rcpt_sources: usize,
     /// Sources with null-sender MAILs in their window.
     pub null_sender_sources: usize,
     /// HELO names with null-sender MAILs in their window.
@@ -127,6 +131,7 @@ impl PolicyState {
                 connections: HashMap::new(),
                 helo_sessions: HashMap::new(),
                 auth_failures: Lru::new(capacity),
+                failed_rcpt: Lru::new(capacity),
                 filter_rejects: Lru::new(capacity),
                 null_by_source: Lru::new(capacity),
                 null_by_helo: Lru::new(capacity),
@@ -151,6 +156,7 @@ impl PolicyState {
             connections: tables.connections.len(),
             helo_sessions: tables.helo_sessions.len(),
             auth_failures: tables.auth_failures.len(),
+            failed_rcpt_sources: tables.failed_rcpt.len(),
             null_sender_sources: tables.null_by_source.len(),
             null_sender_helos: tables.null_by_helo.len(),
             block_history: tables.history.len(),
@@ -213,11 +219,15 @@ impl PolicyState {
     pub fn sweep(&self, policy: &Policy, now: Instant) -> usize {
         let mut tables = self.lock();
         let auth_window = policy.auth.failed_auth_window;
+        let rcpt_window = policy.rcpt.failed_rcpt_window;
         let filter_window = policy.filters.reject_window;
         let null_window = policy.mail.null_sender_rate.per;
         let memory = policy.blocks.max_block_duration;
         tables.auth_failures.retain(|_, window| {
             window.expire(now, auth_window);
+            !window.is_empty()
+        }) + tables.failed_rcpt.retain(|_, window| {
+            window.expire(now, rcpt_window);
             !window.is_empty()
         }) + tables.filter_rejects.retain(|_, window| {
             window.expire(now, filter_window);

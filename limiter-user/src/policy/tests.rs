@@ -1086,3 +1086,118 @@ fn helo_default_cap_and_helo_allow_list() {
             .is_some()
     );
 }
+
+/// Reports `failures` failed recipients from `source`, each in a fresh
+/// session (a harvester that reconnects after every probe); the last
+/// decision.
+fn fail_in_new_sessions(
+    policy: &Policy,
+    state: &PolicyState,
+    source: IpAddr,
+    failures: u32,
+    now: Instant,
+) -> Option<Decision<Rejection>> {
+    let mut last = None;
+    for _ in 0..failures {
+        let mut counters = SessionCounters::default();
+        last = policy.rcpt_result(state, source, &mut counters, false, now);
+    }
+    last
+}
+
+#[test]
+fn failed_recipients_count_across_sessions_and_successes_do_not_reset_them() {
+    let policy = policy("[limits]\nmax_failed_rcpt = 3\nmax_failed_rcpt_per_source = 4");
+    let state = state();
+    let now = Instant::now();
+    let source = ip("192.0.2.7");
+    // Two sessions, each with a success between its failures.
+    for _ in 0..2 {
+        let mut counters = SessionCounters::default();
+        for ok in [false, true, false] {
+            assert!(policy
+                .rcpt_result(&state, source, &mut counters, ok, now)
+                .is_none());
+        }
+    }
+    assert_eq!(state.sizes().failed_rcpt_sources, 1);
+    // The fifth failure within the window, in a third session.
+    let decision = fail_in_new_sessions(&policy, &state, source, 1, now).expect("harvest");
+    let rejection = decision.verdict;
+    assert_eq!(rejection.name(), "harvest-source");
+    assert_eq!(
+        rejection.reason,
+        Reason::HarvestAcrossSessions {
+            failed: 5,
+            limit: 4,
+            window: 60 * MIN
+        }
+    );
+    assert_eq!(rejection.action, Action::DeferAndClose);
+    let order = rejection.block.expect("a block");
+    assert_eq!(order.net, net("192.0.2.7/32"));
+    assert_eq!(order.reason, reason::HARVEST);
+    assert_eq!(
+        state.sizes().failed_rcpt_sources,
+        0,
+        "the window starts over"
+    );
+}
+
+#[test]
+fn failed_recipients_per_source_age_out_of_their_window() {
+    let policy = policy("[limits]\nmax_failed_rcpt_per_source = 2\nfailed_rcpt_window = \"10m\"");
+    let state = state();
+    let start = Instant::now();
+    let source = ip("192.0.2.8");
+    assert!(fail_in_new_sessions(&policy, &state, source, 2, start).is_none());
+    // Slower than the window: never more than two at once.
+    let later = start + 11 * MIN;
+    assert!(fail_in_new_sessions(&policy, &state, source, 2, later).is_none());
+    assert!(
+        fail_in_new_sessions(&policy, &state, source, 1, later).is_some(),
+        "three within ten minutes"
+    );
+    assert_eq!(
+        state.sweep(&policy, later + 11 * MIN),
+        0,
+        "nothing left to sweep"
+    );
+}
+
+#[test]
+fn failed_recipients_per_source_key_ipv6_by_prefix_and_spare_the_allow_list() {
+    let policy = policy(
+        "[limits]\nmax_failed_rcpt_per_source = 2\nipv6_prefix = 64\n[lists]\nallow = [\"192.0.2.0/24\"]",
+    );
+    let state = state();
+    let now = Instant::now();
+    // Three hosts of one /64 share the count.
+    for host in ["2001:db8:5::1", "2001:db8:5::2"] {
+        assert!(fail_in_new_sessions(&policy, &state, ip(host), 1, now).is_none());
+    }
+    let order = fail_in_new_sessions(&policy, &state, ip("2001:db8:5::3"), 1, now)
+        .expect("harvest")
+        .verdict
+        .block
+        .expect("a block");
+    assert_eq!(order.net, net("2001:db8:5::/64"));
+    // IPv4-mapped is the same source as IPv4.
+    assert!(fail_in_new_sessions(&policy, &state, ip("::ffff:192.0.2.9"), 10, now).is_none());
+    assert!(fail_in_new_sessions(&policy, &state, ip("192.0.2.9"), 10, now).is_none());
+    assert_eq!(
+        state.sizes().failed_rcpt_sources,
+        0,
+        "allow-listed: not counted"
+    );
+}
+
+#[test]
+fn failed_recipients_per_source_zero_turns_the_rule_off() {
+    let policy = policy("[limits]\nmax_failed_rcpt_per_source = 0");
+    let state = state();
+    assert!(
+        fail_in_new_sessions(&policy, &state, ip("192.0.2.10"), 1000, Instant::now()).is_none()
+    );
+    assert_eq!(state.sizes().failed_rcpt_sources, 0);
+}

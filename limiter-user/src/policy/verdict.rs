@@ -135,6 +135,16 @@ pub enum Reason {
         /// `max_failed_rcpt`.
         limit: u32,
     },
+    /// Failed RCPTs from the source, across sessions, went past
+    /// `max_failed_rcpt_per_source` within `failed_rcpt_window`.
+    HarvestAcrossSessions {
+        /// Failures counted in the window, this one included.
+        failed: u32,
+        /// `max_failed_rcpt_per_source`.
+        limit: u32,
+        /// `failed_rcpt_window`.
+        window: Duration,
+    },
     /// Failed AUTH (535) from the source went past `max_failed_auth` within
     /// `failed_auth_window`.
     AuthFailures {
@@ -170,6 +180,7 @@ impl Reason {
             Self::NullSenderRate { .. } => "null-sender-rate",
             Self::RelayDenied => "relay-denied",
             Self::Harvest { .. } => "harvest",
+            Self::HarvestAcrossSessions { .. } => "harvest-source",
             Self::AuthFailures { .. } => "auth",
             Self::FilterRejects { .. } => "filter",
         }
@@ -182,7 +193,7 @@ impl Reason {
         match self {
             Self::RejectList { .. } => Some(reason::REJECT_LIST),
             Self::NullSenderRate { .. } => Some(reason::FLOOD),
-            Self::Harvest { .. } => Some(reason::HARVEST),
+            Self::Harvest { .. } | Self::HarvestAcrossSessions { .. } => Some(reason::HARVEST),
             Self::AuthFailures { .. } => Some(reason::AUTH),
             Self::FilterRejects { .. } => Some(reason::FILTER),
             Self::TooManyConnections { .. }
@@ -234,6 +245,14 @@ impl fmt::Display for Reason {
                     "{failed} failed recipients in a row, the limit is {limit}"
                 )
             }
+            Self::HarvestAcrossSessions {
+                failed,
+                limit,
+                window,
+            } => write!(
+                f,
+                "{failed} failed recipients within {window:?} across sessions, the limit is {limit}"
+            ),
             Self::AuthFailures {
                 failures,
                 limit,

@@ -169,7 +169,10 @@ impl Backend {
     /// # Errors
     /// The connection broke.
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
-        self.stream.write_all(bytes).await?;
+        // A backend that stops reading must not hold the session forever.
+        timeout(self.reply_timeout, self.stream.write_all(bytes))
+            .await
+            .map_err(|_| BackendError::Timeout(self.reply_timeout))??;
         Ok(())
     }
 

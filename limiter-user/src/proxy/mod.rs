@@ -44,6 +44,8 @@ pub struct Settings {
     pub backend: BackendSettings,
     /// The proxy's own name (EHLO to the backend before XCLIENT).
     pub hostname: String,
+    /// AUTH waits for TLS ([`Config::auth_requires_tls`]).
+    pub auth_requires_tls: bool,
 }
 
 impl Settings {
@@ -69,6 +71,7 @@ impl Settings {
                 tls,
             },
             hostname,
+            auth_requires_tls: config.auth_requires_tls(),
         })
     }
 }
@@ -206,6 +209,10 @@ pub struct ProxyContext {
     pub recipients: Option<Arc<crate::recipients::Recipients>>,
     /// Content scanners from `[filters]`, if any is configured.
     pub filters: Option<Arc<crate::filters::Filters>>,
+    /// One permit per open session (`smtp.max_sessions`), taken at accept
+    /// before anything else (the TLS handshake of an implicit-TLS listener
+    /// included) and held until the session ends.
+    pub session_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl ProxyContext {
@@ -231,6 +238,9 @@ impl ProxyContext {
             recipients: crate::recipients::start(config),
             filters: crate::filters::Filters::from_config(&config.filters)
                 .map_err(|e| anyhow::anyhow!("filters.rspamd.url: {e}"))?,
+            session_slots: Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(config.smtp.max_sessions).unwrap_or(usize::MAX),
+            )),
         })
     }
 
@@ -382,15 +392,35 @@ async fn dispatch(
 ) {
     while let Some((stream, peer, tls)) = rx.recv().await {
         let ctx = ctx.clone();
+        let Ok(slot) = ctx.session_slots.clone().try_acquire_owned() else {
+            tracing::info!(source = %peer.ip().to_canonical(), reason = "too-many-sessions", action = "defer", "session cap reached (smtp.max_sessions)");
+            ctx.stats.count_rejection("too-many-sessions");
+            tokio::spawn(async move { refuse(&ctx, stream, &Reply::too_many_sessions()).await });
+            continue;
+        };
         let stop = stop.clone();
-        tokio::spawn(async move { handle_connection(ctx, stream, peer, tls, stop).await });
+        tokio::spawn(async move {
+            handle_connection(ctx, stream, peer, tls, stop).await;
+            drop(slot);
+        });
     }
+}
+
+/// Answers a connection that is refused at accept, within
+/// `smtp.write_timeout` (a client that does not read must not hold a task),
+/// and closes it.
+async fn refuse(ctx: &ProxyContext, mut stream: TcpStream, reply: &Reply) {
+    let write = async {
+        stream.write_all(&reply.to_bytes()).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(ctx.settings.smtp.write_timeout, write).await;
 }
 
 /// Accept-time decisions, then the session.
 async fn handle_connection(
     ctx: Arc<ProxyContext>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     tls: TlsMode,
     stop: watch::Receiver<bool>,
@@ -403,7 +433,7 @@ async fn handle_connection(
             tracing::info!(source = %source, reason, action = "reject", "blocked source connected");
             ctx.stats.count_rejection("blocked");
             let why = format!("{source} is blocked ({reason})");
-            let _ = stream.write_all(&Reply::blocked(&why).to_bytes()).await;
+            refuse(&ctx, stream, &Reply::blocked(&why)).await;
             return;
         }
     }
@@ -431,7 +461,7 @@ async fn handle_connection(
                         }
                         _ => Reply::too_many_connections(),
                     };
-                    let _ = stream.write_all(&reply.to_bytes()).await;
+                    refuse(&ctx, stream, &reply).await;
                     return;
                 }
             }

@@ -106,9 +106,22 @@ enum MessageSink {
     Backend,
     /// Held (wire form, without the end marker) while the content filters
     /// judge it; the backend has not seen DATA yet.
-    Held { scan: MessageScan, held: Vec<u8> },
+    Held {
+        scan: MessageScan,
+        held: HeldMessage,
+    },
     /// Nowhere: the client gets this reply at the end.
     Discard(Reply),
+}
+
+/// A message held while the content filters judge it.
+#[derive(Default)]
+struct HeldMessage {
+    /// The message as on the wire (dot-stuffed); once it has ended, without
+    /// the end marker.
+    wire: Vec<u8>,
+    /// How much of `wire` the scanners have had.
+    fed: usize,
 }
 
 /// The end of a message on the wire.
@@ -187,7 +200,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             backend.quit().await;
         }
         if let Some(mut client) = self.client.take() {
-            let _ = client.shutdown().await;
+            let _ = timeout(self.ctx.settings.smtp.write_timeout, client.shutdown()).await;
         }
         self.summary.outcome = outcome;
         self.summary.helo = self.helo.as_ref().map(|h| h.name.clone());
@@ -271,6 +284,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Verb::Mail => self.mail(line, &command.args).await,
             Verb::Rcpt => self.rcpt(line, &command.args).await,
             Verb::Data => self.data(line).await,
+            Verb::Auth if !self.auth_allowed() => {
+                tracing::info!(source = %self.peer.ip(), reason = "auth-before-tls", action = "reject", "AUTH before STARTTLS refused");
+                self.ctx.stats.count_rejection("auth-before-tls");
+                self.reply(&Reply::auth_requires_tls()).await?;
+                Ok(Flow::Continue)
+            }
             Verb::Auth => self.auth(line).await,
             Verb::StartTls => self.starttls(&command.args).await,
             Verb::Rset => {
@@ -308,8 +327,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.reply(&Reply::command_not_implemented()).await?;
                 Ok(Flow::Continue)
             }
-            _ => self.relay_and_answer(line).await,
+            Verb::Noop | Verb::Help | Verb::Vrfy | Verb::Expn => self.relay_and_answer(line).await,
+            // Only what the proxy understands reaches the backend, and the
+            // extension verbs the operator listed: anything else might be
+            // read by the backend as a command the proxy never judged.
+            Verb::Unknown if self.relays_verb(line) => self.relay_and_answer(line).await,
+            Verb::Unknown => {
+                self.ctx.stats.count_rejection("unknown-command");
+                self.reply(&Reply::command_not_implemented()).await?;
+                Ok(Flow::Continue)
+            }
         }
+    }
+
+    /// Whether `line` starts with a verb listed in `smtp.relay_verbs`.
+    fn relays_verb(&self, line: &[u8]) -> bool {
+        let word = line
+            .split(|&b| b == b' ' || b == b'\t')
+            .next()
+            .unwrap_or_default();
+        !word.is_empty()
+            && self
+                .ctx
+                .settings
+                .smtp
+                .relay_verbs
+                .iter()
+                .any(|verb| verb.as_bytes().eq_ignore_ascii_case(word))
+    }
+
+    /// Whether AUTH may be offered and used now: not before STARTTLS when
+    /// it must wait for TLS (`smtp.auth_requires_tls`).
+    fn auth_allowed(&self) -> bool {
+        !self.ctx.settings.auth_requires_tls || self.is_tls()
     }
 
     async fn helo(&mut self, line: &[u8], args: &str, esmtp: bool) -> std::io::Result<Flow> {
@@ -354,6 +404,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 &EhloOptions {
                     hostname: reply.lines.first().cloned().unwrap_or_default(),
                     offer_starttls: self.starttls && self.ctx.tls.is_some() && !self.is_tls(),
+                    offer_auth: self.auth_allowed(),
+                    offer_vrfy: self.ctx.settings.smtp.vrfy == Vrfy::Relay,
+                    relay_verbs: self.ctx.settings.smtp.relay_verbs.clone(),
                     max_size: Some(self.ctx.settings.smtp.max_message_size),
                 },
             )
@@ -498,14 +551,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
         };
+        // A refusal for good is a harvest attempt, and so is a temporary
+        // "unknown user" (a backend that verifies recipients and could not
+        // finish); other temporary failures are neither.
+        let failed = !accepted && (reply.is_permanent() || is_unknown_user_deferral(&reply));
         if accepted {
             self.envelope.recipients.push(rcpt.recipient.clone());
             self.summary.rcpt_accepted += 1;
-        } else if reply.is_permanent() {
+        } else if failed {
             self.summary.rcpt_failed += 1;
         }
-        // A temporary failure is neither a success nor a harvest attempt.
-        if accepted || reply.is_permanent() {
+        if accepted || failed {
             let verdict = self.ctx.policy().rcpt_result(
                 &self.ctx.state,
                 self.source(),
@@ -546,7 +602,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.reply(&Reply::start_mail_input()).await?;
                 MessageSink::Held {
                     scan,
-                    held: Vec::new(),
+                    held: HeldMessage::default(),
                 }
             }
             None => {
@@ -596,7 +652,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Err(e) => return self.backend_failed_in_transaction(e).await,
                 },
                 MessageSink::Held { scan, held } => {
-                    self.hold(scan, held, &out, end, scanner.message_size())
+                    let pending = scanner.pending_marker_len();
+                    self.hold(scan, held, &out, end, pending, scanner.message_size())
                         .await?
                 }
                 discard @ MessageSink::Discard(_) => discard,
@@ -645,22 +702,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Holds the next piece of a message being scanned (`wire`, ending with
-    /// the end marker if `end`) and feeds it to the scanners. A message that
-    /// grows past `filters.max_size` goes on unscanned from here: DATA to
-    /// the backend, what was held, and the rest as it comes.
+    /// the end marker if `end`) and feeds it to the scanners. The end marker
+    /// may arrive split over several reads: `held` keeps every byte as on
+    /// the wire, and the scanners get only what is certainly content (not
+    /// the last `pending` bytes, which may start the marker; the marker
+    /// itself never). A message that grows past `filters.max_size` goes on
+    /// unscanned from here: DATA to the backend, what was held, and the rest
+    /// as it comes.
     async fn hold(
         &mut self,
         mut scan: MessageScan,
-        mut held: Vec<u8>,
+        mut held: HeldMessage,
         wire: &[u8],
         end: bool,
+        pending: usize,
         message_size: u64,
     ) -> std::io::Result<MessageSink> {
-        let content = if end {
-            &wire[..wire.len().saturating_sub(END_MARKER.len())]
-        } else {
-            wire
-        };
         let too_large = self
             .ctx
             .filters
@@ -669,9 +726,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let edits = if too_large {
             tracing::info!(source = %self.peer.ip(), size = message_size, "message too large to scan: passed on unscanned");
             scan.skip_too_large()
-        } else if scan.reserve(content.len()) {
-            scan.feed(content).await;
-            held.extend_from_slice(content);
+        } else if scan.reserve(wire.len()) {
+            held.wire.extend_from_slice(wire);
+            let content_end = if end {
+                held.wire.len().saturating_sub(END_MARKER.len())
+            } else {
+                held.wire.len().saturating_sub(pending)
+            };
+            if let Some(content) = held.wire.get(held.fed..content_end) {
+                scan.feed(content).await;
+                held.fed = content_end;
+            }
+            if end {
+                held.wire.truncate(content_end);
+            }
             return Ok(MessageSink::Held { scan, held });
         } else {
             tracing::warn!(source = %self.peer.ip(), "filters.max_held reached: this message cannot be held for scanning");
@@ -685,8 +753,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
         };
-        let (mut first, rest) = message::apply(&held, &edits);
-        first.extend_from_slice(&held[rest..]);
+        let (mut first, rest) = message::apply(&held.wire, &edits);
+        first.extend_from_slice(held.wire.get(rest..).unwrap_or_default());
         first.extend_from_slice(wire);
         Ok(match self.open_backend_data().await {
             Ok(()) => match self.backend_send(&first).await {
@@ -714,7 +782,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Waits for the scanners' verdicts on a held message and acts on them.
-    async fn judge_message(&mut self, scan: MessageScan, held: Vec<u8>) -> std::io::Result<Flow> {
+    ///
+    /// `scan` lives to the end: the message's memory stays counted against
+    /// `filters.max_held` until the backend has it all.
+    async fn judge_message(
+        &mut self,
+        mut scan: MessageScan,
+        held: HeldMessage,
+    ) -> std::io::Result<Flow> {
+        let held = held.wire;
         let outcome = scan.finish().await;
         let content_reject = outcome.is_content_reject();
         let enforced = self.ctx.policy().enforced();
@@ -1021,8 +1097,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .client
             .as_mut()
             .ok_or_else(|| std::io::Error::other("client stream gone"))?;
-        client.write_all(&reply.to_bytes()).await?;
-        client.flush().await
+        let write = async {
+            client.write_all(&reply.to_bytes()).await?;
+            client.flush().await
+        };
+        match timeout(self.ctx.settings.smtp.write_timeout, write).await {
+            Ok(result) => result,
+            // A client that stops reading is gone as far as the session goes.
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "client does not read its replies",
+            )),
+        }
     }
 
     /// Whether the client sent anything before being greeted: one poll of
@@ -1103,7 +1189,9 @@ fn rejection_reply(rejection: &Rejection) -> Reply {
             "Error: too many messages with a null sender, try again later"
         }
         Reason::RelayDenied => "Relay access denied",
-        Reason::Harvest { .. } => "Error: too many invalid recipients, try again later",
+        Reason::Harvest { .. } | Reason::HarvestAcrossSessions { .. } => {
+            "Error: too many invalid recipients, try again later"
+        }
         Reason::AuthFailures { .. } => "Error: too many failed authentications, try again later",
         Reason::FilterRejects { .. } => "Error: too many rejected messages, try again later",
     };
@@ -1113,6 +1201,12 @@ fn rejection_reply(rejection: &Rejection) -> Reply {
         Action::DeferAndClose => Reply::new(421, &format!("4.7.0 {text}")),
         Action::RefuseAndClose => Reply::new(554, &format!("5.7.1 {text}")),
     }
+}
+
+/// A temporary failure that says the mailbox is unknown (`4.1.1`, e.g.
+/// Postfix's "unverified address" while its probe is pending).
+fn is_unknown_user_deferral(reply: &Reply) -> bool {
+    reply.is_transient() && matches!(reply.enhanced(), Some((4, 1, 1)))
 }
 
 fn action_name(action: Action) -> &'static str {

@@ -151,6 +151,19 @@ impl DataScanner {
         self.message_size
     }
 
+    /// How many of the bytes copied so far may be the start of the end
+    /// marker (`.` or `.` CR at the start of a line): 0, 1 or 2. They belong
+    /// to the message only if the next byte says so, so whoever holds the
+    /// message must not treat them as content yet.
+    #[must_use]
+    pub fn pending_marker_len(&self) -> usize {
+        match self.state {
+            State::Dot => 1,
+            State::DotCr => 2,
+            _ => 0,
+        }
+    }
+
     /// Whether the end marker has been found.
     #[must_use]
     pub fn is_done(&self) -> bool {

@@ -21,7 +21,6 @@ pub const KEPT_EXTENSIONS: &[&str] = &[
     "ENHANCEDSTATUSCODES",
     "DSN",
     "AUTH",
-    "ETRN",
     "VRFY",
     "HELP",
 ];
@@ -35,6 +34,15 @@ pub struct EhloOptions {
     /// Whether to advertise `STARTTLS` (TLS configured on this listener and
     /// the session not yet in TLS).
     pub offer_starttls: bool,
+    /// Whether to pass the backend's `AUTH` on (false before STARTTLS when
+    /// AUTH must wait for TLS).
+    pub offer_auth: bool,
+    /// Whether to pass the backend's `VRFY` on (false when the proxy
+    /// answers VRFY itself, `smtp.vrfy = "refuse"`).
+    pub offer_vrfy: bool,
+    /// Extension keywords the proxy relays raw (`smtp.relay_verbs`, e.g.
+    /// `ETRN`), passed on when the backend offers them.
+    pub relay_verbs: Vec<String>,
     /// The proxy's message size limit, advertised in `SIZE` when the
     /// backend's is absent, unlimited (`0`) or larger.
     pub max_size: Option<u64>,
@@ -60,7 +68,15 @@ pub fn filter_ehlo(backend: &Reply, opts: &EhloOptions) -> Reply {
     for line in backend.lines.iter().skip(1) {
         let line = line.trim();
         let keyword = keyword(line);
-        if !KEPT_EXTENSIONS.contains(&keyword.as_str()) {
+        let kept = KEPT_EXTENSIONS.contains(&keyword.as_str())
+            || opts
+                .relay_verbs
+                .iter()
+                .any(|verb| verb.eq_ignore_ascii_case(&keyword));
+        if !kept
+            || (keyword == "AUTH" && !opts.offer_auth)
+            || (keyword == "VRFY" && !opts.offer_vrfy)
+        {
             continue;
         }
         // `AUTH=LOGIN` (for old Outlook clients) is a separate line from
@@ -159,6 +175,9 @@ mod tests {
         EhloOptions {
             hostname: "mx.example.net".into(),
             offer_starttls: starttls,
+            offer_auth: true,
+            offer_vrfy: true,
+            relay_verbs: Vec::new(),
             max_size,
         }
     }
@@ -169,7 +188,7 @@ mod tests {
         let got = filter_ehlo(&backend, &opts(true, Some(25_000_000)));
         assert_eq!(
             got.to_bytes(),
-            b"250-mx.example.net\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-VRFY\r\n250-ETRN\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250-SMTPUTF8\r\n250 STARTTLS\r\n"
+            b"250-mx.example.net\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-VRFY\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250-SMTPUTF8\r\n250 STARTTLS\r\n"
         );
         let got = filter_ehlo(&backend, &opts(false, Some(1_000_000)));
         assert_eq!(got.lines[2], "SIZE 1000000");
@@ -198,6 +217,37 @@ mod tests {
         );
         let got = filter_ehlo(&backend, &opts(false, None));
         assert_eq!(got.lines[2], "SIZE", "unlimited stays unlimited");
+    }
+
+    #[test]
+    fn auth_vrfy_and_extension_verbs_follow_the_options() {
+        let backend = parse(WITH_XCLIENT);
+        let no_auth = EhloOptions {
+            offer_auth: false,
+            ..opts(true, None)
+        };
+        let got = filter_ehlo(&backend, &no_auth);
+        assert!(
+            !got.lines
+                .iter()
+                .any(|l| l.to_ascii_uppercase().starts_with("AUTH")),
+            "AUTH and the legacy AUTH= form both go: {:?}",
+            got.lines
+        );
+        let backend = parse(POSTFIX);
+        let got = filter_ehlo(&backend, &opts(false, None));
+        assert!(
+            !got.lines.iter().any(|l| l == "ETRN"),
+            "ETRN is not relayed by default"
+        );
+        let relayed = EhloOptions {
+            offer_vrfy: false,
+            relay_verbs: vec!["etrn".into()],
+            ..opts(false, None)
+        };
+        let got = filter_ehlo(&backend, &relayed);
+        assert!(got.lines.iter().any(|l| l == "ETRN"), "{:?}", got.lines);
+        assert!(!got.lines.iter().any(|l| l == "VRFY"), "{:?}", got.lines);
     }
 
     #[test]

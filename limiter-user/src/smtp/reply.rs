@@ -297,6 +297,34 @@ impl Reply {
         Self::new(502, "5.5.1 Error: command not implemented")
     }
 
+    /// `421 4.3.2`: every session slot of the proxy is taken
+    /// (`smtp.max_sessions`); the connection is closed.
+    #[must_use]
+    pub fn too_many_sessions() -> Self {
+        Self::new(421, "4.3.2 Error: too many sessions, try again later")
+    }
+
+    /// `538 5.7.11`: AUTH before STARTTLS, when it must wait for TLS (RFC
+    /// 4954 §6: encryption required for the requested mechanism).
+    #[must_use]
+    pub fn auth_requires_tls() -> Self {
+        Self::new(
+            538,
+            "5.7.11 Encryption required for requested authentication mechanism",
+        )
+    }
+
+    /// `550 5.7.1`: the recipient names a second routing target (`%`, `!`,
+    /// a source route, a quoted `@`), which the backend could route beyond
+    /// the domain the proxy judged; refused like a relay attempt.
+    #[must_use]
+    pub fn routing_refused() -> Self {
+        Self::new(
+            550,
+            "5.7.1 Relay access denied: routing syntax in the recipient address",
+        )
+    }
+
     /// `252 2.0.0`: VRFY is answered without looking anything up.
     #[must_use]
     pub fn vrfy_disabled() -> Self {
