@@ -51,7 +51,10 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
         } => {
             let net = parse_net(&net)?;
             let code = reason_code(&reason)?;
-            let expires = duration_secs.map(|s| SystemTime::now() + Duration::from_secs(s));
+            let expires = match duration_secs {
+                None => None,
+                Some(secs) => Some(block_expiry(secs)?),
+            };
             agent.ctx.blocks.insert(ActiveBlock {
                 net,
                 reason: code,
@@ -156,6 +159,23 @@ fn parse_net(text: &str) -> Result<IpNet, String> {
 /// An unknown name, with the valid ones.
 pub fn reason_code(name: &str) -> Result<u32, String> {
     reason::from_name(name).ok_or_else(|| format!("unknown reason {name:?}: use manual, harvest, auth, flood, reject-list, relay or filter"))
+}
+
+/// When a block of `secs` seconds from now ends; refused past
+/// [`config::MAX_BLOCK_DURATION`] (the arithmetic must not overflow on a
+/// value from the control socket).
+fn block_expiry(secs: u64) -> Result<SystemTime, String> {
+    let duration = Duration::from_secs(secs);
+    if duration > config::MAX_BLOCK_DURATION {
+        return Err(format!(
+            "--for {}: longer than {}; leave --for out for a block without end",
+            config::format_duration(duration),
+            config::format_duration(config::MAX_BLOCK_DURATION)
+        ));
+    }
+    SystemTime::now()
+        .checked_add(duration)
+        .ok_or_else(|| format!("--for {secs}s: the end of the block is past the clock's range"))
 }
 
 /// Applies `limits set NAME VALUE` to a configuration.
@@ -316,4 +336,20 @@ fn top(agent: &AgentState<'_>) -> Value {
         "drops": blocks.iter().map(|b| json!({"net": b.net.to_string(), "reason": reason::name(b.reason), "drops": b.drops})).collect::<Vec<_>>(),
         "rejections": agent.ctx.stats.rejections().into_iter().map(|(k, v)| json!({"reason": k, "count": v})).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_expiry_refuses_what_would_overflow_the_clock() {
+        assert!(block_expiry(3600).is_ok());
+        let longest = config::MAX_BLOCK_DURATION.as_secs();
+        assert!(block_expiry(longest).is_ok());
+        for secs in [longest + 1, u64::MAX / 2, u64::MAX] {
+            let error = block_expiry(secs).expect_err("refused");
+            assert!(error.contains("--for"), "{error}");
+        }
+    }
 }

@@ -437,6 +437,11 @@ impl Default for MapSizes {
     }
 }
 
+/// The longest timed block (100 years): wall-clock arithmetic on longer
+/// ones could overflow, and nothing needs them (a block without end is
+/// `lists.reject`, or `block add` without `--for`).
+pub const MAX_BLOCK_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// `[limits]`: what counts as abuse and how long it is blocked.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -1145,6 +1150,21 @@ impl Config {
                     limits.block_backoff
                 ),
             ));
+        }
+        for (key, value) in [
+            ("limits.block_duration", limits.block_duration),
+            ("limits.max_block_duration", limits.max_block_duration),
+        ] {
+            if value > MAX_BLOCK_DURATION {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{} is longer than {}: a block that should never end belongs in lists.reject",
+                        format_duration(value),
+                        format_duration(MAX_BLOCK_DURATION)
+                    ),
+                ));
+            }
         }
         if limits.max_block_duration < limits.block_duration {
             return Err(invalid(
@@ -1943,6 +1963,8 @@ mod tests {
             ("[limits]\nblock_duration = \"0s\"", "limits.block_duration"),
             ("[limits]\nfailed_auth_window = \"0s\"", "limits.failed_auth_window"),
             ("[limits]\nfailed_rcpt_window = \"0s\"", "limits.failed_rcpt_window"),
+            ("[limits]\nmax_block_duration = \"200years\"", "limits.max_block_duration"),
+            ("[limits]\nblock_duration = \"500000000years\"\nmax_block_duration = \"500000000years\"", "limits.block_duration"),
             ("[smtp]\nwrite_timeout = \"0s\"", "smtp.write_timeout"),
             ("[smtp]\nmax_sessions = 0", "smtp.max_sessions"),
             ("[smtp]\nrelay_verbs = [\"\"]", "smtp.relay_verbs[0]"),

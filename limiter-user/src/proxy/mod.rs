@@ -27,7 +27,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
-    config::{Config, Smtp, TlsMode},
+    config::{self, Config, Smtp, TlsMode},
     kernel::Datapath,
     policy::{BlockOrder, ConnectVerdict, Policy, PolicyState},
     smtp::reply::Reply,
@@ -276,7 +276,11 @@ impl ProxyContext {
 
     /// Carries out a block: the proxy's own list and the kernel's maps.
     pub fn block(&self, order: &BlockOrder) {
-        let expires = SystemTime::now() + order.duration;
+        // `order.duration` is at most `limits.max_block_duration`, which
+        // validation keeps far below the clock's range.
+        let expires = SystemTime::now()
+            .checked_add(order.duration)
+            .unwrap_or(SystemTime::UNIX_EPOCH + config::MAX_BLOCK_DURATION);
         self.blocks.insert(ActiveBlock {
             net: order.net,
             reason: order.reason,
