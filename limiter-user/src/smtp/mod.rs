@@ -5,8 +5,12 @@
 //!
 //! * [`line`](mod@line) — splits the client's command stream into lines, with a cap on
 //!   line length and NUL detection ([`LineReader`]).
-//! * [`command`] — recognises the verb of a command line ([`parse_command`])
-//!   and parses the `MAIL FROM` / `RCPT TO` envelope paths and parameters.
+//! * [`command`] — checks a command line's bytes ([`check_command_line`]),
+//!   recognises its verb ([`parse_command`]) and parses the `MAIL FROM` /
+//!   `RCPT TO` envelope paths and parameters, with each address in canonical
+//!   form and its hidden routing syntax ([`SecondRoute`]).
+//! * [`helo`] — HELO/EHLO names in canonical form ([`canonical_helo`]), the
+//!   only form rules, scanners and logs see.
 //! * [`reply`] — replies as values ([`Reply`]), the proxy's own replies as
 //!   named constructors, and [`ReplyParser`] for the backend's replies.
 //! * [`ehlo`] — rewrites the backend's EHLO reply into the capabilities the
@@ -20,14 +24,18 @@
 pub mod command;
 pub mod data;
 pub mod ehlo;
+pub mod helo;
 pub mod line;
 pub mod reply;
 
 pub use command::{
-    parse_command, parse_mail_from, parse_rcpt_to, Command, MailFrom, PathError, RcptTo, Verb,
+    canonical_address, check_command_line, check_sasl_response, parse_command, parse_command_line,
+    parse_mail_from, parse_rcpt_to, Command, CommandLineError, MailFrom, PathError, RcptTo,
+    SaslResponseError, SecondRoute, Verb,
 };
 pub use data::{DataProgress, DataScanner, Violation};
 pub use ehlo::{filter_ehlo, parse_capabilities, EhloOptions};
+pub use helo::{canonical_helo, HeloError, HeloName};
 pub use line::{Ending, Line, LineError, LineReader};
 pub use reply::{EnhancedCode, Reply, ReplyError, ReplyParser};
 
