@@ -2,7 +2,7 @@
 //! and a small SMTP client that speaks raw lines.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader, ErrorKind, Read, Write},
     net::{SocketAddr, TcpStream},
     sync::Arc,
     time::Duration,
@@ -170,9 +170,71 @@ impl Client {
         }
     }
 
-    /// Whether the server closed the connection (EOF within the timeout).
-    pub fn is_closed(&mut self) -> bool {
-        let mut byte = [0u8; 1];
-        matches!(self.reader.read(&mut byte), Ok(0) | Err(_))
+    /// What the server does next, waiting at most the read timeout (10 s):
+    /// closes the connection, resets it, sends a reply (or other bytes), or
+    /// nothing at all. Tests assert the one they mean: a silent server is
+    /// [`Seen::Timeout`], never a close.
+    pub fn next_event(&mut self) -> Seen {
+        let mut first = [0u8; 1];
+        match self.reader.read(&mut first) {
+            Ok(0) => Seen::Closed,
+            Ok(_) => {
+                let mut rest = String::new();
+                let _ = self.reader.read_line(&mut rest);
+                let text = format!("{}{}", char::from(first[0]), rest.trim_end());
+                match text.get(..3).and_then(|c| c.parse::<u16>().ok()) {
+                    Some(code) if (200..600).contains(&code) => Seen::Reply(text),
+                    _ => Seen::Data(text),
+                }
+            }
+            Err(e) => match e.kind() {
+                ErrorKind::WouldBlock | ErrorKind::TimedOut => Seen::Timeout,
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => Seen::Reset,
+                other => Seen::Error(other),
+            },
+        }
+    }
+
+    /// Asserts that the server closes the connection in an orderly way
+    /// (FIN) next, without sending anything more.
+    ///
+    /// # Panics
+    /// On anything else (a timeout included), naming what it saw.
+    #[track_caller]
+    pub fn expect_closed(&mut self) {
+        let seen = self.next_event();
+        assert_eq!(
+            seen,
+            Seen::Closed,
+            "expected the server to close the connection"
+        );
+    }
+}
+
+/// What a server did next (see [`Client::next_event`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// End of stream: the peer closed the connection (FIN).
+    Closed,
+    /// The peer reset the connection (RST), e.g. after closing with input
+    /// it had not read.
+    Reset,
+    /// A line starting with a reply code (its first line only).
+    Reply(String),
+    /// A line that is not a reply.
+    Data(String),
+    /// Nothing within the read timeout: the connection is still open.
+    Timeout,
+    /// Another socket error.
+    Error(ErrorKind),
+}
+
+impl Seen {
+    /// Whether the peer ended the connection (FIN or RST), for the cases
+    /// where either is correct (a server closing with unread client input
+    /// sends RST).
+    #[must_use]
+    pub fn is_ended_by_peer(&self) -> bool {
+        matches!(self, Seen::Closed | Seen::Reset)
     }
 }

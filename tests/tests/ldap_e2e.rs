@@ -584,7 +584,7 @@ fn unknown_recipients_are_refused_by_the_proxy_and_count_as_harvest() {
     }
     let reply = client.cmd("RCPT TO:<nobody4@example.com>").unwrap();
     assert!(reply.starts_with("421 4.7.0"), "harvest limit: {reply}");
-    assert!(client.is_closed());
+    client.expect_closed();
     let lines = backend.lines();
     assert!(
         lines

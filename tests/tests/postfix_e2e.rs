@@ -258,14 +258,25 @@ def out(*args):
     print(*args, flush=True)
 def session(source, helo):
     return smtplib.SMTP(HOST, PORT, local_hostname=helo, source_address=(source, 0), timeout=10)
-def closed(s):
-    # Whether the server closed the connection (EOF within the timeout).
+def ending(read):
+    # What the server did next: "eof" (it closed the connection), "reset",
+    # "timeout" (nothing within the socket's timeout: still open), "data ..."
+    # (it sent more) or "error ...".
     try:
-        return s.file.readline() == b""
-    except OSError:
-        return True
+        data = read()
+    except TimeoutError:
+        return "timeout"
+    except ConnectionResetError:
+        return "reset"
+    except OSError as e:
+        return "error %s" % e
+    return "eof" if data == b"" else "data %r" % data
+def closed(s):
+    # How an smtplib session's connection went on (see ending()).
+    return ending(s.file.readline)
 def greeting(source):
-    # The raw first reply of a new connection, and whether it closes after.
+    # The raw first reply of a new connection, and what came after it
+    # (see ending()).
     sock = socket.create_connection((HOST, PORT), 10, (source, 0))
     data = b""
     while not data.endswith(b"\n"):
@@ -273,12 +284,9 @@ def greeting(source):
         if not chunk:
             break
         data += chunk
-    try:
-        eof = sock.recv(1) == b""
-    except OSError:
-        eof = True
+    after = ending(lambda: sock.recv(1))
     sock.close()
-    return data.decode().strip(), eof
+    return data.decode().strip(), after
 MESSAGE = "From: sender@example.org\r\nTo: alice@example.com\r\nSubject: test\r\n\r\nHello.\r\n"
 "#;
 
@@ -555,9 +563,9 @@ for i in range(1, 6):
     if code == 421:
         out("CLOSED", closed(s))
         break
-reply, eof = greeting("127.0.0.2")
+reply, after = greeting("127.0.0.2")
 out("AGAIN", reply)
-out("AGAIN-CLOSED", eof)
+out("AGAIN-AFTER", after)
 "#,
     );
     for i in 1..=3 {
@@ -567,12 +575,12 @@ out("AGAIN-CLOSED", eof)
         );
     }
     expect(line(&lines, "RCPT4"), "421 4.7.0 ");
-    assert_eq!(line(&lines, "CLOSED"), "True", "{lines:#?}");
+    assert_eq!(line(&lines, "CLOSED"), "eof", "{lines:#?}");
     assert!(!lines.iter().any(|l| l.starts_with("RCPT5")), "{lines:#?}");
     // The source is blocked: greeted with 421 and let go.
     expect(line(&lines, "AGAIN"), "421 4.7.0 ");
     assert!(line(&lines, "AGAIN").contains("127.0.0.2"), "{lines:#?}");
-    assert_eq!(line(&lines, "AGAIN-CLOSED"), "True", "{lines:#?}");
+    assert_eq!(line(&lines, "AGAIN-AFTER"), "eof", "{lines:#?}");
     // Postfix never saw the blocked connection (probe + one session).
     rig.wait_disconnects(2);
     let log = rig.log();
@@ -636,7 +644,7 @@ fn rejected_helo_gets_550_and_never_reaches_postfix() {
     );
     let run = swaks_to_alice(rig.addr(), CLIENT, &["--helo", "host-1.dynamic.example"]);
     assert_ne!(run.code, Some(0), "{}", run.out);
-    run.expect_reply("<** 550 5.7.1 Helo command rejected");
+    run.expect_reply("<** 550 5.7.1 ");
     assert!(!run.out.contains("MAIL FROM"), "{}", run.out);
     let disconnect = rig.wait_disconnects(2);
     assert!(!disconnect.contains("ehlo="), "{}", rig.log());
@@ -719,7 +727,7 @@ again.quit()
     );
     assert_eq!(line(&lines, "FIRST"), "250", "{lines:#?}");
     expect(line(&lines, "SECOND"), "421 4.7.0 ");
-    assert_eq!(line(&lines, "SECOND-CLOSED"), "True", "{lines:#?}");
+    assert_eq!(line(&lines, "SECOND-CLOSED"), "eof", "{lines:#?}");
     assert_eq!(line(&lines, "OTHER"), "250", "{lines:#?}");
     assert_eq!(line(&lines, "FIRST-SENT"), "ok");
     assert_eq!(line(&lines, "AGAIN"), "250", "{lines:#?}");
@@ -768,7 +776,7 @@ fn starttls_delivers() {
     );
     let run = swaks_to_alice(rig.addr(), CLIENT, &["-tls"]);
     run.expect_success();
-    run.expect_reply("<-  220 2.0.0 Ready to start TLS");
+    run.expect_reply("<-  220 2.0.0 ");
     // The envelope went inside TLS.
     run.expect_reply(" ~> MAIL FROM:<sender@example.org>");
     run.expect_reply(" ~> RCPT TO:<alice@example.com>");
@@ -807,19 +815,101 @@ fn implicit_tls_delivers() {
 
 // -- 7. PIPELINING ----------------------------------------------------------
 
+/// A TCP relay in front of `upstream` for one connection, recording each
+/// chunk the client's side delivers in one read. A client that waits for
+/// each reply can never have two commands in one chunk: the reply to the
+/// first is only forwarded after the relay read (and passed on) that
+/// first command. So a chunk with MAIL, RCPT and DATA proves pipelining.
+struct Recorder {
+    addr: SocketAddr,
+    chunks: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Recorder {
+    fn start(upstream: SocketAddr) -> Recorder {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the recorder");
+        let addr = listener.local_addr().expect("recorder address");
+        let chunks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = chunks.clone();
+        let thread = thread::spawn(move || {
+            let Ok((mut client, _)) = listener.accept() else {
+                return;
+            };
+            let Ok(mut server) = TcpStream::connect(upstream) else {
+                return;
+            };
+            let (Ok(mut client_w), Ok(mut server_r)) = (client.try_clone(), server.try_clone())
+            else {
+                return;
+            };
+            let replies = thread::spawn(move || {
+                let _ = std::io::copy(&mut server_r, &mut client_w);
+                let _ = client_w.shutdown(std::net::Shutdown::Write);
+            });
+            let mut buf = [0u8; 65536];
+            loop {
+                match client.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        record.lock().unwrap().push(buf[..n].to_vec());
+                        if server.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = server.shutdown(std::net::Shutdown::Write);
+            let _ = replies.join();
+        });
+        Recorder {
+            addr,
+            chunks,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits for the connection to end; the chunks the client sent.
+    fn finish(mut self) -> Vec<String> {
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("the recorder thread");
+        }
+        self.chunks
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect()
+    }
+}
+
 #[test]
 fn pipelining_delivers_exactly_once() {
     if !ready("pipelining_delivers_exactly_once") {
         return;
     }
     let rig = Rig::start(Identity::ProxyV2, "");
-    let run = swaks_to_alice(rig.addr(), CLIENT, &["--pipeline"]);
+    let recorder = Recorder::start(rig.addr());
+    let run = swaks_to_alice(recorder.addr, CLIENT, &["--pipeline"]);
     run.expect_success();
     run.expect_reply("PIPELINING");
+    // swaks did pipeline: the proxy got the envelope and DATA in one read.
+    let chunks = recorder.finish();
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c.contains("MAIL FROM:<sender@example.org>")
+                && c.contains("RCPT TO:<alice@example.com>")
+                && c.contains("\r\nDATA\r\n")),
+        "no chunk with MAIL, RCPT and DATA together: the client did not pipeline: {chunks:#?}"
+    );
     rig.expect_delivered(1);
     let disconnect = rig.wait_disconnects(2);
     assert!(
-        disconnect.contains(" mail=1 ") && disconnect.contains(" data=1 "),
+        disconnect.contains(" mail=1 ")
+            && disconnect.contains(" rcpt=1 ")
+            && disconnect.contains(" data=1 "),
         "{}",
         rig.log()
     );
@@ -852,7 +942,7 @@ fn backend_lost_mid_session_gets_421() {
     drop(postfix);
     let reply = c.cmd("MAIL FROM:<sender@example.org>").expect("MAIL");
     expect(&reply, "421 4.3.0 ");
-    assert!(c.is_closed());
+    c.expect_closed();
 }
 
 // -- 9. Dot-stuffing --------------------------------------------------------
@@ -928,11 +1018,19 @@ fn bare_lf_smuggling_is_refused() {
     c.send(b"hello\n.\nMAIL FROM:<x@y>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\nsmuggled\r\n.\r\n")
         .expect("send");
     expect(&c.reply().expect("reply to the bare LF"), "550 5.5.2 ");
-    assert!(c.is_closed());
+    // The proxy hangs up; it may not have read all that was sent after the
+    // bare LF, and closing with unread input is a reset: either is an end.
+    let seen = c.next_event();
+    assert!(
+        seen.is_ended_by_peer(),
+        "expected the proxy to hang up, saw {seen:?}"
+    );
 
     // Postfix lost the connection in DATA, with one MAIL and one RCPT.
+    // (Had anything been queued, cleanup would have logged it before
+    // smtpd logged the disconnect: both go to postlogd in that order.)
     let disconnect = rig.wait_disconnects(2);
-    thread::sleep(Duration::from_secs(1));
+    assert!(rig.postfix.wait_queue_empty(WAIT), "{}", rig.log());
     let log = rig.log();
     assert_eq!(rig.postfix.delivered(), 0, "{log}");
     assert!(

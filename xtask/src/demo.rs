@@ -39,6 +39,13 @@ use serde_json::Value;
 use crate::build::{self, Workspace};
 use crate::{cmd, setup, toolchain};
 
+/// The agent's log filter: `info`, and the built-in backend's per-message
+/// events ([`BACKEND_MESSAGE`]).
+const BACKEND_LOG_FILTER: &str = "info,limiter_user::sink=debug";
+/// The built-in backend's event for a message it received in full (with
+/// the client the proxy named in its PROXY header).
+const BACKEND_MESSAGE: &str = "built-in backend: message discarded";
+
 /// Set by SIGINT/SIGTERM: every loop of the demo checks it and winds down.
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -725,6 +732,10 @@ impl Demo {
             .args(["run", "--config"])
             .arg(&env.config)
             .arg("--json-logs")
+            // The built-in backend logs each message it takes at debug
+            // level: the demo counts deliveries there, at the backend, not
+            // by the replies its clients saw.
+            .env("RUST_LOG", BACKEND_LOG_FILTER)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -840,7 +851,12 @@ impl Demo {
             cli_json(&env, &["block", "list"]).context("`smtp-limiter block list --json`")?;
 
         // Stop and remove everything, then look for what remains.
-        let problems = cleanup.run();
+        let mut problems = cleanup.run();
+        // The agent is gone: read its log to the end, so that the backend's
+        // last deliveries (and any duplicate) are counted.
+        if !log.wait_ended(Duration::from_secs(10)) {
+            problems.push("the agent's log did not reach its end within 10 s of its exit".into());
+        }
         let leftovers = leftovers(&env, agent_pid, programs.as_deref(), self.keep);
         let report = Report::new(
             &env,
@@ -1102,6 +1118,13 @@ struct LogState {
     kernel_drops: HashMap<String, BTreeMap<String, (f64, u64)>>,
     /// Per blocked network: the detail of the decision that blocked it.
     block_detail: HashMap<String, String>,
+    /// Per client address: messages the built-in backend received in full.
+    backend_messages: HashMap<IpAddr, u64>,
+    /// Backend message events whose client could not be read.
+    backend_unattributed: u64,
+    /// The agent's stderr reached its end (the agent exited): every line
+    /// has been read.
+    ended: bool,
 }
 
 #[derive(Clone)]
@@ -1170,6 +1193,14 @@ impl AgentLog {
                             .entry(net.to_owned())
                             .or_insert_with(|| text("detail"));
                     }
+                    if f["message"] == BACKEND_MESSAGE {
+                        match text("client").parse::<SocketAddr>() {
+                            Ok(client) => {
+                                *s.backend_messages.entry(client.ip()).or_default() += 1;
+                            }
+                            Err(_) => s.backend_unattributed += 1,
+                        }
+                    }
                     if f["message"] == "kernel dropped a packet" && !source.is_empty() {
                         let entry = s
                             .kernel_drops
@@ -1182,8 +1213,38 @@ impl AgentLog {
                 }
                 s.lines.push(line);
             }
+            state.lock().unwrap_or_else(|p| p.into_inner()).ended = true;
         });
         log
+    }
+
+    /// Waits until the agent's stderr has been read to its end (call after
+    /// the agent was stopped); whether that happened within `timeout`.
+    fn wait_ended(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.state().ended {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
+    /// Messages the built-in backend received in full from `client`.
+    fn backend_messages(&self, client: IpAddr) -> u64 {
+        self.state()
+            .backend_messages
+            .get(&client)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Every message the built-in backend received in full (attributed to
+    /// a client or not).
+    fn backend_total(&self) -> u64 {
+        let s = self.state();
+        s.backend_messages.values().sum::<u64>() + s.backend_unattributed
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, LogState> {
@@ -2340,7 +2401,42 @@ impl Report {
         let _ = writeln!(w, "  total{:>37}{delivered:>4}/{expected} delivered", "");
         check(
             delivered == expected,
-            format!("all legitimate mail delivered ({delivered}/{expected})"),
+            format!("all legitimate mail accepted ({delivered}/{expected} answered 250 at the end of DATA)"),
+        );
+        // What the backend received: every message a client saw accepted
+        // exactly once, from that client (the PROXY header names it), and
+        // nothing from anyone else.
+        let mut at_backend = Vec::new();
+        let mut backend_ok = true;
+        let mut accounted = 0;
+        for s in &traffic.senders {
+            let accepted = s.delivered.load(Ordering::Relaxed);
+            let received = log.backend_messages(s.source);
+            backend_ok &= received == accepted;
+            accounted += received;
+            at_backend.push(format!("{} {received}/{accepted}", s.source));
+        }
+        let flood_accepted = traffic.flood.count("bounce → 250");
+        let flood_received = log.backend_messages(traffic.flood.source);
+        backend_ok &= flood_received == flood_accepted;
+        accounted += flood_received;
+        at_backend.push(format!(
+            "null-sender flood {flood_received}/{flood_accepted}"
+        ));
+        let total = log.backend_total();
+        backend_ok &= total == accounted;
+        let _ = writeln!(
+            w,
+            "  received by the backend / accepted by the client: {}; {total} messages in all",
+            at_backend.join(", ")
+        );
+        check(
+            backend_ok && accounted > 0,
+            format!(
+                "the backend received each accepted message exactly once and no other ({}; {total} in all, {} from other sources)",
+                at_backend.join(", "),
+                total - accounted.min(total)
+            ),
         );
 
         // Blocks as the agent lists them (taken before it stopped).
@@ -2403,6 +2499,32 @@ impl Report {
                     }
                 ),
             );
+            // Its later connection attempts: with the kernel layer every
+            // SYN is dropped (no answer at all, and the block's own drop
+            // counter moved); without it the proxy refuses each one.
+            let back = actor.count("back after the block");
+            if env.kernel {
+                let unanswered = actor.count("back after the block: connect unanswered");
+                let drops = listed_block(actor.source)
+                    .and_then(|b| b["drops"].as_u64())
+                    .unwrap_or(0);
+                check(
+                    back > 0 && unanswered == back && drops > 0,
+                    format!(
+                        "{} {}: SYNs after the block dropped in the kernel ({unanswered}/{back} later connection attempts unanswered, {drops} packets dropped on its block)",
+                        actor.name, actor.source
+                    ),
+                );
+            } else {
+                let refused = actor.count("back after the block: greeting 4");
+                check(
+                    back > 0 && refused == back,
+                    format!(
+                        "{} {}: refused by the proxy after the block ({refused}/{back} later connections greeted with 4xx)",
+                        actor.name, actor.source
+                    ),
+                );
+            }
         }
 
         // The reject-listed host.
@@ -2494,9 +2616,31 @@ impl Report {
                 n("passed"),
                 n("seen")
             );
+            // Each reason's blocks dropped packets of their own (the SYN
+            // flood alone, on the harvester's block, does not make the
+            // others non-zero), and the global counters cover them all.
+            let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
+            for b in &listed {
+                *by_reason
+                    .entry(b["reason"].as_str().unwrap_or("?").to_owned())
+                    .or_default() += b["drops"].as_u64().unwrap_or(0);
+            }
+            let per_reason: Vec<String> =
+                by_reason.iter().map(|(r, d)| format!("{r} {d}")).collect();
+            let listed_drops: u64 = by_reason.values().sum();
+            let every_reason = ["harvest", "flood", "auth", "reject-list"]
+                .iter()
+                .all(|r| by_reason.get(*r).is_some_and(|d| *d > 0));
+            let counted = n("dropped_block") + n("dropped_block_net");
             check(
-                n("dropped_block") > 0,
-                format!("kernel drop counters non-zero: dropped_block {}, dropped_block_net {}, dropped_cap {}", n("dropped_block"), n("dropped_block_net"), n("dropped_cap")),
+                every_reason && counted >= listed_drops,
+                format!(
+                    "kernel drops for every attacker's reason ({}); dropped_block {} + dropped_block_net {} >= {listed_drops} on the listed blocks; dropped_cap {}",
+                    per_reason.join(", "),
+                    n("dropped_block"),
+                    n("dropped_block_net"),
+                    n("dropped_cap")
+                ),
             );
         } else {
             let _ = writeln!(
