@@ -292,6 +292,10 @@ pub struct Smtp {
     /// backend offers it). `true` without a certificate turns AUTH off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_requires_tls: Option<bool>,
+    /// Lines refused in a session without being relayed (bad syntax,
+    /// unknown verbs, bad addresses) before the proxy answers `421 4.7.0`
+    /// and closes it, like Postfix's `smtpd_hard_error_limit`.
+    pub max_errors: u32,
     /// Extension verbs relayed raw to the backend. Every verb the proxy does
     /// not understand and that is not listed here gets `502 5.5.1` from the
     /// proxy itself, so that nothing reaches the backend unjudged.
@@ -314,6 +318,7 @@ impl Default for Smtp {
             write_timeout: Duration::from_secs(60),
             max_sessions: 2000,
             auth_requires_tls: None,
+            max_errors: 20,
             relay_verbs: Vec::new(),
         }
     }

@@ -1605,3 +1605,179 @@ fn a_held_message_keeps_its_memory_until_the_backend_has_it() {
         "the message is still counted against filters.max_held while the backend has not answered"
     );
 }
+
+/// Every byte Postfix's tokeniser takes as a separator (C isspace) and
+/// every other control byte, after each verb the proxy judges.
+#[test]
+fn control_bytes_after_a_verb_never_reach_the_backend() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(
+        &backend,
+        "[relay]\naccept = \"*@example.com\"\n[smtp]\nmax_errors = 100000\n",
+    );
+    let mut c = Smtp::session(proxy.addr);
+    expect(&c.cmd("MAIL FROM:<a@x.example>"), "250 ");
+    let mut refused = 0;
+    for byte in (0u8..0x20).chain([0x7f]) {
+        if matches!(byte, b'\t' | b'\r' | b'\n' | 0) {
+            continue; // HTAB is a blank; CR, LF and NUL are the line reader's
+        }
+        for verb in ["RCPT", "rcpt", "VRFY", "AUTH", "MAIL", "EHLO", "DATA"] {
+            let mut line = verb.as_bytes().to_vec();
+            line.push(byte);
+            line.extend_from_slice(b"TO:<probe@evil.example>\r\n");
+            c.send(&line);
+            let reply = c.reply();
+            assert!(
+                matches!(code(&reply), 500 | 501),
+                "{verb} + {byte:#04x}: {reply}"
+            );
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 29 * 7, "29 control bytes after 7 verbs");
+    expect(&c.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    assert!(
+        !backend.stream().contains("evil"),
+        "a refused line reached the backend: {:?}",
+        backend.lines()
+    );
+    let counted: u64 = proxy
+        .ctx
+        .stats
+        .rejections()
+        .iter()
+        .filter(|(r, _)| r.starts_with("bad-"))
+        .map(|(_, n)| *n)
+        .sum();
+    assert_eq!(
+        counted,
+        refused,
+        "every refused line is counted: {:?}",
+        proxy.ctx.stats.rejections()
+    );
+}
+
+#[test]
+fn recipients_with_routing_syntax_are_refused_and_count_as_harvest() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(
+        &backend,
+        "[relay]\naccept = \"*@example.com\"\n[limits]\nmax_failed_rcpt = 6\n",
+    );
+    let mut c = Smtp::session(proxy.addr);
+    expect(&c.cmd("MAIL FROM:<a@x.example>"), "250 ");
+    for recipient in [
+        "user%evil.example@example.com",
+        "evil.example!user@example.com",
+        "@example.com:user@evil.example",
+        "\"user@evil.example\"@example.com",
+        "\"user%evil.example\"@example.com",
+        "\"evil.example!user\"@example.com",
+    ] {
+        let reply = c.cmd(&format!("RCPT TO:<{recipient}>"));
+        expect(&reply, "550 5.7.1");
+    }
+    // A trailing dot and capitals are the same domain, accepted.
+    expect(&c.cmd("RCPT TO:<alice@EXAMPLE.COM.>"), "250 ");
+    // The seventh failure in a row (the success above reset the run; these
+    // six more make it past max_failed_rcpt = 6).
+    for i in 0..6 {
+        expect(
+            &c.cmd(&format!("RCPT TO:<u{i}%evil.example@example.com>")),
+            "550 5.7.1",
+        );
+    }
+    expect(&c.cmd("RCPT TO:<u9%evil.example@example.com>"), "421 4.7.0");
+    assert!(c.closed());
+    assert_eq!(blocked(&proxy).map(|b| b.reason), Some(reason::HARVEST));
+    assert!(
+        !backend.stream().contains("evil"),
+        "a routed recipient reached the backend: {:?}",
+        backend.lines()
+    );
+}
+
+#[test]
+fn every_null_sender_spelling_counts_toward_the_null_sender_rate() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[limits]\nnull_sender_rate = \"2/1h\"\n");
+    let mut c = Smtp::session(proxy.addr);
+    expect(&c.cmd("MAIL FROM:<\"\">"), "250 ");
+    expect(&c.cmd("RSET"), "250 ");
+    expect(&c.cmd("MAIL FROM:<@relay.example:\"\">"), "250 ");
+    expect(&c.cmd("RSET"), "250 ");
+    expect(&c.cmd("MAIL FROM:<>"), "450 4.7.1");
+    // What reached the backend is the null sender the proxy counted.
+    let mails: Vec<String> = backend
+        .lines()
+        .into_iter()
+        .filter(|l| l.starts_with("MAIL"))
+        .collect();
+    assert_eq!(mails, ["MAIL FROM:<>", "MAIL FROM:<>"]);
+    // Spellings Postfix might read as null, which the proxy cannot be sure
+    // of, are refused rather than relayed.
+    for spelling in ["< >", "<@relay.example:>", "<()>", "<\"\" >"] {
+        let reply = c.cmd(&format!("MAIL FROM:{spelling}"));
+        assert_eq!(code(&reply), 501, "{spelling}: {reply}");
+    }
+}
+
+#[test]
+fn helo_names_are_judged_and_relayed_in_one_canonical_spelling() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[lists]\nreject_helo = [\"*.dynamic.example\"]\n");
+    let (mut c, _) = Smtp::connect(proxy.addr);
+    for spelling in [
+        "EHLO HOST.Dynamic.Example.",
+        "EHLO host.dynamic.example..",
+        "HELO host.DYNAMIC.example",
+        "EHLO host.dynamic.example extra words",
+    ] {
+        expect(&c.cmd(spelling), "550 5.7.1");
+    }
+    assert!(!backend.stream().to_ascii_lowercase().contains("dynamic"));
+    expect(&c.cmd("EHLO Mail.Client.Example."), "250");
+    assert!(
+        backend_saw(&backend, "EHLO mail.client.example"),
+        "the backend reads the name the proxy judged: {:?}",
+        backend.lines()
+    );
+}
+
+#[test]
+fn the_backend_gets_envelope_lines_rebuilt_from_what_the_proxy_parsed() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    expect(
+        &c.cmd("mail from:  <a@x.example>\tsize=10  BODY=8BITMIME "),
+        "250 ",
+    );
+    expect(&c.cmd("Rcpt To: <alice@example.com>  NOTIFY=NEVER"), "250 ");
+    let lines = backend.lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l == "MAIL FROM:<a@x.example> SIZE=10 BODY=8BITMIME"),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l == "RCPT TO:<alice@example.com> NOTIFY=NEVER"),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn too_many_refused_lines_end_the_session() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[smtp]\nmax_errors = 3\n");
+    let mut c = Smtp::session(proxy.addr);
+    for line in ["XYZZY", "RCPT\x0bTO:<a@b>", "MAIL FROM:a@b"] {
+        assert!(matches!(code(&c.cmd(line)), 500..=502), "{line}");
+    }
+    expect(&c.cmd("TURN"), "421 4.7.0");
+    assert!(c.closed());
+}

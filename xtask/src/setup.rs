@@ -68,6 +68,8 @@ fn apt_packages(llvm: u32) -> Vec<String> {
         "nftables".into(),
         "postfix".into(),
         "swaks".into(),
+        // swaks' STARTTLS and implicit TLS (only recommended by its package).
+        "libnet-ssleay-perl".into(),
         "openssl".into(),
         "python3".into(),
         "slapd".into(),

@@ -575,6 +575,19 @@ impl Policy {
         })
     }
 
+    /// A recipient refused as a relay attempt whatever the patterns say (it
+    /// carries routing syntax that could take it beyond the domain they
+    /// would be matched against): [`Reason::RelayDenied`],
+    /// [`Action::RefuseCommand`]; report it with [`Policy::rcpt_result`].
+    #[must_use]
+    pub fn relay_denied(&self) -> Decision<RcptVerdict> {
+        self.decide(RcptVerdict::Reject(Rejection {
+            reason: Reason::RelayDenied,
+            action: Action::RefuseCommand,
+            block: None,
+        }))
+    }
+
     /// The outcome of one RCPT in a session: `ok` when the backend accepted
     /// it (2xx), `false` when it failed as a harvest attempt does (backend
     /// 5xx, a temporary "unknown user" `45x 4.1.1`, or

@@ -39,9 +39,13 @@ use crate::{
         SessionCounters,
     },
     smtp::{
-        command::{parse_command, parse_mail_from, parse_rcpt_to, Verb},
+        command::{
+            check_sasl_response, parse_command_line, parse_mail_from, parse_rcpt_to, MailFrom,
+            Param, RcptTo, Verb,
+        },
         data::{DataProgress, DataScanner},
         ehlo::{filter_ehlo, parse_capabilities, EhloOptions},
+        helo::canonical_helo,
         line::{LineError, LineReader},
         reply::Reply,
     },
@@ -147,6 +151,9 @@ pub struct Session<S> {
     summary: SessionSummary,
     /// A 421 went out: the session ends after this command.
     closing: bool,
+    /// Lines refused without being relayed (bad syntax, unknown verbs);
+    /// past `smtp.max_errors` the session ends.
+    errors: u32,
     _connection: ConnectionGuard,
 }
 
@@ -178,6 +185,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             blocked_nets,
             summary: SessionSummary::default(),
             closing: false,
+            errors: 0,
             _connection: connection,
         }
     }
@@ -270,19 +278,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Dispatches one command line.
+    ///
+    /// A line outside the accepted syntax ([`parse_command_line`]: control
+    /// bytes, a verb followed by anything but a blank, bad UTF-8) is refused
+    /// here and never relayed: the backend could read it as another command
+    /// than the one the proxy would judge.
     async fn handle(&mut self, line: &[u8]) -> std::io::Result<Flow> {
-        let command = parse_command(line);
+        let command = match parse_command_line(line) {
+            Ok(command) => command,
+            Err(error) => {
+                tracing::debug!(source = %self.peer.ip(), %error, action = "reject", "command line refused");
+                return self
+                    .protocol_error("bad-command-syntax", &error.reply())
+                    .await;
+            }
+        };
         if command.verb != Verb::Auth && line.len() + 2 > self.ctx.settings.smtp.max_line_length {
-            self.reply(&Reply::line_too_long()).await?;
-            return Ok(Flow::Continue);
+            return self
+                .protocol_error("line-too-long", &Reply::line_too_long())
+                .await;
         }
         match command.verb {
-            Verb::Helo | Verb::Ehlo => {
-                self.helo(line, &command.args, command.verb == Verb::Ehlo)
-                    .await
-            }
-            Verb::Mail => self.mail(line, &command.args).await,
-            Verb::Rcpt => self.rcpt(line, &command.args).await,
+            Verb::Helo | Verb::Ehlo => self.helo(&command.args, command.verb == Verb::Ehlo).await,
+            Verb::Mail => self.mail(&command.args).await,
+            Verb::Rcpt => self.rcpt(&command.args).await,
             Verb::Data => self.data(line).await,
             Verb::Auth if !self.auth_allowed() => {
                 tracing::info!(source = %self.peer.ip(), reason = "auth-before-tls", action = "reject", "AUTH before STARTTLS refused");
@@ -333,11 +352,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // read by the backend as a command the proxy never judged.
             Verb::Unknown if self.relays_verb(line) => self.relay_and_answer(line).await,
             Verb::Unknown => {
-                self.ctx.stats.count_rejection("unknown-command");
-                self.reply(&Reply::command_not_implemented()).await?;
-                Ok(Flow::Continue)
+                self.protocol_error("unknown-command", &Reply::command_not_implemented())
+                    .await
             }
         }
+    }
+
+    /// Refuses a line the proxy will not relay (bad syntax, unknown verb,
+    /// overlong): the reply, a count by `reason`, and past
+    /// `smtp.max_errors` in the session, `421 4.7.0` and the end of it.
+    async fn protocol_error(
+        &mut self,
+        reason: &'static str,
+        reply: &Reply,
+    ) -> std::io::Result<Flow> {
+        self.ctx.stats.count_rejection(reason);
+        self.errors = self.errors.saturating_add(1);
+        if self.errors > self.ctx.settings.smtp.max_errors {
+            tracing::info!(source = %self.peer.ip(), reason = "too-many-errors", errors = self.errors, action = "disconnect", "too many refused commands");
+            self.ctx.stats.count_rejection("too-many-errors");
+            self.reply(&Reply::too_many_errors()).await?;
+            return Ok(Flow::Close);
+        }
+        self.reply(reply).await?;
+        Ok(Flow::Continue)
     }
 
     /// Whether `line` starts with a verb listed in `smtp.relay_verbs`.
@@ -362,13 +400,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         !self.ctx.settings.auth_requires_tls || self.is_tls()
     }
 
-    async fn helo(&mut self, line: &[u8], args: &str, esmtp: bool) -> std::io::Result<Flow> {
-        let name = args.split_whitespace().next().unwrap_or("").to_owned();
-        if name.is_empty() {
-            self.reply(&Reply::new(501, "5.5.4 Syntax: EHLO hostname"))
-                .await?;
-            return Ok(Flow::Continue);
-        }
+    /// HELO/EHLO. The name is canonical ([`canonical_helo`]: case,
+    /// trailing dots, address literals) before any rule reads it, and the
+    /// backend gets the same canonical name, so both judge one name.
+    async fn helo(&mut self, args: &str, esmtp: bool) -> std::io::Result<Flow> {
+        let name = match canonical_helo(args) {
+            Ok(name) => name.into_string(),
+            Err(error) => {
+                tracing::debug!(source = %self.peer.ip(), %error, action = "reject", "HELO name refused");
+                return self
+                    .protocol_error("bad-helo-syntax", &error.reply(esmtp))
+                    .await;
+            }
+        };
         let previous = self.helo.take().and_then(|h| h._guard);
         let decision = self
             .ctx
@@ -383,7 +427,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 guard
             }
         };
-        let client_line = line.to_vec();
+        let client_line = format!("{} {name}", if esmtp { "EHLO" } else { "HELO" }).into_bytes();
         if self.backend.is_none() {
             if let Err(e) = self.connect_backend().await {
                 return self.backend_failed(e).await;
@@ -444,15 +488,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(())
     }
 
-    async fn mail(&mut self, line: &[u8], args: &str) -> std::io::Result<Flow> {
+    /// MAIL FROM. The backend gets the line rebuilt from what the proxy
+    /// parsed ([`mail_line`]), never the client's bytes.
+    async fn mail(&mut self, args: &str) -> std::io::Result<Flow> {
         if self.helo.is_none() {
             self.reply(&Reply::bad_sequence()).await?;
             return Ok(Flow::Continue);
         }
-        let Ok(mail) = parse_mail_from(args) else {
-            self.reply(&Reply::new(501, "5.1.7 Bad sender address syntax"))
-                .await?;
-            return Ok(Flow::Continue);
+        let mail = match parse_mail_from(args) {
+            Ok(mail) => mail,
+            Err(error) => {
+                let reply = if error.is_parameter_error() {
+                    Reply::bad_arguments("Bad MAIL parameter syntax")
+                } else {
+                    Reply::bad_sender_syntax()
+                };
+                return self.protocol_error("bad-sender-syntax", &reply).await;
+            }
         };
         if mail
             .size()
@@ -466,7 +518,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             &self.ctx.state,
             self.source(),
             helo.as_deref(),
-            mail.sender.is_none(),
+            mail.is_null_sender(),
             Instant::now(),
         );
         if let MailVerdict::Reject(rejection) = decision.verdict {
@@ -474,7 +526,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Ok(flow);
             }
         }
-        let reply = match self.backend_command(line).await {
+        let reply = match self.backend_command(&mail_line(&mail)).await {
             Ok(reply) => reply,
             Err(e) => return self.backend_failed(e).await,
         };
@@ -489,25 +541,46 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(Flow::Continue)
     }
 
-    async fn rcpt(&mut self, line: &[u8], args: &str) -> std::io::Result<Flow> {
+    /// RCPT TO. Rules read the canonical address (the domain the backend
+    /// routes to); an address with a second routing target is refused like
+    /// a relay attempt; the backend gets the line rebuilt from what the
+    /// proxy parsed ([`rcpt_line`]).
+    async fn rcpt(&mut self, args: &str) -> std::io::Result<Flow> {
         if !self.envelope.active {
             self.reply(&Reply::bad_sequence()).await?;
             return Ok(Flow::Continue);
         }
-        let Ok(rcpt) = parse_rcpt_to(args) else {
-            self.reply(&Reply::new(501, "5.1.3 Bad recipient address syntax"))
-                .await?;
-            return Ok(Flow::Continue);
+        let rcpt = match parse_rcpt_to(args) {
+            Ok(rcpt) => rcpt,
+            Err(error) => {
+                let reply = if error.is_parameter_error() {
+                    Reply::bad_arguments("Bad RCPT parameter syntax")
+                } else {
+                    Reply::bad_recipient_syntax()
+                };
+                return self.protocol_error("bad-recipient-syntax", &reply).await;
+            }
         };
         if self.envelope.recipients.len() >= self.ctx.settings.smtp.max_recipients as usize {
             self.reply(&Reply::too_many_recipients()).await?;
             return Ok(Flow::Continue);
         }
-        let decision = self.ctx.policy().rcpt(self.source(), &rcpt.recipient);
+        let decision = match rcpt.second_route {
+            // Whatever the patterns say: the backend could route it beyond
+            // the domain they were matched against.
+            Some(route) => {
+                tracing::info!(source = %self.peer.ip(), recipient = %rcpt.canonical, routing = route.as_str(), "recipient with routing syntax");
+                self.ctx.policy().relay_denied()
+            }
+            None => self.ctx.policy().rcpt(self.source(), &rcpt.canonical),
+        };
         let (reply, accepted) = match decision.verdict {
             RcptVerdict::Reject(rejection) if decision.enforced => {
                 self.log_decision(&rejection, true);
-                (Reply::relay_denied(), false)
+                let reply = rcpt
+                    .second_route
+                    .map_or_else(Reply::relay_denied, |_| Reply::routing_refused());
+                (reply, false)
             }
             verdict => {
                 // A directory of valid recipients refuses unknown ones
@@ -520,7 +593,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     .ctx
                     .recipients
                     .as_ref()
-                    .is_some_and(|r| r.check(&rcpt.recipient).refuses());
+                    .is_some_and(|r| r.check(&rcpt.canonical).refuses());
                 if let RcptVerdict::Reject(rejection) = verdict {
                     self.log_decision(&rejection, false);
                 }
@@ -529,7 +602,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.ctx.stats.count_rejection("unknown-recipient");
                     tracing::info!(
                         source = %self.peer.ip(),
-                        recipient = %rcpt.recipient,
+                        recipient = %rcpt.canonical,
                         reason = "unknown-recipient",
                         action = if enforced { "reject" } else { "would-reject" },
                         "recipient not in the directory"
@@ -542,7 +615,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     );
                     (Reply::new(550, &text), false)
                 } else {
-                    let reply = match self.backend_command(line).await {
+                    let reply = match self.backend_command(&rcpt_line(&rcpt)).await {
                         Ok(reply) => reply,
                         Err(e) => return self.backend_failed(e).await,
                     };
@@ -556,7 +629,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // finish); other temporary failures are neither.
         let failed = !accepted && (reply.is_permanent() || is_unknown_user_deferral(&reply));
         if accepted {
-            self.envelope.recipients.push(rcpt.recipient.clone());
+            self.envelope.recipients.push(rcpt.canonical.clone());
             self.summary.rcpt_accepted += 1;
         } else if failed {
             self.summary.rcpt_failed += 1;
@@ -892,8 +965,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         while reply.code == 334 {
             self.reply(&reply).await?;
             let answer = match self.read_line().await {
-                Input::Line(answer) => answer,
-                Input::TooLong | Input::Nul => b"*".to_vec(),
+                // Only base64 or "*" reach the backend (as Postfix reads
+                // them); anything else cancels the exchange.
+                Input::Line(answer) if check_sasl_response(&answer).is_ok() => answer,
+                Input::Line(_) | Input::TooLong | Input::Nul => b"*".to_vec(),
                 Input::Closed | Input::Timeout | Input::Shutdown | Input::Blocked => {
                     return Ok(Flow::Close)
                 }
@@ -1201,6 +1276,35 @@ fn rejection_reply(rejection: &Rejection) -> Reply {
         Action::DeferAndClose => Reply::new(421, &format!("4.7.0 {text}")),
         Action::RefuseAndClose => Reply::new(554, &format!("5.7.1 {text}")),
     }
+}
+
+/// `MAIL FROM:<sender> params` as the backend gets it: rebuilt from what
+/// the proxy parsed, so that the backend reads the sender the proxy judged
+/// (every null-sender spelling becomes `<>`; a source route goes, as RFC
+/// 5321 says it may).
+fn mail_line(mail: &MailFrom) -> Vec<u8> {
+    let sender = mail.canonical.as_deref().or(mail.sender.as_deref());
+    path_line("MAIL FROM:", sender.unwrap_or(""), &mail.params)
+}
+
+/// `RCPT TO:<recipient> params` as the backend gets it: the canonical
+/// recipient the rules judged (domain without case or trailing dot; routing
+/// syntax was refused before this).
+fn rcpt_line(rcpt: &RcptTo) -> Vec<u8> {
+    path_line("RCPT TO:", &rcpt.canonical, &rcpt.params)
+}
+
+fn path_line(keyword: &str, path: &str, params: &[Param]) -> Vec<u8> {
+    let mut line = format!("{keyword}<{path}>");
+    for (key, value) in params {
+        line.push(' ');
+        line.push_str(key);
+        if let Some(value) = value {
+            line.push('=');
+            line.push_str(value);
+        }
+    }
+    line.into_bytes()
 }
 
 /// A temporary failure that says the mailbox is unknown (`4.1.1`, e.g.
