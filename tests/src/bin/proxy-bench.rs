@@ -1341,6 +1341,20 @@ fn main() -> Result<()> {
                 path.name(),
                 postfix.delivered()
             );
+            // Exactly: once the queue is empty every delivery is logged,
+            // and none may be there twice.
+            ensure!(
+                postfix.wait_queue_empty(DRAIN_TIMEOUT),
+                "Postfix ({}): the queue did not empty ({} left)",
+                path.name(),
+                postfix.queued()
+            );
+            ensure!(
+                postfix.delivered() == sent as usize,
+                "Postfix ({}) delivered {} messages, {sent} were sent",
+                path.name(),
+                postfix.delivered()
+            );
             eprintln!(
                 "Postfix ({}): {sent} messages sent, {} delivered",
                 path.name(),

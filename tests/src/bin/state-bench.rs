@@ -860,16 +860,16 @@ fn map_memory(pins: &Path) -> Result<Vec<MapMemory>> {
             .with_context(|| format!("opening the pinned {name}"))?;
         let fd = data.fd().as_fd().as_raw_fd();
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
-        let field = |key: &str| -> u64 {
+        let field = |key: &str| -> Result<u64> {
             info.lines()
                 .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
                 .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0)
+                .with_context(|| format!("no {key} in the fdinfo of {name}: {info}"))
         };
         out.push(MapMemory {
             name,
-            max_entries: field("max_entries"),
-            memlock: field("memlock"),
+            max_entries: field("max_entries")?,
+            memlock: field("memlock")?,
         });
     }
     Ok(out)
@@ -1617,8 +1617,13 @@ fn start_once(
     let deadline = started + Duration::from_secs(600);
     let (kernel_at, _) = agent.wait_for("\"kernel layer\"", deadline)?;
     let (restored_at, line) = agent.wait_for("stored blocks loaded", deadline)?;
-    let stored = json_u64(&line, "stored").unwrap_or(0);
-    let restored_to_kernel = json_u64(&line, "restored_to_kernel").unwrap_or(0);
+    // A missing count is a failure, not 0 (which is what an empty start
+    // expects): the log line is the agent's only word on what it loaded.
+    let count = |key: &str| {
+        json_u64(&line, key).with_context(|| format!("no {key:?} count in the agent's line {line}"))
+    };
+    let stored = count("stored")?;
+    let restored_to_kernel = count("restored_to_kernel")?;
     let (listening_at, _) = agent.wait_for("\"listening\"", deadline)?;
     let control_at = loop {
         if std::os::unix::net::UnixStream::connect(&control).is_ok() {
