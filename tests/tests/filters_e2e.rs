@@ -27,7 +27,7 @@ use limiter_tests::{
     prerequisites,
     proxy::{Client, TestProxy},
     rspamd::{self, Rspamd},
-    tcp::connect_from,
+    tcp::{connect_from, wait_until},
 };
 use limiter_user::kernel::{AttachMode, Datapath, KernelLimits};
 
@@ -119,10 +119,26 @@ impl Rig {
         assert_eq!(self.postfix.delivered(), n, "log:\n{}", self.log());
     }
 
-    /// Checks that Postfix queued nothing at all (no message reached it).
+    /// Checks that Postfix queued nothing at all in the `sessions` the test
+    /// made (no message reached it). Waits for the end of each session at
+    /// Postfix (its `disconnect from` lines, after the fixture's probe's):
+    /// had a message been queued in one, cleanup would have logged it
+    /// before smtpd logged that session's end (both through postlogd, in
+    /// that order).
     #[track_caller]
-    fn expect_nothing_stored(&self) {
-        thread::sleep(Duration::from_millis(500));
+    fn expect_nothing_stored(&self, sessions: usize) {
+        let ended = || {
+            self.log()
+                .lines()
+                .filter(|l| l.contains("disconnect from "))
+                .count()
+        };
+        assert!(
+            wait_until(WAIT, || ended() > sessions),
+            "Postfix logged the end of {} of {sessions} sessions (and the probe); log:\n{}",
+            ended(),
+            self.log()
+        );
         let log = self.log();
         assert_eq!(postfix::count_sent(&log), 0, "log:\n{log}");
         assert!(
@@ -282,7 +298,7 @@ fn a_virus_is_rejected_and_nothing_reaches_postfix() {
     let eicar = String::from_utf8(clamd::eicar()).unwrap();
     let reply = send(rig.proxy.addr, &message("eicar", &eicar));
     assert!(reply.starts_with("550 5.7.1"), "{reply}");
-    rig.expect_nothing_stored();
+    rig.expect_nothing_stored(2);
     assert_eq!(rig.stats(), vec![("virus", 2)]);
     // The session goes on after a reject: the next message is delivered.
     let (mut client, _) = Client::connect(rig.proxy.addr).unwrap();
@@ -312,7 +328,7 @@ fn spam_is_rejected_and_greylisting_defers() {
     assert!(reply.starts_with("451 4.7.1"), "{reply}");
     let reply = send(rig.proxy.addr, &message("soft", rspamd::SOFT_REJECT_MARKER));
     assert!(reply.starts_with("451 4.7.1"), "{reply}");
-    rig.expect_nothing_stored();
+    rig.expect_nothing_stored(3);
     let mut stats = rig.stats();
     stats.sort();
     assert_eq!(stats, vec![("soft-reject", 2), ("spam", 1)]);
@@ -342,7 +358,7 @@ fn scanner_down_fails_open_or_closed_as_configured() {
     closed.rspamd.as_mut().unwrap().stop();
     let reply = send(closed.proxy.addr, &message("unscanned", "x"));
     assert!(reply.starts_with("451 4.7.1"), "{reply}");
-    closed.expect_nothing_stored();
+    closed.expect_nothing_stored(1);
     assert_eq!(closed.stats(), vec![("tempfail", 1)]);
 }
 
@@ -455,5 +471,7 @@ fn a_source_that_keeps_sending_viruses_is_blocked_in_the_kernel() {
     let reply = send_on(&mut smtp, &message("clean", "fine"));
     assert!(reply.starts_with("250"), "{reply}");
     assert!(postfix.wait_delivered(1, WAIT), "log:\n{}", postfix.log());
+    assert!(postfix.wait_queue_empty(WAIT), "log:\n{}", postfix.log());
+    assert_eq!(postfix.delivered(), 1, "log:\n{}", postfix.log());
     drop(proxy);
 }
