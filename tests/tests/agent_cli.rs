@@ -529,3 +529,65 @@ fn stats_and_metrics_show_filter_verdicts() {
     );
     agent.stop();
 }
+
+/// A block ends by itself: refused while it lasts, served once it expired
+/// (the proxy checks the expiry itself), and the agent's sweep (every 10
+/// s) then removes it from its list and from the kernel's map.
+#[test]
+fn a_block_expires_and_the_sweep_removes_it() {
+    if !prerequisites("a_block_expires_and_the_sweep_removes_it") {
+        return;
+    }
+    let pins = PinDir::new();
+    let mut files = AgentFiles::new(
+        "expiry",
+        &format!(
+            "[kernel]\nmode = \"required\"\npin_path = \"{}\"",
+            pins.path().display()
+        ),
+    );
+    let agent = Agent::start(&mut files);
+    let (config, proxy) = (&files.config, files.proxy);
+    let source = "127.0.0.6";
+    let (ok, out) = cli(config, &["block", "add", source, "--for", "3s"]);
+    assert!(ok, "{out}");
+    let kernel = BpfDatapath::open_pinned(pins.path()).unwrap();
+    let in_kernel = || {
+        kernel
+            .blocks()
+            .unwrap()
+            .iter()
+            .any(|b| b.net.to_string() == format!("{source}/32"))
+    };
+    assert!(in_kernel(), "the block is not in the kernel's map");
+    let (mut smtp, greeting) = Client::from_stream(connect_from(source, proxy)).unwrap();
+    assert!(
+        greeting.starts_with("421 4.7.0"),
+        "while blocked: {greeting}"
+    );
+    smtp.expect_closed();
+
+    // Served again once it expired (3 s, with room for a loaded machine).
+    let served = limiter_tests::tcp::wait_until(Duration::from_secs(10), || {
+        Client::from_stream(connect_from(source, proxy))
+            .is_ok_and(|(_, greeting)| greeting.starts_with("220 "))
+    });
+    assert!(served, "still refused 10 s after a 3 s block");
+
+    // The sweep (every 10 s) removes it from the list and the kernel.
+    let listed = || {
+        let (ok, out) = cli(config, &["block", "list", "--json"]);
+        assert!(ok, "{out}");
+        out.contains(&format!("\"{source}/32\""))
+    };
+    let swept =
+        limiter_tests::tcp::wait_until(Duration::from_secs(30), || !listed() && !in_kernel());
+    assert!(
+        swept,
+        "30 s after its expiry the block is still listed ({}) or in the kernel ({})",
+        listed(),
+        in_kernel()
+    );
+    agent.stop();
+    drop(kernel);
+}

@@ -575,12 +575,9 @@ fn unknown_recipients_are_refused_by_the_proxy_and_count_as_harvest() {
         let reply = client
             .cmd(&format!("RCPT TO:<nobody{i}@example.com>"))
             .unwrap();
-        assert!(
-            reply.starts_with(&format!(
-                "550 5.1.1 <nobody{i}@example.com>: Recipient address rejected: User unknown"
-            )),
-            "{reply}"
-        );
+        // The proxy's own refusal (the backend would accept): reply class
+        // and enhanced code, not its wording.
+        assert!(reply.starts_with("550 5.1.1 "), "{reply}");
     }
     let reply = client.cmd("RCPT TO:<nobody4@example.com>").unwrap();
     assert!(reply.starts_with("421 4.7.0"), "harvest limit: {reply}");

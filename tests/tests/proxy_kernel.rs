@@ -8,7 +8,7 @@ use std::{
     net::{IpAddr, SocketAddr, TcpListener},
     process::{Child, Command, Stdio},
     sync::Arc,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use limiter_common::reason;
@@ -22,6 +22,10 @@ use limiter_tests::{
 use limiter_user::kernel::{AttachMode, Datapath, KernelLimits};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(800);
+/// The harvest block's duration: long enough for the checks made while it
+/// holds (a few connection attempts of [`CONNECT_TIMEOUT`] on a loaded
+/// machine), short enough to wait for its expiry.
+const BLOCK_SECONDS: u64 = 5;
 
 /// A minimal backend on the host's loopback: accepts every command.
 struct SinkBackend {
@@ -134,6 +138,7 @@ fn harvest_is_blocked_in_the_kernel(tag: &str, ipv6: bool) {
         [limits]
         max_failed_rcpt = 3
         ipv6_prefix = 128
+        block_duration = "{BLOCK_SECONDS}s"
         "#,
         backend.addr
     );
@@ -172,6 +177,11 @@ fn harvest_is_blocked_in_the_kernel(tag: &str, ipv6: bool) {
         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
         other => panic!("expected the kernel to drop the harvester's SYN, got {other:?}"),
     }
+    let expires = hit.expires.unwrap();
+    assert!(
+        SystemTime::now() < expires,
+        "the drop was checked after the block's expiry: raise BLOCK_SECONDS"
+    );
     assert!(kernel.datapath.counters().unwrap().dropped_block >= 1);
     // … while another client still gets through and can send mail.
     let stream =
@@ -198,6 +208,25 @@ fn harvest_is_blocked_in_the_kernel(tag: &str, ipv6: bool) {
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
+
+    // The block expires: from then on the kernel passes the harvester's
+    // SYNs and the proxy serves it again (no sweep needed for either).
+    if let Ok(left) = expires.duration_since(SystemTime::now()) {
+        std::thread::sleep(left);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let stream = loop {
+        match connect_from(&client, harvester, listen, CONNECT_TIMEOUT) {
+            Ok(stream) => break stream,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("harvester after the expiry: {e}; trying again");
+            }
+            Err(e) => panic!("the harvester is still dropped 10 s after its block expired: {e}"),
+        }
+    };
+    let (mut smtp, greeting) = Client::from_stream(stream).unwrap();
+    assert!(greeting.starts_with("220 "), "after the expiry: {greeting}");
+    assert!(smtp.cmd("EHLO harvester.test").unwrap().starts_with("250"));
     drop(proxy);
 }
 
