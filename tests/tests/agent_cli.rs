@@ -591,3 +591,177 @@ fn a_block_expires_and_the_sweep_removes_it() {
     agent.stop();
     drop(kernel);
 }
+
+/// SIGTERM with sessions open (`smtp.shutdown_grace` = 3 s): an idle
+/// session is told 421 4.3.0 at once, a message in DATA is still taken
+/// (250, which the proxy only says when the backend did), a message that
+/// does not end within the grace is cut when it is over (not before), and
+/// the agent exits successfully.
+#[test]
+fn sigterm_lets_a_transaction_finish_within_the_grace_and_cuts_the_rest() {
+    let test = "sigterm_lets_a_transaction_finish_within_the_grace_and_cuts_the_rest";
+    if !limiter_tests::fixture::require(
+        test,
+        // SAFETY: geteuid has no preconditions.
+        (unsafe { libc::geteuid() } != 0).then(|| "needs root (sources 127.0.0.x)".to_owned()),
+    ) {
+        return;
+    }
+    const GRACE: Duration = Duration::from_secs(3);
+    let mut files = AgentFiles::new(
+        "sigterm",
+        "[kernel]\nmode = \"off\"\n[smtp]\nshutdown_grace = \"3s\"",
+    );
+    let mut agent = Agent::start(&mut files);
+    let proxy = files.proxy;
+    let in_data = |source: &str| {
+        let (mut smtp, greeting) = Client::from_stream(connect_from(source, proxy)).unwrap();
+        assert!(greeting.starts_with("220 "), "{greeting}");
+        assert!(smtp.cmd("EHLO client.test").unwrap().starts_with("250"));
+        for (line, want) in [
+            ("MAIL FROM:<a@client.test>", "250 "),
+            ("RCPT TO:<alice@example.com>", "250 "),
+            ("DATA", "354 "),
+        ] {
+            let reply = smtp.cmd(line).unwrap();
+            assert!(reply.starts_with(want), "{line}: {reply}");
+        }
+        smtp.send(b"Subject: in flight\r\n\r\nfirst line\r\n")
+            .unwrap();
+        smtp
+    };
+    let mut finishing = in_data("127.0.0.7");
+    let mut stuck = in_data("127.0.0.8");
+    let (mut idle, greeting) = Client::from_stream(connect_from("127.0.0.9", proxy)).unwrap();
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    assert!(idle.cmd("EHLO idle.test").unwrap().starts_with("250"));
+
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
+    let signalled = Instant::now();
+    match idle.next_event() {
+        limiter_tests::proxy::Seen::Reply(r) if r.starts_with("421 4.3.0") => {}
+        other => panic!("idle session after SIGTERM: {other:?}"),
+    }
+    finishing.send(b"last line\r\n.\r\n").unwrap();
+    let reply = finishing.reply().unwrap();
+    assert!(
+        reply.starts_with("250 "),
+        "a message in flight at SIGTERM: {reply}"
+    );
+    let cut = stuck.next_event();
+    let after = signalled.elapsed();
+    assert!(
+        matches!(&cut, limiter_tests::proxy::Seen::Reply(r) if r.starts_with("421 "))
+            || cut.is_ended_by_peer(),
+        "the unfinished message after the grace: {cut:?}"
+    );
+    // Not before the grace is over (a lower bound holds on any machine).
+    assert!(
+        after >= GRACE - Duration::from_millis(200),
+        "cut {after:?} after SIGTERM, before the {GRACE:?} grace"
+    );
+    let status = agent.terminate();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the agent's exit after SIGTERM: {status:?}"
+    );
+}
+
+/// `allow` and `top --once` against a running agent: an allow-listed
+/// source is never limited or blocked (a harvester from it is not cut
+/// off), in the kernel's allow map too; `top` shows the refusals and the
+/// block that followed; `allow del` puts the source under the limits again.
+#[test]
+fn cli_allow_and_top_against_a_running_agent() {
+    if !prerequisites("cli_allow_and_top_against_a_running_agent") {
+        return;
+    }
+    let pins = PinDir::new();
+    let mut files = AgentFiles::new(
+        "allow",
+        &format!(
+            "[kernel]\nmode = \"required\"\npin_path = \"{}\"\n[limits]\nmax_failed_rcpt = 2",
+            pins.path().display()
+        ),
+    );
+    let agent = Agent::start(&mut files);
+    let (config, proxy) = (&files.config, files.proxy);
+    let (allowed, other) = ("127.0.0.10", "127.0.0.11");
+    let kernel = BpfDatapath::open_pinned(pins.path()).unwrap();
+    let allow_listed = || {
+        let (ok, out) = cli(config, &["allow", "list", "--json"]);
+        assert!(ok, "{out}");
+        let list: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        let net = format!("{allowed}/32");
+        let listed = list
+            .as_array()
+            .unwrap_or_else(|| panic!("a JSON list: {out}"))
+            .iter()
+            .any(|n| *n == net.as_str());
+        let in_kernel = kernel
+            .allows()
+            .unwrap()
+            .iter()
+            .any(|n| n.to_string() == net);
+        (listed, in_kernel)
+    };
+    let (ok, out) = cli(config, &["allow", "add", allowed]);
+    assert!(ok, "{out}");
+    assert_eq!(allow_listed(), (true, true), "(listed, in the kernel)");
+
+    // Allowed: ten unknown recipients, never cut off, never blocked.
+    let (mut smtp, greeting) = Client::from_stream(connect_from(allowed, proxy)).unwrap();
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    assert!(smtp.cmd("EHLO allowed.test").unwrap().starts_with("250"));
+    assert!(smtp
+        .cmd("MAIL FROM:<a@allowed.test>")
+        .unwrap()
+        .starts_with("250 "));
+    for n in 1..=10 {
+        let reply = smtp
+            .cmd(&format!("RCPT TO:<nobody{n}@example.com>"))
+            .unwrap();
+        assert!(reply.starts_with("550 "), "allow-listed, RCPT {n}: {reply}");
+    }
+    assert!(smtp.cmd("QUIT").unwrap().starts_with("221"));
+    // Another source is cut off after 2 and blocked.
+    assert_eq!(failed_rcpts_before_the_cut(other, proxy), 2);
+
+    let (ok, out) = cli(config, &["top", "--once", "--json"]);
+    assert!(ok, "{out}");
+    let top: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let harvest = top["rejections"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{out}"))
+        .iter()
+        .find(|r| r["reason"] == "harvest")
+        .and_then(|r| r["count"].as_u64());
+    assert_eq!(harvest, Some(1), "one harvest refusal: {out}");
+    let blocks: Vec<_> = top["drops"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{out}"))
+        .iter()
+        .map(|b| {
+            (
+                b["net"].as_str().unwrap_or("?"),
+                b["reason"].as_str().unwrap_or("?"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        blocks,
+        vec![(format!("{other}/32").as_str(), "harvest")],
+        "only the other source is blocked: {out}"
+    );
+
+    // No longer allowed: under the limits again.
+    let (ok, out) = cli(config, &["allow", "del", allowed]);
+    assert!(ok, "{out}");
+    assert_eq!(allow_listed(), (false, false), "(listed, in the kernel)");
+    assert_eq!(failed_rcpts_before_the_cut(allowed, proxy), 2);
+    agent.stop();
+    drop(kernel);
+}
