@@ -10,7 +10,7 @@
 
 use std::{
     io::{ErrorKind, Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     path::PathBuf,
     process::Command,
     sync::atomic::Ordering,
@@ -204,10 +204,22 @@ fn backend_saw(backend: &ScriptedBackend, prefix: &str) -> bool {
     })
 }
 
-/// A local address nothing listens on.
-fn dead_address() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address")
+/// A local address nothing listens on, held for as long as the value
+/// lives: the port is bound (so no other test can take it) but never put
+/// into the listening state, so connecting to it is refused.
+struct DeadAddress {
+    _socket: tokio::net::TcpSocket,
+    addr: SocketAddr,
+}
+
+fn dead_address() -> DeadAddress {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+    let addr = socket.local_addr().expect("address");
+    DeadAddress {
+        _socket: socket,
+        addr,
+    }
 }
 
 fn blocked(proxy: &TestProxy) -> Option<limiter_user::proxy::blocks::ActiveBlock> {
@@ -496,7 +508,8 @@ fn bare_cr_in_a_command_never_reaches_the_backend() {
 
 #[test]
 fn backend_down_at_connect_gets_421() {
-    let proxy = TestProxy::start(&config(dead_address(), ""));
+    let dead = dead_address();
+    let proxy = TestProxy::start(&config(dead.addr, ""));
     let (mut c, greeting) = Smtp::connect(proxy.addr);
     expect(&greeting, "421 4.3.0");
     assert!(c.closed());
@@ -1383,14 +1396,22 @@ fn shutdown_tells_idle_clients_421() {
     // No new sessions once stopping.
     let end = Instant::now() + WAIT;
     loop {
+        // Refused: the connection is refused, or closed or reset without a
+        // greeting. A read that times out is a session still being served
+        // (silently), not a refusal.
         let refused = match TcpStream::connect_timeout(&proxy.addr, Duration::from_secs(1)) {
-            Err(_) => true,
+            Err(e) => e.kind() == ErrorKind::ConnectionRefused,
             Ok(stream) => {
-                stream
-                    .set_read_timeout(Some(Duration::from_millis(500)))
-                    .expect("timeout");
+                stream.set_read_timeout(Some(WAIT)).expect("timeout");
                 let mut byte = [0u8; 1];
-                matches!((&stream).read(&mut byte), Ok(0) | Err(_))
+                match (&stream).read(&mut byte) {
+                    Ok(0) => true,
+                    Ok(_) => false,
+                    Err(e) => matches!(
+                        e.kind(),
+                        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+                    ),
+                }
             }
         };
         if refused {
@@ -1546,20 +1567,22 @@ fn sessions_over_max_sessions_get_421_and_a_freed_slot_serves_again() {
 /// A proxy holding messages for a content scanner that is down, failing
 /// open: every message is held to its end, then delivered with the
 /// "not scanned" header.
-fn holding_proxy(backend: &ScriptedBackend) -> TestProxy {
-    start(
+fn holding_proxy(backend: &ScriptedBackend) -> (TestProxy, DeadAddress) {
+    let scanner = dead_address();
+    let proxy = start(
         backend,
         &format!(
             "[filters]\ntimeout = \"2s\"\non_failure = \"fail-open\"\n\n[filters.clamav]\naddress = \"{}\"\n",
-            dead_address()
+            scanner.addr
         ),
-    )
+    );
+    (proxy, scanner)
 }
 
 #[test]
 fn a_held_message_ends_wherever_the_end_marker_is_split() {
     let backend = ScriptedBackend::start(Behaviour::default());
-    let proxy = holding_proxy(&backend);
+    let (proxy, _scanner) = holding_proxy(&backend);
     let body = b"Subject: split\r\n\r\nline\r\n..stuffed\r\n";
     // Every place the marker (and the CRLF before it) can be cut.
     let tail = b"\r\n.\r\n";
@@ -1590,7 +1613,7 @@ fn a_held_message_ends_wherever_the_end_marker_is_split() {
 fn a_held_message_keeps_its_memory_until_the_backend_has_it() {
     // The backend takes the message and never answers its end.
     let backend = ScriptedBackend::start(Behaviour::failing(".", FailMode::Hang));
-    let proxy = holding_proxy(&backend);
+    let (proxy, _scanner) = holding_proxy(&backend);
     let filters = proxy.ctx.filters.clone().expect("filters configured");
     let mut c = Smtp::session(proxy.addr);
     start_data(&mut c);
