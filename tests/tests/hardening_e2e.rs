@@ -643,6 +643,67 @@ out("AGAIN", reply)
     assert!(!log.contains("a.example"), "{log}");
 }
 
+/// Postfix's cleanup stores a sender whose address is `MAILER-DAEMON`
+/// (any case, quoted or not, behind a source route, or qualified with
+/// `$myorigin`) as the null sender: `from=<>`, exactly like `<>`. Each such
+/// MAIL must count toward `limits.null_sender_rate` too.
+#[test]
+#[ignore = "product bug (issue 11, class 4): MAIL FROM:<MAILER-DAEMON> is stored by Postfix as the null sender but not counted by the proxy"]
+fn mailer_daemon_senders_share_the_null_sender_rate() {
+    if !ready("mailer_daemon_senders_share_the_null_sender_rate") {
+        return;
+    }
+    let rig = Rig::start("[limits]\nnull_sender_rate = \"1/1m\"\n");
+    let spellings = [
+        "MAILER-DAEMON",
+        "mailer-daemon",
+        "\"MAILER-DAEMON\"",
+        "@a.example:MAILER-DAEMON",
+        &format!("MAILER-DAEMON@{}", postfix::HOSTNAME),
+    ];
+    let list = spellings
+        .iter()
+        .map(|r| format!("{r:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // One source and HELO name per spelling: a null sender uses up the
+    // rate (1 a minute), then the spelling must be held back.
+    let lines = python(
+        rig.addr(),
+        &format!(
+            r#"
+for i, sender in enumerate([{list}]):
+    s = session("127.0.0.%d" % (10 + i), "bounces%d.example.org" % i)
+    s.ehlo()
+    s.sendmail("", ["alice@example.com"], MESSAGE)
+    code, msg = s.docmd("MAIL", "FROM:<%s>" % sender)
+    out("SENDER%d" % i, code, msg.decode())
+    if code == 250:
+        s.rcpt("alice@example.com")
+        s.data(MESSAGE)
+    s.quit()
+"#
+        ),
+    );
+    wait_disconnects(&rig.postfix, 1 + spellings.len());
+    let stored_null = log_lines(&rig.log(), "from=<>,").len();
+    let replies: Vec<String> = (0..spellings.len())
+        .map(|i| format!("{}: {}", spellings[i], line(&lines, &format!("SENDER{i}"))))
+        .collect();
+    assert!(
+        replies.iter().all(|r| r.contains(": 450 4.7.1 ")),
+        "spellings Postfix stores as <> were not counted as null senders: {replies:#?}\nPostfix stored {stored_null} messages with from=<>:\n{}",
+        rig.log()
+    );
+    expect_delivered(&rig.postfix, spellings.len());
+    assert_eq!(
+        log_lines(&rig.log(), "from=<>,").len(),
+        spellings.len(),
+        "{}",
+        rig.log()
+    );
+}
+
 // -- 5. HELO spellings ----------------------------------------------------------
 
 #[test]
