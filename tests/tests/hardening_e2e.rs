@@ -1090,11 +1090,15 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        // SAFETY: setns is a plain syscall, async-signal-safe; the
+        // SAFETY: prctl and setns are plain syscalls, async-signal-safe; the
         // descriptor stays open until spawn returns.
         unsafe {
             command.pre_exec(move || {
-                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                // The agent goes when the test process does, even killed
+                // before its `Drop`.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0
+                    || libc::setns(netns_fd, libc::CLONE_NEWNET) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -1211,6 +1215,12 @@ impl NetRig {
     /// `top` goes first in the configuration (e.g. `mode = "observe"`),
     /// `extra` after the fixed tables (`[limits]`, `[lists]`, …).
     fn start(name: &str, tag: &str, top: &str, extra: impl Fn(&Link) -> String) -> NetRig {
+        // Namespaces a killed run of these tests left behind.
+        for prefix in ["hard-srv", "hard-cli"] {
+            if let Err(e) = NetNs::remove_stale(prefix) {
+                eprintln!("removing stale namespaces {prefix}-*: {e:#}");
+            }
+        }
         let server = NetNs::new("hard-srv").expect("server namespace");
         let client = NetNs::new("hard-cli").expect("client namespace");
         let link = link(&server, &client, tag).expect("veth pair");
