@@ -518,7 +518,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             &self.ctx.state,
             self.source(),
             helo.as_deref(),
-            mail.is_null_sender(),
+            mail.counts_as_null_sender(),
             Instant::now(),
         );
         if let MailVerdict::Reject(rejection) = decision.verdict {

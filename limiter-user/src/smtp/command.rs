@@ -529,6 +529,21 @@ impl MailFrom {
         self.sender.is_none()
     }
 
+    /// Whether the backend will treat this sender as the null sender: a
+    /// null sender ([`Self::is_null_sender`]), or `MAILER-DAEMON` in any case
+    /// and quoting, bare or at any domain (Postfix's cleanup stores
+    /// `MAILER-DAEMON` and `MAILER-DAEMON@$myorigin` as `<>`; the proxy does
+    /// not know `$myorigin`, and a bounce address elsewhere is a bounce all
+    /// the same). What the null-sender rate counts.
+    #[must_use]
+    pub fn counts_as_null_sender(&self) -> bool {
+        self.is_null_sender()
+            || self.canonical.as_deref().is_some_and(|address| {
+                let local = address.rsplit_once('@').map_or(address, |(local, _)| local);
+                local.eq_ignore_ascii_case("mailer-daemon")
+            })
+    }
+
     /// The domain of the canonical sender, if it has one.
     #[must_use]
     pub fn domain(&self) -> Option<&str> {
@@ -1995,6 +2010,25 @@ mod tests {
                     "{args:?}"
                 );
             }
+        }
+        // Postfix's cleanup also stores MAILER-DAEMON (bare or at
+        // $myorigin) as `<>`: not null on the wire, but counted as null.
+        for args in [
+            "FROM:<MAILER-DAEMON>",
+            "FROM:<mailer-daemon>",
+            "FROM:<\"MAILER-DAEMON\">",
+            "FROM:<@a.example:MAILER-DAEMON>",
+            "FROM:<Mailer-Daemon@mx.example.test>",
+        ] {
+            let m = parse_mail_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert!(!m.is_null_sender() && m.counts_as_null_sender(), "{args:?}");
+        }
+        for args in [
+            "FROM:<daemon@example.com>",
+            "FROM:<mailer-daemon.x@example.com>",
+        ] {
+            let m = parse_mail_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert!(!m.counts_as_null_sender(), "{args:?}");
         }
         // The recipient side: Postfix refuses an empty recipient; so does
         // the proxy, in every spelling.
