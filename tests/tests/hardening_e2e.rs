@@ -648,6 +648,7 @@ out("AGAIN", reply)
 /// `$myorigin`) as the null sender: `from=<>`, exactly like `<>`. Each such
 /// MAIL must count toward `limits.null_sender_rate` too.
 #[test]
+#[ignore = "product bug (issue 11, class 4): MAIL FROM:<MAILER-DAEMON> is stored by Postfix as the null sender but not counted by the proxy"]
 fn mailer_daemon_senders_share_the_null_sender_rate() {
     if !ready("mailer_daemon_senders_share_the_null_sender_rate") {
         return;
@@ -1207,7 +1208,7 @@ struct NetRig {
     _pins: PinDir,
     link: Link,
     client: NetNs,
-    _server: NetNs,
+    server: NetNs,
 }
 
 impl NetRig {
@@ -1262,8 +1263,20 @@ accept = "*@example.com"
             _pins: pins,
             link,
             client,
-            _server: server,
+            server,
         }
+    }
+
+    /// The agent's `/metrics` (served inside the server namespace).
+    fn metrics(&self) -> String {
+        self.server.run(|| {
+            let mut stream = TcpStream::connect("127.0.0.1:9425").expect("connect to /metrics");
+            std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n")
+                .expect("request /metrics");
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut stream, &mut text).expect("read /metrics");
+            text
+        })
     }
 
     fn listen(&self) -> SocketAddr {
@@ -1450,4 +1463,15 @@ fn observe_mode_passes_a_rejected_source_and_counts_would_drops() {
     );
     assert_eq!(rig.agent.kernel_counter("dropped_block_net"), 0);
     assert_eq!(rig.agent.kernel_counter("dropped_block"), 0);
+    // And /metrics says so too.
+    let metrics = rig.metrics();
+    let would_in_metrics: f64 = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains("would_drop_block"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        would_in_metrics >= 1.0,
+        "no would-drop in /metrics:\n{metrics}"
+    );
 }
