@@ -648,7 +648,6 @@ out("AGAIN", reply)
 /// `$myorigin`) as the null sender: `from=<>`, exactly like `<>`. Each such
 /// MAIL must count toward `limits.null_sender_rate` too.
 #[test]
-#[ignore = "product bug (issue 11, class 4): MAIL FROM:<MAILER-DAEMON> is stored by Postfix as the null sender but not counted by the proxy"]
 fn mailer_daemon_senders_share_the_null_sender_rate() {
     if !ready("mailer_daemon_senders_share_the_null_sender_rate") {
         return;
