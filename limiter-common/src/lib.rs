@@ -246,8 +246,9 @@ pub mod reason {
 }
 
 /// What the kernel programs enforce; one entry in the `CONFIG` array, written
-/// by the agent at start and whenever a limit changes. All zero (the state
-/// before the agent writes it) protects no port: the programs pass everything.
+/// by the agent at start and whenever a limit or the mode changes. All zero
+/// (the state before the agent writes it) protects no port: the programs pass
+/// everything. Every integer is in host byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
@@ -260,6 +261,13 @@ pub struct Config {
     pub events_per_second: u32,
     /// How many entries of `ports` are in use.
     pub port_count: u32,
+    /// 1 = observe (`mode = "observe"`): every decision is taken and counted
+    /// (`Stats::would_drop_*`, drop events marked observed) but every packet
+    /// passes and no block's `drops` counts up; 0 = enforce. Any other value
+    /// is read as observe.
+    pub observe: u32,
+    /// Reserved, zero: keeps `netns_cookie` 8-aligned without implicit padding.
+    pub reserved: u32,
     /// Protected TCP destination ports, host byte order.
     pub ports: [u16; MAX_PORTS],
     /// Network namespace whose connections are counted (socket cookie of the
@@ -268,6 +276,12 @@ pub struct Config {
 }
 
 impl Config {
+    /// Whether the programs only count what they would drop.
+    #[inline(always)]
+    pub const fn observes(&self) -> bool {
+        self.observe != 0
+    }
+
     /// Whether `port` (host byte order) is protected.
     #[inline(always)]
     pub fn protects(&self, port: u16) -> bool {
@@ -360,7 +374,7 @@ pub mod drop_reason {
     }
 }
 
-/// One dropped packet, sent to the agent through `EVENTS` (rate-limited).
+/// One dropped (or, in observe mode, would-be dropped) packet, sent to the agent through `EVENTS` (rate-limited).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DropEvent {
@@ -374,8 +388,9 @@ pub struct DropEvent {
     pub port: u16,
     /// 1 when the packet was a SYN without ACK (a new connection).
     pub syn: u8,
-    /// Reserved, zero.
-    pub reserved: u8,
+    /// 1 when the packet was not dropped, only counted: the programs run in
+    /// observe mode ([`Config::observe`]). 0 = dropped.
+    pub observed: u8,
 }
 
 /// Per-CPU state of the drop-event rate limiter (`EVENT_BUDGET`).
@@ -390,7 +405,14 @@ pub struct EventBudget {
 
 /// Counters of every decision (`STATS`, per CPU; the agent sums the CPUs).
 /// Each field has a single writer kind (packet path or socket path), so
-/// per-CPU increments need no atomics.
+/// per-CPU increments need no atomics on the packet path.
+///
+/// A TCP packet to a protected port is `seen` and then counted in exactly
+/// one of `passed`, `allowed`, `dropped_*` or (observe mode) `would_drop_*`.
+/// A packet the parser cannot judge (`fragments`, `malformed`, non-TCP in
+/// `ignored`) whose source address is readable and blocked is also counted
+/// in `dropped_block`/`dropped_block_net` (or `would_drop_*`): those are
+/// dropped whatever their port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -406,14 +428,27 @@ pub struct Stats {
     pub dropped_block_net: u64,
     /// New connections dropped because the source holds its cap.
     pub dropped_cap: u64,
+    /// Observe mode: packets that `dropped_block` would have counted
+    /// (passed).
+    pub would_drop_block: u64,
+    /// Observe mode: packets that `dropped_block_net` would have counted
+    /// (passed).
+    pub would_drop_block_net: u64,
+    /// Observe mode: new connections that `dropped_cap` would have counted
+    /// (passed).
+    pub would_drop_cap: u64,
     /// Packets from a source whose block had expired (passed).
     pub expired_block: u64,
-    /// Packets not for a protected TCP port (passed, not inspected).
+    /// Packets not for a protected TCP port, or not TCP at all (passed, not
+    /// inspected; non-TCP ones from a blocked source are dropped, except
+    /// ICMP errors and IPv6 neighbour discovery).
     pub ignored: u64,
-    /// Non-first IP fragments (passed: no ports to inspect; the first
-    /// fragment, which carries the TCP header, is the one judged).
+    /// Non-first IP fragments: no ports to inspect (the first fragment,
+    /// which carries the TCP header, is the one judged). Passed, unless the
+    /// source is blocked.
     pub fragments: u64,
-    /// Packets whose headers were truncated or invalid (passed).
+    /// Packets whose headers were truncated or invalid. Passed, unless the
+    /// source address was readable and is blocked.
     pub malformed: u64,
     /// Drop events written to `EVENTS`.
     pub events_sent: u64,
@@ -456,6 +491,9 @@ stats_methods!(
     dropped_block,
     dropped_block_net,
     dropped_cap,
+    would_drop_block,
+    would_drop_block_net,
+    would_drop_cap,
     expired_block,
     ignored,
     fragments,
@@ -494,7 +532,8 @@ mod tests {
     #[test]
     fn sizes_have_no_implicit_padding() {
         assert_eq!(size_of::<Addr>(), 16);
-        assert_eq!(size_of::<Config>(), 4 * 4 + 2 * MAX_PORTS + 8);
+        assert_eq!(size_of::<Config>(), 6 * 4 + 2 * MAX_PORTS + 8);
+        assert_eq!(core::mem::offset_of!(Config, netns_cookie) % 8, 0);
         assert_eq!(size_of::<Block>(), 8 + 8 + 4 + 4);
         assert_eq!(size_of::<Cap>(), 4);
         assert_eq!(size_of::<ConnCount>(), 4);
@@ -584,6 +623,25 @@ mod tests {
         assert_eq!(k[7..], [0; 9]);
         assert_eq!(a.masked(128), a);
         assert_eq!(a.masked(0), Addr::default());
+    }
+
+    #[test]
+    fn config_zero_enforces_and_any_nonzero_observes() {
+        let mut c = Config::default();
+        assert!(!c.observes());
+        c.observe = 1;
+        assert!(c.observes());
+        c.observe = 7;
+        assert!(c.observes(), "a value from a newer agent still observes");
+    }
+
+    #[test]
+    fn would_drop_counters_follow_the_drop_counters() {
+        let names: [&str; Stats::COUNT] = Stats::default().fields().map(|(name, _)| name);
+        let at = |name| names.iter().position(|n| *n == name).unwrap();
+        assert_eq!(at("would_drop_block"), at("dropped_cap") + 1);
+        assert_eq!(at("would_drop_block_net"), at("dropped_cap") + 2);
+        assert_eq!(at("would_drop_cap"), at("dropped_cap") + 3);
     }
 
     #[test]

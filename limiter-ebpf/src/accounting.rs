@@ -6,7 +6,15 @@
 //! key's count goes up; the state callback is switched on for the socket, and
 //! when the socket reaches CLOSE (FIN, RST, timeout, killed owner: every end
 //! passes through it) the remembered key goes down. Only counted sockets are
-//! ever decremented, so a count can neither drift nor go negative.
+//! ever decremented.
+//!
+//! Counts never wrap: every change is a compare-and-swap that refuses to go
+//! below 0 or above `u32::MAX` (a close that finds its count already at 0,
+//! e.g. after the entry was removed and created again, leaves it at 0; an
+//! open that finds `u32::MAX` is not counted, so its close takes nothing
+//! away). A plain atomic add could not: a decrement racing with the removal
+//! of an idle entry and its re-creation by another CPU would turn 0 into
+//! 4 294 967 295 and cap the source for good.
 
 use core::ptr::read_volatile;
 
@@ -25,6 +33,10 @@ use crate::datapath::{atomic_add, CONFIG, CONN_COUNT, CONN_SOCKS, STATS};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
+/// Compare-and-swap attempts per count change. Each failed attempt means
+/// another CPU changed the same count in between; this many in a row does
+/// not happen outside a benchmark, and the loop must be bounded.
+const CAS_TRIES: u32 = 16;
 
 #[sock_ops]
 pub fn limiter_sock_ops(ctx: SockOpsContext) -> u32 {
@@ -86,11 +98,14 @@ fn count_closed(ctx: &SockOpsContext) {
     if let Some(count) = CONN_COUNT.get_ptr_mut(source_key) {
         // SAFETY: pointer to a live map value; other CPUs update it too.
         let connections = unsafe { &raw mut (*count).connections };
-        unsafe { atomic_add(connections, u32::MAX) }; // −1, wrapping
-                                                      // An idle source leaves the table. An increment racing between the
-                                                      // read and the delete is lost (the count then reads one low until
-                                                      // that connection closes): the price of not locking the hot path.
-        if unsafe { connections.read_volatile() } == 0 {
+        // An idle source leaves the table: the close that brought the count
+        // to 0 removes it, as does one that found it at 0 (reset under the
+        // connection). An increment racing between that and the removal is
+        // lost (the count then reads one low until that connection closes,
+        // and that close stops at 0): the price of not locking. A close
+        // whose every compare-and-swap lost leaves the count one high.
+        let left = unsafe { change(connections, Step::Down) };
+        if left == Some(0) || (left.is_none() && unsafe { connections.read_volatile() } == 0) {
             let _ = CONN_COUNT.remove(source_key);
         }
     }
@@ -124,14 +139,72 @@ fn remote_address(ctx: &SockOpsContext) -> Option<Addr> {
     }
 }
 
-/// Adds one connection to `source_key`; false if the table is full.
+/// A count change.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Up,
+    Down,
+}
+
+/// Adds or takes one from `*target`, unless that would go past `u32::MAX`
+/// or below 0; returns the new value, or `None` if nothing changed (at the
+/// limit, or `CAS_TRIES` attempts all lost to other CPUs).
+///
+/// # Safety
+/// `target` must point into a map value.
+#[inline(always)]
+unsafe fn change(target: *mut u32, step: Step) -> Option<u32> {
+    // SAFETY: the caller's pointer; a plain read of a u32 cannot tear.
+    let mut current = unsafe { target.read_volatile() };
+    for _ in 0..CAS_TRIES {
+        let next = match step {
+            Step::Up => current.checked_add(1)?,
+            Step::Down => current.checked_sub(1)?,
+        };
+        // SAFETY: as above.
+        let seen = unsafe { cmpxchg32(target, current, next) };
+        let swapped = seen == current;
+        if swapped {
+            return Some(next);
+        }
+        current = seen;
+    }
+    None
+}
+
+/// `BPF_CMPXCHG` on a 32-bit map value (Linux ≥ 5.12): if `*target` is
+/// `expected`, stores `new`; returns what `*target` held. Written out
+/// because LLVM selects the 32-bit compare-and-swap only for `alu32` CPUs
+/// and this object is built for the generic one; the instruction itself
+/// needs no more than the 64-bit registers that hold its operands (the
+/// kernel zero-extends the result into r0).
+///
+/// # Safety
+/// `target` must point into a map value.
+#[inline(always)]
+unsafe fn cmpxchg32(target: *mut u32, expected: u32, new: u32) -> u32 {
+    let mut seen = u64::from(expected);
+    // SAFETY: one atomic instruction on the caller's map value.
+    unsafe {
+        core::arch::asm!(
+            "w0 = cmpxchg32_32({target} + 0, w0, w2)",
+            target = in(reg) target,
+            in("r2") u64::from(new),
+            inout("r0") seen,
+            options(nostack),
+        )
+    };
+    seen as u32
+}
+
+/// Adds one connection to `source_key`; false if the table is full or the
+/// count is at `u32::MAX` (the connection is then not counted at all).
 #[inline(always)]
 fn increment(source_key: &Addr) -> bool {
     for _ in 0..2 {
         if let Some(count) = CONN_COUNT.get_ptr_mut(source_key) {
             // SAFETY: pointer to a live map value; other CPUs update it too.
-            unsafe { atomic_add(&raw mut (*count).connections, 1u32) };
-            return true;
+            return unsafe { change(&raw mut (*count).connections, Step::Up) }.is_some();
         }
         let first = ConnCount { connections: 1 };
         if CONN_COUNT

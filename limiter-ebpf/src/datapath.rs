@@ -1,6 +1,6 @@
 //! The maps, and the XDP and TC programs with the decision they share.
 
-use crate::packet::{self, Skip, TcpHeaders};
+use crate::packet::{self, Packet, Skip, Tcp};
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
@@ -75,7 +75,8 @@ enum Verdict {
 
 #[xdp]
 pub fn limiter_xdp(ctx: XdpContext) -> u32 {
-    // A limiter fails open: whatever it cannot judge, it passes.
+    // A limiter fails open: whatever it cannot judge, it passes; except
+    // that a blocked source's packets are dropped once its address is read.
     match try_limiter_xdp(&ctx) {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
@@ -100,8 +101,15 @@ fn try_limiter_tc(ctx: &TcContext) -> Verdict {
     let mut parsed = packet::parse(ctx.data(), ctx.data_end());
     // Headers of a non-linear skb may sit outside the directly readable part:
     // pull them in once and look again.
-    if matches!(parsed, Err(Skip::Truncated)) && (ctx.data_end() - ctx.data()) < ctx.len() as usize
-    {
+    let truncated = matches!(
+        parsed,
+        Err(Skip::Truncated)
+            | Ok(Packet {
+                unreadable: Some(Skip::Truncated),
+                ..
+            })
+    );
+    if truncated && (ctx.data_end() - ctx.data()) < ctx.len() as usize {
         let len = if ctx.len() < TC_PULL_LEN {
             ctx.len()
         } else {
@@ -115,25 +123,32 @@ fn try_limiter_tc(ctx: &TcContext) -> Verdict {
 }
 
 /// The decision shared by XDP and TC.
+///
+/// A TCP packet to a protected port: allow-listed → pass; blocked address or
+/// network → drop; a new connection at its cap → drop; else pass. A packet
+/// whose source is known but whose TCP header cannot be judged (a later
+/// fragment, a truncated or invalid header, an IPv6 chain longer than the
+/// parser walks, not TCP) → dropped if the source is blocked (and not
+/// allow-listed), whatever its port: a blocked source gains nothing by
+/// mangling its packets. ICMP errors and IPv6 neighbour discovery are the
+/// network's plumbing and always pass. Everything else passes. In observe mode every drop
+/// is counted in `would_drop_*` and the packet passes.
 #[inline(always)]
-fn judge(parsed: Result<TcpHeaders, Skip>) -> Verdict {
+fn judge(parsed: Result<Packet, Skip>) -> Verdict {
     let Some(stats) = STATS.get_ptr_mut(0) else {
         return Verdict::Pass;
     };
     // SAFETY: per-CPU slot; packet programs on one CPU do not nest, and the
     // socket path writes other fields.
     let stats = unsafe { &mut *stats };
-    let headers = match parsed {
-        Ok(headers) => headers,
+    let packet = match parsed {
+        Ok(packet) => packet,
+        // Not IP, or the IP header is cut short: no source to judge.
         Err(Skip::NotTcp) => {
             stats.ignored += 1;
             return Verdict::Pass;
         }
-        Err(Skip::Fragment) => {
-            stats.fragments += 1;
-            return Verdict::Pass;
-        }
-        Err(Skip::Truncated | Skip::Malformed) => {
+        Err(_) => {
             stats.malformed += 1;
             return Verdict::Pass;
         }
@@ -141,7 +156,20 @@ fn judge(parsed: Result<TcpHeaders, Skip>) -> Verdict {
     let Some(config) = CONFIG.get(0) else {
         return Verdict::Pass;
     };
-    if !config.protects(headers.dst_port) {
+    if let Some(skip) = packet.unreadable {
+        match skip {
+            Skip::Control => {
+                stats.ignored += 1;
+                return Verdict::Pass;
+            }
+            Skip::NotTcp => stats.ignored += 1,
+            Skip::Fragment => stats.fragments += 1,
+            Skip::Truncated | Skip::Malformed => stats.malformed += 1,
+        }
+        return judge_source_only(config, stats, &packet.source, &packet.tcp);
+    }
+    let tcp = packet.tcp;
+    if !config.protects(tcp.dst_port) {
         stats.ignored += 1;
         return Verdict::Pass;
     }
@@ -149,18 +177,23 @@ fn judge(parsed: Result<TcpHeaders, Skip>) -> Verdict {
 
     let host = HostKey {
         prefix_len: HOST_PREFIX,
-        addr: headers.source,
+        addr: packet.source,
     };
-    let slash16 = headers.source.ipv4_slash16();
+    let slash16 = packet.source.ipv4_slash16();
     if may_match(hint::ALLOW, slash16) && lookup_mut::<_, HostKey, Allow>(&ALLOW, &host).is_some() {
         stats.allowed += 1;
         return Verdict::Pass;
     }
     if let Some(block) = BLOCK.get_ptr_mut(&host.addr) {
-        if enforce_block(block, stats) {
-            stats.dropped_block += 1;
-            report(config, stats, &headers, drop_reason::BLOCK);
-            return Verdict::Drop;
+        if block_holds(block, stats) {
+            return refuse(
+                config,
+                stats,
+                Some(block),
+                &packet.source,
+                &tcp,
+                drop_reason::BLOCK,
+            );
         }
     }
     let net_block = if may_match(hint::BLOCK_NET, slash16) {
@@ -169,19 +202,98 @@ fn judge(parsed: Result<TcpHeaders, Skip>) -> Verdict {
         None
     };
     if let Some(block) = net_block {
-        if enforce_block(block, stats) {
-            stats.dropped_block_net += 1;
-            report(config, stats, &headers, drop_reason::BLOCK_NET);
-            return Verdict::Drop;
+        if block_holds(block, stats) {
+            return refuse(
+                config,
+                stats,
+                Some(block),
+                &packet.source,
+                &tcp,
+                drop_reason::BLOCK_NET,
+            );
         }
     }
-    if headers.new_connection && at_cap(config, &host, slash16) {
-        stats.dropped_cap += 1;
-        report(config, stats, &headers, drop_reason::CAP);
-        return Verdict::Drop;
+    if tcp.new_connection && at_cap(config, &host, slash16) {
+        return refuse(config, stats, None, &packet.source, &tcp, drop_reason::CAP);
     }
     stats.passed += 1;
     Verdict::Pass
+}
+
+/// A packet known only by its source: dropped if the source is blocked and
+/// not allow-listed. The allow list is looked up only for a blocked source,
+/// so that the usual case (an unblocked source's UDP, ICMP or fragment)
+/// costs one hash miss and, for IPv4, a prefilter bit.
+#[inline(always)]
+fn judge_source_only(config: &Config, stats: &mut Stats, source: &Addr, tcp: &Tcp) -> Verdict {
+    // No protected port yet (the agent has not written CONFIG): pass all.
+    if config.port_count == 0 {
+        return Verdict::Pass;
+    }
+    let host = HostKey {
+        prefix_len: HOST_PREFIX,
+        addr: *source,
+    };
+    let slash16 = source.ipv4_slash16();
+    let mut hit = None;
+    if let Some(block) = BLOCK.get_ptr_mut(&host.addr) {
+        if block_holds(block, stats) {
+            hit = Some((block, drop_reason::BLOCK));
+        }
+    }
+    if hit.is_none() && may_match(hint::BLOCK_NET, slash16) {
+        if let Some(block) = lookup_mut::<_, HostKey, Block>(&BLOCK_NET, &host) {
+            if block_holds(block, stats) {
+                hit = Some((block, drop_reason::BLOCK_NET));
+            }
+        }
+    }
+    let Some((block, reason)) = hit else {
+        return Verdict::Pass;
+    };
+    if may_match(hint::ALLOW, slash16) && lookup_mut::<_, HostKey, Allow>(&ALLOW, &host).is_some() {
+        stats.allowed += 1;
+        return Verdict::Pass;
+    }
+    // `tcp` is all zero: the event reports port 0.
+    refuse(config, stats, Some(block), source, tcp, reason)
+}
+
+/// Drops the packet for `reason` (one of [`drop_reason`]), or in observe
+/// mode only counts that it would have: the counter, the block entry's
+/// `drops` (enforce only) and the event.
+#[inline(always)]
+fn refuse(
+    config: &Config,
+    stats: &mut Stats,
+    block: Option<*mut Block>,
+    source: &Addr,
+    tcp: &Tcp,
+    reason: u32,
+) -> Verdict {
+    let observe = config.observes();
+    let counter = match (reason, observe) {
+        (drop_reason::BLOCK, false) => &mut stats.dropped_block,
+        (drop_reason::BLOCK, true) => &mut stats.would_drop_block,
+        (drop_reason::BLOCK_NET, false) => &mut stats.dropped_block_net,
+        (drop_reason::BLOCK_NET, true) => &mut stats.would_drop_block_net,
+        (_, false) => &mut stats.dropped_cap,
+        (_, true) => &mut stats.would_drop_cap,
+    };
+    *counter += 1;
+    if !observe {
+        if let Some(block) = block {
+            // SAFETY: a pointer into a map value returned by a lookup just
+            // before; the counter is shared by all CPUs, hence atomic.
+            unsafe { atomic_add(&raw mut (*block).drops, 1u64) };
+        }
+    }
+    report(config, stats, source, tcp, reason, observe);
+    if observe {
+        Verdict::Pass
+    } else {
+        Verdict::Drop
+    }
 }
 
 /// Whether the trie behind hint bitmap `map` may hold an entry covering an
@@ -198,9 +310,9 @@ fn may_match(map: u32, slash16: Option<u16>) -> bool {
     NET_HINTS.get(index).is_none_or(|word| word & bit != 0)
 }
 
-/// Whether the block entry still holds; counts the drop on the entry if so.
+/// Whether the block entry still holds (counts it in `expired_block` if not).
 #[inline(always)]
-fn enforce_block(block: *mut Block, stats: &mut Stats) -> bool {
+fn block_holds(block: *mut Block, stats: &mut Stats) -> bool {
     // SAFETY: a pointer into a map value returned by the lookup just before.
     let expires = unsafe { (*block).expires_mono_ns };
     // A block ending a tick or two late does not matter.
@@ -208,8 +320,6 @@ fn enforce_block(block: *mut Block, stats: &mut Stats) -> bool {
         stats.expired_block += 1;
         return false;
     }
-    // SAFETY: as above; the counter is shared by all CPUs, hence atomic.
-    unsafe { atomic_add(&raw mut (*block).drops, 1u64) };
     true
 }
 
@@ -285,9 +395,17 @@ fn at_cap(config: &Config, host: &HostKey, slash16: Option<u16>) -> bool {
     cap != 0 && count.connections >= cap
 }
 
-/// Sends a drop event, at most `events_per_second` per CPU.
+/// Sends a drop event (marked `observed` in observe mode), at most
+/// `events_per_second` per CPU.
 #[inline(always)]
-fn report(config: &Config, stats: &mut Stats, headers: &TcpHeaders, reason: u32) {
+fn report(
+    config: &Config,
+    stats: &mut Stats,
+    source: &Addr,
+    tcp: &Tcp,
+    reason: u32,
+    observed: bool,
+) {
     if config.events_per_second == 0 {
         stats.events_suppressed += 1;
         return;
@@ -308,11 +426,11 @@ fn report(config: &Config, stats: &mut Stats, headers: &TcpHeaders, reason: u32)
     }
     let event = DropEvent {
         mono_ns: now,
-        source: headers.source,
+        source: *source,
         reason,
-        port: headers.dst_port,
-        syn: headers.new_connection as u8,
-        reserved: 0,
+        port: tcp.dst_port,
+        syn: tcp.new_connection as u8,
+        observed: observed as u8,
     };
     match EVENTS.output(&event, 0) {
         Ok(()) => {

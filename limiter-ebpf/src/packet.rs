@@ -1,6 +1,12 @@
 //! Header parsing: Ethernet (up to two VLAN tags), IPv4 (any IHL), IPv6 (with
 //! extension headers), TCP. Every read is inside a [`window`], which checks
 //! the bounds the verifier wants to see.
+//!
+//! Parsing stops in two places: before the source address is known (not IP,
+//! or the IP header is cut short: nothing can be judged) and after it (the
+//! rest cannot be read: a later fragment, a bad header, a chain longer than
+//! the parser walks, not TCP). The second kind still carries the source, so
+//! that a blocked source is dropped whatever its packets look like.
 
 use core::arch::asm;
 
@@ -15,7 +21,9 @@ const VLAN_HDR_LEN: usize = 4;
 const MAX_VLAN_TAGS: usize = 2;
 
 const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_ROUTING: u8 = 43;
 const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_AH: u8 = 51;
@@ -32,19 +40,39 @@ const TCP_MIN_HDR_LEN: usize = 20;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 
-/// What the limiter needs from a TCP packet.
-pub struct TcpHeaders {
+/// An IP packet whose source address could be read.
+pub struct Packet {
     pub source: Addr,
+    /// Its TCP header; all zero when `unreadable` says why there is none.
+    pub tcp: Tcp,
+    /// Why the TCP header could not be judged; `None` = it was read.
+    ///
+    /// Not a `Result<Tcp, Skip>`: the payload of its error variant is
+    /// undefined, and LLVM then packs whatever register it likes (a packet
+    /// pointer, once) into it with shifts, which the verifier refuses.
+    pub unreadable: Option<Skip>,
+}
+
+/// What the limiter needs from a TCP header.
+pub struct Tcp {
     /// Destination port, host byte order.
     pub dst_port: u16,
     /// SYN without ACK: a new connection.
     pub new_connection: bool,
 }
 
-/// Why a packet has no [`TcpHeaders`].
+/// Why a packet has no source address ([`parse`]'s error) or no [`Tcp`]
+/// header ([`Packet::tcp`]).
 pub enum Skip {
-    /// Not IPv4/IPv6 TCP.
+    /// Not IPv4/IPv6 (no source), or not TCP (with a source).
     NotTcp,
+    /// The network's own plumbing, never judged: ICMP errors (about
+    /// traffic this host sent: unreachable, fragmentation needed / packet
+    /// too big, time exceeded, parameter problem) and IPv6 neighbour
+    /// discovery. Dropping these for a blocked source would break the
+    /// host's own traffic through a blocked router, or the whole link when
+    /// a block covers a neighbour (or is `::/0`).
+    Control,
     /// A non-first IP fragment: no TCP header to read.
     Fragment,
     /// The headers end past the data available.
@@ -124,9 +152,10 @@ fn load_be16(start: usize, end: usize, offset: usize) -> Result<u16, Skip> {
     Ok(u16::from_be(unsafe { read_u16::<0>(at) }))
 }
 
-/// Parses the packet between `start` and `end` down to its TCP header.
+/// Parses the packet between `start` and `end` down to its TCP header. An
+/// error means the source address could not be read.
 #[inline(always)]
-pub fn parse(start: usize, end: usize) -> Result<TcpHeaders, Skip> {
+pub fn parse(start: usize, end: usize) -> Result<Packet, Skip> {
     let mut ether_type = load_be16(start, end, 12)?;
     let mut offset = ETH_HDR_LEN;
     for _ in 0..MAX_VLAN_TAGS {
@@ -141,48 +170,84 @@ pub fn parse(start: usize, end: usize) -> Result<TcpHeaders, Skip> {
         ETH_P_IPV6 => parse_ipv6(start, end, offset)?,
         _ => return Err(Skip::NotTcp),
     };
-    let tcp = window(start, end, l4_offset, TCP_MIN_HDR_LEN)?;
+    let (tcp, unreadable) = match l4_offset.and_then(|l4_offset| parse_tcp(start, end, l4_offset)) {
+        Ok(tcp) => (tcp, None),
+        Err(skip) => (
+            Tcp {
+                dst_port: 0,
+                new_connection: false,
+            },
+            Some(skip),
+        ),
+    };
+    Ok(Packet {
+        source,
+        tcp,
+        unreadable,
+    })
+}
+
+/// The TCP header at `offset`.
+#[inline(always)]
+fn parse_tcp(start: usize, end: usize, offset: usize) -> Result<Tcp, Skip> {
+    let tcp = window(start, end, offset, TCP_MIN_HDR_LEN)?;
     // SAFETY: inside the checked window.
     let dst_port = u16::from_be(unsafe { read_u16::<2>(tcp) });
     // Data offset and flags; the flags are the second byte.
     let flags = unsafe { read_u16::<12>(tcp) }.to_ne_bytes()[1];
-    Ok(TcpHeaders {
-        source,
+    Ok(Tcp {
         dst_port,
         new_connection: flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN,
     })
 }
 
-/// Returns the source and the offset of the TCP header.
+/// Returns the source and the offset of the TCP header (or why there is
+/// none); an error if the source cannot be read.
 #[inline(always)]
-fn parse_ipv4(start: usize, end: usize, offset: usize) -> Result<(Addr, usize), Skip> {
+fn parse_ipv4(
+    start: usize,
+    end: usize,
+    offset: usize,
+) -> Result<(Addr, Result<usize, Skip>), Skip> {
     let ip = window(start, end, offset, IPV4_MIN_HDR_LEN)?;
     // SAFETY (every read below): inside the checked window.
     let version_ihl = unsafe { read_u8::<0>(ip) };
+    let fragment = u16::from_be(unsafe { read_u16::<6>(ip) });
+    let protocol = unsafe { read_u8::<9>(ip) };
+    let source = Addr::from_ipv4_word(unsafe { read_u32::<12>(ip) });
     let ihl = (version_ihl & 0x0f) as usize;
-    if version_ihl >> 4 != 4 || ihl < 5 {
-        return Err(Skip::Malformed);
-    }
-    // A first fragment (offset 0, more-fragments set) carries the TCP header
-    // and is judged like any packet; later ones cannot be, and reassembly
-    // discards them anyway when the first one was dropped.
-    if u16::from_be(unsafe { read_u16::<6>(ip) }) & 0x1fff != 0 {
-        return Err(Skip::Fragment);
-    }
-    if unsafe { read_u8::<9>(ip) } != IPPROTO_TCP {
-        return Err(Skip::NotTcp);
-    }
-    let saddr = unsafe { read_u32::<12>(ip) };
-    Ok((Addr::from_ipv4_word(saddr), offset + ihl * 4))
+    let l4 = if version_ihl >> 4 != 4 || ihl < 5 {
+        Err(Skip::Malformed)
+    } else if fragment & 0x1fff != 0 {
+        // A first fragment (offset 0, more-fragments set) carries the TCP
+        // header and is judged like any packet; later ones cannot be, and
+        // reassembly discards them anyway when the first one was dropped.
+        Err(Skip::Fragment)
+    } else if protocol == IPPROTO_TCP {
+        Ok(offset + ihl * 4)
+    } else if protocol == IPPROTO_ICMP {
+        // Destination unreachable, time exceeded, parameter problem.
+        Err(icmp_kind(start, end, offset + ihl * 4, |t| {
+            t == 3 || t == 11 || t == 12
+        }))
+    } else {
+        Err(Skip::NotTcp)
+    };
+    Ok((source, l4))
 }
 
-/// Returns the source and the offset of the TCP header, following extension
-/// headers.
+/// Returns the source and the offset of the TCP header (or why there is
+/// none), following extension headers; an error if the source cannot be
+/// read.
 #[inline(always)]
-fn parse_ipv6(start: usize, end: usize, offset: usize) -> Result<(Addr, usize), Skip> {
+fn parse_ipv6(
+    start: usize,
+    end: usize,
+    offset: usize,
+) -> Result<(Addr, Result<usize, Skip>), Skip> {
     let ip = window(start, end, offset, IPV6_HDR_LEN)?;
     // SAFETY: inside the checked window.
-    let (mut next_header, words) = unsafe {
+    let (next_header, words) = unsafe {
         (
             read_u8::<6>(ip),
             [
@@ -193,10 +258,39 @@ fn parse_ipv6(start: usize, end: usize, offset: usize) -> Result<(Addr, usize), 
             ],
         )
     };
-    let mut offset = offset + IPV6_HDR_LEN;
+    Ok((
+        Addr { words },
+        ipv6_l4_offset(start, end, offset + IPV6_HDR_LEN, next_header),
+    ))
+}
+
+/// What an ICMP (or ICMPv6) message at `offset` is: [`Skip::Control`] if
+/// `control` says so of its type, else [`Skip::NotTcp`].
+#[inline(always)]
+fn icmp_kind(start: usize, end: usize, offset: usize, control: impl Fn(u8) -> bool) -> Skip {
+    // Type and code read at once (see the extension headers below).
+    match load_be16(start, end, offset) {
+        Ok(type_code) if control(type_code.to_be_bytes()[0]) => Skip::Control,
+        Ok(_) => Skip::NotTcp,
+        Err(skip) => skip,
+    }
+}
+
+/// Follows the extension headers from `offset` (where a header of type
+/// `next_header` starts) to the TCP header; returns its offset.
+#[inline(always)]
+fn ipv6_l4_offset(start: usize, end: usize, offset: usize, next_header: u8) -> Result<usize, Skip> {
+    let (mut offset, mut next_header) = (offset, next_header);
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         if next_header == IPPROTO_TCP {
-            return Ok((Addr { words }, offset));
+            return Ok(offset);
+        }
+        if next_header == IPPROTO_ICMPV6 {
+            // Errors are types 1..=127; router and neighbour solicitation
+            // and advertisement, and redirect, 133..=137.
+            return Err(icmp_kind(start, end, offset, |t| {
+                t < 128 || (133..=137).contains(&t)
+            }));
         }
         // Every extension header starts with its next header and its length.
         // Two bytes read at once: for a one-byte read at a variable offset
@@ -221,7 +315,7 @@ fn parse_ipv6(start: usize, end: usize, offset: usize) -> Result<(Addr, usize), 
         }
     }
     if next_header == IPPROTO_TCP {
-        Ok((Addr { words }, offset))
+        Ok(offset)
     } else {
         Err(Skip::Malformed)
     }

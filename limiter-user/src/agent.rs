@@ -45,6 +45,7 @@ pub fn kernel_limits(config: &Config) -> KernelLimits {
         ipv6_prefix_len: config.limits.ipv6_prefix,
         ports: config.kernel.ports.clone(),
         events_per_second: config.kernel.events_per_second,
+        observe: config.mode == crate::config::Mode::Observe,
     }
 }
 
@@ -302,7 +303,7 @@ pub async fn run(
                         port = event.port,
                         reason = drop_reason::name(event.reason),
                         syn = event.syn,
-                        action = "drop",
+                        action = if event.observed { "observe" } else { "drop" },
                         "kernel dropped a packet"
                     );
                 },

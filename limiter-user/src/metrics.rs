@@ -32,7 +32,7 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
                 &mut out,
                 "kernel_events_total",
                 "counter",
-                "Kernel decisions and events, by counter (STATS map).",
+                "Kernel decisions and events, by counter (STATS map; would_drop_* are what observe mode passed instead of dropping).",
                 &samples,
             );
             metric(

@@ -83,6 +83,29 @@ impl Frame {
         self
     }
 
+    /// How many bytes of [`Self::build`] a parser needs to read the source
+    /// address: Ethernet, the VLAN tags and the fixed IP header (IPv4
+    /// without options, IPv6 without extension headers).
+    pub fn source_readable_len(&self) -> usize {
+        let ip_header = if self.source.is_ipv4() { 20 } else { 40 };
+        14 + 4 * self.vlans.len() + ip_header
+    }
+
+    /// Where the TCP header starts in [`Self::build`].
+    pub fn tcp_offset(&self) -> usize {
+        let ip_header = match self.source {
+            IpAddr::V4(_) => 20 + 4 * usize::from(self.ipv4_option_words),
+            IpAddr::V6(_) => {
+                40 + self
+                    .ipv6_ext
+                    .iter()
+                    .map(|e| ext_bytes(*e, 0).len())
+                    .sum::<usize>()
+            }
+        };
+        14 + 4 * self.vlans.len() + ip_header
+    }
+
     /// The frame's bytes.
     pub fn build(&self) -> Vec<u8> {
         let mut f = Vec::with_capacity(128);

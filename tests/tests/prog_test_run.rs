@@ -105,8 +105,8 @@ fn blocklist_drops_only_blocked_sources_on_protected_ports() {
         ),
         (
             Frame::syn(ip("192.0.2.1"), 25).protocol(17),
-            XDP_PASS,
-            "UDP",
+            XDP_DROP,
+            "UDP from a blocked source: not TCP, dropped whatever its port",
         ),
         (
             Frame::syn(ip("198.51.100.77"), 465),
@@ -141,7 +141,7 @@ fn blocklist_drops_only_blocked_sources_on_protected_ports() {
     }
     let counters = d.counters().unwrap();
     // Each case ran through XDP and TC.
-    assert_eq!(counters.dropped_block, 2 * 3, "{counters:?}");
+    assert_eq!(counters.dropped_block, 2 * 4, "{counters:?}");
     assert_eq!(counters.dropped_block_net, 2 * 2, "{counters:?}");
     assert_eq!(counters.ignored, 2 * 2, "{counters:?}");
     let blocks = d.blocks().unwrap();
@@ -149,7 +149,7 @@ fn blocklist_drops_only_blocked_sources_on_protected_ports() {
         .iter()
         .find(|b| b.net == net("192.0.2.1/32"))
         .unwrap();
-    assert_eq!(host.drops, 2 * 2, "per-entry drop counter");
+    assert_eq!(host.drops, 2 * 3, "per-entry drop counter");
     assert_eq!(host.reason, reason::MANUAL);
     assert_eq!(host.expires, None);
 }
@@ -191,7 +191,7 @@ fn header_variants_are_parsed() {
         (
             v4().vlan(0x8100).vlan(0x8100).vlan(0x8100),
             XDP_PASS,
-            "three tags: beyond the parser, passed",
+            "three tags: beyond the parser, no source read, passed",
         ),
         (
             v4().ipv4_options(10),
@@ -205,8 +205,8 @@ fn header_variants_are_parsed() {
         ),
         (
             v4().ipv4_fragment(185, false),
-            XDP_PASS,
-            "later IPv4 fragment: no ports",
+            XDP_DROP,
+            "later IPv4 fragment: no ports, but a blocked source",
         ),
         (v6().ext(Ext::HopByHop), XDP_DROP, "hop-by-hop"),
         (
@@ -224,13 +224,13 @@ fn header_variants_are_parsed() {
         ),
         (
             v6().ext(Ext::Fragment { offset: 100 }),
-            XDP_PASS,
-            "later IPv6 fragment",
+            XDP_DROP,
+            "later IPv6 fragment of a blocked source",
         ),
         (
             v6().ext(Ext::DestOpts).protocol(17),
-            XDP_PASS,
-            "UDP after an extension header",
+            XDP_DROP,
+            "UDP after an extension header, from a blocked source",
         ),
     ];
     for (frame, expected, why) in &cases {
@@ -247,8 +247,8 @@ fn header_variants_are_parsed() {
 }
 
 #[test]
-fn truncated_and_malformed_packets_pass_without_error() {
-    if !prerequisites("truncated_and_malformed_packets_pass_without_error") {
+fn truncated_packets_are_dropped_once_a_blocked_source_is_read() {
+    if !prerequisites("truncated_packets_are_dropped_once_a_blocked_source_is_read") {
         return;
     }
     let k = TestKernel::load(limits(1));
@@ -264,31 +264,353 @@ fn truncated_and_malformed_packets_pass_without_error() {
             .ext(Ext::HopByHop)
             .ext(Ext::Ah),
     ];
-    // XDP test runs need at least an Ethernet header; TC ones too.
-    for frame in &frames {
+    // (frame, blocked): the same cuts from a source nobody blocked pass.
+    let cases = frames.iter().flat_map(|f| {
+        let mut neighbour = f.clone();
+        neighbour.source = match f.source {
+            IpAddr::V4(_) => ip("192.0.2.2"),
+            IpAddr::V6(_) => ip("2001:db8::67"),
+        };
+        [(f.clone(), true), (neighbour, false)]
+    });
+    for (frame, blocked) in cases {
         let bytes = frame.build();
+        let readable = frame.source_readable_len();
+        let mut tc_runs = 0;
+        // XDP test runs need at least an Ethernet header; TC ones too.
         for len in 14..bytes.len() {
+            // Cut before the source address is whole: nothing to judge, passed.
+            // After: a blocked source is dropped whatever is missing.
+            let dropped = blocked && len >= readable;
             let (action, _) = k.datapath.test_run_xdp(&bytes[..len], 1).unwrap();
-            assert_eq!(action, XDP_PASS, "XDP, {len} of {} bytes", bytes.len());
+            let expected = if dropped { XDP_DROP } else { XDP_PASS };
+            assert_eq!(
+                action,
+                expected,
+                "XDP, {len} of {} bytes, {frame:?}",
+                bytes.len()
+            );
             // The kernel refuses skb test runs whose IP header is cut short
-            // (EINVAL) before the program runs; where it runs, it must pass.
-            if let Ok((action, _)) = k.datapath.test_run_tc(&bytes[..len], 1) {
-                assert_eq!(action, TC_ACT_OK, "TC, {len} of {} bytes", bytes.len());
+            // (EINVAL) before the program runs; once the fixed header is
+            // there it must run (checked below), and judge like XDP.
+            match k.datapath.test_run_tc(&bytes[..len], 1) {
+                Ok((action, _)) => {
+                    tc_runs += 1;
+                    let expected = if dropped { TC_ACT_SHOT } else { TC_ACT_OK };
+                    assert_eq!(
+                        action,
+                        expected,
+                        "TC, {len} of {} bytes, {frame:?}",
+                        bytes.len()
+                    );
+                }
+                Err(e) => assert!(
+                    len < readable,
+                    "TC refused {len} of {} bytes: {e}",
+                    bytes.len()
+                ),
             }
         }
-        assert_eq!(xdp(&k, frame), XDP_DROP, "the whole frame is dropped");
+        assert!(
+            tc_runs >= bytes.len() - readable,
+            "TC ran {tc_runs} times for {frame:?}"
+        );
+        let whole = if blocked { XDP_DROP } else { XDP_PASS };
+        assert_eq!(xdp(&k, &frame), whole, "the whole frame");
     }
-    // IHL below 5 is invalid: passed and counted as malformed.
-    let mut bad_ihl = Frame::syn(ip("192.0.2.1"), 25).build();
-    bad_ihl[14] = 0x44;
-    assert_eq!(k.datapath.test_run_xdp(&bad_ihl, 1).unwrap().0, XDP_PASS);
-    // Nine extension headers: more than the parser follows.
-    let mut long_chain = Frame::syn(ip("2001:db8::66"), 25);
-    for _ in 0..9 {
-        long_chain = long_chain.ext(Ext::DestOpts);
+    let counters = k.datapath.counters().unwrap();
+    assert!(counters.malformed > 0, "{counters:?}");
+    // Cut frames of the blocked sources are counted both as malformed and
+    // as dropped; the neighbours' pass uncounted by any drop.
+    assert!(counters.dropped_block > 2 * 2, "{counters:?}");
+    assert_eq!(counters.dropped_block_net, 0, "{counters:?}");
+}
+
+/// Frames from `source` that the parser cannot judge down to a TCP port:
+/// (frame bytes, what they are).
+fn unjudgeable_frames(source: IpAddr) -> Vec<(Vec<u8>, String)> {
+    let syn = || Frame::syn(source, 25);
+    let mut frames = vec![
+        (syn().protocol(17), "UDP to a protected port number"),
+        (syn().protocol(1), "ICMP"),
+        (syn().flags(ACK).protocol(132), "SCTP"),
+    ];
+    match source {
+        IpAddr::V4(_) => frames.extend([
+            (syn().ipv4_fragment(185, false), "later IPv4 fragment"),
+            (
+                syn().ipv4_fragment(1, true),
+                "later IPv4 fragment, more follow",
+            ),
+        ]),
+        IpAddr::V6(_) => {
+            let mut long_chain = syn();
+            for _ in 0..9 {
+                long_chain = long_chain.ext(Ext::DestOpts);
+            }
+            let mut longer_chain = syn().ext(Ext::HopByHop);
+            for _ in 0..12 {
+                longer_chain = longer_chain.ext(Ext::Routing);
+            }
+            frames.extend([
+                (
+                    syn().ext(Ext::Fragment { offset: 100 }),
+                    "later IPv6 fragment",
+                ),
+                (
+                    long_chain,
+                    "nine extension headers: more than the parser walks",
+                ),
+                (longer_chain, "thirteen extension headers"),
+                (syn().ext(Ext::Routing).protocol(59), "no next header"),
+            ]);
+        }
     }
-    assert_eq!(xdp(&k, &long_chain), XDP_PASS);
-    assert!(k.datapath.counters().unwrap().malformed > 0);
+    let mut out: Vec<(Vec<u8>, String)> = frames
+        .into_iter()
+        .map(|(f, why)| (f.build(), format!("{why} from {source}")))
+        .collect();
+    // A TCP header cut short: 10 of its 20 bytes (the ports are there, the
+    // flags are not), and a single byte.
+    for keep in [10, 1] {
+        let frame = syn();
+        let mut bytes = frame.build();
+        bytes.truncate(frame.tcp_offset() + keep);
+        out.push((
+            bytes,
+            format!("TCP header cut to {keep} bytes, from {source}"),
+        ));
+    }
+    // ICMP that is not an error nor neighbour discovery: echo requests.
+    out.push((
+        icmp(source, if source.is_ipv4() { 8 } else { 128 }),
+        format!("ICMP echo request from {source}"),
+    ));
+    if source.is_ipv4() {
+        // IHL below 5 is invalid: the source is readable, the rest is not.
+        let mut bad_ihl = syn().build();
+        bad_ihl[14] = 0x44;
+        out.push((bad_ihl, format!("IPv4 IHL 4, from {source}")));
+    }
+    out
+}
+
+/// An ICMP (IPv4 source) or ICMPv6 message of type `icmp_type` from
+/// `source` (the TCP header's bytes follow the type as the message body).
+fn icmp(source: IpAddr, icmp_type: u8) -> Vec<u8> {
+    let frame = Frame::syn(source, 25).protocol(if source.is_ipv4() { 1 } else { 58 });
+    let mut bytes = frame.build();
+    bytes[frame.tcp_offset()] = icmp_type;
+    bytes[frame.tcp_offset() + 1] = 0;
+    bytes
+}
+
+#[test]
+fn icmp_errors_and_neighbour_discovery_pass_even_from_blocked_sources() {
+    if !prerequisites("icmp_errors_and_neighbour_discovery_pass_even_from_blocked_sources") {
+        return;
+    }
+    let k = TestKernel::load(limits(10));
+    let d = &k.datapath;
+    // Blocks as broad as they come: every IPv4 and every IPv6 source.
+    d.block(net("::ffff:0.0.0.0/96"), None, reason::MANUAL)
+        .unwrap();
+    d.block(net("::/0"), None, reason::MANUAL).unwrap();
+    let v4 = ip("192.0.2.1");
+    let v6 = ip("fe80::1");
+    let cases = [
+        (
+            icmp(v4, 3),
+            true,
+            "ICMP destination unreachable / fragmentation needed",
+        ),
+        (icmp(v4, 11), true, "ICMP time exceeded"),
+        (icmp(v4, 12), true, "ICMP parameter problem"),
+        (icmp(v4, 8), false, "ICMP echo request"),
+        (icmp(v4, 0), false, "ICMP echo reply"),
+        (icmp(v6, 1), true, "ICMPv6 destination unreachable"),
+        (icmp(v6, 2), true, "ICMPv6 packet too big"),
+        (icmp(v6, 133), true, "router solicitation"),
+        (icmp(v6, 134), true, "router advertisement"),
+        (icmp(v6, 135), true, "neighbour solicitation"),
+        (icmp(v6, 136), true, "neighbour advertisement"),
+        (icmp(v6, 137), true, "redirect"),
+        (icmp(v6, 128), false, "ICMPv6 echo request"),
+        (icmp(v6, 143), false, "MLDv2 report"),
+    ];
+    for (bytes, passes, why) in &cases {
+        let (xdp_action, _) = d.test_run_xdp(bytes, 1).unwrap();
+        let (tc_action, _) = d.test_run_tc(bytes, 1).unwrap();
+        let expected = if *passes {
+            (XDP_PASS, TC_ACT_OK)
+        } else {
+            (XDP_DROP, TC_ACT_SHOT)
+        };
+        assert_eq!((xdp_action, tc_action), expected, "{why}");
+    }
+    // The type cut off: not judged as plumbing, so dropped.
+    let cut = icmp(v6, 135);
+    let (action, _) = d.test_run_xdp(&cut[..cut.len() - 20], 1).unwrap();
+    assert_eq!(action, XDP_DROP, "ICMPv6 without its type");
+}
+
+#[test]
+fn a_blocked_source_is_dropped_whatever_its_packets_look_like() {
+    if !prerequisites("a_blocked_source_is_dropped_whatever_its_packets_look_like") {
+        return;
+    }
+    let k = TestKernel::load(limits(10));
+    let d = &k.datapath;
+    d.block(net("192.0.2.1/32"), None, reason::MANUAL).unwrap();
+    d.block(net("2001:db8::66/128"), None, reason::HARVEST)
+        .unwrap();
+    d.block(net("198.51.100.0/24"), None, reason::REJECT_LIST)
+        .unwrap();
+    d.block(net("2001:db8:bad::/48"), None, reason::REJECT_LIST)
+        .unwrap();
+    // Allow-listed inside a blocked network: the allow list still wins.
+    d.allow(net("198.51.100.128/25")).unwrap();
+
+    let blocked = ["192.0.2.1", "2001:db8::66"];
+    let in_blocked_net = ["198.51.100.7", "2001:db8:bad:1::9"];
+    let passing = ["192.0.2.2", "2001:db8::67", "203.0.113.9", "198.51.100.200"];
+    let mut dropped = 0;
+    for (sources, drop) in [
+        (&blocked[..], true),
+        (&in_blocked_net[..], true),
+        (&passing[..], false),
+    ] {
+        for source in sources {
+            for (bytes, why) in unjudgeable_frames(ip(source)) {
+                let (xdp_action, _) = d
+                    .test_run_xdp(&bytes, 1)
+                    .unwrap_or_else(|e| panic!("XDP test run, {why}: {e}"));
+                let (tc_action, _) = d
+                    .test_run_tc(&bytes, 1)
+                    .unwrap_or_else(|e| panic!("TC test run, {why}: {e}"));
+                if drop {
+                    assert_eq!(xdp_action, XDP_DROP, "XDP: {why}");
+                    assert_eq!(tc_action, TC_ACT_SHOT, "TC: {why}");
+                    dropped += 2;
+                } else {
+                    assert_eq!(xdp_action, XDP_PASS, "XDP: {why}");
+                    assert_eq!(tc_action, TC_ACT_OK, "TC: {why}");
+                }
+            }
+        }
+    }
+    // A blocked source's TCP to an unprotected port still passes: it is
+    // judged like any TCP packet (the protected-ports rule).
+    assert_eq!(xdp(&k, &Frame::syn(ip("192.0.2.1"), 80)), XDP_PASS);
+    assert_eq!(tc(&k, &Frame::syn(ip("192.0.2.1"), 80)), TC_ACT_OK);
+
+    let counters = d.counters().unwrap();
+    assert_eq!(
+        counters.dropped_block + counters.dropped_block_net,
+        dropped,
+        "{counters:?}"
+    );
+    assert!(counters.dropped_block > 0 && counters.dropped_block_net > 0);
+    assert!(counters.fragments > 0 && counters.malformed > 0 && counters.ignored > 0);
+    assert_eq!(counters.seen, 0, "no packet was judged by its port");
+    assert!(counters.allowed > 0, "the allow-listed /25: {counters:?}");
+    let host = d
+        .blocks()
+        .unwrap()
+        .into_iter()
+        .find(|b| b.net == net("192.0.2.1/32"))
+        .unwrap();
+    assert!(host.drops > 0, "per-entry drop counter: {host:?}");
+}
+
+#[test]
+fn observe_mode_passes_and_counts_what_it_would_drop() {
+    if !prerequisites("observe_mode_passes_and_counts_what_it_would_drop") {
+        return;
+    }
+    let observe = KernelLimits {
+        observe: true,
+        ..limits(3)
+    };
+    let k = TestKernel::load(observe.clone());
+    let d = &k.datapath;
+    d.block(net("192.0.2.1/32"), None, reason::MANUAL).unwrap();
+    d.block(net("198.51.100.0/24"), None, reason::REJECT_LIST)
+        .unwrap();
+    let capped = ip("203.0.113.5");
+    set_connections(&k, capped, 64, 3);
+    assert!(d.describe().contains("observe"), "{}", d.describe());
+
+    let block = Frame::syn(ip("192.0.2.1"), 25);
+    let block_net = Frame::syn(ip("198.51.100.77"), 587);
+    let cap = Frame::syn(capped, 25);
+    let fragment = Frame::syn(ip("192.0.2.1"), 25).ipv4_fragment(185, false);
+    for frame in [&block, &block_net, &cap, &fragment] {
+        assert_eq!(xdp(&k, frame), XDP_PASS, "XDP observes: {frame:?}");
+        assert_eq!(tc(&k, frame), TC_ACT_OK, "TC observes: {frame:?}");
+    }
+    let c = d.counters().unwrap();
+    assert_eq!(
+        (c.would_drop_block, c.would_drop_block_net, c.would_drop_cap),
+        (2 * 2, 2, 2),
+        "{c:?}"
+    );
+    assert_eq!(
+        (c.dropped_block, c.dropped_block_net, c.dropped_cap),
+        (0, 0, 0),
+        "{c:?}"
+    );
+    assert_eq!(c.passed, 0, "would-drops are not counted as passed: {c:?}");
+    let drops: u64 = d.blocks().unwrap().iter().map(|b| b.drops).sum();
+    assert_eq!(drops, 0, "nothing was dropped by any entry");
+
+    // Switching to enforce and back takes effect at once (what a reload
+    // does through set_limits).
+    d.set_limits(&limits(3)).unwrap();
+    assert!(!d.describe().contains("observe"), "{}", d.describe());
+    for frame in [&block, &block_net, &cap, &fragment] {
+        assert_eq!(xdp(&k, frame), XDP_DROP, "XDP enforces: {frame:?}");
+        assert_eq!(tc(&k, frame), TC_ACT_SHOT, "TC enforces: {frame:?}");
+    }
+    d.set_limits(&observe).unwrap();
+    for frame in [&block, &block_net, &cap, &fragment] {
+        assert_eq!(xdp(&k, frame), XDP_PASS, "XDP observes again: {frame:?}");
+    }
+    let c = d.counters().unwrap();
+    assert_eq!(
+        (c.would_drop_block, c.would_drop_block_net, c.would_drop_cap),
+        (2 * 2 + 2, 2 + 1, 2 + 1),
+        "{c:?}"
+    );
+    assert_eq!(
+        (c.dropped_block, c.dropped_block_net, c.dropped_cap),
+        (2 * 2, 2, 2),
+        "{c:?}"
+    );
+
+    // Events say which packets were only observed.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let events = runtime.block_on(async {
+        let mut stream = d.take_events().unwrap();
+        let mut events = Vec::new();
+        // 4 frames x 2 programs observed, enforced, then 4 observed.
+        while events.len() < 20 {
+            let batch = tokio::time::timeout(Duration::from_secs(5), stream.next_batch()).await;
+            events.extend(batch.expect("events within 5 s").unwrap());
+        }
+        events
+    });
+    let observed: Vec<bool> = events.iter().map(|e| e.observed).collect();
+    assert_eq!(observed[..8], [true; 8]);
+    assert_eq!(observed[8..16], [false; 8]);
+    assert_eq!(observed[16..], [true; 4]);
+    assert!(
+        events.iter().any(|e| e.port == 0),
+        "the fragment has no port"
+    );
 }
 
 #[test]
@@ -707,4 +1029,155 @@ fn bpftool_prints_the_pinned_maps_by_field_name() {
     );
     let stats = dump("STATS");
     assert!(stats.contains("\"dropped_cap\""), "{stats}");
+}
+
+/// Polls `probe` every 10 ms for up to 5 s until it holds.
+fn eventually(what: &str, mut probe: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !probe() {
+        assert!(std::time::Instant::now() < deadline, "5 s without {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The sock_ops accounting on real loopback connections, with the count
+/// forced to its limits in between: a close that finds 0 (the entry was
+/// removed and created again meanwhile) stays at 0, an open that finds
+/// `u32::MAX` is not counted, and a close of a socket that was never counted
+/// takes nothing away. A plain atomic add wrapped in the first two cases.
+#[test]
+fn connection_counts_never_wrap() {
+    if !prerequisites("connection_counts_never_wrap") {
+        return;
+    }
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let k = TestKernel::load(KernelLimits {
+        ports: vec![port],
+        ..limits(10)
+    });
+    let d = &k.datapath;
+    let source = ip("127.0.0.1");
+    let connect = |listener: &TcpListener| {
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    };
+
+    // Counted on establishment (before accept returns).
+    let pair = connect(&listener);
+    assert_eq!(d.connections(source).unwrap(), 1);
+    // The count is reset under the connection; its close must not wrap it.
+    set_connections(&k, source, 64, 0);
+    drop(pair);
+    eventually("the close counted", || {
+        d.counters().unwrap().conn_closed == 1
+    });
+    assert_eq!(d.connections(source).unwrap(), 0, "a close at 0 stays at 0");
+
+    // At u32::MAX an open is not counted (so its close takes nothing).
+    set_connections(&k, source, 64, u32::MAX);
+    let pair = connect(&listener);
+    let c = d.counters().unwrap();
+    assert_eq!((c.conn_opened, c.conn_untracked), (1, 1), "{c:?}");
+    assert_eq!(d.connections(source).unwrap(), u32::MAX, "no wrap to 0");
+    drop(pair);
+    // An unprotected port: never counted, so its close takes nothing either.
+    set_connections(&k, source, 64, 5);
+    drop(connect(&other));
+    // Both closes are done once a counted connection's close is seen after
+    // them (closes on loopback finish in order of the FIN exchange; wait
+    // for a third, counted one to be sure).
+    let pair = connect(&listener);
+    assert_eq!(d.connections(source).unwrap(), 6);
+    drop(pair);
+    eventually("the last close counted", || {
+        d.counters().unwrap().conn_closed == 2
+    });
+    assert_eq!(
+        d.connections(source).unwrap(),
+        5,
+        "uncounted sockets' closes took nothing"
+    );
+}
+
+/// The agent's side of observe mode: `mode` in the file reaches the kernel
+/// at start (`kernel_limits`) and on every reload, and the would-drop
+/// counters reach `stats` (JSON; the text form prints the same tree) and
+/// `/metrics`.
+#[test]
+fn reload_switches_the_kernel_between_observe_and_enforce() {
+    if !prerequisites("reload_switches_the_kernel_between_observe_and_enforce") {
+        return;
+    }
+    use limiter_user::{agent, commands, config::Config, control::Request, proxy::ProxyContext};
+    let dir = std::env::temp_dir().join(format!("smtp-limiter-observe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("smtp-limiter.toml");
+    let write = |mode: &str| {
+        std::fs::write(
+            &path,
+            format!("mode = \"{mode}\"\n[kernel]\nports = [25]\n"),
+        )
+        .unwrap();
+    };
+    write("observe");
+    let mut config = Config::load(&path).unwrap();
+    assert!(agent::kernel_limits(&config).observe);
+    let k = TestKernel::load(agent::kernel_limits(&config));
+    let datapath: std::sync::Arc<dyn Datapath> = k.datapath.clone();
+    let ctx = ProxyContext::new(&config, datapath.clone()).unwrap();
+    k.datapath
+        .block(net("192.0.2.1/32"), None, reason::MANUAL)
+        .unwrap();
+    let frame = Frame::syn(ip("192.0.2.1"), 25);
+    assert_eq!(xdp(&k, &frame), XDP_PASS, "observe at start");
+
+    write("enforce");
+    agent::reload(&path, &mut config, &ctx, datapath.as_ref());
+    assert_eq!(xdp(&k, &frame), XDP_DROP, "enforce after a reload");
+    write("observe");
+    agent::reload(&path, &mut config, &ctx, datapath.as_ref());
+    assert_eq!(xdp(&k, &frame), XDP_PASS, "observe after another");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let counters = k.datapath.counters().unwrap();
+    assert_eq!(
+        (counters.would_drop_block, counters.dropped_block),
+        (2, 1),
+        "{counters:?}"
+    );
+    let saves = tokio::sync::Notify::new();
+    let mut state = agent::AgentState {
+        config: &mut config,
+        config_path: None,
+        ctx: &ctx,
+        datapath: datapath.as_ref(),
+        store: None,
+        saves: &saves,
+    };
+    let stats = commands::handle(&mut state, Request::Stats);
+    let data = stats.data.expect("stats answered");
+    for (name, value) in [
+        ("would_drop_block", 2),
+        ("would_drop_block_net", 0),
+        ("would_drop_cap", 0),
+        ("dropped_block", 1),
+    ] {
+        assert_eq!(data["kernel"][name], value, "stats kernel.{name}: {data}");
+    }
+    assert!(
+        data["kernel_status"].as_str().unwrap().contains("observe"),
+        "{data}"
+    );
+    let metrics = limiter_user::metrics::render(&ctx, datapath.as_ref());
+    for line in [
+        "smtp_limiter_kernel_events_total{counter=\"would_drop_block\"} 2\n",
+        "smtp_limiter_kernel_events_total{counter=\"would_drop_cap\"} 0\n",
+        "smtp_limiter_kernel_events_total{counter=\"dropped_block\"} 1\n",
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
 }

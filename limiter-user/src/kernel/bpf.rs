@@ -344,6 +344,17 @@ impl BpfDatapath {
             .map_err(|e| map_error(names::CONFIG, e))
     }
 
+    /// What `describe` adds for the mode in `CONFIG`: nothing when the
+    /// programs enforce.
+    fn mode_note(&self) -> &'static str {
+        match lock(&self.maps).config.get(&0, 0) {
+            Ok(config) if config.observes() => {
+                "; observe mode: drops nothing, counts would_drop_* instead"
+            }
+            _ => "",
+        }
+    }
+
     fn set_netns_cookie(&self, netns_cookie: u64) -> Result<(), KernelError> {
         let mut maps = lock(&self.maps);
         let mut config = maps
@@ -359,17 +370,18 @@ impl BpfDatapath {
 
 impl Datapath for BpfDatapath {
     fn describe(&self) -> String {
+        let mode = self.mode_note();
         let attachments = self.attachments();
         let loaded = lock(&self.ebpf).is_some();
         if !loaded {
             return format!(
-                "kernel maps at {} (programs not loaded by this process)",
+                "kernel maps at {} (programs not loaded by this process){mode}",
                 self.pin_path.display()
             );
         }
         if attachments.is_empty() {
             format!(
-                "kernel layer loaded, maps pinned at {}, connection accounting on, packet program attached nowhere (kernel.interfaces is empty)",
+                "kernel layer loaded, maps pinned at {}, connection accounting on, packet program attached nowhere (kernel.interfaces is empty){mode}",
                 self.pin_path.display()
             )
         } else {
@@ -378,7 +390,7 @@ impl Datapath for BpfDatapath {
                 .map(|a| format!("{} ({})", a.interface, a.mode))
                 .collect();
             format!(
-                "kernel layer loaded, maps pinned at {}, attached to {}",
+                "kernel layer loaded, maps pinned at {}, attached to {}{mode}",
                 self.pin_path.display(),
                 list.join(", ")
             )
@@ -658,6 +670,7 @@ fn decode_event(bytes: &[u8]) -> Option<DropEvent> {
         reason: raw.reason,
         port: raw.port,
         syn: raw.syn != 0,
+        observed: raw.observed != 0,
     })
 }
 
@@ -1061,6 +1074,8 @@ fn config_of(limits: &KernelLimits, netns_cookie: u64) -> Result<Config, KernelE
         ipv6_prefix_len: u32::from(limits.ipv6_prefix_len),
         events_per_second: limits.events_per_second,
         port_count: limits.ports.len() as u32,
+        observe: u32::from(limits.observe),
+        reserved: 0,
         ports,
         netns_cookie,
     })

@@ -110,6 +110,9 @@ pub struct KernelLimits {
     pub ports: Vec<u16>,
     /// Drop events per second and CPU sent to the agent.
     pub events_per_second: u32,
+    /// `mode = "observe"`: the programs count what they would drop
+    /// (`would_drop_*`) and pass every packet. Applied live like the rest.
+    pub observe: bool,
 }
 
 impl Default for KernelLimits {
@@ -119,11 +122,13 @@ impl Default for KernelLimits {
             ipv6_prefix_len: 64,
             ports: vec![25, 465, 587],
             events_per_second: 100,
+            observe: false,
         }
     }
 }
 
-/// A dropped packet reported by the kernel.
+/// A dropped (or, in observe mode, would-be dropped) packet reported by the
+/// kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DropEvent {
     pub at: SystemTime,
@@ -133,6 +138,9 @@ pub struct DropEvent {
     pub port: u16,
     /// The packet opened a new connection (SYN).
     pub syn: bool,
+    /// The packet was not dropped: the kernel observes (`mode = "observe"`)
+    /// and only reports what it would have dropped.
+    pub observed: bool,
 }
 
 /// The kernel half of the limiter, as the agent sees it.
