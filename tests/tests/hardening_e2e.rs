@@ -1424,7 +1424,6 @@ fn harvester_across_sessions_is_blocked_and_dropped_by_the_kernel() {
 // -- 8. Observe mode in the kernel -----------------------------------------------
 
 #[test]
-#[ignore = "kernel observe mode (issue 11, item 7) is not in main yet: the XDP program still drops a reject-listed source"]
 fn observe_mode_passes_a_rejected_source_and_counts_would_drops() {
     if !ready_with_kernel("observe_mode_passes_a_rejected_source_and_counts_would_drops") {
         return;
