@@ -298,13 +298,18 @@ pub async fn run(
             },
             batch = next_events(&mut events) => match batch {
                 Ok(batch) => for event in batch {
+                    let (action, message) = if event.observed {
+                        ("would-drop", "kernel would drop a packet (observe mode: passed)")
+                    } else {
+                        ("drop", "kernel dropped a packet")
+                    };
                     tracing::info!(
                         source = %event.source,
                         port = event.port,
                         reason = drop_reason::name(event.reason),
                         syn = event.syn,
-                        action = if event.observed { "observe" } else { "drop" },
-                        "kernel dropped a packet"
+                        action,
+                        "{message}"
                     );
                 },
                 Err(e) => {
