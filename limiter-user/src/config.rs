@@ -211,6 +211,42 @@ pub struct Backend {
     pub builtin: bool,
     /// Recipients the built-in backend accepts.
     pub builtin_recipients: Vec<String>,
+    /// When a session gets its backend connection: `"on-mail"` (earned by
+    /// the first MAIL FROM the policy accepts, or by AUTH, VRFY in relay
+    /// mode and `smtp.relay_verbs`; the proxy answers the greeting, EHLO,
+    /// NOOP, RSET, HELP and QUIT itself) or `"on-connect"` (at accept).
+    pub connect: BackendConnect,
+    /// Backend connections open at once, all sessions together (size it to
+    /// about 80 % of the MTA's process limit: Postfix's
+    /// `default_process_limit` is 100). A session that needs one while all
+    /// are in use waits its turn, fairly between sources.
+    pub max_connections: u32,
+    /// Longest wait for a backend slot; then the client gets `421 4.3.2`.
+    #[serde(with = "duration_serde")]
+    pub slot_wait: Duration,
+    /// The IPv4 prefix that groups sources for the fair share of backend
+    /// slots (/24: one network's hosts share).
+    pub fair_share_prefix_v4: u8,
+    /// The IPv6 prefix that groups sources for the fair share of backend
+    /// slots. Unset: `limits.ipv6_prefix`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fair_share_prefix_v6: Option<u8>,
+    /// How often the proxy asks the backend for its EHLO capabilities (a
+    /// short probe session), which its own EHLO reply is made from.
+    #[serde(with = "duration_serde")]
+    pub probe_interval: Duration,
+}
+
+/// `backend.connect = "on-mail" | "on-connect"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendConnect {
+    /// The backend connection is earned: opened at the first accepted MAIL
+    /// FROM (or AUTH, relayed VRFY, relayed extension verbs).
+    #[default]
+    OnMail,
+    /// The backend connection opens when the client connects.
+    OnConnect,
 }
 
 impl Default for Backend {
@@ -228,6 +264,12 @@ impl Default for Backend {
                 "carol@example.com".into(),
                 "postmaster@example.com".into(),
             ],
+            connect: BackendConnect::OnMail,
+            max_connections: 80,
+            slot_wait: Duration::from_secs(10),
+            fair_share_prefix_v4: 24,
+            fair_share_prefix_v6: None,
+            probe_interval: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -249,7 +291,7 @@ pub enum Identity {
 }
 
 /// `[smtp]`: limits and timeouts of the dialogue (RFC 5321 values by default).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Smtp {
     /// Longest wait for a client's next command (RFC 5321: 5 minutes).
@@ -300,6 +342,18 @@ pub struct Smtp {
     /// not understand and that is not listed here gets `502 5.5.1` from the
     /// proxy itself, so that nothing reaches the backend unjudged.
     pub relay_verbs: Vec<String>,
+    /// Commands a session may send before its first accepted MAIL FROM;
+    /// one more gets `421 4.7.0` and the end of the session (zombies that
+    /// only EHLO and NOOP).
+    pub max_commands_before_mail: u32,
+    /// The load (open sessions / `max_sessions`, 0 to 1) from which the
+    /// proxy is under stress: sessions that have not sent MAIL yet get
+    /// `stress_command_timeout`. All backend slots in use is stress too.
+    pub stress_threshold: f64,
+    /// The command timeout, under stress, of a session that has not had a
+    /// MAIL FROM accepted yet.
+    #[serde(with = "duration_serde")]
+    pub stress_command_timeout: Duration,
 }
 
 impl Default for Smtp {
@@ -320,6 +374,9 @@ impl Default for Smtp {
             auth_requires_tls: None,
             max_errors: 20,
             relay_verbs: Vec::new(),
+            max_commands_before_mail: 20,
+            stress_threshold: 0.8,
+            stress_command_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -937,6 +994,7 @@ impl Config {
             ("smtp.backend_timeout", smtp.backend_timeout),
             ("smtp.session_timeout", smtp.session_timeout),
             ("smtp.write_timeout", smtp.write_timeout),
+            ("smtp.stress_command_timeout", smtp.stress_command_timeout),
         ] {
             if value.is_zero() {
                 return Err(invalid(key, "must be longer than zero"));
@@ -970,6 +1028,21 @@ impl Config {
             return Err(invalid(
                 "smtp.max_sessions",
                 "must be at least 1 (it caps the sessions open at once)",
+            ));
+        }
+        if smtp.max_commands_before_mail == 0 {
+            return Err(invalid(
+                "smtp.max_commands_before_mail",
+                "must be at least 1 (EHLO is a command)",
+            ));
+        }
+        if !(smtp.stress_threshold > 0.0 && smtp.stress_threshold <= 1.0) {
+            return Err(invalid(
+                "smtp.stress_threshold",
+                format!(
+                    "must be above 0 and at most 1 (a share of smtp.max_sessions), not {}",
+                    smtp.stress_threshold
+                ),
             ));
         }
         let mut verbs = HashSet::new();
@@ -1051,6 +1124,38 @@ impl Config {
                 "backend.connect_timeout",
                 "must be greater than zero",
             ));
+        }
+        let backend = &self.backend;
+        if backend.max_connections == 0 {
+            return Err(invalid(
+                "backend.max_connections",
+                "must be at least 1 (size it to about 80 % of the backend's process limit)",
+            ));
+        }
+        for (key, value) in [
+            ("backend.slot_wait", backend.slot_wait),
+            ("backend.probe_interval", backend.probe_interval),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be longer than zero"));
+            }
+        }
+        if !(1..=32).contains(&backend.fair_share_prefix_v4) {
+            return Err(invalid(
+                "backend.fair_share_prefix_v4",
+                format!(
+                    "must be between 1 and 32, not {}",
+                    backend.fair_share_prefix_v4
+                ),
+            ));
+        }
+        if let Some(prefix) = backend.fair_share_prefix_v6 {
+            if !(1..=128).contains(&prefix) {
+                return Err(invalid(
+                    "backend.fair_share_prefix_v6",
+                    format!("must be between 1 and 128, not {prefix}"),
+                ));
+            }
         }
         Ok(())
     }
@@ -1651,6 +1756,12 @@ mod tests {
             address = "127.0.0.1:2525"
             identity = "xclient"
             connect_timeout = "1500ms"
+            connect = "on-connect"
+            max_connections = 40
+            slot_wait = "3s"
+            fair_share_prefix_v4 = 16
+            fair_share_prefix_v6 = 56
+            probe_interval = "1m"
             [kernel]
             mode = "required"
             interfaces = ["eth0", "eth1"]
@@ -1972,6 +2083,17 @@ mod tests {
             ("[limits]\nblock_duration = \"500000000years\"\nmax_block_duration = \"500000000years\"", "limits.block_duration"),
             ("[smtp]\nwrite_timeout = \"0s\"", "smtp.write_timeout"),
             ("[smtp]\nmax_sessions = 0", "smtp.max_sessions"),
+            ("[smtp]\nmax_commands_before_mail = 0", "smtp.max_commands_before_mail"),
+            ("[smtp]\nstress_threshold = 0.0", "smtp.stress_threshold"),
+            ("[smtp]\nstress_threshold = 1.5", "smtp.stress_threshold"),
+            ("[smtp]\nstress_threshold = nan", "smtp.stress_threshold"),
+            ("[smtp]\nstress_command_timeout = \"0s\"", "smtp.stress_command_timeout"),
+            ("[backend]\nmax_connections = 0", "backend.max_connections"),
+            ("[backend]\nslot_wait = \"0s\"", "backend.slot_wait"),
+            ("[backend]\nprobe_interval = \"0s\"", "backend.probe_interval"),
+            ("[backend]\nfair_share_prefix_v4 = 0", "backend.fair_share_prefix_v4"),
+            ("[backend]\nfair_share_prefix_v4 = 33", "backend.fair_share_prefix_v4"),
+            ("[backend]\nfair_share_prefix_v6 = 129", "backend.fair_share_prefix_v6"),
             ("[smtp]\nrelay_verbs = [\"\"]", "smtp.relay_verbs[0]"),
             ("[smtp]\nrelay_verbs = [\"X EXPS\"]", "smtp.relay_verbs[0]"),
             ("[smtp]\nrelay_verbs = [\"-X\"]", "smtp.relay_verbs[0]"),

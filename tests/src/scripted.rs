@@ -286,6 +286,18 @@ impl ScriptedBackend {
         self.shared.record().active
     }
 
+    /// Forgets what was recorded so far (lines, messages, PROXY sources,
+    /// the count of connections): e.g. the proxy's capability probe, so
+    /// that a test sees only its own sessions.
+    pub fn forget(&self) {
+        let mut record = self.shared.record();
+        record.received.clear();
+        record.recorded_bytes = 0;
+        record.messages.clear();
+        record.proxy_sources.clear();
+        record.connections = 0;
+    }
+
     /// Waits up to `limit` for `done(self)`; returns its last value.
     pub fn wait_until(&self, limit: Duration, done: impl Fn(&Self) -> bool) -> bool {
         let end = Instant::now() + limit;

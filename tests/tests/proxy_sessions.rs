@@ -57,8 +57,34 @@ mode = "off"
     )
 }
 
+/// `config` with the backend connected at accept (`backend.connect =
+/// "on-connect"`), for what happens at that moment.
+fn on_connect(config: &str) -> String {
+    config.replace(
+        "connect_timeout = \"2s\"\n",
+        "connect_timeout = \"2s\"\nconnect = \"on-connect\"\n",
+    )
+}
+
 fn start(backend: &ScriptedBackend, extra: &str) -> TestProxy {
-    TestProxy::start(&config(backend.addr(), extra))
+    started(backend, &config(backend.addr(), extra))
+}
+
+/// The proxy for `config`, relaying to `backend`, once its first capability
+/// probe is over; what the probe did at the backend is forgotten, so that
+/// the test sees only its own sessions there.
+fn started(backend: &ScriptedBackend, config: &str) -> TestProxy {
+    let proxy = TestProxy::start(config);
+    let end = Instant::now() + WAIT;
+    while !proxy.ctx.capabilities.probed() && Instant::now() < end {
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        backend.wait_idle(WAIT),
+        "the probe session did not end at the backend"
+    );
+    backend.forget();
+    proxy
 }
 
 /// A raw SMTP client: whole replies (lines joined with '\n', without CRLF)
@@ -77,6 +103,36 @@ impl Smtp {
             stream,
             buf: Vec::new(),
         }
+    }
+
+    /// Connects from `source` (any 127/8 address works on loopback)
+    /// without reading anything.
+    fn open_from(addr: SocketAddr, source: IpAddr) -> Self {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let stream = runtime
+            .block_on(async {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::new(source, 0))?;
+                socket.connect(addr).await?.into_std()
+            })
+            .expect("connect to the proxy");
+        stream.set_nonblocking(false).expect("blocking");
+        stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+        Self {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Connects from `source`, expects a 220 greeting, says EHLO.
+    fn session_from(addr: SocketAddr, source: IpAddr) -> Self {
+        let mut client = Self::open_from(addr, source);
+        expect(&client.reply(), "220 ");
+        expect(&client.cmd("EHLO client.test"), "250");
+        client
     }
 
     /// Connects and returns the greeting.
@@ -509,7 +565,7 @@ fn bare_cr_in_a_command_never_reaches_the_backend() {
 #[test]
 fn backend_down_at_connect_gets_421() {
     let dead = dead_address();
-    let proxy = TestProxy::start(&config(dead.addr, ""));
+    let proxy = TestProxy::start(&on_connect(&config(dead.addr, "")));
     let (mut c, greeting) = Smtp::connect(proxy.addr);
     expect(&greeting, "421 4.3.0");
     assert!(c.closed());
@@ -521,7 +577,10 @@ fn backend_silent_at_greeting_gets_421() {
         greeting_delay: Duration::from_secs(30),
         ..Behaviour::default()
     });
-    let proxy = start(&backend, "[smtp]\nbackend_timeout = \"1s\"\n");
+    let proxy = TestProxy::start(&on_connect(&config(
+        backend.addr(),
+        "[smtp]\nbackend_timeout = \"1s\"\n",
+    )));
     let started = Instant::now();
     let (mut c, greeting) = Smtp::connect(proxy.addr);
     expect(&greeting, "421 4.3.0");
@@ -587,7 +646,10 @@ fn backend_hanging_times_out_with_421() {
 #[test]
 fn xclient_refused_by_the_backend_gets_421() {
     let backend = ScriptedBackend::start(Behaviour::default().without_capability("XCLIENT"));
-    let proxy = TestProxy::start(&config_with("enforce", "xclient", backend.addr(), ""));
+    let proxy = started(
+        &backend,
+        &on_connect(&config_with("enforce", "xclient", backend.addr(), "")),
+    );
     let (mut c, greeting) = Smtp::connect(proxy.addr);
     expect(&greeting, "220 ");
     expect(&c.cmd("EHLO client.test"), "421 4.3.0");
@@ -633,9 +695,13 @@ fn proxy_v2_header_names_the_client() {
         expect_proxy_v2: true,
         ..Behaviour::default()
     });
-    let proxy = TestProxy::start(&config_with("enforce", "proxy-v2", backend.addr(), ""));
+    let proxy = started(
+        &backend,
+        &config_with("enforce", "proxy-v2", backend.addr(), ""),
+    );
     let mut c = Smtp::session(proxy.addr);
     let client = c.local_addr();
+    expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
     assert_eq!(c.cmd("QUIT"), "221 2.0.0 Bye");
     assert_eq!(backend.proxy_sources(), vec![client]);
     assert_eq!(backend.proxy_sources()[0].ip(), LOCALHOST);
@@ -648,9 +714,13 @@ fn proxy_v1_header_names_the_client() {
         expect_proxy_v1: true,
         ..Behaviour::default()
     });
-    let proxy = TestProxy::start(&config_with("enforce", "proxy-v1", backend.addr(), ""));
+    let proxy = started(
+        &backend,
+        &config_with("enforce", "proxy-v1", backend.addr(), ""),
+    );
     let mut c = Smtp::session(proxy.addr);
     let client = c.local_addr();
+    expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
     assert_eq!(c.cmd("QUIT"), "221 2.0.0 Bye");
     assert_eq!(backend.proxy_sources(), vec![client]);
     assert_eq!(backend.received()[0], "EHLO client.test\r\n");
@@ -659,7 +729,10 @@ fn proxy_v1_header_names_the_client() {
 #[test]
 fn xclient_names_the_client_after_an_ehlo_of_the_proxy() {
     let backend = ScriptedBackend::start(Behaviour::default());
-    let proxy = TestProxy::start(&config_with("enforce", "xclient", backend.addr(), ""));
+    let proxy = started(
+        &backend,
+        &config_with("enforce", "xclient", backend.addr(), ""),
+    );
     let (mut c, greeting) = Smtp::connect(proxy.addr);
     assert_eq!(greeting, "220 backend.test ESMTP");
     let client = c.local_addr();
@@ -689,8 +762,12 @@ fn identity_none_sends_nothing_before_the_client() {
     let backend = ScriptedBackend::start(Behaviour::default());
     let proxy = start(&backend, "");
     let mut c = Smtp::session(proxy.addr);
+    expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
     assert_eq!(c.cmd("QUIT"), "221 2.0.0 Bye");
-    assert_eq!(backend.lines(), ["EHLO client.test", "QUIT"]);
+    assert_eq!(
+        backend.lines(),
+        ["EHLO client.test", "MAIL FROM:<a@x>", "QUIT"]
+    );
     assert!(backend.proxy_sources().is_empty());
 }
 
@@ -988,7 +1065,10 @@ fn allowlisted_source_is_never_limited() {
 fn observe_mode_refuses_nothing() {
     let backend = ScriptedBackend::start(Behaviour::default());
     let extra = "[limits]\nmax_failed_rcpt = 2\n\n[relay]\naccept = \"*@example.com\"\n";
-    let proxy = TestProxy::start(&config_with("observe", "none", backend.addr(), extra));
+    let proxy = started(
+        &backend,
+        &config_with("observe", "none", backend.addr(), extra),
+    );
     let mut c = Smtp::session(proxy.addr);
     expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
     for i in 1..=5 {
@@ -1042,7 +1122,7 @@ fn client_talking_before_the_greeting_gets_554() {
         greeting_delay: Duration::from_millis(300),
         ..Behaviour::default()
     });
-    let proxy = start(&backend, "");
+    let proxy = started(&backend, &on_connect(&config(backend.addr(), "")));
     let mut c = Smtp::open(proxy.addr);
     c.send(b"EHLO x\r\n");
     expect(&c.reply(), "554 5.5.1");
@@ -1244,7 +1324,7 @@ fn starttls_discards_pipelined_plaintext() {
         return;
     };
     let backend = ScriptedBackend::start(Behaviour::default());
-    let proxy = TestProxy::start(&tls.config(backend.addr()));
+    let proxy = started(&backend, &tls.config(backend.addr()));
     let out = python_client(
         proxy.addr.port(),
         &[
@@ -1285,7 +1365,7 @@ fn starttls_forgets_the_plaintext_envelope() {
         return;
     };
     let backend = ScriptedBackend::start(Behaviour::default());
-    let proxy = TestProxy::start(&tls.config(backend.addr()));
+    let proxy = started(&backend, &tls.config(backend.addr()));
     let out = python_client(
         proxy.addr.port(),
         &[
@@ -1319,7 +1399,7 @@ fn auth_waits_for_starttls_when_the_proxy_has_a_certificate() {
         return;
     };
     let backend = ScriptedBackend::start(Behaviour::default());
-    let proxy = TestProxy::start(&tls.config(backend.addr()));
+    let proxy = started(&backend, &tls.config(backend.addr()));
     let good = base64_encode(b"\0user\0secret");
     let auth = format!(">AUTH PLAIN {good}");
     let out = python_client(
@@ -1377,7 +1457,7 @@ fn auth_requires_tls_false_offers_auth_in_plaintext() {
         "{}\n[smtp]\nauth_requires_tls = false\n",
         tls.config(backend.addr())
     );
-    let proxy = TestProxy::start(&config);
+    let proxy = started(&backend, &config);
     let mut c = Smtp::session(proxy.addr);
     let good = base64_encode(b"\0user\0secret");
     expect(&c.cmd(&format!("AUTH PLAIN {good}")), "235 ");
@@ -1544,8 +1624,11 @@ fn a_harvester_that_reconnects_or_mixes_in_valid_recipients_is_blocked() {
 fn sessions_over_max_sessions_get_421_and_a_freed_slot_serves_again() {
     let backend = ScriptedBackend::start(Behaviour::default());
     let proxy = start(&backend, "[smtp]\nmax_sessions = 2\n");
-    let first = Smtp::session(proxy.addr);
-    let _second = Smtp::session(proxy.addr);
+    // Both sessions are senders (a MAIL accepted): none may be shed.
+    let mut first = Smtp::session(proxy.addr);
+    let mut second = Smtp::session(proxy.addr);
+    expect(&first.cmd("MAIL FROM:<a@x>"), "250 ");
+    expect(&second.cmd("MAIL FROM:<b@x>"), "250 ");
     let (mut third, greeting) = Smtp::connect(proxy.addr);
     expect(&greeting, "421 4.3.2");
     assert!(third.closed());
@@ -1761,6 +1844,7 @@ fn helo_names_are_judged_and_relayed_in_one_canonical_spelling() {
     }
     assert!(!backend.stream().to_ascii_lowercase().contains("dynamic"));
     expect(&c.cmd("EHLO Mail.Client.Example."), "250");
+    expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
     assert!(
         backend_saw(&backend, "EHLO mail.client.example"),
         "the backend reads the name the proxy judged: {:?}",
@@ -1803,4 +1887,346 @@ fn too_many_refused_lines_end_the_session() {
     }
     expect(&c.cmd("TURN"), "421 4.7.0");
     assert!(c.closed());
+}
+
+// -- 15. The backend connection is earned (backend.connect = "on-mail") ----
+
+/// How many times `reason` was counted as a rejection or shed session.
+fn rejections(proxy: &TestProxy, reason: &str) -> u64 {
+    proxy
+        .ctx
+        .stats
+        .rejections()
+        .into_iter()
+        .find(|(name, _)| *name == reason)
+        .map_or(0, |(_, n)| n)
+}
+
+#[test]
+fn sessions_that_only_talk_never_reach_the_backend() {
+    // The zombie's whole repertoire: EHLO, HELO, NOOP, RSET, HELP, VRFY,
+    // refused lines, QUIT. None of it is worth a backend process.
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "");
+    let mut zombies: Vec<Smtp> = (0..5).map(|_| Smtp::session(proxy.addr)).collect();
+    for z in &mut zombies {
+        assert_eq!(z.cmd("NOOP"), "250 2.0.0 Ok");
+        assert_eq!(z.cmd("RSET"), "250 2.0.0 Ok");
+        expect(&z.cmd("HELP"), "214 ");
+        expect(&z.cmd("HELO client.test"), "250 backend.test");
+        expect(&z.cmd("VRFY alice"), "252 ");
+        expect(&z.cmd("RCPT TO:<alice@example.com>"), "503 ");
+        expect(&z.cmd("DATA"), "503 ");
+        expect(&z.cmd("BDAT 10 LAST"), "502 ");
+    }
+    for mut z in zombies {
+        assert_eq!(z.cmd("QUIT"), "221 2.0.0 Bye");
+    }
+    assert_eq!(backend.connections(), 0, "{:?}", backend.lines());
+    assert!(backend.lines().is_empty());
+}
+
+#[test]
+fn the_ehlo_reply_comes_from_the_probe_filtered_as_before() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[smtp]\nmax_message_size = \"1MB\"\n");
+    let (mut c, greeting) = Smtp::connect(proxy.addr);
+    assert_eq!(greeting, "220 backend.test ESMTP", "the backend's greeting");
+    let ehlo = c.cmd("EHLO client.test");
+    let lines: Vec<&str> = ehlo.lines().map(|l| &l[4..]).collect();
+    assert_eq!(lines[0], "backend.test");
+    for kept in [
+        "PIPELINING",
+        "SIZE 1000000",
+        "ENHANCEDSTATUSCODES",
+        "8BITMIME",
+        "DSN",
+        "SMTPUTF8",
+        "AUTH PLAIN LOGIN",
+    ] {
+        assert!(lines.contains(&kept), "{kept} missing: {ehlo}");
+    }
+    for dropped in [
+        "XCLIENT", "XFORWARD", "CHUNKING", "STARTTLS", "ETRN", "VRFY",
+    ] {
+        assert!(!ehlo.contains(dropped), "{dropped} offered: {ehlo}");
+    }
+    assert_eq!(backend.connections(), 0);
+}
+
+#[test]
+fn the_backend_is_connected_at_mail_with_the_identity_and_the_helo() {
+    let backend = ScriptedBackend::start(Behaviour {
+        expect_proxy_v2: true,
+        ..Behaviour::default()
+    });
+    let proxy = started(
+        &backend,
+        &config_with("enforce", "proxy-v2", backend.addr(), ""),
+    );
+    let mut c = Smtp::session(proxy.addr);
+    let client = c.local_addr();
+    assert_eq!(c.cmd("NOOP"), "250 2.0.0 Ok");
+    expect(&c.cmd("EHLO Client.Test."), "250");
+    assert_eq!(backend.connections(), 0);
+    assert_eq!(proxy.ctx.backend_slots.in_use(), 0);
+    expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
+    assert_eq!(backend.connections(), 1);
+    assert_eq!(proxy.ctx.backend_slots.in_use(), 1);
+    assert_eq!(backend.proxy_sources(), vec![client]);
+    assert_eq!(backend.lines(), ["EHLO client.test", "MAIL FROM:<a@x>"]);
+    // Once connected, the session's commands are relayed as before.
+    assert_eq!(c.cmd("NOOP"), "250 2.0.0 Ok");
+    expect(&c.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    assert_eq!(c.cmd("QUIT"), "221 2.0.0 Bye");
+    assert!(backend.wait_idle(WAIT));
+    assert!(backend_saw(&backend, "NOOP"));
+    let end = Instant::now() + WAIT;
+    while proxy.ctx.backend_slots.in_use() > 0 && Instant::now() < end {
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        proxy.ctx.backend_slots.in_use(),
+        0,
+        "the slot is given back"
+    );
+}
+
+#[test]
+fn a_helo_client_is_replayed_with_helo() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "");
+    let (mut c, _) = Smtp::connect(proxy.addr);
+    expect(&c.cmd("HELO Old.Client."), "250 ");
+    expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
+    assert_eq!(backend.lines(), ["HELO old.client", "MAIL FROM:<a@x>"]);
+}
+
+#[test]
+fn a_backend_refusing_at_mail_gives_its_own_reply_never_a_250() {
+    // A backend that refuses every session (its greeting is a 554): the
+    // probe fails, the proxy greets by itself, and the client's MAIL gets
+    // the backend's refusal.
+    let backend = ScriptedBackend::start(Behaviour {
+        greeting: "554 5.3.2 backend.test Service unavailable".into(),
+        ..Behaviour::default()
+    });
+    let proxy = start(&backend, "");
+    let (mut c, greeting) = Smtp::connect(proxy.addr);
+    expect(&greeting, "220 ");
+    let ehlo = c.cmd("EHLO client.test");
+    expect(&ehlo, "250");
+    assert!(
+        !ehlo.contains("AUTH"),
+        "no AUTH before the backend is known: {ehlo}"
+    );
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@x>"),
+        "554 5.3.2 backend.test Service unavailable"
+    );
+    // The envelope did not start.
+    expect(&c.cmd("RCPT TO:<alice@example.com>"), "503 ");
+    assert_eq!(c.cmd("QUIT"), "221 2.0.0 Bye");
+
+    // A 421 greeting: the client gets that 421 and is disconnected.
+    let busy = ScriptedBackend::start(Behaviour {
+        greeting: "421 4.3.2 backend.test Too busy".into(),
+        ..Behaviour::default()
+    });
+    let proxy = start(&busy, "");
+    let mut c = Smtp::session(proxy.addr);
+    assert_eq!(c.cmd("MAIL FROM:<a@x>"), "421 4.3.2 backend.test Too busy");
+    assert!(c.closed());
+
+    // No backend at all: 421 4.3.0 at MAIL, never earlier.
+    let dead = dead_address();
+    let proxy = TestProxy::start(&config(dead.addr, ""));
+    let mut c = Smtp::session(proxy.addr);
+    assert_eq!(c.cmd("NOOP"), "250 2.0.0 Ok");
+    expect(&c.cmd("MAIL FROM:<a@x>"), "421 4.3.0");
+    assert!(c.closed());
+}
+
+#[test]
+fn a_backend_refusing_the_helo_at_mail_gives_its_own_reply() {
+    let backend = ScriptedBackend::start(Behaviour::failing("EHLO client", FailMode::Reply421));
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@x>"),
+        limiter_tests::scripted::BACKEND_421
+    );
+    assert!(c.closed());
+}
+
+#[test]
+fn auth_earns_the_connection_only_when_the_backend_offers_auth() {
+    let plain = base64_encode(b"\0user\0secret");
+    let backend = ScriptedBackend::start(Behaviour::default().without_capability("AUTH"));
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    expect(&c.cmd(&format!("AUTH PLAIN {plain}")), "503 5.5.1");
+    assert_eq!(backend.connections(), 0);
+
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    expect(&c.cmd(&format!("AUTH PLAIN {plain}")), "235 ");
+    assert_eq!(backend.connections(), 1);
+    assert!(backend_saw(&backend, "AUTH PLAIN"));
+}
+
+#[test]
+fn relayed_verbs_earn_the_connection() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(
+        &backend,
+        "[smtp]\nvrfy = \"relay\"\nrelay_verbs = [\"ETRN\"]\n",
+    );
+    let mut c = Smtp::session(proxy.addr);
+    let reply = c.cmd("VRFY alice");
+    assert_eq!(backend.connections(), 1, "{reply}");
+    assert!(backend_saw(&backend, "VRFY alice"));
+    c.cmd("ETRN example.com");
+    assert!(backend_saw(&backend, "ETRN example.com"));
+}
+
+// -- 16. Backend slots shared fairly ---------------------------------------
+
+const FLOODER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+const SENDER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
+
+#[test]
+fn a_source_holding_every_slot_cannot_starve_another_sources_mail() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    // /32 groups: 127.0.0.2 and 127.0.0.3 are two networks here.
+    let proxy = started(
+        &backend,
+        &config(backend.addr(), "").replace(
+            "connect_timeout = \"2s\"\n",
+            "connect_timeout = \"2s\"\nmax_connections = 2\nslot_wait = \"4s\"\nfair_share_prefix_v4 = 32\n",
+        ),
+    );
+    // The flooder earns both slots, then queues for a third.
+    let mut held: Vec<Smtp> = (0..2)
+        .map(|_| {
+            let mut s = Smtp::session_from(proxy.addr, FLOODER);
+            expect(&s.cmd("MAIL FROM:<f@x>"), "250 ");
+            s
+        })
+        .collect();
+    assert_eq!(proxy.ctx.backend_slots.in_use(), 2);
+    let mut queued = Smtp::session_from(proxy.addr, FLOODER);
+    queued.send(b"MAIL FROM:<f@x>\r\n");
+    let end = Instant::now() + WAIT;
+    while proxy.ctx.backend_slots.waiting() < 1 && Instant::now() < end {
+        thread::sleep(Duration::from_millis(10));
+    }
+    // The sender comes after it.
+    let mut sender = Smtp::session_from(proxy.addr, SENDER);
+    sender.send(b"MAIL FROM:<s@y>\r\n");
+    while proxy.ctx.backend_slots.waiting() < 2 && Instant::now() < end {
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(proxy.ctx.backend_slots.waiting(), 2);
+    // One of the flooder's connections ends: the slot goes to the sender,
+    // although the flooder queued first (it holds its share already).
+    let mut first = held.remove(0);
+    assert_eq!(first.cmd("QUIT"), "221 2.0.0 Bye");
+    let started = Instant::now();
+    expect(&sender.reply(), "250 ");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    expect(&sender.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    // The flooder's queued session waits out backend.slot_wait: 421 4.3.2.
+    expect(&queued.reply(), "421 4.3.2");
+    assert!(queued.closed());
+    assert!(rejections(&proxy, "backend-slot-timeout") >= 1);
+    assert!(proxy.ctx.backend_slots.timeouts.load(Ordering::Relaxed) >= 1);
+    assert!(proxy.ctx.backend_slots.waits.load(Ordering::Relaxed) >= 2);
+}
+
+#[test]
+fn the_wait_for_a_backend_slot_is_bounded() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = started(
+        &backend,
+        &config(backend.addr(), "").replace(
+            "connect_timeout = \"2s\"\n",
+            "connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"500ms\"\n",
+        ),
+    );
+    let mut holder = Smtp::session(proxy.addr);
+    expect(&holder.cmd("MAIL FROM:<a@x>"), "250 ");
+    let mut late = Smtp::session(proxy.addr);
+    let started = Instant::now();
+    expect(&late.cmd("MAIL FROM:<b@x>"), "421 4.3.2");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert!(late.closed());
+    assert_eq!(backend.connections(), 1);
+    // The holder is unaffected.
+    expect(&holder.cmd("RCPT TO:<alice@example.com>"), "250 ");
+}
+
+// -- 17. Shedding under pressure -------------------------------------------
+
+#[test]
+fn too_many_commands_before_mail_end_the_session() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[smtp]\nmax_commands_before_mail = 4\n");
+    let mut zombie = Smtp::session(proxy.addr);
+    for _ in 0..3 {
+        assert_eq!(zombie.cmd("NOOP"), "250 2.0.0 Ok");
+    }
+    expect(&zombie.cmd("NOOP"), "421 4.7.0");
+    assert!(zombie.closed());
+    assert_eq!(rejections(&proxy, "too-many-commands"), 1);
+    // A sender is not limited once its MAIL was accepted.
+    let mut sender = Smtp::session(proxy.addr);
+    expect(&sender.cmd("MAIL FROM:<a@x>"), "250 ");
+    for _ in 0..10 {
+        assert_eq!(sender.cmd("NOOP"), "250 2.0.0 Ok");
+    }
+    assert_eq!(backend.connections(), 1);
+}
+
+#[test]
+fn at_the_session_cap_the_oldest_idle_session_makes_room() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[smtp]\nmax_sessions = 3\n");
+    let mut oldest = Smtp::session(proxy.addr);
+    let mut sender = Smtp::session(proxy.addr);
+    expect(&sender.cmd("MAIL FROM:<a@x>"), "250 ");
+    let mut younger = Smtp::session(proxy.addr);
+    // Full: the newcomer is served, the oldest idle one without a MAIL goes
+    // (the sender, although older than `younger`, is never shed).
+    let mut newcomer = Smtp::session(proxy.addr);
+    expect(&oldest.reply(), "421 4.3.2");
+    assert!(oldest.closed());
+    assert_eq!(rejections(&proxy, "shed-idle"), 1);
+    assert_eq!(younger.cmd("NOOP"), "250 2.0.0 Ok");
+    expect(&sender.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    assert_eq!(newcomer.cmd("NOOP"), "250 2.0.0 Ok");
+    // The next newcomer sheds `younger`.
+    let _next = Smtp::session(proxy.addr);
+    expect(&younger.reply(), "421 4.3.2");
+    assert_eq!(rejections(&proxy, "shed-idle"), 2);
+}
+
+#[test]
+fn under_stress_idle_sessions_without_mail_get_a_short_timeout() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(
+        &backend,
+        "[smtp]\nmax_sessions = 4\nstress_threshold = 0.5\nstress_command_timeout = \"1s\"\ncommand_timeout = \"20s\"\n",
+    );
+    let mut sender = Smtp::session(proxy.addr);
+    expect(&sender.cmd("MAIL FROM:<a@x>"), "250 ");
+    let mut idle = Smtp::session(proxy.addr);
+    // Two of four sessions open: under stress.
+    let started = Instant::now();
+    expect(&idle.reply(), "421 4.4.2");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(rejections(&proxy, "stress-timeout") >= 1);
+    // The sender keeps its RFC timeout.
+    expect(&sender.cmd("RCPT TO:<alice@example.com>"), "250 ");
 }

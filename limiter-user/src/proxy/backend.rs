@@ -38,10 +38,22 @@ pub enum BackendError {
     Io(#[from] std::io::Error),
     #[error("malformed reply: {0}")]
     Malformed(String),
-    #[error("greeting refused: {0}")]
-    Greeting(String),
+    /// The backend greeted with something else than 220: the reply, for
+    /// the client to get faithfully.
+    #[error("greeting refused: {} {}", .0.code, .0.text())]
+    Greeting(Reply),
     #[error("XCLIENT refused: {0}")]
     Xclient(String),
+    /// The backend refused XCLIENT: its reply.
+    #[error("XCLIENT refused: {} {} (is the proxy in the backend's smtpd_authorized_xclient_hosts?)", .0.code, .0.text())]
+    XclientRefused(Reply),
+    /// The backend refused the client's HELO/EHLO replayed on a new
+    /// connection: its reply.
+    #[error("HELO refused: {} {}", .0.code, .0.text())]
+    HeloRefused(Reply),
+    /// No backend slot came free within `backend.slot_wait`.
+    #[error("no backend slot free within {0:?}")]
+    NoSlot(Duration),
     #[error("TLS to the backend: {0}")]
     Tls(String),
 }
@@ -73,6 +85,8 @@ pub struct Backend {
     buffer: BytesMut,
     parser: ReplyParser,
     reply_timeout: Duration,
+    /// The backend slot this connection holds (given back when it closes).
+    slot: Option<super::slots::SlotGuard>,
 }
 
 /// Largest chunk read from the backend at once.
@@ -80,14 +94,15 @@ const READ_CHUNK: usize = 16 * 1024;
 
 impl Backend {
     /// Connects, sends a PROXY header if configured, and reads the greeting.
-    /// Returns the backend and its greeting (a 220 reply).
+    /// Returns the backend and its greeting (a 220 reply). `identity` is the
+    /// client's address and the one it reached the proxy on; `None` (the
+    /// probe session) names the proxy's own connection instead.
     ///
     /// # Errors
     /// Unreachable, slow, or a greeting other than 220.
     pub async fn connect(
         settings: &BackendSettings,
-        client: SocketAddr,
-        local: SocketAddr,
+        identity: Option<(SocketAddr, SocketAddr)>,
     ) -> Result<(Self, Reply), BackendError> {
         let addr = settings.address;
         let stream = timeout(settings.connect_timeout, TcpStream::connect(addr))
@@ -98,11 +113,16 @@ impl Backend {
             })?
             .map_err(|source| BackendError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
+        let (client, local) = match identity {
+            Some(pair) => pair,
+            None => (stream.local_addr()?, stream.peer_addr()?),
+        };
         let mut backend = Self {
             stream: MaybeTls::Plain(stream),
             buffer: BytesMut::with_capacity(4096),
             parser: ReplyParser::default(),
             reply_timeout: settings.reply_timeout,
+            slot: None,
         };
         match settings.identity {
             Identity::ProxyV2 => {
@@ -119,7 +139,7 @@ impl Backend {
         }
         let greeting = backend.read_reply().await?;
         if greeting.code != 220 {
-            return Err(BackendError::Greeting(greeting.lines.join(" ")));
+            return Err(BackendError::Greeting(greeting));
         }
         if let Some((connector, hostname)) = &settings.tls {
             backend = backend.starttls(connector, hostname).await?;
@@ -231,13 +251,14 @@ impl Backend {
         self.send(command.as_bytes()).await?;
         let reply = self.read_reply().await?;
         if reply.code != 220 {
-            return Err(BackendError::Xclient(format!(
-                "{} {} (is the proxy in the backend's smtpd_authorized_xclient_hosts?)",
-                reply.code,
-                reply.lines.join(" ")
-            )));
+            return Err(BackendError::XclientRefused(reply));
         }
         Ok(())
+    }
+
+    /// Makes this connection hold `slot` until it closes.
+    pub fn hold_slot(&mut self, slot: super::slots::SlotGuard) {
+        self.slot = Some(slot);
     }
 
     /// Ends the session politely, without waiting long for the answer.

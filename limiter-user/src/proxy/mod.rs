@@ -3,8 +3,11 @@
 
 pub mod backend;
 pub mod blocks;
+pub mod capabilities;
 pub mod identity;
 pub mod session;
+pub mod shed;
+pub mod slots;
 pub mod tls;
 
 use std::{
@@ -27,7 +30,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
-    config::{self, Config, Smtp, TlsMode},
+    config::{self, BackendConnect, Config, Smtp, TlsMode},
     kernel::Datapath,
     policy::{BlockOrder, ConnectVerdict, Policy, PolicyState},
     smtp::reply::Reply,
@@ -46,6 +49,12 @@ pub struct Settings {
     pub hostname: String,
     /// AUTH waits for TLS ([`Config::auth_requires_tls`]).
     pub auth_requires_tls: bool,
+    /// When sessions get their backend connection (`backend.connect`).
+    pub connect: BackendConnect,
+    /// Longest wait for a backend slot (`backend.slot_wait`).
+    pub slot_wait: std::time::Duration,
+    /// How often the backend's capabilities are probed.
+    pub probe_interval: std::time::Duration,
 }
 
 impl Settings {
@@ -72,6 +81,9 @@ impl Settings {
             },
             hostname,
             auth_requires_tls: config.auth_requires_tls(),
+            connect: config.backend.connect,
+            slot_wait: config.backend.slot_wait,
+            probe_interval: config.backend.probe_interval,
         })
     }
 }
@@ -213,6 +225,13 @@ pub struct ProxyContext {
     /// before anything else (the TLS handshake of an implicit-TLS listener
     /// included) and held until the session ends.
     pub session_slots: Arc<tokio::sync::Semaphore>,
+    /// Backend connections open at once (`backend.max_connections`),
+    /// shared fairly between source networks.
+    pub backend_slots: Arc<slots::BackendSlots>,
+    /// Sessions that may be shed when `smtp.max_sessions` is reached.
+    pub sessions: Arc<shed::Sessions>,
+    /// The backend's greeting and EHLO capabilities, learned by probing.
+    pub capabilities: capabilities::Capabilities,
 }
 
 impl ProxyContext {
@@ -241,7 +260,32 @@ impl ProxyContext {
             session_slots: Arc::new(tokio::sync::Semaphore::new(
                 usize::try_from(config.smtp.max_sessions).unwrap_or(usize::MAX),
             )),
+            backend_slots: Arc::new(slots::BackendSlots::new(
+                usize::try_from(config.backend.max_connections).unwrap_or(usize::MAX),
+                config.backend.fair_share_prefix_v4,
+                config
+                    .backend
+                    .fair_share_prefix_v6
+                    .unwrap_or(config.limits.ipv6_prefix),
+            )),
+            sessions: Arc::new(shed::Sessions::default()),
+            capabilities: capabilities::Capabilities::default(),
         })
+    }
+
+    /// Whether the proxy is under stress: open sessions at or over
+    /// `smtp.stress_threshold` of `smtp.max_sessions`, or every backend
+    /// slot in use. Sessions without a MAIL then get short timeouts.
+    pub fn stressed(&self) -> bool {
+        let smtp = &self.settings.smtp;
+        let open = self.stats.sessions_open.load(Ordering::Relaxed) as f64;
+        open >= smtp.stress_threshold * f64::from(smtp.max_sessions) || self.backend_slots.full()
+    }
+
+    /// Counts and logs a session shed under pressure.
+    pub fn count_shed(&self, source: std::net::IpAddr, reason: &'static str) {
+        self.stats.count_rejection(reason);
+        tracing::info!(source = %source, reason, action = "shed", "session shed under pressure");
     }
 
     /// The policy in force.
@@ -350,6 +394,9 @@ pub async fn serve(
         accepts.spawn(accept_loop(bound, tx));
         accepts.spawn(dispatch(ctx, rx, session_stop));
     }
+    if ctx.settings.connect == BackendConnect::OnMail {
+        accepts.spawn(capabilities::run_probes(ctx.clone()));
+    }
     let _ = shutdown.wait_for(|stop| *stop).await;
     accepts.abort_all();
     tracing::info!(grace = %humantime::format_duration(ctx.settings.smtp.shutdown_grace), "stopping: no new sessions");
@@ -396,18 +443,44 @@ async fn dispatch(
 ) {
     while let Some((stream, peer, tls)) = rx.recv().await {
         let ctx = ctx.clone();
+        let stop = stop.clone();
         let Ok(slot) = ctx.session_slots.clone().try_acquire_owned() else {
-            tracing::info!(source = %peer.ip().to_canonical(), reason = "too-many-sessions", action = "defer", "session cap reached (smtp.max_sessions)");
-            ctx.stats.count_rejection("too-many-sessions");
-            tokio::spawn(async move { refuse(&ctx, stream, &Reply::too_many_sessions()).await });
+            // At the cap: the oldest idle session that never had a MAIL
+            // accepted makes room, if there is one.
+            if ctx.sessions.shed_oldest_idle() {
+                tokio::spawn(async move {
+                    let freed =
+                        tokio::time::timeout(SHED_WAIT, ctx.session_slots.clone().acquire_owned())
+                            .await;
+                    match freed {
+                        Ok(Ok(slot)) => {
+                            handle_connection(ctx, stream, peer, tls, stop).await;
+                            drop(slot);
+                        }
+                        _ => too_many_sessions(&ctx, stream, peer).await,
+                    }
+                });
+                continue;
+            }
+            tokio::spawn(async move { too_many_sessions(&ctx, stream, peer).await });
             continue;
         };
-        let stop = stop.clone();
         tokio::spawn(async move {
             handle_connection(ctx, stream, peer, tls, stop).await;
             drop(slot);
         });
     }
+}
+
+/// How long a new client waits for the session that was shed to make room
+/// for it to end.
+const SHED_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Refuses a client because `smtp.max_sessions` are open.
+async fn too_many_sessions(ctx: &ProxyContext, stream: TcpStream, peer: SocketAddr) {
+    tracing::info!(source = %peer.ip().to_canonical(), reason = "too-many-sessions", action = "defer", "session cap reached (smtp.max_sessions)");
+    ctx.stats.count_rejection("too-many-sessions");
+    refuse(ctx, stream, &Reply::too_many_sessions()).await;
 }
 
 /// Answers a connection that is refused at accept, within

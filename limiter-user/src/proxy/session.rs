@@ -4,9 +4,24 @@
 //! Every command is read whole, judged by the policy where it has a say,
 //! relayed to the backend, and the backend's reply relayed back (filtered for
 //! EHLO). Commands are handled one at a time, so replies always come back in
-//! order, pipelined or not. The proxy answers by itself only when it refuses
+//! order, pipelined or not. The proxy answers by itself when it refuses
 //! something or the backend failed; it never answers 250 to the end of DATA
 //! unless the backend did.
+//!
+//! The backend connection is earned (`backend.connect = "on-mail"`): until
+//! the first MAIL FROM the policy accepts, the proxy greets with what the
+//! probe learned ([`super::capabilities`]) and answers EHLO/HELO, NOOP,
+//! RSET, HELP and QUIT itself. The connection opens (taking a fair backend
+//! slot, [`super::slots`]) at that MAIL, at AUTH when the backend offers
+//! AUTH, at a relayed VRFY/EXPN or extension verb; the client's identity and
+//! canonical HELO reach the backend first, exactly as with
+//! `"on-connect"`. A backend that refuses then gives the client its own
+//! reply to the command, never a 250.
+//!
+//! Under pressure a session that has not had a MAIL accepted is shed: past
+//! `smtp.max_commands_before_mail`, at `smtp.stress_command_timeout` when
+//! the proxy is stressed, or when a new client needs its place at
+//! `smtp.max_sessions` ([`super::shed`]).
 
 use std::{
     future::Future,
@@ -24,11 +39,12 @@ use tokio::{
 
 use super::{
     backend::{Backend, BackendError},
+    shed::Registration,
     tls::ClientStream,
     ProxyContext,
 };
 use crate::{
-    config::{Identity, Vrfy},
+    config::{BackendConnect, Identity, Vrfy},
     filters::{
         message::{self, HeaderEdits},
         Envelope as FilterEnvelope, Filters, MessageScan, Outcome,
@@ -44,7 +60,7 @@ use crate::{
             Param, RcptTo, Verb,
         },
         data::{DataProgress, DataScanner},
-        ehlo::{filter_ehlo, parse_capabilities, EhloOptions},
+        ehlo::{default_capabilities, ehlo_hostname, filter_ehlo, parse_capabilities, EhloOptions},
         helo::canonical_helo,
         line::{LineError, LineReader},
         reply::Reply,
@@ -85,6 +101,8 @@ enum Input {
     Shutdown,
     /// The source was blocked while this session was open.
     Blocked,
+    /// The session was shed to make room for a new client.
+    Shed,
 }
 
 /// The HELO/EHLO the client gave.
@@ -154,6 +172,13 @@ pub struct Session<S> {
     /// Lines refused without being relayed (bad syntax, unknown verbs);
     /// past `smtp.max_errors` the session ends.
     errors: u32,
+    /// Commands read before the first accepted MAIL FROM.
+    commands_before_mail: u32,
+    /// A MAIL FROM was accepted in this session (by the backend).
+    mail_accepted: bool,
+    /// This session's place among those that may be shed; left at the
+    /// first accepted MAIL FROM.
+    registration: Option<Registration>,
     _connection: ConnectionGuard,
 }
 
@@ -168,6 +193,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let blocked_nets = ctx.blocked_nets.subscribe();
+        let registration = Some(ctx.sessions.register());
         Self {
             lines: LineReader::new(MAX_AUTH_LINE),
             ctx,
@@ -186,6 +212,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             summary: SessionSummary::default(),
             closing: false,
             errors: 0,
+            commands_before_mail: 0,
+            mail_accepted: false,
+            registration,
             _connection: connection,
         }
     }
@@ -215,12 +244,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.summary
     }
 
+    fn earns_backend(&self) -> bool {
+        self.ctx.settings.connect == BackendConnect::OnMail
+    }
+
+    /// The greeting: the backend's, relayed (`"on-connect"`), or the one the
+    /// probe learned (`"on-mail"`; the proxy's own until a probe succeeds).
+    async fn greeting(&mut self) -> Result<Reply, BackendError> {
+        if self.earns_backend() {
+            let learned = self
+                .ctx
+                .capabilities
+                .after_first_probe(self.ctx.settings.backend.connect_timeout)
+                .await;
+            return Ok(learned.map_or_else(
+                || Reply::greeting(&self.ctx.settings.hostname),
+                |l| l.greeting,
+            ));
+        }
+        self.connect_backend().await
+    }
+
     async fn dialogue(&mut self) -> &'static str {
-        let greeting = match self.connect_backend().await {
+        let greeting = match self.greeting().await {
             Ok(greeting) => greeting,
             Err(e) => {
                 tracing::warn!(source = %self.peer.ip(), error = %e, "backend unavailable at connect");
-                let _ = self.reply(&Reply::backend_unavailable()).await;
+                let reply = if matches!(e, BackendError::NoSlot(_)) {
+                    self.ctx.count_shed(self.source(), "backend-slot-timeout");
+                    Reply::no_backend_slot()
+                } else {
+                    Reply::backend_unavailable()
+                };
+                let _ = self.reply(&reply).await;
                 return "backend-unavailable";
             }
         };
@@ -264,6 +320,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let _ = self.reply(&Reply::blocked("your address is blocked")).await;
                     return "blocked";
                 }
+                Input::Shed => {
+                    self.ctx.count_shed(self.source(), "shed-idle");
+                    let _ = self.reply(&Reply::shed_idle()).await;
+                    return "shed";
+                }
             };
             match self.handle(&line).await {
                 Ok(Flow::Continue) if self.closing => return "closed",
@@ -284,6 +345,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// here and never relayed: the backend could read it as another command
     /// than the one the proxy would judge.
     async fn handle(&mut self, line: &[u8]) -> std::io::Result<Flow> {
+        if !self.mail_accepted {
+            self.commands_before_mail = self.commands_before_mail.saturating_add(1);
+            if self.commands_before_mail > self.ctx.settings.smtp.max_commands_before_mail {
+                self.ctx.count_shed(self.source(), "too-many-commands");
+                self.reply(&Reply::too_many_commands_before_mail()).await?;
+                return Ok(Flow::Close);
+            }
+        }
         let command = match parse_command_line(line) {
             Ok(command) => command,
             Err(error) => {
@@ -309,8 +378,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.reply(&Reply::auth_requires_tls()).await?;
                 Ok(Flow::Continue)
             }
+            // AUTH needs the backend (it checks the credentials): it earns
+            // the connection, if the backend offers AUTH at all.
+            Verb::Auth
+                if self.backend.is_none()
+                    && self.earns_backend()
+                    && !self.backend_offers_auth() =>
+            {
+                self.reply(&Reply::auth_not_enabled()).await?;
+                Ok(Flow::Continue)
+            }
             Verb::Auth => self.auth(line).await,
             Verb::StartTls => self.starttls(&command.args).await,
+            // Before the backend connection is earned, the proxy answers
+            // these itself.
+            Verb::Rset | Verb::Noop | Verb::Help
+                if self.backend.is_none() && self.earns_backend() =>
+            {
+                let reply = match command.verb {
+                    Verb::Help => Reply::help(),
+                    _ => Reply::ok(),
+                };
+                if command.verb == Verb::Rset {
+                    self.envelope = Envelope::default();
+                }
+                self.reply(&reply).await?;
+                Ok(Flow::Continue)
+            }
             Verb::Rset => {
                 let flow = self.relay_and_answer(line).await?;
                 self.envelope = Envelope::default();
@@ -394,6 +488,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .any(|verb| verb.as_bytes().eq_ignore_ascii_case(word))
     }
 
+    /// Whether the backend offered AUTH to the probe.
+    fn backend_offers_auth(&self) -> bool {
+        self.ctx
+            .capabilities
+            .learned()
+            .is_some_and(|l| parse_capabilities(&l.ehlo).iter().any(|c| c == "AUTH"))
+    }
+
     /// Whether AUTH may be offered and used now: not before STARTTLS when
     /// it must wait for TLS (`smtp.auth_requires_tls`).
     fn auth_allowed(&self) -> bool {
@@ -427,20 +529,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 guard
             }
         };
-        let client_line = format!("{} {name}", if esmtp { "EHLO" } else { "HELO" }).into_bytes();
-        if self.backend.is_none() {
-            if let Err(e) = self.connect_backend().await {
-                return self.backend_failed(e).await;
+        let reply = if self.backend.is_none() && self.earns_backend() {
+            // Answered from what the probe learned; the backend hears this
+            // name when the session earns its connection.
+            let learned = self.ctx.capabilities.learned().map(|l| l.ehlo);
+            let ehlo = learned.unwrap_or_else(|| default_capabilities(&self.ctx.settings.hostname));
+            if esmtp {
+                ehlo
+            } else {
+                Reply::helo_ok(ehlo_hostname(&ehlo).unwrap_or(&self.ctx.settings.hostname))
             }
-        }
-        if self.ctx.settings.backend.identity == Identity::Xclient && !self.xclient_sent {
-            if let Err(e) = self.send_xclient(&name, esmtp).await {
-                return self.backend_failed(e).await;
+        } else {
+            let client_line =
+                format!("{} {name}", if esmtp { "EHLO" } else { "HELO" }).into_bytes();
+            if self.backend.is_none() {
+                if let Err(e) = self.connect_backend().await {
+                    return self.backend_failed(e).await;
+                }
             }
-        }
-        let reply = match self.backend_command(&client_line).await {
-            Ok(reply) => reply,
-            Err(e) => return self.backend_failed(e).await,
+            if self.ctx.settings.backend.identity == Identity::Xclient && !self.xclient_sent {
+                if let Err(e) = self.send_xclient(&name, esmtp).await {
+                    return self.backend_failed(e).await;
+                }
+            }
+            match self.backend_command(&client_line).await {
+                Ok(reply) => reply,
+                Err(e) => return self.backend_failed(e).await,
+            }
         };
         let reply = if esmtp && reply.code == 250 {
             filter_ehlo(
@@ -536,6 +651,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 sender: mail.sender,
                 recipients: Vec::new(),
             };
+            // A sender: no longer among the sessions shed under pressure.
+            self.mail_accepted = true;
+            self.registration = None;
         }
         self.reply(&reply).await?;
         Ok(Flow::Continue)
@@ -969,7 +1087,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 // them); anything else cancels the exchange.
                 Input::Line(answer) if check_sasl_response(&answer).is_ok() => answer,
                 Input::Line(_) | Input::TooLong | Input::Nul => b"*".to_vec(),
-                Input::Closed | Input::Timeout | Input::Shutdown | Input::Blocked => {
+                Input::Closed | Input::Timeout | Input::Shutdown | Input::Blocked | Input::Shed => {
                     return Ok(Flow::Close)
                 }
             };
@@ -1084,17 +1202,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         );
     }
 
+    /// Opens the backend connection: a backend slot (waiting fairly for at
+    /// most `backend.slot_wait`), the connection, the identity header, the
+    /// greeting. Returns the greeting.
     async fn connect_backend(&mut self) -> Result<Reply, BackendError> {
-        let (backend, greeting) =
-            Backend::connect(&self.ctx.settings.backend, self.peer, self.local).await?;
+        let wait = self.ctx.settings.slot_wait;
+        let slot = self
+            .ctx
+            .backend_slots
+            .acquire(self.source(), wait)
+            .await
+            .map_err(|_| BackendError::NoSlot(wait))?;
+        let (mut backend, greeting) =
+            Backend::connect(&self.ctx.settings.backend, Some((self.peer, self.local))).await?;
+        backend.hold_slot(slot);
         self.backend = Some(backend);
         self.xclient_sent = false;
         Ok(greeting)
     }
 
-    /// Sends a command to the backend, reconnecting first if the previous
-    /// connection was dropped (after an aborted message); the client's
-    /// HELO is replayed on the new connection.
+    /// Sends a command to the backend, connecting first if the session has
+    /// no connection (not earned yet, or dropped after an aborted message);
+    /// the client's HELO is replayed on the new connection, and a backend
+    /// that refuses it gives the client its reply
+    /// ([`BackendError::HeloRefused`]).
     async fn backend_command(&mut self, line: &[u8]) -> Result<Reply, BackendError> {
         if self.backend.is_none() {
             self.connect_backend().await?;
@@ -1104,9 +1235,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 let verb = if helo.1 { "EHLO" } else { "HELO" };
                 let backend = self.backend.as_mut().ok_or(BackendError::Closed)?;
-                backend
+                let reply = backend
                     .command(format!("{verb} {}", helo.0).as_bytes())
                     .await?;
+                if !reply.is_positive_completion() {
+                    return Err(BackendError::HeloRefused(reply));
+                }
             }
         }
         let backend = self.backend.as_mut().ok_or(BackendError::Closed)?;
@@ -1123,12 +1257,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
+    /// The backend failed or refused the session: the client gets the
+    /// backend's own refusal when there is one (a greeting, XCLIENT or HELO
+    /// refused with a 4xx/5xx), `421 4.3.2` when no backend slot came free,
+    /// `421 4.3.0` otherwise. Never a 250.
     async fn backend_failed(&mut self, error: BackendError) -> std::io::Result<Flow> {
-        tracing::warn!(source = %self.peer.ip(), error = %error, "backend failed");
-        self.ctx.stats.count_backend_error();
         self.backend = None;
-        self.reply(&Reply::backend_unavailable()).await?;
-        Ok(Flow::Close)
+        let reply = match &error {
+            BackendError::NoSlot(_) => {
+                self.ctx.count_shed(self.source(), "backend-slot-timeout");
+                Reply::no_backend_slot()
+            }
+            BackendError::Greeting(reply) | BackendError::HeloRefused(reply)
+                if reply.is_transient() || reply.is_permanent() =>
+            {
+                tracing::info!(source = %self.peer.ip(), error = %error, "backend refused the session");
+                reply.clone()
+            }
+            // A refused XCLIENT is the proxy's configuration: a 5xx would
+            // bounce the client's mail for good.
+            BackendError::XclientRefused(reply) if reply.is_transient() => {
+                tracing::warn!(source = %self.peer.ip(), error = %error, "backend refused the session");
+                reply.clone()
+            }
+            _ => {
+                tracing::warn!(source = %self.peer.ip(), error = %error, "backend failed");
+                self.ctx.stats.count_backend_error();
+                Reply::backend_unavailable()
+            }
+        };
+        let close = reply.code == 421;
+        self.reply(&reply).await?;
+        Ok(if close { Flow::Close } else { Flow::Continue })
     }
 
     /// Ends the backend's transaction (`RSET`) when it must not go on: a
@@ -1218,8 +1378,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn read_line(&mut self) -> Input {
-        let limit = self.ctx.settings.smtp.command_timeout;
+        let smtp = &self.ctx.settings.smtp;
+        let shed = self.registration.as_ref().map(|r| r.entry.clone());
         loop {
+            // Under stress, a session without a MAIL gets a short timeout.
+            let stress = !self.mail_accepted
+                && smtp.stress_command_timeout < smtp.command_timeout
+                && self.ctx.stressed();
+            let limit = if stress {
+                smtp.stress_command_timeout
+            } else {
+                smtp.command_timeout
+            };
             if let Some(result) = self.lines.next_line(&mut self.input) {
                 return match result {
                     // A bare CR could end the line early at some backend.
@@ -1233,19 +1403,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Input::Closed;
             };
             self.input.reserve(READ_CHUNK);
-            tokio::select! {
+            let shed_order = async {
+                match &shed {
+                    Some(entry) => entry.shed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            if let Some(entry) = &shed {
+                entry.set_idle(true);
+            }
+            let read = tokio::select! {
                 read = timeout(limit, client.read_buf(&mut self.input)) => match read {
-                    Ok(Ok(0)) | Ok(Err(_)) => return Input::Closed,
-                    Ok(Ok(_)) => {}
-                    Err(_) => return Input::Timeout,
+                    Ok(Ok(0)) | Ok(Err(_)) => Some(Input::Closed),
+                    Ok(Ok(_)) => None,
+                    Err(_) => {
+                        if stress {
+                            self.ctx.count_shed(self.peer.ip(), "stress-timeout");
+                        }
+                        Some(Input::Timeout)
+                    }
                 },
-                _ = self.shutdown.changed() => return Input::Shutdown,
+                () = shed_order => Some(Input::Shed),
+                _ = self.shutdown.changed() => Some(Input::Shutdown),
                 blocked = self.blocked_nets.recv() => match blocked {
-                    Ok(net) if net.contains(&self.peer.ip()) && self.ctx.policy().enforced() => return Input::Blocked,
+                    Ok(net) if net.contains(&self.peer.ip()) && self.ctx.policy().enforced() => Some(Input::Blocked),
                     // A missed block (lagging) is caught at this session's
                     // next connection; nothing else to do.
-                    _ => {}
+                    _ => None,
                 },
+            };
+            if let Some(entry) = &shed {
+                entry.set_idle(false);
+            }
+            if let Some(input) = read {
+                return input;
             }
         }
     }

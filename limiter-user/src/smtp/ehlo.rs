@@ -127,6 +127,34 @@ pub fn filter_ehlo(backend: &Reply, opts: &EhloOptions) -> Reply {
     }
 }
 
+/// The EHLO reply the proxy starts from while it has not learned the
+/// backend's capabilities yet: only what every SMTP server it may front
+/// follows (`PIPELINING`, `8BITMIME`, `ENHANCEDSTATUSCODES`), no `AUTH`.
+/// [`filter_ehlo`] adds `SIZE` and `STARTTLS`.
+#[must_use]
+pub fn default_capabilities(hostname: &str) -> Reply {
+    Reply {
+        code: 250,
+        lines: vec![
+            hostname.replace(['\r', '\n'], " "),
+            "PIPELINING".to_owned(),
+            "8BITMIME".to_owned(),
+            "ENHANCEDSTATUSCODES".to_owned(),
+        ],
+    }
+}
+
+/// The host name an EHLO reply starts with (its first word), for the
+/// proxy's own `250` to HELO.
+#[must_use]
+pub fn ehlo_hostname(reply: &Reply) -> Option<&str> {
+    reply
+        .lines
+        .first()
+        .and_then(|line| line.split_whitespace().next())
+        .filter(|name| !name.is_empty())
+}
+
 /// The capability keywords of an EHLO reply, upper-cased, without their
 /// parameters (`"SIZE 1000"` gives `"SIZE"`, `"AUTH=LOGIN"` gives `"AUTH"`),
 /// for the proxy to learn whether the backend offers `XCLIENT`, `STARTTLS`,

@@ -378,6 +378,59 @@ impl Reply {
     pub fn closing() -> Self {
         Self::new(221, "2.0.0 Bye")
     }
+
+    /// `250 2.0.0 Ok`: the proxy's own answer to NOOP and RSET before the
+    /// session has a backend connection.
+    #[must_use]
+    pub fn ok() -> Self {
+        Self::new(250, "2.0.0 Ok")
+    }
+
+    /// `250 <hostname>`: the answer to HELO.
+    #[must_use]
+    pub fn helo_ok(hostname: &str) -> Self {
+        Self::one_line(250, hostname)
+    }
+
+    /// `214 2.0.0`: the proxy's own answer to HELP before the session has a
+    /// backend connection.
+    #[must_use]
+    pub fn help() -> Self {
+        Self::new(
+            214,
+            "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT (RFC 5321)",
+        )
+    }
+
+    /// `503 5.5.1`: AUTH when the backend offers none.
+    #[must_use]
+    pub fn auth_not_enabled() -> Self {
+        Self::new(503, "5.5.1 Error: authentication not enabled")
+    }
+
+    /// `421 4.7.0`: more commands before MAIL FROM than
+    /// `smtp.max_commands_before_mail`; the connection is closed.
+    #[must_use]
+    pub fn too_many_commands_before_mail() -> Self {
+        Self::new(
+            421,
+            "4.7.0 Error: too many commands without a mail transaction",
+        )
+    }
+
+    /// `421 4.3.2`: the session is closed to make room for others (the
+    /// proxy is full and this session was idle without a transaction).
+    #[must_use]
+    pub fn shed_idle() -> Self {
+        Self::new(421, "4.3.2 Error: server busy, closing idle session")
+    }
+
+    /// `421 4.3.2`: every backend slot stayed in use for
+    /// `backend.slot_wait`; the client should retry.
+    #[must_use]
+    pub fn no_backend_slot() -> Self {
+        Self::new(421, "4.3.2 Error: server busy, try again later")
+    }
 }
 
 /// Why the backend's reply stream could not be read. After an error the

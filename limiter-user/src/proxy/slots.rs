@@ -1,0 +1,416 @@
+//! Backend slots shared fairly between sources (`backend.max_connections`).
+//!
+//! A slot is taken when a session opens its backend connection and given
+//! back when that connection closes ([`SlotGuard`] is dropped). When every
+//! slot is in use, a session that needs one waits ([`BackendSlots::acquire`])
+//! in a queue grouped by source network (IPv4 /`fair_share_prefix_v4`, IPv6
+//! /`fair_share_prefix_v6`). A freed slot goes round-robin to the waiting
+//! networks, skipping any that already holds its fair share (the slots
+//! divided by the networks waiting, at least one): a network with many
+//! sessions cannot starve another one's mail. No slot is left idle while
+//! someone waits (when every waiting network is over its share, the next in
+//! turn is served anyway). The queue is bounded by the sessions
+//! (`smtp.max_sessions`), each waiting at most once and at most
+//! `backend.slot_wait`.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use tokio::sync::oneshot;
+
+/// The slots and their queue.
+pub struct BackendSlots {
+    capacity: usize,
+    prefix_v4: u8,
+    prefix_v6: u8,
+    state: Mutex<SlotState>,
+    /// Sessions that had to wait for a slot.
+    pub waits: AtomicU64,
+    /// Sessions whose wait ended without a slot (`421 4.3.2`).
+    pub timeouts: AtomicU64,
+}
+
+#[derive(Default)]
+struct SlotState {
+    in_use: usize,
+    /// Slots held per source network.
+    held: HashMap<IpNet, usize>,
+    /// Networks with waiters, in turn order.
+    turns: VecDeque<IpNet>,
+    /// Waiters per network, oldest first.
+    waiting: HashMap<IpNet, VecDeque<Waiter>>,
+    next_id: u64,
+}
+
+struct Waiter {
+    id: u64,
+    tx: oneshot::Sender<SlotGuard>,
+}
+
+/// One backend slot, held by the backend connection it was taken for.
+pub struct SlotGuard {
+    slots: Arc<BackendSlots>,
+    group: IpNet,
+}
+
+impl std::fmt::Debug for SlotGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotGuard")
+            .field("group", &self.group)
+            .finish()
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.slots.release(self.group);
+    }
+}
+
+/// Why no slot was had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotError {
+    /// Every slot stayed in use for the whole `backend.slot_wait`.
+    Timeout,
+}
+
+/// Removes a waiter that gave up (timed out, or its session ended) from
+/// the queue.
+struct WaitEntry<'a> {
+    slots: &'a BackendSlots,
+    group: IpNet,
+    id: u64,
+}
+
+impl Drop for WaitEntry<'_> {
+    fn drop(&mut self) {
+        let mut state = self.slots.lock();
+        if let Some(queue) = state.waiting.get_mut(&self.group) {
+            queue.retain(|w| w.id != self.id);
+            if queue.is_empty() {
+                state.waiting.remove(&self.group);
+                state.turns.retain(|g| *g != self.group);
+            }
+        }
+    }
+}
+
+impl BackendSlots {
+    /// `capacity` slots (at least one); sources grouped by the prefixes.
+    #[must_use]
+    pub fn new(capacity: usize, prefix_v4: u8, prefix_v6: u8) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            prefix_v4: prefix_v4.clamp(1, 32),
+            prefix_v6: prefix_v6.clamp(1, 128),
+            state: Mutex::new(SlotState::default()),
+            waits: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The network `source` shares slots with.
+    #[must_use]
+    pub fn group(&self, source: IpAddr) -> IpNet {
+        let source = source.to_canonical();
+        let prefix = if source.is_ipv4() {
+            self.prefix_v4
+        } else {
+            self.prefix_v6
+        };
+        IpNet::new(source, prefix)
+            .map(|net| net.trunc())
+            .unwrap_or_else(|_| IpNet::from(source))
+    }
+
+    /// The number of slots.
+    #[must_use]
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Slots in use now.
+    #[must_use]
+    pub fn in_use(&self) -> usize {
+        self.lock().in_use
+    }
+
+    /// Sessions waiting for a slot now.
+    #[must_use]
+    pub fn waiting(&self) -> usize {
+        self.lock().waiting.values().map(VecDeque::len).sum()
+    }
+
+    /// Whether every slot is in use.
+    #[must_use]
+    pub fn full(&self) -> bool {
+        self.lock().in_use >= self.capacity
+    }
+
+    /// A slot at once, if one is free and nobody waits (the probe session).
+    #[must_use]
+    pub fn try_acquire(self: &Arc<Self>, source: IpAddr) -> Option<SlotGuard> {
+        let group = self.group(source);
+        let mut state = self.lock();
+        if state.in_use < self.capacity && state.turns.is_empty() {
+            state.in_use += 1;
+            *state.held.entry(group).or_default() += 1;
+            return Some(SlotGuard {
+                slots: self.clone(),
+                group,
+            });
+        }
+        None
+    }
+
+    /// A slot for a session of `source`: at once if one is free, else after
+    /// waiting its turn for at most `wait`.
+    ///
+    /// # Errors
+    /// [`SlotError::Timeout`]: no slot within `wait`.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        source: IpAddr,
+        wait: Duration,
+    ) -> Result<SlotGuard, SlotError> {
+        let group = self.group(source);
+        let (id, mut rx) = {
+            let mut state = self.lock();
+            if state.in_use < self.capacity && state.turns.is_empty() {
+                state.in_use += 1;
+                *state.held.entry(group).or_default() += 1;
+                return Ok(SlotGuard {
+                    slots: self.clone(),
+                    group,
+                });
+            }
+            let id = state.next_id;
+            state.next_id = state.next_id.wrapping_add(1);
+            let (tx, rx) = oneshot::channel();
+            if state.waiting.get(&group).is_none_or(VecDeque::is_empty) {
+                state.turns.push_back(group);
+            }
+            state
+                .waiting
+                .entry(group)
+                .or_default()
+                .push_back(Waiter { id, tx });
+            (id, rx)
+        };
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        let entry = WaitEntry {
+            slots: self,
+            group,
+            id,
+        };
+        let result = match tokio::time::timeout(wait, &mut rx).await {
+            Ok(Ok(guard)) => Ok(guard),
+            // Our sender went without a slot (cannot happen while we are
+            // queued), or the wait is over: a slot handed over at the last
+            // moment is still ours.
+            Ok(Err(_)) | Err(_) => {
+                rx.close();
+                rx.try_recv().map_err(|_| SlotError::Timeout)
+            }
+        };
+        drop(entry);
+        if result.is_err() {
+            self.timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Gives `group`'s slot back: to the next waiter in turn, or to the pool.
+    fn release(self: &Arc<Self>, group: IpNet) {
+        let handover = {
+            let mut state = self.lock();
+            if let Some(held) = state.held.get_mut(&group) {
+                *held = held.saturating_sub(1);
+                if *held == 0 {
+                    state.held.remove(&group);
+                }
+            }
+            state.in_use = state.in_use.saturating_sub(1);
+            self.next_waiter(&mut state).map(|(next, tx)| {
+                state.in_use += 1;
+                *state.held.entry(next).or_default() += 1;
+                (next, tx)
+            })
+        };
+        if let Some((next, tx)) = handover {
+            // A waiter that gave up meanwhile drops the guard it is sent,
+            // which gives the slot on again.
+            let _ = tx.send(SlotGuard {
+                slots: self.clone(),
+                group: next,
+            });
+        }
+    }
+
+    /// The waiter to serve next: round-robin over the waiting networks,
+    /// skipping those at or over their fair share; the first in turn when
+    /// all are.
+    fn next_waiter(&self, state: &mut SlotState) -> Option<(IpNet, oneshot::Sender<SlotGuard>)> {
+        loop {
+            if state.turns.is_empty() {
+                return None;
+            }
+            let share = (self.capacity / state.turns.len()).max(1);
+            let position = state
+                .turns
+                .iter()
+                .position(|g| state.held.get(g).copied().unwrap_or(0) < share)
+                .unwrap_or(0);
+            let group = state.turns.remove(position)?;
+            let Some(queue) = state.waiting.get_mut(&group) else {
+                continue;
+            };
+            let waiter = queue.pop_front();
+            if queue.is_empty() {
+                state.waiting.remove(&group);
+            } else {
+                state.turns.push_back(group);
+            }
+            match waiter {
+                Some(waiter) if !waiter.tx.is_closed() => return Some((group, waiter.tx)),
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn free_slots_are_taken_at_once_and_given_back() {
+        let slots = Arc::new(BackendSlots::new(2, 24, 64));
+        let a = slots
+            .acquire(ip("192.0.2.1"), Duration::from_millis(100))
+            .await;
+        let b = slots
+            .acquire(ip("192.0.2.2"), Duration::from_millis(100))
+            .await;
+        assert!(a.is_ok() && b.is_ok());
+        assert!(slots.full());
+        let c = slots
+            .acquire(ip("198.51.100.1"), Duration::from_millis(100))
+            .await;
+        assert_eq!(c.unwrap_err(), SlotError::Timeout);
+        assert_eq!(slots.timeouts.load(Ordering::Relaxed), 1);
+        assert_eq!(slots.waiting(), 0);
+        drop(a);
+        assert_eq!(slots.in_use(), 1);
+        drop(b);
+        assert_eq!(slots.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_network_over_its_share_waits_for_the_others() {
+        let slots = Arc::new(BackendSlots::new(4, 24, 64));
+        // The flooder's network holds every slot and queues more.
+        let mut held = Vec::new();
+        for i in 1..=4 {
+            held.push(
+                slots
+                    .acquire(ip(&format!("203.0.113.{i}")), Duration::from_millis(100))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let flood = {
+            let slots = slots.clone();
+            tokio::spawn(async move {
+                slots
+                    .acquire(ip("203.0.113.50"), Duration::from_secs(10))
+                    .await
+                    .map(|_guard| "flood")
+            })
+        };
+        tokio::task::yield_now().await;
+        let legit = {
+            let slots = slots.clone();
+            tokio::spawn(async move {
+                slots
+                    .acquire(ip("198.51.100.7"), Duration::from_secs(10))
+                    .await
+                    .map(|g| {
+                        std::mem::forget(g);
+                        "legit"
+                    })
+            })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(slots.waiting(), 2);
+        // One slot frees: the flooder was first in line, but holds 3 of 4
+        // with 2 networks waiting (share 2): the other network is served.
+        held.pop();
+        assert_eq!(legit.await.unwrap(), Ok("legit"));
+        assert_eq!(slots.waiting(), 1);
+        held.pop();
+        assert_eq!(flood.await.unwrap(), Ok("flood"));
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gives_up_passes_the_slot_on() {
+        let slots = Arc::new(BackendSlots::new(1, 24, 64));
+        let held = slots
+            .acquire(ip("192.0.2.1"), Duration::from_millis(100))
+            .await
+            .unwrap();
+        let quitter = {
+            let slots = slots.clone();
+            tokio::spawn(async move {
+                slots
+                    .acquire(ip("198.51.100.1"), Duration::from_millis(100))
+                    .await
+                    .map(|_| ())
+            })
+        };
+        let patient = {
+            let slots = slots.clone();
+            tokio::spawn(async move {
+                slots
+                    .acquire(ip("203.0.113.1"), Duration::from_secs(10))
+                    .await
+                    .map(std::mem::forget)
+            })
+        };
+        assert_eq!(quitter.await.unwrap(), Err(SlotError::Timeout));
+        drop(held);
+        assert_eq!(patient.await.unwrap(), Ok(()));
+        assert_eq!(slots.in_use(), 1);
+        assert_eq!(slots.waiting(), 0);
+    }
+
+    #[test]
+    fn sources_are_grouped_by_prefix() {
+        let slots = BackendSlots::new(1, 24, 48);
+        assert_eq!(slots.group(ip("192.0.2.77")).to_string(), "192.0.2.0/24");
+        assert_eq!(
+            slots.group(ip("::ffff:192.0.2.77")).to_string(),
+            "192.0.2.0/24"
+        );
+        assert_eq!(
+            slots.group(ip("2001:db8:1:2::5")).to_string(),
+            "2001:db8:1::/48"
+        );
+    }
+}
