@@ -38,8 +38,9 @@ fn ready(test: &str) -> bool {
     fixture::require(test, postfix::missing_prerequisite())
 }
 
-/// The proxy in front of `postfix`, with `backend` keys added.
-fn proxy(postfix: &Postfix, backend: &str) -> TestProxy {
+/// The proxy in front of `postfix`, with `backend` keys and `extra` tables
+/// added.
+fn proxy(postfix: &Postfix, backend: &str, extra: &str) -> TestProxy {
     TestProxy::start(&format!(
         r#"mode = "enforce"
 
@@ -54,6 +55,8 @@ connect_timeout = "2s"
 
 [kernel]
 mode = "off"
+
+{extra}
 "#,
         postfix.addr()
     ))
@@ -179,7 +182,7 @@ fn idle_zombies_never_reach_postfix_and_mail_still_flows() {
         ..PostfixOptions::default()
     })
     .expect("start Postfix");
-    let proxy = proxy(&postfix, "");
+    let proxy = proxy(&postfix, "", "");
     let mut zombies = zombies(proxy.addr);
 
     // The sender beside them is served at once.
@@ -230,6 +233,7 @@ fn with_the_backend_connected_at_accept_zombies_take_every_slot() {
     let proxy = proxy(
         &postfix,
         "connect = \"on-connect\"\nmax_connections = 20\nslot_wait = \"1s\"",
+        "",
     );
     let mut zombies: Vec<Client> = (0..20)
         .map(|i| {
@@ -246,4 +250,126 @@ fn with_the_backend_connected_at_accept_zombies_take_every_slot() {
     for z in &mut zombies {
         let _ = z.cmd("QUIT");
     }
+}
+
+/// Starts a Postfix that reads PROXY headers.
+fn postfix() -> Postfix {
+    Postfix::start(PostfixOptions {
+        proxy_protocol: true,
+        ..PostfixOptions::default()
+    })
+    .expect("start Postfix")
+}
+
+/// Polls `done` every 10 ms for up to [`WAIT`].
+fn wait_for(done: impl Fn() -> bool) -> bool {
+    let end = Instant::now() + WAIT;
+    while !done() {
+        if Instant::now() >= end {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+#[test]
+fn a_network_holding_every_slot_cannot_starve_another_networks_mail() {
+    if !ready("a_network_holding_every_slot_cannot_starve_another_networks_mail") {
+        return;
+    }
+    let postfix = postfix();
+    let proxy = proxy(&postfix, "max_connections = 4\nslot_wait = \"8s\"", "");
+    // One /24 (127.1.0.0/24) takes every slot with transactions in
+    // progress at Postfix, and queues one more.
+    let mut held: Vec<Client> = (1..=4)
+        .map(|host| {
+            let source = IpAddr::V4(Ipv4Addr::new(127, 1, 0, host));
+            let mut c = Client::connect(proxy.addr, source).expect("connect");
+            expect(&c.reply().expect("greeting"), "220 ");
+            expect(&c.cmd("EHLO flood.test").expect("EHLO"), "250");
+            expect(&c.cmd("MAIL FROM:<f@flood.test>").expect("MAIL"), "250 ");
+            c
+        })
+        .collect();
+    assert_eq!(proxy.ctx.backend_slots.in_use(), 4);
+    let mut queued =
+        Client::connect(proxy.addr, IpAddr::V4(Ipv4Addr::new(127, 1, 0, 5))).expect("connect");
+    expect(&queued.reply().expect("greeting"), "220 ");
+    expect(&queued.cmd("EHLO flood.test").expect("EHLO"), "250");
+    queued
+        .stream
+        .write_all(b"MAIL FROM:<f@flood.test>\r\n")
+        .expect("MAIL");
+    assert!(wait_for(|| proxy.ctx.backend_slots.waiting() == 1));
+    // The sender, from another network, queues after it.
+    let mut sender = Client::connect(proxy.addr, SENDER).expect("connect");
+    expect(&sender.reply().expect("greeting"), "220 ");
+    expect(&sender.cmd("EHLO sender.test").expect("EHLO"), "250");
+    sender
+        .stream
+        .write_all(b"MAIL FROM:<someone@sender.test>\r\n")
+        .expect("MAIL");
+    assert!(wait_for(|| proxy.ctx.backend_slots.waiting() == 2));
+    // A slot frees: it goes to the sender's network, which holds none.
+    let mut first = held.remove(0);
+    expect(&first.cmd("QUIT").expect("QUIT"), "221 ");
+    let started = Instant::now();
+    expect(&sender.reply().expect("MAIL"), "250 ");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(
+        proxy.ctx.backend_slots.waiting(),
+        1,
+        "the flooder still waits"
+    );
+    expect(
+        &sender.cmd("RCPT TO:<alice@example.com>").expect("RCPT"),
+        "250 ",
+    );
+    expect(&sender.cmd("DATA").expect("DATA"), "354 ");
+    expect(
+        &sender
+            .cmd("Subject: fair\r\n\r\nServed first.\r\n.")
+            .expect("end of DATA"),
+        "250 ",
+    );
+    expect(&sender.cmd("QUIT").expect("QUIT"), "221 ");
+    assert!(postfix.wait_delivered(1, WAIT), "{}", postfix.log());
+    // The sender's slot goes to the flooder's queued session: no slot
+    // stays idle while someone waits.
+    expect(&queued.reply().expect("MAIL"), "250 ");
+    assert!(
+        proxy
+            .ctx
+            .backend_slots
+            .waits
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+}
+
+#[test]
+fn at_the_session_cap_a_sender_displaces_the_oldest_idle_zombie() {
+    if !ready("at_the_session_cap_a_sender_displaces_the_oldest_idle_zombie") {
+        return;
+    }
+    let postfix = postfix();
+    let proxy = proxy(&postfix, "", "[smtp]\nmax_sessions = 30\n");
+    let mut zombies: Vec<Client> = (0..30)
+        .map(|i| {
+            let mut z = Client::connect(proxy.addr, zombie_source(i)).expect("zombie connects");
+            expect(&z.reply().expect("greeting"), "220 ");
+            expect(&z.cmd("EHLO zombie.test").expect("EHLO"), "250");
+            z
+        })
+        .collect();
+    // The proxy is full of idle zombies; the sender is served anyway…
+    expect(&send_one(proxy.addr), "250 ");
+    assert!(postfix.wait_delivered(1, WAIT), "{}", postfix.log());
+    // … because the oldest zombie made room.
+    expect(&zombies[0].reply().expect("shed"), "421 4.3.2");
+    for z in zombies.iter_mut().skip(1) {
+        expect(&z.cmd("NOOP").expect("NOOP"), "250 ");
+    }
+    assert!(!postfix.log().contains("[127.1."), "{}", postfix.log());
 }

@@ -2180,6 +2180,13 @@ fn too_many_commands_before_mail_end_the_session() {
     expect(&zombie.cmd("NOOP"), "421 4.7.0");
     assert!(zombie.closed());
     assert_eq!(rejections(&proxy, "too-many-commands"), 1);
+    // Lines refused before they are commands (a NUL byte) count too.
+    let mut garbage = Smtp::session(proxy.addr);
+    for _ in 0..3 {
+        expect(&garbage.cmd("NO\0OP"), "500 ");
+    }
+    expect(&garbage.cmd("NO\0OP"), "421 4.7.0");
+    assert!(garbage.closed());
     // A sender is not limited once its MAIL was accepted.
     let mut sender = Smtp::session(proxy.addr);
     expect(&sender.cmd("MAIL FROM:<a@x>"), "250 ");

@@ -293,16 +293,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return "client-lost";
         }
         loop {
-            let line = match self.read_line().await {
+            let input = self.read_line().await;
+            let line = match input {
                 Input::Line(line) => line,
-                Input::TooLong => {
-                    if self.reply(&Reply::line_too_long()).await.is_err() {
-                        return "client-lost";
+                Input::TooLong | Input::Nul => {
+                    let reply = if matches!(input, Input::TooLong) {
+                        Reply::line_too_long()
+                    } else {
+                        Reply::syntax_error()
+                    };
+                    match self.count_command_before_mail().await {
+                        Ok(Flow::Continue) => {}
+                        Ok(Flow::Close) => return "too-many-commands",
+                        Err(_) => return "client-lost",
                     }
-                    continue;
-                }
-                Input::Nul => {
-                    if self.reply(&Reply::syntax_error()).await.is_err() {
+                    if self.reply(&reply).await.is_err() {
                         return "client-lost";
                     }
                     continue;
@@ -344,7 +349,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// bytes, a verb followed by anything but a blank, bad UTF-8) is refused
     /// here and never relayed: the backend could read it as another command
     /// than the one the proxy would judge.
-    async fn handle(&mut self, line: &[u8]) -> std::io::Result<Flow> {
+    /// Counts a line read before the first accepted MAIL FROM; past
+    /// `smtp.max_commands_before_mail`, `421 4.7.0` and the end.
+    async fn count_command_before_mail(&mut self) -> std::io::Result<Flow> {
         if !self.mail_accepted {
             self.commands_before_mail = self.commands_before_mail.saturating_add(1);
             if self.commands_before_mail > self.ctx.settings.smtp.max_commands_before_mail {
@@ -352,6 +359,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.reply(&Reply::too_many_commands_before_mail()).await?;
                 return Ok(Flow::Close);
             }
+        }
+        Ok(Flow::Continue)
+    }
+
+    async fn handle(&mut self, line: &[u8]) -> std::io::Result<Flow> {
+        if self.count_command_before_mail().await? == Flow::Close {
+            return Ok(Flow::Close);
         }
         let command = match parse_command_line(line) {
             Ok(command) => command,
