@@ -2167,6 +2167,38 @@ fn the_wait_for_a_backend_slot_is_bounded() {
     expect(&holder.cmd("RCPT TO:<alice@example.com>"), "250 ");
 }
 
+#[test]
+fn a_sender_gives_its_slot_back_between_messages_when_others_wait() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = started(
+        &backend,
+        &config(backend.addr(), "").replace(
+            "connect_timeout = \"2s\"\n",
+            "connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"5s\"\n",
+        ),
+    );
+    let mut first = Smtp::session(proxy.addr);
+    expect(&first.cmd("MAIL FROM:<a@x>"), "250 ");
+    expect(&first.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    let mut second = Smtp::session(proxy.addr);
+    second.send(b"MAIL FROM:<b@x>\r\n");
+    let end = Instant::now() + WAIT;
+    while proxy.ctx.backend_slots.waiting() < 1 && Instant::now() < end {
+        thread::sleep(Duration::from_millis(10));
+    }
+    expect(&first.cmd("DATA"), "354 ");
+    expect(&first.cmd("Subject: one\r\n\r\nbody\r\n."), "250 ");
+    // The first session stays, but its slot went to the second.
+    expect(&second.reply(), "250 ");
+    expect(&second.cmd("RCPT TO:<bob@example.com>"), "250 ");
+    assert_eq!(first.cmd("NOOP"), "250 2.0.0 Ok");
+    assert_eq!(second.cmd("QUIT"), "221 2.0.0 Bye");
+    // The first one's next message earns a connection again.
+    expect(&first.cmd("MAIL FROM:<a@x>"), "250 ");
+    expect(&first.cmd("RCPT TO:<carol@example.com>"), "250 ");
+    assert_eq!(backend.connections(), 3);
+}
+
 // -- 17. Shedding under pressure -------------------------------------------
 
 #[test]

@@ -1071,9 +1071,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.ctx.stats.count_message();
                 }
                 self.reply(&reply).await?;
+                self.yield_backend_slot().await;
                 Ok(Flow::Continue)
             }
             Err(e) => self.backend_failed_in_transaction(e).await,
+        }
+    }
+
+    /// Between transactions, a session that earns its backend connection
+    /// gives it (and its slot) back when other sessions wait for one: its
+    /// next MAIL earns a connection again. A sender that keeps its session
+    /// open after a message does not hold a backend process others need.
+    async fn yield_backend_slot(&mut self) {
+        if self.earns_backend() && self.ctx.backend_slots.waiting() > 0 {
+            if let Some(backend) = self.backend.take() {
+                tracing::debug!(source = %self.peer.ip(), "backend slot given back between transactions");
+                backend.quit().await;
+            }
         }
     }
 
