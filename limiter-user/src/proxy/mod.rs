@@ -533,9 +533,7 @@ async fn handle_connection(
                         ctx.block(order);
                     }
                     let reply = match rejection.action {
-                        crate::policy::Action::RefuseAndClose => {
-                            Reply::new(554, "5.7.1 Service unavailable")
-                        }
+                        crate::policy::Action::RefuseAndClose => Reply::service_unavailable(),
                         _ => Reply::too_many_connections(),
                     };
                     refuse(&ctx, stream, &reply).await;

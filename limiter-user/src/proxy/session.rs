@@ -741,11 +741,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     );
                 }
                 if directory_refuses && enforced {
-                    let text = format!(
-                        "5.1.1 <{}>: Recipient address rejected: User unknown",
-                        rcpt.recipient
-                    );
-                    (Reply::new(550, &text), false)
+                    (Reply::unknown_recipient_named(&rcpt.recipient), false)
                 } else {
                     let reply = match self.backend_command(&rcpt_line(&rcpt)).await {
                         Ok(reply) => reply,
@@ -794,8 +790,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(Flow::Continue);
         }
         if self.envelope.recipients.is_empty() {
-            self.reply(&Reply::new(554, "5.5.1 Error: no valid recipients"))
-                .await?;
+            self.reply(&Reply::no_valid_recipients()).await?;
             return Ok(Flow::Continue);
         }
         let envelope = std::mem::take(&mut self.envelope);
@@ -950,12 +945,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             tracing::warn!(source = %self.peer.ip(), "filters.max_held reached: this message cannot be held for scanning");
             match scan.skip_no_memory() {
                 Some(edits) => edits,
-                None => {
-                    return Ok(MessageSink::Discard(Reply::new(
-                        451,
-                        "4.7.1 Message could not be scanned, try again later",
-                    )))
-                }
+                None => return Ok(MessageSink::Discard(Reply::not_scanned())),
             }
         };
         let (mut first, rest) = message::apply(&held.wire, &edits);
@@ -1150,7 +1140,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(Flow::Continue);
         };
         if !args.trim().is_empty() {
-            self.reply(&Reply::new(501, "5.5.4 Syntax: STARTTLS"))
+            self.reply(&Reply::bad_arguments("Syntax: STARTTLS"))
                 .await?;
             return Ok(Flow::Continue);
         }
@@ -1490,10 +1480,10 @@ fn rejection_reply(rejection: &Rejection) -> Reply {
         Reason::FilterRejects { .. } => "Error: too many rejected messages, try again later",
     };
     match rejection.action {
-        Action::DeferCommand => Reply::new(450, &format!("4.7.1 {text}")),
-        Action::RefuseCommand => Reply::new(550, &format!("5.7.1 {text}")),
-        Action::DeferAndClose => Reply::new(421, &format!("4.7.0 {text}")),
-        Action::RefuseAndClose => Reply::new(554, &format!("5.7.1 {text}")),
+        Action::DeferCommand => Reply::policy_deferred(text),
+        Action::RefuseCommand => Reply::policy_refused(text),
+        Action::DeferAndClose => Reply::policy_deferred_closing(text),
+        Action::RefuseAndClose => Reply::policy_refused_closing(text),
     }
 }
 

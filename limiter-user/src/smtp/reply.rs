@@ -218,6 +218,59 @@ impl Reply {
         Self::new(550, "5.1.1 Recipient address rejected: User unknown")
     }
 
+    /// `550 5.1.1 <address>: …`: the recipient is not in the directory of
+    /// valid recipients (CR/LF in `address` replaced by spaces).
+    #[must_use]
+    pub fn unknown_recipient_named(address: &str) -> Self {
+        Self::one_line(
+            550,
+            &format!("5.1.1 <{address}>: Recipient address rejected: User unknown"),
+        )
+    }
+
+    /// `554 5.5.1`: DATA without an accepted recipient.
+    #[must_use]
+    pub fn no_valid_recipients() -> Self {
+        Self::new(554, "5.5.1 Error: no valid recipients")
+    }
+
+    /// `451 4.7.1`: a message that cannot be held for the content filters
+    /// now (`filters.max_held` reached, failing closed).
+    #[must_use]
+    pub fn not_scanned() -> Self {
+        Self::new(451, "4.7.1 Message could not be scanned, try again later")
+    }
+
+    /// `554 5.7.1 Service unavailable`: refused at connect.
+    #[must_use]
+    pub fn service_unavailable() -> Self {
+        Self::new(554, "5.7.1 Service unavailable")
+    }
+
+    /// `450 4.7.1 <text>`: a policy defers this command.
+    #[must_use]
+    pub fn policy_deferred(text: &str) -> Self {
+        Self::one_line(450, &format!("4.7.1 {text}"))
+    }
+
+    /// `550 5.7.1 <text>`: a policy refuses this command.
+    #[must_use]
+    pub fn policy_refused(text: &str) -> Self {
+        Self::one_line(550, &format!("5.7.1 {text}"))
+    }
+
+    /// `421 4.7.0 <text>`: a policy defers and closes the session.
+    #[must_use]
+    pub fn policy_deferred_closing(text: &str) -> Self {
+        Self::one_line(421, &format!("4.7.0 {text}"))
+    }
+
+    /// `554 5.7.1 <text>`: a policy refuses and closes the session.
+    #[must_use]
+    pub fn policy_refused_closing(text: &str) -> Self {
+        Self::one_line(554, &format!("5.7.1 {text}"))
+    }
+
     /// `450 4.7.1`: too many null-sender (`MAIL FROM:<>`) messages from this
     /// source lately.
     #[must_use]
