@@ -1,0 +1,43 @@
+//! AUTH: relayed to the backend (which checks the credentials), SASL
+//! challenges and answers included; failures counted toward the AUTH limit.
+
+use super::*;
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    pub(super) async fn auth(&mut self, line: &[u8]) -> std::io::Result<Flow> {
+        let mut reply = match self.backend_command(line).await {
+            Ok(reply) => reply,
+            Err(e) => return self.backend_failed(e).await,
+        };
+        // SASL exchanges: relay each 334 challenge and the client's answer.
+        while reply.code == 334 {
+            self.reply(&reply).await?;
+            let answer = match self.read_line().await {
+                // Only base64 or "*" reach the backend (as Postfix reads
+                // them); anything else cancels the exchange.
+                Input::Line(answer) if check_sasl_response(&answer).is_ok() => answer,
+                Input::Line(_) | Input::TooLong | Input::Nul => b"*".to_vec(),
+                Input::Closed | Input::Timeout | Input::Shutdown | Input::Blocked | Input::Shed => {
+                    return Ok(Flow::Close)
+                }
+            };
+            reply = match self.backend_command(&answer).await {
+                Ok(reply) => reply,
+                Err(e) => return self.backend_failed(e).await,
+            };
+        }
+        if reply.code == 535 {
+            if let Some(decision) =
+                self.ctx
+                    .policy()
+                    .auth_failed(&self.ctx.state, self.source(), Instant::now())
+            {
+                if let Some(flow) = self.refuse(&decision.verdict, decision.enforced).await? {
+                    return Ok(flow);
+                }
+            }
+        }
+        self.reply(&reply).await?;
+        Ok(Flow::Continue)
+    }
+}

@@ -1,0 +1,147 @@
+//! The backend link: a fair backend slot, the connection with the client's
+//! identity and HELO, commands relayed, and what the client is told when the
+//! backend fails or refuses.
+
+use super::*;
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// XCLIENT needs an EHLO first (to learn that the backend offers it);
+    /// afterwards the backend greets anew and the client's own EHLO follows.
+    pub(super) async fn send_xclient(
+        &mut self,
+        helo: &str,
+        esmtp: bool,
+    ) -> Result<(), BackendError> {
+        let (peer, proxy_name) = (self.peer, self.ctx.settings.hostname.clone());
+        let backend = self.backend.as_mut().ok_or(BackendError::Closed)?;
+        let ehlo = backend
+            .command(format!("EHLO {proxy_name}").as_bytes())
+            .await?;
+        if !parse_capabilities(&ehlo).iter().any(|c| c == "XCLIENT") {
+            return Err(BackendError::Xclient(
+                "the backend does not offer XCLIENT to the proxy (smtpd_authorized_xclient_hosts)"
+                    .into(),
+            ));
+        }
+        backend.xclient(peer, Some(helo), esmtp).await?;
+        self.xclient_sent = true;
+        Ok(())
+    }
+
+    /// Opens the backend connection: a backend slot (waiting fairly for at
+    /// most `backend.slot_wait`), the connection, the identity header, the
+    /// greeting. Returns the greeting.
+    pub(super) async fn connect_backend(&mut self) -> Result<Reply, BackendError> {
+        let wait = self.ctx.settings.slot_wait;
+        let slot = self
+            .ctx
+            .backend_slots
+            .acquire(self.source(), wait)
+            .await
+            .map_err(|_| BackendError::NoSlot(wait))?;
+        let (mut backend, greeting) =
+            Backend::connect(&self.ctx.settings.backend, Some((self.peer, self.local))).await?;
+        backend.hold_slot(slot);
+        self.backend = Some(backend);
+        self.xclient_sent = false;
+        Ok(greeting)
+    }
+
+    /// Sends a command to the backend, connecting first if the session has
+    /// no connection (not earned yet, or dropped after an aborted message);
+    /// the client's HELO is replayed on the new connection, and a backend
+    /// that refuses it gives the client its reply
+    /// ([`BackendError::HeloRefused`]).
+    pub(super) async fn backend_command(&mut self, line: &[u8]) -> Result<Reply, BackendError> {
+        if self.backend.is_none() {
+            self.connect_backend().await?;
+            if let Some(helo) = self.helo.as_ref().map(|h| (h.name.clone(), h.esmtp)) {
+                if self.ctx.settings.backend.identity == Identity::Xclient {
+                    self.send_xclient(&helo.0, helo.1).await?;
+                }
+                let verb = if helo.1 { "EHLO" } else { "HELO" };
+                let backend = self.backend.as_mut().ok_or(BackendError::Closed)?;
+                let reply = backend
+                    .command(format!("{verb} {}", helo.0).as_bytes())
+                    .await?;
+                if !reply.is_positive_completion() {
+                    return Err(BackendError::HeloRefused(reply));
+                }
+            }
+        }
+        let backend = self.backend.as_mut().ok_or(BackendError::Closed)?;
+        let started = Instant::now();
+        let reply = backend.command(line).await;
+        self.ctx.stats.backend_latency.record(started.elapsed());
+        reply
+    }
+
+    pub(super) async fn backend_send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        match self.backend.as_mut() {
+            Some(backend) => backend.send(bytes).await,
+            None => Err(BackendError::Closed),
+        }
+    }
+
+    /// The backend failed or refused the session: the client gets the
+    /// backend's own refusal when there is one (a greeting, XCLIENT or HELO
+    /// refused with a 4xx/5xx), `421 4.3.2` when no backend slot came free,
+    /// `421 4.3.0` otherwise. Never a 250.
+    pub(super) async fn backend_failed(&mut self, error: BackendError) -> std::io::Result<Flow> {
+        self.backend = None;
+        let reply = match &error {
+            BackendError::NoSlot(_) => {
+                self.ctx.count_shed(self.source(), "backend-slot-timeout");
+                Reply::no_backend_slot()
+            }
+            BackendError::Greeting(reply) | BackendError::HeloRefused(reply)
+                if reply.is_transient() || reply.is_permanent() =>
+            {
+                tracing::info!(source = %self.peer.ip(), error = %error, "backend refused the session");
+                reply.clone()
+            }
+            // A refused XCLIENT is the proxy's configuration: a 5xx would
+            // bounce the client's mail for good.
+            BackendError::XclientRefused(reply) if reply.is_transient() => {
+                tracing::warn!(source = %self.peer.ip(), error = %error, "backend refused the session");
+                reply.clone()
+            }
+            _ => {
+                tracing::warn!(source = %self.peer.ip(), error = %error, "backend failed");
+                self.ctx.stats.count_backend_error();
+                Reply::backend_unavailable()
+            }
+        };
+        let close = reply.code == 421;
+        self.reply(&reply).await?;
+        Ok(if close { Flow::Close } else { Flow::Continue })
+    }
+
+    /// Ends the backend's transaction (`RSET`) when it must not go on: a
+    /// refused message, a new TLS state. A backend that fails it is dropped
+    /// (a later command reconnects).
+    pub(super) async fn reset_backend_transaction(&mut self) {
+        if let Some(backend) = self.backend.as_mut() {
+            if backend.command(b"RSET").await.is_err() {
+                self.backend = None;
+            }
+        }
+    }
+
+    /// The backend failed during a message: counted, logged, connection
+    /// dropped (a later command reconnects).
+    pub(super) fn note_backend_error(&mut self, error: &BackendError) {
+        tracing::warn!(source = %self.peer.ip(), error = %error, "backend failed during a message; not acknowledged");
+        self.ctx.stats.count_backend_error();
+        self.backend = None;
+    }
+
+    pub(super) async fn backend_failed_in_transaction(
+        &mut self,
+        error: BackendError,
+    ) -> std::io::Result<Flow> {
+        self.note_backend_error(&error);
+        self.reply(&Reply::backend_lost_in_transaction()).await?;
+        Ok(Flow::Close)
+    }
+}

@@ -1,0 +1,322 @@
+//! DATA: the message streamed to the backend, or held for the content
+//! filters; the end of DATA answered only as the backend answered it.
+
+use super::*;
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    pub(super) async fn data(&mut self, line: &[u8]) -> std::io::Result<Flow> {
+        // DATA goes to the backend only inside a transaction the proxy saw
+        // and judged, in this TLS state: never under an envelope given
+        // before STARTTLS, never without an accepted recipient.
+        if !self.envelope.active {
+            self.reply(&Reply::bad_sequence_because("need MAIL command"))
+                .await?;
+            return Ok(Flow::Continue);
+        }
+        if self.envelope.recipients.is_empty() {
+            self.reply(&Reply::no_valid_recipients()).await?;
+            return Ok(Flow::Continue);
+        }
+        let envelope = std::mem::take(&mut self.envelope);
+        let sink = match self.ctx.filters.clone() {
+            // With content filters the backend gets DATA only once the
+            // verdicts are in: the proxy takes the message itself.
+            Some(filters) => {
+                let scan = filters.start(self.filter_envelope(envelope, &filters));
+                self.reply(&Reply::start_mail_input()).await?;
+                MessageSink::Held {
+                    scan,
+                    held: HeldMessage::default(),
+                }
+            }
+            None => {
+                let reply = match self.backend_command(line).await {
+                    Ok(reply) => reply,
+                    Err(e) => return self.backend_failed(e).await,
+                };
+                self.reply(&reply).await?;
+                if reply.code != 354 {
+                    return Ok(Flow::Continue);
+                }
+                MessageSink::Backend
+            }
+        };
+        self.receive_message(sink).await
+    }
+
+    /// Reads the message after DATA's 354 to its end marker, sending it on
+    /// as `sink` says, and answers the end of DATA.
+    pub(super) async fn receive_message(&mut self, mut sink: MessageSink) -> std::io::Result<Flow> {
+        let smtp = &self.ctx.settings.smtp;
+        let (max_size, data_timeout) = (smtp.max_message_size, smtp.data_timeout);
+        let mut scanner = DataScanner::new(smtp.max_data_line_length);
+        let mut out = Vec::with_capacity(READ_CHUNK + 8);
+        loop {
+            out.clear();
+            let progress = scanner.feed(&self.input, &mut out);
+            let consumed = match progress {
+                DataProgress::NeedMore => self.input.len(),
+                DataProgress::End { consumed } | DataProgress::Violation { consumed, .. } => {
+                    consumed
+                }
+            };
+            self.input.advance(consumed);
+            if scanner.message_size() > max_size && !matches!(sink, MessageSink::Discard(_)) {
+                // Over the limit: the backend must not store a truncated
+                // message, so its connection goes (it aborts the transaction).
+                if matches!(sink, MessageSink::Backend) {
+                    self.backend = None;
+                }
+                sink = MessageSink::Discard(Reply::message_too_big());
+            }
+            let end = matches!(progress, DataProgress::End { .. });
+            sink = match sink {
+                MessageSink::Backend => match self.backend_send(&out).await {
+                    Ok(()) => MessageSink::Backend,
+                    Err(e) => return self.backend_failed_in_transaction(e).await,
+                },
+                MessageSink::Held { scan, held } => {
+                    let pending = scanner.pending_marker_len();
+                    self.hold(scan, held, &out, end, pending, scanner.message_size())
+                        .await?
+                }
+                discard @ MessageSink::Discard(_) => discard,
+            };
+            match progress {
+                DataProgress::NeedMore => {}
+                DataProgress::End { .. } => {
+                    return match sink {
+                        MessageSink::Backend => self.end_of_data().await,
+                        MessageSink::Held { scan, held } => self.judge_message(scan, held).await,
+                        MessageSink::Discard(reply) => {
+                            // The backend may still hold the envelope of a
+                            // message it never got.
+                            self.reset_backend_transaction().await;
+                            self.reply(&reply).await?;
+                            Ok(Flow::Continue)
+                        }
+                    };
+                }
+                DataProgress::Violation { kind, .. } => {
+                    // Never let the backend see a message whose end the two
+                    // sides could read differently (SMTP smuggling).
+                    self.backend = None;
+                    tracing::info!(source = %self.peer.ip(), violation = ?kind, action = "reject", "invalid line ending in DATA");
+                    self.ctx.stats.count_rejection("bare-newline");
+                    self.reply(&kind.reply()).await?;
+                    return Ok(Flow::Close);
+                }
+            }
+            match self.read_more(data_timeout).await {
+                Ok(0) => {
+                    // The client left mid-message: the backend must not keep it.
+                    self.backend = None;
+                    return Ok(Flow::Close);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.backend = None;
+                    if e.kind() == std::io::ErrorKind::TimedOut {
+                        self.reply(&Reply::timeout()).await?;
+                    }
+                    return Ok(Flow::Close);
+                }
+            }
+        }
+    }
+
+    /// Holds the next piece of a message being scanned (`wire`, ending with
+    /// the end marker if `end`) and feeds it to the scanners. The end marker
+    /// may arrive split over several reads: `held` keeps every byte as on
+    /// the wire, and the scanners get only what is certainly content (not
+    /// the last `pending` bytes, which may start the marker; the marker
+    /// itself never). A message that grows past `filters.max_size` goes on
+    /// unscanned from here: DATA to the backend, what was held, and the rest
+    /// as it comes.
+    pub(super) async fn hold(
+        &mut self,
+        mut scan: MessageScan,
+        mut held: HeldMessage,
+        wire: &[u8],
+        end: bool,
+        pending: usize,
+        message_size: u64,
+    ) -> std::io::Result<MessageSink> {
+        let too_large = self
+            .ctx
+            .filters
+            .as_ref()
+            .is_some_and(|f| message_size > f.max_size());
+        let edits = if too_large {
+            tracing::info!(source = %self.peer.ip(), size = message_size, "message too large to scan: passed on unscanned");
+            scan.skip_too_large()
+        } else if scan.reserve(wire.len()) {
+            held.wire.extend_from_slice(wire);
+            let content_end = if end {
+                held.wire.len().saturating_sub(END_MARKER.len())
+            } else {
+                held.wire.len().saturating_sub(pending)
+            };
+            if let Some(content) = held.wire.get(held.fed..content_end) {
+                scan.feed(content).await;
+                held.fed = content_end;
+            }
+            if end {
+                held.wire.truncate(content_end);
+            }
+            return Ok(MessageSink::Held { scan, held });
+        } else {
+            tracing::warn!(source = %self.peer.ip(), "filters.max_held reached: this message cannot be held for scanning");
+            match scan.skip_no_memory() {
+                Some(edits) => edits,
+                None => return Ok(MessageSink::Discard(Reply::not_scanned())),
+            }
+        };
+        let (mut first, rest) = message::apply(&held.wire, &edits);
+        first.extend_from_slice(held.wire.get(rest..).unwrap_or_default());
+        first.extend_from_slice(wire);
+        Ok(match self.open_backend_data().await {
+            Ok(()) => match self.backend_send(&first).await {
+                Ok(()) => MessageSink::Backend,
+                Err(e) => {
+                    self.note_backend_error(&e);
+                    MessageSink::Discard(Reply::backend_lost_in_transaction())
+                }
+            },
+            Err(reply) => MessageSink::Discard(reply),
+        })
+    }
+
+    /// Sends DATA to the backend for a message the proxy holds. The reply
+    /// to give the client instead, if the backend does not say 354.
+    pub(super) async fn open_backend_data(&mut self) -> Result<(), Reply> {
+        match self.backend_command(b"DATA").await {
+            Ok(reply) if reply.code == 354 => Ok(()),
+            Ok(reply) => Err(reply),
+            Err(e) => {
+                self.note_backend_error(&e);
+                Err(Reply::backend_lost_in_transaction())
+            }
+        }
+    }
+
+    /// Waits for the scanners' verdicts on a held message and acts on them.
+    ///
+    /// `scan` lives to the end: the message's memory stays counted against
+    /// `filters.max_held` until the backend has it all.
+    pub(super) async fn judge_message(
+        &mut self,
+        mut scan: MessageScan,
+        held: HeldMessage,
+    ) -> std::io::Result<Flow> {
+        let held = held.wire;
+        let outcome = scan.finish().await;
+        let content_reject = outcome.is_content_reject();
+        let enforced = self.ctx.policy().enforced();
+        let edits = match outcome {
+            Outcome::Deliver { edits, label } => {
+                tracing::info!(source = %self.peer.ip(), verdict = label, "content filters");
+                edits
+            }
+            Outcome::Refuse {
+                reply,
+                label,
+                detail,
+            } => {
+                tracing::info!(
+                    source = %self.peer.ip(),
+                    verdict = label,
+                    detail = %detail,
+                    action = if enforced { "reject" } else { "would-reject" },
+                    "content filters"
+                );
+                self.ctx.stats.count_rejection(label);
+                if !enforced {
+                    // Observe mode: the message goes on as it came.
+                    return self.deliver_held(&held, &HeaderEdits::default()).await;
+                }
+                self.reset_backend_transaction().await;
+                self.reply(&reply).await?;
+                if content_reject {
+                    if let Some(decision) = self.ctx.policy().filter_rejected(
+                        &self.ctx.state,
+                        self.source(),
+                        Instant::now(),
+                    ) {
+                        self.log_decision(&decision.verdict, decision.enforced);
+                        if let Some(order) = &decision.verdict.block {
+                            self.ctx.block(order);
+                        }
+                        return Ok(Flow::Close);
+                    }
+                }
+                return Ok(Flow::Continue);
+            }
+        };
+        self.deliver_held(&held, &edits).await
+    }
+
+    /// Sends a held message, with `edits`, to the backend and relays its
+    /// answer to the end of DATA.
+    pub(super) async fn deliver_held(
+        &mut self,
+        held: &[u8],
+        edits: &HeaderEdits,
+    ) -> std::io::Result<Flow> {
+        if let Err(reply) = self.open_backend_data().await {
+            self.reply(&reply).await?;
+            return Ok(Flow::Continue);
+        }
+        let (head, rest) = message::apply(held, edits);
+        for part in [&head[..], &held[rest..], END_MARKER] {
+            if let Err(e) = self.backend_send(part).await {
+                return self.backend_failed_in_transaction(e).await;
+            }
+        }
+        self.end_of_data().await
+    }
+
+    /// Reads the backend's answer to the end of DATA and relays it.
+    pub(super) async fn end_of_data(&mut self) -> std::io::Result<Flow> {
+        let reply = match self.backend.as_mut() {
+            Some(backend) => backend.read_reply_within(DATA_END_TIMEOUT).await,
+            None => Err(BackendError::Closed),
+        };
+        match reply {
+            Ok(reply) => {
+                if reply.is_positive_completion() {
+                    self.summary.messages += 1;
+                    self.ctx.stats.count_message();
+                }
+                self.reply(&reply).await?;
+                self.yield_backend_slot().await;
+                Ok(Flow::Continue)
+            }
+            Err(e) => self.backend_failed_in_transaction(e).await,
+        }
+    }
+
+    /// Between transactions, a session that earns its backend connection
+    /// gives it (and its slot) back when other sessions wait for one: its
+    /// next MAIL earns a connection again. A sender that keeps its session
+    /// open after a message does not hold a backend process others need.
+    pub(super) async fn yield_backend_slot(&mut self) {
+        if self.earns_backend() && self.ctx.backend_slots.waiting() > 0 {
+            if let Some(backend) = self.backend.take() {
+                tracing::debug!(source = %self.peer.ip(), "backend slot given back between transactions");
+                backend.quit().await;
+            }
+        }
+    }
+
+    /// What the scanners are told about the message in `envelope`.
+    pub(super) fn filter_envelope(&self, envelope: Envelope, filters: &Filters) -> FilterEnvelope {
+        FilterEnvelope {
+            client: self.source(),
+            helo: self.helo.as_ref().map(|h| h.name.clone()),
+            sender: envelope.sender,
+            recipients: envelope.recipients,
+            queue_id: filters.queue_id(),
+        }
+    }
+}

@@ -1,0 +1,733 @@
+//! One client session, relayed to the backend: an explicit state machine
+//! over the client stream (plain or TLS) and a backend connection.
+//!
+//! Every command is read whole, judged by the policy where it has a say,
+//! relayed to the backend, and the backend's reply relayed back (filtered for
+//! EHLO). Commands are handled one at a time, so replies always come back in
+//! order, pipelined or not. The proxy answers by itself when it refuses
+//! something or the backend failed; it never answers 250 to the end of DATA
+//! unless the backend did.
+//!
+//! The backend connection is earned (`backend.connect = "on-mail"`): until
+//! the first MAIL FROM the policy accepts, the proxy greets with what the
+//! probe learned ([`super::capabilities`]) and answers EHLO/HELO, NOOP,
+//! RSET, HELP and QUIT itself. The connection opens (taking a fair backend
+//! slot, [`super::slots`]) at that MAIL, at AUTH when the backend offers
+//! AUTH, at a relayed VRFY/EXPN or extension verb; the client's identity and
+//! canonical HELO reach the backend first, exactly as with
+//! `"on-connect"`. A backend that refuses then gives the client its own
+//! reply to the command, never a 250.
+//!
+//! Under pressure a session that has not had a MAIL accepted is shed: past
+//! `smtp.max_commands_before_mail`, at `smtp.stress_command_timeout` when
+//! the proxy is stressed, or when a new client needs its place at
+//! `smtp.max_sessions` ([`super::shed`]).
+//!
+//! This module holds the session, its dialogue loop, the command dispatch
+//! and the client I/O; each stage has its own file: `helo` (HELO/EHLO),
+//! `envelope` (MAIL, RCPT), `data` (DATA, held messages), `auth`,
+//! `starttls`, and `backend_link` (slot, connection, identity, failures).
+
+mod auth;
+mod backend_link;
+mod data;
+mod envelope;
+mod helo;
+mod starttls;
+
+use std::{
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::{Buf, BytesMut};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    sync::watch,
+    time::timeout,
+};
+
+use super::{
+    backend::{Backend, BackendError},
+    shed::Registration,
+    tls::ClientStream,
+    ProxyContext,
+};
+use crate::{
+    config::{BackendConnect, Identity, Vrfy},
+    filters::{
+        message::{self, HeaderEdits},
+        Envelope as FilterEnvelope, Filters, MessageScan, Outcome,
+    },
+    policy::Reason,
+    policy::{
+        Action, ConnectionGuard, HeloGuard, HeloVerdict, MailVerdict, RcptVerdict, Rejection,
+        SessionCounters,
+    },
+    smtp::{
+        command::{
+            check_sasl_response, parse_command_line, parse_mail_from, parse_rcpt_to, MailFrom,
+            Param, RcptTo, Verb,
+        },
+        data::{DataProgress, DataScanner},
+        ehlo::{default_capabilities, ehlo_hostname, filter_ehlo, parse_capabilities, EhloOptions},
+        helo::canonical_helo,
+        line::{LineError, LineReader},
+        reply::Reply,
+    },
+};
+
+/// AUTH continuation lines may carry long SASL tokens (RFC 4954: 12288).
+const MAX_AUTH_LINE: usize = 12_288;
+/// Reply timeout for the end of DATA (RFC 5321: 10 minutes).
+const DATA_END_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+/// Largest read from the client at once.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Whether the session goes on after a command.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Close,
+}
+
+/// How the session ended, for the one log line per session.
+#[derive(Debug, Default)]
+pub struct SessionSummary {
+    pub helo: Option<String>,
+    pub messages: u32,
+    pub rcpt_accepted: u32,
+    pub rcpt_failed: u32,
+    pub outcome: &'static str,
+}
+
+/// What a read of the next client line produced.
+enum Input {
+    Line(Vec<u8>),
+    TooLong,
+    Nul,
+    Closed,
+    Timeout,
+    Shutdown,
+    /// The source was blocked while this session was open.
+    Blocked,
+    /// The session was shed to make room for a new client.
+    Shed,
+}
+
+/// The HELO/EHLO the client gave.
+struct Helo {
+    name: String,
+    esmtp: bool,
+    _guard: Option<HeloGuard>,
+}
+
+/// The transaction in progress.
+#[derive(Default)]
+struct Envelope {
+    active: bool,
+    /// `None` for the null sender.
+    sender: Option<String>,
+    /// The recipients the backend accepted (at most `smtp.max_recipients`).
+    recipients: Vec<String>,
+}
+
+/// Where the bytes of a message go while it arrives.
+enum MessageSink {
+    /// Straight on to the backend, which has answered DATA with 354.
+    Backend,
+    /// Held (wire form, without the end marker) while the content filters
+    /// judge it; the backend has not seen DATA yet.
+    Held {
+        scan: MessageScan,
+        held: HeldMessage,
+    },
+    /// Nowhere: the client gets this reply at the end.
+    Discard(Reply),
+}
+
+/// A message held while the content filters judge it.
+#[derive(Default)]
+struct HeldMessage {
+    /// The message as on the wire (dot-stuffed); once it has ended, without
+    /// the end marker.
+    wire: Vec<u8>,
+    /// How much of `wire` the scanners have had.
+    fed: usize,
+}
+
+/// The end of a message on the wire.
+const END_MARKER: &[u8] = b".\r\n";
+
+pub struct Session<S> {
+    ctx: Arc<ProxyContext>,
+    client: Option<ClientStream<S>>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    input: BytesMut,
+    lines: LineReader,
+    backend: Option<Backend>,
+    /// XCLIENT was sent on the current backend connection.
+    xclient_sent: bool,
+    helo: Option<Helo>,
+    envelope: Envelope,
+    counters: SessionCounters,
+    /// This listener offers STARTTLS.
+    starttls: bool,
+    shutdown: watch::Receiver<bool>,
+    blocked_nets: tokio::sync::broadcast::Receiver<ipnet::IpNet>,
+    summary: SessionSummary,
+    /// A 421 went out: the session ends after this command.
+    closing: bool,
+    /// Lines refused without being relayed (bad syntax, unknown verbs);
+    /// past `smtp.max_errors` the session ends.
+    errors: u32,
+    /// Commands read before the first accepted MAIL FROM.
+    commands_before_mail: u32,
+    /// A MAIL FROM was accepted in this session (by the backend).
+    mail_accepted: bool,
+    /// This session's place among those that may be shed; left at the
+    /// first accepted MAIL FROM.
+    registration: Option<Registration>,
+    _connection: ConnectionGuard,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    pub fn new(
+        ctx: Arc<ProxyContext>,
+        client: ClientStream<S>,
+        peer: SocketAddr,
+        local: SocketAddr,
+        starttls: bool,
+        connection: ConnectionGuard,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let blocked_nets = ctx.blocked_nets.subscribe();
+        let registration = Some(ctx.sessions.register());
+        Self {
+            lines: LineReader::new(MAX_AUTH_LINE),
+            ctx,
+            client: Some(client),
+            peer: SocketAddr::new(peer.ip().to_canonical(), peer.port()),
+            local,
+            input: BytesMut::with_capacity(4096),
+            backend: None,
+            xclient_sent: false,
+            helo: None,
+            envelope: Envelope::default(),
+            counters: SessionCounters::default(),
+            starttls,
+            shutdown,
+            blocked_nets,
+            summary: SessionSummary::default(),
+            closing: false,
+            errors: 0,
+            commands_before_mail: 0,
+            mail_accepted: false,
+            registration,
+            _connection: connection,
+        }
+    }
+
+    fn source(&self) -> IpAddr {
+        self.peer.ip()
+    }
+
+    /// Runs the session to its end.
+    pub async fn run(mut self) -> SessionSummary {
+        let deadline = self.ctx.settings.smtp.session_timeout;
+        let outcome = match timeout(deadline, self.dialogue()).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                let _ = self.reply(&Reply::timeout()).await;
+                "session-timeout"
+            }
+        };
+        if let Some(backend) = self.backend.take() {
+            backend.quit().await;
+        }
+        if let Some(mut client) = self.client.take() {
+            let _ = timeout(self.ctx.settings.smtp.write_timeout, client.shutdown()).await;
+        }
+        self.summary.outcome = outcome;
+        self.summary.helo = self.helo.as_ref().map(|h| h.name.clone());
+        self.summary
+    }
+
+    fn earns_backend(&self) -> bool {
+        self.ctx.settings.connect == BackendConnect::OnMail
+    }
+
+    /// The greeting: the backend's, relayed (`"on-connect"`), or the one the
+    /// probe learned (`"on-mail"`; the proxy's own until a probe succeeds).
+    async fn greeting(&mut self) -> Result<Reply, BackendError> {
+        if self.earns_backend() {
+            let learned = self
+                .ctx
+                .capabilities
+                .after_first_probe(self.ctx.settings.backend.connect_timeout)
+                .await;
+            return Ok(learned.map_or_else(
+                || Reply::greeting(&self.ctx.settings.hostname),
+                |l| l.greeting,
+            ));
+        }
+        self.connect_backend().await
+    }
+
+    async fn dialogue(&mut self) -> &'static str {
+        let greeting = match self.greeting().await {
+            Ok(greeting) => greeting,
+            Err(e) => {
+                tracing::warn!(source = %self.peer.ip(), error = %e, "backend unavailable at connect");
+                let reply = if matches!(e, BackendError::NoSlot(_)) {
+                    self.ctx.count_shed(self.source(), "backend-slot-timeout");
+                    Reply::no_backend_slot()
+                } else {
+                    Reply::backend_unavailable()
+                };
+                let _ = self.reply(&reply).await;
+                return "backend-unavailable";
+            }
+        };
+        // Talking before the greeting is what spambots do.
+        if self.client_spoke_first().await {
+            tracing::info!(source = %self.peer.ip(), reason = "pregreet", action = "reject", "client talked before the greeting");
+            self.ctx.stats.count_rejection("pregreet");
+            if self.ctx.policy().enforced() {
+                let _ = self.reply(&Reply::pregreet()).await;
+                return "pregreet";
+            }
+        }
+        if self.reply(&greeting).await.is_err() {
+            return "client-lost";
+        }
+        loop {
+            let input = self.read_line().await;
+            let line = match input {
+                Input::Line(line) => line,
+                Input::TooLong | Input::Nul => {
+                    let reply = if matches!(input, Input::TooLong) {
+                        Reply::line_too_long()
+                    } else {
+                        Reply::syntax_error()
+                    };
+                    match self.count_command_before_mail().await {
+                        Ok(Flow::Continue) => {}
+                        Ok(Flow::Close) => return "too-many-commands",
+                        Err(_) => return "client-lost",
+                    }
+                    if self.reply(&reply).await.is_err() {
+                        return "client-lost";
+                    }
+                    continue;
+                }
+                Input::Closed => return "client-closed",
+                Input::Timeout => {
+                    let _ = self.reply(&Reply::timeout()).await;
+                    return "timeout";
+                }
+                Input::Shutdown => {
+                    let _ = self.reply(&Reply::shutting_down()).await;
+                    return "shutdown";
+                }
+                Input::Blocked => {
+                    let _ = self.reply(&Reply::blocked("your address is blocked")).await;
+                    return "blocked";
+                }
+                Input::Shed => {
+                    self.ctx.count_shed(self.source(), "shed-idle");
+                    let _ = self.reply(&Reply::shed_idle()).await;
+                    return "shed";
+                }
+            };
+            match self.handle(&line).await {
+                Ok(Flow::Continue) if self.closing => return "closed",
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Close) => return "closed",
+                Err(e) => {
+                    tracing::debug!(source = %self.peer.ip(), error = %e, "client connection failed");
+                    return "client-lost";
+                }
+            }
+        }
+    }
+
+    /// Dispatches one command line.
+    ///
+    /// A line outside the accepted syntax ([`parse_command_line`]: control
+    /// bytes, a verb followed by anything but a blank, bad UTF-8) is refused
+    /// here and never relayed: the backend could read it as another command
+    /// than the one the proxy would judge.
+    /// Counts a line read before the first accepted MAIL FROM; past
+    /// `smtp.max_commands_before_mail`, `421 4.7.0` and the end.
+    async fn count_command_before_mail(&mut self) -> std::io::Result<Flow> {
+        if !self.mail_accepted {
+            self.commands_before_mail = self.commands_before_mail.saturating_add(1);
+            if self.commands_before_mail > self.ctx.settings.smtp.max_commands_before_mail {
+                self.ctx.count_shed(self.source(), "too-many-commands");
+                self.reply(&Reply::too_many_commands_before_mail()).await?;
+                return Ok(Flow::Close);
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    async fn handle(&mut self, line: &[u8]) -> std::io::Result<Flow> {
+        if self.count_command_before_mail().await? == Flow::Close {
+            return Ok(Flow::Close);
+        }
+        let command = match parse_command_line(line) {
+            Ok(command) => command,
+            Err(error) => {
+                tracing::debug!(source = %self.peer.ip(), %error, action = "reject", "command line refused");
+                return self
+                    .protocol_error("bad-command-syntax", &error.reply())
+                    .await;
+            }
+        };
+        if command.verb != Verb::Auth && line.len() + 2 > self.ctx.settings.smtp.max_line_length {
+            return self
+                .protocol_error("line-too-long", &Reply::line_too_long())
+                .await;
+        }
+        match command.verb {
+            Verb::Helo | Verb::Ehlo => self.helo(&command.args, command.verb == Verb::Ehlo).await,
+            Verb::Mail => self.mail(&command.args).await,
+            Verb::Rcpt => self.rcpt(&command.args).await,
+            Verb::Data => self.data(line).await,
+            Verb::Auth if !self.auth_allowed() => {
+                tracing::info!(source = %self.peer.ip(), reason = "auth-before-tls", action = "reject", "AUTH before STARTTLS refused");
+                self.ctx.stats.count_rejection("auth-before-tls");
+                self.reply(&Reply::auth_requires_tls()).await?;
+                Ok(Flow::Continue)
+            }
+            // AUTH needs the backend (it checks the credentials): it earns
+            // the connection, if the backend offers AUTH at all.
+            Verb::Auth
+                if self.backend.is_none()
+                    && self.earns_backend()
+                    && !self.backend_offers_auth() =>
+            {
+                self.reply(&Reply::auth_not_enabled()).await?;
+                Ok(Flow::Continue)
+            }
+            Verb::Auth => self.auth(line).await,
+            Verb::StartTls => self.starttls(&command.args).await,
+            // Before the backend connection is earned, the proxy answers
+            // these itself.
+            Verb::Rset | Verb::Noop | Verb::Help
+                if self.backend.is_none() && self.earns_backend() =>
+            {
+                let reply = match command.verb {
+                    Verb::Help => Reply::help(),
+                    _ => Reply::ok(),
+                };
+                if command.verb == Verb::Rset {
+                    self.envelope = Envelope::default();
+                }
+                self.reply(&reply).await?;
+                Ok(Flow::Continue)
+            }
+            Verb::Rset => {
+                let flow = self.relay_and_answer(line).await?;
+                self.envelope = Envelope::default();
+                Ok(flow)
+            }
+            Verb::Quit => {
+                let reply = match self.backend.as_mut() {
+                    Some(backend) => backend
+                        .command(line)
+                        .await
+                        .unwrap_or_else(|_| Reply::closing()),
+                    None => Reply::closing(),
+                };
+                self.backend = None;
+                self.reply(&reply).await?;
+                Ok(Flow::Close)
+            }
+            Verb::Vrfy | Verb::Expn if self.ctx.settings.smtp.vrfy == Vrfy::Refuse => {
+                let reply = if command.verb == Verb::Vrfy {
+                    Reply::vrfy_disabled()
+                } else {
+                    Reply::command_not_implemented()
+                };
+                self.reply(&reply).await?;
+                Ok(Flow::Continue)
+            }
+            // CHUNKING is not advertised; identity commands belong to the
+            // proxy alone: a client may never inject them.
+            Verb::Bdat | Verb::Xclient | Verb::Xforward | Verb::Proxy => {
+                if matches!(command.verb, Verb::Xclient | Verb::Xforward | Verb::Proxy) {
+                    tracing::info!(source = %self.peer.ip(), command = ?command.verb, action = "refuse", "client tried an identity command");
+                }
+                self.reply(&Reply::command_not_implemented()).await?;
+                Ok(Flow::Continue)
+            }
+            Verb::Noop | Verb::Help | Verb::Vrfy | Verb::Expn => self.relay_and_answer(line).await,
+            // Only what the proxy understands reaches the backend, and the
+            // extension verbs the operator listed: anything else might be
+            // read by the backend as a command the proxy never judged.
+            Verb::Unknown if self.relays_verb(line) => self.relay_and_answer(line).await,
+            Verb::Unknown => {
+                self.protocol_error("unknown-command", &Reply::command_not_implemented())
+                    .await
+            }
+        }
+    }
+
+    /// Refuses a line the proxy will not relay (bad syntax, unknown verb,
+    /// overlong): the reply, a count by `reason`, and past
+    /// `smtp.max_errors` in the session, `421 4.7.0` and the end of it.
+    async fn protocol_error(
+        &mut self,
+        reason: &'static str,
+        reply: &Reply,
+    ) -> std::io::Result<Flow> {
+        self.ctx.stats.count_rejection(reason);
+        self.errors = self.errors.saturating_add(1);
+        if self.errors > self.ctx.settings.smtp.max_errors {
+            tracing::info!(source = %self.peer.ip(), reason = "too-many-errors", errors = self.errors, action = "disconnect", "too many refused commands");
+            self.ctx.stats.count_rejection("too-many-errors");
+            self.reply(&Reply::too_many_errors()).await?;
+            return Ok(Flow::Close);
+        }
+        self.reply(reply).await?;
+        Ok(Flow::Continue)
+    }
+
+    /// Whether `line` starts with a verb listed in `smtp.relay_verbs`.
+    fn relays_verb(&self, line: &[u8]) -> bool {
+        let word = line
+            .split(|&b| b == b' ' || b == b'\t')
+            .next()
+            .unwrap_or_default();
+        !word.is_empty()
+            && self
+                .ctx
+                .settings
+                .smtp
+                .relay_verbs
+                .iter()
+                .any(|verb| verb.as_bytes().eq_ignore_ascii_case(word))
+    }
+
+    /// Whether the backend offered AUTH to the probe.
+    fn backend_offers_auth(&self) -> bool {
+        self.ctx
+            .capabilities
+            .learned()
+            .is_some_and(|l| parse_capabilities(&l.ehlo).iter().any(|c| c == "AUTH"))
+    }
+
+    /// Whether AUTH may be offered and used now: not before STARTTLS when
+    /// it must wait for TLS (`smtp.auth_requires_tls`).
+    fn auth_allowed(&self) -> bool {
+        !self.ctx.settings.auth_requires_tls || self.is_tls()
+    }
+
+    /// Relays a command and its reply unchanged.
+    async fn relay_and_answer(&mut self, line: &[u8]) -> std::io::Result<Flow> {
+        let reply = match self.backend_command(line).await {
+            Ok(reply) => reply,
+            Err(e) => return self.backend_failed(e).await,
+        };
+        self.reply(&reply).await?;
+        Ok(Flow::Continue)
+    }
+
+    /// Applies a policy refusal: the reply, the block, the log line.
+    /// Returns `None` when the command goes on (observe mode).
+    async fn refuse(
+        &mut self,
+        rejection: &Rejection,
+        enforced: bool,
+    ) -> std::io::Result<Option<Flow>> {
+        self.log_decision(rejection, enforced);
+        if !enforced {
+            return Ok(None);
+        }
+        if let Some(order) = &rejection.block {
+            self.ctx.block(order);
+        }
+        self.reply(&rejection_reply(rejection)).await?;
+        Ok(Some(if rejection.action.closes() {
+            Flow::Close
+        } else {
+            Flow::Continue
+        }))
+    }
+
+    fn log_decision(&self, rejection: &Rejection, enforced: bool) {
+        self.ctx.stats.count_rejection(rejection.name());
+        tracing::info!(
+            source = %self.peer.ip(),
+            helo = self.helo.as_ref().map(|h| h.name.as_str()),
+            reason = rejection.name(),
+            detail = %rejection.reason,
+            action = if enforced { action_name(rejection.action) } else { "would-reject" },
+            block = rejection.block.as_ref().map(|b| b.net.to_string()),
+            "policy decision"
+        );
+    }
+
+    fn is_tls(&self) -> bool {
+        self.client.as_ref().is_some_and(ClientStream::is_tls)
+    }
+
+    async fn reply(&mut self, reply: &Reply) -> std::io::Result<()> {
+        // RFC 5321 3.8: after a 421 (ours or the backend's) the channel closes.
+        if reply.code == 421 {
+            self.closing = true;
+        }
+        let client = self
+            .client
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("client stream gone"))?;
+        let write = async {
+            client.write_all(&reply.to_bytes()).await?;
+            client.flush().await
+        };
+        match timeout(self.ctx.settings.smtp.write_timeout, write).await {
+            Ok(result) => result,
+            // A client that stops reading is gone as far as the session goes.
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "client does not read its replies",
+            )),
+        }
+    }
+
+    /// Whether the client sent anything before being greeted: one poll of
+    /// the read, no waiting (a zero timeout would wait for the timer's next
+    /// millisecond tick on every session).
+    async fn client_spoke_first(&mut self) -> bool {
+        let Some(client) = self.client.as_mut() else {
+            return false;
+        };
+        let mut read = std::pin::pin!(client.read_buf(&mut self.input));
+        std::future::poll_fn(|cx| match read.as_mut().poll(cx) {
+            std::task::Poll::Ready(Ok(n)) => std::task::Poll::Ready(n > 0),
+            _ => std::task::Poll::Ready(false),
+        })
+        .await
+    }
+
+    /// Reads more client bytes within `limit`; 0 means the client closed.
+    async fn read_more(&mut self, limit: Duration) -> std::io::Result<usize> {
+        let client = self
+            .client
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("client stream gone"))?;
+        self.input.reserve(READ_CHUNK);
+        match timeout(limit, client.read_buf(&mut self.input)).await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "client data timeout",
+            )),
+        }
+    }
+
+    async fn read_line(&mut self) -> Input {
+        let smtp = &self.ctx.settings.smtp;
+        let shed = self.registration.as_ref().map(|r| r.entry.clone());
+        loop {
+            // Under stress, a session without a MAIL gets a short timeout.
+            let stress = !self.mail_accepted
+                && smtp.stress_command_timeout < smtp.command_timeout
+                && self.ctx.stressed();
+            let limit = if stress {
+                smtp.stress_command_timeout
+            } else {
+                smtp.command_timeout
+            };
+            if let Some(result) = self.lines.next_line(&mut self.input) {
+                return match result {
+                    // A bare CR could end the line early at some backend.
+                    Ok(line) if line.has_bare_cr() => Input::Nul,
+                    Ok(line) => Input::Line(line.text),
+                    Err(LineError::TooLong) => Input::TooLong,
+                    Err(LineError::Nul) => Input::Nul,
+                };
+            }
+            let Some(client) = self.client.as_mut() else {
+                return Input::Closed;
+            };
+            self.input.reserve(READ_CHUNK);
+            let shed_order = async {
+                match &shed {
+                    Some(entry) => entry.shed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            if let Some(entry) = &shed {
+                entry.set_idle(true);
+            }
+            let read = tokio::select! {
+                read = timeout(limit, client.read_buf(&mut self.input)) => match read {
+                    Ok(Ok(0)) | Ok(Err(_)) => Some(Input::Closed),
+                    Ok(Ok(_)) => None,
+                    Err(_) => {
+                        if stress {
+                            self.ctx.count_shed(self.peer.ip(), "stress-timeout");
+                        }
+                        Some(Input::Timeout)
+                    }
+                },
+                () = shed_order => Some(Input::Shed),
+                _ = self.shutdown.changed() => Some(Input::Shutdown),
+                blocked = self.blocked_nets.recv() => match blocked {
+                    Ok(net) if net.contains(&self.peer.ip()) && self.ctx.policy().enforced() => Some(Input::Blocked),
+                    // A missed block (lagging) is caught at this session's
+                    // next connection; nothing else to do.
+                    _ => None,
+                },
+            };
+            if let Some(entry) = &shed {
+                entry.set_idle(false);
+            }
+            if let Some(input) = read {
+                return input;
+            }
+        }
+    }
+}
+
+/// The reply for a policy refusal: a fixed text per reason (the details,
+/// such as counts and the pattern that matched, go to the log only).
+fn rejection_reply(rejection: &Rejection) -> Reply {
+    let text = match &rejection.reason {
+        Reason::RejectList { .. } => "Service unavailable; client host rejected",
+        Reason::TooManyConnections { .. } => "Error: too many connections from your address",
+        Reason::StateFull { .. } => "Error: server busy, try again later",
+        Reason::HeloRejected { .. } => "Helo command rejected: Access denied",
+        Reason::TooManyForHelo { .. } => "Error: too many connections for your HELO name",
+        Reason::NullSenderRate { .. } => {
+            "Error: too many messages with a null sender, try again later"
+        }
+        Reason::RelayDenied => "Relay access denied",
+        Reason::Harvest { .. } | Reason::HarvestAcrossSessions { .. } => {
+            "Error: too many invalid recipients, try again later"
+        }
+        Reason::AuthFailures { .. } => "Error: too many failed authentications, try again later",
+        Reason::FilterRejects { .. } => "Error: too many rejected messages, try again later",
+    };
+    match rejection.action {
+        Action::DeferCommand => Reply::policy_deferred(text),
+        Action::RefuseCommand => Reply::policy_refused(text),
+        Action::DeferAndClose => Reply::policy_deferred_closing(text),
+        Action::RefuseAndClose => Reply::policy_refused_closing(text),
+    }
+}
+
+fn action_name(action: Action) -> &'static str {
+    match action {
+        Action::DeferCommand => "defer",
+        Action::RefuseCommand => "reject",
+        Action::DeferAndClose => "defer-and-close",
+        Action::RefuseAndClose => "reject-and-close",
+    }
+}
