@@ -2048,6 +2048,34 @@ fn a_backend_refusing_at_mail_gives_its_own_reply_never_a_250() {
 }
 
 #[test]
+fn xclient_refused_at_mail_gets_a_4xx() {
+    // Not offered to the proxy (a configuration error): 421 4.3.0, never
+    // the backend's 5xx, which would bounce the client's mail for good.
+    let backend = ScriptedBackend::start(Behaviour::default().without_capability("XCLIENT"));
+    let proxy = started(
+        &backend,
+        &config_with("enforce", "xclient", backend.addr(), ""),
+    );
+    let mut c = Smtp::session(proxy.addr);
+    expect(&c.cmd("MAIL FROM:<a@x>"), "421 4.3.0");
+    assert!(c.closed());
+    assert!(!backend_saw(&backend, "XCLIENT"));
+    // Refused for now (4xx): the backend's own reply.
+    let backend = ScriptedBackend::start(Behaviour::failing("XCLIENT", FailMode::Reply421));
+    let proxy = started(
+        &backend,
+        &config_with("enforce", "xclient", backend.addr(), ""),
+    );
+    let mut c = Smtp::session(proxy.addr);
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@x>"),
+        limiter_tests::scripted::BACKEND_421
+    );
+    assert!(c.closed());
+    assert!(!backend_saw(&backend, "MAIL"));
+}
+
+#[test]
 fn a_backend_refusing_the_helo_at_mail_gives_its_own_reply() {
     let backend = ScriptedBackend::start(Behaviour::failing("EHLO client", FailMode::Reply421));
     let proxy = start(&backend, "");
