@@ -4,6 +4,7 @@
 mod build;
 mod cmd;
 mod demo;
+mod fuzz;
 mod setup;
 mod toolchain;
 
@@ -29,8 +30,9 @@ struct Cli {
 enum Task {
     /// Install what is missing to build and test (idempotent)
     ///
-    /// The nightly toolchain and its rust-src, the LLVM and tool packages
-    /// (Debian/Ubuntu, as root), and bpf-linker built for nightly's LLVM.
+    /// The nightly toolchain and its rust-src, cargo-fuzz, the LLVM and tool
+    /// packages (Debian/Ubuntu, as root), and bpf-linker built for nightly's
+    /// LLVM.
     Setup,
     /// Build the eBPF object (limiter-ebpf) with nightly and print its path.
     BuildEbpf {
@@ -97,6 +99,29 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Build the fuzz targets (`fuzz/`, libFuzzer via cargo-fuzz, nightly)
+    /// and run each one for SECONDS on a scratch copy of its seed corpus;
+    /// prints the executions per target and fails when one crashes (the
+    /// input is kept in target/fuzz-artifacts/TARGET/).
+    Fuzz {
+        /// How long each target runs, in seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Run only this target (`cargo +nightly fuzz list` in fuzz/ lists them).
+        #[arg(long)]
+        target: Option<String>,
+        /// The sanitizer to build with (cargo-fuzz's `--sanitizer`: none,
+        /// address, leak, memory or thread). The code under test is safe
+        /// Rust, so the default is none: panics, integer overflows
+        /// (debug assertions are on), hangs and memory blow-ups are what
+        /// the targets find; ASan costs build and run time for nothing it
+        /// could catch there.
+        #[arg(long, default_value = "none")]
+        sanitizer: String,
+        /// Run this many targets at the same time (0: one per CPU).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -154,6 +179,27 @@ fn run(task: Task) -> Result<()> {
                 agent_log,
             },
         ),
+        Task::Fuzz {
+            seconds,
+            target,
+            sanitizer,
+            jobs,
+        } => {
+            setup::ensure_cargo_fuzz()?;
+            fuzz::fuzz(
+                &Workspace::locate()?,
+                &fuzz::Options {
+                    seconds,
+                    target,
+                    sanitizer,
+                    jobs: if jobs == 0 {
+                        std::thread::available_parallelism().map_or(1, usize::from)
+                    } else {
+                        jobs
+                    },
+                },
+            )
+        }
         Task::Bench { args } => {
             setup::setup()?;
             build::bench(&Workspace::locate()?, &args)

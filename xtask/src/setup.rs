@@ -13,6 +13,7 @@ use crate::toolchain::{self, NIGHTLY};
 pub fn setup() -> Result<()> {
     let nightly = ensure_nightly()?;
     ensure_rust_src()?;
+    ensure_cargo_fuzz()?;
     let llvm = nightly.llvm_major;
 
     let packages = apt_packages(llvm);
@@ -454,6 +455,34 @@ fn ensure_no_system_slapd(new_slapd: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz` (the libFuzzer targets in `fuzz/`,
+/// built with nightly). Installed with the stable cargo, `--locked`.
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    let version =
+        || cmd::probe(toolchain::cargo().args(["fuzz", "--version"])).map(|v| v.trim().to_owned());
+    if let Some(version) = version() {
+        println!("ok: {version} already present");
+        return Ok(());
+    }
+    println!("installing: cargo-fuzz (for `cargo xtask fuzz`)");
+    cmd::run(
+        toolchain::cargo()
+            .args(["install", "cargo-fuzz", "--locked"])
+            // Outside the workspace, so its .cargo/config.toml plays no part.
+            .current_dir(std::env::temp_dir()),
+    )?;
+    match version() {
+        Some(version) => {
+            println!("installed: {version}");
+            Ok(())
+        }
+        None => bail!(
+            "cargo-fuzz was installed but `cargo fuzz --version` fails; is {} on PATH?",
+            toolchain::cargo_home().join("bin").display()
+        ),
+    }
 }
 
 fn ensure_bpf_linker(llvm: u32) -> Result<()> {

@@ -153,7 +153,8 @@ fn remove_fields(fields: &mut Vec<&[u8]>, name: &str, which: i64) {
             .and_then(|i| matching.get(i).copied())
             .into_iter()
             .collect(),
-        n => usize::try_from(-n)
+        // `unsigned_abs`: `-n` overflows for `i64::MIN`.
+        n => usize::try_from(n.unsigned_abs())
             .ok()
             .and_then(|back| matching.len().checked_sub(back))
             .and_then(|i| matching.get(i).copied())
@@ -168,6 +169,9 @@ fn remove_fields(fields: &mut Vec<&[u8]>, name: &str, which: i64) {
 /// Appends `name: value` CRLF, or nothing if the name is not a valid field
 /// name. Line breaks inside the value become folds (CRLF + tab); control
 /// characters other than tab are dropped; the value is cut at [`MAX_VALUE`].
+/// A fold is only written for a line that still holds something visible
+/// once cleaned: a line of blanks only would end the header block for
+/// some readers (RFC 5322 §3.2.2 forbids generating one).
 fn push_field(out: &mut Vec<u8>, name: &str, value: &str) {
     if !is_field_name(name.as_bytes()) {
         return;
@@ -175,25 +179,27 @@ fn push_field(out: &mut Vec<u8>, name: &str, value: &str) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
     let mut written = 0;
-    for (i, segment) in value
-        .split(['\r', '\n'])
-        .filter(|s| !s.trim().is_empty())
-        .enumerate()
-    {
-        if i > 0 {
+    let mut lines = 0;
+    for segment in value.split(['\r', '\n']) {
+        let clean: Vec<u8> = segment
+            .bytes()
+            .filter(|&b| b == b'\t' || b >= 0x20 && b != 0x7f)
+            .take(MAX_VALUE - written)
+            .collect();
+        if clean.iter().all(|&b| b == b' ' || b == b'\t') {
+            continue;
+        }
+        if lines > 0 {
             out.extend_from_slice(b"\r\n");
-            if !segment.starts_with([' ', '\t']) {
+            if !clean.starts_with(b" ") && !clean.starts_with(b"\t") {
                 out.push(b'\t');
             }
         }
-        for &b in segment.as_bytes() {
-            if written >= MAX_VALUE {
-                break;
-            }
-            if b == b'\t' || b >= 0x20 && b != 0x7f {
-                out.push(b);
-                written += 1;
-            }
+        out.extend_from_slice(&clean);
+        written += clean.len();
+        lines += 1;
+        if written >= MAX_VALUE {
+            break;
         }
     }
     out.extend_from_slice(b"\r\n");
@@ -254,6 +260,9 @@ mod tests {
         );
         assert_eq!(edited(message, &remove(9)).as_bytes(), message);
         assert_eq!(edited(message, &remove(-9)).as_bytes(), message);
+        // Found by the header_edits fuzz target: negating i64::MIN overflowed.
+        assert_eq!(edited(message, &remove(i64::MIN)).as_bytes(), message);
+        assert_eq!(edited(message, &remove(i64::MAX)).as_bytes(), message);
     }
 
     #[test]
@@ -293,6 +302,26 @@ mod tests {
             out,
             "X-A: one\r\n\tBcc: victim@example.com\r\n\tbody\r\nX-B: nulandescape\r\nSubject: s\r\n\tX-Injected: 1\r\n\r\nx\r\n"
         );
+    }
+
+    #[test]
+    fn values_never_fold_into_blank_lines() {
+        // Found by the header_edits fuzz target: a line of the value holding
+        // only control characters was written as a fold of blanks only.
+        let edits = HeaderEdits {
+            add: vec![("X-C".into(), "a\n\x01\n\x7f\n \t\nb".into())],
+            subject: Some("\x01\r\nreal".into()),
+            ..HeaderEdits::default()
+        };
+        let (head, _) = apply(b"", &edits);
+        assert_eq!(head, b"X-C: a\r\n\tb\r\nSubject: real\r\n");
+        // Past the cap, no more folds either.
+        let edits = HeaderEdits {
+            add: vec![("X-L".into(), format!("{}\nmore", "v".repeat(MAX_VALUE)))],
+            ..HeaderEdits::default()
+        };
+        let (head, _) = apply(b"", &edits);
+        assert_eq!(head.len(), "X-L: ".len() + MAX_VALUE + 2);
     }
 
     #[test]

@@ -18,23 +18,36 @@ pub struct Folding {
 
 impl Folding {
     /// The key of `address`: `local@domain` with the domain in lower case
-    /// (and without a trailing dot), the local part in lower case unless
+    /// (and without trailing dots), the local part in lower case unless
     /// local parts are case-sensitive, and a quoted local part unquoted when
     /// it needs no quotes (`"john"@x` is `john@x`). Surrounding blanks and
-    /// one pair of angle brackets are ignored. `None` for text that is not
-    /// an address: no `@`, or an empty local part or domain.
+    /// one pair of angle brackets (with blanks inside them) are ignored.
+    /// `None` for text that is not an address: no `@` after the local part,
+    /// or an empty local part or domain.
+    ///
+    /// A key is its own key (`key(key(a)) == key(a)`): the cache stores keys
+    /// and folds them again when it loads, and the proxy's canonical
+    /// addresses are keys.
     #[must_use]
     pub fn key(&self, address: &str) -> Option<String> {
         let address = address.trim();
         let address = address
             .strip_prefix('<')
             .and_then(|a| a.strip_suffix('>'))
-            .unwrap_or(address);
-        // The last '@': a quoted local part may hold one.
-        let at = address.rfind('@')?;
+            .map_or(address, str::trim);
+        let at = domain_at(address)?;
         let (local, domain) = (&address[..at], &address[at + 1..]);
-        let domain = domain.strip_suffix('.').unwrap_or(domain);
+        // All of them (and blanks between them): `x@example.com..` would
+        // otherwise key to `x@example.com.`, whose own key is
+        // `x@example.com`.
+        let domain = domain.trim_end_matches(|c: char| c == '.' || c.is_whitespace());
         if local.is_empty() || domain.is_empty() {
+            return None;
+        }
+        if local.starts_with('<') || domain.ends_with('>') {
+            // An unbalanced or second pair of brackets (`<a@b>.`): no
+            // address, and its key would lose the brackets when folded
+            // again.
             return None;
         }
         if address.chars().any(char::is_control) {
@@ -65,14 +78,40 @@ impl Folding {
         if self.recipient_delimiter.is_empty() {
             return None;
         }
-        let at = key.rfind('@')?;
+        let at = domain_at(key)?;
         let local = &key[..at];
+        if local.starts_with('"') {
+            // A quoted local part (one that needs its quotes) has no
+            // extension to cut: a cut inside it would leave it unterminated.
+            return None;
+        }
         let cut = local.find(|c| self.recipient_delimiter.contains(c))?;
         if cut == 0 {
             return None;
         }
         Some(format!("{}{}", &local[..cut], &key[at..]))
     }
+}
+
+/// The offset of the `@` that separates the local part from the domain: the
+/// first one, or the one right after a quoted local part (which may hold
+/// `@`s itself), as SMTP reads a mailbox (`smtp::command` splits it the
+/// same way). `None` when there is none, or when a quoted local part is
+/// unterminated or followed by something else.
+fn domain_at(address: &str) -> Option<usize> {
+    if !address.starts_with('"') {
+        return address.find('@');
+    }
+    let mut escaped = false;
+    for (i, b) in address.bytes().enumerate().skip(1) {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' => escaped = true,
+            b'"' => return (address.as_bytes().get(i + 1) == Some(&b'@')).then_some(i + 1),
+            _ => {}
+        }
+    }
+    None
 }
 
 fn push_lowercase(out: &mut String, text: &str) {
@@ -185,6 +224,40 @@ mod tests {
         ] {
             assert_eq!(f.key(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn keys_are_their_own_keys() {
+        // Found by the address_key fuzz target: each of these keyed to
+        // something whose own key differs (the cache folds stored keys
+        // again when it loads, so the set changed across a restart).
+        let f = insensitive();
+        for (address, key) in [
+            ("a@b..", Some("a@b")),
+            ("a@b. .", Some("a@b")),
+            ("< a@b >", Some("a@b")),
+            (" <bob@example.com>.", None),
+            ("<<a@b>>", None),
+            ("a@b>", None),
+            // The domain starts after the first `@` (or after a quoted
+            // local part), as SMTP reads a mailbox: an `@` in an address
+            // literal stays in the domain, which is folded whole.
+            ("root@[A@B]", Some("root@[a@b]")),
+            ("\"a@b\"@Example.com", Some("\"a@b\"@example.com")),
+            ("\"unterminated@example.com", None),
+        ] {
+            assert_eq!(f.key(address).as_deref(), key, "{address:?}");
+            if let Some(key) = key {
+                assert_eq!(f.key(key).as_deref(), Some(key), "{key:?}");
+            }
+        }
+        // A quoted local part has no extension to cut.
+        let delimited = Folding {
+            recipient_delimiter: "e".into(),
+            ..Folding::default()
+        };
+        let key = delimited.key("\"john doe\"@example.com").unwrap();
+        assert_eq!(delimited.base_key(&key), None);
     }
 
     #[test]
