@@ -248,7 +248,10 @@ fn run_target(binary: &Path, target: &str, inputs: &Inputs, seconds: u64) -> Res
             || line.starts_with("stat::")
             || line.starts_with("MS:")
             || line.starts_with("base unit:")
-            || line.starts_with("0x");
+            || line.starts_with("0x")
+            // Without a sanitizer, libFuzzer says it misses the sanitizer's
+            // hooks, three lines per run.
+            || line.starts_with("WARNING: Failed to find function \"__sanitizer_");
         if line.starts_with("###### End of recommended dictionary") {
             in_dictionary = false;
         }

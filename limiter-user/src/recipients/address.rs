@@ -134,13 +134,17 @@ fn unquote(local: &str) -> Option<String> {
     is_dot_atom(&out).then_some(out)
 }
 
-/// RFC 5322 dot-atom (RFC 6531: any non-ASCII character too).
+/// RFC 5322 dot-atom (RFC 6531: non-ASCII characters too, but for
+/// whitespace: a quoted `"\u{3000}x"` unquoted would start with a blank that
+/// the next folding trims, so its key would not be its own key).
 fn is_dot_atom(text: &str) -> bool {
     !text.is_empty()
         && text.split('.').all(|atom| {
             !atom.is_empty()
                 && atom.chars().all(|c| {
-                    c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii()
+                    c.is_ascii_alphanumeric()
+                        || "!#$%&'*+-/=?^_`{|}~".contains(c)
+                        || (!c.is_ascii() && !c.is_whitespace())
                 })
         })
 }
@@ -245,6 +249,10 @@ mod tests {
             ("root@[A@B]", Some("root@[a@b]")),
             ("\"a@b\"@Example.com", Some("\"a@b\"@example.com")),
             ("\"unterminated@example.com", None),
+            // Unicode blanks keep their quotes (found by the command and
+            // address_key fuzz targets).
+            ("\"\u{3000}x\"@e", Some("\"\u{3000}x\"@e")),
+            ("\"\u{2028}x\"@e", Some("\"\u{2028}x\"@e")),
         ] {
             assert_eq!(f.key(address).as_deref(), key, "{address:?}");
             if let Some(key) = key {
