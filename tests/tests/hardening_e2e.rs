@@ -189,6 +189,10 @@ impl Rig {
 address = "{backend}"
 identity = "proxy-v2"
 connect_timeout = "2s"
+# Postfix sessions are counted one per client session below: the backend
+# connection at accept (the earned connection is proxy_sessions' and
+# flood_e2e's subject; the judging is the same in both modes).
+connect = "on-connect"
 
 [kernel]
 mode = "off"
@@ -1238,6 +1242,7 @@ address = "{listen}"
 address = "127.0.0.1:{relay}"
 identity = "proxy-v2"
 connect_timeout = "5s"
+connect = "on-connect"
 [kernel]
 mode = "required"
 interfaces = ["{interface}"]
