@@ -502,7 +502,11 @@ impl Default for MapSizes {
 /// The longest timed block (100 years): wall-clock arithmetic on longer
 /// ones could overflow, and nothing needs them (a block without end is
 /// `lists.reject`, or `block add` without `--for`).
-pub const MAX_BLOCK_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+pub const MAX_BLOCK_DURATION: Duration = MAX_DURATION;
+
+/// The longest duration any key takes (100 years): [`parse_duration`]
+/// refuses longer ones.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// `[limits]`: what counts as abuse and how long it is blocked.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -1515,7 +1519,17 @@ impl<'de> Deserialize<'de> for Rate {
 /// # Errors
 /// A message naming the bad text.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
+    let duration =
+        humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))?;
+    // Longer ones cannot be written back (humantime refuses them) and no
+    // timeout or window needs them.
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "invalid duration {s:?}: longer than {}",
+            format_duration(MAX_DURATION)
+        ));
+    }
+    Ok(duration)
 }
 
 /// Formats a duration compactly in the largest unit that divides it exactly
@@ -1576,6 +1590,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     };
     number
         .checked_mul(multiplier)
+        // TOML integers are signed 64-bit: a larger size could not be
+        // written back.
+        .filter(|&size| i64::try_from(size).is_ok())
         .ok_or_else(|| format!("invalid size {s:?}: too large"))
 }
 
@@ -1979,6 +1996,40 @@ mod tests {
         }
     }
 
+    /// Values that could not be written back (`check-config` prints the
+    /// effective configuration) are refused at parse time, naming the key.
+    #[test]
+    fn durations_and_sizes_out_of_range_are_refused() {
+        for (text, key) in [
+            (
+                "[smtp]\ncommand_timeout = \"13977500h5500ms\"",
+                "command_timeout",
+            ),
+            (
+                "[limits]\nmax_block_duration = \"200years\"",
+                "max_block_duration",
+            ),
+            (
+                "[limits]\nblock_duration = \"500000000years\"",
+                "block_duration",
+            ),
+            (
+                "[smtp]\nmax_message_size = \"18446744073709551615\"",
+                "max_message_size",
+            ),
+        ] {
+            let error = Config::from_toml(text).expect_err(text).to_string();
+            assert!(error.contains(key), "{text}: {error}");
+        }
+        let longest = format!(
+            "[limits]\nmax_block_duration = \"{}\"",
+            format_duration(MAX_DURATION)
+        );
+        let config = Config::from_toml(&longest).expect("the longest duration is taken");
+        let again = Config::from_toml(&config.to_toml().expect("written back")).expect("read back");
+        assert_eq!(again.limits.max_block_duration, MAX_DURATION);
+    }
+
     #[test]
     fn bad_enum_values_are_refused() {
         for (text, key) in [
@@ -2079,8 +2130,6 @@ mod tests {
             ("[limits]\nblock_duration = \"0s\"", "limits.block_duration"),
             ("[limits]\nfailed_auth_window = \"0s\"", "limits.failed_auth_window"),
             ("[limits]\nfailed_rcpt_window = \"0s\"", "limits.failed_rcpt_window"),
-            ("[limits]\nmax_block_duration = \"200years\"", "limits.max_block_duration"),
-            ("[limits]\nblock_duration = \"500000000years\"\nmax_block_duration = \"500000000years\"", "limits.block_duration"),
             ("[smtp]\nwrite_timeout = \"0s\"", "smtp.write_timeout"),
             ("[smtp]\nmax_sessions = 0", "smtp.max_sessions"),
             ("[smtp]\nmax_commands_before_mail = 0", "smtp.max_commands_before_mail"),

@@ -921,7 +921,9 @@ fn valid_domain(domain: &str) -> bool {
             !inner.is_empty()
                 && inner
                     .bytes()
-                    .all(|b| b.is_ascii_graphic() && !b"[]\\".contains(&b))
+                    // RFC 5321 dcontent, without what Postfix's tokeniser
+                    // reads as quoting or nesting, or as another address.
+                    .all(|b| b.is_ascii_graphic() && !b"[]\\<>\"()@".contains(&b))
         });
     }
     !domain.is_empty()

@@ -167,6 +167,10 @@ pub fn canonical_helo(args: &str) -> Result<HeloName, HeloError> {
         None if word.contains(['[', ']']) => return Err(HeloError::BadLiteral),
         None => (lowercase(word), None),
     };
+    // Lower-casing can lengthen a name (U+023A is 2 bytes, U+2C65 3).
+    if name.len() > MAX_HELO_LEN {
+        return Err(HeloError::TooLong);
+    }
     Ok(HeloName {
         name,
         literal,
@@ -293,6 +297,8 @@ mod tests {
     fn refused() {
         let long = "a".repeat(MAX_HELO_LEN + 1);
         let max = "a".repeat(MAX_HELO_LEN);
+        // Fits as sent, not once lower-cased.
+        let grows = "\u{23a}".repeat(MAX_HELO_LEN / 2);
         assert_eq!(canonical_helo(&max).unwrap().as_str(), max);
         let cases: &[(&str, HeloError)] = &[
             ("", HeloError::Missing),
@@ -301,6 +307,7 @@ mod tests {
             (".", HeloError::Missing),
             ("... x", HeloError::Missing),
             (&long, HeloError::TooLong),
+            (&grows, HeloError::TooLong),
             ("a\u{0}b", HeloError::ControlCharacter),
             ("a\u{0b}b", HeloError::ControlCharacter),
             ("a\u{0c}b", HeloError::ControlCharacter),
