@@ -86,7 +86,7 @@ fuzz_target!(|data: &[u8]| {
             other => panic!("sender and canonical sender disagree: {other:?}"),
         }
         check_params(&mail.params);
-        let mut again = parse_mail_from(&write_back("FROM:", mail.sender.as_deref(), &mail.params))
+        let mut again = parse_mail_from(&command::path_line("FROM:", mail.sender.as_deref().unwrap_or_default(), &mail.params))
             .expect("a MAIL FROM written back from a parsed one parses");
         if mail.second_route == Some(SecondRoute::SourceRoute) {
             again.second_route = mail.second_route;
@@ -110,7 +110,7 @@ fuzz_target!(|data: &[u8]| {
                 rcpt.recipient
             );
         }
-        let mut again = parse_rcpt_to(&write_back("TO:", Some(&rcpt.recipient), &rcpt.params))
+        let mut again = parse_rcpt_to(&command::path_line("TO:", &rcpt.recipient, &rcpt.params))
             .expect("a RCPT TO written back from a parsed one parses");
         if rcpt.second_route == Some(SecondRoute::SourceRoute) {
             again.second_route = rcpt.second_route;
@@ -186,17 +186,4 @@ fn check_params(params: &[command::Param]) {
             assert!(!value.is_empty() && !value.contains([' ', '\t', '\r', '\n']));
         }
     }
-}
-
-fn write_back(keyword: &str, path: Option<&str>, params: &[command::Param]) -> String {
-    let mut line = format!("{keyword}<{}>", path.unwrap_or_default());
-    for (key, value) in params {
-        line.push(' ');
-        line.push_str(key);
-        if let Some(value) = value {
-            line.push('=');
-            line.push_str(value);
-        }
-    }
-    line
 }

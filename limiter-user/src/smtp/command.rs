@@ -432,6 +432,24 @@ impl PathError {
 /// An ESMTP parameter: the keyword in upper case, and its value as sent.
 pub type Param = (String, Option<String>);
 
+/// Writes a path and its parameters back as one line: `keyword<path>`,
+/// then ` KEY[=value]` for each parameter (`path_line("RCPT TO:", "a@b",
+/// &[])` is `RCPT TO:<a@b>`). What [`parse_mail_from`] / [`parse_rcpt_to`]
+/// read back to the same value; how the proxy rebuilds envelope lines.
+#[must_use]
+pub fn path_line(keyword: &str, path: &str, params: &[Param]) -> String {
+    let mut line = format!("{keyword}<{path}>");
+    for (key, value) in params {
+        line.push(' ');
+        line.push_str(key);
+        if let Some(value) = value {
+            line.push('=');
+            line.push_str(value);
+        }
+    }
+    line
+}
+
 /// Routing syntax that makes the backend deliver an address to another
 /// destination than its domain part names: `user%evil.example@example.com`
 /// is delivered to `user@evil.example` by a Postfix that thinks

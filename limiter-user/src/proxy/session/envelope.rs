@@ -175,27 +175,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 /// 5321 says it may).
 pub(super) fn mail_line(mail: &MailFrom) -> Vec<u8> {
     let sender = mail.canonical.as_deref().or(mail.sender.as_deref());
-    path_line("MAIL FROM:", sender.unwrap_or(""), &mail.params)
+    path_line("MAIL FROM:", sender.unwrap_or(""), &mail.params).into_bytes()
 }
 
 /// `RCPT TO:<recipient> params` as the backend gets it: the canonical
 /// recipient the rules judged (domain without case or trailing dot; routing
 /// syntax was refused before this).
 pub(super) fn rcpt_line(rcpt: &RcptTo) -> Vec<u8> {
-    path_line("RCPT TO:", &rcpt.canonical, &rcpt.params)
-}
-
-pub(super) fn path_line(keyword: &str, path: &str, params: &[Param]) -> Vec<u8> {
-    let mut line = format!("{keyword}<{path}>");
-    for (key, value) in params {
-        line.push(' ');
-        line.push_str(key);
-        if let Some(value) = value {
-            line.push('=');
-            line.push_str(value);
-        }
-    }
-    line.into_bytes()
+    path_line("RCPT TO:", &rcpt.canonical, &rcpt.params).into_bytes()
 }
 
 /// A temporary failure that says the mailbox is unknown (`4.1.1`, e.g.

@@ -68,8 +68,8 @@ use crate::{
     },
     smtp::{
         command::{
-            check_sasl_response, parse_command_line, parse_mail_from, parse_rcpt_to, MailFrom,
-            Param, RcptTo, Verb,
+            check_sasl_response, parse_command_line, parse_mail_from, parse_rcpt_to, path_line,
+            MailFrom, RcptTo, Verb,
         },
         data::{DataProgress, DataScanner},
         ehlo::{default_capabilities, ehlo_hostname, filter_ehlo, parse_capabilities, EhloOptions},
