@@ -1473,12 +1473,11 @@ fn shutdown_tells_idle_clients_421() {
     proxy.stop();
     expect(&c.reply(), "421 4.3.0");
     assert!(c.closed());
-    // No new sessions once stopping.
-    let end = Instant::now() + WAIT;
-    loop {
-        // Refused: the connection is refused, or closed or reset without a
-        // greeting. A read that times out is a session still being served
-        // (silently), not a refusal.
+    // No new sessions once stopping. The stopped proxy's port is free, and
+    // a parallel test may bind it: what counts is that this proxy opens no
+    // session, whoever answers the connection.
+    let opened = proxy.ctx.stats.sessions_total.load(Ordering::Relaxed);
+    for _ in 0..3 {
         let refused = match TcpStream::connect_timeout(&proxy.addr, Duration::from_secs(1)) {
             Err(e) => e.kind() == ErrorKind::ConnectionRefused,
             Ok(stream) => {
@@ -1494,14 +1493,14 @@ fn shutdown_tells_idle_clients_421() {
                 }
             }
         };
+        assert_eq!(
+            proxy.ctx.stats.sessions_total.load(Ordering::Relaxed),
+            opened,
+            "a session opened after stop"
+        );
         if refused {
             break;
         }
-        assert!(
-            Instant::now() < end,
-            "new sessions still greeted after stop"
-        );
-        thread::sleep(Duration::from_millis(50));
     }
 }
 
