@@ -10,12 +10,13 @@
 //! | marker                  | symbol                     | score | action        |
 //! |-------------------------|----------------------------|-------|---------------|
 //! | [`SPAM_MARKER`]         | [`SPAM_SYMBOL`]            | 20    | `reject`      |
+//! | [`SUBJECT_MARKER`]      | [`SUBJECT_SYMBOL`]         | 12    | `rewrite subject` (`subject` = [`SUBJECT_PREFIX`] + the Subject) |
 //! | [`HEADER_MARKER`]       | [`HEADER_SYMBOL`]          | 8     | `add header`  |
 //! | [`GREYLIST_MARKER`]     | [`GREYLIST_SYMBOL`]        | 5     | `greylist`    |
 //! | [`SOFT_REJECT_MARKER`]  | [`SOFT_REJECT_SYMBOL`]     | 0     | `soft reject` (a pre-result, with `messages.smtp_message` = [`SOFT_REJECT_MESSAGE`]) |
 //! | none                    | none                       | 0     | `no action`   |
 //!
-//! (thresholds: reject 15, add header 6, greylist 4). The `milter_headers`
+//! (thresholds: reject 15, rewrite subject 10, add header 6, greylist 4). The `milter_headers`
 //! module is on for every message, local and authenticated clients
 //! included (`skip_local = false`, `skip_authenticated = false`): the reply's
 //! `milter.add_headers` always has `X-Spamd-Result` and `X-Spam-Status`
@@ -50,6 +51,14 @@ use crate::fixture::{self, free_port, write, ChildProcess, InstanceDir, Server};
 /// In the Subject or the message: action `reject`, symbol [`SPAM_SYMBOL`].
 pub const SPAM_MARKER: &str = "SMTPLIMITER-TEST-SPAM";
 pub const SPAM_SYMBOL: &str = "SMTPLIMITER_TEST_SPAM";
+/// In the Subject or the message: action `rewrite subject`, symbol
+/// [`SUBJECT_SYMBOL`]; the reply's `subject` is [`SUBJECT_PREFIX`] followed
+/// by the message's Subject.
+pub const SUBJECT_MARKER: &str = "SMTPLIMITER-TEST-SUBJECT";
+pub const SUBJECT_SYMBOL: &str = "SMTPLIMITER_TEST_SUBJECT";
+/// What rspamd puts before the Subject for `rewrite subject` (the
+/// instance's `actions.subject` is this followed by `%s`).
+pub const SUBJECT_PREFIX: &str = "[SPAM] ";
 /// In the Subject or the message: action `greylist`, symbol
 /// [`GREYLIST_SYMBOL`].
 pub const GREYLIST_MARKER: &str = "SMTPLIMITER-TEST-GREYLIST";
@@ -76,6 +85,7 @@ end
 
 local rules = {
   {'SMTPLIMITER_TEST_SPAM', 'SMTPLIMITER-TEST-SPAM', 20.0},
+  {'SMTPLIMITER_TEST_SUBJECT', 'SMTPLIMITER-TEST-SUBJECT', 12.0},
   {'SMTPLIMITER_TEST_HEADER', 'SMTPLIMITER-TEST-HEADER', 8.0},
   {'SMTPLIMITER_TEST_GREYLIST', 'SMTPLIMITER-TEST-GREYLIST', 5.0},
 }
@@ -218,6 +228,8 @@ impl Rspamd {
              }}\n\
              actions {{\n\
              \x20 reject = 15;\n\
+             \x20 rewrite_subject = 10;\n\
+             \x20 subject = \"{SUBJECT_PREFIX}%s\";\n\
              \x20 add_header = 6;\n\
              \x20 greylist = 4;\n\
              }}\n\

@@ -134,7 +134,7 @@ fn rspamd_gives_each_marker_its_action_and_headers_to_add() {
 
     // (name, message, action, symbol, whether `X-Spam: Yes` is added)
     type Case<'a> = (&'a str, &'a [u8], &'a str, Option<&'a str>, bool);
-    let cases: [Case; 6] = [
+    let cases: [Case; 7] = [
         (
             "clean",
             &message("Lunch", "see you at noon"),
@@ -164,6 +164,13 @@ fn rspamd_gives_each_marker_its_action_and_headers_to_add() {
             false,
         ),
         (
+            "rewrite subject",
+            &message("Hi", rspamd::SUBJECT_MARKER),
+            "rewrite subject",
+            Some(rspamd::SUBJECT_SYMBOL),
+            true,
+        ),
+        (
             "add header",
             &message("Hi", rspamd::HEADER_MARKER),
             "add header",
@@ -184,6 +191,13 @@ fn rspamd_gives_each_marker_its_action_and_headers_to_add() {
             eprintln!("{name} (chunked: {chunked}): {body}");
             assert_eq!(status, "HTTP/1.1 200 OK", "{name}: {body}");
             assert_verdict(&body, action, *symbol, *spam_header);
+            // The new Subject is in the reply (the prefix, then the old
+            // one); no other action has one.
+            assert_eq!(
+                body.contains(&format!("\"subject\":\"{}Hi\"", rspamd::SUBJECT_PREFIX)),
+                *action == "rewrite subject",
+                "{name}: {body}"
+            );
             if *action == "soft reject" {
                 assert!(
                     body.contains(&format!(
