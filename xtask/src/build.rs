@@ -124,13 +124,18 @@ pub fn build(ws: &Workspace, release: bool) -> Result<()> {
     cmd::run(&mut cmd)
 }
 
-/// Builds, then replaces xtask with `smtp-limiter ARGS` (`run` when none).
+/// Builds, then replaces xtask with `smtp-limiter ARGS` (when none: `run
+/// --config config/smtp-limiter.toml`, the reference configuration the
+/// binary also embeds, named explicitly because the agent otherwise reads
+/// /etc/smtp-limiter/smtp-limiter.toml).
 pub fn run(ws: &Workspace, release: bool, args: &[String]) -> Result<Infallible> {
     build(ws, release)?;
     let binary = ws.agent_binary(release);
     let mut cmd = std::process::Command::new(&binary);
     if args.is_empty() {
-        cmd.arg("run");
+        cmd.arg("run")
+            .arg("--config")
+            .arg(ws.root.join("config/smtp-limiter.toml"));
     } else {
         cmd.args(args);
     }
