@@ -1,7 +1,9 @@
 //! The running agent: brings up the kernel layer as the configuration says,
 //! applies the lists and limits, serves the SMTP proxy, reports kernel
 //! drops, sweeps expired blocks, and on SIGINT/SIGTERM stops accepting, lets
-//! sessions finish within the grace period and detaches.
+//! sessions finish within the grace period and detaches. Under systemd
+//! (`Type=notify`) it reports READY=1 once its stored blocks are back and its
+//! listeners are up, and its stage in STATUS=.
 
 use std::{
     collections::HashSet,
@@ -139,6 +141,7 @@ pub async fn run(
     object: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let mut config = config;
+    notify("STATUS=loading the kernel programs");
     let kernel = bring_up_kernel(&config, object)?;
     let datapath = kernel.datapath();
     tracing::info!(status = %datapath.describe(), "kernel layer");
@@ -171,6 +174,7 @@ pub async fn run(
         }
     };
     if let Some(store) = &store {
+        notify("STATUS=restoring stored blocks");
         restore_blocks(store, &ctx, datapath.as_ref());
     }
     // Blocks are stored by a task of their own: with a million blocks one
@@ -226,8 +230,31 @@ pub async fn run(
             "control.socket: cannot bind; the CLI cannot reach this agent"
         ),
     }
+    let listening: Vec<String> = listeners
+        .iter()
+        .zip(&config.listen)
+        .map(|(bound, listen)| {
+            bound
+                .listener
+                .local_addr()
+                .map_or(listen.address, |a| a)
+                .to_string()
+        })
+        .collect();
     let (stop, stopped) = watch::channel(false);
     let server = tokio::spawn(proxy::serve(ctx.clone(), listeners, stopped));
+    // Before READY=1: a stop or reload may follow it at once.
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    // Every listener is bound and listening (the kernel queues connections
+    // from here on) and the stored blocks are in force: ready.
+    notify(&format!(
+        "READY=1\nSTATUS=listening on {}; kernel: {}",
+        listening.join(", "),
+        datapath.describe()
+    ));
 
     let mut events = match &kernel {
         Kernel::Loaded(d) => Some(d.take_events()?),
@@ -235,10 +262,6 @@ pub async fn run(
     };
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     let mut sweeps: u64 = 0;
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
@@ -319,6 +342,7 @@ pub async fn run(
             },
         }
     }
+    notify("STOPPING=1\nSTATUS=stopping: open sessions may finish");
     let _ = stop.send(true);
     let _ = server.await;
     stopping.store(true, Ordering::Release);
@@ -443,6 +467,17 @@ pub fn reload(
     ctx: &ProxyContext,
     datapath: &dyn Datapath,
 ) {
+    notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+    reload_file(path, current, ctx, datapath);
+    notify("READY=1");
+}
+
+fn reload_file(
+    path: &std::path::Path,
+    current: &mut Config,
+    ctx: &ProxyContext,
+    datapath: &dyn Datapath,
+) {
     let new = match Config::load(path) {
         Ok(new) => new,
         Err(e) => {
@@ -509,4 +544,42 @@ pub fn reload(
     }
     *current = new;
     tracing::info!(path = %path.display(), "configuration reloaded");
+}
+
+/// Tells systemd about the agent's state (sd_notify(3)): `state` is
+/// `KEY=VALUE` lines sent as one datagram to the socket named by
+/// `NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace); nothing
+/// without it. Written here instead of taken from a crate: the protocol is
+/// this one `sendto`. Non-blocking: a full queue loses a STATUS, never
+/// stalls the agent.
+fn notify(state: &str) {
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    use std::os::{linux::net::SocketAddrExt as _, unix::ffi::OsStrExt as _};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = UnixDatagram::unbound().and_then(|socket| {
+        socket.set_nonblocking(true)?;
+        match target.as_bytes().strip_prefix(b"@") {
+            Some(name) => {
+                socket.send_to_addr(state.as_bytes(), &SocketAddr::from_abstract_name(name)?)
+            }
+            None => socket.send_to(state.as_bytes(), &target),
+        }
+    });
+    if let Err(e) = sent {
+        tracing::warn!(socket = ?target, error = %e, state, "cannot notify systemd (NOTIFY_SOCKET)");
+    }
+}
+
+/// CLOCK_MONOTONIC in microseconds, as systemd wants it with RELOADING=1.
+fn monotonic_usec() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the struct it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000
+        + u64::try_from(now.tv_nsec).unwrap_or(0) / 1_000
 }
