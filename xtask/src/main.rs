@@ -5,6 +5,7 @@ mod build;
 mod cmd;
 mod demo;
 mod fuzz;
+mod package;
 mod setup;
 mod toolchain;
 
@@ -98,6 +99,19 @@ enum Task {
         /// then the benchmark's own (`--help` lists them).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Set up, build the release binary, and make the Debian package
+    /// (target/debian/smtp-limiter_VERSION_ARCH.deb): binary with the kernel
+    /// object embedded, systemd unit, configuration (conffile), man pages,
+    /// shell completions, licences. Prints the package's path.
+    Package {
+        /// Package this already-built smtp-limiter instead of building one
+        /// (it must embed the kernel object); nothing is built, no setup.
+        #[arg(long, value_name = "FILE")]
+        binary: Option<std::path::PathBuf>,
+        /// Directory for the package (and its staged tree).
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
     },
     /// Build the fuzz targets (`fuzz/`, libFuzzer via cargo-fuzz, nightly)
     /// and run each one for SECONDS on a scratch copy of its seed corpus;
@@ -199,6 +213,14 @@ fn run(task: Task) -> Result<()> {
                     },
                 },
             )
+        }
+        Task::Package { binary, out } => {
+            if binary.is_none() {
+                setup::setup()?;
+            }
+            let deb = package::package(&package::Options { binary, out })?;
+            println!("{}", deb.display());
+            Ok(())
         }
         Task::Bench { args } => {
             setup::setup()?;

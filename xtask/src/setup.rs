@@ -57,7 +57,8 @@ pub fn setup() -> Result<()> {
 /// swaks and python3; for the LDAP end-to-end tests OpenLDAP's slapd (again
 /// private instances only, see [`preseed`]) and its command-line
 /// tools; for the filter tests rspamd and ClamAV's clamd (private
-/// instances only, see [`ensure_no_system_scanners`]).
+/// instances only, see [`ensure_no_system_scanners`]); systemd for
+/// `systemd-analyze verify` of the unit.
 fn apt_packages(llvm: u32) -> Vec<String> {
     vec![
         format!("llvm-{llvm}-dev"),
@@ -77,6 +78,9 @@ fn apt_packages(llvm: u32) -> Vec<String> {
         "ldap-utils".into(),
         "rspamd".into(),
         "clamav-daemon".into(),
+        // systemd-analyze, for the packaging test's `verify` of the unit
+        // (a container may have no systemd; nothing is started by it).
+        "systemd".into(),
     ]
 }
 
