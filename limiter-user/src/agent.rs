@@ -1,24 +1,12 @@
 //! The running agent: brings up the kernel layer as the configuration says,
 //! applies the lists and limits, serves the SMTP proxy, reports kernel
 //! drops, sweeps expired blocks, and on SIGINT/SIGTERM stops accepting, lets
-//! sessions finish within the grace period and detaches. Under systemd
-//! (`Type=notify`) it reports READY=1 once its stored blocks are back and its
-//! listeners are up, and its stage in STATUS=.
+//! sessions finish within the grace period and detaches.
 
-use std::{
-    collections::HashSet,
-    path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::{Duration, SystemTime},
-};
-
-use ipnet::IpNet;
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use limiter_common::{drop_reason, reason};
+use limiter_common::drop_reason;
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::watch,
@@ -29,16 +17,15 @@ use crate::{
     config::{Config, KernelMode},
     control,
     kernel::{BpfDatapath, Datapath, KernelLimits, KernelOptions, NoKernel},
+    lists::{self, ListSet},
     metrics,
-    proxy::{self, blocks::ActiveBlock, ProxyContext},
+    proxy::{self, ProxyContext},
     sink,
-    state::{self, Store, StoredBlock},
+    state::{self, Journal, Store},
 };
 
 /// How often expired blocks are swept from the kernel maps.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
-/// Every this many sweeps the whole kernel block map is walked too (5 min).
-const KERNEL_SWEEP_EVERY: u64 = 30;
 
 /// The kernel limits a configuration asks for.
 pub fn kernel_limits(config: &Config) -> KernelLimits {
@@ -112,15 +99,12 @@ impl Kernel {
 /// # Errors
 /// A kernel map refused an entry (full, or the layer is off).
 pub fn apply_lists(config: &Config, datapath: &dyn Datapath) -> anyhow::Result<()> {
-    for net in &config.lists.allow {
-        datapath
-            .allow(*net)
-            .with_context(|| format!("lists.allow: {net}"))?;
-    }
-    for net in &config.lists.reject {
-        datapath
-            .block(*net, None, reason::REJECT_LIST)
-            .with_context(|| format!("lists.reject: {net}"))?;
+    let applied = lists::apply(None, &ListSet::of(&config.lists), datapath, None);
+    if let Some(error) = applied.errors.first() {
+        anyhow::bail!(
+            "{error} ({} list entries refused in all)",
+            applied.errors.len()
+        );
     }
     for source in &config.limits.source {
         datapath
@@ -141,15 +125,16 @@ pub async fn run(
     object: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let mut config = config;
-    notify("STATUS=loading the kernel programs");
     let kernel = bring_up_kernel(&config, object)?;
     let datapath = kernel.datapath();
     tracing::info!(status = %datapath.describe(), "kernel layer");
     if let Kernel::Loaded(_) = kernel {
         apply_lists(&config, datapath.as_ref())?;
-    } else if !config.lists.reject.is_empty() || !config.lists.allow.is_empty() {
+    } else if config.lists.reject_nets().next().is_some()
+        || config.lists.allow_nets().next().is_some()
+    {
         tracing::warn!(
-            "lists.allow and lists.reject are not enforced in the kernel: the kernel layer is off"
+            "lists.allow and lists.reject (and their files) are not enforced in the kernel: the kernel layer is off"
         );
     }
     if config.backend.builtin {
@@ -173,34 +158,24 @@ pub async fn run(
             None
         }
     };
-    if let Some(store) = &store {
-        notify("STATUS=restoring stored blocks");
-        restore_blocks(store, &ctx, datapath.as_ref());
-    }
-    // Blocks are stored by a task of their own: with a million blocks one
-    // save takes seconds, which signals and CLI requests must not wait for.
-    // Requests that come during a save are served by one more save; the last
-    // one, at shutdown, comes after every other.
-    let saves = Arc::new(tokio::sync::Notify::new());
-    let stopping = Arc::new(AtomicBool::new(false));
-    let saver = store.clone().map(|store| {
-        let (ctx, datapath) = (ctx.clone(), datapath.clone());
-        let (saves, stopping) = (saves.clone(), stopping.clone());
-        tokio::spawn(async move {
-            loop {
-                saves.notified().await;
-                let last = stopping.load(Ordering::Acquire);
-                let (store, ctx, datapath) = (store.clone(), ctx.clone(), datapath.clone());
-                let _ = tokio::task::spawn_blocking(move || {
-                    save_blocks(Some(&store), &ctx, datapath.as_ref());
-                })
-                .await;
-                if last {
-                    return;
-                }
+    // Every change of the block table is journaled by a thread of its own
+    // (an append and a sync per batch, a snapshot now and then); restoring
+    // puts the stored blocks back first.
+    let journal = store.clone().and_then(|store| {
+        let listed = ListSet::of(&config.lists).reject;
+        let restored = state::restore(&store, &ctx, datapath.as_ref(), &|net| {
+            listed.contains_key(net)
+        });
+        match Journal::start(store, ctx.clone(), restored.snapshot_wanted) {
+            Ok(journal) => Some(journal),
+            Err(e) => {
+                tracing::error!(error = %e, "BLOCKS ARE NOT PERSISTED: the state journal thread cannot start");
+                None
             }
-        })
+        }
     });
+    // Asked for by commands that change many blocks at once (import).
+    let saves = tokio::sync::Notify::new();
     let listeners = proxy::bind(&config).await?;
     for (listen, bound) in config.listen.iter().zip(&listeners) {
         let address = bound.listener.local_addr().map_or(listen.address, |a| a);
@@ -230,38 +205,18 @@ pub async fn run(
             "control.socket: cannot bind; the CLI cannot reach this agent"
         ),
     }
-    let listening: Vec<String> = listeners
-        .iter()
-        .zip(&config.listen)
-        .map(|(bound, listen)| {
-            bound
-                .listener
-                .local_addr()
-                .map_or(listen.address, |a| a)
-                .to_string()
-        })
-        .collect();
     let (stop, stopped) = watch::channel(false);
     let server = tokio::spawn(proxy::serve(ctx.clone(), listeners, stopped));
-    // Before READY=1: a stop or reload may follow it at once.
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    // Every listener is bound and listening (the kernel queues connections
-    // from here on) and the stored blocks are in force: ready.
-    notify(&format!(
-        "READY=1\nSTATUS=listening on {}; kernel: {}",
-        listening.join(", "),
-        datapath.describe()
-    ));
 
     let mut events = match &kernel {
         Kernel::Loaded(d) => Some(d.take_events()?),
         Kernel::Off(_) => None,
     };
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
-    let mut sweeps: u64 = 0;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
@@ -272,34 +227,23 @@ pub async fn run(
             },
             _ = sweep.tick() => {
                 let now = std::time::SystemTime::now();
-                // The proxy's expired blocks leave the kernel one by one; a
-                // walk of the whole kernel map (O(blocks): seconds with a
-                // million) only now and then, for entries only it holds.
+                // The table holds every block the agent put into the
+                // kernel: expired and evicted ones leave the kernel one by
+                // one, no walk of the kernel's maps (which holds the lock
+                // accepts need).
                 let expired = ctx.blocks.sweep(now);
-                for net in &expired {
-                    if let Err(e) = datapath.unblock(*net) {
-                        tracing::warn!(%net, error = %e, "removing an expired block from the kernel");
-                    }
-                }
-                sweeps += 1;
-                let walked = if sweeps.is_multiple_of(KERNEL_SWEEP_EVERY) {
-                    match datapath.sweep_expired(now) {
-                        Ok(n) => n,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "sweeping expired blocks");
-                            0
-                        }
-                    }
-                } else {
-                    0
-                };
-                if !expired.is_empty() || walked > 0 {
-                    tracing::info!(expired = expired.len() + walked, "expired blocks removed");
-                    // Changes from the CLI and new blocks are stored when they happen.
-                    saves.notify_one();
+                let mut gone = expired.clone();
+                gone.extend(ctx.blocks.take_evicted());
+                lists::release_blocks(&gone, &config.lists, datapath.as_ref());
+                if !expired.is_empty() {
+                    tracing::info!(expired = expired.len(), "expired blocks removed");
                 }
             },
-            () = ctx.blocks_changed.notified() => saves.notify_one(),
+            () = saves.notified() => {
+                if let Some(journal) = &journal {
+                    journal.request_snapshot();
+                }
+            },
             Some((request, answer)) = requests.recv() => {
                 if let control::Request::RecipientsRefresh { force } = request {
                     // A directory refresh can take seconds: answer from a task.
@@ -342,13 +286,10 @@ pub async fn run(
             },
         }
     }
-    notify("STOPPING=1\nSTATUS=stopping: open sessions may finish");
     let _ = stop.send(true);
     let _ = server.await;
-    stopping.store(true, Ordering::Release);
-    saves.notify_one();
-    if let Some(saver) = saver {
-        let _ = saver.await;
+    if let Some(journal) = journal {
+        journal.close();
     }
     let _ = std::fs::remove_file(&config.control.socket);
     tracing::info!("stopping: detaching the kernel programs (maps stay pinned)");
@@ -367,76 +308,6 @@ async fn next_events(
     }
 }
 
-/// Puts the stored blocks the kernel and the proxy lack back in place.
-fn restore_blocks(store: &Store, ctx: &ProxyContext, datapath: &dyn Datapath) {
-    let stored = match store.load(SystemTime::now()) {
-        Ok(stored) => stored,
-        Err(e) => {
-            tracing::error!(error = %e, "stored blocks not restored");
-            return;
-        }
-    };
-    let in_kernel: HashSet<IpNet> = datapath
-        .blocks()
-        .map(|b| b.into_iter().map(|b| b.net).collect())
-        .unwrap_or_default();
-    let mut restored = 0;
-    for block in &stored {
-        let reason = state::reason_code(&block.reason);
-        let expires = state::expires(block);
-        ctx.blocks.insert(ActiveBlock {
-            net: block.net,
-            reason,
-            expires,
-            since: state::since(block),
-            repeat: block.repeat,
-        });
-        if !in_kernel.contains(&block.net) {
-            match datapath.block(block.net, expires, reason) {
-                Ok(()) => restored += 1,
-                Err(e) => {
-                    tracing::debug!(net = %block.net, error = %e, "stored block not put into the kernel")
-                }
-            }
-        }
-    }
-    tracing::info!(
-        stored = stored.len(),
-        restored_to_kernel = restored,
-        "stored blocks loaded"
-    );
-}
-
-/// Stores the active blocks: the kernel's (CLI changes included) and the
-/// proxy's own.
-fn save_blocks(store: Option<&Store>, ctx: &ProxyContext, datapath: &dyn Datapath) {
-    let Some(store) = store else { return };
-    let now = SystemTime::now();
-    let mut blocks: Vec<StoredBlock> = Vec::new();
-    let mut seen = HashSet::new();
-    // The proxy's blocks first: they know when they began and how often.
-    for block in ctx
-        .blocks
-        .all()
-        .iter()
-        .filter(|b| b.expires.is_none_or(|t| t > now))
-    {
-        if seen.insert(block.net) {
-            blocks.push(state::stored_active(block));
-        }
-    }
-    if let Ok(kernel) = datapath.blocks() {
-        for block in kernel.iter().filter(|b| b.expires.is_none_or(|t| t > now)) {
-            if seen.insert(block.net) {
-                blocks.push(state::stored(block));
-            }
-        }
-    }
-    if let Err(e) = store.save(&blocks) {
-        tracing::error!(error = %e, "storing blocks failed");
-    }
-}
-
 /// What control commands act on.
 pub struct AgentState<'a> {
     pub config: &'a mut Config,
@@ -444,13 +315,13 @@ pub struct AgentState<'a> {
     pub ctx: &'a ProxyContext,
     pub datapath: &'a dyn Datapath,
     pub store: Option<&'a Store>,
-    /// Wakes the task that stores the blocks.
+    /// Asks the state journal for a snapshot.
     pub saves: &'a tokio::sync::Notify,
 }
 
 impl AgentState<'_> {
-    /// Has the blocks stored at once (after a change from the CLI), by the
-    /// task that stores them.
+    /// Asks the state journal for a snapshot soon, after many changes at
+    /// once (single changes are journaled as they happen).
     pub fn save_blocks(&self) {
         self.saves.notify_one();
     }
@@ -462,17 +333,6 @@ impl AgentState<'_> {
 /// backend, TLS, kernel attachment, map sizes, metrics and state need a
 /// restart, and the log says which of those changed.
 pub fn reload(
-    path: &std::path::Path,
-    current: &mut Config,
-    ctx: &ProxyContext,
-    datapath: &dyn Datapath,
-) {
-    notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
-    reload_file(path, current, ctx, datapath);
-    notify("READY=1");
-}
-
-fn reload_file(
     path: &std::path::Path,
     current: &mut Config,
     ctx: &ProxyContext,
@@ -514,22 +374,26 @@ fn reload_file(
     if let Err(e) = datapath.set_limits(&kernel_limits(&new)) {
         tracing::debug!(error = %e, "reload: kernel limits not applied");
     }
-    // Lists and per-network caps: remove what left the file, add what came.
-    for net in current
-        .lists
-        .allow
-        .iter()
-        .filter(|n| !new.lists.allow.contains(n))
-    {
-        let _ = datapath.disallow(*net);
+    // Lists (the files re-read) and per-network caps: remove what left,
+    // add what came.
+    let applied = lists::apply(
+        Some(&ListSet::of(&current.lists)),
+        &ListSet::of(&new.lists),
+        datapath,
+        Some(&ctx.blocks),
+    );
+    if applied != lists::Applied::default() {
+        tracing::info!(
+            allowed = applied.allowed,
+            disallowed = applied.disallowed,
+            rejected = applied.rejected,
+            unrejected = applied.unrejected,
+            refused = applied.errors.len(),
+            "reload: lists applied to the kernel"
+        );
     }
-    for net in current
-        .lists
-        .reject
-        .iter()
-        .filter(|n| !new.lists.reject.contains(n))
-    {
-        let _ = datapath.unblock(*net);
+    for error in applied.errors.iter().take(10) {
+        tracing::warn!(error, "reload: a list entry was not put into the kernel");
     }
     for source in current
         .limits
@@ -539,47 +403,11 @@ fn reload_file(
     {
         let _ = datapath.remove_cap(source.cidr);
     }
-    if let Err(e) = apply_lists(&new, datapath) {
-        tracing::warn!(error = %e, "reload: lists not fully applied to the kernel");
+    for source in &new.limits.source {
+        if let Err(e) = datapath.set_cap(source.cidr, source.max_connections) {
+            tracing::warn!(cidr = %source.cidr, error = %e, "reload: limits.source cap not applied to the kernel");
+        }
     }
     *current = new;
     tracing::info!(path = %path.display(), "configuration reloaded");
-}
-
-/// Tells systemd about the agent's state (sd_notify(3)): `state` is
-/// `KEY=VALUE` lines sent as one datagram to the socket named by
-/// `NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace); nothing
-/// without it. Written here instead of taken from a crate: the protocol is
-/// this one `sendto`. Non-blocking: a full queue loses a STATUS, never
-/// stalls the agent.
-fn notify(state: &str) {
-    use std::os::unix::net::{SocketAddr, UnixDatagram};
-    use std::os::{linux::net::SocketAddrExt as _, unix::ffi::OsStrExt as _};
-    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let sent = UnixDatagram::unbound().and_then(|socket| {
-        socket.set_nonblocking(true)?;
-        match target.as_bytes().strip_prefix(b"@") {
-            Some(name) => {
-                socket.send_to_addr(state.as_bytes(), &SocketAddr::from_abstract_name(name)?)
-            }
-            None => socket.send_to(state.as_bytes(), &target),
-        }
-    });
-    if let Err(e) = sent {
-        tracing::warn!(socket = ?target, error = %e, state, "cannot notify systemd (NOTIFY_SOCKET)");
-    }
-}
-
-/// CLOCK_MONOTONIC in microseconds, as systemd wants it with RELOADING=1.
-fn monotonic_usec() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime only writes the struct it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
-    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000
-        + u64::try_from(now.tv_nsec).unwrap_or(0) / 1_000
 }

@@ -3,8 +3,10 @@
 //! live limits, statistics, reload.
 
 use std::{
-    sync::atomic::Ordering,
-    time::{Duration, SystemTime},
+    collections::HashMap,
+    net::IpAddr,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use ipnet::IpNet;
@@ -14,7 +16,9 @@ use serde_json::{json, Value};
 use crate::{
     agent::{kernel_limits, reload, AgentState},
     config::{self, Config},
-    control::{Request, Response},
+    control::{ImportBlock, ListCursor, Request, Response},
+    kernel::KernelError,
+    lists::{ListSet, ListSource},
     policy::Policy,
     proxy::blocks::ActiveBlock,
 };
@@ -43,46 +47,68 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
             reload(&path, agent.config, agent.ctx, agent.datapath);
             Ok(json!({ "reloaded": path.display().to_string() }))
         }
-        Request::BlockList => Ok(block_list(agent)),
+        Request::BlockList {
+            origin,
+            covering,
+            after,
+            rows,
+        } => block_list(agent, origin.as_deref(), covering.as_deref(), after, rows),
         Request::BlockAdd {
             net,
             duration_secs,
-            reason,
+            origin,
+            comment,
         } => {
             let net = parse_net(&net)?;
-            let code = reason_code(&reason)?;
+            let code = reason_code(&origin)?;
             let expires = match duration_secs {
                 None => None,
                 Some(secs) => Some(block_expiry(secs)?),
             };
-            agent.ctx.blocks.insert(ActiveBlock {
-                net,
-                reason: code,
-                expires,
-                since: SystemTime::now(),
-                repeat: 0,
-            });
-            let _ = agent.ctx.blocked_nets.send(net);
-            let kernel = match agent.datapath.block(net, expires, code) {
+            let comment = comment.as_deref().map(clean_comment).transpose()?;
+            let kernel = match add_block(
+                agent,
+                ActiveBlock {
+                    net,
+                    reason: code,
+                    expires,
+                    since: SystemTime::now(),
+                    repeat: 0,
+                    comment: comment.as_deref().map(Arc::from),
+                },
+            ) {
                 Ok(()) => "blocked".to_owned(),
                 Err(e) => format!("not in the kernel: {e}"),
             };
-            agent.save_blocks();
-            tracing::info!(%net, reason = reason::name(code), origin = "cli", action = "block", "source blocked");
+            tracing::info!(%net, origin = reason::name(code), comment = comment.as_deref().unwrap_or(""), by = "cli", action = "block", "source blocked");
             Ok(json!({ "net": net.to_string(), "kernel": kernel, "stored": agent.store.is_some() }))
         }
         Request::BlockDel { net } => {
             let net = parse_net(&net)?;
             let in_proxy = agent.ctx.blocks.remove(&net);
-            let in_kernel = agent.datapath.unblock(net).unwrap_or(false);
+            let lists = ListSet::of(&agent.config.lists);
+            let listed = lists.reject.get(&net.trunc());
+            let in_kernel = match listed {
+                // The list's own entry goes back in place of the block.
+                Some(_) => {
+                    let _ = agent.datapath.block(net, None, reason::REJECT_LIST);
+                    false
+                }
+                None => agent.datapath.unblock(net).unwrap_or(false),
+            };
             agent.ctx.state.unblock(net);
             if !in_proxy && !in_kernel {
-                return Err(format!("{net} is not blocked"));
+                return Err(match listed {
+                    Some(source) => format!("{net} is on a reject list ({source}), not a block: remove it there and reload"),
+                    None => format!("{net} is not blocked"),
+                });
             }
             agent.save_blocks();
-            tracing::info!(%net, origin = "cli", action = "unblock", "block removed");
-            Ok(json!({ "net": net.to_string() }))
+            tracing::info!(%net, by = "cli", action = "unblock", "block removed");
+            Ok(json!({ "net": net.to_string(), "still_listed": listed.map(ToString::to_string) }))
         }
+        Request::BlockCheck { address } => block_check(agent, &address),
+        Request::BlockImport { blocks } => Ok(block_import(agent, blocks)),
         Request::AllowList => {
             let nets = agent.datapath.allows().map_err(|e| e.to_string())?;
             Ok(json!(nets
@@ -251,42 +277,368 @@ fn limits(config: &Config) -> Value {
     })
 }
 
-fn block_list(agent: &AgentState<'_>) -> Value {
-    let now = SystemTime::now();
-    let kernel = agent.datapath.blocks().unwrap_or_default();
-    let proxy = agent.ctx.blocks.all();
-    let mut nets: Vec<IpNet> = kernel
-        .iter()
-        .map(|b| b.net)
-        .chain(proxy.iter().map(|b| b.net))
+/// Most rows in one `block list` page: a page is one request on the
+/// agent's loop, so it stays short; the CLI asks for the next.
+pub const MAX_PAGE_ROWS: usize = 5000;
+/// Most blocks one filtered page looks at before it answers (possibly with
+/// fewer rows) and says where the next one starts.
+const MAX_PAGE_SCAN: usize = 50_000;
+/// Longest free-text reason kept, in characters.
+pub const MAX_COMMENT: usize = 500;
+/// Up to this many blocks and list entries, `block list` and `block check`
+/// show each entry's kernel drop count, read with one walk of the kernel's
+/// block maps per page (a few milliseconds); past it the walk would hold
+/// the maps' lock, which accepts need, too long, and `top` shows the
+/// busiest entries instead.
+pub const DROPS_SHOWN_UP_TO: usize = 10_000;
+
+/// A free-text reason as stored: trimmed, no control characters (they
+/// would garble logs and listings), at most [`MAX_COMMENT`] characters.
+///
+/// # Errors
+/// Longer than [`MAX_COMMENT`].
+pub fn clean_comment(text: &str) -> Result<String, String> {
+    let text: String = text
+        .trim()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    nets.sort();
-    nets.dedup();
-    let rows: Vec<Value> = nets
-        .into_iter()
-        .filter_map(|net| {
-            let k = kernel.iter().find(|b| b.net == net);
-            let p = proxy.iter().find(|b| b.net == net);
-            let (reason, expires) = match (p, k) {
-                (Some(p), _) => (p.reason, p.expires),
-                (None, Some(k)) => (k.reason, k.expires),
-                (None, None) => return None,
-            };
-            if expires.is_some_and(|t| t <= now) {
-                return None;
+    if text.chars().count() > MAX_COMMENT {
+        return Err(format!(
+            "--reason: {} characters; at most {MAX_COMMENT}",
+            text.chars().count()
+        ));
+    }
+    Ok(text)
+}
+
+/// Puts a block in force: the agent's table (so the proxy refuses the
+/// source at once and the journal stores it), the kernel, and the source's
+/// other sessions are told.
+fn add_block(agent: &AgentState<'_>, block: ActiveBlock) -> Result<(), KernelError> {
+    let net = block.net;
+    let (expires, code) = (block.expires, block.reason);
+    agent.ctx.blocks.insert(block);
+    let pushed = agent.datapath.block(net, expires, code);
+    agent.ctx.blocks.mark_kernel(&net, pushed.is_ok());
+    let _ = agent.ctx.blocked_nets.send(net);
+    agent.save_blocks();
+    pushed
+}
+
+fn rfc3339(at: Option<SystemTime>) -> Value {
+    at.map_or(Value::Null, |t| {
+        json!(humantime::format_rfc3339_seconds(t).to_string())
+    })
+}
+
+/// Kernel drop counts by network, when the state is small enough
+/// ([`DROPS_SHOWN_UP_TO`]).
+fn drop_counts(agent: &AgentState<'_>, lists: &ListSet) -> Option<HashMap<ipnet::IpNet, u64>> {
+    if agent.ctx.blocks.len() + lists.reject.len() > DROPS_SHOWN_UP_TO {
+        return None;
+    }
+    let blocks = agent.datapath.blocks().ok()?;
+    Some(blocks.into_iter().map(|b| (b.net, b.drops)).collect())
+}
+
+/// Adds `drops` to a row, if known.
+fn with_drops(mut row: Value, drops: Option<&HashMap<ipnet::IpNet, u64>>) -> Value {
+    if let (Some(drops), Some(net)) = (drops, row["net"].as_str().and_then(|n| n.parse().ok())) {
+        row["drops"] = json!(drops.get(&net));
+    }
+    row
+}
+
+/// A block as `block list` and `block check` show it.
+pub fn block_row(block: &ActiveBlock, in_kernel: bool) -> Value {
+    let origin = reason::name(block.reason);
+    json!({
+        "kind": "block",
+        "net": block.net.to_string(),
+        "origin": origin,
+        // Earlier versions had the origin here: a block without text keeps it.
+        "reason": block.comment.as_deref().unwrap_or(origin),
+        "comment": block.comment.as_deref(),
+        "since": rfc3339(Some(block.since)),
+        "expires": rfc3339(block.expires),
+        "repeat": block.repeat,
+        "in_kernel": in_kernel,
+    })
+}
+
+/// A reject list's entry as `block list` and `block check` show it.
+fn list_row(net: &ipnet::IpNet, source: &ListSource) -> Value {
+    json!({
+        "kind": "list",
+        "net": net.to_string(),
+        "origin": reason::name(reason::REJECT_LIST),
+        "reason": source.to_string(),
+        "comment": null,
+        "list": source.to_string(),
+        "since": null,
+        "expires": null,
+        "repeat": 0,
+        "in_kernel": true,
+    })
+}
+
+/// One page of `block list`: the reject lists' entries first (by network),
+/// then the blocks (by expiry, soonest first), each filtered by origin and
+/// by an address or network they must contain.
+fn block_list(
+    agent: &AgentState<'_>,
+    origin: Option<&str>,
+    covering: Option<&str>,
+    after: Option<ListCursor>,
+    rows: Option<usize>,
+) -> Result<Value, String> {
+    let origin = origin.map(reason_code).transpose()?;
+    let covering = covering.map(parse_net).transpose()?.map(|n| n.trunc());
+    let want = rows.unwrap_or(MAX_PAGE_ROWS).clamp(1, MAX_PAGE_ROWS);
+    let contains = |net: &ipnet::IpNet| covering.is_none_or(|c| net.contains(&c));
+    let now = SystemTime::now();
+    let mut out = Vec::new();
+    let lists = ListSet::of(&agent.config.lists);
+    let drops = drop_counts(agent, &lists);
+    let drops = drops.as_ref();
+    let in_lists = after.as_ref().is_none_or(|a| a.expires_ns.is_none());
+    if in_lists && origin.is_none_or(|o| o == reason::REJECT_LIST) {
+        let start = match &after {
+            Some(a) => std::ops::Bound::Excluded(parse_net(&a.net)?),
+            None => std::ops::Bound::Unbounded,
+        };
+        for (net, source) in lists
+            .reject
+            .range((start, std::ops::Bound::Unbounded))
+            .filter(|(net, _)| contains(net))
+        {
+            if out.len() == want {
+                let next = out
+                    .last()
+                    .and_then(|r: &Value| r["net"].as_str())
+                    .map(|n| ListCursor {
+                        expires_ns: None,
+                        net: n.to_owned(),
+                    });
+                return Ok(json!({ "blocks": out, "next": next }));
             }
-            Some(json!({
-                "net": net.to_string(),
-                "reason": reason::name(reason),
-                "since": p.map(|p| humantime::format_rfc3339_seconds(p.since).to_string()),
-                "expires": expires.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
-                "repeat": p.map(|p| p.repeat),
-                "drops": k.map(|k| k.drops),
-                "in_kernel": k.is_some(),
-            }))
+            out.push(with_drops(list_row(net, source), drops));
+        }
+    }
+    let keep =
+        |b: &ActiveBlock| origin.is_none_or(|o| o == b.reason) && b.expires.is_none_or(|t| t > now);
+    let next = match covering {
+        // The blocks containing a network: one lookup per prefix length.
+        Some(net) => {
+            for block in agent
+                .ctx
+                .blocks
+                .containing(net.network(), now, usize::MAX)
+                .into_iter()
+                .filter(|b| b.net.contains(&net) && keep(b))
+            {
+                out.push(with_drops(
+                    block_row(&block, agent.ctx.blocks.in_kernel(&block.net)),
+                    drops,
+                ));
+            }
+            None
+        }
+        None => {
+            let block_after = match &after {
+                Some(ListCursor {
+                    expires_ns: Some(ns),
+                    net,
+                }) => Some((*ns, parse_net(net)?)),
+                _ => None,
+            };
+            let page = agent
+                .ctx
+                .blocks
+                .page(block_after, want - out.len(), MAX_PAGE_SCAN, keep);
+            out.extend(
+                page.rows
+                    .iter()
+                    .map(|(b, k)| with_drops(block_row(b, *k), drops)),
+            );
+            page.next.map(|(ns, net)| ListCursor {
+                expires_ns: Some(ns),
+                net: net.to_string(),
+            })
+        }
+    };
+    Ok(json!({ "blocks": out, "next": next }))
+}
+
+/// `block check ADDR`: whether the address is dropped and by what (the
+/// allow lists first, as the kernel checks them, then blocks, reject
+/// lists, kernel-only entries and the per-source connection cap).
+fn block_check(agent: &AgentState<'_>, address: &str) -> Result<Value, String> {
+    let ip: IpAddr = address
+        .trim()
+        .parse()
+        .map_err(|_| format!("{address:?} is not an IPv4 or IPv6 address"))?;
+    let ip = ip.to_canonical();
+    let now = SystemTime::now();
+    let policy = agent.ctx.policy();
+    let lists = ListSet::of(&agent.config.lists);
+    let mut matches = Vec::new();
+    let allowed: Vec<Value> = ListSet::containing(&lists.allow, ip)
+        .into_iter()
+        .map(|(net, source)| {
+            json!({ "kind": "allow-list", "net": net.to_string(), "list": source.to_string() })
         })
         .collect();
-    json!(rows)
+    let drops = drop_counts(agent, &lists);
+    let blocks = agent.ctx.blocks.containing(ip, now, 16);
+    for block in &blocks {
+        matches.push(with_drops(
+            block_row(block, agent.ctx.blocks.in_kernel(&block.net)),
+            drops.as_ref(),
+        ));
+    }
+    for (net, source) in ListSet::containing(&lists.reject, ip) {
+        matches.push(with_drops(list_row(net, source), drops.as_ref()));
+    }
+    if matches.is_empty() {
+        // An entry the agent did not put there (bpftool, an earlier run).
+        if let Ok(Some(hit)) = agent.datapath.block_covering(ip) {
+            matches.push(json!({
+                "kind": "kernel",
+                "origin": reason::name(hit.reason),
+                "expires": rfc3339(hit.expires),
+            }));
+        }
+    }
+    if let Some(limit) = policy.connection_cap(ip) {
+        let connections = agent
+            .datapath
+            .connections(ip)
+            .unwrap_or_else(|_| agent.ctx.state.connections(policy.source_key(ip)));
+        if connections >= limit {
+            let source = agent
+                .config
+                .limits
+                .source
+                .iter()
+                .filter(|s| s.cidr.contains(&ip))
+                .max_by_key(|s| s.cidr.prefix_len())
+                .map_or("limits.max_connections_per_source".to_owned(), |s| {
+                    format!("limits.source {}", s.cidr)
+                });
+            matches.push(json!({
+                "kind": "cap",
+                "connections": connections,
+                "limit": limit,
+                "source": source,
+                "reason": format!("holds {connections} of {limit} connections: new ones are dropped"),
+            }));
+        }
+    }
+    let enforced = policy.enforced();
+    let blocked = allowed.is_empty() && !matches.is_empty();
+    let verdict = if !allowed.is_empty() {
+        format!(
+            "not dropped: allow-listed by {} ({})",
+            allowed[0]["net"].as_str().unwrap_or_default(),
+            allowed[0]["list"].as_str().unwrap_or_default()
+        )
+    } else if let Some(first) = matches.first() {
+        let why = match first["kind"].as_str() {
+            Some("block") => format!(
+                "blocked by {} ({}: {}), {}",
+                first["net"].as_str().unwrap_or_default(),
+                first["origin"].as_str().unwrap_or_default(),
+                first["reason"].as_str().unwrap_or_default(),
+                first["expires"]
+                    .as_str()
+                    .map_or("until removed".to_owned(), |t| format!("until {t}"))
+            ),
+            Some("list") => format!(
+                "on the reject list: {} ({})",
+                first["net"].as_str().unwrap_or_default(),
+                first["list"].as_str().unwrap_or_default()
+            ),
+            Some("cap") => format!(
+                "over its connection cap ({}): {}",
+                first["source"].as_str().unwrap_or_default(),
+                first["reason"].as_str().unwrap_or_default()
+            ),
+            _ => format!(
+                "blocked in the kernel ({})",
+                first["origin"].as_str().unwrap_or_default()
+            ),
+        };
+        if enforced {
+            format!("dropped: {why}")
+        } else {
+            format!("not dropped (mode = \"observe\"), would be: {why}")
+        }
+    } else {
+        "not dropped: no block, list entry or cap covers it".to_owned()
+    };
+    matches.extend(allowed);
+    Ok(json!({
+        "address": ip.to_string(),
+        "dropped": blocked && enforced,
+        "verdict": verdict,
+        "matches": matches,
+    }))
+}
+
+/// `block import`: blocks the CLI read from a file, defaults applied.
+fn block_import(agent: &AgentState<'_>, blocks: Vec<ImportBlock>) -> Value {
+    let now = SystemTime::now();
+    let (mut added, mut not_in_kernel, mut expired) = (0u64, 0u64, 0u64);
+    let mut errors = Vec::new();
+    for item in blocks {
+        let block = (|| -> Result<Option<ActiveBlock>, String> {
+            let net = parse_net(&item.net)?;
+            let code = reason_code(&item.origin)?;
+            let expires = match item.expires_unix {
+                None => None,
+                Some(at) => {
+                    let at = UNIX_EPOCH + Duration::from_secs(at);
+                    let Ok(left) = at.duration_since(now) else {
+                        return Ok(None);
+                    };
+                    Some(block_expiry(left.as_secs().max(1))?)
+                }
+            };
+            let comment = item.comment.as_deref().map(clean_comment).transpose()?;
+            Ok(Some(ActiveBlock {
+                net,
+                reason: code,
+                expires,
+                since: item
+                    .since_unix
+                    .map_or(now, |t| UNIX_EPOCH + Duration::from_secs(t)),
+                repeat: 0,
+                comment: comment.filter(|c| !c.is_empty()).as_deref().map(Arc::from),
+            }))
+        })();
+        match block {
+            Ok(Some(block)) => {
+                added += 1;
+                if add_block(agent, block).is_err() {
+                    not_in_kernel += 1;
+                }
+            }
+            Ok(None) => expired += 1,
+            Err(e) => errors.push(format!("{}: {e}", item.net)),
+        }
+    }
+    if added > 0 {
+        tracing::info!(
+            added,
+            not_in_kernel,
+            by = "cli",
+            action = "import",
+            "blocks imported"
+        );
+    }
+    json!({ "added": added, "not_in_kernel": not_in_kernel, "expired": expired, "errors": errors })
 }
 
 fn stats(agent: &AgentState<'_>) -> Value {

@@ -630,6 +630,45 @@ pub struct Lists {
     /// null-sender rate. Clients claim these names, so they never lift the
     /// connection cap, blocks, harvest/AUTH limits or relay rules.
     pub allow_helo: Vec<String>,
+    /// Files of networks dropped like `reject`, one address or CIDR a line
+    /// with `#` comments (see `crate::lists`); re-read on reload and SIGHUP,
+    /// so an entry removed from a file leaves the kernel.
+    pub reject_files: Vec<PathBuf>,
+    /// Files of networks exempt like `allow`, in the same format.
+    pub allow_files: Vec<PathBuf>,
+    /// The entries read from `reject_files` and `allow_files` by
+    /// [`Config::load`] (not part of the TOML).
+    #[serde(skip)]
+    pub from_files: crate::lists::FileLists,
+}
+
+impl Lists {
+    /// Every allow-list network: `allow`, then the files' entries.
+    pub fn allow_nets(&self) -> impl Iterator<Item = IpNet> + '_ {
+        self.allow
+            .iter()
+            .copied()
+            .chain(self.from_files.allow.iter().map(|e| e.net))
+    }
+
+    /// Every reject-list network: `reject`, then the files' entries.
+    pub fn reject_nets(&self) -> impl Iterator<Item = IpNet> + '_ {
+        self.reject
+            .iter()
+            .copied()
+            .chain(self.from_files.reject.iter().map(|e| e.net))
+    }
+
+    /// Reads `allow_files` and `reject_files` into `from_files`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key and, for each bad line, the
+    /// file and the line.
+    pub fn read_files(&mut self) -> Result<(), ConfigError> {
+        self.from_files = crate::lists::FileLists::read(&self.allow_files, &self.reject_files)
+            .map_err(|(key, reason)| invalid(key, reason))?;
+        Ok(())
+    }
 }
 
 /// `[recipients]`: sources of valid recipients.
@@ -919,22 +958,27 @@ impl Config {
         Ok(config)
     }
 
-    /// Reads, parses and validates the file at `path`.
+    /// Reads, parses and validates the file at `path`, and reads the list
+    /// files it names (`lists.reject_files`, `lists.allow_files`).
     ///
     /// # Errors
     /// [`ConfigError::Read`] if the file cannot be read; otherwise as
-    /// [`Config::from_toml`] (parse errors are prefixed with the path).
+    /// [`Config::from_toml`] (parse errors are prefixed with the path), and
+    /// [`ConfigError::Invalid`] for a list file that cannot be read or has
+    /// bad lines.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Config::from_toml(&text).map_err(|e| match e {
+        let mut config = Config::from_toml(&text).map_err(|e| match e {
             ConfigError::Parse(message) => {
                 ConfigError::Parse(format!("{}: {message}", path.display()))
             }
             other => other,
-        })
+        })?;
+        config.lists.read_files()?;
+        Ok(config)
     }
 
     /// The configuration as TOML, in the same formats it is read in.

@@ -28,14 +28,43 @@ pub enum Request {
     Stats,
     Top,
     Reload,
-    BlockList,
+    /// One page of the blocks and list entries, filtered.
+    BlockList {
+        /// Only this origin (`manual`, `harvest`…, `reject-list` for the
+        /// reject lists' entries).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        origin: Option<String>,
+        /// Only entries containing this address or network.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        covering: Option<String>,
+        /// Where the previous page ended.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<ListCursor>,
+        /// Most rows in this page (the agent caps it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rows: Option<usize>,
+    },
     BlockAdd {
         net: String,
         duration_secs: Option<u64>,
-        reason: String,
+        /// The origin code (`manual` by default); `reason` in earlier
+        /// versions.
+        #[serde(alias = "reason")]
+        origin: String,
+        /// Free text beside the origin.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        comment: Option<String>,
     },
     BlockDel {
         net: String,
+    },
+    /// Whether and why an address is dropped.
+    BlockCheck {
+        address: String,
+    },
+    /// Blocks read from a file by the CLI (a batch of them).
+    BlockImport {
+        blocks: Vec<ImportBlock>,
     },
     AllowList,
     AllowAdd {
@@ -56,6 +85,30 @@ pub enum Request {
     RecipientsRefresh {
         force: bool,
     },
+}
+
+/// Where a `block list` page ended: list entries come first (by network,
+/// `expires_ns` absent), then blocks (by expiry, then network).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListCursor {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ns: Option<u64>,
+    pub net: String,
+}
+
+/// One imported block, resolved by the CLI (defaults applied, expiry
+/// absolute).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportBlock {
+    pub net: String,
+    pub origin: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// Unix seconds; `None` = until removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_unix: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_unix: Option<u64>,
 }
 
 /// The agent's answer: `data` on success, `error` otherwise.
@@ -204,17 +257,40 @@ mod tests {
         let request = Request::BlockAdd {
             net: "192.0.2.7".into(),
             duration_secs: Some(60),
-            reason: "manual".into(),
+            origin: "manual".into(),
+            comment: Some("ticket 4711".into()),
         };
         let text = serde_json::to_string(&request).unwrap();
         assert_eq!(
             text,
-            r#"{"command":"block-add","net":"192.0.2.7","duration_secs":60,"reason":"manual"}"#
+            r#"{"command":"block-add","net":"192.0.2.7","duration_secs":60,"origin":"manual","comment":"ticket 4711"}"#
         );
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), request);
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"command":"stats"}"#).unwrap(),
             Request::Stats
+        );
+        // What earlier versions sent still reads.
+        assert_eq!(
+            serde_json::from_str::<Request>(
+                r#"{"command":"block-add","net":"192.0.2.7","duration_secs":null,"reason":"auth"}"#
+            )
+            .unwrap(),
+            Request::BlockAdd {
+                net: "192.0.2.7".into(),
+                duration_secs: None,
+                origin: "auth".into(),
+                comment: None,
+            }
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"command":"block-list"}"#).unwrap(),
+            Request::BlockList {
+                origin: None,
+                covering: None,
+                after: None,
+                rows: None,
+            }
         );
     }
 

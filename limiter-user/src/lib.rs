@@ -16,7 +16,12 @@
 //!   backend accepts it.
 //! * [`sink`] — the built-in test backend (`backend.builtin`).
 //! * [`metrics`] — Prometheus exposition of the kernel and proxy counters.
-//! * [`state`] — blocks stored on disk across restarts and reboots.
+//! * [`state`] — blocks stored on disk across restarts and reboots (a
+//!   snapshot and a journal).
+//! * [`lists`] — allow and reject lists by network, from the configuration
+//!   and from list files; the plain list format.
+//! * [`exchange`] — block lists in and out: plain, CSV and JSON
+//!   (`block import`, `block export`).
 //! * [`recipients`] — valid recipients from an LDAP directory (Active
 //!   Directory included): the set in force, its refresh and its cache.
 //! * [`control`] — the CLI's Unix socket; [`commands`] carries its requests
@@ -27,8 +32,10 @@ pub mod agent;
 pub mod commands;
 pub mod config;
 pub mod control;
+pub mod exchange;
 pub mod filters;
 pub mod kernel;
+pub mod lists;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

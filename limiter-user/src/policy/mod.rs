@@ -92,8 +92,8 @@ pub use verdict::{
 pub struct Policy {
     /// Whether decisions are enforced or only reported.
     mode: Mode,
-    /// `lists.allow`, canonical: exempt at every stage.
-    allow: Vec<IpNet>,
+    /// `lists.allow` and `lists.allow_files`, canonical: exempt at every stage.
+    allow: crate::lists::NetSet,
     connect: ConnectRules,
     helo: HeloRules,
     mail: MailRules,
@@ -106,8 +106,8 @@ pub struct Policy {
 /// Connect stage.
 #[derive(Clone, Debug)]
 struct ConnectRules {
-    /// `lists.reject`, canonical.
-    reject: Vec<IpNet>,
+    /// `lists.reject` and `lists.reject_files`, canonical.
+    reject: crate::lists::NetSet,
     /// `limits.source`, canonical, most specific (longest prefix) first.
     source_caps: Vec<(IpNet, u32)>,
     /// `max_connections_per_source`; 0 = unlimited.
@@ -200,21 +200,9 @@ impl Policy {
         source_caps.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
         Self {
             mode: config.mode,
-            allow: config
-                .lists
-                .allow
-                .iter()
-                .copied()
-                .map(canonical_net)
-                .collect(),
+            allow: config.lists.allow_nets().map(canonical_net).collect(),
             connect: ConnectRules {
-                reject: config
-                    .lists
-                    .reject
-                    .iter()
-                    .copied()
-                    .map(canonical_net)
-                    .collect(),
+                reject: config.lists.reject_nets().map(canonical_net).collect(),
                 source_caps,
                 default_cap: limits.max_connections_per_source,
                 ipv6_prefix: limits.ipv6_prefix.min(128),
@@ -273,18 +261,13 @@ impl Policy {
     #[must_use]
     pub fn is_allowlisted(&self, source: IpAddr) -> bool {
         let source = source.to_canonical();
-        self.allow.iter().any(|net| net.contains(&source))
+        self.allow.find(source).is_some()
     }
 
     /// The `lists.reject` network containing `source`, if any.
     #[must_use]
     pub fn reject_listed(&self, source: IpAddr) -> Option<IpNet> {
-        let source = source.to_canonical();
-        self.connect
-            .reject
-            .iter()
-            .find(|net| net.contains(&source))
-            .copied()
+        self.connect.reject.find(source)
     }
 
     /// The key `source` is counted and blocked under: its IPv4 /32, or its

@@ -331,11 +331,14 @@ impl ProxyContext {
             expires: Some(expires),
             since: SystemTime::now(),
             repeat: order.repeat,
+            comment: None,
         });
         self.stats.count_block(order.reason_name());
         self.blocks_changed.notify_one();
         let _ = self.blocked_nets.send(order.net);
-        let kernel = match self.kernel.block(order.net, Some(expires), order.reason) {
+        let pushed = self.kernel.block(order.net, Some(expires), order.reason);
+        self.blocks.mark_kernel(&order.net, pushed.is_ok());
+        let kernel = match pushed {
             Ok(()) => "blocked",
             Err(e) => {
                 tracing::warn!(net = %order.net, error = %e, "block not pushed to the kernel; the proxy still refuses the source");

@@ -64,7 +64,7 @@ use limiter_tests::{
 };
 use limiter_user::{
     kernel::{BpfDatapath, Datapath, KernelLimits, KernelOptions, MapSizes},
-    proxy::blocks::{ActiveBlock, Blocks},
+    proxy::blocks::{ActiveBlock, Blocks, Change},
     state::{self, Store, StoredBlock},
 };
 
@@ -547,7 +547,13 @@ struct ProxyResult {
     save: Vec<Duration>,
     load: Vec<Duration>,
     file_bytes: u64,
+    /// Seconds per single-block journal append (write + fdatasync).
+    append: Vec<f64>,
+    load_with_journal: Duration,
 }
+
+/// Single blocks journaled one at a time by the proxy part.
+const APPENDS: usize = 200;
 
 fn active(net: IpNet, expires: Option<SystemTime>, now: SystemTime) -> ActiveBlock {
     ActiveBlock {
@@ -556,6 +562,7 @@ fn active(net: IpNet, expires: Option<SystemTime>, now: SystemTime) -> ActiveBlo
         expires,
         since: now,
         repeat: 0,
+        comment: None,
     }
 }
 
@@ -717,7 +724,10 @@ fn proxy_part(options: &Options, state: &StateSet, dir: &Path) -> Result<ProxyRe
     }
     drop(all_entries);
 
-    // The state file: written as the agent writes it, read back as at start.
+    // The state store: a whole snapshot (what the agent writes when its
+    // journal outgrew the table), read back as at start; then single
+    // blocks journaled one at a time (what one new block costs), and the
+    // start's read with those records to replay.
     let store_dir = dir.join("store");
     let store = Store::open(&store_dir)?;
     let stored = stored_blocks(state, now);
@@ -731,13 +741,32 @@ fn proxy_part(options: &Options, state: &StateSet, dir: &Path) -> Result<ProxyRe
         let loaded = store.load(SystemTime::now())?;
         load.push(t.elapsed());
         ensure!(
-            loaded.len() == stored.len(),
+            loaded.blocks.len() == stored.len(),
             "read back {} of {}",
-            loaded.len(),
+            loaded.blocks.len(),
             stored.len()
         );
     }
-    let file_bytes = std::fs::metadata(store_dir.join(state::BLOCKS_FILE))?.len();
+    let file_bytes = store.size();
+    let mut append = Vec::new();
+    for i in 0..APPENDS {
+        let block = active(
+            IpNet::from(state.misses4[i % state.misses4.len()]),
+            Some(now + Duration::from_secs(3600)),
+            now,
+        );
+        let t = Instant::now();
+        store.append(&[Change::Put(block)])?;
+        append.push(t.elapsed().as_secs_f64());
+    }
+    let t = Instant::now();
+    let loaded = store.load(SystemTime::now())?;
+    let load_with_journal = t.elapsed();
+    ensure!(
+        loaded.records == APPENDS as u64,
+        "replayed {} journal records of {APPENDS}",
+        loaded.records
+    );
     std::fs::remove_dir_all(&store_dir)?;
     Ok(ProxyResult {
         entries,
@@ -750,6 +779,8 @@ fn proxy_part(options: &Options, state: &StateSet, dir: &Path) -> Result<ProxyRe
         save,
         load,
         file_bytes,
+        append,
+        load_with_journal,
     })
 }
 
@@ -798,7 +829,7 @@ fn print_proxy(r: &ProxyResult) {
     let save: Vec<f64> = r.save.iter().map(Duration::as_secs_f64).collect();
     let load: Vec<f64> = r.load.iter().map(Duration::as_secs_f64).collect();
     println!(
-        "State file ({} blocks, {} MiB): `Store::save` {:.2} s (median of {}; {:.2}–{:.2}), `Store::load` {:.2} s; copying the table (`Blocks::all`) {:.3} s.",
+        "State store snapshot ({} blocks, {} MiB): `Store::save` {:.2} s (median of {}; {:.2}–{:.2}), `Store::load` {:.2} s; copying the table (`Blocks::all`) {:.3} s.",
         group(r.entries as u64),
         mib(r.file_bytes as f64),
         median(&save),
@@ -807,6 +838,17 @@ fn print_proxy(r: &ProxyResult) {
         min_max(&save).1,
         median(&load),
         r.all_clone.as_secs_f64()
+    );
+    let mut append = r.append.clone();
+    append.sort_by(f64::total_cmp);
+    println!(
+        "One block written to the store (`Store::append`: one journal line, fdatasync), {} in a row: median {:.2} ms, p99 {:.2} ms, max {:.2} ms. `Store::load` of the snapshot plus those {} journal records: {:.2} s.",
+        r.append.len(),
+        median(&r.append) * 1e3,
+        append[((append.len() as f64 - 1.0) * 0.99).round() as usize] * 1e3,
+        append.last().copied().unwrap_or(0.0) * 1e3,
+        r.append.len(),
+        r.load_with_journal.as_secs_f64()
     );
 }
 
@@ -1296,6 +1338,37 @@ struct StartSample {
     /// CPU per second while idle (sweep + save), if measured.
     idle_cpu: Option<f64>,
     idle_saves: Option<u32>,
+    /// Administrator operations on the running agent (first round only).
+    ops: Option<Ops>,
+}
+
+/// What the administrator's operations cost on a running agent: `block
+/// list`, a metrics scrape, one new block, and what a scrape does to the
+/// accept latency of new SMTP clients.
+#[derive(Default, Clone)]
+struct Ops {
+    /// `smtp-limiter block list --json`: seconds and bytes printed, or the
+    /// seconds after which the CLI gave up (`Err`).
+    list: Option<Result<(f64, u64), f64>>,
+    /// `smtp-limiter block list --limit 100` (if the CLI knows `--limit`).
+    list_limited: Option<f64>,
+    /// `smtp-limiter block check ADDR` (if the CLI knows it).
+    check: Option<f64>,
+    /// `GET /metrics`, seconds each.
+    scrapes: Vec<f64>,
+    /// `smtp-limiter block add`: the CLI's round trip.
+    write_cli: f64,
+    /// From the start of `block add` until a file of the state directory
+    /// changed (the block on disk), if it did within 30 s.
+    write_disk: Option<f64>,
+    /// Connect until the 220 greeting, seconds, with no scrape running.
+    accept_idle: Vec<f64>,
+    /// The same while scrapes run back to back.
+    accept_scrape: Vec<f64>,
+    /// Scrapes completed while `accept_scrape` was measured.
+    scrapes_during: usize,
+    /// The agent was killed: the main loop was still busy after `block list`.
+    killed: bool,
 }
 
 /// The running agent; SIGKILL and reaped on drop if still running.
@@ -1351,6 +1424,14 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// SIGKILL and reap (an agent whose main loop cannot answer SIGTERM).
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
@@ -1382,8 +1463,19 @@ struct Rig {
 }
 
 impl Rig {
-    fn state_file(&self) -> PathBuf {
-        self.dir.join("state").join(state::BLOCKS_FILE)
+    fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// Empties the state directory, then puts `snapshot` there if given.
+    fn reset_state(&self, snapshot: Option<&Path>) -> Result<()> {
+        let dir = self.state_dir();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        if let Some(master) = snapshot {
+            std::fs::copy(master, dir.join(state::SNAPSHOT_FILE))?;
+        }
+        Ok(())
     }
 
     fn spawn(&self) -> Result<Agent> {
@@ -1530,7 +1622,7 @@ max_blocks = {max_blocks}
         group(stored.len() as u64),
         t.elapsed().as_secs_f64()
     );
-    let master = master_dir.join(state::BLOCKS_FILE);
+    let master = master_dir.join(state::SNAPSHOT_FILE);
     let expected = stored.len() as u64;
     drop(stored);
 
@@ -1595,18 +1687,18 @@ fn start_once(
     (allowed, blocked): (Ipv4Addr, Ipv4Addr),
     checks: &mut Vec<String>,
 ) -> Result<StartSample> {
-    let file = rig.state_file();
+    let state_dir = rig.state_dir();
     match kind {
         Start::Empty => {
-            let _ = std::fs::remove_file(&file);
+            rig.reset_state(None)?;
             let _ = std::fs::remove_dir_all(&rig.pins.0);
         }
         Start::Cold => {
-            std::fs::copy(master, &file)?;
+            rig.reset_state(Some(master))?;
             let _ = std::fs::remove_dir_all(&rig.pins.0);
         }
         Start::Warm => {
-            std::fs::copy(master, &file)?;
+            rig.reset_state(Some(master))?;
             ensure!(rig.pins.0.is_dir(), "warm start without pins");
         }
     }
@@ -1664,16 +1756,27 @@ fn start_once(
     if verify && kind != Start::Empty {
         checks.push(verify_agent(rig, kind, expected, state, allowed, blocked)?);
     }
+    if verify && kind != Start::Cold {
+        let ops =
+            operations(rig, allowed).with_context(|| format!("{}: operations", kind.label()))?;
+        let killed = ops.killed;
+        sample.ops = Some(ops);
+        if killed {
+            agent.kill();
+            sample.stop = f64::NAN;
+            return Ok(sample);
+        }
+    }
     if idle > 0 {
-        // The agent sweeps and saves every 10 s (its first tick is at start).
-        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        // The agent sweeps every 10 s (its first tick is at start); a change
+        // of the state directory is a write of the store.
         let cpu_before = cpu_time(agent.pid())?;
         let mut saves = 0;
-        let mut seen = mtime(&file);
+        let mut seen = dir_listing(&state_dir);
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(idle) {
             std::thread::sleep(Duration::from_millis(200));
-            let m = mtime(&file);
+            let m = dir_listing(&state_dir);
             if m != seen {
                 saves += 1;
                 seen = m;
@@ -1782,6 +1885,289 @@ fn verify_agent(
     ))
 }
 
+/// The address `block add` blocks during the operations (a documentation
+/// address the state never holds).
+const WRITTEN: &str = "192.0.2.200";
+/// How long `block list` may take before the benchmark gives up on it.
+const LIST_LIMIT: Duration = Duration::from_secs(60);
+
+/// Runs the CLI against the rig's agent; returns its exit status, the bytes
+/// it printed and the seconds it took, or `Err(seconds)` when it was still
+/// running after `limit` (then it is killed).
+fn cli(rig: &Rig, args: &[&str], limit: Duration) -> Result<Result<(bool, u64, f64), f64>> {
+    let started = Instant::now();
+    let mut child = Command::new(&rig.binary)
+        .args(args)
+        .arg("--config")
+        .arg(&rig.config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} {args:?}", rig.binary.display()))?;
+    let mut stdout = child.stdout.take().context("the CLI's stdout")?;
+    let counter = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0u64;
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        total
+    });
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let elapsed = started.elapsed().as_secs_f64();
+            let bytes = counter.join().unwrap_or(0);
+            return Ok(Ok((status.success(), bytes, elapsed)));
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = counter.join();
+            return Ok(Err(started.elapsed().as_secs_f64()));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// One `GET /metrics` from inside the server's namespace; returns seconds.
+fn scrape(rig: &Rig) -> Result<f64> {
+    let started = Instant::now();
+    let mut stream = rig
+        .server
+        .run(|| std::net::TcpStream::connect(("127.0.0.1", 9425)))
+        .context("connecting to the metrics endpoint")?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+    let mut body = Vec::new();
+    stream.read_to_end(&mut body)?;
+    ensure!(
+        body.starts_with(b"HTTP/1.1 200"),
+        "metrics answered {:?}",
+        String::from_utf8_lossy(&body[..body.len().min(80)])
+    );
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Connect from `source` and read the greeting; returns seconds.
+fn accept_once(rig: &Rig, source: Ipv4Addr) -> Result<f64> {
+    let dest = SocketAddr::new(IpAddr::V4(rig.link.server_v4), SMTP);
+    let started = Instant::now();
+    let mut stream = connect_from(
+        &rig.client,
+        IpAddr::V4(source),
+        dest,
+        Duration::from_secs(30),
+    )
+    .with_context(|| format!("{source} could not connect"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut greeting = [0u8; 64];
+    let n = stream.read(&mut greeting)?;
+    let elapsed = started.elapsed().as_secs_f64();
+    ensure!(
+        greeting[..n].starts_with(b"220"),
+        "no greeting: {:?}",
+        String::from_utf8_lossy(&greeting[..n])
+    );
+    let _ = stream.write_all(b"QUIT\r\n");
+    Ok(elapsed)
+}
+
+/// Sizes and modification times of the files in a directory.
+fn dir_listing(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            Some((e.path(), meta.len(), meta.modified().ok()))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// The administrator's operations on a running agent, in the order that
+/// keeps a stuck main loop from spoiling the others: scrapes and accept
+/// latency (neither goes through the main loop), one block, then `block
+/// list` last.
+fn operations(rig: &Rig, source: Ipv4Addr) -> Result<Ops> {
+    let mut ops = Ops::default();
+    for _ in 0..5 {
+        ops.scrapes.push(scrape(rig)?);
+    }
+    const CONNECTS: usize = 200;
+    for _ in 0..CONNECTS {
+        ops.accept_idle.push(accept_once(rig, source)?);
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraped = std::thread::scope(|scope| -> Result<usize> {
+        let stop_flag = stop.clone();
+        let scraper = scope.spawn(move || -> Result<usize> {
+            let mut n = 0;
+            while !stop_flag.load(std::sync::atomic::Ordering::Relaxed) {
+                scrape(rig)?;
+                n += 1;
+            }
+            Ok(n)
+        });
+        let t = Instant::now();
+        let mut result = Ok(());
+        while ops.accept_scrape.len() < CONNECTS && t.elapsed() < Duration::from_secs(20) {
+            match accept_once(rig, source) {
+                Ok(s) => ops.accept_scrape.push(s),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let n = scraper
+            .join()
+            .map_err(|_| anyhow::anyhow!("the scraper panicked"))??;
+        result.map(|()| n)
+    })?;
+    ops.scrapes_during = scraped;
+
+    let state_dir = rig.dir.join("state");
+    let before = dir_listing(&state_dir);
+    let t = Instant::now();
+    match cli(
+        rig,
+        &["block", "add", WRITTEN, "--for", "1h", "--reason", "manual"],
+        Duration::from_secs(60),
+    )? {
+        Ok((true, _, secs)) => ops.write_cli = secs,
+        Ok((false, _, _)) => bail!("block add {WRITTEN} failed"),
+        Err(secs) => bail!("block add {WRITTEN} took over {secs:.0} s"),
+    }
+    while t.elapsed() < Duration::from_secs(30) {
+        if dir_listing(&state_dir) != before {
+            ops.write_disk = Some(t.elapsed().as_secs_f64());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+
+    if let Ok(Ok((true, _, secs))) = cli(rig, &["block", "check", WRITTEN], Duration::from_secs(60))
+    {
+        ops.check = Some(secs);
+    }
+    if let Ok(Ok((true, _, secs))) = cli(
+        rig,
+        &["block", "list", "--limit", "100"],
+        Duration::from_secs(60),
+    ) {
+        ops.list_limited = Some(secs);
+    }
+    ops.list = Some(match cli(rig, &["block", "list", "--json"], LIST_LIMIT)? {
+        Ok((true, bytes, secs)) => Ok((secs, bytes)),
+        Ok((false, _, secs)) => Err(secs),
+        Err(secs) => Err(secs),
+    });
+    if matches!(ops.list, Some(Err(_))) {
+        // The CLI gave up; the agent's main loop may still be listing. It
+        // answers a request only once that is done.
+        ops.killed = !matches!(
+            cli(rig, &["stats"], Duration::from_secs(5))?,
+            Ok((true, _, _))
+        );
+    }
+    Ok(ops)
+}
+
+fn print_ops(results: &[(Start, Vec<StartSample>)]) {
+    let rows: Vec<(Start, &Ops)> = results
+        .iter()
+        .filter_map(|(k, s)| s.iter().find_map(|s| s.ops.as_ref()).map(|o| (*k, o)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!();
+    println!("## Administrator operations on the running agent (first round)");
+    println!();
+    println!(
+        "Accept latency: connect from the client namespace until the 220 greeting, {} connects one after the other; \"during scrapes\": while another thread scrapes `/metrics` back to back.",
+        rows[0].1.accept_idle.len()
+    );
+    println!();
+    println!(
+        "| figure | {} |",
+        rows.iter()
+            .map(|(k, _)| k.label())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|---|{}", "---:|".repeat(rows.len()));
+    let line = |label: &str, f: &dyn Fn(&Ops) -> String| {
+        println!(
+            "| {label} | {} |",
+            rows.iter()
+                .map(|(_, o)| f(o))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    };
+    let ms = |v: f64| format!("{:.1} ms", v * 1e3);
+    line("`block list --json` (whole list)", &|o| match o.list {
+        Some(Ok((secs, bytes))) => format!("{secs:.2} s ({} MiB)", mib(bytes as f64)),
+        Some(Err(secs)) => format!(
+            "gave up after {secs:.0} s{}",
+            if o.killed {
+                " (agent's main loop still busy: killed)"
+            } else {
+                ""
+            }
+        ),
+        None => "-".into(),
+    });
+    line("`block list --limit 100`", &|o| {
+        o.list_limited.map_or("(not in this CLI)".into(), ms)
+    });
+    line("`block check ADDR`", &|o| {
+        o.check.map_or("(not in this CLI)".into(), ms)
+    });
+    line("scrape `GET /metrics` (median of 5)", &|o| {
+        ms(median(&o.scrapes))
+    });
+    line("`block add` (CLI round trip)", &|o| ms(o.write_cli));
+    line("`block add` until the state directory changed", &|o| {
+        o.write_disk.map_or("not within 30 s".into(), ms)
+    });
+    let pct = |v: &[f64], p: f64| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    line("accept latency, idle: median / p99 / max", &|o| {
+        format!(
+            "{} / {} / {}",
+            ms(median(&o.accept_idle)),
+            ms(pct(&o.accept_idle, 0.99)),
+            ms(pct(&o.accept_idle, 1.0))
+        )
+    });
+    line("accept latency during scrapes: median / p99 / max", &|o| {
+        format!(
+            "{} / {} / {}",
+            ms(median(&o.accept_scrape)),
+            ms(pct(&o.accept_scrape, 0.99)),
+            ms(pct(&o.accept_scrape, 1.0))
+        )
+    });
+    line("connects / scrapes completed during scrapes", &|o| {
+        format!("{} / {}", o.accept_scrape.len(), o.scrapes_during)
+    });
+}
+
 fn print_start(results: &[(Start, Vec<StartSample>)], checks: &[String]) {
     println!();
     println!("## Agent start (`smtp-limiter run`, kernel.mode = \"required\", XDP on a veth)");
@@ -1884,6 +2270,7 @@ fn main() -> Result<()> {
     if options.parts.contains(&Part::Start) {
         let (results, checks) = start_part(&options, &state, &tmp.0)?;
         print_start(&results, &checks);
+        print_ops(&results);
     }
     let _ = writeln!(
         out,
