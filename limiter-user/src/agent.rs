@@ -1,7 +1,9 @@
 //! The running agent: brings up the kernel layer as the configuration says,
 //! applies the lists and limits, serves the SMTP proxy, reports kernel
 //! drops, sweeps expired blocks, and on SIGINT/SIGTERM stops accepting, lets
-//! sessions finish within the grace period and detaches.
+//! sessions finish within the grace period and detaches. Under systemd
+//! (`Type=notify`) it reports READY=1 once its stored blocks are back and its
+//! listeners are up, and its stage in STATUS=.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -125,6 +127,7 @@ pub async fn run(
     object: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let mut config = config;
+    notify("STATUS=loading the kernel programs");
     let kernel = bring_up_kernel(&config, object)?;
     let datapath = kernel.datapath();
     tracing::info!(status = %datapath.describe(), "kernel layer");
@@ -162,6 +165,7 @@ pub async fn run(
     // (an append and a sync per batch, a snapshot now and then); restoring
     // puts the stored blocks back first.
     let journal = store.clone().and_then(|store| {
+        notify("STATUS=restoring stored blocks");
         let listed = ListSet::of(&config.lists).reject;
         let restored = state::restore(&store, &ctx, datapath.as_ref(), &|net| {
             listed.contains_key(net)
@@ -205,18 +209,37 @@ pub async fn run(
             "control.socket: cannot bind; the CLI cannot reach this agent"
         ),
     }
+    let listening: Vec<String> = listeners
+        .iter()
+        .zip(&config.listen)
+        .map(|(bound, listen)| {
+            bound
+                .listener
+                .local_addr()
+                .map_or(listen.address, |a| a)
+                .to_string()
+        })
+        .collect();
     let (stop, stopped) = watch::channel(false);
     let server = tokio::spawn(proxy::serve(ctx.clone(), listeners, stopped));
+    // Before READY=1: a stop or reload may follow it at once.
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    // Every listener is bound and listening (the kernel queues connections
+    // from here on) and the stored blocks are in force: ready.
+    notify(&format!(
+        "READY=1\nSTATUS=listening on {}; kernel: {}",
+        listening.join(", "),
+        datapath.describe()
+    ));
 
     let mut events = match &kernel {
         Kernel::Loaded(d) => Some(d.take_events()?),
         Kernel::Off(_) => None,
     };
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
@@ -286,6 +309,7 @@ pub async fn run(
             },
         }
     }
+    notify("STOPPING=1\nSTATUS=stopping: open sessions may finish");
     let _ = stop.send(true);
     let _ = server.await;
     if let Some(journal) = journal {
@@ -333,6 +357,17 @@ impl AgentState<'_> {
 /// backend, TLS, kernel attachment, map sizes, metrics and state need a
 /// restart, and the log says which of those changed.
 pub fn reload(
+    path: &std::path::Path,
+    current: &mut Config,
+    ctx: &ProxyContext,
+    datapath: &dyn Datapath,
+) {
+    notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+    reload_file(path, current, ctx, datapath);
+    notify("READY=1");
+}
+
+fn reload_file(
     path: &std::path::Path,
     current: &mut Config,
     ctx: &ProxyContext,
@@ -410,4 +445,42 @@ pub fn reload(
     }
     *current = new;
     tracing::info!(path = %path.display(), "configuration reloaded");
+}
+
+/// Tells systemd about the agent's state (sd_notify(3)): `state` is
+/// `KEY=VALUE` lines sent as one datagram to the socket named by
+/// `NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace); nothing
+/// without it. Written here instead of taken from a crate: the protocol is
+/// this one `sendto`. Non-blocking: a full queue loses a STATUS, never
+/// stalls the agent.
+fn notify(state: &str) {
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    use std::os::{linux::net::SocketAddrExt as _, unix::ffi::OsStrExt as _};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = UnixDatagram::unbound().and_then(|socket| {
+        socket.set_nonblocking(true)?;
+        match target.as_bytes().strip_prefix(b"@") {
+            Some(name) => {
+                socket.send_to_addr(state.as_bytes(), &SocketAddr::from_abstract_name(name)?)
+            }
+            None => socket.send_to(state.as_bytes(), &target),
+        }
+    });
+    if let Err(e) = sent {
+        tracing::warn!(socket = ?target, error = %e, state, "cannot notify systemd (NOTIFY_SOCKET)");
+    }
+}
+
+/// CLOCK_MONOTONIC in microseconds, as systemd wants it with RELOADING=1.
+fn monotonic_usec() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the struct it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000
+        + u64::try_from(now.tv_nsec).unwrap_or(0) / 1_000
 }

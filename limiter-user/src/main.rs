@@ -1,17 +1,21 @@
 //! `smtp-limiter`: the agent and its command line. Commands other than `run`
 //! and `check-config` talk to the running agent over its control socket;
 //! when it is not running, `block list`, `allow list` and `stats` read the
-//! pinned kernel maps directly (and say so), and changes are refused.
+//! pinned kernel maps directly (and say so), and changes are refused. Every
+//! command reads [`DEFAULT_CONFIG_PATH`] unless `--config` names a file.
+//!
+//! `smtp-limiter generate man|completions` (hidden, for packaging) writes
+//! the man pages and shell completions from these definitions.
 
 use std::{
-    io::Write as _,
-    path::PathBuf,
+    io::{IsTerminal as _, Write as _},
+    path::{Path, PathBuf},
     process::ExitCode,
     time::{Duration, SystemTime},
 };
 
 use anyhow::{bail, Context as _};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 use limiter_common::reason;
 use limiter_user::{
     agent, commands,
@@ -21,6 +25,10 @@ use limiter_user::{
     kernel::{BpfDatapath, Datapath},
 };
 use serde_json::{json, Value};
+
+/// Where the agent and the CLI read their configuration unless `--config`
+/// names another file (the Debian package installs it as a conffile).
+const DEFAULT_CONFIG_PATH: &str = "/etc/smtp-limiter/smtp-limiter.toml";
 
 #[derive(Parser)]
 #[command(
@@ -35,9 +43,9 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct Common {
-    /// Configuration file (TOML); without it the embedded default is used.
+    /// Configuration file (TOML) [default: /etc/smtp-limiter/smtp-limiter.toml].
     /// The CLI reads the control socket and pin path from it.
-    #[arg(long, short, global = true)]
+    #[arg(long, short, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Print data as JSON.
     #[arg(long, global = true)]
@@ -53,8 +61,13 @@ enum Command {
         /// Load the kernel object from this file instead of the embedded one.
         #[arg(long)]
         ebpf_object: Option<PathBuf>,
-        /// Log as JSON lines.
-        #[arg(long)]
+        /// Log lines as text (no colours unless stderr is a terminal and
+        /// NO_COLOR is unset; no timestamps under journald) or JSON. The
+        /// level is state.log_level; RUST_LOG overrides it.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+        /// Same as --log-format json (kept for scripts that use it).
+        #[arg(long, hide = true)]
         json_logs: bool,
         #[command(flatten)]
         common: Common,
@@ -303,15 +316,64 @@ enum LimitsCommand {
     },
 }
 
+/// How the agent writes its log lines.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `smtp-limiter generate …`: kept out of [`Cli`] so that the help, the man
+/// pages and the completions do not show it.
+#[derive(Parser)]
+#[command(
+    name = "smtp-limiter generate",
+    bin_name = "smtp-limiter generate",
+    about = "Write the man pages or shell completions of smtp-limiter (for packaging)"
+)]
+enum Generate {
+    /// Write smtp-limiter.8 and one page per subcommand into DIR.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Print the completion script for SHELL.
+    Completions { shell: clap_complete::Shell },
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    if std::env::args_os().nth(1).is_some_and(|a| a == "generate") {
+        return report(generate(Generate::parse_from(std::env::args_os().skip(1))));
+    }
+    // `--version` says whether the kernel programs are built in (packaging
+    // refuses a binary without them).
+    let long_version = format!(
+        "{} ({})",
+        env!("CARGO_PKG_VERSION"),
+        if limiter_user::kernel::has_embedded_object() {
+            "kernel programs embedded"
+        } else {
+            "no kernel programs embedded: run --ebpf-object FILE or kernel.mode = \"off\""
+        }
+    );
+    // Leaked once: clap keeps `&'static str`s (its `string` feature is not on).
+    let long_version: &'static str = Box::leak(long_version.into_boxed_str());
+    let matches = Cli::command().long_version(long_version).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     if !matches!(cli.command, Command::Run { .. }) {
         // A CLI whose output goes into `head` should end quietly, not panic
         // on EPIPE (the agent keeps Rust's default: SIGPIPE ignored).
         // SAFETY: restoring the default disposition of a signal.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
-    match dispatch(cli.command) {
+    report(dispatch(cli.command))
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("smtp-limiter: {e:#}");
@@ -320,17 +382,89 @@ fn main() -> ExitCode {
     }
 }
 
+fn generate(what: Generate) -> anyhow::Result<()> {
+    match what {
+        Generate::Man { out } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            // Section 8: a daemon and its administration tool.
+            let mut cli = Cli::command().disable_help_subcommand(true);
+            cli.build();
+            write_man_pages(&cli, &out)
+        }
+        Generate::Completions { shell } => {
+            let mut cli = Cli::command();
+            clap_complete::generate(shell, &mut cli, "smtp-limiter", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}
+
+/// The sections of smtp-limiter.8 that clap does not know (roff).
+const MAN_FILES: &str = r#".SH FILES
+.TP
+\fI/etc/smtp-limiter/smtp-limiter.toml\fR
+The configuration, read by the agent and by every command unless \fB\-\-config\fR names another file.
+.TP
+\fI/var/lib/smtp-limiter/\fR
+Stored blocks (\fBstate.directory\fR).
+.TP
+\fI/run/smtp-limiter/control.sock\fR
+The control socket the commands talk to (\fBcontrol.socket\fR).
+.TP
+\fI/sys/fs/bpf/smtp-limiter/\fR
+The pinned kernel maps (\fBkernel.pin_path\fR), readable with \fBbpftool map dump pinned\fR.
+.SH ENVIRONMENT
+.TP
+\fBRUST_LOG\fR
+Log filter of the agent (e.g. \fBdebug\fR or \fBinfo,limiter_user::proxy=debug\fR); overrides \fBstate.log_level\fR.
+.TP
+\fBNO_COLOR\fR
+When set and not empty, log lines carry no colour codes (they carry none anyway unless stderr is a terminal).
+.TP
+\fBJOURNAL_STREAM\fR
+Set by systemd: under journald the agent writes no timestamps and prefixes each line with its syslog priority.
+.TP
+\fBNOTIFY_SOCKET\fR
+Set by systemd for \fBType=notify\fR: the agent sends READY=1 once its blocks are restored and its listeners are up.
+.SH SIGNALS
+\fBSIGHUP\fR reloads the configuration file (as \fBsmtp\-limiter reload\fR does); \fBSIGTERM\fR and \fBSIGINT\fR stop the agent after open sessions finish.
+.SH SEE ALSO
+\fBbpftool\fR(8), \fBsystemctl\fR(1), \fBjournalctl\fR(1)
+"#;
+
+/// One page for `command` and one for each of its subcommands, recursively
+/// (`smtp-limiter-block-add.8`).
+fn write_man_pages(command: &clap::Command, out: &Path) -> anyhow::Result<()> {
+    let man = clap_mangen::Man::new(command.clone())
+        .section("8")
+        .manual("smtp-limiter manual");
+    let path = out.join(man.get_filename());
+    let mut page = Vec::new();
+    man.render(&mut page)?;
+    if command.get_name() == "smtp-limiter" {
+        page.extend_from_slice(MAN_FILES.as_bytes());
+    }
+    std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+    for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+        write_man_pages(sub, out)?;
+    }
+    Ok(())
+}
+
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run {
             ebpf_object,
+            log_format,
             json_logs,
             common,
         } => {
-            init_logging(json_logs);
-            let config = load_config(&common)?;
+            let (path, config) = load_config_from(&common)?;
+            let json = json_logs || log_format == LogFormat::Json;
+            init_logging(json, &config.state.log_level)?;
+            tracing::info!(path = %path.display(), version = env!("CARGO_PKG_VERSION"), "configuration loaded");
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(agent::run(config, common.config.clone(), ebpf_object))
+            runtime.block_on(agent::run(config, Some(path), ebpf_object))
         }
         Command::CheckConfig { common } => {
             let loaded = load_config(&common)?;
@@ -520,25 +654,109 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Logs to stderr at `level` (`state.log_level`) unless `RUST_LOG` says
+/// otherwise. Colours only on a terminal and without `NO_COLOR`; under
+/// journald no timestamps (it adds its own) and a `<N>` priority prefix on
+/// each line, so that `journalctl -p warning` works.
+fn init_logging(json: bool, level: &str) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(&directives)
+            .with_context(|| format!("RUST_LOG={directives:?} is not a valid log filter (e.g. \"debug\" or \"info,limiter_user::proxy=debug\")"))?,
+        _ => EnvFilter::try_new(level)
+            .with_context(|| format!("state.log_level = {level:?}"))?,
+    };
+    let journal = stderr_is_journal();
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let ansi = !journal && !no_color && std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match (json, journal) {
+        (true, false) => builder.json().init(),
+        (true, true) => builder
+            .event_format(SyslogPriority(tracing_subscriber::fmt::format().json()))
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .init(),
+        (false, false) => builder.init(),
+        (false, true) => builder
+            .event_format(SyslogPriority(
+                tracing_subscriber::fmt::format().without_time(),
+            ))
+            .init(),
+    }
+    Ok(())
+}
+
+/// Whether stderr is connected to journald: systemd sets `JOURNAL_STREAM`
+/// to the `device:inode` of the stream it gives the service.
+fn stderr_is_journal() -> bool {
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    // SAFETY: fstat on a descriptor number only fills the struct it is given.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(2, &raw mut stat) } != 0 {
+        return false;
+    }
+    stat.st_dev == dev && stat.st_ino == ino
+}
+
+/// Puts the syslog priority in front of each line (`<3>` error … `<7>`
+/// debug), which journald reads and strips (`SyslogLevelPrefix=`).
+struct SyslogPriority<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for SyslogPriority<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
     }
 }
 
 fn load_config(common: &Common) -> anyhow::Result<Config> {
-    match &common.config {
-        Some(path) => Ok(Config::load(path)?),
-        None => Ok(Config::from_toml(config::DEFAULT_CONFIG)
-            .context("the embedded default configuration")?),
+    load_config_from(common).map(|(_, config)| config)
+}
+
+/// The configuration `--config` names, else the one at
+/// [`DEFAULT_CONFIG_PATH`], with the path it was read from.
+fn load_config_from(common: &Common) -> anyhow::Result<(PathBuf, Config)> {
+    if let Some(path) = &common.config {
+        return Ok((path.clone(), Config::load(path)?));
     }
+    let path = PathBuf::from(DEFAULT_CONFIG_PATH);
+    if !path.exists() {
+        bail!(
+            "no configuration file at {DEFAULT_CONFIG_PATH} (the default path): install the \
+             smtp-limiter package (it ships one), copy the commented reference \
+             config/smtp-limiter.toml there (set backend.builtin = false and backend.address \
+             to your MTA), or name a file with --config FILE"
+        );
+    }
+    let config = Config::load(&path)?;
+    Ok((path, config))
 }
 
 /// A request that needs the running agent.
