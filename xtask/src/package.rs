@@ -401,7 +401,6 @@ fn linked_crates(root: &Path) -> Result<Vec<(String, String, String, PathBuf)>> 
         .context("rustc -vV printed no host")?;
     let tree = output(toolchain::cargo().current_dir(root).args([
         "tree",
-        "--locked",
         "-p",
         "limiter-user",
         "-e",
@@ -416,7 +415,6 @@ fn linked_crates(root: &Path) -> Result<Vec<(String, String, String, PathBuf)>> 
     ]))?;
     let metadata = output(toolchain::cargo().current_dir(root).args([
         "metadata",
-        "--locked",
         "--format-version",
         "1",
         "--filter-platform",
