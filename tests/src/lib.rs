@@ -6,6 +6,7 @@
 //! Tests that need root or BPF call [`prerequisites`]: outside CI a missing
 //! prerequisite skips the test with a message; under `CI=true` it fails it.
 
+pub mod bench;
 pub mod clamd;
 pub mod fixture;
 pub mod kernel;

@@ -163,27 +163,50 @@ pub fn test(ws: &Workspace, args: &[String]) -> Result<()> {
 }
 
 /// The benchmark binaries of limiter-tests, in the order `bench` runs them,
-/// with the name `--only` picks each by.
-const BENCHES: &[(&str, &str)] = &[
-    ("limiter", "limiter-bench"),
-    ("proxy", "proxy-bench"),
-    ("recipients", "recipients-bench"),
-    ("attack", "attack-bench"),
-    ("state", "state-bench"),
-    ("syn", "syn-bench"),
-    ("filters", "filters-bench"),
+/// with the name `--only` picks each by, whether they need the eBPF object,
+/// and whether they run the release agent binary.
+const BENCHES: &[Bench] = &[
+    Bench::new("limiter", "limiter-bench", true, false),
+    Bench::new("proxy", "proxy-bench", false, false),
+    Bench::new("recipients", "recipients-bench", false, false),
+    Bench::new("attack", "attack-bench", true, true),
+    Bench::new("state", "state-bench", true, true),
+    Bench::new("syn", "syn-bench", true, false),
+    Bench::new("filters", "filters-bench", false, false),
+    Bench::new("flood", "flood-bench", true, true),
 ];
 
-/// `cargo run --release -p limiter-tests --bin B -- ARGS` for limiter-bench,
-/// then proxy-bench, then recipients-bench, each given the same ARGS. `--only limiter|proxy|recipients` in
-/// ARGS (taken out before they are passed on) runs just that one; options
-/// that only one benchmark knows need it.
+struct Bench {
+    short: &'static str,
+    bin: &'static str,
+    ebpf: bool,
+    agent: bool,
+}
+
+impl Bench {
+    const fn new(short: &'static str, bin: &'static str, ebpf: bool, agent: bool) -> Self {
+        Self {
+            short,
+            bin,
+            ebpf,
+            agent,
+        }
+    }
+}
+
+/// `cargo run --release -p limiter-tests --bin B -- ARGS` for each
+/// benchmark in [`BENCHES`], each given the same ARGS. The first `--only
+/// NAME` in ARGS (taken out before they are passed on) runs just that one;
+/// a later `--only` reaches the benchmark (its setups). The eBPF object is
+/// built first when one of them needs it, and the release agent when one
+/// runs it.
 pub fn bench(ws: &Workspace, args: &[String]) -> Result<()> {
     let mut only = None;
     let mut rest = Vec::new();
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let value = match arg.strip_prefix("--only") {
+            Some(_) if only.is_some() => None,
             Some("") => Some(it.next().cloned().unwrap_or_default()),
             Some(v) => v.strip_prefix('=').map(str::to_owned),
             None => None,
@@ -193,30 +216,27 @@ pub fn bench(ws: &Workspace, args: &[String]) -> Result<()> {
             None => rest.push(arg.clone()),
         }
     }
-    let selected: Vec<&str> = match only.as_deref() {
-        None => BENCHES.iter().map(|(_, bin)| *bin).collect(),
-        Some(name) => match BENCHES
-            .iter()
-            .find(|(short, bin)| name == *short || name == *bin)
-        {
-            Some((_, bin)) => vec![*bin],
+    let selected: Vec<&Bench> = match only.as_deref() {
+        None => BENCHES.iter().collect(),
+        Some(name) => match BENCHES.iter().find(|b| name == b.short || name == b.bin) {
+            Some(b) => vec![b],
             None => {
-                let known: Vec<&str> = BENCHES.iter().map(|(short, _)| *short).collect();
+                let known: Vec<&str> = BENCHES.iter().map(|b| b.short).collect();
                 bail!("--only {name:?}: expected one of {}", known.join(", "))
             }
         },
     };
-    // Only limiter-bench needs the eBPF objects.
-    let object = if selected.contains(&"limiter-bench")
-        || selected.contains(&"attack-bench")
-        || selected.contains(&"state-bench")
-        || selected.contains(&"syn-bench")
-    {
+    // A benchmark that runs the agent gets the release build embedding the
+    // object (`build` builds both).
+    let object = if selected.iter().any(|b| b.agent) {
+        build(ws, true)?;
+        Some(ws.ebpf_object(true))
+    } else if selected.iter().any(|b| b.ebpf) {
         Some(build_ebpf(ws, true)?)
     } else {
         None
     };
-    for bin in selected {
+    for bench in selected {
         let mut cargo = toolchain::cargo();
         cargo
             .current_dir(&ws.root)
@@ -226,7 +246,7 @@ pub fn bench(ws: &Workspace, args: &[String]) -> Result<()> {
                 "-p",
                 "limiter-tests",
                 "--bin",
-                bin,
+                bench.bin,
                 "--",
             ])
             .args(&rest);

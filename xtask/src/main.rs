@@ -87,16 +87,20 @@ enum Task {
         #[arg(long, value_name = "FILE")]
         agent_log: Option<std::path::PathBuf>,
     },
-    /// Set up, then run the benchmarks limiter-bench (BPF per-packet cost;
-    /// the eBPF object is built first), proxy-bench (SMTP through the
-    /// proxy) and recipients-bench (LDAP directory), each with ARGS.
+    /// Set up, then run the benchmarks (tests/src/bin/*-bench.rs), each with
+    /// ARGS: limiter (BPF per-packet cost), proxy (SMTP through the proxy),
+    /// recipients (LDAP directory), attack, state, syn, filters and flood
+    /// (legitimate mail under a distributed flood, against Postfix alone and
+    /// postscreen). The eBPF object, and the release agent for those that
+    /// run it, are built first.
     ///
-    /// `-- --only limiter|proxy|recipients` runs one of them; options
-    /// only one benchmark knows need it (`--quick` and `--rounds N` are
-    /// understood by both). See BENCHMARKS.md.
+    /// `-- --only NAME` runs one of them; options only one benchmark knows
+    /// need it (`--quick`, `--rounds N` and `--out DIR` are understood by
+    /// the benchmarks on the shared harness). See BENCHMARKS.md.
     Bench {
-        /// Arguments for the benchmarks, after `--`: `--only limiter|proxy|recipients`,
-        /// then the benchmark's own (`--help` lists them).
+        /// Arguments for the benchmarks, after `--`: `--only NAME` (limiter,
+        /// proxy, recipients, attack, state, syn, filters, flood), then the
+        /// benchmark's own (`--help` lists them).
         #[arg(last = true)]
         args: Vec<String>,
     },

@@ -27,22 +27,30 @@
 //! checks from Postfix's log that every legitimate message the client saw
 //! accepted was delivered, and that no other legitimate message was.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use clap::Parser;
+use limiter_tests::bench::agent::{agent_binary, Agent, AgentOptions};
+use limiter_tests::bench::args::Common;
+use limiter_tests::bench::postfix::{add_services, Deliveries};
+use limiter_tests::bench::report::{fmt_ms, quantile, LinePlot, Series};
+use limiter_tests::bench::smtp_client::blocking::{connect_from, sockaddr_in, v4, Connect, Smtp};
+use limiter_tests::bench::system::{
+    check_stop, install_signal_handlers, machine_cpu, pause, process_cpu, remove_stale, stopping,
+    thread_cpu,
+};
 use limiter_tests::netns::{self, Link, NetNs};
-use limiter_tests::postfix::{postfix_tool, Postfix, PostfixOptions};
+use limiter_tests::postfix::{Postfix, PostfixOptions};
 use limiter_tests::stats::{machine, median, min_max};
 
 /// Namespace, pin and temp-dir prefix.
@@ -63,9 +71,6 @@ const FLOOD_RCPT: &str = "postmaster@example.com";
 /// Longest wait for Postfix to deliver what it accepted in one run.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// Set by SIGINT/SIGTERM: every loop winds down and the guards clean up.
-static STOP: AtomicBool = AtomicBool::new(false);
-
 // ---------------------------------------------------------------------------
 // Options
 
@@ -83,72 +88,55 @@ struct Options {
     agent: Option<PathBuf>,
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-}
-
-fn usage() -> &'static str {
-    "attack-bench [--quick] [--rounds N] [--secs S] [--legit-workers N] [--flood-hosts N] \
-     [--flood-connections N] [--harvest-connections N] [--syn-rate PPS] [--out DIR] [--agent PATH]\n\
-     defaults: 3 rounds of 20 s, 4 legit workers, 3 flood hosts x 50 connections, 2 harvest \
-     connections, SYN flood 20000/s, plot and samples in docs/;\n\
-     --quick: 1 round of 5 s, 3 x 10 flood connections, 5000 SYN/s, output in target/attack-bench/"
+/// Legitimate mail delivered through the limiter to a real Postfix while
+/// attackers flood, beside the same attack with the proxy alone, straight
+/// to Postfix, and no attack (as root; see the source's header).
+///
+/// Defaults: 3 rounds of 20 s, 4 legit workers, 3 flood hosts × 50
+/// connections, 2 harvest connections, SYN flood 20000/s, plot and samples
+/// in docs/; --quick: 1 round of 5 s, 3 × 10 flood connections, 5000 SYN/s,
+/// output in target/attack-bench/.
+#[derive(Parser)]
+#[command(name = "attack-bench")]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    /// Seconds per run [default: 20; 5 with --quick].
+    #[arg(long)]
+    secs: Option<u64>,
+    /// Legitimate senders (1 to 16).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=16))]
+    legit_workers: u16,
+    /// Flood hosts (1 to 8).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=8))]
+    flood_hosts: u16,
+    /// Connections per flood host [default: 50; 10 with --quick].
+    #[arg(long)]
+    flood_connections: Option<usize>,
+    /// Harvester connections.
+    #[arg(long, default_value_t = 2)]
+    harvest_connections: usize,
+    /// SYN flood packets per second [default: 20000; 5000 with --quick].
+    #[arg(long)]
+    syn_rate: Option<u64>,
 }
 
 fn parse_args() -> Result<Options> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let mut o = Options {
+    let cli = Cli::parse();
+    let quick = cli.common.quick;
+    let o = Options {
         quick,
-        rounds: if quick { 1 } else { 3 },
-        secs: if quick { 5 } else { 20 },
-        legit_workers: 4,
-        flood_hosts: 3,
-        flood_connections: if quick { 10 } else { 50 },
-        harvest_connections: 2,
-        syn_rate: if quick { 5_000 } else { 20_000 },
-        out: if quick {
-            workspace_root().join("target").join("attack-bench")
-        } else {
-            workspace_root().join("docs")
-        },
-        agent: None,
+        rounds: cli.common.rounds(3, 1),
+        secs: cli.secs.unwrap_or(if quick { 5 } else { 20 }),
+        legit_workers: cli.legit_workers.into(),
+        flood_hosts: cli.flood_hosts.into(),
+        flood_connections: cli.flood_connections.unwrap_or(if quick { 10 } else { 50 }),
+        harvest_connections: cli.harvest_connections,
+        syn_rate: cli.syn_rate.unwrap_or(if quick { 5_000 } else { 20_000 }),
+        out: cli.common.out_dir("docs", "attack-bench"),
+        agent: cli.common.agent,
     };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .with_context(|| format!("{arg} needs a value\n{}", usage()))
-        };
-        match arg.as_str() {
-            "--quick" => {}
-            "--rounds" => o.rounds = value()?.parse()?,
-            "--secs" => o.secs = value()?.parse()?,
-            "--legit-workers" => o.legit_workers = value()?.parse()?,
-            "--flood-hosts" => o.flood_hosts = value()?.parse()?,
-            "--flood-connections" => o.flood_connections = value()?.parse()?,
-            "--harvest-connections" => o.harvest_connections = value()?.parse()?,
-            "--syn-rate" => o.syn_rate = value()?.parse()?,
-            "--out" => o.out = PathBuf::from(value()?),
-            "--agent" => o.agent = Some(PathBuf::from(value()?)),
-            "--help" | "-h" => {
-                println!("{}", usage());
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}\n{}", usage()),
-        }
-    }
-    ensure!(
-        o.rounds >= 1 && o.secs >= 1,
-        "--rounds and --secs must be >= 1"
-    );
-    ensure!(
-        (1..=16).contains(&o.legit_workers) && (1..=8).contains(&o.flood_hosts),
-        "--legit-workers 1..=16, --flood-hosts 1..=8"
-    );
+    ensure!(o.secs >= 1, "--secs must be >= 1");
     Ok(o)
 }
 
@@ -214,68 +202,6 @@ impl Setup {
 
 // ---------------------------------------------------------------------------
 // Signals, stale leftovers, small helpers
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
-fn install_signal_handlers() {
-    for signal in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: a handler that only stores to an atomic is async-signal-safe.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            action.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(signal, &action, std::ptr::null_mut());
-        }
-    }
-}
-
-fn check_stop() -> Result<()> {
-    ensure!(!STOP.load(Ordering::Relaxed), "interrupted");
-    Ok(())
-}
-
-/// Sleeps `d`, or less if stopped.
-fn pause(d: Duration, stop: &AtomicBool) {
-    let end = Instant::now() + d;
-    while !stop.load(Ordering::Relaxed) && !STOP.load(Ordering::Relaxed) {
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return;
-        }
-        std::thread::sleep(left.min(Duration::from_millis(50)));
-    }
-}
-
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Namespaces, pins and temp dirs of earlier runs that were killed.
-fn remove_stale() -> Result<()> {
-    for name in NetNs::remove_stale(PREFIX)? {
-        eprintln!("removed stale namespace {name}");
-    }
-    let dead = |name: &str| {
-        name.strip_prefix(PREFIX)
-            .and_then(|r| r.strip_prefix('-'))
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-            .is_some_and(|pid| pid != std::process::id() && !pid_alive(pid))
-    };
-    for dir in [PathBuf::from("/sys/fs/bpf"), std::env::temp_dir()] {
-        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if dead(&name) && entry.path().is_dir() {
-                eprintln!("removing stale {}", entry.path().display());
-                let _ = fs::remove_dir_all(entry.path());
-            }
-        }
-    }
-    Ok(())
-}
 
 // ---------------------------------------------------------------------------
 // Topology
@@ -349,45 +275,12 @@ fn start_postfix(topo: &Topology) -> Result<Postfix> {
             })
         })
         .context("Postfix")?;
-    let conf = postfix.config_dir();
     let service = format!("{}:{DIRECT_PORT}", topo.server_v4);
-    let postconf = postfix_tool("postconf")?;
-    let run = |args: &[&str]| -> Result<()> {
-        let out = Command::new(&postconf)
-            .arg("-c")
-            .arg(&conf)
-            .args(args)
-            .env_remove("MAIL_CONFIG")
-            .output()
-            .context("postconf")?;
-        ensure!(
-            out.status.success(),
-            "postconf {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
-    run(&[
-        "-M",
-        &format!("{service}/inet={service} inet n - n - - smtpd"),
-    ])?;
-    run(&[
-        "-P",
-        &format!("{service}/inet/smtpd_upstream_proxy_protocol="),
-    ])?;
-    let out = Command::new(postfix_tool("postfix")?)
-        .arg("-c")
-        .arg(&conf)
-        .arg("reload")
-        .env_remove("MAIL_CONFIG")
-        .stdin(Stdio::null())
-        .output()
-        .context("postfix reload")?;
-    ensure!(
-        out.status.success(),
-        "postfix reload: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    add_services(
+        &postfix,
+        &[format!("{service}/inet={service} inet n - n - - smtpd")],
+        &[format!("{service}/inet/smtpd_upstream_proxy_protocol=")],
+    )?;
     // The direct listener answers from the client namespace.
     let target = topo.target(Setup::Direct);
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -410,262 +303,21 @@ fn start_postfix(topo: &Topology) -> Result<Postfix> {
     Ok(postfix)
 }
 
-/// What Postfix's log says was delivered, read incrementally.
-#[derive(Default)]
-struct Deliveries {
-    offset: u64,
-    /// Queue id → Message-ID, for messages whose ID is a legit one.
-    queued: HashMap<String, String>,
-    /// Legit Message-IDs delivered (`status=sent`), with their count.
-    legit: HashMap<String, u32>,
-    /// Deliveries to the flood's recipient.
-    flood: u64,
-    /// Other deliveries.
-    other: u64,
-}
-
-impl Deliveries {
-    fn update(&mut self, log: &Path) -> Result<()> {
-        let Ok(mut f) = fs::File::open(log) else {
-            return Ok(());
-        };
-        f.seek(SeekFrom::Start(self.offset))?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf)?;
-        let Some(end) = buf.iter().rposition(|b| *b == b'\n') else {
-            return Ok(());
-        };
-        self.offset += end as u64 + 1;
-        for line in String::from_utf8_lossy(&buf[..=end]).lines() {
-            self.line(line);
-        }
-        Ok(())
-    }
-
-    fn line(&mut self, line: &str) {
-        // "... NAME/cleanup[PID]: QID: message-id=<ID>"
-        // "... NAME/discard[PID]: QID: to=<R>, relay=none, ..., status=sent (...)"
-        let Some((_, rest)) = line.split_once("]: ") else {
-            return;
-        };
-        let Some((qid, what)) = rest.split_once(": ") else {
-            return;
-        };
-        if let Some(id) = what.strip_prefix("message-id=<") {
-            let id = id.trim_end_matches('>');
-            if id.starts_with("atk-") {
-                self.queued.insert(qid.to_owned(), id.to_owned());
-            }
-        } else if what.contains(" status=sent ") {
-            let to = what
-                .strip_prefix("to=<")
-                .and_then(|t| t.split_once('>'))
-                .map_or("", |(t, _)| t);
-            match self.queued.get(qid) {
-                Some(id) if LEGIT_RCPTS.contains(&to) => {
-                    *self.legit.entry(id.clone()).or_default() += 1;
-                }
-                _ if to == FLOOD_RCPT => self.flood += 1,
-                _ => self.other += 1,
-            }
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------
 // The agent
 
-struct Agent {
-    child: Option<Child>,
-    dir: PathBuf,
-    pins: PathBuf,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn start(
-        topo: &Topology,
-        binary: &Path,
-        backend: SocketAddr,
-        kernel_mode: &str,
-        n: usize,
-    ) -> Result<Self> {
-        let tag = format!("{PREFIX}-{}-{n}", std::process::id());
-        let dir = std::env::temp_dir().join(&tag);
-        let pins = PathBuf::from("/sys/fs/bpf").join(&tag);
-        let _ = fs::remove_dir_all(&dir);
-        let _ = fs::remove_dir_all(&pins);
-        fs::create_dir_all(&dir)?;
-        let mut agent = Agent {
-            child: None,
-            log: dir.join("agent.log"),
-            dir,
-            pins,
-        };
-        let config = agent.dir.join("agent.toml");
-        fs::write(
-            &config,
-            agent_config(topo, backend, kernel_mode, &agent.dir, &agent.pins),
-        )?;
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", topo.server.path()))
-            .arg(binary)
-            .args(["run", "--json-logs", "--config"])
-            .arg(&config);
-        if let Some(object) = std::env::var_os("LIMITER_EBPF_OBJECT") {
-            cmd.arg("--ebpf-object").arg(object);
-        }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&agent.log)?)
-            .process_group(0);
-        // SAFETY: prctl is async-signal-safe: if the bench dies, the agent
-        // gets SIGTERM.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        agent.child = Some(cmd.spawn().context("cannot start the agent")?);
-        // Ready: metrics answer (with the kernel up when required) and the
-        // listener greets.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            check_stop()?;
-            if let Some(status) = agent
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!(
-                    "the agent exited ({status}) while starting; its log:\n{}",
-                    tail(&agent.log, 15)
-                );
-            }
-            if let Ok(m) = agent.metrics(topo) {
-                let up = m.get("smtp_limiter_kernel_up").copied().unwrap_or(0.0);
-                if kernel_mode != "required" || up == 1.0 {
-                    let greeting = topo.server.run(|| -> Result<String> {
-                        let s = TcpStream::connect_timeout(
-                            &topo.target(Setup::Limiter),
-                            Duration::from_secs(1),
-                        )?;
-                        let mut smtp = Smtp::new(s, Duration::from_secs(3))?;
-                        let r = smtp.reply()?;
-                        smtp.quit();
-                        Ok(r.text)
-                    });
-                    if greeting.is_ok_and(|g| g.starts_with("220")) {
-                        return Ok(agent);
-                    }
-                }
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the agent was not ready within 30 s; its log:\n{}",
-                    tail(&agent.log, 15)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// The Prometheus metrics, `name{labels}` → value.
-    fn metrics(&self, topo: &Topology) -> Result<BTreeMap<String, f64>> {
-        let text = topo.server.run(|| -> Result<String> {
-            let addr: SocketAddr = METRICS.parse()?;
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-            let mut text = String::new();
-            s.read_to_string(&mut text)?;
-            Ok(text)
-        })?;
-        ensure!(text.starts_with("HTTP/1.1 200"), "metrics: {text:.80}");
-        Ok(text
-            .lines()
-            .filter(|l| l.starts_with("smtp_limiter_"))
-            .filter_map(|l| {
-                let (k, v) = l.rsplit_once(' ')?;
-                Some((k.to_owned(), v.parse().ok()?))
-            })
-            .collect())
-    }
-
-    /// CPU time (user + system) the agent has used so far, in seconds.
-    fn cpu_secs(&self) -> Option<f64> {
-        process_cpu(self.child.as_ref()?.id() as i32, false)
-    }
-
-    /// SIGTERM, then SIGKILL after 10 s; then removes the pins and dir.
-    /// Checks that no XDP program is left on the server's veth.
-    fn stop(mut self, topo: &Topology) -> Result<()> {
-        self.stop_child();
-        let link = topo
-            .server
-            .ip(&["link", "show", "dev", &topo.link.server_if])?;
-        ensure!(
-            !link.contains("xdp"),
-            "an XDP program is still attached after the agent stopped:\n{link}"
-        );
-        Ok(())
-    }
-
-    fn stop_child(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(None) = child.try_wait() {
-            // SAFETY: signalling our own child, not yet reaped.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if let Ok(None) = child.try_wait() {
-                eprintln!("the agent did not stop within 10 s of SIGTERM: killing it");
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.stop_child();
-        if self.pins.exists() {
-            if let Err(e) = fs::remove_dir_all(&self.pins) {
-                eprintln!("removing {}: {e}", self.pins.display());
-            }
-        }
-        if std::env::var_os("ATTACK_BENCH_KEEP").is_none() {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-/// CPU time (user + system) of a process so far, in seconds; with
-/// `children`, plus that of its children it has reaped.
-fn process_cpu(pid: i32, children: bool) -> Option<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    // utime, stime, cutime, cstime are fields 14 to 17 of proc_pid_stat(5),
-    // 12 to 15 after the command name; in clock ticks.
-    let n = if children { 4 } else { 2 };
-    let mut ticks = 0.0;
-    for i in 11..11 + n {
-        ticks += fields.get(i)?.parse::<f64>().ok()?;
-    }
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(ticks / hz)
+/// Stops the agent, then checks that no XDP program is left on the
+/// server's veth.
+fn stop_agent(agent: Agent<'_>, topo: &Topology) -> Result<()> {
+    agent.stop()?;
+    let link = topo
+        .server
+        .ip(&["link", "show", "dev", &topo.link.server_if])?;
+    ensure!(
+        !link.contains("xdp"),
+        "an XDP program is still attached after the agent stopped:\n{link}"
+    );
+    Ok(())
 }
 
 /// CPU time of the Postfix instance so far: its processes, and the ones
@@ -678,44 +330,9 @@ fn postfix_cpu(postfix: &Postfix) -> f64 {
         .sum()
 }
 
-/// Busy and total CPU time of the whole machine so far (/proc/stat), in
-/// clock ticks.
-fn machine_cpu() -> (f64, f64) {
-    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return (0.0, 0.0);
-    };
-    let v: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest is in user).
-    let total: f64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
-    (total - idle, total)
-}
-
-/// CPU time of the calling thread so far, in seconds.
-fn thread_cpu() -> f64 {
-    // SAFETY: getrusage fills the struct we pass.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
-        return 0.0;
-    }
-    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    t(ru.ru_utime) + t(ru.ru_stime)
-}
-
 /// Adds the calling thread's CPU time (µs) to `total`.
 fn add_thread_cpu(total: &AtomicU64) {
     total.fetch_add((thread_cpu() * 1e6) as u64, Ordering::Relaxed);
-}
-
-fn tail(path: &Path, n: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// The reference configuration's limits, the topology's addresses.
@@ -791,179 +408,6 @@ log_level = "info"
 // ---------------------------------------------------------------------------
 // SMTP from a chosen source address
 
-enum Connect {
-    Up(TcpStream),
-    /// No answer within the timeout: the SYN was dropped.
-    NoAnswer,
-    /// RST.
-    Refused,
-    Failed(io::Error),
-}
-
-fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: addr.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(addr.ip().octets()),
-        },
-        sin_zero: [0; 8],
-    }
-}
-
-fn v4(addr: SocketAddr) -> SocketAddrV4 {
-    match addr {
-        SocketAddr::V4(a) => a,
-        SocketAddr::V6(_) => unreachable!("IPv4 only"),
-    }
-}
-
-/// Connects from `source` to `to` (nonblocking connect, poll), waiting at
-/// most `timeout`.
-fn connect_from(source: Ipv4Addr, to: SocketAddr, timeout: Duration) -> Connect {
-    // SAFETY: plain syscalls; the descriptor is owned at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Connect::Failed(io::Error::last_os_error());
-    }
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    let src = sockaddr_in(SocketAddrV4::new(source, 0));
-    let dst = sockaddr_in(v4(to));
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: valid descriptor, option and addresses of the right sizes.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&raw const one).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-        if libc::bind(fd.as_raw_fd(), (&raw const src).cast(), len) != 0 {
-            return Connect::Failed(io::Error::last_os_error());
-        }
-        if libc::connect(fd.as_raw_fd(), (&raw const dst).cast(), len) != 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EINPROGRESS) {
-                return Connect::Failed(err);
-            }
-        }
-    }
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Connect::NoAnswer;
-        }
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLOUT,
-            revents: 0,
-        };
-        let ms = left.as_millis().clamp(1, 60_000) as libc::c_int;
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&raw mut pfd, 1, ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Connect::Failed(e);
-        }
-        if n == 0 {
-            continue;
-        }
-        return match socket_error(fd.as_raw_fd()) {
-            0 => {
-                let stream = TcpStream::from(fd);
-                match stream.set_nonblocking(false) {
-                    Ok(()) => Connect::Up(stream),
-                    Err(e) => Connect::Failed(e),
-                }
-            }
-            libc::ECONNREFUSED => Connect::Refused,
-            libc::ETIMEDOUT => Connect::NoAnswer,
-            e => Connect::Failed(io::Error::from_raw_os_error(e)),
-        };
-    }
-}
-
-fn socket_error(fd: RawFd) -> i32 {
-    let mut err: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: a valid descriptor and a buffer of the right size.
-    unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            (&raw mut err).cast(),
-            &raw mut len,
-        )
-    };
-    err
-}
-
-struct Reply {
-    code: u16,
-    text: String,
-}
-
-struct Smtp {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl Smtp {
-    fn new(stream: TcpStream, timeout: Duration) -> io::Result<Self> {
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
-        stream.set_nodelay(true)?;
-        Ok(Self {
-            writer: stream.try_clone()?,
-            reader: BufReader::new(stream),
-        })
-    }
-
-    fn reply(&mut self) -> io::Result<Reply> {
-        loop {
-            let mut line = String::new();
-            if self.reader.read_line(&mut line)? == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed",
-                ));
-            }
-            let line = line.trim_end().to_owned();
-            let code = line
-                .get(..3)
-                .and_then(|c| c.parse::<u16>().ok())
-                .ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidData, format!("not a reply: {line:?}"))
-                })?;
-            if line.as_bytes().get(3) != Some(&b'-') {
-                return Ok(Reply { code, text: line });
-            }
-        }
-    }
-
-    fn command(&mut self, line: &str) -> io::Result<Reply> {
-        self.writer.write_all(format!("{line}\r\n").as_bytes())?;
-        self.reply()
-    }
-
-    fn quit(mut self) {
-        let _ = self.command("QUIT");
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Legitimate senders
 
@@ -990,7 +434,7 @@ fn send_one(source: Ipv4Addr, to: SocketAddr, id: &str, rcpt: &str) -> Result<()
         why,
         after_dot: false,
     };
-    let stream = match connect_from(source, to, Duration::from_secs(10)) {
+    let stream = match connect_from(source, v4(to), Duration::from_secs(10)) {
         Connect::Up(s) => s,
         Connect::NoAnswer => return Err(fail("connect: no answer in 10 s".into())),
         Connect::Refused => return Err(fail("connect: refused".into())),
@@ -1041,7 +485,7 @@ fn legit_worker(
     out: &Mutex<Legit>,
 ) {
     let mut n = 0u64;
-    while t0.elapsed() < window && !STOP.load(Ordering::Relaxed) {
+    while t0.elapsed() < window && !stopping() {
         let id = format!("{tag}-{worker}-{n}@partner.example");
         let rcpt = LEGIT_RCPTS[(n as usize + worker) % LEGIT_RCPTS.len()];
         n += 1;
@@ -1104,7 +548,7 @@ fn bump(c: &AtomicU64) {
 /// Connects and reads the greeting; `None` (counted) if it went no further.
 fn attack_open(source: Ipv4Addr, to: SocketAddr, helo: &str, c: &AttackCounts) -> Option<Smtp> {
     bump(&c.attempts);
-    let stream = match connect_from(source, to, Duration::from_secs(1)) {
+    let stream = match connect_from(source, v4(to), Duration::from_secs(1)) {
         Connect::Up(s) => s,
         Connect::NoAnswer => {
             bump(&c.unanswered);
@@ -1138,7 +582,7 @@ fn attack_open(source: Ipv4Addr, to: SocketAddr, helo: &str, c: &AttackCounts) -
 /// One of the flood's connections: null-sender bounces back to back, a new
 /// connection 100 ms after one ends.
 fn flood_connection(source: Ipv4Addr, to: SocketAddr, stop: &AtomicBool, c: &AttackCounts) {
-    while !stop.load(Ordering::Relaxed) && !STOP.load(Ordering::Relaxed) {
+    while !stop.load(Ordering::Relaxed) && !stopping() {
         if let Some(mut smtp) = attack_open(source, to, "mx.bounces.example", c) {
             loop {
                 if stop.load(Ordering::Relaxed) {
@@ -1169,7 +613,7 @@ fn flood_connection(source: Ipv4Addr, to: SocketAddr, stop: &AtomicBool, c: &Att
 /// RCPT after RCPT to unknown users; a new connection 100 ms after one ends.
 fn harvester(source: Ipv4Addr, to: SocketAddr, id: usize, stop: &AtomicBool, c: &AttackCounts) {
     let mut n = 0u64;
-    while !stop.load(Ordering::Relaxed) && !STOP.load(Ordering::Relaxed) {
+    while !stop.load(Ordering::Relaxed) && !stopping() {
         if let Some(mut smtp) = attack_open(source, to, "mailer.bulk-list.example", c) {
             'session: loop {
                 if !smtp
@@ -1354,7 +798,7 @@ impl RunResult {
     }
 
     fn latency(&self, q: f64) -> f64 {
-        percentile(&self.latencies, q)
+        quantile(&self.latencies, q)
     }
 
     fn metric_sum(&self, prefix: &str) -> f64 {
@@ -1376,16 +820,6 @@ impl RunResult {
     }
 }
 
-fn percentile(values: &[f64], q: f64) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
-}
-
 struct Bench<'a> {
     opts: &'a Options,
     topo: &'a Topology,
@@ -1402,13 +836,23 @@ impl Bench<'_> {
         self.runs += 1;
         let window = Duration::from_secs(self.opts.secs);
         let agent = match setup.kernel_mode() {
-            Some(mode) => Some(Agent::start(
-                self.topo,
-                self.agent_binary,
-                self.postfix.addr(),
-                mode,
-                self.runs,
-            )?),
+            Some(mode) => {
+                let topo = self.topo;
+                let backend = self.postfix.addr();
+                Some(Agent::start(
+                    &AgentOptions {
+                        binary: self.agent_binary,
+                        netns: Some(&topo.server),
+                        prefix: PREFIX,
+                        n: self.runs,
+                        listen: topo.target(Setup::Limiter),
+                        metrics: METRICS.parse()?,
+                        kernel_required: mode == "required",
+                        keep: std::env::var_os("ATTACK_BENCH_KEEP").is_some(),
+                    },
+                    |paths| agent_config(topo, backend, mode, &paths.dir, &paths.pins),
+                )?)
+            }
             None => None,
         };
         let flood_before = self.deliveries.flood;
@@ -1504,11 +948,11 @@ impl Bench<'_> {
             .zip(cpu_before)
             .map(|(after, before)| after - before);
         let metrics = match &agent {
-            Some(a) => a.metrics(self.topo).context("the agent's metrics")?,
+            Some(a) => a.metrics().context("the agent's metrics")?,
             None => BTreeMap::new(),
         };
         if let Some(a) = agent {
-            a.stop(self.topo)?;
+            stop_agent(a, self.topo)?;
         }
         let legit = legit.into_inner().unwrap_or_else(|p| p.into_inner());
 
@@ -1619,14 +1063,6 @@ impl Bench<'_> {
 
 // ---------------------------------------------------------------------------
 // Report
-
-fn fmt_ms(v: f64) -> String {
-    if v >= 100.0 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.1}")
-    }
-}
 
 fn report(results: &[RunResult], opts: &Options, out: &mut String) -> String {
     let by =
@@ -1854,120 +1290,35 @@ fn series(results: &[RunResult], secs: usize) -> Vec<(Setup, Vec<f64>)> {
         .collect()
 }
 
-fn nice_ceiling(v: f64) -> f64 {
-    let v = v.max(1.0);
-    let mag = 10f64.powf(v.log10().floor());
-    for m in [1.0, 2.0, 2.5, 5.0, 10.0] {
-        if m * mag >= v {
-            return m * mag;
-        }
-    }
-    10.0 * mag
-}
-
 fn svg(results: &[RunResult], opts: &Options, machine: &str) -> String {
-    let secs = opts.secs as usize;
-    let data = series(results, secs);
-    let (w, h) = (820.0, 460.0);
-    let (left, right, top, bottom) = (70.0, 265.0, 50.0, 60.0);
-    let (pw, ph) = (w - left - right, h - top - bottom);
-    let ymax = nice_ceiling(
-        data.iter()
-            .flat_map(|(_, p)| p.iter().copied())
-            .fold(0.0, f64::max)
-            * 1.05,
-    );
-    let x = |t: f64| left + t / secs as f64 * pw;
-    let y = |v: f64| top + ph - v / ymax * ph;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="22" font-size="15" text-anchor="middle">Legitimate mail under attack: messages/s delivered through each setup</text>"#,
-        w / 2.0
-    );
-    let _ = writeln!(
-        s,
-        r##"<text x="{}" y="38" font-size="10" text-anchor="middle" fill="#555">median per second over {} round(s); {} closed-loop senders; {machine}</text>"##,
-        w / 2.0,
-        opts.rounds,
-        opts.legit_workers
-    );
-    for i in 0..=5 {
-        let v = ymax * f64::from(i) / 5.0;
-        let yy = y(v);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{left}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{v:.0}</text>"##,
-            left + pw,
-            left - 6.0,
-            yy + 4.0
-        );
+    let series = series(results, opts.secs as usize)
+        .into_iter()
+        .map(|(setup, points)| {
+            let runs: Vec<f64> = results
+                .iter()
+                .filter(|r| r.setup == setup)
+                .map(RunResult::rate)
+                .collect();
+            Series {
+                name: setup.name().to_owned(),
+                color: setup.color().to_owned(),
+                points,
+                note: format!("median {:.0} msgs/s over the run", median(&runs)),
+                dashed: false,
+            }
+        })
+        .collect();
+    LinePlot {
+        title: "Legitimate mail under attack: messages/s delivered through each setup".into(),
+        subtitle: format!(
+            "median per second over {} round(s); {} closed-loop senders; {machine}",
+            opts.rounds, opts.legit_workers
+        ),
+        x_label: "seconds since the run started (senders and attackers start together)".into(),
+        y_label: "legitimate messages accepted per second".into(),
+        series,
     }
-    let step = if secs <= 10 { 1 } else { 5 };
-    for t in (0..=secs).step_by(step) {
-        let xx = x(t as f64);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{xx:.1}" y1="{:.1}" x2="{xx:.1}" y2="{:.1}" stroke="#333"/><text x="{xx:.1}" y="{:.1}" text-anchor="middle">{t}</text>"##,
-            top + ph,
-            top + ph + 5.0,
-            top + ph + 18.0
-        );
-    }
-    let _ = writeln!(
-        s,
-        r##"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>"##
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">seconds since the run started (senders and attackers start together)</text>"#,
-        left + pw / 2.0,
-        h - 18.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<text transform="translate(20,{:.1}) rotate(-90)" text-anchor="middle">legitimate messages accepted per second</text>"#,
-        top + ph / 2.0
-    );
-    for (i, (setup, points)) in data.iter().enumerate() {
-        let pts: Vec<String> = points
-            .iter()
-            .enumerate()
-            .map(|(t, v)| format!("{:.1},{:.1}", x(t as f64 + 0.5), y(*v)))
-            .collect();
-        let _ = writeln!(
-            s,
-            r#"<polyline fill="none" stroke="{}" stroke-width="2.2" points="{}"/>"#,
-            setup.color(),
-            pts.join(" ")
-        );
-        let runs: Vec<f64> = results
-            .iter()
-            .filter(|r| r.setup == *setup)
-            .map(RunResult::rate)
-            .collect();
-        let ly = top + 10.0 + i as f64 * 34.0;
-        let lx = left + pw + 15.0;
-        let _ = writeln!(
-            s,
-            r##"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{}</text><text x="{:.1}" y="{:.1}" font-size="10" fill="#555">median {:.0} msgs/s over the run</text>"##,
-            lx + 24.0,
-            setup.color(),
-            lx + 30.0,
-            ly + 4.0,
-            setup.name(),
-            lx + 30.0,
-            ly + 17.0,
-            median(&runs)
-        );
-    }
-    s.push_str("</svg>\n");
-    s
+    .svg()
 }
 
 fn csv(results: &[RunResult]) -> String {
@@ -1983,65 +1334,6 @@ fn csv(results: &[RunResult]) -> String {
 // ---------------------------------------------------------------------------
 // Main
 
-/// The newest modification time of the files under `paths`.
-fn newest(paths: &[PathBuf]) -> Option<std::time::SystemTime> {
-    let mut newest = None;
-    let mut stack = paths.to_vec();
-    while let Some(p) = stack.pop() {
-        let Ok(meta) = fs::metadata(&p) else { continue };
-        if meta.is_dir() {
-            stack.extend(
-                fs::read_dir(&p)
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .map(|e| e.path()),
-            );
-        } else if let Ok(m) = meta.modified() {
-            newest = newest.max(Some(m));
-        }
-    }
-    newest
-}
-
-/// The agent binary: `--agent`, or the release build next to this binary,
-/// which must be newer than the agent's sources (`cargo xtask build
-/// --release` builds it). The kernel object comes from LIMITER_EBPF_OBJECT
-/// when set (`cargo xtask bench` builds it and sets it), passed to the agent
-/// with `--ebpf-object`.
-///
-/// The benchmark does not build the agent itself: a `cargo build` started
-/// from a process that `cargo run` started inherits its CARGO_PKG_* and
-/// CARGO_MANIFEST_DIR, which ring's build script depends on, and ring and
-/// everything above it would be rebuilt on every switch.
-fn agent_binary(opts: &Options) -> Result<PathBuf> {
-    if let Some(a) = &opts.agent {
-        return Ok(a.clone());
-    }
-    let exe = std::env::current_exe()?;
-    let binary = exe
-        .parent()
-        .context("current_exe has no directory")?
-        .join("smtp-limiter");
-    let hint = "build it with `cargo xtask build --release`, or pass --agent PATH";
-    let built = fs::metadata(&binary)
-        .and_then(|m| m.modified())
-        .with_context(|| format!("no agent at {}: {hint}", binary.display()))?;
-    let root = workspace_root();
-    let sources = newest(&[
-        root.join("limiter-user/src"),
-        root.join("limiter-user/build.rs"),
-        root.join("limiter-user/Cargo.toml"),
-        root.join("limiter-common/src"),
-    ]);
-    ensure!(
-        sources.is_none_or(|s| s <= built),
-        "{} is older than the agent's sources: {hint}",
-        binary.display()
-    );
-    Ok(binary)
-}
-
 fn main() -> Result<()> {
     let opts = parse_args()?;
     // SAFETY: geteuid has no preconditions.
@@ -2050,8 +1342,8 @@ fn main() -> Result<()> {
         "attack-bench needs root (namespaces, XDP, Postfix)"
     );
     install_signal_handlers();
-    let binary = agent_binary(&opts)?;
-    remove_stale()?;
+    let binary = agent_binary(opts.agent.as_deref())?;
+    remove_stale(PREFIX)?;
     let started = Instant::now();
     let machine_start = machine();
     let mut out = String::new();
@@ -2083,7 +1375,7 @@ fn main() -> Result<()> {
         topo: &topo,
         postfix: &postfix,
         agent_binary: &binary,
-        deliveries: Deliveries::default(),
+        deliveries: Deliveries::new("atk-", &LEGIT_RCPTS, FLOOD_RCPT),
         delivered_before: HashSet::new(),
         runs: 0,
     };

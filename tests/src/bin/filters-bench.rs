@@ -27,32 +27,26 @@
 //! every message by the end.
 
 use std::{
-    io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpStream},
     sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, ensure, Context, Result};
+use clap::Parser;
 use limiter_tests::{
+    bench::{
+        agent::loopback_config,
+        args::Common,
+        report::{quantile, Table},
+        smtp_client::blocking::{Reply, Smtp},
+    },
     clamd::Clamd,
     postfix::{Postfix, PostfixOptions},
     proxy::TestProxy,
     rspamd::Rspamd,
     stats::{machine, median, min_max},
 };
-
-const USAGE: &str = "\
-filters-bench: messages/s and added latency per message through the proxy
-with rspamd and ClamAV on vs. off, same run, interleaved rounds.
-
-Usage: filters-bench [OPTIONS]   (as root)
-
-  --rounds N     interleaved rounds (default 5)
-  --seconds S    length of one measurement (default 4)
-  --clients N    client threads, one persistent session each (default 4)
-  --quick        3 rounds of 1.5 s
-";
 
 /// How long a reply may take before the run is declared broken.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -73,38 +67,31 @@ fn message_body() -> String {
     body
 }
 
+/// Messages/s and added latency per message through the proxy with
+/// rspamd and ClamAV on vs. off, same run, interleaved rounds (as root).
+#[derive(Parser)]
+#[command(name = "filters-bench")]
 struct Options {
-    rounds: usize,
-    seconds: f64,
+    #[command(flatten)]
+    common: Common,
+    /// Length of one measurement, seconds [default: 4; 1.5 with --quick].
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Client threads, one persistent session each.
+    #[arg(long, default_value_t = 4)]
     clients: usize,
 }
 
-fn parse_args() -> Result<Options> {
-    let mut opts = Options {
-        rounds: 5,
-        seconds: 4.0,
-        clients: 4,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
-        match arg.as_str() {
-            "--rounds" => opts.rounds = value("--rounds")?.parse()?,
-            "--seconds" => opts.seconds = value("--seconds")?.parse()?,
-            "--clients" => opts.clients = value("--clients")?.parse()?,
-            "--quick" => {
-                opts.rounds = 3;
-                opts.seconds = 1.5;
-            }
-            "--help" | "-h" => {
-                print!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}\n{USAGE}"),
-        }
+impl Options {
+    /// Rounds: 5, or 3 with --quick.
+    fn rounds(&self) -> usize {
+        self.common.rounds(5, 3)
     }
-    ensure!(opts.rounds >= 1 && opts.clients >= 1 && opts.seconds > 0.0);
-    Ok(opts)
+
+    fn seconds(&self) -> f64 {
+        self.seconds
+            .unwrap_or(if self.common.quick { 1.5 } else { 4.0 })
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -129,29 +116,7 @@ impl Setup {
 }
 
 fn proxy_config(backend: SocketAddr, filters: &str) -> String {
-    format!(
-        r#"mode = "enforce"
-
-[[listen]]
-address = "127.0.0.1:0"
-
-[backend]
-address = "{backend}"
-identity = "proxy-v2"
-connect_timeout = "5s"
-
-[kernel]
-mode = "off"
-
-[limits]
-max_connections_per_source = 0
-
-[relay]
-accept = "*@example.com"
-
-{filters}
-"#
-    )
+    loopback_config(backend, "proxy-v2", "", "", filters)
 }
 
 /// What one measurement saw.
@@ -190,56 +155,38 @@ fn measure(addr: SocketAddr, clients: usize, seconds: f64, body: &str) -> Result
 
 fn client(addr: SocketAddr, until: Instant, body: &str) -> Result<Vec<f64>> {
     let stream = TcpStream::connect(addr).context("connect to the proxy")?;
-    stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
-    stream.set_nodelay(true)?;
-    let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    let mut expect = |reader: &mut BufReader<TcpStream>, code: &str| -> Result<()> {
-        loop {
-            line.clear();
-            ensure!(
-                reader.read_line(&mut line)? > 0,
-                "connection closed, expected {code}"
-            );
-            ensure!(line.starts_with(code), "expected {code}, got {line:?}");
-            if line.as_bytes().get(3) != Some(&b'-') {
-                return Ok(());
-            }
-        }
+    let mut smtp = Smtp::new(stream, REPLY_TIMEOUT)?;
+    let expect = |reply: std::io::Result<Reply>, code: u16, what: &str| -> Result<()> {
+        let reply = reply.with_context(|| format!("{what}: expected {code}"))?;
+        ensure!(
+            reply.code == code,
+            "{what}: expected {code}, got {:?}",
+            reply.text
+        );
+        Ok(())
     };
-    expect(&mut reader, "220")?;
-    writer.write_all(b"EHLO client.bench.test\r\n")?;
-    expect(&mut reader, "250")?;
+    expect(smtp.reply(), 220, "greeting")?;
+    expect(smtp.command("EHLO client.bench.test"), 250, "EHLO")?;
     let mut latencies = Vec::new();
-    let data = format!("{body}.\r\n");
+    let data = format!("{body}.");
     while Instant::now() < until {
         let t0 = Instant::now();
-        writer.write_all(b"MAIL FROM:<sender@bench.test>\r\n")?;
-        expect(&mut reader, "250")?;
-        writer.write_all(b"RCPT TO:<alice@example.com>\r\n")?;
-        expect(&mut reader, "250")?;
-        writer.write_all(b"DATA\r\n")?;
-        expect(&mut reader, "354")?;
-        writer.write_all(data.as_bytes())?;
-        expect(&mut reader, "250")?;
+        expect(smtp.command("MAIL FROM:<sender@bench.test>"), 250, "MAIL")?;
+        expect(smtp.command("RCPT TO:<alice@example.com>"), 250, "RCPT")?;
+        expect(smtp.command("DATA"), 354, "DATA")?;
+        expect(smtp.command(&data), 250, "end of DATA")?;
         latencies.push(t0.elapsed().as_secs_f64());
     }
-    writer.write_all(b"QUIT\r\n")?;
-    let _ = expect(&mut reader, "221");
+    smtp.quit();
     Ok(latencies)
 }
 
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 fn main() -> Result<()> {
-    let opts = parse_args()?;
+    let opts = Options::parse();
+    ensure!(
+        opts.clients >= 1 && opts.seconds() > 0.0,
+        "--clients and --seconds must be above 0"
+    );
     let body = message_body();
     eprintln!("filters-bench: starting Postfix, rspamd and clamd");
     let postfix = Postfix::start(PostfixOptions::for_load(true))?;
@@ -275,11 +222,11 @@ fn main() -> Result<()> {
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); SETUPS.len()];
     let mut latencies: Vec<Vec<f64>> = vec![Vec::new(); SETUPS.len()];
     let mut sent = vec![0u64; SETUPS.len()];
-    for round in 0..opts.rounds {
+    for round in 0..opts.rounds() {
         let mut round_rates = vec![0.0; SETUPS.len()];
         for k in 0..SETUPS.len() {
             let i = (k + round) % SETUPS.len();
-            let run = measure(proxies[i].1.addr, opts.clients, opts.seconds, &body)?;
+            let run = measure(proxies[i].1.addr, opts.clients, opts.seconds(), &body)?;
             round_rates[i] = run.messages as f64 / run.seconds;
             sent[i] += run.messages;
             latencies[i].extend(run.latencies);
@@ -351,33 +298,38 @@ fn main() -> Result<()> {
     let mut report = String::new();
     report.push_str(&format!(
         "filters-bench: {} rounds × {} s, {} clients on persistent sessions, {}-byte messages\n{}\n\n",
-        opts.rounds,
-        opts.seconds,
+        opts.rounds(),
+        opts.seconds(),
         opts.clients,
         body.len(),
         machine()
     ));
-    report.push_str("| setup | msgs/s median | min–max | × off (median of round ratios) | latency median | p99 | added median | added p99 |\n");
-    report.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
-    let mut sorted: Vec<Vec<f64>> = latencies.clone();
-    for l in &mut sorted {
-        l.sort_by(f64::total_cmp);
-    }
-    let (off_p50, off_p99) = (quantile(&sorted[0], 0.5), quantile(&sorted[0], 0.99));
+    let mut table = Table::new(&[
+        "setup",
+        "msgs/s median",
+        "min–max",
+        "× off (median of round ratios)",
+        "latency median",
+        "p99",
+        "added median",
+        "added p99",
+    ]);
+    let (off_p50, off_p99) = (quantile(&latencies[0], 0.5), quantile(&latencies[0], 0.99));
     for (i, setup) in SETUPS.iter().enumerate() {
         let (lo, hi) = min_max(&rates[i]);
-        let (p50, p99) = (quantile(&sorted[i], 0.5), quantile(&sorted[i], 0.99));
-        report.push_str(&format!(
-            "| {} | {:.0} | {lo:.0}–{hi:.0} | {:.2} | {:.2} ms | {:.2} ms | {:+.2} ms | {:+.2} ms |\n",
-            setup.name(),
-            median(&rates[i]),
-            median(&ratios[i]),
-            p50 * 1e3,
-            p99 * 1e3,
-            (p50 - off_p50) * 1e3,
-            (p99 - off_p99) * 1e3,
-        ));
+        let (p50, p99) = (quantile(&latencies[i], 0.5), quantile(&latencies[i], 0.99));
+        table.row(vec![
+            setup.name().to_owned(),
+            format!("{:.0}", median(&rates[i])),
+            format!("{lo:.0}–{hi:.0}"),
+            format!("{:.2}", median(&ratios[i])),
+            format!("{:.2} ms", p50 * 1e3),
+            format!("{:.2} ms", p99 * 1e3),
+            format!("{:+.2} ms", (p50 - off_p50) * 1e3),
+            format!("{:+.2} ms", (p99 - off_p99) * 1e3),
+        ]);
     }
+    report.push_str(&table.markdown());
     report.push_str(&format!(
         "\nchecks: proxy message counters = messages acknowledged ({} measured), one clean verdict per message through each filtering proxy, Postfix delivered exactly {total} (warm-up included)\n",
         sent.iter().sum::<u64>()

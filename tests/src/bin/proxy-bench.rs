@@ -62,31 +62,18 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
+use clap::Parser;
 use limiter_tests::{
+    bench::{
+        agent::loopback_config,
+        args::Common,
+        report::quantile,
+        system::{die_with_parent, nobody, raise_nofile, rss_kib},
+    },
+    fixture::free_port,
     postfix::{postfix_tool, Postfix, PostfixOptions},
     proxy::TestProxy,
 };
-
-const USAGE: &str = "\
-proxy-bench: SMTP throughput, per-command latency and memory per idle
-session of the proxy, against the same backends reached directly.
-
-Usage: proxy-bench [OPTIONS]   (as root)
-
-  --rounds N       interleaved rounds (default 5)
-  --seconds S      target length of one throughput measurement (default 3)
-  --commands N     NOOPs per latency measurement (default 2000)
-  --step-sessions N  sessions timed step by step per round (default 300)
-  --idle N         idle sessions for the memory measurement (default 10000)
-  --parts LIST     a subset of throughput,latency,memory (default: all)
-  --serve SECS     no measurement: start smtp-sink and the proxy in front
-                   of it, print both addresses, wait SECS (for profiling
-                   with your own client, e.g. perf record -p PID)
-  --quick          smoke run: 2 rounds, 0.5 s measurements, 500 NOOPs,
-                   50 step sessions, 1000 idle sessions (other options
-                   still apply)
-  -h, --help       this text
-";
 
 /// Targets from the issue: proxied throughput as a fraction of direct, and
 /// resident memory per idle session.
@@ -128,105 +115,62 @@ struct Options {
     serve: Option<u64>,
 }
 
+/// SMTP throughput, per-command latency and memory per idle session of the
+/// proxy, against the same backends reached directly (as root).
+///
+/// --quick: 2 rounds, 0.5 s measurements, 500 NOOPs, 50 step sessions,
+/// 1000 idle sessions (other options still apply). Parts (for --only):
+/// throughput, latency, memory.
+#[derive(Parser)]
+#[command(name = "proxy-bench")]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    /// Target length of one throughput measurement, seconds (0.1 to 60)
+    /// [default: 3].
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// NOOPs per latency measurement [default: 2000].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(10..=1_000_000))]
+    commands: Option<u32>,
+    /// Sessions timed step by step per round [default: 300].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    step_sessions: Option<u32>,
+    /// Idle sessions for the memory measurement [default: 10000].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=50_000))]
+    idle: Option<u32>,
+    /// The same as --only: a subset of throughput,latency,memory.
+    #[arg(long, value_delimiter = ',')]
+    parts: Vec<String>,
+    /// No measurement: start smtp-sink and the proxy in front of it, print
+    /// both addresses, wait SECS (for profiling with your own client, e.g.
+    /// perf record -p PID).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    serve: Option<u64>,
+}
+
 fn parse_args() -> Result<Options> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let mut opts = if quick {
-        Options {
-            rounds: 2,
-            seconds: 0.5,
-            commands: 500,
-            step_sessions: 50,
-            idle: 1_000,
-            throughput: true,
-            latency: true,
-            memory: true,
-            quick,
-            serve: None,
-        }
-    } else {
-        Options {
-            rounds: 5,
-            seconds: 3.0,
-            commands: 2_000,
-            step_sessions: 300,
-            idle: 10_000,
-            throughput: true,
-            latency: true,
-            memory: true,
-            quick,
-            serve: None,
-        }
+    let mut cli = Cli::parse();
+    let quick = cli.common.quick;
+    cli.common.only.append(&mut cli.parts);
+    let parts = cli.common.select(&["throughput", "latency", "memory"])?;
+    let seconds = cli.seconds.unwrap_or(if quick { 0.5 } else { 3.0 });
+    ensure!((0.1..=60.0).contains(&seconds), "--seconds: 0.1 to 60");
+    let pick = |given: Option<u32>, full: u32, short: u32| {
+        given.unwrap_or(if quick { short } else { full }) as usize
     };
-    let mut it = args.into_iter();
-    while let Some(arg) = it.next() {
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n.to_owned(), Some(v.to_owned())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = |name: &str| -> Result<String> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => it.next().with_context(|| format!("{name} needs a value")),
-            }
-        };
-        match name.as_str() {
-            "-h" | "--help" => {
-                print!("{USAGE}");
-                std::process::exit(0);
-            }
-            "--quick" => {}
-            "--rounds" => {
-                opts.rounds = value(&name)?.parse().context("--rounds: not a number")?;
-                ensure!((1..=100).contains(&opts.rounds), "--rounds: 1 to 100");
-            }
-            "--seconds" => {
-                opts.seconds = value(&name)?.parse().context("--seconds: not a number")?;
-                ensure!((0.1..=60.0).contains(&opts.seconds), "--seconds: 0.1 to 60");
-            }
-            "--commands" => {
-                opts.commands = value(&name)?.parse().context("--commands: not a number")?;
-                ensure!(
-                    (10..=1_000_000).contains(&opts.commands),
-                    "--commands: 10 to 1000000"
-                );
-            }
-            "--step-sessions" => {
-                opts.step_sessions = value(&name)?
-                    .parse()
-                    .context("--step-sessions: not a number")?;
-                ensure!(
-                    (1..=100_000).contains(&opts.step_sessions),
-                    "--step-sessions: 1 to 100000"
-                );
-            }
-            "--serve" => {
-                let secs: u64 = value(&name)?.parse().context("--serve: not a number")?;
-                ensure!((1..=3600).contains(&secs), "--serve: 1 to 3600 seconds");
-                opts.serve = Some(secs);
-            }
-            "--idle" => {
-                opts.idle = value(&name)?.parse().context("--idle: not a number")?;
-                ensure!((1..=50_000).contains(&opts.idle), "--idle: 1 to 50000");
-            }
-            "--parts" => {
-                let list = value(&name)?;
-                opts.throughput = false;
-                opts.latency = false;
-                opts.memory = false;
-                for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                    match part {
-                        "throughput" => opts.throughput = true,
-                        "latency" => opts.latency = true,
-                        "memory" => opts.memory = true,
-                        other => bail!("--parts: unknown part {other:?}\n\n{USAGE}"),
-                    }
-                }
-            }
-            other => bail!("unknown option {other:?}\n\n{USAGE}"),
-        }
-    }
-    Ok(opts)
+    Ok(Options {
+        rounds: cli.common.rounds(5, 2),
+        seconds,
+        commands: pick(cli.commands, 2_000, 500),
+        step_sessions: pick(cli.step_sessions, 300, 50),
+        idle: pick(cli.idle, 10_000, 1_000),
+        throughput: parts.contains(&"throughput"),
+        latency: parts.contains(&"latency"),
+        memory: parts.contains(&"memory"),
+        quick,
+        serve: cli.serve,
+    })
 }
 
 // -- Processes ---------------------------------------------------------------
@@ -291,54 +235,6 @@ impl Drop for Sink {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The uid and gid of `nobody` (and `nogroup`), if there is one.
-fn nobody() -> Option<(libc::uid_t, libc::gid_t)> {
-    let name = std::ffi::CString::new("nobody").ok()?;
-    // SAFETY: getpwnam gets a NUL-terminated name; the record is read at
-    // once (no other thread of this program calls getpwnam).
-    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-    if pw.is_null() {
-        return None;
-    }
-    // SAFETY: pw is a valid record from getpwnam.
-    Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
-}
-
-/// Makes the child get SIGKILL when this process dies (after switching to
-/// `user` first, if given), so that no helper outlives a killed benchmark.
-fn die_with_parent(cmd: &mut Command, user: Option<(libc::uid_t, libc::gid_t)>) {
-    use std::os::unix::process::CommandExt as _;
-    // SAFETY: getpid has no preconditions.
-    let parent = unsafe { libc::getpid() };
-    // SAFETY: the closure runs between fork and exec and only makes
-    // async-signal-safe system calls.
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some((uid, gid)) = user {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent may have died before prctl.
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
-}
-
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// Runs `smtp-source` for `messages` messages in `sessions` parallel
@@ -415,31 +311,13 @@ impl Path {
 }
 
 fn proxy_config(backend: SocketAddr, identity: &str) -> String {
-    format!(
-        r#"mode = "enforce"
-
-[[listen]]
-address = "127.0.0.1:0"
-
-[backend]
-address = "{backend}"
-identity = "{identity}"
-connect_timeout = "5s"
-
-[kernel]
-mode = "off"
-
-[smtp]
-command_timeout = "10m"
-session_timeout = "30m"
-
-[limits]
-max_connections_per_source = 0
-max_failed_rcpt = 1000
-
-[relay]
-accept = "*@example.com"
-"#
+    loopback_config(
+        backend,
+        identity,
+        // The latency part sends thousands of NOOPs before any MAIL.
+        "command_timeout = \"10m\"\nsession_timeout = \"30m\"\nmax_commands_before_mail = 1000000",
+        "max_failed_rcpt = 1000",
+        "",
     )
 }
 
@@ -530,15 +408,6 @@ fn order(round: usize) -> [Path; 2] {
 }
 
 // -- Statistics --------------------------------------------------------------
-
-/// The value at quantile `q` of sorted `values` (nearest rank).
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
 
 // -- Throughput --------------------------------------------------------------
 
@@ -878,16 +747,6 @@ fn steps_report(lat: &Latency, out: &mut String) {
 
 // -- Memory ------------------------------------------------------------------
 
-/// `VmRSS` of a process in KiB (`self` or a pid).
-fn rss_kib(pid: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")
-}
-
 /// The kernel's TCP memory (`/proc/net/sockstat`, `TCP: … mem N`, pages),
 /// in KiB.
 fn tcp_mem_kib() -> Option<u64> {
@@ -1205,43 +1064,6 @@ fn memory_report(m: &MemoryResult, out: &mut String) -> String {
 }
 
 // -- Main --------------------------------------------------------------------
-
-fn raise_nofile(want: u64) -> Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit write/read the struct we pass.
-    unsafe {
-        ensure!(
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0,
-            "getrlimit: {}",
-            std::io::Error::last_os_error()
-        );
-        if lim.rlim_cur >= want {
-            return Ok(lim.rlim_cur);
-        }
-        let new = libc::rlimit {
-            rlim_cur: want,
-            rlim_max: lim.rlim_max.max(want),
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &new) != 0 {
-            let err = std::io::Error::last_os_error();
-            // Not allowed to raise the hard limit: take what there is.
-            let fallback = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            libc::setrlimit(libc::RLIMIT_NOFILE, &fallback);
-            eprintln!(
-                "cannot raise RLIMIT_NOFILE to {want} ({err}; the hard limit is {} and raising it needs CAP_SYS_RESOURCE); using {}",
-                lim.rlim_max, lim.rlim_max
-            );
-            return Ok(lim.rlim_max);
-        }
-    }
-    Ok(want)
-}
 
 fn postfix_version() -> String {
     postfix_tool("postconf")
