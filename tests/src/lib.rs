@@ -10,6 +10,7 @@ pub mod bench;
 pub mod clamd;
 pub mod fixture;
 pub mod kernel;
+pub mod maildir;
 pub mod netns;
 pub mod packets;
 pub mod postfix;

@@ -35,6 +35,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod peer;
+
 /// The backend's host name, in its greeting and EHLO reply.
 pub const BACKEND_NAME: &str = "backend.test";
 /// The default greeting.

@@ -106,8 +106,24 @@ impl ClamdClient {
                 Ok(n) => reply.extend_from_slice(&buf[..n]),
             }
         }
-        let end = reply.iter().position(|&b| b == 0).unwrap_or(reply.len());
-        let text = String::from_utf8_lossy(&reply[..end.min(MAX_REPLY)]);
+        let end = reply.iter().position(|&b| b == 0);
+        let text = String::from_utf8_lossy(&reply[..end.unwrap_or(reply.len()).min(MAX_REPLY)]);
+        // A reply counts only whole, up to its NUL: `stream: OK` may have
+        // been cut from `stream: OK.Some.Name FOUND`, and the start of an
+        // endless reply is no reply either.
+        if end.is_none_or(|end| end > MAX_REPLY) {
+            let excerpt: String = text.chars().take(64).collect();
+            return Err(ScanError::Protocol(match written {
+                Err(e) if text.trim().is_empty() => format!("sending to clamd: {e}"),
+                _ if reply.len() > MAX_REPLY => {
+                    format!(
+                        "clamd's reply runs past {MAX_REPLY} bytes without its NUL: {excerpt:?}"
+                    )
+                }
+                _ if text.trim().is_empty() => "clamd closed without a reply".to_owned(),
+                _ => format!("clamd's reply ended before its NUL: {excerpt:?}"),
+            }));
+        }
         match (parse_reply(&text), written) {
             (Err(_), Err(e)) if text.trim().is_empty() => {
                 Err(ScanError::Protocol(format!("sending to clamd: {e}")))
@@ -209,6 +225,37 @@ mod tests {
             ClamdClient::new("127.0.0.1:3310", 1).address,
             ClamdAddress::Tcp("127.0.0.1:3310".into())
         );
+    }
+
+    /// A reply without its NUL is no verdict, even one that reads `OK`:
+    /// cut short by a close, or running past [`MAX_REPLY`].
+    #[tokio::test]
+    async fn a_reply_without_its_nul_is_no_verdict() {
+        let huge_ok = {
+            let mut reply = b"stream: OK".to_vec();
+            reply.resize(MAX_REPLY * 2, b' ');
+            reply.push(0);
+            reply
+        };
+        for (reply, want) in [
+            (b"stream: OK".to_vec(), "ended before its NUL"),
+            (b"stream: Eicar-Te".to_vec(), "ended before its NUL"),
+            (huge_ok, "runs past"),
+            (Vec::new(), "closed without a reply"),
+        ] {
+            let (ours, mut theirs) = tokio::io::duplex(1 << 20);
+            let client = ClamdClient::new("127.0.0.1:1", 1 << 20);
+            let (tx, rx) = mpsc::channel(1);
+            drop(tx);
+            let server = tokio::spawn(async move {
+                let mut request = [0u8; 14];
+                theirs.read_exact(&mut request).await.unwrap();
+                theirs.write_all(&reply).await.unwrap();
+            });
+            let error = client.instream(Box::new(ours), rx).await.unwrap_err();
+            assert!(error.to_string().contains(want), "{error}");
+            server.await.unwrap();
+        }
     }
 
     /// A fake clamd on a socket pair: checks the framing and the
