@@ -127,6 +127,12 @@ pub async fn run(
     object: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let mut config = config;
+    if config.lists.from_files == crate::lists::FileLists::default() {
+        config
+            .lists
+            .read_files()
+            .context("the list files (lists.reject_files, lists.allow_files)")?;
+    }
     notify("STATUS=loading the kernel programs");
     let kernel = bring_up_kernel(&config, object)?;
     let datapath = kernel.datapath();
@@ -373,7 +379,7 @@ fn reload_file(
     ctx: &ProxyContext,
     datapath: &dyn Datapath,
 ) {
-    let new = match Config::load(path) {
+    let new = match Config::load_with_lists(path) {
         Ok(new) => new,
         Err(e) => {
             tracing::error!(error = %e, "reload refused: the running configuration stays");

@@ -42,7 +42,7 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
                 .to_owned();
             // Validate first, so the CLI gets the errors; `reload` keeps the
             // running configuration on a bad file too.
-            Config::load(&path)
+            Config::load_with_lists(&path)
                 .map_err(|e| format!("reload refused, the running configuration stays: {e}"))?;
             reload(&path, agent.config, agent.ctx, agent.datapath);
             Ok(json!({ "reloaded": path.display().to_string() }))
@@ -603,7 +603,10 @@ fn block_import(agent: &AgentState<'_>, blocks: Vec<ImportBlock>) -> Value {
                     let Ok(left) = at.duration_since(now) else {
                         return Ok(None);
                     };
-                    Some(block_expiry(left.as_secs().max(1))?)
+                    // Refused past the longest block; the end itself is
+                    // kept to the second, so an export imports unchanged.
+                    block_expiry(left.as_secs())?;
+                    Some(at)
                 }
             };
             let comment = item.comment.as_deref().map(clean_comment).transpose()?;

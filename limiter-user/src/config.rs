@@ -637,7 +637,7 @@ pub struct Lists {
     /// Files of networks exempt like `allow`, in the same format.
     pub allow_files: Vec<PathBuf>,
     /// The entries read from `reject_files` and `allow_files` by
-    /// [`Config::load`] (not part of the TOML).
+    /// [`Config::load_with_lists`] (not part of the TOML).
     #[serde(skip)]
     pub from_files: crate::lists::FileLists,
 }
@@ -958,25 +958,36 @@ impl Config {
         Ok(config)
     }
 
-    /// Reads, parses and validates the file at `path`, and reads the list
-    /// files it names (`lists.reject_files`, `lists.allow_files`).
+    /// Reads, parses and validates the file at `path`. The list files it
+    /// names are not read: [`Config::load_with_lists`] does that for the
+    /// agent and `check-config` (the CLI's other commands only need the
+    /// socket and pin paths, and must work while a list file is being
+    /// fixed).
     ///
     /// # Errors
     /// [`ConfigError::Read`] if the file cannot be read; otherwise as
-    /// [`Config::from_toml`] (parse errors are prefixed with the path), and
-    /// [`ConfigError::Invalid`] for a list file that cannot be read or has
-    /// bad lines.
+    /// [`Config::from_toml`] (parse errors are prefixed with the path).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        let mut config = Config::from_toml(&text).map_err(|e| match e {
+        Config::from_toml(&text).map_err(|e| match e {
             ConfigError::Parse(message) => {
                 ConfigError::Parse(format!("{}: {message}", path.display()))
             }
             other => other,
-        })?;
+        })
+    }
+
+    /// [`Config::load`], then the list files (`lists.reject_files`,
+    /// `lists.allow_files`).
+    ///
+    /// # Errors
+    /// As [`Config::load`], and [`ConfigError::Invalid`] for a list file
+    /// that cannot be read or has bad lines (each with `file:line`).
+    pub fn load_with_lists(path: &Path) -> Result<Config, ConfigError> {
+        let mut config = Config::load(path)?;
         config.lists.read_files()?;
         Ok(config)
     }

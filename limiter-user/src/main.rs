@@ -467,7 +467,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             runtime.block_on(agent::run(config, Some(path), ebpf_object))
         }
         Command::CheckConfig { common } => {
-            let loaded = load_config(&common)?;
+            let mut loaded = load_config(&common)?;
+            loaded.lists.read_files()?;
             print!(
                 "{}",
                 loaded
