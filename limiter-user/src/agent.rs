@@ -319,6 +319,21 @@ pub async fn run(
     let _ = stop.send(true);
     let _ = server.await;
     if let Some(journal) = journal {
+        // Blocks put into the kernel's maps behind the agent's back are
+        // stored too (one walk of the maps, at shutdown only).
+        if let Ok(kernel) = datapath.blocks() {
+            let listed = ListSet::of(&config.lists).reject;
+            let (adopted, _) = state::adopt_kernel_blocks(
+                &ctx,
+                datapath.as_ref(),
+                kernel,
+                &|net| listed.contains_key(net),
+                false,
+            );
+            if adopted > 0 {
+                tracing::info!(adopted, "kernel blocks the agent did not order, stored");
+            }
+        }
         journal.close();
     }
     let _ = std::fs::remove_file(&config.control.socket);

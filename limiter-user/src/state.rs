@@ -34,7 +34,7 @@
 //! entries are dropped) and adopts what only the maps hold.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     fs::{self, File, OpenOptions},
     io::{BufRead, BufReader, BufWriter, Write},
     path::{Path, PathBuf},
@@ -647,13 +647,10 @@ pub fn restore(
         .blocks()
         .map(|b| b.into_iter().map(|b| (b.net, b)).collect())
         .unwrap_or_default();
-    let now = SystemTime::now();
-    let mut stored: HashSet<IpNet> = HashSet::with_capacity(loaded.blocks.len());
     for block in &loaded.blocks {
         let active = active(block);
         let mut in_kernel = kernel.contains_key(&block.net);
         ctx.blocks.insert(active.clone());
-        stored.insert(block.net);
         if !in_kernel {
             match datapath.block(block.net, active.expires, active.reason) {
                 Ok(()) => {
@@ -668,27 +665,8 @@ pub fn restore(
         ctx.blocks.mark_kernel(&block.net, in_kernel);
     }
     restored.stored = loaded.blocks.len();
-    for (net, block) in &kernel {
-        if stored.contains(net) || block.expires.is_some_and(|t| t <= now) {
-            continue;
-        }
-        if block.reason == limiter_common::reason::REJECT_LIST {
-            if !listed(net) && datapath.unblock(*net).unwrap_or(false) {
-                restored.stale_list_entries += 1;
-            }
-            continue;
-        }
-        ctx.blocks.insert(ActiveBlock {
-            net: *net,
-            reason: block.reason,
-            expires: block.expires,
-            since: now,
-            repeat: 0,
-            comment: None,
-        });
-        ctx.blocks.mark_kernel(net, true);
-        restored.adopted += 1;
-    }
+    (restored.adopted, restored.stale_list_entries) =
+        adopt_kernel_blocks(ctx, datapath, kernel.into_values(), listed, true);
     restored.snapshot_wanted = loaded.legacy || restored.adopted > 0;
     tracing::info!(
         stored = restored.stored,
@@ -699,6 +677,46 @@ pub fn restore(
         "stored blocks loaded"
     );
     restored
+}
+
+/// Takes into the agent's table (and so into the store) the kernel's
+/// blocks it lacks: entries put there behind the agent's back (`bpftool`,
+/// the library) or by an earlier run, so that they survive a reboot too.
+/// A `reject-list` entry is a list's, not a block: one that `listed` does
+/// not hold any more is removed when `remove_stale` (at start). Returns
+/// (adopted, removed).
+pub fn adopt_kernel_blocks(
+    ctx: &ProxyContext,
+    datapath: &dyn Datapath,
+    kernel: impl IntoIterator<Item = KernelBlock>,
+    listed: &dyn Fn(&IpNet) -> bool,
+    remove_stale: bool,
+) -> (usize, usize) {
+    let now = SystemTime::now();
+    let (mut adopted, mut removed) = (0, 0);
+    for block in kernel {
+        let net = block.net;
+        if block.expires.is_some_and(|t| t <= now) || ctx.blocks.get(&net).is_some() {
+            continue;
+        }
+        if block.reason == limiter_common::reason::REJECT_LIST {
+            if remove_stale && !listed(&net) && datapath.unblock(net).unwrap_or(false) {
+                removed += 1;
+            }
+            continue;
+        }
+        ctx.blocks.insert(ActiveBlock {
+            net,
+            reason: block.reason,
+            expires: block.expires,
+            since: now,
+            repeat: 0,
+            comment: None,
+        });
+        ctx.blocks.mark_kernel(&net, true);
+        adopted += 1;
+    }
+    (adopted, removed)
 }
 
 // ---------------------------------------------------------------------------
