@@ -668,7 +668,20 @@ fn stats(agent: &AgentState<'_>) -> Value {
             "blocks_issued": s.blocks_issued.load(Ordering::Relaxed),
             "blocks_active": agent.ctx.blocks.len(),
             "rejections": counts(s.rejections()),
+            "shed": counts(s.shed()),
+            "backend_slots": slots_json(agent.ctx.backend_slots.counts()),
         },
+    })
+}
+
+/// The backend slots for `stats`.
+fn slots_json(slots: crate::proxy::slots::SlotCounts) -> Value {
+    json!({
+        "capacity": slots.capacity,
+        "in_use": slots.in_use,
+        "waiting": slots.waiting,
+        "waits": slots.waits,
+        "timeouts": slots.timeouts,
     })
 }
 

@@ -130,6 +130,49 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         "Refusals by the proxy, by reason.",
         &labelled(stats.rejections(), "reason"),
     );
+    metric(
+        &mut out,
+        "sessions_shed_total",
+        "counter",
+        "Sessions closed under pressure, by reason (shed-idle, stress-timeout, too-many-commands, backend-slot-timeout).",
+        &labelled(stats.shed(), "reason"),
+    );
+    let slots = ctx.backend_slots.counts();
+    metric(
+        &mut out,
+        "backend_slots",
+        "gauge",
+        "Backend connections allowed at once (backend.max_connections).",
+        &[(String::new(), slots.capacity as u64)],
+    );
+    metric(
+        &mut out,
+        "backend_slots_in_use",
+        "gauge",
+        "Backend slots held by open backend connections now.",
+        &[(String::new(), slots.in_use as u64)],
+    );
+    metric(
+        &mut out,
+        "backend_slots_waiting",
+        "gauge",
+        "Sessions waiting for a backend slot now.",
+        &[(String::new(), slots.waiting as u64)],
+    );
+    metric(
+        &mut out,
+        "backend_slot_waits_total",
+        "counter",
+        "Sessions that had to wait for a backend slot.",
+        &[(String::new(), slots.waits)],
+    );
+    metric(
+        &mut out,
+        "backend_slot_timeouts_total",
+        "counter",
+        "Waits for a backend slot that ended without one (421 4.3.2 to the client).",
+        &[(String::new(), slots.timeouts)],
+    );
     if let Some(recipients) = &ctx.recipients {
         recipients.render_metrics(&mut out);
     }
@@ -250,6 +293,11 @@ mod tests {
         ctx.stats.count_message();
         ctx.stats.count_rejection("harvest");
         ctx.stats.count_block("harvest");
+        ctx.count_shed("192.0.2.1".parse().unwrap(), "shed-idle");
+        let slot = ctx
+            .backend_slots
+            .try_acquire("192.0.2.1".parse().unwrap())
+            .expect("a free slot");
         ctx.stats
             .backend_latency
             .record(std::time::Duration::from_millis(3));
@@ -280,6 +328,23 @@ mod tests {
         );
         assert!(
             text.contains("smtp_limiter_backend_reply_seconds_count 1"),
+            "{text}"
+        );
+        for sample in [
+            "smtp_limiter_sessions_shed_total{reason=\"shed-idle\"} 1\n",
+            "smtp_limiter_rejections_total{reason=\"shed-idle\"} 1\n",
+            "smtp_limiter_backend_slots 80\n",
+            "smtp_limiter_backend_slots_in_use 1\n",
+            "smtp_limiter_backend_slots_waiting 0\n",
+            "smtp_limiter_backend_slot_waits_total 0\n",
+            "smtp_limiter_backend_slot_timeouts_total 0\n",
+        ] {
+            assert!(text.contains(sample), "{sample} missing: {text}");
+        }
+        drop(slot);
+        let text = render(&ctx, kernel.as_ref());
+        assert!(
+            text.contains("smtp_limiter_backend_slots_in_use 0\n"),
             "{text}"
         );
     }

@@ -1901,6 +1901,18 @@ fn rejections(proxy: &TestProxy, reason: &str) -> u64 {
         .map_or(0, |(_, n)| n)
 }
 
+/// How many sessions were shed for `reason` (`stats`' "shed", the
+/// metric `sessions_shed_total`).
+fn shed(proxy: &TestProxy, reason: &str) -> u64 {
+    proxy
+        .ctx
+        .stats
+        .shed()
+        .into_iter()
+        .find(|(name, _)| *name == reason)
+        .map_or(0, |(_, n)| n)
+}
+
 #[test]
 fn sessions_that_only_talk_never_reach_the_backend() {
     // The zombie's whole repertoire: EHLO, HELO, NOOP, RSET, HELP, VRFY,
@@ -2168,8 +2180,14 @@ fn a_source_holding_every_slot_cannot_starve_another_sources_mail() {
     expect(&queued.reply(), "421 4.3.2");
     assert!(queued.closed());
     assert!(rejections(&proxy, "backend-slot-timeout") >= 1);
-    assert!(proxy.ctx.backend_slots.timeouts.load(Ordering::Relaxed) >= 1);
-    assert!(proxy.ctx.backend_slots.waits.load(Ordering::Relaxed) >= 2);
+    assert_eq!(
+        shed(&proxy, "backend-slot-timeout"),
+        rejections(&proxy, "backend-slot-timeout")
+    );
+    let slots = proxy.ctx.backend_slots.counts();
+    assert!(slots.timeouts >= 1, "{slots:?}");
+    assert!(slots.waits >= 2, "{slots:?}");
+    assert_eq!((slots.capacity, slots.waiting), (2, 0), "{slots:?}");
 }
 
 #[test]
@@ -2186,10 +2204,24 @@ fn the_wait_for_a_backend_slot_is_bounded() {
     expect(&holder.cmd("MAIL FROM:<a@x>"), "250 ");
     let mut late = Smtp::session(proxy.addr);
     let started = Instant::now();
-    expect(&late.cmd("MAIL FROM:<b@x>"), "421 4.3.2");
+    late.send(b"MAIL FROM:<b@x>\r\n");
+    let end = Instant::now() + WAIT;
+    while proxy.ctx.backend_slots.waiting() < 1 && Instant::now() < end {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let slots = proxy.ctx.backend_slots.counts();
+    assert_eq!(
+        (slots.in_use, slots.waiting, slots.waits),
+        (1, 1, 1),
+        "{slots:?}"
+    );
+    expect(&late.reply(), "421 4.3.2");
     assert!(started.elapsed() >= Duration::from_millis(400));
     assert!(late.closed());
     assert_eq!(backend.connections(), 1);
+    let slots = proxy.ctx.backend_slots.counts();
+    assert_eq!((slots.waiting, slots.timeouts), (0, 1), "{slots:?}");
+    assert_eq!(shed(&proxy, "backend-slot-timeout"), 1);
     // The holder is unaffected.
     expect(&holder.cmd("RCPT TO:<alice@example.com>"), "250 ");
 }
@@ -2239,6 +2271,7 @@ fn too_many_commands_before_mail_end_the_session() {
     expect(&zombie.cmd("NOOP"), "421 4.7.0");
     assert!(zombie.closed());
     assert_eq!(rejections(&proxy, "too-many-commands"), 1);
+    assert_eq!(shed(&proxy, "too-many-commands"), 1);
     // Lines refused before they are commands (a NUL byte) count too.
     let mut garbage = Smtp::session(proxy.addr);
     for _ in 0..3 {
@@ -2276,6 +2309,8 @@ fn at_the_session_cap_the_oldest_idle_session_makes_room() {
     let _next = Smtp::session(proxy.addr);
     expect(&younger.reply(), "421 4.3.2");
     assert_eq!(rejections(&proxy, "shed-idle"), 2);
+    assert_eq!(shed(&proxy, "shed-idle"), 2);
+    assert_eq!(shed(&proxy, "too-many-commands"), 0);
 }
 
 #[test]
@@ -2293,6 +2328,10 @@ fn under_stress_idle_sessions_without_mail_get_a_short_timeout() {
     expect(&idle.reply(), "421 4.4.2");
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(rejections(&proxy, "stress-timeout") >= 1);
+    assert_eq!(
+        shed(&proxy, "stress-timeout"),
+        rejections(&proxy, "stress-timeout")
+    );
     // The sender keeps its RFC timeout.
     expect(&sender.cmd("RCPT TO:<alice@example.com>"), "250 ");
 }

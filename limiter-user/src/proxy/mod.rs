@@ -171,6 +171,8 @@ pub struct ProxyStats {
     pub blocks_issued: AtomicU64,
     blocks_by_reason: ReasonCounts,
     rejections: ReasonCounts,
+    /// Sessions closed under pressure, by reason (also among `rejections`).
+    shed: ReasonCounts,
 }
 
 impl ProxyStats {
@@ -199,6 +201,18 @@ impl ProxyStats {
     /// Rejections by reason name.
     pub fn rejections(&self) -> Vec<(&'static str, u64)> {
         self.rejections.list()
+    }
+
+    /// Counts a session shed under pressure: by reason, and among the
+    /// rejections.
+    pub fn count_shed(&self, reason: &'static str) {
+        self.rejections.add(reason);
+        self.shed.add(reason);
+    }
+
+    /// Sessions shed under pressure by reason name.
+    pub fn shed(&self) -> Vec<(&'static str, u64)> {
+        self.shed.list()
     }
 }
 
@@ -284,7 +298,7 @@ impl ProxyContext {
 
     /// Counts and logs a session shed under pressure.
     pub fn count_shed(&self, source: std::net::IpAddr, reason: &'static str) {
-        self.stats.count_rejection(reason);
+        self.stats.count_shed(reason);
         tracing::info!(source = %source, reason, action = "shed", "session shed under pressure");
     }
 

@@ -75,6 +75,21 @@ impl Drop for SlotGuard {
     }
 }
 
+/// The backend slots at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotCounts {
+    /// `backend.max_connections`.
+    pub capacity: usize,
+    /// Slots held by open backend connections.
+    pub in_use: usize,
+    /// Sessions waiting for a slot now.
+    pub waiting: usize,
+    /// Sessions that had to wait for a slot, since the start.
+    pub waits: u64,
+    /// Waits that ended without a slot (`421 4.3.2`), since the start.
+    pub timeouts: u64,
+}
+
 /// Why no slot was had.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotError {
@@ -151,6 +166,26 @@ impl BackendSlots {
     #[must_use]
     pub fn waiting(&self) -> usize {
         self.lock().waiting.values().map(VecDeque::len).sum()
+    }
+
+    /// The slots and their counters at one moment (for `stats` and the
+    /// metrics).
+    #[must_use]
+    pub fn counts(&self) -> SlotCounts {
+        let (in_use, waiting) = {
+            let state = self.lock();
+            (
+                state.in_use,
+                state.waiting.values().map(VecDeque::len).sum(),
+            )
+        };
+        SlotCounts {
+            capacity: self.capacity,
+            in_use,
+            waiting,
+            waits: self.waits.load(Ordering::Relaxed),
+            timeouts: self.timeouts.load(Ordering::Relaxed),
+        }
     }
 
     /// Whether every slot is in use.
@@ -316,6 +351,16 @@ mod tests {
         assert_eq!(c.unwrap_err(), SlotError::Timeout);
         assert_eq!(slots.timeouts.load(Ordering::Relaxed), 1);
         assert_eq!(slots.waiting(), 0);
+        assert_eq!(
+            slots.counts(),
+            SlotCounts {
+                capacity: 2,
+                in_use: 2,
+                waiting: 0,
+                waits: 1,
+                timeouts: 1,
+            }
+        );
         drop(a);
         assert_eq!(slots.in_use(), 1);
         drop(b);
@@ -359,6 +404,8 @@ mod tests {
         };
         tokio::task::yield_now().await;
         assert_eq!(slots.waiting(), 2);
+        let counts = slots.counts();
+        assert_eq!((counts.in_use, counts.waiting, counts.waits), (4, 2, 2));
         // One slot frees: the flooder was first in line, but holds 3 of 4
         // with 2 networks waiting (share 2): the other network is served.
         held.pop();
