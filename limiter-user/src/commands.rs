@@ -103,7 +103,6 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
                     None => format!("{net} is not blocked"),
                 });
             }
-            agent.save_blocks();
             tracing::info!(%net, by = "cli", action = "unblock", "block removed");
             Ok(json!({ "net": net.to_string(), "still_listed": listed.map(ToString::to_string) }))
         }
@@ -322,7 +321,7 @@ fn add_block(agent: &AgentState<'_>, block: ActiveBlock) -> Result<(), KernelErr
     let pushed = agent.datapath.block(net, expires, code);
     agent.ctx.blocks.mark_kernel(&net, pushed.is_ok());
     let _ = agent.ctx.blocked_nets.send(net);
-    agent.save_blocks();
+    // Stored by the journal the table hands the change to: no save here.
     pushed
 }
 
