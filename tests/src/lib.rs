@@ -6,8 +6,11 @@
 //! Tests that need root or BPF call [`prerequisites`]: outside CI a missing
 //! prerequisite skips the test with a message; under `CI=true` it fails it.
 
+pub mod agent;
 pub mod bench;
+pub mod certs;
 pub mod clamd;
+pub mod clients;
 pub mod fixture;
 pub mod kernel;
 pub mod maildir;
@@ -15,6 +18,7 @@ pub mod netns;
 pub mod packets;
 pub mod postfix;
 pub mod proxy;
+pub mod rig;
 pub mod rspamd;
 pub mod scripted;
 pub mod slapd;

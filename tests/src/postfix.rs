@@ -52,6 +52,9 @@ pub const DEFAULT_RECIPIENTS: [&str; 4] = [
     "postmaster@example.com",
 ];
 
+/// How long the helpers wait for Postfix to deliver or log something:
+/// generous, as CI runs many instances on two CPUs.
+pub const LOG_WAIT: Duration = Duration::from_secs(15);
 /// How long [`Postfix::start`] waits for the banner.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long [`Drop`] waits for the processes to exit after SIGTERM before
@@ -233,10 +236,107 @@ impl Postfix {
     }
 
     /// Polls until [`Postfix::delivered`] is at least `n`; whether it got
-    /// there in `timeout`. (To check that no more arrive, wait for this and
-    /// then for the queue to be empty: [`Postfix::wait_queue_empty`].)
+    /// there in `timeout`. (To check that no more arrive:
+    /// [`Postfix::expect_delivered`].)
     pub fn wait_delivered(&self, n: usize, timeout: Duration) -> bool {
         wait_until(timeout, || self.delivered() >= n)
+    }
+
+    /// Asserts that Postfix delivered exactly `n` messages: waits (at most
+    /// [`LOG_WAIT`] each) for `n` deliveries, then for an empty queue, then
+    /// until the log holds everything logged before that
+    /// ([`Postfix::flush_log`]), and counts. Each message a client was told
+    /// was accepted (250 to the end of DATA, which the proxy relays only
+    /// from Postfix) before the call is in the queue or delivered by then,
+    /// and each delivery agent logs its `status=sent` before its message
+    /// leaves the queue: so a duplicate or an extra delivery is counted,
+    /// with no sleep. (Messages of sessions still running are not covered:
+    /// wait for their disconnects first, [`Postfix::expect_disconnects`].)
+    ///
+    /// # Panics
+    /// When the count is not `n`, with the log.
+    #[track_caller]
+    pub fn expect_delivered(&self, n: usize) {
+        assert!(
+            self.wait_delivered(n, LOG_WAIT),
+            "Postfix delivered {} of {n} messages; log:\n{}",
+            self.delivered(),
+            self.log()
+        );
+        assert!(
+            self.wait_queue_empty(LOG_WAIT),
+            "Postfix's queue did not empty; log:\n{}",
+            self.log()
+        );
+        if let Err(e) = self.flush_log() {
+            panic!("{e:#}; log:\n{}", self.log());
+        }
+        assert_eq!(self.delivered(), n, "deliveries; log:\n{}", self.log());
+    }
+
+    /// Returns once every record logged before the call is in the log
+    /// file: logs a marker of its own through postlogd (`postlog`), which
+    /// writes records in the order they came, and waits (at most
+    /// [`LOG_WAIT`]) until the marker is in the file.
+    ///
+    /// # Errors
+    /// postlog failed, or the marker did not show up in time.
+    pub fn flush_log(&self) -> Result<()> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let marker = format!(
+            "smtp-limiter-test-log-marker-{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let out = Command::new(postfix_tool("postlog")?)
+            .arg("-c")
+            .arg(self.config_dir())
+            .args(["-t", &format!("{}/test-marker", self.name), &marker])
+            .env_remove("MAIL_CONFIG")
+            .stdin(Stdio::null())
+            .output()
+            .context("running postlog")?;
+        if !out.status.success() {
+            bail!(
+                "postlog failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if !wait_until(LOG_WAIT, || self.log().contains(&marker)) {
+            bail!("postlog's marker {marker} not in the log within {LOG_WAIT:?}");
+        }
+        Ok(())
+    }
+
+    /// The `disconnect from` lines so far (one per smtpd session; the
+    /// fixture's readiness probe is the first).
+    pub fn disconnects(&self) -> Vec<String> {
+        log_lines(&self.log(), "]: disconnect from ")
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits (at most [`LOG_WAIT`]) until Postfix has logged `n` session
+    /// ends (`disconnect from`, the fixture's readiness probe included);
+    /// returns them all.
+    ///
+    /// # Panics
+    /// When fewer came, with the log.
+    #[track_caller]
+    pub fn expect_disconnects(&self, n: usize) -> Vec<String> {
+        let mut lines = Vec::new();
+        let reached = wait_until(LOG_WAIT, || {
+            lines = self.disconnects();
+            lines.len() >= n
+        });
+        assert!(
+            reached,
+            "Postfix logged {} of {n} disconnects; log:\n{}",
+            lines.len(),
+            self.log()
+        );
+        lines
     }
 
     /// Polls until no message is in the queue (incoming, active, deferred,
@@ -495,6 +595,21 @@ pub fn instance_processes(config_dir: &Path) -> Vec<i32> {
         fs::read(format!("/proc/{pid}/environ"))
             .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == needle.as_slice()))
     })
+}
+
+/// The lines of a Postfix log that contain `needle`.
+pub fn log_lines<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
+    log.lines().filter(|l| l.contains(needle)).collect()
+}
+
+/// What Postfix counted in a session, from its `disconnect from` line:
+/// the part after the client, e.g. `ehlo=1 mail=1 rcpt=1 data=1 quit=1
+/// commands=5` (the whole line if it has no such part).
+pub fn command_counts(disconnect: &str) -> &str {
+    disconnect
+        .split_once(" disconnect from ")
+        .and_then(|(_, rest)| rest.split_once("] "))
+        .map_or(disconnect, |(_, counts)| counts.trim())
 }
 
 /// Counts `status=sent` lines in a Postfix log.

@@ -328,7 +328,9 @@ impl Slapd {
             d = d.display()
         );
         if self.options.tls {
-            self.make_certificates()?;
+            // A CA of the instance's own and a server certificate it
+            // signed, for 127.0.0.1 and localhost.
+            crate::certs::write_ca_and_server(d)?;
             let _ = write!(
                 conf,
                 "TLSCACertificateFile {d}/ca.pem\n\
@@ -353,78 +355,6 @@ impl Slapd {
             d = d.display()
         );
         write(&d.join("slapd.conf"), &conf)
-    }
-
-    /// A CA of the instance's own and a server certificate it signed, for
-    /// 127.0.0.1 and localhost.
-    fn make_certificates(&self) -> Result<()> {
-        let d = self.dir.path();
-        write(
-            &d.join("server.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-        )?;
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ];
-        openssl(
-            d,
-            &[
-                &["req", "-x509"],
-                &ec[..],
-                &[
-                    "-keyout",
-                    "ca.key",
-                    "-out",
-                    "ca.pem",
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=smtp-limiter test CA",
-                ],
-            ]
-            .concat(),
-        )?;
-        openssl(
-            d,
-            &[
-                &["req"],
-                &ec[..],
-                &[
-                    "-keyout",
-                    "key.pem",
-                    "-out",
-                    "server.csr",
-                    "-subj",
-                    "/CN=localhost",
-                ],
-            ]
-            .concat(),
-        )?;
-        openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "cert.pem",
-                "-days",
-                "2",
-                "-extfile",
-                "server.ext",
-            ],
-        )
     }
 
     /// Writes the LDIF and loads it offline with `slapadd -q`.
@@ -611,23 +541,6 @@ impl Slapd {
             child.stop();
         }
     }
-}
-
-fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .context("running openssl (needed for the TLS variant)")?;
-    if !out.status.success() {
-        bail!(
-            "openssl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
 }
 
 /// Stops the slapd of a stale instance, if still running: the pid file,

@@ -1,8 +1,9 @@
 //! Plain-std TCP helpers for the privileged tests: an echo [`Listener`] that
 //! counts connections, [`connect_from`] with an explicit source address and a
 //! connect timeout (a SYN dropped by XDP shows up as `ErrorKind::TimedOut`),
-//! and [`spawn_client_process`], an external process holding connections
-//! open until it is killed.
+//! [`spawn_client_process`], an external process holding connections open
+//! until it is killed, and [`Relay`], which carries connections from a
+//! namespace to a server in the host's.
 //!
 //! Sockets are bound to the network namespace they are created in, so they
 //! are created on a [`NetNs::run`] thread and then used from ordinary threads.
@@ -377,6 +378,19 @@ pub fn connect_from(
     ns.run(|| connect_here(source, dest, timeout))
 }
 
+/// As [`connect_from`], in the calling thread's network namespace: e.g.
+/// from `127.0.0.2` (Linux accepts any 127/8 source on loopback) to a
+/// server on `127.0.0.1`, so that the server sees a client of its own.
+pub fn connect_local(source: IpAddr, dest: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    if source.is_ipv4() != dest.is_ipv4() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("source {source} and destination {dest} differ in address family"),
+        ));
+    }
+    connect_here(source, dest, timeout)
+}
+
 fn connect_here(source: IpAddr, dest: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let fd = new_socket(family(&dest), true)?;
     let raw = fd.as_raw_fd();
@@ -608,6 +622,83 @@ pub fn wait_for_line(child: &mut Child, prefix: &str, timeout: Duration) -> anyh
             Ok(_) => line.push(b[0]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e).context("read child stdout"),
+        }
+    }
+}
+
+/// A TCP relay whose listening socket lives in a network namespace and
+/// whose upstream connections are made from the host's: an agent inside the
+/// namespace reaches a server on the host's loopback (a private Postfix)
+/// through it, bytes unchanged (a PROXY header included). Stops accepting
+/// on drop; relayed connections end with their peers.
+pub struct Relay {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Listens on `127.0.0.1` and a free port inside `ns`; each connection
+    /// is carried to `upstream`.
+    ///
+    /// # Errors
+    /// The listening socket could not be made.
+    pub fn start(ns: &NetNs, upstream: SocketAddr) -> anyhow::Result<Relay> {
+        let listener = ns
+            .run(|| TcpListener::bind("127.0.0.1:0"))
+            .with_context(|| format!("binding the relay in {}", ns.name()))?;
+        let port = listener.local_addr()?.port();
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        // Spawned from this (host namespace) thread: its threads connect
+        // from the host's namespace.
+        let acceptor = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        std::thread::spawn(move || relay_one(client, upstream));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Ok(Relay {
+            port,
+            stop,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// The port it listens on (on `127.0.0.1` in its namespace).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+fn relay_one(client: TcpStream, upstream: SocketAddr) {
+    let _ = client.set_nonblocking(false);
+    let Ok(server) = TcpStream::connect(upstream) else {
+        return;
+    };
+    let (Ok(mut client_r), Ok(mut server_w)) = (client.try_clone(), server.try_clone()) else {
+        return;
+    };
+    let up = std::thread::spawn(move || {
+        let _ = io::copy(&mut client_r, &mut server_w);
+        let _ = server_w.shutdown(Shutdown::Write);
+    });
+    let (mut server_r, mut client_w) = (server, client);
+    let _ = io::copy(&mut server_r, &mut client_w);
+    let _ = client_w.shutdown(Shutdown::Write);
+    let _ = up.join();
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
         }
     }
 }

@@ -3,270 +3,115 @@
 //! and restored after a restart that lost the kernel maps (as a reboot does).
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
-use limiter_tests::{kernel::PinDir, prerequisites, proxy::Client, smtp_limiter_binary};
+use limiter_tests::{
+    agent::{self, Agent, AgentDir, Launch},
+    fixture::free_port,
+    kernel::PinDir,
+    prerequisites,
+    proxy::Client,
+    tcp::connect_local,
+};
 use limiter_user::kernel::{BpfDatapath, Datapath};
 
-/// How long the agent may take to open its control socket; generous, as
-/// CI runs Postfix and slapd instances beside it on two CPUs.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the agent may take to stop after SIGTERM (its shutdown grace
-/// is 10 s by default; the rest is room for a loaded machine).
-const STOP_TIMEOUT: Duration = Duration::from_secs(40);
-
-/// A port on 127.0.0.1 that was free a moment ago (the agent may lose it
-/// to another process before it binds: [`Agent::start`] then tries again).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A running agent, stopped with SIGTERM on drop.
-struct Agent {
-    child: Child,
-}
-
-impl Agent {
-    /// Starts the agent on `files` and waits until its control socket
-    /// answers. When it could not bind one of its ports (taken between
-    /// [`free_port`] and its bind), tries again with new ports (3 times in
-    /// all).
-    fn start(files: &mut AgentFiles) -> Self {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match Self::try_start(files) {
-                Ok(agent) => return agent,
-                Err(log) if attempt < 3 && log.contains("Address already in use") => {
-                    eprintln!("agent: a port was taken, trying new ones:\n{log}");
-                    files.new_ports();
-                }
-                Err(log) => panic!("the agent did not start:\n{log}"),
-            }
-        }
-    }
-
-    fn try_start(files: &AgentFiles) -> Result<Self, String> {
-        let _ = std::fs::remove_file(&files.socket);
-        let log = std::fs::File::create(files.log()).unwrap();
-        let child = Command::new(smtp_limiter_binary())
-            .args(["run", "--config"])
-            .arg(&files.config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start the agent");
-        let mut agent = Self { child };
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Ok(Some(status)) = agent.child.try_wait() {
-                return Err(format!("exited ({status}): {}", files.read_log()));
-            }
-            if std::os::unix::net::UnixStream::connect(&files.socket).is_ok() {
-                break;
-            }
-            if Instant::now() > deadline {
-                agent.terminate();
-                return Err(format!(
-                    "no control socket within {START_TIMEOUT:?}: {}",
-                    files.read_log()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // The metrics listener failing to bind is only logged: a taken
-        // port there is a failed start too.
-        let log = files.read_log();
-        if log.contains("metrics.address") && log.contains("Address already in use") {
-            agent.terminate();
-            return Err(log);
-        }
-        Ok(agent)
-    }
-
-    /// SIGTERM; asserts that the agent exits, successfully, in time.
-    #[track_caller]
-    fn stop(mut self) {
-        let status = self.terminate();
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "the agent's exit after SIGTERM: {status:?}"
-        );
-    }
-
-    /// SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]; the exit status if
-    /// the agent exited by itself.
-    fn terminate(&mut self) -> Option<ExitStatus> {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return Some(status);
-        }
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        None
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.terminate();
-        }
-    }
-}
-
+/// The CLI with `config`: (exit code 0, stdout and stderr).
 fn cli(config: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(smtp_limiter_binary())
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .expect("run the CLI");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let out = agent::cli(config, args);
+    (out.success(), out.text())
 }
 
 /// Connects from `source` (a loopback address of its own) to `to`.
+#[track_caller]
 fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
-    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-    assert!(socket >= 0);
-    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    addr.sin_family = libc::AF_INET as u16;
-    addr.sin_addr.s_addr =
-        u32::from_ne_bytes(source.parse::<std::net::Ipv4Addr>().unwrap().octets());
-    // SAFETY: a valid socket and address.
-    let rc = unsafe {
-        libc::bind(
-            socket,
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_in>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "bind {source}");
-    let SocketAddr::V4(to) = to else {
-        panic!("IPv4 only")
-    };
-    let mut dest: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    dest.sin_family = libc::AF_INET as u16;
-    dest.sin_port = to.port().to_be();
-    dest.sin_addr.s_addr = u32::from_ne_bytes(to.ip().octets());
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::connect(
-            socket,
-            (&raw const dest).cast(),
-            size_of::<libc::sockaddr_in>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "connect {to}");
-    // SAFETY: we own the descriptor.
-    unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(socket) }
+    let ip = source.parse().expect("an IPv4 source");
+    connect_local(ip, to, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect from {source} to {to}: {e}"))
 }
 
-/// An agent's files in a directory of its own: a configuration with a
-/// listener, the built-in backend, the control socket, state and metrics on
-/// free ports, and `extra` TOML tables (`[kernel]`, `[filters]`, …).
+/// An agent's files ([`AgentDir`]) and its configuration: a listener, the
+/// built-in backend and metrics on free ports, and `extra` TOML tables
+/// (`[kernel]`, `[filters]`, …).
 struct AgentFiles {
-    dir: PathBuf,
+    dir: AgentDir,
     config: PathBuf,
-    socket: PathBuf,
+    ports: Ports,
+}
+
+/// The ports of an agent's configuration, and what else goes in it.
+struct Ports {
     extra: String,
     proxy: SocketAddr,
     backend: u16,
     metrics: u16,
 }
 
-impl AgentFiles {
-    fn new(name: &str, extra: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("smtp-limiter-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut files = Self {
-            socket: dir.join("control.sock"),
-            config: dir.join("smtp-limiter.toml"),
-            dir,
-            extra: extra.to_owned(),
-            proxy: "127.0.0.1:0".parse().unwrap(),
-            backend: 0,
-            metrics: 0,
-        };
-        files.new_ports();
-        files
-    }
-
-    /// Picks free ports and writes the configuration with them.
-    fn new_ports(&mut self) {
-        let (listen, backend, metrics) = (free_port(), free_port(), free_port());
-        self.proxy = format!("127.0.0.1:{listen}").parse().unwrap();
-        self.backend = backend;
-        self.metrics = metrics;
-        self.write_config("");
+impl Ports {
+    /// Picks free ports (the agent may lose one to another process before
+    /// it binds: [`AgentFiles::start`] then picks new ones) and writes the
+    /// configuration with them.
+    fn renew(&mut self, dir: &AgentDir) {
+        let port = || free_port().expect("a free port");
+        self.proxy = SocketAddr::from(([127, 0, 0, 1], port()));
+        self.backend = port();
+        self.metrics = port();
+        self.write(dir, "");
     }
 
     /// Writes the configuration, with `more` TOML after the rest (a table
     /// the test changes, e.g. `[limits]`).
-    fn write_config(&self, more: &str) {
-        std::fs::write(
-            &self.config,
-            format!(
-                r#"
+    fn write(&self, dir: &AgentDir, more: &str) {
+        dir.write_config(&format!(
+            r#"
                 [[listen]]
                 address = "{proxy}"
                 [backend]
                 address = "127.0.0.1:{backend}"
                 builtin = true
-                [control]
-                socket = "{socket}"
-                [state]
-                directory = "{state}"
                 [metrics]
                 address = "127.0.0.1:{metrics}"
                 {extra}
                 {more}
                 "#,
-                proxy = self.proxy,
-                backend = self.backend,
-                socket = self.socket.display(),
-                state = self.dir.join("state").display(),
-                metrics = self.metrics,
-                extra = self.extra,
-            ),
-        )
-        .unwrap();
-    }
-
-    fn log(&self) -> PathBuf {
-        self.dir.join("agent.log")
-    }
-
-    fn read_log(&self) -> String {
-        std::fs::read_to_string(self.log()).unwrap_or_default()
+            proxy = self.proxy,
+            backend = self.backend,
+            metrics = self.metrics,
+            extra = self.extra,
+        ));
     }
 }
 
-impl Drop for AgentFiles {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+impl AgentFiles {
+    fn new(name: &str, extra: &str) -> Self {
+        let dir = AgentDir::new(name);
+        AgentFiles {
+            config: dir.config(),
+            dir,
+            ports: Ports {
+                extra: extra.to_owned(),
+                proxy: SocketAddr::from(([127, 0, 0, 1], 0)),
+                backend: 0,
+                metrics: 0,
+            },
+        }
+    }
+
+    /// Starts the agent on new free ports (tried again with others when
+    /// one was taken).
+    fn start(&mut self) -> Agent {
+        let AgentFiles { dir, ports, .. } = self;
+        Agent::start(dir, &Launch::here(), || ports.renew(dir))
+    }
+
+    fn write_config(&self, more: &str) {
+        self.ports.write(&self.dir, more);
+    }
+
+    fn proxy(&self) -> SocketAddr {
+        self.ports.proxy
     }
 }
 
@@ -334,8 +179,8 @@ fn cli_blocks_through_the_agent_and_blocks_survive_lost_kernel_maps() {
             pins.path().display()
         ),
     );
-    let agent = Agent::start(&mut files);
-    let (config, proxy) = (files.config.clone(), files.proxy);
+    let agent = files.start();
+    let (config, proxy) = (files.config.clone(), files.proxy());
     let config = &config;
     let (ok, out) = cli(
         config,
@@ -391,9 +236,10 @@ fn cli_blocks_through_the_agent_and_blocks_survive_lost_kernel_maps() {
     assert!(ok, "{out}");
     let stats: serde_json::Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    // At least the two sessions served (127.0.0.3 and the harvester).
+    // The two sessions served (127.0.0.3 and the harvester); the refused
+    // connection of the blocked source is not a session.
     let sessions = stats["proxy"]["sessions_total"].as_u64();
-    assert!(sessions.is_some_and(|n| n >= 2), "{out}");
+    assert_eq!(sessions, Some(2), "{out}");
 
     // A bad file is refused by reload (naming the key) and the running
     // configuration stays, the live change included …
@@ -414,8 +260,7 @@ fn cli_blocks_through_the_agent_and_blocks_survive_lost_kernel_maps() {
     // … and SIGHUP does what `reload` does: the file's value again, and
     // the next harvester is cut off at the file's limit.
     files.write_config("[limits]\nmax_failed_rcpt = 3");
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) };
+    agent.signal(libc::SIGHUP);
     assert!(
         wait_max_failed_rcpt(config, 3),
         "SIGHUP did not reload the file: max_failed_rcpt is {}",
@@ -427,8 +272,8 @@ fn cli_blocks_through_the_agent_and_blocks_survive_lost_kernel_maps() {
     agent.stop();
     drop(kernel);
     std::fs::remove_dir_all(pins.path()).unwrap();
-    let agent = Agent::start(&mut files);
-    let proxy = files.proxy;
+    let agent = files.start();
+    let proxy = files.proxy();
     let (ok, out) = cli(config, &["block", "list", "--json"]);
     assert!(ok, "{out}");
     let listing: serde_json::Value =
@@ -483,8 +328,8 @@ fn stats_and_metrics_show_filter_verdicts() {
             clamd.tcp_address()
         ),
     );
-    let agent = Agent::start(&mut files);
-    let (config, proxy, metrics) = (&files.config, files.proxy, files.metrics);
+    let agent = files.start();
+    let (config, proxy, metrics) = (&files.config, files.proxy(), files.ports.metrics);
     let (mut smtp, greeting) = Client::from_stream(connect_from("127.0.0.2", proxy)).unwrap();
     assert!(greeting.starts_with("220"), "{greeting}");
     assert!(smtp.cmd("EHLO client.test").unwrap().starts_with("250"));
@@ -546,8 +391,8 @@ fn a_block_expires_and_the_sweep_removes_it() {
             pins.path().display()
         ),
     );
-    let agent = Agent::start(&mut files);
-    let (config, proxy) = (&files.config, files.proxy);
+    let agent = files.start();
+    let (config, proxy) = (&files.config, files.proxy());
     let source = "127.0.0.6";
     let (ok, out) = cli(config, &["block", "add", source, "--for", "3s"]);
     assert!(ok, "{out}");
@@ -612,8 +457,8 @@ fn sigterm_lets_a_transaction_finish_within_the_grace_and_cuts_the_rest() {
         "sigterm",
         "[kernel]\nmode = \"off\"\n[smtp]\nshutdown_grace = \"3s\"",
     );
-    let mut agent = Agent::start(&mut files);
-    let proxy = files.proxy;
+    let mut agent = files.start();
+    let proxy = files.proxy();
     let in_data = |source: &str| {
         let (mut smtp, greeting) = Client::from_stream(connect_from(source, proxy)).unwrap();
         assert!(greeting.starts_with("220 "), "{greeting}");
@@ -636,8 +481,7 @@ fn sigterm_lets_a_transaction_finish_within_the_grace_and_cuts_the_rest() {
     assert!(greeting.starts_with("220 "), "{greeting}");
     assert!(idle.cmd("EHLO idle.test").unwrap().starts_with("250"));
 
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
+    agent.signal(libc::SIGTERM);
     let signalled = Instant::now();
     match idle.next_event() {
         limiter_tests::proxy::Seen::Reply(r) if r.starts_with("421 4.3.0") => {}
@@ -685,8 +529,8 @@ fn cli_allow_and_top_against_a_running_agent() {
             pins.path().display()
         ),
     );
-    let agent = Agent::start(&mut files);
-    let (config, proxy) = (&files.config, files.proxy);
+    let agent = files.start();
+    let (config, proxy) = (&files.config, files.proxy());
     let (allowed, other) = ("127.0.0.10", "127.0.0.11");
     let kernel = BpfDatapath::open_pinned(pins.path()).unwrap();
     let allow_listed = || {
@@ -764,4 +608,197 @@ fn cli_allow_and_top_against_a_running_agent() {
     assert_eq!(failed_rcpts_before_the_cut(allowed, proxy), 2);
     agent.stop();
     drop(kernel);
+}
+
+/// `recipients check`, `stats` and `refresh` against a running agent whose
+/// valid recipients come from a real directory (slapd): a known address is
+/// known, an unknown one in the directory's domain is refused, one outside
+/// it is not the directory's to decide; an address added to the directory
+/// is known after `refresh`.
+#[test]
+fn cli_recipients_against_a_running_agent() {
+    let test = "cli_recipients_against_a_running_agent";
+    if !limiter_tests::slapd::prerequisites(test) {
+        return;
+    }
+    use limiter_tests::slapd::{Slapd, SlapdOptions};
+    use limiter_user::recipients::Lookup;
+    let slapd = Slapd::start(SlapdOptions {
+        users: 20,
+        ..SlapdOptions::default()
+    })
+    .expect("start slapd");
+    let mut files = AgentFiles::new(
+        "recipients",
+        &format!("[kernel]\nmode = \"off\"\n{}", slapd.recipients_toml("")),
+    );
+    let agent = files.start();
+    // The first load runs beside the agent's start: wait for it.
+    let loaded = limiter_tests::tcp::wait_until(Duration::from_secs(30), || {
+        agent.json(&["recipients", "stats"])["addresses"]
+            .as_u64()
+            .is_some_and(|n| n > 0)
+    });
+    assert!(
+        loaded,
+        "no recipients loaded: {}\nagent:\n{}",
+        agent.json(&["recipients", "stats"]),
+        agent.log()
+    );
+    let expected = slapd.expected_addresses().len() as u64;
+    assert_eq!(
+        agent.json(&["recipients", "stats"])["addresses"].as_u64(),
+        Some(expected),
+        "every address of the directory"
+    );
+
+    // (lookup, refused, exit code) of `recipients check ADDRESS --json`.
+    let check = |address: &str| {
+        let out = agent.cli(&["recipients", "check", address, "--json"]);
+        let answer: serde_json::Value =
+            serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.text()));
+        (
+            answer["lookup"].as_str().unwrap_or("?").to_owned(),
+            answer["refused"].as_bool(),
+            out.code,
+        )
+    };
+    assert_eq!(
+        check("user1@example.com"),
+        (Lookup::Known.name().to_owned(), Some(false), Some(0))
+    );
+    // Case-insensitive, as the proxy judges it.
+    assert_eq!(check("USER1@Example.COM").0, Lookup::Known.name());
+    // Unknown in the directory's domain: refused, exit status 1 (the
+    // answer is "no", as `postmap -q` says it); a domain the directory
+    // does not cover is not known either.
+    assert_eq!(
+        check("nobody@example.com"),
+        (Lookup::Unknown.name().to_owned(), Some(true), Some(1))
+    );
+    assert_eq!(
+        check("someone@elsewhere.test"),
+        (Lookup::NotCovered.name().to_owned(), Some(false), Some(1))
+    );
+
+    // A new user is known once the agent has read the directory again.
+    slapd
+        .add_user("newcomer", &["newcomer@example.com"])
+        .expect("add a user");
+    assert_eq!(check("newcomer@example.com").0, Lookup::Unknown.name());
+    let out = agent.cli(&["recipients", "refresh", "--json"]);
+    assert!(out.success(), "{}", out.text());
+    assert_eq!(check("newcomer@example.com").0, Lookup::Known.name());
+    assert_eq!(
+        agent.json(&["recipients", "stats"])["addresses"].as_u64(),
+        Some(expected + 1)
+    );
+    agent.stop();
+}
+
+/// Blocks are stored by the shutdown path itself: a block only the
+/// kernel's map holds (put there without the agent's knowledge, so no
+/// save on change covers it) is in the state file once the agent has
+/// stopped on SIGTERM, written after the signal; after a restart that lost
+/// the kernel maps (as a reboot does) it is restored, and the kernel drops
+/// the source's SYNs again. A block added with the CLI just before the
+/// signal survives too.
+#[test]
+fn blocks_are_saved_by_the_shutdown_path() {
+    let test = "blocks_are_saved_by_the_shutdown_path";
+    if !prerequisites(test)
+        || !limiter_tests::fixture::require(test, limiter_tests::clients::missing_prerequisite())
+    {
+        return;
+    }
+    use limiter_tests::{agent::NetRig, postfix::PostfixOptions};
+    const CONNECT_TIMEOUT: Duration = Duration::from_millis(800);
+    let postfix = PostfixOptions {
+        proxy_protocol: true,
+        ..PostfixOptions::default()
+    };
+    let mut rig = NetRig::start("cli", "cs1", postfix, |parts| {
+        parts.config(
+            SocketAddr::new(parts.link.server_v4.into(), 25),
+            "identity = \"proxy-v2\"",
+            &parts.kernel_table(&parts.link.server_if, "xdp"),
+        )
+    });
+    let listen = SocketAddr::new(rig.link.server_v4.into(), 25);
+    let (kernel_only, by_cli, other) = (
+        std::net::IpAddr::from(rig.link.client_v4s[0]),
+        std::net::IpAddr::from(rig.link.client_v4s[1]),
+        std::net::IpAddr::from(rig.link.client_v4s[2]),
+    );
+    let (_, greeting) = rig.session(kernel_only, listen);
+    assert!(greeting.starts_with("220 "), "{greeting}");
+
+    // Into the kernel's map behind the agent's back (the product's own
+    // kernel interface, not the map's bytes).
+    let expires = std::time::SystemTime::now() + Duration::from_secs(3600);
+    BpfDatapath::open_pinned(rig.pins())
+        .expect("the agent's pinned maps")
+        .block(
+            format!("{kernel_only}/32").parse().unwrap(),
+            Some(expires),
+            limiter_common::reason::FLOOD,
+        )
+        .expect("a block in the kernel's map");
+    let out = rig
+        .agent
+        .cli(&["block", "add", &by_cli.to_string(), "--for", "1h"]);
+    assert!(out.success(), "{}", out.text());
+    // What the state directory holds, and the files written at or after
+    // `since`.
+    let stored = |dir: &AgentDir, since: Option<std::time::SystemTime>| {
+        let mut text = String::new();
+        for (path, modified) in dir.state_files() {
+            if since.is_none_or(|t| modified >= t) {
+                text.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
+            }
+        }
+        text
+    };
+    let kernel_only_net = format!("\"{kernel_only}/32\"");
+    assert!(
+        !stored(&rig.dir, None).contains(&kernel_only_net),
+        "stored before the shutdown (a save on change?): {}",
+        stored(&rig.dir, None)
+    );
+
+    // A file touched just before the signal: its mtime is on the same
+    // (coarse) clock as the state files'.
+    let marker = rig.dir.path().join("sigterm.marker");
+    std::fs::write(&marker, "").unwrap();
+    let signalled = std::fs::metadata(&marker).unwrap().modified().unwrap();
+    rig.restart(|rig| {
+        let written = stored(&rig.dir, Some(signalled));
+        assert!(
+            written.contains(&kernel_only_net),
+            "the kernel's block was not stored at shutdown (state files written since SIGTERM: {written:?}; all: {})",
+            stored(&rig.dir, None)
+        );
+        assert!(
+            stored(&rig.dir, None).contains(&format!("\"{by_cli}/32\"")),
+            "the CLI's block is not stored: {}",
+            stored(&rig.dir, None)
+        );
+        // The maps go, as in a reboot: what comes back comes from the files.
+        std::fs::remove_dir_all(rig.pins()).expect("remove the pins");
+    });
+    for net in [kernel_only, by_cli] {
+        let block = rig
+            .agent
+            .block(&format!("{net}/32"))
+            .unwrap_or_else(|| panic!("{net} not restored:\n{}", rig.agent.log()));
+        assert_eq!(block["in_kernel"], true, "{block}");
+    }
+    let dropped = rig.agent.kernel_counter("dropped_block");
+    match rig.connect(kernel_only, listen, CONNECT_TIMEOUT) {
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+        other => panic!("expected the kernel to drop the restored block's SYN, got {other:?}"),
+    }
+    assert!(rig.agent.kernel_counter("dropped_block") > dropped);
+    let (_, greeting) = rig.session(other, listen);
+    assert!(greeting.starts_with("220 "), "another source: {greeting}");
 }

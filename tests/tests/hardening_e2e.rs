@@ -19,60 +19,41 @@
 //! piece skips the test with a message; under `CI=true` it fails it.
 
 use std::{
-    fs,
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd,
-    os::unix::process::CommandExt,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    net::{IpAddr, SocketAddr},
+    sync::atomic::Ordering,
     thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use limiter_tests::{
+    agent::NetRig,
+    certs::Certs,
+    clients::{self, expect, line, python, swaks},
     fixture,
-    kernel::PinDir,
-    netns::{link, Link, NetNs},
-    postfix::{self, Postfix, PostfixOptions},
-    proxy::{Client, TestProxy},
-    tcp::{connect_from, wait_until},
+    netns::Link,
+    postfix::{self, command_counts, log_lines, PostfixOptions},
+    proxy::Client,
+    rig::{Identity, Rig, RigOptions, PLAIN_LISTENER},
+    tcp::{connect_from, connect_local},
 };
 
 /// The attacker's source address on loopback (the proxy is on 127.0.0.1).
 const CLIENT: &str = "127.0.0.2";
 /// Another client, unaffected by what the first one did.
 const OTHER_CLIENT: &str = "127.0.0.3";
-/// How long to wait for Postfix to deliver or log something.
-const WAIT: Duration = Duration::from_secs(15);
-/// A plain listener on a free port.
-const PLAIN_LISTENER: &str = "[[listen]]\naddress = \"127.0.0.1:0\"\ntls = \"none\"\n";
 /// Long enough for a handshake on a veth, short enough for a dropped SYN
 /// (first retransmission after 1 s) to show as a timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(800);
 
 // -- Prerequisites ---------------------------------------------------------
 
-/// Root, Postfix, swaks, python3, openssl.
-fn missing_tools() -> Option<String> {
-    postfix::missing_prerequisite().or_else(|| {
-        ["swaks", "python3", "openssl"]
-            .into_iter()
-            .find(|tool| which(tool).is_none())
-            .map(|tool| format!("{tool} is not installed (`cargo xtask setup`)"))
-    })
-}
-
 fn ready(test: &str) -> bool {
-    fixture::require(test, missing_tools())
+    fixture::require(test, clients::missing_prerequisite())
 }
 
 /// As [`ready`], plus the eBPF object and the `smtp-limiter` binary.
 fn ready_with_kernel(test: &str) -> bool {
-    let missing = missing_tools().or_else(|| {
+    let missing = clients::missing_prerequisite().or_else(|| {
         if limiter_tests::kernel::ebpf_object().is_none() {
             return Some(format!(
                 "no eBPF object at {} (`cargo xtask build-ebpf`)",
@@ -90,287 +71,28 @@ fn ready_with_kernel(test: &str) -> bool {
     fixture::require(test, missing)
 }
 
-fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(tool))
-        .find(|p| p.is_file())
-}
-
-// -- Postfix logs ----------------------------------------------------------
-
-/// Log lines of `log` containing `needle`.
-fn log_lines<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
-    log.lines().filter(|l| l.contains(needle)).collect()
-}
-
-/// Waits until Postfix has logged `n` `disconnect from` lines (the
-/// fixture's readiness probe is the first); returns them all.
-#[track_caller]
-fn wait_disconnects(postfix: &Postfix, n: usize) -> Vec<String> {
-    let end = Instant::now() + WAIT;
-    loop {
-        let log = postfix.log();
-        let lines: Vec<String> = log_lines(&log, "]: disconnect from ")
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
-        if lines.len() >= n {
-            return lines;
-        }
-        assert!(
-            Instant::now() < end,
-            "Postfix logged {} of {n} disconnects; log:\n{log}",
-            lines.len()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// What Postfix counted in a session, from its disconnect line: the part
-/// after the client, e.g. `ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5`.
-fn command_counts(disconnect: &str) -> &str {
-    disconnect
-        .split_once(" disconnect from ")
-        .and_then(|(_, rest)| rest.split_once("] "))
-        .map_or(disconnect, |(_, counts)| counts.trim())
-}
-
-/// Waits until Postfix has delivered `n` messages and its queue is empty,
-/// then checks that exactly `n` were delivered. Every caller has first
-/// waited for the disconnect of the last session that could queue mail:
-/// smtpd hands a message to cleanup before it logs the disconnect, and
-/// postlogd writes in order, so after that and an empty queue no delivery
-/// is still to come.
-#[track_caller]
-fn expect_delivered(postfix: &Postfix, n: usize) {
-    assert!(
-        postfix.wait_delivered(n, WAIT),
-        "Postfix delivered {} of {n} messages; log:\n{}",
-        postfix.delivered(),
-        postfix.log()
-    );
-    assert!(
-        postfix.wait_queue_empty(WAIT),
-        "Postfix's queue did not empty; log:\n{}",
-        postfix.log()
-    );
-    assert_eq!(
-        postfix.delivered(),
-        n,
-        "deliveries; log:\n{}",
-        postfix.log()
-    );
-}
-
 // -- The in-process rig ----------------------------------------------------
 
-/// A Postfix expecting PROXY v2 and the proxy in front of it. The proxy
-/// is stopped first.
-struct Rig {
-    proxy: TestProxy,
-    postfix: Postfix,
-}
-
-impl Rig {
-    fn start(extra: &str) -> Rig {
-        Self::start_with(PostfixOptions::default(), PLAIN_LISTENER, extra)
-    }
-
-    fn start_with(mut options: PostfixOptions, listen: &str, extra: &str) -> Rig {
-        options.proxy_protocol = true;
-        let postfix = Postfix::start(options).expect("start Postfix");
-        let proxy = TestProxy::start(&format!(
-            r#"mode = "enforce"
-
-{listen}
-
-[backend]
-address = "{backend}"
-identity = "proxy-v2"
-connect_timeout = "2s"
-# Postfix sessions are counted one per client session below: the backend
-# connection at accept (the earned connection is proxy_sessions' and
-# flood_e2e's subject; the judging is the same in both modes).
-connect = "on-connect"
-
-[kernel]
-mode = "off"
-
-{extra}
-"#,
-            backend = postfix.addr()
-        ));
-        Rig { proxy, postfix }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.proxy.addr
-    }
-
-    fn log(&self) -> String {
-        self.postfix.log()
-    }
-
-    /// A raw client connected from `source`, and its greeting.
-    fn client(&self, source: &str) -> (Client, String) {
-        Client::from_stream(connect_loopback(source, self.addr())).expect("greeting")
-    }
-}
-
-/// Connects from `source` (an address of 127/8) to `to` on loopback.
-fn connect_loopback(source: &str, to: SocketAddr) -> TcpStream {
-    let source: Ipv4Addr = source.parse().expect("an IPv4 source");
-    let SocketAddr::V4(to) = to else {
-        panic!("IPv4 only")
-    };
-    // SAFETY: plain socket calls on a descriptor owned below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is ours from here on.
-    let stream = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(ip.octets()),
+/// A Postfix expecting PROXY v2 (with `options`) and the proxy in front of
+/// it, with one Postfix session per client session (`backend.connect =
+/// "on-connect"`: the checks below count Postfix sessions; the earned
+/// connection is proxy_sessions' and flood_e2e's subject, and the judging
+/// is the same in both modes).
+fn rig_with(options: PostfixOptions, listen: &str, extra: &str) -> Rig {
+    Rig::launch(RigOptions {
+        postfix: PostfixOptions {
+            proxy_protocol: true,
+            ..options
         },
-        sin_zero: [0; 8],
-    };
-    let len = size_of::<libc::sockaddr_in>() as u32;
-    let local = sockaddr(source, 0);
-    // SAFETY: a valid socket and address.
-    let rc = unsafe { libc::bind(stream.as_raw_fd(), (&raw const local).cast(), len) };
-    assert_eq!(rc, 0, "bind {source}: {}", std::io::Error::last_os_error());
-    let dest = sockaddr(*to.ip(), to.port());
-    // SAFETY: as above.
-    let rc = unsafe { libc::connect(stream.as_raw_fd(), (&raw const dest).cast(), len) };
-    assert_eq!(rc, 0, "connect {to}: {}", std::io::Error::last_os_error());
-    stream
+        listen: listen.to_owned(),
+        connect: "on-connect",
+        extra: extra.to_owned(),
+        ..RigOptions::new(Identity::ProxyV2)
+    })
 }
 
-#[track_caller]
-fn expect(reply: &str, prefix: &str) {
-    assert!(
-        reply.starts_with(prefix),
-        "expected a reply starting with {prefix:?}, got {reply:?}"
-    );
-}
-
-// -- Real clients ------------------------------------------------------------
-
-/// One swaks run: its exit code and its whole transcript.
-struct Swaks {
-    code: Option<i32>,
-    out: String,
-}
-
-impl Swaks {
-    #[track_caller]
-    fn expect_reply(&self, needle: &str) {
-        assert!(
-            self.out.contains(needle),
-            "swaks transcript lacks {needle:?}:\n{}",
-            self.out
-        );
-    }
-}
-
-/// Runs swaks (in network namespace `ns` if given) against `server` from
-/// `source`, with a 10-second timeout and `args`.
-fn swaks_in(ns: Option<&NetNs>, server: SocketAddr, source: &str, args: &[&str]) -> Swaks {
-    let mut cmd = match ns {
-        Some(ns) => {
-            let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", ns.name(), "swaks"]);
-            cmd
-        }
-        None => Command::new("swaks"),
-    };
-    let out = cmd
-        .arg("--server")
-        .arg(server.to_string())
-        .args(["--local-interface", source, "--timeout", "10"])
-        .args(args)
-        .output()
-        .expect("run swaks");
-    Swaks {
-        code: out.status.code(),
-        out: format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
-}
-
-fn swaks(server: SocketAddr, source: &str, args: &[&str]) -> Swaks {
-    swaks_in(None, server, source, args)
-}
-
-/// Helpers every Python script starts with; `PORT` is the proxy's port
-/// (the script's first argument).
-const PY_PRELUDE: &str = r#"
-import smtplib, socket, ssl, sys, time
-HOST = "127.0.0.1"
-PORT = int(sys.argv[1])
-def out(*args):
-    print(*args, flush=True)
-def session(source, helo):
-    return smtplib.SMTP(HOST, PORT, local_hostname=helo, source_address=(source, 0), timeout=10)
-def ending(read):
-    try:
-        data = read()
-    except TimeoutError:
-        return "timeout"
-    except ConnectionResetError:
-        return "reset"
-    except OSError as e:
-        return "error %s" % e
-    return "eof" if data == b"" else "data %r" % data
-def closed(s):
-    return ending(s.file.readline)
-def greeting(source):
-    sock = socket.create_connection((HOST, PORT), 10, (source, 0))
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    after = ending(lambda: sock.recv(1))
-    sock.close()
-    return data.decode().strip(), after
-MESSAGE = "From: sender@example.org\r\nTo: alice@example.com\r\nSubject: test\r\n\r\nHello.\r\n"
-"#;
-
-/// Runs `script` (after [`PY_PRELUDE`]) with the proxy's port as argument;
-/// its output lines. Panics with its output when it fails.
-fn python(proxy: SocketAddr, script: &str) -> Vec<String> {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(format!("{PY_PRELUDE}\n{script}"))
-        .arg(proxy.port().to_string())
-        .output()
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "python3 failed ({}):\n{stdout}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout.lines().map(str::to_owned).collect()
-}
-
-/// The output line starting with `key `, without the key.
-#[track_caller]
-fn line<'a>(lines: &'a [String], key: &str) -> &'a str {
-    let prefix = format!("{key} ");
-    lines
-        .iter()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no {key:?} line in {lines:#?}"))
+fn rig(extra: &str) -> Rig {
+    rig_with(PostfixOptions::default(), PLAIN_LISTENER, extra)
 }
 
 // -- 1. Separator bytes after a verb -------------------------------------------
@@ -401,7 +123,7 @@ fn separator_bytes_after_a_verb_never_reach_postfix() {
     if !ready("separator_bytes_after_a_verb_never_reach_postfix") {
         return;
     }
-    let rig = Rig::start("[relay]\naccept = \"*@example.com\"\n");
+    let rig = rig("[relay]\naccept = \"*@example.com\"\n");
     let (mut c, greeting) = rig.client(CLIENT);
     expect(&greeting, "220 ");
     expect(&c.cmd("EHLO client.example.org").expect("EHLO"), "250");
@@ -453,8 +175,8 @@ s.quit()
     // Postfix counted exactly the commands the proxy relayed: nothing
     // unknown, no VRFY, EXPN, AUTH, ETRN, HELP or NOOP, one MAIL and one
     // RCPT for the first session, one MAIL for the second.
-    let disconnects = wait_disconnects(&rig.postfix, 3);
-    expect_delivered(&rig.postfix, 1);
+    let disconnects = rig.postfix.expect_disconnects(3);
+    rig.postfix.expect_delivered(1);
     let log = rig.log();
     assert_eq!(disconnects.len(), 3, "{log}");
     let first = disconnects
@@ -504,7 +226,7 @@ fn routing_syntax_recipients_never_reach_postfix_and_count_as_harvest() {
     if !ready("routing_syntax_recipients_never_reach_postfix_and_count_as_harvest") {
         return;
     }
-    let rig = Rig::start(
+    let rig = rig(
         "[limits]\nmax_failed_rcpt = 5\nmax_failed_rcpt_per_source = 0\n\n[relay]\naccept = \"*@example.com\"\n",
     );
     // A real client, one probe: refused as relaying.
@@ -560,7 +282,7 @@ out("AGAIN", reply)
 
     // Postfix: the swaks session and the harvester's (one RCPT: alice);
     // the blocked reconnection never reached it; no routed address at all.
-    let disconnects = wait_disconnects(&rig.postfix, 3);
+    let disconnects = rig.postfix.expect_disconnects(3);
     let log = rig.log();
     assert_eq!(
         log_lines(&log, "]: connect from unknown[127.0.0.2]").len(),
@@ -592,7 +314,7 @@ fn null_sender_spellings_share_the_null_sender_rate() {
     if !ready("null_sender_spellings_share_the_null_sender_rate") {
         return;
     }
-    let rig = Rig::start("[limits]\nnull_sender_rate = \"2/1m\"\n");
+    let rig = rig("[limits]\nnull_sender_rate = \"2/1m\"\n");
     let lines = python(
         rig.addr(),
         r#"
@@ -635,8 +357,8 @@ out("AGAIN", reply)
     expect(line(&lines, "ROUTED-AGAIN"), "421 4.7.0 ");
     assert_eq!(line(&lines, "CLOSED"), "eof", "{lines:#?}");
     expect(line(&lines, "AGAIN"), "421 4.7.0 ");
-    let disconnects = wait_disconnects(&rig.postfix, 2);
-    expect_delivered(&rig.postfix, 2);
+    let disconnects = rig.postfix.expect_disconnects(2);
+    rig.postfix.expect_delivered(2);
     let log = rig.log();
     // Postfix got two MAIL commands, both with the null sender.
     assert_eq!(log_lines(&log, "from=<>,").len(), 2, "{log}");
@@ -656,7 +378,7 @@ fn mailer_daemon_senders_share_the_null_sender_rate() {
     if !ready("mailer_daemon_senders_share_the_null_sender_rate") {
         return;
     }
-    let rig = Rig::start("[limits]\nnull_sender_rate = \"1/1m\"\n");
+    let rig = rig("[limits]\nnull_sender_rate = \"1/1m\"\n");
     let spellings = [
         "MAILER-DAEMON",
         "mailer-daemon",
@@ -688,7 +410,7 @@ for i, sender in enumerate([{list}]):
 "#
         ),
     );
-    wait_disconnects(&rig.postfix, 1 + spellings.len());
+    rig.postfix.expect_disconnects(1 + spellings.len());
     let stored_null = log_lines(&rig.log(), "from=<>,").len();
     let replies: Vec<String> = (0..spellings.len())
         .map(|i| format!("{}: {}", spellings[i], line(&lines, &format!("SENDER{i}"))))
@@ -698,7 +420,7 @@ for i, sender in enumerate([{list}]):
         "spellings Postfix stores as <> were not counted as null senders: {replies:#?}\nPostfix stored {stored_null} messages with from=<>:\n{}",
         rig.log()
     );
-    expect_delivered(&rig.postfix, spellings.len());
+    rig.postfix.expect_delivered(spellings.len());
     assert_eq!(
         log_lines(&rig.log(), "from=<>,").len(),
         spellings.len(),
@@ -714,7 +436,7 @@ fn helo_spellings_are_judged_as_one_name() {
     if !ready("helo_spellings_are_judged_as_one_name") {
         return;
     }
-    let rig = Rig::start(
+    let rig = rig(
         "[lists]\nreject_helo = [\"*.dynamic.example\"]\n\n[[limits.helo]]\npattern = \"*.bounce.test\"\nmax_connections = 1\n",
     );
     // swaks, the name in capitals with a trailing dot.
@@ -762,7 +484,7 @@ fn helo_spellings_are_judged_as_one_name() {
     expect(&first.cmd("QUIT").expect("QUIT"), "221 ");
 
     // Postfix never saw a dynamic name, nor the second bounce.test one.
-    let disconnects = wait_disconnects(&rig.postfix, 5);
+    let disconnects = rig.postfix.expect_disconnects(5);
     let log = rig.log();
     assert!(!log.to_ascii_lowercase().contains("dynamic"), "{log}");
     let ehlos: usize = disconnects
@@ -778,61 +500,13 @@ fn helo_spellings_are_judged_as_one_name() {
 
 // -- 6. AUTH before STARTTLS ----------------------------------------------------
 
-/// A temporary directory with a self-signed certificate for localhost.
-struct TlsFiles {
-    dir: PathBuf,
-}
-
-impl TlsFiles {
-    fn new() -> TlsFiles {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!(
-            "smtp-limiter-hardening-tls.{}.{nanos}",
-            std::process::id()
-        ));
-        fs::create_dir(&dir).expect("create the certificate directory");
-        let tls = TlsFiles { dir };
-        let out = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout"])
-            .arg(tls.dir.join("key.pem"))
-            .arg("-out")
-            .arg(tls.dir.join("cert.pem"))
-            .args(["-days", "1", "-subj", "/CN=localhost"])
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl req failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        tls
-    }
-
-    fn toml(&self) -> String {
-        format!(
-            "[tls]\ncertificate = \"{}\"\nkey = \"{}\"\n",
-            self.dir.join("cert.pem").display(),
-            self.dir.join("key.pem").display()
-        )
-    }
-}
-
-impl Drop for TlsFiles {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[test]
 fn auth_before_starttls_is_neither_offered_nor_relayed() {
     if !ready("auth_before_starttls_is_neither_offered_nor_relayed") {
         return;
     }
-    let tls = TlsFiles::new();
-    let rig = Rig::start_with(
+    let tls = Certs::self_signed("hardening").expect("a certificate");
+    let rig = rig_with(
         PostfixOptions::default(),
         "[[listen]]\naddress = \"127.0.0.1:0\"\ntls = \"starttls\"\n",
         &tls.toml(),
@@ -891,7 +565,7 @@ t.quit()
 
     // Postfix: no AUTH in the plaintext sessions (swaks', the probes');
     // the one AUTH it saw came inside TLS.
-    let disconnects = wait_disconnects(&rig.postfix, 4);
+    let disconnects = rig.postfix.expect_disconnects(4);
     let log = rig.log();
     let auths: Vec<&String> = disconnects
         .iter()
@@ -918,7 +592,7 @@ fn held_message_ends_wherever_the_marker_is_split() {
         "header_checks".to_owned(),
         "regexp:{ {/^X-Smtp-Limiter-Scan:/ WARN held-by-the-proxy} }".to_owned(),
     ));
-    let rig = Rig::start_with(
+    let rig = rig_with(
         options,
         PLAIN_LISTENER,
         &format!(
@@ -934,7 +608,12 @@ fn held_message_ends_wherever_the_marker_is_split() {
         ("inside-crlf", b"body\r", b"\n.\r\n"),
         ("byte-by-byte", b"body", b"\r\n.\r\n"),
     ];
-    let stream = connect_loopback(CLIENT, rig.addr());
+    let stream = connect_local(
+        CLIENT.parse().expect("an address"),
+        rig.addr(),
+        Duration::from_secs(5),
+    )
+    .expect("connect to the proxy");
     stream.set_nodelay(true).expect("TCP_NODELAY");
     let (mut c, greeting) = Client::from_stream(stream).expect("greeting");
     expect(&greeting, "220 ");
@@ -967,8 +646,8 @@ fn held_message_ends_wherever_the_marker_is_split() {
     }
     expect(&c.cmd("QUIT").expect("QUIT"), "221 ");
 
-    let disconnects = wait_disconnects(&rig.postfix, 2);
-    expect_delivered(&rig.postfix, splits.len());
+    let disconnects = rig.postfix.expect_disconnects(2);
+    rig.postfix.expect_delivered(splits.len());
     let log = rig.log();
     assert!(
         disconnects[1].contains(&format!(" data={} ", splits.len())),
@@ -983,349 +662,41 @@ fn held_message_ends_wherever_the_marker_is_split() {
 
 // -- The kernel rig: the real agent in a network namespace -------------------
 
-/// A TCP relay whose listening socket lives in a network namespace and
-/// whose upstream connections are made from the host's: the agent inside
-/// the namespace reaches the host's Postfix through it (bytes unchanged,
-/// the PROXY header included).
-struct BackendRelay {
-    port: u16,
-    stop: Arc<AtomicBool>,
-    acceptor: Option<thread::JoinHandle<()>>,
-}
+/// The agent's `/metrics` inside the server namespace (its own: a fixed
+/// port is nobody else's there).
+const METRICS: &str = "127.0.0.1:9425";
 
-impl BackendRelay {
-    fn start(ns: &NetNs, upstream: SocketAddr) -> BackendRelay {
-        let listener = ns
-            .run(|| TcpListener::bind("127.0.0.1:0"))
-            .expect("bind the relay in the namespace");
-        let port = listener.local_addr().expect("relay address").port();
-        listener.set_nonblocking(true).expect("nonblocking");
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
-        // Spawned from this (host namespace) thread: its threads connect
-        // from the host's namespace.
-        let acceptor = thread::spawn(move || {
-            while !stopped.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((client, _)) => {
-                        thread::spawn(move || relay_one(client, upstream));
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        BackendRelay {
-            port,
-            stop,
-            acceptor: Some(acceptor),
-        }
-    }
-}
-
-fn relay_one(client: TcpStream, upstream: SocketAddr) {
-    let _ = client.set_nonblocking(false);
-    let Ok(server) = TcpStream::connect(upstream) else {
-        return;
+/// The real agent in a server namespace with XDP on its end of a veth
+/// ([`NetRig`]), PROXY v2 to Postfix, one Postfix session per client
+/// session. `top` goes first in the configuration (e.g. `mode =
+/// "observe"`), `extra` after the fixed tables (`[limits]`, `[lists]`, …).
+fn net_rig(tag: &str, top: &str, extra: impl Fn(&Link) -> String) -> NetRig {
+    let postfix = PostfixOptions {
+        proxy_protocol: true,
+        ..PostfixOptions::default()
     };
-    let (Ok(mut client_r), Ok(mut server_w)) = (client.try_clone(), server.try_clone()) else {
-        return;
-    };
-    let up = thread::spawn(move || {
-        let _ = std::io::copy(&mut client_r, &mut server_w);
-        let _ = server_w.shutdown(std::net::Shutdown::Write);
-    });
-    let (mut server_r, mut client_w) = (server, client);
-    let _ = std::io::copy(&mut server_r, &mut client_w);
-    let _ = client_w.shutdown(std::net::Shutdown::Write);
-    let _ = up.join();
-}
-
-impl Drop for BackendRelay {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(acceptor) = self.acceptor.take() {
-            let _ = acceptor.join();
-        }
-    }
-}
-
-/// How long the agent may take to open its control socket (loaded CI).
-const AGENT_START: Duration = Duration::from_secs(30);
-/// How long the agent may take to stop after SIGTERM.
-const AGENT_STOP: Duration = Duration::from_secs(40);
-
-/// The real `smtp-limiter run`, inside a network namespace (setns before
-/// exec: the mount namespace stays the host's, so the pins are on the
-/// host's bpffs), with its own directory; SIGTERM on drop, directory
-/// removed.
-struct Agent {
-    child: Child,
-    dir: PathBuf,
-    config: PathBuf,
-}
-
-impl Agent {
-    fn start(ns: &NetNs, name: &str, config: &str) -> Agent {
-        let dir = std::env::temp_dir().join(format!(
-            "smtp-limiter-hardening-{name}-{}",
-            std::process::id()
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("agent directory");
-        let config_path = dir.join("smtp-limiter.toml");
-        let socket = dir.join("control.sock");
-        fs::write(
-            &config_path,
-            format!(
-                "{config}\n[control]\nsocket = \"{}\"\n[state]\ndirectory = \"{}\"\n[metrics]\naddress = \"127.0.0.1:9425\"\n",
-                socket.display(),
-                dir.join("state").display()
-            ),
-        )
-        .expect("write the agent's configuration");
-        let log = fs::File::create(dir.join("agent.log")).expect("agent log");
-        let netns = fs::File::open(ns.path()).expect("open the namespace");
-        let netns_fd = netns.as_raw_fd();
-        let mut command = Command::new(limiter_tests::smtp_limiter_binary());
-        command
-            .args(["run", "--config"])
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        // SAFETY: prctl and setns are plain syscalls, async-signal-safe; the
-        // descriptor stays open until spawn returns.
-        unsafe {
-            command.pre_exec(move || {
-                // The agent goes when the test process does, even killed
-                // before its `Drop`.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0
-                    || libc::setns(netns_fd, libc::CLONE_NEWNET) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = command.spawn().expect("start the agent");
-        drop(netns);
-        let mut agent = Agent {
-            child,
-            dir,
-            config: config_path,
-        };
-        let deadline = Instant::now() + AGENT_START;
-        loop {
-            if let Ok(Some(status)) = agent.child.try_wait() {
-                panic!("the agent exited ({status}):\n{}", agent.log());
-            }
-            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no control socket within {AGENT_START:?}:\n{}",
-                agent.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        agent
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
-    }
-
-    /// The CLI against this agent: (success, stdout and stderr).
-    fn cli(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(limiter_tests::smtp_limiter_binary())
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .output()
-            .expect("run the CLI");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    }
-
-    /// `smtp-limiter ARGS --json`, parsed.
-    #[track_caller]
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut all = args.to_vec();
-        all.push("--json");
-        let (ok, out) = self.cli(&all);
-        assert!(ok, "smtp-limiter {args:?}: {out}");
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
-    }
-
-    /// The kernel counter `name` from `stats --json`.
-    #[track_caller]
-    fn kernel_counter(&self, name: &str) -> u64 {
-        let stats = self.json(&["stats"]);
-        stats["kernel"][name]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no kernel counter {name:?} in `stats --json`: {stats}"))
-    }
-
-    /// The block of `net` in `block list --json`, if listed.
-    fn block(&self, net: &str) -> Option<serde_json::Value> {
-        self.json(&["block", "list"])
-            .as_array()
-            .and_then(|blocks| blocks.iter().find(|b| b["net"] == net).cloned())
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-            if !wait_until(AGENT_STOP, || !matches!(self.child.try_wait(), Ok(None))) {
-                eprintln!("agent: still running {AGENT_STOP:?} after SIGTERM; killing");
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
-        }
-        if std::env::var_os("HARDENING_E2E_KEEP").is_none() {
-            let _ = fs::remove_dir_all(&self.dir);
-        } else {
-            eprintln!("agent directory kept: {}", self.dir.display());
-        }
-    }
-}
-
-/// Postfix on the host, the agent in a server namespace with XDP on its
-/// end of a veth, clients in a client namespace. Dropped in field order:
-/// the agent (which detaches and unpins), the relay, Postfix, the link
-/// and the namespaces.
-struct NetRig {
-    agent: Agent,
-    _relay: BackendRelay,
-    postfix: Postfix,
-    _pins: PinDir,
-    link: Link,
-    client: NetNs,
-    server: NetNs,
-}
-
-impl NetRig {
-    /// `top` goes first in the configuration (e.g. `mode = "observe"`),
-    /// `extra` after the fixed tables (`[limits]`, `[lists]`, …).
-    fn start(name: &str, tag: &str, top: &str, extra: impl Fn(&Link) -> String) -> NetRig {
-        // Namespaces a killed run of these tests left behind.
-        for prefix in ["hard-srv", "hard-cli"] {
-            if let Err(e) = NetNs::remove_stale(prefix) {
-                eprintln!("removing stale namespaces {prefix}-*: {e:#}");
-            }
-        }
-        let server = NetNs::new("hard-srv").expect("server namespace");
-        let client = NetNs::new("hard-cli").expect("client namespace");
-        let link = link(&server, &client, tag).expect("veth pair");
-        let postfix = Postfix::start(PostfixOptions {
-            proxy_protocol: true,
-            ..PostfixOptions::default()
-        })
-        .expect("start Postfix");
-        let relay = BackendRelay::start(&server, postfix.addr());
-        let pins = PinDir::new();
-        let config = format!(
-            r#"{top}
-[[listen]]
-address = "{listen}"
-[backend]
-address = "127.0.0.1:{relay}"
-identity = "proxy-v2"
-connect_timeout = "5s"
-connect = "on-connect"
-[kernel]
-mode = "required"
-interfaces = ["{interface}"]
-attach = "xdp"
-pin_path = "{pins}"
-ports = [25]
-[relay]
-accept = "*@example.com"
-{extra}
-"#,
-            listen = SocketAddr::new(link.server_v4.into(), 25),
-            relay = relay.port,
-            interface = link.server_if,
-            pins = pins.path().display(),
-            extra = extra(&link),
+    NetRig::start("hard", tag, postfix, |parts| {
+        let more = format!(
+            "{}[metrics]\naddress = \"{METRICS}\"\n{}",
+            parts.kernel_table(&parts.link.server_if, "xdp"),
+            extra(parts.link)
         );
-        let agent = Agent::start(&server, name, &config);
-        NetRig {
-            agent,
-            _relay: relay,
-            postfix,
-            _pins: pins,
-            link,
-            client,
-            server,
-        }
-    }
-
-    /// The agent's `/metrics` (served inside the server namespace).
-    fn metrics(&self) -> String {
-        self.server.run(|| {
-            let mut stream = TcpStream::connect("127.0.0.1:9425").expect("connect to /metrics");
-            std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n")
-                .expect("request /metrics");
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut stream, &mut text).expect("read /metrics");
-            text
-        })
-    }
-
-    fn listen(&self) -> SocketAddr {
-        SocketAddr::new(self.link.server_v4.into(), 25)
-    }
-
-    fn source(&self, n: usize) -> IpAddr {
-        self.link.client_v4s[n].into()
-    }
-
-    /// A raw SMTP session from client address `n`, and its greeting.
-    #[track_caller]
-    fn session(&self, n: usize) -> (Client, String) {
-        let stream = connect_from(
-            &self.client,
-            self.source(n),
-            self.listen(),
-            Duration::from_secs(5),
+        let backend = "identity = \"proxy-v2\"\nconnect = \"on-connect\"";
+        format!(
+            "{top}\n{}",
+            parts.config(listen(parts.link), backend, &more)
         )
-        .unwrap_or_else(|e| {
-            panic!(
-                "connect from {}: {e}\nagent:\n{}",
-                self.source(n),
-                self.agent.log()
-            )
-        });
-        Client::from_stream(stream).expect("greeting")
-    }
+    })
+}
 
-    /// swaks from client address `n`, one message to alice.
-    fn swaks_to_alice(&self, n: usize) -> Swaks {
-        swaks_in(
-            Some(&self.client),
-            self.listen(),
-            &self.source(n).to_string(),
-            &[
-                "--to",
-                "alice@example.com",
-                "--from",
-                "sender@example.org",
-                "--helo",
-                "client.example.org",
-            ],
-        )
-    }
+/// Where the agent listens: port 25 on the server end of the link.
+fn listen(link: &Link) -> SocketAddr {
+    SocketAddr::new(link.server_v4.into(), 25)
+}
+
+/// Client address `n` of the link.
+fn source(rig: &NetRig, n: usize) -> IpAddr {
+    rig.link.client_v4s[n].into()
 }
 
 // -- 3. Harvesting across sessions ends in a kernel drop ------------------------
@@ -1335,11 +706,11 @@ fn harvester_across_sessions_is_blocked_and_dropped_by_the_kernel() {
     if !ready_with_kernel("harvester_across_sessions_is_blocked_and_dropped_by_the_kernel") {
         return;
     }
-    let rig = NetRig::start("harvest", "hh3", "mode = \"enforce\"", |_| {
+    let rig = net_rig("hh3", "mode = \"enforce\"", |_| {
         "[limits]\nmax_failed_rcpt = 3\nmax_failed_rcpt_per_source = 5\nfailed_rcpt_window = \"1h\"\n"
                 .to_owned()
     });
-    let harvester = rig.source(0);
+    let harvester = source(&rig, 0);
     // Each session stays under max_failed_rcpt (3): it leaves after two
     // unknown recipients, or mixes in a valid one.
     let sessions: [&[(&str, &str)]; 3] = [
@@ -1352,7 +723,7 @@ fn harvester_across_sessions_is_blocked_and_dropped_by_the_kernel() {
         &[("nobody5", "550 5.1.1 "), ("nobody6", "421 4.7.0 ")],
     ];
     for (n, rcpts) in sessions.iter().enumerate() {
-        let (mut c, greeting) = rig.session(0);
+        let (mut c, greeting) = rig.session(source(&rig, 0), listen(&rig.link));
         expect(&greeting, "220 ");
         expect(&c.cmd("EHLO harvester.test").expect("EHLO"), "250");
         expect(
@@ -1386,7 +757,7 @@ fn harvester_across_sessions_is_blocked_and_dropped_by_the_kernel() {
     assert_eq!(block["in_kernel"], true, "{block}");
     let dropped_before = rig.agent.kernel_counter("dropped_block");
     // … whose SYNs the kernel now drops: no SYN-ACK, the connect times out.
-    match connect_from(&rig.client, harvester, rig.listen(), CONNECT_TIMEOUT) {
+    match connect_from(&rig.client, harvester, listen(&rig.link), CONNECT_TIMEOUT) {
         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
         other => panic!("expected the kernel to drop the harvester's SYN, got {other:?}"),
     }
@@ -1398,14 +769,14 @@ fn harvester_across_sessions_is_blocked_and_dropped_by_the_kernel() {
     assert!(rig.agent.kernel_counter("dropped_block") > dropped_before);
 
     // Another client of the same namespace still delivers.
-    let run = rig.swaks_to_alice(1);
+    let run = rig.swaks_to_alice(source(&rig, 1), listen(&rig.link));
     assert_eq!(run.code, Some(0), "swaks failed:\n{}", run.out);
 
     // Postfix: the harvester's three sessions and the other client's one
     // (after the probe), the dropped connection never; one delivery, from
     // the other client.
-    let disconnects = wait_disconnects(&rig.postfix, 5);
-    expect_delivered(&rig.postfix, 1);
+    let disconnects = rig.postfix.expect_disconnects(5);
+    rig.postfix.expect_delivered(1);
     let log = rig.postfix.log();
     assert_eq!(disconnects.len(), 5, "{log}");
     assert_eq!(
@@ -1414,7 +785,7 @@ fn harvester_across_sessions_is_blocked_and_dropped_by_the_kernel() {
         "{log}"
     );
     assert!(
-        log.contains(&format!("client=unknown[{}]", rig.source(1))),
+        log.contains(&format!("client=unknown[{}]", source(&rig, 1))),
         "{log}"
     );
     for n in 1..=6 {
@@ -1435,11 +806,11 @@ fn observe_mode_passes_a_rejected_source_and_counts_would_drops() {
     }
     // The reject list names the client's address: enforced, the kernel
     // would drop its packets; observed, it only counts them.
-    let rig = NetRig::start("observe", "ho8", "mode = \"observe\"", |link| {
+    let rig = net_rig("ho8", "mode = \"observe\"", |link| {
         format!("[lists]\nreject = [\"{}/32\"]\n", link.client_v4s[0])
     });
-    let source = rig.source(0);
-    let run = rig.swaks_to_alice(0);
+    let source = source(&rig, 0);
+    let run = rig.swaks_to_alice(source, listen(&rig.link));
     assert_eq!(
         run.code,
         Some(0),
@@ -1447,8 +818,8 @@ fn observe_mode_passes_a_rejected_source_and_counts_would_drops() {
         run.out,
         rig.agent.log()
     );
-    let disconnects = wait_disconnects(&rig.postfix, 2);
-    expect_delivered(&rig.postfix, 1);
+    let disconnects = rig.postfix.expect_disconnects(2);
+    rig.postfix.expect_delivered(1);
     let log = rig.postfix.log();
     assert!(
         disconnects[1].contains(&format!("from unknown[{source}]")),
@@ -1467,7 +838,7 @@ fn observe_mode_passes_a_rejected_source_and_counts_would_drops() {
     assert_eq!(rig.agent.kernel_counter("dropped_block_net"), 0);
     assert_eq!(rig.agent.kernel_counter("dropped_block"), 0);
     // And /metrics says so too.
-    let metrics = rig.metrics();
+    let metrics = rig.metrics(METRICS.parse().expect("an address"));
     let would_in_metrics: f64 = metrics
         .lines()
         .filter(|l| !l.starts_with('#') && l.contains("would_drop_block"))
