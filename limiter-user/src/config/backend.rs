@@ -1,0 +1,157 @@
+//! `[backend]`: the MTA behind the proxy.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::values::duration_serde;
+use super::{invalid, ConfigError};
+
+/// `[backend]`: the MTA behind the proxy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Backend {
+    /// Where the backend MTA listens.
+    pub address: SocketAddr,
+    /// How the proxy tells the backend who the real client is.
+    pub identity: Identity,
+    /// How long to wait for the backend's TCP connect.
+    #[serde(with = "duration_serde")]
+    pub connect_timeout: Duration,
+    /// Speak TLS to the backend (STARTTLS right after its greeting).
+    pub starttls: bool,
+    /// CA certificate(s), PEM, to verify the backend's certificate with;
+    /// without it any certificate is accepted (encryption only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// Start the built-in test backend on `address` (accepts
+    /// `builtin_recipients`, discards every message): for trying the proxy
+    /// out, never for production.
+    pub builtin: bool,
+    /// Recipients the built-in backend accepts.
+    pub builtin_recipients: Vec<String>,
+    /// When a session gets its backend connection: `"on-mail"` (earned by
+    /// the first MAIL FROM the policy accepts, or by AUTH, VRFY in relay
+    /// mode and `smtp.relay_verbs`; the proxy answers the greeting, EHLO,
+    /// NOOP, RSET, HELP and QUIT itself) or `"on-connect"` (at accept).
+    pub connect: BackendConnect,
+    /// Backend connections open at once, all sessions together (size it to
+    /// about 80 % of the MTA's process limit: Postfix's
+    /// `default_process_limit` is 100). A session that needs one while all
+    /// are in use waits its turn, fairly between sources.
+    pub max_connections: u32,
+    /// Longest wait for a backend slot; then the client gets `421 4.3.2`.
+    #[serde(with = "duration_serde")]
+    pub slot_wait: Duration,
+    /// The IPv4 prefix that groups sources for the fair share of backend
+    /// slots (/24: one network's hosts share).
+    pub fair_share_prefix_v4: u8,
+    /// The IPv6 prefix that groups sources for the fair share of backend
+    /// slots. Unset: `limits.ipv6_prefix`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fair_share_prefix_v6: Option<u8>,
+    /// How often the proxy asks the backend for its EHLO capabilities (a
+    /// short probe session), which its own EHLO reply is made from.
+    #[serde(with = "duration_serde")]
+    pub probe_interval: Duration,
+}
+
+/// `backend.connect = "on-mail" | "on-connect"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendConnect {
+    /// The backend connection is earned: opened at the first accepted MAIL
+    /// FROM (or AUTH, relayed VRFY, relayed extension verbs).
+    #[default]
+    OnMail,
+    /// The backend connection opens when the client connects.
+    OnConnect,
+}
+
+impl Default for Backend {
+    fn default() -> Self {
+        Self {
+            address: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 2525),
+            identity: Identity::ProxyV2,
+            connect_timeout: Duration::from_secs(10),
+            starttls: false,
+            tls_ca: None,
+            builtin: false,
+            builtin_recipients: vec![
+                "alice@example.com".into(),
+                "bob@example.com".into(),
+                "carol@example.com".into(),
+                "postmaster@example.com".into(),
+            ],
+            connect: BackendConnect::OnMail,
+            max_connections: 80,
+            slot_wait: Duration::from_secs(10),
+            fair_share_prefix_v4: 24,
+            fair_share_prefix_v6: None,
+            probe_interval: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// Client identity passed to the backend
+/// (`identity = "proxy-v2" | "proxy-v1" | "xclient" | "none"`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Identity {
+    /// `HAProxy` PROXY protocol, binary version 2.
+    #[default]
+    ProxyV2,
+    /// `HAProxy` PROXY protocol, text version 1.
+    ProxyV1,
+    /// Postfix `XCLIENT` command.
+    Xclient,
+    /// Nothing: the backend sees the proxy's address.
+    None,
+}
+
+impl Backend {
+    /// Checks the values that parse but make no sense.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.connect_timeout.is_zero() {
+            return Err(invalid(
+                "backend.connect_timeout",
+                "must be greater than zero",
+            ));
+        }
+        let backend = self;
+        if backend.max_connections == 0 {
+            return Err(invalid(
+                "backend.max_connections",
+                "must be at least 1 (size it to about 80 % of the backend's process limit)",
+            ));
+        }
+        for (key, value) in [
+            ("backend.slot_wait", backend.slot_wait),
+            ("backend.probe_interval", backend.probe_interval),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be longer than zero"));
+            }
+        }
+        if !(1..=32).contains(&backend.fair_share_prefix_v4) {
+            return Err(invalid(
+                "backend.fair_share_prefix_v4",
+                format!(
+                    "must be between 1 and 32, not {}",
+                    backend.fair_share_prefix_v4
+                ),
+            ));
+        }
+        if let Some(prefix) = backend.fair_share_prefix_v6 {
+            if !(1..=128).contains(&prefix) {
+                return Err(invalid(
+                    "backend.fair_share_prefix_v6",
+                    format!("must be between 1 and 128, not {prefix}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
