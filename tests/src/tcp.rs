@@ -702,3 +702,32 @@ impl Drop for Relay {
         }
     }
 }
+
+/// An address on `127.0.0.1` that nothing listens on for as long as the
+/// value lives: its port is bound and never listened on, so a connection
+/// there is refused (RST) and no other process can take the port (a port
+/// found free and released could be).
+pub struct DeadPort {
+    _socket: tokio::net::TcpSocket,
+    addr: SocketAddr,
+}
+
+impl DeadPort {
+    /// Binds a free port.
+    ///
+    /// # Errors
+    /// The socket could not be made or bound.
+    pub fn new() -> io::Result<DeadPort> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let addr = socket.local_addr()?;
+        Ok(DeadPort {
+            _socket: socket,
+            addr,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}

@@ -34,7 +34,7 @@ use limiter_tests::{
     postfix::{self, command_counts, log_lines, PostfixOptions},
     proxy::Client,
     rig::{Identity, Rig, RigOptions, PLAIN_LISTENER},
-    tcp::{connect_from, connect_local},
+    tcp::{connect_from, connect_local, DeadPort},
 };
 
 /// The attacker's source address on loopback (the proxy is on 127.0.0.1).
@@ -586,7 +586,7 @@ fn held_message_ends_wherever_the_marker_is_split() {
     }
     // A clamd that is not there: every message is held, the scan fails and
     // fail-open passes it on with the scan header, which Postfix logs.
-    let dead_clamd = fixture::free_port().expect("a free port");
+    let dead_clamd = DeadPort::new().expect("a dead port");
     let mut options = PostfixOptions::default();
     options.extra_main_cf.push((
         "header_checks".to_owned(),
@@ -596,7 +596,8 @@ fn held_message_ends_wherever_the_marker_is_split() {
         options,
         PLAIN_LISTENER,
         &format!(
-            "[filters]\ntimeout = \"5s\"\non_failure = \"fail-open\"\n\n[filters.clamav]\naddress = \"127.0.0.1:{dead_clamd}\"\n"
+            "[filters]\ntimeout = \"5s\"\non_failure = \"fail-open\"\n\n[filters.clamav]\naddress = \"{}\"\n",
+            dead_clamd.addr()
         ),
     );
     // Where the client's writes split "\r\n.\r\n" (TCP_NODELAY, a pause

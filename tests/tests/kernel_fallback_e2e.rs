@@ -336,23 +336,14 @@ fn auto_attach_falls_back_to_tc_beside_another_owners_xdp() {
 
 /// The agent on the host's loopback, in front of `postfix`, under
 /// `setpriv` without the capabilities BPF needs, with `kernel.mode =
-/// mode`; what [`Agent::spawn`] gave, and the listener's address.
+/// mode`; what [`Agent::spawn`] gave, and the listener's address (a new
+/// free port, up to 3 times, while the agent finds its port taken).
 fn without_bpf_capabilities(
     dir: &AgentDir,
     postfix: &Postfix,
     pins: &PinDir,
     mode: &str,
 ) -> (Result<Agent, Failed>, SocketAddr) {
-    let listen = SocketAddr::from(([127, 0, 0, 1], free_port().expect("a free port")));
-    dir.write_config(&postfix_config(
-        listen,
-        postfix.addr(),
-        "identity = \"proxy-v2\"",
-        &format!(
-            "[kernel]\nmode = \"{mode}\"\npin_path = \"{}\"\n",
-            pins.path().display()
-        ),
-    ));
     let launch = Launch {
         wrapper: vec![
             "setpriv".to_owned(),
@@ -361,7 +352,26 @@ fn without_bpf_capabilities(
         ],
         ..Launch::here()
     };
-    (Agent::spawn(dir, &launch), listen)
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port().expect("a free port")));
+        dir.write_config(&postfix_config(
+            listen,
+            postfix.addr(),
+            "identity = \"proxy-v2\"",
+            &format!(
+                "[kernel]\nmode = \"{mode}\"\npin_path = \"{}\"\n",
+                pins.path().display()
+            ),
+        ));
+        match Agent::spawn(dir, &launch) {
+            Err(failed) if attempt < 3 && failed.log.contains("Address already in use") => {
+                eprintln!("agent: its port was taken, trying another:\n{}", failed.log);
+            }
+            spawned => return (spawned, listen),
+        }
+    }
 }
 
 #[test]
