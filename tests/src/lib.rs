@@ -1,7 +1,9 @@
 //! Shared pieces of the integration tests and benchmarks: hand-built packets,
 //! network namespaces with veth pairs, TCP peers, a fixture that loads
-//! the real kernel programs under a private pin path, and private Postfix,
-//! OpenLDAP (`slapd`), rspamd and ClamAV (`clamd`) instances.
+//! the real kernel programs under a private pin path, private Postfix,
+//! OpenLDAP (`slapd`), rspamd and ClamAV (`clamd`) instances, the real
+//! `smtp-limiter` binary ([`agent`]), the proxy in front of Postfix
+//! ([`rig`]), real SMTP clients ([`clients`]) and certificates ([`certs`]).
 //!
 //! Tests that need root or BPF call [`prerequisites`]: outside CI a missing
 //! prerequisite skips the test with a message; under `CI=true` it fails it.
