@@ -155,3 +155,56 @@ impl Backend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::{
+        assert_invalid, assert_parse_error_names, assert_unknown_field, assert_unknown_variant,
+    };
+    use crate::config::Config;
+
+    #[test]
+    fn every_identity_parses() {
+        for (value, want) in [
+            ("proxy-v2", Identity::ProxyV2),
+            ("proxy-v1", Identity::ProxyV1),
+            ("xclient", Identity::Xclient),
+            ("none", Identity::None),
+        ] {
+            let text = format!("[backend]\nidentity = \"{value}\"");
+            assert_eq!(Config::from_toml(&text).unwrap().backend.identity, want);
+        }
+        assert_unknown_variant(&[("[backend]\nidentity = \"proxy_v2\"", "identity")]);
+    }
+
+    #[test]
+    fn bad_keys_and_values_are_refused_naming_the_key() {
+        assert_unknown_field(&[("[backend]\ntimeout = \"1s\"", "timeout")]);
+        assert_parse_error_names(&[("[backend]\naddress = \"localhost:25\"", "address")]);
+        assert_invalid(&[
+            ("[backend]\nmax_connections = 0", "backend.max_connections"),
+            ("[backend]\nslot_wait = \"0s\"", "backend.slot_wait"),
+            (
+                "[backend]\nprobe_interval = \"0s\"",
+                "backend.probe_interval",
+            ),
+            (
+                "[backend]\nfair_share_prefix_v4 = 0",
+                "backend.fair_share_prefix_v4",
+            ),
+            (
+                "[backend]\nfair_share_prefix_v4 = 33",
+                "backend.fair_share_prefix_v4",
+            ),
+            (
+                "[backend]\nfair_share_prefix_v6 = 129",
+                "backend.fair_share_prefix_v6",
+            ),
+            (
+                "[backend]\nconnect_timeout = \"0s\"",
+                "backend.connect_timeout",
+            ),
+        ]);
+    }
+}

@@ -19,3 +19,13 @@ impl Default for Control {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::assert_unknown_field;
+
+    #[test]
+    fn unknown_keys_are_refused_naming_the_key() {
+        assert_unknown_field(&[("[control]\npath = \"/x\"", "path")]);
+    }
+}

@@ -134,3 +134,53 @@ impl Filters {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::{assert_invalid, assert_unknown_field, assert_unknown_variant};
+    use crate::config::Config;
+
+    #[test]
+    fn every_on_failure_parses() {
+        for (value, want) in [
+            ("fail-open", OnFailure::FailOpen),
+            ("fail-closed", OnFailure::FailClosed),
+        ] {
+            let text = format!("[filters]\non_failure = \"{value}\"");
+            assert_eq!(Config::from_toml(&text).unwrap().filters.on_failure, want);
+        }
+        assert_unknown_variant(&[("[filters]\non_failure = \"open\"", "on_failure")]);
+    }
+
+    #[test]
+    fn bad_keys_and_values_are_refused_naming_the_key() {
+        assert_unknown_field(&[
+            ("[filters]\nspamassassin = 1", "spamassassin"),
+            (
+                "[filters.rspamd]\nurl = \"http://x\"\npassword = \"p\"",
+                "password",
+            ),
+            ("[filters.clamav]\naddress = \"/s\"\nport = 1", "port"),
+        ]);
+        assert_invalid(&[
+            ("[filters]\ntimeout = \"0s\"", "filters.timeout"),
+            ("[filters]\nmax_size = 0", "filters.max_size"),
+            (
+                "[filters.rspamd]\nurl = \"127.0.0.1:11333\"",
+                "filters.rspamd.url",
+            ),
+            (
+                "[filters.rspamd]\nurl = \"https://rspamd:11333\"",
+                "filters.rspamd.url",
+            ),
+            ("[filters.clamav]\naddress = \"\"", "filters.clamav.address"),
+            (
+                "[filters.clamav]\naddress = \"/s\"\nstream_max_length = 0",
+                "filters.clamav.stream_max_length",
+            ),
+            ("[filters]\nreject_window = \"0s\"", "filters.reject_window"),
+            ("[filters]\nmax_held = \"1MB\"", "filters.max_held"),
+        ]);
+    }
+}

@@ -180,3 +180,99 @@ impl Kernel {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::{
+        assert_accepted, assert_invalid, assert_unknown_field, assert_unknown_variant,
+    };
+    use crate::config::Config;
+
+    #[test]
+    fn every_mode_and_attach_parses() {
+        for (value, want) in [
+            ("auto", KernelMode::Auto),
+            ("required", KernelMode::Required),
+            ("off", KernelMode::Off),
+        ] {
+            assert_eq!(
+                Config::from_toml(&format!("[kernel]\nmode = \"{value}\""))
+                    .unwrap()
+                    .kernel
+                    .mode,
+                want
+            );
+        }
+        for (value, want) in [
+            ("auto", Attach::Auto),
+            ("xdp", Attach::Xdp),
+            ("xdp-generic", Attach::XdpGeneric),
+            ("tc", Attach::Tc),
+        ] {
+            assert_eq!(
+                Config::from_toml(&format!("[kernel]\nattach = \"{value}\""))
+                    .unwrap()
+                    .kernel
+                    .attach,
+                want
+            );
+        }
+        assert_unknown_variant(&[
+            ("[kernel]\nmode = \"on\"", "mode"),
+            ("[kernel]\nattach = \"xdpgeneric\"", "attach"),
+        ]);
+    }
+
+    #[test]
+    fn bad_keys_and_values_are_refused_naming_the_key() {
+        assert_unknown_field(&[
+            ("[kernel]\ninterface = [\"eth0\"]", "interface"),
+            ("[kernel.map_sizes]\nblocks = 5", "blocks"),
+        ]);
+        let ports17 = format!(
+            "[kernel]\nports = [{}]",
+            (1..=17)
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        assert_invalid(&[
+            ("[kernel]\nports = []", "kernel.ports"),
+            (ports17.as_str(), "kernel.ports"),
+            ("[kernel]\nports = [25, 0]", "kernel.ports"),
+            ("[kernel]\nports = [25, 587, 25]", "kernel.ports"),
+            ("[kernel]\ninterfaces = [\"\"]", "kernel.interfaces[0]"),
+            (
+                "[kernel]\ninterfaces = [\"eth0\", \"averyveryverylongname\"]",
+                "kernel.interfaces[1]",
+            ),
+            (
+                "[kernel]\ninterfaces = [\"eth0\", \"eth0\"]",
+                "kernel.interfaces[1]",
+            ),
+            ("[kernel.map_sizes]\nblock = 0", "kernel.map_sizes.block"),
+            (
+                "[kernel.map_sizes]\nblock_net = 0",
+                "kernel.map_sizes.block_net",
+            ),
+            ("[kernel.map_sizes]\nallow = 0", "kernel.map_sizes.allow"),
+            (
+                "[kernel.map_sizes]\ncap_net = 0",
+                "kernel.map_sizes.cap_net",
+            ),
+            (
+                "[kernel.map_sizes]\nconn_count = 0",
+                "kernel.map_sizes.conn_count",
+            ),
+            (
+                "[kernel.map_sizes]\nconn_socks = 0",
+                "kernel.map_sizes.conn_socks",
+            ),
+        ]);
+        assert_accepted(&[
+            "[kernel]\nmode = \"required\"\ninterfaces = []",
+            "[kernel]\nports = [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16]",
+        ]);
+    }
+}

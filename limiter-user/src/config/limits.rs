@@ -192,3 +192,67 @@ impl Limits {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::{assert_accepted, assert_invalid, assert_unknown_field};
+
+    #[test]
+    fn bad_keys_and_values_are_refused_naming_the_key() {
+        assert_unknown_field(&[
+            ("[limits]\nblok_duration = \"1m\"", "blok_duration"),
+            (
+                "[[limits.source]]\ncidr = \"192.0.2.0/24\"\nmax_connections = 1\nmax = 2",
+                "max",
+            ),
+            (
+                "[[limits.helo]]\npattern = \"x\"\nmax_connections = 1\nlimit = 2",
+                "limit",
+            ),
+        ]);
+        let source2 = "[[limits.source]]\ncidr = \"192.0.2.0/24\"\nmax_connections = 1\n\
+                       [[limits.source]]\ncidr = \"192.0.2.0/24\"\nmax_connections = 2";
+        assert_invalid(&[
+            ("[limits]\nipv6_prefix = 0", "limits.ipv6_prefix"),
+            ("[limits]\nipv6_prefix = 129", "limits.ipv6_prefix"),
+            ("[limits]\nblock_backoff = 0.5", "limits.block_backoff"),
+            ("[limits]\nblock_backoff = nan", "limits.block_backoff"),
+            ("[limits]\nblock_backoff = inf", "limits.block_backoff"),
+            (
+                "[limits]\nblock_duration = \"2h\"\nmax_block_duration = \"1h\"",
+                "limits.max_block_duration",
+            ),
+            ("[limits]\nblock_duration = \"0s\"", "limits.block_duration"),
+            (
+                "[limits]\nfailed_auth_window = \"0s\"",
+                "limits.failed_auth_window",
+            ),
+            (
+                "[limits]\nfailed_rcpt_window = \"0s\"",
+                "limits.failed_rcpt_window",
+            ),
+            (
+                "[limits]\nnull_sender_rate = \"0/1m\"",
+                "limits.null_sender_rate",
+            ),
+            (
+                "[limits]\nnull_sender_rate = \"5/0s\"",
+                "limits.null_sender_rate",
+            ),
+            (source2, "limits.source[1].cidr"),
+            (
+                "[[limits.helo]]\npattern = \" \"\nmax_connections = 1",
+                "limits.helo[0].pattern",
+            ),
+        ]);
+        assert_accepted(&[
+            "[limits]\nipv6_prefix = 128",
+            "[limits]\nipv6_prefix = 1",
+            "[limits]\nblock_backoff = 1.0",
+            "[limits]\nblock_duration = \"1h\"\nmax_block_duration = \"1h\"",
+            "[limits]\nmax_connections_per_source = 0",
+            "[[limits.source]]\ncidr = \"192.0.2.0/24\"\nmax_connections = 1\n\
+             [[limits.source]]\ncidr = \"192.0.2.0/25\"\nmax_connections = 2",
+        ]);
+    }
+}

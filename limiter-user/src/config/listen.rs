@@ -76,3 +76,41 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::{
+        assert_accepted, assert_invalid, assert_parse_error_names, assert_unknown_field,
+        assert_unknown_variant,
+    };
+
+    #[test]
+    fn every_tls_mode_parses() {
+        let tls = "[tls]\ncertificate = \"/c\"\nkey = \"/k\"\n";
+        for (value, want) in [
+            ("none", TlsMode::None),
+            ("starttls", TlsMode::Starttls),
+            ("implicit", TlsMode::Implicit),
+        ] {
+            let text = format!("[[listen]]\naddress = \"127.0.0.1:25\"\ntls = \"{value}\"\n{tls}");
+            assert_eq!(Config::from_toml(&text).unwrap().listen[0].tls, want);
+            assert_eq!(enum_name(&want), value);
+        }
+        assert_unknown_variant(&[("[[listen]]\ntls = \"ssl\"", "tls")]);
+    }
+
+    #[test]
+    fn bad_keys_and_values_are_refused_naming_the_key() {
+        assert_unknown_field(&[("[[listen]]\naddres = \"127.0.0.1:25\"", "addres")]);
+        assert_parse_error_names(&[("[[listen]]\naddress = \"127.0.0.1\"", "address")]);
+        assert_invalid(&[
+            ("listen = []", "listen"),
+            ("[[listen]]\ntls = \"starttls\"", "listen[0].tls"),
+            ("[[listen]]\naddress = \"127.0.0.1:25\"\n[[listen]]\naddress = \"127.0.0.1:465\"\ntls = \"implicit\"", "listen[1].tls"),
+            ("[[listen]]\naddress = \"127.0.0.1:25\"\n[[listen]]\naddress = \"127.0.0.1:25\"", "listen[1].address"),
+            ("[[listen]]\naddress = \"127.0.0.1:2525\"", "listen[0].address"),
+        ]);
+        assert_accepted(&["[[listen]]\naddress = \"127.0.0.1:0\""]);
+    }
+}

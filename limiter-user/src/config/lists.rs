@@ -83,7 +83,7 @@ impl Lists {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::tests::parse_err;
+    use crate::config::tests::{assert_invalid, assert_unknown_field, parse_err};
     use crate::config::Config;
 
     #[test]
@@ -120,5 +120,11 @@ mod tests {
             let message = parse_err(text);
             assert!(message.contains(key), "{text}: {message}");
         }
+    }
+
+    #[test]
+    fn bad_keys_and_values_are_refused_naming_the_key() {
+        assert_unknown_field(&[("[lists]\ndeny = []", "deny")]);
+        assert_invalid(&[("[lists]\nreject_helo = [\"\"]", "lists.reject_helo[0]")]);
     }
 }

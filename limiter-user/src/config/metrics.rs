@@ -19,3 +19,14 @@ impl Default for Metrics {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::{assert_parse_error_names, assert_unknown_field};
+
+    #[test]
+    fn bad_keys_and_values_are_refused_naming_the_key() {
+        assert_unknown_field(&[("[metrics]\nlisten = \"127.0.0.1:1\"", "listen")]);
+        assert_parse_error_names(&[("[metrics]\naddress = \"9425\"", "address")]);
+    }
+}

@@ -189,3 +189,53 @@ impl Recipients {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::{assert_accepted, assert_invalid, assert_unknown_field};
+
+    #[test]
+    fn bad_keys_and_values_are_refused_naming_the_key() {
+        assert_unknown_field(&[
+            ("[recipients]\nfile = \"/x\"", "file"),
+            (
+                "[recipients.ldap]\nurl = \"ldap://x\"\nbase_dn = \"dc=x\"\nscope = \"sub\"",
+                "scope",
+            ),
+        ]);
+        let ldap = "[recipients.ldap]\nurl = \"ldap://x\"\nbase_dn = \"dc=x\"\n";
+        assert_invalid(&[
+            (
+                "[recipients.ldap]\nurl = \"http://x\"\nbase_dn = \"dc=x\"",
+                "recipients.ldap.url",
+            ),
+            (
+                &format!("{ldap}password = \"p\"\npassword_file = \"/p\"\nbind_dn = \"cn=x\""),
+                "recipients.ldap.password",
+            ),
+            (
+                &format!("{ldap}bind_dn = \"cn=x\""),
+                "recipients.ldap.bind_dn",
+            ),
+            (
+                &format!("{ldap}password = \"p\""),
+                "recipients.ldap.bind_dn",
+            ),
+            (
+                "[recipients.ldap]\nurl = \"ldap://x\"\nbase_dn = \"\"",
+                "recipients.ldap.base_dn",
+            ),
+            (
+                &format!("{ldap}attributes = []"),
+                "recipients.ldap.attributes",
+            ),
+            (
+                &format!("{ldap}refresh = \"0s\""),
+                "recipients.ldap.refresh",
+            ),
+        ]);
+        assert_accepted(&[
+            "[recipients.ldap]\nurl = \"LDAPS://dc.example:636\"\nbase_dn = \"dc=x\"",
+        ]);
+    }
+}

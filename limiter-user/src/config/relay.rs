@@ -23,6 +23,7 @@ impl Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::tests::assert_unknown_field;
 
     #[test]
     fn relay_patterns_split_on_blanks() {
@@ -31,5 +32,10 @@ mod tests {
         };
         assert_eq!(relay.patterns(), ["*@example.com", "postmaster@*", "a?b@x"]);
         assert!(Relay::default().patterns().is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_naming_the_key() {
+        assert_unknown_field(&[("[relay]\nrecipients = \"*\"", "recipients")]);
     }
 }

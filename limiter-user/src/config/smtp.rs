@@ -212,3 +212,43 @@ impl Config {
         self.smtp.auth_requires_tls.unwrap_or(self.tls.is_some())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::assert_invalid;
+
+    #[test]
+    fn bad_values_are_refused_naming_the_key() {
+        assert_invalid(&[
+            ("[smtp]\nwrite_timeout = \"0s\"", "smtp.write_timeout"),
+            ("[smtp]\nmax_sessions = 0", "smtp.max_sessions"),
+            (
+                "[smtp]\nmax_commands_before_mail = 0",
+                "smtp.max_commands_before_mail",
+            ),
+            ("[smtp]\nstress_threshold = 0.0", "smtp.stress_threshold"),
+            ("[smtp]\nstress_threshold = 1.5", "smtp.stress_threshold"),
+            ("[smtp]\nstress_threshold = nan", "smtp.stress_threshold"),
+            (
+                "[smtp]\nstress_command_timeout = \"0s\"",
+                "smtp.stress_command_timeout",
+            ),
+            ("[smtp]\nrelay_verbs = [\"\"]", "smtp.relay_verbs[0]"),
+            ("[smtp]\nrelay_verbs = [\"X EXPS\"]", "smtp.relay_verbs[0]"),
+            ("[smtp]\nrelay_verbs = [\"-X\"]", "smtp.relay_verbs[0]"),
+            (
+                "[smtp]\nrelay_verbs = [\"ETRN\", \"RCPT\"]",
+                "smtp.relay_verbs[1]",
+            ),
+            ("[smtp]\nrelay_verbs = [\"xclient\"]", "smtp.relay_verbs[0]"),
+            (
+                "[smtp]\nrelay_verbs = [\"ETRN\", \"etrn\"]",
+                "smtp.relay_verbs[1]",
+            ),
+            (
+                "[smtp]\nrelay_verbs = [\"ETRN\\r\\nRCPT\"]",
+                "smtp.relay_verbs[0]",
+            ),
+        ]);
+    }
+}

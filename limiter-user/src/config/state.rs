@@ -48,3 +48,13 @@ impl State {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::assert_unknown_field;
+
+    #[test]
+    fn unknown_keys_are_refused_naming_the_key() {
+        assert_unknown_field(&[("[state]\ndir = \"/x\"", "dir")]);
+    }
+}

@@ -13,3 +13,16 @@ pub struct Tls {
     /// PEM private key of that certificate.
     pub key: PathBuf,
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::assert_unknown_field;
+
+    #[test]
+    fn unknown_keys_are_refused_naming_the_key() {
+        assert_unknown_field(&[(
+            "[tls]\ncertificate = \"/c\"\nkey = \"/k\"\nchain = \"/x\"",
+            "chain",
+        )]);
+    }
+}
