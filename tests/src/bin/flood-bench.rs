@@ -87,6 +87,9 @@ const SLOW_BYTE: Duration = Duration::from_secs(3);
 const RECONNECT: Duration = Duration::from_secs(1);
 /// Longest wait for Postfix to deliver what it accepted in one run.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the queue may take to empty once every accepted legitimate
+/// message is delivered.
+const QUEUE_WAIT: Duration = Duration::from_secs(20);
 /// How long the legitimate senders may finish a message after the window.
 const GRACE: Duration = Duration::from_secs(5);
 /// Attempts per legitimate message (the first, and retries after a 4xx).
@@ -764,18 +767,32 @@ struct Legit {
     samples: BTreeMap<String, String>,
 }
 
-/// One closed-loop sender: one message per session, each from the next
-/// address of its share of the pool, until `until`.
-async fn sender(
-    worker: usize,
+/// What the legitimate senders of one run share.
+struct Senders {
+    /// How many there are: sender `w` takes addresses `w`, `w + workers`, …
     workers: usize,
-    pool: Arc<Vec<Ipv4Addr>>,
+    pool: Vec<Ipv4Addr>,
     to: SocketAddr,
-    tag: Arc<String>,
+    /// Message-IDs start with it.
+    tag: String,
+    /// The window: from `t0` until `until`.
     t0: Instant,
     until: Instant,
-    out: Arc<Mutex<Legit>>,
-) {
+    out: Mutex<Legit>,
+}
+
+/// One closed-loop sender: one message per session, each from the next
+/// address of its share of the pool, until the window closes.
+async fn sender(worker: usize, plan: Arc<Senders>) {
+    let Senders {
+        workers,
+        ref pool,
+        to,
+        ref tag,
+        t0,
+        until,
+        ref out,
+    } = *plan;
     let mut n = 0usize;
     while Instant::now() < until {
         let source = IpAddr::V4(pool[(worker + n * workers) % pool.len()]);
@@ -793,7 +810,7 @@ async fn sender(
         };
         // Until a definite answer, the message may be in flight when the
         // window closes and the task is aborted: uncertain.
-        lock(&out).uncertain.insert(id.clone());
+        lock(out).uncertain.insert(id.clone());
         let started = Instant::now();
         let mut deferrals = 0;
         let mut attempt = 0;
@@ -802,7 +819,7 @@ async fn sender(
             let result = send_message(source, to, &message, LEGIT_TIMEOUTS).await;
             // The lock is taken and released without an await in between.
             let retry = {
-                let mut o = lock(&out);
+                let mut o = lock(out);
                 match result {
                     Ok(_) => {
                         o.uncertain.remove(&id);
@@ -943,6 +960,9 @@ struct RunResult {
     bounces_delivered: u64,
     /// With --known-senders: the addresses that delivered before the flood.
     warmed: Option<usize>,
+    /// Messages left in Postfix's queue at the end (none of them an
+    /// accepted legitimate one).
+    queue_left: usize,
     /// The agent's metrics at the end.
     metrics: BTreeMap<String, f64>,
 }
@@ -1026,19 +1046,17 @@ impl Bench<'_> {
         let window = Duration::from_secs(self.opts.secs());
         let t0 = Instant::now();
         let until = t0 + window;
+        let plan = Arc::new(Senders {
+            workers: self.opts.senders,
+            pool: pool.to_vec(),
+            to,
+            tag: tag.to_string(),
+            t0,
+            until,
+            out: Mutex::new(std::mem::take(&mut *lock(&legit))),
+        });
         let senders: Vec<_> = (0..self.opts.senders)
-            .map(|w| {
-                self.legit_rt.spawn(sender(
-                    w,
-                    self.opts.senders,
-                    Arc::clone(&pool),
-                    to,
-                    Arc::clone(&tag),
-                    t0,
-                    until,
-                    Arc::clone(&legit),
-                ))
-            })
+            .map(|w| self.legit_rt.spawn(sender(w, Arc::clone(&plan))))
             .collect();
         let cpu_before = agent.as_ref().and_then(Agent::cpu_secs);
         let postfix_before = postfix_cpu(&postfix);
@@ -1091,8 +1109,9 @@ impl Bench<'_> {
         if let Some(a) = agent {
             a.stop()?;
         }
-        let legit = Arc::try_unwrap(legit)
+        let legit = Arc::try_unwrap(plan)
             .map_err(|_| anyhow::anyhow!("a sender task outlived its abort"))?
+            .out
             .into_inner()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
 
@@ -1100,7 +1119,8 @@ impl Bench<'_> {
         let mut deliveries = Deliveries::new(&tag, &LEGIT_RCPTS, FLOOD_RCPT);
         let log = postfix.dir().join("maillog");
         let drain = Instant::now() + DRAIN_TIMEOUT;
-        loop {
+        let mut all_in = None;
+        let queue_left = loop {
             check_stop()?;
             deliveries.update(&log)?;
             let missing = legit
@@ -1108,17 +1128,27 @@ impl Bench<'_> {
                 .iter()
                 .filter(|id| !deliveries.legit.contains_key(*id))
                 .count();
-            if missing == 0 && postfix.queued() == 0 {
-                break;
+            let queued = postfix.queued();
+            if missing == 0 && queued == 0 {
+                break 0;
+            }
+            // Every accepted legitimate message is in; what is left is the
+            // flood's (a bounce cut mid-way, say): given a while, then
+            // reported rather than waited for.
+            if missing == 0 && all_in.get_or_insert_with(Instant::now).elapsed() > QUEUE_WAIT {
+                eprintln!(
+                    "{}: every accepted legitimate message delivered; {queued} other message(s) still in Postfix's queue after {QUEUE_WAIT:?}",
+                    setup.name()
+                );
+                break queued;
             }
             ensure!(
                 Instant::now() < drain,
-                "{}: {missing} accepted legitimate messages not delivered after {DRAIN_TIMEOUT:?} ({} in the queue)",
-                setup.name(),
-                postfix.queued()
+                "{}: {missing} accepted legitimate messages not delivered after {DRAIN_TIMEOUT:?} ({queued} in the queue)",
+                setup.name()
             );
             std::thread::sleep(Duration::from_millis(200));
-        }
+        };
         for (id, n) in &deliveries.legit {
             ensure!(*n == 1, "{id} was delivered {n} times");
             ensure!(
@@ -1149,7 +1179,8 @@ impl Bench<'_> {
             secs,
             per_second,
             latencies,
-            accepted: legit.accepted.len(),
+            // The warm-up's messages are not the measured ones.
+            accepted: legit.accepted.len() - warmed.unwrap_or(0),
             deferred: legit.deferred,
             deferrals: legit.deferrals,
             failures: legit.failures,
@@ -1163,6 +1194,7 @@ impl Bench<'_> {
             flood: counts.snapshot(),
             bounces_delivered: deliveries.flood,
             warmed,
+            queue_left,
             metrics,
         })
     }
@@ -1216,6 +1248,17 @@ fn cpu_cell(runs: &[&RunResult]) -> String {
                 .collect::<Vec<_>>()
         )
     )
+}
+
+/// The agent's metrics added up over runs.
+fn summed_metrics(runs: &[&RunResult]) -> BTreeMap<String, f64> {
+    let mut sum = BTreeMap::new();
+    for r in runs {
+        for (k, v) in &r.metrics {
+            *sum.entry(k.clone()).or_default() += v;
+        }
+    }
+    sum
 }
 
 fn shed_counts(metrics: &BTreeMap<String, f64>) -> String {
@@ -1337,8 +1380,7 @@ fn report(results: &[RunResult], setups: &[Setup], out: &mut String) -> Vec<Stri
             sum("no_answer").to_string(),
             sum("bounces").to_string(),
             format!("{} / {}", sum("harvest_refused"), sum("harvest_accepted")),
-            runs.last()
-                .map_or(String::new(), |r| shed_counts(&r.metrics)),
+            shed_counts(&summed_metrics(&runs)),
         ]);
     }
     out.push_str(&flood.markdown());
@@ -1357,6 +1399,25 @@ fn report(results: &[RunResult], setups: &[Setup], out: &mut String) -> Vec<Stri
         for ((setup, why), n) in failures {
             let _ = writeln!(out, "- {}: {why} × {n}", setup.name());
         }
+    }
+    let left: Vec<String> = results
+        .iter()
+        .filter(|r| r.queue_left > 0)
+        .map(|r| {
+            format!(
+                "{} round {}: {}",
+                r.setup.short(),
+                r.round + 1,
+                r.queue_left
+            )
+        })
+        .collect();
+    if !left.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nMessages still in Postfix's queue 20 s after every accepted legitimate message was delivered (the flood's): {}",
+            left.join(", ")
+        );
     }
     let mut samples: BTreeMap<(Setup, &str), &str> = BTreeMap::new();
     for r in results {
@@ -1381,18 +1442,29 @@ fn report(results: &[RunResult], setups: &[Setup], out: &mut String) -> Vec<Stri
             if r >= TARGET { "met" } else { "MISSED" }
         ));
     }
-    if let Some(r) = ratio(results, Setup::OnMail, Setup::PostscreenDeep) {
-        let deferred: u64 = runs_of(results, Setup::PostscreenDeep)
+    let rate = |setup| {
+        median(
+            &runs_of(results, setup)
+                .iter()
+                .map(|r| r.rate())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let deferred = |setup| {
+        runs_of(results, setup)
             .iter()
             .map(|r| r.deferred)
-            .sum();
-        let ours: u64 = runs_of(results, Setup::OnMail)
-            .iter()
-            .map(|r| r.deferred)
-            .sum();
+            .sum::<u64>()
+    };
+    if !runs_of(results, Setup::OnMail).is_empty()
+        && !runs_of(results, Setup::PostscreenDeep).is_empty()
+    {
+        let (ours, theirs) = (rate(Setup::OnMail), rate(Setup::PostscreenDeep));
+        let (ours_deferred, theirs_deferred) =
+            (deferred(Setup::OnMail), deferred(Setup::PostscreenDeep));
         verdicts.push(format!(
-            "ahead of postscreen with its deep tests (the anchor): {r:.2}× its rate (median of same-round ratios); messages deferred: {ours} here, {deferred} there: {}",
-            if r >= 1.0 && ours <= deferred { "met" } else { "MISSED" }
+            "ahead of postscreen with its deep tests (the anchor): {ours:.1} against {theirs:.1} legitimate msg/s (medians over rounds); messages deferred before they were taken: {ours_deferred} against {theirs_deferred}: {}",
+            if ours > theirs && ours_deferred <= theirs_deferred { "met" } else { "MISSED" }
         ));
     }
     verdicts
@@ -1418,10 +1490,11 @@ fn plot(results: &[RunResult], setups: &[Setup], opts: &Options, machine: &str) 
                         )
                     })
                     .collect(),
-                note: format!(
-                    "median {:.0} msg/s over the window",
-                    median(&runs.iter().map(|r| r.rate()).collect::<Vec<_>>())
-                ),
+                note: {
+                    let rate = median(&runs.iter().map(|r| r.rate()).collect::<Vec<_>>());
+                    let digits = usize::from(rate < 10.0);
+                    format!("median {rate:.digits$} msg/s over the window")
+                },
                 dashed: setup == Setup::NoFlood,
             })
         })
@@ -1472,6 +1545,7 @@ fn json_report(results: &[RunResult], opts: &Options, verdicts: &[String]) -> se
             "flood": r.flood,
             "bounces_delivered": r.bounces_delivered,
             "known_senders_warmed": r.warmed,
+            "queue_left": r.queue_left,
             "agent_metrics": r.metrics,
         })).collect::<Vec<_>>(),
     })
