@@ -15,7 +15,14 @@
 //! * no line reaches the backend that the proxy did not parse: outside
 //!   message data, every line passes `check_command_line` and names a verb
 //!   the proxy relays; SASL answers are base64 or `*`;
+//! * the proxy pipelines only where Postfix allows it (RFC 2920): nothing
+//!   before the greeting, nothing after HELO, EHLO, DATA, NOOP, VRFY or
+//!   EXPN before their reply, nothing after any command in a session that
+//!   said HELO (what `smtpd_forbid_unauth_pipelining` drops a client for);
 //! * no panic, and the session ends (the client closing its side ends it).
+//!
+//! The backend refuses a MAIL whose sender starts with `refuse` (so that
+//! recipients pipelined after a refused MAIL are exercised).
 #![no_main]
 
 use std::{
@@ -72,16 +79,30 @@ struct Seen {
     /// Queue ids of the messages the backend accepted.
     queued: Vec<u32>,
     next_id: u32,
+    /// Lines after which more input was already there before the reply
+    /// (or `"<greeting>"`): pipelining Postfix forbids.
+    pipelined: Vec<Vec<u8>>,
 }
 
 async fn serve_backend(stream: TcpStream, seen: Arc<Mutex<Seen>>) {
+    // Nothing may come before the greeting (identity = "none": no header).
+    let mut early = [0u8; 1];
+    if matches!(stream.try_read(&mut early), Ok(n) if n > 0) {
+        seen.lock().unwrap().pipelined.push(b"<greeting>".to_vec());
+    }
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
-    if write.write_all(b"220 backend.fuzz ESMTP\r\n").await.is_err() {
+    if write
+        .write_all(b"220 backend.fuzz ESMTP\r\n")
+        .await
+        .is_err()
+    {
         return;
     }
     let mut line = Vec::new();
     let mut sasl = false;
+    // EHLO said on this connection (a HELO session may not pipeline).
+    let mut esmtp = false;
     loop {
         line.clear();
         match read.read_until(b'\n', &mut line).await {
@@ -92,15 +113,35 @@ async fn serve_backend(stream: TcpStream, seen: Arc<Mutex<Seen>>) {
         seen.lock().unwrap().commands.push((text.clone(), sasl));
         if sasl {
             sasl = false;
-            let reply: &[u8] = if text == b"*" { b"501 5.7.0 Authentication aborted\r\n" } else { b"535 5.7.8 Error: authentication failed\r\n" };
+            let reply: &[u8] = if text == b"*" {
+                b"501 5.7.0 Authentication aborted\r\n"
+            } else {
+                b"535 5.7.8 Error: authentication failed\r\n"
+            };
             if write.write_all(reply).await.is_err() {
                 return;
             }
             continue;
         }
         let command = parse_command(&text);
+        match command.verb {
+            Verb::Ehlo => esmtp = true,
+            Verb::Helo => esmtp = false,
+            _ => {}
+        }
+        // Input already there before this command's reply: pipelined.
+        let last_in_group = matches!(
+            command.verb,
+            Verb::Helo | Verb::Ehlo | Verb::Data | Verb::Noop | Verb::Vrfy | Verb::Expn
+        ) || !esmtp;
+        if last_in_group && !read.buffer().is_empty() {
+            seen.lock().unwrap().pipelined.push(text.clone());
+        }
         let reply: Vec<u8> = match command.verb {
             Verb::Ehlo => b"250-backend.fuzz\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250-8BITMIME\r\n250 AUTH PLAIN LOGIN\r\n".to_vec(),
+            Verb::Mail if command.args.to_ascii_lowercase().contains("from:<refuse") => {
+                b"550 5.7.1 Sender refused\r\n".to_vec()
+            }
             Verb::Helo | Verb::Mail | Verb::Rset | Verb::Noop => b"250 2.0.0 Ok\r\n".to_vec(),
             Verb::Rcpt => {
                 let rcpt = parse_rcpt_to(&command.args).map(|r| r.canonical.to_ascii_lowercase());
@@ -215,7 +256,9 @@ fuzz_target!(|data: &[u8]| {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let backend_seen = seen.clone();
     let client_output = runtime().block_on(async move {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the backend");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the backend");
         let backend_addr = listener.local_addr().expect("backend address");
         // The backend side: every connection served by a task of its own,
         // counted so that the check below runs only once all have ended.
@@ -234,8 +277,8 @@ fuzz_target!(|data: &[u8]| {
             }
         });
         let config = config(*variant, backend_addr);
-        let mut ctx = ProxyContext::new(&config, Arc::new(NoKernel::new("fuzz")))
-            .expect("proxy context");
+        let mut ctx =
+            ProxyContext::new(&config, Arc::new(NoKernel::new("fuzz"))).expect("proxy context");
         ctx.state = Arc::new(PolicyState::with_capacity(64));
         let ctx = Arc::new(ctx);
         // The backend's capabilities, as the agent's probe learns them: once
@@ -311,29 +354,59 @@ fuzz_target!(|data: &[u8]| {
     });
 
     let seen = seen.lock().unwrap();
+    assert!(
+        seen.pipelined.is_empty(),
+        "the proxy pipelined where Postfix forbids it, after: {:?}",
+        seen.pipelined
+    );
     // Every "queued" reply the client saw was the backend's, once each.
     let mut queued_seen = Vec::new();
     for line in client_output.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if let Some(id) = line.strip_prefix(b"250 2.0.0 Ok: queued as Q") {
-            let id: u32 = std::str::from_utf8(id).ok().and_then(|s| s.parse().ok()).expect("queue id");
-            assert!(seen.queued.contains(&id), "the client got a 250 for a message the backend never accepted");
-            assert!(!queued_seen.contains(&id), "the backend's acceptance was given twice");
+            let id: u32 = std::str::from_utf8(id)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .expect("queue id");
+            assert!(
+                seen.queued.contains(&id),
+                "the client got a 250 for a message the backend never accepted"
+            );
+            assert!(
+                !queued_seen.contains(&id),
+                "the backend's acceptance was given twice"
+            );
             queued_seen.push(id);
         }
     }
     for (line, sasl) in &seen.commands {
         if *sasl {
-            assert!(check_sasl_response(line).is_ok(), "a SASL answer the proxy did not check: {line:?}");
+            assert!(
+                check_sasl_response(line).is_ok(),
+                "a SASL answer the proxy did not check: {line:?}"
+            );
             continue;
         }
-        assert!(check_command_line(line).is_ok(), "an unparsed line reached the backend: {line:?}");
+        assert!(
+            check_command_line(line).is_ok(),
+            "an unparsed line reached the backend: {line:?}"
+        );
         let command = parse_command(line);
-        assert!(relayed(command.verb), "a verb the proxy does not relay reached the backend: {line:?}");
+        assert!(
+            relayed(command.verb),
+            "a verb the proxy does not relay reached the backend: {line:?}"
+        );
         if command.verb == Verb::Rcpt && !observe {
             let rcpt = parse_rcpt_to(&command.args).expect("a relayed RCPT parses");
-            assert!(rcpt.second_route.is_none(), "a routed recipient reached the backend: {line:?}");
-            assert_eq!(rcpt.domain(), Some("example.com"), "a foreign recipient reached the backend: {line:?}");
+            assert!(
+                rcpt.second_route.is_none(),
+                "a routed recipient reached the backend: {line:?}"
+            );
+            assert_eq!(
+                rcpt.domain(),
+                Some("example.com"),
+                "a foreign recipient reached the backend: {line:?}"
+            );
         }
     }
 });

@@ -9,12 +9,25 @@
 //! them delivers at once. With `"on-connect"` (the old behaviour) the same
 //! zombies take every backend slot and the sender is turned away.
 //!
+//! Pipelining end to end, against the same Postfix with
+//! `smtpd_forbid_unauth_pipelining = yes` (Postfix 3.9's default: a client
+//! that talks before the greeting, or pipelines where RFC 2920 forbids it,
+//! is dropped): a recording relay between the proxy and Postfix shows the
+//! client's pipelined group reaching Postfix in one write, without the
+//! commands the proxy refused; a HELO session (no PIPELINING) reaches it one
+//! command at a time; and Postfix answers a client straight the way the
+//! proxy answers a pipelined group after a refused MAIL.
+//!
 //! Needs root and Postfix ([`postfix::missing_prerequisite`]); without them
 //! the tests are skipped with a message, and under `CI=true` they fail.
 
 use std::{
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -203,7 +216,7 @@ fn idle_zombies_never_reach_postfix_and_mail_still_flows() {
     // … and Postfix never saw one of them: its only clients were the
     // fixture's readiness check and the proxy's probe (127.0.0.1) and the
     // sender.
-    thread::sleep(Duration::from_millis(300));
+    postfix.flush_log().expect("Postfix's log");
     let log = postfix.log();
     assert!(!log.contains("[127.1."), "a zombie reached Postfix:\n{log}");
     let connects: Vec<&str> = log
@@ -372,4 +385,333 @@ fn at_the_session_cap_a_sender_displaces_the_oldest_idle_zombie() {
         expect(&z.cmd("NOOP").expect("NOOP"), "250 ");
     }
     assert!(!postfix.log().contains("[127.1."), "{}", postfix.log());
+}
+
+// -- Pipelining end to end ---------------------------------------------------
+
+/// A TCP relay in front of `upstream` that records, for every connection,
+/// each chunk its client side (the proxy) delivers in one read; the bytes
+/// go on unchanged (PROXY header included). A sender that waits for each
+/// reply can never have two commands in one chunk: the reply to the first
+/// only comes after the relay read (and passed on) that first command. So a
+/// chunk holding MAIL, RCPT and DATA proves they were written together.
+/// Stops accepting on drop; relayed connections end with their peers.
+struct Recorder {
+    addr: SocketAddr,
+    /// The chunks of each connection, in accept order.
+    connections: Arc<Mutex<Vec<Arc<Mutex<Vec<Vec<u8>>>>>>>,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<thread::JoinHandle<()>>,
+}
+
+impl Recorder {
+    fn start(upstream: SocketAddr) -> Recorder {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the recorder");
+        let addr = listener.local_addr().expect("recorder address");
+        listener.set_nonblocking(true).expect("nonblocking accept");
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (record, stopped) = (connections.clone(), stop.clone());
+        let acceptor = thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let chunks = Arc::new(Mutex::new(Vec::new()));
+                        record.lock().unwrap().push(chunks.clone());
+                        thread::spawn(move || relay_recording(client, upstream, &chunks));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Recorder {
+            addr,
+            connections,
+            stop,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    /// Every connection's chunks so far, as text.
+    fn chunks(&self) -> Vec<Vec<String>> {
+        self.connections
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                c.lock()
+                    .unwrap()
+                    .iter()
+                    .map(|chunk| String::from_utf8_lossy(chunk).into_owned())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The chunks of the one connection that carried `needle`.
+    #[track_caller]
+    fn session_with(&self, needle: &str) -> Vec<String> {
+        let mut sessions: Vec<Vec<String>> = self
+            .chunks()
+            .into_iter()
+            .filter(|c| c.iter().any(|chunk| chunk.contains(needle)))
+            .collect();
+        assert_eq!(
+            sessions.len(),
+            1,
+            "connections carrying {needle:?}: {sessions:#?}"
+        );
+        sessions.remove(0)
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+    }
+}
+
+/// Carries one connection to `upstream`, recording what `client` sends.
+fn relay_recording(client: TcpStream, upstream: SocketAddr, chunks: &Mutex<Vec<Vec<u8>>>) {
+    let _ = client.set_nonblocking(false);
+    let Ok(server) = TcpStream::connect(upstream) else {
+        return;
+    };
+    let _ = server.set_nodelay(true);
+    let (Ok(mut server_r), Ok(mut client_w)) = (server.try_clone(), client.try_clone()) else {
+        return;
+    };
+    let replies = thread::spawn(move || {
+        let _ = std::io::copy(&mut server_r, &mut client_w);
+        let _ = client_w.shutdown(Shutdown::Write);
+    });
+    let (mut client, mut server) = (client, server);
+    let mut buf = [0u8; 65536];
+    loop {
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                chunks.lock().unwrap().push(buf[..n].to_vec());
+                if server.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = server.shutdown(Shutdown::Write);
+    let _ = replies.join();
+}
+
+/// A Postfix that reads PROXY headers and drops clients that pipeline
+/// where RFC 2920 forbids it (Postfix 3.9's default).
+fn strict_postfix() -> Postfix {
+    Postfix::start(PostfixOptions {
+        proxy_protocol: true,
+        extra_main_cf: vec![("smtpd_forbid_unauth_pipelining".into(), "yes".into())],
+        ..PostfixOptions::default()
+    })
+    .expect("start Postfix")
+}
+
+/// The proxy in front of `upstream` (a recorder before Postfix), with
+/// `relay.accept = "*@example.com"` and `smtp` keys `smtp`.
+fn proxy_to(upstream: SocketAddr, smtp: &str) -> TestProxy {
+    TestProxy::start(&format!(
+        r#"mode = "enforce"
+
+[[listen]]
+address = "127.0.0.1:0"
+
+[backend]
+address = "{upstream}"
+identity = "proxy-v2"
+connect_timeout = "2s"
+
+[kernel]
+mode = "off"
+
+[relay]
+accept = "*@example.com"
+
+[smtp]
+{smtp}
+"#
+    ))
+}
+
+/// The replies that came in the next single read: what one write of the
+/// server held.
+fn replies_in_one_read(c: &mut Client) -> Vec<String> {
+    assert!(c.buf.is_empty(), "unread bytes: {:?}", c.buf);
+    let mut chunk = [0u8; 65536];
+    let n = c.stream.read(&mut chunk).expect("read the replies");
+    c.buf.extend_from_slice(&chunk[..n]);
+    let mut replies = Vec::new();
+    while c.buf.contains(&b'\n') {
+        replies.push(c.reply().expect("a whole reply"));
+    }
+    assert!(c.buf.is_empty(), "a reply cut short: {:?}", c.buf);
+    replies
+}
+
+/// Postfix logs every client that talks before its greeting or pipelines
+/// where it may not (and with `smtpd_forbid_unauth_pipelining` drops it).
+#[track_caller]
+fn assert_no_improper_pipelining(postfix: &Postfix) {
+    postfix.flush_log().expect("Postfix's log");
+    let log = postfix.log();
+    assert!(
+        !log.contains("improper command pipelining"),
+        "the proxy pipelined where Postfix forbids it:\n{log}"
+    );
+}
+
+#[test]
+fn a_pipelined_group_reaches_postfix_in_one_write_without_what_the_proxy_refused() {
+    if !ready("a_pipelined_group_reaches_postfix_in_one_write_without_what_the_proxy_refused") {
+        return;
+    }
+    let postfix = strict_postfix();
+    let recorder = Recorder::start(postfix.addr());
+    let proxy = proxy_to(recorder.addr, "");
+    let mut c = Client::connect(proxy.addr, SENDER).expect("sender connects");
+    expect(&c.reply().expect("greeting"), "220 ");
+    let ehlo = c.cmd("EHLO sender.test").expect("EHLO");
+    assert!(ehlo.contains("PIPELINING"), "{ehlo}");
+    // One group: a relay attempt, a valid recipient, an unknown one, a
+    // line that does not parse, and DATA last.
+    c.stream
+        .write_all(
+            b"MAIL FROM:<someone@sender.test>\r\nRCPT TO:<other@elsewhere.test>\r\n\
+              RCPT TO:<alice@example.com>\r\nRCPT TO:<nobody@example.com>\r\n\
+              RCPT TO:<bob@example.com\r\nDATA\r\n",
+        )
+        .expect("the group");
+    let replies = replies_in_one_read(&mut c);
+    let codes: Vec<&str> = replies.iter().map(|r| &r[..3]).collect();
+    assert_eq!(
+        codes,
+        ["250", "550", "250", "550", "501", "354"],
+        "{replies:#?}"
+    );
+    expect(&replies[1], "550 5.7.1");
+    expect(&replies[3], "550 5.1.1 <nobody@example.com>");
+    expect(
+        &c.cmd("Subject: piped\r\n\r\nOne write.\r\n.")
+            .expect("end of DATA"),
+        "250 ",
+    );
+    expect(&c.cmd("QUIT").expect("QUIT"), "221 ");
+    postfix.expect_delivered(1);
+    // Postfix got the relayed commands of the group in one write, in the
+    // client's order, and nothing the proxy refused.
+    let session = recorder.session_with("MAIL FROM:<someone@sender.test>");
+    assert!(
+        session.iter().any(|chunk| chunk
+            == "MAIL FROM:<someone@sender.test>\r\nRCPT TO:<alice@example.com>\r\n\
+                RCPT TO:<nobody@example.com>\r\nDATA\r\n"),
+        "{session:#?}"
+    );
+    let all = session.concat();
+    assert!(!all.contains("elsewhere.test"), "{session:#?}");
+    assert!(!all.contains("<bob@example.com\r\n"), "{session:#?}");
+    // The PROXY header, EHLO and the group each waited for their reply.
+    assert_eq!(session[1], "EHLO sender.test\r\n", "{session:#?}");
+    assert_no_improper_pipelining(&postfix);
+}
+
+#[test]
+fn a_helo_session_reaches_postfix_one_command_at_a_time() {
+    if !ready("a_helo_session_reaches_postfix_one_command_at_a_time") {
+        return;
+    }
+    let postfix = strict_postfix();
+    let recorder = Recorder::start(postfix.addr());
+    let proxy = proxy_to(recorder.addr, "");
+    let mut c = Client::connect(proxy.addr, SENDER).expect("sender connects");
+    expect(&c.reply().expect("greeting"), "220 ");
+    expect(&c.cmd("HELO sender.test").expect("HELO"), "250 ");
+    // The client pipelines without PIPELINING (a HELO session): Postfix
+    // would drop the proxy if it passed the group on as it came.
+    c.stream
+        .write_all(b"MAIL FROM:<someone@sender.test>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n")
+        .expect("the group");
+    for code in ["250 ", "250 ", "354 "] {
+        expect(&c.reply().expect("reply"), code);
+    }
+    expect(
+        &c.cmd("Subject: helo\r\n\r\nOne at a time.\r\n.")
+            .expect("end of DATA"),
+        "250 ",
+    );
+    expect(&c.cmd("QUIT").expect("QUIT"), "221 ");
+    postfix.expect_delivered(1);
+    let session = recorder.session_with("MAIL FROM:<someone@sender.test>");
+    for command in [
+        "HELO sender.test\r\n",
+        "MAIL FROM:<someone@sender.test>\r\n",
+        "RCPT TO:<alice@example.com>\r\n",
+        "DATA\r\n",
+    ] {
+        assert!(
+            session.iter().any(|chunk| chunk == command),
+            "{command:?} not in a chunk of its own: {session:#?}"
+        );
+    }
+    assert_no_improper_pipelining(&postfix);
+}
+
+/// The replies to `group` after EHLO on `client`.
+fn group_replies(client: &mut Client, group: &[u8]) -> Vec<String> {
+    expect(&client.reply().expect("greeting"), "220 ");
+    expect(&client.cmd("EHLO sender.test").expect("EHLO"), "250");
+    client.stream.write_all(group).expect("the group");
+    let count = group.windows(2).filter(|w| w == b"\r\n").count();
+    (0..count)
+        .map(|_| client.reply().expect("a reply"))
+        .collect()
+}
+
+#[test]
+fn a_refused_mail_fails_its_pipelined_recipients_as_postfix_does() {
+    if !ready("a_refused_mail_fails_its_pipelined_recipients_as_postfix_does") {
+        return;
+    }
+    let postfix = strict_postfix();
+    // The proxy takes messages as large as Postfix does (10240000 bytes).
+    let proxy = proxy_to(postfix.addr(), "max_message_size = 10240000");
+    // A MAIL over the size limit, then recipients and DATA in its group.
+    let group = b"MAIL FROM:<someone@sender.test> SIZE=20000000\r\nRCPT TO:<alice@example.com>\r\n\
+                  RCPT TO:<bob@example.com>\r\nDATA\r\n";
+    // Postfix itself, told the client's address as the proxy would.
+    let mut direct = Client::connect(postfix.addr(), SENDER).expect("connect to Postfix");
+    direct
+        .stream
+        .write_all(b"PROXY TCP4 127.0.0.2 127.0.0.1 40000 25\r\n")
+        .expect("PROXY header");
+    let oracle = group_replies(&mut direct, group);
+    assert_eq!(
+        oracle,
+        [
+            "552 5.3.4 Message size exceeds fixed limit",
+            "503 5.5.1 Error: need MAIL command",
+            "503 5.5.1 Error: need MAIL command",
+            "503 5.5.1 Error: need RCPT command",
+        ]
+    );
+    // The proxy refuses that MAIL itself: the same replies.
+    let mut c = Client::connect(proxy.addr, SENDER).expect("connect to the proxy");
+    assert_eq!(group_replies(&mut c, group), oracle);
+    // Within the proxy's limit, Postfix refuses it: the same replies again
+    // (the recipients and DATA went to Postfix in the group, and its
+    // refusal of DATA is relayed).
+    let proxy = proxy_to(postfix.addr(), "max_message_size = 30000000");
+    let mut c = Client::connect(proxy.addr, SENDER).expect("connect to the proxy");
+    assert_eq!(group_replies(&mut c, group), oracle);
+    expect(&c.cmd("QUIT").expect("QUIT"), "221 ");
+    expect(&direct.cmd("QUIT").expect("QUIT"), "221 ");
+    assert_no_improper_pipelining(&postfix);
 }

@@ -22,7 +22,7 @@ use limiter_common::reason;
 use limiter_tests::{
     fixture,
     proxy::TestProxy,
-    scripted::{base64_encode, Behaviour, FailMode, ScriptedBackend},
+    scripted::{base64_encode, Behaviour, FailMode, ScriptedBackend, BACKEND_421},
 };
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -211,6 +211,22 @@ impl Smtp {
         None
     }
 
+    /// The replies that came in the next single read of the socket (the
+    /// buffer must be empty): what one write of the proxy held, if the
+    /// proxy wrote before the read.
+    fn replies_in_one_read(&mut self) -> Vec<String> {
+        assert!(self.buf.is_empty(), "unread bytes: {:?}", self.buf);
+        let mut chunk = [0u8; 65536];
+        let n = self.stream.read(&mut chunk).expect("read from the proxy");
+        self.buf.extend_from_slice(&chunk[..n]);
+        let mut replies = Vec::new();
+        while let Some(reply) = self.take_reply() {
+            replies.push(reply);
+        }
+        assert!(self.buf.is_empty(), "a reply cut short: {:?}", self.buf);
+        replies
+    }
+
     /// Whether the server closes the connection within [`WAIT`] without
     /// sending anything more (unread bytes count as "not closed").
     fn closed(&mut self) -> bool {
@@ -300,6 +316,12 @@ fn whole_transaction_is_relayed_byte_for_byte() {
     assert_eq!(c.reply(), "250 2.0.0 Ok: queued as 1");
     assert_eq!(c.cmd("QUIT"), "221 2.0.0 Bye");
     assert!(c.closed());
+    // The client's QUIT is answered at once; the backend's connection ends
+    // once it has had its own.
+    assert!(
+        backend.wait_idle(WAIT),
+        "the backend connection did not end"
+    );
 
     assert_eq!(backend.messages(), vec![body.to_vec()]);
     assert_eq!(
@@ -387,6 +409,164 @@ fn pipelined_commands_get_their_replies_in_order() {
     assert_eq!(c.reply(), "221 2.0.0 Bye");
     assert!(c.closed());
     assert_eq!(backend.messages(), vec![b"hi\r\n".to_vec()]);
+}
+
+/// The codes of `replies`.
+fn codes(replies: &[String]) -> Vec<u16> {
+    replies.iter().map(|r| code(r)).collect()
+}
+
+#[test]
+fn refused_commands_in_a_pipelined_group_are_answered_in_place_and_never_relayed() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[relay]\naccept = \"*@example.com\"\n");
+    let mut c = Smtp::session(proxy.addr);
+    c.send(
+        b"MAIL FROM:<a@x>\r\nRCPT TO:<other@elsewhere.test>\r\nRCPT TO:<alice@example.com>\r\n\
+          RCPT TO:<nobody@example.com>\r\nRCPT TO:<bob@example.com\r\nDATA\r\n",
+    );
+    // Every reply, the proxy's own in their places, in one write.
+    let replies = c.replies_in_one_read();
+    assert_eq!(
+        codes(&replies),
+        [250, 550, 250, 550, 501, 354],
+        "{replies:?}"
+    );
+    expect(&replies[1], "550 5.7.1");
+    expect(&replies[3], "550 5.1.1 <nobody@example.com>");
+    c.send(b"Subject: piped\r\n\r\nbody\r\n.\r\n");
+    expect(&c.reply(), "250 2.0.0 Ok: queued as 1");
+    assert_eq!(
+        backend.messages(),
+        vec![b"Subject: piped\r\n\r\nbody\r\n".to_vec()]
+    );
+    // Neither refused recipient reached the backend.
+    assert_eq!(
+        &backend.lines()[..5],
+        [
+            "EHLO client.test",
+            "MAIL FROM:<a@x>",
+            "RCPT TO:<alice@example.com>",
+            "RCPT TO:<nobody@example.com>",
+            "DATA",
+        ]
+    );
+    assert_eq!(rejections(&proxy, "relay-denied"), 1);
+    assert_eq!(rejections(&proxy, "bad-recipient-syntax"), 1);
+}
+
+#[test]
+fn recipients_after_a_mail_the_backend_refused_get_postfixs_503_and_count_for_nothing() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    // One failed recipient more than this would be a harvest.
+    let proxy = start(&backend, "[limits]\nmax_failed_rcpt = 1\n");
+    let mut c = Smtp::session(proxy.addr);
+    // Within the proxy's SIZE, over the backend's: the backend refuses.
+    c.send(
+        b"MAIL FROM:<a@x> SIZE=20000000\r\nRCPT TO:<alice@example.com>\r\n\
+          RCPT TO:<nobody@example.com>\r\nDATA\r\n",
+    );
+    let replies = c.replies_in_one_read();
+    assert_eq!(codes(&replies), [552, 503, 503, 503], "{replies:?}");
+    assert_eq!(replies[1], "503 5.5.1 Error: need MAIL command");
+    assert_eq!(replies[2], "503 5.5.1 Error: need MAIL command");
+    assert!(blocked(&proxy).is_none());
+    // The session goes on, and its next group delivers.
+    c.send(b"MAIL FROM:<a@x>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n");
+    assert_eq!(codes(&c.replies_in_one_read()), [250, 250, 354]);
+    c.send(b"hi\r\n.\r\n");
+    expect(&c.reply(), "250 2.0.0 Ok: queued as 1");
+    assert_eq!(backend.messages(), vec![b"hi\r\n".to_vec()]);
+    assert_eq!(proxy.ctx.stats.messages.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn harvesting_in_a_pipelined_group_ends_the_session_at_the_same_recipient() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[limits]\nmax_failed_rcpt = 2\n");
+    let mut c = Smtp::session(proxy.addr);
+    c.send(
+        b"MAIL FROM:<a@x>\r\nRCPT TO:<nobody1@example.com>\r\nRCPT TO:<nobody2@example.com>\r\n\
+          RCPT TO:<nobody3@example.com>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n",
+    );
+    // As one at a time: the third failure is over the limit.
+    let replies = c.replies_in_one_read();
+    assert_eq!(codes(&replies), [250, 550, 550, 421], "{replies:?}");
+    expect(&replies[3], "421 4.7.0");
+    assert!(c.closed());
+    let block = blocked(&proxy).expect("127.0.0.1 blocked");
+    assert_eq!(block.reason, reason::HARVEST);
+    assert!(
+        backend.wait_idle(WAIT),
+        "the backend connection did not end"
+    );
+    assert!(backend.messages().is_empty());
+}
+
+#[test]
+fn a_pipelined_group_counts_toward_max_commands_before_mail_when_its_mail_fails() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(&backend, "[smtp]\nmax_commands_before_mail = 4\n");
+    // EHLO, MAIL (refused by the backend), RCPT, RCPT: four; RSET is one
+    // too many, as when each waits for its reply.
+    let mut c = Smtp::session(proxy.addr);
+    c.send(
+        b"MAIL FROM:<a@x> SIZE=20000000\r\nRCPT TO:<alice@example.com>\r\n\
+          RCPT TO:<bob@example.com>\r\nRSET\r\nNOOP\r\n",
+    );
+    let replies = c.replies_in_one_read();
+    assert_eq!(codes(&replies), [552, 503, 503, 421], "{replies:?}");
+    expect(&replies[3], "421 4.7.0");
+    assert!(c.closed());
+    assert_eq!(shed(&proxy, "too-many-commands"), 1);
+    // A group whose MAIL is accepted is a sender's: nothing after it counts.
+    let mut sender = Smtp::session(proxy.addr);
+    sender.send(
+        b"MAIL FROM:<a@x>\r\nRCPT TO:<alice@example.com>\r\nRCPT TO:<bob@example.com>\r\n\
+          RCPT TO:<carol@example.com>\r\nRSET\r\n",
+    );
+    assert_eq!(
+        codes(&sender.replies_in_one_read()),
+        [250, 250, 250, 250, 250]
+    );
+    assert_eq!(sender.cmd("NOOP"), "250 2.0.0 Ok");
+}
+
+#[test]
+fn a_backend_without_pipelining_still_serves_a_pipelining_client() {
+    // The backend does not offer PIPELINING (so neither does the proxy);
+    // a client that pipelines anyway is served, its commands passed on one
+    // at a time (against a real Postfix that would drop the proxy
+    // otherwise: flood_e2e's HELO session).
+    let backend = ScriptedBackend::start(Behaviour::default().without_capability("PIPELINING"));
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    c.send(b"MAIL FROM:<a@x>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n");
+    let replies: Vec<String> = (0..3).map(|_| c.reply()).collect();
+    assert_eq!(codes(&replies), [250, 250, 354], "{replies:?}");
+    c.send(b"hi\r\n.\r\n");
+    expect(&c.reply(), "250 2.0.0 Ok: queued as 1");
+    assert_eq!(backend.messages(), vec![b"hi\r\n".to_vec()]);
+}
+
+#[test]
+fn a_backend_refusing_data_after_the_proxys_354_gets_the_client_its_refusal() {
+    // The proxy says 354 while the backend's answer to DATA is on its way;
+    // here it is a 421: the message goes nowhere and the client gets it.
+    let backend = ScriptedBackend::start(Behaviour::failing("DATA", FailMode::Reply421));
+    let proxy = start(&backend, "");
+    let mut c = Smtp::session(proxy.addr);
+    start_data(&mut c);
+    c.send(b"Subject: x\r\n\r\nbody\r\n.\r\n");
+    assert_eq!(c.reply(), BACKEND_421);
+    assert!(c.closed());
+    assert!(backend.messages().is_empty());
+    assert_eq!(proxy.ctx.stats.messages.load(Ordering::Relaxed), 0);
+    assert!(
+        !backend_saw(&backend, "Subject"),
+        "the message reached a backend that refused DATA: {:?}",
+        backend.lines()
+    );
 }
 
 // -- 4. Relay rules --------------------------------------------------------
@@ -764,6 +944,10 @@ fn identity_none_sends_nothing_before_the_client() {
     let mut c = Smtp::session(proxy.addr);
     expect(&c.cmd("MAIL FROM:<a@x>"), "250 ");
     assert_eq!(c.cmd("QUIT"), "221 2.0.0 Bye");
+    assert!(
+        backend.wait_idle(WAIT),
+        "the backend connection did not end"
+    );
     assert_eq!(
         backend.lines(),
         ["EHLO client.test", "MAIL FROM:<a@x>", "QUIT"]

@@ -91,6 +91,8 @@ pub struct Backend {
 
 /// Largest chunk read from the backend at once.
 const READ_CHUNK: usize = 16 * 1024;
+/// How long the backend's reply to QUIT is waited for.
+const QUIT_WAIT: Duration = Duration::from_secs(2);
 
 impl Backend {
     /// Connects, sends a PROXY header if configured, and reads the greeting.
@@ -264,7 +266,12 @@ impl Backend {
     /// Ends the session politely, without waiting long for the answer.
     pub async fn quit(mut self) {
         if self.send(b"QUIT\r\n").await.is_ok() {
-            let _ = self.read_reply_within(Duration::from_secs(2)).await;
+            self.quit_reply().await;
         }
+    }
+
+    /// Waits a little for the reply to a QUIT already sent, then closes.
+    pub async fn quit_reply(mut self) {
+        let _ = self.read_reply_within(QUIT_WAIT).await;
     }
 }

@@ -105,18 +105,28 @@ impl Reply {
     /// retries instead of misreading the answer.
     #[must_use]
     pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.lines.iter().map(|l| l.len() + 6).sum::<usize>() + 6);
+        self.write_to(&mut out);
+        out
+    }
+
+    /// Appends the wire form ([`Self::to_bytes`]) to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
         let code = if (200..=599).contains(&self.code) {
             self.code
         } else {
             451
         };
-        let code = code.to_string();
+        let code = [
+            b'0' + (code / 100) as u8,
+            b'0' + (code / 10 % 10) as u8,
+            b'0' + (code % 10) as u8,
+        ];
         let count = self.lines.len().max(1);
-        let mut out = Vec::with_capacity(self.lines.iter().map(|l| l.len() + 6).sum::<usize>() + 6);
         for i in 0..count {
             let text = self.lines.get(i).map_or("", String::as_str);
             let last = i + 1 == count;
-            out.extend_from_slice(code.as_bytes());
+            out.extend_from_slice(&code);
             if !last {
                 out.push(b'-');
             } else if !text.is_empty() {
@@ -128,7 +138,6 @@ impl Reply {
             );
             out.extend_from_slice(b"\r\n");
         }
-        out
     }
 
     /// A one-line reply whose text is `text` with every CR/LF replaced by a
@@ -768,6 +777,11 @@ mod tests {
     #[test]
     fn to_bytes() {
         assert_eq!(Reply::new(250, "2.0.0 Ok").to_bytes(), b"250 2.0.0 Ok\r\n");
+        // Replies written one after the other (a pipelined group's).
+        let mut out = b"250 2.1.0 Ok\r\n".to_vec();
+        Reply::new(550, "5.1.1 no").write_to(&mut out);
+        Reply::new(1000, "odd").write_to(&mut out);
+        assert_eq!(out, b"250 2.1.0 Ok\r\n550 5.1.1 no\r\n451 odd\r\n");
         assert_eq!(
             Reply::new(250, "mx\nPIPELINING\r\nSIZE 10").to_bytes(),
             b"250-mx\r\n250-PIPELINING\r\n250 SIZE 10\r\n"

@@ -44,31 +44,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         backend.hold_slot(slot);
         self.backend = Some(backend);
         self.xclient_sent = false;
+        self.backend_pipelining = false;
         Ok(greeting)
     }
 
-    /// Sends a command to the backend, connecting first if the session has
-    /// no connection (not earned yet, or dropped after an aborted message);
-    /// the client's HELO is replayed on the new connection, and a backend
-    /// that refuses it gives the client its reply
-    /// ([`BackendError::HeloRefused`]).
-    pub(super) async fn backend_command(&mut self, line: &[u8]) -> Result<Reply, BackendError> {
-        if self.backend.is_none() {
-            self.connect_backend().await?;
-            if let Some(helo) = self.helo.as_ref().map(|h| (h.name.clone(), h.esmtp)) {
-                if self.ctx.settings.backend.identity == Identity::Xclient {
-                    self.send_xclient(&helo.0, helo.1).await?;
-                }
-                let verb = if helo.1 { "EHLO" } else { "HELO" };
-                let backend = self.backend.as_mut().ok_or(BackendError::Closed)?;
-                let reply = backend
-                    .command(format!("{verb} {}", helo.0).as_bytes())
-                    .await?;
-                if !reply.is_positive_completion() {
-                    return Err(BackendError::HeloRefused(reply));
-                }
-            }
+    /// Connects to the backend if the session has no connection (not
+    /// earned yet, or dropped after an aborted message); the client's HELO
+    /// is replayed on the new connection, and a backend that refuses it
+    /// gives the client its reply ([`BackendError::HeloRefused`]). Each step
+    /// waits for its reply: nothing may come before the greeting, nor in
+    /// the same group as EHLO.
+    pub(super) async fn ensure_backend(&mut self) -> Result<(), BackendError> {
+        if self.backend.is_some() {
+            return Ok(());
         }
+        self.connect_backend().await?;
+        if let Some(helo) = self.helo.as_ref().map(|h| (h.name.clone(), h.esmtp)) {
+            if self.ctx.settings.backend.identity == Identity::Xclient {
+                self.send_xclient(&helo.0, helo.1).await?;
+            }
+            let verb = if helo.1 { "EHLO" } else { "HELO" };
+            let backend = self.backend.as_mut().ok_or(BackendError::Closed)?;
+            let reply = backend
+                .command(format!("{verb} {}", helo.0).as_bytes())
+                .await?;
+            if !reply.is_positive_completion() {
+                return Err(BackendError::HeloRefused(reply));
+            }
+            self.backend_pipelining = helo.1 && offers_pipelining(&reply);
+        }
+        Ok(())
+    }
+
+    /// Sends a command to the backend ([`Self::ensure_backend`] first) and
+    /// reads its reply.
+    pub(super) async fn backend_command(&mut self, line: &[u8]) -> Result<Reply, BackendError> {
+        self.ensure_backend().await?;
         let backend = self.backend.as_mut().ok_or(BackendError::Closed)?;
         let started = Instant::now();
         let reply = backend.command(line).await;
@@ -144,4 +155,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.reply(&Reply::backend_lost_in_transaction()).await?;
         Ok(Flow::Close)
     }
+}
+
+/// Whether an EHLO reply offers PIPELINING.
+pub(super) fn offers_pipelining(ehlo: &Reply) -> bool {
+    parse_capabilities(ehlo).iter().any(|c| c == "PIPELINING")
 }

@@ -1,15 +1,42 @@
 //! DATA: the message streamed to the backend, or held for the content
 //! filters; the end of DATA answered only as the backend answered it.
 
-use super::*;
+use super::{pipeline::Outlook, *};
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(super) async fn data(&mut self, line: &[u8]) -> std::io::Result<Flow> {
+        // Last of a pipelined group: sent with it, and settled after the
+        // replies before it (data_answered), unless the content filters
+        // must know the recipients before anything is said.
+        if !self.pipeline.is_empty() {
+            if self.ctx.filters.is_none()
+                && self.pipeline.outlook(self.envelope.active) != Outlook::Inactive
+            {
+                self.pipeline.relay(line, Step::Data);
+                let flow = self.flush_pipeline().await?;
+                let open = std::mem::take(&mut self.data_open);
+                if flow == Flow::Close || self.closing {
+                    if open {
+                        // It waits for a message that will not come.
+                        self.backend = None;
+                    }
+                    return Ok(Flow::Close);
+                }
+                if open {
+                    return self.receive_message(MessageSink::Backend).await;
+                }
+                return Ok(Flow::Continue);
+            }
+            if self.flush_pipeline().await? == Flow::Close || self.closing {
+                return Ok(Flow::Close);
+            }
+        }
         // DATA goes to the backend only inside a transaction the proxy saw
         // and judged, in this TLS state: never under an envelope given
         // before STARTTLS, never without an accepted recipient.
         if !self.envelope.active {
-            self.reply(&Reply::bad_sequence_because("need MAIL command"))
+            // Postfix's words, MAIL or not.
+            self.reply(&Reply::bad_sequence_because("need RCPT command"))
                 .await?;
             return Ok(Flow::Continue);
         }
@@ -29,6 +56,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     held: HeldMessage::default(),
                 }
             }
+            // The proxy says 354 while the backend's own 354 is on its
+            // way: the message goes on only after it (Postfix drops a
+            // client that sends the message before), and the end of DATA
+            // gets the backend's refusal of DATA if it refused.
+            None if self.backend.is_some() => {
+                if let Err(e) = self.backend_send(b"DATA\r\n").await {
+                    return self.backend_failed(e).await;
+                }
+                self.reply(&Reply::start_mail_input()).await?;
+                MessageSink::Opening
+            }
             None => {
                 let reply = match self.backend_command(line).await {
                     Ok(reply) => reply,
@@ -42,6 +80,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         };
         self.receive_message(sink).await
+    }
+
+    /// The backend's reply to a pipelined DATA, at its turn: relayed if
+    /// the transaction has an accepted recipient (354: the message
+    /// follows); otherwise the proxy's refusal, or the backend's own.
+    pub(super) async fn data_answered(&mut self, reply: Reply) -> std::io::Result<Flow> {
+        if !self.envelope.active || self.envelope.recipients.is_empty() {
+            let refusal = if reply.is_transient() || reply.is_permanent() {
+                reply
+            } else {
+                if reply.code == 354 {
+                    // It waits for a message the proxy will not send.
+                    self.backend = None;
+                }
+                if self.envelope.active {
+                    Reply::no_valid_recipients()
+                } else {
+                    Reply::bad_sequence_because("need RCPT command")
+                }
+            };
+            self.reply(&refusal).await?;
+            return Ok(Flow::Continue);
+        }
+        self.envelope = Envelope::default();
+        self.data_open = reply.code == 354;
+        self.reply(&reply).await?;
+        Ok(Flow::Continue)
+    }
+
+    /// Reads the backend's reply to DATA (sent while the proxy answered
+    /// 354 itself): the sink for the message.
+    async fn opened(&mut self) -> Result<MessageSink, BackendError> {
+        let reply = match self.backend.as_mut() {
+            Some(backend) => backend.read_reply().await?,
+            None => return Err(BackendError::Closed),
+        };
+        if reply.code == 354 {
+            return Ok(MessageSink::Backend);
+        }
+        tracing::info!(source = %self.peer.ip(), code = reply.code, "backend refused DATA after the proxy's 354");
+        if reply.code == 421 {
+            self.backend = None;
+        }
+        Ok(MessageSink::Refused(reply))
     }
 
     /// Reads the message after DATA's 354 to its end marker, sending it on
@@ -61,15 +143,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             };
             self.input.advance(consumed);
-            if scanner.message_size() > max_size && !matches!(sink, MessageSink::Discard(_)) {
+            if scanner.message_size() > max_size
+                && !matches!(sink, MessageSink::Discard(_) | MessageSink::Refused(_))
+            {
                 // Over the limit: the backend must not store a truncated
                 // message, so its connection goes (it aborts the transaction).
-                if matches!(sink, MessageSink::Backend) {
+                if matches!(sink, MessageSink::Backend | MessageSink::Opening) {
                     self.backend = None;
                 }
                 sink = MessageSink::Discard(Reply::message_too_big());
             }
             let end = matches!(progress, DataProgress::End { .. });
+            // The backend's 354 before the first byte of the message.
+            if matches!(sink, MessageSink::Opening) && (!out.is_empty() || end) {
+                sink = match self.opened().await {
+                    Ok(sink) => sink,
+                    Err(e) => return self.backend_failed_in_transaction(e).await,
+                };
+            }
             sink = match sink {
                 MessageSink::Backend => match self.backend_send(&out).await {
                     Ok(()) => MessageSink::Backend,
@@ -80,7 +171,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.hold(scan, held, &out, end, pending, scanner.message_size())
                         .await?
                 }
-                discard @ MessageSink::Discard(_) => discard,
+                // Nothing to send yet (the 354 is read with the first byte).
+                opening @ MessageSink::Opening => opening,
+                discard @ (MessageSink::Discard(_) | MessageSink::Refused(_)) => discard,
             };
             match progress {
                 DataProgress::NeedMore => {}
@@ -94,6 +187,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             self.reset_backend_transaction().await;
                             self.reply(&reply).await?;
                             Ok(Flow::Continue)
+                        }
+                        // The backend refused DATA: its reply, as when it
+                        // is relayed at once.
+                        MessageSink::Refused(reply) => {
+                            self.reply(&reply).await?;
+                            Ok(Flow::Continue)
+                        }
+                        // An end is always read with its marker (`out`).
+                        MessageSink::Opening => {
+                            self.backend_failed_in_transaction(BackendError::Closed)
+                                .await
                         }
                     };
                 }

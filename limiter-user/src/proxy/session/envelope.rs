@@ -1,12 +1,39 @@
-//! The envelope: MAIL FROM and RCPT TO, judged by the policy and relayed
-//! rebuilt from what the proxy parsed. The first accepted MAIL earns the
-//! backend connection.
+//! The envelope: MAIL FROM, RCPT TO and RSET, judged by the policy when
+//! read and relayed rebuilt from what the proxy parsed, then settled when
+//! the backend's reply comes ([`super::pipeline`]). The first accepted MAIL
+//! earns the backend connection.
 
-use super::*;
+use super::{pipeline::Outlook, *};
+
+/// A RCPT as judged when it was read, settled at its turn
+/// ([`Session::rcpt_answered`]): nothing of it counts before then.
+pub(super) enum RcptStep {
+    /// Not parsed: this reply, counted as a protocol error.
+    Syntax(Reply),
+    /// Past `smtp.max_recipients`.
+    TooMany,
+    /// Parsed and judged by the rules and the directory.
+    Judged {
+        rcpt: RcptTo,
+        decision: Decision<RcptVerdict>,
+        /// The directory of valid recipients does not know it.
+        directory_refuses: bool,
+        /// Relayed to the backend (neither rule nor directory refused it,
+        /// or the proxy only observes).
+        relayed: bool,
+    },
+}
+
+impl RcptStep {
+    pub(super) fn relayed(&self) -> bool {
+        matches!(self, RcptStep::Judged { relayed: true, .. })
+    }
+}
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// MAIL FROM. The backend gets the line rebuilt from what the proxy
-    /// parsed ([`mail_line`]), never the client's bytes.
+    /// parsed ([`mail_line`]), never the client's bytes; its reply is
+    /// settled by [`Self::mail_answered`].
     pub(super) async fn mail(&mut self, args: &str) -> std::io::Result<Flow> {
         if self.helo.is_none() {
             self.reply(&Reply::bad_sequence()).await?;
@@ -43,14 +70,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Ok(flow);
             }
         }
-        let reply = match self.backend_command(&mail_line(&mail)).await {
-            Ok(reply) => reply,
-            Err(e) => return self.backend_failed(e).await,
-        };
+        // The first accepted MAIL earns the backend connection.
+        if let Err(e) = self.ensure_backend().await {
+            return self.backend_failed(e).await;
+        }
+        self.pipeline.relay(
+            &mail_line(&mail),
+            Step::Mail {
+                sender: mail.sender,
+            },
+        );
+        Ok(Flow::Continue)
+    }
+
+    /// The backend's reply to a MAIL: an accepted one opens the
+    /// transaction, and the session is a sender from then on.
+    pub(super) async fn mail_answered(
+        &mut self,
+        sender: Option<String>,
+        reply: Reply,
+    ) -> std::io::Result<Flow> {
         if reply.is_positive_completion() {
             self.envelope = Envelope {
                 active: true,
-                sender: mail.sender,
+                sender,
                 recipients: Vec::new(),
             };
             // A sender: no longer among the sessions shed under pressure.
@@ -61,59 +104,156 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(Flow::Continue)
     }
 
+    /// RSET: answered by the proxy while the session has no backend
+    /// connection (and nothing pending), relayed otherwise; the transaction
+    /// ends either way.
+    pub(super) async fn rset(&mut self) -> std::io::Result<Flow> {
+        if self.backend.is_none() && self.pipeline.is_empty() && self.earns_backend() {
+            self.envelope = Envelope::default();
+            self.reply(&Reply::ok()).await?;
+            return Ok(Flow::Continue);
+        }
+        if let Err(e) = self.ensure_backend().await {
+            return self.backend_failed(e).await;
+        }
+        self.pipeline.relay(b"RSET", Step::Rset);
+        Ok(Flow::Continue)
+    }
+
     /// RCPT TO. Rules read the canonical address (the domain the backend
     /// routes to); an address with a second routing target is refused like
     /// a relay attempt; the backend gets the line rebuilt from what the
-    /// proxy parsed ([`rcpt_line`]).
+    /// proxy parsed ([`rcpt_line`]). The judgement has no effect of its own:
+    /// the counts and verdicts come at its turn ([`Self::rcpt_answered`]).
     pub(super) async fn rcpt(&mut self, args: &str) -> std::io::Result<Flow> {
-        if !self.envelope.active {
-            self.reply(&Reply::bad_sequence()).await?;
+        if self.pipeline.outlook(self.envelope.active) == Outlook::Inactive {
+            self.reply(&Reply::bad_sequence_because("need MAIL command"))
+                .await?;
             return Ok(Flow::Continue);
         }
+        let max = self.ctx.settings.smtp.max_recipients as usize;
+        let (pending, new_transaction) = self.pipeline.recipients_pending();
+        let held = if new_transaction {
+            0
+        } else {
+            self.envelope.recipients.len()
+        };
+        // Whether this one passes the limit depends on the pending replies.
+        if pending > 0 && held + pending >= max && self.flush_pipeline().await? == Flow::Close {
+            return Ok(Flow::Close);
+        }
+        let step = self.judge_rcpt(args);
+        match &step {
+            RcptStep::Judged {
+                rcpt,
+                relayed: true,
+                ..
+            } => {
+                if let Err(e) = self.ensure_backend().await {
+                    return self.backend_failed(e).await;
+                }
+                let line = rcpt_line(rcpt);
+                self.pipeline.relay(&line, Step::Rcpt(Box::new(step)));
+            }
+            _ => self.pipeline.push(Step::Rcpt(Box::new(step))),
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// What the proxy makes of a RCPT (no effect: see [`RcptStep`]).
+    fn judge_rcpt(&self, args: &str) -> RcptStep {
         let rcpt = match parse_rcpt_to(args) {
             Ok(rcpt) => rcpt,
             Err(error) => {
-                let reply = if error.is_parameter_error() {
+                return RcptStep::Syntax(if error.is_parameter_error() {
                     Reply::bad_arguments("Bad RCPT parameter syntax")
                 } else {
                     Reply::bad_recipient_syntax()
-                };
-                return self.protocol_error("bad-recipient-syntax", &reply).await;
+                })
             }
         };
-        if self.envelope.recipients.len() >= self.ctx.settings.smtp.max_recipients as usize {
-            self.reply(&Reply::too_many_recipients()).await?;
-            return Ok(Flow::Continue);
+        let (pending, new_transaction) = self.pipeline.recipients_pending();
+        let held = if new_transaction {
+            0
+        } else {
+            self.envelope.recipients.len()
+        };
+        if held + pending >= self.ctx.settings.smtp.max_recipients as usize {
+            return RcptStep::TooMany;
         }
+        let policy = self.ctx.policy();
         let decision = match rcpt.second_route {
             // Whatever the patterns say: the backend could route it beyond
             // the domain they were matched against.
-            Some(route) => {
-                tracing::info!(source = %self.peer.ip(), recipient = %rcpt.canonical, routing = route.as_str(), "recipient with routing syntax");
-                self.ctx.policy().relay_denied()
-            }
-            None => self.ctx.policy().rcpt(self.source(), &rcpt.canonical),
+            Some(_) => policy.relay_denied(),
+            None => policy.rcpt(self.source(), &rcpt.canonical),
         };
+        // A directory of valid recipients refuses unknown ones without
+        // asking the backend (allow-listed sources aside).
+        let directory_refuses = match &decision.verdict {
+            RcptVerdict::Reject(_) if decision.enforced => false,
+            RcptVerdict::Accept => true,
+            RcptVerdict::Unchecked => !policy.is_allowlisted(self.source()),
+            RcptVerdict::Reject(_) => false,
+        } && self
+            .ctx
+            .recipients
+            .as_ref()
+            .is_some_and(|r| r.check(&rcpt.canonical).refuses());
+        let refused = matches!(decision.verdict, RcptVerdict::Reject(_)) && decision.enforced
+            || directory_refuses && policy.enforced();
+        RcptStep::Judged {
+            rcpt,
+            decision,
+            directory_refuses,
+            relayed: !refused,
+        }
+    }
+
+    /// A RCPT at its turn: `reply` is the backend's if it was relayed.
+    /// Outside a transaction (the MAIL before it failed) it gets Postfix's
+    /// `503` and counts for nothing; otherwise the refusals are logged, and
+    /// the outcome counted: a refusal for good is a harvest attempt, and so
+    /// is a temporary "unknown user" (a backend that verifies recipients
+    /// and could not finish); other temporary failures are neither.
+    pub(super) async fn rcpt_answered(
+        &mut self,
+        step: RcptStep,
+        backend_reply: Option<Reply>,
+    ) -> std::io::Result<Flow> {
+        if !self.envelope.active {
+            self.reply(&Reply::bad_sequence_because("need MAIL command"))
+                .await?;
+            return Ok(Flow::Continue);
+        }
+        let (rcpt, decision, directory_refuses) = match step {
+            RcptStep::Syntax(reply) => {
+                return self.protocol_error("bad-recipient-syntax", &reply).await
+            }
+            RcptStep::TooMany => {
+                self.reply(&Reply::too_many_recipients()).await?;
+                return Ok(Flow::Continue);
+            }
+            RcptStep::Judged {
+                rcpt,
+                decision,
+                directory_refuses,
+                ..
+            } => (rcpt, decision, directory_refuses),
+        };
+        if let Some(route) = &rcpt.second_route {
+            tracing::info!(source = %self.peer.ip(), recipient = %rcpt.canonical, routing = route.as_str(), "recipient with routing syntax");
+        }
         let (reply, accepted) = match decision.verdict {
             RcptVerdict::Reject(rejection) if decision.enforced => {
                 self.log_decision(&rejection, true);
                 let reply = rcpt
                     .second_route
+                    .as_ref()
                     .map_or_else(Reply::relay_denied, |_| Reply::routing_refused());
                 (reply, false)
             }
             verdict => {
-                // A directory of valid recipients refuses unknown ones
-                // without asking the backend (allow-listed sources aside).
-                let directory_refuses = match &verdict {
-                    RcptVerdict::Accept => true,
-                    RcptVerdict::Unchecked => !self.ctx.policy().is_allowlisted(self.source()),
-                    RcptVerdict::Reject(_) => false,
-                } && self
-                    .ctx
-                    .recipients
-                    .as_ref()
-                    .is_some_and(|r| r.check(&rcpt.canonical).refuses());
                 if let RcptVerdict::Reject(rejection) = verdict {
                     self.log_decision(&rejection, false);
                 }
@@ -128,21 +268,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         "recipient not in the directory"
                     );
                 }
-                if directory_refuses && enforced {
-                    (Reply::unknown_recipient_named(&rcpt.recipient), false)
-                } else {
-                    let reply = match self.backend_command(&rcpt_line(&rcpt)).await {
-                        Ok(reply) => reply,
-                        Err(e) => return self.backend_failed(e).await,
-                    };
-                    let accepted = reply.is_positive_completion();
-                    (reply, accepted)
+                match backend_reply {
+                    Some(reply) => {
+                        let accepted = reply.is_positive_completion();
+                        (reply, accepted)
+                    }
+                    None => (Reply::unknown_recipient_named(&rcpt.recipient), false),
                 }
             }
         };
-        // A refusal for good is a harvest attempt, and so is a temporary
-        // "unknown user" (a backend that verifies recipients and could not
-        // finish); other temporary failures are neither.
         let failed = !accepted && (reply.is_permanent() || is_unknown_user_deferral(&reply));
         if accepted {
             self.envelope.recipients.push(rcpt.canonical.clone());

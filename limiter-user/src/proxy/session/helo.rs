@@ -56,7 +56,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
             match self.backend_command(&client_line).await {
-                Ok(reply) => reply,
+                Ok(reply) => {
+                    self.backend_pipelining =
+                        esmtp && reply.code == 250 && backend_link::offers_pipelining(&reply);
+                    reply
+                }
                 Err(e) => return self.backend_failed(e).await,
             }
         };

@@ -20,6 +20,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(Flow::Continue);
         }
         self.reply(&Reply::ready_to_start_tls()).await?;
+        // Written now: what the client pipelined after it is thrown away.
+        self.flush_client().await?;
         // Plaintext pipelined after STARTTLS must not be taken as coming
         // from inside TLS (CVE-2011-0411 and kin): throw it away.
         if !self.input.is_empty() {
