@@ -550,6 +550,11 @@ struct ProxyResult {
     /// Seconds per single-block journal append (write + fdatasync).
     append: Vec<f64>,
     load_with_journal: Duration,
+    /// Format 1 (one pretty document): time to write it (serialise + write,
+    /// no fsync), its size, and `Store::load` of it.
+    legacy_save: Duration,
+    legacy_bytes: u64,
+    legacy_load: Vec<Duration>,
 }
 
 /// Single blocks journaled one at a time by the proxy part.
@@ -748,6 +753,31 @@ fn proxy_part(options: &Options, state: &StateSet, dir: &Path) -> Result<ProxyRe
         );
     }
     let file_bytes = store.size();
+    // The same blocks as the format the agent wrote before the journal (one
+    // pretty-printed document, rewritten whole on every change), read by
+    // the same `Store::load` (it converts that format at start): the
+    // restart cost of both formats, in this run.
+    let legacy_dir = dir.join("legacy");
+    std::fs::create_dir_all(&legacy_dir)?;
+    let t = Instant::now();
+    let text = serde_json::to_vec_pretty(&serde_json::json!({ "version": 1, "blocks": stored }))?;
+    std::fs::write(legacy_dir.join(state::LEGACY_FILE), &text)?;
+    let legacy_save = t.elapsed();
+    let legacy_bytes = text.len() as u64;
+    drop(text);
+    let legacy_store = Store::open(&legacy_dir)?;
+    let mut legacy_load = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let loaded = legacy_store.load(SystemTime::now())?;
+        legacy_load.push(t.elapsed());
+        ensure!(
+            loaded.legacy && loaded.blocks.len() == stored.len(),
+            "format 1 read back {}",
+            loaded.blocks.len()
+        );
+    }
+    std::fs::remove_dir_all(&legacy_dir)?;
     let mut append = Vec::new();
     for i in 0..APPENDS {
         let block = active(
@@ -781,6 +811,9 @@ fn proxy_part(options: &Options, state: &StateSet, dir: &Path) -> Result<ProxyRe
         file_bytes,
         append,
         load_with_journal,
+        legacy_save,
+        legacy_bytes,
+        legacy_load,
     })
 }
 
@@ -838,6 +871,16 @@ fn print_proxy(r: &ProxyResult) {
         min_max(&save).1,
         median(&load),
         r.all_clone.as_secs_f64()
+    );
+    let legacy_load: Vec<f64> = r.legacy_load.iter().map(Duration::as_secs_f64).collect();
+    println!(
+        "Same blocks in format 1 (one pretty-printed `blocks.json`, what earlier versions rewrote on every change; {} MiB): written in {:.2} s (no fsync), `Store::load` {:.2} s (median of {}; {:.2}–{:.2}).",
+        mib(r.legacy_bytes as f64),
+        r.legacy_save.as_secs_f64(),
+        median(&legacy_load),
+        legacy_load.len(),
+        min_max(&legacy_load).0,
+        min_max(&legacy_load).1,
     );
     let mut append = r.append.clone();
     append.sort_by(f64::total_cmp);
