@@ -606,7 +606,8 @@ pub struct Restored {
     pub adopted: usize,
     /// Kernel entries of a list that no longer holds them, removed.
     pub stale_list_entries: usize,
-    /// The store should write a snapshot (format 1 read, or blocks adopted).
+    /// The store should write a snapshot (format 1 read, blocks adopted, or
+    /// journals longer than the table).
     pub snapshot_wanted: bool,
 }
 
@@ -661,7 +662,10 @@ pub fn restore(
     restored.stored = loaded.blocks.len();
     (restored.adopted, restored.stale_list_entries) =
         adopt_kernel_blocks(ctx, datapath, kernel.into_values(), listed, true);
-    restored.snapshot_wanted = loaded.legacy || restored.adopted > 0;
+    // Journals that outgrew the table in earlier runs are folded at once,
+    // not replayed at every start until this run's changes outgrow it too.
+    let outgrown = loaded.records > COMPACT_AFTER && loaded.records > ctx.blocks.len() as u64;
+    restored.snapshot_wanted = loaded.legacy || restored.adopted > 0 || outgrown;
     tracing::info!(
         stored = restored.stored,
         restored_to_kernel = restored.restored_to_kernel,
