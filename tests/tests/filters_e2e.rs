@@ -16,7 +16,6 @@ use std::{
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     sync::atomic::Ordering,
-    thread,
     time::{Duration, Instant},
 };
 
@@ -599,7 +598,7 @@ impl<'ns> AgentRig<'ns> {
     #[track_caller]
     fn stored(&self, n: usize) -> Vec<Message> {
         assert!(
-            poll(WAIT, || self.stats()["proxy"]["sessions_open"] == 0),
+            wait_until(WAIT, || self.stats()["proxy"]["sessions_open"] == 0),
             "the agent still has sessions open: {}",
             self.stats()
         );
@@ -690,21 +689,6 @@ accept = "*@example.com"
 {filters}
 "#
     )
-}
-
-/// Polls `done` every 100 ms (each poll may run the CLI) until it holds;
-/// whether it did within `timeout`.
-fn poll(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Asserts a reply's code and, if given, its enhanced status code (not its
