@@ -424,6 +424,17 @@ fn block_list(
             }
             out.push(with_drops(list_row(net, source), drops));
         }
+        if out.len() >= want {
+            // The page ends with the lists: the blocks start the next one.
+            let next = out
+                .last()
+                .and_then(|r| r["net"].as_str())
+                .map(|n| ListCursor {
+                    expires_ns: None,
+                    net: n.to_owned(),
+                });
+            return Ok(json!({ "blocks": out, "next": next }));
+        }
     }
     let keep =
         |b: &ActiveBlock| origin.is_none_or(|o| o == b.reason) && b.expires.is_none_or(|t| t > now);
@@ -708,6 +719,147 @@ fn top(agent: &AgentState<'_>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{kernel::NoKernel, proxy::ProxyContext};
+
+    /// Runs `f` on an agent (kernel layer off) with `reject` as
+    /// `lists.reject` and `blocks` in its table.
+    fn with_agent<T>(
+        reject: &[&str],
+        blocks: &[(&str, u64)],
+        f: impl FnOnce(&mut AgentState<'_>) -> T,
+    ) -> T {
+        let mut config = Config::default();
+        config.lists.reject = reject.iter().map(|n| n.parse().unwrap()).collect();
+        let datapath = NoKernel::new("test");
+        let ctx = ProxyContext::new(&config, std::sync::Arc::new(NoKernel::new("test"))).unwrap();
+        let now = SystemTime::now();
+        for (net, secs) in blocks {
+            ctx.blocks.insert(ActiveBlock {
+                net: net.parse().unwrap(),
+                reason: if secs % 2 == 0 {
+                    reason::MANUAL
+                } else {
+                    reason::AUTH
+                },
+                expires: Some(now + Duration::from_secs(*secs)),
+                since: now,
+                repeat: 0,
+                comment: Some(Arc::from(format!("block {net}"))),
+            });
+        }
+        let saves = tokio::sync::Notify::new();
+        let mut agent = AgentState {
+            config: &mut config,
+            config_path: None,
+            ctx: &ctx,
+            datapath: &datapath,
+            store: None,
+            saves: &saves,
+        };
+        f(&mut agent)
+    }
+
+    /// Every row of `block list` with `origin`/`covering`, `rows` a page.
+    fn list_all(
+        agent: &mut AgentState<'_>,
+        origin: Option<&str>,
+        covering: Option<&str>,
+        rows: usize,
+    ) -> (Vec<String>, usize) {
+        let mut nets = Vec::new();
+        let mut after = None;
+        let mut pages = 0;
+        loop {
+            let page = block_list(agent, origin, covering, after.take(), Some(rows)).unwrap();
+            pages += 1;
+            let got = page["blocks"].as_array().unwrap();
+            assert!(got.len() <= rows, "{page}");
+            nets.extend(got.iter().map(|r| r["net"].as_str().unwrap().to_owned()));
+            match page.get("next").filter(|n| !n.is_null()) {
+                Some(next) => after = Some(serde_json::from_value(next.clone()).unwrap()),
+                None => return (nets, pages),
+            }
+        }
+    }
+
+    #[test]
+    fn block_list_pages_through_list_entries_then_blocks_once_each() {
+        let reject = ["198.51.100.0/24", "203.0.113.9/32", "2001:db8:bad::/48"];
+        let blocks = [
+            ("192.0.2.1/32", 50),
+            ("192.0.2.2/32", 10),
+            ("192.0.2.0/24", 31),
+            ("192.0.2.3/32", 20),
+            ("2001:db8::/32", 41),
+        ];
+        with_agent(&reject, &blocks, |agent| {
+            let want = [
+                "198.51.100.0/24",
+                "203.0.113.9/32",
+                "2001:db8:bad::/48",
+                "192.0.2.2/32",
+                "192.0.2.3/32",
+                "192.0.2.0/24",
+                "2001:db8::/32",
+                "192.0.2.1/32",
+            ];
+            for rows in [1, 2, 3, 4, 100] {
+                let (nets, _) = list_all(agent, None, None, rows);
+                assert_eq!(nets, want, "pages of {rows}");
+            }
+            let (auth, _) = list_all(agent, Some("auth"), None, 1);
+            assert_eq!(auth, ["192.0.2.0/24", "2001:db8::/32"]);
+            let (listed, _) = list_all(agent, Some("reject-list"), None, 2);
+            assert_eq!(listed, &want[..3]);
+            let (covering, pages) = list_all(agent, None, Some("192.0.2.3"), 100);
+            assert_eq!(
+                (covering, pages),
+                (
+                    vec!["192.0.2.3/32".to_owned(), "192.0.2.0/24".to_owned()],
+                    1
+                )
+            );
+            let (covering, _) = list_all(agent, None, Some("203.0.113.9"), 100);
+            assert_eq!(covering, ["203.0.113.9/32"]);
+            assert!(block_list(agent, Some("nonsense"), None, None, None).is_err());
+        });
+    }
+
+    #[test]
+    fn block_check_names_the_block_the_list_and_the_allow_entry() {
+        with_agent(&["198.51.100.0/24"], &[("192.0.2.7/32", 60)], |agent| {
+            let check = block_check(agent, "192.0.2.7").unwrap();
+            assert_eq!(check["dropped"], true, "{check}");
+            assert!(
+                check["verdict"]
+                    .as_str()
+                    .unwrap()
+                    .contains("block 192.0.2.7/32"),
+                "{check}"
+            );
+            let check = block_check(agent, "198.51.100.9").unwrap();
+            assert_eq!(check["dropped"], true, "{check}");
+            assert!(
+                check["verdict"].as_str().unwrap().contains("lists.reject"),
+                "{check}"
+            );
+            assert_eq!(block_check(agent, "192.0.2.8").unwrap()["dropped"], false);
+            agent.config.lists.allow = vec!["192.0.2.0/24".parse().unwrap()];
+            let check = block_check(agent, "192.0.2.7").unwrap();
+            assert_eq!(check["dropped"], false, "{check}");
+            assert!(
+                check["verdict"]
+                    .as_str()
+                    .unwrap()
+                    .contains("allow-listed by 192.0.2.0/24 (lists.allow)"),
+                "{check}"
+            );
+            assert!(
+                block_check(agent, "192.0.2.0/24").is_err(),
+                "an address, not a network"
+            );
+        });
+    }
 
     #[test]
     fn block_expiry_refuses_what_would_overflow_the_clock() {
