@@ -158,7 +158,7 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
         Request::RecipientsRefresh { .. } => Err("refresh is handled by the agent loop".into()),
         Request::LimitsSet { name, value } => {
             let mut candidate = agent.config.clone();
-            set_limit(&mut candidate, &name, &value)?;
+            candidate.limits.set_live(&name, &value)?;
             candidate.validate().map_err(|e| e.to_string())?;
             agent.datapath.set_limits(&kernel_limits(&candidate)).ok();
             agent.ctx.set_policy(Policy::new(&candidate));
@@ -203,77 +203,22 @@ fn block_expiry(secs: u64) -> Result<SystemTime, String> {
         .ok_or_else(|| format!("--for {secs}s: the end of the block is past the clock's range"))
 }
 
-/// Applies `limits set NAME VALUE` to a configuration.
-fn set_limit(config: &mut Config, name: &str, value: &str) -> Result<(), String> {
-    let limits = &mut config.limits;
-    let number = |v: &str| v.parse::<u32>().map_err(|e| format!("{name} = {v:?}: {e}"));
-    let duration = |v: &str| config::parse_duration(v).map_err(|e| format!("{name} = {v:?}: {e}"));
-    match name {
-        "max_connections_per_source" => limits.max_connections_per_source = number(value)?,
-        "ipv6_prefix" => {
-            limits.ipv6_prefix = value
-                .parse::<u8>()
-                .map_err(|e| format!("{name} = {value:?}: {e}"))?;
-        }
-        "max_failed_rcpt" => limits.max_failed_rcpt = number(value)?,
-        "max_failed_rcpt_per_source" => limits.max_failed_rcpt_per_source = number(value)?,
-        "failed_rcpt_window" => limits.failed_rcpt_window = duration(value)?,
-        "max_failed_auth" => limits.max_failed_auth = number(value)?,
-        "failed_auth_window" => limits.failed_auth_window = duration(value)?,
-        "block_duration" => limits.block_duration = duration(value)?,
-        "max_block_duration" => limits.max_block_duration = duration(value)?,
-        "block_backoff" => {
-            limits.block_backoff = value
-                .parse::<f64>()
-                .map_err(|e| format!("{name} = {value:?}: {e}"))?;
-        }
-        "null_sender_rate" => {
-            limits.null_sender_rate = value
-                .parse()
-                .map_err(|e| format!("{name} = {value:?}: {e}"))?;
-        }
-        _ => {
-            return Err(format!(
-                "unknown limit {name:?}: use one of {}",
-                LIMIT_NAMES.join(", ")
-            ))
-        }
-    }
-    Ok(())
-}
-
-/// The limits `limits set` knows.
-pub const LIMIT_NAMES: [&str; 11] = [
-    "max_connections_per_source",
-    "ipv6_prefix",
-    "max_failed_rcpt",
-    "max_failed_rcpt_per_source",
-    "failed_rcpt_window",
-    "max_failed_auth",
-    "failed_auth_window",
-    "null_sender_rate",
-    "block_duration",
-    "block_backoff",
-    "max_block_duration",
-];
-
 fn limits(config: &Config) -> Value {
     let l = &config.limits;
-    json!({
-        "max_connections_per_source": l.max_connections_per_source,
-        "ipv6_prefix": l.ipv6_prefix,
-        "max_failed_rcpt": l.max_failed_rcpt,
-        "max_failed_rcpt_per_source": l.max_failed_rcpt_per_source,
-        "failed_rcpt_window": config::format_duration(l.failed_rcpt_window),
-        "max_failed_auth": l.max_failed_auth,
-        "failed_auth_window": config::format_duration(l.failed_auth_window),
-        "null_sender_rate": l.null_sender_rate.to_string(),
-        "block_duration": config::format_duration(l.block_duration),
-        "block_backoff": l.block_backoff,
-        "max_block_duration": config::format_duration(l.max_block_duration),
-        "source": l.source.iter().map(|s| json!({"cidr": s.cidr.to_string(), "max_connections": s.max_connections})).collect::<Vec<_>>(),
-        "helo": l.helo.iter().map(|h| json!({"pattern": h.pattern, "max_connections": h.max_connections})).collect::<Vec<_>>(),
-    })
+    // The live limits (config::LIVE_LIMITS), then the per-network and
+    // per-HELO rules, which only a reload changes.
+    let mut shown = l.live_values();
+    let source = l
+        .source
+        .iter()
+        .map(|s| json!({"cidr": s.cidr.to_string(), "max_connections": s.max_connections}));
+    let helo = l
+        .helo
+        .iter()
+        .map(|h| json!({"pattern": h.pattern, "max_connections": h.max_connections}));
+    shown.insert("source".into(), source.collect());
+    shown.insert("helo".into(), helo.collect());
+    Value::Object(shown)
 }
 
 /// Most rows in one `block list` page: a page is one request on the

@@ -303,17 +303,26 @@ enum LimitsCommand {
     },
     /// Change a limit live (kernel and proxy at once; the file is unchanged).
     ///
-    /// Names: max_connections_per_source, ipv6_prefix, max_failed_rcpt,
-    /// max_failed_auth, failed_auth_window, null_sender_rate, block_duration,
-    /// block_backoff, max_block_duration.
-    ///
     /// Example: smtp-limiter limits set max_failed_rcpt 3
     Set {
+        /// The [limits] key to change.
+        #[arg(value_parser = live_limit_names())]
         name: String,
+        /// Its new value, written as in the configuration file.
         value: String,
         #[command(flatten)]
         common: Common,
     },
+}
+
+/// The names `limits set` takes, each with its help, from
+/// [`config::LIVE_LIMITS`] (so the help, man page and completions list them).
+fn live_limit_names() -> clap::builder::PossibleValuesParser {
+    config::LIVE_LIMITS
+        .iter()
+        .map(|limit| clap::builder::PossibleValue::new(limit.name).help(limit.help()))
+        .collect::<Vec<_>>()
+        .into()
 }
 
 /// How the agent writes its log lines.

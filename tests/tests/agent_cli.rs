@@ -232,6 +232,27 @@ fn cli_blocks_through_the_agent_and_blocks_survive_lost_kernel_maps() {
         2,
         "a refused value changed the limit"
     );
+    // Every live limit (config::LIVE_LIMITS) goes through the CLI and the
+    // agent: the value `limits show` gives is taken back as it is. A name
+    // outside the table is refused by the CLI, which lists the names.
+    let show = |config: &Path| {
+        let (ok, out) = cli(config, &["limits", "show", "--json"]);
+        assert!(ok, "{out}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    let shown = show(config);
+    for limit in limiter_user::config::LIVE_LIMITS {
+        let value = find_key(&shown, limit.name)
+            .unwrap_or_else(|| panic!("limits show has no {}: {shown}", limit.name));
+        let text = value
+            .as_str()
+            .map_or_else(|| value.to_string(), str::to_owned);
+        let (ok, out) = cli(config, &["limits", "set", limit.name, &text]);
+        assert!(ok, "limits set {} {text}: {out}", limit.name);
+    }
+    assert_eq!(show(config), shown, "setting the shown values changed them");
+    let (ok, out) = cli(config, &["limits", "set", "max_failed_rcpts", "2"]);
+    assert!(!ok && out.contains("max_failed_rcpt_per_source"), "{out}");
     let (ok, out) = cli(config, &["stats", "--json"]);
     assert!(ok, "{out}");
     let stats: serde_json::Value =

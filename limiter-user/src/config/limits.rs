@@ -6,7 +6,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::values::{cidr_serde, duration_serde, format_duration, Rate, MAX_DURATION};
+use super::values::{
+    cidr_serde, duration_serde, format_duration, parse_duration, Rate, MAX_DURATION,
+};
 use super::{invalid, ConfigError};
 
 /// The longest timed block (100 years): wall-clock arithmetic on longer
@@ -193,9 +195,206 @@ impl Limits {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Limits changed live
+// ---------------------------------------------------------------------------
+
+/// A `[limits]` key that `smtp-limiter limits set` changes in the running
+/// agent (kernel and proxy at once; the file is not written).
+pub struct LiveLimit {
+    /// The key in `[limits]`, also the name `limits set` takes.
+    pub name: &'static str,
+    /// How the value is written, for help.
+    pub kind: &'static str,
+    /// What the limit does, one line, for help and the README.
+    pub description: &'static str,
+    get: fn(&Limits) -> serde_json::Value,
+    set: fn(&mut Limits, &str) -> Result<(), String>,
+}
+
+/// A field type a live limit can have: how it is read from `limits set`'s
+/// text and shown by `limits show` (as in the configuration file).
+trait LiveField: Sized {
+    const KIND: &'static str;
+    fn parse_live(text: &str) -> Result<Self, String>;
+    fn show(&self) -> serde_json::Value;
+}
+
+impl LiveField for u32 {
+    const KIND: &'static str = "integer";
+    fn parse_live(text: &str) -> Result<Self, String> {
+        text.parse().map_err(|e| format!("{e}"))
+    }
+    fn show(&self) -> serde_json::Value {
+        (*self).into()
+    }
+}
+
+impl LiveField for u8 {
+    const KIND: &'static str = "integer";
+    fn parse_live(text: &str) -> Result<Self, String> {
+        text.parse().map_err(|e| format!("{e}"))
+    }
+    fn show(&self) -> serde_json::Value {
+        (*self).into()
+    }
+}
+
+impl LiveField for f64 {
+    const KIND: &'static str = "number like 1.5";
+    fn parse_live(text: &str) -> Result<Self, String> {
+        text.parse().map_err(|e| format!("{e}"))
+    }
+    fn show(&self) -> serde_json::Value {
+        (*self).into()
+    }
+}
+
+impl LiveField for Duration {
+    const KIND: &'static str = "duration like 30m";
+    fn parse_live(text: &str) -> Result<Self, String> {
+        parse_duration(text)
+    }
+    fn show(&self) -> serde_json::Value {
+        format_duration(*self).into()
+    }
+}
+
+impl LiveField for Rate {
+    const KIND: &'static str = "rate like 20/1m";
+    fn parse_live(text: &str) -> Result<Self, String> {
+        text.parse()
+    }
+    fn show(&self) -> serde_json::Value {
+        self.to_string().into()
+    }
+}
+
+const fn kind_of<T: LiveField>(_field: fn(&Limits) -> &T) -> &'static str {
+    T::KIND
+}
+
+fn set_field<T: LiveField>(field: &mut T, text: &str) -> Result<(), String> {
+    *field = T::parse_live(text)?;
+    Ok(())
+}
+
+/// One [`LIVE_LIMITS`] row from the field's name: its type gives the kind,
+/// the parser and the display.
+macro_rules! live_limit {
+    ($field:ident, $description:literal) => {
+        LiveLimit {
+            name: stringify!($field),
+            kind: kind_of(|limits: &Limits| &limits.$field),
+            description: $description,
+            get: |limits| LiveField::show(&limits.$field),
+            set: |limits, text| set_field(&mut limits.$field, text),
+        }
+    };
+}
+
+/// The limits `limits set` changes, in `limits show` order: the one list
+/// the agent's `limits set` and `limits show`, the CLI's help (and so its
+/// man page and completions) and the README's table are made from.
+pub const LIVE_LIMITS: &[LiveLimit] = &[
+    live_limit!(
+        max_connections_per_source,
+        "concurrent connections per source: SYN drop in the kernel, 421 in the proxy (0 = unlimited)"
+    ),
+    live_limit!(
+        ipv6_prefix,
+        "IPv6 sources are counted and blocked per prefix of this length (1 to 128)"
+    ),
+    live_limit!(
+        max_failed_rcpt,
+        "failed recipients in a row in one session before 421 4.7.0 and a block (harvesting)"
+    ),
+    live_limit!(
+        max_failed_rcpt_per_source,
+        "failed recipients per source within failed_rcpt_window, across sessions, before a block (0 = off)"
+    ),
+    live_limit!(
+        failed_rcpt_window,
+        "the window max_failed_rcpt_per_source counts over"
+    ),
+    live_limit!(
+        max_failed_auth,
+        "535 answers to AUTH per source within failed_auth_window before a block"
+    ),
+    live_limit!(
+        failed_auth_window,
+        "the window max_failed_auth counts over"
+    ),
+    live_limit!(
+        null_sender_rate,
+        "MAIL FROM:<> per source and per HELO name; over it 450 4.7.1, twice over it a block"
+    ),
+    live_limit!(block_duration, "length of a first block"),
+    live_limit!(
+        block_backoff,
+        "each repeat block of a source lasts this many times longer (at least 1.0)"
+    ),
+    live_limit!(
+        max_block_duration,
+        "longest a repeat block lasts (at least block_duration)"
+    ),
+];
+
+impl LiveLimit {
+    /// The row named `name`.
+    #[must_use]
+    pub fn find(name: &str) -> Option<&'static LiveLimit> {
+        LIVE_LIMITS.iter().find(|limit| limit.name == name)
+    }
+
+    /// The value in force, as `limits show` gives it (numbers as numbers,
+    /// durations and rates as the configuration file writes them).
+    #[must_use]
+    pub fn get(&self, limits: &Limits) -> serde_json::Value {
+        (self.get)(limits)
+    }
+
+    /// One line of help: the description and how the value is written.
+    #[must_use]
+    pub fn help(&self) -> String {
+        format!("{}. Value: {}", self.description, self.kind)
+    }
+}
+
+impl Limits {
+    /// `limits set NAME VALUE`: parses `value` for the live limit `name`
+    /// and checks the section with it; the limits change only if both pass.
+    ///
+    /// # Errors
+    /// An unknown name (with the known ones), a value that does not parse,
+    /// or one [`Limits::validate`] refuses, each naming the key.
+    pub fn set_live(&mut self, name: &str, value: &str) -> Result<(), String> {
+        let limit = LiveLimit::find(name).ok_or_else(|| {
+            let names: Vec<_> = LIVE_LIMITS.iter().map(|l| l.name).collect();
+            format!("unknown limit {name:?}: use one of {}", names.join(", "))
+        })?;
+        let mut candidate = self.clone();
+        (limit.set)(&mut candidate, value).map_err(|e| format!("{name} = {value:?}: {e}"))?;
+        candidate.validate().map_err(|e| e.to_string())?;
+        *self = candidate;
+        Ok(())
+    }
+
+    /// The live limits in force, by name, as `limits show` gives them.
+    #[must_use]
+    pub fn live_values(&self) -> serde_json::Map<String, serde_json::Value> {
+        LIVE_LIMITS
+            .iter()
+            .map(|limit| (limit.name.to_owned(), limit.get(self)))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
     use crate::config::tests::{assert_accepted, assert_invalid, assert_unknown_field};
+    use crate::config::Config;
 
     #[test]
     fn bad_keys_and_values_are_refused_naming_the_key() {
@@ -254,5 +453,136 @@ mod tests {
             "[[limits.source]]\ncidr = \"192.0.2.0/24\"\nmax_connections = 1\n\
              [[limits.source]]\ncidr = \"192.0.2.0/25\"\nmax_connections = 2",
         ]);
+    }
+
+    /// A valid value other than the default, as `limits set` takes it and as
+    /// TOML writes it.
+    fn other_value(shown: &serde_json::Value) -> (String, String) {
+        match shown {
+            serde_json::Value::Number(n) if n.is_u64() => {
+                let text = (n.as_u64().unwrap() + 1).to_string();
+                (text.clone(), text)
+            }
+            serde_json::Value::Number(n) => {
+                let text = format!("{:.1}", n.as_f64().unwrap() + 1.0);
+                (text.clone(), text)
+            }
+            serde_json::Value::String(s) if s.contains('/') => {
+                ("7/10s".to_owned(), "\"7/10s\"".to_owned())
+            }
+            serde_json::Value::String(_) => ("45m".to_owned(), "\"45m\"".to_owned()),
+            other => panic!("no sample for {other}"),
+        }
+    }
+
+    /// The text `limits set` takes for a shown value.
+    fn text(shown: &serde_json::Value) -> String {
+        match shown {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+
+    #[test]
+    fn every_live_limit_round_trips_and_is_the_toml_key() {
+        let defaults = Limits::default();
+        let mut names = HashSet::new();
+        for limit in LIVE_LIMITS {
+            assert!(names.insert(limit.name), "{} listed twice", limit.name);
+            // What `limits show` gives, set again, changes nothing.
+            let shown = limit.get(&defaults);
+            let mut same = defaults.clone();
+            same.set_live(limit.name, &text(&shown))
+                .unwrap_or_else(|e| panic!("{}: {e}", limit.name));
+            assert_eq!(same, defaults, "{} = {shown}", limit.name);
+            // Another value lands in the field the TOML key of that name
+            // sets, and is shown back as written.
+            let (value, literal) = other_value(&shown);
+            let mut live = defaults.clone();
+            live.set_live(limit.name, &value)
+                .unwrap_or_else(|e| panic!("{} = {value}: {e}", limit.name));
+            let from_file = Config::from_toml(&format!("[limits]\n{} = {literal}", limit.name))
+                .unwrap_or_else(|e| panic!("{} = {literal}: {e}", limit.name))
+                .limits;
+            assert_ne!(live, defaults, "{} = {value} changed nothing", limit.name);
+            assert_eq!(live, from_file, "{} = {value}", limit.name);
+            assert_eq!(text(&limit.get(&live)), value, "{}", limit.name);
+            assert_eq!(live.live_values()[limit.name], limit.get(&live));
+        }
+        assert_eq!(defaults.live_values().len(), LIVE_LIMITS.len());
+    }
+
+    #[test]
+    fn refused_live_changes_name_the_key_and_change_nothing() {
+        let defaults = Limits::default();
+        for (name, value, wants) in [
+            ("max_failed_rcpt", "many", "max_failed_rcpt = \"many\""),
+            ("max_failed_rcpt", "-1", "max_failed_rcpt = \"-1\""),
+            ("ipv6_prefix", "300", "ipv6_prefix = \"300\""),
+            ("ipv6_prefix", "0", "limits.ipv6_prefix: "),
+            ("block_backoff", "0.5", "limits.block_backoff: "),
+            ("block_backoff", "nan", "limits.block_backoff: "),
+            ("block_duration", "soon", "block_duration = \"soon\""),
+            ("block_duration", "30d", "limits.max_block_duration: "),
+            ("failed_auth_window", "0s", "limits.failed_auth_window: "),
+            ("null_sender_rate", "20", "null_sender_rate = \"20\""),
+            ("null_sender_rate", "0/1m", "limits.null_sender_rate: "),
+            ("max_connection", "1", "unknown limit \"max_connection\": use one of max_connections_per_source, ipv6_prefix, "),
+            ("source", "1", "unknown limit \"source\""),
+        ] {
+            let mut limits = defaults.clone();
+            let error = limits.set_live(name, value).expect_err(value);
+            assert!(error.starts_with(wants), "{name} {value}: {error}");
+            assert_eq!(limits, defaults, "{name} {value}");
+        }
+    }
+
+    /// The README's table of live limits, as [`LIVE_LIMITS`] makes it.
+    fn readme_table() -> Vec<String> {
+        let mut rows = vec![
+            "| limit | value | what it changes |".to_owned(),
+            "|---|---|---|".to_owned(),
+        ];
+        rows.extend(
+            LIVE_LIMITS
+                .iter()
+                .map(|l| format!("| `{}` | {} | {} |", l.name, l.kind, l.description)),
+        );
+        rows
+    }
+
+    #[test]
+    fn the_readme_lists_exactly_the_live_limits() {
+        let readme = include_str!("../../../README.md");
+        let want = readme_table();
+        let lines: Vec<&str> = readme.lines().collect();
+        let start = lines
+            .iter()
+            .position(|line| *line == want[0])
+            .unwrap_or_else(|| {
+                panic!(
+                    "README.md has no table headed {:?}; put this in it:\n{}",
+                    want[0],
+                    want.join("\n")
+                )
+            });
+        let got: Vec<&str> = lines[start..]
+            .iter()
+            .take_while(|line| line.starts_with('|'))
+            .copied()
+            .collect();
+        let names: Vec<&str> = got
+            .iter()
+            .skip(2)
+            .filter_map(|row| row.split('`').nth(1))
+            .collect();
+        let want_names: Vec<&str> = LIVE_LIMITS.iter().map(|l| l.name).collect();
+        assert_eq!(names, want_names, "README.md's live limits");
+        assert_eq!(
+            got,
+            want,
+            "README.md's table of live limits is not the one LIVE_LIMITS makes:\n{}",
+            want.join("\n")
+        );
     }
 }

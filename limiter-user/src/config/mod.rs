@@ -45,7 +45,7 @@ pub use backend::{Backend, BackendConnect, Identity};
 pub use control::Control;
 pub use filters::{Clamav, Filters, OnFailure, Rspamd};
 pub use kernel::{Attach, Kernel, KernelMode, MapSizes, MAX_KERNEL_PORTS};
-pub use limits::{HeloLimit, Limits, SourceLimit, MAX_BLOCK_DURATION};
+pub use limits::{HeloLimit, Limits, LiveLimit, SourceLimit, LIVE_LIMITS, MAX_BLOCK_DURATION};
 pub use listen::{Listen, TlsMode};
 pub use lists::Lists;
 pub use metrics::Metrics;
