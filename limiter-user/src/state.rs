@@ -214,7 +214,13 @@ impl Store {
     /// journal lines are skipped and reported in [`Loaded::skipped`].
     pub fn load(&self, now: SystemTime) -> Result<Loaded, StateError> {
         let mut loaded = Loaded::default();
-        let mut blocks: HashMap<IpNet, StoredBlock> = HashMap::new();
+        // The snapshot in file order (a block written twice by a snapshot
+        // taken while it changed: the later line wins when the agent puts
+        // them into its table), then the journals' last word per network,
+        // which overrides it. No map of every block: at a million blocks
+        // building one cost more than parsing.
+        let mut blocks: Vec<StoredBlock> = Vec::new();
+        let mut changes: HashMap<IpNet, Option<StoredBlock>> = HashMap::new();
         let snapshot = self.path(SNAPSHOT_FILE);
         let replay_from = match File::open(&snapshot) {
             Ok(file) => read_snapshot(&snapshot, file, &mut blocks)?,
@@ -222,9 +228,7 @@ impl Store {
                 let legacy = self.path(LEGACY_FILE);
                 match fs::read(&legacy) {
                     Ok(text) => {
-                        for block in read_legacy(&legacy, &text)? {
-                            blocks.insert(block.net, block);
-                        }
+                        blocks = read_legacy(&legacy, &text)?;
                         loaded.legacy = true;
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -247,7 +251,7 @@ impl Store {
         let generations = self.generations()?;
         for generation in generations.iter().filter(|g| **g >= replay_from) {
             let path = self.log_path(*generation);
-            loaded.records += replay(&path, &mut blocks, &mut loaded.skipped)?;
+            loaded.records += replay(&path, &mut changes, &mut loaded.skipped)?;
         }
         let last = generations.last().copied().unwrap_or(0).max(replay_from);
         {
@@ -258,10 +262,12 @@ impl Store {
             log.file = None;
         }
         let now = unix(now);
-        loaded.blocks = blocks
-            .into_values()
-            .filter(|b| b.expires_unix.is_none_or(|t| t > now))
-            .collect();
+        if !changes.is_empty() {
+            blocks.retain(|b| !changes.contains_key(&b.net));
+            blocks.extend(changes.into_values().flatten());
+        }
+        blocks.retain(|b| b.expires_unix.is_none_or(|t| t > now));
+        loaded.blocks = blocks;
         Ok(loaded)
     }
 
@@ -433,7 +439,7 @@ impl Snapshot {
 fn read_snapshot(
     path: &Path,
     mut file: File,
-    blocks: &mut HashMap<IpNet, StoredBlock>,
+    blocks: &mut Vec<StoredBlock>,
 ) -> Result<u64, StateError> {
     // Read whole and parsed in place: a line per block, no allocation per
     // line (a million blocks is about 100 MiB, read once at start).
@@ -460,7 +466,7 @@ fn read_snapshot(
     for (i, line) in lines.enumerate() {
         let block: StoredBlock =
             serde_json::from_slice(line).map_err(|e| format(format!("line {}: {e}", i + 2)))?;
-        blocks.insert(block.net, block);
+        blocks.push(block);
     }
     Ok(header.replay_from)
 }
@@ -482,10 +488,11 @@ fn read_legacy(path: &Path, text: &[u8]) -> Result<Vec<StoredBlock>, StateError>
     Ok(file.blocks)
 }
 
-/// Applies one journal to `blocks`; returns the records applied.
+/// Applies one journal to `changes` (the last word per network: a block,
+/// or `None` for a removal); returns the records applied.
 fn replay(
     path: &Path,
-    blocks: &mut HashMap<IpNet, StoredBlock>,
+    changes: &mut HashMap<IpNet, Option<StoredBlock>>,
     skipped: &mut Vec<String>,
 ) -> Result<u64, StateError> {
     let text = fs::read(path).map_err(|source| StateError::Io {
@@ -511,11 +518,11 @@ fn replay(
         };
         match serde_json::from_slice::<Record>(line) {
             Ok(Record::Put(block)) => {
-                blocks.insert(block.net, block);
+                changes.insert(block.net, Some(block));
                 applied += 1;
             }
             Ok(Record::Del(net)) => {
-                blocks.remove(&net);
+                changes.insert(net, None);
                 applied += 1;
             }
             // A crash during the last write: that change was not
