@@ -5,9 +5,15 @@
 //! of implicit padding: the kernel compares keys byte for byte, and `bpftool`
 //! prints these types by field name from the object's BTF.
 //!
-//! Addresses are kept in one 16-byte form for both families: IPv6 as is, IPv4
-//! as an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`). One map then serves both
-//! families, and an IPv4 CIDR `a.b.c.d/n` is the LPM prefix `96 + n`.
+//! Each address family has its own maps: IPv4 sources are keyed by their four
+//! bytes (`[192,0,2,1]` in `bpftool map dump`), IPv6 sources by their sixteen,
+//! and IPv4 networks are LPM prefixes of at most 32 bits. A 4-byte key hashes
+//! and compares faster than a 16-byte one, and each family's packet path
+//! touches only its own tables. An IPv4-mapped IPv6 source (`::ffff:a.b.c.d`)
+//! is judged as the IPv4 address it carries.
+//!
+//! Reasons, drop reasons and the mode are enums in the kernel object, so that
+//! `bpftool` prints them by name (`"reason": "Harvest"`); see [`ReasonCode`].
 #![no_std]
 
 /// Names of the maps in the kernel object. The kernel keeps 15 bytes of a map
@@ -17,16 +23,28 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     /// [`crate::Stats`], per CPU, one entry: a counter per decision.
     pub const STATS: &str = "STATS";
-    /// LPM trie of [`crate::Allow`]: sources that are never dropped or capped.
-    pub const ALLOW: &str = "ALLOW";
-    /// Hash of exact addresses to [`crate::Block`].
-    pub const BLOCK: &str = "BLOCK";
-    /// LPM trie of CIDRs to [`crate::Block`].
-    pub const BLOCK_NET: &str = "BLOCK_NET";
-    /// LPM trie of CIDRs to [`crate::Cap`]: per-network connection caps.
-    pub const CAP_NET: &str = "CAP_NET";
-    /// Hash of aggregated sources to [`crate::ConnCount`].
-    pub const CONN_COUNT: &str = "CONN_COUNT";
+    /// LPM trie of IPv4 networks to [`crate::Allow`]: sources that are never
+    /// dropped or capped.
+    pub const ALLOW_V4: &str = "ALLOW_V4";
+    /// As [`ALLOW_V4`], IPv6.
+    pub const ALLOW_V6: &str = "ALLOW_V6";
+    /// Hash of IPv4 addresses to [`crate::Block`].
+    pub const BLOCK_V4: &str = "BLOCK_V4";
+    /// Hash of IPv6 addresses to [`crate::Block`].
+    pub const BLOCK_V6: &str = "BLOCK_V6";
+    /// LPM trie of IPv4 networks to [`crate::Block`].
+    pub const BLOCK_NET_V4: &str = "BLOCK_NET_V4";
+    /// As [`BLOCK_NET_V4`], IPv6.
+    pub const BLOCK_NET_V6: &str = "BLOCK_NET_V6";
+    /// LPM trie of IPv4 networks to [`crate::Cap`]: per-network caps.
+    pub const CAP_NET_V4: &str = "CAP_NET_V4";
+    /// As [`CAP_NET_V4`], IPv6.
+    pub const CAP_NET_V6: &str = "CAP_NET_V6";
+    /// Hash of IPv4 sources to [`crate::ConnCount`].
+    pub const CONN_COUNT_V4: &str = "CONN_COUNT_V4";
+    /// Hash of IPv6 sources (masked to `Config::ipv6_prefix_len`) to
+    /// [`crate::ConnCount`].
+    pub const CONN_COUNT_V6: &str = "CONN_COUNT_V6";
     /// Hash of socket cookies to [`crate::TrackedSocket`]: which connections
     /// were counted, so that each close undoes exactly its own increment.
     pub const CONN_SOCKS: &str = "CONN_SOCKS";
@@ -34,31 +52,42 @@ pub mod map_names {
     pub const EVENTS: &str = "EVENTS";
     /// Per-CPU [`crate::EventBudget`]: the drop-event rate limiter's state.
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
-    /// Array of `u64` words: one bitmap of IPv4 /16s per LPM trie (see
-    /// [`crate::hint`]), so most IPv4 packets skip the tries entirely.
+    /// Array of `u64` words: one bitmap per LPM trie (see [`crate::hint`]),
+    /// so that most sources skip the tries entirely.
     pub const NET_HINTS: &str = "NET_HINTS";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 16] = [
         CONFIG,
         STATS,
-        ALLOW,
-        BLOCK,
-        BLOCK_NET,
-        CAP_NET,
-        CONN_COUNT,
+        ALLOW_V4,
+        ALLOW_V6,
+        BLOCK_V4,
+        BLOCK_V6,
+        BLOCK_NET_V4,
+        BLOCK_NET_V6,
+        CAP_NET_V4,
+        CAP_NET_V6,
+        CONN_COUNT_V4,
+        CONN_COUNT_V6,
         CONN_SOCKS,
         EVENTS,
         EVENT_BUDGET,
         NET_HINTS,
     ];
+
+    /// Maps of the older layout (one table for both families, IPv4 mapped
+    /// into IPv6, keys as 32-bit words): a pin under one of these names was
+    /// left by an older agent.
+    pub const RETIRED: [&str; 5] = ["ALLOW", "BLOCK", "BLOCK_NET", "CAP_NET", "CONN_COUNT"];
 }
 
 /// Prefilters for the LPM tries. An LPM lookup costs several times a hash
 /// lookup and grows with the trie; most sources match no entry. For each
-/// trie, a bitmap of the 65 536 IPv4 /16s has a bit set for every /16 that
-/// some entry of the trie may cover; an IPv4 source whose /16 bit is clear
-/// cannot match and skips the lookup. IPv6 sources always look up.
+/// trie, a bitmap of the 65 536 values of an address's first 16 bits (an
+/// IPv4 /16, an IPv6 /16) has a bit set for every value that some entry of
+/// the trie may cover; a source whose bit is clear cannot match and skips
+/// the lookup.
 ///
 /// Writers only ever set bits when adding entries; removals recompute the
 /// whole bitmap from the trie. A stale set bit costs one lookup; a bit must
@@ -66,19 +95,26 @@ pub mod map_names {
 pub mod hint {
     /// `u64` words per bitmap.
     pub const WORDS: u32 = 65_536 / 64;
-    /// Bitmap of `ALLOW`.
-    pub const ALLOW: u32 = 0;
-    /// Bitmap of `BLOCK_NET`.
-    pub const BLOCK_NET: u32 = 1;
-    /// Bitmap of `CAP_NET`.
-    pub const CAP_NET: u32 = 2;
+    /// Bitmap of `ALLOW_V4`.
+    pub const ALLOW_V4: u32 = 0;
+    /// Bitmap of `BLOCK_NET_V4`.
+    pub const BLOCK_NET_V4: u32 = 1;
+    /// Bitmap of `CAP_NET_V4`.
+    pub const CAP_NET_V4: u32 = 2;
+    /// Bitmap of `ALLOW_V6`.
+    pub const ALLOW_V6: u32 = 3;
+    /// Bitmap of `BLOCK_NET_V6`.
+    pub const BLOCK_NET_V6: u32 = 4;
+    /// Bitmap of `CAP_NET_V6`.
+    pub const CAP_NET_V6: u32 = 5;
     /// Number of bitmaps (entries in `NET_HINTS` = `COUNT * WORDS`).
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 6;
 
-    /// The `NET_HINTS` index and the bit of `slash16` in bitmap `map`.
+    /// The `NET_HINTS` index and the bit of `top16` (an address's first two
+    /// bytes, big-endian) in bitmap `map`.
     #[inline(always)]
-    pub const fn position(map: u32, slash16: u16) -> (u32, u64) {
-        (map * WORDS + (slash16 as u32 >> 6), 1u64 << (slash16 & 63))
+    pub const fn position(map: u32, top16: u16) -> (u32, u64) {
+        (map * WORDS + (top16 as u32 >> 6), 1u64 << (top16 & 63))
     }
 }
 
@@ -95,102 +131,80 @@ pub mod program_names {
 /// How many protected TCP ports [`Config`] holds.
 pub const MAX_PORTS: usize = 16;
 
-/// Prefix length of an IPv4-mapped address's IPv4 part within 128 bits.
-pub const IPV4_MAPPED_PREFIX: u32 = 96;
+/// An IPv4 address as the maps key it: its four bytes in network order.
+pub type Ipv4Octets = [u8; 4];
 
-/// A source address: 16 bytes in network order, IPv4 mapped into IPv6.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Addr {
-    /// The address as four 32-bit words, each in network byte order exactly
-    /// as read from the packet (so the bytes in memory are the wire bytes).
-    pub words: [u32; 4],
+/// An IPv6 address as the maps key it: its sixteen bytes in network order.
+pub type Ipv6Octets = [u8; 16];
+
+/// The IPv4-mapped IPv6 form (`::ffff:a.b.c.d`) of an IPv4 address, where
+/// one field holds either family ([`TrackedSocket`], [`DropEvent`]).
+#[inline(always)]
+pub const fn ipv4_mapped(v4: Ipv4Octets) -> Ipv6Octets {
+    let [a, b, c, d] = v4;
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d]
 }
 
-impl Addr {
-    /// The IPv4-mapped form of an IPv4 address given as its network-order
-    /// word (the four wire bytes as one native `u32`).
-    #[inline(always)]
-    pub const fn from_ipv4_word(word: u32) -> Self {
-        Self {
-            words: [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), word],
-        }
-    }
-
-    /// The address from its 16 wire bytes.
-    pub const fn from_octets(o: [u8; 16]) -> Self {
-        Self {
-            words: [
-                u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
-                u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
-                u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
-                u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
-            ],
-        }
-    }
-
-    /// The 16 wire bytes.
-    pub const fn octets(&self) -> [u8; 16] {
-        let [a, b, c, d] = self.words;
-        let (a, b, c, d) = (
-            a.to_ne_bytes(),
-            b.to_ne_bytes(),
-            c.to_ne_bytes(),
-            d.to_ne_bytes(),
-        );
-        [
-            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
-            d[2], d[3],
-        ]
-    }
-
-    /// Whether this is an IPv4-mapped address.
-    #[inline(always)]
-    pub const fn is_ipv4_mapped(&self) -> bool {
-        self.words[0] == 0
-            && self.words[1] == 0
-            && self.words[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
-    }
-
-    /// The address with every bit past `prefix_len` (of 128) cleared.
-    #[inline(always)]
-    pub const fn masked(&self, prefix_len: u32) -> Self {
-        Self {
-            words: [
-                self.words[0] & mask_word(prefix_len, 0),
-                self.words[1] & mask_word(prefix_len, 1),
-                self.words[2] & mask_word(prefix_len, 2),
-                self.words[3] & mask_word(prefix_len, 3),
-            ],
-        }
-    }
-
-    /// The first two bytes of an IPv4-mapped address (its /16), for
-    /// [`hint`]; `None` for IPv6.
-    #[inline(always)]
-    pub const fn ipv4_slash16(&self) -> Option<u16> {
-        if self.is_ipv4_mapped() {
-            let b = self.words[3].to_ne_bytes();
-            Some(u16::from_be_bytes([b[0], b[1]]))
-        } else {
-            None
-        }
-    }
-
-    /// The key under which this source's connections are counted: IPv4
-    /// sources per address, IPv6 sources per `ipv6_prefix_len` prefix so that
-    /// rotating addresses inside one allocation does not escape the cap.
-    #[inline(always)]
-    pub const fn source_key(&self, ipv6_prefix_len: u32) -> Self {
-        if self.is_ipv4_mapped() {
-            *self
-        } else {
-            self.masked(ipv6_prefix_len)
-        }
+/// The IPv4 address inside an IPv4-mapped IPv6 address, if it is one.
+#[inline(always)]
+pub const fn ipv4_unmapped(v6: &Ipv6Octets) -> Option<Ipv4Octets> {
+    let words = octets_to_words(v6);
+    if is_ipv4_mapped(&words) {
+        Some(words[3].to_ne_bytes())
+    } else {
+        None
     }
 }
 
-/// The network-order mask of word `index` (0..4) for a 128-bit prefix.
+/// An IPv6 address as four 32-bit words in memory order (how the kernel
+/// programs read it from packets and sockets), as bytes.
+#[inline(always)]
+pub const fn words_to_octets(words: [u32; 4]) -> Ipv6Octets {
+    let [a, b, c, d] = words;
+    let (a, b, c, d) = (
+        a.to_ne_bytes(),
+        b.to_ne_bytes(),
+        c.to_ne_bytes(),
+        d.to_ne_bytes(),
+    );
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+/// The inverse of [`words_to_octets`].
+#[inline(always)]
+pub const fn octets_to_words(o: &Ipv6Octets) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// Whether an IPv6 address (as words in memory order) is IPv4-mapped.
+#[inline(always)]
+pub const fn is_ipv4_mapped(words: &[u32; 4]) -> bool {
+    words[0] == 0 && words[1] == 0 && words[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+/// An IPv6 address (as words in memory order) with every bit past
+/// `prefix_len` (of 128) cleared: the key under which an IPv6 source's
+/// connections are counted, so that rotating addresses inside one
+/// allocation does not escape the cap.
+#[inline(always)]
+pub const fn ipv6_masked(words: [u32; 4], prefix_len: u32) -> [u32; 4] {
+    [
+        words[0] & mask_word(prefix_len, 0),
+        words[1] & mask_word(prefix_len, 1),
+        words[2] & mask_word(prefix_len, 2),
+        words[3] & mask_word(prefix_len, 3),
+    ]
+}
+
+/// The memory-order mask of word `index` (0..4) for a 128-bit prefix.
 #[inline(always)]
 const fn mask_word(prefix_len: u32, index: u32) -> u32 {
     let start = index * 32;
@@ -205,22 +219,85 @@ const fn mask_word(prefix_len: u32, index: u32) -> u32 {
     host_order.to_be()
 }
 
-/// Why a source is blocked. Stored as `u32` in [`Block::reason`].
-pub mod reason {
+/// Why a source is blocked (in [`Block::reason`]). The codes are stable: the
+/// state file and pinned maps hold them.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
     /// Added by an operator.
-    pub const MANUAL: u32 = 1;
+    Manual = 1,
     /// Too many failed recipients: directory harvesting.
-    pub const HARVEST: u32 = 2;
+    Harvest = 2,
     /// Too many failed AUTH attempts.
-    pub const AUTH: u32 = 3;
+    Auth = 3,
     /// Flood: null-sender or connection floods.
-    pub const FLOOD: u32 = 4;
+    Flood = 4,
     /// On the configured reject list.
-    pub const REJECT_LIST: u32 = 5;
+    RejectList = 5,
     /// Relay attempts.
-    pub const RELAY: u32 = 6;
+    Relay = 6,
     /// Rejected by content filters (spam, virus).
-    pub const FILTER: u32 = 7;
+    Filter = 7,
+}
+
+impl Reason {
+    /// Every reason, in code order.
+    pub const ALL: [Reason; 7] = [
+        Reason::Manual,
+        Reason::Harvest,
+        Reason::Auth,
+        Reason::Flood,
+        Reason::RejectList,
+        Reason::Relay,
+        Reason::Filter,
+    ];
+
+    /// The reason with this code, if any.
+    pub const fn from_code(code: u32) -> Option<Self> {
+        Some(match code {
+            1 => Reason::Manual,
+            2 => Reason::Harvest,
+            3 => Reason::Auth,
+            4 => Reason::Flood,
+            5 => Reason::RejectList,
+            6 => Reason::Relay,
+            7 => Reason::Filter,
+            _ => return None,
+        })
+    }
+
+    /// A stable lower-case name for logs, metrics and the CLI.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::Manual => "manual",
+            Reason::Harvest => "harvest",
+            Reason::Auth => "auth",
+            Reason::Flood => "flood",
+            Reason::RejectList => "reject-list",
+            Reason::Relay => "relay",
+            Reason::Filter => "filter",
+        }
+    }
+}
+
+/// The codes of [`Reason`] as `u32`, as the agent passes them around.
+pub mod reason {
+    use super::Reason;
+
+    /// Added by an operator.
+    pub const MANUAL: u32 = Reason::Manual as u32;
+    /// Too many failed recipients: directory harvesting.
+    pub const HARVEST: u32 = Reason::Harvest as u32;
+    /// Too many failed AUTH attempts.
+    pub const AUTH: u32 = Reason::Auth as u32;
+    /// Flood: null-sender or connection floods.
+    pub const FLOOD: u32 = Reason::Flood as u32;
+    /// On the configured reject list.
+    pub const REJECT_LIST: u32 = Reason::RejectList as u32;
+    /// Relay attempts.
+    pub const RELAY: u32 = Reason::Relay as u32;
+    /// Rejected by content filters (spam, virus).
+    pub const FILTER: u32 = Reason::Filter as u32;
 
     /// Every reason, for lookups by name.
     pub const ALL: [u32; 7] = [MANUAL, HARVEST, AUTH, FLOOD, REJECT_LIST, RELAY, FILTER];
@@ -232,18 +309,91 @@ pub mod reason {
 
     /// A stable lower-case name for logs, metrics and the CLI.
     pub const fn name(reason: u32) -> &'static str {
+        match Reason::from_code(reason) {
+            Some(reason) => reason.name(),
+            None => "unknown",
+        }
+    }
+}
+
+/// What the programs do with a packet they would drop (in [`Config::mode`]).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Drop it.
+    #[default]
+    Enforce = 0,
+    /// Count it in `Stats::would_drop_*`, report it as observed, pass it.
+    Observe = 1,
+}
+
+/// Why a packet was dropped (in [`DropEvent::reason`]).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// The source address is in `BLOCK_V4`/`BLOCK_V6`.
+    Block = 1,
+    /// The source is inside a `BLOCK_NET_V4`/`BLOCK_NET_V6` network.
+    BlockNet = 2,
+    /// A new connection from a source at its connection cap.
+    Cap = 3,
+}
+
+/// The codes of [`DropReason`] as `u32`, as the agent reads them.
+pub mod drop_reason {
+    use super::DropReason;
+
+    /// The source address is blocked.
+    pub const BLOCK: u32 = DropReason::Block as u32;
+    /// The source is inside a blocked network.
+    pub const BLOCK_NET: u32 = DropReason::BlockNet as u32;
+    /// A new connection from a source at its connection cap.
+    pub const CAP: u32 = DropReason::Cap as u32;
+
+    /// A stable lower-case name.
+    pub const fn name(reason: u32) -> &'static str {
         match reason {
-            MANUAL => "manual",
-            HARVEST => "harvest",
-            AUTH => "auth",
-            FLOOD => "flood",
-            REJECT_LIST => "reject-list",
-            RELAY => "relay",
-            FILTER => "filter",
+            BLOCK => "block",
+            BLOCK_NET => "block-net",
+            CAP => "cap",
             _ => "unknown",
         }
     }
 }
+
+// An enum field's type differs by side. In the kernel object it is the enum,
+// so that the object's BTF (which bpftool reads) names its values. Elsewhere
+// it is the enum's `u32` code: a map can hold any value (written by another
+// tool or a newer agent), and a Rust enum must never hold an unknown one. The
+// layouts are the same (`repr(u32)`; checked below). The kernel only writes
+// these fields, except `Config::mode`, which it reads as a `u32`.
+
+/// A [`Reason`] in a map value.
+#[cfg(target_arch = "bpf")]
+pub type ReasonCode = Reason;
+/// A [`Reason`] in a map value (its code; see the kernel side's type).
+#[cfg(not(target_arch = "bpf"))]
+pub type ReasonCode = u32;
+
+/// A [`Mode`] in a map value.
+#[cfg(target_arch = "bpf")]
+pub type ModeCode = Mode;
+/// A [`Mode`] in a map value (its code).
+#[cfg(not(target_arch = "bpf"))]
+pub type ModeCode = u32;
+
+/// A [`DropReason`] in an event.
+#[cfg(target_arch = "bpf")]
+pub type DropReasonCode = DropReason;
+/// A [`DropReason`] in an event (its code).
+#[cfg(not(target_arch = "bpf"))]
+pub type DropReasonCode = u32;
+
+const _: () = {
+    assert!(size_of::<Reason>() == 4 && size_of::<ReasonCode>() == 4);
+    assert!(size_of::<Mode>() == 4 && size_of::<ModeCode>() == 4);
+    assert!(size_of::<DropReason>() == 4 && size_of::<DropReasonCode>() == 4);
+};
 
 /// What the kernel programs enforce; one entry in the `CONFIG` array, written
 /// by the agent at start and whenever a limit or the mode changes. All zero
@@ -253,7 +403,7 @@ pub mod reason {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     /// Concurrent connections a source may hold before its new SYNs are
-    /// dropped, unless a `CAP_NET` entry overrides it. 0 = unlimited.
+    /// dropped, unless a `CAP_NET_*` entry overrides it. 0 = unlimited.
     pub max_connections: u32,
     /// Prefix length (0..=128) by which IPv6 sources are counted.
     pub ipv6_prefix_len: u32,
@@ -261,11 +411,11 @@ pub struct Config {
     pub events_per_second: u32,
     /// How many entries of `ports` are in use.
     pub port_count: u32,
-    /// 1 = observe (`mode = "observe"`): every decision is taken and counted
-    /// (`Stats::would_drop_*`, drop events marked observed) but every packet
-    /// passes and no block's `drops` counts up; 0 = enforce. Any other value
-    /// is read as observe.
-    pub observe: u32,
+    /// [`Mode::Observe`] (`mode = "observe"`): every decision is taken and
+    /// counted (`Stats::would_drop_*`, drop events marked observed) but every
+    /// packet passes and no block's `drops` counts up; [`Mode::Enforce`]
+    /// drops. Any value but 0 is read as observe.
+    pub mode: ModeCode,
     /// Reserved, zero: keeps `netns_cookie` 8-aligned without implicit padding.
     pub reserved: u32,
     /// Protected TCP destination ports, host byte order.
@@ -278,8 +428,11 @@ pub struct Config {
 impl Config {
     /// Whether the programs only count what they would drop.
     #[inline(always)]
-    pub const fn observes(&self) -> bool {
-        self.observe != 0
+    pub fn observes(&self) -> bool {
+        // Read as the code: the kernel's view of the field is the enum, and
+        // another writer may have put any value there.
+        // SAFETY: the field is 4 bytes of plain memory (`repr(u32)`).
+        unsafe { (&raw const self.mode).cast::<u32>().read() != 0 }
     }
 
     /// Whether `port` (host byte order) is protected.
@@ -296,9 +449,11 @@ impl Config {
     }
 }
 
-/// A block on an address (`BLOCK`) or a network (`BLOCK_NET`).
+/// A block on an address (`BLOCK_V4`, `BLOCK_V6`) or a network
+/// (`BLOCK_NET_V4`, `BLOCK_NET_V6`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "bpf"), derive(Default))]
 pub struct Block {
     /// When the block ends, in `CLOCK_MONOTONIC` nanoseconds (the clock of
     /// `bpf_ktime_get_coarse_ns`); 0 = never. Past it the entry no longer drops
@@ -306,8 +461,8 @@ pub struct Block {
     pub expires_mono_ns: u64,
     /// Packets dropped by this entry (updated atomically by the kernel).
     pub drops: u64,
-    /// Why: one of [`reason`].
-    pub reason: u32,
+    /// Why: a [`Reason`].
+    pub reason: ReasonCode,
     /// Reserved, zero: keeps the size a multiple of 8 without implicit padding.
     pub reserved: u32,
 }
@@ -320,7 +475,7 @@ impl Block {
     }
 }
 
-/// An allow-list entry (`ALLOW`).
+/// An allow-list entry (`ALLOW_V4`, `ALLOW_V6`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Allow {
@@ -328,7 +483,7 @@ pub struct Allow {
     pub flags: u32,
 }
 
-/// A per-network connection cap (`CAP_NET`).
+/// A per-network connection cap (`CAP_NET_V4`, `CAP_NET_V6`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cap {
@@ -336,7 +491,7 @@ pub struct Cap {
     pub max_connections: u32,
 }
 
-/// Established connections of one source (`CONN_COUNT`).
+/// Established connections of one source (`CONN_COUNT_V4`, `CONN_COUNT_V6`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnCount {
@@ -349,51 +504,36 @@ pub struct ConnCount {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrackedSocket {
-    /// The `CONN_COUNT` key the connection was counted under, kept so that
-    /// the close decrements the same key even if the IPv6 prefix changed.
-    pub source_key: Addr,
+    /// The key the connection was counted under, kept so that the close
+    /// decrements the same key even if the IPv6 prefix changed: an IPv4
+    /// source IPv4-mapped (its `CONN_COUNT_V4` key is the last four bytes),
+    /// an IPv6 source masked to its prefix (its `CONN_COUNT_V6` key).
+    pub source_key: Ipv6Octets,
 }
 
-/// Why a packet was dropped (in [`DropEvent::reason`]).
-pub mod drop_reason {
-    /// The source address is in `BLOCK`.
-    pub const BLOCK: u32 = 1;
-    /// The source is inside a `BLOCK_NET` network.
-    pub const BLOCK_NET: u32 = 2;
-    /// A new connection from a source at its connection cap.
-    pub const CAP: u32 = 3;
-
-    /// A stable lower-case name.
-    pub const fn name(reason: u32) -> &'static str {
-        match reason {
-            BLOCK => "block",
-            BLOCK_NET => "block-net",
-            CAP => "cap",
-            _ => "unknown",
-        }
-    }
-}
-
-/// One dropped (or, in observe mode, would-be dropped) packet, sent to the agent through `EVENTS` (rate-limited).
+/// One dropped (or, in observe mode, would-be dropped) packet, sent to the
+/// agent through `EVENTS` (rate-limited).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "bpf"), derive(Default))]
 pub struct DropEvent {
     /// When, in `CLOCK_MONOTONIC` nanoseconds (tick resolution).
     pub mono_ns: u64,
-    /// The packet's source address.
-    pub source: Addr,
-    /// One of [`drop_reason`].
-    pub reason: u32,
+    /// The packet's source address; IPv4 as IPv4-mapped.
+    pub source: Ipv6Octets,
+    /// A [`DropReason`].
+    pub reason: DropReasonCode,
     /// Destination port, host byte order.
     pub port: u16,
     /// 1 when the packet was a SYN without ACK (a new connection).
     pub syn: u8,
     /// 1 when the packet was not dropped, only counted: the programs run in
-    /// observe mode ([`Config::observe`]). 0 = dropped.
+    /// observe mode ([`Config::mode`]). 0 = dropped.
     pub observed: u8,
 }
 
-/// Per-CPU state of the drop-event rate limiter (`EVENT_BUDGET`).
+/// Per-CPU state of the drop-event rate limiter (`EVENT_BUDGET`), and the
+/// packet path's clock cache (one per-CPU slot for both: one lookup).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventBudget {
@@ -401,6 +541,10 @@ pub struct EventBudget {
     pub window_start_ns: u64,
     /// Events sent in that window.
     pub sent: u64,
+    /// The coarse monotonic clock as last read on this CPU (ns)…
+    pub clock_ns: u64,
+    /// … and the `jiffies` value at that read.
+    pub clock_jiffies: u64,
 }
 
 /// Counters of every decision (`STATS`, per CPU; the agent sums the CPUs).
@@ -460,7 +604,8 @@ pub struct Stats {
     pub conn_opened: u64,
     /// Counted connections that closed.
     pub conn_closed: u64,
-    /// Connections not counted because `CONN_SOCKS` or `CONN_COUNT` was full.
+    /// Connections not counted because `CONN_SOCKS` or `CONN_COUNT_*` was
+    /// full.
     pub conn_untracked: u64,
 }
 
@@ -511,8 +656,8 @@ mod pod {
     use super::*;
 
     // SAFETY: all of these are `#[repr(C)]`, `Copy`, made only of integers and
-    // arrays of integers, with no implicit padding (checked in the tests).
-    unsafe impl aya::Pod for Addr {}
+    // arrays of integers (on this side the enum fields are their `u32`
+    // codes), with no implicit padding (checked in the tests).
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Block {}
     unsafe impl aya::Pod for Allow {}
@@ -531,7 +676,6 @@ mod tests {
 
     #[test]
     fn sizes_have_no_implicit_padding() {
-        assert_eq!(size_of::<Addr>(), 16);
         assert_eq!(size_of::<Config>(), 6 * 4 + 2 * MAX_PORTS + 8);
         assert_eq!(core::mem::offset_of!(Config, netns_cookie) % 8, 0);
         assert_eq!(size_of::<Block>(), 8 + 8 + 4 + 4);
@@ -539,7 +683,7 @@ mod tests {
         assert_eq!(size_of::<ConnCount>(), 4);
         assert_eq!(size_of::<TrackedSocket>(), 16);
         assert_eq!(size_of::<DropEvent>(), 8 + 16 + 4 + 2 + 1 + 1);
-        assert_eq!(size_of::<EventBudget>(), 16);
+        assert_eq!(size_of::<EventBudget>(), 32);
         // Every counter is listed for `fields` and `add`.
         assert_eq!(size_of::<Stats>(), Stats::COUNT * 8);
     }
@@ -564,46 +708,50 @@ mod tests {
     }
 
     #[test]
-    fn reason_names_round_trip() {
+    fn reason_names_and_codes_round_trip() {
         for code in reason::ALL {
             assert_eq!(reason::from_name(reason::name(code)), Some(code));
+            assert_eq!(Reason::from_code(code).map(|r| r as u32), Some(code));
         }
+        assert_eq!(Reason::ALL.map(|r| r as u32), reason::ALL);
         assert_eq!(reason::from_name("unknown"), None);
+        assert_eq!(reason::name(0), "unknown");
+        assert_eq!(reason::name(99), "unknown");
     }
 
     #[test]
-    fn map_names_fit_the_kernel_limit() {
+    fn map_names_fit_the_kernel_limit_and_are_new() {
         for name in map_names::ALL {
             assert!(name.len() <= 15, "{name} is longer than 15 bytes");
+            assert!(
+                !map_names::RETIRED.contains(&name),
+                "{name} is also a retired name"
+            );
         }
     }
 
     #[test]
-    fn ipv4_is_mapped_and_kept_whole() {
-        let a = Addr::from_ipv4_word(u32::from_ne_bytes([192, 0, 2, 7]));
-        assert!(a.is_ipv4_mapped());
-        assert_eq!(a.octets()[10..], [0xff, 0xff, 192, 0, 2, 7]);
-        assert_eq!(a.source_key(64), a);
-        assert_eq!(Addr::from_octets(a.octets()), a);
+    fn ipv4_mapping_round_trips() {
+        let v4 = [192, 0, 2, 7];
+        let mapped = ipv4_mapped(v4);
+        assert_eq!(mapped[10..], [0xff, 0xff, 192, 0, 2, 7]);
+        assert!(is_ipv4_mapped(&octets_to_words(&mapped)));
+        assert_eq!(ipv4_unmapped(&mapped), Some(v4));
+        assert_eq!(words_to_octets(octets_to_words(&mapped)), mapped);
+        let v6 = [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        assert_eq!(ipv4_unmapped(&v6), None);
     }
 
     #[test]
-    fn hint_positions_cover_every_slash16_once() {
-        let a = Addr::from_ipv4_word(u32::from_ne_bytes([192, 0, 2, 7]));
-        assert_eq!(a.ipv4_slash16(), Some(0xc000));
+    fn hint_positions_cover_every_top16_once() {
         assert_eq!(
-            hint::position(hint::BLOCK_NET, 0xc000),
+            hint::position(hint::BLOCK_NET_V4, 0xc000),
             (hint::WORDS + 0xc000 / 64, 1)
         );
-        assert_eq!(hint::position(hint::ALLOW, 65), (1, 2));
+        assert_eq!(hint::position(hint::ALLOW_V4, 65), (1, 2));
         assert_eq!(
-            hint::position(hint::CAP_NET, u16::MAX),
-            (3 * hint::WORDS - 1, 1 << 63)
-        );
-        assert_eq!(
-            Addr::from_octets([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])
-                .ipv4_slash16(),
-            None
+            hint::position(hint::CAP_NET_V6, u16::MAX),
+            (hint::COUNT * hint::WORDS - 1, 1 << 63)
         );
     }
 
@@ -612,26 +760,25 @@ mod tests {
         let mut o = [0u8; 16];
         o[..8].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 1, 0xff, 2]);
         o[8..].copy_from_slice(&[0xaa; 8]);
-        let a = Addr::from_octets(o);
-        assert!(!a.is_ipv4_mapped());
-        let k = a.source_key(64).octets();
+        let words = octets_to_words(&o);
+        let k = words_to_octets(ipv6_masked(words, 64));
         assert_eq!(k[..8], o[..8]);
         assert_eq!(k[8..], [0; 8]);
         // A prefix that ends inside a word.
-        let k = a.masked(52).octets();
+        let k = words_to_octets(ipv6_masked(words, 52));
         assert_eq!(k[..7], [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0xf0]);
         assert_eq!(k[7..], [0; 9]);
-        assert_eq!(a.masked(128), a);
-        assert_eq!(a.masked(0), Addr::default());
+        assert_eq!(ipv6_masked(words, 128), words);
+        assert_eq!(ipv6_masked(words, 0), [0; 4]);
     }
 
     #[test]
     fn config_zero_enforces_and_any_nonzero_observes() {
         let mut c = Config::default();
         assert!(!c.observes());
-        c.observe = 1;
+        c.mode = Mode::Observe as u32;
         assert!(c.observes());
-        c.observe = 7;
+        c.mode = 7;
         assert!(c.observes(), "a value from a newer agent still observes");
     }
 

@@ -27,9 +27,12 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use limiter_common::{Addr, ConnCount, Stats, TrackedSocket};
+use limiter_common::{
+    ipv4_mapped, ipv4_unmapped, ipv6_masked, is_ipv4_mapped, words_to_octets, ConnCount,
+    Ipv4Octets, Ipv6Octets, Stats, TrackedSocket,
+};
 
-use crate::datapath::{atomic_add, CONFIG, CONN_COUNT, CONN_SOCKS, STATS};
+use crate::datapath::{atomic_add, CONFIG, CONN_COUNT_V4, CONN_COUNT_V6, CONN_SOCKS, STATS};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -65,7 +68,13 @@ fn count_established(ctx: &SockOpsContext) {
     let Some(source) = remote_address(ctx) else {
         return;
     };
-    let source_key = source.source_key(config.ipv6_prefix_len);
+    let key = match source {
+        Remote::V4(word) => CountKey::V4(word.to_ne_bytes()),
+        Remote::V6(words) => {
+            CountKey::V6(words_to_octets(ipv6_masked(words, config.ipv6_prefix_len)))
+        }
+    };
+    let source_key = key.tracked();
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     if CONN_SOCKS
         .insert(cookie, TrackedSocket { source_key }, BPF_NOEXIST as u64)
@@ -74,7 +83,7 @@ fn count_established(ctx: &SockOpsContext) {
         count(|s| &raw mut s.conn_untracked);
         return;
     }
-    if !increment(&source_key) {
+    if !increment(&key) {
         let _ = CONN_SOCKS.remove(cookie);
         count(|s| &raw mut s.conn_untracked);
         return;
@@ -90,12 +99,12 @@ fn count_closed(ctx: &SockOpsContext) {
     let Some(tracked) = (unsafe { CONN_SOCKS.get(cookie) }) else {
         return;
     };
-    let source_key = tracked.source_key;
+    let key = CountKey::of_tracked(&tracked.source_key);
     if CONN_SOCKS.remove(cookie).is_err() {
         // Another close of the same socket got there first.
         return;
     }
-    if let Some(count) = CONN_COUNT.get_ptr_mut(source_key) {
+    if let Some(count) = key.get_ptr_mut() {
         // SAFETY: pointer to a live map value; other CPUs update it too.
         let connections = unsafe { &raw mut (*count).connections };
         // An idle source leaves the table: the close that brought the count
@@ -106,18 +115,25 @@ fn count_closed(ctx: &SockOpsContext) {
         // whose every compare-and-swap lost leaves the count one high.
         let left = unsafe { change(connections, Step::Down) };
         if left == Some(0) || (left.is_none() && unsafe { connections.read_volatile() } == 0) {
-            let _ = CONN_COUNT.remove(source_key);
+            key.remove();
         }
     }
     count(|s| &raw mut s.conn_closed);
 }
 
-/// The peer's address. Every field is read, at its fixed offset, before
-/// looking at the family: reads in separate branches get merged by LLVM into
-/// one read through a selected offset, and the verifier refuses a context
-/// access through a computed pointer.
+/// A peer's address: IPv4 as one word, IPv6 as four, in memory order.
+enum Remote {
+    V4(u32),
+    V6([u32; 4]),
+}
+
+/// The peer's address; an IPv4-mapped one (IPv4 on a dual-stack socket) as
+/// IPv4. Every field is read, at its fixed offset, before looking at the
+/// family: reads in separate branches get merged by LLVM into one read
+/// through a selected offset, and the verifier refuses a context access
+/// through a computed pointer.
 #[inline(always)]
-fn remote_address(ctx: &SockOpsContext) -> Option<Addr> {
+fn remote_address(ctx: &SockOpsContext) -> Option<Remote> {
     let ops = ctx.ops;
     // SAFETY: `ops` is the program's context; each read is one u32 field.
     let (family, ip4, ip6) = unsafe {
@@ -133,9 +149,62 @@ fn remote_address(ctx: &SockOpsContext) -> Option<Addr> {
         )
     };
     match family {
-        AF_INET => Some(Addr::from_ipv4_word(ip4)),
-        AF_INET6 => Some(Addr { words: ip6 }),
+        AF_INET => Some(Remote::V4(ip4)),
+        AF_INET6 if is_ipv4_mapped(&ip6) => Some(Remote::V4(ip6[3])),
+        AF_INET6 => Some(Remote::V6(ip6)),
         _ => None,
+    }
+}
+
+/// A `CONN_COUNT_V4` or `CONN_COUNT_V6` key.
+#[derive(Clone, Copy)]
+enum CountKey {
+    V4(Ipv4Octets),
+    V6(Ipv6Octets),
+}
+
+impl CountKey {
+    /// The key's form in `TrackedSocket` (IPv4 as IPv4-mapped).
+    #[inline(always)]
+    fn tracked(&self) -> Ipv6Octets {
+        match *self {
+            CountKey::V4(v4) => ipv4_mapped(v4),
+            CountKey::V6(v6) => v6,
+        }
+    }
+
+    /// The inverse of [`Self::tracked`].
+    #[inline(always)]
+    fn of_tracked(tracked: &Ipv6Octets) -> Self {
+        match ipv4_unmapped(tracked) {
+            Some(v4) => CountKey::V4(v4),
+            None => CountKey::V6(*tracked),
+        }
+    }
+
+    #[inline(always)]
+    fn get_ptr_mut(&self) -> Option<*mut ConnCount> {
+        match self {
+            CountKey::V4(key) => CONN_COUNT_V4.get_ptr_mut(key),
+            CountKey::V6(key) => CONN_COUNT_V6.get_ptr_mut(key),
+        }
+    }
+
+    /// Inserts `value` unless the key exists (`BPF_NOEXIST`).
+    #[inline(always)]
+    fn insert_new(&self, value: ConnCount) -> Result<(), i32> {
+        match self {
+            CountKey::V4(key) => CONN_COUNT_V4.insert(key, value, BPF_NOEXIST as u64),
+            CountKey::V6(key) => CONN_COUNT_V6.insert(key, value, BPF_NOEXIST as u64),
+        }
+    }
+
+    #[inline(always)]
+    fn remove(&self) {
+        let _ = match self {
+            CountKey::V4(key) => CONN_COUNT_V4.remove(key),
+            CountKey::V6(key) => CONN_COUNT_V6.remove(key),
+        };
     }
 }
 
@@ -197,20 +266,16 @@ unsafe fn cmpxchg32(target: *mut u32, expected: u32, new: u32) -> u32 {
     seen as u32
 }
 
-/// Adds one connection to `source_key`; false if the table is full or the
-/// count is at `u32::MAX` (the connection is then not counted at all).
+/// Adds one connection to `key`; false if the table is full or the count
+/// is at `u32::MAX` (the connection is then not counted at all).
 #[inline(always)]
-fn increment(source_key: &Addr) -> bool {
+fn increment(key: &CountKey) -> bool {
     for _ in 0..2 {
-        if let Some(count) = CONN_COUNT.get_ptr_mut(source_key) {
+        if let Some(count) = key.get_ptr_mut() {
             // SAFETY: pointer to a live map value; other CPUs update it too.
             return unsafe { change(&raw mut (*count).connections, Step::Up) }.is_some();
         }
-        let first = ConnCount { connections: 1 };
-        if CONN_COUNT
-            .insert(source_key, first, BPF_NOEXIST as u64)
-            .is_ok()
-        {
+        if key.insert_new(ConnCount { connections: 1 }).is_ok() {
             return true;
         }
         // Either another CPU inserted the key first (look again) or the

@@ -2,16 +2,21 @@
 
 use crate::packet::{self, Packet, Skip, Tcp};
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{xdp_action, BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT},
     btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_map_lookup_elem},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use limiter_common::{
-    drop_reason, hint, Addr, Allow, Block, Cap, Config, ConnCount, DropEvent, EventBudget, Stats,
-    TrackedSocket,
+    hint, ipv4_mapped, ipv6_masked, is_ipv4_mapped, words_to_octets, Allow, Block, Cap, Config,
+    ConnCount, DropEvent, DropReason, EventBudget, Ipv4Octets, Ipv6Octets, Stats, TrackedSocket,
 };
+
+/// Blocks are written only by the agent: allocated as they come, so that
+/// the two families' tables do not both reserve `kernel.map_sizes.block`
+/// entries' worth of memory up front. Lookups cost the same.
+const ON_DEMAND: usize = BPF_F_NO_PREALLOC as usize;
 
 // Default sizes; the agent sets the real ones from its configuration when it
 // creates the maps (`kernel.map_sizes`).
@@ -20,60 +25,48 @@ pub(crate) static CONFIG: Array<Config, 1> = Array::new();
 #[btf_map]
 pub(crate) static STATS: PerCpuArray<Stats, 1> = PerCpuArray::new();
 #[btf_map]
-static ALLOW: LpmTrie<Addr, Allow, 16384> = LpmTrie::new();
+static ALLOW_V4: LpmTrie<Ipv4Octets, Allow, 16384> = LpmTrie::new();
 #[btf_map]
-static BLOCK: HashMap<Addr, Block, 262144> = HashMap::new();
+static ALLOW_V6: LpmTrie<Ipv6Octets, Allow, 16384> = LpmTrie::new();
 #[btf_map]
-static BLOCK_NET: LpmTrie<Addr, Block, 65536> = LpmTrie::new();
+static BLOCK_V4: HashMap<Ipv4Octets, Block, 262144, ON_DEMAND> = HashMap::new();
 #[btf_map]
-static CAP_NET: LpmTrie<Addr, Cap, 16384> = LpmTrie::new();
+static BLOCK_V6: HashMap<Ipv6Octets, Block, 262144, ON_DEMAND> = HashMap::new();
 #[btf_map]
-pub(crate) static CONN_COUNT: HashMap<Addr, ConnCount, 65536> = HashMap::new();
+static BLOCK_NET_V4: LpmTrie<Ipv4Octets, Block, 65536> = LpmTrie::new();
+#[btf_map]
+static BLOCK_NET_V6: LpmTrie<Ipv6Octets, Block, 65536> = LpmTrie::new();
+#[btf_map]
+static CAP_NET_V4: LpmTrie<Ipv4Octets, Cap, 16384> = LpmTrie::new();
+#[btf_map]
+static CAP_NET_V6: LpmTrie<Ipv6Octets, Cap, 16384> = LpmTrie::new();
+#[btf_map]
+pub(crate) static CONN_COUNT_V4: HashMap<Ipv4Octets, ConnCount, 65536> = HashMap::new();
+#[btf_map]
+pub(crate) static CONN_COUNT_V6: HashMap<Ipv6Octets, ConnCount, 65536> = HashMap::new();
 #[btf_map]
 pub(crate) static CONN_SOCKS: HashMap<u64, TrackedSocket, 262144> = HashMap::new();
 #[btf_map]
 static EVENTS: RingBuf<DropEvent, { 256 * 1024 }> = RingBuf::new();
 #[btf_map]
 static EVENT_BUDGET: PerCpuArray<EventBudget, 1> = PerCpuArray::new();
-/// The packet path's per-CPU clock (see [`now_ns`]). Private to the
-/// programs: not pinned, never read by the agent.
-#[btf_map]
-static CLOCK: PerCpuArray<ClockCache, 1> = PerCpuArray::new();
 #[btf_map]
 static NET_HINTS: Array<u64, { (hint::COUNT * hint::WORDS) as usize }> = Array::new();
 
-/// Full-length LPM key for one address.
-const HOST_PREFIX: u32 = 128;
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// How much of an skb the TC program pulls into its linear area when the
 /// headers are not all there (covers two VLAN tags and long IPv6 chains).
 const TC_PULL_LEN: u32 = 256;
-
-/// The coarse monotonic clock as last read on this CPU, and the jiffies
-/// value at that read.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct ClockCache {
-    jiffies: u64,
-    mono_ns: u64,
-}
-
-/// The LPM key of one address: the layout of `lpm_trie::Key<Addr>`, which is
-/// packed, so rustc builds and copies it byte by byte and the program then
-/// reads it back by words (a failed store-to-load forwarding per lookup).
-/// This one is aligned, and its address doubles as the `BLOCK` key.
-#[repr(C)]
-struct HostKey {
-    prefix_len: u32,
-    addr: Addr,
-}
 
 enum Verdict {
     Pass,
     Drop,
 }
 
+// Inlined into the entry point the macro wraps it in: the decision is
+// inlined once per family and would otherwise be a BPF-to-BPF call.
 #[xdp]
+#[inline(always)]
 pub fn limiter_xdp(ctx: XdpContext) -> u32 {
     // A limiter fails open: whatever it cannot judge, it passes; except
     // that a blocked source's packets are dropped once its address is read.
@@ -85,10 +78,16 @@ pub fn limiter_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_limiter_xdp(ctx: &XdpContext) -> Verdict {
-    judge(packet::parse(ctx.data(), ctx.data_end()))
+    packet::parse(
+        ctx.data(),
+        ctx.data_end(),
+        #[inline(always)]
+        |parsed| judge(parsed),
+    )
 }
 
 #[classifier]
+#[inline(always)]
 pub fn limiter_tc(ctx: TcContext) -> i32 {
     match try_limiter_tc(&ctx) {
         Verdict::Pass => TC_ACT_OK as i32,
@@ -98,28 +97,41 @@ pub fn limiter_tc(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_limiter_tc(ctx: &TcContext) -> Verdict {
-    let mut parsed = packet::parse(ctx.data(), ctx.data_end());
     // Headers of a non-linear skb may sit outside the directly readable part:
     // pull them in once and look again.
-    let truncated = matches!(
-        parsed,
-        Err(Skip::Truncated)
-            | Ok(Packet {
-                unreadable: Some(Skip::Truncated),
-                ..
-            })
+    let pullable = (ctx.data_end() - ctx.data()) < ctx.len() as usize;
+    let first = packet::parse(
+        ctx.data(),
+        ctx.data_end(),
+        #[inline(always)]
+        |parsed| {
+            let truncated = matches!(
+                parsed,
+                Err(Skip::Truncated)
+                    | Ok(Packet {
+                        unreadable: Some(Skip::Truncated),
+                        ..
+                    })
+            );
+            (!(truncated && pullable)).then(|| judge(parsed))
+        },
     );
-    if truncated && (ctx.data_end() - ctx.data()) < ctx.len() as usize {
-        let len = if ctx.len() < TC_PULL_LEN {
-            ctx.len()
-        } else {
-            TC_PULL_LEN
-        };
-        if ctx.pull_data(len).is_ok() {
-            parsed = packet::parse(ctx.data(), ctx.data_end());
-        }
+    if let Some(verdict) = first {
+        return verdict;
     }
-    judge(parsed)
+    let len = if ctx.len() < TC_PULL_LEN {
+        ctx.len()
+    } else {
+        TC_PULL_LEN
+    };
+    // A failed pull leaves the packet as it was: judge what can be read.
+    let _ = ctx.pull_data(len);
+    packet::parse(
+        ctx.data(),
+        ctx.data_end(),
+        #[inline(always)]
+        |parsed| judge(parsed),
+    )
 }
 
 /// The decision shared by XDP and TC.
@@ -131,8 +143,11 @@ fn try_limiter_tc(ctx: &TcContext) -> Verdict {
 /// parser walks, not TCP) → dropped if the source is blocked (and not
 /// allow-listed), whatever its port: a blocked source gains nothing by
 /// mangling its packets. ICMP errors and IPv6 neighbour discovery are the
-/// network's plumbing and always pass. Everything else passes. In observe mode every drop
-/// is counted in `would_drop_*` and the packet passes.
+/// network's plumbing and always pass. Everything else passes. In observe
+/// mode every drop is counted in `would_drop_*` and the packet passes.
+///
+/// Each family is judged against its own maps; an IPv4-mapped IPv6 source
+/// as the IPv4 address it carries.
 #[inline(always)]
 fn judge(parsed: Result<Packet, Skip>) -> Verdict {
     let Some(stats) = STATS.get_ptr_mut(0) else {
@@ -156,6 +171,8 @@ fn judge(parsed: Result<Packet, Skip>) -> Verdict {
     let Some(config) = CONFIG.get(0) else {
         return Verdict::Pass;
     };
+    let words = packet.source;
+    let v4 = is_ipv4_mapped(&words);
     if let Some(skip) = packet.unreadable {
         match skip {
             Skip::Control => {
@@ -166,7 +183,11 @@ fn judge(parsed: Result<Packet, Skip>) -> Verdict {
             Skip::Fragment => stats.fragments += 1,
             Skip::Truncated | Skip::Malformed => stats.malformed += 1,
         }
-        return judge_source_only(config, stats, &packet.source, &packet.tcp);
+        return if v4 {
+            judge_source_only(config, stats, &V4::new(words[3]), &packet.tcp)
+        } else {
+            judge_source_only(config, stats, &V6::new(words), &packet.tcp)
+        };
     }
     let tcp = packet.tcp;
     if !config.protects(tcp.dst_port) {
@@ -174,30 +195,29 @@ fn judge(parsed: Result<Packet, Skip>) -> Verdict {
         return Verdict::Pass;
     }
     stats.seen += 1;
+    if v4 {
+        decide(config, stats, &V4::new(words[3]), &tcp)
+    } else {
+        decide(config, stats, &V6::new(words), &tcp)
+    }
+}
 
-    let host = HostKey {
-        prefix_len: HOST_PREFIX,
-        addr: packet.source,
-    };
-    let slash16 = packet.source.ipv4_slash16();
-    if may_match(hint::ALLOW, slash16) && lookup_mut::<_, HostKey, Allow>(&ALLOW, &host).is_some() {
+/// A TCP packet to a protected port from `source`: allow-listed → pass;
+/// blocked → drop; a new connection at its cap → drop; else pass.
+#[inline(always)]
+fn decide<F: Family>(config: &Config, stats: &mut Stats, source: &F, tcp: &Tcp) -> Verdict {
+    let top16 = source.top16();
+    if may_match(F::ALLOW_HINT, top16) && source.allowed() {
         stats.allowed += 1;
         return Verdict::Pass;
     }
-    if let Some(block) = BLOCK.get_ptr_mut(&host.addr) {
+    if let Some(block) = source.block() {
         if block_holds(block, stats) {
-            return refuse(
-                config,
-                stats,
-                Some(block),
-                &packet.source,
-                &tcp,
-                drop_reason::BLOCK,
-            );
+            return refuse(config, stats, Some(block), source, tcp, DropReason::Block);
         }
     }
-    let net_block = if may_match(hint::BLOCK_NET, slash16) {
-        lookup_mut::<_, HostKey, Block>(&BLOCK_NET, &host)
+    let net_block = if may_match(F::BLOCK_NET_HINT, top16) {
+        source.block_net()
     } else {
         None
     };
@@ -207,14 +227,14 @@ fn judge(parsed: Result<Packet, Skip>) -> Verdict {
                 config,
                 stats,
                 Some(block),
-                &packet.source,
-                &tcp,
-                drop_reason::BLOCK_NET,
+                source,
+                tcp,
+                DropReason::BlockNet,
             );
         }
     }
-    if tcp.new_connection && at_cap(config, &host, slash16) {
-        return refuse(config, stats, None, &packet.source, &tcp, drop_reason::CAP);
+    if tcp.new_connection && at_cap(config, source, top16) {
+        return refuse(config, stats, None, source, tcp, DropReason::Cap);
     }
     stats.passed += 1;
     Verdict::Pass
@@ -223,35 +243,36 @@ fn judge(parsed: Result<Packet, Skip>) -> Verdict {
 /// A packet known only by its source: dropped if the source is blocked and
 /// not allow-listed. The allow list is looked up only for a blocked source,
 /// so that the usual case (an unblocked source's UDP, ICMP or fragment)
-/// costs one hash miss and, for IPv4, a prefilter bit.
+/// costs one hash miss and a prefilter bit.
 #[inline(always)]
-fn judge_source_only(config: &Config, stats: &mut Stats, source: &Addr, tcp: &Tcp) -> Verdict {
+fn judge_source_only<F: Family>(
+    config: &Config,
+    stats: &mut Stats,
+    source: &F,
+    tcp: &Tcp,
+) -> Verdict {
     // No protected port yet (the agent has not written CONFIG): pass all.
     if config.port_count == 0 {
         return Verdict::Pass;
     }
-    let host = HostKey {
-        prefix_len: HOST_PREFIX,
-        addr: *source,
-    };
-    let slash16 = source.ipv4_slash16();
+    let top16 = source.top16();
     let mut hit = None;
-    if let Some(block) = BLOCK.get_ptr_mut(&host.addr) {
+    if let Some(block) = source.block() {
         if block_holds(block, stats) {
-            hit = Some((block, drop_reason::BLOCK));
+            hit = Some((block, DropReason::Block));
         }
     }
-    if hit.is_none() && may_match(hint::BLOCK_NET, slash16) {
-        if let Some(block) = lookup_mut::<_, HostKey, Block>(&BLOCK_NET, &host) {
+    if hit.is_none() && may_match(F::BLOCK_NET_HINT, top16) {
+        if let Some(block) = source.block_net() {
             if block_holds(block, stats) {
-                hit = Some((block, drop_reason::BLOCK_NET));
+                hit = Some((block, DropReason::BlockNet));
             }
         }
     }
     let Some((block, reason)) = hit else {
         return Verdict::Pass;
     };
-    if may_match(hint::ALLOW, slash16) && lookup_mut::<_, HostKey, Allow>(&ALLOW, &host).is_some() {
+    if may_match(F::ALLOW_HINT, top16) && source.allowed() {
         stats.allowed += 1;
         return Verdict::Pass;
     }
@@ -259,26 +280,177 @@ fn judge_source_only(config: &Config, stats: &mut Stats, source: &Addr, tcp: &Tc
     refuse(config, stats, Some(block), source, tcp, reason)
 }
 
-/// Drops the packet for `reason` (one of [`drop_reason`]), or in observe
-/// mode only counts that it would have: the counter, the block entry's
-/// `drops` (enforce only) and the event.
+/// A source address and the maps of its family.
+trait Family {
+    /// Its `NET_HINTS` bitmaps.
+    const ALLOW_HINT: u32;
+    const BLOCK_NET_HINT: u32;
+    const CAP_NET_HINT: u32;
+    /// The address's first two bytes (big-endian), for the prefilters.
+    fn top16(&self) -> u16;
+    /// Whether an `ALLOW_*` network holds it.
+    fn allowed(&self) -> bool;
+    /// Its `BLOCK_*` entry.
+    fn block(&self) -> Option<*mut Block>;
+    /// The most specific `BLOCK_NET_*` entry holding it.
+    fn block_net(&self) -> Option<*mut Block>;
+    /// The most specific `CAP_NET_*` entry holding it.
+    fn cap(&self) -> Option<*mut Cap>;
+    /// Its connection count (IPv6: of its prefix), if it holds any.
+    fn connections(&self, config: &Config) -> Option<u32>;
+    /// The address for a drop event (IPv4 as IPv4-mapped).
+    fn event_source(&self) -> Ipv6Octets;
+}
+
+/// An IPv4 source, as the full-length LPM key of its address. The layout
+/// is that of `lpm_trie::Key<Ipv4Octets>`, which is packed (rustc would
+/// build and copy it byte by byte); this one is aligned, and its `addr`
+/// doubles as the `BLOCK_V4` key.
+#[repr(C)]
+struct V4 {
+    prefix_len: u32,
+    /// The four address bytes, as one word in memory order.
+    addr: u32,
+}
+
+impl V4 {
+    #[inline(always)]
+    fn new(word: u32) -> Self {
+        Self {
+            prefix_len: 32,
+            addr: word,
+        }
+    }
+}
+
+impl Family for V4 {
+    const ALLOW_HINT: u32 = hint::ALLOW_V4;
+    const BLOCK_NET_HINT: u32 = hint::BLOCK_NET_V4;
+    const CAP_NET_HINT: u32 = hint::CAP_NET_V4;
+
+    #[inline(always)]
+    fn top16(&self) -> u16 {
+        let b = self.addr.to_ne_bytes();
+        u16::from_be_bytes([b[0], b[1]])
+    }
+
+    #[inline(always)]
+    fn allowed(&self) -> bool {
+        lookup_mut::<_, Self, Allow>(&ALLOW_V4, self).is_some()
+    }
+
+    #[inline(always)]
+    fn block(&self) -> Option<*mut Block> {
+        lookup_mut(&BLOCK_V4, &self.addr)
+    }
+
+    #[inline(always)]
+    fn block_net(&self) -> Option<*mut Block> {
+        lookup_mut(&BLOCK_NET_V4, self)
+    }
+
+    #[inline(always)]
+    fn cap(&self) -> Option<*mut Cap> {
+        lookup_mut(&CAP_NET_V4, self)
+    }
+
+    #[inline(always)]
+    fn connections(&self, _config: &Config) -> Option<u32> {
+        lookup_mut::<_, u32, ConnCount>(&CONN_COUNT_V4, &self.addr)
+            // SAFETY: a pointer to a live map value.
+            .map(|count| unsafe { (*count).connections })
+    }
+
+    #[inline(always)]
+    fn event_source(&self) -> Ipv6Octets {
+        ipv4_mapped(self.addr.to_ne_bytes())
+    }
+}
+
+/// An IPv6 source, as the full-length LPM key of its address (aligned, as
+/// [`V4`]; its `addr` doubles as the `BLOCK_V6` key).
+#[repr(C)]
+struct V6 {
+    prefix_len: u32,
+    /// The sixteen address bytes, as words in memory order.
+    addr: [u32; 4],
+}
+
+impl V6 {
+    #[inline(always)]
+    fn new(words: [u32; 4]) -> Self {
+        Self {
+            prefix_len: 128,
+            addr: words,
+        }
+    }
+}
+
+impl Family for V6 {
+    const ALLOW_HINT: u32 = hint::ALLOW_V6;
+    const BLOCK_NET_HINT: u32 = hint::BLOCK_NET_V6;
+    const CAP_NET_HINT: u32 = hint::CAP_NET_V6;
+
+    #[inline(always)]
+    fn top16(&self) -> u16 {
+        let b = self.addr[0].to_ne_bytes();
+        u16::from_be_bytes([b[0], b[1]])
+    }
+
+    #[inline(always)]
+    fn allowed(&self) -> bool {
+        lookup_mut::<_, Self, Allow>(&ALLOW_V6, self).is_some()
+    }
+
+    #[inline(always)]
+    fn block(&self) -> Option<*mut Block> {
+        lookup_mut(&BLOCK_V6, &self.addr)
+    }
+
+    #[inline(always)]
+    fn block_net(&self) -> Option<*mut Block> {
+        lookup_mut(&BLOCK_NET_V6, self)
+    }
+
+    #[inline(always)]
+    fn cap(&self) -> Option<*mut Cap> {
+        lookup_mut(&CAP_NET_V6, self)
+    }
+
+    #[inline(always)]
+    fn connections(&self, config: &Config) -> Option<u32> {
+        let key = ipv6_masked(self.addr, config.ipv6_prefix_len);
+        lookup_mut::<_, [u32; 4], ConnCount>(&CONN_COUNT_V6, &key)
+            // SAFETY: a pointer to a live map value.
+            .map(|count| unsafe { (*count).connections })
+    }
+
+    #[inline(always)]
+    fn event_source(&self) -> Ipv6Octets {
+        words_to_octets(self.addr)
+    }
+}
+
+/// Drops the packet for `reason`, or in observe mode only counts that it
+/// would have: the counter, the block entry's `drops` (enforce only) and
+/// the event.
 #[inline(always)]
-fn refuse(
+fn refuse<F: Family>(
     config: &Config,
     stats: &mut Stats,
     block: Option<*mut Block>,
-    source: &Addr,
+    source: &F,
     tcp: &Tcp,
-    reason: u32,
+    reason: DropReason,
 ) -> Verdict {
     let observe = config.observes();
     let counter = match (reason, observe) {
-        (drop_reason::BLOCK, false) => &mut stats.dropped_block,
-        (drop_reason::BLOCK, true) => &mut stats.would_drop_block,
-        (drop_reason::BLOCK_NET, false) => &mut stats.dropped_block_net,
-        (drop_reason::BLOCK_NET, true) => &mut stats.would_drop_block_net,
-        (_, false) => &mut stats.dropped_cap,
-        (_, true) => &mut stats.would_drop_cap,
+        (DropReason::Block, false) => &mut stats.dropped_block,
+        (DropReason::Block, true) => &mut stats.would_drop_block,
+        (DropReason::BlockNet, false) => &mut stats.dropped_block_net,
+        (DropReason::BlockNet, true) => &mut stats.would_drop_block_net,
+        (DropReason::Cap, false) => &mut stats.dropped_cap,
+        (DropReason::Cap, true) => &mut stats.would_drop_cap,
     };
     *counter += 1;
     if !observe {
@@ -296,15 +468,12 @@ fn refuse(
     }
 }
 
-/// Whether the trie behind hint bitmap `map` may hold an entry covering an
-/// IPv4 source's /16 (always true for IPv6 sources). An array lookup, which
-/// the verifier inlines: far cheaper than the trie.
+/// Whether the trie behind hint bitmap `map` may hold an entry covering a
+/// source whose first two bytes are `top16`. An array lookup, which the
+/// verifier inlines: far cheaper than the trie.
 #[inline(always)]
-fn may_match(map: u32, slash16: Option<u16>) -> bool {
-    let Some(slash16) = slash16 else {
-        return true;
-    };
-    let (index, bit) = hint::position(map, slash16);
+fn may_match(map: u32, top16: u16) -> bool {
+    let (index, bit) = hint::position(map, top16);
     // A missing word (cannot happen: the array is sized for every index)
     // fails safe: look the trie up.
     NET_HINTS.get(index).is_none_or(|word| word & bit != 0)
@@ -331,19 +500,24 @@ fn block_holds(block: *mut Block, stats: &mut Stats) -> bool {
 /// Safe RET). The coarse clock is read once per tick and CPU.
 #[inline(always)]
 fn now_ns() -> u64 {
+    match EVENT_BUDGET.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; packet programs on one CPU do not nest.
+        Some(budget) => cached_now_ns(unsafe { &mut *budget }),
+        None => unsafe { bpf_ktime_get_coarse_ns() },
+    }
+}
+
+/// [`now_ns`] with this CPU's clock cache at hand.
+#[inline(always)]
+fn cached_now_ns(cache: &mut EventBudget) -> u64 {
     // The verifier inlines `bpf_jiffies64` as a load of `jiffies_64`.
     let jiffies = unsafe { bpf_jiffies64() };
-    let Some(cache) = CLOCK.get_ptr_mut(0) else {
-        return unsafe { bpf_ktime_get_coarse_ns() };
-    };
-    // SAFETY: per-CPU slot; packet programs on one CPU do not nest.
-    let cache = unsafe { &mut *cache };
     // A zero clock is the slot's initial state, never a reading.
-    if cache.jiffies != jiffies || cache.mono_ns == 0 {
-        cache.mono_ns = unsafe { bpf_ktime_get_coarse_ns() };
-        cache.jiffies = jiffies;
+    if cache.clock_jiffies != jiffies || cache.clock_ns == 0 {
+        cache.clock_ns = unsafe { bpf_ktime_get_coarse_ns() };
+        cache.clock_jiffies = jiffies;
     }
-    cache.mono_ns
+    cache.clock_ns
 }
 
 /// Adds `value` to `*target` with the BPF atomic add (the old value is not
@@ -360,11 +534,11 @@ pub(crate) unsafe fn atomic_add<T: Copy>(target: *mut T, value: T) {
     };
 }
 
-/// A writable pointer to the value under `key` in `map` (the BTF map types
-/// only hand out shared references for LPM tries, and want their packed key
-/// type).
+/// A writable pointer to the value under `key` in `map`: the BTF map types
+/// hand out shared references only for LPM tries and want their packed key
+/// type, and the keys here are aligned words that the types would copy.
 #[inline(always)]
-fn lookup_mut<M, K, V>(map: &M, key: &K) -> Option<*mut V> {
+pub(crate) fn lookup_mut<M, K, V>(map: &M, key: &K) -> Option<*mut V> {
     // SAFETY: `map` is a map definition the loader relocated; the helper
     // returns null or a pointer to a value of the map's value type.
     let value = unsafe {
@@ -378,32 +552,31 @@ fn lookup_mut<M, K, V>(map: &M, key: &K) -> Option<*mut V> {
 
 /// Whether `source` already holds as many connections as its cap allows.
 #[inline(always)]
-fn at_cap(config: &Config, host: &HostKey, slash16: Option<u16>) -> bool {
+fn at_cap<F: Family>(config: &Config, source: &F, top16: u16) -> bool {
     // Most sources hold no connection: one hash miss and done.
-    let Some(count) = (unsafe { CONN_COUNT.get(host.addr.source_key(config.ipv6_prefix_len)) })
-    else {
+    let Some(connections) = source.connections(config) else {
         return false;
     };
-    let cap = match may_match(hint::CAP_NET, slash16)
-        .then(|| lookup_mut::<_, HostKey, Cap>(&CAP_NET, host))
+    let cap = match may_match(F::CAP_NET_HINT, top16)
+        .then(|| source.cap())
         .flatten()
     {
         // SAFETY: a pointer to a live map value.
         Some(cap) => unsafe { (*cap).max_connections },
         None => config.max_connections,
     };
-    cap != 0 && count.connections >= cap
+    cap != 0 && connections >= cap
 }
 
 /// Sends a drop event (marked `observed` in observe mode), at most
 /// `events_per_second` per CPU.
 #[inline(always)]
-fn report(
+fn report<F: Family>(
     config: &Config,
     stats: &mut Stats,
-    source: &Addr,
+    source: &F,
     tcp: &Tcp,
-    reason: u32,
+    reason: DropReason,
     observed: bool,
 ) {
     if config.events_per_second == 0 {
@@ -415,7 +588,7 @@ fn report(
     };
     // SAFETY: per-CPU slot, packet programs on one CPU do not nest.
     let budget = unsafe { &mut *budget };
-    let now = now_ns();
+    let now = cached_now_ns(budget);
     if now.wrapping_sub(budget.window_start_ns) >= NS_PER_SEC {
         budget.window_start_ns = now;
         budget.sent = 0;
@@ -426,7 +599,7 @@ fn report(
     }
     let event = DropEvent {
         mono_ns: now,
-        source: *source,
+        source: source.event_source(),
         reason,
         port: tcp.dst_port,
         syn: tcp.new_connection as u8,

@@ -4,9 +4,10 @@
 //!   for every TCP packet to a protected port: allow-listed source → pass;
 //!   blocked address or network (not expired) → drop; a new connection from a
 //!   source that already holds its cap of connections → drop; else pass.
-//! * `limiter_sock_ops` (cgroup `sock_ops`) keeps `CONN_COUNT` exact from the
-//!   kernel's own TCP state changes: +1 when a passive connection to a
-//!   protected port is established, −1 when that same socket reaches CLOSE.
+//! * `limiter_sock_ops` (cgroup `sock_ops`) keeps `CONN_COUNT_V4` and
+//!   `CONN_COUNT_V6` exact from the kernel's own TCP state changes: +1 when a
+//!   passive connection to a protected port is established, −1 when that
+//!   same socket reaches CLOSE.
 //!
 //! Map types live in `limiter-common`; the agent fills and reads the maps.
 // The kernel programs build only for the BPF target (`cargo xtask
@@ -18,6 +19,9 @@
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 // Single packet loads of 2 and 4 bytes (see `packet.rs`).
 #![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
+// `#[inline(always)]` on the closures that judge a parsed packet: an
+// outlined one would be a BPF-to-BPF call per packet.
+#![cfg_attr(target_arch = "bpf", feature(stmt_expr_attributes))]
 #![cfg_attr(
     target_arch = "bpf",
     expect(internal_features, reason = "core_intrinsics for atomic_xadd")

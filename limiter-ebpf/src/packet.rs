@@ -10,8 +10,6 @@
 
 use core::arch::asm;
 
-use limiter_common::Addr;
-
 const ETH_HDR_LEN: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -40,9 +38,18 @@ const TCP_MIN_HDR_LEN: usize = 20;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 
+/// A packet's source address as four words in memory order (the wire
+/// bytes, each one load); IPv4 as IPv4-mapped IPv6, which is also how an
+/// IPv4-mapped IPv6 source is judged: as the IPv4 address it carries.
+///
+/// Not an enum of the two families: the unused part of the smaller
+/// variant is undefined, and LLVM then stores a register the verifier
+/// knows to be uninitialised, which it refuses.
+pub type Source = [u32; 4];
+
 /// An IP packet whose source address could be read.
 pub struct Packet {
-    pub source: Addr,
+    pub source: Source,
     /// Its TCP header; all zero when `unreadable` says why there is none.
     pub tcp: Tcp,
     /// Why the TCP header could not be judged; `None` = it was read.
@@ -152,10 +159,35 @@ fn load_be16(start: usize, end: usize, offset: usize) -> Result<u16, Skip> {
     Ok(u16::from_be(unsafe { read_u16::<0>(at) }))
 }
 
-/// Parses the packet between `start` and `end` down to its TCP header. An
-/// error means the source address could not be read.
+/// Parses the packet between `start` and `end` down to its TCP header and
+/// hands the result to `judge` (an error means the source address could
+/// not be read).
+///
+/// Each family's branch calls `judge` on its own: inlined there, the
+/// decision sees the IPv4 source as the one word it is, instead of a merged
+/// four-word address that LLVM keeps on the stack for both families.
 #[inline(always)]
-pub fn parse(start: usize, end: usize) -> Result<Packet, Skip> {
+pub fn parse<R>(start: usize, end: usize, judge: impl Fn(Result<Packet, Skip>) -> R) -> R {
+    let (ether_type, offset) = match ethernet(start, end) {
+        Ok(found) => found,
+        Err(skip) => return judge(Err(skip)),
+    };
+    match ether_type {
+        ETH_P_IPV4 => match parse_ipv4(start, end, offset) {
+            Ok((source, l4_offset)) => judge(Ok(packet(start, end, source, l4_offset))),
+            Err(skip) => judge(Err(skip)),
+        },
+        ETH_P_IPV6 => match parse_ipv6(start, end, offset) {
+            Ok((source, l4_offset)) => judge(Ok(packet(start, end, source, l4_offset))),
+            Err(skip) => judge(Err(skip)),
+        },
+        _ => judge(Err(Skip::NotTcp)),
+    }
+}
+
+/// The ether type after the VLAN tags, and the offset of the IP header.
+#[inline(always)]
+fn ethernet(start: usize, end: usize) -> Result<(u16, usize), Skip> {
     let mut ether_type = load_be16(start, end, 12)?;
     let mut offset = ETH_HDR_LEN;
     for _ in 0..MAX_VLAN_TAGS {
@@ -165,11 +197,13 @@ pub fn parse(start: usize, end: usize) -> Result<Packet, Skip> {
         ether_type = load_be16(start, end, offset + 2)?;
         offset += VLAN_HDR_LEN;
     }
-    let (source, l4_offset) = match ether_type {
-        ETH_P_IPV4 => parse_ipv4(start, end, offset)?,
-        ETH_P_IPV6 => parse_ipv6(start, end, offset)?,
-        _ => return Err(Skip::NotTcp),
-    };
+    Ok((ether_type, offset))
+}
+
+/// The packet of `source`, with its TCP header at `l4_offset` (or why
+/// there is none).
+#[inline(always)]
+fn packet(start: usize, end: usize, source: Source, l4_offset: Result<usize, Skip>) -> Packet {
     let (tcp, unreadable) = match l4_offset.and_then(|l4_offset| parse_tcp(start, end, l4_offset)) {
         Ok(tcp) => (tcp, None),
         Err(skip) => (
@@ -180,11 +214,11 @@ pub fn parse(start: usize, end: usize) -> Result<Packet, Skip> {
             Some(skip),
         ),
     };
-    Ok(Packet {
+    Packet {
         source,
         tcp,
         unreadable,
-    })
+    }
 }
 
 /// The TCP header at `offset`.
@@ -208,13 +242,15 @@ fn parse_ipv4(
     start: usize,
     end: usize,
     offset: usize,
-) -> Result<(Addr, Result<usize, Skip>), Skip> {
+) -> Result<(Source, Result<usize, Skip>), Skip> {
     let ip = window(start, end, offset, IPV4_MIN_HDR_LEN)?;
     // SAFETY (every read below): inside the checked window.
     let version_ihl = unsafe { read_u8::<0>(ip) };
     let fragment = u16::from_be(unsafe { read_u16::<6>(ip) });
     let protocol = unsafe { read_u8::<9>(ip) };
-    let source = Addr::from_ipv4_word(unsafe { read_u32::<12>(ip) });
+    let source = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), unsafe {
+        read_u32::<12>(ip)
+    }];
     let ihl = (version_ihl & 0x0f) as usize;
     let l4 = if version_ihl >> 4 != 4 || ihl < 5 {
         Err(Skip::Malformed)
@@ -244,7 +280,7 @@ fn parse_ipv6(
     start: usize,
     end: usize,
     offset: usize,
-) -> Result<(Addr, Result<usize, Skip>), Skip> {
+) -> Result<(Source, Result<usize, Skip>), Skip> {
     let ip = window(start, end, offset, IPV6_HDR_LEN)?;
     // SAFETY: inside the checked window.
     let (next_header, words) = unsafe {
@@ -259,7 +295,7 @@ fn parse_ipv6(
         )
     };
     Ok((
-        Addr { words },
+        words,
         ipv6_l4_offset(start, end, offset + IPV6_HDR_LEN, next_header),
     ))
 }

@@ -7,16 +7,15 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use aya::maps::{HashMap, Map, MapData};
 use ipnet::IpNet;
-use limiter_common::{reason, Addr, ConnCount};
+use limiter_common::reason;
 use limiter_tests::{
     kernel::{ebpf_object, PinDir, TestKernel},
     packets::{Ext, Frame, ACK, SYN_ACK},
     prerequisites,
 };
 use limiter_user::kernel::{
-    addr_of, BpfDatapath, Datapath, KernelError, KernelLimits, KernelOptions, MapSizes,
+    BpfDatapath, Datapath, KernelError, KernelLimits, KernelOptions, MapSizes,
 };
 
 const XDP_DROP: u32 = 1;
@@ -53,17 +52,10 @@ fn tc(k: &TestKernel, frame: &Frame) -> u32 {
         .0
 }
 
-/// Sets the kernel's connection count for `source` directly in the pinned
-/// map, as the sock_ops program would after `count` handshakes.
-fn set_connections(k: &TestKernel, source: IpAddr, ipv6_prefix: u32, count: u32) {
-    let data = MapData::from_pin(k.pin_path().join("CONN_COUNT")).unwrap();
-    let mut map: HashMap<MapData, Addr, ConnCount> = HashMap::try_from(Map::HashMap(data)).unwrap();
-    map.insert(
-        addr_of(source).source_key(ipv6_prefix),
-        ConnCount { connections: count },
-        0,
-    )
-    .unwrap();
+/// Sets the kernel's connection count for `source` (its configured prefix
+/// for IPv6), as the sock_ops program would after `count` handshakes.
+fn set_connections(k: &TestKernel, source: IpAddr, count: u32) {
+    k.datapath.set_connection_count(source, count).unwrap();
 }
 
 #[test]
@@ -156,10 +148,10 @@ fn blocklist_drops_only_blocked_sources_on_protected_ports() {
 
 #[test]
 fn an_ipv4_mapped_ipv6_source_is_its_ipv4_address() {
-    // The kernel keys IPv4 sources as ::ffff:a.b.c.d; a real IPv6 packet from
-    // that address is a different source on the wire only in theory (such
-    // packets are invalid on the Internet), so the limiter treating them
-    // alike is acceptable. This test pins down what happens.
+    // The kernel judges an IPv6 packet from ::ffff:a.b.c.d as the IPv4
+    // address it carries (as the proxy does): a different source on the
+    // wire only in theory (such packets are invalid on the Internet), so
+    // treating them alike is acceptable. This test pins down what happens.
     if !prerequisites("an_ipv4_mapped_ipv6_source_is_its_ipv4_address") {
         return;
     }
@@ -538,7 +530,7 @@ fn observe_mode_passes_and_counts_what_it_would_drop() {
     d.block(net("198.51.100.0/24"), None, reason::REJECT_LIST)
         .unwrap();
     let capped = ip("203.0.113.5");
-    set_connections(&k, capped, 64, 3);
+    set_connections(&k, capped, 3);
     assert!(d.describe().contains("observe"), "{}", d.describe());
 
     let block = Frame::syn(ip("192.0.2.1"), 25);
@@ -718,16 +710,30 @@ fn network_prefilters_follow_adds_and_removals() {
     );
     assert!(d.unblock(net("10.0.0.0/8")).unwrap());
     assert_eq!(xdp(&k, &Frame::syn(ip("10.1.2.3"), 25)), XDP_PASS);
+    // IPv6 has a prefilter of its own, on the first 16 bits.
+    assert_eq!(xdp(&k, &Frame::syn(ip("2001:db8::5"), 25)), XDP_DROP);
+    d.block(net("2001:db8:77::/48"), None, reason::MANUAL)
+        .unwrap();
+    assert!(d.unblock(net("2001:db8::/32")).unwrap());
     assert_eq!(
-        xdp(&k, &Frame::syn(ip("2001:db8::5"), 25)),
+        xdp(&k, &Frame::syn(ip("2001:db8:77::5"), 25)),
         XDP_DROP,
-        "IPv6 always looks up"
+        "the /48 keeps the bit the /32 shared"
     );
-    // An IPv6 network covering the IPv4-mapped space covers IPv4 sources.
+    assert_eq!(xdp(&k, &Frame::syn(ip("2001:db8::5"), 25)), XDP_PASS);
+    assert!(d.unblock(net("2001:db8:77::/48")).unwrap());
+    assert_eq!(xdp(&k, &Frame::syn(ip("2001:db8:77::5"), 25)), XDP_PASS);
+    // An IPv6 network holds IPv6 sources only, as in the proxy (IPv4 is
+    // blocked as IPv4, or as ::ffff:a.b.c.d/96+n, which is the same).
     d.block(net("::/0"), None, reason::MANUAL).unwrap();
-    assert_eq!(xdp(&k, &Frame::syn(ip("192.0.2.44"), 25)), XDP_DROP);
-    assert!(d.unblock(net("::/0")).unwrap());
+    assert_eq!(xdp(&k, &Frame::syn(ip("3fff::1"), 25)), XDP_DROP);
     assert_eq!(xdp(&k, &Frame::syn(ip("192.0.2.44"), 25)), XDP_PASS);
+    assert!(d.unblock(net("::/0")).unwrap());
+    assert_eq!(xdp(&k, &Frame::syn(ip("3fff::1"), 25)), XDP_PASS);
+    d.block(net("::ffff:192.0.2.0/120"), None, reason::MANUAL)
+        .unwrap();
+    assert_eq!(xdp(&k, &Frame::syn(ip("192.0.2.44"), 25)), XDP_DROP);
+    assert!(d.unblock(net("192.0.2.0/24")).unwrap());
     // Allow-list and caps use prefilters of their own.
     d.block(net("192.0.2.44/32"), None, reason::MANUAL).unwrap();
     d.allow(net("192.0.2.0/24")).unwrap();
@@ -747,7 +753,7 @@ fn allowlist_wins_over_blocks_and_caps() {
         .unwrap();
     d.block(net("10.1.2.3/32"), None, reason::MANUAL).unwrap();
     d.allow(net("10.1.2.0/24")).unwrap();
-    set_connections(&k, ip("10.1.2.3"), 64, 50);
+    set_connections(&k, ip("10.1.2.3"), 50);
     assert_eq!(xdp(&k, &Frame::syn(ip("10.1.2.3"), 25)), XDP_PASS);
     assert_eq!(
         xdp(&k, &Frame::syn(ip("10.1.3.3"), 25)),
@@ -757,7 +763,18 @@ fn allowlist_wins_over_blocks_and_caps() {
     assert_eq!(d.allows().unwrap(), vec![net("10.1.2.0/24")]);
     assert!(d.disallow(net("10.1.2.0/24")).unwrap());
     assert_eq!(xdp(&k, &Frame::syn(ip("10.1.2.3"), 25)), XDP_DROP);
-    assert_eq!(d.counters().unwrap().allowed, 1);
+    // IPv6: its own trie and prefilter.
+    d.block(net("2001:db8:5::/48"), None, reason::MANUAL)
+        .unwrap();
+    d.allow(net("2001:db8:5:1::/64")).unwrap();
+    assert_eq!(xdp(&k, &Frame::syn(ip("2001:db8:5:1::9"), 25)), XDP_PASS);
+    assert_eq!(xdp(&k, &Frame::syn(ip("2001:db8:5:2::9"), 25)), XDP_DROP);
+    assert_eq!(
+        d.allows().unwrap(),
+        vec![net("2001:db8:5:1::/64")],
+        "each family listed"
+    );
+    assert_eq!(d.counters().unwrap().allowed, 2);
 }
 
 #[test]
@@ -768,9 +785,9 @@ fn connection_cap_drops_only_new_connections() {
     let k = TestKernel::load(limits(3));
     let d = &k.datapath;
     let source = ip("203.0.113.5");
-    set_connections(&k, source, 64, 2);
+    set_connections(&k, source, 2);
     assert_eq!(xdp(&k, &Frame::syn(source, 25)), XDP_PASS, "2 of 3");
-    set_connections(&k, source, 64, 3);
+    set_connections(&k, source, 3);
     assert_eq!(
         xdp(&k, &Frame::syn(source, 25)),
         XDP_DROP,
@@ -816,7 +833,7 @@ fn connection_cap_drops_only_new_connections() {
         "global cap raised to 4"
     );
     d.set_limits(&limits(0)).unwrap();
-    set_connections(&k, source, 64, 1000);
+    set_connections(&k, source, 1000);
     assert_eq!(
         xdp(&k, &Frame::syn(source, 25)),
         XDP_PASS,
@@ -835,7 +852,7 @@ fn ipv6_sources_are_capped_per_prefix() {
         ipv6_prefix_len: 64,
         ..KernelLimits::default()
     });
-    set_connections(&k, ip("2001:db8:1:2::1"), 64, 2);
+    set_connections(&k, ip("2001:db8:1:2::1"), 2);
     assert_eq!(
         xdp(&k, &Frame::syn(ip("2001:db8:1:2:ffff::9"), 25)),
         XDP_DROP,
@@ -990,45 +1007,173 @@ fn pinned_maps_survive_a_restart_and_one_agent_holds_a_pin_path() {
     assert_eq!(restarted.test_run_xdp(&frame, 1).unwrap().0, XDP_DROP);
 }
 
+/// What an administrator reads: every map bpftool dumps by field name, with
+/// addresses as their bytes and reasons and the mode by name.
 #[test]
-fn bpftool_prints_the_pinned_maps_by_field_name() {
-    if !prerequisites("bpftool_prints_the_pinned_maps_by_field_name") {
+fn bpftool_prints_addresses_as_bytes_and_reasons_by_name() {
+    if !prerequisites("bpftool_prints_addresses_as_bytes_and_reasons_by_name") {
         return;
     }
     let k = TestKernel::load(limits(10));
-    k.datapath
-        .block(net("192.0.2.1/32"), None, reason::HARVEST)
+    let d = &k.datapath;
+    d.block(net("192.0.2.1/32"), None, reason::HARVEST).unwrap();
+    d.block(net("2001:db8::66/128"), None, reason::AUTH)
         .unwrap();
-    k.datapath
-        .block(net("198.51.100.0/24"), None, reason::REJECT_LIST)
+    d.block(net("198.51.100.0/24"), None, reason::REJECT_LIST)
         .unwrap();
-    let dump = |map: &str| {
+    d.block(net("2001:db8:bad::/48"), None, reason::FLOOD)
+        .unwrap();
+    d.allow(net("10.0.0.0/8")).unwrap();
+    d.set_cap(net("2001:db8:cafe::/48"), 50).unwrap();
+    set_connections(&k, ip("203.0.113.7"), 4);
+    set_connections(&k, ip("2001:db8:1:2::9"), 2);
+    assert_eq!(xdp(&k, &Frame::syn(ip("192.0.2.1"), 25)), XDP_DROP);
+
+    // The JSON form carries the same "formatted" tree the plain form prints.
+    let dump = |map: &str| -> Vec<serde_json::Value> {
+        let path = k.pin_path().join(map);
         let out = Command::new("bpftool")
-            .args(["map", "dump", "pinned"])
-            .arg(k.pin_path().join(map))
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(&path)
             .output()
             .expect("bpftool is installed (cargo xtask setup)");
         assert!(
             out.status.success(),
-            "bpftool: {}",
+            "bpftool map dump pinned {}: {}",
+            path.display(),
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8(out.stdout).unwrap()
+        let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        entries
+            .into_iter()
+            .map(|e| {
+                e.get("formatted")
+                    .cloned()
+                    .unwrap_or_else(|| panic!("{map}: no BTF-formatted entry in {e}"))
+            })
+            .collect()
     };
-    let block = dump("BLOCK");
-    assert!(
-        block.contains("\"expires_mono_ns\"") && block.contains("\"reason\": 2"),
+    let one = |map: &str| {
+        let entries = dump(map);
+        assert_eq!(entries.len(), 1, "{map}: {entries:?}");
+        entries[0].clone()
+    };
+    let json = |s: &str| -> serde_json::Value { serde_json::from_str(s).unwrap() };
+
+    let block = one("BLOCK_V4");
+    assert_eq!(block["key"], json("[192, 0, 2, 1]"), "{block}");
+    assert_eq!(block["value"]["reason"], "Harvest", "{block}");
+    assert_eq!(block["value"]["drops"], 1, "{block}");
+    assert_eq!(block["value"]["expires_mono_ns"], 0, "{block}");
+    let block = one("BLOCK_V6");
+    assert_eq!(
+        block["key"],
+        json("[32, 1, 13, 184, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 102]"),
         "{block}"
     );
-    let block_net = dump("BLOCK_NET");
-    assert!(block_net.contains("\"prefix_len\": 120"), "{block_net}");
-    let config = dump("CONFIG");
-    assert!(
-        config.contains("\"max_connections\": 10") && config.contains("\"ports\""),
-        "{config}"
+    assert_eq!(block["value"]["reason"], "Auth", "{block}");
+    let net4 = one("BLOCK_NET_V4");
+    assert_eq!(net4["key"]["prefix_len"], 24, "{net4}");
+    assert_eq!(net4["key"]["data"], json("[198, 51, 100, 0]"), "{net4}");
+    assert_eq!(net4["value"]["reason"], "RejectList", "{net4}");
+    let net6 = one("BLOCK_NET_V6");
+    assert_eq!(net6["key"]["prefix_len"], 48, "{net6}");
+    assert_eq!(net6["value"]["reason"], "Flood", "{net6}");
+    let allow = one("ALLOW_V4");
+    assert_eq!(allow["key"]["data"], json("[10, 0, 0, 0]"), "{allow}");
+    let cap = one("CAP_NET_V6");
+    assert_eq!(cap["value"]["max_connections"], 50, "{cap}");
+    let count = one("CONN_COUNT_V4");
+    assert_eq!(count["key"], json("[203, 0, 113, 7]"), "{count}");
+    assert_eq!(count["value"]["connections"], 4, "{count}");
+    let count = one("CONN_COUNT_V6");
+    assert_eq!(
+        count["key"],
+        json("[32, 1, 13, 184, 0, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0]"),
+        "the /64: {count}"
     );
-    let stats = dump("STATS");
-    assert!(stats.contains("\"dropped_cap\""), "{stats}");
+    let config = one("CONFIG");
+    assert_eq!(config["value"]["mode"], "Enforce", "{config}");
+    assert_eq!(config["value"]["max_connections"], 10, "{config}");
+    let stats = one("STATS");
+    // Per CPU: one value per possible CPU, each a Stats by field name.
+    let per_cpu = stats["values"].as_array().expect("per-CPU values");
+    let dropped: u64 = per_cpu
+        .iter()
+        .map(|v| v["value"]["dropped_block"].as_u64().unwrap())
+        .sum();
+    assert_eq!(dropped, 1, "{stats}");
+
+    // The plain form (what the README shows) has the same names.
+    let out = Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(k.pin_path().join("BLOCK_V4"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("\"key\": [192,0,2,1") && text.contains("\"reason\": \"Harvest\""),
+        "{text}"
+    );
+}
+
+/// Pins of the older layout (one table for both families, IPv4 mapped into
+/// IPv6) or of a map whose shape changed are refused, saying what to do.
+#[test]
+fn pins_of_an_older_layout_are_refused_with_what_to_do() {
+    if !prerequisites("pins_of_an_older_layout_are_refused_with_what_to_do") {
+        return;
+    }
+    let create = |pins: &PinDir, name: &str, key: &str, value: &str| {
+        std::fs::create_dir_all(pins.path()).unwrap();
+        let out = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(pins.path().join(name))
+            .args([
+                "type", "hash", "key", key, "value", value, "entries", "16", "name", name,
+            ])
+            .output()
+            .expect("bpftool is installed (cargo xtask setup)");
+        assert!(
+            out.status.success(),
+            "bpftool map create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let load = |pins: &PinDir| {
+        BpfDatapath::load(&KernelOptions {
+            object: ebpf_object(),
+            pin_path: pins.path().to_owned(),
+            map_sizes: MapSizes::default(),
+            limits: limits(10),
+        })
+        .err()
+        .expect("stale pins are refused")
+    };
+    // What an agent of the older layout left: BLOCK keyed by 16 bytes.
+    let old = PinDir::new();
+    create(&old, "BLOCK", "16", "24");
+    let err = load(&old);
+    assert!(matches!(err, KernelError::StaleMap { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("rm -r {}", old.path().display()))
+            && message.contains("BLOCK")
+            && message.contains("older layout"),
+        "{message}"
+    );
+    // A map of this layout's name with another shape.
+    let changed = PinDir::new();
+    create(&changed, "BLOCK_V4", "16", "24");
+    let err = load(&changed);
+    assert!(matches!(err, KernelError::StaleMap { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("16-byte keys") && err.to_string().contains("rm -r"),
+        "{err}"
+    );
+    // The CLI's view refuses them too.
+    let err = BpfDatapath::open_pinned(old.path()).err().unwrap();
+    assert!(matches!(err, KernelError::StaleMap { .. }), "{err:?}");
 }
 
 /// Polls `probe` every 10 ms for up to 5 s until it holds.
@@ -1070,7 +1215,7 @@ fn connection_counts_never_wrap() {
     let pair = connect(&listener);
     assert_eq!(d.connections(source).unwrap(), 1);
     // The count is reset under the connection; its close must not wrap it.
-    set_connections(&k, source, 64, 0);
+    set_connections(&k, source, 0);
     drop(pair);
     eventually("the close counted", || {
         d.counters().unwrap().conn_closed == 1
@@ -1078,14 +1223,14 @@ fn connection_counts_never_wrap() {
     assert_eq!(d.connections(source).unwrap(), 0, "a close at 0 stays at 0");
 
     // At u32::MAX an open is not counted (so its close takes nothing).
-    set_connections(&k, source, 64, u32::MAX);
+    set_connections(&k, source, u32::MAX);
     let pair = connect(&listener);
     let c = d.counters().unwrap();
     assert_eq!((c.conn_opened, c.conn_untracked), (1, 1), "{c:?}");
     assert_eq!(d.connections(source).unwrap(), u32::MAX, "no wrap to 0");
     drop(pair);
     // An unprotected port: never counted, so its close takes nothing either.
-    set_connections(&k, source, 64, 5);
+    set_connections(&k, source, 5);
     drop(connect(&other));
     // Both closes are done once a counted connection's close is seen after
     // them (closes on loopback finish in order of the FIN exchange; wait
@@ -1101,6 +1246,43 @@ fn connection_counts_never_wrap() {
         5,
         "uncounted sockets' closes took nothing"
     );
+}
+
+/// The sock_ops accounting keys each family in its own map: an IPv6 client
+/// under its prefix, and an IPv4 client of a dual-stack (`[::]`) listener,
+/// which the socket sees as `::ffff:a.b.c.d`, under its IPv4 address.
+#[test]
+fn connections_are_counted_per_family_also_on_dual_stack_sockets() {
+    if !prerequisites("connections_are_counted_per_family_also_on_dual_stack_sockets") {
+        return;
+    }
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("[::]:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let k = TestKernel::load(KernelLimits {
+        ports: vec![port],
+        ..limits(10)
+    });
+    let d = &k.datapath;
+    let v4 = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (v4_server, from) = listener.accept().unwrap();
+    assert_eq!(from.ip(), ip("::ffff:127.0.0.1"), "dual-stack listener");
+    let v6 = TcpStream::connect(("::1", port)).unwrap();
+    let (v6_server, _) = listener.accept().unwrap();
+    assert_eq!(d.connections(ip("127.0.0.1")).unwrap(), 1);
+    assert_eq!(d.connections(ip("::1")).unwrap(), 1);
+    let mut counts = d.connection_counts().unwrap();
+    counts.sort();
+    assert_eq!(
+        counts,
+        vec![(net("127.0.0.1/32"), 1), (net("::/64"), 1)],
+        "IPv4 by address, IPv6 by its /64"
+    );
+    drop((v4, v4_server, v6, v6_server));
+    eventually("both closes counted", || {
+        d.counters().unwrap().conn_closed == 2
+    });
+    assert_eq!(d.connection_counts().unwrap(), vec![], "idle sources leave");
 }
 
 /// The agent's side of observe mode: `mode` in the file reaches the kernel

@@ -2699,16 +2699,17 @@ impl Report {
         }
         if let Some(pins) = &env.pins {
             let _ = writeln!(w, "\nSee the blocks in the kernel map:");
-            let _ = writeln!(w, "  bpftool map dump pinned {}/BLOCK", pins.display());
-            if let IpAddr::V4(v4) = traffic.harvester.source {
-                let _ = writeln!(
-                    w,
-                    "  (a key is the address IPv4-mapped, as four 32-bit words in network byte order: {v4} is [0,0,{},{}]; reason {} = harvest)",
-                    u32::from_ne_bytes([0, 0, 0xff, 0xff]),
-                    u32::from_ne_bytes(v4.octets()),
-                    2
-                );
-            }
+            let (map, key) = match traffic.harvester.source {
+                IpAddr::V4(v4) => ("BLOCK_V4", format!("{:?}", v4.octets())),
+                IpAddr::V6(v6) => ("BLOCK_V6", format!("{:?}", v6.octets())),
+            };
+            let _ = writeln!(w, "  bpftool map dump pinned {}/{map}", pins.display());
+            let _ = writeln!(
+                w,
+                "  (a key is the address's bytes: the harvester {} is {}, its \"reason\" is \"Harvest\")",
+                traffic.harvester.source,
+                key.replace(' ', "")
+            );
             if keep {
                 let _ = writeln!(
                     w,

@@ -26,15 +26,18 @@ use aya::{
 };
 use ipnet::IpNet;
 use limiter_common::{
-    hint, map_names as names, program_names, Addr, Allow, Block, Cap, Config, ConnCount, Stats,
-    TrackedSocket, MAX_PORTS,
+    hint, map_names as names, program_names, Allow, Block, Cap, Config, ConnCount, Ipv4Octets,
+    Ipv6Octets, Mode, Stats, TrackedSocket, MAX_PORTS,
 };
 use tokio::io::{unix::AsyncFd, Interest};
 
 pub use crate::config::{Attach as AttachMode, MapSizes};
 
 use super::{
-    addr::{addr_of, canonical, is_host, lpm_key, net_of, source_net},
+    addr::{
+        canonical, host_ip, host_key, ip_of_mapped, is_host, net_key, net_of_v4, net_of_v6,
+        HostKey, NetKey,
+    },
     clock::{mono_ns_to_system, system_to_mono_ns},
     hints, BlockHit, Datapath, DropEvent, KernelBlock, KernelCounters, KernelError, KernelLimits,
 };
@@ -75,17 +78,22 @@ pub struct KernelOptions {
     pub limits: KernelLimits,
 }
 
-/// The maps, typed.
+/// The maps, typed; one of each per address family.
 struct Maps {
     config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, Stats>,
-    allow: LpmTrie<MapData, Addr, Allow>,
-    block: HashMap<MapData, Addr, Block>,
-    block_net: LpmTrie<MapData, Addr, Block>,
-    cap_net: LpmTrie<MapData, Addr, Cap>,
-    conn_count: HashMap<MapData, Addr, ConnCount>,
+    allow_v4: LpmTrie<MapData, Ipv4Octets, Allow>,
+    allow_v6: LpmTrie<MapData, Ipv6Octets, Allow>,
+    block_v4: HashMap<MapData, Ipv4Octets, Block>,
+    block_v6: HashMap<MapData, Ipv6Octets, Block>,
+    block_net_v4: LpmTrie<MapData, Ipv4Octets, Block>,
+    block_net_v6: LpmTrie<MapData, Ipv6Octets, Block>,
+    cap_net_v4: LpmTrie<MapData, Ipv4Octets, Cap>,
+    cap_net_v6: LpmTrie<MapData, Ipv6Octets, Cap>,
+    conn_count_v4: HashMap<MapData, Ipv4Octets, ConnCount>,
+    conn_count_v6: HashMap<MapData, Ipv6Octets, ConnCount>,
     events: Option<RingBuf<MapData>>,
-    /// IPv4 /16 prefilters of ALLOW, BLOCK_NET and CAP_NET.
+    /// Prefilters of the six tries.
     hints: Array<MapData, u64>,
     sizes: MapSizes,
 }
@@ -140,13 +148,11 @@ impl BpfDatapath {
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
-        loader
-            .map_max_entries(names::BLOCK, sizes.block)
-            .map_max_entries(names::BLOCK_NET, sizes.block_net)
-            .map_max_entries(names::ALLOW, sizes.allow)
-            .map_max_entries(names::CAP_NET, sizes.cap_net)
-            .map_max_entries(names::CONN_COUNT, sizes.conn_count)
-            .map_max_entries(names::CONN_SOCKS, sizes.conn_socks);
+        // Each size holds for both families' maps.
+        for (v4, v6, size) in sized_maps(sizes) {
+            loader.map_max_entries(v4, size).map_max_entries(v6, size);
+        }
+        loader.map_max_entries(names::CONN_SOCKS, sizes.conn_socks);
         let mut ebpf = loader
             .load(object)
             .map_err(|e| KernelError::Load(with_permission_hint(error_chain(&e))))?;
@@ -168,7 +174,7 @@ impl BpfDatapath {
         let mut maps = Maps::take(&mut ebpf, sizes)?;
         maps.warn_on_size_mismatch(pin_path);
         // Pins from an earlier run: make the prefilters match their tries.
-        for map in [hint::ALLOW, hint::BLOCK_NET, hint::CAP_NET] {
+        for map in 0..hint::COUNT {
             maps.rebuild_hints(map)?;
         }
         let datapath = Self {
@@ -336,6 +342,29 @@ impl BpfDatapath {
         Ok((result.return_value, result.duration))
     }
 
+    /// Sets the kernel's connection count of `source` (its prefix for IPv6)
+    /// as the `sock_ops` program would after `count` handshakes: for tests
+    /// and benchmarks, which need a source at or near its cap without
+    /// opening that many connections.
+    ///
+    /// # Errors
+    /// The map refused the entry (full).
+    pub fn set_connection_count(&self, source: IpAddr, count: u32) -> Result<(), KernelError> {
+        let mut maps = lock(&self.maps);
+        let max = maps.sizes.conn_count;
+        let value = ConnCount { connections: count };
+        match maps.count_key(source)? {
+            HostKey::V4(key) => maps
+                .conn_count_v4
+                .insert(key, value, 0)
+                .map_err(|e| insert_error(names::CONN_COUNT_V4, max, "conn_count", e)),
+            HostKey::V6(key) => maps
+                .conn_count_v6
+                .insert(key, value, 0)
+                .map_err(|e| insert_error(names::CONN_COUNT_V6, max, "conn_count", e)),
+        }
+    }
+
     fn write_config(&self, limits: &KernelLimits, netns_cookie: u64) -> Result<(), KernelError> {
         let config = config_of(limits, netns_cookie)?;
         lock(&self.maps)
@@ -411,70 +440,107 @@ impl Datapath for BpfDatapath {
             reserved: 0,
         };
         let mut maps = lock(&self.maps);
+        let max = maps.sizes.block;
+        // An entry that is being extended keeps its drop count.
         if is_host(net) {
-            let key = addr_of(net.addr());
-            // Keep the drop count of an entry that is being extended.
-            let drops = maps.block.get(&key, 0).map(|b| b.drops).unwrap_or(0);
-            let max = maps.sizes.block;
-            maps.block
-                .insert(key, Block { drops, ..value }, 0)
-                .map_err(|e| insert_error(names::BLOCK, max, "block", e))
+            match host_key(net.addr()) {
+                HostKey::V4(key) => {
+                    let drops = maps.block_v4.get(&key, 0).map_or(0, |b| b.drops);
+                    maps.block_v4
+                        .insert(key, Block { drops, ..value }, 0)
+                        .map_err(|e| insert_error(names::BLOCK_V4, max, "block", e))
+                }
+                HostKey::V6(key) => {
+                    let drops = maps.block_v6.get(&key, 0).map_or(0, |b| b.drops);
+                    maps.block_v6
+                        .insert(key, Block { drops, ..value }, 0)
+                        .map_err(|e| insert_error(names::BLOCK_V6, max, "block", e))
+                }
+            }
         } else {
-            let key = lpm_key(net);
-            let drops = maps.block_net.get(&key, 0).map(|b| b.drops).unwrap_or(0);
             let max = maps.sizes.block_net;
-            maps.add_hint(hint::BLOCK_NET, net)?;
-            maps.block_net
-                .insert(&key, Block { drops, ..value }, 0)
-                .map_err(|e| insert_error(names::BLOCK_NET, max, "block_net", e))
+            maps.add_hint(Trie::BlockNet, net)?;
+            match net_key(net) {
+                NetKey::V4(key) => {
+                    let drops = maps.block_net_v4.get(&key, 0).map_or(0, |b| b.drops);
+                    maps.block_net_v4
+                        .insert(&key, Block { drops, ..value }, 0)
+                        .map_err(|e| insert_error(names::BLOCK_NET_V4, max, "block_net", e))
+                }
+                NetKey::V6(key) => {
+                    let drops = maps.block_net_v6.get(&key, 0).map_or(0, |b| b.drops);
+                    maps.block_net_v6
+                        .insert(&key, Block { drops, ..value }, 0)
+                        .map_err(|e| insert_error(names::BLOCK_NET_V6, max, "block_net", e))
+                }
+            }
         }
     }
 
     fn unblock(&self, net: IpNet) -> Result<bool, KernelError> {
         let net = canonical(net);
         let mut maps = lock(&self.maps);
-        let removed = if is_host(net) {
-            maps.block.remove(&addr_of(net.addr()))
-        } else {
-            let removed = maps.block_net.remove(&lpm_key(net));
-            maps.rebuild_hints(hint::BLOCK_NET)?;
-            removed
+        if is_host(net) {
+            return match host_key(net.addr()) {
+                HostKey::V4(key) => absent_is_false(maps.block_v4.remove(&key), names::BLOCK_V4),
+                HostKey::V6(key) => absent_is_false(maps.block_v6.remove(&key), names::BLOCK_V6),
+            };
+        }
+        let removed = match net_key(net) {
+            NetKey::V4(key) => absent_is_false(maps.block_net_v4.remove(&key), names::BLOCK_NET_V4),
+            NetKey::V6(key) => absent_is_false(maps.block_net_v6.remove(&key), names::BLOCK_NET_V6),
         };
-        absent_is_false(
-            removed,
-            if is_host(net) {
-                names::BLOCK
-            } else {
-                names::BLOCK_NET
-            },
-        )
+        maps.rebuild_hints(Trie::BlockNet.hint(net))?;
+        removed
     }
 
     fn blocks(&self) -> Result<Vec<KernelBlock>, KernelError> {
         let maps = lock(&self.maps);
-        let mut blocks: Vec<KernelBlock> = hash_entries(&maps.block)
-            .map_err(|e| map_error(names::BLOCK, e))?
+        let mut blocks: Vec<KernelBlock> = hash_entries(&maps.block_v4)
+            .map_err(|e| map_error(names::BLOCK_V4, e))?
             .iter()
-            .map(|(addr, block)| kernel_block(source_net(*addr), block))
+            .map(|(key, block)| kernel_block(host_net(HostKey::V4(*key)), block))
             .collect();
-        for entry in maps.block_net.iter() {
-            let (key, block) = entry.map_err(|e| map_error(names::BLOCK_NET, e))?;
-            blocks.push(kernel_block(net_of(&key), &block));
+        blocks.extend(
+            hash_entries(&maps.block_v6)
+                .map_err(|e| map_error(names::BLOCK_V6, e))?
+                .iter()
+                .map(|(key, block)| kernel_block(host_net(HostKey::V6(*key)), block)),
+        );
+        for entry in maps.block_net_v4.iter() {
+            let (key, block) = entry.map_err(|e| map_error(names::BLOCK_NET_V4, e))?;
+            blocks.push(kernel_block(net_of_v4(&key), &block));
+        }
+        for entry in maps.block_net_v6.iter() {
+            let (key, block) = entry.map_err(|e| map_error(names::BLOCK_NET_V6, e))?;
+            blocks.push(kernel_block(net_of_v6(&key), &block));
         }
         Ok(blocks)
     }
 
     fn block_covering(&self, addr: IpAddr) -> Result<Option<BlockHit>, KernelError> {
-        let key = addr_of(addr);
         let now = system_to_mono_ns(SystemTime::now());
         let maps = lock(&self.maps);
-        let exact = absent_is_none(maps.block.get(&key, 0), names::BLOCK)?;
         // A syscall lookup in an LPM trie is a longest-prefix match too.
-        let net = || absent_is_none(maps.block_net.get(&Key::new(128, key), 0), names::BLOCK_NET);
-        let found = match exact.filter(|b| b.active_at(now)) {
-            Some(block) => Some(block),
-            None => net()?.filter(|b| b.active_at(now)),
+        let (exact, net) = match host_key(addr) {
+            HostKey::V4(key) => (
+                absent_is_none(maps.block_v4.get(&key, 0), names::BLOCK_V4)?,
+                absent_is_none(
+                    maps.block_net_v4.get(&Key::new(32, key), 0),
+                    names::BLOCK_NET_V4,
+                )?,
+            ),
+            HostKey::V6(key) => (
+                absent_is_none(maps.block_v6.get(&key, 0), names::BLOCK_V6)?,
+                absent_is_none(
+                    maps.block_net_v6.get(&Key::new(128, key), 0),
+                    names::BLOCK_NET_V6,
+                )?,
+            ),
         };
+        let found = exact
+            .filter(|b| b.active_at(now))
+            .or(net.filter(|b| b.active_at(now)));
         Ok(found.map(|b| BlockHit {
             reason: b.reason,
             expires: (b.expires_mono_ns != 0).then(|| mono_ns_to_system(b.expires_mono_ns)),
@@ -485,91 +551,133 @@ impl Datapath for BpfDatapath {
         let now = system_to_mono_ns(now);
         let mut maps = lock(&self.maps);
         let expired = |b: &Block| !b.active_at(now);
-        let hosts: Vec<Addr> = hash_entries(&maps.block)
-            .map_err(|e| map_error(names::BLOCK, e))?
-            .into_iter()
-            .filter(|(_, b)| expired(b))
-            .map(|(a, _)| a)
-            .collect();
-        let nets: Vec<Key<Addr>> = maps
-            .block_net
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, b)| expired(b))
-            .map(|(k, _)| k)
-            .collect();
         let mut swept = 0;
-        for addr in &hosts {
-            // A block re-added since the scan has a new expiry: check again.
-            if maps.block.get(addr, 0).is_ok_and(|b| expired(&b)) && maps.block.remove(addr).is_ok()
+        // A block re-added since the scan has a new expiry: each removal
+        // checks again.
+        let hosts_v4: Vec<Ipv4Octets> = hash_entries(&maps.block_v4)
+            .map_err(|e| map_error(names::BLOCK_V4, e))?
+            .into_iter()
+            .filter_map(|(key, b)| expired(&b).then_some(key))
+            .collect();
+        for key in &hosts_v4 {
+            if maps.block_v4.get(key, 0).is_ok_and(|b| expired(&b))
+                && maps.block_v4.remove(key).is_ok()
             {
                 swept += 1;
             }
         }
-        for key in &nets {
-            if maps.block_net.get(key, 0).is_ok_and(|b| expired(&b))
-                && maps.block_net.remove(key).is_ok()
+        let hosts_v6: Vec<Ipv6Octets> = hash_entries(&maps.block_v6)
+            .map_err(|e| map_error(names::BLOCK_V6, e))?
+            .into_iter()
+            .filter_map(|(key, b)| expired(&b).then_some(key))
+            .collect();
+        for key in &hosts_v6 {
+            if maps.block_v6.get(key, 0).is_ok_and(|b| expired(&b))
+                && maps.block_v6.remove(key).is_ok()
+            {
+                swept += 1;
+            }
+        }
+        let nets_v4: Vec<Key<Ipv4Octets>> = maps
+            .block_net_v4
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(key, b)| expired(&b).then_some(key))
+            .collect();
+        for key in &nets_v4 {
+            if maps.block_net_v4.get(key, 0).is_ok_and(|b| expired(&b))
+                && maps.block_net_v4.remove(key).is_ok()
+            {
+                swept += 1;
+            }
+        }
+        let nets_v6: Vec<Key<Ipv6Octets>> = maps
+            .block_net_v6
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(key, b)| expired(&b).then_some(key))
+            .collect();
+        for key in &nets_v6 {
+            if maps.block_net_v6.get(key, 0).is_ok_and(|b| expired(&b))
+                && maps.block_net_v6.remove(key).is_ok()
             {
                 swept += 1;
             }
         }
         // Also heals a bit lost to two writers (agent and CLI) racing.
-        maps.rebuild_hints(hint::BLOCK_NET)?;
+        maps.rebuild_hints(hint::BLOCK_NET_V4)?;
+        maps.rebuild_hints(hint::BLOCK_NET_V6)?;
         Ok(swept)
     }
 
     fn allow(&self, net: IpNet) -> Result<(), KernelError> {
         let mut maps = lock(&self.maps);
         let max = maps.sizes.allow;
-        maps.add_hint(hint::ALLOW, net)?;
-        maps.allow
-            .insert(&lpm_key(net), Allow { flags: 0 }, 0)
-            .map_err(|e| insert_error(names::ALLOW, max, "allow", e))
+        maps.add_hint(Trie::Allow, net)?;
+        let value = Allow { flags: 0 };
+        match net_key(net) {
+            NetKey::V4(key) => maps.allow_v4.insert(&key, value, 0),
+            NetKey::V6(key) => maps.allow_v6.insert(&key, value, 0),
+        }
+        .map_err(|e| insert_error(Trie::Allow.map(net), max, "allow", e))
     }
 
     fn disallow(&self, net: IpNet) -> Result<bool, KernelError> {
         let mut maps = lock(&self.maps);
-        let removed = maps.allow.remove(&lpm_key(net));
-        maps.rebuild_hints(hint::ALLOW)?;
-        absent_is_false(removed, names::ALLOW)
+        let removed = match net_key(net) {
+            NetKey::V4(key) => maps.allow_v4.remove(&key),
+            NetKey::V6(key) => maps.allow_v6.remove(&key),
+        };
+        maps.rebuild_hints(Trie::Allow.hint(net))?;
+        absent_is_false(removed, Trie::Allow.map(net))
     }
 
     fn allows(&self) -> Result<Vec<IpNet>, KernelError> {
         let maps = lock(&self.maps);
-        maps.allow
-            .keys()
-            .map(|k| {
-                k.map(|k| net_of(&k))
-                    .map_err(|e| map_error(names::ALLOW, e))
-            })
-            .collect()
+        let mut nets = Vec::new();
+        for key in maps.allow_v4.keys() {
+            nets.push(net_of_v4(&key.map_err(|e| map_error(names::ALLOW_V4, e))?));
+        }
+        for key in maps.allow_v6.keys() {
+            nets.push(net_of_v6(&key.map_err(|e| map_error(names::ALLOW_V6, e))?));
+        }
+        Ok(nets)
     }
 
     fn set_cap(&self, net: IpNet, max_connections: u32) -> Result<(), KernelError> {
         let mut maps = lock(&self.maps);
         let max = maps.sizes.cap_net;
-        maps.add_hint(hint::CAP_NET, net)?;
-        maps.cap_net
-            .insert(&lpm_key(net), Cap { max_connections }, 0)
-            .map_err(|e| insert_error(names::CAP_NET, max, "cap_net", e))
+        maps.add_hint(Trie::CapNet, net)?;
+        let value = Cap { max_connections };
+        match net_key(net) {
+            NetKey::V4(key) => maps.cap_net_v4.insert(&key, value, 0),
+            NetKey::V6(key) => maps.cap_net_v6.insert(&key, value, 0),
+        }
+        .map_err(|e| insert_error(Trie::CapNet.map(net), max, "cap_net", e))
     }
 
     fn remove_cap(&self, net: IpNet) -> Result<bool, KernelError> {
         let mut maps = lock(&self.maps);
-        let removed = maps.cap_net.remove(&lpm_key(net));
-        maps.rebuild_hints(hint::CAP_NET)?;
-        absent_is_false(removed, names::CAP_NET)
+        let removed = match net_key(net) {
+            NetKey::V4(key) => maps.cap_net_v4.remove(&key),
+            NetKey::V6(key) => maps.cap_net_v6.remove(&key),
+        };
+        maps.rebuild_hints(Trie::CapNet.hint(net))?;
+        absent_is_false(removed, Trie::CapNet.map(net))
     }
 
     fn caps(&self) -> Result<Vec<(IpNet, u32)>, KernelError> {
         let maps = lock(&self.maps);
-        maps.cap_net
-            .iter()
-            .map(|e| {
-                e.map(|(k, c)| (net_of(&k), c.max_connections))
-                    .map_err(|e| map_error(names::CAP_NET, e))
-            })
-            .collect()
+        let mut caps = Vec::new();
+        for entry in maps.cap_net_v4.iter() {
+            let (key, cap) = entry.map_err(|e| map_error(names::CAP_NET_V4, e))?;
+            caps.push((net_of_v4(&key), cap.max_connections));
+        }
+        for entry in maps.cap_net_v6.iter() {
+            let (key, cap) = entry.map_err(|e| map_error(names::CAP_NET_V6, e))?;
+            caps.push((net_of_v6(&key), cap.max_connections));
+        }
+        Ok(caps)
     }
 
     fn set_limits(&self, limits: &KernelLimits) -> Result<(), KernelError> {
@@ -585,34 +693,30 @@ impl Datapath for BpfDatapath {
 
     fn connections(&self, addr: IpAddr) -> Result<u32, KernelError> {
         let maps = lock(&self.maps);
-        let prefix = maps
-            .config
-            .get(&0, 0)
-            .map_err(|e| map_error(names::CONFIG, e))?
-            .ipv6_prefix_len;
-        let key = addr_of(addr).source_key(prefix);
-        absent_is_default(
-            maps.conn_count.get(&key, 0).map(|c| c.connections),
-            names::CONN_COUNT,
-        )
+        match maps.count_key(addr)? {
+            HostKey::V4(key) => absent_is_default(
+                maps.conn_count_v4.get(&key, 0).map(|c| c.connections),
+                names::CONN_COUNT_V4,
+            ),
+            HostKey::V6(key) => absent_is_default(
+                maps.conn_count_v6.get(&key, 0).map(|c| c.connections),
+                names::CONN_COUNT_V6,
+            ),
+        }
     }
 
     fn connection_counts(&self) -> Result<Vec<(IpNet, u32)>, KernelError> {
         let maps = lock(&self.maps);
-        let prefix = maps
-            .config
-            .get(&0, 0)
-            .map_err(|e| map_error(names::CONFIG, e))?
-            .ipv6_prefix_len;
+        let prefix = maps.ipv6_prefix_len()?;
         let mut counts = Vec::new();
-        for entry in maps.conn_count.iter() {
-            let (key, count) = entry.map_err(|e| map_error(names::CONN_COUNT, e))?;
-            let net = if key.is_ipv4_mapped() {
-                source_net(key)
-            } else {
-                IpNet::new(super::ip_of(key), prefix.min(128) as u8)
-                    .map_or_else(|_| source_net(key), |n| n.trunc())
-            };
+        for entry in maps.conn_count_v4.iter() {
+            let (key, count) = entry.map_err(|e| map_error(names::CONN_COUNT_V4, e))?;
+            counts.push((host_net(HostKey::V4(key)), count.connections));
+        }
+        for entry in maps.conn_count_v6.iter() {
+            let (key, count) = entry.map_err(|e| map_error(names::CONN_COUNT_V6, e))?;
+            let net = IpNet::new(host_ip(HostKey::V6(key)), prefix)
+                .map_or_else(|_| host_net(HostKey::V6(key)), |n| n.trunc());
             counts.push((net, count.connections));
         }
         Ok(counts)
@@ -666,7 +770,7 @@ fn decode_event(bytes: &[u8]) -> Option<DropEvent> {
     let raw: limiter_common::DropEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
     Some(DropEvent {
         at: mono_ns_to_system(raw.mono_ns),
-        source: super::ip_of(raw.source),
+        source: ip_of_mapped(raw.source),
         reason: raw.reason,
         port: raw.port,
         syn: raw.syn != 0,
@@ -674,13 +778,53 @@ fn decode_event(bytes: &[u8]) -> Option<DropEvent> {
     })
 }
 
+/// Which of the LPM tries (each has an IPv4 and an IPv6 map).
+#[derive(Clone, Copy)]
+enum Trie {
+    Allow,
+    BlockNet,
+    CapNet,
+}
+
+impl Trie {
+    /// The `NET_HINTS` bitmap of the trie of `net`'s family.
+    fn hint(self, net: IpNet) -> u32 {
+        let v6 = matches!(canonical(net), IpNet::V6(_));
+        match (self, v6) {
+            (Trie::Allow, false) => hint::ALLOW_V4,
+            (Trie::Allow, true) => hint::ALLOW_V6,
+            (Trie::BlockNet, false) => hint::BLOCK_NET_V4,
+            (Trie::BlockNet, true) => hint::BLOCK_NET_V6,
+            (Trie::CapNet, false) => hint::CAP_NET_V4,
+            (Trie::CapNet, true) => hint::CAP_NET_V6,
+        }
+    }
+
+    /// The name of the map of `net`'s family.
+    fn map(self, net: IpNet) -> &'static str {
+        match self.hint(net) {
+            hint::ALLOW_V4 => names::ALLOW_V4,
+            hint::ALLOW_V6 => names::ALLOW_V6,
+            hint::BLOCK_NET_V4 => names::BLOCK_NET_V4,
+            hint::BLOCK_NET_V6 => names::BLOCK_NET_V6,
+            hint::CAP_NET_V4 => names::CAP_NET_V4,
+            _ => names::CAP_NET_V6,
+        }
+    }
+}
+
+/// The full-length network of one address.
+fn host_net(key: HostKey) -> IpNet {
+    IpNet::from(host_ip(key))
+}
+
 impl Maps {
-    /// Sets the hint bits `net` needs in bitmap `map`. Called before the
-    /// entry goes into its trie, so no packet sees the entry without them.
-    fn add_hint(&mut self, map: u32, net: IpNet) -> Result<(), KernelError> {
-        let Some(range) = hints::slash16_range(net) else {
-            return Ok(());
-        };
+    /// Sets the hint bits `net` needs in its trie's bitmap. Called before
+    /// the entry goes into its trie, so no packet sees the entry without
+    /// them.
+    fn add_hint(&mut self, trie: Trie, net: IpNet) -> Result<(), KernelError> {
+        let map = trie.hint(net);
+        let range = hints::top16_range(net);
         let (first, _) = hint::position(map, *range.start() as u16);
         let (last, _) = hint::position(map, *range.end() as u16);
         let wanted = hints::bitmap(&[net]);
@@ -699,27 +843,25 @@ impl Maps {
         Ok(())
     }
 
-    /// Recomputes bitmap `map` from its trie (after removals).
+    /// Recomputes bitmap `map` (one of `hint`'s) from its trie (after
+    /// removals).
     fn rebuild_hints(&mut self, map: u32) -> Result<(), KernelError> {
-        let nets: Vec<IpNet> = match map {
-            hint::ALLOW => self
-                .allow
-                .keys()
+        fn nets<K: aya::Pod, V: aya::Pod>(
+            trie: &LpmTrie<MapData, K, V>,
+            net_of: fn(&Key<K>) -> IpNet,
+        ) -> Vec<IpNet> {
+            trie.keys()
                 .filter_map(Result::ok)
                 .map(|k| net_of(&k))
-                .collect(),
-            hint::BLOCK_NET => self
-                .block_net
-                .keys()
-                .filter_map(Result::ok)
-                .map(|k| net_of(&k))
-                .collect(),
-            _ => self
-                .cap_net
-                .keys()
-                .filter_map(Result::ok)
-                .map(|k| net_of(&k))
-                .collect(),
+                .collect()
+        }
+        let nets = match map {
+            hint::ALLOW_V4 => nets(&self.allow_v4, net_of_v4),
+            hint::ALLOW_V6 => nets(&self.allow_v6, net_of_v6),
+            hint::BLOCK_NET_V4 => nets(&self.block_net_v4, net_of_v4),
+            hint::BLOCK_NET_V6 => nets(&self.block_net_v6, net_of_v6),
+            hint::CAP_NET_V4 => nets(&self.cap_net_v4, net_of_v4),
+            _ => nets(&self.cap_net_v6, net_of_v6),
         };
         let wanted = hints::bitmap(&nets);
         for (offset, bits) in wanted.iter().enumerate() {
@@ -737,6 +879,29 @@ impl Maps {
         Ok(())
     }
 
+    /// The prefix by which the kernel counts IPv6 sources now.
+    fn ipv6_prefix_len(&self) -> Result<u8, KernelError> {
+        let config = self
+            .config
+            .get(&0, 0)
+            .map_err(|e| map_error(names::CONFIG, e))?;
+        Ok(config.ipv6_prefix_len.min(128) as u8)
+    }
+
+    /// The `CONN_COUNT_*` key of a source: IPv4 its address, IPv6 its
+    /// prefix.
+    fn count_key(&self, addr: IpAddr) -> Result<HostKey, KernelError> {
+        Ok(match host_key(addr) {
+            HostKey::V4(key) => HostKey::V4(key),
+            HostKey::V6(key) => {
+                let prefix = self.ipv6_prefix_len()?;
+                let net = IpNet::new(host_ip(HostKey::V6(key)), prefix)
+                    .map_err(|e| KernelError::Invalid(format!("IPv6 prefix {prefix}: {e}")))?;
+                host_key(net.trunc().network())
+            }
+        })
+    }
+
     fn take(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<Self, KernelError> {
         fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
             ebpf: &mut Ebpf,
@@ -752,11 +917,16 @@ impl Maps {
         Ok(Self {
             config: take(ebpf, names::CONFIG)?,
             stats: take(ebpf, names::STATS)?,
-            allow: take(ebpf, names::ALLOW)?,
-            block: take(ebpf, names::BLOCK)?,
-            block_net: take(ebpf, names::BLOCK_NET)?,
-            cap_net: take(ebpf, names::CAP_NET)?,
-            conn_count: take(ebpf, names::CONN_COUNT)?,
+            allow_v4: take(ebpf, names::ALLOW_V4)?,
+            allow_v6: take(ebpf, names::ALLOW_V6)?,
+            block_v4: take(ebpf, names::BLOCK_V4)?,
+            block_v6: take(ebpf, names::BLOCK_V6)?,
+            block_net_v4: take(ebpf, names::BLOCK_NET_V4)?,
+            block_net_v6: take(ebpf, names::BLOCK_NET_V6)?,
+            cap_net_v4: take(ebpf, names::CAP_NET_V4)?,
+            cap_net_v6: take(ebpf, names::CAP_NET_V6)?,
+            conn_count_v4: take(ebpf, names::CONN_COUNT_V4)?,
+            conn_count_v6: take(ebpf, names::CONN_COUNT_V6)?,
             events: Some(take(ebpf, names::EVENTS)?),
             hints: take(ebpf, names::NET_HINTS)?,
             sizes,
@@ -780,21 +950,26 @@ impl Maps {
         }
         use aya::maps::Map;
         let sizes = MapSizes {
-            block: max_entries(dir, names::BLOCK)?,
-            block_net: max_entries(dir, names::BLOCK_NET)?,
-            allow: max_entries(dir, names::ALLOW)?,
-            cap_net: max_entries(dir, names::CAP_NET)?,
-            conn_count: max_entries(dir, names::CONN_COUNT)?,
+            block: max_entries(dir, names::BLOCK_V4)?,
+            block_net: max_entries(dir, names::BLOCK_NET_V4)?,
+            allow: max_entries(dir, names::ALLOW_V4)?,
+            cap_net: max_entries(dir, names::CAP_NET_V4)?,
+            conn_count: max_entries(dir, names::CONN_COUNT_V4)?,
             conn_socks: max_entries(dir, names::CONN_SOCKS)?,
         };
         Ok(Self {
             config: open(dir, names::CONFIG, Map::Array)?,
             stats: open(dir, names::STATS, Map::PerCpuArray)?,
-            allow: open(dir, names::ALLOW, Map::LpmTrie)?,
-            block: open(dir, names::BLOCK, Map::HashMap)?,
-            block_net: open(dir, names::BLOCK_NET, Map::LpmTrie)?,
-            cap_net: open(dir, names::CAP_NET, Map::LpmTrie)?,
-            conn_count: open(dir, names::CONN_COUNT, Map::HashMap)?,
+            allow_v4: open(dir, names::ALLOW_V4, Map::LpmTrie)?,
+            allow_v6: open(dir, names::ALLOW_V6, Map::LpmTrie)?,
+            block_v4: open(dir, names::BLOCK_V4, Map::HashMap)?,
+            block_v6: open(dir, names::BLOCK_V6, Map::HashMap)?,
+            block_net_v4: open(dir, names::BLOCK_NET_V4, Map::LpmTrie)?,
+            block_net_v6: open(dir, names::BLOCK_NET_V6, Map::LpmTrie)?,
+            cap_net_v4: open(dir, names::CAP_NET_V4, Map::LpmTrie)?,
+            cap_net_v6: open(dir, names::CAP_NET_V6, Map::LpmTrie)?,
+            conn_count_v4: open(dir, names::CONN_COUNT_V4, Map::HashMap)?,
+            conn_count_v6: open(dir, names::CONN_COUNT_V6, Map::HashMap)?,
             events: None,
             hints: open(dir, names::NET_HINTS, Map::Array)?,
             sizes,
@@ -805,34 +980,36 @@ impl Maps {
     /// configuration asks for another.
     fn warn_on_size_mismatch(&mut self, dir: &Path) {
         let wanted = self.sizes;
-        let checks = [
-            (names::BLOCK, "block", wanted.block, &mut self.sizes.block),
-            (
-                names::BLOCK_NET,
-                "block_net",
-                wanted.block_net,
-                &mut self.sizes.block_net,
-            ),
-            (names::ALLOW, "allow", wanted.allow, &mut self.sizes.allow),
-            (
-                names::CAP_NET,
-                "cap_net",
-                wanted.cap_net,
-                &mut self.sizes.cap_net,
-            ),
-            (
-                names::CONN_COUNT,
-                "conn_count",
-                wanted.conn_count,
-                &mut self.sizes.conn_count,
-            ),
-            (
-                names::CONN_SOCKS,
-                "conn_socks",
-                wanted.conn_socks,
-                &mut self.sizes.conn_socks,
-            ),
-        ];
+        let mut checks: Vec<(&'static str, &'static str, u32, &mut u32)> = Vec::new();
+        let MapSizes {
+            block,
+            block_net,
+            allow,
+            cap_net,
+            conn_count,
+            conn_socks,
+        } = &mut self.sizes;
+        checks.push((names::BLOCK_V4, "block", wanted.block, block));
+        checks.push((
+            names::BLOCK_NET_V4,
+            "block_net",
+            wanted.block_net,
+            block_net,
+        ));
+        checks.push((names::ALLOW_V4, "allow", wanted.allow, allow));
+        checks.push((names::CAP_NET_V4, "cap_net", wanted.cap_net, cap_net));
+        checks.push((
+            names::CONN_COUNT_V4,
+            "conn_count",
+            wanted.conn_count,
+            conn_count,
+        ));
+        checks.push((
+            names::CONN_SOCKS,
+            "conn_socks",
+            wanted.conn_socks,
+            conn_socks,
+        ));
         for (name, key, wanted, actual) in checks {
             if let Ok(size) = max_entries(dir, name) {
                 *actual = size;
@@ -849,6 +1026,17 @@ impl Maps {
     }
 }
 
+/// The maps sized by `kernel.map_sizes`, IPv4 and IPv6, with their size.
+fn sized_maps(sizes: MapSizes) -> [(&'static str, &'static str, u32); 5] {
+    [
+        (names::BLOCK_V4, names::BLOCK_V6, sizes.block),
+        (names::BLOCK_NET_V4, names::BLOCK_NET_V6, sizes.block_net),
+        (names::ALLOW_V4, names::ALLOW_V6, sizes.allow),
+        (names::CAP_NET_V4, names::CAP_NET_V6, sizes.cap_net),
+        (names::CONN_COUNT_V4, names::CONN_COUNT_V6, sizes.conn_count),
+    ]
+}
+
 fn max_entries(dir: &Path, name: &'static str) -> Result<u32, KernelError> {
     let path = dir.join(name);
     MapInfo::from_pin(&path)
@@ -859,53 +1047,81 @@ fn max_entries(dir: &Path, name: &'static str) -> Result<u32, KernelError> {
         })
 }
 
-/// The shape each pinned map must have: (name, type, key size, value size).
-fn expected_maps() -> [(&'static str, MapType, usize, usize); 11] {
-    let lpm_key = size_of::<Key<Addr>>();
+/// The shape a pinned map must have.
+struct Shape {
+    name: &'static str,
+    map_type: MapType,
+    key_size: usize,
+    value_size: usize,
+    /// For maps whose size is fixed by this version.
+    max_entries: Option<u32>,
+}
+
+/// The shape of every pinned map.
+fn expected_maps() -> [Shape; 16] {
+    let shape = |name, map_type, key_size, value_size| Shape {
+        name,
+        map_type,
+        key_size,
+        value_size,
+        max_entries: None,
+    };
+    let (v4, v6) = (size_of::<Ipv4Octets>(), size_of::<Ipv6Octets>());
+    let (lpm_v4, lpm_v6) = (size_of::<Key<Ipv4Octets>>(), size_of::<Key<Ipv6Octets>>());
+    let (allow, block, cap, count) = (
+        size_of::<Allow>(),
+        size_of::<Block>(),
+        size_of::<Cap>(),
+        size_of::<ConnCount>(),
+    );
     [
-        (names::CONFIG, MapType::Array, 4, size_of::<Config>()),
-        (names::STATS, MapType::PerCpuArray, 4, size_of::<Stats>()),
-        (names::ALLOW, MapType::LpmTrie, lpm_key, size_of::<Allow>()),
-        (
-            names::BLOCK,
-            MapType::Hash,
-            size_of::<Addr>(),
-            size_of::<Block>(),
-        ),
-        (
-            names::BLOCK_NET,
-            MapType::LpmTrie,
-            lpm_key,
-            size_of::<Block>(),
-        ),
-        (names::CAP_NET, MapType::LpmTrie, lpm_key, size_of::<Cap>()),
-        (
-            names::CONN_COUNT,
-            MapType::Hash,
-            size_of::<Addr>(),
-            size_of::<ConnCount>(),
-        ),
-        (
+        shape(names::CONFIG, MapType::Array, 4, size_of::<Config>()),
+        shape(names::STATS, MapType::PerCpuArray, 4, size_of::<Stats>()),
+        shape(names::ALLOW_V4, MapType::LpmTrie, lpm_v4, allow),
+        shape(names::ALLOW_V6, MapType::LpmTrie, lpm_v6, allow),
+        shape(names::BLOCK_V4, MapType::Hash, v4, block),
+        shape(names::BLOCK_V6, MapType::Hash, v6, block),
+        shape(names::BLOCK_NET_V4, MapType::LpmTrie, lpm_v4, block),
+        shape(names::BLOCK_NET_V6, MapType::LpmTrie, lpm_v6, block),
+        shape(names::CAP_NET_V4, MapType::LpmTrie, lpm_v4, cap),
+        shape(names::CAP_NET_V6, MapType::LpmTrie, lpm_v6, cap),
+        shape(names::CONN_COUNT_V4, MapType::Hash, v4, count),
+        shape(names::CONN_COUNT_V6, MapType::Hash, v6, count),
+        shape(
             names::CONN_SOCKS,
             MapType::Hash,
             8,
             size_of::<TrackedSocket>(),
         ),
-        (names::EVENTS, MapType::RingBuf, 0, 0),
-        (
+        shape(names::EVENTS, MapType::RingBuf, 0, 0),
+        shape(
             names::EVENT_BUDGET,
             MapType::PerCpuArray,
             4,
             size_of::<limiter_common::EventBudget>(),
         ),
-        (names::NET_HINTS, MapType::Array, 4, 8),
+        Shape {
+            max_entries: Some(hint::COUNT * hint::WORDS),
+            ..shape(names::NET_HINTS, MapType::Array, 4, 8)
+        },
     ]
 }
 
-/// Refuses pins left by an incompatible version rather than misreading them.
+/// Refuses pins left by an incompatible version rather than misreading them:
+/// a map of the older layout (one table for both families), or a map whose
+/// type, key, value or fixed size differs from this version's.
 fn check_pinned_maps(dir: &Path) -> Result<(), KernelError> {
-    for (name, map_type, key_size, value_size) in expected_maps() {
+    for name in names::RETIRED {
         let path = dir.join(name);
+        if path.exists() {
+            return Err(KernelError::StaleMap {
+                path,
+                reason: "a map of the older layout, which kept IPv4 and IPv6 sources in one table; this version keeps each family in its own maps (BLOCK_V4, BLOCK_V6, …)".into(),
+            });
+        }
+    }
+    for shape in expected_maps() {
+        let path = dir.join(shape.name);
         if !path.exists() {
             continue;
         }
@@ -913,18 +1129,27 @@ fn check_pinned_maps(dir: &Path) -> Result<(), KernelError> {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        let actual_type = info.map_type().map_err(|e| map_error(name, e))?;
-        if actual_type != map_type
-            || info.key_size() as usize != key_size
-            || info.value_size() as usize != value_size
+        let actual_type = info.map_type().map_err(|e| map_error(shape.name, e))?;
+        if actual_type != shape.map_type
+            || info.key_size() as usize != shape.key_size
+            || info.value_size() as usize != shape.value_size
         {
             return Err(KernelError::StaleMap {
                 path,
                 reason: format!(
-                    "found {actual_type:?} with {}-byte keys and {}-byte values, expected {map_type:?} with {key_size} and {value_size}",
+                    "found {actual_type:?} with {}-byte keys and {}-byte values, expected {:?} with {} and {}",
                     info.key_size(),
-                    info.value_size()
+                    info.value_size(),
+                    shape.map_type,
+                    shape.key_size,
+                    shape.value_size
                 ),
+            });
+        }
+        if let Some(expected) = shape.max_entries.filter(|n| *n != info.max_entries()) {
+            return Err(KernelError::StaleMap {
+                path,
+                reason: format!("found {} entries, expected {expected}", info.max_entries()),
             });
         }
     }
@@ -1074,7 +1299,11 @@ fn config_of(limits: &KernelLimits, netns_cookie: u64) -> Result<Config, KernelE
         ipv6_prefix_len: u32::from(limits.ipv6_prefix_len),
         events_per_second: limits.events_per_second,
         port_count: limits.ports.len() as u32,
-        observe: u32::from(limits.observe),
+        mode: if limits.observe {
+            Mode::Observe
+        } else {
+            Mode::Enforce
+        } as u32,
         reserved: 0,
         ports,
         netns_cookie,

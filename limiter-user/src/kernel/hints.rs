@@ -1,4 +1,4 @@
-//! The IPv4 /16 prefilter bitmaps of the LPM tries (`NET_HINTS`, see
+//! The prefilter bitmaps of the LPM tries (`NET_HINTS`, see
 //! `limiter_common::hint`): which bits a network needs, and the whole
 //! bitmap of a trie's entries.
 
@@ -9,35 +9,35 @@ use limiter_common::hint;
 
 use super::addr::canonical;
 
-/// The /16 indexes (0..=65535) a network may cover, if it covers IPv4 space.
-pub fn slash16_range(net: IpNet) -> Option<RangeInclusive<u32>> {
-    match canonical(net) {
+/// The values of an address's first 16 bits (0..=65535) that addresses in
+/// `net` may have; an IPv4 network's /16s, an IPv6 network's /16s.
+pub fn top16_range(net: IpNet) -> RangeInclusive<u32> {
+    let net = canonical(net);
+    let (first_two, prefix_len) = match net {
         IpNet::V4(n) => {
-            let start = u32::from(n.network()) >> 16;
-            let count = if n.prefix_len() >= 16 {
-                1
-            } else {
-                1u32 << (16 - n.prefix_len())
-            };
-            Some(start..=start + count - 1)
+            let o = n.network().octets();
+            ([o[0], o[1]], n.prefix_len())
         }
-        // An IPv6 network covers IPv4-mapped space only if it contains all
-        // of ::ffff:0:0/96 (a smaller one would have been made IPv4 above).
         IpNet::V6(n) => {
-            let mapped = std::net::Ipv4Addr::UNSPECIFIED.to_ipv6_mapped();
-            (n.prefix_len() <= 96 && n.contains(&mapped)).then_some(0..=65_535)
+            let o = n.network().octets();
+            ([o[0], o[1]], n.prefix_len())
         }
-    }
+    };
+    let start = u32::from(u16::from_be_bytes(first_two));
+    let count = if prefix_len >= 16 {
+        1
+    } else {
+        1u32 << (16 - prefix_len)
+    };
+    start..=start + count - 1
 }
 
-/// The bitmap (`hint::WORDS` words) of a set of networks.
+/// The bitmap (`hint::WORDS` words) of a set of networks of one family.
 pub fn bitmap<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> Vec<u64> {
     let mut words = vec![0u64; hint::WORDS as usize];
     for net in nets {
-        if let Some(range) = slash16_range(*net) {
-            for slash16 in range {
-                words[(slash16 >> 6) as usize] |= 1u64 << (slash16 & 63);
-            }
+        for top16 in top16_range(*net) {
+            words[(top16 >> 6) as usize] |= 1u64 << (top16 & 63);
         }
     }
     words
@@ -53,19 +53,17 @@ mod tests {
 
     #[test]
     fn ranges_of_ipv4_and_ipv6_networks() {
-        assert_eq!(slash16_range(net("192.0.2.0/24")), Some(0xc000..=0xc000));
-        assert_eq!(slash16_range(net("10.0.0.0/8")), Some(0x0a00..=0x0aff));
-        assert_eq!(slash16_range(net("0.0.0.0/0")), Some(0..=65_535));
+        assert_eq!(top16_range(net("192.0.2.0/24")), 0xc000..=0xc000);
+        assert_eq!(top16_range(net("10.0.0.0/8")), 0x0a00..=0x0aff);
+        assert_eq!(top16_range(net("0.0.0.0/0")), 0..=65_535);
         assert_eq!(
-            slash16_range(net("::ffff:198.51.100.0/120")),
-            Some(0xc633..=0xc633)
+            top16_range(net("::ffff:198.51.100.0/120")),
+            0xc633..=0xc633,
+            "an IPv4-mapped network is IPv4"
         );
-        assert_eq!(
-            slash16_range(net("::/0")),
-            Some(0..=65_535),
-            "covers every IPv4-mapped source"
-        );
-        assert_eq!(slash16_range(net("2001:db8::/32")), None);
+        assert_eq!(top16_range(net("2001:db8::/32")), 0x2001..=0x2001);
+        assert_eq!(top16_range(net("2a00::/12")), 0x2a00..=0x2a0f);
+        assert_eq!(top16_range(net("::/0")), 0..=65_535);
     }
 
     #[test]

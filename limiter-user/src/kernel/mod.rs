@@ -18,7 +18,7 @@ use std::{net::IpAddr, path::PathBuf, time::SystemTime};
 use ipnet::IpNet;
 pub use limiter_common::Stats as KernelCounters;
 
-pub use addr::{addr_of, ip_of, lpm_key, net_of};
+pub use addr::{host_ip, host_key, HostKey};
 pub use bpf::{
     has_embedded_object, AttachMode, Attachment, BpfDatapath, DropEvents, KernelOptions, MapSizes,
 };

@@ -28,14 +28,13 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use aya::maps::{HashMap, Map, MapData};
 use ipnet::{IpNet, Ipv4Net};
-use limiter_common::{reason, Addr, ConnCount, Stats};
+use limiter_common::{reason, Stats};
 use limiter_tests::{
     kernel::{baseline_object, ebpf_object, object_path, Baseline, TestKernel},
     packets::{Frame, ACK, SYN},
 };
-use limiter_user::kernel::{addr_of, Datapath, KernelLimits, MapSizes};
+use limiter_user::kernel::{Datapath, KernelLimits, MapSizes};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -449,19 +448,10 @@ impl Bench {
 // ---------------------------------------------------------------------------
 // Filling the maps
 
-/// Sets the kernel's connection count for `source` in the pinned map, as the
-/// sock_ops program would after `count` handshakes.
-fn set_connections(kernel: &TestKernel, source: Ipv4Addr, count: u32) -> Result<()> {
-    let data = MapData::from_pin(kernel.pin_path().join("CONN_COUNT"))
-        .context("opening the pinned CONN_COUNT")?;
-    let mut map: HashMap<MapData, Addr, ConnCount> = HashMap::try_from(Map::HashMap(data))?;
-    let prefix = u32::from(KernelLimits::default().ipv6_prefix_len);
-    map.insert(
-        addr_of(IpAddr::V4(source)).source_key(prefix),
-        ConnCount { connections: count },
-        0,
-    )?;
-    Ok(())
+/// Sets the kernel's connection count for `source`, as the sock_ops
+/// program would after `count` handshakes.
+fn set_connections(kernel: &TestKernel, source: IpAddr, count: u32) -> Result<()> {
+    Ok(kernel.datapath.set_connection_count(source, count)?)
 }
 
 /// Networks spread over the IPv4 space (prefixes /16, /20, /24, /28 in turn,
@@ -545,8 +535,12 @@ fn fill(kernel: &TestKernel, scale: u32, nets: usize) -> Result<Duration> {
     for net in filler_nets(nets.saturating_sub(1)) {
         d.block(net, None, reason::REJECT_LIST)?;
     }
-    set_connections(kernel, AT_CAP, KernelLimits::default().max_connections)?;
-    set_connections(kernel, BELOW_CAP, BELOW_CAP_CONNECTIONS)?;
+    set_connections(
+        kernel,
+        IpAddr::V4(AT_CAP),
+        KernelLimits::default().max_connections,
+    )?;
+    set_connections(kernel, IpAddr::V4(BELOW_CAP), BELOW_CAP_CONNECTIONS)?;
     Ok(started.elapsed())
 }
 

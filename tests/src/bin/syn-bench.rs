@@ -58,18 +58,18 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use aya::{
-    maps::{Array, HashMap, Map, MapData},
+    maps::{Array, MapData},
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
     Ebpf,
 };
 use ipnet::{IpNet, Ipv4Net};
-use limiter_common::{reason, Addr, ConnCount};
+use limiter_common::reason;
 use limiter_tests::{
     kernel::{baseline_object, ebpf_object, object_path, TestKernel},
     netns::{ip, NetNs},
     stats::{load_average, median, min_max},
 };
-use limiter_user::kernel::{addr_of, AttachMode, Datapath, KernelLimits, MapSizes};
+use limiter_user::kernel::{AttachMode, Datapath, KernelLimits, MapSizes};
 
 const USAGE: &str = "\
 syn-bench: receive-side CPU per refused SYN (product XDP, trivial XDP_DROP,
@@ -991,17 +991,7 @@ fn fill_product(kernel: &TestKernel, set_size: u32) -> Result<()> {
     for i in 0..set_size {
         d.block(host(filler(i)), None, reason::MANUAL)?;
     }
-    let data = MapData::from_pin(kernel.pin_path().join("CONN_COUNT"))
-        .context("opening the pinned CONN_COUNT")?;
-    let mut map: HashMap<MapData, Addr, ConnCount> = HashMap::try_from(Map::HashMap(data))?;
-    let limits = KernelLimits::default();
-    map.insert(
-        addr_of(IpAddr::V4(AT_CAP)).source_key(u32::from(limits.ipv6_prefix_len)),
-        ConnCount {
-            connections: limits.max_connections,
-        },
-        0,
-    )?;
+    d.set_connection_count(IpAddr::V4(AT_CAP), KernelLimits::default().max_connections)?;
     Ok(())
 }
 
