@@ -416,7 +416,7 @@ fn the_units_capabilities_load_the_kernel_programs() {
         0,
         "the agent runs with CAP_SYS_ADMIN: the wrapper did not apply"
     );
-    assert!(pins.path().join("BLOCK").exists(), "no pinned BLOCK map");
+    assert!(pins.path().join("BLOCK_V4").exists(), "no pinned BLOCK_V4 map");
     agent.stop(&files);
 }
 
