@@ -2621,8 +2621,10 @@ impl Report {
             // others non-zero), and the global counters cover them all.
             let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
             for b in &listed {
+                // `origin` is the reason code; `reason` may be free text.
+                let origin = b["origin"].as_str().or(b["reason"].as_str());
                 *by_reason
-                    .entry(b["reason"].as_str().unwrap_or("?").to_owned())
+                    .entry(origin.unwrap_or("?").to_owned())
                     .or_default() += b["drops"].as_u64().unwrap_or(0);
             }
             let per_reason: Vec<String> =
