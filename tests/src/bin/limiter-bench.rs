@@ -18,17 +18,20 @@
 //! before measuring, one run of each case must move exactly the decision
 //! counter it is meant to. `kernel.bpf_stats_enabled` must stay 0 (checked
 //! before every round): it adds clock reads to every run.
+//!
+//! Every case runs once with an IPv4 source and once with an IPv6 one (ids
+//! ending in `-v6`); both families' tables hold the same number of entries.
 
 use limiter_tests::stats::{group, median, min_max};
 use std::{
     collections::HashSet,
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use limiter_common::{reason, Stats};
 use limiter_tests::{
     kernel::{baseline_object, ebpf_object, object_path, Baseline, TestKernel},
@@ -63,8 +66,20 @@ const BELOW_CAP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
 const NO_CONNECTIONS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 30);
 /// Connections the pass source holds (the cap is the default, 10).
 const BELOW_CAP_CONNECTIONS: u32 = 3;
-/// Filler addresses for `BLOCK` start here (10.0.0.0/8 holds 16 M).
+/// Filler addresses for `BLOCK_V4` start here (10.0.0.0/8 holds 16 M).
 const FILLER_BASE: u32 = u32::from_be_bytes([10, 0, 0, 0]);
+/// The IPv6 test sources: the blocked ones in 2001:db8::/32, the others in
+/// 3fff::/20 (both documentation ranges), so that, as for IPv4, the sources
+/// that pass are in another /16 than the blocked network.
+const BLOCKED_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+const BLOCKED_EXPIRING_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+const BLOCKED_NET_V6: &str = "2001:db8:bad::/48";
+const IN_BLOCKED_NET_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xbad, 0, 0, 0, 0, 0x77);
+const AT_CAP_V6: Ipv6Addr = Ipv6Addr::new(0x3fff, 0, 0, 0x10, 0, 0, 0, 1);
+const BELOW_CAP_V6: Ipv6Addr = Ipv6Addr::new(0x3fff, 0, 0, 0x20, 0, 0, 0, 1);
+const NO_CONNECTIONS_V6: Ipv6Addr = Ipv6Addr::new(0x3fff, 0, 0, 0x30, 0, 0, 0, 1);
+/// Filler addresses for `BLOCK_V6` start here (fd00::/8, unique local).
+const FILLER_BASE_V6: u128 = 0xfd00_0000_0000_0000_0000_0000_0000_0000;
 
 // ---------------------------------------------------------------------------
 // Options
@@ -92,9 +107,10 @@ options:
   --repeat N       runs per measurement, inside the kernel (default 1000000)
   --scales LIST    blocklist sizes, comma-separated (default 1,100000,1000000)
   --cpu N          pin the benchmark thread to CPU N (default: not pinned)
-  --nets N         networks in BLOCK_NET at every scale (default: 1 below
+  --nets N         networks in BLOCK_NET_V4 and in BLOCK_NET_V6 at every scale (default: 1 below
                    100000 addresses, 1000 from there on)
-  --cases LIST     only these cases, comma-separated ids (e.g. for profiling
+  --cases LIST     only these cases, comma-separated ids (drop-block, …,
+                   drop-block-v6, …; e.g. for profiling
                    one path with `perf record`); the empty program always runs
   --quick          smoke run: 3 rounds, repeat 100000, scales 1,100000
                    (explicit options still win)
@@ -223,7 +239,7 @@ struct Case {
     id: &'static str,
     label: &'static str,
     kind: Kind,
-    source: Ipv4Addr,
+    source: IpAddr,
     flags: u8,
     /// Drop events on (the default `events_per_second`) or off (0).
     events: bool,
@@ -242,19 +258,26 @@ impl Case {
     }
 
     fn frame(&self) -> Vec<u8> {
-        Frame::syn(IpAddr::V4(self.source), SMTP)
-            .flags(self.flags)
-            .build()
+        Frame::syn(self.source, SMTP).flags(self.flags).build()
     }
 }
 
-fn cases() -> Vec<Case> {
-    vec![
+/// The cases of one family: `v6` picks the IPv6 sources and suffixes the
+/// ids with `-v6`.
+fn family_cases(v6: bool) -> Vec<Case> {
+    let pick = |v4: Ipv4Addr, v6_source: Ipv6Addr| {
+        if v6 {
+            IpAddr::V6(v6_source)
+        } else {
+            IpAddr::V4(v4)
+        }
+    };
+    let mut cases = vec![
         Case {
             id: "drop-block",
-            label: "drop: SYN from an address in BLOCK",
+            label: "drop: SYN from an address in BLOCK_V4 / BLOCK_V6",
             kind: Kind::Drop,
-            source: BLOCKED,
+            source: pick(BLOCKED, BLOCKED_V6),
             flags: SYN,
             events: true,
             counter: |s| s.dropped_block,
@@ -262,9 +285,9 @@ fn cases() -> Vec<Case> {
         },
         Case {
             id: "drop-cidr",
-            label: "drop: SYN from inside a BLOCK_NET /24",
+            label: "drop: SYN from inside a BLOCK_NET_V4 /24 / BLOCK_NET_V6 /48",
             kind: Kind::Drop,
-            source: IN_BLOCKED_NET,
+            source: pick(IN_BLOCKED_NET, IN_BLOCKED_NET_V6),
             flags: SYN,
             events: true,
             counter: |s| s.dropped_block_net,
@@ -274,7 +297,7 @@ fn cases() -> Vec<Case> {
             id: "drop-cap",
             label: "drop: SYN from a source at its cap",
             kind: Kind::Drop,
-            source: AT_CAP,
+            source: pick(AT_CAP, AT_CAP_V6),
             flags: SYN,
             events: true,
             counter: |s| s.dropped_cap,
@@ -284,7 +307,7 @@ fn cases() -> Vec<Case> {
             id: "pass-syn",
             label: "pass: SYN, source holds 3 of 10 connections",
             kind: Kind::Pass,
-            source: BELOW_CAP,
+            source: pick(BELOW_CAP, BELOW_CAP_V6),
             flags: SYN,
             events: true,
             counter: |s| s.passed,
@@ -294,7 +317,7 @@ fn cases() -> Vec<Case> {
             id: "pass-ack",
             label: "pass: ACK (established) from an unblocked source",
             kind: Kind::Pass,
-            source: BELOW_CAP,
+            source: pick(BELOW_CAP, BELOW_CAP_V6),
             flags: ACK,
             events: true,
             counter: |s| s.passed,
@@ -304,7 +327,7 @@ fn cases() -> Vec<Case> {
             id: "drop-block-ev0",
             label: "extra: drop-block, events_per_second = 0",
             kind: Kind::Drop,
-            source: BLOCKED,
+            source: pick(BLOCKED, BLOCKED_V6),
             flags: SYN,
             events: false,
             counter: |s| s.dropped_block,
@@ -314,7 +337,7 @@ fn cases() -> Vec<Case> {
             id: "drop-cidr-ev0",
             label: "extra: drop-cidr, events_per_second = 0",
             kind: Kind::Drop,
-            source: IN_BLOCKED_NET,
+            source: pick(IN_BLOCKED_NET, IN_BLOCKED_NET_V6),
             flags: SYN,
             events: false,
             counter: |s| s.dropped_block_net,
@@ -324,7 +347,7 @@ fn cases() -> Vec<Case> {
             id: "drop-cap-ev0",
             label: "extra: drop-cap, events_per_second = 0",
             kind: Kind::Drop,
-            source: AT_CAP,
+            source: pick(AT_CAP, AT_CAP_V6),
             flags: SYN,
             events: false,
             counter: |s| s.dropped_cap,
@@ -334,7 +357,7 @@ fn cases() -> Vec<Case> {
             id: "drop-block-exp",
             label: "extra: drop-block, entry with an expiry (2nd clock read)",
             kind: Kind::Drop,
-            source: BLOCKED_EXPIRING,
+            source: pick(BLOCKED_EXPIRING, BLOCKED_EXPIRING_V6),
             flags: SYN,
             events: true,
             counter: |s| s.dropped_block,
@@ -344,13 +367,31 @@ fn cases() -> Vec<Case> {
             id: "pass-syn-new",
             label: "extra: pass: SYN, source holds no connection",
             kind: Kind::Pass,
-            source: NO_CONNECTIONS,
+            source: pick(NO_CONNECTIONS, NO_CONNECTIONS_V6),
             flags: SYN,
             events: true,
             counter: |s| s.passed,
             target: false,
         },
-    ]
+    ];
+    if v6 {
+        for case in &mut cases {
+            case.id = leak(format!("{}-v6", case.id));
+            case.label = leak(format!("{} (IPv6)", case.label));
+        }
+    }
+    cases
+}
+
+fn cases() -> Vec<Case> {
+    let mut cases = family_cases(false);
+    cases.extend(family_cases(true));
+    cases
+}
+
+/// A case id or label made at start, for the `&'static str` fields.
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
 }
 
 // ---------------------------------------------------------------------------
@@ -485,7 +526,7 @@ fn filler_nets(count: usize) -> Vec<IpNet> {
         };
         let net = net.trunc();
         let first = net.network().octets()[0];
-        // Unicast space outside 0/8, 10/8 (the BLOCK fillers), 127/8 and multicast.
+        // Unicast space outside 0/8, 10/8 (the BLOCK_V4 fillers), 127/8 and multicast.
         if first == 0 || first == 10 || first == 127 || first >= 224 {
             continue;
         }
@@ -505,43 +546,93 @@ struct Fill {
     nets: usize,
 }
 
+/// Fills both families alike: `scale` addresses in each block table (the
+/// test entries included), `nets` networks in each network table.
 fn fill(kernel: &TestKernel, scale: u32, nets: usize) -> Result<Duration> {
     let d = &kernel.datapath;
     let started = Instant::now();
-    let host = |a: Ipv4Addr| IpNet::V4(Ipv4Net::from(a));
-    d.block(host(BLOCKED), None, reason::MANUAL)?;
+    let host = |a: IpAddr| IpNet::from(a);
     let expiry = SystemTime::now() + Duration::from_secs(24 * 3600);
-    d.block(host(BLOCKED_EXPIRING), Some(expiry), reason::HARVEST)?;
+    d.block(host(IpAddr::V4(BLOCKED)), None, reason::MANUAL)?;
+    d.block(host(IpAddr::V6(BLOCKED_V6)), None, reason::MANUAL)?;
+    d.block(
+        host(IpAddr::V4(BLOCKED_EXPIRING)),
+        Some(expiry),
+        reason::HARVEST,
+    )?;
+    d.block(
+        host(IpAddr::V6(BLOCKED_EXPIRING_V6)),
+        Some(expiry),
+        reason::HARVEST,
+    )?;
     d.block(BLOCKED_NET.parse()?, None, reason::REJECT_LIST)?;
+    d.block(BLOCKED_NET_V6.parse()?, None, reason::REJECT_LIST)?;
     // The scale counts the two test entries (the blocked address and the one
     // with an expiry the extra case needs): scale 1 holds those two.
     let fillers = scale.saturating_sub(2);
     let step = (fillers / 10).max(1);
     for i in 0..fillers {
-        d.block(
-            host(Ipv4Addr::from(FILLER_BASE + 1 + i)),
-            None,
-            reason::MANUAL,
-        )
-        .with_context(|| format!("blocking filler address {} of {fillers}", i + 1))?;
+        let v4 = IpAddr::V4(Ipv4Addr::from(FILLER_BASE + 1 + i));
+        let v6 = IpAddr::V6(Ipv6Addr::from(FILLER_BASE_V6 + 1 + u128::from(i)));
+        for filler in [v4, v6] {
+            d.block(host(filler), None, reason::MANUAL)
+                .with_context(|| format!("blocking filler address {filler} of {fillers}"))?;
+        }
         if fillers >= 50_000 && (i + 1) % step == 0 {
             eprintln!(
-                "  BLOCK: {} of {fillers} filler addresses ({:.1} s)",
+                "  BLOCK_V4, BLOCK_V6: {} of {fillers} filler addresses each ({:.1} s)",
                 i + 1,
                 started.elapsed().as_secs_f64()
             );
         }
     }
-    for net in filler_nets(nets.saturating_sub(1)) {
+    for net in filler_nets(nets.saturating_sub(1))
+        .into_iter()
+        .chain(filler_nets_v6(nets.saturating_sub(1)))
+    {
         d.block(net, None, reason::REJECT_LIST)?;
     }
-    set_connections(
-        kernel,
-        IpAddr::V4(AT_CAP),
-        KernelLimits::default().max_connections,
-    )?;
+    let cap = KernelLimits::default().max_connections;
+    set_connections(kernel, IpAddr::V4(AT_CAP), cap)?;
+    set_connections(kernel, IpAddr::V6(AT_CAP_V6), cap)?;
     set_connections(kernel, IpAddr::V4(BELOW_CAP), BELOW_CAP_CONNECTIONS)?;
+    set_connections(kernel, IpAddr::V6(BELOW_CAP_V6), BELOW_CAP_CONNECTIONS)?;
     Ok(started.elapsed())
+}
+
+/// IPv6 networks spread over 2000::/3 (prefixes /32, /40, /48, /56 in
+/// turn, fixed pseudo-random placement), none covering a test source and
+/// none in the /16s of the test sources (so that, as for IPv4, only the
+/// blocked network's /16 needs a trie lookup).
+fn filler_nets_v6(count: usize) -> Vec<IpNet> {
+    let mut state: u64 = 0x6e75_7473_6f75_7263;
+    let mut next = move || {
+        // splitmix64
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let test_top16 = [0x2001u16, 0x3fff];
+    let mut seen = HashSet::new();
+    let mut nets = Vec::with_capacity(count);
+    let prefixes = [32u8, 40, 48, 56];
+    while nets.len() < count {
+        let prefix = prefixes[nets.len() % prefixes.len()];
+        // 2000::/3: the top three bits 001.
+        let high = (next() >> 3) | (1u64 << 61);
+        let addr = Ipv6Addr::from(u128::from(high) << 64);
+        let Ok(net) = Ipv6Net::new(addr, prefix) else {
+            continue;
+        };
+        let net = net.trunc();
+        if test_top16.contains(&net.network().segments()[0]) || !seen.insert(net) {
+            continue;
+        }
+        nets.push(IpNet::V6(net));
+    }
+    nets
 }
 
 // ---------------------------------------------------------------------------
@@ -634,11 +725,11 @@ fn prepare_scale(
     let nets = options.nets.unwrap_or(if large { LARGE_NETS } else { 1 });
     ensure!(
         scale <= sizes.block,
-        "scale {scale} does not fit BLOCK ({} entries)",
+        "scale {scale} does not fit BLOCK_V4/_V6 ({} entries)",
         sizes.block
     );
     eprintln!(
-        "scale {}: loading the programs (BLOCK max {} entries), filling BLOCK with {} addresses and BLOCK_NET with {} nets",
+        "scale {}: loading the programs (BLOCK_V4/_V6 max {} entries), filling BLOCK_V4 and BLOCK_V6 with {} addresses and BLOCK_NET_V4 and BLOCK_NET_V6 with {} nets each",
         group(scale),
         group(sizes.block),
         group(scale.max(2)),
@@ -787,7 +878,7 @@ fn verdict_name(kind: Kind) -> &'static str {
 fn print_scale(options: &Options, cases: &[Case], r: &ScaleResult) {
     println!();
     println!(
-        "### BLOCK: {} addresses (max_entries {}), BLOCK_NET: {} nets — {} rounds × repeat {}",
+        "### BLOCK_V4, BLOCK_V6: {} addresses each (max_entries {}), BLOCK_NET_V4, BLOCK_NET_V6: {} nets each — {} rounds × repeat {}",
         group(r.fill.addresses),
         group(r.fill.block_max),
         group(r.fill.nets as u32),
