@@ -4,15 +4,16 @@
 //! delivered, read as it grows, so that every message a client saw
 //! accepted is checked delivered exactly once, and nothing else.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 
-use super::system::process_name;
+use super::system::{check_stop, process_name};
 use crate::postfix::{postfix_tool, Postfix};
 
 /// Adds services to a running instance's master.cf (`postconf -M` entries,
@@ -125,6 +126,92 @@ impl Deliveries {
             self.line(line);
         }
         Ok(())
+    }
+
+    /// Reads `postfix`'s log until every message in `accepted` has been
+    /// delivered and the queue is empty; with `queue_wait`, once every
+    /// accepted message is in, waits that long at most for the rest of the
+    /// queue (the flood's, say) and returns how many messages are left.
+    ///
+    /// # Errors
+    /// An accepted message not delivered within `timeout` (or, without
+    /// `queue_wait`, a queue that does not empty), named after `what`; a
+    /// signal.
+    pub fn wait_for(
+        &mut self,
+        postfix: &Postfix,
+        accepted: &HashSet<String>,
+        what: &str,
+        timeout: Duration,
+        queue_wait: Option<Duration>,
+    ) -> Result<usize> {
+        let log = postfix.dir().join("maillog");
+        let deadline = Instant::now() + timeout;
+        let mut all_in: Option<Instant> = None;
+        let left = loop {
+            check_stop()?;
+            self.update(&log)?;
+            let missing = accepted
+                .iter()
+                .filter(|id| !self.legit.contains_key(*id))
+                .count();
+            let queued = postfix.queued();
+            if missing == 0 && queued == 0 {
+                break 0;
+            }
+            if let (0, Some(wait)) = (missing, queue_wait) {
+                if all_in.get_or_insert_with(Instant::now).elapsed() > wait {
+                    eprintln!(
+                        "{what}: every accepted message delivered; {queued} other message(s) still in Postfix's queue after {wait:?}"
+                    );
+                    break queued;
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{what}: {missing} accepted messages not delivered after {timeout:?} ({queued} in the queue)"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        // The log may trail the queue by a moment.
+        std::thread::sleep(Duration::from_millis(300));
+        self.update(&log)?;
+        Ok(left)
+    }
+
+    /// Checks the measured deliveries whose Message-ID is not in `before`:
+    /// each delivered once, each one the client saw accepted or sent in
+    /// full without an answer (`uncertain`); nothing delivered to another
+    /// recipient. Returns how many of the `uncertain` ones were delivered.
+    ///
+    /// # Errors
+    /// The first delivery that breaks one of these.
+    pub fn check(
+        &self,
+        accepted: &HashSet<String>,
+        uncertain: &HashSet<String>,
+        before: &HashSet<String>,
+    ) -> Result<usize> {
+        let mut uncertain_delivered = 0;
+        for (id, n) in &self.legit {
+            if before.contains(id) {
+                continue;
+            }
+            ensure!(*n == 1, "{id} was delivered {n} times");
+            if !accepted.contains(id) {
+                ensure!(
+                    uncertain.contains(id),
+                    "{id} was delivered but the client never sent it in full"
+                );
+                uncertain_delivered += 1;
+            }
+        }
+        ensure!(
+            self.other == 0,
+            "{} deliveries to neither a measured nor the flood's recipient",
+            self.other
+        );
+        Ok(uncertain_delivered)
     }
 
     fn line(&mut self, line: &str) {

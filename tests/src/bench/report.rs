@@ -21,6 +21,16 @@ pub fn quantile(values: &[f64], q: f64) -> f64 {
     v[rank - 1]
 }
 
+/// The median over runs of each step: `runs[r][t]` is run `r`'s count at
+/// step `t`; steps beyond the shortest run are left out.
+#[must_use]
+pub fn median_per_step(runs: &[&[u32]]) -> Vec<f64> {
+    let steps = runs.iter().map(|r| r.len()).min().unwrap_or(0);
+    (0..steps)
+        .map(|t| crate::stats::median(&runs.iter().map(|r| f64::from(r[t])).collect::<Vec<_>>()))
+        .collect()
+}
+
 /// Milliseconds with a precision that suits them; `–` for none.
 #[must_use]
 pub fn fmt_ms(v: f64) -> String {
@@ -271,6 +281,10 @@ mod tests {
         assert_eq!(quantile(&[3.0, 1.0, 2.0, 4.0], 0.99), 4.0);
         assert!(quantile(&[], 0.5).is_nan());
         assert_eq!(nice_ceiling(180.0), 200.0);
+        assert_eq!(
+            median_per_step(&[&[1, 5, 9], &[3, 1], &[2, 2, 2]]),
+            vec![2.0, 2.0]
+        );
         assert_eq!(nice_ceiling(0.2), 1.0);
         let mut t = Table::new(&["setup", "msg/s"]);
         t.row(vec!["a".into(), "1".into()]);

@@ -43,7 +43,7 @@ use clap::Parser;
 use limiter_tests::bench::agent::{agent_binary, Agent, AgentOptions};
 use limiter_tests::bench::args::Common;
 use limiter_tests::bench::postfix::{add_services, Deliveries};
-use limiter_tests::bench::report::{fmt_ms, quantile, LinePlot, Series};
+use limiter_tests::bench::report::{fmt_ms, median_per_step, quantile, LinePlot, Series};
 use limiter_tests::bench::smtp_client::blocking::{connect_from, sockaddr_in, v4, Connect, Smtp};
 use limiter_tests::bench::system::{
     check_stop, install_signal_handlers, machine_cpu, pause, process_cpu, remove_stale, stopping,
@@ -957,48 +957,16 @@ impl Bench<'_> {
         let legit = legit.into_inner().unwrap_or_else(|p| p.into_inner());
 
         // Every accepted legit message delivered, and no other.
-        let log = self.postfix.dir().join("maillog");
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
-        loop {
-            check_stop()?;
-            self.deliveries.update(&log)?;
-            let missing = legit
-                .accepted
-                .iter()
-                .filter(|id| !self.deliveries.legit.contains_key(*id))
-                .count();
-            if missing == 0 && self.postfix.queued() == 0 {
-                break;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{}: {missing} accepted legitimate messages not delivered after {DRAIN_TIMEOUT:?} ({} in the queue)",
-                setup.name(),
-                self.postfix.queued()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        self.deliveries.update(&log)?;
-        let mut uncertain_delivered = 0;
-        for (id, n) in &self.deliveries.legit {
-            if self.delivered_before.contains(id) {
-                continue;
-            }
-            ensure!(*n == 1, "{id} was delivered {n} times");
-            if !legit.accepted.contains(id) {
-                ensure!(
-                    legit.uncertain.contains(id),
-                    "{id} was delivered but the client never sent it in full"
-                );
-                uncertain_delivered += 1;
-            }
-        }
-        ensure!(
-            self.deliveries.other == 0,
-            "{} deliveries to neither a legitimate nor the flood's recipient",
-            self.deliveries.other
-        );
+        self.deliveries.wait_for(
+            self.postfix,
+            &legit.accepted,
+            setup.name(),
+            DRAIN_TIMEOUT,
+            None,
+        )?;
+        let uncertain_delivered =
+            self.deliveries
+                .check(&legit.accepted, &legit.uncertain, &self.delivered_before)?;
         self.delivered_before
             .extend(self.deliveries.legit.keys().cloned());
 
@@ -1268,30 +1236,22 @@ fn report(results: &[RunResult], opts: &Options, out: &mut String) -> String {
 }
 
 /// Median per second over rounds, per setup.
-fn series(results: &[RunResult], secs: usize) -> Vec<(Setup, Vec<f64>)> {
+fn series(results: &[RunResult]) -> Vec<(Setup, Vec<f64>)> {
     SETUPS
         .into_iter()
         .filter_map(|setup| {
-            let runs: Vec<&RunResult> = results.iter().filter(|r| r.setup == setup).collect();
-            (!runs.is_empty()).then(|| {
-                let points = (0..secs)
-                    .map(|s| {
-                        median(
-                            &runs
-                                .iter()
-                                .map(|r| f64::from(r.per_second[s]))
-                                .collect::<Vec<_>>(),
-                        )
-                    })
-                    .collect();
-                (setup, points)
-            })
+            let runs: Vec<&[u32]> = results
+                .iter()
+                .filter(|r| r.setup == setup)
+                .map(|r| r.per_second.as_slice())
+                .collect();
+            (!runs.is_empty()).then(|| (setup, median_per_step(&runs)))
         })
         .collect()
 }
 
 fn svg(results: &[RunResult], opts: &Options, machine: &str) -> String {
-    let series = series(results, opts.secs as usize)
+    let series = series(results)
         .into_iter()
         .map(|(setup, points)| {
             let runs: Vec<f64> = results

@@ -51,7 +51,9 @@ use clap::Parser;
 use limiter_tests::bench::agent::{agent_binary, Agent, AgentOptions};
 use limiter_tests::bench::args::Common;
 use limiter_tests::bench::postfix::{add_services, smtpd_processes, Deliveries};
-use limiter_tests::bench::report::{fmt_ms, quantile, write_json, LinePlot, Series, Table};
+use limiter_tests::bench::report::{
+    fmt_ms, median_per_step, quantile, write_json, LinePlot, Series, Table,
+};
 use limiter_tests::bench::smtp_client::{
     send_message, Client, ConnectError, Failure, Message, Timeouts,
 };
@@ -1117,51 +1119,14 @@ impl Bench<'_> {
 
         // Every accepted legitimate message delivered once, and no other.
         let mut deliveries = Deliveries::new(&tag, &LEGIT_RCPTS, FLOOD_RCPT);
-        let log = postfix.dir().join("maillog");
-        let drain = Instant::now() + DRAIN_TIMEOUT;
-        let mut all_in = None;
-        let queue_left = loop {
-            check_stop()?;
-            deliveries.update(&log)?;
-            let missing = legit
-                .accepted
-                .iter()
-                .filter(|id| !deliveries.legit.contains_key(*id))
-                .count();
-            let queued = postfix.queued();
-            if missing == 0 && queued == 0 {
-                break 0;
-            }
-            // Every accepted legitimate message is in; what is left is the
-            // flood's (a bounce cut mid-way, say): given a while, then
-            // reported rather than waited for.
-            if missing == 0 && all_in.get_or_insert_with(Instant::now).elapsed() > QUEUE_WAIT {
-                eprintln!(
-                    "{}: every accepted legitimate message delivered; {queued} other message(s) still in Postfix's queue after {QUEUE_WAIT:?}",
-                    setup.name()
-                );
-                break queued;
-            }
-            ensure!(
-                Instant::now() < drain,
-                "{}: {missing} accepted legitimate messages not delivered after {DRAIN_TIMEOUT:?} ({queued} in the queue)",
-                setup.name()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        for (id, n) in &deliveries.legit {
-            ensure!(*n == 1, "{id} was delivered {n} times");
-            ensure!(
-                legit.accepted.contains(id) || legit.uncertain.contains(id),
-                "{id} was delivered but the client never saw it accepted nor sent its end"
-            );
-        }
-        ensure!(
-            deliveries.other == 0,
-            "{}: {} deliveries to neither a legitimate nor the flood's recipient",
+        let queue_left = deliveries.wait_for(
+            &postfix,
+            &legit.accepted,
             setup.name(),
-            deliveries.other
-        );
+            DRAIN_TIMEOUT,
+            Some(QUEUE_WAIT),
+        )?;
+        deliveries.check(&legit.accepted, &legit.uncertain, &HashSet::new())?;
         drop(postfix);
 
         let secs = window.as_secs_f64();
@@ -1472,7 +1437,6 @@ fn report(results: &[RunResult], setups: &[Setup], out: &mut String) -> Vec<Stri
 
 /// Median per second over rounds, per setup.
 fn plot(results: &[RunResult], setups: &[Setup], opts: &Options, machine: &str) -> String {
-    let secs = opts.secs() as usize;
     let series = setups
         .iter()
         .filter_map(|&setup| {
@@ -1480,16 +1444,12 @@ fn plot(results: &[RunResult], setups: &[Setup], opts: &Options, machine: &str) 
             (!runs.is_empty()).then(|| Series {
                 name: setup.name().to_owned(),
                 color: setup.color().to_owned(),
-                points: (0..secs)
-                    .map(|s| {
-                        median(
-                            &runs
-                                .iter()
-                                .map(|r| f64::from(r.per_second[s]))
-                                .collect::<Vec<_>>(),
-                        )
-                    })
-                    .collect(),
+                points: median_per_step(
+                    &runs
+                        .iter()
+                        .map(|r| r.per_second.as_slice())
+                        .collect::<Vec<_>>(),
+                ),
                 note: {
                     let rate = median(&runs.iter().map(|r| r.rate()).collect::<Vec<_>>());
                     let digits = usize::from(rate < 10.0);
