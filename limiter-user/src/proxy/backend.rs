@@ -266,12 +266,7 @@ impl Backend {
     /// Ends the session politely, without waiting long for the answer.
     pub async fn quit(mut self) {
         if self.send(b"QUIT\r\n").await.is_ok() {
-            self.quit_reply().await;
+            let _ = self.read_reply_within(QUIT_WAIT).await;
         }
-    }
-
-    /// Waits a little for the reply to a QUIT already sent, then closes.
-    pub async fn quit_reply(mut self) {
-        let _ = self.read_reply_within(QUIT_WAIT).await;
     }
 }

@@ -56,16 +56,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     held: HeldMessage::default(),
                 }
             }
-            // The proxy says 354 while the backend's own 354 is on its
-            // way: the message goes on only after it (Postfix drops a
-            // client that sends the message before), and the end of DATA
-            // gets the backend's refusal of DATA if it refused.
+            // The proxy says 354 first (the client's round trip is the
+            // longer one), then sends DATA: the message goes on only after
+            // the backend's own 354 (Postfix drops a client that sends the
+            // message before), and the end of DATA gets the backend's
+            // refusal of DATA if it refused, or 421 if it failed.
             None if self.backend.is_some() => {
-                if let Err(e) = self.backend_send(b"DATA\r\n").await {
-                    return self.backend_failed(e).await;
-                }
                 self.reply(&Reply::start_mail_input()).await?;
-                MessageSink::Opening
+                if let Err(e) = self.backend_send(b"DATA\r\n").await {
+                    self.note_backend_error(&e);
+                    MessageSink::Discard(Reply::backend_lost_in_transaction())
+                } else {
+                    MessageSink::Opening
+                }
             }
             None => {
                 let reply = match self.backend_command(line).await {

@@ -12,10 +12,10 @@
 //! write, and the replies, the proxy's own among them, go back in order, in
 //! one write. Replies are held while the client has more commands buffered
 //! and written before the proxy waits for the client. QUIT is answered at
-//! once; the backend's QUIT reply is read after the client is gone. DATA
-//! outside a pipelined group is answered 354 by the proxy while the backend's
-//! own 354 is on its way; the message goes on only after it, and the end of
-//! DATA gets the backend's answer (its refusal of DATA, if it refused).
+//! once; the backend gets its QUIT once the client is gone. DATA outside a
+//! pipelined group is answered 354 by the proxy, then sent to the backend;
+//! the message goes on only after the backend's own 354, and the end of DATA
+//! gets the backend's answer (its refusal of DATA, if it refused).
 //!
 //! The backend connection is earned (`backend.connect = "on-mail"`): until
 //! the first MAIL FROM the policy accepts, the proxy greets with what the
@@ -222,7 +222,8 @@ pub struct Session<S> {
     backend_pipelining: bool,
     /// The backend answered a pipelined DATA with 354: the message follows.
     data_open: bool,
-    /// A backend connection told QUIT, its reply read after the client's end.
+    /// The backend connection of a client that said QUIT: told QUIT once
+    /// the client's connection ended.
     quitting: Option<Backend>,
     _connection: ConnectionGuard,
 }
@@ -292,10 +293,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Some(mut client) = self.client.take() {
             let _ = timeout(self.ctx.settings.smtp.write_timeout, client.shutdown()).await;
         }
-        if let Some(backend) = self.quitting.take() {
-            backend.quit_reply().await;
-        }
-        if let Some(backend) = self.backend.take() {
+        if let Some(backend) = self.quitting.take().or_else(|| self.backend.take()) {
             backend.quit().await;
         }
         self.summary.outcome = outcome;
@@ -533,14 +531,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Verb::Rset => self.rset().await,
             // The client's goodbye needs nothing from the backend: answered
-            // at once, the backend told QUIT and its reply read after the
-            // client's connection ended.
+            // at once; the backend is told QUIT once the client's connection
+            // ended (a write to it first could let the backend run before
+            // the client is answered).
             Verb::Quit => {
-                if let Some(mut backend) = self.backend.take() {
-                    if backend.send(b"QUIT\r\n").await.is_ok() {
-                        self.quitting = Some(backend);
-                    }
-                }
+                self.quitting = self.backend.take();
                 self.reply(&Reply::closing()).await?;
                 Ok(Flow::Close)
             }
