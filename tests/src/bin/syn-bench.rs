@@ -19,9 +19,11 @@
 //!   deadline between chunks).
 //! - **One veth pair per setup**, each with its own server namespace, so no
 //!   setup is reconfigured between rounds: the product's `limiter_xdp`
-//!   (source in BLOCK; a second frame from a source at its connection cap),
-//!   `baseline_drop`, nftables `ip saddr @set counter drop` in a netdev
-//!   ingress, an inet prerouting and an inet input chain, and a listener on
+//!   (source in BLOCK_V4; a second frame from a source at its connection
+//!   cap; both again from IPv6 sources), `baseline_drop`, nftables `ip saddr
+//!   @set counter drop` in a netdev ingress, an inet prerouting and an inet
+//!   input chain, `ip6 saddr @set counter drop` in a netdev ingress of its
+//!   own (IPv6 frames), and a listener on
 //!   port 25 with `tcp_syncookies = 2`; plus a pair for real connections.
 //!   Threaded NAPI on every veth end, GRO on and TSO off on both ends; the
 //!   receiving NAPI threads are pinned to `--rx-cpu`, the generator (and the
@@ -47,7 +49,7 @@ use std::{
     collections::HashMap as StdHashMap,
     fmt::Write as _,
     io::Read,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     os::fd::AsRawFd,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -62,7 +64,7 @@ use aya::{
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
     Ebpf,
 };
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use limiter_common::reason;
 use limiter_tests::{
     kernel::{baseline_object, ebpf_object, object_path, TestKernel},
@@ -84,8 +86,9 @@ options:
                     (default 2000000)
   --connections N   connections per round for the accept+close setup
                     (default 2000)
-  --set-size N      addresses in the nftables set and in the product's BLOCK
-                    map besides the blocked source (default 10000)
+  --set-size N      addresses in each nftables set and in each of the
+                    product's BLOCK_V4 and BLOCK_V6 maps besides the blocked
+                    source (default 10000)
   --gen-cpu N       CPU of the generator (default 0)
   --rx-cpu N        CPU of the receiving NAPI threads and of the server
                     (default 1)
@@ -113,6 +116,13 @@ const BLOCKED: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const AT_CAP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 /// Filler addresses for the sets and BLOCK start here.
 const FILLER_BASE: u32 = u32::from_be_bytes([10, 0, 0, 0]);
+/// The IPv6 sources (blocked; at its cap) and fillers (fd00::/8).
+const BLOCKED_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+const AT_CAP_V6: Ipv6Addr = Ipv6Addr::new(0x3fff, 0, 0, 0x10, 0, 0, 0, 1);
+const FILLER_BASE_V6: u128 = 0xfd00_0000_0000_0000_0000_0000_0000_0000;
+/// The server address of the IPv6 frames (the server ends have IPv6 off:
+/// every setup that sees them drops them before the IP stack).
+const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1);
 /// The server address in every SYN server namespace.
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 /// The connection pair's addresses.
@@ -234,17 +244,20 @@ enum Pair {
     Floor,
     FloorRead,
     NftIngress,
+    /// nftables netdev ingress with an IPv6 set (its own table and pair).
+    NftIngressV6,
     NftPrerouting,
     NftInput,
     NoFilter,
     Connect,
 }
 
-const PAIRS: [Pair; 8] = [
+const PAIRS: [Pair; 9] = [
     Pair::Product,
     Pair::Floor,
     Pair::FloorRead,
     Pair::NftIngress,
+    Pair::NftIngressV6,
     Pair::NftPrerouting,
     Pair::NftInput,
     Pair::NoFilter,
@@ -267,7 +280,7 @@ struct Setup {
     id: &'static str,
     label: &'static str,
     pair: Pair,
-    source: Ipv4Addr,
+    source: IpAddr,
     counter: Counter,
     /// The product's drop events on (`events_per_second` default) or off.
     events: bool,
@@ -279,7 +292,7 @@ fn setups() -> Vec<Setup> {
             id: "product",
             label: "product XDP (limiter_xdp), source in BLOCK",
             pair: Pair::Product,
-            source: BLOCKED,
+            source: IpAddr::V4(BLOCKED),
             counter: Counter::ProductBlock,
             events: true,
         },
@@ -287,7 +300,23 @@ fn setups() -> Vec<Setup> {
             id: "product-cap",
             label: "product XDP, source at its cap (drop-cap)",
             pair: Pair::Product,
-            source: AT_CAP,
+            source: IpAddr::V4(AT_CAP),
+            counter: Counter::ProductCap,
+            events: true,
+        },
+        Setup {
+            id: "product-v6",
+            label: "product XDP, IPv6 source in BLOCK_V6",
+            pair: Pair::Product,
+            source: IpAddr::V6(BLOCKED_V6),
+            counter: Counter::ProductBlock,
+            events: true,
+        },
+        Setup {
+            id: "product-cap-v6",
+            label: "product XDP, IPv6 source (its /64) at its cap",
+            pair: Pair::Product,
+            source: IpAddr::V6(AT_CAP_V6),
             counter: Counter::ProductCap,
             events: true,
         },
@@ -295,7 +324,7 @@ fn setups() -> Vec<Setup> {
             id: "product-ev0",
             label: "extra: product XDP, source in BLOCK, events_per_second = 0",
             pair: Pair::Product,
-            source: BLOCKED,
+            source: IpAddr::V4(BLOCKED),
             counter: Counter::ProductBlock,
             events: false,
         },
@@ -303,7 +332,7 @@ fn setups() -> Vec<Setup> {
             id: "floor",
             label: "trivial XDP_DROP (baseline_drop)",
             pair: Pair::Floor,
-            source: BLOCKED,
+            source: IpAddr::V4(BLOCKED),
             counter: Counter::XdpDrops,
             events: true,
         },
@@ -311,7 +340,7 @@ fn setups() -> Vec<Setup> {
             id: "floor-read",
             label: "extra: XDP that reads the IPv4 source, then drops (baseline_read)",
             pair: Pair::FloorRead,
-            source: BLOCKED,
+            source: IpAddr::V4(BLOCKED),
             counter: Counter::XdpDrops,
             events: true,
         },
@@ -319,7 +348,15 @@ fn setups() -> Vec<Setup> {
             id: "nft-ingress",
             label: "nftables netdev ingress, ip saddr @set drop",
             pair: Pair::NftIngress,
-            source: BLOCKED,
+            source: IpAddr::V4(BLOCKED),
+            counter: Counter::Nft,
+            events: true,
+        },
+        Setup {
+            id: "nft-ingress-v6",
+            label: "nftables netdev ingress, ip6 saddr @set drop (IPv6 frames)",
+            pair: Pair::NftIngressV6,
+            source: IpAddr::V6(BLOCKED_V6),
             counter: Counter::Nft,
             events: true,
         },
@@ -327,7 +364,7 @@ fn setups() -> Vec<Setup> {
             id: "nft-prerouting",
             label: "nftables inet prerouting, same rule",
             pair: Pair::NftPrerouting,
-            source: BLOCKED,
+            source: IpAddr::V4(BLOCKED),
             counter: Counter::Nft,
             events: true,
         },
@@ -335,7 +372,7 @@ fn setups() -> Vec<Setup> {
             id: "nft-input",
             label: "nftables inet input, same rule",
             pair: Pair::NftInput,
-            source: BLOCKED,
+            source: IpAddr::V4(BLOCKED),
             counter: Counter::Nft,
             events: true,
         },
@@ -343,7 +380,7 @@ fn setups() -> Vec<Setup> {
             id: "no-filter",
             label: "no filter: listener on :25, syncookie SYN-ACK",
             pair: Pair::NoFilter,
-            source: BLOCKED,
+            source: IpAddr::V4(BLOCKED),
             counter: Counter::Syncookies,
             events: true,
         },
@@ -351,7 +388,7 @@ fn setups() -> Vec<Setup> {
             id: "accept-close",
             label: "connection accepted and closed in userspace (per connection)",
             pair: Pair::Connect,
-            source: CONN_CLIENT,
+            source: IpAddr::V4(CONN_CLIENT),
             counter: Counter::Accepted,
             events: true,
         },
@@ -518,9 +555,13 @@ fn checksum(parts: &[&[u8]]) -> u16 {
     !(sum as u16)
 }
 
-/// An Ethernet + IPv4 + TCP SYN with the options Linux sends (MSS, SACK
-/// permitted, timestamps, window scale) and correct checksums.
-fn syn_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+/// An Ethernet + IPv4 (or IPv6) + TCP SYN with the options Linux sends
+/// (MSS, SACK permitted, timestamps, window scale) and correct checksums.
+fn syn_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: IpAddr) -> Vec<u8> {
+    let (src, dst) = match src {
+        IpAddr::V4(src) => (src, SERVER),
+        IpAddr::V6(src) => return syn_frame_v6(dst_mac, src_mac, src, SERVER_V6),
+    };
     let mut tcp = Vec::with_capacity(40);
     tcp.extend_from_slice(&SOURCE_PORT.to_be_bytes());
     tcp.extend_from_slice(&SMTP.to_be_bytes());
@@ -560,6 +601,44 @@ fn syn_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -
     frame.extend_from_slice(&src_mac);
     frame.extend_from_slice(&0x0800u16.to_be_bytes());
     frame.extend_from_slice(&iph);
+    frame.extend_from_slice(&tcp);
+    frame
+}
+
+/// [`syn_frame`] over IPv6 (no extension headers): the same TCP segment,
+/// its checksum over the IPv6 pseudo-header.
+fn syn_frame_v6(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+    let mut tcp = Vec::with_capacity(40);
+    tcp.extend_from_slice(&SOURCE_PORT.to_be_bytes());
+    tcp.extend_from_slice(&SMTP.to_be_bytes());
+    tcp.extend_from_slice(&0x1122_3344u32.to_be_bytes()); // seq
+    tcp.extend_from_slice(&0u32.to_be_bytes()); // ack
+    tcp.push(10 << 4); // data offset: 40 bytes
+    tcp.push(0x02); // SYN
+    tcp.extend_from_slice(&64240u16.to_be_bytes()); // window
+    tcp.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+    tcp.extend_from_slice(&[2, 4, 0x05, 0xa0]); // MSS 1440
+    tcp.extend_from_slice(&[4, 2]); // SACK permitted
+    tcp.extend_from_slice(&[8, 10, 0, 0, 0x10, 0, 0, 0, 0, 0]); // timestamps
+    tcp.extend_from_slice(&[1, 3, 3, 7]); // NOP, window scale 7
+    let length = (tcp.len() as u32).to_be_bytes();
+    let sum = checksum(&[
+        &src.octets()[..],
+        &dst.octets()[..],
+        &length[..],
+        &[0, 0, 0, 6],
+        &tcp,
+    ]);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = Vec::with_capacity(14 + 40 + tcp.len());
+    frame.extend_from_slice(&dst_mac);
+    frame.extend_from_slice(&src_mac);
+    frame.extend_from_slice(&0x86ddu16.to_be_bytes());
+    frame.extend_from_slice(&[0x60, 0, 0, 0]); // version, class, flow
+    frame.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&[6, 64]); // next header TCP, hop limit
+    frame.extend_from_slice(&src.octets());
+    frame.extend_from_slice(&dst.octets());
     frame.extend_from_slice(&tcp);
     frame
 }
@@ -663,6 +742,10 @@ fn filler(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(FILLER_BASE + 1 + i)
 }
 
+fn filler_v6(i: u32) -> Ipv6Addr {
+    Ipv6Addr::from(FILLER_BASE_V6 + 1 + u128::from(i))
+}
+
 /// A namespace for the testbed, with IPv6 off (its neighbour discovery and
 /// MLD packets would cross the pairs and spoil the packet counts).
 fn namespace() -> Result<NetNs> {
@@ -676,17 +759,35 @@ fn namespace() -> Result<NetNs> {
     Ok(ns)
 }
 
-fn nft_script(family: &str, table: &str, chain: &str, hook: &str, set_size: u32) -> String {
+/// A table whose chain drops the sources in a set: the blocked source and
+/// `set_size` fillers, of IPv4 or (`v6`) IPv6.
+fn nft_script(
+    family: &str,
+    table: &str,
+    chain: &str,
+    hook: &str,
+    set_size: u32,
+    v6: bool,
+) -> String {
+    let (set_type, selector, blocked) = if v6 {
+        ("ipv6_addr", "ip6 saddr", IpAddr::V6(BLOCKED_V6))
+    } else {
+        ("ipv4_addr", "ip saddr", IpAddr::V4(BLOCKED))
+    };
     let mut s = String::new();
     let _ = writeln!(s, "table {family} {table} {{");
     let _ = writeln!(
         s,
-        "  set blocked {{ type ipv4_addr; size {};",
+        "  set blocked {{ type {set_type}; size {};",
         set_size + 16
     );
-    let _ = write!(s, "    elements = {{ {BLOCKED}");
+    let _ = write!(s, "    elements = {{ {blocked}");
     for i in 0..set_size {
-        let _ = write!(s, ", {}", filler(i));
+        if v6 {
+            let _ = write!(s, ", {}", filler_v6(i));
+        } else {
+            let _ = write!(s, ", {}", filler(i));
+        }
         if i % 16 == 15 {
             s.push('\n');
         }
@@ -694,7 +795,7 @@ fn nft_script(family: &str, table: &str, chain: &str, hook: &str, set_size: u32)
     let _ = writeln!(s, " }}\n  }}");
     let _ = writeln!(
         s,
-        "  chain {chain} {{ type filter {hook} priority 0; policy accept;\n    ip saddr @blocked counter drop\n  }}\n}}"
+        "  chain {chain} {{ type filter {hook} priority 0; policy accept;\n    {selector} @blocked counter drop\n  }}\n}}"
     );
     s
 }
@@ -863,6 +964,12 @@ impl Testbed {
                     "ingress",
                     format!("hook ingress device \"{}\"", d.server_if),
                 ),
+                Pair::NftIngressV6 => (
+                    "netdev",
+                    "slb_syn_ingress6",
+                    "ingress",
+                    format!("hook ingress device \"{}\"", d.server_if),
+                ),
                 Pair::NftPrerouting => (
                     "inet",
                     "slb_syn_prerouting",
@@ -872,7 +979,8 @@ impl Testbed {
                 Pair::NftInput => ("inet", "slb_syn_input", "input", "hook input".to_owned()),
                 _ => continue,
             };
-            let script = nft_script(family, table, chain, &hook, options.set_size);
+            let v6 = d.pair == Pair::NftIngressV6;
+            let script = nft_script(family, table, chain, &hook, options.set_size, v6);
             let file =
                 std::env::temp_dir().join(format!("slb-syn-{}-{table}.nft", std::process::id()));
             std::fs::write(&file, script).with_context(|| format!("writing {}", file.display()))?;
@@ -980,18 +1088,24 @@ impl Testbed {
 
     fn frame(&self, setup: &Setup) -> Vec<u8> {
         let d = self.device(setup.pair);
-        syn_frame(d.server_mac, d.client_mac, setup.source, SERVER)
+        syn_frame(d.server_mac, d.client_mac, setup.source)
     }
 }
 
+/// Each family's block table holds the blocked source and as many fillers
+/// as the nftables sets; a source of each family holds its cap.
 fn fill_product(kernel: &TestKernel, set_size: u32) -> Result<()> {
     let d = &kernel.datapath;
-    let host = |a: Ipv4Addr| IpNet::V4(Ipv4Net::from(a));
-    d.block(host(BLOCKED), None, reason::MANUAL)?;
+    let host = |a: IpAddr| IpNet::from(a);
+    d.block(host(IpAddr::V4(BLOCKED)), None, reason::MANUAL)?;
+    d.block(host(IpAddr::V6(BLOCKED_V6)), None, reason::MANUAL)?;
     for i in 0..set_size {
-        d.block(host(filler(i)), None, reason::MANUAL)?;
+        d.block(host(IpAddr::V4(filler(i))), None, reason::MANUAL)?;
+        d.block(host(IpAddr::V6(filler_v6(i))), None, reason::MANUAL)?;
     }
-    d.set_connection_count(IpAddr::V4(AT_CAP), KernelLimits::default().max_connections)?;
+    let cap = KernelLimits::default().max_connections;
+    d.set_connection_count(IpAddr::V4(AT_CAP), cap)?;
+    d.set_connection_count(IpAddr::V6(AT_CAP_V6), cap)?;
     Ok(())
 }
 
@@ -1599,6 +1713,13 @@ fn report(
         ratio("nft-prerouting", product),
         ratio("nft-input", product)
     );
+    let nft6 = per_round_ratio(of("nft-ingress-v6"), of("product-v6"));
+    let _ = writeln!(
+        out,
+        "- IPv6: ≥ {NFT_TARGET}× cheaper than nftables at netdev ingress (ip6 saddr @set): {} ({nft6:.2}×; product-v6 {:.2}× the floor)",
+        mark(nft6, nft6 >= NFT_TARGET),
+        ratio("product-v6", floor)
+    );
     let _ = writeln!(
         out,
         "- ≥ {NO_FILTER_TARGET}× cheaper than no filter: {} ({none:.1}×)",
@@ -1606,8 +1727,9 @@ fn report(
     );
     let _ = writeln!(
         out,
-        "- extra: over-cap drop {:.2}× the block drop, {:.2}× the floor; with drop events off {:.2}× the floor; the floor that reads the source {:.2}× the floor, product {:.2}× that; accept+close {:.0}× the product drop",
+        "- extra: over-cap drop {:.2}× the block drop (IPv6 {:.2}×), {:.2}× the floor; with drop events off {:.2}× the floor; the floor that reads the source {:.2}× the floor, product {:.2}× that; accept+close {:.0}× the product drop",
         ratio("product-cap", product),
+        per_round_ratio(of("product-cap-v6"), of("product-v6")),
         ratio("product-cap", floor),
         ratio("product-ev0", floor),
         ratio("floor-read", floor),
