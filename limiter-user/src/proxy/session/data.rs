@@ -60,7 +60,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // longer one), then sends DATA: the message goes on only after
             // the backend's own 354 (Postfix drops a client that sends the
             // message before), and the end of DATA gets the backend's
-            // refusal of DATA if it refused, or 421 if it failed.
+            // refusal of DATA if it refused, 451 if it failed.
             None if self.backend.is_some() => {
                 self.reply(&Reply::start_mail_input()).await?;
                 if let Err(e) = self.backend_send(b"DATA\r\n").await {
@@ -112,8 +112,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(Flow::Continue)
     }
 
-    /// Reads the backend's reply to DATA (sent while the proxy answered
-    /// 354 itself): the sink for the message.
+    /// Reads the backend's reply to DATA (sent once the proxy answered 354
+    /// itself): the sink for the message.
     async fn opened(&mut self) -> Result<MessageSink, BackendError> {
         let reply = match self.backend.as_mut() {
             Some(backend) => backend.read_reply().await?,
