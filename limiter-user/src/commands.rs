@@ -256,15 +256,13 @@ pub fn clean_comment(text: &str) -> Result<String, String> {
     Ok(text)
 }
 
-/// Puts a block in force: the agent's table (so the proxy refuses the
-/// source at once and the journal stores it), the kernel, and the source's
-/// other sessions are told.
+/// Puts a block in force: the kernel, the agent's table (so the proxy
+/// refuses the source and the journal stores it), then the source's open
+/// sessions are told (so none of them is refused before its SYNs drop).
 fn add_block(agent: &AgentState<'_>, block: ActiveBlock) -> Result<(), KernelError> {
     let net = block.net;
-    let (expires, code) = (block.expires, block.reason);
-    agent.ctx.blocks.insert(block);
-    let pushed = agent.datapath.block(net, expires, code);
-    agent.ctx.blocks.mark_kernel(&net, pushed.is_ok());
+    let pushed = agent.datapath.block(net, block.expires, block.reason);
+    agent.ctx.blocks.insert_marked(block, pushed.is_ok());
     let _ = agent.ctx.blocked_nets.send(net);
     // Stored by the journal the table hands the change to: no save here.
     pushed

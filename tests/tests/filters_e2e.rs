@@ -1342,7 +1342,6 @@ fn observe_mode_delivers_what_the_filters_would_refuse_and_counts_it() {
 /// two spam messages from one source with `max_rejects = 2` are counted
 /// as the `filter` refusal, and nothing is blocked.
 #[test]
-#[ignore = "product defect: in observe mode judge_message (limiter-user/src/proxy/session/data.rs) delivers before it asks policy().filter_rejected, so the would-block is never decided, logged or counted"]
 fn observe_mode_counts_the_block_the_filters_would_order() {
     let test = "observe_mode_counts_the_block_the_filters_would_order";
     if !ready(test) {

@@ -339,19 +339,24 @@ impl ProxyContext {
         let expires = SystemTime::now()
             .checked_add(order.duration)
             .unwrap_or(SystemTime::UNIX_EPOCH + config::MAX_BLOCK_DURATION);
-        self.blocks.insert(ActiveBlock {
-            net: order.net,
-            reason: order.reason,
-            expires: Some(expires),
-            since: SystemTime::now(),
-            repeat: order.repeat,
-            comment: None,
-        });
+        // The kernel first: a client told by any session that it is
+        // blocked (this one's reply, another session's refusal at its next
+        // command) and reconnecting at once must find its SYN dropped.
+        let pushed = self.kernel.block(order.net, Some(expires), order.reason);
+        self.blocks.insert_marked(
+            ActiveBlock {
+                net: order.net,
+                reason: order.reason,
+                expires: Some(expires),
+                since: SystemTime::now(),
+                repeat: order.repeat,
+                comment: None,
+            },
+            pushed.is_ok(),
+        );
         self.stats.count_block(order.reason_name());
         self.blocks_changed.notify_one();
         let _ = self.blocked_nets.send(order.net);
-        let pushed = self.kernel.block(order.net, Some(expires), order.reason);
-        self.blocks.mark_kernel(&order.net, pushed.is_ok());
         let kernel = match pushed {
             Ok(()) => "blocked",
             Err(e) => {

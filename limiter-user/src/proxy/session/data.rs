@@ -338,26 +338,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     "content filters"
                 );
                 self.ctx.stats.count_rejection(label);
+                // A content reject counts toward `filters.max_rejects` in
+                // observe mode too, where the block is logged, not made.
+                let decision = content_reject
+                    .then(|| {
+                        self.ctx.policy().filter_rejected(
+                            &self.ctx.state,
+                            self.source(),
+                            Instant::now(),
+                        )
+                    })
+                    .flatten();
+                if let Some(decision) = &decision {
+                    self.log_decision(&decision.verdict, decision.enforced);
+                }
                 if !enforced {
                     // Observe mode: the message goes on as it came.
                     return self.deliver_held(&held, &HeaderEdits::default()).await;
                 }
                 self.reset_backend_transaction().await;
-                self.reply(&reply).await?;
-                if content_reject {
-                    if let Some(decision) = self.ctx.policy().filter_rejected(
-                        &self.ctx.state,
-                        self.source(),
-                        Instant::now(),
-                    ) {
-                        self.log_decision(&decision.verdict, decision.enforced);
-                        if let Some(order) = &decision.verdict.block {
-                            self.ctx.block(order);
-                        }
-                        return Ok(Flow::Close);
-                    }
+                // The block before the reply: a client that reconnects on
+                // reading it finds its SYNs dropped.
+                let order = decision.and_then(|d| d.enforced.then_some(d.verdict.block).flatten());
+                let closes = order.is_some();
+                if let Some(order) = &order {
+                    self.ctx.block(order);
                 }
-                return Ok(Flow::Continue);
+                self.reply(&reply).await?;
+                return Ok(if closes { Flow::Close } else { Flow::Continue });
             }
         };
         self.deliver_held(&held, &edits).await
