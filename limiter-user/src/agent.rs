@@ -251,7 +251,9 @@ pub async fn run(
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = hangup.recv() => match &config_path {
-                Some(path) => reload(path, &mut config, &ctx, datapath.as_ref()),
+                Some(path) => {
+                    reload(path, &mut config, &ctx, datapath.as_ref());
+                }
                 None => tracing::warn!("SIGHUP: running on the embedded default configuration, nothing to reload"),
             },
             _ = sweep.tick() => {
@@ -376,16 +378,19 @@ impl AgentState<'_> {
 /// validate is refused with the reason, and the running configuration stays.
 /// Limits, lists, relay rules and the mode take effect at once; listeners,
 /// backend, TLS, kernel attachment, map sizes, metrics and state need a
-/// restart, and the log says which of those changed.
+/// restart, and the log says which of those changed. Returns those
+/// sections (`recipients` when `[recipients.ldap]` came or went), empty
+/// when the file was refused.
 pub fn reload(
     path: &std::path::Path,
     current: &mut Config,
     ctx: &ProxyContext,
     datapath: &dyn Datapath,
-) {
+) -> Vec<&'static str> {
     notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
-    reload_file(path, current, ctx, datapath);
+    let restart_needed = reload_file(path, current, ctx, datapath);
     notify("READY=1");
+    restart_needed
 }
 
 fn reload_file(
@@ -393,12 +398,12 @@ fn reload_file(
     current: &mut Config,
     ctx: &ProxyContext,
     datapath: &dyn Datapath,
-) {
+) -> Vec<&'static str> {
     let new = match Config::load_with_lists(path) {
         Ok(new) => new,
         Err(e) => {
             tracing::error!(error = %e, "reload refused: the running configuration stays");
-            return;
+            return Vec::new();
         }
     };
     let restart_only = [
@@ -410,22 +415,28 @@ fn reload_file(
         ("metrics", current.metrics != new.metrics),
         ("state", current.state != new.state),
     ];
-    for (section, changed) in restart_only {
-        if changed {
-            tracing::warn!(
-                section,
-                "reload: this section changed but takes effect only after a restart"
-            );
-        }
+    let mut restart_needed: Vec<&'static str> = restart_only
+        .iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(section, _)| *section)
+        .collect();
+    for section in &restart_needed {
+        tracing::warn!(
+            section,
+            "reload: this section changed but takes effect only after a restart"
+        );
     }
     ctx.set_policy(crate::policy::Policy::new(&new));
     match (&ctx.recipients, &new.recipients.ldap) {
         (Some(recipients), Some(ldap)) => recipients.reconfigure(ldap),
         (None, None) => {}
-        _ => tracing::warn!(
-            section = "recipients",
-            "reload: [recipients.ldap] added or removed: restart needed"
-        ),
+        _ => {
+            tracing::warn!(
+                section = "recipients",
+                "reload: [recipients.ldap] added or removed: restart needed"
+            );
+            restart_needed.push("recipients");
+        }
     }
     if let Err(e) = datapath.set_limits(&kernel_limits(&new)) {
         tracing::debug!(error = %e, "reload: kernel limits not applied");
@@ -464,8 +475,22 @@ fn reload_file(
             tracing::warn!(cidr = %source.cidr, error = %e, "reload: limits.source cap not applied to the kernel");
         }
     }
+    // What only a restart changes stays as it runs, so that the next
+    // reload compares with what is in force.
+    let mut new = new;
+    new.listen = std::mem::take(&mut current.listen);
+    new.tls = current.tls.clone();
+    new.backend = current.backend.clone();
+    new.smtp = current.smtp.clone();
+    new.kernel = current.kernel.clone();
+    new.metrics = current.metrics.clone();
+    new.state = current.state.clone();
+    if current.recipients.ldap.is_some() != new.recipients.ldap.is_some() {
+        new.recipients.ldap = current.recipients.ldap.clone();
+    }
     *current = new;
     tracing::info!(path = %path.display(), "configuration reloaded");
+    restart_needed
 }
 
 /// Tells systemd about the agent's state (sd_notify(3)): `state` is

@@ -44,8 +44,11 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
             // running configuration on a bad file too.
             Config::load_with_lists(&path)
                 .map_err(|e| format!("reload refused, the running configuration stays: {e}"))?;
-            reload(&path, agent.config, agent.ctx, agent.datapath);
-            Ok(json!({ "reloaded": path.display().to_string() }))
+            let restart_needed = reload(&path, agent.config, agent.ctx, agent.datapath);
+            Ok(json!({
+                "reloaded": path.display().to_string(),
+                "restart_needed": restart_needed,
+            }))
         }
         Request::BlockList {
             origin,

@@ -658,7 +658,23 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         },
         Command::Reload { common } => {
             let data = change(&common, Request::Reload)?;
+            if common.json {
+                println!("{data}");
+                return Ok(());
+            }
             println!("reloaded {}", data["reloaded"].as_str().unwrap_or_default());
+            let restart_needed: Vec<&str> = data["restart_needed"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str())
+                .collect();
+            if !restart_needed.is_empty() {
+                println!(
+                    "changed but in force only after a restart (systemctl restart smtp-limiter): {}",
+                    restart_needed.join(", ")
+                );
+            }
             Ok(())
         }
     }

@@ -274,10 +274,30 @@ fn cli_blocks_through_the_agent_and_blocks_survive_lost_kernel_maps() {
         2,
         "a refused reload changed the limits"
     );
-    // … a good one brings back the file's limits …
+    // … a good one brings back the file's limits and names no section
+    // that needs a restart …
     let (ok, out) = cli(config, &["reload"]);
     assert!(ok, "{out}");
+    assert!(!out.contains("restart"), "{out}");
     assert_eq!(max_failed_rcpt(config), from_file);
+    // … one that changes [smtp] names it: in force after a restart only.
+    std::fs::write(
+        config,
+        good.replace("[state]", "[smtp]\nmax_line_length = 999\n[state]"),
+    )
+    .unwrap();
+    let (ok, out) = cli(config, &["reload", "--json"]);
+    std::fs::write(config, &good).unwrap();
+    assert!(ok, "{out}");
+    let report: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(
+        report["restart_needed"],
+        serde_json::json!(["smtp"]),
+        "{out}"
+    );
+    let (ok, out) = cli(config, &["reload"]);
+    assert!(ok && !out.contains("restart"), "{out}");
     // … and SIGHUP does what `reload` does: the file's value again, and
     // the next harvester is cut off at the file's limit.
     files.write_config("[limits]\nmax_failed_rcpt = 3");
