@@ -145,6 +145,27 @@ fn backend_tls_verified_against_tls_ca_delivers_over_tls() {
     assert_eq!(log_lines(&log, "received-in-clear").len(), 0, "{log}");
     assert_eq!(log_lines(&log, "received-other").len(), 0, "{log}");
     assert_eq!(backend_errors(&agent), 0);
+    // The agent's line for the message names Postfix's queue id, inside
+    // the session's span (its id and the client's address and port).
+    let queue_id = log_lines(&log, "client=unknown[127.0.0.2]")[0]
+        .split(": client=")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .expect("a queue id before client=")
+        .to_owned();
+    let agent_log = agent.log();
+    let ends = log_lines(&agent_log, "message end");
+    assert_eq!(ends.len(), 1, "{agent_log}");
+    let end = &ends[0];
+    assert!(
+        end.contains("session{id=") && end.contains("client=127.0.0.2:"),
+        "{end}"
+    );
+    assert!(
+        end.contains(&format!("queue_id=\"{queue_id}\"")),
+        "queue id {queue_id}: {end}"
+    );
+    assert!(end.contains("delivered"), "{end}");
     agent.stop();
 }
 

@@ -28,6 +28,7 @@ use tokio::{
     task::JoinSet,
 };
 use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
 
 use crate::{
     config::{self, BackendConnect, Config, Smtp, TlsMode},
@@ -579,7 +580,10 @@ async fn handle_connection(
         }
         TlsMode::None | TlsMode::Starttls => ClientStream::Plain(stream),
     };
-    ctx.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
+    // The session's id and the client's address and port go on every line
+    // the session logs (a tracing span), so that its lines can be followed.
+    let id = ctx.stats.sessions_total.fetch_add(1, Ordering::Relaxed) + 1;
+    let span = tracing::info_span!("session", id, client = %peer);
     ctx.stats.sessions_open.fetch_add(1, Ordering::Relaxed);
     let started = std::time::Instant::now();
     let session = Session::new(
@@ -591,8 +595,9 @@ async fn handle_connection(
         guard,
         stop,
     );
-    let summary = session.run().await;
+    let summary = session.run().instrument(span.clone()).await;
     ctx.stats.sessions_open.fetch_sub(1, Ordering::Relaxed);
+    let _in_session = span.enter();
     tracing::info!(
         source = %source,
         helo = summary.helo.as_deref(),

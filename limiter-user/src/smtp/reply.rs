@@ -72,6 +72,24 @@ impl Reply {
         self.lines.join("\n")
     }
 
+    /// The queue id a backend names in its answer to the end of DATA:
+    /// Postfix's `queued as 4Fq2X31bQz`, Exim's `id=1tYq9E-000Abc-3x`.
+    /// Only letters, digits and `-`/`.`, at most 64 of them: the text comes
+    /// from the backend and goes into the log.
+    #[must_use]
+    pub fn queue_id(&self) -> Option<&str> {
+        const MAX: usize = 64;
+        let text = self.lines.last()?;
+        let after = ["queued as ", "id="]
+            .iter()
+            .find_map(|marker| text.find(marker).map(|at| &text[at + marker.len()..]))?;
+        let end = after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '.'))
+            .unwrap_or(after.len());
+        let id = after[..end].trim_end_matches('.');
+        (!id.is_empty() && id.len() <= MAX).then_some(id)
+    }
+
     /// `2xx`: the command succeeded.
     #[must_use]
     pub fn is_positive_completion(&self) -> bool {
@@ -628,6 +646,29 @@ fn parse_line(line: &[u8]) -> Result<(u16, bool, String), &'static str> {
 mod tests {
     use super::*;
     use crate::smtp::TestRng;
+
+    #[test]
+    fn queue_id_from_postfix_and_exim_answers_only() {
+        let reply = |text: &str| Reply::new(250, text);
+        assert_eq!(
+            reply("2.0.0 Ok: queued as 4Fq2X31bQz").queue_id(),
+            Some("4Fq2X31bQz")
+        );
+        assert_eq!(
+            reply("OK id=1tYq9E-000Abc-3x").queue_id(),
+            Some("1tYq9E-000Abc-3x")
+        );
+        assert_eq!(
+            reply("2.0.0 Ok: queued as ABC123.").queue_id(),
+            Some("ABC123")
+        );
+        assert_eq!(reply("2.0.0 Ok: queued as \u{1b}[31m").queue_id(), None);
+        assert_eq!(reply("2.0.0 Ok").queue_id(), None);
+        assert_eq!(
+            reply(&format!("queued as {}", "A".repeat(65))).queue_id(),
+            None
+        );
+    }
 
     fn parse_all(parser: &mut ReplyParser, buf: &mut BytesMut) -> Vec<Result<Reply, ReplyError>> {
         let mut out = Vec::new();

@@ -403,6 +403,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.summary.messages += 1;
                     self.ctx.stats.count_message();
                 }
+                tracing::info!(
+                    source = %self.peer.ip(),
+                    helo = self.helo.as_ref().map(|h| h.name.as_str()),
+                    code = reply.code,
+                    queue_id = reply.queue_id(),
+                    action = if reply.is_positive_completion() { "delivered" } else { "backend-refused" },
+                    "message end"
+                );
                 self.reply(&reply).await?;
                 self.yield_backend_slot().await;
                 Ok(Flow::Continue)
