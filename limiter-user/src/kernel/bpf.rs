@@ -495,18 +495,20 @@ impl Datapath for BpfDatapath {
     }
 
     fn blocks(&self) -> Result<Vec<KernelBlock>, KernelError> {
-        let maps = lock(&self.maps);
-        let mut blocks: Vec<KernelBlock> = hash_entries(&maps.block_v4)
+        // The host maps (up to a million entries, half a second) are read
+        // without the lock that every new connection's lookup needs.
+        let mut blocks: Vec<KernelBlock> = hash_entries_unlocked(&self.maps, |m| &m.block_v4)
             .map_err(|e| map_error(names::BLOCK_V4, e))?
             .iter()
             .map(|(key, block)| kernel_block(host_net(HostKey::V4(*key)), block))
             .collect();
         blocks.extend(
-            hash_entries(&maps.block_v6)
+            hash_entries_unlocked(&self.maps, |m| &m.block_v6)
                 .map_err(|e| map_error(names::BLOCK_V6, e))?
                 .iter()
                 .map(|(key, block)| kernel_block(host_net(HostKey::V6(*key)), block)),
         );
+        let maps = lock(&self.maps);
         for entry in maps.block_net_v4.iter() {
             let (key, block) = entry.map_err(|e| map_error(names::BLOCK_NET_V4, e))?;
             blocks.push(kernel_block(net_of_v4(&key), &block));
@@ -549,16 +551,22 @@ impl Datapath for BpfDatapath {
 
     fn sweep_expired(&self, now: SystemTime) -> Result<usize, KernelError> {
         let now = system_to_mono_ns(now);
-        let mut maps = lock(&self.maps);
         let expired = |b: &Block| !b.active_at(now);
         let mut swept = 0;
-        // A block re-added since the scan has a new expiry: each removal
+        // The host maps are scanned without the lock (see `blocks`); a
+        // block re-added since the scan has a new expiry: each removal
         // checks again.
-        let hosts_v4: Vec<Ipv4Octets> = hash_entries(&maps.block_v4)
+        let hosts_v4: Vec<Ipv4Octets> = hash_entries_unlocked(&self.maps, |m| &m.block_v4)
             .map_err(|e| map_error(names::BLOCK_V4, e))?
             .into_iter()
             .filter_map(|(key, b)| expired(&b).then_some(key))
             .collect();
+        let hosts_v6: Vec<Ipv6Octets> = hash_entries_unlocked(&self.maps, |m| &m.block_v6)
+            .map_err(|e| map_error(names::BLOCK_V6, e))?
+            .into_iter()
+            .filter_map(|(key, b)| expired(&b).then_some(key))
+            .collect();
+        let mut maps = lock(&self.maps);
         for key in &hosts_v4 {
             if maps.block_v4.get(key, 0).is_ok_and(|b| expired(&b))
                 && maps.block_v4.remove(key).is_ok()
@@ -566,11 +574,6 @@ impl Datapath for BpfDatapath {
                 swept += 1;
             }
         }
-        let hosts_v6: Vec<Ipv6Octets> = hash_entries(&maps.block_v6)
-            .map_err(|e| map_error(names::BLOCK_V6, e))?
-            .into_iter()
-            .filter_map(|(key, b)| expired(&b).then_some(key))
-            .collect();
         for key in &hosts_v6 {
             if maps.block_v6.get(key, 0).is_ok_and(|b| expired(&b))
                 && maps.block_v6.remove(key).is_ok()
@@ -1335,6 +1338,36 @@ fn hash_entries<K: aya::Pod, V: aya::Pod>(
             call: "BPF_MAP_LOOKUP_BATCH",
             io_error,
         })),
+    }
+}
+
+/// [`hash_entries`] of the map `pick` chooses, through a duplicate of its
+/// descriptor taken under the lock and read after the lock is released
+/// (batch lookups only; without them, the walk holds the lock).
+fn hash_entries_unlocked<K: aya::Pod, V: aya::Pod>(
+    maps: &Mutex<Maps>,
+    pick: impl Fn(&Maps) -> &HashMap<MapData, K, V>,
+) -> Result<Vec<(K, V)>, MapError> {
+    use aya::maps::IterableMap as _;
+    use std::os::fd::AsFd as _;
+    let fd = {
+        let maps = lock(maps);
+        pick(&maps).map().fd().as_fd().try_clone_to_owned()
+    };
+    let unsupported = |e: &io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP | libc::ENOSPC)
+        )
+    };
+    match fd.map(|fd| lookup_batch(fd.as_raw_fd())) {
+        Ok(Ok(entries)) => Ok(entries),
+        Ok(Err(e)) if !unsupported(&e) => Err(MapError::SyscallError(aya::sys::SyscallError {
+            call: "BPF_MAP_LOOKUP_BATCH",
+            io_error: e,
+        })),
+        // No batch lookups (or no descriptor to spare): the walk under the lock.
+        _ => hash_entries(pick(&lock(maps))),
     }
 }
 
