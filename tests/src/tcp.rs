@@ -3,7 +3,7 @@
 //! connect timeout (a SYN dropped by XDP shows up as `ErrorKind::TimedOut`),
 //! [`spawn_client_process`], an external process holding connections open
 //! until it is killed, and [`Relay`], which carries connections from a
-//! namespace to a server in the host's.
+//! namespace to a server in the host's, or records what clients send.
 //!
 //! Sockets are bound to the network namespace they are created in, so they
 //! are created on a [`NetNs::run`] thread and then used from ordinary threads.
@@ -626,16 +626,29 @@ pub fn wait_for_line(child: &mut Child, prefix: &str, timeout: Duration) -> anyh
     }
 }
 
-/// A TCP relay whose listening socket lives in a network namespace and
-/// whose upstream connections are made from the host's: an agent inside the
-/// namespace reaches a server on the host's loopback (a private Postfix)
-/// through it, bytes unchanged (a PROXY header included). Stops accepting
-/// on drop; relayed connections end with their peers.
+/// A TCP relay: every connection it accepts is carried to `upstream`,
+/// bytes unchanged (a PROXY header included). Stops accepting on drop;
+/// relayed connections end with their peers.
+///
+/// Two uses: [`Relay::start`] listens inside a network namespace and
+/// connects from the host's, so that an agent inside the namespace reaches
+/// a server on the host's loopback (a private Postfix); [`Relay::recording`]
+/// listens on the host's loopback and records each chunk its clients
+/// deliver in one read. A client that waits for each reply can never have
+/// two commands in one chunk: the reply to the first only comes back after
+/// the relay read (and passed on) that first command. So a chunk holding
+/// MAIL, RCPT and DATA proves that they were written together.
 pub struct Relay {
-    port: u16,
+    addr: SocketAddr,
+    /// With [`Relay::recording`], the chunks of each connection, in accept
+    /// order.
+    connections: Option<Arc<Mutex<Vec<Chunks>>>>,
     stop: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
 }
+
+/// What a client sent on one relayed connection, one entry a read.
+type Chunks = Arc<Mutex<Vec<Vec<u8>>>>;
 
 impl Relay {
     /// Listens on `127.0.0.1` and a free port inside `ns`; each connection
@@ -647,51 +660,137 @@ impl Relay {
         let listener = ns
             .run(|| TcpListener::bind("127.0.0.1:0"))
             .with_context(|| format!("binding the relay in {}", ns.name()))?;
-        let port = listener.local_addr()?.port();
+        Self::serve(listener, upstream, None)
+    }
+
+    /// Listens on `127.0.0.1` and a free port in the caller's namespace;
+    /// each connection is carried to `upstream`, and what its client sends
+    /// is recorded (see [`Relay::chunks`]).
+    ///
+    /// # Errors
+    /// The listening socket could not be made.
+    pub fn recording(upstream: SocketAddr) -> anyhow::Result<Relay> {
+        let listener = TcpListener::bind("127.0.0.1:0").context("binding the relay")?;
+        Self::serve(listener, upstream, Some(Arc::default()))
+    }
+
+    fn serve(
+        listener: TcpListener,
+        upstream: SocketAddr,
+        connections: Option<Arc<Mutex<Vec<Chunks>>>>,
+    ) -> anyhow::Result<Relay> {
+        let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
-        // Spawned from this (host namespace) thread: its threads connect
-        // from the host's namespace.
+        let (stopped, record) = (stop.clone(), connections.clone());
+        // Spawned from the caller's thread (in the host's namespace for
+        // [`Relay::start`]): its threads connect from that namespace.
         let acceptor = std::thread::spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((client, _)) => {
-                        std::thread::spawn(move || relay_one(client, upstream));
+                        let chunks = record.as_ref().map(|r| {
+                            let chunks = Chunks::default();
+                            lock(r).push(chunks.clone());
+                            chunks
+                        });
+                        std::thread::spawn(move || relay_one(client, upstream, chunks.as_deref()));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
         });
         Ok(Relay {
-            port,
+            addr,
+            connections,
             stop,
             acceptor: Some(acceptor),
         })
     }
 
+    /// The address it listens on (in its namespace).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// The port it listens on (on `127.0.0.1` in its namespace).
     pub fn port(&self) -> u16 {
-        self.port
+        self.addr.port()
+    }
+
+    /// Every connection's chunks so far, as text, in accept order (none
+    /// unless [`Relay::recording`]).
+    pub fn chunks(&self) -> Vec<Vec<String>> {
+        let Some(connections) = &self.connections else {
+            return Vec::new();
+        };
+        lock(connections)
+            .iter()
+            .map(|c| {
+                lock(c)
+                    .iter()
+                    .map(|chunk| String::from_utf8_lossy(chunk).into_owned())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The chunks of the one connection that carried `needle`.
+    ///
+    /// # Panics
+    /// When no connection or more than one carried it.
+    #[track_caller]
+    pub fn session_with(&self, needle: &str) -> Vec<String> {
+        let mut sessions: Vec<Vec<String>> = self
+            .chunks()
+            .into_iter()
+            .filter(|c| c.iter().any(|chunk| chunk.contains(needle)))
+            .collect();
+        assert_eq!(
+            sessions.len(),
+            1,
+            "connections carrying {needle:?}: {sessions:#?}"
+        );
+        sessions.remove(0)
     }
 }
 
-fn relay_one(client: TcpStream, upstream: SocketAddr) {
+/// Carries one connection to `upstream`, recording what `client` sends
+/// into `chunks` if given.
+fn relay_one(client: TcpStream, upstream: SocketAddr, chunks: Option<&Mutex<Vec<Vec<u8>>>>) {
     let _ = client.set_nonblocking(false);
     let Ok(server) = TcpStream::connect(upstream) else {
         return;
     };
-    let (Ok(mut client_r), Ok(mut server_w)) = (client.try_clone(), server.try_clone()) else {
+    // Each read goes on in its own segment, as the client wrote it: Nagle
+    // could join two of them, and a server that checks for improper
+    // pipelining (Postfix) would see commands the client never sent
+    // together.
+    let _ = server.set_nodelay(true);
+    let (Ok(mut server_r), Ok(mut client_w)) = (server.try_clone(), client.try_clone()) else {
         return;
     };
-    let up = std::thread::spawn(move || {
-        let _ = io::copy(&mut client_r, &mut server_w);
-        let _ = server_w.shutdown(Shutdown::Write);
+    let replies = std::thread::spawn(move || {
+        let _ = io::copy(&mut server_r, &mut client_w);
+        let _ = client_w.shutdown(Shutdown::Write);
     });
-    let (mut server_r, mut client_w) = (server, client);
-    let _ = io::copy(&mut server_r, &mut client_w);
-    let _ = client_w.shutdown(Shutdown::Write);
-    let _ = up.join();
+    let (mut client, mut server) = (client, server);
+    let mut buf = [0u8; 65536];
+    loop {
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if let Some(chunks) = chunks {
+                    lock(chunks).push(buf[..n].to_vec());
+                }
+                if server.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = server.shutdown(Shutdown::Write);
+    let _ = replies.join();
 }
 
 impl Drop for Relay {

@@ -87,8 +87,9 @@ use std::{
 
 use limiter_tests::{
     fixture,
-    postfix::{self, Postfix, PostfixOptions},
+    postfix::{self, log_lines, Postfix, PostfixOptions},
     proxy::TestProxy,
+    tcp::wait_until,
 };
 use limiter_user::{
     config::Config,
@@ -161,7 +162,7 @@ fn proxy_and_postfix_read_every_line_alike() {
             run.report.slow.push((took, escape(&case.line)));
         }
     }
-    run.finish();
+    run.finish(&postfix);
     let elapsed = started.elapsed();
     drop(proxy);
     let report = &run.report;
@@ -975,6 +976,8 @@ impl<'a> Run<'a> {
                         if attempt == 2 {
                             self.report.setup_failures.push(format!("{e}"));
                         }
+                        // A short pause before the next of three tries;
+                        // no event says a retry would now succeed.
                         thread::sleep(Duration::from_millis(50));
                     }
                 }
@@ -1374,11 +1377,26 @@ impl<'a> Run<'a> {
         }
     }
 
-    fn finish(&mut self) {
+    /// Ends the sessions, then checks the HELO names Postfix looked up
+    /// after the last case, once every Postfix session has ended (as many
+    /// `disconnect from` as `connect from` lines in its log): a session
+    /// makes no lookup after its end.
+    fn finish(&mut self, postfix: &Postfix) {
         if let Some(mut session) = self.session.take() {
             let _ = session.command(b"QUIT");
         }
-        thread::sleep(Duration::from_millis(100));
+        self.direct = None;
+        let ended = wait_until(postfix::LOG_WAIT, || {
+            let log = postfix.log();
+            log_lines(&log, "]: connect from ").len()
+                == log_lines(&log, "]: disconnect from ").len()
+        });
+        if !ended {
+            self.report.setup_failures.push(format!(
+                "Postfix's sessions had not all ended {:?} after the last case",
+                postfix::LOG_WAIT
+            ));
+        }
         let rest = self.oracle.drain();
         self.check_helo_lookups(&rest, None);
     }

@@ -23,12 +23,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
-    thread,
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -36,6 +31,7 @@ use limiter_tests::{
     fixture,
     postfix::{self, Postfix, PostfixOptions},
     proxy::TestProxy,
+    tcp::{wait_until, Relay},
 };
 
 /// Zombies: more than Postfix's 100 smtpd processes.
@@ -274,18 +270,6 @@ fn postfix() -> Postfix {
     .expect("start Postfix")
 }
 
-/// Polls `done` every 10 ms for up to [`WAIT`].
-fn wait_for(done: impl Fn() -> bool) -> bool {
-    let end = Instant::now() + WAIT;
-    while !done() {
-        if Instant::now() >= end {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    true
-}
-
 #[test]
 fn a_network_holding_every_slot_cannot_starve_another_networks_mail() {
     if !ready("a_network_holding_every_slot_cannot_starve_another_networks_mail") {
@@ -314,7 +298,7 @@ fn a_network_holding_every_slot_cannot_starve_another_networks_mail() {
         .stream
         .write_all(b"MAIL FROM:<f@flood.test>\r\n")
         .expect("MAIL");
-    assert!(wait_for(|| proxy.ctx.backend_slots.waiting() == 1));
+    assert!(wait_until(WAIT, || proxy.ctx.backend_slots.waiting() == 1));
     // The sender, from another network, queues after it.
     let mut sender = Client::connect(proxy.addr, SENDER).expect("connect");
     expect(&sender.reply().expect("greeting"), "220 ");
@@ -323,7 +307,7 @@ fn a_network_holding_every_slot_cannot_starve_another_networks_mail() {
         .stream
         .write_all(b"MAIL FROM:<someone@sender.test>\r\n")
         .expect("MAIL");
-    assert!(wait_for(|| proxy.ctx.backend_slots.waiting() == 2));
+    assert!(wait_until(WAIT, || proxy.ctx.backend_slots.waiting() == 2));
     // A slot frees: it goes to the sender's network, which holds none.
     let mut first = held.remove(0);
     expect(&first.cmd("QUIT").expect("QUIT"), "221 ");
@@ -388,122 +372,6 @@ fn at_the_session_cap_a_sender_displaces_the_oldest_idle_zombie() {
 }
 
 // -- Pipelining end to end ---------------------------------------------------
-
-/// A TCP relay in front of `upstream` that records, for every connection,
-/// each chunk its client side (the proxy) delivers in one read; the bytes
-/// go on unchanged (PROXY header included). A sender that waits for each
-/// reply can never have two commands in one chunk: the reply to the first
-/// only comes after the relay read (and passed on) that first command. So a
-/// chunk holding MAIL, RCPT and DATA proves they were written together.
-/// Stops accepting on drop; relayed connections end with their peers.
-struct Recorder {
-    addr: SocketAddr,
-    /// The chunks of each connection, in accept order.
-    connections: Arc<Mutex<Vec<Arc<Mutex<Vec<Vec<u8>>>>>>>,
-    stop: Arc<AtomicBool>,
-    acceptor: Option<thread::JoinHandle<()>>,
-}
-
-impl Recorder {
-    fn start(upstream: SocketAddr) -> Recorder {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the recorder");
-        let addr = listener.local_addr().expect("recorder address");
-        listener.set_nonblocking(true).expect("nonblocking accept");
-        let connections = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (record, stopped) = (connections.clone(), stop.clone());
-        let acceptor = thread::spawn(move || {
-            while !stopped.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((client, _)) => {
-                        let chunks = Arc::new(Mutex::new(Vec::new()));
-                        record.lock().unwrap().push(chunks.clone());
-                        thread::spawn(move || relay_recording(client, upstream, &chunks));
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        Recorder {
-            addr,
-            connections,
-            stop,
-            acceptor: Some(acceptor),
-        }
-    }
-
-    /// Every connection's chunks so far, as text.
-    fn chunks(&self) -> Vec<Vec<String>> {
-        self.connections
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|c| {
-                c.lock()
-                    .unwrap()
-                    .iter()
-                    .map(|chunk| String::from_utf8_lossy(chunk).into_owned())
-                    .collect()
-            })
-            .collect()
-    }
-
-    /// The chunks of the one connection that carried `needle`.
-    #[track_caller]
-    fn session_with(&self, needle: &str) -> Vec<String> {
-        let mut sessions: Vec<Vec<String>> = self
-            .chunks()
-            .into_iter()
-            .filter(|c| c.iter().any(|chunk| chunk.contains(needle)))
-            .collect();
-        assert_eq!(
-            sessions.len(),
-            1,
-            "connections carrying {needle:?}: {sessions:#?}"
-        );
-        sessions.remove(0)
-    }
-}
-
-impl Drop for Recorder {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(acceptor) = self.acceptor.take() {
-            let _ = acceptor.join();
-        }
-    }
-}
-
-/// Carries one connection to `upstream`, recording what `client` sends.
-fn relay_recording(client: TcpStream, upstream: SocketAddr, chunks: &Mutex<Vec<Vec<u8>>>) {
-    let _ = client.set_nonblocking(false);
-    let Ok(server) = TcpStream::connect(upstream) else {
-        return;
-    };
-    let _ = server.set_nodelay(true);
-    let (Ok(mut server_r), Ok(mut client_w)) = (server.try_clone(), client.try_clone()) else {
-        return;
-    };
-    let replies = thread::spawn(move || {
-        let _ = std::io::copy(&mut server_r, &mut client_w);
-        let _ = client_w.shutdown(Shutdown::Write);
-    });
-    let (mut client, mut server) = (client, server);
-    let mut buf = [0u8; 65536];
-    loop {
-        match client.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                chunks.lock().unwrap().push(buf[..n].to_vec());
-                if server.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    let _ = server.shutdown(Shutdown::Write);
-    let _ = replies.join();
-}
 
 /// A Postfix that reads PROXY headers and drops clients that pipeline
 /// where RFC 2920 forbids it (Postfix 3.9's default).
@@ -575,8 +443,8 @@ fn a_pipelined_group_reaches_postfix_in_one_write_without_what_the_proxy_refused
         return;
     }
     let postfix = strict_postfix();
-    let recorder = Recorder::start(postfix.addr());
-    let proxy = proxy_to(recorder.addr, "");
+    let recorder = Relay::recording(postfix.addr()).expect("the recording relay");
+    let proxy = proxy_to(recorder.addr(), "");
     let mut c = Client::connect(proxy.addr, SENDER).expect("sender connects");
     expect(&c.reply().expect("greeting"), "220 ");
     let ehlo = c.cmd("EHLO sender.test").expect("EHLO");
@@ -629,8 +497,8 @@ fn a_helo_session_reaches_postfix_one_command_at_a_time() {
         return;
     }
     let postfix = strict_postfix();
-    let recorder = Recorder::start(postfix.addr());
-    let proxy = proxy_to(recorder.addr, "");
+    let recorder = Relay::recording(postfix.addr()).expect("the recording relay");
+    let proxy = proxy_to(recorder.addr(), "");
     let mut c = Client::connect(proxy.addr, SENDER).expect("sender connects");
     expect(&c.reply().expect("greeting"), "220 ");
     expect(&c.cmd("HELO sender.test").expect("HELO"), "250 ");

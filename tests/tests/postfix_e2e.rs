@@ -18,7 +18,6 @@
 
 use std::{
     net::{SocketAddr, TcpStream},
-    thread,
     time::Duration,
 };
 
@@ -29,6 +28,7 @@ use limiter_tests::{
     postfix::{log_lines, PostfixOptions},
     proxy::Client,
     rig::{Identity, Rig, RigOptions, PLAIN_LISTENER},
+    tcp::Relay,
 };
 
 /// The source address of "the" client (the proxy is reached on 127.0.0.1).
@@ -515,87 +515,20 @@ fn implicit_tls_delivers() {
 
 // -- 7. PIPELINING ----------------------------------------------------------
 
-/// A TCP relay in front of `upstream` for one connection, recording each
-/// chunk the client's side delivers in one read. A client that waits for
-/// each reply can never have two commands in one chunk: the reply to the
-/// first is only forwarded after the relay read (and passed on) that
-/// first command. So a chunk with MAIL, RCPT and DATA proves pipelining.
-struct Recorder {
-    addr: SocketAddr,
-    chunks: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Recorder {
-    fn start(upstream: SocketAddr) -> Recorder {
-        use std::io::{Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the recorder");
-        let addr = listener.local_addr().expect("recorder address");
-        let chunks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let record = chunks.clone();
-        let thread = thread::spawn(move || {
-            let Ok((mut client, _)) = listener.accept() else {
-                return;
-            };
-            let Ok(mut server) = TcpStream::connect(upstream) else {
-                return;
-            };
-            let (Ok(mut client_w), Ok(mut server_r)) = (client.try_clone(), server.try_clone())
-            else {
-                return;
-            };
-            let replies = thread::spawn(move || {
-                let _ = std::io::copy(&mut server_r, &mut client_w);
-                let _ = client_w.shutdown(std::net::Shutdown::Write);
-            });
-            let mut buf = [0u8; 65536];
-            loop {
-                match client.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        record.lock().unwrap().push(buf[..n].to_vec());
-                        if server.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-            let _ = server.shutdown(std::net::Shutdown::Write);
-            let _ = replies.join();
-        });
-        Recorder {
-            addr,
-            chunks,
-            thread: Some(thread),
-        }
-    }
-
-    /// Waits for the connection to end; the chunks the client sent.
-    fn finish(mut self) -> Vec<String> {
-        if let Some(thread) = self.thread.take() {
-            thread.join().expect("the recorder thread");
-        }
-        self.chunks
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|c| String::from_utf8_lossy(c).into_owned())
-            .collect()
-    }
-}
-
 #[test]
 fn pipelining_delivers_exactly_once() {
     if !ready("pipelining_delivers_exactly_once") {
         return;
     }
     let rig = Rig::start(Identity::ProxyV2, "");
-    let recorder = Recorder::start(rig.addr());
-    let run = swaks_to_alice(recorder.addr, CLIENT, &["--pipeline"]);
+    // Between swaks and the proxy: records what swaks sends, a chunk a read.
+    let recorder = Relay::recording(rig.addr()).expect("the recording relay");
+    let run = swaks_to_alice(recorder.addr(), CLIENT, &["--pipeline"]);
     run.expect_success();
     run.expect_reply("PIPELINING");
-    // swaks did pipeline: the proxy got the envelope and DATA in one read.
-    let chunks = recorder.finish();
+    // swaks did pipeline: the proxy got the envelope and DATA in one read
+    // (recorded before it went on, so before swaks had the replies).
+    let chunks = recorder.session_with("MAIL FROM:<sender@example.org>");
     assert!(
         chunks
             .iter()
