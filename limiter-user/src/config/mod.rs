@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 mod backend;
+mod cluster;
 mod control;
 mod filters;
 mod kernel;
@@ -42,6 +43,7 @@ mod tls;
 mod values;
 
 pub use backend::{Backend, BackendConnect, Identity};
+pub use cluster::{Cluster, MAX_CLUSTER_NAME};
 pub use control::Control;
 pub use filters::{Clamav, Filters, OnFailure, Rspamd};
 pub use kernel::{Attach, Kernel, KernelMode, MapSizes, MAX_KERNEL_PORTS};
@@ -130,6 +132,8 @@ pub struct Config {
     pub metrics: Metrics,
     /// Where blocks are kept across restarts.
     pub state: State,
+    /// Blocks shared with other edge hosts through Redis.
+    pub cluster: Cluster,
 }
 
 impl Default for Config {
@@ -149,6 +153,7 @@ impl Default for Config {
             control: Control::default(),
             metrics: Metrics::default(),
             state: State::default(),
+            cluster: Cluster::default(),
         }
     }
 }
@@ -232,6 +237,7 @@ impl Config {
                 ldap.password = Some("********".to_owned());
             }
         }
+        copy.cluster.redact();
         copy
     }
 
@@ -249,6 +255,7 @@ impl Config {
         self.lists.validate()?;
         self.recipients.validate()?;
         self.filters.validate()?;
+        self.cluster.validate()?;
         Ok(())
     }
 }
