@@ -183,6 +183,22 @@ fn proxy_and_postfix_read_every_line_alike() {
         "{} mismatch(es) between the proxy's and Postfix's readings (DIFF_SEED={seed:#x}); see the list above",
         report.mismatch_total()
     );
+    // "No mismatch" means something only when the cases were judged: a
+    // proxy whose sessions fail to open, or that answers nothing, would
+    // pass the check above with few or no cases compared.
+    let judged: usize =
+        report.relayed.values().sum::<usize>() + report.answered_by_proxy.values().sum::<usize>();
+    assert!(
+        report.generated > 0 && judged * 10 >= report.generated * 9,
+        "only {judged} of {} cases were judged (relayed to Postfix or answered by the proxy); see the report above",
+        report.generated
+    );
+    assert!(
+        report.setup_failures.len() * 100 <= report.sessions.max(1),
+        "{} of {} sessions failed to set up (more than 1 %); see the report above",
+        report.setup_failures.len(),
+        report.sessions
+    );
 }
 
 fn env_u64(name: &str) -> Option<u64> {
