@@ -81,7 +81,7 @@ impl std::fmt::Debug for BackendSettings {
 
 /// An open backend connection.
 pub struct Backend {
-    stream: BackendStream,
+    stream: Link,
     buffer: BytesMut,
     parser: ReplyParser,
     reply_timeout: Duration,
@@ -107,6 +107,12 @@ impl Backend {
         identity: Option<(SocketAddr, SocketAddr)>,
     ) -> Result<(Self, Reply), BackendError> {
         let addr = settings.address;
+        #[cfg(test)]
+        if let Some(stream) = memory::connect(addr) {
+            let stream = stream.map_err(|source| BackendError::Connect { addr, source })?;
+            let identity = identity.unwrap_or((addr, addr));
+            return Self::start(settings, memory::Link::Memory(stream), identity).await;
+        }
         let stream = timeout(settings.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| BackendError::ConnectTimeout {
@@ -115,12 +121,23 @@ impl Backend {
             })?
             .map_err(|source| BackendError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
-        let (client, local) = match identity {
+        let identity = match identity {
             Some(pair) => pair,
             None => (stream.local_addr()?, stream.peer_addr()?),
         };
+        Self::start(settings, link(MaybeTls::Plain(stream)), identity).await
+    }
+
+    /// The connection's start: the identity header if configured (`client`
+    /// and `local` are the addresses it names), the greeting, STARTTLS if
+    /// configured.
+    async fn start(
+        settings: &BackendSettings,
+        stream: Link,
+        (client, local): (SocketAddr, SocketAddr),
+    ) -> Result<(Self, Reply), BackendError> {
         let mut backend = Self {
-            stream: MaybeTls::Plain(stream),
+            stream,
             buffer: BytesMut::with_capacity(4096),
             parser: ReplyParser::default(),
             reply_timeout: settings.reply_timeout,
@@ -173,7 +190,7 @@ impl Backend {
                 reply.lines.join(" ")
             )));
         }
-        let MaybeTls::Plain(tcp) = self.stream else {
+        let Some(MaybeTls::Plain(tcp)) = network(self.stream) else {
             return Err(BackendError::Tls("already TLS".into()));
         };
         let name = rustls::pki_types::ServerName::IpAddress(tcp.peer_addr()?.ip().into());
@@ -181,7 +198,7 @@ impl Backend {
             .await
             .map_err(|_| BackendError::Timeout(self.reply_timeout))?
             .map_err(|e| BackendError::Tls(format!("handshake: {e}")))?;
-        self.stream = MaybeTls::Tls(Box::new(tls));
+        self.stream = link(MaybeTls::Tls(Box::new(tls)));
         self.buffer.clear();
         Ok(self)
     }
@@ -267,6 +284,177 @@ impl Backend {
     pub async fn quit(mut self) {
         if self.send(b"QUIT\r\n").await.is_ok() {
             let _ = self.read_reply_within(QUIT_WAIT).await;
+        }
+    }
+}
+
+/// The backend connection's stream: the network one; in unit tests, the
+/// network one or an in-memory one ([`memory`]).
+#[cfg(not(test))]
+type Link = BackendStream;
+#[cfg(test)]
+type Link = memory::Link;
+
+#[cfg(not(test))]
+fn link(stream: BackendStream) -> Link {
+    stream
+}
+
+#[cfg(test)]
+fn link(stream: BackendStream) -> Link {
+    memory::Link::Network(stream)
+}
+
+/// The network stream of `link`, if it has one.
+#[cfg(not(test))]
+fn network(link: Link) -> Option<BackendStream> {
+    Some(link)
+}
+
+#[cfg(test)]
+fn network(link: Link) -> Option<BackendStream> {
+    match link {
+        memory::Link::Network(stream) => Some(stream),
+        memory::Link::Memory(_) => None,
+    }
+}
+
+/// In-memory backends for unit tests: [`memory::listen`] names one with an
+/// address that [`Backend::connect`] then reaches over a
+/// [`tokio::io::DuplexStream`] instead of TCP, handing the other end to the
+/// test's scripted backend.
+#[cfg(test)]
+pub mod memory {
+    use std::{
+        collections::HashMap,
+        io,
+        net::{Ipv4Addr, SocketAddr},
+        pin::Pin,
+        sync::{
+            atomic::{AtomicU16, Ordering},
+            Mutex,
+        },
+        task::{Context, Poll},
+    };
+
+    use tokio::{
+        io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf},
+        sync::mpsc,
+    };
+
+    use super::BackendStream;
+
+    /// Bytes in flight each way on an in-memory connection.
+    const CAPACITY: usize = 64 * 1024;
+
+    /// The in-memory backends listening, by the address that names them
+    /// (tests run in parallel: each has its own address).
+    static LISTENING: Mutex<Option<HashMap<SocketAddr, mpsc::UnboundedSender<DuplexStream>>>> =
+        Mutex::new(None);
+
+    /// A backend connection in a unit test.
+    pub enum Link {
+        Network(BackendStream),
+        Memory(DuplexStream),
+    }
+
+    /// Where an in-memory backend's connections arrive; the address stops
+    /// naming it when this is dropped.
+    pub struct Listener {
+        address: SocketAddr,
+        connections: mpsc::UnboundedReceiver<DuplexStream>,
+    }
+
+    /// A new in-memory backend: the address to put in
+    /// [`super::BackendSettings::address`], and where its connections
+    /// arrive. The address is in TEST-NET-1, never reached over the network.
+    pub fn listen() -> (SocketAddr, Listener) {
+        static PORT: AtomicU16 = AtomicU16::new(1);
+        let address = SocketAddr::new(
+            Ipv4Addr::new(192, 0, 2, 1).into(),
+            PORT.fetch_add(1, Ordering::Relaxed),
+        );
+        let (tx, connections) = mpsc::unbounded_channel();
+        LISTENING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(HashMap::new)
+            .insert(address, tx);
+        (
+            address,
+            Listener {
+                address,
+                connections,
+            },
+        )
+    }
+
+    impl Listener {
+        /// The server end of the next connection; `None` once no connection
+        /// can come any more.
+        pub async fn accept(&mut self) -> Option<DuplexStream> {
+            self.connections.recv().await
+        }
+    }
+
+    impl Drop for Listener {
+        fn drop(&mut self) {
+            if let Some(map) = LISTENING.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                map.remove(&self.address);
+            }
+        }
+    }
+
+    /// A connection to the in-memory backend `address` names, if one does;
+    /// refused if it stopped accepting.
+    pub(super) fn connect(address: SocketAddr) -> Option<io::Result<DuplexStream>> {
+        let listening = LISTENING.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = listening.as_ref()?.get(&address)?;
+        let (client, server) = tokio::io::duplex(CAPACITY);
+        Some(
+            tx.send(server)
+                .map(|()| client)
+                .map_err(|_| io::ErrorKind::ConnectionRefused.into()),
+        )
+    }
+
+    impl AsyncRead for Link {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            match self.get_mut() {
+                Self::Network(s) => Pin::new(s).poll_read(cx, buf),
+                Self::Memory(s) => Pin::new(s).poll_read(cx, buf),
+            }
+        }
+    }
+
+    impl AsyncWrite for Link {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            match self.get_mut() {
+                Self::Network(s) => Pin::new(s).poll_write(cx, buf),
+                Self::Memory(s) => Pin::new(s).poll_write(cx, buf),
+            }
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            match self.get_mut() {
+                Self::Network(s) => Pin::new(s).poll_flush(cx),
+                Self::Memory(s) => Pin::new(s).poll_flush(cx),
+            }
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            match self.get_mut() {
+                Self::Network(s) => Pin::new(s).poll_shutdown(cx),
+                Self::Memory(s) => Pin::new(s).poll_shutdown(cx),
+            }
         }
     }
 }

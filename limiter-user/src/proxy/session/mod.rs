@@ -44,6 +44,8 @@ mod envelope;
 mod helo;
 mod pipeline;
 mod starttls;
+#[cfg(test)]
+mod tests;
 
 use std::{
     future::Future,

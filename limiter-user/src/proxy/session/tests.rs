@@ -1,0 +1,535 @@
+//! Sessions run in-process: the client over an in-memory stream, the backend
+//! a scripted fake that answers like Postfix over the in-memory backend seam
+//! ([`crate::proxy::backend::memory`]), the clock paused (timeouts are
+//! reached by advancing virtual time, never by sleeping).
+
+use std::sync::Mutex;
+
+use bytes::BytesMut;
+use limiter_common::reason;
+use tokio::{
+    io::{duplex, DuplexStream},
+    task::JoinHandle,
+};
+
+use super::*;
+use crate::{
+    config::Config,
+    kernel::NoKernel,
+    policy::ConnectVerdict,
+    proxy::{backend::memory, capabilities::Learned, tls::ClientStream},
+    smtp::reply::{EnhancedCode, ReplyParser},
+};
+
+/// Bytes in flight each way between the test's client and the session.
+const CLIENT_CAPACITY: usize = 64 * 1024;
+/// The client's address, and the one it reached the proxy on.
+const PEER: &str = "198.51.100.7:40000";
+const LOCAL: &str = "203.0.113.1:25";
+/// Mailboxes the fake backend knows; any other gets `550 5.1.1`.
+const KNOWN: [&str; 2] = ["alice@example.com", "bob@example.com"];
+/// The start of a PROXY protocol v2 header.
+const PROXY_V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+
+const GREETING: &str = "220 mx.example.com ESMTP Postfix\r\n";
+const QUEUED: &str = "250 2.0.0 Ok: queued as ABC123\r\n";
+
+/// The fake backend's reply to EHLO, with or without PIPELINING.
+fn ehlo_reply(pipelining: bool) -> String {
+    let mut lines = vec!["mx.example.com"];
+    if pipelining {
+        lines.push("PIPELINING");
+    }
+    lines.extend([
+        "SIZE 10240000",
+        "ENHANCEDSTATUSCODES",
+        "8BITMIME",
+        "SMTPUTF8",
+    ]);
+    let last = lines.len() - 1;
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| format!("250{}{line}\r\n", if i == last { ' ' } else { '-' }))
+        .collect()
+}
+
+/// Parses one whole reply from `text`.
+fn parse(text: &str) -> Reply {
+    let mut buffer = BytesMut::from(text.as_bytes());
+    let reply = ReplyParser::default()
+        .feed(&mut buffer)
+        .expect("a whole reply")
+        .expect("a well-formed reply");
+    assert!(buffer.is_empty(), "one reply in {text:?}");
+    reply
+}
+
+/// What the fake backend received.
+#[derive(Default)]
+struct Seen {
+    /// Connections accepted.
+    connections: usize,
+    /// The PROXY v2 header of each connection.
+    headers: Vec<Vec<u8>>,
+    /// Every line, commands and message lines alike, without CRLF, in the
+    /// order received (all connections).
+    lines: Vec<String>,
+    /// Each read's bytes, as they came.
+    reads: Vec<Vec<u8>>,
+    /// Each message as received, dot-stuffed, without the end marker.
+    messages: Vec<Vec<u8>>,
+}
+
+/// A scripted backend that answers like Postfix (behind a PROXY v2 header,
+/// `smtpd_upstream_proxy_protocol = haproxy`).
+struct FakeBackend {
+    seen: Arc<Mutex<Seen>>,
+    _task: JoinHandle<()>,
+}
+
+impl FakeBackend {
+    /// Starts one; returns it and the address that names it.
+    fn start(pipelining: bool) -> (SocketAddr, Self) {
+        let (address, mut listener) = memory::listen();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let task = {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                while let Some(stream) = listener.accept().await {
+                    seen.lock().unwrap().connections += 1;
+                    tokio::spawn(converse(stream, pipelining, seen.clone()));
+                }
+            })
+        };
+        (address, Self { seen, _task: task })
+    }
+
+    fn seen<T>(&self, f: impl FnOnce(&Seen) -> T) -> T {
+        f(&self.seen.lock().unwrap())
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.seen(|s| s.lines.clone())
+    }
+
+    fn connections(&self) -> usize {
+        self.seen(|s| s.connections)
+    }
+}
+
+/// One backend connection: the PROXY header, the greeting, then each line
+/// answered as Postfix would.
+async fn converse(mut stream: DuplexStream, pipelining: bool, seen: Arc<Mutex<Seen>>) {
+    let mut input = Vec::new();
+    // The PROXY v2 header: 16 bytes, then as many as its length says.
+    while input.len() < 16 || input.len() < 16 + header_len(&input) {
+        if !read_some(&mut stream, &mut input, &seen).await {
+            return;
+        }
+    }
+    assert_eq!(&input[..12], PROXY_V2_SIGNATURE, "a PROXY v2 header first");
+    let header: Vec<u8> = input.drain(..16 + header_len(&input)).collect();
+    seen.lock().unwrap().headers.push(header);
+    if stream.write_all(GREETING.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut message: Option<Vec<u8>> = None;
+    loop {
+        while let Some(end) = input.windows(2).position(|w| w == b"\r\n") {
+            let line: Vec<u8> = input.drain(..end + 2).collect();
+            let text = String::from_utf8_lossy(&line[..end]).into_owned();
+            seen.lock().unwrap().lines.push(text.clone());
+            let reply = match message.as_mut() {
+                Some(_) if text == "." => {
+                    let body = message.take().unwrap_or_default();
+                    seen.lock().unwrap().messages.push(body);
+                    QUEUED.to_owned()
+                }
+                Some(body) => {
+                    body.extend_from_slice(&line);
+                    continue;
+                }
+                None => answer(&text, pipelining, &mut message),
+            };
+            if stream.write_all(reply.as_bytes()).await.is_err() {
+                return;
+            }
+            if reply.starts_with("221") {
+                return;
+            }
+        }
+        if !read_some(&mut stream, &mut input, &seen).await {
+            return;
+        }
+    }
+}
+
+/// The length a PROXY v2 header gives for what follows its 16 bytes.
+fn header_len(input: &[u8]) -> usize {
+    input
+        .get(14..16)
+        .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+}
+
+/// Reads what is there into `input` (and `seen.reads`); false at the end.
+async fn read_some(stream: &mut DuplexStream, input: &mut Vec<u8>, seen: &Mutex<Seen>) -> bool {
+    let mut chunk = vec![0; 16 * 1024];
+    match stream.read(&mut chunk).await {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            seen.lock().unwrap().reads.push(chunk[..n].to_vec());
+            input.extend_from_slice(&chunk[..n]);
+            true
+        }
+    }
+}
+
+/// Postfix's answer to a command line; DATA opens `message`.
+fn answer(line: &str, pipelining: bool, message: &mut Option<Vec<u8>>) -> String {
+    let upper = line.to_ascii_uppercase();
+    let verb = upper.split(' ').next().unwrap_or_default();
+    match verb {
+        "EHLO" => ehlo_reply(pipelining),
+        "HELO" => "250 mx.example.com\r\n".into(),
+        "MAIL" => "250 2.1.0 Ok\r\n".into(),
+        "RCPT" => {
+            let address = line
+                .split_once('<')
+                .and_then(|(_, rest)| rest.split_once('>'))
+                .map(|(address, _)| address.to_ascii_lowercase())
+                .unwrap_or_default();
+            if KNOWN.contains(&address.as_str()) {
+                "250 2.1.5 Ok\r\n".into()
+            } else {
+                format!("550 5.1.1 <{address}>: Recipient address rejected: User unknown in local recipient table\r\n")
+            }
+        }
+        "DATA" => {
+            *message = Some(Vec::new());
+            "354 End data with <CR><LF>.<CR><LF>\r\n".into()
+        }
+        "RSET" | "NOOP" => "250 2.0.0 Ok\r\n".into(),
+        "QUIT" => "221 2.0.0 Bye\r\n".into(),
+        _ => "502 5.5.2 Error: command not recognized\r\n".into(),
+    }
+}
+
+/// The test's end of the client connection.
+struct Client {
+    stream: DuplexStream,
+    input: BytesMut,
+    parser: ReplyParser,
+}
+
+impl Client {
+    async fn send(&mut self, bytes: &str) {
+        self.stream.write_all(bytes.as_bytes()).await.unwrap();
+    }
+
+    /// The next whole reply (cancel-safe: what was read stays buffered).
+    async fn reply(&mut self) -> Reply {
+        loop {
+            if let Some(reply) = self.parser.feed(&mut self.input) {
+                return reply.expect("a well-formed reply");
+            }
+            let n = self.stream.read_buf(&mut self.input).await.unwrap();
+            assert!(n > 0, "the session closed instead of replying");
+        }
+    }
+
+    /// Sends a command and returns the reply.
+    async fn command(&mut self, line: &str) -> Reply {
+        self.send(&format!("{line}\r\n")).await;
+        self.reply().await
+    }
+
+    /// Whether the session closed the connection (after every reply was
+    /// read).
+    async fn closed(&mut self) -> bool {
+        self.input.is_empty() && matches!(self.stream.read_buf(&mut self.input).await, Ok(0))
+    }
+}
+
+/// A session over an in-memory client stream and a fake backend.
+struct Harness {
+    ctx: Arc<ProxyContext>,
+    backend: FakeBackend,
+    client: Client,
+    session: JoinHandle<SessionSummary>,
+    _shutdown: watch::Sender<bool>,
+}
+
+impl Harness {
+    /// A session with the default configuration, the backend offering
+    /// PIPELINING.
+    fn start() -> Self {
+        Self::start_with(Config::default(), true)
+    }
+
+    /// A session with `config`, its backend the fake one. The probe is
+    /// taken as done: the proxy greets and answers EHLO with what the fake
+    /// backend says (`backend.connect = "on-mail"`).
+    fn start_with(config: Config, pipelining: bool) -> Self {
+        let (address, backend) = FakeBackend::start(pipelining);
+        let mut ctx = ProxyContext::new(&config, Arc::new(NoKernel::new("unit test"))).unwrap();
+        ctx.settings.backend.address = address;
+        ctx.capabilities.record(Some(Learned {
+            greeting: parse(GREETING),
+            ehlo: parse(&ehlo_reply(pipelining)),
+        }));
+        let ctx = Arc::new(ctx);
+        let peer: SocketAddr = PEER.parse().unwrap();
+        let guard = match ctx.policy().connect(&ctx.state, peer.ip()).verdict {
+            ConnectVerdict::Accept(guard) | ConnectVerdict::Allowlisted(guard) => guard,
+            ConnectVerdict::Reject { rejection, .. } => panic!("refused: {:?}", rejection.reason),
+        };
+        let (client, server) = duplex(CLIENT_CAPACITY);
+        let (shutdown, stop) = watch::channel(false);
+        let session = Session::new(
+            ctx.clone(),
+            ClientStream::Plain(server),
+            peer,
+            LOCAL.parse().unwrap(),
+            false,
+            guard,
+            stop,
+        );
+        Self {
+            ctx,
+            backend,
+            client: Client {
+                stream: client,
+                input: BytesMut::new(),
+                parser: ReplyParser::default(),
+            },
+            session: tokio::spawn(session.run()),
+            _shutdown: shutdown,
+        }
+    }
+
+    /// The greeting, then EHLO.
+    async fn ehlo(&mut self) {
+        assert_eq!(self.client.reply().await.code, 220);
+        assert_eq!(
+            self.client.command("EHLO client.example.org").await.code,
+            250
+        );
+    }
+
+    /// Waits for the session to end; its summary.
+    async fn ended(self) -> (SessionSummary, Client, FakeBackend, Arc<ProxyContext>) {
+        let summary = self.session.await.unwrap();
+        (summary, self.client, self.backend, self.ctx)
+    }
+}
+
+/// The reply has `code` and the enhanced status code `enhanced`.
+fn assert_code(reply: &Reply, code: u16, enhanced: EnhancedCode) {
+    assert_eq!(reply.code, code, "{reply:?}");
+    assert_eq!(reply.enhanced(), Some(enhanced), "{reply:?}");
+}
+
+const MESSAGE: &str = "From: <sender@example.org>\r\n\
+                       To: <alice@example.com>\r\n\
+                       Subject: in-process\r\n\
+                       \r\n\
+                       Hello.\r\n\
+                       ..a line that starts with a dot\r\n";
+
+#[tokio::test(start_paused = true)]
+async fn a_transaction_is_delivered_once_and_the_backends_reply_relayed_unchanged() {
+    let mut h = Harness::start();
+    h.ehlo().await;
+    let mail = h.client.command("MAIL FROM:<sender@example.org>").await;
+    assert_code(&mail, 250, (2, 1, 0));
+    let rcpt = h.client.command("RCPT TO:<alice@example.com>").await;
+    assert_code(&rcpt, 250, (2, 1, 5));
+    assert_eq!(h.client.command("DATA").await.code, 354);
+    h.client.send(MESSAGE).await;
+    let queued = h.client.command(".").await;
+    assert_eq!(queued, parse(QUEUED), "the backend's reply, unchanged");
+    assert_eq!(h.client.command("QUIT").await.code, 221);
+    let (summary, mut client, backend, _) = h.ended().await;
+    assert!(client.closed().await);
+    assert_eq!(summary.messages, 1);
+    assert_eq!(summary.rcpt_accepted, 1);
+
+    let mut expected = vec![
+        "EHLO client.example.org".to_owned(),
+        "MAIL FROM:<sender@example.org>".into(),
+        "RCPT TO:<alice@example.com>".into(),
+        "DATA".into(),
+    ];
+    expected.extend(MESSAGE.split_terminator("\r\n").map(str::to_owned));
+    expected.extend([".".into(), "QUIT".into()]);
+    assert_eq!(backend.lines(), expected, "every line once, in order");
+    assert_eq!(backend.connections(), 1);
+    backend.seen(|seen| {
+        assert_eq!(seen.messages, vec![MESSAGE.as_bytes().to_vec()]);
+        // The header names the client and the address it reached.
+        let header = &seen.headers[0];
+        assert_eq!(&header[16..20], &[198, 51, 100, 7]);
+        assert_eq!(&header[20..24], &[203, 0, 113, 1]);
+        assert_eq!(&header[24..26], &40000u16.to_be_bytes());
+        assert_eq!(&header[26..28], &25u16.to_be_bytes());
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_without_mail_never_connects_to_the_backend() {
+    let mut h = Harness::start();
+    assert_eq!(h.ctx.settings.connect, BackendConnect::OnMail);
+    let greeting = h.client.reply().await;
+    assert_eq!(greeting, parse(GREETING), "the greeting the probe learned");
+    let ehlo = h.client.command("EHLO client.example.org").await;
+    assert_eq!(ehlo.code, 250);
+    assert!(
+        parse_capabilities(&ehlo).iter().any(|c| c == "PIPELINING"),
+        "{ehlo:?}"
+    );
+    assert_eq!(h.client.command("NOOP").await.code, 250);
+    assert_eq!(h.client.command("RSET").await.code, 250);
+    assert_eq!(h.client.command("QUIT").await.code, 221);
+    let (summary, mut client, backend, _) = h.ended().await;
+    assert!(client.closed().await);
+    assert_eq!(summary.outcome, "closed");
+    assert_eq!(backend.connections(), 0);
+    assert!(backend.lines().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_client_before_mail_is_cut_at_the_command_timeout() {
+    let mut h = Harness::start();
+    h.ehlo().await;
+    let limit = h.ctx.settings.smtp.command_timeout;
+    let started = tokio::time::Instant::now();
+    // Just short of the limit, the session still waits.
+    let early = limit - Duration::from_millis(10);
+    tokio::time::advance(early).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1), h.client.reply())
+            .await
+            .is_err(),
+        "no reply before the timeout"
+    );
+    // At the limit it says goodbye and ends.
+    tokio::time::advance(Duration::from_millis(20)).await;
+    let reply = h.client.reply().await;
+    assert_code(&reply, 421, (4, 4, 2));
+    let waited = started.elapsed();
+    assert!(
+        waited >= limit && waited < limit + Duration::from_secs(1),
+        "{waited:?}"
+    );
+    let (summary, mut client, backend, _) = h.ended().await;
+    assert_eq!(summary.outcome, "timeout");
+    assert!(client.closed().await);
+    assert_eq!(backend.connections(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_harvester_gets_421_and_its_source_is_blocked() {
+    let mut h = Harness::start();
+    h.ehlo().await;
+    let limit = Config::default().limits.max_failed_rcpt;
+    assert!(h.ctx.policy().enforced());
+    assert_code(
+        &h.client.command("MAIL FROM:<harvest@example.net>").await,
+        250,
+        (2, 1, 0),
+    );
+    for i in 0..limit {
+        let reply = h
+            .client
+            .command(&format!("RCPT TO:<nobody{i}@example.com>"))
+            .await;
+        assert_code(&reply, 550, (5, 1, 1));
+    }
+    let last = h.client.command("RCPT TO:<nobody-last@example.com>").await;
+    assert_code(&last, 421, (4, 7, 0));
+    let (summary, mut client, backend, ctx) = h.ended().await;
+    assert!(client.closed().await);
+    assert_eq!(summary.rcpt_failed, limit + 1);
+    let block = ctx
+        .blocks
+        .covering(
+            PEER.parse::<SocketAddr>().unwrap().ip(),
+            std::time::SystemTime::now(),
+        )
+        .expect("the source is blocked");
+    assert_eq!(block.reason, reason::HARVEST);
+    assert!(ctx
+        .blocked(PEER.parse::<SocketAddr>().unwrap().ip())
+        .is_some());
+    // Every RCPT reached the backend once; nothing after the last.
+    let rcpts = backend
+        .lines()
+        .iter()
+        .filter(|l| l.starts_with("RCPT TO:"))
+        .count();
+    assert_eq!(rcpts, limit as usize + 1);
+    assert_eq!(backend.lines().last().map(String::as_str), Some("QUIT"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pipelined_group_reaches_the_backend_in_one_write_and_replies_come_in_order() {
+    let mut h = Harness::start();
+    h.ehlo().await;
+    let group = "MAIL FROM:<sender@example.org>\r\n\
+                 RCPT TO:<alice@example.com>\r\n\
+                 RCPT TO:<nobody@example.com>\r\n\
+                 RCPT TO:<bob@example.com>\r\n\
+                 DATA\r\n";
+    h.client.send(group).await;
+    assert_code(&h.client.reply().await, 250, (2, 1, 0));
+    assert_code(&h.client.reply().await, 250, (2, 1, 5));
+    assert_code(&h.client.reply().await, 550, (5, 1, 1));
+    assert_code(&h.client.reply().await, 250, (2, 1, 5));
+    assert_eq!(h.client.reply().await.code, 354);
+    h.client.send(MESSAGE).await;
+    assert_eq!(h.client.command(".").await, parse(QUEUED));
+    assert_eq!(h.client.command("QUIT").await.code, 221);
+    let (summary, _, backend, _) = h.ended().await;
+    assert_eq!(summary.messages, 1);
+    backend.seen(|seen| {
+        assert!(
+            seen.reads.iter().any(|read| read == group.as_bytes()),
+            "the group in one read: {:?}",
+            seen.reads
+                .iter()
+                .map(|r| String::from_utf8_lossy(r).into_owned())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(seen.messages.len(), 1);
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_pipelining_at_the_backend_a_pipelining_client_is_still_served_in_order() {
+    let mut h = Harness::start_with(Config::default(), false);
+    h.ehlo().await;
+    let group = "MAIL FROM:<sender@example.org>\r\n\
+                 RCPT TO:<nobody@example.com>\r\n\
+                 RCPT TO:<bob@example.com>\r\n\
+                 DATA\r\n";
+    h.client.send(group).await;
+    assert_code(&h.client.reply().await, 250, (2, 1, 0));
+    assert_code(&h.client.reply().await, 550, (5, 1, 1));
+    assert_code(&h.client.reply().await, 250, (2, 1, 5));
+    assert_eq!(h.client.reply().await.code, 354);
+    h.client.send(MESSAGE).await;
+    assert_eq!(h.client.command(".").await, parse(QUEUED));
+    assert_eq!(h.client.command("QUIT").await.code, 221);
+    let (_, _, backend, _) = h.ended().await;
+    backend.seen(|seen| {
+        // Each command waited for the reply before it.
+        for command in group.split_terminator("\r\n") {
+            let alone = format!("{command}\r\n");
+            assert!(
+                seen.reads.iter().any(|read| read == alone.as_bytes()),
+                "{command} in a read of its own"
+            );
+        }
+    });
+}
