@@ -184,6 +184,8 @@ pub async fn run(
             }
         }
     });
+    // After the stored blocks: the cluster's are applied over them.
+    ctx.cluster.start(&config, &ctx)?;
     // Asked for by commands that change many blocks at once (import).
     let saves = tokio::sync::Notify::new();
     let listeners = proxy::bind(&config).await?;

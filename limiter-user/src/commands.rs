@@ -106,6 +106,7 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
                     None => format!("{net} is not blocked"),
                 });
             }
+            agent.ctx.cluster.publish_unblock(net);
             tracing::info!(%net, by = "cli", action = "unblock", "block removed");
             Ok(json!({ "net": net.to_string(), "still_listed": listed.map(ToString::to_string) }))
         }
@@ -264,6 +265,10 @@ pub fn clean_comment(text: &str) -> Result<String, String> {
 /// sessions are told (so none of them is refused before its SYNs drop).
 fn add_block(agent: &AgentState<'_>, block: ActiveBlock) -> Result<(), KernelError> {
     let net = block.net;
+    agent
+        .ctx
+        .cluster
+        .publish_block(net, block.reason, block.expires, block.comment.as_deref());
     let pushed = agent.datapath.block(net, block.expires, block.reason);
     agent.ctx.blocks.insert_marked(block, pushed.is_ok());
     let _ = agent.ctx.blocked_nets.send(net);
@@ -424,7 +429,18 @@ fn block_list(
             })
         }
     };
+    with_nodes(agent, &mut out);
     Ok(json!({ "blocks": out, "next": next }))
+}
+
+/// Adds the node that decided each block, when a cluster is configured.
+fn with_nodes(agent: &AgentState<'_>, rows: &mut [Value]) {
+    for row in rows.iter_mut().filter(|r| r["kind"] == "block") {
+        let net = row["net"].as_str().and_then(|n| n.parse().ok());
+        if let Some(node) = net.and_then(|n| agent.ctx.cluster.node_of(&n)) {
+            row["node"] = json!(&*node);
+        }
+    }
 }
 
 /// `block check ADDR`: whether the address is dropped and by what (the
@@ -616,6 +632,7 @@ fn stats(agent: &AgentState<'_>) -> Value {
             "scanner_errors": counts(f.stats.scanner_errors.list()),
         })),
         "kernel": kernel,
+        "cluster": agent.ctx.cluster.stats(),
         "proxy": {
             "sessions_open": s.sessions_open.load(Ordering::Relaxed),
             "sessions_total": s.sessions_total.load(Ordering::Relaxed),

@@ -247,6 +247,8 @@ pub struct ProxyContext {
     pub sessions: Arc<shed::Sessions>,
     /// The backend's greeting and EHLO capabilities, learned by probing.
     pub capabilities: capabilities::Capabilities,
+    /// Blocks shared with the other edge hosts (`[cluster]`).
+    pub cluster: crate::cluster::Cluster,
 }
 
 impl ProxyContext {
@@ -285,6 +287,7 @@ impl ProxyContext {
             )),
             sessions: Arc::new(shed::Sessions::default()),
             capabilities: capabilities::Capabilities::default(),
+            cluster: crate::cluster::Cluster::default(),
         })
     }
 
@@ -356,6 +359,8 @@ impl ProxyContext {
             pushed.is_ok(),
         );
         self.stats.count_block(order.reason_name());
+        self.cluster
+            .publish_block(order.net, order.reason, Some(expires), None);
         self.blocks_changed.notify_one();
         let _ = self.blocked_nets.send(order.net);
         let kernel = match pushed {

@@ -1,0 +1,381 @@
+//! The link task: one connection writes the queued events, another reads
+//! the other nodes' from the stream (XREAD BLOCK holds its connection).
+//! Any error ends both; the task logs the state change once, waits
+//! (1 s, doubling to 10 s) and connects again, then catches up from the
+//! stream id it remembers, or from the active hash when that id fell off
+//! the stream (or at start).
+
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, SystemTime},
+};
+
+use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, RedisResult, Value};
+
+use super::{wire::Event, Applier, Shared};
+
+/// The stream keeps about this many events (`MAXLEN ~`): an agent away
+/// longer reloads the active hash instead.
+const STREAM_MAXLEN: usize = 100_000;
+/// Most events written in one round trip.
+const WRITE_BATCH: usize = 256;
+/// Most events read in one XREAD.
+const READ_BATCH: usize = 512;
+/// How long one XREAD waits for new events.
+const READ_BLOCK: Duration = Duration::from_secs(1);
+/// Longest wait for a connection or an answer (more than [`READ_BLOCK`]).
+const TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// A client for `url`, with the password of `cluster.password_file`.
+pub(super) fn client(url: &str, password: Option<&str>) -> RedisResult<Client> {
+    let mut info = url.into_connection_info()?;
+    if let Some(password) = password {
+        let settings = info.redis_settings().clone().set_password(password);
+        info = info.set_redis_settings(settings);
+    }
+    Client::open(info)
+}
+
+struct Keys {
+    stream: String,
+    active: String,
+}
+
+pub(super) async fn run(client: Client, prefix: String, shared: Arc<Shared>, apply: Applier) {
+    let keys = Keys {
+        stream: format!("{prefix}:blocks"),
+        active: format!("{prefix}:active"),
+    };
+    let mut last_id: Option<String> = None;
+    let mut backoff = Duration::from_secs(1);
+    let mut down_logged = false;
+    loop {
+        let error = session(&client, &keys, &shared, &apply, &mut last_id).await;
+        if shared.up.swap(false, Ordering::Relaxed) {
+            backoff = Duration::from_secs(1);
+            down_logged = false;
+        }
+        if !down_logged {
+            tracing::warn!(error = %error, "cluster: Redis unreachable, enforcing this host's blocks alone; decisions are queued until it returns");
+            down_logged = true;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One connected stretch; returns why it ended.
+async fn session(
+    client: &Client,
+    keys: &Keys,
+    shared: &Shared,
+    apply: &Applier,
+    last_id: &mut Option<String>,
+) -> redis::RedisError {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(TIMEOUT))
+        .set_response_timeout(Some(TIMEOUT));
+    let connect = async {
+        let writer = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let reader = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        Ok::<_, redis::RedisError>((writer, reader))
+    };
+    let (mut writer, mut reader) = match connect.await {
+        Ok(pair) => pair,
+        Err(e) => return e,
+    };
+    if let Err(e) = catch_up(&mut reader, keys, apply, last_id).await {
+        return e;
+    }
+    shared.up.store(true, Ordering::Relaxed);
+    tracing::info!(
+        node = shared.node,
+        from = last_id.as_deref().unwrap_or("0-0"),
+        "cluster: Redis reachable, blocks shared"
+    );
+    tokio::select! {
+        e = write_loop(&mut writer, keys, shared) => e,
+        e = read_loop(&mut reader, keys, shared, apply, last_id) => e,
+    }
+}
+
+/// A stream id as (milliseconds, sequence); None if malformed.
+fn stream_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// Where reading starts: after `last_id` if the stream still holds what
+/// followed it, else from the active hash and the stream's end.
+async fn catch_up(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &Keys,
+    apply: &Applier,
+    last_id: &mut Option<String>,
+) -> RedisResult<()> {
+    if let Some(id) = last_id.as_deref().and_then(stream_id) {
+        let first: Value = redis::cmd("XRANGE")
+            .arg(&keys.stream)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(conn)
+            .await?;
+        let first = entries(&first)
+            .into_iter()
+            .next()
+            .and_then(|(first, _)| stream_id(&first));
+        match first {
+            // Events between `id` and the first one may have been trimmed.
+            Some(first) if first > id => {}
+            _ => return Ok(()),
+        }
+    }
+    let end: Value = redis::cmd("XREVRANGE")
+        .arg(&keys.stream)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    let end = entries(&end)
+        .into_iter()
+        .next()
+        .map_or_else(|| "0-0".to_owned(), |(id, _)| id);
+    let active: Value = redis::cmd("HGETALL")
+        .arg(&keys.active)
+        .query_async(conn)
+        .await?;
+    let now = wire_now();
+    let mut ended = Vec::new();
+    let mut loaded = 0usize;
+    for (net, value) in pairs(&active).unwrap_or_default() {
+        match Event::from_active(net, value) {
+            Ok(event) => {
+                if let Event::Block {
+                    expires: Some(at), ..
+                } = &event
+                {
+                    if *at <= now {
+                        ended.push(net.to_vec());
+                        continue;
+                    }
+                }
+                apply.apply(event, "active");
+                loaded += 1;
+            }
+            Err(e) => apply.skip("active", &String::from_utf8_lossy(net), &e),
+        }
+    }
+    if !ended.is_empty() {
+        // Ended blocks leave the hash (whoever sees them first).
+        redis::cmd("HDEL")
+            .arg(&keys.active)
+            .arg(&ended)
+            .exec_async(conn)
+            .await?;
+    }
+    tracing::info!(loaded, from = end, "cluster: active blocks loaded");
+    *last_id = Some(end);
+    Ok(())
+}
+
+fn wire_now() -> u64 {
+    super::wire::unix_seconds(SystemTime::now())
+}
+
+/// Writes the queued events, a batch a round trip; a batch that fails
+/// goes back to the queue's front.
+async fn write_loop(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &Keys,
+    shared: &Shared,
+) -> redis::RedisError {
+    loop {
+        let batch: Vec<Event> = {
+            let mut queue = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            let n = queue.len().min(WRITE_BATCH);
+            queue.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            shared.queued.notified().await;
+            continue;
+        }
+        let mut pipe = redis::pipe();
+        for event in &batch {
+            let xadd = pipe
+                .cmd("XADD")
+                .arg(&keys.stream)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(STREAM_MAXLEN)
+                .arg("*");
+            for (field, value) in event.fields() {
+                xadd.arg(field).arg(value);
+            }
+            xadd.ignore();
+            let net = event.net().to_string();
+            match event.active_value() {
+                Some(value) => pipe.cmd("HSET").arg(&keys.active).arg(net).arg(value),
+                None => pipe.cmd("HDEL").arg(&keys.active).arg(net),
+            }
+            .ignore();
+        }
+        if let Err(e) = pipe.exec_async(conn).await {
+            let mut queue = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            for event in batch.into_iter().rev() {
+                if queue.len() >= super::QUEUE_CAPACITY {
+                    shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                queue.push_front(event);
+            }
+            return e;
+        }
+        shared
+            .published
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Reads the stream from `last_id` on and applies the other nodes' events.
+async fn read_loop(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &Keys,
+    shared: &Shared,
+    apply: &Applier,
+    last_id: &mut Option<String>,
+) -> redis::RedisError {
+    loop {
+        let from = last_id.clone().unwrap_or_else(|| "0-0".to_owned());
+        let reply: Value = match redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(READ_BATCH)
+            .arg("BLOCK")
+            .arg(READ_BLOCK.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&keys.stream)
+            .arg(&from)
+            .query_async(conn)
+            .await
+        {
+            Ok(reply) => reply,
+            Err(e) => return e,
+        };
+        // [[stream, [[id, [field, value, ...]], ...]]] (or a map in RESP3).
+        let streams: Vec<&Value> = match &reply {
+            Value::Array(items) => items.iter().collect(),
+            Value::Map(items) => items.iter().map(|(_, v)| v).collect(),
+            _ => Vec::new(),
+        };
+        for stream in streams {
+            let list = match stream {
+                Value::Array(pair) if pair.len() == 2 => &pair[1],
+                other => other,
+            };
+            for (id, fields) in entries(list) {
+                match fields {
+                    Some(fields) => match Event::from_fields(fields) {
+                        Ok(event) if event.node() == shared.node => {}
+                        Ok(event) => apply.apply(event, "stream"),
+                        Err(e) => apply.skip("stream", &id, &e),
+                    },
+                    None => apply.skip("stream", &id, &"fields are not pairs"),
+                }
+                if stream_id(&id).is_some() {
+                    *last_id = Some(id);
+                }
+            }
+        }
+    }
+}
+
+/// Stream entries: each id with its fields as (name, value) pairs, or
+/// None when they are not pairs of strings.
+fn entries(value: &Value) -> Vec<(String, Option<Vec<(&[u8], &[u8])>>)> {
+    let Value::Array(items) = value else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| match item {
+            Value::Array(entry) if entry.len() == 2 => {
+                let id = match &entry[0] {
+                    Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                    Value::SimpleString(s) => s.clone(),
+                    _ => return None,
+                };
+                Some((id, pairs(&entry[1])))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// A flat array of alternating names and values (or a RESP3 map) as
+/// pairs; None if anything is not a string.
+fn pairs(value: &Value) -> Option<Vec<(&[u8], &[u8])>> {
+    fn bytes(v: &Value) -> Option<&[u8]> {
+        match v {
+            Value::BulkString(b) => Some(b),
+            Value::SimpleString(s) => Some(s.as_bytes()),
+            _ => None,
+        }
+    }
+    match value {
+        Value::Array(items) if items.len() % 2 == 0 => items
+            .chunks(2)
+            .map(|kv| Some((bytes(&kv[0])?, bytes(&kv[1])?)))
+            .collect(),
+        Value::Map(items) => items
+            .iter()
+            .map(|(k, v)| Some((bytes(k)?, bytes(v)?)))
+            .collect(),
+        Value::Nil => Some(Vec::new()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn stream_ids_compare_numerically() {
+        assert!(stream_id("10-0") > stream_id("9-5"));
+        assert!(stream_id("9-10") > stream_id("9-9"));
+        assert_eq!(stream_id("x-1"), None);
+        assert_eq!(stream_id("12"), None);
+    }
+
+    #[test]
+    fn odd_replies_give_no_entries_and_no_panic() {
+        assert!(entries(&Value::Nil).is_empty());
+        assert!(entries(&Value::Int(3)).is_empty());
+        let odd = Value::Array(vec![
+            Value::Array(vec![bulk("1-0")]),
+            Value::Array(vec![bulk("2-0"), Value::Array(vec![bulk("kind")])]),
+            Value::Array(vec![
+                bulk("3-0"),
+                Value::Array(vec![bulk("a"), Value::Int(1)]),
+            ]),
+            Value::Array(vec![bulk("4-0"), Value::Array(vec![bulk("a"), bulk("b")])]),
+        ]);
+        let got = entries(&odd);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0], ("2-0".to_owned(), None));
+        assert_eq!(got[1], ("3-0".to_owned(), None));
+        assert_eq!(got[2].1, Some(vec![(&b"a"[..], &b"b"[..])]));
+    }
+}

@@ -1,0 +1,298 @@
+//! Several edge hosts, one defence: the blocks each agent decides are
+//! published to Redis (`[cluster]`), and the other agents' blocks applied
+//! here, to the proxy's table and the kernel's maps.
+//!
+//! Redis is never in the mail path: a decision only queues an event
+//! ([`Cluster::publish_block`], bounded, the oldest dropped and counted
+//! when full); the link task (`link`) writes the queue to Redis and reads
+//! the other nodes' events, and with Redis away the agent goes on alone,
+//! its decisions kept queued until Redis returns. The stream
+//! `{prefix}:blocks` carries the changes, the hash `{prefix}:active` the
+//! blocks in force, for an agent that starts (or fell too far behind).
+//! What is read from Redis is checked (`wire`): malformed entries are
+//! logged and skipped, and no block covers everything or an allow-listed
+//! source, or lasts longer than `limits.max_block_duration`.
+
+mod link;
+pub mod wire;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, OnceLock,
+    },
+    time::SystemTime,
+};
+
+use ipnet::IpNet;
+use serde_json::{json, Value};
+
+use crate::{
+    config::Config,
+    lists::ListSet,
+    proxy::{blocks::ActiveBlock, ProxyContext},
+};
+use limiter_common::reason;
+use wire::{unix_seconds, Event};
+
+/// Most events waiting for Redis; past it the oldest is dropped (its block
+/// still holds here, and on the others once Redis holds a newer decision).
+pub const QUEUE_CAPACITY: usize = 10_000;
+
+/// The cluster as the rest of the agent sees it: inert until
+/// [`Cluster::start`] (no `[cluster]`, or not started yet).
+#[derive(Default)]
+pub struct Cluster(OnceLock<Arc<Shared>>);
+
+/// What the link task and the agent share.
+struct Shared {
+    node: String,
+    queue: Mutex<VecDeque<Event>>,
+    queued: tokio::sync::Notify,
+    up: AtomicBool,
+    published: AtomicU64,
+    applied: AtomicU64,
+    dropped: AtomicU64,
+    /// Entries read from Redis and skipped: malformed or refused.
+    refused: AtomicU64,
+    /// The node that decided each block applied from the cluster (shown
+    /// by `block list`); bounded like the table, removed with the block.
+    nodes: Mutex<HashMap<IpNet, Arc<str>>>,
+}
+
+impl Shared {
+    fn push(&self, event: Event) {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.len() >= QUEUE_CAPACITY {
+            queue.pop_front();
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        queue.push_back(event);
+        drop(queue);
+        self.queued.notify_one();
+    }
+}
+
+impl Cluster {
+    /// Starts the link task if `[cluster]` names a Redis server (once).
+    ///
+    /// # Errors
+    /// `cluster.password_file` cannot be read, or the URL is refused by
+    /// the client.
+    pub fn start(&self, config: &Config, ctx: &Arc<ProxyContext>) -> anyhow::Result<()> {
+        let Some(url) = config.cluster.redis.as_deref() else {
+            return Ok(());
+        };
+        let node = config
+            .cluster
+            .node
+            .clone()
+            .unwrap_or_else(|| ctx.settings.hostname.clone());
+        let password = match &config.cluster.password_file {
+            None => None,
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("cluster.password_file {}: {e}", path.display()))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            ),
+        };
+        let client = link::client(url, password.as_deref())
+            .map_err(|e| anyhow::anyhow!("cluster.redis: {e}"))?;
+        if config.cluster.share_counters {
+            tracing::warn!(
+                "cluster.share_counters: not implemented yet, the failure windows are counted on each host alone"
+            );
+        }
+        let shared = Arc::new(Shared {
+            node: node.clone(),
+            queue: Mutex::new(VecDeque::new()),
+            queued: tokio::sync::Notify::new(),
+            up: AtomicBool::new(false),
+            published: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            nodes: Mutex::new(HashMap::new()),
+        });
+        if self.0.set(shared.clone()).is_err() {
+            return Ok(());
+        }
+        let apply = Applier {
+            ctx: ctx.clone(),
+            shared: shared.clone(),
+            lists: ListSet::of(&config.lists),
+            max_duration: config.limits.max_block_duration,
+        };
+        tracing::info!(
+            node,
+            prefix = config.cluster.prefix,
+            "cluster: sharing blocks through Redis"
+        );
+        tokio::spawn(link::run(
+            client,
+            config.cluster.prefix.clone(),
+            shared,
+            apply,
+        ));
+        Ok(())
+    }
+
+    /// Queues a block decided here for the other nodes.
+    pub fn publish_block(
+        &self,
+        net: IpNet,
+        reason: u32,
+        expires: Option<SystemTime>,
+        comment: Option<&str>,
+    ) {
+        if let Some(shared) = self.0.get() {
+            shared.push(Event::Block {
+                net,
+                reason,
+                node: shared.node.clone(),
+                expires: expires.map(unix_seconds),
+                comment: comment.map(str::to_owned),
+            });
+        }
+    }
+
+    /// Queues the removal of a block here for the other nodes.
+    pub fn publish_unblock(&self, net: IpNet) {
+        if let Some(shared) = self.0.get() {
+            shared.push(Event::Unblock {
+                net,
+                node: shared.node.clone(),
+            });
+        }
+    }
+
+    /// The node that decided a block, when a cluster is configured: the
+    /// one it came from, else this one.
+    pub fn node_of(&self, net: &IpNet) -> Option<Arc<str>> {
+        let shared = self.0.get()?;
+        let nodes = shared.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        Some(
+            nodes
+                .get(net)
+                .cloned()
+                .unwrap_or_else(|| Arc::from(shared.node.as_str())),
+        )
+    }
+
+    /// `stats`' `cluster` object; null without a cluster.
+    pub fn stats(&self) -> Value {
+        let Some(s) = self.0.get() else {
+            return Value::Null;
+        };
+        json!({
+            "state": if s.up.load(Ordering::Relaxed) { "up" } else { "down" },
+            "node": s.node,
+            "published": s.published.load(Ordering::Relaxed),
+            "applied": s.applied.load(Ordering::Relaxed),
+            "dropped": s.dropped.load(Ordering::Relaxed),
+            "refused": s.refused.load(Ordering::Relaxed),
+            "queued": s.queue.lock().unwrap_or_else(|p| p.into_inner()).len(),
+        })
+    }
+}
+
+/// Applies the other nodes' events here: the path of a local block, but
+/// nothing is published again.
+struct Applier {
+    ctx: Arc<ProxyContext>,
+    shared: Arc<Shared>,
+    lists: ListSet,
+    max_duration: std::time::Duration,
+}
+
+impl Applier {
+    /// Applies one event read from Redis (`source` names where, for logs).
+    fn apply(&self, event: Event, source: &str) {
+        let now = SystemTime::now();
+        match event {
+            Event::Block {
+                net,
+                reason: code,
+                node,
+                expires,
+                comment,
+            } => {
+                let allow: Vec<IpNet> = self.lists.allow.keys().copied().collect();
+                let expires = match wire::admit(net, expires, &allow, self.max_duration, now) {
+                    Ok(at) => at,
+                    Err(wire::Refusal::Expired) => return,
+                    Err(refusal) => {
+                        self.shared.refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%net, node, source, why = %refusal, "cluster: block refused");
+                        return;
+                    }
+                };
+                let node: Arc<str> = Arc::from(node);
+                if let Some(held) = self.ctx.blocks.get(&net) {
+                    if held.expires.is_none_or(|e| e >= expires) {
+                        self.remember(net, node);
+                        return;
+                    }
+                }
+                let pushed = self.ctx.kernel.block(net, Some(expires), code);
+                self.ctx.blocks.insert_marked(
+                    ActiveBlock {
+                        net,
+                        reason: code,
+                        expires: Some(expires),
+                        since: now,
+                        repeat: 0,
+                        comment: comment.map(Arc::from),
+                    },
+                    pushed.is_ok(),
+                );
+                let _ = self.ctx.blocked_nets.send(net);
+                self.ctx.blocks_changed.notify_one();
+                self.shared.applied.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%net, node = %node, origin = reason::name(code), kernel = pushed.is_ok(), action = "block", by = "cluster", "source blocked");
+                self.remember(net, node);
+            }
+            Event::Unblock { net, node } => {
+                let in_proxy = self.ctx.blocks.remove(&net);
+                let in_kernel = match self.lists.reject.get(&net) {
+                    // The list's own entry goes back in place of the block.
+                    Some(_) => self
+                        .ctx
+                        .kernel
+                        .block(net, None, reason::REJECT_LIST)
+                        .is_ok(),
+                    None => self.ctx.kernel.unblock(net).unwrap_or(false),
+                };
+                self.ctx.state.unblock(net);
+                self.shared
+                    .nodes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&net);
+                if in_proxy || in_kernel {
+                    self.shared.applied.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%net, node, action = "unblock", by = "cluster", "block removed");
+                }
+            }
+        }
+    }
+
+    fn remember(&self, net: IpNet, node: Arc<str>) {
+        let mut nodes = self.shared.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        if nodes.len() >= self.ctx.blocks.capacity() {
+            // Entries of blocks that expired or were evicted meanwhile.
+            nodes.retain(|n, _| self.ctx.blocks.contains(n));
+        }
+        if nodes.len() < self.ctx.blocks.capacity() {
+            nodes.insert(net, node);
+        }
+    }
+
+    /// Counts and logs an entry that could not be read.
+    fn skip(&self, source: &str, id: &str, error: &dyn std::fmt::Display) {
+        self.shared.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(source, id, error = %error, "cluster: malformed entry skipped");
+    }
+}
