@@ -78,6 +78,9 @@ fn apt_packages(llvm: u32) -> Vec<String> {
         "ldap-utils".into(),
         "rspamd".into(),
         "clamav-daemon".into(),
+        // For the cluster tests (private instances only, see
+        // [`ensure_no_system_scanners`]).
+        "redis-server".into(),
         // systemd-analyze, for the packaging test's `verify` of the unit
         // (a container may have no systemd; nothing is started by it).
         "systemd".into(),
@@ -110,10 +113,10 @@ struct SystemService {
     process: &'static str,
 }
 
-/// What the filter tests' scanners bring: the tests start private rspamd
-/// and clamd instances of their own (under /tmp/smtp-limiter-…), so none of
-/// these may run.
-const SCANNER_SERVICES: [SystemService; 3] = [
+/// What the filter tests' scanners and the cluster tests' Redis bring: the
+/// tests start private rspamd, clamd and redis-server instances of their
+/// own (under /tmp/smtp-limiter-…), so none of these may run.
+const SCANNER_SERVICES: [SystemService; 4] = [
     SystemService {
         package: "rspamd",
         units: &["rspamd.service"],
@@ -131,6 +134,12 @@ const SCANNER_SERVICES: [SystemService; 3] = [
         units: &["clamav-freshclam.service", "clamav-freshclam-once.timer"],
         init_script: "clamav-freshclam",
         process: "freshclam",
+    },
+    SystemService {
+        package: "redis-server",
+        units: &["redis-server.service"],
+        init_script: "redis-server",
+        process: "redis-server",
     },
 ];
 
@@ -543,8 +552,19 @@ fn ensure_bpf_linker(llvm: u32) -> Result<()> {
 /// and if anything is missing print the whole list and fail.
 fn not_debian(why: &str, llvm: u32, packages: &[String]) -> Result<()> {
     let tools = [
-        "cc", "bpftool", "ip", "ethtool", "postfix", "swaks", "python3", "slapd", "slapadd",
-        "ldapadd", "rspamd", "clamd",
+        "cc",
+        "bpftool",
+        "ip",
+        "ethtool",
+        "postfix",
+        "swaks",
+        "python3",
+        "slapd",
+        "slapadd",
+        "ldapadd",
+        "rspamd",
+        "clamd",
+        "redis-server",
     ];
     let missing_tools: Vec<&str> = tools
         .iter()
@@ -568,8 +588,8 @@ fn not_debian(why: &str, llvm: u32, packages: &[String]) -> Result<()> {
     println!(
         "  (LLVM {llvm} development files with Polly, a C toolchain, bpftool, iproute2, ethtool, \
          Postfix with no system instance running, swaks, python3, slapd with no system \
-         instance running, ldap-utils, rspamd and clamav-daemon with no system instance \
-         or freshclam running)"
+         instance running, ldap-utils, rspamd, clamav-daemon and redis-server with no \
+         system instance or freshclam running)"
     );
     println!(
         "then build bpf-linker against LLVM {llvm} (llvm-config of LLVM {llvm} first on PATH):"
