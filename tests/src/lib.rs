@@ -20,6 +20,7 @@ pub mod netns;
 pub mod packets;
 pub mod postfix;
 pub mod proxy;
+pub mod redis;
 pub mod rig;
 pub mod rspamd;
 pub mod scripted;

@@ -1,0 +1,175 @@
+//! A private, real `redis-server` for one test: its own directory under
+//! /tmp, `127.0.0.1` and a free port, no persistence (`--save ''
+//! --appendonly no`: nothing is written but its log). Stopped, and its
+//! directory removed, when the [`Redis`] is dropped; [`Redis::kill`] and
+//! [`Redis::restart`] take it away and bring it back on the same port
+//! (empty, as a Redis without persistence comes back).
+//!
+//! Needs Debian's `redis-server` and `redis-cli` (`cargo xtask setup`
+//! installs them without a system instance). With `REDIS_FIXTURE_KEEP`
+//! set the directory is kept. Instances whose test process died before its
+//! `Drop` are stopped by the next test process that starts one.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::fixture::{self, free_port, ChildProcess, InstanceDir, Server};
+
+const TOOL_DIRS: [&str; 4] = ["/usr/bin", "/usr/sbin", "/bin", "/sbin"];
+/// How long [`Redis::start`] waits for redis-server to answer PING.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+static SERVER: Server = Server::new("redis", "REDIS_FIXTURE_KEEP", stop_stale);
+
+/// Why tests that need Redis cannot run here, if they cannot.
+#[must_use]
+pub fn missing_prerequisite() -> Option<String> {
+    ["redis-server", "redis-cli"]
+        .into_iter()
+        .find_map(|tool| tool_path(tool).err().map(|e| format!("{e:#}")))
+}
+
+/// Whether tests that need Redis can run here. Under `CI=true` a missing
+/// prerequisite is a failure (panic), elsewhere the test is skipped.
+pub fn prerequisites(test: &str) -> bool {
+    fixture::require(test, missing_prerequisite())
+}
+
+fn tool_path(name: &str) -> Result<PathBuf> {
+    fixture::find_program(
+        name,
+        &TOOL_DIRS,
+        "install redis-server: `cargo xtask setup`",
+    )
+}
+
+/// A running private redis-server.
+pub struct Redis {
+    dir: InstanceDir,
+    addr: SocketAddr,
+    child: Option<ChildProcess>,
+}
+
+impl Redis {
+    /// Starts an instance on a free port (another one if it was taken).
+    ///
+    /// # Errors
+    /// A missing prerequisite, or redis-server did not come up.
+    pub fn start() -> Result<Redis> {
+        SERVER.start(missing_prerequisite(), || {
+            let mut redis = Redis {
+                dir: SERVER.new_dir()?,
+                addr: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
+                child: None,
+            };
+            redis.launch()?;
+            Ok(redis)
+        })
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let d = self.dir.path();
+        let mut command = Command::new(tool_path("redis-server")?);
+        command
+            .arg("--port")
+            .arg(self.addr.port().to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--daemonize", "no", "--protected-mode", "yes"])
+            .arg("--dir")
+            .arg(d)
+            .arg("--pidfile")
+            .arg(d.join("redis.pid"))
+            .arg("--logfile")
+            .arg(d.join("redis.log"));
+        let mut child = ChildProcess::spawn("redis", &mut command, &d.join("redis.out"))?;
+        let addr = self.addr;
+        let dir = &self.dir;
+        child.wait_ready(
+            START_TIMEOUT,
+            "answer PING",
+            || ping(addr),
+            || dir.log_and_output(),
+        )?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// `redis://127.0.0.1:PORT/0`.
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("redis://{}/0", self.addr)
+    }
+
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// SIGKILLs the server (as a crash does); [`Redis::restart`] brings
+    /// it back.
+    pub fn kill(&mut self) {
+        if let Some(child) = self.child.take() {
+            fixture::signal(i32::try_from(child.id()).unwrap_or(0), libc::SIGKILL);
+            drop(child);
+        }
+    }
+
+    /// Starts the server again on the same port (empty).
+    ///
+    /// # Errors
+    /// It did not come up.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.launch()
+    }
+
+    /// `redis-cli -p PORT ARGS`: its output, trimmed.
+    ///
+    /// # Errors
+    /// redis-cli could not run or failed.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(tool_path("redis-cli")?)
+            .args(["-h", "127.0.0.1", "-p", &self.addr.port().to_string()])
+            .args(args)
+            .output()
+            .context("running redis-cli")?;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !out.status.success() || text.starts_with("ERR") {
+            bail!(
+                "redis-cli {args:?}: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(text)
+    }
+}
+
+/// Whether the server answers PING with PONG.
+fn ping(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut reply = [0u8; 16];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream
+            .read(&mut reply)
+            .is_ok_and(|n| reply[..n].starts_with(b"+PONG"))
+}
+
+fn stop_stale(dir: &Path, owner: u32) {
+    let redis = || fixture::pid_file_process(dir, "redis.pid");
+    if let Some(pid) = redis() {
+        eprintln!("redis fixture: stopping redis-server {pid} left by process {owner}");
+        fixture::kill_all(Duration::from_secs(1), || redis().into_iter().collect());
+    }
+}

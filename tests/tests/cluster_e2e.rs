@@ -1,0 +1,396 @@
+//! Several agents sharing their blocks through one private Redis
+//! (`[cluster]`), as edge hosts of one site would: a block decided on one
+//! (by the CLI or by its proxy) holds on the others, its removal too;
+//! Redis away, each agent goes on alone and catches up when Redis returns;
+//! an agent started empty gets the blocks in force; and what is read from
+//! Redis is checked. The agents run in the test's namespace with the
+//! kernel layer off and the built-in backend (the proxy's own refusal is
+//! what is checked here, not the kernel's drop).
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use limiter_tests::{
+    agent::{Agent, AgentDir, Launch},
+    fixture::{free_port, wait_until},
+    proxy::Client,
+    redis::{prerequisites, Redis},
+    tcp::connect_local,
+};
+use serde_json::Value;
+
+/// How long an event may take from one agent to another here: the goal is
+/// under a second; the rest is room for a loaded two-CPU CI machine (each
+/// check is a CLI run of its own).
+const PROPAGATION: Duration = Duration::from_secs(10);
+/// How long an agent may take to notice Redis gone or back (a reconnect
+/// waits up to 10 s between tries).
+const RECONNECT: Duration = Duration::from_secs(30);
+
+/// One agent of the cluster: its directory and ports.
+struct Node {
+    name: &'static str,
+    dir: AgentDir,
+    proxy: SocketAddr,
+    redis: String,
+    extra: String,
+}
+
+impl Node {
+    fn new(name: &'static str, redis: &Redis, extra: &str) -> Node {
+        Node {
+            name,
+            dir: AgentDir::new(name),
+            proxy: SocketAddr::from(([127, 0, 0, 1], 0)),
+            redis: redis.url(),
+            extra: extra.to_owned(),
+        }
+    }
+
+    /// Starts the agent on new free ports (others if one was taken).
+    fn start(&mut self) -> Agent {
+        let Node {
+            name,
+            dir,
+            proxy,
+            redis,
+            extra,
+        } = self;
+        Agent::start(dir, &Launch::here(), || {
+            let port = || free_port().expect("a free port");
+            *proxy = SocketAddr::from(([127, 0, 0, 1], port()));
+            dir.write_config(&format!(
+                r#"
+                [[listen]]
+                address = "{proxy}"
+                [backend]
+                address = "127.0.0.1:{backend}"
+                builtin = true
+                [metrics]
+                address = "127.0.0.1:{metrics}"
+                [kernel]
+                mode = "off"
+                [limits]
+                max_failed_rcpt = 3
+                [cluster]
+                redis = "{redis}"
+                node = "{name}"
+                share_counters = false
+                {extra}
+                "#,
+                backend = port(),
+                metrics = port(),
+            ));
+        })
+    }
+}
+
+/// Connects from `source` (a loopback address of its own) to `to`.
+#[track_caller]
+fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
+    connect_local(source.parse().unwrap(), to, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect from {source} to {to}: {e}"))
+}
+
+/// The proxy's greeting to `source`.
+#[track_caller]
+fn greeting(source: &str, proxy: SocketAddr) -> String {
+    let (_, greeting) = Client::from_stream(connect_from(source, proxy)).unwrap();
+    greeting
+}
+
+/// `stats`' cluster object.
+fn cluster(agent: &Agent) -> Value {
+    agent.json(&["stats"])["cluster"].clone()
+}
+
+/// Waits until `agent` lists (or, `listed` false, no longer lists) `net`;
+/// how long that took.
+#[track_caller]
+fn wait_listed(agent: &Agent, net: &str, listed: bool, what: &str) -> Duration {
+    let start = Instant::now();
+    assert!(
+        wait_until(PROPAGATION, || agent.block(net).is_some() == listed),
+        "{what}: {net} {} within {PROPAGATION:?}; log:\n{}",
+        if listed { "not listed" } else { "still listed" },
+        agent.log()
+    );
+    start.elapsed()
+}
+
+#[track_caller]
+fn wait_state(agent: &Agent, state: &str) {
+    assert!(
+        wait_until(RECONNECT, || cluster(agent)["state"] == state),
+        "cluster never {state}: {}; log:\n{}",
+        cluster(agent),
+        agent.log()
+    );
+}
+
+/// A session from `source` that tries unknown recipients until the proxy
+/// cuts it off; how many failed (5xx) before the `421`.
+#[track_caller]
+fn failed_rcpts_before_the_cut(source: &str, proxy: SocketAddr) -> usize {
+    let (mut smtp, greeting) = Client::from_stream(connect_from(source, proxy)).unwrap();
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    assert!(smtp.cmd("EHLO harvester.test").unwrap().starts_with("250"));
+    let mail = smtp.cmd("MAIL FROM:<h@harvester.test>").unwrap();
+    assert!(mail.starts_with("250 "), "{mail}");
+    for n in 1..=20 {
+        let reply = smtp
+            .cmd(&format!("RCPT TO:<nobody{n}@example.com>"))
+            .unwrap();
+        if reply.starts_with("421 4.7.0") {
+            smtp.expect_closed();
+            return n - 1;
+        }
+        assert!(reply.starts_with('5'), "RCPT {n}: {reply}");
+    }
+    panic!("never cut off after 20 unknown recipients");
+}
+
+#[test]
+fn blocks_decided_on_one_agent_hold_on_the_other() {
+    if !prerequisites("blocks_decided_on_one_agent_hold_on_the_other") {
+        return;
+    }
+    let redis = Redis::start().expect("a private redis-server");
+    let mut a = Node::new("mx-a", &redis, "[lists]\nallow = [\"127.0.0.200\"]");
+    let mut b = Node::new("mx-b", &redis, "[lists]\nallow = [\"127.0.0.200\"]");
+    let (agent_a, agent_b) = (a.start(), b.start());
+    wait_state(&agent_a, "up");
+    wait_state(&agent_b, "up");
+    assert_eq!(cluster(&agent_a)["node"], "mx-a");
+
+    // (a) A manual block on A is listed on B, decided by A.
+    let added = Instant::now();
+    let out = agent_a.cli(&[
+        "block",
+        "add",
+        "127.0.0.9",
+        "--for",
+        "1h",
+        "--reason",
+        "manual",
+    ]);
+    assert!(out.success(), "{}", out.text());
+    let seen = wait_listed(&agent_b, "127.0.0.9/32", true, "block add on A");
+    println!(
+        "propagation latency (block add on A to B's block list, CLI polling): {:?} after the command, {:?} including it",
+        seen,
+        added.elapsed()
+    );
+    let row = agent_b.block("127.0.0.9/32").unwrap();
+    assert_eq!(row["node"], "mx-a", "{row}");
+    assert_eq!(row["origin"], "manual", "{row}");
+    assert_eq!(agent_a.block("127.0.0.9/32").unwrap()["node"], "mx-a");
+    assert!(greeting("127.0.0.9", b.proxy).starts_with("421 4.7.0"));
+
+    // (b) Its removal on A releases it on B.
+    let out = agent_a.cli(&["block", "del", "127.0.0.9"]);
+    assert!(out.success(), "{}", out.text());
+    let gone = wait_listed(&agent_b, "127.0.0.9/32", false, "block del on A");
+    println!("propagation latency (block del on A to B): {gone:?}");
+    assert!(greeting("127.0.0.9", b.proxy).starts_with("220 "));
+
+    // (c) A harvester cut off by A's proxy is refused by B's.
+    assert_eq!(failed_rcpts_before_the_cut("127.0.0.10", a.proxy), 3);
+    let seen = wait_listed(&agent_b, "127.0.0.10/32", true, "harvest block on A");
+    println!("propagation latency (harvest block on A to B): {seen:?}");
+    let row = agent_b.block("127.0.0.10/32").unwrap();
+    assert_eq!(
+        (&row["node"], &row["origin"]),
+        (&"mx-a".into(), &"harvest".into()),
+        "{row}"
+    );
+    let refused = greeting("127.0.0.10", b.proxy);
+    assert!(
+        refused.starts_with("421 4.7.0"),
+        "B let the harvester in: {refused}"
+    );
+
+    // (f) Entries nobody trustworthy wrote: malformed ones, one for every
+    // address, one for an allow-listed source; then a good one, so that
+    // once it is listed the others have been read.
+    let stream = "smtp-limiter:blocks";
+    for fields in [
+        &[
+            "kind",
+            "block",
+            "net",
+            "not-a-net",
+            "reason",
+            "manual",
+            "node",
+            "x",
+            "expires",
+            "never",
+        ][..],
+        &["kind", "explode"],
+        &[
+            "kind",
+            "block",
+            "net",
+            "0.0.0.0/0",
+            "reason",
+            "manual",
+            "node",
+            "evil",
+            "expires",
+            "never",
+        ],
+        &[
+            "kind",
+            "block",
+            "net",
+            "127.0.0.0/24",
+            "reason",
+            "manual",
+            "node",
+            "evil",
+            "expires",
+            "never",
+        ],
+        &[
+            "kind",
+            "block",
+            "net",
+            "127.0.0.11/32",
+            "reason",
+            "flood",
+            "node",
+            "tester",
+            "expires",
+            "never",
+        ],
+    ] {
+        let mut args = vec!["XADD", stream, "*"];
+        args.extend_from_slice(fields);
+        redis.cli(&args).expect("XADD");
+    }
+    wait_listed(
+        &agent_b,
+        "127.0.0.11/32",
+        true,
+        "the good entry after the bad ones",
+    );
+    for agent in [&agent_a, &agent_b] {
+        let log = agent.log();
+        assert!(
+            log.contains("malformed entry skipped") && log.contains("not-a-net"),
+            "{log}"
+        );
+        assert!(
+            log.contains("block refused") && log.contains("0.0.0.0/0"),
+            "{log}"
+        );
+        assert!(agent.block("0.0.0.0/0").is_none() && agent.block("127.0.0.0/24").is_none());
+        assert!(
+            cluster(agent)["refused"].as_u64() >= Some(4),
+            "{}",
+            cluster(agent)
+        );
+    }
+    // A source nobody blocked is still served by both.
+    assert!(greeting("127.0.0.12", a.proxy).starts_with("220 "));
+    assert!(greeting("127.0.0.12", b.proxy).starts_with("220 "));
+    assert!(
+        cluster(&agent_a)["published"].as_u64() >= Some(3),
+        "{}",
+        cluster(&agent_a)
+    );
+    agent_a.stop();
+    agent_b.stop();
+}
+
+#[test]
+fn redis_away_each_agent_goes_on_and_catches_up_and_an_empty_agent_gets_the_blocks() {
+    if !prerequisites(
+        "redis_away_each_agent_goes_on_and_catches_up_and_an_empty_agent_gets_the_blocks",
+    ) {
+        return;
+    }
+    let mut redis = Redis::start().expect("a private redis-server");
+    let mut a = Node::new("mx-a", &redis, "");
+    let mut b = Node::new("mx-b", &redis, "");
+    let (agent_a, agent_b) = (a.start(), b.start());
+    wait_state(&agent_a, "up");
+    wait_state(&agent_b, "up");
+    let out = agent_a.cli(&["block", "add", "127.0.1.1", "--for", "1h"]);
+    assert!(out.success(), "{}", out.text());
+    wait_listed(&agent_b, "127.0.1.1/32", true, "before the outage");
+
+    // (d) Redis killed: both serve, both say so; a block on B meanwhile
+    // reaches A once Redis is back on the same port (empty).
+    redis.kill();
+    wait_state(&agent_a, "down");
+    wait_state(&agent_b, "down");
+    assert!(greeting("127.0.1.2", a.proxy).starts_with("220 "));
+    assert!(greeting("127.0.1.2", b.proxy).starts_with("220 "));
+    let out = agent_b.cli(&[
+        "block",
+        "add",
+        "127.0.1.3",
+        "--for",
+        "1h",
+        "--reason",
+        "manual",
+    ]);
+    assert!(out.success(), "{}", out.text());
+    assert!(greeting("127.0.1.3", b.proxy).starts_with("421 4.7.0"));
+    assert!(agent_a.block("127.0.1.3/32").is_none());
+    assert_eq!(cluster(&agent_b)["queued"], 1, "{}", cluster(&agent_b));
+    redis.restart().expect("redis-server back on its port");
+    let back = Instant::now();
+    wait_state(&agent_a, "up");
+    wait_state(&agent_b, "up");
+    assert!(
+        wait_until(RECONNECT, || agent_a.block("127.0.1.3/32").is_some()),
+        "the block B decided during the outage never reached A; log:\n{}",
+        agent_b.log()
+    );
+    println!("caught up {:?} after Redis returned", back.elapsed());
+    assert_eq!(agent_a.block("127.0.1.3/32").unwrap()["node"], "mx-b");
+    assert!(greeting("127.0.1.3", a.proxy).starts_with("421 4.7.0"));
+    for agent in [&agent_a, &agent_b] {
+        let log = agent.log();
+        assert_eq!(
+            log.matches("Redis unreachable").count(),
+            1,
+            "once per change:\n{log}"
+        );
+    }
+
+    // (e) An agent started with an empty state directory gets the blocks
+    // in force; a malformed entry in the hash is skipped.
+    redis
+        .cli(&["HSET", "smtp-limiter:active", "127.0.1.4/32", "{not json"])
+        .unwrap();
+    redis
+        .cli(&[
+            "HSET",
+            "smtp-limiter:active",
+            "0.0.0.0/0",
+            r#"{"reason":"manual","node":"evil","expires":"never","comment":""}"#,
+        ])
+        .unwrap();
+    let mut c = Node::new("mx-c", &redis, "");
+    let agent_c = c.start();
+    wait_state(&agent_c, "up");
+    wait_listed(&agent_c, "127.0.1.3/32", true, "empty agent C");
+    assert_eq!(agent_c.block("127.0.1.3/32").unwrap()["node"], "mx-b");
+    assert!(greeting("127.0.1.3", c.proxy).starts_with("421 4.7.0"));
+    assert!(agent_c.block("0.0.0.0/0").is_none() && agent_c.block("127.0.1.4/32").is_none());
+    let log = agent_c.log();
+    assert!(
+        log.contains("malformed entry skipped") && log.contains("127.0.1.4/32"),
+        "{log}"
+    );
+    assert!(log.contains("block refused"), "{log}");
+    agent_a.stop();
+    agent_b.stop();
+    agent_c.stop();
+}
