@@ -51,6 +51,8 @@ pub struct Redis {
     dir: InstanceDir,
     addr: SocketAddr,
     child: Option<ChildProcess>,
+    /// `requirepass`: clients must AUTH.
+    password: Option<String>,
 }
 
 impl Redis {
@@ -59,11 +61,25 @@ impl Redis {
     /// # Errors
     /// A missing prerequisite, or redis-server did not come up.
     pub fn start() -> Result<Redis> {
+        Self::start_with(None)
+    }
+
+    /// [`Redis::start`], refusing clients that do not AUTH with
+    /// `password`.
+    ///
+    /// # Errors
+    /// As [`Redis::start`].
+    pub fn start_with_password(password: &str) -> Result<Redis> {
+        Self::start_with(Some(password))
+    }
+
+    fn start_with(password: Option<&str>) -> Result<Redis> {
         SERVER.start(missing_prerequisite(), || {
             let mut redis = Redis {
                 dir: SERVER.new_dir()?,
                 addr: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
                 child: None,
+                password: password.map(str::to_owned),
             };
             redis.launch()?;
             Ok(redis)
@@ -84,12 +100,17 @@ impl Redis {
             .arg(d.join("redis.pid"))
             .arg("--logfile")
             .arg(d.join("redis.log"));
+        if let Some(password) = &self.password {
+            command.arg("--requirepass").arg(password);
+        }
         let mut child = ChildProcess::spawn("redis", &mut command, &d.join("redis.out"))?;
         let addr = self.addr;
         let dir = &self.dir;
         child.wait_ready(
             START_TIMEOUT,
             "answer PING",
+            // Without AUTH a protected server answers -NOAUTH: up all the
+            // same.
             || ping(addr),
             || dir.log_and_output(),
         )?;
@@ -138,6 +159,11 @@ impl Redis {
     pub fn cli(&self, args: &[&str]) -> Result<String> {
         let out = Command::new(tool_path("redis-cli")?)
             .args(["-h", "127.0.0.1", "-p", &self.addr.port().to_string()])
+            .args(
+                self.password
+                    .iter()
+                    .flat_map(|p| ["--no-auth-warning", "-a", p.as_str()]),
+            )
             .args(args)
             .output()
             .context("running redis-cli")?;
@@ -152,7 +178,8 @@ impl Redis {
     }
 }
 
-/// Whether the server answers PING with PONG.
+/// Whether the server answers PING (with PONG, or NOAUTH when it wants a
+/// password).
 fn ping(addr: SocketAddr) -> bool {
     use std::io::{Read, Write};
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
@@ -163,7 +190,7 @@ fn ping(addr: SocketAddr) -> bool {
     stream.write_all(b"PING\r\n").is_ok()
         && stream
             .read(&mut reply)
-            .is_ok_and(|n| reply[..n].starts_with(b"+PONG"))
+            .is_ok_and(|n| reply[..n].starts_with(b"+PONG") || reply[..n].starts_with(b"-NOAUTH"))
 }
 
 fn stop_stale(dir: &Path, owner: u32) {

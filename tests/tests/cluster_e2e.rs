@@ -377,6 +377,10 @@ fn redis_away_each_agent_goes_on_and_catches_up_and_an_empty_agent_gets_the_bloc
             r#"{"reason":"manual","node":"evil","expires":"never","comment":""}"#,
         ])
         .unwrap();
+    let ended = r#"{"reason":"flood","node":"mx-a","expires":"1000","comment":""}"#;
+    redis
+        .cli(&["HSET", "smtp-limiter:active", "127.0.1.5/32", ended])
+        .unwrap();
     let mut c = Node::new("mx-c", &redis, "");
     let agent_c = c.start();
     wait_state(&agent_c, "up");
@@ -390,7 +394,58 @@ fn redis_away_each_agent_goes_on_and_catches_up_and_an_empty_agent_gets_the_bloc
         "{log}"
     );
     assert!(log.contains("block refused"), "{log}");
+    // The ended block is not applied, and leaves the hash; the unreadable
+    // entries stay for whoever wrote them.
+    assert!(agent_c.block("127.0.1.5/32").is_none());
+    assert!(
+        wait_until(PROPAGATION, || redis
+            .cli(&["HEXISTS", "smtp-limiter:active", "127.0.1.5/32"])
+            .is_ok_and(|r| r == "0")),
+        "the ended block stayed in the hash"
+    );
+    let left = redis.cli(&["HEXISTS", "smtp-limiter:active", "127.0.1.4/32"]);
+    assert_eq!(left.unwrap(), "1");
     agent_a.stop();
     agent_b.stop();
     agent_c.stop();
+}
+
+#[test]
+fn a_password_protected_redis_takes_password_file_and_refuses_the_rest() {
+    if !prerequisites("a_password_protected_redis_takes_password_file_and_refuses_the_rest") {
+        return;
+    }
+    let redis = Redis::start_with_password("cluster-secret").expect("a private redis-server");
+    let mut a = Node::new("mx-a", &redis, "");
+    let password_file = a.dir.path().join("redis.pw");
+    std::fs::write(&password_file, "cluster-secret\n").unwrap();
+    a.extra = format!("password_file = \"{}\"", password_file.display());
+    let mut b = Node::new("mx-b", &redis, "");
+    let (agent_a, agent_b) = (a.start(), b.start());
+    wait_state(&agent_a, "up");
+    let out = agent_a.cli(&["block", "add", "127.0.2.1", "--for", "1h"]);
+    assert!(out.success(), "{}", out.text());
+    assert!(
+        wait_until(PROPAGATION, || redis
+            .cli(&["HEXISTS", "smtp-limiter:active", "127.0.2.1/32"])
+            .is_ok_and(|r| r == "1")),
+        "A's block never reached Redis; log:\n{}",
+        agent_a.log()
+    );
+    // B has no password: it stays down, says why once, and serves alone.
+    assert!(
+        wait_until(RECONNECT, || agent_b.log().contains("Redis unreachable")),
+        "{}",
+        agent_b.log()
+    );
+    let log = agent_b.log();
+    assert!(
+        log.contains("NOAUTH") || log.contains("uthentication"),
+        "{log}"
+    );
+    assert_eq!(cluster(&agent_b)["state"], "down");
+    assert!(agent_b.block("127.0.2.1/32").is_none());
+    assert!(greeting("127.0.2.1", b.proxy).starts_with("220 "));
+    agent_a.stop();
+    agent_b.stop();
 }

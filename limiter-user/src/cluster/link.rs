@@ -3,7 +3,9 @@
 //! Any error ends both; the task logs the state change once, waits
 //! (1 s, doubling to 10 s) and connects again, then catches up from the
 //! stream id it remembers, or from the active hash when that id fell off
-//! the stream (or at start).
+//! the stream (or at start). Ended blocks are removed from the hash now
+//! and then (`prune_loop`); the stream is trimmed by its writers
+//! (`MAXLEN ~`).
 
 use std::{
     sync::{atomic::Ordering, Arc},
@@ -26,6 +28,15 @@ const READ_BLOCK: Duration = Duration::from_secs(1);
 /// Longest wait for a connection or an answer (more than [`READ_BLOCK`]).
 const TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How often each agent removes the ended blocks from the active hash
+/// (whichever agent comes first; the others find nothing).
+const PRUNE_INTERVAL: Duration = Duration::from_secs(10 * 60);
+/// Hash fields one HSCAN step asks for.
+const PRUNE_SCAN: usize = 1000;
+/// Deletes a hash field only if it still holds the value that was read
+/// (another agent may have put a new block there meanwhile).
+const DELETE_IF_UNCHANGED: &str = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then \
+     return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0";
 
 /// A client for `url`, with the password of `cluster.password_file`.
 pub(super) fn client(url: &str, password: Option<&str>) -> RedisResult<Client> {
@@ -98,7 +109,9 @@ async fn session(
         from = last_id.as_deref().unwrap_or("0-0"),
         "cluster: Redis reachable, blocks shared"
     );
+    let mut pruner = writer.clone();
     tokio::select! {
+        e = prune_loop(&mut pruner, keys) => e,
         e = write_loop(&mut writer, keys, shared) => e,
         e = read_loop(&mut reader, keys, shared, apply, last_id) => e,
     }
@@ -154,37 +167,79 @@ async fn catch_up(
         .query_async(conn)
         .await?;
     let now = wire_now();
-    let mut ended = Vec::new();
-    let mut loaded = 0usize;
+    let mut read = 0usize;
     for (net, value) in pairs(&active).unwrap_or_default() {
         match Event::from_active(net, value) {
+            Ok(event) if ended(&event, now) => {}
             Ok(event) => {
-                if let Event::Block {
-                    expires: Some(at), ..
-                } = &event
-                {
-                    if *at <= now {
-                        ended.push(net.to_vec());
-                        continue;
-                    }
-                }
                 apply.apply(event, "active");
-                loaded += 1;
+                read += 1;
             }
             Err(e) => apply.skip("active", &String::from_utf8_lossy(net), &e),
         }
     }
-    if !ended.is_empty() {
-        // Ended blocks leave the hash (whoever sees them first).
-        redis::cmd("HDEL")
-            .arg(&keys.active)
-            .arg(&ended)
-            .exec_async(conn)
-            .await?;
-    }
-    tracing::info!(loaded, from = end, "cluster: active blocks loaded");
+    tracing::info!(read, from = end, "cluster: active blocks read");
     *last_id = Some(end);
     Ok(())
+}
+
+/// Whether a block's end has passed.
+fn ended(event: &Event, now: u64) -> bool {
+    matches!(event, Event::Block { expires: Some(at), .. } if *at <= now)
+}
+
+/// At each connection and every [`PRUNE_INTERVAL`] after, removes the
+/// ended blocks from the active hash, a [`PRUNE_SCAN`] step at a time (entries it cannot read are left
+/// for their writer: they are skipped by every reader anyway).
+async fn prune_loop(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &Keys,
+) -> redis::RedisError {
+    loop {
+        let mut cursor = 0u64;
+        loop {
+            let step: RedisResult<(u64, Value)> = redis::cmd("HSCAN")
+                .arg(&keys.active)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(PRUNE_SCAN)
+                .query_async(conn)
+                .await;
+            let (next, fields) = match step {
+                Ok(step) => step,
+                Err(e) => return e,
+            };
+            let now = wire_now();
+            let mut pipe = redis::pipe();
+            let mut n = 0;
+            for (net, value) in pairs(&fields).unwrap_or_default() {
+                if Event::from_active(net, value).is_ok_and(|e| ended(&e, now)) {
+                    pipe.cmd("EVAL")
+                        .arg(DELETE_IF_UNCHANGED)
+                        .arg(1)
+                        .arg(&keys.active)
+                        .arg(net)
+                        .arg(value)
+                        .ignore();
+                    n += 1;
+                }
+            }
+            if n > 0 {
+                if let Err(e) = pipe.exec_async(conn).await {
+                    return e;
+                }
+                tracing::debug!(
+                    removed = n,
+                    "cluster: ended blocks removed from the active hash"
+                );
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        tokio::time::sleep(PRUNE_INTERVAL).await;
+    }
 }
 
 fn wire_now() -> u64 {
