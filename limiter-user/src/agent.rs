@@ -416,6 +416,7 @@ fn reload_file(
         ("kernel", current.kernel != new.kernel),
         ("metrics", current.metrics != new.metrics),
         ("state", current.state != new.state),
+        ("cluster", current.cluster != new.cluster),
     ];
     let mut restart_needed: Vec<&'static str> = restart_only
         .iter()
@@ -429,6 +430,7 @@ fn reload_file(
         );
     }
     ctx.set_policy(crate::policy::Policy::new(&new));
+    ctx.cluster.reload(&new);
     match (&ctx.recipients, &new.recipients.ldap) {
         (Some(recipients), Some(ldap)) => recipients.reconfigure(ldap),
         (None, None) => {}

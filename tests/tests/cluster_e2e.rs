@@ -36,6 +36,9 @@ struct Node {
     proxy: SocketAddr,
     redis: String,
     extra: String,
+    /// The configuration last written (without what
+    /// [`AgentDir::write_config`] adds).
+    body: String,
 }
 
 impl Node {
@@ -46,6 +49,7 @@ impl Node {
             proxy: SocketAddr::from(([127, 0, 0, 1], 0)),
             redis: redis.url(),
             extra: extra.to_owned(),
+            body: String::new(),
         }
     }
 
@@ -57,11 +61,12 @@ impl Node {
             proxy,
             redis,
             extra,
+            body,
         } = self;
         Agent::start(dir, &Launch::here(), || {
             let port = || free_port().expect("a free port");
             *proxy = SocketAddr::from(([127, 0, 0, 1], port()));
-            dir.write_config(&format!(
+            *body = format!(
                 r#"
                 [[listen]]
                 address = "{proxy}"
@@ -82,7 +87,8 @@ impl Node {
                 "#,
                 backend = port(),
                 metrics = port(),
-            ));
+            );
+            dir.write_config(body);
         })
     }
 }
@@ -302,6 +308,30 @@ fn blocks_decided_on_one_agent_hold_on_the_other() {
         "{}",
         cluster(&agent_a)
     );
+
+    // A source allow-listed on B by a reload is not blocked there by A's
+    // decision (A does not allow it).
+    b.body = b
+        .body
+        .replace("\"127.0.0.200\"]", "\"127.0.0.200\", \"127.0.0.13\"]");
+    b.dir.write_config(&b.body);
+    let out = agent_b.cli(&["reload"]);
+    assert!(out.success(), "{}", out.text());
+    for net in ["127.0.0.13", "127.0.0.14"] {
+        let out = agent_a.cli(&["block", "add", net, "--for", "1h"]);
+        assert!(out.success(), "{}", out.text());
+    }
+    wait_listed(
+        &agent_b,
+        "127.0.0.14/32",
+        true,
+        "the block after the allowed one",
+    );
+    assert!(
+        agent_b.block("127.0.0.13/32").is_none(),
+        "allow-listed on B, blocked all the same"
+    );
+    assert!(agent_b.log().contains("127.0.0.13/32") && agent_a.block("127.0.0.13/32").is_some());
     agent_a.stop();
     agent_b.stop();
 }

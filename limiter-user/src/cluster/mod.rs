@@ -59,6 +59,30 @@ struct Shared {
     /// The node that decided each block applied from the cluster (shown
     /// by `block list`); bounded like the table, removed with the block.
     nodes: Mutex<HashMap<IpNet, Arc<str>>>,
+    /// What the other nodes' blocks are checked against; replaced on
+    /// reload.
+    rules: Mutex<Arc<Rules>>,
+}
+
+/// The configuration the other nodes' events are checked against.
+struct Rules {
+    /// `lists.allow` and its files: no block may overlap these.
+    allow: Vec<IpNet>,
+    /// `lists.reject` and its files: an unblock puts the entry back.
+    reject: ListSet,
+    /// `limits.max_block_duration`.
+    max_duration: std::time::Duration,
+}
+
+impl Rules {
+    fn of(config: &Config) -> Arc<Rules> {
+        let lists = ListSet::of(&config.lists);
+        Arc::new(Rules {
+            allow: lists.allow.keys().copied().collect(),
+            reject: lists,
+            max_duration: config.limits.max_block_duration,
+        })
+    }
 }
 
 impl Shared {
@@ -115,6 +139,7 @@ impl Cluster {
             dropped: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             nodes: Mutex::new(HashMap::new()),
+            rules: Mutex::new(Rules::of(config)),
         });
         if self.0.set(shared.clone()).is_err() {
             return Ok(());
@@ -122,8 +147,6 @@ impl Cluster {
         let apply = Applier {
             ctx: ctx.clone(),
             shared: shared.clone(),
-            lists: ListSet::of(&config.lists),
-            max_duration: config.limits.max_block_duration,
         };
         tracing::info!(
             node,
@@ -137,6 +160,14 @@ impl Cluster {
             apply,
         ));
         Ok(())
+    }
+
+    /// Takes a reloaded configuration's lists and `max_block_duration`
+    /// (the rest of `[cluster]` needs a restart).
+    pub fn reload(&self, config: &Config) {
+        if let Some(shared) = self.0.get() {
+            *shared.rules.lock().unwrap_or_else(|p| p.into_inner()) = Rules::of(config);
+        }
     }
 
     /// Queues a block decided here for the other nodes.
@@ -203,14 +234,18 @@ impl Cluster {
 struct Applier {
     ctx: Arc<ProxyContext>,
     shared: Arc<Shared>,
-    lists: ListSet,
-    max_duration: std::time::Duration,
 }
 
 impl Applier {
     /// Applies one event read from Redis (`source` names where, for logs).
     fn apply(&self, event: Event, source: &str) {
         let now = SystemTime::now();
+        let rules = self
+            .shared
+            .rules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         match event {
             Event::Block {
                 net,
@@ -219,8 +254,8 @@ impl Applier {
                 expires,
                 comment,
             } => {
-                let allow: Vec<IpNet> = self.lists.allow.keys().copied().collect();
-                let expires = match wire::admit(net, expires, &allow, self.max_duration, now) {
+                let expires = match wire::admit(net, expires, &rules.allow, rules.max_duration, now)
+                {
                     Ok(at) => at,
                     Err(wire::Refusal::Expired) => return,
                     Err(refusal) => {
@@ -256,7 +291,7 @@ impl Applier {
             }
             Event::Unblock { net, node } => {
                 let in_proxy = self.ctx.blocks.remove(&net);
-                let in_kernel = match self.lists.reject.get(&net) {
+                let in_kernel = match rules.reject.reject.get(&net) {
                     // The list's own entry goes back in place of the block.
                     Some(_) => self
                         .ctx
