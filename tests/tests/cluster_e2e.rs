@@ -394,6 +394,38 @@ fn redis_away_each_agent_goes_on_and_catches_up_and_an_empty_agent_gets_the_bloc
         );
     }
 
+    // An agent away while the stream was trimmed past its position reads
+    // the active hash again: A is cut off (its connections killed, a
+    // password keeps it out), an event is written to the hash only, the
+    // stream trimmed; then A is let back in.
+    let clients = redis.cli(&["CLIENT", "LIST"]).unwrap();
+    let ids: Vec<&str> = clients
+        .lines()
+        .filter(|l| l.contains("name=smtp-limiter:mx-a "))
+        .filter_map(|l| l.split_whitespace().next()?.strip_prefix("id="))
+        .collect();
+    assert_eq!(ids.len(), 2, "A's two connections, named: {clients}");
+    redis
+        .cli(&["CONFIG", "SET", "requirepass", "keep-out"])
+        .unwrap();
+    let auth = ["--no-auth-warning", "-a", "keep-out"];
+    for id in ids {
+        redis
+            .cli(&[&auth[..], &["CLIENT", "KILL", "ID", id]].concat())
+            .unwrap();
+    }
+    wait_state(&agent_a, "down");
+    let entry = r#"{"reason":"flood","node":"tester","expires":"never","comment":""}"#;
+    for command in [
+        &["HSET", "smtp-limiter:active", "127.0.1.6/32", entry][..],
+        &["XTRIM", "smtp-limiter:blocks", "MAXLEN", "0"],
+        &["CONFIG", "SET", "requirepass", ""],
+    ] {
+        redis.cli(&[&auth[..], command].concat()).unwrap();
+    }
+    wait_state(&agent_a, "up");
+    wait_listed(&agent_a, "127.0.1.6/32", true, "A back after the trim");
+
     // (e) An agent started with an empty state directory gets the blocks
     // in force; a malformed entry in the hash is skipped.
     redis

@@ -100,6 +100,17 @@ async fn session(
         Ok(pair) => pair,
         Err(e) => return e,
     };
+    // Named, so that `CLIENT LIST` on the Redis shows each node.
+    for conn in [&mut writer, &mut reader] {
+        let named = redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(format!("smtp-limiter:{}", shared.node))
+            .exec_async(conn)
+            .await;
+        if let Err(e) = named {
+            return e;
+        }
+    }
     if let Err(e) = catch_up(&mut reader, keys, apply, last_id).await {
         return e;
     }
@@ -144,10 +155,12 @@ async fn catch_up(
             .into_iter()
             .next()
             .and_then(|(first, _)| stream_id(&first));
-        match first {
-            // Events between `id` and the first one may have been trimmed.
-            Some(first) if first > id => {}
-            _ => return Ok(()),
+        // Nothing after `id` was trimmed only if the stream still holds
+        // an entry at or before it (writers trim, never delete); an empty
+        // stream (trimmed, or Redis restarted without its data) is read
+        // again from the hash too.
+        if first.is_some_and(|first| first <= id) {
+            return Ok(());
         }
     }
     let end: Value = redis::cmd("XREVRANGE")
