@@ -1,7 +1,8 @@
 //! A private, real `redis-server` for one test: its own directory under
 //! /tmp, `127.0.0.1` and a free port, no persistence (`--save ''
 //! --appendonly no`: nothing is written but its log). Stopped, and its
-//! directory removed, when the [`Redis`] is dropped; [`Redis::kill`] and
+//! directory removed, when the [`Redis`] is dropped (optionally with a
+//! password, or TLS only with a CA of its own: `openssl` needed); [`Redis::kill`] and
 //! [`Redis::restart`] take it away and bring it back on the same port
 //! (empty, as a Redis without persistence comes back).
 //!
@@ -53,6 +54,9 @@ pub struct Redis {
     child: Option<ChildProcess>,
     /// `requirepass`: clients must AUTH.
     password: Option<String>,
+    /// TLS only (`rediss://`), with a certificate for 127.0.0.1 signed by
+    /// [`Redis::ca_file`].
+    tls: bool,
 }
 
 impl Redis {
@@ -61,7 +65,16 @@ impl Redis {
     /// # Errors
     /// A missing prerequisite, or redis-server did not come up.
     pub fn start() -> Result<Redis> {
-        Self::start_with(None)
+        Self::start_with(None, false)
+    }
+
+    /// [`Redis::start`], speaking TLS only, with a certificate for
+    /// 127.0.0.1 signed by a CA of its own ([`Redis::ca_file`]).
+    ///
+    /// # Errors
+    /// As [`Redis::start`].
+    pub fn start_tls() -> Result<Redis> {
+        Self::start_with(None, true)
     }
 
     /// [`Redis::start`], refusing clients that do not AUTH with
@@ -70,17 +83,21 @@ impl Redis {
     /// # Errors
     /// As [`Redis::start`].
     pub fn start_with_password(password: &str) -> Result<Redis> {
-        Self::start_with(Some(password))
+        Self::start_with(Some(password), false)
     }
 
-    fn start_with(password: Option<&str>) -> Result<Redis> {
+    fn start_with(password: Option<&str>, tls: bool) -> Result<Redis> {
         SERVER.start(missing_prerequisite(), || {
             let mut redis = Redis {
                 dir: SERVER.new_dir()?,
                 addr: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
                 child: None,
                 password: password.map(str::to_owned),
+                tls,
             };
+            if tls {
+                crate::certs::write_ca_and_server(redis.dir.path())?;
+            }
             redis.launch()?;
             Ok(redis)
         })
@@ -89,9 +106,27 @@ impl Redis {
     fn launch(&mut self) -> Result<()> {
         let d = self.dir.path();
         let mut command = Command::new(tool_path("redis-server")?);
+        let port = self.addr.port().to_string();
+        if self.tls {
+            command
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .arg("--tls-cert-file")
+                .arg(d.join("cert.pem"))
+                .arg("--tls-key-file")
+                .arg(d.join("key.pem"))
+                .arg("--tls-ca-cert-file")
+                .arg(d.join("ca.pem"));
+        } else {
+            command.args(["--port", &port]);
+        }
         command
-            .arg("--port")
-            .arg(self.addr.port().to_string())
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--protected-mode", "yes"])
             .arg("--dir")
@@ -106,22 +141,36 @@ impl Redis {
         let mut child = ChildProcess::spawn("redis", &mut command, &d.join("redis.out"))?;
         let addr = self.addr;
         let dir = &self.dir;
+        let tls = self.tls;
         child.wait_ready(
             START_TIMEOUT,
             "answer PING",
             // Without AUTH a protected server answers -NOAUTH: up all the
-            // same.
-            || ping(addr),
+            // same. A TLS one is up once it accepts connections.
+            || {
+                if tls {
+                    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                } else {
+                    ping(addr)
+                }
+            },
             || dir.log_and_output(),
         )?;
         self.child = Some(child);
         Ok(())
     }
 
-    /// `redis://127.0.0.1:PORT/0`.
+    /// `redis://127.0.0.1:PORT/0` (`rediss://` for TLS).
     #[must_use]
     pub fn url(&self) -> String {
-        format!("redis://{}/0", self.addr)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://{}/0", self.addr)
+    }
+
+    /// The CA that signed a TLS instance's certificate.
+    #[must_use]
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
     }
 
     #[must_use]
@@ -159,6 +208,15 @@ impl Redis {
     pub fn cli(&self, args: &[&str]) -> Result<String> {
         let out = Command::new(tool_path("redis-cli")?)
             .args(["-h", "127.0.0.1", "-p", &self.addr.port().to_string()])
+            .args(if self.tls {
+                vec![
+                    "--tls".to_owned(),
+                    "--cacert".to_owned(),
+                    self.ca_file().display().to_string(),
+                ]
+            } else {
+                Vec::new()
+            })
             .args(
                 self.password
                     .iter()

@@ -39,6 +39,8 @@ struct Node {
     /// The configuration last written (without what
     /// [`AgentDir::write_config`] adds).
     body: String,
+    /// `VAR=value` the agent runs with (through `env`).
+    env: Vec<String>,
 }
 
 impl Node {
@@ -50,6 +52,7 @@ impl Node {
             redis: redis.url(),
             extra: extra.to_owned(),
             body: String::new(),
+            env: Vec::new(),
         }
     }
 
@@ -62,8 +65,17 @@ impl Node {
             redis,
             extra,
             body,
+            env,
         } = self;
-        Agent::start(dir, &Launch::here(), || {
+        let launch = if env.is_empty() {
+            Launch::here()
+        } else {
+            Launch {
+                wrapper: [&["/usr/bin/env".to_owned()][..], env].concat(),
+                ..Launch::default()
+            }
+        };
+        Agent::start(dir, &launch, || {
             let port = || free_port().expect("a free port");
             *proxy = SocketAddr::from(([127, 0, 0, 1], port()));
             *body = format!(
@@ -510,4 +522,40 @@ fn a_password_protected_redis_takes_password_file_and_refuses_the_rest() {
     assert!(greeting("127.0.2.1", b.proxy).starts_with("220 "));
     agent_a.stop();
     agent_b.stop();
+}
+
+#[test]
+fn blocks_travel_over_tls_verified_against_the_ca() {
+    if !prerequisites("blocks_travel_over_tls_verified_against_the_ca") {
+        return;
+    }
+    let redis = Redis::start_tls().expect("a private redis-server with TLS");
+    // The agents verify the server against the system's CA store, which
+    // SSL_CERT_FILE replaces (as an operator's unit could).
+    let trust = format!("SSL_CERT_FILE={}", redis.ca_file().display());
+    let mut a = Node::new("mx-a", &redis, "");
+    let mut b = Node::new("mx-b", &redis, "");
+    a.env = vec![trust.clone()];
+    b.env = vec![trust];
+    let (agent_a, agent_b) = (a.start(), b.start());
+    wait_state(&agent_a, "up");
+    wait_state(&agent_b, "up");
+    let out = agent_a.cli(&["block", "add", "127.0.3.1", "--for", "1h"]);
+    assert!(out.success(), "{}", out.text());
+    let seen = wait_listed(&agent_b, "127.0.3.1/32", true, "over TLS");
+    println!("propagation latency over TLS (block add on A to B): {seen:?}");
+    // An agent that does not trust the CA stays out.
+    let mut c = Node::new("mx-c", &redis, "");
+    let agent_c = c.start();
+    assert!(
+        wait_until(RECONNECT, || agent_c.log().contains("Redis unreachable")),
+        "{}",
+        agent_c.log()
+    );
+    assert!(agent_c.log().contains("certificate"), "{}", agent_c.log());
+    assert_eq!(cluster(&agent_c)["state"], "down");
+    assert!(agent_c.block("127.0.3.1/32").is_none());
+    agent_a.stop();
+    agent_b.stop();
+    agent_c.stop();
 }
