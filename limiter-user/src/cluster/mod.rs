@@ -86,6 +86,21 @@ impl Rules {
 }
 
 impl Shared {
+    fn new(node: String, rules: Arc<Rules>) -> Shared {
+        Shared {
+            node,
+            queue: Mutex::new(VecDeque::new()),
+            queued: tokio::sync::Notify::new(),
+            up: AtomicBool::new(false),
+            published: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            nodes: Mutex::new(HashMap::new()),
+            rules: Mutex::new(rules),
+        }
+    }
+
     fn push(&self, event: Event) {
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         if queue.len() >= QUEUE_CAPACITY {
@@ -129,18 +144,7 @@ impl Cluster {
                 "cluster.share_counters: not implemented yet, the failure windows are counted on each host alone"
             );
         }
-        let shared = Arc::new(Shared {
-            node: node.clone(),
-            queue: Mutex::new(VecDeque::new()),
-            queued: tokio::sync::Notify::new(),
-            up: AtomicBool::new(false),
-            published: AtomicU64::new(0),
-            applied: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
-            nodes: Mutex::new(HashMap::new()),
-            rules: Mutex::new(Rules::of(config)),
-        });
+        let shared = Arc::new(Shared::new(node.clone(), Rules::of(config)));
         if self.0.set(shared.clone()).is_err() {
             return Ok(());
         }
@@ -329,5 +333,36 @@ impl Applier {
     fn skip(&self, source: &str, id: &str, error: &dyn std::fmt::Display) {
         self.shared.refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(source, id, error = %error, "cluster: malformed entry skipped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_drops_its_oldest_event_and_counts_it() {
+        let shared = Shared::new("mx1".into(), Rules::of(&Config::default()));
+        let unblock = |i: u32| Event::Unblock {
+            net: IpNet::from(std::net::IpAddr::from(std::net::Ipv4Addr::from(i))),
+            node: "mx1".into(),
+        };
+        for i in 0..QUEUE_CAPACITY as u32 + 5 {
+            shared.push(unblock(i));
+        }
+        let queue = shared.queue.lock().unwrap();
+        assert_eq!(queue.len(), QUEUE_CAPACITY);
+        assert_eq!(shared.dropped.load(Ordering::Relaxed), 5);
+        assert_eq!(queue.front(), Some(&unblock(5)));
+        assert_eq!(queue.back(), Some(&unblock(QUEUE_CAPACITY as u32 + 4)));
+    }
+
+    #[test]
+    fn without_a_cluster_nothing_is_queued_or_shown() {
+        let cluster = Cluster::default();
+        cluster.publish_block("192.0.2.1/32".parse().unwrap(), reason::MANUAL, None, None);
+        cluster.publish_unblock("192.0.2.1/32".parse().unwrap());
+        assert_eq!(cluster.stats(), Value::Null);
+        assert_eq!(cluster.node_of(&"192.0.2.1/32".parse().unwrap()), None);
     }
 }
