@@ -128,6 +128,14 @@ impl Cluster {
             .node
             .clone()
             .unwrap_or_else(|| ctx.settings.hostname.clone());
+        // The other nodes refuse events from a name they cannot read (a
+        // hostname longer than a node name may be, say).
+        if wire::parse_node(Some(node.as_bytes())).is_err() {
+            anyhow::bail!(
+                "cluster.node: the hostname {node:?} is no node name (1 to {} letters, digits, '.', '-', '_' or ':'): set cluster.node",
+                crate::config::MAX_CLUSTER_NAME
+            );
+        }
         let password = match &config.cluster.password_file {
             None => None,
             Some(path) => Some(

@@ -233,7 +233,7 @@ fn parse_net(value: Option<&[u8]>) -> Result<IpNet, WireError> {
     Ok(net)
 }
 
-fn parse_node(value: Option<&[u8]>) -> Result<String, WireError> {
+pub(super) fn parse_node(value: Option<&[u8]>) -> Result<String, WireError> {
     let value = value.ok_or(WireError::Missing("node"))?;
     std::str::from_utf8(value)
         .ok()
