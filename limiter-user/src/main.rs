@@ -1102,11 +1102,15 @@ fn block_list(
             if common.json {
                 write!(out, "{}\n  {row}", if rows == 0 { "" } else { "," })?;
             } else {
-                let reason = match (row["list"].as_str(), row["comment"].as_str()) {
+                let mut reason = match (row["list"].as_str(), row["comment"].as_str()) {
                     (Some(list), _) => format!("list {list}"),
                     (None, Some(comment)) => comment.to_owned(),
                     (None, None) => String::new(),
                 };
+                // Decided by another edge host ([cluster]).
+                if let Some(node) = row["node"].as_str() {
+                    reason = format!("{reason} (node {node})").trim_start().to_owned();
+                }
                 writeln!(
                     out,
                     "{:<43} {:<12} {:<22} {:>8} {reason}",

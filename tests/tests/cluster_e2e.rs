@@ -205,6 +205,12 @@ fn blocks_decided_on_one_agent_hold_on_the_other() {
     assert_eq!(row["node"], "mx-a", "{row}");
     assert_eq!(row["origin"], "manual", "{row}");
     assert_eq!(agent_a.block("127.0.0.9/32").unwrap()["node"], "mx-a");
+    let text = agent_b.cli(&["block", "list"]).text();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("127.0.0.9/32 ") && l.ends_with("(node mx-a)")),
+        "{text}"
+    );
     assert!(greeting("127.0.0.9", b.proxy).starts_with("421 4.7.0"));
 
     // (b) Its removal on A releases it on B.
