@@ -16,6 +16,7 @@ use limiter_user::{
 use tokio::sync::watch;
 
 use crate::netns::NetNs;
+use crate::tcp::connect_local;
 
 /// A running proxy; stops on drop.
 pub struct TestProxy {
@@ -237,4 +238,42 @@ impl Seen {
     pub fn is_ended_by_peer(&self) -> bool {
         matches!(self, Seen::Closed | Seen::Reset)
     }
+}
+
+/// A connection from the loopback address `source` (e.g. `127.0.0.9`, so
+/// that per-source rules see a source of the test's own) to `to`.
+///
+/// # Panics
+/// When `source` is not an IPv4 address or the connection fails.
+#[track_caller]
+pub fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
+    let ip = source.parse().expect("an IPv4 source");
+    connect_local(ip, to, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect from {source} to {to}: {e}"))
+}
+
+/// A harvester: a session from `source` that tries unknown recipients
+/// until the proxy cuts it off with `421 4.7.0` and closes; how many failed
+/// (5xx) before the cut.
+///
+/// # Panics
+/// When a reply is not the expected one, or no cut comes in 20 recipients.
+#[track_caller]
+pub fn failed_rcpts_before_the_cut(source: &str, proxy: SocketAddr) -> usize {
+    let (mut smtp, greeting) = Client::from_stream(connect_from(source, proxy)).unwrap();
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    assert!(smtp.cmd("EHLO harvester.test").unwrap().starts_with("250"));
+    let mail = smtp.cmd("MAIL FROM:<h@harvester.test>").unwrap();
+    assert!(mail.starts_with("250 "), "{mail}");
+    for n in 1..=20 {
+        let reply = smtp
+            .cmd(&format!("RCPT TO:<nobody{n}@example.com>"))
+            .unwrap();
+        if reply.starts_with("421 4.7.0") {
+            smtp.expect_closed();
+            return n - 1;
+        }
+        assert!(reply.starts_with('5'), "RCPT {n}: {reply}");
+    }
+    panic!("never cut off after 20 unknown recipients");
 }

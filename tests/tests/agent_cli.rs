@@ -13,8 +13,7 @@ use limiter_tests::{
     fixture::free_port,
     kernel::PinDir,
     prerequisites,
-    proxy::Client,
-    tcp::connect_local,
+    proxy::{connect_from, failed_rcpts_before_the_cut, Client},
 };
 use limiter_user::kernel::{BpfDatapath, Datapath};
 
@@ -22,14 +21,6 @@ use limiter_user::kernel::{BpfDatapath, Datapath};
 fn cli(config: &Path, args: &[&str]) -> (bool, String) {
     let out = agent::cli(config, args);
     (out.success(), out.text())
-}
-
-/// Connects from `source` (a loopback address of its own) to `to`.
-#[track_caller]
-fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
-    let ip = source.parse().expect("an IPv4 source");
-    connect_local(ip, to, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connect from {source} to {to}: {e}"))
 }
 
 /// An agent's files ([`AgentDir`]) and its configuration: a listener, the
@@ -142,28 +133,6 @@ fn max_failed_rcpt(config: &Path) -> u64 {
 /// Polls `max_failed_rcpt` until it is `want`; whether it got there.
 fn wait_max_failed_rcpt(config: &Path, want: u64) -> bool {
     limiter_tests::tcp::wait_until(Duration::from_secs(10), || max_failed_rcpt(config) == want)
-}
-
-/// A session from `source` that tries unknown recipients until the proxy
-/// cuts it off; how many failed (5xx) before the `421`.
-#[track_caller]
-fn failed_rcpts_before_the_cut(source: &str, proxy: SocketAddr) -> usize {
-    let (mut smtp, greeting) = Client::from_stream(connect_from(source, proxy)).unwrap();
-    assert!(greeting.starts_with("220 "), "{greeting}");
-    assert!(smtp.cmd("EHLO harvester.test").unwrap().starts_with("250"));
-    let mail = smtp.cmd("MAIL FROM:<h@harvester.test>").unwrap();
-    assert!(mail.starts_with("250 "), "{mail}");
-    for n in 1..=20 {
-        let reply = smtp
-            .cmd(&format!("RCPT TO:<nobody{n}@example.com>"))
-            .unwrap();
-        if reply.starts_with("421 4.7.0") {
-            smtp.expect_closed();
-            return n - 1;
-        }
-        assert!(reply.starts_with('5'), "RCPT {n}: {reply}");
-    }
-    panic!("never cut off after 20 unknown recipients");
 }
 
 #[test]

@@ -8,16 +8,15 @@
 //! what is checked here, not the kernel's drop).
 
 use std::{
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
 use limiter_tests::{
     agent::{Agent, AgentDir, Launch},
     fixture::{free_port, wait_until},
-    proxy::Client,
+    proxy::{connect_from, failed_rcpts_before_the_cut, Client},
     redis::{prerequisites, Redis},
-    tcp::connect_local,
 };
 use serde_json::Value;
 
@@ -105,13 +104,6 @@ impl Node {
     }
 }
 
-/// Connects from `source` (a loopback address of its own) to `to`.
-#[track_caller]
-fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
-    connect_local(source.parse().unwrap(), to, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connect from {source} to {to}: {e}"))
-}
-
 /// The proxy's greeting to `source`.
 #[track_caller]
 fn greeting(source: &str, proxy: SocketAddr) -> String {
@@ -146,28 +138,6 @@ fn wait_state(agent: &Agent, state: &str) {
         cluster(agent),
         agent.log()
     );
-}
-
-/// A session from `source` that tries unknown recipients until the proxy
-/// cuts it off; how many failed (5xx) before the `421`.
-#[track_caller]
-fn failed_rcpts_before_the_cut(source: &str, proxy: SocketAddr) -> usize {
-    let (mut smtp, greeting) = Client::from_stream(connect_from(source, proxy)).unwrap();
-    assert!(greeting.starts_with("220 "), "{greeting}");
-    assert!(smtp.cmd("EHLO harvester.test").unwrap().starts_with("250"));
-    let mail = smtp.cmd("MAIL FROM:<h@harvester.test>").unwrap();
-    assert!(mail.starts_with("250 "), "{mail}");
-    for n in 1..=20 {
-        let reply = smtp
-            .cmd(&format!("RCPT TO:<nobody{n}@example.com>"))
-            .unwrap();
-        if reply.starts_with("421 4.7.0") {
-            smtp.expect_closed();
-            return n - 1;
-        }
-        assert!(reply.starts_with('5'), "RCPT {n}: {reply}");
-    }
-    panic!("never cut off after 20 unknown recipients");
 }
 
 #[test]
