@@ -260,20 +260,17 @@ pub fn clean_comment(text: &str) -> Result<String, String> {
     Ok(text)
 }
 
-/// Puts a block in force: the kernel, the agent's table (so the proxy
-/// refuses the source and the journal stores it), then the source's open
-/// sessions are told (so none of them is refused before its SYNs drop).
+/// Puts a block in force ([`crate::proxy::ProxyContext::enforce`]) and shares it with
+/// the other edge hosts.
 fn add_block(agent: &AgentState<'_>, block: ActiveBlock) -> Result<(), KernelError> {
-    let net = block.net;
-    agent
-        .ctx
-        .cluster
-        .publish_block(net, block.reason, block.expires, block.comment.as_deref());
-    let pushed = agent.datapath.block(net, block.expires, block.reason);
-    agent.ctx.blocks.insert_marked(block, pushed.is_ok());
-    let _ = agent.ctx.blocked_nets.send(net);
+    agent.ctx.cluster.publish_block(
+        block.net,
+        block.reason,
+        block.expires,
+        block.comment.as_deref(),
+    );
     // Stored by the journal the table hands the change to: no save here.
-    pushed
+    agent.ctx.enforce(block)
 }
 
 fn rfc3339(at: Option<SystemTime>) -> Value {

@@ -365,9 +365,12 @@ async fn read_loop(
     }
 }
 
-/// Stream entries: each id with its fields as (name, value) pairs, or
-/// None when they are not pairs of strings.
-fn entries(value: &Value) -> Vec<(String, Option<Vec<(&[u8], &[u8])>>)> {
+/// A stream entry's or a hash's fields: (name, value) pairs.
+type Fields<'a> = Vec<(&'a [u8], &'a [u8])>;
+
+/// Stream entries: each id with its fields, or None when they are not
+/// pairs of strings.
+fn entries(value: &Value) -> Vec<(String, Option<Fields<'_>>)> {
     let Value::Array(items) = value else {
         return Vec::new();
     };
@@ -389,7 +392,7 @@ fn entries(value: &Value) -> Vec<(String, Option<Vec<(&[u8], &[u8])>>)> {
 
 /// A flat array of alternating names and values (or a RESP3 map) as
 /// pairs; None if anything is not a string.
-fn pairs(value: &Value) -> Option<Vec<(&[u8], &[u8])>> {
+fn pairs(value: &Value) -> Option<Fields<'_>> {
     fn bytes(v: &Value) -> Option<&[u8]> {
         match v {
             Value::BulkString(b) => Some(b),

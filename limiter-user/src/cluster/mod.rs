@@ -283,20 +283,14 @@ impl Applier {
                         return;
                     }
                 }
-                let pushed = self.ctx.kernel.block(net, Some(expires), code);
-                self.ctx.blocks.insert_marked(
-                    ActiveBlock {
-                        net,
-                        reason: code,
-                        expires: Some(expires),
-                        since: now,
-                        repeat: 0,
-                        comment: comment.map(Arc::from),
-                    },
-                    pushed.is_ok(),
-                );
-                let _ = self.ctx.blocked_nets.send(net);
-                self.ctx.blocks_changed.notify_one();
+                let pushed = self.ctx.enforce(ActiveBlock {
+                    net,
+                    reason: code,
+                    expires: Some(expires),
+                    since: now,
+                    repeat: 0,
+                    comment: comment.map(Arc::from),
+                });
                 self.shared.applied.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(%net, node = %node, origin = reason::name(code), kernel = pushed.is_ok(), action = "block", by = "cluster", "source blocked");
                 self.remember(net, node);

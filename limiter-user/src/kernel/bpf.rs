@@ -1326,14 +1326,7 @@ fn hash_entries<K: aya::Pod, V: aya::Pod>(
     let fd = map.map().fd().as_fd().as_raw_fd();
     match lookup_batch(fd) {
         Ok(entries) => Ok(entries),
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP | libc::ENOSPC)
-            ) =>
-        {
-            map.iter().collect()
-        }
+        Err(e) if batch_unsupported(&e) => map.iter().collect(),
         Err(io_error) => Err(MapError::SyscallError(aya::sys::SyscallError {
             call: "BPF_MAP_LOOKUP_BATCH",
             io_error,
@@ -1354,21 +1347,26 @@ fn hash_entries_unlocked<K: aya::Pod, V: aya::Pod>(
         let maps = lock(maps);
         pick(&maps).map().fd().as_fd().try_clone_to_owned()
     };
-    let unsupported = |e: &io::Error| {
-        matches!(
-            e.raw_os_error(),
-            Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP | libc::ENOSPC)
-        )
-    };
     match fd.map(|fd| lookup_batch(fd.as_raw_fd())) {
         Ok(Ok(entries)) => Ok(entries),
-        Ok(Err(e)) if !unsupported(&e) => Err(MapError::SyscallError(aya::sys::SyscallError {
-            call: "BPF_MAP_LOOKUP_BATCH",
-            io_error: e,
-        })),
+        Ok(Err(e)) if !batch_unsupported(&e) => {
+            Err(MapError::SyscallError(aya::sys::SyscallError {
+                call: "BPF_MAP_LOOKUP_BATCH",
+                io_error: e,
+            }))
+        }
         // No batch lookups (or no descriptor to spare): the walk under the lock.
         _ => hash_entries(pick(&lock(maps))),
     }
+}
+
+/// The kernel or the map type has no batch lookups (the caller walks the
+/// map entry by entry instead).
+fn batch_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP | libc::ENOSPC)
+    )
 }
 
 /// `BPF_MAP_LOOKUP_BATCH` over a whole hash map (`union bpf_attr`'s

@@ -227,8 +227,6 @@ pub struct ProxyContext {
     pub blocks: Blocks,
     pub tls: Option<TlsAcceptor>,
     pub stats: ProxyStats,
-    /// Woken after each block, so the agent stores it at once.
-    pub blocks_changed: tokio::sync::Notify,
     /// Every new block, so that the blocked source's other sessions end at
     /// once instead of lingering (the kernel drops their packets).
     pub blocked_nets: tokio::sync::broadcast::Sender<ipnet::IpNet>,
@@ -269,7 +267,6 @@ impl ProxyContext {
             blocks: Blocks::with_capacity(config.state.max_blocks),
             tls,
             stats: ProxyStats::default(),
-            blocks_changed: tokio::sync::Notify::new(),
             blocked_nets: tokio::sync::broadcast::channel(256).0,
             recipients: crate::recipients::start(config),
             filters: crate::filters::Filters::from_config(&config.filters)
@@ -336,6 +333,22 @@ impl ProxyContext {
         }
     }
 
+    /// Puts `block` in force, whoever decided it (a session, the CLI,
+    /// another edge host): the kernel's maps first, then the table (the
+    /// proxy's refusals, the journal), then the source's open sessions are
+    /// told. A client told by any session that it is blocked and
+    /// reconnecting at once must find its SYN dropped.
+    ///
+    /// # Errors
+    /// The kernel's maps refused the block; the table holds it anyway.
+    pub fn enforce(&self, block: ActiveBlock) -> Result<(), crate::kernel::KernelError> {
+        let net = block.net;
+        let pushed = self.kernel.block(net, block.expires, block.reason);
+        self.blocks.insert_marked(block, pushed.is_ok());
+        let _ = self.blocked_nets.send(net);
+        pushed
+    }
+
     /// Carries out a block: the proxy's own list and the kernel's maps.
     pub fn block(&self, order: &BlockOrder) {
         // `order.duration` is at most `limits.max_block_duration`, which
@@ -343,26 +356,17 @@ impl ProxyContext {
         let expires = SystemTime::now()
             .checked_add(order.duration)
             .unwrap_or(SystemTime::UNIX_EPOCH + config::MAX_BLOCK_DURATION);
-        // The kernel first: a client told by any session that it is
-        // blocked (this one's reply, another session's refusal at its next
-        // command) and reconnecting at once must find its SYN dropped.
-        let pushed = self.kernel.block(order.net, Some(expires), order.reason);
-        self.blocks.insert_marked(
-            ActiveBlock {
-                net: order.net,
-                reason: order.reason,
-                expires: Some(expires),
-                since: SystemTime::now(),
-                repeat: order.repeat,
-                comment: None,
-            },
-            pushed.is_ok(),
-        );
+        let pushed = self.enforce(ActiveBlock {
+            net: order.net,
+            reason: order.reason,
+            expires: Some(expires),
+            since: SystemTime::now(),
+            repeat: order.repeat,
+            comment: None,
+        });
         self.stats.count_block(order.reason_name());
         self.cluster
             .publish_block(order.net, order.reason, Some(expires), None);
-        self.blocks_changed.notify_one();
-        let _ = self.blocked_nets.send(order.net);
         let kernel = match pushed {
             Ok(()) => "blocked",
             Err(e) => {
