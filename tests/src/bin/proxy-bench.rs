@@ -675,6 +675,24 @@ fn latency_round(
     Ok(())
 }
 
+/// The session steps against Postfix, direct and through the proxy: where
+/// a message's time goes with a real MTA behind.
+fn postfix_steps(rig: &mut Rig, lat: &mut Latency, round: usize, sessions: usize) -> Result<()> {
+    let mut line = format!("round {}: session steps with Postfix:", round + 1);
+    for path in order(round) {
+        let steps = session_steps(rig.addr(Backend::Postfix, path), sessions)
+            .with_context(|| format!("session steps, Postfix {}", path.name()))?;
+        rig.postfix_sent[path as usize] += sessions as u64;
+        let total: f64 = steps.iter().map(|t| median(t)).sum();
+        let _ = write!(line, " {} {total:.0} µs;", path.name());
+        for (i, times) in steps.iter().enumerate() {
+            lat.steps.entry((path, i)).or_default().push(median(times));
+        }
+    }
+    eprintln!("{line}");
+    Ok(())
+}
+
 fn latency_report(lat: &Latency, out: &mut String) {
     let _ = writeln!(
         out,
@@ -1144,9 +1162,11 @@ fn main() -> Result<()> {
         tp.counts = calibrate(&mut rig, &opts, &backends)?;
     }
     let mut lat = Latency::default();
+    let mut postfix_lat = Latency::default();
     for round in 0..opts.rounds {
         if opts.throughput {
             throughput_round(&mut rig, &mut tp, &opts, round, &backends)?;
+            postfix_steps(&mut rig, &mut postfix_lat, round, opts.step_sessions)?;
         }
         if opts.latency {
             latency_round(&rig, &mut lat, round, opts.commands, opts.step_sessions)?;
@@ -1188,6 +1208,12 @@ fn main() -> Result<()> {
             "### Throughput (smtp-source, new session per message)\n"
         );
         verdicts.extend(throughput_report(&tp, &backends, &mut out));
+        let _ = writeln!(
+            out,
+            "\n### Session steps with Postfix, {} sessions per round (median of rounds)\n",
+            opts.step_sessions
+        );
+        steps_report(&postfix_lat, &mut out);
         let _ = writeln!(out);
         // The Postfix instances are not needed any more.
         rig.postfix_proxy = None;
