@@ -395,6 +395,25 @@ pub fn reload(
     restart_needed
 }
 
+/// Whether `[backend]` changed in what only a restart applies: the
+/// backend slots (their number and how sources share them), when sessions
+/// connect (the capability probes run or not), the built-in backend.
+fn backend_needs_restart(current: &Config, new: &Config) -> bool {
+    let keys = |c: &Config| {
+        let b = &c.backend;
+        (
+            b.max_connections,
+            b.fair_share_prefix_v4,
+            b.fair_share_prefix_v6.unwrap_or(c.limits.ipv6_prefix),
+            b.connect,
+            b.builtin,
+            // The built-in backend listens on the address.
+            b.builtin.then(|| (b.address, b.builtin_recipients.clone())),
+        )
+    };
+    keys(current) != keys(new)
+}
+
 fn reload_file(
     path: &std::path::Path,
     current: &mut Config,
@@ -410,9 +429,10 @@ fn reload_file(
     };
     let restart_only = [
         ("listen", current.listen != new.listen),
-        ("tls", current.tls != new.tls),
-        ("backend", current.backend != new.backend),
-        ("smtp", current.smtp != new.smtp),
+        // A new certificate is loaded; adding or removing TLS is not.
+        ("tls", current.tls.is_some() != new.tls.is_some()),
+        ("backend", backend_needs_restart(current, &new)),
+        ("smtp", current.smtp.max_sessions != new.smtp.max_sessions),
         ("kernel", current.kernel != new.kernel),
         ("metrics", current.metrics != new.metrics),
         ("state", current.state != new.state),
@@ -428,6 +448,11 @@ fn reload_file(
             section,
             "reload: this section changed but takes effect only after a restart"
         );
+    }
+    // The rest of [smtp], [backend] and [tls] holds for the sessions that
+    // begin from now on.
+    if let Err(e) = ctx.reconfigure(&new) {
+        tracing::error!(error = %format!("{e:#}"), "reload: [smtp], [backend] and [tls] not applied, the running ones stay");
     }
     ctx.set_policy(crate::policy::Policy::new(&new));
     ctx.cluster.reload(&new);

@@ -249,10 +249,44 @@ fn cli_blocks_through_the_agent_and_blocks_survive_lost_kernel_maps() {
     assert!(ok, "{out}");
     assert!(!out.contains("restart"), "{out}");
     assert_eq!(max_failed_rcpt(config), from_file);
-    // … one that changes [smtp] names it: in force after a restart only.
+    // … [smtp] holds for the sessions that begin after it: a line longer
+    // than the default 512 bytes is refused before, taken after (and by a
+    // session that began before the reload, refused still) …
+    let long_noop = format!("NOOP {}", "x".repeat(900));
+    let (mut before, greeting) = Client::from_stream(connect_from("127.0.0.6", proxy)).unwrap();
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    let reply = before.cmd(&long_noop).unwrap();
+    assert!(
+        reply.starts_with("500 "),
+        "a 905-byte line before the reload: {reply}"
+    );
     std::fs::write(
         config,
-        good.replace("[state]", "[smtp]\nmax_line_length = 999\n[state]"),
+        good.replace("[state]", "[smtp]\nmax_line_length = 2000\n[state]"),
+    )
+    .unwrap();
+    let (ok, out) = cli(config, &["reload", "--json"]);
+    assert!(ok, "{out}");
+    let report: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(report["restart_needed"], serde_json::json!([]), "{out}");
+    let (mut after, greeting) = Client::from_stream(connect_from("127.0.0.6", proxy)).unwrap();
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    let reply = after.cmd(&long_noop).unwrap();
+    assert!(
+        reply.starts_with("250 "),
+        "a 905-byte line after the reload: {reply}"
+    );
+    let reply = before.cmd(&long_noop).unwrap();
+    assert!(
+        reply.starts_with("500 "),
+        "the session from before the reload: {reply}"
+    );
+    drop((before, after));
+    // … while smtp.max_sessions is named: in force after a restart only.
+    std::fs::write(
+        config,
+        good.replace("[state]", "[smtp]\nmax_sessions = 77\n[state]"),
     )
     .unwrap();
     let (ok, out) = cli(config, &["reload", "--json"]);

@@ -127,7 +127,7 @@ impl Cluster {
             .cluster
             .node
             .clone()
-            .unwrap_or_else(|| ctx.settings.hostname.clone());
+            .unwrap_or_else(|| ctx.settings().hostname.clone());
         // The other nodes refuse events from a name they cannot read (a
         // hostname longer than a node name may be, say).
         if wire::parse_node(Some(node.as_bytes())).is_err() {

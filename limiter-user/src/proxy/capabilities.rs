@@ -29,6 +29,9 @@ pub struct Learned {
 pub struct Capabilities {
     learned: std::sync::RwLock<Option<Learned>>,
     probed: watch::Sender<bool>,
+    /// Wakes the probe loop before its interval is over (a reload may name
+    /// another backend).
+    probe_now: tokio::sync::Notify,
 }
 
 impl Default for Capabilities {
@@ -36,6 +39,7 @@ impl Default for Capabilities {
         Self {
             learned: std::sync::RwLock::new(None),
             probed: watch::channel(false).0,
+            probe_now: tokio::sync::Notify::new(),
         }
     }
 }
@@ -58,6 +62,11 @@ impl Capabilities {
         self.probed.send_replace(true);
     }
 
+    /// Has the next probe run now instead of after `backend.probe_interval`.
+    pub fn probe_soon(&self) {
+        self.probe_now.notify_one();
+    }
+
     /// Whether the first probe is over (successful or not).
     #[must_use]
     pub fn probed(&self) -> bool {
@@ -77,12 +86,12 @@ impl Capabilities {
 /// # Errors
 /// The backend cannot be reached, refuses, or does not answer in time.
 pub async fn probe(ctx: &ProxyContext) -> Result<Learned, BackendError> {
-    let settings = &ctx.settings.backend;
-    let limit = settings.connect_timeout.saturating_mul(2);
+    let settings = ctx.settings();
+    let limit = settings.backend.connect_timeout.saturating_mul(2);
     tokio::time::timeout(limit, async {
-        let (mut backend, greeting) = Backend::connect(settings, None).await?;
+        let (mut backend, greeting) = Backend::connect(&settings.backend, None).await?;
         let ehlo = backend
-            .command(format!("EHLO {}", ctx.settings.hostname).as_bytes())
+            .command(format!("EHLO {}", settings.hostname).as_bytes())
             .await?;
         backend.quit().await;
         if !ehlo.is_positive_completion() {
@@ -113,7 +122,7 @@ pub async fn run_probes(ctx: Arc<ProxyContext>) {
             {
                 Some(slot) => Some(slot),
                 None => {
-                    tokio::time::sleep(ctx.settings.probe_interval).await;
+                    tokio::time::sleep(ctx.settings().probe_interval).await;
                     continue;
                 }
             }
@@ -136,6 +145,9 @@ pub async fn run_probes(ctx: Arc<ProxyContext>) {
         drop(slot);
         ctx.capabilities.record(outcome);
         first = false;
-        tokio::time::sleep(ctx.settings.probe_interval).await;
+        tokio::select! {
+            () = tokio::time::sleep(ctx.settings().probe_interval) => {}
+            () = ctx.capabilities.probe_now.notified() => {}
+        }
     }
 }

@@ -219,13 +219,17 @@ impl ProxyStats {
 
 /// Everything the sessions share.
 pub struct ProxyContext {
-    pub settings: Settings,
+    /// What the sessions need from the configuration; replaced whole on
+    /// reload (each session keeps the one it began with).
+    settings: std::sync::RwLock<Arc<Settings>>,
     /// The policy in force; replaced whole on reload.
     policy: std::sync::RwLock<Arc<Policy>>,
     pub state: Arc<PolicyState>,
     pub kernel: Arc<dyn Datapath>,
     pub blocks: Blocks,
-    pub tls: Option<TlsAcceptor>,
+    /// The certificate clients get; reloaded on reload (a renewed
+    /// certificate needs no restart).
+    tls: std::sync::RwLock<Option<TlsAcceptor>>,
     pub stats: ProxyStats,
     /// Every new block, so that the blocked source's other sessions end at
     /// once instead of lingering (the kernel drops their packets).
@@ -260,12 +264,12 @@ impl ProxyContext {
             None => None,
         };
         Ok(Self {
-            settings: Settings::from_config(config)?,
+            settings: std::sync::RwLock::new(Arc::new(Settings::from_config(config)?)),
             policy: std::sync::RwLock::new(Arc::new(Policy::new(config))),
             state: Arc::new(PolicyState::new()),
             kernel,
             blocks: Blocks::with_capacity(config.state.max_blocks),
-            tls,
+            tls: std::sync::RwLock::new(tls),
             stats: ProxyStats::default(),
             blocked_nets: tokio::sync::broadcast::channel(256).0,
             recipients: crate::recipients::start(config),
@@ -288,11 +292,45 @@ impl ProxyContext {
         })
     }
 
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The TLS acceptor for clients, if `[tls]` is configured.
+    pub fn tls(&self) -> Option<TlsAcceptor> {
+        self.tls.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts a reloaded configuration's settings and certificate in force
+    /// for the sessions that begin from now on. What only a restart can
+    /// change (listeners, `smtp.max_sessions`, the backend slots) is left
+    /// as it is: the caller reports it.
+    ///
+    /// # Errors
+    /// The certificate, key or `backend.tls_ca` cannot be loaded: nothing
+    /// is changed.
+    pub fn reconfigure(&self, config: &Config) -> anyhow::Result<()> {
+        let settings = Settings::from_config(config)?;
+        let tls = match &config.tls {
+            Some(tls) => Some(tls::acceptor(&tls.certificate, &tls.key)?),
+            None => None,
+        };
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings);
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
+        self.capabilities.probe_soon();
+        Ok(())
+    }
+
     /// Whether the proxy is under stress: open sessions at or over
     /// `smtp.stress_threshold` of `smtp.max_sessions`, or every backend
     /// slot in use. Sessions without a MAIL then get short timeouts.
     pub fn stressed(&self) -> bool {
-        let smtp = &self.settings.smtp;
+        let settings = self.settings();
+        let smtp = &settings.smtp;
         let open = self.stats.sessions_open.load(Ordering::Relaxed) as f64;
         open >= smtp.stress_threshold * f64::from(smtp.max_sessions) || self.backend_slots.full()
     }
@@ -426,14 +464,14 @@ pub async fn serve(
         accepts.spawn(accept_loop(bound, tx));
         accepts.spawn(dispatch(ctx, rx, session_stop));
     }
-    if ctx.settings.connect == BackendConnect::OnMail {
+    if ctx.settings().connect == BackendConnect::OnMail {
         accepts.spawn(capabilities::run_probes(ctx.clone()));
     }
     let _ = shutdown.wait_for(|stop| *stop).await;
     accepts.abort_all();
-    tracing::info!(grace = %humantime::format_duration(ctx.settings.smtp.shutdown_grace), "stopping: no new sessions");
+    tracing::info!(grace = %humantime::format_duration(ctx.settings().smtp.shutdown_grace), "stopping: no new sessions");
     let _ = stop_sessions.send(true);
-    let _ = tokio::time::timeout(ctx.settings.smtp.shutdown_grace, async {
+    let _ = tokio::time::timeout(ctx.settings().smtp.shutdown_grace, async {
         while ctx.stats.sessions_open.load(Ordering::Relaxed) > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
@@ -523,7 +561,7 @@ async fn refuse(ctx: &ProxyContext, mut stream: TcpStream, reply: &Reply) {
         stream.write_all(&reply.to_bytes()).await?;
         stream.shutdown().await
     };
-    let _ = tokio::time::timeout(ctx.settings.smtp.write_timeout, write).await;
+    let _ = tokio::time::timeout(ctx.settings().smtp.write_timeout, write).await;
 }
 
 /// Accept-time decisions, then the session.
@@ -577,10 +615,10 @@ async fn handle_connection(
     let local = stream.local_addr().unwrap_or(peer);
     let client = match tls {
         TlsMode::Implicit => {
-            let Some(acceptor) = ctx.tls.clone() else {
+            let Some(acceptor) = ctx.tls() else {
                 return;
             };
-            match tokio::time::timeout(ctx.settings.smtp.command_timeout, acceptor.accept(stream))
+            match tokio::time::timeout(ctx.settings().smtp.command_timeout, acceptor.accept(stream))
                 .await
             {
                 Ok(Ok(tls)) => ClientStream::Tls(Box::new(tls)),

@@ -12,7 +12,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         helo: &str,
         esmtp: bool,
     ) -> Result<(), BackendError> {
-        let (peer, proxy_name) = (self.peer, self.ctx.settings.hostname.clone());
+        let (peer, proxy_name) = (self.peer, self.settings.hostname.clone());
         let backend = self.backend.as_mut().ok_or(BackendError::Closed)?;
         let ehlo = backend
             .command(format!("EHLO {proxy_name}").as_bytes())
@@ -32,7 +32,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// most `backend.slot_wait`), the connection, the identity header, the
     /// greeting. Returns the greeting.
     pub(super) async fn connect_backend(&mut self) -> Result<Reply, BackendError> {
-        let wait = self.ctx.settings.slot_wait;
+        let wait = self.settings.slot_wait;
         let slot = self
             .ctx
             .backend_slots
@@ -40,7 +40,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .await
             .map_err(|_| BackendError::NoSlot(wait))?;
         let (mut backend, greeting) =
-            Backend::connect(&self.ctx.settings.backend, Some((self.peer, self.local))).await?;
+            Backend::connect(&self.settings.backend, Some((self.peer, self.local))).await?;
         backend.hold_slot(slot);
         self.backend = Some(backend);
         self.xclient_sent = false;
@@ -60,7 +60,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         self.connect_backend().await?;
         if let Some(helo) = self.helo.as_ref().map(|h| (h.name.clone(), h.esmtp)) {
-            if self.ctx.settings.backend.identity == Identity::Xclient {
+            if self.settings.backend.identity == Identity::Xclient {
                 self.send_xclient(&helo.0, helo.1).await?;
             }
             let verb = if helo.1 { "EHLO" } else { "HELO" };

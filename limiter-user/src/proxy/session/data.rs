@@ -132,7 +132,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Reads the message after DATA's 354 to its end marker, sending it on
     /// as `sink` says, and answers the end of DATA.
     pub(super) async fn receive_message(&mut self, mut sink: MessageSink) -> std::io::Result<Flow> {
-        let smtp = &self.ctx.settings.smtp;
+        let smtp = &self.settings.smtp;
         let (max_size, data_timeout) = (smtp.max_message_size, smtp.data_timeout);
         let mut scanner = DataScanner::new(smtp.max_data_line_length);
         let mut out = Vec::with_capacity(READ_CHUNK + 8);

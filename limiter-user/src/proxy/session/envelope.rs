@@ -52,7 +52,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         if mail
             .size()
-            .is_some_and(|size| size > self.ctx.settings.smtp.max_message_size)
+            .is_some_and(|size| size > self.settings.smtp.max_message_size)
         {
             self.reply(&Reply::message_too_big()).await?;
             return Ok(Flow::Continue);
@@ -131,7 +131,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .await?;
             return Ok(Flow::Continue);
         }
-        let max = self.ctx.settings.smtp.max_recipients as usize;
+        let max = self.settings.smtp.max_recipients as usize;
         let (pending, new_transaction) = self.pipeline.recipients_pending();
         let held = if new_transaction {
             0
@@ -178,7 +178,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else {
             self.envelope.recipients.len()
         };
-        if held + pending >= self.ctx.settings.smtp.max_recipients as usize {
+        if held + pending >= self.settings.smtp.max_recipients as usize {
             return RcptStep::TooMany;
         }
         let policy = self.ctx.policy();

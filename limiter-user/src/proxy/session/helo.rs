@@ -36,11 +36,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // Answered from what the probe learned; the backend hears this
             // name when the session earns its connection.
             let learned = self.ctx.capabilities.learned().map(|l| l.ehlo);
-            let ehlo = learned.unwrap_or_else(|| default_capabilities(&self.ctx.settings.hostname));
+            let ehlo = learned.unwrap_or_else(|| default_capabilities(&self.settings.hostname));
             if esmtp {
                 ehlo
             } else {
-                Reply::helo_ok(ehlo_hostname(&ehlo).unwrap_or(&self.ctx.settings.hostname))
+                Reply::helo_ok(ehlo_hostname(&ehlo).unwrap_or(&self.settings.hostname))
             }
         } else {
             let client_line =
@@ -50,7 +50,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return self.backend_failed(e).await;
                 }
             }
-            if self.ctx.settings.backend.identity == Identity::Xclient && !self.xclient_sent {
+            if self.settings.backend.identity == Identity::Xclient && !self.xclient_sent {
                 if let Err(e) = self.send_xclient(&name, esmtp).await {
                     return self.backend_failed(e).await;
                 }
@@ -69,11 +69,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 &reply,
                 &EhloOptions {
                     hostname: reply.lines.first().cloned().unwrap_or_default(),
-                    offer_starttls: self.starttls && self.ctx.tls.is_some() && !self.is_tls(),
+                    offer_starttls: self.starttls && self.ctx.tls().is_some() && !self.is_tls(),
                     offer_auth: self.auth_allowed(),
-                    offer_vrfy: self.ctx.settings.smtp.vrfy == Vrfy::Relay,
-                    relay_verbs: self.ctx.settings.smtp.relay_verbs.clone(),
-                    max_size: Some(self.ctx.settings.smtp.max_message_size),
+                    offer_vrfy: self.settings.smtp.vrfy == Vrfy::Relay,
+                    relay_verbs: self.settings.smtp.relay_verbs.clone(),
+                    max_size: Some(self.settings.smtp.max_message_size),
                 },
             )
         } else {

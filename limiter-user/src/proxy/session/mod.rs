@@ -227,6 +227,9 @@ pub struct Session<S> {
     /// The backend connection of a client that said QUIT: told QUIT once
     /// the client's connection ended.
     quitting: Option<Backend>,
+    /// The settings in force when the session began: a reload applies to
+    /// the sessions that begin after it.
+    settings: Arc<super::Settings>,
     _connection: ConnectionGuard,
 }
 
@@ -242,6 +245,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     ) -> Self {
         let blocked_nets = ctx.blocked_nets.subscribe();
         let registration = Some(ctx.sessions.register());
+        let settings = ctx.settings();
         Self {
             lines: LineReader::new(MAX_AUTH_LINE),
             ctx,
@@ -269,6 +273,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             backend_pipelining: false,
             data_open: false,
             quitting: None,
+            settings,
             _connection: connection,
         }
     }
@@ -279,7 +284,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Runs the session to its end.
     pub async fn run(mut self) -> SessionSummary {
-        let deadline = self.ctx.settings.smtp.session_timeout;
+        let deadline = self.settings.smtp.session_timeout;
         let outcome = match timeout(deadline, self.dialogue()).await {
             Ok(outcome) => outcome,
             Err(_) => {
@@ -293,7 +298,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let _ = self.flush_pipeline().await;
         let _ = self.flush_client().await;
         if let Some(mut client) = self.client.take() {
-            let _ = timeout(self.ctx.settings.smtp.write_timeout, client.shutdown()).await;
+            let _ = timeout(self.settings.smtp.write_timeout, client.shutdown()).await;
         }
         if let Some(backend) = self.quitting.take().or_else(|| self.backend.take()) {
             backend.quit().await;
@@ -304,7 +309,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     fn earns_backend(&self) -> bool {
-        self.ctx.settings.connect == BackendConnect::OnMail
+        self.settings.connect == BackendConnect::OnMail
     }
 
     /// The greeting: the backend's, relayed (`"on-connect"`), or the one the
@@ -314,12 +319,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let learned = self
                 .ctx
                 .capabilities
-                .after_first_probe(self.ctx.settings.backend.connect_timeout)
+                .after_first_probe(self.settings.backend.connect_timeout)
                 .await;
-            return Ok(learned.map_or_else(
-                || Reply::greeting(&self.ctx.settings.hostname),
-                |l| l.greeting,
-            ));
+            return Ok(
+                learned.map_or_else(|| Reply::greeting(&self.settings.hostname), |l| l.greeting)
+            );
         }
         self.connect_backend().await
     }
@@ -429,7 +433,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if !self.mail_accepted {
             self.commands_before_mail = self.commands_before_mail.saturating_add(1);
-            if self.commands_before_mail > self.ctx.settings.smtp.max_commands_before_mail {
+            if self.commands_before_mail > self.settings.smtp.max_commands_before_mail {
                 self.ctx.count_shed(self.source(), "too-many-commands");
                 self.reply(&Reply::too_many_commands_before_mail()).await?;
                 return Ok(Flow::Close);
@@ -458,7 +462,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// RCPT may end the session). Any other line is handled once the group
     /// is settled.
     fn joins_pipeline(&self, verb: Verb, line: &[u8]) -> bool {
-        line.len() + 2 <= self.ctx.settings.smtp.max_line_length
+        line.len() + 2 <= self.settings.smtp.max_line_length
             && match verb {
                 Verb::Rcpt | Verb::Rset | Verb::Data => true,
                 Verb::Mail => !self.pipeline.mail_pending() && self.pipeline.rcpts_pending() == 0,
@@ -493,7 +497,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     .await;
             }
         };
-        if command.verb != Verb::Auth && line.len() + 2 > self.ctx.settings.smtp.max_line_length {
+        if command.verb != Verb::Auth && line.len() + 2 > self.settings.smtp.max_line_length {
             return self
                 .protocol_error("line-too-long", &Reply::line_too_long())
                 .await;
@@ -541,7 +545,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.reply(&Reply::closing()).await?;
                 Ok(Flow::Close)
             }
-            Verb::Vrfy | Verb::Expn if self.ctx.settings.smtp.vrfy == Vrfy::Refuse => {
+            Verb::Vrfy | Verb::Expn if self.settings.smtp.vrfy == Vrfy::Refuse => {
                 let reply = if command.verb == Verb::Vrfy {
                     Reply::vrfy_disabled()
                 } else {
@@ -581,7 +585,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     ) -> std::io::Result<Flow> {
         self.ctx.stats.count_rejection(reason);
         self.errors = self.errors.saturating_add(1);
-        if self.errors > self.ctx.settings.smtp.max_errors {
+        if self.errors > self.settings.smtp.max_errors {
             tracing::info!(source = %self.peer.ip(), reason = "too-many-errors", errors = self.errors, action = "disconnect", "too many refused commands");
             self.ctx.stats.count_rejection("too-many-errors");
             self.reply(&Reply::too_many_errors()).await?;
@@ -599,7 +603,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .unwrap_or_default();
         !word.is_empty()
             && self
-                .ctx
                 .settings
                 .smtp
                 .relay_verbs
@@ -618,7 +621,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Whether AUTH may be offered and used now: not before STARTTLS when
     /// it must wait for TLS (`smtp.auth_requires_tls`).
     fn auth_allowed(&self) -> bool {
-        !self.ctx.settings.auth_requires_tls || self.is_tls()
+        !self.settings.auth_requires_tls || self.is_tls()
     }
 
     /// Relays a command and its reply unchanged.
@@ -708,7 +711,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             client.write_all(out).await?;
             client.flush().await
         };
-        let result = match timeout(self.ctx.settings.smtp.write_timeout, write).await {
+        let result = match timeout(self.settings.smtp.write_timeout, write).await {
             Ok(result) => result,
             // A client that stops reading is gone as far as the session goes.
             Err(_) => Err(std::io::Error::new(
@@ -773,8 +776,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.flush_client().await.is_err() {
             return Input::Closed;
         }
-        let ctx = self.ctx.clone();
-        let smtp = &ctx.settings.smtp;
+        let settings = self.settings.clone();
+        let smtp = &settings.smtp;
         let shed = self.registration.as_ref().map(|r| r.entry.clone());
         loop {
             // Under stress, a session without a MAIL gets a short timeout.

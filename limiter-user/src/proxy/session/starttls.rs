@@ -5,12 +5,7 @@ use super::*;
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(super) async fn starttls(&mut self, args: &str) -> std::io::Result<Flow> {
-        let Some(acceptor) = self
-            .ctx
-            .tls
-            .clone()
-            .filter(|_| self.starttls && !self.is_tls())
-        else {
+        let Some(acceptor) = self.ctx.tls().filter(|_| self.starttls && !self.is_tls()) else {
             self.reply(&Reply::command_not_implemented()).await?;
             return Ok(Flow::Continue);
         };
@@ -31,12 +26,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some(ClientStream::Plain(plain)) = self.client.take() else {
             return Ok(Flow::Close);
         };
-        match timeout(
-            self.ctx.settings.smtp.command_timeout,
-            acceptor.accept(plain),
-        )
-        .await
-        {
+        match timeout(self.settings.smtp.command_timeout, acceptor.accept(plain)).await {
             Ok(Ok(tls)) => self.client = Some(ClientStream::Tls(Box::new(tls))),
             Ok(Err(e)) => {
                 tracing::info!(source = %self.peer.ip(), error = %e, "TLS handshake failed");

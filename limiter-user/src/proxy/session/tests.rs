@@ -270,10 +270,10 @@ impl Harness {
     /// A session with `config`, its backend the fake one. The probe is
     /// taken as done: the proxy greets and answers EHLO with what the fake
     /// backend says (`backend.connect = "on-mail"`).
-    fn start_with(config: Config, pipelining: bool) -> Self {
+    fn start_with(mut config: Config, pipelining: bool) -> Self {
         let (address, backend) = FakeBackend::start(pipelining);
-        let mut ctx = ProxyContext::new(&config, Arc::new(NoKernel::new("unit test"))).unwrap();
-        ctx.settings.backend.address = address;
+        config.backend.address = address;
+        let ctx = ProxyContext::new(&config, Arc::new(NoKernel::new("unit test"))).unwrap();
         ctx.capabilities.record(Some(Learned {
             greeting: parse(GREETING),
             ehlo: parse(&ehlo_reply(pipelining)),
@@ -379,7 +379,7 @@ async fn a_transaction_is_delivered_once_and_the_backends_reply_relayed_unchange
 #[tokio::test(start_paused = true)]
 async fn a_session_without_mail_never_connects_to_the_backend() {
     let mut h = Harness::start();
-    assert_eq!(h.ctx.settings.connect, BackendConnect::OnMail);
+    assert_eq!(h.ctx.settings().connect, BackendConnect::OnMail);
     let greeting = h.client.reply().await;
     assert_eq!(greeting, parse(GREETING), "the greeting the probe learned");
     let ehlo = h.client.command("EHLO client.example.org").await;
@@ -402,7 +402,7 @@ async fn a_session_without_mail_never_connects_to_the_backend() {
 async fn an_idle_client_before_mail_is_cut_at_the_command_timeout() {
     let mut h = Harness::start();
     h.ehlo().await;
-    let limit = h.ctx.settings.smtp.command_timeout;
+    let limit = h.ctx.settings().smtp.command_timeout;
     let started = tokio::time::Instant::now();
     // Just short of the limit, the session still waits.
     let early = limit - Duration::from_millis(10);
