@@ -80,7 +80,7 @@ fn start(backend: &ScriptedBackend, extra: &str) -> TestProxy {
 /// own sessions there.
 fn started(backend: &ScriptedBackend, config: &str) -> TestProxy {
     let proxy = TestProxy::start(config);
-    if proxy.ctx.settings.connect == BackendConnect::OnMail {
+    if proxy.ctx.settings().connect == BackendConnect::OnMail {
         assert!(
             wait_until(WAIT, || proxy.ctx.capabilities.probed()),
             "the capability probe did not end"
