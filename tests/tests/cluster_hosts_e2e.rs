@@ -1,0 +1,527 @@
+//! Two edge hosts of one site sharing their blocks through one real
+//! redis-server, each as it runs in production: the real agent in a
+//! network namespace of its own with XDP on its own interface, in front of
+//! a private Postfix of its own. A block decided on host A (by its proxy,
+//! or by the CLI) is dropped by host B's kernel, its removal too; host B
+//! started again from nothing (empty state directory, new pins) drops the
+//! cluster's blocks in its kernel. Mail from a clean source is delivered
+//! through both hosts all along.
+//!
+//! The clients live in one "internet" namespace joined to each host by a
+//! veth pair; each host routes back to it by default, so one source
+//! address reaches both hosts. Redis (and each Postfix) run on the test's
+//! own loopback, as their fixtures make them, and each host reaches them
+//! through a [`Relay`] on its own loopback, the way [`NetRig`] reaches its
+//! Postfix: Redis sits on a management network here, out of the mail
+//! path, and its fixture stays as it is.
+//!
+//! Needs root, the eBPF object, the `smtp-limiter` binary, Postfix, swaks
+//! and redis-server; under `CI=true` a missing one fails the test.
+//!
+//! [`NetRig`]: limiter_tests::agent::NetRig
+
+use std::{
+    io::ErrorKind,
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use limiter_tests::{
+    agent::{Agent, AgentDir, Launch, RigParts},
+    clients::{self, swaks_to_alice_in},
+    fixture,
+    kernel::PinDir,
+    netns::{link, Link, NetNs},
+    postfix::{log_lines, Postfix, PostfixOptions},
+    proxy::{failed_rcpts_before_the_cut, Client},
+    redis::{self, Redis},
+    tcp::{connect_from, connect_local, wait_until, Relay},
+};
+
+/// How long a block may take from one host's decision to the other's
+/// kernel: the goal is under a second; the rest is room for a loaded
+/// two-CPU CI machine.
+const PROPAGATION: Duration = Duration::from_secs(10);
+/// How long a host may take to reach Redis after it starts.
+const CONNECTED: Duration = Duration::from_secs(30);
+/// A probe's connect timeout: a handshake on a veth takes well under a
+/// millisecond (the kernel answers the SYN, no process is involved), so a
+/// probe that times out had its SYN dropped.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+/// Pause after a probe that got through (each is a session the proxy
+/// greets), so that the probes stay a trickle.
+const PROBE_PAUSE: Duration = Duration::from_millis(10);
+/// A connect that must succeed or be dropped (as netns_e2e: long enough
+/// for a handshake, short enough for a dropped SYN to show as a timeout).
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(800);
+const SMTP: u16 = 25;
+/// Blocks put in the active hash beside the test's own: more than one
+/// HSCAN step of an agent's catch-up (1000) reads.
+const EXTRA_BLOCKS: usize = 2500;
+
+fn ready(test: &str) -> bool {
+    let missing = clients::missing_prerequisite()
+        .or_else(redis::missing_prerequisite)
+        .or_else(|| {
+            let binary = std::env::current_exe()
+                .ok()
+                .and_then(|exe| Some(exe.parent()?.parent()?.join("smtp-limiter")));
+            (!binary.is_some_and(|b| b.is_file())).then(|| {
+                "no smtp-limiter binary next to the tests (`cargo build -p limiter-user`)"
+                    .to_owned()
+            })
+        });
+    // Root and the eBPF object first, then the servers and clients.
+    limiter_tests::prerequisites(test) && fixture::require(test, missing)
+}
+
+/// One edge host: its namespace and link to the internet, its Postfix,
+/// the relays to Postfix and Redis, its pins, its agent. Dropped in field
+/// order: the agent (which detaches its program), its directory, the
+/// relays, Postfix, the pins, the link, the namespace.
+struct Host {
+    agent: Option<Agent>,
+    dir: AgentDir,
+    redis_relay: Relay,
+    postfix_relay: Relay,
+    postfix: Postfix,
+    pins: PinDir,
+    link: Link,
+    ns: NetNs,
+    name: &'static str,
+}
+
+impl Host {
+    /// `name`'s namespace, linked to `internet` (tag `tag`, see
+    /// [`link`]) with its default route there, its Postfix, its agent with
+    /// XDP on its end of the link.
+    fn start(name: &'static str, tag: &str, internet: &NetNs, redis: &Redis) -> Host {
+        let ns = NetNs::new(&format!("ch-{tag}")).expect("the host's namespace");
+        let link = link(&ns, internet, tag).expect("the host's veth pair");
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &link.client_v4s[0].to_string(),
+        ])
+        .expect("the host's default route to the internet");
+        let postfix = Postfix::start(PostfixOptions {
+            proxy_protocol: true,
+            ..PostfixOptions::default()
+        })
+        .expect("the host's Postfix");
+        let postfix_relay = Relay::start(&ns, postfix.addr()).expect("a relay to Postfix");
+        let redis_relay = Relay::start(&ns, redis.addr()).expect("a relay to Redis");
+        let mut host = Host {
+            agent: None,
+            dir: AgentDir::new(name),
+            redis_relay,
+            postfix_relay,
+            postfix,
+            pins: PinDir::new(),
+            link,
+            ns,
+            name,
+        };
+        host.spawn();
+        host
+    }
+
+    /// Writes the configuration (with the current pins) and starts the
+    /// agent; waits until it is connected to Redis.
+    fn spawn(&mut self) {
+        let parts = RigParts {
+            server: &self.ns,
+            link: &self.link,
+            relay_port: self.postfix_relay.port(),
+            pins: self.pins.path(),
+        };
+        let more = format!(
+            "{}[limits]\nmax_failed_rcpt = 3\n[cluster]\nredis = \"redis://127.0.0.1:{}/0\"\n\
+             node = \"{}\"\nshare_counters = false\n",
+            parts.kernel_table(&self.link.server_if, "xdp"),
+            self.redis_relay.port(),
+            self.name,
+        );
+        self.dir
+            .write_config(&parts.config(self.smtp(), "identity = \"proxy-v2\"", &more));
+        let agent = Agent::spawn(&self.dir, &Launch::in_ns(&self.ns)).unwrap_or_else(|failed| {
+            panic!(
+                "{} did not start ({:?}):\n{}",
+                self.name, failed.status, failed.log
+            )
+        });
+        self.agent = Some(agent);
+    }
+
+    fn agent(&self) -> &Agent {
+        self.agent.as_ref().expect("the host's agent runs")
+    }
+
+    /// Where the host takes mail: port 25 on its end of the link.
+    fn smtp(&self) -> SocketAddr {
+        SocketAddr::new(self.link.server_v4.into(), SMTP)
+    }
+
+    /// Waits until the agent says it is connected to Redis.
+    #[track_caller]
+    fn wait_cluster_up(&self) {
+        let agent = self.agent();
+        assert!(
+            wait_until(CONNECTED, || agent.json(&["stats"])["cluster"]["state"]
+                == "up"),
+            "{} never reached Redis:\n{}",
+            self.name,
+            agent.log()
+        );
+    }
+
+    /// The kernel's count of SYNs dropped for a blocked source.
+    fn dropped(&self) -> u64 {
+        self.agent().kernel_counter("dropped_block")
+    }
+}
+
+/// The site: two hosts, the internet their clients are in, one Redis.
+struct Site {
+    a: Host,
+    b: Host,
+    internet: NetNs,
+    /// Dropped last: the agents leave it first.
+    redis: Redis,
+}
+
+impl Site {
+    fn start() -> Site {
+        for stale in ["ch-ha", "ch-hb", "ch-net"] {
+            if let Err(e) = NetNs::remove_stale(stale) {
+                eprintln!("removing stale namespaces {stale}-*: {e:#}");
+            }
+        }
+        let redis = Redis::start().expect("a private redis-server");
+        let internet = NetNs::new("ch-net").expect("the internet's namespace");
+        let a = Host::start("host-a", "ha", &internet, &redis);
+        let b = Host::start("host-b", "hb", &internet, &redis);
+        a.wait_cluster_up();
+        b.wait_cluster_up();
+        Site {
+            a,
+            b,
+            internet,
+            redis,
+        }
+    }
+
+    /// A source address in the internet (on its side of A's link): it
+    /// reaches both hosts.
+    fn source(&self, n: usize) -> IpAddr {
+        self.a.link.client_v4s[n].into()
+    }
+
+    /// swaks from `source` through `host`: one message to alice, delivered
+    /// by the host's own Postfix, which names the source.
+    #[track_caller]
+    fn delivers(&self, host: &Host, source: IpAddr) {
+        let before = host.postfix.delivered();
+        let run = swaks_to_alice_in(Some(&self.internet), host.smtp(), &source.to_string(), &[]);
+        assert_eq!(
+            run.code,
+            Some(0),
+            "swaks from {source} through {}:\n{}\nagent:\n{}",
+            host.name,
+            run.out,
+            host.agent().log()
+        );
+        assert!(
+            host.postfix
+                .wait_delivered(before + 1, Duration::from_secs(15)),
+            "{}'s Postfix did not deliver:\n{}",
+            host.name,
+            host.postfix.log()
+        );
+        let log = host.postfix.log();
+        assert!(
+            !log_lines(&log, &format!("client=unknown[{source}]")).is_empty(),
+            "{}'s Postfix did not name the client {source}:\n{log}",
+            host.name
+        );
+    }
+
+    /// A harvester from `source` cut off by `host`'s proxy (three unknown
+    /// recipients, then `421`).
+    #[track_caller]
+    fn harvest(&self, host: &Host, source: IpAddr) {
+        let to = host.smtp();
+        let failed = self
+            .internet
+            .run(|| failed_rcpts_before_the_cut(&source.to_string(), to));
+        assert_eq!(failed, 3, "{}", host.agent().log());
+    }
+
+    /// Connects from `source` to `host` again and again until a SYN is
+    /// dropped (a probe times out) or `within` passes: when the first
+    /// dropped probe was sent, counted from `since`, and how many got
+    /// through before it.
+    fn first_drop(
+        &self,
+        host: &Host,
+        source: IpAddr,
+        since: Instant,
+        within: Duration,
+    ) -> Option<(Duration, usize)> {
+        let to = host.smtp();
+        self.internet.run(|| {
+            let mut through = 0;
+            while since.elapsed() < within {
+                let sent = since.elapsed();
+                match connect_local(source, to, PROBE_TIMEOUT) {
+                    Err(e) if e.kind() == ErrorKind::TimedOut => return Some((sent, through)),
+                    Ok(stream) => {
+                        through += 1;
+                        drop(stream);
+                    }
+                    Err(e) => eprintln!("probe from {source} to {to}: {e}"),
+                }
+                std::thread::sleep(PROBE_PAUSE);
+            }
+            None
+        })
+    }
+
+    /// Asserts that `host`'s kernel drops `source`'s SYNs (the connect
+    /// times out, the kernel counts it) for a block decided on `by`.
+    #[track_caller]
+    fn assert_dropped_by_kernel(&self, host: &Host, source: IpAddr, by: &Host) {
+        let agent = host.agent();
+        let net = format!("{source}/32");
+        let row = agent
+            .block(&net)
+            .unwrap_or_else(|| panic!("{net} not listed on {}:\n{}", host.name, agent.log()));
+        assert_eq!(row["node"], by.name, "decided elsewhere: {row}");
+        assert_eq!(row["in_kernel"], true, "{row}");
+        let before = host.dropped();
+        match connect_from(&self.internet, source, host.smtp(), CONNECT_TIMEOUT) {
+            Err(e) if e.kind() == ErrorKind::TimedOut => {}
+            other => panic!(
+                "expected {}'s kernel to drop {source}'s SYN, got {other:?}",
+                host.name
+            ),
+        }
+        assert!(
+            host.dropped() > before,
+            "{}'s kernel did not count the drop",
+            host.name
+        );
+    }
+
+    /// Asserts that `host` greets `source`.
+    #[track_caller]
+    fn assert_greets(&self, host: &Host, source: IpAddr) {
+        let stream = connect_from(&self.internet, source, host.smtp(), CONNECT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{source} to {}: {e}", host.name));
+        let (_, greeting) = Client::from_stream(stream).expect("a greeting");
+        assert!(
+            greeting.starts_with("220 "),
+            "{} to {source}: {greeting}",
+            host.name
+        );
+    }
+}
+
+#[test]
+fn a_harvester_cut_off_on_one_host_is_dropped_by_the_other_hosts_kernel() {
+    if !ready("a_harvester_cut_off_on_one_host_is_dropped_by_the_other_hosts_kernel") {
+        return;
+    }
+    let site = Site::start();
+    let (a, b) = (&site.a, &site.b);
+    let (harvester, clean) = (site.source(1), site.source(2));
+    site.delivers(a, clean);
+    site.delivers(b, clean);
+    site.assert_greets(b, harvester);
+
+    site.harvest(a, harvester);
+    let cut = Instant::now();
+    let (seen, through) = site
+        .first_drop(b, harvester, cut, PROPAGATION)
+        .unwrap_or_else(|| {
+            panic!(
+                "B's kernel never dropped the harvester within {PROPAGATION:?}\nA:\n{}\nB:\n{}",
+                a.agent().log(),
+                b.agent().log()
+            )
+        });
+    println!(
+        "propagation (A cuts the harvester off to B's kernel dropping its SYN): {seen:?} \
+         ({through} probes got through before)"
+    );
+    site.assert_dropped_by_kernel(b, harvester, a);
+    site.assert_dropped_by_kernel(a, harvester, a);
+    assert_eq!(
+        b.agent().block(&format!("{harvester}/32")).unwrap()["reason"],
+        "harvest"
+    );
+
+    // The hosts still deliver for others; B's Postfix never heard of the
+    // harvester (it got no further than B's greeting).
+    site.delivers(a, clean);
+    site.delivers(b, clean);
+    let log = b.postfix.log();
+    assert!(
+        log_lines(&log, &format!("[{harvester}]")).is_empty(),
+        "{log}"
+    );
+    let log = a.postfix.log();
+    assert!(
+        !log_lines(&log, &format!("connect from unknown[{harvester}]")).is_empty(),
+        "the harvester's session went through A's Postfix: {log}"
+    );
+}
+
+#[test]
+fn a_manual_block_on_one_host_is_dropped_by_the_other_hosts_kernel_until_deleted() {
+    if !ready("a_manual_block_on_one_host_is_dropped_by_the_other_hosts_kernel_until_deleted") {
+        return;
+    }
+    let site = Site::start();
+    let (a, b) = (&site.a, &site.b);
+    let (blocked, clean) = (site.source(3), site.source(2));
+    site.assert_greets(b, blocked);
+
+    let out = a.agent().cli(&[
+        "block",
+        "add",
+        &blocked.to_string(),
+        "--for",
+        "1h",
+        "--reason",
+        "manual",
+    ]);
+    assert!(out.success(), "{}", out.text());
+    let added = Instant::now();
+    let (seen, through) = site
+        .first_drop(b, blocked, added, PROPAGATION)
+        .unwrap_or_else(|| {
+            panic!(
+                "B's kernel never dropped the blocked source within {PROPAGATION:?}\nB:\n{}",
+                b.agent().log()
+            )
+        });
+    println!(
+        "propagation (block add on A returns to B's kernel dropping the SYN): {seen:?} \
+         ({through} probes got through before)"
+    );
+    site.assert_dropped_by_kernel(b, blocked, a);
+    site.delivers(b, clean);
+
+    let out = a.agent().cli(&["block", "del", &blocked.to_string()]);
+    assert!(out.success(), "{}", out.text());
+    let deleted = Instant::now();
+    let net = format!("{blocked}/32");
+    assert!(
+        wait_until(PROPAGATION, || b.agent().block(&net).is_none()),
+        "block del on A never reached B:\n{}",
+        b.agent().log()
+    );
+    println!(
+        "propagation (block del on A to B's list, CLI polling): {:?}",
+        deleted.elapsed()
+    );
+    site.assert_greets(b, blocked);
+    site.assert_greets(a, blocked);
+}
+
+#[test]
+fn a_host_started_from_nothing_drops_the_clusters_blocks_in_its_kernel() {
+    if !ready("a_host_started_from_nothing_drops_the_clusters_blocks_in_its_kernel") {
+        return;
+    }
+    let mut site = Site::start();
+    let (harvester, manual, clean) = (site.source(1), site.source(3), site.source(2));
+    site.harvest(&site.a, harvester);
+    let out = site.a.agent().cli(&[
+        "block",
+        "add",
+        &manual.to_string(),
+        "--for",
+        "1h",
+        "--reason",
+        "manual",
+    ]);
+    assert!(out.success(), "{}", out.text());
+    for net in [harvester, manual] {
+        let net = format!("{net}/32");
+        assert!(
+            wait_until(PROPAGATION, || site
+                .redis
+                .cli(&["HEXISTS", "smtp-limiter:active", &net])
+                .is_ok_and(|r| r == "1")),
+            "{net} never reached Redis:\n{}",
+            site.a.agent().log()
+        );
+    }
+
+    // Many more blocks in force than one step of B's catch-up reads
+    // (written to the hash only, as an agent away from the stream finds
+    // them): B reads them all, page by page.
+    let many: Vec<String> = (0..EXTRA_BLOCKS)
+        .map(|n| format!("198.18.{}.{}/32", n / 250, n % 250 + 1))
+        .collect();
+    let entry = r#"{"reason":"flood","node":"host-a","expires":"never","comment":""}"#;
+    let mut hset = vec!["HSET", "smtp-limiter:active"];
+    for net in &many {
+        hset.extend([net.as_str(), entry]);
+    }
+    site.redis.cli(&hset).expect("HSET of the extra blocks");
+
+    // B goes, and comes back as a new machine would: no stored blocks, no
+    // pinned maps.
+    let status = site.b.agent.take().map(|mut agent| agent.terminate());
+    assert!(
+        status.flatten().is_some_and(|s| s.success()),
+        "B's exit: {status:?}"
+    );
+    std::fs::remove_dir_all(site.b.dir.state_dir()).expect("B's state directory removed");
+    site.b.pins = PinDir::new();
+    let started = Instant::now();
+    site.b.spawn();
+    let listening = started.elapsed();
+    let since = Instant::now();
+    // Both probed first, from the same moment; checked after.
+    for source in [harvester, manual] {
+        let (seen, through) = site
+            .first_drop(&site.b, source, since, PROPAGATION)
+            .unwrap_or_else(|| {
+                panic!(
+                    "B, started from nothing, never dropped {source} within {PROPAGATION:?}:\n{}",
+                    site.b.agent().log()
+                )
+            });
+        println!(
+            "B from nothing: control socket up {listening:?} after the start; {source} dropped \
+             by its kernel {seen:?} after that ({through} probes got through before)"
+        );
+    }
+    for source in [harvester, manual] {
+        site.assert_dropped_by_kernel(&site.b, source, &site.a);
+    }
+    site.b.wait_cluster_up();
+    let log = site.b.agent().log();
+    assert!(log.contains("cluster: active blocks read"), "{log}");
+    let listed = site.b.agent().json(&["block", "list"]);
+    let listed = listed.as_array().expect("a list of blocks");
+    assert_eq!(listed.len(), EXTRA_BLOCKS + 2, "{log}");
+    for net in [&many[0], &many[EXTRA_BLOCKS / 2], &many[EXTRA_BLOCKS - 1]] {
+        let row = listed
+            .iter()
+            .find(|b| b["net"] == net.as_str())
+            .unwrap_or_else(|| panic!("{net} not listed on B"));
+        assert_eq!(
+            (&row["node"], &row["in_kernel"]),
+            (&"host-a".into(), &true.into()),
+            "{row}"
+        );
+    }
+    site.delivers(&site.b, clean);
+}
