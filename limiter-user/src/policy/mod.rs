@@ -80,7 +80,10 @@ use limiter_common::reason;
 use crate::config::{Config, Mode, Rate};
 
 pub use pattern::{Pattern, PatternList};
-pub use state::{ConnectionGuard, HeloGuard, PolicyState, TableSizes, DEFAULT_CAPACITY};
+pub use state::{
+    ConnectionGuard, CountKind, CountSink, Counted, HeloGuard, PolicyState, TableSizes,
+    DEFAULT_CAPACITY,
+};
 pub use verdict::{
     Action, BlockOrder, ConnectVerdict, Decision, HeloVerdict, MailVerdict, RateScope, RcptVerdict,
     Reason, Rejection, SessionCounters,
@@ -479,7 +482,7 @@ impl Policy {
         let keep = usize::try_from(block_at + 1).unwrap_or(usize::MAX);
         let key = self.source_key(source);
         let helo = helo.map(state::helo_key).filter(|h| !h.is_empty());
-        let verdict = state.with(|tables| {
+        let (verdict, blocked) = state.with(|tables| {
             let by_source = tables
                 .null_by_source
                 .touch(&key, Default::default)
@@ -508,23 +511,35 @@ impl Policy {
                 // a clean window).
                 tables.null_by_source.remove(&key);
                 let order = tables.block(self, source, reason::FLOOD, now);
-                rejection(
+                let verdict = rejection(
                     RateScope::Source,
                     by_source,
                     Action::DeferAndClose,
                     Some(order),
-                )
+                );
+                (verdict, true)
             } else if by_source > limit {
-                rejection(RateScope::Source, by_source, Action::DeferCommand, None)
+                let verdict = rejection(RateScope::Source, by_source, Action::DeferCommand, None);
+                (verdict, false)
             } else if let (Some(name), Some(count)) = (helo, by_helo) {
                 if count > limit {
-                    rejection(RateScope::Helo(name), count, Action::DeferCommand, None)
+                    let verdict =
+                        rejection(RateScope::Helo(name), count, Action::DeferCommand, None);
+                    (verdict, false)
                 } else {
-                    MailVerdict::Accept
+                    (MailVerdict::Accept, false)
                 }
             } else {
-                MailVerdict::Accept
+                (MailVerdict::Accept, false)
             }
+        });
+        state.report(Counted {
+            kind: CountKind::NullSender,
+            net: key,
+            at: now,
+            limit: u32::try_from(block_at).unwrap_or(u32::MAX),
+            window: rate.per,
+            blocked,
         });
         self.decide(verdict)
     }
@@ -611,10 +626,22 @@ impl Policy {
             let failed = std::mem::take(&mut counters.failed_rcpt);
             // The session's harvest also ends the source's window: the block
             // is what counts now, and its backoff remembers the offence.
+            let key = self.source_key(source);
             let order = state.with(|tables| {
-                tables.failed_rcpt.remove(&self.source_key(source));
+                tables.failed_rcpt.remove(&key);
                 tables.block(self, source, reason::HARVEST, now)
             });
+            if self.rcpt.max_failed_rcpt_per_source != 0 {
+                // The other hosts' count of this source starts afresh too.
+                state.report(Counted {
+                    kind: CountKind::FailedRcpt,
+                    net: key,
+                    at: now,
+                    limit: self.rcpt.max_failed_rcpt_per_source,
+                    window: self.rcpt.failed_rcpt_window,
+                    blocked: true,
+                });
+            }
             return Some(self.decide(Rejection {
                 reason: Reason::Harvest { failed, limit },
                 action: Action::DeferAndClose,
@@ -630,10 +657,9 @@ impl Policy {
             source,
             now,
             WindowRule {
-                table: |tables| &mut tables.failed_rcpt,
+                kind: CountKind::FailedRcpt,
                 limit: rules.max_failed_rcpt_per_source,
                 window: rules.failed_rcpt_window,
-                reason: reason::HARVEST,
             },
         )?;
         counters.failed_rcpt = 0;
@@ -667,10 +693,9 @@ impl Policy {
             source,
             now,
             WindowRule {
-                table: |tables| &mut tables.auth_failures,
+                kind: CountKind::FailedAuth,
                 limit: rules.max_failed_auth,
                 window: rules.failed_auth_window,
-                reason: reason::AUTH,
             },
         )?;
         Some(self.decide(Rejection {
@@ -706,10 +731,9 @@ impl Policy {
             source,
             now,
             WindowRule {
-                table: |tables| &mut tables.filter_rejects,
+                kind: CountKind::FilterReject,
                 limit: rules.max_rejects - 1,
                 window: rules.reject_window,
-                reason: reason::FILTER,
             },
         )?;
         Some(self.decide(Rejection {
@@ -725,7 +749,8 @@ impl Policy {
 
     /// Counts one event for `source` in `rule`'s window; past its limit the
     /// window starts over and the source is blocked: (events counted, the
-    /// block). Allow-listed sources are not counted.
+    /// block). Allow-listed sources are not counted. The event goes to the
+    /// state's [`CountSink`] too.
     fn count_toward_block(
         &self,
         state: &PolicyState,
@@ -739,28 +764,60 @@ impl Policy {
         }
         let key = self.source_key(source);
         let keep = usize::try_from(u64::from(rule.limit) + 1).unwrap_or(usize::MAX);
-        state.with(|tables| {
-            let events =
-                (rule.table)(tables)
-                    .touch(&key, Default::default)
-                    .record(now, rule.window, keep);
+        let outcome = state.with(|tables| {
+            let windows = tables.windows(rule.kind);
+            let events = windows
+                .touch(&key, Default::default)
+                .record(now, rule.window, keep);
             if events <= rule.limit {
                 return None;
             }
-            (rule.table)(tables).remove(&key);
-            Some((events, tables.block(self, source, rule.reason, now)))
-        })
+            windows.remove(&key);
+            Some((events, tables.block(self, source, rule.kind.reason(), now)))
+        });
+        state.report(Counted {
+            kind: rule.kind,
+            net: key,
+            at: now,
+            limit: rule.limit,
+            window: rule.window,
+            blocked: outcome.is_some(),
+        });
+        outcome
+    }
+
+    /// `net`'s `kind` window went past its limit counted over every edge
+    /// host (`cluster.share_counters`): the block this host would have
+    /// ordered had it seen every event, its own window of the source
+    /// started afresh as after a block here. None for an allow-listed
+    /// source (never blocked). The caller enforces it unless in observe
+    /// mode ([`Decision::enforced`]).
+    pub fn over_cluster_wide(
+        &self,
+        state: &PolicyState,
+        kind: CountKind,
+        net: IpNet,
+        now: Instant,
+    ) -> Option<Decision<BlockOrder>> {
+        // The key's own address is keyed as the key itself.
+        let source = net.network();
+        if self.is_allowlisted(source) {
+            return None;
+        }
+        let order = state.with(|tables| {
+            tables.windows(kind).remove(&net);
+            tables.block(self, source, kind.reason(), now)
+        });
+        Some(self.decide(order))
     }
 }
 
 /// A per-source count of events in a sliding window that blocks the source
 /// once it goes past `limit`.
 struct WindowRule {
-    table: fn(&mut state::Tables) -> &mut table::Lru<IpNet, table::Window>,
+    kind: CountKind,
     limit: u32,
     window: Duration,
-    /// The block's [`limiter_common::reason`] code.
-    reason: u32,
 }
 
 /// `net` with its host bits cleared, and IPv4-mapped IPv6 networks

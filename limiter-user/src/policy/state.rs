@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
@@ -48,6 +48,81 @@ pub const DEFAULT_CAPACITY: usize = 100_000;
 pub struct PolicyState {
     tables: Mutex<Tables>,
     capacity: usize,
+    /// Where the windows' events go besides these tables, once installed
+    /// (the cluster, with `cluster.share_counters`).
+    sink: OnceLock<Arc<dyn CountSink>>,
+}
+
+/// A per-source window several edge hosts can count together
+/// (`cluster.share_counters`). The per-session count of failed RCPTs and
+/// the per-HELO null-sender count are not among them: they stay local.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CountKind {
+    /// `max_failed_rcpt_per_source` in `failed_rcpt_window`.
+    FailedRcpt,
+    /// `max_failed_auth` in `failed_auth_window`.
+    FailedAuth,
+    /// Null-sender MAILs per source: the block at twice `null_sender_rate`
+    /// (the `450` past once the rate is decided here alone).
+    NullSender,
+    /// `filters.max_rejects` in `filters.reject_window`.
+    FilterReject,
+}
+
+impl CountKind {
+    /// Every kind.
+    pub const ALL: [CountKind; 4] = [
+        CountKind::FailedRcpt,
+        CountKind::FailedAuth,
+        CountKind::NullSender,
+        CountKind::FilterReject,
+    ];
+
+    /// A short stable name (keys, logs, metrics).
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            CountKind::FailedRcpt => "rcpt",
+            CountKind::FailedAuth => "auth",
+            CountKind::NullSender => "null-sender",
+            CountKind::FilterReject => "filter",
+        }
+    }
+
+    /// The [`limiter_common::reason`] of the block this window orders.
+    #[must_use]
+    pub const fn reason(self) -> u32 {
+        match self {
+            CountKind::FailedRcpt => limiter_common::reason::HARVEST,
+            CountKind::FailedAuth => limiter_common::reason::AUTH,
+            CountKind::NullSender => limiter_common::reason::FLOOD,
+            CountKind::FilterReject => limiter_common::reason::FILTER,
+        }
+    }
+}
+
+/// One event counted in a source's window here, as handed to the
+/// [`CountSink`]: with the rule in force, so that whoever counts it
+/// elsewhere applies the same threshold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counted {
+    pub kind: CountKind,
+    /// The source key ([`Policy::source_key`]).
+    pub net: IpNet,
+    pub at: Instant,
+    /// The source is blocked past this many events in `window`.
+    pub limit: u32,
+    pub window: Duration,
+    /// This host blocked the source on this event (and started its window
+    /// afresh): the event says "start afresh" rather than "count one".
+    pub blocked: bool,
+}
+
+/// Where counted events go besides this host's windows (the cluster's
+/// queue). Called outside the tables' lock, in the session's path: it must
+/// not wait (queue, bounded, and return).
+pub trait CountSink: Send + Sync {
+    fn counted(&self, event: Counted);
 }
 
 /// The tables behind the lock. Decisions in the parent module run on them
@@ -139,6 +214,20 @@ impl PolicyState {
                 capacity,
             }),
             capacity,
+            sink: OnceLock::new(),
+        }
+    }
+
+    /// Hands every event counted in a source's window ([`CountKind`]) to
+    /// `sink` from now on; false if one was installed already (it stays).
+    pub fn set_sink(&self, sink: Arc<dyn CountSink>) -> bool {
+        self.sink.set(sink).is_ok()
+    }
+
+    /// Gives `event` to the sink, if there is one.
+    pub(super) fn report(&self, event: Counted) {
+        if let Some(sink) = self.sink.get() {
+            sink.counted(event);
         }
     }
 
@@ -375,6 +464,16 @@ fn release<K: Hash + Eq>(table: &mut HashMap<K, u32>, key: &K) {
 }
 
 impl Tables {
+    /// `kind`'s windows, by source key.
+    pub(super) fn windows(&mut self, kind: CountKind) -> &mut Lru<IpNet, Window> {
+        match kind {
+            CountKind::FailedRcpt => &mut self.failed_rcpt,
+            CountKind::FailedAuth => &mut self.auth_failures,
+            CountKind::NullSender => &mut self.null_by_source,
+            CountKind::FilterReject => &mut self.filter_rejects,
+        }
+    }
+
     /// See [`PolicyState::block`]; `source` is canonical and not allow-listed.
     pub(super) fn block(
         &mut self,
@@ -515,5 +614,130 @@ impl fmt::Debug for HeloGuard {
             .field("name", &self.name)
             .field("counted", &self.counted)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod sink_tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::policy::SessionCounters;
+
+    /// A sink that keeps what it is given.
+    #[derive(Default)]
+    struct Kept(Mutex<Vec<Counted>>);
+
+    impl CountSink for Kept {
+        fn counted(&self, event: Counted) {
+            self.0.lock().unwrap().push(event);
+        }
+    }
+
+    fn setup(toml: &str) -> (Policy, PolicyState, Arc<Kept>) {
+        let policy = Policy::new(&Config::from_toml(toml).unwrap());
+        let state = PolicyState::new();
+        let kept = Arc::new(Kept::default());
+        assert!(state.set_sink(kept.clone()));
+        assert!(!state.set_sink(Arc::new(Kept::default())));
+        (policy, state, kept)
+    }
+
+    fn taken(kept: &Kept) -> Vec<(CountKind, bool, u32, Duration)> {
+        std::mem::take(&mut *kept.0.lock().unwrap())
+            .into_iter()
+            .map(|e| (e.kind, e.blocked, e.limit, e.window))
+            .collect()
+    }
+
+    #[test]
+    fn every_window_event_reaches_the_sink_with_its_rule() {
+        let (policy, state, kept) = setup(
+            "[limits]\nmax_failed_auth = 2\nfailed_auth_window = \"5m\"\n\
+             max_failed_rcpt = 1\nmax_failed_rcpt_per_source = 4\nfailed_rcpt_window = \"1h\"\n\
+             null_sender_rate = \"1/1m\"\n[lists]\nallow = [\"192.0.2.99\"]",
+        );
+        let now = Instant::now();
+        let source: IpAddr = "192.0.2.1".parse().unwrap();
+        let auth = (CountKind::FailedAuth, false, 2, Duration::from_secs(300));
+        for _ in 0..2 {
+            assert!(policy.auth_failed(&state, source, now).is_none());
+        }
+        assert!(policy.auth_failed(&state, source, now).is_some());
+        assert_eq!(taken(&kept), [auth, auth, (auth.0, true, 2, auth.3)]);
+
+        // Failed RCPTs: the per-source window's events; the session's own
+        // harvest block starts the window afresh everywhere.
+        let mut counters = SessionCounters::default();
+        let rcpt = (CountKind::FailedRcpt, false, 4, Duration::from_secs(3600));
+        assert!(policy
+            .rcpt_result(&state, source, &mut counters, false, now)
+            .is_none());
+        assert!(policy
+            .rcpt_result(&state, source, &mut counters, false, now)
+            .is_some());
+        assert_eq!(taken(&kept), [rcpt, (rcpt.0, true, 4, rcpt.3)]);
+
+        // Null senders: the block's threshold (twice the rate).
+        for _ in 0..3 {
+            let _ = policy.mail_from(&state, source, Some("h.test"), true, now);
+        }
+        let null = (CountKind::NullSender, false, 2, Duration::from_secs(60));
+        assert_eq!(taken(&kept), [null, null, (null.0, true, 2, null.3)]);
+
+        // Nothing of an allow-listed source, nor of a MAIL with a sender.
+        let allowed: IpAddr = "192.0.2.99".parse().unwrap();
+        let _ = policy.auth_failed(&state, allowed, now);
+        let _ = policy.mail_from(&state, allowed, None, true, now);
+        let _ = policy.mail_from(&state, source, None, false, now);
+        assert_eq!(taken(&kept), []);
+    }
+
+    #[test]
+    fn a_window_over_its_limit_elsewhere_blocks_as_here_and_starts_afresh() {
+        let (policy, state, _) = setup(
+            "[limits]\nmax_failed_auth = 2\nipv6_prefix = 64\n[lists]\nallow = [\"192.0.2.99\"]",
+        );
+        let now = Instant::now();
+        let source: IpAddr = "192.0.2.1".parse().unwrap();
+        let net = policy.source_key(source);
+        policy.auth_failed(&state, source, now);
+        policy.auth_failed(&state, source, now);
+        let decision = policy
+            .over_cluster_wide(&state, CountKind::FailedAuth, net, now)
+            .expect("a block");
+        assert!(decision.enforced);
+        assert_eq!(
+            (
+                decision.verdict.net,
+                decision.verdict.reason,
+                decision.verdict.repeat
+            ),
+            (net, limiter_common::reason::AUTH, 0)
+        );
+        assert_eq!(decision.verdict.duration, policy.block_duration(0));
+        // The local window started afresh: two more failures pass.
+        assert!(policy.auth_failed(&state, source, now).is_none());
+        assert!(policy.auth_failed(&state, source, now).is_none());
+        // The backoff remembers it: the next block, later, is a repeat.
+        let later = now + Duration::from_secs(3 * 3600);
+        let again = policy
+            .over_cluster_wide(&state, CountKind::FailedAuth, net, later)
+            .unwrap();
+        assert_eq!(again.verdict.repeat, 1);
+        // An IPv6 source key is blocked as itself.
+        let v6 = policy.source_key("2001:db8::5".parse().unwrap());
+        let order = policy
+            .over_cluster_wide(&state, CountKind::FailedRcpt, v6, now)
+            .unwrap()
+            .verdict;
+        assert_eq!(
+            (order.net, order.reason),
+            (v6, limiter_common::reason::HARVEST)
+        );
+        // Never an allow-listed source.
+        let allowed = policy.source_key("192.0.2.99".parse().unwrap());
+        assert!(policy
+            .over_cluster_wide(&state, CountKind::FailedAuth, allowed, now)
+            .is_none());
     }
 }
