@@ -31,8 +31,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How often each agent removes the ended blocks from the active hash
 /// (whichever agent comes first; the others find nothing).
 const PRUNE_INTERVAL: Duration = Duration::from_secs(10 * 60);
-/// Hash fields one HSCAN step asks for.
-const PRUNE_SCAN: usize = 1000;
+/// Hash fields one HSCAN step of the active hash asks for: a reply (and
+/// what the agent holds of it) stays small at any number of blocks, and
+/// Redis is never busy long with one agent.
+const SCAN_COUNT: usize = 1000;
 /// Deletes a hash field only if it still holds the value that was read
 /// (another agent may have put a new block there meanwhile).
 const DELETE_IF_UNCHANGED: &str = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then \
@@ -175,25 +177,50 @@ async fn catch_up(
         .into_iter()
         .next()
         .map_or_else(|| "0-0".to_owned(), |(id, _)| id);
-    let active: Value = redis::cmd("HGETALL")
-        .arg(&keys.active)
-        .query_async(conn)
-        .await?;
-    let now = wire_now();
+    // A page at a time (HSCAN, not HGETALL): at a million blocks one
+    // reply of everything would hold Redis and this agent's memory. A
+    // field HSCAN returns twice is applied twice, to the same effect; a
+    // change made meanwhile is in the stream after `end` too.
     let mut read = 0usize;
-    for (net, value) in pairs(&active).unwrap_or_default() {
-        match Event::from_active(net, value) {
-            Ok(event) if ended(&event, now) => {}
-            Ok(event) => {
-                apply.apply(event, "active");
-                read += 1;
+    let mut cursor = 0u64;
+    loop {
+        let (next, page) = scan_active(conn, keys, cursor).await?;
+        let now = wire_now();
+        for (net, value) in pairs(&page).unwrap_or_default() {
+            match Event::from_active(net, value) {
+                Ok(event) if ended(&event, now) => {}
+                Ok(event) => {
+                    apply.apply(event, "active");
+                    read += 1;
+                }
+                Err(e) => apply.skip("active", &String::from_utf8_lossy(net), &e),
             }
-            Err(e) => apply.skip("active", &String::from_utf8_lossy(net), &e),
         }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
     }
     tracing::info!(read, from = end, "cluster: active blocks read");
     *last_id = Some(end);
     Ok(())
+}
+
+/// One HSCAN step of the active hash from `cursor`: the next cursor (0
+/// once the whole hash was seen) and about [`SCAN_COUNT`] fields with
+/// their values.
+async fn scan_active(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &Keys,
+    cursor: u64,
+) -> RedisResult<(u64, Value)> {
+    redis::cmd("HSCAN")
+        .arg(&keys.active)
+        .arg(cursor)
+        .arg("COUNT")
+        .arg(SCAN_COUNT)
+        .query_async(conn)
+        .await
 }
 
 /// Whether a block's end has passed.
@@ -202,8 +229,9 @@ fn ended(event: &Event, now: u64) -> bool {
 }
 
 /// At each connection and every [`PRUNE_INTERVAL`] after, removes the
-/// ended blocks from the active hash, a [`PRUNE_SCAN`] step at a time (entries it cannot read are left
-/// for their writer: they are skipped by every reader anyway).
+/// ended blocks from the active hash, a [`SCAN_COUNT`] step at a time
+/// (entries it cannot read are left for their writer: they are skipped by
+/// every reader anyway).
 async fn prune_loop(
     conn: &mut redis::aio::MultiplexedConnection,
     keys: &Keys,
@@ -211,14 +239,7 @@ async fn prune_loop(
     loop {
         let mut cursor = 0u64;
         loop {
-            let step: RedisResult<(u64, Value)> = redis::cmd("HSCAN")
-                .arg(&keys.active)
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(PRUNE_SCAN)
-                .query_async(conn)
-                .await;
-            let (next, fields) = match step {
+            let (next, fields) = match scan_active(conn, keys, cursor).await {
                 Ok(step) => step,
                 Err(e) => return e,
             };
