@@ -1,6 +1,6 @@
 //! Prometheus text exposition on `metrics.address` (`GET /metrics`): the
-//! kernel's decision counters and the proxy's session, message, rejection
-//! and block counters.
+//! kernel's decision counters, the proxy's session, message, rejection
+//! and block counters, and the cluster's (`[cluster]`).
 
 use std::{fmt::Write as _, sync::atomic::Ordering, sync::Arc, time::Duration};
 
@@ -198,6 +198,9 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
             &filters.stats.wait,
         );
     }
+    if let Some(cluster) = ctx.cluster.counts() {
+        render_cluster(&mut out, &cluster);
+    }
     histogram(
         &mut out,
         "backend_reply_seconds",
@@ -205,6 +208,73 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         &stats.backend_latency,
     );
     out
+}
+
+/// The cluster's figures (only with a `[cluster]`).
+fn render_cluster(out: &mut String, cluster: &crate::cluster::ClusterCounts) {
+    metric(
+        out,
+        "cluster_up",
+        "gauge",
+        "Whether the link to the cluster's Redis is up (blocks shared).",
+        &[(String::new(), u64::from(cluster.up))],
+    );
+    metric(
+        out,
+        "cluster_events_total",
+        "counter",
+        "Block events: published (decided here, written to Redis), applied (another node's, in force here), dropped (decided here, never written: queue full), refused (read from Redis and skipped).",
+        &labelled(
+            vec![
+                ("published", cluster.published),
+                ("applied", cluster.applied),
+                ("dropped", cluster.dropped),
+                ("refused", cluster.refused),
+            ],
+            "event",
+        ),
+    );
+    metric(
+        out,
+        "cluster_queued",
+        "gauge",
+        "Block events decided here waiting for Redis.",
+        &[(String::new(), cluster.queued as u64)],
+    );
+    let Some(counters) = cluster.counters else {
+        return;
+    };
+    metric(
+        out,
+        "cluster_counters_up",
+        "gauge",
+        "Whether the failure windows are counted over every host now (cluster.share_counters, Redis reachable).",
+        &[(String::new(), u64::from(counters.up))],
+    );
+    metric(
+        out,
+        "cluster_counted_events_total",
+        "counter",
+        "Events of the failure windows (failed RCPT, failed AUTH, null sender, filter reject) sent to Redis to be counted over every host, or dropped (Redis away or slow: counted here alone).",
+        &labelled(
+            vec![("sent", counters.sent), ("dropped", counters.dropped)],
+            "outcome",
+        ),
+    );
+    metric(
+        out,
+        "cluster_windows_crossed_total",
+        "counter",
+        "Failure windows that went past their limit counted over every host on this host's events (a block ordered here).",
+        &[(String::new(), counters.crossed)],
+    );
+    metric(
+        out,
+        "cluster_counter_commands_total",
+        "counter",
+        "Redis commands sent for the counted events.",
+        &[(String::new(), counters.commands)],
+    );
 }
 
 /// Counts by name as samples with one label: `{label="name"}`.
@@ -347,5 +417,49 @@ mod tests {
             text.contains("smtp_limiter_backend_slots_in_use 0\n"),
             "{text}"
         );
+    }
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+    use crate::{config::Config, kernel::NoKernel};
+
+    #[tokio::test]
+    async fn cluster_figures_are_scraped_down_and_counted_events_dropped() {
+        let kernel: Arc<dyn Datapath> = Arc::new(NoKernel::new("test"));
+        let mut config = Config::default();
+        let ctx = Arc::new(ProxyContext::new(&config, kernel.clone()).unwrap());
+        let text = render(&ctx, kernel.as_ref());
+        assert!(!text.contains("smtp_limiter_cluster_"), "{text}");
+        // A Redis nobody listens on: the cluster stays down.
+        config.cluster.redis = Some("redis://127.0.0.1:1/0".to_owned());
+        config.cluster.node = Some("mx1".to_owned());
+        ctx.cluster.start(&config, &ctx).unwrap();
+        // A failed AUTH is counted here and, Redis away, not cluster-wide.
+        let policy = ctx.policy();
+        let source = "192.0.2.7".parse().unwrap();
+        assert!(policy
+            .auth_failed(&ctx.state, source, std::time::Instant::now())
+            .is_none());
+        let text = render(&ctx, kernel.as_ref());
+        for sample in [
+            "# TYPE smtp_limiter_cluster_up gauge\nsmtp_limiter_cluster_up 0\n",
+            "smtp_limiter_cluster_events_total{event=\"published\"} 0\n",
+            "smtp_limiter_cluster_events_total{event=\"applied\"} 0\n",
+            "smtp_limiter_cluster_events_total{event=\"dropped\"} 0\n",
+            "smtp_limiter_cluster_events_total{event=\"refused\"} 0\n",
+            "smtp_limiter_cluster_queued 0\n",
+            "smtp_limiter_cluster_counters_up 0\n",
+            "smtp_limiter_cluster_counted_events_total{outcome=\"sent\"} 0\n",
+            "smtp_limiter_cluster_counted_events_total{outcome=\"dropped\"} 1\n",
+            "smtp_limiter_cluster_windows_crossed_total 0\n",
+        ] {
+            assert!(text.contains(sample), "{sample} missing: {text}");
+        }
+        ctx.cluster
+            .publish_block("192.0.2.8/32".parse().unwrap(), 0, None, None);
+        let text = render(&ctx, kernel.as_ref());
+        assert!(text.contains("smtp_limiter_cluster_queued 1\n"), "{text}");
     }
 }

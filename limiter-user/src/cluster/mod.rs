@@ -12,7 +12,11 @@
 //! What is read from Redis is checked (`wire`): malformed entries are
 //! logged and skipped, and no block covers everything or an allow-listed
 //! source, or lasts longer than `limits.max_block_duration`.
+//!
+//! With `cluster.share_counters`, the failure windows are counted over
+//! every host too (`counters`), on a connection of their own.
 
+mod counters;
 mod link;
 pub mod wire;
 
@@ -20,9 +24,9 @@ use std::{
     collections::{HashMap, VecDeque},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex, OnceLock,
+        Arc, Mutex, OnceLock, Weak,
     },
-    time::SystemTime,
+    time::{Instant, SystemTime},
 };
 
 use ipnet::IpNet;
@@ -31,8 +35,10 @@ use serde_json::{json, Value};
 use crate::{
     config::Config,
     lists::ListSet,
+    policy::CountKind,
     proxy::{blocks::ActiveBlock, ProxyContext},
 };
+pub use counters::CounterCounts;
 use limiter_common::reason;
 use wire::{unix_seconds, Event};
 
@@ -62,6 +68,27 @@ struct Shared {
     /// What the other nodes' blocks are checked against; replaced on
     /// reload.
     rules: Mutex<Arc<Rules>>,
+    /// The windows counted over every host, with `share_counters`.
+    counters: Option<Arc<counters::Counters>>,
+}
+
+/// A copy of the cluster's counts, for `stats` and the metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterCounts {
+    pub node: String,
+    /// Whether the block link is connected.
+    pub up: bool,
+    /// Blocks and unblocks decided here and written to Redis.
+    pub published: u64,
+    /// The other nodes' events put in force here.
+    pub applied: u64,
+    /// Events decided here and never written (the queue was full).
+    pub dropped: u64,
+    /// Entries read from Redis and skipped: malformed or refused.
+    pub refused: u64,
+    pub queued: usize,
+    /// None without `share_counters`.
+    pub counters: Option<CounterCounts>,
 }
 
 /// The configuration the other nodes' events are checked against.
@@ -98,6 +125,7 @@ impl Shared {
             refused: AtomicU64::new(0),
             nodes: Mutex::new(HashMap::new()),
             rules: Mutex::new(rules),
+            counters: None,
         }
     }
 
@@ -147,14 +175,23 @@ impl Cluster {
         };
         let client = link::client(url, password.as_deref())
             .map_err(|e| anyhow::anyhow!("cluster.redis: {e}"))?;
+        let mut shared = Shared::new(node.clone(), Rules::of(config));
         if config.cluster.share_counters {
-            tracing::warn!(
-                "cluster.share_counters: not implemented yet, the failure windows are counted on each host alone"
-            );
+            // Weak: the context holds the cluster, which holds this.
+            let weak = Arc::downgrade(ctx);
+            shared.counters = Some(Arc::new(counters::Counters::new(
+                node.clone(),
+                config.cluster.prefix.clone(),
+                Box::new(move |kind, net| over_cluster_wide(&weak, kind, net)),
+            )));
         }
-        let shared = Arc::new(Shared::new(node.clone(), Rules::of(config)));
+        let shared = Arc::new(shared);
         if self.0.set(shared.clone()).is_err() {
             return Ok(());
+        }
+        if let Some(counters) = &shared.counters {
+            ctx.state.set_sink(counters.clone());
+            tokio::spawn(counters::run(client.clone(), counters.clone()));
         }
         let apply = Applier {
             ctx: ctx.clone(),
@@ -163,6 +200,7 @@ impl Cluster {
         tracing::info!(
             node,
             prefix = config.cluster.prefix,
+            share_counters = config.cluster.share_counters,
             "cluster: sharing blocks through Redis"
         );
         tokio::spawn(link::run(
@@ -224,20 +262,75 @@ impl Cluster {
         )
     }
 
-    /// `stats`' `cluster` object; null without a cluster.
+    /// The cluster's counts; None without a cluster.
+    pub fn counts(&self) -> Option<ClusterCounts> {
+        let s = self.0.get()?;
+        let load = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        Some(ClusterCounts {
+            node: s.node.clone(),
+            up: s.up.load(Ordering::Relaxed),
+            published: load(&s.published),
+            applied: load(&s.applied),
+            dropped: load(&s.dropped),
+            refused: load(&s.refused),
+            queued: s.queue.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            counters: s.counters.as_ref().map(|c| c.counts()),
+        })
+    }
+
+    /// `stats`' `cluster` object; null without a cluster. `counters`
+    /// (null without `share_counters`): the counted events sent to Redis,
+    /// dropped (Redis away), the windows that went past their limit on
+    /// this host's events, and the Redis commands they took.
     pub fn stats(&self) -> Value {
-        let Some(s) = self.0.get() else {
+        let Some(c) = self.counts() else {
             return Value::Null;
         };
+        let state = |up| if up { "up" } else { "down" };
         json!({
-            "state": if s.up.load(Ordering::Relaxed) { "up" } else { "down" },
-            "node": s.node,
-            "published": s.published.load(Ordering::Relaxed),
-            "applied": s.applied.load(Ordering::Relaxed),
-            "dropped": s.dropped.load(Ordering::Relaxed),
-            "refused": s.refused.load(Ordering::Relaxed),
-            "queued": s.queue.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            "state": state(c.up),
+            "node": c.node,
+            "published": c.published,
+            "applied": c.applied,
+            "dropped": c.dropped,
+            "refused": c.refused,
+            "queued": c.queued,
+            "counters": c.counters.map(|k| json!({
+                "state": state(k.up),
+                "sent": k.sent,
+                "dropped": k.dropped,
+                "crossed": k.crossed,
+                "commands": k.commands,
+                "queued": k.queued,
+            })),
         })
+    }
+}
+
+/// A window counted over every host went past its limit on one of this
+/// host's events: the block this host would have ordered had it seen them
+/// all, unless the source is blocked already.
+fn over_cluster_wide(ctx: &Weak<ProxyContext>, kind: CountKind, net: IpNet) {
+    let Some(ctx) = ctx.upgrade() else {
+        return;
+    };
+    if ctx.blocks.contains(&net) {
+        return;
+    }
+    let Some(decision) = ctx
+        .policy()
+        .over_cluster_wide(&ctx.state, kind, net, Instant::now())
+    else {
+        return;
+    };
+    tracing::info!(
+        %net,
+        window = kind.name(),
+        action = if decision.enforced { "block" } else { "would-block" },
+        "cluster: window over its limit counted over every host"
+    );
+    if decision.enforced {
+        ctx.block(&decision.verdict);
     }
 }
 

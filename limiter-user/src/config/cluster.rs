@@ -27,8 +27,9 @@ pub struct Cluster {
     pub password_file: Option<PathBuf>,
     /// Prefix of every key, so that several clusters can share one Redis.
     pub prefix: String,
-    /// Count the failure windows cluster-wide (not yet implemented: read,
-    /// and the agent says at start that it is ignored).
+    /// Count the per-source failure windows (failed RCPT, failed AUTH,
+    /// null-sender MAILs, filter rejects) over every host as well as here
+    /// (`crate::cluster::counters`); per-session counts stay local.
     pub share_counters: bool,
 }
 
