@@ -110,8 +110,8 @@ struct Options {
     latency: bool,
     memory: bool,
     quick: bool,
-    /// Diagnostics: only start smtp-sink and the proxy, print their
-    /// addresses and wait this long.
+    /// Diagnostics: only start smtp-sink and a Postfix, each with a proxy
+    /// in front, print their addresses and wait this long.
     serve: Option<u64>,
 }
 
@@ -1115,12 +1115,16 @@ fn main() -> Result<()> {
     if let Some(secs) = opts.serve {
         let sink = Sink::start(idle.max(256) + 200)?;
         let proxy = TestProxy::start(&proxy_config(sink.addr, "none"));
+        let postfix = Postfix::start(PostfixOptions::for_load(true)).context("Postfix")?;
+        let postfix_proxy = TestProxy::start(&proxy_config(postfix.addr(), "proxy-v2"));
         println!(
-            "pid {}: smtp-sink {} (pid {}), proxy {}; serving for {secs} s",
+            "pid {}: smtp-sink {} (pid {}), proxy {}; Postfix (PROXY protocol) {}, proxy {}; serving for {secs} s",
             std::process::id(),
             sink.addr,
             sink.pid(),
-            proxy.addr
+            proxy.addr,
+            postfix.addr(),
+            postfix_proxy.addr
         );
         std::thread::sleep(Duration::from_secs(secs));
         return Ok(());
