@@ -2,8 +2,10 @@
 //! (`[cluster]`), as edge hosts of one site would: a block decided on one
 //! (by the CLI or by its proxy) holds on the others, its removal too;
 //! Redis away, each agent goes on alone and catches up when Redis returns;
-//! an agent started empty gets the blocks in force; and what is read from
-//! Redis is checked. The agents run in the test's namespace with the
+//! an agent started empty gets the blocks in force; what is read from
+//! Redis is checked; and with `share_counters` a harvester or an AUTH
+//! guesser spread over the agents is blocked at the limit counted over all
+//! of them (without, nowhere). The agents run in the test's namespace with the
 //! kernel layer off and the built-in backend (the proxy's own refusal is
 //! what is checked here, not the kernel's drop).
 
@@ -40,6 +42,12 @@ struct Node {
     body: String,
     /// `VAR=value` the agent runs with (through `env`).
     env: Vec<String>,
+    /// `cluster.share_counters`.
+    share_counters: bool,
+    /// More `[limits]` keys.
+    limits: String,
+    /// The metrics listener, once started.
+    metrics: SocketAddr,
 }
 
 impl Node {
@@ -52,6 +60,9 @@ impl Node {
             extra: extra.to_owned(),
             body: String::new(),
             env: Vec::new(),
+            share_counters: false,
+            limits: String::new(),
+            metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 
@@ -65,6 +76,9 @@ impl Node {
             extra,
             body,
             env,
+            share_counters,
+            limits,
+            metrics,
         } = self;
         let launch = if env.is_empty() {
             Launch::here()
@@ -77,6 +91,7 @@ impl Node {
         Agent::start(dir, &launch, || {
             let port = || free_port().expect("a free port");
             *proxy = SocketAddr::from(([127, 0, 0, 1], port()));
+            *metrics = SocketAddr::from(([127, 0, 0, 1], port()));
             *body = format!(
                 r#"
                 [[listen]]
@@ -85,19 +100,19 @@ impl Node {
                 address = "127.0.0.1:{backend}"
                 builtin = true
                 [metrics]
-                address = "127.0.0.1:{metrics}"
+                address = "{metrics}"
                 [kernel]
                 mode = "off"
                 [limits]
                 max_failed_rcpt = 3
+                {limits}
                 [cluster]
                 redis = "{redis}"
                 node = "{name}"
-                share_counters = false
+                share_counters = {share_counters}
                 {extra}
                 "#,
                 backend = port(),
-                metrics = port(),
             );
             dir.write_config(body);
         })
@@ -534,4 +549,309 @@ fn blocks_travel_over_tls_verified_against_the_ca() {
     agent_a.stop();
     agent_b.stop();
     agent_c.stop();
+}
+
+/// One failed RCPT from `source` through `proxy`, in a session of its own
+/// (under the per-session limit); the proxy's reply to it.
+#[track_caller]
+fn one_failed_rcpt(source: &str, proxy: SocketAddr, n: usize) -> String {
+    let (mut smtp, greeting) = Client::from_stream(connect_from(source, proxy)).unwrap();
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    assert!(smtp.cmd("EHLO harvester.test").unwrap().starts_with("250"));
+    assert!(smtp
+        .cmd("MAIL FROM:<h@harvester.test>")
+        .unwrap()
+        .starts_with("250 "));
+    let reply = smtp
+        .cmd(&format!("RCPT TO:<nobody{n}@example.com>"))
+        .unwrap();
+    let _ = smtp.cmd("QUIT");
+    reply
+}
+
+/// One failed AUTH from `source` through `proxy`, in a session of its own;
+/// the proxy's reply to it.
+#[track_caller]
+fn one_failed_auth(source: &str, proxy: SocketAddr) -> String {
+    let (mut smtp, greeting) = Client::from_stream(connect_from(source, proxy)).unwrap();
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    assert!(smtp.cmd("EHLO guesser.test").unwrap().starts_with("250"));
+    // "\0guess\0wrong": not the built-in backend's demo account.
+    let reply = smtp.cmd("AUTH PLAIN AGd1ZXNzAHdyb25n").unwrap();
+    let _ = smtp.cmd("QUIT");
+    reply
+}
+
+/// `stats`' counted events sent to Redis by `agent`.
+fn counted_sent(agent: &Agent) -> u64 {
+    cluster(agent)["counters"]["sent"].as_u64().unwrap_or(0)
+}
+
+/// `GET /metrics` from `addr`.
+fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .expect("request /metrics");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read /metrics");
+    text
+}
+
+/// A metric's value in a scrape (`name` with its labels).
+fn sample(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Attacks spread over both agents, each agent seeing fewer failures than
+/// its limit: with `share_counters` both block the source at the limit
+/// counted over both; without, neither does.
+const SPREAD_LIMITS: &str = "max_failed_rcpt_per_source = 6\nfailed_rcpt_window = \"1h\"\nmax_failed_auth = 3\nfailed_auth_window = \"10m\"";
+
+#[test]
+fn failures_spread_over_two_agents_are_counted_together() {
+    if !prerequisites("failures_spread_over_two_agents_are_counted_together") {
+        return;
+    }
+    let mut redis = Redis::start().expect("a private redis-server");
+    let mut a = Node::new("mx-a", &redis, "");
+    let mut b = Node::new("mx-b", &redis, "");
+    for node in [&mut a, &mut b] {
+        node.share_counters = true;
+        node.limits = SPREAD_LIMITS.to_owned();
+    }
+    let (agent_a, agent_b) = (a.start(), b.start());
+    wait_state(&agent_a, "up");
+    wait_state(&agent_b, "up");
+    for agent in [&agent_a, &agent_b] {
+        assert!(
+            wait_until(RECONNECT, || cluster(agent)["counters"]["state"] == "up"),
+            "{}",
+            cluster(agent)
+        );
+    }
+    let proxies = [a.proxy, b.proxy];
+    let agents = [&agent_a, &agent_b];
+    let both_sent = |n: u64| {
+        assert!(
+            wait_until(PROPAGATION, || counted_sent(&agent_a)
+                + counted_sent(&agent_b)
+                >= n),
+            "{n} counted events never reached Redis: {} {}",
+            cluster(&agent_a),
+            cluster(&agent_b)
+        );
+    };
+
+    // A harvester: one failed RCPT a session, alternating hosts; six
+    // failures (three on each) are within the limit everywhere.
+    let harvester = "127.0.4.1";
+    for n in 0..6 {
+        let reply = one_failed_rcpt(harvester, proxies[n % 2], n);
+        assert!(reply.starts_with('5'), "RCPT {n}: {reply}");
+    }
+    both_sent(6);
+    for agent in agents {
+        assert!(
+            agent.block("127.0.4.1/32").is_none(),
+            "blocked before the limit"
+        );
+    }
+    // The seventh, on A, is one past the limit over both: blocked on both.
+    let reply = one_failed_rcpt(harvester, a.proxy, 6);
+    assert!(reply.starts_with('5'), "RCPT 7: {reply}");
+    let seen_a = wait_listed(&agent_a, "127.0.4.1/32", true, "harvest over both (A)");
+    let seen_b = wait_listed(&agent_b, "127.0.4.1/32", true, "harvest over both (B)");
+    println!("harvest spread over A and B: blocked on A after {seen_a:?}, on B after {seen_b:?}");
+    let row = agent_b.block("127.0.4.1/32").unwrap();
+    assert_eq!(
+        (&row["node"], &row["origin"]),
+        (&"mx-a".into(), &"harvest".into()),
+        "{row}"
+    );
+    for proxy in proxies {
+        assert!(greeting(harvester, proxy).starts_with("421 4.7.0"));
+    }
+    assert!(agent_a
+        .log()
+        .contains("window over its limit counted over every host"));
+
+    // A brute-forcer: one failed AUTH a session, alternating; three are
+    // within max_failed_auth = 3, the fourth (on B) blocks on both.
+    let guesser = "127.0.4.2";
+    for n in 0..3 {
+        let reply = one_failed_auth(guesser, proxies[n % 2]);
+        assert!(reply.starts_with("535"), "AUTH {n}: {reply}");
+    }
+    both_sent(10);
+    for agent in agents {
+        assert!(
+            agent.block("127.0.4.2/32").is_none(),
+            "blocked before the limit"
+        );
+    }
+    assert!(one_failed_auth(guesser, b.proxy).starts_with("535"));
+    wait_listed(&agent_b, "127.0.4.2/32", true, "AUTH over both (B)");
+    wait_listed(&agent_a, "127.0.4.2/32", true, "AUTH over both (A)");
+    let row = agent_a.block("127.0.4.2/32").unwrap();
+    assert_eq!(
+        (&row["node"], &row["origin"]),
+        (&"mx-b".into(), &"auth".into()),
+        "{row}"
+    );
+
+    // The cost in Redis: one command per counted event (and one script
+    // load per connection), as Redis itself counts them.
+    let stats = redis.cli(&["INFO", "commandstats"]).unwrap();
+    let calls = |command: &str| {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let sent = counted_sent(&agent_a) + counted_sent(&agent_b);
+    let commands: u64 = agents
+        .iter()
+        .map(|agent| cluster(agent)["counters"]["commands"].as_u64().unwrap())
+        .sum();
+    println!(
+        "Redis commands per counted event: {sent} events sent, {commands} commands by the agents (Redis counts EVALSHA {}, SCRIPT LOAD {}; DEL {}, called inside the script), {:.2} per event",
+        calls("evalsha"),
+        calls("script|load"),
+        calls("del"),
+        commands as f64 / sent as f64
+    );
+    assert_eq!(sent, 11, "{} {}", cluster(&agent_a), cluster(&agent_b));
+    assert_eq!(calls("evalsha"), sent);
+    assert_eq!(commands, sent + 2, "one script load per agent");
+    // The windows that crossed were deleted; the keys expire by themselves.
+    let keys = redis.cli(&["KEYS", "smtp-limiter:count:*"]).unwrap();
+    assert_eq!(keys.trim(), "", "windows left after the blocks: {keys}");
+
+    // The figures on /metrics.
+    let text = scrape(a.metrics);
+    for (name, value) in [
+        ("smtp_limiter_cluster_up", 1),
+        ("smtp_limiter_cluster_counters_up", 1),
+        ("smtp_limiter_cluster_windows_crossed_total", 1),
+        ("smtp_limiter_cluster_events_total{event=\"applied\"}", 1),
+        ("smtp_limiter_cluster_events_total{event=\"refused\"}", 0),
+        (
+            "smtp_limiter_cluster_counted_events_total{outcome=\"dropped\"}",
+            0,
+        ),
+    ] {
+        assert_eq!(sample(&text, name), Some(value), "{name}: {text}");
+    }
+    assert_eq!(
+        sample(
+            &text,
+            "smtp_limiter_cluster_counted_events_total{outcome=\"sent\"}"
+        ),
+        Some(counted_sent(&agent_a)),
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "smtp_limiter_cluster_events_total{event=\"published\"}"
+        ) >= Some(1)
+    );
+
+    // Redis away: the events are dropped and counted, mail flows, and each
+    // agent still blocks on its own windows.
+    redis.kill();
+    let alone = "127.0.4.3";
+    for n in 0..4 {
+        let reply = one_failed_auth(alone, a.proxy);
+        if n < 3 {
+            assert!(reply.starts_with("535"), "AUTH {n}: {reply}");
+        }
+    }
+    assert!(greeting(alone, a.proxy).starts_with("421 4.7.0"));
+    assert!(greeting("127.0.4.4", b.proxy).starts_with("220 "));
+    assert!(
+        wait_until(PROPAGATION, || cluster(&agent_a)["counters"]["dropped"]
+            .as_u64()
+            >= Some(4)),
+        "{}",
+        cluster(&agent_a)
+    );
+    assert_eq!(cluster(&agent_a)["counters"]["state"], "down");
+    let text = scrape(a.metrics);
+    assert_eq!(
+        sample(&text, "smtp_limiter_cluster_counters_up"),
+        Some(0),
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "smtp_limiter_cluster_counted_events_total{outcome=\"dropped\"}"
+        ) >= Some(4),
+        "{text}"
+    );
+    agent_a.stop();
+    agent_b.stop();
+}
+
+#[test]
+fn without_share_counters_failures_spread_over_two_agents_block_nowhere() {
+    if !prerequisites("without_share_counters_failures_spread_over_two_agents_block_nowhere") {
+        return;
+    }
+    let redis = Redis::start().expect("a private redis-server");
+    let mut a = Node::new("mx-a", &redis, "");
+    let mut b = Node::new("mx-b", &redis, "");
+    for node in [&mut a, &mut b] {
+        node.limits = SPREAD_LIMITS.to_owned();
+    }
+    let (agent_a, agent_b) = (a.start(), b.start());
+    wait_state(&agent_a, "up");
+    wait_state(&agent_b, "up");
+    let proxies = [a.proxy, b.proxy];
+    // Ten failed RCPTs and six failed AUTHs, half on each: under each
+    // agent's own limits (6 and 3), over them counted together.
+    for n in 0..10 {
+        let reply = one_failed_rcpt("127.0.5.1", proxies[n % 2], n);
+        assert!(reply.starts_with('5'), "RCPT {n}: {reply}");
+    }
+    for n in 0..6 {
+        let reply = one_failed_auth("127.0.5.2", proxies[n % 2]);
+        assert!(reply.starts_with("535"), "AUTH {n}: {reply}");
+    }
+    // A block would have reached the other agent within this.
+    let out = agent_a.cli(&["block", "add", "127.0.5.9", "--for", "1h"]);
+    assert!(out.success(), "{}", out.text());
+    wait_listed(&agent_b, "127.0.5.9/32", true, "the marker block");
+    for agent in [&agent_a, &agent_b] {
+        assert_eq!(
+            cluster(agent)["counters"],
+            Value::Null,
+            "{}",
+            cluster(agent)
+        );
+        for net in ["127.0.5.1/32", "127.0.5.2/32"] {
+            assert!(
+                agent.block(net).is_none(),
+                "{net} blocked: counted together?"
+            );
+        }
+        let text = scrape(if agent.pid() == agent_a.pid() {
+            a.metrics
+        } else {
+            b.metrics
+        });
+        assert_eq!(sample(&text, "smtp_limiter_cluster_up"), Some(1), "{text}");
+        assert!(!text.contains("smtp_limiter_cluster_counters_up"), "{text}");
+    }
+    assert!(greeting("127.0.5.1", a.proxy).starts_with("220 "));
+    assert!(greeting("127.0.5.2", b.proxy).starts_with("220 "));
+    let keys = redis.cli(&["KEYS", "smtp-limiter:count:*"]).unwrap();
+    assert_eq!(keys.trim(), "", "{keys}");
+    agent_a.stop();
+    agent_b.stop();
 }
