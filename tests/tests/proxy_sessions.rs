@@ -1373,11 +1373,17 @@ impl TlsFiles {
             std::env::temp_dir().join(format!("proxy-sessions-{}-{test}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let files = Self { dir };
+        files.issue();
+        Some(files)
+    }
+
+    /// A new key and certificate in the same files (as a renewal does).
+    fn issue(&self) {
         let status = Command::new("openssl")
             .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout"])
-            .arg(files.key())
+            .arg(self.key())
             .arg("-out")
-            .arg(files.cert())
+            .arg(self.cert())
             .args(["-days", "1", "-subj", "/CN=localhost"])
             .output()
             .expect("run openssl");
@@ -1386,7 +1392,22 @@ impl TlsFiles {
             "openssl: {}",
             String::from_utf8_lossy(&status.stderr)
         );
-        Some(files)
+    }
+
+    /// The certificate's SHA-256 fingerprint, lowercase hex (as
+    /// [`PY_CLIENT`]'s `cert` step prints it).
+    fn fingerprint(&self) -> String {
+        let out = Command::new("openssl")
+            .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+            .arg(self.cert())
+            .output()
+            .expect("run openssl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (_, hex) = text
+            .trim()
+            .split_once('=')
+            .unwrap_or_else(|| panic!("openssl fingerprint: {text}"));
+        hex.replace(':', "").to_ascii_lowercase()
     }
 
     fn key(&self) -> PathBuf {
@@ -1431,9 +1452,10 @@ impl Drop for TlsFiles {
 /// `TIMEOUT` when no reply came within 3 s.
 /// argv: port, then the script as words: `>LINE` sends LINE and reads the
 /// reply, `!BYTES` sends BYTES (`\r\n` escapes) without reading, `<` reads
-/// one reply, `tls` does the handshake.
+/// one reply, `tls` does the handshake, `cert` prints `CERT <sha-256 of the
+/// server's certificate>`.
 const PY_CLIENT: &str = r#"
-import socket, ssl, sys
+import hashlib, socket, ssl, sys
 sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=3)
 buf = b""
 def reply():
@@ -1464,6 +1486,8 @@ for step in sys.argv[2:]:
         ctx.verify_mode = ssl.CERT_NONE
         sock = ctx.wrap_socket(sock, server_hostname="localhost")
         print("TLS " + sock.version(), flush=True)
+    elif step == "cert":
+        print("CERT " + hashlib.sha256(sock.getpeercert(binary_form=True)).hexdigest(), flush=True)
     elif step == "<":
         reply()
     elif step.startswith("!"):
@@ -1491,6 +1515,36 @@ fn python_client(port: u16, steps: &[&str]) -> Vec<String> {
         .lines()
         .map(str::to_owned)
         .collect()
+}
+
+#[test]
+fn a_renewed_certificate_is_in_force_for_sessions_after_the_reload() {
+    let Some(tls) = TlsFiles::generate("starttls-renewed") else {
+        return;
+    };
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let config = tls.config(backend.addr());
+    let proxy = started(&backend, &config);
+    let cert_seen = || {
+        let out = python_client(
+            proxy.addr.port(),
+            &[">EHLO client.test", ">STARTTLS", "tls", "cert", ">QUIT"],
+        );
+        assert_eq!(out.len(), 6, "{out:?}");
+        expect(&out[2], "220 2.0.0");
+        out[4].strip_prefix("CERT ").expect("CERT line").to_owned()
+    };
+    let first = tls.fingerprint();
+    assert_eq!(cert_seen(), first);
+    // Renewed on disk: the running certificate stays until the reload …
+    tls.issue();
+    let renewed = tls.fingerprint();
+    assert_ne!(renewed, first, "openssl made the same certificate twice");
+    assert_eq!(cert_seen(), first);
+    // … which loads it for the sessions that begin after it.
+    let reloaded = limiter_user::config::Config::from_toml(&config).expect("configuration");
+    proxy.ctx.reconfigure(&reloaded).expect("reconfigure");
+    assert_eq!(cert_seen(), renewed);
 }
 
 #[test]
