@@ -58,8 +58,10 @@ const MAX_WINDOW: Duration = Duration::from_secs(30 * 24 * 3600);
 /// One event in a window: `KEYS[1]` the window, `ARGV` the event's member,
 /// the window in milliseconds and the limit. Returns the events in the
 /// window, negated when past the limit (the window is then deleted, so
-/// only the event that crossed sees it).
+/// only the event that crossed sees it). `replicate_commands` lets a
+/// Redis 3.2 or 4 write after reading `TIME` (later ones always do).
 const WINDOW: &str = "\
+redis.replicate_commands()
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local span = tonumber(ARGV[2])
