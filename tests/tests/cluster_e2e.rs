@@ -730,6 +730,13 @@ fn failures_spread_over_two_agents_are_counted_together() {
     // The windows that crossed were deleted; the keys expire by themselves.
     let keys = redis.cli(&["KEYS", "smtp-limiter:count:*"]).unwrap();
     assert_eq!(keys.trim(), "", "windows left after the blocks: {keys}");
+    // A window under its limit holds its event and expires by itself.
+    assert!(one_failed_auth("127.0.4.5", a.proxy).starts_with("535"));
+    both_sent(12);
+    let key = "smtp-limiter:count:auth:127.0.4.5/32";
+    assert_eq!(redis.cli(&["ZCARD", key]).unwrap().trim(), "1");
+    let ttl: i64 = redis.cli(&["PTTL", key]).unwrap().trim().parse().unwrap();
+    assert!(ttl > 0 && ttl <= 600_000, "PTTL {ttl}");
 
     // The figures on /metrics.
     let text = scrape(a.metrics);
