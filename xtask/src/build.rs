@@ -174,6 +174,7 @@ const BENCHES: &[Bench] = &[
     Bench::new("syn", "syn-bench", true, false),
     Bench::new("filters", "filters-bench", false, false),
     Bench::new("flood", "flood-bench", true, true),
+    Bench::new("cluster", "cluster-bench", true, true),
 ];
 
 struct Bench {
