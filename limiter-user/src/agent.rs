@@ -28,6 +28,9 @@ use crate::{
 
 /// How often expired blocks are swept from the kernel maps.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// Longest wait at start for the cluster's blocks (a failed connection to
+/// Redis ends it sooner: its connect timeout is 5 s).
+const CLUSTER_FIRST_PASS: Duration = Duration::from_secs(30);
 
 /// The kernel limits a configuration asks for.
 pub fn kernel_limits(config: &Config) -> KernelLimits {
@@ -186,6 +189,16 @@ pub async fn run(
     });
     // After the stored blocks: the cluster's are applied over them.
     ctx.cluster.start(&config, &ctx)?;
+    // An agent started without state would serve the cluster's blocked
+    // sources until it has read their blocks: it listens after that (or
+    // once Redis failed to answer: it goes on alone, applying them later).
+    notify("STATUS=reading the cluster's blocks");
+    if !ctx.cluster.first_pass(CLUSTER_FIRST_PASS).await {
+        tracing::warn!(
+            waited = %humantime::format_duration(CLUSTER_FIRST_PASS),
+            "cluster: the cluster's blocks are not read yet; listening anyway, they are applied as they come"
+        );
+    }
     // Asked for by commands that change many blocks at once (import).
     let saves = tokio::sync::Notify::new();
     let listeners = proxy::bind(&config).await?;

@@ -4,7 +4,8 @@
 //! a private Postfix of its own. A block decided on host A (by its proxy,
 //! or by the CLI) is dropped by host B's kernel, its removal too; host B
 //! started again from nothing (empty state directory, new pins) drops the
-//! cluster's blocks in its kernel. Mail from a clean source is delivered
+//! cluster's blocks in its kernel from its first SYN on (it listens once it
+//! has read them). Mail from a clean source is delivered
 //! through both hosts all along.
 //!
 //! The clients live in one "internet" namespace joined to each host by a
@@ -501,6 +502,11 @@ fn a_host_started_from_nothing_drops_the_clusters_blocks_in_its_kernel() {
         println!(
             "B from nothing: control socket up {listening:?} after the start; {source} dropped \
              by its kernel {seen:?} after that ({through} probes got through before)"
+        );
+        // The agent listens only once it has read the cluster's blocks.
+        assert_eq!(
+            through, 0,
+            "B, started from nothing, served {source} before applying the cluster's blocks"
         );
     }
     for source in [harvester, manual] {

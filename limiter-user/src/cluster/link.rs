@@ -65,6 +65,7 @@ pub(super) async fn run(client: Client, prefix: String, shared: Arc<Shared>, app
     let mut down_logged = false;
     loop {
         let error = session(&client, &keys, &shared, &apply, &mut last_id).await;
+        shared.first_pass.send_replace(true);
         if shared.up.swap(false, Ordering::Relaxed) {
             backoff = Duration::from_secs(1);
             down_logged = false;
@@ -117,6 +118,7 @@ async fn session(
         return e;
     }
     shared.up.store(true, Ordering::Relaxed);
+    shared.first_pass.send_replace(true);
     tracing::info!(
         node = shared.node,
         from = last_id.as_deref().unwrap_or("0-0"),

@@ -70,6 +70,10 @@ struct Shared {
     rules: Mutex<Arc<Rules>>,
     /// The windows counted over every host, with `share_counters`.
     counters: Option<Arc<counters::Counters>>,
+    /// Set once the first connection to Redis either caught up with the
+    /// cluster's blocks or failed: what the agent waits for before it
+    /// listens.
+    first_pass: tokio::sync::watch::Sender<bool>,
 }
 
 /// A copy of the cluster's counts, for `stats` and the metrics.
@@ -126,6 +130,7 @@ impl Shared {
             nodes: Mutex::new(HashMap::new()),
             rules: Mutex::new(rules),
             counters: None,
+            first_pass: tokio::sync::watch::channel(false).0,
         }
     }
 
@@ -210,6 +215,21 @@ impl Cluster {
             apply,
         ));
         Ok(())
+    }
+
+    /// Waits (at most `limit`) until the first connection to Redis caught
+    /// up with the cluster's blocks or failed, so that an agent started
+    /// without state does not serve the cluster's blocked sources in the
+    /// meantime. Returns whether it did; at once without `[cluster]`.
+    pub async fn first_pass(&self, limit: std::time::Duration) -> bool {
+        let Some(shared) = self.0.get() else {
+            return true;
+        };
+        let mut done = shared.first_pass.subscribe();
+        let passed = tokio::time::timeout(limit, done.wait_for(|done| *done))
+            .await
+            .is_ok();
+        passed
     }
 
     /// Takes a reloaded configuration's lists and `max_block_duration`
