@@ -10,7 +10,7 @@
 //!
 //! Asserts: an accepted event has a network without host bits and a
 //! well-formed node name, a comment within the limit without control
-//! characters; written back (`fields`, and for a block `active_value`) it
+//! characters, a backoff level at most `MAX_REPEAT`; written back (`fields`, and for a block `active_value`) it
 //! parses to the same event; `admit` with an empty allow list refuses
 //! only a block of everything or an ended one, and ends every other block
 //! after `now` and at most `max_duration` later.
@@ -19,7 +19,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use libfuzzer_sys::fuzz_target;
-use limiter_user::cluster::wire::{admit, Event, Refusal};
+use limiter_user::cluster::wire::{admit, Event, Refusal, MAX_REPEAT};
 
 /// A week, as `limits.max_block_duration` defaults to.
 const MAX_DURATION: Duration = Duration::from_secs(7 * 86_400);
@@ -71,6 +71,10 @@ fn check(event: &Event) {
         let text = net.to_string();
         let again = Event::from_active(text.as_bytes(), value.as_bytes());
         assert_eq!(again.as_ref(), Ok(event), "{value}");
+    }
+
+    if let Event::Block { repeat, .. } = event {
+        assert!(*repeat <= MAX_REPEAT, "{event:?}");
     }
 
     if let Event::Block { expires, .. } = event {

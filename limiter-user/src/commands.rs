@@ -263,12 +263,7 @@ pub fn clean_comment(text: &str) -> Result<String, String> {
 /// Puts a block in force ([`crate::proxy::ProxyContext::enforce`]) and shares it with
 /// the other edge hosts.
 fn add_block(agent: &AgentState<'_>, block: ActiveBlock) -> Result<(), KernelError> {
-    agent.ctx.cluster.publish_block(
-        block.net,
-        block.reason,
-        block.expires,
-        block.comment.as_deref(),
-    );
+    agent.ctx.cluster.publish_block(&block);
     // Stored by the journal the table hands the change to: no save here.
     agent.ctx.enforce(block)
 }

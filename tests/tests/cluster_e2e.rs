@@ -862,3 +862,49 @@ fn without_share_counters_failures_spread_over_two_agents_block_nowhere() {
     agent_a.stop();
     agent_b.stop();
 }
+
+#[test]
+fn a_repeat_offender_is_escalated_on_every_host() {
+    if !prerequisites("a_repeat_offender_is_escalated_on_every_host") {
+        return;
+    }
+    let redis = Redis::start().expect("a private redis-server");
+    // Short blocks, doubling: a first block of 2 s, a repeat of 4 s.
+    let limits = "block_duration = \"2s\"\nblock_backoff = 2.0";
+    let mut a = Node::new("mx-a", &redis, "");
+    let mut b = Node::new("mx-b", &redis, "");
+    a.limits = limits.to_owned();
+    b.limits = limits.to_owned();
+    let (agent_a, agent_b) = (a.start(), b.start());
+    wait_state(&agent_a, "up");
+    wait_state(&agent_b, "up");
+    let harvester = "127.0.0.31";
+    let net = "127.0.0.31/32";
+
+    // A cuts the harvester off: a first block, which B holds too.
+    assert_eq!(failed_rcpts_before_the_cut(harvester, a.proxy), 3);
+    wait_listed(&agent_b, net, true, "A's harvest block");
+    assert_eq!(agent_b.block(net).unwrap()["repeat"], 0);
+    // Once it ended, the harvester tries B: B's block is a repeat, from
+    // the history A's block left on B.
+    assert!(
+        wait_until(PROPAGATION, || greeting(harvester, b.proxy)
+            .starts_with("220 ")),
+        "A's 2 s block never ended on B"
+    );
+    assert_eq!(failed_rcpts_before_the_cut(harvester, b.proxy), 3);
+    let row = agent_b.block(net).expect("B's own block");
+    assert_eq!(
+        (&row["node"], &row["repeat"]),
+        (&"mx-b".into(), &1.into()),
+        "{row}"
+    );
+    // And A holds B's block at that level.
+    assert!(
+        wait_until(PROPAGATION, || agent_a
+            .block(net)
+            .is_some_and(|r| r["node"] == "mx-b" && r["repeat"] == 1)),
+        "A: {:?}",
+        agent_a.block(net)
+    );
+}

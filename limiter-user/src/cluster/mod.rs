@@ -241,20 +241,21 @@ impl Cluster {
     }
 
     /// Queues a block decided here for the other nodes.
-    pub fn publish_block(
-        &self,
-        net: IpNet,
-        reason: u32,
-        expires: Option<SystemTime>,
-        comment: Option<&str>,
-    ) {
+    pub fn publish_block(&self, block: &ActiveBlock) {
         if let Some(shared) = self.0.get() {
+            // Decided here now, whoever decided the net's previous block.
+            shared
+                .nodes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&block.net);
             shared.push(Event::Block {
-                net,
-                reason,
+                net: block.net,
+                reason: block.reason,
                 node: shared.node.clone(),
-                expires: expires.map(unix_seconds),
-                comment: comment.map(str::to_owned),
+                expires: block.expires.map(unix_seconds),
+                comment: block.comment.as_deref().map(str::to_owned),
+                repeat: block.repeat,
             });
         }
     }
@@ -378,6 +379,7 @@ impl Applier {
                 node,
                 expires,
                 comment,
+                repeat,
             } => {
                 let expires = match wire::admit(net, expires, &rules.allow, rules.max_duration, now)
                 {
@@ -389,6 +391,14 @@ impl Applier {
                         return;
                     }
                 };
+                // A block the policy ordered elsewhere counts in the
+                // source's history here too: the next one escalates.
+                if !matches!(code, reason::MANUAL | reason::REJECT_LIST) {
+                    let left = expires.duration_since(now).unwrap_or_default();
+                    self.ctx
+                        .state
+                        .remember_block(net, repeat, std::time::Instant::now() + left);
+                }
                 let node: Arc<str> = Arc::from(node);
                 if let Some(held) = self.ctx.blocks.get(&net) {
                     if held.expires.is_none_or(|e| e >= expires) {
@@ -401,7 +411,7 @@ impl Applier {
                     reason: code,
                     expires: Some(expires),
                     since: now,
-                    repeat: 0,
+                    repeat,
                     comment: comment.map(Arc::from),
                 });
                 self.shared.applied.fetch_add(1, Ordering::Relaxed);
@@ -475,7 +485,14 @@ mod tests {
     #[test]
     fn without_a_cluster_nothing_is_queued_or_shown() {
         let cluster = Cluster::default();
-        cluster.publish_block("192.0.2.1/32".parse().unwrap(), reason::MANUAL, None, None);
+        cluster.publish_block(&ActiveBlock {
+            net: "192.0.2.1/32".parse().unwrap(),
+            reason: reason::MANUAL,
+            expires: None,
+            since: SystemTime::now(),
+            repeat: 0,
+            comment: None,
+        });
         cluster.publish_unblock("192.0.2.1/32".parse().unwrap());
         assert_eq!(cluster.stats(), Value::Null);
         assert_eq!(cluster.node_of(&"192.0.2.1/32".parse().unwrap()), None);

@@ -16,12 +16,15 @@ use crate::config::MAX_CLUSTER_NAME;
 pub enum Event {
     /// `net` blocked by `node` until `expires` (unix seconds, wall clock:
     /// every host ends the block at the same moment); `None`: until removed.
+    /// `repeat`: the source's backoff level (0 for a first block), so that
+    /// every host escalates its next block of the source from there.
     Block {
         net: IpNet,
         reason: u32,
         node: String,
         expires: Option<u64>,
         comment: Option<String>,
+        repeat: u32,
     },
     /// `net` released by `node`.
     Unblock { net: IpNet, node: String },
@@ -47,6 +50,10 @@ fn bad(field: &'static str, value: &[u8], why: &'static str) -> WireError {
         why,
     }
 }
+
+/// Highest backoff level read from Redis (far past any block duration's
+/// growth to `limits.max_block_duration`).
+pub const MAX_REPEAT: u32 = 1000;
 
 /// Unix seconds of a wall-clock time (0 before the epoch).
 pub fn unix_seconds(at: SystemTime) -> u64 {
@@ -75,6 +82,7 @@ impl Event {
                 node,
                 expires,
                 comment,
+                repeat,
             } => vec![
                 ("kind", "block".to_owned()),
                 ("net", net.to_string()),
@@ -85,6 +93,7 @@ impl Event {
                     expires.map_or("never".to_owned(), |e| e.to_string()),
                 ),
                 ("comment", comment.clone().unwrap_or_default()),
+                ("repeat", repeat.to_string()),
             ],
             Event::Unblock { net, node } => vec![
                 ("kind", "unblock".to_owned()),
@@ -102,6 +111,7 @@ impl Event {
             node,
             expires,
             comment,
+            repeat,
             ..
         } = self
         else {
@@ -113,6 +123,7 @@ impl Event {
                 "node": node,
                 "expires": expires.map_or("never".to_owned(), |e| e.to_string()),
                 "comment": comment.as_deref().unwrap_or(""),
+                "repeat": repeat.to_string(),
             })
             .to_string(),
         )
@@ -135,6 +146,7 @@ impl Event {
                 b"node" => get.node = Some(value),
                 b"expires" => get.expires = Some(value),
                 b"comment" => get.comment = Some(value),
+                b"repeat" => get.repeat = Some(value),
                 // Fields of later versions are ignored.
                 _ => {}
             }
@@ -163,6 +175,7 @@ impl Event {
             node: text("node"),
             expires: text("expires"),
             comment: text("comment"),
+            repeat: text("repeat"),
         }
         .block()
     }
@@ -176,6 +189,8 @@ struct Fields<'a> {
     node: Option<&'a [u8]>,
     expires: Option<&'a [u8]>,
     comment: Option<&'a [u8]>,
+    /// Absent in entries of earlier versions: a first block.
+    repeat: Option<&'a [u8]>,
 }
 
 impl Fields<'_> {
@@ -211,12 +226,22 @@ impl Fields<'_> {
                 )
             }
         };
+        let repeat = match self.repeat {
+            None => 0,
+            Some(digits) => std::str::from_utf8(digits)
+                .ok()
+                .filter(|d| d.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|d| d.parse::<u32>().ok())
+                .filter(|r| *r <= MAX_REPEAT)
+                .ok_or_else(|| bad("repeat", digits, "is not a backoff level"))?,
+        };
         Ok(Event::Block {
             net: parse_net(self.net)?,
             reason,
             node: parse_node(self.node)?,
             expires,
             comment,
+            repeat,
         })
     }
 }
@@ -303,6 +328,7 @@ mod tests {
             node: "mx1".into(),
             expires: Some(1_900_000_000),
             comment: Some("ticket 4711".into()),
+            repeat: 2,
         }
     }
 
@@ -322,6 +348,7 @@ mod tests {
             node: "a".into(),
             expires: None,
             comment: None,
+            repeat: 0,
         };
         for event in [block(), unblock, permanent.clone()] {
             let fields = event.fields();
@@ -362,6 +389,9 @@ mod tests {
             ("expires", "+5"),
             ("expires", "99999999999999999999999"),
             ("comment", &"x".repeat(MAX_COMMENT + 1)),
+            ("repeat", "-1"),
+            ("repeat", "1001"),
+            ("repeat", "two"),
         ] {
             let err = with(field, value).unwrap_err();
             assert!(err.to_string().contains(field), "{field}={value}: {err}");
@@ -376,6 +406,18 @@ mod tests {
             br#"{"reason":"manual","node":"a","expires":"never"}"#
         )
         .is_err());
+        // An entry of an earlier version, without a level: a first block.
+        assert!(matches!(
+            with("repeat", ""),
+            Ok(Event::Block { repeat: 0, .. })
+        ));
+        assert!(matches!(
+            Event::from_active(
+                b"192.0.2.0/24",
+                br#"{"reason":"harvest","node":"a","expires":"never"}"#
+            ),
+            Ok(Event::Block { repeat: 0, .. })
+        ));
         // Control characters in a comment do not reach logs or listings.
         let f = with("comment", "a\nb");
         assert!(matches!(f, Ok(Event::Block { comment: Some(c), .. }) if c == "a b"));

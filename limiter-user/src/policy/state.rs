@@ -294,6 +294,20 @@ impl PolicyState {
         Some(self.lock().block(policy, source, reason, now))
     }
 
+    /// Records in `key`'s history a block another edge host ordered at
+    /// backoff level `repeat`, running until `until`: this host's next
+    /// block of the source escalates from there, as the deciding host's
+    /// would (the history counted over the cluster). A level below what is
+    /// known here changes nothing.
+    pub fn remember_block(&self, key: IpNet, repeat: u32, until: Instant) {
+        let mut tables = self.lock();
+        let record = tables
+            .history
+            .touch(&key, || BlockRecord { blocks: 0, until });
+        record.blocks = record.blocks.max(repeat.saturating_add(1));
+        record.until = record.until.max(until);
+    }
+
     /// Forgets the block history of `key` (a source key, as in
     /// [`BlockOrder::net`]), e.g. when an operator removes its block; whether
     /// there was any.
@@ -690,6 +704,35 @@ mod sink_tests {
         let _ = policy.mail_from(&state, allowed, None, true, now);
         let _ = policy.mail_from(&state, source, None, false, now);
         assert_eq!(taken(&kept), []);
+    }
+
+    #[test]
+    fn a_block_ordered_elsewhere_counts_in_the_backoff_here() {
+        let (policy, state, _) = setup("[limits]\nmax_failed_auth = 2");
+        let now = Instant::now();
+        let source: IpAddr = "192.0.2.1".parse().unwrap();
+        let net = policy.source_key(source);
+        // Another host blocked the source at level 2, ending in an hour.
+        state.remember_block(net, 2, now + Duration::from_secs(3600));
+        // While it runs, a block here repeats its level …
+        let during = state
+            .block(&policy, source, limiter_common::reason::AUTH, now)
+            .unwrap();
+        assert_eq!(during.repeat, 2);
+        // … and after it, escalates from it.
+        let later = now + Duration::from_secs(2 * 3600);
+        let after = state
+            .block(&policy, source, limiter_common::reason::AUTH, later)
+            .unwrap();
+        assert_eq!(after.repeat, 3);
+        assert_eq!(after.duration, policy.block_duration(3));
+        // A lower level from elsewhere does not lower what is known.
+        state.remember_block(net, 0, later + Duration::from_secs(60));
+        let past = later + after.duration + Duration::from_secs(1);
+        let next = state
+            .block(&policy, source, limiter_common::reason::AUTH, past)
+            .unwrap();
+        assert_eq!(next.repeat, 4);
     }
 
     #[test]

@@ -394,17 +394,18 @@ impl ProxyContext {
         let expires = SystemTime::now()
             .checked_add(order.duration)
             .unwrap_or(SystemTime::UNIX_EPOCH + config::MAX_BLOCK_DURATION);
-        let pushed = self.enforce(ActiveBlock {
+        let block = ActiveBlock {
             net: order.net,
             reason: order.reason,
             expires: Some(expires),
             since: SystemTime::now(),
             repeat: order.repeat,
             comment: None,
-        });
+        };
+        // Queued for the other edge hosts (Redis is not waited for).
+        self.cluster.publish_block(&block);
+        let pushed = self.enforce(block);
         self.stats.count_block(order.reason_name());
-        self.cluster
-            .publish_block(order.net, order.reason, Some(expires), None);
         let kernel = match pushed {
             Ok(()) => "blocked",
             Err(e) => {
