@@ -223,11 +223,12 @@ fn render_cluster(out: &mut String, cluster: &crate::cluster::ClusterCounts) {
         out,
         "cluster_events_total",
         "counter",
-        "Block events: published (decided here, written to Redis), applied (another node's, in force here), dropped (decided here, never written: queue full), refused (read from Redis and skipped).",
+        "Block events: published (decided here, written to Redis), applied (another node's, in force here), observed (another node's policy block, not in force here: observe mode), dropped (decided here, never written: queue full), refused (read from Redis and skipped).",
         &labelled(
             vec![
                 ("published", cluster.published),
                 ("applied", cluster.applied),
+                ("observed", cluster.observed),
                 ("dropped", cluster.dropped),
                 ("refused", cluster.refused),
             ],
@@ -447,6 +448,7 @@ mod cluster_tests {
             "# TYPE smtp_limiter_cluster_up gauge\nsmtp_limiter_cluster_up 0\n",
             "smtp_limiter_cluster_events_total{event=\"published\"} 0\n",
             "smtp_limiter_cluster_events_total{event=\"applied\"} 0\n",
+            "smtp_limiter_cluster_events_total{event=\"observed\"} 0\n",
             "smtp_limiter_cluster_events_total{event=\"dropped\"} 0\n",
             "smtp_limiter_cluster_events_total{event=\"refused\"} 0\n",
             "smtp_limiter_cluster_queued 0\n",

@@ -48,6 +48,8 @@ struct Node {
     limits: String,
     /// The metrics listener, once started.
     metrics: SocketAddr,
+    /// The top-level `mode`.
+    mode: &'static str,
 }
 
 impl Node {
@@ -63,6 +65,7 @@ impl Node {
             share_counters: false,
             limits: String::new(),
             metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
+            mode: "enforce",
         }
     }
 
@@ -79,6 +82,7 @@ impl Node {
             share_counters,
             limits,
             metrics,
+            mode,
         } = self;
         let launch = if env.is_empty() {
             Launch::here()
@@ -94,6 +98,7 @@ impl Node {
             *metrics = SocketAddr::from(([127, 0, 0, 1], port()));
             *body = format!(
                 r#"
+                mode = "{mode}"
                 [[listen]]
                 address = "{proxy}"
                 [backend]
@@ -907,4 +912,36 @@ fn a_repeat_offender_is_escalated_on_every_host() {
         "A: {:?}",
         agent_a.block(net)
     );
+}
+
+#[test]
+fn an_observing_host_takes_no_policy_block_of_the_others_but_an_operators() {
+    if !prerequisites("an_observing_host_takes_no_policy_block_of_the_others_but_an_operators") {
+        return;
+    }
+    let redis = Redis::start().expect("a private redis-server");
+    let mut a = Node::new("mx-a", &redis, "");
+    let mut b = Node::new("mx-b", &redis, "");
+    b.mode = "observe";
+    let (agent_a, agent_b) = (a.start(), b.start());
+    wait_state(&agent_a, "up");
+    wait_state(&agent_b, "up");
+    // A harvester cut off by A: B (observing) logs and counts it, and
+    // serves the source.
+    assert_eq!(failed_rcpts_before_the_cut("127.0.0.41", a.proxy), 3);
+    assert!(
+        wait_until(PROPAGATION, || cluster(&agent_b)["observed"] == 1),
+        "B: {}",
+        cluster(&agent_b)
+    );
+    assert!(agent_b.block("127.0.0.41/32").is_none());
+    assert!(greeting("127.0.0.41", b.proxy).starts_with("220 "));
+    assert!(agent_b.log().contains("source not blocked: observe mode"));
+    // An operator's block on A is taken as one made on B (listed; what
+    // observe mode does with it is the same as for B's own).
+    let out = agent_a.cli(&["block", "add", "127.0.0.42", "--for", "1h"]);
+    assert!(out.success(), "{}", out.text());
+    wait_listed(&agent_b, "127.0.0.42/32", true, "block add on A");
+    assert_eq!(cluster(&agent_b)["applied"], 1);
+    assert_eq!(cluster(&agent_b)["observed"], 1);
 }

@@ -59,6 +59,8 @@ struct Shared {
     up: AtomicBool,
     published: AtomicU64,
     applied: AtomicU64,
+    /// The other nodes' policy blocks not applied here (observe mode).
+    observed: AtomicU64,
     dropped: AtomicU64,
     /// Entries read from Redis and skipped: malformed or refused.
     refused: AtomicU64,
@@ -86,6 +88,8 @@ pub struct ClusterCounts {
     pub published: u64,
     /// The other nodes' events put in force here.
     pub applied: u64,
+    /// The other nodes' policy blocks not put in force (observe mode).
+    pub observed: u64,
     /// Events decided here and never written (the queue was full).
     pub dropped: u64,
     /// Entries read from Redis and skipped: malformed or refused.
@@ -125,6 +129,7 @@ impl Shared {
             up: AtomicBool::new(false),
             published: AtomicU64::new(0),
             applied: AtomicU64::new(0),
+            observed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             nodes: Mutex::new(HashMap::new()),
@@ -292,6 +297,7 @@ impl Cluster {
             up: s.up.load(Ordering::Relaxed),
             published: load(&s.published),
             applied: load(&s.applied),
+            observed: load(&s.observed),
             dropped: load(&s.dropped),
             refused: load(&s.refused),
             queued: s.queue.lock().unwrap_or_else(|p| p.into_inner()).len(),
@@ -313,6 +319,7 @@ impl Cluster {
             "node": c.node,
             "published": c.published,
             "applied": c.applied,
+            "observed": c.observed,
             "dropped": c.dropped,
             "refused": c.refused,
             "queued": c.queued,
@@ -391,9 +398,17 @@ impl Applier {
                         return;
                     }
                 };
+                let decided_by_policy = !matches!(code, reason::MANUAL | reason::REJECT_LIST);
+                // In observe mode this host enforces nothing the policy
+                // decided, here or elsewhere (an operator's block holds).
+                if decided_by_policy && !self.ctx.policy().enforced() {
+                    self.shared.observed.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%net, node, origin = reason::name(code), action = "would-block", by = "cluster", "source not blocked: observe mode");
+                    return;
+                }
                 // A block the policy ordered elsewhere counts in the
                 // source's history here too: the next one escalates.
-                if !matches!(code, reason::MANUAL | reason::REJECT_LIST) {
+                if decided_by_policy {
                     let left = expires.duration_since(now).unwrap_or_default();
                     self.ctx
                         .state
