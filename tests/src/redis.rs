@@ -134,7 +134,11 @@ impl Redis {
             .arg("--pidfile")
             .arg(d.join("redis.pid"))
             .arg("--logfile")
-            .arg(d.join("redis.log"));
+            .arg(d.join("redis.log"))
+            // Also on a Unix socket ([`Redis::unix_url`]).
+            .arg("--unixsocket")
+            .arg(d.join("redis.sock"))
+            .args(["--unixsocketperm", "700"]);
         if let Some(password) = &self.password {
             command.arg("--requirepass").arg(password);
         }
@@ -165,6 +169,12 @@ impl Redis {
     pub fn url(&self) -> String {
         let scheme = if self.tls { "rediss" } else { "redis" };
         format!("{scheme}://{}/0", self.addr)
+    }
+
+    /// `unix:///…/redis.sock`: the same server on its Unix socket.
+    #[must_use]
+    pub fn unix_url(&self) -> String {
+        format!("unix://{}", self.dir.join("redis.sock").display())
     }
 
     /// The CA that signed a TLS instance's certificate.

@@ -945,3 +945,75 @@ fn an_observing_host_takes_no_policy_block_of_the_others_but_an_operators() {
     assert_eq!(cluster(&agent_b)["applied"], 1);
     assert_eq!(cluster(&agent_b)["observed"], 1);
 }
+
+#[test]
+fn an_acl_user_with_only_the_prefix_keys_shares_blocks_over_the_unix_socket() {
+    if !prerequisites("an_acl_user_with_only_the_prefix_keys_shares_blocks_over_the_unix_socket") {
+        return;
+    }
+    let redis = Redis::start_with_password("admin-secret").expect("a private redis-server");
+    // Least privilege: the agents' keys only; another user with other keys.
+    for user in [
+        [
+            "ACL",
+            "SETUSER",
+            "limiter",
+            "on",
+            ">limiter-pw",
+            "~smtp-limiter:*",
+            "+@all",
+        ],
+        [
+            "ACL",
+            "SETUSER",
+            "elsewhere",
+            "on",
+            ">other-pw",
+            "~other:*",
+            "+@all",
+        ],
+    ] {
+        redis.cli(&user).expect("ACL SETUSER");
+    }
+    let node = |name, user: &str, password: &str, url: String| {
+        let mut node = Node::new(name, &redis, "");
+        let file = node.dir.path().join("redis.pw");
+        std::fs::write(&file, format!("{password}\n")).unwrap();
+        node.redis = url.replacen("://", &format!("://{user}@"), 1);
+        node.extra = format!("password_file = \"{}\"", file.display());
+        node
+    };
+    let tcp = redis.url();
+    // redis-rs spells a Unix socket's user and password as query
+    // parameters; the user goes there, the password from the file.
+    let unix = format!("{}?user=limiter", redis.unix_url());
+    let mut a = node("mx-a", "limiter", "limiter-pw", tcp.clone());
+    let mut b = node("mx-b", "limiter", "limiter-pw", tcp.clone());
+    b.redis = unix;
+    let mut c = node("mx-c", "elsewhere", "other-pw", tcp);
+    let (agent_a, agent_b, agent_c) = (a.start(), b.start(), c.start());
+    wait_state(&agent_a, "up");
+    wait_state(&agent_b, "up");
+    let out = agent_a.cli(&["block", "add", "127.0.3.1", "--for", "1h"]);
+    assert!(out.success(), "{}", out.text());
+    wait_listed(
+        &agent_b,
+        "127.0.3.1/32",
+        true,
+        "block add on A, B on the Unix socket",
+    );
+    // The user without the prefix's keys is refused by Redis: C says so,
+    // stays down and serves alone.
+    assert!(
+        wait_until(RECONNECT, || agent_c.log().contains("Redis unreachable")),
+        "{}",
+        agent_c.log()
+    );
+    assert!(
+        agent_c.log().to_lowercase().contains("noperm"),
+        "{}",
+        agent_c.log()
+    );
+    assert_eq!(cluster(&agent_c)["state"], "down");
+    assert!(agent_c.block("127.0.3.1/32").is_none());
+}
