@@ -5,7 +5,8 @@
 //! or by the CLI) is dropped by host B's kernel, its removal too; host B
 //! started again from nothing (empty state directory, new pins) drops the
 //! cluster's blocks in its kernel from its first SYN on (it listens once it
-//! has read them). Mail from a clean source is delivered
+//! has read them); with Redis away both hosts deliver, and a block one
+//! decided meanwhile reaches the other's kernel once Redis is back. Mail from a clean source is delivered
 //! through both hosts all along.
 //!
 //! The clients live in one "internet" namespace joined to each host by a
@@ -529,5 +530,54 @@ fn a_host_started_from_nothing_drops_the_clusters_blocks_in_its_kernel() {
             "{row}"
         );
     }
+    site.delivers(&site.b, clean);
+}
+
+#[test]
+fn with_redis_away_both_hosts_deliver_and_a_block_decided_meanwhile_reaches_the_other_after() {
+    if !ready(
+        "with_redis_away_both_hosts_deliver_and_a_block_decided_meanwhile_reaches_the_other_after",
+    ) {
+        return;
+    }
+    let mut site = Site::start();
+    let (harvester, clean) = (site.source(3), site.source(4));
+    site.redis.kill();
+    for host in [&site.a, &site.b] {
+        assert!(
+            wait_until(CONNECTED, || host.agent().json(&["stats"])["cluster"]
+                ["state"]
+                == "down"),
+            "{} never noticed Redis gone",
+            host.name
+        );
+    }
+    // Mail flows through both hosts without Redis …
+    site.delivers(&site.a, clean);
+    site.delivers(&site.b, clean);
+    // … and B cuts a harvester off on its own: dropped by B's kernel, not
+    // yet known to A.
+    site.harvest(&site.b, harvester);
+    site.assert_dropped_by_kernel(&site.b, harvester, &site.b);
+    site.assert_greets(&site.a, harvester);
+
+    // Redis returns (empty: the fixture keeps nothing): B publishes what
+    // it decided meanwhile, and A's kernel drops the harvester.
+    site.redis.restart().expect("Redis back");
+    let back = Instant::now();
+    site.a.wait_cluster_up();
+    site.b.wait_cluster_up();
+    let (seen, _) = site
+        .first_drop(&site.a, harvester, back, CONNECTED)
+        .unwrap_or_else(|| {
+            panic!(
+                "A's kernel never dropped the harvester B blocked while Redis was away\nA:\n{}\nB:\n{}",
+                site.a.agent().log(),
+                site.b.agent().log()
+            )
+        });
+    println!("B's block from the outage in A's kernel {seen:?} after Redis came back");
+    site.assert_dropped_by_kernel(&site.a, harvester, &site.b);
+    site.delivers(&site.a, clean);
     site.delivers(&site.b, clean);
 }
