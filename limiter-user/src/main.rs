@@ -325,6 +325,21 @@ fn live_limit_names() -> clap::builder::PossibleValuesParser {
         .into()
 }
 
+/// Fish completions of `limits set NAME`: clap_complete's fish script
+/// completes no positional argument's values (bash and zsh get them).
+fn fish_limit_names() -> String {
+    config::LIVE_LIMITS
+        .iter()
+        .map(|limit| {
+            format!(
+                "complete -c smtp-limiter -n \"__fish_smtp_limiter_using_subcommand limits; and __fish_seen_subcommand_from set\" -f -a \"{}\" -d '{}'\n",
+                limit.name,
+                limit.help().replace('\\', "\\\\").replace('\'', "\\'")
+            )
+        })
+        .collect()
+}
+
 /// How the agent writes its log lines.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
@@ -403,6 +418,9 @@ fn generate(what: Generate) -> anyhow::Result<()> {
         Generate::Completions { shell } => {
             let mut cli = Cli::command();
             clap_complete::generate(shell, &mut cli, "smtp-limiter", &mut std::io::stdout());
+            if shell == clap_complete::Shell::Fish {
+                print!("{}", fish_limit_names());
+            }
             Ok(())
         }
     }

@@ -416,7 +416,10 @@ fn the_units_capabilities_load_the_kernel_programs() {
         0,
         "the agent runs with CAP_SYS_ADMIN: the wrapper did not apply"
     );
-    assert!(pins.path().join("BLOCK_V4").exists(), "no pinned BLOCK_V4 map");
+    assert!(
+        pins.path().join("BLOCK_V4").exists(),
+        "no pinned BLOCK_V4 map"
+    );
     agent.stop(&files);
 }
 
@@ -682,6 +685,18 @@ fn the_package_installs_runs_and_purges_in_a_scratch_root() {
     run(Command::new("bash")
         .arg("-n")
         .arg(root.join("usr/share/bash-completion/completions/smtp-limiter")));
+    // Every shell completes `limits set` with the live limits' names (fish
+    // through lines of its own: clap_complete's fish script has none).
+    for path in [
+        "usr/share/bash-completion/completions/smtp-limiter",
+        "usr/share/zsh/vendor-completions/_smtp-limiter",
+        "usr/share/fish/vendor_completions.d/smtp-limiter.fish",
+    ] {
+        let script = std::fs::read_to_string(root.join(path)).unwrap();
+        for limit in limiter_user::config::LIVE_LIMITS {
+            assert!(script.contains(limit.name), "{path} lacks {}", limit.name);
+        }
+    }
     let copyright =
         std::fs::read_to_string(root.join("usr/share/doc/smtp-limiter/copyright")).unwrap();
     for needle in [
