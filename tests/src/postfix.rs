@@ -24,8 +24,9 @@
 //! Needs root (Postfix's master runs as root and its daemons as the `postfix`
 //! user) and Debian's `postfix` package installed with no system instance
 //! configured (`cargo xtask setup` does both); see [`missing_prerequisite`].
-//! No SMTP AUTH: Postfix's SASL needs Dovecot or Cyrus, which the fixture
-//! does not set up.
+//! SMTP AUTH only with [`PostfixOptions::sasl_users`]: Cyrus SASL with a
+//! sasldb of the instance's own (and then Cyrus' `saslpasswd2`, from
+//! `sasl2-bin`; see [`sasl_missing_prerequisite`]).
 
 use std::fmt::Write as _;
 use std::fs;
@@ -62,6 +63,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where Debian's package keeps the programs.
 const TOOL_DIRS: [&str; 4] = ["/usr/sbin", "/usr/lib/postfix/sbin", "/usr/bin", "/sbin"];
+/// The realm of [`PostfixOptions::sasl_users`] (`smtpd_sasl_local_domain`):
+/// clients log in with the bare user name, Cyrus looks up `user@REALM`.
+pub const SASL_REALM: &str = HOSTNAME;
 /// Every instance's directory is /tmp/smtp-limiter-postfix.PID.N.NANOS (PID:
 /// the test process's).
 static SERVER: Server = Server::new("postfix", "POSTFIX_FIXTURE_KEEP", stop_stale);
@@ -86,6 +90,13 @@ pub struct PostfixOptions {
     pub recipients: Vec<String>,
     /// More main.cf settings; a key given here replaces the fixture's value.
     pub extra_main_cf: Vec<(String, String)>,
+    /// SMTP AUTH users and their passwords. Empty (the default): no SASL,
+    /// the EHLO reply offers no AUTH. Otherwise smtpd offers `AUTH PLAIN
+    /// LOGIN` (in the clear: no TLS here), checked by Cyrus SASL against
+    /// `conf/sasl/sasldb2` in the instance's directory: a right password gets
+    /// `235 2.7.0 Authentication successful`, a wrong one `535 5.7.8 …
+    /// authentication failed`.
+    pub sasl_users: Vec<(String, String)>,
 }
 
 impl Default for PostfixOptions {
@@ -95,6 +106,7 @@ impl Default for PostfixOptions {
             xclient_hosts: None,
             recipients: DEFAULT_RECIPIENTS.iter().map(|r| r.to_string()).collect(),
             extra_main_cf: Vec::new(),
+            sasl_users: Vec::new(),
         }
     }
 }
@@ -150,6 +162,20 @@ pub fn missing_prerequisite() -> Option<String> {
         ));
     }
     None
+}
+
+/// Why [`PostfixOptions::sasl_users`] cannot work here (on top of
+/// [`missing_prerequisite`]), or `None` if it can.
+pub fn sasl_missing_prerequisite() -> Option<String> {
+    saslpasswd2().err().map(|e| format!("{e:#}"))
+}
+
+fn saslpasswd2() -> Result<PathBuf> {
+    fixture::find_program(
+        "saslpasswd2",
+        &TOOL_DIRS,
+        "install Cyrus SASL's tools (sasl2-bin): `cargo xtask setup`",
+    )
 }
 
 /// The path of a program from the postfix package: `postfix`, `postconf`,
@@ -443,6 +469,9 @@ impl Postfix {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        if !opts.sasl_users.is_empty() {
+            main.extend(self.configure_sasl(&opts.sasl_users)?);
+        }
         for (key, value) in &opts.extra_main_cf {
             match main.iter_mut().find(|(k, _)| k == key) {
                 Some(entry) => entry.1 = value.clone(),
@@ -457,6 +486,70 @@ impl Postfix {
             let _ = writeln!(text, "{key} = {value}");
         }
         write_file(&conf.join("main.cf"), &text)
+    }
+
+    /// Writes `conf/sasl/smtpd.conf` and `conf/sasl/sasldb2` with `users`;
+    /// returns the main.cf settings that make smtpd use them. In
+    /// config_directory because Debian's Postfix looks for smtpd.conf in
+    /// `$config_directory/sasl` whatever `cyrus_sasl_config_path` says (set
+    /// all the same, for other builds). The sasldb is world-readable:
+    /// smtpd reads it as the `postfix` user (test passwords only).
+    fn configure_sasl(&self, users: &[(String, String)]) -> Result<Vec<(String, String)>> {
+        let sasl = self.config_dir().join("sasl");
+        fs::create_dir(&sasl).with_context(|| format!("cannot create {}", sasl.display()))?;
+        fs::set_permissions(&sasl, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("cannot chmod {}", sasl.display()))?;
+        let db = sasl.join("sasldb2");
+        write_file(
+            &sasl.join("smtpd.conf"),
+            &format!(
+                "pwcheck_method: auxprop\nauxprop_plugin: sasldb\nmech_list: PLAIN LOGIN\n\
+                 sasldb_path: {}\n",
+                db.display()
+            ),
+        )?;
+        let saslpasswd2 = saslpasswd2()?;
+        for (user, password) in users {
+            if password.contains(['\n', '\r']) {
+                bail!("SASL password of {user} has a line break");
+            }
+            let mut child = Command::new(&saslpasswd2)
+                .arg("-p")
+                .arg("-f")
+                .arg(&db)
+                .args(["-c", "-u", SASL_REALM, user])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("cannot run saslpasswd2")?;
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin
+                    .write_all(password.as_bytes())
+                    .context("cannot give saslpasswd2 the password")?;
+            }
+            let out = child.wait_with_output().context("running saslpasswd2")?;
+            if !out.status.success() {
+                bail!(
+                    "saslpasswd2 for {user} failed ({}): {}{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        fs::set_permissions(&db, fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("cannot chmod {}", db.display()))?;
+        Ok([
+            ("smtpd_sasl_auth_enable", "yes".to_owned()),
+            ("smtpd_sasl_type", "cyrus".to_owned()),
+            ("smtpd_sasl_path", "smtpd".to_owned()),
+            ("cyrus_sasl_config_path", sasl.display().to_string()),
+            ("smtpd_sasl_local_domain", SASL_REALM.to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect())
     }
 
     /// `postfix -c DIR ACTION`; fails with its output and the log's tail.

@@ -7,7 +7,10 @@
 //! cluster's blocks in its kernel from its first SYN on (it listens once it
 //! has read them); with Redis away both hosts deliver, and a block one
 //! decided meanwhile reaches the other's kernel once Redis is back. Mail from a clean source is delivered
-//! through both hosts all along.
+//! through both hosts all along. With the hosts' Postfixes offering SMTP
+//! AUTH (Cyrus SASL) and the hosts sharing their counters, a brute-forcer
+//! spreading failed AUTHs over both is blocked on both, by both kernels,
+//! once the failures counted over both pass the limit.
 //!
 //! The clients live in one "internet" namespace joined to each host by a
 //! veth pair; each host routes back to it by default, so one source
@@ -34,7 +37,7 @@ use limiter_tests::{
     fixture,
     kernel::PinDir,
     netns::{link, Link, NetNs},
-    postfix::{log_lines, Postfix, PostfixOptions},
+    postfix::{self, log_lines, Postfix, PostfixOptions},
     proxy::{failed_rcpts_before_the_cut, Client},
     redis::{self, Redis},
     tcp::{connect_from, connect_local, wait_until, Relay},
@@ -61,9 +64,52 @@ const SMTP: u16 = 25;
 /// HSCAN step of an agent's catch-up (1000) reads.
 const EXTRA_BLOCKS: usize = 2500;
 
+/// The SMTP AUTH user of each host's Postfix in [`Setup::with_auth`], and
+/// its password.
+const AUTH_USER: (&str, &str) = ("sam", "s3cret");
+/// `AUTH PLAIN` for [`AUTH_USER`] with a wrong password: base64 of
+/// `\0sam\0wrong`.
+const WRONG_AUTH: &str = "AUTH PLAIN AHNhbQB3cm9uZw==";
+/// `limits.max_failed_auth` in [`Setup::with_auth`].
+const MAX_FAILED_AUTH: usize = 5;
+
+/// How the site's hosts are set up; `Default`: as in production with
+/// `share_counters = false` and no AUTH.
+#[derive(Default)]
+struct Setup {
+    /// SMTP AUTH users of each host's Postfix (none: no AUTH offered).
+    sasl_users: Vec<(String, String)>,
+    /// More `[limits]` keys.
+    limits: String,
+    /// `cluster.share_counters`.
+    share_counters: bool,
+}
+
+impl Setup {
+    /// Each Postfix with [`AUTH_USER`], `max_failed_auth` =
+    /// [`MAX_FAILED_AUTH`], failures counted over both hosts (the default
+    /// `share_counters`).
+    fn with_auth() -> Setup {
+        Setup {
+            sasl_users: vec![(AUTH_USER.0.to_owned(), AUTH_USER.1.to_owned())],
+            limits: format!("max_failed_auth = {MAX_FAILED_AUTH}\nfailed_auth_window = \"10m\"\n"),
+            share_counters: true,
+        }
+    }
+}
+
 fn ready(test: &str) -> bool {
+    ready_for(test, &Setup::default())
+}
+
+fn ready_for(test: &str, setup: &Setup) -> bool {
     let missing = clients::missing_prerequisite()
         .or_else(redis::missing_prerequisite)
+        .or_else(|| {
+            (!setup.sasl_users.is_empty())
+                .then(postfix::sasl_missing_prerequisite)
+                .flatten()
+        })
         .or_else(|| {
             let binary = std::env::current_exe()
                 .ok()
@@ -91,13 +137,22 @@ struct Host {
     link: Link,
     ns: NetNs,
     name: &'static str,
+    /// More `[limits]` keys ([`Setup::limits`]).
+    limits: String,
+    share_counters: bool,
 }
 
 impl Host {
     /// `name`'s namespace, linked to `internet` (tag `tag`, see
     /// [`link`]) with its default route there, its Postfix, its agent with
     /// XDP on its end of the link.
-    fn start(name: &'static str, tag: &str, internet: &NetNs, redis: &Redis) -> Host {
+    fn start(
+        name: &'static str,
+        tag: &str,
+        internet: &NetNs,
+        redis: &Redis,
+        setup: &Setup,
+    ) -> Host {
         let ns = NetNs::new(&format!("ch-{tag}")).expect("the host's namespace");
         let link = link(&ns, internet, tag).expect("the host's veth pair");
         ns.ip(&[
@@ -110,6 +165,7 @@ impl Host {
         .expect("the host's default route to the internet");
         let postfix = Postfix::start(PostfixOptions {
             proxy_protocol: true,
+            sasl_users: setup.sasl_users.clone(),
             ..PostfixOptions::default()
         })
         .expect("the host's Postfix");
@@ -125,6 +181,8 @@ impl Host {
             link,
             ns,
             name,
+            limits: setup.limits.clone(),
+            share_counters: setup.share_counters,
         };
         host.spawn();
         host
@@ -140,11 +198,13 @@ impl Host {
             pins: self.pins.path(),
         };
         let more = format!(
-            "{}[limits]\nmax_failed_rcpt = 3\n[cluster]\nredis = \"redis://127.0.0.1:{}/0\"\n\
-             node = \"{}\"\nshare_counters = false\n",
+            "{}[limits]\nmax_failed_rcpt = 3\n{}[cluster]\nredis = \"redis://127.0.0.1:{}/0\"\n\
+             node = \"{}\"\nshare_counters = {}\n",
             parts.kernel_table(&self.link.server_if, "xdp"),
+            self.limits,
             self.redis_relay.port(),
             self.name,
+            self.share_counters,
         );
         self.dir
             .write_config(&parts.config(self.smtp(), "identity = \"proxy-v2\"", &more));
@@ -179,6 +239,13 @@ impl Host {
         );
     }
 
+    /// Counted events (failures) the agent has sent to Redis.
+    fn counted_sent(&self) -> u64 {
+        self.agent().json(&["stats"])["cluster"]["counters"]["sent"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
     /// The kernel's count of SYNs dropped for a blocked source.
     fn dropped(&self) -> u64 {
         self.agent().kernel_counter("dropped_block")
@@ -196,6 +263,10 @@ struct Site {
 
 impl Site {
     fn start() -> Site {
+        Site::start_with(&Setup::default())
+    }
+
+    fn start_with(setup: &Setup) -> Site {
         for stale in ["ch-ha", "ch-hb", "ch-net"] {
             if let Err(e) = NetNs::remove_stale(stale) {
                 eprintln!("removing stale namespaces {stale}-*: {e:#}");
@@ -203,8 +274,8 @@ impl Site {
         }
         let redis = Redis::start().expect("a private redis-server");
         let internet = NetNs::new("ch-net").expect("the internet's namespace");
-        let a = Host::start("host-a", "ha", &internet, &redis);
-        let b = Host::start("host-b", "hb", &internet, &redis);
+        let a = Host::start("host-a", "ha", &internet, &redis, setup);
+        let b = Host::start("host-b", "hb", &internet, &redis, setup);
         a.wait_cluster_up();
         b.wait_cluster_up();
         Site {
@@ -225,8 +296,19 @@ impl Site {
     /// by the host's own Postfix, which names the source.
     #[track_caller]
     fn delivers(&self, host: &Host, source: IpAddr) {
+        self.delivers_with(host, source, &[]);
+    }
+
+    /// [`Site::delivers`] with more swaks options.
+    #[track_caller]
+    fn delivers_with(&self, host: &Host, source: IpAddr, extra: &[&str]) {
         let before = host.postfix.delivered();
-        let run = swaks_to_alice_in(Some(&self.internet), host.smtp(), &source.to_string(), &[]);
+        let run = swaks_to_alice_in(
+            Some(&self.internet),
+            host.smtp(),
+            &source.to_string(),
+            extra,
+        );
         assert_eq!(
             run.code,
             Some(0),
@@ -259,6 +341,39 @@ impl Site {
             .internet
             .run(|| failed_rcpts_before_the_cut(&source.to_string(), to));
         assert_eq!(failed, 3, "{}", host.agent().log());
+    }
+
+    /// One session from `source` to `host` with one AUTH for [`AUTH_USER`]
+    /// with a wrong password, which `host`'s Postfix refuses; its reply.
+    #[track_caller]
+    fn one_failed_auth(&self, host: &Host, source: IpAddr) -> String {
+        let stream = connect_from(&self.internet, source, host.smtp(), CONNECT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{source} to {}: {e}", host.name));
+        let (mut smtp, greeting) = Client::from_stream(stream).expect("a greeting");
+        assert!(greeting.starts_with("220 "), "{}: {greeting}", host.name);
+        let ehlo = smtp.cmd("EHLO guesser.test").expect("an EHLO reply");
+        assert!(
+            ehlo.contains("AUTH PLAIN LOGIN"),
+            "{} offers no AUTH: {ehlo}",
+            host.name
+        );
+        let reply = smtp.cmd(WRONG_AUTH).expect("an AUTH reply");
+        let _ = smtp.cmd("QUIT");
+        reply
+    }
+
+    /// Waits until the hosts have sent `n` counted events to Redis, both
+    /// together.
+    #[track_caller]
+    fn wait_counted(&self, n: u64) {
+        assert!(
+            wait_until(PROPAGATION, || self.a.counted_sent()
+                + self.b.counted_sent()
+                >= n),
+            "{n} counted events never reached Redis: A sent {}, B {}",
+            self.a.counted_sent(),
+            self.b.counted_sent()
+        );
     }
 
     /// Connects from `source` to `host` again and again until a SYN is
@@ -580,4 +695,122 @@ fn with_redis_away_both_hosts_deliver_and_a_block_decided_meanwhile_reaches_the_
     site.assert_dropped_by_kernel(&site.a, harvester, &site.b);
     site.delivers(&site.a, clean);
     site.delivers(&site.b, clean);
+}
+
+#[test]
+fn a_brute_forcer_spreading_failed_auth_over_both_hosts_is_dropped_by_both_kernels() {
+    let setup = Setup::with_auth();
+    if !ready_for(
+        "a_brute_forcer_spreading_failed_auth_over_both_hosts_is_dropped_by_both_kernels",
+        &setup,
+    ) {
+        return;
+    }
+    let site = Site::start_with(&setup);
+    let (a, b) = (&site.a, &site.b);
+    let (guesser, clean) = (site.source(1), site.source(2));
+    let good_auth = [
+        "--auth",
+        "PLAIN",
+        "--auth-user",
+        AUTH_USER.0,
+        "--auth-password",
+        AUTH_USER.1,
+    ];
+    // SASL is real: each Postfix takes the right password.
+    site.delivers_with(a, clean, &good_auth);
+    site.delivers_with(b, clean, &good_auth);
+
+    // MAX_FAILED_AUTH failures, alternating hosts (A three, B two): each
+    // host alone is well under the limit, and so are both together.
+    for n in 0..MAX_FAILED_AUTH {
+        let host = [a, b][n % 2];
+        let reply = site.one_failed_auth(host, guesser);
+        assert!(
+            reply.starts_with("535 "),
+            "AUTH {n} on {}: {reply}",
+            host.name
+        );
+    }
+    site.wait_counted(MAX_FAILED_AUTH as u64);
+    let net = format!("{guesser}/32");
+    for host in [a, b] {
+        assert!(
+            host.agent().block(&net).is_none(),
+            "{} blocked before the limit:\n{}",
+            host.name,
+            host.agent().log()
+        );
+        site.assert_greets(host, guesser);
+    }
+    // Every failure was a real Postfix's refusal.
+    for (host, n) in [(a, MAX_FAILED_AUTH.div_ceil(2)), (b, MAX_FAILED_AUTH / 2)] {
+        let log = host.postfix.log();
+        assert_eq!(
+            log_lines(
+                &log,
+                &format!("unknown[{guesser}]: SASL PLAIN authentication failed")
+            )
+            .len(),
+            n,
+            "{}'s Postfix:\n{log}",
+            host.name
+        );
+    }
+
+    // One more, on B (its third): past the limit counted over both.
+    let reply = site.one_failed_auth(b, guesser);
+    assert!(reply.starts_with("535 "), "the last AUTH: {reply}");
+    let crossed = Instant::now();
+    // A (the other host) probed first: its time is the propagation.
+    for host in [a, b] {
+        let (seen, through) = site
+            .first_drop(host, guesser, crossed, PROPAGATION)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}'s kernel never dropped the brute-forcer within {PROPAGATION:?}\nA:\n{}\nB:\n{}",
+                    host.name,
+                    a.agent().log(),
+                    b.agent().log()
+                )
+            });
+        println!(
+            "failed AUTH spread over A and B: {}'s kernel drops the brute-forcer {seen:?} after \
+             the failure that crossed the limit on B ({through} probes got through before)",
+            host.name
+        );
+    }
+    for host in [a, b] {
+        site.assert_dropped_by_kernel(host, guesser, b);
+        let row = host.agent().block(&net).unwrap();
+        assert_eq!(row["origin"], "auth", "{row}");
+    }
+    assert!(
+        b.agent()
+            .log()
+            .contains("window over its limit counted over every host"),
+        "{}",
+        b.agent().log()
+    );
+
+    // Others still log in and send through both hosts.
+    site.delivers_with(a, clean, &good_auth);
+    site.delivers_with(b, clean, &good_auth);
+    for host in [a, b] {
+        let log = host.postfix.log();
+        assert_eq!(
+            log_lines(
+                &log,
+                &format!(
+                    "client=unknown[{clean}], sasl_method=PLAIN, sasl_username={}@{}",
+                    AUTH_USER.0,
+                    postfix::SASL_REALM
+                )
+            )
+            .len(),
+            2,
+            "{}'s Postfix:\n{log}",
+            host.name
+        );
+    }
 }

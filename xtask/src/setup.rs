@@ -69,6 +69,11 @@ fn apt_packages(llvm: u32) -> Vec<String> {
         "ethtool".into(),
         "nftables".into(),
         "postfix".into(),
+        // For the Postfix fixture's SMTP AUTH (Cyrus SASL with a sasldb):
+        // saslpasswd2, and the PLAIN and LOGIN mechanisms (only recommended
+        // by libsasl2-2, so not installed by `--no-install-recommends`).
+        "sasl2-bin".into(),
+        "libsasl2-modules".into(),
         "swaks".into(),
         // swaks' STARTTLS and implicit TLS (only recommended by its package).
         "libnet-ssleay-perl".into(),
