@@ -31,10 +31,9 @@
 //! own windows.
 
 use std::{
-    collections::VecDeque,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -42,10 +41,9 @@ use std::{
 use ipnet::IpNet;
 use redis::{AsyncConnectionConfig, Client, Value};
 
+use super::queue::Queue;
 use crate::policy::{CountKind, CountSink, Counted};
 
-/// Most events waiting for Redis; past it the oldest is dropped.
-pub const QUEUE_CAPACITY: usize = 10_000;
 /// Most events written in one round trip.
 const BATCH: usize = 512;
 /// Longest wait for a connection or an answer: the counters are worth
@@ -83,17 +81,16 @@ pub(super) struct Counters {
     /// Told when a window somewhere went past its limit on one of this
     /// host's events.
     on_crossed: Box<dyn Fn(CountKind, IpNet) + Send + Sync>,
-    queue: Mutex<VecDeque<Counted>>,
-    queued: tokio::sync::Notify,
+    /// Events waiting for Redis; its drops count every event not counted
+    /// cluster-wide: Redis away, the queue full, or the event older than
+    /// its window by the time it could be sent.
+    queue: Queue<Counted>,
     /// Names this process's events apart from an earlier run's.
     started: u64,
     serial: AtomicU64,
     up: AtomicBool,
     /// Events Redis counted (or, for `blocked` ones, reset their window).
     sent: AtomicU64,
-    /// Events not counted cluster-wide: Redis away, the queue full, or the
-    /// event older than its window by the time it could be sent.
-    dropped: AtomicU64,
     /// Windows that went past their limit cluster-wide on this host's
     /// events (each a block ordered here, unless the source was blocked
     /// already or allow-listed).
@@ -127,13 +124,11 @@ impl Counters {
             node,
             prefix,
             on_crossed,
-            queue: Mutex::new(VecDeque::new()),
-            queued: tokio::sync::Notify::new(),
+            queue: Queue::new(),
             started,
             serial: AtomicU64::new(0),
             up: AtomicBool::new(false),
             sent: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
             crossed: AtomicU64::new(0),
             commands: AtomicU64::new(0),
         }
@@ -144,15 +139,11 @@ impl Counters {
         CounterCounts {
             up: self.up.load(Ordering::Relaxed),
             sent: load(&self.sent),
-            dropped: load(&self.dropped),
+            dropped: self.queue.dropped(),
             crossed: load(&self.crossed),
             commands: load(&self.commands),
-            queued: self.lock().len(),
+            queued: self.queue.len(),
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Counted>> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The Redis key of a window.
@@ -166,33 +157,12 @@ impl Counters {
         format!("{}:{}:{serial}", self.node, self.started)
     }
 
-    /// Drops what is queued (Redis went away), counted.
-    fn drop_queued(&self) {
-        let n = {
-            let mut queue = self.lock();
-            let n = queue.len();
-            queue.clear();
-            n
-        };
-        self.dropped.fetch_add(n as u64, Ordering::Relaxed);
-    }
-
     /// The next batch to send; events already out of their window are
     /// dropped (counted) rather than counted late.
     fn batch(&self, now: Instant) -> Vec<Counted> {
-        let mut queue = self.lock();
-        let mut batch = Vec::with_capacity(queue.len().min(BATCH));
-        while batch.len() < BATCH {
-            let Some(event) = queue.pop_front() else {
-                break;
-            };
-            if now.saturating_duration_since(event.at) >= event.window {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            } else {
-                batch.push(event);
-            }
-        }
-        batch
+        self.queue.take(BATCH, |event| {
+            now.saturating_duration_since(event.at) < event.window
+        })
     }
 
     /// The commands of a batch, one per event: the window's script, or,
@@ -237,17 +207,10 @@ impl Counters {
 impl CountSink for Counters {
     fn counted(&self, event: Counted) {
         if !self.up.load(Ordering::Relaxed) {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.queue.count_dropped(1);
             return;
         }
-        let mut queue = self.lock();
-        if queue.len() >= QUEUE_CAPACITY {
-            queue.pop_front();
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        queue.push_back(event);
-        drop(queue);
-        self.queued.notify_one();
+        self.queue.push(event);
     }
 }
 
@@ -262,7 +225,7 @@ pub(super) async fn run(client: Client, counters: Arc<Counters>) {
             backoff = Duration::from_secs(1);
             down_logged = false;
         }
-        counters.drop_queued();
+        counters.queue.clear();
         if !down_logged {
             tracing::warn!(error = %error, "cluster: Redis unreachable, the failure windows are counted on this host alone");
             down_logged = true;
@@ -307,7 +270,7 @@ async fn session(client: &Client, counters: &Counters) -> redis::RedisError {
     loop {
         let batch = counters.batch(Instant::now());
         if batch.is_empty() {
-            counters.queued.notified().await;
+            counters.queue.ready().await;
             continue;
         }
         let pipe = counters.pipeline(&sha, &batch);
@@ -317,9 +280,7 @@ async fn session(client: &Client, counters: &Counters) -> redis::RedisError {
         match pipe.query_async::<Vec<Value>>(&mut conn).await {
             Ok(replies) => counters.answered(&batch, &replies),
             Err(e) => {
-                counters
-                    .dropped
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                counters.queue.count_dropped(batch.len() as u64);
                 return e;
             }
         }
@@ -331,10 +292,10 @@ mod tests {
     use super::*;
 
     /// The crossings `on_crossed` was told of.
-    type Seen = Arc<Mutex<Vec<(CountKind, IpNet)>>>;
+    type Seen = Arc<std::sync::Mutex<Vec<(CountKind, IpNet)>>>;
 
     fn counters() -> (Arc<Counters>, Seen) {
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let record = seen.clone();
         let counters = Counters::new(
             "mx1".into(),
@@ -364,26 +325,19 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_drops_its_oldest_event_and_counts_it() {
+    fn queued_events_go_in_batches_and_are_dropped_with_redis_away() {
         let (counters, _) = counters();
         counters.up.store(true, Ordering::Relaxed);
-        for i in 0..QUEUE_CAPACITY as u32 + 3 {
+        for i in 0..BATCH as u32 + 3 {
             counters.counted(event(i, false));
         }
-        assert_eq!(counters.counts().dropped, 3);
-        assert_eq!(
-            counters.lock().front().map(|e| e.net),
-            Some(event(3, false).net)
-        );
         let batch = counters.batch(Instant::now());
         assert_eq!(batch.len(), BATCH);
-        assert_eq!(batch[0].net, event(3, false).net);
-        counters.drop_queued();
+        assert_eq!(batch[0].net, event(0, false).net);
+        // Redis went away: what is left is dropped, counted.
+        counters.queue.clear();
         assert_eq!(counters.counts().queued, 0);
-        assert_eq!(
-            counters.counts().dropped,
-            3 + (QUEUE_CAPACITY - BATCH) as u64
-        );
+        assert_eq!(counters.counts().dropped, 3);
     }
 
     #[test]

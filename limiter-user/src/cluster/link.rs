@@ -290,13 +290,9 @@ async fn write_loop(
     shared: &Shared,
 ) -> redis::RedisError {
     loop {
-        let batch: Vec<Event> = {
-            let mut queue = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
-            let n = queue.len().min(WRITE_BATCH);
-            queue.drain(..n).collect()
-        };
+        let batch = shared.queue.take(WRITE_BATCH, |_| true);
         if batch.is_empty() {
-            shared.queued.notified().await;
+            shared.queue.ready().await;
             continue;
         }
         let mut pipe = redis::pipe();
@@ -320,14 +316,7 @@ async fn write_loop(
             .ignore();
         }
         if let Err(e) = pipe.exec_async(conn).await {
-            let mut queue = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
-            for event in batch.into_iter().rev() {
-                if queue.len() >= super::QUEUE_CAPACITY {
-                    shared.dropped.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                queue.push_front(event);
-            }
+            shared.queue.put_back(batch);
             return e;
         }
         shared

@@ -18,10 +18,11 @@
 
 mod counters;
 mod link;
+mod queue;
 pub mod wire;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, OnceLock, Weak,
@@ -42,10 +43,6 @@ pub use counters::CounterCounts;
 use limiter_common::reason;
 use wire::{unix_seconds, Event};
 
-/// Most events waiting for Redis; past it the oldest is dropped (its block
-/// still holds here, and on the others once Redis holds a newer decision).
-pub const QUEUE_CAPACITY: usize = 10_000;
-
 /// The cluster as the rest of the agent sees it: inert until
 /// [`Cluster::start`] (no `[cluster]`, or not started yet).
 #[derive(Default)]
@@ -54,14 +51,15 @@ pub struct Cluster(OnceLock<Arc<Shared>>);
 /// What the link task and the agent share.
 struct Shared {
     node: String,
-    queue: Mutex<VecDeque<Event>>,
-    queued: tokio::sync::Notify,
+    /// Decisions of this host waiting for Redis; when full the oldest is
+    /// dropped (its block still holds here, and on the others once Redis
+    /// holds a newer decision).
+    queue: queue::Queue<Event>,
     up: AtomicBool,
     published: AtomicU64,
     applied: AtomicU64,
     /// The other nodes' policy blocks not applied here (observe mode).
     observed: AtomicU64,
-    dropped: AtomicU64,
     /// Entries read from Redis and skipped: malformed or refused.
     refused: AtomicU64,
     /// The node that decided each block applied from the cluster (shown
@@ -124,13 +122,11 @@ impl Shared {
     fn new(node: String, rules: Arc<Rules>) -> Shared {
         Shared {
             node,
-            queue: Mutex::new(VecDeque::new()),
-            queued: tokio::sync::Notify::new(),
+            queue: queue::Queue::new(),
             up: AtomicBool::new(false),
             published: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             observed: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             nodes: Mutex::new(HashMap::new()),
             rules: Mutex::new(rules),
@@ -140,14 +136,7 @@ impl Shared {
     }
 
     fn push(&self, event: Event) {
-        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if queue.len() >= QUEUE_CAPACITY {
-            queue.pop_front();
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        queue.push_back(event);
-        drop(queue);
-        self.queued.notify_one();
+        self.queue.push(event);
     }
 }
 
@@ -298,9 +287,9 @@ impl Cluster {
             published: load(&s.published),
             applied: load(&s.applied),
             observed: load(&s.observed),
-            dropped: load(&s.dropped),
+            dropped: s.queue.dropped(),
             refused: load(&s.refused),
-            queued: s.queue.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            queued: s.queue.len(),
             counters: s.counters.as_ref().map(|c| c.counts()),
         })
     }
@@ -479,23 +468,6 @@ impl Applier {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_full_queue_drops_its_oldest_event_and_counts_it() {
-        let shared = Shared::new("mx1".into(), Rules::of(&Config::default()));
-        let unblock = |i: u32| Event::Unblock {
-            net: IpNet::from(std::net::IpAddr::from(std::net::Ipv4Addr::from(i))),
-            node: "mx1".into(),
-        };
-        for i in 0..QUEUE_CAPACITY as u32 + 5 {
-            shared.push(unblock(i));
-        }
-        let queue = shared.queue.lock().unwrap();
-        assert_eq!(queue.len(), QUEUE_CAPACITY);
-        assert_eq!(shared.dropped.load(Ordering::Relaxed), 5);
-        assert_eq!(queue.front(), Some(&unblock(5)));
-        assert_eq!(queue.back(), Some(&unblock(QUEUE_CAPACITY as u32 + 4)));
-    }
 
     #[test]
     fn without_a_cluster_nothing_is_queued_or_shown() {
