@@ -667,13 +667,26 @@ impl NetRig {
     /// # Panics
     /// When the request fails.
     pub fn metrics(&self, addr: SocketAddr) -> String {
-        self.server.run(|| {
-            let mut stream = TcpStream::connect(addr).expect("connect to /metrics");
-            std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n")
-                .expect("request /metrics");
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut stream, &mut text).expect("read /metrics");
-            text
-        })
+        self.server.run(|| scrape_metrics(addr))
     }
+}
+
+/// `GET /metrics` from an agent's metrics listener `addr` (in the caller's
+/// namespace): the whole answer, headers included.
+///
+/// # Panics
+/// When the request fails or takes more than 10 s.
+#[must_use]
+pub fn scrape_metrics(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(addr).expect("connect to /metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .expect("request /metrics");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read /metrics");
+    text
 }

@@ -3,7 +3,7 @@
 //! and restored after a restart that lost the kernel maps (as a reboot does).
 
 use std::{
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -404,10 +404,7 @@ fn stats_and_metrics_show_filter_verdicts() {
     let stats: serde_json::Value = serde_json::from_str(&out).expect("stats --json is JSON");
     assert_eq!(stats["filters"]["verdicts"]["clean"], 1, "{out}");
     assert_eq!(stats["filters"]["verdicts"]["virus"], 1, "{out}");
-    let mut stream = TcpStream::connect(("127.0.0.1", metrics)).unwrap();
-    std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut stream, &mut text).unwrap();
+    let text = limiter_tests::agent::scrape_metrics(SocketAddr::from(([127, 0, 0, 1], metrics)));
     assert!(
         text.contains("smtp_limiter_filter_verdicts_total{verdict=\"virus\"} 1"),
         "{text}"

@@ -320,12 +320,7 @@ directory = "{dir}/state"
     /// `/metrics`, scraped inside the server namespace.
     fn metrics(&self) -> String {
         self.server.run(|| {
-            let mut stream = std::net::TcpStream::connect("127.0.0.1:9425").expect("metrics");
-            stream.set_read_timeout(Some(WAIT)).unwrap();
-            stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-            let mut text = String::new();
-            stream.read_to_string(&mut text).unwrap();
-            text
+            limiter_tests::agent::scrape_metrics(std::net::SocketAddr::from(([127, 0, 0, 1], 9425)))
         })
     }
 }

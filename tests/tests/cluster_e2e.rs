@@ -15,7 +15,7 @@ use std::{
 };
 
 use limiter_tests::{
-    agent::{Agent, AgentDir, Launch},
+    agent::{scrape_metrics, Agent, AgentDir, Launch},
     fixture::{free_port, wait_until},
     proxy::{connect_from, failed_rcpts_before_the_cut, Client},
     redis::{prerequisites, Redis},
@@ -592,18 +592,6 @@ fn counted_sent(agent: &Agent) -> u64 {
     cluster(agent)["counters"]["sent"].as_u64().unwrap_or(0)
 }
 
-/// `GET /metrics` from `addr`.
-fn scrape(addr: SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to /metrics");
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-        .expect("request /metrics");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("read /metrics");
-    text
-}
-
 /// A metric's value in a scrape (`name` with its labels).
 fn sample(text: &str, name: &str) -> Option<u64> {
     text.lines()
@@ -744,7 +732,7 @@ fn failures_spread_over_two_agents_are_counted_together() {
     assert!(ttl > 0 && ttl <= 600_000, "PTTL {ttl}");
 
     // The figures on /metrics.
-    let text = scrape(a.metrics);
+    let text = scrape_metrics(a.metrics);
     for (name, value) in [
         ("smtp_limiter_cluster_up", 1),
         ("smtp_limiter_cluster_counters_up", 1),
@@ -793,7 +781,7 @@ fn failures_spread_over_two_agents_are_counted_together() {
         cluster(&agent_a)
     );
     assert_eq!(cluster(&agent_a)["counters"]["state"], "down");
-    let text = scrape(a.metrics);
+    let text = scrape_metrics(a.metrics);
     assert_eq!(
         sample(&text, "smtp_limiter_cluster_counters_up"),
         Some(0),
@@ -852,7 +840,7 @@ fn without_share_counters_failures_spread_over_two_agents_block_nowhere() {
                 "{net} blocked: counted together?"
             );
         }
-        let text = scrape(if agent.pid() == agent_a.pid() {
+        let text = scrape_metrics(if agent.pid() == agent_a.pid() {
             a.metrics
         } else {
             b.metrics

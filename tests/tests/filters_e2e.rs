@@ -13,7 +13,6 @@
 //! message; under `CI=true` they fail instead.
 
 use std::{
-    io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     sync::atomic::Ordering,
     time::{Duration, Instant},
@@ -643,16 +642,8 @@ impl<'ns> AgentRig<'ns> {
     /// The agent's `/metrics` (`metrics.address` 127.0.0.1:9425, in the
     /// namespace).
     fn metrics(&self) -> String {
-        self.ns.run(|| {
-            let mut stream = TcpStream::connect("127.0.0.1:9425").expect("connect to /metrics");
-            stream.set_read_timeout(Some(WAIT)).unwrap();
-            stream
-                .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-                .expect("request /metrics");
-            let mut text = String::new();
-            stream.read_to_string(&mut text).expect("read /metrics");
-            text
-        })
+        self.ns
+            .run(|| limiter_tests::agent::scrape_metrics(SocketAddr::from(([127, 0, 0, 1], 9425))))
     }
 
     /// `smtp-limiter stats --json`.
