@@ -25,12 +25,20 @@
 //! and the agents' CPU per block (deciding one, applying ones). Checks:
 //! every agent applied every block, and its kernel holds them all
 //! (`smtp_limiter_kernel_blocks`).
+//!
+//! Then, each round, the cost of a counted event (`share_counters`): a
+//! client in the first host's client namespace sends `--counted` failed
+//! RCPTs (unknown recipients of the built-in backend, 10 a session; the
+//! limits are set high, so that nothing is blocked) and the first agent's
+//! counted events are awaited in Redis (`cluster.counters.sent`): Redis
+//! commands and CPU per counted event, and the agent's own count of the
+//! commands it sent.
 
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
     io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     sync::{
@@ -52,7 +60,7 @@ use limiter_tests::{
     netns::{self, Link, NetNs},
     redis::Redis,
     stats::{machine, median},
-    tcp::Relay,
+    tcp::{connect_local, Relay},
 };
 use serde_json::{json, Value};
 
@@ -78,6 +86,10 @@ struct Options {
     /// with --quick].
     #[arg(long)]
     blocks: Option<usize>,
+    /// Failed RCPTs (counted events) per round [default: 2000; 200 with
+    /// --quick].
+    #[arg(long)]
+    counted: Option<usize>,
     /// Agents (edge hosts), at least 2.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=16))]
     agents: u32,
@@ -96,7 +108,7 @@ struct Host<'a> {
 /// The namespaces and veths of the hosts; they outlive the agents.
 struct Topology {
     servers: Vec<NetNs>,
-    _clients: Vec<NetNs>,
+    clients: Vec<NetNs>,
     links: Vec<Link>,
 }
 
@@ -112,7 +124,7 @@ impl Topology {
         }
         Ok(Topology {
             servers,
-            _clients: clients,
+            clients,
             links,
         })
     }
@@ -131,6 +143,14 @@ tls = "none"
 address = "{BACKEND}"
 identity = "none"
 builtin = true
+
+[relay]
+accept = "*@example.com"
+
+[limits]
+# The counted events' part sends thousands of failed RCPTs: none may block.
+max_failed_rcpt = 1000000
+max_failed_rcpt_per_source = 1000000
 
 [kernel]
 mode = "required"
@@ -151,6 +171,7 @@ directory = "{dir}/state"
 [cluster]
 redis = "redis://127.0.0.1:{redis_port}/0"
 node = "host{i}"
+share_counters = true
 "#,
         listen = link.server_v4,
         interface = link.server_if,
@@ -361,6 +382,110 @@ fn burst(hosts: &[Host], redis: SocketAddr, round: usize, blocks: usize) -> Resu
     })
 }
 
+/// Failed RCPTs a session sends.
+const RCPTS_PER_SESSION: usize = 10;
+
+/// One whole reply's last line.
+fn smtp_reply(reader: &mut BufReader<TcpStream>) -> Result<String> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        ensure!(reader.read_line(&mut line)? > 0, "the proxy closed");
+        if line.len() < 4 || line.as_bytes()[3] == b' ' {
+            return Ok(line.trim_end().to_owned());
+        }
+    }
+}
+
+/// A session from `source` to `to` with `rcpts` unknown recipients.
+fn failed_rcpts(source: IpAddr, to: SocketAddr, tag: &str, rcpts: usize) -> Result<()> {
+    let stream = connect_local(source, to, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut expect = |command: Option<String>, code: char| -> Result<()> {
+        if let Some(command) = &command {
+            writer.write_all(command.as_bytes())?;
+        }
+        let reply = smtp_reply(&mut reader)?;
+        ensure!(reply.starts_with(code), "{command:?} answered {reply:?}");
+        Ok(())
+    };
+    expect(None, '2')?;
+    expect(Some("EHLO bench.test\r\n".into()), '2')?;
+    expect(Some("MAIL FROM:<bench@bench.test>\r\n".into()), '2')?;
+    for k in 0..rcpts {
+        expect(
+            Some(format!("RCPT TO:<nobody-{tag}-{k}@example.com>\r\n")),
+            '5',
+        )?;
+    }
+    expect(Some("QUIT\r\n".into()), '2')
+}
+
+/// What a batch of counted events cost.
+struct CountedCost {
+    events: u64,
+    /// Redis calls by command.
+    calls: BTreeMap<String, u64>,
+    redis_cpu: f64,
+    /// The agent's own count of the commands it sent.
+    agent_commands: u64,
+}
+
+/// `events` failed RCPTs through the first host, awaited in Redis.
+fn counted_events(
+    topo: &Topology,
+    hosts: &[Host],
+    redis: SocketAddr,
+    round: usize,
+    events: usize,
+) -> Result<CountedCost> {
+    let dir = &hosts[0].agent.paths().dir;
+    let counters = |dir: &Path| -> Result<(u64, u64)> {
+        let c = cluster_stats(dir)?["counters"].clone();
+        Ok((count(&c, "sent"), count(&c, "commands")))
+    };
+    let (sent_before, commands_before) = counters(dir)?;
+    let calls_before = redis_calls(redis)?;
+    let cpu_before = redis_cpu(redis)?;
+    let link = &topo.links[0];
+    let to = SocketAddr::from((link.server_v4, SMTP));
+    let source = IpAddr::from(link.client_v4s[0]);
+    let sessions = events.div_ceil(RCPTS_PER_SESSION);
+    topo.clients[0].run(|| -> Result<()> {
+        for n in 0..sessions {
+            let rcpts = RCPTS_PER_SESSION.min(events - n * RCPTS_PER_SESSION);
+            failed_rcpts(source, to, &format!("{round}-{n}"), rcpts)?;
+        }
+        Ok(())
+    })?;
+    let started = Instant::now();
+    let (sent, commands) = loop {
+        let (sent, commands) = counters(dir)?;
+        if sent - sent_before >= events as u64 {
+            break (sent, commands);
+        }
+        ensure!(
+            started.elapsed() < APPLY_TIMEOUT,
+            "{} of {events} counted events reached Redis",
+            sent - sent_before
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let calls_after = redis_calls(redis)?;
+    Ok(CountedCost {
+        events: sent - sent_before,
+        calls: calls_after
+            .iter()
+            .map(|(k, v)| (k.clone(), v - calls_before.get(k).copied().unwrap_or(0)))
+            .filter(|(k, v)| *v > 0 && k != "info")
+            .collect(),
+        redis_cpu: redis_cpu(redis)? - cpu_before,
+        agent_commands: commands - commands_before,
+    })
+}
+
 /// Every agent's kernel holds at least `want` blocks.
 fn check_kernels(hosts: &[Host], want: usize) -> Result<()> {
     for (i, host) in hosts.iter().enumerate() {
@@ -390,6 +515,9 @@ fn main() -> Result<()> {
     let blocks = opts
         .blocks
         .unwrap_or(if opts.common.quick { 1_000 } else { 10_000 });
+    let counted = opts
+        .counted
+        .unwrap_or(if opts.common.quick { 200 } else { 2_000 });
     let rounds = opts.common.rounds(3, 1);
     let n = opts.agents as usize;
     let started = Instant::now();
@@ -442,6 +570,7 @@ fn main() -> Result<()> {
     }
 
     let mut results = Vec::new();
+    let mut costs = Vec::new();
     for round in 0..rounds {
         system::check_stop()?;
         let r = burst(&hosts, redis.addr(), round, blocks)?;
@@ -459,6 +588,16 @@ fn main() -> Result<()> {
             r.redis_cpu * 1e6 / r.blocks as f64,
         );
         results.push(r);
+        let c = counted_events(&topo, &hosts, redis.addr(), round, counted)?;
+        eprintln!(
+            "round {}: {} counted events: {:.2} Redis commands ({:.2} by the agent's count) and {:.1} µs Redis CPU per event",
+            round + 1,
+            c.events,
+            c.calls.values().sum::<u64>() as f64 / c.events as f64,
+            c.agent_commands as f64 / c.events as f64,
+            c.redis_cpu * 1e6 / c.events as f64,
+        );
+        costs.push(c);
     }
 
     let per_round =
@@ -521,6 +660,37 @@ fn main() -> Result<()> {
         calls.row(vec![name.clone(), format!("{per_block:.3}")]);
     }
     let _ = writeln!(out, "{}", calls.markdown());
+    let _ = writeln!(
+        out,
+        "### A counted event (`share_counters`): {counted} failed RCPTs through host0 per round\n"
+    );
+    let per_event = |f: &dyn Fn(&CountedCost) -> f64| -> String {
+        let values: Vec<f64> = costs.iter().map(f).collect();
+        let list: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
+        format!("{:.2} ({})", median(&values), list.join(", "))
+    };
+    let mut table = Table::new(&["per counted event", "median of rounds (rounds)"]);
+    table.row(vec![
+        "commands Redis ran (those inside the script included)".into(),
+        per_event(&|c| c.calls.values().sum::<u64>() as f64 / c.events as f64),
+    ]);
+    table.row(vec![
+        "commands the agent sent (EVALSHA; SCRIPT LOAD once a connection)".into(),
+        per_event(&|c| c.agent_commands as f64 / c.events as f64),
+    ]);
+    table.row(vec![
+        "Redis CPU, µs".into(),
+        per_event(&|c| c.redis_cpu * 1e6 / c.events as f64),
+    ]);
+    let names: std::collections::BTreeSet<&String> =
+        costs.iter().flat_map(|c| c.calls.keys()).collect();
+    for name in names {
+        table.row(vec![
+            format!("{name} calls"),
+            per_event(&|c| c.calls.get(name).copied().unwrap_or(0) as f64 / c.events as f64),
+        ]);
+    }
+    let _ = writeln!(out, "{}", table.markdown());
     let _ = writeln!(out, "Machine at end: {}", machine());
     let _ = writeln!(out, "Total time: {:.0} s", started.elapsed().as_secs_f64());
     print!("{out}");
