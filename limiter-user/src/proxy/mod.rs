@@ -328,9 +328,8 @@ impl ProxyContext {
     /// Whether the proxy is under stress: open sessions at or over
     /// `smtp.stress_threshold` of `smtp.max_sessions`, or every backend
     /// slot in use. Sessions without a MAIL then get short timeouts.
-    pub fn stressed(&self) -> bool {
-        let settings = self.settings();
-        let smtp = &settings.smtp;
+    /// `smtp`: the session's settings (asked on every read: no lock).
+    pub fn stressed(&self, smtp: &Smtp) -> bool {
         let open = self.stats.sessions_open.load(Ordering::Relaxed) as f64;
         open >= smtp.stress_threshold * f64::from(smtp.max_sessions) || self.backend_slots.full()
     }

@@ -243,6 +243,19 @@ fn redis_calls(addr: SocketAddr) -> Result<BTreeMap<String, u64>> {
         .collect())
 }
 
+/// Calls per command since `before` (`redis_calls`), the benchmark's own
+/// INFO left out.
+fn calls_since(addr: SocketAddr, before: &BTreeMap<String, u64>) -> Result<BTreeMap<String, u64>> {
+    Ok(redis_calls(addr)?
+        .into_iter()
+        .map(|(k, v)| {
+            let delta = v - before.get(&k).copied().unwrap_or(0);
+            (k, delta)
+        })
+        .filter(|(k, v)| *v > 0 && k != "info")
+        .collect())
+}
+
 /// Redis's CPU time since it started, seconds (user + system).
 fn redis_cpu(addr: SocketAddr) -> Result<f64> {
     let info = redis_info(addr, "cpu")?;
@@ -361,12 +374,7 @@ fn burst(hosts: &[Host], redis: SocketAddr, round: usize, blocks: usize) -> Resu
             latencies.push(seen.saturating_duration_since(*at).as_secs_f64() * 1e3);
         }
     }
-    let calls_after = redis_calls(redis)?;
-    let calls = calls_after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - calls_before.get(k).copied().unwrap_or(0)))
-        .filter(|(k, v)| *v > 0 && k != "info")
-        .collect();
+    let calls = calls_since(redis, &calls_before)?;
     let agent_cpu = hosts
         .iter()
         .zip(&cpu_before)
@@ -473,14 +481,9 @@ fn counted_events(
         );
         std::thread::sleep(Duration::from_millis(10));
     };
-    let calls_after = redis_calls(redis)?;
     Ok(CountedCost {
         events: sent - sent_before,
-        calls: calls_after
-            .iter()
-            .map(|(k, v)| (k.clone(), v - calls_before.get(k).copied().unwrap_or(0)))
-            .filter(|(k, v)| *v > 0 && k != "info")
-            .collect(),
+        calls: calls_since(redis, &calls_before)?,
         redis_cpu: redis_cpu(redis)? - cpu_before,
         agent_commands: commands - commands_before,
     })

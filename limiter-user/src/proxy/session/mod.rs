@@ -783,7 +783,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // Under stress, a session without a MAIL gets a short timeout.
             let stress = !self.mail_accepted
                 && smtp.stress_command_timeout < smtp.command_timeout
-                && self.ctx.stressed();
+                && self.ctx.stressed(smtp);
             let limit = if stress {
                 smtp.stress_command_timeout
             } else {
