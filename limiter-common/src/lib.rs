@@ -266,6 +266,11 @@ impl Reason {
         })
     }
 
+    /// The reason named `name` (the inverse of [`Reason::name`]).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|reason| reason.name() == name)
+    }
+
     /// A stable lower-case name for logs, metrics and the CLI.
     pub const fn name(self) -> &'static str {
         match self {
@@ -276,42 +281,6 @@ impl Reason {
             Reason::RejectList => "reject-list",
             Reason::Relay => "relay",
             Reason::Filter => "filter",
-        }
-    }
-}
-
-/// The codes of [`Reason`] as `u32`, as the agent passes them around.
-pub mod reason {
-    use super::Reason;
-
-    /// Added by an operator.
-    pub const MANUAL: u32 = Reason::Manual as u32;
-    /// Too many failed recipients: directory harvesting.
-    pub const HARVEST: u32 = Reason::Harvest as u32;
-    /// Too many failed AUTH attempts.
-    pub const AUTH: u32 = Reason::Auth as u32;
-    /// Flood: null-sender or connection floods.
-    pub const FLOOD: u32 = Reason::Flood as u32;
-    /// On the configured reject list.
-    pub const REJECT_LIST: u32 = Reason::RejectList as u32;
-    /// Relay attempts.
-    pub const RELAY: u32 = Reason::Relay as u32;
-    /// Rejected by content filters (spam, virus).
-    pub const FILTER: u32 = Reason::Filter as u32;
-
-    /// Every reason, for lookups by name.
-    pub const ALL: [u32; 7] = [MANUAL, HARVEST, AUTH, FLOOD, REJECT_LIST, RELAY, FILTER];
-
-    /// The reason named `name` (the inverse of [`name`]).
-    pub fn from_name(name: &str) -> Option<u32> {
-        ALL.into_iter().find(|reason| self::name(*reason) == name)
-    }
-
-    /// A stable lower-case name for logs, metrics and the CLI.
-    pub const fn name(reason: u32) -> &'static str {
-        match Reason::from_code(reason) {
-            Some(reason) => reason.name(),
-            None => "unknown",
         }
     }
 }
@@ -709,14 +678,13 @@ mod tests {
 
     #[test]
     fn reason_names_and_codes_round_trip() {
-        for code in reason::ALL {
-            assert_eq!(reason::from_name(reason::name(code)), Some(code));
-            assert_eq!(Reason::from_code(code).map(|r| r as u32), Some(code));
+        for reason in Reason::ALL {
+            assert_eq!(Reason::from_name(reason.name()), Some(reason));
+            assert_eq!(Reason::from_code(reason as u32), Some(reason));
         }
-        assert_eq!(Reason::ALL.map(|r| r as u32), reason::ALL);
-        assert_eq!(reason::from_name("unknown"), None);
-        assert_eq!(reason::name(0), "unknown");
-        assert_eq!(reason::name(99), "unknown");
+        assert_eq!(Reason::from_name("unknown"), None);
+        assert_eq!(Reason::from_code(0), None);
+        assert_eq!(Reason::from_code(99), None);
     }
 
     #[test]

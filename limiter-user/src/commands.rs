@@ -10,17 +10,16 @@ use std::{
 };
 
 use ipnet::IpNet;
-use limiter_common::reason;
 use serde_json::{json, Value};
 
 use crate::{
     agent::{kernel_limits, reload, AgentState},
+    blocks::{origin_name, parse_origin, Block, Reason},
     config::{self, Config},
     control::{ImportBlock, ListCursor, Request, Response},
     kernel::KernelError,
     lists::{ListSet, ListSource},
     policy::Policy,
-    proxy::blocks::ActiveBlock,
 };
 
 /// Carries out one request.
@@ -63,7 +62,7 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
             comment,
         } => {
             let net = parse_net(&net)?;
-            let code = reason_code(&origin)?;
+            let origin = parse_origin(&origin)?;
             let expires = match duration_secs {
                 None => None,
                 Some(secs) => Some(block_expiry(secs)?),
@@ -71,9 +70,9 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
             let comment = comment.as_deref().map(clean_comment).transpose()?;
             let kernel = match add_block(
                 agent,
-                ActiveBlock {
+                Block {
                     net,
-                    reason: code,
+                    origin,
                     expires,
                     since: SystemTime::now(),
                     repeat: 0,
@@ -83,7 +82,7 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
                 Ok(()) => "blocked".to_owned(),
                 Err(e) => format!("not in the kernel: {e}"),
             };
-            tracing::info!(%net, origin = reason::name(code), comment = comment.as_deref().unwrap_or(""), by = "cli", action = "block", "source blocked");
+            tracing::info!(%net, origin = origin.name(), comment = comment.as_deref().unwrap_or(""), by = "cli", action = "block", "source blocked");
             Ok(json!({ "net": net.to_string(), "kernel": kernel, "stored": agent.store.is_some() }))
         }
         Request::BlockDel { net } => {
@@ -94,7 +93,7 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
             let in_kernel = match listed {
                 // The list's own entry goes back in place of the block.
                 Some(_) => {
-                    let _ = agent.datapath.block(net, None, reason::REJECT_LIST);
+                    let _ = agent.datapath.block(net, None, Reason::RejectList);
                     false
                 }
                 None => agent.datapath.unblock(net).unwrap_or(false),
@@ -182,14 +181,6 @@ fn parse_net(text: &str) -> Result<IpNet, String> {
     config::parse_cidr(text).map_err(|e| format!("{text:?} is not an address or CIDR: {e}"))
 }
 
-/// The reason code for a reason name.
-///
-/// # Errors
-/// An unknown name, with the valid ones.
-pub fn reason_code(name: &str) -> Result<u32, String> {
-    reason::from_name(name).ok_or_else(|| format!("unknown reason {name:?}: use manual, harvest, auth, flood, reject-list, relay or filter"))
-}
-
 /// When a block of `secs` seconds from now ends; refused past
 /// [`config::MAX_BLOCK_DURATION`] (the arithmetic must not overflow on a
 /// value from the control socket).
@@ -262,7 +253,7 @@ pub fn clean_comment(text: &str) -> Result<String, String> {
 
 /// Puts a block in force ([`crate::proxy::ProxyContext::enforce`]) and shares it with
 /// the other edge hosts.
-fn add_block(agent: &AgentState<'_>, block: ActiveBlock) -> Result<(), KernelError> {
+fn add_block(agent: &AgentState<'_>, block: Block) -> Result<(), KernelError> {
     agent.ctx.cluster.publish_block(&block);
     // Stored by the journal the table hands the change to: no save here.
     agent.ctx.enforce(block)
@@ -293,8 +284,8 @@ fn with_drops(mut row: Value, drops: Option<&HashMap<ipnet::IpNet, u64>>) -> Val
 }
 
 /// A block as `block list` and `block check` show it.
-pub fn block_row(block: &ActiveBlock, in_kernel: bool) -> Value {
-    let origin = reason::name(block.reason);
+pub fn block_row(block: &Block, in_kernel: bool) -> Value {
+    let origin = block.origin.name();
     json!({
         "kind": "block",
         "net": block.net.to_string(),
@@ -314,7 +305,7 @@ fn list_row(net: &ipnet::IpNet, source: &ListSource) -> Value {
     json!({
         "kind": "list",
         "net": net.to_string(),
-        "origin": reason::name(reason::REJECT_LIST),
+        "origin": Reason::RejectList.name(),
         "reason": source.to_string(),
         "comment": null,
         "list": source.to_string(),
@@ -335,7 +326,7 @@ fn block_list(
     after: Option<ListCursor>,
     rows: Option<usize>,
 ) -> Result<Value, String> {
-    let origin = origin.map(reason_code).transpose()?;
+    let origin = origin.map(parse_origin).transpose()?;
     let covering = covering.map(parse_net).transpose()?.map(|n| n.trunc());
     let want = rows.unwrap_or(MAX_PAGE_ROWS).clamp(1, MAX_PAGE_ROWS);
     let contains = |net: &ipnet::IpNet| covering.is_none_or(|c| net.contains(&c));
@@ -345,7 +336,7 @@ fn block_list(
     let drops = drop_counts(agent, &lists);
     let drops = drops.as_ref();
     let in_lists = after.as_ref().is_none_or(|a| a.expires_ns.is_none());
-    if in_lists && origin.is_none_or(|o| o == reason::REJECT_LIST) {
+    if in_lists && origin.is_none_or(|o| o == Reason::RejectList) {
         let start = match &after {
             Some(a) => std::ops::Bound::Excluded(parse_net(&a.net)?),
             None => std::ops::Bound::Unbounded,
@@ -380,7 +371,7 @@ fn block_list(
         }
     }
     let keep =
-        |b: &ActiveBlock| origin.is_none_or(|o| o == b.reason) && b.expires.is_none_or(|t| t > now);
+        |b: &Block| origin.is_none_or(|o| o == b.origin) && b.expires.is_none_or(|t| t > now);
     let next = match covering {
         // The blocks containing a network: one lookup per prefix length.
         Some(net) => {
@@ -470,7 +461,7 @@ fn block_check(agent: &AgentState<'_>, address: &str) -> Result<Value, String> {
         if let Ok(Some(hit)) = agent.datapath.block_covering(ip) {
             matches.push(json!({
                 "kind": "kernel",
-                "origin": reason::name(hit.reason),
+                "origin": origin_name(hit.origin),
                 "expires": rfc3339(hit.expires),
             }));
         }
@@ -557,9 +548,9 @@ fn block_import(agent: &AgentState<'_>, blocks: Vec<ImportBlock>) -> Value {
     let (mut added, mut not_in_kernel, mut expired) = (0u64, 0u64, 0u64);
     let mut errors = Vec::new();
     for item in blocks {
-        let block = (|| -> Result<Option<ActiveBlock>, String> {
+        let block = (|| -> Result<Option<Block>, String> {
             let net = parse_net(&item.net)?;
-            let code = reason_code(&item.origin)?;
+            let origin = parse_origin(&item.origin)?;
             let expires = match item.expires_unix {
                 None => None,
                 Some(at) => {
@@ -574,9 +565,9 @@ fn block_import(agent: &AgentState<'_>, blocks: Vec<ImportBlock>) -> Value {
                 }
             };
             let comment = item.comment.as_deref().map(clean_comment).transpose()?;
-            Ok(Some(ActiveBlock {
+            Ok(Some(Block {
                 net,
-                reason: code,
+                origin,
                 expires,
                 since: item
                     .since_unix
@@ -666,7 +657,7 @@ fn top(agent: &AgentState<'_>) -> Value {
     blocks.truncate(20);
     json!({
         "connections": connections.iter().map(|(net, n)| json!({"source": net.to_string(), "connections": n})).collect::<Vec<_>>(),
-        "drops": blocks.iter().map(|b| json!({"net": b.net.to_string(), "reason": reason::name(b.reason), "drops": b.drops})).collect::<Vec<_>>(),
+        "drops": blocks.iter().map(|b| json!({"net": b.net.to_string(), "reason": origin_name(b.origin), "drops": b.drops})).collect::<Vec<_>>(),
         "rejections": agent.ctx.stats.rejections().into_iter().map(|(k, v)| json!({"reason": k, "count": v})).collect::<Vec<_>>(),
     })
 }
@@ -689,12 +680,12 @@ mod tests {
         let ctx = ProxyContext::new(&config, std::sync::Arc::new(NoKernel::new("test"))).unwrap();
         let now = SystemTime::now();
         for (net, secs) in blocks {
-            ctx.blocks.insert(ActiveBlock {
+            ctx.blocks.insert(Block {
                 net: net.parse().unwrap(),
-                reason: if secs % 2 == 0 {
-                    reason::MANUAL
+                origin: if secs % 2 == 0 {
+                    Reason::Manual
                 } else {
-                    reason::AUTH
+                    Reason::Auth
                 },
                 expires: Some(now + Duration::from_secs(*secs)),
                 since: now,

@@ -36,7 +36,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use limiter_common::reason;
+use limiter_common::Reason;
 use serde_json::Value;
 
 use crate::lists::{parse_plain, LineError};
@@ -103,7 +103,7 @@ pub enum Expiry {
 pub struct Imported {
     pub net: IpNet,
     /// One of `limiter_common::reason`, if the row names one of ours.
-    pub origin: Option<u32>,
+    pub origin: Option<Reason>,
     /// Free text.
     pub reason: Option<String>,
     pub expires: Option<Expiry>,
@@ -285,10 +285,10 @@ fn row(fields: &HashMap<String, String>, now_unix: u64) -> Result<Row, String> {
 pub fn origin_and_reason(
     origin: Option<&str>,
     text: Option<&str>,
-) -> (Option<u32>, Option<String>) {
-    let ours = origin.and_then(reason::from_name);
+) -> (Option<Reason>, Option<String>) {
+    let ours = origin.and_then(Reason::from_name);
     let foreign = origin.filter(|_| ours.is_none());
-    match (ours, text.and_then(reason::from_name)) {
+    match (ours, text.and_then(Reason::from_name)) {
         // The reason names an origin and nothing contradicts it.
         (None, Some(code)) if foreign.is_none() => (Some(code), None),
         (Some(code), Some(same)) if code == same => (Some(code), None),
@@ -603,7 +603,7 @@ mod tests {
             -5m,ip,192.0.2.10,,,ban\r\n\
             \r\n";
         let parsed = parse(text, Format::Csv, now()).unwrap();
-        let got: Vec<(String, Option<u32>, Option<&str>, Option<Expiry>, usize)> = parsed
+        let got: Vec<(String, Option<Reason>, Option<&str>, Option<Expiry>, usize)> = parsed
             .blocks
             .iter()
             .map(|b| {
@@ -628,14 +628,14 @@ mod tests {
                 ),
                 (
                     "198.51.100.0/24".to_owned(),
-                    Some(reason::HARVEST),
+                    Some(Reason::Harvest),
                     None,
                     Some(Expiry::In(Duration::from_secs(14_400))),
                     3
                 ),
                 (
                     "192.0.2.8/32".to_owned(),
-                    Some(reason::AUTH),
+                    Some(Reason::Auth),
                     Some("said \"hi\""),
                     Some(Expiry::In(Duration::from_secs(3600))),
                     4
@@ -702,7 +702,7 @@ mod tests {
             Some(Expiry::In(Duration::from_secs_f64(14_352.5)))
         );
         let b = &parsed.blocks[1];
-        assert_eq!((b.origin, b.reason.as_deref()), (Some(reason::FLOOD), None));
+        assert_eq!((b.origin, b.reason.as_deref()), (Some(Reason::Flood), None));
         assert_eq!(b.expires, Some(Expiry::At(1_893_456_000)));
         assert_eq!(b.since_unix, Some(1_798_761_600));
         assert_eq!(parsed.skipped, ["line 3: already expired"]);
@@ -737,15 +737,15 @@ mod tests {
     #[test]
     fn origins_and_reasons_map_both_ways() {
         let cases = [
-            ((None, Some("harvest")), (Some(reason::HARVEST), None)),
-            ((Some("auth"), Some("auth")), (Some(reason::AUTH), None)),
+            ((None, Some("harvest")), (Some(Reason::Harvest), None)),
+            ((Some("auth"), Some("auth")), (Some(Reason::Auth), None)),
             (
                 (Some("auth"), Some("harvest")),
-                (Some(reason::AUTH), Some("harvest")),
+                (Some(Reason::Auth), Some("harvest")),
             ),
             (
                 (Some("auth"), Some("ticket 4711")),
-                (Some(reason::AUTH), Some("ticket 4711")),
+                (Some(Reason::Auth), Some("ticket 4711")),
             ),
             ((Some("CAPI"), None), (None, Some("[CAPI]"))),
             (
@@ -824,14 +824,14 @@ mod tests {
                 continue;
             }
             let a = &parsed.blocks[0];
-            assert_eq!(a.origin, Some(reason::MANUAL), "{format}");
+            assert_eq!(a.origin, Some(Reason::Manual), "{format}");
             assert_eq!(a.reason, blocks[0].reason, "{format}");
             assert_eq!(a.expires, Some(Expiry::At(1_800_007_200)), "{format}");
             assert_eq!(a.since_unix, Some(1_799_999_940), "{format}");
             let b = &parsed.blocks[1];
             assert_eq!(
                 (b.origin, b.reason.as_deref(), b.expires),
-                (Some(reason::HARVEST), None, None)
+                (Some(Reason::Harvest), None, None)
             );
         }
         let mut out = Vec::new();

@@ -29,6 +29,7 @@
 //! * [`agent`] — the running agent: brings the kernel layer up as configured,
 //!   applies lists and caps, logs kernel drops, sweeps expired blocks.
 pub mod agent;
+pub mod blocks;
 pub mod cluster;
 pub mod commands;
 pub mod config;

@@ -25,9 +25,9 @@ use std::{
 };
 
 use ipnet::IpNet;
-use limiter_common::reason;
+use limiter_common::Reason;
 
-use crate::{kernel::Datapath, proxy::blocks::Blocks};
+use crate::{blocks::Blocks, kernel::Datapath};
 
 /// Most bad lines of one file quoted in an error.
 const MAX_QUOTED_ERRORS: usize = 10;
@@ -294,7 +294,7 @@ pub fn apply(
         if !fresh && old.reject.contains_key(net) {
             continue;
         }
-        match datapath.block(*net, None, reason::REJECT_LIST) {
+        match datapath.block(*net, None, Reason::RejectList) {
             Ok(()) => applied.rejected += 1,
             Err(e) => applied.errors.push(format!("{source}: {net}: {e}")),
         }
@@ -307,7 +307,7 @@ pub fn apply(
 pub fn release(net: IpNet, datapath: &dyn Datapath, blocks: &Blocks) -> bool {
     match blocks.get(&net) {
         Some(block) => {
-            let ok = datapath.block(net, block.expires, block.reason).is_ok();
+            let ok = datapath.block(net, block.expires, block.origin).is_ok();
             blocks.mark_kernel(&net, ok);
             false
         }
@@ -330,7 +330,7 @@ pub fn release_blocks(nets: &[IpNet], lists: &crate::config::Lists, datapath: &d
         .collect();
     for net in nets {
         let result = if listed.contains(net) {
-            datapath.block(*net, None, reason::REJECT_LIST)
+            datapath.block(*net, None, Reason::RejectList)
         } else {
             datapath.unblock(*net).map(|_| ())
         };

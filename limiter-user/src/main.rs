@@ -16,9 +16,10 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
-use limiter_common::reason;
 use limiter_user::{
-    agent, commands,
+    agent,
+    blocks::{origin_name, parse_origin, Reason},
+    commands,
     config::{self, Config},
     control::{self, ClientError, Request},
     exchange::{self, Format},
@@ -913,11 +914,11 @@ fn add_origin(
     reason: Option<&str>,
 ) -> anyhow::Result<(String, Option<String>)> {
     if let Some(origin) = origin {
-        commands::reason_code(origin).map_err(anyhow::Error::msg)?;
+        parse_origin(origin).map_err(anyhow::Error::msg)?;
     }
     let reason = reason.map(str::trim).filter(|r| !r.is_empty());
     let (code, comment) = exchange::origin_and_reason(origin, reason);
-    let origin = code.map_or("manual", reason::name).to_owned();
+    let origin = code.unwrap_or(Reason::Manual).name().to_owned();
     if let Some(comment) = &comment {
         commands::clean_comment(comment).map_err(anyhow::Error::msg)?;
     }
@@ -961,7 +962,7 @@ fn block_check(common: &Common, address: String) -> anyhow::Result<bool> {
                 true,
                 format!(
                     "dropped: blocked in the kernel ({}), {}",
-                    reason::name(hit.reason),
+                    origin_name(hit.origin),
                     hit.expires.map_or("until removed".to_owned(), |t| format!(
                         "until {}",
                         humantime::format_rfc3339_seconds(t)
@@ -1028,7 +1029,7 @@ fn each_block_row(
     mut each: impl FnMut(&Value) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     if let Some(origin) = origin {
-        commands::reason_code(origin).map_err(anyhow::Error::msg)?;
+        parse_origin(origin).map_err(anyhow::Error::msg)?;
     }
     let covering_net = covering
         .map(|c| config::parse_cidr(c).map_err(|e| anyhow::anyhow!("--covering {c}: {e}")))
@@ -1063,15 +1064,15 @@ fn each_block_row(
                 for b in blocks
                     .iter()
                     .filter(|b| b.expires.is_none_or(|t| t > now))
-                    .filter(|b| origin.is_none_or(|o| o == reason::name(b.reason)))
+                    .filter(|b| origin.is_none_or(|o| o == origin_name(b.origin)))
                     .filter(|b| covering_net.is_none_or(|c| b.net.contains(&c)))
                     .take(left)
                 {
                     each(&json!({
-                        "kind": if b.reason == reason::REJECT_LIST { "list" } else { "block" },
+                        "kind": if b.origin == Some(Reason::RejectList) { "list" } else { "block" },
                         "net": b.net.to_string(),
-                        "origin": reason::name(b.reason),
-                        "reason": reason::name(b.reason),
+                        "origin": origin_name(b.origin),
+                        "reason": origin_name(b.origin),
                         "comment": null,
                         "since": null,
                         "expires": b.expires.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
@@ -1201,7 +1202,7 @@ fn block_import(
             net: b.net.to_string(),
             origin: b
                 .origin
-                .map_or(default_origin.clone(), |c| reason::name(c).to_owned()),
+                .map_or(default_origin.clone(), |c| c.name().to_owned()),
             comment: b.reason.clone().or_else(|| default_reason.clone()),
             expires_unix: match b.expires {
                 Some(exchange::Expiry::At(at)) => Some(at),

@@ -459,15 +459,14 @@ mod cluster_tests {
         ] {
             assert!(text.contains(sample), "{sample} missing: {text}");
         }
-        ctx.cluster
-            .publish_block(&crate::proxy::blocks::ActiveBlock {
-                net: "192.0.2.8/32".parse().unwrap(),
-                reason: 0,
-                expires: None,
-                since: std::time::SystemTime::now(),
-                repeat: 0,
-                comment: None,
-            });
+        ctx.cluster.publish_block(&crate::blocks::Block {
+            net: "192.0.2.8/32".parse().unwrap(),
+            origin: crate::blocks::Reason::Manual,
+            expires: None,
+            since: std::time::SystemTime::now(),
+            repeat: 0,
+            comment: None,
+        });
         let text = render(&ctx, kernel.as_ref());
         assert!(text.contains("smtp_limiter_cluster_queued 1\n"), "{text}");
     }

@@ -11,7 +11,7 @@
 //!   every block).
 //!
 //! A background thread ([`Journal`]) takes the changes from the agent's
-//! block table ([`crate::proxy::blocks::Blocks::attach_journal`]) and
+//! block table ([`crate::blocks::Blocks::attach_journal`]) and
 //! writes them; when the journal holds more records than there are blocks
 //! (or missed some), it writes a new snapshot, page by page, while changes
 //! keep going to a new journal generation. The snapshot's header says from
@@ -50,11 +50,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    blocks::{Block, Change, Reason},
     kernel::{Datapath, KernelBlock},
-    proxy::{
-        blocks::{ActiveBlock, Change},
-        ProxyContext,
-    },
+    proxy::ProxyContext,
 };
 
 /// The snapshot's name inside `state.directory`.
@@ -79,8 +77,7 @@ const SNAPSHOT_PAGE: usize = 4096;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredBlock {
     pub net: IpNet,
-    /// One of `limiter_common::reason`, by name (format 1 called it
-    /// `reason`).
+    /// A [`Reason`]'s name (format 1 called it `reason`).
     #[serde(alias = "reason")]
     pub origin: String,
     /// Unix seconds; `None` = until removed.
@@ -282,7 +279,7 @@ impl Store {
         let mut text = Vec::with_capacity(changes.len() * 160);
         for change in changes {
             let record = match change {
-                Change::Put(block) => Record::Put(stored_active(block)),
+                Change::Put(block) => Record::Put(StoredBlock::from(block)),
                 Change::Remove(net) => Record::Del(*net),
             };
             serde_json::to_writer(&mut text, &record).map_err(|e| StateError::Io {
@@ -538,60 +535,33 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir).and_then(|d| d.sync_all())
 }
 
-/// The stored form of a kernel block (one the agent did not order: no
-/// start, no comment).
-pub fn stored(block: &KernelBlock) -> StoredBlock {
-    StoredBlock {
-        net: block.net,
-        origin: limiter_common::reason::name(block.reason).to_owned(),
-        expires_unix: block.expires.map(unix),
-        since_unix: None,
-        repeat: 0,
-        comment: None,
+impl From<&Block> for StoredBlock {
+    fn from(block: &Block) -> Self {
+        Self {
+            net: block.net,
+            origin: block.origin.name().to_owned(),
+            expires_unix: block.expires.map(unix),
+            since_unix: Some(unix(block.since)),
+            repeat: block.repeat,
+            comment: block.comment.as_deref().map(str::to_owned),
+        }
     }
 }
 
-/// The stored form of a block of the agent's table.
-pub fn stored_active(block: &ActiveBlock) -> StoredBlock {
-    StoredBlock {
-        net: block.net,
-        origin: limiter_common::reason::name(block.reason).to_owned(),
-        expires_unix: block.expires.map(unix),
-        since_unix: Some(unix(block.since)),
-        repeat: block.repeat,
-        comment: block.comment.as_deref().map(str::to_owned),
+impl From<&StoredBlock> for Block {
+    /// An origin this version does not know (a newer agent's) counts as
+    /// `manual`; a block without a recorded start began now.
+    fn from(block: &StoredBlock) -> Self {
+        let at = |secs| UNIX_EPOCH + Duration::from_secs(secs);
+        Self {
+            net: block.net,
+            origin: Reason::from_name(&block.origin).unwrap_or(Reason::Manual),
+            expires: block.expires_unix.map(at),
+            since: block.since_unix.map_or_else(SystemTime::now, at),
+            repeat: block.repeat,
+            comment: block.comment.as_deref().map(Arc::from),
+        }
     }
-}
-
-/// A stored block as a block of the agent's table.
-pub fn active(block: &StoredBlock) -> ActiveBlock {
-    ActiveBlock {
-        net: block.net,
-        reason: reason_code(&block.origin),
-        expires: expires(block),
-        since: since(block),
-        repeat: block.repeat,
-        comment: block.comment.as_deref().map(Arc::from),
-    }
-}
-
-/// When a stored block began (now, if it was not recorded).
-pub fn since(block: &StoredBlock) -> SystemTime {
-    block
-        .since_unix
-        .map_or_else(SystemTime::now, |t| UNIX_EPOCH + Duration::from_secs(t))
-}
-
-/// The reason code of a stored block's origin name.
-pub fn reason_code(name: &str) -> u32 {
-    limiter_common::reason::from_name(name).unwrap_or(limiter_common::reason::MANUAL)
-}
-
-/// The expiry of a stored block.
-pub fn expires(block: &StoredBlock) -> Option<SystemTime> {
-    block
-        .expires_unix
-        .map(|t| UNIX_EPOCH + Duration::from_secs(t))
 }
 
 /// Seconds since the Unix epoch (0 before it).
@@ -651,10 +621,10 @@ pub fn restore(
         .map(|b| b.into_iter().map(|b| (b.net, b)).collect())
         .unwrap_or_default();
     for block in &loaded.blocks {
-        let active = active(block);
+        let active = Block::from(block);
         let mut in_kernel = kernel.contains_key(&block.net);
         if !in_kernel {
-            match datapath.block(block.net, active.expires, active.reason) {
+            match datapath.block(block.net, active.expires, active.origin) {
                 Ok(()) => {
                     restored.restored_to_kernel += 1;
                     in_kernel = true;
@@ -704,16 +674,18 @@ pub fn adopt_kernel_blocks(
         if block.expires.is_some_and(|t| t <= now) || ctx.blocks.contains(&net) {
             continue;
         }
-        if block.reason == limiter_common::reason::REJECT_LIST {
+        if block.origin == Some(Reason::RejectList) {
             if remove_stale && !listed(&net) && datapath.unblock(net).unwrap_or(false) {
                 removed += 1;
             }
             continue;
         }
         ctx.blocks.insert_marked(
-            ActiveBlock {
+            Block {
                 net,
-                reason: block.reason,
+                // Put there by another tool, with a code this version
+                // does not know: an operator's.
+                origin: block.origin.unwrap_or(Reason::Manual),
                 expires: block.expires,
                 since: now,
                 repeat: 0,
@@ -884,7 +856,7 @@ fn snapshot(
             b.expires.is_none_or(|t| t > now)
         });
         for (block, _) in &page.rows {
-            snapshot.write(&stored_active(block))?;
+            snapshot.write(&StoredBlock::from(block))?;
         }
         drain(rx, &mut batch);
         append(store, &mut batch, failing);
@@ -966,9 +938,9 @@ mod tests {
             ])
             .unwrap();
         let put = |net: &str, comment: &str| {
-            Change::Put(ActiveBlock {
+            Change::Put(Block {
                 comment: Some(Arc::from(comment)),
-                ..active(&stored_block(net, None))
+                ..Block::from(&stored_block(net, None))
             })
         };
         store
@@ -1087,9 +1059,9 @@ mod tests {
         let kernel: Arc<dyn Datapath> = Arc::new(NoKernel::new("test"));
         let ctx = Arc::new(ProxyContext::new(&Config::default(), kernel).unwrap());
         let journal = Journal::start(store.clone(), ctx.clone(), false).unwrap();
-        let block = |i: u32| ActiveBlock {
+        let block = |i: u32| Block {
             comment: Some(Arc::from(format!("block {i}"))),
-            ..active(&stored_block(
+            ..Block::from(&stored_block(
                 &format!("10.1.{}.{}/32", i / 256, i % 256),
                 None,
             ))

@@ -170,7 +170,7 @@ fn cli_blocks_through_the_agent_and_blocks_survive_lost_kernel_maps() {
         .block_covering("127.0.0.2".parse().unwrap())
         .unwrap()
         .expect("blocked in the kernel");
-    assert_eq!(hit.reason, limiter_common::reason::FLOOD);
+    assert_eq!(hit.origin, Some(limiter_common::Reason::Flood));
     assert!(hit.expires.is_some(), "--for 1h expires");
     // … and refused by the proxy, while another source is served.
     let (mut smtp, greeting) = Client::from_stream(connect_from("127.0.0.2", proxy)).unwrap();
@@ -334,7 +334,7 @@ fn cli_blocks_through_the_agent_and_blocks_survive_lost_kernel_maps() {
         .block_covering("127.0.0.2".parse().unwrap())
         .unwrap()
         .expect("restored into the kernel");
-    assert_eq!(hit.reason, limiter_common::reason::FLOOD);
+    assert_eq!(hit.origin, Some(limiter_common::Reason::Flood));
     let (_, greeting) = Client::from_stream(connect_from("127.0.0.2", proxy)).unwrap();
     assert!(
         greeting.starts_with("421 4.7.0"),
@@ -782,7 +782,7 @@ fn blocks_are_saved_by_the_shutdown_path() {
         .block(
             format!("{kernel_only}/32").parse().unwrap(),
             Some(expires),
-            limiter_common::reason::FLOOD,
+            limiter_common::Reason::Flood,
         )
         .expect("a block in the kernel's map");
     let out = rig

@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use limiter_common::reason;
+use limiter_common::Reason;
 use limiter_tests::{
     agent::{Agent, AgentDir, Launch},
     clamd::{self, Clamd},
@@ -469,7 +469,7 @@ fn a_source_that_keeps_sending_viruses_is_blocked_in_the_kernel() {
         .block_covering(sender)
         .unwrap()
         .expect("sender blocked in the kernel");
-    assert_eq!(hit.reason, reason::FILTER);
+    assert_eq!(hit.origin, Some(Reason::Filter));
     let dropped = kernel.datapath.counters().unwrap().dropped_block;
     match connect_from(&client, sender, listen_at, Duration::from_millis(800)) {
         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}

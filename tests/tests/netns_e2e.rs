@@ -8,7 +8,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use limiter_common::reason;
+use limiter_common::Reason;
 use limiter_tests::{
     kernel::TestKernel,
     netns::{link, Link, NetNs},
@@ -143,7 +143,7 @@ fn blocked_source_cannot_connect(tag: &str, mode: AttachMode, ipv6: bool) {
     let (blocked, other) = (clients[0], clients[1]);
     bed.kernel
         .datapath
-        .block(IpNet::from(blocked), None, reason::HARVEST)
+        .block(IpNet::from(blocked), None, Reason::Harvest)
         .unwrap();
     assert_dropped(bed.connect(blocked), "blocked source");
     let stream = bed.connect(other).expect("an unblocked source connects");

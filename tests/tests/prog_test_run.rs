@@ -8,7 +8,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use limiter_common::reason;
+use limiter_common::Reason;
 use limiter_tests::{
     kernel::{ebpf_object, PinDir, TestKernel},
     packets::{Ext, Frame, ACK, SYN_ACK},
@@ -65,12 +65,12 @@ fn blocklist_drops_only_blocked_sources_on_protected_ports() {
     }
     let k = TestKernel::load(limits(10));
     let d = &k.datapath;
-    d.block(net("192.0.2.1/32"), None, reason::MANUAL).unwrap();
-    d.block(net("2001:db8::66/128"), None, reason::HARVEST)
+    d.block(net("192.0.2.1/32"), None, Reason::Manual).unwrap();
+    d.block(net("2001:db8::66/128"), None, Reason::Harvest)
         .unwrap();
-    d.block(net("198.51.100.0/24"), None, reason::REJECT_LIST)
+    d.block(net("198.51.100.0/24"), None, Reason::RejectList)
         .unwrap();
-    d.block(net("2001:db8:bad::/48"), None, reason::REJECT_LIST)
+    d.block(net("2001:db8:bad::/48"), None, Reason::RejectList)
         .unwrap();
 
     // (frame, expected XDP action, why)
@@ -142,7 +142,7 @@ fn blocklist_drops_only_blocked_sources_on_protected_ports() {
         .find(|b| b.net == net("192.0.2.1/32"))
         .unwrap();
     assert_eq!(host.drops, 2 * 3, "per-entry drop counter");
-    assert_eq!(host.reason, reason::MANUAL);
+    assert_eq!(host.origin, Some(Reason::Manual));
     assert_eq!(host.expires, None);
 }
 
@@ -157,7 +157,7 @@ fn an_ipv4_mapped_ipv6_source_is_its_ipv4_address() {
     }
     let k = TestKernel::load(limits(10));
     k.datapath
-        .block(net("192.0.2.1/32"), None, reason::MANUAL)
+        .block(net("192.0.2.1/32"), None, Reason::Manual)
         .unwrap();
     assert_eq!(xdp(&k, &Frame::syn(ip("::ffff:192.0.2.1"), 25)), XDP_DROP);
 }
@@ -169,10 +169,10 @@ fn header_variants_are_parsed() {
     }
     let k = TestKernel::load(limits(10));
     k.datapath
-        .block(net("192.0.2.1/32"), None, reason::MANUAL)
+        .block(net("192.0.2.1/32"), None, Reason::Manual)
         .unwrap();
     k.datapath
-        .block(net("2001:db8::66/128"), None, reason::MANUAL)
+        .block(net("2001:db8::66/128"), None, Reason::Manual)
         .unwrap();
     let v4 = || Frame::syn(ip("192.0.2.1"), 25);
     let v6 = || Frame::syn(ip("2001:db8::66"), 25);
@@ -245,10 +245,10 @@ fn truncated_packets_are_dropped_once_a_blocked_source_is_read() {
     }
     let k = TestKernel::load(limits(1));
     k.datapath
-        .block(net("192.0.2.1/32"), None, reason::MANUAL)
+        .block(net("192.0.2.1/32"), None, Reason::Manual)
         .unwrap();
     k.datapath
-        .block(net("2001:db8::66/128"), None, reason::MANUAL)
+        .block(net("2001:db8::66/128"), None, Reason::Manual)
         .unwrap();
     let frames = [
         Frame::syn(ip("192.0.2.1"), 25).vlan(0x8100).ipv4_options(3),
@@ -405,9 +405,9 @@ fn icmp_errors_and_neighbour_discovery_pass_even_from_blocked_sources() {
     let k = TestKernel::load(limits(10));
     let d = &k.datapath;
     // Blocks as broad as they come: every IPv4 and every IPv6 source.
-    d.block(net("::ffff:0.0.0.0/96"), None, reason::MANUAL)
+    d.block(net("::ffff:0.0.0.0/96"), None, Reason::Manual)
         .unwrap();
-    d.block(net("::/0"), None, reason::MANUAL).unwrap();
+    d.block(net("::/0"), None, Reason::Manual).unwrap();
     let v4 = ip("192.0.2.1");
     let v6 = ip("fe80::1");
     let cases = [
@@ -453,12 +453,12 @@ fn a_blocked_source_is_dropped_whatever_its_packets_look_like() {
     }
     let k = TestKernel::load(limits(10));
     let d = &k.datapath;
-    d.block(net("192.0.2.1/32"), None, reason::MANUAL).unwrap();
-    d.block(net("2001:db8::66/128"), None, reason::HARVEST)
+    d.block(net("192.0.2.1/32"), None, Reason::Manual).unwrap();
+    d.block(net("2001:db8::66/128"), None, Reason::Harvest)
         .unwrap();
-    d.block(net("198.51.100.0/24"), None, reason::REJECT_LIST)
+    d.block(net("198.51.100.0/24"), None, Reason::RejectList)
         .unwrap();
-    d.block(net("2001:db8:bad::/48"), None, reason::REJECT_LIST)
+    d.block(net("2001:db8:bad::/48"), None, Reason::RejectList)
         .unwrap();
     // Allow-listed inside a blocked network: the allow list still wins.
     d.allow(net("198.51.100.128/25")).unwrap();
@@ -526,8 +526,8 @@ fn observe_mode_passes_and_counts_what_it_would_drop() {
     };
     let k = TestKernel::load(observe.clone());
     let d = &k.datapath;
-    d.block(net("192.0.2.1/32"), None, reason::MANUAL).unwrap();
-    d.block(net("198.51.100.0/24"), None, reason::REJECT_LIST)
+    d.block(net("192.0.2.1/32"), None, Reason::Manual).unwrap();
+    d.block(net("198.51.100.0/24"), None, Reason::RejectList)
         .unwrap();
     let capped = ip("203.0.113.5");
     set_connections(&k, capped, 3);
@@ -614,11 +614,11 @@ fn expired_blocks_pass_and_are_swept() {
     let d = &k.datapath;
     let past = SystemTime::now() - Duration::from_secs(5);
     let future = SystemTime::now() + Duration::from_secs(3600);
-    d.block(net("192.0.2.1/32"), Some(past), reason::HARVEST)
+    d.block(net("192.0.2.1/32"), Some(past), Reason::Harvest)
         .unwrap();
-    d.block(net("192.0.2.2/32"), Some(future), reason::HARVEST)
+    d.block(net("192.0.2.2/32"), Some(future), Reason::Harvest)
         .unwrap();
-    d.block(net("198.51.100.0/24"), Some(past), reason::FLOOD)
+    d.block(net("198.51.100.0/24"), Some(past), Reason::Flood)
         .unwrap();
     assert_eq!(
         xdp(&k, &Frame::syn(ip("192.0.2.1"), 25)),
@@ -649,13 +649,13 @@ fn expired_blocks_pass_and_are_swept() {
         .block_covering(ip("192.0.2.2"))
         .unwrap()
         .expect("live block");
-    assert_eq!(hit.reason, reason::HARVEST);
-    d.block(net("203.0.113.0/24"), None, reason::FLOOD).unwrap();
+    assert_eq!(hit.origin, Some(Reason::Harvest));
+    d.block(net("203.0.113.0/24"), None, Reason::Flood).unwrap();
     assert_eq!(
         d.block_covering(ip("203.0.113.9"))
             .unwrap()
-            .map(|h| h.reason),
-        Some(reason::FLOOD)
+            .and_then(|h| h.origin),
+        Some(Reason::Flood)
     );
     assert!(d.unblock(net("203.0.113.0/24")).unwrap());
 
@@ -696,10 +696,10 @@ fn network_prefilters_follow_adds_and_removals() {
     }
     let k = TestKernel::load(limits(10));
     let d = &k.datapath;
-    d.block(net("10.0.0.0/8"), None, reason::REJECT_LIST)
+    d.block(net("10.0.0.0/8"), None, Reason::RejectList)
         .unwrap();
-    d.block(net("10.1.0.0/16"), None, reason::MANUAL).unwrap();
-    d.block(net("2001:db8::/32"), None, reason::MANUAL).unwrap();
+    d.block(net("10.1.0.0/16"), None, Reason::Manual).unwrap();
+    d.block(net("2001:db8::/32"), None, Reason::Manual).unwrap();
     assert_eq!(xdp(&k, &Frame::syn(ip("10.1.2.3"), 25)), XDP_DROP);
     // Removing the /16 must keep the /8's bits.
     assert!(d.unblock(net("10.1.0.0/16")).unwrap());
@@ -712,7 +712,7 @@ fn network_prefilters_follow_adds_and_removals() {
     assert_eq!(xdp(&k, &Frame::syn(ip("10.1.2.3"), 25)), XDP_PASS);
     // IPv6 has a prefilter of its own, on the first 16 bits.
     assert_eq!(xdp(&k, &Frame::syn(ip("2001:db8::5"), 25)), XDP_DROP);
-    d.block(net("2001:db8:77::/48"), None, reason::MANUAL)
+    d.block(net("2001:db8:77::/48"), None, Reason::Manual)
         .unwrap();
     assert!(d.unblock(net("2001:db8::/32")).unwrap());
     assert_eq!(
@@ -725,17 +725,17 @@ fn network_prefilters_follow_adds_and_removals() {
     assert_eq!(xdp(&k, &Frame::syn(ip("2001:db8:77::5"), 25)), XDP_PASS);
     // An IPv6 network holds IPv6 sources only, as in the proxy (IPv4 is
     // blocked as IPv4, or as ::ffff:a.b.c.d/96+n, which is the same).
-    d.block(net("::/0"), None, reason::MANUAL).unwrap();
+    d.block(net("::/0"), None, Reason::Manual).unwrap();
     assert_eq!(xdp(&k, &Frame::syn(ip("3fff::1"), 25)), XDP_DROP);
     assert_eq!(xdp(&k, &Frame::syn(ip("192.0.2.44"), 25)), XDP_PASS);
     assert!(d.unblock(net("::/0")).unwrap());
     assert_eq!(xdp(&k, &Frame::syn(ip("3fff::1"), 25)), XDP_PASS);
-    d.block(net("::ffff:192.0.2.0/120"), None, reason::MANUAL)
+    d.block(net("::ffff:192.0.2.0/120"), None, Reason::Manual)
         .unwrap();
     assert_eq!(xdp(&k, &Frame::syn(ip("192.0.2.44"), 25)), XDP_DROP);
     assert!(d.unblock(net("192.0.2.0/24")).unwrap());
     // Allow-list and caps use prefilters of their own.
-    d.block(net("192.0.2.44/32"), None, reason::MANUAL).unwrap();
+    d.block(net("192.0.2.44/32"), None, Reason::Manual).unwrap();
     d.allow(net("192.0.2.0/24")).unwrap();
     assert_eq!(xdp(&k, &Frame::syn(ip("192.0.2.44"), 25)), XDP_PASS);
     assert!(d.disallow(net("192.0.2.0/24")).unwrap());
@@ -749,9 +749,9 @@ fn allowlist_wins_over_blocks_and_caps() {
     }
     let k = TestKernel::load(limits(1));
     let d = &k.datapath;
-    d.block(net("10.1.0.0/16"), None, reason::REJECT_LIST)
+    d.block(net("10.1.0.0/16"), None, Reason::RejectList)
         .unwrap();
-    d.block(net("10.1.2.3/32"), None, reason::MANUAL).unwrap();
+    d.block(net("10.1.2.3/32"), None, Reason::Manual).unwrap();
     d.allow(net("10.1.2.0/24")).unwrap();
     set_connections(&k, ip("10.1.2.3"), 50);
     assert_eq!(xdp(&k, &Frame::syn(ip("10.1.2.3"), 25)), XDP_PASS);
@@ -764,7 +764,7 @@ fn allowlist_wins_over_blocks_and_caps() {
     assert!(d.disallow(net("10.1.2.0/24")).unwrap());
     assert_eq!(xdp(&k, &Frame::syn(ip("10.1.2.3"), 25)), XDP_DROP);
     // IPv6: its own trie and prefilter.
-    d.block(net("2001:db8:5::/48"), None, reason::MANUAL)
+    d.block(net("2001:db8:5::/48"), None, Reason::Manual)
         .unwrap();
     d.allow(net("2001:db8:5:1::/64")).unwrap();
     assert_eq!(xdp(&k, &Frame::syn(ip("2001:db8:5:1::9"), 25)), XDP_PASS);
@@ -878,7 +878,7 @@ fn drop_events_are_reported_within_budget() {
         ..limits(10)
     });
     k.datapath
-        .block(net("192.0.2.9/32"), None, reason::AUTH)
+        .block(net("192.0.2.9/32"), None, Reason::Auth)
         .unwrap();
     let frame = Frame::syn(ip("192.0.2.9"), 587).build();
     // Ten drops in one test run: microseconds, well inside one second.
@@ -933,28 +933,28 @@ fn full_maps_are_refused_with_the_key_to_raise() {
     let k = TestKernel::load_with(limits(10), sizes);
     for i in 1..=4 {
         k.datapath
-            .block(net(&format!("192.0.2.{i}/32")), None, reason::MANUAL)
+            .block(net(&format!("192.0.2.{i}/32")), None, Reason::Manual)
             .unwrap();
     }
     let err = k
         .datapath
-        .block(net("192.0.2.5/32"), None, reason::MANUAL)
+        .block(net("192.0.2.5/32"), None, Reason::Manual)
         .unwrap_err();
     assert!(matches!(err, KernelError::MapFull { .. }), "{err:?}");
     assert!(err.to_string().contains("kernel.map_sizes.block"), "{err}");
     // Replacing an existing entry still works when full.
     k.datapath
-        .block(net("192.0.2.4/32"), None, reason::HARVEST)
+        .block(net("192.0.2.4/32"), None, Reason::Harvest)
         .unwrap();
     k.datapath
-        .block(net("10.0.0.0/8"), None, reason::MANUAL)
+        .block(net("10.0.0.0/8"), None, Reason::Manual)
         .unwrap();
     k.datapath
-        .block(net("11.0.0.0/8"), None, reason::MANUAL)
+        .block(net("11.0.0.0/8"), None, Reason::Manual)
         .unwrap();
     let err = k
         .datapath
-        .block(net("12.0.0.0/8"), None, reason::MANUAL)
+        .block(net("12.0.0.0/8"), None, Reason::Manual)
         .unwrap_err();
     assert!(
         err.to_string().contains("kernel.map_sizes.block_net"),
@@ -976,7 +976,7 @@ fn pinned_maps_survive_a_restart_and_one_agent_holds_a_pin_path() {
     };
     let first = BpfDatapath::load(&options).unwrap();
     first
-        .block(net("192.0.2.200/32"), None, reason::HARVEST)
+        .block(net("192.0.2.200/32"), None, Reason::Harvest)
         .unwrap();
     let second = BpfDatapath::load(&options)
         .err()
@@ -1016,12 +1016,12 @@ fn bpftool_prints_addresses_as_bytes_and_reasons_by_name() {
     }
     let k = TestKernel::load(limits(10));
     let d = &k.datapath;
-    d.block(net("192.0.2.1/32"), None, reason::HARVEST).unwrap();
-    d.block(net("2001:db8::66/128"), None, reason::AUTH)
+    d.block(net("192.0.2.1/32"), None, Reason::Harvest).unwrap();
+    d.block(net("2001:db8::66/128"), None, Reason::Auth)
         .unwrap();
-    d.block(net("198.51.100.0/24"), None, reason::REJECT_LIST)
+    d.block(net("198.51.100.0/24"), None, Reason::RejectList)
         .unwrap();
-    d.block(net("2001:db8:bad::/48"), None, reason::FLOOD)
+    d.block(net("2001:db8:bad::/48"), None, Reason::Flood)
         .unwrap();
     d.allow(net("10.0.0.0/8")).unwrap();
     d.set_cap(net("2001:db8:cafe::/48"), 50).unwrap();
@@ -1312,7 +1312,7 @@ fn reload_switches_the_kernel_between_observe_and_enforce() {
     let datapath: std::sync::Arc<dyn Datapath> = k.datapath.clone();
     let ctx = ProxyContext::new(&config, datapath.clone()).unwrap();
     k.datapath
-        .block(net("192.0.2.1/32"), None, reason::MANUAL)
+        .block(net("192.0.2.1/32"), None, Reason::Manual)
         .unwrap();
     let frame = Frame::syn(ip("192.0.2.1"), 25);
     assert_eq!(xdp(&k, &frame), XDP_PASS, "observe at start");

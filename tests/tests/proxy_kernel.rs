@@ -11,7 +11,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use limiter_common::reason;
+use limiter_common::Reason;
 use limiter_tests::{
     kernel::TestKernel,
     netns::{link, NetNs},
@@ -170,7 +170,7 @@ fn harvest_is_blocked_in_the_kernel(tag: &str, ipv6: bool) {
         .block_covering(harvester)
         .unwrap()
         .expect("harvester blocked in the kernel");
-    assert_eq!(hit.reason, reason::HARVEST);
+    assert_eq!(hit.origin, Some(Reason::Harvest));
     assert!(hit.expires.is_some(), "a harvest block expires");
     // … which now drops the harvester's SYNs …
     match connect_from(&client, harvester, listen, CONNECT_TIMEOUT) {
@@ -266,7 +266,7 @@ fn kernel_blocks_are_refused_by_the_proxy_too() {
     let expires = std::time::SystemTime::now() + Duration::from_secs(3600);
     kernel
         .datapath
-        .block("127.0.0.1/32".parse().unwrap(), Some(expires), reason::AUTH)
+        .block("127.0.0.1/32".parse().unwrap(), Some(expires), Reason::Auth)
         .unwrap();
     let (mut client, greeting) = Client::connect(proxy.addr).unwrap();
     assert!(greeting.starts_with("421 4.7.0"), "{greeting}");

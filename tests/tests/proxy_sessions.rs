@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use limiter_common::reason;
+use limiter_common::Reason;
 use limiter_tests::{
     fixture,
     proxy::TestProxy,
@@ -283,7 +283,7 @@ fn backend_saw(backend: &ScriptedBackend, prefix: &str) -> bool {
     })
 }
 
-fn blocked(proxy: &TestProxy) -> Option<limiter_user::proxy::blocks::ActiveBlock> {
+fn blocked(proxy: &TestProxy) -> Option<limiter_user::blocks::Block> {
     proxy.ctx.blocks.covering(LOCALHOST, SystemTime::now())
 }
 
@@ -484,7 +484,7 @@ fn harvesting_in_a_pipelined_group_ends_the_session_at_the_same_recipient() {
     expect(&replies[3], "421 4.7.0");
     assert!(c.closed());
     let block = blocked(&proxy).expect("127.0.0.1 blocked");
-    assert_eq!(block.reason, reason::HARVEST);
+    assert_eq!(block.origin, Reason::Harvest);
     assert!(
         backend.wait_idle(WAIT),
         "the backend connection did not end"
@@ -610,7 +610,7 @@ fn harvesting_closes_the_session_and_blocks_the_source() {
 
     let block = blocked(&proxy).expect("127.0.0.1 blocked");
     assert_eq!(block.net, "127.0.0.1/32".parse().unwrap());
-    assert_eq!(block.reason, reason::HARVEST);
+    assert_eq!(block.origin, Reason::Harvest);
     let (mut again, greeting) = Smtp::connect(proxy.addr);
     expect(&greeting, "421 4.7.0");
     assert!(again.closed());
@@ -958,7 +958,7 @@ fn failed_auth_blocks_the_source() {
     expect(&c.cmd(&format!("AUTH PLAIN {wrong}")), "421 4.7.0");
     assert!(c.closed());
     let block = blocked(&proxy).expect("127.0.0.1 blocked");
-    assert_eq!(block.reason, reason::AUTH);
+    assert_eq!(block.origin, Reason::Auth);
     let (mut again, greeting) = Smtp::connect(proxy.addr);
     expect(&greeting, "421 4.7.0");
     assert!(again.closed());
@@ -1804,8 +1804,8 @@ fn a_temporary_unknown_user_counts_toward_the_harvest_limit() {
     expect(&c.cmd("RCPT TO:<unverified3@example.com>"), "421 4.7.0");
     assert!(c.closed());
     assert_eq!(
-        blocked(&proxy).map(|b| b.reason),
-        Some(reason::HARVEST),
+        blocked(&proxy).map(|b| b.origin),
+        Some(Reason::Harvest),
         "a harvester probing a verifying backend is blocked"
     );
 }
@@ -1842,7 +1842,7 @@ fn a_harvester_that_reconnects_or_mixes_in_valid_recipients_is_blocked() {
     // The sixth failure within the window, across three sessions.
     expect(&c.cmd(&next()), "421 4.7.0");
     assert!(c.closed());
-    assert_eq!(blocked(&proxy).map(|b| b.reason), Some(reason::HARVEST));
+    assert_eq!(blocked(&proxy).map(|b| b.origin), Some(Reason::Harvest));
     let (mut again, greeting) = Smtp::connect(proxy.addr);
     expect(&greeting, "421 4.7.0");
     assert!(again.closed());
@@ -2027,7 +2027,7 @@ fn recipients_with_routing_syntax_are_refused_and_count_as_harvest() {
     }
     expect(&c.cmd("RCPT TO:<u9%evil.example@example.com>"), "421 4.7.0");
     assert!(c.closed());
-    assert_eq!(blocked(&proxy).map(|b| b.reason), Some(reason::HARVEST));
+    assert_eq!(blocked(&proxy).map(|b| b.origin), Some(Reason::Harvest));
     assert!(
         !backend.stream().contains("evil"),
         "a routed recipient reached the backend: {:?}",

@@ -34,13 +34,13 @@ use ipnet::IpNet;
 use serde_json::{json, Value};
 
 use crate::{
+    blocks::{Block, Reason},
     config::Config,
     lists::ListSet,
     policy::CountKind,
-    proxy::{blocks::ActiveBlock, ProxyContext},
+    proxy::ProxyContext,
 };
 pub use counters::CounterCounts;
-use limiter_common::reason;
 use wire::{unix_seconds, Event};
 
 /// The cluster as the rest of the agent sees it: inert until
@@ -235,7 +235,7 @@ impl Cluster {
     }
 
     /// Queues a block decided here for the other nodes.
-    pub fn publish_block(&self, block: &ActiveBlock) {
+    pub fn publish_block(&self, block: &Block) {
         if let Some(shared) = self.0.get() {
             // Decided here now, whoever decided the net's previous block.
             shared
@@ -245,7 +245,7 @@ impl Cluster {
                 .remove(&block.net);
             shared.push(Event::Block {
                 net: block.net,
-                reason: block.reason,
+                origin: block.origin,
                 node: shared.node.clone(),
                 expires: block.expires.map(unix_seconds),
                 comment: block.comment.as_deref().map(str::to_owned),
@@ -371,7 +371,7 @@ impl Applier {
         match event {
             Event::Block {
                 net,
-                reason: code,
+                origin,
                 node,
                 expires,
                 comment,
@@ -387,12 +387,12 @@ impl Applier {
                         return;
                     }
                 };
-                let decided_by_policy = !matches!(code, reason::MANUAL | reason::REJECT_LIST);
+                let decided_by_policy = !matches!(origin, Reason::Manual | Reason::RejectList);
                 // In observe mode this host enforces nothing the policy
                 // decided, here or elsewhere (an operator's block holds).
                 if decided_by_policy && !self.ctx.policy().enforced() {
                     self.shared.observed.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(%net, node, origin = reason::name(code), action = "would-block", by = "cluster", "source not blocked: observe mode");
+                    tracing::info!(%net, node, origin = origin.name(), action = "would-block", by = "cluster", "source not blocked: observe mode");
                     return;
                 }
                 // A block the policy ordered elsewhere counts in the
@@ -410,27 +410,23 @@ impl Applier {
                         return;
                     }
                 }
-                let pushed = self.ctx.enforce(ActiveBlock {
+                let pushed = self.ctx.enforce(Block {
                     net,
-                    reason: code,
+                    origin,
                     expires: Some(expires),
                     since: now,
                     repeat,
                     comment: comment.map(Arc::from),
                 });
                 self.shared.applied.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%net, node = %node, origin = reason::name(code), kernel = pushed.is_ok(), action = "block", by = "cluster", "source blocked");
+                tracing::info!(%net, node = %node, origin = origin.name(), kernel = pushed.is_ok(), action = "block", by = "cluster", "source blocked");
                 self.remember(net, node);
             }
             Event::Unblock { net, node } => {
                 let in_proxy = self.ctx.blocks.remove(&net);
                 let in_kernel = match rules.reject.reject.get(&net) {
                     // The list's own entry goes back in place of the block.
-                    Some(_) => self
-                        .ctx
-                        .kernel
-                        .block(net, None, reason::REJECT_LIST)
-                        .is_ok(),
+                    Some(_) => self.ctx.kernel.block(net, None, Reason::RejectList).is_ok(),
                     None => self.ctx.kernel.unblock(net).unwrap_or(false),
                 };
                 self.ctx.state.unblock(net);
@@ -472,9 +468,9 @@ mod tests {
     #[test]
     fn without_a_cluster_nothing_is_queued_or_shown() {
         let cluster = Cluster::default();
-        cluster.publish_block(&ActiveBlock {
+        cluster.publish_block(&Block {
             net: "192.0.2.1/32".parse().unwrap(),
-            reason: reason::MANUAL,
+            origin: Reason::Manual,
             expires: None,
             since: SystemTime::now(),
             repeat: 0,

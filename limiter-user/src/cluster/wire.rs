@@ -6,7 +6,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
-use limiter_common::reason;
+use limiter_common::Reason;
 
 use crate::commands::MAX_COMMENT;
 use crate::config::MAX_CLUSTER_NAME;
@@ -20,7 +20,8 @@ pub enum Event {
     /// every host escalates its next block of the source from there.
     Block {
         net: IpNet,
-        reason: u32,
+        /// On the wire as field `reason`, by name.
+        origin: Reason,
         node: String,
         expires: Option<u64>,
         comment: Option<String>,
@@ -78,7 +79,7 @@ impl Event {
         match self {
             Event::Block {
                 net,
-                reason,
+                origin,
                 node,
                 expires,
                 comment,
@@ -86,7 +87,7 @@ impl Event {
             } => vec![
                 ("kind", "block".to_owned()),
                 ("net", net.to_string()),
-                ("reason", reason::name(*reason).to_owned()),
+                ("reason", origin.name().to_owned()),
                 ("node", node.clone()),
                 (
                     "expires",
@@ -107,7 +108,7 @@ impl Event {
     /// hash's field): the stream fields but `kind` and `net`, as JSON.
     pub fn active_value(&self) -> Option<String> {
         let Event::Block {
-            reason,
+            origin,
             node,
             expires,
             comment,
@@ -119,7 +120,7 @@ impl Event {
         };
         Some(
             serde_json::json!({
-                "reason": reason::name(*reason),
+                "reason": origin.name(),
                 "node": node,
                 "expires": expires.map_or("never".to_owned(), |e| e.to_string()),
                 "comment": comment.as_deref().unwrap_or(""),
@@ -196,9 +197,9 @@ struct Fields<'a> {
 impl Fields<'_> {
     fn block(self) -> Result<Event, WireError> {
         let reason_text = self.reason.ok_or(WireError::Missing("reason"))?;
-        let reason = std::str::from_utf8(reason_text)
+        let origin = std::str::from_utf8(reason_text)
             .ok()
-            .and_then(reason::from_name)
+            .and_then(Reason::from_name)
             .ok_or_else(|| bad("reason", reason_text, "is no known origin"))?;
         let expires_text = self.expires.ok_or(WireError::Missing("expires"))?;
         let expires = match expires_text {
@@ -237,7 +238,7 @@ impl Fields<'_> {
         };
         Ok(Event::Block {
             net: parse_net(self.net)?,
-            reason,
+            origin,
             node: parse_node(self.node)?,
             expires,
             comment,
@@ -324,7 +325,7 @@ mod tests {
     fn block() -> Event {
         Event::Block {
             net: "192.0.2.0/24".parse().unwrap(),
-            reason: reason::HARVEST,
+            origin: Reason::Harvest,
             node: "mx1".into(),
             expires: Some(1_900_000_000),
             comment: Some("ticket 4711".into()),
@@ -344,7 +345,7 @@ mod tests {
         };
         let permanent = Event::Block {
             net: "198.51.100.7/32".parse().unwrap(),
-            reason: reason::MANUAL,
+            origin: Reason::Manual,
             node: "a".into(),
             expires: None,
             comment: None,

@@ -27,7 +27,7 @@ use aya::{
 use ipnet::IpNet;
 use limiter_common::{
     hint, map_names as names, program_names, Allow, Block, Cap, Config, ConnCount, Ipv4Octets,
-    Ipv6Octets, Mode, Stats, TrackedSocket, MAX_PORTS,
+    Ipv6Octets, Mode, Reason, Stats, TrackedSocket, MAX_PORTS,
 };
 use tokio::io::{unix::AsyncFd, Interest};
 
@@ -430,13 +430,13 @@ impl Datapath for BpfDatapath {
         &self,
         net: IpNet,
         expires: Option<SystemTime>,
-        reason: u32,
+        origin: Reason,
     ) -> Result<(), KernelError> {
         let net = canonical(net);
         let value = Block {
             expires_mono_ns: expires.map_or(0, system_to_mono_ns),
             drops: 0,
-            reason,
+            reason: origin as u32,
             reserved: 0,
         };
         let mut maps = lock(&self.maps);
@@ -544,7 +544,7 @@ impl Datapath for BpfDatapath {
             .filter(|b| b.active_at(now))
             .or(net.filter(|b| b.active_at(now)));
         Ok(found.map(|b| BlockHit {
-            reason: b.reason,
+            origin: Reason::from_code(b.reason),
             expires: (b.expires_mono_ns != 0).then(|| mono_ns_to_system(b.expires_mono_ns)),
         }))
     }
@@ -1451,7 +1451,7 @@ fn lookup_batch<K: aya::Pod, V: aya::Pod>(fd: i32) -> io::Result<Vec<(K, V)>> {
 fn kernel_block(net: IpNet, block: &Block) -> KernelBlock {
     KernelBlock {
         net,
-        reason: block.reason,
+        origin: Reason::from_code(block.reason),
         expires: (block.expires_mono_ns != 0).then(|| mono_ns_to_system(block.expires_mono_ns)),
         drops: block.drops,
     }

@@ -16,6 +16,7 @@ mod hints;
 use std::{net::IpAddr, path::PathBuf, time::SystemTime};
 
 use ipnet::IpNet;
+use limiter_common::Reason;
 pub use limiter_common::Stats as KernelCounters;
 
 pub use addr::{host_ip, host_key, HostKey};
@@ -82,8 +83,9 @@ pub enum KernelError {
 pub struct KernelBlock {
     /// The blocked address (full-length prefix) or network.
     pub net: IpNet,
-    /// One of `limiter_common::reason`.
-    pub reason: u32,
+    /// Its origin; `None` for a code this version does not know (written
+    /// by another tool or a newer agent).
+    pub origin: Option<Reason>,
     /// When it ends; `None` = never.
     pub expires: Option<SystemTime>,
     /// Packets it dropped.
@@ -93,8 +95,8 @@ pub struct KernelBlock {
 /// A block found for an address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockHit {
-    /// One of `limiter_common::reason`.
-    pub reason: u32,
+    /// Its origin; `None` for a code this version does not know.
+    pub origin: Option<Reason>,
     /// When it ends; `None` = never.
     pub expires: Option<SystemTime>,
 }
@@ -153,7 +155,7 @@ pub trait Datapath: Send + Sync {
         &self,
         net: IpNet,
         expires: Option<SystemTime>,
-        reason: u32,
+        origin: Reason,
     ) -> Result<(), KernelError>;
     /// Removes a block; `Ok(false)` if there was none.
     fn unblock(&self, net: IpNet) -> Result<bool, KernelError>;
@@ -206,7 +208,7 @@ impl Datapath for NoKernel {
     fn describe(&self) -> String {
         format!("kernel layer off: {}", self.why)
     }
-    fn block(&self, _: IpNet, _: Option<SystemTime>, _: u32) -> Result<(), KernelError> {
+    fn block(&self, _: IpNet, _: Option<SystemTime>, _: Reason) -> Result<(), KernelError> {
         self.off()
     }
     fn unblock(&self, _: IpNet) -> Result<bool, KernelError> {
@@ -261,7 +263,11 @@ mod tests {
     fn no_kernel_says_why() {
         let k = NoKernel::new("kernel.mode = \"off\"");
         let err = k
-            .block("192.0.2.1/32".parse().unwrap(), None, 1)
+            .block(
+                "192.0.2.1/32".parse().unwrap(),
+                None,
+                limiter_common::Reason::Manual,
+            )
             .unwrap_err();
         assert!(err.to_string().contains("kernel.mode = \"off\""), "{err}");
         assert_eq!(k.sweep_expired(SystemTime::now()).unwrap(), 0);

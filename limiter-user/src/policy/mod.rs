@@ -75,7 +75,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use limiter_common::reason;
 
 use crate::config::{Config, Mode, Rate};
 
@@ -510,7 +509,7 @@ impl Policy {
                 // (the source is gone for a while; when it is back, it gets
                 // a clean window).
                 tables.null_by_source.remove(&key);
-                let order = tables.block(self, source, reason::FLOOD, now);
+                let order = tables.block(self, source, limiter_common::Reason::Flood, now);
                 let verdict = rejection(
                     RateScope::Source,
                     by_source,
@@ -629,7 +628,7 @@ impl Policy {
             let key = self.source_key(source);
             let order = state.with(|tables| {
                 tables.failed_rcpt.remove(&key);
-                tables.block(self, source, reason::HARVEST, now)
+                tables.block(self, source, limiter_common::Reason::Harvest, now)
             });
             if self.rcpt.max_failed_rcpt_per_source != 0 {
                 // The other hosts' count of this source starts afresh too.
@@ -773,7 +772,7 @@ impl Policy {
                 return None;
             }
             windows.remove(&key);
-            Some((events, tables.block(self, source, rule.kind.reason(), now)))
+            Some((events, tables.block(self, source, rule.kind.origin(), now)))
         });
         state.report(Counted {
             kind: rule.kind,
@@ -806,7 +805,7 @@ impl Policy {
         }
         let order = state.with(|tables| {
             tables.windows(kind).remove(&net);
-            tables.block(self, source, kind.reason(), now)
+            tables.block(self, source, kind.origin(), now)
         });
         Some(self.decide(order))
     }

@@ -89,14 +89,14 @@ impl CountKind {
         }
     }
 
-    /// The [`limiter_common::reason`] of the block this window orders.
+    /// The origin of the block this window orders.
     #[must_use]
-    pub const fn reason(self) -> u32 {
+    pub const fn origin(self) -> limiter_common::Reason {
         match self {
-            CountKind::FailedRcpt => limiter_common::reason::HARVEST,
-            CountKind::FailedAuth => limiter_common::reason::AUTH,
-            CountKind::NullSender => limiter_common::reason::FLOOD,
-            CountKind::FilterReject => limiter_common::reason::FILTER,
+            CountKind::FailedRcpt => limiter_common::Reason::Harvest,
+            CountKind::FailedAuth => limiter_common::Reason::Auth,
+            CountKind::NullSender => limiter_common::Reason::Flood,
+            CountKind::FilterReject => limiter_common::Reason::Filter,
         }
     }
 }
@@ -284,14 +284,14 @@ impl PolicyState {
         &self,
         policy: &Policy,
         source: IpAddr,
-        reason: u32,
+        origin: limiter_common::Reason,
         now: Instant,
     ) -> Option<BlockOrder> {
         let source = source.to_canonical();
         if policy.is_allowlisted(source) {
             return None;
         }
-        Some(self.lock().block(policy, source, reason, now))
+        Some(self.lock().block(policy, source, origin, now))
     }
 
     /// Records in `key`'s history a block another edge host ordered at
@@ -493,7 +493,7 @@ impl Tables {
         &mut self,
         policy: &Policy,
         source: IpAddr,
-        reason: u32,
+        origin: limiter_common::Reason,
         now: Instant,
     ) -> BlockOrder {
         let net = policy.source_key(source);
@@ -517,7 +517,7 @@ impl Tables {
         record.until = record.until.max(until);
         BlockOrder {
             net,
-            reason,
+            origin,
             duration,
             repeat,
         }
@@ -716,13 +716,13 @@ mod sink_tests {
         state.remember_block(net, 2, now + Duration::from_secs(3600));
         // While it runs, a block here repeats its level …
         let during = state
-            .block(&policy, source, limiter_common::reason::AUTH, now)
+            .block(&policy, source, limiter_common::Reason::Auth, now)
             .unwrap();
         assert_eq!(during.repeat, 2);
         // … and after it, escalates from it.
         let later = now + Duration::from_secs(2 * 3600);
         let after = state
-            .block(&policy, source, limiter_common::reason::AUTH, later)
+            .block(&policy, source, limiter_common::Reason::Auth, later)
             .unwrap();
         assert_eq!(after.repeat, 3);
         assert_eq!(after.duration, policy.block_duration(3));
@@ -730,7 +730,7 @@ mod sink_tests {
         state.remember_block(net, 0, later + Duration::from_secs(60));
         let past = later + after.duration + Duration::from_secs(1);
         let next = state
-            .block(&policy, source, limiter_common::reason::AUTH, past)
+            .block(&policy, source, limiter_common::Reason::Auth, past)
             .unwrap();
         assert_eq!(next.repeat, 4);
     }
@@ -752,10 +752,10 @@ mod sink_tests {
         assert_eq!(
             (
                 decision.verdict.net,
-                decision.verdict.reason,
+                decision.verdict.origin,
                 decision.verdict.repeat
             ),
-            (net, limiter_common::reason::AUTH, 0)
+            (net, limiter_common::Reason::Auth, 0)
         );
         assert_eq!(decision.verdict.duration, policy.block_duration(0));
         // The local window started afresh: two more failures pass.
@@ -774,8 +774,8 @@ mod sink_tests {
             .unwrap()
             .verdict;
         assert_eq!(
-            (order.net, order.reason),
-            (v6, limiter_common::reason::HARVEST)
+            (order.net, order.origin),
+            (v6, limiter_common::Reason::Harvest)
         );
         // Never an allow-listed source.
         let allowed = policy.source_key("192.0.2.99".parse().unwrap());

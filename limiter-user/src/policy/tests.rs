@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use limiter_common::reason;
+use limiter_common::Reason as Origin;
 
 use super::*;
 use crate::config::Config;
@@ -216,7 +216,7 @@ fn reject_list_refuses_without_a_block_order() {
             net: net("198.51.100.0/24")
         }
     );
-    assert_eq!(rejection.reason.block_reason(), Some(reason::REJECT_LIST));
+    assert_eq!(rejection.reason.block_origin(), Some(Origin::RejectList));
     assert_eq!(rejection.action, Action::RefuseAndClose);
     assert!(rejection.action.is_permanent());
     assert_eq!(rejection.block, None, "the agent loads lists.reject itself");
@@ -315,7 +315,7 @@ fn allowlisted_sources_are_exempt_from_everything() {
             assert!(policy.auth_failed(&state, source, now).is_none());
         }
         assert_eq!(counters.failed_rcpt, 0);
-        assert!(state.block(&policy, source, reason::MANUAL, now).is_none());
+        assert!(state.block(&policy, source, Origin::Manual, now).is_none());
         drop((guards, helos));
     }
     assert_eq!(state.sizes(), TableSizes::default(), "nothing was tracked");
@@ -462,12 +462,12 @@ fn null_sender_rate_per_source_defers_then_blocks() {
         rejection.block,
         Some(BlockOrder {
             net: net("192.0.2.7/32"),
-            reason: reason::FLOOD,
+            origin: Origin::Flood,
             duration: 30 * MIN,
             repeat: 0
         })
     );
-    assert_eq!(rejection.reason.block_reason(), Some(reason::FLOOD));
+    assert_eq!(rejection.reason.block_origin(), Some(Origin::Flood));
     // The count starts afresh after the block.
     assert!(mail_refusal(policy.mail_from(&state, source, None, true, t1)).is_none());
 }
@@ -593,8 +593,8 @@ fn harvest_counter_resets_on_success_and_fires_past_the_limit() {
     assert_eq!(rejection.action, Action::DeferAndClose);
     let order = rejection.block.expect("a block");
     assert_eq!(order.net, net("192.0.2.7/32"));
-    assert_eq!(order.reason, reason::HARVEST);
-    assert_eq!(order.reason_name(), "harvest");
+    assert_eq!(order.origin, Origin::Harvest);
+    assert_eq!(order.origin.name(), "harvest");
     assert_eq!(order.duration, 30 * MIN);
     assert_eq!(counters.failed_rcpt, 0, "the counter starts again");
 }
@@ -656,7 +656,7 @@ fn filter_rejects_block_the_source_when_they_reach_the_limit_in_the_window() {
         }
     );
     let order = rejection.block.expect("a block");
-    assert_eq!(order.reason, reason::FILTER);
+    assert_eq!(order.origin, Origin::Filter);
     // Counting starts over; allow-listed sources are never counted.
     assert!(policy
         .filter_rejected(&state, source, t0 + 63 * MIN)
@@ -710,7 +710,7 @@ fn auth_failures_are_counted_over_a_sliding_window() {
     );
     assert_eq!(rejection.action, Action::DeferAndClose);
     let order = rejection.block.expect("a block");
-    assert_eq!((order.reason, order.repeat), (reason::AUTH, 0));
+    assert_eq!((order.origin, order.repeat), (Origin::Auth, 0));
     // The count starts again after a block.
     assert!(policy.auth_failed(&state, source, t0 + 12 * MIN).is_none());
     // Other sources have their own windows.
@@ -742,7 +742,7 @@ fn repeat_blocks_back_off_up_to_the_cap() {
     let mut now = Instant::now();
     let mut seen = Vec::new();
     for _ in 0..5 {
-        let order = state.block(&policy, source, reason::HARVEST, now).unwrap();
+        let order = state.block(&policy, source, Origin::Harvest, now).unwrap();
         seen.push((order.repeat, order.duration));
         // The next offence comes after this block ended.
         now += order.duration + MIN;
@@ -766,16 +766,16 @@ fn blocks_during_a_running_block_do_not_escalate() {
     let state = state();
     let now = Instant::now();
     let source = ip("192.0.2.7");
-    let first = state.block(&policy, source, reason::HARVEST, now).unwrap();
+    let first = state.block(&policy, source, Origin::Harvest, now).unwrap();
     // A parallel session of the same offender, a minute later.
     let again = state
-        .block(&policy, source, reason::HARVEST, now + MIN)
+        .block(&policy, source, Origin::Harvest, now + MIN)
         .unwrap();
     assert_eq!((first.repeat, again.repeat), (0, 0));
     assert_eq!(again.duration, 30 * MIN);
     // After it ends, the next one escalates.
     let next = state
-        .block(&policy, source, reason::AUTH, now + 40 * MIN)
+        .block(&policy, source, Origin::Auth, now + 40 * MIN)
         .unwrap();
     assert_eq!((next.repeat, next.duration), (1, 60 * MIN));
 }
@@ -787,10 +787,10 @@ fn block_history_is_forgotten_and_can_be_cleared() {
     let t0 = Instant::now();
     let source = ip("192.0.2.7");
     let day = 24 * 60 * MIN;
-    state.block(&policy, source, reason::HARVEST, t0).unwrap();
+    state.block(&policy, source, Origin::Harvest, t0).unwrap();
     // Within a day after the block ended: remembered.
     let second = state
-        .block(&policy, source, reason::HARVEST, t0 + day)
+        .block(&policy, source, Origin::Harvest, t0 + day)
         .unwrap();
     assert_eq!(second.repeat, 1);
     // More than a day after the (60m) second block ended: forgotten.
@@ -798,7 +798,7 @@ fn block_history_is_forgotten_and_can_be_cleared() {
         .block(
             &policy,
             source,
-            reason::HARVEST,
+            Origin::Harvest,
             t0 + 2 * day + 2 * 60 * MIN,
         )
         .unwrap();
@@ -807,7 +807,7 @@ fn block_history_is_forgotten_and_can_be_cleared() {
     assert!(state.unblock(net("192.0.2.7/32")));
     assert!(!state.unblock(net("192.0.2.7/32")));
     let fourth = state
-        .block(&policy, source, reason::HARVEST, t0 + 3 * day)
+        .block(&policy, source, Origin::Harvest, t0 + 3 * day)
         .unwrap();
     assert_eq!(fourth.repeat, 0);
 }
@@ -909,7 +909,7 @@ fn windows_and_history_evict_the_least_recently_seen() {
         let source = ip(&format!("192.0.2.{i}"));
         let _ = policy.auth_failed(&state, source, now);
         let _ = policy.mail_from(&state, source, Some(&format!("h{i}")), true, now);
-        let _ = state.block(&policy, source, reason::MANUAL, now);
+        let _ = state.block(&policy, source, Origin::Manual, now);
     }
     let sizes = state.sizes();
     assert_eq!(sizes.auth_failures, 3);
@@ -917,9 +917,9 @@ fn windows_and_history_evict_the_least_recently_seen() {
     assert_eq!(sizes.null_sender_helos, 3);
     assert_eq!(sizes.block_history, 3);
     // The most recent ones stayed: 192.0.2.10 has a history, .1 lost it.
-    let recent = state.block(&policy, ip("192.0.2.10"), reason::MANUAL, now + 60 * MIN);
+    let recent = state.block(&policy, ip("192.0.2.10"), Origin::Manual, now + 60 * MIN);
     assert_eq!(recent.unwrap().repeat, 1);
-    let evicted = state.block(&policy, ip("192.0.2.1"), reason::MANUAL, now + 60 * MIN);
+    let evicted = state.block(&policy, ip("192.0.2.1"), Origin::Manual, now + 60 * MIN);
     assert_eq!(evicted.unwrap().repeat, 0);
 }
 
@@ -965,7 +965,7 @@ fn sweep_drops_what_has_aged_out() {
     let source = ip("192.0.2.7");
     let _ = policy.auth_failed(&state, source, t0);
     let _ = policy.mail_from(&state, source, Some("h"), true, t0);
-    let _ = state.block(&policy, source, reason::MANUAL, t0);
+    let _ = state.block(&policy, source, Origin::Manual, t0);
     assert_eq!(state.sweep(&policy, t0 + MIN / 2), 0);
     // Null-sender windows (1m) have expired, the AUTH one (10m) not yet.
     assert_eq!(state.sweep(&policy, t0 + MIN), 2);
@@ -1136,7 +1136,7 @@ fn failed_recipients_count_across_sessions_and_successes_do_not_reset_them() {
     assert_eq!(rejection.action, Action::DeferAndClose);
     let order = rejection.block.expect("a block");
     assert_eq!(order.net, net("192.0.2.7/32"));
-    assert_eq!(order.reason, reason::HARVEST);
+    assert_eq!(order.origin, Origin::Harvest);
     assert_eq!(
         state.sizes().failed_rcpt_sources,
         0,

@@ -6,7 +6,6 @@ use std::fmt;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use limiter_common::reason;
 
 use super::state::{ConnectionGuard, HeloGuard};
 
@@ -186,16 +185,17 @@ impl Reason {
         }
     }
 
-    /// The [`limiter_common::reason`] code a kernel block for this reason
-    /// carries, for the reasons that block.
+    /// The origin a block for this reason carries, for the reasons that
+    /// block.
     #[must_use]
-    pub const fn block_reason(&self) -> Option<u32> {
+    pub const fn block_origin(&self) -> Option<limiter_common::Reason> {
+        use limiter_common::Reason as Origin;
         match self {
-            Self::RejectList { .. } => Some(reason::REJECT_LIST),
-            Self::NullSenderRate { .. } => Some(reason::FLOOD),
-            Self::Harvest { .. } | Self::HarvestAcrossSessions { .. } => Some(reason::HARVEST),
-            Self::AuthFailures { .. } => Some(reason::AUTH),
-            Self::FilterRejects { .. } => Some(reason::FILTER),
+            Self::RejectList { .. } => Some(Origin::RejectList),
+            Self::NullSenderRate { .. } => Some(Origin::Flood),
+            Self::Harvest { .. } | Self::HarvestAcrossSessions { .. } => Some(Origin::Harvest),
+            Self::AuthFailures { .. } => Some(Origin::Auth),
+            Self::FilterRejects { .. } => Some(Origin::Filter),
             Self::TooManyConnections { .. }
             | Self::StateFull { .. }
             | Self::HeloRejected { .. }
@@ -279,21 +279,13 @@ pub struct BlockOrder {
     /// What to block: the source's IPv4 /32, or its IPv6 address aggregated
     /// to `limits.ipv6_prefix`.
     pub net: IpNet,
-    /// One of [`limiter_common::reason`].
-    pub reason: u32,
+    /// Why (harvest, auth, flood, filter).
+    pub origin: limiter_common::Reason,
     /// How long: `block_duration × block_backoff^repeat`, at most
     /// `max_block_duration`.
     pub duration: Duration,
     /// Earlier blocks of this source still remembered (0 for a first block).
     pub repeat: u32,
-}
-
-impl BlockOrder {
-    /// The stable name of [`BlockOrder::reason`].
-    #[must_use]
-    pub const fn reason_name(&self) -> &'static str {
-        reason::name(self.reason)
-    }
 }
 
 /// A refusal: why, what to answer, and whether to block the source.

@@ -2,7 +2,6 @@
 //! client identity handed to it, and the blocks it orders.
 
 pub mod backend;
-pub mod blocks;
 pub mod capabilities;
 pub mod identity;
 pub mod session;
@@ -30,6 +29,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use crate::blocks::{Block, Blocks};
 use crate::{
     config::{self, BackendConnect, Config, Smtp, TlsMode},
     kernel::Datapath,
@@ -37,7 +37,6 @@ use crate::{
     smtp::reply::Reply,
 };
 use backend::BackendSettings;
-use blocks::{ActiveBlock, Blocks};
 use session::Session;
 use tls::ClientStream;
 
@@ -354,15 +353,16 @@ impl ProxyContext {
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
     }
 
-    /// Why `source` is blocked, if it is: by the proxy's own list, or by the
-    /// kernel's maps (blocks added with the CLI, or while the packet program
-    /// is attached nowhere, e.g. on loopback).
-    pub fn blocked(&self, source: std::net::IpAddr) -> Option<u32> {
+    /// Why `source` is blocked (the origin's name), if it is: by the
+    /// proxy's own list, or by the kernel's maps (blocks added with the
+    /// CLI, or while the packet program is attached nowhere, e.g. on
+    /// loopback).
+    pub fn blocked(&self, source: std::net::IpAddr) -> Option<&'static str> {
         if let Some(block) = self.blocks.covering(source, SystemTime::now()) {
-            return Some(block.reason);
+            return Some(block.origin.name());
         }
         match self.kernel.block_covering(source) {
-            Ok(hit) => hit.map(|h| h.reason),
+            Ok(hit) => hit.map(|h| crate::blocks::origin_name(h.origin)),
             Err(e) => {
                 tracing::debug!(error = %e, "reading the kernel block maps");
                 None
@@ -378,9 +378,9 @@ impl ProxyContext {
     ///
     /// # Errors
     /// The kernel's maps refused the block; the table holds it anyway.
-    pub fn enforce(&self, block: ActiveBlock) -> Result<(), crate::kernel::KernelError> {
+    pub fn enforce(&self, block: Block) -> Result<(), crate::kernel::KernelError> {
         let net = block.net;
-        let pushed = self.kernel.block(net, block.expires, block.reason);
+        let pushed = self.kernel.block(net, block.expires, block.origin);
         self.blocks.insert_marked(block, pushed.is_ok());
         let _ = self.blocked_nets.send(net);
         pushed
@@ -393,9 +393,9 @@ impl ProxyContext {
         let expires = SystemTime::now()
             .checked_add(order.duration)
             .unwrap_or(SystemTime::UNIX_EPOCH + config::MAX_BLOCK_DURATION);
-        let block = ActiveBlock {
+        let block = Block {
             net: order.net,
-            reason: order.reason,
+            origin: order.origin,
             expires: Some(expires),
             since: SystemTime::now(),
             repeat: order.repeat,
@@ -404,7 +404,7 @@ impl ProxyContext {
         // Queued for the other edge hosts (Redis is not waited for).
         self.cluster.publish_block(&block);
         let pushed = self.enforce(block);
-        self.stats.count_block(order.reason_name());
+        self.stats.count_block(order.origin.name());
         let kernel = match pushed {
             Ok(()) => "blocked",
             Err(e) => {
@@ -414,7 +414,7 @@ impl ProxyContext {
         };
         tracing::info!(
             net = %order.net,
-            reason = order.reason_name(),
+            reason = order.origin.name(),
             duration = %humantime::format_duration(order.duration),
             repeat = order.repeat,
             kernel,
@@ -576,7 +576,6 @@ async fn handle_connection(
     let source = peer.ip().to_canonical();
     if let Some(reason) = ctx.blocked(source) {
         if ctx.policy().enforced() && !ctx.policy().is_allowlisted(source) {
-            let reason = limiter_common::reason::name(reason);
             tracing::info!(source = %source, reason, action = "reject", "blocked source connected");
             ctx.stats.count_rejection("blocked");
             let why = format!("{source} is blocked ({reason})");

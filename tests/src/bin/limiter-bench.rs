@@ -32,7 +32,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use limiter_common::{reason, Stats};
+use limiter_common::{Reason, Stats};
 use limiter_tests::{
     kernel::{baseline_object, ebpf_object, object_path, Baseline, TestKernel},
     packets::{Frame, ACK, SYN},
@@ -553,20 +553,20 @@ fn fill(kernel: &TestKernel, scale: u32, nets: usize) -> Result<Duration> {
     let started = Instant::now();
     let host = |a: IpAddr| IpNet::from(a);
     let expiry = SystemTime::now() + Duration::from_secs(24 * 3600);
-    d.block(host(IpAddr::V4(BLOCKED)), None, reason::MANUAL)?;
-    d.block(host(IpAddr::V6(BLOCKED_V6)), None, reason::MANUAL)?;
+    d.block(host(IpAddr::V4(BLOCKED)), None, Reason::Manual)?;
+    d.block(host(IpAddr::V6(BLOCKED_V6)), None, Reason::Manual)?;
     d.block(
         host(IpAddr::V4(BLOCKED_EXPIRING)),
         Some(expiry),
-        reason::HARVEST,
+        Reason::Harvest,
     )?;
     d.block(
         host(IpAddr::V6(BLOCKED_EXPIRING_V6)),
         Some(expiry),
-        reason::HARVEST,
+        Reason::Harvest,
     )?;
-    d.block(BLOCKED_NET.parse()?, None, reason::REJECT_LIST)?;
-    d.block(BLOCKED_NET_V6.parse()?, None, reason::REJECT_LIST)?;
+    d.block(BLOCKED_NET.parse()?, None, Reason::RejectList)?;
+    d.block(BLOCKED_NET_V6.parse()?, None, Reason::RejectList)?;
     // The scale counts the two test entries (the blocked address and the one
     // with an expiry the extra case needs): scale 1 holds those two.
     let fillers = scale.saturating_sub(2);
@@ -575,7 +575,7 @@ fn fill(kernel: &TestKernel, scale: u32, nets: usize) -> Result<Duration> {
         let v4 = IpAddr::V4(Ipv4Addr::from(FILLER_BASE + 1 + i));
         let v6 = IpAddr::V6(Ipv6Addr::from(FILLER_BASE_V6 + 1 + u128::from(i)));
         for filler in [v4, v6] {
-            d.block(host(filler), None, reason::MANUAL)
+            d.block(host(filler), None, Reason::Manual)
                 .with_context(|| format!("blocking filler address {filler} of {fillers}"))?;
         }
         if fillers >= 50_000 && (i + 1) % step == 0 {
@@ -590,7 +590,7 @@ fn fill(kernel: &TestKernel, scale: u32, nets: usize) -> Result<Duration> {
         .into_iter()
         .chain(filler_nets_v6(nets.saturating_sub(1)))
     {
-        d.block(net, None, reason::REJECT_LIST)?;
+        d.block(net, None, Reason::RejectList)?;
     }
     let cap = KernelLimits::default().max_connections;
     set_connections(kernel, IpAddr::V4(AT_CAP), cap)?;

@@ -2,7 +2,7 @@
 //! blocked addresses and 100 000 blocked networks cost, against an empty
 //! state measured in the same run:
 //!
-//! 1. **proxy** — the proxy's own block table (`proxy::blocks::Blocks`, the
+//! 1. **proxy** — the proxy's own block table (`blocks::Blocks`, the
 //!    one the accept path asks): resident memory it takes with the whole
 //!    state, ns per `covering()` lookup (hits on addresses and networks,
 //!    misses; IPv4 and IPv6) against the same lookups on an empty table,
@@ -54,7 +54,7 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use aya::maps::MapData;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use limiter_common::{map_names as names, reason, Stats};
+use limiter_common::{map_names as names, Reason, Stats};
 use limiter_tests::{
     kernel::{baseline_object, ebpf_object, object_path, Baseline},
     netns::{self, NetNs},
@@ -63,8 +63,8 @@ use limiter_tests::{
     tcp::connect_from,
 };
 use limiter_user::{
+    blocks::{Block, Blocks, Change},
     kernel::{BpfDatapath, Datapath, KernelLimits, KernelOptions, MapSizes},
-    proxy::blocks::{ActiveBlock, Blocks, Change},
     state::{self, Store, StoredBlock},
 };
 
@@ -560,10 +560,10 @@ struct ProxyResult {
 /// Single blocks journaled one at a time by the proxy part.
 const APPENDS: usize = 200;
 
-fn active(net: IpNet, expires: Option<SystemTime>, now: SystemTime) -> ActiveBlock {
-    ActiveBlock {
+fn active(net: IpNet, expires: Option<SystemTime>, now: SystemTime) -> Block {
+    Block {
         net,
-        reason: reason::HARVEST,
+        origin: Reason::Harvest,
         expires,
         since: now,
         repeat: 0,
@@ -574,7 +574,7 @@ fn active(net: IpNet, expires: Option<SystemTime>, now: SystemTime) -> ActiveBlo
 fn stored_blocks(state: &StateSet, now: SystemTime) -> Vec<StoredBlock> {
     state
         .entries(now)
-        .map(|(net, expires)| state::stored_active(&active(net, expires, now)))
+        .map(|(net, expires)| StoredBlock::from(&active(net, expires, now)))
         .collect()
 }
 
@@ -924,7 +924,7 @@ impl Loaded {
         let t = Instant::now();
         for (net, expires) in state.entries(now) {
             self.datapath
-                .block(net, expires, reason::HARVEST)
+                .block(net, expires, Reason::Harvest)
                 .with_context(|| format!("blocking {net}"))?;
         }
         Ok(t.elapsed())
@@ -1652,7 +1652,7 @@ max_blocks = {max_blocks}
     // The state file, once; copied into place before each start.
     let now = SystemTime::now();
     let mut stored = stored_blocks(state, now);
-    stored.push(state::stored_active(&active(
+    stored.push(StoredBlock::from(&active(
         IpNet::from(IpAddr::V4(blocked_client)),
         None,
         now,

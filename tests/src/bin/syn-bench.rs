@@ -65,7 +65,7 @@ use aya::{
     Ebpf,
 };
 use ipnet::IpNet;
-use limiter_common::reason;
+use limiter_common::Reason;
 use limiter_tests::{
     kernel::{baseline_object, ebpf_object, object_path, TestKernel},
     netns::{ip, NetNs},
@@ -1097,11 +1097,11 @@ impl Testbed {
 fn fill_product(kernel: &TestKernel, set_size: u32) -> Result<()> {
     let d = &kernel.datapath;
     let host = |a: IpAddr| IpNet::from(a);
-    d.block(host(IpAddr::V4(BLOCKED)), None, reason::MANUAL)?;
-    d.block(host(IpAddr::V6(BLOCKED_V6)), None, reason::MANUAL)?;
+    d.block(host(IpAddr::V4(BLOCKED)), None, Reason::Manual)?;
+    d.block(host(IpAddr::V6(BLOCKED_V6)), None, Reason::Manual)?;
     for i in 0..set_size {
-        d.block(host(IpAddr::V4(filler(i))), None, reason::MANUAL)?;
-        d.block(host(IpAddr::V6(filler_v6(i))), None, reason::MANUAL)?;
+        d.block(host(IpAddr::V4(filler(i))), None, Reason::Manual)?;
+        d.block(host(IpAddr::V6(filler_v6(i))), None, Reason::Manual)?;
     }
     let cap = KernelLimits::default().max_connections;
     d.set_connection_count(IpAddr::V4(AT_CAP), cap)?;

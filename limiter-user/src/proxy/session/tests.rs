@@ -6,7 +6,7 @@
 use std::sync::Mutex;
 
 use bytes::BytesMut;
-use limiter_common::reason;
+use limiter_common::Reason as Origin;
 use tokio::{
     io::{duplex, DuplexStream},
     task::JoinHandle,
@@ -458,7 +458,7 @@ async fn a_harvester_gets_421_and_its_source_is_blocked() {
             std::time::SystemTime::now(),
         )
         .expect("the source is blocked");
-    assert_eq!(block.reason, reason::HARVEST);
+    assert_eq!(block.origin, Origin::Harvest);
     assert!(ctx
         .blocked(PEER.parse::<SocketAddr>().unwrap().ip())
         .is_some());

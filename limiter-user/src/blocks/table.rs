@@ -20,41 +20,15 @@ use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
         mpsc::{SyncSender, TrySendError},
-        Arc, Mutex, MutexGuard,
+        Mutex, MutexGuard,
     },
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use ipnet::IpNet;
-use limiter_common::reason;
+use limiter_common::Reason;
 
-/// An active block.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ActiveBlock {
-    pub net: IpNet,
-    /// The origin: one of `limiter_common::reason` (manual, harvest, auth…),
-    /// the machine-readable field.
-    pub reason: u32,
-    /// `None` = until removed.
-    pub expires: Option<SystemTime>,
-    /// When the block began.
-    pub since: SystemTime,
-    /// Earlier blocks of this source (0 for a first block).
-    pub repeat: u32,
-    /// Free text beside the origin: an operator's `--reason "ticket 4711"`,
-    /// an imported list's reason. Shared, so listing copies no text.
-    pub comment: Option<Arc<str>>,
-}
-
-/// A change of the table, for the state store's journal.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Change {
-    /// A block added or replaced.
-    Put(ActiveBlock),
-    /// A block removed by an operator (expired and evicted blocks are not
-    /// journaled: a restore drops the expired ones and evicts again).
-    Remove(IpNet),
-}
+use super::{Block, Change};
 
 /// Where a paged listing goes on: the expiry key and network of the last
 /// block returned (blocks are listed by expiry, soonest first, then by
@@ -65,7 +39,7 @@ pub type Cursor = (u64, IpNet);
 #[derive(Clone, Debug, Default)]
 pub struct Page {
     /// Matching blocks, each with whether the kernel holds it.
-    pub rows: Vec<(ActiveBlock, bool)>,
+    pub rows: Vec<(Block, bool)>,
     /// Where the next page starts; `None` at the end.
     pub next: Option<Cursor>,
 }
@@ -92,11 +66,11 @@ pub struct Blocks {
 /// the oldest are forgotten (their kernel entries then end at their expiry).
 const MAX_PENDING_EVICTIONS: usize = 65_536;
 
-/// Origin codes counted one by one; others count as code 0 ("unknown").
-const ORIGINS: usize = 8;
+/// Slots of the counts by origin, indexed by code (codes start at 1).
+const ORIGINS: usize = Reason::ALL.len() + 1;
 
 struct Entry {
-    block: ActiveBlock,
+    block: Block,
     in_kernel: bool,
 }
 
@@ -123,7 +97,7 @@ struct Table {
 
 impl Table {
     fn count(&mut self, entry: &Entry, add: bool) {
-        let slot = &mut self.by_origin[origin_slot(entry.block.reason)];
+        let slot = &mut self.by_origin[entry.block.origin as usize];
         let kernel = u64::from(entry.in_kernel);
         if add {
             *slot += 1;
@@ -151,13 +125,6 @@ impl Table {
             Err(TrySendError::Disconnected(_)) => self.journal = None,
         }
     }
-}
-
-fn origin_slot(reason: u32) -> usize {
-    usize::try_from(reason)
-        .ok()
-        .filter(|r| *r < ORIGINS)
-        .unwrap_or(0)
 }
 
 impl Default for Blocks {
@@ -221,17 +188,17 @@ impl Blocks {
     /// status it keeps until [`Blocks::mark_kernel`] says otherwise); when
     /// full, the block expiring first makes room and its network is
     /// returned (and kept for [`Blocks::take_evicted`]).
-    pub fn insert(&self, block: ActiveBlock) -> Option<IpNet> {
+    pub fn insert(&self, block: Block) -> Option<IpNet> {
         self.insert_entry(block, None)
     }
 
     /// [`Blocks::insert`] with whether the kernel holds the block, in one
     /// step (a restore of a million blocks takes one lock each).
-    pub fn insert_marked(&self, block: ActiveBlock, in_kernel: bool) -> Option<IpNet> {
+    pub fn insert_marked(&self, block: Block, in_kernel: bool) -> Option<IpNet> {
         self.insert_entry(block, Some(in_kernel))
     }
 
-    fn insert_entry(&self, block: ActiveBlock, in_kernel: Option<bool>) -> Option<IpNet> {
+    fn insert_entry(&self, block: Block, in_kernel: Option<bool>) -> Option<IpNet> {
         let mut table = self.lock();
         match block.net {
             IpNet::V4(n) => table.v4_lengths[usize::from(n.prefix_len())] = true,
@@ -288,7 +255,7 @@ impl Blocks {
     }
 
     /// The block on exactly `net`, if held.
-    pub fn get(&self, net: &IpNet) -> Option<ActiveBlock> {
+    pub fn get(&self, net: &IpNet) -> Option<Block> {
         self.lock().map.get(net).map(|e| e.block.clone())
     }
 
@@ -303,13 +270,13 @@ impl Blocks {
     }
 
     /// The active block covering `ip` at `now`, if any: the most specific.
-    pub fn covering(&self, ip: IpAddr, now: SystemTime) -> Option<ActiveBlock> {
+    pub fn covering(&self, ip: IpAddr, now: SystemTime) -> Option<Block> {
         self.containing(ip, now, 1).into_iter().next()
     }
 
     /// Up to `max` active blocks containing `ip` at `now`, most specific
     /// first (an address's own block, then its networks).
-    pub fn containing(&self, ip: IpAddr, now: SystemTime, max: usize) -> Vec<ActiveBlock> {
+    pub fn containing(&self, ip: IpAddr, now: SystemTime, max: usize) -> Vec<Block> {
         let ip = ip.to_canonical();
         let table = self.lock();
         let lengths: &[bool] = match ip {
@@ -358,7 +325,7 @@ impl Blocks {
         after: Option<Cursor>,
         rows: usize,
         scan: usize,
-        keep: impl Fn(&ActiveBlock) -> bool,
+        keep: impl Fn(&Block) -> bool,
     ) -> Page {
         let table = self.lock();
         let start = match after {
@@ -384,7 +351,7 @@ impl Blocks {
 
     /// Every block held (expired ones until swept), copied a page at a time
     /// so that accepts are not kept waiting for the whole copy.
-    pub fn all(&self) -> Vec<ActiveBlock> {
+    pub fn all(&self) -> Vec<Block> {
         let mut all = Vec::with_capacity(self.len());
         let mut after = None;
         loop {
@@ -403,12 +370,10 @@ impl Blocks {
         BlockCounts {
             total: table.map.len() as u64,
             in_kernel: table.in_kernel,
-            by_origin: table
-                .by_origin
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| **n > 0)
-                .map(|(code, n)| (reason::name(code as u32), *n))
+            by_origin: Reason::ALL
+                .into_iter()
+                .map(|origin| (origin.name(), table.by_origin[origin as usize]))
+                .filter(|(_, n)| *n > 0)
                 .collect(),
         }
     }
@@ -450,7 +415,7 @@ mod tests {
         assert_eq!(table.by_expiry, from_map);
         let mut origins = [0u64; ORIGINS];
         for e in table.map.values() {
-            origins[origin_slot(e.block.reason)] += 1;
+            origins[e.block.origin as usize] += 1;
         }
         assert_eq!(table.by_origin, origins);
         let kernel = table.map.values().filter(|e| e.in_kernel).count() as u64;
@@ -512,12 +477,12 @@ mod tests {
         assert_consistent(&blocks);
     }
 
-    fn block(net: &str, expires: Option<SystemTime>) -> ActiveBlock {
-        ActiveBlock {
+    fn block(net: &str, expires: Option<SystemTime>) -> Block {
+        Block {
             since: SystemTime::now(),
             repeat: 0,
             net: net.parse().unwrap(),
-            reason: 1,
+            origin: Reason::Manual,
             expires,
             comment: None,
         }
@@ -528,16 +493,16 @@ mod tests {
         let now = SystemTime::now();
         let blocks = Blocks::default();
         blocks.insert(block("10.0.0.0/8", None));
-        blocks.insert(ActiveBlock {
-            reason: 2,
+        blocks.insert(Block {
+            origin: Reason::Harvest,
             ..block("10.1.2.3/32", Some(now + Duration::from_secs(60)))
         });
         assert_eq!(
             blocks
                 .covering("10.1.2.3".parse().unwrap(), now)
                 .unwrap()
-                .reason,
-            2
+                .origin,
+            Reason::Harvest
         );
         let all = blocks.containing("10.1.2.3".parse().unwrap(), now, 10);
         assert_eq!(
@@ -549,16 +514,16 @@ mod tests {
             blocks
                 .covering("10.9.9.9".parse().unwrap(), now)
                 .unwrap()
-                .reason,
-            1
+                .origin,
+            Reason::Manual
         );
         let later = now + Duration::from_secs(61);
         assert_eq!(
             blocks
                 .covering("10.1.2.3".parse().unwrap(), later)
                 .unwrap()
-                .reason,
-            1,
+                .origin,
+            Reason::Manual,
             "expired /32: the /8 still holds"
         );
         assert!(blocks.covering("11.0.0.1".parse().unwrap(), now).is_none());
@@ -615,8 +580,8 @@ mod tests {
         let now = SystemTime::now();
         let blocks = Blocks::default();
         blocks.insert(block("192.0.2.1/32", Some(now + Duration::from_secs(60))));
-        blocks.insert(ActiveBlock {
-            reason: reason::HARVEST,
+        blocks.insert(Block {
+            origin: Reason::Harvest,
             ..block("192.0.2.2/32", None)
         });
         blocks.mark_kernel(&"192.0.2.1/32".parse().unwrap(), true);
@@ -632,8 +597,8 @@ mod tests {
             }
         );
         // A replacement keeps the kernel mark; a sweep and a removal drop it.
-        blocks.insert(ActiveBlock {
-            reason: reason::AUTH,
+        blocks.insert(Block {
+            origin: Reason::Auth,
             ..block("192.0.2.2/32", None)
         });
         assert_consistent(&blocks);
@@ -651,11 +616,11 @@ mod tests {
         let blocks = Blocks::default();
         for i in 0..250u32 {
             let expires = (i % 5 != 0).then(|| now + Duration::from_secs(u64::from(1000 - i)));
-            blocks.insert(ActiveBlock {
-                reason: if i % 2 == 0 {
-                    reason::MANUAL
+            blocks.insert(Block {
+                origin: if i % 2 == 0 {
+                    Reason::Manual
                 } else {
-                    reason::AUTH
+                    Reason::Auth
                 },
                 ..block(&format!("10.0.{}.{}/32", i / 256, i % 256), expires)
             });
@@ -686,7 +651,7 @@ mod tests {
         let mut auth = 0;
         let mut after = None;
         loop {
-            let page = blocks.page(after, 100, 10, |b| b.reason == reason::AUTH);
+            let page = blocks.page(after, 100, 10, |b| b.origin == Reason::Auth);
             assert!(page.rows.len() <= 10);
             auth += page.rows.len();
             match page.next {
