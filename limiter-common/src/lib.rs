@@ -308,24 +308,23 @@ pub enum DropReason {
     Cap = 3,
 }
 
-/// The codes of [`DropReason`] as `u32`, as the agent reads them.
-pub mod drop_reason {
-    use super::DropReason;
+impl DropReason {
+    /// The reason with this code, if any.
+    pub const fn from_code(code: u32) -> Option<Self> {
+        Some(match code {
+            1 => DropReason::Block,
+            2 => DropReason::BlockNet,
+            3 => DropReason::Cap,
+            _ => return None,
+        })
+    }
 
-    /// The source address is blocked.
-    pub const BLOCK: u32 = DropReason::Block as u32;
-    /// The source is inside a blocked network.
-    pub const BLOCK_NET: u32 = DropReason::BlockNet as u32;
-    /// A new connection from a source at its connection cap.
-    pub const CAP: u32 = DropReason::Cap as u32;
-
-    /// A stable lower-case name.
-    pub const fn name(reason: u32) -> &'static str {
-        match reason {
-            BLOCK => "block",
-            BLOCK_NET => "block-net",
-            CAP => "cap",
-            _ => "unknown",
+    /// A stable lower-case name for logs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::Block => "block",
+            DropReason::BlockNet => "block-net",
+            DropReason::Cap => "cap",
         }
     }
 }

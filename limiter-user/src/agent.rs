@@ -8,7 +8,7 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use limiter_common::drop_reason;
+use limiter_common::DropReason;
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::watch,
@@ -319,7 +319,7 @@ pub async fn run(
                     tracing::info!(
                         source = %event.source,
                         port = event.port,
-                        reason = drop_reason::name(event.reason),
+                        reason = event.reason.map_or("unknown", DropReason::name),
                         syn = event.syn,
                         action,
                         "{message}"

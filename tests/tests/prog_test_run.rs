@@ -907,7 +907,7 @@ fn drop_events_are_reported_within_budget() {
     assert_eq!(events.len(), 3);
     for event in &events {
         assert_eq!(event.source, ip("192.0.2.9"));
-        assert_eq!(event.reason, limiter_common::drop_reason::BLOCK);
+        assert_eq!(event.reason, Some(limiter_common::DropReason::Block));
         assert_eq!(event.port, 587);
         assert!(event.syn);
         let age = SystemTime::now()

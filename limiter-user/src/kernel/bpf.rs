@@ -26,8 +26,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use limiter_common::{
-    hint, map_names as names, program_names, Allow, Block, Cap, Config, ConnCount, Ipv4Octets,
-    Ipv6Octets, Mode, Reason, Stats, TrackedSocket, MAX_PORTS,
+    hint, map_names as names, program_names, Allow, Block, Cap, Config, ConnCount, DropReason,
+    Ipv4Octets, Ipv6Octets, Mode, Reason, Stats, TrackedSocket, MAX_PORTS,
 };
 use tokio::io::{unix::AsyncFd, Interest};
 
@@ -774,7 +774,7 @@ fn decode_event(bytes: &[u8]) -> Option<DropEvent> {
     Some(DropEvent {
         at: mono_ns_to_system(raw.mono_ns),
         source: ip_of_mapped(raw.source),
-        reason: raw.reason,
+        reason: DropReason::from_code(raw.reason),
         port: raw.port,
         syn: raw.syn != 0,
         observed: raw.observed != 0,

@@ -16,8 +16,8 @@ mod hints;
 use std::{net::IpAddr, path::PathBuf, time::SystemTime};
 
 use ipnet::IpNet;
-use limiter_common::Reason;
 pub use limiter_common::Stats as KernelCounters;
+use limiter_common::{DropReason, Reason};
 
 pub use addr::{host_ip, host_key, HostKey};
 pub use bpf::{
@@ -135,8 +135,8 @@ impl Default for KernelLimits {
 pub struct DropEvent {
     pub at: SystemTime,
     pub source: IpAddr,
-    /// One of `limiter_common::drop_reason`.
-    pub reason: u32,
+    /// Why; `None` for a code this version does not know.
+    pub reason: Option<DropReason>,
     pub port: u16,
     /// The packet opened a new connection (SYN).
     pub syn: bool,
