@@ -89,9 +89,11 @@ pub mod map_names {
 /// the trie may cover; a source whose bit is clear cannot match and skips
 /// the lookup.
 ///
-/// Writers only ever set bits when adding entries; removals recompute the
-/// whole bitmap from the trie. A stale set bit costs one lookup; a bit must
-/// never be clear while an entry needs it.
+/// Writers set bits before adding an entry; a removal clears the bits no
+/// other entry needs (the agent counts the entries behind each bit), and the
+/// agent recomputes the bitmaps from the tries at start and at each sweep.
+/// A stale set bit costs one lookup; a bit must never be clear while an
+/// entry needs it.
 pub mod hint {
     /// `u64` words per bitmap.
     pub const WORDS: u32 = 65_536 / 64;

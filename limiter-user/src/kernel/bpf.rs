@@ -95,6 +95,8 @@ struct Maps {
     events: Option<RingBuf<MapData>>,
     /// Prefilters of the six tries.
     hints: Array<MapData, u64>,
+    /// The tries' networks behind each prefilter bit (by `hint` index).
+    coverage: [hints::Coverage; hint::COUNT as usize],
     sizes: MapSizes,
 }
 
@@ -490,7 +492,7 @@ impl Datapath for BpfDatapath {
             NetKey::V4(key) => absent_is_false(maps.block_net_v4.remove(&key), names::BLOCK_NET_V4),
             NetKey::V6(key) => absent_is_false(maps.block_net_v6.remove(&key), names::BLOCK_NET_V6),
         };
-        maps.rebuild_hints(Trie::BlockNet.hint(net))?;
+        maps.remove_hint(Trie::BlockNet, net)?;
         removed
     }
 
@@ -631,7 +633,7 @@ impl Datapath for BpfDatapath {
             NetKey::V4(key) => maps.allow_v4.remove(&key),
             NetKey::V6(key) => maps.allow_v6.remove(&key),
         };
-        maps.rebuild_hints(Trie::Allow.hint(net))?;
+        maps.remove_hint(Trie::Allow, net)?;
         absent_is_false(removed, Trie::Allow.map(net))
     }
 
@@ -665,7 +667,7 @@ impl Datapath for BpfDatapath {
             NetKey::V4(key) => maps.cap_net_v4.remove(&key),
             NetKey::V6(key) => maps.cap_net_v6.remove(&key),
         };
-        maps.rebuild_hints(Trie::CapNet.hint(net))?;
+        maps.remove_hint(Trie::CapNet, net)?;
         absent_is_false(removed, Trie::CapNet.map(net))
     }
 
@@ -827,6 +829,7 @@ impl Maps {
     /// them.
     fn add_hint(&mut self, trie: Trie, net: IpNet) -> Result<(), KernelError> {
         let map = trie.hint(net);
+        self.coverage[map as usize].add(net);
         let range = hints::top16_range(net);
         let (first, _) = hint::position(map, *range.start() as u16);
         let (last, _) = hint::position(map, *range.end() as u16);
@@ -846,8 +849,27 @@ impl Maps {
         Ok(())
     }
 
-    /// Recomputes bitmap `map` (one of `hint`'s) from its trie (after
-    /// removals).
+    /// Clears the hint bits that only `net` needed, after it left its trie.
+    fn remove_hint(&mut self, trie: Trie, net: IpNet) -> Result<(), KernelError> {
+        let map = trie.hint(net);
+        for (offset, mask) in self.coverage[map as usize].remove(net) {
+            let index = map * hint::WORDS + offset;
+            let word = self
+                .hints
+                .get(&index, 0)
+                .map_err(|e| map_error(names::NET_HINTS, e))?;
+            if word & mask != 0 {
+                self.hints
+                    .set(index, word & !mask, 0)
+                    .map_err(|e| map_error(names::NET_HINTS, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Recomputes bitmap `map` (one of `hint`'s) and its coverage from its
+    /// trie: at start (pins of an earlier run) and at each sweep (which
+    /// also heals a bit lost to two processes writing at once).
     fn rebuild_hints(&mut self, map: u32) -> Result<(), KernelError> {
         fn nets<K: aya::Pod, V: aya::Pod>(
             trie: &LpmTrie<MapData, K, V>,
@@ -866,7 +888,8 @@ impl Maps {
             hint::CAP_NET_V4 => nets(&self.cap_net_v4, net_of_v4),
             _ => nets(&self.cap_net_v6, net_of_v6),
         };
-        let wanted = hints::bitmap(&nets);
+        self.coverage[map as usize] = hints::Coverage::of(nets);
+        let wanted = self.coverage[map as usize].bitmap();
         for (offset, bits) in wanted.iter().enumerate() {
             let index = map * hint::WORDS + offset as u32;
             let word = self
@@ -932,6 +955,7 @@ impl Maps {
             conn_count_v6: take(ebpf, names::CONN_COUNT_V6)?,
             events: Some(take(ebpf, names::EVENTS)?),
             hints: take(ebpf, names::NET_HINTS)?,
+            coverage: Default::default(),
             sizes,
         })
     }
@@ -975,6 +999,9 @@ impl Maps {
             conn_count_v6: open(dir, names::CONN_COUNT_V6, Map::HashMap)?,
             events: None,
             hints: open(dir, names::NET_HINTS, Map::Array)?,
+            // Empty: a removal through these pins clears no bit (a stale
+            // bit costs one lookup); the agent's sweep rebuilds them.
+            coverage: Default::default(),
             sizes,
         })
     }

@@ -1,8 +1,9 @@
 //! The prefilter bitmaps of the LPM tries (`NET_HINTS`, see
-//! `limiter_common::hint`): which bits a network needs, and the whole
-//! bitmap of a trie's entries.
+//! `limiter_common::hint`): which bits a network needs, the whole bitmap of
+//! a trie's entries, and the count of networks behind each bit that lets a
+//! removal clear exactly the bits no other network needs.
 
-use std::ops::RangeInclusive;
+use std::{collections::HashSet, ops::RangeInclusive};
 
 use ipnet::IpNet;
 use limiter_common::hint;
@@ -43,6 +44,72 @@ pub fn bitmap<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> Vec<u64> {
     words
 }
 
+/// The networks of one trie as this process last saw them, with how many
+/// need each bit. Removing a network then clears the bits it alone needed,
+/// in time proportional to its /16s, not to the trie's size (a walk of the
+/// trie per removal made removing many networks quadratic).
+#[derive(Debug, Default)]
+pub struct Coverage {
+    nets: HashSet<IpNet>,
+    /// Networks needing each top-16 value; empty until the first network.
+    counts: Vec<u32>,
+}
+
+impl Coverage {
+    /// The coverage of `nets` (a trie's keys).
+    pub fn of(nets: impl IntoIterator<Item = IpNet>) -> Self {
+        let mut coverage = Self::default();
+        for net in nets {
+            coverage.add(net);
+        }
+        coverage
+    }
+
+    /// Counts `net`; `false` if it was counted already.
+    pub fn add(&mut self, net: IpNet) -> bool {
+        let net = canonical(net);
+        if !self.nets.insert(net) {
+            return false;
+        }
+        if self.counts.is_empty() {
+            self.counts = vec![0; 65_536];
+        }
+        for top16 in top16_range(net) {
+            let count = &mut self.counts[top16 as usize];
+            *count = count.saturating_add(1);
+        }
+        true
+    }
+
+    /// Forgets `net`; returns the bits no network needs any more, as
+    /// (word offset in the bitmap, mask of bits to clear), empty if `net`
+    /// was not counted.
+    pub fn remove(&mut self, net: IpNet) -> Vec<(u32, u64)> {
+        let net = canonical(net);
+        if !self.nets.remove(&net) {
+            return Vec::new();
+        }
+        let mut cleared: Vec<(u32, u64)> = Vec::new();
+        for top16 in top16_range(net) {
+            let count = &mut self.counts[top16 as usize];
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                let (word, bit) = (top16 >> 6, 1u64 << (top16 & 63));
+                match cleared.last_mut() {
+                    Some((w, mask)) if *w == word => *mask |= bit,
+                    _ => cleared.push((word, bit)),
+                }
+            }
+        }
+        cleared
+    }
+
+    /// The bitmap of the counted networks.
+    pub fn bitmap(&self) -> Vec<u64> {
+        bitmap(&self.nets)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +139,43 @@ mod tests {
         assert_eq!(words.iter().map(|w| w.count_ones()).sum::<u32>(), 1 + 256);
         assert_ne!(words[0xc000 >> 6] & 1, 0);
         assert_eq!(words[0x0a00 >> 6], u64::MAX, "10.0/16 … 10.63/16");
+    }
+
+    #[test]
+    fn removal_clears_only_the_bits_no_other_network_needs() {
+        let mut coverage = Coverage::of([net("10.0.0.0/8"), net("10.1.0.0/16")]);
+        assert!(!coverage.add(net("10.1.0.0/16")), "counted once");
+        // 10.1/16 is still needed by the /8.
+        assert_eq!(coverage.remove(net("10.1.0.0/16")), vec![]);
+        assert_eq!(coverage.remove(net("10.1.0.0/16")), vec![], "gone already");
+        assert!(coverage.add(net("10.1.0.0/16")));
+        // The /8's other 255 /16s go; 10.1/16 stays for the /16.
+        let cleared = coverage.remove(net("10.0.0.0/8"));
+        let bits: u32 = cleared.iter().map(|(_, m)| m.count_ones()).sum();
+        assert_eq!(bits, 255);
+        assert_eq!(cleared.len(), 4, "four words of 64 bits");
+        assert_eq!(cleared[0], (0x0a00 >> 6, u64::MAX & !(1 << 1)));
+        assert_eq!(coverage.bitmap(), bitmap(&[net("10.1.0.0/16")]));
+        assert_eq!(
+            coverage.remove(net("10.1.0.0/16")),
+            vec![(0x0a01 >> 6, 1 << 1)]
+        );
+        assert!(coverage.bitmap().iter().all(|w| *w == 0));
+    }
+
+    #[test]
+    fn every_bit_is_cleared_once_all_networks_are_gone() {
+        let nets: Vec<IpNet> = (0..200u32)
+            .map(|i| {
+                format!("{}.{}.0.0/{}", i % 7 + 1, i, 12 + i % 12)
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        let mut coverage = Coverage::of(nets.iter().copied());
+        for (i, n) in nets.iter().enumerate() {
+            coverage.remove(*n);
+            assert_eq!(coverage.bitmap(), bitmap(&nets[i + 1..]), "after {n}");
+        }
     }
 }
