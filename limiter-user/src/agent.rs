@@ -298,7 +298,7 @@ pub async fn run(
                         let response = match recipients {
                             None => control::Response::error("no [recipients.ldap] configured"),
                             Some(r) => match r.refresh_now(force).await {
-                                Ok(report) => control::Response::ok(serde_json::to_value(report).unwrap_or_default()),
+                                Ok(report) => control::Response::ok(control::Answer::RecipientsRefresh(report)),
                                 Err(e) => control::Response::error(e.to_string()),
                             },
                         };

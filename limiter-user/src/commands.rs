@@ -3,20 +3,24 @@
 //! live limits, statistics, reload.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     sync::{atomic::Ordering, Arc},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use ipnet::IpNet;
-use serde_json::{json, Value};
 
 use crate::{
     agent::{kernel_limits, reload, AgentState},
     blocks::{origin_name, parse_origin, Block, Reason},
     config::{self, Config},
-    control::{ImportBlock, ListCursor, Request, Response},
+    control::{
+        AllowChanged, Answer, BackendSlots, BlockAdded, BlockCheck, BlockDrops, BlockPage,
+        BlockRemoved, BlockRow, Entry, FilterStats, HeloLimit, ImportBlock, Imported, LimitSet,
+        LimitsShown, ListCursor, Match, ProxyStats, RecipientCheck, RejectionCount, Reloaded,
+        Request, Response, SourceConnections, SourceLimit, Stats, Top,
+    },
     kernel::KernelError,
     lists::{ListSet, ListSource},
     policy::Policy,
@@ -30,10 +34,10 @@ pub fn handle(agent: &mut AgentState<'_>, request: Request) -> Response {
     }
 }
 
-fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
+fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Answer, String> {
     match request {
-        Request::Stats => Ok(stats(agent)),
-        Request::Top => Ok(top(agent)),
+        Request::Stats => Ok(Answer::Stats(stats(agent))),
+        Request::Top => Ok(Answer::Top(top(agent))),
         Request::Reload => {
             let path = agent
                 .config_path
@@ -44,9 +48,9 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
             Config::load_with_lists(&path)
                 .map_err(|e| format!("reload refused, the running configuration stays: {e}"))?;
             let restart_needed = reload(&path, agent.config, agent.ctx, agent.datapath);
-            Ok(json!({
-                "reloaded": path.display().to_string(),
-                "restart_needed": restart_needed,
+            Ok(Answer::Reload(Reloaded {
+                reloaded: path.display().to_string(),
+                restart_needed: restart_needed.into_iter().map(str::to_owned).collect(),
             }))
         }
         Request::BlockList {
@@ -54,7 +58,8 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
             covering,
             after,
             rows,
-        } => block_list(agent, origin.as_deref(), covering.as_deref(), after, rows),
+        } => block_list(agent, origin.as_deref(), covering.as_deref(), after, rows)
+            .map(Answer::BlockList),
         Request::BlockAdd {
             net,
             duration_secs,
@@ -83,7 +88,11 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
                 Err(e) => format!("not in the kernel: {e}"),
             };
             tracing::info!(%net, origin = origin.name(), comment = comment.as_deref().unwrap_or(""), by = "cli", action = "block", "source blocked");
-            Ok(json!({ "net": net.to_string(), "kernel": kernel, "stored": agent.store.is_some() }))
+            Ok(Answer::BlockAdd(BlockAdded {
+                net: net.to_string(),
+                kernel,
+                stored: agent.store.is_some(),
+            }))
         }
         Request::BlockDel { net } => {
             let net = parse_net(&net)?;
@@ -107,16 +116,18 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
             }
             agent.ctx.cluster.publish_unblock(net);
             tracing::info!(%net, by = "cli", action = "unblock", "block removed");
-            Ok(json!({ "net": net.to_string(), "still_listed": listed.map(ToString::to_string) }))
+            Ok(Answer::BlockDel(BlockRemoved {
+                net: net.to_string(),
+                still_listed: listed.map(ToString::to_string),
+            }))
         }
-        Request::BlockCheck { address } => block_check(agent, &address),
-        Request::BlockImport { blocks } => Ok(block_import(agent, blocks)),
+        Request::BlockCheck { address } => block_check(agent, &address).map(Answer::BlockCheck),
+        Request::BlockImport { blocks } => Ok(Answer::BlockImport(block_import(agent, blocks))),
         Request::AllowList => {
             let nets = agent.datapath.allows().map_err(|e| e.to_string())?;
-            Ok(json!(nets
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()))
+            Ok(Answer::AllowList(
+                nets.iter().map(ToString::to_string).collect(),
+            ))
         }
         Request::AllowAdd { net } => {
             let net = parse_net(&net)?;
@@ -126,7 +137,10 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
                 agent.config.lists.allow.push(net);
             }
             agent.ctx.set_policy(Policy::new(agent.config));
-            Ok(json!({ "net": net.to_string(), "persisted": false }))
+            Ok(Answer::AllowChange(AllowChanged {
+                net: net.to_string(),
+                persisted: false,
+            }))
         }
         Request::AllowDel { net } => {
             let net = parse_net(&net)?;
@@ -137,9 +151,12 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
                 return Err(format!("{net} is not on the allow list"));
             }
             agent.ctx.set_policy(Policy::new(agent.config));
-            Ok(json!({ "net": net.to_string(), "persisted": false }))
+            Ok(Answer::AllowChange(AllowChanged {
+                net: net.to_string(),
+                persisted: false,
+            }))
         }
-        Request::LimitsShow => Ok(limits(agent.config)),
+        Request::LimitsShow => Ok(Answer::LimitsShow(limits(agent.config))),
         Request::RecipientsCheck { address } => {
             let recipients = agent
                 .ctx
@@ -147,7 +164,11 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
                 .as_ref()
                 .ok_or("no [recipients.ldap] configured")?;
             let lookup = recipients.lookup(&address);
-            Ok(json!({ "address": address, "lookup": lookup, "refused": lookup.refuses() }))
+            Ok(Answer::RecipientsCheck(RecipientCheck {
+                address,
+                lookup: lookup.name().to_owned(),
+                refused: lookup.refuses(),
+            }))
         }
         Request::RecipientsStats => {
             let recipients = agent
@@ -155,7 +176,7 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
                 .recipients
                 .as_ref()
                 .ok_or("no [recipients.ldap] configured")?;
-            serde_json::to_value(recipients.stats()).map_err(|e| e.to_string())
+            Ok(Answer::RecipientsStats(recipients.stats()))
         }
         // Asynchronous: the agent's loop answers it itself.
         Request::RecipientsRefresh { .. } => Err("refresh is handled by the agent loop".into()),
@@ -167,11 +188,13 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Value, String> {
             agent.ctx.set_policy(Policy::new(&candidate));
             *agent.config = candidate;
             tracing::info!(name, value, origin = "cli", "limit changed live");
-            Ok(json!({
-                "name": name,
-                "value": value,
-                "persisted": false,
-                "note": "live only: the configuration file is unchanged, a reload or restart reverts it",
+            Ok(Answer::LimitsSet(LimitSet {
+                name,
+                value,
+                persisted: false,
+                note:
+                    "live only: the configuration file is unchanged, a reload or restart reverts it"
+                        .to_owned(),
             }))
         }
     }
@@ -198,22 +221,27 @@ fn block_expiry(secs: u64) -> Result<SystemTime, String> {
         .ok_or_else(|| format!("--for {secs}s: the end of the block is past the clock's range"))
 }
 
-fn limits(config: &Config) -> Value {
+fn limits(config: &Config) -> LimitsShown {
     let l = &config.limits;
-    // The live limits (config::LIVE_LIMITS), then the per-network and
-    // per-HELO rules, which only a reload changes.
-    let mut shown = l.live_values();
-    let source = l
-        .source
-        .iter()
-        .map(|s| json!({"cidr": s.cidr.to_string(), "max_connections": s.max_connections}));
-    let helo = l
-        .helo
-        .iter()
-        .map(|h| json!({"pattern": h.pattern, "max_connections": h.max_connections}));
-    shown.insert("source".into(), source.collect());
-    shown.insert("helo".into(), helo.collect());
-    Value::Object(shown)
+    LimitsShown {
+        live: l.live_values().into_iter().collect(),
+        source: l
+            .source
+            .iter()
+            .map(|s| SourceLimit {
+                cidr: s.cidr.to_string(),
+                max_connections: s.max_connections,
+            })
+            .collect(),
+        helo: l
+            .helo
+            .iter()
+            .map(|h| HeloLimit {
+                pattern: h.pattern.clone(),
+                max_connections: h.max_connections,
+            })
+            .collect(),
+    }
 }
 
 /// Most rows in one `block list` page: a page is one request on the
@@ -259,10 +287,8 @@ fn add_block(agent: &AgentState<'_>, block: Block) -> Result<(), KernelError> {
     agent.ctx.enforce(block)
 }
 
-fn rfc3339(at: Option<SystemTime>) -> Value {
-    at.map_or(Value::Null, |t| {
-        json!(humantime::format_rfc3339_seconds(t).to_string())
-    })
+fn rfc3339(at: Option<SystemTime>) -> Option<String> {
+    at.map(|t| humantime::format_rfc3339_seconds(t).to_string())
 }
 
 /// Kernel drop counts by network, when the state is small enough
@@ -275,45 +301,41 @@ fn drop_counts(agent: &AgentState<'_>, lists: &ListSet) -> Option<HashMap<ipnet:
     Some(blocks.into_iter().map(|b| (b.net, b.drops)).collect())
 }
 
-/// Adds `drops` to a row, if known.
-fn with_drops(mut row: Value, drops: Option<&HashMap<ipnet::IpNet, u64>>) -> Value {
-    if let (Some(drops), Some(net)) = (drops, row["net"].as_str().and_then(|n| n.parse().ok())) {
-        row["drops"] = json!(drops.get(&net));
-    }
-    row
-}
-
-/// A block as `block list` and `block check` show it.
-pub fn block_row(block: &Block, in_kernel: bool) -> Value {
+/// A block as `block list` and `block check` show it, with its kernel
+/// drop count when `drops` are known.
+fn block_row(block: &Block, in_kernel: bool, drops: Option<&HashMap<IpNet, u64>>) -> BlockRow {
     let origin = block.origin.name();
-    json!({
-        "kind": "block",
-        "net": block.net.to_string(),
-        "origin": origin,
+    BlockRow {
+        net: block.net.to_string(),
+        origin: origin.to_owned(),
         // Earlier versions had the origin here: a block without text keeps it.
-        "reason": block.comment.as_deref().unwrap_or(origin),
-        "comment": block.comment.as_deref(),
-        "since": rfc3339(Some(block.since)),
-        "expires": rfc3339(block.expires),
-        "repeat": block.repeat,
-        "in_kernel": in_kernel,
-    })
+        reason: block.comment.as_deref().unwrap_or(origin).to_owned(),
+        comment: block.comment.as_deref().map(str::to_owned),
+        list: None,
+        since: rfc3339(Some(block.since)),
+        expires: rfc3339(block.expires),
+        repeat: Some(block.repeat),
+        in_kernel: Some(in_kernel),
+        drops: drops.map(|d| d.get(&block.net).copied()),
+        node: None,
+    }
 }
 
 /// A reject list's entry as `block list` and `block check` show it.
-fn list_row(net: &ipnet::IpNet, source: &ListSource) -> Value {
-    json!({
-        "kind": "list",
-        "net": net.to_string(),
-        "origin": Reason::RejectList.name(),
-        "reason": source.to_string(),
-        "comment": null,
-        "list": source.to_string(),
-        "since": null,
-        "expires": null,
-        "repeat": 0,
-        "in_kernel": true,
-    })
+fn list_row(net: &IpNet, source: &ListSource, drops: Option<&HashMap<IpNet, u64>>) -> BlockRow {
+    BlockRow {
+        net: net.to_string(),
+        origin: Reason::RejectList.name().to_owned(),
+        reason: source.to_string(),
+        comment: None,
+        list: Some(source.to_string()),
+        since: None,
+        expires: None,
+        repeat: Some(0),
+        in_kernel: Some(true),
+        drops: drops.map(|d| d.get(net).copied()),
+        node: None,
+    }
 }
 
 /// One page of `block list`: the reject lists' entries first (by network),
@@ -325,7 +347,7 @@ fn block_list(
     covering: Option<&str>,
     after: Option<ListCursor>,
     rows: Option<usize>,
-) -> Result<Value, String> {
+) -> Result<BlockPage, String> {
     let origin = origin.map(parse_origin).transpose()?;
     let covering = covering.map(parse_net).transpose()?.map(|n| n.trunc());
     let want = rows.unwrap_or(MAX_PAGE_ROWS).clamp(1, MAX_PAGE_ROWS);
@@ -335,6 +357,13 @@ fn block_list(
     let lists = ListSet::of(&agent.config.lists);
     let drops = drop_counts(agent, &lists);
     let drops = drops.as_ref();
+    // Where a page that ends among the list entries ends.
+    let after_list_entry = |out: &[Entry]| {
+        out.last().map(|row| ListCursor {
+            expires_ns: None,
+            net: row.row().net.clone(),
+        })
+    };
     let in_lists = after.as_ref().is_none_or(|a| a.expires_ns.is_none());
     if in_lists && origin.is_none_or(|o| o == Reason::RejectList) {
         let start = match &after {
@@ -347,31 +376,25 @@ fn block_list(
             .filter(|(net, _)| contains(net))
         {
             if out.len() == want {
-                let next = out
-                    .last()
-                    .and_then(|r: &Value| r["net"].as_str())
-                    .map(|n| ListCursor {
-                        expires_ns: None,
-                        net: n.to_owned(),
-                    });
-                return Ok(json!({ "blocks": out, "next": next }));
+                let next = after_list_entry(&out);
+                return Ok(BlockPage { blocks: out, next });
             }
-            out.push(with_drops(list_row(net, source), drops));
+            out.push(Entry::List(list_row(net, source, drops)));
         }
         if out.len() >= want {
             // The page ends with the lists: the blocks start the next one.
-            let next = out
-                .last()
-                .and_then(|r| r["net"].as_str())
-                .map(|n| ListCursor {
-                    expires_ns: None,
-                    net: n.to_owned(),
-                });
-            return Ok(json!({ "blocks": out, "next": next }));
+            let next = after_list_entry(&out);
+            return Ok(BlockPage { blocks: out, next });
         }
     }
     let keep =
         |b: &Block| origin.is_none_or(|o| o == b.origin) && b.expires.is_none_or(|t| t > now);
+    let row = |block: &Block, in_kernel: bool| {
+        let mut row = block_row(block, in_kernel, drops);
+        // The node that decided it, when a cluster is configured.
+        row.node = agent.ctx.cluster.node_of(&block.net).map(|n| n.to_string());
+        Entry::Block(row)
+    };
     let next = match covering {
         // The blocks containing a network: one lookup per prefix length.
         Some(net) => {
@@ -382,10 +405,7 @@ fn block_list(
                 .into_iter()
                 .filter(|b| b.net.contains(&net) && keep(b))
             {
-                out.push(with_drops(
-                    block_row(&block, agent.ctx.blocks.in_kernel(&block.net)),
-                    drops,
-                ));
+                out.push(row(&block, agent.ctx.blocks.in_kernel(&block.net)));
             }
             None
         }
@@ -401,35 +421,20 @@ fn block_list(
                 .ctx
                 .blocks
                 .page(block_after, want - out.len(), MAX_PAGE_SCAN, keep);
-            out.extend(
-                page.rows
-                    .iter()
-                    .map(|(b, k)| with_drops(block_row(b, *k), drops)),
-            );
+            out.extend(page.rows.iter().map(|(b, k)| row(b, *k)));
             page.next.map(|(ns, net)| ListCursor {
                 expires_ns: Some(ns),
                 net: net.to_string(),
             })
         }
     };
-    with_nodes(agent, &mut out);
-    Ok(json!({ "blocks": out, "next": next }))
-}
-
-/// Adds the node that decided each block, when a cluster is configured.
-fn with_nodes(agent: &AgentState<'_>, rows: &mut [Value]) {
-    for row in rows.iter_mut().filter(|r| r["kind"] == "block") {
-        let net = row["net"].as_str().and_then(|n| n.parse().ok());
-        if let Some(node) = net.and_then(|n| agent.ctx.cluster.node_of(&n)) {
-            row["node"] = json!(&*node);
-        }
-    }
+    Ok(BlockPage { blocks: out, next })
 }
 
 /// `block check ADDR`: whether the address is dropped and by what (the
 /// allow lists first, as the kernel checks them, then blocks, reject
 /// lists, kernel-only entries and the per-source connection cap).
-fn block_check(agent: &AgentState<'_>, address: &str) -> Result<Value, String> {
+fn block_check(agent: &AgentState<'_>, address: &str) -> Result<BlockCheck, String> {
     let ip: IpAddr = address
         .trim()
         .parse()
@@ -439,31 +444,32 @@ fn block_check(agent: &AgentState<'_>, address: &str) -> Result<Value, String> {
     let policy = agent.ctx.policy();
     let lists = ListSet::of(&agent.config.lists);
     let mut matches = Vec::new();
-    let allowed: Vec<Value> = ListSet::containing(&lists.allow, ip)
+    let allowed: Vec<Match> = ListSet::containing(&lists.allow, ip)
         .into_iter()
-        .map(|(net, source)| {
-            json!({ "kind": "allow-list", "net": net.to_string(), "list": source.to_string() })
+        .map(|(net, source)| Match::AllowList {
+            net: net.to_string(),
+            list: source.to_string(),
         })
         .collect();
     let drops = drop_counts(agent, &lists);
     let blocks = agent.ctx.blocks.containing(ip, now, 16);
     for block in &blocks {
-        matches.push(with_drops(
-            block_row(block, agent.ctx.blocks.in_kernel(&block.net)),
+        matches.push(Match::Block(block_row(
+            block,
+            agent.ctx.blocks.in_kernel(&block.net),
             drops.as_ref(),
-        ));
+        )));
     }
     for (net, source) in ListSet::containing(&lists.reject, ip) {
-        matches.push(with_drops(list_row(net, source), drops.as_ref()));
+        matches.push(Match::List(list_row(net, source, drops.as_ref())));
     }
     if matches.is_empty() {
         // An entry the agent did not put there (bpftool, an earlier run).
         if let Ok(Some(hit)) = agent.datapath.block_covering(ip) {
-            matches.push(json!({
-                "kind": "kernel",
-                "origin": origin_name(hit.origin),
-                "expires": rfc3339(hit.expires),
-            }));
+            matches.push(Match::Kernel {
+                origin: origin_name(hit.origin).to_owned(),
+                expires: rfc3339(hit.expires),
+            });
         }
     }
     if let Some(limit) = policy.connection_cap(ip) {
@@ -482,68 +488,63 @@ fn block_check(agent: &AgentState<'_>, address: &str) -> Result<Value, String> {
                 .map_or("limits.max_connections_per_source".to_owned(), |s| {
                     format!("limits.source {}", s.cidr)
                 });
-            matches.push(json!({
-                "kind": "cap",
-                "connections": connections,
-                "limit": limit,
-                "source": source,
-                "reason": format!("holds {connections} of {limit} connections: new ones are dropped"),
-            }));
+            matches.push(Match::Cap {
+                connections,
+                limit,
+                source,
+                reason: format!("holds {connections} of {limit} connections: new ones are dropped"),
+            });
         }
     }
     let enforced = policy.enforced();
     let blocked = allowed.is_empty() && !matches.is_empty();
-    let verdict = if !allowed.is_empty() {
-        format!(
-            "not dropped: allow-listed by {} ({})",
-            allowed[0]["net"].as_str().unwrap_or_default(),
-            allowed[0]["list"].as_str().unwrap_or_default()
-        )
+    let verdict = if let Some(allow) = allowed.first() {
+        format!("not dropped: {}", why(allow))
     } else if let Some(first) = matches.first() {
-        let why = match first["kind"].as_str() {
-            Some("block") => format!(
-                "blocked by {} ({}: {}), {}",
-                first["net"].as_str().unwrap_or_default(),
-                first["origin"].as_str().unwrap_or_default(),
-                first["reason"].as_str().unwrap_or_default(),
-                first["expires"]
-                    .as_str()
-                    .map_or("until removed".to_owned(), |t| format!("until {t}"))
-            ),
-            Some("list") => format!(
-                "on the reject list: {} ({})",
-                first["net"].as_str().unwrap_or_default(),
-                first["list"].as_str().unwrap_or_default()
-            ),
-            Some("cap") => format!(
-                "over its connection cap ({}): {}",
-                first["source"].as_str().unwrap_or_default(),
-                first["reason"].as_str().unwrap_or_default()
-            ),
-            _ => format!(
-                "blocked in the kernel ({})",
-                first["origin"].as_str().unwrap_or_default()
-            ),
-        };
         if enforced {
-            format!("dropped: {why}")
+            format!("dropped: {}", why(first))
         } else {
-            format!("not dropped (mode = \"observe\"), would be: {why}")
+            format!("not dropped (mode = \"observe\"), would be: {}", why(first))
         }
     } else {
         "not dropped: no block, list entry or cap covers it".to_owned()
     };
     matches.extend(allowed);
-    Ok(json!({
-        "address": ip.to_string(),
-        "dropped": blocked && enforced,
-        "verdict": verdict,
-        "matches": matches,
-    }))
+    Ok(BlockCheck {
+        address: ip.to_string(),
+        dropped: blocked && enforced,
+        verdict,
+        matches,
+    })
+}
+
+/// What a match of `block check` does to the address, for its verdict.
+fn why(entry: &Match) -> String {
+    match entry {
+        Match::Block(row) => format!(
+            "blocked by {} ({}: {}), {}",
+            row.net,
+            row.origin,
+            row.reason,
+            row.expires
+                .as_ref()
+                .map_or("until removed".to_owned(), |t| format!("until {t}"))
+        ),
+        Match::List(row) => format!(
+            "on the reject list: {} ({})",
+            row.net,
+            row.list.as_deref().unwrap_or_default()
+        ),
+        Match::Kernel { origin, .. } => format!("blocked in the kernel ({origin})"),
+        Match::Cap { source, reason, .. } => {
+            format!("over its connection cap ({source}): {reason}")
+        }
+        Match::AllowList { net, list } => format!("allow-listed by {net} ({list})"),
+    }
 }
 
 /// `block import`: blocks the CLI read from a file, defaults applied.
-fn block_import(agent: &AgentState<'_>, blocks: Vec<ImportBlock>) -> Value {
+fn block_import(agent: &AgentState<'_>, blocks: Vec<ImportBlock>) -> Imported {
     let now = SystemTime::now();
     let (mut added, mut not_in_kernel, mut expired) = (0u64, 0u64, 0u64);
     let mut errors = Vec::new();
@@ -596,70 +597,99 @@ fn block_import(agent: &AgentState<'_>, blocks: Vec<ImportBlock>) -> Value {
             "blocks imported"
         );
     }
-    json!({ "added": added, "not_in_kernel": not_in_kernel, "expired": expired, "errors": errors })
+    Imported {
+        added,
+        not_in_kernel,
+        expired,
+        errors,
+    }
 }
 
-fn stats(agent: &AgentState<'_>) -> Value {
+fn stats(agent: &AgentState<'_>) -> Stats {
     let s = &agent.ctx.stats;
     let kernel = agent.datapath.counters().ok().map(|c| {
         c.fields()
             .iter()
-            .map(|(k, v)| ((*k).to_owned(), json!(v)))
-            .collect::<serde_json::Map<_, _>>()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect()
     });
-    json!({
-        "kernel_status": agent.datapath.describe(),
-        "recipients": agent.ctx.recipients.as_ref().map(|r| r.stats()),
-        "filters": agent.ctx.filters.as_ref().map(|f| json!({
-            "verdicts": counts(f.stats.verdicts.list()),
-            "scanner_errors": counts(f.stats.scanner_errors.list()),
+    let slots = agent.ctx.backend_slots.counts();
+    Stats {
+        kernel_status: agent.datapath.describe(),
+        recipients: Some(
+            agent
+                .ctx
+                .recipients
+                .as_ref()
+                .and_then(|r| serde_json::to_value(r.stats()).ok()),
+        ),
+        filters: Some(agent.ctx.filters.as_ref().map(|f| FilterStats {
+            verdicts: counts(f.stats.verdicts.list()),
+            scanner_errors: counts(f.stats.scanner_errors.list()),
         })),
-        "kernel": kernel,
-        "cluster": agent.ctx.cluster.stats(),
-        "proxy": {
-            "sessions_open": s.sessions_open.load(Ordering::Relaxed),
-            "sessions_total": s.sessions_total.load(Ordering::Relaxed),
-            "messages": s.messages.load(Ordering::Relaxed),
-            "backend_errors": s.backend_errors.load(Ordering::Relaxed),
-            "blocks_issued": s.blocks_issued.load(Ordering::Relaxed),
-            "blocks_active": agent.ctx.blocks.len(),
-            "rejections": counts(s.rejections()),
-            "shed": counts(s.shed()),
-            "backend_slots": slots_json(agent.ctx.backend_slots.counts()),
-        },
-    })
+        kernel,
+        cluster: Some(Some(agent.ctx.cluster.stats()).filter(|c| !c.is_null())),
+        proxy: Some(ProxyStats {
+            sessions_open: s.sessions_open.load(Ordering::Relaxed),
+            sessions_total: s.sessions_total.load(Ordering::Relaxed),
+            messages: s.messages.load(Ordering::Relaxed),
+            backend_errors: s.backend_errors.load(Ordering::Relaxed),
+            blocks_issued: s.blocks_issued.load(Ordering::Relaxed),
+            blocks_active: agent.ctx.blocks.len(),
+            rejections: counts(s.rejections()),
+            shed: counts(s.shed()),
+            backend_slots: BackendSlots {
+                capacity: slots.capacity,
+                in_use: slots.in_use,
+                waiting: slots.waiting,
+                waits: slots.waits,
+                timeouts: slots.timeouts,
+            },
+        }),
+    }
 }
 
-/// The backend slots for `stats`.
-fn slots_json(slots: crate::proxy::slots::SlotCounts) -> Value {
-    json!({
-        "capacity": slots.capacity,
-        "in_use": slots.in_use,
-        "waiting": slots.waiting,
-        "waits": slots.waits,
-        "timeouts": slots.timeouts,
-    })
-}
-
-/// Counts by name as a JSON object.
-fn counts(list: Vec<(&'static str, u64)>) -> serde_json::Map<String, Value> {
+/// Counts by name, as `stats` shows them.
+fn counts(list: Vec<(&'static str, u64)>) -> BTreeMap<String, u64> {
     list.into_iter()
-        .map(|(name, n)| (name.to_owned(), json!(n)))
+        .map(|(name, n)| (name.to_owned(), n))
         .collect()
 }
 
-fn top(agent: &AgentState<'_>) -> Value {
+fn top(agent: &AgentState<'_>) -> Top {
     let mut connections = agent.datapath.connection_counts().unwrap_or_default();
     connections.sort_by_key(|c| std::cmp::Reverse(c.1));
     connections.truncate(20);
     let mut blocks = agent.datapath.blocks().unwrap_or_default();
     blocks.sort_by_key(|b| std::cmp::Reverse(b.drops));
     blocks.truncate(20);
-    json!({
-        "connections": connections.iter().map(|(net, n)| json!({"source": net.to_string(), "connections": n})).collect::<Vec<_>>(),
-        "drops": blocks.iter().map(|b| json!({"net": b.net.to_string(), "reason": origin_name(b.origin), "drops": b.drops})).collect::<Vec<_>>(),
-        "rejections": agent.ctx.stats.rejections().into_iter().map(|(k, v)| json!({"reason": k, "count": v})).collect::<Vec<_>>(),
-    })
+    Top {
+        connections: connections
+            .iter()
+            .map(|(net, n)| SourceConnections {
+                source: net.to_string(),
+                connections: u64::from(*n),
+            })
+            .collect(),
+        drops: blocks
+            .iter()
+            .map(|b| BlockDrops {
+                net: b.net.to_string(),
+                reason: origin_name(b.origin).to_owned(),
+                drops: b.drops,
+            })
+            .collect(),
+        rejections: agent
+            .ctx
+            .stats
+            .rejections()
+            .into_iter()
+            .map(|(reason, count)| RejectionCount {
+                reason: reason.to_owned(),
+                count,
+            })
+            .collect(),
+    }
 }
 
 #[cfg(test)]
@@ -718,11 +748,10 @@ mod tests {
         loop {
             let page = block_list(agent, origin, covering, after.take(), Some(rows)).unwrap();
             pages += 1;
-            let got = page["blocks"].as_array().unwrap();
-            assert!(got.len() <= rows, "{page}");
-            nets.extend(got.iter().map(|r| r["net"].as_str().unwrap().to_owned()));
-            match page.get("next").filter(|n| !n.is_null()) {
-                Some(next) => after = Some(serde_json::from_value(next.clone()).unwrap()),
+            assert!(page.blocks.len() <= rows, "{page:?}");
+            nets.extend(page.blocks.iter().map(|r| r.row().net.clone()));
+            match page.next {
+                Some(next) => after = Some(next),
                 None => return (nets, pages),
             }
         }
@@ -775,30 +804,24 @@ mod tests {
     fn block_check_names_the_block_the_list_and_the_allow_entry() {
         with_agent(&["198.51.100.0/24"], &[("192.0.2.7/32", 60)], |agent| {
             let check = block_check(agent, "192.0.2.7").unwrap();
-            assert_eq!(check["dropped"], true, "{check}");
-            assert!(
-                check["verdict"]
-                    .as_str()
-                    .unwrap()
-                    .contains("block 192.0.2.7/32"),
-                "{check}"
-            );
+            assert!(check.dropped, "{check:?}");
+            assert!(check.verdict.contains("block 192.0.2.7/32"), "{check:?}");
             let check = block_check(agent, "198.51.100.9").unwrap();
-            assert_eq!(check["dropped"], true, "{check}");
-            assert!(
-                check["verdict"].as_str().unwrap().contains("lists.reject"),
-                "{check}"
-            );
-            assert_eq!(block_check(agent, "192.0.2.8").unwrap()["dropped"], false);
+            assert!(check.dropped, "{check:?}");
+            assert!(check.verdict.contains("lists.reject"), "{check:?}");
+            assert!(!block_check(agent, "192.0.2.8").unwrap().dropped);
             agent.config.lists.allow = vec!["192.0.2.0/24".parse().unwrap()];
             let check = block_check(agent, "192.0.2.7").unwrap();
-            assert_eq!(check["dropped"], false, "{check}");
+            assert!(!check.dropped, "{check:?}");
             assert!(
-                check["verdict"]
-                    .as_str()
-                    .unwrap()
+                check
+                    .verdict
                     .contains("allow-listed by 192.0.2.0/24 (lists.allow)"),
-                "{check}"
+                "{check:?}"
+            );
+            assert!(
+                matches!(check.matches.last(), Some(Match::AllowList { .. })),
+                "allow entries come last: {check:?}"
             );
             assert!(
                 block_check(agent, "192.0.2.0/24").is_err(),

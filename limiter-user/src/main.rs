@@ -21,11 +21,16 @@ use limiter_user::{
     blocks::{origin_name, parse_origin, Reason},
     commands,
     config::{self, Config},
-    control::{self, ClientError, Request},
+    control::{
+        self, AllowChanged, BlockAdded, BlockCheck, BlockPage, BlockRemoved, BlockRow, ClientError,
+        Entry, Imported, LimitSet, LimitsShown, Match, RecipientCheck, Reloaded, Request, Stats,
+        Top,
+    },
     exchange::{self, Format},
     kernel::{BpfDatapath, Datapath},
 };
-use serde_json::{json, Value};
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::Value;
 
 /// Where the agent and the CLI read their configuration unless `--config`
 /// names another file (the Debian package installs it as a conffile).
@@ -515,7 +520,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             common,
         }) => {
             let (origin, comment) = add_origin(origin.as_deref(), reason.as_deref())?;
-            let data = change(
+            let data: BlockAdded = change(
                 &common,
                 Request::BlockAdd {
                     net,
@@ -524,7 +529,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                     comment: comment.clone(),
                 },
             )?;
-            let net = data["net"].as_str().unwrap_or_default();
+            let net = &data.net;
             let why = match &comment {
                 Some(text) => format!("{origin}: {text}"),
                 None => origin,
@@ -533,23 +538,23 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 Some(d) => println!(
                     "blocked {net} for {} ({why}); kernel: {}",
                     humantime::format_duration(d),
-                    data["kernel"].as_str().unwrap_or("?")
+                    data.kernel
                 ),
                 None => println!(
                     "blocked {net} until removed ({why}); kernel: {}",
-                    data["kernel"].as_str().unwrap_or("?")
+                    data.kernel
                 ),
             }
             Ok(())
         }
         Command::Block(BlockCommand::Del { net, common }) => {
-            let data = change(&common, Request::BlockDel { net })?;
-            match data["still_listed"].as_str() {
+            let data: BlockRemoved = change(&common, Request::BlockDel { net })?;
+            match data.still_listed {
                 Some(list) => println!(
                     "unblocked {}; it stays dropped by its reject-list entry ({list})",
-                    data["net"].as_str().unwrap_or_default()
+                    data.net
                 ),
-                None => println!("unblocked {}", data["net"].as_str().unwrap_or_default()),
+                None => println!("unblocked {}", data.net),
             }
             Ok(())
         }
@@ -578,42 +583,32 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             common,
         }) => block_export(&common, format, origin, output),
         Command::Allow(AllowCommand::Add { net, common }) => {
-            let data = change(&common, Request::AllowAdd { net })?;
+            let data: AllowChanged = change(&common, Request::AllowAdd { net })?;
             println!(
                 "allowed {} (live; add it to lists.allow to keep it)",
-                data["net"].as_str().unwrap_or_default()
+                data.net
             );
             Ok(())
         }
         Command::Allow(AllowCommand::Del { net, common }) => {
-            let data = change(&common, Request::AllowDel { net })?;
-            println!(
-                "removed {} from the allow list (live)",
-                data["net"].as_str().unwrap_or_default()
-            );
+            let data: AllowChanged = change(&common, Request::AllowDel { net })?;
+            println!("removed {} from the allow list (live)", data.net);
             Ok(())
         }
         Command::Allow(AllowCommand::List { common }) => {
-            let data = read(&common, Request::AllowList, |pins| {
-                Ok(json!(pins
-                    .allows()?
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()))
+            let nets: Vec<String> = read(&common, Request::AllowList, |pins| {
+                Ok(pins.allows()?.iter().map(ToString::to_string).collect())
             })?;
             if common.json {
-                println!("{}", serde_json::to_string_pretty(&data)?);
+                println!("{}", serde_json::to_string_pretty(&nets)?);
             } else {
-                data.as_array()
-                    .into_iter()
-                    .flatten()
-                    .for_each(|n| println!("{}", n.as_str().unwrap_or_default()));
+                nets.iter().for_each(|n| println!("{n}"));
             }
             Ok(())
         }
         Command::Limits(LimitsCommand::Show { common }) => {
-            let data = change(&common, Request::LimitsShow)?;
-            print_value(&common, &data);
+            let data: LimitsShown = change(&common, Request::LimitsShow)?;
+            print_value(&common, &data)?;
             Ok(())
         }
         Command::Limits(LimitsCommand::Set {
@@ -621,54 +616,63 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             value,
             common,
         }) => {
-            let data = change(&common, Request::LimitsSet { name, value })?;
+            let data: LimitSet = change(&common, Request::LimitsSet { name, value })?;
             println!(
                 "{} = {}: in force now, in the kernel and the proxy. Not persisted: {}",
-                data["name"].as_str().unwrap_or_default(),
-                data["value"].as_str().unwrap_or_default(),
-                data["note"].as_str().unwrap_or_default()
+                data.name, data.value, data.note
             );
             Ok(())
         }
         Command::Recipients(RecipientsCommand::Check { address, common }) => answer(
-            change(&common, Request::RecipientsCheck { address }).map(|data| {
-                print_value(&common, &data);
-                data["lookup"] == "known"
-            }),
+            change(&common, Request::RecipientsCheck { address }).and_then(
+                |data: RecipientCheck| {
+                    print_value(&common, &data)?;
+                    Ok(data.lookup == "known")
+                },
+            ),
         ),
+        // The recipients module's stats and refresh report are only written
+        // (`control::Answer`): read as JSON, printed as they come.
         Command::Recipients(RecipientsCommand::Stats { common }) => {
-            let data = change(&common, Request::RecipientsStats)?;
-            print_value(&common, &data);
-            Ok(())
+            let data: Value = change(&common, Request::RecipientsStats)?;
+            print_value(&common, &data)
         }
         Command::Recipients(RecipientsCommand::Refresh { force, common }) => {
-            let data = change(&common, Request::RecipientsRefresh { force })?;
-            print_value(&common, &data);
-            Ok(())
+            let data: Value = change(&common, Request::RecipientsRefresh { force })?;
+            print_value(&common, &data)
         }
         Command::Stats { common } => {
             let data = read(&common, Request::Stats, |pins| {
                 let counters = pins.counters()?;
-                Ok(json!({
-                    "kernel_status": pins.describe(),
-                    "kernel": counters.fields().iter().map(|(k, v)| ((*k).to_owned(), json!(v))).collect::<serde_json::Map<_, _>>(),
-                    "proxy": null,
-                }))
+                Ok(Stats {
+                    kernel_status: pins.describe(),
+                    kernel: Some(
+                        counters
+                            .fields()
+                            .iter()
+                            .map(|(k, v)| ((*k).to_owned(), *v))
+                            .collect(),
+                    ),
+                    // Only the agent knows these.
+                    proxy: None,
+                    recipients: None,
+                    filters: None,
+                    cluster: None,
+                })
             })?;
-            print_value(&common, &data);
-            Ok(())
+            print_value(&common, &data)
         }
         Command::Top {
             once,
             interval,
             common,
         } => loop {
-            let data = change(&common, Request::Top)?;
+            let data: Top = change(&common, Request::Top)?;
             if !once && !common.json {
                 // Clear the screen and go home: the frame refreshes in place.
                 print!("\x1b[2J\x1b[H");
             }
-            print_top(&common, &data);
+            print_top(&common, &data)?;
             let _ = std::io::stdout().flush();
             if once || common.json {
                 return Ok(());
@@ -676,22 +680,16 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_secs(interval.max(1)));
         },
         Command::Reload { common } => {
-            let data = change(&common, Request::Reload)?;
+            let data: Reloaded = change(&common, Request::Reload)?;
             if common.json {
-                println!("{data}");
+                println!("{}", json_value(&data)?);
                 return Ok(());
             }
-            println!("reloaded {}", data["reloaded"].as_str().unwrap_or_default());
-            let restart_needed: Vec<&str> = data["restart_needed"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|s| s.as_str())
-                .collect();
-            if !restart_needed.is_empty() {
+            println!("reloaded {}", data.reloaded);
+            if !data.restart_needed.is_empty() {
                 println!(
                     "changed but in force only after a restart (systemctl restart smtp-limiter): {}",
-                    restart_needed.join(", ")
+                    data.restart_needed.join(", ")
                 );
             }
             Ok(())
@@ -804,8 +802,9 @@ fn load_config_from(common: &Common) -> anyhow::Result<(PathBuf, Config)> {
     Ok((path, config))
 }
 
-/// A request that needs the running agent.
-fn change(common: &Common, request: Request) -> anyhow::Result<Value> {
+/// A request that needs the running agent; its answer, read as `T` (the
+/// request's answer type, [`control::Answer`]).
+fn change<T: DeserializeOwned>(common: &Common, request: Request) -> anyhow::Result<T> {
     let config = load_config(common)?;
     match control::request(&config.control.socket, &request) {
         Ok(response) => data(response),
@@ -817,9 +816,11 @@ fn change(common: &Common, request: Request) -> anyhow::Result<Value> {
 }
 
 /// The data of the agent's response, or its error.
-fn data(response: control::Response) -> anyhow::Result<Value> {
+fn data<T>(response: control::Response<T>) -> anyhow::Result<T> {
     if response.ok {
-        Ok(response.data.unwrap_or(Value::Null))
+        response
+            .data
+            .context("the agent answered without data: is it another version?")
     } else {
         bail!(
             "{}",
@@ -829,11 +830,11 @@ fn data(response: control::Response) -> anyhow::Result<Value> {
 }
 
 /// A read: from the agent, or from the pinned maps when it is not running.
-fn read(
+fn read<T: DeserializeOwned>(
     common: &Common,
     request: Request,
-    from_pins: impl FnOnce(&BpfDatapath) -> anyhow::Result<Value>,
-) -> anyhow::Result<Value> {
+    from_pins: impl FnOnce(&BpfDatapath) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let config = load_config(common)?;
     match control::request(&config.control.socket, &request) {
         Ok(response) => data(response),
@@ -854,12 +855,22 @@ fn read(
     }
 }
 
-fn print_value(common: &Common, data: &Value) {
+/// An answer as JSON with its keys sorted, as the CLI has always printed
+/// them (scripts may compare the text).
+fn json_value(data: &impl Serialize) -> anyhow::Result<Value> {
+    serde_json::to_value(data).context("writing the answer as JSON")
+}
+
+/// Prints an answer as JSON with `--json`, else as a tree of `key: value`
+/// lines.
+fn print_value(common: &Common, data: &impl Serialize) -> anyhow::Result<()> {
+    let data = json_value(data)?;
     if common.json {
-        println!("{}", serde_json::to_string_pretty(data).unwrap_or_default());
-        return;
+        println!("{}", serde_json::to_string_pretty(&data)?);
+    } else {
+        print_tree(&data, 0);
     }
-    print_tree(data, 0);
+    Ok(())
 }
 
 /// Prints nested JSON as indented `key: value` lines.
@@ -974,49 +985,40 @@ fn block_check(common: &Common, address: String) -> anyhow::Result<bool> {
                 "not dropped: no block in the kernel covers it".to_owned(),
             ),
         };
-        Ok(
-            json!({ "address": ip.to_string(), "dropped": dropped, "verdict": verdict, "matches": [] }),
-        )
+        Ok(BlockCheck {
+            address: ip.to_string(),
+            dropped,
+            verdict,
+            matches: Vec::new(),
+        })
     })?;
     if common.json {
-        println!("{}", serde_json::to_string_pretty(&data)?);
+        println!("{}", serde_json::to_string_pretty(&json_value(&data)?)?);
     } else {
-        println!(
-            "{}: {}",
-            data["address"].as_str().unwrap_or_default(),
-            data["verdict"].as_str().unwrap_or_default()
-        );
-        for m in data["matches"].as_array().into_iter().flatten() {
-            let what = match m["kind"].as_str().unwrap_or_default() {
-                "block" => format!(
+        println!("{}: {}", data.address, data.verdict);
+        for m in &data.matches {
+            let what = match m {
+                Match::Block(row) => format!(
                     "block {} origin={} reason={:?} expires={} in_kernel={}",
-                    m["net"].as_str().unwrap_or_default(),
-                    m["origin"].as_str().unwrap_or_default(),
-                    m["reason"].as_str().unwrap_or_default(),
-                    m["expires"].as_str().unwrap_or("never"),
-                    m["in_kernel"]
+                    row.net,
+                    row.origin,
+                    row.reason,
+                    row.expires.as_deref().unwrap_or("never"),
+                    row.in_kernel.map_or("null".to_owned(), |k| k.to_string())
                 ),
-                "list" => format!(
+                Match::List(row) => format!(
                     "reject-list {} ({})",
-                    m["net"].as_str().unwrap_or_default(),
-                    m["list"].as_str().unwrap_or_default()
+                    row.net,
+                    row.list.as_deref().unwrap_or_default()
                 ),
-                "allow-list" => format!(
-                    "allow-list {} ({})",
-                    m["net"].as_str().unwrap_or_default(),
-                    m["list"].as_str().unwrap_or_default()
-                ),
-                "cap" => format!(
-                    "cap {}: {}",
-                    m["source"].as_str().unwrap_or_default(),
-                    m["reason"].as_str().unwrap_or_default()
-                ),
-                other => format!("{other} {}", m),
+                Match::AllowList { net, list } => format!("allow-list {net} ({list})"),
+                Match::Cap { source, reason, .. } => format!("cap {source}: {reason}"),
+                Match::Kernel { .. } => format!("kernel {}", json_value(m)?),
             };
             println!("  {what}");
         }
     }
-    Ok(data["dropped"] == true)
+    Ok(data.dropped)
 }
 
 /// Calls `each` with every row `block list` would show, page by page
@@ -1026,7 +1028,7 @@ fn each_block_row(
     origin: Option<&str>,
     covering: Option<&str>,
     limit: Option<usize>,
-    mut each: impl FnMut(&Value) -> anyhow::Result<()>,
+    mut each: impl FnMut(&Entry) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     if let Some(origin) = origin {
         parse_origin(origin).map_err(anyhow::Error::msg)?;
@@ -1044,7 +1046,7 @@ fn each_block_row(
             after: after.take(),
             rows: Some(left.min(commands::MAX_PAGE_ROWS)),
         };
-        let data = match control::request(&config.control.socket, &request) {
+        let page: BlockPage = match control::request(&config.control.socket, &request) {
             Ok(response) => data(response)?,
             Err(ClientError::NotRunning { .. }) => {
                 eprintln!(
@@ -1068,27 +1070,38 @@ fn each_block_row(
                     .filter(|b| covering_net.is_none_or(|c| b.net.contains(&c)))
                     .take(left)
                 {
-                    each(&json!({
-                        "kind": if b.origin == Some(Reason::RejectList) { "list" } else { "block" },
-                        "net": b.net.to_string(),
-                        "origin": origin_name(b.origin),
-                        "reason": origin_name(b.origin),
-                        "comment": null,
-                        "since": null,
-                        "expires": b.expires.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
-                        "drops": b.drops,
-                    }))?;
+                    // The maps hold no reason text, start, repeat or list name.
+                    let row = BlockRow {
+                        net: b.net.to_string(),
+                        origin: origin_name(b.origin).to_owned(),
+                        reason: origin_name(b.origin).to_owned(),
+                        comment: None,
+                        list: None,
+                        since: None,
+                        expires: b
+                            .expires
+                            .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                        repeat: None,
+                        in_kernel: None,
+                        drops: Some(Some(b.drops)),
+                        node: None,
+                    };
+                    each(&if b.origin == Some(Reason::RejectList) {
+                        Entry::List(row)
+                    } else {
+                        Entry::Block(row)
+                    })?;
                 }
                 return Ok(());
             }
             Err(e) => return Err(e.into()),
         };
-        for row in data["blocks"].as_array().into_iter().flatten().take(left) {
+        for row in page.blocks.iter().take(left) {
             each(row)?;
             left -= 1;
         }
-        match data.get("next").filter(|n| !n.is_null()) {
-            Some(next) => after = Some(serde_json::from_value(next.clone())?),
+        match page.next {
+            Some(next) => after = Some(next),
             None => break,
         }
     }
@@ -1117,27 +1130,29 @@ fn block_list(
         origin.as_deref(),
         covering.as_deref(),
         limit,
-        |row| {
+        |entry| {
             if common.json {
+                let row = json_value(entry)?;
                 write!(out, "{}\n  {row}", if rows == 0 { "" } else { "," })?;
             } else {
-                let mut reason = match (row["list"].as_str(), row["comment"].as_str()) {
+                let row = entry.row();
+                let mut reason = match (&row.list, &row.comment) {
                     (Some(list), _) => format!("list {list}"),
-                    (None, Some(comment)) => comment.to_owned(),
+                    (None, Some(comment)) => comment.clone(),
                     (None, None) => String::new(),
                 };
                 // Decided by another edge host ([cluster]).
-                if let Some(node) = row["node"].as_str() {
+                if let Some(node) = &row.node {
                     reason = format!("{reason} (node {node})").trim_start().to_owned();
                 }
                 writeln!(
                     out,
                     "{:<43} {:<12} {:<22} {:>8} {reason}",
-                    row["net"].as_str().unwrap_or_default(),
-                    row["origin"].as_str().unwrap_or_default(),
-                    row["expires"].as_str().unwrap_or("never"),
-                    row["drops"]
-                        .as_u64()
+                    row.net,
+                    row.origin,
+                    row.expires.as_deref().unwrap_or("never"),
+                    row.drops
+                        .flatten()
                         .map_or("-".to_owned(), |d| d.to_string()),
                 )?;
             }
@@ -1234,21 +1249,15 @@ fn block_import(
     let mut batch: Vec<control::ImportBlock> = Vec::new();
     let mut size = 0;
     let mut send = |batch: Vec<control::ImportBlock>| -> anyhow::Result<()> {
-        let response = match control::request(&config.control.socket, &Request::BlockImport { blocks: batch }) {
+        let response: Imported = match control::request(&config.control.socket, &Request::BlockImport { blocks: batch }) {
             Ok(response) => data(response)?,
             Err(e @ ClientError::NotRunning { .. }) => bail!("{e}; blocks are imported through the running agent: start it with `smtp-limiter run`"),
             Err(e) => return Err(e.into()),
         };
-        added += response["added"].as_u64().unwrap_or(0);
-        not_in_kernel += response["not_in_kernel"].as_u64().unwrap_or(0);
-        expired += response["expired"].as_u64().unwrap_or(0);
-        errors.extend(
-            response["errors"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|e| e.as_str().map(str::to_owned)),
-        );
+        added += response.added;
+        not_in_kernel += response.not_in_kernel;
+        expired += response.expired;
+        errors.extend(response.errors);
         Ok(())
     };
     for block in blocks {
@@ -1292,22 +1301,21 @@ fn block_export(
     };
     let now = SystemTime::now();
     let mut writer = exchange::Writer::new(out, format, now)?;
-    let time = |v: &Value| {
-        v.as_str()
+    let time = |t: &Option<String>| {
+        t.as_deref()
             .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
     };
-    each_block_row(common, origin.as_deref(), None, None, |row| {
-        if row["kind"] != "block" {
+    each_block_row(common, origin.as_deref(), None, None, |entry| {
+        let Entry::Block(row) = entry else {
             return Ok(());
-        }
-        let net = config::parse_cidr(row["net"].as_str().unwrap_or_default())
-            .map_err(anyhow::Error::msg)?;
+        };
+        let net = config::parse_cidr(&row.net).map_err(anyhow::Error::msg)?;
         writer.write(&exchange::Exported {
             net,
-            origin: row["origin"].as_str().unwrap_or("manual").to_owned(),
-            reason: row["comment"].as_str().map(str::to_owned),
-            expires: time(&row["expires"]),
-            since: time(&row["since"]),
+            origin: row.origin.clone(),
+            reason: row.comment.clone(),
+            expires: time(&row.expires),
+            since: time(&row.since),
         })?;
         Ok(())
     })?;
@@ -1318,38 +1326,26 @@ fn block_export(
     Ok(())
 }
 
-fn print_top(common: &Common, data: &Value) {
+fn print_top(common: &Common, data: &Top) -> anyhow::Result<()> {
     if common.json {
-        println!("{}", serde_json::to_string_pretty(data).unwrap_or_default());
-        return;
+        println!("{}", serde_json::to_string_pretty(&json_value(data)?)?);
+        return Ok(());
     }
     println!(
         "smtp-limiter top — {}",
         humantime::format_rfc3339_seconds(SystemTime::now())
     );
     println!("\n{:<43} {:>11}", "SOURCE", "CONNECTIONS");
-    for c in data["connections"].as_array().into_iter().flatten() {
-        println!(
-            "{:<43} {:>11}",
-            c["source"].as_str().unwrap_or_default(),
-            scalar(&c["connections"])
-        );
+    for c in &data.connections {
+        println!("{:<43} {:>11}", c.source, c.connections);
     }
     println!("\n{:<43} {:<12} {:>10}", "BLOCKED", "REASON", "DROPS");
-    for b in data["drops"].as_array().into_iter().flatten() {
-        println!(
-            "{:<43} {:<12} {:>10}",
-            b["net"].as_str().unwrap_or_default(),
-            b["reason"].as_str().unwrap_or_default(),
-            scalar(&b["drops"])
-        );
+    for b in &data.drops {
+        println!("{:<43} {:<12} {:>10}", b.net, b.reason, b.drops);
     }
     println!("\n{:<30} {:>10}", "REFUSED BY THE PROXY", "COUNT");
-    for r in data["rejections"].as_array().into_iter().flatten() {
-        println!(
-            "{:<30} {:>10}",
-            r["reason"].as_str().unwrap_or_default(),
-            scalar(&r["count"])
-        );
+    for r in &data.rejections {
+        println!("{:<30} {:>10}", r.reason, r.count);
     }
+    Ok(())
 }

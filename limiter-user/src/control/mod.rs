@@ -2,7 +2,12 @@
 //! agent. A Unix socket (mode 0600: only root and the agent's user may
 //! change anything), one JSON request per line, one JSON response per line.
 //! The server only parses and forwards requests; the agent's main loop
-//! carries them out one at a time, so they never race with reloads.
+//! carries them out one at a time, so they never race with reloads. What
+//! it answers to each request is in [`answers`].
+
+mod answers;
+
+pub use answers::*;
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -11,14 +16,15 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader},
     net::UnixListener,
     sync::{mpsc, oneshot},
 };
 
-/// Longest request line accepted.
+/// Longest request line accepted (its newline aside); a longer one is
+/// refused and its connection closed.
 const MAX_REQUEST: usize = 64 * 1024;
 
 /// What the CLI asks.
@@ -111,25 +117,31 @@ pub struct ImportBlock {
     pub since_unix: Option<u64>,
 }
 
-/// The agent's answer: `data` on success, `error` otherwise.
+/// The agent's response: `data` on success, `error` otherwise. The agent
+/// sends an [`Answer`]; the CLI reads `data` as the answer type of the
+/// request it sent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Response {
+// `data`'s default is `None`: no `T: Default`.
+#[serde(bound(deserialize = "T: Deserialize<'de>"))]
+pub struct Response<T = Answer> {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<serde_json::Value>,
+    pub data: Option<T>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
 impl Response {
-    pub fn ok(data: serde_json::Value) -> Self {
+    pub fn ok(data: Answer) -> Self {
         Self {
             ok: true,
             data: Some(data),
             error: None,
         }
     }
+}
 
+impl<T> Response<T> {
     pub fn error(message: impl Into<String>) -> Self {
         Self {
             ok: false,
@@ -174,32 +186,50 @@ pub async fn serve(listener: UnixListener, agent: mpsc::Sender<Envelope>) {
             continue;
         };
         let agent = agent.clone();
-        tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            // One client's requests together stay under the bound.
-            let mut lines = tokio::io::BufReader::new(read.take(MAX_REQUEST as u64)).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let response = match serde_json::from_str::<Request>(&line) {
-                    Ok(request) => {
-                        let (tx, rx) = oneshot::channel();
-                        if agent.send((request, tx)).await.is_err() {
-                            Response::error("the agent is stopping")
-                        } else {
-                            rx.await.unwrap_or_else(|_| {
-                                Response::error("the agent dropped the request")
-                            })
-                        }
+        tokio::spawn(answer_connection(stream, agent));
+    }
+}
+
+/// Answers one client's requests, one line each, until it hangs up or
+/// sends a line longer than [`MAX_REQUEST`] (answered with an error, then
+/// the connection is closed: nothing past the bound is buffered).
+async fn answer_connection(stream: tokio::net::UnixStream, agent: mpsc::Sender<Envelope>) {
+    let (read, mut write) = stream.into_split();
+    let mut read = AsyncBufReader::new(read);
+    loop {
+        let mut line = Vec::new();
+        // One byte past the bound tells an overlong line from one that
+        // fills it exactly.
+        let mut bounded = (&mut read).take(MAX_REQUEST as u64 + 1);
+        match bounded.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let overlong = line.last() != Some(&b'\n') && line.len() > MAX_REQUEST;
+        let response = if overlong {
+            Response::error(format!(
+                "bad request: longer than {} KiB",
+                MAX_REQUEST / 1024
+            ))
+        } else {
+            match serde_json::from_slice::<Request>(&line) {
+                Ok(request) => {
+                    let (tx, rx) = oneshot::channel();
+                    if agent.send((request, tx)).await.is_err() {
+                        Response::error("the agent is stopping")
+                    } else {
+                        rx.await
+                            .unwrap_or_else(|_| Response::error("the agent dropped the request"))
                     }
-                    Err(e) => Response::error(format!("bad request: {e}")),
-                };
-                let mut text =
-                    serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".into());
-                text.push('\n');
-                if write.write_all(text.as_bytes()).await.is_err() {
-                    return;
                 }
+                Err(e) => Response::error(format!("bad request: {e}")),
             }
-        });
+        };
+        let mut text = serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".into());
+        text.push('\n');
+        if write.write_all(text.as_bytes()).await.is_err() || overlong {
+            return;
+        }
     }
 }
 
@@ -220,11 +250,15 @@ pub enum ClientError {
     BadResponse { path: PathBuf, message: String },
 }
 
-/// Sends one request to the agent at `path` and waits for its response.
+/// Sends one request to the agent at `path` and waits for its response,
+/// whose data is read as `T`: the answer type of `request`.
 ///
 /// # Errors
 /// The agent is not running, or the exchange failed.
-pub fn request(path: &Path, request: &Request) -> Result<Response, ClientError> {
+pub fn request<T: DeserializeOwned>(
+    path: &Path,
+    request: &Request,
+) -> Result<Response<T>, ClientError> {
     let io = |source| ClientError::Io {
         path: path.to_owned(),
         source,
@@ -294,9 +328,17 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn server_forwards_requests_and_answers() {
-        let dir = std::env::temp_dir().join(format!("smtp-limiter-control-{}", std::process::id()));
+    /// A control socket in a directory of its own, served by an agent
+    /// that answers every request with the allow list `["<request>"]`;
+    /// runs `client` on it (blocking) and removes the directory.
+    async fn with_server<T: Send + 'static>(
+        name: &str,
+        client: impl FnOnce(PathBuf) -> T + Send + 'static,
+    ) -> T {
+        let dir = std::env::temp_dir().join(format!(
+            "smtp-limiter-control-{name}-{}",
+            std::process::id()
+        ));
         let path = dir.join("control.sock");
         let listener = bind(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
@@ -309,18 +351,95 @@ mod tests {
         tokio::spawn(serve(listener, tx));
         tokio::spawn(async move {
             while let Some((request, answer)) = rx.recv().await {
-                let _ = answer.send(Response::ok(
-                    serde_json::json!({ "echo": format!("{request:?}") }),
-                ));
+                let _ = answer.send(Response::ok(Answer::AllowList(vec![format!(
+                    "{request:?}"
+                )])));
             }
         });
-        let client_path = path.clone();
-        let response = tokio::task::spawn_blocking(move || request(&client_path, &Request::Reload))
+        let result = tokio::task::spawn_blocking(move || client(path))
             .await
-            .unwrap()
             .unwrap();
-        assert!(response.ok);
-        assert_eq!(response.data.unwrap()["echo"], "Reload");
         std::fs::remove_dir_all(&dir).unwrap();
+        result
+    }
+
+    #[tokio::test]
+    async fn server_forwards_requests_and_answers() {
+        let response = with_server("forwards", |path| {
+            request::<Vec<String>>(&path, &Request::Reload).unwrap()
+        })
+        .await;
+        assert!(response.ok);
+        assert_eq!(response.data.unwrap(), ["Reload"]);
+    }
+
+    /// Sends `line` and reads one response line.
+    fn exchange(stream: &mut BufReader<UnixStream>, line: &[u8]) -> Response<Vec<String>> {
+        stream.get_mut().write_all(line).unwrap();
+        let mut answer = String::new();
+        stream.read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+    }
+
+    #[tokio::test]
+    async fn one_connection_carries_requests_past_the_line_bound_in_total() {
+        let answered = with_server("many", |path| {
+            let mut stream = BufReader::new(UnixStream::connect(path).unwrap());
+            // 2000 requests of 100 bytes: three times the line bound.
+            let line = format!(
+                "{}\n",
+                serde_json::to_string(&Request::BlockCheck {
+                    address: "x".repeat(61)
+                })
+                .unwrap()
+            );
+            assert_eq!(line.len(), 100);
+            (0..2000)
+                .filter(|_| exchange(&mut stream, line.as_bytes()).ok)
+                .count()
+        })
+        .await;
+        assert_eq!(answered, 2000);
+    }
+
+    #[tokio::test]
+    async fn an_overlong_line_is_refused_and_the_connection_closed() {
+        let (fits, refused, after) = with_server("overlong", |path| {
+            let mut stream = BufReader::new(UnixStream::connect(path).unwrap());
+            stream
+                .get_ref()
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            // Exactly the bound fits: the request is padded with spaces.
+            let request = serde_json::to_string(&Request::Stats).unwrap();
+            let mut fits = request.clone().into_bytes();
+            fits.resize(MAX_REQUEST, b' ');
+            fits.push(b'\n');
+            let fits = exchange(&mut stream, &fits);
+            let mut overlong = request.into_bytes();
+            overlong.resize(MAX_REQUEST + 1, b' ');
+            overlong.push(b'\n');
+            let refused = exchange(&mut stream, &overlong);
+            // Closed: an end of file, or a reset (Linux resets a Unix
+            // socket closed with unread bytes: the overlong line's newline).
+            let mut after = String::new();
+            let closed = match stream.read_line(&mut after) {
+                Ok(n) => n == 0,
+                Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            };
+            (fits, refused, closed)
+        })
+        .await;
+        assert!(fits.ok, "{fits:?}");
+        assert!(!refused.ok);
+        assert!(
+            refused
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("longer than 64 KiB"),
+            "{refused:?}"
+        );
+        assert!(after, "closed after the refusal");
     }
 }
