@@ -96,19 +96,10 @@ fn run(agent: &mut AgentState<'_>, request: Request) -> Result<Answer, String> {
         }
         Request::BlockDel { net } => {
             let net = parse_net(&net)?;
-            let in_proxy = agent.ctx.blocks.remove(&net);
             let lists = ListSet::of(&agent.config.lists);
             let listed = lists.reject.get(&net.trunc());
-            let in_kernel = match listed {
-                // The list's own entry goes back in place of the block.
-                Some(_) => {
-                    let _ = agent.datapath.block(net, None, Reason::RejectList);
-                    false
-                }
-                None => agent.datapath.unblock(net).unwrap_or(false),
-            };
-            agent.ctx.state.unblock(net);
-            if !in_proxy && !in_kernel {
+            let lifted = agent.ctx.lift(net, listed.is_some());
+            if !lifted.in_table && !lifted.in_kernel {
                 return Err(match listed {
                     Some(source) => format!("{net} is on a reject list ({source}), not a block: remove it there and reload"),
                     None => format!("{net} is not blocked"),

@@ -423,19 +423,13 @@ impl Applier {
                 self.remember(net, node);
             }
             Event::Unblock { net, node } => {
-                let in_proxy = self.ctx.blocks.remove(&net);
-                let in_kernel = match rules.reject.reject.get(&net) {
-                    // The list's own entry goes back in place of the block.
-                    Some(_) => self.ctx.kernel.block(net, None, Reason::RejectList).is_ok(),
-                    None => self.ctx.kernel.unblock(net).unwrap_or(false),
-                };
-                self.ctx.state.unblock(net);
+                let lifted = self.ctx.lift(net, rules.reject.reject.get(&net).is_some());
                 self.shared
                     .nodes
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&net);
-                if in_proxy || in_kernel {
+                if lifted.in_table || lifted.in_kernel {
                     self.shared.applied.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(%net, node, action = "unblock", by = "cluster", "block removed");
                 }

@@ -386,6 +386,28 @@ impl ProxyContext {
         pushed
     }
 
+    /// Takes the block on `net` away, whoever asked (the CLI, another edge
+    /// host): from the table and the kernel's maps, where a reject list
+    /// that holds `net` (`listed`) gets its permanent entry back; and the
+    /// source's block history goes, so a next block starts from the first
+    /// level.
+    pub fn lift(&self, net: ipnet::IpNet, listed: bool) -> Lifted {
+        let in_table = self.blocks.remove(&net);
+        let in_kernel = if listed {
+            let _ = self
+                .kernel
+                .block(net, None, limiter_common::Reason::RejectList);
+            false
+        } else {
+            self.kernel.unblock(net).unwrap_or(false)
+        };
+        self.state.unblock(net);
+        Lifted {
+            in_table,
+            in_kernel,
+        }
+    }
+
     /// Carries out a block: the proxy's own list and the kernel's maps.
     pub fn block(&self, order: &BlockOrder) {
         // `order.duration` is at most `limits.max_block_duration`, which
@@ -422,6 +444,16 @@ impl ProxyContext {
             "source blocked"
         );
     }
+}
+
+/// What [`ProxyContext::lift`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifted {
+    /// The table held a block on the network.
+    pub in_table: bool,
+    /// The kernel held a block on it that is gone (a listed network's
+    /// entry stays: `false`).
+    pub in_kernel: bool,
 }
 
 /// A bound listener and how it speaks.
