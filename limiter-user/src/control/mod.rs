@@ -3,7 +3,7 @@
 //! change anything), one JSON request per line, one JSON response per line.
 //! The server only parses and forwards requests; the agent's main loop
 //! carries them out one at a time, so they never race with reloads. What
-//! it answers to each request is in [`answers`].
+//! it answers to each request is an [`Answer`] (`control/answers.rs`).
 
 mod answers;
 
