@@ -607,19 +607,13 @@ fn stats(agent: &AgentState<'_>) -> Stats {
     let slots = agent.ctx.backend_slots.counts();
     Stats {
         kernel_status: agent.datapath.describe(),
-        recipients: Some(
-            agent
-                .ctx
-                .recipients
-                .as_ref()
-                .and_then(|r| serde_json::to_value(r.stats()).ok()),
-        ),
+        recipients: Some(agent.ctx.recipients.as_ref().map(|r| r.stats())),
         filters: Some(agent.ctx.filters.as_ref().map(|f| FilterStats {
             verdicts: counts(f.stats.verdicts.list()),
             scanner_errors: counts(f.stats.scanner_errors.list()),
         })),
         kernel,
-        cluster: Some(Some(agent.ctx.cluster.stats()).filter(|c| !c.is_null())),
+        cluster: Some(agent.ctx.cluster.stats()),
         proxy: Some(ProxyStats {
             sessions_open: s.sessions_open.load(Ordering::Relaxed),
             sessions_total: s.sessions_total.load(Ordering::Relaxed),

@@ -28,6 +28,7 @@ use limiter_user::{
     },
     exchange::{self, Format},
     kernel::{BpfDatapath, Datapath},
+    recipients::{RecipientStats, RefreshReport},
 };
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
@@ -631,14 +632,12 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 },
             ),
         ),
-        // The recipients module's stats and refresh report are only written
-        // (`control::Answer`): read as JSON, printed as they come.
         Command::Recipients(RecipientsCommand::Stats { common }) => {
-            let data: Value = change(&common, Request::RecipientsStats)?;
+            let data: RecipientStats = change(&common, Request::RecipientsStats)?;
             print_value(&common, &data)
         }
         Command::Recipients(RecipientsCommand::Refresh { force, common }) => {
-            let data: Value = change(&common, Request::RecipientsRefresh { force })?;
+            let data: RefreshReport = change(&common, Request::RecipientsRefresh { force })?;
             print_value(&common, &data)
         }
         Command::Stats { common } => {

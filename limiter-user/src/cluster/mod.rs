@@ -31,7 +31,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
 use crate::{
     blocks::{Block, Reason},
@@ -294,33 +294,75 @@ impl Cluster {
         })
     }
 
-    /// `stats`' `cluster` object; null without a cluster. `counters`
-    /// (null without `share_counters`): the counted events sent to Redis,
+    /// `stats`' `cluster` object; `None` without a cluster.
+    pub fn stats(&self) -> Option<ClusterStats> {
+        let c = self.counts()?;
+        Some(ClusterStats {
+            state: LinkState::of(c.up),
+            node: c.node,
+            published: c.published,
+            applied: c.applied,
+            observed: c.observed,
+            dropped: c.dropped,
+            refused: c.refused,
+            queued: c.queued,
+            counters: c.counters.map(|k| CounterStats {
+                state: LinkState::of(k.up),
+                sent: k.sent,
+                dropped: k.dropped,
+                crossed: k.crossed,
+                commands: k.commands,
+                queued: k.queued,
+            }),
+        })
+    }
+}
+
+/// `stats`' `cluster` object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStats {
+    /// The block link.
+    pub state: LinkState,
+    pub node: String,
+    pub published: u64,
+    pub applied: u64,
+    pub observed: u64,
+    pub dropped: u64,
+    pub refused: u64,
+    pub queued: usize,
+    /// Null without `share_counters`: the counted events sent to Redis,
     /// dropped (Redis away), the windows that went past their limit on
     /// this host's events, and the Redis commands they took.
-    pub fn stats(&self) -> Value {
-        let Some(c) = self.counts() else {
-            return Value::Null;
-        };
-        let state = |up| if up { "up" } else { "down" };
-        json!({
-            "state": state(c.up),
-            "node": c.node,
-            "published": c.published,
-            "applied": c.applied,
-            "observed": c.observed,
-            "dropped": c.dropped,
-            "refused": c.refused,
-            "queued": c.queued,
-            "counters": c.counters.map(|k| json!({
-                "state": state(k.up),
-                "sent": k.sent,
-                "dropped": k.dropped,
-                "crossed": k.crossed,
-                "commands": k.commands,
-                "queued": k.queued,
-            })),
-        })
+    pub counters: Option<CounterStats>,
+}
+
+/// `stats`' `cluster.counters` object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterStats {
+    /// The counters' own connection.
+    pub state: LinkState,
+    pub sent: u64,
+    pub dropped: u64,
+    pub crossed: u64,
+    pub commands: u64,
+    pub queued: usize,
+}
+
+/// Whether a connection to Redis is up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkState {
+    Up,
+    Down,
+}
+
+impl LinkState {
+    fn of(up: bool) -> Self {
+        if up {
+            Self::Up
+        } else {
+            Self::Down
+        }
     }
 }
 
@@ -471,7 +513,7 @@ mod tests {
             comment: None,
         });
         cluster.publish_unblock("192.0.2.1/32".parse().unwrap());
-        assert_eq!(cluster.stats(), Value::Null);
+        assert_eq!(cluster.stats(), None);
         assert_eq!(cluster.node_of(&"192.0.2.1/32".parse().unwrap()), None);
     }
 }

@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use super::ListCursor;
-use crate::recipients::{RecipientStats, RefreshReport};
+use crate::{
+    cluster::ClusterStats,
+    recipients::{RecipientStats, RefreshReport},
+};
 
 /// Any answer, as the agent sends it. Untagged: the CLI knows which
 /// request it sent and reads `data` as that request's answer type (the
@@ -33,10 +36,7 @@ pub enum Answer {
     LimitsShow(LimitsShown),
     LimitsSet(LimitSet),
     RecipientsCheck(RecipientCheck),
-    /// `recipients stats`; the CLI reads it as JSON (see [`Stats::recipients`]).
     RecipientsStats(RecipientStats),
-    /// `recipients refresh`; the CLI reads it as JSON, as it does
-    /// `recipients stats`.
     RecipientsRefresh(RefreshReport),
 }
 
@@ -50,16 +50,14 @@ pub struct Stats {
     pub kernel: Option<BTreeMap<String, u64>>,
     /// Null when read from the pinned maps (the agent is not running).
     pub proxy: Option<ProxyStats>,
-    /// The recipients module's `RecipientStats`; null without
-    /// `[recipients.ldap]`, absent when read from the pinned maps (as are
-    /// `filters` and `cluster`). JSON because that type is only written:
-    /// the CLI prints it as it comes.
+    /// Null without `[recipients.ldap]`, absent when read from the pinned
+    /// maps (as are `filters` and `cluster`).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
         deserialize_with = "absent_or_null"
     )]
-    pub recipients: Option<Option<serde_json::Value>>,
+    pub recipients: Option<Option<RecipientStats>>,
     /// Null without `[filters]`.
     #[serde(
         default,
@@ -67,14 +65,13 @@ pub struct Stats {
         deserialize_with = "absent_or_null"
     )]
     pub filters: Option<Option<FilterStats>>,
-    /// The cluster module's counts (`cluster::Cluster::stats`, which builds
-    /// the JSON itself); null without `[cluster]`.
+    /// Null without `[cluster]`.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
         deserialize_with = "absent_or_null"
     )]
-    pub cluster: Option<Option<serde_json::Value>>,
+    pub cluster: Option<Option<ClusterStats>>,
 }
 
 /// The proxy's counters in `stats`, since the start.
@@ -353,6 +350,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::{CounterStats, LinkState};
 
     /// Writes `answer`, reads it back, and checks both the text (`want`)
     /// and that it reads back equal.
@@ -429,7 +427,24 @@ mod tests {
                 verdicts: counts,
                 scanner_errors: BTreeMap::new(),
             })),
-            cluster: Some(Some(serde_json::json!({ "state": "up" }))),
+            cluster: Some(Some(ClusterStats {
+                state: LinkState::Up,
+                node: "mx1".into(),
+                published: 1,
+                applied: 2,
+                observed: 0,
+                dropped: 0,
+                refused: 0,
+                queued: 0,
+                counters: Some(CounterStats {
+                    state: LinkState::Down,
+                    sent: 3,
+                    dropped: 1,
+                    crossed: 0,
+                    commands: 3,
+                    queued: 0,
+                }),
+            })),
         };
         round_trip(
             &stats,
@@ -439,7 +454,9 @@ mod tests {
                   "backend_slots":{"capacity":80,"in_use":1,"waiting":0,"waits":2,"timeouts":0}},
                 "recipients":null,
                 "filters":{"verdicts":{"harvest":3},"scanner_errors":{}},
-                "cluster":{"state":"up"}}"#,
+                "cluster":{"state":"up","node":"mx1","published":1,"applied":2,"observed":0,
+                  "dropped":0,"refused":0,"queued":0,"counters":{"state":"down","sent":3,
+                  "dropped":1,"crossed":0,"commands":3,"queued":0}}}"#,
         );
         // From the pinned maps: no proxy, the optional parts left out.
         let pinned = Stats {

@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Ldap};
 
@@ -59,7 +59,7 @@ const JITTER: f64 = 0.1;
 const NO_DIRECTORY_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 /// Where the set in force came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
     /// Read from the directory by this agent.
@@ -72,7 +72,7 @@ pub enum Source {
 }
 
 /// What a successful refresh did.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefreshReport {
     /// Addresses now in force.
     pub addresses: usize,
@@ -97,7 +97,7 @@ pub struct RefreshReport {
 }
 
 /// Counts of lookups by answer, since start.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LookupCounts {
     pub known: u64,
     pub unknown: u64,
@@ -106,7 +106,7 @@ pub struct LookupCounts {
 }
 
 /// `smtp-limiter recipients stats`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecipientStats {
     pub source: Source,
     /// Addresses in force.
