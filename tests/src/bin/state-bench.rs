@@ -1077,6 +1077,10 @@ struct KernelResult {
     read_all: Duration,
     sweep: Duration,
     read_count: usize,
+    /// Networks taken out one by one (`Datapath::unblock`, what a reload
+    /// that shortens a reject list does) and the time it took.
+    removed_nets: usize,
+    remove_nets: Duration,
 }
 
 fn mem_available_kib() -> i64 {
@@ -1100,6 +1104,9 @@ fn sizes_for(state: &StateSet) -> MapSizes {
         ..d
     }
 }
+
+/// Networks removed one by one at the end of the kernel part.
+const NETS_REMOVED: usize = 10_000;
 
 fn kernel_part(options: &Options, state: &StateSet, cases: &[Case]) -> Result<KernelResult> {
     let sizes = sizes_for(state);
@@ -1239,6 +1246,20 @@ fn kernel_part(options: &Options, state: &StateSet, cases: &[Case]) -> Result<Ke
             started.elapsed().as_secs_f64()
         );
     }
+    // Last, as it changes the full state: networks removed one by one, each
+    // keeping the prefilter bits the remaining networks need.
+    let removing: Vec<IpNet> = state
+        .nets
+        .iter()
+        .rev()
+        .take(NETS_REMOVED)
+        .copied()
+        .collect();
+    let t = Instant::now();
+    for net in &removing {
+        ensure!(full.datapath.unblock(*net)?, "{net} was not in the kernel");
+    }
+    let remove_nets = t.elapsed();
     Ok(KernelResult {
         sizes,
         memory,
@@ -1250,6 +1271,8 @@ fn kernel_part(options: &Options, state: &StateSet, cases: &[Case]) -> Result<Ke
         read_all,
         sweep,
         read_count,
+        removed_nets: removing.len(),
+        remove_nets,
     })
 }
 
@@ -1303,6 +1326,12 @@ fn print_kernel(options: &Options, cases: &[Case], r: &KernelResult) {
         r.read_all.as_secs_f64(),
         group(r.read_count as u64),
         r.sweep.as_secs_f64()
+    );
+    println!(
+        "Removing {} networks one by one (`Datapath::unblock`, as a reload that shortens a reject list does): {:.1} ms ({:.1} µs each).",
+        group(r.removed_nets as u64),
+        r.remove_nets.as_secs_f64() * 1e3,
+        r.remove_nets.as_secs_f64() * 1e6 / r.removed_nets.max(1) as f64
     );
     println!();
     println!(
