@@ -30,6 +30,23 @@
 //!   client ends' NAPI threads) to `--gen-cpu`. The client ends of the SYN
 //!   pairs run `baseline_drop`, so the answers of the listener setup cost
 //!   the client namespace nothing beyond an XDP drop, on the other CPU.
+//! - **Where the generator runs** (`--gen-cpu`, `--rx-cpu`): apart by
+//!   default (0 and 1). Then the receiver pays for more than its own work:
+//!   the frames are pages of the generator's page pool, the receiver returns
+//!   each dropped frame into that pool's ring (under the ring's producer
+//!   lock), and the generator returns there, from the other CPU, every frame
+//!   the full veth ring refused (most of them). The two CPUs contend for the
+//!   lock and its cache line, the more the slower the receiver, so any work
+//!   a setup does per frame comes back several times over (`perf`: the
+//!   receiver's time in `page_pool_put_unrefed_netmem`'s spin lock). A NIC's
+//!   driver recycles its pages into a pool of its own on the receiving CPU.
+//!   With the same CPU for both (`--gen-cpu 1 --rx-cpu 1`) the returns stay
+//!   on one CPU and uncontended, and the NAPI thread polls full batches of
+//!   64 between the generator's batches: closer to a NIC's recycling, but
+//!   the frames are warm in that CPU's cache (a NIC's arrive cold, or in
+//!   the last-level cache).
+//!   `--gen-rate` paces the generator instead (fewer refused frames, but
+//!   the receiver then sleeps between short runs and its wake-ups dominate).
 //! - **Receive CPU per SYN** = the receiving NAPI thread's CPU time
 //!   (`/proc/PID/schedstat`) / the packets it processed (veth
 //!   `rx_queue_0_xdp_packets`). Per connection: that NAPI thread's time plus
@@ -91,7 +108,11 @@ options:
                     source (default 10000)
   --gen-cpu N       CPU of the generator (default 0)
   --rx-cpu N        CPU of the receiving NAPI threads and of the server
-                    (default 1)
+                    (default 1); the same as --gen-cpu: no contention with
+                    the generator for its page pool (see the method in
+                    the source)
+  --gen-rate N      hold the generator to N frames per second (default 0:
+                    as fast as it can)
   --setups LIST     only these setups, comma-separated ids (e.g. for
                     profiling one with `perf record`); the summary needs
                     product, floor, nft-ingress and no-filter
@@ -143,8 +164,11 @@ const CONN_DEADLINE: Duration = Duration::from_secs(60);
 
 const BASELINE_DROP: &str = "baseline_drop";
 const BASELINE_READ: &str = "baseline_read";
+const BASELINE_LOOKUP: &str = "baseline_lookup";
 const GENERATOR: &str = "bench_redirect";
+const GENERATOR_PACED: &str = "bench_redirect_paced";
 const REDIRECT_MAP: &str = "REDIRECT_TO";
+const PACE_MAP: &str = "PACE";
 
 // ---------------------------------------------------------------------------
 // Options
@@ -160,6 +184,8 @@ struct Options {
     /// Only these setup ids (all when empty).
     only: Vec<String>,
     quick: bool,
+    /// Frames per second the generator is held to (0: as fast as it can).
+    gen_rate: u64,
 }
 
 fn parse_options() -> Result<Options> {
@@ -174,6 +200,7 @@ fn parse_options() -> Result<Options> {
         rx_cpu: 1,
         only: Vec::new(),
         quick,
+        gen_rate: 0,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -212,6 +239,7 @@ fn parse_options() -> Result<Options> {
             "--set-size" => o.set_size = number(&name, 0..=1_000_000)? as u32,
             "--gen-cpu" => o.gen_cpu = number(&name, 0..=1023)? as usize,
             "--rx-cpu" => o.rx_cpu = number(&name, 0..=1023)? as usize,
+            "--gen-rate" => o.gen_rate = number(&name, 0..=100_000_000)?,
             "--setups" => {
                 let known: Vec<&str> = setups().iter().map(|s| s.id).collect();
                 for id in value(&name)?.split(',') {
@@ -227,10 +255,6 @@ fn parse_options() -> Result<Options> {
             other => bail!("unknown option {other:?}\n\n{USAGE}"),
         }
     }
-    ensure!(
-        o.gen_cpu != o.rx_cpu,
-        "--gen-cpu and --rx-cpu must differ (the method needs the generator and the receiver apart)"
-    );
     Ok(o)
 }
 
@@ -243,6 +267,7 @@ enum Pair {
     Product,
     Floor,
     FloorRead,
+    FloorLookup,
     NftIngress,
     /// nftables netdev ingress with an IPv6 set (its own table and pair).
     NftIngressV6,
@@ -252,10 +277,11 @@ enum Pair {
     Connect,
 }
 
-const PAIRS: [Pair; 9] = [
+const PAIRS: [Pair; 10] = [
     Pair::Product,
     Pair::Floor,
     Pair::FloorRead,
+    Pair::FloorLookup,
     Pair::NftIngress,
     Pair::NftIngressV6,
     Pair::NftPrerouting,
@@ -340,6 +366,14 @@ fn setups() -> Vec<Setup> {
             id: "floor-read",
             label: "extra: XDP that reads the IPv4 source, then drops (baseline_read)",
             pair: Pair::FloorRead,
+            source: IpAddr::V4(BLOCKED),
+            counter: Counter::XdpDrops,
+            events: true,
+        },
+        Setup {
+            id: "floor-lookup",
+            label: "extra: XDP that looks the IPv4 source up in a hash map, then drops (baseline_lookup)",
+            pair: Pair::FloorLookup,
             source: IpAddr::V4(BLOCKED),
             counter: Counter::XdpDrops,
             events: true,
@@ -931,28 +965,32 @@ impl Testbed {
                     .with_context(|| format!("attaching baseline_drop to {}", d.client_if))?;
             }
         }
-        {
-            let read: &mut Xdp = baseline
-                .program_mut(BASELINE_READ)
-                .context(
-                    "no baseline_read in the baseline object (rebuild it: cargo xtask build-ebpf)",
-                )?
+        for (name, pair) in [
+            (BASELINE_READ, Pair::FloorRead),
+            (BASELINE_LOOKUP, Pair::FloorLookup),
+        ] {
+            let program: &mut Xdp = baseline
+                .program_mut(name)
+                .with_context(|| {
+                    format!("no {name} in the baseline object (rebuild it: cargo xtask build-ebpf)")
+                })?
                 .try_into()?;
-            read.load().context("loading baseline_read")?;
-            let floor_read = find_pair(Pair::FloorRead)?;
-            floor_read
-                .server
-                .run(|| read.attach(&floor_read.server_if, XdpMode::Driver))
-                .context("attaching baseline_read")?;
+            program.load().with_context(|| format!("loading {name}"))?;
+            let d = find_pair(pair)?;
+            d.server
+                .run(|| program.attach(&d.server_if, XdpMode::Driver))
+                .with_context(|| format!("attaching {name}"))?;
         }
-        {
+        for name in [GENERATOR, GENERATOR_PACED] {
             let generator: &mut Xdp = baseline
-                .program_mut(GENERATOR)
-                .context(
-                    "no bench_redirect in the baseline object (rebuild it: cargo xtask build-ebpf)",
-                )?
+                .program_mut(name)
+                .with_context(|| {
+                    format!("no {name} in the baseline object (rebuild it: cargo xtask build-ebpf)")
+                })?
                 .try_into()?;
-            generator.load().context("loading bench_redirect")?;
+            generator
+                .load()
+                .with_context(|| format!("loading {name}"))?;
         }
 
         // nftables.
@@ -1244,13 +1282,33 @@ impl Testbed {
         Ok(())
     }
 
+    /// Holds the generator to `rate` frames per second (0: unpaced).
+    fn set_pace(&mut self, rate: u64) -> Result<()> {
+        let mut map: Array<&mut MapData, u64> = Array::try_from(
+            self.baseline
+                .map_mut(PACE_MAP)
+                .context("no PACE map (rebuild the objects: cargo xtask build-ebpf)")?,
+        )?;
+        // 0 leaves the paced generator unpaced.
+        let interval = 1_000_000_000u64.checked_div(rate).unwrap_or(0);
+        map.set(0, interval, 0)?;
+        map.set(1, 0, 0)?;
+        Ok(())
+    }
+
     /// Sends `frames` copies of `frame` out of the client end `ifindex`
     /// from a thread in the client namespace pinned to `cpu`; returns the
     /// frames sent and the time taken.
-    fn generate(&self, frame: &[u8], frames: u64, cpu: usize) -> Result<(u64, Duration)> {
+    fn generate(
+        &self,
+        frame: &[u8],
+        frames: u64,
+        cpu: usize,
+        paced: bool,
+    ) -> Result<(u64, Duration)> {
         let program: &Xdp = self
             .baseline
-            .program(GENERATOR)
+            .program(if paced { GENERATOR_PACED } else { GENERATOR })
             .context("generator gone")?
             .try_into()?;
         self.client.run(|| {
@@ -1283,13 +1341,14 @@ impl Testbed {
         let d = self.device(setup.pair);
         let (server_napi, client_ifindex) = (d.server_napi, d.client_ifindex);
         self.set_target(client_ifindex)?;
+        self.set_pace(options.gen_rate)?;
         let d = self.device(setup.pair);
         let client_before = ethtool_stats(&self.client, &d.client_if)?;
         let server_before = ethtool_stats(&d.server, &d.server_if)?;
         let counted_before = self.counter(setup)?;
         let tx_before = tx_counts(&d.server, &d.server_if)?;
         let (cpu_before, runs_before) = task_sched(server_napi)?;
-        let (sent, took) = self.generate(&frame, frames, options.gen_cpu)?;
+        let (sent, took) = self.generate(&frame, frames, options.gen_cpu, options.gen_rate != 0)?;
         std::thread::sleep(DRAIN);
         let (cpu_after, runs_after) = task_sched(server_napi)?;
         let counted_after = self.counter(setup)?;
@@ -1727,23 +1786,34 @@ fn report(
     );
     let _ = writeln!(
         out,
-        "- extra: over-cap drop {:.2}× the block drop (IPv6 {:.2}×), {:.2}× the floor; with drop events off {:.2}× the floor; the floor that reads the source {:.2}× the floor, product {:.2}× that; accept+close {:.0}× the product drop",
+        "- extra: over-cap drop {:.2}× the block drop (IPv6 {:.2}×), {:.2}× the floor; with drop events off {:.2}× the floor; the floor that reads the source {:.2}× the floor, product {:.2}× that; the floor with one hash lookup {:.2}× the floor; accept+close {:.0}× the product drop",
         ratio("product-cap", product),
         per_round_ratio(of("product-cap-v6"), of("product-v6")),
         ratio("product-cap", floor),
         ratio("product-ev0", floor),
         ratio("floor-read", floor),
         per_round_ratio(product, of("floor-read")),
+        ratio("floor-lookup", floor),
         ratio("accept-close", product)
     );
     let failed = samples.iter().flatten().filter(|s| !s.ok).count();
     let _ = writeln!(
         out,
-        "\nChecks: {} of {} measurements consistent. Load average {load_start} at the start, {load_end} at the end. Generator on CPU {}, receiving NAPI threads and server on CPU {}.",
+        "\nChecks: {} of {} measurements consistent. Load average {load_start} at the start, {load_end} at the end. Generator on CPU {} ({}), receiving NAPI threads and server on CPU {}{}.",
         samples.iter().flatten().count() - failed,
         samples.iter().flatten().count(),
         options.gen_cpu,
-        options.rx_cpu
+        if options.gen_rate == 0 {
+            "unpaced".to_owned()
+        } else {
+            format!("paced at {} frames/s", options.gen_rate)
+        },
+        options.rx_cpu,
+        if options.gen_cpu == options.rx_cpu {
+            " (the same CPU: no contention for the page pool)"
+        } else {
+            ""
+        }
     );
     out
 }
