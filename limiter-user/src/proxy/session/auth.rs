@@ -1,5 +1,6 @@
 //! AUTH: relayed to the backend (which checks the credentials), SASL
-//! challenges and answers included; failures counted toward the AUTH limit.
+//! challenges and answers included; failures counted toward the AUTH limit
+//! ([`refuses_credentials`]).
 
 use super::*;
 
@@ -26,7 +27,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Err(e) => return self.backend_failed(e).await,
             };
         }
-        if reply.code == 535 {
+        if refuses_credentials(&reply) {
             if let Some(decision) =
                 self.ctx
                     .policy()
@@ -40,4 +41,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.reply(&reply).await?;
         Ok(Flow::Continue)
     }
+}
+
+/// Whether the backend refused the client's credentials: `535` (RFC 4954),
+/// or the same refusal made temporary (Postfix with `soft_bounce = yes`
+/// answers a wrong password `435 4.7.8`), i.e. any failure whose enhanced
+/// code is `X.7.8`, "authentication credentials invalid". Other failures
+/// (`454 4.7.0` temporary failure, `501` cancelled or bad base64) tested no
+/// password.
+pub(super) fn refuses_credentials(reply: &Reply) -> bool {
+    matches!(reply.code, 435 | 535)
+        || (reply.is_transient() || reply.is_permanent())
+            && matches!(reply.enhanced(), Some((_, 7, 8)))
 }

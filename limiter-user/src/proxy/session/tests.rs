@@ -533,3 +533,41 @@ async fn without_pipelining_at_the_backend_a_pipelining_client_is_still_served_i
         }
     });
 }
+
+#[test]
+fn credentials_refused_for_good_or_soft_bounced_count_and_nothing_else() {
+    for (code, text) in [
+        (
+            535,
+            "5.7.8 Error: authentication failed: authentication failure",
+        ),
+        // Postfix with soft_bounce = yes.
+        (
+            435,
+            "4.7.8 Error: authentication failed: authentication failure",
+        ),
+        // smtpd_enhanced_status_codes = no.
+        (535, "Error: authentication failed"),
+        (435, "Error: authentication failed"),
+        (554, "5.7.8 Authentication credentials invalid"),
+    ] {
+        assert!(
+            auth::refuses_credentials(&Reply::new(code, text)),
+            "{code} {text}"
+        );
+    }
+    for (code, text) in [
+        (235, "2.7.0 Authentication successful"),
+        (334, ""),
+        (454, "4.7.0 Temporary authentication failure"),
+        (501, "5.7.0 Authentication aborted"),
+        (501, "5.5.2 Cannot decode response"),
+        (503, "5.5.1 Error: already authenticated"),
+        (250, "2.7.8 odd but fine"),
+    ] {
+        assert!(
+            !auth::refuses_credentials(&Reply::new(code, text)),
+            "{code} {text}"
+        );
+    }
+}
