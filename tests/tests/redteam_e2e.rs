@@ -4,6 +4,13 @@
 //! * A Postfix with `soft_bounce = yes` (set while testing a new setup, or
 //!   left on) answers a wrong password `435 4.7.8`, not `535 5.7.8`: the
 //!   brute-forcer must be counted all the same.
+//! * A source blocked while one of its sessions still works through
+//!   commands it sent together (a burst of AUTHs, a pipelined group of
+//!   RCPTs): that session ends at its next command, instead of having each
+//!   command answered (measured before the fix: 10 sessions of one source
+//!   each sending 50 AUTHs at once had 30 wrong passwords answered with
+//!   `max_failed_auth = 3`, and 50 unknown recipients answered with
+//!   `max_failed_rcpt_per_source = 20`).
 //!
 //! The proxy runs in-process ([`Rig`], kernel layer off) in front of a
 //! private Postfix offering AUTH (Cyrus SASL, user `alice`); clients bind
@@ -11,10 +18,12 @@
 //! Postfix and Cyrus' `saslpasswd2`; outside CI a missing piece skips the
 //! test with a message, under `CI=true` it fails it.
 
+use std::{thread, time::Duration};
+
 use limiter_tests::{
     fixture,
-    postfix::{self, PostfixOptions},
-    proxy::Client,
+    postfix::{self, log_lines, PostfixOptions},
+    proxy::{Client, Seen},
     rig::{Identity, Rig, RigOptions},
 };
 
@@ -72,6 +81,22 @@ fn ehlo(rig: &Rig, source: &str) -> Client {
     client
 }
 
+/// Every reply the server gives until it closes the connection (or goes
+/// silent: then the last entry is `"<silent>"`).
+fn replies_until_the_end(client: &mut Client) -> Vec<String> {
+    let mut replies = Vec::new();
+    loop {
+        match client.next_event() {
+            Seen::Reply(reply) => replies.push(reply),
+            Seen::Closed | Seen::Reset => return replies,
+            other => {
+                replies.push(format!("<{other:?}>"));
+                return replies;
+            }
+        }
+    }
+}
+
 // -- 1. Soft-bounced AUTH failures --------------------------------------------
 
 #[test]
@@ -99,4 +124,108 @@ fn soft_bounced_auth_failures_count_toward_the_auth_limit() {
     let reply = user.cmd(GOOD_AUTH).unwrap();
     assert!(reply.starts_with("235 "), "{reply}");
     assert!(user.cmd("QUIT").unwrap().starts_with("221 "));
+}
+
+// -- 2. Blocked while working through buffered commands -----------------------
+
+/// Postfix slows its replies after a client's first error (one second
+/// each), so that a block lands while the proxy still works through what
+/// a session sent at once.
+const SLOW_ERRORS: [(&str, &str); 2] = [
+    ("smtpd_soft_error_limit", "1"),
+    ("smtpd_error_sleep_time", "1s"),
+];
+
+#[test]
+fn a_source_blocked_mid_auth_burst_gets_no_more_answers() {
+    if !ready("a_source_blocked_mid_auth_burst_gets_no_more_answers") {
+        return;
+    }
+    // AUTH failures alone would take 101 to block; one failed recipient
+    // too many blocks at once.
+    let rig = rig(
+        &SLOW_ERRORS,
+        "max_failed_auth = 100\nmax_failed_rcpt = 1\nmax_failed_rcpt_per_source = 0\n",
+    );
+    // Session A sends eight passwords at once.
+    let mut burst = ehlo(&rig, "127.0.0.2");
+    let lines: String = WRONG_AUTHS.iter().map(|l| format!("{l}\r\n")).collect();
+    burst.send(lines.as_bytes()).unwrap();
+    thread::sleep(Duration::from_millis(1500));
+
+    // Session B, same source, harvests and gets the source blocked.
+    let mut harvest = ehlo(&rig, "127.0.0.2");
+    assert!(harvest
+        .cmd("MAIL FROM:<h@example.org>")
+        .unwrap()
+        .starts_with("250 "));
+    for n in 1..=2 {
+        let reply = harvest
+            .cmd(&format!("RCPT TO:<nobody{n}@example.com>"))
+            .unwrap();
+        let expected = if n == 1 { "550 5.1.1 " } else { "421 4.7.0 " };
+        assert!(reply.starts_with(expected), "RCPT {n}: {reply}");
+    }
+    harvest.expect_closed();
+
+    // Session A: the passwords Postfix had checked before the block (and
+    // at most the one it was checking), then the end, not all eight.
+    let replies = replies_until_the_end(&mut burst);
+    let answered = replies.iter().filter(|r| r.starts_with("535 ")).count();
+    assert!(
+        (1..=5).contains(&answered),
+        "failures answered after the block: {replies:#?}"
+    );
+    assert!(
+        replies.last().is_some_and(|r| r.starts_with("421 4.7.0 ")),
+        "{replies:#?}"
+    );
+    let log = rig.log();
+    let checked = log_lines(&log, "authentication failed").len();
+    assert!(checked <= answered + 1, "Postfix checked {checked}:\n{log}");
+}
+
+#[test]
+fn a_source_blocked_mid_pipelined_group_gets_no_more_answers() {
+    if !ready("a_source_blocked_mid_pipelined_group_gets_no_more_answers") {
+        return;
+    }
+    // Failed recipients alone would take 101 to block; one failed AUTH
+    // too many blocks at once.
+    let rig = rig(
+        &SLOW_ERRORS,
+        "max_failed_rcpt = 100\nmax_failed_rcpt_per_source = 0\nmax_failed_auth = 1\n",
+    );
+    // Session A pipelines eight unknown recipients.
+    let mut group = ehlo(&rig, "127.0.0.2");
+    assert!(group
+        .cmd("MAIL FROM:<h@example.org>")
+        .unwrap()
+        .starts_with("250 "));
+    let lines: String = (1..=8)
+        .map(|n| format!("RCPT TO:<nobody{n}@example.com>\r\n"))
+        .collect();
+    group.send(lines.as_bytes()).unwrap();
+    thread::sleep(Duration::from_millis(1500));
+
+    // Session B, same source, fails AUTH twice and gets the source blocked.
+    let mut brute = ehlo(&rig, "127.0.0.2");
+    let reply = brute.cmd(WRONG_AUTHS[0]).unwrap();
+    assert!(reply.starts_with("535 "), "{reply}");
+    let reply = brute.cmd(WRONG_AUTHS[1]).unwrap();
+    assert!(reply.starts_with("421 4.7.0 "), "{reply}");
+    brute.expect_closed();
+
+    // Session A: the recipients settled before the block (and at most the
+    // one being settled), then the end.
+    let replies = replies_until_the_end(&mut group);
+    let answered = replies.iter().filter(|r| r.starts_with("550 ")).count();
+    assert!(
+        (1..=5).contains(&answered),
+        "recipients answered after the block: {replies:#?}"
+    );
+    assert!(
+        replies.last().is_some_and(|r| r.starts_with("421 4.7.0 ")),
+        "{replies:#?}"
+    );
 }

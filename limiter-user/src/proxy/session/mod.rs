@@ -197,6 +197,9 @@ pub struct Session<S> {
     starttls: bool,
     shutdown: watch::Receiver<bool>,
     blocked_nets: tokio::sync::broadcast::Receiver<ipnet::IpNet>,
+    /// A block of this source was put in force while the session was busy
+    /// (see [`Self::source_blocked`]).
+    blocked: bool,
     summary: SessionSummary,
     /// A 421 went out: the session ends after this command.
     closing: bool,
@@ -261,6 +264,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             starttls,
             shutdown,
             blocked_nets,
+            blocked: false,
             summary: SessionSummary::default(),
             closing: false,
             errors: 0,
@@ -755,9 +759,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
-    /// The next line if the client's input holds one, without waiting.
+    /// The next line if the client's input holds one, without waiting;
+    /// [`Input::Blocked`] instead once the source is blocked.
     fn buffered_input(&mut self) -> Option<Input> {
         let result = self.lines.next_line(&mut self.input)?;
+        if self.source_blocked() {
+            return Some(Input::Blocked);
+        }
         Some(match result {
             // A bare CR could end the line early at some backend.
             Ok(line) if line.has_bare_cr() => Input::Nul,
@@ -765,6 +773,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Err(LineError::TooLong) => Input::TooLong,
             Err(LineError::Nul) => Input::Nul,
         })
+    }
+
+    /// Whether the source was blocked (enforced) since the session began.
+    /// A session waiting for its client hears of a block at once
+    /// ([`Self::read_line`]); one working through commands the client sent
+    /// together (a burst of AUTHs, a pipelined group) asks here before each
+    /// of them, so that a client with several sessions open gets no answer
+    /// once any of them, or anything else, had it blocked.
+    fn source_blocked(&mut self) -> bool {
+        use tokio::sync::broadcast::error::TryRecvError;
+        while !self.blocked {
+            match self.blocked_nets.try_recv() {
+                Ok(net) => self.blocked = net.contains(&self.peer.ip()),
+                // Notices were missed: the table knows.
+                Err(TryRecvError::Lagged(_)) => {
+                    self.blocked = self.ctx.blocked(self.source()).is_some();
+                }
+                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+            }
+        }
+        self.blocked && self.ctx.policy().enforced()
     }
 
     /// The next line, waiting for the client if none is buffered (the

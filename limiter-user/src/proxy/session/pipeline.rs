@@ -158,14 +158,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// and settles every step at its turn; the client's replies are written
     /// together at the end (unless it has more commands buffered). A step
     /// that ends the session ends the settling: what came after it is never
-    /// answered.
+    /// answered; so does a block of the source, with `421 4.7.0`.
     pub(super) async fn flush_pipeline(&mut self) -> std::io::Result<Flow> {
         if self.pipeline.is_empty() {
             return Ok(Flow::Continue);
         }
         let Pipeline { out, steps } = std::mem::take(&mut self.pipeline);
         let started = Instant::now();
-        let mut sent = if out.is_empty() {
+        // A blocked source's group is not sent: it ends below.
+        let mut sent = if out.is_empty() || self.source_blocked() {
             Ok(())
         } else {
             self.backend_send(&out).await
@@ -174,6 +175,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut flow = Ok(Flow::Continue);
         for step in steps {
             if !matches!(flow, Ok(Flow::Continue)) || self.closing {
+                break;
+            }
+            // Blocked meanwhile (by another session of the source, say):
+            // nothing more is answered.
+            if self.source_blocked() {
+                flow = self
+                    .reply(&Reply::blocked("your address is blocked"))
+                    .await
+                    .map(|()| Flow::Close);
                 break;
             }
             let reply = if step.relayed() {
