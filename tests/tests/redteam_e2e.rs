@@ -11,6 +11,9 @@
 //!   each sending 50 AUTHs at once had 30 wrong passwords answered with
 //!   `max_failed_auth = 3`, and 50 unknown recipients answered with
 //!   `max_failed_rcpt_per_source = 20`).
+//! * Lines refused for a NUL or bare CR, or longer than any command, did
+//!   not count toward `smtp.max_errors` once a MAIL was accepted: a client
+//!   could send them for the whole session.
 //!
 //! The proxy runs in-process ([`Rig`], kernel layer off) in front of a
 //! private Postfix offering AUTH (Cyrus SASL, user `alice`); clients bind
@@ -228,4 +231,44 @@ fn a_source_blocked_mid_pipelined_group_gets_no_more_answers() {
         replies.last().is_some_and(|r| r.starts_with("421 4.7.0 ")),
         "{replies:#?}"
     );
+}
+
+// -- 3. Refused lines of every kind ---------------------------------------------
+
+#[test]
+fn refused_lines_of_every_kind_count_toward_max_errors() {
+    if !ready("refused_lines_of_every_kind_count_toward_max_errors") {
+        return;
+    }
+    let rig = rig(&[], "");
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("127.0.0.2", b"NOOP \0x".to_vec()),
+        ("127.0.0.3", b"NOOP \rx".to_vec()),
+        // Past the longest AUTH line the proxy reads whole.
+        ("127.0.0.4", vec![b'X'; 13_000]),
+    ];
+    for (source, line) in cases {
+        let mut client = ehlo(&rig, source);
+        // After an accepted MAIL: smtp.max_commands_before_mail no longer
+        // ends the session.
+        let mail = client.cmd("MAIL FROM:<s@example.org>").unwrap();
+        assert!(mail.starts_with("250 "), "{mail}");
+        let mut lines = Vec::new();
+        for _ in 0..30 {
+            lines.extend_from_slice(&line);
+            lines.extend_from_slice(b"\r\n");
+        }
+        client.send(&lines).unwrap();
+        let replies = replies_until_the_end(&mut client);
+        // smtp.max_errors = 20 refused, the 21st ends the session.
+        assert_eq!(replies.len(), 21, "{source}: {replies:#?}");
+        assert!(
+            replies[..20].iter().all(|r| r.starts_with('5')),
+            "{source}: {replies:#?}"
+        );
+        assert!(
+            replies[20].starts_with("421 4.7.0 "),
+            "{source}: {replies:#?}"
+        );
+    }
 }

@@ -380,20 +380,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         Ok(_) => return "closed",
                         Err(_) => return "client-lost",
                     }
-                    let reply = if matches!(input, Input::TooLong) {
-                        Reply::line_too_long()
+                    let (reason, reply) = if matches!(input, Input::TooLong) {
+                        ("line-too-long", Reply::line_too_long())
                     } else {
-                        Reply::syntax_error()
+                        ("bad-command-syntax", Reply::syntax_error())
                     };
                     match self.count_command_before_mail().await {
                         Ok(Flow::Continue) => {}
                         Ok(Flow::Close) => return "too-many-commands",
                         Err(_) => return "client-lost",
                     }
-                    if self.reply(&reply).await.is_err() {
-                        return "client-lost";
+                    // A refused line like any other: toward smtp.max_errors.
+                    match self.protocol_error(reason, &reply).await {
+                        Ok(Flow::Continue) => continue,
+                        Ok(Flow::Close) => return "too-many-errors",
+                        Err(_) => return "client-lost",
                     }
-                    continue;
                 }
                 Input::Closed => return "client-closed",
                 Input::Timeout => {
