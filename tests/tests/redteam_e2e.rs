@@ -233,6 +233,43 @@ fn a_source_blocked_mid_pipelined_group_gets_no_more_answers() {
     );
 }
 
+#[test]
+fn parallel_sessions_of_a_brute_forcer_get_max_failed_auth_answers_in_all() {
+    if !ready("parallel_sessions_of_a_brute_forcer_get_max_failed_auth_answers_in_all") {
+        return;
+    }
+    let rig = rig(&[], "max_failed_auth = 3\n");
+    // Ten sessions of one source (limits.max_connections_per_source),
+    // each sending twenty passwords at once.
+    let sessions: Vec<Client> = (0..10).map(|_| ehlo(&rig, "127.0.0.5")).collect();
+    let burst: String = (0..20)
+        .map(|n| format!("{}\r\n", WRONG_AUTHS[n % WRONG_AUTHS.len()]))
+        .collect();
+    let answered: Vec<usize> = thread::scope(|scope| {
+        let runs: Vec<_> = sessions
+            .into_iter()
+            .map(|mut client| {
+                let burst = burst.as_bytes();
+                scope.spawn(move || {
+                    // The session may be cut off before it read the burst.
+                    let _ = client.send(burst);
+                    let replies = replies_until_the_end(&mut client);
+                    assert!(
+                        replies.last().is_some_and(|r| r.starts_with("421 4.7.0 ")),
+                        "{replies:#?}"
+                    );
+                    replies.iter().filter(|r| r.starts_with("535 ")).count()
+                })
+            })
+            .collect();
+        runs.into_iter().map(|run| run.join().unwrap()).collect()
+    });
+    // Three wrong passwords answered in all (before the fix: about 30);
+    // one more may slip between another session's block and its notice.
+    let total: usize = answered.iter().sum();
+    assert!((3..=4).contains(&total), "535s per session: {answered:?}");
+}
+
 // -- 3. Refused lines of every kind ---------------------------------------------
 
 #[test]

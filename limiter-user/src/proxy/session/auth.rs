@@ -38,6 +38,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
         }
+        // Blocked while the backend checked (by another session of the
+        // source, say): no answer, right or wrong.
+        if self.source_blocked() {
+            return self.end_blocked().await;
+        }
         self.reply(&reply).await?;
         Ok(Flow::Continue)
     }

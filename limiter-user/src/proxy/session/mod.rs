@@ -407,7 +407,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return "shutdown";
                 }
                 Input::Blocked => {
-                    let _ = self.reply(&Reply::blocked("your address is blocked")).await;
+                    let _ = self.end_blocked().await;
                     return "blocked";
                 }
                 Input::Shed => {
@@ -796,6 +796,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         self.blocked && self.ctx.policy().enforced()
+    }
+
+    /// Ends the session of a blocked source: `421 4.7.0`, and nothing more.
+    async fn end_blocked(&mut self) -> std::io::Result<Flow> {
+        self.reply(&Reply::blocked("your address is blocked"))
+            .await?;
+        Ok(Flow::Close)
     }
 
     /// The next line, waiting for the client if none is buffered (the

@@ -158,7 +158,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// and settles every step at its turn; the client's replies are written
     /// together at the end (unless it has more commands buffered). A step
     /// that ends the session ends the settling: what came after it is never
-    /// answered; so does a block of the source, with `421 4.7.0`.
+    /// answered; so does a block of the source, with `421 4.7.0` in place
+    /// of the reply due (a blocked group is not sent at all).
     pub(super) async fn flush_pipeline(&mut self) -> std::io::Result<Flow> {
         if self.pipeline.is_empty() {
             return Ok(Flow::Continue);
@@ -180,10 +181,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // Blocked meanwhile (by another session of the source, say):
             // nothing more is answered.
             if self.source_blocked() {
-                flow = self
-                    .reply(&Reply::blocked("your address is blocked"))
-                    .await
-                    .map(|()| Flow::Close);
+                flow = self.end_blocked().await;
                 break;
             }
             let reply = if step.relayed() {
@@ -204,6 +202,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             } else {
                 None
             };
+            // Not even a reply that was on its way when the block came.
+            if self.source_blocked() {
+                flow = self.end_blocked().await;
+                break;
+            }
             flow = self.settle(step, reply).await;
         }
         self.settling = false;
