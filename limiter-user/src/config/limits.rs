@@ -35,7 +35,8 @@ pub struct Limits {
     /// Window over which `max_failed_rcpt_per_source` counts.
     #[serde(with = "duration_serde")]
     pub failed_rcpt_window: Duration,
-    /// Failed AUTH (535) per source within `failed_auth_window` before a block.
+    /// Refused credentials (535, or 435 / X.7.8) per source within
+    /// `failed_auth_window` before a block.
     pub max_failed_auth: u32,
     /// Window over which failed AUTH attempts are counted.
     #[serde(with = "duration_serde")]
@@ -319,7 +320,7 @@ pub const LIVE_LIMITS: &[LiveLimit] = &[
     ),
     live_limit!(
         max_failed_auth,
-        "535 answers to AUTH per source within failed_auth_window before a block"
+        "AUTH answers refusing the credentials (535, or 435 / X.7.8) per source within failed_auth_window before a block"
     ),
     live_limit!(
         failed_auth_window,
