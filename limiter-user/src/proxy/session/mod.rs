@@ -856,11 +856,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 },
                 () = shed_order => Some(Input::Shed),
                 _ = self.shutdown.changed() => Some(Input::Shutdown),
-                blocked = self.blocked_nets.recv() => match blocked {
-                    Ok(net) if net.contains(&self.peer.ip()) && self.ctx.policy().enforced() => Some(Input::Blocked),
-                    // A missed block (lagging) is caught at this session's
-                    // next connection; nothing else to do.
-                    _ => None,
+                blocked = self.blocked_nets.recv() => {
+                    use tokio::sync::broadcast::error::RecvError;
+                    let ours = match blocked {
+                        Ok(net) => net.contains(&self.peer.ip()),
+                        // Notices were missed (a burst of blocks): the
+                        // table knows whether one was this source's.
+                        Err(RecvError::Lagged(_)) => self.ctx.blocked(self.source()).is_some(),
+                        Err(RecvError::Closed) => false,
+                    };
+                    self.blocked |= ours;
+                    (ours && self.ctx.policy().enforced()).then_some(Input::Blocked)
                 },
             };
             if let Some(entry) = &shed {

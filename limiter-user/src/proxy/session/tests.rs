@@ -473,6 +473,36 @@ async fn a_harvester_gets_421_and_its_source_is_blocked() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_waiting_session_ends_even_when_its_block_notice_was_lost_in_a_burst() {
+    let mut h = Harness::start();
+    h.ehlo().await;
+    // The source is blocked elsewhere (another session, the CLI, another
+    // host), and its notice is followed by more than the channel holds:
+    // the waiting session misses it.
+    let source = PEER.parse::<SocketAddr>().unwrap().ip();
+    h.ctx.blocks.insert(crate::blocks::Block {
+        net: source.into(),
+        origin: Origin::Manual,
+        expires: None,
+        since: std::time::SystemTime::now(),
+        repeat: 0,
+        comment: None,
+    });
+    h.ctx.blocked_nets.send(source.into()).unwrap();
+    for i in 0..300u32 {
+        let other = std::net::Ipv4Addr::from(0xc633_6400 + i); // 198.51.100.0 + i
+        if IpAddr::V4(other) != source {
+            h.ctx.blocked_nets.send(IpAddr::V4(other).into()).unwrap();
+        }
+    }
+    let reply = h.client.reply().await;
+    assert_code(&reply, 421, (4, 7, 0));
+    let (_, mut client, backend, _) = h.ended().await;
+    assert!(client.closed().await);
+    assert_eq!(backend.connections(), 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_pipelined_group_reaches_the_backend_in_one_write_and_replies_come_in_order() {
     let mut h = Harness::start();
     h.ehlo().await;
