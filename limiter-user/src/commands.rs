@@ -613,7 +613,7 @@ fn stats(agent: &AgentState<'_>) -> Stats {
             scanner_errors: counts(f.stats.scanner_errors.list()),
         })),
         kernel,
-        cluster: Some(agent.ctx.cluster.stats()),
+        cluster: Some(agent.ctx.cluster.counts()),
         proxy: Some(ProxyStats {
             sessions_open: s.sessions_open.load(Ordering::Relaxed),
             sessions_total: s.sessions_total.load(Ordering::Relaxed),

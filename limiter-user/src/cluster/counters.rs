@@ -100,9 +100,14 @@ pub(super) struct Counters {
     commands: AtomicU64,
 }
 
-/// A copy of the counts, for `stats` and the metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A copy of the counts: `stats`' `cluster.counters` object (the counted
+/// events sent to Redis, dropped with Redis away, the windows that went
+/// past their limit on this host's events, the Redis commands they took)
+/// and the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CounterCounts {
+    /// Whether the counters' own connection is up.
+    #[serde(rename = "state", with = "super::link_state")]
     pub up: bool,
     pub sent: u64,
     pub dropped: u64,

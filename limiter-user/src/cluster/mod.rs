@@ -76,11 +76,13 @@ struct Shared {
     first_pass: tokio::sync::watch::Sender<bool>,
 }
 
-/// A copy of the cluster's counts, for `stats` and the metrics.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A copy of the cluster's counts: `stats`' `cluster` object (`up` as
+/// `"state": "up" | "down"`) and the metrics.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterCounts {
     pub node: String,
     /// Whether the block link is connected.
+    #[serde(rename = "state", with = "link_state")]
     pub up: bool,
     /// Blocks and unblocks decided here and written to Redis.
     pub published: u64,
@@ -93,8 +95,28 @@ pub struct ClusterCounts {
     /// Entries read from Redis and skipped: malformed or refused.
     pub refused: u64,
     pub queued: usize,
-    /// None without `share_counters`.
+    /// None (null) without `share_counters`.
     pub counters: Option<CounterCounts>,
+}
+
+/// A connection to Redis up or down, as `stats` writes it.
+pub(crate) mod link_state {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(up: &bool, to: S) -> Result<S::Ok, S::Error> {
+        to.serialize_str(if *up { "up" } else { "down" })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(from: D) -> Result<bool, D::Error> {
+        match <&str>::deserialize(from)? {
+            "up" => Ok(true),
+            "down" => Ok(false),
+            other => Err(serde::de::Error::invalid_value(
+                serde::de::Unexpected::Str(other),
+                &"up or down",
+            )),
+        }
+    }
 }
 
 /// The configuration the other nodes' events are checked against.
@@ -293,77 +315,6 @@ impl Cluster {
             counters: s.counters.as_ref().map(|c| c.counts()),
         })
     }
-
-    /// `stats`' `cluster` object; `None` without a cluster.
-    pub fn stats(&self) -> Option<ClusterStats> {
-        let c = self.counts()?;
-        Some(ClusterStats {
-            state: LinkState::of(c.up),
-            node: c.node,
-            published: c.published,
-            applied: c.applied,
-            observed: c.observed,
-            dropped: c.dropped,
-            refused: c.refused,
-            queued: c.queued,
-            counters: c.counters.map(|k| CounterStats {
-                state: LinkState::of(k.up),
-                sent: k.sent,
-                dropped: k.dropped,
-                crossed: k.crossed,
-                commands: k.commands,
-                queued: k.queued,
-            }),
-        })
-    }
-}
-
-/// `stats`' `cluster` object.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClusterStats {
-    /// The block link.
-    pub state: LinkState,
-    pub node: String,
-    pub published: u64,
-    pub applied: u64,
-    pub observed: u64,
-    pub dropped: u64,
-    pub refused: u64,
-    pub queued: usize,
-    /// Null without `share_counters`: the counted events sent to Redis,
-    /// dropped (Redis away), the windows that went past their limit on
-    /// this host's events, and the Redis commands they took.
-    pub counters: Option<CounterStats>,
-}
-
-/// `stats`' `cluster.counters` object.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CounterStats {
-    /// The counters' own connection.
-    pub state: LinkState,
-    pub sent: u64,
-    pub dropped: u64,
-    pub crossed: u64,
-    pub commands: u64,
-    pub queued: usize,
-}
-
-/// Whether a connection to Redis is up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LinkState {
-    Up,
-    Down,
-}
-
-impl LinkState {
-    fn of(up: bool) -> Self {
-        if up {
-            Self::Up
-        } else {
-            Self::Down
-        }
-    }
 }
 
 /// A window counted over every host went past its limit on one of this
@@ -513,7 +464,7 @@ mod tests {
             comment: None,
         });
         cluster.publish_unblock("192.0.2.1/32".parse().unwrap());
-        assert_eq!(cluster.stats(), None);
+        assert_eq!(cluster.counts(), None);
         assert_eq!(cluster.node_of(&"192.0.2.1/32".parse().unwrap()), None);
     }
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::ListCursor;
 use crate::{
-    cluster::ClusterStats,
+    cluster::ClusterCounts,
     recipients::{RecipientStats, RefreshReport},
 };
 
@@ -71,7 +71,7 @@ pub struct Stats {
         skip_serializing_if = "Option::is_none",
         deserialize_with = "absent_or_null"
     )]
-    pub cluster: Option<Option<ClusterStats>>,
+    pub cluster: Option<Option<ClusterCounts>>,
 }
 
 /// The proxy's counters in `stats`, since the start.
@@ -350,7 +350,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::{CounterStats, LinkState};
+    use crate::cluster::CounterCounts;
 
     /// Writes `answer`, reads it back, and checks both the text (`want`)
     /// and that it reads back equal.
@@ -427,8 +427,8 @@ mod tests {
                 verdicts: counts,
                 scanner_errors: BTreeMap::new(),
             })),
-            cluster: Some(Some(ClusterStats {
-                state: LinkState::Up,
+            cluster: Some(Some(ClusterCounts {
+                up: true,
                 node: "mx1".into(),
                 published: 1,
                 applied: 2,
@@ -436,8 +436,8 @@ mod tests {
                 dropped: 0,
                 refused: 0,
                 queued: 0,
-                counters: Some(CounterStats {
-                    state: LinkState::Down,
+                counters: Some(CounterCounts {
+                    up: false,
                     sent: 3,
                     dropped: 1,
                     crossed: 0,
