@@ -301,6 +301,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.reply(&reply).await?;
         Ok(Flow::Continue)
     }
+
+    /// VRFY or EXPN, relayed (`smtp.vrfy = "relay"`): they ask what RCPT
+    /// asks, so an answer that the address does not exist counts as a
+    /// failed recipient toward the harvest limits. A positive answer resets
+    /// nothing: a harvester could otherwise clear its session's count with
+    /// one known address between guesses.
+    pub(super) async fn vrfy(&mut self, line: &[u8]) -> std::io::Result<Flow> {
+        let reply = match self.backend_command(line).await {
+            Ok(reply) => reply,
+            Err(e) => return self.backend_failed(e).await,
+        };
+        if refuses_address(&reply) {
+            let verdict = self.ctx.policy().rcpt_result(
+                &self.ctx.state,
+                self.source(),
+                &mut self.counters,
+                false,
+                Instant::now(),
+            );
+            if let Some(decision) = verdict {
+                if let Some(flow) = self.refuse(&decision.verdict, decision.enforced).await? {
+                    return Ok(flow);
+                }
+            }
+        }
+        self.reply(&reply).await?;
+        Ok(Flow::Continue)
+    }
 }
 
 /// `MAIL FROM:<sender> params` as the backend gets it: rebuilt from what
@@ -317,6 +345,18 @@ pub(super) fn mail_line(mail: &MailFrom) -> Vec<u8> {
 /// syntax was refused before this).
 pub(super) fn rcpt_line(rcpt: &RcptTo) -> Vec<u8> {
     path_line("RCPT TO:", &rcpt.canonical, &rcpt.params).into_bytes()
+}
+
+/// Whether a VRFY or EXPN answer says the address does not exist: a
+/// failure with an address status (`X.1.x`, as Postfix's `550 5.1.1 …
+/// User unknown`), or `550`/`551`/`553` without enhanced codes. A disabled
+/// or refused command (`502 5.5.1`, `252`) says nothing about the address.
+pub(super) fn refuses_address(reply: &Reply) -> bool {
+    match reply.enhanced() {
+        Some((_, 1, _)) => reply.is_permanent() || reply.is_transient(),
+        Some(_) => false,
+        None => matches!(reply.code, 550 | 551 | 553),
+    }
 }
 
 /// A temporary failure that says the mailbox is unknown (`4.1.1`, e.g.

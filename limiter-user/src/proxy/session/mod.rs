@@ -569,7 +569,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.reply(&Reply::command_not_implemented()).await?;
                 Ok(Flow::Continue)
             }
-            Verb::Noop | Verb::Help | Verb::Vrfy | Verb::Expn => self.relay_and_answer(line).await,
+            Verb::Vrfy | Verb::Expn => self.vrfy(line).await,
+            Verb::Noop | Verb::Help => self.relay_and_answer(line).await,
             // Only what the proxy understands reaches the backend, and the
             // extension verbs the operator listed: anything else might be
             // read by the backend as a command the proxy never judged.

@@ -209,6 +209,18 @@ fn answer(line: &str, pipelining: bool, message: &mut Option<Vec<u8>>) -> String
             *message = Some(Vec::new());
             "354 End data with <CR><LF>.<CR><LF>\r\n".into()
         }
+        "VRFY" | "EXPN" => {
+            let address = line[verb.len()..]
+                .trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .to_ascii_lowercase();
+            if KNOWN.contains(&address.as_str()) {
+                format!("252 2.0.0 {address}\r\n")
+            } else {
+                format!("550 5.1.1 <{address}>: Recipient address rejected: User unknown in local recipient table\r\n")
+            }
+        }
         "RSET" | "NOOP" => "250 2.0.0 Ok\r\n".into(),
         "QUIT" => "221 2.0.0 Bye\r\n".into(),
         _ => "502 5.5.2 Error: command not recognized\r\n".into(),
@@ -500,6 +512,57 @@ async fn a_waiting_session_ends_even_when_its_block_notice_was_lost_in_a_burst()
     let (_, mut client, backend, _) = h.ended().await;
     assert!(client.closed().await);
     assert_eq!(backend.connections(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn relayed_vrfy_answers_count_toward_the_harvest_limit_and_a_known_address_resets_nothing() {
+    let config = Config::from_toml("[smtp]\nvrfy = \"relay\"").unwrap();
+    let limit = config.limits.max_failed_rcpt;
+    let mut h = Harness::start_with(config, true);
+    h.ehlo().await;
+    for i in 0..limit {
+        let reply = h
+            .client
+            .command(&format!("VRFY nobody{i}@example.com"))
+            .await;
+        assert_code(&reply, 550, (5, 1, 1));
+        // A known address between guesses clears nothing.
+        assert_eq!(h.client.command("EXPN alice@example.com").await.code, 252);
+    }
+    let last = h.client.command("VRFY nobody-last@example.com").await;
+    assert_code(&last, 421, (4, 7, 0));
+    let (_, mut client, _, ctx) = h.ended().await;
+    assert!(client.closed().await);
+    let source = PEER.parse::<SocketAddr>().unwrap().ip();
+    let block = ctx
+        .blocks
+        .covering(source, std::time::SystemTime::now())
+        .expect("the source is blocked");
+    assert_eq!(block.origin, Origin::Harvest);
+}
+
+#[test]
+fn only_answers_about_the_address_count_as_a_refused_vrfy() {
+    use envelope::refuses_address;
+    for (text, counts) in [
+        (
+            "550 5.1.1 <x@example.com>: Recipient address rejected: User unknown\r\n",
+            true,
+        ),
+        (
+            "450 4.1.1 <x@example.com>: Recipient address rejected: unverified address\r\n",
+            true,
+        ),
+        ("553 5.1.3 bad address syntax\r\n", true),
+        ("550 no such user\r\n", true),
+        ("502 5.5.1 VRFY command is disabled\r\n", false),
+        ("252 2.0.0 x@example.com\r\n", false),
+        ("250 2.1.5 x@example.com\r\n", false),
+        ("554 5.7.1 Access denied\r\n", false),
+        ("502 command not implemented\r\n", false),
+    ] {
+        assert_eq!(refuses_address(&parse(text)), counts, "{text}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
