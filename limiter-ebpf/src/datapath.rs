@@ -142,7 +142,8 @@ fn try_limiter_tc(ctx: &TcContext) -> Verdict {
 /// fragment, a truncated or invalid header, an IPv6 chain longer than the
 /// parser walks, not TCP) → dropped if the source is blocked (and not
 /// allow-listed), whatever its port: a blocked source gains nothing by
-/// mangling its packets. ICMP errors and IPv6 neighbour discovery are the
+/// mangling its packets; and if it may be a SYN after all (a truncated or
+/// invalid header, a chain too long), also if the source is at its cap. ICMP errors and IPv6 neighbour discovery are the
 /// network's plumbing and always pass. Everything else passes. In observe
 /// mode every drop is counted in `would_drop_*` and the packet passes.
 ///
@@ -174,19 +175,32 @@ fn judge(parsed: Result<Packet, Skip>) -> Verdict {
     let words = packet.source;
     let v4 = is_ipv4_mapped(&words);
     if let Some(skip) = packet.unreadable {
-        match skip {
+        // Whether the packet may still be a SYN the stack accepts: a TCP
+        // header the parser did not reach (IPv6 chains are bounded by
+        // length only in the stack) or a first fragment cut inside it
+        // (reassembly makes a SYN of it).
+        let hidden_tcp = match skip {
             Skip::Control => {
                 stats.ignored += 1;
                 return Verdict::Pass;
             }
-            Skip::NotTcp => stats.ignored += 1,
-            Skip::Fragment => stats.fragments += 1,
-            Skip::Truncated | Skip::Malformed => stats.malformed += 1,
-        }
+            Skip::NotTcp => {
+                stats.ignored += 1;
+                false
+            }
+            Skip::Fragment => {
+                stats.fragments += 1;
+                false
+            }
+            Skip::Truncated | Skip::Malformed => {
+                stats.malformed += 1;
+                true
+            }
+        };
         return if v4 {
-            judge_source_only(config, stats, &V4::new(words[3]), &packet.tcp)
+            judge_source_only(config, stats, &V4::new(words[3]), &packet.tcp, hidden_tcp)
         } else {
-            judge_source_only(config, stats, &V6::new(words), &packet.tcp)
+            judge_source_only(config, stats, &V6::new(words), &packet.tcp, hidden_tcp)
         };
     }
     let tcp = packet.tcp;
@@ -241,15 +255,19 @@ fn decide<F: Family>(config: &Config, stats: &mut Stats, source: &F, tcp: &Tcp) 
 }
 
 /// A packet known only by its source: dropped if the source is blocked and
-/// not allow-listed. The allow list is looked up only for a blocked source,
-/// so that the usual case (an unblocked source's UDP, ICMP or fragment)
-/// costs one hash miss and a prefilter bit.
+/// not allow-listed; if it may hide a TCP header (`hidden_tcp`), also if
+/// the source is at its connection cap, to whatever port (no legitimate
+/// sender splits a TCP header across fragments or sends a chain the parser
+/// does not walk). The allow list is looked up only for a source about to
+/// be dropped, so that the usual case (an unblocked source's UDP, ICMP or
+/// fragment) costs one hash miss and a prefilter bit.
 #[inline(always)]
 fn judge_source_only<F: Family>(
     config: &Config,
     stats: &mut Stats,
     source: &F,
     tcp: &Tcp,
+    hidden_tcp: bool,
 ) -> Verdict {
     // No protected port yet (the agent has not written CONFIG): pass all.
     if config.port_count == 0 {
@@ -269,15 +287,17 @@ fn judge_source_only<F: Family>(
             }
         }
     }
-    let Some((block, reason)) = hit else {
-        return Verdict::Pass;
+    let (block, reason) = match hit {
+        Some((block, reason)) => (Some(block), reason),
+        None if hidden_tcp && at_cap(config, source, top16) => (None, DropReason::Cap),
+        None => return Verdict::Pass,
     };
     if may_match(F::ALLOW_HINT, top16) && source.allowed() {
         stats.allowed += 1;
         return Verdict::Pass;
     }
     // `tcp` is all zero: the event reports port 0.
-    refuse(config, stats, Some(block), source, tcp, reason)
+    refuse(config, stats, block, source, tcp, reason)
 }
 
 /// A source address and the maps of its family.

@@ -19,6 +19,13 @@ pub enum Ext {
         offset: u16,
     },
     Ah,
+    /// A destination options header of `(units + 1) * 8` bytes, filled with
+    /// options of an unknown type that a receiver skips (type 0x1e), as
+    /// Linux accepts them (at most 8 options, no padding longer than 7
+    /// bytes): up to 2 KiB.
+    LongDestOpts {
+        units: u8,
+    },
 }
 
 /// A frame to build.
@@ -36,6 +43,9 @@ pub struct Frame {
     pub ipv6_ext: Vec<Ext>,
     /// Replace the IP protocol / last next-header (e.g. 17 for UDP).
     pub l4_protocol: u8,
+    /// How much of the 20-byte TCP header the packet carries (less for
+    /// the first IP fragment of a header split across fragments).
+    pub tcp_bytes: usize,
 }
 
 impl Frame {
@@ -50,6 +60,7 @@ impl Frame {
             ipv4_fragment: (0, false),
             ipv6_ext: Vec::new(),
             l4_protocol: 6,
+            tcp_bytes: 20,
         }
     }
 
@@ -75,6 +86,14 @@ impl Frame {
 
     pub fn ext(mut self, ext: Ext) -> Self {
         self.ipv6_ext.push(ext);
+        self
+    }
+
+    /// Carries only the first `bytes` of the TCP header (the IP lengths
+    /// say so too): with [`Self::ipv4_fragment`]`(0, true)`, the first
+    /// fragment of a header split across fragments.
+    pub fn tcp_bytes(mut self, bytes: usize) -> Self {
+        self.tcp_bytes = bytes.min(20);
         self
     }
 
@@ -126,7 +145,7 @@ impl Frame {
         match self.source {
             IpAddr::V4(src) => {
                 let ihl = 5 + self.ipv4_option_words;
-                let total_len = u16::from(ihl) * 4 + 20;
+                let total_len = u16::from(ihl) * 4 + self.tcp_bytes as u16;
                 f.push(0x40 | ihl);
                 f.push(0);
                 f.extend_from_slice(&total_len.to_be_bytes());
@@ -148,7 +167,7 @@ impl Frame {
             IpAddr::V6(src) => {
                 let ext_len: usize = self.ipv6_ext.iter().map(|e| ext_bytes(*e, 0).len()).sum();
                 f.extend_from_slice(&[0x60, 0, 0, 0]);
-                f.extend_from_slice(&((ext_len + 20) as u16).to_be_bytes());
+                f.extend_from_slice(&((ext_len + self.tcp_bytes) as u16).to_be_bytes());
                 let first = self
                     .ipv6_ext
                     .first()
@@ -174,6 +193,7 @@ impl Frame {
         f.push(5 << 4);
         f.push(self.tcp_flags);
         f.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]); // window, checksum, urgent
+        f.truncate(f.len() - (20 - self.tcp_bytes));
         f
     }
 }
@@ -185,6 +205,7 @@ fn ext_number(ext: Ext) -> u8 {
         Ext::DestOpts => 60,
         Ext::Fragment { .. } => 44,
         Ext::Ah => 51,
+        Ext::LongDestOpts { .. } => 60,
     }
 }
 
@@ -212,6 +233,21 @@ fn ext_bytes(ext: Ext, next: u8) -> Vec<u8> {
         Ext::Ah => {
             let mut h = vec![next, 4, 0, 0];
             h.extend(std::iter::repeat_n(0u8, 20));
+            h
+        }
+        Ext::LongDestOpts { units } => {
+            let mut h = vec![next, units];
+            // The rest shared evenly by as few options as fit it (each at
+            // most 257 bytes: type, length, 255 of data), so no padding:
+            // 2 046 bytes at most, eight options.
+            let mut left = (usize::from(units) + 1) * 8 - 2;
+            let options = left.div_ceil(257);
+            for i in (0..options).rev() {
+                let take = left / (i + 1);
+                h.extend_from_slice(&[0x1e, (take - 2) as u8]);
+                h.extend(std::iter::repeat_n(0u8, take - 2));
+                left -= take;
+            }
             h
         }
     }

@@ -1372,3 +1372,86 @@ fn reload_switches_the_kernel_between_observe_and_enforce() {
         assert!(metrics.contains(line), "{line} in:\n{metrics}");
     }
 }
+
+/// SYNs the Linux stack accepts although the parser cannot read their TCP
+/// flags, each measured against a listener in a namespace of this kernel:
+/// an IPv4 SYN whose TCP header is split across fragments (8 or 16 bytes in
+/// the first, RFC 1858's tiny fragments: reassembly makes a SYN of them),
+/// and IPv6 SYNs behind more extension headers than the parser walks, or
+/// behind one destination options header longer than it reads into (Linux
+/// bounds the options in a header, not the chain nor its length). A source
+/// at its cap must not open connections with them; one below its cap
+/// still may (the limiter fails open).
+#[test]
+fn an_over_cap_source_cannot_hide_its_syn_from_the_cap() {
+    if !prerequisites("an_over_cap_source_cannot_hide_its_syn_from_the_cap") {
+        return;
+    }
+    let k = TestKernel::load(limits(2));
+    let capped = [ip("203.0.113.5"), ip("2001:db8:5::1")];
+    let below = [ip("203.0.113.6"), ip("2001:db8:6::1")];
+    for source in capped {
+        set_connections(&k, source, 2);
+    }
+    for source in below {
+        set_connections(&k, source, 1);
+    }
+    let hidden = |source: IpAddr| -> Vec<(Frame, &str)> {
+        let syn = || Frame::syn(source, 25);
+        match source {
+            IpAddr::V4(_) => vec![
+                (
+                    syn().ipv4_fragment(0, true).tcp_bytes(8),
+                    "first fragment with 8 bytes of the TCP header",
+                ),
+                (
+                    syn().ipv4_fragment(0, true).tcp_bytes(16),
+                    "first fragment with 16 bytes of the TCP header",
+                ),
+            ],
+            IpAddr::V6(_) => {
+                let mut nine_dest_opts = syn();
+                let mut nine_routing = syn();
+                for _ in 0..9 {
+                    nine_dest_opts = nine_dest_opts.ext(Ext::LongDestOpts { units: 0 });
+                    nine_routing = nine_routing.ext(Ext::Routing);
+                }
+                vec![
+                    (nine_dest_opts, "nine destination options headers"),
+                    (nine_routing, "nine routing headers"),
+                    (
+                        syn().ext(Ext::LongDestOpts { units: 80 }),
+                        "a 648-byte destination options header",
+                    ),
+                ]
+            }
+        }
+    };
+    for (sources, at_cap) in [(capped, true), (below, false)] {
+        for source in sources {
+            for (frame, why) in hidden(source) {
+                let (xdp_expected, tc_expected) = if at_cap {
+                    (XDP_DROP, TC_ACT_SHOT)
+                } else {
+                    (XDP_PASS, TC_ACT_OK)
+                };
+                assert_eq!(xdp(&k, &frame), xdp_expected, "XDP: {why} from {source}");
+                assert_eq!(tc(&k, &frame), tc_expected, "TC: {why} from {source}");
+            }
+        }
+    }
+    // What cannot open a connection still passes from a capped source: a
+    // later fragment (nothing to reassemble once the first was dropped),
+    // other protocols, and its established traffic.
+    let v4 = capped[0];
+    for (frame, why) in [
+        (Frame::syn(v4, 25).ipv4_fragment(1, false), "later fragment"),
+        (Frame::syn(v4, 25).protocol(17), "UDP"),
+        (Frame::syn(v4, 25).flags(ACK), "ACK"),
+        (Frame::syn(capped[1], 25).flags(ACK), "IPv6 ACK"),
+    ] {
+        assert_eq!(xdp(&k, &frame), XDP_PASS, "XDP: {why}");
+        assert_eq!(tc(&k, &frame), TC_ACT_OK, "TC: {why}");
+    }
+    assert_eq!(k.datapath.counters().unwrap().dropped_cap, 2 * (2 + 3));
+}
