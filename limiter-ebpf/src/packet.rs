@@ -246,6 +246,7 @@ fn parse_ipv4(
     let ip = window(start, end, offset, IPV4_MIN_HDR_LEN)?;
     // SAFETY (every read below): inside the checked window.
     let version_ihl = unsafe { read_u8::<0>(ip) };
+    let total_len = u16::from_be(unsafe { read_u16::<2>(ip) }) as usize;
     let fragment = u16::from_be(unsafe { read_u16::<6>(ip) });
     let protocol = unsafe { read_u8::<9>(ip) };
     let source = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), unsafe {
@@ -259,6 +260,14 @@ fn parse_ipv4(
         // header and is judged like any packet; later ones cannot be, and
         // reassembly discards them anyway when the first one was dropped.
         Err(Skip::Fragment)
+    } else if protocol == IPPROTO_TCP && ihl * 4 + TCP_MIN_HDR_LEN > total_len {
+        // The stack reads no further than the total length (the rest of
+        // the frame is link-layer padding, trimmed): a first fragment
+        // holding part of a TCP header gets the rest, flags included, from
+        // the next fragment, whatever bytes follow it in its frame. (IPv6
+        // needs no such check: Linux drops a first fragment that does not
+        // hold the whole TCP header.)
+        Err(Skip::Truncated)
     } else if protocol == IPPROTO_TCP {
         Ok(offset + ihl * 4)
     } else if protocol == IPPROTO_ICMP {

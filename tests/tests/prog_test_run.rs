@@ -1455,3 +1455,43 @@ fn an_over_cap_source_cannot_hide_its_syn_from_the_cap() {
     }
     assert_eq!(k.datapath.counters().unwrap().dropped_cap, 2 * (2 + 3));
 }
+
+/// The IPv4 header says where the packet ends; what follows in the frame is
+/// link-layer padding, which the stack trims before reassembly. A first
+/// fragment holding 8 bytes of a SYN's TCP header, padded with the rest of
+/// an ACK's, was judged as that ACK, and reassembly with a second fragment
+/// (the SYN's remaining 12 bytes) made a SYN of it: measured to reach
+/// SYN_RECV on a listener in a namespace of this kernel. The same padding
+/// behind a whole packet must not hide its flags either.
+#[test]
+fn padding_after_the_ip_packet_is_not_read_as_its_tcp_header() {
+    if !prerequisites("padding_after_the_ip_packet_is_not_read_as_its_tcp_header") {
+        return;
+    }
+    let k = TestKernel::load(limits(2));
+    let capped = ip("203.0.113.5");
+    set_connections(&k, capped, 2);
+    let first = Frame::syn(capped, 25).ipv4_fragment(0, true).tcp_bytes(8);
+    let ack = Frame::syn(capped, 25).flags(ACK);
+    let mut padded = first.build();
+    padded.extend_from_slice(&ack.build()[ack.tcp_offset() + 8..]);
+    let (xdp_action, _) = k.datapath.test_run_xdp(&padded, 1).unwrap();
+    let (tc_action, _) = k.datapath.test_run_tc(&padded, 1).unwrap();
+    assert_eq!(
+        xdp_action, XDP_DROP,
+        "XDP: first fragment padded with an ACK"
+    );
+    assert_eq!(
+        tc_action, TC_ACT_SHOT,
+        "TC: first fragment padded with an ACK"
+    );
+    // A whole SYN followed by padding is judged by its own header.
+    let mut syn = Frame::syn(capped, 25).build();
+    syn.extend_from_slice(&[0x10; 12]);
+    assert_eq!(k.datapath.test_run_xdp(&syn, 1).unwrap().0, XDP_DROP);
+    // And a whole ACK with padding passes, from the capped source too.
+    let mut ack_bytes = ack.build();
+    ack_bytes.extend_from_slice(&[0x02; 12]);
+    assert_eq!(k.datapath.test_run_xdp(&ack_bytes, 1).unwrap().0, XDP_PASS);
+    assert_eq!(k.datapath.test_run_tc(&ack_bytes, 1).unwrap().0, TC_ACT_OK);
+}
