@@ -309,3 +309,39 @@ fn refused_lines_of_every_kind_count_toward_max_errors() {
         );
     }
 }
+
+// -- Held: racing connections of one source ---------------------------------
+
+/// The kernel counts a connection once it is established, so SYNs sent at
+/// once all pass its cap; the proxy's count must hold them: thirty
+/// connections of one source racing in get three greetings, every other
+/// one `421 4.7.0` (measured: held, the proxy admits under one lock).
+#[test]
+fn racing_connections_of_one_source_get_no_more_than_its_cap() {
+    if !ready("racing_connections_of_one_source_get_no_more_than_its_cap") {
+        return;
+    }
+    let rig = rig(&[], "max_connections_per_source = 3\n");
+    let start = std::sync::Barrier::new(30);
+    let sessions: Vec<(Client, String)> = thread::scope(|scope| {
+        let racers: Vec<_> = (0..30)
+            .map(|_| {
+                scope.spawn(|| {
+                    start.wait();
+                    rig.client("127.0.0.4")
+                })
+            })
+            .collect();
+        racers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let greeted = sessions
+        .iter()
+        .filter(|(_, greeting)| greeting.starts_with("220 "))
+        .count();
+    let refused = sessions
+        .iter()
+        .filter(|(_, greeting)| greeting.starts_with("421 4.7.0"))
+        .count();
+    let greetings: Vec<&str> = sessions.iter().map(|(_, g)| g.as_str()).collect();
+    assert_eq!((greeted, refused), (3, 27), "{greetings:?}");
+}
