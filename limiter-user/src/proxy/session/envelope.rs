@@ -285,21 +285,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.summary.rcpt_failed += 1;
         }
         if accepted || failed {
-            let verdict = self.ctx.policy().rcpt_result(
-                &self.ctx.state,
-                self.source(),
-                &mut self.counters,
-                accepted,
-                Instant::now(),
-            );
-            if let Some(decision) = verdict {
-                if let Some(flow) = self.refuse(&decision.verdict, decision.enforced).await? {
-                    return Ok(flow);
-                }
+            if let Some(flow) = self.count_recipient(accepted).await? {
+                return Ok(flow);
             }
         }
         self.reply(&reply).await?;
         Ok(Flow::Continue)
+    }
+
+    /// Counts a recipient the backend accepted or refused toward the
+    /// harvest limits; the flow when that refuses the session.
+    async fn count_recipient(&mut self, accepted: bool) -> std::io::Result<Option<Flow>> {
+        let verdict = self.ctx.policy().rcpt_result(
+            &self.ctx.state,
+            self.source(),
+            &mut self.counters,
+            accepted,
+            Instant::now(),
+        );
+        match verdict {
+            Some(decision) => self.refuse(&decision.verdict, decision.enforced).await,
+            None => Ok(None),
+        }
     }
 
     /// VRFY or EXPN, relayed (`smtp.vrfy = "relay"`): they ask what RCPT
@@ -313,17 +320,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Err(e) => return self.backend_failed(e).await,
         };
         if refuses_address(&reply) {
-            let verdict = self.ctx.policy().rcpt_result(
-                &self.ctx.state,
-                self.source(),
-                &mut self.counters,
-                false,
-                Instant::now(),
-            );
-            if let Some(decision) = verdict {
-                if let Some(flow) = self.refuse(&decision.verdict, decision.enforced).await? {
-                    return Ok(flow);
-                }
+            if let Some(flow) = self.count_recipient(false).await? {
+                return Ok(flow);
             }
         }
         self.reply(&reply).await?;
