@@ -45,6 +45,11 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+// The licence the kernel reads from the object: GPL-compatible, so that the
+// verifier lets the programs call GPL-only helpers should they need one (none
+// today: prog_test_run loads them either way). The source is MIT OR
+// Apache-2.0 like the workspace; MIT lets the object be offered under the GPL
+// as well.
 #[cfg(target_arch = "bpf")]
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
