@@ -29,8 +29,8 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use crate::blocks::{Block, Blocks};
 use crate::{
+    blocks::{Block, Blocks},
     config::{self, BackendConnect, Config, Smtp, TlsMode},
     kernel::Datapath,
     policy::{BlockOrder, ConnectVerdict, Policy, PolicyState},
