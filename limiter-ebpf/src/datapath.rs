@@ -55,8 +55,10 @@ static NET_HINTS: Array<u64, { (hint::COUNT * hint::WORDS) as usize }> = Array::
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// How much of an skb the TC program pulls into its linear area when the
-/// headers are not all there (covers two VLAN tags and long IPv6 chains).
-const TC_PULL_LEN: u32 = 256;
+/// headers are not all there: as far as the parser reads (a TCP header
+/// after the longest header chain it walks), so that TC judges every packet
+/// XDP would.
+const TC_PULL_LEN: u32 = (packet::MAX_L4_OFFSET + packet::TCP_MIN_HDR_LEN) as u32;
 
 enum Verdict {
     Pass,

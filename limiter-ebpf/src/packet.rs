@@ -32,9 +32,9 @@ const IPV6_HDR_LEN: usize = 40;
 const MAX_IPV6_EXT_HEADERS: usize = 8;
 /// No legitimate header chain reaches this far into a packet; the bound also
 /// keeps every offset small for the verifier.
-const MAX_L4_OFFSET: usize = 512;
+pub(crate) const MAX_L4_OFFSET: usize = 512;
 
-const TCP_MIN_HDR_LEN: usize = 20;
+pub(crate) const TCP_MIN_HDR_LEN: usize = 20;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 
