@@ -796,7 +796,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Err(TryRecvError::Empty | TryRecvError::Closed) => break,
             }
         }
-        self.blocked && self.ctx.policy().enforced()
+        self.blocked && self.blocks_apply()
+    }
+
+    /// Whether a block of the source ends this session: not in observe
+    /// mode, and never for an allow-listed source (as at accept, and as in
+    /// the kernel, where the allow list wins over any block covering it).
+    fn blocks_apply(&self) -> bool {
+        let policy = self.ctx.policy();
+        policy.enforced() && !policy.is_allowlisted(self.source())
     }
 
     /// Ends the session of a blocked source: `421 4.7.0`, and nothing more.
@@ -867,7 +875,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         Err(RecvError::Closed) => false,
                     };
                     self.blocked |= ours;
-                    (ours && self.ctx.policy().enforced()).then_some(Input::Blocked)
+                    (ours && self.blocks_apply()).then_some(Input::Blocked)
                 },
             };
             if let Some(entry) = &shed {

@@ -566,6 +566,33 @@ fn only_answers_about_the_address_count_as_a_refused_vrfy() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_block_covering_an_allow_listed_source_leaves_its_sessions_alone() {
+    let config = Config::from_toml("[lists]\nallow = [\"198.51.100.0/24\"]").unwrap();
+    let mut h = Harness::start_with(config, true);
+    h.ehlo().await;
+    // An operator blocks a wider network that holds the allow-listed one.
+    let wide: ipnet::IpNet = "198.51.0.0/16".parse().unwrap();
+    h.ctx.blocks.insert(crate::blocks::Block {
+        net: wide,
+        origin: Origin::Manual,
+        expires: None,
+        since: std::time::SystemTime::now(),
+        repeat: 0,
+        comment: None,
+    });
+    h.ctx.blocked_nets.send(wide).unwrap();
+    // Waiting, and then with commands sent together, it is still served.
+    assert_eq!(h.client.command("NOOP").await.code, 250);
+    h.client.send("NOOP\r\nRSET\r\nNOOP\r\n").await;
+    for _ in 0..3 {
+        assert_eq!(h.client.reply().await.code, 250);
+    }
+    assert_eq!(h.client.command("QUIT").await.code, 221);
+    let (summary, _, _, _) = h.ended().await;
+    assert_eq!(summary.outcome, "closed");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_pipelined_group_reaches_the_backend_in_one_write_and_replies_come_in_order() {
     let mut h = Harness::start();
     h.ehlo().await;
