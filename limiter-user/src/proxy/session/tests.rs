@@ -329,6 +329,20 @@ impl Harness {
         );
     }
 
+    /// Blocks `net` as the CLI or another session would
+    /// ([`ProxyContext::enforce`]: table, then the sessions' notice; the
+    /// kernel layer is off here).
+    fn block_elsewhere(&self, net: ipnet::IpNet) {
+        let _ = self.ctx.enforce(crate::blocks::Block {
+            net,
+            origin: Origin::Manual,
+            expires: None,
+            since: std::time::SystemTime::now(),
+            repeat: 0,
+            comment: None,
+        });
+    }
+
     /// Waits for the session to end; its summary.
     async fn ended(self) -> (SessionSummary, Client, FakeBackend, Arc<ProxyContext>) {
         let summary = self.session.await.unwrap();
@@ -492,15 +506,7 @@ async fn a_waiting_session_ends_even_when_its_block_notice_was_lost_in_a_burst()
     // host), and its notice is followed by more than the channel holds:
     // the waiting session misses it.
     let source = PEER.parse::<SocketAddr>().unwrap().ip();
-    h.ctx.blocks.insert(crate::blocks::Block {
-        net: source.into(),
-        origin: Origin::Manual,
-        expires: None,
-        since: std::time::SystemTime::now(),
-        repeat: 0,
-        comment: None,
-    });
-    h.ctx.blocked_nets.send(source.into()).unwrap();
+    h.block_elsewhere(source.into());
     for i in 0..300u32 {
         let other = std::net::Ipv4Addr::from(0xc633_6400 + i); // 198.51.100.0 + i
         if IpAddr::V4(other) != source {
@@ -572,15 +578,7 @@ async fn a_block_covering_an_allow_listed_source_leaves_its_sessions_alone() {
     h.ehlo().await;
     // An operator blocks a wider network that holds the allow-listed one.
     let wide: ipnet::IpNet = "198.51.0.0/16".parse().unwrap();
-    h.ctx.blocks.insert(crate::blocks::Block {
-        net: wide,
-        origin: Origin::Manual,
-        expires: None,
-        since: std::time::SystemTime::now(),
-        repeat: 0,
-        comment: None,
-    });
-    h.ctx.blocked_nets.send(wide).unwrap();
+    h.block_elsewhere(wide);
     // Waiting, and then with commands sent together, it is still served.
     assert_eq!(h.client.command("NOOP").await.code, 250);
     h.client.send("NOOP\r\nRSET\r\nNOOP\r\n").await;
