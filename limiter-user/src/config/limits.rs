@@ -35,12 +35,28 @@ pub struct Limits {
     /// Window over which `max_failed_rcpt_per_source` counts.
     #[serde(with = "duration_serde")]
     pub failed_rcpt_window: Duration,
+    /// Failed RCPTs from all the sources of one network
+    /// (`network_ipv4_prefix`, `network_ipv6_prefix`) within
+    /// `failed_rcpt_window` before the network is blocked: a harvester
+    /// that spreads over the addresses of its /24 or the /64s of its /48,
+    /// each under its own limit. 0 = off.
+    pub max_failed_rcpt_per_network: u32,
     /// Refused credentials (535, or 435 / X.7.8) per source within
     /// `failed_auth_window` before a block.
     pub max_failed_auth: u32,
     /// Window over which failed AUTH attempts are counted.
     #[serde(with = "duration_serde")]
     pub failed_auth_window: Duration,
+    /// Refused credentials from all the sources of one network within
+    /// `failed_auth_window` before the network is blocked: a password
+    /// guesser spread over its network. 0 = off.
+    pub max_failed_auth_per_network: u32,
+    /// The network an IPv4 source counts in for the `*_per_network` limits.
+    pub network_ipv4_prefix: u8,
+    /// The network an IPv6 source counts in for the `*_per_network` limits
+    /// (a longer one than `ipv6_prefix` counts as `ipv6_prefix`: a source
+    /// is never split).
+    pub network_ipv6_prefix: u8,
     /// Most null-sender (`MAIL FROM:<>`) messages per source (NDR floods).
     pub null_sender_rate: Rate,
     /// Length of a first block.
@@ -68,8 +84,12 @@ impl Default for Limits {
             max_failed_rcpt: 5,
             max_failed_rcpt_per_source: 20,
             failed_rcpt_window: Duration::from_secs(3600),
+            max_failed_rcpt_per_network: 100,
             max_failed_auth: 5,
             failed_auth_window: Duration::from_secs(10 * 60),
+            max_failed_auth_per_network: 50,
+            network_ipv4_prefix: 24,
+            network_ipv6_prefix: 48,
             null_sender_rate: Rate {
                 count: 20,
                 per: Duration::from_secs(60),
@@ -113,6 +133,24 @@ impl Limits {
             return Err(invalid(
                 "limits.ipv6_prefix",
                 format!("must be between 1 and 128, not {}", limits.ipv6_prefix),
+            ));
+        }
+        if !(1..=32).contains(&limits.network_ipv4_prefix) {
+            return Err(invalid(
+                "limits.network_ipv4_prefix",
+                format!(
+                    "must be between 1 and 32, not {}",
+                    limits.network_ipv4_prefix
+                ),
+            ));
+        }
+        if !(1..=128).contains(&limits.network_ipv6_prefix) {
+            return Err(invalid(
+                "limits.network_ipv6_prefix",
+                format!(
+                    "must be between 1 and 128, not {}",
+                    limits.network_ipv6_prefix
+                ),
             ));
         }
         for (key, window) in [
@@ -316,7 +354,11 @@ pub const LIVE_LIMITS: &[LiveLimit] = &[
     ),
     live_limit!(
         failed_rcpt_window,
-        "the window max_failed_rcpt_per_source counts over"
+        "the window max_failed_rcpt_per_source and max_failed_rcpt_per_network count over"
+    ),
+    live_limit!(
+        max_failed_rcpt_per_network,
+        "failed recipients from all sources of one network within failed_rcpt_window before the network is blocked (0 = off)"
     ),
     live_limit!(
         max_failed_auth,
@@ -324,7 +366,19 @@ pub const LIVE_LIMITS: &[LiveLimit] = &[
     ),
     live_limit!(
         failed_auth_window,
-        "the window max_failed_auth counts over"
+        "the window max_failed_auth and max_failed_auth_per_network count over"
+    ),
+    live_limit!(
+        max_failed_auth_per_network,
+        "refused credentials from all sources of one network within failed_auth_window before the network is blocked (0 = off)"
+    ),
+    live_limit!(
+        network_ipv4_prefix,
+        "the network an IPv4 source counts in for the per-network limits (1 to 32)"
+    ),
+    live_limit!(
+        network_ipv6_prefix,
+        "the network an IPv6 source counts in for the per-network limits (1 to 128; at most ipv6_prefix takes effect)"
     ),
     live_limit!(
         null_sender_rate,
@@ -415,6 +469,10 @@ mod tests {
         assert_invalid(&[
             ("[limits]\nipv6_prefix = 0", "limits.ipv6_prefix"),
             ("[limits]\nipv6_prefix = 129", "limits.ipv6_prefix"),
+            ("[limits]\nnetwork_ipv4_prefix = 0", "limits.network_ipv4_prefix"),
+            ("[limits]\nnetwork_ipv4_prefix = 33", "limits.network_ipv4_prefix"),
+            ("[limits]\nnetwork_ipv6_prefix = 0", "limits.network_ipv6_prefix"),
+            ("[limits]\nnetwork_ipv6_prefix = 129", "limits.network_ipv6_prefix"),
             ("[limits]\nblock_backoff = 0.5", "limits.block_backoff"),
             ("[limits]\nblock_backoff = nan", "limits.block_backoff"),
             ("[limits]\nblock_backoff = inf", "limits.block_backoff"),

@@ -116,6 +116,11 @@ struct ConnectRules {
     default_cap: u32,
     /// `ipv6_prefix`: IPv6 sources are keyed by this prefix.
     ipv6_prefix: u8,
+    /// `network_ipv4_prefix`: the network of an IPv4 source.
+    network_ipv4_prefix: u8,
+    /// `network_ipv6_prefix`, at most `ipv6_prefix`: the network of an
+    /// IPv6 source.
+    network_ipv6_prefix: u8,
 }
 
 /// HELO stage.
@@ -149,6 +154,8 @@ struct RcptRules {
     max_failed_rcpt_per_source: u32,
     /// `failed_rcpt_window`.
     failed_rcpt_window: Duration,
+    /// `max_failed_rcpt_per_network`: all sources of a network; 0 = off.
+    max_failed_rcpt_per_network: u32,
 }
 
 /// AUTH stage.
@@ -158,6 +165,8 @@ struct AuthRules {
     max_failed_auth: u32,
     /// `failed_auth_window`.
     failed_auth_window: Duration,
+    /// `max_failed_auth_per_network`: all sources of a network; 0 = off.
+    max_failed_auth_per_network: u32,
 }
 
 /// After DATA: content filter verdicts.
@@ -208,6 +217,8 @@ impl Policy {
                 source_caps,
                 default_cap: limits.max_connections_per_source,
                 ipv6_prefix: limits.ipv6_prefix.min(128),
+                network_ipv4_prefix: limits.network_ipv4_prefix.min(32),
+                network_ipv6_prefix: limits.network_ipv6_prefix.min(limits.ipv6_prefix).min(128),
             },
             helo: HeloRules {
                 reject: PatternList::from(config.lists.reject_helo.as_slice()),
@@ -227,10 +238,12 @@ impl Policy {
                 max_failed_rcpt: limits.max_failed_rcpt,
                 max_failed_rcpt_per_source: limits.max_failed_rcpt_per_source,
                 failed_rcpt_window: limits.failed_rcpt_window,
+                max_failed_rcpt_per_network: limits.max_failed_rcpt_per_network,
             },
             auth: AuthRules {
                 max_failed_auth: limits.max_failed_auth,
                 failed_auth_window: limits.failed_auth_window,
+                max_failed_auth_per_network: limits.max_failed_auth_per_network,
             },
             filters: FilterRules {
                 max_rejects: config.filters.max_rejects,
@@ -281,6 +294,24 @@ impl Policy {
             IpAddr::V4(v4) => IpNet::V4(Ipv4Net::from(v4)),
             IpAddr::V6(v6) => IpNet::V6(
                 Ipv6Net::new(v6, self.connect.ipv6_prefix)
+                    .map_or_else(|_| Ipv6Net::from(v6), |net| net.trunc()),
+            ),
+        }
+    }
+
+    /// The network `source` counts in for the `*_per_network` limits: its
+    /// IPv4 address truncated to `limits.network_ipv4_prefix`, its IPv6
+    /// one to `limits.network_ipv6_prefix` (never longer than its key).
+    #[must_use]
+    pub fn source_network(&self, source: IpAddr) -> IpNet {
+        let rules = &self.connect;
+        match source.to_canonical() {
+            IpAddr::V4(v4) => IpNet::V4(
+                Ipv4Net::new(v4, rules.network_ipv4_prefix)
+                    .map_or_else(|_| Ipv4Net::from(v4), |net| net.trunc()),
+            ),
+            IpAddr::V6(v6) => IpNet::V6(
+                Ipv6Net::new(v6, rules.network_ipv6_prefix)
                     .map_or_else(|_| Ipv6Net::from(v6), |net| net.trunc()),
             ),
         }
@@ -620,6 +651,26 @@ impl Policy {
             return None;
         }
         counters.failed_rcpt = counters.failed_rcpt.saturating_add(1);
+        let network_rule = WindowRule {
+            kind: CountKind::FailedRcpt,
+            limit: self.rcpt.max_failed_rcpt_per_network,
+            window: self.rcpt.failed_rcpt_window,
+        };
+        if let Some((failed, network, order)) =
+            self.count_toward_network_block(state, source, now, &network_rule)
+        {
+            counters.failed_rcpt = 0;
+            return Some(self.decide(Rejection {
+                reason: Reason::HarvestFromNetwork {
+                    network,
+                    failed,
+                    limit: network_rule.limit,
+                    window: network_rule.window,
+                },
+                action: Action::DeferAndClose,
+                block: Some(order),
+            }));
+        }
         let limit = self.rcpt.max_failed_rcpt;
         if counters.failed_rcpt > limit {
             let failed = std::mem::take(&mut counters.failed_rcpt);
@@ -687,6 +738,25 @@ impl Policy {
         now: Instant,
     ) -> Option<Decision<Rejection>> {
         let rules = &self.auth;
+        let network_rule = WindowRule {
+            kind: CountKind::FailedAuth,
+            limit: rules.max_failed_auth_per_network,
+            window: rules.failed_auth_window,
+        };
+        if let Some((failures, network, order)) =
+            self.count_toward_network_block(state, source, now, &network_rule)
+        {
+            return Some(self.decide(Rejection {
+                reason: Reason::AuthFailuresFromNetwork {
+                    network,
+                    failures,
+                    limit: network_rule.limit,
+                    window: network_rule.window,
+                },
+                action: Action::DeferAndClose,
+                block: Some(order),
+            }));
+        }
         let (failures, order) = self.count_toward_block(
             state,
             source,
@@ -783,6 +853,39 @@ impl Policy {
             blocked: outcome.is_some(),
         });
         outcome
+    }
+
+    /// Counts one event of `source` in its network's `rule` window (the
+    /// `*_per_network` limits; a limit of 0 is off); past the limit the
+    /// window starts over and the whole network is blocked, with the
+    /// backoff of its own history: (events counted, the network, the
+    /// block). Allow-listed sources are not counted. Each host counts its
+    /// own: the cluster shares the per-source windows only.
+    fn count_toward_network_block(
+        &self,
+        state: &PolicyState,
+        source: IpAddr,
+        now: Instant,
+        rule: &WindowRule,
+    ) -> Option<(u32, IpNet, BlockOrder)> {
+        let source = source.to_canonical();
+        if rule.limit == 0 || self.is_allowlisted(source) {
+            return None;
+        }
+        let network = self.source_network(source);
+        let keep = usize::try_from(u64::from(rule.limit) + 1).unwrap_or(usize::MAX);
+        state.with(|tables| {
+            let windows = tables.network_windows(rule.kind)?;
+            let events = windows
+                .touch(&network, Default::default)
+                .record(now, rule.window, keep);
+            if events <= rule.limit {
+                return None;
+            }
+            windows.remove(&network);
+            let order = tables.block_net(self, network, rule.kind.origin(), now);
+            Some((events, network, order))
+        })
     }
 
     /// `net`'s `kind` window went past its limit counted over every edge

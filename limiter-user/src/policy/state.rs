@@ -136,6 +136,10 @@ pub(super) struct Tables {
     pub(super) auth_failures: Lru<IpNet, Window>,
     /// Failed RCPT times per source key, across sessions (harvesting).
     pub(super) failed_rcpt: Lru<IpNet, Window>,
+    /// Failed RCPT times per network ([`Policy::source_network`]).
+    failed_rcpt_by_network: Lru<IpNet, Window>,
+    /// Failed AUTH times per network.
+    auth_failures_by_network: Lru<IpNet, Window>,
     /// Messages rejected by the content filters, times per source key.
     pub(super) filter_rejects: Lru<IpNet, Window>,
     /// Null-sender MAIL times per source key.
@@ -207,6 +211,8 @@ impl PolicyState {
                 helo_sessions: HashMap::new(),
                 auth_failures: Lru::new(capacity),
                 failed_rcpt: Lru::new(capacity),
+                failed_rcpt_by_network: Lru::new(capacity),
+                auth_failures_by_network: Lru::new(capacity),
                 filter_rejects: Lru::new(capacity),
                 null_by_source: Lru::new(capacity),
                 null_by_helo: Lru::new(capacity),
@@ -330,6 +336,12 @@ impl PolicyState {
             window.expire(now, auth_window);
             !window.is_empty()
         }) + tables.failed_rcpt.retain(|_, window| {
+            window.expire(now, rcpt_window);
+            !window.is_empty()
+        }) + tables.auth_failures_by_network.retain(|_, window| {
+            window.expire(now, auth_window);
+            !window.is_empty()
+        }) + tables.failed_rcpt_by_network.retain(|_, window| {
             window.expire(now, rcpt_window);
             !window.is_empty()
         }) + tables.filter_rejects.retain(|_, window| {
@@ -488,6 +500,16 @@ impl Tables {
         }
     }
 
+    /// `kind`'s windows by network, for the kinds with a per-network
+    /// limit (failed RCPTs and AUTHs).
+    pub(super) fn network_windows(&mut self, kind: CountKind) -> Option<&mut Lru<IpNet, Window>> {
+        match kind {
+            CountKind::FailedRcpt => Some(&mut self.failed_rcpt_by_network),
+            CountKind::FailedAuth => Some(&mut self.auth_failures_by_network),
+            CountKind::NullSender | CountKind::FilterReject => None,
+        }
+    }
+
     /// See [`PolicyState::block`]; `source` is canonical and not allow-listed.
     pub(super) fn block(
         &mut self,
@@ -496,7 +518,18 @@ impl Tables {
         origin: limiter_common::Reason,
         now: Instant,
     ) -> BlockOrder {
-        let net = policy.source_key(source);
+        self.block_net(policy, policy.source_key(source), origin, now)
+    }
+
+    /// Orders a block of `net` (a source key, or a whole network past a
+    /// per-network limit) with the backoff of `net`'s own history.
+    pub(super) fn block_net(
+        &mut self,
+        policy: &Policy,
+        net: IpNet,
+        origin: limiter_common::Reason,
+        now: Instant,
+    ) -> BlockOrder {
         let memory = policy.blocks.max_block_duration;
         let record = self.history.touch(&net, || BlockRecord {
             blocks: 0,

@@ -967,9 +967,10 @@ fn sweep_drops_what_has_aged_out() {
     let _ = policy.mail_from(&state, source, Some("h"), true, t0);
     let _ = state.block(&policy, source, Origin::Manual, t0);
     assert_eq!(state.sweep(&policy, t0 + MIN / 2), 0);
-    // Null-sender windows (1m) have expired, the AUTH one (10m) not yet.
+    // Null-sender windows (1m) have expired, the AUTH ones (10m: the
+    // source's and its network's) not yet.
     assert_eq!(state.sweep(&policy, t0 + MIN), 2);
-    assert_eq!(state.sweep(&policy, t0 + 10 * MIN), 1);
+    assert_eq!(state.sweep(&policy, t0 + 10 * MIN), 2);
     // History: 30m block + 1h memory.
     assert_eq!(state.sweep(&policy, t0 + 89 * MIN), 0);
     assert_eq!(state.sweep(&policy, t0 + 90 * MIN), 1);
@@ -1011,6 +1012,18 @@ fn reason_names_are_stable() {
             limit: 1,
             window: MIN,
         },
+        Reason::HarvestFromNetwork {
+            network: net("192.0.2.0/24"),
+            failed: 2,
+            limit: 1,
+            window: MIN,
+        },
+        Reason::AuthFailuresFromNetwork {
+            network: net("192.0.2.0/24"),
+            failures: 2,
+            limit: 1,
+            window: MIN,
+        },
     ]
     .iter()
     .map(|reason| {
@@ -1029,7 +1042,9 @@ fn reason_names_are_stable() {
             "null-sender-rate",
             "relay-denied",
             "harvest",
-            "auth"
+            "auth",
+            "harvest-network",
+            "auth-network"
         ]
     );
 }
@@ -1146,7 +1161,10 @@ fn failed_recipients_count_across_sessions_and_successes_do_not_reset_them() {
 
 #[test]
 fn failed_recipients_per_source_age_out_of_their_window() {
-    let policy = policy("[limits]\nmax_failed_rcpt_per_source = 2\nfailed_rcpt_window = \"10m\"");
+    let policy = policy(
+        "[limits]\nmax_failed_rcpt_per_source = 2\nfailed_rcpt_window = \"10m\"\n\
+         max_failed_rcpt_per_network = 0",
+    );
     let state = state();
     let start = Instant::now();
     let source = ip("192.0.2.8");
@@ -1194,10 +1212,163 @@ fn failed_recipients_per_source_key_ipv6_by_prefix_and_spare_the_allow_list() {
 
 #[test]
 fn failed_recipients_per_source_zero_turns_the_rule_off() {
-    let policy = policy("[limits]\nmax_failed_rcpt_per_source = 0");
+    let policy =
+        policy("[limits]\nmax_failed_rcpt_per_source = 0\nmax_failed_rcpt_per_network = 0");
     let state = state();
     assert!(
         fail_in_new_sessions(&policy, &state, ip("192.0.2.10"), 1000, Instant::now()).is_none()
     );
     assert_eq!(state.sizes().failed_rcpt_sources, 0);
+}
+
+// -- Per-network windows ---------------------------------------------------------
+
+/// Spreads `failures` failed recipients over `hosts` sources (one fresh
+/// session each, round robin), each source staying under its own limits;
+/// the first decision, with the failure number it came at.
+fn spread_failures(
+    policy: &Policy,
+    state: &PolicyState,
+    hosts: &[IpAddr],
+    failures: u32,
+    now: Instant,
+) -> Option<(u32, Decision<Rejection>)> {
+    (1..=failures).find_map(|n| {
+        let source = hosts[(n as usize - 1) % hosts.len()];
+        fail_in_new_sessions(policy, state, source, 1, now).map(|decision| (n, decision))
+    })
+}
+
+#[test]
+fn a_harvester_spread_over_its_ipv4_network_blocks_the_network() {
+    // 50 addresses of one /24, 3 failures each: every one under its own
+    // limit of 4; together past the network's 100.
+    let policy = policy(
+        "[limits]\nmax_failed_rcpt = 3\nmax_failed_rcpt_per_source = 4\n\
+         max_failed_rcpt_per_network = 100\nfailed_rcpt_window = \"1h\"",
+    );
+    let state = state();
+    let now = Instant::now();
+    let hosts: Vec<IpAddr> = (1..=50).map(|i| ip(&format!("198.51.100.{i}"))).collect();
+    let (at, decision) = spread_failures(&policy, &state, &hosts, 150, now).expect("a block");
+    assert_eq!(at, 101, "the failure past the network's limit");
+    let rejection = decision.verdict;
+    assert_eq!(rejection.name(), "harvest-network");
+    assert_eq!(
+        rejection.reason,
+        Reason::HarvestFromNetwork {
+            network: net("198.51.100.0/24"),
+            failed: 101,
+            limit: 100,
+            window: 60 * MIN
+        }
+    );
+    assert_eq!(rejection.action, Action::DeferAndClose);
+    let order = rejection.block.expect("a block");
+    assert_eq!(order.net, net("198.51.100.0/24"));
+    assert_eq!((order.origin, order.repeat), (Origin::Harvest, 0));
+    // The neighbouring /24 has its own window.
+    let neighbours: Vec<IpAddr> = (1..=50).map(|i| ip(&format!("198.51.101.{i}"))).collect();
+    assert!(spread_failures(&policy, &state, &neighbours, 100, now).is_none());
+    // The network's window started over; its next block backs off.
+    let (at, decision) =
+        spread_failures(&policy, &state, &hosts, 150, now + MIN).expect("a second block");
+    assert_eq!(at, 101);
+    let order = decision.verdict.block.expect("a block");
+    assert_eq!(order.net, net("198.51.100.0/24"));
+    assert_eq!(order.repeat, 0, "the first block still runs: same level");
+    // After it ends (30m), other addresses of the network (their own
+    // windows still empty) bring a longer one.
+    let others: Vec<IpAddr> = (101..=150).map(|i| ip(&format!("198.51.100.{i}"))).collect();
+    let (at, decision) =
+        spread_failures(&policy, &state, &others, 150, now + 40 * MIN).expect("a third block");
+    assert_eq!(at, 101);
+    let order = decision.verdict.block.expect("a block");
+    assert_eq!((order.net, order.repeat), (net("198.51.100.0/24"), 1));
+}
+
+#[test]
+fn a_harvester_rotating_ipv6_prefixes_is_blocked_by_its_network() {
+    // Every failure from another /64 of one /48: no /64 ever holds two.
+    let policy = policy(
+        "[limits]\nmax_failed_rcpt_per_source = 2\nmax_failed_rcpt_per_network = 10\n\
+         ipv6_prefix = 64\nnetwork_ipv6_prefix = 48",
+    );
+    let state = state();
+    let hosts: Vec<IpAddr> = (1..=40)
+        .map(|i| ip(&format!("2001:db8:77:{i:x}::1")))
+        .collect();
+    let (at, decision) =
+        spread_failures(&policy, &state, &hosts, 40, Instant::now()).expect("a block");
+    assert_eq!(at, 11);
+    let order = decision.verdict.block.expect("a block");
+    assert_eq!(order.net, net("2001:db8:77::/48"));
+    assert_eq!(order.origin, Origin::Harvest);
+}
+
+#[test]
+fn the_network_is_never_narrower_than_a_source() {
+    // A network prefix longer than ipv6_prefix counts as ipv6_prefix.
+    let wide = policy("[limits]\nipv6_prefix = 40\nnetwork_ipv6_prefix = 48");
+    assert_eq!(
+        wide.source_network(ip("2001:db8:ff:1::1")),
+        net("2001:db8::/40")
+    );
+    let v4 = policy("[limits]\nnetwork_ipv4_prefix = 16");
+    assert_eq!(v4.source_network(ip("::ffff:192.0.2.1")), net("192.0.0.0/16"));
+}
+
+#[test]
+fn auth_failures_spread_over_a_network_block_the_network() {
+    let policy = policy(
+        "[limits]\nmax_failed_auth = 3\nmax_failed_auth_per_network = 20\n\
+         failed_auth_window = \"10m\"",
+    );
+    let state = state();
+    let now = Instant::now();
+    // 10 addresses, 2 refused passwords each per round: each under 3.
+    let mut first = None;
+    for n in 1..=30u32 {
+        let source = ip(&format!("203.0.113.{}", n % 10 + 1));
+        if let Some(decision) = policy.auth_failed(&state, source, now) {
+            first = Some((n, decision));
+            break;
+        }
+    }
+    let (at, decision) = first.expect("a block");
+    assert_eq!(at, 21);
+    let rejection = decision.verdict;
+    assert_eq!(rejection.name(), "auth-network");
+    let order = rejection.block.expect("a block");
+    assert_eq!(order.net, net("203.0.113.0/24"));
+    assert_eq!(order.origin, Origin::Auth);
+}
+
+#[test]
+fn per_network_limits_zero_are_off_and_spare_the_allow_list() {
+    let hosts: Vec<IpAddr> = (1..=100).map(|i| ip(&format!("192.0.2.{i}"))).collect();
+    let off = policy(
+        "[limits]\nmax_failed_rcpt_per_source = 0\nmax_failed_rcpt_per_network = 0\n\
+         max_failed_auth = 1000\nmax_failed_auth_per_network = 0",
+    );
+    let state = state();
+    let now = Instant::now();
+    assert!(spread_failures(&off, &state, &hosts, 1000, now).is_none());
+    assert!(hosts
+        .iter()
+        .all(|&source| off.auth_failed(&state, source, now).is_none()));
+    let allowed = policy(
+        "[limits]\nmax_failed_rcpt_per_source = 0\nmax_failed_rcpt_per_network = 5\n\
+         [lists]\nallow = [\"192.0.2.0/25\"]",
+    );
+    let state = self::state();
+    // .100 to .127 are allow-listed and not counted: the block comes at
+    // the sixth failure from .128 on, failure number 28 + 6.
+    let hosts: Vec<IpAddr> = (100..=199).map(|i| ip(&format!("192.0.2.{i}"))).collect();
+    let (at, decision) = spread_failures(&allowed, &state, &hosts, 100, now).expect("a block");
+    assert_eq!(at, 34);
+    assert_eq!(
+        decision.verdict.block.expect("a block").net,
+        net("192.0.2.0/24")
+    );
 }

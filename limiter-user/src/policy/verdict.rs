@@ -144,6 +144,32 @@ pub enum Reason {
         /// `failed_rcpt_window`.
         window: Duration,
     },
+    /// Failed RCPTs from all the sources of one network went past
+    /// `max_failed_rcpt_per_network` within `failed_rcpt_window`: the
+    /// network is blocked.
+    HarvestFromNetwork {
+        /// The network ([`super::Policy::source_network`]).
+        network: IpNet,
+        /// Failures counted in the window, this one included.
+        failed: u32,
+        /// `max_failed_rcpt_per_network`.
+        limit: u32,
+        /// `failed_rcpt_window`.
+        window: Duration,
+    },
+    /// Refused credentials from all the sources of one network went past
+    /// `max_failed_auth_per_network` within `failed_auth_window`: the
+    /// network is blocked.
+    AuthFailuresFromNetwork {
+        /// The network ([`super::Policy::source_network`]).
+        network: IpNet,
+        /// Failures counted in the window, this one included.
+        failures: u32,
+        /// `max_failed_auth_per_network`.
+        limit: u32,
+        /// `failed_auth_window`.
+        window: Duration,
+    },
     /// Failed AUTH (535) from the source went past `max_failed_auth` within
     /// `failed_auth_window`.
     AuthFailures {
@@ -180,7 +206,9 @@ impl Reason {
             Self::RelayDenied => "relay-denied",
             Self::Harvest { .. } => "harvest",
             Self::HarvestAcrossSessions { .. } => "harvest-source",
+            Self::HarvestFromNetwork { .. } => "harvest-network",
             Self::AuthFailures { .. } => "auth",
+            Self::AuthFailuresFromNetwork { .. } => "auth-network",
             Self::FilterRejects { .. } => "filter",
         }
     }
@@ -193,8 +221,10 @@ impl Reason {
         match self {
             Self::RejectList { .. } => Some(Origin::RejectList),
             Self::NullSenderRate { .. } => Some(Origin::Flood),
-            Self::Harvest { .. } | Self::HarvestAcrossSessions { .. } => Some(Origin::Harvest),
-            Self::AuthFailures { .. } => Some(Origin::Auth),
+            Self::Harvest { .. }
+            | Self::HarvestAcrossSessions { .. }
+            | Self::HarvestFromNetwork { .. } => Some(Origin::Harvest),
+            Self::AuthFailures { .. } | Self::AuthFailuresFromNetwork { .. } => Some(Origin::Auth),
             Self::FilterRejects { .. } => Some(Origin::Filter),
             Self::TooManyConnections { .. }
             | Self::StateFull { .. }
@@ -260,6 +290,24 @@ impl fmt::Display for Reason {
             } => write!(
                 f,
                 "{failures} failed AUTH within {window:?}, the limit is {limit}"
+            ),
+            Self::HarvestFromNetwork {
+                network,
+                failed,
+                limit,
+                window,
+            } => write!(
+                f,
+                "{failed} failed recipients from network {network} within {window:?}, the limit is {limit}"
+            ),
+            Self::AuthFailuresFromNetwork {
+                network,
+                failures,
+                limit,
+                window,
+            } => write!(
+                f,
+                "{failures} failed AUTH from network {network} within {window:?}, the limit is {limit}"
             ),
             Self::FilterRejects {
                 rejects,

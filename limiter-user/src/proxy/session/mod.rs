@@ -904,7 +904,13 @@ fn rejection_reply(rejection: &Rejection) -> Reply {
         Reason::Harvest { .. } | Reason::HarvestAcrossSessions { .. } => {
             "Error: too many invalid recipients, try again later"
         }
+        Reason::HarvestFromNetwork { .. } => {
+            "Error: too many invalid recipients from your network, try again later"
+        }
         Reason::AuthFailures { .. } => "Error: too many failed authentications, try again later",
+        Reason::AuthFailuresFromNetwork { .. } => {
+            "Error: too many failed authentications from your network, try again later"
+        }
         Reason::FilterRejects { .. } => "Error: too many rejected messages, try again later",
     };
     match rejection.action {
