@@ -14,6 +14,10 @@
 //! * Lines refused for a NUL or bare CR, or longer than any command, did
 //!   not count toward `smtp.max_errors` once a MAIL was accepted: a client
 //!   could send them for the whole session.
+//! * A harvester or password guesser spread over the addresses of its
+//!   network, each address under its own limits, was never blocked: now
+//!   its network is (`limits.max_failed_rcpt_per_network`,
+//!   `max_failed_auth_per_network`).
 //!
 //! The proxy runs in-process ([`Rig`], kernel layer off) in front of a
 //! private Postfix offering AUTH (Cyrus SASL, user `alice`); clients bind
@@ -344,4 +348,108 @@ fn racing_connections_of_one_source_get_no_more_than_its_cap() {
         .count();
     let greetings: Vec<&str> = sessions.iter().map(|(_, g)| g.as_str()).collect();
     assert_eq!((greeted, refused), (3, 27), "{greetings:?}");
+}
+
+// -- 4. Spread over its network ----------------------------------------------
+
+/// A session from `source` that sends MAIL and then `recipients`; the
+/// replies to the recipients.
+fn try_recipients(rig: &Rig, source: &str, recipients: &[&str]) -> Vec<String> {
+    let (mut client, greeting) = rig.client(source);
+    assert!(greeting.starts_with("220 "), "{source}: {greeting}");
+    assert!(client
+        .cmd("EHLO client.example.org")
+        .unwrap()
+        .starts_with("250"));
+    assert!(client
+        .cmd("MAIL FROM:<h@example.org>")
+        .unwrap()
+        .starts_with("250 "));
+    recipients
+        .iter()
+        .map(|rcpt| client.cmd(&format!("RCPT TO:<{rcpt}>")).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_harvester_spread_over_its_network_gets_the_network_blocked() {
+    if !ready("a_harvester_spread_over_its_network_gets_the_network_blocked") {
+        return;
+    }
+    let rig = rig(
+        &[],
+        "max_failed_rcpt = 3\nmax_failed_rcpt_per_source = 4\nmax_failed_rcpt_per_network = 20\n\
+         \n[lists]\nallow = [\"127.0.3.250\"]\n",
+    );
+    // Ten addresses of 127.0.3.0/24, two unknown recipients each: every
+    // address under its limits (3 in a row, 4 per source), twenty in all.
+    for host in 1..=10 {
+        let source = format!("127.0.3.{host}");
+        let replies = try_recipients(
+            &rig,
+            &source,
+            &["nobody1@example.com", "nobody2@example.com"],
+        );
+        assert!(
+            replies.iter().all(|r| r.starts_with("550 5.1.1 ")),
+            "{source}: {replies:?}"
+        );
+    }
+    assert_eq!(rig.proxy.ctx.blocked("127.0.3.1".parse().unwrap()), None);
+    // The 21st failure, from an eleventh address: the whole /24 goes.
+    let replies = try_recipients(&rig, "127.0.3.11", &["nobody3@example.com"]);
+    assert!(replies[0].starts_with("421 4.7.0 "), "{replies:?}");
+    let block = rig
+        .proxy
+        .ctx
+        .blocks
+        .get(&"127.0.3.0/24".parse().unwrap())
+        .expect("the network's block");
+    assert_eq!(block.origin, limiter_common::Reason::Harvest);
+    // A fresh address of the network is refused at connect; the
+    // allow-listed one and the next network are served.
+    let (_, greeting) = rig.client("127.0.3.99");
+    assert!(greeting.starts_with("421 4.7.0 "), "{greeting}");
+    for source in ["127.0.3.250", "127.0.4.1"] {
+        let replies = try_recipients(&rig, source, &["alice@example.com"]);
+        assert!(replies[0].starts_with("250 "), "{source}: {replies:?}");
+    }
+    let log = rig.log();
+    assert_eq!(
+        log_lines(&log, "nobody3@example.com").len(),
+        1,
+        "the 21st recipient reached Postfix once:\n{log}"
+    );
+}
+
+#[test]
+fn a_password_guesser_spread_over_its_network_gets_the_network_blocked() {
+    if !ready("a_password_guesser_spread_over_its_network_gets_the_network_blocked") {
+        return;
+    }
+    let rig = rig(
+        &[],
+        "max_failed_auth = 3\nmax_failed_auth_per_network = 8\n",
+    );
+    // Four addresses, two wrong passwords each: eight, every address under 3.
+    for host in 1..=4 {
+        let mut guesser = ehlo(&rig, &format!("127.0.5.{host}"));
+        for wrong in &WRONG_AUTHS[..2] {
+            let reply = guesser.cmd(wrong).unwrap();
+            assert!(reply.starts_with("535 "), "127.0.5.{host}: {reply}");
+        }
+    }
+    let mut ninth = ehlo(&rig, "127.0.5.5");
+    let reply = ninth.cmd(WRONG_AUTHS[0]).unwrap();
+    assert!(reply.starts_with("421 4.7.0 "), "ninth failure: {reply}");
+    ninth.expect_closed();
+    let block = rig
+        .proxy
+        .ctx
+        .blocks
+        .get(&"127.0.5.0/24".parse().unwrap())
+        .expect("the network's block");
+    assert_eq!(block.origin, limiter_common::Reason::Auth);
+    let (_, greeting) = rig.client("127.0.5.200");
+    assert!(greeting.starts_with("421 4.7.0 "), "{greeting}");
 }

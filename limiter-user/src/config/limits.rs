@@ -469,10 +469,22 @@ mod tests {
         assert_invalid(&[
             ("[limits]\nipv6_prefix = 0", "limits.ipv6_prefix"),
             ("[limits]\nipv6_prefix = 129", "limits.ipv6_prefix"),
-            ("[limits]\nnetwork_ipv4_prefix = 0", "limits.network_ipv4_prefix"),
-            ("[limits]\nnetwork_ipv4_prefix = 33", "limits.network_ipv4_prefix"),
-            ("[limits]\nnetwork_ipv6_prefix = 0", "limits.network_ipv6_prefix"),
-            ("[limits]\nnetwork_ipv6_prefix = 129", "limits.network_ipv6_prefix"),
+            (
+                "[limits]\nnetwork_ipv4_prefix = 0",
+                "limits.network_ipv4_prefix",
+            ),
+            (
+                "[limits]\nnetwork_ipv4_prefix = 33",
+                "limits.network_ipv4_prefix",
+            ),
+            (
+                "[limits]\nnetwork_ipv6_prefix = 0",
+                "limits.network_ipv6_prefix",
+            ),
+            (
+                "[limits]\nnetwork_ipv6_prefix = 129",
+                "limits.network_ipv6_prefix",
+            ),
             ("[limits]\nblock_backoff = 0.5", "limits.block_backoff"),
             ("[limits]\nblock_backoff = nan", "limits.block_backoff"),
             ("[limits]\nblock_backoff = inf", "limits.block_backoff"),

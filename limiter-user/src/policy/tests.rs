@@ -1279,7 +1279,9 @@ fn a_harvester_spread_over_its_ipv4_network_blocks_the_network() {
     assert_eq!(order.repeat, 0, "the first block still runs: same level");
     // After it ends (30m), other addresses of the network (their own
     // windows still empty) bring a longer one.
-    let others: Vec<IpAddr> = (101..=150).map(|i| ip(&format!("198.51.100.{i}"))).collect();
+    let others: Vec<IpAddr> = (101..=150)
+        .map(|i| ip(&format!("198.51.100.{i}")))
+        .collect();
     let (at, decision) =
         spread_failures(&policy, &state, &others, 150, now + 40 * MIN).expect("a third block");
     assert_eq!(at, 101);
@@ -1315,7 +1317,10 @@ fn the_network_is_never_narrower_than_a_source() {
         net("2001:db8::/40")
     );
     let v4 = policy("[limits]\nnetwork_ipv4_prefix = 16");
-    assert_eq!(v4.source_network(ip("::ffff:192.0.2.1")), net("192.0.0.0/16"));
+    assert_eq!(
+        v4.source_network(ip("::ffff:192.0.2.1")),
+        net("192.0.0.0/16")
+    );
 }
 
 #[test]
