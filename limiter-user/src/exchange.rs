@@ -603,7 +603,15 @@ mod tests {
             -5m,ip,192.0.2.10,,,ban\r\n\
             \r\n";
         let parsed = parse(text, Format::Csv, now()).unwrap();
-        let got: Vec<(String, Option<Reason>, Option<&str>, Option<Expiry>, usize)> = parsed
+        // (network, origin, reason, expiry, line)
+        type Row<'a> = (
+            String,
+            Option<Reason>,
+            Option<&'a str>,
+            Option<Expiry>,
+            usize,
+        );
+        let got: Vec<Row> = parsed
             .blocks
             .iter()
             .map(|b| {

@@ -219,10 +219,10 @@ impl ListSet {
     }
 
     /// The entries of `list` containing `ip`, most specific first.
-    pub fn containing<'a>(
-        list: &'a BTreeMap<IpNet, ListSource>,
+    pub fn containing(
+        list: &BTreeMap<IpNet, ListSource>,
         ip: IpAddr,
-    ) -> Vec<(&'a IpNet, &'a ListSource)> {
+    ) -> Vec<(&IpNet, &ListSource)> {
         let ip = ip.to_canonical();
         let mut found: Vec<_> = list
             .iter()

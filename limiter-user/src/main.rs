@@ -1179,10 +1179,6 @@ fn read_input(file: &std::path::Path) -> anyhow::Result<String> {
     Ok(text)
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the command's options, named at the call"
-)]
 fn block_import(
     common: &Common,
     file: &std::path::Path,

@@ -801,7 +801,8 @@ fn rspamds_subject_rewrite_and_headers_reach_postfix_exactly_once() {
     );
     let spam_subject = format!("Offer {}", rspamd::SUBJECT_MARKER);
     // (id, headers sent, body marker, the Subject stored, X-Spam stored)
-    let cases: [(&str, Vec<String>, &str, String, Vec<&str>); 5] = [
+    type Case<'a> = (&'a str, Vec<String>, &'a str, String, Vec<&'a str>);
+    let cases: [Case; 5] = [
         (
             "clean",
             vec!["Subject: Lunch at noon".into()],

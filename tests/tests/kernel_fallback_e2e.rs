@@ -74,7 +74,10 @@ fn attach_config(parts: &RigParts, address: IpAddr, interface: &str) -> String {
 /// What `bpftool net show dev DEV` (run inside `ns`) says is attached:
 /// the XDP entries as (mode, program name) and the TC entries as (kind,
 /// program name); names from `bpftool prog show id N`.
-fn bpftool_net(ns: &NetNs, dev: &str) -> (Vec<(String, String)>, Vec<(String, String)>) {
+/// (XDP mode or TC kind, program name) pairs.
+type Attached = Vec<(String, String)>;
+
+fn bpftool_net(ns: &NetNs, dev: &str) -> (Attached, Attached) {
     let json = |args: &[&str]| -> serde_json::Value {
         let out = limiter_tests::netns::ip(
             &[&["netns", "exec", ns.name(), "bpftool", "-j"], args].concat(),

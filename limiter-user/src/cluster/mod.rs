@@ -416,7 +416,7 @@ impl Applier {
                 self.remember(net, node);
             }
             Event::Unblock { net, node } => {
-                let lifted = self.ctx.lift(net, rules.reject.reject.get(&net).is_some());
+                let lifted = self.ctx.lift(net, rules.reject.reject.contains_key(&net));
                 self.shared
                     .nodes
                     .lock()

@@ -20,6 +20,10 @@ use crate::{
 /// `allow del` answer alike), so this is only ever written.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one answer per request, written out at once and never stored"
+)]
 pub enum Answer {
     Stats(Stats),
     Top(Top),

@@ -607,7 +607,6 @@ impl Policy {
     /// carries routing syntax that could take it beyond the domain they
     /// would be matched against): [`Reason::RelayDenied`],
     /// [`Action::RefuseCommand`]; report it with [`Policy::rcpt_result`].
-    #[must_use]
     pub fn relay_denied(&self) -> Decision<RcptVerdict> {
         self.decide(RcptVerdict::Reject(Rejection {
             reason: Reason::RelayDenied,
