@@ -437,7 +437,8 @@ mod cluster_tests {
         config.cluster.redis = Some("redis://127.0.0.1:1/0".to_owned());
         config.cluster.node = Some("mx1".to_owned());
         ctx.cluster.start(&config, &ctx).unwrap();
-        // A failed AUTH is counted here and, Redis away, not cluster-wide.
+        // A failed AUTH is counted here (its source's window and its
+        // network's) and, Redis away, not cluster-wide: two events dropped.
         let policy = ctx.policy();
         let source = "192.0.2.7".parse().unwrap();
         assert!(policy
@@ -454,7 +455,7 @@ mod cluster_tests {
             "smtp_limiter_cluster_queued 0\n",
             "smtp_limiter_cluster_counters_up 0\n",
             "smtp_limiter_cluster_counted_events_total{outcome=\"sent\"} 0\n",
-            "smtp_limiter_cluster_counted_events_total{outcome=\"dropped\"} 1\n",
+            "smtp_limiter_cluster_counted_events_total{outcome=\"dropped\"} 2\n",
             "smtp_limiter_cluster_windows_crossed_total 0\n",
         ] {
             assert!(text.contains(sample), "{sample} missing: {text}");

@@ -600,8 +600,9 @@ fn sample(text: &str, name: &str) -> Option<u64> {
 
 /// Attacks spread over both agents, each agent seeing fewer failures than
 /// its limit: with `share_counters` both block the source at the limit
-/// counted over both; without, neither does.
-const SPREAD_LIMITS: &str = "max_failed_rcpt_per_source = 6\nfailed_rcpt_window = \"1h\"\nmax_failed_auth = 3\nfailed_auth_window = \"10m\"";
+/// counted over both; without, neither does. (The per-network windows are
+/// off here, so that each failure is one counted event.)
+const SPREAD_LIMITS: &str = "max_failed_rcpt_per_source = 6\nfailed_rcpt_window = \"1h\"\nmax_failed_auth = 3\nfailed_auth_window = \"10m\"\nmax_failed_rcpt_per_network = 0\nmax_failed_auth_per_network = 0";
 
 #[test]
 fn failures_spread_over_two_agents_are_counted_together() {
@@ -794,6 +795,70 @@ fn failures_spread_over_two_agents_are_counted_together() {
         ) >= Some(4),
         "{text}"
     );
+    agent_a.stop();
+    agent_b.stop();
+}
+
+#[test]
+fn failures_spread_over_a_network_and_two_agents_block_the_network_on_both() {
+    if !prerequisites("failures_spread_over_a_network_and_two_agents_block_the_network_on_both") {
+        return;
+    }
+    let redis = Redis::start().expect("a private redis-server");
+    let mut a = Node::new("mx-a", &redis, "");
+    let mut b = Node::new("mx-b", &redis, "");
+    for node in [&mut a, &mut b] {
+        node.share_counters = true;
+        node.limits = "max_failed_rcpt_per_source = 0\nmax_failed_rcpt_per_network = 5\n\
+                       failed_rcpt_window = \"1h\""
+            .to_owned();
+    }
+    let (agent_a, agent_b) = (a.start(), b.start());
+    for agent in [&agent_a, &agent_b] {
+        wait_state(agent, "up");
+        assert!(
+            wait_until(RECONNECT, || cluster(agent)["counters"]["state"] == "up"),
+            "{}",
+            cluster(agent)
+        );
+    }
+    let proxies = [a.proxy, b.proxy];
+    // Five addresses of 127.0.6.0/24, one failed RCPT each, alternating
+    // hosts: within the network's limit on each host and over both.
+    for n in 0..5 {
+        let reply = one_failed_rcpt(&format!("127.0.6.{}", n + 1), proxies[n % 2], n);
+        assert!(reply.starts_with('5'), "RCPT {n}: {reply}");
+    }
+    assert!(
+        wait_until(PROPAGATION, || counted_sent(&agent_a)
+            + counted_sent(&agent_b)
+            >= 5),
+        "{} {}",
+        cluster(&agent_a),
+        cluster(&agent_b)
+    );
+    for agent in [&agent_a, &agent_b] {
+        assert!(
+            agent.block("127.0.6.0/24").is_none(),
+            "blocked before the limit"
+        );
+    }
+    // A sixth address, on B (its third here): one past the limit over both.
+    let reply = one_failed_rcpt("127.0.6.6", b.proxy, 5);
+    assert!(reply.starts_with('5'), "RCPT 6: {reply}");
+    let seen_b = wait_listed(&agent_b, "127.0.6.0/24", true, "the network over both (B)");
+    let seen_a = wait_listed(&agent_a, "127.0.6.0/24", true, "the network over both (A)");
+    println!("harvest spread over a /24 and two hosts: blocked on B after {seen_b:?}, on A after {seen_a:?}");
+    let row = agent_a.block("127.0.6.0/24").unwrap();
+    assert_eq!(
+        (&row["node"], &row["origin"]),
+        (&"mx-b".into(), &"harvest".into()),
+        "{row}"
+    );
+    for proxy in proxies {
+        assert!(greeting("127.0.6.200", proxy).starts_with("421 4.7.0"));
+    }
+    assert!(greeting("127.0.7.1", a.proxy).starts_with("220 "));
     agent_a.stop();
     agent_b.stop();
 }

@@ -650,25 +650,9 @@ impl Policy {
             return None;
         }
         counters.failed_rcpt = counters.failed_rcpt.saturating_add(1);
-        let network_rule = WindowRule {
-            kind: CountKind::FailedRcpt,
-            limit: self.rcpt.max_failed_rcpt_per_network,
-            window: self.rcpt.failed_rcpt_window,
-        };
-        if let Some((failed, network, order)) =
-            self.count_toward_network_block(state, source, now, &network_rule)
-        {
+        if let Some(rejection) = self.harvest_from_network(state, source, now) {
             counters.failed_rcpt = 0;
-            return Some(self.decide(Rejection {
-                reason: Reason::HarvestFromNetwork {
-                    network,
-                    failed,
-                    limit: network_rule.limit,
-                    window: network_rule.window,
-                },
-                action: Action::DeferAndClose,
-                block: Some(order),
-            }));
+            return Some(self.decide(rejection));
         }
         let limit = self.rcpt.max_failed_rcpt;
         if counters.failed_rcpt > limit {
@@ -723,6 +707,37 @@ impl Policy {
         }))
     }
 
+    /// A failed recipient of `source` counted in its network's window
+    /// (`max_failed_rcpt_per_network`, 0 = off); past the limit, the
+    /// network's block.
+    fn harvest_from_network(
+        &self,
+        state: &PolicyState,
+        source: IpAddr,
+        now: Instant,
+    ) -> Option<Rejection> {
+        let rules = &self.rcpt;
+        if rules.max_failed_rcpt_per_network == 0 {
+            return None;
+        }
+        let rule = WindowRule {
+            kind: CountKind::FailedRcptPerNetwork,
+            limit: rules.max_failed_rcpt_per_network,
+            window: rules.failed_rcpt_window,
+        };
+        let (failed, order) = self.count_toward_block(state, source, now, rule)?;
+        Some(Rejection {
+            reason: Reason::HarvestFromNetwork {
+                network: order.net,
+                failed,
+                limit: rules.max_failed_rcpt_per_network,
+                window: rules.failed_rcpt_window,
+            },
+            action: Action::DeferAndClose,
+            block: Some(order),
+        })
+    }
+
     /// A failed AUTH (`535`) for `source`.
     ///
     /// Failures are counted per source over the last `failed_auth_window`;
@@ -737,24 +752,24 @@ impl Policy {
         now: Instant,
     ) -> Option<Decision<Rejection>> {
         let rules = &self.auth;
-        let network_rule = WindowRule {
-            kind: CountKind::FailedAuth,
-            limit: rules.max_failed_auth_per_network,
-            window: rules.failed_auth_window,
-        };
-        if let Some((failures, network, order)) =
-            self.count_toward_network_block(state, source, now, &network_rule)
-        {
-            return Some(self.decide(Rejection {
-                reason: Reason::AuthFailuresFromNetwork {
-                    network,
-                    failures,
-                    limit: network_rule.limit,
-                    window: network_rule.window,
-                },
-                action: Action::DeferAndClose,
-                block: Some(order),
-            }));
+        if rules.max_failed_auth_per_network != 0 {
+            let rule = WindowRule {
+                kind: CountKind::FailedAuthPerNetwork,
+                limit: rules.max_failed_auth_per_network,
+                window: rules.failed_auth_window,
+            };
+            if let Some((failures, order)) = self.count_toward_block(state, source, now, rule) {
+                return Some(self.decide(Rejection {
+                    reason: Reason::AuthFailuresFromNetwork {
+                        network: order.net,
+                        failures,
+                        limit: rules.max_failed_auth_per_network,
+                        window: rules.failed_auth_window,
+                    },
+                    action: Action::DeferAndClose,
+                    block: Some(order),
+                }));
+            }
         }
         let (failures, order) = self.count_toward_block(
             state,
@@ -815,10 +830,12 @@ impl Policy {
         }))
     }
 
-    /// Counts one event for `source` in `rule`'s window; past its limit the
-    /// window starts over and the source is blocked: (events counted, the
-    /// block). Allow-listed sources are not counted. The event goes to the
-    /// state's [`CountSink`] too.
+    /// Counts one event for `source` in `rule`'s window (its source key's,
+    /// or for a [`CountKind::per_network`] rule its network's); past its
+    /// limit the window starts over and the key is blocked, with the
+    /// backoff of its own history: (events counted, the block).
+    /// Allow-listed sources are not counted. The event goes to the state's
+    /// [`CountSink`] too.
     fn count_toward_block(
         &self,
         state: &PolicyState,
@@ -830,7 +847,11 @@ impl Policy {
         if self.is_allowlisted(source) {
             return None;
         }
-        let key = self.source_key(source);
+        let key = if rule.kind.per_network() {
+            self.source_network(source)
+        } else {
+            self.source_key(source)
+        };
         let keep = usize::try_from(u64::from(rule.limit) + 1).unwrap_or(usize::MAX);
         let outcome = state.with(|tables| {
             let windows = tables.windows(rule.kind);
@@ -841,7 +862,7 @@ impl Policy {
                 return None;
             }
             windows.remove(&key);
-            Some((events, tables.block(self, source, rule.kind.origin(), now)))
+            Some((events, tables.block_net(self, key, rule.kind.origin(), now)))
         });
         state.report(Counted {
             kind: rule.kind,
@@ -852,39 +873,6 @@ impl Policy {
             blocked: outcome.is_some(),
         });
         outcome
-    }
-
-    /// Counts one event of `source` in its network's `rule` window (the
-    /// `*_per_network` limits; a limit of 0 is off); past the limit the
-    /// window starts over and the whole network is blocked, with the
-    /// backoff of its own history: (events counted, the network, the
-    /// block). Allow-listed sources are not counted. Each host counts its
-    /// own: the cluster shares the per-source windows only.
-    fn count_toward_network_block(
-        &self,
-        state: &PolicyState,
-        source: IpAddr,
-        now: Instant,
-        rule: &WindowRule,
-    ) -> Option<(u32, IpNet, BlockOrder)> {
-        let source = source.to_canonical();
-        if rule.limit == 0 || self.is_allowlisted(source) {
-            return None;
-        }
-        let network = self.source_network(source);
-        let keep = usize::try_from(u64::from(rule.limit) + 1).unwrap_or(usize::MAX);
-        state.with(|tables| {
-            let windows = tables.network_windows(rule.kind)?;
-            let events = windows
-                .touch(&network, Default::default)
-                .record(now, rule.window, keep);
-            if events <= rule.limit {
-                return None;
-            }
-            windows.remove(&network);
-            let order = tables.block_net(self, network, rule.kind.origin(), now);
-            Some((events, network, order))
-        })
     }
 
     /// `net`'s `kind` window went past its limit counted over every edge
@@ -905,9 +893,14 @@ impl Policy {
         if self.is_allowlisted(source) {
             return None;
         }
+        let key = if kind.per_network() {
+            net
+        } else {
+            self.source_key(source)
+        };
         let order = state.with(|tables| {
             tables.windows(kind).remove(&net);
-            tables.block(self, source, kind.origin(), now)
+            tables.block_net(self, key, kind.origin(), now)
         });
         Some(self.decide(order))
     }

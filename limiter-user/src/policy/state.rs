@@ -53,15 +53,21 @@ pub struct PolicyState {
     sink: OnceLock<Arc<dyn CountSink>>,
 }
 
-/// A per-source window several edge hosts can count together
-/// (`cluster.share_counters`). The per-session count of failed RCPTs and
-/// the per-HELO null-sender count are not among them: they stay local.
+/// A per-source or per-network window several edge hosts can count
+/// together (`cluster.share_counters`). The per-session count of failed
+/// RCPTs and the per-HELO null-sender count are not among them: they stay
+/// local.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CountKind {
     /// `max_failed_rcpt_per_source` in `failed_rcpt_window`.
     FailedRcpt,
     /// `max_failed_auth` in `failed_auth_window`.
     FailedAuth,
+    /// `max_failed_rcpt_per_network` in `failed_rcpt_window`, keyed by
+    /// the source's network ([`super::Policy::source_network`]).
+    FailedRcptPerNetwork,
+    /// `max_failed_auth_per_network` in `failed_auth_window`, likewise.
+    FailedAuthPerNetwork,
     /// Null-sender MAILs per source: the block at twice `null_sender_rate`
     /// (the `450` past once the rate is decided here alone).
     NullSender,
@@ -71,9 +77,11 @@ pub enum CountKind {
 
 impl CountKind {
     /// Every kind.
-    pub const ALL: [CountKind; 4] = [
+    pub const ALL: [CountKind; 6] = [
         CountKind::FailedRcpt,
         CountKind::FailedAuth,
+        CountKind::FailedRcptPerNetwork,
+        CountKind::FailedAuthPerNetwork,
         CountKind::NullSender,
         CountKind::FilterReject,
     ];
@@ -84,6 +92,8 @@ impl CountKind {
         match self {
             CountKind::FailedRcpt => "rcpt",
             CountKind::FailedAuth => "auth",
+            CountKind::FailedRcptPerNetwork => "rcpt-network",
+            CountKind::FailedAuthPerNetwork => "auth-network",
             CountKind::NullSender => "null-sender",
             CountKind::FilterReject => "filter",
         }
@@ -93,11 +103,23 @@ impl CountKind {
     #[must_use]
     pub const fn origin(self) -> limiter_common::Reason {
         match self {
-            CountKind::FailedRcpt => limiter_common::Reason::Harvest,
-            CountKind::FailedAuth => limiter_common::Reason::Auth,
+            CountKind::FailedRcpt | CountKind::FailedRcptPerNetwork => {
+                limiter_common::Reason::Harvest
+            }
+            CountKind::FailedAuth | CountKind::FailedAuthPerNetwork => limiter_common::Reason::Auth,
             CountKind::NullSender => limiter_common::Reason::Flood,
             CountKind::FilterReject => limiter_common::Reason::Filter,
         }
+    }
+
+    /// Whether the window is keyed by the source's network rather than by
+    /// the source ([`super::Policy::source_key`]).
+    #[must_use]
+    pub const fn per_network(self) -> bool {
+        matches!(
+            self,
+            CountKind::FailedRcptPerNetwork | CountKind::FailedAuthPerNetwork
+        )
     }
 }
 
@@ -107,7 +129,8 @@ impl CountKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Counted {
     pub kind: CountKind,
-    /// The source key ([`Policy::source_key`]).
+    /// The source key ([`Policy::source_key`]), or the source's network
+    /// for a [`CountKind::per_network`] window.
     pub net: IpNet,
     pub at: Instant,
     /// The source is blocked past this many events in `window`.
@@ -490,23 +513,16 @@ fn release<K: Hash + Eq>(table: &mut HashMap<K, u32>, key: &K) {
 }
 
 impl Tables {
-    /// `kind`'s windows, by source key.
+    /// `kind`'s windows, by source key (by network for the per-network
+    /// kinds).
     pub(super) fn windows(&mut self, kind: CountKind) -> &mut Lru<IpNet, Window> {
         match kind {
             CountKind::FailedRcpt => &mut self.failed_rcpt,
             CountKind::FailedAuth => &mut self.auth_failures,
+            CountKind::FailedRcptPerNetwork => &mut self.failed_rcpt_by_network,
+            CountKind::FailedAuthPerNetwork => &mut self.auth_failures_by_network,
             CountKind::NullSender => &mut self.null_by_source,
             CountKind::FilterReject => &mut self.filter_rejects,
-        }
-    }
-
-    /// `kind`'s windows by network, for the kinds with a per-network
-    /// limit (failed RCPTs and AUTHs).
-    pub(super) fn network_windows(&mut self, kind: CountKind) -> Option<&mut Lru<IpNet, Window>> {
-        match kind {
-            CountKind::FailedRcpt => Some(&mut self.failed_rcpt_by_network),
-            CountKind::FailedAuth => Some(&mut self.auth_failures_by_network),
-            CountKind::NullSender | CountKind::FilterReject => None,
         }
     }
 
@@ -697,11 +713,60 @@ mod sink_tests {
     }
 
     #[test]
+    fn network_window_events_reach_the_sink_keyed_by_the_network() {
+        let (policy, state, kept) = setup(
+            "[limits]\nmax_failed_auth = 100\nmax_failed_auth_per_network = 1\n\
+             max_failed_rcpt_per_source = 0\nmax_failed_rcpt_per_network = 7",
+        );
+        let now = Instant::now();
+        assert!(policy
+            .auth_failed(&state, "192.0.2.1".parse().unwrap(), now)
+            .is_none());
+        let order = policy
+            .auth_failed(&state, "192.0.2.2".parse().unwrap(), now)
+            .expect("the network's block")
+            .verdict
+            .block
+            .expect("a block");
+        let network: IpNet = "192.0.2.0/24".parse().unwrap();
+        assert_eq!(order.net, network);
+        let events = std::mem::take(&mut *kept.0.lock().unwrap());
+        let network_events: Vec<_> = events
+            .iter()
+            .filter(|e| e.kind == CountKind::FailedAuthPerNetwork)
+            .map(|e| (e.net, e.blocked, e.limit))
+            .collect();
+        assert_eq!(network_events, [(network, false, 1), (network, true, 1)]);
+        // A failed recipient: its network's event, the limit with it.
+        let mut counters = SessionCounters::default();
+        let _ = policy.rcpt_result(
+            &state,
+            "2001:db8:1:2::3".parse().unwrap(),
+            &mut counters,
+            false,
+            now,
+        );
+        let events = std::mem::take(&mut *kept.0.lock().unwrap());
+        assert_eq!(
+            events
+                .iter()
+                .map(|e| (e.kind, e.net, e.limit))
+                .collect::<Vec<_>>(),
+            [(
+                CountKind::FailedRcptPerNetwork,
+                "2001:db8:1::/48".parse().unwrap(),
+                7
+            )]
+        );
+    }
+
+    #[test]
     fn every_window_event_reaches_the_sink_with_its_rule() {
         let (policy, state, kept) = setup(
             "[limits]\nmax_failed_auth = 2\nfailed_auth_window = \"5m\"\n\
              max_failed_rcpt = 1\nmax_failed_rcpt_per_source = 4\nfailed_rcpt_window = \"1h\"\n\
-             null_sender_rate = \"1/1m\"\n[lists]\nallow = [\"192.0.2.99\"]",
+             null_sender_rate = \"1/1m\"\nmax_failed_auth_per_network = 0\n\
+             max_failed_rcpt_per_network = 0\n[lists]\nallow = [\"192.0.2.99\"]",
         );
         let now = Instant::now();
         let source: IpAddr = "192.0.2.1".parse().unwrap();
