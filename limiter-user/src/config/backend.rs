@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::values::duration_serde;
-use super::{invalid, ConfigError};
+use super::{check_prefix_len, invalid, ConfigError};
 
 /// `[backend]`: the MTA behind the proxy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,22 +135,13 @@ impl Backend {
                 return Err(invalid(key, "must be longer than zero"));
             }
         }
-        if !(1..=32).contains(&backend.fair_share_prefix_v4) {
-            return Err(invalid(
-                "backend.fair_share_prefix_v4",
-                format!(
-                    "must be between 1 and 32, not {}",
-                    backend.fair_share_prefix_v4
-                ),
-            ));
-        }
+        check_prefix_len(
+            "backend.fair_share_prefix_v4",
+            backend.fair_share_prefix_v4,
+            32,
+        )?;
         if let Some(prefix) = backend.fair_share_prefix_v6 {
-            if !(1..=128).contains(&prefix) {
-                return Err(invalid(
-                    "backend.fair_share_prefix_v6",
-                    format!("must be between 1 and 128, not {prefix}"),
-                ));
-            }
+            check_prefix_len("backend.fair_share_prefix_v6", prefix, 128)?;
         }
         Ok(())
     }

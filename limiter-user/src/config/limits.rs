@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::values::{
     cidr_serde, duration_serde, format_duration, parse_duration, Rate, MAX_DURATION,
 };
-use super::{invalid, ConfigError};
+use super::{check_prefix_len, invalid, ConfigError};
 
 /// The longest timed block (100 years): wall-clock arithmetic on longer
 /// ones could overflow, and nothing needs them (a block without end is
@@ -129,30 +129,13 @@ impl Limits {
     /// Checks the values that parse but make no sense.
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         let limits = self;
-        if !(1..=128).contains(&limits.ipv6_prefix) {
-            return Err(invalid(
-                "limits.ipv6_prefix",
-                format!("must be between 1 and 128, not {}", limits.ipv6_prefix),
-            ));
-        }
-        if !(1..=32).contains(&limits.network_ipv4_prefix) {
-            return Err(invalid(
-                "limits.network_ipv4_prefix",
-                format!(
-                    "must be between 1 and 32, not {}",
-                    limits.network_ipv4_prefix
-                ),
-            ));
-        }
-        if !(1..=128).contains(&limits.network_ipv6_prefix) {
-            return Err(invalid(
-                "limits.network_ipv6_prefix",
-                format!(
-                    "must be between 1 and 128, not {}",
-                    limits.network_ipv6_prefix
-                ),
-            ));
-        }
+        check_prefix_len("limits.ipv6_prefix", limits.ipv6_prefix, 128)?;
+        check_prefix_len("limits.network_ipv4_prefix", limits.network_ipv4_prefix, 32)?;
+        check_prefix_len(
+            "limits.network_ipv6_prefix",
+            limits.network_ipv6_prefix,
+            128,
+        )?;
         for (key, window) in [
             ("limits.failed_auth_window", limits.failed_auth_window),
             ("limits.failed_rcpt_window", limits.failed_rcpt_window),

@@ -95,6 +95,19 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// A prefix length `key` of an address family whose addresses have `bits`
+/// bits: 1 to `bits` (0 would lump every address together).
+fn check_prefix_len(key: &str, value: u8, bits: u8) -> Result<(), ConfigError> {
+    if (1..=bits).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("must be between 1 and {bits}, not {value}"),
+        ))
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The configuration
 // ---------------------------------------------------------------------------
