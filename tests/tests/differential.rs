@@ -304,7 +304,9 @@ fn proxy_config(backend: SocketAddr) -> String {
             vec![
                 ("max_failed_rcpt", "1000000".into()),
                 ("max_failed_rcpt_per_source", "0".into()),
+                ("max_failed_rcpt_per_network", "0".into()),
                 ("max_failed_auth", "1000000".into()),
+                ("max_failed_auth_per_network", "0".into()),
                 ("null_sender_rate", "\"1000000/1m\"".into()),
                 ("max_connections_per_source", "1000".into()),
             ],

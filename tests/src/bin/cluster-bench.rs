@@ -151,6 +151,7 @@ accept = "*@example.com"
 # The counted events' part sends thousands of failed RCPTs: none may block.
 max_failed_rcpt = 1000000
 max_failed_rcpt_per_source = 1000000
+max_failed_rcpt_per_network = 0
 
 [kernel]
 mode = "required"
