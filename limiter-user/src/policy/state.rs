@@ -17,6 +17,17 @@ use super::Policy;
 /// Keys each table of a [`PolicyState::new`] holds at most.
 pub const DEFAULT_CAPACITY: usize = 100_000;
 
+/// Keys each per-network window table holds, for tables of `capacity`.
+#[must_use]
+pub const fn network_capacity(capacity: usize) -> usize {
+    let tenth = capacity / 10;
+    if tenth == 0 {
+        1
+    } else {
+        tenth
+    }
+}
+
 /// Counters shared by all sessions.
 ///
 /// # Sharing
@@ -44,7 +55,11 @@ pub const DEFAULT_CAPACITY: usize = 100_000;
 ///   name) and the block history evict the key seen least recently. Each
 ///   window keeps at most `threshold + 1` times, so its memory is bounded
 ///   too. [`PolicyState::sweep`] drops entries that have aged out, for a
-///   periodic tidy-up.
+///   periodic tidy-up. The per-network windows hold a tenth as many keys
+///   ([`network_capacity`]): their thresholds are larger (100 times per key
+///   by default, about 2 KiB), and a network's window stays recent while its
+///   sources keep failing, so only an attacker with more networks than the
+///   table holds could push one out.
 pub struct PolicyState {
     tables: Mutex<Tables>,
     capacity: usize,
@@ -234,8 +249,8 @@ impl PolicyState {
                 helo_sessions: HashMap::new(),
                 auth_failures: Lru::new(capacity),
                 failed_rcpt: Lru::new(capacity),
-                failed_rcpt_by_network: Lru::new(capacity),
-                auth_failures_by_network: Lru::new(capacity),
+                failed_rcpt_by_network: Lru::new(network_capacity(capacity)),
+                auth_failures_by_network: Lru::new(network_capacity(capacity)),
                 filter_rejects: Lru::new(capacity),
                 null_by_source: Lru::new(capacity),
                 null_by_helo: Lru::new(capacity),

@@ -1377,3 +1377,35 @@ fn per_network_limits_zero_are_off_and_spare_the_allow_list() {
         net("192.0.2.0/24")
     );
 }
+
+#[test]
+fn network_windows_hold_a_tenth_of_the_keys_and_evict_the_least_recent() {
+    let policy =
+        policy("[limits]\nmax_failed_rcpt_per_source = 0\nmax_failed_rcpt_per_network = 2");
+    let now = Instant::now();
+    let fail = |state: &PolicyState, source: &str| {
+        fail_in_new_sessions(&policy, state, ip(source), 1, now)
+    };
+    // 20 keys per table, 2 per network table: a third network pushes out
+    // the one seen least recently, whose count starts over.
+    let small = PolicyState::with_capacity(20);
+    assert!(fail(&small, "192.0.2.1").is_none());
+    assert!(fail(&small, "192.0.2.2").is_none());
+    assert!(fail(&small, "198.51.100.1").is_none());
+    assert!(fail(&small, "203.0.113.1").is_none());
+    assert!(
+        fail(&small, "192.0.2.3").is_none(),
+        "192.0.2.0/24 was pushed out"
+    );
+    // With room for it, the same third failure blocks the network.
+    let roomy = PolicyState::with_capacity(30);
+    for source in ["192.0.2.1", "192.0.2.2", "198.51.100.1", "203.0.113.1"] {
+        assert!(fail(&roomy, source).is_none());
+    }
+    let order = fail(&roomy, "192.0.2.3")
+        .expect("a block")
+        .verdict
+        .block
+        .expect("a block");
+    assert_eq!(order.net, net("192.0.2.0/24"));
+}
