@@ -1409,3 +1409,25 @@ fn network_windows_hold_a_tenth_of_the_keys_and_evict_the_least_recent() {
         .expect("a block");
     assert_eq!(order.net, net("192.0.2.0/24"));
 }
+
+#[test]
+fn harvesters_blocked_one_after_the_other_add_up_in_their_network() {
+    // The defaults: 20 per source, 100 per /24, within an hour (README).
+    let policy = policy("");
+    let state = state();
+    let now = Instant::now();
+    for host in 1..=4 {
+        let source = ip(&format!("198.51.100.{host}"));
+        assert!(fail_in_new_sessions(&policy, &state, source, 20, now).is_none());
+        let decision = fail_in_new_sessions(&policy, &state, source, 1, now).expect("blocked");
+        assert_eq!(decision.verdict.name(), "harvest-source");
+    }
+    let fifth = ip("198.51.100.5");
+    assert!(fail_in_new_sessions(&policy, &state, fifth, 16, now).is_none());
+    let decision = fail_in_new_sessions(&policy, &state, fifth, 1, now).expect("blocked");
+    assert_eq!(decision.verdict.name(), "harvest-network");
+    assert_eq!(
+        decision.verdict.block.expect("a block").net,
+        net("198.51.100.0/24")
+    );
+}
