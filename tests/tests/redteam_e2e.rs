@@ -18,6 +18,9 @@
 //!   network, each address under its own limits, was never blocked: now
 //!   its network is (`limits.max_failed_rcpt_per_network`,
 //!   `max_failed_auth_per_network`).
+//! * Held against a real brute-force tool (THC Hydra, Debian's `hydra`):
+//!   its guesses stop at `max_failed_auth`, the right password among them
+//!   is never tried.
 //!
 //! The proxy runs in-process ([`Rig`], kernel layer off) in front of a
 //! private Postfix offering AUTH (Cyrus SASL, user `alice`); clients bind
@@ -452,4 +455,72 @@ fn a_password_guesser_spread_over_its_network_gets_the_network_blocked() {
     assert_eq!(block.origin, limiter_common::Reason::Auth);
     let (_, greeting) = rig.client("127.0.5.200");
     assert!(greeting.starts_with("421 4.7.0 "), "{greeting}");
+}
+
+// -- 5. A real brute-force tool -----------------------------------------------
+
+#[test]
+fn hydra_is_blocked_before_it_reaches_the_right_password() {
+    let test = "hydra_is_blocked_before_it_reaches_the_right_password";
+    let hydra_missing = limiter_tests::clients::which("hydra")
+        .is_none()
+        .then(|| "hydra is not installed (`cargo xtask setup`)".to_owned());
+    if !ready(test) || !fixture::require(test, hydra_missing) {
+        return;
+    }
+    let rig = rig(&[], "max_failed_auth = 3\n");
+    // Twelve wrong passwords, then alice's: a dictionary the right one is in.
+    let dir = std::env::temp_dir().join(format!("smtp-limiter-hydra.{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let list = dir.join("passwords");
+    let mut words: Vec<String> = (1..=12).map(|n| format!("wrong{n}")).collect();
+    words.push(USER.1.to_owned());
+    std::fs::write(&list, words.join("\n") + "\n").unwrap();
+    // One task, stop at the first find, AUTH LOGIN (hydra's default);
+    // `timeout` ends a hydra that keeps retrying a server that refuses it.
+    let port = rig.addr().port().to_string();
+    let out = std::process::Command::new("timeout")
+        .args(["120", "hydra", "-l", USER.0, "-P"])
+        .arg(&list)
+        .args(["-t", "1", "-f", "-I", "-s", &port, "127.0.0.1", "smtp"])
+        .current_dir(&dir)
+        .output()
+        .expect("run hydra");
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("hydra (exit {:?}):\n{text}", out.status.code());
+    // Hydra's find line is `… login: alice   password: secret`.
+    assert!(
+        !text.contains(&format!("password: {}", USER.1)) && text.contains("0 valid password found"),
+        "hydra found the password, or did not run:\n{text}"
+    );
+    assert_eq!(
+        rig.proxy.ctx.blocked("127.0.0.1".parse().unwrap()),
+        Some("auth"),
+        "hydra's source is not blocked:\n{text}"
+    );
+    // Postfix checked the guesses up to the block, never alice's password.
+    let log = rig.log();
+    let checked = log_lines(&log, "authentication failed").len();
+    assert!(
+        (1..=4).contains(&checked),
+        "Postfix checked {checked} passwords:\n{log}\n{text}"
+    );
+    // Each session's summary (`disconnect from … auth=0/4 …`) counts the
+    // AUTHs that succeeded first: none did.
+    let succeeded: Vec<&str> = log_lines(&log, "disconnect from")
+        .into_iter()
+        .filter(|line| {
+            line.split_whitespace()
+                .any(|f| f.starts_with("auth=") && !f.starts_with("auth=0"))
+        })
+        .collect();
+    assert!(
+        succeeded.is_empty(),
+        "an AUTH succeeded: {succeeded:#?}\n{log}"
+    );
 }

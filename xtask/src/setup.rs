@@ -75,6 +75,8 @@ fn apt_packages(llvm: u32) -> Vec<String> {
         "sasl2-bin".into(),
         "libsasl2-modules".into(),
         "swaks".into(),
+        // THC Hydra, the brute-force tool the red-team test runs.
+        "hydra".into(),
         // swaks' STARTTLS and implicit TLS (only recommended by its package).
         "libnet-ssleay-perl".into(),
         "openssl".into(),
@@ -563,6 +565,7 @@ fn not_debian(why: &str, llvm: u32, packages: &[String]) -> Result<()> {
         "ethtool",
         "postfix",
         "swaks",
+        "hydra",
         "python3",
         "slapd",
         "slapadd",
