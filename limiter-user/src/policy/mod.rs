@@ -650,7 +650,22 @@ impl Policy {
             return None;
         }
         counters.failed_rcpt = counters.failed_rcpt.saturating_add(1);
-        if let Some(rejection) = self.harvest_from_network(state, source, now) {
+        let rules = &self.rcpt;
+        let network_rule = WindowRule {
+            kind: CountKind::FailedRcptPerNetwork,
+            limit: rules.max_failed_rcpt_per_network,
+            window: rules.failed_rcpt_window,
+        };
+        if let Some(rejection) =
+            self.network_rejection(state, source, now, network_rule, |network, failed| {
+                Reason::HarvestFromNetwork {
+                    network,
+                    failed,
+                    limit: network_rule.limit,
+                    window: network_rule.window,
+                }
+            })
+        {
             counters.failed_rcpt = 0;
             return Some(self.decide(rejection));
         }
@@ -707,37 +722,6 @@ impl Policy {
         }))
     }
 
-    /// A failed recipient of `source` counted in its network's window
-    /// (`max_failed_rcpt_per_network`, 0 = off); past the limit, the
-    /// network's block.
-    fn harvest_from_network(
-        &self,
-        state: &PolicyState,
-        source: IpAddr,
-        now: Instant,
-    ) -> Option<Rejection> {
-        let rules = &self.rcpt;
-        if rules.max_failed_rcpt_per_network == 0 {
-            return None;
-        }
-        let rule = WindowRule {
-            kind: CountKind::FailedRcptPerNetwork,
-            limit: rules.max_failed_rcpt_per_network,
-            window: rules.failed_rcpt_window,
-        };
-        let (failed, order) = self.count_toward_block(state, source, now, rule)?;
-        Some(Rejection {
-            reason: Reason::HarvestFromNetwork {
-                network: order.net,
-                failed,
-                limit: rules.max_failed_rcpt_per_network,
-                window: rules.failed_rcpt_window,
-            },
-            action: Action::DeferAndClose,
-            block: Some(order),
-        })
-    }
-
     /// A failed AUTH (`535`) for `source`.
     ///
     /// Failures are counted per source over the last `failed_auth_window`;
@@ -752,24 +736,22 @@ impl Policy {
         now: Instant,
     ) -> Option<Decision<Rejection>> {
         let rules = &self.auth;
-        if rules.max_failed_auth_per_network != 0 {
-            let rule = WindowRule {
-                kind: CountKind::FailedAuthPerNetwork,
-                limit: rules.max_failed_auth_per_network,
-                window: rules.failed_auth_window,
-            };
-            if let Some((failures, order)) = self.count_toward_block(state, source, now, rule) {
-                return Some(self.decide(Rejection {
-                    reason: Reason::AuthFailuresFromNetwork {
-                        network: order.net,
-                        failures,
-                        limit: rules.max_failed_auth_per_network,
-                        window: rules.failed_auth_window,
-                    },
-                    action: Action::DeferAndClose,
-                    block: Some(order),
-                }));
-            }
+        let network_rule = WindowRule {
+            kind: CountKind::FailedAuthPerNetwork,
+            limit: rules.max_failed_auth_per_network,
+            window: rules.failed_auth_window,
+        };
+        if let Some(rejection) =
+            self.network_rejection(state, source, now, network_rule, |network, failures| {
+                Reason::AuthFailuresFromNetwork {
+                    network,
+                    failures,
+                    limit: network_rule.limit,
+                    window: network_rule.window,
+                }
+            })
+        {
+            return Some(self.decide(rejection));
         }
         let (failures, order) = self.count_toward_block(
             state,
@@ -828,6 +810,28 @@ impl Policy {
             action: Action::DeferAndClose,
             block: Some(order),
         }))
+    }
+
+    /// Counts one event of `source` in its network's `rule` window (a limit
+    /// of 0 is off); past the limit, the network's block, and the refusal
+    /// that says so: `reason` made of the network and the events counted.
+    fn network_rejection(
+        &self,
+        state: &PolicyState,
+        source: IpAddr,
+        now: Instant,
+        rule: WindowRule,
+        reason: impl FnOnce(IpNet, u32) -> Reason,
+    ) -> Option<Rejection> {
+        if rule.limit == 0 {
+            return None;
+        }
+        let (events, order) = self.count_toward_block(state, source, now, rule)?;
+        Some(Rejection {
+            reason: reason(order.net, events),
+            action: Action::DeferAndClose,
+            block: Some(order),
+        })
     }
 
     /// Counts one event for `source` in `rule`'s window (its source key's,
@@ -906,8 +910,10 @@ impl Policy {
     }
 }
 
-/// A per-source count of events in a sliding window that blocks the source
-/// once it goes past `limit`.
+/// A count of events in a sliding window, per source or per network
+/// ([`CountKind::per_network`]), that blocks its key once it goes past
+/// `limit`.
+#[derive(Clone, Copy)]
 struct WindowRule {
     kind: CountKind,
     limit: u32,
