@@ -879,6 +879,17 @@ impl Policy {
         outcome
     }
 
+    /// The span `kind`'s windows count over (the per-HELO null-sender
+    /// window is `NullSender`'s).
+    pub(super) fn window(&self, kind: CountKind) -> Duration {
+        match kind {
+            CountKind::FailedRcpt | CountKind::FailedRcptPerNetwork => self.rcpt.failed_rcpt_window,
+            CountKind::FailedAuth | CountKind::FailedAuthPerNetwork => self.auth.failed_auth_window,
+            CountKind::NullSender => self.mail.null_sender_rate.per,
+            CountKind::FilterReject => self.filters.reject_window,
+        }
+    }
+
     /// `net`'s `kind` window went past its limit counted over every edge
     /// host (`cluster.share_counters`): the block this host would have
     /// ordered had it seen every event, its own window of the source

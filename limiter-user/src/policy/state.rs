@@ -365,35 +365,18 @@ impl PolicyState {
     /// now and then (e.g. with the block sweep), not per decision.
     pub fn sweep(&self, policy: &Policy, now: Instant) -> usize {
         let mut tables = self.lock();
-        let auth_window = policy.auth.failed_auth_window;
-        let rcpt_window = policy.rcpt.failed_rcpt_window;
-        let filter_window = policy.filters.reject_window;
-        let null_window = policy.mail.null_sender_rate.per;
+        let windows: usize = CountKind::ALL
+            .into_iter()
+            .map(|kind| tables.windows(kind).retain(live(now, policy.window(kind))))
+            .sum();
         let memory = policy.blocks.max_block_duration;
-        tables.auth_failures.retain(|_, window| {
-            window.expire(now, auth_window);
-            !window.is_empty()
-        }) + tables.failed_rcpt.retain(|_, window| {
-            window.expire(now, rcpt_window);
-            !window.is_empty()
-        }) + tables.auth_failures_by_network.retain(|_, window| {
-            window.expire(now, auth_window);
-            !window.is_empty()
-        }) + tables.failed_rcpt_by_network.retain(|_, window| {
-            window.expire(now, rcpt_window);
-            !window.is_empty()
-        }) + tables.filter_rejects.retain(|_, window| {
-            window.expire(now, filter_window);
-            !window.is_empty()
-        }) + tables.null_by_source.retain(|_, window| {
-            window.expire(now, null_window);
-            !window.is_empty()
-        }) + tables.null_by_helo.retain(|_, window| {
-            window.expire(now, null_window);
-            !window.is_empty()
-        }) + tables
-            .history
-            .retain(|_, record| !record.forgotten(now, memory))
+        windows
+            + tables
+                .null_by_helo
+                .retain(live(now, policy.window(CountKind::NullSender)))
+            + tables
+                .history
+                .retain(|_, record| !record.forgotten(now, memory))
     }
 
     /// Runs `f` on the tables under the lock (one decision, atomically).
@@ -596,6 +579,15 @@ impl BlockRecord {
                 .until
                 .checked_add(memory)
                 .is_some_and(|forget_at| now >= forget_at)
+    }
+}
+
+/// For [`Lru::retain`]: whether a window still holds an event once those
+/// older than `span` before `now` are gone.
+fn live<K>(now: Instant, span: Duration) -> impl FnMut(&K, &mut Window) -> bool {
+    move |_, window| {
+        window.expire(now, span);
+        !window.is_empty()
     }
 }
 
