@@ -160,6 +160,16 @@ fn wait_state(agent: &Agent, state: &str) {
     );
 }
 
+/// Waits until `agent` shares blocks and counted events through Redis.
+fn wait_sharing(agent: &Agent) {
+    wait_state(agent, "up");
+    assert!(
+        wait_until(RECONNECT, || cluster(agent)["counters"]["state"] == "up"),
+        "{}",
+        cluster(agent)
+    );
+}
+
 #[test]
 fn blocks_decided_on_one_agent_hold_on_the_other() {
     if !prerequisites("blocks_decided_on_one_agent_hold_on_the_other") {
@@ -617,15 +627,8 @@ fn failures_spread_over_two_agents_are_counted_together() {
         node.limits = SPREAD_LIMITS.to_owned();
     }
     let (agent_a, agent_b) = (a.start(), b.start());
-    wait_state(&agent_a, "up");
-    wait_state(&agent_b, "up");
-    for agent in [&agent_a, &agent_b] {
-        assert!(
-            wait_until(RECONNECT, || cluster(agent)["counters"]["state"] == "up"),
-            "{}",
-            cluster(agent)
-        );
-    }
+    wait_sharing(&agent_a);
+    wait_sharing(&agent_b);
     let proxies = [a.proxy, b.proxy];
     let agents = [&agent_a, &agent_b];
     let both_sent = |n: u64| {
@@ -814,14 +817,8 @@ fn failures_spread_over_a_network_and_two_agents_block_the_network_on_both() {
             .to_owned();
     }
     let (agent_a, agent_b) = (a.start(), b.start());
-    for agent in [&agent_a, &agent_b] {
-        wait_state(agent, "up");
-        assert!(
-            wait_until(RECONNECT, || cluster(agent)["counters"]["state"] == "up"),
-            "{}",
-            cluster(agent)
-        );
-    }
+    wait_sharing(&agent_a);
+    wait_sharing(&agent_b);
     let proxies = [a.proxy, b.proxy];
     // Five addresses of 127.0.6.0/24, one failed RCPT each, alternating
     // hosts: within the network's limit on each host and over both.

@@ -374,6 +374,21 @@ fn try_recipients(rig: &Rig, source: &str, recipients: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// Asserts that the proxy holds a block of `net` with `origin`, and that
+/// `fresh`, an address of it that never spoke, is refused at connect.
+#[track_caller]
+fn assert_network_blocked(rig: &Rig, net: &str, origin: limiter_common::Reason, fresh: &str) {
+    let block = rig
+        .proxy
+        .ctx
+        .blocks
+        .get(&net.parse().unwrap())
+        .unwrap_or_else(|| panic!("no block of {net}"));
+    assert_eq!(block.origin, origin, "{net}");
+    let (_, greeting) = rig.client(fresh);
+    assert!(greeting.starts_with("421 4.7.0 "), "{fresh}: {greeting}");
+}
+
 #[test]
 fn a_harvester_spread_over_its_network_gets_the_network_blocked() {
     if !ready("a_harvester_spread_over_its_network_gets_the_network_blocked") {
@@ -402,17 +417,13 @@ fn a_harvester_spread_over_its_network_gets_the_network_blocked() {
     // The 21st failure, from an eleventh address: the whole /24 goes.
     let replies = try_recipients(&rig, "127.0.3.11", &["nobody3@example.com"]);
     assert!(replies[0].starts_with("421 4.7.0 "), "{replies:?}");
-    let block = rig
-        .proxy
-        .ctx
-        .blocks
-        .get(&"127.0.3.0/24".parse().unwrap())
-        .expect("the network's block");
-    assert_eq!(block.origin, limiter_common::Reason::Harvest);
-    // A fresh address of the network is refused at connect; the
-    // allow-listed one and the next network are served.
-    let (_, greeting) = rig.client("127.0.3.99");
-    assert!(greeting.starts_with("421 4.7.0 "), "{greeting}");
+    assert_network_blocked(
+        &rig,
+        "127.0.3.0/24",
+        limiter_common::Reason::Harvest,
+        "127.0.3.99",
+    );
+    // The allow-listed address and the next network are served.
     for source in ["127.0.3.250", "127.0.4.1"] {
         let replies = try_recipients(&rig, source, &["alice@example.com"]);
         assert!(replies[0].starts_with("250 "), "{source}: {replies:?}");
@@ -446,15 +457,12 @@ fn a_password_guesser_spread_over_its_network_gets_the_network_blocked() {
     let reply = ninth.cmd(WRONG_AUTHS[0]).unwrap();
     assert!(reply.starts_with("421 4.7.0 "), "ninth failure: {reply}");
     ninth.expect_closed();
-    let block = rig
-        .proxy
-        .ctx
-        .blocks
-        .get(&"127.0.5.0/24".parse().unwrap())
-        .expect("the network's block");
-    assert_eq!(block.origin, limiter_common::Reason::Auth);
-    let (_, greeting) = rig.client("127.0.5.200");
-    assert!(greeting.starts_with("421 4.7.0 "), "{greeting}");
+    assert_network_blocked(
+        &rig,
+        "127.0.5.0/24",
+        limiter_common::Reason::Auth,
+        "127.0.5.200",
+    );
 }
 
 // -- 5. A real brute-force tool -----------------------------------------------
