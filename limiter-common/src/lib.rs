@@ -55,9 +55,12 @@ pub mod map_names {
     /// Array of `u64` words: one bitmap per LPM trie (see [`crate::hint`]),
     /// so that most sources skip the tries entirely.
     pub const NET_HINTS: &str = "NET_HINTS";
+    /// Array of `u64` words: the second-level bitmaps behind each of
+    /// [`NET_HINTS`]' (see [`crate::hint`]).
+    pub const NET_HINTS_FINE: &str = "NET_HINTS_FINE";
 
     /// Every map the agent pins, in a stable order.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         CONFIG,
         STATS,
         ALLOW_V4,
@@ -74,6 +77,7 @@ pub mod map_names {
         EVENTS,
         EVENT_BUDGET,
         NET_HINTS,
+        NET_HINTS_FINE,
     ];
 
     /// Maps of the older layout (one table for both families, IPv4 mapped
@@ -88,6 +92,16 @@ pub mod map_names {
 /// IPv4 /16, an IPv6 /16) has a bit set for every value that some entry of
 /// the trie may cover; a source whose bit is clear cannot match and skips
 /// the lookup.
+///
+/// A /16 holds many networks, and blocks of one network each (an IPv6
+/// source's /64, a harvesting /24 or /48) would set the bit of their /16
+/// for every neighbour. So behind each bitmap of [`map_names::NET_HINTS`]
+/// (*any*: some entry may cover this /16) are two of
+/// [`map_names::NET_HINTS_FINE`], read only when the first bit is set:
+/// *short* (an entry shorter than the fine prefix, /24 for IPv4 and /48 for
+/// IPv6, covers this /16) and *fine* (an entry of the fine prefix or longer
+/// lies in the fine-prefix network whose [`hint::fine_index`] this is). A
+/// source may match only if *any* and then *short* or *fine* is set.
 ///
 /// Writers set bits before adding an entry; a removal clears the bits no
 /// other entry needs (the agent counts the entries behind each bit), and the
@@ -111,6 +125,35 @@ pub mod hint {
     pub const CAP_NET_V6: u32 = 5;
     /// Number of bitmaps (entries in `NET_HINTS` = `COUNT * WORDS`).
     pub const COUNT: u32 = 6;
+    /// Number of bitmaps in `NET_HINTS_FINE`: a *short* and a *fine* one
+    /// behind each of `NET_HINTS`'.
+    pub const FINE_COUNT: u32 = 2 * COUNT;
+    /// The fine prefix of IPv4 networks: a /24.
+    pub const FINE_PREFIX_V4: u8 = 24;
+    /// The fine prefix of IPv6 networks: a /48.
+    pub const FINE_PREFIX_V6: u8 = 48;
+
+    /// The `NET_HINTS_FINE` bitmap of the entries of `map` shorter than the
+    /// fine prefix, by the /16s they cover.
+    #[inline(always)]
+    pub const fn short(map: u32) -> u32 {
+        map
+    }
+
+    /// The `NET_HINTS_FINE` bitmap of the entries of `map` of the fine
+    /// prefix or longer, by [`fine_index`].
+    #[inline(always)]
+    pub const fn fine(map: u32) -> u32 {
+        COUNT + map
+    }
+
+    /// The bit of a fine-prefix network (its first 24 or 48 bits as an
+    /// integer) in a *fine* bitmap: a multiplicative hash, so that the
+    /// networks of one /16 spread over the whole bitmap.
+    #[inline(always)]
+    pub const fn fine_index(network: u64) -> u16 {
+        (network.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48) as u16
+    }
 
     /// The `NET_HINTS` index and the bit of `top16` (an address's first two
     /// bytes, big-endian) in bitmap `map`.
@@ -722,6 +765,25 @@ mod tests {
             hint::position(hint::CAP_NET_V6, u16::MAX),
             (hint::COUNT * hint::WORDS - 1, 1 << 63)
         );
+    }
+
+    #[test]
+    fn fine_indexes_spread_the_networks_of_one_16() {
+        // The 256 /24s of one /16 and 256 /48s of one /16: neighbours land
+        // on (nearly) distinct bits.
+        fn distinct(index: impl Fn(u64) -> u16) -> usize {
+            let mut bits = [0u16; 256];
+            for (n, bit) in bits.iter_mut().enumerate() {
+                *bit = index(n as u64);
+            }
+            bits.sort_unstable();
+            1 + bits.windows(2).filter(|w| w[0] != w[1]).count()
+        }
+        let v4 = distinct(|third| hint::fine_index((0xc633 << 8) | third));
+        let v6 = distinct(|n| hint::fine_index((0x2001_0db8 << 16) | n));
+        assert!(v4 >= 250 && v6 >= 250, "{v4} {v6}");
+        assert_eq!(hint::fine(hint::CAP_NET_V6), hint::FINE_COUNT - 1);
+        assert_eq!(hint::short(hint::ALLOW_V4), 0);
     }
 
     #[test]

@@ -52,6 +52,8 @@ static EVENTS: RingBuf<DropEvent, { 256 * 1024 }> = RingBuf::new();
 static EVENT_BUDGET: PerCpuArray<EventBudget, 1> = PerCpuArray::new();
 #[btf_map]
 static NET_HINTS: Array<u64, { (hint::COUNT * hint::WORDS) as usize }> = Array::new();
+#[btf_map]
+static NET_HINTS_FINE: Array<u64, { (hint::FINE_COUNT * hint::WORDS) as usize }> = Array::new();
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// How much of an skb the TC program pulls into its linear area when the
@@ -223,7 +225,7 @@ fn judge(parsed: Result<Packet, Skip>) -> Verdict {
 #[inline(always)]
 fn decide<F: Family>(config: &Config, stats: &mut Stats, source: &F, tcp: &Tcp) -> Verdict {
     let top16 = source.top16();
-    if may_match(F::ALLOW_HINT, top16) && source.allowed() {
+    if may_hold(F::ALLOW_HINT, source, top16) && source.allowed() {
         stats.allowed += 1;
         return Verdict::Pass;
     }
@@ -232,7 +234,7 @@ fn decide<F: Family>(config: &Config, stats: &mut Stats, source: &F, tcp: &Tcp) 
             return refuse(config, stats, Some(block), source, tcp, DropReason::Block);
         }
     }
-    let net_block = if may_match(F::BLOCK_NET_HINT, top16) {
+    let net_block = if may_hold(F::BLOCK_NET_HINT, source, top16) {
         source.block_net()
     } else {
         None
@@ -282,7 +284,7 @@ fn judge_source_only<F: Family>(
             hit = Some((block, DropReason::Block));
         }
     }
-    if hit.is_none() && may_match(F::BLOCK_NET_HINT, top16) {
+    if hit.is_none() && may_hold(F::BLOCK_NET_HINT, source, top16) {
         if let Some(block) = source.block_net() {
             if block_holds(block, stats) {
                 hit = Some((block, DropReason::BlockNet));
@@ -294,7 +296,7 @@ fn judge_source_only<F: Family>(
         None if hidden_tcp && at_cap(config, source, top16) => (None, DropReason::Cap),
         None => return Verdict::Pass,
     };
-    if may_match(F::ALLOW_HINT, top16) && source.allowed() {
+    if may_hold(F::ALLOW_HINT, source, top16) && source.allowed() {
         stats.allowed += 1;
         return Verdict::Pass;
     }
@@ -310,6 +312,8 @@ trait Family {
     const CAP_NET_HINT: u32;
     /// The address's first two bytes (big-endian), for the prefilters.
     fn top16(&self) -> u16;
+    /// The *fine* prefilter bit of the address's fine-prefix network.
+    fn fine_index(&self) -> u16;
     /// Whether an `ALLOW_*` network holds it.
     fn allowed(&self) -> bool;
     /// Its `BLOCK_*` entry.
@@ -354,6 +358,12 @@ impl Family for V4 {
     fn top16(&self) -> u16 {
         let b = self.addr.to_ne_bytes();
         u16::from_be_bytes([b[0], b[1]])
+    }
+
+    #[inline(always)]
+    fn fine_index(&self) -> u16 {
+        let network = u32::from_be(self.addr) >> (32 - hint::FINE_PREFIX_V4);
+        hint::fine_index(network as u64)
     }
 
     #[inline(always)]
@@ -417,6 +427,12 @@ impl Family for V6 {
     fn top16(&self) -> u16 {
         let b = self.addr[0].to_ne_bytes();
         u16::from_be_bytes([b[0], b[1]])
+    }
+
+    #[inline(always)]
+    fn fine_index(&self) -> u16 {
+        let high = ((u32::from_be(self.addr[0]) as u64) << 32) | u32::from_be(self.addr[1]) as u64;
+        hint::fine_index(high >> (64 - hint::FINE_PREFIX_V6))
     }
 
     #[inline(always)]
@@ -490,15 +506,25 @@ fn refuse<F: Family>(
     }
 }
 
-/// Whether the trie behind hint bitmap `map` may hold an entry covering a
-/// source whose first two bytes are `top16`. An array lookup, which the
-/// verifier inlines: far cheaper than the trie.
+/// Whether the trie behind hint bitmap `map` may hold an entry covering
+/// `source` (whose first two bytes are `top16`): its /16's bit, then, only
+/// if that is set, the bits of the entries shorter than the fine prefix in
+/// that /16 and of the entries in its fine-prefix network. Array lookups,
+/// which the verifier inlines: far cheaper than the trie.
 #[inline(always)]
-fn may_match(map: u32, top16: u16) -> bool {
-    let (index, bit) = hint::position(map, top16);
+fn may_hold<F: Family>(map: u32, source: &F, top16: u16) -> bool {
+    bit_set(&NET_HINTS, map, top16)
+        && (bit_set(&NET_HINTS_FINE, hint::short(map), top16)
+            || bit_set(&NET_HINTS_FINE, hint::fine(map), source.fine_index()))
+}
+
+/// Whether bit `index` of bitmap `map` in `bitmaps` is set.
+#[inline(always)]
+fn bit_set<const N: usize>(bitmaps: &Array<u64, N>, map: u32, index: u16) -> bool {
+    let (word, bit) = hint::position(map, index);
     // A missing word (cannot happen: the array is sized for every index)
     // fails safe: look the trie up.
-    NET_HINTS.get(index).is_none_or(|word| word & bit != 0)
+    bitmaps.get(word).is_none_or(|word| word & bit != 0)
 }
 
 /// Whether the block entry still holds (counts it in `expired_block` if not).
@@ -579,7 +605,7 @@ fn at_cap<F: Family>(config: &Config, source: &F, top16: u16) -> bool {
     let Some(connections) = source.connections(config) else {
         return false;
     };
-    let cap = match may_match(F::CAP_NET_HINT, top16)
+    let cap = match may_hold(F::CAP_NET_HINT, source, top16)
         .then(|| source.cap())
         .flatten()
     {

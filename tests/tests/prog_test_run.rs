@@ -742,6 +742,138 @@ fn network_prefilters_follow_adds_and_removals() {
     assert_eq!(xdp(&k, &Frame::syn(ip("192.0.2.44"), 25)), XDP_DROP);
 }
 
+/// Networks of many lengths in one /16 (IPv4 198.51/16, IPv6 2001:db8::/32):
+/// every fine-prefix network (/24, /48) or longer takes a bit of its own,
+/// shorter ones the /16's. Toggled in a fixed pseudo-random order, each
+/// step is checked against a model on addresses inside and beside every
+/// network: a prefilter bit cleared too early would let a blocked source
+/// through (or fail to apply an allow entry).
+#[test]
+fn fine_prefilters_keep_every_network_of_a_16_in_force() {
+    if !prerequisites("fine_prefilters_keep_every_network_of_a_16_in_force") {
+        return;
+    }
+    let nets: Vec<IpNet> = [
+        "198.51.0.0/16",
+        "198.51.0.0/20",
+        "198.51.16.0/23",
+        "198.51.100.0/24",
+        "198.51.101.0/24",
+        "198.51.100.64/26",
+        "198.51.100.77/32",
+        "198.51.200.0/25",
+        "2001:db8::/32",
+        "2001:db8:ba0::/44",
+        "2001:db8:bad::/48",
+        "2001:db8:bad:7::/64",
+        "2001:db8:bad:7::1/128",
+        "2001:db8:beef::/48",
+        "2001:db8:beef:1::/64",
+        "2001:db8:c0::/47",
+        "::ffff:198.51.102.0/120",
+    ]
+    .iter()
+    .map(|n| net(n).trunc())
+    .collect();
+    let probes: Vec<IpAddr> = [
+        "198.51.100.77",
+        "198.51.100.78",
+        "198.51.100.1",
+        "198.51.101.9",
+        "198.51.102.9",
+        "198.51.17.3",
+        "198.51.15.3",
+        "198.51.200.5",
+        "198.51.200.200",
+        "198.51.255.1",
+        "198.52.0.1",
+        "2001:db8:bad:7::1",
+        "2001:db8:bad:7::2",
+        "2001:db8:bad:8::1",
+        "2001:db8:bac::1",
+        "2001:db8:beef:1::5",
+        "2001:db8:beef:2::5",
+        "2001:db8:c1:ffff::1",
+        "2001:db8:c2::1",
+        "2001:db8:ffff::1",
+        "2001:db9::1",
+    ]
+    .iter()
+    .map(|a| ip(a))
+    .collect();
+    // A network as the kernel holds it: IPv4-mapped ones are IPv4.
+    let contains = |n: &IpNet, a: &IpAddr| match (n, a) {
+        (IpNet::V6(n6), IpAddr::V4(v4)) if n6.prefix_len() >= 96 => {
+            n6.contains(&v4.to_ipv6_mapped())
+        }
+        _ => n.contains(a),
+    };
+    let mut state: u64 = 0x0ddb_a11c_afe5_1de5;
+    let mut next = move |n: usize| {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1);
+        ((state >> 33) as usize) % n
+    };
+    for allow in [false, true] {
+        let k = TestKernel::load(limits(10));
+        let d = &k.datapath;
+        if allow {
+            // Everything blocked by networks the toggled ones are not in;
+            // the allow entries carve sources out.
+            d.block(net("198.0.0.0/8"), None, Reason::Manual).unwrap();
+            d.block(net("2001::/16"), None, Reason::Manual).unwrap();
+        }
+        let mut on = vec![false; nets.len()];
+        for step in 0..240 {
+            let i = next(nets.len());
+            let n = nets[i];
+            match (allow, on[i]) {
+                (false, false) => d.block(n, None, Reason::Manual).unwrap(),
+                (false, true) => assert!(d.unblock(n).unwrap(), "{n}"),
+                (true, false) => d.allow(n).unwrap(),
+                (true, true) => assert!(d.disallow(n).unwrap(), "{n}"),
+            }
+            on[i] = !on[i];
+            for probe in &probes {
+                let listed = nets
+                    .iter()
+                    .zip(&on)
+                    .any(|(n, on)| *on && contains(n, probe));
+                let expected = match (allow, listed) {
+                    // Every probe is inside the outer blocks.
+                    (true, listed) => {
+                        if listed {
+                            XDP_PASS
+                        } else {
+                            XDP_DROP
+                        }
+                    }
+                    (false, listed) => {
+                        if listed {
+                            XDP_DROP
+                        } else {
+                            XDP_PASS
+                        }
+                    }
+                };
+                assert_eq!(
+                    xdp(&k, &Frame::syn(*probe, 25)),
+                    expected,
+                    "{} step {step} ({} {n}): {probe}; in force: {:?}",
+                    if allow { "allow" } else { "block" },
+                    if on[i] { "added" } else { "removed" },
+                    nets.iter()
+                        .zip(&on)
+                        .filter(|(_, on)| **on)
+                        .map(|(n, _)| n.to_string())
+                        .collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn allowlist_wins_over_blocks_and_caps() {
     if !prerequisites("allowlist_wins_over_blocks_and_caps") {
@@ -1005,6 +1137,44 @@ fn pinned_maps_survive_a_restart_and_one_agent_holds_a_pin_path() {
     assert_eq!(blocks[0].net, net("192.0.2.200/32"));
     let frame = Frame::syn(ip("192.0.2.200"), 25).build();
     assert_eq!(restarted.test_run_xdp(&frame, 1).unwrap().0, XDP_DROP);
+}
+
+/// Pins of the version before the fine prefilters (no `NET_HINTS_FINE`):
+/// the agent creates the map and fills it from the tries it finds, so the
+/// networks they hold stay dropped across the upgrade.
+#[test]
+fn pins_without_the_fine_prefilters_are_upgraded_in_place() {
+    if !prerequisites("pins_without_the_fine_prefilters_are_upgraded_in_place") {
+        return;
+    }
+    let pins = PinDir::new();
+    let options = KernelOptions {
+        object: ebpf_object(),
+        pin_path: pins.path().to_owned(),
+        map_sizes: MapSizes::default(),
+        limits: limits(10),
+    };
+    let first = BpfDatapath::load(&options).unwrap();
+    for n in ["198.51.100.0/24", "198.51.0.0/20", "2001:db8:bad:7::/64"] {
+        first.block(net(n), None, Reason::Harvest).unwrap();
+    }
+    drop(first);
+    std::fs::remove_file(pins.path().join("NET_HINTS_FINE")).unwrap();
+    let upgraded = BpfDatapath::load(&options).expect("upgrade on existing pins");
+    for (source, verdict) in [
+        ("198.51.100.9", XDP_DROP),
+        ("198.51.3.9", XDP_DROP),
+        ("198.51.101.9", XDP_PASS),
+        ("2001:db8:bad:7::9", XDP_DROP),
+        ("2001:db8:bad:8::9", XDP_PASS),
+    ] {
+        let frame = Frame::syn(ip(source), 25).build();
+        assert_eq!(
+            upgraded.test_run_xdp(&frame, 1).unwrap().0,
+            verdict,
+            "{source}"
+        );
+    }
 }
 
 /// What an administrator reads: every map bpftool dumps by field name, with

@@ -39,7 +39,8 @@ use super::{
         HostKey, NetKey,
     },
     clock::{mono_ns_to_system, system_to_mono_ns},
-    hints, BlockHit, Datapath, DropEvent, KernelBlock, KernelCounters, KernelError, KernelLimits,
+    hints::{self, Layer},
+    BlockHit, Datapath, DropEvent, KernelBlock, KernelCounters, KernelError, KernelLimits,
 };
 
 /// The kernel object built into this binary, if it was built with one.
@@ -93,8 +94,10 @@ struct Maps {
     conn_count_v4: HashMap<MapData, Ipv4Octets, ConnCount>,
     conn_count_v6: HashMap<MapData, Ipv6Octets, ConnCount>,
     events: Option<RingBuf<MapData>>,
-    /// Prefilters of the six tries.
+    /// Prefilters of the six tries: each /16's bit…
     hints: Array<MapData, u64>,
+    /// …and the short and fine bitmaps behind them.
+    fine_hints: Array<MapData, u64>,
     /// The tries' networks behind each prefilter bit (by `hint` index).
     coverage: [hints::Coverage; hint::COUNT as usize],
     sizes: MapSizes,
@@ -824,26 +827,15 @@ fn host_net(key: HostKey) -> IpNet {
 }
 
 impl Maps {
-    /// Sets the hint bits `net` needs in its trie's bitmap. Called before
+    /// Sets the hint bits `net` needs in its trie's bitmaps. Called before
     /// the entry goes into its trie, so no packet sees the entry without
     /// them.
     fn add_hint(&mut self, trie: Trie, net: IpNet) -> Result<(), KernelError> {
         let map = trie.hint(net);
         self.coverage[map as usize].add(net);
-        let range = hints::top16_range(net);
-        let (first, _) = hint::position(map, *range.start() as u16);
-        let (last, _) = hint::position(map, *range.end() as u16);
-        let wanted = hints::bitmap(&[net]);
-        for index in first..=last {
-            let bits = wanted[(index - map * hint::WORDS) as usize];
-            let word = self
-                .hints
-                .get(&index, 0)
-                .map_err(|e| map_error(names::NET_HINTS, e))?;
-            if word | bits != word {
-                self.hints
-                    .set(index, word | bits, 0)
-                    .map_err(|e| map_error(names::NET_HINTS, e))?;
+        for layer in Layer::ALL {
+            for (offset, bits) in hints::words_of(net, layer) {
+                self.update_hint_word(layer, map, offset, |word| word | bits)?;
             }
         }
         Ok(())
@@ -852,24 +844,15 @@ impl Maps {
     /// Clears the hint bits that only `net` needed, after it left its trie.
     fn remove_hint(&mut self, trie: Trie, net: IpNet) -> Result<(), KernelError> {
         let map = trie.hint(net);
-        for (offset, mask) in self.coverage[map as usize].remove(net) {
-            let index = map * hint::WORDS + offset;
-            let word = self
-                .hints
-                .get(&index, 0)
-                .map_err(|e| map_error(names::NET_HINTS, e))?;
-            if word & mask != 0 {
-                self.hints
-                    .set(index, word & !mask, 0)
-                    .map_err(|e| map_error(names::NET_HINTS, e))?;
-            }
+        for (layer, offset, mask) in self.coverage[map as usize].remove(net) {
+            self.update_hint_word(layer, map, offset, |word| word & !mask)?;
         }
         Ok(())
     }
 
-    /// Recomputes bitmap `map` (one of `hint`'s) and its coverage from its
-    /// trie: at start (pins of an earlier run) and at each sweep (which
-    /// also heals a bit lost to two processes writing at once).
+    /// Recomputes the bitmaps of trie `map` (one of `hint`'s) and their
+    /// coverage from the trie: at start (pins of an earlier run) and at each
+    /// sweep (which also heals a bit lost to two processes writing at once).
     fn rebuild_hints(&mut self, map: u32) -> Result<(), KernelError> {
         fn nets<K: aya::Pod, V: aya::Pod>(
             trie: &LpmTrie<MapData, K, V>,
@@ -889,18 +872,40 @@ impl Maps {
             _ => nets(&self.cap_net_v6, net_of_v6),
         };
         self.coverage[map as usize] = hints::Coverage::of(nets);
-        let wanted = self.coverage[map as usize].bitmap();
-        for (offset, bits) in wanted.iter().enumerate() {
-            let index = map * hint::WORDS + offset as u32;
-            let word = self
-                .hints
-                .get(&index, 0)
-                .map_err(|e| map_error(names::NET_HINTS, e))?;
-            if word != *bits {
-                self.hints
-                    .set(index, *bits, 0)
-                    .map_err(|e| map_error(names::NET_HINTS, e))?;
+        for layer in Layer::ALL {
+            let wanted = self.coverage[map as usize].bitmap(layer);
+            for (offset, bits) in wanted.into_iter().enumerate() {
+                self.update_hint_word(layer, map, offset as u32, |_| bits)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Rewrites word `offset` of bitmap `layer` of trie `map` as `change`
+    /// makes it, if that changes it.
+    fn update_hint_word(
+        &mut self,
+        layer: Layer,
+        map: u32,
+        offset: u32,
+        change: impl FnOnce(u64) -> u64,
+    ) -> Result<(), KernelError> {
+        let (array, name, bitmap) = match layer {
+            Layer::Any => (&mut self.hints, names::NET_HINTS, map),
+            Layer::Short => (
+                &mut self.fine_hints,
+                names::NET_HINTS_FINE,
+                hint::short(map),
+            ),
+            Layer::Fine => (&mut self.fine_hints, names::NET_HINTS_FINE, hint::fine(map)),
+        };
+        let index = bitmap * hint::WORDS + offset;
+        let word = array.get(&index, 0).map_err(|e| map_error(name, e))?;
+        let changed = change(word);
+        if changed != word {
+            array
+                .set(index, changed, 0)
+                .map_err(|e| map_error(name, e))?;
         }
         Ok(())
     }
@@ -955,6 +960,7 @@ impl Maps {
             conn_count_v6: take(ebpf, names::CONN_COUNT_V6)?,
             events: Some(take(ebpf, names::EVENTS)?),
             hints: take(ebpf, names::NET_HINTS)?,
+            fine_hints: take(ebpf, names::NET_HINTS_FINE)?,
             coverage: Default::default(),
             sizes,
         })
@@ -999,6 +1005,7 @@ impl Maps {
             conn_count_v6: open(dir, names::CONN_COUNT_V6, Map::HashMap)?,
             events: None,
             hints: open(dir, names::NET_HINTS, Map::Array)?,
+            fine_hints: open(dir, names::NET_HINTS_FINE, Map::Array)?,
             // Empty: a removal through these pins clears no bit (a stale
             // bit costs one lookup); the agent's sweep rebuilds them.
             coverage: Default::default(),
@@ -1088,7 +1095,7 @@ struct Shape {
 }
 
 /// The shape of every pinned map.
-fn expected_maps() -> [Shape; 16] {
+fn expected_maps() -> [Shape; 17] {
     let shape = |name, map_type, key_size, value_size| Shape {
         name,
         map_type,
@@ -1133,6 +1140,10 @@ fn expected_maps() -> [Shape; 16] {
         Shape {
             max_entries: Some(hint::COUNT * hint::WORDS),
             ..shape(names::NET_HINTS, MapType::Array, 4, 8)
+        },
+        Shape {
+            max_entries: Some(hint::FINE_COUNT * hint::WORDS),
+            ..shape(names::NET_HINTS_FINE, MapType::Array, 4, 8)
         },
     ]
 }

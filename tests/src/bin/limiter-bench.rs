@@ -64,6 +64,9 @@ const IN_BLOCKED_NET: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 77);
 const AT_CAP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const BELOW_CAP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
 const NO_CONNECTIONS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 30);
+/// An unblocked source in the /16 of the blocked network (and, at the large
+/// scales, of `neighbour_nets`).
+const NEAR_BLOCKED_NET: Ipv4Addr = Ipv4Addr::new(198, 51, 101, 77);
 /// Connections the pass source holds (the cap is the default, 10).
 const BELOW_CAP_CONNECTIONS: u32 = 3;
 /// Filler addresses for `BLOCK_V4` start here (10.0.0.0/8 holds 16 M).
@@ -78,6 +81,7 @@ const IN_BLOCKED_NET_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xbad, 0, 0, 0,
 const AT_CAP_V6: Ipv6Addr = Ipv6Addr::new(0x3fff, 0, 0, 0x10, 0, 0, 0, 1);
 const BELOW_CAP_V6: Ipv6Addr = Ipv6Addr::new(0x3fff, 0, 0, 0x20, 0, 0, 0, 1);
 const NO_CONNECTIONS_V6: Ipv6Addr = Ipv6Addr::new(0x3fff, 0, 0, 0x30, 0, 0, 0, 1);
+const NEAR_BLOCKED_NET_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xbeef, 0, 0, 0, 0, 0x77);
 /// Filler addresses for `BLOCK_V6` start here (fd00::/8, unique local).
 const FILLER_BASE_V6: u128 = 0xfd00_0000_0000_0000_0000_0000_0000_0000;
 
@@ -364,6 +368,16 @@ fn family_cases(v6: bool) -> Vec<Case> {
             target: false,
         },
         Case {
+            id: "pass-ack-near",
+            label: "extra: pass: ACK from an unblocked source in the /16 of blocked networks",
+            kind: Kind::Pass,
+            source: pick(NEAR_BLOCKED_NET, NEAR_BLOCKED_NET_V6),
+            flags: ACK,
+            events: true,
+            counter: |s| s.passed,
+            target: false,
+        },
+        Case {
             id: "pass-syn-new",
             label: "extra: pass: SYN, source holds no connection",
             kind: Kind::Pass,
@@ -498,13 +512,14 @@ fn set_connections(kernel: &TestKernel, source: IpAddr, count: u32) -> Result<()
 /// Networks spread over the IPv4 space (prefixes /16, /20, /24, /28 in turn,
 /// fixed pseudo-random placement), none covering a test source.
 fn filler_nets(count: usize) -> Vec<IpNet> {
-    let protected: [Ipv4Addr; 6] = [
+    let protected: [Ipv4Addr; 7] = [
         BLOCKED,
         BLOCKED_EXPIRING,
         IN_BLOCKED_NET,
         AT_CAP,
         BELOW_CAP,
         NO_CONNECTIONS,
+        NEAR_BLOCKED_NET,
     ];
     let mut state: u64 = 0x5eed_1234_abcd_9876;
     let mut next = move || {
@@ -586,9 +601,12 @@ fn fill(kernel: &TestKernel, scale: u32, nets: usize) -> Result<Duration> {
             );
         }
     }
-    for net in filler_nets(nets.saturating_sub(1))
+    let neighbours = (nets.saturating_sub(1) / 4).min(MAX_NEIGHBOURS);
+    let fillers = nets.saturating_sub(1 + neighbours);
+    for net in filler_nets(fillers)
         .into_iter()
-        .chain(filler_nets_v6(nets.saturating_sub(1)))
+        .chain(filler_nets_v6(fillers))
+        .chain(neighbour_nets(neighbours))
     {
         d.block(net, None, Reason::RejectList)?;
     }
@@ -598,6 +616,27 @@ fn fill(kernel: &TestKernel, scale: u32, nets: usize) -> Result<Duration> {
     set_connections(kernel, IpAddr::V4(BELOW_CAP), BELOW_CAP_CONNECTIONS)?;
     set_connections(kernel, IpAddr::V6(BELOW_CAP_V6), BELOW_CAP_CONNECTIONS)?;
     Ok(started.elapsed())
+}
+
+/// Most networks `neighbour_nets` places in one /16.
+const MAX_NEIGHBOURS: usize = 254;
+
+/// `count` networks of each family in the /16 of the blocked network and of
+/// `NEAR_BLOCKED_NET`, as the network rules block them: IPv4 /24s of
+/// 198.51.0.0/16 and IPv6 sources' /64s of 2001:db8::/32 (neither covering
+/// a test source), so that the near source's /16 holds many entries.
+fn neighbour_nets(count: usize) -> Vec<IpNet> {
+    let near = Ipv4Net::new(NEAR_BLOCKED_NET, 24).unwrap().trunc();
+    let blocked: Ipv4Net = BLOCKED_NET.parse().unwrap();
+    let v4 = (0..=255u8)
+        .map(|third| Ipv4Net::new(Ipv4Addr::new(198, 51, third, 0), 24).unwrap())
+        .filter(|net| *net != near && *net != blocked)
+        .take(count)
+        .map(IpNet::V4);
+    let v6 = (1..=count as u16).map(|n| {
+        IpNet::V6(Ipv6Net::new(Ipv6Addr::new(0x2001, 0xdb8, n, 0, 0, 0, 0, 0), 64).unwrap())
+    });
+    v4.chain(v6).collect()
 }
 
 /// IPv6 networks spread over 2000::/3 (prefixes /32, /40, /48, /56 in
