@@ -21,18 +21,45 @@
 //! * Held against a real brute-force tool (THC Hydra, Debian's `hydra`, four
 //!   sessions at once): its guesses stop at `max_failed_auth`, the right
 //!   password among them is never tried.
+//! * Held against Patator's `smtp_rcpt` (directory harvesting: four
+//!   persistent sessions, MAIL/RCPT/RSET per guess; or a new session per
+//!   guess): the source is blocked on the session's or the source's
+//!   failed-recipient limit, long before the two valid users late in its
+//!   list; the guesses Postfix answered stay under the limits.
+//! * Held against Patator's `smtp_vrfy`: with the default
+//!   `smtp.vrfy = "refuse"` every address gets the proxy's own `252` and
+//!   Postfix is never asked; with `"relay"` its `550`s count as failed
+//!   recipients and the source is blocked as for RCPT.
+//! * Held against Patator's `smtp_login` (Python's smtplib, which tries
+//!   PLAIN and then LOGIN for each password: two failures per guess) and
+//!   Medusa's `smtp` module: blocked at `max_failed_auth`, the right
+//!   password never tried.
+//! * Medusa with `AUTH:PLAIN` could not guess at all through the proxy,
+//!   which wrote an empty SASL challenge as `334` where Postfix and RFC
+//!   4954 (`"334" SP [base64]`) write `334 `: medusa gave up, and a client
+//!   as strict could not log in either. Now it is blocked like the others.
 //!
 //! The proxy runs in-process ([`Rig`], kernel layer off) in front of a
 //! private Postfix offering AUTH (Cyrus SASL, user `alice`); clients bind
-//! 127.0.0.x so that Postfix's log (PROXY v2) names them. Needs root,
-//! Postfix and Cyrus' `saslpasswd2`; outside CI a missing piece skips the
-//! test with a message, under `CI=true` it fails it.
+//! 127.0.0.x so that Postfix's log (PROXY v2) names them (the tools
+//! connect from 127.0.0.1). Each tool is also run against a Postfix of its
+//! own without the proxy, where it must find what it looks for: a tool that
+//! stopped working would otherwise pass. Needs root, Postfix and Cyrus'
+//! `saslpasswd2` (and hydra, patator, medusa for their tests); outside CI a
+//! missing piece skips the test with a message, under `CI=true` it fails
+//! it.
 
-use std::{thread, time::Duration};
+use std::{
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicUsize, Ordering},
+    thread,
+    time::Duration,
+};
 
 use limiter_tests::{
     fixture,
-    postfix::{self, log_lines, PostfixOptions},
+    postfix::{self, log_lines, Postfix, PostfixOptions},
     proxy::{Client, Seen},
     rig::{Identity, Rig, RigOptions},
 };
@@ -61,22 +88,49 @@ fn ready(test: &str) -> bool {
     )
 }
 
-/// A Postfix expecting PROXY v2, offering AUTH to alice, with `main_cf`
-/// settings, and the proxy in front of it (AUTH allowed without TLS: the
-/// rig has none) with the `[limits]` keys `limits`.
+/// Valid local parts the harvest tests' attacker finds late in its list,
+/// on top of the fixture's (alice, bob, carol, postmaster).
+const LATE_USERS: [&str; 2] = ["zoe", "yann"];
+
+/// The Postfix of every test: alice's AUTH, the fixture's recipients and
+/// [`LATE_USERS`], with `main_cf` settings.
+fn postfix_options(main_cf: &[(&str, &str)]) -> PostfixOptions {
+    let mut recipients: Vec<String> = postfix::DEFAULT_RECIPIENTS
+        .iter()
+        .map(|r| (*r).to_owned())
+        .collect();
+    recipients.extend(
+        LATE_USERS
+            .iter()
+            .map(|u| format!("{u}@{}", postfix::DOMAIN)),
+    );
+    PostfixOptions {
+        sasl_users: vec![(USER.0.to_owned(), USER.1.to_owned())],
+        recipients,
+        extra_main_cf: main_cf
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..PostfixOptions::default()
+    }
+}
+
+/// A Postfix expecting PROXY v2 ([`postfix_options`]), and the proxy in
+/// front of it (AUTH allowed without TLS: the rig has none) with the
+/// `[limits]` keys `limits`.
 fn rig(main_cf: &[(&str, &str)], limits: &str) -> Rig {
+    rig_with_smtp(main_cf, "", limits)
+}
+
+/// [`rig`] with more `[smtp]` keys.
+fn rig_with_smtp(main_cf: &[(&str, &str)], smtp: &str, limits: &str) -> Rig {
     Rig::launch(RigOptions {
         postfix: PostfixOptions {
             proxy_protocol: true,
-            sasl_users: vec![(USER.0.to_owned(), USER.1.to_owned())],
-            extra_main_cf: main_cf
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            ..PostfixOptions::default()
+            ..postfix_options(main_cf)
         },
         connect: "on-connect",
-        extra: format!("[smtp]\nauth_requires_tls = false\n\n[limits]\n{limits}"),
+        extra: format!("[smtp]\nauth_requires_tls = false\n{smtp}\n\n[limits]\n{limits}"),
         ..RigOptions::new(Identity::ProxyV2)
     })
 }
@@ -134,6 +188,49 @@ fn soft_bounced_auth_failures_count_toward_the_auth_limit() {
     let reply = user.cmd(GOOD_AUTH).unwrap();
     assert!(reply.starts_with("235 "), "{reply}");
     assert!(user.cmd("QUIT").unwrap().starts_with("221 "));
+}
+
+/// A client that hangs up inside a SASL exchange sent no password: the
+/// backend must not count it as one (the proxy used to end the session
+/// with QUIT, which Postfix, waiting for the answer to its challenge, read
+/// as the credentials and logged as an authentication failure of the
+/// client's address: what fail2ban's postfix-sasl jail counts).
+#[test]
+fn a_client_gone_inside_a_sasl_exchange_is_no_authentication_failure_at_the_backend() {
+    if !ready("a_client_gone_inside_a_sasl_exchange_is_no_authentication_failure_at_the_backend") {
+        return;
+    }
+    let rig = rig(&[], "max_failed_auth = 3\n");
+    for (source, auth) in [("127.0.0.4", "AUTH PLAIN"), ("127.0.0.5", "AUTH LOGIN")] {
+        let mut client = ehlo(&rig, source);
+        let reply = client.cmd(auth).unwrap();
+        assert!(reply.starts_with("334"), "{reply}");
+        drop(client);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = rig.log();
+        let ended = ["127.0.0.4", "127.0.0.5"]
+            .iter()
+            .all(|a| log_lines(&log, &format!("disconnect from unknown[{a}]")).len() == 1);
+        if ended || std::time::Instant::now() > deadline {
+            break log;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    for source in ["127.0.0.4", "127.0.0.5"] {
+        let disconnect = log_lines(&log, &format!("disconnect from unknown[{source}]"));
+        assert_eq!(
+            disconnect.len(),
+            1,
+            "{source} never ended at Postfix:\n{log}"
+        );
+        let failed: Vec<&str> = log_lines(&log, &format!("[{source}]"))
+            .into_iter()
+            .filter(|l| l.contains("authentication failed"))
+            .collect();
+        assert!(failed.is_empty(), "{source}: {failed:#?}\n{log}");
+    }
 }
 
 // -- 2. Blocked while working through buffered commands -----------------------
@@ -535,4 +632,447 @@ fn hydra_is_blocked_before_it_reaches_the_right_password() {
         succeeded.is_empty(),
         "an AUTH succeeded: {succeeded:#?}\n{log}"
     );
+}
+
+// -- 6. More real tools: Patator and Medusa ------------------------------------
+
+/// Whether `tool` is installed (`cargo xtask setup`), as [`ready`] says.
+fn tool_ready(test: &str, tool: &str) -> bool {
+    let missing = limiter_tests::clients::which(tool)
+        .is_none()
+        .then(|| format!("{tool} is not installed (`cargo xtask setup`)"));
+    ready(test) && fixture::require(test, missing)
+}
+
+/// A scratch directory for a tool's word lists, removed on drop.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn new(tool: &str) -> WorkDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "smtp-limiter-{tool}.{}.{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        WorkDir(dir)
+    }
+
+    /// Writes `words`, one a line, to `name`; returns its path.
+    fn list(&self, name: &str, words: &[String]) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, words.join("\n") + "\n").unwrap();
+        path.display().to_string()
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `tool args` in `dir`, bounded by `timeout` (a tool that keeps
+/// retrying a server that refuses it ends all the same); its stdout and
+/// stderr together.
+fn run_tool(dir: &WorkDir, tool: &str, args: &[String]) -> String {
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(tool)
+        .args(args)
+        .current_dir(&dir.0)
+        .output()
+        .unwrap_or_else(|e| panic!("run {tool}: {e}"));
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A Postfix like the rig's, without PROXY protocol and without the
+/// proxy: where each tool must succeed (the control run).
+fn bare_postfix() -> Postfix {
+    Postfix::start(postfix_options(&[])).expect("start the control Postfix")
+}
+
+/// The harvester's list: forty unknown local parts, the two valid
+/// [`LATE_USERS`], three more unknown ones.
+fn harvest_list() -> Vec<String> {
+    let mut words: Vec<String> = (1..=40).map(|n| format!("nobody{n}")).collect();
+    words.extend(LATE_USERS.iter().map(|u| (*u).to_owned()));
+    words.extend((41..=43).map(|n| format!("nobody{n}")));
+    words
+}
+
+/// One result line of patator: `… INFO - 250   8   0.004 | zoe   |  41 | 2.1.5 Ok`.
+#[derive(Debug)]
+struct Tried {
+    code: String,
+    candidate: String,
+    message: String,
+}
+
+/// Runs patator's `module` against `port` of 127.0.0.1 with four threads
+/// (four sessions at once); the whole output, and the result lines.
+/// `--max-retries=1`: a payload whose session was cut off (the block) is
+/// tried once more, on a new connection that meets the block's `421`, and
+/// no more (the default four retries sleep a second per payload).
+fn patator(dir: &WorkDir, module: &str, port: u16, args: &[String]) -> (String, Vec<Tried>) {
+    let mut all = vec![
+        module.to_owned(),
+        "host=127.0.0.1".to_owned(),
+        format!("port={port}"),
+        "helo=ehlo attacker.example.org".to_owned(),
+        "-t".to_owned(),
+        "4".to_owned(),
+        "--max-retries=1".to_owned(),
+    ];
+    all.extend_from_slice(args);
+    let text = run_tool(dir, "patator", &all);
+    let tried = text
+        .lines()
+        .filter_map(|line| {
+            let (_, result) = line.split_once(" - ")?;
+            let fields: Vec<&str> = result.splitn(4, '|').collect();
+            let [head, candidate, _num, message] = fields[..] else {
+                return None;
+            };
+            let code = head.split_whitespace().next()?;
+            (code == "xxx" || code.parse::<u16>().is_ok()).then(|| Tried {
+                code: code.to_owned(),
+                candidate: candidate.trim().to_owned(),
+                message: message.trim().to_owned(),
+            })
+        })
+        .collect();
+    (text, tried)
+}
+
+/// The candidates patator got `code` for, sorted.
+fn answered(tried: &[Tried], code: &str) -> Vec<String> {
+    let mut found: Vec<String> = tried
+        .iter()
+        .filter(|t| t.code == code)
+        .map(|t| t.candidate.clone())
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// [`LATE_USERS`], sorted: what a harvester finds.
+fn late_users() -> Vec<String> {
+    let mut users: Vec<String> = LATE_USERS.iter().map(|u| (*u).to_owned()).collect();
+    users.sort();
+    users
+}
+
+/// How many `verb` commands succeeded in all the sessions of `log`: the
+/// `verb=S/T` fields of Postfix's `disconnect from` lines (`rcpt=0/6`:
+/// none of six).
+fn successes(log: &str, verb: &str) -> usize {
+    let prefix = format!("{verb}=");
+    log_lines(log, "disconnect from")
+        .into_iter()
+        .flat_map(|line| line.split_whitespace())
+        .filter_map(|field| field.strip_prefix(prefix.as_str()))
+        .filter_map(|counts| counts.split_once('/')?.0.parse::<usize>().ok())
+        .sum()
+}
+
+/// The harvest limits of the patator tests: the defaults, spelt out.
+const HARVEST_LIMITS: &str = "max_failed_rcpt = 5\nmax_failed_rcpt_per_source = 20\n";
+
+/// Patator's `smtp_rcpt` over [`harvest_list`], `persistent=1` (four
+/// sessions, each given every fourth word) or `0` (a session per word):
+/// the late users found against a bare Postfix; through the proxy none
+/// found, the source blocked for harvesting, and Postfix asked about a
+/// number of unknown recipients within `checked_range`.
+fn patator_rcpt_is_blocked(persistent: &str, checked_range: std::ops::RangeInclusive<usize>) {
+    let dir = WorkDir::new("patator");
+    let users = dir.list("users", &harvest_list());
+    let args = [
+        format!("user=FILE0@{}", postfix::DOMAIN),
+        format!("0={users}"),
+        format!("persistent={persistent}"),
+    ];
+
+    // Control: without the proxy, patator finds the two late users.
+    let bare = bare_postfix();
+    let (text, tried) = patator(&dir, "smtp_rcpt", bare.port(), &args);
+    assert_eq!(answered(&tried, "250"), late_users(), "{text}");
+    drop(bare);
+
+    let rig = rig(&[], HARVEST_LIMITS);
+    let (text, tried) = patator(&dir, "smtp_rcpt", rig.addr().port(), &args);
+    println!("patator smtp_rcpt persistent={persistent}:\n{text}");
+    assert_eq!(
+        answered(&tried, "250"),
+        Vec::<String>::new(),
+        "patator found users:\n{text}"
+    );
+    assert_eq!(
+        rig.proxy.ctx.blocked("127.0.0.1".parse().unwrap()),
+        Some("harvest"),
+        "patator's source is not blocked:\n{text}"
+    );
+    let log = rig.log();
+    let checked = log_lines(&log, "reject: RCPT from").len();
+    println!(
+        "Postfix checked {checked} unknown recipients, patator saw {} refused",
+        answered(&tried, "550").len()
+    );
+    assert!(
+        checked_range.contains(&checked),
+        "Postfix checked {checked} unknown recipients:\n{log}\n{text}"
+    );
+    // And no valid one: each session's summary counts the RCPTs accepted.
+    assert_eq!(successes(&log, "rcpt"), 0, "a RCPT was accepted:\n{log}");
+}
+
+#[test]
+fn patator_smtp_rcpt_in_persistent_sessions_is_blocked_before_the_valid_users() {
+    let test = "patator_smtp_rcpt_in_persistent_sessions_is_blocked_before_the_valid_users";
+    if !tool_ready(test, "patator") {
+        return;
+    }
+    // Four sessions, MAIL/RCPT/RSET per guess: the first session past five
+    // failures in a row blocks the source (measured: 16 unknown recipients
+    // checked, 12 answered); at most the twenty-first failure of the
+    // source, and one more in flight in each other session.
+    patator_rcpt_is_blocked("1", 6..=24);
+}
+
+#[test]
+fn patator_smtp_rcpt_reconnecting_per_guess_is_blocked_by_the_source_count() {
+    let test = "patator_smtp_rcpt_reconnecting_per_guess_is_blocked_by_the_source_count";
+    if !tool_ready(test, "patator") {
+        return;
+    }
+    // A session per guess: only the count per source across sessions can
+    // catch it, at its twenty-first failure (measured: 22 checked, 20
+    // answered), one more in flight in each other session.
+    patator_rcpt_is_blocked("0", 21..=24);
+}
+
+#[test]
+fn patator_smtp_vrfy_gets_the_proxys_own_252_for_every_address() {
+    let test = "patator_smtp_vrfy_gets_the_proxys_own_252_for_every_address";
+    if !tool_ready(test, "patator") {
+        return;
+    }
+    let dir = WorkDir::new("patator");
+    let users = dir.list("users", &harvest_list());
+    let args = [
+        format!("user=FILE0@{}", postfix::DOMAIN),
+        format!("0={users}"),
+        "persistent=1".to_owned(),
+    ];
+
+    // Control: Postfix answers VRFY 252 for a valid user, 550 otherwise.
+    let bare = bare_postfix();
+    let (text, tried) = patator(&dir, "smtp_vrfy", bare.port(), &args);
+    assert_eq!(answered(&tried, "252"), late_users(), "{text}");
+    drop(bare);
+
+    // smtp.vrfy = "refuse" (the default): one answer for all, Postfix never
+    // asked; nothing was learnt, so nothing to block either.
+    let rig = rig(&[], HARVEST_LIMITS);
+    let (text, tried) = patator(&dir, "smtp_vrfy", rig.addr().port(), &args);
+    println!("patator smtp_vrfy (refuse):\n{text}");
+    assert_eq!(tried.len(), harvest_list().len(), "{text}");
+    assert!(
+        tried
+            .iter()
+            .all(|t| t.code == "252" && t.message == tried[0].message),
+        "answers differ:\n{text}"
+    );
+    let log = rig.log();
+    assert!(
+        log_lines(&log, "VRFY").is_empty() && !log.contains("vrfy="),
+        "VRFY reached Postfix:\n{log}"
+    );
+}
+
+#[test]
+fn patator_smtp_vrfy_relayed_is_blocked_before_the_valid_users() {
+    let test = "patator_smtp_vrfy_relayed_is_blocked_before_the_valid_users";
+    if !tool_ready(test, "patator") {
+        return;
+    }
+    let dir = WorkDir::new("patator");
+    let users = dir.list("users", &harvest_list());
+    let args = [
+        format!("user=FILE0@{}", postfix::DOMAIN),
+        format!("0={users}"),
+        "persistent=1".to_owned(),
+    ];
+    // smtp.vrfy = "relay": Postfix's 550s count as failed recipients
+    // (measured: the first session's sixth blocks, 6 checked, 5 answered).
+    let rig = rig_with_smtp(&[], "vrfy = \"relay\"", HARVEST_LIMITS);
+    let (text, tried) = patator(&dir, "smtp_vrfy", rig.addr().port(), &args);
+    println!("patator smtp_vrfy (relay):\n{text}");
+    assert!(
+        !answered(&tried, "550").is_empty(),
+        "patator got no answer from Postfix:\n{text}"
+    );
+    assert_eq!(
+        answered(&tried, "252"),
+        Vec::<String>::new(),
+        "patator found users:\n{text}"
+    );
+    assert_eq!(
+        rig.proxy.ctx.blocked("127.0.0.1".parse().unwrap()),
+        Some("harvest"),
+        "patator's source is not blocked:\n{text}"
+    );
+    let log = rig.log();
+    let checked = log_lines(&log, "reject: VRFY from").len();
+    println!("Postfix checked {checked} unknown addresses");
+    assert!(
+        (6..=24).contains(&checked),
+        "Postfix checked {checked} unknown addresses:\n{log}\n{text}"
+    );
+    assert_eq!(successes(&log, "vrfy"), 0, "a VRFY found a user:\n{log}");
+}
+
+/// Twelve wrong passwords, then alice's: a dictionary the right one is in.
+fn password_list(dir: &WorkDir) -> String {
+    let mut words: Vec<String> = (1..=12).map(|n| format!("wrong{n}")).collect();
+    words.push(USER.1.to_owned());
+    dir.list("passwords", &words)
+}
+
+/// Asserts that the rig blocked 127.0.0.1 for AUTH failures after Postfix
+/// checked between four and seven passwords (`max_failed_auth = 3`: the
+/// fourth failure blocks, at most one more in flight in each of the three
+/// other sessions), none of them right.
+#[track_caller]
+fn assert_auth_blocked(rig: &Rig, tool: &str, text: &str) {
+    assert_eq!(
+        rig.proxy.ctx.blocked("127.0.0.1".parse().unwrap()),
+        Some("auth"),
+        "{tool}'s source is not blocked:\n{text}"
+    );
+    let log = rig.log();
+    let checked = log_lines(&log, "authentication failed").len();
+    println!("Postfix checked {checked} of {tool}'s AUTH attempts");
+    assert!(
+        (4..=7).contains(&checked),
+        "Postfix checked {checked} AUTH attempts:\n{log}\n{text}"
+    );
+    assert_eq!(successes(&log, "auth"), 0, "an AUTH succeeded:\n{log}");
+}
+
+#[test]
+fn patator_smtp_login_is_blocked_before_it_reaches_the_right_password() {
+    let test = "patator_smtp_login_is_blocked_before_it_reaches_the_right_password";
+    if !tool_ready(test, "patator") {
+        return;
+    }
+    let dir = WorkDir::new("patator");
+    let passwords = password_list(&dir);
+    let args = [
+        format!("user={}", USER.0),
+        "password=FILE0".to_owned(),
+        format!("0={passwords}"),
+        "persistent=1".to_owned(),
+    ];
+
+    let bare = bare_postfix();
+    let (text, tried) = patator(&dir, "smtp_login", bare.port(), &args);
+    assert_eq!(answered(&tried, "235"), vec![USER.1.to_owned()], "{text}");
+    drop(bare);
+
+    // smtplib tries PLAIN, then LOGIN, for each password: the second
+    // password's PLAIN is the fourth failure (measured: 4 checked).
+    let rig = rig(&[], "max_failed_auth = 3\n");
+    let (text, tried) = patator(&dir, "smtp_login", rig.addr().port(), &args);
+    println!("patator smtp_login:\n{text}");
+    assert_eq!(
+        answered(&tried, "235"),
+        Vec::<String>::new(),
+        "patator found the password:\n{text}"
+    );
+    assert_auth_blocked(&rig, "patator", &text);
+}
+
+/// Medusa's `smtp` module against `port` with `mechanism` (`None`: the
+/// module's own choice, LOGIN with this Postfix): four logins at once, stop
+/// at the first find.
+fn medusa(dir: &WorkDir, port: u16, mechanism: Option<&str>) -> String {
+    let mut args: Vec<String> = [
+        "-h",
+        "127.0.0.1",
+        "-u",
+        USER.0,
+        "-P",
+        &password_list(dir),
+        "-M",
+        "smtp",
+        "-t",
+        "4",
+        "-f",
+        "-n",
+        &port.to_string(),
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .collect();
+    if let Some(mechanism) = mechanism {
+        args.extend(["-m".to_owned(), format!("AUTH:{mechanism}")]);
+    }
+    run_tool(dir, "medusa", &args)
+}
+
+/// Medusa's find line (a refusal it could not read is also `ACCOUNT
+/// FOUND: … [ERROR]`, not a find).
+fn medusa_found(text: &str) -> bool {
+    text.lines()
+        .any(|l| l.starts_with("ACCOUNT FOUND:") && l.ends_with("[SUCCESS]"))
+}
+
+/// Medusa found alice's password without the proxy, and is blocked by it.
+fn medusa_is_blocked(mechanism: Option<&str>) {
+    let dir = WorkDir::new("medusa");
+    let bare = bare_postfix();
+    let text = medusa(&dir, bare.port(), mechanism);
+    assert!(
+        medusa_found(&text) && text.contains(&format!("Password: {} [SUCCESS]", USER.1)),
+        "{text}"
+    );
+    drop(bare);
+
+    let rig = rig(&[], "max_failed_auth = 3\n");
+    let text = medusa(&dir, rig.addr().port(), mechanism);
+    println!("medusa ({mechanism:?}):\n{text}");
+    assert!(!medusa_found(&text), "medusa found the password:\n{text}");
+    assert_auth_blocked(&rig, "medusa", &text);
+}
+
+#[test]
+fn medusa_is_blocked_before_it_reaches_the_right_password() {
+    if !tool_ready(
+        "medusa_is_blocked_before_it_reaches_the_right_password",
+        "medusa",
+    ) {
+        return;
+    }
+    // Measured: 4 checked, then `421 4.7.0` (which medusa prints as
+    // `ACCOUNT FOUND: … Password: wrongN [ERROR]`).
+    medusa_is_blocked(None);
+}
+
+#[test]
+fn medusa_with_auth_plain_is_blocked_before_it_reaches_the_right_password() {
+    let test = "medusa_with_auth_plain_is_blocked_before_it_reaches_the_right_password";
+    if !tool_ready(test, "medusa") {
+        return;
+    }
+    // Medusa sends `AUTH PLAIN` alone and waits for `334 ` before its
+    // credentials: the proxy wrote an empty challenge as `334` (no space),
+    // and medusa gave up before any guess, never blocked.
+    medusa_is_blocked(Some("PLAIN"));
 }

@@ -77,6 +77,10 @@ fn apt_packages(llvm: u32) -> Vec<String> {
         "swaks".into(),
         // THC Hydra, the brute-force tool the red-team test runs.
         "hydra".into(),
+        // Patator and Medusa, the harvesting and brute-force tools the
+        // red-team tests run too.
+        "patator".into(),
+        "medusa".into(),
         // swaks' STARTTLS and implicit TLS (only recommended by its package).
         "libnet-ssleay-perl".into(),
         "openssl".into(),
@@ -566,6 +570,8 @@ fn not_debian(why: &str, llvm: u32, packages: &[String]) -> Result<()> {
         "postfix",
         "swaks",
         "hydra",
+        "patator",
+        "medusa",
         "python3",
         "slapd",
         "slapadd",

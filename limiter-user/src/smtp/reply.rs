@@ -147,7 +147,9 @@ impl Reply {
             out.extend_from_slice(&code);
             if !last {
                 out.push(b'-');
-            } else if !text.is_empty() {
+            } else if !text.is_empty() || code == *b"334" {
+                // A SASL challenge keeps its space even when empty (RFC
+                // 4954: `"334" SP [base64]`); strict clients wait for it.
                 out.push(b' ');
             }
             out.extend(
@@ -828,6 +830,12 @@ mod tests {
             b"250-mx\r\n250-PIPELINING\r\n250 SIZE 10\r\n"
         );
         assert_eq!(Reply::new(354, "").to_bytes(), b"354\r\n");
+        // An empty SASL challenge keeps its space (RFC 4954).
+        assert_eq!(Reply::new(334, "").to_bytes(), b"334 \r\n");
+        assert_eq!(
+            Reply::new(334, "VXNlcm5hbWU6").to_bytes(),
+            b"334 VXNlcm5hbWU6\r\n"
+        );
         let empty = Reply {
             code: 250,
             lines: vec![],

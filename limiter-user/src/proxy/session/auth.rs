@@ -19,7 +19,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Input::Line(answer) if check_sasl_response(&answer).is_ok() => answer,
                 Input::Line(_) | Input::TooLong | Input::Nul => b"*".to_vec(),
                 Input::Closed | Input::Timeout | Input::Shutdown | Input::Blocked | Input::Shed => {
-                    return Ok(Flow::Close)
+                    // The backend waits for the answer to its challenge:
+                    // the QUIT the session's end sends would be read as the
+                    // client's credentials (Postfix logs an authentication
+                    // failure for the client). Drop the connection, as the
+                    // client dropped its own.
+                    self.backend = None;
+                    return Ok(Flow::Close);
                 }
             };
             reply = match self.backend_command(&answer).await {
