@@ -18,6 +18,9 @@
 //!   network, each address under its own limits, was never blocked: now
 //!   its network is (`limits.max_failed_rcpt_per_network`,
 //!   `max_failed_auth_per_network`).
+//! * A bounce flood spread over a /24, every address under
+//!   `null_sender_rate` and with a HELO name of its own, went through
+//!   whole: now it is deferred past `null_sender_rate_per_network`.
 //! * Held against a real brute-force tool (THC Hydra, Debian's `hydra`, four
 //!   sessions at once): its guesses stop at `max_failed_auth`, the right
 //!   password among them is never tried.
@@ -531,6 +534,75 @@ fn a_harvester_spread_over_its_network_gets_the_network_blocked() {
         1,
         "the 21st recipient reached Postfix once:\n{log}"
     );
+}
+
+/// Bounces (`MAIL FROM:<>`) from `source`, one session with a HELO name of
+/// its own (`mx.<source>.example.net`): each to alice, with a body; the
+/// replies to each MAIL (and, when it is accepted, the reply after the
+/// body).
+fn send_bounces(rig: &Rig, source: &str, count: usize) -> Vec<String> {
+    let (mut client, greeting) = rig.client(source);
+    assert!(greeting.starts_with("220 "), "{source}: {greeting}");
+    let helo = format!("EHLO mx.{}.example.net", source.replace('.', "-"));
+    assert!(client.cmd(&helo).unwrap().starts_with("250"));
+    let mut replies = Vec::new();
+    for _ in 0..count {
+        let mail = client.cmd("MAIL FROM:<>").unwrap();
+        let accepted = mail.starts_with("250 ");
+        replies.push(mail);
+        if !accepted {
+            continue;
+        }
+        assert!(client
+            .cmd("RCPT TO:<alice@example.com>")
+            .unwrap()
+            .starts_with("250 "));
+        assert!(client.cmd("DATA").unwrap().starts_with("354"));
+        replies.push(
+            client
+                .cmd("Subject: Undelivered Mail Returned to Sender\r\n\r\nbounce\r\n.")
+                .unwrap(),
+        );
+    }
+    replies
+}
+
+/// A bounce flood spread over the addresses of a /24, each under
+/// `null_sender_rate`, each with a HELO name of its own: past
+/// `null_sender_rate_per_network` every address of the network is
+/// deferred; nothing is blocked, and mail with a sender still flows.
+#[test]
+fn a_bounce_flood_spread_over_its_network_is_deferred_by_network() {
+    if !ready("a_bounce_flood_spread_over_its_network_is_deferred_by_network") {
+        return;
+    }
+    let rig = rig(
+        &[],
+        "null_sender_rate = \"3/1m\"\nnull_sender_rate_per_network = \"10/1m\"\n",
+    );
+    for host in 1..=5 {
+        let source = format!("127.0.7.{host}");
+        let replies = send_bounces(&rig, &source, 2);
+        assert!(
+            replies.iter().all(|r| r.starts_with("250 ")),
+            "{source}: {replies:?}"
+        );
+    }
+    // The eleventh bounce of the network, from a sixth address.
+    let replies = send_bounces(&rig, "127.0.7.6", 1);
+    assert!(replies[0].starts_with("450 4.7.1 "), "{replies:?}");
+    assert_eq!(rig.proxy.ctx.blocked("127.0.7.6".parse().unwrap()), None);
+    // Mail with a sender from the network, and bounces from the next
+    // network, go through.
+    let replies = try_recipients(&rig, "127.0.7.6", &["alice@example.com"]);
+    assert!(replies[0].starts_with("250 "), "{replies:?}");
+    let replies = send_bounces(&rig, "127.0.8.1", 1);
+    assert!(replies.iter().all(|r| r.starts_with("250 ")), "{replies:?}");
+    // Postfix took the ten bounces of the network and the one from beside
+    // it, no more.
+    let log = rig.log();
+    let bounces = log_lines(&log, "from=<>,").len();
+    assert_eq!(bounces, 11, "bounces Postfix queued:\n{log}");
 }
 
 #[test]

@@ -59,6 +59,12 @@ pub struct Limits {
     pub network_ipv6_prefix: u8,
     /// Most null-sender (`MAIL FROM:<>`) messages per source (NDR floods).
     pub null_sender_rate: Rate,
+    /// Most null-sender messages from all the sources of one network
+    /// (`network_ipv4_prefix`, `network_ipv6_prefix`): a bounce flood spread
+    /// over a /24, each address under `null_sender_rate`. Over it `450
+    /// 4.7.1`, never a block (a network's legitimate servers send bounces
+    /// too; they retry). A count of 0 = off.
+    pub null_sender_rate_per_network: Rate,
     /// Length of a first block.
     #[serde(with = "duration_serde")]
     pub block_duration: Duration,
@@ -92,6 +98,10 @@ impl Default for Limits {
             network_ipv6_prefix: 48,
             null_sender_rate: Rate {
                 count: 20,
+                per: Duration::from_secs(60),
+            },
+            null_sender_rate_per_network: Rate {
+                count: 200,
                 per: Duration::from_secs(60),
             },
             block_duration: Duration::from_secs(30 * 60),
@@ -154,6 +164,13 @@ impl Limits {
             return Err(invalid(
                 "limits.null_sender_rate",
                 "the period must be greater than zero",
+            ));
+        }
+        let per_network = limits.null_sender_rate_per_network;
+        if per_network.count > 0 && per_network.per.is_zero() {
+            return Err(invalid(
+                "limits.null_sender_rate_per_network",
+                "the period must be greater than zero (a count of 0 turns the limit off)",
             ));
         }
         if limits.block_duration.is_zero() {
@@ -366,6 +383,10 @@ pub const LIVE_LIMITS: &[LiveLimit] = &[
     live_limit!(
         null_sender_rate,
         "MAIL FROM:<> per source and per HELO name; over it 450 4.7.1, twice over it a block"
+    ),
+    live_limit!(
+        null_sender_rate_per_network,
+        "MAIL FROM:<> from all sources of one network; over it 450 4.7.1, never a block (0/1m = off)"
     ),
     live_limit!(block_duration, "length of a first block"),
     live_limit!(
@@ -581,6 +602,11 @@ mod tests {
             ("failed_auth_window", "0s", "limits.failed_auth_window: "),
             ("null_sender_rate", "20", "null_sender_rate = \"20\""),
             ("null_sender_rate", "0/1m", "limits.null_sender_rate: "),
+            (
+                "null_sender_rate_per_network",
+                "5/0s",
+                "limits.null_sender_rate_per_network: ",
+            ),
             ("max_connection", "1", "unknown limit \"max_connection\": use one of max_connections_per_source, ipv6_prefix, "),
             ("source", "1", "unknown limit \"source\""),
         ] {

@@ -141,6 +141,9 @@ struct HeloRules {
 struct MailRules {
     /// `null_sender_rate`, per source and per HELO name.
     null_sender_rate: Rate,
+    /// `null_sender_rate_per_network`, per [`Policy::source_network`];
+    /// a count of 0 = off.
+    null_sender_rate_per_network: Rate,
 }
 
 /// RCPT stage.
@@ -232,6 +235,7 @@ impl Policy {
             },
             mail: MailRules {
                 null_sender_rate: limits.null_sender_rate,
+                null_sender_rate_per_network: limits.null_sender_rate_per_network,
             },
             rcpt: RcptRules {
                 relay: config.relay.patterns().into_iter().collect(),
@@ -490,7 +494,8 @@ impl Policy {
     ///
     /// Only null-sender MAILs are limited, per source and per HELO name, at
     /// `limits.null_sender_rate` (see the [module docs](self) for the
-    /// escalation to a block).
+    /// escalation to a block), and per network at
+    /// `limits.null_sender_rate_per_network` (deferred, never blocked).
     pub fn mail_from(
         &self,
         state: &PolicyState,
@@ -512,6 +517,8 @@ impl Policy {
         let keep = usize::try_from(block_at + 1).unwrap_or(usize::MAX);
         let key = self.source_key(source);
         let helo = helo.map(state::helo_key).filter(|h| !h.is_empty());
+        let network_rate = self.mail.null_sender_rate_per_network;
+        let network = (network_rate.count > 0).then(|| self.source_network(source));
         let (verdict, blocked) = state.with(|tables| {
             let by_source = tables
                 .null_by_source
@@ -522,6 +529,15 @@ impl Policy {
                     .null_by_helo
                     .touch(name, Default::default)
                     .record(now, rate.per, keep)
+            });
+            let network_keep = usize::try_from(network_rate.count).map_or(usize::MAX, |n| n + 1);
+            let by_network = network.map(|net| {
+                let count = tables.null_by_network.touch(&net, Default::default).record(
+                    now,
+                    network_rate.per,
+                    network_keep,
+                );
+                (net, count)
             });
             let rejection = |scope, count, action, block| {
                 MailVerdict::Reject(Rejection {
@@ -550,6 +566,18 @@ impl Policy {
                 (verdict, true)
             } else if by_source > limit {
                 let verdict = rejection(RateScope::Source, by_source, Action::DeferCommand, None);
+                (verdict, false)
+            } else if let Some((net, count)) = by_network.filter(|(_, n)| *n > network_rate.count) {
+                let verdict = MailVerdict::Reject(Rejection {
+                    reason: Reason::NullSenderRate {
+                        scope: RateScope::Network(net),
+                        count,
+                        limit: network_rate.count,
+                        per: network_rate.per,
+                    },
+                    action: Action::DeferCommand,
+                    block: None,
+                });
                 (verdict, false)
             } else if let (Some(name), Some(count)) = (helo, by_helo) {
                 if count > limit {

@@ -184,6 +184,8 @@ pub(super) struct Tables {
     pub(super) null_by_source: Lru<IpNet, Window>,
     /// Null-sender MAIL times per lower-cased HELO name.
     pub(super) null_by_helo: Lru<String, Window>,
+    /// Null-sender MAIL times per network ([`Policy::source_network`]).
+    pub(super) null_by_network: Lru<IpNet, Window>,
     /// Past blocks per source key, for the backoff.
     history: Lru<IpNet, BlockRecord>,
     capacity: usize,
@@ -254,6 +256,7 @@ impl PolicyState {
                 filter_rejects: Lru::new(capacity),
                 null_by_source: Lru::new(capacity),
                 null_by_helo: Lru::new(capacity),
+                null_by_network: Lru::new(network_capacity(capacity)),
                 history: Lru::new(capacity),
                 capacity,
             }),
@@ -374,6 +377,9 @@ impl PolicyState {
             + tables
                 .null_by_helo
                 .retain(live(now, policy.window(CountKind::NullSender)))
+            + tables
+                .null_by_network
+                .retain(live(now, policy.mail.null_sender_rate_per_network.per))
             + tables
                 .history
                 .retain(|_, record| !record.forgotten(now, memory))

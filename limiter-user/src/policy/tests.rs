@@ -473,6 +473,80 @@ fn null_sender_rate_per_source_defers_then_blocks() {
 }
 
 #[test]
+fn null_sender_rate_per_network_spans_the_sources_of_a_network() {
+    let policy = policy(
+        "[limits]\nnull_sender_rate = \"3/1m\"\nnull_sender_rate_per_network = \"10/1m\"\n\n[lists]\nallow = [\"198.51.100.250\"]",
+    );
+    let state = state();
+    let t0 = Instant::now();
+    // Five addresses of one /24, two bounces each, every one under its own
+    // rate (3), each with a HELO name of its own: ten in all, the limit.
+    for i in 1..=5 {
+        let source = ip(&format!("198.51.100.{i}"));
+        let helo = format!("mx{i}.example.net");
+        for _ in 0..2 {
+            let decision = policy.mail_from(&state, source, Some(&helo), true, t0);
+            assert!(mail_refusal(decision).is_none(), "{source}");
+        }
+    }
+    // The eleventh from the network, a fresh address: deferred, not blocked.
+    let rejection =
+        mail_refusal(policy.mail_from(&state, ip("198.51.100.6"), None, true, t0)).unwrap();
+    assert_eq!(
+        rejection.reason,
+        Reason::NullSenderRate {
+            scope: RateScope::Network(net("198.51.100.0/24")),
+            count: 11,
+            limit: 10,
+            per: MIN
+        }
+    );
+    assert_eq!(rejection.action, Action::DeferCommand);
+    assert_eq!(rejection.block, None);
+    for i in 7..40 {
+        let source = ip(&format!("198.51.100.{i}"));
+        let rejection = mail_refusal(policy.mail_from(&state, source, None, true, t0)).unwrap();
+        assert_eq!(
+            rejection.block, None,
+            "a network is never blocked for bounces"
+        );
+    }
+    // Mail with a sender, the next /24, and the allow list are not limited;
+    // the window slides.
+    assert!(mail_refusal(policy.mail_from(&state, ip("198.51.100.7"), None, false, t0)).is_none());
+    assert!(mail_refusal(policy.mail_from(&state, ip("198.51.101.1"), None, true, t0)).is_none());
+    assert!(mail_refusal(policy.mail_from(&state, ip("198.51.100.250"), None, true, t0)).is_none());
+    assert!(
+        mail_refusal(policy.mail_from(&state, ip("198.51.100.8"), None, true, t0 + MIN)).is_none()
+    );
+    // IPv6: the /64s of one /48 are one network.
+    for i in 1..=10 {
+        let source = ip(&format!("2001:db8:77:{i:x}::1"));
+        assert!(mail_refusal(policy.mail_from(&state, source, None, true, t0)).is_none());
+    }
+    let rejection =
+        mail_refusal(policy.mail_from(&state, ip("2001:db8:77:ff::1"), None, true, t0)).unwrap();
+    assert_eq!(
+        rejection.reason,
+        Reason::NullSenderRate {
+            scope: RateScope::Network(net("2001:db8:77::/48")),
+            count: 11,
+            limit: 10,
+            per: MIN
+        }
+    );
+    // A count of 0 turns it off.
+    let off = self::policy(
+        "[limits]\nnull_sender_rate = \"3/1m\"\nnull_sender_rate_per_network = \"0/1m\"",
+    );
+    let state = self::state();
+    for i in 1..=50 {
+        let source = ip(&format!("198.51.100.{i}"));
+        assert!(mail_refusal(off.mail_from(&state, source, None, true, t0)).is_none());
+    }
+}
+
+#[test]
 fn null_sender_rate_per_helo_spans_sources() {
     let policy = policy("[limits]\nnull_sender_rate = \"2/1m\"");
     let state = state();
@@ -967,9 +1041,10 @@ fn sweep_drops_what_has_aged_out() {
     let _ = policy.mail_from(&state, source, Some("h"), true, t0);
     let _ = state.block(&policy, source, Origin::Manual, t0);
     assert_eq!(state.sweep(&policy, t0 + MIN / 2), 0);
-    // Null-sender windows (1m) have expired, the AUTH ones (10m: the
-    // source's and its network's) not yet.
-    assert_eq!(state.sweep(&policy, t0 + MIN), 2);
+    // Null-sender windows (1m: the source's, its HELO name's, its
+    // network's) have expired, the AUTH ones (10m: the source's and its
+    // network's) not yet.
+    assert_eq!(state.sweep(&policy, t0 + MIN), 3);
     assert_eq!(state.sweep(&policy, t0 + 10 * MIN), 2);
     // History: 30m block + 1h memory.
     assert_eq!(state.sweep(&policy, t0 + 89 * MIN), 0);

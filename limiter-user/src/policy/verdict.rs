@@ -72,6 +72,8 @@ pub enum RateScope {
     Source,
     /// The HELO/EHLO name the session announced (lower-cased).
     Helo(String),
+    /// The source's network (`network_ipv4_prefix`, `network_ipv6_prefix`).
+    Network(IpNet),
 }
 
 /// Why something was refused. [`Reason::name`] is the stable label for logs
@@ -262,6 +264,7 @@ impl fmt::Display for Reason {
                 let scope = match scope {
                     RateScope::Source => "source".to_owned(),
                     RateScope::Helo(helo) => format!("HELO {helo:?}"),
+                    RateScope::Network(net) => format!("network {net}"),
                 };
                 write!(
                     f,
