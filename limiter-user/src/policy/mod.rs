@@ -52,7 +52,9 @@
 //! in the same window the source is blocked (reason `flood`) and the
 //! session closed with `421`. The per-HELO counter (the same rate, shared
 //! by every source announcing the name) only ever refuses with `450`: a name
-//! is not an address to block.
+//! is not an address to block. So does the per-network counter
+//! (`null_sender_rate_per_network`, every source of the network): its
+//! legitimate servers send bounces too.
 //!
 //! Relay rules with an empty `relay.accept`: the proxy checks nothing and
 //! lets the backend decide every recipient ([`RcptVerdict::Unchecked`]). The
