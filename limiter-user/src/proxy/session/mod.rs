@@ -59,7 +59,7 @@ use pipeline::{Pipeline, Step};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     sync::watch,
-    time::timeout,
+    time::{timeout, timeout_at},
 };
 
 use super::{
@@ -826,6 +826,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let settings = self.settings.clone();
         let smtp = &settings.smtp;
         let shed = self.registration.as_ref().map(|r| r.entry.clone());
+        // The wait is measured from here: a wake-up that is not for this
+        // session (another source's block) must not start it afresh, or a
+        // zombie would live as long as anything gets blocked often enough.
+        let waiting_since = tokio::time::Instant::now();
         loop {
             // Under stress, a session without a MAIL gets a short timeout.
             let stress = !self.mail_accepted
@@ -836,6 +840,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             } else {
                 smtp.command_timeout
             };
+            let deadline = waiting_since + limit;
             if let Some(input) = self.buffered_input() {
                 return input;
             }
@@ -853,7 +858,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 entry.set_idle(true);
             }
             let read = tokio::select! {
-                read = timeout(limit, client.read_buf(&mut self.input)) => match read {
+                read = timeout_at(deadline, client.read_buf(&mut self.input)) => match read {
                     Ok(Ok(0)) | Ok(Err(_)) => Some(Input::Closed),
                     Ok(Ok(_)) => None,
                     Err(_) => {

@@ -498,6 +498,65 @@ async fn a_harvester_gets_421_and_its_source_is_blocked() {
     assert_eq!(backend.lines().last().map(String::as_str), Some("QUIT"));
 }
 
+/// Blocks of other sources wake every waiting session; they must not
+/// restart its wait. Otherwise a zombie stays forever, as long as anything
+/// is blocked more often than `command_timeout` (an attacker can see to
+/// that with a throwaway harvester).
+#[tokio::test(start_paused = true)]
+async fn blocks_of_other_sources_do_not_restart_a_waiting_sessions_timeout() {
+    let mut h = Harness::start();
+    h.ehlo().await;
+    let limit = h.ctx.settings().smtp.command_timeout;
+    let started = tokio::time::Instant::now();
+    let step = limit / 4;
+    let mut reply = None;
+    for i in 0..16u32 {
+        let other = std::net::Ipv4Addr::from(0xcb00_7100 + i); // 203.0.113.0 + i
+        h.ctx.blocked_nets.send(IpAddr::V4(other).into()).unwrap();
+        if let Ok(r) = tokio::time::timeout(step, h.client.reply()).await {
+            reply = Some(r);
+            break;
+        }
+    }
+    let reply = reply.expect("the session outlived four times its command timeout");
+    assert_code(&reply, 421, (4, 4, 2));
+    let waited = started.elapsed();
+    assert!(
+        waited >= limit && waited < limit + Duration::from_secs(1),
+        "{waited:?}"
+    );
+}
+
+/// A command line trickled a byte at a time is one command: it must be
+/// complete within `command_timeout` of the wait's start (RFC 5321's
+/// server timeout is per command), not within that of the last byte.
+#[tokio::test(start_paused = true)]
+async fn a_command_trickled_a_byte_at_a_time_is_cut_at_the_command_timeout() {
+    let mut h = Harness::start();
+    h.ehlo().await;
+    let limit = h.ctx.settings().smtp.command_timeout;
+    let started = tokio::time::Instant::now();
+    let mut reply = None;
+    for byte in "NOOP this is a long line, sent slowly"
+        .chars()
+        .cycle()
+        .take(64)
+    {
+        h.client.send(&byte.to_string()).await;
+        if let Ok(r) = tokio::time::timeout(limit / 4, h.client.reply()).await {
+            reply = Some(r);
+            break;
+        }
+    }
+    let reply = reply.expect("the trickling client outlived its command timeout");
+    assert_code(&reply, 421, (4, 4, 2));
+    let waited = started.elapsed();
+    assert!(
+        waited >= limit && waited < limit + Duration::from_secs(1),
+        "{waited:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_waiting_session_ends_even_when_its_block_notice_was_lost_in_a_burst() {
     let mut h = Harness::start();
