@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod capabilities;
 pub mod identity;
+pub mod notices;
 pub mod session;
 pub mod shed;
 pub mod slots;
@@ -230,9 +231,10 @@ pub struct ProxyContext {
     /// certificate needs no restart).
     tls: std::sync::RwLock<Option<TlsAcceptor>>,
     pub stats: ProxyStats,
-    /// Every new block, so that the blocked source's other sessions end at
-    /// once instead of lingering (the kernel drops their packets).
-    pub blocked_nets: tokio::sync::broadcast::Sender<ipnet::IpNet>,
+    /// The open sessions by client, so that a new block ends the blocked
+    /// source's sessions at once instead of letting them linger (the kernel
+    /// drops their packets).
+    pub block_notices: Arc<notices::BlockNotices>,
     /// Valid recipients from `[recipients.ldap]`, if configured.
     pub recipients: Option<Arc<crate::recipients::Recipients>>,
     /// Content scanners from `[filters]`, if any is configured.
@@ -270,7 +272,7 @@ impl ProxyContext {
             blocks: Blocks::with_capacity(config.state.max_blocks),
             tls: std::sync::RwLock::new(tls),
             stats: ProxyStats::default(),
-            blocked_nets: tokio::sync::broadcast::channel(256).0,
+            block_notices: Arc::default(),
             recipients: crate::recipients::start(config),
             filters: crate::filters::Filters::from_config(&config.filters)
                 .map_err(|e| anyhow::anyhow!("filters.rspamd.url: {e}"))?,
@@ -382,7 +384,7 @@ impl ProxyContext {
         let net = block.net;
         let pushed = self.kernel.block(net, block.expires, block.origin);
         self.blocks.insert_marked(block, pushed.is_ok());
-        let _ = self.blocked_nets.send(net);
+        self.block_notices.notify(net);
         pushed
     }
 

@@ -64,6 +64,7 @@ use tokio::{
 
 use super::{
     backend::{Backend, BackendError},
+    notices::Subscription,
     shed::Registration,
     tls::ClientStream,
     ProxyContext,
@@ -196,10 +197,9 @@ pub struct Session<S> {
     /// This listener offers STARTTLS.
     starttls: bool,
     shutdown: watch::Receiver<bool>,
-    blocked_nets: tokio::sync::broadcast::Receiver<ipnet::IpNet>,
-    /// A block of this source was put in force while the session was busy
-    /// (see [`Self::source_blocked`]).
-    blocked: bool,
+    /// Blocks of this session's client, put in force anywhere since it
+    /// began (see [`Self::source_blocked`]).
+    block_notice: Subscription,
     summary: SessionSummary,
     /// A 421 went out: the session ends after this command.
     closing: bool,
@@ -246,7 +246,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         connection: ConnectionGuard,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        let blocked_nets = ctx.blocked_nets.subscribe();
+        let block_notice = ctx.block_notices.subscribe(peer.ip());
         let registration = Some(ctx.sessions.register());
         let settings = ctx.settings();
         Self {
@@ -263,8 +263,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             counters: SessionCounters::default(),
             starttls,
             shutdown,
-            blocked_nets,
-            blocked: false,
+            block_notice,
             summary: SessionSummary::default(),
             closing: false,
             errors: 0,
@@ -784,19 +783,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// together (a burst of AUTHs, a pipelined group) asks here before each
     /// of them, so that a client with several sessions open gets no answer
     /// once any of them, or anything else, had it blocked.
-    fn source_blocked(&mut self) -> bool {
-        use tokio::sync::broadcast::error::TryRecvError;
-        while !self.blocked {
-            match self.blocked_nets.try_recv() {
-                Ok(net) => self.blocked = net.contains(&self.peer.ip()),
-                // Notices were missed: the table knows.
-                Err(TryRecvError::Lagged(_)) => {
-                    self.blocked = self.ctx.blocked(self.source()).is_some();
-                }
-                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
-            }
-        }
-        self.blocked && self.blocks_apply()
+    fn source_blocked(&self) -> bool {
+        self.block_notice.listener.is_blocked() && self.blocks_apply()
     }
 
     /// Whether a block of the source ends this session: not in observe
@@ -826,6 +814,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let settings = self.settings.clone();
         let smtp = &settings.smtp;
         let shed = self.registration.as_ref().map(|r| r.entry.clone());
+        let notice = self.block_notice.listener.clone();
         // The wait is measured from here: a wake-up that is not for this
         // session (another source's block) must not start it afresh, or a
         // zombie would live as long as anything gets blocked often enough.
@@ -870,18 +859,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 },
                 () = shed_order => Some(Input::Shed),
                 _ = self.shutdown.changed() => Some(Input::Shutdown),
-                blocked = self.blocked_nets.recv() => {
-                    use tokio::sync::broadcast::error::RecvError;
-                    let ours = match blocked {
-                        Ok(net) => net.contains(&self.peer.ip()),
-                        // Notices were missed (a burst of blocks): the
-                        // table knows whether one was this source's.
-                        Err(RecvError::Lagged(_)) => self.ctx.blocked(self.source()).is_some(),
-                        Err(RecvError::Closed) => false,
-                    };
-                    self.blocked |= ours;
-                    (ours && self.blocks_apply()).then_some(Input::Blocked)
-                },
+                // A block that does not end the session (observe mode, an
+                // allow-listed client) is heard once, not on every turn.
+                () = async {
+                    if notice.is_blocked() {
+                        std::future::pending().await
+                    } else {
+                        notice.blocked().await
+                    }
+                } => self.blocks_apply().then_some(Input::Blocked),
             };
             if let Some(entry) = &shed {
                 entry.set_idle(false);
