@@ -52,6 +52,17 @@ fn tc(k: &TestKernel, frame: &Frame) -> u32 {
         .0
 }
 
+/// The real programs with their maps pinned under `pins`, the default
+/// sizes and a cap of 10.
+fn pinned_at(pins: &PinDir) -> KernelOptions {
+    KernelOptions {
+        object: ebpf_object(),
+        pin_path: pins.path().to_owned(),
+        map_sizes: MapSizes::default(),
+        limits: limits(10),
+    }
+}
+
 /// Sets the kernel's connection count for `source` (its configured prefix
 /// for IPv6), as the sock_ops program would after `count` handshakes.
 fn set_connections(k: &TestKernel, source: IpAddr, count: u32) {
@@ -1100,12 +1111,7 @@ fn pinned_maps_survive_a_restart_and_one_agent_holds_a_pin_path() {
         return;
     }
     let pins = PinDir::new();
-    let options = KernelOptions {
-        object: ebpf_object(),
-        pin_path: pins.path().to_owned(),
-        map_sizes: MapSizes::default(),
-        limits: limits(10),
-    };
+    let options = pinned_at(&pins);
     let first = BpfDatapath::load(&options).unwrap();
     first
         .block(net("192.0.2.200/32"), None, Reason::Harvest)
@@ -1148,12 +1154,7 @@ fn pins_without_the_fine_prefilters_are_upgraded_in_place() {
         return;
     }
     let pins = PinDir::new();
-    let options = KernelOptions {
-        object: ebpf_object(),
-        pin_path: pins.path().to_owned(),
-        map_sizes: MapSizes::default(),
-        limits: limits(10),
-    };
+    let options = pinned_at(&pins);
     let first = BpfDatapath::load(&options).unwrap();
     for n in ["198.51.100.0/24", "198.51.0.0/20", "2001:db8:bad:7::/64"] {
         first.block(net(n), None, Reason::Harvest).unwrap();
@@ -1311,14 +1312,9 @@ fn pins_of_an_older_layout_are_refused_with_what_to_do() {
         );
     };
     let load = |pins: &PinDir| {
-        BpfDatapath::load(&KernelOptions {
-            object: ebpf_object(),
-            pin_path: pins.path().to_owned(),
-            map_sizes: MapSizes::default(),
-            limits: limits(10),
-        })
-        .err()
-        .expect("stale pins are refused")
+        BpfDatapath::load(&pinned_at(pins))
+            .err()
+            .expect("stale pins are refused")
     };
     // What an agent of the older layout left: BLOCK keyed by 16 bytes.
     let old = PinDir::new();

@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod capabilities;
 pub mod identity;
+mod latch;
 pub mod notices;
 pub mod session;
 pub mod shed;

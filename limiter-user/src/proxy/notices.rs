@@ -12,14 +12,12 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex, MutexGuard,
-    },
+    sync::{Arc, Mutex, MutexGuard},
 };
 
 use ipnet::IpNet;
-use tokio::sync::Notify;
+
+use super::latch::Latch;
 
 /// The open sessions, by client address.
 #[derive(Default)]
@@ -27,38 +25,8 @@ pub struct BlockNotices {
     sessions: Mutex<HashMap<IpAddr, Vec<Arc<Listener>>>>,
 }
 
-/// What one session hears.
-#[derive(Default)]
-pub struct Listener {
-    blocked: AtomicBool,
-    notify: Notify,
-}
-
-impl Listener {
-    /// Whether a block covering the session's client came since it
-    /// subscribed.
-    #[must_use]
-    pub fn is_blocked(&self) -> bool {
-        self.blocked.load(Ordering::Acquire)
-    }
-
-    /// Resolves once a block covers the session's client (at once if one
-    /// came already).
-    pub async fn blocked(&self) {
-        loop {
-            let notified = self.notify.notified();
-            if self.is_blocked() {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    fn mark(&self) {
-        self.blocked.store(true, Ordering::Release);
-        self.notify.notify_waiters();
-    }
-}
+/// What one session hears: set once a block covers its client.
+pub type Listener = Latch;
 
 /// A session's subscription; dropping it unsubscribes.
 pub struct Subscription {
@@ -87,7 +55,7 @@ impl BlockNotices {
     /// Subscribes a session of `client` (IPv4-mapped addresses as IPv4).
     pub fn subscribe(self: &Arc<Self>, client: IpAddr) -> Subscription {
         let client = client.to_canonical();
-        let listener = Arc::new(Listener::default());
+        let listener = Arc::new(Latch::default());
         self.lock()
             .entry(client)
             .or_default()
@@ -106,13 +74,13 @@ impl BlockNotices {
         let sessions = self.lock();
         if net.prefix_len() == net.max_prefix_len() {
             for listener in sessions.get(&net.addr()).into_iter().flatten() {
-                listener.mark();
+                listener.set();
             }
             return;
         }
         for (client, listeners) in sessions.iter() {
             if net.contains(client) {
-                listeners.iter().for_each(|l| l.mark());
+                listeners.iter().for_each(|l| l.set());
             }
         }
     }
@@ -146,14 +114,14 @@ mod tests {
         let v6 = notices.subscribe(ip("2001:db8:1:2::9"));
         let v6_other = notices.subscribe(ip("2001:db8:1:3::9"));
         notices.notify(net("192.0.2.1/32"));
-        assert!(a1.listener.is_blocked() && a2.listener.is_blocked());
-        assert!(!b.listener.is_blocked() && !c.listener.is_blocked());
+        assert!(a1.listener.is_set() && a2.listener.is_set());
+        assert!(!b.listener.is_set() && !c.listener.is_set());
         // An IPv4-mapped client is its IPv4 address; a network covers it.
         notices.notify(net("192.0.2.0/24"));
-        assert!(b.listener.is_blocked() && !c.listener.is_blocked());
+        assert!(b.listener.is_set() && !c.listener.is_set());
         // An IPv6 source's /64.
         notices.notify(net("2001:db8:1:2::/64"));
-        assert!(v6.listener.is_blocked() && !v6_other.listener.is_blocked());
+        assert!(v6.listener.is_set() && !v6_other.listener.is_set());
     }
 
     #[test]
@@ -174,11 +142,11 @@ mod tests {
         let notices = Arc::new(BlockNotices::default());
         let s = notices.subscribe(ip("192.0.2.1"));
         let listener = s.listener.clone();
-        let waiter = tokio::spawn(async move { listener.blocked().await });
+        let waiter = tokio::spawn(async move { listener.wait().await });
         tokio::task::yield_now().await;
         notices.notify(net("192.0.2.0/30"));
         waiter.await.unwrap();
         // Already blocked: no wait.
-        s.listener.blocked().await;
+        s.listener.wait().await;
     }
 }

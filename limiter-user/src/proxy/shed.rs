@@ -16,7 +16,7 @@ use std::{
     },
 };
 
-use tokio::sync::Notify;
+use super::latch::Latch;
 
 /// The sessions that could be shed, oldest first.
 #[derive(Default)]
@@ -36,8 +36,7 @@ pub struct Entry {
     /// Waiting for the client's next command.
     idle: AtomicBool,
     /// Told to close.
-    shed: AtomicBool,
-    notify: Notify,
+    shed: Latch,
 }
 
 impl Entry {
@@ -49,18 +48,12 @@ impl Entry {
     /// Whether the session was told to close.
     #[must_use]
     pub fn is_shed(&self) -> bool {
-        self.shed.load(Ordering::Acquire)
+        self.shed.is_set()
     }
 
     /// Resolves once the session is told to close.
     pub async fn shed(&self) {
-        loop {
-            let notified = self.notify.notified();
-            if self.is_shed() {
-                return;
-            }
-            notified.await;
-        }
+        self.shed.wait().await;
     }
 }
 
@@ -109,8 +102,7 @@ impl Sessions {
             return false;
         };
         if let Some(entry) = registry.by_age.remove(&id) {
-            entry.shed.store(true, Ordering::Release);
-            entry.notify.notify_waiters();
+            entry.shed.set();
         }
         true
     }

@@ -784,7 +784,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// of them, so that a client with several sessions open gets no answer
     /// once any of them, or anything else, had it blocked.
     fn source_blocked(&self) -> bool {
-        self.block_notice.listener.is_blocked() && self.blocks_apply()
+        self.block_notice.listener.is_set() && self.blocks_apply()
     }
 
     /// Whether a block of the source ends this session: not in observe
@@ -862,10 +862,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 // A block that does not end the session (observe mode, an
                 // allow-listed client) is heard once, not on every turn.
                 () = async {
-                    if notice.is_blocked() {
+                    if notice.is_set() {
                         std::future::pending().await
                     } else {
-                        notice.blocked().await
+                        notice.wait().await
                     }
                 } => self.blocks_apply().then_some(Input::Blocked),
             };

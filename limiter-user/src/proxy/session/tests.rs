@@ -498,6 +498,22 @@ async fn a_harvester_gets_421_and_its_source_is_blocked() {
     assert_eq!(backend.lines().last().map(String::as_str), Some("QUIT"));
 }
 
+/// `reply` is the command timeout's `421 4.4.2`, which came `limit` after
+/// `started` (within a second).
+fn assert_cut_at_the_command_timeout(
+    reply: Option<Reply>,
+    started: tokio::time::Instant,
+    limit: Duration,
+) {
+    let reply = reply.expect("the session outlived its command timeout");
+    assert_code(&reply, 421, (4, 4, 2));
+    let waited = started.elapsed();
+    assert!(
+        waited >= limit && waited < limit + Duration::from_secs(1),
+        "{waited:?}"
+    );
+}
+
 /// Blocks of other sources neither end a waiting session nor restart its
 /// wait. (They were broadcast to every session, and each wake-up started
 /// the wait afresh: a zombie stayed forever, as long as anything was
@@ -519,13 +535,7 @@ async fn blocks_of_other_sources_do_not_restart_a_waiting_sessions_timeout() {
             break;
         }
     }
-    let reply = reply.expect("the session outlived four times its command timeout");
-    assert_code(&reply, 421, (4, 4, 2));
-    let waited = started.elapsed();
-    assert!(
-        waited >= limit && waited < limit + Duration::from_secs(1),
-        "{waited:?}"
-    );
+    assert_cut_at_the_command_timeout(reply, started, limit);
 }
 
 /// A command line trickled a byte at a time is one command: it must be
@@ -549,13 +559,7 @@ async fn a_command_trickled_a_byte_at_a_time_is_cut_at_the_command_timeout() {
             break;
         }
     }
-    let reply = reply.expect("the trickling client outlived its command timeout");
-    assert_code(&reply, 421, (4, 4, 2));
-    let waited = started.elapsed();
-    assert!(
-        waited >= limit && waited < limit + Duration::from_secs(1),
-        "{waited:?}"
-    );
+    assert_cut_at_the_command_timeout(reply, started, limit);
 }
 
 #[tokio::test(start_paused = true)]
