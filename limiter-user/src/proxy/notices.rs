@@ -86,8 +86,8 @@ impl BlockNotices {
     }
 
     /// Clients with a session subscribed.
-    #[must_use]
-    pub fn clients(&self) -> usize {
+    #[cfg(test)]
+    fn clients(&self) -> usize {
         self.lock().len()
     }
 }
