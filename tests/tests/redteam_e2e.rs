@@ -210,17 +210,13 @@ fn a_client_gone_inside_a_sasl_exchange_is_no_authentication_failure_at_the_back
         assert!(reply.starts_with("334"), "{reply}");
         drop(client);
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let log = loop {
+    limiter_tests::tcp::wait_until(Duration::from_secs(10), || {
         let log = rig.log();
-        let ended = ["127.0.0.4", "127.0.0.5"]
+        ["127.0.0.4", "127.0.0.5"]
             .iter()
-            .all(|a| log_lines(&log, &format!("disconnect from unknown[{a}]")).len() == 1);
-        if ended || std::time::Instant::now() > deadline {
-            break log;
-        }
-        thread::sleep(Duration::from_millis(50));
-    };
+            .all(|a| log_lines(&log, &format!("disconnect from unknown[{a}]")).len() == 1)
+    });
+    let log = rig.log();
     for source in ["127.0.0.4", "127.0.0.5"] {
         let disconnect = log_lines(&log, &format!("disconnect from unknown[{source}]"));
         assert_eq!(
@@ -639,72 +635,32 @@ fn a_password_guesser_spread_over_its_network_gets_the_network_blocked() {
 
 #[test]
 fn hydra_is_blocked_before_it_reaches_the_right_password() {
-    let test = "hydra_is_blocked_before_it_reaches_the_right_password";
-    let hydra_missing = limiter_tests::clients::which("hydra")
-        .is_none()
-        .then(|| "hydra is not installed (`cargo xtask setup`)".to_owned());
-    if !ready(test) || !fixture::require(test, hydra_missing) {
+    if !tool_ready(
+        "hydra_is_blocked_before_it_reaches_the_right_password",
+        "hydra",
+    ) {
         return;
     }
     let rig = rig(&[], "max_failed_auth = 3\n");
-    // Twelve wrong passwords, then alice's: a dictionary the right one is in.
-    let dir = std::env::temp_dir().join(format!("smtp-limiter-hydra.{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let list = dir.join("passwords");
-    let mut words: Vec<String> = (1..=12).map(|n| format!("wrong{n}")).collect();
-    words.push(USER.1.to_owned());
-    std::fs::write(&list, words.join("\n") + "\n").unwrap();
+    let dir = WorkDir::new("hydra");
     // Four tasks (four sessions at once), stop at the first find, AUTH
-    // LOGIN (hydra's default); `timeout` ends a hydra that keeps retrying a
-    // server that refuses it.
+    // LOGIN (hydra's default).
     let port = rig.addr().port().to_string();
-    let out = std::process::Command::new("timeout")
-        .args(["120", "hydra", "-l", USER.0, "-P"])
-        .arg(&list)
-        .args(["-t", "4", "-f", "-I", "-s", &port, "127.0.0.1", "smtp"])
-        .current_dir(&dir)
-        .output()
-        .expect("run hydra");
-    let _ = std::fs::remove_dir_all(&dir);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("hydra (exit {:?}):\n{text}", out.status.code());
+    let args: Vec<String> = ["-l", USER.0, "-P", &password_list(&dir)]
+        .into_iter()
+        .chain(["-t", "4", "-f", "-I", "-s", &port, "127.0.0.1", "smtp"])
+        .map(str::to_owned)
+        .collect();
+    let text = run_tool(&dir, "hydra", &args);
+    println!("hydra:\n{text}");
     // Hydra's find line is `… login: alice   password: secret`.
     assert!(
         !text.contains(&format!("password: {}", USER.1)) && text.contains("0 valid password found"),
         "hydra found the password, or did not run:\n{text}"
     );
-    assert_eq!(
-        rig.proxy.ctx.blocked("127.0.0.1".parse().unwrap()),
-        Some("auth"),
-        "hydra's source is not blocked:\n{text}"
-    );
-    // Postfix checked the guesses up to the block (the fourth failure, and
-    // at most one more in flight in each other session), never alice's
-    // password (the thirteenth).
-    let log = rig.log();
-    let checked = log_lines(&log, "authentication failed").len();
-    println!("Postfix checked {checked} of hydra's passwords");
-    assert!(
-        (4..=7).contains(&checked),
-        "Postfix checked {checked} passwords:\n{log}\n{text}"
-    );
-    // Each session's summary (`disconnect from … auth=0/4 …`) counts the
-    // AUTHs that succeeded first: none did.
-    let succeeded: Vec<&str> = log_lines(&log, "disconnect from")
-        .into_iter()
-        .filter(|line| {
-            line.split_whitespace()
-                .any(|f| f.starts_with("auth=") && !f.starts_with("auth=0"))
-        })
-        .collect();
-    assert!(
-        succeeded.is_empty(),
-        "an AUTH succeeded: {succeeded:#?}\n{log}"
-    );
+    // Postfix checked the guesses up to the block, never alice's password
+    // (the thirteenth).
+    assert_auth_blocked(&rig, "hydra", &text);
 }
 
 // -- 6. More real tools: Patator and Medusa ------------------------------------
@@ -855,6 +811,18 @@ fn successes(log: &str, verb: &str) -> usize {
         .sum()
 }
 
+/// Patator's arguments for guessing [`harvest_list`] (written to `dir`) as
+/// local parts of the fixture's domain: in four persistent sessions
+/// (`persistent` "1") or a session per guess ("0").
+fn harvest_args(dir: &WorkDir, persistent: &str) -> [String; 3] {
+    let users = dir.list("users", &harvest_list());
+    [
+        format!("user=FILE0@{}", postfix::DOMAIN),
+        format!("0={users}"),
+        format!("persistent={persistent}"),
+    ]
+}
+
 /// The harvest limits of the patator tests: the defaults, spelt out.
 const HARVEST_LIMITS: &str = "max_failed_rcpt = 5\nmax_failed_rcpt_per_source = 20\n";
 
@@ -865,12 +833,7 @@ const HARVEST_LIMITS: &str = "max_failed_rcpt = 5\nmax_failed_rcpt_per_source = 
 /// number of unknown recipients within `checked_range`.
 fn patator_rcpt_is_blocked(persistent: &str, checked_range: std::ops::RangeInclusive<usize>) {
     let dir = WorkDir::new("patator");
-    let users = dir.list("users", &harvest_list());
-    let args = [
-        format!("user=FILE0@{}", postfix::DOMAIN),
-        format!("0={users}"),
-        format!("persistent={persistent}"),
-    ];
+    let args = harvest_args(&dir, persistent);
 
     // Control: without the proxy, patator finds the two late users.
     let bare = bare_postfix();
@@ -937,12 +900,7 @@ fn patator_smtp_vrfy_gets_the_proxys_own_252_for_every_address() {
         return;
     }
     let dir = WorkDir::new("patator");
-    let users = dir.list("users", &harvest_list());
-    let args = [
-        format!("user=FILE0@{}", postfix::DOMAIN),
-        format!("0={users}"),
-        "persistent=1".to_owned(),
-    ];
+    let args = harvest_args(&dir, "1");
 
     // Control: Postfix answers VRFY 252 for a valid user, 550 otherwise.
     let bare = bare_postfix();
@@ -976,12 +934,7 @@ fn patator_smtp_vrfy_relayed_is_blocked_before_the_valid_users() {
         return;
     }
     let dir = WorkDir::new("patator");
-    let users = dir.list("users", &harvest_list());
-    let args = [
-        format!("user=FILE0@{}", postfix::DOMAIN),
-        format!("0={users}"),
-        "persistent=1".to_owned(),
-    ];
+    let args = harvest_args(&dir, "1");
     // smtp.vrfy = "relay": Postfix's 550s count as failed recipients
     // (measured: the first session's sixth blocks, 6 checked, 5 answered).
     let rig = rig_with_smtp(&[], "vrfy = \"relay\"", HARVEST_LIMITS);

@@ -541,13 +541,15 @@ impl Policy {
                 );
                 (net, count)
             });
-            let rejection = |scope, count, action, block| {
+            // Over `over` (the source's and HELO name's rate, or the
+            // network's).
+            let rejection = |scope, count, over: Rate, action, block| {
                 MailVerdict::Reject(Rejection {
                     reason: Reason::NullSenderRate {
                         scope,
                         count,
-                        limit,
-                        per: rate.per,
+                        limit: over.count,
+                        per: over.per,
                     },
                     action,
                     block,
@@ -562,29 +564,38 @@ impl Policy {
                 let verdict = rejection(
                     RateScope::Source,
                     by_source,
+                    rate,
                     Action::DeferAndClose,
                     Some(order),
                 );
                 (verdict, true)
             } else if by_source > limit {
-                let verdict = rejection(RateScope::Source, by_source, Action::DeferCommand, None);
+                let verdict = rejection(
+                    RateScope::Source,
+                    by_source,
+                    rate,
+                    Action::DeferCommand,
+                    None,
+                );
                 (verdict, false)
             } else if let Some((net, count)) = by_network.filter(|(_, n)| *n > network_rate.count) {
-                let verdict = MailVerdict::Reject(Rejection {
-                    reason: Reason::NullSenderRate {
-                        scope: RateScope::Network(net),
-                        count,
-                        limit: network_rate.count,
-                        per: network_rate.per,
-                    },
-                    action: Action::DeferCommand,
-                    block: None,
-                });
+                let verdict = rejection(
+                    RateScope::Network(net),
+                    count,
+                    network_rate,
+                    Action::DeferCommand,
+                    None,
+                );
                 (verdict, false)
             } else if let (Some(name), Some(count)) = (helo, by_helo) {
                 if count > limit {
-                    let verdict =
-                        rejection(RateScope::Helo(name), count, Action::DeferCommand, None);
+                    let verdict = rejection(
+                        RateScope::Helo(name),
+                        count,
+                        rate,
+                        Action::DeferCommand,
+                        None,
+                    );
                     (verdict, false)
                 } else {
                     (MailVerdict::Accept, false)

@@ -56,8 +56,8 @@ pub const fn network_capacity(capacity: usize) -> usize {
 ///   window keeps at most `threshold + 1` times, so its memory is bounded
 ///   too. [`PolicyState::sweep`] drops entries that have aged out, for a
 ///   periodic tidy-up. The per-network windows hold a tenth as many keys
-///   ([`network_capacity`]): their thresholds are larger (100 times per key
-///   by default, about 2 KiB), and a network's window stays recent while its
+///   ([`network_capacity`]): their thresholds are larger (100 to 200 times
+///   per key by default, 2 to 3 KiB), and a network's window stays recent while its
 ///   sources keep failing, so only an attacker with more networks than the
 ///   table holds could push one out.
 pub struct PolicyState {
