@@ -137,6 +137,13 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         "Sessions closed under pressure, by reason (shed-idle, stress-timeout, too-many-commands, backend-slot-timeout).",
         &labelled(stats.shed(), "reason"),
     );
+    metric(
+        &mut out,
+        "early_backend_connections_total",
+        "counter",
+        "Backend connections opened at accept for recent senders (backend.early_connect), by outcome: used by the session, or closed unused.",
+        &labelled(stats.early_links(), "outcome"),
+    );
     let slots = ctx.backend_slots.counts();
     metric(
         &mut out,

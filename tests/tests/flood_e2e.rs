@@ -167,16 +167,7 @@ fn zombies(addr: SocketAddr) -> Vec<Client> {
 fn send_one(addr: SocketAddr) -> String {
     let mut c = Client::connect(addr, SENDER).expect("sender connects");
     expect(&c.reply().expect("greeting"), "220 ");
-    expect(&c.cmd("EHLO sender.test").expect("EHLO"), "250");
-    let mail = c.cmd("MAIL FROM:<someone@sender.test>").expect("MAIL");
-    if !mail.starts_with("250") {
-        return mail;
-    }
-    expect(&c.cmd("RCPT TO:<alice@example.com>").expect("RCPT"), "250 ");
-    expect(&c.cmd("DATA").expect("DATA"), "354 ");
-    let end = c
-        .cmd("Subject: during the flood\r\n\r\nStill flowing.\r\n.")
-        .expect("end of DATA");
+    let end = send_on(&mut c);
     let _ = c.cmd("QUIT");
     end
 }
@@ -259,6 +250,126 @@ fn with_the_backend_connected_at_accept_zombies_take_every_slot() {
     for z in &mut zombies {
         let _ = z.cmd("QUIT");
     }
+}
+
+/// Postfix's `disconnect from` lines for `source` so far.
+fn disconnects(postfix: &Postfix, source: IpAddr) -> Vec<String> {
+    postfix.flush_log().expect("Postfix's log");
+    let client = format!("[{source}] ");
+    postfix::log_lines(&postfix.log(), "]: disconnect from ")
+        .into_iter()
+        .filter(|line| line.contains(&client))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn a_recent_sender_gets_postfix_at_accept_and_holds_it_at_most_five_seconds_without_mail() {
+    // With `backend.early_connect = "recent-senders"` (the default) a
+    // source whose mail Postfix accepted has its backend connection opened
+    // while the proxy greets it. The attacker's question: can it turn that
+    // trust into zombies that hold Postfix's processes? No: an unclaimed
+    // connection is given back after 5 s and the source is forgotten, and
+    // sources that never delivered get none.
+    if !ready(
+        "a_recent_sender_gets_postfix_at_accept_and_holds_it_at_most_five_seconds_without_mail",
+    ) {
+        return;
+    }
+    let postfix = postfix();
+    let proxy = proxy(&postfix, "", "");
+    let slots = &proxy.ctx.backend_slots;
+    expect(&send_one(proxy.addr), "250 ");
+    assert!(wait_until(WAIT, || slots.in_use() == 0));
+
+    // The next session is connected at accept and its MAIL goes through
+    // that connection: the client's EHLO name and the whole transaction
+    // on it, one connection.
+    let before = disconnects(&postfix, SENDER).len();
+    let mut c = Client::connect(proxy.addr, SENDER).expect("sender connects");
+    expect(&c.reply().expect("greeting"), "220 ");
+    assert!(
+        wait_until(WAIT, || slots.in_use() == 1),
+        "no early connection"
+    );
+    expect(&send_on(&mut c), "250 ");
+    let _ = c.cmd("QUIT");
+    drop(c);
+    assert!(
+        wait_until(WAIT, || disconnects(&postfix, SENDER).len() == before + 1),
+        "{}",
+        postfix.log()
+    );
+    let last = disconnects(&postfix, SENDER).pop().unwrap();
+    assert!(
+        last.contains("ehlo=1 mail=1 rcpt=1 data=1"),
+        "one Postfix session carried it: {last}"
+    );
+
+    // The trusted source turns zombie: three sessions, EHLO, then silence.
+    let before = disconnects(&postfix, SENDER).len();
+    let mut held: Vec<Client> = (0..3)
+        .map(|_| {
+            let mut z = Client::connect(proxy.addr, SENDER).expect("connects");
+            expect(&z.reply().expect("greeting"), "220 ");
+            expect(&z.cmd("EHLO sender.test").expect("EHLO"), "250");
+            z
+        })
+        .collect();
+    assert!(wait_until(WAIT, || slots.in_use() >= 1));
+    // Zombies that never delivered get no connection beside them.
+    let mut strangers = zombies(proxy.addr);
+    let opened = Instant::now();
+    assert!(slots.in_use() <= 3, "{} slots", slots.in_use());
+    assert!(
+        wait_until(Duration::from_secs(10), || slots.in_use() == 0),
+        "early connections still held after {:?}",
+        opened.elapsed()
+    );
+    assert!(
+        opened.elapsed() < Duration::from_secs(7),
+        "{:?}",
+        opened.elapsed()
+    );
+    let quits = disconnects(&postfix, SENDER);
+    assert!(quits.len() > before, "{quits:?}");
+    for line in &quits[before..] {
+        assert!(line.contains(" quit=1 commands=1"), "only QUIT: {line}");
+    }
+    assert!(
+        !postfix.log().contains("[127.1."),
+        "a stranger reached Postfix"
+    );
+    // Forgotten: its next session waits for its MAIL like anyone's.
+    let mut next = Client::connect(proxy.addr, SENDER).expect("connects");
+    expect(&next.reply().expect("greeting"), "220 ");
+    expect(&next.cmd("EHLO sender.test").expect("EHLO"), "250");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(slots.in_use(), 0);
+    // The sessions are still the proxy's: their MAIL earns a connection.
+    expect(&send_on(&mut held[0]), "250 ");
+    for z in held.iter_mut().chain(strangers.iter_mut()) {
+        let _ = z.cmd("QUIT");
+    }
+    let early = proxy.ctx.stats.early_links();
+    assert_eq!(early[1].0, "used");
+    assert_eq!(early[1].1, 1, "{early:?}");
+    assert_eq!(early[0].0, "unused");
+    assert!(early[0].1 >= 1, "{early:?}");
+}
+
+/// A message to alice on a session past its greeting (EHLO first, again if
+/// it had one): the reply to its end of DATA, or the first refusal.
+fn send_on(c: &mut Client) -> String {
+    expect(&c.cmd("EHLO sender.test").expect("EHLO"), "250");
+    let mail = c.cmd("MAIL FROM:<someone@sender.test>").expect("MAIL");
+    if !mail.starts_with("250") {
+        return mail;
+    }
+    expect(&c.cmd("RCPT TO:<alice@example.com>").expect("RCPT"), "250 ");
+    expect(&c.cmd("DATA").expect("DATA"), "354 ");
+    c.cmd("Subject: during the flood\r\n\r\nStill flowing.\r\n.")
+        .expect("end of DATA")
 }
 
 /// Starts a Postfix that reads PROXY headers.

@@ -37,6 +37,11 @@ pub struct Backend {
     /// mode and `smtp.relay_verbs`; the proxy answers the greeting, EHLO,
     /// NOOP, RSET, HELP and QUIT itself) or `"on-connect"` (at accept).
     pub connect: BackendConnect,
+    /// With `"on-mail"`, whether a source that delivered a message recently
+    /// gets its backend connection opened at accept anyway, ahead of its
+    /// MAIL, while backend slots are plentiful (`"recent-senders"`, the
+    /// default; see [`crate::proxy::early`]) or never (`"off"`).
+    pub early_connect: EarlyConnect,
     /// Backend connections open at once, all sessions together (size it to
     /// about 80 % of the MTA's process limit: Postfix's
     /// `default_process_limit` is 100). A session that needs one while all
@@ -70,6 +75,17 @@ pub enum BackendConnect {
     OnConnect,
 }
 
+/// `backend.early_connect = "recent-senders" | "off"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EarlyConnect {
+    /// Sources that delivered a message within the last hour.
+    #[default]
+    RecentSenders,
+    /// Never: every backend connection is earned by the session itself.
+    Off,
+}
+
 impl Default for Backend {
     fn default() -> Self {
         Self {
@@ -86,6 +102,7 @@ impl Default for Backend {
                 "postmaster@example.com".into(),
             ],
             connect: BackendConnect::OnMail,
+            early_connect: EarlyConnect::RecentSenders,
             max_connections: 80,
             slot_wait: Duration::from_secs(10),
             fair_share_prefix_v4: 24,
@@ -167,6 +184,25 @@ mod tests {
             assert_eq!(Config::from_toml(&text).unwrap().backend.identity, want);
         }
         assert_unknown_variant(&[("[backend]\nidentity = \"proxy_v2\"", "identity")]);
+    }
+
+    #[test]
+    fn every_early_connect_parses() {
+        for (value, want) in [
+            ("recent-senders", EarlyConnect::RecentSenders),
+            ("off", EarlyConnect::Off),
+        ] {
+            let text = format!("[backend]\nearly_connect = \"{value}\"");
+            assert_eq!(
+                Config::from_toml(&text).unwrap().backend.early_connect,
+                want
+            );
+        }
+        assert_eq!(
+            Config::default().backend.early_connect,
+            EarlyConnect::RecentSenders
+        );
+        assert_unknown_variant(&[("[backend]\nearly_connect = \"always\"", "early_connect")]);
     }
 
     #[test]

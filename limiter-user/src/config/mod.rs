@@ -42,7 +42,7 @@ mod state;
 mod tls;
 mod values;
 
-pub use backend::{Backend, BackendConnect, Identity};
+pub use backend::{Backend, BackendConnect, EarlyConnect, Identity};
 pub use cluster::{Cluster, MAX_CLUSTER_NAME};
 pub use control::Control;
 pub use filters::{Clamav, Filters, OnFailure, Rspamd};

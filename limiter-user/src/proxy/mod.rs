@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod capabilities;
+pub mod early;
 pub mod identity;
 mod latch;
 pub mod notices;
@@ -53,6 +54,8 @@ pub struct Settings {
     pub auth_requires_tls: bool,
     /// When sessions get their backend connection (`backend.connect`).
     pub connect: BackendConnect,
+    /// Whether recent senders get theirs at accept (`backend.early_connect`).
+    pub early_connect: config::EarlyConnect,
     /// Longest wait for a backend slot (`backend.slot_wait`).
     pub slot_wait: std::time::Duration,
     /// How often the backend's capabilities are probed.
@@ -84,6 +87,7 @@ impl Settings {
             hostname,
             auth_requires_tls: config.auth_requires_tls(),
             connect: config.backend.connect,
+            early_connect: config.backend.early_connect,
             slot_wait: config.backend.slot_wait,
             probe_interval: config.backend.probe_interval,
         })
@@ -175,6 +179,8 @@ pub struct ProxyStats {
     rejections: ReasonCounts,
     /// Sessions closed under pressure, by reason (also among `rejections`).
     shed: ReasonCounts,
+    /// Early backend connections ([`early`]), by outcome: used, unused.
+    early_links: ReasonCounts,
 }
 
 impl ProxyStats {
@@ -216,6 +222,15 @@ impl ProxyStats {
     pub fn shed(&self) -> Vec<(&'static str, u64)> {
         self.shed.list()
     }
+
+    pub fn count_early_link(&self, outcome: &'static str) {
+        self.early_links.add(outcome);
+    }
+
+    /// Early backend connections by outcome.
+    pub fn early_links(&self) -> Vec<(&'static str, u64)> {
+        self.early_links.list()
+    }
 }
 
 /// Everything the sessions share.
@@ -251,6 +266,9 @@ pub struct ProxyContext {
     pub sessions: Arc<shed::Sessions>,
     /// The backend's greeting and EHLO capabilities, learned by probing.
     pub capabilities: capabilities::Capabilities,
+    /// Sources whose mail the backend accepted lately: they may get their
+    /// backend connection at accept ([`early`]).
+    pub recent_senders: early::RecentSenders,
     /// Blocks shared with the other edge hosts (`[cluster]`).
     pub cluster: crate::cluster::Cluster,
 }
@@ -290,6 +308,7 @@ impl ProxyContext {
             )),
             sessions: Arc::new(shed::Sessions::default()),
             capabilities: capabilities::Capabilities::default(),
+            recent_senders: early::RecentSenders::default(),
             cluster: crate::cluster::Cluster::default(),
         })
     }

@@ -42,14 +42,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let (mut backend, greeting) =
             Backend::connect(&self.settings.backend, Some((self.peer, self.local))).await?;
         backend.hold_slot(slot);
-        self.backend = Some(backend);
-        self.xclient_sent = false;
-        self.backend_pipelining = false;
+        self.use_backend(backend);
         Ok(greeting)
     }
 
+    /// A new backend connection, greeted, for this session.
+    fn use_backend(&mut self, backend: Backend) {
+        self.backend = Some(backend);
+        self.xclient_sent = false;
+        self.backend_pipelining = false;
+    }
+
     /// Connects to the backend if the session has no connection (not
-    /// earned yet, or dropped after an aborted message); the client's HELO
+    /// earned yet, or dropped after an aborted message), or takes the one
+    /// opened at accept ([`super::super::early`]); the client's HELO
     /// is replayed on the new connection, and a backend that refuses it
     /// gives the client its reply ([`BackendError::HeloRefused`]). Each step
     /// waits for its reply: nothing may come before the greeting, nor in
@@ -58,7 +64,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.backend.is_some() {
             return Ok(());
         }
-        self.connect_backend().await?;
+        let early = match self.early.take() {
+            Some(early) => early.claim().await,
+            None => None,
+        };
+        match early {
+            Some(backend) => self.use_backend(backend),
+            None => {
+                self.connect_backend().await?;
+            }
+        }
         if let Some(helo) = self.helo.as_ref().map(|h| (h.name.clone(), h.esmtp)) {
             if self.settings.backend.identity == Identity::Xclient {
                 self.send_xclient(&helo.0, helo.1).await?;

@@ -402,6 +402,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 if reply.is_positive_completion() {
                     self.summary.messages += 1;
                     self.ctx.stats.count_message();
+                    self.ctx
+                        .recent_senders
+                        .record(self.source(), tokio::time::Instant::now());
                 }
                 tracing::info!(
                     source = %self.peer.ip(),

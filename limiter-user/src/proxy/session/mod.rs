@@ -64,6 +64,7 @@ use tokio::{
 
 use super::{
     backend::{Backend, BackendError},
+    early::EarlyLink,
     notices::Subscription,
     shed::Registration,
     tls::ClientStream,
@@ -189,6 +190,9 @@ pub struct Session<S> {
     input: BytesMut,
     lines: LineReader,
     backend: Option<Backend>,
+    /// The backend connection opened at accept for a recent sender, until
+    /// the session claims it ([`super::early`]).
+    early: Option<EarlyLink>,
     /// XCLIENT was sent on the current backend connection.
     xclient_sent: bool,
     helo: Option<Helo>,
@@ -257,6 +261,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             local,
             input: BytesMut::with_capacity(4096),
             backend: None,
+            early: None,
             xclient_sent: false,
             helo: None,
             envelope: Envelope::default(),
@@ -332,6 +337,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn dialogue(&mut self) -> &'static str {
+        self.early = EarlyLink::open(&self.ctx, &self.settings, self.peer, self.local);
         let greeting = match self.greeting().await {
             Ok(greeting) => greeting,
             Err(e) => {

@@ -282,7 +282,17 @@ impl Harness {
     /// A session with `config`, its backend the fake one. The probe is
     /// taken as done: the proxy greets and answers EHLO with what the fake
     /// backend says (`backend.connect = "on-mail"`).
-    fn start_with(mut config: Config, pipelining: bool) -> Self {
+    fn start_with(config: Config, pipelining: bool) -> Self {
+        Self::start_prepared(config, pipelining, |_| {})
+    }
+
+    /// [`Self::start_with`], `prepare` given the context before the
+    /// session begins.
+    fn start_prepared(
+        mut config: Config,
+        pipelining: bool,
+        prepare: impl FnOnce(&ProxyContext),
+    ) -> Self {
         let (address, backend) = FakeBackend::start(pipelining);
         config.backend.address = address;
         let ctx = ProxyContext::new(&config, Arc::new(NoKernel::new("unit test"))).unwrap();
@@ -290,6 +300,7 @@ impl Harness {
             greeting: parse(GREETING),
             ehlo: parse(&ehlo_reply(pipelining)),
         }));
+        prepare(&ctx);
         let ctx = Arc::new(ctx);
         let peer: SocketAddr = PEER.parse().unwrap();
         let guard = match ctx.policy().connect(&ctx.state, peer.ip()).verdict {
@@ -422,6 +433,147 @@ async fn a_session_without_mail_never_connects_to_the_backend() {
     assert_eq!(summary.outcome, "closed");
     assert_eq!(backend.connections(), 0);
     assert!(backend.lines().is_empty());
+}
+
+/// A session of a source whose mail the backend accepted a moment ago.
+fn start_recent_sender(config: Config) -> Harness {
+    Harness::start_prepared(config, true, |ctx| {
+        let peer: SocketAddr = PEER.parse().unwrap();
+        ctx.recent_senders
+            .record(peer.ip(), tokio::time::Instant::now());
+    })
+}
+
+/// Lets the session's background tasks run (the clock is paused: this
+/// moves virtual time by a millisecond).
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delivery_makes_its_source_a_recent_sender() {
+    let mut h = Harness::start();
+    let peer: SocketAddr = PEER.parse().unwrap();
+    h.ehlo().await;
+    h.client.command("MAIL FROM:<sender@example.org>").await;
+    h.client.command("RCPT TO:<nobody@example.com>").await;
+    assert!(!h
+        .ctx
+        .recent_senders
+        .contains(peer.ip(), tokio::time::Instant::now()));
+    h.client.command("RCPT TO:<alice@example.com>").await;
+    assert_eq!(h.client.command("DATA").await.code, 354);
+    h.client.send(MESSAGE).await;
+    assert_eq!(h.client.command(".").await.code, 250);
+    assert!(h
+        .ctx
+        .recent_senders
+        .contains(peer.ip(), tokio::time::Instant::now()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recent_sender_gets_its_backend_connection_at_accept_and_its_mail_goes_through_it() {
+    let mut h = start_recent_sender(Config::default());
+    assert_eq!(h.client.reply().await, parse(GREETING));
+    settle().await;
+    assert_eq!(h.backend.connections(), 1, "connected before any command");
+    assert!(h.backend.lines().is_empty(), "greeted only: no HELO yet");
+    assert_eq!(h.ctx.backend_slots.in_use(), 1);
+    assert_eq!(h.client.command("EHLO client.example.org").await.code, 250);
+    assert_code(
+        &h.client.command("MAIL FROM:<sender@example.org>").await,
+        250,
+        (2, 1, 0),
+    );
+    assert_eq!(
+        h.client.command("RCPT TO:<alice@example.com>").await.code,
+        250
+    );
+    assert_eq!(h.client.command("DATA").await.code, 354);
+    h.client.send(MESSAGE).await;
+    assert_eq!(h.client.command(".").await, parse(QUEUED));
+    assert_eq!(h.client.command("QUIT").await.code, 221);
+    let (summary, _, backend, ctx) = h.ended().await;
+    assert_eq!(summary.messages, 1);
+    assert_eq!(backend.connections(), 1, "the early connection carried it");
+    let lines = backend.lines();
+    assert_eq!(
+        lines[..2],
+        ["EHLO client.example.org", "MAIL FROM:<sender@example.org>"]
+    );
+    backend.seen(|seen| assert_eq!(&seen.headers[0][16..20], &[198, 51, 100, 7]));
+    assert_eq!(ctx.stats.early_links(), vec![("used", 1)]);
+    assert_eq!(ctx.backend_slots.in_use(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_early_connection_nobody_claims_is_closed_at_its_hold_and_the_source_forgotten() {
+    let mut h = start_recent_sender(Config::default());
+    let peer: SocketAddr = PEER.parse().unwrap();
+    h.ehlo().await;
+    settle().await;
+    assert_eq!(h.ctx.backend_slots.in_use(), 1);
+    // A client that holds its session without MAIL, as a zombie does.
+    tokio::time::sleep(crate::proxy::early::HOLD).await;
+    settle().await;
+    assert_eq!(h.backend.lines(), ["QUIT"], "told goodbye, nothing else");
+    assert_eq!(h.ctx.backend_slots.in_use(), 0, "its slot given back");
+    assert_eq!(h.ctx.stats.early_links(), vec![("unused", 1)]);
+    assert!(
+        !h.ctx
+            .recent_senders
+            .contains(peer.ip(), tokio::time::Instant::now()),
+        "no early connection next time until it delivers again"
+    );
+    // Its MAIL later earns a connection as any session's does.
+    assert_eq!(
+        h.client.command("MAIL FROM:<late@example.org>").await.code,
+        250
+    );
+    assert_eq!(h.backend.connections(), 2);
+    assert_eq!(
+        h.backend.lines()[1..],
+        ["EHLO client.example.org", "MAIL FROM:<late@example.org>"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recent_sender_that_leaves_without_mail_closes_its_early_connection() {
+    let mut h = start_recent_sender(Config::default());
+    h.ehlo().await;
+    settle().await;
+    assert_eq!(h.client.command("QUIT").await.code, 221);
+    let (_, _, backend, ctx) = h.ended().await;
+    settle().await;
+    assert_eq!(backend.lines(), ["QUIT"]);
+    assert_eq!(ctx.backend_slots.in_use(), 0);
+    assert_eq!(ctx.stats.early_links(), vec![("unused", 1)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_early_connection_when_half_the_slots_are_taken_or_it_is_off() {
+    let mut config = Config::default();
+    config.backend.max_connections = 4;
+    let mut h = start_recent_sender(config.clone());
+    // Two of four slots held by other sessions' backend connections.
+    let _held: Vec<_> = (1..=2)
+        .map(|n| {
+            h.ctx
+                .backend_slots
+                .try_acquire(IpAddr::from([192, 0, 2, n]))
+                .unwrap()
+        })
+        .collect();
+    h.ehlo().await;
+    settle().await;
+    assert_eq!(h.backend.connections(), 0);
+    assert!(h.ctx.stats.early_links().is_empty());
+
+    config.backend.early_connect = crate::config::EarlyConnect::Off;
+    let mut h = start_recent_sender(config);
+    h.ehlo().await;
+    settle().await;
+    assert_eq!(h.backend.connections(), 0);
 }
 
 #[tokio::test(start_paused = true)]

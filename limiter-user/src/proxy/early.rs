@@ -1,0 +1,254 @@
+//! Early backend connections for recent senders
+//! (`backend.early_connect = "recent-senders"`, the default).
+//!
+//! With `backend.connect = "on-mail"` the backend's own session start
+//! (connect, identity header, greeting: a few hundred µs with Postfix, its
+//! client lookups included) lands in the client's first MAIL. For a source
+//! that delivered a message within the last hour, the connection is opened
+//! at accept instead, while the proxy greets and answers EHLO itself, so
+//! that its session takes no longer than a direct one. What keeps zombies
+//! away from the backend still holds:
+//! - only sources whose mail the backend accepted recently (a zombie that
+//!   never delivers never gets one);
+//! - only while fewer than half of `backend.max_connections` are in use and
+//!   the proxy is not stressed: early connections never take the slots the
+//!   other half keeps for sessions that earn theirs;
+//! - a connection that no MAIL (or AUTH, or relayed verb) claims within
+//!   [`HOLD`] of accept is closed with QUIT and its slot given back, and
+//!   the source is forgotten: it has to deliver again before its next one.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    sync::oneshot,
+    task::JoinHandle,
+    time::{timeout_at, Instant},
+};
+
+use super::{backend::Backend, ProxyContext, Settings};
+use crate::config::{BackendConnect, EarlyConnect};
+
+/// How long an early connection waits for its session to claim it, from
+/// accept: long enough for a greeting, EHLO, STARTTLS and AUTH over a slow
+/// link, short enough that a trusted source turned zombie holds little.
+pub const HOLD: Duration = Duration::from_secs(5);
+/// How long a delivery makes its source a recent sender.
+pub const MEMORY: Duration = Duration::from_secs(60 * 60);
+/// A recent sender's entry is renewed at most this often (each renewal
+/// queues one more expiry entry).
+const RENEW: Duration = Duration::from_secs(15 * 60);
+/// Most sources remembered at once; past it the oldest are forgotten first.
+pub const CAPACITY: usize = 32_768;
+
+/// Sources whose mail the backend accepted within [`MEMORY`].
+#[derive(Default)]
+pub struct RecentSenders(Mutex<Recent>);
+
+#[derive(Default)]
+struct Recent {
+    /// Each source's latest recorded delivery.
+    last: HashMap<IpAddr, Instant>,
+    /// Recorded deliveries, oldest first; an entry whose time is no longer
+    /// its source's latest is skipped when it leaves.
+    order: VecDeque<(IpAddr, Instant)>,
+}
+
+impl RecentSenders {
+    /// The backend accepted a message from `source`.
+    pub fn record(&self, source: IpAddr, now: Instant) {
+        let mut recent = self.lock();
+        if recent
+            .last
+            .get(&source)
+            .is_some_and(|&at| now.saturating_duration_since(at) < RENEW)
+        {
+            return;
+        }
+        recent.last.insert(source, now);
+        recent.order.push_back((source, now));
+        recent.expire(now);
+    }
+
+    /// Whether `source` delivered within [`MEMORY`].
+    pub fn contains(&self, source: IpAddr, now: Instant) -> bool {
+        self.lock()
+            .last
+            .get(&source)
+            .is_some_and(|&at| now.saturating_duration_since(at) < MEMORY)
+    }
+
+    /// Forgets `source` (its early connection went unused).
+    pub fn forget(&self, source: IpAddr) {
+        self.lock().last.remove(&source);
+    }
+
+    /// Sources remembered now.
+    pub fn len(&self) -> usize {
+        self.lock().last.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Recent {
+    /// Drops entries older than [`MEMORY`], and the oldest past
+    /// [`CAPACITY`].
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(source, at)) = self.order.front() {
+            let stale = now.saturating_duration_since(at) >= MEMORY;
+            if !stale && self.order.len() <= CAPACITY {
+                break;
+            }
+            self.order.pop_front();
+            if self.last.get(&source) == Some(&at) {
+                self.last.remove(&source);
+            }
+        }
+    }
+}
+
+/// A backend connection opened at accept, waiting for its session.
+pub struct EarlyLink {
+    claim: oneshot::Sender<()>,
+    task: JoinHandle<Option<Backend>>,
+}
+
+impl EarlyLink {
+    /// Opens one for a session of `peer` if every condition holds (see the
+    /// module): recent sender, backend slots plentiful, no stress.
+    pub fn open(
+        ctx: &Arc<ProxyContext>,
+        settings: &Settings,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Option<Self> {
+        let source = peer.ip();
+        if settings.connect != BackendConnect::OnMail
+            || settings.early_connect != EarlyConnect::RecentSenders
+            || !ctx.recent_senders.contains(source, Instant::now())
+            || ctx.stressed(&settings.smtp)
+        {
+            return None;
+        }
+        let slots = &ctx.backend_slots;
+        if slots.in_use() >= slots.capacity() / 2 {
+            return None;
+        }
+        let slot = slots.try_acquire(source)?;
+        let (claim, claimed) = oneshot::channel();
+        let deadline = Instant::now() + HOLD;
+        let backend_settings = settings.backend.clone();
+        let ctx = ctx.clone();
+        let task = tokio::spawn(async move {
+            // A backend that fails or refuses here is asked again by the
+            // session itself, which then tells its client what it says.
+            let connected = timeout_at(
+                deadline,
+                Backend::connect(&backend_settings, Some((peer, local))),
+            )
+            .await;
+            let mut backend = match connected {
+                Ok(Ok((backend, _greeting))) => backend,
+                Ok(Err(error)) => {
+                    tracing::debug!(%source, %error, "early backend connection failed");
+                    return None;
+                }
+                Err(_) => return None,
+            };
+            backend.hold_slot(slot);
+            if let Ok(Ok(())) = timeout_at(deadline, claimed).await {
+                ctx.stats.count_early_link("used");
+                return Some(backend);
+            }
+            // Not claimed in time, or the session ended without a MAIL.
+            ctx.stats.count_early_link("unused");
+            ctx.recent_senders.forget(source);
+            backend.quit().await;
+            None
+        });
+        Some(Self { claim, task })
+    }
+
+    /// The connection (greeted; identity sent), if it is still there:
+    /// `None` when it failed or was given up, and the session connects as
+    /// usual.
+    pub async fn claim(self) -> Option<Backend> {
+        self.claim.send(()).ok()?;
+        self.task.await.ok().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([192, 0, 2, last])
+    }
+
+    #[test]
+    fn a_delivery_is_remembered_for_an_hour() {
+        let recent = RecentSenders::default();
+        let start = Instant::now();
+        assert!(!recent.contains(ip(1), start));
+        recent.record(ip(1), start);
+        assert!(recent.contains(ip(1), start + MEMORY - Duration::from_secs(1)));
+        assert!(!recent.contains(ip(1), start + MEMORY));
+        assert!(!recent.contains(ip(2), start));
+    }
+
+    #[test]
+    fn a_later_delivery_renews_the_memory() {
+        let recent = RecentSenders::default();
+        let start = Instant::now();
+        recent.record(ip(1), start);
+        recent.record(ip(1), start + RENEW);
+        // The first entry leaves the queue; the source stays.
+        recent.record(ip(2), start + MEMORY);
+        assert!(recent.contains(ip(1), start + MEMORY));
+        assert!(!recent.contains(ip(1), start + RENEW + MEMORY));
+        assert_eq!(recent.len(), 2);
+        // Within RENEW a delivery queues nothing more: ip(1)'s renewal,
+        // ip(2), ip(3) once.
+        for second in 0..100 {
+            recent.record(ip(3), start + MEMORY + Duration::from_secs(second));
+        }
+        assert_eq!(recent.lock().order.len(), 3);
+    }
+
+    #[test]
+    fn the_oldest_are_forgotten_past_the_capacity() {
+        let recent = RecentSenders::default();
+        let start = Instant::now();
+        for n in 0..=CAPACITY {
+            let source = IpAddr::from((n as u128 + 1).to_be_bytes());
+            recent.record(source, start);
+        }
+        assert_eq!(recent.len(), CAPACITY);
+        assert!(!recent.contains(IpAddr::from(1u128.to_be_bytes()), start));
+        assert!(recent.contains(IpAddr::from(2u128.to_be_bytes()), start));
+    }
+
+    #[test]
+    fn a_forgotten_source_is_no_recent_sender() {
+        let recent = RecentSenders::default();
+        let start = Instant::now();
+        recent.record(ip(1), start);
+        recent.forget(ip(1));
+        assert!(!recent.contains(ip(1), start));
+        // Its queued entry leaves without harm.
+        recent.record(ip(2), start + MEMORY);
+        assert_eq!(recent.len(), 1);
+    }
+}
