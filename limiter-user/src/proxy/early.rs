@@ -5,8 +5,9 @@
 //! (connect, identity header, greeting: a few hundred µs with Postfix, its
 //! client lookups included) lands in the client's first MAIL. For a source
 //! that delivered a message within the last hour, the connection is opened
-//! at accept instead, while the proxy greets and answers EHLO itself, so
-//! that its session takes no longer than a direct one. What keeps zombies
+//! at accept instead, while the proxy greets and answers EHLO itself, and
+//! the client's HELO/EHLO goes to the backend as soon as the client sends
+//! it, so that its MAIL waits for the MAIL only, as in a direct session. What keeps zombies
 //! away from the backend still holds:
 //! - only sources whose mail the backend accepted recently (a zombie that
 //!   never delivers never gets one);
@@ -31,7 +32,10 @@ use tokio::{
 };
 
 use super::{backend::Backend, ProxyContext, Settings};
-use crate::config::{BackendConnect, EarlyConnect};
+use crate::{
+    config::{BackendConnect, EarlyConnect, Identity},
+    smtp::reply::Reply,
+};
 
 /// How long an early connection waits for its session to claim it, from
 /// accept: long enough for a greeting, EHLO, STARTTLS and AUTH over a slow
@@ -121,7 +125,18 @@ impl Recent {
 /// A backend connection opened at accept, waiting for its session.
 pub struct EarlyLink {
     claim: oneshot::Sender<()>,
-    task: JoinHandle<Option<Backend>>,
+    /// The client's HELO/EHLO, for the connection to send ahead (once).
+    helo: Option<oneshot::Sender<(String, bool)>>,
+    task: JoinHandle<Option<Claimed>>,
+}
+
+/// What a session gets when it claims its early connection.
+pub struct Claimed {
+    /// Greeted, the identity header sent.
+    pub backend: Backend,
+    /// The client's HELO/EHLO sent ahead, if it was: the name, whether
+    /// EHLO, and the backend's reply.
+    pub helo: Option<(String, bool, Reply)>,
 }
 
 impl EarlyLink {
@@ -147,10 +162,19 @@ impl EarlyLink {
         }
         let slot = slots.try_acquire(source)?;
         let (claim, claimed) = oneshot::channel();
-        let deadline = Instant::now() + HOLD;
+        // XCLIENT must come before the client's HELO, and it names the
+        // HELO: with it the session sends both itself.
+        let (helo, helo_rx) = match settings.backend.identity {
+            Identity::Xclient => (None, None),
+            _ => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+        };
         let backend_settings = settings.backend.clone();
         let ctx = ctx.clone();
         let task = tokio::spawn(async move {
+            let deadline = Instant::now() + HOLD;
             // A backend that fails or refuses here is asked again by the
             // session itself, which then tells its client what it says.
             let connected = timeout_at(
@@ -167,25 +191,85 @@ impl EarlyLink {
                 Err(_) => return None,
             };
             backend.hold_slot(slot);
-            if let Ok(Ok(())) = timeout_at(deadline, claimed).await {
-                ctx.stats.count_early_link("used");
-                return Some(backend);
+            match wait_for_claim(&mut backend, claimed, helo_rx, deadline).await {
+                Ok(helo) => {
+                    ctx.stats.count_early_link("used");
+                    Some(Claimed { backend, helo })
+                }
+                Err(Unclaimed::Failed) => None,
+                Err(Unclaimed::Given) => {
+                    // Not claimed in time, or the session ended without a
+                    // MAIL.
+                    ctx.stats.count_early_link("unused");
+                    ctx.recent_senders.forget(source);
+                    backend.quit().await;
+                    None
+                }
             }
-            // Not claimed in time, or the session ended without a MAIL.
-            ctx.stats.count_early_link("unused");
-            ctx.recent_senders.forget(source);
-            backend.quit().await;
-            None
         });
-        Some(Self { claim, task })
+        Some(Self { claim, helo, task })
     }
 
-    /// The connection (greeted; identity sent), if it is still there:
-    /// `None` when it failed or was given up, and the session connects as
-    /// usual.
-    pub async fn claim(self) -> Option<Backend> {
+    /// Has the connection send the client's HELO/EHLO ahead of the claim,
+    /// so that the claiming command waits for its own reply only. Once.
+    pub fn send_helo(&mut self, name: &str, esmtp: bool) {
+        if let Some(helo) = self.helo.take() {
+            let _ = helo.send((name.to_owned(), esmtp));
+        }
+    }
+
+    /// The connection, if it is still there: `None` when it failed or was
+    /// given up, and the session connects as usual.
+    pub async fn claim(self) -> Option<Claimed> {
         self.claim.send(()).ok()?;
         self.task.await.ok().flatten()
+    }
+}
+
+/// Why an early connection ended unclaimed.
+enum Unclaimed {
+    /// The backend failed it (dropped as it is).
+    Failed,
+    /// Its session did not claim it in time, or ended.
+    Given,
+}
+
+/// Waits for the session's claim until `deadline`, sending the client's
+/// HELO/EHLO on the way if it comes first.
+async fn wait_for_claim(
+    backend: &mut Backend,
+    mut claimed: oneshot::Receiver<()>,
+    mut helo: Option<oneshot::Receiver<(String, bool)>>,
+    deadline: Instant,
+) -> Result<Option<(String, bool, Reply)>, Unclaimed> {
+    let mut sent = None;
+    loop {
+        tokio::select! {
+            biased;
+            claim = &mut claimed => {
+                return match claim {
+                    Ok(()) => Ok(sent),
+                    Err(_) => Err(Unclaimed::Given),
+                };
+            }
+            given = async {
+                match helo.as_mut() {
+                    Some(rx) => rx.await,
+                    None => std::future::pending().await,
+                }
+            }, if helo.is_some() => {
+                helo = None;
+                if let Ok((name, esmtp)) = given {
+                    let verb = if esmtp { "EHLO" } else { "HELO" };
+                    match timeout_at(deadline, backend.command(format!("{verb} {name}").as_bytes())).await {
+                        Ok(Ok(reply)) => sent = Some((name, esmtp, reply)),
+                        Ok(Err(_)) => return Err(Unclaimed::Failed),
+                        Err(_) => return Err(Unclaimed::Given),
+                    }
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => return Err(Unclaimed::Given),
+        }
     }
 }
 

@@ -68,8 +68,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Some(early) => early.claim().await,
             None => None,
         };
+        let mut sent_ahead = None;
         match early {
-            Some(backend) => self.use_backend(backend),
+            Some(claimed) => {
+                self.use_backend(claimed.backend);
+                sent_ahead = claimed.helo;
+            }
             None => {
                 self.connect_backend().await?;
             }
@@ -78,11 +82,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if self.settings.backend.identity == Identity::Xclient {
                 self.send_xclient(&helo.0, helo.1).await?;
             }
-            let verb = if helo.1 { "EHLO" } else { "HELO" };
-            let backend = self.backend.as_mut().ok_or(BackendError::Closed)?;
-            let reply = backend
-                .command(format!("{verb} {}", helo.0).as_bytes())
-                .await?;
+            let reply = match sent_ahead {
+                // The early connection sent this very HELO already.
+                Some((name, esmtp, reply)) if name == helo.0 && esmtp == helo.1 => reply,
+                _ => {
+                    let verb = if helo.1 { "EHLO" } else { "HELO" };
+                    let backend = self.backend.as_mut().ok_or(BackendError::Closed)?;
+                    backend
+                        .command(format!("{verb} {}", helo.0).as_bytes())
+                        .await?
+                }
+            };
             if !reply.is_positive_completion() {
                 return Err(BackendError::HeloRefused(reply));
             }

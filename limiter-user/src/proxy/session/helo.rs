@@ -80,6 +80,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             reply
         };
         if reply.code == 250 {
+            if let (None, Some(early)) = (&self.backend, self.early.as_mut()) {
+                early.send_helo(&name, esmtp);
+            }
             self.helo = Some(Helo {
                 name,
                 esmtp,

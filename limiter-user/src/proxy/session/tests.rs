@@ -480,6 +480,12 @@ async fn a_recent_sender_gets_its_backend_connection_at_accept_and_its_mail_goes
     assert!(h.backend.lines().is_empty(), "greeted only: no HELO yet");
     assert_eq!(h.ctx.backend_slots.in_use(), 1);
     assert_eq!(h.client.command("EHLO client.example.org").await.code, 250);
+    settle().await;
+    assert_eq!(
+        h.backend.lines(),
+        ["EHLO client.example.org"],
+        "the client's EHLO sent ahead of its MAIL"
+    );
     assert_code(
         &h.client.command("MAIL FROM:<sender@example.org>").await,
         250,
@@ -516,7 +522,11 @@ async fn an_early_connection_nobody_claims_is_closed_at_its_hold_and_the_source_
     // A client that holds its session without MAIL, as a zombie does.
     tokio::time::sleep(crate::proxy::early::HOLD).await;
     settle().await;
-    assert_eq!(h.backend.lines(), ["QUIT"], "told goodbye, nothing else");
+    assert_eq!(
+        h.backend.lines(),
+        ["EHLO client.example.org", "QUIT"],
+        "told goodbye, nothing else"
+    );
     assert_eq!(h.ctx.backend_slots.in_use(), 0, "its slot given back");
     assert_eq!(h.ctx.stats.early_links(), vec![("unused", 1)]);
     assert!(
@@ -532,9 +542,31 @@ async fn an_early_connection_nobody_claims_is_closed_at_its_hold_and_the_source_
     );
     assert_eq!(h.backend.connections(), 2);
     assert_eq!(
-        h.backend.lines()[1..],
+        h.backend.lines()[2..],
         ["EHLO client.example.org", "MAIL FROM:<late@example.org>"]
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_backend_judges_the_name_of_the_clients_last_helo_not_the_one_sent_ahead() {
+    let mut h = start_recent_sender(Config::default());
+    assert_eq!(h.client.reply().await.code, 220);
+    assert_eq!(h.client.command("EHLO first.example.org").await.code, 250);
+    settle().await;
+    assert_eq!(h.client.command("HELO second.example.org").await.code, 250);
+    assert_eq!(
+        h.client.command("MAIL FROM:<a@example.org>").await.code,
+        250
+    );
+    assert_eq!(
+        h.backend.lines(),
+        [
+            "EHLO first.example.org",
+            "HELO second.example.org",
+            "MAIL FROM:<a@example.org>"
+        ]
+    );
+    assert_eq!(h.backend.connections(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -545,7 +577,7 @@ async fn a_recent_sender_that_leaves_without_mail_closes_its_early_connection() 
     assert_eq!(h.client.command("QUIT").await.code, 221);
     let (_, _, backend, ctx) = h.ended().await;
     settle().await;
-    assert_eq!(backend.lines(), ["QUIT"]);
+    assert_eq!(backend.lines(), ["EHLO client.example.org", "QUIT"]);
     assert_eq!(ctx.backend_slots.in_use(), 0);
     assert_eq!(ctx.stats.early_links(), vec![("unused", 1)]);
 }
