@@ -449,7 +449,7 @@ mod cluster_tests {
         let policy = ctx.policy();
         let source = "192.0.2.7".parse().unwrap();
         assert!(policy
-            .auth_failed(&ctx.state, source, std::time::Instant::now())
+            .auth_failed(&ctx.state, source, None, std::time::Instant::now())
             .is_none());
         let text = render(&ctx, kernel.as_ref());
         for sample in [

@@ -21,6 +21,11 @@
 //! * A bounce flood spread over a /24, every address under
 //!   `null_sender_rate` and with a HELO name of its own, went through
 //!   whole: now it is deferred past `null_sender_rate_per_network`.
+//! * A password spray for one account, two guesses from each of many
+//!   networks (every source and network under its limits), reached Postfix
+//!   whole: now AUTH for the account is refused unheard past
+//!   `limits.max_failed_auth_per_account`, except from where its owner
+//!   logged in.
 //! * Held against a real brute-force tool (THC Hydra, Debian's `hydra`, four
 //!   sessions at once): its guesses stop at `max_failed_auth`, the right
 //!   password among them is never tried.
@@ -628,6 +633,83 @@ fn a_password_guesser_spread_over_its_network_gets_the_network_blocked() {
         "127.0.5.0/24",
         limiter_common::Reason::Auth,
         "127.0.5.200",
+    );
+}
+
+/// A password spray over networks, every source and network under its own
+/// limits, against `rig`: alice logs in from home (127.0.9.1), then two
+/// wrong passwords from each of 127.0.20.1 to 127.0.23.1 (PLAIN), then her
+/// name in an `AUTH LOGIN` from 127.0.24.1. The replies, in order.
+fn spray(rig: &Rig) -> Vec<String> {
+    let mut replies = Vec::new();
+    let mut home = ehlo(rig, "127.0.9.1");
+    replies.push(home.cmd(GOOD_AUTH).unwrap());
+    for net in 20..24 {
+        let mut guesser = ehlo(rig, &format!("127.0.{net}.1"));
+        for wrong in &WRONG_AUTHS[..2] {
+            replies.push(guesser.cmd(wrong).unwrap());
+        }
+    }
+    let mut login = ehlo(rig, "127.0.24.1");
+    let challenge = login.cmd("AUTH LOGIN").unwrap();
+    assert!(challenge.starts_with("334 "), "{challenge}");
+    // base64 of "alice"
+    replies.push(login.cmd("YWxpY2U=").unwrap());
+    replies
+}
+
+/// Refused credentials Postfix logged.
+fn postfix_auth_failures(rig: &Rig) -> usize {
+    log_lines(&rig.log(), "authentication failed").len()
+}
+
+#[test]
+fn a_password_spray_over_many_networks_stops_at_the_accounts_limit() {
+    // The attacker's way around every per-source and per-network limit:
+    // few guesses from each of many networks, all for one account.
+    if !ready("a_password_spray_over_many_networks_stops_at_the_accounts_limit") {
+        return;
+    }
+    let limits = "max_failed_auth = 3\nmax_failed_auth_per_network = 8\n";
+    let rig = rig(&[], &format!("{limits}max_failed_auth_per_account = 6\n"));
+    let replies = spray(&rig);
+    assert!(replies[0].starts_with("235 "), "home: {}", replies[0]);
+    // Six guesses reach Postfix; the seventh and eighth (127.0.23.1) and
+    // the LOGIN are refused unheard, with RFC 4954's temporary failure.
+    for (i, reply) in replies[1..7].iter().enumerate() {
+        assert!(reply.starts_with("535 "), "guess {}: {reply}", i + 1);
+    }
+    for reply in &replies[7..] {
+        assert!(reply.starts_with("454 4.7.0 "), "{reply}");
+    }
+    limiter_tests::tcp::wait_until(Duration::from_secs(5), || postfix_auth_failures(&rig) >= 6);
+    assert_eq!(postfix_auth_failures(&rig), 6, "{}", rig.log());
+    // The lock is no password oracle: the right one from a new place gets
+    // the same answer, unheard…
+    let mut stranger = ehlo(&rig, "127.0.25.1");
+    let reply = stranger.cmd(GOOD_AUTH).unwrap();
+    assert!(reply.starts_with("454 4.7.0 "), "{reply}");
+    // … while alice, at home, logs in.
+    let mut home = ehlo(&rig, "127.0.9.1");
+    let reply = home.cmd(GOOD_AUTH).unwrap();
+    assert!(reply.starts_with("235 "), "home after the spray: {reply}");
+    assert_eq!(postfix_auth_failures(&rig), 6, "{}", rig.log());
+    let rejections = rig.proxy.ctx.stats.rejections();
+    assert!(
+        rejections.contains(&("auth-account", 4)),
+        "the four refusals counted: {rejections:?}"
+    );
+
+    // The contrast: without the account's limit every guess reaches Postfix.
+    let open = self::rig(&[], &format!("{limits}max_failed_auth_per_account = 0\n"));
+    let replies = spray(&open);
+    for reply in &replies[1..9] {
+        assert!(reply.starts_with("535 "), "{reply}");
+    }
+    assert!(
+        replies[9].starts_with("334 "),
+        "LOGIN goes on: {}",
+        replies[9]
     );
 }
 

@@ -51,6 +51,13 @@ pub struct Limits {
     /// `failed_auth_window` before the network is blocked: a password
     /// guesser spread over its network. 0 = off.
     pub max_failed_auth_per_network: u32,
+    /// Refused credentials for one account (the name a SASL exchange
+    /// logs in as) from all sources within `failed_auth_window`; past it,
+    /// AUTH for that account from a source that has not logged in as it
+    /// lately gets `454 4.7.0` and never reaches the backend: a password
+    /// spray over many networks, each source under every other limit.
+    /// 0 = off.
+    pub max_failed_auth_per_account: u32,
     /// The network an IPv4 source counts in for the `*_per_network` limits.
     pub network_ipv4_prefix: u8,
     /// The network an IPv6 source counts in for the `*_per_network` limits
@@ -94,6 +101,7 @@ impl Default for Limits {
             max_failed_auth: 5,
             failed_auth_window: Duration::from_secs(10 * 60),
             max_failed_auth_per_network: 50,
+            max_failed_auth_per_account: 10,
             network_ipv4_prefix: 24,
             network_ipv6_prefix: 48,
             null_sender_rate: Rate {
@@ -366,11 +374,15 @@ pub const LIVE_LIMITS: &[LiveLimit] = &[
     ),
     live_limit!(
         failed_auth_window,
-        "the window max_failed_auth and max_failed_auth_per_network count over"
+        "the window max_failed_auth, max_failed_auth_per_network and max_failed_auth_per_account count over"
     ),
     live_limit!(
         max_failed_auth_per_network,
         "refused credentials from all sources of one network within failed_auth_window before the network is blocked (0 = off)"
+    ),
+    live_limit!(
+        max_failed_auth_per_account,
+        "refused credentials for one account from all sources within failed_auth_window; past it AUTH for that account from sources that have not logged in as it lately gets 454 4.7.0 without reaching the backend (0 = off)"
     ),
     live_limit!(
         network_ipv4_prefix,

@@ -172,7 +172,13 @@ struct AuthRules {
     failed_auth_window: Duration,
     /// `max_failed_auth_per_network`: all sources of a network; 0 = off.
     max_failed_auth_per_network: u32,
+    /// `max_failed_auth_per_account`: all sources, one account; 0 = off.
+    max_failed_auth_per_account: u32,
 }
+
+/// How long a successful login keeps its source familiar to the account:
+/// a lockout ([`Policy::account_locked`]) does not refuse it.
+pub const LOGIN_MEMORY: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 
 /// After DATA: content filter verdicts.
 #[derive(Clone, Debug)]
@@ -250,6 +256,7 @@ impl Policy {
                 max_failed_auth: limits.max_failed_auth,
                 failed_auth_window: limits.failed_auth_window,
                 max_failed_auth_per_network: limits.max_failed_auth_per_network,
+                max_failed_auth_per_account: limits.max_failed_auth_per_account,
             },
             filters: FilterRules {
                 max_rejects: config.filters.max_rejects,
@@ -763,14 +770,103 @@ impl Policy {
         }))
     }
 
-    /// A failed AUTH (`535`) for `source`.
+    /// Whether AUTH for `account` (lower-cased, [`crate::smtp::SaslAccount`])
+    /// from `source` is refused before the backend hears the credentials:
+    /// the account has `max_failed_auth_per_account` refused credentials
+    /// within `failed_auth_window`, from every source together, and
+    /// `source` has not logged in as it within [`LOGIN_MEMORY`].
+    /// [`Reason::AccountLocked`], [`Action::DeferCommand`] (`454 4.7.0` in
+    /// the session). The refused attempt is a guess all the same: it counts
+    /// as a failure of the source (and its network), and the source's block
+    /// when that goes past its limit is the decision instead. Allow-listed
+    /// sources are never refused.
+    pub fn account_locked(
+        &self,
+        state: &PolicyState,
+        source: IpAddr,
+        account: &str,
+        now: Instant,
+    ) -> Option<Decision<Rejection>> {
+        let rules = &self.auth;
+        let source = source.to_canonical();
+        if rules.max_failed_auth_per_account == 0 || self.is_allowlisted(source) {
+            return None;
+        }
+        let key = self.source_key(source);
+        let failures = state.with(|tables| {
+            let window = tables
+                .auth_failures_by_account
+                .peek_mut(&account.to_owned())?;
+            window.expire(now, rules.failed_auth_window);
+            let failures = window.count();
+            if failures < rules.max_failed_auth_per_account {
+                return None;
+            }
+            let familiar = tables
+                .logins
+                .peek_mut(&(account.to_owned(), key))
+                .is_some_and(|at| now.saturating_duration_since(*at) < LOGIN_MEMORY);
+            (!familiar).then_some(failures)
+        })?;
+        if let Some(block) = self.count_auth_failure(state, source, now) {
+            return Some(block);
+        }
+        Some(self.decide(Rejection {
+            reason: Reason::AccountLocked {
+                account: account.to_owned(),
+                failures,
+                limit: rules.max_failed_auth_per_account,
+                window: rules.failed_auth_window,
+            },
+            action: Action::DeferCommand,
+            block: None,
+        }))
+    }
+
+    /// A successful AUTH of `source` as `account`: the source becomes one
+    /// of the account's familiar places for [`LOGIN_MEMORY`].
+    pub fn auth_succeeded(&self, state: &PolicyState, source: IpAddr, account: &str, now: Instant) {
+        if self.auth.max_failed_auth_per_account == 0 {
+            return;
+        }
+        let key = self.source_key(source.to_canonical());
+        state.with(|tables| *tables.logins.touch(&(account.to_owned(), key), || now) = now);
+    }
+
+    /// A failed AUTH (`535`) for `source`, logging in as `account` when the
+    /// exchange named one.
     ///
     /// Failures are counted per source over the last `failed_auth_window`;
     /// past `max_failed_auth` the source is blocked: [`Reason::AuthFailures`],
     /// [`Action::DeferAndClose`], and a block (reason `auth`). Its count then
     /// starts again from zero. Successful AUTHs do not reset the count.
-    /// Allow-listed sources are not counted.
+    /// Allow-listed sources are not counted. The account's own count (for
+    /// [`Self::account_locked`]) takes every failure.
     pub fn auth_failed(
+        &self,
+        state: &PolicyState,
+        source: IpAddr,
+        account: Option<&str>,
+        now: Instant,
+    ) -> Option<Decision<Rejection>> {
+        let rules = &self.auth;
+        if let Some(account) = account {
+            if rules.max_failed_auth_per_account > 0 && !self.is_allowlisted(source.to_canonical())
+            {
+                let keep = usize::try_from(rules.max_failed_auth_per_account).unwrap_or(usize::MAX);
+                state.with(|tables| {
+                    tables
+                        .auth_failures_by_account
+                        .touch(&account.to_owned(), Default::default)
+                        .record(now, rules.failed_auth_window, keep);
+                });
+            }
+        }
+        self.count_auth_failure(state, source, now)
+    }
+
+    /// One refused guess of `source`, in its network's window and its own.
+    fn count_auth_failure(
         &self,
         state: &PolicyState,
         source: IpAddr,

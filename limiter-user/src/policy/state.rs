@@ -186,6 +186,12 @@ pub(super) struct Tables {
     pub(super) null_by_helo: Lru<String, Window>,
     /// Null-sender MAIL times per network ([`Policy::source_network`]).
     pub(super) null_by_network: Lru<IpNet, Window>,
+    /// Refused credentials per account (the name a SASL exchange logs in
+    /// as, lower-cased), from every source.
+    pub(super) auth_failures_by_account: Lru<String, Window>,
+    /// The last successful login of each (account, source key): the
+    /// account's familiar places, which its lockout does not refuse.
+    pub(super) logins: Lru<(String, IpNet), Instant>,
     /// Past blocks per source key, for the backoff.
     history: Lru<IpNet, BlockRecord>,
     capacity: usize,
@@ -257,6 +263,8 @@ impl PolicyState {
                 null_by_source: Lru::new(capacity),
                 null_by_helo: Lru::new(capacity),
                 null_by_network: Lru::new(network_capacity(capacity)),
+                auth_failures_by_account: Lru::new(capacity),
+                logins: Lru::new(capacity),
                 history: Lru::new(capacity),
                 capacity,
             }),
@@ -380,6 +388,12 @@ impl PolicyState {
             + tables
                 .null_by_network
                 .retain(live(now, policy.mail.null_sender_rate_per_network.per))
+            + tables
+                .auth_failures_by_account
+                .retain(live(now, policy.auth.failed_auth_window))
+            + tables
+                .logins
+                .retain(|_, at| now.saturating_duration_since(*at) < super::LOGIN_MEMORY)
             + tables
                 .history
                 .retain(|_, record| !record.forgotten(now, memory))
@@ -733,10 +747,10 @@ mod sink_tests {
         );
         let now = Instant::now();
         assert!(policy
-            .auth_failed(&state, "192.0.2.1".parse().unwrap(), now)
+            .auth_failed(&state, "192.0.2.1".parse().unwrap(), None, now)
             .is_none());
         let order = policy
-            .auth_failed(&state, "192.0.2.2".parse().unwrap(), now)
+            .auth_failed(&state, "192.0.2.2".parse().unwrap(), None, now)
             .expect("the network's block")
             .verdict
             .block
@@ -785,9 +799,9 @@ mod sink_tests {
         let source: IpAddr = "192.0.2.1".parse().unwrap();
         let auth = (CountKind::FailedAuth, false, 2, Duration::from_secs(300));
         for _ in 0..2 {
-            assert!(policy.auth_failed(&state, source, now).is_none());
+            assert!(policy.auth_failed(&state, source, None, now).is_none());
         }
-        assert!(policy.auth_failed(&state, source, now).is_some());
+        assert!(policy.auth_failed(&state, source, None, now).is_some());
         assert_eq!(taken(&kept), [auth, auth, (auth.0, true, 2, auth.3)]);
 
         // Failed RCPTs: the per-source window's events; the session's own
@@ -811,7 +825,7 @@ mod sink_tests {
 
         // Nothing of an allow-listed source, nor of a MAIL with a sender.
         let allowed: IpAddr = "192.0.2.99".parse().unwrap();
-        let _ = policy.auth_failed(&state, allowed, now);
+        let _ = policy.auth_failed(&state, allowed, None, now);
         let _ = policy.mail_from(&state, allowed, None, true, now);
         let _ = policy.mail_from(&state, source, None, false, now);
         assert_eq!(taken(&kept), []);
@@ -854,8 +868,8 @@ mod sink_tests {
         let now = Instant::now();
         let source: IpAddr = "192.0.2.1".parse().unwrap();
         let net = policy.source_key(source);
-        policy.auth_failed(&state, source, now);
-        policy.auth_failed(&state, source, now);
+        policy.auth_failed(&state, source, None, now);
+        policy.auth_failed(&state, source, None, now);
         let decision = policy
             .over_cluster_wide(&state, CountKind::FailedAuth, net, now)
             .expect("a block");
@@ -870,8 +884,8 @@ mod sink_tests {
         );
         assert_eq!(decision.verdict.duration, policy.block_duration(0));
         // The local window started afresh: two more failures pass.
-        assert!(policy.auth_failed(&state, source, now).is_none());
-        assert!(policy.auth_failed(&state, source, now).is_none());
+        assert!(policy.auth_failed(&state, source, None, now).is_none());
+        assert!(policy.auth_failed(&state, source, None, now).is_none());
         // The backoff remembers it: the next block, later, is a repeat.
         let later = now + Duration::from_secs(3 * 3600);
         let again = policy

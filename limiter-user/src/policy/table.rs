@@ -78,6 +78,11 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
         self.entries.get(key).map(|slot| &slot.value)
     }
 
+    /// The value under `key`, without making it the most recent.
+    pub(super) fn peek_mut(&mut self, key: &K) -> Option<&mut V> {
+        self.entries.get_mut(key).map(|slot| &mut slot.value)
+    }
+
     /// Removes `key`; whether it was there.
     pub(super) fn remove(&mut self, key: &K) -> bool {
         match self.entries.remove(key) {

@@ -312,7 +312,7 @@ fn allowlisted_sources_are_exempt_from_everything() {
             assert!(policy
                 .rcpt_result(&state, source, &mut counters, false, now)
                 .is_none());
-            assert!(policy.auth_failed(&state, source, now).is_none());
+            assert!(policy.auth_failed(&state, source, None, now).is_none());
         }
         assert_eq!(counters.failed_rcpt, 0);
         assert!(state.block(&policy, source, Origin::Manual, now).is_none());
@@ -763,14 +763,16 @@ fn auth_failures_are_counted_over_a_sliding_window() {
     // Three failures, spread: at 0, 4 and 8 minutes.
     for minute in [0, 4, 8] {
         assert!(policy
-            .auth_failed(&state, source, t0 + minute * MIN)
+            .auth_failed(&state, source, None, t0 + minute * MIN)
             .is_none());
     }
     // At 10 minutes the first has left the window: 3 in the window, no block.
-    assert!(policy.auth_failed(&state, source, t0 + 10 * MIN).is_none());
+    assert!(policy
+        .auth_failed(&state, source, None, t0 + 10 * MIN)
+        .is_none());
     // At 11 minutes: 4, 8, 10, 11 → 4 > 3.
     let decision = policy
-        .auth_failed(&state, source, t0 + 11 * MIN)
+        .auth_failed(&state, source, None, t0 + 11 * MIN)
         .expect("auth block");
     let rejection = decision.verdict;
     assert_eq!(rejection.name(), "auth");
@@ -786,11 +788,131 @@ fn auth_failures_are_counted_over_a_sliding_window() {
     let order = rejection.block.expect("a block");
     assert_eq!((order.origin, order.repeat), (Origin::Auth, 0));
     // The count starts again after a block.
-    assert!(policy.auth_failed(&state, source, t0 + 12 * MIN).is_none());
+    assert!(policy
+        .auth_failed(&state, source, None, t0 + 12 * MIN)
+        .is_none());
     // Other sources have their own windows.
     assert!(policy
-        .auth_failed(&state, ip("192.0.2.8"), t0 + 12 * MIN)
+        .auth_failed(&state, ip("192.0.2.8"), None, t0 + 12 * MIN)
         .is_none());
+}
+
+/// One address in each of `n` networks (/24s), for sprays.
+fn spray_sources(n: u8) -> Vec<IpAddr> {
+    (1..=n).map(|i| ip(&format!("198.51.{i}.9"))).collect()
+}
+
+#[test]
+fn a_spray_over_many_networks_locks_the_account_against_sources_it_never_used() {
+    let policy = policy("[limits]\nmax_failed_auth_per_account = 4\nfailed_auth_window = \"10m\"");
+    let state = state();
+    let t0 = Instant::now();
+    // Alice logs in from home; then one wrong password from each of four
+    // networks: every source and network far under its own limit.
+    let home = ip("192.0.2.50");
+    policy.auth_succeeded(&state, home, "alice", t0);
+    for source in spray_sources(4) {
+        assert!(policy.account_locked(&state, source, "alice", t0).is_none());
+        assert!(policy
+            .auth_failed(&state, source, Some("alice"), t0)
+            .is_none());
+    }
+    // The fifth guess, from a sixth network, is refused unheard.
+    let stranger = ip("203.0.113.77");
+    let decision = policy
+        .account_locked(&state, stranger, "alice", t0 + MIN)
+        .expect("locked");
+    assert!(decision.enforced);
+    let rejection = decision.verdict;
+    assert_eq!(rejection.name(), "auth-account");
+    assert_eq!(
+        rejection.reason,
+        Reason::AccountLocked {
+            account: "alice".into(),
+            failures: 4,
+            limit: 4,
+            window: 10 * MIN
+        }
+    );
+    assert_eq!(
+        (rejection.action, rejection.block),
+        (Action::DeferCommand, None)
+    );
+    // Home is not refused; nor is another account; nor, once the
+    // failures have left the window, the stranger.
+    assert!(policy
+        .account_locked(&state, home, "alice", t0 + MIN)
+        .is_none());
+    assert!(policy
+        .account_locked(&state, stranger, "bob", t0 + MIN)
+        .is_none());
+    assert!(policy
+        .account_locked(&state, stranger, "alice", t0 + 10 * MIN)
+        .is_none());
+}
+
+#[test]
+fn a_guess_refused_for_a_locked_account_counts_for_its_source() {
+    let policy = policy("[limits]\nmax_failed_auth = 2\nmax_failed_auth_per_account = 1");
+    let state = state();
+    let now = Instant::now();
+    assert!(policy
+        .auth_failed(&state, ip("198.51.100.1"), Some("alice"), now)
+        .is_none());
+    let guesser = ip("203.0.113.5");
+    for _ in 0..2 {
+        let refused = policy
+            .account_locked(&state, guesser, "alice", now)
+            .unwrap();
+        assert_eq!(refused.verdict.name(), "auth-account");
+    }
+    // Its third guess is past max_failed_auth: the source's block.
+    let block = policy
+        .account_locked(&state, guesser, "alice", now)
+        .unwrap();
+    assert_eq!(block.verdict.name(), "auth");
+    assert_eq!(block.verdict.block.map(|b| b.origin), Some(Origin::Auth));
+}
+
+#[test]
+fn no_account_lock_when_off_or_for_an_allowlisted_source() {
+    let state = state();
+    let now = Instant::now();
+    let off = policy("[limits]\nmax_failed_auth_per_account = 0");
+    for source in spray_sources(20) {
+        let _ = off.auth_failed(&state, source, Some("alice"), now);
+    }
+    assert!(off
+        .account_locked(&state, ip("203.0.113.1"), "alice", now)
+        .is_none());
+
+    let on = policy(
+        "[limits]\nmax_failed_auth_per_account = 1\n\n[lists]\nallow = [\"203.0.113.0/24\"]",
+    );
+    let _ = on.auth_failed(&state, ip("198.51.100.1"), Some("alice"), now);
+    assert!(on
+        .account_locked(&state, ip("203.0.113.1"), "alice", now)
+        .is_none());
+    assert!(on
+        .account_locked(&state, ip("198.51.100.2"), "alice", now)
+        .is_some());
+    // An allow-listed source's own failures do not count for the account.
+    let _ = on.auth_failed(&state, ip("203.0.113.1"), Some("carol"), now);
+    assert!(on
+        .account_locked(&state, ip("198.51.100.2"), "carol", now)
+        .is_none());
+}
+
+#[test]
+fn an_observed_account_lock_is_not_enforced() {
+    let policy = policy("mode = \"observe\"\n\n[limits]\nmax_failed_auth_per_account = 1");
+    let state = state();
+    let now = Instant::now();
+    let _ = policy.auth_failed(&state, ip("198.51.100.1"), Some("alice"), now);
+    let decision = policy
+        .account_locked(&state, ip("203.0.113.1"), "alice", now)
+        .unwrap();
+    assert!(!decision.enforced);
 }
 
 // -- Blocks ----------------------------------------------------------------------
@@ -964,7 +1086,7 @@ fn observe_mode_decides_but_marks_decisions_unenforced() {
         harvest.verdict.block.is_some(),
         "what would have been blocked"
     );
-    let auth = policy.auth_failed(&state, source, now).unwrap();
+    let auth = policy.auth_failed(&state, source, None, now).unwrap();
     assert!(!auth.enforced);
     assert_eq!(auth.verdict.name(), "auth");
 
@@ -981,7 +1103,7 @@ fn windows_and_history_evict_the_least_recently_seen() {
     let now = Instant::now();
     for i in 1..=10 {
         let source = ip(&format!("192.0.2.{i}"));
-        let _ = policy.auth_failed(&state, source, now);
+        let _ = policy.auth_failed(&state, source, None, now);
         let _ = policy.mail_from(&state, source, Some(&format!("h{i}")), true, now);
         let _ = state.block(&policy, source, Origin::Manual, now);
     }
@@ -1037,7 +1159,7 @@ fn sweep_drops_what_has_aged_out() {
     let state = state();
     let t0 = Instant::now();
     let source = ip("192.0.2.7");
-    let _ = policy.auth_failed(&state, source, t0);
+    let _ = policy.auth_failed(&state, source, None, t0);
     let _ = policy.mail_from(&state, source, Some("h"), true, t0);
     let _ = state.block(&policy, source, Origin::Manual, t0);
     assert_eq!(state.sweep(&policy, t0 + MIN / 2), 0);
@@ -1410,7 +1532,7 @@ fn auth_failures_spread_over_a_network_block_the_network() {
     let mut first = None;
     for n in 1..=30u32 {
         let source = ip(&format!("203.0.113.{}", n % 10 + 1));
-        if let Some(decision) = policy.auth_failed(&state, source, now) {
+        if let Some(decision) = policy.auth_failed(&state, source, None, now) {
             first = Some((n, decision));
             break;
         }
@@ -1436,7 +1558,7 @@ fn per_network_limits_zero_are_off_and_spare_the_allow_list() {
     assert!(spread_failures(&off, &state, &hosts, 1000, now).is_none());
     assert!(hosts
         .iter()
-        .all(|&source| off.auth_failed(&state, source, now).is_none()));
+        .all(|&source| off.auth_failed(&state, source, None, now).is_none()));
     let allowed = policy(
         "[limits]\nmax_failed_rcpt_per_source = 0\nmax_failed_rcpt_per_network = 5\n\
          [lists]\nallow = [\"192.0.2.0/25\"]",

@@ -182,6 +182,19 @@ pub enum Reason {
         /// `failed_auth_window`.
         window: Duration,
     },
+    /// AUTH for an account past `max_failed_auth_per_account` refused
+    /// credentials within `failed_auth_window` (from every source), from a
+    /// source that has not logged in as it lately: refused unheard.
+    AccountLocked {
+        /// The account, lower-cased (as the client sent it: log it escaped).
+        account: String,
+        /// Refused credentials for it in the window.
+        failures: u32,
+        /// `max_failed_auth_per_account`.
+        limit: u32,
+        /// `failed_auth_window`.
+        window: Duration,
+    },
     /// Messages rejected by the content filters (virus, spam) from the
     /// source reached `filters.max_rejects` within `filters.reject_window`.
     FilterRejects {
@@ -211,6 +224,7 @@ impl Reason {
             Self::HarvestFromNetwork { .. } => "harvest-network",
             Self::AuthFailures { .. } => "auth",
             Self::AuthFailuresFromNetwork { .. } => "auth-network",
+            Self::AccountLocked { .. } => "auth-account",
             Self::FilterRejects { .. } => "filter",
         }
     }
@@ -232,7 +246,8 @@ impl Reason {
             | Self::StateFull { .. }
             | Self::HeloRejected { .. }
             | Self::TooManyForHelo { .. }
-            | Self::RelayDenied => None,
+            | Self::RelayDenied
+            | Self::AccountLocked { .. } => None,
         }
     }
 }
@@ -312,7 +327,16 @@ impl fmt::Display for Reason {
                 f,
                 "{failures} failed AUTH from network {network} within {window:?}, the limit is {limit}"
             ),
-            Self::FilterRejects {
+            Self::AccountLocked {
+                account,
+                failures,
+                limit,
+                window,
+            } => write!(
+                f,
+                "{failures} failed AUTH for account {account:?} within {window:?}, the limit is {limit}; refused from a source it has not logged in from"
+            ),
+                        Self::FilterRejects {
                 rejects,
                 limit,
                 window,

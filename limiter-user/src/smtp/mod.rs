@@ -15,6 +15,8 @@
 //!   named constructors, and [`ReplyParser`] for the backend's replies.
 //! * [`ehlo`] — rewrites the backend's EHLO reply into the capabilities the
 //!   proxy offers ([`filter_ehlo`]).
+//! * [`sasl`] — the account a client's SASL exchange names
+//!   ([`SaslAccount`]), for the per-account AUTH limit.
 //! * [`data`] — scans a DATA body for its end marker and for the bare CR/LF
 //!   that SMTP smuggling relies on ([`DataScanner`]).
 //!
@@ -27,6 +29,7 @@ pub mod ehlo;
 pub mod helo;
 pub mod line;
 pub mod reply;
+pub mod sasl;
 
 pub use command::{
     canonical_address, check_command_line, check_sasl_response, parse_command, parse_command_line,
@@ -38,6 +41,7 @@ pub use ehlo::{filter_ehlo, parse_capabilities, EhloOptions};
 pub use helo::{canonical_helo, HeloError, HeloName};
 pub use line::{Ending, Line, LineError, LineReader};
 pub use reply::{EnhancedCode, Reply, ReplyError, ReplyParser};
+pub use sasl::SaslAccount;
 
 /// A small deterministic pseudo-random generator (SplitMix64) for the
 /// random-input tests, so that no test depends on an external crate or on

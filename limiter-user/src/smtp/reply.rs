@@ -484,6 +484,17 @@ impl Reply {
         )
     }
 
+    /// `454 4.7.0`: AUTH for an account locked against this source
+    /// (`limits.max_failed_auth_per_account`); the credentials were not
+    /// checked.
+    #[must_use]
+    pub fn account_locked() -> Self {
+        Self::new(
+            454,
+            "4.7.0 Temporary authentication failure: too many failed logins for this account, try again later",
+        )
+    }
+
     /// `503 5.5.1`: AUTH when the backend offers none.
     #[must_use]
     pub fn auth_not_enabled() -> Self {

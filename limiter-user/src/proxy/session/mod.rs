@@ -91,6 +91,7 @@ use crate::{
         helo::canonical_helo,
         line::{LineError, LineReader},
         reply::Reply,
+        sasl::SaslAccount,
     },
 };
 
@@ -909,6 +910,8 @@ fn rejection_reply(rejection: &Rejection) -> Reply {
             "Error: too many failed authentications from your network, try again later"
         }
         Reason::FilterRejects { .. } => "Error: too many rejected messages, try again later",
+        // RFC 4954's temporary failure: the credentials were not checked.
+        Reason::AccountLocked { .. } => return Reply::account_locked(),
     };
     match rejection.action {
         Action::DeferCommand => Reply::policy_deferred(text),

@@ -1,0 +1,208 @@
+//! The account a client's SASL exchange names (RFC 4954), read from the
+//! client's own messages as they pass, before the one carrying the password
+//! reaches the backend: what the per-account AUTH limit counts and checks
+//! (`limits.max_failed_auth_per_account`).
+//!
+//! Known: `PLAIN` (RFC 4616: the authentication identity, whose password is
+//! checked, not the authorization identity), `LOGIN` (the first answer) and
+//! `CRAM-MD5` (RFC 2195: the name before the digest). Any other mechanism
+//! names no account here; its failures count per source and network only.
+
+use base64::{
+    alphabet,
+    engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
+    Engine as _,
+};
+
+/// Base64 as lenient as the backends' decoders: with or without padding,
+/// stray low bits allowed. A stricter reading than the backend's would let
+/// a client name an account that is never counted.
+const LENIENT: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true),
+);
+
+/// Longest account name kept (bytes); longer names are cut, so that a
+/// client cannot make the per-account table hold long keys.
+pub const MAX_ACCOUNT_LEN: usize = 256;
+
+/// Where an exchange stands in naming its account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaslAccount {
+    /// `PLAIN`: the next message holds the account.
+    Plain,
+    /// `LOGIN`: the next message is the account.
+    Login,
+    /// `CRAM-MD5`: the next message holds the account.
+    CramMd5,
+    /// Named already, or a mechanism whose messages are not read.
+    Done,
+}
+
+impl SaslAccount {
+    /// For the mechanism of an `AUTH` command (any case).
+    #[must_use]
+    pub fn new(mechanism: &str) -> Self {
+        match mechanism.to_ascii_uppercase().as_str() {
+            "PLAIN" => Self::Plain,
+            "LOGIN" => Self::Login,
+            "CRAM-MD5" => Self::CramMd5,
+            _ => Self::Done,
+        }
+    }
+
+    /// Reads the client's next message (as sent: base64, `=` for empty,
+    /// `*` to cancel): the account, lower-cased, if this message names it.
+    /// `CRAM-MD5`'s first message answers the server's challenge, so an
+    /// initial response ([`Self::read_initial`]) never names it.
+    pub fn read(&mut self, message: &[u8]) -> Option<String> {
+        let mechanism = std::mem::replace(self, Self::Done);
+        if mechanism == Self::Done || message == b"*" {
+            return None;
+        }
+        let decoded = if message == b"=" {
+            Vec::new()
+        } else {
+            LENIENT.decode(message).ok()?
+        };
+        let name: &[u8] = match mechanism {
+            // authzid NUL authcid NUL passwd
+            Self::Plain => decoded.split(|&b| b == 0).nth(1)?,
+            Self::Login => &decoded,
+            // "name digest": the digest is the last word
+            Self::CramMd5 => before_last_space(&decoded)?,
+            Self::Done => return None,
+        };
+        account_key(name)
+    }
+
+    /// Reads an `AUTH` command's initial response, if it has one.
+    pub fn read_initial(&mut self, initial: Option<&[u8]>) -> Option<String> {
+        match (*self, initial) {
+            (Self::CramMd5, _) | (_, None) => None,
+            (_, Some(message)) => self.read(message),
+        }
+    }
+
+    /// For an `AUTH mechanism [initial-response]` line: the exchange, and
+    /// the account if the initial response names it.
+    #[must_use]
+    pub fn from_command(line: &[u8]) -> (Self, Option<String>) {
+        let mut words = line
+            .split(u8::is_ascii_whitespace)
+            .filter(|word| !word.is_empty())
+            .skip(1);
+        let mechanism = String::from_utf8_lossy(words.next().unwrap_or_default());
+        let mut sasl = Self::new(&mechanism);
+        let account = sasl.read_initial(words.next());
+        (sasl, account)
+    }
+}
+
+/// The key an account is counted under: lower-cased (ASCII; mail systems
+/// look logins up without regard to case, so `Alice` is `alice`), cut at
+/// [`MAX_ACCOUNT_LEN`] bytes. `None` for an empty name.
+fn account_key(name: &[u8]) -> Option<String> {
+    let name = &name[..name.len().min(MAX_ACCOUNT_LEN)];
+    let key = String::from_utf8_lossy(name).to_ascii_lowercase();
+    (!key.is_empty()).then_some(key)
+}
+
+/// What comes before the last space of `bytes`.
+fn before_last_space(bytes: &[u8]) -> Option<&[u8]> {
+    let at = bytes.iter().rposition(|&b| b == b' ')?;
+    Some(&bytes[..at])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(bytes: &[u8]) -> Vec<u8> {
+        base64::engine::general_purpose::STANDARD
+            .encode(bytes)
+            .into_bytes()
+    }
+
+    #[test]
+    fn the_command_names_the_mechanism_and_perhaps_the_account() {
+        let (sasl, account) = SaslAccount::from_command(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==");
+        assert_eq!(
+            (sasl, account.as_deref()),
+            (SaslAccount::Done, Some("alice"))
+        );
+        let (sasl, account) = SaslAccount::from_command(b"auth  login");
+        assert_eq!((sasl, account), (SaslAccount::Login, None));
+        let (sasl, account) = SaslAccount::from_command(b"AUTH");
+        assert_eq!((sasl, account), (SaslAccount::Done, None));
+    }
+
+    #[test]
+    fn base64_is_read_with_or_without_padding() {
+        // `\0alice\0secret` without its `==`: Cyrus and Dovecot take it.
+        let (_, account) = SaslAccount::from_command(b"AUTH PLAIN AGFsaWNlAHNlY3JldA");
+        assert_eq!(account.as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn plain_names_the_authentication_identity_not_the_authorization_one() {
+        let mut sasl = SaslAccount::new("plain");
+        let message = b64(b"admin\0Alice@Example.COM\0secret");
+        assert_eq!(sasl.read(&message).as_deref(), Some("alice@example.com"));
+        // Only once: the exchange named its account.
+        assert_eq!(sasl.read(&message), None);
+        let mut sasl = SaslAccount::new("PLAIN");
+        assert_eq!(
+            sasl.read_initial(Some(&b64(b"\0alice\0wrong"))).as_deref(),
+            Some("alice")
+        );
+    }
+
+    #[test]
+    fn login_names_its_account_in_the_first_message() {
+        let mut sasl = SaslAccount::new("LOGIN");
+        assert_eq!(sasl.read_initial(None), None);
+        assert_eq!(sasl.read(&b64(b"ALICE")).as_deref(), Some("alice"));
+        assert_eq!(sasl.read(&b64(b"password")), None);
+        let mut sasl = SaslAccount::new("login");
+        assert_eq!(
+            sasl.read_initial(Some(&b64(b"bob"))).as_deref(),
+            Some("bob")
+        );
+    }
+
+    #[test]
+    fn cram_md5_names_the_account_before_the_digest() {
+        let mut sasl = SaslAccount::new("CRAM-MD5");
+        assert_eq!(sasl.read_initial(Some(&b64(b"ignored x"))), None);
+        let message = b64(b"tim b913a602c7eda7a495b4e6e7334d3890");
+        assert_eq!(sasl.read(&message).as_deref(), Some("tim"));
+    }
+
+    #[test]
+    fn nothing_is_named_by_a_cancel_bad_base64_an_empty_name_or_other_mechanisms() {
+        for message in [&b"*"[..], b"not base64!", b"="] {
+            assert_eq!(SaslAccount::new("PLAIN").read(message), None, "{message:?}");
+            assert_eq!(SaslAccount::new("LOGIN").read(message), None, "{message:?}");
+        }
+        assert_eq!(SaslAccount::new("PLAIN").read(&b64(b"no separators")), None);
+        assert_eq!(SaslAccount::new("PLAIN").read(&b64(b"\0\0pw")), None);
+        for mechanism in ["SCRAM-SHA-256", "XOAUTH2", "GSSAPI", ""] {
+            let mut sasl = SaslAccount::new(mechanism);
+            assert_eq!(sasl.read(&b64(b"\0alice\0pw")), None, "{mechanism}");
+        }
+    }
+
+    #[test]
+    fn a_long_name_is_cut_and_any_bytes_are_taken() {
+        let long = vec![b'a'; 10_000];
+        let key = SaslAccount::new("LOGIN").read(&b64(&long)).unwrap();
+        assert_eq!(key.len(), MAX_ACCOUNT_LEN);
+        let odd = SaslAccount::new("LOGIN")
+            .read(&b64(&[0xff, b'X', 0]))
+            .unwrap();
+        assert_eq!(odd, "\u{fffd}x\0");
+    }
+}
