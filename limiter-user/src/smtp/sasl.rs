@@ -102,11 +102,19 @@ impl SaslAccount {
 }
 
 /// The key an account is counted under: lower-cased (ASCII; mail systems
-/// look logins up without regard to case, so `Alice` is `alice`), cut at
-/// [`MAX_ACCOUNT_LEN`] bytes. `None` for an empty name.
-fn account_key(name: &[u8]) -> Option<String> {
+/// look logins up without regard to case, so `Alice` is `alice`), bytes
+/// that are not UTF-8 replaced, cut to at most [`MAX_ACCOUNT_LEN`] bytes
+/// (at a character boundary). `None` for an empty name.
+#[must_use]
+pub fn account_key(name: &[u8]) -> Option<String> {
+    // Each replaced byte can grow to three: read at most what can fit.
     let name = &name[..name.len().min(MAX_ACCOUNT_LEN)];
-    let key = String::from_utf8_lossy(name).to_ascii_lowercase();
+    let mut key = String::from_utf8_lossy(name).to_ascii_lowercase();
+    let mut end = key.len().min(MAX_ACCOUNT_LEN);
+    while !key.is_char_boundary(end) {
+        end -= 1;
+    }
+    key.truncate(end);
     (!key.is_empty()).then_some(key)
 }
 
