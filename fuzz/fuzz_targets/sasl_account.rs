@@ -31,7 +31,10 @@ fuzz_target!(|data: &[u8]| {
 
     // Built: `authzid NUL authcid NUL password` from the input's pieces.
     let mut parts = data.splitn(3, |&b| b == 0);
-    let (authzid, authcid) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let (authzid, authcid) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
     let mut plain = authzid.to_vec();
     plain.push(0);
     plain.extend_from_slice(authcid);
@@ -52,7 +55,13 @@ fuzz_target!(|data: &[u8]| {
 
 fn check(account: Option<&str>) {
     let Some(account) = account else { return };
-    assert!(!account.is_empty() && account.len() <= MAX_ACCOUNT_LEN, "{account:?}");
-    assert!(!account.bytes().any(|b| b.is_ascii_uppercase()), "{account:?}");
+    assert!(
+        !account.is_empty() && account.len() <= MAX_ACCOUNT_LEN,
+        "{account:?}"
+    );
+    assert!(
+        !account.bytes().any(|b| b.is_ascii_uppercase()),
+        "{account:?}"
+    );
     assert_eq!(account_key(account.as_bytes()).as_deref(), Some(account));
 }
