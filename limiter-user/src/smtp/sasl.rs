@@ -4,9 +4,12 @@
 //! (`limits.max_failed_auth_per_account`).
 //!
 //! Known: `PLAIN` (RFC 4616: the authentication identity, whose password is
-//! checked, not the authorization identity), `LOGIN` (the first answer) and
-//! `CRAM-MD5` (RFC 2195: the name before the digest). Any other mechanism
-//! names no account here; its failures count per source and network only.
+//! checked, not the authorization identity), `LOGIN` (the first answer),
+//! `CRAM-MD5` (RFC 2195: the name before the digest), `DIGEST-MD5` (RFC
+//! 2831: `username`), every `SCRAM-*` (RFC 5802: the client-first message's
+//! `n=`) and `XOAUTH2` (`user=`). Any other mechanism (GSSAPI, NTLM,
+//! OAUTHBEARER, EXTERNAL) names no account here; its failures count per
+//! source and network only.
 
 use base64::{
     alphabet,
@@ -37,6 +40,12 @@ pub enum SaslAccount {
     Login,
     /// `CRAM-MD5`: the next message holds the account.
     CramMd5,
+    /// `DIGEST-MD5`: the next message holds the account.
+    DigestMd5,
+    /// `SCRAM-*`: the next message (client-first) holds the account.
+    Scram,
+    /// `XOAUTH2`: the next message holds the account.
+    XOAuth2,
     /// Named already, or a mechanism whose messages are not read.
     Done,
 }
@@ -49,6 +58,9 @@ impl SaslAccount {
             "PLAIN" => Self::Plain,
             "LOGIN" => Self::Login,
             "CRAM-MD5" => Self::CramMd5,
+            "DIGEST-MD5" => Self::DigestMd5,
+            "XOAUTH2" => Self::XOAuth2,
+            scram if scram.starts_with("SCRAM-") => Self::Scram,
             _ => Self::Done,
         }
     }
@@ -67,15 +79,22 @@ impl SaslAccount {
         } else {
             LENIENT.decode(message).ok()?
         };
-        let name: &[u8] = match mechanism {
+        match mechanism {
             // authzid NUL authcid NUL passwd
-            Self::Plain => decoded.split(|&b| b == 0).nth(1)?,
-            Self::Login => &decoded,
+            Self::Plain => account_key(decoded.split(|&b| b == 0).nth(1)?),
+            Self::Login => account_key(&decoded),
             // "name digest": the digest is the last word
-            Self::CramMd5 => before_last_space(&decoded)?,
-            Self::Done => return None,
-        };
-        account_key(name)
+            Self::CramMd5 => account_key(before_last_space(&decoded)?),
+            Self::DigestMd5 => account_key(&digest_username(&decoded)?),
+            Self::Scram => account_key(&scram_username(&decoded)?),
+            // user=NAME ^A auth=Bearer TOKEN ^A ^A
+            Self::XOAuth2 => account_key(
+                decoded
+                    .split(|&b| b == 1)
+                    .find_map(|field| field.strip_prefix(b"user="))?,
+            ),
+            Self::Done => None,
+        }
     }
 
     /// Reads an `AUTH` command's initial response, if it has one.
@@ -116,6 +135,84 @@ pub fn account_key(name: &[u8]) -> Option<String> {
     }
     key.truncate(end);
     (!key.is_empty()).then_some(key)
+}
+
+/// The `n=` name of a SCRAM client-first message (`gs2-header n=NAME,r=…`),
+/// its `=2C` and `=3D` unescaped.
+fn scram_username(message: &[u8]) -> Option<Vec<u8>> {
+    // gs2-cbind-flag "," [authzid] "," then the attributes.
+    let bare = message.splitn(3, |&b| b == b',').nth(2)?;
+    let name = bare
+        .split(|&b| b == b',')
+        .find_map(|attribute| attribute.strip_prefix(b"n="))?;
+    let mut out = Vec::with_capacity(name.len());
+    let mut rest = name;
+    while let Some((&first, tail)) = rest.split_first() {
+        let (byte, more) = match (first, tail) {
+            (b'=', [b'2', b'C' | b'c', more @ ..]) => (b',', more),
+            (b'=', [b'3', b'D' | b'd', more @ ..]) => (b'=', more),
+            _ => (first, tail),
+        };
+        out.push(byte);
+        rest = more;
+    }
+    Some(out)
+}
+
+/// The `username` directive of a DIGEST-MD5 response (a quoted string with
+/// `\` escapes, or a bare token), at the start or after a comma.
+fn digest_username(message: &[u8]) -> Option<Vec<u8>> {
+    let mut rest = message;
+    loop {
+        rest = trim_start(rest);
+        let eq = rest.iter().position(|&b| b == b'=')?;
+        let key = trim_end(&rest[..eq]);
+        let mut value = Vec::new();
+        let mut after = trim_start(&rest[eq + 1..]);
+        if let Some(quoted) = after.strip_prefix(b"\"") {
+            let mut bytes = quoted.iter();
+            let mut consumed = 1;
+            while let Some(&b) = bytes.next() {
+                consumed += 1;
+                match b {
+                    b'"' => break,
+                    b'\\' => {
+                        if let Some(&escaped) = bytes.next() {
+                            consumed += 1;
+                            value.push(escaped);
+                        }
+                    }
+                    _ => value.push(b),
+                }
+            }
+            after = &after[consumed.min(after.len())..];
+        } else {
+            let end = after.iter().position(|&b| b == b',').unwrap_or(after.len());
+            value.extend_from_slice(trim_end(&after[..end]));
+            after = &after[end..];
+        }
+        if key.eq_ignore_ascii_case(b"username") {
+            return Some(value);
+        }
+        let comma = after.iter().position(|&b| b == b',')?;
+        rest = &after[comma + 1..];
+    }
+}
+
+fn trim_start(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(bytes.len());
+    &bytes[start..]
+}
+
+fn trim_end(bytes: &[u8]) -> &[u8] {
+    let end = bytes
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(0, |at| at + 1);
+    &bytes[..end]
 }
 
 /// What comes before the last space of `bytes`.
@@ -190,6 +287,49 @@ mod tests {
     }
 
     #[test]
+    fn scram_names_the_client_first_messages_user_unescaped() {
+        for mechanism in ["SCRAM-SHA-1", "scram-sha-256-plus"] {
+            let mut sasl = SaslAccount::new(mechanism);
+            let first = b64(b"n,,n=Al=2Cice=3D,r=fyko+d2lbbFgONRv9qkxdawL");
+            assert_eq!(sasl.read(&first).as_deref(), Some("al,ice="), "{mechanism}");
+        }
+        // An authzid in the GS2 header is not the account.
+        let (_, account) = SaslAccount::from_command(
+            &[
+                b"AUTH SCRAM-SHA-256 ".as_slice(),
+                &b64(b"y,a=admin,n=bob,r=abc"),
+            ]
+            .concat(),
+        );
+        assert_eq!(account.as_deref(), Some("bob"));
+    }
+
+    #[test]
+    fn digest_md5_names_its_username_directive() {
+        let response = b64(
+            br#"charset=utf-8,username="Chris\"s",realm="elwood.innosoft.com",nonce="OA6MG9tEQGm2hh",nc=00000001,cnonce="OA6MHXh6VqTrRk",digest-uri="smtp/elwood.innosoft.com",response=d388dad90d4bbd760a152321f2143af7,qop=auth"#,
+        );
+        let mut sasl = SaslAccount::new("DIGEST-MD5");
+        assert_eq!(sasl.read_initial(None), None);
+        assert_eq!(sasl.read(&response).as_deref(), Some("chris\"s"));
+        let bare = b64(b"realm=x, username = tim ,nonce=\"a,b\"");
+        assert_eq!(
+            SaslAccount::new("DIGEST-MD5").read(&bare).as_deref(),
+            Some("tim")
+        );
+        let none = b64(br#"realm="username=eve",nonce=1"#);
+        assert_eq!(SaslAccount::new("DIGEST-MD5").read(&none), None);
+    }
+
+    #[test]
+    fn xoauth2_names_its_user() {
+        let message = b64(b"user=Someone@Example.com\x01auth=Bearer vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg==\x01\x01");
+        let (_, account) =
+            SaslAccount::from_command(&[b"AUTH XOAUTH2 ".as_slice(), &message].concat());
+        assert_eq!(account.as_deref(), Some("someone@example.com"));
+    }
+
+    #[test]
     fn nothing_is_named_by_a_cancel_bad_base64_an_empty_name_or_other_mechanisms() {
         for message in [&b"*"[..], b"not base64!", b"="] {
             assert_eq!(SaslAccount::new("PLAIN").read(message), None, "{message:?}");
@@ -197,7 +337,7 @@ mod tests {
         }
         assert_eq!(SaslAccount::new("PLAIN").read(&b64(b"no separators")), None);
         assert_eq!(SaslAccount::new("PLAIN").read(&b64(b"\0\0pw")), None);
-        for mechanism in ["SCRAM-SHA-256", "XOAUTH2", "GSSAPI", ""] {
+        for mechanism in ["GSSAPI", "NTLM", "OAUTHBEARER", "EXTERNAL", ""] {
             let mut sasl = SaslAccount::new(mechanism);
             assert_eq!(sasl.read(&b64(b"\0alice\0pw")), None, "{mechanism}");
         }
