@@ -165,6 +165,54 @@ fn xclient_delivers_once_and_passes_the_client_address_and_helo() {
     );
 }
 
+/// A second message from a recent sender goes through the backend
+/// connection opened at accept (`backend.early_connect`), and Postfix sees
+/// the same client, HELO name and transaction as for the first.
+fn a_recent_senders_next_message_is_the_same_to_postfix(identity: Identity) {
+    let mut options = identity.postfix_options();
+    options.extra_main_cf.push(helo_logging());
+    let rig = rig_with(identity, options, PLAIN_LISTENER, "");
+    for _ in 0..2 {
+        swaks_to_alice(rig.addr(), CLIENT, &["--helo", "client.helo.test"]).expect_success();
+    }
+    rig.expect_delivered(2);
+    assert_eq!(rig.proxy.ctx.stats.early_links(), vec![("used", 1)]);
+    let sessions = rig.expect_sessions(2);
+    let log = rig.log();
+    for session in &sessions {
+        assert!(
+            session.contains(&format!("disconnect from unknown[{CLIENT}]"))
+                && session.contains(" mail=1 rcpt=1 data=1 "),
+            "{log}"
+        );
+    }
+    let helos = log_lines(&log, ": helo-seen;");
+    assert_eq!(helos.len(), 2, "{log}");
+    for helo in helos {
+        assert!(
+            helo.contains(&format!("RCPT from unknown[{CLIENT}]"))
+                && helo.contains(" helo=<client.helo.test>"),
+            "{log}"
+        );
+    }
+}
+
+#[test]
+fn a_recent_senders_next_message_is_the_same_to_postfix_with_proxy_v2() {
+    if !ready("a_recent_senders_next_message_is_the_same_to_postfix_with_proxy_v2") {
+        return;
+    }
+    a_recent_senders_next_message_is_the_same_to_postfix(Identity::ProxyV2);
+}
+
+#[test]
+fn a_recent_senders_next_message_is_the_same_to_postfix_with_xclient() {
+    if !ready("a_recent_senders_next_message_is_the_same_to_postfix_with_xclient") {
+        return;
+    }
+    a_recent_senders_next_message_is_the_same_to_postfix(Identity::Xclient);
+}
+
 #[test]
 fn identity_none_delivers_once_and_postfix_sees_the_proxy() {
     if !ready("identity_none_delivers_once_and_postfix_sees_the_proxy") {
