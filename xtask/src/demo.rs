@@ -225,13 +225,8 @@ fn install_signal_handlers() {
 /// What the kernel part needs besides root: bpffs mounted at /sys/fs/bpf,
 /// and iproute2 and nsenter to make and enter the namespaces.
 fn kernel_prerequisites() -> Result<(), String> {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let bpffs = mounts.lines().any(|line| {
-        let mut fields = line.split_whitespace();
-        let _dev = fields.next();
-        fields.next() == Some("/sys/fs/bpf") && fields.next() == Some("bpf")
-    });
-    if !bpffs {
+    // `setup` (run before) mounts it as root; this stays for runs where that failed.
+    if !setup::bpffs_mounted() {
         return Err(
             "no BPF filesystem is mounted at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf)".into(),
         );

@@ -46,7 +46,37 @@ pub fn setup() -> Result<()> {
         }
         Err(why) => return not_debian(&why, llvm, &packages),
     }
-    ensure_bpf_linker(llvm)
+    ensure_bpf_linker(llvm)?;
+    ensure_bpffs()
+}
+
+/// bpffs at /sys/fs/bpf, where the agent pins its maps and the kernel tests
+/// theirs. systemd mounts it at boot; hosts and guests without systemd's
+/// mounts (a fresh VM booted by another init) lack it until someone does.
+fn ensure_bpffs() -> Result<()> {
+    if bpffs_mounted() {
+        println!("ok: bpffs already mounted at {BPF_FS}");
+        return Ok(());
+    }
+    if !is_root() {
+        println!("missing: bpffs at {BPF_FS} (as root: mount -t bpf bpf {BPF_FS})");
+        return Ok(());
+    }
+    println!("mounting bpffs at {BPF_FS}");
+    cmd::run(Command::new("mount").args(["-t", "bpf", "bpf", BPF_FS]))
+        .with_context(|| format!("mounting bpffs at {BPF_FS}"))
+}
+
+const BPF_FS: &str = "/sys/fs/bpf";
+
+/// Whether a bpf filesystem is mounted at [`BPF_FS`] (per /proc/mounts).
+pub fn bpffs_mounted() -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        let _source = fields.next();
+        fields.next() == Some(BPF_FS) && fields.next() == Some("bpf")
+    })
 }
 
 /// The Debian/Ubuntu packages: LLVM (and Polly, which llvm-config's link line
