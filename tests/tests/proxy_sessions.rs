@@ -2542,6 +2542,42 @@ fn at_the_session_cap_the_oldest_idle_session_makes_room() {
 }
 
 #[test]
+fn a_source_whose_idle_sessions_keep_being_shed_is_blocked() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(
+        &backend,
+        "[smtp]\nmax_sessions = 2\n[limits]\nmax_shed_sessions_per_source = 2\n",
+    );
+    // A zombie holds both places and comes back each time it is cut: each
+    // of its newcomers sheds its oldest session.
+    let mut held = vec![Smtp::session(proxy.addr), Smtp::session(proxy.addr)];
+    for sheds in 1..=2 {
+        let newcomer = Smtp::session(proxy.addr);
+        let mut oldest = held.remove(0);
+        expect(&oldest.reply(), "421 4.3.2");
+        assert_eq!(shed(&proxy, "shed-idle"), sheds);
+        assert!(blocked(&proxy).is_none(), "blocked after {sheds} sheds");
+        held.push(newcomer);
+    }
+    // The third shed within the window blocks the source, before its 421
+    // (the newcomer itself may already meet the block at its greeting).
+    let _newcomer = Smtp::connect(proxy.addr);
+    expect(&held.remove(0).reply(), "421 4.3.2");
+    let block = blocked(&proxy).expect("127.0.0.1 blocked");
+    assert_eq!(block.net, "127.0.0.1/32".parse().unwrap());
+    assert_eq!(block.origin, Reason::Flood);
+    assert_eq!(rejections(&proxy, "shed-sessions"), 1);
+    let (mut again, greeting) = Smtp::connect(proxy.addr);
+    expect(&greeting, "421 4.7.0");
+    assert!(again.closed());
+    assert_eq!(
+        backend.connections(),
+        0,
+        "the zombie never reached the backend"
+    );
+}
+
+#[test]
 fn under_stress_idle_sessions_without_mail_get_a_short_timeout() {
     let backend = ScriptedBackend::start(Behaviour::default());
     let proxy = start(

@@ -72,6 +72,15 @@ pub struct Limits {
     /// 4.7.1`, never a block (a network's legitimate servers send bounces
     /// too; they retry). A count of 0 = off.
     pub null_sender_rate_per_network: Rate,
+    /// Sessions of one source (IPv6: per `ipv6_prefix`) closed under
+    /// pressure (shed at the session cap, cut at the short stress timeout
+    /// or past `smtp.max_commands_before_mail`) within
+    /// `shed_sessions_window` before the source is blocked: a zombie that
+    /// comes back to idle each time it is cut. 0 = off.
+    pub max_shed_sessions_per_source: u32,
+    /// Window over which `max_shed_sessions_per_source` counts.
+    #[serde(with = "duration_serde")]
+    pub shed_sessions_window: Duration,
     /// Length of a first block.
     #[serde(with = "duration_serde")]
     pub block_duration: Duration,
@@ -112,6 +121,8 @@ impl Default for Limits {
                 count: 200,
                 per: Duration::from_secs(60),
             },
+            max_shed_sessions_per_source: 3,
+            shed_sessions_window: Duration::from_secs(10 * 60),
             block_duration: Duration::from_secs(30 * 60),
             block_backoff: 2.0,
             max_block_duration: Duration::from_secs(7 * 24 * 3600),
@@ -157,6 +168,7 @@ impl Limits {
         for (key, window) in [
             ("limits.failed_auth_window", limits.failed_auth_window),
             ("limits.failed_rcpt_window", limits.failed_rcpt_window),
+            ("limits.shed_sessions_window", limits.shed_sessions_window),
         ] {
             if window.is_zero() {
                 return Err(invalid(key, "must be greater than zero"));
@@ -399,6 +411,14 @@ pub const LIVE_LIMITS: &[LiveLimit] = &[
     live_limit!(
         null_sender_rate_per_network,
         "MAIL FROM:<> from all sources of one network; over it 450 4.7.1, never a block (0/1m = off)"
+    ),
+    live_limit!(
+        max_shed_sessions_per_source,
+        "sessions of one source closed under pressure (shed at the session cap, stress timeout, too many commands before MAIL) within shed_sessions_window before a block (0 = off)"
+    ),
+    live_limit!(
+        shed_sessions_window,
+        "the window max_shed_sessions_per_source counts over"
     ),
     live_limit!(block_duration, "length of a first block"),
     live_limit!(

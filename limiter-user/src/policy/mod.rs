@@ -104,6 +104,7 @@ pub struct Policy {
     rcpt: RcptRules,
     auth: AuthRules,
     filters: FilterRules,
+    shed: ShedRules,
     blocks: BlockRules,
 }
 
@@ -189,6 +190,16 @@ struct FilterRules {
     reject_window: Duration,
 }
 
+/// Sessions closed under pressure (`proxy::shed`, the stress timeout,
+/// `smtp.max_commands_before_mail`).
+#[derive(Clone, Debug)]
+struct ShedRules {
+    /// `max_shed_sessions_per_source`; 0 = off.
+    max_per_source: u32,
+    /// `shed_sessions_window`.
+    window: Duration,
+}
+
 /// Blocks ordered by any stage.
 #[derive(Clone, Debug)]
 struct BlockRules {
@@ -261,6 +272,10 @@ impl Policy {
             filters: FilterRules {
                 max_rejects: config.filters.max_rejects,
                 reject_window: config.filters.reject_window,
+            },
+            shed: ShedRules {
+                max_per_source: limits.max_shed_sessions_per_source,
+                window: limits.shed_sessions_window,
             },
             blocks: BlockRules {
                 block_duration: limits.block_duration,
@@ -949,6 +964,49 @@ impl Policy {
         }))
     }
 
+    /// A session of `source` closed under pressure before it had a MAIL
+    /// accepted (shed at the session cap, cut at the short stress timeout,
+    /// or past `smtp.max_commands_before_mail`; the client already has its
+    /// `421`).
+    ///
+    /// Counted per source over the last `shed_sessions_window`; past
+    /// `max_shed_sessions_per_source` (0 = never) the source is blocked:
+    /// [`Reason::ShedSessions`], and a block (reason `flood`), so that a
+    /// zombie that reconnects to idle again each time it is cut finds its
+    /// SYNs dropped in the kernel instead of costing a session each time.
+    /// A sender with mail to deliver says MAIL at once and is never shed
+    /// this way. Allow-listed sources are not counted.
+    pub fn session_shed(
+        &self,
+        state: &PolicyState,
+        source: IpAddr,
+        now: Instant,
+    ) -> Option<Decision<Rejection>> {
+        let rules = &self.shed;
+        if rules.max_per_source == 0 {
+            return None;
+        }
+        let (sheds, order) = self.count_toward_block(
+            state,
+            source,
+            now,
+            WindowRule {
+                kind: CountKind::ShedSession,
+                limit: rules.max_per_source,
+                window: rules.window,
+            },
+        )?;
+        Some(self.decide(Rejection {
+            reason: Reason::ShedSessions {
+                sheds,
+                limit: rules.max_per_source,
+                window: rules.window,
+            },
+            action: Action::DeferAndClose,
+            block: Some(order),
+        }))
+    }
+
     /// Counts one event of `source` in its network's `rule` window (a limit
     /// of 0 is off); past the limit, the network's block, and the refusal
     /// that says so: `reason` made of the network and the events counted.
@@ -1024,6 +1082,7 @@ impl Policy {
             CountKind::FailedAuth | CountKind::FailedAuthPerNetwork => self.auth.failed_auth_window,
             CountKind::NullSender => self.mail.null_sender_rate.per,
             CountKind::FilterReject => self.filters.reject_window,
+            CountKind::ShedSession => self.shed.window,
         }
     }
 

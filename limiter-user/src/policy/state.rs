@@ -88,17 +88,20 @@ pub enum CountKind {
     NullSender,
     /// `filters.max_rejects` in `filters.reject_window`.
     FilterReject,
+    /// `max_shed_sessions_per_source` in `shed_sessions_window`.
+    ShedSession,
 }
 
 impl CountKind {
     /// Every kind.
-    pub const ALL: [CountKind; 6] = [
+    pub const ALL: [CountKind; 7] = [
         CountKind::FailedRcpt,
         CountKind::FailedAuth,
         CountKind::FailedRcptPerNetwork,
         CountKind::FailedAuthPerNetwork,
         CountKind::NullSender,
         CountKind::FilterReject,
+        CountKind::ShedSession,
     ];
 
     /// A short stable name (keys, logs, metrics).
@@ -111,6 +114,7 @@ impl CountKind {
             CountKind::FailedAuthPerNetwork => "auth-network",
             CountKind::NullSender => "null-sender",
             CountKind::FilterReject => "filter",
+            CountKind::ShedSession => "shed",
         }
     }
 
@@ -122,7 +126,7 @@ impl CountKind {
                 limiter_common::Reason::Harvest
             }
             CountKind::FailedAuth | CountKind::FailedAuthPerNetwork => limiter_common::Reason::Auth,
-            CountKind::NullSender => limiter_common::Reason::Flood,
+            CountKind::NullSender | CountKind::ShedSession => limiter_common::Reason::Flood,
             CountKind::FilterReject => limiter_common::Reason::Filter,
         }
     }
@@ -182,6 +186,8 @@ pub(super) struct Tables {
     pub(super) filter_rejects: Lru<IpNet, Window>,
     /// Null-sender MAIL times per source key.
     pub(super) null_by_source: Lru<IpNet, Window>,
+    /// Times a session of the source key was closed under pressure.
+    shed_sessions: Lru<IpNet, Window>,
     /// Null-sender MAIL times per lower-cased HELO name.
     pub(super) null_by_helo: Lru<String, Window>,
     /// Null-sender MAIL times per network ([`Policy::source_network`]).
@@ -261,6 +267,7 @@ impl PolicyState {
                 auth_failures_by_network: Lru::new(network_capacity(capacity)),
                 filter_rejects: Lru::new(capacity),
                 null_by_source: Lru::new(capacity),
+                shed_sessions: Lru::new(capacity),
                 null_by_helo: Lru::new(capacity),
                 null_by_network: Lru::new(network_capacity(capacity)),
                 auth_failures_by_account: Lru::new(capacity),
@@ -541,6 +548,7 @@ impl Tables {
             CountKind::FailedAuthPerNetwork => &mut self.auth_failures_by_network,
             CountKind::NullSender => &mut self.null_by_source,
             CountKind::FilterReject => &mut self.filter_rejects,
+            CountKind::ShedSession => &mut self.shed_sessions,
         }
     }
 

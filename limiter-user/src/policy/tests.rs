@@ -752,6 +752,75 @@ fn filter_rejects_never_block_with_max_rejects_zero() {
     }
 }
 
+// -- Sessions shed under pressure ------------------------------------------------
+
+#[test]
+fn a_source_whose_sessions_keep_being_shed_is_blocked_past_the_limit() {
+    let policy = policy(
+        "[limits]\nmax_shed_sessions_per_source = 3\nshed_sessions_window = \"10m\"\nipv6_prefix = 64\n[lists]\nallow = [\"10.0.0.0/8\"]",
+    );
+    let state = state();
+    let t0 = Instant::now();
+    let zombie = ip("192.0.2.7");
+    // Three sheds, the first of them out of the window before the fourth.
+    for at in [t0, t0 + 5 * MIN, t0 + 9 * MIN] {
+        assert!(policy.session_shed(&state, zombie, at).is_none());
+    }
+    assert!(policy.session_shed(&state, zombie, t0 + 11 * MIN).is_none());
+    let decision = policy
+        .session_shed(&state, zombie, t0 + 12 * MIN)
+        .expect("the fourth shed within 10 minutes blocks");
+    assert!(decision.enforced);
+    let rejection = decision.verdict;
+    assert_eq!(rejection.name(), "shed-sessions");
+    assert_eq!(
+        rejection.reason,
+        Reason::ShedSessions {
+            sheds: 4,
+            limit: 3,
+            window: 10 * MIN
+        }
+    );
+    let order = rejection.block.expect("a block");
+    assert_eq!(order.origin, Origin::Flood);
+    assert_eq!(order.net, net("192.0.2.7/32"));
+    // Another address of the same /24 has its own count; an IPv6 zombie
+    // that hops between the addresses of its /64 does not.
+    assert!(policy
+        .session_shed(&state, ip("192.0.2.8"), t0 + 12 * MIN)
+        .is_none());
+    let hops = (1..=4).map(|i| ip(&format!("2001:db8:1:2::{i}")));
+    let last = hops
+        .map(|hop| policy.session_shed(&state, hop, t0))
+        .last()
+        .flatten()
+        .expect("the /64's fourth shed blocks it");
+    assert_eq!(
+        last.verdict.block.expect("a block").net,
+        net("2001:db8:1:2::/64")
+    );
+    // Allow-listed sources are never counted.
+    for _ in 0..10 {
+        assert!(policy.session_shed(&state, ip("10.1.2.3"), t0).is_none());
+    }
+}
+
+#[test]
+fn shed_sessions_never_block_with_the_limit_zero_and_observe_mode_only_reports() {
+    let off = policy("[limits]\nmax_shed_sessions_per_source = 0");
+    let state = state();
+    let t0 = Instant::now();
+    for _ in 0..100 {
+        assert!(off.session_shed(&state, ip("192.0.2.7"), t0).is_none());
+    }
+    let observe = policy("mode = \"observe\"\n[limits]\nmax_shed_sessions_per_source = 1");
+    assert!(observe.session_shed(&state, ip("192.0.2.9"), t0).is_none());
+    let decision = observe
+        .session_shed(&state, ip("192.0.2.9"), t0)
+        .expect("the second shed decides");
+    assert!(!decision.enforced);
+}
+
 // -- AUTH ------------------------------------------------------------------------
 
 #[test]

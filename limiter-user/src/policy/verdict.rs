@@ -195,6 +195,16 @@ pub enum Reason {
         /// `failed_auth_window`.
         window: Duration,
     },
+    /// Sessions of the source closed under pressure went past
+    /// `max_shed_sessions_per_source` within `shed_sessions_window`.
+    ShedSessions {
+        /// Sessions shed in the window, this one included.
+        sheds: u32,
+        /// `max_shed_sessions_per_source`.
+        limit: u32,
+        /// `shed_sessions_window`.
+        window: Duration,
+    },
     /// Messages rejected by the content filters (virus, spam) from the
     /// source reached `filters.max_rejects` within `filters.reject_window`.
     FilterRejects {
@@ -226,6 +236,7 @@ impl Reason {
             Self::AuthFailuresFromNetwork { .. } => "auth-network",
             Self::AccountLocked { .. } => "auth-account",
             Self::FilterRejects { .. } => "filter",
+            Self::ShedSessions { .. } => "shed-sessions",
         }
     }
 
@@ -236,7 +247,7 @@ impl Reason {
         use limiter_common::Reason as Origin;
         match self {
             Self::RejectList { .. } => Some(Origin::RejectList),
-            Self::NullSenderRate { .. } => Some(Origin::Flood),
+            Self::NullSenderRate { .. } | Self::ShedSessions { .. } => Some(Origin::Flood),
             Self::Harvest { .. }
             | Self::HarvestAcrossSessions { .. }
             | Self::HarvestFromNetwork { .. } => Some(Origin::Harvest),
@@ -336,7 +347,15 @@ impl fmt::Display for Reason {
                 f,
                 "{failures} failed AUTH for account {account:?} within {window:?}, the limit is {limit}; refused from a source it has not logged in from"
             ),
-                        Self::FilterRejects {
+            Self::ShedSessions {
+                sheds,
+                limit,
+                window,
+            } => write!(
+                f,
+                "{sheds} sessions closed under pressure before MAIL within {window:?}, the limit is {limit}"
+            ),
+            Self::FilterRejects {
                 rejects,
                 limit,
                 window,

@@ -417,7 +417,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return "blocked";
                 }
                 Input::Shed => {
-                    self.ctx.count_shed(self.source(), "shed-idle");
+                    self.shed("shed-idle");
                     let _ = self.reply(&Reply::shed_idle()).await;
                     return "shed";
                 }
@@ -446,7 +446,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !self.mail_accepted {
             self.commands_before_mail = self.commands_before_mail.saturating_add(1);
             if self.commands_before_mail > self.settings.smtp.max_commands_before_mail {
-                self.ctx.count_shed(self.source(), "too-many-commands");
+                self.shed("too-many-commands");
                 self.reply(&Reply::too_many_commands_before_mail()).await?;
                 return Ok(Flow::Close);
             }
@@ -669,6 +669,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }))
     }
 
+    /// This session, without an accepted MAIL, is closed under pressure
+    /// for `reason` (its `421` follows): counted, and toward the source's
+    /// `max_shed_sessions_per_source`, whose block comes before the reply.
+    fn shed(&self, reason: &'static str) {
+        self.ctx.count_shed(self.source(), reason);
+        let decision =
+            self.ctx
+                .policy()
+                .session_shed(&self.ctx.state, self.source(), Instant::now());
+        if let Some(decision) = decision {
+            self.log_decision(&decision.verdict, decision.enforced);
+            if let (true, Some(order)) = (decision.enforced, &decision.verdict.block) {
+                self.ctx.block(order);
+            }
+        }
+    }
+
     fn log_decision(&self, rejection: &Rejection, enforced: bool) {
         self.ctx.stats.count_rejection(rejection.name());
         tracing::info!(
@@ -859,7 +876,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Ok(Ok(_)) => None,
                     Err(_) => {
                         if stress {
-                            self.ctx.count_shed(self.peer.ip(), "stress-timeout");
+                            self.shed("stress-timeout");
                         }
                         Some(Input::Timeout)
                     }
@@ -910,6 +927,7 @@ fn rejection_reply(rejection: &Rejection) -> Reply {
             "Error: too many failed authentications from your network, try again later"
         }
         Reason::FilterRejects { .. } => "Error: too many rejected messages, try again later",
+        Reason::ShedSessions { .. } => "Error: too many idle sessions, try again later",
         // RFC 4954's temporary failure: the credentials were not checked.
         Reason::AccountLocked { .. } => return Reply::account_locked(),
     };
