@@ -789,12 +789,11 @@ fn a_source_whose_sessions_keep_being_shed_is_blocked_past_the_limit() {
     assert!(policy
         .session_shed(&state, ip("192.0.2.8"), t0 + 12 * MIN)
         .is_none());
-    let hops = (1..=4).map(|i| ip(&format!("2001:db8:1:2::{i}")));
-    let last = hops
-        .map(|hop| policy.session_shed(&state, hop, t0))
-        .last()
-        .flatten()
-        .expect("the /64's fourth shed blocks it");
+    let mut last = None;
+    for hop in 1..=4 {
+        last = policy.session_shed(&state, ip(&format!("2001:db8:1:2::{hop}")), t0);
+    }
+    let last = last.expect("the /64's fourth shed blocks it");
     assert_eq!(
         last.verdict.block.expect("a block").net,
         net("2001:db8:1:2::/64")
