@@ -798,6 +798,64 @@ fn harvester_across_sessions_is_blocked_and_dropped_by_the_kernel() {
     }
 }
 
+// -- A zombie that comes back to idle ends in a kernel drop -------------------------
+
+#[test]
+fn a_zombie_that_keeps_coming_back_to_idle_is_dropped_by_the_kernel() {
+    if !ready_with_kernel("a_zombie_that_keeps_coming_back_to_idle_is_dropped_by_the_kernel") {
+        return;
+    }
+    let rig = net_rig("hz", "mode = \"enforce\"", |_| {
+        "[smtp]\nmax_sessions = 2\n[limits]\nmax_shed_sessions_per_source = 2\n".to_owned()
+    });
+    let zombie = source(&rig, 0);
+    let idle = |rig: &NetRig| rig.session(zombie, listen(&rig.link));
+    // The zombie fills the proxy with idle sessions and comes back each time
+    // one is cut: every newcomer sheds its oldest session.
+    let mut held: Vec<Client> = (0..2)
+        .map(|_| {
+            let (mut c, greeting) = idle(&rig);
+            expect(&greeting, "220 ");
+            expect(&c.cmd("EHLO zombie.test").expect("EHLO"), "250");
+            c
+        })
+        .collect();
+    for shed in 1..=3 {
+        let (newcomer, _greeting) = idle(&rig);
+        let mut oldest = held.remove(0);
+        expect(&oldest.reply().expect("421"), "421 4.3.2");
+        oldest.expect_closed();
+        held.push(newcomer);
+        if shed < 3 {
+            assert!(
+                rig.agent.block(&format!("{zombie}/32")).is_none(),
+                "blocked after {shed} sheds:\n{}",
+                rig.agent.log()
+            );
+        }
+    }
+    // The third shed within shed_sessions_window blocked it, in the kernel's
+    // map, as a flood …
+    let net = format!("{zombie}/32");
+    let block = rig
+        .agent
+        .block(&net)
+        .unwrap_or_else(|| panic!("{net} not blocked:\n{}", rig.agent.log()));
+    assert_eq!(block["reason"], "flood", "{block}");
+    assert_eq!(block["in_kernel"], true, "{block}");
+    // … whose SYNs the kernel now drops: coming back costs it a timeout and
+    // the proxy nothing.
+    match connect_from(&rig.client, zombie, listen(&rig.link), CONNECT_TIMEOUT) {
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+        other => panic!("expected the kernel to drop the zombie's SYN, got {other:?}"),
+    }
+    // Its sessions still open were ended with the block; a sender beside it
+    // delivers.
+    let run = rig.swaks_to_alice(source(&rig, 1), listen(&rig.link));
+    assert_eq!(run.code, Some(0), "swaks failed:\n{}", run.out);
+    rig.postfix.expect_delivered(1);
+}
+
 // -- 8. Observe mode in the kernel -----------------------------------------------
 
 #[test]
