@@ -720,7 +720,7 @@ impl Policy {
             window: rules.failed_rcpt_window,
         };
         if let Some(rejection) =
-            self.network_rejection(state, source, now, network_rule, |network, failed| {
+            self.window_rejection(state, source, now, network_rule, |network, failed| {
                 Reason::HarvestFromNetwork {
                     network,
                     failed,
@@ -894,7 +894,7 @@ impl Policy {
             window: rules.failed_auth_window,
         };
         if let Some(rejection) =
-            self.network_rejection(state, source, now, network_rule, |network, failures| {
+            self.window_rejection(state, source, now, network_rule, |network, failures| {
                 Reason::AuthFailuresFromNetwork {
                     network,
                     failures,
@@ -982,35 +982,25 @@ impl Policy {
         source: IpAddr,
         now: Instant,
     ) -> Option<Decision<Rejection>> {
-        let rules = &self.shed;
-        if rules.max_per_source == 0 {
-            return None;
-        }
-        let (sheds, order) = self.count_toward_block(
-            state,
-            source,
-            now,
-            WindowRule {
-                kind: CountKind::ShedSession,
-                limit: rules.max_per_source,
-                window: rules.window,
-            },
-        )?;
-        Some(self.decide(Rejection {
-            reason: Reason::ShedSessions {
+        let rule = WindowRule {
+            kind: CountKind::ShedSession,
+            limit: self.shed.max_per_source,
+            window: self.shed.window,
+        };
+        let rejection =
+            self.window_rejection(state, source, now, rule, |_, sheds| Reason::ShedSessions {
                 sheds,
-                limit: rules.max_per_source,
-                window: rules.window,
-            },
-            action: Action::DeferAndClose,
-            block: Some(order),
-        }))
+                limit: rule.limit,
+                window: rule.window,
+            })?;
+        Some(self.decide(rejection))
     }
 
-    /// Counts one event of `source` in its network's `rule` window (a limit
-    /// of 0 is off); past the limit, the network's block, and the refusal
-    /// that says so: `reason` made of the network and the events counted.
-    fn network_rejection(
+    /// Counts one event of `source` in `rule`'s window (its source key's,
+    /// or for a [`CountKind::per_network`] rule its network's; a limit of 0
+    /// is off); past the limit, the key's block, and the refusal that says
+    /// so: `reason` made of the key and the events counted.
+    fn window_rejection(
         &self,
         state: &PolicyState,
         source: IpAddr,
