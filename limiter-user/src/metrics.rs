@@ -134,7 +134,7 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         &mut out,
         "sessions_shed_total",
         "counter",
-        "Sessions closed under pressure, by reason (shed-idle, stress-timeout, too-many-commands, backend-slot-timeout).",
+        "Sessions closed under pressure, by reason (shed-idle, stress-timeout, slow-transaction, too-many-commands, backend-slot-timeout).",
         &labelled(stats.shed(), "reason"),
     );
     metric(

@@ -2455,6 +2455,81 @@ fn the_wait_for_a_backend_slot_is_bounded() {
 }
 
 #[test]
+fn a_transaction_kept_alive_with_noops_loses_its_slot_when_others_wait() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = started(
+        &backend,
+        &config(backend.addr(), "[smtp]\nstress_command_timeout = \"1s\"\n").replace(
+            "connect_timeout = \"2s\"\n",
+            "connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"10s\"\n",
+        ),
+    );
+    // A zombie earns the only backend connection with a MAIL, then keeps
+    // its transaction alive: NOOP every 300 ms, each answered at once.
+    let mut zombie = Smtp::session(proxy.addr);
+    expect(&zombie.cmd("MAIL FROM:<z@x>"), "250 ");
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        expect(&zombie.cmd("NOOP"), "250 ");
+    }
+    // Nobody waits: the zombie is left alone past stress_command_timeout.
+    expect(&zombie.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    // A sender needs the slot: the zombie's transaction has had more than
+    // stress_command_timeout of its client's time, so its next wait ends
+    // it, NOOPs or not, and the sender gets the slot long before slot_wait.
+    let mut sender = Smtp::session(proxy.addr);
+    let started = Instant::now();
+    sender.send(b"MAIL FROM:<s@x>\r\n");
+    let mut cut = None;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(300));
+        zombie.send(b"NOOP\r\n");
+        let reply = zombie.reply();
+        if !reply.starts_with("250 ") {
+            cut = Some(reply);
+            break;
+        }
+    }
+    expect(&cut.expect("the zombie was never cut"), "421 4.4.2");
+    assert!(zombie.closed());
+    expect(&sender.reply(), "250 ");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    expect(&sender.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    assert_eq!(shed(&proxy, "slow-transaction"), 1);
+}
+
+#[test]
+fn a_silent_transaction_past_its_time_loses_its_slot_as_soon_as_someone_waits() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = started(
+        &backend,
+        &config(backend.addr(), "[smtp]\nstress_command_timeout = \"1s\"\n").replace(
+            "connect_timeout = \"2s\"\n",
+            "connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"10s\"\n",
+        ),
+    );
+    let mut zombie = Smtp::session(proxy.addr);
+    expect(&zombie.cmd("MAIL FROM:<z@x>"), "250 ");
+    std::thread::sleep(Duration::from_millis(1500));
+    // Silent since its MAIL: the sender's wait wakes it, and it is over.
+    let mut sender = Smtp::session(proxy.addr);
+    let started = Instant::now();
+    expect(&sender.cmd("MAIL FROM:<s@x>"), "250 ");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    expect(&zombie.reply(), "421 4.4.2");
+    assert!(zombie.closed());
+    assert_eq!(shed(&proxy, "slow-transaction"), 1);
+}
+
+#[test]
 fn a_sender_gives_its_slot_back_between_messages_when_others_wait() {
     let backend = ScriptedBackend::start(Behaviour::default());
     let proxy = started(

@@ -74,7 +74,8 @@ pub struct Limits {
     pub null_sender_rate_per_network: Rate,
     /// Sessions of one source (IPv6: per `ipv6_prefix`) closed under
     /// pressure (shed at the session cap, cut at the short stress timeout
-    /// or past `smtp.max_commands_before_mail`) within
+    /// or past `smtp.max_commands_before_mail`, a transaction idle on a
+    /// backend slot others wait for) within
     /// `shed_sessions_window` before the source is blocked: a zombie that
     /// comes back to idle each time it is cut. 0 = off.
     pub max_shed_sessions_per_source: u32,
@@ -414,7 +415,7 @@ pub const LIVE_LIMITS: &[LiveLimit] = &[
     ),
     live_limit!(
         max_shed_sessions_per_source,
-        "sessions of one source closed under pressure (shed at the session cap, stress timeout, too many commands before MAIL) within shed_sessions_window before a block (0 = off)"
+        "sessions of one source closed under pressure (shed at the session cap, stress timeout, too many commands before MAIL, a transaction idle on a backend slot others wait for) within shed_sessions_window before a block (0 = off)"
     ),
     live_limit!(
         shed_sessions_window,

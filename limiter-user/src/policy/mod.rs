@@ -964,10 +964,11 @@ impl Policy {
         }))
     }
 
-    /// A session of `source` closed under pressure before it had a MAIL
+    /// A session of `source` closed under pressure: before it had a MAIL
     /// accepted (shed at the session cap, cut at the short stress timeout,
-    /// or past `smtp.max_commands_before_mail`; the client already has its
-    /// `421`).
+    /// or past `smtp.max_commands_before_mail`), or holding a backend slot
+    /// others wait for in a transaction its client kept idle (the client
+    /// already has its `421`).
     ///
     /// Counted per source over the last `shed_sessions_window`; past
     /// `max_shed_sessions_per_source` (0 = never) the source is blocked:

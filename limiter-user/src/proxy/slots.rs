@@ -24,7 +24,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use tokio::sync::oneshot;
+use tokio::sync::{futures::Notified, oneshot, Notify};
 
 /// The slots and their queue.
 pub struct BackendSlots {
@@ -36,6 +36,9 @@ pub struct BackendSlots {
     pub waits: AtomicU64,
     /// Sessions whose wait ended without a slot (`421 4.3.2`).
     pub timeouts: AtomicU64,
+    /// Told each time a session starts waiting: holders idle in a
+    /// transaction look at their time budget again ([`Self::contended`]).
+    contention: Notify,
 }
 
 #[derive(Default)]
@@ -128,6 +131,7 @@ impl BackendSlots {
             prefix_v6: prefix_v6.clamp(1, 128),
             state: Mutex::new(SlotState::default()),
             waits: AtomicU64::new(0),
+            contention: Notify::new(),
             timeouts: AtomicU64::new(0),
         }
     }
@@ -188,6 +192,12 @@ impl BackendSlots {
         }
     }
 
+    /// Resolves when a session next starts waiting for a slot (from the
+    /// moment this is called, polled or not).
+    pub fn contended(&self) -> Notified<'_> {
+        self.contention.notified()
+    }
+
     /// Whether every slot is in use.
     #[must_use]
     pub fn full(&self) -> bool {
@@ -245,6 +255,7 @@ impl BackendSlots {
             (id, rx)
         };
         self.waits.fetch_add(1, Ordering::Relaxed);
+        self.contention.notify_waiters();
         let entry = WaitEntry {
             slots: self,
             group,

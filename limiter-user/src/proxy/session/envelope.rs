@@ -93,6 +93,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if reply.is_positive_completion() {
             self.envelope = Envelope {
                 active: true,
+                client_wait: Duration::ZERO,
                 sender,
                 recipients: Vec::new(),
             };

@@ -144,6 +144,10 @@ struct Helo {
 #[derive(Default)]
 struct Envelope {
     active: bool,
+    /// How long the transaction waited for its client's commands so far:
+    /// past `smtp.stress_command_timeout`, while other sessions wait for a
+    /// backend slot, the transaction loses its own ([`Session::read_line`]).
+    client_wait: Duration,
     /// `None` for the null sender.
     sender: Option<String>,
     /// The recipients the backend accepted (at most `smtp.max_recipients`).
@@ -827,8 +831,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// The next line, waiting for the client if none is buffered (the
-    /// replies held for it are written first).
+    /// replies held for it are written first); the wait counts toward the
+    /// open transaction's [`Envelope::client_wait`].
     async fn read_line(&mut self) -> Input {
+        let started = tokio::time::Instant::now();
+        let input = self.wait_for_line().await;
+        if self.envelope.active {
+            self.envelope.client_wait += started.elapsed();
+        }
+        input
+    }
+
+    /// What is left of the open transaction's time with its client while
+    /// it holds a backend slot other sessions wait for: a transaction gets
+    /// `smtp.stress_command_timeout` of waits for its client in all, so
+    /// that a client that keeps it open (a NOOP now and then, a RCPT every
+    /// few seconds) cannot hold a backend process others need. A sender
+    /// sends its envelope at once and never comes near it.
+    fn slot_time_left(&self, smtp: &crate::config::Smtp) -> Option<Duration> {
+        (self.envelope.active
+            && self.backend.is_some()
+            && smtp.stress_command_timeout < smtp.command_timeout
+            && self.ctx.backend_slots.waiting() > 0)
+            .then(|| {
+                smtp.stress_command_timeout
+                    .saturating_sub(self.envelope.client_wait)
+            })
+    }
+
+    async fn wait_for_line(&mut self) -> Input {
         if let Some(input) = self.buffered_input() {
             return input;
         }
@@ -853,7 +884,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             } else {
                 smtp.command_timeout
             };
-            let deadline = waiting_since + limit;
+            // Listening first: a session that starts waiting for a slot
+            // after the budget was looked at still wakes this one.
+            let slots = self.ctx.backend_slots.clone();
+            let contended = slots.contended();
+            let slot_left = self.slot_time_left(smtp);
+            let slot_cut = slot_left.is_some_and(|left| left < limit);
+            let deadline = waiting_since + slot_left.map_or(limit, |left| left.min(limit));
             if let Some(input) = self.buffered_input() {
                 return input;
             }
@@ -875,12 +912,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Ok(Ok(0)) | Ok(Err(_)) => Some(Input::Closed),
                     Ok(Ok(_)) => None,
                     Err(_) => {
-                        if stress {
+                        if slot_cut {
+                            self.shed("slow-transaction");
+                        } else if stress {
                             self.shed("stress-timeout");
                         }
                         Some(Input::Timeout)
                     }
                 },
+                // Someone now waits for a slot: look at the budget again.
+                () = contended, if self.envelope.active && slot_left.is_none() => None,
                 () = shed_order => Some(Input::Shed),
                 _ = self.shutdown.changed() => Some(Input::Shutdown),
                 // A block that does not end the session (observe mode, an
