@@ -485,6 +485,64 @@ fn at_the_session_cap_a_sender_displaces_the_oldest_idle_zombie() {
     assert!(!postfix.log().contains("[127.1."), "{}", postfix.log());
 }
 
+#[test]
+fn zombies_keeping_transactions_open_with_noops_lose_their_postfix_processes_to_a_sender() {
+    if !ready(
+        "zombies_keeping_transactions_open_with_noops_lose_their_postfix_processes_to_a_sender",
+    ) {
+        return;
+    }
+    let postfix = postfix();
+    // Few backend slots, so that a handful of zombies can take them all.
+    let proxy = proxy(
+        &postfix,
+        "max_connections = 3\nslot_wait = \"20s\"",
+        "[smtp]\nstress_command_timeout = \"2s\"\n",
+    );
+    // Each zombie earns a Postfix process with a MAIL Postfix accepts, then
+    // keeps its transaction open: a NOOP every 500 ms, each relayed to
+    // Postfix and answered.
+    let mut zombies: Vec<Client> = (0..3)
+        .map(|i| {
+            let mut z = Client::connect(proxy.addr, zombie_source(i * PER_SOURCE))
+                .expect("zombie connects");
+            expect(&z.reply().expect("greeting"), "220 ");
+            expect(&z.cmd("EHLO zombie.test").expect("EHLO"), "250");
+            expect(&z.cmd("MAIL FROM:<z@zombie.test>").expect("MAIL"), "250 ");
+            z
+        })
+        .collect();
+    let sender = std::thread::spawn({
+        let addr = proxy.addr;
+        move || {
+            let started = Instant::now();
+            (send_one(addr), started.elapsed())
+        }
+    });
+    let mut cut = 0;
+    for _ in 0..16 {
+        std::thread::sleep(Duration::from_millis(500));
+        for z in &mut zombies {
+            if let Ok(reply) = z.cmd("NOOP") {
+                if reply.starts_with("421 4.4.2") {
+                    cut += 1;
+                } else {
+                    expect(&reply, "250 ");
+                }
+            }
+        }
+        if sender.is_finished() {
+            break;
+        }
+    }
+    let (end, took) = sender.join().expect("the sender's thread");
+    expect(&end, "250 ");
+    assert!(postfix.wait_delivered(1, WAIT), "{}", postfix.log());
+    assert!(cut >= 1, "no zombie was cut");
+    // Within a zombie's stress_command_timeout and a little, not slot_wait.
+    assert!(took < Duration::from_secs(6), "the sender took {took:?}");
+}
+
 // -- Pipelining end to end ---------------------------------------------------
 
 /// A Postfix that reads PROXY headers and drops clients that pipeline
