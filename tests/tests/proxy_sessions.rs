@@ -2530,6 +2530,85 @@ fn a_silent_transaction_past_its_time_loses_its_slot_as_soon_as_someone_waits() 
 }
 
 #[test]
+fn a_message_dribbled_a_byte_at_a_time_loses_its_slot_when_others_wait() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = started(
+        &backend,
+        &config(backend.addr(), "[smtp]\nstress_command_timeout = \"1s\"\n").replace(
+            "connect_timeout = \"2s\"\n",
+            "connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"10s\"\n",
+        ),
+    );
+    let mut zombie = Smtp::session(proxy.addr);
+    expect(&zombie.cmd("MAIL FROM:<z@x>"), "250 ");
+    expect(&zombie.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    expect(&zombie.cmd("DATA"), "354 ");
+    let mut sender = Smtp::session(proxy.addr);
+    let started = Instant::now();
+    sender.send(b"MAIL FROM:<s@x>\r\n");
+    // Well under data_timeout between bytes, far under 500 bytes/s; until
+    // the proxy answers (a write after its close could reset the 421 away).
+    let answered = |z: &Smtp| {
+        z.stream.set_nonblocking(true).unwrap();
+        let ready = z.stream.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0);
+        z.stream.set_nonblocking(false).unwrap();
+        ready
+    };
+    for _ in 0..20 {
+        if answered(&zombie) {
+            break;
+        }
+        zombie.send(b"x");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    expect(&sender.reply(), "250 ");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    expect(&zombie.reply(), "421 4.4.2");
+    assert_eq!(shed(&proxy, "slow-transaction"), 1);
+    // Nothing of the dribbled message was delivered.
+    expect(&sender.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    assert_eq!(backend.messages().len(), 0);
+}
+
+#[test]
+fn a_message_over_a_slow_link_keeps_its_slot_when_others_wait() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = started(
+        &backend,
+        &config(backend.addr(), "[smtp]\nstress_command_timeout = \"1s\"\n").replace(
+            "connect_timeout = \"2s\"\n",
+            "connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"10s\"\n",
+        ),
+    );
+    let mut slow = Smtp::session(proxy.addr);
+    expect(&slow.cmd("MAIL FROM:<a@x>"), "250 ");
+    expect(&slow.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    expect(&slow.cmd("DATA"), "354 ");
+    let mut waiting = Smtp::session(proxy.addr);
+    waiting.send(b"MAIL FROM:<b@x>\r\n");
+    assert!(
+        wait_until(WAIT, || proxy.ctx.backend_slots.waiting() == 1),
+        "the second MAIL does not wait for a slot"
+    );
+    // 2.5 s of waiting for its client, well past stress_command_timeout,
+    // but at 5 000 bytes/s: ten times the 500 bytes/s a message must keep.
+    let line = format!("{}\r\n", "a".repeat(998));
+    for _ in 0..25 {
+        slow.send(line.as_bytes());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    slow.send(b".\r\n");
+    expect(&slow.reply(), "250 ");
+    expect(&waiting.reply(), "250 ");
+    assert_eq!(shed(&proxy, "slow-transaction"), 0);
+    assert_eq!(backend.messages().len(), 1);
+}
+
+#[test]
 fn a_sender_gives_its_slot_back_between_messages_when_others_wait() {
     let backend = ScriptedBackend::start(Behaviour::default());
     let proxy = started(

@@ -214,7 +214,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return Ok(Flow::Close);
                 }
             }
-            match self.read_more(data_timeout).await {
+            match self
+                .read_message_data(data_timeout, scanner.message_size())
+                .await
+            {
                 Ok(0) => {
                     // The client left mid-message: the backend must not keep it.
                     self.backend = None;

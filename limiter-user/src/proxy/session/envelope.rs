@@ -93,13 +93,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if reply.is_positive_completion() {
             self.envelope = Envelope {
                 active: true,
-                client_wait: Duration::ZERO,
                 sender,
                 recipients: Vec::new(),
             };
             // A sender: no longer among the sessions shed under pressure.
             self.mail_accepted = true;
             self.registration = None;
+            self.transaction_wait = Duration::ZERO;
         }
         self.reply(&reply).await?;
         Ok(Flow::Continue)

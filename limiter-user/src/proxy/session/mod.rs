@@ -144,15 +144,16 @@ struct Helo {
 #[derive(Default)]
 struct Envelope {
     active: bool,
-    /// How long the transaction waited for its client's commands so far:
-    /// past `smtp.stress_command_timeout`, while other sessions wait for a
-    /// backend slot, the transaction loses its own ([`Session::read_line`]).
-    client_wait: Duration,
     /// `None` for the null sender.
     sender: Option<String>,
     /// The recipients the backend accepted (at most `smtp.max_recipients`).
     recipients: Vec<String>,
 }
+
+/// The rate a message must arrive at, beyond its transaction's
+/// `smtp.stress_command_timeout`, while the transaction holds a backend slot
+/// others wait for: Postfix's `smtpd_min_data_rate` (bytes per second).
+const MIN_DATA_RATE: u64 = 500;
 
 /// Where the bytes of a message go while it arrives.
 enum MessageSink {
@@ -219,6 +220,11 @@ pub struct Session<S> {
     commands_before_mail: u32,
     /// A MAIL FROM was accepted in this session (by the backend).
     mail_accepted: bool,
+    /// How long the transaction in progress (from its MAIL to the end of
+    /// its message) waited for its client so far: past
+    /// `smtp.stress_command_timeout`, while other sessions wait for a
+    /// backend slot, it loses its own ([`Self::slot_time_left`]).
+    transaction_wait: Duration,
     /// This session's place among those that may be shed; left at the
     /// first accepted MAIL FROM.
     registration: Option<Registration>,
@@ -279,6 +285,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             errors: 0,
             commands_before_mail: 0,
             mail_accepted: false,
+            transaction_wait: Duration::ZERO,
             registration,
             pipeline: Pipeline::default(),
             client_out: Vec::with_capacity(512),
@@ -772,21 +779,54 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         .await
     }
 
-    /// Reads more client bytes within `limit`; 0 means the client closed.
-    async fn read_more(&mut self, limit: Duration) -> std::io::Result<usize> {
+    /// Reads more of a message's bytes within `data_timeout`; 0 means the
+    /// client closed. While its transaction holds a backend slot others
+    /// wait for, also within the transaction's time with its client
+    /// ([`Self::slot_time_left`]) plus one second for every
+    /// [`MIN_DATA_RATE`] bytes of the message `received` so far: a message
+    /// dribbled a byte at a time loses the slot (`slow-transaction`), one
+    /// sent over a slow link does not.
+    async fn read_message_data(
+        &mut self,
+        data_timeout: Duration,
+        received: u64,
+    ) -> std::io::Result<usize> {
         self.flush_client().await?;
-        let client = self
-            .client
-            .as_mut()
-            .ok_or_else(|| std::io::Error::other("client stream gone"))?;
-        self.input.reserve(READ_CHUNK);
-        match timeout(limit, client.read_buf(&mut self.input)).await {
-            Ok(result) => result,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "client data timeout",
-            )),
-        }
+        let settings = self.settings.clone();
+        let allowance = Duration::from_secs(received / MIN_DATA_RATE);
+        let waiting_since = tokio::time::Instant::now();
+        let result = loop {
+            let slots = self.ctx.backend_slots.clone();
+            let contended = slots.contended();
+            let slot_left = self
+                .slot_time_left(&settings.smtp)
+                .map(|left| left + allowance);
+            let slot_cut = slot_left.is_some_and(|left| left < data_timeout);
+            let deadline =
+                waiting_since + slot_left.map_or(data_timeout, |left| left.min(data_timeout));
+            let Some(client) = self.client.as_mut() else {
+                break Err(std::io::Error::other("client stream gone"));
+            };
+            self.input.reserve(READ_CHUNK);
+            tokio::select! {
+                read = timeout_at(deadline, client.read_buf(&mut self.input)) => break match read {
+                    Ok(result) => result,
+                    Err(_) => {
+                        if slot_cut {
+                            self.shed("slow-transaction");
+                        }
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "client data timeout",
+                        ))
+                    }
+                },
+                // Someone now waits for a slot: look at the budget again.
+                () = contended, if slot_left.is_none() => {}
+            }
+        };
+        self.transaction_wait += waiting_since.elapsed();
+        result
     }
 
     /// The next line if the client's input holds one, without waiting;
@@ -837,25 +877,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let started = tokio::time::Instant::now();
         let input = self.wait_for_line().await;
         if self.envelope.active {
-            self.envelope.client_wait += started.elapsed();
+            self.transaction_wait += started.elapsed();
         }
         input
     }
 
-    /// What is left of the open transaction's time with its client while
-    /// it holds a backend slot other sessions wait for: a transaction gets
-    /// `smtp.stress_command_timeout` of waits for its client in all, so
-    /// that a client that keeps it open (a NOOP now and then, a RCPT every
-    /// few seconds) cannot hold a backend process others need. A sender
-    /// sends its envelope at once and never comes near it.
+    /// What is left of the transaction's time with its client (in its
+    /// envelope or its message) while it holds a backend slot other
+    /// sessions wait for: a transaction gets `smtp.stress_command_timeout`
+    /// of waits for its client in all, so that a client that keeps it open
+    /// (a NOOP now and then, a RCPT every few seconds) cannot hold a
+    /// backend process others need. A sender sends its envelope at once and
+    /// never comes near it.
     fn slot_time_left(&self, smtp: &crate::config::Smtp) -> Option<Duration> {
-        (self.envelope.active
-            && self.backend.is_some()
+        (self.backend.is_some()
             && smtp.stress_command_timeout < smtp.command_timeout
             && self.ctx.backend_slots.waiting() > 0)
             .then(|| {
                 smtp.stress_command_timeout
-                    .saturating_sub(self.envelope.client_wait)
+                    .saturating_sub(self.transaction_wait)
             })
     }
 
@@ -888,7 +928,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // after the budget was looked at still wakes this one.
             let slots = self.ctx.backend_slots.clone();
             let contended = slots.contended();
-            let slot_left = self.slot_time_left(smtp);
+            let slot_left = self
+                .envelope
+                .active
+                .then(|| self.slot_time_left(smtp))
+                .flatten();
             let slot_cut = slot_left.is_some_and(|left| left < limit);
             let deadline = waiting_since + slot_left.map_or(limit, |left| left.min(limit));
             if let Some(input) = self.buffered_input() {
