@@ -2640,6 +2640,72 @@ fn a_sender_gives_its_slot_back_between_messages_when_others_wait() {
     assert_eq!(backend.connections(), 3);
 }
 
+#[test]
+fn a_session_idle_after_rset_gives_its_slot_to_a_waiting_sender() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = started(
+        &backend,
+        &config(backend.addr(), "").replace(
+            "connect_timeout = \"2s\"\n",
+            "connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"5s\"\n",
+        ),
+    );
+    // A MAIL earns the connection, RSET ends the transaction, and the
+    // client idles on: no transaction, nothing pending at the backend.
+    let mut idler = Smtp::session(proxy.addr);
+    expect(&idler.cmd("MAIL FROM:<a@x>"), "250 ");
+    expect(&idler.cmd("RSET"), "250 ");
+    let mut sender = Smtp::session(proxy.addr);
+    let started = Instant::now();
+    // The sender's wait wakes the idler's, which gives the slot back.
+    expect(&sender.cmd("MAIL FROM:<b@x>"), "250 ");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    expect(&sender.cmd("RCPT TO:<bob@example.com>"), "250 ");
+    // The idler is not cut: answered by the proxy, and its next MAIL
+    // waits its turn for a connection again.
+    assert_eq!(idler.cmd("NOOP"), "250 2.0.0 Ok");
+    assert_eq!(sender.cmd("QUIT"), "221 2.0.0 Bye");
+    expect(&idler.cmd("MAIL FROM:<a@x>"), "250 ");
+    assert_eq!(backend.connections(), 3);
+    assert_eq!(shed(&proxy, "slow-transaction"), 0);
+}
+
+#[test]
+fn an_authenticated_session_keeps_its_backend_connection_between_messages() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = started(
+        &backend,
+        &config(backend.addr(), "[smtp]\nauth_requires_tls = false\n").replace(
+            "connect_timeout = \"2s\"\n",
+            "connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"5s\"\n",
+        ),
+    );
+    let mut user = Smtp::session(proxy.addr);
+    let login = base64_encode(b"\0user\0secret");
+    expect(&user.cmd(&format!("AUTH PLAIN {login}")), "235 ");
+    expect(&user.cmd("MAIL FROM:<a@x>"), "250 ");
+    expect(&user.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    let mut other = Smtp::session(proxy.addr);
+    other.send(b"MAIL FROM:<b@x>\r\n");
+    assert!(
+        wait_until(WAIT, || proxy.ctx.backend_slots.waiting() == 1),
+        "the second MAIL does not wait for a slot"
+    );
+    expect(&user.cmd("DATA"), "354 ");
+    expect(&user.cmd("Subject: one\r\n\r\nbody\r\n."), "250 ");
+    // Others wait, but the connection carries the login: a new one would
+    // not, and the user's next message would be refused as a relay.
+    expect(&user.cmd("MAIL FROM:<a@x>"), "250 ");
+    expect(&user.cmd("RCPT TO:<bob@example.com>"), "250 ");
+    assert_eq!(backend.connections(), 1);
+    assert_eq!(user.cmd("QUIT"), "221 2.0.0 Bye");
+    expect(&other.reply(), "250 ");
+}
+
 // -- 17. Shedding under pressure -------------------------------------------
 
 #[test]

@@ -61,8 +61,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return Ok(flow);
                 }
             }
-        } else if let (true, Some(name)) = (reply.is_positive_completion(), &account) {
-            policy.auth_succeeded(&self.ctx.state, self.source(), name, now);
+        } else if reply.is_positive_completion() {
+            self.authenticated = true;
+            if let Some(name) = &account {
+                policy.auth_succeeded(&self.ctx.state, self.source(), name, now);
+            }
         }
         // Blocked while the backend checked (by another session of the
         // source, say): no answer, right or wrong.

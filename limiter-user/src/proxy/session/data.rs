@@ -428,14 +428,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Between transactions, a session that earns its backend connection
     /// gives it (and its slot) back when other sessions wait for one: its
     /// next MAIL earns a connection again. A sender that keeps its session
-    /// open after a message does not hold a backend process others need.
+    /// open after a message (or a client that idles after RSET) does not
+    /// hold a backend process others need.
     pub(super) async fn yield_backend_slot(&mut self) {
-        if self.earns_backend() && self.ctx.backend_slots.waiting() > 0 {
+        if self.yields_backend() && self.ctx.backend_slots.waiting() > 0 {
             if let Some(backend) = self.backend.take() {
                 tracing::debug!(source = %self.peer.ip(), "backend slot given back between transactions");
                 backend.quit().await;
             }
         }
+    }
+
+    /// Whether this session's backend connection could be given back
+    /// between transactions: it holds one, earned (`"on-mail"`), and the
+    /// backend holds no login of the client's (a new connection would
+    /// not).
+    pub(super) fn yields_backend(&self) -> bool {
+        self.backend.is_some() && self.earns_backend() && !self.authenticated
     }
 
     /// What the scanners are told about the message in `envelope`.

@@ -220,6 +220,9 @@ pub struct Session<S> {
     commands_before_mail: u32,
     /// A MAIL FROM was accepted in this session (by the backend).
     mail_accepted: bool,
+    /// The backend accepted the client's AUTH: its connection carries the
+    /// login and is never given back between transactions.
+    authenticated: bool,
     /// How long the transaction in progress (from its MAIL to the end of
     /// its message) waited for its client so far: past
     /// `smtp.stress_command_timeout`, while other sessions wait for a
@@ -286,6 +289,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             commands_before_mail: 0,
             mail_accepted: false,
             transaction_wait: Duration::ZERO,
+            authenticated: false,
             registration,
             pipeline: Pipeline::default(),
             client_out: Vec::with_capacity(512),
@@ -386,7 +390,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         Ok(_) => return "closed",
                         Err(_) => return "client-lost",
                     }
-                    self.read_line().await
+                    self.read_command().await
                 }
             };
             let line = match input {
@@ -874,8 +878,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// replies held for it are written first); the wait counts toward the
     /// open transaction's [`Envelope::client_wait`].
     async fn read_line(&mut self) -> Input {
+        self.read_input(false).await
+    }
+
+    /// [`Self::read_line`] for the client's next command, every reply
+    /// given: the backend is idle too, and between transactions a slot
+    /// others wait for goes back ([`Self::yield_backend_slot`]).
+    async fn read_command(&mut self) -> Input {
+        self.read_input(true).await
+    }
+
+    async fn read_input(&mut self, next_command: bool) -> Input {
         let started = tokio::time::Instant::now();
-        let input = self.wait_for_line().await;
+        let input = self.wait_for_line(next_command).await;
         if self.envelope.active {
             self.transaction_wait += started.elapsed();
         }
@@ -899,7 +914,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             })
     }
 
-    async fn wait_for_line(&mut self) -> Input {
+    async fn wait_for_line(&mut self, next_command: bool) -> Input {
         if let Some(input) = self.buffered_input() {
             return input;
         }
@@ -928,6 +943,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // after the budget was looked at still wakes this one.
             let slots = self.ctx.backend_slots.clone();
             let contended = slots.contended();
+            // Between transactions, idle: a slot others wait for goes back.
+            let between = next_command && !self.envelope.active && self.pipeline.is_empty();
+            if between {
+                self.yield_backend_slot().await;
+            }
+            let holds_idle_slot = between && self.yields_backend();
             let slot_left = self
                 .envelope
                 .active
@@ -965,7 +986,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                 },
                 // Someone now waits for a slot: look at the budget again.
-                () = contended, if self.envelope.active && slot_left.is_none() => None,
+                () = contended, if (self.envelope.active || holds_idle_slot) && slot_left.is_none() => None,
                 () = shed_order => Some(Input::Shed),
                 _ = self.shutdown.changed() => Some(Input::Shutdown),
                 // A block that does not end the session (observe mode, an
