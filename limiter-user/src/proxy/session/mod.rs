@@ -876,7 +876,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// The next line, waiting for the client if none is buffered (the
     /// replies held for it are written first); the wait counts toward the
-    /// open transaction's [`Envelope::client_wait`].
+    /// open transaction's time with its client ([`Self::slot_time_left`]).
     async fn read_line(&mut self) -> Input {
         self.read_input(false).await
     }
