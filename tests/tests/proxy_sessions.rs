@@ -2575,6 +2575,38 @@ fn a_message_dribbled_a_byte_at_a_time_loses_its_slot_when_others_wait() {
 }
 
 #[test]
+fn a_far_sender_naming_recipients_one_at_a_time_keeps_its_slot_when_others_wait() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = started(
+        &backend,
+        &config(backend.addr(), "[smtp]\nstress_command_timeout = \"1s\"\n").replace(
+            "connect_timeout = \"2s\"\n",
+            "connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"10s\"\n",
+        ),
+    );
+    let mut far = Smtp::session(proxy.addr);
+    expect(&far.cmd("MAIL FROM:<a@x>"), "250 ");
+    let mut waiting = Smtp::session(proxy.addr);
+    waiting.send(b"MAIL FROM:<b@x>\r\n");
+    assert!(
+        wait_until(WAIT, || proxy.ctx.backend_slots.waiting() == 1),
+        "the second MAIL does not wait for a slot"
+    );
+    // A round trip of 300 ms before each command, no pipelining: 1.8 s of
+    // waiting in all, past stress_command_timeout, but each accepted
+    // recipient earns the transaction a second more.
+    for user in ["alice", "bob", "carol", "postmaster", "alice"] {
+        std::thread::sleep(Duration::from_millis(300));
+        expect(&far.cmd(&format!("RCPT TO:<{user}@example.com>")), "250 ");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    expect(&far.cmd("DATA"), "354 ");
+    expect(&far.cmd("Subject: far\r\n\r\nbody\r\n."), "250 ");
+    expect(&waiting.reply(), "250 ");
+    assert_eq!(shed(&proxy, "slow-transaction"), 0);
+}
+
+#[test]
 fn a_message_over_a_slow_link_keeps_its_slot_when_others_wait() {
     let backend = ScriptedBackend::start(Behaviour::default());
     let proxy = started(

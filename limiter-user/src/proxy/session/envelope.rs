@@ -100,6 +100,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.mail_accepted = true;
             self.registration = None;
             self.transaction_wait = Duration::ZERO;
+            self.transaction_recipients = 0;
         }
         self.reply(&reply).await?;
         Ok(Flow::Continue)
@@ -281,6 +282,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let failed = !accepted && (reply.is_permanent() || is_unknown_user_deferral(&reply));
         if accepted {
             self.envelope.recipients.push(rcpt.canonical.clone());
+            self.transaction_recipients = self.transaction_recipients.saturating_add(1);
             self.summary.rcpt_accepted += 1;
         } else if failed {
             self.summary.rcpt_failed += 1;

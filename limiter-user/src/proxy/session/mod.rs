@@ -155,6 +155,11 @@ struct Envelope {
 /// others wait for: Postfix's `smtpd_min_data_rate` (bytes per second).
 const MIN_DATA_RATE: u64 = 500;
 
+/// What each recipient the backend accepts adds to its transaction's time
+/// with its client in that case: a client far away that does not pipeline
+/// waits a round trip per RCPT.
+const TIME_PER_RECIPIENT: Duration = Duration::from_secs(1);
+
 /// Where the bytes of a message go while it arrives.
 enum MessageSink {
     /// Straight on to the backend, which has answered DATA with 354.
@@ -228,6 +233,9 @@ pub struct Session<S> {
     /// `smtp.stress_command_timeout`, while other sessions wait for a
     /// backend slot, it loses its own ([`Self::slot_time_left`]).
     transaction_wait: Duration,
+    /// Recipients the backend accepted in the transaction in progress
+    /// (each earns it [`TIME_PER_RECIPIENT`]).
+    transaction_recipients: u32,
     /// This session's place among those that may be shed; left at the
     /// first accepted MAIL FROM.
     registration: Option<Registration>,
@@ -289,6 +297,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             commands_before_mail: 0,
             mail_accepted: false,
             transaction_wait: Duration::ZERO,
+            transaction_recipients: 0,
             authenticated: false,
             registration,
             pipeline: Pipeline::default(),
@@ -900,16 +909,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// What is left of the transaction's time with its client (in its
     /// envelope or its message) while it holds a backend slot other
     /// sessions wait for: a transaction gets `smtp.stress_command_timeout`
-    /// of waits for its client in all, so that a client that keeps it open
-    /// (a NOOP now and then, a RCPT every few seconds) cannot hold a
-    /// backend process others need. A sender sends its envelope at once and
-    /// never comes near it.
+    /// of waits for its client in all, and [`TIME_PER_RECIPIENT`] more for
+    /// each recipient accepted, so that a client that keeps it open (a NOOP
+    /// now and then) cannot hold a backend process others need. A sender
+    /// sends its envelope at once and never comes near it.
     fn slot_time_left(&self, smtp: &crate::config::Smtp) -> Option<Duration> {
         (self.backend.is_some()
             && smtp.stress_command_timeout < smtp.command_timeout
             && self.ctx.backend_slots.waiting() > 0)
             .then(|| {
-                smtp.stress_command_timeout
+                (smtp.stress_command_timeout + TIME_PER_RECIPIENT * self.transaction_recipients)
                     .saturating_sub(self.transaction_wait)
             })
     }
