@@ -36,8 +36,9 @@ pub struct BackendSlots {
     pub waits: AtomicU64,
     /// Sessions whose wait ended without a slot (`421 4.3.2`).
     pub timeouts: AtomicU64,
-    /// Told each time a session starts waiting: holders idle in a
-    /// transaction look at their time budget again ([`Self::contended`]).
+    /// Told each time a session starts waiting: idle holders look again
+    /// (one in a transaction at its time with its client, one between
+    /// transactions gives its slot back; [`Self::contended`]).
     contention: Notify,
 }
 
