@@ -283,6 +283,15 @@ fn backend_saw(backend: &ScriptedBackend, prefix: &str) -> bool {
     })
 }
 
+/// [`start`] with one backend slot, waited for at most `slot_wait`.
+fn one_slot(backend: &ScriptedBackend, slot_wait: &str, extra: &str) -> TestProxy {
+    let config = config(backend.addr(), extra).replace(
+        "connect_timeout = \"2s\"\n",
+        &format!("connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"{slot_wait}\"\n"),
+    );
+    started(backend, &config)
+}
+
 fn blocked(proxy: &TestProxy) -> Option<limiter_user::blocks::Block> {
     proxy.ctx.blocks.covering(LOCALHOST, SystemTime::now())
 }
@@ -2421,13 +2430,7 @@ fn a_source_holding_every_slot_cannot_starve_another_sources_mail() {
 #[test]
 fn the_wait_for_a_backend_slot_is_bounded() {
     let backend = ScriptedBackend::start(Behaviour::default());
-    let proxy = started(
-        &backend,
-        &config(backend.addr(), "").replace(
-            "connect_timeout = \"2s\"\n",
-            "connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"500ms\"\n",
-        ),
-    );
+    let proxy = one_slot(&backend, "500ms", "");
     let mut holder = Smtp::session(proxy.addr);
     expect(&holder.cmd("MAIL FROM:<a@x>"), "250 ");
     let mut late = Smtp::session(proxy.addr);
@@ -2457,13 +2460,7 @@ fn the_wait_for_a_backend_slot_is_bounded() {
 #[test]
 fn a_transaction_kept_alive_with_noops_loses_its_slot_when_others_wait() {
     let backend = ScriptedBackend::start(Behaviour::default());
-    let proxy = started(
-        &backend,
-        &config(backend.addr(), "[smtp]\nstress_command_timeout = \"1s\"\n").replace(
-            "connect_timeout = \"2s\"\n",
-            "connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"10s\"\n",
-        ),
-    );
+    let proxy = one_slot(&backend, "10s", "[smtp]\nstress_command_timeout = \"1s\"\n");
     // A zombie earns the only backend connection with a MAIL, then keeps
     // its transaction alive: NOOP every 300 ms, each answered at once.
     let mut zombie = Smtp::session(proxy.addr);
@@ -2505,13 +2502,7 @@ fn a_transaction_kept_alive_with_noops_loses_its_slot_when_others_wait() {
 #[test]
 fn a_silent_transaction_past_its_time_loses_its_slot_as_soon_as_someone_waits() {
     let backend = ScriptedBackend::start(Behaviour::default());
-    let proxy = started(
-        &backend,
-        &config(backend.addr(), "[smtp]\nstress_command_timeout = \"1s\"\n").replace(
-            "connect_timeout = \"2s\"\n",
-            "connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"10s\"\n",
-        ),
-    );
+    let proxy = one_slot(&backend, "10s", "[smtp]\nstress_command_timeout = \"1s\"\n");
     let mut zombie = Smtp::session(proxy.addr);
     expect(&zombie.cmd("MAIL FROM:<z@x>"), "250 ");
     std::thread::sleep(Duration::from_millis(1500));
@@ -2532,13 +2523,7 @@ fn a_silent_transaction_past_its_time_loses_its_slot_as_soon_as_someone_waits() 
 #[test]
 fn a_message_dribbled_a_byte_at_a_time_loses_its_slot_when_others_wait() {
     let backend = ScriptedBackend::start(Behaviour::default());
-    let proxy = started(
-        &backend,
-        &config(backend.addr(), "[smtp]\nstress_command_timeout = \"1s\"\n").replace(
-            "connect_timeout = \"2s\"\n",
-            "connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"10s\"\n",
-        ),
-    );
+    let proxy = one_slot(&backend, "10s", "[smtp]\nstress_command_timeout = \"1s\"\n");
     let mut zombie = Smtp::session(proxy.addr);
     expect(&zombie.cmd("MAIL FROM:<z@x>"), "250 ");
     expect(&zombie.cmd("RCPT TO:<alice@example.com>"), "250 ");
@@ -2577,13 +2562,7 @@ fn a_message_dribbled_a_byte_at_a_time_loses_its_slot_when_others_wait() {
 #[test]
 fn a_far_sender_naming_recipients_one_at_a_time_keeps_its_slot_when_others_wait() {
     let backend = ScriptedBackend::start(Behaviour::default());
-    let proxy = started(
-        &backend,
-        &config(backend.addr(), "[smtp]\nstress_command_timeout = \"1s\"\n").replace(
-            "connect_timeout = \"2s\"\n",
-            "connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"10s\"\n",
-        ),
-    );
+    let proxy = one_slot(&backend, "10s", "[smtp]\nstress_command_timeout = \"1s\"\n");
     let mut far = Smtp::session(proxy.addr);
     expect(&far.cmd("MAIL FROM:<a@x>"), "250 ");
     let mut waiting = Smtp::session(proxy.addr);
@@ -2609,13 +2588,7 @@ fn a_far_sender_naming_recipients_one_at_a_time_keeps_its_slot_when_others_wait(
 #[test]
 fn a_message_over_a_slow_link_keeps_its_slot_when_others_wait() {
     let backend = ScriptedBackend::start(Behaviour::default());
-    let proxy = started(
-        &backend,
-        &config(backend.addr(), "[smtp]\nstress_command_timeout = \"1s\"\n").replace(
-            "connect_timeout = \"2s\"\n",
-            "connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"10s\"\n",
-        ),
-    );
+    let proxy = one_slot(&backend, "10s", "[smtp]\nstress_command_timeout = \"1s\"\n");
     let mut slow = Smtp::session(proxy.addr);
     expect(&slow.cmd("MAIL FROM:<a@x>"), "250 ");
     expect(&slow.cmd("RCPT TO:<alice@example.com>"), "250 ");
@@ -2643,13 +2616,7 @@ fn a_message_over_a_slow_link_keeps_its_slot_when_others_wait() {
 #[test]
 fn a_sender_gives_its_slot_back_between_messages_when_others_wait() {
     let backend = ScriptedBackend::start(Behaviour::default());
-    let proxy = started(
-        &backend,
-        &config(backend.addr(), "").replace(
-            "connect_timeout = \"2s\"\n",
-            "connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"5s\"\n",
-        ),
-    );
+    let proxy = one_slot(&backend, "5s", "");
     let mut first = Smtp::session(proxy.addr);
     expect(&first.cmd("MAIL FROM:<a@x>"), "250 ");
     expect(&first.cmd("RCPT TO:<alice@example.com>"), "250 ");
@@ -2675,13 +2642,7 @@ fn a_sender_gives_its_slot_back_between_messages_when_others_wait() {
 #[test]
 fn a_session_idle_after_rset_gives_its_slot_to_a_waiting_sender() {
     let backend = ScriptedBackend::start(Behaviour::default());
-    let proxy = started(
-        &backend,
-        &config(backend.addr(), "").replace(
-            "connect_timeout = \"2s\"\n",
-            "connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"5s\"\n",
-        ),
-    );
+    let proxy = one_slot(&backend, "5s", "");
     // A MAIL earns the connection, RSET ends the transaction, and the
     // client idles on: no transaction, nothing pending at the backend.
     let mut idler = Smtp::session(proxy.addr);
@@ -2709,13 +2670,7 @@ fn a_session_idle_after_rset_gives_its_slot_to_a_waiting_sender() {
 #[test]
 fn an_authenticated_session_keeps_its_backend_connection_between_messages() {
     let backend = ScriptedBackend::start(Behaviour::default());
-    let proxy = started(
-        &backend,
-        &config(backend.addr(), "[smtp]\nauth_requires_tls = false\n").replace(
-            "connect_timeout = \"2s\"\n",
-            "connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"5s\"\n",
-        ),
-    );
+    let proxy = one_slot(&backend, "5s", "[smtp]\nauth_requires_tls = false\n");
     let mut user = Smtp::session(proxy.addr);
     let login = base64_encode(b"\0user\0secret");
     expect(&user.cmd(&format!("AUTH PLAIN {login}")), "235 ");
