@@ -180,6 +180,20 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         "Waits for a backend slot that ended without one (421 4.3.2 to the client).",
         &[(String::new(), slots.timeouts)],
     );
+    metric(
+        &mut out,
+        "messages_spooled_total",
+        "counter",
+        "Messages whose slow client gave its backend slot to waiting sessions mid-message; the proxy took in the rest and replayed the transaction (backend.spool_size).",
+        &[(String::new(), ctx.spool.spooled())],
+    );
+    metric(
+        &mut out,
+        "spool_bytes",
+        "gauge",
+        "Bytes of message copies the proxy holds now (at most backend.spool_size).",
+        &[(String::new(), ctx.spool.used())],
+    );
     if let Some(recipients) = &ctx.recipients {
         recipients.render_metrics(&mut out);
     }

@@ -285,12 +285,21 @@ fn backend_saw(backend: &ScriptedBackend, prefix: &str) -> bool {
 
 /// [`start`] with one backend slot, waited for at most `slot_wait`.
 fn one_slot(backend: &ScriptedBackend, slot_wait: &str, extra: &str) -> TestProxy {
+    one_slot_with(backend, &format!("slot_wait = \"{slot_wait}\"\n"), extra)
+}
+
+/// [`one_slot`] with `backend_keys` in its `[backend]` table.
+fn one_slot_with(backend: &ScriptedBackend, backend_keys: &str, extra: &str) -> TestProxy {
     let config = config(backend.addr(), extra).replace(
         "connect_timeout = \"2s\"\n",
-        &format!("connect_timeout = \"2s\"\nmax_connections = 1\nslot_wait = \"{slot_wait}\"\n"),
+        &format!("connect_timeout = \"2s\"\nmax_connections = 1\n{backend_keys}"),
     );
     started(backend, &config)
 }
+
+/// The proxy's copy of messages off (`backend.spool_size = 0`): a slow
+/// client keeps or loses its slot by the rate of its message alone.
+const NO_SPOOL: &str = "slot_wait = \"10s\"\nspool_size = 0\n";
 
 fn blocked(proxy: &TestProxy) -> Option<limiter_user::blocks::Block> {
     proxy.ctx.blocks.covering(LOCALHOST, SystemTime::now())
@@ -2521,9 +2530,13 @@ fn a_silent_transaction_past_its_time_loses_its_slot_as_soon_as_someone_waits() 
 }
 
 #[test]
-fn a_message_dribbled_a_byte_at_a_time_loses_its_slot_when_others_wait() {
+fn without_the_spool_a_message_dribbled_a_byte_at_a_time_loses_its_slot_when_others_wait() {
     let backend = ScriptedBackend::start(Behaviour::default());
-    let proxy = one_slot(&backend, "10s", "[smtp]\nstress_command_timeout = \"1s\"\n");
+    let proxy = one_slot_with(
+        &backend,
+        NO_SPOOL,
+        "[smtp]\nstress_command_timeout = \"1s\"\n",
+    );
     let mut zombie = Smtp::session(proxy.addr);
     expect(&zombie.cmd("MAIL FROM:<z@x>"), "250 ");
     expect(&zombie.cmd("RCPT TO:<alice@example.com>"), "250 ");
@@ -2586,9 +2599,13 @@ fn a_far_sender_naming_recipients_one_at_a_time_keeps_its_slot_when_others_wait(
 }
 
 #[test]
-fn a_message_over_a_slow_link_keeps_its_slot_when_others_wait() {
+fn without_the_spool_a_message_over_a_slow_link_keeps_its_slot_when_others_wait() {
     let backend = ScriptedBackend::start(Behaviour::default());
-    let proxy = one_slot(&backend, "10s", "[smtp]\nstress_command_timeout = \"1s\"\n");
+    let proxy = one_slot_with(
+        &backend,
+        NO_SPOOL,
+        "[smtp]\nstress_command_timeout = \"1s\"\n",
+    );
     let mut slow = Smtp::session(proxy.addr);
     expect(&slow.cmd("MAIL FROM:<a@x>"), "250 ");
     expect(&slow.cmd("RCPT TO:<alice@example.com>"), "250 ");
@@ -2611,6 +2628,101 @@ fn a_message_over_a_slow_link_keeps_its_slot_when_others_wait() {
     expect(&waiting.reply(), "250 ");
     assert_eq!(shed(&proxy, "slow-transaction"), 0);
     assert_eq!(backend.messages().len(), 1);
+}
+
+/// Sends `lines` lines of `len` bytes (CRLF included) to `client`, one
+/// every `pace`.
+fn trickle(client: &mut Smtp, lines: usize, len: usize, pace: Duration) -> Vec<u8> {
+    let mut sent = Vec::new();
+    for i in 0..lines {
+        let line = format!("{i:04}{}\r\n", "x".repeat(len - 6));
+        client.send(line.as_bytes());
+        sent.extend_from_slice(line.as_bytes());
+        std::thread::sleep(pace);
+    }
+    sent
+}
+
+#[test]
+fn a_slow_message_gives_its_slot_back_mid_message_and_is_delivered_whole_from_the_spool() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = one_slot(&backend, "10s", "[smtp]\nstress_command_timeout = \"1s\"\n");
+    let mut slow = Smtp::session(proxy.addr);
+    expect(&slow.cmd("MAIL FROM:<slow@x>"), "250 ");
+    expect(&slow.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    expect(&slow.cmd("DATA"), "354 ");
+    let mut sender = Smtp::session(proxy.addr);
+    sender.send(b"MAIL FROM:<sender@x>\r\n");
+    assert!(
+        wait_until(WAIT, || proxy.ctx.backend_slots.waiting() == 1),
+        "the second MAIL does not wait for a slot"
+    );
+    // 1 000 bytes/s: twice the 500 a message must keep, so that without
+    // the spool it would keep the slot to the end (a zombie that trickles
+    // its message holds a backend process for as long as it likes).
+    let mut body = b"Subject: slow\r\n\r\n".to_vec();
+    slow.send(&body);
+    body.extend(trickle(&mut slow, 20, 100, Duration::from_millis(100)));
+    // Its slot went to the sender about a second in (its transaction's
+    // stress_command_timeout), the message still on its way (slot_wait
+    // is 10 s).
+    expect(&sender.reply(), "250 ");
+    assert_eq!(proxy.ctx.spool.spooled(), 1);
+    expect(&sender.cmd("RCPT TO:<bob@example.com>"), "250 ");
+    expect(&sender.cmd("DATA"), "354 ");
+    expect(&sender.cmd("Subject: quick\r\n\r\nbody\r\n."), "250 ");
+    assert_eq!(sender.cmd("QUIT"), "221 2.0.0 Bye");
+    body.extend(trickle(&mut slow, 10, 100, Duration::from_millis(100)));
+    // The end: the transaction replayed on a new connection, the message
+    // whole, the backend's answer relayed.
+    assert_eq!(slow.cmd("."), "250 2.0.0 Ok: queued as 2");
+    assert_eq!(shed(&proxy, "slow-transaction"), 0);
+    assert_eq!(proxy.ctx.spool.spooled(), 1);
+    assert_eq!(proxy.ctx.spool.used(), 0, "the copy's memory is given back");
+    let messages = backend.messages();
+    assert_eq!(
+        messages.len(),
+        2,
+        "the first backend connection's part of the slow message is dropped"
+    );
+    assert_eq!(messages[1], body);
+    let mails = backend
+        .lines()
+        .iter()
+        .filter(|l| l.starts_with("MAIL FROM:<slow@x>") || l.starts_with("RCPT TO:<alice@"))
+        .count();
+    assert_eq!(mails, 4, "MAIL and RCPT again on the new connection");
+    assert_eq!(backend.connections(), 3);
+}
+
+#[test]
+fn a_spooled_message_past_the_spool_size_gets_452_and_is_not_delivered() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = one_slot_with(
+        &backend,
+        "slot_wait = \"10s\"\nspool_size = \"3KB\"\n",
+        "[smtp]\nstress_command_timeout = \"1s\"\n",
+    );
+    let mut slow = Smtp::session(proxy.addr);
+    expect(&slow.cmd("MAIL FROM:<slow@x>"), "250 ");
+    expect(&slow.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    expect(&slow.cmd("DATA"), "354 ");
+    let mut sender = Smtp::session(proxy.addr);
+    sender.send(b"MAIL FROM:<sender@x>\r\n");
+    assert!(
+        wait_until(WAIT, || proxy.ctx.backend_slots.waiting() == 1),
+        "the second MAIL does not wait for a slot"
+    );
+    // Spooled about a second in (some 1 000 bytes), then on past 3 000.
+    trickle(&mut slow, 15, 100, Duration::from_millis(100));
+    expect(&sender.reply(), "250 ");
+    assert_eq!(proxy.ctx.spool.spooled(), 1);
+    trickle(&mut slow, 25, 100, Duration::from_millis(10));
+    assert_eq!(slow.cmd("."), "452 4.3.1 Insufficient system storage");
+    assert_eq!(proxy.ctx.spool.used(), 0);
+    // The session goes on; nothing of the message reached the backend.
+    assert_eq!(slow.cmd("NOOP"), "250 2.0.0 Ok");
+    assert_eq!(backend.messages().len(), 0);
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::values::duration_serde;
+use super::values::{duration_serde, size_serde};
 use super::{check_prefix_len, invalid, ConfigError};
 
 /// `[backend]`: the MTA behind the proxy.
@@ -50,6 +50,16 @@ pub struct Backend {
     /// Longest wait for a backend slot; then the client gets `421 4.3.2`.
     #[serde(with = "duration_serde")]
     pub slot_wait: Duration,
+    /// Memory (bytes; `"256MB"` accepted) for copies of the messages on
+    /// their way to the backend, all sessions together. While sessions wait
+    /// for a backend slot, a client slower than
+    /// `smtp.stress_command_timeout` in its transaction gives its slot back
+    /// mid-message, the proxy takes in the rest alone and replays the
+    /// transaction on a new backend connection at its end
+    /// ([`crate::proxy::spool`]). 0: off (such a client gets `421 4.4.2`
+    /// unless its message keeps 500 bytes/s).
+    #[serde(with = "size_serde")]
+    pub spool_size: u64,
     /// The IPv4 prefix that groups sources for the fair share of backend
     /// slots (/24: one network's hosts share).
     pub fair_share_prefix_v4: u8,
@@ -105,6 +115,7 @@ impl Default for Backend {
             early_connect: EarlyConnect::RecentSenders,
             max_connections: 80,
             slot_wait: Duration::from_secs(10),
+            spool_size: 256_000_000,
             fair_share_prefix_v4: 24,
             fair_share_prefix_v6: None,
             probe_interval: Duration::from_secs(5 * 60),

@@ -10,6 +10,7 @@ pub mod notices;
 pub mod session;
 pub mod shed;
 pub mod slots;
+pub mod spool;
 pub mod tls;
 
 use std::{
@@ -262,6 +263,9 @@ pub struct ProxyContext {
     /// Backend connections open at once (`backend.max_connections`),
     /// shared fairly between source networks.
     pub backend_slots: Arc<slots::BackendSlots>,
+    /// Memory for copies of messages on their way to the backend
+    /// (`backend.spool_size`).
+    pub spool: Arc<spool::SpoolBudget>,
     /// Sessions that may be shed when `smtp.max_sessions` is reached.
     pub sessions: Arc<shed::Sessions>,
     /// The backend's greeting and EHLO capabilities, learned by probing.
@@ -306,6 +310,7 @@ impl ProxyContext {
                     .fair_share_prefix_v6
                     .unwrap_or(config.limits.ipv6_prefix),
             )),
+            spool: Arc::new(spool::SpoolBudget::new(config.backend.spool_size)),
             sessions: Arc::new(shed::Sessions::default()),
             capabilities: capabilities::Capabilities::default(),
             recent_senders: early::RecentSenders::default(),
@@ -342,6 +347,7 @@ impl ProxyContext {
         };
         *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings);
         *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
+        self.spool.set_limit(config.backend.spool_size);
         self.capabilities.probe_soon();
         Ok(())
     }

@@ -223,6 +223,14 @@ impl Reply {
         )
     }
 
+    /// `452 4.3.1`: the proxy has no memory left for the rest of a message
+    /// it takes in alone (`backend.spool_size`), Postfix's words for a full
+    /// queue file system.
+    #[must_use]
+    pub fn spool_full() -> Self {
+        Self::new(452, "4.3.1 Insufficient system storage")
+    }
+
     /// `421 4.4.2`: the client was idle for too long.
     #[must_use]
     pub fn timeout() -> Self {

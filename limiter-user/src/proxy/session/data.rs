@@ -136,6 +136,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let (max_size, data_timeout) = (smtp.max_message_size, smtp.data_timeout);
         let mut scanner = DataScanner::new(smtp.max_data_line_length);
         let mut out = Vec::with_capacity(READ_CHUNK + 8);
+        // A copy of what goes to the backend, for a slow client to give its
+        // slot back mid-message (`backend.spool_size`); only where a new
+        // connection may take up the transaction (see `yields_backend`).
+        let mut copy = if matches!(sink, MessageSink::Backend | MessageSink::Opening)
+            && self.yields_backend()
+        {
+            self.ctx.spool.copy()
+        } else {
+            None
+        };
         loop {
             out.clear();
             let progress = scanner.feed(&self.input, &mut out);
@@ -155,6 +165,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.backend = None;
                 }
                 sink = MessageSink::Discard(Reply::message_too_big());
+                copy = None;
             }
             let end = matches!(progress, DataProgress::End { .. });
             // The backend's 354 before the first byte of the message.
@@ -166,8 +177,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             sink = match sink {
                 MessageSink::Backend => match self.backend_send(&out).await {
-                    Ok(()) => MessageSink::Backend,
+                    Ok(()) => {
+                        // Past the budget the message goes on without a
+                        // copy (and cannot be spooled).
+                        if copy.as_mut().is_some_and(|c| !c.push(&out)) {
+                            copy = None;
+                        }
+                        MessageSink::Backend
+                    }
                     Err(e) => return self.backend_failed_in_transaction(e).await,
+                },
+                MessageSink::Spooled => match copy.as_mut().map(|c| c.push(&out)) {
+                    Some(true) => MessageSink::Spooled,
+                    _ => {
+                        tracing::warn!(source = %self.peer.ip(), "backend.spool_size reached: the rest of a spooled message cannot be taken in");
+                        copy = None;
+                        MessageSink::Discard(Reply::spool_full())
+                    }
                 },
                 MessageSink::Held { scan, held } => {
                     let pending = scanner.pending_marker_len();
@@ -183,6 +209,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 DataProgress::End { .. } => {
                     return match sink {
                         MessageSink::Backend => self.end_of_data().await,
+                        MessageSink::Spooled => self.deliver_spooled(copy.take()).await,
                         MessageSink::Held { scan, held } => self.judge_message(scan, held).await,
                         MessageSink::Discard(reply) => {
                             // The backend may still hold the envelope of a
@@ -214,10 +241,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return Ok(Flow::Close);
                 }
             }
-            match self
-                .read_message_data(data_timeout, scanner.message_size())
-                .await
-            {
+            let read = loop {
+                let spoolable = copy.is_some()
+                    && matches!(sink, MessageSink::Backend | MessageSink::Opening)
+                    && self.yields_backend();
+                match self
+                    .read_message_data(data_timeout, scanner.message_size(), spoolable)
+                    .await
+                {
+                    Ok(MessageRead::SlotDue) => {
+                        if let Some(copy) = copy.as_mut() {
+                            copy.mark_spooled();
+                        }
+                        self.give_slot_back_mid_message(scanner.message_size());
+                        sink = MessageSink::Spooled;
+                    }
+                    Ok(MessageRead::Bytes(n)) => break Ok(n),
+                    Err(e) => break Err(e),
+                }
+            };
+            match read {
                 Ok(0) => {
                     // The client left mid-message: the backend must not keep it.
                     self.backend = None;
@@ -233,6 +276,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
         }
+    }
+
+    /// A slow client's backend slot goes to the sessions waiting for one in
+    /// the middle of its message: the backend connection closes (the
+    /// backend drops the part it has), and the proxy takes in the rest
+    /// alone ([`super::super::spool`]).
+    fn give_slot_back_mid_message(&mut self, received: u64) {
+        tracing::info!(
+            source = %self.peer.ip(),
+            received,
+            "slow message: backend slot given to the sessions waiting; the rest is spooled and the transaction replayed at its end"
+        );
+        self.backend = None;
+    }
+
+    /// The end of a spooled message: the transaction replayed on a new
+    /// backend connection, then the message, then the backend's answer.
+    async fn deliver_spooled(
+        &mut self,
+        copy: Option<super::super::spool::SpoolCopy>,
+    ) -> std::io::Result<Flow> {
+        let Some(copy) = copy else {
+            // Not reached: a spooled message always has its copy.
+            return self
+                .backend_failed_in_transaction(BackendError::Closed)
+                .await;
+        };
+        if let Err(reply) = self.open_backend_data().await {
+            self.reply(&reply).await?;
+            return Ok(if reply.code == 421 {
+                Flow::Close
+            } else {
+                Flow::Continue
+            });
+        }
+        // The copy holds the end marker.
+        if let Err(e) = self.backend_send(copy.wire()).await {
+            return self.backend_failed_in_transaction(e).await;
+        }
+        drop(copy);
+        self.end_of_data().await
     }
 
     /// Holds the next piece of a message being scanned (`wire`, ending with
@@ -300,6 +384,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Sends DATA to the backend for a message the proxy holds. The reply
     /// to give the client instead, if the backend does not say 354.
     pub(super) async fn open_backend_data(&mut self) -> Result<(), Reply> {
+        if self.backend.is_none() {
+            self.replay_transaction().await?;
+        }
         match self.backend_command(b"DATA").await {
             Ok(reply) if reply.code == 354 => Ok(()),
             Ok(reply) => Err(reply),
@@ -308,6 +395,78 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Err(Reply::backend_lost_in_transaction())
             }
         }
+    }
+
+    /// Takes up the transaction on a new backend connection (a fair slot,
+    /// the client's identity and HELO, as at its MAIL): its MAIL and every
+    /// recipient the backend accepted before, in one write if the backend
+    /// pipelines. All must be accepted again, or the client is told to try
+    /// later (it was told each of them was accepted); the reply to give
+    /// it instead.
+    async fn replay_transaction(&mut self) -> Result<(), Reply> {
+        let lines = self.transaction.lines.clone();
+        if lines.is_empty() {
+            return Err(Reply::backend_lost_in_transaction());
+        }
+        if let Err(e) = self.ensure_backend().await {
+            if let BackendError::NoSlot(_) = e {
+                self.ctx.count_shed(self.source(), "backend-slot-timeout");
+                return Err(Reply::no_backend_slot());
+            }
+            self.note_backend_error(&e);
+            return Err(Reply::backend_lost_in_transaction());
+        }
+        let replies = match self.relay_all(&lines).await {
+            Ok(replies) => replies,
+            Err(e) => {
+                self.note_backend_error(&e);
+                return Err(Reply::backend_lost_in_transaction());
+            }
+        };
+        if let Some((line, reply)) = lines
+            .iter()
+            .zip(&replies)
+            .find(|(_, reply)| !reply.is_positive_completion())
+        {
+            tracing::info!(
+                source = %self.peer.ip(),
+                command = %String::from_utf8_lossy(line),
+                code = reply.code,
+                "backend refused the replayed transaction of a spooled message; the client is told to try later"
+            );
+            self.reset_backend_transaction().await;
+            return Err(Reply::backend_lost_in_transaction());
+        }
+        Ok(())
+    }
+
+    /// Sends `lines` to the backend and reads a reply to each: all in one
+    /// write when it pipelines, else one by one up to the first refusal.
+    async fn relay_all(&mut self, lines: &[Vec<u8>]) -> Result<Vec<Reply>, BackendError> {
+        let pipelining = self.backend_pipelining;
+        let backend = self.backend.as_mut().ok_or(BackendError::Closed)?;
+        let mut replies = Vec::with_capacity(lines.len());
+        if pipelining {
+            let mut group = Vec::new();
+            for line in lines {
+                group.extend_from_slice(line);
+                group.extend_from_slice(b"\r\n");
+            }
+            backend.send(&group).await?;
+            for _ in lines {
+                replies.push(backend.read_reply().await?);
+            }
+        } else {
+            for line in lines {
+                let reply = backend.command(line).await?;
+                let refused = !reply.is_positive_completion();
+                replies.push(reply);
+                if refused {
+                    break;
+                }
+            }
+        }
+        Ok(replies)
     }
 
     /// Waits for the scanners' verdicts on a held message and acts on them.

@@ -74,10 +74,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Err(e) = self.ensure_backend().await {
             return self.backend_failed(e).await;
         }
+        let line = mail_line(&mail);
         self.pipeline.relay(
-            &mail_line(&mail),
+            &line,
             Step::Mail {
                 sender: mail.sender,
+                line: line.clone(),
             },
         );
         Ok(Flow::Continue)
@@ -88,6 +90,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(super) async fn mail_answered(
         &mut self,
         sender: Option<String>,
+        line: Vec<u8>,
         reply: Reply,
     ) -> std::io::Result<Flow> {
         if reply.is_positive_completion() {
@@ -99,8 +102,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // A sender: no longer among the sessions shed under pressure.
             self.mail_accepted = true;
             self.registration = None;
-            self.transaction_wait = Duration::ZERO;
-            self.transaction_recipients = 0;
+            self.transaction = Transaction {
+                wait: Duration::ZERO,
+                lines: vec![line],
+            };
         }
         self.reply(&reply).await?;
         Ok(Flow::Continue)
@@ -282,7 +287,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let failed = !accepted && (reply.is_permanent() || is_unknown_user_deferral(&reply));
         if accepted {
             self.envelope.recipients.push(rcpt.canonical.clone());
-            self.transaction_recipients = self.transaction_recipients.saturating_add(1);
+            self.transaction.lines.push(rcpt_line(&rcpt));
             self.summary.rcpt_accepted += 1;
         } else if failed {
             self.summary.rcpt_failed += 1;

@@ -150,6 +150,27 @@ struct Envelope {
     recipients: Vec<String>,
 }
 
+/// The transaction in progress, as the backend accepted it.
+#[derive(Default)]
+struct Transaction {
+    /// How long it waited for its client so far: past
+    /// `smtp.stress_command_timeout`, while other sessions wait for a
+    /// backend slot, it loses its slot ([`Session::slot_time_left`]).
+    wait: Duration,
+    /// Its MAIL line and the RCPT lines the backend accepted, as the
+    /// backend got them: replayed on a new connection for a spooled
+    /// message ([`super::spool`]). At most `smtp.max_recipients` + 1.
+    lines: Vec<Vec<u8>>,
+}
+
+impl Transaction {
+    /// Recipients the backend accepted (each earns the transaction
+    /// [`TIME_PER_RECIPIENT`]).
+    fn recipients(&self) -> u32 {
+        u32::try_from(self.lines.len().saturating_sub(1)).unwrap_or(u32::MAX)
+    }
+}
+
 /// The rate a message must arrive at, beyond its transaction's
 /// `smtp.stress_command_timeout`, while the transaction holds a backend slot
 /// others wait for: Postfix's `smtpd_min_data_rate` (bytes per second).
@@ -178,6 +199,18 @@ enum MessageSink {
     /// Nowhere: the backend refused DATA with this reply, which the client
     /// gets at the end (the backend's transaction is left as it is).
     Refused(Reply),
+    /// Into the message's spool copy only: the client gave its backend slot
+    /// back mid-message; the transaction is replayed at the end.
+    Spooled,
+}
+
+/// What a wait for more of a message brought.
+enum MessageRead {
+    /// This many bytes (0: the client left).
+    Bytes(usize),
+    /// Nothing yet, and the client used up its time with the backend slot
+    /// others wait for: the slot goes, the message goes on into the spool.
+    SlotDue,
 }
 
 /// A message held while the content filters judge it.
@@ -228,14 +261,9 @@ pub struct Session<S> {
     /// The backend accepted the client's AUTH: its connection carries the
     /// login and is never given back between transactions.
     authenticated: bool,
-    /// How long the transaction in progress (from its MAIL to the end of
-    /// its message) waited for its client so far: past
-    /// `smtp.stress_command_timeout`, while other sessions wait for a
-    /// backend slot, it loses its own ([`Self::slot_time_left`]).
-    transaction_wait: Duration,
-    /// Recipients the backend accepted in the transaction in progress
-    /// (each earns it [`TIME_PER_RECIPIENT`]).
-    transaction_recipients: u32,
+    /// The transaction in progress as the backend accepted it, from its
+    /// MAIL to the end of its message (DATA resets the envelope, not this).
+    transaction: Transaction,
     /// This session's place among those that may be shed; left at the
     /// first accepted MAIL FROM.
     registration: Option<Registration>,
@@ -296,8 +324,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             errors: 0,
             commands_before_mail: 0,
             mail_accepted: false,
-            transaction_wait: Duration::ZERO,
-            transaction_recipients: 0,
+            transaction: Transaction::default(),
             authenticated: false,
             registration,
             pipeline: Pipeline::default(),
@@ -792,21 +819,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         .await
     }
 
-    /// Reads more of a message's bytes within `data_timeout`; 0 means the
-    /// client closed. While its transaction holds a backend slot others
-    /// wait for, also within the transaction's time with its client
-    /// ([`Self::slot_time_left`]) plus one second for every
-    /// [`MIN_DATA_RATE`] bytes of the message `received` so far: a message
-    /// dribbled a byte at a time loses the slot (`slow-transaction`), one
-    /// sent over a slow link does not.
+    /// Reads more of a message's bytes within `data_timeout`. While its
+    /// transaction holds a backend slot others wait for, also within the
+    /// transaction's time with its client ([`Self::slot_time_left`]): if
+    /// the message can be `spoolable`, past that time the slot is due
+    /// ([`MessageRead::SlotDue`]: the client keeps its session); if not,
+    /// the time grows by a second for every [`MIN_DATA_RATE`] bytes of the
+    /// message `received` so far, and past it the session ends
+    /// (`slow-transaction`): a message dribbled a byte at a time loses the
+    /// slot, one sent over a slow link does not.
     async fn read_message_data(
         &mut self,
         data_timeout: Duration,
         received: u64,
-    ) -> std::io::Result<usize> {
+        spoolable: bool,
+    ) -> std::io::Result<MessageRead> {
         self.flush_client().await?;
         let settings = self.settings.clone();
-        let allowance = Duration::from_secs(received / MIN_DATA_RATE);
+        let allowance = if spoolable {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(received / MIN_DATA_RATE)
+        };
         let waiting_since = tokio::time::Instant::now();
         let result = loop {
             let slots = self.ctx.backend_slots.clone();
@@ -823,7 +857,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.input.reserve(READ_CHUNK);
             tokio::select! {
                 read = timeout_at(deadline, client.read_buf(&mut self.input)) => break match read {
-                    Ok(result) => result,
+                    Ok(result) => result.map(MessageRead::Bytes),
+                    Err(_) if slot_cut && spoolable => Ok(MessageRead::SlotDue),
                     Err(_) => {
                         if slot_cut {
                             self.shed("slow-transaction");
@@ -838,7 +873,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 () = contended, if slot_left.is_none() => {}
             }
         };
-        self.transaction_wait += waiting_since.elapsed();
+        self.transaction.wait += waiting_since.elapsed();
         result
     }
 
@@ -901,7 +936,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let started = tokio::time::Instant::now();
         let input = self.wait_for_line(next_command).await;
         if self.envelope.active {
-            self.transaction_wait += started.elapsed();
+            self.transaction.wait += started.elapsed();
         }
         input
     }
@@ -918,8 +953,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             && smtp.stress_command_timeout < smtp.command_timeout
             && self.ctx.backend_slots.waiting() > 0)
             .then(|| {
-                (smtp.stress_command_timeout + TIME_PER_RECIPIENT * self.transaction_recipients)
-                    .saturating_sub(self.transaction_wait)
+                (smtp.stress_command_timeout + TIME_PER_RECIPIENT * self.transaction.recipients())
+                    .saturating_sub(self.transaction.wait)
             })
     }
 

@@ -49,8 +49,12 @@ pub(super) enum Step {
     Count,
     /// A reply of the proxy's own.
     Reply(Reply),
-    /// A relayed MAIL FROM, with the sender it names (`None`: null sender).
-    Mail { sender: Option<String> },
+    /// A relayed MAIL FROM, with the sender it names (`None`: null sender)
+    /// and the line the backend got.
+    Mail {
+        sender: Option<String>,
+        line: Vec<u8>,
+    },
     /// A RCPT TO, relayed or refused by the proxy.
     Rcpt(Box<RcptStep>),
     /// A relayed RSET.
@@ -232,7 +236,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.reply(&reply).await?;
                 Ok(Flow::Continue)
             }
-            (Step::Mail { sender }, Some(reply)) => self.mail_answered(sender, reply).await,
+            (Step::Mail { sender, line }, Some(reply)) => {
+                self.mail_answered(sender, line, reply).await
+            }
             (Step::Rcpt(rcpt), reply) => self.rcpt_answered(*rcpt, reply).await,
             (Step::Rset, Some(reply)) => {
                 self.envelope = Envelope::default();

@@ -79,6 +79,8 @@ struct Seen {
     reads: Vec<Vec<u8>>,
     /// Each message as received, dot-stuffed, without the end marker.
     messages: Vec<Vec<u8>>,
+    /// Mailboxes deleted since the start: refused from now on.
+    deleted: Vec<String>,
 }
 
 /// A scripted backend that answers like Postfix (behind a PROXY v2 header,
@@ -150,6 +152,10 @@ async fn converse(mut stream: DuplexStream, pipelining: bool, seen: Arc<Mutex<Se
                     body.extend_from_slice(&line);
                     continue;
                 }
+                None if recipient_deleted(&text, &seen) => format!(
+                    "550 5.1.1 {}: Recipient address rejected: User unknown in local recipient table\r\n",
+                    &text[8..]
+                ),
                 None => answer(&text, pipelining, &mut message),
             };
             if stream.write_all(reply.as_bytes()).await.is_err() {
@@ -163,6 +169,18 @@ async fn converse(mut stream: DuplexStream, pipelining: bool, seen: Arc<Mutex<Se
             return;
         }
     }
+}
+
+/// Whether `line` is a RCPT to a mailbox in `seen.deleted`.
+fn recipient_deleted(line: &str, seen: &Mutex<Seen>) -> bool {
+    let upper = line.to_ascii_uppercase();
+    upper.starts_with("RCPT TO:")
+        && seen
+            .lock()
+            .unwrap()
+            .deleted
+            .iter()
+            .any(|mailbox| upper.contains(&format!("<{}>", mailbox.to_ascii_uppercase())))
 }
 
 /// The length a PROXY v2 header gives for what follows its 16 bytes.
@@ -937,4 +955,106 @@ fn credentials_refused_for_good_or_soft_bounced_count_and_nothing_else() {
             "{code} {text}"
         );
     }
+}
+
+/// A session in DATA holding the only backend slot while another source
+/// waits for it: past `smtp.stress_command_timeout` the slot goes to the
+/// waiter and the message on into the spool. Returns the waiter's slot.
+async fn spooled_mid_message(h: &mut Harness) -> crate::proxy::slots::SlotGuard {
+    h.ehlo().await;
+    assert_eq!(
+        h.client
+            .command("MAIL FROM:<sender@example.org>")
+            .await
+            .code,
+        250
+    );
+    assert_eq!(
+        h.client.command("RCPT TO:<alice@example.com>").await.code,
+        250
+    );
+    assert_eq!(h.client.command("DATA").await.code, 354);
+    h.client.send("Subject: slow\r\n\r\n").await;
+    let slots = h.ctx.backend_slots.clone();
+    let waiter = tokio::spawn(async move {
+        slots
+            .acquire("192.0.2.9".parse().unwrap(), Duration::from_secs(60))
+            .await
+    });
+    // The clock is paused: it jumps to the session's deadline.
+    let slot = waiter
+        .await
+        .unwrap()
+        .expect("the slot comes free mid-message");
+    assert_eq!(h.ctx.spool.spooled(), 1);
+    assert_eq!(h.backend.connections(), 1);
+    slot
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spooled_message_is_replayed_on_a_new_connection_once_a_slot_is_free() {
+    let mut config = Config::default();
+    config.backend.max_connections = 1;
+    let mut h = Harness::start_with(config, true);
+    let slot = spooled_mid_message(&mut h).await;
+    h.client.send("more of it\r\n.\r\n").await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // It waits its turn for the slot.
+    assert_eq!(h.backend.connections(), 1);
+    drop(slot);
+    assert_eq!(h.client.reply().await, parse(QUEUED));
+    assert_eq!(h.backend.connections(), 2);
+    let lines = h.backend.lines();
+    let replayed: Vec<&str> = lines
+        .iter()
+        .map(String::as_str)
+        .filter(|l| l.starts_with("MAIL") || l.starts_with("RCPT") || l.starts_with("DATA"))
+        .collect();
+    assert_eq!(
+        replayed,
+        [
+            "MAIL FROM:<sender@example.org>",
+            "RCPT TO:<alice@example.com>",
+            "DATA",
+            "MAIL FROM:<sender@example.org>",
+            "RCPT TO:<alice@example.com>",
+            "DATA"
+        ]
+    );
+    assert_eq!(
+        h.backend.seen(|s| s.messages.clone()),
+        [b"Subject: slow\r\n\r\nmore of it\r\n".to_vec()]
+    );
+    assert_eq!(h.ctx.spool.used(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spooled_message_whose_recipient_is_gone_at_the_replay_gets_451_and_is_not_delivered() {
+    let mut config = Config::default();
+    config.backend.max_connections = 1;
+    let mut h = Harness::start_with(config, true);
+    let slot = spooled_mid_message(&mut h).await;
+    h.backend
+        .seen
+        .lock()
+        .unwrap()
+        .deleted
+        .push("alice@example.com".into());
+    drop(slot);
+    h.client.send("body\r\n.\r\n").await;
+    // It was told alice was accepted: the message cannot go to her now,
+    // and must not be delivered to fewer than it was told.
+    assert_code(&h.client.reply().await, 451, (4, 3, 0));
+    assert!(h.backend.seen(|s| s.messages.is_empty()));
+    assert!(
+        h.backend
+            .lines()
+            .iter()
+            .filter(|l| l.as_str() == "DATA")
+            .nth(1)
+            .is_none(),
+        "no DATA on the replay"
+    );
+    // The session goes on.
+    assert_eq!(h.client.command("NOOP").await.code, 250);
 }
