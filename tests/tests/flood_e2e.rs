@@ -7,7 +7,11 @@
 //! the backend connection earned (`backend.connect = "on-mail"`, the
 //! default) none of them reaches Postfix, and a legitimate sender beside
 //! them delivers at once. With `"on-connect"` (the old behaviour) the same
-//! zombies take every backend slot and the sender is turned away.
+//! zombies take every backend slot and the sender is turned away. Zombies
+//! that earn a slot and then hold it (NOOPs in an open transaction, a
+//! message trickled) lose it to the sender within seconds; a trickled
+//! message goes on into the proxy's spool and still reaches the maildir
+//! whole.
 //!
 //! Pipelining end to end, against the same Postfix with
 //! `smtpd_forbid_unauth_pipelining = yes` (Postfix 3.9's default: a client
@@ -29,6 +33,7 @@ use std::{
 
 use limiter_tests::{
     fixture,
+    maildir::Maildir,
     postfix::{self, Postfix, PostfixOptions},
     proxy::TestProxy,
     tcp::{wait_until, Relay},
@@ -541,6 +546,100 @@ fn zombies_keeping_transactions_open_with_noops_lose_their_postfix_processes_to_
     assert!(cut >= 1, "no zombie was cut");
     // Within a zombie's stress_command_timeout and a little, not slot_wait.
     assert!(took < Duration::from_secs(6), "the sender took {took:?}");
+}
+
+#[test]
+fn zombies_trickling_their_messages_lose_their_postfix_processes_and_every_message_is_delivered_whole(
+) {
+    if !ready("zombies_trickling_their_messages_lose_their_postfix_processes_and_every_message_is_delivered_whole") {
+        return;
+    }
+    let maildir = Maildir::new(&postfix::DEFAULT_RECIPIENTS).expect("maildir");
+    let postfix = Postfix::start(maildir.postfix_options(PostfixOptions {
+        proxy_protocol: true,
+        ..PostfixOptions::default()
+    }))
+    .expect("start Postfix");
+    let proxy = proxy(
+        &postfix,
+        "max_connections = 3\nslot_wait = \"20s\"",
+        "[smtp]\nstress_command_timeout = \"2s\"\n",
+    );
+    // Each zombie earns a Postfix process, has its MAIL and RCPT accepted,
+    // and trickles its message at 1 000 bytes/s: twice Postfix's
+    // smtpd_min_data_rate, so that Postfix alone (or the proxy without its
+    // spool) would let it hold the process to the end.
+    let mut zombies: Vec<(Client, String)> = (0..3)
+        .map(|i| {
+            let mut z = Client::connect(proxy.addr, zombie_source(i * PER_SOURCE))
+                .expect("zombie connects");
+            expect(&z.reply().expect("greeting"), "220 ");
+            expect(&z.cmd("EHLO zombie.test").expect("EHLO"), "250");
+            expect(&z.cmd("MAIL FROM:<z@zombie.test>").expect("MAIL"), "250 ");
+            expect(&z.cmd("RCPT TO:<alice@example.com>").expect("RCPT"), "250 ");
+            expect(&z.cmd("DATA").expect("DATA"), "354 ");
+            let head = format!("Subject: zombie {i}\r\n\r\n");
+            z.stream.write_all(head.as_bytes()).expect("trickle");
+            (z, String::new())
+        })
+        .collect();
+    let sender = std::thread::spawn({
+        let addr = proxy.addr;
+        move || {
+            let started = Instant::now();
+            (send_one(addr), started.elapsed())
+        }
+    });
+    let mut line_no = 0;
+    let mut trickle = |zombies: &mut Vec<(Client, String)>| {
+        for (z, body) in zombies.iter_mut() {
+            let line = format!("{line_no:04} {}\r\n", "z".repeat(93));
+            z.stream.write_all(line.as_bytes()).expect("trickle");
+            body.push_str(&line);
+        }
+        line_no += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for _ in 0..80 {
+        trickle(&mut zombies);
+        if sender.is_finished() {
+            break;
+        }
+    }
+    let (end, took) = sender.join().expect("the sender's thread");
+    expect(&end, "250 ");
+    // Within a zombie's stress_command_timeout and a little, not slot_wait.
+    assert!(took < Duration::from_secs(6), "the sender took {took:?}");
+    assert!(proxy.ctx.spool.spooled() >= 1, "no message was spooled");
+    for _ in 0..10 {
+        trickle(&mut zombies);
+    }
+    // Every zombie's message, spooled or not, arrives whole.
+    for (z, _) in &mut zombies {
+        expect(&z.cmd(".").expect("end of DATA"), "250 ");
+    }
+    assert!(maildir.wait_for(4, WAIT), "{}", postfix.log());
+    let stored: Vec<String> = maildir
+        .messages("alice@example.com")
+        .iter()
+        .map(|m| m.text())
+        .collect();
+    for (i, (_, body)) in zombies.iter().enumerate() {
+        let subject = format!("Subject: zombie {i}\n");
+        let message = stored
+            .iter()
+            .find(|m| m.contains(&subject))
+            .unwrap_or_else(|| panic!("zombie {i}'s message is not in the maildir"));
+        let (_, stored_body) = message.split_once("\n\n").expect("a body");
+        assert_eq!(stored_body, body.replace("\r\n", "\n"), "zombie {i}");
+    }
+    // Postfix dropped the part it had of each spooled message.
+    assert!(
+        postfix.log().matches("lost connection after DATA").count()
+            >= proxy.ctx.spool.spooled() as usize,
+        "{}",
+        postfix.log()
+    );
 }
 
 // -- Pipelining end to end ---------------------------------------------------
