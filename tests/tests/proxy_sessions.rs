@@ -2696,11 +2696,12 @@ fn a_slow_message_gives_its_slot_back_mid_message_and_is_delivered_whole_from_th
 }
 
 #[test]
-fn a_spooled_message_past_the_spool_size_gets_452_and_is_not_delivered() {
+fn a_spooled_message_past_its_networks_share_of_the_spool_gets_452_and_is_not_delivered() {
     let backend = ScriptedBackend::start(Behaviour::default());
+    // One network may hold an eighth: 3 000 bytes.
     let proxy = one_slot_with(
         &backend,
-        "slot_wait = \"10s\"\nspool_size = \"3KB\"\n",
+        "slot_wait = \"10s\"\nspool_size = \"24KB\"\n",
         "[smtp]\nstress_command_timeout = \"1s\"\n",
     );
     let mut slow = Smtp::session(proxy.addr);

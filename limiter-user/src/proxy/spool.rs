@@ -7,13 +7,24 @@
 //! proxy's, bounded here, and no process of the mail server.
 //!
 //! One budget (`backend.spool_size`) bounds the bytes all copies hold
-//! together; a message that does not fit goes on without one (and its
-//! client, if slow, loses its slot as before: `421 4.4.2`).
+//! together, and an eighth of it those of one source network (grouped as
+//! for the backend slots), so that a few clients that send large messages
+//! and then stall cannot fill it for everyone. A message that does not fit
+//! goes on without a copy (its client, if slow, keeps its slot only at
+//! 500 bytes/s, else `421 4.4.2`).
 
-use std::sync::{
-    atomic::{AtomicU64, Ordering},
-    Arc,
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
 };
+
+use ipnet::IpNet;
+
+/// The share of the budget one source network may hold: 1/8.
+const NETWORK_SHARE: u64 = 8;
 
 /// The bytes all spool copies may hold together, and hold now.
 #[derive(Debug, Default)]
@@ -21,6 +32,9 @@ pub struct SpoolBudget {
     /// `backend.spool_size`; 0: no copies, no spooling. Set again on reload.
     limit: AtomicU64,
     used: AtomicU64,
+    /// Bytes held by each source network's copies (networks holding none
+    /// are not kept).
+    networks: Mutex<HashMap<IpNet, u64>>,
     /// Messages whose clients gave their slot back mid-message.
     spooled: AtomicU64,
 }
@@ -47,22 +61,50 @@ impl SpoolBudget {
         self.spooled.load(Ordering::Relaxed)
     }
 
-    /// A new, empty copy for a message, or `None` when spooling is off.
-    pub fn copy(self: &Arc<Self>) -> Option<SpoolCopy> {
+    /// A new, empty copy for a message from a client of `network`, or
+    /// `None` when spooling is off.
+    pub fn copy(self: &Arc<Self>, network: IpNet) -> Option<SpoolCopy> {
         (self.limit.load(Ordering::Relaxed) > 0).then(|| SpoolCopy {
             budget: self.clone(),
+            network,
             wire: Vec::new(),
             spooled: false,
         })
     }
 
-    fn reserve(&self, bytes: u64) -> bool {
+    fn networks(&self) -> std::sync::MutexGuard<'_, HashMap<IpNet, u64>> {
+        self.networks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes `bytes` for `network`, within both limits.
+    fn reserve(&self, network: IpNet, bytes: u64) -> bool {
+        let limit = self.limit.load(Ordering::Relaxed);
+        let mut networks = self.networks();
+        let held = networks.get(&network).copied().unwrap_or(0);
+        if held.saturating_add(bytes) > limit / NETWORK_SHARE {
+            return false;
+        }
         let before = self.used.fetch_add(bytes, Ordering::Relaxed);
-        if before.saturating_add(bytes) > self.limit.load(Ordering::Relaxed) {
+        if before.saturating_add(bytes) > limit {
             self.used.fetch_sub(bytes, Ordering::Relaxed);
             return false;
         }
+        networks.insert(network, held + bytes);
         true
+    }
+
+    fn release(&self, network: IpNet, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+        let mut networks = self.networks();
+        if let Some(held) = networks.get_mut(&network) {
+            *held = held.saturating_sub(bytes);
+            if *held == 0 {
+                networks.remove(&network);
+            }
+        }
     }
 }
 
@@ -71,6 +113,8 @@ impl SpoolBudget {
 #[derive(Debug)]
 pub struct SpoolCopy {
     budget: Arc<SpoolBudget>,
+    /// The client's network, whose share it counts against.
+    network: IpNet,
     wire: Vec<u8>,
     /// The client gave its slot back: the backend has no part of it.
     spooled: bool,
@@ -80,7 +124,7 @@ impl SpoolCopy {
     /// Appends `bytes`; `false` (nothing appended) past the budget.
     #[must_use]
     pub fn push(&mut self, bytes: &[u8]) -> bool {
-        if !self.budget.reserve(bytes.len() as u64) {
+        if !self.budget.reserve(self.network, bytes.len() as u64) {
             return false;
         }
         self.wire.extend_from_slice(bytes);
@@ -106,9 +150,7 @@ impl SpoolCopy {
 
 impl Drop for SpoolCopy {
     fn drop(&mut self) {
-        self.budget
-            .used
-            .fetch_sub(self.wire.len() as u64, Ordering::Relaxed);
+        self.budget.release(self.network, self.wire.len() as u64);
     }
 }
 
@@ -116,29 +158,58 @@ impl Drop for SpoolCopy {
 mod tests {
     use super::*;
 
+    fn net(text: &str) -> IpNet {
+        text.parse().unwrap()
+    }
+
     #[test]
     fn copies_share_one_budget_and_give_it_back_when_dropped() {
-        let budget = Arc::new(SpoolBudget::new(10));
-        let mut a = budget.copy().unwrap();
-        let mut b = budget.copy().unwrap();
-        assert!(a.push(b"123456"));
-        assert!(!b.push(b"12345"), "11 bytes in a budget of 10");
-        assert!(b.push(b"1234"));
-        assert_eq!(budget.used(), 10);
-        assert_eq!(b.wire(), b"1234");
-        drop(a);
-        assert_eq!(budget.used(), 4);
-        assert!(b.push(b"56"));
-        drop(b);
+        let budget = Arc::new(SpoolBudget::new(80));
+        // Eight networks, each within its share of 10.
+        let mut copies: Vec<SpoolCopy> = (1..=8)
+            .map(|i| budget.copy(net(&format!("192.0.{i}.0/24"))).unwrap())
+            .collect();
+        for copy in &mut copies {
+            assert!(copy.push(b"123456789"));
+        }
+        assert_eq!(budget.used(), 72);
+        let mut ninth = budget.copy(net("198.51.100.0/24")).unwrap();
+        assert!(!ninth.push(b"123456789"), "81 bytes in a budget of 80");
+        assert!(ninth.push(b"12345678"));
+        assert_eq!(ninth.wire(), b"12345678");
+        copies.truncate(1);
+        assert_eq!(budget.used(), 17);
+        drop(ninth);
+        drop(copies);
         assert_eq!(budget.used(), 0);
+        assert!(budget.networks().is_empty());
+    }
+
+    #[test]
+    fn one_network_holds_at_most_an_eighth() {
+        let budget = Arc::new(SpoolBudget::new(80));
+        let mut a = budget.copy(net("192.0.2.0/24")).unwrap();
+        let mut b = budget.copy(net("192.0.2.0/24")).unwrap();
+        assert!(a.push(b"123456"));
+        assert!(
+            !b.push(b"12345"),
+            "11 bytes for one network, its share is 10"
+        );
+        assert!(b.push(b"1234"));
+        // Another network has its own share.
+        let mut other = budget.copy(net("198.51.100.0/24")).unwrap();
+        assert!(other.push(b"1234567890"));
+        drop(a);
+        assert!(b.push(b"123456"));
+        assert_eq!(budget.used(), 20);
     }
 
     #[test]
     fn no_copies_when_spooling_is_off_and_each_spooled_message_counts_once() {
         let budget = Arc::new(SpoolBudget::new(0));
-        assert!(budget.copy().is_none());
+        assert!(budget.copy(net("192.0.2.0/24")).is_none());
         budget.set_limit(100);
-        let mut copy = budget.copy().unwrap();
+        let mut copy = budget.copy(net("192.0.2.0/24")).unwrap();
         assert!(!copy.is_spooled());
         copy.mark_spooled();
         copy.mark_spooled();

@@ -142,7 +142,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut copy = if matches!(sink, MessageSink::Backend | MessageSink::Opening)
             && self.yields_backend()
         {
-            self.ctx.spool.copy()
+            self.ctx
+                .spool
+                .copy(self.ctx.backend_slots.group(self.source()))
         } else {
             None
         };
@@ -242,11 +244,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
             let read = loop {
-                let spoolable = copy.is_some()
-                    && matches!(sink, MessageSink::Backend | MessageSink::Opening)
-                    && self.yields_backend();
+                let pace = match sink {
+                    MessageSink::Spooled => MessagePace::Spooled,
+                    MessageSink::Backend | MessageSink::Opening
+                        if copy.is_some() && self.yields_backend() =>
+                    {
+                        MessagePace::Spoolable
+                    }
+                    _ => MessagePace::Relayed,
+                };
                 match self
-                    .read_message_data(data_timeout, scanner.message_size(), spoolable)
+                    .read_message_data(data_timeout, scanner.message_size(), pace)
                     .await
                 {
                     Ok(MessageRead::SlotDue) => {
@@ -289,6 +297,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             "slow message: backend slot given to the sessions waiting; the rest is spooled and the transaction replayed at its end"
         );
         self.backend = None;
+        // Spooled, the message starts its time with its client afresh: it
+        // must come at 500 bytes/s from here (MessagePace::Spooled).
+        self.transaction.wait = Duration::ZERO;
     }
 
     /// The end of a spooled message: the transaction replayed on a new

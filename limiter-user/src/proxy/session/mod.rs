@@ -204,6 +204,27 @@ enum MessageSink {
     Spooled,
 }
 
+/// How the pace of a message is judged while the proxy waits for more of
+/// it. While the message's transaction holds a backend slot that other
+/// sessions wait for, the transaction has its time with its client
+/// ([`Session::slot_time_left`]); past it:
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MessagePace {
+    /// the slot is due ([`MessageRead::SlotDue`]): the message has a spool
+    /// copy, and goes on into the spool;
+    Spoolable,
+    /// the session ends (`slow-transaction`, `421 4.4.2`), the time grown
+    /// by a second for every [`MIN_DATA_RATE`] bytes received: a message
+    /// dribbled a byte at a time loses the slot, one sent over a slow link
+    /// does not.
+    Relayed,
+    /// Spooled, no slot held: contended or not, the session ends as for
+    /// `Relayed` (Postfix's `smtpd_min_data_rate` for every message), so
+    /// that a zombie cannot hold its spool memory and its session a byte
+    /// at a time.
+    Spooled,
+}
+
 /// What a wait for more of a message brought.
 enum MessageRead {
     /// This many bytes (0: the client left).
@@ -819,38 +840,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         .await
     }
 
-    /// Reads more of a message's bytes within `data_timeout`. While its
-    /// transaction holds a backend slot others wait for, also within the
-    /// transaction's time with its client ([`Self::slot_time_left`]): if
-    /// the message can be `spoolable`, past that time the slot is due
-    /// ([`MessageRead::SlotDue`]: the client keeps its session); if not,
-    /// the time grows by a second for every [`MIN_DATA_RATE`] bytes of the
-    /// message `received` so far, and past it the session ends
-    /// (`slow-transaction`): a message dribbled a byte at a time loses the
-    /// slot, one sent over a slow link does not.
+    /// Reads more of a message's bytes within `data_timeout`, and within
+    /// the transaction's time with its client as `pace` says.
     async fn read_message_data(
         &mut self,
         data_timeout: Duration,
         received: u64,
-        spoolable: bool,
+        pace: MessagePace,
     ) -> std::io::Result<MessageRead> {
         self.flush_client().await?;
         let settings = self.settings.clone();
-        let allowance = if spoolable {
-            Duration::ZERO
-        } else {
-            Duration::from_secs(received / MIN_DATA_RATE)
-        };
+        let smtp = &settings.smtp;
+        let allowance = Duration::from_secs(received / MIN_DATA_RATE);
         let waiting_since = tokio::time::Instant::now();
         let result = loop {
             let slots = self.ctx.backend_slots.clone();
             let contended = slots.contended();
-            let slot_left = self
-                .slot_time_left(&settings.smtp)
-                .map(|left| left + allowance);
-            let slot_cut = slot_left.is_some_and(|left| left < data_timeout);
+            let time_left = match pace {
+                MessagePace::Spoolable => self.slot_time_left(smtp, Duration::ZERO),
+                MessagePace::Relayed => self.slot_time_left(smtp, allowance),
+                MessagePace::Spooled => Some(self.transaction_time_left(smtp, allowance)),
+            };
+            let cut = time_left.is_some_and(|left| left < data_timeout);
             let deadline =
-                waiting_since + slot_left.map_or(data_timeout, |left| left.min(data_timeout));
+                waiting_since + time_left.map_or(data_timeout, |left| left.min(data_timeout));
             let Some(client) = self.client.as_mut() else {
                 break Err(std::io::Error::other("client stream gone"));
             };
@@ -858,9 +871,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             tokio::select! {
                 read = timeout_at(deadline, client.read_buf(&mut self.input)) => break match read {
                     Ok(result) => result.map(MessageRead::Bytes),
-                    Err(_) if slot_cut && spoolable => Ok(MessageRead::SlotDue),
+                    Err(_) if cut && pace == MessagePace::Spoolable => Ok(MessageRead::SlotDue),
                     Err(_) => {
-                        if slot_cut {
+                        if cut {
                             self.shed("slow-transaction");
                         }
                         Err(std::io::Error::new(
@@ -870,7 +883,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                 },
                 // Someone now waits for a slot: look at the budget again.
-                () = contended, if slot_left.is_none() => {}
+                () = contended, if time_left.is_none() => {}
             }
         };
         self.transaction.wait += waiting_since.elapsed();
@@ -948,14 +961,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// each recipient accepted, so that a client that keeps it open (a NOOP
     /// now and then) cannot hold a backend process others need. A sender
     /// sends its envelope at once and never comes near it.
-    fn slot_time_left(&self, smtp: &crate::config::Smtp) -> Option<Duration> {
+    /// `extra`: more time the transaction earned (by the bytes of its
+    /// message, [`MessagePace`]).
+    fn slot_time_left(&self, smtp: &crate::config::Smtp, extra: Duration) -> Option<Duration> {
         (self.backend.is_some()
             && smtp.stress_command_timeout < smtp.command_timeout
             && self.ctx.backend_slots.waiting() > 0)
-            .then(|| {
-                (smtp.stress_command_timeout + TIME_PER_RECIPIENT * self.transaction.recipients())
-                    .saturating_sub(self.transaction.wait)
-            })
+            .then(|| self.transaction_time_left(smtp, extra))
+    }
+
+    /// What is left of the transaction's time with its client, slot or
+    /// not ([`Self::slot_time_left`]).
+    fn transaction_time_left(&self, smtp: &crate::config::Smtp, extra: Duration) -> Duration {
+        (smtp.stress_command_timeout + TIME_PER_RECIPIENT * self.transaction.recipients() + extra)
+            .saturating_sub(self.transaction.wait)
     }
 
     async fn wait_for_line(&mut self, next_command: bool) -> Input {
@@ -996,7 +1015,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let slot_left = self
                 .envelope
                 .active
-                .then(|| self.slot_time_left(smtp))
+                .then(|| self.slot_time_left(smtp, Duration::ZERO))
                 .flatten();
             let slot_cut = slot_left.is_some_and(|left| left < limit);
             let deadline = waiting_since + slot_left.map_or(limit, |left| left.min(limit));

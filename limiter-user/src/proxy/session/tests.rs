@@ -1058,3 +1058,77 @@ async fn a_spooled_message_whose_recipient_is_gone_at_the_replay_gets_451_and_is
     // The session goes on.
     assert_eq!(h.client.command("NOOP").await.code, 250);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_spooled_message_must_keep_500_bytes_a_second_or_its_session_ends() {
+    let mut config = Config::default();
+    config.backend.max_connections = 1;
+    let mut h = Harness::start_with(config, true);
+    let _slot = spooled_mid_message(&mut h).await;
+    let spooled = tokio::time::Instant::now();
+    // Out of contention now (the waiter has the slot), but a spooled
+    // message holds proxy memory and a session: from its release it gets
+    // stress_command_timeout (10 s) and a second per 500 bytes.
+    h.client
+        .send(&format!("{}\r\n", "x".repeat(998)).repeat(2))
+        .await;
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    h.client.send("y").await;
+    assert_code(&h.client.reply().await, 421, (4, 4, 2));
+    // 10 s + 1 s for its recipient + 4 s for its 2 014 bytes, the client's
+    // 13 s of silence among them: not data_timeout (3 minutes).
+    assert_eq!(spooled.elapsed().as_secs(), 15);
+    let (summary, mut client, backend, ctx) = h.ended().await;
+    assert!(client.closed().await);
+    assert_eq!(summary.messages, 0);
+    assert!(backend.seen(|s| s.messages.is_empty()));
+    assert_eq!(ctx.spool.used(), 0);
+    assert!(
+        ctx.stats.shed().contains(&("slow-transaction", 1)),
+        "{:?}",
+        ctx.stats.shed()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_the_spool_bytes_sent_early_do_not_buy_a_dribbling_client_its_slot_for_ever() {
+    let mut config = Config::default();
+    config.backend.max_connections = 1;
+    config.backend.spool_size = 0;
+    let mut h = Harness::start_with(config, true);
+    h.ehlo().await;
+    assert_eq!(
+        h.client.command("MAIL FROM:<z@example.org>").await.code,
+        250
+    );
+    assert_eq!(
+        h.client.command("RCPT TO:<alice@example.com>").await.code,
+        250
+    );
+    assert_eq!(h.client.command("DATA").await.code, 354);
+    // 2 000 bytes at once earn 4 s of waiting, on top of 10 s and 1 s for
+    // the recipient: 15 s in all, however the client spreads its waits.
+    h.client
+        .send(&format!("{}\r\n", "x".repeat(998)).repeat(2))
+        .await;
+    let slots = h.ctx.backend_slots.clone();
+    let waiter = tokio::spawn(async move {
+        slots
+            .acquire("192.0.2.9".parse().unwrap(), Duration::from_secs(60))
+            .await
+    });
+    let started = tokio::time::Instant::now();
+    // A byte every 3 s, until the proxy answers: each one comes within the
+    // 4 s the bytes before it earned.
+    let reply = loop {
+        tokio::select! {
+            reply = h.client.reply() => break reply,
+            () = tokio::time::sleep(Duration::from_secs(3)) => {}
+        }
+        h.client.stream.write_all(b"z").await.unwrap();
+    };
+    assert_code(&reply, 421, (4, 4, 2));
+    assert_eq!(started.elapsed().as_secs(), 15);
+    assert!(waiter.await.unwrap().is_ok());
+    assert!(h.ctx.stats.shed().contains(&("slow-transaction", 1)));
+}
