@@ -2727,6 +2727,45 @@ fn a_spooled_message_past_its_networks_share_of_the_spool_gets_452_and_is_not_de
 }
 
 #[test]
+fn a_slow_message_held_for_the_content_filters_gives_its_slot_back_too() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let scanner = DeadPort::new().expect("a dead port");
+    let proxy = one_slot(
+        &backend,
+        "10s",
+        &format!(
+            "[smtp]\nstress_command_timeout = \"1s\"\n\n[filters]\ntimeout = \"2s\"\non_failure = \"fail-open\"\n\n[filters.clamav]\naddress = \"{}\"\n",
+            scanner.addr()
+        ),
+    );
+    let mut slow = Smtp::session(proxy.addr);
+    expect(&slow.cmd("MAIL FROM:<slow@x>"), "250 ");
+    expect(&slow.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    expect(&slow.cmd("DATA"), "354 ");
+    let mut sender = Smtp::session(proxy.addr);
+    sender.send(b"MAIL FROM:<sender@x>\r\n");
+    assert!(
+        wait_until(WAIT, || proxy.ctx.backend_slots.waiting() == 1),
+        "the second MAIL does not wait for a slot"
+    );
+    let mut body = b"Subject: held\r\n\r\n".to_vec();
+    slow.send(&body);
+    body.extend(trickle(&mut slow, 20, 100, Duration::from_millis(100)));
+    expect(&sender.reply(), "250 ");
+    assert_eq!(proxy.ctx.spool.spooled(), 1);
+    assert_eq!(sender.cmd("QUIT"), "221 2.0.0 Bye");
+    assert_eq!(slow.cmd("."), "250 2.0.0 Ok: queued as 1");
+    let messages = backend.messages();
+    assert_eq!(messages.len(), 1);
+    assert!(
+        messages[0].ends_with(&body),
+        "{}",
+        String::from_utf8_lossy(&messages[0])
+    );
+    assert_eq!(backend.connections(), 3);
+}
+
+#[test]
 fn a_sender_gives_its_slot_back_between_messages_when_others_wait() {
     let backend = ScriptedBackend::start(Behaviour::default());
     let proxy = one_slot(&backend, "5s", "");

@@ -68,8 +68,12 @@ impl SpoolBudget {
             budget: self.clone(),
             network,
             wire: Vec::new(),
-            spooled: false,
         })
+    }
+
+    /// Counts a message whose client gave its slot back mid-message.
+    pub fn count_spooled(&self) {
+        self.spooled.fetch_add(1, Ordering::Relaxed);
     }
 
     fn networks(&self) -> std::sync::MutexGuard<'_, HashMap<IpNet, u64>> {
@@ -116,8 +120,6 @@ pub struct SpoolCopy {
     /// The client's network, whose share it counts against.
     network: IpNet,
     wire: Vec<u8>,
-    /// The client gave its slot back: the backend has no part of it.
-    spooled: bool,
 }
 
 impl SpoolCopy {
@@ -129,18 +131,6 @@ impl SpoolCopy {
         }
         self.wire.extend_from_slice(bytes);
         true
-    }
-
-    /// From now on the copy is the message: counted once.
-    pub fn mark_spooled(&mut self) {
-        if !self.spooled {
-            self.spooled = true;
-            self.budget.spooled.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    pub fn is_spooled(&self) -> bool {
-        self.spooled
     }
 
     pub fn wire(&self) -> &[u8] {
@@ -205,15 +195,11 @@ mod tests {
     }
 
     #[test]
-    fn no_copies_when_spooling_is_off_and_each_spooled_message_counts_once() {
+    fn no_copies_while_spooling_is_off() {
         let budget = Arc::new(SpoolBudget::new(0));
         assert!(budget.copy(net("192.0.2.0/24")).is_none());
         budget.set_limit(100);
         let mut copy = budget.copy(net("192.0.2.0/24")).unwrap();
-        assert!(!copy.is_spooled());
-        copy.mark_spooled();
-        copy.mark_spooled();
-        assert!(copy.is_spooled());
-        assert_eq!(budget.spooled(), 1);
+        assert!(copy.push(b"1"));
     }
 }

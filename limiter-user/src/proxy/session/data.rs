@@ -244,8 +244,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
             let read = loop {
+                // A held message is its own copy; the backend has only its
+                // envelope until the verdicts are in.
                 let pace = match sink {
                     MessageSink::Spooled => MessagePace::Spooled,
+                    MessageSink::Held { .. } if self.backend.is_none() => MessagePace::Spooled,
+                    MessageSink::Held { .. } if self.yields_backend() => MessagePace::Spoolable,
                     MessageSink::Backend | MessageSink::Opening
                         if copy.is_some() && self.yields_backend() =>
                     {
@@ -258,11 +262,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     .await
                 {
                     Ok(MessageRead::SlotDue) => {
-                        if let Some(copy) = copy.as_mut() {
-                            copy.mark_spooled();
-                        }
                         self.give_slot_back_mid_message(scanner.message_size());
-                        sink = MessageSink::Spooled;
+                        if !matches!(sink, MessageSink::Held { .. }) {
+                            sink = MessageSink::Spooled;
+                        }
                     }
                     Ok(MessageRead::Bytes(n)) => break Ok(n),
                     Err(e) => break Err(e),
@@ -296,6 +299,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             received,
             "slow message: backend slot given to the sessions waiting; the rest is spooled and the transaction replayed at its end"
         );
+        self.ctx.spool.count_spooled();
         self.backend = None;
         // Spooled, the message starts its time with its client afresh: it
         // must come at 500 bytes/s from here (MessagePace::Spooled).

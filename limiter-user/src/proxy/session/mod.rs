@@ -210,15 +210,16 @@ enum MessageSink {
 /// ([`Session::slot_time_left`]); past it:
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum MessagePace {
-    /// the slot is due ([`MessageRead::SlotDue`]): the message has a spool
-    /// copy, and goes on into the spool;
+    /// the slot is due ([`MessageRead::SlotDue`]): the message has a copy
+    /// (in the spool, or held for the content filters) and goes on into it;
     Spoolable,
     /// the session ends (`slow-transaction`, `421 4.4.2`), the time grown
     /// by a second for every [`MIN_DATA_RATE`] bytes received: a message
     /// dribbled a byte at a time loses the slot, one sent over a slow link
     /// does not.
     Relayed,
-    /// Spooled, no slot held: contended or not, the session ends as for
+    /// Spooled (or held) after its slot went: contended or not, the
+    /// session ends as for
     /// `Relayed` (Postfix's `smtpd_min_data_rate` for every message), so
     /// that a zombie cannot hold its spool memory and its session a byte
     /// at a time.
