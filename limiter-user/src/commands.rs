@@ -19,7 +19,7 @@ use crate::{
         AllowChanged, Answer, BackendSlots, BlockAdded, BlockCheck, BlockDrops, BlockPage,
         BlockRemoved, BlockRow, Entry, FilterStats, HeloLimit, ImportBlock, Imported, LimitSet,
         LimitsShown, ListCursor, Match, ProxyStats, RecipientCheck, RejectionCount, Reloaded,
-        Request, Response, SourceConnections, SourceLimit, Stats, Top,
+        Request, Response, SourceConnections, SourceLimit, SpoolCounts, Stats, Top,
     },
     kernel::KernelError,
     lists::{ListSet, ListSource},
@@ -629,6 +629,10 @@ fn stats(agent: &AgentState<'_>) -> Stats {
                 waiting: slots.waiting,
                 waits: slots.waits,
                 timeouts: slots.timeouts,
+            },
+            spool: SpoolCounts {
+                spooled: agent.ctx.spool.spooled(),
+                bytes: agent.ctx.spool.used(),
             },
         }),
     }

@@ -93,6 +93,18 @@ pub struct ProxyStats {
     /// Sessions shed under load, by why.
     pub shed: BTreeMap<String, u64>,
     pub backend_slots: BackendSlots,
+    /// Absent from an agent older than the spool.
+    #[serde(default)]
+    pub spool: SpoolCounts,
+}
+
+/// The spool in `stats` (`proxy::spool`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpoolCounts {
+    /// Messages whose client gave its backend slot back mid-message.
+    pub spooled: u64,
+    /// Bytes of message copies held now.
+    pub bytes: u64,
 }
 
 /// The backend slots in `stats` (`proxy::slots::SlotCounts`).
@@ -425,6 +437,10 @@ mod tests {
                     waits: 2,
                     timeouts: 0,
                 },
+                spool: SpoolCounts {
+                    spooled: 1,
+                    bytes: 512,
+                },
             }),
             recipients: Some(None),
             filters: Some(Some(FilterStats {
@@ -455,7 +471,8 @@ mod tests {
             r#"{"kernel_status":"attached","kernel":{"seen":7},
                 "proxy":{"sessions_open":1,"sessions_total":2,"messages":3,"backend_errors":0,
                   "blocks_issued":4,"blocks_active":5,"rejections":{"harvest":3},"shed":{},
-                  "backend_slots":{"capacity":80,"in_use":1,"waiting":0,"waits":2,"timeouts":0}},
+                  "backend_slots":{"capacity":80,"in_use":1,"waiting":0,"waits":2,"timeouts":0},
+                  "spool":{"spooled":1,"bytes":512}},
                 "recipients":null,
                 "filters":{"verdicts":{"harvest":3},"scanner_errors":{}},
                 "cluster":{"state":"up","node":"mx1","published":1,"applied":2,"observed":0,
