@@ -24,8 +24,11 @@
 //!
 //! The flood, all of it async on two threads, each kind reconnecting when
 //! cut: idle holders (connect, EHLO, NOOP every 10 s), slow senders (a byte
-//! every 3 s), null-sender bounce floods (messages from `<>` back to back)
-//! and a directory harvester spread over many addresses. It starts `--ramp`
+//! every 3 s), null-sender bounce floods (messages from `<>` back to back),
+//! a directory harvester spread over many addresses, and tricklers (MAIL,
+//! RCPT and DATA accepted, then the message at 625 bytes/s, never ended:
+//! above Postfix's `smtpd_min_data_rate`, so that each holds an smtpd
+//! process for as long as it likes). It starts `--ramp`
 //! seconds before the legitimate senders: closed-loop workers, one message
 //! per session, each from the next address of their pool; a message
 //! deferred with a 4xx is retried at once from the same address (counted:
@@ -83,6 +86,10 @@ const LEGIT_RCPTS: [&str; 3] = ["alice@example.com", "bob@example.com", "carol@e
 const FLOOD_RCPT: &str = "postmaster@example.com";
 /// How often an idle holder says NOOP.
 const KEEPALIVE: Duration = Duration::from_secs(10);
+/// A trickler's line (CRLF included) and how often it sends one: 625
+/// bytes/s.
+const TRICKLE_LINE: usize = 100;
+const TRICKLE_PACE: Duration = Duration::from_millis(160);
 /// How often a slow sender sends a byte.
 const SLOW_BYTE: Duration = Duration::from_secs(3);
 /// How long a zombie waits before reconnecting once cut.
@@ -136,6 +143,10 @@ struct Options {
     /// Harvester addresses (1 session each, unknown recipients).
     #[arg(long, default_value_t = 100)]
     harvest: usize,
+    /// Trickler addresses (2 sessions each: a message at 625 bytes/s,
+    /// never ended).
+    #[arg(long, default_value_t = 50)]
+    tricklers: usize,
     /// Legitimate senders (closed loop, one message per session).
     #[arg(long, default_value_t = 4)]
     senders: usize,
@@ -163,7 +174,7 @@ impl Options {
     }
 
     fn flood_addresses(&self) -> usize {
-        self.holders + self.slow + self.bounce + self.harvest
+        self.holders + self.slow + self.bounce + self.harvest + self.tricklers
     }
 }
 
@@ -513,6 +524,8 @@ struct FloodCounts {
     harvest_refused: AtomicU64,
     /// Harvested recipients accepted.
     harvest_accepted: AtomicU64,
+    /// Bytes of message the tricklers sent.
+    trickled: AtomicU64,
 }
 
 impl FloodCounts {
@@ -528,6 +541,7 @@ impl FloodCounts {
             ("bounces", &self.bounces),
             ("harvest_refused", &self.harvest_refused),
             ("harvest_accepted", &self.harvest_accepted),
+            ("trickled", &self.trickled),
         ]
         .into_iter()
         .map(|(k, v)| (k, v.load(Ordering::Relaxed)))
@@ -686,6 +700,43 @@ async fn harvester(source: Ipv4Addr, to: SocketAddr, n: usize, c: Arc<FloodCount
     }
 }
 
+/// MAIL, RCPT and DATA, then the message a line at a time at 625 bytes/s,
+/// never ended; again when cut.
+async fn trickler(source: Ipv4Addr, to: SocketAddr, n: usize, c: Arc<FloodCounts>) {
+    let line = format!("{}\r\n", "t".repeat(TRICKLE_LINE - 2));
+    loop {
+        if let Some(mut client) = open(source, to, &format!("trickle{n}.zombie.example"), &c).await
+        {
+            let steps = [
+                ("MAIL FROM:<news@trickle.zombie.example>", 250),
+                (&*format!("RCPT TO:<{FLOOD_RCPT}>"), 250),
+                ("DATA", 354),
+            ];
+            let mut opened = true;
+            for (command, code) in steps {
+                match client.command(command, FLOOD_TIMEOUTS.reply).await {
+                    Ok(r) if r.code == code => {}
+                    _ => {
+                        opened = false;
+                        break;
+                    }
+                }
+            }
+            if opened {
+                loop {
+                    tokio::time::sleep(TRICKLE_PACE).await;
+                    if client.send(line.as_bytes()).await.is_err() {
+                        break;
+                    }
+                    c.trickled.fetch_add(TRICKLE_LINE as u64, Ordering::Relaxed);
+                }
+            }
+            bump(&c.cut);
+        }
+        tokio::time::sleep(RECONNECT).await;
+    }
+}
+
 /// Spawns every flood session, their starts spread over `ramp`.
 fn start_flood(
     rt: &tokio::runtime::Runtime,
@@ -701,6 +752,7 @@ fn start_flood(
         (1, opts.slow, 2),
         (2, opts.bounce, 2),
         (3, opts.harvest, 1),
+        (4, opts.tricklers, 2),
     ] {
         for (i, a) in addrs.by_ref().take(addresses) {
             for _ in 0..per {
@@ -733,7 +785,8 @@ fn start_flood(
                     0 => holder(source, to, c).await,
                     1 => slow_sender(source, to, c).await,
                     2 => bouncer(source, to, n, c).await,
-                    _ => harvester(source, to, n, c).await,
+                    3 => harvester(source, to, n, c).await,
+                    _ => trickler(source, to, n, c).await,
                 }
             })
         })
@@ -1246,6 +1299,12 @@ fn shed_counts(metrics: &BTreeMap<String, f64>) -> String {
     if blocks > 0.0 {
         parts.push(format!("blocks {blocks:.0}"));
     }
+    if let Some(spooled) = metrics
+        .get("smtp_limiter_messages_spooled_total")
+        .filter(|v| **v > 0.0)
+    {
+        parts.push(format!("spooled {spooled:.0}"));
+    }
     parts.join(", ")
 }
 
@@ -1329,6 +1388,7 @@ fn report(results: &[RunResult], setups: &[Setup], out: &mut String) -> Vec<Stri
         "SYN unanswered",
         "bounces accepted",
         "harvested RCPTs refused / accepted",
+        "bytes trickled",
         "agent: shed and refused (metrics)",
     ]);
     for &setup in setups.iter().filter(|s| s.flood()) {
@@ -1345,6 +1405,7 @@ fn report(results: &[RunResult], setups: &[Setup], out: &mut String) -> Vec<Stri
             sum("no_answer").to_string(),
             sum("bounces").to_string(),
             format!("{} / {}", sum("harvest_refused"), sum("harvest_accepted")),
+            sum("trickled").to_string(),
             shed_counts(&summed_metrics(&runs)),
         ]);
     }
@@ -1553,8 +1614,9 @@ fn main() -> Result<()> {
     remove_stale(PREFIX)?;
     // Client sockets of every zombie here; the agent (two per session) and
     // Postfix inherit it.
-    let sessions =
-        opts.holders * opts.holder_sessions + 2 * (opts.slow + opts.bounce) + opts.harvest;
+    let sessions = opts.holders * opts.holder_sessions
+        + 2 * (opts.slow + opts.bounce + opts.tricklers)
+        + opts.harvest;
     raise_nofile(sessions as u64 * 2 + 4_096)?;
     let started = Instant::now();
     let machine_start = machine();
@@ -1570,13 +1632,14 @@ fn main() -> Result<()> {
     let _ = writeln!(out, "Limits: {}  ", limits_line(&topo.server));
     let _ = writeln!(
         out,
-        "Flood: {} addresses ({} idle holders × {}, {} slow senders × 2, {} bounce flooders × 2, {} harvesters); legitimate: {} senders over {} addresses ({}); {} s windows after a {} s ramp, {rounds} round(s)\n",
+        "Flood: {} addresses ({} idle holders × {}, {} slow senders × 2, {} bounce flooders × 2, {} harvesters, {} tricklers × 2); legitimate: {} senders over {} addresses ({}); {} s windows after a {} s ramp, {rounds} round(s)\n",
         opts.flood_addresses(),
         opts.holders,
         opts.holder_sessions,
         opts.slow,
         opts.bounce,
         opts.harvest,
+        opts.tricklers,
         opts.senders,
         opts.legit_addresses,
         if opts.known_senders {
