@@ -423,6 +423,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if lines.is_empty() {
             return Err(Reply::backend_lost_in_transaction());
         }
+        // Blocked while its message came: nothing of it goes on.
+        if self.source_blocked() {
+            return Err(Reply::blocked("your address is blocked"));
+        }
         if let Err(e) = self.ensure_backend().await {
             if let BackendError::NoSlot(_) = e {
                 self.ctx.count_shed(self.source(), "backend-slot-timeout");
@@ -557,7 +561,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     ) -> std::io::Result<Flow> {
         if let Err(reply) = self.open_backend_data().await {
             self.reply(&reply).await?;
-            return Ok(Flow::Continue);
+            return Ok(if reply.code == 421 {
+                Flow::Close
+            } else {
+                Flow::Continue
+            });
         }
         let (head, rest) = message::apply(held, edits);
         for part in [&head[..], &held[rest..], END_MARKER] {

@@ -1132,3 +1132,19 @@ async fn without_the_spool_bytes_sent_early_do_not_buy_a_dribbling_client_its_sl
     assert!(waiter.await.unwrap().is_ok());
     assert!(h.ctx.stats.shed().contains(&("slow-transaction", 1)));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_spooled_message_of_a_source_blocked_meanwhile_is_not_replayed() {
+    let mut config = Config::default();
+    config.backend.max_connections = 1;
+    let mut h = Harness::start_with(config, true);
+    let slot = spooled_mid_message(&mut h).await;
+    drop(slot);
+    h.block_elsewhere("198.51.100.7/32".parse().unwrap());
+    h.client.send("body\r\n.\r\n").await;
+    assert_code(&h.client.reply().await, 421, (4, 7, 0));
+    let (summary, mut client, backend, _) = h.ended().await;
+    assert!(client.closed().await);
+    assert_eq!(summary.messages, 0);
+    assert_eq!(backend.connections(), 1, "no new backend connection");
+}
