@@ -2696,6 +2696,26 @@ fn a_slow_message_gives_its_slot_back_mid_message_and_is_delivered_whole_from_th
 }
 
 #[test]
+fn a_slow_message_gives_its_slot_back_before_anyone_waits_for_it() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = one_slot(&backend, "10s", "[smtp]\nstress_command_timeout = \"1s\"\n");
+    let mut slow = Smtp::session(proxy.addr);
+    expect(&slow.cmd("MAIL FROM:<slow@x>"), "250 ");
+    expect(&slow.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    expect(&slow.cmd("DATA"), "354 ");
+    let mut body = b"Subject: alone\r\n\r\n".to_vec();
+    slow.send(&body);
+    // Nobody else around: past its second the slot goes all the same, so
+    // that a flood of slow clients cannot hold every slot until someone
+    // comes.
+    body.extend(trickle(&mut slow, 20, 100, Duration::from_millis(100)));
+    assert_eq!(proxy.ctx.spool.spooled(), 1);
+    assert_eq!(proxy.ctx.backend_slots.counts().in_use, 0);
+    assert_eq!(slow.cmd("."), "250 2.0.0 Ok: queued as 1");
+    assert_eq!(backend.messages(), vec![body]);
+}
+
+#[test]
 fn a_spooled_message_past_its_networks_share_of_the_spool_gets_452_and_is_not_delivered() {
     let backend = ScriptedBackend::start(Behaviour::default());
     // One network may hold an eighth: 3 000 bytes.

@@ -51,9 +51,9 @@ pub struct Backend {
     #[serde(with = "duration_serde")]
     pub slot_wait: Duration,
     /// Memory (bytes; `"256MB"` accepted) for copies of the messages on
-    /// their way to the backend, all sessions together. While sessions wait
-    /// for a backend slot, a client slower than
-    /// `smtp.stress_command_timeout` in its transaction gives its slot back
+    /// their way to the backend, all sessions together. A client slower
+    /// than `smtp.stress_command_timeout` in its transaction (1 s while
+    /// other sessions wait for a backend slot) gives its slot back
     /// mid-message, the proxy takes in the rest alone and replays the
     /// transaction on a new backend connection at its end
     /// ([`crate::proxy::spool`]). 0: off (such a client gets `421 4.4.2`

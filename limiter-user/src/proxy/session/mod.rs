@@ -176,6 +176,14 @@ impl Transaction {
 /// others wait for: Postfix's `smtpd_min_data_rate` (bytes per second).
 const MIN_DATA_RATE: u64 = 500;
 
+/// While sessions wait for a backend slot, how long a transaction whose
+/// message has a copy may wait for its client in all (plus
+/// [`TIME_PER_RECIPIENT`] for each recipient) before its slot goes and the
+/// message on into the copy ([`MessagePace::Spoolable`]): a sender sends its
+/// message at once, and a slow one loses nothing but a second backend
+/// session at its end.
+const SPOOL_WAIT_CONTENDED: Duration = Duration::from_secs(1);
+
 /// What each recipient the backend accepts adds to its transaction's time
 /// with its client in that case: a client far away that does not pipeline
 /// waits a round trip per RCPT.
@@ -205,18 +213,23 @@ enum MessageSink {
 }
 
 /// How the pace of a message is judged while the proxy waits for more of
-/// it. While the message's transaction holds a backend slot that other
-/// sessions wait for, the transaction has its time with its client
-/// ([`Session::slot_time_left`]); past it:
+/// it: against its transaction's time with its client
+/// ([`Session::transaction_time_left`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum MessagePace {
-    /// the slot is due ([`MessageRead::SlotDue`]): the message has a copy
-    /// (in the spool, or held for the content filters) and goes on into it;
+    /// The message has a copy (in the spool, or held for the content
+    /// filters): past its time (`smtp.stress_command_timeout`, or only
+    /// [`SPOOL_WAIT_CONTENDED`] while sessions wait for a slot), its
+    /// backend slot is due ([`MessageRead::SlotDue`]) and the message goes
+    /// on into the copy. Contended or not: a slot is too dear to leave to a
+    /// slow client until someone waits for it, for by then a flood of them
+    /// holds every slot (Postfix's `speed_adjust` spools every message).
     Spoolable,
-    /// the session ends (`slow-transaction`, `421 4.4.2`), the time grown
-    /// by a second for every [`MIN_DATA_RATE`] bytes received: a message
-    /// dribbled a byte at a time loses the slot, one sent over a slow link
-    /// does not.
+    /// No copy: while the transaction holds a slot other sessions wait
+    /// for ([`Session::slot_time_left`]), past its time grown by a second
+    /// for every [`MIN_DATA_RATE`] bytes received, the session ends
+    /// (`slow-transaction`, `421 4.4.2`): a message dribbled a byte at a
+    /// time loses the slot, one sent over a slow link does not.
     Relayed,
     /// Spooled (or held) after its slot went: contended or not, the
     /// session ends as for
@@ -857,10 +870,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let result = loop {
             let slots = self.ctx.backend_slots.clone();
             let contended = slots.contended();
+            let others_wait = slots.waiting() > 0;
             let time_left = match pace {
-                MessagePace::Spoolable => self.slot_time_left(smtp, Duration::ZERO),
+                MessagePace::Spoolable => {
+                    let base = if others_wait {
+                        SPOOL_WAIT_CONTENDED.min(smtp.stress_command_timeout)
+                    } else {
+                        smtp.stress_command_timeout
+                    };
+                    Some(self.transaction_time_left(base, Duration::ZERO))
+                }
                 MessagePace::Relayed => self.slot_time_left(smtp, allowance),
-                MessagePace::Spooled => Some(self.transaction_time_left(smtp, allowance)),
+                MessagePace::Spooled => {
+                    Some(self.transaction_time_left(smtp.stress_command_timeout, allowance))
+                }
             };
             let cut = time_left.is_some_and(|left| left < data_timeout);
             let deadline =
@@ -884,7 +907,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                 },
                 // Someone now waits for a slot: look at the budget again.
-                () = contended, if time_left.is_none() => {}
+                () = contended, if !others_wait => {}
             }
         };
         self.transaction.wait += waiting_since.elapsed();
@@ -968,13 +991,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         (self.backend.is_some()
             && smtp.stress_command_timeout < smtp.command_timeout
             && self.ctx.backend_slots.waiting() > 0)
-            .then(|| self.transaction_time_left(smtp, extra))
+            .then(|| self.transaction_time_left(smtp.stress_command_timeout, extra))
     }
 
     /// What is left of the transaction's time with its client, slot or
-    /// not ([`Self::slot_time_left`]).
-    fn transaction_time_left(&self, smtp: &crate::config::Smtp, extra: Duration) -> Duration {
-        (smtp.stress_command_timeout + TIME_PER_RECIPIENT * self.transaction.recipients() + extra)
+    /// not ([`Self::slot_time_left`]): `base` for the transaction, a
+    /// [`TIME_PER_RECIPIENT`] for each recipient accepted, and `extra`,
+    /// less the waits so far.
+    fn transaction_time_left(&self, base: Duration, extra: Duration) -> Duration {
+        (base + TIME_PER_RECIPIENT * self.transaction.recipients() + extra)
             .saturating_sub(self.transaction.wait)
     }
 
