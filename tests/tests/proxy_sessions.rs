@@ -2630,6 +2630,27 @@ fn without_the_spool_a_message_over_a_slow_link_keeps_its_slot_when_others_wait(
     assert_eq!(backend.messages().len(), 1);
 }
 
+/// A client in DATA on `proxy`'s only backend slot: its MAIL (from
+/// `sender`) and a RCPT to alice accepted.
+fn in_data(proxy: &TestProxy, sender: &str) -> Smtp {
+    let mut c = Smtp::session(proxy.addr);
+    expect(&c.cmd(&format!("MAIL FROM:<{sender}>")), "250 ");
+    expect(&c.cmd("RCPT TO:<alice@example.com>"), "250 ");
+    expect(&c.cmd("DATA"), "354 ");
+    c
+}
+
+/// A client whose MAIL waits for `proxy`'s only backend slot.
+fn waiting_for_the_slot(proxy: &TestProxy) -> Smtp {
+    let mut c = Smtp::session(proxy.addr);
+    c.send(b"MAIL FROM:<sender@x>\r\n");
+    assert!(
+        wait_until(WAIT, || proxy.ctx.backend_slots.waiting() == 1),
+        "the second MAIL does not wait for a slot"
+    );
+    c
+}
+
 /// Sends `lines` lines of `len` bytes (CRLF included) to `client`, one
 /// every `pace`.
 fn trickle(client: &mut Smtp, lines: usize, len: usize, pace: Duration) -> Vec<u8> {
@@ -2647,24 +2668,16 @@ fn trickle(client: &mut Smtp, lines: usize, len: usize, pace: Duration) -> Vec<u
 fn a_slow_message_gives_its_slot_back_mid_message_and_is_delivered_whole_from_the_spool() {
     let backend = ScriptedBackend::start(Behaviour::default());
     let proxy = one_slot(&backend, "10s", "[smtp]\nstress_command_timeout = \"1s\"\n");
-    let mut slow = Smtp::session(proxy.addr);
-    expect(&slow.cmd("MAIL FROM:<slow@x>"), "250 ");
-    expect(&slow.cmd("RCPT TO:<alice@example.com>"), "250 ");
-    expect(&slow.cmd("DATA"), "354 ");
-    let mut sender = Smtp::session(proxy.addr);
-    sender.send(b"MAIL FROM:<sender@x>\r\n");
-    assert!(
-        wait_until(WAIT, || proxy.ctx.backend_slots.waiting() == 1),
-        "the second MAIL does not wait for a slot"
-    );
+    let mut slow = in_data(&proxy, "slow@x");
+    let mut sender = waiting_for_the_slot(&proxy);
     // 1 000 bytes/s: twice the 500 a message must keep, so that without
     // the spool it would keep the slot to the end (a zombie that trickles
     // its message holds a backend process for as long as it likes).
     let mut body = b"Subject: slow\r\n\r\n".to_vec();
     slow.send(&body);
     body.extend(trickle(&mut slow, 20, 100, Duration::from_millis(100)));
-    // Its slot went to the sender about a second in (its transaction's
-    // stress_command_timeout), the message still on its way (slot_wait
+    // Its slot went to the sender two seconds in (1 s while others wait,
+    // and 1 s for its recipient), the message still on its way (slot_wait
     // is 10 s).
     expect(&sender.reply(), "250 ");
     assert_eq!(proxy.ctx.spool.spooled(), 1);
@@ -2699,10 +2712,7 @@ fn a_slow_message_gives_its_slot_back_mid_message_and_is_delivered_whole_from_th
 fn a_slow_message_gives_its_slot_back_before_anyone_waits_for_it() {
     let backend = ScriptedBackend::start(Behaviour::default());
     let proxy = one_slot(&backend, "10s", "[smtp]\nstress_command_timeout = \"1s\"\n");
-    let mut slow = Smtp::session(proxy.addr);
-    expect(&slow.cmd("MAIL FROM:<slow@x>"), "250 ");
-    expect(&slow.cmd("RCPT TO:<alice@example.com>"), "250 ");
-    expect(&slow.cmd("DATA"), "354 ");
+    let mut slow = in_data(&proxy, "slow@x");
     let mut body = b"Subject: alone\r\n\r\n".to_vec();
     slow.send(&body);
     // Nobody else around: past its second the slot goes all the same, so
@@ -2724,17 +2734,9 @@ fn a_spooled_message_past_its_networks_share_of_the_spool_gets_452_and_is_not_de
         "slot_wait = \"10s\"\nspool_size = \"24KB\"\n",
         "[smtp]\nstress_command_timeout = \"1s\"\n",
     );
-    let mut slow = Smtp::session(proxy.addr);
-    expect(&slow.cmd("MAIL FROM:<slow@x>"), "250 ");
-    expect(&slow.cmd("RCPT TO:<alice@example.com>"), "250 ");
-    expect(&slow.cmd("DATA"), "354 ");
-    let mut sender = Smtp::session(proxy.addr);
-    sender.send(b"MAIL FROM:<sender@x>\r\n");
-    assert!(
-        wait_until(WAIT, || proxy.ctx.backend_slots.waiting() == 1),
-        "the second MAIL does not wait for a slot"
-    );
-    // Spooled about a second in (some 1 000 bytes), then on past 3 000.
+    let mut slow = in_data(&proxy, "slow@x");
+    let mut sender = waiting_for_the_slot(&proxy);
+    // Spooled two seconds in (some 2 000 bytes), then on past 3 000.
     trickle(&mut slow, 15, 100, Duration::from_millis(100));
     expect(&sender.reply(), "250 ");
     assert_eq!(proxy.ctx.spool.spooled(), 1);
@@ -2758,16 +2760,8 @@ fn a_slow_message_held_for_the_content_filters_gives_its_slot_back_too() {
             scanner.addr()
         ),
     );
-    let mut slow = Smtp::session(proxy.addr);
-    expect(&slow.cmd("MAIL FROM:<slow@x>"), "250 ");
-    expect(&slow.cmd("RCPT TO:<alice@example.com>"), "250 ");
-    expect(&slow.cmd("DATA"), "354 ");
-    let mut sender = Smtp::session(proxy.addr);
-    sender.send(b"MAIL FROM:<sender@x>\r\n");
-    assert!(
-        wait_until(WAIT, || proxy.ctx.backend_slots.waiting() == 1),
-        "the second MAIL does not wait for a slot"
-    );
+    let mut slow = in_data(&proxy, "slow@x");
+    let mut sender = waiting_for_the_slot(&proxy);
     let mut body = b"Subject: held\r\n\r\n".to_vec();
     slow.send(&body);
     body.extend(trickle(&mut slow, 20, 100, Duration::from_millis(100)));

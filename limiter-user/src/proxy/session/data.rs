@@ -320,11 +320,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         if let Err(reply) = self.open_backend_data().await {
             self.reply(&reply).await?;
-            return Ok(if reply.code == 421 {
-                Flow::Close
-            } else {
-                Flow::Continue
-            });
+            // After a 421 the session ends (`closing`).
+            return Ok(Flow::Continue);
         }
         // The copy holds the end marker.
         if let Err(e) = self.backend_send(copy.wire()).await {
@@ -561,11 +558,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     ) -> std::io::Result<Flow> {
         if let Err(reply) = self.open_backend_data().await {
             self.reply(&reply).await?;
-            return Ok(if reply.code == 421 {
-                Flow::Close
-            } else {
-                Flow::Continue
-            });
+            // After a 421 the session ends (`closing`).
+            return Ok(Flow::Continue);
         }
         let (head, rest) = message::apply(held, edits);
         for part in [&head[..], &held[rest..], END_MARKER] {
