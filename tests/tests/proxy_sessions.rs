@@ -2715,10 +2715,10 @@ fn a_slow_message_gives_its_slot_back_before_anyone_waits_for_it() {
     let mut slow = in_data(&proxy, "slow@x");
     let mut body = b"Subject: alone\r\n\r\n".to_vec();
     slow.send(&body);
-    // Nobody else around: past its second the slot goes all the same, so
-    // that a flood of slow clients cannot hold every slot until someone
-    // comes.
-    body.extend(trickle(&mut slow, 20, 100, Duration::from_millis(100)));
+    // Nobody else around: past its time (1 s, and 1 s for its recipient)
+    // the slot goes all the same, so that a flood of slow clients cannot
+    // hold every slot until someone comes.
+    body.extend(trickle(&mut slow, 30, 100, Duration::from_millis(100)));
     assert_eq!(proxy.ctx.spool.spooled(), 1);
     assert_eq!(proxy.ctx.backend_slots.counts().in_use, 0);
     assert_eq!(slow.cmd("."), "250 2.0.0 Ok: queued as 1");
