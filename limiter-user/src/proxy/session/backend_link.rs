@@ -1,6 +1,7 @@
 //! The backend link: a fair backend slot, the connection with the client's
-//! identity and HELO, commands relayed, and what the client is told when the
-//! backend fails or refuses.
+//! identity and HELO, commands relayed, a transaction replayed on a new
+//! connection, and what the client is told when the backend fails or
+//! refuses.
 
 use super::*;
 
@@ -117,6 +118,82 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Some(backend) => backend.send(bytes).await,
             None => Err(BackendError::Closed),
         }
+    }
+
+    /// Takes up the transaction on a new backend connection (a fair slot,
+    /// the client's identity and HELO, as at its MAIL): its MAIL and every
+    /// recipient the backend accepted before, in one write if the backend
+    /// pipelines. All must be accepted again, or the client is told to try
+    /// later (it was told each of them was accepted); the reply to give
+    /// it instead.
+    pub(super) async fn replay_transaction(&mut self) -> Result<(), Reply> {
+        let lines = self.transaction.lines.clone();
+        if lines.is_empty() {
+            return Err(Reply::backend_lost_in_transaction());
+        }
+        // Blocked while its message came: nothing of it goes on.
+        if self.source_blocked() {
+            return Err(Reply::blocked("your address is blocked"));
+        }
+        if let Err(e) = self.ensure_backend().await {
+            if let BackendError::NoSlot(_) = e {
+                self.ctx.count_shed(self.source(), "backend-slot-timeout");
+                return Err(Reply::no_backend_slot());
+            }
+            self.note_backend_error(&e);
+            return Err(Reply::backend_lost_in_transaction());
+        }
+        let replies = match self.relay_all(&lines).await {
+            Ok(replies) => replies,
+            Err(e) => {
+                self.note_backend_error(&e);
+                return Err(Reply::backend_lost_in_transaction());
+            }
+        };
+        if let Some((line, reply)) = lines
+            .iter()
+            .zip(&replies)
+            .find(|(_, reply)| !reply.is_positive_completion())
+        {
+            tracing::info!(
+                source = %self.peer.ip(),
+                command = %String::from_utf8_lossy(line),
+                code = reply.code,
+                "backend refused the replayed transaction of a spooled message; the client is told to try later"
+            );
+            self.reset_backend_transaction().await;
+            return Err(Reply::backend_lost_in_transaction());
+        }
+        Ok(())
+    }
+
+    /// Sends `lines` to the backend and reads a reply to each: all in one
+    /// write when it pipelines, else one by one up to the first refusal.
+    async fn relay_all(&mut self, lines: &[Vec<u8>]) -> Result<Vec<Reply>, BackendError> {
+        let pipelining = self.backend_pipelining;
+        let backend = self.backend.as_mut().ok_or(BackendError::Closed)?;
+        let mut replies = Vec::with_capacity(lines.len());
+        if pipelining {
+            let mut group = Vec::new();
+            for line in lines {
+                group.extend_from_slice(line);
+                group.extend_from_slice(b"\r\n");
+            }
+            backend.send(&group).await?;
+            for _ in lines {
+                replies.push(backend.read_reply().await?);
+            }
+        } else {
+            for line in lines {
+                let reply = backend.command(line).await?;
+                let refused = !reply.is_positive_completion();
+                replies.push(reply);
+                if refused {
+                    break;
+                }
+            }
+        }
+        Ok(replies)
     }
 
     /// The backend failed or refused the session: the client gets the
