@@ -1,5 +1,7 @@
 //! DATA: the message streamed to the backend, or held for the content
-//! filters; the end of DATA answered only as the backend answered it.
+//! filters, or taken in by the proxy alone once a slow client gave its
+//! backend slot back (the spool, [`super::super::spool`]); the end of DATA
+//! answered only as the backend answered it.
 
 use super::{pipeline::Outlook, *};
 

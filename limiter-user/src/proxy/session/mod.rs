@@ -30,12 +30,17 @@
 //! Under pressure a session that has not had a MAIL accepted is shed: past
 //! `smtp.max_commands_before_mail`, at `smtp.stress_command_timeout` when
 //! the proxy is stressed, or when a new client needs its place at
-//! `smtp.max_sessions` ([`super::shed`]).
+//! `smtp.max_sessions` ([`super::shed`]). A transaction that holds a
+//! backend slot has a bounded time with its client ([`MessagePace`]): past
+//! it, an envelope kept open gets `421 4.4.2`, and a message goes on into
+//! the spool ([`super::spool`]), its transaction replayed on a new
+//! connection at its end.
 //!
 //! This module holds the session, its dialogue loop, the command dispatch
 //! and the client I/O; each stage has its own file: `helo` (HELO/EHLO),
-//! `envelope` (MAIL, RCPT), `data` (DATA, held messages), `auth`,
-//! `starttls`, and `backend_link` (slot, connection, identity, failures).
+//! `envelope` (MAIL, RCPT), `data` (DATA, held and spooled messages),
+//! `auth`, `starttls`, and `backend_link` (slot, connection, identity,
+//! replay, failures).
 
 mod auth;
 mod backend_link;
