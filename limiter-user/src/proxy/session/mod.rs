@@ -31,7 +31,7 @@
 //! `smtp.max_commands_before_mail`, at `smtp.stress_command_timeout` when
 //! the proxy is stressed, or when a new client needs its place at
 //! `smtp.max_sessions` ([`super::shed`]). A transaction that holds a
-//! backend slot has a bounded time with its client ([`MessagePace`]): past
+//! backend slot has a bounded time with its client (`MessagePace`): past
 //! it, an envelope kept open gets `421 4.4.2`, and a message goes on into
 //! the spool ([`super::spool`]), its transaction replayed on a new
 //! connection at its end.
