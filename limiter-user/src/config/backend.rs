@@ -53,7 +53,7 @@ pub struct Backend {
     /// Memory (bytes; `"256MB"` accepted) for copies of the messages on
     /// their way to the backend, all sessions together. A client slower
     /// than `smtp.stress_command_timeout` in its transaction (1 s while
-    /// other sessions wait for a backend slot) gives its slot back
+    /// half the backend slots or more are in use) gives its slot back
     /// mid-message, the proxy takes in the rest alone and replays the
     /// transaction on a new backend connection at its end
     /// ([`crate::proxy::spool`]). 0: off (such a client gets `421 4.4.2`

@@ -157,7 +157,7 @@ impl EarlyLink {
             return None;
         }
         let slots = &ctx.backend_slots;
-        if slots.in_use() >= slots.capacity() / 2 {
+        if slots.scarce() {
             return None;
         }
         let slot = slots.try_acquire(source)?;

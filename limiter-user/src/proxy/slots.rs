@@ -199,6 +199,14 @@ impl BackendSlots {
         self.contention.notified()
     }
 
+    /// Whether slots are scarce: half or more in use (sessions wait only
+    /// when all are). Early connections stop ([`super::early`]) and slow
+    /// messages give theirs back sooner (the session's `MessagePace`).
+    #[must_use]
+    pub fn scarce(&self) -> bool {
+        self.lock().in_use >= self.capacity / 2
+    }
+
     /// Whether every slot is in use.
     #[must_use]
     pub fn full(&self) -> bool {
@@ -377,6 +385,19 @@ mod tests {
         assert_eq!(slots.in_use(), 1);
         drop(b);
         assert_eq!(slots.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn slots_are_scarce_from_half_in_use() {
+        let slots = Arc::new(BackendSlots::new(4, 24, 64));
+        let wait = Duration::from_secs(1);
+        let a = slots.acquire(ip("192.0.2.1"), wait).await.unwrap();
+        assert!(!slots.scarce(), "1 of 4");
+        let b = slots.acquire(ip("192.0.2.2"), wait).await.unwrap();
+        assert!(slots.scarce(), "2 of 4");
+        drop(a);
+        assert!(!slots.scarce());
+        drop(b);
     }
 
     #[tokio::test]

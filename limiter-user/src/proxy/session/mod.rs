@@ -181,13 +181,14 @@ impl Transaction {
 /// others wait for: Postfix's `smtpd_min_data_rate` (bytes per second).
 const MIN_DATA_RATE: u64 = 500;
 
-/// While sessions wait for a backend slot, how long a transaction whose
-/// message has a copy may wait for its client in all (plus
+/// While backend slots are scarce (half or more in use, or sessions
+/// waiting: [`super::slots::BackendSlots::scarce`]), how long a transaction
+/// whose message has a copy may wait for its client in all (plus
 /// [`TIME_PER_RECIPIENT`] for each recipient) before its slot goes and the
 /// message on into the copy ([`MessagePace::Spoolable`]): a sender sends its
 /// message at once, and a slow one loses nothing but a second backend
 /// session at its end.
-const SPOOL_WAIT_CONTENDED: Duration = Duration::from_secs(1);
+const SPOOL_WAIT_SCARCE: Duration = Duration::from_secs(1);
 
 /// What each recipient the backend accepts adds to its transaction's time
 /// with its client in that case: a client far away that does not pipeline
@@ -224,7 +225,7 @@ enum MessageSink {
 enum MessagePace {
     /// The message has a copy (in the spool, or held for the content
     /// filters): past its time (`smtp.stress_command_timeout`, or only
-    /// [`SPOOL_WAIT_CONTENDED`] while sessions wait for a slot), its
+    /// [`SPOOL_WAIT_SCARCE`] while slots are scarce), its
     /// backend slot is due ([`MessageRead::SlotDue`]) and the message goes
     /// on into the copy. Contended or not: a slot is too dear to leave to a
     /// slow client until someone waits for it, for by then a flood of them
@@ -878,8 +879,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let others_wait = slots.waiting() > 0;
             let time_left = match pace {
                 MessagePace::Spoolable => {
-                    let base = if others_wait {
-                        SPOOL_WAIT_CONTENDED.min(smtp.stress_command_timeout)
+                    let base = if slots.scarce() {
+                        SPOOL_WAIT_SCARCE.min(smtp.stress_command_timeout)
                     } else {
                         smtp.stress_command_timeout
                     };

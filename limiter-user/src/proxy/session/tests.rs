@@ -1148,3 +1148,39 @@ async fn a_spooled_message_of_a_source_blocked_meanwhile_is_not_replayed() {
     assert_eq!(summary.messages, 0);
     assert_eq!(backend.connections(), 1, "no new backend connection");
 }
+
+/// How long a lone slow message keeps its backend slot with
+/// `max_connections` slots: the client sends its message's first line and
+/// then nothing.
+async fn slot_kept_by_a_lone_slow_message(max_connections: u32) -> Duration {
+    let mut config = Config::default();
+    config.backend.max_connections = max_connections;
+    let mut h = Harness::start_with(config, true);
+    h.ehlo().await;
+    assert_eq!(
+        h.client.command("MAIL FROM:<s@example.org>").await.code,
+        250
+    );
+    assert_eq!(
+        h.client.command("RCPT TO:<alice@example.com>").await.code,
+        250
+    );
+    assert_eq!(h.client.command("DATA").await.code, 354);
+    h.client.send("Subject: slow\r\n").await;
+    let started = tokio::time::Instant::now();
+    while h.ctx.spool.spooled() == 0 {
+        assert!(started.elapsed() < Duration::from_secs(60), "never spooled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    started.elapsed()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_message_gives_its_slot_back_sooner_while_slots_are_scarce() {
+    // 1 slot of 4 in use: 10 s, and 1 s for the recipient.
+    let plenty = slot_kept_by_a_lone_slow_message(4).await;
+    assert!((11..12).contains(&plenty.as_secs()), "{plenty:?}");
+    // 1 of 2, half in use: 1 s, and 1 s for the recipient.
+    let scarce = slot_kept_by_a_lone_slow_message(2).await;
+    assert!((2..3).contains(&scarce.as_secs()), "{scarce:?}");
+}
