@@ -82,6 +82,11 @@ impl SpoolBudget {
 
     /// Takes `bytes` for `network`, within both limits.
     fn reserve(&self, network: IpNet, bytes: u64) -> bool {
+        // Nothing to hold: no entry for the network either (an empty one
+        // would never be removed).
+        if bytes == 0 {
+            return true;
+        }
         let limit = self.limit.load(Ordering::Relaxed);
         let mut networks = self.networks();
         let held = networks.get(&network).copied().unwrap_or(0);
@@ -163,6 +168,9 @@ mod tests {
             assert!(copy.push(b"123456789"));
         }
         assert_eq!(budget.used(), 72);
+        let mut empty = budget.copy(net("203.0.113.0/24")).unwrap();
+        assert!(empty.push(b""));
+        drop(empty);
         let mut ninth = budget.copy(net("198.51.100.0/24")).unwrap();
         assert!(!ninth.push(b"123456789"), "81 bytes in a budget of 80");
         assert!(ninth.push(b"12345678"));
