@@ -291,15 +291,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
-    /// A slow client's backend slot goes to the sessions waiting for one in
-    /// the middle of its message: the backend connection closes (the
-    /// backend drops the part it has), and the proxy takes in the rest
-    /// alone ([`super::super::spool`]).
+    /// A slow client's backend slot goes back in the middle of its message
+    /// (to the next session waiting for one, if any): the backend
+    /// connection closes (the backend drops the part it has), and the proxy
+    /// takes in the rest alone ([`super::super::spool`]).
     fn give_slot_back_mid_message(&mut self, received: u64) {
         tracing::info!(
             source = %self.peer.ip(),
             received,
-            "slow message: backend slot given to the sessions waiting; the rest is spooled and the transaction replayed at its end"
+            "slow message: backend slot given back; the rest is spooled and the transaction replayed at its end"
         );
         self.ctx.spool.count_spooled();
         self.backend = None;
