@@ -490,6 +490,24 @@ fn at_the_session_cap_a_sender_displaces_the_oldest_idle_zombie() {
     assert!(!postfix.log().contains("[127.1."), "{}", postfix.log());
 }
 
+/// Zombie `i` (a source of its own) with its MAIL accepted: a Postfix
+/// process earned.
+fn zombie_with_mail(addr: SocketAddr, i: usize) -> Client {
+    let mut z = Client::connect(addr, zombie_source(i * PER_SOURCE)).expect("zombie connects");
+    expect(&z.reply().expect("greeting"), "220 ");
+    expect(&z.cmd("EHLO zombie.test").expect("EHLO"), "250");
+    expect(&z.cmd("MAIL FROM:<z@zombie.test>").expect("MAIL"), "250 ");
+    z
+}
+
+/// [`send_one`] on a thread of its own: its reply and how long it took.
+fn timed_sender(addr: SocketAddr) -> std::thread::JoinHandle<(String, Duration)> {
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        (send_one(addr), started.elapsed())
+    })
+}
+
 #[test]
 fn zombies_keeping_transactions_open_with_noops_lose_their_postfix_processes_to_a_sender() {
     if !ready(
@@ -507,23 +525,8 @@ fn zombies_keeping_transactions_open_with_noops_lose_their_postfix_processes_to_
     // Each zombie earns a Postfix process with a MAIL Postfix accepts, then
     // keeps its transaction open: a NOOP every 500 ms, each relayed to
     // Postfix and answered.
-    let mut zombies: Vec<Client> = (0..3)
-        .map(|i| {
-            let mut z = Client::connect(proxy.addr, zombie_source(i * PER_SOURCE))
-                .expect("zombie connects");
-            expect(&z.reply().expect("greeting"), "220 ");
-            expect(&z.cmd("EHLO zombie.test").expect("EHLO"), "250");
-            expect(&z.cmd("MAIL FROM:<z@zombie.test>").expect("MAIL"), "250 ");
-            z
-        })
-        .collect();
-    let sender = std::thread::spawn({
-        let addr = proxy.addr;
-        move || {
-            let started = Instant::now();
-            (send_one(addr), started.elapsed())
-        }
-    });
+    let mut zombies: Vec<Client> = (0..3).map(|i| zombie_with_mail(proxy.addr, i)).collect();
+    let sender = timed_sender(proxy.addr);
     let mut cut = 0;
     for _ in 0..16 {
         std::thread::sleep(Duration::from_millis(500));
@@ -571,11 +574,7 @@ fn zombies_trickling_their_messages_lose_their_postfix_processes_and_every_messa
     // spool) would let it hold the process to the end.
     let mut zombies: Vec<(Client, String)> = (0..3)
         .map(|i| {
-            let mut z = Client::connect(proxy.addr, zombie_source(i * PER_SOURCE))
-                .expect("zombie connects");
-            expect(&z.reply().expect("greeting"), "220 ");
-            expect(&z.cmd("EHLO zombie.test").expect("EHLO"), "250");
-            expect(&z.cmd("MAIL FROM:<z@zombie.test>").expect("MAIL"), "250 ");
+            let mut z = zombie_with_mail(proxy.addr, i);
             expect(&z.cmd("RCPT TO:<alice@example.com>").expect("RCPT"), "250 ");
             expect(&z.cmd("DATA").expect("DATA"), "354 ");
             let head = format!("Subject: zombie {i}\r\n\r\n");
@@ -583,13 +582,7 @@ fn zombies_trickling_their_messages_lose_their_postfix_processes_and_every_messa
             (z, String::new())
         })
         .collect();
-    let sender = std::thread::spawn({
-        let addr = proxy.addr;
-        move || {
-            let started = Instant::now();
-            (send_one(addr), started.elapsed())
-        }
-    });
+    let sender = timed_sender(proxy.addr);
     let mut line_no = 0;
     let mut trickle = |zombies: &mut Vec<(Client, String)>| {
         for (z, body) in zombies.iter_mut() {

@@ -1898,14 +1898,16 @@ fn sessions_over_max_sessions_get_421_and_a_freed_slot_serves_again() {
 /// "not scanned" header.
 fn holding_proxy(backend: &ScriptedBackend) -> (TestProxy, DeadPort) {
     let scanner = DeadPort::new().expect("a dead port");
-    let proxy = start(
-        backend,
-        &format!(
-            "[filters]\ntimeout = \"2s\"\non_failure = \"fail-open\"\n\n[filters.clamav]\naddress = \"{}\"\n",
-            scanner.addr()
-        ),
-    );
+    let proxy = start(backend, &holding_filters(&scanner));
     (proxy, scanner)
+}
+
+/// `[filters]` with `scanner` as ClamAV, failing open.
+fn holding_filters(scanner: &DeadPort) -> String {
+    format!(
+        "[filters]\ntimeout = \"2s\"\non_failure = \"fail-open\"\n\n[filters.clamav]\naddress = \"{}\"\n",
+        scanner.addr()
+    )
 }
 
 #[test]
@@ -2756,8 +2758,8 @@ fn a_slow_message_held_for_the_content_filters_gives_its_slot_back_too() {
         &backend,
         "10s",
         &format!(
-            "[smtp]\nstress_command_timeout = \"1s\"\n\n[filters]\ntimeout = \"2s\"\non_failure = \"fail-open\"\n\n[filters.clamav]\naddress = \"{}\"\n",
-            scanner.addr()
+            "[smtp]\nstress_command_timeout = \"1s\"\n\n{}",
+            holding_filters(&scanner)
         ),
     );
     let mut slow = in_data(&proxy, "slow@x");

@@ -358,6 +358,31 @@ impl Harness {
         );
     }
 
+    /// The greeting and EHLO, then MAIL, a RCPT to alice and DATA, each
+    /// accepted: the session is in DATA, holding a backend slot.
+    async fn start_data(&mut self) {
+        self.ehlo().await;
+        for (command, code) in [
+            ("MAIL FROM:<sender@example.org>", 250),
+            ("RCPT TO:<alice@example.com>", 250),
+            ("DATA", 354),
+        ] {
+            assert_eq!(self.client.command(command).await.code, code, "{command}");
+        }
+    }
+
+    /// Another source's wait for a backend slot (at most a minute).
+    fn wait_for_a_slot(
+        &self,
+    ) -> JoinHandle<Result<crate::proxy::slots::SlotGuard, crate::proxy::slots::SlotError>> {
+        let slots = self.ctx.backend_slots.clone();
+        tokio::spawn(async move {
+            slots
+                .acquire("192.0.2.9".parse().unwrap(), Duration::from_secs(60))
+                .await
+        })
+    }
+
     /// Blocks `net` as the CLI or another session would
     /// ([`ProxyContext::enforce`]: table, then the sessions' notice; the
     /// kernel layer is off here).
@@ -957,30 +982,20 @@ fn credentials_refused_for_good_or_soft_bounced_count_and_nothing_else() {
     }
 }
 
+/// The default configuration with `max_connections` backend slots.
+fn slots_config(max_connections: u32) -> Config {
+    let mut config = Config::default();
+    config.backend.max_connections = max_connections;
+    config
+}
+
 /// A session in DATA holding the only backend slot while another source
 /// waits for it: past `smtp.stress_command_timeout` the slot goes to the
 /// waiter and the message on into the spool. Returns the waiter's slot.
 async fn spooled_mid_message(h: &mut Harness) -> crate::proxy::slots::SlotGuard {
-    h.ehlo().await;
-    assert_eq!(
-        h.client
-            .command("MAIL FROM:<sender@example.org>")
-            .await
-            .code,
-        250
-    );
-    assert_eq!(
-        h.client.command("RCPT TO:<alice@example.com>").await.code,
-        250
-    );
-    assert_eq!(h.client.command("DATA").await.code, 354);
+    h.start_data().await;
     h.client.send("Subject: slow\r\n\r\n").await;
-    let slots = h.ctx.backend_slots.clone();
-    let waiter = tokio::spawn(async move {
-        slots
-            .acquire("192.0.2.9".parse().unwrap(), Duration::from_secs(60))
-            .await
-    });
+    let waiter = h.wait_for_a_slot();
     // The clock is paused: it jumps to the session's deadline.
     let slot = waiter
         .await
@@ -993,9 +1008,7 @@ async fn spooled_mid_message(h: &mut Harness) -> crate::proxy::slots::SlotGuard 
 
 #[tokio::test(start_paused = true)]
 async fn a_spooled_message_is_replayed_on_a_new_connection_once_a_slot_is_free() {
-    let mut config = Config::default();
-    config.backend.max_connections = 1;
-    let mut h = Harness::start_with(config, true);
+    let mut h = Harness::start_with(slots_config(1), true);
     let slot = spooled_mid_message(&mut h).await;
     h.client.send("more of it\r\n.\r\n").await;
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -1030,9 +1043,7 @@ async fn a_spooled_message_is_replayed_on_a_new_connection_once_a_slot_is_free()
 
 #[tokio::test(start_paused = true)]
 async fn a_spooled_message_whose_recipient_is_gone_at_the_replay_gets_451_and_is_not_delivered() {
-    let mut config = Config::default();
-    config.backend.max_connections = 1;
-    let mut h = Harness::start_with(config, true);
+    let mut h = Harness::start_with(slots_config(1), true);
     let slot = spooled_mid_message(&mut h).await;
     h.backend
         .seen
@@ -1061,9 +1072,7 @@ async fn a_spooled_message_whose_recipient_is_gone_at_the_replay_gets_451_and_is
 
 #[tokio::test(start_paused = true)]
 async fn a_spooled_message_must_keep_500_bytes_a_second_or_its_session_ends() {
-    let mut config = Config::default();
-    config.backend.max_connections = 1;
-    let mut h = Harness::start_with(config, true);
+    let mut h = Harness::start_with(slots_config(1), true);
     let _slot = spooled_mid_message(&mut h).await;
     let spooled = tokio::time::Instant::now();
     // Out of contention now (the waiter has the slot), but a spooled
@@ -1092,31 +1101,16 @@ async fn a_spooled_message_must_keep_500_bytes_a_second_or_its_session_ends() {
 
 #[tokio::test(start_paused = true)]
 async fn without_the_spool_bytes_sent_early_do_not_buy_a_dribbling_client_its_slot_for_ever() {
-    let mut config = Config::default();
-    config.backend.max_connections = 1;
+    let mut config = slots_config(1);
     config.backend.spool_size = 0;
     let mut h = Harness::start_with(config, true);
-    h.ehlo().await;
-    assert_eq!(
-        h.client.command("MAIL FROM:<z@example.org>").await.code,
-        250
-    );
-    assert_eq!(
-        h.client.command("RCPT TO:<alice@example.com>").await.code,
-        250
-    );
-    assert_eq!(h.client.command("DATA").await.code, 354);
+    h.start_data().await;
     // 2 000 bytes at once earn 4 s of waiting, on top of 10 s and 1 s for
     // the recipient: 15 s in all, however the client spreads its waits.
     h.client
         .send(&format!("{}\r\n", "x".repeat(998)).repeat(2))
         .await;
-    let slots = h.ctx.backend_slots.clone();
-    let waiter = tokio::spawn(async move {
-        slots
-            .acquire("192.0.2.9".parse().unwrap(), Duration::from_secs(60))
-            .await
-    });
+    let waiter = h.wait_for_a_slot();
     let started = tokio::time::Instant::now();
     // A byte every 3 s, until the proxy answers: each one comes within the
     // 4 s the bytes before it earned.
@@ -1135,9 +1129,7 @@ async fn without_the_spool_bytes_sent_early_do_not_buy_a_dribbling_client_its_sl
 
 #[tokio::test(start_paused = true)]
 async fn a_spooled_message_of_a_source_blocked_meanwhile_is_not_replayed() {
-    let mut config = Config::default();
-    config.backend.max_connections = 1;
-    let mut h = Harness::start_with(config, true);
+    let mut h = Harness::start_with(slots_config(1), true);
     let slot = spooled_mid_message(&mut h).await;
     drop(slot);
     h.block_elsewhere("198.51.100.7/32".parse().unwrap());
@@ -1153,19 +1145,8 @@ async fn a_spooled_message_of_a_source_blocked_meanwhile_is_not_replayed() {
 /// `max_connections` slots: the client sends its message's first line and
 /// then nothing.
 async fn slot_kept_by_a_lone_slow_message(max_connections: u32) -> Duration {
-    let mut config = Config::default();
-    config.backend.max_connections = max_connections;
-    let mut h = Harness::start_with(config, true);
-    h.ehlo().await;
-    assert_eq!(
-        h.client.command("MAIL FROM:<s@example.org>").await.code,
-        250
-    );
-    assert_eq!(
-        h.client.command("RCPT TO:<alice@example.com>").await.code,
-        250
-    );
-    assert_eq!(h.client.command("DATA").await.code, 354);
+    let mut h = Harness::start_with(slots_config(max_connections), true);
+    h.start_data().await;
     h.client.send("Subject: slow\r\n").await;
     let started = tokio::time::Instant::now();
     while h.ctx.spool.spooled() == 0 {
