@@ -633,6 +633,7 @@ fn stats(agent: &AgentState<'_>) -> Stats {
             spool: SpoolCounts {
                 spooled: agent.ctx.spool.spooled(),
                 bytes: agent.ctx.spool.used(),
+                evicted: agent.ctx.spool.evicted(),
             },
         }),
     }

@@ -134,7 +134,7 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         &mut out,
         "sessions_shed_total",
         "counter",
-        "Sessions closed under pressure, by reason (shed-idle, stress-timeout, slow-transaction, too-many-commands, backend-slot-timeout).",
+        "Sessions closed under pressure, by reason (shed-idle, stress-timeout, slow-transaction, spool-evicted, too-many-commands, backend-slot-timeout).",
         &labelled(stats.shed(), "reason"),
     );
     metric(
@@ -193,6 +193,13 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         "gauge",
         "Bytes of message copies the proxy holds now (at most backend.spool_size).",
         &[(String::new(), ctx.spool.used())],
+    );
+    metric(
+        &mut out,
+        "messages_evicted_total",
+        "counter",
+        "Spooled messages still arriving that a full spool dropped to make room for faster ones, slowest first (421 4.3.1 to their clients).",
+        &[(String::new(), ctx.spool.evicted())],
     );
     if let Some(recipients) = &ctx.recipients {
         recipients.render_metrics(&mut out);

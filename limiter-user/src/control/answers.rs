@@ -105,6 +105,10 @@ pub struct SpoolCounts {
     pub spooled: u64,
     /// Bytes of message copies held now.
     pub bytes: u64,
+    /// Spooled messages evicted from a full spool for faster ones (absent
+    /// from an agent older than eviction).
+    #[serde(default)]
+    pub evicted: u64,
 }
 
 /// The backend slots in `stats` (`proxy::slots::SlotCounts`).
@@ -440,6 +444,7 @@ mod tests {
                 spool: SpoolCounts {
                     spooled: 1,
                     bytes: 512,
+                    evicted: 0,
                 },
             }),
             recipients: Some(None),
@@ -472,7 +477,7 @@ mod tests {
                 "proxy":{"sessions_open":1,"sessions_total":2,"messages":3,"backend_errors":0,
                   "blocks_issued":4,"blocks_active":5,"rejections":{"harvest":3},"shed":{},
                   "backend_slots":{"capacity":80,"in_use":1,"waiting":0,"waits":2,"timeouts":0},
-                  "spool":{"spooled":1,"bytes":512}},
+                  "spool":{"spooled":1,"bytes":512,"evicted":0}},
                 "recipients":null,
                 "filters":{"verdicts":{"harvest":3},"scanner_errors":{}},
                 "cluster":{"state":"up","node":"mx1","published":1,"applied":2,"observed":0,

@@ -231,6 +231,16 @@ impl Reply {
         Self::new(452, "4.3.1 Insufficient system storage")
     }
 
+    /// `421 4.3.1`: a slow message the proxy took in alone was dropped to
+    /// make room for a faster one (`backend.spool_size`); the session ends.
+    #[must_use]
+    pub fn spool_evicted() -> Self {
+        Self::new(
+            421,
+            "4.3.1 Insufficient system storage for a slow message, try again later",
+        )
+    }
+
     /// `421 4.4.2`: the client was idle for too long.
     #[must_use]
     pub fn timeout() -> Self {

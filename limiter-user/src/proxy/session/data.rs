@@ -4,6 +4,7 @@
 //! answered only as the backend answered it.
 
 use super::{pipeline::Outlook, *};
+use crate::proxy::spool::{Push, SpoolCopy};
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(super) async fn data(&mut self, line: &[u8]) -> std::io::Result<Flow> {
@@ -150,6 +151,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else {
             None
         };
+        let full = self.transaction_time(smtp.stress_command_timeout);
+        let mut credit = DataCredit::new(full, self.transaction.wait);
         loop {
             out.clear();
             let progress = scanner.feed(&self.input, &mut out);
@@ -184,7 +187,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Ok(()) => {
                         // Past the budget the message goes on without a
                         // copy (and cannot be spooled).
-                        if copy.as_mut().is_some_and(|c| !c.push(&out)) {
+                        if copy.as_mut().is_some_and(|c| c.push(&out) != Push::Taken) {
                             copy = None;
                         }
                         MessageSink::Backend
@@ -192,7 +195,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Err(e) => return self.backend_failed_in_transaction(e).await,
                 },
                 MessageSink::Spooled => match copy.as_mut().map(|c| c.push(&out)) {
-                    Some(true) => MessageSink::Spooled,
+                    Some(Push::Taken) => MessageSink::Spooled,
+                    Some(Push::Evicted) => return self.spool_evicted().await,
                     _ => {
                         tracing::warn!(source = %self.peer.ip(), "backend.spool_size reached: the rest of a spooled message cannot be taken in");
                         copy = None;
@@ -259,17 +263,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                     _ => MessagePace::Relayed,
                 };
+                let eviction = copy.as_ref().map(SpoolCopy::eviction);
                 match self
-                    .read_message_data(data_timeout, scanner.message_size(), pace)
+                    .read_message_data(data_timeout, pace, &mut credit, eviction.as_deref())
                     .await
                 {
                     Ok(MessageRead::SlotDue) => {
                         self.give_slot_back_mid_message(scanner.message_size());
+                        // Spooled, the message starts its time with its
+                        // client afresh (MessagePace::Spooled).
+                        credit = DataCredit::new(full, Duration::ZERO);
+                        if let Some(copy) = &copy {
+                            copy.mark_spooled();
+                        }
                         if !matches!(sink, MessageSink::Held { .. }) {
                             sink = MessageSink::Spooled;
                         }
                     }
-                    Ok(MessageRead::Bytes(n)) => break Ok(n),
+                    Ok(MessageRead::Evicted) => return self.spool_evicted().await,
+                    Ok(MessageRead::Bytes(n)) => {
+                        credit.earn(n);
+                        break Ok(n);
+                    }
                     Err(e) => break Err(e),
                 }
             };
@@ -303,23 +318,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         );
         self.ctx.spool.count_spooled();
         self.backend = None;
-        // Spooled, the message starts its time with its client afresh: it
-        // must come at 500 bytes/s from here (MessagePace::Spooled).
-        self.transaction.wait = Duration::ZERO;
+    }
+
+    /// The message's spool copy was evicted for a faster message: the
+    /// session ends (`421 4.3.1`, shed as `spool-evicted`).
+    async fn spool_evicted(&mut self) -> std::io::Result<Flow> {
+        tracing::info!(source = %self.peer.ip(), "slow message evicted from the full spool for a faster one");
+        self.shed("spool-evicted");
+        self.reply(&Reply::spool_evicted()).await?;
+        Ok(Flow::Close)
     }
 
     /// The end of a spooled message: the transaction replayed on a new
     /// backend connection, then the message, then the backend's answer.
-    async fn deliver_spooled(
-        &mut self,
-        copy: Option<super::super::spool::SpoolCopy>,
-    ) -> std::io::Result<Flow> {
+    async fn deliver_spooled(&mut self, copy: Option<SpoolCopy>) -> std::io::Result<Flow> {
         let Some(copy) = copy else {
             // Not reached: a spooled message always has its copy.
             return self
                 .backend_failed_in_transaction(BackendError::Closed)
                 .await;
         };
+        // Whole, it waits for its replay and is not evicted any more.
+        if !copy.seal() {
+            return self.spool_evicted().await;
+        }
         if let Err(reply) = self.open_backend_data().await {
             self.reply(&reply).await?;
             // After a 421 the session ends (`closing`).

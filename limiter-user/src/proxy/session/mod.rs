@@ -70,6 +70,7 @@ use tokio::{
 use super::{
     backend::{Backend, BackendError},
     early::EarlyLink,
+    latch::Latch,
     notices::Subscription,
     shed::Registration,
     tls::ClientStream,
@@ -181,6 +182,38 @@ impl Transaction {
 /// others wait for: Postfix's `smtpd_min_data_rate` (bytes per second).
 const MIN_DATA_RATE: u64 = 500;
 
+/// How far a message may fall behind [`MIN_DATA_RATE`] where that rate is
+/// asked of it ([`MessagePace::Relayed`], [`MessagePace::Spooled`]): a
+/// bucket of time, full at the transaction's time (`smtp.stress_command_timeout`
+/// and [`TIME_PER_RECIPIENT`] for each recipient), drained by every wait for
+/// the client and filled a second for every [`MIN_DATA_RATE`] bytes, never
+/// above full. Bytes sent ahead buy no more than a full bucket: a client
+/// that sends 100 kB at once and then a byte now and then is cut as soon
+/// as one that sent nothing, not 200 s later.
+struct DataCredit {
+    left: Duration,
+    full: Duration,
+}
+
+impl DataCredit {
+    /// Full, with `spent` of it gone already.
+    fn new(full: Duration, spent: Duration) -> Self {
+        Self {
+            left: full.saturating_sub(spent),
+            full,
+        }
+    }
+
+    fn spend(&mut self, wait: Duration) {
+        self.left = self.left.saturating_sub(wait);
+    }
+
+    fn earn(&mut self, bytes: usize) {
+        let earned = Duration::from_millis((bytes as u64).saturating_mul(1000) / MIN_DATA_RATE);
+        self.left = (self.left + earned).min(self.full);
+    }
+}
+
 /// While backend slots are scarce (half or more in use, or sessions
 /// waiting: [`super::slots::BackendSlots::scarce`]), how long a transaction
 /// whose message has a copy may wait for its client in all (plus
@@ -232,8 +265,8 @@ enum MessagePace {
     /// holds every slot (Postfix's `speed_adjust` spools every message).
     Spoolable,
     /// No copy: while the transaction holds a slot other sessions wait
-    /// for ([`Session::slot_time_left`]), past its time grown by a second
-    /// for every [`MIN_DATA_RATE`] bytes received, the session ends
+    /// for ([`Session::slot_contended`]), once it is further behind
+    /// [`MIN_DATA_RATE`] than its [`DataCredit`] allows, the session ends
     /// (`slow-transaction`, `421 4.4.2`): a message dribbled a byte at a
     /// time loses the slot, one sent over a slow link does not.
     Relayed,
@@ -252,6 +285,9 @@ enum MessageRead {
     /// Nothing yet, and the client used up its time with the backend slot
     /// others wait for: the slot goes, the message goes on into the spool.
     SlotDue,
+    /// The message's spool copy was evicted for a faster message
+    /// ([`super::spool`]).
+    Evicted,
 }
 
 /// A message held while the content filters judge it.
@@ -861,17 +897,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Reads more of a message's bytes within `data_timeout`, and within
-    /// the transaction's time with its client as `pace` says.
+    /// the transaction's time with its client as `pace` says; ends early
+    /// if `eviction` (of the message's spool copy) is set.
     async fn read_message_data(
         &mut self,
         data_timeout: Duration,
-        received: u64,
         pace: MessagePace,
+        credit: &mut DataCredit,
+        eviction: Option<&Latch>,
     ) -> std::io::Result<MessageRead> {
         self.flush_client().await?;
         let settings = self.settings.clone();
         let smtp = &settings.smtp;
-        let allowance = Duration::from_secs(received / MIN_DATA_RATE);
         let waiting_since = tokio::time::Instant::now();
         let result = loop {
             let slots = self.ctx.backend_slots.clone();
@@ -884,12 +921,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     } else {
                         smtp.stress_command_timeout
                     };
-                    Some(self.transaction_time_left(base, Duration::ZERO))
+                    Some(self.transaction_time_left(base))
                 }
-                MessagePace::Relayed => self.slot_time_left(smtp, allowance),
-                MessagePace::Spooled => {
-                    Some(self.transaction_time_left(smtp.stress_command_timeout, allowance))
-                }
+                MessagePace::Relayed => self.slot_contended(smtp).then_some(credit.left),
+                MessagePace::Spooled => Some(credit.left),
             };
             let cut = time_left.is_some_and(|left| left < data_timeout);
             let deadline =
@@ -914,9 +949,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 },
                 // Someone now waits for a slot: look at the budget again.
                 () = contended, if !others_wait => {}
+                () = async {
+                    match eviction {
+                        Some(latch) => latch.wait().await,
+                        None => std::future::pending().await,
+                    }
+                } => break Ok(MessageRead::Evicted),
             }
         };
-        self.transaction.wait += waiting_since.elapsed();
+        let waited = waiting_since.elapsed();
+        self.transaction.wait += waited;
+        credit.spend(waited);
         result
     }
 
@@ -993,19 +1036,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// sends its envelope at once and never comes near it.
     /// `extra`: more time the transaction earned (by the bytes of its
     /// message, [`MessagePace`]).
-    fn slot_time_left(&self, smtp: &crate::config::Smtp, extra: Duration) -> Option<Duration> {
-        (self.backend.is_some()
-            && smtp.stress_command_timeout < smtp.command_timeout
-            && self.ctx.backend_slots.waiting() > 0)
-            .then(|| self.transaction_time_left(smtp.stress_command_timeout, extra))
+    fn slot_time_left(&self, smtp: &crate::config::Smtp) -> Option<Duration> {
+        self.slot_contended(smtp)
+            .then(|| self.transaction_time_left(smtp.stress_command_timeout))
     }
 
-    /// What is left of the transaction's time with its client, slot or
-    /// not ([`Self::slot_time_left`]): `base` for the transaction, a
-    /// [`TIME_PER_RECIPIENT`] for each recipient accepted, and `extra`,
-    /// less the waits so far.
-    fn transaction_time_left(&self, base: Duration, extra: Duration) -> Duration {
-        (base + TIME_PER_RECIPIENT * self.transaction.recipients() + extra)
+    /// Whether the session holds a backend slot other sessions wait for
+    /// (and stress timeouts are on).
+    fn slot_contended(&self, smtp: &crate::config::Smtp) -> bool {
+        self.backend.is_some()
+            && smtp.stress_command_timeout < smtp.command_timeout
+            && self.ctx.backend_slots.waiting() > 0
+    }
+
+    /// The transaction's time with its client: `base`, and a
+    /// [`TIME_PER_RECIPIENT`] for each recipient accepted.
+    fn transaction_time(&self, base: Duration) -> Duration {
+        base + TIME_PER_RECIPIENT * self.transaction.recipients()
+    }
+
+    /// What is left of [`Self::transaction_time`], slot or not
+    /// ([`Self::slot_time_left`]), after the waits so far.
+    fn transaction_time_left(&self, base: Duration) -> Duration {
+        self.transaction_time(base)
             .saturating_sub(self.transaction.wait)
     }
 
@@ -1047,7 +1100,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let slot_left = self
                 .envelope
                 .active
-                .then(|| self.slot_time_left(smtp, Duration::ZERO))
+                .then(|| self.slot_time_left(smtp))
                 .flatten();
             let slot_cut = slot_left.is_some_and(|left| left < limit);
             let deadline = waiting_since + slot_left.map_or(limit, |left| left.min(limit));

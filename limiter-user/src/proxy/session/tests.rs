@@ -1070,23 +1070,38 @@ async fn a_spooled_message_whose_recipient_is_gone_at_the_replay_gets_451_and_is
     assert_eq!(h.client.command("NOOP").await.code, 250);
 }
 
+/// 100 kB of a message at once: lines of 998 bytes.
+fn burst() -> String {
+    format!("{}\r\n", "x".repeat(998)).repeat(100)
+}
+
+/// A byte every 3 s from the client until the session answers; how long
+/// that took.
+async fn dribble_until_answered(client: &mut Client) -> (Reply, Duration) {
+    let started = tokio::time::Instant::now();
+    let reply = loop {
+        tokio::select! {
+            reply = client.reply() => break reply,
+            () = tokio::time::sleep(Duration::from_secs(3)) => {}
+        }
+        client.stream.write_all(b"z").await.unwrap();
+    };
+    (reply, started.elapsed())
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_spooled_message_must_keep_500_bytes_a_second_or_its_session_ends() {
     let mut h = Harness::start_with(slots_config(1), true);
     let _slot = spooled_mid_message(&mut h).await;
-    let spooled = tokio::time::Instant::now();
     // Out of contention now (the waiter has the slot), but a spooled
-    // message holds proxy memory and a session: from its release it gets
-    // stress_command_timeout (10 s) and a second per 500 bytes.
-    h.client
-        .send(&format!("{}\r\n", "x".repeat(998)).repeat(2))
-        .await;
-    tokio::time::sleep(Duration::from_secs(13)).await;
-    h.client.send("y").await;
-    assert_code(&h.client.reply().await, 421, (4, 4, 2));
-    // 10 s + 1 s for its recipient + 4 s for its 2 014 bytes, the client's
-    // 13 s of silence among them: not data_timeout (3 minutes).
-    assert_eq!(spooled.elapsed().as_secs(), 15);
+    // message holds proxy memory and a session: from its release it may
+    // fall behind 500 bytes/s by stress_command_timeout (10 s) and 1 s for
+    // its recipient. 100 kB sent at once buy nothing more: the byte every
+    // 3 s after them is cut at 11 s, not 211 s.
+    h.client.send(&burst()).await;
+    let (reply, took) = dribble_until_answered(&mut h.client).await;
+    assert_code(&reply, 421, (4, 4, 2));
+    assert_eq!(took.as_secs(), 11);
     let (summary, mut client, backend, ctx) = h.ended().await;
     assert!(client.closed().await);
     assert_eq!(summary.messages, 0);
@@ -1100,31 +1115,83 @@ async fn a_spooled_message_must_keep_500_bytes_a_second_or_its_session_ends() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn without_the_spool_bytes_sent_early_do_not_buy_a_dribbling_client_its_slot_for_ever() {
+async fn without_the_spool_bytes_sent_early_do_not_buy_a_dribbling_client_its_slot() {
     let mut config = slots_config(1);
     config.backend.spool_size = 0;
     let mut h = Harness::start_with(config, true);
     h.start_data().await;
-    // 2 000 bytes at once earn 4 s of waiting, on top of 10 s and 1 s for
-    // the recipient: 15 s in all, however the client spreads its waits.
-    h.client
-        .send(&format!("{}\r\n", "x".repeat(998)).repeat(2))
-        .await;
+    // 100 kB at once earn nothing beyond the transaction's 11 s (10 s, and
+    // 1 s for the recipient) however the client spreads its waits: a byte
+    // every 3 s after them is cut at 11 s (with a second per 500 bytes
+    // counted from the start, 211 s).
+    h.client.send(&burst()).await;
     let waiter = h.wait_for_a_slot();
-    let started = tokio::time::Instant::now();
-    // A byte every 3 s, until the proxy answers: each one comes within the
-    // 4 s the bytes before it earned.
-    let reply = loop {
-        tokio::select! {
-            reply = h.client.reply() => break reply,
-            () = tokio::time::sleep(Duration::from_secs(3)) => {}
-        }
-        h.client.stream.write_all(b"z").await.unwrap();
-    };
+    let (reply, took) = dribble_until_answered(&mut h.client).await;
     assert_code(&reply, 421, (4, 4, 2));
-    assert_eq!(started.elapsed().as_secs(), 15);
+    assert_eq!(took.as_secs(), 11);
     assert!(waiter.await.unwrap().is_ok());
     assert!(h.ctx.stats.shed().contains(&("slow-transaction", 1)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_sent_steadily_over_a_slow_link_keeps_its_slot_while_others_wait() {
+    let mut config = slots_config(1);
+    config.backend.spool_size = 0;
+    let mut h = Harness::start_with(config, true);
+    h.start_data().await;
+    let waiter = h.wait_for_a_slot();
+    // 600 bytes a second for a minute, each second's worth at its end:
+    // never more than a second behind, far past the transaction's 11 s.
+    let line = format!("{}\r\n", "y".repeat(598));
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        h.client.send(&line).await;
+    }
+    assert!(!waiter.is_finished(), "the slot stayed with the sender");
+    h.client.send(".\r\n").await;
+    assert_eq!(h.client.reply().await, parse(QUEUED));
+    assert_eq!(h.backend.seen(|s| s.messages[0].len()), 60 * line.len());
+    assert!(h.ctx.stats.shed().is_empty(), "{:?}", h.ctx.stats.shed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_spool_evicts_a_trickling_message_for_a_new_one_and_its_session_ends() {
+    // A spool of 800 bytes: 100 for each source network.
+    let mut config = slots_config(1);
+    config.backend.spool_size = 800;
+    let mut h = Harness::start_with(config, true);
+    let _slot = spooled_mid_message(&mut h).await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        h.client.send("x").await;
+    }
+    // Messages of other networks on their slots fill the spool; the last
+    // one needs the trickler's 20 bytes.
+    let fillers: Vec<_> = (1..=8)
+        .map(|i| {
+            let mut copy = h
+                .ctx
+                .spool
+                .copy(format!("203.0.{i}.0/24").parse().unwrap())
+                .unwrap();
+            assert_eq!(copy.push(&[b'f'; 100]), crate::proxy::spool::Push::Taken);
+            copy
+        })
+        .collect();
+    assert_eq!(h.ctx.spool.evicted(), 1);
+    assert_eq!(h.ctx.spool.used(), 800);
+    assert_code(&h.client.reply().await, 421, (4, 3, 1));
+    let (summary, mut client, backend, ctx) = h.ended().await;
+    assert!(client.closed().await);
+    assert_eq!(summary.messages, 0);
+    assert!(backend.seen(|s| s.messages.is_empty()));
+    assert!(
+        ctx.stats.shed().contains(&("spool-evicted", 1)),
+        "{:?}",
+        ctx.stats.shed()
+    );
+    drop(fillers);
+    assert_eq!(ctx.spool.used(), 0);
 }
 
 #[tokio::test(start_paused = true)]
