@@ -11,7 +11,8 @@
 //! that earn a slot and then hold it (NOOPs in an open transaction, a
 //! message trickled) lose it to the sender within seconds; a trickled
 //! message goes on into the proxy's spool and still reaches the maildir
-//! whole.
+//! whole; zombies that fill the spool with trickled messages first make
+//! room for the next ones, whose slots go all the same.
 //!
 //! Pipelining end to end, against the same Postfix with
 //! `smtpd_forbid_unauth_pipelining = yes` (Postfix 3.9's default: a client
@@ -635,6 +636,163 @@ fn zombies_trickling_their_messages_lose_their_postfix_processes_and_every_messa
         "{}",
         postfix.log()
     );
+}
+
+/// A zombie on its way into DATA from `source` (waiting its turn for a
+/// backend slot at MAIL), having sent `head` of its message.
+fn zombie_in_data(addr: SocketAddr, source: IpAddr, head: String) -> (Client, String) {
+    let mut z = Client::connect(addr, source).expect("zombie connects");
+    expect(&z.reply().expect("greeting"), "220 ");
+    expect(&z.cmd("EHLO zombie.test").expect("EHLO"), "250");
+    expect(&z.cmd("MAIL FROM:<z@zombie.test>").expect("MAIL"), "250 ");
+    expect(&z.cmd("RCPT TO:<alice@example.com>").expect("RCPT"), "250 ");
+    expect(&z.cmd("DATA").expect("DATA"), "354 ");
+    z.stream.write_all(head.as_bytes()).expect("head");
+    (z, head)
+}
+
+/// `size` bytes of 100-byte lines of `fill`.
+fn lines_of(fill: u8, size: usize) -> String {
+    let line = format!("{}\r\n", String::from(fill as char).repeat(98));
+    line.repeat(size / line.len())
+}
+
+/// Zombies trickling their messages, a line every 100 ms each, for as long
+/// as the proxy takes them.
+#[derive(Default)]
+struct Tricklers {
+    /// Each zombie, what it sent, its line's length, and whether it holds
+    /// slots (or fills the spool).
+    zombies: Vec<(Client, String, usize, bool)>,
+}
+
+impl Tricklers {
+    fn tick(&mut self, line_no: usize) {
+        self.zombies.retain_mut(|(z, body, len, _)| {
+            let line = format!("{line_no:04} {}\r\n", "z".repeat(*len - 7));
+            body.push_str(&line);
+            z.stream.write_all(line.as_bytes()).is_ok()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn zombies_that_fill_the_spool_cannot_keep_the_next_tricklers_on_postfix() {
+    if !ready("zombies_that_fill_the_spool_cannot_keep_the_next_tricklers_on_postfix") {
+        return;
+    }
+    let maildir = Maildir::new(&postfix::DEFAULT_RECIPIENTS).expect("maildir");
+    let postfix = Postfix::start(maildir.postfix_options(PostfixOptions {
+        proxy_protocol: true,
+        ..PostfixOptions::default()
+    }))
+    .expect("start Postfix");
+    // A spool of 256 KiB: 32 KiB for each source network.
+    let proxy = proxy(
+        &postfix,
+        "max_connections = 3\nslot_wait = \"20s\"\nspool_size = \"256KiB\"",
+        "[smtp]\nstress_command_timeout = \"2s\"\n",
+    );
+    // The fill: ten zombies from ten networks each send 24 KiB at once and
+    // then keep trickling at 550 bytes/s, above the 500 a spooled message
+    // must keep. Each gives its slot back within seconds; together they
+    // fill the spool (240 KiB, and growing), each within its network's
+    // share. Once it is full they make room for each other's growth, the
+    // slowest going first, and it stays full.
+    let (tx, rx) = std::sync::mpsc::channel();
+    for n in 0..10u8 {
+        let tx = tx.clone();
+        let addr = proxy.addr;
+        std::thread::spawn(move || {
+            let head = format!("Subject: filler {n}\r\n\r\n{}", lines_of(b'f', 24 * 1024));
+            let _ = tx.send(zombie_in_data(
+                addr,
+                IpAddr::V4(Ipv4Addr::new(127, 2, n, 1)),
+                head,
+            ));
+        });
+    }
+    let mut tricklers = Tricklers::default();
+    let mut line_no = 0;
+    let started = Instant::now();
+    while proxy.ctx.spool.spooled() < 10 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the fill never went into the spool: {} spooled, {} bytes, {} tricklers, shed {:?}",
+            proxy.ctx.spool.spooled(),
+            proxy.ctx.spool.used(),
+            tricklers.zombies.len(),
+            proxy.ctx.stats.shed()
+        );
+        tricklers
+            .zombies
+            .extend(rx.try_iter().map(|(z, head)| (z, head, 55, false)));
+        tricklers.tick(line_no);
+        line_no += 1;
+    }
+    assert!(
+        proxy.ctx.spool.used() > 200 * 1024,
+        "the spool holds {} bytes",
+        proxy.ctx.spool.used()
+    );
+    // Three more zombies, from three more networks, take every backend
+    // slot and trickle at 1 000 bytes/s, twice what Postfix asks. Each
+    // sends 16 KiB first: together more than the spool has left, so their
+    // copies are made by evicting fillers.
+    for n in 0..3u8 {
+        let head = format!("Subject: holder {n}\r\n\r\n{}", lines_of(b'h', 16 * 1024));
+        let (z, head) = zombie_in_data(proxy.addr, IpAddr::V4(Ipv4Addr::new(127, 3, n, 1)), head);
+        tricklers.zombies.push((z, head, 100, true));
+    }
+    let sender = timed_sender(proxy.addr);
+    for _ in 0..100 {
+        tricklers.tick(line_no);
+        line_no += 1;
+        if sender.is_finished() {
+            break;
+        }
+    }
+    let (end, took) = sender.join().expect("the sender's thread");
+    expect(&end, "250 ");
+    // A holder's slot goes once its transaction has waited 1 s (and 1 s for
+    // its recipient): not slot_wait. Without a copy it would keep the slot
+    // to its end.
+    assert!(took < Duration::from_secs(8), "the sender took {took:?}");
+    let shed = proxy.ctx.stats.shed();
+    assert!(
+        shed.iter()
+            .any(|&(reason, n)| reason == "spool-evicted" && n >= 1),
+        "no filler was evicted: {shed:?}"
+    );
+    // Every holder's message, spooled, arrives whole.
+    let holders: Vec<_> = tricklers.zombies.into_iter().filter(|z| z.3).collect();
+    assert_eq!(holders.len(), 3, "a holder was cut");
+    let mut bodies = Vec::new();
+    for (mut z, body, _, _) in holders {
+        expect(&z.cmd(".").expect("end of DATA"), "250 ");
+        bodies.push(body);
+    }
+    assert!(maildir.wait_for(4, WAIT), "{}", postfix.log());
+    let stored: Vec<String> = maildir
+        .messages("alice@example.com")
+        .iter()
+        .map(|m| m.text())
+        .collect();
+    for (n, body) in bodies.iter().enumerate() {
+        let subject = format!("Subject: holder {n}\n");
+        let message = stored
+            .iter()
+            .find(|m| m.contains(&subject))
+            .unwrap_or_else(|| panic!("holder {n}'s message is not in the maildir"));
+        assert_eq!(
+            message.split_once("\n\n").expect("a body").1,
+            body.split_once("\r\n\r\n")
+                .expect("a body")
+                .1
+                .replace("\r\n", "\n")
+        );
+    }
 }
 
 // -- Pipelining end to end ---------------------------------------------------
