@@ -602,9 +602,8 @@ fn zombies_trickling_their_messages_lose_their_postfix_processes_and_every_messa
     }
     let (end, took) = sender.join().expect("the sender's thread");
     expect(&end, "250 ");
-    // A trickler's slot goes once its transaction has waited 1 s (and 1 s
-    // for its recipient) while half the slots or more are in use: not
-    // slot_wait.
+    // A trickler's slot goes once its transaction has waited 1 s while
+    // half the slots or more are in use: not slot_wait.
     assert!(took < Duration::from_secs(6), "the sender took {took:?}");
     assert!(proxy.ctx.spool.spooled() >= 1, "no message was spooled");
     for _ in 0..10 {

@@ -2678,9 +2678,8 @@ fn a_slow_message_gives_its_slot_back_mid_message_and_is_delivered_whole_from_th
     let mut body = b"Subject: slow\r\n\r\n".to_vec();
     slow.send(&body);
     body.extend(trickle(&mut slow, 20, 100, Duration::from_millis(100)));
-    // Its slot went to the sender two seconds in (1 s while others wait,
-    // and 1 s for its recipient), the message still on its way (slot_wait
-    // is 10 s).
+    // Its slot went to the sender a second in (1 s while others wait),
+    // the message still on its way (slot_wait is 10 s).
     expect(&sender.reply(), "250 ");
     assert_eq!(proxy.ctx.spool.spooled(), 1);
     expect(&sender.cmd("RCPT TO:<bob@example.com>"), "250 ");
@@ -2717,8 +2716,7 @@ fn a_slow_message_gives_its_slot_back_before_anyone_waits_for_it() {
     let mut slow = in_data(&proxy, "slow@x");
     let mut body = b"Subject: alone\r\n\r\n".to_vec();
     slow.send(&body);
-    // Nobody else around: past its time (1 s, and 1 s for its recipient)
-    // the slot goes all the same, so that a flood of slow clients cannot
+    // Nobody else around: past its time (1 s) the slot goes all the same, so that a flood of slow clients cannot
     // hold every slot until someone comes.
     body.extend(trickle(&mut slow, 30, 100, Duration::from_millis(100)));
     assert_eq!(proxy.ctx.spool.spooled(), 1);

@@ -72,9 +72,9 @@ pub struct Smtp {
     /// The command timeout, under stress, of a session that has not had a
     /// MAIL FROM accepted yet; and while sessions wait for a backend slot,
     /// the time a transaction holding one may wait for its client in all,
-    /// plus a second per recipient accepted (`421 4.4.2` past it, the slot
-    /// to the next in turn); in its message, how far it may fall behind
-    /// 500 bytes/s.
+    /// besides a second per recipient accepted for the envelope's round
+    /// trips, 10 s at most (`421 4.4.2` past it, the slot to the next in
+    /// turn); in its message, how far it may fall behind 500 bytes/s.
     #[serde(with = "duration_serde")]
     pub stress_command_timeout: Duration,
 }

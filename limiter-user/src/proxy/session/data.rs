@@ -151,8 +151,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else {
             None
         };
-        let full = self.transaction_time(smtp.stress_command_timeout);
-        let mut credit = DataCredit::new(full, self.transaction.wait);
+        let full = smtp.stress_command_timeout;
+        let mut credit = DataCredit::new(full, self.transaction.charged_wait());
         loop {
             out.clear();
             let progress = scanner.feed(&self.input, &mut out);

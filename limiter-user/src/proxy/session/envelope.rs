@@ -103,8 +103,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.mail_accepted = true;
             self.registration = None;
             self.transaction = Transaction {
-                wait: Duration::ZERO,
                 lines: vec![line],
+                ..Transaction::default()
             };
         }
         self.reply(&reply).await?;

@@ -159,10 +159,12 @@ struct Envelope {
 /// The transaction in progress, as the backend accepted it.
 #[derive(Default)]
 struct Transaction {
-    /// How long it waited for its client so far: past
-    /// `smtp.stress_command_timeout`, while other sessions wait for a
+    /// How long it waited for its client in its envelope (MAIL to DATA),
+    /// and in its message: past `smtp.stress_command_timeout` in all
+    /// ([`Transaction::charged_wait`]), while other sessions wait for a
     /// backend slot, it loses its slot ([`Session::slot_time_left`]).
-    wait: Duration,
+    envelope_wait: Duration,
+    message_wait: Duration,
     /// Its MAIL line and the RCPT lines the backend accepted, as the
     /// backend got them: replayed on a new connection for a spooled
     /// message ([`super::spool`]). At most `smtp.max_recipients` + 1.
@@ -175,6 +177,14 @@ impl Transaction {
     fn recipients(&self) -> u32 {
         u32::try_from(self.lines.len().saturating_sub(1)).unwrap_or(u32::MAX)
     }
+
+    /// Its waits for its client that count against its time: the
+    /// envelope's, less what its recipients earned for their round trips
+    /// (which only the envelope's waits may use), and the message's.
+    fn charged_wait(&self) -> Duration {
+        let earned = (TIME_PER_RECIPIENT * self.recipients()).min(MAX_RECIPIENT_TIME);
+        self.envelope_wait.saturating_sub(earned) + self.message_wait
+    }
 }
 
 /// The rate a message must arrive at, beyond its transaction's
@@ -184,9 +194,9 @@ const MIN_DATA_RATE: u64 = 500;
 
 /// How far a message may fall behind [`MIN_DATA_RATE`] where that rate is
 /// asked of it ([`MessagePace::Relayed`], [`MessagePace::Spooled`]): a
-/// bucket of time, full at the transaction's time (`smtp.stress_command_timeout`
-/// and [`TIME_PER_RECIPIENT`] for each recipient), drained by every wait for
-/// the client and filled a second for every [`MIN_DATA_RATE`] bytes, never
+/// bucket of time, full at `smtp.stress_command_timeout`, drained by every
+/// wait for the client and filled a second for every [`MIN_DATA_RATE`]
+/// bytes, never
 /// above full. Bytes sent ahead buy no more than a full bucket: a client
 /// that sends 100 kB at once and then a byte now and then is cut as soon
 /// as one that sent nothing, not 200 s later.
@@ -216,8 +226,9 @@ impl DataCredit {
 
 /// While backend slots are scarce (half or more in use, or sessions
 /// waiting: [`super::slots::BackendSlots::scarce`]), how long a transaction
-/// whose message has a copy may wait for its client in all (plus
-/// [`TIME_PER_RECIPIENT`] for each recipient) before its slot goes and the
+/// whose message has a copy may wait for its client in all (besides the
+/// round trips of its recipients, [`TIME_PER_RECIPIENT`]) before its slot
+/// goes and the
 /// message on into the copy ([`MessagePace::Spoolable`]): a sender sends its
 /// message at once, and a slow one loses nothing but a second backend
 /// session at its end.
@@ -225,8 +236,14 @@ const SPOOL_WAIT_SCARCE: Duration = Duration::from_secs(1);
 
 /// What each recipient the backend accepts adds to its transaction's time
 /// with its client in that case: a client far away that does not pipeline
-/// waits a round trip per RCPT.
+/// waits a round trip per RCPT. Only the envelope's waits may use it, and
+/// [`MAX_RECIPIENT_TIME`] of it at most: a hundred recipients sent at once
+/// buy a slow message nothing, and a recipient every 0.9 s does not keep a
+/// transaction open for 90 s.
 const TIME_PER_RECIPIENT: Duration = Duration::from_secs(1);
+
+/// The most [`TIME_PER_RECIPIENT`] earns a transaction.
+const MAX_RECIPIENT_TIME: Duration = Duration::from_secs(10);
 
 /// Where the bytes of a message go while it arrives.
 enum MessageSink {
@@ -958,7 +975,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         };
         let waited = waiting_since.elapsed();
-        self.transaction.wait += waited;
+        self.transaction.message_wait += waited;
         credit.spend(waited);
         result
     }
@@ -1022,7 +1039,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let started = tokio::time::Instant::now();
         let input = self.wait_for_line(next_command).await;
         if self.envelope.active {
-            self.transaction.wait += started.elapsed();
+            self.transaction.envelope_wait += started.elapsed();
         }
         input
     }
@@ -1030,8 +1047,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// What is left of the transaction's time with its client (in its
     /// envelope or its message) while it holds a backend slot other
     /// sessions wait for: a transaction gets `smtp.stress_command_timeout`
-    /// of waits for its client in all, and [`TIME_PER_RECIPIENT`] more for
-    /// each recipient accepted, so that a client that keeps it open (a NOOP
+    /// of waits for its client in all, besides [`TIME_PER_RECIPIENT`] for
+    /// the round trip of each recipient accepted, so that a client that keeps it open (a NOOP
     /// now and then) cannot hold a backend process others need. A sender
     /// sends its envelope at once and never comes near it.
     /// `extra`: more time the transaction earned (by the bytes of its
@@ -1049,17 +1066,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             && self.ctx.backend_slots.waiting() > 0
     }
 
-    /// The transaction's time with its client: `base`, and a
-    /// [`TIME_PER_RECIPIENT`] for each recipient accepted.
-    fn transaction_time(&self, base: Duration) -> Duration {
-        base + TIME_PER_RECIPIENT * self.transaction.recipients()
-    }
-
-    /// What is left of [`Self::transaction_time`], slot or not
-    /// ([`Self::slot_time_left`]), after the waits so far.
+    /// What is left of the transaction's time with its client (`base`),
+    /// slot or not ([`Self::slot_time_left`]), after the waits so far.
     fn transaction_time_left(&self, base: Duration) -> Duration {
-        self.transaction_time(base)
-            .saturating_sub(self.transaction.wait)
+        base.saturating_sub(self.transaction.charged_wait())
     }
 
     async fn wait_for_line(&mut self, next_command: bool) -> Input {

@@ -1095,13 +1095,13 @@ async fn a_spooled_message_must_keep_500_bytes_a_second_or_its_session_ends() {
     let _slot = spooled_mid_message(&mut h).await;
     // Out of contention now (the waiter has the slot), but a spooled
     // message holds proxy memory and a session: from its release it may
-    // fall behind 500 bytes/s by stress_command_timeout (10 s) and 1 s for
-    // its recipient. 100 kB sent at once buy nothing more: the byte every
-    // 3 s after them is cut at 11 s, not 211 s.
+    // fall behind 500 bytes/s by stress_command_timeout (10 s). 100 kB sent
+    // at once buy nothing more: the byte every 3 s after them is cut at
+    // 10 s, not 211 s.
     h.client.send(&burst()).await;
     let (reply, took) = dribble_until_answered(&mut h.client).await;
     assert_code(&reply, 421, (4, 4, 2));
-    assert_eq!(took.as_secs(), 11);
+    assert_eq!(took.as_secs(), 10);
     let (summary, mut client, backend, ctx) = h.ended().await;
     assert!(client.closed().await);
     assert_eq!(summary.messages, 0);
@@ -1120,15 +1120,15 @@ async fn without_the_spool_bytes_sent_early_do_not_buy_a_dribbling_client_its_sl
     config.backend.spool_size = 0;
     let mut h = Harness::start_with(config, true);
     h.start_data().await;
-    // 100 kB at once earn nothing beyond the transaction's 11 s (10 s, and
-    // 1 s for the recipient) however the client spreads its waits: a byte
-    // every 3 s after them is cut at 11 s (with a second per 500 bytes
-    // counted from the start, 211 s).
+    // 100 kB at once earn nothing beyond the transaction's 10 s
+    // (stress_command_timeout) however the client spreads its waits: a
+    // byte every 3 s after them is cut at 10 s (with a second per 500
+    // bytes counted from the start, and one for the recipient, 211 s).
     h.client.send(&burst()).await;
     let waiter = h.wait_for_a_slot();
     let (reply, took) = dribble_until_answered(&mut h.client).await;
     assert_code(&reply, 421, (4, 4, 2));
-    assert_eq!(took.as_secs(), 11);
+    assert_eq!(took.as_secs(), 10);
     assert!(waiter.await.unwrap().is_ok());
     assert!(h.ctx.stats.shed().contains(&("slow-transaction", 1)));
 }
@@ -1225,10 +1225,71 @@ async fn slot_kept_by_a_lone_slow_message(max_connections: u32) -> Duration {
 
 #[tokio::test(start_paused = true)]
 async fn a_slow_message_gives_its_slot_back_sooner_while_slots_are_scarce() {
-    // 1 slot of 4 in use: 10 s, and 1 s for the recipient.
+    // 1 slot of 4 in use: 10 s (its recipient's second was for the
+    // envelope's round trip, which it did not wait for).
     let plenty = slot_kept_by_a_lone_slow_message(4).await;
-    assert!((11..12).contains(&plenty.as_secs()), "{plenty:?}");
-    // 1 of 2, half in use: 1 s, and 1 s for the recipient.
+    assert!((10..11).contains(&plenty.as_secs()), "{plenty:?}");
+    // 1 of 2, half in use: 1 s.
     let scarce = slot_kept_by_a_lone_slow_message(2).await;
-    assert!((2..3).contains(&scarce.as_secs()), "{scarce:?}");
+    assert!((1..2).contains(&scarce.as_secs()), "{scarce:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn recipients_buy_a_message_no_time_on_its_slot() {
+    // 1 slot of 2 in use: a slow message's slot goes after 1 s of waits.
+    let mut h = Harness::start_with(slots_config(2), true);
+    h.ehlo().await;
+    // A hundred recipients (the same one: the backend accepts each), in one
+    // pipelined group: no round trip to pay for.
+    let mut group = String::from("MAIL FROM:<sender@example.org>\r\n");
+    group.push_str(&"RCPT TO:<alice@example.com>\r\n".repeat(100));
+    h.client.send(&group).await;
+    for _ in 0..101 {
+        assert_eq!(h.client.reply().await.code, 250);
+    }
+    assert_eq!(h.client.command("DATA").await.code, 354);
+    h.client.send("Subject: slow\r\n").await;
+    let started = tokio::time::Instant::now();
+    while h.ctx.spool.spooled() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(200),
+            "never spooled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Not 101 s: a second for each recipient is for the round trips of
+    // the envelope, which this one did not wait for.
+    assert_eq!(started.elapsed().as_secs(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recipient_every_second_keeps_a_slot_others_wait_for_ten_seconds_more_at_most() {
+    let mut h = Harness::start_with(slots_config(1), true);
+    h.ehlo().await;
+    assert_eq!(
+        h.client
+            .command("MAIL FROM:<sender@example.org>")
+            .await
+            .code,
+        250
+    );
+    let waiter = h.wait_for_a_slot();
+    let started = tokio::time::Instant::now();
+    // Each recipient would earn the second its client waits before the
+    // next: without a bound, 100 of them hold the slot 90 s.
+    let reply = loop {
+        tokio::select! {
+            reply = h.client.reply() => break reply,
+            () = tokio::time::sleep(Duration::from_millis(900)) => {}
+        }
+        let reply = h.client.command("RCPT TO:<alice@example.com>").await;
+        if reply.code != 250 {
+            break reply;
+        }
+    };
+    assert_code(&reply, 421, (4, 4, 2));
+    // stress_command_timeout (10 s), and 10 s for the recipients' round
+    // trips.
+    assert_eq!(started.elapsed().as_secs(), 20);
+    assert!(waiter.await.unwrap().is_ok());
 }
