@@ -1471,7 +1471,8 @@ impl Drop for TlsFiles {
 /// argv: port, then the script as words: `>LINE` sends LINE and reads the
 /// reply, `!BYTES` sends BYTES (`\r\n` escapes) without reading, `<` reads
 /// one reply, `tls` does the handshake, `cert` prints `CERT <sha-256 of the
-/// server's certificate>`.
+/// server's certificate>`; `implicit` as the first step does the handshake
+/// before the greeting (an implicit-TLS listener).
 const PY_CLIENT: &str = r#"
 import hashlib, socket, ssl, sys
 sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=3)
@@ -1496,14 +1497,21 @@ def reply():
         if len(line) < 4 or line[3] == " ":
             print("|".join(lines), flush=True)
             return
+def handshake():
+    global sock
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    sock = ctx.wrap_socket(sock, server_hostname="localhost")
+    print("TLS " + sock.version(), flush=True)
+steps = sys.argv[2:]
+if steps[:1] == ["implicit"]:
+    handshake()
+    steps = steps[1:]
 reply()
-for step in sys.argv[2:]:
+for step in steps:
     if step == "tls":
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        sock = ctx.wrap_socket(sock, server_hostname="localhost")
-        print("TLS " + sock.version(), flush=True)
+        handshake()
     elif step == "cert":
         print("CERT " + hashlib.sha256(sock.getpeercert(binary_form=True)).hexdigest(), flush=True)
     elif step == "<":
@@ -1533,6 +1541,101 @@ fn python_client(port: u16, steps: &[&str]) -> Vec<String> {
         .lines()
         .map(str::to_owned)
         .collect()
+}
+
+/// For each listener TLS mode, the proxy with a certificate and `smtp`
+/// keys, and `n` clients that started their TLS handshake (after STARTTLS,
+/// or at once) and never go on with it, the oldest first.
+fn with_stalled_handshakes(
+    test: &str,
+    smtp: &str,
+    n: usize,
+    check: impl Fn(&str, &TestProxy, Vec<Smtp>),
+) {
+    let Some(tls) = TlsFiles::generate(test) else {
+        return;
+    };
+    let backend = ScriptedBackend::start(Behaviour::default());
+    for mode in ["starttls", "implicit"] {
+        let config = tls
+            .config(backend.addr())
+            .replace("tls = \"starttls\"", &format!("tls = \"{mode}\""))
+            + &format!("\n[smtp]\n{smtp}\n");
+        let proxy = started(&backend, &config);
+        let stalled = (0..n)
+            .map(|_| {
+                // One after the other: the oldest is known.
+                std::thread::sleep(Duration::from_millis(100));
+                if mode == "starttls" {
+                    let mut client = Smtp::session(proxy.addr);
+                    expect(&client.cmd("STARTTLS"), "220 ");
+                    client
+                } else {
+                    Smtp::open(proxy.addr)
+                }
+            })
+            .collect();
+        check(mode, &proxy, stalled);
+    }
+}
+
+#[test]
+fn tls_handshakes_that_never_come_are_shed_at_the_session_cap() {
+    // Stress timeouts off (equal to command_timeout): only the cap acts.
+    // Three clients hold every session in a handshake they never go on
+    // with (a slowloris of TLS): they must not lock newcomers out.
+    let smtp = "max_sessions = 3\nstress_command_timeout = \"20s\"\ncommand_timeout = \"20s\"";
+    with_stalled_handshakes(
+        "stalled-handshakes-shed",
+        smtp,
+        3,
+        |mode, proxy, mut stalled| {
+            std::thread::sleep(Duration::from_millis(300));
+            let started = Instant::now();
+            let out = python_client(
+                proxy.addr.port(),
+                &match mode {
+                    "starttls" => vec![">EHLO client.test", ">STARTTLS", "tls", ">NOOP"],
+                    _ => vec!["implicit", ">NOOP"],
+                },
+            );
+            // The newcomer is served, in TLS.
+            assert!(out.contains(&"TLS TLSv1.3".to_owned()), "{mode}: {out:?}");
+            expect(&out[0], if mode == "starttls" { "220 " } else { "TLS" });
+            expect(out.last().unwrap(), "250 ");
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{mode}: {out:?}"
+            );
+            assert_eq!(shed(proxy, "shed-idle"), 1, "{mode}");
+            assert!(stalled.remove(0).closed(), "{mode}: the oldest was closed");
+        },
+    );
+}
+
+#[test]
+fn under_stress_a_tls_handshake_gets_the_short_timeout() {
+    // One of two sessions open is stress already. A handshake gets 1 s, as
+    // any session without MAIL does (Postfix's smtpd_starttls_timeout is
+    // its stress-dependent smtpd_timeout too).
+    let smtp = "max_sessions = 2\nstress_threshold = 0.5\nstress_command_timeout = \"1s\"\ncommand_timeout = \"20s\"";
+    with_stalled_handshakes(
+        "stalled-handshakes-stress",
+        smtp,
+        2,
+        |mode, proxy, stalled| {
+            let started = Instant::now();
+            for mut client in stalled {
+                assert!(client.closed(), "{mode}");
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{mode}: {:?}",
+                started.elapsed()
+            );
+            assert_eq!(shed(proxy, "stress-timeout"), 2, "{mode}");
+        },
+    );
 }
 
 #[test]
@@ -2948,6 +3051,30 @@ fn a_source_whose_idle_sessions_keep_being_shed_is_blocked() {
         0,
         "the zombie never reached the backend"
     );
+}
+
+#[test]
+fn an_idle_session_from_before_the_stress_gets_the_short_timeout_once_it_comes() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(
+        &backend,
+        "[smtp]\nmax_sessions = 4\nstress_threshold = 0.5\nstress_command_timeout = \"1s\"\ncommand_timeout = \"20s\"\n",
+    );
+    // One of four sessions open: no stress, 20 s. A zombie that came
+    // before the flood must not keep that once the flood is there.
+    let mut early = Smtp::session(proxy.addr);
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let mut sender = Smtp::session(proxy.addr);
+    expect(&sender.cmd("MAIL FROM:<a@x>"), "250 ");
+    // Two of four: under stress.
+    expect(&early.reply(), "421 4.4.2");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(shed(&proxy, "stress-timeout") >= 1);
 }
 
 #[test]

@@ -672,35 +672,15 @@ async fn handle_connection(
         }
     };
     let local = stream.local_addr().unwrap_or(peer);
-    let client = match tls {
-        TlsMode::Implicit => {
-            let Some(acceptor) = ctx.tls() else {
-                return;
-            };
-            match tokio::time::timeout(ctx.settings().smtp.command_timeout, acceptor.accept(stream))
-                .await
-            {
-                Ok(Ok(tls)) => ClientStream::Tls(Box::new(tls)),
-                _ => return,
-            }
-        }
-        TlsMode::None | TlsMode::Starttls => ClientStream::Plain(stream),
-    };
+    // An implicit-TLS client's handshake is the session's first step.
+    let client = ClientStream::Plain(stream);
     // The session's id and the client's address and port go on every line
     // the session logs (a tracing span), so that its lines can be followed.
     let id = ctx.stats.sessions_total.fetch_add(1, Ordering::Relaxed) + 1;
     let span = tracing::info_span!("session", id, client = %peer);
     ctx.stats.sessions_open.fetch_add(1, Ordering::Relaxed);
     let started = std::time::Instant::now();
-    let session = Session::new(
-        ctx.clone(),
-        client,
-        peer,
-        local,
-        tls == TlsMode::Starttls,
-        guard,
-        stop,
-    );
+    let session = Session::new(ctx.clone(), client, peer, local, tls, guard, stop);
     let summary = session.run().instrument(span.clone()).await;
     ctx.stats.sessions_open.fetch_sub(1, Ordering::Relaxed);
     let _in_session = span.enter();

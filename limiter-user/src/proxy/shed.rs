@@ -1,8 +1,8 @@
 //! Shedding under pressure: which sessions may be closed to make room.
 //!
 //! Every session registers here ([`Sessions::register`]) until its first
-//! MAIL FROM is accepted; while it waits for the client's next command it
-//! is *idle*. When `smtp.max_sessions` is reached, a new client does not get
+//! MAIL FROM is accepted; while it waits for the client's next command (or
+//! for its TLS handshake) it is *idle*. When `smtp.max_sessions` is reached, a new client does not get
 //! `421` at once: the oldest idle session that never had a MAIL FROM
 //! accepted is told to close ([`Sessions::shed_oldest_idle`]) and the
 //! newcomer takes its place. Sessions that did earn a MAIL (and those busy

@@ -77,7 +77,7 @@ use super::{
     ProxyContext,
 };
 use crate::{
-    config::{BackendConnect, Identity, Vrfy},
+    config::{BackendConnect, Identity, TlsMode, Vrfy},
     filters::{
         message::{self, HeaderEdits},
         Envelope as FilterEnvelope, Filters, MessageScan, Outcome,
@@ -338,6 +338,9 @@ pub struct Session<S> {
     counters: SessionCounters,
     /// This listener offers STARTTLS.
     starttls: bool,
+    /// This listener speaks TLS from the first byte: the handshake is due
+    /// before the greeting.
+    implicit_tls: bool,
     shutdown: watch::Receiver<bool>,
     /// Blocks of this session's client, put in force anywhere since it
     /// began (see [`Self::source_blocked`]).
@@ -390,7 +393,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         client: ClientStream<S>,
         peer: SocketAddr,
         local: SocketAddr,
-        starttls: bool,
+        tls: TlsMode,
         connection: ConnectionGuard,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
@@ -410,7 +413,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             helo: None,
             envelope: Envelope::default(),
             counters: SessionCounters::default(),
-            starttls,
+            starttls: tls == TlsMode::Starttls,
+            implicit_tls: tls == TlsMode::Implicit,
             shutdown,
             block_notice,
             summary: SessionSummary::default(),
@@ -483,6 +487,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn dialogue(&mut self) -> &'static str {
+        if self.implicit_tls {
+            let Some(acceptor) = self.ctx.tls() else {
+                return "tls-unavailable";
+            };
+            if let Err(outcome) = self.tls_handshake(acceptor).await {
+                return outcome;
+            }
+        }
         self.early = EarlyLink::open(&self.ctx, &self.settings, self.peer, self.local);
         let greeting = match self.greeting().await {
             Ok(greeting) => greeting,
@@ -1072,6 +1084,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         base.saturating_sub(self.transaction.charged_wait())
     }
 
+    /// How long the client may keep the session waiting now: a session
+    /// without an accepted MAIL gets `smtp.stress_command_timeout` under
+    /// stress (`true`), else `smtp.command_timeout`.
+    fn wait_limit(&self) -> (bool, Duration) {
+        let smtp = &self.settings.smtp;
+        if self.stress_applies() && self.ctx.stressed(smtp) {
+            (true, smtp.stress_command_timeout)
+        } else {
+            (false, smtp.command_timeout)
+        }
+    }
+
+    fn stress_applies(&self) -> bool {
+        let smtp = &self.settings.smtp;
+        !self.mail_accepted && smtp.stress_command_timeout < smtp.command_timeout
+    }
+
+    /// Whether a wait at `limit` ([`Self::wait_limit`]) should look at the
+    /// load again after `smtp.stress_command_timeout`
+    /// ([`look_again_after`]): while the stress timeout could apply but
+    /// does not yet, so that a zombie idle from before a flood gets it soon
+    /// after the flood comes (measured from the start of its wait).
+    fn stress_may_come(&self, stress: bool) -> Option<Duration> {
+        (!stress && self.stress_applies()).then_some(self.settings.smtp.stress_command_timeout)
+    }
+
     async fn wait_for_line(&mut self, next_command: bool) -> Input {
         if let Some(input) = self.buffered_input() {
             return input;
@@ -1088,15 +1126,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // zombie would live as long as anything gets blocked often enough.
         let waiting_since = tokio::time::Instant::now();
         loop {
-            // Under stress, a session without a MAIL gets a short timeout.
-            let stress = !self.mail_accepted
-                && smtp.stress_command_timeout < smtp.command_timeout
-                && self.ctx.stressed(smtp);
-            let limit = if stress {
-                smtp.stress_command_timeout
-            } else {
-                smtp.command_timeout
-            };
+            let (stress, limit) = self.wait_limit();
+            let look_again = self.stress_may_come(stress);
             // Listening first: a session that starts waiting for a slot
             // after the budget was looked at still wakes this one.
             let slots = self.ctx.backend_slots.clone();
@@ -1145,6 +1176,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 },
                 // Someone now waits for a slot: look at the budget again.
                 () = contended, if (self.envelope.active || holds_idle_slot) && slot_left.is_none() => None,
+                () = look_again_after(look_again) => None,
                 () = shed_order => Some(Input::Shed),
                 _ = self.shutdown.changed() => Some(Input::Shutdown),
                 // A block that does not end the session (observe mode, an
@@ -1164,6 +1196,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return input;
             }
         }
+    }
+}
+
+/// Resolves after `interval`, or never if there is none.
+async fn look_again_after(interval: Option<Duration>) {
+    match interval {
+        Some(interval) => tokio::time::sleep(interval).await,
+        None => std::future::pending().await,
     }
 }
 

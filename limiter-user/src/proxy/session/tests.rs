@@ -332,7 +332,7 @@ impl Harness {
             ClientStream::Plain(server),
             peer,
             LOCAL.parse().unwrap(),
-            false,
+            TlsMode::None,
             guard,
             stop,
         );
