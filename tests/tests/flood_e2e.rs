@@ -29,6 +29,10 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -792,6 +796,90 @@ fn zombies_that_fill_the_spool_cannot_keep_the_next_tricklers_on_postfix() {
                 .replace("\r\n", "\n")
         );
     }
+}
+
+/// A keeper from `source` until `stop`: MAIL and RCPT (waiting its turn
+/// for a backend slot), then a NOOP every 500 ms with its transaction open
+/// until cut; then again.
+fn keeper(addr: SocketAddr, source: IpAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let Ok(mut z) = Client::connect(addr, source) else {
+                continue;
+            };
+            // Longer than backend.slot_wait: MAIL may wait that long.
+            let _ = z.stream.set_read_timeout(Some(Duration::from_secs(15)));
+            let opened = z.reply().is_ok_and(|r| r.starts_with("220 "))
+                && z.cmd("EHLO keeper.test")
+                    .is_ok_and(|r| r.starts_with("250"))
+                && z.cmd("MAIL FROM:<k@zombie.test>")
+                    .is_ok_and(|r| r.starts_with("250 "))
+                && z.cmd("RCPT TO:<alice@example.com>")
+                    .is_ok_and(|r| r.starts_with("250 "));
+            while opened && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(500));
+                if !z.cmd("NOOP").is_ok_and(|r| r.starts_with("250 ")) {
+                    break;
+                }
+            }
+        }
+    })
+}
+
+#[test]
+fn zombies_cut_before_wait_behind_a_sender_who_came_after_them() {
+    if !ready("zombies_cut_before_wait_behind_a_sender_who_came_after_them") {
+        return;
+    }
+    let postfix = postfix();
+    // Shed zombies are not blocked here (max_shed_sessions_per_source = 0):
+    // they keep coming back, as a botnet with many addresses does.
+    let proxy = proxy(
+        &postfix,
+        "max_connections = 3\nslot_wait = \"10s\"",
+        "[smtp]\nstress_command_timeout = \"2s\"\n[limits]\nmax_shed_sessions_per_source = 0\n",
+    );
+    // Keepers from 24 networks take the 3 slots in turn, each cut 2 s into
+    // its open transaction while others wait, and queue again at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let keepers: Vec<_> = (0..24u8)
+        .map(|n| {
+            keeper(
+                proxy.addr,
+                IpAddr::V4(Ipv4Addr::new(127, 4, n, 1)),
+                stop.clone(),
+            )
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(40), || shed(&proxy, "slow-transaction")
+            >= 24),
+        "the keepers were not all cut: {:?}",
+        proxy.ctx.stats.shed()
+    );
+    // Every queued network was shed lately; the sender's was not: it is
+    // served at the next slot, not after 21 networks' turns (21 × 2 s / 3
+    // slots = 14 s, past slot_wait).
+    let (end, took) = timed_sender(proxy.addr)
+        .join()
+        .expect("the sender's thread");
+    stop.store(true, Ordering::Relaxed);
+    expect(&end, "250 ");
+    assert!(took < Duration::from_secs(6), "the sender took {took:?}");
+    assert!(postfix.wait_delivered(1, WAIT), "{}", postfix.log());
+    for k in keepers {
+        k.join().expect("a keeper's thread");
+    }
+}
+
+fn shed(proxy: &TestProxy, reason: &str) -> u64 {
+    proxy
+        .ctx
+        .stats
+        .shed()
+        .into_iter()
+        .find(|(name, _)| *name == reason)
+        .map_or(0, |(_, n)| n)
 }
 
 // -- Pipelining end to end ---------------------------------------------------

@@ -309,6 +309,7 @@ impl ProxyContext {
                     .backend
                     .fair_share_prefix_v6
                     .unwrap_or(config.limits.ipv6_prefix),
+                config.limits.shed_sessions_window,
             )),
             spool: Arc::new(spool::SpoolBudget::new(config.backend.spool_size)),
             sessions: Arc::new(shed::Sessions::default()),

@@ -7,9 +7,13 @@
 //! /`fair_share_prefix_v6`). A freed slot goes round-robin to the waiting
 //! networks, skipping any that already holds its fair share (the slots
 //! divided by the networks waiting, at least one): a network with many
-//! sessions cannot starve another one's mail. No slot is left idle while
-//! someone waits (when every waiting network is over its share, the next in
-//! turn is served anyway). The queue is bounded by the sessions
+//! sessions cannot starve another one's mail. A network whose sessions
+//! were shed lately (for holding a slot, idling, trickling: see
+//! [`BackendSlots::mark_shed`]) waits behind those whose were not: zombies
+//! from a thousand networks that come back after each cut would otherwise
+//! take their turns before a sender who came after them. No slot is left
+//! idle while someone waits (when every waiting network is over its share,
+//! the next in turn is served anyway). The queue is bounded by the sessions
 //! (`smtp.max_sessions`), each waiting at most once and at most
 //! `backend.slot_wait`.
 
@@ -24,13 +28,23 @@ use std::{
 };
 
 use ipnet::IpNet;
-use tokio::sync::{futures::Notified, oneshot, Notify};
+use tokio::{
+    sync::{futures::Notified, oneshot, Notify},
+    time::Instant,
+};
+
+/// The most networks remembered as shed (beyond it, new ones are not until
+/// old ones are forgotten).
+const MAX_SHED_NETWORKS: usize = 65_536;
 
 /// The slots and their queue.
 pub struct BackendSlots {
     capacity: usize,
     prefix_v4: u8,
     prefix_v6: u8,
+    /// How long a network is remembered as shed
+    /// (`limits.shed_sessions_window`).
+    shed_memory: Duration,
     state: Mutex<SlotState>,
     /// Sessions that had to wait for a slot.
     pub waits: AtomicU64,
@@ -52,6 +66,8 @@ struct SlotState {
     /// Waiters per network, oldest first.
     waiting: HashMap<IpNet, VecDeque<Waiter>>,
     next_id: u64,
+    /// Networks whose sessions were shed, and when last.
+    shed: HashMap<IpNet, Instant>,
 }
 
 struct Waiter {
@@ -123,13 +139,15 @@ impl Drop for WaitEntry<'_> {
 }
 
 impl BackendSlots {
-    /// `capacity` slots (at least one); sources grouped by the prefixes.
+    /// `capacity` slots (at least one); sources grouped by the prefixes; a
+    /// network waits behind others for `shed_memory` after a shed.
     #[must_use]
-    pub fn new(capacity: usize, prefix_v4: u8, prefix_v6: u8) -> Self {
+    pub fn new(capacity: usize, prefix_v4: u8, prefix_v6: u8, shed_memory: Duration) -> Self {
         Self {
             capacity: capacity.max(1),
             prefix_v4: prefix_v4.clamp(1, 32),
             prefix_v6: prefix_v6.clamp(1, 128),
+            shed_memory,
             state: Mutex::new(SlotState::default()),
             waits: AtomicU64::new(0),
             contention: Notify::new(),
@@ -287,6 +305,23 @@ impl BackendSlots {
         result
     }
 
+    /// Remembers that a session of `source` was shed: for
+    /// `limits.shed_sessions_window` its network waits behind the networks
+    /// whose sessions were not.
+    pub fn mark_shed(&self, source: IpAddr) {
+        let group = self.group(source);
+        let now = Instant::now();
+        let mut state = self.lock();
+        if state.shed.len() >= MAX_SHED_NETWORKS && !state.shed.contains_key(&group) {
+            let memory = self.shed_memory;
+            state.shed.retain(|_, at| now.duration_since(*at) < memory);
+            if state.shed.len() >= MAX_SHED_NETWORKS {
+                return;
+            }
+        }
+        state.shed.insert(group, now);
+    }
+
     /// Gives `group`'s slot back: to the next waiter in turn, or to the pool.
     fn release(self: &Arc<Self>, group: IpNet) {
         let handover = {
@@ -315,18 +350,27 @@ impl BackendSlots {
     }
 
     /// The waiter to serve next: round-robin over the waiting networks,
-    /// skipping those at or over their fair share; the first in turn when
-    /// all are.
+    /// skipping those at or over their fair share, and those shed lately
+    /// while any other is under its share; the first in turn when all are.
     fn next_waiter(&self, state: &mut SlotState) -> Option<(IpNet, oneshot::Sender<SlotGuard>)> {
+        let now = Instant::now();
         loop {
             if state.turns.is_empty() {
                 return None;
             }
             let share = (self.capacity / state.turns.len()).max(1);
+            let under_share = |g: &IpNet| state.held.get(g).copied().unwrap_or(0) < share;
+            let shed_lately = |g: &IpNet| {
+                state
+                    .shed
+                    .get(g)
+                    .is_some_and(|at| now.duration_since(*at) < self.shed_memory)
+            };
             let position = state
                 .turns
                 .iter()
-                .position(|g| state.held.get(g).copied().unwrap_or(0) < share)
+                .position(|g| under_share(g) && !shed_lately(g))
+                .or_else(|| state.turns.iter().position(under_share))
                 .unwrap_or(0);
             let group = state.turns.remove(position)?;
             let Some(queue) = state.waiting.get_mut(&group) else {
@@ -356,7 +400,7 @@ mod tests {
 
     #[tokio::test]
     async fn free_slots_are_taken_at_once_and_given_back() {
-        let slots = Arc::new(BackendSlots::new(2, 24, 64));
+        let slots = Arc::new(BackendSlots::new(2, 24, 64, Duration::from_secs(600)));
         let a = slots
             .acquire(ip("192.0.2.1"), Duration::from_millis(100))
             .await;
@@ -389,7 +433,7 @@ mod tests {
 
     #[tokio::test]
     async fn slots_are_scarce_from_half_in_use() {
-        let slots = Arc::new(BackendSlots::new(4, 24, 64));
+        let slots = Arc::new(BackendSlots::new(4, 24, 64, Duration::from_secs(600)));
         let wait = Duration::from_secs(1);
         let a = slots.acquire(ip("192.0.2.1"), wait).await.unwrap();
         assert!(!slots.scarce(), "1 of 4");
@@ -402,7 +446,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_network_over_its_share_waits_for_the_others() {
-        let slots = Arc::new(BackendSlots::new(4, 24, 64));
+        let slots = Arc::new(BackendSlots::new(4, 24, 64, Duration::from_secs(600)));
         // The flooder's network holds every slot and queues more.
         let mut held = Vec::new();
         for i in 1..=4 {
@@ -450,7 +494,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiter_that_gives_up_passes_the_slot_on() {
-        let slots = Arc::new(BackendSlots::new(1, 24, 64));
+        let slots = Arc::new(BackendSlots::new(1, 24, 64, Duration::from_secs(600)));
         let held = slots
             .acquire(ip("192.0.2.1"), Duration::from_millis(100))
             .await
@@ -480,9 +524,59 @@ mod tests {
         assert_eq!(slots.waiting(), 0);
     }
 
+    #[tokio::test]
+    async fn networks_shed_lately_wait_behind_the_others() {
+        let slots = Arc::new(BackendSlots::new(1, 24, 64, Duration::from_secs(600)));
+        let held = slots.try_acquire(ip("192.0.2.1")).unwrap();
+        // Zombies of three networks, each cut once already, queue first;
+        // a sender comes after them.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for source in ["203.0.113.1", "203.0.114.1", "203.0.115.1", "198.51.100.7"] {
+            if source.starts_with("203.") {
+                slots.mark_shed(ip(source));
+            }
+            let (slots, tx) = (slots.clone(), tx.clone());
+            tokio::spawn(async move {
+                let guard = slots.acquire(ip(source), Duration::from_secs(10)).await;
+                tx.send(source).unwrap();
+                // Each holds its slot a moment, then the next is served.
+                tokio::task::yield_now().await;
+                drop(guard);
+            });
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(slots.waiting(), 4);
+        drop(held);
+        assert_eq!(rx.recv().await, Some("198.51.100.7"), "the sender first");
+        // Then the zombies, in their turns.
+        for zombie in ["203.0.113.1", "203.0.114.1", "203.0.115.1"] {
+            assert_eq!(rx.recv().await, Some(zombie));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shed_is_forgotten_after_the_window() {
+        let slots = Arc::new(BackendSlots::new(1, 24, 64, Duration::from_secs(600)));
+        slots.mark_shed(ip("203.0.113.1"));
+        tokio::time::advance(Duration::from_secs(601)).await;
+        let held = slots.try_acquire(ip("192.0.2.1")).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for source in ["203.0.113.1", "198.51.100.7"] {
+            let (slots, tx) = (slots.clone(), tx.clone());
+            tokio::spawn(async move {
+                let guard = slots.acquire(ip(source), Duration::from_secs(10)).await;
+                tx.send(source).unwrap();
+                drop(guard);
+            });
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        assert_eq!(rx.recv().await, Some("203.0.113.1"), "first in turn");
+    }
+
     #[test]
     fn sources_are_grouped_by_prefix() {
-        let slots = BackendSlots::new(1, 24, 48);
+        let slots = BackendSlots::new(1, 24, 48, Duration::from_secs(600));
         assert_eq!(slots.group(ip("192.0.2.77")).to_string(), "192.0.2.0/24");
         assert_eq!(
             slots.group(ip("::ffff:192.0.2.77")).to_string(),

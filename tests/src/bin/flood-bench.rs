@@ -28,7 +28,9 @@
 //! a directory harvester spread over many addresses, and tricklers (MAIL,
 //! RCPT and DATA accepted, then the message at 625 bytes/s, never ended:
 //! above Postfix's `smtpd_min_data_rate`, so that each holds an smtpd
-//! process for as long as it likes). It starts `--ramp`
+//! process for as long as it likes), and keepers (MAIL and RCPT accepted,
+//! then a NOOP every 2 s: a transaction kept open, which Postfix allows for
+//! 100 junk commands of 5 minutes each). It starts `--ramp`
 //! seconds before the legitimate senders: closed-loop workers, one message
 //! per session, each from the next address of their pool; a message
 //! deferred with a 4xx is retried at once from the same address (counted:
@@ -94,6 +96,9 @@ const TRICKLE_PACE: Duration = Duration::from_millis(160);
 const SLOW_BYTE: Duration = Duration::from_secs(3);
 /// How long a zombie waits before reconnecting once cut.
 const RECONNECT: Duration = Duration::from_secs(1);
+
+/// How often a keeper says NOOP in its open transaction.
+const KEEPER_NOOP: Duration = Duration::from_secs(2);
 /// Longest wait for Postfix to deliver what it accepted in one run.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the queue may take to empty once every accepted legitimate
@@ -147,6 +152,10 @@ struct Options {
     /// never ended).
     #[arg(long, default_value_t = 50)]
     tricklers: usize,
+    /// Keeper addresses (2 sessions each: MAIL and RCPT accepted, then a
+    /// NOOP every 2 s).
+    #[arg(long, default_value_t = 100)]
+    keepers: usize,
     /// Legitimate senders (closed loop, one message per session).
     #[arg(long, default_value_t = 4)]
     senders: usize,
@@ -174,7 +183,7 @@ impl Options {
     }
 
     fn flood_addresses(&self) -> usize {
-        self.holders + self.slow + self.bounce + self.harvest + self.tricklers
+        self.holders + self.slow + self.bounce + self.harvest + self.tricklers + self.keepers
     }
 }
 
@@ -737,6 +746,39 @@ async fn trickler(source: Ipv4Addr, to: SocketAddr, n: usize, c: Arc<FloodCounts
     }
 }
 
+/// MAIL and RCPT, then a NOOP every [`KEEPER_NOOP`] with the transaction
+/// open; again when cut.
+async fn keeper(source: Ipv4Addr, to: SocketAddr, n: usize, c: Arc<FloodCounts>) {
+    loop {
+        if let Some(mut client) = open(source, to, &format!("keep{n}.zombie.example"), &c).await {
+            let mut open_transaction = true;
+            for command in [
+                "MAIL FROM:<news@keep.zombie.example>",
+                &format!("RCPT TO:<{FLOOD_RCPT}>"),
+            ] {
+                match client.command(command, FLOOD_TIMEOUTS.reply).await {
+                    Ok(r) if r.code == 250 => {}
+                    _ => {
+                        open_transaction = false;
+                        break;
+                    }
+                }
+            }
+            if open_transaction {
+                loop {
+                    tokio::time::sleep(KEEPER_NOOP).await;
+                    match client.command("NOOP", FLOOD_TIMEOUTS.reply).await {
+                        Ok(r) if r.code == 250 => bump(&c.noops),
+                        _ => break,
+                    }
+                }
+            }
+            bump(&c.cut);
+        }
+        tokio::time::sleep(RECONNECT).await;
+    }
+}
+
 /// Spawns every flood session, their starts spread over `ramp`.
 fn start_flood(
     rt: &tokio::runtime::Runtime,
@@ -753,6 +795,7 @@ fn start_flood(
         (2, opts.bounce, 2),
         (3, opts.harvest, 1),
         (4, opts.tricklers, 2),
+        (5, opts.keepers, 2),
     ] {
         for (i, a) in addrs.by_ref().take(addresses) {
             for _ in 0..per {
@@ -786,7 +829,8 @@ fn start_flood(
                     1 => slow_sender(source, to, c).await,
                     2 => bouncer(source, to, n, c).await,
                     3 => harvester(source, to, n, c).await,
-                    _ => trickler(source, to, n, c).await,
+                    4 => trickler(source, to, n, c).await,
+                    _ => keeper(source, to, n, c).await,
                 }
             })
         })
@@ -1615,7 +1659,7 @@ fn main() -> Result<()> {
     // Client sockets of every zombie here; the agent (two per session) and
     // Postfix inherit it.
     let sessions = opts.holders * opts.holder_sessions
-        + 2 * (opts.slow + opts.bounce + opts.tricklers)
+        + 2 * (opts.slow + opts.bounce + opts.tricklers + opts.keepers)
         + opts.harvest;
     raise_nofile(sessions as u64 * 2 + 4_096)?;
     let started = Instant::now();
@@ -1632,7 +1676,7 @@ fn main() -> Result<()> {
     let _ = writeln!(out, "Limits: {}  ", limits_line(&topo.server));
     let _ = writeln!(
         out,
-        "Flood: {} addresses ({} idle holders × {}, {} slow senders × 2, {} bounce flooders × 2, {} harvesters, {} tricklers × 2); legitimate: {} senders over {} addresses ({}); {} s windows after a {} s ramp, {rounds} round(s)\n",
+        "Flood: {} addresses ({} idle holders × {}, {} slow senders × 2, {} bounce flooders × 2, {} harvesters, {} tricklers × 2, {} keepers × 2); legitimate: {} senders over {} addresses ({}); {} s windows after a {} s ramp, {rounds} round(s)\n",
         opts.flood_addresses(),
         opts.holders,
         opts.holder_sessions,
@@ -1640,6 +1684,7 @@ fn main() -> Result<()> {
         opts.bounce,
         opts.harvest,
         opts.tricklers,
+        opts.keepers,
         opts.senders,
         opts.legit_addresses,
         if opts.known_senders {

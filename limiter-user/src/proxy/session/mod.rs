@@ -831,6 +831,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// `max_shed_sessions_per_source`, whose block comes before the reply.
     fn shed(&self, reason: &'static str) {
         self.ctx.count_shed(self.source(), reason);
+        self.ctx.backend_slots.mark_shed(self.source());
         let decision =
             self.ctx
                 .policy()
