@@ -70,11 +70,10 @@ pub struct Smtp {
     /// `stress_command_timeout`. All backend slots in use is stress too.
     pub stress_threshold: f64,
     /// The command timeout, under stress, of a session that has not had a
-    /// MAIL FROM accepted yet; and while sessions wait for a backend slot,
-    /// the time a transaction holding one may wait for its client in all,
-    /// besides a second per recipient accepted for the envelope's round
-    /// trips, 10 s at most (`421 4.4.2` past it, the slot to the next in
-    /// turn); in its message, how far it may fall behind 500 bytes/s.
+    /// MAIL FROM accepted yet (and of its TLS handshake); while sessions
+    /// wait for a backend slot, how far a message holding one may fall
+    /// behind 500 bytes/s (`421 4.4.2` past it, the slot to the next in
+    /// turn); a spooled message's likewise.
     #[serde(with = "duration_serde")]
     pub stress_command_timeout: Duration,
 }

@@ -224,15 +224,15 @@ impl DataCredit {
     }
 }
 
-/// While backend slots are scarce (half or more in use, or sessions
-/// waiting: [`super::slots::BackendSlots::scarce`]), how long a transaction
-/// whose message has a copy may wait for its client in all (besides the
+/// How long a transaction may wait for its client in all (besides the
 /// round trips of its recipients, [`TIME_PER_RECIPIENT`]) before its slot
-/// goes and the
-/// message on into the copy ([`MessagePace::Spoolable`]): a sender sends its
-/// message at once, and a slow one loses nothing but a second backend
-/// session at its end.
-const SPOOL_WAIT_SCARCE: Duration = Duration::from_secs(1);
+/// goes: in its envelope while sessions wait for a slot, with `421 4.4.2`
+/// ([`Session::slot_time_left`]); in a message with a copy while slots are
+/// scarce (half or more in use: [`super::slots::BackendSlots::scarce`]),
+/// on into the copy ([`MessagePace::Spoolable`]). A sender sends its
+/// transaction at once, and a slow message loses nothing but a second
+/// backend session at its end.
+const SCARCE_WAIT: Duration = Duration::from_secs(1);
 
 /// What each recipient the backend accepts adds to its transaction's time
 /// with its client in that case: a client far away that does not pipeline
@@ -275,7 +275,7 @@ enum MessageSink {
 enum MessagePace {
     /// The message has a copy (in the spool, or held for the content
     /// filters): past its time (`smtp.stress_command_timeout`, or only
-    /// [`SPOOL_WAIT_SCARCE`] while slots are scarce), its
+    /// [`SCARCE_WAIT`] while slots are scarce), its
     /// backend slot is due ([`MessageRead::SlotDue`]) and the message goes
     /// on into the copy. Contended or not: a slot is too dear to leave to a
     /// slow client until someone waits for it, for by then a flood of them
@@ -947,7 +947,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let time_left = match pace {
                 MessagePace::Spoolable => {
                     let base = if slots.scarce() {
-                        SPOOL_WAIT_SCARCE.min(smtp.stress_command_timeout)
+                        SCARCE_WAIT.min(smtp.stress_command_timeout)
                     } else {
                         smtp.stress_command_timeout
                     };
@@ -1057,18 +1057,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         input
     }
 
-    /// What is left of the transaction's time with its client (in its
-    /// envelope or its message) while it holds a backend slot other
-    /// sessions wait for: a transaction gets `smtp.stress_command_timeout`
-    /// of waits for its client in all, besides [`TIME_PER_RECIPIENT`] for
-    /// the round trip of each recipient accepted, so that a client that keeps it open (a NOOP
-    /// now and then) cannot hold a backend process others need. A sender
-    /// sends its envelope at once and never comes near it.
-    /// `extra`: more time the transaction earned (by the bytes of its
-    /// message, [`MessagePace`]).
+    /// What is left of the envelope's time with its client while other
+    /// sessions wait for a backend slot: [`SCARCE_WAIT`] of waits for its
+    /// client in all, besides [`TIME_PER_RECIPIENT`] for the round trip of
+    /// each recipient accepted. So a client that keeps its transaction open
+    /// (a NOOP now and then) holds a backend process only while nobody
+    /// needs it: keepers that took every slot while nobody waited are cut
+    /// as soon as a sender waits, not seconds later. A sender sends its
+    /// envelope at once and never comes near it.
     fn slot_time_left(&self, smtp: &crate::config::Smtp) -> Option<Duration> {
         self.slot_contended(smtp)
-            .then(|| self.transaction_time_left(smtp.stress_command_timeout))
+            .then(|| self.transaction_time_left(SCARCE_WAIT.min(smtp.stress_command_timeout)))
     }
 
     /// Whether the session holds a backend slot other sessions wait for

@@ -1288,8 +1288,69 @@ async fn a_recipient_every_second_keeps_a_slot_others_wait_for_ten_seconds_more_
         }
     };
     assert_code(&reply, 421, (4, 4, 2));
-    // stress_command_timeout (10 s), and 10 s for the recipients' round
-    // trips.
-    assert_eq!(started.elapsed().as_secs(), 20);
+    // 1 s (the one slot in use: scarce), and 10 s for the recipients'
+    // round trips.
+    assert_eq!(started.elapsed().as_secs(), 11);
     assert!(waiter.await.unwrap().is_ok());
+}
+
+/// A client that has MAIL and a RCPT accepted on the only backend slot,
+/// then says NOOP every 500 ms; after `waiter_after` another session waits
+/// for the slot: how long until the client is cut (`None`: still open
+/// after a minute).
+async fn transaction_kept_open_with_noops(waiter_after: Duration) -> Option<Duration> {
+    let mut h = Harness::start_with(slots_config(1), true);
+    h.ehlo().await;
+    for (command, code) in [
+        ("MAIL FROM:<sender@example.org>", 250),
+        ("RCPT TO:<alice@example.com>", 250),
+    ] {
+        assert_eq!(h.client.command(command).await.code, code, "{command}");
+    }
+    let started = tokio::time::Instant::now();
+    let _waiter = tokio::spawn({
+        let slots = h.ctx.backend_slots.clone();
+        async move {
+            tokio::time::sleep(waiter_after).await;
+            slots
+                .acquire("192.0.2.9".parse().unwrap(), Duration::from_secs(60))
+                .await
+                .map(std::mem::forget)
+        }
+    });
+    while started.elapsed() < Duration::from_secs(60) {
+        tokio::select! {
+            reply = h.client.reply() => {
+                assert_code(&reply, 421, (4, 4, 2));
+                return Some(started.elapsed());
+            }
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        h.client.send("NOOP\r\n").await;
+        let reply = h.client.reply().await;
+        if reply.code != 250 {
+            assert_code(&reply, 421, (4, 4, 2));
+            return Some(started.elapsed());
+        }
+    }
+    None
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transaction_kept_open_loses_its_slot_as_soon_as_a_session_waits_for_it() {
+    // Kept open 30 s while nobody needed the slot: cut the moment someone
+    // does (its 1 s, and 1 s for its recipient's round trip, long used up).
+    let waited_late = transaction_kept_open_with_noops(Duration::from_secs(30)).await;
+    assert_eq!(
+        waited_late.map(|d| d.as_secs()),
+        Some(30),
+        "{waited_late:?}"
+    );
+    // Waited for from the start: 2 s.
+    let waited_at_once = transaction_kept_open_with_noops(Duration::ZERO).await;
+    assert_eq!(
+        waited_at_once.map(|d| d.as_secs()),
+        Some(2),
+        "{waited_at_once:?}"
+    );
 }
