@@ -322,6 +322,18 @@ impl BackendSlots {
         state.shed.insert(group, now);
     }
 
+    /// Whether a session of `source`'s network was shed within
+    /// `limits.shed_sessions_window`.
+    #[must_use]
+    pub fn shed_lately(&self, source: IpAddr) -> bool {
+        let group = self.group(source);
+        let now = Instant::now();
+        self.lock()
+            .shed
+            .get(&group)
+            .is_some_and(|at| now.duration_since(*at) < self.shed_memory)
+    }
+
     /// Gives `group`'s slot back: to the next waiter in turn, or to the pool.
     fn release(self: &Arc<Self>, group: IpNet) {
         let handover = {

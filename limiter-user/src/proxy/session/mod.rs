@@ -1063,11 +1063,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// each recipient accepted. So a client that keeps its transaction open
     /// (a NOOP now and then) holds a backend process only while nobody
     /// needs it: keepers that took every slot while nobody waited are cut
-    /// as soon as a sender waits, not seconds later. A sender sends its
+    /// as soon as a sender waits, not seconds later. A source whose network
+    /// was shed lately gets the same while slots are scarce (half or more
+    /// in use), whether or not anyone waits: a keeper cut once does not
+    /// take the slots again the moment they are free. A sender sends its
     /// envelope at once and never comes near it.
     fn slot_time_left(&self, smtp: &crate::config::Smtp) -> Option<Duration> {
-        self.slot_contended(smtp)
-            .then(|| self.transaction_time_left(SCARCE_WAIT.min(smtp.stress_command_timeout)))
+        let slots = &self.ctx.backend_slots;
+        let dear = self.slot_contended(smtp)
+            || (self.backend.is_some()
+                && smtp.stress_command_timeout < smtp.command_timeout
+                && slots.scarce()
+                && slots.shed_lately(self.source()));
+        dear.then(|| self.transaction_time_left(SCARCE_WAIT.min(smtp.stress_command_timeout)))
     }
 
     /// Whether the session holds a backend slot other sessions wait for

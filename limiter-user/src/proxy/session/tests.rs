@@ -1294,12 +1294,22 @@ async fn a_recipient_every_second_keeps_a_slot_others_wait_for_ten_seconds_more_
     assert!(waiter.await.unwrap().is_ok());
 }
 
-/// A client that has MAIL and a RCPT accepted on the only backend slot,
-/// then says NOOP every 500 ms; after `waiter_after` another session waits
-/// for the slot: how long until the client is cut (`None`: still open
-/// after a minute).
-async fn transaction_kept_open_with_noops(waiter_after: Duration) -> Option<Duration> {
-    let mut h = Harness::start_with(slots_config(1), true);
+/// A client that has MAIL and a RCPT accepted on a backend slot, then
+/// says NOOP every 500 ms; after `waiter_after` another session waits for
+/// a slot: how long until the client is cut (`None`: still open after a
+/// minute). One slot; with `shed_before`, two (one in use: scarce), and a
+/// session of the client's was shed before.
+async fn transaction_kept_open_with_noops(
+    waiter_after: Duration,
+    shed_before: bool,
+) -> Option<Duration> {
+    let config = slots_config(if shed_before { 2 } else { 1 });
+    let mut h = Harness::start_prepared(config, true, |ctx| {
+        if shed_before {
+            ctx.backend_slots
+                .mark_shed(PEER.parse::<SocketAddr>().unwrap().ip());
+        }
+    });
     h.ehlo().await;
     for (command, code) in [
         ("MAIL FROM:<sender@example.org>", 250),
@@ -1340,17 +1350,25 @@ async fn transaction_kept_open_with_noops(waiter_after: Duration) -> Option<Dura
 async fn a_transaction_kept_open_loses_its_slot_as_soon_as_a_session_waits_for_it() {
     // Kept open 30 s while nobody needed the slot: cut the moment someone
     // does (its 1 s, and 1 s for its recipient's round trip, long used up).
-    let waited_late = transaction_kept_open_with_noops(Duration::from_secs(30)).await;
+    let waited_late = transaction_kept_open_with_noops(Duration::from_secs(30), false).await;
     assert_eq!(
         waited_late.map(|d| d.as_secs()),
         Some(30),
         "{waited_late:?}"
     );
     // Waited for from the start: 2 s.
-    let waited_at_once = transaction_kept_open_with_noops(Duration::ZERO).await;
+    let waited_at_once = transaction_kept_open_with_noops(Duration::ZERO, false).await;
     assert_eq!(
         waited_at_once.map(|d| d.as_secs()),
         Some(2),
         "{waited_at_once:?}"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_keeper_cut_before_loses_a_scarce_slot_without_anyone_waiting() {
+    // 1 of 2 slots in use, nobody waiting: a source shed before gets its
+    // 1 s (and 1 s for its recipient) all the same.
+    let cut = transaction_kept_open_with_noops(Duration::from_secs(3600), true).await;
+    assert_eq!(cut.map(|d| d.as_secs()), Some(2), "{cut:?}");
 }
