@@ -3077,6 +3077,31 @@ fn an_idle_session_from_before_the_stress_gets_the_short_timeout_once_it_comes()
 }
 
 #[test]
+fn under_stress_a_session_idle_between_transactions_gets_the_short_timeout() {
+    let backend = ScriptedBackend::start(Behaviour::default());
+    let proxy = start(
+        &backend,
+        "[smtp]\nmax_sessions = 4\nstress_threshold = 0.5\nstress_command_timeout = \"1s\"\ncommand_timeout = \"20s\"\n",
+    );
+    // A zombie that had a MAIL accepted once, to be taken for a sender,
+    // then idles between transactions: no longer than one that never said
+    // MAIL.
+    let mut zombie = Smtp::session(proxy.addr);
+    expect(&zombie.cmd("MAIL FROM:<z@x>"), "250 ");
+    expect(&zombie.cmd("RSET"), "250 ");
+    let _other = Smtp::session(proxy.addr);
+    // Two of four sessions open: under stress.
+    let started = Instant::now();
+    expect(&zombie.reply(), "421 4.4.2");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(shed(&proxy, "stress-timeout") >= 1);
+}
+
+#[test]
 fn under_stress_idle_sessions_without_mail_get_a_short_timeout() {
     let backend = ScriptedBackend::start(Behaviour::default());
     let proxy = start(

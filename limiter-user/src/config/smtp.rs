@@ -66,11 +66,12 @@ pub struct Smtp {
     /// only EHLO and NOOP).
     pub max_commands_before_mail: u32,
     /// The load (open sessions / `max_sessions`, 0 to 1) from which the
-    /// proxy is under stress: sessions that have not sent MAIL yet get
+    /// proxy is under stress: sessions outside a transaction get
     /// `stress_command_timeout`. All backend slots in use is stress too.
     pub stress_threshold: f64,
-    /// The command timeout, under stress, of a session that has not had a
-    /// MAIL FROM accepted yet (and of its TLS handshake); while sessions
+    /// The command timeout, under stress, of a session outside a
+    /// transaction (before its first MAIL FROM or between transactions;
+    /// and of its TLS handshake); while sessions
     /// wait for a backend slot, how far a message holding one may fall
     /// behind 500 bytes/s (`421 4.4.2` past it, the slot to the next in
     /// turn); a spooled message's likewise.

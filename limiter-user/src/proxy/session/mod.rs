@@ -1093,8 +1093,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// How long the client may keep the session waiting now: a session
-    /// without an accepted MAIL gets `smtp.stress_command_timeout` under
-    /// stress (`true`), else `smtp.command_timeout`.
+    /// outside a transaction (before its first MAIL, or between
+    /// transactions: a MAIL accepted once is no pass to idle) gets
+    /// `smtp.stress_command_timeout` under stress (`true`), else
+    /// `smtp.command_timeout`.
     fn wait_limit(&self) -> (bool, Duration) {
         let smtp = &self.settings.smtp;
         if self.stress_applies() && self.ctx.stressed(smtp) {
@@ -1106,7 +1108,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     fn stress_applies(&self) -> bool {
         let smtp = &self.settings.smtp;
-        !self.mail_accepted && smtp.stress_command_timeout < smtp.command_timeout
+        !self.envelope.active && smtp.stress_command_timeout < smtp.command_timeout
     }
 
     /// Whether a wait at `limit` ([`Self::wait_limit`]) should look at the
