@@ -36,7 +36,7 @@ use std::{
 
 use libfuzzer_sys::fuzz_target;
 use limiter_user::{
-    config::Config,
+    config::{Config, TlsMode},
     kernel::NoKernel,
     policy::PolicyState,
     proxy::{
@@ -309,7 +309,7 @@ fuzz_target!(|data: &[u8]| {
             MaybeTls::Plain(proxy_side),
             CLIENT,
             SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 25),
-            false,
+            TlsMode::None,
             guard,
             shutdown,
         );
