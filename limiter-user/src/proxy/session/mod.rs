@@ -160,9 +160,9 @@ struct Envelope {
 #[derive(Default)]
 struct Transaction {
     /// How long it waited for its client in its envelope (MAIL to DATA),
-    /// and in its message: past `smtp.stress_command_timeout` in all
-    /// ([`Transaction::charged_wait`]), while other sessions wait for a
-    /// backend slot, it loses its slot ([`Session::slot_time_left`]).
+    /// and in its message: what counts of it ([`Transaction::charged_wait`])
+    /// against the transaction's time decides when it loses its backend
+    /// slot ([`Session::slot_time_left`], [`MessagePace`]).
     envelope_wait: Duration,
     message_wait: Duration,
     /// Its MAIL line and the RCPT lines the backend accepted, as the
@@ -196,8 +196,7 @@ const MIN_DATA_RATE: u64 = 500;
 /// asked of it ([`MessagePace::Relayed`], [`MessagePace::Spooled`]): a
 /// bucket of time, full at `smtp.stress_command_timeout`, drained by every
 /// wait for the client and filled a second for every [`MIN_DATA_RATE`]
-/// bytes, never
-/// above full. Bytes sent ahead buy no more than a full bucket: a client
+/// bytes, never above full. Bytes sent ahead buy no more than a full bucket: a client
 /// that sends 100 kB at once and then a byte now and then is cut as soon
 /// as one that sent nothing, not 200 s later.
 struct DataCredit {
