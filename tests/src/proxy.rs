@@ -82,6 +82,18 @@ impl TestProxy {
     pub fn stop(&self) {
         let _ = self.stop.send(true);
     }
+
+    /// How many sessions were shed for `reason` (`stats`' "shed", the
+    /// metric `sessions_shed_total`).
+    #[must_use]
+    pub fn shed(&self, reason: &str) -> u64 {
+        self.ctx
+            .stats
+            .shed()
+            .into_iter()
+            .find(|(name, _)| *name == reason)
+            .map_or(0, |(_, n)| n)
+    }
 }
 
 impl Drop for TestProxy {

@@ -498,7 +498,13 @@ fn at_the_session_cap_a_sender_displaces_the_oldest_idle_zombie() {
 /// Zombie `i` (a source of its own) with its MAIL accepted: a Postfix
 /// process earned.
 fn zombie_with_mail(addr: SocketAddr, i: usize) -> Client {
-    let mut z = Client::connect(addr, zombie_source(i * PER_SOURCE)).expect("zombie connects");
+    zombie_with_mail_from(addr, zombie_source(i * PER_SOURCE))
+}
+
+/// A zombie from `source` whose MAIL was accepted (after waiting its turn
+/// for a backend slot).
+fn zombie_with_mail_from(addr: SocketAddr, source: IpAddr) -> Client {
+    let mut z = Client::connect(addr, source).expect("zombie connects");
     expect(&z.reply().expect("greeting"), "220 ");
     expect(&z.cmd("EHLO zombie.test").expect("EHLO"), "250");
     expect(&z.cmd("MAIL FROM:<z@zombie.test>").expect("MAIL"), "250 ");
@@ -562,12 +568,7 @@ fn zombies_trickling_their_messages_lose_their_postfix_processes_and_every_messa
     if !ready("zombies_trickling_their_messages_lose_their_postfix_processes_and_every_message_is_delivered_whole") {
         return;
     }
-    let maildir = Maildir::new(&postfix::DEFAULT_RECIPIENTS).expect("maildir");
-    let postfix = Postfix::start(maildir.postfix_options(PostfixOptions {
-        proxy_protocol: true,
-        ..PostfixOptions::default()
-    }))
-    .expect("start Postfix");
+    let (maildir, postfix) = postfix_with_maildir();
     let proxy = proxy(
         &postfix,
         "max_connections = 3\nslot_wait = \"20s\"",
@@ -579,11 +580,8 @@ fn zombies_trickling_their_messages_lose_their_postfix_processes_and_every_messa
     // spool) would let it hold the process to the end.
     let mut zombies: Vec<(Client, String)> = (0..3)
         .map(|i| {
-            let mut z = zombie_with_mail(proxy.addr, i);
-            expect(&z.cmd("RCPT TO:<alice@example.com>").expect("RCPT"), "250 ");
-            expect(&z.cmd("DATA").expect("DATA"), "354 ");
             let head = format!("Subject: zombie {i}\r\n\r\n");
-            z.stream.write_all(head.as_bytes()).expect("trickle");
+            let (z, _) = zombie_in_data(proxy.addr, zombie_source(i * PER_SOURCE), head);
             (z, String::new())
         })
         .collect();
@@ -617,21 +615,12 @@ fn zombies_trickling_their_messages_lose_their_postfix_processes_and_every_messa
     for (z, _) in &mut zombies {
         expect(&z.cmd(".").expect("end of DATA"), "250 ");
     }
-    assert!(maildir.wait_for(4, WAIT), "{}", postfix.log());
-    let stored: Vec<String> = maildir
-        .messages("alice@example.com")
+    let sent: Vec<(String, String)> = zombies
         .iter()
-        .map(|m| m.text())
+        .enumerate()
+        .map(|(i, (_, body))| (format!("zombie {i}"), body.clone()))
         .collect();
-    for (i, (_, body)) in zombies.iter().enumerate() {
-        let subject = format!("Subject: zombie {i}\n");
-        let message = stored
-            .iter()
-            .find(|m| m.contains(&subject))
-            .unwrap_or_else(|| panic!("zombie {i}'s message is not in the maildir"));
-        let (_, stored_body) = message.split_once("\n\n").expect("a body");
-        assert_eq!(stored_body, body.replace("\r\n", "\n"), "zombie {i}");
-    }
+    assert_delivered_whole(&maildir, &postfix, &sent);
     // Postfix dropped the part it had of each spooled message.
     assert!(
         postfix.log().matches("lost connection after DATA").count()
@@ -641,13 +630,42 @@ fn zombies_trickling_their_messages_lose_their_postfix_processes_and_every_messa
     );
 }
 
+/// A Postfix that reads PROXY headers and delivers to alice's (and the
+/// other default recipients') maildir.
+fn postfix_with_maildir() -> (Maildir, Postfix) {
+    let maildir = Maildir::new(&postfix::DEFAULT_RECIPIENTS).expect("maildir");
+    let postfix = Postfix::start(maildir.postfix_options(PostfixOptions {
+        proxy_protocol: true,
+        ..PostfixOptions::default()
+    }))
+    .expect("start Postfix");
+    (maildir, postfix)
+}
+
+/// Each of `sent` (the words after "Subject: ", and the body as sent, CRLF
+/// lines) is in alice's maildir byte for byte, beside the one sender's
+/// message.
+fn assert_delivered_whole(maildir: &Maildir, postfix: &Postfix, sent: &[(String, String)]) {
+    assert!(maildir.wait_for(sent.len() + 1, WAIT), "{}", postfix.log());
+    let stored: Vec<String> = maildir
+        .messages("alice@example.com")
+        .iter()
+        .map(|m| m.text())
+        .collect();
+    for (subject, body) in sent {
+        let message = stored
+            .iter()
+            .find(|m| m.contains(&format!("Subject: {subject}\n")))
+            .unwrap_or_else(|| panic!("{subject}'s message is not in the maildir"));
+        let (_, stored_body) = message.split_once("\n\n").expect("a body");
+        assert_eq!(stored_body, body.replace("\r\n", "\n"), "{subject}");
+    }
+}
+
 /// A zombie on its way into DATA from `source` (waiting its turn for a
 /// backend slot at MAIL), having sent `head` of its message.
 fn zombie_in_data(addr: SocketAddr, source: IpAddr, head: String) -> (Client, String) {
-    let mut z = Client::connect(addr, source).expect("zombie connects");
-    expect(&z.reply().expect("greeting"), "220 ");
-    expect(&z.cmd("EHLO zombie.test").expect("EHLO"), "250");
-    expect(&z.cmd("MAIL FROM:<z@zombie.test>").expect("MAIL"), "250 ");
+    let mut z = zombie_with_mail_from(addr, source);
     expect(&z.cmd("RCPT TO:<alice@example.com>").expect("RCPT"), "250 ");
     expect(&z.cmd("DATA").expect("DATA"), "354 ");
     z.stream.write_all(head.as_bytes()).expect("head");
@@ -685,12 +703,7 @@ fn zombies_that_fill_the_spool_cannot_keep_the_next_tricklers_on_postfix() {
     if !ready("zombies_that_fill_the_spool_cannot_keep_the_next_tricklers_on_postfix") {
         return;
     }
-    let maildir = Maildir::new(&postfix::DEFAULT_RECIPIENTS).expect("maildir");
-    let postfix = Postfix::start(maildir.postfix_options(PostfixOptions {
-        proxy_protocol: true,
-        ..PostfixOptions::default()
-    }))
-    .expect("start Postfix");
+    let (maildir, postfix) = postfix_with_maildir();
     // A spool of 256 KiB: 32 KiB for each source network.
     let proxy = proxy(
         &postfix,
@@ -758,44 +771,24 @@ fn zombies_that_fill_the_spool_cannot_keep_the_next_tricklers_on_postfix() {
     }
     let (end, took) = sender.join().expect("the sender's thread");
     expect(&end, "250 ");
-    // A holder's slot goes once its transaction has waited 1 s (and 1 s for
-    // its recipient): not slot_wait. Without a copy it would keep the slot
-    // to its end.
+    // A holder's slot goes once its transaction has waited 1 s: not
+    // slot_wait. Without a copy it would keep the slot to its end.
     assert!(took < Duration::from_secs(8), "the sender took {took:?}");
-    let shed = proxy.ctx.stats.shed();
     assert!(
-        shed.iter()
-            .any(|&(reason, n)| reason == "spool-evicted" && n >= 1),
-        "no filler was evicted: {shed:?}"
+        proxy.shed("spool-evicted") >= 1,
+        "no filler was evicted: {:?}",
+        proxy.ctx.stats.shed()
     );
     // Every holder's message, spooled, arrives whole.
     let holders: Vec<_> = tricklers.zombies.into_iter().filter(|z| z.3).collect();
     assert_eq!(holders.len(), 3, "a holder was cut");
-    let mut bodies = Vec::new();
-    for (mut z, body, _, _) in holders {
+    let mut sent = Vec::new();
+    for (n, (mut z, message, _, _)) in holders.into_iter().enumerate() {
         expect(&z.cmd(".").expect("end of DATA"), "250 ");
-        bodies.push(body);
+        let (_, body) = message.split_once("\r\n\r\n").expect("a body");
+        sent.push((format!("holder {n}"), body.to_owned()));
     }
-    assert!(maildir.wait_for(4, WAIT), "{}", postfix.log());
-    let stored: Vec<String> = maildir
-        .messages("alice@example.com")
-        .iter()
-        .map(|m| m.text())
-        .collect();
-    for (n, body) in bodies.iter().enumerate() {
-        let subject = format!("Subject: holder {n}\n");
-        let message = stored
-            .iter()
-            .find(|m| m.contains(&subject))
-            .unwrap_or_else(|| panic!("holder {n}'s message is not in the maildir"));
-        assert_eq!(
-            message.split_once("\n\n").expect("a body").1,
-            body.split_once("\r\n\r\n")
-                .expect("a body")
-                .1
-                .replace("\r\n", "\n")
-        );
-    }
+    assert_delivered_whole(&maildir, &postfix, &sent);
 }
 
 /// A keeper from `source` until `stop`: MAIL and RCPT (waiting its turn
@@ -852,7 +845,7 @@ fn zombies_cut_before_wait_behind_a_sender_who_came_after_them() {
         })
         .collect();
     assert!(
-        wait_until(Duration::from_secs(40), || shed(&proxy, "slow-transaction")
+        wait_until(Duration::from_secs(40), || proxy.shed("slow-transaction")
             >= 24),
         "the keepers were not all cut: {:?}",
         proxy.ctx.stats.shed()
@@ -870,16 +863,6 @@ fn zombies_cut_before_wait_behind_a_sender_who_came_after_them() {
     for k in keepers {
         k.join().expect("a keeper's thread");
     }
-}
-
-fn shed(proxy: &TestProxy, reason: &str) -> u64 {
-    proxy
-        .ctx
-        .stats
-        .shed()
-        .into_iter()
-        .find(|(name, _)| *name == reason)
-        .map_or(0, |(_, n)| n)
 }
 
 // -- Pipelining end to end ---------------------------------------------------

@@ -525,7 +525,7 @@ fn a_pipelined_group_counts_toward_max_commands_before_mail_when_its_mail_fails(
     assert_eq!(codes(&replies), [552, 503, 503, 421], "{replies:?}");
     expect(&replies[3], "421 4.7.0");
     assert!(c.closed());
-    assert_eq!(shed(&proxy, "too-many-commands"), 1);
+    assert_eq!(proxy.shed("too-many-commands"), 1);
     // A group whose MAIL is accepted is a sender's: nothing after it counts.
     let mut sender = Smtp::session(proxy.addr);
     sender.send(
@@ -1607,7 +1607,7 @@ fn tls_handshakes_that_never_come_are_shed_at_the_session_cap() {
                 started.elapsed() < Duration::from_secs(5),
                 "{mode}: {out:?}"
             );
-            assert_eq!(shed(proxy, "shed-idle"), 1, "{mode}");
+            assert_eq!(proxy.shed("shed-idle"), 1, "{mode}");
             assert!(stalled.remove(0).closed(), "{mode}: the oldest was closed");
         },
     );
@@ -1633,7 +1633,7 @@ fn under_stress_a_tls_handshake_gets_the_short_timeout() {
                 "{mode}: {:?}",
                 started.elapsed()
             );
-            assert_eq!(shed(proxy, "stress-timeout"), 2, "{mode}");
+            assert_eq!(proxy.shed("stress-timeout"), 2, "{mode}");
         },
     );
 }
@@ -2256,18 +2256,6 @@ fn rejections(proxy: &TestProxy, reason: &str) -> u64 {
         .map_or(0, |(_, n)| n)
 }
 
-/// How many sessions were shed for `reason` (`stats`' "shed", the
-/// metric `sessions_shed_total`).
-fn shed(proxy: &TestProxy, reason: &str) -> u64 {
-    proxy
-        .ctx
-        .stats
-        .shed()
-        .into_iter()
-        .find(|(name, _)| *name == reason)
-        .map_or(0, |(_, n)| n)
-}
-
 #[test]
 fn sessions_that_only_talk_never_reach_the_backend() {
     // The zombie's whole repertoire: EHLO, HELO, NOOP, RSET, HELP, VRFY,
@@ -2533,7 +2521,7 @@ fn a_source_holding_every_slot_cannot_starve_another_sources_mail() {
     // later than backend.slot_wait.
     expect(&held.remove(0).reply(), "421 4.4.2");
     expect(&queued.reply(), "250 ");
-    assert_eq!(shed(&proxy, "slow-transaction"), 1);
+    assert_eq!(proxy.shed("slow-transaction"), 1);
     let slots = proxy.ctx.backend_slots.counts();
     assert_eq!(slots.timeouts, 0, "{slots:?}");
     assert!(slots.waits >= 2, "{slots:?}");
@@ -2565,7 +2553,7 @@ fn the_wait_for_a_backend_slot_is_bounded() {
     assert_eq!(backend.connections(), 1);
     let slots = proxy.ctx.backend_slots.counts();
     assert_eq!((slots.waiting, slots.timeouts), (0, 1), "{slots:?}");
-    assert_eq!(shed(&proxy, "backend-slot-timeout"), 1);
+    assert_eq!(proxy.shed("backend-slot-timeout"), 1);
     // The holder is unaffected.
     expect(&holder.cmd("RCPT TO:<alice@example.com>"), "250 ");
 }
@@ -2609,7 +2597,7 @@ fn a_transaction_kept_alive_with_noops_loses_its_slot_when_others_wait() {
         started.elapsed()
     );
     expect(&sender.cmd("RCPT TO:<alice@example.com>"), "250 ");
-    assert_eq!(shed(&proxy, "slow-transaction"), 1);
+    assert_eq!(proxy.shed("slow-transaction"), 1);
 }
 
 #[test]
@@ -2630,7 +2618,7 @@ fn a_silent_transaction_past_its_time_loses_its_slot_as_soon_as_someone_waits() 
     );
     expect(&zombie.reply(), "421 4.4.2");
     assert!(zombie.closed());
-    assert_eq!(shed(&proxy, "slow-transaction"), 1);
+    assert_eq!(proxy.shed("slow-transaction"), 1);
 }
 
 #[test]
@@ -2670,7 +2658,7 @@ fn without_the_spool_a_message_dribbled_a_byte_at_a_time_loses_its_slot_when_oth
         started.elapsed()
     );
     expect(&zombie.reply(), "421 4.4.2");
-    assert_eq!(shed(&proxy, "slow-transaction"), 1);
+    assert_eq!(proxy.shed("slow-transaction"), 1);
     // Nothing of the dribbled message was delivered.
     expect(&sender.cmd("RCPT TO:<alice@example.com>"), "250 ");
     assert_eq!(backend.messages().len(), 0);
@@ -2699,7 +2687,7 @@ fn a_far_sender_naming_recipients_one_at_a_time_keeps_its_slot_when_others_wait(
     expect(&far.cmd("DATA"), "354 ");
     expect(&far.cmd("Subject: far\r\n\r\nbody\r\n."), "250 ");
     expect(&waiting.reply(), "250 ");
-    assert_eq!(shed(&proxy, "slow-transaction"), 0);
+    assert_eq!(proxy.shed("slow-transaction"), 0);
 }
 
 #[test]
@@ -2730,7 +2718,7 @@ fn without_the_spool_a_message_over_a_slow_link_keeps_its_slot_when_others_wait(
     slow.send(b".\r\n");
     expect(&slow.reply(), "250 ");
     expect(&waiting.reply(), "250 ");
-    assert_eq!(shed(&proxy, "slow-transaction"), 0);
+    assert_eq!(proxy.shed("slow-transaction"), 0);
     assert_eq!(backend.messages().len(), 1);
 }
 
@@ -2792,7 +2780,7 @@ fn a_slow_message_gives_its_slot_back_mid_message_and_is_delivered_whole_from_th
     // The end: the transaction replayed on a new connection, the message
     // whole, the backend's answer relayed.
     assert_eq!(slow.cmd("."), "250 2.0.0 Ok: queued as 2");
-    assert_eq!(shed(&proxy, "slow-transaction"), 0);
+    assert_eq!(proxy.shed("slow-transaction"), 0);
     assert_eq!(proxy.ctx.spool.spooled(), 1);
     assert_eq!(proxy.ctx.spool.used(), 0, "the copy's memory is given back");
     let messages = backend.messages();
@@ -2932,7 +2920,7 @@ fn a_session_idle_after_rset_gives_its_slot_to_a_waiting_sender() {
     assert_eq!(sender.cmd("QUIT"), "221 2.0.0 Bye");
     expect(&idler.cmd("MAIL FROM:<a@x>"), "250 ");
     assert_eq!(backend.connections(), 3);
-    assert_eq!(shed(&proxy, "slow-transaction"), 0);
+    assert_eq!(proxy.shed("slow-transaction"), 0);
 }
 
 #[test]
@@ -2974,7 +2962,7 @@ fn too_many_commands_before_mail_end_the_session() {
     expect(&zombie.cmd("NOOP"), "421 4.7.0");
     assert!(zombie.closed());
     assert_eq!(rejections(&proxy, "too-many-commands"), 1);
-    assert_eq!(shed(&proxy, "too-many-commands"), 1);
+    assert_eq!(proxy.shed("too-many-commands"), 1);
     // Lines refused before they are commands (a NUL byte) count too.
     let mut garbage = Smtp::session(proxy.addr);
     for _ in 0..3 {
@@ -3012,8 +3000,8 @@ fn at_the_session_cap_the_oldest_idle_session_makes_room() {
     let _next = Smtp::session(proxy.addr);
     expect(&younger.reply(), "421 4.3.2");
     assert_eq!(rejections(&proxy, "shed-idle"), 2);
-    assert_eq!(shed(&proxy, "shed-idle"), 2);
-    assert_eq!(shed(&proxy, "too-many-commands"), 0);
+    assert_eq!(proxy.shed("shed-idle"), 2);
+    assert_eq!(proxy.shed("too-many-commands"), 0);
 }
 
 #[test]
@@ -3030,7 +3018,7 @@ fn a_source_whose_idle_sessions_keep_being_shed_is_blocked() {
         let newcomer = Smtp::session(proxy.addr);
         let mut oldest = held.remove(0);
         expect(&oldest.reply(), "421 4.3.2");
-        assert_eq!(shed(&proxy, "shed-idle"), sheds);
+        assert_eq!(proxy.shed("shed-idle"), sheds);
         assert!(blocked(&proxy).is_none(), "blocked after {sheds} sheds");
         held.push(newcomer);
     }
@@ -3073,7 +3061,7 @@ fn an_idle_session_from_before_the_stress_gets_the_short_timeout_once_it_comes()
         "{:?}",
         started.elapsed()
     );
-    assert!(shed(&proxy, "stress-timeout") >= 1);
+    assert!(proxy.shed("stress-timeout") >= 1);
 }
 
 #[test]
@@ -3100,7 +3088,7 @@ fn under_stress_a_session_idle_between_transactions_gets_the_short_timeout() {
         "{:?}",
         started.elapsed()
     );
-    assert!(shed(&proxy, "stress-timeout") >= 1);
+    assert!(proxy.shed("stress-timeout") >= 1);
     expect(&sender.cmd("RCPT TO:<alice@example.com>"), "250 ");
 }
 
@@ -3120,7 +3108,7 @@ fn under_stress_idle_sessions_without_mail_get_a_short_timeout() {
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(rejections(&proxy, "stress-timeout") >= 1);
     assert_eq!(
-        shed(&proxy, "stress-timeout"),
+        proxy.shed("stress-timeout"),
         rejections(&proxy, "stress-timeout")
     );
     // The sender keeps its RFC timeout.

@@ -660,18 +660,10 @@ async fn bouncer(source: Ipv4Addr, to: SocketAddr, n: usize, c: Arc<FloodCounts>
                 ("DATA", 354),
                 (&*data, 250),
             ];
-            'session: loop {
-                for (line, code) in steps {
-                    match client.command(line, FLOOD_TIMEOUTS.reply).await {
-                        Ok(r) if r.code == code => {}
-                        _ => {
-                            bump(&c.cut);
-                            break 'session;
-                        }
-                    }
-                }
+            while answered(&mut client, &steps).await {
                 bump(&c.bounces);
             }
+            bump(&c.cut);
         }
         tokio::time::sleep(RECONNECT).await;
     }
@@ -721,17 +713,7 @@ async fn trickler(source: Ipv4Addr, to: SocketAddr, n: usize, c: Arc<FloodCounts
                 (&*format!("RCPT TO:<{FLOOD_RCPT}>"), 250),
                 ("DATA", 354),
             ];
-            let mut opened = true;
-            for (command, code) in steps {
-                match client.command(command, FLOOD_TIMEOUTS.reply).await {
-                    Ok(r) if r.code == code => {}
-                    _ => {
-                        opened = false;
-                        break;
-                    }
-                }
-            }
-            if opened {
+            if answered(&mut client, &steps).await {
                 loop {
                     tokio::time::sleep(TRICKLE_PACE).await;
                     if client.send(line.as_bytes()).await.is_err() {
@@ -746,25 +728,28 @@ async fn trickler(source: Ipv4Addr, to: SocketAddr, n: usize, c: Arc<FloodCounts
     }
 }
 
+/// Whether each of `steps` (a command and the code it must get) was
+/// answered as it must, in turn; stops at the first that was not.
+async fn answered(client: &mut Client, steps: &[(&str, u16)]) -> bool {
+    for &(command, code) in steps {
+        match client.command(command, FLOOD_TIMEOUTS.reply).await {
+            Ok(r) if r.code == code => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// MAIL and RCPT, then a NOOP every [`KEEPER_NOOP`] with the transaction
 /// open; again when cut.
 async fn keeper(source: Ipv4Addr, to: SocketAddr, n: usize, c: Arc<FloodCounts>) {
     loop {
         if let Some(mut client) = open(source, to, &format!("keep{n}.zombie.example"), &c).await {
-            let mut open_transaction = true;
-            for command in [
-                "MAIL FROM:<news@keep.zombie.example>",
-                &format!("RCPT TO:<{FLOOD_RCPT}>"),
-            ] {
-                match client.command(command, FLOOD_TIMEOUTS.reply).await {
-                    Ok(r) if r.code == 250 => {}
-                    _ => {
-                        open_transaction = false;
-                        break;
-                    }
-                }
-            }
-            if open_transaction {
+            let steps = [
+                ("MAIL FROM:<news@keep.zombie.example>", 250),
+                (&*format!("RCPT TO:<{FLOOD_RCPT}>"), 250),
+            ];
+            if answered(&mut client, &steps).await {
                 loop {
                     tokio::time::sleep(KEEPER_NOOP).await;
                     match client.command("NOOP", FLOOD_TIMEOUTS.reply).await {
