@@ -283,11 +283,14 @@ pub enum Reason {
     Relay = 6,
     /// Rejected by content filters (spam, virus).
     Filter = 7,
+    /// Many sources of the network blocked within a window: an attacker
+    /// moving across the addresses of its network.
+    Network = 8,
 }
 
 impl Reason {
     /// Every reason, in code order.
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 8] = [
         Reason::Manual,
         Reason::Harvest,
         Reason::Auth,
@@ -295,6 +298,7 @@ impl Reason {
         Reason::RejectList,
         Reason::Relay,
         Reason::Filter,
+        Reason::Network,
     ];
 
     /// The reason with this code, if any.
@@ -307,6 +311,7 @@ impl Reason {
             5 => Reason::RejectList,
             6 => Reason::Relay,
             7 => Reason::Filter,
+            8 => Reason::Network,
             _ => return None,
         })
     }
@@ -326,6 +331,7 @@ impl Reason {
             Reason::RejectList => "reject-list",
             Reason::Relay => "relay",
             Reason::Filter => "filter",
+            Reason::Network => "network",
         }
     }
 }

@@ -14,7 +14,7 @@
 //!   "ssh brute force"}]`.
 //!
 //! Mapping on import: `origin` is ours (manual, harvest, auth, flood,
-//! reject-list, relay, filter) when it names one of our origins; another
+//! reject-list, relay, filter, network) when it names one of our origins; another
 //! origin (CrowdSec's `crowdsec`, `cscli`, `CAPI`, `lists`) is kept in front
 //! of the reason, `[CAPI] crowdsecurity/ssh-bf`. A reason that is exactly one
 //! of our origin names is that origin. `expires` wins over `duration`;

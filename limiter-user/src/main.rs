@@ -145,7 +145,7 @@ enum BlockCommand {
         #[arg(long)]
         reason: Option<String>,
         /// What ordered the block: manual (default), harvest, auth, flood,
-        /// reject-list, relay or filter.
+        /// reject-list, relay, filter or network.
         #[arg(long)]
         origin: Option<String>,
         #[command(flatten)]
@@ -167,7 +167,7 @@ enum BlockCommand {
     /// Example: smtp-limiter block list --origin harvest --limit 20
     List {
         /// Only this origin (manual, harvest, auth, flood, reject-list,
-        /// relay, filter).
+        /// relay, filter, network).
         #[arg(long)]
         origin: Option<String>,
         /// Only entries that contain this address or network.

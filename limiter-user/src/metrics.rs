@@ -69,7 +69,7 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         &mut out,
         "blocks",
         "gauge",
-        "Active blocks held by the agent, by origin (manual, harvest, auth, flood, reject-list, relay, filter).",
+        "Active blocks held by the agent, by origin (manual, harvest, auth, flood, reject-list, relay, filter, network).",
         &labelled(blocks.by_origin, "origin"),
     );
     metric(

@@ -356,6 +356,79 @@ fn cli_blocks_through_the_agent_and_blocks_survive_lost_kernel_maps() {
     drop(kernel);
 }
 
+/// An attacker that takes the next address of its network each time one
+/// is blocked: past `limits.max_blocked_sources_per_network` blocked
+/// sources, the network is blocked, in the proxy and in the kernel, and an
+/// address of it that never misbehaved is refused with the rest; an
+/// address outside it is still served.
+#[test]
+fn an_attacker_moving_across_its_network_gets_the_network_blocked() {
+    let test = "an_attacker_moving_across_its_network_gets_the_network_blocked";
+    if !prerequisites(test) {
+        return;
+    }
+    let pins = PinDir::new();
+    // /28 networks: 127.0.0.32/28 is the attacker's, 127.0.0.1 (the
+    // backend's) stays outside whatever happens.
+    let mut files = AgentFiles::new(
+        "network-blocks",
+        &format!(
+            "[kernel]\nmode = \"required\"\npin_path = \"{}\"\n\
+             [limits]\nmax_failed_rcpt = 1\nmax_blocked_sources_per_network = 2\n\
+             network_ipv4_prefix = 28",
+            pins.path().display()
+        ),
+    );
+    let agent = files.start();
+    let (config, proxy) = (&files.config.clone(), files.proxy());
+    let greeting_of = |source: &str| {
+        let (_, greeting) = Client::from_stream(connect_from(source, proxy)).unwrap();
+        greeting
+    };
+    // Two harvesters of the /28 blocked one after the other: each alone.
+    for source in ["127.0.0.33", "127.0.0.34"] {
+        assert_eq!(failed_rcpts_before_the_cut(source, proxy), 1, "{source}");
+        assert!(greeting_of(source).starts_with("421 4.7.0"), "{source}");
+    }
+    assert!(
+        greeting_of("127.0.0.40").starts_with("220 "),
+        "two blocked sources are not yet the network's block"
+    );
+    // The third blocks the /28.
+    assert_eq!(failed_rcpts_before_the_cut("127.0.0.35", proxy), 1);
+    let (ok, out) = cli(config, &["block", "list", "--origin", "network", "--json"]);
+    assert!(ok, "{out}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert!(
+        find_key(&listed, "net").is_some_and(|net| net == "127.0.0.32/28"),
+        "block list --origin network: {out}"
+    );
+    let kernel = BpfDatapath::open_pinned(pins.path()).unwrap();
+    let hit = kernel
+        .block_covering("127.0.0.40".parse().unwrap())
+        .unwrap()
+        .expect("the network is blocked in the kernel");
+    assert_eq!(hit.origin, Some(limiter_common::Reason::Network));
+    let greeting = greeting_of("127.0.0.40");
+    assert!(
+        greeting.starts_with("421 4.7.0"),
+        "an address of the blocked network: {greeting}"
+    );
+    let greeting = greeting_of("127.0.0.2");
+    assert!(
+        greeting.starts_with("220 "),
+        "outside the network: {greeting}"
+    );
+    let (ok, out) = cli(config, &["block", "check", "127.0.0.40"]);
+    assert!(
+        ok && out.contains("blocked by 127.0.0.32/28 (network"),
+        "block check: {out}"
+    );
+    agent.stop();
+    drop(kernel);
+}
+
 /// `smtp-limiter stats` and `/metrics` show the content filters' verdicts,
 /// with the real binary, clamd, and the built-in backend.
 #[test]

@@ -387,7 +387,7 @@ fn add_list_check_and_round_trips_through_import_and_export() {
     rig.cli_code(&["block", "add", "2001:db8::/48", "--origin", "flood"], 0);
     let out = rig.cli(&["block", "add", "192.0.2.78", "--origin", "ticket"]);
     assert_eq!(out.status.code(), Some(1), "an unknown origin is refused");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown origin \"ticket\": use one of manual, harvest, auth, flood, reject-list, relay, filter"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown origin \"ticket\": use one of manual, harvest, auth, flood, reject-list, relay, filter, network"));
 
     // The kernel drops the blocked source; another client is answered.
     rig.assert_dropped(rig.client(1));

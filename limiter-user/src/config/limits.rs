@@ -82,6 +82,17 @@ pub struct Limits {
     /// Window over which `max_shed_sessions_per_source` counts.
     #[serde(with = "duration_serde")]
     pub shed_sessions_window: Duration,
+    /// Sources of one network (`network_ipv4_prefix`,
+    /// `network_ipv6_prefix`) blocked by the policy within
+    /// `blocked_sources_window` before the whole network is blocked (origin
+    /// `network`): whatever got each one blocked (shed zombies, bounce
+    /// floods, relay attempts…), an attacker that moves on to the next
+    /// address of its /24 or the next /64 of its /48 each time it is
+    /// blocked. 0 = off.
+    pub max_blocked_sources_per_network: u32,
+    /// Window over which `max_blocked_sources_per_network` counts.
+    #[serde(with = "duration_serde")]
+    pub blocked_sources_window: Duration,
     /// Length of a first block.
     #[serde(with = "duration_serde")]
     pub block_duration: Duration,
@@ -124,6 +135,8 @@ impl Default for Limits {
             },
             max_shed_sessions_per_source: 3,
             shed_sessions_window: Duration::from_secs(10 * 60),
+            max_blocked_sources_per_network: 16,
+            blocked_sources_window: Duration::from_secs(3600),
             block_duration: Duration::from_secs(30 * 60),
             block_backoff: 2.0,
             max_block_duration: Duration::from_secs(7 * 24 * 3600),
@@ -170,6 +183,10 @@ impl Limits {
             ("limits.failed_auth_window", limits.failed_auth_window),
             ("limits.failed_rcpt_window", limits.failed_rcpt_window),
             ("limits.shed_sessions_window", limits.shed_sessions_window),
+            (
+                "limits.blocked_sources_window",
+                limits.blocked_sources_window,
+            ),
         ] {
             if window.is_zero() {
                 return Err(invalid(key, "must be greater than zero"));
@@ -420,6 +437,14 @@ pub const LIVE_LIMITS: &[LiveLimit] = &[
     live_limit!(
         shed_sessions_window,
         "the window max_shed_sessions_per_source counts over"
+    ),
+    live_limit!(
+        max_blocked_sources_per_network,
+        "sources of one network blocked (for any reason the policy blocks for) within blocked_sources_window before the whole network is blocked, origin network (0 = off)"
+    ),
+    live_limit!(
+        blocked_sources_window,
+        "the window max_blocked_sources_per_network counts over"
     ),
     live_limit!(block_duration, "length of a first block"),
     live_limit!(

@@ -210,6 +210,10 @@ struct BlockRules {
     /// `max_block_duration`: the cap, and how long history is remembered
     /// after a block ends.
     max_block_duration: Duration,
+    /// `max_blocked_sources_per_network`; 0 = off.
+    max_sources_per_network: u32,
+    /// `blocked_sources_window`.
+    sources_window: Duration,
 }
 
 impl From<&Config> for Policy {
@@ -281,6 +285,8 @@ impl Policy {
                 block_duration: limits.block_duration,
                 block_backoff: limits.block_backoff,
                 max_block_duration: limits.max_block_duration,
+                max_sources_per_network: limits.max_blocked_sources_per_network,
+                sources_window: limits.blocked_sources_window,
             },
         }
     }
@@ -997,6 +1003,37 @@ impl Policy {
         Some(self.decide(rejection))
     }
 
+    /// The block `order` of one source was just put in force: counted for
+    /// the source's network over the last `blocked_sources_window`; past
+    /// `max_blocked_sources_per_network` (0 = never), the network's block
+    /// (origin `network`, with the backoff of the network's own history).
+    /// Whatever each block was for, an attacker that takes the next address
+    /// of its /24 (or the next /64 of its /48) each time one is blocked
+    /// adds up here. Orders on more than one source key (a network's own
+    /// block) and sources whose network is their key count for nothing;
+    /// allow-listed sources are never blocked, so never counted.
+    pub fn source_blocked(
+        &self,
+        state: &PolicyState,
+        order: &BlockOrder,
+        now: Instant,
+    ) -> Option<Decision<BlockOrder>> {
+        let source = order.net.network();
+        if order.net != self.source_key(source) || self.source_network(source) == order.net {
+            return None;
+        }
+        let rule = WindowRule {
+            kind: CountKind::BlockedSources,
+            limit: self.blocks.max_sources_per_network,
+            window: self.blocks.sources_window,
+        };
+        if rule.limit == 0 {
+            return None;
+        }
+        let (_, order) = self.count_toward_block(state, source, now, rule)?;
+        Some(self.decide(order))
+    }
+
     /// Counts one event of `source` in `rule`'s window (its source key's,
     /// or for a [`CountKind::per_network`] rule its network's; a limit of 0
     /// is off); past the limit, the key's block, and the refusal that says
@@ -1074,6 +1111,7 @@ impl Policy {
             CountKind::NullSender => self.mail.null_sender_rate.per,
             CountKind::FilterReject => self.filters.reject_window,
             CountKind::ShedSession => self.shed.window,
+            CountKind::BlockedSources => self.blocks.sources_window,
         }
     }
 

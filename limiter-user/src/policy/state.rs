@@ -90,11 +90,14 @@ pub enum CountKind {
     FilterReject,
     /// `max_shed_sessions_per_source` in `shed_sessions_window`.
     ShedSession,
+    /// `max_blocked_sources_per_network` in `blocked_sources_window`,
+    /// keyed by the network.
+    BlockedSources,
 }
 
 impl CountKind {
     /// Every kind.
-    pub const ALL: [CountKind; 7] = [
+    pub const ALL: [CountKind; 8] = [
         CountKind::FailedRcpt,
         CountKind::FailedAuth,
         CountKind::FailedRcptPerNetwork,
@@ -102,6 +105,7 @@ impl CountKind {
         CountKind::NullSender,
         CountKind::FilterReject,
         CountKind::ShedSession,
+        CountKind::BlockedSources,
     ];
 
     /// A short stable name (keys, logs, metrics).
@@ -115,6 +119,7 @@ impl CountKind {
             CountKind::NullSender => "null-sender",
             CountKind::FilterReject => "filter",
             CountKind::ShedSession => "shed",
+            CountKind::BlockedSources => "blocked-network",
         }
     }
 
@@ -128,7 +133,18 @@ impl CountKind {
             CountKind::FailedAuth | CountKind::FailedAuthPerNetwork => limiter_common::Reason::Auth,
             CountKind::NullSender | CountKind::ShedSession => limiter_common::Reason::Flood,
             CountKind::FilterReject => limiter_common::Reason::Filter,
+            CountKind::BlockedSources => limiter_common::Reason::Network,
         }
+    }
+
+    /// Whether the events go to the [`CountSink`] (`cluster.share_counters`
+    /// counts them over every edge host): all but the blocked sources of a
+    /// network, whose events are blocks that every host ordering one counts
+    /// itself (and a block crossing a shared window is ordered on every
+    /// host: shared, it would count once per host).
+    #[must_use]
+    pub const fn shared(self) -> bool {
+        !matches!(self, CountKind::BlockedSources)
     }
 
     /// Whether the window is keyed by the source's network rather than by
@@ -137,7 +153,9 @@ impl CountKind {
     pub const fn per_network(self) -> bool {
         matches!(
             self,
-            CountKind::FailedRcptPerNetwork | CountKind::FailedAuthPerNetwork
+            CountKind::FailedRcptPerNetwork
+                | CountKind::FailedAuthPerNetwork
+                | CountKind::BlockedSources
         )
     }
 }
@@ -188,6 +206,8 @@ pub(super) struct Tables {
     pub(super) null_by_source: Lru<IpNet, Window>,
     /// Times a session of the source key was closed under pressure.
     shed_sessions: Lru<IpNet, Window>,
+    /// Times a source of the network was blocked.
+    blocked_by_network: Lru<IpNet, Window>,
     /// Null-sender MAIL times per lower-cased HELO name.
     pub(super) null_by_helo: Lru<String, Window>,
     /// Null-sender MAIL times per network ([`Policy::source_network`]).
@@ -268,6 +288,7 @@ impl PolicyState {
                 filter_rejects: Lru::new(capacity),
                 null_by_source: Lru::new(capacity),
                 shed_sessions: Lru::new(capacity),
+                blocked_by_network: Lru::new(network_capacity(capacity)),
                 null_by_helo: Lru::new(capacity),
                 null_by_network: Lru::new(network_capacity(capacity)),
                 auth_failures_by_account: Lru::new(capacity),
@@ -288,6 +309,9 @@ impl PolicyState {
 
     /// Gives `event` to the sink, if there is one.
     pub(super) fn report(&self, event: Counted) {
+        if !event.kind.shared() {
+            return;
+        }
         if let Some(sink) = self.sink.get() {
             sink.counted(event);
         }
@@ -549,6 +573,7 @@ impl Tables {
             CountKind::NullSender => &mut self.null_by_source,
             CountKind::FilterReject => &mut self.filter_rejects,
             CountKind::ShedSession => &mut self.shed_sessions,
+            CountKind::BlockedSources => &mut self.blocked_by_network,
         }
     }
 

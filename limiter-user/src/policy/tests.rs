@@ -820,6 +820,92 @@ fn shed_sessions_never_block_with_the_limit_zero_and_observe_mode_only_reports()
     assert!(!decision.enforced);
 }
 
+// -- Networks whose sources keep being blocked -----------------------------------
+
+/// The order `state` gives for blocking `source` (for flooding) at `at`.
+fn blocked_source(policy: &Policy, state: &PolicyState, source: &str, at: Instant) -> BlockOrder {
+    state
+        .block(policy, ip(source), Origin::Flood, at)
+        .expect("a source that is not allow-listed is blocked")
+}
+
+#[test]
+fn a_network_whose_sources_keep_being_blocked_is_blocked_past_the_limit() {
+    let policy = policy(
+        "[limits]\nmax_blocked_sources_per_network = 3\nblocked_sources_window = \"1h\"\n\
+         network_ipv4_prefix = 24\nnetwork_ipv6_prefix = 48\nipv6_prefix = 64",
+    );
+    let state = state();
+    let t0 = Instant::now();
+    // An attacker moving to the next address of its /24 each time one is
+    // blocked, whatever for: the fourth within the hour blocks the /24.
+    for (i, at) in [t0, t0 + 20 * MIN, t0 + 40 * MIN].into_iter().enumerate() {
+        let order = blocked_source(&policy, &state, &format!("198.51.100.{}", i + 1), at);
+        assert!(policy.source_blocked(&state, &order, at).is_none());
+    }
+    let fourth = blocked_source(&policy, &state, "198.51.100.77", t0 + 50 * MIN);
+    let decision = policy
+        .source_blocked(&state, &fourth, t0 + 50 * MIN)
+        .expect("the fourth blocked source of the /24 within the hour blocks it");
+    assert!(decision.enforced);
+    let network = decision.verdict;
+    assert_eq!(network.net, net("198.51.100.0/24"));
+    assert_eq!(network.origin, Origin::Network);
+    assert_eq!(network.repeat, 0);
+    // The network's own block counts for nothing (no block of a /16 next).
+    assert!(policy
+        .source_blocked(&state, &network, t0 + 50 * MIN)
+        .is_none());
+    // Another /24 has its own count, and a slower attacker stays under it:
+    // one block every 30 minutes never has four in an hour.
+    for i in 0..8u32 {
+        let at = t0 + 30 * MIN * i;
+        let order = blocked_source(&policy, &state, &format!("203.0.113.{}", i + 1), at);
+        assert!(
+            policy.source_blocked(&state, &order, at).is_none(),
+            "block {i}"
+        );
+    }
+    // IPv6: the /64s of one /48 add up (the hops inside a /64 are one
+    // source, blocked once).
+    let mut last = None;
+    for subnet in 1..=4 {
+        let order = blocked_source(&policy, &state, &format!("2001:db8:7:{subnet}::1"), t0);
+        last = policy.source_blocked(&state, &order, t0);
+    }
+    let last = last.expect("the fourth blocked /64 of the /48 blocks it");
+    assert_eq!(last.verdict.net, net("2001:db8:7::/48"));
+}
+
+#[test]
+fn blocked_sources_never_block_their_network_when_off_or_when_the_network_is_the_source() {
+    let t0 = Instant::now();
+    let off = policy("[limits]\nmax_blocked_sources_per_network = 0");
+    let state = state();
+    for i in 1..=50 {
+        let order = blocked_source(&off, &state, &format!("198.51.100.{i}"), t0);
+        assert!(off.source_blocked(&state, &order, t0).is_none());
+    }
+    // Networks as long as the source key: every source is its own network.
+    let own = policy(
+        "[limits]\nmax_blocked_sources_per_network = 1\nnetwork_ipv4_prefix = 32\n\
+         network_ipv6_prefix = 64\nipv6_prefix = 64",
+    );
+    for source in ["192.0.2.1", "192.0.2.2", "2001:db8::1", "2001:db8:0:1::1"] {
+        let order = blocked_source(&own, &state, source, t0);
+        assert!(own.source_blocked(&state, &order, t0).is_none(), "{source}");
+    }
+    // Observe mode decides, and says it does not enforce.
+    let observe = policy("mode = \"observe\"\n[limits]\nmax_blocked_sources_per_network = 1");
+    let first = blocked_source(&observe, &state, "203.0.113.1", t0);
+    assert!(observe.source_blocked(&state, &first, t0).is_none());
+    let second = blocked_source(&observe, &state, "203.0.113.2", t0);
+    let decision = observe
+        .source_blocked(&state, &second, t0)
+        .expect("the second decides");
+    assert!(!decision.enforced);
+}
+
 // -- AUTH ------------------------------------------------------------------------
 
 #[test]

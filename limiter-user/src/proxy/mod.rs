@@ -472,6 +472,15 @@ impl ProxyContext {
             action = "block",
             "source blocked"
         );
+        // One source too many of its network blocked lately: the network
+        // (whose own order counts for nothing here, so this ends).
+        let policy = self.policy();
+        if let Some(network) = policy.source_blocked(&self.state, order, std::time::Instant::now())
+        {
+            if network.enforced && !self.blocks.contains(&network.verdict.net) {
+                self.block(&network.verdict);
+            }
+        }
     }
 }
 
