@@ -429,6 +429,69 @@ fn an_attacker_moving_across_its_network_gets_the_network_blocked() {
     drop(kernel);
 }
 
+/// A client that connects, reads the greeting and hangs up in a loop, one
+/// connection at a time (always within its cap): past
+/// `limits.connection_rate` its connections get `421 4.7.0` at once, past
+/// twice the rate it is blocked, in the kernel too; another source is
+/// served throughout.
+#[test]
+fn a_client_reconnecting_in_a_loop_is_refused_then_blocked() {
+    let test = "a_client_reconnecting_in_a_loop_is_refused_then_blocked";
+    if !prerequisites(test) {
+        return;
+    }
+    let pins = PinDir::new();
+    let mut files = AgentFiles::new(
+        "connection-rate",
+        &format!(
+            "[kernel]\nmode = \"required\"\npin_path = \"{}\"\n\
+             [limits]\nconnection_rate = \"5/1m\"",
+            pins.path().display()
+        ),
+    );
+    let agent = files.start();
+    let proxy = files.proxy();
+    let greeting_of = |source: &str| {
+        let (_, greeting) = Client::from_stream(connect_from(source, proxy)).unwrap();
+        greeting
+    };
+    let churner = "127.0.0.50";
+    for i in 1..=5 {
+        let greeting = greeting_of(churner);
+        assert!(greeting.starts_with("220 "), "connection {i}: {greeting}");
+    }
+    for i in 6..=10 {
+        let greeting = greeting_of(churner);
+        assert!(
+            greeting.starts_with("421 4.7.0 Error: too many connections"),
+            "connection {i}, over the rate: {greeting}"
+        );
+    }
+    let greeting = greeting_of("127.0.0.51");
+    assert!(greeting.starts_with("220 "), "another source: {greeting}");
+    // The 11th within the minute: twice over the rate, blocked.
+    assert!(greeting_of(churner).starts_with("421 4.7.0"));
+    let kernel = BpfDatapath::open_pinned(pins.path()).unwrap();
+    let hit = kernel
+        .block_covering(churner.parse().unwrap())
+        .unwrap()
+        .expect("the churner is blocked in the kernel");
+    assert_eq!(hit.origin, Some(limiter_common::Reason::Flood));
+    let greeting = greeting_of(churner);
+    assert!(
+        greeting.starts_with("421 4.7.0") && greeting.contains("blocked"),
+        "once blocked: {greeting}"
+    );
+    let (ok, out) = cli(&files.config, &["stats", "--json"]);
+    assert!(ok, "{out}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let refused = find_key(&stats, "rejections").map(|r| &r["connection-rate"]);
+    assert_eq!(refused, Some(&serde_json::json!(6)), "stats: {out}");
+    agent.stop();
+    drop(kernel);
+}
+
 /// `smtp-limiter stats` and `/metrics` show the content filters' verdicts,
 /// with the real binary, clamd, and the built-in backend.
 #[test]

@@ -25,6 +25,13 @@ pub struct Limits {
     pub max_connections_per_source: u32,
     /// IPv6 sources are counted and blocked per prefix of this length.
     pub ipv6_prefix: u8,
+    /// New connections per source (IPv6: per `ipv6_prefix`), however short:
+    /// past `count` within `per` a connection gets `421 4.7.0` at once;
+    /// past twice as many (the refused ones count) the source is blocked
+    /// (origin `flood`). A client that connects, reads the greeting and
+    /// hangs up in a loop, each time within `max_connections_per_source`,
+    /// then costs a kernel drop instead of a session. `"0/1m"` = off.
+    pub connection_rate: Rate,
     /// Failed RCPTs in a session before the source is blocked (harvesting).
     pub max_failed_rcpt: u32,
     /// Failed RCPTs per source (IPv6 per `ipv6_prefix`) within
@@ -115,6 +122,10 @@ impl Default for Limits {
         Self {
             max_connections_per_source: 10,
             ipv6_prefix: 64,
+            connection_rate: Rate {
+                count: 600,
+                per: Duration::from_secs(60),
+            },
             max_failed_rcpt: 5,
             max_failed_rcpt_per_source: 20,
             failed_rcpt_window: Duration::from_secs(3600),
@@ -202,6 +213,12 @@ impl Limits {
             return Err(invalid(
                 "limits.null_sender_rate",
                 "the period must be greater than zero",
+            ));
+        }
+        if limits.connection_rate.count > 0 && limits.connection_rate.per.is_zero() {
+            return Err(invalid(
+                "limits.connection_rate",
+                "the period must be greater than zero (a count of 0 turns the limit off)",
             ));
         }
         let per_network = limits.null_sender_rate_per_network;
@@ -381,6 +398,10 @@ pub const LIVE_LIMITS: &[LiveLimit] = &[
     live_limit!(
         ipv6_prefix,
         "IPv6 sources are counted and blocked per prefix of this length (1 to 128)"
+    ),
+    live_limit!(
+        connection_rate,
+        "new connections per source, however short; over it 421 4.7.0, twice over it a block (0/1m = off)"
     ),
     live_limit!(
         max_failed_rcpt,

@@ -117,6 +117,8 @@ struct ConnectRules {
     source_caps: Vec<(IpNet, u32)>,
     /// `max_connections_per_source`; 0 = unlimited.
     default_cap: u32,
+    /// `connection_rate`; a count of 0 = off.
+    connection_rate: Rate,
     /// `ipv6_prefix`: IPv6 sources are keyed by this prefix.
     ipv6_prefix: u8,
     /// `network_ipv4_prefix`: the network of an IPv4 source.
@@ -242,6 +244,7 @@ impl Policy {
                 reject: config.lists.reject_nets().map(canonical_net).collect(),
                 source_caps,
                 default_cap: limits.max_connections_per_source,
+                connection_rate: limits.connection_rate,
                 ipv6_prefix: limits.ipv6_prefix.min(128),
                 network_ipv4_prefix: limits.network_ipv4_prefix.min(32),
                 network_ipv6_prefix: limits.network_ipv6_prefix.min(limits.ipv6_prefix).min(128),
@@ -364,6 +367,56 @@ impl Policy {
             .find(|(net, _)| net.contains(&source))
             .map_or(self.connect.default_cap, |&(_, cap)| cap);
         (cap != 0).then_some(cap)
+    }
+
+    /// A new connection from `source` at `now`, counted toward
+    /// `limits.connection_rate` in its source key's bucket, which holds
+    /// `count` connections and empties at `count` per `per` (the refused
+    /// ones count too: a client that keeps coming stays refused). Past
+    /// `count`: [`Reason::ConnectionRate`], `421 4.7.0`; past twice `count`,
+    /// the same with the source's block (origin `flood`), the bucket
+    /// emptied. Allow-listed sources are not counted; a count of 0 is off.
+    /// Asked at accept, before [`Self::connect`]: a connect-and-hang-up
+    /// loop, each connection within the source's cap, costs a session
+    /// each time until it is blocked.
+    pub fn connection_rate(
+        &self,
+        state: &PolicyState,
+        source: IpAddr,
+        now: Instant,
+    ) -> Option<Decision<Rejection>> {
+        let rate = self.connect.connection_rate;
+        let source = source.to_canonical();
+        if rate.count == 0 || self.is_allowlisted(source) {
+            return None;
+        }
+        let key = self.source_key(source);
+        // Each connection keeps the bucket from being empty for this long
+        // more; what it holds is the time to empty over that.
+        let each = (rate.per / rate.count).max(Duration::from_nanos(1));
+        let (count, block) = state.with(|tables| {
+            let empty_at = tables.connection_rate.touch(&key, || now);
+            *empty_at = (*empty_at).max(now) + each;
+            let held = empty_at.saturating_duration_since(now).as_nanos();
+            let count = u32::try_from(held.div_ceil(each.as_nanos())).unwrap_or(u32::MAX);
+            if count <= rate.count {
+                return None;
+            }
+            let block = (count > rate.count.saturating_mul(2)).then(|| {
+                tables.connection_rate.remove(&key);
+                tables.block(self, source, limiter_common::Reason::Flood, now)
+            });
+            Some((count, block))
+        })?;
+        Some(self.decide(Rejection {
+            reason: Reason::ConnectionRate {
+                count,
+                limit: rate.count,
+                per: rate.per,
+            },
+            action: Action::DeferAndClose,
+            block,
+        }))
     }
 
     /// The `lists.reject_helo` pattern `helo` matches, if any.

@@ -206,6 +206,9 @@ pub(super) struct Tables {
     pub(super) null_by_source: Lru<IpNet, Window>,
     /// Times a session of the source key was closed under pressure.
     shed_sessions: Lru<IpNet, Window>,
+    /// When each source key's connection-rate bucket is empty again
+    /// ([`super::Policy::connection_rate`]).
+    pub(super) connection_rate: Lru<IpNet, Instant>,
     /// Times a source of the network was blocked.
     blocked_by_network: Lru<IpNet, Window>,
     /// Null-sender MAIL times per lower-cased HELO name.
@@ -288,6 +291,7 @@ impl PolicyState {
                 filter_rejects: Lru::new(capacity),
                 null_by_source: Lru::new(capacity),
                 shed_sessions: Lru::new(capacity),
+                connection_rate: Lru::new(capacity),
                 blocked_by_network: Lru::new(network_capacity(capacity)),
                 null_by_helo: Lru::new(capacity),
                 null_by_network: Lru::new(network_capacity(capacity)),
@@ -422,6 +426,7 @@ impl PolicyState {
             + tables
                 .auth_failures_by_account
                 .retain(live(now, policy.auth.failed_auth_window))
+            + tables.connection_rate.retain(|_, empty_at| *empty_at > now)
             + tables
                 .logins
                 .retain(|_, at| now.saturating_duration_since(*at) < super::LOGIN_MEMORY)

@@ -820,6 +820,101 @@ fn shed_sessions_never_block_with_the_limit_zero_and_observe_mode_only_reports()
     assert!(!decision.enforced);
 }
 
+// -- Connection rate ----------------------------------------------------------------
+
+#[test]
+fn connections_past_the_rate_are_refused_and_twice_past_it_blocked() {
+    let policy = policy("[limits]\nconnection_rate = \"10/1m\"\n[lists]\nallow = [\"10.0.0.0/8\"]");
+    let state = state();
+    let t0 = Instant::now();
+    let source = ip("192.0.2.7");
+    // The bucket holds ten: ten at once pass.
+    for i in 0..10 {
+        assert!(
+            policy.connection_rate(&state, source, t0).is_none(),
+            "connection {i}"
+        );
+    }
+    // The next ten are refused (and count: a client that keeps coming stays
+    // refused), without a block.
+    for i in 11..=20 {
+        let decision = policy
+            .connection_rate(&state, source, t0)
+            .unwrap_or_else(|| panic!("connection {i} is over the rate"));
+        assert!(decision.enforced);
+        let rejection = decision.verdict;
+        assert_eq!(rejection.name(), "connection-rate");
+        assert_eq!(rejection.action, Action::DeferAndClose);
+        assert_eq!(
+            rejection.reason,
+            Reason::ConnectionRate {
+                count: i,
+                limit: 10,
+                per: MIN
+            }
+        );
+        assert!(rejection.block.is_none(), "connection {i}");
+    }
+    // The 21st within the minute blocks the source.
+    let order = policy
+        .connection_rate(&state, source, t0)
+        .and_then(|d| d.verdict.block)
+        .expect("twice over the rate blocks");
+    assert_eq!(order.net, net("192.0.2.7/32"));
+    assert_eq!(order.origin, Origin::Flood);
+    // Another source has its own bucket; allow-listed ones have none.
+    assert!(policy
+        .connection_rate(&state, ip("192.0.2.8"), t0)
+        .is_none());
+    for _ in 0..100 {
+        assert!(policy.connection_rate(&state, ip("10.1.2.3"), t0).is_none());
+    }
+}
+
+#[test]
+fn the_connection_bucket_empties_at_the_rate() {
+    let policy = policy("[limits]\nconnection_rate = \"10/1m\"\nipv6_prefix = 64");
+    let state = state();
+    let t0 = Instant::now();
+    let source = ip("192.0.2.7");
+    for _ in 0..10 {
+        assert!(policy.connection_rate(&state, source, t0).is_none());
+    }
+    // One connection every 6 s (10 a minute) after the burst: the bucket
+    // stays full but never overflows.
+    for i in 1..=30 {
+        let at = t0 + Duration::from_secs(6) * i;
+        assert!(
+            policy.connection_rate(&state, source, at).is_none(),
+            "at {i}"
+        );
+    }
+    // One every 5 s (12 a minute) overflows it.
+    let mut refused = 0;
+    for i in 1..=12 {
+        let at = t0 + Duration::from_secs(180) + Duration::from_secs(5) * i;
+        refused += usize::from(policy.connection_rate(&state, source, at).is_some());
+    }
+    assert!(refused > 0, "12 a minute went past 10 a minute");
+    // IPv6: the addresses of a /64 share one bucket.
+    for host in 1..=10 {
+        let source = ip(&format!("2001:db8:1:2::{host}"));
+        assert!(policy.connection_rate(&state, source, t0).is_none());
+    }
+    assert!(policy
+        .connection_rate(&state, ip("2001:db8:1:2::99"), t0)
+        .is_some());
+    // Off: never counted.
+    let off = policy_with_rate("0/1m");
+    for _ in 0..1000 {
+        assert!(off.connection_rate(&state, source, t0).is_none());
+    }
+}
+
+fn policy_with_rate(rate: &str) -> Policy {
+    policy(&format!("[limits]\nconnection_rate = \"{rate}\""))
+}
+
 // -- Networks whose sources keep being blocked -----------------------------------
 
 /// The order `state` gives for blocking `source` (for flooding) at `at`.

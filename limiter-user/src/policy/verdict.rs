@@ -93,6 +93,15 @@ pub enum Reason {
         /// Its cap (`limits.source` override or `max_connections_per_source`).
         limit: u32,
     },
+    /// New connections over `limits.connection_rate`.
+    ConnectionRate {
+        /// Connections in the source's bucket, this one included.
+        count: u32,
+        /// The configured count per period.
+        limit: u32,
+        /// The period.
+        per: Duration,
+    },
     /// A table of live sessions is full ([`PolicyState`](super::PolicyState)
     /// capacity): a new source or HELO name cannot be counted, and counting
     /// must stay exact, so it is refused for now.
@@ -224,6 +233,7 @@ impl Reason {
         match self {
             Self::RejectList { .. } => "reject-list",
             Self::TooManyConnections { .. } => "too-many-connections",
+            Self::ConnectionRate { .. } => "connection-rate",
             Self::StateFull { .. } => "state-full",
             Self::HeloRejected { .. } => "helo-reject",
             Self::TooManyForHelo { .. } => "helo-limit",
@@ -247,7 +257,9 @@ impl Reason {
         use limiter_common::Reason as Origin;
         match self {
             Self::RejectList { .. } => Some(Origin::RejectList),
-            Self::NullSenderRate { .. } | Self::ShedSessions { .. } => Some(Origin::Flood),
+            Self::NullSenderRate { .. }
+            | Self::ShedSessions { .. }
+            | Self::ConnectionRate { .. } => Some(Origin::Flood),
             Self::Harvest { .. }
             | Self::HarvestAcrossSessions { .. }
             | Self::HarvestFromNetwork { .. } => Some(Origin::Harvest),
@@ -271,6 +283,10 @@ impl fmt::Display for Reason {
             Self::TooManyConnections { count, limit } => {
                 write!(f, "source holds {count} connections, its limit is {limit}")
             }
+            Self::ConnectionRate { count, limit, per } => write!(
+                f,
+                "{count} connections within {per:?}, the limit is {limit}"
+            ),
             Self::StateFull { table, capacity } => {
                 write!(f, "the {table} table is full ({capacity} entries)")
             }

@@ -623,6 +623,30 @@ async fn too_many_sessions(ctx: &ProxyContext, stream: TcpStream, peer: SocketAd
     refuse(ctx, stream, &Reply::too_many_sessions()).await;
 }
 
+/// A policy refusal at accept: counted and logged; when `enforced` the
+/// block that comes with it is put in force (before the reply: a client
+/// that reconnects on reading it finds its SYN dropped). Returns
+/// `enforced`: whether the connection is to be refused.
+fn connection_refused(
+    ctx: &ProxyContext,
+    source: std::net::IpAddr,
+    rejection: &crate::policy::Rejection,
+    enforced: bool,
+) -> bool {
+    ctx.stats.count_rejection(rejection.name());
+    tracing::info!(
+        source = %source,
+        reason = rejection.name(),
+        detail = %rejection.reason,
+        action = if enforced { "reject" } else { "would-reject" },
+        "connection refused"
+    );
+    if let (true, Some(order)) = (enforced, &rejection.block) {
+        ctx.block(order);
+    }
+    enforced
+}
+
 /// Answers a connection that is refused at accept, within
 /// `smtp.write_timeout` (a client that does not read must not hold a task),
 /// and closes it.
@@ -653,24 +677,23 @@ async fn handle_connection(
             return;
         }
     }
-    let decision = ctx.policy().connect(&ctx.state, source);
+    let policy = ctx.policy();
+    let rate = policy.connection_rate(&ctx.state, source, std::time::Instant::now());
+    if let Some(decision) = rate {
+        if connection_refused(&ctx, source, &decision.verdict, decision.enforced) {
+            refuse(&ctx, stream, &session::rejection_reply(&decision.verdict)).await;
+            return;
+        }
+    }
+    let decision = policy.connect(&ctx.state, source);
     let guard = match decision.verdict {
         ConnectVerdict::Allowlisted(guard) | ConnectVerdict::Accept(guard) => guard,
         ConnectVerdict::Reject { rejection, guard } => {
-            ctx.stats.count_rejection(rejection.name());
-            tracing::info!(
-                source = %source,
-                reason = rejection.name(),
-                detail = %rejection.reason,
-                action = if decision.enforced { "reject" } else { "would-reject" },
-                "connection refused"
-            );
+            let enforced = connection_refused(&ctx, source, &rejection, decision.enforced);
             match guard {
-                Some(guard) if !decision.enforced => guard,
+                // Observe mode: the session goes on.
+                Some(guard) if !enforced => guard,
                 _ => {
-                    if let Some(order) = &rejection.block {
-                        ctx.block(order);
-                    }
                     let reply = match rejection.action {
                         crate::policy::Action::RefuseAndClose => Reply::service_unavailable(),
                         _ => Reply::too_many_connections(),

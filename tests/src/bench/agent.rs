@@ -277,7 +277,7 @@ impl Drop for Agent<'_> {
 /// A configuration for the proxy inside the benchmark's process
 /// ([`crate::proxy::TestProxy`]): listening on 127.0.0.1 and a free port,
 /// relaying to `backend` with `identity`, the kernel layer off, no
-/// per-source connection limit (every client is 127.0.0.1), mail for
+/// per-source connection limit or rate (every client is 127.0.0.1), mail for
 /// example.com accepted; `smtp` and `limits` are lines added to those
 /// tables, `extra` more tables.
 #[must_use]
@@ -307,6 +307,7 @@ mode = "off"
 
 [limits]
 max_connections_per_source = 0
+connection_rate = "0/1m"
 {limits}
 
 [relay]

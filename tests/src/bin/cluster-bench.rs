@@ -152,6 +152,8 @@ accept = "*@example.com"
 max_failed_rcpt = 1000000
 max_failed_rcpt_per_source = 1000000
 max_failed_rcpt_per_network = 0
+# Its sessions come back to back from a few addresses.
+connection_rate = "0/1m"
 
 [kernel]
 mode = "required"

@@ -1218,10 +1218,13 @@ async fn look_again_after(interval: Option<Duration>) {
 
 /// The reply for a policy refusal: a fixed text per reason (the details,
 /// such as counts and the pattern that matched, go to the log only).
-fn rejection_reply(rejection: &Rejection) -> Reply {
+pub(super) fn rejection_reply(rejection: &Rejection) -> Reply {
     let text = match &rejection.reason {
         Reason::RejectList { .. } => "Service unavailable; client host rejected",
         Reason::TooManyConnections { .. } => "Error: too many connections from your address",
+        Reason::ConnectionRate { .. } => {
+            "Error: too many connections from your address, try again later"
+        }
         Reason::StateFull { .. } => "Error: server busy, try again later",
         Reason::HeloRejected { .. } => "Helo command rejected: Access denied",
         Reason::TooManyForHelo { .. } => "Error: too many connections for your HELO name",
