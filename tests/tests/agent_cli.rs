@@ -179,7 +179,7 @@ fn cli_blocks_through_the_agent_and_blocks_survive_lost_kernel_maps() {
         "blocked source: {greeting}"
     );
     smtp.expect_closed();
-    let (_, greeting) = Client::from_stream(connect_from("127.0.0.3", proxy)).unwrap();
+    let greeting = greeting_from("127.0.0.3", proxy);
     assert!(greeting.starts_with("220 "), "other source: {greeting}");
 
     // `limits set` changes what the proxy does, not only what it shows: a
@@ -335,7 +335,7 @@ fn cli_blocks_through_the_agent_and_blocks_survive_lost_kernel_maps() {
         .unwrap()
         .expect("restored into the kernel");
     assert_eq!(hit.origin, Some(limiter_common::Reason::Flood));
-    let (_, greeting) = Client::from_stream(connect_from("127.0.0.2", proxy)).unwrap();
+    let greeting = greeting_from("127.0.0.2", proxy);
     assert!(
         greeting.starts_with("421 4.7.0"),
         "still blocked after the restart: {greeting}"
@@ -350,10 +350,29 @@ fn cli_blocks_through_the_agent_and_blocks_survive_lost_kernel_maps() {
             .is_none(),
         "`block del` left the block in the kernel"
     );
-    let (_, greeting) = Client::from_stream(connect_from("127.0.0.2", proxy)).unwrap();
+    let greeting = greeting_from("127.0.0.2", proxy);
     assert!(greeting.starts_with("220 "), "unblocked: {greeting}");
     agent.stop();
     drop(kernel);
+}
+
+/// An agent's files with the kernel layer required (its maps pinned in a
+/// directory of their own) and `limits` as its `[limits]` table.
+fn with_kernel(name: &str, limits: &str) -> (PinDir, AgentFiles) {
+    let pins = PinDir::new();
+    let files = AgentFiles::new(
+        name,
+        &format!(
+            "[kernel]\nmode = \"required\"\npin_path = \"{}\"\n[limits]\n{limits}",
+            pins.path().display()
+        ),
+    );
+    (pins, files)
+}
+
+/// The greeting a new connection from `source` gets.
+fn greeting_from(source: &str, proxy: SocketAddr) -> String {
+    Client::from_stream(connect_from(source, proxy)).unwrap().1
 }
 
 /// An attacker that takes the next address of its network each time one
@@ -367,24 +386,15 @@ fn an_attacker_moving_across_its_network_gets_the_network_blocked() {
     if !prerequisites(test) {
         return;
     }
-    let pins = PinDir::new();
     // /28 networks: 127.0.0.32/28 is the attacker's, 127.0.0.1 (the
     // backend's) stays outside whatever happens.
-    let mut files = AgentFiles::new(
+    let (pins, mut files) = with_kernel(
         "network-blocks",
-        &format!(
-            "[kernel]\nmode = \"required\"\npin_path = \"{}\"\n\
-             [limits]\nmax_failed_rcpt = 1\nmax_blocked_sources_per_network = 2\n\
-             network_ipv4_prefix = 28",
-            pins.path().display()
-        ),
+        "max_failed_rcpt = 1\nmax_blocked_sources_per_network = 2\nnetwork_ipv4_prefix = 28",
     );
     let agent = files.start();
     let (config, proxy) = (&files.config.clone(), files.proxy());
-    let greeting_of = |source: &str| {
-        let (_, greeting) = Client::from_stream(connect_from(source, proxy)).unwrap();
-        greeting
-    };
+    let greeting_of = |source: &str| greeting_from(source, proxy);
     // Two harvesters of the /28 blocked one after the other: each alone.
     for source in ["127.0.0.33", "127.0.0.34"] {
         assert_eq!(failed_rcpts_before_the_cut(source, proxy), 1, "{source}");
@@ -440,21 +450,10 @@ fn a_client_reconnecting_in_a_loop_is_refused_then_blocked() {
     if !prerequisites(test) {
         return;
     }
-    let pins = PinDir::new();
-    let mut files = AgentFiles::new(
-        "connection-rate",
-        &format!(
-            "[kernel]\nmode = \"required\"\npin_path = \"{}\"\n\
-             [limits]\nconnection_rate = \"5/1m\"",
-            pins.path().display()
-        ),
-    );
+    let (pins, mut files) = with_kernel("connection-rate", "connection_rate = \"5/1m\"");
     let agent = files.start();
     let proxy = files.proxy();
-    let greeting_of = |source: &str| {
-        let (_, greeting) = Client::from_stream(connect_from(source, proxy)).unwrap();
-        greeting
-    };
+    let greeting_of = |source: &str| greeting_from(source, proxy);
     let churner = "127.0.0.50";
     for i in 1..=5 {
         let greeting = greeting_of(churner);
