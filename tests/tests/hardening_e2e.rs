@@ -856,6 +856,54 @@ fn a_zombie_that_keeps_coming_back_to_idle_is_dropped_by_the_kernel() {
     rig.postfix.expect_delivered(1);
 }
 
+// -- A client that reconnects in a loop ends in a kernel drop ----------------------
+
+#[test]
+fn a_client_reconnecting_in_a_loop_ends_in_a_kernel_drop() {
+    if !ready_with_kernel("a_client_reconnecting_in_a_loop_ends_in_a_kernel_drop") {
+        return;
+    }
+    let rig = net_rig("hcr", "mode = \"enforce\"", |_| {
+        "[limits]\nconnection_rate = \"5/1m\"\n".to_owned()
+    });
+    let churner = source(&rig, 0);
+    // Connect, read the greeting, hang up: one connection at a time, far
+    // under max_connections_per_source.
+    for i in 1..=10 {
+        let (mut client, greeting) = rig.session(churner, listen(&rig.link));
+        let want = if i <= 5 { "220 " } else { "421 4.7.0" };
+        assert!(greeting.starts_with(want), "connection {i}: {greeting}");
+        if i > 5 {
+            client.expect_closed();
+        }
+    }
+    assert!(
+        rig.agent.block(&format!("{churner}/32")).is_none(),
+        "blocked before twice the rate:\n{}",
+        rig.agent.log()
+    );
+    // The 11th within the minute is twice over the rate: blocked, in the
+    // kernel's map, as a flood …
+    let (_, greeting) = rig.session(churner, listen(&rig.link));
+    expect(&greeting, "421 4.7.0");
+    let net = format!("{churner}/32");
+    let block = rig
+        .agent
+        .block(&net)
+        .unwrap_or_else(|| panic!("{net} not blocked:\n{}", rig.agent.log()));
+    assert_eq!(block["reason"], "flood", "{block}");
+    assert_eq!(block["in_kernel"], true, "{block}");
+    // … and its next SYN is dropped there: the loop now costs the proxy
+    // nothing. A sender beside it delivers.
+    match connect_from(&rig.client, churner, listen(&rig.link), CONNECT_TIMEOUT) {
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+        other => panic!("expected the kernel to drop the churner's SYN, got {other:?}"),
+    }
+    let run = rig.swaks_to_alice(source(&rig, 1), listen(&rig.link));
+    assert_eq!(run.code, Some(0), "swaks failed:\n{}", run.out);
+    rig.postfix.expect_delivered(1);
+}
+
 // -- 8. Observe mode in the kernel -----------------------------------------------
 
 #[test]
