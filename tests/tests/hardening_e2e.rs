@@ -700,6 +700,25 @@ fn source(rig: &NetRig, n: usize) -> IpAddr {
     rig.link.client_v4s[n].into()
 }
 
+/// Asserts that the agent blocked `source` (its /32) for `reason`, in the
+/// kernel's map, and that the kernel drops its next SYN (the connect times
+/// out); the blocked network.
+#[track_caller]
+fn assert_dropped_by_the_kernel(rig: &NetRig, source: IpAddr, reason: &str) -> String {
+    let net = format!("{source}/32");
+    let block = rig
+        .agent
+        .block(&net)
+        .unwrap_or_else(|| panic!("{net} not blocked:\n{}", rig.agent.log()));
+    assert_eq!(block["reason"], reason, "{block}");
+    assert_eq!(block["in_kernel"], true, "{block}");
+    match connect_from(&rig.client, source, listen(&rig.link), CONNECT_TIMEOUT) {
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+        other => panic!("expected the kernel to drop {source}'s SYN, got {other:?}"),
+    }
+    net
+}
+
 // -- 3. Harvesting across sessions ends in a kernel drop ------------------------
 
 #[test]
@@ -748,20 +767,10 @@ fn harvester_across_sessions_is_blocked_and_dropped_by_the_kernel() {
         }
     }
 
-    // Blocked as a harvester, in the kernel's map …
-    let net = format!("{harvester}/32");
-    let block = rig
-        .agent
-        .block(&net)
-        .unwrap_or_else(|| panic!("{net} not blocked:\n{}", rig.agent.log()));
-    assert_eq!(block["reason"], "harvest", "{block}");
-    assert_eq!(block["in_kernel"], true, "{block}");
+    // Blocked as a harvester, in the kernel's map, whose SYNs the kernel
+    // now drops: no SYN-ACK, the connect times out.
     let dropped_before = rig.agent.kernel_counter("dropped_block");
-    // … whose SYNs the kernel now drops: no SYN-ACK, the connect times out.
-    match connect_from(&rig.client, harvester, listen(&rig.link), CONNECT_TIMEOUT) {
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-        other => panic!("expected the kernel to drop the harvester's SYN, got {other:?}"),
-    }
+    let net = assert_dropped_by_the_kernel(&rig, harvester, "harvest");
     let block = rig.agent.block(&net).expect("still blocked");
     assert!(
         block["drops"].as_u64().is_some_and(|d| d >= 1),
@@ -835,20 +844,9 @@ fn a_zombie_that_keeps_coming_back_to_idle_is_dropped_by_the_kernel() {
         }
     }
     // The third shed within shed_sessions_window blocked it, in the kernel's
-    // map, as a flood …
-    let net = format!("{zombie}/32");
-    let block = rig
-        .agent
-        .block(&net)
-        .unwrap_or_else(|| panic!("{net} not blocked:\n{}", rig.agent.log()));
-    assert_eq!(block["reason"], "flood", "{block}");
-    assert_eq!(block["in_kernel"], true, "{block}");
-    // … whose SYNs the kernel now drops: coming back costs it a timeout and
-    // the proxy nothing.
-    match connect_from(&rig.client, zombie, listen(&rig.link), CONNECT_TIMEOUT) {
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-        other => panic!("expected the kernel to drop the zombie's SYN, got {other:?}"),
-    }
+    // map, as a flood, whose SYNs the kernel now drops: coming back costs it
+    // a timeout and the proxy nothing.
+    assert_dropped_by_the_kernel(&rig, zombie, "flood");
     // Its sessions still open were ended with the block; a sender beside it
     // delivers.
     let run = rig.swaks_to_alice(source(&rig, 1), listen(&rig.link));
@@ -883,22 +881,11 @@ fn a_client_reconnecting_in_a_loop_ends_in_a_kernel_drop() {
         rig.agent.log()
     );
     // The 11th within the minute is twice over the rate: blocked, in the
-    // kernel's map, as a flood …
+    // kernel's map, as a flood, and its next SYN is dropped there: the loop
+    // now costs the proxy nothing. A sender beside it delivers.
     let (_, greeting) = rig.session(churner, listen(&rig.link));
     expect(&greeting, "421 4.7.0");
-    let net = format!("{churner}/32");
-    let block = rig
-        .agent
-        .block(&net)
-        .unwrap_or_else(|| panic!("{net} not blocked:\n{}", rig.agent.log()));
-    assert_eq!(block["reason"], "flood", "{block}");
-    assert_eq!(block["in_kernel"], true, "{block}");
-    // … and its next SYN is dropped there: the loop now costs the proxy
-    // nothing. A sender beside it delivers.
-    match connect_from(&rig.client, churner, listen(&rig.link), CONNECT_TIMEOUT) {
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-        other => panic!("expected the kernel to drop the churner's SYN, got {other:?}"),
-    }
+    assert_dropped_by_the_kernel(&rig, churner, "flood");
     let run = rig.swaks_to_alice(source(&rig, 1), listen(&rig.link));
     assert_eq!(run.code, Some(0), "swaks failed:\n{}", run.out);
     rig.postfix.expect_delivered(1);
