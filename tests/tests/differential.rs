@@ -310,6 +310,7 @@ fn proxy_config(backend: SocketAddr) -> String {
                 ("max_failed_auth_per_account", "0".into()),
                 ("null_sender_rate", "\"1000000/1m\"".into()),
                 ("null_sender_rate_per_network", "\"0/1m\"".into()),
+                ("null_sender_rate_per_recipient", "\"0/1m\"".into()),
                 ("max_connections_per_source", "1000".into()),
             ],
         ),

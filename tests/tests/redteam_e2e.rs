@@ -21,6 +21,10 @@
 //! * A bounce flood spread over a /24, every address under
 //!   `null_sender_rate` and with a HELO name of its own, went through
 //!   whole: now it is deferred past `null_sender_rate_per_network`.
+//! * Backscatter, a bounce flood aimed at one mailbox from many networks
+//!   (every source, HELO name and network under its rate, the address
+//!   spelt in several ways), reached Postfix whole: now its RCPTs are
+//!   deferred past `null_sender_rate_per_recipient`.
 //! * A password spray for one account, two guesses from each of many
 //!   networks (every source and network under its limits), reached Postfix
 //!   whole: now AUTH for the account is refused unheard past
@@ -538,26 +542,29 @@ fn a_harvester_spread_over_its_network_gets_the_network_blocked() {
 }
 
 /// Bounces (`MAIL FROM:<>`) from `source`, one session with a HELO name of
-/// its own (`mx.<source>.example.net`): each to alice, with a body; the
-/// replies to each MAIL (and, when it is accepted, the reply after the
-/// body).
-fn send_bounces(rig: &Rig, source: &str, count: usize) -> Vec<String> {
+/// its own (`mx.<source>.example.net`): one to each of `to`, with a body;
+/// the replies to each MAIL, to its RCPT when the MAIL is accepted, and
+/// after the body when the RCPT is.
+fn send_bounces(rig: &Rig, source: &str, to: &[&str]) -> Vec<String> {
     let (mut client, greeting) = rig.client(source);
     assert!(greeting.starts_with("220 "), "{source}: {greeting}");
     let helo = format!("EHLO mx.{}.example.net", source.replace('.', "-"));
     assert!(client.cmd(&helo).unwrap().starts_with("250"));
     let mut replies = Vec::new();
-    for _ in 0..count {
+    for rcpt in to {
         let mail = client.cmd("MAIL FROM:<>").unwrap();
         let accepted = mail.starts_with("250 ");
         replies.push(mail);
         if !accepted {
             continue;
         }
-        assert!(client
-            .cmd("RCPT TO:<alice@example.com>")
-            .unwrap()
-            .starts_with("250 "));
+        let reply = client.cmd(&format!("RCPT TO:<{rcpt}>")).unwrap();
+        let accepted = reply.starts_with("250 ");
+        replies.push(reply);
+        if !accepted {
+            assert!(client.cmd("RSET").unwrap().starts_with("250 "));
+            continue;
+        }
         assert!(client.cmd("DATA").unwrap().starts_with("354"));
         replies.push(
             client
@@ -566,6 +573,14 @@ fn send_bounces(rig: &Rig, source: &str, count: usize) -> Vec<String> {
         );
     }
     replies
+}
+
+/// Waits until Postfix's queue manager has logged `want` bounces (it logs
+/// each a moment after the 250); how many it logged.
+fn bounces_queued(rig: &Rig, want: usize) -> usize {
+    let queued = || log_lines(&rig.log(), "from=<>,").len();
+    limiter_tests::tcp::wait_until(Duration::from_secs(10), || queued() >= want);
+    queued()
 }
 
 /// A bounce flood spread over the addresses of a /24, each under
@@ -583,28 +598,84 @@ fn a_bounce_flood_spread_over_its_network_is_deferred_by_network() {
     );
     for host in 1..=5 {
         let source = format!("127.0.7.{host}");
-        let replies = send_bounces(&rig, &source, 2);
+        let replies = send_bounces(&rig, &source, &["alice@example.com"; 2]);
         assert!(
             replies.iter().all(|r| r.starts_with("250 ")),
             "{source}: {replies:?}"
         );
     }
     // The eleventh bounce of the network, from a sixth address.
-    let replies = send_bounces(&rig, "127.0.7.6", 1);
+    let replies = send_bounces(&rig, "127.0.7.6", &["alice@example.com"]);
     assert!(replies[0].starts_with("450 4.7.1 "), "{replies:?}");
     assert_eq!(rig.proxy.ctx.blocked("127.0.7.6".parse().unwrap()), None);
     // Mail with a sender from the network, and bounces from the next
     // network, go through.
     let replies = try_recipients(&rig, "127.0.7.6", &["alice@example.com"]);
     assert!(replies[0].starts_with("250 "), "{replies:?}");
-    let replies = send_bounces(&rig, "127.0.8.1", 1);
+    let replies = send_bounces(&rig, "127.0.8.1", &["alice@example.com"]);
     assert!(replies.iter().all(|r| r.starts_with("250 ")), "{replies:?}");
     // Postfix took the ten bounces of the network and the one from beside
-    // it, no more (its queue manager logs each a moment after the 250).
-    let queued = || log_lines(&rig.log(), "from=<>,").len();
-    limiter_tests::tcp::wait_until(Duration::from_secs(10), || queued() >= 11);
-    let log = rig.log();
-    assert_eq!(queued(), 11, "bounces Postfix queued:\n{log}");
+    // it, no more.
+    assert_eq!(
+        bounces_queued(&rig, 11),
+        11,
+        "bounces Postfix queued:\n{}",
+        rig.log()
+    );
+}
+
+/// Backscatter: a bounce flood aimed at one mailbox from many networks,
+/// every source, HELO name and network under its own rate, each spelling
+/// the address its own way: past `null_sender_rate_per_recipient` the
+/// RCPT is deferred and never reaches Postfix; nothing is blocked, and the
+/// mailbox's other mail and the other mailboxes' bounces flow.
+#[test]
+fn a_bounce_flood_aimed_at_one_mailbox_from_many_networks_is_deferred() {
+    if !ready("a_bounce_flood_aimed_at_one_mailbox_from_many_networks_is_deferred") {
+        return;
+    }
+    let rig = rig(&[], "null_sender_rate_per_recipient = \"4/1h\"\n");
+    for (net, rcpt) in [
+        "alice@example.com",
+        "Alice@EXAMPLE.COM",
+        "\"alice\"@example.com",
+        "alice@Example.Com",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let source = format!("127.0.{}.1", 30 + net);
+        let replies = send_bounces(&rig, &source, &[rcpt]);
+        assert_eq!(replies.len(), 3, "{source}: {replies:?}");
+        assert!(
+            replies.iter().all(|r| r.starts_with("250 ")),
+            "{source}: {replies:?}"
+        );
+    }
+    // The fifth, from a fifth network: deferred at RCPT.
+    let source = "127.0.34.1";
+    let replies = send_bounces(&rig, source, &["alice@example.com", "bob@example.com"]);
+    assert!(replies[0].starts_with("250 "), "{replies:?}");
+    assert!(
+        replies[1].starts_with("450 4.7.1 ") && replies[1].contains("too many bounces"),
+        "{replies:?}"
+    );
+    // Another mailbox's bounce, alice's mail with a sender.
+    assert!(
+        replies[2..].iter().all(|r| r.starts_with("250 ")),
+        "{replies:?}"
+    );
+    let replies = try_recipients(&rig, source, &["alice@example.com"]);
+    assert!(replies[0].starts_with("250 "), "{replies:?}");
+    assert_eq!(rig.proxy.ctx.blocked(source.parse().unwrap()), None);
+    // Postfix took alice's four bounces and bob's one, and never heard of
+    // the fifth.
+    assert_eq!(
+        bounces_queued(&rig, 5),
+        5,
+        "bounces Postfix queued:\n{}",
+        rig.log()
+    );
 }
 
 #[test]

@@ -79,6 +79,14 @@ pub struct Limits {
     /// 4.7.1`, never a block (a network's legitimate servers send bounces
     /// too; they retry). A count of 0 = off.
     pub null_sender_rate_per_network: Rate,
+    /// Most null-sender messages to one recipient (its address in lower
+    /// case, without a `+extension`) from all sources: a bounce flood
+    /// (backscatter) aimed at one mailbox from many networks, each source
+    /// and network under its own rate. A bucket that holds the count and
+    /// empties at the rate; a RCPT past it gets `450 4.7.1` (the sender's
+    /// server retries later) and is not counted, never a block (backscatter
+    /// comes from innocent servers). A count of 0 = off.
+    pub null_sender_rate_per_recipient: Rate,
     /// Sessions of one source (IPv6: per `ipv6_prefix`) closed under
     /// pressure (shed at the session cap, cut at the short stress timeout
     /// or past `smtp.max_commands_before_mail`, a transaction idle on a
@@ -143,6 +151,10 @@ impl Default for Limits {
             null_sender_rate_per_network: Rate {
                 count: 200,
                 per: Duration::from_secs(60),
+            },
+            null_sender_rate_per_recipient: Rate {
+                count: 100,
+                per: Duration::from_secs(3600),
             },
             max_shed_sessions_per_source: 3,
             shed_sessions_window: Duration::from_secs(10 * 60),
@@ -215,18 +227,23 @@ impl Limits {
                 "the period must be greater than zero",
             ));
         }
-        if limits.connection_rate.count > 0 && limits.connection_rate.per.is_zero() {
-            return Err(invalid(
-                "limits.connection_rate",
-                "the period must be greater than zero (a count of 0 turns the limit off)",
-            ));
-        }
-        let per_network = limits.null_sender_rate_per_network;
-        if per_network.count > 0 && per_network.per.is_zero() {
-            return Err(invalid(
+        for (key, rate) in [
+            ("limits.connection_rate", limits.connection_rate),
+            (
                 "limits.null_sender_rate_per_network",
-                "the period must be greater than zero (a count of 0 turns the limit off)",
-            ));
+                limits.null_sender_rate_per_network,
+            ),
+            (
+                "limits.null_sender_rate_per_recipient",
+                limits.null_sender_rate_per_recipient,
+            ),
+        ] {
+            if rate.count > 0 && rate.per.is_zero() {
+                return Err(invalid(
+                    key,
+                    "the period must be greater than zero (a count of 0 turns the limit off)",
+                ));
+            }
         }
         if limits.block_duration.is_zero() {
             return Err(invalid(
@@ -450,6 +467,10 @@ pub const LIVE_LIMITS: &[LiveLimit] = &[
     live_limit!(
         null_sender_rate_per_network,
         "MAIL FROM:<> from all sources of one network; over it 450 4.7.1, never a block (0/1m = off)"
+    ),
+    live_limit!(
+        null_sender_rate_per_recipient,
+        "null-sender messages to one recipient (lower case, +extension cut) from all sources; a RCPT over it gets 450 4.7.1, never a block (0/1m = off)"
     ),
     live_limit!(
         max_shed_sessions_per_source,

@@ -79,6 +79,8 @@ use std::time::{Duration, Instant};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::config::{Config, Mode, Rate};
+use crate::recipients::Folding;
+use table::Bucket;
 
 pub use pattern::{Pattern, PatternList};
 pub use state::{
@@ -149,6 +151,13 @@ struct MailRules {
     /// `null_sender_rate_per_network`, per [`Policy::source_network`];
     /// a count of 0 = off.
     null_sender_rate_per_network: Rate,
+    /// `null_sender_rate_per_recipient`, per [`Policy::recipient_key`];
+    /// a count of 0 = off.
+    null_sender_rate_per_recipient: Rate,
+    /// How recipients become the keys of that rate: local parts folded to
+    /// lower case, extensions cut at `+` and at the directory's
+    /// `recipient_delimiter`.
+    recipient_folding: Folding,
 }
 
 /// RCPT stage.
@@ -262,6 +271,19 @@ impl Policy {
             mail: MailRules {
                 null_sender_rate: limits.null_sender_rate,
                 null_sender_rate_per_network: limits.null_sender_rate_per_network,
+                null_sender_rate_per_recipient: limits.null_sender_rate_per_recipient,
+                recipient_folding: Folding {
+                    case_sensitive_local_part: false,
+                    recipient_delimiter: std::iter::once('+')
+                        .chain(
+                            config
+                                .recipients
+                                .ldap
+                                .iter()
+                                .flat_map(|ldap| ldap.recipient_delimiter.chars()),
+                        )
+                        .collect(),
+                },
             },
             rcpt: RcptRules {
                 relay: config.relay.patterns().into_iter().collect(),
@@ -391,14 +413,11 @@ impl Policy {
             return None;
         }
         let key = self.source_key(source);
-        // Each connection keeps the bucket from being empty for this long
-        // more; what it holds is the time to empty over that.
-        let each = (rate.per / rate.count).max(Duration::from_nanos(1));
         let (count, block) = state.with(|tables| {
-            let empty_at = tables.connection_rate.touch(&key, || now);
-            *empty_at = (*empty_at).max(now) + each;
-            let held = empty_at.saturating_duration_since(now).as_nanos();
-            let count = u32::try_from(held.div_ceil(each.as_nanos())).unwrap_or(u32::MAX);
+            let count = tables
+                .connection_rate
+                .touch(&key, || Bucket::new(now))
+                .add(now, rate.count, rate.per);
             if count <= rate.count {
                 return None;
             }
@@ -735,6 +754,77 @@ impl Policy {
             action: Action::RefuseCommand,
             block: None,
         }))
+    }
+
+    /// A RCPT naming `recipient` (canonical) in a null-sender transaction
+    /// (a MAIL that [`Self::mail_from`] counted as one), from `source` in a
+    /// session that announced `helo`: counted in the recipient's bucket
+    /// ([`Self::recipient_key`]), shared by every source, at
+    /// `limits.null_sender_rate_per_recipient`. Past it the RCPT is
+    /// deferred ([`Action::DeferCommand`], never a block: backscatter comes
+    /// from innocent servers) and not counted, so the bucket goes on
+    /// emptying at the rate however hard the flood pushes. `None`: accepted
+    /// (allow-listed sources and HELO names, and a count of 0, are not
+    /// counted).
+    pub fn bounce_rcpt(
+        &self,
+        state: &PolicyState,
+        source: IpAddr,
+        helo: Option<&str>,
+        recipient: &str,
+        now: Instant,
+    ) -> Option<Decision<RcptVerdict>> {
+        let rate = self.mail.null_sender_rate_per_recipient;
+        let source = source.to_canonical();
+        if rate.count == 0
+            || self.is_allowlisted(source)
+            || helo.is_some_and(|h| self.is_helo_allowlisted(h))
+        {
+            return None;
+        }
+        let key = self.recipient_key(recipient);
+        let count = state.with(|tables| {
+            let bucket = tables.null_by_recipient.touch(&key, || Bucket::new(now));
+            let before = *bucket;
+            let count = bucket.add(now, rate.count, rate.per);
+            if count > rate.count {
+                *bucket = before;
+            }
+            count
+        });
+        (count > rate.count).then(|| {
+            self.decide(RcptVerdict::Reject(Rejection {
+                reason: Reason::NullSenderRate {
+                    scope: RateScope::Recipient(key),
+                    count,
+                    limit: rate.count,
+                    per: rate.per,
+                },
+                action: Action::DeferCommand,
+                block: None,
+            }))
+        })
+    }
+
+    /// The key `null_sender_rate_per_recipient` counts a recipient under:
+    /// its local part in lower case and cut at its extension (`+`, or the
+    /// directory's `recipient_delimiter`), as the backend delivers
+    /// `Alice+x@EXAMPLE.com` to `alice@example.com`; a bare local part
+    /// (`postmaster`) the same way, without a domain.
+    #[must_use]
+    pub fn recipient_key(&self, recipient: &str) -> String {
+        let folding = &self.mail.recipient_folding;
+        let fold = |address: &str| {
+            let key = folding.key(address)?;
+            Some(folding.base_key(&key).unwrap_or(key))
+        };
+        fold(recipient)
+            .or_else(|| {
+                // A bare local part: folded as one with a stand-in domain.
+                let key = fold(&format!("{}@x", recipient.trim()))?;
+                key.strip_suffix("@x").map(str::to_owned)
+            })
+            .unwrap_or_else(|| recipient.trim().to_lowercase())
     }
 
     /// The outcome of one RCPT in a session: `ok` when the backend accepted

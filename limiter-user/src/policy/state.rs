@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-use super::table::{Lru, Window};
+use super::table::{Bucket, Lru, Window};
 use super::verdict::{Action, BlockOrder, Reason, Rejection};
 use super::Policy;
 
@@ -206,15 +206,18 @@ pub(super) struct Tables {
     pub(super) null_by_source: Lru<IpNet, Window>,
     /// Times a session of the source key was closed under pressure.
     shed_sessions: Lru<IpNet, Window>,
-    /// When each source key's connection-rate bucket is empty again
+    /// Each source key's connection-rate bucket
     /// ([`super::Policy::connection_rate`]).
-    pub(super) connection_rate: Lru<IpNet, Instant>,
+    pub(super) connection_rate: Lru<IpNet, Bucket>,
     /// Times a source of the network was blocked.
     blocked_by_network: Lru<IpNet, Window>,
     /// Null-sender MAIL times per lower-cased HELO name.
     pub(super) null_by_helo: Lru<String, Window>,
     /// Null-sender MAIL times per network ([`Policy::source_network`]).
     pub(super) null_by_network: Lru<IpNet, Window>,
+    /// Each recipient key's null-sender bucket
+    /// ([`super::Policy::bounce_rcpt`]).
+    pub(super) null_by_recipient: Lru<String, Bucket>,
     /// Refused credentials per account (the name a SASL exchange logs in
     /// as, lower-cased), from every source.
     pub(super) auth_failures_by_account: Lru<String, Window>,
@@ -295,6 +298,7 @@ impl PolicyState {
                 blocked_by_network: Lru::new(network_capacity(capacity)),
                 null_by_helo: Lru::new(capacity),
                 null_by_network: Lru::new(network_capacity(capacity)),
+                null_by_recipient: Lru::new(capacity),
                 auth_failures_by_account: Lru::new(capacity),
                 logins: Lru::new(capacity),
                 history: Lru::new(capacity),
@@ -426,7 +430,12 @@ impl PolicyState {
             + tables
                 .auth_failures_by_account
                 .retain(live(now, policy.auth.failed_auth_window))
-            + tables.connection_rate.retain(|_, empty_at| *empty_at > now)
+            + tables
+                .connection_rate
+                .retain(|_, bucket| !bucket.is_empty(now))
+            + tables
+                .null_by_recipient
+                .retain(|_, bucket| !bucket.is_empty(now))
             + tables
                 .logins
                 .retain(|_, at| now.saturating_duration_since(*at) < super::LOGIN_MEMORY)

@@ -1,5 +1,5 @@
-//! Bounded building blocks of the policy state: a least-recently-seen table
-//! and a sliding window of event times.
+//! Bounded building blocks of the policy state: a least-recently-seen table,
+//! a sliding window of event times, and a bucket that empties at a rate.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -158,6 +158,35 @@ impl Window {
     /// Whether no event is held.
     pub(super) fn is_empty(&self) -> bool {
         self.times.is_empty()
+    }
+}
+
+/// A bucket that holds up to a rate's count and empties at the rate
+/// (`per / count` per event), kept as the time it is empty again: one
+/// `Instant` per key, whatever the count (GCRA).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Bucket {
+    empty_at: Instant,
+}
+
+impl Bucket {
+    /// An empty bucket as of `now`.
+    pub(super) fn new(now: Instant) -> Self {
+        Self { empty_at: now }
+    }
+
+    /// Adds one event at `now` to a bucket emptying at `count` per `per`
+    /// (`count` > 0); how many it then holds, this one included.
+    pub(super) fn add(&mut self, now: Instant, count: u32, per: Duration) -> u32 {
+        let each = (per / count).max(Duration::from_nanos(1));
+        self.empty_at = self.empty_at.max(now) + each;
+        let held = self.empty_at.saturating_duration_since(now).as_nanos();
+        u32::try_from(held.div_ceil(each.as_nanos())).unwrap_or(u32::MAX)
+    }
+
+    /// Whether it is empty at `now`.
+    pub(super) fn is_empty(&self, now: Instant) -> bool {
+        self.empty_at <= now
     }
 }
 

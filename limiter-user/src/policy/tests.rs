@@ -546,6 +546,93 @@ fn null_sender_rate_per_network_spans_the_sources_of_a_network() {
     }
 }
 
+/// A bounce flood aimed at one mailbox from many networks, every source,
+/// HELO name and network under its own rate: the recipient's bucket
+/// defers it, whatever the spelling of the address.
+#[test]
+fn null_sender_rate_per_recipient_spans_networks_and_spellings() {
+    let policy = policy(
+        "[limits]\nnull_sender_rate_per_recipient = \"5/1h\"\n\n[lists]\nallow = [\"203.0.113.9\"]\nallow_helo = [\"mx.friend.example\"]",
+    );
+    let state = state();
+    let t0 = Instant::now();
+    let hour = Duration::from_secs(3600);
+    let bounce = |source: &str, rcpt: &str, at: Instant| {
+        policy.bounce_rcpt(&state, ip(source), Some("mx.example.net"), rcpt, at)
+    };
+    // Five bounces from five networks, each spelling the address its way.
+    for (i, rcpt) in [
+        "alice@example.com",
+        "Alice@EXAMPLE.com",
+        "alice+list@example.com",
+        "\"alice\"@example.com.",
+        "ALICE+x+y@Example.Com",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert!(
+            bounce(&format!("198.51.{i}.1"), rcpt, t0).is_none(),
+            "{rcpt}"
+        );
+    }
+    // The sixth, from a sixth network: deferred, never a block.
+    let decision = bounce("192.0.2.1", "alice@example.com", t0).expect("over the rate");
+    let RcptVerdict::Reject(rejection) = decision.verdict else {
+        panic!("{:?}", decision.verdict);
+    };
+    assert_eq!(
+        rejection.reason,
+        Reason::NullSenderRate {
+            scope: RateScope::Recipient("alice@example.com".into()),
+            count: 6,
+            limit: 5,
+            per: hour
+        }
+    );
+    assert_eq!(rejection.action, Action::DeferCommand);
+    assert_eq!(rejection.block, None);
+    // Refused ones are not counted: a flood that keeps pushing does not
+    // keep the bucket full; it empties one bounce per 12 minutes.
+    for _ in 0..50 {
+        assert!(bounce("192.0.2.2", "alice+again@example.com", t0).is_some());
+    }
+    let twelve = hour / 5;
+    assert!(bounce("192.0.2.3", "alice@example.com", t0 + twelve).is_none());
+    assert!(bounce("192.0.2.3", "alice@example.com", t0 + twelve).is_some());
+    // Another recipient has its own bucket; the allow lists and bare local
+    // parts.
+    assert!(bounce("192.0.2.1", "bob@example.com", t0).is_none());
+    assert!(policy
+        .bounce_rcpt(&state, ip("203.0.113.9"), None, "alice@example.com", t0)
+        .is_none());
+    assert!(policy
+        .bounce_rcpt(
+            &state,
+            ip("192.0.2.1"),
+            Some("MX.friend.example"),
+            "alice@example.com",
+            t0
+        )
+        .is_none());
+    assert_eq!(policy.recipient_key("Postmaster+x"), "postmaster");
+    assert_eq!(
+        policy.recipient_key("\"a b\"@x.example"),
+        "\"a b\"@x.example"
+    );
+    // The sweep forgets a bucket once it is empty.
+    assert_eq!(state.sweep(&policy, t0 + 2 * hour), 2);
+    // A count of 0 turns it off.
+    let off = self::policy("[limits]\nnull_sender_rate_per_recipient = \"0/1h\"");
+    let state = self::state();
+    for i in 0..50 {
+        let source = ip(&format!("198.51.{i}.1"));
+        assert!(off
+            .bounce_rcpt(&state, source, None, "alice@example.com", t0)
+            .is_none());
+    }
+}
+
 #[test]
 fn null_sender_rate_per_helo_spans_sources() {
     let policy = policy("[limits]\nnull_sender_rate = \"2/1m\"");

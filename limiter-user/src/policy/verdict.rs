@@ -74,6 +74,9 @@ pub enum RateScope {
     Helo(String),
     /// The source's network (`network_ipv4_prefix`, `network_ipv6_prefix`).
     Network(IpNet),
+    /// One recipient, from every source (its key: lower case, extension
+    /// cut).
+    Recipient(String),
 }
 
 /// Why something was refused. [`Reason::name`] is the stable label for logs
@@ -304,13 +307,14 @@ impl fmt::Display for Reason {
                 per,
             } => {
                 let scope = match scope {
-                    RateScope::Source => "source".to_owned(),
-                    RateScope::Helo(helo) => format!("HELO {helo:?}"),
-                    RateScope::Network(net) => format!("network {net}"),
+                    RateScope::Source => "from the source".to_owned(),
+                    RateScope::Helo(helo) => format!("from HELO {helo:?}"),
+                    RateScope::Network(net) => format!("from network {net}"),
+                    RateScope::Recipient(rcpt) => format!("to {rcpt:?}"),
                 };
                 write!(
                     f,
-                    "{count} null-sender messages from {scope} within {per:?}, the limit is {limit}"
+                    "{count} null-sender messages {scope} within {per:?}, the limit is {limit}"
                 )
             }
             Self::RelayDenied => f.write_str("recipient matches no relay.accept pattern"),

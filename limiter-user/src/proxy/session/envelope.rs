@@ -78,6 +78,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.pipeline.relay(
             &line,
             Step::Mail {
+                bounce: mail.counts_as_null_sender(),
                 sender: mail.sender,
                 line: line.clone(),
             },
@@ -90,6 +91,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(super) async fn mail_answered(
         &mut self,
         sender: Option<String>,
+        bounce: bool,
         line: Vec<u8>,
         reply: Reply,
     ) -> std::io::Result<Flow> {
@@ -97,6 +99,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.envelope = Envelope {
                 active: true,
                 sender,
+                bounce,
                 recipients: Vec::new(),
             };
             // A sender: no longer among the sessions shed under pressure.
@@ -195,6 +198,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Some(_) => policy.relay_denied(),
             None => policy.rcpt(self.source(), &rcpt.canonical),
         };
+        // A bounce the rules let through counts toward its recipient's
+        // rate, whichever source sends it.
+        let decision = match decision.verdict {
+            RcptVerdict::Reject(_) => decision,
+            _ if !self.pipeline.bounce(&self.envelope) => decision,
+            _ => policy
+                .bounce_rcpt(
+                    &self.ctx.state,
+                    self.source(),
+                    self.helo.as_ref().map(|h| h.name.as_str()),
+                    &rcpt.canonical,
+                    Instant::now(),
+                )
+                .unwrap_or(decision),
+        };
         // A directory of valid recipients refuses unknown ones without
         // asking the backend (allow-listed sources aside).
         let directory_refuses = match &decision.verdict {
@@ -254,10 +272,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let (reply, accepted) = match decision.verdict {
             RcptVerdict::Reject(rejection) if decision.enforced => {
                 self.log_decision(&rejection, true);
-                let reply = rcpt
-                    .second_route
-                    .as_ref()
-                    .map_or_else(Reply::relay_denied, |_| Reply::routing_refused());
+                let reply = match (&rejection.reason, &rcpt.second_route) {
+                    (Reason::RelayDenied, None) => Reply::relay_denied(),
+                    (Reason::RelayDenied, Some(_)) => Reply::routing_refused(),
+                    _ => rejection_reply(&rejection),
+                };
                 (reply, false)
             }
             verdict => {

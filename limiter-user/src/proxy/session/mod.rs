@@ -82,10 +82,9 @@ use crate::{
         message::{self, HeaderEdits},
         Envelope as FilterEnvelope, Filters, MessageScan, Outcome,
     },
-    policy::Reason,
     policy::{
-        Action, ConnectionGuard, Decision, HeloGuard, HeloVerdict, MailVerdict, RcptVerdict,
-        Rejection, SessionCounters,
+        Action, ConnectionGuard, Decision, HeloGuard, HeloVerdict, MailVerdict, RateScope,
+        RcptVerdict, Reason, Rejection, SessionCounters,
     },
     smtp::{
         command::{
@@ -152,6 +151,9 @@ struct Envelope {
     active: bool,
     /// `None` for the null sender.
     sender: Option<String>,
+    /// A bounce: the null sender or MAILER-DAEMON, as the null-sender
+    /// rates count it ([`MailFrom::counts_as_null_sender`]).
+    bounce: bool,
     /// The recipients the backend accepted (at most `smtp.max_recipients`).
     recipients: Vec<String>,
 }
@@ -1228,6 +1230,10 @@ pub(super) fn rejection_reply(rejection: &Rejection) -> Reply {
         Reason::StateFull { .. } => "Error: server busy, try again later",
         Reason::HeloRejected { .. } => "Helo command rejected: Access denied",
         Reason::TooManyForHelo { .. } => "Error: too many connections for your HELO name",
+        Reason::NullSenderRate {
+            scope: RateScope::Recipient(_),
+            ..
+        } => "Error: too many bounces to this recipient, try again later",
         Reason::NullSenderRate { .. } => {
             "Error: too many messages with a null sender, try again later"
         }

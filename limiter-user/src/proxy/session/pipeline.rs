@@ -49,10 +49,12 @@ pub(super) enum Step {
     Count,
     /// A reply of the proxy's own.
     Reply(Reply),
-    /// A relayed MAIL FROM, with the sender it names (`None`: null sender)
-    /// and the line the backend got.
+    /// A relayed MAIL FROM, with the sender it names (`None`: null sender),
+    /// whether it is a bounce ([`Envelope::bounce`]), and the line the
+    /// backend got.
     Mail {
         sender: Option<String>,
+        bounce: bool,
         line: Vec<u8>,
     },
     /// A RCPT TO, relayed or refused by the proxy.
@@ -106,6 +108,18 @@ impl Pipeline {
             .iter()
             .filter(|s| matches!(s, Step::Rcpt(r) if r.relayed()))
             .count()
+    }
+
+    /// Whether the transaction a RCPT read now belongs to is a bounce, given
+    /// whether the open one (`envelope`) is: the last pending MAIL decides.
+    pub(super) fn bounce(&self, envelope: &Envelope) -> bool {
+        match self.steps.iter().rev().find_map(|s| match s {
+            Step::Mail { bounce, .. } => Some(*bounce),
+            _ => None,
+        }) {
+            Some(bounce) => bounce,
+            None => envelope.active && envelope.bounce,
+        }
     }
 
     /// What the transaction will be once the pending replies are in, given
@@ -236,9 +250,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.reply(&reply).await?;
                 Ok(Flow::Continue)
             }
-            (Step::Mail { sender, line }, Some(reply)) => {
-                self.mail_answered(sender, line, reply).await
-            }
+            (
+                Step::Mail {
+                    sender,
+                    bounce,
+                    line,
+                },
+                Some(reply),
+            ) => self.mail_answered(sender, bounce, line, reply).await,
             (Step::Rcpt(rcpt), reply) => self.rcpt_answered(*rcpt, reply).await,
             (Step::Rset, Some(reply)) => {
                 self.envelope = Envelope::default();

@@ -915,6 +915,68 @@ async fn a_pipelined_group_reaches_the_backend_in_one_write_and_replies_come_in_
     });
 }
 
+/// A bounce to a recipient past `null_sender_rate_per_recipient` is
+/// deferred without reaching the backend, whatever the spelling, also in a
+/// pipelined group whose MAIL is still pending; a MAIL with a sender is not
+/// counted, one from MAILER-DAEMON is.
+#[tokio::test(start_paused = true)]
+async fn bounces_past_their_recipients_rate_are_deferred_before_the_backend() {
+    let config = Config::from_toml("[limits]\nnull_sender_rate_per_recipient = \"1/1h\"").unwrap();
+    let mut h = Harness::start_with(config, true);
+    h.ehlo().await;
+    h.client
+        .send(
+            "MAIL FROM:<>\r\n\
+             RCPT TO:<alice@example.com>\r\n\
+             RCPT TO:<Alice+news@EXAMPLE.com>\r\n\
+             RCPT TO:<bob@example.com>\r\n\
+             DATA\r\n",
+        )
+        .await;
+    assert_code(&h.client.reply().await, 250, (2, 1, 0));
+    assert_code(&h.client.reply().await, 250, (2, 1, 5));
+    let deferred = h.client.reply().await;
+    assert_code(&deferred, 450, (4, 7, 1));
+    assert!(
+        deferred
+            .text()
+            .contains("too many bounces to this recipient"),
+        "{deferred:?}"
+    );
+    assert_code(&h.client.reply().await, 250, (2, 1, 5));
+    assert_eq!(h.client.reply().await.code, 354);
+    h.client.send("Subject: bounce\r\n").await;
+    assert_eq!(h.client.command(".").await, parse(QUEUED));
+    for (sender, code) in [
+        ("<sender@example.org>", 250),
+        ("<MAILER-DAEMON@mx.example.net>", 450),
+    ] {
+        assert_eq!(
+            h.client.command(&format!("MAIL FROM:{sender}")).await.code,
+            250
+        );
+        let reply = h.client.command("RCPT TO:<alice@example.com>").await;
+        assert_eq!(reply.code, code, "{sender}: {reply:?}");
+        assert_eq!(h.client.command("RSET").await.code, 250);
+    }
+    assert_eq!(h.client.command("QUIT").await.code, 221);
+    let (_, _, backend, ctx) = h.ended().await;
+    let rcpts: Vec<String> = backend
+        .lines()
+        .into_iter()
+        .filter(|line| line.starts_with("RCPT"))
+        .collect();
+    assert_eq!(
+        rcpts,
+        [
+            "RCPT TO:<alice@example.com>",
+            "RCPT TO:<bob@example.com>",
+            "RCPT TO:<alice@example.com>"
+        ]
+    );
+    assert_eq!(ctx.stats.rejections(), [("null-sender-rate", 2)]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn without_pipelining_at_the_backend_a_pipelining_client_is_still_served_in_order() {
     let mut h = Harness::start_with(Config::default(), false);
