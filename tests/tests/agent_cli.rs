@@ -491,6 +491,70 @@ fn a_client_reconnecting_in_a_loop_is_refused_then_blocked() {
     drop(kernel);
 }
 
+/// The same loop spread over the addresses of a network, each address
+/// under `limits.connection_rate`: past `connection_rate_per_network` the
+/// network's connections get `421 4.7.0`, past twice it the network is
+/// blocked, in the kernel too, and an address of it that never connected
+/// is refused with the rest; another network is served throughout.
+#[test]
+fn a_loop_spread_over_a_network_gets_the_network_blocked() {
+    let test = "a_loop_spread_over_a_network_gets_the_network_blocked";
+    if !prerequisites(test) {
+        return;
+    }
+    // /28 networks: the churners' is 127.0.0.64/28.
+    let (pins, mut files) = with_kernel(
+        "connection-rate-network",
+        "connection_rate = \"5/1m\"\nconnection_rate_per_network = \"6/1m\"\nnetwork_ipv4_prefix = 28",
+    );
+    let agent = files.start();
+    let proxy = files.proxy();
+    let greeting_of = |source: &str| greeting_from(source, proxy);
+    // Three addresses, two connections each: six, each address under five.
+    for source in ["127.0.0.65", "127.0.0.66", "127.0.0.67"] {
+        for _ in 0..2 {
+            let greeting = greeting_of(source);
+            assert!(greeting.starts_with("220 "), "{source}: {greeting}");
+        }
+    }
+    // The 7th to the 12th, from fresh addresses of the /28: refused.
+    for host in 68..74 {
+        let greeting = greeting_of(&format!("127.0.0.{host}"));
+        assert!(
+            greeting.starts_with("421 4.7.0 Error: too many connections from your network"),
+            "127.0.0.{host}, over the network's rate: {greeting}"
+        );
+    }
+    let greeting = greeting_of("127.0.0.81");
+    assert!(greeting.starts_with("220 "), "another network: {greeting}");
+    // The 13th: twice over, the /28 is blocked.
+    assert!(greeting_of("127.0.0.74").starts_with("421 4.7.0"));
+    let kernel = BpfDatapath::open_pinned(pins.path()).unwrap();
+    let hit = kernel
+        .block_covering("127.0.0.79".parse().unwrap())
+        .unwrap()
+        .expect("the network is blocked in the kernel");
+    assert_eq!(hit.origin, Some(limiter_common::Reason::Flood));
+    let greeting = greeting_of("127.0.0.79");
+    assert!(
+        greeting.starts_with("421 4.7.0") && greeting.contains("blocked"),
+        "an address of the network that never connected: {greeting}"
+    );
+    let (ok, out) = cli(&files.config, &["block", "check", "127.0.0.79"]);
+    assert!(
+        ok && out.contains("blocked by 127.0.0.64/28 (flood"),
+        "block check: {out}"
+    );
+    let (ok, out) = cli(&files.config, &["stats", "--json"]);
+    assert!(ok, "{out}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let refused = find_key(&stats, "rejections").map(|r| &r["connection-rate-network"]);
+    assert_eq!(refused, Some(&serde_json::json!(7)), "stats: {out}");
+    agent.stop();
+    drop(kernel);
+}
+
 /// `smtp-limiter stats` and `/metrics` show the content filters' verdicts,
 /// with the real binary, clamd, and the built-in backend.
 #[test]

@@ -32,6 +32,14 @@ pub struct Limits {
     /// hangs up in a loop, each time within `max_connections_per_source`,
     /// then costs a kernel drop instead of a session. `"0/1m"` = off.
     pub connection_rate: Rate,
+    /// Most new connections from all the sources of one network
+    /// (`network_ipv4_prefix`, `network_ipv6_prefix`), counted like
+    /// `connection_rate`: a connect-and-hang-up loop spread over the
+    /// addresses of a /24 or the /64s of a /48, each under its own rate.
+    /// Past the count `421 4.7.0` at accept; past twice the count (refused
+    /// ones count) the network is blocked (origin `flood`). A count of 0 =
+    /// off.
+    pub connection_rate_per_network: Rate,
     /// Failed RCPTs in a session before the source is blocked (harvesting).
     pub max_failed_rcpt: u32,
     /// Failed RCPTs per source (IPv6 per `ipv6_prefix`) within
@@ -134,6 +142,10 @@ impl Default for Limits {
                 count: 600,
                 per: Duration::from_secs(60),
             },
+            connection_rate_per_network: Rate {
+                count: 3000,
+                per: Duration::from_secs(60),
+            },
             max_failed_rcpt: 5,
             max_failed_rcpt_per_source: 20,
             failed_rcpt_window: Duration::from_secs(3600),
@@ -229,6 +241,10 @@ impl Limits {
         }
         for (key, rate) in [
             ("limits.connection_rate", limits.connection_rate),
+            (
+                "limits.connection_rate_per_network",
+                limits.connection_rate_per_network,
+            ),
             (
                 "limits.null_sender_rate_per_network",
                 limits.null_sender_rate_per_network,
@@ -419,6 +435,10 @@ pub const LIVE_LIMITS: &[LiveLimit] = &[
     live_limit!(
         connection_rate,
         "new connections per source, however short; over it 421 4.7.0, twice over it a block (0/1m = off)"
+    ),
+    live_limit!(
+        connection_rate_per_network,
+        "new connections from all sources of one network; over it 421 4.7.0, twice over it the network's block (0/1m = off)"
     ),
     live_limit!(
         max_failed_rcpt,

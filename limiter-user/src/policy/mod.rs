@@ -121,6 +121,9 @@ struct ConnectRules {
     default_cap: u32,
     /// `connection_rate`; a count of 0 = off.
     connection_rate: Rate,
+    /// `connection_rate_per_network`, per [`Policy::source_network`]; a
+    /// count of 0 = off.
+    connection_rate_per_network: Rate,
     /// `ipv6_prefix`: IPv6 sources are keyed by this prefix.
     ipv6_prefix: u8,
     /// `network_ipv4_prefix`: the network of an IPv4 source.
@@ -254,6 +257,7 @@ impl Policy {
                 source_caps,
                 default_cap: limits.max_connections_per_source,
                 connection_rate: limits.connection_rate,
+                connection_rate_per_network: limits.connection_rate_per_network,
                 ipv6_prefix: limits.ipv6_prefix.min(128),
                 network_ipv4_prefix: limits.network_ipv4_prefix.min(32),
                 network_ipv6_prefix: limits.network_ipv6_prefix.min(limits.ipv6_prefix).min(128),
@@ -397,7 +401,12 @@ impl Policy {
     /// ones count too: a client that keeps coming stays refused). Past
     /// `count`: [`Reason::ConnectionRate`], `421 4.7.0`; past twice `count`,
     /// the same with the source's block (origin `flood`), the bucket
-    /// emptied. Allow-listed sources are not counted; a count of 0 is off.
+    /// emptied. The connection is counted in its network's bucket too
+    /// (`limits.connection_rate_per_network`, [`Self::source_network`]),
+    /// the same way: [`Reason::ConnectionRateFromNetwork`], and past twice
+    /// its count the network's block: the loop spread over the addresses of
+    /// a /24 (or the /64s of a /48), each under its own rate. Allow-listed
+    /// sources are not counted; a count of 0 is off.
     /// Asked at accept, before [`Self::connect`]: a connect-and-hang-up
     /// loop, each connection within the source's cap, costs a session
     /// each time until it is blocked.
@@ -407,35 +416,60 @@ impl Policy {
         source: IpAddr,
         now: Instant,
     ) -> Option<Decision<Rejection>> {
-        let rate = self.connect.connection_rate;
+        let (rate, network_rate) = (
+            self.connect.connection_rate,
+            self.connect.connection_rate_per_network,
+        );
         let source = source.to_canonical();
-        if rate.count == 0 || self.is_allowlisted(source) {
+        if rate.count == 0 && network_rate.count == 0 || self.is_allowlisted(source) {
             return None;
         }
-        let key = self.source_key(source);
-        let (count, block) = state.with(|tables| {
-            let count = tables
-                .connection_rate
-                .touch(&key, || Bucket::new(now))
-                .add(now, rate.count, rate.per);
-            if count <= rate.count {
-                return None;
-            }
-            let block = (count > rate.count.saturating_mul(2)).then(|| {
-                tables.connection_rate.remove(&key);
-                tables.block(self, source, limiter_common::Reason::Flood, now)
+        let (key, network) = (self.source_key(source), self.source_network(source));
+        let rejection = state.with(|tables| {
+            let by_source = (rate.count > 0).then(|| {
+                tables
+                    .connection_rate
+                    .touch(&key, || Bucket::new(now))
+                    .add(now, rate.count, rate.per)
             });
-            Some((count, block))
+            let by_network = (network_rate.count > 0).then(|| {
+                tables
+                    .connection_rate_by_network
+                    .touch(&network, || Bucket::new(now))
+                    .add(now, network_rate.count, network_rate.per)
+            });
+            if let Some(count) = by_source.filter(|&count| count > rate.count) {
+                let block = (count > rate.count.saturating_mul(2)).then(|| {
+                    tables.connection_rate.remove(&key);
+                    tables.block_net(self, key, limiter_common::Reason::Flood, now)
+                });
+                return Some(Rejection {
+                    reason: Reason::ConnectionRate {
+                        count,
+                        limit: rate.count,
+                        per: rate.per,
+                    },
+                    action: Action::DeferAndClose,
+                    block,
+                });
+            }
+            let count = by_network.filter(|&count| count > network_rate.count)?;
+            let block = (count > network_rate.count.saturating_mul(2)).then(|| {
+                tables.connection_rate_by_network.remove(&network);
+                tables.block_net(self, network, limiter_common::Reason::Flood, now)
+            });
+            Some(Rejection {
+                reason: Reason::ConnectionRateFromNetwork {
+                    network,
+                    count,
+                    limit: network_rate.count,
+                    per: network_rate.per,
+                },
+                action: Action::DeferAndClose,
+                block,
+            })
         })?;
-        Some(self.decide(Rejection {
-            reason: Reason::ConnectionRate {
-                count,
-                limit: rate.count,
-                per: rate.per,
-            },
-            action: Action::DeferAndClose,
-            block,
-        }))
+        Some(self.decide(rejection))
     }
 
     /// The `lists.reject_helo` pattern `helo` matches, if any.

@@ -209,6 +209,8 @@ pub(super) struct Tables {
     /// Each source key's connection-rate bucket
     /// ([`super::Policy::connection_rate`]).
     pub(super) connection_rate: Lru<IpNet, Bucket>,
+    /// Each network's connection-rate bucket.
+    pub(super) connection_rate_by_network: Lru<IpNet, Bucket>,
     /// Times a source of the network was blocked.
     blocked_by_network: Lru<IpNet, Window>,
     /// Null-sender MAIL times per lower-cased HELO name.
@@ -295,6 +297,7 @@ impl PolicyState {
                 null_by_source: Lru::new(capacity),
                 shed_sessions: Lru::new(capacity),
                 connection_rate: Lru::new(capacity),
+                connection_rate_by_network: Lru::new(network_capacity(capacity)),
                 blocked_by_network: Lru::new(network_capacity(capacity)),
                 null_by_helo: Lru::new(capacity),
                 null_by_network: Lru::new(network_capacity(capacity)),
@@ -432,6 +435,9 @@ impl PolicyState {
                 .retain(live(now, policy.auth.failed_auth_window))
             + tables
                 .connection_rate
+                .retain(|_, bucket| !bucket.is_empty(now))
+            + tables
+                .connection_rate_by_network
                 .retain(|_, bucket| !bucket.is_empty(now))
             + tables
                 .null_by_recipient

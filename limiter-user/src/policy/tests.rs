@@ -958,6 +958,78 @@ fn connections_past_the_rate_are_refused_and_twice_past_it_blocked() {
     }
 }
 
+/// A connect-and-hang-up loop spread over the addresses of a network, each
+/// address under its own rate: the network's bucket refuses it, then
+/// blocks the network; the next network and the allow list are not
+/// touched.
+#[test]
+fn connections_spread_over_a_network_are_refused_then_the_network_blocked() {
+    let policy = policy(
+        "[limits]\nconnection_rate = \"5/1m\"\nconnection_rate_per_network = \"12/1m\"\n[lists]\nallow = [\"198.51.100.250\"]",
+    );
+    let state = state();
+    let t0 = Instant::now();
+    // Four addresses of one /24, three connections each: twelve, the limit,
+    // every address under its own five.
+    for host in 1..=4 {
+        for _ in 0..3 {
+            let source = ip(&format!("198.51.100.{host}"));
+            assert!(
+                policy.connection_rate(&state, source, t0).is_none(),
+                "{source}"
+            );
+        }
+    }
+    // The 13th to the 24th, from fresh addresses: refused, not blocked.
+    for i in 13..=24 {
+        let source = ip(&format!("198.51.100.{}", 100 + i));
+        let rejection = policy
+            .connection_rate(&state, source, t0)
+            .expect("over the network's rate")
+            .verdict;
+        assert_eq!(rejection.name(), "connection-rate-network");
+        assert_eq!(
+            rejection.reason,
+            Reason::ConnectionRateFromNetwork {
+                network: net("198.51.100.0/24"),
+                count: i,
+                limit: 12,
+                per: MIN
+            }
+        );
+        assert_eq!(rejection.action, Action::DeferAndClose);
+        assert!(rejection.block.is_none(), "connection {i}");
+    }
+    // The allow list is not counted; the next /24 has its own bucket.
+    assert!(policy
+        .connection_rate(&state, ip("198.51.100.250"), t0)
+        .is_none());
+    assert!(policy
+        .connection_rate(&state, ip("198.51.101.1"), t0)
+        .is_none());
+    // The 25th blocks the /24.
+    let order = policy
+        .connection_rate(&state, ip("198.51.100.200"), t0)
+        .and_then(|d| d.verdict.block)
+        .expect("twice over the network's rate blocks it");
+    assert_eq!(order.net, net("198.51.100.0/24"));
+    assert_eq!(order.origin, Origin::Flood);
+    // IPv6: the /64s of a /48 share the network's bucket; 0/1m is off.
+    for i in 1..=12 {
+        let source = ip(&format!("2001:db8:5:{i:x}::1"));
+        assert!(policy.connection_rate(&state, source, t0).is_none());
+    }
+    assert!(policy
+        .connection_rate(&state, ip("2001:db8:5:ff::1"), t0)
+        .is_some());
+    let off = self::policy("[limits]\nconnection_rate_per_network = \"0/1m\"");
+    let state = self::state();
+    for host in 1..=200 {
+        let source = ip(&format!("198.51.100.{host}"));
+        assert!(off.connection_rate(&state, source, t0).is_none());
+    }
+}
+
 #[test]
 fn the_connection_bucket_empties_at_the_rate() {
     let policy = policy("[limits]\nconnection_rate = \"10/1m\"\nipv6_prefix = 64");
@@ -991,8 +1063,9 @@ fn the_connection_bucket_empties_at_the_rate() {
     assert!(policy
         .connection_rate(&state, ip("2001:db8:1:2::99"), t0)
         .is_some());
-    // Off: never counted.
+    // Off: never counted (1000 connections, under the network's 3000).
     let off = policy_with_rate("0/1m");
+    let state = self::state();
     for _ in 0..1000 {
         assert!(off.connection_rate(&state, source, t0).is_none());
     }

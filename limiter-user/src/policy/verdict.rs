@@ -105,6 +105,18 @@ pub enum Reason {
         /// The period.
         per: Duration,
     },
+    /// New connections from all the sources of one network over
+    /// `limits.connection_rate_per_network`.
+    ConnectionRateFromNetwork {
+        /// The network (`network_ipv4_prefix`, `network_ipv6_prefix`).
+        network: IpNet,
+        /// Connections in the network's bucket, this one included.
+        count: u32,
+        /// The configured count per period.
+        limit: u32,
+        /// The period.
+        per: Duration,
+    },
     /// A table of live sessions is full ([`PolicyState`](super::PolicyState)
     /// capacity): a new source or HELO name cannot be counted, and counting
     /// must stay exact, so it is refused for now.
@@ -237,6 +249,7 @@ impl Reason {
             Self::RejectList { .. } => "reject-list",
             Self::TooManyConnections { .. } => "too-many-connections",
             Self::ConnectionRate { .. } => "connection-rate",
+            Self::ConnectionRateFromNetwork { .. } => "connection-rate-network",
             Self::StateFull { .. } => "state-full",
             Self::HeloRejected { .. } => "helo-reject",
             Self::TooManyForHelo { .. } => "helo-limit",
@@ -262,7 +275,8 @@ impl Reason {
             Self::RejectList { .. } => Some(Origin::RejectList),
             Self::NullSenderRate { .. }
             | Self::ShedSessions { .. }
-            | Self::ConnectionRate { .. } => Some(Origin::Flood),
+            | Self::ConnectionRate { .. }
+            | Self::ConnectionRateFromNetwork { .. } => Some(Origin::Flood),
             Self::Harvest { .. }
             | Self::HarvestAcrossSessions { .. }
             | Self::HarvestFromNetwork { .. } => Some(Origin::Harvest),
@@ -289,6 +303,15 @@ impl fmt::Display for Reason {
             Self::ConnectionRate { count, limit, per } => write!(
                 f,
                 "{count} connections within {per:?}, the limit is {limit}"
+            ),
+            Self::ConnectionRateFromNetwork {
+                network,
+                count,
+                limit,
+                per,
+            } => write!(
+                f,
+                "{count} connections from network {network} within {per:?}, the limit is {limit}"
             ),
             Self::StateFull { table, capacity } => {
                 write!(f, "the {table} table is full ({capacity} entries)")

@@ -308,6 +308,7 @@ mode = "off"
 [limits]
 max_connections_per_source = 0
 connection_rate = "0/1m"
+connection_rate_per_network = "0/1m"
 {limits}
 
 [relay]

@@ -375,6 +375,7 @@ ipv6_prefix = 64
 # Not the reference's: each legitimate worker opens a session per message,
 # tens a second from its one address.
 connection_rate = "0/1m"
+connection_rate_per_network = "0/1m"
 max_failed_rcpt = 5
 max_failed_auth = 5
 failed_auth_window = "10m"

@@ -154,6 +154,7 @@ max_failed_rcpt_per_source = 1000000
 max_failed_rcpt_per_network = 0
 # Its sessions come back to back from a few addresses.
 connection_rate = "0/1m"
+connection_rate_per_network = "0/1m"
 
 [kernel]
 mode = "required"

@@ -1227,6 +1227,9 @@ pub(super) fn rejection_reply(rejection: &Rejection) -> Reply {
         Reason::ConnectionRate { .. } => {
             "Error: too many connections from your address, try again later"
         }
+        Reason::ConnectionRateFromNetwork { .. } => {
+            "Error: too many connections from your network, try again later"
+        }
         Reason::StateFull { .. } => "Error: server busy, try again later",
         Reason::HeloRejected { .. } => "Helo command rejected: Access denied",
         Reason::TooManyForHelo { .. } => "Error: too many connections for your HELO name",
