@@ -729,9 +729,64 @@ fn spray(rig: &Rig) -> Vec<String> {
     replies
 }
 
+/// `AUTH PLAIN` for `authcid` with `password` (no authzid).
+fn plain(authcid: &str, password: &str) -> String {
+    use base64::Engine as _;
+    let message = format!("\0{authcid}\0{password}");
+    format!(
+        "AUTH PLAIN {}",
+        base64::engine::general_purpose::STANDARD.encode(message)
+    )
+}
+
 /// Refused credentials Postfix logged.
 fn postfix_auth_failures(rig: &Rig) -> usize {
     log_lines(&rig.log(), "authentication failed").len()
+}
+
+/// The same spray, each guess naming alice another way her backend reads
+/// as her (Cyrus: `alice` is `alice@REALM`): both count as alice. Before,
+/// each name had a count of its own, and all eight guesses reached Postfix
+/// where the account's limit is six (a backend with more names for an
+/// account, Exchange's `DOMAIN\alice` and `alice@domain`, gave more).
+#[test]
+fn a_password_spray_spelling_the_account_several_ways_stops_at_the_accounts_limit() {
+    if !ready("a_password_spray_spelling_the_account_several_ways_stops_at_the_accounts_limit") {
+        return;
+    }
+    let rig = rig(
+        &[],
+        "max_failed_auth = 3\nmax_failed_auth_per_network = 8\nmax_failed_auth_per_account = 6\n",
+    );
+    let qualified = format!("alice@{}", postfix::SASL_REALM);
+    // Postfix logs alice in under either name, from home.
+    for name in ["alice", &qualified] {
+        let mut home = ehlo(&rig, "127.0.9.1");
+        let reply = home.cmd(&plain(name, USER.1)).unwrap();
+        assert!(reply.starts_with("235 "), "{name}: {reply}");
+    }
+    let spellings = ["alice", qualified.as_str()];
+    let mut replies = Vec::new();
+    for net in 20..24 {
+        let mut guesser = ehlo(&rig, &format!("127.0.{net}.1"));
+        for guess in 0..2 {
+            let name = spellings[(net * 2 + guess) % spellings.len()];
+            let reply = guesser.cmd(&plain(name, &format!("wrong{guess}"))).unwrap();
+            replies.push(format!("{name}: {reply}"));
+        }
+    }
+    for reply in &replies[..6] {
+        assert!(reply.contains(": 535 "), "{replies:#?}");
+    }
+    for reply in &replies[6..] {
+        assert!(reply.contains(": 454 4.7.0 "), "{replies:#?}");
+    }
+    limiter_tests::tcp::wait_until(Duration::from_secs(5), || postfix_auth_failures(&rig) >= 6);
+    assert_eq!(postfix_auth_failures(&rig), 6, "{}", rig.log());
+    // Home is still home, under either name.
+    let mut home = ehlo(&rig, "127.0.9.1");
+    let reply = home.cmd(&plain(&qualified, USER.1)).unwrap();
+    assert!(reply.starts_with("235 "), "home after the spray: {reply}");
 }
 
 #[test]

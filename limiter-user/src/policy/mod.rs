@@ -970,9 +970,10 @@ impl Policy {
 
     /// Whether AUTH for `account` (lower-cased, [`crate::smtp::SaslAccount`])
     /// from `source` is refused before the backend hears the credentials:
-    /// the account has `max_failed_auth_per_account` refused credentials
-    /// within `failed_auth_window`, from every source together, and
-    /// `source` has not logged in as it within [`LOGIN_MEMORY`].
+    /// one of the account's names ([`account_names`]) has
+    /// `max_failed_auth_per_account` refused credentials within
+    /// `failed_auth_window`, from every source together, and `source` has
+    /// not logged in under that name within [`LOGIN_MEMORY`].
     /// [`Reason::AccountLocked`], [`Action::DeferCommand`] (`454 4.7.0` in
     /// the session). The refused attempt is a guess all the same: it counts
     /// as a failure of the source (and its network), and the source's block
@@ -991,27 +992,27 @@ impl Policy {
             return None;
         }
         let key = self.source_key(source);
-        let failures = state.with(|tables| {
-            let window = tables
-                .auth_failures_by_account
-                .peek_mut(&account.to_owned())?;
-            window.expire(now, rules.failed_auth_window);
-            let failures = window.count();
-            if failures < rules.max_failed_auth_per_account {
-                return None;
-            }
-            let familiar = tables
-                .logins
-                .peek_mut(&(account.to_owned(), key))
-                .is_some_and(|at| now.saturating_duration_since(*at) < LOGIN_MEMORY);
-            (!familiar).then_some(failures)
+        let (locked, failures) = state.with(|tables| {
+            account_names(account).find_map(|name| {
+                let window = tables.auth_failures_by_account.peek_mut(&name.to_owned())?;
+                window.expire(now, rules.failed_auth_window);
+                let failures = window.count();
+                if failures < rules.max_failed_auth_per_account {
+                    return None;
+                }
+                let familiar = tables
+                    .logins
+                    .peek_mut(&(name.to_owned(), key))
+                    .is_some_and(|at| now.saturating_duration_since(*at) < LOGIN_MEMORY);
+                (!familiar).then(|| (name.to_owned(), failures))
+            })
         })?;
         if let Some(block) = self.count_auth_failure(state, source, now) {
             return Some(block);
         }
         Some(self.decide(Rejection {
             reason: Reason::AccountLocked {
-                account: account.to_owned(),
+                account: locked,
                 failures,
                 limit: rules.max_failed_auth_per_account,
                 window: rules.failed_auth_window,
@@ -1022,13 +1023,18 @@ impl Policy {
     }
 
     /// A successful AUTH of `source` as `account`: the source becomes one
-    /// of the account's familiar places for [`LOGIN_MEMORY`].
+    /// of the familiar places of each of the account's names for
+    /// [`LOGIN_MEMORY`].
     pub fn auth_succeeded(&self, state: &PolicyState, source: IpAddr, account: &str, now: Instant) {
         if self.auth.max_failed_auth_per_account == 0 {
             return;
         }
         let key = self.source_key(source.to_canonical());
-        state.with(|tables| *tables.logins.touch(&(account.to_owned(), key), || now) = now);
+        state.with(|tables| {
+            for name in account_names(account) {
+                *tables.logins.touch(&(name.to_owned(), key), || now) = now;
+            }
+        });
     }
 
     /// A failed AUTH (`535`) for `source`, logging in as `account` when the
@@ -1038,8 +1044,8 @@ impl Policy {
     /// past `max_failed_auth` the source is blocked: [`Reason::AuthFailures`],
     /// [`Action::DeferAndClose`], and a block (reason `auth`). Its count then
     /// starts again from zero. Successful AUTHs do not reset the count.
-    /// Allow-listed sources are not counted. The account's own count (for
-    /// [`Self::account_locked`]) takes every failure.
+    /// Allow-listed sources are not counted. The account's own counts (for
+    /// [`Self::account_locked`], one per name) take every failure.
     pub fn auth_failed(
         &self,
         state: &PolicyState,
@@ -1053,10 +1059,12 @@ impl Policy {
             {
                 let keep = usize::try_from(rules.max_failed_auth_per_account).unwrap_or(usize::MAX);
                 state.with(|tables| {
-                    tables
-                        .auth_failures_by_account
-                        .touch(&account.to_owned(), Default::default)
-                        .record(now, rules.failed_auth_window, keep);
+                    for name in account_names(account) {
+                        tables
+                            .auth_failures_by_account
+                            .touch(&name.to_owned(), Default::default)
+                            .record(now, rules.failed_auth_window, keep);
+                    }
                 });
             }
         }
@@ -1331,6 +1339,19 @@ struct WindowRule {
     kind: CountKind,
     limit: u32,
     window: Duration,
+}
+
+/// The names an account (lower-cased) is counted under for
+/// `max_failed_auth_per_account`: as given, and, when it is qualified, its
+/// bare name too (`alice@example.com` and `example\alice` also count as
+/// `alice`): backends read several names as one account (Cyrus `alice`
+/// and `alice@REALM`, Dovecot with `auth_default_realm`, Exchange's
+/// `DOMAIN\alice` and UPN), and a spray that spells the account each way
+/// must not get a limit per spelling.
+fn account_names(account: &str) -> impl Iterator<Item = &str> {
+    let bare = account.rsplit('\\').next().unwrap_or(account);
+    let bare = bare.split('@').next().unwrap_or(bare);
+    std::iter::once(account).chain((!bare.is_empty() && bare != account).then_some(bare))
 }
 
 /// `net` with its host bits cleared, and IPv4-mapped IPv6 networks

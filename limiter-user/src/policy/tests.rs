@@ -1260,6 +1260,66 @@ fn a_spray_over_many_networks_locks_the_account_against_sources_it_never_used() 
         .is_none());
 }
 
+/// Every name of the account counts as its bare name: a spray spelling it
+/// `alice`, `alice@example.com`, `EXAMPLE\\alice` gets one limit, and the
+/// lock names the bare name. Logging in under one name makes the place
+/// familiar under the bare name too.
+#[test]
+fn a_spray_spelling_the_account_several_ways_is_counted_once() {
+    let policy = policy("[limits]\nmax_failed_auth_per_account = 4\nfailed_auth_window = \"10m\"");
+    let state = state();
+    let t0 = Instant::now();
+    let home = ip("192.0.2.50");
+    policy.auth_succeeded(&state, home, "alice@example.com", t0);
+    let names = [
+        "alice",
+        "alice@example.com",
+        "example\\alice",
+        "alice@mx.example.net",
+    ];
+    for (source, name) in spray_sources(4).into_iter().zip(names) {
+        assert!(
+            policy.account_locked(&state, source, name, t0).is_none(),
+            "{name}"
+        );
+        assert!(policy.auth_failed(&state, source, Some(name), t0).is_none());
+    }
+    let stranger = ip("203.0.113.77");
+    for name in names
+        .into_iter()
+        .chain(["Alice@Other.Example".to_lowercase().as_str()])
+    {
+        let rejection = policy
+            .account_locked(&state, stranger, name, t0)
+            .unwrap_or_else(|| panic!("{name} is locked"))
+            .verdict;
+        assert_eq!(
+            rejection.reason,
+            Reason::AccountLocked {
+                account: "alice".into(),
+                failures: 4,
+                limit: 4,
+                window: 10 * MIN
+            },
+            "{name}"
+        );
+    }
+    // Home is familiar whichever name it uses; other accounts are not
+    // locked, nor names with an empty bare part.
+    for name in names {
+        assert!(
+            policy.account_locked(&state, home, name, t0).is_none(),
+            "{name}"
+        );
+    }
+    for name in ["bob@example.com", "@example.com", "example\\"] {
+        assert!(
+            policy.account_locked(&state, stranger, name, t0).is_none(),
+            "{name}"
+        );
+    }
+}
+
 #[test]
 fn a_guess_refused_for_a_locked_account_counts_for_its_source() {
     let policy = policy("[limits]\nmax_failed_auth = 2\nmax_failed_auth_per_account = 1");
