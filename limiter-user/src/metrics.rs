@@ -235,6 +235,12 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         "Latency of backend replies to relayed commands.",
         &stats.backend_latency,
     );
+    histogram(
+        &mut out,
+        "backend_slot_wait_seconds",
+        "How long the sessions that had to wait for a backend slot waited, with a slot at the end or without.",
+        &ctx.backend_slots.wait_time,
+    );
     out
 }
 

@@ -50,6 +50,9 @@ pub struct BackendSlots {
     pub waits: AtomicU64,
     /// Sessions whose wait ended without a slot (`421 4.3.2`).
     pub timeouts: AtomicU64,
+    /// How long each of the sessions that had to wait waited, with a slot
+    /// or without.
+    pub wait_time: super::LatencyHistogram,
     /// Told each time a session starts waiting: idle holders look again
     /// (one in a transaction at its time with its client, one between
     /// transactions gives its slot back; [`Self::contended`]).
@@ -152,6 +155,7 @@ impl BackendSlots {
             waits: AtomicU64::new(0),
             contention: Notify::new(),
             timeouts: AtomicU64::new(0),
+            wait_time: super::LatencyHistogram::default(),
         }
     }
 
@@ -282,6 +286,7 @@ impl BackendSlots {
             (id, rx)
         };
         self.waits.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
         self.contention.notify_waiters();
         let entry = WaitEntry {
             slots: self,
@@ -299,6 +304,7 @@ impl BackendSlots {
             }
         };
         drop(entry);
+        self.wait_time.record(started.elapsed());
         if result.is_err() {
             self.timeouts.fetch_add(1, Ordering::Relaxed);
         }
@@ -534,6 +540,10 @@ mod tests {
         assert_eq!(patient.await.unwrap(), Ok(()));
         assert_eq!(slots.in_use(), 1);
         assert_eq!(slots.waiting(), 0);
+        // Both waits are in the histogram: the quitter's 100 ms at least.
+        let (counts, sum) = slots.wait_time.snapshot();
+        assert_eq!(counts.last(), Some(&2));
+        assert!(sum >= 0.1, "{sum}");
     }
 
     #[tokio::test]
