@@ -11,7 +11,12 @@
 //! were shed lately (for holding a slot, idling, trickling: see
 //! [`BackendSlots::mark_shed`]) waits behind those whose were not: zombies
 //! from a thousand networks that come back after each cut would otherwise
-//! take their turns before a sender who came after them. No slot is left
+//! take their turns before a sender who came after them. A waiter whose
+//! source delivered a message through the proxy within the hour (a recent
+//! sender, [`super::early::RecentSenders`]) is served first among the
+//! networks under their share and not shed lately: a returning sender
+//! does not wait behind a flood's turns, and a first-time one waits its
+//! turn as before. No slot is left
 //! idle while someone waits (when every waiting network is over its share,
 //! the next in turn is served anyway). The queue is bounded by the sessions
 //! (`smtp.max_sessions`), each waiting at most once and at most
@@ -76,6 +81,8 @@ struct SlotState {
 struct Waiter {
     id: u64,
     tx: oneshot::Sender<SlotGuard>,
+    /// A recent sender's: served before the others' turns.
+    preferred: bool,
 }
 
 /// One backend slot, held by the backend connection it was taken for.
@@ -260,6 +267,7 @@ impl BackendSlots {
         self: &Arc<Self>,
         source: IpAddr,
         wait: Duration,
+        preferred: bool,
     ) -> Result<SlotGuard, SlotError> {
         let group = self.group(source);
         let (id, mut rx) = {
@@ -282,7 +290,7 @@ impl BackendSlots {
                 .waiting
                 .entry(group)
                 .or_default()
-                .push_back(Waiter { id, tx });
+                .push_back(Waiter { id, tx, preferred });
             (id, rx)
         };
         self.waits.fetch_add(1, Ordering::Relaxed);
@@ -370,6 +378,8 @@ impl BackendSlots {
     /// The waiter to serve next: round-robin over the waiting networks,
     /// skipping those at or over their fair share, and those shed lately
     /// while any other is under its share; the first in turn when all are.
+    /// A network whose next waiter is preferred goes first among those
+    /// under their share and not shed lately.
     fn next_waiter(&self, state: &mut SlotState) -> Option<(IpNet, oneshot::Sender<SlotGuard>)> {
         let now = Instant::now();
         loop {
@@ -384,10 +394,23 @@ impl BackendSlots {
                     .get(g)
                     .is_some_and(|at| now.duration_since(*at) < self.shed_memory)
             };
+            let preferred = |g: &IpNet| {
+                state
+                    .waiting
+                    .get(g)
+                    .and_then(VecDeque::front)
+                    .is_some_and(|w| w.preferred)
+            };
             let position = state
                 .turns
                 .iter()
-                .position(|g| under_share(g) && !shed_lately(g))
+                .position(|g| preferred(g) && under_share(g) && !shed_lately(g))
+                .or_else(|| {
+                    state
+                        .turns
+                        .iter()
+                        .position(|g| under_share(g) && !shed_lately(g))
+                })
                 .or_else(|| state.turns.iter().position(under_share))
                 .unwrap_or(0);
             let group = state.turns.remove(position)?;
@@ -420,15 +443,15 @@ mod tests {
     async fn free_slots_are_taken_at_once_and_given_back() {
         let slots = Arc::new(BackendSlots::new(2, 24, 64, Duration::from_secs(600)));
         let a = slots
-            .acquire(ip("192.0.2.1"), Duration::from_millis(100))
+            .acquire(ip("192.0.2.1"), Duration::from_millis(100), false)
             .await;
         let b = slots
-            .acquire(ip("192.0.2.2"), Duration::from_millis(100))
+            .acquire(ip("192.0.2.2"), Duration::from_millis(100), false)
             .await;
         assert!(a.is_ok() && b.is_ok());
         assert!(slots.full());
         let c = slots
-            .acquire(ip("198.51.100.1"), Duration::from_millis(100))
+            .acquire(ip("198.51.100.1"), Duration::from_millis(100), false)
             .await;
         assert_eq!(c.unwrap_err(), SlotError::Timeout);
         assert_eq!(slots.timeouts.load(Ordering::Relaxed), 1);
@@ -453,9 +476,9 @@ mod tests {
     async fn slots_are_scarce_from_half_in_use() {
         let slots = Arc::new(BackendSlots::new(4, 24, 64, Duration::from_secs(600)));
         let wait = Duration::from_secs(1);
-        let a = slots.acquire(ip("192.0.2.1"), wait).await.unwrap();
+        let a = slots.acquire(ip("192.0.2.1"), wait, false).await.unwrap();
         assert!(!slots.scarce(), "1 of 4");
-        let b = slots.acquire(ip("192.0.2.2"), wait).await.unwrap();
+        let b = slots.acquire(ip("192.0.2.2"), wait, false).await.unwrap();
         assert!(slots.scarce(), "2 of 4");
         drop(a);
         assert!(!slots.scarce());
@@ -470,7 +493,11 @@ mod tests {
         for i in 1..=4 {
             held.push(
                 slots
-                    .acquire(ip(&format!("203.0.113.{i}")), Duration::from_millis(100))
+                    .acquire(
+                        ip(&format!("203.0.113.{i}")),
+                        Duration::from_millis(100),
+                        false,
+                    )
                     .await
                     .unwrap(),
             );
@@ -479,7 +506,7 @@ mod tests {
             let slots = slots.clone();
             tokio::spawn(async move {
                 slots
-                    .acquire(ip("203.0.113.50"), Duration::from_secs(10))
+                    .acquire(ip("203.0.113.50"), Duration::from_secs(10), false)
                     .await
                     .map(|_guard| "flood")
             })
@@ -489,7 +516,7 @@ mod tests {
             let slots = slots.clone();
             tokio::spawn(async move {
                 slots
-                    .acquire(ip("198.51.100.7"), Duration::from_secs(10))
+                    .acquire(ip("198.51.100.7"), Duration::from_secs(10), false)
                     .await
                     .map(|g| {
                         std::mem::forget(g);
@@ -514,14 +541,14 @@ mod tests {
     async fn a_waiter_that_gives_up_passes_the_slot_on() {
         let slots = Arc::new(BackendSlots::new(1, 24, 64, Duration::from_secs(600)));
         let held = slots
-            .acquire(ip("192.0.2.1"), Duration::from_millis(100))
+            .acquire(ip("192.0.2.1"), Duration::from_millis(100), false)
             .await
             .unwrap();
         let quitter = {
             let slots = slots.clone();
             tokio::spawn(async move {
                 slots
-                    .acquire(ip("198.51.100.1"), Duration::from_millis(100))
+                    .acquire(ip("198.51.100.1"), Duration::from_millis(100), false)
                     .await
                     .map(|_| ())
             })
@@ -530,7 +557,7 @@ mod tests {
             let slots = slots.clone();
             tokio::spawn(async move {
                 slots
-                    .acquire(ip("203.0.113.1"), Duration::from_secs(10))
+                    .acquire(ip("203.0.113.1"), Duration::from_secs(10), false)
                     .await
                     .map(std::mem::forget)
             })
@@ -559,7 +586,9 @@ mod tests {
             }
             let (slots, tx) = (slots.clone(), tx.clone());
             tokio::spawn(async move {
-                let guard = slots.acquire(ip(source), Duration::from_secs(10)).await;
+                let guard = slots
+                    .acquire(ip(source), Duration::from_secs(10), false)
+                    .await;
                 tx.send(source).unwrap();
                 // Each holds its slot a moment, then the next is served.
                 tokio::task::yield_now().await;
@@ -576,6 +605,45 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_recent_sender_is_served_before_the_turns_of_the_others() {
+        let slots = Arc::new(BackendSlots::new(1, 24, 64, Duration::from_secs(600)));
+        let held = slots.try_acquire(ip("192.0.2.1")).unwrap();
+        // Sessions of three networks that never delivered queue first (none
+        // shed yet: the first seconds of a flood); a recent sender comes
+        // after them, then a first-time sender.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for (source, recent) in [
+            ("203.0.113.1", false),
+            ("203.0.114.1", false),
+            ("203.0.115.1", false),
+            ("198.51.100.7", true),
+            ("198.51.101.7", false),
+        ] {
+            let (slots, tx) = (slots.clone(), tx.clone());
+            tokio::spawn(async move {
+                let guard = slots
+                    .acquire(ip(source), Duration::from_secs(10), recent)
+                    .await;
+                tx.send(source).unwrap();
+                tokio::task::yield_now().await;
+                drop(guard);
+            });
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(slots.waiting(), 5);
+        drop(held);
+        assert_eq!(
+            rx.recv().await,
+            Some("198.51.100.7"),
+            "the recent sender first"
+        );
+        // Then everyone else in turn, the first-time sender in its place.
+        for source in ["203.0.113.1", "203.0.114.1", "203.0.115.1", "198.51.101.7"] {
+            assert_eq!(rx.recv().await, Some(source));
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_shed_is_forgotten_after_the_window() {
         let slots = Arc::new(BackendSlots::new(1, 24, 64, Duration::from_secs(600)));
@@ -586,7 +654,9 @@ mod tests {
         for source in ["203.0.113.1", "198.51.100.7"] {
             let (slots, tx) = (slots.clone(), tx.clone());
             tokio::spawn(async move {
-                let guard = slots.acquire(ip(source), Duration::from_secs(10)).await;
+                let guard = slots
+                    .acquire(ip(source), Duration::from_secs(10), false)
+                    .await;
                 tx.send(source).unwrap();
                 drop(guard);
             });

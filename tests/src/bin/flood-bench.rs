@@ -1581,6 +1581,13 @@ fn json_report(results: &[RunResult], opts: &Options, verdicts: &[String]) -> se
             "per_second": r.per_second,
             "latency_ms_p50": quantile(&r.latencies, 0.5),
             "latency_ms_p99": quantile(&r.latencies, 0.99),
+            "latency_ms_p999": quantile(&r.latencies, 0.999),
+            "latency_ms_max": r.latencies.iter().copied().reduce(f64::max),
+            // Where a closed loop's rate goes: the few slow messages.
+            "over_100_ms": {
+                "messages": r.latencies.iter().filter(|ms| **ms > 100.0).count(),
+                "secs": r.latencies.iter().filter(|ms| **ms > 100.0).sum::<f64>() / 1000.0,
+            },
             "accepted": r.accepted,
             "deferred": r.deferred,
             "deferrals": r.deferrals,

@@ -30,14 +30,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Opens the backend connection: a backend slot (waiting fairly for at
-    /// most `backend.slot_wait`), the connection, the identity header, the
-    /// greeting. Returns the greeting.
+    /// most `backend.slot_wait`, a recent sender first), the connection, the
+    /// identity header, the greeting. Returns the greeting.
     pub(super) async fn connect_backend(&mut self) -> Result<Reply, BackendError> {
         let wait = self.settings.slot_wait;
+        let recent = self
+            .ctx
+            .recent_senders
+            .contains(self.source(), tokio::time::Instant::now());
         let slot = self
             .ctx
             .backend_slots
-            .acquire(self.source(), wait)
+            .acquire(self.source(), wait, recent)
             .await
             .map_err(|_| BackendError::NoSlot(wait))?;
         let (mut backend, greeting) =

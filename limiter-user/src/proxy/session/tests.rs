@@ -378,7 +378,7 @@ impl Harness {
         let slots = self.ctx.backend_slots.clone();
         tokio::spawn(async move {
             slots
-                .acquire("192.0.2.9".parse().unwrap(), Duration::from_secs(60))
+                .acquire("192.0.2.9".parse().unwrap(), Duration::from_secs(60), false)
                 .await
         })
     }
@@ -1385,7 +1385,7 @@ async fn transaction_kept_open_with_noops(
         async move {
             tokio::time::sleep(waiter_after).await;
             slots
-                .acquire("192.0.2.9".parse().unwrap(), Duration::from_secs(60))
+                .acquire("192.0.2.9".parse().unwrap(), Duration::from_secs(60), false)
                 .await
                 .map(std::mem::forget)
         }
