@@ -176,9 +176,10 @@ impl Bucket {
     }
 
     /// Adds one event at `now` to a bucket emptying at `count` per `per`
-    /// (`count` > 0); how many it then holds, this one included.
+    /// (a count of 0 as 1: callers treat 0 as off before they get here);
+    /// how many it then holds, this one included.
     pub(super) fn add(&mut self, now: Instant, count: u32, per: Duration) -> u32 {
-        let each = (per / count).max(Duration::from_nanos(1));
+        let each = (per / count.max(1)).max(Duration::from_nanos(1));
         self.empty_at = self.empty_at.max(now) + each;
         let held = self.empty_at.saturating_duration_since(now).as_nanos();
         u32::try_from(held.div_ceil(each.as_nanos())).unwrap_or(u32::MAX)
@@ -193,6 +194,21 @@ impl Bucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bucket_holds_its_count_and_empties_at_the_rate() {
+        let t0 = Instant::now();
+        let per = Duration::from_secs(60);
+        let mut bucket = Bucket::new(t0);
+        let held: Vec<u32> = (0..4).map(|_| bucket.add(t0, 3, per)).collect();
+        assert_eq!(held, [1, 2, 3, 4]);
+        // 20 s an event: after 40 s, two of the four have run out.
+        assert_eq!(bucket.add(t0 + Duration::from_secs(40), 3, per), 3);
+        assert!(!bucket.is_empty(t0 + Duration::from_secs(99)));
+        assert!(bucket.is_empty(t0 + Duration::from_secs(100)));
+        // A count of 0 does not divide by zero.
+        assert_eq!(Bucket::new(t0).add(t0, 0, per), 1);
+    }
 
     #[test]
     fn lru_evicts_the_least_recently_seen() {
