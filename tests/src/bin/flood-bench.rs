@@ -1060,7 +1060,11 @@ impl RunResult {
     /// where a closed loop's rate goes when a few messages stall.
     fn slow(&self) -> (usize, f64) {
         let slow = self.latencies.iter().filter(|ms| **ms > SLOW_MS);
-        (slow.clone().count(), slow.sum::<f64>() / 1000.0)
+        // A fold from +0.0: an empty `sum` of f64 is -0.0.
+        (
+            slow.clone().count(),
+            slow.fold(0.0, |all, ms| all + ms) / 1000.0,
+        )
     }
 }
 
