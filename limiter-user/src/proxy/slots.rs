@@ -401,17 +401,16 @@ impl BackendSlots {
                     .and_then(VecDeque::front)
                     .is_some_and(|w| w.preferred)
             };
-            let position = state
-                .turns
-                .iter()
-                .position(|g| preferred(g) && under_share(g) && !shed_lately(g))
-                .or_else(|| {
-                    state
-                        .turns
-                        .iter()
-                        .position(|g| under_share(g) && !shed_lately(g))
-                })
-                .or_else(|| state.turns.iter().position(under_share))
+            // The first in turn of the best rank; preference counts only
+            // among the networks under their share and not shed lately.
+            let rank = |g: &IpNet| match (under_share(g), shed_lately(g)) {
+                (true, false) if preferred(g) => 0,
+                (true, false) => 1,
+                (true, true) => 2,
+                (false, _) => 3,
+            };
+            let position = (0..state.turns.len())
+                .min_by_key(|&i| rank(&state.turns[i]))
                 .unwrap_or(0);
             let group = state.turns.remove(position)?;
             let Some(queue) = state.waiting.get_mut(&group) else {
