@@ -18,6 +18,12 @@
 //!   network, each address under its own limits, was never blocked: now
 //!   its network is (`limits.max_failed_rcpt_per_network`,
 //!   `max_failed_auth_per_network`).
+//! * A harvester with addresses in many networks, each address and network
+//!   under its limits, had all its guesses answered: now, once the host
+//!   as a whole is past `limits.max_failed_rcpt_per_host`, a source that
+//!   has not delivered mail lately is blocked past
+//!   `max_failed_rcpt_under_harvest` failures, and a sender that has keeps
+//!   its usual limits.
 //! * A bounce flood spread over a /24, every address under
 //!   `null_sender_rate` and with a HELO name of its own, went through
 //!   whole: now it is deferred past `null_sender_rate_per_network`.
@@ -539,6 +545,107 @@ fn a_harvester_spread_over_its_network_gets_the_network_blocked() {
         1,
         "the 21st recipient reached Postfix once:\n{log}"
     );
+}
+
+/// A harvester spread over many networks, each address and network under
+/// its limits: once the host as a whole has more failed recipients than
+/// `max_failed_rcpt_per_host`, a source that has not delivered mail lately
+/// is blocked past `max_failed_rcpt_under_harvest` failures; a sender that
+/// delivered within the hour keeps its usual limits.
+#[test]
+fn a_harvester_spread_over_many_networks_gets_a_few_guesses_per_address_once_the_host_is_harvested()
+{
+    if !ready("a_harvester_spread_over_many_networks_gets_a_few_guesses_per_address_once_the_host_is_harvested") {
+        return;
+    }
+    let rig = rig(
+        &[],
+        "max_failed_rcpt_per_host = 12\nmax_failed_rcpt_under_harvest = 2\n",
+    );
+    // A sender that delivers first: a familiar source.
+    let (mut known, greeting) = rig.client("127.0.9.1");
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    for (line, want) in [
+        ("EHLO mx.partner.example", "250"),
+        ("MAIL FROM:<news@partner.example>", "250 "),
+        ("RCPT TO:<alice@example.com>", "250 "),
+        ("DATA", "354"),
+        ("Subject: hello\r\n\r\nhi\r\n.", "250 "),
+    ] {
+        let reply = known.cmd(line).unwrap();
+        assert!(reply.starts_with(want), "{line}: {reply}");
+    }
+    drop(known);
+    let guesses = |net: u8, first: usize| -> Vec<String> {
+        (first..first + 3)
+            .map(|n| format!("guess{net}x{n}@example.com"))
+            .collect()
+    };
+    // Four networks, three unknown recipients each: twelve failures in
+    // all, every address and network far under its limits (5 in a row, 20
+    // per source, 100 per network).
+    for net in 10..14 {
+        let source = format!("127.0.{net}.1");
+        let tried = guesses(net, 0);
+        let tried: Vec<&str> = tried.iter().map(String::as_str).collect();
+        let replies = try_recipients(&rig, &source, &tried);
+        assert!(
+            replies.iter().all(|r| r.starts_with("550 5.1.1 ")),
+            "{source}: {replies:?}"
+        );
+    }
+    assert_eq!(rig.proxy.ctx.blocked("127.0.10.1".parse().unwrap()), None);
+    // The host is now under harvest: a fresh address of a fresh network
+    // gets two guesses answered, and is blocked at its third.
+    for net in 14..17 {
+        let source = format!("127.0.{net}.1");
+        let tried = guesses(net, 0);
+        let tried: Vec<&str> = tried.iter().map(String::as_str).collect();
+        let replies = try_recipients(&rig, &source, &tried);
+        assert!(
+            replies[0].starts_with("550 5.1.1 "),
+            "{source}: {replies:?}"
+        );
+        assert!(
+            replies[1].starts_with("550 5.1.1 "),
+            "{source}: {replies:?}"
+        );
+        assert!(
+            replies[2].starts_with("421 4.7.0 "),
+            "{source}: {replies:?}"
+        );
+        assert_eq!(
+            rig.proxy.ctx.blocked(source.parse().unwrap()),
+            Some("harvest"),
+            "{source}"
+        );
+    }
+    // An address of the first wave, back with one more guess: it already
+    // has three failures in the window.
+    let tried = guesses(10, 3);
+    let replies = try_recipients(&rig, "127.0.10.1", &[tried[0].as_str()]);
+    assert!(replies[0].starts_with("421 4.7.0 "), "{replies:?}");
+    // The familiar sender mistypes three addresses: answered as usual.
+    let replies = try_recipients(
+        &rig,
+        "127.0.9.1",
+        &["alcie@example.com", "aliec@example.com", "bbo@example.com"],
+    );
+    assert!(
+        replies.iter().all(|r| r.starts_with("550 5.1.1 ")),
+        "{replies:?}"
+    );
+    assert_eq!(rig.proxy.ctx.blocked("127.0.9.1".parse().unwrap()), None);
+    // Postfix heard the three guesses of each address of the second wave;
+    // the client saw the answers to two.
+    let log = rig.log();
+    for net in 14..17 {
+        let heard = guesses(net, 0)
+            .iter()
+            .filter(|rcpt| !log_lines(&log, rcpt).is_empty())
+            .count();
+        assert_eq!(heard, 3, "127.0.{net}.1:\n{log}");
+    }
 }
 
 /// Bounces (`MAIL FROM:<>`) from `source`, one session with a HELO name of

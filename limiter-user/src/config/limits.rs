@@ -56,6 +56,19 @@ pub struct Limits {
     /// that spreads over the addresses of its /24 or the /64s of its /48,
     /// each under its own limit. 0 = off.
     pub max_failed_rcpt_per_network: u32,
+    /// Failed RCPTs from all sources together within `failed_rcpt_window`
+    /// past which the host is under a harvest from many networks (each
+    /// address and network under its own limits). While it is, a source
+    /// that has not delivered mail within the hour (nor logged in in its
+    /// session) is blocked past `max_failed_rcpt_under_harvest` failures
+    /// in the window instead of `max_failed_rcpt_per_source`. Counted on
+    /// each edge host. 0 = off.
+    pub max_failed_rcpt_per_host: u32,
+    /// Failed RCPTs per source within `failed_rcpt_window` before a block
+    /// while the host is past `max_failed_rcpt_per_host`, for sources that
+    /// have not delivered mail within the hour (a limit above
+    /// `max_failed_rcpt_per_source` changes nothing).
+    pub max_failed_rcpt_under_harvest: u32,
     /// Refused credentials (535, or 435 / X.7.8) per source within
     /// `failed_auth_window` before a block.
     pub max_failed_auth: u32,
@@ -150,6 +163,8 @@ impl Default for Limits {
             max_failed_rcpt_per_source: 20,
             failed_rcpt_window: Duration::from_secs(3600),
             max_failed_rcpt_per_network: 100,
+            max_failed_rcpt_per_host: 300,
+            max_failed_rcpt_under_harvest: 2,
             max_failed_auth: 5,
             failed_auth_window: Duration::from_secs(10 * 60),
             max_failed_auth_per_network: 50,
@@ -450,11 +465,19 @@ pub const LIVE_LIMITS: &[LiveLimit] = &[
     ),
     live_limit!(
         failed_rcpt_window,
-        "the window max_failed_rcpt_per_source and max_failed_rcpt_per_network count over"
+        "the window max_failed_rcpt_per_source, max_failed_rcpt_per_network and max_failed_rcpt_per_host count over"
     ),
     live_limit!(
         max_failed_rcpt_per_network,
         "failed recipients from all sources of one network within failed_rcpt_window before the network is blocked (0 = off)"
+    ),
+    live_limit!(
+        max_failed_rcpt_per_host,
+        "failed recipients from all sources together within failed_rcpt_window past which the host is under a harvest from many networks; sources that have not delivered within the hour are then blocked past max_failed_rcpt_under_harvest (0 = off)"
+    ),
+    live_limit!(
+        max_failed_rcpt_under_harvest,
+        "failed recipients per source within failed_rcpt_window before a block while the host is past max_failed_rcpt_per_host, for sources that have not delivered within the hour"
     ),
     live_limit!(
         max_failed_auth,

@@ -176,6 +176,10 @@ struct RcptRules {
     failed_rcpt_window: Duration,
     /// `max_failed_rcpt_per_network`: all sources of a network; 0 = off.
     max_failed_rcpt_per_network: u32,
+    /// `max_failed_rcpt_per_host`: all sources together; 0 = off.
+    max_failed_rcpt_per_host: u32,
+    /// `max_failed_rcpt_under_harvest`: per new source past the host's.
+    max_failed_rcpt_under_harvest: u32,
 }
 
 /// AUTH stage.
@@ -295,6 +299,8 @@ impl Policy {
                 max_failed_rcpt_per_source: limits.max_failed_rcpt_per_source,
                 failed_rcpt_window: limits.failed_rcpt_window,
                 max_failed_rcpt_per_network: limits.max_failed_rcpt_per_network,
+                max_failed_rcpt_per_host: limits.max_failed_rcpt_per_host,
+                max_failed_rcpt_under_harvest: limits.max_failed_rcpt_under_harvest,
             },
             auth: AuthRules {
                 max_failed_auth: limits.max_failed_auth,
@@ -879,12 +885,21 @@ impl Policy {
     /// addresses, is blocked past `max_failed_rcpt_per_source` too
     /// ([`Reason::HarvestAcrossSessions`], same action and block reason).
     /// Allow-listed sources are not counted.
+    ///
+    /// Failures from all sources together are counted too: past
+    /// `max_failed_rcpt_per_host` within the window the host is under a
+    /// harvest spread over many networks, and a source that is not
+    /// `familiar` (has not delivered mail within the hour, nor logged in in
+    /// the session) is blocked past `max_failed_rcpt_under_harvest` of its
+    /// failures in the window ([`Reason::HostHarvested`], same action and
+    /// block reason).
     pub fn rcpt_result(
         &self,
         state: &PolicyState,
         source: IpAddr,
         counters: &mut SessionCounters,
         ok: bool,
+        familiar: bool,
         now: Instant,
     ) -> Option<Decision<Rejection>> {
         let source = source.to_canonical();
@@ -915,6 +930,7 @@ impl Policy {
             counters.failed_rcpt = 0;
             return Some(self.decide(rejection));
         }
+        let host_failed = self.count_host_failure(state, now);
         let limit = self.rcpt.max_failed_rcpt;
         if counters.failed_rcpt > limit {
             let failed = std::mem::take(&mut counters.failed_rcpt);
@@ -946,26 +962,98 @@ impl Policy {
         if rules.max_failed_rcpt_per_source == 0 {
             return None;
         }
-        let (failed, order) = self.count_toward_block(
-            state,
-            source,
-            now,
-            WindowRule {
-                kind: CountKind::FailedRcpt,
-                limit: rules.max_failed_rcpt_per_source,
-                window: rules.failed_rcpt_window,
-            },
-        )?;
+        let rule = WindowRule {
+            kind: CountKind::FailedRcpt,
+            limit: rules.max_failed_rcpt_per_source,
+            window: rules.failed_rcpt_window,
+        };
+        let reason =
+            if let Some((failed, order)) = self.count_toward_block(state, source, now, rule) {
+                counters.failed_rcpt = 0;
+                return Some(self.decide(Rejection {
+                    reason: Reason::HarvestAcrossSessions {
+                        failed,
+                        limit: rule.limit,
+                        window: rule.window,
+                    },
+                    action: Action::DeferAndClose,
+                    block: Some(order),
+                }));
+            } else {
+                let host_failed = host_failed.filter(|_| !familiar)?;
+                let limit = rules.max_failed_rcpt_under_harvest;
+                let key = self.source_key(source);
+                let failed = state.with(|tables| {
+                    let window = tables.failed_rcpt.peek_mut(&key)?;
+                    window.expire(now, rule.window);
+                    Some(window.count())
+                })?;
+                if failed <= limit {
+                    return None;
+                }
+                Reason::HostHarvested {
+                    failed,
+                    limit,
+                    host_failed,
+                    window: rule.window,
+                }
+            };
+        // Blocked as past `max_failed_rcpt_per_source`: the source's window
+        // starts afresh here and on the other hosts.
         counters.failed_rcpt = 0;
+        let key = self.source_key(source);
+        let order = state.with(|tables| {
+            tables.failed_rcpt.remove(&key);
+            tables.block(self, source, limiter_common::Reason::Harvest, now)
+        });
+        state.report(Counted {
+            kind: CountKind::FailedRcpt,
+            net: key,
+            at: now,
+            limit: rule.limit,
+            window: rule.window,
+            blocked: true,
+        });
         Some(self.decide(Rejection {
-            reason: Reason::HarvestAcrossSessions {
-                failed,
-                limit: rules.max_failed_rcpt_per_source,
-                window: rules.failed_rcpt_window,
-            },
+            reason,
             action: Action::DeferAndClose,
             block: Some(order),
         }))
+    }
+
+    /// Counts a failed RCPT toward `max_failed_rcpt_per_host`; the failures
+    /// from all sources within `failed_rcpt_window` when they are past it
+    /// (the host is being harvested), else `None`. Logs when the host goes
+    /// past it and when it is back under.
+    fn count_host_failure(&self, state: &PolicyState, now: Instant) -> Option<u32> {
+        let rules = &self.rcpt;
+        let limit = rules.max_failed_rcpt_per_host;
+        if limit == 0 {
+            return None;
+        }
+        let keep = usize::try_from(u64::from(limit) + 1).unwrap_or(usize::MAX);
+        let (failed, was) = state.with(|tables| {
+            let failed = tables
+                .failed_rcpt_on_host
+                .record(now, rules.failed_rcpt_window, keep);
+            let was = std::mem::replace(&mut tables.host_harvested, failed > limit);
+            (failed, was)
+        });
+        match (was, failed > limit) {
+            (false, true) => tracing::warn!(
+                failed,
+                limit,
+                window = %crate::config::format_duration(rules.failed_rcpt_window),
+                under_harvest = rules.max_failed_rcpt_under_harvest,
+                "host under a harvest: more failed recipients from all sources than max_failed_rcpt_per_host; sources that have not delivered within the hour are blocked past max_failed_rcpt_under_harvest failures"
+            ),
+            (true, false) => tracing::info!(
+                limit,
+                "harvest over: failed recipients from all sources back under max_failed_rcpt_per_host"
+            ),
+            _ => {}
+        }
+        (failed > limit).then_some(failed)
     }
 
     /// Whether AUTH for `account` (lower-cased, [`crate::smtp::SaslAccount`])

@@ -198,6 +198,11 @@ pub(super) struct Tables {
     pub(super) failed_rcpt: Lru<IpNet, Window>,
     /// Failed RCPT times per network ([`Policy::source_network`]).
     failed_rcpt_by_network: Lru<IpNet, Window>,
+    /// Failed RCPT times from all sources
+    /// (`limits.max_failed_rcpt_per_host`).
+    pub(super) failed_rcpt_on_host: Window,
+    /// Whether the last of them found the host past that limit.
+    pub(super) host_harvested: bool,
     /// Failed AUTH times per network.
     auth_failures_by_network: Lru<IpNet, Window>,
     /// Messages rejected by the content filters, times per source key.
@@ -292,6 +297,8 @@ impl PolicyState {
                 auth_failures: Lru::new(capacity),
                 failed_rcpt: Lru::new(capacity),
                 failed_rcpt_by_network: Lru::new(network_capacity(capacity)),
+                failed_rcpt_on_host: Window::default(),
+                host_harvested: false,
                 auth_failures_by_network: Lru::new(network_capacity(capacity)),
                 filter_rejects: Lru::new(capacity),
                 null_by_source: Lru::new(capacity),
@@ -824,6 +831,7 @@ mod sink_tests {
             "2001:db8:1:2::3".parse().unwrap(),
             &mut counters,
             false,
+            false,
             now,
         );
         let events = std::mem::take(&mut *kept.0.lock().unwrap());
@@ -862,10 +870,10 @@ mod sink_tests {
         let mut counters = SessionCounters::default();
         let rcpt = (CountKind::FailedRcpt, false, 4, Duration::from_secs(3600));
         assert!(policy
-            .rcpt_result(&state, source, &mut counters, false, now)
+            .rcpt_result(&state, source, &mut counters, false, false, now)
             .is_none());
         assert!(policy
-            .rcpt_result(&state, source, &mut counters, false, now)
+            .rcpt_result(&state, source, &mut counters, false, false, now)
             .is_some());
         assert_eq!(taken(&kept), [rcpt, (rcpt.0, true, 4, rcpt.3)]);
 

@@ -310,7 +310,7 @@ fn allowlisted_sources_are_exempt_from_everything() {
         let mut counters = SessionCounters::default();
         for _ in 0..5 {
             assert!(policy
-                .rcpt_result(&state, source, &mut counters, false, now)
+                .rcpt_result(&state, source, &mut counters, false, false, now)
                 .is_none());
             assert!(policy.auth_failed(&state, source, None, now).is_none());
         }
@@ -723,23 +723,23 @@ fn harvest_counter_resets_on_success_and_fires_past_the_limit() {
     let mut counters = SessionCounters::default();
     for _ in 0..3 {
         assert!(policy
-            .rcpt_result(&state, source, &mut counters, false, now)
+            .rcpt_result(&state, source, &mut counters, false, false, now)
             .is_none());
     }
     assert_eq!(counters.failed_rcpt, 3);
     // A success resets the run.
     assert!(policy
-        .rcpt_result(&state, source, &mut counters, true, now)
+        .rcpt_result(&state, source, &mut counters, true, false, now)
         .is_none());
     assert_eq!(counters.failed_rcpt, 0);
     for _ in 0..3 {
         assert!(policy
-            .rcpt_result(&state, source, &mut counters, false, now)
+            .rcpt_result(&state, source, &mut counters, false, false, now)
             .is_none());
     }
     // The 4th failure in a row: > 3.
     let decision = policy
-        .rcpt_result(&state, source, &mut counters, false, now)
+        .rcpt_result(&state, source, &mut counters, false, false, now)
         .expect("harvest");
     assert!(decision.enforced);
     let rejection = decision.verdict;
@@ -773,7 +773,7 @@ fn relay_denials_count_as_failed_recipients() {
             policy.rcpt(source, recipient).verdict,
             RcptVerdict::Reject(_)
         );
-        verdict = policy.rcpt_result(&state, source, &mut counters, ok, now);
+        verdict = policy.rcpt_result(&state, source, &mut counters, ok, false, now);
     }
     let order = verdict.expect("harvest").verdict.block.expect("a block");
     assert_eq!(
@@ -1548,7 +1548,7 @@ fn observe_mode_decides_but_marks_decisions_unenforced() {
 
     let mut counters = SessionCounters::default();
     let harvest = policy
-        .rcpt_result(&state, source, &mut counters, false, now)
+        .rcpt_result(&state, source, &mut counters, false, false, now)
         .unwrap();
     assert!(!harvest.enforced);
     assert!(
@@ -1781,7 +1781,7 @@ fn fail_in_new_sessions(
     let mut last = None;
     for _ in 0..failures {
         let mut counters = SessionCounters::default();
-        last = policy.rcpt_result(state, source, &mut counters, false, now);
+        last = policy.rcpt_result(state, source, &mut counters, false, false, now);
     }
     last
 }
@@ -1797,7 +1797,7 @@ fn failed_recipients_count_across_sessions_and_successes_do_not_reset_them() {
         let mut counters = SessionCounters::default();
         for ok in [false, true, false] {
             assert!(policy
-                .rcpt_result(&state, source, &mut counters, ok, now)
+                .rcpt_result(&state, source, &mut counters, ok, false, now)
                 .is_none());
         }
     }
@@ -1823,6 +1823,75 @@ fn failed_recipients_count_across_sessions_and_successes_do_not_reset_them() {
         0,
         "the window starts over"
     );
+}
+
+#[test]
+fn past_the_hosts_failed_recipients_new_sources_are_held_to_the_harvest_limit() {
+    let policy = policy(
+        "[limits]\nmax_failed_rcpt_per_host = 6\nmax_failed_rcpt_under_harvest = 2\n\
+         max_failed_rcpt_per_network = 0\n[lists]\nallow = [\"192.0.2.250\"]",
+    );
+    let state = state();
+    let now = Instant::now();
+    let fail = |source: &str, familiar: bool, at: Instant| {
+        let mut counters = SessionCounters::default();
+        policy.rcpt_result(&state, ip(source), &mut counters, false, familiar, at)
+    };
+    // Six failures from three networks: the host's limit, not past it.
+    for source in ["198.51.100.1", "203.0.113.1", "192.0.2.1"] {
+        for _ in 0..2 {
+            assert!(fail(source, false, now).is_none(), "{source}");
+        }
+    }
+    // The seventh: the host is harvested, but this source has one failure.
+    assert!(fail("192.0.2.2", false, now).is_none());
+    // Its second is at the limit; its third is past it.
+    assert!(fail("192.0.2.2", false, now).is_none());
+    let rejection = fail("192.0.2.2", false, now).expect("a block").verdict;
+    assert_eq!(rejection.name(), "harvest-host");
+    assert_eq!(
+        rejection.reason,
+        Reason::HostHarvested {
+            failed: 3,
+            limit: 2,
+            host_failed: 7,
+            window: 60 * MIN
+        }
+    );
+    assert_eq!(rejection.action, Action::DeferAndClose);
+    assert_eq!(rejection.block.expect("a block").origin, Origin::Harvest);
+    // A source of the first six is blocked at its next failure.
+    assert!(fail("198.51.100.1", false, now).is_some());
+    // A familiar source (it delivered lately) and an allow-listed one keep
+    // their usual limits.
+    for _ in 0..5 {
+        assert!(fail("192.0.2.3", true, now).is_none());
+        assert!(fail("192.0.2.250", false, now).is_none());
+    }
+    // An hour later the host's window is empty: three failures pass again.
+    let later = now + 61 * MIN;
+    for _ in 0..3 {
+        assert!(fail("192.0.2.4", false, later).is_none());
+    }
+}
+
+#[test]
+fn the_hosts_failed_recipients_limit_can_be_turned_off() {
+    let policy = policy(
+        "[limits]\nmax_failed_rcpt_per_host = 0\nmax_failed_rcpt_under_harvest = 0\n\
+         max_failed_rcpt_per_network = 0",
+    );
+    let state = state();
+    let now = Instant::now();
+    for host in 1..=50 {
+        let source = ip(&format!("192.0.2.{host}"));
+        for _ in 0..3 {
+            let mut counters = SessionCounters::default();
+            assert!(policy
+                .rcpt_result(&state, source, &mut counters, false, false, now)
+                .is_none());
+        }
+    }
 }
 
 #[test]

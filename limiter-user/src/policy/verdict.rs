@@ -170,6 +170,20 @@ pub enum Reason {
         /// `failed_rcpt_window`.
         window: Duration,
     },
+    /// Failed RCPTs from the source within `failed_rcpt_window` went past
+    /// `max_failed_rcpt_under_harvest` while the host was past
+    /// `max_failed_rcpt_per_host` (a harvest spread over many networks), and
+    /// the source had not delivered mail within the hour.
+    HostHarvested {
+        /// The source's failures in the window, this one included.
+        failed: u32,
+        /// `max_failed_rcpt_under_harvest`.
+        limit: u32,
+        /// Failures from all sources in the window.
+        host_failed: u32,
+        /// `failed_rcpt_window`.
+        window: Duration,
+    },
     /// Failed RCPTs from all the sources of one network went past
     /// `max_failed_rcpt_per_network` within `failed_rcpt_window`: the
     /// network is blocked.
@@ -257,6 +271,7 @@ impl Reason {
             Self::RelayDenied => "relay-denied",
             Self::Harvest { .. } => "harvest",
             Self::HarvestAcrossSessions { .. } => "harvest-source",
+            Self::HostHarvested { .. } => "harvest-host",
             Self::HarvestFromNetwork { .. } => "harvest-network",
             Self::AuthFailures { .. } => "auth",
             Self::AuthFailuresFromNetwork { .. } => "auth-network",
@@ -279,6 +294,7 @@ impl Reason {
             | Self::ConnectionRateFromNetwork { .. } => Some(Origin::Flood),
             Self::Harvest { .. }
             | Self::HarvestAcrossSessions { .. }
+            | Self::HostHarvested { .. }
             | Self::HarvestFromNetwork { .. } => Some(Origin::Harvest),
             Self::AuthFailures { .. } | Self::AuthFailuresFromNetwork { .. } => Some(Origin::Auth),
             Self::FilterRejects { .. } => Some(Origin::Filter),
@@ -354,6 +370,15 @@ impl fmt::Display for Reason {
             } => write!(
                 f,
                 "{failed} failed recipients within {window:?} across sessions, the limit is {limit}"
+            ),
+            Self::HostHarvested {
+                failed,
+                limit,
+                host_failed,
+                window,
+            } => write!(
+                f,
+                "{failed} failed recipients within {window:?} from a source that has not delivered lately, while the host is harvested ({host_failed} from all sources), the limit is {limit}"
             ),
             Self::AuthFailures {
                 failures,

@@ -323,12 +323,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Counts a recipient the backend accepted or refused toward the
     /// harvest limits; the flow when that refuses the session.
     async fn count_recipient(&mut self, accepted: bool) -> std::io::Result<Option<Flow>> {
+        let now = Instant::now();
+        let familiar = self.authenticated
+            || self
+                .ctx
+                .recent_senders
+                .contains(self.source(), tokio::time::Instant::now());
         let verdict = self.ctx.policy().rcpt_result(
             &self.ctx.state,
             self.source(),
             &mut self.counters,
             accepted,
-            Instant::now(),
+            familiar,
+            now,
         );
         match verdict {
             Some(decision) => self.refuse(&decision.verdict, decision.enforced).await,

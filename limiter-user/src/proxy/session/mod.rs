@@ -1241,9 +1241,9 @@ pub(super) fn rejection_reply(rejection: &Rejection) -> Reply {
             "Error: too many messages with a null sender, try again later"
         }
         Reason::RelayDenied => "Relay access denied",
-        Reason::Harvest { .. } | Reason::HarvestAcrossSessions { .. } => {
-            "Error: too many invalid recipients, try again later"
-        }
+        Reason::Harvest { .. }
+        | Reason::HarvestAcrossSessions { .. }
+        | Reason::HostHarvested { .. } => "Error: too many invalid recipients, try again later",
         Reason::HarvestFromNetwork { .. } => {
             "Error: too many invalid recipients from your network, try again later"
         }
