@@ -36,6 +36,12 @@
 //!   whole: now AUTH for the account is refused unheard past
 //!   `limits.max_failed_auth_per_account`, except from where its owner
 //!   logged in.
+//! * A password spray over many accounts from many networks (one guess
+//!   per account, every source, network and account under its limits)
+//!   had every guess answered: now, once the host as a whole is past
+//!   `limits.max_failed_auth_per_host`, a source that has not logged in as
+//!   the account it tries is blocked past `max_failed_auth_under_spray`
+//!   failures.
 //! * Held against a real brute-force tool (THC Hydra, Debian's `hydra`, four
 //!   sessions at once): its guesses stop at `max_failed_auth`, the right
 //!   password among them is never tried.
@@ -834,6 +840,70 @@ fn spray(rig: &Rig) -> Vec<String> {
     // base64 of "alice"
     replies.push(login.cmd("YWxpY2U=").unwrap());
     replies
+}
+
+/// A password spray over many accounts from many networks, every source,
+/// network and account under its limits: once the host as a whole is past
+/// `max_failed_auth_per_host`, a source that has not logged in as the
+/// account it tries is blocked past `max_failed_auth_under_spray`
+/// failures; the account's owner at home keeps the usual limits.
+#[test]
+fn a_spray_over_many_accounts_from_many_networks_gets_one_guess_per_address_once_the_host_is_sprayed(
+) {
+    if !ready("a_spray_over_many_accounts_from_many_networks_gets_one_guess_per_address_once_the_host_is_sprayed") {
+        return;
+    }
+    let rig = rig(
+        &[],
+        "max_failed_auth_per_host = 8\nmax_failed_auth_under_spray = 1\n",
+    );
+    let mut home = ehlo(&rig, "127.0.9.1");
+    assert!(home.cmd(GOOD_AUTH).unwrap().starts_with("235 "));
+    drop(home);
+    // Four networks, two accounts each: eight refused, every source (5),
+    // network (50) and account (10) far under its limit.
+    let mut account = 0;
+    for net in 20..24 {
+        let mut guesser = ehlo(&rig, &format!("127.0.{net}.1"));
+        for _ in 0..2 {
+            account += 1;
+            let reply = guesser
+                .cmd(&plain(&format!("user{account}"), "Winter2026"))
+                .unwrap();
+            assert!(reply.starts_with("535 "), "127.0.{net}.1: {reply}");
+        }
+    }
+    // The host is now under a spray: a fresh address of a fresh network
+    // gets one guess answered, and is blocked at its second.
+    for net in 24..27 {
+        let source = format!("127.0.{net}.1");
+        let mut guesser = ehlo(&rig, &source);
+        account += 1;
+        let reply = guesser
+            .cmd(&plain(&format!("user{account}"), "Winter2026"))
+            .unwrap();
+        assert!(reply.starts_with("535 "), "{source}: {reply}");
+        account += 1;
+        let reply = guesser
+            .cmd(&plain(&format!("user{account}"), "Winter2026"))
+            .unwrap();
+        assert!(reply.starts_with("421 4.7.0 "), "{source}: {reply}");
+        guesser.expect_closed();
+        assert_eq!(
+            rig.proxy.ctx.blocked(source.parse().unwrap()),
+            Some("auth"),
+            "{source}"
+        );
+    }
+    // Alice, at home, mistypes her password twice: answered as usual, and
+    // she logs in.
+    let mut home = ehlo(&rig, "127.0.9.1");
+    for wrong in &WRONG_AUTHS[..2] {
+        let reply = home.cmd(wrong).unwrap();
+        assert!(reply.starts_with("535 "), "{reply}");
+    }
+    assert!(home.cmd(GOOD_AUTH).unwrap().starts_with("235 "));
+    assert_eq!(rig.proxy.ctx.blocked("127.0.9.1".parse().unwrap()), None);
 }
 
 /// `AUTH PLAIN` for `authcid` with `password` (no authzid).

@@ -86,6 +86,19 @@ pub struct Limits {
     /// spray over many networks, each source under every other limit.
     /// 0 = off.
     pub max_failed_auth_per_account: u32,
+    /// Refused credentials from all sources together within
+    /// `failed_auth_window` past which the host is under a password spray
+    /// (many accounts from many networks, each source, network and account
+    /// under its own limits). While it is, a source that has not logged in
+    /// as the account it tries within 30 days is blocked past
+    /// `max_failed_auth_under_spray` failures in the window instead of
+    /// `max_failed_auth`. Counted on each edge host. 0 = off.
+    pub max_failed_auth_per_host: u32,
+    /// Refused credentials per source within `failed_auth_window` before a
+    /// block while the host is past `max_failed_auth_per_host`, for sources
+    /// that have not logged in as the account lately (a limit above
+    /// `max_failed_auth` changes nothing).
+    pub max_failed_auth_under_spray: u32,
     /// The network an IPv4 source counts in for the `*_per_network` limits.
     pub network_ipv4_prefix: u8,
     /// The network an IPv6 source counts in for the `*_per_network` limits
@@ -169,6 +182,8 @@ impl Default for Limits {
             failed_auth_window: Duration::from_secs(10 * 60),
             max_failed_auth_per_network: 50,
             max_failed_auth_per_account: 10,
+            max_failed_auth_per_host: 100,
+            max_failed_auth_under_spray: 2,
             network_ipv4_prefix: 24,
             network_ipv6_prefix: 48,
             null_sender_rate: Rate {
@@ -485,7 +500,7 @@ pub const LIVE_LIMITS: &[LiveLimit] = &[
     ),
     live_limit!(
         failed_auth_window,
-        "the window max_failed_auth, max_failed_auth_per_network and max_failed_auth_per_account count over"
+        "the window max_failed_auth, max_failed_auth_per_network, max_failed_auth_per_account and max_failed_auth_per_host count over"
     ),
     live_limit!(
         max_failed_auth_per_network,
@@ -494,6 +509,14 @@ pub const LIVE_LIMITS: &[LiveLimit] = &[
     live_limit!(
         max_failed_auth_per_account,
         "refused credentials for one account from all sources within failed_auth_window; past it AUTH for that account from sources that have not logged in as it lately gets 454 4.7.0 without reaching the backend (0 = off)"
+    ),
+    live_limit!(
+        max_failed_auth_per_host,
+        "refused credentials from all sources together within failed_auth_window past which the host is under a password spray; sources that have not logged in as the account lately are then blocked past max_failed_auth_under_spray (0 = off)"
+    ),
+    live_limit!(
+        max_failed_auth_under_spray,
+        "refused credentials per source within failed_auth_window before a block while the host is past max_failed_auth_per_host, for sources that have not logged in as the account lately"
     ),
     live_limit!(
         network_ipv4_prefix,

@@ -193,6 +193,10 @@ struct AuthRules {
     max_failed_auth_per_network: u32,
     /// `max_failed_auth_per_account`: all sources, one account; 0 = off.
     max_failed_auth_per_account: u32,
+    /// `max_failed_auth_per_host`: all sources together; 0 = off.
+    max_failed_auth_per_host: u32,
+    /// `max_failed_auth_under_spray`: per unfamiliar source past the host's.
+    max_failed_auth_under_spray: u32,
 }
 
 /// How long a successful login keeps its source familiar to the account:
@@ -307,6 +311,8 @@ impl Policy {
                 failed_auth_window: limits.failed_auth_window,
                 max_failed_auth_per_network: limits.max_failed_auth_per_network,
                 max_failed_auth_per_account: limits.max_failed_auth_per_account,
+                max_failed_auth_per_host: limits.max_failed_auth_per_host,
+                max_failed_auth_under_spray: limits.max_failed_auth_under_spray,
             },
             filters: FilterRules {
                 max_rejects: config.filters.max_rejects,
@@ -930,7 +936,7 @@ impl Policy {
             counters.failed_rcpt = 0;
             return Some(self.decide(rejection));
         }
-        let host_failed = self.count_host_failure(state, now);
+        let host_failed = self.count_on_host(state, HostCount::FailedRcpt, now);
         let limit = self.rcpt.max_failed_rcpt;
         if counters.failed_rcpt > limit {
             let failed = std::mem::take(&mut counters.failed_rcpt);
@@ -967,93 +973,119 @@ impl Policy {
             limit: rules.max_failed_rcpt_per_source,
             window: rules.failed_rcpt_window,
         };
-        let reason =
-            if let Some((failed, order)) = self.count_toward_block(state, source, now, rule) {
-                counters.failed_rcpt = 0;
-                return Some(self.decide(Rejection {
-                    reason: Reason::HarvestAcrossSessions {
-                        failed,
-                        limit: rule.limit,
-                        window: rule.window,
-                    },
-                    action: Action::DeferAndClose,
-                    block: Some(order),
-                }));
-            } else {
-                let host_failed = host_failed.filter(|_| !familiar)?;
-                let limit = rules.max_failed_rcpt_under_harvest;
-                let key = self.source_key(source);
-                let failed = state.with(|tables| {
-                    let window = tables.failed_rcpt.peek_mut(&key)?;
-                    window.expire(now, rule.window);
-                    Some(window.count())
-                })?;
-                if failed <= limit {
-                    return None;
-                }
-                Reason::HostHarvested {
+        if let Some((failed, order)) = self.count_toward_block(state, source, now, rule) {
+            counters.failed_rcpt = 0;
+            return Some(self.decide(Rejection {
+                reason: Reason::HarvestAcrossSessions {
                     failed,
-                    limit,
-                    host_failed,
+                    limit: rule.limit,
                     window: rule.window,
-                }
-            };
-        // Blocked as past `max_failed_rcpt_per_source`: the source's window
-        // starts afresh here and on the other hosts.
+                },
+                action: Action::DeferAndClose,
+                block: Some(order),
+            }));
+        }
+        let host_failed = host_failed.filter(|_| !familiar)?;
+        let limit = rules.max_failed_rcpt_under_harvest;
+        let (failed, order) = self.past_attack_limit(state, source, now, rule, limit)?;
         counters.failed_rcpt = 0;
-        let key = self.source_key(source);
-        let order = state.with(|tables| {
-            tables.failed_rcpt.remove(&key);
-            tables.block(self, source, limiter_common::Reason::Harvest, now)
+        Some(self.decide(Rejection {
+            reason: Reason::HostHarvested {
+                failed,
+                limit,
+                host_failed,
+                window: rule.window,
+            },
+            action: Action::DeferAndClose,
+            block: Some(order),
+        }))
+    }
+
+    /// Counts one failure from any source toward `which` limit for the
+    /// host; the failures from all sources within its window when they are
+    /// past it (the host is under attack), else `None`. Logs when the host
+    /// goes past it and when it is back under.
+    fn count_on_host(&self, state: &PolicyState, which: HostCount, now: Instant) -> Option<u32> {
+        let (limit, window, under) = match which {
+            HostCount::FailedRcpt => (
+                self.rcpt.max_failed_rcpt_per_host,
+                self.rcpt.failed_rcpt_window,
+                self.rcpt.max_failed_rcpt_under_harvest,
+            ),
+            HostCount::FailedAuth => (
+                self.auth.max_failed_auth_per_host,
+                self.auth.failed_auth_window,
+                self.auth.max_failed_auth_under_spray,
+            ),
+        };
+        if limit == 0 {
+            return None;
+        }
+        let keep = usize::try_from(u64::from(limit) + 1).unwrap_or(usize::MAX);
+        let (failures, was_past) = state.with(|tables| {
+            let count = &mut tables.on_host[which as usize];
+            let failures = count.window.record(now, window, keep);
+            (
+                failures,
+                std::mem::replace(&mut count.past, failures > limit),
+            )
         });
+        let window = crate::config::format_duration(window);
+        match (was_past, failures > limit, which) {
+            (false, true, HostCount::FailedRcpt) => tracing::warn!(
+                failures, limit, %window, under_harvest = under,
+                "host under a harvest: more failed recipients from all sources than max_failed_rcpt_per_host; sources that have not delivered within the hour are blocked past max_failed_rcpt_under_harvest failures"
+            ),
+            (false, true, HostCount::FailedAuth) => tracing::warn!(
+                failures, limit, %window, under_spray = under,
+                "host under a password spray: more refused credentials from all sources than max_failed_auth_per_host; sources that have not logged in as the account lately are blocked past max_failed_auth_under_spray failures"
+            ),
+            (true, false, HostCount::FailedRcpt) => tracing::info!(
+                limit,
+                "harvest over: failed recipients from all sources back under max_failed_rcpt_per_host"
+            ),
+            (true, false, HostCount::FailedAuth) => tracing::info!(
+                limit,
+                "password spray over: refused credentials from all sources back under max_failed_auth_per_host"
+            ),
+            _ => {}
+        }
+        (failures > limit).then_some(failures)
+    }
+
+    /// While the host is under attack: whether `source`'s count in `rule`'s
+    /// window (already recorded) is past `limit`, the lower limit for
+    /// sources the host does not know; then its block, ordered as past
+    /// `rule` (the window starts afresh here and on the other hosts).
+    fn past_attack_limit(
+        &self,
+        state: &PolicyState,
+        source: IpAddr,
+        now: Instant,
+        rule: WindowRule,
+        limit: u32,
+    ) -> Option<(u32, BlockOrder)> {
+        let key = self.source_key(source.to_canonical());
+        let outcome = state.with(|tables| {
+            let windows = tables.windows(rule.kind);
+            let window = windows.peek_mut(&key)?;
+            window.expire(now, rule.window);
+            let count = window.count();
+            if count <= limit {
+                return None;
+            }
+            windows.remove(&key);
+            Some((count, tables.block_net(self, key, rule.kind.origin(), now)))
+        })?;
         state.report(Counted {
-            kind: CountKind::FailedRcpt,
+            kind: rule.kind,
             net: key,
             at: now,
             limit: rule.limit,
             window: rule.window,
             blocked: true,
         });
-        Some(self.decide(Rejection {
-            reason,
-            action: Action::DeferAndClose,
-            block: Some(order),
-        }))
-    }
-
-    /// Counts a failed RCPT toward `max_failed_rcpt_per_host`; the failures
-    /// from all sources within `failed_rcpt_window` when they are past it
-    /// (the host is being harvested), else `None`. Logs when the host goes
-    /// past it and when it is back under.
-    fn count_host_failure(&self, state: &PolicyState, now: Instant) -> Option<u32> {
-        let rules = &self.rcpt;
-        let limit = rules.max_failed_rcpt_per_host;
-        if limit == 0 {
-            return None;
-        }
-        let keep = usize::try_from(u64::from(limit) + 1).unwrap_or(usize::MAX);
-        let (failed, was) = state.with(|tables| {
-            let failed = tables
-                .failed_rcpt_on_host
-                .record(now, rules.failed_rcpt_window, keep);
-            let was = std::mem::replace(&mut tables.host_harvested, failed > limit);
-            (failed, was)
-        });
-        match (was, failed > limit) {
-            (false, true) => tracing::warn!(
-                failed,
-                limit,
-                window = %crate::config::format_duration(rules.failed_rcpt_window),
-                under_harvest = rules.max_failed_rcpt_under_harvest,
-                "host under a harvest: more failed recipients from all sources than max_failed_rcpt_per_host; sources that have not delivered within the hour are blocked past max_failed_rcpt_under_harvest failures"
-            ),
-            (true, false) => tracing::info!(
-                limit,
-                "harvest over: failed recipients from all sources back under max_failed_rcpt_per_host"
-            ),
-            _ => {}
-        }
-        (failed > limit).then_some(failed)
+        Some(outcome)
     }
 
     /// Whether AUTH for `account` (lower-cased, [`crate::smtp::SaslAccount`])
@@ -1114,7 +1146,7 @@ impl Policy {
     /// of the familiar places of each of the account's names for
     /// [`LOGIN_MEMORY`].
     pub fn auth_succeeded(&self, state: &PolicyState, source: IpAddr, account: &str, now: Instant) {
-        if self.auth.max_failed_auth_per_account == 0 {
+        if self.auth.max_failed_auth_per_account == 0 && self.auth.max_failed_auth_per_host == 0 {
             return;
         }
         let key = self.source_key(source.to_canonical());
@@ -1134,6 +1166,13 @@ impl Policy {
     /// starts again from zero. Successful AUTHs do not reset the count.
     /// Allow-listed sources are not counted. The account's own counts (for
     /// [`Self::account_locked`], one per name) take every failure.
+    ///
+    /// Refused credentials from all sources together are counted too: past
+    /// `max_failed_auth_per_host` within the window the host is under a
+    /// password spray (many accounts, many networks), and a source that has
+    /// not logged in as `account` within [`LOGIN_MEMORY`] is blocked past
+    /// `max_failed_auth_under_spray` failures ([`Reason::HostSprayed`],
+    /// same action and block reason).
     pub fn auth_failed(
         &self,
         state: &PolicyState,
@@ -1142,9 +1181,9 @@ impl Policy {
         now: Instant,
     ) -> Option<Decision<Rejection>> {
         let rules = &self.auth;
+        let allowlisted = self.is_allowlisted(source.to_canonical());
         if let Some(account) = account {
-            if rules.max_failed_auth_per_account > 0 && !self.is_allowlisted(source.to_canonical())
-            {
+            if rules.max_failed_auth_per_account > 0 && !allowlisted {
                 let keep = usize::try_from(rules.max_failed_auth_per_account).unwrap_or(usize::MAX);
                 state.with(|tables| {
                     for name in account_names(account) {
@@ -1156,7 +1195,55 @@ impl Policy {
                 });
             }
         }
-        self.count_auth_failure(state, source, now)
+        if allowlisted {
+            return None;
+        }
+        let host_failures = self.count_on_host(state, HostCount::FailedAuth, now);
+        if let Some(decision) = self.count_auth_failure(state, source, now) {
+            return Some(decision);
+        }
+        let host_failures =
+            host_failures.filter(|_| !self.is_familiar(state, source, account, now))?;
+        let rule = WindowRule {
+            kind: CountKind::FailedAuth,
+            limit: rules.max_failed_auth,
+            window: rules.failed_auth_window,
+        };
+        let limit = rules.max_failed_auth_under_spray;
+        let (failures, order) = self.past_attack_limit(state, source, now, rule, limit)?;
+        Some(self.decide(Rejection {
+            reason: Reason::HostSprayed {
+                failures,
+                limit,
+                host_failures,
+                window: rule.window,
+            },
+            action: Action::DeferAndClose,
+            block: Some(order),
+        }))
+    }
+
+    /// Whether `source` logged in as one of `account`'s names within
+    /// [`LOGIN_MEMORY`]: one of the account's familiar places.
+    fn is_familiar(
+        &self,
+        state: &PolicyState,
+        source: IpAddr,
+        account: Option<&str>,
+        now: Instant,
+    ) -> bool {
+        let Some(account) = account else {
+            return false;
+        };
+        let key = self.source_key(source.to_canonical());
+        state.with(|tables| {
+            account_names(account).any(|name| {
+                tables
+                    .logins
+                    .peek_mut(&(name.to_owned(), key))
+                    .is_some_and(|at| now.saturating_duration_since(*at) < LOGIN_MEMORY)
+            })
+        })
     }
 
     /// One refused guess of `source`, in its network's window and its own.
@@ -1427,6 +1514,15 @@ struct WindowRule {
     kind: CountKind,
     limit: u32,
     window: Duration,
+}
+
+/// What the host counts from all sources together
+/// (`limits.max_failed_rcpt_per_host`, `max_failed_auth_per_host`); the
+/// index of its count in the tables.
+#[derive(Clone, Copy, Debug)]
+enum HostCount {
+    FailedRcpt = 0,
+    FailedAuth = 1,
 }
 
 /// The names an account (lower-cased) is counted under for

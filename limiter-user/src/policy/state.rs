@@ -160,6 +160,14 @@ impl CountKind {
     }
 }
 
+/// Failures of one kind from all sources together, and whether the last
+/// one found them past the host's limit (the host is under attack).
+#[derive(Debug, Default)]
+pub(super) struct HostWindow {
+    pub(super) window: Window,
+    pub(super) past: bool,
+}
+
 /// One event counted in a source's window here, as handed to the
 /// [`CountSink`]: with the rule in force, so that whoever counts it
 /// elsewhere applies the same threshold.
@@ -198,11 +206,10 @@ pub(super) struct Tables {
     pub(super) failed_rcpt: Lru<IpNet, Window>,
     /// Failed RCPT times per network ([`Policy::source_network`]).
     failed_rcpt_by_network: Lru<IpNet, Window>,
-    /// Failed RCPT times from all sources
-    /// (`limits.max_failed_rcpt_per_host`).
-    pub(super) failed_rcpt_on_host: Window,
-    /// Whether the last of them found the host past that limit.
-    pub(super) host_harvested: bool,
+    /// Failures from all sources together: failed RCPTs
+    /// (`limits.max_failed_rcpt_per_host`) and refused credentials
+    /// (`max_failed_auth_per_host`), by `HostCount`.
+    pub(super) on_host: [HostWindow; 2],
     /// Failed AUTH times per network.
     auth_failures_by_network: Lru<IpNet, Window>,
     /// Messages rejected by the content filters, times per source key.
@@ -297,8 +304,7 @@ impl PolicyState {
                 auth_failures: Lru::new(capacity),
                 failed_rcpt: Lru::new(capacity),
                 failed_rcpt_by_network: Lru::new(network_capacity(capacity)),
-                failed_rcpt_on_host: Window::default(),
-                host_harvested: false,
+                on_host: Default::default(),
                 auth_failures_by_network: Lru::new(network_capacity(capacity)),
                 filter_rejects: Lru::new(capacity),
                 null_by_source: Lru::new(capacity),

@@ -1876,6 +1876,52 @@ fn past_the_hosts_failed_recipients_new_sources_are_held_to_the_harvest_limit() 
 }
 
 #[test]
+fn past_the_hosts_refused_credentials_unfamiliar_sources_are_held_to_the_spray_limit() {
+    let policy = policy(
+        "[limits]\nmax_failed_auth_per_host = 4\nmax_failed_auth_under_spray = 1\n\
+         max_failed_auth_per_network = 0",
+    );
+    let state = state();
+    let now = Instant::now();
+    policy.auth_succeeded(&state, ip("192.0.2.9"), "alice@example.com", now);
+    let fail = |source: &str, account: Option<&str>| {
+        policy.auth_failed(&state, ip(source), account, now)
+    };
+    // Four refused, from two networks and four accounts: the host's limit.
+    for (source, account) in [
+        ("198.51.100.1", "u1"),
+        ("198.51.100.1", "u2"),
+        ("203.0.113.1", "u3"),
+        ("203.0.113.1", "u4"),
+    ] {
+        assert!(fail(source, Some(account)).is_none(), "{source} {account}");
+    }
+    // Past it: a fresh source's first failure is answered, its second
+    // blocks it; one that named no account is no one's familiar place.
+    assert!(fail("192.0.2.2", Some("u5")).is_none());
+    let rejection = fail("192.0.2.2", None).expect("a block").verdict;
+    assert_eq!(rejection.name(), "auth-host");
+    assert_eq!(
+        rejection.reason,
+        Reason::HostSprayed {
+            failures: 2,
+            limit: 1,
+            // The host's window keeps one past its limit.
+            host_failures: 5,
+            window: 10 * MIN
+        }
+    );
+    assert_eq!(rejection.block.expect("a block").origin, Origin::Auth);
+    // Alice's familiar place, trying alice under either name, keeps
+    // max_failed_auth (5).
+    for account in ["alice", "alice@example.com", "alice", "alice"] {
+        assert!(fail("192.0.2.9", Some(account)).is_none(), "{account}");
+    }
+    // The same place trying another account is a stranger to it.
+    assert!(fail("192.0.2.9", Some("bob")).is_some());
+}
+
+#[test]
 fn the_hosts_failed_recipients_limit_can_be_turned_off() {
     let policy = policy(
         "[limits]\nmax_failed_rcpt_per_host = 0\nmax_failed_rcpt_under_harvest = 0\n\

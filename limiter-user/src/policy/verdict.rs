@@ -179,9 +179,25 @@ pub enum Reason {
         failed: u32,
         /// `max_failed_rcpt_under_harvest`.
         limit: u32,
-        /// Failures from all sources in the window.
+        /// Failures from all sources in the window (kept up to one past
+        /// `max_failed_rcpt_per_host`).
         host_failed: u32,
         /// `failed_rcpt_window`.
+        window: Duration,
+    },
+    /// Refused credentials from the source within `failed_auth_window` went
+    /// past `max_failed_auth_under_spray` while the host was past
+    /// `max_failed_auth_per_host` (a password spray over many networks),
+    /// and the source had not logged in as the account lately.
+    HostSprayed {
+        /// The source's failures in the window, this one included.
+        failures: u32,
+        /// `max_failed_auth_under_spray`.
+        limit: u32,
+        /// Refused credentials from all sources in the window (kept up to
+        /// one past `max_failed_auth_per_host`).
+        host_failures: u32,
+        /// `failed_auth_window`.
         window: Duration,
     },
     /// Failed RCPTs from all the sources of one network went past
@@ -275,6 +291,7 @@ impl Reason {
             Self::HarvestFromNetwork { .. } => "harvest-network",
             Self::AuthFailures { .. } => "auth",
             Self::AuthFailuresFromNetwork { .. } => "auth-network",
+            Self::HostSprayed { .. } => "auth-host",
             Self::AccountLocked { .. } => "auth-account",
             Self::FilterRejects { .. } => "filter",
             Self::ShedSessions { .. } => "shed-sessions",
@@ -296,7 +313,9 @@ impl Reason {
             | Self::HarvestAcrossSessions { .. }
             | Self::HostHarvested { .. }
             | Self::HarvestFromNetwork { .. } => Some(Origin::Harvest),
-            Self::AuthFailures { .. } | Self::AuthFailuresFromNetwork { .. } => Some(Origin::Auth),
+            Self::AuthFailures { .. }
+            | Self::AuthFailuresFromNetwork { .. }
+            | Self::HostSprayed { .. } => Some(Origin::Auth),
             Self::FilterRejects { .. } => Some(Origin::Filter),
             Self::TooManyConnections { .. }
             | Self::StateFull { .. }
@@ -379,6 +398,15 @@ impl fmt::Display for Reason {
             } => write!(
                 f,
                 "{failed} failed recipients within {window:?} from a source that has not delivered lately, while the host is harvested ({host_failed} from all sources), the limit is {limit}"
+            ),
+            Self::HostSprayed {
+                failures,
+                limit,
+                host_failures,
+                window,
+            } => write!(
+                f,
+                "{failures} failed AUTH within {window:?} from a source that has not logged in as the account lately, while the host is under a password spray ({host_failures} from all sources), the limit is {limit}"
             ),
             Self::AuthFailures {
                 failures,

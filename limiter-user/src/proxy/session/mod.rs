@@ -1247,7 +1247,9 @@ pub(super) fn rejection_reply(rejection: &Rejection) -> Reply {
         Reason::HarvestFromNetwork { .. } => {
             "Error: too many invalid recipients from your network, try again later"
         }
-        Reason::AuthFailures { .. } => "Error: too many failed authentications, try again later",
+        Reason::AuthFailures { .. } | Reason::HostSprayed { .. } => {
+            "Error: too many failed authentications, try again later"
+        }
         Reason::AuthFailuresFromNetwork { .. } => {
             "Error: too many failed authentications from your network, try again later"
         }
