@@ -394,6 +394,71 @@ fn postfix() -> Postfix {
     .expect("start Postfix")
 }
 
+/// `backend.connect = "on-rcpt"`: a bounce flood the proxy defers at RCPT
+/// (past `null_sender_rate_per_recipient`) never opens a Postfix session,
+/// where `"on-mail"` opens one per transaction; accepted mail goes through
+/// with its MAIL and RCPT in one write, and a MAIL Postfix refuses (a SIZE
+/// over its `message_size_limit`) is answered at the RCPT.
+#[test]
+fn on_rcpt_transactions_the_proxy_refuses_whole_never_open_a_postfix_session() {
+    if !ready("on_rcpt_transactions_the_proxy_refuses_whole_never_open_a_postfix_session") {
+        return;
+    }
+    let postfix = postfix();
+    let limits = "[limits]\nnull_sender_rate_per_recipient = \"1/1h\"\n";
+    for (connect, bouncer, sessions) in [
+        ("on-rcpt", IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4)), 0),
+        ("on-mail", IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5)), 5),
+    ] {
+        let proxy = proxy(&postfix, &format!("connect = \"{connect}\""), limits);
+        let addr = proxy.addr;
+        // The first bounce to alice fills her bucket (1 an hour).
+        let mut first = Client::connect(addr, SENDER).expect("connects");
+        expect(&first.reply().expect("greeting"), "220 ");
+        expect(&first.cmd("EHLO mx.example.net").unwrap(), "250");
+        expect(&first.cmd("MAIL FROM:<>").unwrap(), "250 2.1.0");
+        expect(&first.cmd("RCPT TO:<alice@example.com>").unwrap(), "250 ");
+        expect(&first.cmd("DATA").unwrap(), "354");
+        expect(
+            &first.cmd("Subject: bounce\r\n\r\nbounced\r\n.").unwrap(),
+            "250 ",
+        );
+        let _ = first.cmd("QUIT");
+        // Postfix refuses this size at MAIL; "on-rcpt" says so at the RCPT
+        // (the session's first MAIL is the one the proxy answers).
+        let mut big = Client::connect(addr, SENDER).expect("connects");
+        expect(&big.reply().expect("greeting"), "220 ");
+        expect(&big.cmd("EHLO mx.example.net").unwrap(), "250");
+        let mail = big
+            .cmd("MAIL FROM:<big@example.net> SIZE=20000000")
+            .unwrap();
+        if connect == "on-rcpt" {
+            expect(&mail, "250 2.1.0");
+            let rcpt = big.cmd("RCPT TO:<alice@example.com>").unwrap();
+            expect(&rcpt, "552 5.3.4");
+            expect(&big.cmd("DATA").unwrap(), "554 5.5.1");
+        } else {
+            expect(&mail, "552 5.3.4");
+        }
+        let _ = big.cmd("QUIT");
+        // Five more from another server, one session each: deferred.
+        for _ in 0..5 {
+            let mut c = Client::connect(addr, bouncer).expect("connects");
+            expect(&c.reply().expect("greeting"), "220 ");
+            expect(&c.cmd("EHLO mx.example.org").unwrap(), "250");
+            expect(&c.cmd("MAIL FROM:<>").unwrap(), "250 2.1.0");
+            expect(&c.cmd("RCPT TO:<alice@example.com>").unwrap(), "450 4.7.1");
+            expect(&c.cmd("QUIT").unwrap(), "221");
+        }
+        assert_eq!(
+            disconnects(&postfix, bouncer).len(),
+            sessions,
+            "{connect}: Postfix sessions of the deferred bouncer"
+        );
+        proxy.stop();
+    }
+}
+
 #[test]
 fn a_network_holding_every_slot_cannot_starve_another_networks_mail() {
     if !ready("a_network_holding_every_slot_cannot_starve_another_networks_mail") {

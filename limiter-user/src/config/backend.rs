@@ -35,7 +35,10 @@ pub struct Backend {
     /// When a session gets its backend connection: `"on-mail"` (earned by
     /// the first MAIL FROM the policy accepts, or by AUTH, VRFY in relay
     /// mode and `smtp.relay_verbs`; the proxy answers the greeting, EHLO,
-    /// NOOP, RSET, HELP and QUIT itself) or `"on-connect"` (at accept).
+    /// NOOP, RSET, HELP and QUIT itself), `"on-rcpt"` (as `"on-mail"`, but
+    /// the proxy also answers that first MAIL itself and connects at the
+    /// first RCPT it does not refuse, sending MAIL and RCPT together) or
+    /// `"on-connect"` (at accept).
     pub connect: BackendConnect,
     /// With `"on-mail"`, whether a source that delivered a message recently
     /// gets its backend connection opened at accept anyway, ahead of its
@@ -73,7 +76,7 @@ pub struct Backend {
     pub probe_interval: Duration,
 }
 
-/// `backend.connect = "on-mail" | "on-connect"`.
+/// `backend.connect = "on-mail" | "on-rcpt" | "on-connect"`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BackendConnect {
@@ -81,8 +84,24 @@ pub enum BackendConnect {
     /// FROM (or AUTH, relayed VRFY, relayed extension verbs).
     #[default]
     OnMail,
+    /// Earned later: the first MAIL the policy accepts is answered by the
+    /// proxy (`250 2.1.0 Ok`) and held; the connection opens at the first
+    /// RCPT the proxy does not refuse itself, and the held MAIL goes with
+    /// it. A transaction whose every RCPT the proxy refuses (a bounce past
+    /// its recipient's rate, a relay attempt, an address the directory
+    /// does not know) never costs the backend a session.
+    OnRcpt,
     /// The backend connection opens when the client connects.
     OnConnect,
+}
+
+impl BackendConnect {
+    /// Whether the session earns its backend connection (the proxy
+    /// greets and answers EHLO from what the probe learned).
+    #[must_use]
+    pub fn earned(self) -> bool {
+        matches!(self, Self::OnMail | Self::OnRcpt)
+    }
 }
 
 /// `backend.early_connect = "recent-senders" | "off"`.
@@ -195,6 +214,22 @@ mod tests {
             assert_eq!(Config::from_toml(&text).unwrap().backend.identity, want);
         }
         assert_unknown_variant(&[("[backend]\nidentity = \"proxy_v2\"", "identity")]);
+    }
+
+    #[test]
+    fn every_connect_parses() {
+        for (value, want, earned) in [
+            ("on-mail", BackendConnect::OnMail, true),
+            ("on-rcpt", BackendConnect::OnRcpt, true),
+            ("on-connect", BackendConnect::OnConnect, false),
+        ] {
+            let text = format!("[backend]\nconnect = \"{value}\"");
+            let connect = Config::from_toml(&text).unwrap().backend.connect;
+            assert_eq!(connect, want);
+            assert_eq!(connect.earned(), earned, "{value}");
+        }
+        assert_eq!(Config::default().backend.connect, BackendConnect::OnMail);
+        assert_unknown_variant(&[("[backend]\nconnect = \"on-data\"", "connect")]);
     }
 
     #[test]

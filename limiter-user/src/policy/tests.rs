@@ -1884,9 +1884,8 @@ fn past_the_hosts_refused_credentials_unfamiliar_sources_are_held_to_the_spray_l
     let state = state();
     let now = Instant::now();
     policy.auth_succeeded(&state, ip("192.0.2.9"), "alice@example.com", now);
-    let fail = |source: &str, account: Option<&str>| {
-        policy.auth_failed(&state, ip(source), account, now)
-    };
+    let fail =
+        |source: &str, account: Option<&str>| policy.auth_failed(&state, ip(source), account, now);
     // Four refused, from two networks and four accounts: the host's limit.
     for (source, account) in [
         ("198.51.100.1", "u1"),

@@ -33,7 +33,7 @@ use tokio::{
 
 use super::{backend::Backend, ProxyContext, Settings};
 use crate::{
-    config::{BackendConnect, EarlyConnect, Identity},
+    config::{EarlyConnect, Identity},
     smtp::reply::Reply,
 };
 
@@ -149,7 +149,7 @@ impl EarlyLink {
         local: SocketAddr,
     ) -> Option<Self> {
         let source = peer.ip();
-        if settings.connect != BackendConnect::OnMail
+        if !settings.connect.earned()
             || settings.early_connect != EarlyConnect::RecentSenders
             || !ctx.recent_senders.contains(source, Instant::now())
             || ctx.stressed(&settings.smtp)

@@ -534,7 +534,7 @@ pub async fn serve(
         accepts.spawn(accept_loop(bound, tx));
         accepts.spawn(dispatch(ctx, rx, session_stop));
     }
-    if ctx.settings().connect == BackendConnect::OnMail {
+    if ctx.settings().connect.earned() {
         accepts.spawn(capabilities::run_probes(ctx.clone()));
     }
     let _ = shutdown.wait_for(|stop| *stop).await;

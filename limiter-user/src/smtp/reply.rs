@@ -486,6 +486,14 @@ impl Reply {
         Self::new(250, "2.0.0 Ok")
     }
 
+    /// `250 2.1.0 Ok`: the proxy's own answer to a MAIL it accepts on the
+    /// backend's behalf (`backend.connect = "on-rcpt"`), in Postfix's
+    /// words.
+    #[must_use]
+    pub fn sender_ok() -> Self {
+        Self::new(250, "2.1.0 Ok")
+    }
+
     /// `250 <hostname>`: the answer to HELO.
     #[must_use]
     pub fn helo_ok(hostname: &str) -> Self {

@@ -70,11 +70,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Ok(flow);
             }
         }
+        let line = mail_line(&mail);
+        if self.backend.is_none() && self.settings.connect == BackendConnect::OnRcpt {
+            // Held: the first RCPT relayed earns the connection and takes
+            // this line with it. Nothing is relayed before it (there is no
+            // backend), so the proxy's replies due before this one go first.
+            if self.flush_pipeline().await? == Flow::Close || self.closing {
+                return Ok(Flow::Close);
+            }
+            let bounce = mail.counts_as_null_sender();
+            let flow = self
+                .mail_answered(mail.sender, bounce, line.clone(), Reply::sender_ok())
+                .await?;
+            self.envelope.owed_mail = Some(line);
+            return Ok(flow);
+        }
         // The first accepted MAIL earns the backend connection.
         if let Err(e) = self.ensure_backend().await {
             return self.backend_failed(e).await;
         }
-        let line = mail_line(&mail);
         self.pipeline.relay(
             &line,
             Step::Mail {
@@ -100,7 +114,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 active: true,
                 sender,
                 bounce,
-                recipients: Vec::new(),
+                ..Envelope::default()
             };
             // A sender: no longer among the sessions shed under pressure.
             self.mail_accepted = true;
@@ -161,6 +175,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             } => {
                 if let Err(e) = self.ensure_backend().await {
                     return self.backend_failed(e).await;
+                }
+                if let Some(mail) = self.envelope.owed_mail.take() {
+                    self.pipeline.relay(&mail, Step::OwedMail);
+                    // A backend without PIPELINING gets one command at a
+                    // time.
+                    if !self.pipelining()
+                        && (self.flush_pipeline().await? == Flow::Close || self.closing)
+                    {
+                        return Ok(Flow::Close);
+                    }
                 }
                 let line = rcpt_line(rcpt);
                 self.pipeline.relay(&line, Step::Rcpt(Box::new(step)));
@@ -249,6 +273,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !self.envelope.active {
             self.reply(&Reply::bad_sequence_because("need MAIL command"))
                 .await?;
+            return Ok(Flow::Continue);
+        }
+        if let Some(refusal) = &self.envelope.sender_refused {
+            // The backend refused the MAIL the proxy accepted for it: its
+            // answer, for every recipient, counted as nothing.
+            let refusal = refusal.clone();
+            self.reply(&refusal).await?;
             return Ok(Flow::Continue);
         }
         let (rcpt, decision, directory_refuses) = match step {

@@ -156,6 +156,13 @@ struct Envelope {
     bounce: bool,
     /// The recipients the backend accepted (at most `smtp.max_recipients`).
     recipients: Vec<String>,
+    /// `backend.connect = "on-rcpt"`: the MAIL line the proxy accepted on
+    /// the backend's behalf and owes it, sent before the first RCPT
+    /// relayed.
+    owed_mail: Option<Vec<u8>>,
+    /// The backend's refusal of that MAIL: the answer to every RCPT of the
+    /// transaction.
+    sender_refused: Option<Reply>,
 }
 
 /// The transaction in progress, as the backend accepted it.
@@ -468,7 +475,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     fn earns_backend(&self) -> bool {
-        self.settings.connect == BackendConnect::OnMail
+        self.settings.connect.earned()
     }
 
     /// The greeting: the backend's, relayed (`"on-connect"`), or the one the

@@ -59,6 +59,11 @@ pub(super) enum Step {
     },
     /// A RCPT TO, relayed or refused by the proxy.
     Rcpt(Box<RcptStep>),
+    /// The MAIL the proxy accepted on the backend's behalf, relayed before
+    /// the first RCPT (`backend.connect = "on-rcpt"`): its reply is not the
+    /// client's (it had the proxy's), but a refusal answers the
+    /// transaction's RCPTs.
+    OwedMail,
     /// A relayed RSET.
     Rset,
     /// A relayed DATA.
@@ -69,7 +74,7 @@ impl Step {
     /// Whether a reply from the backend belongs to this step.
     fn relayed(&self) -> bool {
         match self {
-            Step::Mail { .. } | Step::Rset | Step::Data => true,
+            Step::Mail { .. } | Step::OwedMail | Step::Rset | Step::Data => true,
             Step::Rcpt(rcpt) => rcpt.relayed(),
             Step::Count | Step::Reply(_) => false,
         }
@@ -258,6 +263,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 },
                 Some(reply),
             ) => self.mail_answered(sender, bounce, line, reply).await,
+            (Step::OwedMail, Some(reply)) => {
+                if !reply.is_positive_completion() {
+                    self.envelope.sender_refused = Some(reply);
+                }
+                Ok(Flow::Continue)
+            }
             (Step::Rcpt(rcpt), reply) => self.rcpt_answered(*rcpt, reply).await,
             (Step::Rset, Some(reply)) => {
                 self.envelope = Envelope::default();
@@ -266,7 +277,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             (Step::Data, Some(reply)) => self.data_answered(reply).await,
             // A relayed step always has its reply (see flush_pipeline).
-            (Step::Mail { .. } | Step::Rset | Step::Data, None) => {
+            (Step::Mail { .. } | Step::OwedMail | Step::Rset | Step::Data, None) => {
                 self.backend_failed(BackendError::Closed).await
             }
         }

@@ -210,6 +210,9 @@ fn answer(line: &str, pipelining: bool, message: &mut Option<Vec<u8>>) -> String
     match verb {
         "EHLO" => ehlo_reply(pipelining),
         "HELO" => "250 mx.example.com\r\n".into(),
+        "MAIL" if upper.contains("@REFUSED.") => {
+            "553 5.7.1 <x@refused.example>: Sender address rejected: Access denied\r\n".into()
+        }
         "MAIL" => "250 2.1.0 Ok\r\n".into(),
         "RCPT" => {
             let address = line
@@ -975,6 +978,138 @@ async fn bounces_past_their_recipients_rate_are_deferred_before_the_backend() {
         ]
     );
     assert_eq!(ctx.stats.rejections(), [("null-sender-rate", 2)]);
+}
+
+/// `backend.connect = "on-rcpt"`: the proxy answers the first MAIL
+/// itself; the first RCPT it relays opens the backend connection and takes
+/// the MAIL with it, in one write.
+#[tokio::test(start_paused = true)]
+async fn on_rcpt_the_first_relayed_rcpt_earns_the_backend_and_takes_the_mail_along() {
+    let config = Config::from_toml("[backend]\nconnect = \"on-rcpt\"").unwrap();
+    let mut h = Harness::start_with(config, true);
+    h.ehlo().await;
+    let mail = h.client.command("MAIL FROM:<sender@example.org>").await;
+    assert_code(&mail, 250, (2, 1, 0));
+    assert_eq!(h.backend.connections(), 0, "no backend for a MAIL");
+    assert_code(
+        &h.client.command("RCPT TO:<alice@example.com>").await,
+        250,
+        (2, 1, 5),
+    );
+    assert_code(
+        &h.client.command("RCPT TO:<nobody@example.com>").await,
+        550,
+        (5, 1, 1),
+    );
+    assert_eq!(h.client.command("DATA").await.code, 354);
+    h.client.send(MESSAGE).await;
+    assert_eq!(h.client.command(".").await, parse(QUEUED));
+    // The next transaction has its backend: relayed as usual.
+    assert_code(
+        &h.client.command("MAIL FROM:<other@example.org>").await,
+        250,
+        (2, 1, 0),
+    );
+    assert_code(&h.client.command("RSET").await, 250, (2, 0, 0));
+    assert_eq!(h.client.command("QUIT").await.code, 221);
+    let (summary, _, backend, _) = h.ended().await;
+    assert_eq!(summary.messages, 1);
+    assert_eq!(backend.connections(), 1);
+    backend.seen(|seen| {
+        assert!(
+            seen.reads.iter().any(|read| read.as_slice()
+                == b"MAIL FROM:<sender@example.org>\r\nRCPT TO:<alice@example.com>\r\n"),
+            "MAIL and RCPT in one read: {:?}",
+            seen.reads
+                .iter()
+                .map(|r| String::from_utf8_lossy(r).into_owned())
+                .collect::<Vec<_>>()
+        );
+        let mails = seen.lines.iter().filter(|l| l.starts_with("MAIL")).count();
+        assert_eq!(mails, 2, "each MAIL once: {:?}", seen.lines);
+    });
+}
+
+/// `backend.connect = "on-rcpt"`: a bounce flood whose every RCPT the
+/// proxy refuses (past `null_sender_rate_per_recipient`), and a relay
+/// attempt, never cost the backend a session; `"on-mail"` opens one for
+/// each.
+#[tokio::test(start_paused = true)]
+async fn on_rcpt_transactions_the_proxy_refuses_whole_never_reach_the_backend() {
+    for (connect, sessions) in [("on-rcpt", 0), ("on-mail", 1)] {
+        let config = Config::from_toml(&format!(
+            "[backend]\nconnect = \"{connect}\"\n\
+             [limits]\nnull_sender_rate_per_recipient = \"1/1h\"\n\
+             [relay]\naccept = \"*@example.com\"\n"
+        ))
+        .unwrap();
+        // Alice's bucket is full: one bounce to her from elsewhere.
+        let mut h = Harness::start_prepared(config, true, |ctx| {
+            let other = "192.0.2.1".parse().unwrap();
+            let policy = ctx.policy();
+            let first =
+                policy.bounce_rcpt(&ctx.state, other, None, "alice@example.com", Instant::now());
+            assert!(first.is_none());
+        });
+        h.ehlo().await;
+        assert_eq!(h.client.command("MAIL FROM:<>").await.code, 250);
+        let deferred = h.client.command("RCPT TO:<alice@example.com>").await;
+        assert_eq!(deferred.code, 450, "{connect}: {deferred:?}");
+        let relay = h.client.command("RCPT TO:<victim@elsewhere.example>").await;
+        assert_code(&relay, 550, (5, 7, 1));
+        assert_eq!(h.client.command("DATA").await.code, 554, "{connect}");
+        assert_eq!(h.client.command("QUIT").await.code, 221);
+        let (_, _, backend, _) = h.ended().await;
+        assert_eq!(backend.connections(), sessions, "{connect}");
+    }
+}
+
+/// `backend.connect = "on-rcpt"`: a MAIL the proxy accepted and the
+/// backend refuses: every RCPT of the transaction gets the backend's
+/// refusal (not counted as a failed recipient), DATA has no recipient,
+/// and after RSET the next transaction goes through.
+#[tokio::test(start_paused = true)]
+async fn on_rcpt_a_sender_the_backend_refuses_answers_the_recipients() {
+    for pipelining in [true, false] {
+        let config =
+            Config::from_toml("[backend]\nconnect = \"on-rcpt\"\n[limits]\nmax_failed_rcpt = 1")
+                .unwrap();
+        let mut h = Harness::start_with(config, pipelining);
+        h.ehlo().await;
+        assert_code(
+            &h.client.command("MAIL FROM:<spam@refused.example>").await,
+            250,
+            (2, 1, 0),
+        );
+        for rcpt in ["alice@example.com", "nobody@example.com", "bob@example.com"] {
+            let reply = h.client.command(&format!("RCPT TO:<{rcpt}>")).await;
+            assert_code(&reply, 553, (5, 7, 1));
+            assert!(
+                reply.text().contains("Sender address rejected"),
+                "{reply:?}"
+            );
+        }
+        assert_eq!(h.client.command("DATA").await.code, 554);
+        assert_eq!(h.client.command("RSET").await.code, 250);
+        assert_eq!(
+            h.client
+                .command("MAIL FROM:<sender@example.org>")
+                .await
+                .code,
+            250
+        );
+        assert_eq!(
+            h.client.command("RCPT TO:<alice@example.com>").await.code,
+            250
+        );
+        assert_eq!(h.client.command("DATA").await.code, 354);
+        h.client.send(MESSAGE).await;
+        assert_eq!(h.client.command(".").await, parse(QUEUED));
+        assert_eq!(h.client.command("QUIT").await.code, 221);
+        let (summary, _, _, ctx) = h.ended().await;
+        assert_eq!(summary.messages, 1, "pipelining {pipelining}");
+        assert_eq!(ctx.stats.rejections(), [], "pipelining {pipelining}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
