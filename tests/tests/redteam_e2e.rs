@@ -555,9 +555,10 @@ fn a_harvester_spread_over_its_network_gets_the_network_blocked() {
 
 /// A harvester spread over many networks, each address and network under
 /// its limits: once the host as a whole has more failed recipients than
-/// `max_failed_rcpt_per_host`, a source that has not delivered mail lately
-/// is blocked past `max_failed_rcpt_under_harvest` failures; a sender that
-/// delivered within the hour keeps its usual limits.
+/// `max_failed_rcpt_per_host`, a source that had not delivered mail before
+/// the harvest began (within the hour) is blocked past
+/// `max_failed_rcpt_under_harvest` failures; a sender that had keeps its
+/// usual limits.
 #[test]
 fn a_harvester_spread_over_many_networks_gets_a_few_guesses_per_address_once_the_host_is_harvested()
 {
@@ -631,6 +632,25 @@ fn a_harvester_spread_over_many_networks_gets_a_few_guesses_per_address_once_the
     let tried = guesses(10, 3);
     let replies = try_recipients(&rig, "127.0.10.1", &[tried[0].as_str()]);
     assert!(replies[0].starts_with("421 4.7.0 "), "{replies:?}");
+    // A harvester's address that delivers a message first, now that the
+    // harvest is on, is a stranger still: blocked at its third guess.
+    let (mut bot, greeting) = rig.client("127.0.18.1");
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    for (line, want) in [
+        ("EHLO bot.example.net", "250"),
+        ("MAIL FROM:<offer@bot.example.net>", "250 "),
+        ("RCPT TO:<alice@example.com>", "250 "),
+        ("DATA", "354"),
+        ("Subject: offer\r\n\r\nbuy\r\n.", "250 "),
+    ] {
+        let reply = bot.cmd(line).unwrap();
+        assert!(reply.starts_with(want), "{line}: {reply}");
+    }
+    drop(bot);
+    let tried = guesses(18, 0);
+    let tried: Vec<&str> = tried.iter().map(String::as_str).collect();
+    let replies = try_recipients(&rig, "127.0.18.1", &tried);
+    assert!(replies[2].starts_with("421 4.7.0 "), "{replies:?}");
     // The familiar sender mistypes three addresses: answered as usual.
     let replies = try_recipients(
         &rig,

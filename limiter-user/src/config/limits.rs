@@ -59,14 +59,15 @@ pub struct Limits {
     /// Failed RCPTs from all sources together within `failed_rcpt_window`
     /// past which the host is under a harvest from many networks (each
     /// address and network under its own limits). While it is, a source
-    /// that has not delivered mail within the hour (nor logged in in its
-    /// session) is blocked past `max_failed_rcpt_under_harvest` failures
-    /// in the window instead of `max_failed_rcpt_per_source`. Counted on
+    /// that neither logged in in its session nor had mail delivered within
+    /// the hour since before the harvest began is blocked past
+    /// `max_failed_rcpt_under_harvest` failures in the window instead of
+    /// `max_failed_rcpt_per_source`. Counted on
     /// each edge host. 0 = off.
     pub max_failed_rcpt_per_host: u32,
     /// Failed RCPTs per source within `failed_rcpt_window` before a block
     /// while the host is past `max_failed_rcpt_per_host`, for sources that
-    /// have not delivered mail within the hour (a limit above
+    /// had not delivered mail within the hour before it (a limit above
     /// `max_failed_rcpt_per_source` changes nothing).
     pub max_failed_rcpt_under_harvest: u32,
     /// Refused credentials (535, or 435 / X.7.8) per source within
@@ -488,11 +489,11 @@ pub const LIVE_LIMITS: &[LiveLimit] = &[
     ),
     live_limit!(
         max_failed_rcpt_per_host,
-        "failed recipients from all sources together within failed_rcpt_window past which the host is under a harvest from many networks; sources that have not delivered within the hour are then blocked past max_failed_rcpt_under_harvest (0 = off)"
+        "failed recipients from all sources together within failed_rcpt_window past which the host is under a harvest from many networks; sources that had not delivered within the hour before it are then blocked past max_failed_rcpt_under_harvest (0 = off)"
     ),
     live_limit!(
         max_failed_rcpt_under_harvest,
-        "failed recipients per source within failed_rcpt_window before a block while the host is past max_failed_rcpt_per_host, for sources that have not delivered within the hour"
+        "failed recipients per source within failed_rcpt_window before a block while the host is past max_failed_rcpt_per_host, for sources that had not delivered within the hour before it"
     ),
     live_limit!(
         max_failed_auth,

@@ -894,18 +894,20 @@ impl Policy {
     ///
     /// Failures from all sources together are counted too: past
     /// `max_failed_rcpt_per_host` within the window the host is under a
-    /// harvest spread over many networks, and a source that is not
-    /// `familiar` (has not delivered mail within the hour, nor logged in in
-    /// the session) is blocked past `max_failed_rcpt_under_harvest` of its
-    /// failures in the window ([`Reason::HostHarvested`], same action and
-    /// block reason).
+    /// harvest spread over many networks, and a source it does not know
+    /// (`familiarity`: one that neither logged in in the session nor first
+    /// delivered mail, within the hour, before the harvest began) is
+    /// blocked past `max_failed_rcpt_under_harvest` of its failures in the
+    /// window ([`Reason::HostHarvested`], same action and block reason). A
+    /// harvester cannot buy its addresses' acquaintance by delivering a
+    /// message from each once the harvest is on.
     pub fn rcpt_result(
         &self,
         state: &PolicyState,
         source: IpAddr,
         counters: &mut SessionCounters,
         ok: bool,
-        familiar: bool,
+        familiarity: Familiarity,
         now: Instant,
     ) -> Option<Decision<Rejection>> {
         let source = source.to_canonical();
@@ -985,7 +987,15 @@ impl Policy {
                 block: Some(order),
             }));
         }
-        let host_failed = host_failed.filter(|_| !familiar)?;
+        let (host_failed, began) = host_failed?;
+        let familiar = match familiarity {
+            Familiarity::LoggedIn => true,
+            Familiarity::DeliveredSince(first) => first < began,
+            Familiarity::Stranger => false,
+        };
+        if familiar {
+            return None;
+        }
         let limit = rules.max_failed_rcpt_under_harvest;
         let (failed, order) = self.past_attack_limit(state, source, now, rule, limit)?;
         counters.failed_rcpt = 0;
@@ -1003,9 +1013,15 @@ impl Policy {
 
     /// Counts one failure from any source toward `which` limit for the
     /// host; the failures from all sources within its window when they are
-    /// past it (the host is under attack), else `None`. Logs when the host
-    /// goes past it and when it is back under.
-    fn count_on_host(&self, state: &PolicyState, which: HostCount, now: Instant) -> Option<u32> {
+    /// past it (the host is under attack), and since when it has been,
+    /// else `None`. Logs when the host goes past it and when it is back
+    /// under.
+    fn count_on_host(
+        &self,
+        state: &PolicyState,
+        which: HostCount,
+        now: Instant,
+    ) -> Option<(u32, Instant)> {
         let (limit, window, under) = match which {
             HostCount::FailedRcpt => (
                 self.rcpt.max_failed_rcpt_per_host,
@@ -1022,19 +1038,22 @@ impl Policy {
             return None;
         }
         let keep = usize::try_from(u64::from(limit) + 1).unwrap_or(usize::MAX);
-        let (failures, was_past) = state.with(|tables| {
+        let (failures, was_past, since) = state.with(|tables| {
             let count = &mut tables.on_host[which as usize];
             let failures = count.window.record(now, window, keep);
-            (
-                failures,
-                std::mem::replace(&mut count.past, failures > limit),
-            )
+            let was_past = count.since.is_some();
+            if failures <= limit {
+                count.since = None;
+            } else if !was_past {
+                count.since = Some(now);
+            }
+            (failures, was_past, count.since)
         });
         let window = crate::config::format_duration(window);
         match (was_past, failures > limit, which) {
             (false, true, HostCount::FailedRcpt) => tracing::warn!(
                 failures, limit, %window, under_harvest = under,
-                "host under a harvest: more failed recipients from all sources than max_failed_rcpt_per_host; sources that have not delivered within the hour are blocked past max_failed_rcpt_under_harvest failures"
+                "host under a harvest: more failed recipients from all sources than max_failed_rcpt_per_host; sources the host does not know are blocked past max_failed_rcpt_under_harvest failures"
             ),
             (false, true, HostCount::FailedAuth) => tracing::warn!(
                 failures, limit, %window, under_spray = under,
@@ -1050,7 +1069,7 @@ impl Policy {
             ),
             _ => {}
         }
-        (failures > limit).then_some(failures)
+        since.map(|since| (failures, since))
     }
 
     /// While the host is under attack: whether `source`'s count in `rule`'s
@@ -1198,7 +1217,9 @@ impl Policy {
         if allowlisted {
             return None;
         }
-        let host_failures = self.count_on_host(state, HostCount::FailedAuth, now);
+        let host_failures = self
+            .count_on_host(state, HostCount::FailedAuth, now)
+            .map(|(failures, _)| failures);
         if let Some(decision) = self.count_auth_failure(state, source, now) {
             return Some(decision);
         }
@@ -1509,6 +1530,18 @@ impl Policy {
 /// A count of events in a sliding window, per source or per network
 /// ([`CountKind::per_network`]), that blocks its key once it goes past
 /// `limit`.
+/// What the host knows of a source whose recipient failed, for
+/// `limits.max_failed_rcpt_under_harvest` ([`Policy::rcpt_result`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Familiarity {
+    /// It logged in in this session.
+    LoggedIn,
+    /// It delivered mail within the hour, the first time then.
+    DeliveredSince(Instant),
+    /// Neither.
+    Stranger,
+}
+
 #[derive(Clone, Copy)]
 struct WindowRule {
     kind: CountKind,

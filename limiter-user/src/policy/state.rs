@@ -160,12 +160,13 @@ impl CountKind {
     }
 }
 
-/// Failures of one kind from all sources together, and whether the last
-/// one found them past the host's limit (the host is under attack).
+/// Failures of one kind from all sources together, and since when they
+/// have been past the host's limit (the host is under attack), as of the
+/// last one.
 #[derive(Debug, Default)]
 pub(super) struct HostWindow {
     pub(super) window: Window,
-    pub(super) past: bool,
+    pub(super) since: Option<Instant>,
 }
 
 /// One event counted in a source's window here, as handed to the
@@ -837,7 +838,7 @@ mod sink_tests {
             "2001:db8:1:2::3".parse().unwrap(),
             &mut counters,
             false,
-            false,
+            crate::policy::Familiarity::Stranger,
             now,
         );
         let events = std::mem::take(&mut *kept.0.lock().unwrap());
@@ -876,10 +877,24 @@ mod sink_tests {
         let mut counters = SessionCounters::default();
         let rcpt = (CountKind::FailedRcpt, false, 4, Duration::from_secs(3600));
         assert!(policy
-            .rcpt_result(&state, source, &mut counters, false, false, now)
+            .rcpt_result(
+                &state,
+                source,
+                &mut counters,
+                false,
+                crate::policy::Familiarity::Stranger,
+                now
+            )
             .is_none());
         assert!(policy
-            .rcpt_result(&state, source, &mut counters, false, false, now)
+            .rcpt_result(
+                &state,
+                source,
+                &mut counters,
+                false,
+                crate::policy::Familiarity::Stranger,
+                now
+            )
             .is_some());
         assert_eq!(taken(&kept), [rcpt, (rcpt.0, true, 4, rcpt.3)]);
 

@@ -310,7 +310,14 @@ fn allowlisted_sources_are_exempt_from_everything() {
         let mut counters = SessionCounters::default();
         for _ in 0..5 {
             assert!(policy
-                .rcpt_result(&state, source, &mut counters, false, false, now)
+                .rcpt_result(
+                    &state,
+                    source,
+                    &mut counters,
+                    false,
+                    Familiarity::Stranger,
+                    now
+                )
                 .is_none());
             assert!(policy.auth_failed(&state, source, None, now).is_none());
         }
@@ -723,23 +730,51 @@ fn harvest_counter_resets_on_success_and_fires_past_the_limit() {
     let mut counters = SessionCounters::default();
     for _ in 0..3 {
         assert!(policy
-            .rcpt_result(&state, source, &mut counters, false, false, now)
+            .rcpt_result(
+                &state,
+                source,
+                &mut counters,
+                false,
+                Familiarity::Stranger,
+                now
+            )
             .is_none());
     }
     assert_eq!(counters.failed_rcpt, 3);
     // A success resets the run.
     assert!(policy
-        .rcpt_result(&state, source, &mut counters, true, false, now)
+        .rcpt_result(
+            &state,
+            source,
+            &mut counters,
+            true,
+            Familiarity::Stranger,
+            now
+        )
         .is_none());
     assert_eq!(counters.failed_rcpt, 0);
     for _ in 0..3 {
         assert!(policy
-            .rcpt_result(&state, source, &mut counters, false, false, now)
+            .rcpt_result(
+                &state,
+                source,
+                &mut counters,
+                false,
+                Familiarity::Stranger,
+                now
+            )
             .is_none());
     }
     // The 4th failure in a row: > 3.
     let decision = policy
-        .rcpt_result(&state, source, &mut counters, false, false, now)
+        .rcpt_result(
+            &state,
+            source,
+            &mut counters,
+            false,
+            Familiarity::Stranger,
+            now,
+        )
         .expect("harvest");
     assert!(decision.enforced);
     let rejection = decision.verdict;
@@ -773,7 +808,14 @@ fn relay_denials_count_as_failed_recipients() {
             policy.rcpt(source, recipient).verdict,
             RcptVerdict::Reject(_)
         );
-        verdict = policy.rcpt_result(&state, source, &mut counters, ok, false, now);
+        verdict = policy.rcpt_result(
+            &state,
+            source,
+            &mut counters,
+            ok,
+            Familiarity::Stranger,
+            now,
+        );
     }
     let order = verdict.expect("harvest").verdict.block.expect("a block");
     assert_eq!(
@@ -1548,7 +1590,14 @@ fn observe_mode_decides_but_marks_decisions_unenforced() {
 
     let mut counters = SessionCounters::default();
     let harvest = policy
-        .rcpt_result(&state, source, &mut counters, false, false, now)
+        .rcpt_result(
+            &state,
+            source,
+            &mut counters,
+            false,
+            Familiarity::Stranger,
+            now,
+        )
         .unwrap();
     assert!(!harvest.enforced);
     assert!(
@@ -1781,7 +1830,14 @@ fn fail_in_new_sessions(
     let mut last = None;
     for _ in 0..failures {
         let mut counters = SessionCounters::default();
-        last = policy.rcpt_result(state, source, &mut counters, false, false, now);
+        last = policy.rcpt_result(
+            state,
+            source,
+            &mut counters,
+            false,
+            Familiarity::Stranger,
+            now,
+        );
     }
     last
 }
@@ -1797,7 +1853,14 @@ fn failed_recipients_count_across_sessions_and_successes_do_not_reset_them() {
         let mut counters = SessionCounters::default();
         for ok in [false, true, false] {
             assert!(policy
-                .rcpt_result(&state, source, &mut counters, ok, false, now)
+                .rcpt_result(
+                    &state,
+                    source,
+                    &mut counters,
+                    ok,
+                    Familiarity::Stranger,
+                    now
+                )
                 .is_none());
         }
     }
@@ -1833,21 +1896,22 @@ fn past_the_hosts_failed_recipients_new_sources_are_held_to_the_harvest_limit() 
     );
     let state = state();
     let now = Instant::now();
-    let fail = |source: &str, familiar: bool, at: Instant| {
+    let fail = |source: &str, familiarity: Familiarity, at: Instant| {
         let mut counters = SessionCounters::default();
-        policy.rcpt_result(&state, ip(source), &mut counters, false, familiar, at)
+        policy.rcpt_result(&state, ip(source), &mut counters, false, familiarity, at)
     };
+    let stranger = Familiarity::Stranger;
     // Six failures from three networks: the host's limit, not past it.
     for source in ["198.51.100.1", "203.0.113.1", "192.0.2.1"] {
         for _ in 0..2 {
-            assert!(fail(source, false, now).is_none(), "{source}");
+            assert!(fail(source, stranger, now).is_none(), "{source}");
         }
     }
     // The seventh: the host is harvested, but this source has one failure.
-    assert!(fail("192.0.2.2", false, now).is_none());
+    assert!(fail("192.0.2.2", stranger, now).is_none());
     // Its second is at the limit; its third is past it.
-    assert!(fail("192.0.2.2", false, now).is_none());
-    let rejection = fail("192.0.2.2", false, now).expect("a block").verdict;
+    assert!(fail("192.0.2.2", stranger, now).is_none());
+    let rejection = fail("192.0.2.2", stranger, now).expect("a block").verdict;
     assert_eq!(rejection.name(), "harvest-host");
     assert_eq!(
         rejection.reason,
@@ -1861,17 +1925,27 @@ fn past_the_hosts_failed_recipients_new_sources_are_held_to_the_harvest_limit() 
     assert_eq!(rejection.action, Action::DeferAndClose);
     assert_eq!(rejection.block.expect("a block").origin, Origin::Harvest);
     // A source of the first six is blocked at its next failure.
-    assert!(fail("198.51.100.1", false, now).is_some());
-    // A familiar source (it delivered lately) and an allow-listed one keep
-    // their usual limits.
+    assert!(fail("198.51.100.1", stranger, now).is_some());
+    // A source that delivered before the harvest began, one logged in, and
+    // an allow-listed one keep their usual limits.
+    let before = Familiarity::DeliveredSince(now - MIN);
     for _ in 0..5 {
-        assert!(fail("192.0.2.3", true, now).is_none());
-        assert!(fail("192.0.2.250", false, now).is_none());
+        assert!(fail("192.0.2.3", before, now).is_none());
+        assert!(fail("192.0.2.5", Familiarity::LoggedIn, now).is_none());
+        assert!(fail("192.0.2.250", stranger, now).is_none());
     }
+    // One whose first delivery came once the harvest was on is a stranger
+    // still: a harvester's addresses cannot buy acquaintance with a
+    // message each.
+    let since_then = Familiarity::DeliveredSince(now + Duration::from_secs(1));
+    let at = now + Duration::from_secs(2);
+    assert!(fail("192.0.2.6", since_then, at).is_none());
+    assert!(fail("192.0.2.6", since_then, at).is_none());
+    assert!(fail("192.0.2.6", since_then, at).is_some());
     // An hour later the host's window is empty: three failures pass again.
     let later = now + 61 * MIN;
     for _ in 0..3 {
-        assert!(fail("192.0.2.4", false, later).is_none());
+        assert!(fail("192.0.2.4", stranger, later).is_none());
     }
 }
 
@@ -1933,7 +2007,14 @@ fn the_hosts_failed_recipients_limit_can_be_turned_off() {
         for _ in 0..3 {
             let mut counters = SessionCounters::default();
             assert!(policy
-                .rcpt_result(&state, source, &mut counters, false, false, now)
+                .rcpt_result(
+                    &state,
+                    source,
+                    &mut counters,
+                    false,
+                    Familiarity::Stranger,
+                    now
+                )
                 .is_none());
         }
     }

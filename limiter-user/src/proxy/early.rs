@@ -57,6 +57,8 @@ pub struct RecentSenders(Mutex<Recent>);
 struct Recent {
     /// Each source's latest recorded delivery.
     last: HashMap<IpAddr, Instant>,
+    /// Each source's first delivery since it was last forgotten.
+    first: HashMap<IpAddr, Instant>,
     /// Recorded deliveries, oldest first; an entry whose time is no longer
     /// its source's latest is skipped when it leaves.
     order: VecDeque<(IpAddr, Instant)>,
@@ -73,6 +75,14 @@ impl RecentSenders {
         {
             return;
         }
+        // A source remembered no more (or never) starts a new run.
+        let again = recent
+            .last
+            .get(&source)
+            .is_some_and(|&at| now.saturating_duration_since(at) < MEMORY);
+        if !again {
+            recent.first.insert(source, now);
+        }
         recent.last.insert(source, now);
         recent.order.push_back((source, now));
         recent.expire(now);
@@ -86,9 +96,22 @@ impl RecentSenders {
             .is_some_and(|&at| now.saturating_duration_since(at) < MEMORY)
     }
 
+    /// When `source` first delivered, if it delivered within [`MEMORY`]
+    /// (and has been remembered since).
+    pub fn first_delivery(&self, source: IpAddr, now: Instant) -> Option<Instant> {
+        let recent = self.lock();
+        let last = recent.last.get(&source)?;
+        if now.saturating_duration_since(*last) >= MEMORY {
+            return None;
+        }
+        recent.first.get(&source).copied()
+    }
+
     /// Forgets `source` (its early connection went unused).
     pub fn forget(&self, source: IpAddr) {
-        self.lock().last.remove(&source);
+        let mut recent = self.lock();
+        recent.last.remove(&source);
+        recent.first.remove(&source);
     }
 
     /// Sources remembered now.
@@ -117,6 +140,7 @@ impl Recent {
             self.order.pop_front();
             if self.last.get(&source) == Some(&at) {
                 self.last.remove(&source);
+                self.first.remove(&source);
             }
         }
     }
@@ -322,6 +346,24 @@ mod tests {
         assert_eq!(recent.len(), CAPACITY);
         assert!(!recent.contains(IpAddr::from(1u128.to_be_bytes()), start));
         assert!(recent.contains(IpAddr::from(2u128.to_be_bytes()), start));
+    }
+
+    #[test]
+    fn the_first_delivery_is_kept_until_the_source_is_forgotten() {
+        let recent = RecentSenders::default();
+        let start = Instant::now();
+        recent.record(ip(1), start);
+        recent.record(ip(1), start + RENEW);
+        let later = start + RENEW + Duration::from_secs(1);
+        assert_eq!(recent.first_delivery(ip(1), later), Some(start));
+        assert_eq!(recent.first_delivery(ip(2), later), None);
+        // An hour after its last delivery it starts again.
+        let gone = start + RENEW + MEMORY;
+        assert_eq!(recent.first_delivery(ip(1), gone), None);
+        recent.record(ip(1), gone);
+        assert_eq!(recent.first_delivery(ip(1), gone), Some(gone));
+        recent.forget(ip(1));
+        assert_eq!(recent.first_delivery(ip(1), gone), None);
     }
 
     #[test]

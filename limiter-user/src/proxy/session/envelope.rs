@@ -354,19 +354,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Counts a recipient the backend accepted or refused toward the
     /// harvest limits; the flow when that refuses the session.
     async fn count_recipient(&mut self, accepted: bool) -> std::io::Result<Option<Flow>> {
-        let now = Instant::now();
-        let familiar = self.authenticated
-            || self
-                .ctx
-                .recent_senders
-                .contains(self.source(), tokio::time::Instant::now());
+        let familiarity = if self.authenticated {
+            Familiarity::LoggedIn
+        } else {
+            let recent = &self.ctx.recent_senders;
+            match recent.first_delivery(self.source(), tokio::time::Instant::now()) {
+                Some(first) => Familiarity::DeliveredSince(first.into_std()),
+                None => Familiarity::Stranger,
+            }
+        };
         let verdict = self.ctx.policy().rcpt_result(
             &self.ctx.state,
             self.source(),
             &mut self.counters,
             accepted,
-            familiar,
-            now,
+            familiarity,
+            Instant::now(),
         );
         match verdict {
             Some(decision) => self.refuse(&decision.verdict, decision.enforced).await,

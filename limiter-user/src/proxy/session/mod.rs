@@ -83,8 +83,8 @@ use crate::{
         Envelope as FilterEnvelope, Filters, MessageScan, Outcome,
     },
     policy::{
-        Action, ConnectionGuard, Decision, HeloGuard, HeloVerdict, MailVerdict, RateScope,
-        RcptVerdict, Reason, Rejection, SessionCounters,
+        Action, ConnectionGuard, Decision, Familiarity, HeloGuard, HeloVerdict, MailVerdict,
+        RateScope, RcptVerdict, Reason, Rejection, SessionCounters,
     },
     smtp::{
         command::{
