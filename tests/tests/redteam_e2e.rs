@@ -553,6 +553,23 @@ fn a_harvester_spread_over_its_network_gets_the_network_blocked() {
     );
 }
 
+/// One message from `source` to alice, delivered (a session of its own).
+#[track_caller]
+fn deliver_to_alice(rig: &Rig, source: &str) {
+    let (mut client, greeting) = rig.client(source);
+    assert!(greeting.starts_with("220 "), "{source}: {greeting}");
+    for (line, want) in [
+        ("EHLO mx.sender.example", "250"),
+        ("MAIL FROM:<news@sender.example>", "250 "),
+        ("RCPT TO:<alice@example.com>", "250 "),
+        ("DATA", "354"),
+        ("Subject: hello\r\n\r\nhi\r\n.", "250 "),
+    ] {
+        let reply = client.cmd(line).unwrap();
+        assert!(reply.starts_with(want), "{source} {line}: {reply}");
+    }
+}
+
 /// A harvester spread over many networks, each address and network under
 /// its limits: once the host as a whole has more failed recipients than
 /// `max_failed_rcpt_per_host`, a source that had not delivered mail before
@@ -570,19 +587,7 @@ fn a_harvester_spread_over_many_networks_gets_a_few_guesses_per_address_once_the
         "max_failed_rcpt_per_host = 12\nmax_failed_rcpt_under_harvest = 2\n",
     );
     // A sender that delivers first: a familiar source.
-    let (mut known, greeting) = rig.client("127.0.9.1");
-    assert!(greeting.starts_with("220 "), "{greeting}");
-    for (line, want) in [
-        ("EHLO mx.partner.example", "250"),
-        ("MAIL FROM:<news@partner.example>", "250 "),
-        ("RCPT TO:<alice@example.com>", "250 "),
-        ("DATA", "354"),
-        ("Subject: hello\r\n\r\nhi\r\n.", "250 "),
-    ] {
-        let reply = known.cmd(line).unwrap();
-        assert!(reply.starts_with(want), "{line}: {reply}");
-    }
-    drop(known);
+    deliver_to_alice(&rig, "127.0.9.1");
     let guesses = |net: u8, first: usize| -> Vec<String> {
         (first..first + 3)
             .map(|n| format!("guess{net}x{n}@example.com"))
@@ -634,19 +639,7 @@ fn a_harvester_spread_over_many_networks_gets_a_few_guesses_per_address_once_the
     assert!(replies[0].starts_with("421 4.7.0 "), "{replies:?}");
     // A harvester's address that delivers a message first, now that the
     // harvest is on, is a stranger still: blocked at its third guess.
-    let (mut bot, greeting) = rig.client("127.0.18.1");
-    assert!(greeting.starts_with("220 "), "{greeting}");
-    for (line, want) in [
-        ("EHLO bot.example.net", "250"),
-        ("MAIL FROM:<offer@bot.example.net>", "250 "),
-        ("RCPT TO:<alice@example.com>", "250 "),
-        ("DATA", "354"),
-        ("Subject: offer\r\n\r\nbuy\r\n.", "250 "),
-    ] {
-        let reply = bot.cmd(line).unwrap();
-        assert!(reply.starts_with(want), "{line}: {reply}");
-    }
-    drop(bot);
+    deliver_to_alice(&rig, "127.0.18.1");
     let tried = guesses(18, 0);
     let tried: Vec<&str> = tried.iter().map(String::as_str).collect();
     let replies = try_recipients(&rig, "127.0.18.1", &tried);
