@@ -1527,9 +1527,6 @@ impl Policy {
     }
 }
 
-/// A count of events in a sliding window, per source or per network
-/// ([`CountKind::per_network`]), that blocks its key once it goes past
-/// `limit`.
 /// What the host knows of a source whose recipient failed, for
 /// `limits.max_failed_rcpt_under_harvest` ([`Policy::rcpt_result`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1542,6 +1539,9 @@ pub enum Familiarity {
     Stranger,
 }
 
+/// A count of events in a sliding window, per source or per network
+/// ([`CountKind::per_network`]), that blocks its key once it goes past
+/// `limit`.
 #[derive(Clone, Copy)]
 struct WindowRule {
     kind: CountKind,
