@@ -3,7 +3,8 @@
 //! [`Session`] to a scripted backend on loopback.
 //!
 //! Input: byte 0 picks the configuration (plain, content filters holding
-//! every message, observe mode), byte 1 seeds the chunk sizes, the rest is
+//! every message, observe mode, `backend.connect = "on-rcpt"`), byte 1
+//! seeds the chunk sizes, the rest is
 //! what the client sends once greeted.
 //!
 //! Asserts, after every input:
@@ -205,7 +206,7 @@ fn config(variant: u8, backend: SocketAddr) -> Config {
          [limits]\nmax_failed_rcpt = 3\nmax_failed_rcpt_per_source = 6\nnull_sender_rate = \"3/1h\"\n\
          [smtp]\nmax_errors = 8\nmax_recipients = 4\nmax_message_size = 4000\n"
     );
-    match variant % 3 {
+    match variant % 4 {
         // Content filters on, the scanner unreachable: every message is
         // held to its end, then delivered with the "not scanned" header.
         1 => text.push_str(
@@ -213,6 +214,8 @@ fn config(variant: u8, backend: SocketAddr) -> Config {
              [filters.clamav]\naddress = \"127.0.0.1:1\"\n",
         ),
         2 => text.insert_str(0, "mode = \"observe\"\n"),
+        // The first MAIL answered by the proxy, sent with the first RCPT.
+        3 => text = text.replace("[backend]\n", "[backend]\nconnect = \"on-rcpt\"\n"),
         _ => {}
     }
     Config::from_toml(&text).expect("the fuzz configuration is valid")
