@@ -1139,10 +1139,7 @@ impl Policy {
                 if failures < rules.max_failed_auth_per_account {
                     return None;
                 }
-                let familiar = tables
-                    .logins
-                    .peek_mut(&(name.to_owned(), key))
-                    .is_some_and(|at| now.saturating_duration_since(*at) < LOGIN_MEMORY);
+                let familiar = tables.logged_in_lately(name, key, now);
                 (!familiar).then(|| (name.to_owned(), failures))
             })
         })?;
@@ -1258,12 +1255,7 @@ impl Policy {
         };
         let key = self.source_key(source.to_canonical());
         state.with(|tables| {
-            account_names(account).any(|name| {
-                tables
-                    .logins
-                    .peek_mut(&(name.to_owned(), key))
-                    .is_some_and(|at| now.saturating_duration_since(*at) < LOGIN_MEMORY)
-            })
+            account_names(account).any(|name| tables.logged_in_lately(name, key, now))
         })
     }
 

@@ -596,6 +596,14 @@ fn release<K: Hash + Eq>(table: &mut HashMap<K, u32>, key: &K) {
 }
 
 impl Tables {
+    /// Whether `key` (a source key) logged in as `name` within
+    /// [`super::LOGIN_MEMORY`]: one of the account's familiar places.
+    pub(super) fn logged_in_lately(&mut self, name: &str, key: IpNet, now: Instant) -> bool {
+        self.logins
+            .peek_mut(&(name.to_owned(), key))
+            .is_some_and(|at| now.saturating_duration_since(*at) < super::LOGIN_MEMORY)
+    }
+
     /// `kind`'s windows, by source key (by network for the per-network
     /// kinds).
     pub(super) fn windows(&mut self, kind: CountKind) -> &mut Lru<IpNet, Window> {
