@@ -175,12 +175,9 @@ impl Notified {
         let mut states = Vec::new();
         let mut buf = [0u8; 4096];
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "the agent exited ({status}) before {line}; it sent {states:?}:\n{}",
-                    files.log()
-                );
-            }
+            // An agent that exited may have sent its last states just
+            // before: they are read (without waiting) before it is judged.
+            let exited = self.child.try_wait().ok().flatten();
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero(),
@@ -188,9 +185,11 @@ impl Notified {
                 files.log()
             );
             // Short waits, so that an exit is noticed.
-            self.socket
-                .set_read_timeout(Some(left.min(Duration::from_millis(200))))
-                .unwrap();
+            let wait = match exited {
+                Some(_) => Duration::from_millis(1),
+                None => left.min(Duration::from_millis(200)),
+            };
+            self.socket.set_read_timeout(Some(wait)).unwrap();
             match self.socket.recv(&mut buf) {
                 Ok(n) => {
                     let state = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -204,7 +203,15 @@ impl Notified {
                     if matches!(
                         e.kind(),
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
+                    ) =>
+                {
+                    if let Some(status) = exited {
+                        panic!(
+                            "the agent exited ({status}) before {line}; it sent {states:?}:\n{}",
+                            files.log()
+                        );
+                    }
+                }
                 Err(e) => panic!("reading the notify socket: {e}"),
             }
         }
