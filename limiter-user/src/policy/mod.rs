@@ -1049,14 +1049,15 @@ impl Policy {
             }
             (failures, was_past, count.since)
         });
-        let window = crate::config::format_duration(window);
+        // Formatted only for the two lines that name it.
+        let window = || crate::config::format_duration(window);
         match (was_past, failures > limit, which) {
             (false, true, HostCount::FailedRcpt) => tracing::warn!(
-                failures, limit, %window, under_harvest = under,
+                failures, limit, window = %window(), under_harvest = under,
                 "host under a harvest: more failed recipients from all sources than max_failed_rcpt_per_host; sources the host does not know are blocked past max_failed_rcpt_under_harvest failures"
             ),
             (false, true, HostCount::FailedAuth) => tracing::warn!(
-                failures, limit, %window, under_spray = under,
+                failures, limit, window = %window(), under_spray = under,
                 "host under a password spray: more refused credentials from all sources than max_failed_auth_per_host; sources that have not logged in as the account lately are blocked past max_failed_auth_under_spray failures"
             ),
             (true, false, HostCount::FailedRcpt) => tracing::info!(

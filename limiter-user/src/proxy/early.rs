@@ -55,68 +55,56 @@ pub struct RecentSenders(Mutex<Recent>);
 
 #[derive(Default)]
 struct Recent {
-    /// Each source's latest recorded delivery.
-    last: HashMap<IpAddr, Instant>,
-    /// Each source's first delivery since it was last forgotten.
-    first: HashMap<IpAddr, Instant>,
+    /// Each source's deliveries since it was last forgotten.
+    senders: HashMap<IpAddr, Deliveries>,
     /// Recorded deliveries, oldest first; an entry whose time is no longer
     /// its source's latest is skipped when it leaves.
     order: VecDeque<(IpAddr, Instant)>,
+}
+
+/// A remembered source's first and latest recorded deliveries.
+#[derive(Clone, Copy)]
+struct Deliveries {
+    first: Instant,
+    last: Instant,
 }
 
 impl RecentSenders {
     /// The backend accepted a message from `source`.
     pub fn record(&self, source: IpAddr, now: Instant) {
         let mut recent = self.lock();
-        if recent
-            .last
-            .get(&source)
-            .is_some_and(|&at| now.saturating_duration_since(at) < RENEW)
-        {
-            return;
-        }
-        // A source remembered no more (or never) starts a new run.
-        let again = recent
-            .last
-            .get(&source)
-            .is_some_and(|&at| now.saturating_duration_since(at) < MEMORY);
-        if !again {
-            recent.first.insert(source, now);
-        }
-        recent.last.insert(source, now);
+        let first = match recent.live(source, now) {
+            Some(seen) if now.saturating_duration_since(seen.last) < RENEW => return,
+            Some(seen) => seen.first,
+            // A source remembered no more (or never) starts a new run.
+            None => now,
+        };
+        recent
+            .senders
+            .insert(source, Deliveries { first, last: now });
         recent.order.push_back((source, now));
         recent.expire(now);
     }
 
     /// Whether `source` delivered within [`MEMORY`].
     pub fn contains(&self, source: IpAddr, now: Instant) -> bool {
-        self.lock()
-            .last
-            .get(&source)
-            .is_some_and(|&at| now.saturating_duration_since(at) < MEMORY)
+        self.lock().live(source, now).is_some()
     }
 
     /// When `source` first delivered, if it delivered within [`MEMORY`]
     /// (and has been remembered since).
     pub fn first_delivery(&self, source: IpAddr, now: Instant) -> Option<Instant> {
-        let recent = self.lock();
-        let last = recent.last.get(&source)?;
-        if now.saturating_duration_since(*last) >= MEMORY {
-            return None;
-        }
-        recent.first.get(&source).copied()
+        self.lock().live(source, now).map(|seen| seen.first)
     }
 
     /// Forgets `source` (its early connection went unused).
     pub fn forget(&self, source: IpAddr) {
-        let mut recent = self.lock();
-        recent.last.remove(&source);
-        recent.first.remove(&source);
+        self.lock().senders.remove(&source);
     }
 
     /// Sources remembered now.
     pub fn len(&self) -> usize {
-        self.lock().last.len()
+        self.lock().senders.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -129,6 +117,14 @@ impl RecentSenders {
 }
 
 impl Recent {
+    /// `source`'s deliveries, if its latest is within [`MEMORY`].
+    fn live(&self, source: IpAddr, now: Instant) -> Option<Deliveries> {
+        self.senders
+            .get(&source)
+            .filter(|seen| now.saturating_duration_since(seen.last) < MEMORY)
+            .copied()
+    }
+
     /// Drops entries older than [`MEMORY`], and the oldest past
     /// [`CAPACITY`].
     fn expire(&mut self, now: Instant) {
@@ -138,9 +134,12 @@ impl Recent {
                 break;
             }
             self.order.pop_front();
-            if self.last.get(&source) == Some(&at) {
-                self.last.remove(&source);
-                self.first.remove(&source);
+            if self
+                .senders
+                .get(&source)
+                .is_some_and(|seen| seen.last == at)
+            {
+                self.senders.remove(&source);
             }
         }
     }
