@@ -134,7 +134,7 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         &mut out,
         "sessions_shed_total",
         "counter",
-        "Sessions closed under pressure, by reason (shed-idle, stress-timeout, slow-transaction, spool-evicted, too-many-commands, backend-slot-timeout).",
+        "Sessions closed under pressure, by reason (shed-idle, shed-parked, stress-timeout, slow-transaction, spool-evicted, too-many-commands, backend-slot-timeout).",
         &labelled(stats.shed(), "reason"),
     );
     metric(
@@ -143,6 +143,13 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         "counter",
         "Backend connections opened at accept for recent senders (backend.early_connect), by outcome: used by the session, or closed unused.",
         &labelled(stats.early_links(), "outcome"),
+    );
+    metric(
+        &mut out,
+        "parked_transactions_total",
+        "counter",
+        "Transactions whose backend connection closed while they waited for their client on a slot others needed, by outcome: parked, resumed on a new connection, refused by it.",
+        &labelled(stats.parked(), "outcome"),
     );
     let slots = ctx.backend_slots.counts();
     metric(

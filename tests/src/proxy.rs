@@ -87,13 +87,24 @@ impl TestProxy {
     /// metric `sessions_shed_total`).
     #[must_use]
     pub fn shed(&self, reason: &str) -> u64 {
-        self.ctx
-            .stats
-            .shed()
-            .into_iter()
-            .find(|(name, _)| *name == reason)
-            .map_or(0, |(_, n)| n)
+        count_of(self.ctx.stats.shed(), reason)
     }
+
+    /// How many transactions were parked off their backend slot, resumed
+    /// or refused on resuming, by `outcome` (the metric
+    /// `parked_transactions_total`).
+    #[must_use]
+    pub fn parked(&self, outcome: &str) -> u64 {
+        count_of(self.ctx.stats.parked(), outcome)
+    }
+}
+
+/// The count under `name` in a list of counts by name (0 if absent).
+fn count_of(counts: Vec<(&'static str, u64)>, name: &str) -> u64 {
+    counts
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map_or(0, |(_, count)| count)
 }
 
 impl Drop for TestProxy {

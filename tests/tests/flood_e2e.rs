@@ -585,9 +585,10 @@ fn timed_sender(addr: SocketAddr) -> std::thread::JoinHandle<(String, Duration)>
 }
 
 #[test]
-fn zombies_keeping_transactions_open_with_noops_lose_their_postfix_processes_to_a_sender() {
+fn zombies_keeping_transactions_open_with_noops_are_parked_off_their_postfix_processes_for_a_sender(
+) {
     if !ready(
-        "zombies_keeping_transactions_open_with_noops_lose_their_postfix_processes_to_a_sender",
+        "zombies_keeping_transactions_open_with_noops_are_parked_off_their_postfix_processes_for_a_sender",
     ) {
         return;
     }
@@ -599,21 +600,14 @@ fn zombies_keeping_transactions_open_with_noops_lose_their_postfix_processes_to_
         "[smtp]\nstress_command_timeout = \"2s\"\n",
     );
     // Each zombie earns a Postfix process with a MAIL Postfix accepts, then
-    // keeps its transaction open: a NOOP every 500 ms, each relayed to
-    // Postfix and answered.
+    // keeps its transaction open: a NOOP every 500 ms, each answered (by
+    // Postfix, and once the transaction is parked by the proxy).
     let mut zombies: Vec<Client> = (0..3).map(|i| zombie_with_mail(proxy.addr, i)).collect();
     let sender = timed_sender(proxy.addr);
-    let mut cut = 0;
     for _ in 0..16 {
         std::thread::sleep(Duration::from_millis(500));
         for z in &mut zombies {
-            if let Ok(reply) = z.cmd("NOOP") {
-                if reply.starts_with("421 4.4.2") {
-                    cut += 1;
-                } else {
-                    expect(&reply, "250 ");
-                }
-            }
+            expect(&z.cmd("NOOP").expect("NOOP"), "250 ");
         }
         if sender.is_finished() {
             break;
@@ -622,9 +616,39 @@ fn zombies_keeping_transactions_open_with_noops_lose_their_postfix_processes_to_
     let (end, took) = sender.join().expect("the sender's thread");
     expect(&end, "250 ");
     assert!(postfix.wait_delivered(1, WAIT), "{}", postfix.log());
-    assert!(cut >= 1, "no zombie was cut");
+    let parked = proxy.parked("parked");
+    assert!(parked >= 1, "no zombie was parked");
     // Within a zombie's stress_command_timeout and a little, not slot_wait.
     assert!(took < Duration::from_secs(6), "the sender took {took:?}");
+    // Postfix let each parked zombie's session go after its MAIL.
+    let ended_after_mail = || {
+        postfix
+            .log()
+            .lines()
+            .filter(|l| {
+                l.contains("disconnect from") && l.contains(" mail=1 ") && !l.contains("rcpt=")
+            })
+            .count()
+    };
+    assert!(
+        wait_until(WAIT, || ended_after_mail() >= parked as usize),
+        "{}",
+        postfix.log()
+    );
+    assert_eq!(proxy.shed("slow-transaction"), 0);
+    // Each zombie's transaction goes on when its client goes on: a parked
+    // one on a new Postfix session, its MAIL sent again before the RCPT.
+    for z in &mut zombies {
+        expect(&z.cmd("RCPT TO:<alice@example.com>").expect("RCPT"), "250 ");
+        expect(&z.cmd("DATA").expect("DATA"), "354 ");
+        expect(
+            &z.cmd("Subject: parked\r\n\r\nTaken up again.\r\n.")
+                .expect("end of DATA"),
+            "250 ",
+        );
+    }
+    assert!(postfix.wait_delivered(4, WAIT), "{}", postfix.log());
+    assert_eq!(proxy.parked("resumed"), parked);
 }
 
 #[test]
@@ -857,8 +881,10 @@ fn zombies_that_fill_the_spool_cannot_keep_the_next_tricklers_on_postfix() {
 }
 
 /// A keeper from `source` until `stop`: MAIL and RCPT (waiting its turn
-/// for a backend slot), then a NOOP every 500 ms with its transaction open
-/// until cut; then again.
+/// for a backend slot), then a NOOP every 500 ms with its transaction open;
+/// every 3 s it starts its transaction again (RSET, MAIL, RCPT: parked off
+/// its slot meanwhile, it waits its turn for one again), and it reconnects
+/// when cut.
 fn keeper(addr: SocketAddr, source: IpAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
@@ -867,26 +893,33 @@ fn keeper(addr: SocketAddr, source: IpAddr, stop: Arc<AtomicBool>) -> std::threa
             };
             // Longer than backend.slot_wait: MAIL may wait that long.
             let _ = z.stream.set_read_timeout(Some(Duration::from_secs(15)));
-            let opened = z.reply().is_ok_and(|r| r.starts_with("220 "))
+            let transaction = |z: &mut Client| {
+                z.cmd("MAIL FROM:<k@zombie.test>")
+                    .is_ok_and(|r| r.starts_with("250 "))
+                    && z.cmd("RCPT TO:<alice@example.com>")
+                        .is_ok_and(|r| r.starts_with("250 "))
+            };
+            let mut open = z.reply().is_ok_and(|r| r.starts_with("220 "))
                 && z.cmd("EHLO keeper.test")
                     .is_ok_and(|r| r.starts_with("250"))
-                && z.cmd("MAIL FROM:<k@zombie.test>")
-                    .is_ok_and(|r| r.starts_with("250 "))
-                && z.cmd("RCPT TO:<alice@example.com>")
-                    .is_ok_and(|r| r.starts_with("250 "));
-            while opened && !stop.load(Ordering::Relaxed) {
+                && transaction(&mut z);
+            let mut noops = 0;
+            while open && !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(500));
-                if !z.cmd("NOOP").is_ok_and(|r| r.starts_with("250 ")) {
-                    break;
-                }
+                noops += 1;
+                open = if noops % 6 == 0 {
+                    z.cmd("RSET").is_ok_and(|r| r.starts_with("250 ")) && transaction(&mut z)
+                } else {
+                    z.cmd("NOOP").is_ok_and(|r| r.starts_with("250 "))
+                };
             }
         }
     })
 }
 
 #[test]
-fn zombies_cut_before_wait_behind_a_sender_who_came_after_them() {
-    if !ready("zombies_cut_before_wait_behind_a_sender_who_came_after_them") {
+fn zombies_parked_before_wait_behind_a_sender_who_came_after_them() {
+    if !ready("zombies_parked_before_wait_behind_a_sender_who_came_after_them") {
         return;
     }
     let postfix = postfix();
@@ -897,8 +930,9 @@ fn zombies_cut_before_wait_behind_a_sender_who_came_after_them() {
         "max_connections = 3\nslot_wait = \"10s\"",
         "[smtp]\nstress_command_timeout = \"2s\"\n[limits]\nmax_shed_sessions_per_source = 0\n",
     );
-    // Keepers from 24 networks take the 3 slots in turn, each cut 2 s into
-    // its open transaction while others wait, and queue again at once.
+    // Keepers from 24 networks take the 3 slots in turn, each parked 2 s
+    // into its open transaction while others wait, and queue again with
+    // their next transaction.
     let stop = Arc::new(AtomicBool::new(false));
     let keepers: Vec<_> = (0..24u8)
         .map(|n| {
@@ -910,12 +944,11 @@ fn zombies_cut_before_wait_behind_a_sender_who_came_after_them() {
         })
         .collect();
     assert!(
-        wait_until(Duration::from_secs(40), || proxy.shed("slow-transaction")
-            >= 24),
-        "the keepers were not all cut: {:?}",
-        proxy.ctx.stats.shed()
+        wait_until(Duration::from_secs(40), || proxy.parked("parked") >= 24),
+        "the keepers were not all parked: {:?}",
+        proxy.ctx.stats.parked()
     );
-    // Every queued network was shed lately; the sender's was not: it is
+    // Every queued network was parked (or shed) lately; the sender's was not: it is
     // served at the next slot, not after 21 networks' turns (21 × 2 s / 3
     // slots = 14 s, past slot_wait).
     let (end, took) = timed_sender(proxy.addr)

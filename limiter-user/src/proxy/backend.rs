@@ -51,6 +51,10 @@ pub enum BackendError {
     /// connection: its reply.
     #[error("HELO refused: {} {}", .0.code, .0.text())]
     HeloRefused(Reply),
+    /// A new connection refused a line of the transaction it took up
+    /// ([`crate::proxy::session`]'s parked transactions): its reply.
+    #[error("the transaction taken up on a new connection was refused: {} {}", .0.code, .0.text())]
+    TransactionRefused(Reply),
     /// No backend slot came free within `backend.slot_wait`.
     #[error("no backend slot free within {0:?}")]
     NoSlot(Duration),
@@ -278,6 +282,11 @@ impl Backend {
     /// Makes this connection hold `slot` until it closes.
     pub fn hold_slot(&mut self, slot: super::slots::SlotGuard) {
         self.slot = Some(slot);
+    }
+
+    /// Gives its slot back now, before the connection closes.
+    pub fn give_back_slot(&mut self) {
+        self.slot = None;
     }
 
     /// Ends the session politely, without waiting long for the answer.

@@ -182,6 +182,9 @@ pub struct ProxyStats {
     shed: ReasonCounts,
     /// Early backend connections ([`early`]), by outcome: used, unused.
     early_links: ReasonCounts,
+    /// Transactions parked off their backend slot, by outcome: parked,
+    /// resumed, refused (the new connection refused a line of it).
+    parked: ReasonCounts,
 }
 
 impl ProxyStats {
@@ -231,6 +234,15 @@ impl ProxyStats {
     /// Early backend connections by outcome.
     pub fn early_links(&self) -> Vec<(&'static str, u64)> {
         self.early_links.list()
+    }
+
+    pub fn count_parked(&self, outcome: &'static str) {
+        self.parked.add(outcome);
+    }
+
+    /// Parked transactions by outcome.
+    pub fn parked(&self) -> Vec<(&'static str, u64)> {
+        self.parked.list()
     }
 }
 

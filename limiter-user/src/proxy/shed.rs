@@ -6,7 +6,11 @@
 //! `421` at once: the oldest idle session that never had a MAIL FROM
 //! accepted is told to close ([`Sessions::shed_oldest_idle`]) and the
 //! newcomer takes its place. Sessions that did earn a MAIL (and those busy
-//! with a command) are never shed this way.
+//! with a command) are not shed this way, except a session whose
+//! transaction was *parked* (it kept its client waiting on a backend slot
+//! others needed, and gave the slot back: [`Sessions::register_parked`]):
+//! the oldest idle one of those goes when no idle session without a MAIL
+//! is left.
 
 use std::{
     collections::BTreeMap,
@@ -28,6 +32,18 @@ pub struct Sessions {
 struct Registry {
     next_id: u64,
     by_age: BTreeMap<u64, Arc<Entry>>,
+    /// Sessions with a parked transaction, shed only after `by_age`'s.
+    parked: BTreeMap<u64, Arc<Entry>>,
+}
+
+impl Registry {
+    fn list(&mut self, parked: bool) -> &mut BTreeMap<u64, Arc<Entry>> {
+        if parked {
+            &mut self.parked
+        } else {
+            &mut self.by_age
+        }
+    }
 }
 
 /// One registered session.
@@ -61,12 +77,13 @@ impl Entry {
 pub struct Registration {
     sessions: Arc<Sessions>,
     id: u64,
+    parked: bool,
     pub entry: Arc<Entry>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.sessions.lock().by_age.remove(&self.id);
+        self.sessions.lock().list(self.parked).remove(&self.id);
     }
 }
 
@@ -77,40 +94,56 @@ impl Sessions {
 
     /// Registers a new session (the youngest).
     pub fn register(self: &Arc<Self>) -> Registration {
+        self.register_in(false)
+    }
+
+    /// Registers a session whose transaction was parked (the youngest of
+    /// those): shed only when no idle session without a MAIL is left.
+    pub fn register_parked(self: &Arc<Self>) -> Registration {
+        self.register_in(true)
+    }
+
+    fn register_in(self: &Arc<Self>, parked: bool) -> Registration {
         let entry = Arc::new(Entry::default());
         let mut registry = self.lock();
         let id = registry.next_id;
         registry.next_id = registry.next_id.wrapping_add(1);
-        registry.by_age.insert(id, entry.clone());
+        registry.list(parked).insert(id, entry.clone());
         Registration {
             sessions: self.clone(),
             id,
+            parked,
             entry,
         }
     }
 
-    /// Tells the oldest idle registered session to close, and unregisters
-    /// it; whether there was one.
+    /// Tells the oldest idle registered session to close (one with a
+    /// parked transaction only if no other is idle), and unregisters it;
+    /// whether there was one.
     pub fn shed_oldest_idle(&self) -> bool {
         let mut registry = self.lock();
-        let Some(id) = registry
-            .by_age
-            .iter()
-            .find(|(_, e)| e.idle.load(Ordering::Acquire) && !e.is_shed())
-            .map(|(id, _)| *id)
-        else {
-            return false;
-        };
-        if let Some(entry) = registry.by_age.remove(&id) {
-            entry.shed.set();
+        for parked in [false, true] {
+            let list = registry.list(parked);
+            let Some(id) = list
+                .iter()
+                .find(|(_, e)| e.idle.load(Ordering::Acquire) && !e.is_shed())
+                .map(|(id, _)| *id)
+            else {
+                continue;
+            };
+            if let Some(entry) = list.remove(&id) {
+                entry.shed.set();
+            }
+            return true;
         }
-        true
+        false
     }
 
     /// Sessions registered now.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.lock().by_age.len()
+        let registry = self.lock();
+        registry.by_age.len() + registry.parked.len()
     }
 
     /// Whether none is registered.
@@ -140,6 +173,24 @@ mod tests {
         assert!(young_idle.entry.is_shed());
         assert!(!sessions.shed_oldest_idle());
         drop(old_busy);
+        assert!(sessions.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_parked_session_is_shed_only_when_no_other_idle_one_is_left() {
+        let sessions = Arc::new(Sessions::default());
+        let parked = sessions.register_parked();
+        let young_idle = sessions.register();
+        let young_busy = sessions.register();
+        parked.entry.set_idle(true);
+        young_idle.entry.set_idle(true);
+        assert_eq!(sessions.len(), 3);
+        assert!(sessions.shed_oldest_idle());
+        assert!(young_idle.entry.is_shed() && !parked.entry.is_shed());
+        assert!(sessions.shed_oldest_idle());
+        assert!(parked.entry.is_shed() && !young_busy.entry.is_shed());
+        assert!(!sessions.shed_oldest_idle());
+        drop((parked, young_idle, young_busy));
         assert!(sessions.is_empty());
     }
 }

@@ -1348,6 +1348,12 @@ fn shed_counts(metrics: &BTreeMap<String, f64>) -> String {
     {
         parts.push(format!("spooled {spooled:.0}"));
     }
+    for outcome in ["parked", "resumed"] {
+        let key = format!("smtp_limiter_parked_transactions_total{{outcome=\"{outcome}\"}}");
+        if let Some(n) = metrics.get(&key).filter(|v| **v > 0.0) {
+            parts.push(format!("{outcome} {n:.0}"));
+        }
+    }
     parts.join(", ")
 }
 

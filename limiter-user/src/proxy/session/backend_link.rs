@@ -103,6 +103,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             self.backend_pipelining = helo.1 && offers_pipelining(&reply);
         }
+        if self.envelope.park == Park::Parked {
+            self.take_up_transaction().await?;
+            self.envelope.park = Park::Resumed;
+            // A sender again: no longer among the sessions shed.
+            self.registration = None;
+            self.ctx.stats.count_parked("resumed");
+            tracing::debug!(source = %self.peer.ip(), "parked transaction taken up on a new backend connection");
+        }
+        Ok(())
+    }
+
+    /// Sends the transaction's MAIL and the RCPTs the backend accepted on
+    /// this (new) connection, in one write if the backend pipelines. All
+    /// must be accepted again: the client was told each of them was.
+    async fn take_up_transaction(&mut self) -> Result<(), BackendError> {
+        let lines = self.transaction.lines.clone();
+        let replies = self.relay_all(&lines).await?;
+        if let Some((line, reply)) = lines
+            .iter()
+            .zip(&replies)
+            .find(|(_, reply)| !reply.is_positive_completion())
+        {
+            tracing::info!(
+                source = %self.peer.ip(),
+                command = %String::from_utf8_lossy(line),
+                code = reply.code,
+                "backend refused the transaction taken up on a new connection; the client is told to try later"
+            );
+            let reply = reply.clone();
+            self.reset_backend_transaction().await;
+            return Err(BackendError::TransactionRefused(reply));
+        }
         Ok(())
     }
 
@@ -125,14 +157,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Takes up the transaction on a new backend connection (a fair slot,
-    /// the client's identity and HELO, as at its MAIL): its MAIL and every
-    /// recipient the backend accepted before, in one write if the backend
-    /// pipelines. All must be accepted again, or the client is told to try
-    /// later (it was told each of them was accepted); the reply to give
-    /// it instead.
+    /// the client's identity and HELO, as at its MAIL) for a spooled
+    /// message ([`Self::take_up_transaction`]); the reply to give the
+    /// client instead if that fails.
     pub(super) async fn replay_transaction(&mut self) -> Result<(), Reply> {
-        let lines = self.transaction.lines.clone();
-        if lines.is_empty() {
+        if self.transaction.lines.is_empty() {
             return Err(Reply::backend_lost_in_transaction());
         }
         // Blocked while its message came: nothing of it goes on.
@@ -147,28 +176,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.note_backend_error(&e);
             return Err(Reply::backend_lost_in_transaction());
         }
-        let replies = match self.relay_all(&lines).await {
-            Ok(replies) => replies,
+        match self.take_up_transaction().await {
+            Ok(()) => Ok(()),
+            Err(BackendError::TransactionRefused(_)) => Err(Reply::backend_lost_in_transaction()),
             Err(e) => {
                 self.note_backend_error(&e);
-                return Err(Reply::backend_lost_in_transaction());
+                Err(Reply::backend_lost_in_transaction())
             }
-        };
-        if let Some((line, reply)) = lines
-            .iter()
-            .zip(&replies)
-            .find(|(_, reply)| !reply.is_positive_completion())
-        {
-            tracing::info!(
-                source = %self.peer.ip(),
-                command = %String::from_utf8_lossy(line),
-                code = reply.code,
-                "backend refused the replayed transaction of a spooled message; the client is told to try later"
-            );
-            self.reset_backend_transaction().await;
-            return Err(Reply::backend_lost_in_transaction());
         }
-        Ok(())
     }
 
     /// Sends `lines` to the backend and reads a reply to each: all in one
@@ -216,6 +231,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             {
                 tracing::info!(source = %self.peer.ip(), error = %error, "backend refused the session");
                 reply.clone()
+            }
+            // The client was told its transaction was open: it is gone, and
+            // the client may start it again.
+            BackendError::TransactionRefused(_) => {
+                self.envelope = Envelope::default();
+                self.ctx.stats.count_parked("refused");
+                Reply::backend_lost_in_transaction()
             }
             // A refused XCLIENT is the proxy's configuration: a 5xx would
             // bounce the client's mail for good.

@@ -47,6 +47,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.reply(&Reply::no_valid_recipients()).await?;
             return Ok(Flow::Continue);
         }
+        // A parked transaction is taken up first, while its envelope says
+        // it is one.
+        if self.envelope.park == Park::Parked {
+            if let Err(e) = self.ensure_backend().await {
+                return self.backend_failed(e).await;
+            }
+        }
         let envelope = std::mem::take(&mut self.envelope);
         let sink = match self.ctx.filters.clone() {
             // With content filters the backend gets DATA only once the

@@ -163,6 +163,24 @@ struct Envelope {
     /// The backend's refusal of that MAIL: the answer to every RCPT of the
     /// transaction.
     sender_refused: Option<Reply>,
+    /// Whether it gave its backend slot back while it waited for its client
+    /// ([`Session::park`]).
+    park: Park,
+}
+
+/// A transaction's life without its backend connection: closed while the
+/// transaction waited for its client on a slot others needed, and taken up
+/// again on a new one when its client needs the backend
+/// ([`Session::ensure_backend`]). Once per transaction: the second time its
+/// time runs out, the session ends as it would have without it.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+enum Park {
+    #[default]
+    Never,
+    /// Without a backend connection: its lines are owed to the next one.
+    Parked,
+    /// Taken up again on a new connection.
+    Resumed,
 }
 
 /// The transaction in progress, as the backend accepted it.
@@ -582,7 +600,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return "blocked";
                 }
                 Input::Shed => {
-                    self.shed("shed-idle");
+                    self.shed(if self.envelope.park == Park::Parked {
+                        "shed-parked"
+                    } else {
+                        "shed-idle"
+                    });
                     let _ = self.reply(&Reply::shed_idle()).await;
                     return "shed";
                 }
@@ -1059,7 +1081,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     async fn read_input(&mut self, next_command: bool) -> Input {
         let started = tokio::time::Instant::now();
         let input = self.wait_for_line(next_command).await;
-        if self.envelope.active {
+        // A parked transaction holds no slot: its waits are not charged.
+        if self.envelope.active && self.envelope.park != Park::Parked {
             self.transaction.envelope_wait += started.elapsed();
         }
         input
@@ -1114,9 +1137,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
+    /// Whether the session waits like an idle one: outside a transaction,
+    /// or with its transaction parked (it holds no backend slot).
     fn stress_applies(&self) -> bool {
         let smtp = &self.settings.smtp;
-        !self.envelope.active && smtp.stress_command_timeout < smtp.command_timeout
+        (!self.envelope.active || self.envelope.park == Park::Parked)
+            && smtp.stress_command_timeout < smtp.command_timeout
+    }
+
+    /// Parks the transaction ([`Park`]) when its time on a backend slot
+    /// others need ran out while it waited for its client: the slot goes
+    /// to the next in turn at once, the backend connection closes (QUIT, in
+    /// the background), and the session stays. It answers NOOP, HELP, RSET
+    /// and QUIT itself, waits like an idle session (the stress timeout
+    /// under stress), and is shed at `smtp.max_sessions` after the idle
+    /// sessions without a MAIL; its next RCPT or DATA takes the transaction
+    /// up on a new connection. So a client that keeps its envelope open
+    /// costs the backend one session, not one every time it is cut and
+    /// comes back. Whether it did: once per transaction, with nothing
+    /// pending, on a connection the session earned and holds no login on
+    /// (a new connection would not have it).
+    fn park(&mut self) -> bool {
+        if self.envelope.park != Park::Never || !self.pipeline.is_empty() || !self.yields_backend()
+        {
+            return false;
+        }
+        let Some(mut backend) = self.backend.take() else {
+            return false;
+        };
+        backend.give_back_slot();
+        tokio::spawn(backend.quit());
+        self.envelope.park = Park::Parked;
+        // Taken up again, it has its time on the new slot afresh.
+        self.transaction.envelope_wait = Duration::ZERO;
+        self.registration = Some(self.ctx.sessions.register_parked());
+        // As for a session shed: while slots are scarce its time on the
+        // next one is short.
+        self.ctx.backend_slots.mark_shed(self.source());
+        self.ctx.stats.count_parked("parked");
+        tracing::info!(
+            source = %self.peer.ip(),
+            recipients = self.envelope.recipients.len(),
+            "transaction parked: its backend slot went to a session that needed one"
+        );
+        true
     }
 
     /// Whether a wait at `limit` ([`Self::wait_limit`]) should look at the
@@ -1137,12 +1201,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let settings = self.settings.clone();
         let smtp = &settings.smtp;
-        let shed = self.registration.as_ref().map(|r| r.entry.clone());
+        let mut shed = self.registration.as_ref().map(|r| r.entry.clone());
         let notice = self.block_notice.listener.clone();
         // The wait is measured from here: a wake-up that is not for this
         // session (another source's block) must not start it afresh, or a
         // zombie would live as long as anything gets blocked often enough.
-        let waiting_since = tokio::time::Instant::now();
+        let mut waiting_since = tokio::time::Instant::now();
         loop {
             let (stress, limit) = self.wait_limit();
             let look_again = self.stress_may_come(stress);
@@ -1184,16 +1248,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Ok(Ok(0)) | Ok(Err(_)) => Some(Input::Closed),
                     Ok(Ok(_)) => None,
                     Err(_) => {
-                        if slot_cut {
+                        if slot_cut && self.park() {
+                            // It waits as an idle session from now on.
+                            shed = self.registration.as_ref().map(|r| r.entry.clone());
+                            waiting_since = tokio::time::Instant::now();
+                            None
+                        } else if slot_cut {
                             self.shed("slow-transaction");
-                        } else if stress {
-                            self.shed("stress-timeout");
+                            Some(Input::Timeout)
+                        } else {
+                            if stress {
+                                self.shed("stress-timeout");
+                            }
+                            Some(Input::Timeout)
                         }
-                        Some(Input::Timeout)
                     }
                 },
                 // Someone now waits for a slot: look at the budget again.
-                () = contended, if (self.envelope.active || holds_idle_slot) && slot_left.is_none() => None,
+                () = contended, if (self.envelope.active && self.backend.is_some() || holds_idle_slot) && slot_left.is_none() => None,
                 () = look_again_after(look_again) => None,
                 () = shed_order => Some(Input::Shed),
                 _ = self.shutdown.changed() => Some(Input::Shutdown),

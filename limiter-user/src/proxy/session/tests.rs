@@ -118,6 +118,11 @@ impl FakeBackend {
     fn connections(&self) -> usize {
         self.seen(|s| s.connections)
     }
+
+    /// Deletes `mailbox`: refused from now on.
+    fn delete(&self, mailbox: &str) {
+        self.seen.lock().unwrap().deleted.push(mailbox.into());
+    }
 }
 
 /// One backend connection: the PROXY header, the greeting, then each line
@@ -275,6 +280,13 @@ impl Client {
     async fn command(&mut self, line: &str) -> Reply {
         self.send(&format!("{line}\r\n")).await;
         self.reply().await
+    }
+
+    /// Sends each command in turn; each reply must have its code.
+    async fn expect_codes(&mut self, dialogue: &[(&str, u16)]) {
+        for (command, code) in dialogue {
+            assert_eq!(self.command(command).await.code, *code, "{command}");
+        }
     }
 
     /// Whether the session closed the connection (after every reply was
@@ -1242,12 +1254,7 @@ async fn a_spooled_message_is_replayed_on_a_new_connection_once_a_slot_is_free()
 async fn a_spooled_message_whose_recipient_is_gone_at_the_replay_gets_451_and_is_not_delivered() {
     let mut h = Harness::start_with(slots_config(1), true);
     let slot = spooled_mid_message(&mut h).await;
-    h.backend
-        .seen
-        .lock()
-        .unwrap()
-        .deleted
-        .push("alice@example.com".into());
+    h.backend.delete("alice@example.com");
     drop(slot);
     h.client.send("body\r\n.\r\n").await;
     // It was told alice was accepted: the message cannot go to her now,
@@ -1472,30 +1479,69 @@ async fn a_recipient_every_second_keeps_a_slot_others_wait_for_ten_seconds_more_
     );
     let waiter = h.wait_for_a_slot();
     let started = tokio::time::Instant::now();
+    let mut recipients = 0;
     // Each recipient would earn the second its client waits before the
     // next: without a bound, 100 of them hold the slot 90 s.
-    let reply = loop {
+    loop {
         tokio::select! {
-            reply = h.client.reply() => break reply,
+            reply = h.client.reply() => panic!("a reply nobody asked for: {reply:?}"),
             () = tokio::time::sleep(Duration::from_millis(900)) => {}
         }
-        let reply = h.client.command("RCPT TO:<alice@example.com>").await;
-        if reply.code != 250 {
-            break reply;
+        if waiter.is_finished() {
+            break;
         }
-    };
-    assert_code(&reply, 421, (4, 4, 2));
+        let reply = h.client.command("RCPT TO:<alice@example.com>").await;
+        assert_eq!(reply.code, 250, "{reply:?}");
+        recipients += 1;
+    }
     // 1 s (the one slot in use: scarce), and 10 s for the recipients'
-    // round trips.
+    // round trips; then the transaction is parked and the slot is the
+    // waiter's.
     assert_eq!(started.elapsed().as_secs(), 11);
-    assert!(waiter.await.unwrap().is_ok());
+    let slot = waiter.await.unwrap().expect("the waiter gets the slot");
+    assert_eq!(h.ctx.stats.parked(), vec![("parked", 1)]);
+    assert_eq!(h.backend.connections(), 1);
+    // Its next recipient takes the transaction up on a new connection once
+    // a slot is free: MAIL and every recipient accepted, then this one.
+    drop(slot);
+    assert_eq!(
+        h.client.command("RCPT TO:<bob@example.com>").await.code,
+        250
+    );
+    assert_eq!(h.backend.connections(), 2);
+    // The first connection's QUIT goes in the background: it may come
+    // among the second's lines.
+    let lines: Vec<String> = h
+        .backend
+        .lines()
+        .into_iter()
+        .filter(|l| l != "QUIT")
+        .collect();
+    let second = lines
+        .iter()
+        .rposition(|l| l == "MAIL FROM:<sender@example.org>")
+        .unwrap();
+    let mut want = vec!["MAIL FROM:<sender@example.org>".to_owned()];
+    want.extend(std::iter::repeat_n(
+        "RCPT TO:<alice@example.com>".to_owned(),
+        recipients,
+    ));
+    want.push("RCPT TO:<bob@example.com>".into());
+    assert_eq!(lines[second..], want[..]);
+    assert_eq!(h.ctx.stats.parked(), vec![("parked", 1), ("resumed", 1)]);
+    assert_eq!(h.client.command("DATA").await.code, 354);
+    h.client.send(&format!("{MESSAGE}.\r\n")).await;
+    assert_eq!(h.client.reply().await.code, 250);
+    assert_eq!(h.backend.seen(|s| s.messages.len()), 1);
 }
 
 /// A client that has MAIL and a RCPT accepted on a backend slot, then
 /// says NOOP every 500 ms; after `waiter_after` another session waits for
-/// a slot: how long until the client is cut (`None`: still open after a
-/// minute). One slot; with `shed_before`, two (one in use: scarce), and a
-/// session of the client's was shed before.
+/// a slot: how long until the transaction is parked and its slot given
+/// back (`None`: still held after a minute). Every NOOP is answered 250,
+/// and goes on being after the slot went, with no new backend connection.
+/// One slot; with `shed_before`, two (one in use: scarce), and a session of
+/// the client's was shed before.
 async fn transaction_kept_open_with_noops(
     waiter_after: Duration,
     shed_before: bool,
@@ -1508,45 +1554,45 @@ async fn transaction_kept_open_with_noops(
         }
     });
     h.ehlo().await;
-    for (command, code) in [
-        ("MAIL FROM:<sender@example.org>", 250),
-        ("RCPT TO:<alice@example.com>", 250),
-    ] {
-        assert_eq!(h.client.command(command).await.code, code, "{command}");
-    }
+    h.client.expect_codes(TRANSACTION).await;
     let started = tokio::time::Instant::now();
-    let _waiter = tokio::spawn({
+    let waiter = tokio::spawn({
         let slots = h.ctx.backend_slots.clone();
         async move {
             tokio::time::sleep(waiter_after).await;
             slots
                 .acquire("192.0.2.9".parse().unwrap(), Duration::from_secs(60), false)
                 .await
-                .map(std::mem::forget)
         }
     });
-    while started.elapsed() < Duration::from_secs(60) {
+    let mut parked_at = None;
+    let mut noops_after = 0;
+    while started.elapsed() < Duration::from_secs(60) && noops_after < 10 {
         tokio::select! {
-            reply = h.client.reply() => {
-                assert_code(&reply, 421, (4, 4, 2));
-                return Some(started.elapsed());
-            }
+            reply = h.client.reply() => panic!("a reply nobody asked for: {reply:?}"),
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-        h.client.send("NOOP\r\n").await;
-        let reply = h.client.reply().await;
-        if reply.code != 250 {
-            assert_code(&reply, 421, (4, 4, 2));
-            return Some(started.elapsed());
+        let reply = h.client.command("NOOP").await;
+        assert_eq!(reply.code, 250, "{reply:?}");
+        let given_back = waiter.is_finished() || h.ctx.backend_slots.counts().in_use == 0;
+        if parked_at.is_none() && given_back {
+            parked_at = Some(started.elapsed());
         }
+        noops_after += usize::from(parked_at.is_some());
     }
-    None
+    if parked_at.is_some() {
+        assert_eq!(h.ctx.stats.parked(), vec![("parked", 1)]);
+        assert_eq!(h.backend.connections(), 1);
+        assert!(h.ctx.stats.shed().is_empty(), "{:?}", h.ctx.stats.shed());
+    }
+    parked_at
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_transaction_kept_open_loses_its_slot_as_soon_as_a_session_waits_for_it() {
-    // Kept open 30 s while nobody needed the slot: cut the moment someone
-    // does (its 1 s, and 1 s for its recipient's round trip, long used up).
+    // Kept open 30 s while nobody needed the slot: parked the moment
+    // someone does (its 1 s, and 1 s for its recipient's round trip, long
+    // used up).
     let waited_late = transaction_kept_open_with_noops(Duration::from_secs(30), false).await;
     assert_eq!(
         waited_late.map(|d| d.as_secs()),
@@ -1566,6 +1612,89 @@ async fn a_transaction_kept_open_loses_its_slot_as_soon_as_a_session_waits_for_i
 async fn a_keeper_cut_before_loses_a_scarce_slot_without_anyone_waiting() {
     // 1 of 2 slots in use, nobody waiting: a source shed before gets its
     // 1 s (and 1 s for its recipient) all the same.
-    let cut = transaction_kept_open_with_noops(Duration::from_secs(3600), true).await;
-    assert_eq!(cut.map(|d| d.as_secs()), Some(2), "{cut:?}");
+    let parked = transaction_kept_open_with_noops(Duration::from_secs(3600), true).await;
+    assert_eq!(parked.map(|d| d.as_secs()), Some(2), "{parked:?}");
+}
+
+/// MAIL and a RCPT to alice, each accepted.
+const TRANSACTION: &[(&str, u16)] = &[
+    ("MAIL FROM:<sender@example.org>", 250),
+    ("RCPT TO:<alice@example.com>", 250),
+];
+
+/// A transaction parked off the one slot, its slot held by another
+/// session: returns that session's slot.
+async fn parked_transaction(h: &mut Harness) -> crate::proxy::slots::SlotGuard {
+    h.ehlo().await;
+    h.client.expect_codes(TRANSACTION).await;
+    let slot = h
+        .wait_for_a_slot()
+        .await
+        .unwrap()
+        .expect("the slot goes to the waiter");
+    assert_eq!(h.ctx.stats.parked(), vec![("parked", 1)]);
+    slot
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_parked_transaction_is_taken_up_again_at_its_data_and_parked_once_only() {
+    let mut h = Harness::start_with(slots_config(1), true);
+    let slot = parked_transaction(&mut h).await;
+    // The backend heard QUIT on the connection it had.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(h.backend.lines().last().map(String::as_str), Some("QUIT"));
+    assert_eq!(h.client.command("NOOP").await.code, 250);
+    drop(slot);
+    assert_eq!(h.client.command("DATA").await.code, 354);
+    let lines = h.backend.lines();
+    let quit = lines.iter().position(|l| l == "QUIT").unwrap();
+    assert_eq!(
+        lines[quit + 1..],
+        [
+            "EHLO client.example.org",
+            "MAIL FROM:<sender@example.org>",
+            "RCPT TO:<alice@example.com>",
+            "DATA"
+        ]
+    );
+    h.client.send(&format!("{MESSAGE}.\r\n")).await;
+    assert_eq!(h.client.reply().await.code, 250);
+    assert_eq!(h.backend.seen(|s| s.messages.len()), 1);
+    assert_eq!(h.ctx.stats.parked(), vec![("parked", 1), ("resumed", 1)]);
+    // The next transaction may be parked again; a resumed one is not: the
+    // second time its slot is due, the session ends as before.
+    h.client.expect_codes(TRANSACTION).await;
+    let slot = h.wait_for_a_slot().await.unwrap().expect("parked again");
+    assert_eq!(h.ctx.stats.parked(), vec![("parked", 2), ("resumed", 1)]);
+    drop(slot);
+    assert_eq!(
+        h.client.command("RCPT TO:<bob@example.com>").await.code,
+        250
+    );
+    let _slot = h.wait_for_a_slot().await.unwrap().expect("the slot again");
+    assert_code(&h.client.reply().await, 421, (4, 4, 2));
+    assert!(h.ctx.stats.shed().contains(&("slow-transaction", 1)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_parked_transaction_whose_recipient_is_gone_gets_451_and_starts_afresh() {
+    let mut h = Harness::start_with(slots_config(1), true);
+    let slot = parked_transaction(&mut h).await;
+    h.backend.delete("alice@example.com");
+    drop(slot);
+    // It was told alice was accepted: the transaction cannot go on without
+    // her.
+    assert_code(&h.client.command("DATA").await, 451, (4, 3, 0));
+    assert_eq!(h.ctx.stats.parked(), vec![("parked", 1), ("refused", 1)]);
+    h.client
+        .expect_codes(&[
+            ("RCPT TO:<bob@example.com>", 503),
+            ("MAIL FROM:<sender@example.org>", 250),
+            ("RCPT TO:<bob@example.com>", 250),
+            ("DATA", 354),
+        ])
+        .await;
+    h.client.send(&format!("{MESSAGE}.\r\n")).await;
+    assert_eq!(h.client.reply().await.code, 250);
+    assert!(h.backend.seen(|s| s.messages.len()) == 1);
 }
