@@ -861,6 +861,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// `max_shed_sessions_per_source`, whose block comes before the reply.
     fn shed(&self, reason: &'static str) {
         self.ctx.count_shed(self.source(), reason);
+        self.count_toward_shed_limit();
+    }
+
+    /// The source lost a session or a backend slot under pressure (shed,
+    /// or its transaction parked): its network waits behind the others for
+    /// slots for a while, and past `limits.max_shed_sessions_per_source`
+    /// within the window it is blocked.
+    fn count_toward_shed_limit(&self) {
         self.ctx.backend_slots.mark_shed(self.source());
         let decision =
             self.ctx
@@ -1171,10 +1179,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // Taken up again, it has its time on the new slot afresh.
         self.transaction.envelope_wait = Duration::ZERO;
         self.registration = Some(self.ctx.sessions.register_parked());
-        // As for a session shed: while slots are scarce its time on the
-        // next one is short.
-        self.ctx.backend_slots.mark_shed(self.source());
         self.ctx.stats.count_parked("parked");
+        // As for a session shed: while slots are scarce its time on the
+        // next one is short, and a client that starts transaction after
+        // transaction only to hold each is blocked like one that comes back
+        // each time it is shed.
+        self.count_toward_shed_limit();
         tracing::info!(
             source = %self.peer.ip(),
             recipients = self.envelope.recipients.len(),
@@ -1249,10 +1259,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Ok(Ok(_)) => None,
                     Err(_) => {
                         if slot_cut && self.park() {
-                            // It waits as an idle session from now on.
-                            shed = self.registration.as_ref().map(|r| r.entry.clone());
-                            waiting_since = tokio::time::Instant::now();
-                            None
+                            if self.source_blocked() {
+                                // Parked once too often.
+                                Some(Input::Blocked)
+                            } else {
+                                // It waits as an idle session from now on.
+                                shed = self.registration.as_ref().map(|r| r.entry.clone());
+                                waiting_since = tokio::time::Instant::now();
+                                None
+                            }
                         } else if slot_cut {
                             self.shed("slow-transaction");
                             Some(Input::Timeout)

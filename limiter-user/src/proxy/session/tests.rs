@@ -1677,6 +1677,35 @@ async fn a_parked_transaction_is_taken_up_again_at_its_data_and_parked_once_only
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_client_that_starts_transaction_after_transaction_to_hold_each_is_blocked() {
+    let mut config = slots_config(1);
+    config.limits.max_shed_sessions_per_source = 2;
+    let mut h = Harness::start_with(config, true);
+    let source = PEER.parse::<SocketAddr>().unwrap().ip();
+    h.ehlo().await;
+    for parks in 1..=2 {
+        h.client.expect_codes(TRANSACTION).await;
+        let slot = h.wait_for_a_slot().await.unwrap().expect("parked");
+        assert_eq!(h.ctx.stats.parked(), vec![("parked", parks)]);
+        assert!(h.ctx.blocked(source).is_none(), "blocked after {parks}");
+        drop(slot);
+        h.client.expect_codes(&[("RSET", 250)]).await;
+    }
+    // The third within the window blocks it, as a third shed session would.
+    h.client.expect_codes(TRANSACTION).await;
+    let _slot = h.wait_for_a_slot().await.unwrap().expect("parked");
+    assert_code(&h.client.reply().await, 421, (4, 7, 0));
+    let (_, mut client, backend, ctx) = h.ended().await;
+    assert!(client.closed().await);
+    let block = ctx
+        .blocks
+        .covering(source, std::time::SystemTime::now())
+        .expect("the source is blocked");
+    assert_eq!(block.origin, Origin::Flood);
+    assert_eq!(backend.connections(), 3);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_parked_transaction_whose_recipient_is_gone_gets_451_and_starts_afresh() {
     let mut h = Harness::start_with(slots_config(1), true);
     let slot = parked_transaction(&mut h).await;
