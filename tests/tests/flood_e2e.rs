@@ -400,15 +400,30 @@ fn postfix() -> Postfix {
 /// with its MAIL and RCPT in one write, and a MAIL Postfix refuses (a SIZE
 /// over its `message_size_limit`) is answered at the RCPT.
 #[test]
-fn on_rcpt_transactions_the_proxy_refuses_whole_never_open_a_postfix_session() {
-    if !ready("on_rcpt_transactions_the_proxy_refuses_whole_never_open_a_postfix_session") {
+fn transactions_the_proxy_refuses_whole_never_open_a_postfix_session_when_their_mail_is_held() {
+    if !ready(
+        "transactions_the_proxy_refuses_whole_never_open_a_postfix_session_when_their_mail_is_held",
+    ) {
         return;
     }
     let postfix = postfix();
-    let limits = "[limits]\nnull_sender_rate_per_recipient = \"1/1h\"\n";
-    for (connect, bouncer, sessions) in [
-        ("on-rcpt", IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4)), 0),
-        ("on-mail", IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5)), 5),
+    let limits = "[limits]\nnull_sender_rate_per_recipient = \"1/1h\"\n\
+                  [relay]\naccept = \"*@example.com\"\n";
+    // The relay prober's sessions reach Postfix with "on-mail" only; the
+    // deferred bouncer's with neither (a bounce's MAIL is held).
+    for (connect, bouncer, prober, probes) in [
+        (
+            "on-rcpt",
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4)),
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)),
+            0,
+        ),
+        (
+            "on-mail",
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5)),
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, 7)),
+            3,
+        ),
     ] {
         let proxy = proxy(&postfix, &format!("connect = \"{connect}\""), limits);
         let addr = proxy.addr;
@@ -450,9 +465,26 @@ fn on_rcpt_transactions_the_proxy_refuses_whole_never_open_a_postfix_session() {
             expect(&c.cmd("RCPT TO:<alice@example.com>").unwrap(), "450 4.7.1");
             expect(&c.cmd("QUIT").unwrap(), "221");
         }
+        // Three relay attempts, one session each: refused by the proxy.
+        for _ in 0..3 {
+            let mut c = Client::connect(addr, prober).expect("connects");
+            expect(&c.reply().expect("greeting"), "220 ");
+            expect(&c.cmd("EHLO prober.example.org").unwrap(), "250");
+            expect(&c.cmd("MAIL FROM:<p@example.org>").unwrap(), "250 2.1.0");
+            expect(
+                &c.cmd("RCPT TO:<victim@elsewhere.example>").unwrap(),
+                "550 5.7.1",
+            );
+            expect(&c.cmd("QUIT").unwrap(), "221");
+        }
+        assert!(
+            wait_until(WAIT, || disconnects(&postfix, prober).len() == probes),
+            "{connect}: Postfix sessions of the relay prober: {:?}",
+            disconnects(&postfix, prober)
+        );
         assert_eq!(
             disconnects(&postfix, bouncer).len(),
-            sessions,
+            0,
             "{connect}: Postfix sessions of the deferred bouncer"
         );
         proxy.stop();

@@ -81,7 +81,10 @@ pub struct Backend {
 #[serde(rename_all = "kebab-case")]
 pub enum BackendConnect {
     /// The backend connection is earned: opened at the first accepted MAIL
-    /// FROM (or AUTH, relayed VRFY, relayed extension verbs).
+    /// FROM (or AUTH, relayed VRFY, relayed extension verbs); a bounce's
+    /// MAIL (null sender) is held as with `OnRcpt`: under a bounce flood
+    /// most are refused at their RCPT (the recipient's bounce rate), and
+    /// each would cost the backend a session that queues nothing.
     #[default]
     OnMail,
     /// Earned later: the first MAIL the policy accepts is answered by the
@@ -96,6 +99,18 @@ pub enum BackendConnect {
 }
 
 impl BackendConnect {
+    /// Whether a MAIL the policy accepted, with no backend connection yet,
+    /// is answered by the proxy and held for the first RCPT relayed
+    /// (`bounce`: a null sender, as the null-sender rates count it).
+    #[must_use]
+    pub fn holds_mail(self, bounce: bool) -> bool {
+        match self {
+            Self::OnRcpt => true,
+            Self::OnMail => bounce,
+            Self::OnConnect => false,
+        }
+    }
+
     /// Whether the session earns its backend connection (the proxy
     /// greets and answers EHLO from what the probe learned).
     #[must_use]

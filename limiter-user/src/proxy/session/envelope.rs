@@ -71,7 +71,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         let line = mail_line(&mail);
-        if self.backend.is_none() && self.settings.connect == BackendConnect::OnRcpt {
+        if self.backend.is_none()
+            && self
+                .settings
+                .connect
+                .holds_mail(mail.counts_as_null_sender())
+        {
             // Held: the first RCPT relayed earns the connection and takes
             // this line with it. Nothing is relayed before it (there is no
             // backend), so the proxy's replies due before this one go first.

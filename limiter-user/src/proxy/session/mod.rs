@@ -77,7 +77,7 @@ use super::{
     ProxyContext,
 };
 use crate::{
-    config::{BackendConnect, Identity, TlsMode, Vrfy},
+    config::{Identity, TlsMode, Vrfy},
     filters::{
         message::{self, HeaderEdits},
         Envelope as FilterEnvelope, Filters, MessageScan, Outcome,

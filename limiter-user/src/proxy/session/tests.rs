@@ -474,7 +474,10 @@ async fn a_transaction_is_delivered_once_and_the_backends_reply_relayed_unchange
 #[tokio::test(start_paused = true)]
 async fn a_session_without_mail_never_connects_to_the_backend() {
     let mut h = Harness::start();
-    assert_eq!(h.ctx.settings().connect, BackendConnect::OnMail);
+    assert_eq!(
+        h.ctx.settings().connect,
+        crate::config::BackendConnect::OnMail
+    );
     let greeting = h.client.reply().await;
     assert_eq!(greeting, parse(GREETING), "the greeting the probe learned");
     let ehlo = h.client.command("EHLO client.example.org").await;
@@ -1042,13 +1045,20 @@ async fn on_rcpt_the_first_relayed_rcpt_earns_the_backend_and_takes_the_mail_alo
     });
 }
 
-/// `backend.connect = "on-rcpt"`: a bounce flood whose every RCPT the
-/// proxy refuses (past `null_sender_rate_per_recipient`), and a relay
-/// attempt, never cost the backend a session; `"on-mail"` opens one for
-/// each.
+/// A transaction whose every RCPT the proxy refuses (a bounce past
+/// `null_sender_rate_per_recipient`, a relay attempt) never costs the
+/// backend a session when its MAIL is held: always with `"on-rcpt"`, a
+/// bounce's with `"on-mail"`; `"on-mail"` opens one for another sender.
 #[tokio::test(start_paused = true)]
-async fn on_rcpt_transactions_the_proxy_refuses_whole_never_reach_the_backend() {
-    for (connect, sessions) in [("on-rcpt", 0), ("on-mail", 1)] {
+async fn transactions_the_proxy_refuses_whole_never_reach_the_backend_when_their_mail_is_held() {
+    // A bounce's MAIL is held with "on-mail" too; another sender's only
+    // with "on-rcpt".
+    for (connect, sender, sessions) in [
+        ("on-rcpt", "<>", 0),
+        ("on-mail", "<>", 0),
+        ("on-rcpt", "<sender@example.org>", 0),
+        ("on-mail", "<sender@example.org>", 1),
+    ] {
         let config = Config::from_toml(&format!(
             "[backend]\nconnect = \"{connect}\"\n\
              [limits]\nnull_sender_rate_per_recipient = \"1/1h\"\n\
@@ -1064,15 +1074,19 @@ async fn on_rcpt_transactions_the_proxy_refuses_whole_never_reach_the_backend() 
             assert!(first.is_none());
         });
         h.ehlo().await;
-        assert_eq!(h.client.command("MAIL FROM:<>").await.code, 250);
-        let deferred = h.client.command("RCPT TO:<alice@example.com>").await;
-        assert_eq!(deferred.code, 450, "{connect}: {deferred:?}");
+        let case = format!("{connect}, MAIL FROM:{sender}");
+        let mail = h.client.command(&format!("MAIL FROM:{sender}")).await;
+        assert_eq!(mail.code, 250, "{case}");
+        if sender == "<>" {
+            let deferred = h.client.command("RCPT TO:<alice@example.com>").await;
+            assert_eq!(deferred.code, 450, "{case}: {deferred:?}");
+        }
         let relay = h.client.command("RCPT TO:<victim@elsewhere.example>").await;
         assert_code(&relay, 550, (5, 7, 1));
-        assert_eq!(h.client.command("DATA").await.code, 554, "{connect}");
+        assert_eq!(h.client.command("DATA").await.code, 554, "{case}");
         assert_eq!(h.client.command("QUIT").await.code, 221);
         let (_, _, backend, _) = h.ended().await;
-        assert_eq!(backend.connections(), sessions, "{connect}");
+        assert_eq!(backend.connections(), sessions, "{case}");
     }
 }
 
