@@ -259,7 +259,7 @@ fuzz_target!(|data: &[u8]| {
     let [variant, seed, client @ ..] = data else {
         return;
     };
-    let observe = variant % 3 == 2;
+    let observe = variant % 4 == 2;
     let seen = Arc::new(Mutex::new(Seen::default()));
     let backend_seen = seen.clone();
     let client_output = runtime().block_on(async move {
