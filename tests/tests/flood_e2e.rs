@@ -654,11 +654,11 @@ fn zombies_keeping_transactions_open_with_noops_are_parked_off_their_postfix_pro
     assert!(took < Duration::from_secs(6), "the sender took {took:?}");
     // Postfix let each parked zombie's session go after its MAIL.
     let ended_after_mail = || {
-        postfix
-            .log()
-            .lines()
-            .filter(|l| {
-                l.contains("disconnect from") && l.contains(" mail=1 ") && !l.contains("rcpt=")
+        (0..3)
+            .flat_map(|i| disconnects(&postfix, zombie_source(i * PER_SOURCE)))
+            .filter(|line| {
+                let counts = postfix::command_counts(line);
+                counts.contains("mail=1") && !counts.contains("rcpt=")
             })
             .count()
     };
