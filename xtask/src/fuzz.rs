@@ -1,8 +1,12 @@
 //! `cargo xtask fuzz`: builds the libFuzzer targets of `fuzz/` with nightly
 //! and runs each one for a while on a scratch copy of its committed seed
-//! corpus, then prints how many inputs each one ran. A crash (a panic, an
-//! overflow, a timeout, running out of memory) fails the task, and the
-//! input that caused it is kept under `target/fuzz-artifacts/<target>/`.
+//! corpus (or, with `--replay`, runs each committed input once: what CI
+//! does, the same every time), then prints how many inputs each one ran. A
+//! crash (a panic, an overflow, a timeout, running out of memory) fails the
+//! task, and the input that caused it is kept under
+//! `target/fuzz-artifacts/<target>/`. With `--keep`, the inputs a run found
+//! that reach new code join the committed corpus (libFuzzer's `-merge=1`),
+//! so that the replay covers them from then on.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -26,6 +30,19 @@ pub struct Options {
     pub sanitizer: String,
     /// How many targets run at the same time.
     pub jobs: usize,
+    /// What each target does with its inputs.
+    pub mode: Mode,
+}
+
+/// Fuzz for a while, or only replay the committed corpus.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Run every committed input once and stop: no new inputs, so the
+    /// outcome depends on the tree alone.
+    Replay,
+    /// Fuzz for `seconds`; with `keep`, merge the new coverage into the
+    /// committed corpus afterwards.
+    Fuzz { keep: bool },
 }
 
 /// Longest input libFuzzer makes, per target: SMTP lines, replies and
@@ -108,6 +125,7 @@ pub fn fuzz(ws: &Workspace, opts: &Options) -> Result<()> {
                         artifacts: artifacts.join(target),
                     },
                     opts.seconds,
+                    opts.mode,
                 );
                 results.lock().expect("results").push((i, run));
             });
@@ -171,9 +189,16 @@ struct Inputs {
     artifacts: PathBuf,
 }
 
-/// Runs one target for `seconds` on a fresh copy of its seeds; its log
-/// goes to `<artifacts>.log` and the lines that matter to the terminal.
-fn run_target(binary: &Path, target: &str, inputs: &Inputs, seconds: u64) -> Result<Run> {
+/// Runs one target for `seconds` on a fresh copy of its seeds (or each seed
+/// once, `Mode::Replay`); its log goes to `<artifacts>.log` and the lines
+/// that matter to the terminal.
+fn run_target(
+    binary: &Path,
+    target: &str,
+    inputs: &Inputs,
+    seconds: u64,
+    mode: Mode,
+) -> Result<Run> {
     let Inputs {
         seeds,
         dictionary,
@@ -200,15 +225,22 @@ fn run_target(binary: &Path, target: &str, inputs: &Inputs, seconds: u64) -> Res
             }
         }
     }
-    println!("fuzz: {target} for {seconds} s ({seeded} seeds)");
+    match mode {
+        Mode::Replay => println!("fuzz: {target}, replaying {seeded} seeds"),
+        Mode::Fuzz { .. } => println!("fuzz: {target} for {seconds} s ({seeded} seeds)"),
+    }
 
     let log_path = artifacts.with_extension("log");
     let mut prefix = artifacts.as_os_str().to_owned();
     prefix.push("/");
     let mut command = Command::new(binary);
+    command.arg(scratch);
+    match mode {
+        // Loading the corpus runs every input in it; then it stops.
+        Mode::Replay => command.arg("-runs=0"),
+        Mode::Fuzz { .. } => command.arg(format!("-max_total_time={seconds}")),
+    };
     command
-        .arg(scratch)
-        .arg(format!("-max_total_time={seconds}"))
         .arg(format!("-max_len={}", max_len(target)))
         // One input may take this long (a hang is a crash); memory as well.
         .arg("-timeout=10")
@@ -297,6 +329,12 @@ fn run_target(binary: &Path, target: &str, inputs: &Inputs, seconds: u64) -> Res
     };
     if let Some(failure) = &failure {
         println!("fuzz: {target} {failure}");
+    } else if mode == (Mode::Fuzz { keep: true }) {
+        let added = merge_into(binary, target, seeds, scratch)?;
+        println!(
+            "fuzz: {target}: {added} new input(s) kept in {}",
+            seeds.display()
+        );
     }
     Ok(Run {
         target: target.to_owned(),
@@ -305,6 +343,34 @@ fn run_target(binary: &Path, target: &str, inputs: &Inputs, seconds: u64) -> Res
         corpus,
         failure,
     })
+}
+
+/// Merges the inputs of `scratch` that reach code `seeds` does not into
+/// `seeds` (libFuzzer's `-merge=1`, which keeps the smallest such inputs);
+/// returns how many files `seeds` gained.
+fn merge_into(binary: &Path, target: &str, seeds: &Path, scratch: &Path) -> Result<usize> {
+    let count = |dir: &Path| fs::read_dir(dir).map_or(0, |entries| entries.count());
+    fs::create_dir_all(seeds).with_context(|| format!("cannot create {}", seeds.display()))?;
+    let before = count(seeds);
+    let mut merge = Command::new(binary);
+    merge
+        .arg("-merge=1")
+        .arg(format!("-max_len={}", max_len(target)))
+        .arg(seeds)
+        .arg(scratch)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let status = merge
+        .status()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    if !status.success() {
+        bail!(
+            "merging {target}'s new inputs into {} failed ({status})",
+            seeds.display()
+        );
+    }
+    Ok(count(seeds).saturating_sub(before))
 }
 
 /// The fuzz targets, as `cargo fuzz list` gives them.

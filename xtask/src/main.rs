@@ -118,13 +118,23 @@ enum Task {
         out: Option<std::path::PathBuf>,
     },
     /// Build the fuzz targets (`fuzz/`, libFuzzer via cargo-fuzz, nightly)
-    /// and run each one for SECONDS on a scratch copy of its seed corpus;
-    /// prints the executions per target and fails when one crashes (the
-    /// input is kept in target/fuzz-artifacts/TARGET/).
+    /// and run each one for SECONDS on a scratch copy of its seed corpus
+    /// (with --replay: each committed input once); prints the executions
+    /// per target and fails when one crashes (the input is kept in
+    /// target/fuzz-artifacts/TARGET/).
     Fuzz {
         /// How long each target runs, in seconds.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// Run every input of the committed corpus (fuzz/corpus/TARGET)
+        /// once and nothing else: the same outcome on every run of the
+        /// same tree (what CI does).
+        #[arg(long, conflicts_with_all = ["seconds", "keep"])]
+        replay: bool,
+        /// After fuzzing, add the inputs that reached new code to the
+        /// committed corpus (libFuzzer's -merge=1), for the replay.
+        #[arg(long)]
+        keep: bool,
         /// Run only this target (`cargo +nightly fuzz list` in fuzz/ lists them).
         #[arg(long)]
         target: Option<String>,
@@ -199,6 +209,8 @@ fn run(task: Task) -> Result<()> {
         ),
         Task::Fuzz {
             seconds,
+            replay,
+            keep,
             target,
             sanitizer,
             jobs,
@@ -210,6 +222,11 @@ fn run(task: Task) -> Result<()> {
                     seconds,
                     target,
                     sanitizer,
+                    mode: if replay {
+                        fuzz::Mode::Replay
+                    } else {
+                        fuzz::Mode::Fuzz { keep }
+                    },
                     jobs: if jobs == 0 {
                         std::thread::available_parallelism().map_or(1, usize::from)
                     } else {
