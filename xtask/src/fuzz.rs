@@ -4,9 +4,10 @@
 //! does, the same every time), then prints how many inputs each one ran. A
 //! crash (a panic, an overflow, a timeout, running out of memory) fails the
 //! task, and the input that caused it is kept under
-//! `target/fuzz-artifacts/<target>/`. With `--keep`, the inputs a run found
-//! that reach new code join the committed corpus (libFuzzer's `-merge=1`),
-//! so that the replay covers them from then on.
+//! `target/fuzz-artifacts/<target>/`. With `--keep`, the fewest inputs of a
+//! run that reach the code it found join the committed corpus (libFuzzer's
+//! `-set_cover_merge=1` over edges), so that the replay covers it from then
+//! on.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -346,15 +347,20 @@ fn run_target(
 }
 
 /// Merges the inputs of `scratch` that reach code `seeds` does not into
-/// `seeds` (libFuzzer's `-merge=1`, which keeps the smallest such inputs);
-/// returns how many files `seeds` gained.
+/// `seeds`, and returns how many files `seeds` gained. libFuzzer's
+/// `-set_cover_merge=1` over edges alone (`-use_counters=0`): the fewest
+/// inputs that cover every new edge. With hit counts as well, every count
+/// bucket of every edge keeps its own input: measured on `control` after
+/// 3 minutes, 3 082 inputs (373 KB) against 498 (46 KB) for 4 462 and
+/// 4 461 covered edges.
 fn merge_into(binary: &Path, target: &str, seeds: &Path, scratch: &Path) -> Result<usize> {
     let count = |dir: &Path| fs::read_dir(dir).map_or(0, |entries| entries.count());
     fs::create_dir_all(seeds).with_context(|| format!("cannot create {}", seeds.display()))?;
     let before = count(seeds);
     let mut merge = Command::new(binary);
     merge
-        .arg("-merge=1")
+        .arg("-set_cover_merge=1")
+        .arg("-use_counters=0")
         .arg(format!("-max_len={}", max_len(target)))
         .arg(seeds)
         .arg(scratch)

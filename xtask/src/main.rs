@@ -131,8 +131,9 @@ enum Task {
         /// same tree (what CI does).
         #[arg(long, conflicts_with_all = ["seconds", "keep"])]
         replay: bool,
-        /// After fuzzing, add the inputs that reached new code to the
-        /// committed corpus (libFuzzer's -merge=1), for the replay.
+        /// After fuzzing, add the fewest inputs that reach the new code to
+        /// the committed corpus (libFuzzer's -set_cover_merge=1 over
+        /// edges), for the replay.
         #[arg(long)]
         keep: bool,
         /// Run only this target (`cargo +nightly fuzz list` in fuzz/ lists them).
