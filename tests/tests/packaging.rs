@@ -733,15 +733,19 @@ fn the_package_installs_runs_and_purges_in_a_scratch_root() {
         "systemd-analyze verify: {said}"
     );
 
-    // State the agent would have made, then a purge: nothing of the
-    // package is left.
+    // State the agent would have made, and the control socket's directory
+    // an agent run by hand leaves (the unit's RuntimeDirectory= would go
+    // with the service), then a purge: nothing of the package is left.
     std::fs::create_dir_all(root.join("var/lib/smtp-limiter")).unwrap();
     std::fs::write(root.join("var/lib/smtp-limiter/blocks"), "x").unwrap();
+    std::fs::create_dir_all(root.join("run/smtp-limiter")).unwrap();
+    std::fs::write(root.join("run/smtp-limiter/control.sock"), "").unwrap();
     run(dpkg().args(["--purge", "smtp-limiter"]));
     let mut left = Vec::new();
     files_under(&root, &root, &mut left);
     left.retain(|f| !f.starts_with("var/lib/dpkg/"));
     assert!(left.is_empty(), "left after purge: {left:?}");
     assert!(!root.join("var/lib/smtp-limiter").exists());
+    assert!(!root.join("run/smtp-limiter").exists());
     assert!(!root.join("etc/smtp-limiter").exists());
 }

@@ -311,6 +311,9 @@ set -e
 root="${DPKG_ROOT:-}"
 if [ "$1" = "purge" ]; then
     rm -rf "$root/var/lib/smtp-limiter"
+    # The unit's RuntimeDirectory= goes when the service stops; an agent
+    # started by hand (smtp-limiter run) leaves its control socket there.
+    rm -rf "$root/run/smtp-limiter"
     rm -f "$root/etc/systemd/system/multi-user.target.wants/smtp-limiter.service"
     if [ -z "$root" ] && [ -d /sys/fs/bpf/smtp-limiter ]; then
         rm -rf /sys/fs/bpf/smtp-limiter
