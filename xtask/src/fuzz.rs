@@ -23,8 +23,6 @@ use crate::toolchain;
 
 /// What `cargo xtask fuzz` was asked to do.
 pub struct Options {
-    /// How long each target runs.
-    pub seconds: u64,
     /// Only this target (`None`: all of them).
     pub target: Option<String>,
     /// The sanitizer cargo-fuzz builds with (`address`, `none`, …).
@@ -36,14 +34,14 @@ pub struct Options {
 }
 
 /// Fuzz for a while, or only replay the committed corpus.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub enum Mode {
     /// Run every committed input once and stop: no new inputs, so the
     /// outcome depends on the tree alone.
     Replay,
-    /// Fuzz for `seconds`; with `keep`, merge the new coverage into the
-    /// committed corpus afterwards.
-    Fuzz { keep: bool },
+    /// Fuzz for `seconds` per target; with `keep`, merge the new coverage
+    /// into the committed corpus afterwards.
+    Fuzz { seconds: u64, keep: bool },
 }
 
 /// Longest input libFuzzer makes, per target: SMTP lines, replies and
@@ -125,7 +123,6 @@ pub fn fuzz(ws: &Workspace, opts: &Options) -> Result<()> {
                         scratch: scratch.join(target),
                         artifacts: artifacts.join(target),
                     },
-                    opts.seconds,
                     opts.mode,
                 );
                 results.lock().expect("results").push((i, run));
@@ -190,16 +187,10 @@ struct Inputs {
     artifacts: PathBuf,
 }
 
-/// Runs one target for `seconds` on a fresh copy of its seeds (or each seed
-/// once, `Mode::Replay`); its log goes to `<artifacts>.log` and the lines
-/// that matter to the terminal.
-fn run_target(
-    binary: &Path,
-    target: &str,
-    inputs: &Inputs,
-    seconds: u64,
-    mode: Mode,
-) -> Result<Run> {
+/// Runs one target on a fresh copy of its seeds, fuzzing for a while or
+/// running each seed once (`mode`); its log goes to `<artifacts>.log` and
+/// the lines that matter to the terminal.
+fn run_target(binary: &Path, target: &str, inputs: &Inputs, mode: Mode) -> Result<Run> {
     let Inputs {
         seeds,
         dictionary,
@@ -228,7 +219,9 @@ fn run_target(
     }
     match mode {
         Mode::Replay => println!("fuzz: {target}, replaying {seeded} seeds"),
-        Mode::Fuzz { .. } => println!("fuzz: {target} for {seconds} s ({seeded} seeds)"),
+        Mode::Fuzz { seconds, .. } => {
+            println!("fuzz: {target} for {seconds} s ({seeded} seeds)")
+        }
     }
 
     let log_path = artifacts.with_extension("log");
@@ -239,7 +232,7 @@ fn run_target(
     match mode {
         // Loading the corpus runs every input in it; then it stops.
         Mode::Replay => command.arg("-runs=0"),
-        Mode::Fuzz { .. } => command.arg(format!("-max_total_time={seconds}")),
+        Mode::Fuzz { seconds, .. } => command.arg(format!("-max_total_time={seconds}")),
     };
     command
         .arg(format!("-max_len={}", max_len(target)))
@@ -330,7 +323,7 @@ fn run_target(
     };
     if let Some(failure) = &failure {
         println!("fuzz: {target} {failure}");
-    } else if mode == (Mode::Fuzz { keep: true }) {
+    } else if matches!(mode, Mode::Fuzz { keep: true, .. }) {
         let added = merge_into(binary, target, seeds, scratch)?;
         println!(
             "fuzz: {target}: {added} new input(s) kept in {}",

@@ -220,13 +220,12 @@ fn run(task: Task) -> Result<()> {
             fuzz::fuzz(
                 &Workspace::locate()?,
                 &fuzz::Options {
-                    seconds,
                     target,
                     sanitizer,
                     mode: if replay {
                         fuzz::Mode::Replay
                     } else {
-                        fuzz::Mode::Fuzz { keep }
+                        fuzz::Mode::Fuzz { seconds, keep }
                     },
                     jobs: if jobs == 0 {
                         std::thread::available_parallelism().map_or(1, usize::from)

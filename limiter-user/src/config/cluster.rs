@@ -135,13 +135,13 @@ fn redacted_url(url: &str) -> String {
         return url.to_owned();
     };
     let (authority, tail) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:********@{host}{tail}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
+    authority
+        .rsplit_once('@')
+        .and_then(|(userinfo, host)| {
+            let (user, _) = userinfo.split_once(':')?;
+            Some(format!("{scheme}://{user}:********@{host}{tail}"))
+        })
+        .unwrap_or_else(|| url.to_owned())
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use tokio::{
 
 use super::*;
 use crate::{
-    config::Config,
+    config::{BackendConnect, Config},
     kernel::NoKernel,
     policy::ConnectVerdict,
     proxy::{backend::memory, capabilities::Learned, tls::ClientStream},
@@ -474,10 +474,7 @@ async fn a_transaction_is_delivered_once_and_the_backends_reply_relayed_unchange
 #[tokio::test(start_paused = true)]
 async fn a_session_without_mail_never_connects_to_the_backend() {
     let mut h = Harness::start();
-    assert_eq!(
-        h.ctx.settings().connect,
-        crate::config::BackendConnect::OnMail
-    );
+    assert_eq!(h.ctx.settings().connect, BackendConnect::OnMail);
     let greeting = h.client.reply().await;
     assert_eq!(greeting, parse(GREETING), "the greeting the probe learned");
     let ehlo = h.client.command("EHLO client.example.org").await;
