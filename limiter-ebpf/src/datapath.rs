@@ -2,21 +2,25 @@
 
 use crate::packet::{self, Packet, Skip, Tcp};
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{xdp_action, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT},
     btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_map_lookup_elem},
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use limiter_common::{
-    hint, ipv4_mapped, ipv6_masked, is_ipv4_mapped, words_to_octets, Allow, Block, Cap, Config,
-    ConnCount, DropEvent, DropReason, EventBudget, Ipv4Octets, Ipv6Octets, Stats, TrackedSocket,
+    hint, host_hint, ipv4_mapped, ipv6_masked, is_ipv4_mapped, words_to_octets, Allow, Block, Cap,
+    Config, ConnCount, DropEvent, DropReason, EventBudget, Ipv4Octets, Ipv6Octets, Stats,
+    TrackedSocket,
 };
 
 /// Blocks are written only by the agent: allocated as they come, so that
 /// the two families' tables do not both reserve `kernel.map_sizes.block`
 /// entries' worth of memory up front. Lookups cost the same.
 const ON_DEMAND: usize = BPF_F_NO_PREALLOC as usize;
+/// The agent writes `BLOCK_HINTS` through a memory mapping: setting a bit
+/// or rebuilding a bitmap costs no syscall per word.
+const MAPPABLE: usize = BPF_F_MMAPABLE as usize;
 
 // Default sizes; the agent sets the real ones from its configuration when it
 // creates the maps (`kernel.map_sizes`).
@@ -54,6 +58,8 @@ static EVENT_BUDGET: PerCpuArray<EventBudget, 1> = PerCpuArray::new();
 static NET_HINTS: Array<u64, { (hint::COUNT * hint::WORDS) as usize }> = Array::new();
 #[btf_map]
 static NET_HINTS_FINE: Array<u64, { (hint::FINE_COUNT * hint::WORDS) as usize }> = Array::new();
+#[btf_map]
+static BLOCK_HINTS: Array<u64, { host_hint::ENTRIES as usize }, MAPPABLE> = Array::new();
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// How much of an skb the TC program pulls into its linear area when the
@@ -316,7 +322,8 @@ trait Family {
     fn fine_index(&self) -> u16;
     /// Whether an `ALLOW_*` network holds it.
     fn allowed(&self) -> bool;
-    /// Its `BLOCK_*` entry.
+    /// Its `BLOCK_*` entry (looked up only if its `BLOCK_HINTS` bit is
+    /// set).
     fn block(&self) -> Option<*mut Block>;
     /// The most specific `BLOCK_NET_*` entry holding it.
     fn block_net(&self) -> Option<*mut Block>;
@@ -373,6 +380,9 @@ impl Family for V4 {
 
     #[inline(always)]
     fn block(&self) -> Option<*mut Block> {
+        if !host_bit_set(host_hint::v4(self.addr)) {
+            return None;
+        }
         lookup_mut(&BLOCK_V4, &self.addr)
     }
 
@@ -442,6 +452,9 @@ impl Family for V6 {
 
     #[inline(always)]
     fn block(&self) -> Option<*mut Block> {
+        if !host_bit_set(host_hint::v6(self.addr)) {
+            return None;
+        }
         lookup_mut(&BLOCK_V6, &self.addr)
     }
 
@@ -525,6 +538,14 @@ fn bit_set<const N: usize>(bitmaps: &Array<u64, N>, map: u32, index: u16) -> boo
     // A missing word (cannot happen: the array is sized for every index)
     // fails safe: look the trie up.
     bitmaps.get(word).is_none_or(|word| word & bit != 0)
+}
+
+/// Whether a host's `BLOCK_HINTS` bit (`(word, bit)`) is set.
+#[inline(always)]
+fn host_bit_set((word, bit): (u32, u64)) -> bool {
+    // A missing word (cannot happen: the array is sized for every index)
+    // fails safe: look the table up.
+    BLOCK_HINTS.get(word).is_none_or(|w| w & bit != 0)
 }
 
 /// Whether the block entry still holds (counts it in `expired_block` if not).

@@ -753,6 +753,81 @@ fn network_prefilters_follow_adds_and_removals() {
     assert_eq!(xdp(&k, &Frame::syn(ip("192.0.2.44"), 25)), XDP_DROP);
 }
 
+/// Bits set in the pinned `BLOCK_HINTS` (the host tables' prefilter).
+fn block_hint_bits(pins: &PinDir) -> u32 {
+    let data = aya::maps::MapData::from_pin(pins.path().join("BLOCK_HINTS")).unwrap();
+    let array = aya::maps::Array::<_, u64>::try_from(aya::maps::Map::Array(data)).unwrap();
+    array.iter().map(|w| w.unwrap().count_ones()).sum()
+}
+
+/// The host tables' prefilter (`BLOCK_HINTS`) skips the hash lookup for a
+/// source whose bit is clear: a bit cleared while its address is blocked
+/// would let that source through. Addresses an attacker holds in bulk (one
+/// IPv4 /16, one IPv6 /64), some expiring, go through a sweep, removals, a
+/// restart and an upgrade from pins without the prefilter; after each step
+/// every blocked address is dropped and every other one passes, and the
+/// bitmap keeps no more bits than the tables need.
+#[test]
+fn host_prefilter_never_lets_a_blocked_address_through() {
+    if !prerequisites("host_prefilter_never_lets_a_blocked_address_through") {
+        return;
+    }
+    let pins = PinDir::new();
+    let options = pinned_at(&pins);
+    let past = SystemTime::now() - Duration::from_secs(5);
+    let addresses: Vec<IpAddr> = (0..600u16)
+        .map(|i| IpAddr::from([198, 51, (i >> 8) as u8, i as u8]))
+        .chain((0..600u16).map(|i| IpAddr::from([0x2001, 0xdb8, 0, 7, 0, 0, 0, i])))
+        .collect();
+    // Every third expired, every third permanent, every third never blocked.
+    let d = BpfDatapath::load(&options).unwrap();
+    for (i, a) in addresses.iter().enumerate() {
+        match i % 3 {
+            0 => d
+                .block(IpNet::from(*a), Some(past), Reason::Harvest)
+                .unwrap(),
+            1 => d.block(IpNet::from(*a), None, Reason::Manual).unwrap(),
+            _ => {}
+        }
+    }
+    let verdicts = |d: &BpfDatapath, blocked: &dyn Fn(usize) -> bool, step: &str| {
+        for (i, a) in addresses.iter().enumerate() {
+            let frame = Frame::syn(*a, 25).build();
+            let want = if blocked(i) { XDP_DROP } else { XDP_PASS };
+            assert_eq!(d.test_run_xdp(&frame, 1).unwrap().0, want, "{a} {step}");
+        }
+    };
+    verdicts(&d, &|i| i % 3 == 1, "after the blocks");
+    let all = block_hint_bits(&pins);
+    assert!((790..=800).contains(&all), "{all} bits for 800 addresses");
+
+    assert_eq!(d.sweep_expired(SystemTime::now()).unwrap(), 400);
+    verdicts(&d, &|i| i % 3 == 1, "after the sweep");
+    let live = block_hint_bits(&pins);
+    assert!(live <= 400 && live < all, "{live} bits for 400 addresses");
+
+    // Removals leave their bits (a stale bit costs a lookup) until a sweep.
+    for a in addresses.iter().skip(1).step_by(6) {
+        assert!(d.unblock(IpNet::from(*a)).unwrap(), "{a}");
+    }
+    verdicts(&d, &|i| i % 6 == 4, "after the removals");
+    assert_eq!(block_hint_bits(&pins), live);
+    d.sweep_expired(SystemTime::now()).unwrap();
+    verdicts(&d, &|i| i % 6 == 4, "after the second sweep");
+    let left = block_hint_bits(&pins);
+    assert!(left <= 200 && left < live, "{left} bits for 200 addresses");
+
+    // A restart keeps them; so does an upgrade from pins without the map.
+    drop(d);
+    let d = BpfDatapath::load(&options).unwrap();
+    verdicts(&d, &|i| i % 6 == 4, "after a restart");
+    drop(d);
+    std::fs::remove_file(pins.path().join("BLOCK_HINTS")).unwrap();
+    let d = BpfDatapath::load(&options).unwrap();
+    verdicts(&d, &|i| i % 6 == 4, "after an upgrade");
+    assert_eq!(block_hint_bits(&pins), left);
+}
+
 /// Networks of many lengths in one /16 (IPv4 198.51/16, IPv6 2001:db8::/32):
 /// every fine-prefix network (/24, /48) or longer takes a bit of its own,
 /// shorter ones the /16's. Toggled in a fixed pseudo-random order, each

@@ -26,8 +26,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use limiter_common::{
-    hint, map_names as names, program_names, Allow, Block, Cap, Config, ConnCount, DropReason,
-    Ipv4Octets, Ipv6Octets, Mode, Reason, Stats, TrackedSocket, MAX_PORTS,
+    hint, host_hint, map_names as names, program_names, Allow, Block, Cap, Config, ConnCount,
+    DropReason, Ipv4Octets, Ipv6Octets, Mode, Reason, Stats, TrackedSocket, MAX_PORTS,
 };
 use tokio::io::{unix::AsyncFd, Interest};
 
@@ -38,6 +38,7 @@ use super::{
         canonical, host_ip, host_key, ip_of_mapped, is_host, net_key, net_of_v4, net_of_v6,
         HostKey, NetKey,
     },
+    block_hints::{Bitmaps, BlockHints},
     clock::{mono_ns_to_system, system_to_mono_ns},
     hints::{self, Layer},
     BlockHit, Datapath, DropEvent, KernelBlock, KernelCounters, KernelError, KernelLimits,
@@ -100,6 +101,11 @@ struct Maps {
     fine_hints: Array<MapData, u64>,
     /// The tries' networks behind each prefilter bit (by `hint` index).
     coverage: [hints::Coverage; hint::COUNT as usize],
+    /// Prefilter of the host tables, mapped into memory.
+    block_hints: BlockHints,
+    /// While a rebuild of `block_hints` scans the host tables: the bits of
+    /// the addresses blocked since the scan began, which it must keep.
+    block_hint_log: Option<Vec<(u32, u64)>>,
     sizes: MapSizes,
 }
 
@@ -189,8 +195,38 @@ impl BpfDatapath {
             pin_path: pin_path.clone(),
             _lock: Some(lock),
         };
+        datapath.rebuild_block_hints()?;
         datapath.write_config(&options.limits, current_netns_cookie()?)?;
         Ok(datapath)
+    }
+
+    /// Both host tables, read without the lock; the addresses blocked
+    /// meanwhile are logged for [`Maps::rebuild_block_hints`], which must
+    /// follow (the log is dropped if the scan fails).
+    #[expect(clippy::type_complexity, reason = "the two tables' entries, as read")]
+    fn scan_hosts(
+        &self,
+    ) -> Result<(Vec<(Ipv4Octets, Block)>, Vec<(Ipv6Octets, Block)>), KernelError> {
+        lock(&self.maps).block_hint_log = Some(Vec::new());
+        let scanned = hash_entries_unlocked(&self.maps, |m| &m.block_v4)
+            .map_err(|e| map_error(names::BLOCK_V4, e))
+            .and_then(|v4| {
+                let v6 = hash_entries_unlocked(&self.maps, |m| &m.block_v6)
+                    .map_err(|e| map_error(names::BLOCK_V6, e))?;
+                Ok((v4, v6))
+            });
+        if scanned.is_err() {
+            lock(&self.maps).block_hint_log = None;
+        }
+        scanned
+    }
+
+    /// Makes `BLOCK_HINTS` match the host tables (pins of an earlier run,
+    /// or of a version without the prefilter).
+    fn rebuild_block_hints(&self) -> Result<(), KernelError> {
+        let (v4, v6) = self.scan_hosts()?;
+        lock(&self.maps).rebuild_block_hints(&v4, &v6, |_| true);
+        Ok(())
     }
 
     /// The maps pinned by a running (or stopped) agent, without loading any
@@ -450,12 +486,14 @@ impl Datapath for BpfDatapath {
         if is_host(net) {
             match host_key(net.addr()) {
                 HostKey::V4(key) => {
+                    maps.add_block_hint(host_hint::of_v4(key));
                     let drops = maps.block_v4.get(&key, 0).map_or(0, |b| b.drops);
                     maps.block_v4
                         .insert(key, Block { drops, ..value }, 0)
                         .map_err(|e| insert_error(names::BLOCK_V4, max, "block", e))
                 }
                 HostKey::V6(key) => {
+                    maps.add_block_hint(host_hint::of_v6(key));
                     let drops = maps.block_v6.get(&key, 0).map_or(0, |b| b.drops);
                     maps.block_v6
                         .insert(key, Block { drops, ..value }, 0)
@@ -561,15 +599,14 @@ impl Datapath for BpfDatapath {
         // The host maps are scanned without the lock (see `blocks`); a
         // block re-added since the scan has a new expiry: each removal
         // checks again.
-        let hosts_v4: Vec<Ipv4Octets> = hash_entries_unlocked(&self.maps, |m| &m.block_v4)
-            .map_err(|e| map_error(names::BLOCK_V4, e))?
-            .into_iter()
-            .filter_map(|(key, b)| expired(&b).then_some(key))
+        let (entries_v4, entries_v6) = self.scan_hosts()?;
+        let hosts_v4: Vec<Ipv4Octets> = entries_v4
+            .iter()
+            .filter_map(|(key, b)| expired(b).then_some(*key))
             .collect();
-        let hosts_v6: Vec<Ipv6Octets> = hash_entries_unlocked(&self.maps, |m| &m.block_v6)
-            .map_err(|e| map_error(names::BLOCK_V6, e))?
-            .into_iter()
-            .filter_map(|(key, b)| expired(&b).then_some(key))
+        let hosts_v6: Vec<Ipv6Octets> = entries_v6
+            .iter()
+            .filter_map(|(key, b)| expired(b).then_some(*key))
             .collect();
         let mut maps = lock(&self.maps);
         for key in &hosts_v4 {
@@ -615,6 +652,8 @@ impl Datapath for BpfDatapath {
         // Also heals a bit lost to two writers (agent and CLI) racing.
         maps.rebuild_hints(hint::BLOCK_NET_V4)?;
         maps.rebuild_hints(hint::BLOCK_NET_V6)?;
+        // The removed addresses' bits go; a bit another address shares stays.
+        maps.rebuild_block_hints(&entries_v4, &entries_v6, |b| !expired(b));
         Ok(swept)
     }
 
@@ -850,6 +889,36 @@ impl Maps {
         Ok(())
     }
 
+    /// Sets a host's `BLOCK_HINTS` bit, before the host goes into its table.
+    fn add_block_hint(&mut self, position: (u32, u64)) {
+        self.block_hints.set(position);
+        if let Some(log) = &mut self.block_hint_log {
+            log.push(position);
+        }
+    }
+
+    /// Makes `BLOCK_HINTS` hold the bits of the scanned entries that `keep`
+    /// keeps and of the hosts blocked since the scan began
+    /// ([`BpfDatapath::scan_hosts`]), and no other.
+    fn rebuild_block_hints(
+        &mut self,
+        v4: &[(Ipv4Octets, Block)],
+        v6: &[(Ipv6Octets, Block)],
+        keep: impl Fn(&Block) -> bool,
+    ) {
+        let mut wanted = Bitmaps::new();
+        for (key, _) in v4.iter().filter(|(_, b)| keep(b)) {
+            wanted.add(host_hint::of_v4(*key));
+        }
+        for (key, _) in v6.iter().filter(|(_, b)| keep(b)) {
+            wanted.add(host_hint::of_v6(*key));
+        }
+        for position in self.block_hint_log.take().unwrap_or_default() {
+            wanted.add(position);
+        }
+        self.block_hints.replace(&wanted);
+    }
+
     /// Recomputes the bitmaps of trie `map` (one of `hint`'s) and their
     /// coverage from the trie: at start (pins of an earlier run) and at each
     /// sweep (which also heals a bit lost to two processes writing at once).
@@ -962,6 +1031,11 @@ impl Maps {
             hints: take(ebpf, names::NET_HINTS)?,
             fine_hints: take(ebpf, names::NET_HINTS_FINE)?,
             coverage: Default::default(),
+            block_hints: {
+                let array: Array<MapData, u64> = take(ebpf, names::BLOCK_HINTS)?;
+                BlockHints::map(aya::maps::IterableMap::map(&array).fd())?
+            },
+            block_hint_log: None,
             sizes,
         })
     }
@@ -1009,6 +1083,11 @@ impl Maps {
             // Empty: a removal through these pins clears no bit (a stale
             // bit costs one lookup); the agent's sweep rebuilds them.
             coverage: Default::default(),
+            block_hints: {
+                let array: Array<MapData, u64> = open(dir, names::BLOCK_HINTS, Map::Array)?;
+                BlockHints::map(aya::maps::IterableMap::map(&array).fd())?
+            },
+            block_hint_log: None,
             sizes,
         })
     }
@@ -1095,7 +1174,7 @@ struct Shape {
 }
 
 /// The shape of every pinned map.
-fn expected_maps() -> [Shape; 17] {
+fn expected_maps() -> [Shape; 18] {
     let shape = |name, map_type, key_size, value_size| Shape {
         name,
         map_type,
@@ -1144,6 +1223,10 @@ fn expected_maps() -> [Shape; 17] {
         Shape {
             max_entries: Some(hint::FINE_COUNT * hint::WORDS),
             ..shape(names::NET_HINTS_FINE, MapType::Array, 4, 8)
+        },
+        Shape {
+            max_entries: Some(host_hint::ENTRIES),
+            ..shape(names::BLOCK_HINTS, MapType::Array, 4, 8)
         },
     ]
 }

@@ -9,6 +9,7 @@
 //! pretending.
 
 mod addr;
+mod block_hints;
 mod bpf;
 mod clock;
 mod hints;
