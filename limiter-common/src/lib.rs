@@ -63,6 +63,13 @@ pub mod map_names {
     /// the hash lookup.
     pub const BLOCK_HINTS: &str = "BLOCK_HINTS";
 
+    /// Per-CPU [`crate::HotBlockV4`]: each CPU's copies of the `BLOCK_V4`
+    /// entries it drops most (see [`crate::hot`]). The program's own, not
+    /// pinned.
+    pub const HOT_BLOCKS_V4: &str = "HOT_BLOCKS_V4";
+    /// As [`HOT_BLOCKS_V4`], of `BLOCK_V6` ([`crate::HotBlockV6`]).
+    pub const HOT_BLOCKS_V6: &str = "HOT_BLOCKS_V6";
+
     /// Every map the agent pins, in a stable order.
     pub const ALL: [&str; 18] = [
         CONFIG,
@@ -188,35 +195,65 @@ pub mod host_hint {
     pub const BITS_LOG2: u32 = 24;
     /// `u64` words per family.
     pub const WORDS: u32 = 1 << (BITS_LOG2 - 6);
-    /// Entries of `BLOCK_HINTS`: IPv4's bitmap, then IPv6's.
-    pub const ENTRIES: u32 = 2 * WORDS;
+
+    /// Entry of `BLOCK_HINTS` after both bitmaps: the generation of the
+    /// host tables, which the agent increments after every change that can
+    /// end or shorten a block (a removal, a new expiry), so that the CPUs'
+    /// caches of hot blocked sources ([`crate::hot`]) drop what they hold.
+    pub const GENERATION: u32 = 2 * WORDS;
+    /// Entries of `BLOCK_HINTS`: IPv4's bitmap, IPv6's, the generation.
+    pub const ENTRIES: u32 = 2 * WORDS + 1;
+    /// The bitmaps of the two families.
+    pub const FAMILY_V4: u32 = 0;
+    pub const FAMILY_V6: u32 = 1;
 
     /// Fibonacci hashing: the product's top bits depend on every input bit.
     const MIX: u64 = 0x9e37_79b9_7f4a_7c15;
     const MIX_LOW: u64 = 0xc2b2_ae3d_27d4_eb4f;
 
-    /// Word index and bit of the bit at `hash` (< 2^BITS_LOG2) of bitmap
-    /// `family` (0 = IPv4, 1 = IPv6).
+    /// The hash (< 2^BITS_LOG2) of an IPv4 address, given as its four bytes
+    /// read as one native-endian word (how the program holds it).
     #[inline(always)]
-    const fn position(family: u32, hash: u64) -> (u32, u64) {
+    pub const fn hash_v4(addr: u32) -> u64 {
+        (addr as u64).wrapping_mul(MIX) >> (64 - BITS_LOG2)
+    }
+
+    /// The hash of an IPv6 address, given as its sixteen bytes read as four
+    /// native-endian words.
+    #[inline(always)]
+    pub const fn hash_v6(addr: [u32; 4]) -> u64 {
+        let high = (addr[0] as u64) | ((addr[1] as u64) << 32);
+        let low = (addr[2] as u64) | ((addr[3] as u64) << 32);
+        (high ^ low.wrapping_mul(MIX_LOW)).wrapping_mul(MIX) >> (64 - BITS_LOG2)
+    }
+
+    /// Word index and bit of `hash` in the bitmap of `family`.
+    #[inline(always)]
+    pub const fn bit(family: u32, hash: u64) -> (u32, u64) {
         (family * WORDS + (hash >> 6) as u32, 1u64 << (hash & 63))
     }
 
-    /// The bit of an IPv4 address, given as its four bytes read as one
-    /// native-endian word (how the program holds it).
+    /// The bit of an IPv4 address word.
     #[inline(always)]
     pub const fn v4(addr: u32) -> (u32, u64) {
-        position(0, (addr as u64).wrapping_mul(MIX) >> (64 - BITS_LOG2))
+        bit(FAMILY_V4, hash_v4(addr))
     }
 
-    /// The bit of an IPv6 address, given as its sixteen bytes read as four
-    /// native-endian words.
+    /// The bit of an IPv6 address's words.
     #[inline(always)]
     pub const fn v6(addr: [u32; 4]) -> (u32, u64) {
-        let high = (addr[0] as u64) | ((addr[1] as u64) << 32);
-        let low = (addr[2] as u64) | ((addr[3] as u64) << 32);
-        let mixed = (high ^ low.wrapping_mul(MIX_LOW)).wrapping_mul(MIX);
-        position(1, mixed >> (64 - BITS_LOG2))
+        bit(FAMILY_V6, hash_v6(addr))
+    }
+
+    /// The four words of an IPv6 address's bytes, as the program holds them.
+    #[inline(always)]
+    pub const fn words_v6(o: crate::Ipv6Octets) -> [u32; 4] {
+        [
+            u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+            u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+            u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+            u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+        ]
     }
 
     /// [`v4`] of an address's bytes.
@@ -228,14 +265,71 @@ pub mod host_hint {
     /// [`v6`] of an address's bytes.
     #[inline(always)]
     pub const fn of_v6(octets: crate::Ipv6Octets) -> (u32, u64) {
-        let o = octets;
-        v6([
-            u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
-            u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
-            u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
-            u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
-        ])
+        v6(words_v6(octets))
     }
+}
+
+/// Each CPU's cache of the blocked sources it drops most (`HOT_BLOCKS_V4`,
+/// `HOT_BLOCKS_V6`, per-CPU arrays of the program, not pinned). A flood
+/// from a blocked source is most of what the kernel drops, and the hash
+/// lookup is most of what a drop costs; once an entry has dropped
+/// [`hot::AFTER_DROPS`] packets, the CPU that looks it up keeps a copy in
+/// the slot of its hash, and drops that source's next packets from the
+/// copy. A copy holds while the host tables' generation
+/// ([`host_hint::GENERATION`]) is the one it was made under. Its drops are
+/// counted in the copy and added to the entry (if it is still the same
+/// insertion, [`Block::serial`]) every [`hot::FLUSH_EVERY`] drops and when
+/// the slot is taken by another source; the agent adds the copies' counts
+/// when it reads the entries, and flushes them when it stops.
+pub mod hot {
+    /// Slots per CPU and family (direct-mapped by the prefilter hash).
+    pub const SLOTS: u32 = 1024;
+    /// Drops an entry must have counted before a CPU caches it: a source
+    /// that sends a few packets is looked up each time; a flood is cached.
+    pub const AFTER_DROPS: u64 = 64;
+    /// A copy gives its drops to its entry each time it has counted this
+    /// many, so that the entry (what `bpftool` shows) lags by less than
+    /// this per CPU; the agent's own reads add the copies' counts.
+    pub const FLUSH_EVERY: u64 = 256;
+
+    /// The slot of an address by its prefilter hash
+    /// ([`super::host_hint::hash_v4`], [`super::host_hint::hash_v6`]).
+    #[inline(always)]
+    pub const fn slot(hash: u64) -> u32 {
+        (hash & (SLOTS as u64 - 1)) as u32
+    }
+}
+
+/// A CPU's cached copy of a `BLOCK_V4` entry ([`hot`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HotBlockV4 {
+    /// The address's four bytes as one native-endian word; with
+    /// `generation` 0 the slot is empty.
+    pub addr: u32,
+    /// The entry's [`Block::serial`].
+    pub serial: u32,
+    /// The host tables' generation the copy was made under.
+    pub generation: u64,
+    /// The entry's expiry when copied.
+    pub expires_mono_ns: u64,
+    /// Drops counted here and not yet added to the entry.
+    pub drops: u64,
+}
+
+/// A CPU's cached copy of a `BLOCK_V6` entry ([`hot`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HotBlockV6 {
+    /// The address's sixteen bytes as four native-endian words.
+    pub addr: [u32; 4],
+    /// The entry's [`Block::serial`].
+    pub serial: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    pub generation: u64,
+    pub expires_mono_ns: u64,
+    pub drops: u64,
 }
 
 /// Names of the programs in the kernel object.
@@ -557,8 +651,11 @@ pub struct Block {
     pub drops: u64,
     /// Why: a [`Reason`].
     pub reason: ReasonCode,
-    /// Reserved, zero: keeps the size a multiple of 8 without implicit padding.
-    pub reserved: u32,
+    /// Host tables: which insertion of its address this entry is (an
+    /// extension keeps it), so that the drops the CPUs counted in cached
+    /// copies of an earlier entry of the same address never count as this
+    /// one's ([`hot`]). Never 0 there; 0 in the network tries.
+    pub serial: u32,
 }
 
 impl Block {
@@ -761,6 +858,8 @@ mod pod {
     unsafe impl aya::Pod for DropEvent {}
     unsafe impl aya::Pod for EventBudget {}
     unsafe impl aya::Pod for Stats {}
+    unsafe impl aya::Pod for HotBlockV4 {}
+    unsafe impl aya::Pod for HotBlockV6 {}
 }
 
 #[cfg(test)]
@@ -778,6 +877,8 @@ mod tests {
         assert_eq!(size_of::<TrackedSocket>(), 16);
         assert_eq!(size_of::<DropEvent>(), 8 + 16 + 4 + 2 + 1 + 1);
         assert_eq!(size_of::<EventBudget>(), 32);
+        assert_eq!(size_of::<HotBlockV4>(), 4 + 4 + 3 * 8);
+        assert_eq!(size_of::<HotBlockV6>(), 16 + 4 + 4 + 3 * 8);
         // Every counter is listed for `fields` and `add`.
         assert_eq!(size_of::<Stats>(), Stats::COUNT * 8);
     }

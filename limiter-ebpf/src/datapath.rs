@@ -9,9 +9,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use limiter_common::{
-    hint, host_hint, ipv4_mapped, ipv6_masked, is_ipv4_mapped, words_to_octets, Allow, Block, Cap,
-    Config, ConnCount, DropEvent, DropReason, EventBudget, Ipv4Octets, Ipv6Octets, Stats,
-    TrackedSocket,
+    hint, host_hint, hot, ipv4_mapped, ipv6_masked, is_ipv4_mapped, words_to_octets, Allow, Block,
+    Cap, Config, ConnCount, DropEvent, DropReason, EventBudget, HotBlockV4, HotBlockV6, Ipv4Octets,
+    Ipv6Octets, Stats, TrackedSocket,
 };
 
 /// Blocks are written only by the agent: allocated as they come, so that
@@ -60,6 +60,10 @@ static NET_HINTS: Array<u64, { (hint::COUNT * hint::WORDS) as usize }> = Array::
 static NET_HINTS_FINE: Array<u64, { (hint::FINE_COUNT * hint::WORDS) as usize }> = Array::new();
 #[btf_map]
 static BLOCK_HINTS: Array<u64, { host_hint::ENTRIES as usize }, MAPPABLE> = Array::new();
+#[btf_map]
+static HOT_BLOCKS_V4: PerCpuArray<HotBlockV4, { hot::SLOTS as usize }> = PerCpuArray::new();
+#[btf_map]
+static HOT_BLOCKS_V6: PerCpuArray<HotBlockV6, { hot::SLOTS as usize }> = PerCpuArray::new();
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// How much of an skb the TC program pulls into its linear area when the
@@ -241,7 +245,7 @@ fn decide<F: Family>(config: &Config, stats: &mut Stats, source: &F, tcp: &Tcp) 
         }
     }
     let net_block = if may_hold(F::BLOCK_NET_HINT, source, top16) {
-        source.block_net()
+        source.block_net().map(Hit::of)
     } else {
         None
     };
@@ -291,7 +295,7 @@ fn judge_source_only<F: Family>(
         }
     }
     if hit.is_none() && may_hold(F::BLOCK_NET_HINT, source, top16) {
-        if let Some(block) = source.block_net() {
+        if let Some(block) = source.block_net().map(Hit::of) {
             if block_holds(block, stats) {
                 hit = Some((block, DropReason::BlockNet));
             }
@@ -322,9 +326,8 @@ trait Family {
     fn fine_index(&self) -> u16;
     /// Whether an `ALLOW_*` network holds it.
     fn allowed(&self) -> bool;
-    /// Its `BLOCK_*` entry (looked up only if its `BLOCK_HINTS` bit is
-    /// set).
-    fn block(&self) -> Option<*mut Block>;
+    /// Its `BLOCK_*` entry ([`host_block`]).
+    fn block(&self) -> Option<Hit>;
     /// The most specific `BLOCK_NET_*` entry holding it.
     fn block_net(&self) -> Option<*mut Block>;
     /// The most specific `CAP_NET_*` entry holding it.
@@ -379,11 +382,15 @@ impl Family for V4 {
     }
 
     #[inline(always)]
-    fn block(&self) -> Option<*mut Block> {
-        if !host_bit_set(host_hint::v4(self.addr)) {
-            return None;
-        }
-        lookup_mut(&BLOCK_V4, &self.addr)
+    fn block(&self) -> Option<Hit> {
+        let hash = host_hint::hash_v4(self.addr);
+        host_block(
+            &BLOCK_V4,
+            &HOT_BLOCKS_V4,
+            host_hint::FAMILY_V4,
+            hash,
+            &self.addr,
+        )
     }
 
     #[inline(always)]
@@ -451,11 +458,15 @@ impl Family for V6 {
     }
 
     #[inline(always)]
-    fn block(&self) -> Option<*mut Block> {
-        if !host_bit_set(host_hint::v6(self.addr)) {
-            return None;
-        }
-        lookup_mut(&BLOCK_V6, &self.addr)
+    fn block(&self) -> Option<Hit> {
+        let hash = host_hint::hash_v6(self.addr);
+        host_block(
+            &BLOCK_V6,
+            &HOT_BLOCKS_V6,
+            host_hint::FAMILY_V6,
+            hash,
+            &self.addr,
+        )
     }
 
     #[inline(always)]
@@ -489,7 +500,7 @@ impl Family for V6 {
 fn refuse<F: Family>(
     config: &Config,
     stats: &mut Stats,
-    block: Option<*mut Block>,
+    block: Option<Hit>,
     source: &F,
     tcp: &Tcp,
     reason: DropReason,
@@ -507,8 +518,8 @@ fn refuse<F: Family>(
     if !observe {
         if let Some(block) = block {
             // SAFETY: a pointer into a map value returned by a lookup just
-            // before; the counter is shared by all CPUs, hence atomic.
-            unsafe { atomic_add(&raw mut (*block).drops, 1u64) };
+            // before; an entry's counter is shared by all CPUs, hence atomic.
+            unsafe { atomic_add(block.drops, 1u64) };
         }
     }
     report(config, stats, source, tcp, reason, observe);
@@ -540,6 +551,150 @@ fn bit_set<const N: usize>(bitmaps: &Array<u64, N>, map: u32, index: u16) -> boo
     bitmaps.get(word).is_none_or(|word| word & bit != 0)
 }
 
+/// A block entry that holds a source: its expiry, and the counter of its
+/// drops (the entry's, or this CPU's cached copy's).
+#[derive(Clone, Copy)]
+struct Hit {
+    expires_mono_ns: u64,
+    drops: *mut u64,
+}
+
+impl Hit {
+    #[inline(always)]
+    fn of(block: *mut Block) -> Self {
+        // SAFETY: a pointer to a live map value returned by a lookup.
+        unsafe {
+            Hit {
+                expires_mono_ns: (*block).expires_mono_ns,
+                drops: &raw mut (*block).drops,
+            }
+        }
+    }
+}
+
+/// A slot of a CPU's cache of hot blocked sources ([`hot`]).
+trait HotSlot {
+    type Addr: Copy + PartialEq;
+    fn addr(&self) -> Self::Addr;
+    fn serial(&self) -> u32;
+    fn generation(&self) -> u64;
+    fn expires_mono_ns(&self) -> u64;
+    fn drops(&mut self) -> *mut u64;
+    /// Makes the slot a copy of `addr`'s entry `block`, with no drops of
+    /// its own.
+    fn fill(&mut self, addr: Self::Addr, block: &Block, generation: u64);
+}
+
+macro_rules! hot_slot {
+    ($slot:ty, $addr:ty) => {
+        impl HotSlot for $slot {
+            type Addr = $addr;
+            #[inline(always)]
+            fn addr(&self) -> $addr {
+                self.addr
+            }
+            #[inline(always)]
+            fn serial(&self) -> u32 {
+                self.serial
+            }
+            #[inline(always)]
+            fn generation(&self) -> u64 {
+                self.generation
+            }
+            #[inline(always)]
+            fn expires_mono_ns(&self) -> u64 {
+                self.expires_mono_ns
+            }
+            #[inline(always)]
+            fn drops(&mut self) -> *mut u64 {
+                &raw mut self.drops
+            }
+            #[inline(always)]
+            fn fill(&mut self, addr: $addr, block: &Block, generation: u64) {
+                self.addr = addr;
+                self.serial = block.serial;
+                self.generation = generation;
+                self.expires_mono_ns = block.expires_mono_ns;
+                self.drops = 0;
+            }
+        }
+    };
+}
+hot_slot!(HotBlockV4, u32);
+hot_slot!(HotBlockV6, [u32; 4]);
+
+/// The host table entry of `addr` (prefilter `hash` in bitmap `family`):
+/// none if its `BLOCK_HINTS` bit is clear; this CPU's copy if it holds one
+/// made under the current generation; else the table's, which this CPU
+/// then copies if the entry has dropped [`hot::AFTER_DROPS`] packets (the
+/// slot's previous copy gives its drops to its own entry first).
+/// A copy hands its drops to its entry every [`hot::FLUSH_EVERY`].
+#[inline(always)]
+fn host_block<M, S: HotSlot, const N: usize>(
+    table: &M,
+    cache: &PerCpuArray<S, N>,
+    family: u32,
+    hash: u64,
+    addr: &S::Addr,
+) -> Option<Hit> {
+    if !host_bit_set(host_hint::bit(family, hash)) {
+        return None;
+    }
+    // Read before the table: a copy made from what the lookup finds then
+    // carries a generation from before it, so that a removal followed by
+    // the agent's increment never leaves a copy that looks current.
+    // Generation 0 (a map the agent has not set up yet) turns the cache off.
+    let generation = BLOCK_HINTS.get(host_hint::GENERATION).copied().unwrap_or(0);
+    let slot = cache.get_ptr_mut(hot::slot(hash));
+    if let Some(slot) = slot {
+        // SAFETY: per-CPU slot; packet programs on one CPU do not nest.
+        let slot = unsafe { &mut *slot };
+        if generation != 0 && slot.generation() == generation && slot.addr() == *addr {
+            // SAFETY: the slot's own counter, on this CPU.
+            if unsafe { *slot.drops() } >= hot::FLUSH_EVERY {
+                give_drops(table, slot);
+            }
+            return Some(Hit {
+                expires_mono_ns: slot.expires_mono_ns(),
+                drops: slot.drops(),
+            });
+        }
+    }
+    let block = lookup_mut::<_, _, Block>(table, addr)?;
+    let hit = Hit::of(block);
+    if let Some(slot) = slot {
+        // SAFETY: as above; `block` is a live map value.
+        let (slot, drops) = unsafe { (&mut *slot, (*block).drops) };
+        if generation != 0 && drops >= hot::AFTER_DROPS {
+            give_drops(table, slot);
+            // SAFETY: `block` is a live map value.
+            slot.fill(*addr, unsafe { &*block }, generation);
+        }
+    }
+    Some(hit)
+}
+
+/// Adds the drops counted in copy `slot` to its entry, if the table still
+/// holds that entry (the same insertion), and zeroes them.
+#[inline(always)]
+fn give_drops<M, S: HotSlot>(table: &M, slot: &mut S) {
+    // SAFETY: the slot's own counter, on this CPU.
+    let pending = unsafe { *slot.drops() };
+    if pending == 0 {
+        return;
+    }
+    if let Some(owner) = lookup_mut::<_, _, Block>(table, &slot.addr()) {
+        // SAFETY: a live map value; its counter is shared by all CPUs.
+        unsafe {
+            if (*owner).serial == slot.serial() {
+                atomic_add(&raw mut (*owner).drops, pending);
+            }
+        }
+    }
+    // SAFETY: as above.
+    unsafe { *slot.drops() = 0 };
+}
+
 /// Whether a host's `BLOCK_HINTS` bit (`(word, bit)`) is set.
 #[inline(always)]
 fn host_bit_set((word, bit): (u32, u64)) -> bool {
@@ -550,9 +705,8 @@ fn host_bit_set((word, bit): (u32, u64)) -> bool {
 
 /// Whether the block entry still holds (counts it in `expired_block` if not).
 #[inline(always)]
-fn block_holds(block: *mut Block, stats: &mut Stats) -> bool {
-    // SAFETY: a pointer into a map value returned by the lookup just before.
-    let expires = unsafe { (*block).expires_mono_ns };
+fn block_holds(block: Hit, stats: &mut Stats) -> bool {
+    let expires = block.expires_mono_ns;
     // A block ending a tick or two late does not matter.
     if expires != 0 && now_ns() >= expires {
         stats.expired_block += 1;

@@ -757,7 +757,9 @@ fn network_prefilters_follow_adds_and_removals() {
 fn block_hint_bits(pins: &PinDir) -> u32 {
     let data = aya::maps::MapData::from_pin(pins.path().join("BLOCK_HINTS")).unwrap();
     let array = aya::maps::Array::<_, u64>::try_from(aya::maps::Map::Array(data)).unwrap();
-    array.iter().map(|w| w.unwrap().count_ones()).sum()
+    (0..limiter_common::host_hint::GENERATION)
+        .map(|i| array.get(&i, 0).unwrap().count_ones())
+        .sum()
 }
 
 /// The host tables' prefilter (`BLOCK_HINTS`) skips the hash lookup for a
@@ -826,6 +828,105 @@ fn host_prefilter_never_lets_a_blocked_address_through() {
     let d = BpfDatapath::load(&options).unwrap();
     verdicts(&d, &|i| i % 6 == 4, "after an upgrade");
     assert_eq!(block_hint_bits(&pins), left);
+}
+
+/// Drops of the host entries of `d`, by address.
+fn host_drops(d: &BpfDatapath) -> std::collections::HashMap<IpAddr, u64> {
+    d.blocks()
+        .unwrap()
+        .into_iter()
+        .map(|b| (b.net.addr(), b.drops))
+        .collect()
+}
+
+/// A flood from a blocked source is dropped from each CPU's cached copy of
+/// its entry once it has dropped 64 packets. The copy must never outlive
+/// what it copies (a removal, a shorter expiry), two sources sharing a slot
+/// must keep their counts, and every drop must reach the entry's count,
+/// also across an agent stop.
+#[test]
+fn hot_blocked_sources_are_dropped_from_a_cache_that_never_outlives_the_block() {
+    if !prerequisites("hot_blocked_sources_are_dropped_from_a_cache_that_never_outlives_the_block")
+    {
+        return;
+    }
+    let pins = PinDir::new();
+    let options = pinned_at(&pins);
+    let d = BpfDatapath::load(&options).unwrap();
+    let flood = |d: &BpfDatapath, source: IpAddr, packets: u32| {
+        let frame = Frame::syn(source, 25).build();
+        d.test_run_xdp(&frame, packets).unwrap().0
+    };
+    // Two IPv4 sources in one cache slot, and an IPv6 one.
+    let slot = |a: IpAddr| match a {
+        IpAddr::V4(v4) => limiter_common::hot::slot(limiter_common::host_hint::hash_v4(
+            u32::from_ne_bytes(v4.octets()),
+        )),
+        IpAddr::V6(_) => unreachable!(),
+    };
+    let a = ip("192.0.2.1");
+    let b = (2..=255u8)
+        .map(|i| IpAddr::from([192, 0, 2, i]))
+        .find(|b| slot(*b) == slot(a))
+        .or_else(|| {
+            (0..=255u8)
+                .flat_map(|j| (1..=254u8).map(move |i| IpAddr::from([198, 51, j, i])))
+                .find(|b| slot(*b) == slot(a))
+        })
+        .expect("an address in the same slot");
+    let c = ip("2001:db8::c");
+    for source in [a, b, c] {
+        d.block(IpNet::from(source), None, Reason::Manual).unwrap();
+    }
+    assert_eq!(flood(&d, a, 1000), XDP_DROP);
+    assert_eq!(flood(&d, c, 1000), XDP_DROP);
+    assert_eq!(
+        host_drops(&d)[&a],
+        1000,
+        "cached drops are read with the entry's"
+    );
+    assert_eq!(host_drops(&d)[&c], 1000);
+    // b takes a's slot; a's copy gives its drops to a's entry.
+    assert_eq!(flood(&d, b, 500), XDP_DROP);
+    assert_eq!(flood(&d, a, 300), XDP_DROP);
+    let drops = host_drops(&d);
+    assert_eq!((drops[&a], drops[&b]), (1300, 500));
+
+    // A removal ends the copy at once.
+    assert!(d.unblock(IpNet::from(a)).unwrap());
+    assert!(d.unblock(IpNet::from(c)).unwrap());
+    assert_eq!(
+        flood(&d, a, 1),
+        XDP_PASS,
+        "removed, still dropped from the cache"
+    );
+    assert_eq!(
+        flood(&d, c, 1),
+        XDP_PASS,
+        "removed, still dropped from the cache"
+    );
+    // So does a new expiry in the past, on a copy made without one.
+    d.block(IpNet::from(a), None, Reason::Manual).unwrap();
+    assert_eq!(flood(&d, a, 1000), XDP_DROP);
+    let past = SystemTime::now() - Duration::from_secs(1);
+    d.block(IpNet::from(a), Some(past), Reason::Manual).unwrap();
+    assert_eq!(
+        flood(&d, a, 1),
+        XDP_PASS,
+        "expired, still dropped from the cache"
+    );
+    d.block(IpNet::from(a), None, Reason::Manual).unwrap();
+    assert_eq!(flood(&d, a, 100), XDP_DROP);
+    // b was not touched: its copy holds through the others' changes.
+    assert_eq!(flood(&d, b, 100), XDP_DROP);
+
+    // Stopping the agent puts the cached drops into the pinned entries.
+    let before = host_drops(&d);
+    drop(d);
+    let view = BpfDatapath::open_pinned(pins.path()).unwrap();
+    assert_eq!(host_drops(&view), before);
+    assert_eq!(before[&b], 600);
+    assert_eq!(before[&a], 1100, "1000 before the expiry, then 100");
 }
 
 /// Networks of many lengths in one /16 (IPv4 198.51/16, IPv6 2001:db8::/32):

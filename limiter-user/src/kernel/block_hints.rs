@@ -1,7 +1,8 @@
-//! The prefilter of the host block tables (`BLOCK_HINTS`, see
-//! `limiter_common::host_hint`), written through a shared mapping of the
-//! kernel array: setting a bit is one atomic OR, rebuilding both bitmaps
-//! (4 MiB) a pass over memory, with no syscall per word.
+//! The prefilter of the host block tables and their generation
+//! (`BLOCK_HINTS`, see `limiter_common::host_hint`), written through a
+//! shared mapping of the kernel array: setting a bit is one atomic OR,
+//! rebuilding both bitmaps (4 MiB) a pass over memory, with no syscall per
+//! word.
 
 use std::{
     os::fd::{AsFd, AsRawFd},
@@ -13,12 +14,15 @@ use limiter_common::host_hint;
 
 use super::KernelError;
 
-/// Bitmaps as the kernel array holds them: [`host_hint::ENTRIES`] words.
+/// Both families' bitmaps as the kernel array holds them.
 pub struct Bitmaps(Vec<u64>);
+
+/// Words of both bitmaps (the generation follows them).
+const BITMAP_WORDS: usize = host_hint::GENERATION as usize;
 
 impl Bitmaps {
     pub fn new() -> Self {
-        Self(vec![0; host_hint::ENTRIES as usize])
+        Self(vec![0; BITMAP_WORDS])
     }
 
     /// Sets the bit at `position` (from `host_hint::of_v4` / `of_v6`).
@@ -87,10 +91,22 @@ impl BlockHints {
     /// off (the maps' lock), and `wanted` has the bit of every address in
     /// the tables.
     pub fn replace(&self, wanted: &Bitmaps) {
-        for (word, want) in self.words().iter().zip(&wanted.0) {
+        for (word, want) in self.words()[..BITMAP_WORDS].iter().zip(&wanted.0) {
             if word.load(Ordering::Relaxed) != *want {
                 word.store(*want, Ordering::SeqCst);
             }
+        }
+    }
+}
+
+impl BlockHints {
+    /// Starts a new generation of the host tables, after a change that can
+    /// end or shorten a block: every CPU's cached copies are stale from here.
+    /// Never 0, which turns the caches off.
+    pub fn next_generation(&self) {
+        let generation = &self.words()[host_hint::GENERATION as usize];
+        if generation.fetch_add(1, Ordering::SeqCst) == u64::MAX {
+            generation.fetch_add(1, Ordering::SeqCst);
         }
     }
 }

@@ -26,8 +26,9 @@ use aya::{
 };
 use ipnet::IpNet;
 use limiter_common::{
-    hint, host_hint, map_names as names, program_names, Allow, Block, Cap, Config, ConnCount,
-    DropReason, Ipv4Octets, Ipv6Octets, Mode, Reason, Stats, TrackedSocket, MAX_PORTS,
+    hint, host_hint, hot, map_names as names, program_names, words_to_octets, Allow, Block, Cap,
+    Config, ConnCount, DropReason, HotBlockV4, HotBlockV6, Ipv4Octets, Ipv6Octets, Mode, Reason,
+    Stats, TrackedSocket, MAX_PORTS,
 };
 use tokio::io::{unix::AsyncFd, Interest};
 
@@ -106,8 +107,30 @@ struct Maps {
     /// While a rebuild of `block_hints` scans the host tables: the bits of
     /// the addresses blocked since the scan began, which it must keep.
     block_hint_log: Option<Vec<(u32, u64)>>,
+    /// The CPUs' copies of hot host blocks (the loaded program's; none
+    /// through the pins).
+    hot_v4: Option<PerCpuArray<MapData, HotBlockV4>>,
+    hot_v6: Option<PerCpuArray<MapData, HotBlockV6>>,
+    /// The serial of the next new host entry ([`Block::serial`]).
+    next_serial: u32,
     sizes: MapSizes,
 }
+
+impl Drop for BpfDatapath {
+    /// The programs detach (the maps stay pinned); the drops their CPUs
+    /// counted in cached copies go to the entries.
+    fn drop(&mut self) {
+        self.detach();
+        self.flush_hot_drops();
+    }
+}
+
+/// `bpf_map_update_elem` flag: only replace an existing entry.
+const BPF_EXIST: u64 = 2;
+
+/// Drops counted in the CPUs' copies of host entries, by address and
+/// entry serial.
+type HotDrops<K> = std::collections::HashMap<(K, u32), u64>;
 
 /// The loaded kernel programs and their maps.
 pub struct BpfDatapath {
@@ -225,7 +248,14 @@ impl BpfDatapath {
     /// or of a version without the prefilter).
     fn rebuild_block_hints(&self) -> Result<(), KernelError> {
         let (v4, v6) = self.scan_hosts()?;
-        lock(&self.maps).rebuild_block_hints(&v4, &v6, |_| true);
+        let mut maps = lock(&self.maps);
+        maps.rebuild_block_hints(&v4, &v6, |_| true);
+        // Serials go on from the pinned entries' (an earlier run's).
+        let newest = v4.iter().map(|(_, b)| b.serial);
+        let newest = newest.chain(v6.iter().map(|(_, b)| b.serial)).max();
+        maps.next_serial = newest.unwrap_or(0).wrapping_add(1).max(1);
+        // Also leaves generation 0, which keeps the CPUs' caches off.
+        maps.block_hints.next_generation();
         Ok(())
     }
 
@@ -316,6 +346,42 @@ impl BpfDatapath {
     pub fn detach(&self) {
         lock(&self.ebpf).take();
         lock(&self.attachments).clear();
+    }
+
+    /// Adds the drops counted in the CPUs' copies of host entries to the
+    /// entries (the pinned maps outlive the copies). With the programs
+    /// detached, nothing counts meanwhile.
+    fn flush_hot_drops(&self) {
+        let mut maps = lock(&self.maps);
+        let (hot_v4, hot_v6) = maps.hot_drops();
+        for ((key, serial), drops) in hot_v4 {
+            if let Some(block) = maps
+                .block_v4
+                .get(&key, 0)
+                .ok()
+                .filter(|b| b.serial == serial)
+            {
+                let block = Block {
+                    drops: block.drops + drops,
+                    ..block
+                };
+                let _ = maps.block_v4.insert(key, block, BPF_EXIST);
+            }
+        }
+        for ((key, serial), drops) in hot_v6 {
+            if let Some(block) = maps
+                .block_v6
+                .get(&key, 0)
+                .ok()
+                .filter(|b| b.serial == serial)
+            {
+                let block = Block {
+                    drops: block.drops + drops,
+                    ..block
+                };
+                let _ = maps.block_v6.insert(key, block, BPF_EXIST);
+            }
+        }
     }
 
     /// The drop-event stream; there is one, the first caller gets it. Must
@@ -478,7 +544,7 @@ impl Datapath for BpfDatapath {
             expires_mono_ns: expires.map_or(0, system_to_mono_ns),
             drops: 0,
             reason: origin as u32,
-            reserved: 0,
+            serial: 0,
         };
         let mut maps = lock(&self.maps);
         let max = maps.sizes.block;
@@ -487,17 +553,23 @@ impl Datapath for BpfDatapath {
             match host_key(net.addr()) {
                 HostKey::V4(key) => {
                     maps.add_block_hint(host_hint::of_v4(key));
-                    let drops = maps.block_v4.get(&key, 0).map_or(0, |b| b.drops);
+                    let old = maps.block_v4.get(&key, 0).ok();
+                    let entry = maps.host_entry(old, value);
                     maps.block_v4
-                        .insert(key, Block { drops, ..value }, 0)
-                        .map_err(|e| insert_error(names::BLOCK_V4, max, "block", e))
+                        .insert(key, entry, 0)
+                        .map_err(|e| insert_error(names::BLOCK_V4, max, "block", e))?;
+                    maps.extended(old, &value);
+                    Ok(())
                 }
                 HostKey::V6(key) => {
                     maps.add_block_hint(host_hint::of_v6(key));
-                    let drops = maps.block_v6.get(&key, 0).map_or(0, |b| b.drops);
+                    let old = maps.block_v6.get(&key, 0).ok();
+                    let entry = maps.host_entry(old, value);
                     maps.block_v6
-                        .insert(key, Block { drops, ..value }, 0)
-                        .map_err(|e| insert_error(names::BLOCK_V6, max, "block", e))
+                        .insert(key, entry, 0)
+                        .map_err(|e| insert_error(names::BLOCK_V6, max, "block", e))?;
+                    maps.extended(old, &value);
+                    Ok(())
                 }
             }
         } else {
@@ -524,10 +596,13 @@ impl Datapath for BpfDatapath {
         let net = canonical(net);
         let mut maps = lock(&self.maps);
         if is_host(net) {
-            return match host_key(net.addr()) {
+            let removed = match host_key(net.addr()) {
                 HostKey::V4(key) => absent_is_false(maps.block_v4.remove(&key), names::BLOCK_V4),
                 HostKey::V6(key) => absent_is_false(maps.block_v6.remove(&key), names::BLOCK_V6),
             };
+            // After the removal: the CPUs' copies of it are stale.
+            maps.block_hints.next_generation();
+            return removed;
         }
         let removed = match net_key(net) {
             NetKey::V4(key) => absent_is_false(maps.block_net_v4.remove(&key), names::BLOCK_NET_V4),
@@ -540,16 +615,35 @@ impl Datapath for BpfDatapath {
     fn blocks(&self) -> Result<Vec<KernelBlock>, KernelError> {
         // The host maps (up to a million entries, half a second) are read
         // without the lock that every new connection's lookup needs.
+        let (hot_v4, hot_v6) = lock(&self.maps).hot_drops();
+        let with_hot = |block: &Block, hot: Option<&u64>| Block {
+            drops: block.drops + hot.copied().unwrap_or(0),
+            ..*block
+        };
+        let (hot_v4, hot_v6) = (
+            |key: &Ipv4Octets, b: &Block| hot_v4.get(&(*key, b.serial)),
+            |key: &Ipv6Octets, b: &Block| hot_v6.get(&(*key, b.serial)),
+        );
         let mut blocks: Vec<KernelBlock> = hash_entries_unlocked(&self.maps, |m| &m.block_v4)
             .map_err(|e| map_error(names::BLOCK_V4, e))?
             .iter()
-            .map(|(key, block)| kernel_block(host_net(HostKey::V4(*key)), block))
+            .map(|(key, block)| {
+                kernel_block(
+                    host_net(HostKey::V4(*key)),
+                    &with_hot(block, hot_v4(key, block)),
+                )
+            })
             .collect();
         blocks.extend(
             hash_entries_unlocked(&self.maps, |m| &m.block_v6)
                 .map_err(|e| map_error(names::BLOCK_V6, e))?
                 .iter()
-                .map(|(key, block)| kernel_block(host_net(HostKey::V6(*key)), block)),
+                .map(|(key, block)| {
+                    kernel_block(
+                        host_net(HostKey::V6(*key)),
+                        &with_hot(block, hot_v6(key, block)),
+                    )
+                }),
         );
         let maps = lock(&self.maps);
         for entry in maps.block_net_v4.iter() {
@@ -654,6 +748,9 @@ impl Datapath for BpfDatapath {
         maps.rebuild_hints(hint::BLOCK_NET_V6)?;
         // The removed addresses' bits go; a bit another address shares stays.
         maps.rebuild_block_hints(&entries_v4, &entries_v6, |b| !expired(b));
+        if swept > 0 {
+            maps.block_hints.next_generation();
+        }
         Ok(swept)
     }
 
@@ -889,6 +986,65 @@ impl Maps {
         Ok(())
     }
 
+    /// The host entry to write for block `value` over `old`: an extension
+    /// keeps the entry's drops and serial, a new entry takes the next serial.
+    fn host_entry(&mut self, old: Option<Block>, value: Block) -> Block {
+        match old {
+            Some(old) => Block {
+                drops: old.drops,
+                serial: old.serial,
+                ..value
+            },
+            None => {
+                let serial = self.next_serial;
+                self.next_serial = self.next_serial.wrapping_add(1).max(1);
+                Block { serial, ..value }
+            }
+        }
+    }
+
+    /// After a host entry was written: if it replaced `old` with another
+    /// expiry, the CPUs' copies of it are stale.
+    fn extended(&self, old: Option<Block>, new: &Block) {
+        if old.is_some_and(|old| old.expires_mono_ns != new.expires_mono_ns) {
+            self.block_hints.next_generation();
+        }
+    }
+
+    /// Drops counted in the CPUs' copies of host entries and not yet in the
+    /// entries, by address.
+    fn hot_drops(&self) -> (HotDrops<Ipv4Octets>, HotDrops<Ipv6Octets>) {
+        fn read<S: aya::Pod, K: std::hash::Hash + Eq>(
+            cache: Option<&PerCpuArray<MapData, S>>,
+            of: impl Fn(&S) -> ((K, u32), u64),
+        ) -> HotDrops<K> {
+            let mut drops = HotDrops::new();
+            let Some(cache) = cache else {
+                return drops;
+            };
+            for slot in 0..hot::SLOTS {
+                let Ok(copies) = cache.get(&slot, 0) else {
+                    continue;
+                };
+                for copy in copies.iter() {
+                    let (addr, count) = of(copy);
+                    if count != 0 {
+                        *drops.entry(addr).or_default() += count;
+                    }
+                }
+            }
+            drops
+        }
+        (
+            read(self.hot_v4.as_ref(), |c: &HotBlockV4| {
+                ((c.addr.to_ne_bytes(), c.serial), c.drops)
+            }),
+            read(self.hot_v6.as_ref(), |c: &HotBlockV6| {
+                ((words_to_octets(c.addr), c.serial), c.drops)
+            }),
+        )
+    }
+
     /// Sets a host's `BLOCK_HINTS` bit, before the host goes into its table.
     fn add_block_hint(&mut self, position: (u32, u64)) {
         self.block_hints.set(position);
@@ -1036,6 +1192,9 @@ impl Maps {
                 BlockHints::map(aya::maps::IterableMap::map(&array).fd())?
             },
             block_hint_log: None,
+            next_serial: 1,
+            hot_v4: Some(take(ebpf, names::HOT_BLOCKS_V4)?),
+            hot_v6: Some(take(ebpf, names::HOT_BLOCKS_V6)?),
             sizes,
         })
     }
@@ -1088,6 +1247,9 @@ impl Maps {
                 BlockHints::map(aya::maps::IterableMap::map(&array).fd())?
             },
             block_hint_log: None,
+            next_serial: 1,
+            hot_v4: None,
+            hot_v6: None,
             sizes,
         })
     }
