@@ -1412,7 +1412,10 @@ fn bpftool_prints_addresses_as_bytes_and_reasons_by_name() {
     assert_eq!(block["value"]["reason"], "Harvest", "{block}");
     assert_eq!(block["value"]["drops"], 1, "{block}");
     assert_eq!(block["value"]["expires_mono_ns"], 0, "{block}");
+    // Host entries count their insertions from 1 (the README's dump).
+    assert_eq!(block["value"]["serial"], 1, "{block}");
     let block = one("BLOCK_V6");
+    assert_eq!(block["value"]["serial"], 2, "{block}");
     assert_eq!(
         block["key"],
         json("[32, 1, 13, 184, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 102]"),
@@ -1423,6 +1426,7 @@ fn bpftool_prints_addresses_as_bytes_and_reasons_by_name() {
     assert_eq!(net4["key"]["prefix_len"], 24, "{net4}");
     assert_eq!(net4["key"]["data"], json("[198, 51, 100, 0]"), "{net4}");
     assert_eq!(net4["value"]["reason"], "RejectList", "{net4}");
+    assert_eq!(net4["value"]["serial"], 0, "{net4}");
     let net6 = one("BLOCK_NET_V6");
     assert_eq!(net6["key"]["prefix_len"], 48, "{net6}");
     assert_eq!(net6["value"]["reason"], "Flood", "{net6}");
