@@ -70,6 +70,16 @@ pub mod map_names {
     /// As [`HOT_BLOCKS_V4`], of `BLOCK_V6` ([`crate::HotBlockV6`]).
     pub const HOT_BLOCKS_V6: &str = "HOT_BLOCKS_V6";
 
+    /// Array of `u64`, memory-mappable: the generations of what the
+    /// programs' per-CPU caches copy ([`crate::generation`]). The program's
+    /// own, not pinned.
+    pub const GENERATIONS: &str = "GENERATIONS";
+    /// Per-CPU: each CPU's IPv4 sources found at their connection cap
+    /// (see [`crate::generation::CONNECTIONS`]). The program's own.
+    pub const HOT_CAPS_V4: &str = "HOT_CAPS_V4";
+    /// As [`HOT_CAPS_V4`], IPv6 prefixes.
+    pub const HOT_CAPS_V6: &str = "HOT_CAPS_V6";
+
     /// Every map the agent pins, in a stable order.
     pub const ALL: [&str; 18] = [
         CONFIG,
@@ -196,13 +206,8 @@ pub mod host_hint {
     /// `u64` words per family.
     pub const WORDS: u32 = 1 << (BITS_LOG2 - 6);
 
-    /// Entry of `BLOCK_HINTS` after both bitmaps: the generation of the
-    /// host tables, which the agent increments after every change that can
-    /// end or shorten a block (a removal, a new expiry), so that the CPUs'
-    /// caches of hot blocked sources ([`crate::hot`]) drop what they hold.
-    pub const GENERATION: u32 = 2 * WORDS;
-    /// Entries of `BLOCK_HINTS`: IPv4's bitmap, IPv6's, the generation.
-    pub const ENTRIES: u32 = 2 * WORDS + 1;
+    /// Entries of `BLOCK_HINTS`: IPv4's bitmap, then IPv6's.
+    pub const ENTRIES: u32 = 2 * WORDS;
     /// The bitmaps of the two families.
     pub const FAMILY_V4: u32 = 0;
     pub const FAMILY_V6: u32 = 1;
@@ -269,6 +274,24 @@ pub mod host_hint {
     }
 }
 
+/// The generations of what the programs' per-CPU caches copy
+/// ([`map_names::GENERATIONS`], memory-mapped by the agent). Whoever
+/// changes the copied state in a way that can end what a copy says
+/// increments its generation after the change; a copy holds only under the
+/// generation it was made under (read before the state it copies). 0 (a
+/// map the agent has not set up) turns the caches off.
+pub mod generation {
+    /// The host block tables: the agent increments it after a removal, a
+    /// sweep that removed entries, or a new expiry ([`crate::hot`]).
+    pub const BLOCKS: u32 = 0;
+    /// Whether a source is at its connection cap: the sock_ops program
+    /// increments it after every close it counts, the agent after a change
+    /// of the caps, of the limits or of a count.
+    pub const CONNECTIONS: u32 = 1;
+    /// Entries of `GENERATIONS`.
+    pub const COUNT: u32 = 2;
+}
+
 /// Each CPU's cache of the blocked sources it drops most (`HOT_BLOCKS_V4`,
 /// `HOT_BLOCKS_V6`, per-CPU arrays of the program, not pinned). A flood
 /// from a blocked source is most of what the kernel drops, and the hash
@@ -276,7 +299,7 @@ pub mod host_hint {
 /// [`hot::AFTER_DROPS`] packets, the CPU that looks it up keeps a copy in
 /// the slot of its hash, and drops that source's next packets from the
 /// copy. A copy holds while the host tables' generation
-/// ([`host_hint::GENERATION`]) is the one it was made under. Its drops are
+/// ([`generation::BLOCKS`]) is the one it was made under. Its drops are
 /// counted in the copy and added to the entry (if it is still the same
 /// insertion, [`Block::serial`]) every [`hot::FLUSH_EVERY`] drops and when
 /// the slot is taken by another source; the agent adds the copies' counts

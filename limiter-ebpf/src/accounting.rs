@@ -28,11 +28,13 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use limiter_common::{
-    ipv4_mapped, ipv4_unmapped, ipv6_masked, is_ipv4_mapped, words_to_octets, ConnCount,
-    Ipv4Octets, Ipv6Octets, Stats, TrackedSocket,
+    generation, ipv4_mapped, ipv4_unmapped, ipv6_masked, is_ipv4_mapped, words_to_octets,
+    ConnCount, Ipv4Octets, Ipv6Octets, Stats, TrackedSocket,
 };
 
-use crate::datapath::{atomic_add, CONFIG, CONN_COUNT_V4, CONN_COUNT_V6, CONN_SOCKS, STATS};
+use crate::datapath::{
+    atomic_add, CONFIG, CONN_COUNT_V4, CONN_COUNT_V6, CONN_SOCKS, GENERATIONS, STATS,
+};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -117,6 +119,11 @@ fn count_closed(ctx: &SockOpsContext) {
         if left == Some(0) || (left.is_none() && unsafe { connections.read_volatile() } == 0) {
             key.remove();
         }
+    }
+    // After the change: the CPUs' copies of "at its cap" are stale.
+    if let Some(generation) = GENERATIONS.get_ptr_mut(generation::CONNECTIONS) {
+        // SAFETY: a pointer into the array; other CPUs add to it too.
+        unsafe { atomic_add(generation, 1u64) };
     }
     count(|s| &raw mut s.conn_closed);
 }

@@ -9,9 +9,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use limiter_common::{
-    hint, host_hint, hot, ipv4_mapped, ipv6_masked, is_ipv4_mapped, words_to_octets, Allow, Block,
-    Cap, Config, ConnCount, DropEvent, DropReason, EventBudget, HotBlockV4, HotBlockV6, Ipv4Octets,
-    Ipv6Octets, Stats, TrackedSocket,
+    generation, hint, host_hint, hot, ipv4_mapped, ipv6_masked, is_ipv4_mapped, words_to_octets,
+    Allow, Block, Cap, Config, ConnCount, DropEvent, DropReason, EventBudget, HotBlockV4,
+    HotBlockV6, Ipv4Octets, Ipv6Octets, Stats, TrackedSocket,
 };
 
 /// Blocks are written only by the agent: allocated as they come, so that
@@ -60,6 +60,12 @@ static NET_HINTS: Array<u64, { (hint::COUNT * hint::WORDS) as usize }> = Array::
 static NET_HINTS_FINE: Array<u64, { (hint::FINE_COUNT * hint::WORDS) as usize }> = Array::new();
 #[btf_map]
 static BLOCK_HINTS: Array<u64, { host_hint::ENTRIES as usize }, MAPPABLE> = Array::new();
+#[btf_map]
+pub(crate) static GENERATIONS: Array<u64, { generation::COUNT as usize }, MAPPABLE> = Array::new();
+#[btf_map]
+static HOT_CAPS_V4: PerCpuArray<HotCap<u32>, { hot::SLOTS as usize }> = PerCpuArray::new();
+#[btf_map]
+static HOT_CAPS_V6: PerCpuArray<HotCap<[u32; 4]>, { hot::SLOTS as usize }> = PerCpuArray::new();
 #[btf_map]
 static HOT_BLOCKS_V4: PerCpuArray<HotBlockV4, { hot::SLOTS as usize }> = PerCpuArray::new();
 #[btf_map]
@@ -334,6 +340,12 @@ trait Family {
     fn cap(&self) -> Option<*mut Cap>;
     /// Its connection count (IPv6: of its prefix), if it holds any.
     fn connections(&self, config: &Config) -> Option<u32>;
+    /// Its address, as the caches key it, and the address's hash.
+    type Addr: Copy + PartialEq + 'static;
+    fn addr(&self) -> Self::Addr;
+    fn addr_hash(&self) -> u64;
+    /// This CPU's sources of this family found at their cap.
+    fn cap_cache() -> &'static PerCpuArray<HotCap<Self::Addr>, { hot::SLOTS as usize }>;
     /// The address for a drop event (IPv4 as IPv4-mapped).
     fn event_source(&self) -> Ipv6Octets;
 }
@@ -383,7 +395,7 @@ impl Family for V4 {
 
     #[inline(always)]
     fn block(&self) -> Option<Hit> {
-        let hash = host_hint::hash_v4(self.addr);
+        let hash = self.addr_hash();
         host_block(
             &BLOCK_V4,
             &HOT_BLOCKS_V4,
@@ -413,6 +425,20 @@ impl Family for V4 {
     #[inline(always)]
     fn event_source(&self) -> Ipv6Octets {
         ipv4_mapped(self.addr.to_ne_bytes())
+    }
+
+    type Addr = u32;
+    #[inline(always)]
+    fn addr(&self) -> u32 {
+        self.addr
+    }
+    #[inline(always)]
+    fn addr_hash(&self) -> u64 {
+        host_hint::hash_v4(self.addr)
+    }
+    #[inline(always)]
+    fn cap_cache() -> &'static PerCpuArray<HotCap<u32>, { hot::SLOTS as usize }> {
+        &HOT_CAPS_V4
     }
 }
 
@@ -459,7 +485,7 @@ impl Family for V6 {
 
     #[inline(always)]
     fn block(&self) -> Option<Hit> {
-        let hash = host_hint::hash_v6(self.addr);
+        let hash = self.addr_hash();
         host_block(
             &BLOCK_V6,
             &HOT_BLOCKS_V6,
@@ -490,6 +516,20 @@ impl Family for V6 {
     #[inline(always)]
     fn event_source(&self) -> Ipv6Octets {
         words_to_octets(self.addr)
+    }
+
+    type Addr = [u32; 4];
+    #[inline(always)]
+    fn addr(&self) -> [u32; 4] {
+        self.addr
+    }
+    #[inline(always)]
+    fn addr_hash(&self) -> u64 {
+        host_hint::hash_v6(self.addr)
+    }
+    #[inline(always)]
+    fn cap_cache() -> &'static PerCpuArray<HotCap<[u32; 4]>, { hot::SLOTS as usize }> {
+        &HOT_CAPS_V6
     }
 }
 
@@ -644,7 +684,7 @@ fn host_block<M, S: HotSlot, const N: usize>(
     // carries a generation from before it, so that a removal followed by
     // the agent's increment never leaves a copy that looks current.
     // Generation 0 (a map the agent has not set up yet) turns the cache off.
-    let generation = BLOCK_HINTS.get(host_hint::GENERATION).copied().unwrap_or(0);
+    let generation = current(generation::BLOCKS);
     let slot = cache.get_ptr_mut(hot::slot(hash));
     if let Some(slot) = slot {
         // SAFETY: per-CPU slot; packet programs on one CPU do not nest.
@@ -773,9 +813,37 @@ pub(crate) fn lookup_mut<M, K, V>(map: &M, key: &K) -> Option<*mut V> {
     (!value.is_null()).then_some(value.cast())
 }
 
+/// Generation `which` of [`generation`] now; 0 (caches off) if unreadable.
+#[inline(always)]
+fn current(which: u32) -> u64 {
+    GENERATIONS.get(which).copied().unwrap_or(0)
+}
+
+/// A source a CPU found at its connection cap, under the connections'
+/// generation then ([`generation::CONNECTIONS`]): until a connection
+/// closes anywhere or the agent changes a cap, a limit or a count, it still
+/// is, and its SYNs are dropped without looking its count up.
+#[repr(C)]
+pub struct HotCap<A> {
+    addr: A,
+    generation: u64,
+}
+
 /// Whether `source` already holds as many connections as its cap allows.
 #[inline(always)]
 fn at_cap<F: Family>(config: &Config, source: &F, top16: u16) -> bool {
+    // Read before the count: a copy made from it then carries a generation
+    // from before it (see `generation`).
+    let generation = current(generation::CONNECTIONS);
+    let addr = source.addr();
+    let slot = F::cap_cache().get_ptr_mut(hot::slot(source.addr_hash()));
+    if let Some(slot) = slot {
+        // SAFETY: per-CPU slot; packet programs on one CPU do not nest.
+        let slot = unsafe { &*slot };
+        if generation != 0 && slot.generation == generation && slot.addr == addr {
+            return true;
+        }
+    }
     // Most sources hold no connection: one hash miss and done.
     let Some(connections) = source.connections(config) else {
         return false;
@@ -788,7 +856,12 @@ fn at_cap<F: Family>(config: &Config, source: &F, top16: u16) -> bool {
         Some(cap) => unsafe { (*cap).max_connections },
         None => config.max_connections,
     };
-    cap != 0 && connections >= cap
+    let at = cap != 0 && connections >= cap;
+    if let Some(slot) = slot.filter(|_| at && generation != 0) {
+        // SAFETY: as above.
+        unsafe { *slot = HotCap { addr, generation } };
+    }
+    at
 }
 
 /// Sends a drop event (marked `observed` in observe mode), at most

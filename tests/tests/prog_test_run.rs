@@ -757,9 +757,7 @@ fn network_prefilters_follow_adds_and_removals() {
 fn block_hint_bits(pins: &PinDir) -> u32 {
     let data = aya::maps::MapData::from_pin(pins.path().join("BLOCK_HINTS")).unwrap();
     let array = aya::maps::Array::<_, u64>::try_from(aya::maps::Map::Array(data)).unwrap();
-    (0..limiter_common::host_hint::GENERATION)
-        .map(|i| array.get(&i, 0).unwrap().count_ones())
-        .sum()
+    array.iter().map(|w| w.unwrap().count_ones()).sum()
 }
 
 /// The host tables' prefilter (`BLOCK_HINTS`) skips the hash lookup for a
@@ -927,6 +925,89 @@ fn hot_blocked_sources_are_dropped_from_a_cache_that_never_outlives_the_block() 
     assert_eq!(host_drops(&view), before);
     assert_eq!(before[&b], 600);
     assert_eq!(before[&a], 1100, "1000 before the expiry, then 100");
+}
+
+/// A source found at its cap is dropped from each CPU's cached copy of that
+/// finding. The copy must end as soon as the source may open a connection
+/// again: one of its connections closes (the sock_ops program), or the
+/// agent changes its count, its network's cap or the limits.
+#[test]
+fn a_source_at_its_cap_is_dropped_from_a_cache_that_ends_when_it_may_connect_again() {
+    if !prerequisites(
+        "a_source_at_its_cap_is_dropped_from_a_cache_that_ends_when_it_may_connect_again",
+    ) {
+        return;
+    }
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let k = TestKernel::load(KernelLimits {
+        ports: vec![port],
+        ..limits(2)
+    });
+    let d = &k.datapath;
+    let syn = |source: &str| {
+        let frame = Frame::syn(ip(source), port).build();
+        d.test_run_xdp(&frame, 1000).unwrap().0
+    };
+    // Two real connections put 127.0.0.1 at its cap of 2.
+    let first = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (first_server, _) = listener.accept().unwrap();
+    let _second = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (_second_server, _) = listener.accept().unwrap();
+    eventually("two connections counted", || {
+        d.connections(ip("127.0.0.1")).unwrap() == 2
+    });
+    assert_eq!(syn("127.0.0.1"), XDP_DROP);
+    drop((first, first_server));
+    eventually("the close counted", || {
+        d.connections(ip("127.0.0.1")).unwrap() == 1
+    });
+    assert_eq!(
+        syn("127.0.0.1"),
+        XDP_PASS,
+        "closed, still dropped from the cache"
+    );
+
+    // The agent's changes, on a source whose count it sets.
+    set_connections(&k, ip("192.0.2.9"), 2);
+    assert_eq!(syn("192.0.2.9"), XDP_DROP);
+    set_connections(&k, ip("192.0.2.9"), 1);
+    assert_eq!(
+        syn("192.0.2.9"),
+        XDP_PASS,
+        "count lowered, still dropped from the cache"
+    );
+    set_connections(&k, ip("192.0.2.9"), 2);
+    assert_eq!(syn("192.0.2.9"), XDP_DROP);
+    d.set_cap(net("192.0.2.0/24"), 5).unwrap();
+    assert_eq!(
+        syn("192.0.2.9"),
+        XDP_PASS,
+        "cap raised, still dropped from the cache"
+    );
+    assert!(d.remove_cap(net("192.0.2.0/24")).unwrap());
+    assert_eq!(syn("192.0.2.9"), XDP_DROP);
+    d.set_limits(&KernelLimits {
+        ports: vec![port],
+        ..limits(3)
+    })
+    .unwrap();
+    assert_eq!(
+        syn("192.0.2.9"),
+        XDP_PASS,
+        "limit raised, still dropped from the cache"
+    );
+    // IPv6: the count is the /64's, the copy the address's.
+    set_connections(&k, ip("2001:db8:1:2::9"), 3);
+    assert_eq!(syn("2001:db8:1:2::9"), XDP_DROP);
+    assert_eq!(syn("2001:db8:1:2::77"), XDP_DROP, "the same /64");
+    set_connections(&k, ip("2001:db8:1:2::9"), 2);
+    assert_eq!(
+        syn("2001:db8:1:2::77"),
+        XDP_PASS,
+        "count lowered, still dropped from the cache"
+    );
 }
 
 /// Networks of many lengths in one /16 (IPv4 198.51/16, IPv6 2001:db8::/32):

@@ -26,9 +26,9 @@ use aya::{
 };
 use ipnet::IpNet;
 use limiter_common::{
-    hint, host_hint, hot, map_names as names, program_names, words_to_octets, Allow, Block, Cap,
-    Config, ConnCount, DropReason, HotBlockV4, HotBlockV6, Ipv4Octets, Ipv6Octets, Mode, Reason,
-    Stats, TrackedSocket, MAX_PORTS,
+    generation, hint, host_hint, hot, map_names as names, program_names, words_to_octets, Allow,
+    Block, Cap, Config, ConnCount, DropReason, HotBlockV4, HotBlockV6, Ipv4Octets, Ipv6Octets,
+    Mode, Reason, Stats, TrackedSocket, MAX_PORTS,
 };
 use tokio::io::{unix::AsyncFd, Interest};
 
@@ -39,9 +39,9 @@ use super::{
         canonical, host_ip, host_key, ip_of_mapped, is_host, net_key, net_of_v4, net_of_v6,
         HostKey, NetKey,
     },
-    block_hints::{Bitmaps, BlockHints},
     clock::{mono_ns_to_system, system_to_mono_ns},
     hints::{self, Layer},
+    mapped::{Bitmaps, BlockHints, Generations},
     BlockHit, Datapath, DropEvent, KernelBlock, KernelCounters, KernelError, KernelLimits,
 };
 
@@ -104,6 +104,8 @@ struct Maps {
     coverage: [hints::Coverage; hint::COUNT as usize],
     /// Prefilter of the host tables, mapped into memory.
     block_hints: BlockHints,
+    /// Generations of what the CPUs' caches copy (the loaded program's).
+    generations: Generations,
     /// While a rebuild of `block_hints` scans the host tables: the bits of
     /// the addresses blocked since the scan began, which it must keep.
     block_hint_log: Option<Vec<(u32, u64)>>,
@@ -255,7 +257,8 @@ impl BpfDatapath {
         let newest = newest.chain(v6.iter().map(|(_, b)| b.serial)).max();
         maps.next_serial = newest.unwrap_or(0).wrapping_add(1).max(1);
         // Also leaves generation 0, which keeps the CPUs' caches off.
-        maps.block_hints.next_generation();
+        maps.generations.next(generation::BLOCKS);
+        maps.generations.next(generation::CONNECTIONS);
         Ok(())
     }
 
@@ -460,7 +463,7 @@ impl BpfDatapath {
         let mut maps = lock(&self.maps);
         let max = maps.sizes.conn_count;
         let value = ConnCount { connections: count };
-        match maps.count_key(source)? {
+        let written = match maps.count_key(source)? {
             HostKey::V4(key) => maps
                 .conn_count_v4
                 .insert(key, value, 0)
@@ -469,15 +472,21 @@ impl BpfDatapath {
                 .conn_count_v6
                 .insert(key, value, 0)
                 .map_err(|e| insert_error(names::CONN_COUNT_V6, max, "conn_count", e)),
-        }
+        };
+        maps.generations.next(generation::CONNECTIONS);
+        written
     }
 
     fn write_config(&self, limits: &KernelLimits, netns_cookie: u64) -> Result<(), KernelError> {
         let config = config_of(limits, netns_cookie)?;
-        lock(&self.maps)
+        let mut maps = lock(&self.maps);
+        let written = maps
             .config
             .set(0, config, 0)
-            .map_err(|e| map_error(names::CONFIG, e))
+            .map_err(|e| map_error(names::CONFIG, e));
+        // The cap, the IPv6 prefix or the mode may have changed.
+        maps.generations.next(generation::CONNECTIONS);
+        written
     }
 
     /// What `describe` adds for the mode in `CONFIG`: nothing when the
@@ -601,7 +610,7 @@ impl Datapath for BpfDatapath {
                 HostKey::V6(key) => absent_is_false(maps.block_v6.remove(&key), names::BLOCK_V6),
             };
             // After the removal: the CPUs' copies of it are stale.
-            maps.block_hints.next_generation();
+            maps.generations.next(generation::BLOCKS);
             return removed;
         }
         let removed = match net_key(net) {
@@ -749,7 +758,7 @@ impl Datapath for BpfDatapath {
         // The removed addresses' bits go; a bit another address shares stays.
         maps.rebuild_block_hints(&entries_v4, &entries_v6, |b| !expired(b));
         if swept > 0 {
-            maps.block_hints.next_generation();
+            maps.generations.next(generation::BLOCKS);
         }
         Ok(swept)
     }
@@ -793,11 +802,13 @@ impl Datapath for BpfDatapath {
         let max = maps.sizes.cap_net;
         maps.add_hint(Trie::CapNet, net)?;
         let value = Cap { max_connections };
-        match net_key(net) {
+        let written = match net_key(net) {
             NetKey::V4(key) => maps.cap_net_v4.insert(&key, value, 0),
             NetKey::V6(key) => maps.cap_net_v6.insert(&key, value, 0),
         }
-        .map_err(|e| insert_error(Trie::CapNet.map(net), max, "cap_net", e))
+        .map_err(|e| insert_error(Trie::CapNet.map(net), max, "cap_net", e));
+        maps.generations.next(generation::CONNECTIONS);
+        written
     }
 
     fn remove_cap(&self, net: IpNet) -> Result<bool, KernelError> {
@@ -806,6 +817,7 @@ impl Datapath for BpfDatapath {
             NetKey::V4(key) => maps.cap_net_v4.remove(&key),
             NetKey::V6(key) => maps.cap_net_v6.remove(&key),
         };
+        maps.generations.next(generation::CONNECTIONS);
         maps.remove_hint(Trie::CapNet, net)?;
         absent_is_false(removed, Trie::CapNet.map(net))
     }
@@ -1007,7 +1019,7 @@ impl Maps {
     /// expiry, the CPUs' copies of it are stale.
     fn extended(&self, old: Option<Block>, new: &Block) {
         if old.is_some_and(|old| old.expires_mono_ns != new.expires_mono_ns) {
-            self.block_hints.next_generation();
+            self.generations.next(generation::BLOCKS);
         }
     }
 
@@ -1192,6 +1204,10 @@ impl Maps {
                 BlockHints::map(aya::maps::IterableMap::map(&array).fd())?
             },
             block_hint_log: None,
+            generations: {
+                let array: Array<MapData, u64> = take(ebpf, names::GENERATIONS)?;
+                Generations::map(aya::maps::IterableMap::map(&array).fd())?
+            },
             next_serial: 1,
             hot_v4: Some(take(ebpf, names::HOT_BLOCKS_V4)?),
             hot_v6: Some(take(ebpf, names::HOT_BLOCKS_V6)?),
@@ -1247,6 +1263,7 @@ impl Maps {
                 BlockHints::map(aya::maps::IterableMap::map(&array).fd())?
             },
             block_hint_log: None,
+            generations: Generations::none(),
             next_serial: 1,
             hot_v4: None,
             hot_v6: None,

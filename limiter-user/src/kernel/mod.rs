@@ -9,10 +9,10 @@
 //! pretending.
 
 mod addr;
-mod block_hints;
 mod bpf;
 mod clock;
 mod hints;
+mod mapped;
 
 use std::{net::IpAddr, path::PathBuf, time::SystemTime};
 
