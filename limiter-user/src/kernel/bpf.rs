@@ -355,36 +355,19 @@ impl BpfDatapath {
     /// entries (the pinned maps outlive the copies). With the programs
     /// detached, nothing counts meanwhile.
     fn flush_hot_drops(&self) {
+        fn add<K: aya::Pod>(table: &mut HashMap<MapData, K, Block>, hot: HotDrops<K>) {
+            for ((key, serial), drops) in hot {
+                let entry = table.get(&key, 0).ok().filter(|b| b.serial == serial);
+                if let Some(block) = entry {
+                    let drops = block.drops + drops;
+                    let _ = table.insert(key, Block { drops, ..block }, BPF_EXIST);
+                }
+            }
+        }
         let mut maps = lock(&self.maps);
         let (hot_v4, hot_v6) = maps.hot_drops();
-        for ((key, serial), drops) in hot_v4 {
-            if let Some(block) = maps
-                .block_v4
-                .get(&key, 0)
-                .ok()
-                .filter(|b| b.serial == serial)
-            {
-                let block = Block {
-                    drops: block.drops + drops,
-                    ..block
-                };
-                let _ = maps.block_v4.insert(key, block, BPF_EXIST);
-            }
-        }
-        for ((key, serial), drops) in hot_v6 {
-            if let Some(block) = maps
-                .block_v6
-                .get(&key, 0)
-                .ok()
-                .filter(|b| b.serial == serial)
-            {
-                let block = Block {
-                    drops: block.drops + drops,
-                    ..block
-                };
-                let _ = maps.block_v6.insert(key, block, BPF_EXIST);
-            }
-        }
+        add(&mut maps.block_v4, hot_v4);
+        add(&mut maps.block_v6, hot_v6);
     }
 
     /// The drop-event stream; there is one, the first caller gets it. Must
