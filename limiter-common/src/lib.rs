@@ -69,6 +69,11 @@ pub mod map_names {
     pub const HOT_BLOCKS_V4: &str = "HOT_BLOCKS_V4";
     /// As [`HOT_BLOCKS_V4`], of `BLOCK_V6` ([`crate::HotBlockV6`]).
     pub const HOT_BLOCKS_V6: &str = "HOT_BLOCKS_V6";
+    /// As [`HOT_BLOCKS_V4`], of `BLOCK_NET_V4`: a copy per source found in
+    /// a blocked network, holding that network's entry.
+    pub const HOT_NETS_V4: &str = "HOT_NETS_V4";
+    /// As [`HOT_NETS_V4`], of `BLOCK_NET_V6`.
+    pub const HOT_NETS_V6: &str = "HOT_NETS_V6";
 
     /// Array of `u64`, memory-mappable: the generations of what the
     /// programs' per-CPU caches copy ([`crate::generation`]). The program's
@@ -281,8 +286,10 @@ pub mod host_hint {
 /// generation it was made under (read before the state it copies). 0 (a
 /// map the agent has not set up) turns the caches off.
 pub mod generation {
-    /// The host block tables: the agent increments it after a removal, a
-    /// sweep that removed entries, or a new expiry ([`crate::hot`]).
+    /// The block tables: the agent increments it after a removal, a sweep
+    /// that removed entries, a new expiry of a host entry, or any write to
+    /// a network trie (a copy holds the most specific network it found)
+    /// ([`crate::hot`]).
     pub const BLOCKS: u32 = 0;
     /// Whether a source is at its connection cap: the sock_ops program
     /// increments it after every close it counts, the agent after a change
@@ -293,17 +300,20 @@ pub mod generation {
 }
 
 /// Each CPU's cache of the blocked sources it drops most (`HOT_BLOCKS_V4`,
-/// `HOT_BLOCKS_V6`, per-CPU arrays of the program, not pinned). A flood
-/// from a blocked source is most of what the kernel drops, and the hash
-/// lookup is most of what a drop costs; once an entry has dropped
-/// [`hot::AFTER_DROPS`] packets, the CPU that looks it up keeps a copy in
-/// the slot of its hash, and drops that source's next packets from the
-/// copy. A copy holds while the host tables' generation
-/// ([`generation::BLOCKS`]) is the one it was made under. Its drops are
-/// counted in the copy and added to the entry (if it is still the same
-/// insertion, [`Block::serial`]) every [`hot::FLUSH_EVERY`] drops and when
-/// the slot is taken by another source; the agent adds the copies' counts
-/// when it reads the entries, and flushes them when it stops.
+/// `HOT_BLOCKS_V6` for the host tables, `HOT_NETS_V4`, `HOT_NETS_V6` for
+/// sources inside blocked networks; per-CPU arrays of the program, not
+/// pinned). A flood from a blocked source is most of what the kernel
+/// drops, and the lookup (a hash, or a trie that grows with its networks)
+/// is most of what a drop costs; once an entry has dropped
+/// [`hot::AFTER_DROPS`] packets, the CPU that looks it up for a source
+/// keeps a copy in the slot of the source's hash, and drops that source's
+/// next packets from the copy. A copy holds while the block tables'
+/// generation ([`generation::BLOCKS`]) is the one it was made under. Its
+/// drops are counted in the copy and added to the entry (if it is still
+/// the same insertion, [`Block::serial`]) every [`hot::FLUSH_EVERY`] drops
+/// and when the slot is taken by another source; the agent adds the
+/// copies' counts when it reads the entries, and flushes them when it
+/// stops.
 pub mod hot {
     /// Slots per CPU and family (direct-mapped by the prefilter hash).
     pub const SLOTS: u32 = 1024;
@@ -674,10 +684,10 @@ pub struct Block {
     pub drops: u64,
     /// Why: a [`Reason`].
     pub reason: ReasonCode,
-    /// Host tables: which insertion of its address this entry is (an
-    /// extension keeps it), so that the drops the CPUs counted in cached
-    /// copies of an earlier entry of the same address never count as this
-    /// one's ([`hot`]). Never 0 there; 0 in the network tries.
+    /// Which insertion this entry is (the agent counts them from 1 across
+    /// all four block tables; an extension keeps it), so that the drops the
+    /// CPUs counted in cached copies of an earlier entry never count as
+    /// this one's ([`hot`]). 0: an entry written by an older version.
     pub serial: u32,
 }
 

@@ -70,6 +70,10 @@ static HOT_CAPS_V6: PerCpuArray<HotCap<[u32; 4]>, { hot::SLOTS as usize }> = Per
 static HOT_BLOCKS_V4: PerCpuArray<HotBlockV4, { hot::SLOTS as usize }> = PerCpuArray::new();
 #[btf_map]
 static HOT_BLOCKS_V6: PerCpuArray<HotBlockV6, { hot::SLOTS as usize }> = PerCpuArray::new();
+#[btf_map]
+static HOT_NETS_V4: PerCpuArray<HotBlockV4, { hot::SLOTS as usize }> = PerCpuArray::new();
+#[btf_map]
+static HOT_NETS_V6: PerCpuArray<HotBlockV6, { hot::SLOTS as usize }> = PerCpuArray::new();
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 /// How much of an skb the TC program pulls into its linear area when the
@@ -251,7 +255,7 @@ fn decide<F: Family>(config: &Config, stats: &mut Stats, source: &F, tcp: &Tcp) 
         }
     }
     let net_block = if may_hold(F::BLOCK_NET_HINT, source, top16) {
-        source.block_net().map(Hit::of)
+        source.block_net()
     } else {
         None
     };
@@ -301,7 +305,7 @@ fn judge_source_only<F: Family>(
         }
     }
     if hit.is_none() && may_hold(F::BLOCK_NET_HINT, source, top16) {
-        if let Some(block) = source.block_net().map(Hit::of) {
+        if let Some(block) = source.block_net() {
             if block_holds(block, stats) {
                 hit = Some((block, DropReason::BlockNet));
             }
@@ -334,8 +338,9 @@ trait Family {
     fn allowed(&self) -> bool;
     /// Its `BLOCK_*` entry ([`host_block`]).
     fn block(&self) -> Option<Hit>;
-    /// The most specific `BLOCK_NET_*` entry holding it.
-    fn block_net(&self) -> Option<*mut Block>;
+    /// The most specific `BLOCK_NET_*` entry holding it (through this
+    /// CPU's copies, [`cached_block`]; the caller checks the prefilter).
+    fn block_net(&self) -> Option<Hit>;
     /// The most specific `CAP_NET_*` entry holding it.
     fn cap(&self) -> Option<*mut Cap>;
     /// Its connection count (IPv6: of its prefix), if it holds any.
@@ -406,8 +411,10 @@ impl Family for V4 {
     }
 
     #[inline(always)]
-    fn block_net(&self) -> Option<*mut Block> {
-        lookup_mut(&BLOCK_NET_V4, self)
+    fn block_net(&self) -> Option<Hit> {
+        cached_block(&HOT_NETS_V4, self.addr_hash(), &self.addr, |addr| {
+            lookup_mut(&BLOCK_NET_V4, &V4::new(*addr))
+        })
     }
 
     #[inline(always)]
@@ -496,8 +503,10 @@ impl Family for V6 {
     }
 
     #[inline(always)]
-    fn block_net(&self) -> Option<*mut Block> {
-        lookup_mut(&BLOCK_NET_V6, self)
+    fn block_net(&self) -> Option<Hit> {
+        cached_block(&HOT_NETS_V6, self.addr_hash(), &self.addr, |addr| {
+            lookup_mut(&BLOCK_NET_V6, &V6::new(*addr))
+        })
     }
 
     #[inline(always)]
@@ -664,11 +673,7 @@ hot_slot!(HotBlockV4, u32);
 hot_slot!(HotBlockV6, [u32; 4]);
 
 /// The host table entry of `addr` (prefilter `hash` in bitmap `family`):
-/// none if its `BLOCK_HINTS` bit is clear; this CPU's copy if it holds one
-/// made under the current generation; else the table's, which this CPU
-/// then copies if the entry has dropped [`hot::AFTER_DROPS`] packets (the
-/// slot's previous copy gives its drops to its own entry first).
-/// A copy hands its drops to its entry every [`hot::FLUSH_EVERY`].
+/// none if its `BLOCK_HINTS` bit is clear, else [`cached_block`].
 #[inline(always)]
 fn host_block<M, S: HotSlot, const N: usize>(
     table: &M,
@@ -680,8 +685,24 @@ fn host_block<M, S: HotSlot, const N: usize>(
     if !host_bit_set(host_hint::bit(family, hash)) {
         return None;
     }
+    cached_block(cache, hash, addr, |addr| lookup_mut(table, addr))
+}
+
+/// The block entry that `lookup` finds for source `addr` (whose hash is
+/// `hash`): this CPU's copy in `cache` if it holds one made under the
+/// current generation; else the table's, which this CPU then copies if the
+/// entry has dropped [`hot::AFTER_DROPS`] packets (the slot's previous copy
+/// gives its drops to its own entry first). A copy hands its drops to its
+/// entry every [`hot::FLUSH_EVERY`].
+#[inline(always)]
+fn cached_block<S: HotSlot, const N: usize>(
+    cache: &PerCpuArray<S, N>,
+    hash: u64,
+    addr: &S::Addr,
+    lookup: impl Fn(&S::Addr) -> Option<*mut Block>,
+) -> Option<Hit> {
     // Read before the table: a copy made from what the lookup finds then
-    // carries a generation from before it, so that a removal followed by
+    // carries a generation from before it, so that a change followed by
     // the agent's increment never leaves a copy that looks current.
     // Generation 0 (a map the agent has not set up yet) turns the cache off.
     let generation = current(generation::BLOCKS);
@@ -692,7 +713,7 @@ fn host_block<M, S: HotSlot, const N: usize>(
         if generation != 0 && slot.generation() == generation && slot.addr() == *addr {
             // SAFETY: the slot's own counter, on this CPU.
             if unsafe { *slot.drops() } >= hot::FLUSH_EVERY {
-                give_drops(table, slot);
+                give_drops(slot, &lookup);
             }
             return Some(Hit {
                 expires_mono_ns: slot.expires_mono_ns(),
@@ -700,13 +721,13 @@ fn host_block<M, S: HotSlot, const N: usize>(
             });
         }
     }
-    let block = lookup_mut::<_, _, Block>(table, addr)?;
+    let block = lookup(addr)?;
     let hit = Hit::of(block);
     if let Some(slot) = slot {
         // SAFETY: as above; `block` is a live map value.
         let (slot, drops) = unsafe { (&mut *slot, (*block).drops) };
         if generation != 0 && drops >= hot::AFTER_DROPS {
-            give_drops(table, slot);
+            give_drops(slot, &lookup);
             // SAFETY: `block` is a live map value.
             slot.fill(*addr, unsafe { &*block }, generation);
         }
@@ -714,16 +735,17 @@ fn host_block<M, S: HotSlot, const N: usize>(
     Some(hit)
 }
 
-/// Adds the drops counted in copy `slot` to its entry, if the table still
-/// holds that entry (the same insertion), and zeroes them.
+/// Adds the drops counted in copy `slot` to its entry (what `lookup` finds
+/// for its source), if that is still the entry it copied (the same
+/// insertion), and zeroes them.
 #[inline(always)]
-fn give_drops<M, S: HotSlot>(table: &M, slot: &mut S) {
+fn give_drops<S: HotSlot>(slot: &mut S, lookup: &impl Fn(&S::Addr) -> Option<*mut Block>) {
     // SAFETY: the slot's own counter, on this CPU.
     let pending = unsafe { *slot.drops() };
     if pending == 0 {
         return;
     }
-    if let Some(owner) = lookup_mut::<_, _, Block>(table, &slot.addr()) {
+    if let Some(owner) = lookup(&slot.addr()) {
         // SAFETY: a live map value; its counter is shared by all CPUs.
         unsafe {
             if (*owner).serial == slot.serial() {

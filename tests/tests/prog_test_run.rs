@@ -918,6 +918,35 @@ fn hot_blocked_sources_are_dropped_from_a_cache_that_never_outlives_the_block() 
     // b was not touched: its copy holds through the others' changes.
     assert_eq!(flood(&d, b, 100), XDP_DROP);
 
+    // A blocked network: each source inside gets its own copy of the
+    // network's entry.
+    let inside = [ip("198.51.100.7"), ip("198.51.100.8")];
+    d.block(net("198.51.100.0/24"), None, Reason::RejectList)
+        .unwrap();
+    for source in inside {
+        assert_eq!(flood(&d, source, 500), XDP_DROP);
+    }
+    assert_eq!(host_drops(&d)[&ip("198.51.100.0")], 1000);
+    // A more specific entry inside, already expired, wins as in the trie.
+    d.block(net("198.51.100.0/28"), Some(past), Reason::Manual)
+        .unwrap();
+    assert_eq!(
+        flood(&d, inside[0], 1),
+        XDP_PASS,
+        "the /28 is the entry that counts"
+    );
+    assert!(d.unblock(net("198.51.100.0/28")).unwrap());
+    assert_eq!(flood(&d, inside[0], 100), XDP_DROP);
+    assert!(d.unblock(net("198.51.100.0/24")).unwrap());
+    assert_eq!(
+        flood(&d, inside[0], 1),
+        XDP_PASS,
+        "removed, still dropped from the cache"
+    );
+    d.block(net("198.51.100.0/24"), None, Reason::RejectList)
+        .unwrap();
+    assert_eq!(flood(&d, inside[1], 1000), XDP_DROP);
+
     // Stopping the agent puts the cached drops into the pinned entries.
     let before = host_drops(&d);
     drop(d);
@@ -925,6 +954,11 @@ fn hot_blocked_sources_are_dropped_from_a_cache_that_never_outlives_the_block() 
     assert_eq!(host_drops(&view), before);
     assert_eq!(before[&b], 600);
     assert_eq!(before[&a], 1100, "1000 before the expiry, then 100");
+    assert_eq!(
+        before[&ip("198.51.100.0")],
+        1000,
+        "the network blocked again"
+    );
 }
 
 /// A source found at its cap is dropped from each CPU's cached copy of that
@@ -1493,7 +1527,7 @@ fn bpftool_prints_addresses_as_bytes_and_reasons_by_name() {
     assert_eq!(block["value"]["reason"], "Harvest", "{block}");
     assert_eq!(block["value"]["drops"], 1, "{block}");
     assert_eq!(block["value"]["expires_mono_ns"], 0, "{block}");
-    // Host entries count their insertions from 1 (the README's dump).
+    // Entries count their insertions from 1, in the order blocked.
     assert_eq!(block["value"]["serial"], 1, "{block}");
     let block = one("BLOCK_V6");
     assert_eq!(block["value"]["serial"], 2, "{block}");
@@ -1507,7 +1541,7 @@ fn bpftool_prints_addresses_as_bytes_and_reasons_by_name() {
     assert_eq!(net4["key"]["prefix_len"], 24, "{net4}");
     assert_eq!(net4["key"]["data"], json("[198, 51, 100, 0]"), "{net4}");
     assert_eq!(net4["value"]["reason"], "RejectList", "{net4}");
-    assert_eq!(net4["value"]["serial"], 0, "{net4}");
+    assert_eq!(net4["value"]["serial"], 3, "{net4}");
     let net6 = one("BLOCK_NET_V6");
     assert_eq!(net6["key"]["prefix_len"], 48, "{net6}");
     assert_eq!(net6["value"]["reason"], "Flood", "{net6}");

@@ -113,6 +113,8 @@ struct Maps {
     /// through the pins).
     hot_v4: Option<PerCpuArray<MapData, HotBlockV4>>,
     hot_v6: Option<PerCpuArray<MapData, HotBlockV6>>,
+    hot_nets_v4: Option<PerCpuArray<MapData, HotBlockV4>>,
+    hot_nets_v6: Option<PerCpuArray<MapData, HotBlockV6>>,
     /// The serial of the next new host entry ([`Block::serial`]).
     next_serial: u32,
     sizes: MapSizes,
@@ -130,9 +132,24 @@ impl Drop for BpfDatapath {
 /// `bpf_map_update_elem` flag: only replace an existing entry.
 const BPF_EXIST: u64 = 2;
 
-/// Drops counted in the CPUs' copies of host entries, by address and
-/// entry serial.
-type HotDrops<K> = std::collections::HashMap<(K, u32), u64>;
+/// Drops counted in the CPUs' copies of block entries and not yet in the
+/// entries: of host entries by address and serial, of network entries (a
+/// copy per source inside) by serial.
+struct CachedDrops {
+    v4: std::collections::HashMap<(Ipv4Octets, u32), u64>,
+    v6: std::collections::HashMap<(Ipv6Octets, u32), u64>,
+    nets: std::collections::HashMap<u32, u64>,
+}
+
+impl CachedDrops {
+    /// `block` with the drops counted in copies of it added.
+    fn add_to(drops: Option<&u64>, block: &Block) -> Block {
+        Block {
+            drops: block.drops + drops.copied().unwrap_or(0),
+            ..*block
+        }
+    }
+}
 
 /// The loaded kernel programs and their maps.
 pub struct BpfDatapath {
@@ -253,8 +270,21 @@ impl BpfDatapath {
         let mut maps = lock(&self.maps);
         maps.rebuild_block_hints(&v4, &v6, |_| true);
         // Serials go on from the pinned entries' (an earlier run's).
+        let nets_v4: Vec<u32> = maps
+            .block_net_v4
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, b)| b.serial)
+            .collect();
+        let nets_v6: Vec<u32> = maps
+            .block_net_v6
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, b)| b.serial)
+            .collect();
         let newest = v4.iter().map(|(_, b)| b.serial);
-        let newest = newest.chain(v6.iter().map(|(_, b)| b.serial)).max();
+        let newest = newest.chain(v6.iter().map(|(_, b)| b.serial));
+        let newest = newest.chain(nets_v4).chain(nets_v6).max();
         maps.next_serial = newest.unwrap_or(0).wrapping_add(1).max(1);
         // Also leaves generation 0, which keeps the CPUs' caches off.
         maps.generations.next(generation::BLOCKS);
@@ -355,19 +385,36 @@ impl BpfDatapath {
     /// entries (the pinned maps outlive the copies). With the programs
     /// detached, nothing counts meanwhile.
     fn flush_hot_drops(&self) {
-        fn add<K: aya::Pod>(table: &mut HashMap<MapData, K, Block>, hot: HotDrops<K>) {
-            for ((key, serial), drops) in hot {
+        fn add<K: aya::Pod>(
+            table: &mut HashMap<MapData, K, Block>,
+            cached: std::collections::HashMap<(K, u32), u64>,
+        ) {
+            for ((key, serial), drops) in cached {
                 let entry = table.get(&key, 0).ok().filter(|b| b.serial == serial);
                 if let Some(block) = entry {
-                    let drops = block.drops + drops;
-                    let _ = table.insert(key, Block { drops, ..block }, BPF_EXIST);
+                    let block = CachedDrops::add_to(Some(&drops), &block);
+                    let _ = table.insert(key, block, BPF_EXIST);
+                }
+            }
+        }
+        fn add_nets<K: aya::Pod>(
+            trie: &mut LpmTrie<MapData, K, Block>,
+            cached: &std::collections::HashMap<u32, u64>,
+        ) {
+            let entries: Vec<(Key<K>, Block)> = trie.iter().filter_map(Result::ok).collect();
+            for (key, block) in entries {
+                if let Some(drops) = cached.get(&block.serial).filter(|_| block.serial != 0) {
+                    let block = CachedDrops::add_to(Some(drops), &block);
+                    let _ = trie.insert(&key, block, BPF_EXIST);
                 }
             }
         }
         let mut maps = lock(&self.maps);
-        let (hot_v4, hot_v6) = maps.hot_drops();
-        add(&mut maps.block_v4, hot_v4);
-        add(&mut maps.block_v6, hot_v6);
+        let cached = maps.cached_drops();
+        add(&mut maps.block_v4, cached.v4);
+        add(&mut maps.block_v6, cached.v6);
+        add_nets(&mut maps.block_net_v4, &cached.nets);
+        add_nets(&mut maps.block_net_v6, &cached.nets);
     }
 
     /// The drop-event stream; there is one, the first caller gets it. Must
@@ -546,7 +593,7 @@ impl Datapath for BpfDatapath {
                 HostKey::V4(key) => {
                     maps.add_block_hint(host_hint::of_v4(key));
                     let old = maps.block_v4.get(&key, 0).ok();
-                    let entry = maps.host_entry(old, value);
+                    let entry = maps.entry_over(old, value);
                     maps.block_v4
                         .insert(key, entry, 0)
                         .map_err(|e| insert_error(names::BLOCK_V4, max, "block", e))?;
@@ -556,7 +603,7 @@ impl Datapath for BpfDatapath {
                 HostKey::V6(key) => {
                     maps.add_block_hint(host_hint::of_v6(key));
                     let old = maps.block_v6.get(&key, 0).ok();
-                    let entry = maps.host_entry(old, value);
+                    let entry = maps.entry_over(old, value);
                     maps.block_v6
                         .insert(key, entry, 0)
                         .map_err(|e| insert_error(names::BLOCK_V6, max, "block", e))?;
@@ -569,53 +616,63 @@ impl Datapath for BpfDatapath {
             maps.add_hint(Trie::BlockNet, net)?;
             match net_key(net) {
                 NetKey::V4(key) => {
-                    let drops = maps.block_net_v4.get(&key, 0).map_or(0, |b| b.drops);
+                    let old = maps.block_net_v4.get(&key, 0).ok();
+                    let entry = maps.entry_over(old, value);
                     maps.block_net_v4
-                        .insert(&key, Block { drops, ..value }, 0)
-                        .map_err(|e| insert_error(names::BLOCK_NET_V4, max, "block_net", e))
+                        .insert(&key, entry, 0)
+                        .map_err(|e| insert_error(names::BLOCK_NET_V4, max, "block_net", e))?;
                 }
                 NetKey::V6(key) => {
-                    let drops = maps.block_net_v6.get(&key, 0).map_or(0, |b| b.drops);
+                    let old = maps.block_net_v6.get(&key, 0).ok();
+                    let entry = maps.entry_over(old, value);
                     maps.block_net_v6
-                        .insert(&key, Block { drops, ..value }, 0)
-                        .map_err(|e| insert_error(names::BLOCK_NET_V6, max, "block_net", e))
+                        .insert(&key, entry, 0)
+                        .map_err(|e| insert_error(names::BLOCK_NET_V6, max, "block_net", e))?;
                 }
             }
+            // A copy holds the most specific entry it found: a new one
+            // inside it, or a new expiry, must end it.
+            maps.generations.next(generation::BLOCKS);
+            Ok(())
         }
     }
 
     fn unblock(&self, net: IpNet) -> Result<bool, KernelError> {
         let net = canonical(net);
         let mut maps = lock(&self.maps);
-        if is_host(net) {
-            let removed = match host_key(net.addr()) {
+        let removed = if is_host(net) {
+            match host_key(net.addr()) {
                 HostKey::V4(key) => absent_is_false(maps.block_v4.remove(&key), names::BLOCK_V4),
                 HostKey::V6(key) => absent_is_false(maps.block_v6.remove(&key), names::BLOCK_V6),
-            };
-            // After the removal: the CPUs' copies of it are stale.
-            maps.generations.next(generation::BLOCKS);
-            return removed;
-        }
-        let removed = match net_key(net) {
-            NetKey::V4(key) => absent_is_false(maps.block_net_v4.remove(&key), names::BLOCK_NET_V4),
-            NetKey::V6(key) => absent_is_false(maps.block_net_v6.remove(&key), names::BLOCK_NET_V6),
+            }
+        } else {
+            match net_key(net) {
+                NetKey::V4(key) => {
+                    absent_is_false(maps.block_net_v4.remove(&key), names::BLOCK_NET_V4)
+                }
+                NetKey::V6(key) => {
+                    absent_is_false(maps.block_net_v6.remove(&key), names::BLOCK_NET_V6)
+                }
+            }
         };
-        maps.remove_hint(Trie::BlockNet, net)?;
+        // After the removal: the CPUs' copies of it are stale.
+        maps.generations.next(generation::BLOCKS);
+        if !is_host(net) {
+            maps.remove_hint(Trie::BlockNet, net)?;
+        }
         removed
     }
 
     fn blocks(&self) -> Result<Vec<KernelBlock>, KernelError> {
         // The host maps (up to a million entries, half a second) are read
         // without the lock that every new connection's lookup needs.
-        let (hot_v4, hot_v6) = lock(&self.maps).hot_drops();
-        let with_hot = |block: &Block, hot: Option<&u64>| Block {
-            drops: block.drops + hot.copied().unwrap_or(0),
-            ..*block
-        };
+        let cached = lock(&self.maps).cached_drops();
+        let with_hot = |block: &Block, drops| CachedDrops::add_to(drops, block);
         let (hot_v4, hot_v6) = (
-            |key: &Ipv4Octets, b: &Block| hot_v4.get(&(*key, b.serial)),
-            |key: &Ipv6Octets, b: &Block| hot_v6.get(&(*key, b.serial)),
+            |key: &Ipv4Octets, b: &Block| cached.v4.get(&(*key, b.serial)),
+            |key: &Ipv6Octets, b: &Block| cached.v6.get(&(*key, b.serial)),
         );
+        let hot_net = |b: &Block| cached.nets.get(&b.serial).filter(|_| b.serial != 0);
         let mut blocks: Vec<KernelBlock> = hash_entries_unlocked(&self.maps, |m| &m.block_v4)
             .map_err(|e| map_error(names::BLOCK_V4, e))?
             .iter()
@@ -640,11 +697,17 @@ impl Datapath for BpfDatapath {
         let maps = lock(&self.maps);
         for entry in maps.block_net_v4.iter() {
             let (key, block) = entry.map_err(|e| map_error(names::BLOCK_NET_V4, e))?;
-            blocks.push(kernel_block(net_of_v4(&key), &block));
+            blocks.push(kernel_block(
+                net_of_v4(&key),
+                &with_hot(&block, hot_net(&block)),
+            ));
         }
         for entry in maps.block_net_v6.iter() {
             let (key, block) = entry.map_err(|e| map_error(names::BLOCK_NET_V6, e))?;
-            blocks.push(kernel_block(net_of_v6(&key), &block));
+            blocks.push(kernel_block(
+                net_of_v6(&key),
+                &with_hot(&block, hot_net(&block)),
+            ));
         }
         Ok(blocks)
     }
@@ -981,9 +1044,9 @@ impl Maps {
         Ok(())
     }
 
-    /// The host entry to write for block `value` over `old`: an extension
-    /// keeps the entry's drops and serial, a new entry takes the next serial.
-    fn host_entry(&mut self, old: Option<Block>, value: Block) -> Block {
+    /// The entry to write for block `value` over `old`: an extension keeps
+    /// the entry's drops and serial, a new entry takes the next serial.
+    fn entry_over(&mut self, old: Option<Block>, value: Block) -> Block {
         match old {
             Some(old) => Block {
                 drops: old.drops,
@@ -1006,14 +1069,14 @@ impl Maps {
         }
     }
 
-    /// Drops counted in the CPUs' copies of host entries and not yet in the
-    /// entries, by address.
-    fn hot_drops(&self) -> (HotDrops<Ipv4Octets>, HotDrops<Ipv6Octets>) {
+    /// Drops counted in the CPUs' copies of block entries and not yet in
+    /// the entries.
+    fn cached_drops(&self) -> CachedDrops {
         fn read<S: aya::Pod, K: std::hash::Hash + Eq>(
             cache: Option<&PerCpuArray<MapData, S>>,
-            of: impl Fn(&S) -> ((K, u32), u64),
-        ) -> HotDrops<K> {
-            let mut drops = HotDrops::new();
+            of: impl Fn(&S) -> (K, u64),
+        ) -> std::collections::HashMap<K, u64> {
+            let mut drops = std::collections::HashMap::new();
             let Some(cache) = cache else {
                 return drops;
             };
@@ -1022,22 +1085,34 @@ impl Maps {
                     continue;
                 };
                 for copy in copies.iter() {
-                    let (addr, count) = of(copy);
+                    let (key, count) = of(copy);
                     if count != 0 {
-                        *drops.entry(addr).or_default() += count;
+                        *drops.entry(key).or_default() += count;
                     }
                 }
             }
             drops
         }
-        (
-            read(self.hot_v4.as_ref(), |c: &HotBlockV4| {
+        let mut nets = read(self.hot_nets_v4.as_ref(), |c: &HotBlockV4| {
+            (c.serial, c.drops)
+        });
+        for (serial, count) in read(self.hot_nets_v6.as_ref(), |c: &HotBlockV6| {
+            (c.serial, c.drops)
+        }) {
+            *nets.entry(serial).or_default() += count;
+        }
+        // Entries of an older version all have serial 0: theirs cannot be
+        // told apart (they reach the entry every 256 drops).
+        nets.remove(&0);
+        CachedDrops {
+            v4: read(self.hot_v4.as_ref(), |c: &HotBlockV4| {
                 ((c.addr.to_ne_bytes(), c.serial), c.drops)
             }),
-            read(self.hot_v6.as_ref(), |c: &HotBlockV6| {
+            v6: read(self.hot_v6.as_ref(), |c: &HotBlockV6| {
                 ((words_to_octets(c.addr), c.serial), c.drops)
             }),
-        )
+            nets,
+        }
     }
 
     /// Sets a host's `BLOCK_HINTS` bit, before the host goes into its table.
@@ -1194,6 +1269,8 @@ impl Maps {
             next_serial: 1,
             hot_v4: Some(take(ebpf, names::HOT_BLOCKS_V4)?),
             hot_v6: Some(take(ebpf, names::HOT_BLOCKS_V6)?),
+            hot_nets_v4: Some(take(ebpf, names::HOT_NETS_V4)?),
+            hot_nets_v6: Some(take(ebpf, names::HOT_NETS_V6)?),
             sizes,
         })
     }
@@ -1250,6 +1327,8 @@ impl Maps {
             next_serial: 1,
             hot_v4: None,
             hot_v6: None,
+            hot_nets_v4: None,
+            hot_nets_v6: None,
             sizes,
         })
     }
@@ -1745,9 +1824,22 @@ where
     for<'p> &'p mut P: TryFrom<&'p mut aya::programs::Program, Error = ProgramError>,
     P: LoadProgram,
 {
-    program_mut::<P>(ebpf, name)?
-        .load_it()
-        .map_err(|e| program_error(name, e))
+    // The verifier gives up with EAGAIN when a signal reaches the loading
+    // thread (a child process of the agent or of a test ending, SIGCHLD):
+    // try again, as libbpf does.
+    const ATTEMPTS: u32 = 5;
+    let program = program_mut::<P>(ebpf, name)?;
+    let mut attempt = 1;
+    loop {
+        match program.load_it() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            loaded => return loaded.map_err(|e| program_error(name, e)),
+        }
+    }
 }
 
 /// `load()` is inherent on each aya program type; this names it for generics.
