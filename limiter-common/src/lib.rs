@@ -285,6 +285,11 @@ pub mod host_hint {
 /// increments its generation after the change; a copy holds only under the
 /// generation it was made under (read before the state it copies). 0 (a
 /// map the agent has not set up) turns the caches off.
+///
+/// "Before" relies on the CPU not moving a load ahead of an earlier one
+/// (x86 does not; BPF has no acquire load on the kernels this supports).
+/// On a weakly ordered CPU a copy made while its entry was being removed
+/// could outlive the removal until the next change of its generation.
 pub mod generation {
     /// The block tables: the agent increments it after a removal, a sweep
     /// that removed entries, a new expiry of a host entry, or any write to

@@ -125,7 +125,6 @@ impl Drop for BpfDatapath {
     /// counted in cached copies go to the entries.
     fn drop(&mut self) {
         self.detach();
-        self.flush_hot_drops();
     }
 }
 
@@ -377,8 +376,13 @@ impl BpfDatapath {
 
     /// Detaches every program (maps stay pinned). Also happens on drop.
     pub fn detach(&self) {
-        lock(&self.ebpf).take();
+        let programs = lock(&self.ebpf).take();
         lock(&self.attachments).clear();
+        if programs.is_some() {
+            drop(programs);
+            // Once: the copies are not zeroed, and nothing counts any more.
+            self.flush_hot_drops();
+        }
     }
 
     /// Adds the drops counted in the CPUs' copies of host entries to the
