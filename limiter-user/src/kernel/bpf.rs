@@ -115,7 +115,7 @@ struct Maps {
     hot_v6: Option<PerCpuArray<MapData, HotBlockV6>>,
     hot_nets_v4: Option<PerCpuArray<MapData, HotBlockV4>>,
     hot_nets_v6: Option<PerCpuArray<MapData, HotBlockV6>>,
-    /// The serial of the next new host entry ([`Block::serial`]).
+    /// The serial of the next new block entry ([`Block::serial`]).
     next_serial: u32,
     sizes: MapSizes,
 }
@@ -385,7 +385,7 @@ impl BpfDatapath {
         }
     }
 
-    /// Adds the drops counted in the CPUs' copies of host entries to the
+    /// Adds the drops counted in the CPUs' copies of block entries to the
     /// entries (the pinned maps outlive the copies). With the programs
     /// detached, nothing counts meanwhile.
     fn flush_hot_drops(&self) {
