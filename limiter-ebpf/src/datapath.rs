@@ -594,10 +594,18 @@ fn may_hold<F: Family>(map: u32, source: &F, top16: u16) -> bool {
 /// Whether bit `index` of bitmap `map` in `bitmaps` is set.
 #[inline(always)]
 fn bit_set<const N: usize>(bitmaps: &Array<u64, N>, map: u32, index: u16) -> bool {
-    let (word, bit) = hint::position(map, index);
-    // A missing word (cannot happen: the array is sized for every index)
-    // fails safe: look the trie up.
-    bitmaps.get(word).is_none_or(|word| word & bit != 0)
+    word_has(bitmaps, hint::position(map, index))
+}
+
+/// Whether word `word` of `bitmaps` has `bit` set. A missing word (cannot
+/// happen: the arrays are sized for every index) fails safe: the caller
+/// looks its table up.
+#[inline(always)]
+fn word_has<const N: usize, const F: usize>(
+    bitmaps: &Array<u64, N, F>,
+    (word, bit): (u32, u64),
+) -> bool {
+    bitmaps.get(word).is_none_or(|w| w & bit != 0)
 }
 
 /// A block entry that holds a source: its expiry, and the counter of its
@@ -759,10 +767,8 @@ fn give_drops<S: HotSlot>(slot: &mut S, lookup: &impl Fn(&S::Addr) -> Option<*mu
 
 /// Whether a host's `BLOCK_HINTS` bit (`(word, bit)`) is set.
 #[inline(always)]
-fn host_bit_set((word, bit): (u32, u64)) -> bool {
-    // A missing word (cannot happen: the array is sized for every index)
-    // fails safe: look the table up.
-    BLOCK_HINTS.get(word).is_none_or(|w| w & bit != 0)
+fn host_bit_set(position: (u32, u64)) -> bool {
+    word_has(&BLOCK_HINTS, position)
 }
 
 /// Whether the block entry still holds (counts it in `expired_block` if not).

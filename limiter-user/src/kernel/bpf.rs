@@ -269,22 +269,22 @@ impl BpfDatapath {
         let mut maps = lock(&self.maps);
         maps.rebuild_block_hints(&v4, &v6, |_| true);
         // Serials go on from the pinned entries' (an earlier run's).
-        let nets_v4: Vec<u32> = maps
-            .block_net_v4
+        fn newest<K: aya::Pod>(trie: &LpmTrie<MapData, K, Block>) -> u32 {
+            trie.iter()
+                .filter_map(Result::ok)
+                .map(|(_, b)| b.serial)
+                .max()
+                .unwrap_or(0)
+        }
+        let hosts = v4
             .iter()
-            .filter_map(Result::ok)
             .map(|(_, b)| b.serial)
-            .collect();
-        let nets_v6: Vec<u32> = maps
-            .block_net_v6
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(_, b)| b.serial)
-            .collect();
-        let newest = v4.iter().map(|(_, b)| b.serial);
-        let newest = newest.chain(v6.iter().map(|(_, b)| b.serial));
-        let newest = newest.chain(nets_v4).chain(nets_v6).max();
-        maps.next_serial = newest.unwrap_or(0).wrapping_add(1).max(1);
+            .chain(v6.iter().map(|(_, b)| b.serial));
+        let newest = hosts
+            .chain([newest(&maps.block_net_v4), newest(&maps.block_net_v6)])
+            .max()
+            .unwrap_or(0);
+        maps.next_serial = newest.wrapping_add(1).max(1);
         // Also leaves generation 0, which keeps the CPUs' caches off.
         maps.generations.next(generation::BLOCKS);
         maps.generations.next(generation::CONNECTIONS);
