@@ -11,9 +11,15 @@
 //! away from the backend still holds:
 //! - only sources whose mail the backend accepted recently (a zombie that
 //!   never delivers never gets one);
-//! - only while fewer than half of `backend.max_connections` are in use and
-//!   the proxy is not stressed: early connections never take the slots the
-//!   other half keeps for sessions that earn theirs;
+//! - only while fewer than half of `backend.max_connections` are in use:
+//!   early connections never take the slots the other half keeps for
+//!   sessions that earn theirs. Zombies holding the client sessions (the
+//!   proxy under stress) do not stop them: that is when a known sender's
+//!   mail needs its head start most, and the slots are what the rule
+//!   guards;
+//! - never for a source whose network had a session shed lately
+//!   ([`super::slots::BackendSlots::shed_lately`]): a trusted source that
+//!   turned zombie, or one beside zombies, earns its connection with MAIL;
 //! - a connection that no MAIL (or AUTH, or relayed verb) claims within
 //!   [`HOLD`] of accept is closed with QUIT and its slot given back, and
 //!   the source is forgotten: it has to deliver again before its next one.
@@ -164,7 +170,7 @@ pub struct Claimed {
 
 impl EarlyLink {
     /// Opens one for a session of `peer` if every condition holds (see the
-    /// module): recent sender, backend slots plentiful, no stress.
+    /// module): recent sender, not shed lately, backend slots plentiful.
     pub fn open(
         ctx: &Arc<ProxyContext>,
         settings: &Settings,
@@ -175,12 +181,11 @@ impl EarlyLink {
         if !settings.connect.earned()
             || settings.early_connect != EarlyConnect::RecentSenders
             || !ctx.recent_senders.contains(source, Instant::now())
-            || ctx.stressed(&settings.smtp)
         {
             return None;
         }
         let slots = &ctx.backend_slots;
-        if slots.scarce() {
+        if slots.scarce() || slots.shed_lately(source) {
             return None;
         }
         let slot = slots.try_acquire(source)?;

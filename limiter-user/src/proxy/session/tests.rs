@@ -666,6 +666,70 @@ async fn no_early_connection_when_half_the_slots_are_taken_or_it_is_off() {
     assert_eq!(h.backend.connections(), 0);
 }
 
+/// During a flood zombies hold the client sessions and the proxy is under
+/// stress; a known sender's mail keeps its head start as long as backend
+/// slots are plentiful (with them scarce, the test above).
+#[tokio::test(start_paused = true)]
+async fn a_recent_sender_keeps_its_early_connection_while_zombies_hold_the_sessions() {
+    let mut config = Config::default();
+    config.smtp.max_sessions = 10;
+    let mut h = Harness::start_prepared(config, true, |ctx| {
+        let peer: SocketAddr = PEER.parse().unwrap();
+        ctx.recent_senders
+            .record(peer.ip(), tokio::time::Instant::now());
+        // Nine zombies' sessions besides this one: at the session cap.
+        ctx.stats
+            .sessions_open
+            .store(9, std::sync::atomic::Ordering::Relaxed);
+    });
+    assert!(h.ctx.stressed(&h.ctx.settings().smtp), "under stress");
+    assert_eq!(h.client.reply().await, parse(GREETING));
+    settle().await;
+    assert_eq!(h.backend.connections(), 1, "connected at accept");
+    assert_eq!(h.client.command("EHLO client.example.org").await.code, 250);
+    settle().await;
+    assert_eq!(h.backend.lines(), ["EHLO client.example.org"]);
+    assert_eq!(
+        h.client
+            .command("MAIL FROM:<sender@example.org>")
+            .await
+            .code,
+        250
+    );
+    assert_eq!(
+        h.backend.connections(),
+        1,
+        "the early connection carried it"
+    );
+    assert_eq!(h.ctx.stats.early_links(), vec![("used", 1)]);
+}
+
+/// A trusted source turned zombie (or one beside zombies): once a session
+/// of its network was shed, it earns its connection with MAIL like anyone.
+#[tokio::test(start_paused = true)]
+async fn no_early_connection_for_a_recent_sender_whose_network_was_shed_lately() {
+    let mut h = Harness::start_prepared(Config::default(), true, |ctx| {
+        let peer: SocketAddr = PEER.parse().unwrap();
+        ctx.recent_senders
+            .record(peer.ip(), tokio::time::Instant::now());
+        // Another address of its /24.
+        ctx.backend_slots
+            .mark_shed(IpAddr::from([198, 51, 100, 200]));
+    });
+    h.ehlo().await;
+    settle().await;
+    assert_eq!(h.backend.connections(), 0);
+    assert_eq!(
+        h.client
+            .command("MAIL FROM:<sender@example.org>")
+            .await
+            .code,
+        250
+    );
+    assert_eq!(h.backend.connections(), 1, "earned at MAIL");
+    assert!(h.ctx.stats.early_links().is_empty());
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_idle_client_before_mail_is_cut_at_the_command_timeout() {
     let mut h = Harness::start();
