@@ -1,6 +1,8 @@
 //! The whole session state machine: a client stream chosen by the fuzzer,
 //! fed in fuzzer-chosen chunks over an in-memory stream, through a real
-//! [`Session`] to a scripted backend on loopback.
+//! [`Session`] to a scripted backend, in memory too (the product's
+//! `memory-backend` feature: no loopback TCP, many times the inputs a
+//! second).
 //!
 //! Input: byte 0 picks the configuration (plain, content filters holding
 //! every message, observe mode, `backend.connect = "on-rcpt"`), byte 1
@@ -41,6 +43,7 @@ use limiter_user::{
     kernel::NoKernel,
     policy::PolicyState,
     proxy::{
+        backend::memory,
         capabilities::{self, Learned},
         session::Session,
         tls::MaybeTls,
@@ -48,10 +51,7 @@ use limiter_user::{
     },
     smtp::{check_command_line, check_sasl_response, parse_command, parse_rcpt_to, Verb},
 };
-use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    net::{TcpListener, TcpStream},
-};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, DuplexStream};
 
 /// The client's address as the session sees it.
 const CLIENT: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)), 40000);
@@ -89,13 +89,26 @@ struct Seen {
     pipelined: Vec<Vec<u8>>,
 }
 
-async fn serve_backend(stream: TcpStream, seen: Arc<Mutex<Seen>>) {
+/// `future`'s output if it is ready at the first poll (what a
+/// non-blocking read sees).
+async fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match future.as_mut().poll(cx) {
+            std::task::Poll::Ready(output) => Some(output),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
+}
+
+async fn serve_backend(mut stream: DuplexStream, seen: Arc<Mutex<Seen>>) {
     // Nothing may come before the greeting (identity = "none": no header).
     let mut early = [0u8; 1];
-    if matches!(stream.try_read(&mut early), Ok(n) if n > 0) {
+    if matches!(ready_now(stream.read(&mut early)).await, Some(Ok(n)) if n > 0) {
         seen.lock().unwrap().pipelined.push(b"<greeting>".to_vec());
     }
-    let (read, mut write) = stream.into_split();
+    let (read, mut write) = tokio::io::split(stream);
     let mut read = BufReader::new(read);
     if write
         .write_all(b"220 backend.fuzz ESMTP\r\n")
@@ -263,17 +276,14 @@ fuzz_target!(|data: &[u8]| {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let backend_seen = seen.clone();
     let client_output = runtime().block_on(async move {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the backend");
-        let backend_addr = listener.local_addr().expect("backend address");
+        let (backend_addr, mut listener) = memory::listen();
         // The backend side: every connection served by a task of its own,
         // counted so that the check below runs only once all have ended.
         let active = Arc::new(AtomicUsize::new(0));
         let acceptor = tokio::spawn({
             let active = active.clone();
             async move {
-                while let Ok((stream, _)) = listener.accept().await {
+                while let Some(stream) = listener.accept().await {
                     active.fetch_add(1, Ordering::SeqCst);
                     let (seen, active) = (backend_seen.clone(), active.clone());
                     tokio::spawn(async move {

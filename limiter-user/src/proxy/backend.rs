@@ -111,7 +111,7 @@ impl Backend {
         identity: Option<(SocketAddr, SocketAddr)>,
     ) -> Result<(Self, Reply), BackendError> {
         let addr = settings.address;
-        #[cfg(test)]
+        #[cfg(any(test, feature = "memory-backend"))]
         if let Some(stream) = memory::connect(addr) {
             let stream = stream.map_err(|source| BackendError::Connect { addr, source })?;
             let identity = identity.unwrap_or((addr, addr));
@@ -297,30 +297,30 @@ impl Backend {
     }
 }
 
-/// The backend connection's stream: the network one; in unit tests, the
-/// network one or an in-memory one ([`memory`]).
-#[cfg(not(test))]
+/// The backend connection's stream: the network one; in unit tests and
+/// fuzzing, the network one or an in-memory one ([`memory`]).
+#[cfg(not(any(test, feature = "memory-backend")))]
 type Link = BackendStream;
-#[cfg(test)]
+#[cfg(any(test, feature = "memory-backend"))]
 type Link = memory::Link;
 
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "memory-backend")))]
 fn link(stream: BackendStream) -> Link {
     stream
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "memory-backend"))]
 fn link(stream: BackendStream) -> Link {
     memory::Link::Network(stream)
 }
 
 /// The network stream of `link`, if it has one.
-#[cfg(not(test))]
+#[cfg(not(any(test, feature = "memory-backend")))]
 fn network(link: Link) -> Option<BackendStream> {
     Some(link)
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "memory-backend"))]
 fn network(link: Link) -> Option<BackendStream> {
     match link {
         memory::Link::Network(stream) => Some(stream),
@@ -328,11 +328,12 @@ fn network(link: Link) -> Option<BackendStream> {
     }
 }
 
-/// In-memory backends for unit tests: [`memory::listen`] names one with an
+/// In-memory backends for unit tests and the session fuzz target (feature
+/// `memory-backend`): [`memory::listen`] names one with an
 /// address that [`Backend::connect`] then reaches over a
 /// [`tokio::io::DuplexStream`] instead of TCP, handing the other end to the
 /// test's scripted backend.
-#[cfg(test)]
+#[cfg(any(test, feature = "memory-backend"))]
 pub mod memory {
     use std::{
         collections::HashMap,
