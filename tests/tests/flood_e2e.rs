@@ -371,6 +371,56 @@ fn a_recent_sender_gets_postfix_at_accept_and_holds_it_at_most_five_seconds_with
     assert!(early[0].1 >= 1, "{early:?}");
 }
 
+#[test]
+fn a_known_sender_keeps_its_head_start_while_zombies_fill_the_sessions() {
+    // 150 idle zombies against `smtp.max_sessions = 180`: past the stress
+    // threshold (0.8), the load a flood puts on the proxy. A source whose
+    // mail Postfix accepted before still has Postfix connected while the
+    // proxy greets it, and its message goes through that one session.
+    if !ready("a_known_sender_keeps_its_head_start_while_zombies_fill_the_sessions") {
+        return;
+    }
+    let postfix = postfix();
+    let proxy = proxy(&postfix, "", "[smtp]\nmax_sessions = 180");
+    let slots = &proxy.ctx.backend_slots;
+    expect(&send_one(proxy.addr), "250 ");
+    assert!(wait_until(WAIT, || slots.in_use() == 0));
+    let mut zombies = zombies(proxy.addr);
+    assert!(
+        proxy.ctx.stressed(&proxy.ctx.settings().smtp),
+        "150 sessions of 180: under stress"
+    );
+
+    let before = disconnects(&postfix, SENDER).len();
+    let mut c = Client::connect(proxy.addr, SENDER).expect("sender connects");
+    expect(&c.reply().expect("greeting"), "220 ");
+    assert!(
+        wait_until(WAIT, || slots.in_use() == 1),
+        "no backend connection at accept under stress"
+    );
+    expect(&send_on(&mut c), "250 ");
+    let _ = c.cmd("QUIT");
+    drop(c);
+    assert!(
+        wait_until(WAIT, || disconnects(&postfix, SENDER).len() == before + 1),
+        "{}",
+        postfix.log()
+    );
+    let last = disconnects(&postfix, SENDER).pop().unwrap();
+    assert!(
+        last.contains("ehlo=1 mail=1 rcpt=1 data=1"),
+        "one Postfix session carried it: {last}"
+    );
+    assert_eq!(proxy.ctx.stats.early_links(), vec![("used", 1)]);
+    assert!(
+        !postfix.log().contains("[127.1."),
+        "a zombie reached Postfix"
+    );
+    for z in &mut zombies {
+        let _ = z.cmd("QUIT");
+    }
+}
+
 /// A message to alice on a session past its greeting (EHLO first, again if
 /// it had one): the reply to its end of DATA, or the first refusal.
 fn send_on(c: &mut Client) -> String {
