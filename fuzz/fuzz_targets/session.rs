@@ -4,10 +4,12 @@
 //! `memory-backend` feature: no loopback TCP, many times the inputs a
 //! second).
 //!
-//! Input: byte 0 picks the configuration (plain, content filters holding
-//! every message, observe mode, `backend.connect = "on-rcpt"`), byte 1
-//! seeds the chunk sizes, the rest is
-//! what the client sends once greeted.
+//! Input: byte 0 picks the configuration (`% 4`: plain, content filters
+//! holding every message, observe mode, `backend.connect = "on-rcpt"`) and
+//! whether the client is a recent sender (`& 0x10`: its backend connection
+//! opens at accept and its HELO/EHLO is sent ahead, `backend.early_connect`),
+//! byte 1 seeds the chunk sizes, the rest is what the client sends once
+//! greeted.
 //!
 //! Asserts, after every input:
 //! * no 250 to the end of DATA that the backend did not give: every
@@ -309,6 +311,10 @@ fuzz_target!(|data: &[u8]| {
             }
         };
         ctx.capabilities.record(Some(learned));
+        if variant & 0x10 != 0 {
+            ctx.recent_senders
+                .record(CLIENT.ip(), tokio::time::Instant::now());
+        }
         let guard = ctx
             .policy()
             .connect(&ctx.state, CLIENT.ip())
