@@ -295,26 +295,7 @@ fn a_recent_sender_gets_postfix_at_accept_and_holds_it_at_most_five_seconds_with
     // The next session is connected at accept and its MAIL goes through
     // that connection: the client's EHLO name and the whole transaction
     // on it, one connection.
-    let before = disconnects(&postfix, SENDER).len();
-    let mut c = Client::connect(proxy.addr, SENDER).expect("sender connects");
-    expect(&c.reply().expect("greeting"), "220 ");
-    assert!(
-        wait_until(WAIT, || slots.in_use() == 1),
-        "no early connection"
-    );
-    expect(&send_on(&mut c), "250 ");
-    let _ = c.cmd("QUIT");
-    drop(c);
-    assert!(
-        wait_until(WAIT, || disconnects(&postfix, SENDER).len() == before + 1),
-        "{}",
-        postfix.log()
-    );
-    let last = disconnects(&postfix, SENDER).pop().unwrap();
-    assert!(
-        last.contains("ehlo=1 mail=1 rcpt=1 data=1"),
-        "one Postfix session carried it: {last}"
-    );
+    send_on_early_connection(&proxy, &postfix, "no early connection");
 
     // The trusted source turns zombie: three sessions, EHLO, then silence.
     let before = disconnects(&postfix, SENDER).len();
@@ -391,25 +372,10 @@ fn a_known_sender_keeps_its_head_start_while_zombies_fill_the_sessions() {
         "150 sessions of 180: under stress"
     );
 
-    let before = disconnects(&postfix, SENDER).len();
-    let mut c = Client::connect(proxy.addr, SENDER).expect("sender connects");
-    expect(&c.reply().expect("greeting"), "220 ");
-    assert!(
-        wait_until(WAIT, || slots.in_use() == 1),
-        "no backend connection at accept under stress"
-    );
-    expect(&send_on(&mut c), "250 ");
-    let _ = c.cmd("QUIT");
-    drop(c);
-    assert!(
-        wait_until(WAIT, || disconnects(&postfix, SENDER).len() == before + 1),
-        "{}",
-        postfix.log()
-    );
-    let last = disconnects(&postfix, SENDER).pop().unwrap();
-    assert!(
-        last.contains("ehlo=1 mail=1 rcpt=1 data=1"),
-        "one Postfix session carried it: {last}"
+    send_on_early_connection(
+        &proxy,
+        &postfix,
+        "no backend connection at accept under stress",
     );
     assert_eq!(proxy.ctx.stats.early_links(), vec![("used", 1)]);
     assert!(
@@ -419,6 +385,31 @@ fn a_known_sender_keeps_its_head_start_while_zombies_fill_the_sessions() {
     for z in &mut zombies {
         let _ = z.cmd("QUIT");
     }
+}
+
+/// A session of [`SENDER`] that finds Postfix connected at accept (`none`:
+/// the failure's words if not) and whose message goes through that one
+/// Postfix session.
+#[track_caller]
+fn send_on_early_connection(proxy: &TestProxy, postfix: &Postfix, none: &str) {
+    let slots = &proxy.ctx.backend_slots;
+    let before = disconnects(postfix, SENDER).len();
+    let mut c = Client::connect(proxy.addr, SENDER).expect("sender connects");
+    expect(&c.reply().expect("greeting"), "220 ");
+    assert!(wait_until(WAIT, || slots.in_use() == 1), "{none}");
+    expect(&send_on(&mut c), "250 ");
+    let _ = c.cmd("QUIT");
+    drop(c);
+    assert!(
+        wait_until(WAIT, || disconnects(postfix, SENDER).len() == before + 1),
+        "{}",
+        postfix.log()
+    );
+    let last = disconnects(postfix, SENDER).pop().unwrap();
+    assert!(
+        last.contains("ehlo=1 mail=1 rcpt=1 data=1"),
+        "one Postfix session carried it: {last}"
+    );
 }
 
 /// A message to alice on a session past its greeting (EHLO first, again if

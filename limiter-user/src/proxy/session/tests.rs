@@ -495,10 +495,16 @@ async fn a_session_without_mail_never_connects_to_the_backend() {
 
 /// A session of a source whose mail the backend accepted a moment ago.
 fn start_recent_sender(config: Config) -> Harness {
+    start_recent_sender_with(config, |_| {})
+}
+
+/// As [`start_recent_sender`], with `also` done to the context first.
+fn start_recent_sender_with(config: Config, also: impl FnOnce(&ProxyContext)) -> Harness {
     Harness::start_prepared(config, true, |ctx| {
         let peer: SocketAddr = PEER.parse().unwrap();
         ctx.recent_senders
             .record(peer.ip(), tokio::time::Instant::now());
+        also(ctx);
     })
 }
 
@@ -673,10 +679,7 @@ async fn no_early_connection_when_half_the_slots_are_taken_or_it_is_off() {
 async fn a_recent_sender_keeps_its_early_connection_while_zombies_hold_the_sessions() {
     let mut config = Config::default();
     config.smtp.max_sessions = 10;
-    let mut h = Harness::start_prepared(config, true, |ctx| {
-        let peer: SocketAddr = PEER.parse().unwrap();
-        ctx.recent_senders
-            .record(peer.ip(), tokio::time::Instant::now());
+    let mut h = start_recent_sender_with(config, |ctx| {
         // Nine zombies' sessions besides this one: at the session cap.
         ctx.stats
             .sessions_open
@@ -689,13 +692,9 @@ async fn a_recent_sender_keeps_its_early_connection_while_zombies_hold_the_sessi
     assert_eq!(h.client.command("EHLO client.example.org").await.code, 250);
     settle().await;
     assert_eq!(h.backend.lines(), ["EHLO client.example.org"]);
-    assert_eq!(
-        h.client
-            .command("MAIL FROM:<sender@example.org>")
-            .await
-            .code,
-        250
-    );
+    h.client
+        .expect_codes(&[("MAIL FROM:<sender@example.org>", 250)])
+        .await;
     assert_eq!(
         h.backend.connections(),
         1,
@@ -708,10 +707,7 @@ async fn a_recent_sender_keeps_its_early_connection_while_zombies_hold_the_sessi
 /// of its network was shed, it earns its connection with MAIL like anyone.
 #[tokio::test(start_paused = true)]
 async fn no_early_connection_for_a_recent_sender_whose_network_was_shed_lately() {
-    let mut h = Harness::start_prepared(Config::default(), true, |ctx| {
-        let peer: SocketAddr = PEER.parse().unwrap();
-        ctx.recent_senders
-            .record(peer.ip(), tokio::time::Instant::now());
+    let mut h = start_recent_sender_with(Config::default(), |ctx| {
         // Another address of its /24.
         ctx.backend_slots
             .mark_shed(IpAddr::from([198, 51, 100, 200]));
@@ -719,13 +715,9 @@ async fn no_early_connection_for_a_recent_sender_whose_network_was_shed_lately()
     h.ehlo().await;
     settle().await;
     assert_eq!(h.backend.connections(), 0);
-    assert_eq!(
-        h.client
-            .command("MAIL FROM:<sender@example.org>")
-            .await
-            .code,
-        250
-    );
+    h.client
+        .expect_codes(&[("MAIL FROM:<sender@example.org>", 250)])
+        .await;
     assert_eq!(h.backend.connections(), 1, "earned at MAIL");
     assert!(h.ctx.stats.early_links().is_empty());
 }
