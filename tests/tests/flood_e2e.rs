@@ -43,6 +43,7 @@ use limiter_tests::{
     proxy::TestProxy,
     tcp::{wait_until, Relay},
 };
+use limiter_user::proxy::shed::SHED_GRACE;
 
 /// Zombies: more than Postfix's 100 smtpd processes.
 const ZOMBIES: usize = 150;
@@ -631,6 +632,83 @@ fn at_the_session_cap_a_sender_displaces_the_oldest_idle_zombie() {
         expect(&z.cmd("NOOP").expect("NOOP"), "250 ");
     }
     assert!(!postfix.log().contains("[127.1."), "{}", postfix.log());
+}
+
+/// A client from `source`, greeted and past EHLO: idle before its MAIL.
+fn greeted(addr: SocketAddr, source: IpAddr) -> Client {
+    let mut c = Client::connect(addr, source).expect("client connects");
+    expect(&c.reply().expect("greeting"), "220 ");
+    expect(&c.cmd("EHLO client.test").expect("EHLO"), "250");
+    c
+}
+
+/// Every zombie holds a MAIL, so the only sessions without one are
+/// senders in their first round trips: at the session cap a newcomer must
+/// push out a parked zombie, not the sender between its EHLO and its MAIL.
+#[test]
+fn at_the_session_cap_a_parked_zombie_goes_before_a_sender_in_its_first_seconds() {
+    if !ready("at_the_session_cap_a_parked_zombie_goes_before_a_sender_in_its_first_seconds") {
+        return;
+    }
+    let postfix = postfix();
+    let proxy = proxy(
+        &postfix,
+        "max_connections = 1\nslot_wait = \"10s\"",
+        "[smtp]\nmax_sessions = 3\n",
+    );
+    // A keeper takes the one slot with its transaction open; a second
+    // zombie's MAIL waits for it, and the keeper is parked off it.
+    let started = Instant::now();
+    let mut keeper = zombie_with_mail_from(proxy.addr, zombie_source(0));
+    expect(
+        &keeper.cmd("RCPT TO:<alice@example.com>").expect("RCPT"),
+        "250 ",
+    );
+    let holder = std::thread::spawn({
+        let addr = proxy.addr;
+        move || zombie_with_mail_from(addr, zombie_source(PER_SOURCE))
+    });
+    assert!(
+        wait_until(WAIT, || proxy.parked("parked") == 1),
+        "the keeper was not parked"
+    );
+    let mut holder = holder.join().expect("the second zombie's thread");
+    // Past the keeper's first seconds, a sender comes and says EHLO.
+    std::thread::sleep((SHED_GRACE + Duration::from_millis(300)).saturating_sub(started.elapsed()));
+    let mut sender = greeted(proxy.addr, SENDER);
+    // The cap is reached: the newcomer is let in, and the parked keeper
+    // pays for it.
+    let mut newcomer =
+        Client::connect(proxy.addr, zombie_source(2 * PER_SOURCE)).expect("newcomer");
+    expect(&newcomer.reply().expect("newcomer's greeting"), "220 ");
+    expect(&keeper.reply().expect("the keeper is shed"), "421 4.3.2");
+    assert_eq!(proxy.shed("shed-parked"), 1);
+    // The sender goes on: its MAIL waits until the holder is parked in turn.
+    expect(&send_on(&mut sender), "250 ");
+    assert!(postfix.wait_delivered(1, WAIT), "{}", postfix.log());
+    assert_eq!(proxy.shed("shed-idle") + proxy.shed("shed-new"), 0);
+    expect(&holder.cmd("NOOP").expect("NOOP"), "250 ");
+}
+
+/// With nothing older idle, the newcomer pushes out the oldest session in
+/// its first seconds, a sender maybe: that is no sign of a zombie, so its
+/// network does not go behind the others for backend slots.
+#[test]
+fn a_session_shed_in_its_first_seconds_does_not_hold_its_network_back() {
+    if !ready("a_session_shed_in_its_first_seconds_does_not_hold_its_network_back") {
+        return;
+    }
+    let postfix = postfix();
+    let proxy = proxy(&postfix, "", "[smtp]\nmax_sessions = 2\n");
+    let mut first = greeted(proxy.addr, SENDER);
+    let mut second = greeted(proxy.addr, zombie_source(0));
+    let mut newcomer = Client::connect(proxy.addr, zombie_source(PER_SOURCE)).expect("newcomer");
+    expect(&newcomer.reply().expect("newcomer's greeting"), "220 ");
+    expect(&first.reply().expect("the oldest is shed"), "421 4.3.2");
+    assert_eq!(proxy.shed("shed-new"), 1);
+    assert_eq!(proxy.shed("shed-idle"), 0);
+    assert!(!proxy.ctx.backend_slots.shed_lately(SENDER));
+    expect(&second.cmd("NOOP").expect("NOOP"), "250 ");
 }
 
 /// Zombie `i` (a source of its own) with its MAIL accepted: a Postfix

@@ -1609,7 +1609,8 @@ fn tls_handshakes_that_never_come_are_shed_at_the_session_cap() {
                 started.elapsed() < Duration::from_secs(5),
                 "{mode}: {out:?}"
             );
-            assert_eq!(proxy.shed("shed-idle"), 1, "{mode}");
+            // In its first seconds, as every session here.
+            assert_eq!(proxy.shed("shed-new"), 1, "{mode}");
             assert!(stalled.remove(0).closed(), "{mode}: the oldest was closed");
         },
     );
@@ -3006,19 +3007,20 @@ fn at_the_session_cap_the_oldest_idle_session_makes_room() {
     expect(&sender.cmd("MAIL FROM:<a@x>"), "250 ");
     let mut younger = Smtp::session(proxy.addr);
     // Full: the newcomer is served, the oldest idle one without a MAIL goes
-    // (the sender, although older than `younger`, is never shed).
+    // (the sender, although older than `younger`, is never shed). All are
+    // in their first seconds, so it is shed as new.
     let mut newcomer = Smtp::session(proxy.addr);
     expect(&oldest.reply(), "421 4.3.2");
     assert!(oldest.closed());
-    assert_eq!(rejections(&proxy, "shed-idle"), 1);
+    assert_eq!(rejections(&proxy, "shed-new"), 1);
     assert_eq!(younger.cmd("NOOP"), "250 2.0.0 Ok");
     expect(&sender.cmd("RCPT TO:<alice@example.com>"), "250 ");
     assert_eq!(newcomer.cmd("NOOP"), "250 2.0.0 Ok");
     // The next newcomer sheds `younger`.
     let _next = Smtp::session(proxy.addr);
     expect(&younger.reply(), "421 4.3.2");
-    assert_eq!(rejections(&proxy, "shed-idle"), 2);
-    assert_eq!(proxy.shed("shed-idle"), 2);
+    assert_eq!(rejections(&proxy, "shed-new"), 2);
+    assert_eq!(proxy.shed("shed-new"), 2);
     assert_eq!(proxy.shed("too-many-commands"), 0);
 }
 
@@ -3030,13 +3032,14 @@ fn a_source_whose_idle_sessions_keep_being_shed_is_blocked() {
         "[smtp]\nmax_sessions = 2\n[limits]\nmax_shed_sessions_per_source = 2\n",
     );
     // A zombie holds both places and comes back each time it is cut: each
-    // of its newcomers sheds its oldest session.
+    // of its newcomers sheds its oldest session (in its first seconds,
+    // which counts toward the limit all the same).
     let mut held = vec![Smtp::session(proxy.addr), Smtp::session(proxy.addr)];
     for sheds in 1..=2 {
         let newcomer = Smtp::session(proxy.addr);
         let mut oldest = held.remove(0);
         expect(&oldest.reply(), "421 4.3.2");
-        assert_eq!(proxy.shed("shed-idle"), sheds);
+        assert_eq!(proxy.shed("shed-new"), sheds);
         assert!(blocked(&proxy).is_none(), "blocked after {sheds} sheds");
         held.push(newcomer);
     }

@@ -260,6 +260,10 @@ impl DataCredit {
 /// backend session at its end.
 const SCARCE_WAIT: Duration = Duration::from_secs(1);
 
+/// Why a session in its first [`super::shed::SHED_GRACE`] was shed: at the
+/// session cap, no older session was idle.
+const SHED_NEW: &str = "shed-new";
+
 /// What each recipient the backend accepts adds to its transaction's time
 /// with its client in that case: a client far away that does not pipeline
 /// waits a round trip per RCPT. Only the envelope's waits may use it, and
@@ -407,6 +411,8 @@ pub struct Session<S> {
     /// The backend connection of a client that said QUIT: told QUIT once
     /// the client's connection ended.
     quitting: Option<Backend>,
+    /// When the session began.
+    started: tokio::time::Instant,
     /// The settings in force when the session began: a reload applies to
     /// the sessions that begin after it.
     settings: Arc<super::Settings>,
@@ -424,6 +430,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let block_notice = ctx.block_notices.subscribe(peer.ip());
+        let started = tokio::time::Instant::now();
         let registration = Some(ctx.sessions.register());
         let settings = ctx.settings();
         Self {
@@ -458,6 +465,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             data_open: false,
             quitting: None,
             settings,
+            started,
             _connection: connection,
         }
     }
@@ -600,11 +608,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return "blocked";
                 }
                 Input::Shed => {
-                    self.shed(if self.envelope.park == Park::Parked {
-                        "shed-parked"
-                    } else {
-                        "shed-idle"
-                    });
+                    self.shed(self.shed_at_cap_reason());
                     let _ = self.reply(&Reply::shed_idle()).await;
                     return "shed";
                 }
@@ -856,20 +860,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }))
     }
 
+    /// Why the session was shed to make room at `smtp.max_sessions`
+    /// ([`super::shed::Sessions::shed_oldest_idle`]).
+    fn shed_at_cap_reason(&self) -> &'static str {
+        if self.envelope.park == Park::Parked {
+            "shed-parked"
+        } else if self
+            .registration
+            .as_ref()
+            .is_some_and(|r| r.entry.shed_new())
+        {
+            SHED_NEW
+        } else {
+            "shed-idle"
+        }
+    }
+
     /// This session, without an accepted MAIL, is closed under pressure
     /// for `reason` (its `421` follows): counted, and toward the source's
     /// `max_shed_sessions_per_source`, whose block comes before the reply.
     fn shed(&self, reason: &'static str) {
         self.ctx.count_shed(self.source(), reason);
+        // A session shed in its first seconds, for want of an older idle
+        // one, showed nothing yet: a sender in its first round trips must
+        // not send its network behind the flood's in the slot queue. It
+        // still counts toward its source's limit: a zombie that reconnects
+        // faster than the grace is blocked like one that idles.
+        if reason != SHED_NEW {
+            self.ctx.backend_slots.mark_shed(self.source());
+        }
         self.count_toward_shed_limit();
     }
 
     /// The source lost a session or a backend slot under pressure (shed,
-    /// or its transaction parked): its network waits behind the others for
-    /// slots for a while, and past `limits.max_shed_sessions_per_source`
-    /// within the window it is blocked.
+    /// or its transaction parked): past
+    /// `limits.max_shed_sessions_per_source` within the window it is
+    /// blocked.
     fn count_toward_shed_limit(&self) {
-        self.ctx.backend_slots.mark_shed(self.source());
         let decision =
             self.ctx
                 .policy()
@@ -1178,12 +1205,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.envelope.park = Park::Parked;
         // Taken up again, it has its time on the new slot afresh.
         self.transaction.envelope_wait = Duration::ZERO;
-        self.registration = Some(self.ctx.sessions.register_parked());
+        self.registration = Some(self.ctx.sessions.register_parked(self.started));
         self.ctx.stats.count_parked("parked");
         // As for a session shed: while slots are scarce its time on the
-        // next one is short, and a client that starts transaction after
-        // transaction only to hold each is blocked like one that comes back
-        // each time it is shed.
+        // next one is short (its network waits behind the others), and a
+        // client that starts transaction after transaction only to hold
+        // each is blocked like one that comes back each time it is shed.
+        self.ctx.backend_slots.mark_shed(self.source());
         self.count_toward_shed_limit();
         tracing::info!(
             source = %self.peer.ip(),

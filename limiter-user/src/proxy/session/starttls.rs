@@ -86,7 +86,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 () = look_again_after(look_again) => {}
                 () = &mut shed_order => {
-                    self.shed("shed-idle");
+                    self.shed(self.shed_at_cap_reason());
                     break Err("shed");
                 }
             }
