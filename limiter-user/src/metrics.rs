@@ -134,7 +134,7 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
         &mut out,
         "sessions_shed_total",
         "counter",
-        "Sessions closed under pressure, by reason (shed-idle, shed-parked, shed-new, stress-timeout, slow-transaction, spool-evicted, too-many-commands, backend-slot-timeout).",
+        "Sessions closed under pressure, by reason (shed-idle, shed-parked, shed-new, shed-slow-message, stress-timeout, slow-transaction, spool-evicted, too-many-commands, backend-slot-timeout).",
         &labelled(stats.shed(), "reason"),
     );
     metric(

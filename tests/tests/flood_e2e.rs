@@ -870,6 +870,79 @@ fn zombies_trickling_their_messages_lose_their_postfix_processes_and_every_messa
     );
 }
 
+/// A zombie in DATA from `source`, sending a 100-byte line every `pace`
+/// until `stop` or until the proxy closes on it; then its client.
+fn trickler(
+    addr: SocketAddr,
+    source: IpAddr,
+    pace: Duration,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Client> {
+    std::thread::spawn(move || {
+        let (mut z, _) = zombie_in_data(addr, source, "Subject: trickle\r\n\r\n".into());
+        let line = lines_of(b't', 100);
+        while !stop.load(Ordering::Relaxed) && z.stream.write_all(line.as_bytes()).is_ok() {
+            std::thread::sleep(pace);
+        }
+        z
+    })
+}
+
+/// Tricklers hold every session, each past MAIL with its message in the
+/// spool: no session is idle, yet a sender at the cap gets in, and the
+/// slowest trickler makes room.
+#[test]
+fn at_the_session_cap_the_slowest_message_in_the_spool_makes_room_for_a_sender() {
+    if !ready("at_the_session_cap_the_slowest_message_in_the_spool_makes_room_for_a_sender") {
+        return;
+    }
+    let postfix = postfix();
+    let proxy = proxy(
+        &postfix,
+        "max_connections = 2\nslot_wait = \"10s\"",
+        "[smtp]\nmax_sessions = 3\nstress_command_timeout = \"2s\"\n",
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    // 670 bytes/s for the first, 2 000 for the others: all above the
+    // 500 bytes/s a spooled message must keep.
+    let tricklers: Vec<_> = [150, 50, 50]
+        .into_iter()
+        .enumerate()
+        .map(|(i, ms)| {
+            let source = zombie_source(i * PER_SOURCE);
+            let t = trickler(proxy.addr, source, Duration::from_millis(ms), stop.clone());
+            // In turn: each takes a slot at its MAIL, and gives it back
+            // once in the spool.
+            assert!(
+                wait_until(WAIT, || proxy.ctx.spool.spooled() > i as u64),
+                "trickler {i} was not spooled"
+            );
+            t
+        })
+        .collect();
+    // Every session is in DATA: the sender is let in all the same.
+    let (end, _) = timed_sender(proxy.addr)
+        .join()
+        .expect("the sender's thread");
+    expect(&end, "250 ");
+    assert!(postfix.wait_delivered(1, WAIT), "{}", postfix.log());
+    assert_eq!(proxy.shed("shed-slow-message"), 1);
+    stop.store(true, Ordering::Relaxed);
+    let mut zombies: Vec<Client> = tricklers
+        .into_iter()
+        .map(|t| t.join().expect("a trickler's thread"))
+        .collect();
+    // The slowest paid for it; the others' messages go through whole.
+    expect(
+        &zombies[0].reply().expect("the slowest's reply"),
+        "421 4.3.2",
+    );
+    for z in &mut zombies[1..] {
+        expect(&z.cmd(".").expect("end of DATA"), "250 ");
+    }
+    assert!(postfix.wait_delivered(3, WAIT), "{}", postfix.log());
+}
+
 /// A Postfix that reads PROXY headers and delivers to alice's (and the
 /// other default recipients') maildir.
 fn postfix_with_maildir() -> (Maildir, Postfix) {

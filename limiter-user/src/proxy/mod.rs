@@ -597,9 +597,13 @@ async fn dispatch(
         let ctx = ctx.clone();
         let stop = stop.clone();
         let Ok(slot) = ctx.session_slots.clone().try_acquire_owned() else {
-            // At the cap: the oldest idle session that never had a MAIL
-            // accepted makes room, if there is one.
-            if ctx.sessions.shed_oldest_idle() {
+            // At the cap: an idle session makes room, else the slowest
+            // message in the spool, else a session in its first seconds
+            // ([`shed`]).
+            if ctx.sessions.shed_oldest_idle()
+                || ctx.spool.evict_slowest()
+                || ctx.sessions.shed_oldest_new()
+            {
                 tokio::spawn(async move {
                     let freed =
                         tokio::time::timeout(SHED_WAIT, ctx.session_slots.clone().acquire_owned())

@@ -11,17 +11,21 @@
 //! [`Sessions::register_parked`]). The one that goes is, in this order:
 //!
 //! 1. the oldest idle session without a MAIL that is past its first
-//!    [`SHED_GRACE`];
-//! 2. the oldest idle parked one;
-//! 3. the oldest idle session still in its first [`SHED_GRACE`]
-//!    ([`Entry::shed_new`]), one without a MAIL before a parked one.
+//!    [`SHED_GRACE`], else the oldest idle parked one
+//!    ([`Sessions::shed_oldest_idle`]);
+//! 2. the slowest message taken into the spool (the proxy's
+//!    `spool::SpoolBudget::evict_slowest`);
+//! 3. the oldest idle session still in its first [`SHED_GRACE`], one
+//!    without a MAIL before a parked one ([`Sessions::shed_oldest_new`],
+//!    [`Entry::shed_new`]).
 //!
 //! A sender is idle between its own commands, for a round trip each: when
 //! every zombie has a MAIL (keepers queue for backend slots, parked ones
-//! NOOP), the senders in their first round trips would otherwise be the
-//! only sessions without one, and each newcomer would push one out. A
-//! session shed in its grace showed nothing yet: its network is not held
-//! back for it (see the session's `shed`).
+//! NOOP, tricklers send their messages at a crawl), the senders in their
+//! first round trips would otherwise be the only sessions without one, and
+//! each newcomer would push one out. A session shed in its grace showed
+//! nothing yet: its network is not held back for it (see the session's
+//! `shed`).
 
 use std::{
     collections::BTreeMap,
@@ -155,25 +159,36 @@ impl Sessions {
         }
     }
 
-    /// Tells an idle registered session to close, in the order of the
-    /// module's description, and unregisters it; whether there was one.
+    /// Tells the oldest idle session past its grace to close (one with a
+    /// parked transaction only if no other is idle), and unregisters it;
+    /// whether there was one.
     pub fn shed_oldest_idle(&self) -> bool {
+        self.shed_first_of(false)
+    }
+
+    /// Tells the oldest idle session still in its grace to close (one with
+    /// a parked transaction only if no other is), and unregisters it;
+    /// whether there was one. For when nothing else makes room.
+    pub fn shed_oldest_new(&self) -> bool {
+        self.shed_first_of(true)
+    }
+
+    fn shed_first_of(&self, new: bool) -> bool {
         let now = Instant::now();
         let mut registry = self.lock();
-        // (parked list, sessions in their grace)
-        for (parked, new) in [(false, false), (true, false), (false, true), (true, true)] {
+        for parked in [false, true] {
             let list = registry.list(parked);
             let Some(id) = list
                 .iter()
                 .find(|(_, e)| {
-                    e.idle.load(Ordering::Acquire) && !e.is_shed() && (new || !e.in_grace(now))
+                    e.idle.load(Ordering::Acquire) && !e.is_shed() && e.in_grace(now) == new
                 })
                 .map(|(id, _)| *id)
             else {
                 continue;
             };
             if let Some(entry) = list.remove(&id) {
-                entry.shed_new.store(entry.in_grace(now), Ordering::Release);
+                entry.shed_new.store(new, Ordering::Release);
                 entry.shed.set();
             }
             return true;
@@ -261,8 +276,9 @@ mod tests {
         assert!(sessions.shed_oldest_idle());
         assert!(parked.entry.is_shed() && !parked.entry.shed_new());
         assert!(!sender.entry.is_shed() && !newer.entry.is_shed());
-        // No other is idle: the older of the new ones goes.
-        assert!(sessions.shed_oldest_idle());
+        // No other is idle: the older of the new ones goes, when asked.
+        assert!(!sessions.shed_oldest_idle());
+        assert!(sessions.shed_oldest_new());
         assert!(sender.entry.is_shed() && sender.entry.shed_new());
         assert!(!newer.entry.is_shed());
         // Past its grace, an idle session is shed before a parked one, as
@@ -289,7 +305,8 @@ mod tests {
         // The older session is past its grace, the parked one not yet.
         assert!(sessions.shed_oldest_idle());
         assert!(old_sender.entry.is_shed() && !old_sender.entry.shed_new());
-        assert!(sessions.shed_oldest_idle());
+        assert!(!sessions.shed_oldest_idle());
+        assert!(sessions.shed_oldest_new());
         assert!(parked.entry.is_shed() && parked.entry.shed_new());
     }
 }

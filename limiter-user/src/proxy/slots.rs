@@ -8,7 +8,8 @@
 //! networks, skipping any that already holds its fair share (the slots
 //! divided by the networks waiting, at least one): a network with many
 //! sessions cannot starve another one's mail. A network whose sessions
-//! were shed lately (for holding a slot, idling, trickling: see
+//! were shed lately (for holding a slot, idling, trickling, or parked or
+//! spooled: see
 //! [`BackendSlots::mark_shed`]) waits behind those whose were not: zombies
 //! from a thousand networks that come back after each cut would otherwise
 //! take their turns before a sender who came after them. A waiter whose

@@ -20,6 +20,11 @@
 //! no room goes on without a copy (its client, if slow, keeps its slot
 //! only at 500 bytes/s, else `421 4.4.2`), or, if spooled already, gets
 //! `452 4.3.1` at its end.
+//!
+//! The session cap makes room the same way ([`SpoolBudget::evict_slowest`]):
+//! when no idle session is left to shed, the slowest spooled message still
+//! arriving goes, so that tricklers holding every session cannot lock
+//! senders out.
 
 use std::{
     cmp::Ordering as ByPace,
@@ -71,6 +76,17 @@ struct Entry {
     /// The whole message is in: it is not evicted any more.
     sealed: bool,
     evicted: Arc<Latch>,
+    /// Why it was evicted, once it was.
+    why: Option<Eviction>,
+}
+
+/// Why a spooled message was evicted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Eviction {
+    /// For a faster message that needed room in the spool.
+    SpoolFull,
+    /// For a new client at `smtp.max_sessions`.
+    SessionCap,
 }
 
 impl Entry {
@@ -95,10 +111,16 @@ struct Pace {
     time: Duration,
 }
 
+/// A pace over less time than this is none yet: a message spooled a moment
+/// ago, with nothing come since, is not the slowest.
+const MIN_PACE_TIME: Duration = Duration::from_secs(1);
+
 impl Pace {
-    /// Slowest first; a pace over no time yet counts as the fastest.
+    /// Slowest first; a pace over less than [`MIN_PACE_TIME`] counts as the
+    /// fastest.
     fn compare(self, other: Pace) -> ByPace {
-        match (self.time.is_zero(), other.time.is_zero()) {
+        let unknown = |p: Pace| p.time < MIN_PACE_TIME;
+        match (unknown(self), unknown(other)) {
             (true, true) => ByPace::Equal,
             (true, false) => ByPace::Greater,
             (false, true) => ByPace::Less,
@@ -225,6 +247,7 @@ impl SpoolBudget {
                 spooled: None,
                 sealed: false,
                 evicted: evicted.clone(),
+                why: None,
             },
         );
         Some(SpoolCopy {
@@ -295,7 +318,7 @@ impl SpoolBudget {
             }
         };
         for victim in victims {
-            copies.evict(victim, &self.used);
+            copies.evict(victim, Eviction::SpoolFull, &self.used);
             self.evicted.fetch_add(1, Ordering::Relaxed);
         }
         self.used.fetch_add(bytes, Ordering::Relaxed);
@@ -304,6 +327,30 @@ impl SpoolBudget {
             entry.bytes += bytes;
         }
         Push::Taken
+    }
+
+    /// Evicts the slowest spooled message still arriving, to make room at
+    /// the session cap; whether there was one.
+    pub fn evict_slowest(&self) -> bool {
+        let now = Instant::now();
+        let mut copies = self.copies();
+        let slowest = copies
+            .entries
+            .iter()
+            .filter(|(_, e)| e.evictable())
+            .filter_map(|(&id, e)| Some((id, e.pace(now)?)))
+            .min_by(|a, b| a.1.compare(b.1))
+            .map(|(id, _)| id);
+        let Some(id) = slowest else {
+            return false;
+        };
+        copies.evict(id, Eviction::SessionCap, &self.used);
+        self.evicted.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn evicted_for(&self, id: u64) -> Option<Eviction> {
+        self.copies().entries.get(&id).and_then(|e| e.why)
     }
 
     fn mark_spooled(&self, id: u64) {
@@ -333,10 +380,11 @@ impl SpoolBudget {
 
 impl Copies {
     /// Gives back what copy `id` holds and tells its session.
-    fn evict(&mut self, id: u64, used: &AtomicU64) {
+    fn evict(&mut self, id: u64, why: Eviction, used: &AtomicU64) {
         let Some(entry) = self.entries.get_mut(&id) else {
             return;
         };
+        entry.why = Some(why);
         entry.evicted.set();
         let (network, bytes) = (entry.network, std::mem::take(&mut entry.bytes));
         self.release(network, bytes, used);
@@ -394,6 +442,12 @@ impl SpoolCopy {
     /// Set when the copy is evicted.
     pub fn eviction(&self) -> Arc<Latch> {
         self.evicted.clone()
+    }
+
+    /// Why the copy was evicted, if it was.
+    #[must_use]
+    pub fn evicted_for(&self) -> Option<Eviction> {
+        self.budget.evicted_for(self.id)
     }
 
     pub fn wire(&self) -> &[u8] {
@@ -520,6 +574,41 @@ mod tests {
         drop((sender, another, tricklers));
         assert_eq!(budget.used(), 0);
         assert!(budget.copies().entries.is_empty());
+    }
+
+    /// At the session cap the slowest spooled message still arriving
+    /// makes room; a message on its slot, or one whole, never does.
+    #[tokio::test(start_paused = true)]
+    async fn the_session_cap_evicts_the_slowest_spooled_message() {
+        let budget = Arc::new(SpoolBudget::new(160));
+        let mut tricklers = a_full_spool_of_tricklers(&budget).await;
+        assert!(tricklers[0].seal());
+        let mut sender = copy_from(&budget, "203.0.113.0/24");
+        assert_eq!(sender.push(b"on its slot"), Push::Taken);
+        // Spooled a moment ago, nothing since: no pace yet, not the slowest.
+        let just_spooled = copy_from(&budget, "198.51.100.0/24");
+        just_spooled.mark_spooled();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(budget.evict_slowest());
+        assert!(!just_spooled.eviction().is_set());
+        assert!(!tricklers[0].eviction().is_set());
+        assert!(tricklers[1].eviction().is_set());
+        assert_eq!(tricklers[1].evicted_for(), Some(Eviction::SessionCap));
+        assert_eq!(tricklers[1].push(b"more"), Push::Evicted);
+        assert_eq!(tricklers[2].evicted_for(), None);
+        // Only whole or unspooled messages left: nothing to evict.
+        for t in tricklers[2..].iter().chain([&just_spooled]) {
+            assert!(t.seal());
+        }
+        assert!(!budget.evict_slowest());
+        assert!(!sender.eviction().is_set());
+        assert_eq!(budget.evicted(), 1);
+        // An eviction for a faster message says so.
+        let budget = Arc::new(SpoolBudget::new(80));
+        let tricklers = a_full_spool_of_tricklers(&budget).await;
+        let mut sender = copy_from(&budget, "203.0.113.0/24");
+        assert_eq!(sender.push(&[b'm'; 9]), Push::Taken);
+        assert_eq!(tricklers[0].evicted_for(), Some(Eviction::SpoolFull));
     }
 
     #[tokio::test(start_paused = true)]

@@ -241,6 +241,16 @@ impl Reply {
         )
     }
 
+    /// `421 4.3.2`: a slow message the proxy took in alone was dropped to
+    /// make room for a new client at `smtp.max_sessions`; the session ends.
+    #[must_use]
+    pub fn shed_slow_message() -> Self {
+        Self::new(
+            421,
+            "4.3.2 Error: server busy, slow message dropped, try again later",
+        )
+    }
+
     /// `421 4.4.2`: the client was idle for too long.
     #[must_use]
     pub fn timeout() -> Self {

@@ -4,7 +4,7 @@
 //! answered only as the backend answered it.
 
 use super::{pipeline::Outlook, *};
-use crate::proxy::spool::{Push, SpoolCopy};
+use crate::proxy::spool::{Eviction, Push, SpoolCopy};
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(super) async fn data(&mut self, line: &[u8]) -> std::io::Result<Flow> {
@@ -203,7 +203,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 },
                 MessageSink::Spooled => match copy.as_mut().map(|c| c.push(&out)) {
                     Some(Push::Taken) => MessageSink::Spooled,
-                    Some(Push::Evicted) => return self.spool_evicted().await,
+                    Some(Push::Evicted) => {
+                        let why = copy.as_ref().and_then(SpoolCopy::evicted_for);
+                        return self.spool_evicted(why).await;
+                    }
                     _ => {
                         tracing::warn!(source = %self.peer.ip(), "backend.spool_size reached: the rest of a spooled message cannot be taken in");
                         copy = None;
@@ -287,7 +290,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             sink = MessageSink::Spooled;
                         }
                     }
-                    Ok(MessageRead::Evicted) => return self.spool_evicted().await,
+                    Ok(MessageRead::Evicted) => {
+                        let why = copy.as_ref().and_then(SpoolCopy::evicted_for);
+                        return self.spool_evicted(why).await;
+                    }
                     Ok(MessageRead::Bytes(n)) => {
                         credit.earn(n);
                         break Ok(n);
@@ -324,15 +330,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             "slow message: backend slot given back; the rest is spooled and the transaction replayed at its end"
         );
         self.ctx.spool.count_spooled();
+        // As for a parked transaction: it held a slot others needed while
+        // it waited for its client, so its network's next turns come after
+        // those of networks that did not (tricklers from a thousand
+        // networks would otherwise take a turn each before a new sender).
+        // Not counted toward its source's block: a slow link is no abuse.
+        self.ctx.backend_slots.mark_shed(self.source());
         self.backend = None;
     }
 
-    /// The message's spool copy was evicted for a faster message: the
-    /// session ends (`421 4.3.1`, shed as `spool-evicted`).
-    async fn spool_evicted(&mut self) -> std::io::Result<Flow> {
-        tracing::info!(source = %self.peer.ip(), "slow message evicted from the full spool for a faster one");
-        self.shed("spool-evicted");
-        self.reply(&Reply::spool_evicted()).await?;
+    /// The message's spool copy was evicted: for a faster message
+    /// (`421 4.3.1`, shed as `spool-evicted`), or for a new client at
+    /// `smtp.max_sessions` (`421 4.3.2`, `shed-slow-message`). The session
+    /// ends.
+    async fn spool_evicted(&mut self, why: Option<Eviction>) -> std::io::Result<Flow> {
+        let (reason, reply) = if why == Some(Eviction::SessionCap) {
+            tracing::info!(source = %self.peer.ip(), "slow message dropped from the spool to make room for a new client at smtp.max_sessions");
+            ("shed-slow-message", Reply::shed_slow_message())
+        } else {
+            tracing::info!(source = %self.peer.ip(), "slow message evicted from the full spool for a faster one");
+            ("spool-evicted", Reply::spool_evicted())
+        };
+        self.shed(reason);
+        self.reply(&reply).await?;
         Ok(Flow::Close)
     }
 
@@ -347,7 +367,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         // Whole, it waits for its replay and is not evicted any more.
         if !copy.seal() {
-            return self.spool_evicted().await;
+            return self.spool_evicted(copy.evicted_for()).await;
         }
         if let Err(reply) = self.open_backend_data().await {
             self.reply(&reply).await?;

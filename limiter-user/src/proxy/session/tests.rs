@@ -1317,6 +1317,20 @@ async fn a_spooled_message_is_replayed_on_a_new_connection_once_a_slot_is_free()
     assert_eq!(h.ctx.spool.used(), 0);
 }
 
+/// A message spooled for want of its client held a slot others needed:
+/// its network's next turns for a slot come after those of networks that
+/// did not, as after a parked transaction. It is not shed, and not counted
+/// toward a block: a slow link is no abuse.
+#[tokio::test(start_paused = true)]
+async fn a_spooled_message_sends_its_network_behind_the_others_for_slots() {
+    let mut h = Harness::start_with(slots_config(1), true);
+    let peer: SocketAddr = PEER.parse().unwrap();
+    assert!(!h.ctx.backend_slots.shed_lately(peer.ip()));
+    let _slot = spooled_mid_message(&mut h).await;
+    assert!(h.ctx.backend_slots.shed_lately(peer.ip()));
+    assert!(h.ctx.stats.shed().is_empty());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_spooled_message_whose_recipient_is_gone_at_the_replay_gets_451_and_is_not_delivered() {
     let mut h = Harness::start_with(slots_config(1), true);
