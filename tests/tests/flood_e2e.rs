@@ -642,6 +642,18 @@ fn greeted(addr: SocketAddr, source: IpAddr) -> Client {
     c
 }
 
+/// A newcomer from `source` at the session cap: it is greeted, and
+/// `victim` is told `421 4.3.2` to make room. Returns the newcomer.
+fn newcomer_displaces(addr: SocketAddr, source: IpAddr, victim: &mut Client) -> Client {
+    let mut newcomer = Client::connect(addr, source).expect("newcomer connects");
+    expect(&newcomer.reply().expect("newcomer's greeting"), "220 ");
+    expect(
+        &victim.reply().expect("the shed session's reply"),
+        "421 4.3.2",
+    );
+    newcomer
+}
+
 /// Every zombie holds a MAIL, so the only sessions without one are
 /// senders in their first round trips: at the session cap a newcomer must
 /// push out a parked zombie, not the sender between its EHLO and its MAIL.
@@ -678,10 +690,7 @@ fn at_the_session_cap_a_parked_zombie_goes_before_a_sender_in_its_first_seconds(
     let mut sender = greeted(proxy.addr, SENDER);
     // The cap is reached: the newcomer is let in, and the parked keeper
     // pays for it.
-    let mut newcomer =
-        Client::connect(proxy.addr, zombie_source(2 * PER_SOURCE)).expect("newcomer");
-    expect(&newcomer.reply().expect("newcomer's greeting"), "220 ");
-    expect(&keeper.reply().expect("the keeper is shed"), "421 4.3.2");
+    let _newcomer = newcomer_displaces(proxy.addr, zombie_source(2 * PER_SOURCE), &mut keeper);
     assert_eq!(proxy.shed("shed-parked"), 1);
     // The sender goes on: its MAIL waits until the holder is parked in turn.
     expect(&send_on(&mut sender), "250 ");
@@ -702,9 +711,8 @@ fn a_session_shed_in_its_first_seconds_does_not_hold_its_network_back() {
     let proxy = proxy(&postfix, "", "[smtp]\nmax_sessions = 2\n");
     let mut first = greeted(proxy.addr, SENDER);
     let mut second = greeted(proxy.addr, zombie_source(0));
-    let mut newcomer = Client::connect(proxy.addr, zombie_source(PER_SOURCE)).expect("newcomer");
-    expect(&newcomer.reply().expect("newcomer's greeting"), "220 ");
-    expect(&first.reply().expect("the oldest is shed"), "421 4.3.2");
+    // The oldest goes.
+    let _newcomer = newcomer_displaces(proxy.addr, zombie_source(PER_SOURCE), &mut first);
     assert_eq!(proxy.shed("shed-new"), 1);
     assert_eq!(proxy.shed("shed-idle"), 0);
     assert!(!proxy.ctx.backend_slots.shed_lately(SENDER));
