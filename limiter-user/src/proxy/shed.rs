@@ -39,7 +39,7 @@ use tokio::time::{Duration, Instant};
 
 use super::latch::Latch;
 
-/// How long a new session is shed only when no other is idle: long
+/// How long a new session is shed only when nothing else makes room: long
 /// enough for a client far away to get from the greeting past STARTTLS and
 /// EHLO to its MAIL (a handful of round trips), short against the seconds
 /// a zombie idles.
