@@ -298,16 +298,13 @@ impl SpoolBudget {
         } else {
             // Slowest first; a spooled message evicts only slower ones.
             let mut candidates: Vec<Candidate> = copies
-                .entries
-                .iter()
-                .filter(|(&other, e)| other != id && e.evictable())
-                .filter_map(|(&other, e)| {
-                    Some(Candidate {
-                        id: other,
-                        pace: e.pace(now)?,
-                        network: e.network,
-                        bytes: e.bytes,
-                    })
+                .evictable(now)
+                .filter(|&(other, _, _)| other != id)
+                .map(|(other, e, pace)| Candidate {
+                    id: other,
+                    pace,
+                    network: e.network,
+                    bytes: e.bytes,
                 })
                 .filter(|c| own_pace.is_none_or(|own| c.pace.compare(own) == ByPace::Less))
                 .collect();
@@ -335,12 +332,9 @@ impl SpoolBudget {
         let now = Instant::now();
         let mut copies = self.copies();
         let slowest = copies
-            .entries
-            .iter()
-            .filter(|(_, e)| e.evictable())
-            .filter_map(|(&id, e)| Some((id, e.pace(now)?)))
-            .min_by(|a, b| a.1.compare(b.1))
-            .map(|(id, _)| id);
+            .evictable(now)
+            .min_by(|a, b| a.2.compare(b.2))
+            .map(|(id, _, _)| id);
         let Some(id) = slowest else {
             return false;
         };
@@ -379,6 +373,14 @@ impl SpoolBudget {
 }
 
 impl Copies {
+    /// The spooled messages that may be evicted, with their paces.
+    fn evictable(&self, now: Instant) -> impl Iterator<Item = (u64, &Entry, Pace)> + '_ {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.evictable())
+            .filter_map(move |(&id, e)| Some((id, e, e.pace(now)?)))
+    }
+
     /// Gives back what copy `id` holds and tells its session.
     fn evict(&mut self, id: u64, why: Eviction, used: &AtomicU64) {
         let Some(entry) = self.entries.get_mut(&id) else {

@@ -203,10 +203,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 },
                 MessageSink::Spooled => match copy.as_mut().map(|c| c.push(&out)) {
                     Some(Push::Taken) => MessageSink::Spooled,
-                    Some(Push::Evicted) => {
-                        let why = copy.as_ref().and_then(SpoolCopy::evicted_for);
-                        return self.spool_evicted(why).await;
-                    }
+                    Some(Push::Evicted) => return self.spool_evicted(copy.as_ref()).await,
                     _ => {
                         tracing::warn!(source = %self.peer.ip(), "backend.spool_size reached: the rest of a spooled message cannot be taken in");
                         copy = None;
@@ -290,10 +287,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                             sink = MessageSink::Spooled;
                         }
                     }
-                    Ok(MessageRead::Evicted) => {
-                        let why = copy.as_ref().and_then(SpoolCopy::evicted_for);
-                        return self.spool_evicted(why).await;
-                    }
+                    Ok(MessageRead::Evicted) => return self.spool_evicted(copy.as_ref()).await,
                     Ok(MessageRead::Bytes(n)) => {
                         credit.earn(n);
                         break Ok(n);
@@ -343,7 +337,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// (`421 4.3.1`, shed as `spool-evicted`), or for a new client at
     /// `smtp.max_sessions` (`421 4.3.2`, `shed-slow-message`). The session
     /// ends.
-    async fn spool_evicted(&mut self, why: Option<Eviction>) -> std::io::Result<Flow> {
+    async fn spool_evicted(&mut self, copy: Option<&SpoolCopy>) -> std::io::Result<Flow> {
+        let why = copy.and_then(SpoolCopy::evicted_for);
         let (reason, reply) = if why == Some(Eviction::SessionCap) {
             tracing::info!(source = %self.peer.ip(), "slow message dropped from the spool to make room for a new client at smtp.max_sessions");
             ("shed-slow-message", Reply::shed_slow_message())
@@ -367,7 +362,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         // Whole, it waits for its replay and is not evicted any more.
         if !copy.seal() {
-            return self.spool_evicted(copy.evicted_for()).await;
+            return self.spool_evicted(Some(&copy)).await;
         }
         if let Err(reply) = self.open_backend_data().await {
             self.reply(&reply).await?;
