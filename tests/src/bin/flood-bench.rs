@@ -171,6 +171,23 @@ struct Options {
     /// Keep each agent's directory (config, log) under /tmp.
     #[arg(long)]
     keep: bool,
+    /// A main.cf setting for Postfix in every setup, `NAME=VALUE`
+    /// (repeatable; e.g. `in_flow_delay=0` to see what its flow control
+    /// costs): it replaces the benchmark's own value of NAME.
+    #[arg(long = "postfix-set", value_name = "NAME=VALUE", value_parser = parse_main_cf)]
+    postfix_set: Vec<(String, String)>,
+}
+
+/// `NAME=VALUE` for `--postfix-set`.
+fn parse_main_cf(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err(format!(
+            "{text:?}: expected NAME=VALUE, e.g. in_flow_delay=0"
+        )),
+    }
 }
 
 impl Options {
@@ -374,8 +391,9 @@ fn batch_in(ns: &NetNs, commands: &str) -> Result<()> {
 /// A Postfix in the server namespace for `setup`: the smtpd on 127.0.0.1
 /// with PROXY (the agent's backend), and for the setups without the agent
 /// a listener on the veth address: a plain smtpd, or postscreen in front
-/// of an smtpd `pass` service as POSTSCREEN_README sets it up.
-fn start_postfix(topo: &Topology, setup: Setup) -> Result<Postfix> {
+/// of an smtpd `pass` service as POSTSCREEN_README sets it up; `settings`
+/// (`--postfix-set`) last, over the benchmark's own.
+fn start_postfix(topo: &Topology, setup: Setup, settings: &[(String, String)]) -> Result<Postfix> {
     let mut extra: Vec<(&str, &str)> = Vec::new();
     // The veth address is the benchmark's own probe: let it past
     // postscreen (permit_mynetworks) so that the probe is not delayed.
@@ -400,6 +418,7 @@ fn start_postfix(topo: &Topology, setup: Setup) -> Result<Postfix> {
         extra_main_cf: extra
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .chain(settings.iter().cloned())
             .collect(),
         ..PostfixOptions::default()
     };
@@ -1085,7 +1104,7 @@ impl Bench<'_> {
         check_stop()?;
         self.runs += 1;
         let topo = self.topo;
-        let postfix = start_postfix(topo, setup)?;
+        let postfix = start_postfix(topo, setup, &self.opts.postfix_set)?;
         let agent = match setup.connect() {
             Some(connect) => Some(Agent::start(
                 &AgentOptions {
@@ -1706,6 +1725,14 @@ fn main() -> Result<()> {
         opts.secs(),
         opts.ramp()
     );
+    if !opts.postfix_set.is_empty() {
+        let settings: Vec<String> = opts
+            .postfix_set
+            .iter()
+            .map(|(k, v)| format!("`{k} = {v}`"))
+            .collect();
+        let _ = writeln!(out, "Postfix, every setup: {}\n", settings.join(", "));
+    }
     eprint!("{out}");
     let flood_rt = runtime_in(&topo.client, 2, "flood")?;
     let legit_rt = runtime_in(&topo.client, 1, "legit")?;
