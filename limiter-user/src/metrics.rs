@@ -168,6 +168,13 @@ pub fn render(ctx: &ProxyContext, kernel: &dyn Datapath) -> String {
     );
     metric(
         &mut out,
+        "backend_slots_in_use_shed_networks",
+        "gauge",
+        "Backend slots held now by networks with a session shed within limits.shed_sessions_window (together at most half the slots).",
+        &[(String::new(), slots.shed_in_use as u64)],
+    );
+    metric(
+        &mut out,
         "backend_slots_waiting",
         "gauge",
         "Sessions waiting for a backend slot now.",
@@ -447,6 +454,7 @@ mod tests {
             "smtp_limiter_rejections_total{reason=\"shed-idle\"} 1\n",
             "smtp_limiter_backend_slots 80\n",
             "smtp_limiter_backend_slots_in_use 1\n",
+            "smtp_limiter_backend_slots_in_use_shed_networks 0\n",
             "smtp_limiter_backend_slots_waiting 0\n",
             "smtp_limiter_backend_slot_waits_total 0\n",
             "smtp_limiter_backend_slot_timeouts_total 0\n",

@@ -1195,6 +1195,68 @@ fn zombies_parked_before_wait_behind_a_sender_who_came_after_them() {
     }
 }
 
+#[test]
+fn networks_shed_lately_hold_at_most_half_the_slots_and_a_sender_finds_one_free() {
+    if !ready("networks_shed_lately_hold_at_most_half_the_slots_and_a_sender_finds_one_free") {
+        return;
+    }
+    let postfix = postfix();
+    let proxy = proxy(
+        &postfix,
+        "max_connections = 4\nslot_wait = \"10s\"",
+        "[smtp]\nstress_command_timeout = \"2s\"\n[limits]\nmax_shed_sessions_per_source = 0\n",
+    );
+    // Keepers from 12 networks, each shed lately (as a flood's are after
+    // their first cut), keep transactions open with NOOPs and start new
+    // ones.
+    let slots = &proxy.ctx.backend_slots;
+    let stop = Arc::new(AtomicBool::new(false));
+    let keepers: Vec<_> = (0..12u8)
+        .map(|n| {
+            let source = IpAddr::V4(Ipv4Addr::new(127, 5, n, 1));
+            slots.mark_shed(source);
+            keeper(proxy.addr, source, stop.clone())
+        })
+        .collect();
+    // They hold two of the four slots at most, however many of them wait:
+    // the other two stay free.
+    let mut most = 0;
+    let mut free_while_waiting = false;
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(6) {
+        let counts = slots.counts();
+        most = most.max(counts.shed_in_use);
+        free_while_waiting |= counts.waiting > 0 && counts.in_use <= 2;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(most <= 2, "the keepers held {most} of 4 slots");
+    assert!(
+        free_while_waiting,
+        "never two slots free with keepers waiting"
+    );
+    assert_eq!(slots.shed_cap(), 2);
+    // A sender takes one of them at once.
+    let (end, took) = timed_sender(proxy.addr)
+        .join()
+        .expect("the sender's thread");
+    stop.store(true, Ordering::Relaxed);
+    expect(&end, "250 ");
+    assert!(postfix.wait_delivered(1, WAIT), "{}", postfix.log());
+    for k in keepers {
+        k.join().expect("a keeper's thread");
+    }
+    assert!(
+        proxy
+            .ctx
+            .stats
+            .parked()
+            .iter()
+            .any(|(outcome, n)| *outcome == "parked" && *n > 0),
+        "no keeper was parked: {:?} (took {took:?})",
+        proxy.ctx.stats.parked()
+    );
+}
+
 // -- Pipelining end to end ---------------------------------------------------
 
 /// A Postfix that reads PROXY headers and drops clients that pipeline

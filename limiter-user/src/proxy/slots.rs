@@ -17,9 +17,13 @@
 //! sender, [`super::early::RecentSenders`]) is served first among the
 //! networks under their share and not shed lately: a returning sender
 //! does not wait behind a flood's turns, and a first-time one waits its
-//! turn as before. No slot is left
-//! idle while someone waits (when every waiting network is over its share,
-//! the next in turn is served anyway). The queue is bounded by the sessions
+//! turn as before. The networks shed lately hold at most half the slots
+//! together ([`BackendSlots::shed_cap`]): keepers cut once and back for
+//! more cannot take every slot in turn, so that a sender who comes between
+//! their turns finds one free instead of waiting for a zombie's time to run
+//! out. Otherwise no slot is left idle while someone waits (when every
+//! waiting network is over its share, the next in turn is served anyway).
+//! The queue is bounded by the sessions
 //! (`smtp.max_sessions`), each waiting at most once and at most
 //! `backend.slot_wait`.
 
@@ -42,6 +46,15 @@ use tokio::{
 /// The most networks remembered as shed (beyond it, new ones are not until
 /// old ones are forgotten).
 const MAX_SHED_NETWORKS: usize = 65_536;
+
+/// The longest a session of a network shed lately waits for a slot to
+/// start a transaction (`backend.slot_wait` for the others, and for a
+/// transaction under way: a parked one taken up, a spooled message). A
+/// session waiting for a slot is busy, so it cannot be shed at
+/// `smtp.max_sessions`: a flood's networks waiting for their half of the
+/// slots ([`BackendSlots::shed_cap`]) for the whole `slot_wait` would fill
+/// the sessions, and a sender would find none to displace at its greeting.
+pub const SHED_SLOT_WAIT: Duration = Duration::from_secs(1);
 
 /// The slots and their queue.
 pub struct BackendSlots {
@@ -113,6 +126,9 @@ pub struct SlotCounts {
     pub capacity: usize,
     /// Slots held by open backend connections.
     pub in_use: usize,
+    /// Of those, held by networks shed lately (at most
+    /// [`BackendSlots::shed_cap`], but for sheds after the slot was taken).
+    pub shed_in_use: usize,
     /// Sessions waiting for a slot now.
     pub waiting: usize,
     /// Sessions that had to wait for a slot, since the start.
@@ -207,16 +223,18 @@ impl BackendSlots {
     /// metrics).
     #[must_use]
     pub fn counts(&self) -> SlotCounts {
-        let (in_use, waiting) = {
+        let (in_use, shed_in_use, waiting) = {
             let state = self.lock();
             (
                 state.in_use,
+                self.shed_held(&state, Instant::now()),
                 state.waiting.values().map(VecDeque::len).sum(),
             )
         };
         SlotCounts {
             capacity: self.capacity,
             in_use,
+            shed_in_use,
             waiting,
             waits: self.waits.load(Ordering::Relaxed),
             timeouts: self.timeouts.load(Ordering::Relaxed),
@@ -248,7 +266,7 @@ impl BackendSlots {
     pub fn try_acquire(self: &Arc<Self>, source: IpAddr) -> Option<SlotGuard> {
         let group = self.group(source);
         let mut state = self.lock();
-        if state.in_use < self.capacity && state.turns.is_empty() {
+        if self.free_for(&state, &group, Instant::now()) {
             state.in_use += 1;
             *state.held.entry(group).or_default() += 1;
             return Some(SlotGuard {
@@ -273,7 +291,7 @@ impl BackendSlots {
         let group = self.group(source);
         let (id, mut rx) = {
             let mut state = self.lock();
-            if state.in_use < self.capacity && state.turns.is_empty() {
+            if self.free_for(&state, &group, Instant::now()) {
                 state.in_use += 1;
                 *state.held.entry(group).or_default() += 1;
                 return Ok(SlotGuard {
@@ -342,11 +360,59 @@ impl BackendSlots {
     #[must_use]
     pub fn shed_lately(&self, source: IpAddr) -> bool {
         let group = self.group(source);
+        self.is_shed(&self.lock(), &group, Instant::now())
+    }
+
+    /// Whether a session of `holder`'s network, giving its slot back,
+    /// would let a waiter have it: any waiter when the holder's network
+    /// was shed lately, else one of a network not shed lately, or any
+    /// while the networks shed lately hold less than [`Self::shed_cap`].
+    #[must_use]
+    pub fn others_wait(&self, holder: IpAddr) -> bool {
+        let holder = self.group(holder);
         let now = Instant::now();
-        self.lock()
+        let state = self.lock();
+        if state.turns.is_empty() {
+            return false;
+        }
+        self.is_shed(&state, &holder, now)
+            || self.shed_held(&state, now) < self.shed_cap()
+            || state.turns.iter().any(|g| !self.is_shed(&state, g, now))
+    }
+
+    /// The most slots the networks shed lately hold together: half of
+    /// them (at least one).
+    #[must_use]
+    pub fn shed_cap(&self) -> usize {
+        (self.capacity / 2).max(1)
+    }
+
+    fn is_shed(&self, state: &SlotState, group: &IpNet, now: Instant) -> bool {
+        state
             .shed
-            .get(&group)
+            .get(group)
             .is_some_and(|at| now.duration_since(*at) < self.shed_memory)
+    }
+
+    /// Slots held by networks shed lately.
+    fn shed_held(&self, state: &SlotState, now: Instant) -> usize {
+        state
+            .held
+            .iter()
+            .filter(|(g, _)| self.is_shed(state, g, now))
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
+    /// Whether `group` may take a free slot without queueing: one is free
+    /// and, for a network shed lately, nobody waits and the networks shed
+    /// lately hold less than their cap. Waiters with a slot free are all
+    /// of networks shed lately at their cap, so a network not shed lately
+    /// goes past them.
+    fn free_for(&self, state: &SlotState, group: &IpNet, now: Instant) -> bool {
+        state.in_use < self.capacity
+            && (!self.is_shed(state, group, now)
+                || (state.turns.is_empty() && self.shed_held(state, now) < self.shed_cap()))
     }
 
     /// Gives `group`'s slot back: to the next waiter in turn, or to the pool.
@@ -380,7 +446,8 @@ impl BackendSlots {
     /// skipping those at or over their fair share, and those shed lately
     /// while any other is under its share; the first in turn when all are.
     /// A network whose next waiter is preferred goes first among those
-    /// under their share and not shed lately.
+    /// under their share and not shed lately. Networks shed lately are
+    /// not served at all while they hold [`Self::shed_cap`] slots.
     fn next_waiter(&self, state: &mut SlotState) -> Option<(IpNet, oneshot::Sender<SlotGuard>)> {
         let now = Instant::now();
         loop {
@@ -389,12 +456,8 @@ impl BackendSlots {
             }
             let share = (self.capacity / state.turns.len()).max(1);
             let under_share = |g: &IpNet| state.held.get(g).copied().unwrap_or(0) < share;
-            let shed_lately = |g: &IpNet| {
-                state
-                    .shed
-                    .get(g)
-                    .is_some_and(|at| now.duration_since(*at) < self.shed_memory)
-            };
+            let shed_lately = |g: &IpNet| self.is_shed(state, g, now);
+            let shed_at_cap = self.shed_held(state, now) >= self.shed_cap();
             let preferred = |g: &IpNet| {
                 state
                     .waiting
@@ -411,8 +474,8 @@ impl BackendSlots {
                 (false, _) => 3,
             };
             let position = (0..state.turns.len())
-                .min_by_key(|&i| rank(&state.turns[i]))
-                .unwrap_or(0);
+                .filter(|&i| !(shed_at_cap && shed_lately(&state.turns[i])))
+                .min_by_key(|&i| rank(&state.turns[i]))?;
             let group = state.turns.remove(position)?;
             let Some(queue) = state.waiting.get_mut(&group) else {
                 continue;
@@ -461,6 +524,7 @@ mod tests {
             SlotCounts {
                 capacity: 2,
                 in_use: 2,
+                shed_in_use: 0,
                 waiting: 0,
                 waits: 1,
                 timeouts: 1,
@@ -603,6 +667,47 @@ mod tests {
         for zombie in ["203.0.113.1", "203.0.114.1", "203.0.115.1"] {
             assert_eq!(rx.recv().await, Some(zombie));
         }
+    }
+
+    #[tokio::test]
+    async fn networks_shed_lately_hold_at_most_half_the_slots() {
+        let slots = Arc::new(BackendSlots::new(4, 24, 64, Duration::from_secs(600)));
+        assert_eq!(slots.shed_cap(), 2);
+        let keepers = ["203.0.113.1", "203.0.114.1", "203.0.115.1"];
+        for keeper in keepers {
+            slots.mark_shed(ip(keeper));
+        }
+        let wait = Duration::from_secs(10);
+        let first = slots.acquire(ip(keepers[0]), wait, false).await.unwrap();
+        let _second = slots.acquire(ip(keepers[1]), wait, false).await.unwrap();
+        // The third keeper waits although two slots are free...
+        assert!(slots.try_acquire(ip(keepers[2])).is_none());
+        let third = {
+            let slots = slots.clone();
+            tokio::spawn(async move {
+                slots
+                    .acquire(ip(keepers[2]), wait, false)
+                    .await
+                    .map(std::mem::forget)
+            })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!((slots.in_use(), slots.waiting()), (2, 1));
+        // ...and a sender takes one at once, past it.
+        let sender = slots
+            .acquire(ip("198.51.100.7"), wait, false)
+            .await
+            .unwrap();
+        assert_eq!(slots.in_use(), 3);
+        // Only a keeper's slot given back would serve the waiting keeper:
+        // the sender need not give its own back for it.
+        assert!(!slots.others_wait(ip("198.51.100.7")));
+        assert!(slots.others_wait(ip(keepers[0])));
+        drop(sender);
+        assert_eq!((slots.in_use(), slots.waiting()), (2, 1), "to the pool");
+        drop(first);
+        assert_eq!(third.await.unwrap(), Ok(()));
+        assert_eq!((slots.in_use(), slots.waiting()), (2, 0));
     }
 
     #[tokio::test]

@@ -30,10 +30,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Opens the backend connection: a backend slot (waiting fairly for at
-    /// most `backend.slot_wait`, a recent sender first), the connection, the
-    /// identity header, the greeting. Returns the greeting.
-    pub(super) async fn connect_backend(&mut self) -> Result<Reply, BackendError> {
-        let wait = self.settings.slot_wait;
+    /// most `wait`, a recent sender first), the connection, the identity
+    /// header, the greeting. Returns the greeting.
+    pub(super) async fn connect_backend(&mut self, wait: Duration) -> Result<Reply, BackendError> {
         let recent = self
             .ctx
             .recent_senders
@@ -66,6 +65,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// waits for its reply: nothing may come before the greeting, nor in
     /// the same group as EHLO.
     pub(super) async fn ensure_backend(&mut self) -> Result<(), BackendError> {
+        self.ensure_backend_within(self.settings.slot_wait).await
+    }
+
+    /// [`Self::ensure_backend`] for a transaction to start (its first
+    /// MAIL): a network shed lately waits [`SHED_SLOT_WAIT`] at most for
+    /// its slot, not `backend.slot_wait`.
+    pub(super) async fn ensure_backend_to_start(&mut self) -> Result<(), BackendError> {
+        let wait = if self.ctx.backend_slots.shed_lately(self.source()) {
+            self.settings.slot_wait.min(SHED_SLOT_WAIT)
+        } else {
+            self.settings.slot_wait
+        };
+        self.ensure_backend_within(wait).await
+    }
+
+    async fn ensure_backend_within(&mut self, wait: Duration) -> Result<(), BackendError> {
         if self.backend.is_some() {
             return Ok(());
         }
@@ -80,7 +95,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 sent_ahead = claimed.helo;
             }
             None => {
-                self.connect_backend().await?;
+                self.connect_backend(wait).await?;
             }
         }
         if let Some(helo) = self.helo.as_ref().map(|h| (h.name.clone(), h.esmtp)) {

@@ -577,7 +577,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// open after a message (or a client that idles after RSET) does not
     /// hold a backend process others need.
     pub(super) async fn yield_backend_slot(&mut self) {
-        if self.yields_backend() && self.ctx.backend_slots.waiting() > 0 {
+        if self.yields_backend() && self.ctx.backend_slots.others_wait(self.source()) {
             if let Some(backend) = self.backend.take() {
                 tracing::debug!(source = %self.peer.ip(), "backend slot given back between transactions");
                 backend.quit().await;

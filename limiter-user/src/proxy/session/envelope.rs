@@ -91,7 +91,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Ok(flow);
         }
         // The first accepted MAIL earns the backend connection.
-        if let Err(e) = self.ensure_backend().await {
+        if let Err(e) = self.ensure_backend_to_start().await {
             return self.backend_failed(e).await;
         }
         self.pipeline.relay(

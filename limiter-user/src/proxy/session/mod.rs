@@ -73,6 +73,7 @@ use super::{
     latch::Latch,
     notices::Subscription,
     shed::Registration,
+    slots::SHED_SLOT_WAIT,
     tls::ClientStream,
     ProxyContext,
 };
@@ -517,7 +518,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 learned.map_or_else(|| Reply::greeting(&self.settings.hostname), |l| l.greeting)
             );
         }
-        self.connect_backend().await
+        self.connect_backend(self.settings.slot_wait).await
     }
 
     async fn dialogue(&mut self) -> &'static str {
@@ -1008,7 +1009,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let result = loop {
             let slots = self.ctx.backend_slots.clone();
             let contended = slots.contended();
-            let others_wait = slots.waiting() > 0;
+            let others_wait = slots.others_wait(self.source());
             let time_left = match pace {
                 MessagePace::Spoolable => {
                     let base = if slots.scarce() {
@@ -1149,7 +1150,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     fn slot_contended(&self, smtp: &crate::config::Smtp) -> bool {
         self.backend.is_some()
             && smtp.stress_command_timeout < smtp.command_timeout
-            && self.ctx.backend_slots.waiting() > 0
+            && self.ctx.backend_slots.others_wait(self.source())
     }
 
     /// What is left of the transaction's time with its client (`base`),

@@ -1331,6 +1331,36 @@ async fn a_spooled_message_sends_its_network_behind_the_others_for_slots() {
     assert!(h.ctx.stats.shed().is_empty());
 }
 
+/// The session's MAIL while another source holds the only slot: its reply
+/// and how long it took.
+async fn mail_on_a_held_slot(shed_lately: bool) -> (Reply, Duration) {
+    let mut h = Harness::start_with(slots_config(1), true);
+    let _held = h
+        .ctx
+        .backend_slots
+        .try_acquire("192.0.2.9".parse().unwrap())
+        .unwrap();
+    h.ehlo().await;
+    if shed_lately {
+        let peer: SocketAddr = PEER.parse().unwrap();
+        h.ctx.backend_slots.mark_shed(peer.ip());
+    }
+    let started = tokio::time::Instant::now();
+    let reply = h.client.command("MAIL FROM:<sender@example.org>").await;
+    (reply, started.elapsed())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_network_shed_lately_waits_a_second_at_most_for_a_slot_to_start_a_transaction() {
+    let (reply, took) = mail_on_a_held_slot(true).await;
+    assert_code(&reply, 421, (4, 3, 2));
+    assert_eq!(took, crate::proxy::slots::SHED_SLOT_WAIT);
+    // Any other waits backend.slot_wait.
+    let (reply, took) = mail_on_a_held_slot(false).await;
+    assert_code(&reply, 421, (4, 3, 2));
+    assert_eq!(took, Config::default().backend.slot_wait);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_spooled_message_whose_recipient_is_gone_at_the_replay_gets_451_and_is_not_delivered() {
     let mut h = Harness::start_with(slots_config(1), true);
