@@ -541,7 +541,7 @@ pub const LIVE_LIMITS: &[LiveLimit] = &[
     ),
     live_limit!(
         max_shed_sessions_per_source,
-        "sessions of one source closed under pressure (shed at the session cap, stress timeout, too many commands before MAIL, a transaction idle on a backend slot others wait for) within shed_sessions_window before a block (0 = off)"
+        "sessions of one source closed under pressure (shed at the session cap, stress timeout, too many commands before MAIL, a transaction idle on a backend slot others wait for, turned away after 1 s of waiting for a slot while its network was shed lately) within shed_sessions_window before a block (0 = off)"
     ),
     live_limit!(
         shed_sessions_window,

@@ -237,8 +237,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(super) async fn backend_failed(&mut self, error: BackendError) -> std::io::Result<Flow> {
         self.backend = None;
         let reply = match &error {
-            BackendError::NoSlot(_) => {
+            BackendError::NoSlot(wait) => {
                 self.ctx.count_shed(self.source(), "backend-slot-timeout");
+                // Its network was shed lately and it came back for a slot
+                // ([`SHED_SLOT_WAIT`]): a keeper that reconnects each time
+                // it is turned away is blocked like one that comes back
+                // each time it is shed.
+                if *wait < self.settings.slot_wait {
+                    self.count_toward_shed_limit();
+                }
                 Reply::no_backend_slot()
             }
             BackendError::Greeting(reply) | BackendError::HeloRefused(reply)

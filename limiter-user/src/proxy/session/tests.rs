@@ -1331,34 +1331,48 @@ async fn a_spooled_message_sends_its_network_behind_the_others_for_slots() {
     assert!(h.ctx.stats.shed().is_empty());
 }
 
-/// The session's MAIL while another source holds the only slot: its reply
-/// and how long it took.
-async fn mail_on_a_held_slot(shed_lately: bool) -> (Reply, Duration) {
-    let mut h = Harness::start_with(slots_config(1), true);
+/// The session's MAIL while another source holds the only slot, with
+/// `max_shed_sessions_per_source = 1` and one shed of its source counted
+/// already: its reply, how long it took, and whether its source is blocked
+/// after it.
+async fn mail_on_a_held_slot(shed_lately: bool) -> (Reply, Duration, bool) {
+    let mut config = slots_config(1);
+    config.limits.max_shed_sessions_per_source = 1;
+    let mut h = Harness::start_with(config, true);
     let _held = h
         .ctx
         .backend_slots
         .try_acquire("192.0.2.9".parse().unwrap())
         .unwrap();
     h.ehlo().await;
+    let source = PEER.parse::<SocketAddr>().unwrap().ip();
+    let earlier = h
+        .ctx
+        .policy()
+        .session_shed(&h.ctx.state, source, Instant::now());
+    assert!(earlier.is_none(), "one shed is within the limit");
     if shed_lately {
-        let peer: SocketAddr = PEER.parse().unwrap();
-        h.ctx.backend_slots.mark_shed(peer.ip());
+        h.ctx.backend_slots.mark_shed(source);
     }
     let started = tokio::time::Instant::now();
     let reply = h.client.command("MAIL FROM:<sender@example.org>").await;
-    (reply, started.elapsed())
+    (reply, started.elapsed(), h.ctx.blocked(source).is_some())
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_network_shed_lately_waits_a_second_at_most_for_a_slot_to_start_a_transaction() {
-    let (reply, took) = mail_on_a_held_slot(true).await;
+    let (reply, took, blocked) = mail_on_a_held_slot(true).await;
     assert_code(&reply, 421, (4, 3, 2));
     assert_eq!(took, crate::proxy::slots::SHED_SLOT_WAIT);
-    // Any other waits backend.slot_wait.
-    let (reply, took) = mail_on_a_held_slot(false).await;
+    // Turned away, it counts toward its source's sheds: a keeper that
+    // reconnects each time is blocked.
+    assert!(blocked, "max_shed_sessions_per_source = 1");
+    // Any other waits backend.slot_wait, and is not counted (a sender
+    // turned away for want of a slot did nothing wrong).
+    let (reply, took, blocked) = mail_on_a_held_slot(false).await;
     assert_code(&reply, 421, (4, 3, 2));
     assert_eq!(took, Config::default().backend.slot_wait);
+    assert!(!blocked);
 }
 
 #[tokio::test(start_paused = true)]
