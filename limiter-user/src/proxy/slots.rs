@@ -48,7 +48,7 @@ use tokio::{
 const MAX_SHED_NETWORKS: usize = 65_536;
 
 /// The longest a session of a network shed lately waits for a slot to
-/// start a transaction (`backend.slot_wait` for the others, and for a
+/// start a transaction, or with `"on-connect"` its session (`backend.slot_wait` for the others, and for a
 /// transaction under way: a parked one taken up, a spooled message). A
 /// session waiting for a slot is busy, so it cannot be shed at
 /// `smtp.max_sessions`: a flood's networks waiting for their half of the

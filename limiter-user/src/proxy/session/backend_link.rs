@@ -69,15 +69,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// [`Self::ensure_backend`] for a transaction to start (its first
-    /// MAIL): a network shed lately waits [`SHED_SLOT_WAIT`] at most for
-    /// its slot, not `backend.slot_wait`.
+    /// MAIL): [`Self::slot_wait_to_start`].
     pub(super) async fn ensure_backend_to_start(&mut self) -> Result<(), BackendError> {
-        let wait = if self.ctx.backend_slots.shed_lately(self.source()) {
+        self.ensure_backend_within(self.slot_wait_to_start()).await
+    }
+
+    /// How long the session may wait for a backend slot to start a
+    /// transaction (or, `"on-connect"`, the session itself):
+    /// `backend.slot_wait`, and [`SHED_SLOT_WAIT`] at most for a network
+    /// shed lately. A transaction under way (taken up after parking, a
+    /// spooled message) waits `backend.slot_wait`.
+    pub(super) fn slot_wait_to_start(&self) -> Duration {
+        if self.ctx.backend_slots.shed_lately(self.source()) {
             self.settings.slot_wait.min(SHED_SLOT_WAIT)
         } else {
             self.settings.slot_wait
-        };
-        self.ensure_backend_within(wait).await
+        }
+    }
+
+    /// Counts a session turned away for want of a backend slot after
+    /// waiting `wait`. One that waited [`SHED_SLOT_WAIT`] (its network
+    /// shed lately) counts toward its source's shed limit too: a keeper
+    /// that reconnects each time it is turned away is blocked like one
+    /// that comes back each time it is shed.
+    pub(super) fn turned_away_for_a_slot(&self, wait: Duration) {
+        self.ctx.count_shed(self.source(), "backend-slot-timeout");
+        if wait < self.settings.slot_wait {
+            self.count_toward_shed_limit();
+        }
     }
 
     async fn ensure_backend_within(&mut self, wait: Duration) -> Result<(), BackendError> {
@@ -184,8 +203,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Err(Reply::blocked("your address is blocked"));
         }
         if let Err(e) = self.ensure_backend().await {
-            if let BackendError::NoSlot(_) = e {
-                self.ctx.count_shed(self.source(), "backend-slot-timeout");
+            if let BackendError::NoSlot(wait) = e {
+                self.turned_away_for_a_slot(wait);
                 return Err(Reply::no_backend_slot());
             }
             self.note_backend_error(&e);
@@ -238,14 +257,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.backend = None;
         let reply = match &error {
             BackendError::NoSlot(wait) => {
-                self.ctx.count_shed(self.source(), "backend-slot-timeout");
-                // Its network was shed lately and it came back for a slot
-                // ([`SHED_SLOT_WAIT`]): a keeper that reconnects each time
-                // it is turned away is blocked like one that comes back
-                // each time it is shed.
-                if *wait < self.settings.slot_wait {
-                    self.count_toward_shed_limit();
-                }
+                self.turned_away_for_a_slot(*wait);
                 Reply::no_backend_slot()
             }
             BackendError::Greeting(reply) | BackendError::HeloRefused(reply)

@@ -46,7 +46,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let client_line =
                 format!("{} {name}", if esmtp { "EHLO" } else { "HELO" }).into_bytes();
             if self.backend.is_none() {
-                if let Err(e) = self.connect_backend(self.settings.slot_wait).await {
+                if let Err(e) = self.connect_backend(self.slot_wait_to_start()).await {
                     return self.backend_failed(e).await;
                 }
             }

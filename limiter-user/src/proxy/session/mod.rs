@@ -518,7 +518,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 learned.map_or_else(|| Reply::greeting(&self.settings.hostname), |l| l.greeting)
             );
         }
-        self.connect_backend(self.settings.slot_wait).await
+        self.connect_backend(self.slot_wait_to_start()).await
     }
 
     async fn dialogue(&mut self) -> &'static str {
@@ -535,8 +535,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok(greeting) => greeting,
             Err(e) => {
                 tracing::warn!(source = %self.peer.ip(), error = %e, "backend unavailable at connect");
-                let reply = if matches!(e, BackendError::NoSlot(_)) {
-                    self.ctx.count_shed(self.source(), "backend-slot-timeout");
+                let reply = if let BackendError::NoSlot(wait) = e {
+                    self.turned_away_for_a_slot(wait);
                     Reply::no_backend_slot()
                 } else {
                     Reply::backend_unavailable()
@@ -1201,13 +1201,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some(mut backend) = self.backend.take() else {
             return false;
         };
+        // Counted before the slot goes: its next holder may be done at once.
+        self.ctx.stats.count_parked("parked");
         backend.give_back_slot();
         tokio::spawn(backend.quit());
         self.envelope.park = Park::Parked;
         // Taken up again, it has its time on the new slot afresh.
         self.transaction.envelope_wait = Duration::ZERO;
         self.registration = Some(self.ctx.sessions.register_parked(self.started));
-        self.ctx.stats.count_parked("parked");
         // As for a session shed: while slots are scarce its time on the
         // next one is short (its network waits behind the others), and a
         // client that starts transaction after transaction only to hold

@@ -1376,6 +1376,21 @@ async fn a_network_shed_lately_waits_a_second_at_most_for_a_slot_to_start_a_tran
 }
 
 #[tokio::test(start_paused = true)]
+async fn with_on_connect_a_network_shed_lately_waits_a_second_at_most_for_its_greeting() {
+    let mut config = slots_config(1);
+    config.backend.connect = BackendConnect::OnConnect;
+    let mut h = Harness::start_prepared(config, true, |ctx| {
+        let held = ctx.backend_slots.try_acquire("192.0.2.9".parse().unwrap());
+        std::mem::forget(held.expect("the only slot"));
+        ctx.backend_slots
+            .mark_shed(PEER.parse::<SocketAddr>().unwrap().ip());
+    });
+    let started = tokio::time::Instant::now();
+    assert_code(&h.client.reply().await, 421, (4, 3, 2));
+    assert_eq!(started.elapsed(), crate::proxy::slots::SHED_SLOT_WAIT);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_spooled_message_whose_recipient_is_gone_at_the_replay_gets_451_and_is_not_delivered() {
     let mut h = Harness::start_with(slots_config(1), true);
     let slot = spooled_mid_message(&mut h).await;
