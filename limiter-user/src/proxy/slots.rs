@@ -48,12 +48,13 @@ use tokio::{
 const MAX_SHED_NETWORKS: usize = 65_536;
 
 /// The longest a session of a network shed lately waits for a slot to
-/// start a transaction, or with `"on-connect"` its session (`backend.slot_wait` for the others, and for a
-/// transaction under way: a parked one taken up, a spooled message). A
-/// session waiting for a slot is busy, so it cannot be shed at
-/// `smtp.max_sessions`: a flood's networks waiting for their half of the
-/// slots ([`BackendSlots::shed_cap`]) for the whole `slot_wait` would fill
-/// the sessions, and a sender would find none to displace at its greeting.
+/// start a transaction, or with `"on-connect"` its session
+/// (`backend.slot_wait` for the others, and for a transaction under way: a
+/// parked one taken up, a spooled message). A session waiting for a slot
+/// is busy, so it cannot be shed at `smtp.max_sessions`: a flood's
+/// networks waiting for their half of the slots
+/// ([`BackendSlots::shed_cap`]) for the whole `slot_wait` would fill the
+/// sessions, and a sender would find none to displace at its greeting.
 pub const SHED_SLOT_WAIT: Duration = Duration::from_secs(1);
 
 /// The slots and their queue.
@@ -406,9 +407,10 @@ impl BackendSlots {
 
     /// Whether `group` may take a free slot without queueing: one is free
     /// and, for a network shed lately, nobody waits and the networks shed
-    /// lately hold less than their cap. Waiters with a slot free are all
-    /// of networks shed lately at their cap, so a network not shed lately
-    /// goes past them.
+    /// lately hold less than their cap. Waiters with a slot free are of
+    /// networks shed lately at their cap, so a network not shed lately
+    /// goes past them. (Or of a network whose shed was forgotten while it
+    /// waited: it is served at the next slot given back.)
     fn free_for(&self, state: &SlotState, group: &IpNet, now: Instant) -> bool {
         state.in_use < self.capacity
             && (!self.is_shed(state, group, now)
